@@ -1,0 +1,32 @@
+//! `cim-core`: CIM's protocol machines, sans I/O.
+//!
+//! Deterministic: no networking, no threads, no clock reads, no global randomness. Every
+//! machine has one shape:
+//!
+//! - `handle_*(&mut self, now, input)` feeds one input (a frame, a store reply, a registry
+//!   change, an expired timer, an application command);
+//! - `poll_*()` drains the outputs that input caused (frames to send, store commands,
+//!   application events); **after every `handle_*` the caller drains every `poll_*` until it
+//!   returns `None`**;
+//! - `poll_timeout()` names the next deadline and why; the caller calls `handle_timeout(now)`
+//!   when it passes.
+//!
+//! Time comes in as `std::time::Instant` (monotonic deadlines) and [`ids::UnixMillis`]
+//! (wall clock, for tickets and leases in the store). Randomness comes from a seeded RNG the
+//! machine owns. Maps whose order can reach an output are `BTreeMap`s. Network input never
+//! panics.
+
+pub mod accounts;
+pub mod balance;
+pub mod claims;
+pub mod client;
+pub mod conv_log;
+pub mod delivery;
+pub mod ids;
+pub mod memstore;
+pub mod route_login;
+pub mod server;
+pub mod store;
+pub mod tickets;
+
+pub use cim_proto as proto;

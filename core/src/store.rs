@@ -1,0 +1,244 @@
+//! The store's vocabulary: what the machines ask of it and what it answers.
+//!
+//! Machines never talk to Redis or to the in-memory store directly: they emit a
+//! [`StoreRequest`] (a correlation id and a [`StoreCommand`]) and are later fed the matching
+//! [`StoreReply`]. Each command is **one atomic step** in every implementation (a Lua script on
+//! Redis, one critical section in memory); `memstore::MemoryStore` is the pure reference the
+//! real implementations must match, command for command.
+
+use bytes::Bytes;
+
+use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+
+/// Correlates a [`StoreReply`] with the request that caused it. Unique per machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreRequest {
+    pub id: RequestId,
+    pub command: StoreCommand,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub user: UserId,
+    pub name: String,
+    /// PHC string (argon2id), see `accounts`.
+    pub password_hash: String,
+}
+
+/// A user's login claim: which server the user's one session may live on, under which epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: Epoch,
+    pub server: ServerId,
+    /// The claim is live while `now < lease_until` (store's wall clock).
+    pub lease_until: UnixMillis,
+    /// SHA-256 of the resume token handed to the client with this claim.
+    pub resume_token_hash: [u8; 32],
+}
+
+/// Everything the store knows about a user's claims.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClaimState {
+    /// The highest epoch ever issued to this user (0 = never logged in). Survives the claim.
+    pub epoch: Epoch,
+    /// The current claim, if any; it may have expired (compare `lease_until` with now).
+    pub claim: Option<Claim>,
+}
+
+/// Where a user's session lives, as written by the server that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRecord {
+    pub server: ServerId,
+    pub epoch: Epoch,
+}
+
+/// One message as stored in a conversation's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub conv: ConvId,
+    pub log_epoch: LogEpoch,
+    pub seq: u64,
+    pub sender: UserId,
+    pub msg_id: ClientMsgId,
+    pub body: Bytes,
+    pub appended_at: UnixMillis,
+}
+
+/// A conversation's log bounds and a user's read cursor in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvHead {
+    pub conv: ConvId,
+    pub log_epoch: LogEpoch,
+    /// Seq of the newest message (0 = empty).
+    pub head_seq: u64,
+    /// Oldest seq still stored; below it the log was trimmed.
+    pub first_available_seq: u64,
+    /// The user's read cursor (0 = nothing read).
+    pub cursor_seq: u64,
+}
+
+/// What a successful append tells the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub message: StoredMessage,
+    /// True when (sender, msg id) was already appended: the seq is the original one and
+    /// nothing new was stored (the route must still push: the first push may have been lost).
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("the sender is not a member of the conversation")]
+    NotMember,
+    #[error("this message id was already used with a different body")]
+    ConflictingRetry,
+    #[error("no such conversation")]
+    UnknownConversation,
+}
+
+/// Outcome of one lease refresh entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseRefresh {
+    /// The claim still has this epoch and server; its lease now runs to the new deadline.
+    Refreshed,
+    /// A newer claim exists: the session must be kicked.
+    Superseded { current: Epoch },
+    /// No claim (released or expired): the session must be kicked.
+    Gone,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreCommand {
+    /// Create an account with a fresh id. Names are unique.
+    RegisterAccount {
+        name: String,
+        password_hash: String,
+    },
+    LoadAccount {
+        user: UserId,
+    },
+    LoadClaim {
+        user: UserId,
+    },
+    /// Compare-epoch: only if the user's epoch counter still equals `expected`, set it to
+    /// `claim.epoch` (which must be greater) and store `claim`. Login and takeover.
+    ReplaceClaim {
+        user: UserId,
+        expected: Epoch,
+        claim: Claim,
+    },
+    /// Compare-epoch delete of the claim and the route record (logout, cleanup). Removes
+    /// nothing unless the current claim's epoch is exactly `epoch`.
+    ReleaseClaim {
+        user: UserId,
+        epoch: Epoch,
+    },
+    /// The server's step before LoginOk: only if the live claim has exactly this epoch and
+    /// server, write the route record and extend the lease to `lease_until`.
+    BindSession {
+        user: UserId,
+        epoch: Epoch,
+        server: ServerId,
+        lease_until: UnixMillis,
+    },
+    /// Extend the leases of a server's sessions, each compare-epoch.
+    RefreshLeases {
+        server: ServerId,
+        lease_until: UnixMillis,
+        sessions: Vec<(UserId, Epoch)>,
+    },
+    /// The route records of these users (absent ones are offline).
+    LoadRoutes {
+        users: Vec<UserId>,
+    },
+    /// Members of a group (all users for `All` is not listable: the route broadcasts).
+    LoadMembers {
+        conv: ConvId,
+    },
+    /// Idempotent append, see `conv_log`.
+    Append {
+        conv: ConvId,
+        sender: UserId,
+        msg_id: ClientMsgId,
+        body: Bytes,
+        now: UnixMillis,
+    },
+    /// The user's conversations with their heads and the user's cursors.
+    LoadHeads {
+        user: UserId,
+    },
+    /// Messages after `after_seq` (at most `limit`), if the log still has `log_epoch`.
+    Fetch {
+        user: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        after_seq: u64,
+        limit: u32,
+    },
+    /// Move read cursors forward (never backward; a different log epoch resets).
+    AdvanceCursors {
+        user: UserId,
+        cursors: Vec<(ConvId, LogEpoch, u64)>,
+    },
+    CreateGroup {
+        conv: ConvId,
+        owner: UserId,
+    },
+    JoinGroup {
+        conv: ConvId,
+        user: UserId,
+    },
+    LeaveGroup {
+        conv: ConvId,
+        user: UserId,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreReply {
+    AccountRegistered(Result<UserId, NameTaken>),
+    Account(Option<Account>),
+    Claim(ClaimState),
+    /// `Err` carries the state that won the race.
+    ClaimReplaced(Result<(), ClaimState>),
+    ClaimReleased {
+        released: bool,
+    },
+    /// `Err` carries the current epoch (the ticket's epoch was superseded or the claim gone).
+    SessionBound(Result<(), Epoch>),
+    LeasesRefreshed(Vec<(UserId, LeaseRefresh)>),
+    Routes(Vec<(UserId, Option<RouteRecord>)>),
+    Members(Vec<UserId>),
+    Appended(Result<Appended, AppendError>),
+    Heads(Vec<ConvHead>),
+    /// `head` describes the log now; `messages` is empty if the log epoch changed.
+    Fetched {
+        head: ConvHead,
+        messages: Vec<StoredMessage>,
+    },
+    CursorsAdvanced,
+    /// Group created (`true`) or already existed (`false`).
+    GroupCreated {
+        created: bool,
+    },
+    /// Joined at this seq (history visible from it); `None` if no such group.
+    GroupJoined(Option<u64>),
+    GroupLeft {
+        was_member: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this user name is taken")]
+pub struct NameTaken;
+
+/// A store request that did not complete: the shell's timeout or a backend error. The
+/// machine cannot know whether a write took effect, so every command is safe to retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("store unavailable: {0}")]
+pub struct StoreUnavailable(pub String);
+
+pub type StoreResult = Result<StoreReply, StoreUnavailable>;
