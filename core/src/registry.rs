@@ -1,0 +1,20 @@
+//! The registry's vocabulary: the set of live servers (ZooKeeper ephemeral nodes in
+//! production) as the route sees it.
+
+use crate::ids::ServerId;
+
+/// One live server and where to reach it, as it registered itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveServer {
+    pub id: ServerId,
+    /// Host (IP or name) clients connect to.
+    pub host: String,
+    /// Client TCP gateway port (CIM's default 11211).
+    pub client_port: u16,
+    /// Internal link port for routes (default 11311).
+    pub link_port: u16,
+    /// Health and metrics HTTP port (default 8081).
+    pub http_port: u16,
+    /// Sessions it holds, as last reported; used by least-connections balancing.
+    pub connections: u32,
+}
