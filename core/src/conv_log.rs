@@ -1,1 +1,378 @@
-//! (placeholder until this machine lands)
+//! One conversation's log and its append semantics: the pure reference that the Redis Lua
+//! script and the in-memory store must match step for step.
+//!
+//! An append, as one atomic step:
+//!
+//! 1. drop idempotency records older than the TTL (Redis expires the keys; a script sees
+//!    expired keys as absent, so expiry comes before the lookup);
+//! 2. look up the record for (sender, client msg id):
+//!    - same body hash: answer the **original** message, `duplicate: true`, store nothing;
+//!    - other body hash: [`AppendError::ConflictingRetry`], store nothing;
+//! 3. otherwise take `head_seq + 1` (the first message is seq 1), store the message, write the
+//!    record (body hash, seq, append time), and trim the log to `max_len`, oldest first
+//!    (`first_available_seq` moves up).
+//!
+//! A duplicate whose original has been trimmed still answers with the original seq and
+//! append time: the record keeps them, and the body is the retry's, which equals the
+//! original's because the SHA-256 hashes match. So a retry's answer never depends on whether
+//! the log still holds the message.
+//!
+//! Membership is not checked here; the store composes that check with the append.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::ids::{ClientMsgId, ConvId, LogEpoch, UnixMillis, UserId};
+use crate::store::{AppendError, Appended, StoredMessage};
+
+/// What the log remembers of one appended (sender, msg id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IdempotencyRecord {
+    body_hash: [u8; 32],
+    seq: u64,
+    appended_at: UnixMillis,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConversationLog {
+    conv: ConvId,
+    log_epoch: LogEpoch,
+    max_len: usize,
+    idempotency_ttl: Duration,
+    /// Contiguous seqs, oldest first.
+    messages: VecDeque<StoredMessage>,
+    head_seq: u64,
+    records: BTreeMap<(UserId, ClientMsgId), IdempotencyRecord>,
+    /// The same records ordered by write time, so expiry does not scan them all.
+    expiry: BTreeSet<(UnixMillis, UserId, ClientMsgId)>,
+}
+
+impl ConversationLog {
+    /// An empty log. `max_len` is the trim bound (at least 1 is kept: the newest message is
+    /// never trimmed by its own append); `idempotency_ttl` must be at least the clients'
+    /// outbox maximum age.
+    pub fn new(
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        max_len: usize,
+        idempotency_ttl: Duration,
+    ) -> Self {
+        Self {
+            conv,
+            log_epoch,
+            max_len: max_len.max(1),
+            idempotency_ttl,
+            messages: VecDeque::new(),
+            head_seq: 0,
+            records: BTreeMap::new(),
+            expiry: BTreeSet::new(),
+        }
+    }
+
+    pub fn conv(&self) -> &ConvId {
+        &self.conv
+    }
+
+    pub fn log_epoch(&self) -> LogEpoch {
+        self.log_epoch
+    }
+
+    /// Seq of the newest message; 0 while nothing was ever appended.
+    pub fn head_seq(&self) -> u64 {
+        self.head_seq
+    }
+
+    /// Oldest seq still stored. For an empty log, `head_seq + 1` (nothing below was trimmed
+    /// that a reader could still want: the next append takes this seq).
+    pub fn first_available_seq(&self) -> u64 {
+        self.messages
+            .front()
+            .map_or(self.head_seq + 1, |message| message.seq)
+    }
+
+    /// Messages stored right now.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Idempotency records still alive (expired ones are dropped on the next append).
+    pub fn idempotency_records(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn append(
+        &mut self,
+        sender: UserId,
+        msg_id: ClientMsgId,
+        body: Bytes,
+        now: UnixMillis,
+    ) -> Result<Appended, AppendError> {
+        self.expire_records(now);
+        let body_hash: [u8; 32] = Sha256::digest(&body).into();
+        let key = (sender, msg_id);
+
+        if let Some(record) = self.records.get(&key) {
+            if record.body_hash != body_hash {
+                return Err(AppendError::ConflictingRetry);
+            }
+            let message = StoredMessage {
+                conv: self.conv.clone(),
+                log_epoch: self.log_epoch,
+                seq: record.seq,
+                sender,
+                msg_id,
+                body,
+                appended_at: record.appended_at,
+            };
+            return Ok(Appended {
+                message,
+                duplicate: true,
+            });
+        }
+
+        self.head_seq += 1;
+        let message = StoredMessage {
+            conv: self.conv.clone(),
+            log_epoch: self.log_epoch,
+            seq: self.head_seq,
+            sender,
+            msg_id,
+            body,
+            appended_at: now,
+        };
+        self.messages.push_back(message.clone());
+        self.records.insert(
+            key,
+            IdempotencyRecord {
+                body_hash,
+                seq: self.head_seq,
+                appended_at: now,
+            },
+        );
+        self.expiry.insert((now, sender, msg_id));
+        while self.messages.len() > self.max_len {
+            self.messages.pop_front();
+        }
+        Ok(Appended {
+            message,
+            duplicate: false,
+        })
+    }
+
+    /// Up to `limit` stored messages with seq > `after_seq`, in seq order. Trimmed seqs are
+    /// simply absent: the answer starts at `max(after_seq + 1, first_available_seq())`.
+    pub fn fetch(&self, after_seq: u64, limit: usize) -> Vec<StoredMessage> {
+        let first = self.first_available_seq();
+        // Seqs are contiguous from `first`, so the start is an index, not a search.
+        let skip = after_seq.saturating_add(1).saturating_sub(first);
+        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+        self.messages
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// A record written at `t` lives while `now < t + ttl` (Redis `PX` semantics).
+    fn expire_records(&mut self, now: UnixMillis) {
+        while let Some(&(at, sender, msg_id)) = self.expiry.first() {
+            if now < at.plus(self.idempotency_ttl) {
+                break;
+            }
+            self.expiry.pop_first();
+            self.records.remove(&(sender, msg_id));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn log(max_len: usize) -> ConversationLog {
+        ConversationLog::new(ConvId::All, LogEpoch(77), max_len, TTL)
+    }
+
+    fn t(ms: u64) -> UnixMillis {
+        UnixMillis(1_700_000_000_000 + ms)
+    }
+
+    fn body(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    /// (sender, msg id, body, at ms) -> expected (seq, duplicate) or error.
+    type Step = (
+        u64,
+        u128,
+        &'static str,
+        u64,
+        Result<(u64, bool), AppendError>,
+    );
+
+    fn run(log: &mut ConversationLog, steps: &[Step]) {
+        for (i, (sender, id, text, at, want)) in steps.iter().enumerate() {
+            let got = log
+                .append(UserId(*sender), ClientMsgId(*id), body(text), t(*at))
+                .map(|a| (a.message.seq, a.duplicate));
+            assert_eq!(&got, want, "step {i}");
+        }
+    }
+
+    #[test]
+    fn appends_take_contiguous_seqs_and_retries_answer_the_original() {
+        let mut l = log(100);
+        assert_eq!((l.head_seq(), l.first_available_seq()), (0, 1));
+        run(
+            &mut l,
+            &[
+                (1, 10, "hi", 0, Ok((1, false))),
+                (2, 10, "yo", 1, Ok((2, false))), // same id, another sender: a new message
+                (1, 11, "hi", 2, Ok((3, false))), // same body, another id: a new message
+                (1, 10, "hi", 3, Ok((1, true))),  // retry
+                (1, 10, "HI", 4, Err(AppendError::ConflictingRetry)),
+                (2, 12, "x", 5, Ok((4, false))),
+            ],
+        );
+        assert_eq!(l.head_seq(), 4);
+        let seqs: Vec<u64> = l.fetch(0, 10).iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        // The duplicate answer is the original message, time included.
+        let dup = l
+            .append(UserId(1), ClientMsgId(10), body("hi"), t(9))
+            .unwrap();
+        assert_eq!(dup.message, l.fetch(0, 1)[0]);
+        assert_eq!(dup.message.appended_at, t(0));
+        assert_eq!(dup.message.log_epoch, LogEpoch(77));
+        assert_eq!(dup.message.conv, ConvId::All);
+    }
+
+    #[test]
+    fn trimming_drops_the_oldest_and_moves_first_available() {
+        let mut l = log(3);
+        for i in 1..=5u64 {
+            let a = l
+                .append(UserId(1), ClientMsgId(u128::from(i)), body("m"), t(i))
+                .unwrap();
+            assert_eq!(a.message.seq, i);
+        }
+        assert_eq!((l.head_seq(), l.first_available_seq(), l.len()), (5, 3, 3));
+        let seqs = |v: Vec<StoredMessage>| v.iter().map(|m| m.seq).collect::<Vec<_>>();
+        // fetch table: (after, limit) -> seqs
+        let cases: &[(u64, usize, &[u64])] = &[
+            (0, 10, &[3, 4, 5]),
+            (3, 10, &[4, 5]),
+            (4, 1, &[5]),
+            (5, 10, &[]),
+            (99, 10, &[]),
+            (0, 0, &[]),
+            (u64::MAX, 10, &[]),
+        ];
+        for (after, limit, want) in cases {
+            assert_eq!(seqs(l.fetch(*after, *limit)), *want, "after {after}");
+        }
+        // A retry of a trimmed message still answers its original seq, and stores nothing.
+        let dup = l
+            .append(UserId(1), ClientMsgId(1), body("m"), t(9))
+            .unwrap();
+        assert_eq!((dup.message.seq, dup.duplicate), (1, true));
+        assert_eq!(dup.message.appended_at, t(1));
+        assert_eq!((l.head_seq(), l.len()), (5, 3));
+        // A zero bound still keeps the newest message.
+        let mut tiny = log(0);
+        tiny.append(UserId(1), ClientMsgId(1), body("a"), t(0))
+            .unwrap();
+        assert_eq!((tiny.len(), tiny.first_available_seq()), (1, 1));
+    }
+
+    #[test]
+    fn idempotency_records_expire_after_the_ttl() {
+        let ttl_ms = TTL.as_millis() as u64;
+        let mut l = log(100);
+        run(
+            &mut l,
+            &[
+                (1, 10, "a", 0, Ok((1, false))),
+                (1, 11, "b", 10, Ok((2, false))),
+                // Just inside the TTL: still a duplicate.
+                (1, 10, "a", ttl_ms - 1, Ok((1, true))),
+                // At the TTL the first record is gone: the same id is a new message...
+                (1, 10, "a", ttl_ms, Ok((3, false))),
+                // ...and it made a new record with a new clock.
+                (1, 10, "a", ttl_ms + 5, Ok((3, true))),
+                // The second one expires at 10 + ttl; a different body is then accepted.
+                (1, 11, "changed", ttl_ms + 10, Ok((4, false))),
+            ],
+        );
+        assert_eq!(l.idempotency_records(), 2);
+    }
+
+    #[derive(Debug, Clone)]
+    struct Op {
+        sender: u64,
+        id: u128,
+        body: u8,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        (0u64..3, 0u128..6, 0u8..3).prop_map(|(sender, id, body)| Op { sender, id, body })
+    }
+
+    proptest! {
+        #[test]
+        fn appends_with_retries_are_idempotent_and_contiguous(
+            ops in proptest::collection::vec(op(), 0..80),
+        ) {
+            // No trimming and no expiry: the pure idempotency semantics.
+            let mut l = ConversationLog::new(ConvId::All, LogEpoch(1), usize::MAX, TTL);
+            let mut model: BTreeMap<(u64, u128), (u8, u64)> = BTreeMap::new();
+            for (i, o) in ops.iter().enumerate() {
+                let got = l.append(
+                    UserId(o.sender),
+                    ClientMsgId(o.id),
+                    Bytes::from(vec![o.body; 3]),
+                    t(i as u64),
+                );
+                match model.get(&(o.sender, o.id)) {
+                    None => {
+                        let a = got.unwrap();
+                        prop_assert!(!a.duplicate);
+                        prop_assert_eq!(a.message.seq, model.len() as u64 + 1);
+                        model.insert((o.sender, o.id), (o.body, a.message.seq));
+                    }
+                    Some(&(b, seq)) if b == o.body => {
+                        let a = got.unwrap();
+                        prop_assert!(a.duplicate);
+                        prop_assert_eq!(a.message.seq, seq);
+                    }
+                    Some(_) => prop_assert_eq!(got, Err(AppendError::ConflictingRetry)),
+                }
+            }
+            let stored = l.fetch(0, usize::MAX);
+            let n = model.len() as u64;
+            prop_assert_eq!(l.head_seq(), n);
+            prop_assert_eq!(
+                stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                (1..=n).collect::<Vec<_>>()
+            );
+            let keys: BTreeSet<_> = stored.iter().map(|m| (m.sender.0, m.msg_id.0)).collect();
+            prop_assert_eq!(keys.len(), stored.len());
+            for m in &stored {
+                let (b, seq) = model[&(m.sender.0, m.msg_id.0)];
+                prop_assert_eq!(m.seq, seq);
+                prop_assert_eq!(&m.body[..], &[b; 3][..]);
+            }
+        }
+    }
+}
