@@ -299,14 +299,15 @@ mod tests {
             old_epoch: Epoch(3),
         };
         // (name, state, now, presented hash, server live, want)
-        let cases: Vec<(
-            &str,
+        type Case = (
+            &'static str,
             ClaimState,
             u64,
             Option<[u8; 32]>,
             bool,
             Result<LoginDecision, RepeatLogin>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 "never logged in",
                 state(0, None),
@@ -726,10 +727,11 @@ mod tests {
                 // Expired claims stay expired: no operation makes a dead claim live again
                 // without a new epoch.
                 for user in users {
-                    if let (Some(old), Some(new)) = (before.load(user).claim, t.load(user).claim) {
-                        if old.epoch == new.epoch && !is_live(&old, wall) {
-                            prop_assert!(!is_live(&new, wall), "expired claim revived for {user}: {op:?}");
-                        }
+                    if let (Some(old), Some(new)) = (before.load(user).claim, t.load(user).claim)
+                        && old.epoch == new.epoch
+                        && !is_live(&old, wall)
+                    {
+                        prop_assert!(!is_live(&new, wall), "expired claim revived for {user}: {op:?}");
                     }
                 }
             }
