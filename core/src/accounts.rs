@@ -1,1 +1,225 @@
-//! (placeholder until this machine lands)
+//! Accounts: password hashing (argon2id, PHC strings) and registration input rules.
+//!
+//! Hashing is the one expensive step of login and registration. The salt comes from the
+//! caller's RNG (the machine's seeded one), so a simulation run is reproducible.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use rand::RngCore;
+
+/// Longest user name, in characters (all ASCII, so also bytes).
+pub const MAX_NAME_LEN: usize = 32;
+/// Longest password, in bytes. Bounds the work an attacker can make one hash cost.
+pub const MAX_PASSWORD_LEN: usize = 128;
+
+/// Salt length in bytes (the PHC recommendation).
+const SALT_LEN: usize = 16;
+
+/// Argon2id cost parameters, validated when built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordParams {
+    params: Params,
+}
+
+impl PasswordParams {
+    /// `m_cost_kib` memory in KiB, `t_cost` passes, `p_cost` lanes.
+    pub fn new(m_cost_kib: u32, t_cost: u32, p_cost: u32) -> Result<Self, HashError> {
+        let params =
+            Params::new(m_cost_kib, t_cost, p_cost, None).map_err(|e| HashError(e.to_string()))?;
+        Ok(Self { params })
+    }
+
+    /// Cheap parameters for tests and simulations: a hash takes microseconds. Never for
+    /// production, which is why this is not the default.
+    pub fn for_tests() -> Self {
+        // 64 KiB >= 8 * p_cost and t_cost >= 1: within argon2's bounds.
+        Self::new(64, 1, 1).expect("64 KiB, t=1, p=1 are valid argon2 parameters")
+    }
+
+    pub fn m_cost_kib(&self) -> u32 {
+        self.params.m_cost()
+    }
+    pub fn t_cost(&self) -> u32 {
+        self.params.t_cost()
+    }
+    pub fn p_cost(&self) -> u32 {
+        self.params.p_cost()
+    }
+}
+
+impl Default for PasswordParams {
+    /// OWASP's argon2id recommendation: 19 MiB, 2 passes, 1 lane.
+    fn default() -> Self {
+        Self::new(19_456, 2, 1).expect("OWASP's argon2id parameters are valid")
+    }
+}
+
+/// Hashing failed (only with parameters argon2 rejects).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("password hashing failed: {0}")]
+pub struct HashError(String);
+
+/// Hashes `password` with argon2id into a PHC string (`$argon2id$v=19$m=..,t=..,p=..$salt$hash`),
+/// with a fresh 16-byte salt from `rng`.
+pub fn hash_password(
+    password: &str,
+    params: &PasswordParams,
+    rng: &mut impl RngCore,
+) -> Result<String, HashError> {
+    let mut salt = [0u8; SALT_LEN];
+    rng.fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| HashError(e.to_string()))?;
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.params.clone());
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| HashError(e.to_string()))
+}
+
+/// Whether `password` matches the PHC string `phc`. The parameters are read from `phc`, so
+/// old hashes keep verifying after the defaults change. A malformed `phc` is `false`.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    // `Argon2::default()` only supplies the defaults; verification uses the algorithm,
+    // version and parameters recorded in the hash, and compares in constant time.
+    Argon2::default()
+        .verify_password(password.as_bytes(), &hash)
+        .is_ok()
+}
+
+/// Why a registration was refused before reaching the store (CIM code 3000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("user name must not be empty")]
+    EmptyName,
+    #[error("user name must be at most 32 characters")]
+    NameTooLong,
+    #[error("user names may only contain A-Z a-z 0-9 _ - .")]
+    BadNameCharacter,
+    #[error("password must not be empty")]
+    EmptyPassword,
+    #[error("password must be at most 128 bytes")]
+    PasswordTooLong,
+}
+
+impl RegisterError {
+    pub fn code(self) -> &'static str {
+        "3000"
+    }
+}
+
+/// Checks a registration's name and password. Names are ASCII only, so two accounts
+/// cannot have names that look alike but differ in Unicode.
+pub fn validate_registration(name: &str, password: &str) -> Result<(), RegisterError> {
+    if name.is_empty() {
+        return Err(RegisterError::EmptyName);
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(RegisterError::BadNameCharacter);
+    }
+    // All ASCII from here, so bytes = characters.
+    if name.len() > MAX_NAME_LEN {
+        return Err(RegisterError::NameTooLong);
+    }
+    if password.is_empty() {
+        return Err(RegisterError::EmptyPassword);
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(RegisterError::PasswordTooLong);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn hash_then_verify() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let params = PasswordParams::for_tests();
+        let phc = hash_password("hunter2", &params, &mut rng).unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{phc}");
+        assert!(verify_password("hunter2", &phc));
+        assert!(!verify_password("hunter3", &phc));
+        assert!(!verify_password("", &phc));
+    }
+
+    #[test]
+    fn salts_differ_and_come_from_the_rng() {
+        let params = PasswordParams::for_tests();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let a = hash_password("pw", &params, &mut rng).unwrap();
+        let b = hash_password("pw", &params, &mut rng).unwrap();
+        assert_ne!(a, b, "same salt twice");
+        // Same seed, same hash: runs are reproducible.
+        let mut again = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(hash_password("pw", &params, &mut again).unwrap(), a);
+    }
+
+    #[test]
+    fn malformed_phc_is_false() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let good = hash_password("pw", &PasswordParams::for_tests(), &mut rng).unwrap();
+        let truncated = &good[..good.len() - 5];
+        let mut wrong_hash = good.clone();
+        wrong_hash.replace_range(good.len() - 4.., "AAAA");
+        for bad in [
+            "",
+            "not a hash",
+            "$argon2id$",
+            "$argon2id$v=19$m=64,t=1,p=1$",
+            "$unknown$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+            "$argon2id$v=19$m=1,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
+            truncated,
+            &wrong_hash,
+        ] {
+            assert!(!verify_password("pw", bad), "{bad:?} verified");
+        }
+    }
+
+    #[test]
+    fn default_params_are_owasp() {
+        let p = PasswordParams::default();
+        assert_eq!((p.m_cost_kib(), p.t_cost(), p.p_cost()), (19_456, 2, 1));
+        let t = PasswordParams::for_tests();
+        assert_eq!((t.m_cost_kib(), t.t_cost(), t.p_cost()), (64, 1, 1));
+        assert!(PasswordParams::new(1, 1, 1).is_err());
+    }
+
+    #[test]
+    fn registration_rules_table() {
+        let long_name = "a".repeat(33);
+        let max_name = "a".repeat(32);
+        let long_pw = "p".repeat(129);
+        let max_pw = "p".repeat(128);
+        let cases: &[(&str, &str, Result<(), RegisterError>)] = &[
+            ("alice", "pw", Ok(())),
+            ("a.b-c_D9", "pw", Ok(())),
+            (&max_name, &max_pw, Ok(())),
+            ("", "pw", Err(RegisterError::EmptyName)),
+            (&long_name, "pw", Err(RegisterError::NameTooLong)),
+            ("al ice", "pw", Err(RegisterError::BadNameCharacter)),
+            ("älice", "pw", Err(RegisterError::BadNameCharacter)),
+            ("a/b", "pw", Err(RegisterError::BadNameCharacter)),
+            ("alice", "", Err(RegisterError::EmptyPassword)),
+            ("alice", &long_pw, Err(RegisterError::PasswordTooLong)),
+            // 65 characters but 130 bytes: the password limit is in bytes.
+            (
+                "alice",
+                &"é".repeat(65),
+                Err(RegisterError::PasswordTooLong),
+            ),
+        ];
+        for (name, pw, want) in cases {
+            assert_eq!(validate_registration(name, pw), *want, "{name:?}");
+        }
+    }
+}

@@ -1,10 +1,29 @@
-//! The route's login machine. (Public request/answer types are fixed here; the machine
-//! lands with the route-login work.)
+//! The route's login machine: registration, login and logout (see [`RouteLogin`]), and the
+//! HTTP API's bearer tokens ([`BearerKey`]).
+//!
+//! A login is a short chain of store steps: `LoadAccount` (name and argon2 check) ->
+//! `LoadClaim` -> [`decide_login`] against the registry view -> balancer pick ->
+//! `ReplaceClaim` (compare-epoch; a lost race re-decides against the winner, bounded) ->
+//! ticket, bearer token and a fresh resume token.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use cim_proto::Ticket;
+use hmac::{Hmac, Mac};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
 
-use crate::ids::{Epoch, UserId};
+use crate::accounts::{self, PasswordParams, RegisterError};
+use crate::balance::Balancer;
+use crate::claims::{LoginDecision, decide_login};
+use crate::ids::{Epoch, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
+use crate::store::{
+    Claim, ClaimState, NameTaken, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult,
+};
+use crate::tickets::{Grant, TicketKeys};
 
 /// 32 random bytes handed to the client with each login; presenting it lets the same client
 /// take over its own live claim at once (failover) instead of waiting out the lease.
@@ -64,6 +83,1412 @@ impl LoginError {
             Self::AccountMismatch => "9100",
             Self::NoServerAvailable => "7100",
             Self::Unavailable => "4000",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The machine.
+// ---------------------------------------------------------------------------------------
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Correlates an HTTP API request (assigned by the shell) with its [`RouteEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ApiRequestId(pub u64);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLoginConfig {
+    /// Lease of a fresh claim: long enough for the client to connect to its server, whose
+    /// `BindSession` then extends it.
+    pub claim_ttl: Duration,
+    /// How long a minted ticket is valid.
+    pub ticket_ttl: Duration,
+    /// How long a bearer token is valid.
+    pub token_ttl: Duration,
+    /// A store request with no reply by then fails its API request with 4000.
+    pub store_timeout: Duration,
+    pub password: PasswordParams,
+    /// How many lost `ReplaceClaim` races one login re-decides before giving up with 4000.
+    pub max_cas_retries: u32,
+}
+
+impl Default for RouteLoginConfig {
+    fn default() -> Self {
+        Self {
+            claim_ttl: Duration::from_secs(30),
+            ticket_ttl: Duration::from_secs(30),
+            token_ttl: Duration::from_secs(24 * 3600),
+            store_timeout: Duration::from_secs(2),
+            password: PasswordParams::default(),
+            max_cas_retries: 3,
+        }
+    }
+}
+
+/// A registration that succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub user: UserId,
+    pub name: String,
+}
+
+/// Why a registration failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterFailure {
+    /// 3000: the name or password breaks the rules.
+    #[error(transparent)]
+    Invalid(#[from] RegisterError),
+    /// 3000: the name belongs to another account.
+    #[error("this user name is taken")]
+    NameTaken,
+    /// 4000: the store did not answer (the account may or may not exist now).
+    #[error("registration failed: store unavailable")]
+    Unavailable,
+}
+
+impl RegisterFailure {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Invalid(_) | Self::NameTaken => "3000",
+            Self::Unavailable => "4000",
+        }
+    }
+}
+
+/// A logout that reached the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoggedOut {
+    pub user: UserId,
+    /// False when the token's session was already gone or superseded: nothing was removed.
+    pub released: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LogoutError {
+    /// HTTP 401.
+    #[error("bad bearer token: {0}")]
+    BadToken(#[from] TokenError),
+    /// 4000.
+    #[error("logout failed: store unavailable")]
+    Unavailable,
+}
+
+/// What the route tells the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteEvent {
+    Registered {
+        api: ApiRequestId,
+        result: Result<Registered, RegisterFailure>,
+    },
+    LoggedIn {
+        api: ApiRequestId,
+        result: Result<LoginAnswer, LoginError>,
+    },
+    LoggedOut {
+        api: ApiRequestId,
+        result: Result<LoggedOut, LogoutError>,
+    },
+    /// A takeover happened: tell `server` to close `user`'s sessions with an epoch below
+    /// `below_epoch`. Emitted before the `LoggedIn` it belongs to. Even without it the old
+    /// session dies at its next lease refresh (`Superseded`); this only makes it prompt.
+    KickOld {
+        server: ServerId,
+        user: UserId,
+        below_epoch: Epoch,
+    },
+}
+
+/// Why the machine wants to be woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerReason {
+    /// A store request's deadline.
+    StoreDeadline,
+}
+
+// --- bearer tokens ---------------------------------------------------------------------
+
+/// Signs and checks the HTTP API's bearer tokens: `<user>.<epoch>.<expires_at_ms>.<mac>`,
+/// decimal numbers and a hex HMAC-SHA256 over them. Bound to (user, epoch), so a token
+/// only ever acts for the session it was issued with.
+#[derive(Clone)]
+pub struct BearerKey {
+    secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for BearerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerKey(..)")
+    }
+}
+
+/// What a valid bearer token says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BearerClaims {
+    pub user: UserId,
+    pub epoch: Epoch,
+    pub expires_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("token signature does not match")]
+    BadMac,
+    #[error("token expired")]
+    Expired,
+}
+
+impl BearerKey {
+    pub fn new(secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            secret: secret.into(),
+        }
+    }
+
+    pub fn mint(&self, claims: &BearerClaims) -> String {
+        let mac = self.mac(claims).finalize().into_bytes();
+        format!(
+            "{}.{}.{}.{}",
+            claims.user.0,
+            claims.epoch.0,
+            claims.expires_at.0,
+            hex_encode(&mac)
+        )
+    }
+
+    /// Checks format, signature (constant time) and expiry against the wall clock `now`.
+    pub fn verify(&self, token: &str, now: UnixMillis) -> Result<BearerClaims, TokenError> {
+        let mut parts = token.split('.');
+        let (Some(user), Some(epoch), Some(expires), Some(mac), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(TokenError::Malformed);
+        };
+        let claims = BearerClaims {
+            user: UserId(parse_decimal(user)?),
+            epoch: Epoch(parse_decimal(epoch)?),
+            expires_at: UnixMillis(parse_decimal(expires)?),
+        };
+        let mac = hex_decode(mac).ok_or(TokenError::Malformed)?;
+        self.mac(&claims)
+            .verify_slice(&mac)
+            .map_err(|_| TokenError::BadMac)?;
+        if claims.expires_at <= now {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    fn mac(&self, claims: &BearerClaims) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        mac.update(b"cim-bearer-v1");
+        mac.update(&claims.user.0.to_be_bytes());
+        mac.update(&claims.epoch.0.to_be_bytes());
+        mac.update(&claims.expires_at.0.to_be_bytes());
+        mac
+    }
+}
+
+/// Canonical decimal only (no sign, no leading zero), so a token has one spelling.
+fn parse_decimal(s: &str) -> Result<u64, TokenError> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    if !canonical {
+        return Err(TokenError::Malformed);
+    }
+    s.parse().map_err(|_| TokenError::Malformed)
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lowercase hex of exactly a SHA-256 MAC.
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    if s.len() != 64 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks_exact(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
+/// SHA-256 of a resume token, as claims store it.
+pub fn resume_token_hash(token: &ResumeToken) -> [u8; 32] {
+    Sha256::digest(token.0).into()
+}
+
+// --- the machine -----------------------------------------------------------------------
+
+/// The route's login machine: registration, login (password, claim, server choice, ticket)
+/// and logout, against the store and the registry view.
+///
+/// Inputs: `handle_registry`, `handle_register`, `handle_login`, `handle_logout`,
+/// `handle_store_reply`, `handle_timeout`. **After every `handle_*` the caller drains
+/// [`Self::poll_store`] and [`Self::poll_event`] until each returns `None`**, then re-arms
+/// its timer from [`Self::poll_timeout`]. Every API request ends in exactly one event
+/// (`Registered`, `LoggedIn` or `LoggedOut`) carrying its [`ApiRequestId`].
+///
+/// Password hashing and verification run inline (argon2: tens of milliseconds with
+/// production parameters); a shell that must not stall can run one machine per worker.
+#[derive(Debug)]
+pub struct RouteLogin {
+    config: RouteLoginConfig,
+    tickets: TicketKeys,
+    bearer: BearerKey,
+    balancer: Balancer,
+    rng: ChaCha8Rng,
+    live: BTreeMap<ServerId, LiveServer>,
+    /// Verified against when the account does not exist, so an unknown id costs the same
+    /// time as a wrong password.
+    dummy_hash: String,
+    next_request: u64,
+    pending: BTreeMap<RequestId, Pending>,
+    store_out: VecDeque<StoreRequest>,
+    events: VecDeque<RouteEvent>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    deadline: Instant,
+    step: Step,
+}
+
+/// Where a request is, and what it needs to continue.
+#[derive(Debug)]
+enum Step {
+    Register {
+        api: ApiRequestId,
+        name: String,
+    },
+    LoadAccount {
+        api: ApiRequestId,
+        login: LoginCtx,
+        name: String,
+        password: String,
+    },
+    LoadClaim {
+        api: ApiRequestId,
+        login: LoginCtx,
+    },
+    ReplaceClaim {
+        api: ApiRequestId,
+        login: LoginCtx,
+        decision: LoginDecision,
+        server: LiveServer,
+        resume: ResumeToken,
+    },
+    Logout {
+        api: ApiRequestId,
+        user: UserId,
+    },
+    /// Best-effort release of a claim a failed login may have written; nobody waits on it.
+    Cleanup,
+}
+
+#[derive(Debug, Clone)]
+struct LoginCtx {
+    user: UserId,
+    resume_hash: Option<[u8; 32]>,
+    lost_races: u32,
+}
+
+impl RouteLogin {
+    /// `token_secret` keys bearer tokens; `seed` feeds resume tokens and password salts.
+    pub fn new(
+        config: RouteLoginConfig,
+        tickets: TicketKeys,
+        token_secret: impl Into<Vec<u8>>,
+        balancer: Balancer,
+        seed: u64,
+    ) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // An empty string (never verifies) if the parameters were rejected: the timing
+        // cover is lost but nothing breaks.
+        let dummy_hash = accounts::hash_password("cim-dummy-password", &config.password, &mut rng)
+            .unwrap_or_default();
+        Self {
+            config,
+            tickets,
+            bearer: BearerKey::new(token_secret),
+            balancer,
+            rng,
+            live: BTreeMap::new(),
+            dummy_hash,
+            next_request: 0,
+            pending: BTreeMap::new(),
+            store_out: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Checks a bearer token (for the HTTP API's authenticated calls).
+    pub fn verify_bearer(&self, token: &str, now: UnixMillis) -> Result<BearerClaims, TokenError> {
+        self.bearer.verify(token, now)
+    }
+
+    /// The registry's current view of live servers (replaces the previous one).
+    pub fn handle_registry(&mut self, live: BTreeMap<ServerId, LiveServer>) {
+        self.live = live;
+    }
+
+    pub fn handle_register(&mut self, now: Instant, api: ApiRequestId, name: &str, password: &str) {
+        if let Err(e) = accounts::validate_registration(name, password) {
+            self.registered(api, Err(e.into()));
+            return;
+        }
+        let Ok(password_hash) =
+            accounts::hash_password(password, &self.config.password, &mut self.rng)
+        else {
+            self.registered(api, Err(RegisterFailure::Unavailable));
+            return;
+        };
+        self.send(
+            now,
+            StoreCommand::RegisterAccount {
+                name: name.to_owned(),
+                password_hash,
+            },
+            Step::Register {
+                api,
+                name: name.to_owned(),
+            },
+        );
+    }
+
+    /// Starts a login. Wall-clock time is first needed when the claim is decided, so it
+    /// comes with the store replies, not here.
+    pub fn handle_login(&mut self, now: Instant, api: ApiRequestId, request: LoginRequest) {
+        if request.password.len() > accounts::MAX_PASSWORD_LEN {
+            // No account has such a password; refuse before hashing megabytes.
+            self.logged_in(api, Err(LoginError::AccountMismatch));
+            return;
+        }
+        let login = LoginCtx {
+            user: request.user,
+            resume_hash: request.resume_token.as_ref().map(resume_token_hash),
+            lost_races: 0,
+        };
+        self.send(
+            now,
+            StoreCommand::LoadAccount { user: request.user },
+            Step::LoadAccount {
+                api,
+                login,
+                name: request.name,
+                password: request.password,
+            },
+        );
+    }
+
+    /// Logout releases exactly the token's (user, epoch) claim, so an old token can never
+    /// end a newer session.
+    pub fn handle_logout(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        api: ApiRequestId,
+        token: &str,
+    ) {
+        match self.bearer.verify(token, wall) {
+            Err(e) => self.events.push_back(RouteEvent::LoggedOut {
+                api,
+                result: Err(e.into()),
+            }),
+            Ok(claims) => self.send(
+                now,
+                StoreCommand::ReleaseClaim {
+                    user: claims.user,
+                    epoch: claims.epoch,
+                },
+                Step::Logout {
+                    api,
+                    user: claims.user,
+                },
+            ),
+        }
+    }
+
+    /// A store reply. Replies to unknown ids (late, after their deadline) are ignored.
+    pub fn handle_store_reply(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        id: RequestId,
+        result: StoreResult,
+    ) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(_) => {
+                self.fail(now, pending.step);
+                return;
+            }
+        };
+        match (pending.step, reply) {
+            (Step::Register { api, name }, StoreReply::AccountRegistered(result)) => {
+                let result = result
+                    .map(|user| Registered { user, name })
+                    .map_err(|NameTaken| RegisterFailure::NameTaken);
+                self.registered(api, result);
+            }
+            (
+                Step::LoadAccount {
+                    api,
+                    login,
+                    name,
+                    password,
+                },
+                StoreReply::Account(account),
+            ) => {
+                // Always run one argon2 verification, so the answer's timing does not tell
+                // an unknown id from a wrong password.
+                let (phc, account_ok) = match &account {
+                    Some(a) => (
+                        a.password_hash.as_str(),
+                        a.user == login.user && a.name == name,
+                    ),
+                    None => (self.dummy_hash.as_str(), false),
+                };
+                let password_ok = accounts::verify_password(&password, phc);
+                if account_ok && password_ok {
+                    self.send(
+                        now,
+                        StoreCommand::LoadClaim { user: login.user },
+                        Step::LoadClaim { api, login },
+                    );
+                } else {
+                    self.logged_in(api, Err(LoginError::AccountMismatch));
+                }
+            }
+            (Step::LoadClaim { api, login }, StoreReply::Claim(state)) => {
+                self.decide_and_claim(now, wall, api, login, &state);
+            }
+            (
+                Step::ReplaceClaim {
+                    api,
+                    login,
+                    decision,
+                    server,
+                    resume,
+                },
+                StoreReply::ClaimReplaced(result),
+            ) => match result {
+                Ok(()) => self.login_succeeded(wall, api, login.user, decision, server, resume),
+                Err(won) => {
+                    let mut login = login;
+                    login.lost_races += 1;
+                    if login.lost_races > self.config.max_cas_retries {
+                        self.logged_in(api, Err(LoginError::Unavailable));
+                    } else {
+                        // The reply carries the winning state: decide against it directly.
+                        self.decide_and_claim(now, wall, api, login, &won);
+                    }
+                }
+            },
+            (Step::Logout { api, user }, StoreReply::ClaimReleased { released }) => {
+                self.events.push_back(RouteEvent::LoggedOut {
+                    api,
+                    result: Ok(LoggedOut { user, released }),
+                });
+            }
+            (Step::Cleanup, _) => {}
+            // A reply of the wrong kind is a store bug; fail the request rather than guess.
+            (step, _) => self.fail(now, step),
+        }
+    }
+
+    /// Fails every request whose store deadline has passed (4000).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(pending) = self.pending.remove(&id) {
+                self.fail(now, pending.step);
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
+        self.pending
+            .values()
+            .map(|p| p.deadline)
+            .min()
+            .map(|deadline| (deadline, TimerReason::StoreDeadline))
+    }
+
+    pub fn poll_store(&mut self) -> Option<StoreRequest> {
+        self.store_out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<RouteEvent> {
+        self.events.pop_front()
+    }
+
+    fn decide_and_claim(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        api: ApiRequestId,
+        login: LoginCtx,
+        state: &ClaimState,
+    ) {
+        let claim_server_live = state
+            .claim
+            .as_ref()
+            .is_some_and(|c| self.live.contains_key(&c.server));
+        let decision = match decide_login(state, wall, login.resume_hash, claim_server_live) {
+            Ok(decision) => decision,
+            Err(_) => {
+                self.logged_in(api, Err(LoginError::RepeatLogin));
+                return;
+            }
+        };
+        let Some(server) = self
+            .balancer
+            .pick(login.user, &self.live)
+            .and_then(|id| self.live.get(&id).cloned())
+        else {
+            self.logged_in(api, Err(LoginError::NoServerAvailable));
+            return;
+        };
+        let mut token = [0u8; 32];
+        self.rng.fill_bytes(&mut token);
+        let resume = ResumeToken(token);
+        let claim = Claim {
+            epoch: decision.epoch(),
+            server: server.id.clone(),
+            lease_until: wall.plus(self.config.claim_ttl),
+            resume_token_hash: resume_token_hash(&resume),
+        };
+        self.send(
+            now,
+            StoreCommand::ReplaceClaim {
+                user: login.user,
+                expected: state.epoch,
+                claim,
+            },
+            Step::ReplaceClaim {
+                api,
+                login,
+                decision,
+                server,
+                resume,
+            },
+        );
+    }
+
+    fn login_succeeded(
+        &mut self,
+        wall: UnixMillis,
+        api: ApiRequestId,
+        user: UserId,
+        decision: LoginDecision,
+        server: LiveServer,
+        resume: ResumeToken,
+    ) {
+        let epoch = decision.epoch();
+        if let LoginDecision::Takeover { old_server, .. } = decision {
+            self.events.push_back(RouteEvent::KickOld {
+                server: old_server,
+                user,
+                below_epoch: epoch,
+            });
+        }
+        let ticket = self.tickets.mint(&Grant {
+            user,
+            server: server.id.clone(),
+            epoch,
+            expires_at: wall.plus(self.config.ticket_ttl),
+        });
+        let token = self.bearer.mint(&BearerClaims {
+            user,
+            epoch,
+            expires_at: wall.plus(self.config.token_ttl),
+        });
+        self.logged_in(
+            api,
+            Ok(LoginAnswer {
+                user,
+                epoch,
+                server,
+                ticket,
+                token,
+                resume_token: resume,
+            }),
+        );
+    }
+
+    /// The store failed `step` (error reply, timeout or nonsense): answer 4000.
+    fn fail(&mut self, now: Instant, step: Step) {
+        match step {
+            Step::Register { api, .. } => self.registered(api, Err(RegisterFailure::Unavailable)),
+            Step::LoadAccount { api, .. } | Step::LoadClaim { api, .. } => {
+                self.logged_in(api, Err(LoginError::Unavailable));
+            }
+            Step::ReplaceClaim {
+                api,
+                login,
+                decision,
+                ..
+            } => {
+                self.logged_in(api, Err(LoginError::Unavailable));
+                // The claim may have been written; its resume token is lost with this
+                // answer, so the user would get 5000 until it expired. Release it
+                // (compare-epoch: a no-op if it was not written or was superseded).
+                self.send(
+                    now,
+                    StoreCommand::ReleaseClaim {
+                        user: login.user,
+                        epoch: decision.epoch(),
+                    },
+                    Step::Cleanup,
+                );
+            }
+            Step::Logout { api, .. } => self.events.push_back(RouteEvent::LoggedOut {
+                api,
+                result: Err(LogoutError::Unavailable),
+            }),
+            Step::Cleanup => {}
+        }
+    }
+
+    fn send(&mut self, now: Instant, command: StoreCommand, step: Step) {
+        self.next_request += 1;
+        let id = RequestId(self.next_request);
+        self.pending.insert(
+            id,
+            Pending {
+                deadline: now + self.config.store_timeout,
+                step,
+            },
+        );
+        self.store_out.push_back(StoreRequest { id, command });
+    }
+
+    fn registered(&mut self, api: ApiRequestId, result: Result<Registered, RegisterFailure>) {
+        self.events
+            .push_back(RouteEvent::Registered { api, result });
+    }
+
+    fn logged_in(&mut self, api: ApiRequestId, result: Result<LoginAnswer, LoginError>) {
+        self.events.push_back(RouteEvent::LoggedIn { api, result });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Strategy;
+    use crate::claims::ClaimTable;
+    use crate::store::{Account, StoreUnavailable};
+
+    const TICKET_SECRET: &[u8] = b"ticket-secret";
+    const WALL0: UnixMillis = UnixMillis(1_700_000_000_000);
+
+    #[allow(clippy::disallowed_methods)] // the one clock read: a base for explicit offsets
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn server(name: &str) -> LiveServer {
+        LiveServer {
+            id: ServerId::new(name),
+            host: "127.0.0.1".into(),
+            client_port: 11211,
+            link_port: 11311,
+            http_port: 8081,
+            connections: 0,
+        }
+    }
+
+    fn registry(names: &[&str]) -> BTreeMap<ServerId, LiveServer> {
+        names
+            .iter()
+            .map(|n| (ServerId::new(*n), server(n)))
+            .collect()
+    }
+
+    fn config() -> RouteLoginConfig {
+        RouteLoginConfig {
+            password: PasswordParams::for_tests(),
+            ..RouteLoginConfig::default()
+        }
+    }
+
+    /// The store side: accounts in a map, claims in the reference table.
+    #[derive(Default)]
+    struct Store {
+        claims: ClaimTable,
+        accounts: BTreeMap<UserId, Account>,
+    }
+
+    impl Store {
+        fn answer(&mut self, wall: UnixMillis, command: &StoreCommand) -> StoreReply {
+            if let Some(reply) = self.claims.apply(wall, command) {
+                return reply;
+            }
+            match command {
+                StoreCommand::RegisterAccount {
+                    name,
+                    password_hash,
+                } => {
+                    if self.accounts.values().any(|a| a.name == *name) {
+                        return StoreReply::AccountRegistered(Err(NameTaken));
+                    }
+                    let user = UserId(self.accounts.len() as u64 + 1);
+                    self.accounts.insert(
+                        user,
+                        Account {
+                            user,
+                            name: name.clone(),
+                            password_hash: password_hash.clone(),
+                        },
+                    );
+                    StoreReply::AccountRegistered(Ok(user))
+                }
+                StoreCommand::LoadAccount { user } => {
+                    StoreReply::Account(self.accounts.get(user).cloned())
+                }
+                other => panic!("route login sent {other:?}"),
+            }
+        }
+    }
+
+    struct Harness {
+        m: RouteLogin,
+        store: Store,
+        t0: Instant,
+        next_api: u64,
+    }
+
+    impl Harness {
+        fn new(live: &[&str]) -> Self {
+            let mut m = RouteLogin::new(
+                config(),
+                TicketKeys::new(1, TICKET_SECRET.to_vec()),
+                b"token-secret".to_vec(),
+                Balancer::new(Strategy::RoundRobin, 0),
+                42,
+            );
+            m.handle_registry(registry(live));
+            Self {
+                m,
+                store: Store::default(),
+                t0: t0(),
+                next_api: 0,
+            }
+        }
+
+        fn at(&self, ms: u64) -> (Instant, UnixMillis) {
+            (
+                self.t0 + Duration::from_millis(ms),
+                UnixMillis(WALL0.0 + ms),
+            )
+        }
+
+        fn api(&mut self) -> ApiRequestId {
+            self.next_api += 1;
+            ApiRequestId(self.next_api)
+        }
+
+        /// Answers store requests until there are none, then drains the events.
+        fn run(&mut self, ms: u64) -> Vec<RouteEvent> {
+            let (now, wall) = self.at(ms);
+            while let Some(req) = self.m.poll_store() {
+                let reply = self.store.answer(wall, &req.command);
+                self.m.handle_store_reply(now, wall, req.id, Ok(reply));
+            }
+            std::iter::from_fn(|| self.m.poll_event()).collect()
+        }
+
+        fn register(&mut self, ms: u64, name: &str, password: &str) -> Vec<RouteEvent> {
+            let api = self.api();
+            self.m.handle_register(self.at(ms).0, api, name, password);
+            self.run(ms)
+        }
+
+        fn login(&mut self, ms: u64, user: u64, resume: Option<&ResumeToken>) -> Vec<RouteEvent> {
+            self.start_login(ms, user, "alice", "pw", resume);
+            self.run(ms)
+        }
+
+        fn start_login(
+            &mut self,
+            ms: u64,
+            user: u64,
+            name: &str,
+            password: &str,
+            resume: Option<&ResumeToken>,
+        ) -> ApiRequestId {
+            let api = self.api();
+            let request = LoginRequest {
+                user: UserId(user),
+                name: name.into(),
+                password: password.into(),
+                resume_token: resume.cloned(),
+            };
+            self.m.handle_login(self.at(ms).0, api, request);
+            api
+        }
+
+        fn logout(&mut self, ms: u64, token: &str) -> Vec<RouteEvent> {
+            let api = self.api();
+            let (now, wall) = self.at(ms);
+            self.m.handle_logout(now, wall, api, token);
+            self.run(ms)
+        }
+
+        /// Registers alice (user 1, password "pw").
+        fn with_alice(live: &[&str]) -> Self {
+            let mut h = Self::new(live);
+            let events = h.register(0, "alice", "pw");
+            assert!(matches!(
+                events[..],
+                [RouteEvent::Registered { result: Ok(_), .. }]
+            ));
+            h
+        }
+    }
+
+    fn login_ok(events: &[RouteEvent]) -> &LoginAnswer {
+        match events.last() {
+            Some(RouteEvent::LoggedIn { result: Ok(a), .. }) => a,
+            other => panic!("expected a successful login, got {other:?}"),
+        }
+    }
+
+    fn login_err(events: &[RouteEvent]) -> LoginError {
+        match events {
+            [RouteEvent::LoggedIn { result: Err(e), .. }] => *e,
+            other => panic!("expected one failed login, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn register_table() {
+        let mut h = Harness::new(&["s1"]);
+        assert_eq!(
+            h.register(0, "alice", "pw"),
+            vec![RouteEvent::Registered {
+                api: ApiRequestId(1),
+                result: Ok(Registered {
+                    user: UserId(1),
+                    name: "alice".into()
+                })
+            }]
+        );
+        let stored = &h.store.accounts[&UserId(1)];
+        assert!(accounts::verify_password("pw", &stored.password_hash));
+        assert!(!accounts::verify_password("pw2", &stored.password_hash));
+
+        let cases: &[(&str, &str, RegisterFailure, &str)] = &[
+            ("alice", "other", RegisterFailure::NameTaken, "3000"),
+            (
+                "",
+                "pw",
+                RegisterFailure::Invalid(RegisterError::EmptyName),
+                "3000",
+            ),
+            (
+                "bob",
+                "",
+                RegisterFailure::Invalid(RegisterError::EmptyPassword),
+                "3000",
+            ),
+            (
+                "b b",
+                "pw",
+                RegisterFailure::Invalid(RegisterError::BadNameCharacter),
+                "3000",
+            ),
+        ];
+        for (name, pw, want, code) in cases {
+            let events = h.register(0, name, pw);
+            match &events[..] {
+                [RouteEvent::Registered { result: Err(e), .. }] => {
+                    assert_eq!(e, want, "{name:?}");
+                    assert_eq!(e.code(), *code);
+                }
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+        assert_eq!(h.store.accounts.len(), 1);
+        // Validation failures never reach the store.
+        assert!(h.m.poll_store().is_none());
+    }
+
+    #[test]
+    fn fresh_login_claims_epoch_one_and_mints_credentials() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let events = h.login(1_000, 1, None);
+        assert_eq!(events.len(), 1, "{events:?}");
+        let a = login_ok(&events).clone();
+        let wall = h.at(1_000).1;
+        assert_eq!(
+            (a.user, a.epoch, a.server.id.as_str()),
+            (UserId(1), Epoch(1), "s1")
+        );
+
+        let grant = TicketKeys::new(1, TICKET_SECRET.to_vec())
+            .verify(&a.ticket, &ServerId::new("s1"), wall, Duration::ZERO)
+            .unwrap();
+        assert_eq!(grant.epoch, Epoch(1));
+        assert_eq!(grant.expires_at, wall.plus(Duration::from_secs(30)));
+
+        let bearer = h.m.verify_bearer(&a.token, wall).unwrap();
+        assert_eq!((bearer.user, bearer.epoch), (UserId(1), Epoch(1)));
+
+        let state = h.store.claims.load(UserId(1));
+        let claim = state.claim.unwrap();
+        assert_eq!(state.epoch, Epoch(1));
+        assert_eq!(claim.server, ServerId::new("s1"));
+        assert_eq!(claim.lease_until, wall.plus(Duration::from_secs(30)));
+        assert_eq!(claim.resume_token_hash, resume_token_hash(&a.resume_token));
+        assert!(h.m.poll_timeout().is_none(), "nothing pending");
+    }
+
+    #[test]
+    fn account_mismatches_are_9100_and_claim_nothing() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let cases: &[(&str, u64, &str, &str)] = &[
+            ("wrong password", 1, "alice", "nope"),
+            ("unknown user", 9, "alice", "pw"),
+            ("name of another id", 1, "mallory", "pw"),
+            ("overlong password", 1, "alice", &"p".repeat(129)),
+        ];
+        for (label, user, name, pw) in cases {
+            h.start_login(0, *user, name, pw, None);
+            let e = login_err(&h.run(0));
+            assert_eq!(e, LoginError::AccountMismatch, "{label}");
+            assert_eq!(e.code(), "9100");
+        }
+        assert_eq!(h.store.claims.load(UserId(1)), ClaimState::default());
+    }
+
+    #[test]
+    fn duplicate_login_is_5000() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let first = login_ok(&h.login(0, 1, None)).clone();
+        let before = h.store.claims.load(UserId(1));
+        let e = login_err(&h.login(29_999, 1, None));
+        assert_eq!((e, e.code()), (LoginError::RepeatLogin, "5000"));
+        // A wrong resume token is no better than none.
+        let wrong = ResumeToken([0x55; 32]);
+        assert_eq!(
+            login_err(&h.login(1_000, 1, Some(&wrong))),
+            LoginError::RepeatLogin
+        );
+        assert_eq!(h.store.claims.load(UserId(1)), before);
+        assert_ne!(first.resume_token, wrong);
+    }
+
+    #[test]
+    fn takeover_with_resume_token_kicks_the_old_server() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let first = login_ok(&h.login(0, 1, None)).clone();
+        let events = h.login(1_000, 1, Some(&first.resume_token));
+        assert_eq!(
+            events[0],
+            RouteEvent::KickOld {
+                server: ServerId::new("s1"),
+                user: UserId(1),
+                below_epoch: Epoch(2),
+            }
+        );
+        let second = login_ok(&events).clone();
+        assert_eq!(events.len(), 2);
+        assert_eq!(second.epoch, Epoch(2));
+        assert_ne!(second.resume_token, first.resume_token);
+        let claim = h.store.claims.load(UserId(1)).claim.unwrap();
+        assert_eq!(claim.epoch, Epoch(2));
+        assert_eq!(
+            claim.resume_token_hash,
+            resume_token_hash(&second.resume_token)
+        );
+        // The first token is spent: it no longer proves anything.
+        assert_eq!(
+            login_err(&h.login(2_000, 1, Some(&first.resume_token))),
+            LoginError::RepeatLogin
+        );
+    }
+
+    #[test]
+    fn takeover_when_the_old_server_left_the_registry() {
+        let mut h = Harness::with_alice(&["s1"]);
+        login_ok(&h.login(0, 1, None));
+        h.m.handle_registry(registry(&["s2"]));
+        let events = h.login(1_000, 1, None);
+        assert_eq!(
+            events[0],
+            RouteEvent::KickOld {
+                server: ServerId::new("s1"),
+                user: UserId(1),
+                below_epoch: Epoch(2),
+            }
+        );
+        let a = login_ok(&events);
+        assert_eq!((a.epoch, a.server.id.as_str()), (Epoch(2), "s2"));
+    }
+
+    #[test]
+    fn expired_claim_gives_a_fresh_login() {
+        let mut h = Harness::with_alice(&["s1"]);
+        login_ok(&h.login(0, 1, None));
+        // claim_ttl is 30 s: live at 29.999 s, expired at 30 s.
+        assert_eq!(
+            login_err(&h.login(29_999, 1, None)),
+            LoginError::RepeatLogin
+        );
+        let events = h.login(30_000, 1, None);
+        assert_eq!(events.len(), 1, "no kick for an expired claim: {events:?}");
+        assert_eq!(login_ok(&events).epoch, Epoch(2));
+    }
+
+    #[test]
+    fn no_live_server_is_7100() {
+        let mut h = Harness::with_alice(&[]);
+        let e = login_err(&h.login(0, 1, None));
+        assert_eq!((e, e.code()), (LoginError::NoServerAvailable, "7100"));
+        assert_eq!(h.store.claims.load(UserId(1)), ClaimState::default());
+    }
+
+    #[test]
+    fn lost_claim_race_redecides_to_5000() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let (now, wall) = h.at(0);
+        // Login A reads the account and the (empty) claim state...
+        h.start_login(0, 1, "alice", "pw", None);
+        let load_account = h.m.poll_store().unwrap();
+        let reply = h.store.answer(wall, &load_account.command);
+        h.m.handle_store_reply(now, wall, load_account.id, Ok(reply));
+        let load_claim = h.m.poll_store().unwrap();
+        assert_eq!(
+            load_claim.command,
+            StoreCommand::LoadClaim { user: UserId(1) }
+        );
+        let stale = h.store.answer(wall, &load_claim.command);
+        // ...then login B wins the claim before A's ReplaceClaim lands.
+        let b = h.login(0, 1, None);
+        assert_eq!(login_ok(&b).epoch, Epoch(1));
+        h.m.handle_store_reply(now, wall, load_claim.id, Ok(stale));
+        let replace = h.m.poll_store().unwrap();
+        assert!(matches!(
+            replace.command,
+            StoreCommand::ReplaceClaim {
+                expected: Epoch(0),
+                ..
+            }
+        ));
+        let lost = h.store.answer(wall, &replace.command);
+        assert!(matches!(lost, StoreReply::ClaimReplaced(Err(_))));
+        h.m.handle_store_reply(now, wall, replace.id, Ok(lost));
+        // A re-decides against the winner's live claim, without another store round trip.
+        assert!(h.m.poll_store().is_none());
+        assert_eq!(login_err(&h.run(0)), LoginError::RepeatLogin);
+        assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(1));
+    }
+
+    #[test]
+    fn endless_races_give_up_with_4000() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let (now, wall) = h.at(0);
+        h.start_login(0, 1, "alice", "pw", None);
+        let req = h.m.poll_store().unwrap();
+        let reply = h.store.answer(wall, &req.command);
+        h.m.handle_store_reply(now, wall, req.id, Ok(reply));
+        let mut req = h.m.poll_store().unwrap();
+        h.m.handle_store_reply(
+            now,
+            wall,
+            req.id,
+            Ok(StoreReply::Claim(ClaimState::default())),
+        );
+        // Every ReplaceClaim loses to a released claim with a higher counter: each retry is
+        // a fresh decision, until the bound (3 retries) is spent.
+        for round in 1..=4u64 {
+            req = h.m.poll_store().unwrap();
+            let StoreCommand::ReplaceClaim {
+                expected, claim, ..
+            } = &req.command
+            else {
+                panic!("{req:?}");
+            };
+            assert_eq!(*expected, Epoch(round - 1));
+            assert_eq!(claim.epoch, Epoch(round));
+            let winner = ClaimState {
+                epoch: Epoch(round),
+                claim: None,
+            };
+            h.m.handle_store_reply(
+                now,
+                wall,
+                req.id,
+                Ok(StoreReply::ClaimReplaced(Err(winner))),
+            );
+        }
+        assert!(h.m.poll_store().is_none());
+        assert_eq!(login_err(&h.run(0)), LoginError::Unavailable);
+    }
+
+    #[test]
+    fn store_timeout_is_4000_and_late_replies_are_ignored() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let api = h.start_login(0, 1, "alice", "pw", None);
+        let req = h.m.poll_store().unwrap();
+        assert_eq!(
+            h.m.poll_timeout(),
+            Some((h.t0 + Duration::from_secs(2), TimerReason::StoreDeadline))
+        );
+        h.m.handle_timeout(h.t0 + Duration::from_millis(1_999));
+        assert_eq!(h.m.poll_event(), None);
+        h.m.handle_timeout(h.t0 + Duration::from_secs(2));
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::LoggedIn {
+                api,
+                result: Err(LoginError::Unavailable)
+            })
+        );
+        assert_eq!(h.m.poll_timeout(), None);
+        // The reply arrives after all: nothing happens.
+        let (now, wall) = h.at(2_500);
+        let reply = h.store.answer(wall, &req.command);
+        h.m.handle_store_reply(now, wall, req.id, Ok(reply));
+        assert_eq!((h.m.poll_store(), h.m.poll_event()), (None, None));
+    }
+
+    #[test]
+    fn store_errors_are_4000() {
+        let mut h = Harness::new(&["s1"]);
+        let api = h.api();
+        let (now, wall) = h.at(0);
+        h.m.handle_register(now, api, "alice", "pw");
+        let req = h.m.poll_store().unwrap();
+        h.m.handle_store_reply(now, wall, req.id, Err(StoreUnavailable("down".into())));
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::Registered {
+                api,
+                result: Err(RegisterFailure::Unavailable)
+            })
+        );
+        // A reply of the wrong kind is treated the same, not trusted.
+        h.m.handle_register(now, api, "alice", "pw");
+        let req = h.m.poll_store().unwrap();
+        h.m.handle_store_reply(now, wall, req.id, Ok(StoreReply::CursorsAdvanced));
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::Registered {
+                api,
+                result: Err(RegisterFailure::Unavailable)
+            })
+        );
+    }
+
+    #[test]
+    fn timed_out_claim_write_is_released() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let (now, wall) = h.at(0);
+        h.start_login(0, 1, "alice", "pw", None);
+        for _ in 0..2 {
+            let req = h.m.poll_store().unwrap();
+            let reply = h.store.answer(wall, &req.command);
+            h.m.handle_store_reply(now, wall, req.id, Ok(reply));
+        }
+        // The store applies the ReplaceClaim but its reply is lost.
+        let replace = h.m.poll_store().unwrap();
+        h.store.answer(wall, &replace.command);
+        assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(1));
+        h.m.handle_timeout(now + Duration::from_secs(2));
+        assert_eq!(
+            login_err(&[h.m.poll_event().unwrap()]),
+            LoginError::Unavailable
+        );
+        let cleanup = h.m.poll_store().unwrap();
+        assert_eq!(
+            cleanup.command,
+            StoreCommand::ReleaseClaim {
+                user: UserId(1),
+                epoch: Epoch(1)
+            }
+        );
+        let reply = h.store.answer(wall, &cleanup.command);
+        h.m.handle_store_reply(now, wall, cleanup.id, Ok(reply));
+        assert_eq!(h.m.poll_event(), None, "the cleanup answers nobody");
+        // So the retry is not locked out by a claim whose resume token nobody has.
+        assert_eq!(login_ok(&h.login(3_000, 1, None)).epoch, Epoch(2));
+    }
+
+    #[test]
+    fn an_old_token_cannot_log_out_a_newer_session() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let first = login_ok(&h.login(0, 1, None)).clone();
+        let second = login_ok(&h.login(1_000, 1, Some(&first.resume_token))).clone();
+        let events = h.logout(2_000, &first.token);
+        assert!(
+            matches!(
+                events[..],
+                [RouteEvent::LoggedOut {
+                    result: Ok(LoggedOut {
+                        user: UserId(1),
+                        released: false
+                    }),
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+        assert_eq!(
+            h.store.claims.load(UserId(1)).claim.unwrap().epoch,
+            Epoch(2)
+        );
+        let events = h.logout(3_000, &second.token);
+        assert!(
+            matches!(
+                events[..],
+                [RouteEvent::LoggedOut {
+                    result: Ok(LoggedOut {
+                        user: UserId(1),
+                        released: true
+                    }),
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+        assert_eq!(
+            h.store.claims.load(UserId(1)),
+            ClaimState {
+                epoch: Epoch(2),
+                claim: None
+            }
+        );
+        // A forged token never reaches the store.
+        let events = h.logout(3_000, "1.2.99999999999999.00");
+        assert!(matches!(
+            events[..],
+            [RouteEvent::LoggedOut {
+                result: Err(LogoutError::BadToken(TokenError::Malformed)),
+                ..
+            }]
+        ));
+        assert!(h.m.poll_store().is_none());
+    }
+
+    #[test]
+    fn bearer_token_table() {
+        let key = BearerKey::new(b"k".to_vec());
+        let claims = BearerClaims {
+            user: UserId(7),
+            epoch: Epoch(3),
+            expires_at: UnixMillis(10_000),
+        };
+        let good = key.mint(&claims);
+        let mac = good.rsplit('.').next().unwrap().to_owned();
+        let now = UnixMillis(9_999);
+        let cases: Vec<(&str, String, UnixMillis, Result<BearerClaims, TokenError>)> = vec![
+            ("valid", good.clone(), now, Ok(claims)),
+            (
+                "expired",
+                good.clone(),
+                UnixMillis(10_000),
+                Err(TokenError::Expired),
+            ),
+            (
+                "other user",
+                format!("8.3.10000.{mac}"),
+                now,
+                Err(TokenError::BadMac),
+            ),
+            (
+                "newer epoch",
+                format!("7.4.10000.{mac}"),
+                now,
+                Err(TokenError::BadMac),
+            ),
+            (
+                "longer life",
+                format!("7.3.20000.{mac}"),
+                now,
+                Err(TokenError::BadMac),
+            ),
+            (
+                "other key",
+                BearerKey::new(b"j".to_vec()).mint(&claims),
+                now,
+                Err(TokenError::BadMac),
+            ),
+            (
+                "leading zero",
+                format!("07.3.10000.{mac}"),
+                now,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "plus sign",
+                format!("+7.3.10000.{mac}"),
+                now,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "uppercase mac",
+                format!("7.3.10000.{}", mac.to_uppercase()),
+                now,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "short mac",
+                format!("7.3.10000.{}", &mac[..62]),
+                now,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "extra part",
+                format!("{good}.x"),
+                now,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "missing part",
+                format!("7.3.{mac}"),
+                now,
+                Err(TokenError::Malformed),
+            ),
+            ("empty", String::new(), now, Err(TokenError::Malformed)),
+            (
+                "overflow",
+                format!("99999999999999999999.3.10000.{mac}"),
+                now,
+                Err(TokenError::Malformed),
+            ),
+            (
+                "non-ascii",
+                format!("7.3.10000.{}é", &mac[..62]),
+                now,
+                Err(TokenError::Malformed),
+            ),
+        ];
+        for (label, token, now, want) in cases {
+            assert_eq!(key.verify(&token, now), want, "{label}");
         }
     }
 }
