@@ -22,12 +22,9 @@ pub enum LoginDecision {
     /// No live claim: take `epoch`.
     Fresh { epoch: Epoch },
     /// A live claim exists but the request may take it over: take `epoch`, and the old
-    /// server must kick the session it holds under `old_epoch`.
-    Takeover {
-        epoch: Epoch,
-        old_server: ServerId,
-        old_epoch: Epoch,
-    },
+    /// claim's server must kick the session it holds under `old.epoch` (which may live
+    /// until `old.lease_until`).
+    Takeover { epoch: Epoch, old: Claim },
 }
 
 impl LoginDecision {
@@ -69,8 +66,7 @@ pub fn decide_login(
     if proved_resume || !claim_server_live {
         Ok(LoginDecision::Takeover {
             epoch,
-            old_server: claim.server.clone(),
-            old_epoch: claim.epoch,
+            old: claim.clone(),
         })
     } else {
         Err(RepeatLogin)
@@ -295,8 +291,7 @@ mod tests {
         let live = claim(3, "s1", 10_000, 0xAA);
         let takeover = |epoch| LoginDecision::Takeover {
             epoch: Epoch(epoch),
-            old_server: s("s1"),
-            old_epoch: Epoch(3),
+            old: live.clone(),
         };
         // (name, state, now, presented hash, server live, want)
         type Case = (

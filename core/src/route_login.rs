@@ -5,6 +5,10 @@
 //! `LoadClaim` -> [`decide_login`] against the registry view -> balancer pick ->
 //! `ReplaceClaim` (compare-epoch; a lost race re-decides against the winner, bounded) ->
 //! ticket, bearer token and a fresh resume token.
+//!
+//! A takeover of a claim whose server is still live holds the answer until that server
+//! confirms the old session is closed (or leaves the registry, or the old lease runs out),
+//! so two sessions of one user never overlap in time.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -17,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::accounts::{self, PasswordParams, RegisterError};
 use crate::balance::Balancer;
-use crate::claims::{LoginDecision, decide_login};
+use crate::claims::{LoginDecision, decide_login, is_live};
 use crate::ids::{Epoch, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
 use crate::store::{
@@ -99,8 +103,9 @@ pub struct ApiRequestId(pub u64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteLoginConfig {
-    /// Lease of a fresh claim: long enough for the client to connect to its server, whose
-    /// `BindSession` then extends it.
+    /// Lease of a new claim: long enough for the client to connect to its server, whose
+    /// `BindSession` then extends it. A takeover's claim runs this long past the old
+    /// claim's lease, since its answer may be held until then.
     pub claim_ttl: Duration,
     /// How long a minted ticket is valid.
     pub ticket_ttl: Duration,
@@ -190,8 +195,11 @@ pub enum RouteEvent {
         result: Result<LoggedOut, LogoutError>,
     },
     /// A takeover happened: tell `server` to close `user`'s sessions with an epoch below
-    /// `below_epoch`. Emitted before the `LoggedIn` it belongs to. Even without it the old
-    /// session dies at its next lease refresh (`Superseded`); this only makes it prompt.
+    /// `below_epoch`, and report back with [`RouteLogin::handle_kick_done`]. Emitted before
+    /// the `LoggedIn` it belongs to, which is held until that report while `server` is in
+    /// the registry view. When it is not, the answer goes at once and the kick is best
+    /// effort (the shell may drop it if it has no link): the old session then dies at its
+    /// next lease refresh (`Superseded`) or by self-fencing.
     KickOld {
         server: ServerId,
         user: UserId,
@@ -204,6 +212,8 @@ pub enum RouteEvent {
 pub enum TimerReason {
     /// A store request's deadline.
     StoreDeadline,
+    /// A held takeover answer is released: the old claim's lease ran out.
+    TakeoverHold,
 }
 
 // --- bearer tokens ---------------------------------------------------------------------
@@ -336,10 +346,16 @@ pub fn resume_token_hash(token: &ResumeToken) -> [u8; 32] {
 /// and logout, against the store and the registry view.
 ///
 /// Inputs: `handle_registry`, `handle_register`, `handle_login`, `handle_logout`,
-/// `handle_store_reply`, `handle_timeout`. **After every `handle_*` the caller drains
-/// [`Self::poll_store`] and [`Self::poll_event`] until each returns `None`**, then re-arms
-/// its timer from [`Self::poll_timeout`]. Every API request ends in exactly one event
-/// (`Registered`, `LoggedIn` or `LoggedOut`) carrying its [`ApiRequestId`].
+/// `handle_store_reply`, `handle_kick_done`, `handle_timeout`. **After every `handle_*` the
+/// caller drains [`Self::poll_store`] and [`Self::poll_event`] until each returns `None`**,
+/// then re-arms its timer from [`Self::poll_timeout`]. Every API request ends in exactly one
+/// event (`Registered`, `LoggedIn` or `LoggedOut`) carrying its [`ApiRequestId`].
+///
+/// Takeover rule: when a login takes over a live claim whose server is in the registry
+/// view, the machine emits [`RouteEvent::KickOld`] and holds the `LoggedIn` until the first
+/// of: [`Self::handle_kick_done`] from that server, the server leaving the registry view,
+/// or the old claim's lease running out (a [`TimerReason::TakeoverHold`] deadline). The
+/// ticket is minted on release, so its expiry counts from then.
 ///
 /// Password hashing and verification run inline (argon2: tens of milliseconds with
 /// production parameters); a shell that must not stall can run one machine per worker.
@@ -356,8 +372,33 @@ pub struct RouteLogin {
     dummy_hash: String,
     next_request: u64,
     pending: BTreeMap<RequestId, Pending>,
+    /// Takeover answers waiting for the old session to end, in the order they were held.
+    held: Vec<HeldLogin>,
     store_out: VecDeque<StoreRequest>,
     events: VecDeque<RouteEvent>,
+}
+
+/// A successful login's claim, before its ticket and bearer token are minted.
+#[derive(Debug)]
+struct Granted {
+    api: ApiRequestId,
+    user: UserId,
+    epoch: Epoch,
+    server: LiveServer,
+    resume: ResumeToken,
+}
+
+/// A takeover's answer, claimed in the store but not yet given to the client.
+#[derive(Debug)]
+struct HeldLogin {
+    granted: Granted,
+    old_server: ServerId,
+    old_epoch: Epoch,
+    /// When the old claim's lease runs out, on the monotonic clock.
+    deadline: Instant,
+    /// Monotonic and wall time when it was held, to tell the wall time at a release by
+    /// timer (which brings only the monotonic time).
+    held_at: (Instant, UnixMillis),
 }
 
 #[derive(Debug)]
@@ -429,6 +470,7 @@ impl RouteLogin {
             dummy_hash,
             next_request: 0,
             pending: BTreeMap::new(),
+            held: Vec::new(),
             store_out: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -439,9 +481,40 @@ impl RouteLogin {
         self.bearer.verify(token, now)
     }
 
-    /// The registry's current view of live servers (replaces the previous one).
-    pub fn handle_registry(&mut self, live: BTreeMap<ServerId, LiveServer>) {
+    /// The registry's current view of live servers (replaces the previous one). Held
+    /// takeover answers whose old server left the view are released: a server out of the
+    /// registry has lost its ZooKeeper session and fences itself.
+    pub fn handle_registry(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        live: BTreeMap<ServerId, LiveServer>,
+    ) {
+        let _ = now; // every input carries the time; releasing needs only the wall clock
         self.live = live;
+        for held in take_held(&mut self.held, |h| !self.live.contains_key(&h.old_server)) {
+            self.answer(wall, held.granted);
+        }
+    }
+
+    /// `server` reports it closed `user`'s sessions with an epoch below `below_epoch` (the
+    /// answer to a [`RouteEvent::KickOld`]). Releases the held takeover answers waiting on
+    /// that; a report nobody waits for is ignored.
+    pub fn handle_kick_done(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        server: &ServerId,
+        user: UserId,
+        below_epoch: Epoch,
+    ) {
+        let _ = now; // every input carries the time; releasing needs only the wall clock
+        let done = take_held(&mut self.held, |h| {
+            h.old_server == *server && h.granted.user == user && h.old_epoch < below_epoch
+        });
+        for held in done {
+            self.answer(wall, held.granted);
+        }
     }
 
     pub fn handle_register(&mut self, now: Instant, api: ApiRequestId, name: &str, password: &str) {
@@ -588,7 +661,16 @@ impl RouteLogin {
                 },
                 StoreReply::ClaimReplaced(result),
             ) => match result {
-                Ok(()) => self.login_succeeded(wall, api, login.user, decision, server, resume),
+                Ok(()) => {
+                    let granted = Granted {
+                        api,
+                        user: login.user,
+                        epoch: decision.epoch(),
+                        server,
+                        resume,
+                    };
+                    self.login_succeeded(now, wall, granted, decision);
+                }
                 Err(won) => {
                     let mut login = login;
                     login.lost_races += 1;
@@ -612,8 +694,14 @@ impl RouteLogin {
         }
     }
 
-    /// Fails every request whose store deadline has passed (4000).
+    /// Fails every request whose store deadline has passed (4000) and releases every held
+    /// takeover answer whose old lease has run out.
     pub fn handle_timeout(&mut self, now: Instant) {
+        for held in take_held(&mut self.held, |h| h.deadline <= now) {
+            let (held_now, held_wall) = held.held_at;
+            let wall = held_wall.plus(now.saturating_duration_since(held_now));
+            self.answer(wall, held.granted);
+        }
         let expired: Vec<RequestId> = self
             .pending
             .iter()
@@ -628,11 +716,15 @@ impl RouteLogin {
     }
 
     pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
-        self.pending
+        let store = self
+            .pending
             .values()
-            .map(|p| p.deadline)
-            .min()
-            .map(|deadline| (deadline, TimerReason::StoreDeadline))
+            .map(|p| (p.deadline, TimerReason::StoreDeadline));
+        let held = self
+            .held
+            .iter()
+            .map(|h| (h.deadline, TimerReason::TakeoverHold));
+        store.chain(held).min_by_key(|(deadline, _)| *deadline)
     }
 
     pub fn poll_store(&mut self) -> Option<StoreRequest> {
@@ -673,10 +765,16 @@ impl RouteLogin {
         let mut token = [0u8; 32];
         self.rng.fill_bytes(&mut token);
         let resume = ResumeToken(token);
+        // A takeover's answer may be held until the old lease ends: the new claim must
+        // outlive that by a whole claim_ttl, or it could expire before the client connects.
+        let lease_from = match &decision {
+            LoginDecision::Fresh { .. } => wall,
+            LoginDecision::Takeover { old, .. } => wall.max(old.lease_until),
+        };
         let claim = Claim {
             epoch: decision.epoch(),
             server: server.id.clone(),
-            lease_until: wall.plus(self.config.claim_ttl),
+            lease_until: lease_from.plus(self.config.claim_ttl),
             resume_token_hash: resume_token_hash(&resume),
         };
         self.send(
@@ -696,23 +794,50 @@ impl RouteLogin {
         );
     }
 
+    /// The claim is ours: answer, or hold the answer while the old session may be open.
     fn login_succeeded(
         &mut self,
+        now: Instant,
         wall: UnixMillis,
-        api: ApiRequestId,
-        user: UserId,
+        granted: Granted,
         decision: LoginDecision,
-        server: LiveServer,
-        resume: ResumeToken,
     ) {
-        let epoch = decision.epoch();
-        if let LoginDecision::Takeover { old_server, .. } = decision {
+        if let LoginDecision::Takeover { old, .. } = decision {
             self.events.push_back(RouteEvent::KickOld {
-                server: old_server,
-                user,
-                below_epoch: epoch,
+                server: old.server.clone(),
+                user: granted.user,
+                below_epoch: granted.epoch,
             });
+            // The old session may still be open on a live server: answering now could let
+            // the new one start before it ends. Wait, at most until its lease runs out
+            // (a server that cannot refresh it fences itself by then). Caveat: `old` is the
+            // claim as read before ReplaceClaim; a refresh landing between the two extends
+            // the real lease past this deadline, which only the store's reply could tell.
+            if self.live.contains_key(&old.server) && is_live(&old, wall) {
+                // `is_live` just held, so lease_until > wall.
+                let remaining = Duration::from_millis(old.lease_until.0 - wall.0);
+                self.held.push(HeldLogin {
+                    granted,
+                    old_server: old.server,
+                    old_epoch: old.epoch,
+                    deadline: now + remaining,
+                    held_at: (now, wall),
+                });
+                return;
+            }
         }
+        self.answer(wall, granted);
+    }
+
+    /// Mints the ticket and bearer token (expiries count from `wall`) and answers.
+    fn answer(&mut self, wall: UnixMillis, granted: Granted) {
+        let Granted {
+            api,
+            user,
+            epoch,
+            server,
+            resume,
+        } = granted;
         let ticket = self.tickets.mint(&Grant {
             user,
             server: server.id.clone(),
@@ -792,6 +917,13 @@ impl RouteLogin {
     fn logged_in(&mut self, api: ApiRequestId, result: Result<LoginAnswer, LoginError>) {
         self.events.push_back(RouteEvent::LoggedIn { api, result });
     }
+}
+
+/// Removes and returns the held answers `which` selects, keeping the others in order.
+fn take_held(held: &mut Vec<HeldLogin>, which: impl Fn(&HeldLogin) -> bool) -> Vec<HeldLogin> {
+    let (taken, kept) = std::mem::take(held).into_iter().partition(which);
+    *held = kept;
+    taken
 }
 
 #[cfg(test)]
@@ -889,13 +1021,37 @@ mod tests {
                 Balancer::new(Strategy::RoundRobin, 0),
                 42,
             );
-            m.handle_registry(registry(live));
+            let t0 = t0();
+            m.handle_registry(t0, WALL0, registry(live));
             Self {
                 m,
                 store: Store::default(),
-                t0: t0(),
+                t0,
                 next_api: 0,
             }
+        }
+
+        fn set_registry(&mut self, ms: u64, live: &[&str]) -> Vec<RouteEvent> {
+            let (now, wall) = self.at(ms);
+            self.m.handle_registry(now, wall, registry(live));
+            self.run(ms)
+        }
+
+        fn kick_done(&mut self, ms: u64, server: &str, user: u64, below: u64) -> Vec<RouteEvent> {
+            let (now, wall) = self.at(ms);
+            self.m.handle_kick_done(
+                now,
+                wall,
+                &ServerId::new(server),
+                UserId(user),
+                Epoch(below),
+            );
+            self.run(ms)
+        }
+
+        fn timeout(&mut self, ms: u64) -> Vec<RouteEvent> {
+            self.m.handle_timeout(self.at(ms).0);
+            self.run(ms)
         }
 
         fn at(&self, ms: u64) -> (Instant, UnixMillis) {
@@ -1101,52 +1257,122 @@ mod tests {
         assert_ne!(first.resume_token, wrong);
     }
 
-    #[test]
-    fn takeover_with_resume_token_kicks_the_old_server() {
-        let mut h = Harness::with_alice(&["s1"]);
+    fn kick_old(server: &str, user: u64, below: u64) -> RouteEvent {
+        RouteEvent::KickOld {
+            server: ServerId::new(server),
+            user: UserId(user),
+            below_epoch: Epoch(below),
+        }
+    }
+
+    /// The ticket's expiry, as the server would read it.
+    fn ticket_expiry(answer: &LoginAnswer) -> UnixMillis {
+        UnixMillis(answer.ticket.expires_at_ms)
+    }
+
+    /// Alice logged in at 0 (epoch 1 on s1, lease to 30 s, never bound), and a takeover
+    /// with her resume token started at 1 s and got its claim: the answer is held.
+    fn held_takeover(live: &[&str]) -> (Harness, LoginAnswer, ApiRequestId) {
+        let mut h = Harness::with_alice(live);
         let first = login_ok(&h.login(0, 1, None)).clone();
-        let events = h.login(1_000, 1, Some(&first.resume_token));
+        assert_eq!(first.server.id.as_str(), "s1");
+        let api = h.start_login(1_000, 1, "alice", "pw", Some(&first.resume_token));
         assert_eq!(
-            events[0],
-            RouteEvent::KickOld {
-                server: ServerId::new("s1"),
-                user: UserId(1),
-                below_epoch: Epoch(2),
-            }
+            h.run(1_000),
+            vec![kick_old("s1", 1, 2)],
+            "answer must be held"
         );
-        let second = login_ok(&events).clone();
-        assert_eq!(events.len(), 2);
-        assert_eq!(second.epoch, Epoch(2));
-        assert_ne!(second.resume_token, first.resume_token);
         let claim = h.store.claims.load(UserId(1)).claim.unwrap();
-        assert_eq!(claim.epoch, Epoch(2));
+        assert_eq!(claim.epoch, Epoch(2), "the claim is taken before the hold");
+        // The new claim outlives the old lease (30 s) by a whole claim_ttl.
+        assert_eq!(claim.lease_until, UnixMillis(WALL0.0 + 60_000));
         assert_eq!(
-            claim.resume_token_hash,
+            h.m.poll_timeout(),
+            Some((h.t0 + Duration::from_secs(30), TimerReason::TakeoverHold))
+        );
+        (h, first, api)
+    }
+
+    #[test]
+    fn takeover_is_held_until_the_old_server_confirms_the_kick() {
+        let (mut h, first, api) = held_takeover(&["s1"]);
+        // Reports that do not cover the old session change nothing.
+        for (server, user, below) in [("s2", 1, 2), ("s1", 2, 2), ("s1", 1, 1)] {
+            assert_eq!(
+                h.kick_done(5_000, server, user, below),
+                vec![],
+                "{server} {user} {below}"
+            );
+        }
+        let events = h.kick_done(6_000, "s1", 1, 2);
+        let second = login_ok(&events).clone();
+        assert!(matches!(events[..], [RouteEvent::LoggedIn { api: a, .. }] if a == api));
+        assert_eq!((second.epoch, second.server.id.as_str()), (Epoch(2), "s1"));
+        // Minted on release, so the ticket's life counts from then.
+        assert_eq!(ticket_expiry(&second), UnixMillis(WALL0.0 + 36_000));
+        let bearer = h.m.verify_bearer(&second.token, h.at(6_000).1).unwrap();
+        assert_eq!((bearer.user, bearer.epoch), (UserId(1), Epoch(2)));
+        assert_ne!(second.resume_token, first.resume_token);
+        assert_eq!(
+            h.store
+                .claims
+                .load(UserId(1))
+                .claim
+                .unwrap()
+                .resume_token_hash,
             resume_token_hash(&second.resume_token)
         );
+        assert_eq!(h.m.poll_timeout(), None);
+        // Answered once: a repeated report and the old deadline do nothing.
+        assert_eq!(h.kick_done(7_000, "s1", 1, 2), vec![]);
+        assert_eq!(h.timeout(30_000), vec![]);
         // The first token is spent: it no longer proves anything.
         assert_eq!(
-            login_err(&h.login(2_000, 1, Some(&first.resume_token))),
+            login_err(&h.login(8_000, 1, Some(&first.resume_token))),
             LoginError::RepeatLogin
         );
+    }
+
+    #[test]
+    fn held_takeover_is_released_when_the_old_lease_runs_out() {
+        let (mut h, _, api) = held_takeover(&["s1"]);
+        assert_eq!(h.timeout(29_999), vec![]);
+        let events = h.timeout(30_000);
+        assert!(matches!(events[..], [RouteEvent::LoggedIn { api: a, result: Ok(_) }] if a == api));
+        // The wall clock at release is derived from the monotonic time elapsed since the hold.
+        assert_eq!(
+            ticket_expiry(login_ok(&events)),
+            UnixMillis(WALL0.0 + 60_000)
+        );
+        assert_eq!(h.m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn held_takeover_is_released_when_the_old_server_leaves_the_registry() {
+        let (mut h, _, api) = held_takeover(&["s1", "s2"]);
+        // A change that keeps s1 releases nothing.
+        assert_eq!(h.set_registry(2_000, &["s1", "s2", "s3"]), vec![]);
+        let events = h.set_registry(3_000, &["s2", "s3"]);
+        assert!(matches!(events[..], [RouteEvent::LoggedIn { api: a, result: Ok(_) }] if a == api));
+        let a = login_ok(&events);
+        assert_eq!((a.epoch, a.server.id.as_str()), (Epoch(2), "s2"));
+        assert_eq!(ticket_expiry(a), UnixMillis(WALL0.0 + 33_000));
+        assert_eq!(h.m.poll_timeout(), None);
     }
 
     #[test]
     fn takeover_when_the_old_server_left_the_registry() {
         let mut h = Harness::with_alice(&["s1"]);
         login_ok(&h.login(0, 1, None));
-        h.m.handle_registry(registry(&["s2"]));
+        assert_eq!(h.set_registry(500, &["s2"]), vec![]);
+        // Answered at once (no one to wait for); the kick is still sent, best effort.
         let events = h.login(1_000, 1, None);
-        assert_eq!(
-            events[0],
-            RouteEvent::KickOld {
-                server: ServerId::new("s1"),
-                user: UserId(1),
-                below_epoch: Epoch(2),
-            }
-        );
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0], kick_old("s1", 1, 2));
         let a = login_ok(&events);
         assert_eq!((a.epoch, a.server.id.as_str()), (Epoch(2), "s2"));
+        assert_eq!(ticket_expiry(a), UnixMillis(WALL0.0 + 31_000));
+        assert_eq!(h.m.poll_timeout(), None, "nothing held");
     }
 
     #[test]
@@ -1342,7 +1568,11 @@ mod tests {
     fn an_old_token_cannot_log_out_a_newer_session() {
         let mut h = Harness::with_alice(&["s1"]);
         let first = login_ok(&h.login(0, 1, None)).clone();
-        let second = login_ok(&h.login(1_000, 1, Some(&first.resume_token))).clone();
+        assert_eq!(
+            h.login(1_000, 1, Some(&first.resume_token)),
+            vec![kick_old("s1", 1, 2)]
+        );
+        let second = login_ok(&h.kick_done(1_500, "s1", 1, 2)).clone();
         let events = h.logout(2_000, &first.token);
         assert!(
             matches!(
