@@ -98,20 +98,20 @@ impl ClaimTable {
     /// `ReplaceClaim`: only if the counter still equals `expected` and the new claim's epoch
     /// is above it, set the counter to the new epoch and store the claim. The route record
     /// is left alone: it names the old epoch, so [`Self::routes`] no longer reports it, and
-    /// the new server's bind overwrites it. `Err` carries the state that won.
+    /// the new server's bind overwrites it. `Ok` carries the replaced claim as it stood
+    /// (a refresh may have extended it since it was loaded); `Err` the state that won.
     pub fn replace(
         &mut self,
         user: UserId,
         expected: Epoch,
         claim: Claim,
-    ) -> Result<(), ClaimState> {
+    ) -> Result<Option<Claim>, ClaimState> {
         let state = self.claims.entry(user).or_default();
         if state.epoch != expected || claim.epoch <= expected {
             return Err(state.clone());
         }
         state.epoch = claim.epoch;
-        state.claim = Some(claim);
-        Ok(())
+        Ok(state.claim.replace(claim))
     }
 
     /// `ReleaseClaim`: deletes the claim and the route record, only if the stored claim
@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn replace_is_compare_epoch() {
         let mut t = ClaimTable::new();
-        assert_eq!(t.replace(U, Epoch(0), claim(1, "s1", 1_000, 1)), Ok(()));
+        assert_eq!(t.replace(U, Epoch(0), claim(1, "s1", 1_000, 1)), Ok(None));
         // Stale expectation: the state that won comes back, nothing changes.
         let won = state(1, Some(claim(1, "s1", 1_000, 1)));
         assert_eq!(
@@ -401,7 +401,11 @@ mod tests {
             Err(won.clone())
         );
         assert_eq!(t.load(U), won);
-        assert_eq!(t.replace(U, Epoch(1), claim(2, "s2", 2_000, 2)), Ok(()));
+        // The replaced claim comes back, as it stood.
+        assert_eq!(
+            t.replace(U, Epoch(1), claim(2, "s2", 2_000, 2)),
+            Ok(Some(claim(1, "s1", 1_000, 1)))
+        );
         assert_eq!(t.load(U), state(2, Some(claim(2, "s2", 2_000, 2))));
         assert_eq!(t.load(UserId(99)), ClaimState::default());
     }
@@ -538,7 +542,7 @@ mod tests {
                     claim: claim(1, "s1", 1_000, 1)
                 }
             ),
-            Some(StoreReply::ClaimReplaced(Ok(())))
+            Some(StoreReply::ClaimReplaced(Ok(None)))
         );
         assert_eq!(
             t.apply(

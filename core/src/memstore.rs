@@ -1,1 +1,320 @@
-//! (placeholder until this machine lands)
+//! The in-memory store: every [`StoreCommand`] as one atomic step over plain maps.
+//!
+//! This is the reference the Redis implementation must match command for command (one
+//! conformance suite runs against both), the embedded default of `cim up`, and the store of
+//! the multi-node test harness. Claims delegate to [`ClaimTable`], conversation logs to
+//! [`ConversationLog`]; this module adds accounts, group membership, the per-user
+//! conversation index and read cursors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::claims::ClaimTable;
+use crate::conv_log::ConversationLog;
+use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
+use crate::store::{Account, AppendError, ConvHead, NameTaken, StoreCommand, StoreReply};
+
+#[derive(Debug, Clone)]
+pub struct MemoryStoreConfig {
+    /// Messages kept per conversation; older ones are trimmed.
+    pub max_log_len: usize,
+    /// How long an append's idempotency record lives. Must be at least the client outbox's
+    /// maximum age, or a late resend could be appended twice.
+    pub idempotency_ttl: Duration,
+    /// Seeds the log epochs.
+    pub seed: u64,
+}
+
+impl Default for MemoryStoreConfig {
+    fn default() -> Self {
+        Self {
+            max_log_len: 10_000,
+            idempotency_ttl: Duration::from_secs(600),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Group {
+    /// Member -> the head seq when they joined (history is visible after it).
+    members: BTreeMap<UserId, u64>,
+}
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    config: MemoryStoreConfig,
+    rng: ChaCha8Rng,
+    accounts: BTreeMap<UserId, Account>,
+    names: BTreeMap<String, UserId>,
+    claims: ClaimTable,
+    logs: BTreeMap<ConvId, ConversationLog>,
+    groups: BTreeMap<String, Group>,
+    /// Private conversations each user takes part in (groups come from membership).
+    private_convs: BTreeMap<UserId, BTreeSet<ConvId>>,
+    /// (user, conversation) -> (log epoch, last seq read).
+    cursors: BTreeMap<(UserId, ConvId), (LogEpoch, u64)>,
+}
+
+impl MemoryStore {
+    pub fn new(config: MemoryStoreConfig) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            config,
+            accounts: BTreeMap::new(),
+            names: BTreeMap::new(),
+            claims: ClaimTable::default(),
+            logs: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            private_convs: BTreeMap::new(),
+            cursors: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one command atomically. `now` is the store's wall clock (lease expiry).
+    pub fn apply(&mut self, now: UnixMillis, command: &StoreCommand) -> StoreReply {
+        if let Some(reply) = self.claims.apply(now, command) {
+            return reply;
+        }
+        match command {
+            StoreCommand::RegisterAccount {
+                name,
+                password_hash,
+            } => {
+                if self.names.contains_key(name) {
+                    return StoreReply::AccountRegistered(Err(NameTaken));
+                }
+                let user = UserId(self.accounts.len() as u64 + 1);
+                self.names.insert(name.clone(), user);
+                let account = Account {
+                    user,
+                    name: name.clone(),
+                    password_hash: password_hash.clone(),
+                };
+                self.accounts.insert(user, account);
+                StoreReply::AccountRegistered(Ok(user))
+            }
+            StoreCommand::LoadAccount { user } => {
+                StoreReply::Account(self.accounts.get(user).cloned())
+            }
+            StoreCommand::LoadMembers { conv } => StoreReply::Members(self.members(conv)),
+            StoreCommand::Append {
+                conv,
+                sender,
+                msg_id,
+                body,
+                now,
+            } => StoreReply::Appended(self.append(conv, *sender, *msg_id, body.clone(), *now)),
+            StoreCommand::LoadHeads { user } => StoreReply::Heads(self.heads(*user)),
+            StoreCommand::Fetch {
+                user,
+                conv,
+                log_epoch,
+                after_seq,
+                limit,
+            } => {
+                let head = self.head(*user, conv);
+                let visible_from = head.first_available_seq;
+                let messages = match self.logs.get(conv) {
+                    Some(log) if log.log_epoch() == *log_epoch && self.may_read(*user, conv) => log
+                        .fetch(
+                            (*after_seq).max(visible_from.saturating_sub(1)),
+                            *limit as usize,
+                        ),
+                    _ => Vec::new(),
+                };
+                StoreReply::Fetched { head, messages }
+            }
+            StoreCommand::AdvanceCursors { user, cursors } => {
+                for (conv, log_epoch, seq) in cursors {
+                    let current = self.logs.get(conv).map(ConversationLog::log_epoch);
+                    if current != Some(*log_epoch) {
+                        continue; // a cursor of a replaced log means nothing now
+                    }
+                    let entry = self
+                        .cursors
+                        .entry((*user, conv.clone()))
+                        .or_insert((*log_epoch, 0));
+                    if entry.0 != *log_epoch {
+                        *entry = (*log_epoch, 0);
+                    }
+                    entry.1 = entry.1.max(*seq);
+                }
+                StoreReply::CursorsAdvanced
+            }
+            StoreCommand::CreateGroup { conv, owner } => {
+                let ConvId::Group(name) = conv else {
+                    return StoreReply::GroupCreated { created: false };
+                };
+                if self.groups.contains_key(name) {
+                    return StoreReply::GroupCreated { created: false };
+                }
+                self.ensure_log(conv);
+                self.groups.insert(
+                    name.clone(),
+                    Group {
+                        members: BTreeMap::from([(*owner, 0)]),
+                    },
+                );
+                StoreReply::GroupCreated { created: true }
+            }
+            StoreCommand::JoinGroup { conv, user } => {
+                let head = self.logs.get(conv).map_or(0, ConversationLog::head_seq);
+                match conv {
+                    ConvId::Group(name) => match self.groups.get_mut(name) {
+                        Some(group) => {
+                            let seq = *group.members.entry(*user).or_insert(head);
+                            StoreReply::GroupJoined(Some(seq))
+                        }
+                        None => StoreReply::GroupJoined(None),
+                    },
+                    _ => StoreReply::GroupJoined(None),
+                }
+            }
+            StoreCommand::LeaveGroup { conv, user } => {
+                let was_member = match conv {
+                    ConvId::Group(name) => self
+                        .groups
+                        .get_mut(name)
+                        .is_some_and(|g| g.members.remove(user).is_some()),
+                    _ => false,
+                };
+                StoreReply::GroupLeft { was_member }
+            }
+            // Claim commands were answered by the claim table above.
+            StoreCommand::LoadClaim { .. }
+            | StoreCommand::ReplaceClaim { .. }
+            | StoreCommand::ReleaseClaim { .. }
+            | StoreCommand::BindSession { .. }
+            | StoreCommand::RefreshLeases { .. }
+            | StoreCommand::LoadRoutes { .. } => {
+                unreachable!("ClaimTable::apply answers every claim command")
+            }
+        }
+    }
+
+    fn members(&self, conv: &ConvId) -> Vec<UserId> {
+        match conv {
+            ConvId::All => Vec::new(),
+            ConvId::Group(name) => self
+                .groups
+                .get(name)
+                .map(|g| g.members.keys().copied().collect())
+                .unwrap_or_default(),
+            ConvId::Private { low, high } => vec![*low, *high],
+        }
+    }
+
+    fn may_read(&self, user: UserId, conv: &ConvId) -> bool {
+        match conv {
+            ConvId::All => self.accounts.contains_key(&user),
+            ConvId::Group(name) => self
+                .groups
+                .get(name)
+                .is_some_and(|g| g.members.contains_key(&user)),
+            ConvId::Private { low, high } => user == *low || user == *high,
+        }
+    }
+
+    fn ensure_log(&mut self, conv: &ConvId) -> &mut ConversationLog {
+        let (rng, config) = (&mut self.rng, &self.config);
+        self.logs.entry(conv.clone()).or_insert_with(|| {
+            // Never 0, so "no epoch known" can be told apart.
+            let log_epoch = LogEpoch(rng.random_range(1..=u64::MAX));
+            ConversationLog::new(
+                conv.clone(),
+                log_epoch,
+                config.max_log_len,
+                config.idempotency_ttl,
+            )
+        })
+    }
+
+    fn append(
+        &mut self,
+        conv: &ConvId,
+        sender: UserId,
+        msg_id: crate::ids::ClientMsgId,
+        body: bytes::Bytes,
+        now: UnixMillis,
+    ) -> Result<crate::store::Appended, AppendError> {
+        match conv {
+            ConvId::Group(name) if !self.groups.contains_key(name) => {
+                return Err(AppendError::UnknownConversation);
+            }
+            ConvId::Private { low, high }
+                if !self.accounts.contains_key(low) || !self.accounts.contains_key(high) =>
+            {
+                return Err(AppendError::UnknownConversation);
+            }
+            _ => {}
+        }
+        if !self.may_read(sender, conv) {
+            return Err(AppendError::NotMember);
+        }
+        let appended = self.ensure_log(conv).append(sender, msg_id, body, now)?;
+        if let ConvId::Private { low, high } = conv {
+            for user in [*low, *high] {
+                self.private_convs
+                    .entry(user)
+                    .or_default()
+                    .insert(conv.clone());
+            }
+        }
+        Ok(appended)
+    }
+
+    /// The user's conversations that have a log, with heads and cursors.
+    fn heads(&self, user: UserId) -> Vec<ConvHead> {
+        if !self.accounts.contains_key(&user) {
+            return Vec::new();
+        }
+        let mut convs: BTreeSet<ConvId> = BTreeSet::from([ConvId::All]);
+        for (name, group) in &self.groups {
+            if group.members.contains_key(&user) {
+                convs.insert(ConvId::Group(name.clone()));
+            }
+        }
+        convs.extend(self.private_convs.get(&user).into_iter().flatten().cloned());
+        convs
+            .into_iter()
+            .filter(|conv| self.logs.contains_key(conv))
+            .map(|conv| self.head(user, &conv))
+            .collect()
+    }
+
+    /// One conversation's head as `user` sees it: history starts after their join seq.
+    fn head(&self, user: UserId, conv: &ConvId) -> ConvHead {
+        let Some(log) = self.logs.get(conv) else {
+            return ConvHead {
+                conv: conv.clone(),
+                log_epoch: LogEpoch(0),
+                head_seq: 0,
+                first_available_seq: 1,
+                cursor_seq: 0,
+            };
+        };
+        let joined_at = match conv {
+            ConvId::Group(name) => self
+                .groups
+                .get(name)
+                .and_then(|g| g.members.get(&user).copied())
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let cursor = match self.cursors.get(&(user, conv.clone())) {
+            Some((epoch, seq)) if *epoch == log.log_epoch() => *seq,
+            _ => 0,
+        };
+        ConvHead {
+            conv: conv.clone(),
+            log_epoch: log.log_epoch(),
+            head_seq: log.head_seq(),
+            first_available_seq: log.first_available_seq().max(joined_at + 1),
+            cursor_seq: cursor.max(joined_at),
+        }
+    }
+}

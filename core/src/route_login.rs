@@ -661,7 +661,20 @@ impl RouteLogin {
                 },
                 StoreReply::ClaimReplaced(result),
             ) => match result {
-                Ok(()) => {
+                Ok(replaced) => {
+                    // Hold a takeover against the old claim as it was when replaced: a
+                    // refresh between our read and the replace extended its lease.
+                    let decision = match (decision, replaced) {
+                        (LoginDecision::Takeover { epoch, old }, Some(now_old))
+                            if now_old.epoch == old.epoch =>
+                        {
+                            LoginDecision::Takeover {
+                                epoch,
+                                old: now_old,
+                            }
+                        }
+                        (decision, _) => decision,
+                    };
                     let granted = Granted {
                         api,
                         user: login.user,
@@ -810,9 +823,8 @@ impl RouteLogin {
             });
             // The old session may still be open on a live server: answering now could let
             // the new one start before it ends. Wait, at most until its lease runs out
-            // (a server that cannot refresh it fences itself by then). Caveat: `old` is the
-            // claim as read before ReplaceClaim; a refresh landing between the two extends
-            // the real lease past this deadline, which only the store's reply could tell.
+            // (a server that cannot refresh it fences itself by then). `old` is the claim
+            // as ReplaceClaim found it, so a refresh since our read is accounted for.
             if self.live.contains_key(&old.server) && is_live(&old, wall) {
                 // `is_live` just held, so lease_until > wall.
                 let remaining = Duration::from_millis(old.lease_until.0 - wall.0);

@@ -202,8 +202,9 @@ pub enum StoreReply {
     AccountRegistered(Result<UserId, NameTaken>),
     Account(Option<Account>),
     Claim(ClaimState),
-    /// `Err` carries the state that won the race.
-    ClaimReplaced(Result<(), ClaimState>),
+    /// `Ok` carries the claim that was replaced, as it stood at that moment (its lease may
+    /// have been refreshed since it was loaded); `Err` carries the state that won the race.
+    ClaimReplaced(Result<Option<Claim>, ClaimState>),
     ClaimReleased {
         released: bool,
     },

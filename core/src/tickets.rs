@@ -148,7 +148,6 @@ mod tests {
     fn ticket_checks_table() {
         let keys = TicketKeys::new(1, b"secret-one".to_vec());
         let good = keys.mint(&grant());
-        let s1 = ServerId::new("s1");
         let forged_user = Ticket {
             user_id: 8,
             ..good.clone()
@@ -165,7 +164,14 @@ mod tests {
         let mut truncated_mac = good.clone();
         truncated_mac.mac.truncate(16);
 
-        let cases: Vec<(&str, &Ticket, &str, u64, Result<Grant, TicketError>)> = vec![
+        type Case<'a> = (
+            &'a str,
+            &'a Ticket,
+            &'a str,
+            u64,
+            Result<Grant, TicketError>,
+        );
+        let cases: Vec<Case> = vec![
             ("valid", &good, "s1", 9_000, Ok(grant())),
             ("valid within skew", &good, "s1", 11_999, Ok(grant())),
             (
@@ -231,7 +237,6 @@ mod tests {
             keys.verify(&moved, &ServerId::new("s2"), UnixMillis(0), SKEW),
             Err(TicketError::BadMac)
         );
-        let _ = s1;
     }
 
     #[test]
