@@ -34,9 +34,7 @@ use crate::store::{
     StoredMessage,
 };
 
-/// One request of the route's HTTP API, so the shell can answer the right caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ApiRequestId(pub u64);
+pub use crate::ids::ApiRequestId;
 
 /// Where a send came from, and so where its answer goes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -95,6 +95,10 @@ impl FromStr for ClientMsgId {
     }
 }
 
+/// One request of the route's HTTP API, assigned by the shell, so an answer finds its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ApiRequestId(pub u64);
+
 /// Wall-clock time in unix milliseconds: ticket expiry, lease deadlines in the store,
 /// message timestamps. Monotonic deadlines use `std::time::Instant` instead; both are always
 /// passed in by the caller.

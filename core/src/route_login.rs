@@ -97,9 +97,7 @@ impl LoginError {
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Correlates an HTTP API request (assigned by the shell) with its [`RouteEvent`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ApiRequestId(pub u64);
+pub use crate::ids::ApiRequestId;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteLoginConfig {
