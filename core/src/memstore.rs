@@ -318,3 +318,216 @@ impl MemoryStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ClientMsgId;
+    use bytes::Bytes;
+
+    const NOW: UnixMillis = UnixMillis(1_000);
+
+    fn store_with_users(names: &[&str]) -> (MemoryStore, Vec<UserId>) {
+        let mut store = MemoryStore::new(MemoryStoreConfig::default());
+        let users = names
+            .iter()
+            .map(|name| {
+                let command = StoreCommand::RegisterAccount {
+                    name: (*name).into(),
+                    password_hash: "phc".into(),
+                };
+                match store.apply(NOW, &command) {
+                    StoreReply::AccountRegistered(Ok(user)) => user,
+                    other => panic!("register {name}: {other:?}"),
+                }
+            })
+            .collect();
+        (store, users)
+    }
+
+    fn append(store: &mut MemoryStore, conv: &ConvId, sender: UserId, id: u128) -> StoreReply {
+        store.apply(
+            NOW,
+            &StoreCommand::Append {
+                conv: conv.clone(),
+                sender,
+                msg_id: ClientMsgId(id),
+                body: Bytes::from_static(b"x"),
+                now: NOW,
+            },
+        )
+    }
+
+    fn seq_of(reply: StoreReply) -> u64 {
+        match reply {
+            StoreReply::Appended(Ok(appended)) => appended.message.seq,
+            other => panic!("not appended: {other:?}"),
+        }
+    }
+
+    fn heads(store: &mut MemoryStore, user: UserId) -> Vec<ConvHead> {
+        match store.apply(NOW, &StoreCommand::LoadHeads { user }) {
+            StoreReply::Heads(heads) => heads,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_ids_fresh() {
+        let (mut store, users) = store_with_users(&["alice", "bob"]);
+        assert_eq!(users, vec![UserId(1), UserId(2)]);
+        let again = StoreCommand::RegisterAccount {
+            name: "alice".into(),
+            password_hash: "x".into(),
+        };
+        assert_eq!(
+            store.apply(NOW, &again),
+            StoreReply::AccountRegistered(Err(NameTaken))
+        );
+        match store.apply(NOW, &StoreCommand::LoadAccount { user: UserId(2) }) {
+            StoreReply::Account(Some(account)) => assert_eq!(account.name, "bob"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn append_checks_membership_and_conversation() {
+        let (mut store, u) = store_with_users(&["a", "b", "c"]);
+        let private = ConvId::private(u[0], u[1]).unwrap();
+        assert_eq!(seq_of(append(&mut store, &private, u[0], 1)), 1);
+        assert_eq!(
+            append(&mut store, &private, u[2], 2),
+            StoreReply::Appended(Err(AppendError::NotMember))
+        );
+        let stranger = ConvId::private(u[0], UserId(99)).unwrap();
+        assert_eq!(
+            append(&mut store, &stranger, u[0], 3),
+            StoreReply::Appended(Err(AppendError::UnknownConversation))
+        );
+        let group = ConvId::group("rust").unwrap();
+        assert_eq!(
+            append(&mut store, &group, u[0], 4),
+            StoreReply::Appended(Err(AppendError::UnknownConversation))
+        );
+        store.apply(
+            NOW,
+            &StoreCommand::CreateGroup {
+                conv: group.clone(),
+                owner: u[0],
+            },
+        );
+        assert_eq!(
+            append(&mut store, &group, u[1], 5),
+            StoreReply::Appended(Err(AppendError::NotMember))
+        );
+        assert_eq!(seq_of(append(&mut store, &group, u[0], 6)), 1);
+        // Everyone may post to `all`; the private conversation shows up for both users only.
+        assert_eq!(seq_of(append(&mut store, &ConvId::All, u[2], 7)), 1);
+        let convs = |store: &mut MemoryStore, user| -> Vec<ConvId> {
+            heads(store, user).into_iter().map(|h| h.conv).collect()
+        };
+        assert_eq!(convs(&mut store, u[1]), vec![ConvId::All, private.clone()]);
+        assert_eq!(convs(&mut store, u[2]), vec![ConvId::All]);
+        assert_eq!(convs(&mut store, u[0]), vec![ConvId::All, group, private]);
+    }
+
+    #[test]
+    fn a_joiner_sees_history_from_its_join_seq() {
+        let (mut store, u) = store_with_users(&["a", "b"]);
+        let group = ConvId::group("g").unwrap();
+        store.apply(
+            NOW,
+            &StoreCommand::CreateGroup {
+                conv: group.clone(),
+                owner: u[0],
+            },
+        );
+        for id in 1..=3 {
+            append(&mut store, &group, u[0], id);
+        }
+        assert_eq!(
+            store.apply(
+                NOW,
+                &StoreCommand::JoinGroup {
+                    conv: group.clone(),
+                    user: u[1]
+                }
+            ),
+            StoreReply::GroupJoined(Some(3))
+        );
+        append(&mut store, &group, u[0], 4);
+        let head = heads(&mut store, u[1])
+            .into_iter()
+            .find(|h| h.conv == group)
+            .unwrap();
+        assert_eq!(
+            (head.head_seq, head.first_available_seq, head.cursor_seq),
+            (4, 4, 3)
+        );
+        let fetch = StoreCommand::Fetch {
+            user: u[1],
+            conv: group.clone(),
+            log_epoch: head.log_epoch,
+            after_seq: 0,
+            limit: 100,
+        };
+        match store.apply(NOW, &fetch) {
+            StoreReply::Fetched { messages, .. } => {
+                assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Leaving ends posting rights.
+        assert_eq!(
+            store.apply(
+                NOW,
+                &StoreCommand::LeaveGroup {
+                    conv: group.clone(),
+                    user: u[1]
+                }
+            ),
+            StoreReply::GroupLeft { was_member: true }
+        );
+        assert_eq!(
+            append(&mut store, &group, u[1], 9),
+            StoreReply::Appended(Err(AppendError::NotMember))
+        );
+    }
+
+    #[test]
+    fn cursors_only_move_forward_and_only_in_the_current_log_epoch() {
+        let (mut store, u) = store_with_users(&["a"]);
+        for id in 1..=5 {
+            append(&mut store, &ConvId::All, u[0], id);
+        }
+        let epoch = heads(&mut store, u[0])[0].log_epoch;
+        let advance = |store: &mut MemoryStore, log_epoch, seq| {
+            store.apply(
+                NOW,
+                &StoreCommand::AdvanceCursors {
+                    user: u[0],
+                    cursors: vec![(ConvId::All, log_epoch, seq)],
+                },
+            );
+        };
+        advance(&mut store, epoch, 4);
+        advance(&mut store, epoch, 2);
+        advance(&mut store, LogEpoch(epoch.0.wrapping_add(1)), 5);
+        assert_eq!(heads(&mut store, u[0])[0].cursor_seq, 4);
+        // A fetch naming another log epoch returns no messages, only the current head.
+        let stale = StoreCommand::Fetch {
+            user: u[0],
+            conv: ConvId::All,
+            log_epoch: LogEpoch(epoch.0.wrapping_add(1)),
+            after_seq: 0,
+            limit: 10,
+        };
+        match store.apply(NOW, &stale) {
+            StoreReply::Fetched { head, messages } => {
+                assert!(messages.is_empty());
+                assert_eq!((head.log_epoch, head.head_seq), (epoch, 5));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
