@@ -108,6 +108,9 @@ enum Header {
 
 impl FrameCodec {
     /// A codec that refuses frame bodies longer than `max_frame` bytes.
+    ///
+    /// `max_frame` is also a memory bound: on a peer's word alone, [`Self::decode_buf`]
+    /// reserves up to `max_frame` plus a 10-byte prefix per connection.
     pub fn new(max_frame: usize) -> Self {
         Self { max_frame }
     }
@@ -163,10 +166,13 @@ impl FrameCodec {
                     prefix_len,
                     body_len,
                 } = self.header(buf)?
+                    // Checked: with `max_frame` near usize::MAX a peer's length can make
+                    // the record size overflow; then there is nothing sensible to reserve.
+                    && let Some(record_len) = prefix_len.checked_add(body_len)
                 {
                     // body_len was checked against max_frame, so this is a bounded
                     // reservation, not one the peer chose.
-                    buf.reserve((prefix_len + body_len).saturating_sub(buf.len()));
+                    buf.reserve(record_len.saturating_sub(buf.len()));
                 }
                 Ok(None)
             }

@@ -232,3 +232,13 @@ fn error_codes() {
         "frame of 70000 bytes exceeds the maximum of 65536"
     );
 }
+
+/// Even a codec with no practical limit answers a huge prefix without panicking: the
+/// record size does not fit in a usize, so there is nothing sensible to reserve.
+#[test]
+fn unlimited_codec_survives_a_u64_max_prefix() {
+    let codec = FrameCodec::new(usize::MAX);
+    let mut buf = BytesMut::from(&varint(u64::MAX)[..]);
+    assert_eq!(codec.decode_buf(&mut buf), Ok(None));
+    assert_eq!(buf.len(), 10, "nothing consumed");
+}
