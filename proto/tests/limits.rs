@@ -242,3 +242,34 @@ fn unlimited_codec_survives_a_u64_max_prefix() {
     assert_eq!(codec.decode_buf(&mut buf), Ok(None));
     assert_eq!(buf.len(), 10, "nothing consumed");
 }
+
+/// Both directions reserve room for one record, not a multiple of it: `max_frame` bounds
+/// what a peer can make us allocate.
+#[test]
+fn reservations_fit_the_record() {
+    let codec = FrameCodec::default();
+    let frame = cim_proto::Frame {
+        kind: Some(cim_proto::frame::Kind::LinkAuthOk(cim_proto::LinkAuthOk {
+            mac: vec![0x44; 20_000],
+        })),
+    };
+    let mut dst = BytesMut::new();
+    codec.encode(&frame, &mut dst).unwrap();
+    assert!(
+        dst.capacity() < 2 * dst.len(),
+        "capacity {} for {}",
+        dst.capacity(),
+        dst.len()
+    );
+
+    // A 3-byte prefix declaring 20_000 bytes: room for 20_003, not for 3 × 20_000.
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&varint(20_000));
+    assert_eq!(buf.len(), 3);
+    assert_eq!(codec.decode_buf(&mut buf), Ok(None));
+    assert!(
+        (20_003..40_000).contains(&buf.capacity()),
+        "capacity {}",
+        buf.capacity()
+    );
+}
