@@ -1,1 +1,951 @@
-//! (placeholder until this machine lands)
+//! The client session: one user's login, connection, heartbeat, outbox and inbound delivery,
+//! as a sans-IO machine. The client SDK, the console client, the simulation and the bench
+//! all embed it; their shell does the route's HTTP, the TCP connection and the codec.
+//!
+//! The life of a session:
+//!
+//! ```text
+//!  start ─► LoggingIn ──answer──► Connecting ──connected──► Authenticating ──LoginOk──► Online
+//!               ▲   (route /login)      (TCP)                   (Login{ticket})           │
+//!               │                                                                         │
+//!               └────────── Backoff (full jitter) ◄── any loss (timeout, failure, kick) ◄─┘
+//! ```
+//!
+//! On `Online` the session sends a `SyncRequest`, then resends every unacknowledged outbox
+//! entry in order with its original id. Every re-login carries the resume token of the last
+//! login answer, so a failover takes over the old claim at once.
+//!
+//! Stopping for good: a [`KickReason::TakenOver`] kick means *another* login of this user
+//! took the claim (this client's own re-logins only ever replace connections it already
+//! gave up, and the shell reports nothing more about those). Logging in again would take it
+//! back, and the other client would do the same, forever; so the session stops with
+//! [`StopReason::TakenOver`] and lets the user decide (`start` again). Likewise for
+//! [`KickReason::LoggedOut`] and a login answered with `AccountMismatch`.
+
+mod backoff;
+mod inbound;
+mod outbox;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cim_proto as proto;
+use proto::frame::Kind;
+pub use proto::{ErrorCode, KickReason};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub use outbox::OutboxEntry;
+
+use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use crate::route_login::{LoginAnswer, LoginError, LoginRequest, ResumeToken};
+use crate::store::StoredMessage;
+use inbound::{Inbound, InboundConfig, head_from_proto, message_from_proto};
+use outbox::Outbox;
+
+/// Settings of a [`ClientSession`]. [`ClientConfig::new`] gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub user: UserId,
+    pub name: String,
+    pub password: String,
+    /// Ping period while online (10 s). The server's `LoginOk` may ask for a shorter one.
+    pub heartbeat_interval: Duration,
+    /// A ping unanswered this long means the link is dead (5 s).
+    pub heartbeat_timeout: Duration,
+    /// Reconnect backoff: retry `n` (0-based) waits uniformly in `[0, min(cap, base * 2^n)]`.
+    pub backoff_base: Duration,
+    /// (200 ms base, 5 s cap.)
+    pub backoff_cap: Duration,
+    /// TCP connect (5 s).
+    pub connect_timeout: Duration,
+    /// The route's HTTP answer, and `LoginOk` after connecting, each (5 s). Also how long a
+    /// sync or fetch may stay unanswered before another may be sent.
+    pub login_timeout: Duration,
+    /// How long a gap in a conversation may persist before it is fetched (300 ms).
+    pub gap_sync_delay: Duration,
+    /// Period of the head check that recovers a lost *last* push (30 s).
+    pub head_check_interval: Duration,
+    /// An unacknowledged message older than this is reported [`ClientEvent::Unknown`] and
+    /// dropped (5 min). The store's idempotency TTL must be at least this, or a late resend
+    /// could be appended twice.
+    pub outbox_max_age: Duration,
+    /// After a retryable `SendNack`, wait this long, then resend from the first unacked (1 s).
+    pub send_retry_delay: Duration,
+    /// DeliverAcks are batched over this window (200 ms).
+    pub ack_delay: Duration,
+    /// `limit` of each FetchRequest (100).
+    pub fetch_limit: u32,
+    /// Out-of-order messages kept per conversation while a gap is fetched (1024); beyond it
+    /// pushes are dropped and fetched again.
+    pub max_buffered: usize,
+    /// Seeds the ChaCha8 RNG for message ids and backoff jitter. **Message ids must never
+    /// repeat across runs of the same user** (the store would take a new message for a resend
+    /// of an old one), so a real client seeds from the OS's entropy at every process start;
+    /// fixed seeds are for tests and simulations.
+    pub seed: u64,
+}
+
+impl ClientConfig {
+    pub fn new(
+        user: UserId,
+        name: impl Into<String>,
+        password: impl Into<String>,
+        seed: u64,
+    ) -> Self {
+        Self {
+            user,
+            name: name.into(),
+            password: password.into(),
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            login_timeout: Duration::from_secs(5),
+            gap_sync_delay: Duration::from_millis(300),
+            head_check_interval: Duration::from_secs(30),
+            outbox_max_age: Duration::from_secs(5 * 60),
+            send_retry_delay: Duration::from_secs(1),
+            ack_delay: Duration::from_millis(200),
+            fetch_limit: 100,
+            max_buffered: 1024,
+            seed,
+        }
+    }
+}
+
+/// Correlates a [`ClientCommand::Login`] with its answer: an answer to an attempt the
+/// session already gave up on (timed out) is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LoginAttempt(pub u64);
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientCommand {
+    /// `POST /login` to the route; answer with [`ClientSession::handle_login_answer`].
+    Login {
+        attempt: LoginAttempt,
+        request: LoginRequest,
+    },
+    /// Open a TCP connection; answer with `handle_connected` or `handle_connect_failed`.
+    Connect { host: String, port: u16 },
+    /// Encode and write a frame on the current connection.
+    Transmit(proto::Frame),
+    /// Close the current connection (or abandon the connect in progress). The session has
+    /// already given it up: report nothing more about it (no `handle_disconnected`, no
+    /// frames read after this command).
+    Disconnect,
+}
+
+/// Why the link was lost, carried by [`ClientEvent::Reconnecting`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkLoss {
+    LoginFailed(LoginFailure),
+    /// The route did not answer within `login_timeout`.
+    LoginTimeout,
+    ConnectFailed,
+    ConnectTimeout,
+    /// Connected, but no `LoginOk` within `login_timeout`.
+    LoginOkTimeout,
+    Disconnected,
+    /// No frame within `heartbeat_timeout` of a ping.
+    HeartbeatTimeout,
+    Kicked(KickReason),
+    /// The server sent an `Error` frame (it closes the connection after one).
+    ServerError {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Why the session stopped for good (until `start` is called again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Shutdown,
+    /// Another login of this user took over; see the module docs.
+    TakenOver,
+    LoggedOut,
+    AccountMismatch,
+}
+
+/// What the application is told.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    LoggingIn,
+    Connecting {
+        server: ServerId,
+    },
+    Online {
+        server: ServerId,
+        epoch: Epoch,
+    },
+    /// The next login starts after `delay`. `attempt` counts failures since the last
+    /// `Online`, from 0; the delay was drawn from `[0, min(cap, base * 2^attempt)]`.
+    Reconnecting {
+        attempt: u32,
+        delay: Duration,
+        cause: LinkLoss,
+    },
+    Stopped(StopReason),
+    /// The next message of a conversation, in seq order, exactly once.
+    Message(StoredMessage),
+    /// A sent message is stored under `(log_epoch, seq)`.
+    Acked {
+        msg_id: ClientMsgId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        seq: u64,
+    },
+    /// A sent message will never be stored (not a member, too large, ...).
+    Rejected {
+        msg_id: ClientMsgId,
+        code: ErrorCode,
+        reason: String,
+    },
+    /// No acknowledgement within `outbox_max_age`: it may or may not have been stored, and it
+    /// is no longer resent.
+    Unknown {
+        msg_id: ClientMsgId,
+    },
+    /// Seqs `from_seq .. from_seq + count` were trimmed before this client got them.
+    Unavailable {
+        conv: ConvId,
+        from_seq: u64,
+        count: u64,
+    },
+    /// The conversation's log was recreated under a new log epoch: whatever of the old epoch
+    /// this client had not received is lost (a gap of unknown size); delivery restarts at
+    /// the new log's beginning.
+    LogReset {
+        conv: ConvId,
+        old_epoch: LogEpoch,
+        new_epoch: LogEpoch,
+    },
+    Kicked(KickReason),
+    /// A login failure that retrying will not fix; the session stops.
+    LoginRejected(LoginError),
+}
+
+/// A failed `POST /login`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginFailure {
+    #[error(transparent)]
+    Rejected(#[from] LoginError),
+    /// No usable HTTP answer (connection refused, bad body, ...).
+    #[error("login request failed: {0}")]
+    Transport(String),
+}
+
+/// A frame the session ignored. Its state did not change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame without content")]
+    Empty,
+    #[error("no connection is up to receive frames")]
+    NotConnected,
+    #[error("{0} frame not expected from a server in this state")]
+    Unexpected(&'static str),
+    #[error("bad conversation id {0:?}")]
+    BadConversation(String),
+    #[error("message with seq 0")]
+    ZeroSeq,
+    #[error("frame without its message or head")]
+    MissingField,
+}
+
+/// Deadlines, see [`ClientSession::poll_timeout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TimerReason {
+    LoginTimeout,
+    ConnectTimeout,
+    LoginOkTimeout,
+    Backoff,
+    Ping,
+    PongTimeout,
+    HeadCheck,
+    DeliverAck,
+    SendRetry,
+    GapSync,
+    OutboxExpiry,
+}
+
+/// What the console client persists between runs. Plain data; the shell picks the format.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientState {
+    pub resume_token: Option<ResumeToken>,
+    /// In send order.
+    pub outbox: Vec<SavedMessage>,
+    pub convs: Vec<SavedConv>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedMessage {
+    pub id: ClientMsgId,
+    pub conv: ConvId,
+    pub body: Bytes,
+    /// Wall clock, so time spent not running counts towards `outbox_max_age`.
+    pub created_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedConv {
+    pub conv: ConvId,
+    pub log_epoch: LogEpoch,
+    /// The last seq handed to the application.
+    pub delivered: u64,
+}
+
+#[derive(Debug, Default)]
+struct Outputs {
+    commands: VecDeque<ClientCommand>,
+    events: VecDeque<ClientEvent>,
+}
+
+impl Outputs {
+    fn transmit(&mut self, kind: Kind) {
+        self.commands
+            .push_back(ClientCommand::Transmit(proto::Frame { kind: Some(kind) }));
+    }
+}
+
+#[derive(Debug)]
+enum Link {
+    Idle,
+    LoggingIn {
+        attempt: LoginAttempt,
+        deadline: Instant,
+    },
+    Connecting {
+        ticket: proto::Ticket,
+        deadline: Instant,
+    },
+    Authenticating {
+        deadline: Instant,
+    },
+    Online {
+        next_ping: Instant,
+        /// Set by a ping, cleared by any frame from the server.
+        pong_deadline: Option<Instant>,
+        next_head_check: Instant,
+        interval: Duration,
+    },
+    Backoff {
+        until: Instant,
+    },
+    Stopped,
+}
+
+/// One user's client session, sans I/O.
+///
+/// Inputs: [`start`](Self::start), [`send`](Self::send), [`shutdown`](Self::shutdown),
+/// `handle_login_answer`, `handle_connected` / `handle_connect_failed` /
+/// `handle_disconnected`, [`handle_frame`](Self::handle_frame),
+/// [`handle_timeout`](Self::handle_timeout). **After each input, drain
+/// [`poll_command`](Self::poll_command) and [`poll_event`](Self::poll_event) until both return
+/// `None`, executing commands in order**, then arm a timer for
+/// [`poll_timeout`](Self::poll_timeout). Commands must run in order: a `Disconnect` closes
+/// the old connection before the next `Connect` opens a new one.
+#[derive(Debug)]
+pub struct ClientSession {
+    config: ClientConfig,
+    rng: ChaCha8Rng,
+    link: Link,
+    /// Failures since the last `Online`.
+    attempt: u32,
+    next_login_attempt: u64,
+    next_nonce: u64,
+    resume_token: Option<ResumeToken>,
+    outbox: Outbox,
+    /// Set by a retryable nack: sends wait, then everything is resent in order.
+    send_retry_at: Option<Instant>,
+    inbound: Inbound,
+    ack_at: Option<Instant>,
+    out: Outputs,
+}
+
+impl ClientSession {
+    pub fn new(config: ClientConfig) -> Self {
+        let inbound = Inbound::new(InboundConfig {
+            gap_sync_delay: config.gap_sync_delay,
+            fetch_limit: config.fetch_limit,
+            max_buffered: config.max_buffered,
+            request_timeout: config.login_timeout,
+        });
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            config,
+            link: Link::Idle,
+            attempt: 0,
+            next_login_attempt: 0,
+            next_nonce: 0,
+            resume_token: None,
+            outbox: Outbox::default(),
+            send_retry_at: None,
+            inbound,
+            ack_at: None,
+            out: Outputs::default(),
+        }
+    }
+
+    /// A session resuming what an earlier run persisted with [`snapshot`](Self::snapshot).
+    /// Outbox entries already past `outbox_max_age` (by the wall clock) are reported
+    /// `Unknown` at once. Not started: call `start`.
+    pub fn restore(
+        config: ClientConfig,
+        state: ClientState,
+        now: Instant,
+        wall: UnixMillis,
+    ) -> Self {
+        let mut session = Self::new(config);
+        session.resume_token = state.resume_token;
+        for saved in state.outbox {
+            let age = Duration::from_millis(wall.0.saturating_sub(saved.created_at.0));
+            if age >= session.config.outbox_max_age {
+                session
+                    .out
+                    .events
+                    .push_back(ClientEvent::Unknown { msg_id: saved.id });
+                continue;
+            }
+            session.outbox.push(OutboxEntry {
+                id: saved.id,
+                conv: saved.conv,
+                body: saved.body,
+                // Early in a process `now` may be closer to the platform's epoch than `age`;
+                // then the entry just counts as new.
+                created_at: now.checked_sub(age).unwrap_or(now),
+            });
+        }
+        for saved in state.convs {
+            session
+                .inbound
+                .restore(now, saved.conv, saved.log_epoch, saved.delivered);
+        }
+        session
+    }
+
+    /// What to persist: the resume token, the outbox, and each conversation's position.
+    pub fn snapshot(&self, now: Instant, wall: UnixMillis) -> ClientState {
+        ClientState {
+            resume_token: self.resume_token.clone(),
+            outbox: self
+                .outbox
+                .iter()
+                .map(|e| SavedMessage {
+                    id: e.id,
+                    conv: e.conv.clone(),
+                    body: e.body.clone(),
+                    created_at: UnixMillis(wall.0.saturating_sub(
+                        now.saturating_duration_since(e.created_at).as_millis() as u64,
+                    )),
+                })
+                .collect(),
+            convs: self
+                .inbound
+                .positions()
+                .map(|(conv, log_epoch, delivered)| SavedConv {
+                    conv: conv.clone(),
+                    log_epoch,
+                    delivered,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        matches!(self.link, Link::Online { .. })
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.link, Link::Stopped)
+    }
+
+    /// Messages sent and not yet acknowledged, rejected or expired.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Begins logging in. No effect unless idle or stopped.
+    pub fn start(&mut self, now: Instant) {
+        if matches!(self.link, Link::Idle | Link::Stopped) {
+            self.attempt = 0;
+            self.begin_login(now);
+        }
+    }
+
+    /// Closes the session: flushes pending DeliverAcks if online, then disconnects. The
+    /// outbox is kept (see `snapshot`).
+    pub fn shutdown(&mut self, now: Instant) {
+        let _ = now;
+        match self.link {
+            Link::Idle | Link::Stopped => return,
+            Link::Online { .. } => {
+                self.flush_acks();
+                self.out.commands.push_back(ClientCommand::Disconnect);
+            }
+            Link::Connecting { .. } | Link::Authenticating { .. } => {
+                self.out.commands.push_back(ClientCommand::Disconnect);
+            }
+            Link::LoggingIn { .. } | Link::Backoff { .. } => {}
+        }
+        self.stop(StopReason::Shutdown);
+    }
+
+    /// Queues a message; it is sent at once if online, otherwise on the next `Online`.
+    pub fn send(&mut self, now: Instant, conv: ConvId, body: Bytes) -> ClientMsgId {
+        let id = ClientMsgId(self.rng.random::<u128>());
+        let entry = OutboxEntry {
+            id,
+            conv,
+            body,
+            created_at: now,
+        };
+        if self.is_online() && self.send_retry_at.is_none() {
+            self.out
+                .commands
+                .push_back(ClientCommand::Transmit(entry.to_frame()));
+        }
+        self.outbox.push(entry);
+        id
+    }
+
+    pub fn handle_login_answer(
+        &mut self,
+        now: Instant,
+        attempt: LoginAttempt,
+        answer: Result<LoginAnswer, LoginFailure>,
+    ) {
+        match self.link {
+            Link::LoggingIn {
+                attempt: current, ..
+            } if current == attempt => {}
+            _ => return,
+        }
+        match answer {
+            Ok(answer) => {
+                // The claim now holds this token's hash; the previous one proves nothing.
+                self.resume_token = Some(answer.resume_token);
+                self.out.commands.push_back(ClientCommand::Connect {
+                    host: answer.server.host,
+                    port: answer.server.client_port,
+                });
+                self.out.events.push_back(ClientEvent::Connecting {
+                    server: answer.server.id,
+                });
+                self.link = Link::Connecting {
+                    ticket: answer.ticket,
+                    deadline: now + self.config.connect_timeout,
+                };
+            }
+            Err(LoginFailure::Rejected(LoginError::AccountMismatch)) => {
+                self.out
+                    .events
+                    .push_back(ClientEvent::LoginRejected(LoginError::AccountMismatch));
+                self.stop(StopReason::AccountMismatch);
+            }
+            // Repeat login (the old claim's lease has yet to run out), no server, store
+            // trouble, transport: all may pass.
+            Err(failure) => self.lose(now, LinkLoss::LoginFailed(failure), false),
+        }
+    }
+
+    pub fn handle_connected(&mut self, now: Instant) {
+        let Link::Connecting { ticket, .. } = &self.link else {
+            return;
+        };
+        let login = proto::Login {
+            ticket: Some(ticket.clone()),
+        };
+        self.out.transmit(Kind::Login(login));
+        self.link = Link::Authenticating {
+            deadline: now + self.config.login_timeout,
+        };
+    }
+
+    pub fn handle_connect_failed(&mut self, now: Instant) {
+        if matches!(self.link, Link::Connecting { .. }) {
+            self.lose(now, LinkLoss::ConnectFailed, false);
+        }
+    }
+
+    pub fn handle_disconnected(&mut self, now: Instant) {
+        if matches!(
+            self.link,
+            Link::Connecting { .. } | Link::Authenticating { .. } | Link::Online { .. }
+        ) {
+            self.lose(now, LinkLoss::Disconnected, false);
+        }
+    }
+
+    /// One frame from the server. Frames that make no sense are ignored with an error; the
+    /// server is trusted to close the connection after an `Error` frame, and so does this
+    /// session.
+    pub fn handle_frame(&mut self, now: Instant, frame: proto::Frame) -> Result<(), FrameError> {
+        let kind = frame.kind.ok_or(FrameError::Empty)?;
+        match &mut self.link {
+            Link::Online { pong_deadline, .. } => {
+                // Any frame proves the link alive: a pong queued behind a burst of
+                // deliveries is late, not lost.
+                *pong_deadline = None;
+            }
+            Link::Authenticating { .. } => return self.handle_frame_authenticating(now, kind),
+            _ => return Err(FrameError::NotConnected),
+        }
+        match kind {
+            Kind::Pong(_) => {}
+            Kind::SendAck(ack) => {
+                let id = ClientMsgId::from_halves(ack.msg_id_hi, ack.msg_id_lo);
+                if let Some(entry) = self.outbox.remove(id) {
+                    self.out.events.push_back(ClientEvent::Acked {
+                        msg_id: id,
+                        conv: entry.conv,
+                        log_epoch: LogEpoch(ack.log_epoch),
+                        seq: ack.seq,
+                    });
+                }
+            }
+            Kind::SendNack(nack) => {
+                let id = ClientMsgId::from_halves(nack.msg_id_hi, nack.msg_id_lo);
+                if nack.retryable {
+                    if self.outbox.contains(id) && self.send_retry_at.is_none() {
+                        self.send_retry_at = Some(now + self.config.send_retry_delay);
+                    }
+                } else if self.outbox.remove(id).is_some() {
+                    self.out.events.push_back(ClientEvent::Rejected {
+                        msg_id: id,
+                        code: nack.code(),
+                        reason: nack.reason,
+                    });
+                }
+            }
+            Kind::Deliver(deliver) => {
+                let msg = deliver.message.ok_or(FrameError::MissingField)?;
+                let msg = message_from_proto(msg)?;
+                self.inbound.on_deliver(now, msg, &mut self.out);
+            }
+            Kind::SyncAnswer(answer) => {
+                // A head the session cannot parse is a server bug; the others still count.
+                let heads = answer
+                    .heads
+                    .into_iter()
+                    .filter_map(|h| head_from_proto(h).ok())
+                    .collect();
+                self.inbound.on_sync_answer(now, heads, &mut self.out);
+            }
+            Kind::FetchAnswer(answer) => {
+                let head = answer.head.ok_or(FrameError::MissingField)?;
+                let head = head_from_proto(head)?;
+                let messages = answer
+                    .messages
+                    .into_iter()
+                    .filter_map(|m| message_from_proto(m).ok())
+                    .collect();
+                self.inbound
+                    .on_fetch_answer(now, head, messages, &mut self.out);
+            }
+            Kind::Kick(kick) => self.kicked(now, kick.reason()),
+            Kind::Error(error) => {
+                let loss = LinkLoss::ServerError {
+                    code: error.code(),
+                    message: error.message,
+                };
+                self.lose(now, loss, true);
+            }
+            other => return Err(FrameError::Unexpected(kind_name(&other))),
+        }
+        self.arm_ack(now);
+        Ok(())
+    }
+
+    fn handle_frame_authenticating(&mut self, now: Instant, kind: Kind) -> Result<(), FrameError> {
+        match kind {
+            Kind::LoginOk(ok) => {
+                self.go_online(now, ok);
+                Ok(())
+            }
+            Kind::Kick(kick) => {
+                self.kicked(now, kick.reason());
+                Ok(())
+            }
+            Kind::Error(error) => {
+                let loss = LinkLoss::ServerError {
+                    code: error.code(),
+                    message: error.message,
+                };
+                self.lose(now, loss, true);
+                Ok(())
+            }
+            other => Err(FrameError::Unexpected(kind_name(&other))),
+        }
+    }
+
+    fn go_online(&mut self, now: Instant, ok: proto::LoginOk) {
+        let server = ServerId::new(ok.server_id);
+        // Ping at least as often as the server's idle reaper expects.
+        let asked = Duration::from_millis(ok.heartbeat_interval_ms);
+        let interval = if asked.is_zero() {
+            self.config.heartbeat_interval
+        } else {
+            asked.min(self.config.heartbeat_interval)
+        };
+        self.attempt = 0;
+        self.link = Link::Online {
+            next_ping: now + interval,
+            pong_deadline: None,
+            next_head_check: now + self.config.head_check_interval,
+            interval,
+        };
+        self.out.events.push_back(ClientEvent::Online {
+            server,
+            epoch: Epoch(ok.epoch),
+        });
+        self.inbound.request_sync(now, &mut self.out);
+        self.resend_outbox();
+        self.arm_ack(now);
+    }
+
+    fn kicked(&mut self, now: Instant, reason: KickReason) {
+        self.out.events.push_back(ClientEvent::Kicked(reason));
+        match reason {
+            KickReason::TakenOver => {
+                self.out.commands.push_back(ClientCommand::Disconnect);
+                self.stop(StopReason::TakenOver);
+            }
+            KickReason::LoggedOut => {
+                self.out.commands.push_back(ClientCommand::Disconnect);
+                self.stop(StopReason::LoggedOut);
+            }
+            _ => self.lose(now, LinkLoss::Kicked(reason), true),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for msg_id in self.outbox.expire(now, self.config.outbox_max_age) {
+            self.out.events.push_back(ClientEvent::Unknown { msg_id });
+        }
+        match &mut self.link {
+            Link::Idle | Link::Stopped => {}
+            Link::LoggingIn { deadline, .. } => {
+                if *deadline <= now {
+                    self.lose(now, LinkLoss::LoginTimeout, false);
+                }
+            }
+            Link::Connecting { deadline, .. } => {
+                if *deadline <= now {
+                    self.lose(now, LinkLoss::ConnectTimeout, true);
+                }
+            }
+            Link::Authenticating { deadline } => {
+                if *deadline <= now {
+                    self.lose(now, LinkLoss::LoginOkTimeout, true);
+                }
+            }
+            Link::Backoff { until } => {
+                if *until <= now {
+                    self.begin_login(now);
+                }
+            }
+            Link::Online {
+                next_ping,
+                pong_deadline,
+                next_head_check,
+                interval,
+            } => {
+                if pong_deadline.is_some_and(|at| at <= now) {
+                    self.lose(now, LinkLoss::HeartbeatTimeout, true);
+                    return;
+                }
+                let mut sync = false;
+                if *next_ping <= now {
+                    // A fixed schedule; after a long stall (a suspended laptop) skip the
+                    // missed pings rather than burst them.
+                    *next_ping += *interval;
+                    if *next_ping <= now {
+                        *next_ping = now + *interval;
+                    }
+                    if pong_deadline.is_none() {
+                        *pong_deadline = Some(now + self.config.heartbeat_timeout);
+                    }
+                    self.next_nonce += 1;
+                    let nonce = self.next_nonce;
+                    self.out.transmit(Kind::Ping(proto::Ping { nonce }));
+                }
+                if *next_head_check <= now {
+                    *next_head_check = now + self.config.head_check_interval;
+                    sync = true;
+                }
+                if sync {
+                    self.inbound.request_sync(now, &mut self.out);
+                }
+                if self.ack_at.is_some_and(|at| at <= now) {
+                    self.ack_at = None;
+                    self.flush_acks();
+                }
+                if self.send_retry_at.is_some_and(|at| at <= now) {
+                    self.send_retry_at = None;
+                    self.resend_outbox();
+                }
+                self.inbound.on_timeout(now, &mut self.out);
+                self.arm_ack(now);
+            }
+        }
+    }
+
+    /// The next deadline and why.
+    pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
+        let mut timers: Vec<(Instant, TimerReason)> = Vec::new();
+        if let Some(at) = self.outbox.next_expiry(self.config.outbox_max_age) {
+            timers.push((at, TimerReason::OutboxExpiry));
+        }
+        match &self.link {
+            Link::Idle | Link::Stopped => {}
+            Link::LoggingIn { deadline, .. } => timers.push((*deadline, TimerReason::LoginTimeout)),
+            Link::Connecting { deadline, .. } => {
+                timers.push((*deadline, TimerReason::ConnectTimeout));
+            }
+            Link::Authenticating { deadline } => {
+                timers.push((*deadline, TimerReason::LoginOkTimeout));
+            }
+            Link::Backoff { until } => timers.push((*until, TimerReason::Backoff)),
+            Link::Online {
+                next_ping,
+                pong_deadline,
+                next_head_check,
+                ..
+            } => {
+                timers.push((*next_ping, TimerReason::Ping));
+                if let Some(at) = pong_deadline {
+                    timers.push((*at, TimerReason::PongTimeout));
+                }
+                timers.push((*next_head_check, TimerReason::HeadCheck));
+                if let Some(at) = self.ack_at {
+                    timers.push((at, TimerReason::DeliverAck));
+                }
+                if let Some(at) = self.send_retry_at {
+                    timers.push((at, TimerReason::SendRetry));
+                }
+                if let Some(at) = self.inbound.next_timeout() {
+                    timers.push((at, TimerReason::GapSync));
+                }
+            }
+        }
+        timers.into_iter().min()
+    }
+
+    pub fn poll_command(&mut self) -> Option<ClientCommand> {
+        self.out.commands.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.out.events.pop_front()
+    }
+
+    fn begin_login(&mut self, now: Instant) {
+        self.next_login_attempt += 1;
+        let attempt = LoginAttempt(self.next_login_attempt);
+        self.out.commands.push_back(ClientCommand::Login {
+            attempt,
+            request: LoginRequest {
+                user: self.config.user,
+                name: self.config.name.clone(),
+                password: self.config.password.clone(),
+                resume_token: self.resume_token.clone(),
+            },
+        });
+        self.out.events.push_back(ClientEvent::LoggingIn);
+        self.link = Link::LoggingIn {
+            attempt,
+            deadline: now + self.config.login_timeout,
+        };
+    }
+
+    /// Gives up the current attempt or connection and schedules the next login.
+    fn lose(&mut self, now: Instant, cause: LinkLoss, disconnect: bool) {
+        if disconnect {
+            self.out.commands.push_back(ClientCommand::Disconnect);
+        }
+        self.drop_link_state();
+        let attempt = self.attempt;
+        let delay = backoff::delay(
+            &mut self.rng,
+            self.config.backoff_base,
+            self.config.backoff_cap,
+            attempt,
+        );
+        self.attempt = self.attempt.saturating_add(1);
+        self.out.events.push_back(ClientEvent::Reconnecting {
+            attempt,
+            delay,
+            cause,
+        });
+        self.link = Link::Backoff { until: now + delay };
+    }
+
+    fn stop(&mut self, reason: StopReason) {
+        self.drop_link_state();
+        self.link = Link::Stopped;
+        self.out.events.push_back(ClientEvent::Stopped(reason));
+    }
+
+    /// What only makes sense on one connection: in-flight syncs and fetches, the retry hold
+    /// (the next `Online` resends everything anyway), the ack batch (re-armed when online).
+    fn drop_link_state(&mut self) {
+        self.inbound.on_link_lost();
+        self.send_retry_at = None;
+        self.ack_at = None;
+    }
+
+    fn resend_outbox(&mut self) {
+        for entry in self.outbox.iter() {
+            self.out
+                .commands
+                .push_back(ClientCommand::Transmit(entry.to_frame()));
+        }
+    }
+
+    fn arm_ack(&mut self, now: Instant) {
+        if self.is_online() && self.ack_at.is_none() && self.inbound.has_unacked() {
+            self.ack_at = Some(now + self.config.ack_delay);
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        let cursors = self.inbound.take_cursors();
+        if !cursors.is_empty() {
+            self.out
+                .transmit(Kind::DeliverAck(proto::DeliverAck { cursors }));
+        }
+    }
+}
+
+fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::Login(_) => "Login",
+        Kind::Ping(_) => "Ping",
+        Kind::Send(_) => "Send",
+        Kind::DeliverAck(_) => "DeliverAck",
+        Kind::SyncRequest(_) => "SyncRequest",
+        Kind::FetchRequest(_) => "FetchRequest",
+        Kind::LoginOk(_) => "LoginOk",
+        Kind::Pong(_) => "Pong",
+        Kind::SendAck(_) => "SendAck",
+        Kind::SendNack(_) => "SendNack",
+        Kind::Deliver(_) => "Deliver",
+        Kind::SyncAnswer(_) => "SyncAnswer",
+        Kind::FetchAnswer(_) => "FetchAnswer",
+        Kind::Kick(_) => "Kick",
+        Kind::Error(_) => "Error",
+        Kind::LinkHello(_) => "LinkHello",
+        Kind::LinkAuth(_) => "LinkAuth",
+        Kind::LinkAuthOk(_) => "LinkAuthOk",
+        Kind::PushBatch(_) => "PushBatch",
+        Kind::KickUser(_) => "KickUser",
+        Kind::RouteSend(_) => "RouteSend",
+        Kind::RouteSendResult(_) => "RouteSendResult",
+    }
+}
