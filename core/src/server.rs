@@ -215,6 +215,9 @@ pub struct ServerNode {
     conns: BTreeMap<ConnId, Conn>,
     /// Live sessions (LoginOk sent) by user: at most one per user here.
     sessions: BTreeMap<UserId, (ConnId, Epoch)>,
+    /// Connections whose `BindSession` is in flight, by user (so a KickUser finds them
+    /// without scanning every connection).
+    binding: BTreeSet<(UserId, ConnId)>,
     /// Exactly one entry per connection: its earliest deadline.
     timers: BTreeMap<(Instant, ConnId), TimerReason>,
     next_refresh: Option<Instant>,
@@ -244,7 +247,10 @@ struct Conn {
 enum ConnState {
     AwaitingLogin,
     /// Ticket verified, `BindSession` in flight.
-    Binding { user: UserId, epoch: Epoch },
+    Binding {
+        user: UserId,
+        epoch: Epoch,
+    },
     Live(Session),
 }
 
@@ -298,6 +304,7 @@ impl ServerNode {
             config,
             conns: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            binding: BTreeSet::new(),
             timers: BTreeMap::new(),
             next_refresh: None,
             pending_store: BTreeMap::new(),
@@ -453,7 +460,9 @@ impl ServerNode {
                 self.stats.protocol_errors += 1;
                 self.close_with_error(conn, ErrorCode::NotLoggedIn, "log in first");
             }
-            (Some(Kind::Send(send)), Some((user, epoch))) => self.send(now, conn, user, epoch, send),
+            (Some(Kind::Send(send)), Some((user, epoch))) => {
+                self.send(now, conn, user, epoch, send)
+            }
             (Some(Kind::DeliverAck(ack)), Some((user, _))) => self.deliver_ack(conn, user, ack),
             (Some(Kind::SyncRequest(_)), Some((user, epoch))) => {
                 self.request(
@@ -500,6 +509,7 @@ impl ServerNode {
                 user: grant.user,
                 epoch: grant.epoch,
             };
+            self.binding.insert((grant.user, conn));
         }
         self.request(
             StoreCommand::BindSession {
@@ -528,9 +538,17 @@ impl ServerNode {
             })
         };
         let refusal = if send.conv.parse::<ConvId>().is_err() {
-            Some(nack(ErrorCode::BadConversation, "bad conversation id", false))
+            Some(nack(
+                ErrorCode::BadConversation,
+                "bad conversation id",
+                false,
+            ))
         } else if send.body.len() > self.config.max_body {
-            Some(nack(ErrorCode::BodyTooLarge, "message body too large", false))
+            Some(nack(
+                ErrorCode::BodyTooLarge,
+                "message body too large",
+                false,
+            ))
         } else if !self.take_token(now, conn) {
             self.stats.rate_limited_sends += 1;
             Some(nack(ErrorCode::RateLimited, "sending too fast", true))
@@ -713,7 +731,14 @@ impl ServerNode {
         }
     }
 
-    fn go_live(&mut self, now: Instant, conn: ConnId, user: UserId, epoch: Epoch, sent_at: Instant) {
+    fn go_live(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        user: UserId,
+        epoch: Epoch,
+        sent_at: Instant,
+    ) {
         let proven_until = sent_at + self.config.proven_window();
         if now >= proven_until {
             // The bind took so long that its lease may already be gone from the store.
@@ -736,6 +761,7 @@ impl ServerNode {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        self.binding.remove(&(user, conn));
         c.state = ConnState::Live(Session {
             user,
             epoch,
@@ -778,7 +804,8 @@ impl ServerNode {
             }
             match outcome {
                 LeaseRefresh::Refreshed => {
-                    if let Some(ConnState::Live(s)) = self.conns.get_mut(&conn).map(|c| &mut c.state)
+                    if let Some(ConnState::Live(s)) =
+                        self.conns.get_mut(&conn).map(|c| &mut c.state)
                     {
                         s.proven_until = s.proven_until.max(proven_until);
                     }
@@ -856,17 +883,19 @@ impl ServerNode {
             Ok(KickReason::Unspecified) | Err(_) => KickReason::TakenOver,
             Ok(reason) => reason,
         };
-        let doomed: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| match &c.state {
-                ConnState::Live(s) => s.user == user && s.epoch < below,
-                // A bind in flight may have reached the store before the takeover did; its
-                // LoginOk would start a session the route believes is closed.
-                ConnState::Binding { user: u, epoch } => *u == user && *epoch < below,
-                ConnState::AwaitingLogin => false,
+        // A bind in flight may have reached the store before the takeover did; its LoginOk
+        // would start a session the route believes is closed, so those go too.
+        let candidates = self
+            .binding
+            .range((user, ConnId(0))..=(user, ConnId(u64::MAX)))
+            .map(|&(_, conn)| conn)
+            .chain(self.sessions.get(&user).map(|&(conn, _)| conn));
+        let doomed: Vec<ConnId> = candidates
+            .filter(|conn| match self.conns.get(conn).map(|c| &c.state) {
+                Some(ConnState::Live(s)) => s.epoch < below,
+                Some(ConnState::Binding { epoch, .. }) => *epoch < below,
+                _ => false,
             })
-            .map(|(&id, _)| id)
             .collect();
         for conn in doomed {
             self.kick(conn, reason, "logged in elsewhere");
@@ -1022,11 +1051,18 @@ impl ServerNode {
         for request_id in &c.sends_in_flight {
             self.pending_sends.remove(request_id);
         }
-        if let ConnState::Live(s) = c.state {
-            if self.sessions.get(&s.user) == Some(&(conn, s.epoch)) {
-                self.sessions.remove(&s.user);
+        match c.state {
+            ConnState::Live(s) => {
+                if self.sessions.get(&s.user) == Some(&(conn, s.epoch)) {
+                    self.sessions.remove(&s.user);
+                }
+                self.release_if_unheld(s.user, s.epoch);
             }
-            self.release_if_unheld(s.user, s.epoch);
+            // The bind's reply releases the claim if it landed (see `bound`).
+            ConnState::Binding { user, .. } => {
+                self.binding.remove(&(user, conn));
+            }
+            ConnState::AwaitingLogin => {}
         }
     }
 
@@ -1056,6 +1092,43 @@ impl ServerNode {
         let (at, reason) = if other.0 <= idle.0 { other } else { idle };
         c.scheduled = Some((at, conn));
         self.timers.insert((at, conn), reason);
+    }
+}
+
+#[cfg(test)]
+impl ServerNode {
+    /// The indexes agree with the connections; checked by the tests after every step.
+    fn check_invariants(&self) {
+        for (user, &(conn, epoch)) in &self.sessions {
+            match self.conns.get(&conn).map(|c| &c.state) {
+                Some(ConnState::Live(s)) => assert_eq!((s.user, s.epoch), (*user, epoch)),
+                other => panic!("session of {user} points at {other:?}"),
+            }
+        }
+        for (id, c) in &self.conns {
+            match &c.state {
+                ConnState::Live(s) => assert_eq!(self.sessions.get(&s.user), Some(&(*id, s.epoch))),
+                ConnState::Binding { user, .. } => assert!(self.binding.contains(&(*user, *id))),
+                ConnState::AwaitingLogin => {}
+            }
+            let key = c.scheduled.expect("every connection has a deadline");
+            assert_eq!(key.1, *id);
+            assert!(self.timers.contains_key(&key));
+        }
+        assert_eq!(self.timers.len(), self.conns.len());
+        for (user, conn) in &self.binding {
+            assert!(matches!(
+                self.conns.get(conn).map(|c| &c.state),
+                Some(ConnState::Binding { user: u, .. }) if u == user
+            ));
+        }
+        for (request_id, p) in &self.pending_sends {
+            let c = self
+                .conns
+                .get(&p.conn)
+                .expect("sends die with their connection");
+            assert!(c.sends_in_flight.contains(request_id));
+        }
     }
 }
 
