@@ -1,0 +1,1442 @@
+//! `ServerNode` behaviour, one module per group. Every step names its time in milliseconds
+//! from the test's start; outputs are compared in full, in order, after a summary that drops
+//! only human-readable texts.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cim_proto::frame::Kind;
+use cim_proto::{self as proto, ErrorCode, Frame, KickReason};
+
+use super::*;
+use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use crate::store::{
+    ConvHead, LeaseRefresh, StoreCommand, StoreReply, StoreUnavailable, StoredMessage,
+};
+use crate::tickets::{Grant, TicketKeys};
+
+const WALL0: u64 = 1_700_000_000_000;
+const S1: &str = "s1";
+
+/// An output with texts dropped, so tables stay short.
+#[derive(Debug, Clone, PartialEq)]
+enum Out {
+    LoginOk {
+        conn: u64,
+        user: u64,
+        epoch: u64,
+    },
+    Pong {
+        conn: u64,
+        nonce: u64,
+    },
+    Error {
+        conn: u64,
+        code: ErrorCode,
+    },
+    Kick {
+        conn: u64,
+        reason: KickReason,
+    },
+    Ack {
+        conn: u64,
+        seq: u64,
+    },
+    Nack {
+        conn: u64,
+        code: ErrorCode,
+        retryable: bool,
+    },
+    Deliver {
+        conn: u64,
+        seq: u64,
+    },
+    Sync {
+        conn: u64,
+        heads: Vec<proto::ConvHead>,
+    },
+    Fetch {
+        conn: u64,
+        answer: proto::FetchAnswer,
+    },
+    Close(u64),
+    Store(StoreCommand),
+    Route {
+        user: u64,
+        epoch: u64,
+        conv: String,
+    },
+}
+
+fn summarize(outputs: &[ServerOutput]) -> Vec<Out> {
+    outputs
+        .iter()
+        .map(|o| match o {
+            ServerOutput::Transmit { conn, frame } => frame_out(conn.0, frame),
+            ServerOutput::Close { conn } => Out::Close(conn.0),
+            ServerOutput::Store(req) => Out::Store(req.command.clone()),
+            ServerOutput::ToRoute(send) => Out::Route {
+                user: send.user_id,
+                epoch: send.epoch,
+                conv: send
+                    .send
+                    .as_ref()
+                    .map(|s| s.conv.clone())
+                    .unwrap_or_default(),
+            },
+        })
+        .collect()
+}
+
+fn frame_out(conn: u64, frame: &Frame) -> Out {
+    match frame
+        .kind
+        .clone()
+        .expect("the node never sends empty frames")
+    {
+        Kind::LoginOk(ok) => Out::LoginOk {
+            conn,
+            user: ok.user_id,
+            epoch: ok.epoch,
+        },
+        Kind::Pong(p) => Out::Pong {
+            conn,
+            nonce: p.nonce,
+        },
+        Kind::Error(e) => Out::Error {
+            conn,
+            code: ErrorCode::try_from(e.code).unwrap(),
+        },
+        Kind::Kick(k) => Out::Kick {
+            conn,
+            reason: KickReason::try_from(k.reason).unwrap(),
+        },
+        Kind::SendAck(a) => Out::Ack { conn, seq: a.seq },
+        Kind::SendNack(n) => Out::Nack {
+            conn,
+            code: ErrorCode::try_from(n.code).unwrap(),
+            retryable: n.retryable,
+        },
+        Kind::Deliver(d) => Out::Deliver {
+            conn,
+            seq: d.message.unwrap().seq,
+        },
+        Kind::SyncAnswer(s) => Out::Sync {
+            conn,
+            heads: s.heads,
+        },
+        Kind::FetchAnswer(answer) => Out::Fetch { conn, answer },
+        other => panic!("unexpected frame to a client: {other:?}"),
+    }
+}
+
+fn kick(conn: u64, reason: KickReason) -> [Out; 2] {
+    [Out::Kick { conn, reason }, Out::Close(conn)]
+}
+
+fn error(conn: u64, code: ErrorCode) -> [Out; 2] {
+    [Out::Error { conn, code }, Out::Close(conn)]
+}
+
+fn release(user: u64, epoch: u64) -> Out {
+    Out::Store(StoreCommand::ReleaseClaim {
+        user: UserId(user),
+        epoch: Epoch(epoch),
+    })
+}
+
+fn wall(ms: u64) -> UnixMillis {
+    UnixMillis(WALL0 + ms)
+}
+
+fn ping(nonce: u64) -> Kind {
+    Kind::Ping(proto::Ping { nonce })
+}
+
+fn send_frame(conv: &str, body_len: usize, msg: u64) -> Kind {
+    Kind::Send(proto::Send {
+        msg_id_hi: 0,
+        msg_id_lo: msg,
+        conv: conv.into(),
+        body: vec![b'x'; body_len],
+        sent_at_ms: 0,
+    })
+}
+
+/// A node with a virtual clock, a ticket minter, and helpers that answer store requests.
+struct Harness {
+    node: ServerNode,
+    t0: Instant,
+    keys: TicketKeys,
+    /// Store requests seen and not yet answered, oldest first.
+    unanswered: Vec<StoreRequest>,
+    /// Route sends seen, for their request ids.
+    route_sends: Vec<RouteSend>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(|_| {})
+    }
+
+    #[allow(clippy::disallowed_methods)] // the one clock read: the test's time origin
+    fn with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        let keys = TicketKeys::new(1, b"test-secret".to_vec());
+        let mut config = ServerConfig::new(ServerId::new(S1), keys.clone());
+        adjust(&mut config);
+        Self {
+            node: ServerNode::new(config).unwrap(),
+            t0: Instant::now(),
+            keys,
+            unanswered: Vec::new(),
+            route_sends: Vec::new(),
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn ticket(&self, user: u64, epoch: u64) -> proto::Ticket {
+        self.keys.mint(&Grant {
+            user: UserId(user),
+            server: ServerId::new(S1),
+            epoch: Epoch(epoch),
+            expires_at: wall(60_000),
+        })
+    }
+
+    fn drain(&mut self) -> Vec<Out> {
+        self.node.check_invariants();
+        let mut raw = Vec::new();
+        while let Some(o) = self.node.poll_output() {
+            raw.push(o);
+        }
+        for o in &raw {
+            match o {
+                ServerOutput::Store(req) => self.unanswered.push(req.clone()),
+                ServerOutput::ToRoute(send) => self.route_sends.push(send.clone()),
+                _ => {}
+            }
+        }
+        summarize(&raw)
+    }
+
+    fn open(&mut self, ms: u64, conn: u64) {
+        self.node
+            .handle_connection_opened(self.at(ms), ConnId(conn))
+            .unwrap();
+        assert_eq!(self.drain(), vec![]);
+    }
+
+    fn frame(&mut self, ms: u64, conn: u64, kind: Kind) -> Vec<Out> {
+        self.node.handle_frame(
+            self.at(ms),
+            wall(ms),
+            ConnId(conn),
+            Frame { kind: Some(kind) },
+        );
+        self.drain()
+    }
+
+    fn login_frame(&mut self, ms: u64, conn: u64, ticket: proto::Ticket) -> Vec<Out> {
+        self.frame(
+            ms,
+            conn,
+            Kind::Login(proto::Login {
+                ticket: Some(ticket),
+            }),
+        )
+    }
+
+    /// Answers the oldest unanswered store request.
+    fn reply(&mut self, ms: u64, result: StoreResult) -> Vec<Out> {
+        let req = self.unanswered.remove(0);
+        self.node.handle_store_reply(self.at(ms), req.id, result);
+        self.drain()
+    }
+
+    /// Answers the newest unanswered store request matching `pick`.
+    fn reply_to(
+        &mut self,
+        ms: u64,
+        pick: impl Fn(&StoreCommand) -> bool,
+        result: StoreResult,
+    ) -> Vec<Out> {
+        let i = self
+            .unanswered
+            .iter()
+            .rposition(|r| pick(&r.command))
+            .expect("no such store request");
+        let req = self.unanswered.remove(i);
+        self.node.handle_store_reply(self.at(ms), req.id, result);
+        self.drain()
+    }
+
+    /// Fire-and-forget requests (cursors, releases) need no answer for these tests.
+    fn forget_unanswered(&mut self) {
+        self.unanswered.clear();
+    }
+
+    fn timeout(&mut self, ms: u64) -> Vec<Out> {
+        self.node.handle_timeout(self.at(ms), wall(ms));
+        self.drain()
+    }
+
+    /// Opens `conn`, logs `user` in at `epoch` and lets the store bind it, all at `ms`.
+    fn login(&mut self, ms: u64, conn: u64, user: u64, epoch: u64) {
+        self.open(ms, conn);
+        let ticket = self.ticket(user, epoch);
+        let out = self.login_frame(ms, conn, ticket);
+        assert!(matches!(
+            out.as_slice(),
+            [Out::Store(StoreCommand::BindSession { .. })]
+        ));
+        let out = self.reply_to(
+            ms,
+            |c| {
+                matches!(c, StoreCommand::BindSession { user: u, epoch: e, .. }
+                    if *u == UserId(user) && *e == Epoch(epoch))
+            },
+            Ok(StoreReply::SessionBound(Ok(()))),
+        );
+        assert_eq!(out, vec![Out::LoginOk { conn, user, epoch }]);
+    }
+
+    fn next_timer(&self) -> Option<(u64, TimerReason)> {
+        self.node
+            .poll_timeout()
+            .map(|(at, reason)| (at.duration_since(self.t0).as_millis() as u64, reason))
+    }
+}
+
+mod login {
+    use super::*;
+
+    #[test]
+    fn good_ticket_binds_then_login_ok() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        assert_eq!(h.next_timer(), Some((10_000, TimerReason::LoginDeadline)));
+        let ticket = h.ticket(7, 3);
+        // The store step comes first; no LoginOk until it confirms.
+        assert_eq!(
+            h.login_frame(100, 1, ticket),
+            vec![Out::Store(StoreCommand::BindSession {
+                user: UserId(7),
+                epoch: Epoch(3),
+                server: ServerId::new(S1),
+                lease_until: wall(100 + 30_000),
+            })]
+        );
+        assert_eq!(h.node.sessions(), 0);
+        assert_eq!(
+            h.reply(150, Ok(StoreReply::SessionBound(Ok(())))),
+            vec![Out::LoginOk {
+                conn: 1,
+                user: 7,
+                epoch: 3
+            }]
+        );
+        assert_eq!(h.node.session_of(UserId(7)), Some((ConnId(1), Epoch(3))));
+        assert_eq!(h.node.stats().logins_ok, 1);
+        // Next deadline: the first lease refresh, a refresh interval after going live.
+        assert_eq!(h.next_timer(), Some((10_150, TimerReason::LeaseRefresh)));
+    }
+
+    #[test]
+    fn bad_tickets_are_refused_with_their_error() {
+        let h = Harness::new();
+        let good = h.ticket(7, 3);
+        let forged = proto::Ticket {
+            epoch: 4,
+            ..good.clone()
+        };
+        let other_key = TicketKeys::new(1, b"other".to_vec()).mint(&Grant {
+            user: UserId(7),
+            server: ServerId::new(S1),
+            epoch: Epoch(3),
+            expires_at: wall(60_000),
+        });
+        let expired = h.keys.mint(&Grant {
+            user: UserId(7),
+            server: ServerId::new(S1),
+            epoch: Epoch(3),
+            // Login at wall(5_000); skew 2 s: expired 3 s ago is past the allowance.
+            expires_at: wall(2_000),
+        });
+        let within_skew = h.keys.mint(&Grant {
+            user: UserId(7),
+            server: ServerId::new(S1),
+            epoch: Epoch(3),
+            expires_at: wall(3_001),
+        });
+        let wrong_server = h.keys.mint(&Grant {
+            user: UserId(7),
+            server: ServerId::new("s2"),
+            epoch: Epoch(3),
+            expires_at: wall(60_000),
+        });
+        let cases: Vec<(&str, Option<proto::Ticket>, Option<ErrorCode>)> = vec![
+            ("forged epoch", Some(forged), Some(ErrorCode::BadTicket)),
+            ("other secret", Some(other_key), Some(ErrorCode::BadTicket)),
+            ("no ticket", None, Some(ErrorCode::BadTicket)),
+            ("expired", Some(expired), Some(ErrorCode::TicketExpired)),
+            (
+                "wrong server",
+                Some(wrong_server),
+                Some(ErrorCode::WrongServer),
+            ),
+            ("expired but within skew", Some(within_skew), None),
+        ];
+        for (name, ticket, want) in cases {
+            let mut h = Harness::new();
+            h.open(0, 1);
+            let out = h.frame(5_000, 1, Kind::Login(proto::Login { ticket }));
+            match want {
+                Some(code) => {
+                    assert_eq!(out, error(1, code).to_vec(), "{name}");
+                    assert_eq!(h.node.connections(), 0, "{name}");
+                    assert_eq!(h.node.stats().logins_failed, 1, "{name}");
+                }
+                None => assert!(
+                    matches!(
+                        out.as_slice(),
+                        [Out::Store(StoreCommand::BindSession { .. })]
+                    ),
+                    "{name}: {out:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn stale_epoch_at_bind_is_refused_without_release() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        let ticket = h.ticket(7, 3);
+        h.login_frame(0, 1, ticket);
+        // No release: the claim belongs to the newer epoch.
+        assert_eq!(
+            h.reply(10, Ok(StoreReply::SessionBound(Err(Epoch(4))))),
+            error(1, ErrorCode::StaleEpoch).to_vec()
+        );
+        assert_eq!(h.node.sessions(), 0);
+        assert_eq!(h.node.stats().logins_failed, 1);
+    }
+
+    #[test]
+    fn store_unavailable_at_bind_refuses_and_releases() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        let ticket = h.ticket(7, 3);
+        h.login_frame(0, 1, ticket);
+        let mut want = error(1, ErrorCode::Unavailable).to_vec();
+        // The bind may have landed: give the claim back.
+        want.push(release(7, 3));
+        assert_eq!(h.reply(10, Err(StoreUnavailable("timeout".into()))), want);
+    }
+
+    #[test]
+    fn bind_slower_than_the_proven_window_is_refused() {
+        let mut h = Harness::with(|c| c.login_timeout = Duration::from_secs(60));
+        h.open(0, 1);
+        let ticket = h.ticket(7, 3);
+        h.login_frame(0, 1, ticket);
+        let mut want = error(1, ErrorCode::Unavailable).to_vec();
+        want.push(release(7, 3));
+        assert_eq!(h.reply(24_000, Ok(StoreReply::SessionBound(Ok(())))), want);
+    }
+
+    #[test]
+    fn requests_before_login_ok_close_the_connection() {
+        let requests = [
+            send_frame("all", 1, 1),
+            Kind::DeliverAck(proto::DeliverAck::default()),
+            Kind::SyncRequest(proto::SyncRequest {}),
+            Kind::FetchRequest(proto::FetchRequest::default()),
+        ];
+        for request in requests {
+            let mut h = Harness::new();
+            h.open(0, 1);
+            // A ping is fine before login.
+            assert_eq!(
+                h.frame(1, 1, ping(5)),
+                vec![Out::Pong { conn: 1, nonce: 5 }]
+            );
+            assert_eq!(
+                h.frame(2, 1, request.clone()),
+                error(1, ErrorCode::NotLoggedIn).to_vec(),
+                "{request:?}"
+            );
+        }
+        // Also while the bind is in flight.
+        let mut h = Harness::new();
+        h.open(0, 1);
+        let ticket = h.ticket(7, 3);
+        h.login_frame(0, 1, ticket);
+        assert_eq!(
+            h.frame(1, 1, Kind::SyncRequest(proto::SyncRequest {})),
+            error(1, ErrorCode::NotLoggedIn).to_vec()
+        );
+    }
+
+    #[test]
+    fn server_frames_from_a_client_and_second_logins_are_protocol_errors() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        let ticket = h.ticket(7, 3);
+        let mut want = error(1, ErrorCode::UnexpectedFrame).to_vec();
+        want.push(release(7, 3));
+        assert_eq!(h.login_frame(10, 1, ticket), want);
+
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        let mut want = error(1, ErrorCode::UnexpectedFrame).to_vec();
+        want.push(release(7, 3));
+        assert_eq!(h.frame(10, 1, Kind::Pong(proto::Pong { nonce: 1 })), want);
+
+        let mut h = Harness::new();
+        h.open(0, 1);
+        h.node
+            .handle_frame(h.at(1), wall(1), ConnId(1), Frame { kind: None });
+        assert_eq!(h.drain(), error(1, ErrorCode::MalformedFrame).to_vec());
+        assert_eq!(h.node.stats().protocol_errors, 1);
+    }
+
+    #[test]
+    fn login_timeout() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        // Pings do not stand in for a login.
+        h.frame(5_000, 1, ping(1));
+        assert_eq!(h.next_timer(), Some((10_000, TimerReason::LoginDeadline)));
+        assert_eq!(h.timeout(9_999), vec![]);
+        assert_eq!(
+            h.timeout(10_000),
+            kick(1, KickReason::LoginTimeout).to_vec()
+        );
+        assert_eq!(h.next_timer(), None);
+    }
+
+    #[test]
+    fn login_timeout_while_binding_releases_when_the_bind_lands() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        let ticket = h.ticket(7, 3);
+        h.login_frame(9_000, 1, ticket);
+        assert_eq!(
+            h.timeout(10_000),
+            kick(1, KickReason::LoginTimeout).to_vec()
+        );
+        assert_eq!(
+            h.reply(11_000, Ok(StoreReply::SessionBound(Ok(())))),
+            vec![release(7, 3)]
+        );
+        assert_eq!(h.node.sessions(), 0);
+    }
+
+    #[test]
+    fn connection_limit() {
+        let mut h = Harness::with(|c| c.max_connections = 2);
+        h.open(0, 1);
+        h.open(0, 2);
+        assert_eq!(
+            h.node.handle_connection_opened(h.at(0), ConnId(3)),
+            Err(Refused::TooManyConnections)
+        );
+        h.node.handle_connection_closed(h.at(1), ConnId(1));
+        assert_eq!(h.node.handle_connection_opened(h.at(1), ConnId(3)), Ok(()));
+        assert_eq!(h.node.stats().refused_connections, 1);
+    }
+}
+
+mod heartbeat {
+    use super::*;
+
+    /// Long leases so these tests see only the idle timer.
+    fn harness() -> Harness {
+        Harness::with(|c| {
+            c.lease_ttl = Duration::from_secs(3_600);
+            c.refresh_interval = Duration::from_secs(1_200);
+        })
+    }
+
+    #[test]
+    fn ping_gets_pong_with_the_same_nonce() {
+        let mut h = harness();
+        h.login(0, 1, 7, 3);
+        assert_eq!(
+            h.frame(10, 1, ping(0xdead_beef)),
+            vec![Out::Pong {
+                conn: 1,
+                nonce: 0xdead_beef
+            }]
+        );
+    }
+
+    #[test]
+    fn pings_keep_a_session_then_silence_reaps_it() {
+        let mut h = harness();
+        h.login(0, 1, 7, 3);
+        h.frame(10_000, 1, ping(1));
+        h.frame(20_000, 1, ping(2));
+        assert_eq!(h.next_timer(), Some((50_000, TimerReason::Idle)));
+        let steps: Vec<(u64, Vec<Out>)> = vec![
+            (30_000, vec![]), // would have been reaped without the pings
+            (49_999, vec![]),
+            (
+                50_000,
+                [kick(1, KickReason::Idle).as_slice(), &[release(7, 3)]].concat(),
+            ),
+        ];
+        for (ms, want) in steps {
+            assert_eq!(h.timeout(ms), want, "at {ms} ms");
+        }
+        assert_eq!(h.node.stats().kicks(KickReason::Idle), 1);
+    }
+
+    #[test]
+    fn a_session_that_never_pings_is_reaped() {
+        let mut h = harness();
+        h.login(0, 1, 7, 3);
+        assert_eq!(h.timeout(29_999), vec![]);
+        assert_eq!(
+            h.timeout(30_000),
+            [kick(1, KickReason::Idle).as_slice(), &[release(7, 3)]].concat()
+        );
+    }
+}
+
+mod send {
+    use super::*;
+
+    #[test]
+    fn send_is_forwarded_and_its_ack_relayed() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        assert_eq!(
+            h.frame(10, 1, send_frame("p:7:9", 5, 42)),
+            vec![Out::Route {
+                user: 7,
+                epoch: 3,
+                conv: "p:7:9".into()
+            }]
+        );
+        let sent = h.route_sends[0].clone();
+        assert_eq!(sent.send.as_ref().unwrap().msg_id_lo, 42);
+        let ack = proto::SendAck {
+            msg_id_hi: 0,
+            msg_id_lo: 42,
+            conv: "p:7:9".into(),
+            log_epoch: 1,
+            seq: 17,
+        };
+        h.node.handle_route_result(
+            h.at(20),
+            proto::RouteSendResult {
+                request_id: sent.request_id,
+                user_id: 7,
+                ack: Some(ack),
+                nack: None,
+            },
+        );
+        assert_eq!(h.drain(), vec![Out::Ack { conn: 1, seq: 17 }]);
+        // A duplicate result for the same request is dropped.
+        h.node.handle_route_result(
+            h.at(21),
+            proto::RouteSendResult {
+                request_id: sent.request_id,
+                ..Default::default()
+            },
+        );
+        assert_eq!(h.drain(), vec![]);
+    }
+
+    #[test]
+    fn route_nack_is_relayed_and_a_dead_link_nacks_retryable() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.frame(10, 1, send_frame("g:rust", 5, 1));
+        h.frame(11, 1, send_frame("g:rust", 5, 2));
+        let (first, second) = (h.route_sends[0].request_id, h.route_sends[1].request_id);
+        h.node.handle_route_result(
+            h.at(20),
+            proto::RouteSendResult {
+                request_id: first,
+                user_id: 7,
+                ack: None,
+                nack: Some(proto::SendNack {
+                    msg_id_lo: 1,
+                    code: ErrorCode::NotMember as i32,
+                    retryable: false,
+                    ..Default::default()
+                }),
+            },
+        );
+        h.node.handle_route_failed(h.at(21), second);
+        assert_eq!(
+            h.drain(),
+            vec![
+                Out::Nack {
+                    conn: 1,
+                    code: ErrorCode::NotMember,
+                    retryable: false
+                },
+                Out::Nack {
+                    conn: 1,
+                    code: ErrorCode::Unavailable,
+                    retryable: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn result_for_a_session_that_ended_is_dropped() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.frame(10, 1, send_frame("all", 5, 1));
+        let request_id = h.route_sends[0].request_id;
+        h.node.handle_connection_closed(h.at(15), ConnId(1));
+        assert_eq!(h.drain(), vec![release(7, 3)]);
+        // The user is back on another connection: the old send's ack is not theirs to get.
+        h.login(16, 2, 7, 4);
+        h.node.handle_route_result(
+            h.at(20),
+            proto::RouteSendResult {
+                request_id,
+                user_id: 7,
+                ack: Some(proto::SendAck::default()),
+                nack: None,
+            },
+        );
+        assert_eq!(h.drain(), vec![]);
+    }
+
+    #[test]
+    fn refused_sends_table() {
+        let nack = |code, retryable| {
+            vec![Out::Nack {
+                conn: 1,
+                code,
+                retryable,
+            }]
+        };
+        let route = |conv: &str| {
+            vec![Out::Route {
+                user: 7,
+                epoch: 3,
+                conv: conv.into(),
+            }]
+        };
+        let cases: Vec<(&str, Kind, Vec<Out>)> = vec![
+            (
+                "bad conversation",
+                send_frame("p:9:7", 5, 1),
+                nack(ErrorCode::BadConversation, false),
+            ),
+            (
+                "garbage conversation",
+                send_frame("", 5, 1),
+                nack(ErrorCode::BadConversation, false),
+            ),
+            (
+                "body at the limit",
+                send_frame("all", 4096, 1),
+                route("all"),
+            ),
+            (
+                "body over the limit",
+                send_frame("all", 4097, 1),
+                nack(ErrorCode::BodyTooLarge, false),
+            ),
+        ];
+        for (name, frame, want) in cases {
+            let mut h = Harness::new();
+            h.login(0, 1, 7, 3);
+            assert_eq!(h.frame(10, 1, frame), want, "{name}");
+            assert_eq!(h.node.connections(), 1, "{name}: the connection stays");
+        }
+    }
+
+    #[test]
+    fn token_bucket_limits_sends_per_user() {
+        let mut h = Harness::with(|c| {
+            c.send_rate_per_sec = 1;
+            c.send_burst = 2;
+        });
+        h.login(0, 1, 7, 3);
+        let route = vec![Out::Route {
+            user: 7,
+            epoch: 3,
+            conv: "all".into(),
+        }];
+        let limited = vec![Out::Nack {
+            conn: 1,
+            code: ErrorCode::RateLimited,
+            retryable: true,
+        }];
+        let steps: Vec<(u64, Vec<Out>)> = vec![
+            (100, route.clone()),
+            (100, route.clone()),
+            (100, limited.clone()),
+            (999, limited.clone()), // 0.9 tokens refilled since 100 ms
+            (1_100, route.clone()),
+            (1_100, limited),
+        ];
+        for (i, (ms, want)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                h.frame(ms, 1, send_frame("all", 1, i as u64)),
+                want,
+                "step {i}"
+            );
+        }
+        assert_eq!(h.node.stats().rate_limited_sends, 3);
+    }
+}
+
+mod store_reads {
+    use super::*;
+
+    fn head(conv: ConvId, head_seq: u64) -> ConvHead {
+        ConvHead {
+            conv,
+            log_epoch: LogEpoch(5),
+            head_seq,
+            first_available_seq: 1,
+            cursor_seq: 2,
+        }
+    }
+
+    #[test]
+    fn sync_request_loads_heads_and_answers() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        assert_eq!(
+            h.frame(10, 1, Kind::SyncRequest(proto::SyncRequest {})),
+            vec![Out::Store(StoreCommand::LoadHeads { user: UserId(7) })]
+        );
+        let heads = vec![
+            head(ConvId::All, 9),
+            head(ConvId::group("rust").unwrap(), 4),
+        ];
+        let want = vec![Out::Sync {
+            conn: 1,
+            heads: vec![
+                proto::ConvHead {
+                    conv: "all".into(),
+                    log_epoch: 5,
+                    head_seq: 9,
+                    first_available_seq: 1,
+                    cursor_seq: 2,
+                },
+                proto::ConvHead {
+                    conv: "g:rust".into(),
+                    log_epoch: 5,
+                    head_seq: 4,
+                    first_available_seq: 1,
+                    cursor_seq: 2,
+                },
+            ],
+        }];
+        assert_eq!(h.reply(20, Ok(StoreReply::Heads(heads))), want);
+        // Store down: the client is told to retry, the connection stays.
+        h.frame(30, 1, Kind::SyncRequest(proto::SyncRequest {}));
+        assert_eq!(
+            h.reply(40, Err(StoreUnavailable("down".into()))),
+            vec![Out::Error {
+                conn: 1,
+                code: ErrorCode::Unavailable
+            }]
+        );
+        assert_eq!(h.node.sessions(), 1);
+    }
+
+    #[test]
+    fn fetch_is_capped_and_converted() {
+        let cases = [(1_000u32, 100u32), (0, 100), (30, 30)];
+        for (asked, served) in cases {
+            let mut h = Harness::new();
+            h.login(0, 1, 7, 3);
+            let out = h.frame(
+                10,
+                1,
+                Kind::FetchRequest(proto::FetchRequest {
+                    conv: "p:7:9".into(),
+                    log_epoch: 5,
+                    after_seq: 3,
+                    limit: asked,
+                }),
+            );
+            assert_eq!(
+                out,
+                vec![Out::Store(StoreCommand::Fetch {
+                    user: UserId(7),
+                    conv: ConvId::private(UserId(7), UserId(9)).unwrap(),
+                    log_epoch: LogEpoch(5),
+                    after_seq: 3,
+                    limit: served,
+                })],
+                "limit {asked}"
+            );
+        }
+
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.frame(
+            10,
+            1,
+            Kind::FetchRequest(proto::FetchRequest {
+                conv: "p:7:9".into(),
+                log_epoch: 5,
+                after_seq: 3,
+                limit: 10,
+            }),
+        );
+        let conv = ConvId::private(UserId(7), UserId(9)).unwrap();
+        let message = StoredMessage {
+            conv: conv.clone(),
+            log_epoch: LogEpoch(5),
+            seq: 4,
+            sender: UserId(9),
+            msg_id: ClientMsgId::from_halves(1, 2),
+            body: Bytes::from_static(b"hi"),
+            appended_at: UnixMillis(123),
+        };
+        let out = h.reply(
+            20,
+            Ok(StoreReply::Fetched {
+                head: head(conv, 4),
+                messages: vec![message],
+            }),
+        );
+        let want = proto::FetchAnswer {
+            head: Some(proto::ConvHead {
+                conv: "p:7:9".into(),
+                log_epoch: 5,
+                head_seq: 4,
+                first_available_seq: 1,
+                cursor_seq: 2,
+            }),
+            messages: vec![proto::Message {
+                conv: "p:7:9".into(),
+                log_epoch: 5,
+                seq: 4,
+                sender: 9,
+                msg_id_hi: 1,
+                msg_id_lo: 2,
+                body: b"hi".to_vec(),
+                appended_at_ms: 123,
+            }],
+        };
+        assert_eq!(
+            out,
+            vec![Out::Fetch {
+                conn: 1,
+                answer: want
+            }]
+        );
+    }
+
+    #[test]
+    fn fetch_of_a_bad_conversation_is_an_error_not_a_close() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        let out = h.frame(
+            10,
+            1,
+            Kind::FetchRequest(proto::FetchRequest {
+                conv: "nope".into(),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(
+            out,
+            vec![Out::Error {
+                conn: 1,
+                code: ErrorCode::BadConversation
+            }]
+        );
+        assert_eq!(h.node.sessions(), 1);
+    }
+
+    #[test]
+    fn deliver_ack_advances_good_cursors_and_reports_bad_ones() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        let cursor = |conv: &str, seq| proto::Cursor {
+            conv: conv.into(),
+            log_epoch: 5,
+            seq,
+        };
+        let out = h.frame(
+            10,
+            1,
+            Kind::DeliverAck(proto::DeliverAck {
+                cursors: vec![cursor("all", 9), cursor("bogus", 1), cursor("g:rust", 4)],
+            }),
+        );
+        assert_eq!(
+            out,
+            vec![
+                Out::Error {
+                    conn: 1,
+                    code: ErrorCode::BadConversation
+                },
+                Out::Store(StoreCommand::AdvanceCursors {
+                    user: UserId(7),
+                    cursors: vec![
+                        (ConvId::All, LogEpoch(5), 9),
+                        (ConvId::group("rust").unwrap(), LogEpoch(5), 4),
+                    ],
+                }),
+            ]
+        );
+        assert_eq!(h.node.sessions(), 1);
+    }
+}
+
+mod push {
+    use super::*;
+
+    fn pushed(seq: u64, recipients: Vec<u64>, all_sessions: bool) -> proto::Push {
+        proto::Push {
+            message: Some(proto::Message {
+                conv: "all".into(),
+                seq,
+                ..Default::default()
+            }),
+            recipients,
+            all_sessions,
+        }
+    }
+
+    #[test]
+    fn push_reaches_listed_recipients_with_a_session_here() {
+        let mut h = Harness::new();
+        h.login(0, 1, 1, 1);
+        h.login(0, 2, 2, 1);
+        h.login(0, 3, 3, 1);
+        // A connection still logging in gets nothing: it syncs after LoginOk.
+        h.open(0, 4);
+        let ticket = h.ticket(4, 1);
+        h.login_frame(0, 4, ticket);
+        h.node.handle_push(
+            h.at(10),
+            proto::PushBatch {
+                pushes: vec![
+                    pushed(5, vec![3, 1, 99, 4], false),
+                    pushed(6, vec![2, 2], false),
+                ],
+            },
+        );
+        assert_eq!(
+            h.drain(),
+            vec![
+                Out::Deliver { conn: 1, seq: 5 },
+                Out::Deliver { conn: 3, seq: 5 },
+                Out::Deliver { conn: 2, seq: 6 },
+            ]
+        );
+    }
+
+    #[test]
+    fn all_sessions_push_reaches_every_session_here() {
+        let mut h = Harness::new();
+        h.login(0, 1, 1, 1);
+        h.login(0, 2, 2, 1);
+        h.open(0, 3); // not logged in
+        h.node.handle_push(
+            h.at(10),
+            proto::PushBatch {
+                pushes: vec![pushed(8, vec![], true)],
+            },
+        );
+        assert_eq!(
+            h.drain(),
+            vec![
+                Out::Deliver { conn: 1, seq: 8 },
+                Out::Deliver { conn: 2, seq: 8 },
+            ]
+        );
+    }
+}
+
+mod kicks {
+    use super::*;
+
+    fn kick_user(user: u64, below: u64) -> proto::KickUser {
+        proto::KickUser {
+            user_id: user,
+            below_epoch: below,
+            reason: KickReason::TakenOver as i32,
+        }
+    }
+
+    #[test]
+    fn kick_user_closes_only_older_sessions() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        // Same epoch: this is the session the route means to keep.
+        let done = h.node.handle_kick_user(h.at(10), kick_user(7, 3));
+        assert_eq!(h.drain(), vec![]);
+        assert_eq!((done.user_id, done.below_epoch), (7, 3));
+        let done = h.node.handle_kick_user(h.at(20), kick_user(7, 4));
+        assert_eq!(
+            h.drain(),
+            [kick(1, KickReason::TakenOver).as_slice(), &[release(7, 3)]].concat()
+        );
+        assert_eq!((done.user_id, done.below_epoch), (7, 4));
+        assert_eq!(h.node.stats().kicks(KickReason::TakenOver), 1);
+    }
+
+    #[test]
+    fn kick_user_stops_a_login_still_binding() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        let ticket = h.ticket(7, 3);
+        h.login_frame(0, 1, ticket);
+        h.node.handle_kick_user(h.at(5), kick_user(7, 4));
+        assert_eq!(h.drain(), kick(1, KickReason::TakenOver).to_vec());
+        // The bind reached the store before the takeover did: no LoginOk, claim released.
+        assert_eq!(
+            h.reply(10, Ok(StoreReply::SessionBound(Ok(())))),
+            vec![release(7, 3)]
+        );
+        assert_eq!(h.node.sessions(), 0);
+    }
+
+    #[test]
+    fn refresh_reply_superseded_or_gone_kicks() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.login(0, 2, 8, 1);
+        h.login(0, 3, 9, 1);
+        h.forget_unanswered();
+        let out = h.timeout(10_000);
+        assert_eq!(
+            out,
+            vec![Out::Store(StoreCommand::RefreshLeases {
+                server: ServerId::new(S1),
+                lease_until: wall(40_000),
+                sessions: vec![
+                    (UserId(7), Epoch(3)),
+                    (UserId(8), Epoch(1)),
+                    (UserId(9), Epoch(1)),
+                ],
+            })]
+        );
+        let out = h.reply(
+            10_050,
+            Ok(StoreReply::LeasesRefreshed(vec![
+                (UserId(7), LeaseRefresh::Superseded { current: Epoch(4) }),
+                (UserId(8), LeaseRefresh::Gone),
+                (UserId(9), LeaseRefresh::Refreshed),
+            ])),
+        );
+        assert_eq!(
+            out,
+            [
+                kick(1, KickReason::TakenOver).as_slice(),
+                &[release(7, 3)],
+                &kick(2, KickReason::LoggedOut),
+                &[release(8, 1)],
+            ]
+            .concat()
+        );
+        assert_eq!(h.node.session_of(UserId(9)), Some((ConnId(3), Epoch(1))));
+    }
+
+    #[test]
+    fn newer_local_login_takes_over_the_older_session() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.open(100, 2);
+        let ticket = h.ticket(7, 4);
+        h.login_frame(100, 2, ticket);
+        // The old session is kicked before the new one's LoginOk: they never overlap.
+        assert_eq!(
+            h.reply(110, Ok(StoreReply::SessionBound(Ok(())))),
+            [
+                kick(1, KickReason::TakenOver).as_slice(),
+                &[release(7, 3)],
+                &[Out::LoginOk {
+                    conn: 2,
+                    user: 7,
+                    epoch: 4
+                }],
+            ]
+            .concat()
+        );
+        assert_eq!(h.node.session_of(UserId(7)), Some((ConnId(2), Epoch(4))));
+    }
+
+    #[test]
+    fn older_bind_landing_after_a_newer_session_is_refused() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        let old = h.ticket(7, 3);
+        h.login_frame(0, 1, old);
+        h.login(5, 2, 7, 4);
+        // The store replies crossed: epoch 3's bind confirmation arrives last.
+        assert_eq!(
+            h.reply(10, Ok(StoreReply::SessionBound(Ok(())))),
+            [error(1, ErrorCode::StaleEpoch).as_slice(), &[release(7, 3)]].concat()
+        );
+        assert_eq!(h.node.session_of(UserId(7)), Some((ConnId(2), Epoch(4))));
+    }
+}
+
+mod fencing {
+    use super::*;
+
+    fn is_refresh(c: &StoreCommand) -> bool {
+        matches!(c, StoreCommand::RefreshLeases { .. })
+    }
+
+    fn refreshed(user: u64) -> StoreResult {
+        Ok(StoreReply::LeasesRefreshed(vec![(
+            UserId(user),
+            LeaseRefresh::Refreshed,
+        )]))
+    }
+
+    /// Keeps the client's heartbeat going so only the fence can end the session.
+    fn ping_every_10s(h: &mut Harness, from: u64, to: u64) {
+        for ms in (from..=to).step_by(10_000) {
+            h.frame(ms, 1, ping(ms));
+        }
+    }
+
+    #[test]
+    fn proven_window_is_ttl_times_one_minus_epsilon() {
+        let h = Harness::new();
+        assert_eq!(h.node.config().proven_window(), Duration::from_secs(24));
+    }
+
+    #[test]
+    fn unanswered_refreshes_fence_at_bind_sent_at_plus_window() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3); // bind sent at 0 ms
+        h.forget_unanswered();
+        ping_every_10s(&mut h, 5_000, 25_000);
+        let refresh = |ms: u64| {
+            vec![Out::Store(StoreCommand::RefreshLeases {
+                server: ServerId::new(S1),
+                lease_until: wall(ms + 30_000),
+                sessions: vec![(UserId(7), Epoch(3))],
+            })]
+        };
+        let steps: Vec<(u64, Vec<Out>)> = vec![
+            (10_000, refresh(10_000)), // never answered
+            (20_000, refresh(20_000)), // never answered
+            (23_999, vec![]),          // still proven by the bind
+            (
+                24_000,
+                [kick(1, KickReason::Fenced).as_slice(), &[release(7, 3)]].concat(),
+            ),
+        ];
+        for (ms, want) in steps {
+            if ms == 23_999 {
+                assert_eq!(h.next_timer(), Some((24_000, TimerReason::Fence)));
+            }
+            assert_eq!(h.timeout(ms), want, "at {ms} ms");
+        }
+        assert_eq!(h.node.stats().fenced, 1);
+        assert_eq!(h.node.sessions(), 0);
+    }
+
+    #[test]
+    fn a_confirmed_refresh_proves_from_when_it_was_sent() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.forget_unanswered();
+        ping_every_10s(&mut h, 5_000, 45_000);
+        h.timeout(10_000);
+        // Answered late: the proof still counts from 10 s (sent), not 15 s (answered).
+        assert_eq!(h.reply_to(15_000, is_refresh, refreshed(7)), vec![]);
+        assert_eq!(h.timeout(20_000).len(), 1); // refresh, unanswered
+        assert_eq!(h.timeout(24_000), vec![]); // the bind's proof is superseded
+        assert_eq!(h.timeout(30_000).len(), 1); // refresh, unanswered
+        assert_eq!(h.next_timer(), Some((34_000, TimerReason::Fence)));
+        assert_eq!(h.timeout(33_999), vec![]);
+        assert_eq!(
+            h.timeout(34_000),
+            [kick(1, KickReason::Fenced).as_slice(), &[release(7, 3)]].concat()
+        );
+    }
+
+    #[test]
+    fn a_failed_refresh_proves_nothing() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.forget_unanswered();
+        ping_every_10s(&mut h, 5_000, 15_000);
+        h.timeout(10_000);
+        assert_eq!(
+            h.reply_to(10_500, is_refresh, Err(StoreUnavailable("down".into()))),
+            vec![]
+        );
+        h.timeout(20_000);
+        assert_eq!(
+            h.timeout(24_000)[0],
+            Out::Kick {
+                conn: 1,
+                reason: KickReason::Fenced
+            }
+        );
+    }
+
+    #[test]
+    fn refreshes_go_out_in_batches() {
+        let mut h = Harness::with(|c| c.refresh_batch = 2);
+        for user in 1..=5 {
+            h.login(0, user, user, 1);
+        }
+        h.forget_unanswered();
+        let sizes: Vec<usize> = h
+            .timeout(10_000)
+            .into_iter()
+            .map(|o| match o {
+                Out::Store(StoreCommand::RefreshLeases { sessions, .. }) => sessions.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+        assert_eq!(h.next_timer(), Some((20_000, TimerReason::LeaseRefresh)));
+    }
+}
+
+mod backpressure {
+    use super::*;
+
+    #[test]
+    fn unwritten_frames_over_the_limit_kick_a_slow_consumer() {
+        let mut h = Harness::with(|c| c.max_outbound_frames = 3);
+        h.login(0, 1, 7, 3); // LoginOk: 1 unwritten
+        assert_eq!(h.frame(1, 1, ping(1)).len(), 1); // 2
+        assert_eq!(h.frame(2, 1, ping(2)).len(), 1); // 3
+        assert_eq!(
+            h.frame(3, 1, ping(3)),
+            [
+                kick(1, KickReason::SlowConsumer).as_slice(),
+                &[release(7, 3)]
+            ]
+            .concat()
+        );
+        assert_eq!(h.node.stats().slow_consumers, 1);
+        assert_eq!(h.node.stats().kicks(KickReason::SlowConsumer), 1);
+    }
+
+    #[test]
+    fn written_frames_make_room() {
+        let mut h = Harness::with(|c| c.max_outbound_frames = 3);
+        h.login(0, 1, 7, 3);
+        for nonce in 1..100 {
+            assert_eq!(
+                h.frame(nonce, 1, ping(nonce)),
+                vec![Out::Pong { conn: 1, nonce }]
+            );
+            h.node.handle_written(ConnId(1), 1);
+        }
+    }
+}
+
+mod lifecycle {
+    use super::*;
+
+    #[test]
+    fn closing_a_session_releases_its_claim() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.node.handle_connection_closed(h.at(10), ConnId(1));
+        assert_eq!(h.drain(), vec![release(7, 3)]);
+        // Closing before login has nothing to release.
+        h.open(20, 2);
+        h.node.handle_connection_closed(h.at(30), ConnId(2));
+        assert_eq!(h.drain(), vec![]);
+        assert_eq!(h.node.connections(), 0);
+        // Nothing left to refresh or reap.
+        assert_eq!(h.timeout(10_000), vec![]);
+        assert_eq!(h.next_timer(), None);
+    }
+
+    #[test]
+    fn codec_errors_send_an_error_then_close() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.node
+            .handle_protocol_error(h.at(10), ConnId(1), ErrorCode::FrameTooLarge, "too big");
+        assert_eq!(
+            h.drain(),
+            [
+                error(1, ErrorCode::FrameTooLarge).as_slice(),
+                &[release(7, 3)]
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn drain_kicks_everyone_and_refuses_newcomers() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.login(0, 2, 8, 1);
+        h.open(0, 3);
+        h.node.begin_drain(h.at(100));
+        assert_eq!(
+            h.drain(),
+            [
+                kick(1, KickReason::Draining).as_slice(),
+                &[release(7, 3)],
+                &kick(2, KickReason::Draining),
+                &[release(8, 1)],
+                &kick(3, KickReason::Draining),
+            ]
+            .concat()
+        );
+        assert_eq!(
+            h.node.handle_connection_opened(h.at(200), ConnId(4)),
+            Err(Refused::Draining)
+        );
+        assert_eq!(h.next_timer(), None);
+        assert_eq!(h.node.stats().kicks(KickReason::Draining), 3);
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let keys = TicketKeys::new(1, b"k".to_vec());
+        let base = ServerConfig::new(ServerId::new(S1), keys);
+        assert_eq!(base.validate(), Ok(()));
+        type Adjust = fn(&mut ServerConfig);
+        let cases: Vec<(&str, Adjust, ConfigError)> = vec![
+            (
+                "refresh slower than the proof",
+                |c| c.refresh_interval = Duration::from_secs(24),
+                ConfigError::RefreshInterval,
+            ),
+            (
+                "epsilon one",
+                |c| c.fence_margin = 1.0,
+                ConfigError::FenceMargin,
+            ),
+            (
+                "heartbeat slower than idle",
+                |c| c.heartbeat_interval = Duration::from_secs(30),
+                ConfigError::Heartbeat,
+            ),
+            (
+                "zero burst",
+                |c| c.send_burst = 0,
+                ConfigError::Zero("send_burst"),
+            ),
+        ];
+        for (name, adjust, want) in cases {
+            let mut config = base.clone();
+            adjust(&mut config);
+            assert_eq!(config.validate(), Err(want), "{name}");
+            assert!(ServerNode::new(config).is_err(), "{name}");
+        }
+    }
+}
