@@ -656,7 +656,7 @@ impl ClientSession {
                 };
                 self.lose(now, loss, true);
             }
-            other => return Err(FrameError::Unexpected(kind_name(&other))),
+            other => return Err(FrameError::Unexpected(Kind::name(&other))),
         }
         self.arm_ack(now);
         Ok(())
@@ -680,7 +680,7 @@ impl ClientSession {
                 self.lose(now, loss, true);
                 Ok(())
             }
-            other => Err(FrameError::Unexpected(kind_name(&other))),
+            other => Err(FrameError::Unexpected(Kind::name(&other))),
         }
     }
 
@@ -920,32 +920,5 @@ impl ClientSession {
             self.out
                 .transmit(Kind::DeliverAck(proto::DeliverAck { cursors }));
         }
-    }
-}
-
-fn kind_name(kind: &Kind) -> &'static str {
-    match kind {
-        Kind::Login(_) => "Login",
-        Kind::Ping(_) => "Ping",
-        Kind::Send(_) => "Send",
-        Kind::DeliverAck(_) => "DeliverAck",
-        Kind::SyncRequest(_) => "SyncRequest",
-        Kind::FetchRequest(_) => "FetchRequest",
-        Kind::LoginOk(_) => "LoginOk",
-        Kind::Pong(_) => "Pong",
-        Kind::SendAck(_) => "SendAck",
-        Kind::SendNack(_) => "SendNack",
-        Kind::Deliver(_) => "Deliver",
-        Kind::SyncAnswer(_) => "SyncAnswer",
-        Kind::FetchAnswer(_) => "FetchAnswer",
-        Kind::Kick(_) => "Kick",
-        Kind::Error(_) => "Error",
-        Kind::LinkHello(_) => "LinkHello",
-        Kind::LinkAuth(_) => "LinkAuth",
-        Kind::LinkAuthOk(_) => "LinkAuthOk",
-        Kind::PushBatch(_) => "PushBatch",
-        Kind::KickUser(_) => "KickUser",
-        Kind::RouteSend(_) => "RouteSend",
-        Kind::RouteSendResult(_) => "RouteSendResult",
     }
 }

@@ -1160,7 +1160,7 @@ fn malformed_frames_are_ignored_with_an_error() {
                 kind: Some(Kind::Ping(proto::Ping { nonce: 1 }))
             }
         ),
-        Err(FrameError::Unexpected("Ping"))
+        Err(FrameError::Unexpected("ping"))
     );
     assert_eq!(h.drain(), (vec![], vec![]));
     assert!(h.s.is_online());
