@@ -29,7 +29,7 @@ use cim_proto::{
 use crate::ids::{ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::store::{
     ConvHead, LeaseRefresh, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult,
-    StoredMessage,
+    StoreUnavailable, StoredMessage,
 };
 use crate::tickets::{TicketError, TicketKeys};
 
@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest `limit` a FetchRequest is served with (also used when it asks for 0). 100.
     pub fetch_limit_cap: u32,
+    /// A store request the node waits on (bind, refresh, sync, fetch) with no reply by then
+    /// counts as failed, so a lost reply never leaves a login hanging or an entry behind. 5 s.
+    pub store_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -97,6 +100,7 @@ impl ServerConfig {
             max_body: 4 * 1024,
             max_connections: 100_000,
             fetch_limit_cap: 100,
+            store_timeout: Duration::from_secs(5),
         }
     }
 
@@ -125,6 +129,7 @@ impl ServerConfig {
             ("send_burst", self.send_burst == 0),
             ("max_connections", self.max_connections == 0),
             ("fetch_limit_cap", self.fetch_limit_cap == 0),
+            ("store_timeout", self.store_timeout.is_zero()),
         ];
         match zero.into_iter().find(|(_, is_zero)| *is_zero) {
             Some((name, _)) => Err(ConfigError::Zero(name)),
@@ -183,6 +188,8 @@ pub enum TimerReason {
     Fence,
     /// Time to refresh every session's lease.
     LeaseRefresh,
+    /// A store request went unanswered for `store_timeout`.
+    StoreTimeout,
 }
 
 /// Counters for metrics: every limit hit is counted.
@@ -196,6 +203,8 @@ pub struct ServerStats {
     pub fenced: u64,
     pub protocol_errors: u64,
     pub refused_connections: u64,
+    /// Store requests that got no reply within `store_timeout`.
+    pub store_timeouts: u64,
 }
 
 impl ServerStats {
@@ -222,6 +231,9 @@ pub struct ServerNode {
     timers: BTreeMap<(Instant, ConnId), TimerReason>,
     next_refresh: Option<Instant>,
     pending_store: BTreeMap<RequestId, Pending>,
+    /// When each request in `pending_store` times out, and the same ordered by time.
+    store_deadlines: BTreeMap<RequestId, Instant>,
+    store_timers: BTreeSet<(Instant, RequestId)>,
     pending_sends: BTreeMap<u64, PendingSend>,
     next_request: u64,
     next_route_request: u64,
@@ -308,6 +320,8 @@ impl ServerNode {
             timers: BTreeMap::new(),
             next_refresh: None,
             pending_store: BTreeMap::new(),
+            store_deadlines: BTreeMap::new(),
+            store_timers: BTreeSet::new(),
             pending_sends: BTreeMap::new(),
             next_request: 1,
             next_route_request: 1,
@@ -335,6 +349,14 @@ impl ServerNode {
         self.sessions.len()
     }
 
+    /// Every live session here as (user, epoch, connection), by user.
+    pub fn session_list(&self) -> Vec<(UserId, Epoch, ConnId)> {
+        self.sessions
+            .iter()
+            .map(|(&user, &(conn, epoch))| (user, epoch, conn))
+            .collect()
+    }
+
     /// The user's live session here, if any.
     pub fn session_of(&self, user: UserId) -> Option<(ConnId, Epoch)> {
         self.sessions.get(&user).copied()
@@ -354,10 +376,14 @@ impl ServerNode {
             .first_key_value()
             .map(|(&(at, _), &reason)| (at, reason));
         let refresh = self.next_refresh.map(|at| (at, TimerReason::LeaseRefresh));
-        match (conn, refresh) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
-        }
+        let store = self
+            .store_timers
+            .first()
+            .map(|&(at, _)| (at, TimerReason::StoreTimeout));
+        [conn, refresh, store]
+            .into_iter()
+            .flatten()
+            .min_by_key(|&(at, _)| at)
     }
 
     // ---- connections -------------------------------------------------------------------
@@ -429,6 +455,24 @@ impl ServerNode {
         }
     }
 
+    /// The server's registry session expired: routes may now treat this server as dead and
+    /// hand its users to others, so no session here may go on. Every connection is kicked
+    /// with FENCED (logins still binding too: their LoginOk could follow a takeover). New
+    /// connections are still accepted: the shell re-registers, and only tickets minted for
+    /// this server afterwards (or whose claims the store still binds) can log in.
+    pub fn handle_registry_session_lost(&mut self, _now: Instant) {
+        let all: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in all {
+            if matches!(
+                self.conns.get(&conn).map(|c| &c.state),
+                Some(ConnState::Live(_))
+            ) {
+                self.stats.fenced += 1;
+            }
+            self.kick(conn, KickReason::Fenced, "server lost its registry session");
+        }
+    }
+
     // ---- client frames -----------------------------------------------------------------
 
     /// One decoded frame from a client connection. `wall` is this server's wall clock (ticket
@@ -465,13 +509,14 @@ impl ServerNode {
             }
             (Some(Kind::DeliverAck(ack)), Some((user, _))) => self.deliver_ack(conn, user, ack),
             (Some(Kind::SyncRequest(_)), Some((user, epoch))) => {
-                self.request(
+                self.request_awaited(
+                    now,
                     StoreCommand::LoadHeads { user },
-                    Some(Pending::Sync { conn, user, epoch }),
+                    Pending::Sync { conn, user, epoch },
                 );
             }
             (Some(Kind::FetchRequest(fetch)), Some((user, epoch))) => {
-                self.fetch(conn, user, epoch, fetch);
+                self.fetch(now, conn, user, epoch, fetch);
             }
             (Some(_), _) => {
                 self.stats.protocol_errors += 1;
@@ -511,19 +556,20 @@ impl ServerNode {
             };
             self.binding.insert((grant.user, conn));
         }
-        self.request(
+        self.request_awaited(
+            now,
             StoreCommand::BindSession {
                 user: grant.user,
                 epoch: grant.epoch,
                 server: self.config.server_id.clone(),
                 lease_until: wall.plus(self.config.lease_ttl),
             },
-            Some(Pending::Bind {
+            Pending::Bind {
                 conn,
                 user: grant.user,
                 epoch: grant.epoch,
                 sent_at: now,
-            }),
+            },
         );
     }
 
@@ -614,7 +660,14 @@ impl ServerNode {
         }
     }
 
-    fn fetch(&mut self, conn: ConnId, user: UserId, epoch: Epoch, fetch: proto::FetchRequest) {
+    fn fetch(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        user: UserId,
+        epoch: Epoch,
+        fetch: proto::FetchRequest,
+    ) {
         let Ok(conv) = fetch.conv.parse::<ConvId>() else {
             self.transmit(
                 conn,
@@ -628,7 +681,8 @@ impl ServerNode {
         } else {
             fetch.limit.min(cap)
         };
-        self.request(
+        self.request_awaited(
+            now,
             StoreCommand::Fetch {
                 user,
                 conv,
@@ -636,7 +690,7 @@ impl ServerNode {
                 after_seq: fetch.after_seq,
                 limit,
             },
-            Some(Pending::Fetch { conn, user, epoch }),
+            Pending::Fetch { conn, user, epoch },
         );
     }
 
@@ -645,6 +699,9 @@ impl ServerNode {
     /// The result of a `Store` output. Replies to requests the node no longer waits for
     /// (cursor advances, releases, sessions gone) are dropped.
     pub fn handle_store_reply(&mut self, now: Instant, id: RequestId, result: StoreResult) {
+        if let Some(deadline) = self.store_deadlines.remove(&id) {
+            self.store_timers.remove(&(deadline, id));
+        }
         let Some(pending) = self.pending_store.remove(&id) else {
             return;
         };
@@ -909,6 +966,17 @@ impl ServerNode {
     // ---- timers ------------------------------------------------------------------------
 
     pub fn handle_timeout(&mut self, now: Instant, wall: UnixMillis) {
+        // Store timeouts first: a bind that timed out fails as UNAVAILABLE, not as a late
+        // login, and a refresh that timed out proves nothing before the fences are checked.
+        while let Some(&(at, id)) = self.store_timers.first() {
+            if at > now {
+                break;
+            }
+            self.stats.store_timeouts += 1;
+            let timed_out = StoreUnavailable("no reply within store_timeout".to_owned());
+            // Removes the timer; a reply arriving later finds nothing pending and is dropped.
+            self.handle_store_reply(now, id, Err(timed_out));
+        }
         while let Some((&(at, conn), _)) = self.timers.first_key_value() {
             if at > now {
                 break;
@@ -955,16 +1023,17 @@ impl ServerNode {
             .collect();
         let lease_until = wall.plus(self.config.lease_ttl);
         for batch in all.chunks(self.config.refresh_batch) {
-            self.request(
+            self.request_awaited(
+                now,
                 StoreCommand::RefreshLeases {
                     server: self.config.server_id.clone(),
                     lease_until,
                     sessions: batch.to_vec(),
                 },
-                Some(Pending::Refresh {
+                Pending::Refresh {
                     sent_at: now,
                     batch: batch.to_vec(),
-                }),
+                },
             );
         }
     }
@@ -975,7 +1044,7 @@ impl ServerNode {
         self.sessions.get(&user) == Some(&(conn, epoch))
     }
 
-    fn request(&mut self, command: StoreCommand, pending: Option<Pending>) {
+    fn request(&mut self, command: StoreCommand, pending: Option<Pending>) -> RequestId {
         let id = RequestId(self.next_request);
         self.next_request += 1;
         if let Some(pending) = pending {
@@ -983,6 +1052,16 @@ impl ServerNode {
         }
         self.outputs
             .push_back(ServerOutput::Store(StoreRequest { id, command }));
+        id
+    }
+
+    /// A request whose reply the node waits on: without one within `store_timeout` it is
+    /// answered as failed (see `handle_timeout`).
+    fn request_awaited(&mut self, now: Instant, command: StoreCommand, pending: Pending) {
+        let id = self.request(command, Some(pending));
+        let deadline = now + self.config.store_timeout;
+        self.store_deadlines.insert(id, deadline);
+        self.store_timers.insert((deadline, id));
     }
 
     fn take_pending_send(&mut self, request_id: u64) -> Option<PendingSend> {
@@ -1122,6 +1201,8 @@ impl ServerNode {
                 Some(ConnState::Binding { user: u, .. }) if u == user
             ));
         }
+        assert!(self.store_deadlines.keys().eq(self.pending_store.keys()));
+        assert_eq!(self.store_timers.len(), self.store_deadlines.len());
         for (request_id, p) in &self.pending_sends {
             let c = self
                 .conns

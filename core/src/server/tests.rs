@@ -1304,6 +1304,10 @@ mod fencing {
             })
             .collect();
         assert_eq!(sizes, vec![2, 2, 1]);
+        // Left unanswered, the refreshes time out (proving nothing, kicking no one).
+        assert_eq!(h.next_timer(), Some((15_000, TimerReason::StoreTimeout)));
+        assert_eq!(h.timeout(15_000), vec![]);
+        assert_eq!(h.node.stats().store_timeouts, 3);
         assert_eq!(h.next_timer(), Some((20_000, TimerReason::LeaseRefresh)));
     }
 }
@@ -1438,5 +1442,110 @@ mod lifecycle {
             assert_eq!(config.validate(), Err(want), "{name}");
             assert!(ServerNode::new(config).is_err(), "{name}");
         }
+    }
+}
+
+mod store_timeout {
+    use super::*;
+
+    fn is_bind(c: &StoreCommand) -> bool {
+        matches!(c, StoreCommand::BindSession { .. })
+    }
+
+    #[test]
+    fn an_unanswered_bind_fails_unavailable_at_the_store_timeout() {
+        let mut h = Harness::new();
+        h.open(0, 1);
+        let ticket = h.ticket(7, 3);
+        h.login_frame(100, 1, ticket);
+        assert_eq!(h.next_timer(), Some((5_100, TimerReason::StoreTimeout)));
+        assert_eq!(h.timeout(5_099), vec![]);
+        assert_eq!(
+            h.timeout(5_100),
+            [
+                error(1, ErrorCode::Unavailable).as_slice(),
+                &[release(7, 3)]
+            ]
+            .concat()
+        );
+        assert_eq!(h.node.stats().store_timeouts, 1);
+        // The reply arriving after all changes nothing.
+        assert_eq!(
+            h.reply_to(5_200, is_bind, Ok(StoreReply::SessionBound(Ok(())))),
+            vec![]
+        );
+        assert_eq!(h.node.sessions(), 0);
+    }
+
+    #[test]
+    fn an_unanswered_sync_is_an_error_frame_not_a_close() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.frame(1_000, 1, Kind::SyncRequest(proto::SyncRequest {}));
+        assert_eq!(h.next_timer(), Some((6_000, TimerReason::StoreTimeout)));
+        assert_eq!(
+            h.timeout(6_000),
+            vec![Out::Error {
+                conn: 1,
+                code: ErrorCode::Unavailable
+            }]
+        );
+        assert_eq!(h.node.session_of(UserId(7)), Some((ConnId(1), Epoch(3))));
+    }
+
+    #[test]
+    fn an_answered_request_leaves_no_timer() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        // Only the lease refresh is due; the bind's timeout went with its reply.
+        assert_eq!(h.next_timer(), Some((10_000, TimerReason::LeaseRefresh)));
+    }
+}
+
+mod registry {
+    use super::*;
+
+    #[test]
+    fn losing_the_registry_session_fences_every_connection() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.login(0, 2, 8, 1);
+        h.open(0, 3);
+        h.open(0, 4);
+        let ticket = h.ticket(9, 2);
+        h.login_frame(0, 4, ticket);
+        assert_eq!(
+            h.node.session_list(),
+            vec![
+                (UserId(7), Epoch(3), ConnId(1)),
+                (UserId(8), Epoch(1), ConnId(2))
+            ]
+        );
+        h.node.handle_registry_session_lost(h.at(50));
+        assert_eq!(
+            h.drain(),
+            [
+                kick(1, KickReason::Fenced).as_slice(),
+                &[release(7, 3)],
+                &kick(2, KickReason::Fenced),
+                &[release(8, 1)],
+                &kick(3, KickReason::Fenced),
+                &kick(4, KickReason::Fenced),
+            ]
+            .concat()
+        );
+        assert_eq!(h.node.stats().fenced, 2);
+        assert_eq!(h.node.connections(), 0);
+        // The bind that was in flight lands: nobody gets a LoginOk, the claim goes back.
+        assert_eq!(
+            h.reply_to(
+                60,
+                |c| matches!(c, StoreCommand::BindSession { .. }),
+                Ok(StoreReply::SessionBound(Ok(())))
+            ),
+            vec![release(9, 2)]
+        );
+        // The server keeps accepting connections (the shell re-registers it).
+        h.open(100, 5);
     }
 }
