@@ -31,7 +31,7 @@ use crate::ids::{ClientMsgId, ConvId, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
 use crate::store::{
     AppendError, RequestId, RouteRecord, StoreCommand, StoreReply, StoreRequest, StoreResult,
-    StoredMessage,
+    StoredMessage, message_to_proto,
 };
 
 pub use crate::ids::ApiRequestId;
@@ -94,20 +94,6 @@ pub struct DeliveryStats {
     pub recipients_unreachable: u64,
     /// Appended messages whose push was abandoned (a route/member read failed or timed out).
     pub pushes_abandoned: u64,
-}
-
-/// The stored message as it travels on the wire.
-pub fn message_to_proto(message: &StoredMessage) -> cim_proto::Message {
-    cim_proto::Message {
-        conv: message.conv.to_string(),
-        log_epoch: message.log_epoch.0,
-        seq: message.seq,
-        sender: message.sender.0,
-        msg_id_hi: message.msg_id.hi(),
-        msg_id_lo: message.msg_id.lo(),
-        body: message.body.to_vec(),
-        appended_at_ms: message.appended_at.0,
-    }
 }
 
 /// One push per live server that holds at least one of the routed recipients, listing them

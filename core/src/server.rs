@@ -29,7 +29,7 @@ use cim_proto::{
 use crate::ids::{ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::store::{
     ConvHead, LeaseRefresh, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult,
-    StoreUnavailable, StoredMessage,
+    StoreUnavailable, StoredMessage, head_to_proto, message_to_proto,
 };
 use crate::tickets::{TicketError, TicketKeys};
 
@@ -1236,31 +1236,6 @@ fn unavailable_nack(p: &PendingSend) -> Kind {
         reason: "route unavailable, retry".to_owned(),
         retryable: true,
     })
-}
-
-/// A stored message as the wire carries it.
-pub fn message_to_proto(m: &StoredMessage) -> proto::Message {
-    proto::Message {
-        conv: m.conv.to_string(),
-        log_epoch: m.log_epoch.0,
-        seq: m.seq,
-        sender: m.sender.0,
-        msg_id_hi: m.msg_id.hi(),
-        msg_id_lo: m.msg_id.lo(),
-        body: m.body.to_vec(),
-        appended_at_ms: m.appended_at.0,
-    }
-}
-
-/// A conversation head as the wire carries it.
-pub fn head_to_proto(h: &ConvHead) -> proto::ConvHead {
-    proto::ConvHead {
-        conv: h.conv.to_string(),
-        log_epoch: h.log_epoch.0,
-        head_seq: h.head_seq,
-        first_available_seq: h.first_available_seq,
-        cursor_seq: h.cursor_seq,
-    }
 }
 
 #[cfg(test)]

@@ -243,3 +243,28 @@ pub struct NameTaken;
 pub struct StoreUnavailable(pub String);
 
 pub type StoreResult = Result<StoreReply, StoreUnavailable>;
+
+/// A stored message as the wire carries it (Deliver, FetchAnswer, Push).
+pub fn message_to_proto(message: &StoredMessage) -> cim_proto::Message {
+    cim_proto::Message {
+        conv: message.conv.to_string(),
+        log_epoch: message.log_epoch.0,
+        seq: message.seq,
+        sender: message.sender.0,
+        msg_id_hi: message.msg_id.hi(),
+        msg_id_lo: message.msg_id.lo(),
+        body: message.body.to_vec(),
+        appended_at_ms: message.appended_at.0,
+    }
+}
+
+/// A conversation head as the wire carries it (SyncAnswer, FetchAnswer).
+pub fn head_to_proto(head: &ConvHead) -> cim_proto::ConvHead {
+    cim_proto::ConvHead {
+        conv: head.conv.to_string(),
+        log_epoch: head.log_epoch.0,
+        head_seq: head.head_seq,
+        first_available_seq: head.first_available_seq,
+        cursor_seq: head.cursor_seq,
+    }
+}
