@@ -28,8 +28,8 @@ use cim_proto::{
 
 use crate::ids::{ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::store::{
-    ConvHead, LeaseRefresh, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult,
-    StoreUnavailable, StoredMessage, head_to_proto, message_to_proto,
+    LeaseRefresh, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult, StoreUnavailable,
+    head_to_proto, message_to_proto,
 };
 use crate::tickets::{TicketError, TicketKeys};
 
