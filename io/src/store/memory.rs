@@ -43,7 +43,9 @@ impl Store for MemoryBackend {
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
         let result = match self.inner.lock() {
             Ok(_) => Ok(()),
-            Err(_) => Err(StoreUnavailable("in-memory store poisoned by a panic".into())),
+            Err(_) => Err(StoreUnavailable(
+                "in-memory store poisoned by a panic".into(),
+            )),
         };
         Box::pin(std::future::ready(result))
     }

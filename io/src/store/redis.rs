@@ -263,7 +263,11 @@ impl RedisStore {
                 let was_member = match conv {
                     ConvId::Group(_) => {
                         let removed: i64 = self
-                            .query(::redis::cmd("HDEL").arg(conv_key(&conv, "members")).arg(user.0))
+                            .query(
+                                ::redis::cmd("HDEL")
+                                    .arg(conv_key(&conv, "members"))
+                                    .arg(user.0),
+                            )
                             .await?;
                         removed == 1
                     }
@@ -315,7 +319,9 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         match pipe.query_async(&mut conn).await {
             Ok(values) => Ok(values),
-            Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
                 script
                     .prepare_invoke()
                     .load_async(&mut conn)
@@ -584,7 +590,11 @@ impl RedisStore {
                     .key(conv_key(&conv, "log"))
                     .key(idem_key(&conv, sender, msg_id))
                     .key(conv_key(&conv, "members"))
-                    .arg(if matches!(conv, ConvId::Group(_)) { "1" } else { "0" })
+                    .arg(if matches!(conv, ConvId::Group(_)) {
+                        "1"
+                    } else {
+                        "0"
+                    })
                     .arg(sender.0)
                     .arg(&body_hash[..])
                     .arg(encoded)
@@ -740,7 +750,11 @@ impl RedisStore {
             return Ok(StoreReply::GroupCreated { created: false });
         }
         let _: i64 = self
-            .query(::redis::cmd("SADD").arg(convs_key(owner)).arg(conv.to_string()))
+            .query(
+                ::redis::cmd("SADD")
+                    .arg(convs_key(owner))
+                    .arg(conv.to_string()),
+            )
             .await?;
         let created: i64 = self
             .invoke(
@@ -762,7 +776,11 @@ impl RedisStore {
             return Ok(StoreReply::GroupJoined(None));
         }
         let _: i64 = self
-            .query(::redis::cmd("SADD").arg(convs_key(user)).arg(conv.to_string()))
+            .query(
+                ::redis::cmd("SADD")
+                    .arg(convs_key(user))
+                    .arg(conv.to_string()),
+            )
             .await?;
         let joined: i64 = self
             .invoke(
@@ -859,7 +877,9 @@ fn num(v: &Value) -> R<u64> {
 fn opt_num(v: &Value) -> R<Option<u64>> {
     match v {
         Value::Nil => Ok(None),
-        Value::Int(i) => u64::try_from(*i).map(Some).map_err(|_| bad_reply("a number", v)),
+        Value::Int(i) => u64::try_from(*i)
+            .map(Some)
+            .map_err(|_| bad_reply("a number", v)),
         Value::BulkString(b) => std::str::from_utf8(b)
             .ok()
             .and_then(|s| s.parse().ok())
