@@ -1458,3 +1458,55 @@ async fn memory_backend_is_usable_from_spawned_tasks() {
     assert_eq!(ids, (1..=8).collect::<Vec<_>>());
     store.health().await.unwrap();
 }
+
+/// What the vocabulary cannot observe but Redis must still do: release deletes the route
+/// record (not only hides it), and idempotency records carry a Redis TTL.
+#[tokio::test]
+async fn redis_collects_route_records_and_idempotency_records() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut d = Driver::new(&store);
+    let u = UserId(7);
+    d.run(
+        T0,
+        StoreCommand::ReplaceClaim {
+            user: u,
+            expected: Epoch(0),
+            claim: claim(1, "s1", T0 + 1_000, 1),
+        },
+    )
+    .await;
+    d.run(
+        T0,
+        StoreCommand::BindSession {
+            user: u,
+            epoch: Epoch(1),
+            server: s("s1"),
+            lease_until: UnixMillis(T0 + 1_000),
+        },
+    )
+    .await;
+    assert_eq!(server.raw("EXISTS cim:route:{u:7}"), ":1");
+    d.run(
+        T0,
+        StoreCommand::ReleaseClaim {
+            user: u,
+            epoch: Epoch(1),
+        },
+    )
+    .await;
+    assert_eq!(server.raw("EXISTS cim:route:{u:7}"), ":0");
+    // The counter survives.
+    assert_eq!(server.raw("HGET cim:claim:{u:7} epoch"), "$1");
+
+    let a = d.register("a").await;
+    d.append(T0, &ConvId::All, a, 0xab, "m").await.unwrap();
+    let pttl = server.raw(&format!(
+        "PTTL cim:conv:{{c:all}}:idem:{}:{:032x}",
+        a.0, 0xab
+    ));
+    let pttl: u64 = pttl.trim_start_matches(':').parse().expect(&pttl);
+    assert!(pttl > 0 && pttl <= TTL_MS, "idempotency record ttl {pttl}");
+}

@@ -18,6 +18,12 @@
 //! TTL ends first ends the record, so under skew it may end early by the skew; the TTL is
 //! configured above the clients' outbox maximum age by more than that.
 //!
+//! One difference from the reference shows only when `now` goes backwards across appends
+//! of one conversation (two routes with skewed clocks): the reference drops every record
+//! older than the TTL at the newest `now` it has seen, Redis judges each record by the
+//! asking append's `now`. With monotonic `now` (one clock, or skew far below the TTL at its
+//! boundary) they agree; the randomized conformance test keeps `now` monotonic.
+//!
 //! # Redis key layout
 //!
 //! Hash tags (`{..}`) keep every key one script touches in one slot, so scripts stay correct
