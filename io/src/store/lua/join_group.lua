@@ -1,0 +1,12 @@
+-- JoinGroup. KEYS[1] meta hash, KEYS[2] members hash. ARGV[1] user.
+-- Returns the seq the user joined at (the head when first joined), or -1 if no such group.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
+local joined = redis.call('HGET', KEYS[2], ARGV[1])
+if joined then
+  return tonumber(joined)
+end
+local head = redis.call('HGET', KEYS[1], 'head')
+redis.call('HSET', KEYS[2], ARGV[1], head)
+return tonumber(head)

@@ -1,0 +1,52 @@
+//! The embedded store: the reference `MemoryStore` behind a mutex.
+
+use std::sync::Mutex;
+
+use cim_core::ids::UnixMillis;
+use cim_core::memstore::{MemoryStore, MemoryStoreConfig};
+use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
+
+use super::{Store, StoreFuture};
+
+/// [`MemoryStore`] shared between tasks. The lock is taken for one `apply` and never held
+/// across an await (the future is ready when returned), so each command is one critical
+/// section: the atomic step the vocabulary asks for.
+#[derive(Debug)]
+pub struct MemoryBackend {
+    inner: Mutex<MemoryStore>,
+}
+
+impl MemoryBackend {
+    pub fn new(config: MemoryStoreConfig) -> Self {
+        Self {
+            inner: Mutex::new(MemoryStore::new(config)),
+        }
+    }
+
+    fn apply(&self, now: UnixMillis, command: &StoreCommand) -> StoreResult {
+        // A poisoned lock means an `apply` panicked halfway: the state may be inconsistent,
+        // so refuse rather than serve it.
+        let mut store = self
+            .inner
+            .lock()
+            .map_err(|_| StoreUnavailable("in-memory store poisoned by a panic".into()))?;
+        Ok(store.apply(now, command))
+    }
+}
+
+impl Store for MemoryBackend {
+    fn execute(&self, now: UnixMillis, command: StoreCommand) -> StoreFuture<'_, StoreResult> {
+        let result = self.apply(now, &command);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
+        let result = match self.inner.lock() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(StoreUnavailable(
+                "in-memory store poisoned by a panic".into(),
+            )),
+        };
+        Box::pin(std::future::ready(result))
+    }
+}

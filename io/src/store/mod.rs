@@ -1,0 +1,111 @@
+//! Store backends: what executes the machines' [`StoreCommand`]s.
+//!
+//! [`Store`] is the one interface the shell drives; [`MemoryBackend`] wraps the pure reference
+//! (`cim_core::memstore::MemoryStore`) and [`RedisStore`] runs the same commands as Lua
+//! scripts. `tests/store_conformance.rs` runs one scenario suite against both and compares
+//! their replies.
+//!
+//! # Time
+//!
+//! Every command runs at the caller's wall clock `now` (an `Append` at its own `now`),
+//! passed to the scripts as an argument; Redis `TIME` is never read. So both backends are
+//! deterministic given `now`, and a lease or idempotency record is judged by the clock of the
+//! node that asks. Clock skew between nodes is covered by the lease margins: a server
+//! self-fences at `lease_ttl × (1 − ε)` of *its* clock, a route treats a claim as live until
+//! `lease_until` of *its* clock, and ε is chosen above the skew the deployment tolerates
+//! (NTP-synchronised hosts). The only use of Redis's own clock is `PEXPIRE` on idempotency
+//! records, as garbage collection: whichever of the logical TTL (`now`-based) and the Redis
+//! TTL ends first ends the record, so under skew it may end early by the skew; the TTL is
+//! configured above the clients' outbox maximum age by more than that.
+//!
+//! One difference from the reference shows only when `now` goes backwards across appends
+//! of one conversation (two routes with skewed clocks): the reference drops every record
+//! older than the TTL at the newest `now` it has seen, Redis judges each record by the
+//! asking append's `now`. With monotonic `now` (one clock, or skew far below the TTL at its
+//! boundary) they agree; the randomized conformance test keeps `now` monotonic.
+//!
+//! # Redis key layout
+//!
+//! Hash tags (`{..}`) keep every key one script touches in one slot, so scripts stay correct
+//! on Redis Cluster; every key a script touches is passed in `KEYS`, never built inside.
+//!
+//! | key | type | contents |
+//! |---|---|---|
+//! | `cim:{names}:next_user` | string | last issued user id (`INCR`) |
+//! | `cim:{names}:name:<name>` | hash | `user`, `password_hash`: the name's reservation |
+//! | `cim:acct:{u:<id>}` | hash | `name`, `password_hash` |
+//! | `cim:claim:{u:<id>}` | hash | `epoch` (counter, survives the claim); the claim: `c_epoch`, `server`, `lease` (unix ms), `token` (32 bytes) |
+//! | `cim:route:{u:<id>}` | hash | `server`, `epoch` |
+//! | `cim:convs:{u:<id>}` | set | canonical conv ids the user may take part in (a superset hint) |
+//! | `cim:cursors:{u:<id>}` | hash | conv id -> `<log epoch>:<seq>` |
+//! | `cim:conv:{c:<conv>}:meta` | hash | `epoch` (log epoch), `head`, `first` (first available seq) |
+//! | `cim:conv:{c:<conv>}:log` | hash | seq -> message (prost `cim.v1.Message`, with conv, log epoch and seq left out: the key and field say them) |
+//! | `cim:conv:{c:<conv>}:idem:<sender>:<msg id hex>` | hash, `PEXPIRE` ttl | `hash` (SHA-256 of the body), `seq`, `at` |
+//! | `cim:conv:{c:<conv>}:members` | hash | member -> seq joined at (groups) |
+//!
+//! `<conv>` is the canonical text form (`all`, `g:<name>`, `p:<low>:<high>`). The names
+//! counter and reservations share the `{names}` tag so registration's check-and-take is one
+//! script (registration is rare; one slot for it is fine). Numbers go through Lua doubles, so
+//! epochs, seqs and times must stay below 2^53 (they are counters and unix milliseconds);
+//! log epochs (random u64) and cursor seqs (client-supplied) are kept as strings throughout.
+//!
+//! # What is atomic
+//!
+//! One script (or one single-key command) per command, except where a command's keys span
+//! hash tags. There the conversation part is one script and the rest is ordered so that an
+//! interruption is harmless:
+//!
+//! - `RegisterAccount`: the name reservation and id are one script (`{names}`); the account
+//!   hash (`{u:<id>}`) is written after it, from the reservation's values. If the writer
+//!   dies in between, the account is missing until the next registration attempt of that
+//!   name, which gets `NameTaken` and writes the account from the reservation (idempotent:
+//!   the reservation never changes). Until then nobody holds the id, so nobody reads it.
+//! - `Append`: accounts are checked first (`UnknownConversation` / `NotMember` for private
+//!   and `all`); accounts are never deleted, so the check cannot go stale. For a private
+//!   conversation both users' `cim:convs` entries are added *before* the append script. The
+//!   index is a superset: `LoadHeads` only reports an indexed conversation whose log exists
+//!   (and, for groups, of which the user is a member), so an entry written for an append
+//!   that then failed is invisible, and an append that succeeded is never missing from it.
+//! - `CreateGroup` / `JoinGroup`: the index entry is added before the script, for the same
+//!   reason. `LeaveGroup` leaves it: removing it could race a concurrent re-join and hide
+//!   the group; the membership check filters it instead.
+//! - `LoadHeads`: the user's index and cursors are read first (one tag), then each
+//!   conversation's head is one read script (pipelined). Each head is a snapshot of its
+//!   conversation; the set of heads is not one snapshot, as it is not in any sharded store.
+//! - `Fetch`: the cursor (and for `all`, whether the account exists) is read, then the log
+//!   window and head are one script.
+//! - `AdvanceCursors`: the conversations' log epochs are read, then the cursor hash is
+//!   updated in one script. A log epoch only changes when a log is lost and recreated; a
+//!   cursor written under an epoch that changed in between is ignored by every reader.
+//! - `RefreshLeases` and `LoadRoutes` touch several users' keys in one script. That is one
+//!   atomic step on a single node; on Redis Cluster the batch must be split per slot (one
+//!   script call per slot group; every outcome is per user, so the split changes nothing
+//!   but atomicity across users, which no caller relies on). This implementation is the
+//!   single-node form.
+
+mod memory;
+mod redis;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use cim_core::ids::UnixMillis;
+use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
+
+pub use self::memory::MemoryBackend;
+pub use self::redis::{ConnectError, RedisOptions, RedisStore};
+
+/// A boxed, sendable future borrowing the store (so `Arc<dyn Store>` can be moved into a
+/// spawned task that awaits it).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A store backend. Each [`StoreCommand`] is one atomic step (see the module docs for the
+/// precise exceptions on Redis) with the semantics of `cim_core::memstore::MemoryStore`.
+pub trait Store: Send + Sync + 'static {
+    /// Runs `command` at the caller's wall clock `now`. `Err` means the outcome is unknown
+    /// (the command may or may not have taken effect); every command is safe to retry.
+    fn execute(&self, now: UnixMillis, command: StoreCommand) -> StoreFuture<'_, StoreResult>;
+
+    /// Whether the backend answers (a `PING` on Redis).
+    fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>>;
+}

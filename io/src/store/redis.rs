@@ -1,0 +1,1028 @@
+//! The Redis store: every [`StoreCommand`] as a Lua script (or one single-key command), with
+//! the semantics of `cim_core::memstore::MemoryStore`. Key layout and atomicity: see the
+//! module docs of [`super`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Pipeline, RedisError, Script, Value};
+use bytes::Bytes;
+use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use cim_core::store::{
+    Account, AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken,
+    RouteRecord, StoreCommand, StoreReply, StoreResult, StoreUnavailable, StoredMessage,
+};
+use prost::Message as _;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+use super::{Store, StoreFuture};
+
+/// How a [`RedisStore`] behaves. The log bounds must equal the in-memory store's where both
+/// are compared (`MemoryStoreConfig`).
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Messages kept per conversation; older ones are trimmed.
+    pub max_log_len: usize,
+    /// How long an append's idempotency record lives (at least the client outbox's maximum
+    /// age plus the tolerated clock skew).
+    pub idempotency_ttl: Duration,
+    /// Run even if `maxmemory-policy` is not `noeviction` (Redis may then silently drop
+    /// claims, logs and idempotency records: only for throwaway deployments).
+    pub allow_eviction: bool,
+    /// Bound on one command's round trip; beyond it the command is `StoreUnavailable`.
+    pub command_timeout: Duration,
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Seeds the log epochs; `None` seeds from the OS (production). Two stores sharing one
+    /// Redis must not share a seed.
+    pub seed: Option<u64>,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            max_log_len: 10_000,
+            idempotency_ttl: Duration::from_secs(600),
+            allow_eviction: false,
+            command_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            seed: None,
+        }
+    }
+}
+
+/// Why [`RedisStore::connect`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("bad redis url: {0}")]
+    Url(String),
+    #[error("redis unreachable: {0}")]
+    Unreachable(String),
+    #[error(
+        "redis maxmemory-policy is {policy:?}, not \"noeviction\": Redis could evict claims and \
+         messages; set it to noeviction or pass the override flag"
+    )]
+    EvictionPolicy { policy: String },
+}
+
+/// The scripts, each loaded once per server on first use (`EVALSHA`, `SCRIPT LOAD` on
+/// `NOSCRIPT`).
+struct Scripts {
+    register: Script,
+    claim_replace: Script,
+    claim_release: Script,
+    claim_bind: Script,
+    claim_refresh: Script,
+    claim_routes: Script,
+    append: Script,
+    create_group: Script,
+    join_group: Script,
+    read: Script,
+    advance_cursors: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            register: Script::new(include_str!("lua/register.lua")),
+            claim_replace: Script::new(include_str!("lua/claim_replace.lua")),
+            claim_release: Script::new(include_str!("lua/claim_release.lua")),
+            claim_bind: Script::new(include_str!("lua/claim_bind.lua")),
+            claim_refresh: Script::new(include_str!("lua/claim_refresh.lua")),
+            claim_routes: Script::new(include_str!("lua/claim_routes.lua")),
+            append: Script::new(include_str!("lua/append.lua")),
+            create_group: Script::new(include_str!("lua/create_group.lua")),
+            join_group: Script::new(include_str!("lua/join_group.lua")),
+            read: Script::new(include_str!("lua/read.lua")),
+            advance_cursors: Script::new(include_str!("lua/advance_cursors.lua")),
+        }
+    }
+}
+
+/// The Redis-backed [`Store`] (single node; see the module docs for Cluster).
+pub struct RedisStore {
+    conn: ConnectionManager,
+    options: RedisOptions,
+    scripts: Scripts,
+    /// Log epochs for new logs. Held only to draw one number.
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Internal failure of one command; all of them reach the caller as `StoreUnavailable`.
+type R<T> = Result<T, StoreUnavailable>;
+
+fn unavailable(e: RedisError) -> StoreUnavailable {
+    StoreUnavailable(format!("redis: {e}"))
+}
+
+fn bad_reply(what: &str, v: &Value) -> StoreUnavailable {
+    StoreUnavailable(format!("redis: unexpected reply to {what}: {v:?}"))
+}
+
+impl RedisStore {
+    /// Connects, and checks that Redis will not evict keys (`maxmemory-policy noeviction`)
+    /// unless `options.allow_eviction`.
+    pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, ConnectError> {
+        let client = ::redis::Client::open(url).map_err(|e| ConnectError::Url(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.command_timeout))
+            .set_number_of_retries(2);
+        let mut conn = tokio::time::timeout(
+            options.connect_timeout.saturating_mul(4),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| ConnectError::Unreachable("connect timed out".into()))?
+        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+        let policy: Vec<String> = ::redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+        let policy = policy.get(1).cloned().unwrap_or_default();
+        if policy != "noeviction" && !options.allow_eviction {
+            return Err(ConnectError::EvictionPolicy { policy });
+        }
+        let rng = match options.seed {
+            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Ok(Self {
+            conn,
+            options,
+            scripts: Scripts::new(),
+            rng: Mutex::new(rng),
+        })
+    }
+
+    fn new_log_epoch(&self) -> LogEpoch {
+        // A poisoned lock only means another thread panicked while drawing; the generator
+        // itself is still a valid state.
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        // Never 0, so "no epoch known" can be told apart (as in the reference).
+        LogEpoch(rng.random_range(1..=u64::MAX))
+    }
+
+    async fn run(&self, now: UnixMillis, command: StoreCommand) -> R<StoreReply> {
+        match command {
+            StoreCommand::RegisterAccount {
+                name,
+                password_hash,
+            } => self.register(name, password_hash).await,
+            StoreCommand::LoadAccount { user } => self.load_account(user).await,
+            StoreCommand::LoadClaim { user } => self.load_claim(user).await,
+            StoreCommand::ReplaceClaim {
+                user,
+                expected,
+                claim,
+            } => self.replace_claim(user, expected, claim).await,
+            StoreCommand::ReleaseClaim { user, epoch } => {
+                let released: i64 = self
+                    .invoke(
+                        self.scripts
+                            .claim_release
+                            .key(claim_key(user))
+                            .key(route_key(user))
+                            .arg(epoch.0),
+                    )
+                    .await?;
+                Ok(StoreReply::ClaimReleased {
+                    released: released == 1,
+                })
+            }
+            StoreCommand::BindSession {
+                user,
+                epoch,
+                server,
+                lease_until,
+            } => {
+                let v: Vec<Value> = self
+                    .invoke(
+                        self.scripts
+                            .claim_bind
+                            .key(claim_key(user))
+                            .key(route_key(user))
+                            .arg(epoch.0)
+                            .arg(server.as_str())
+                            .arg(lease_until.0)
+                            .arg(now.0),
+                    )
+                    .await?;
+                let (bound, current) = match v.as_slice() {
+                    [b, c] => (num(b)?, num(c)?),
+                    _ => return Err(bad_reply("bind", &Value::Array(v))),
+                };
+                Ok(StoreReply::SessionBound(if bound == 1 {
+                    Ok(())
+                } else {
+                    Err(Epoch(current))
+                }))
+            }
+            StoreCommand::RefreshLeases {
+                server,
+                lease_until,
+                sessions,
+            } => self.refresh(now, server, lease_until, sessions).await,
+            StoreCommand::LoadRoutes { users } => self.routes(now, users).await,
+            StoreCommand::LoadMembers { conv } => self.members(conv).await,
+            StoreCommand::Append {
+                conv,
+                sender,
+                msg_id,
+                body,
+                now,
+            } => self.append(conv, sender, msg_id, body, now).await,
+            StoreCommand::LoadHeads { user } => self.heads(user).await,
+            StoreCommand::Fetch {
+                user,
+                conv,
+                log_epoch,
+                after_seq,
+                limit,
+            } => self.fetch(user, conv, log_epoch, after_seq, limit).await,
+            StoreCommand::AdvanceCursors { user, cursors } => {
+                self.advance_cursors(user, cursors).await
+            }
+            StoreCommand::CreateGroup { conv, owner } => self.create_group(conv, owner).await,
+            StoreCommand::JoinGroup { conv, user } => self.join_group(conv, user).await,
+            StoreCommand::LeaveGroup { conv, user } => {
+                let was_member = match conv {
+                    ConvId::Group(_) => {
+                        let removed: i64 = self
+                            .query(
+                                ::redis::cmd("HDEL")
+                                    .arg(conv_key(&conv, "members"))
+                                    .arg(user.0),
+                            )
+                            .await?;
+                        removed == 1
+                    }
+                    _ => false,
+                };
+                Ok(StoreReply::GroupLeft { was_member })
+            }
+        }
+    }
+
+    // --- plumbing ---------------------------------------------------------------------
+
+    async fn invoke<T: ::redis::FromRedisValue>(
+        &self,
+        invocation: &::redis::ScriptInvocation<'_>,
+    ) -> R<T> {
+        let mut conn = self.conn.clone();
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn query<T: ::redis::FromRedisValue>(&self, cmd: &mut ::redis::Cmd) -> R<T> {
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn query_pipe<T: ::redis::FromRedisValue>(&self, pipe: &Pipeline) -> R<T> {
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Runs `read.lua` once per conversation in one pipeline (the `Script` type cannot be
+    /// pipelined, so this is `EVALSHA` by hand, loading the script on `NOSCRIPT`).
+    async fn read_pipelined(&self, calls: &[(Vec<String>, Vec<String>)]) -> R<Vec<Value>> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let script = &self.scripts.read;
+        let mut pipe = ::redis::pipe();
+        for (keys, args) in calls {
+            pipe.cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args);
+        }
+        let mut conn = self.conn.clone();
+        match pipe.query_async(&mut conn).await {
+            Ok(values) => Ok(values),
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                pipe.query_async(&mut conn).await.map_err(unavailable)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    // --- accounts ---------------------------------------------------------------------
+
+    async fn register(&self, name: String, password_hash: String) -> R<StoreReply> {
+        let v: Vec<Value> = self
+            .invoke(
+                self.scripts
+                    .register
+                    .key(name_key(&name))
+                    .key(NEXT_USER)
+                    .arg(&password_hash),
+            )
+            .await?;
+        let [created, user, stored_hash] = v.as_slice() else {
+            return Err(bad_reply("register", &Value::Array(v)));
+        };
+        let user = UserId(num(user)?);
+        let stored_hash = string(stored_hash)?.unwrap_or_default();
+        // Written after the reservation, from the reservation's values, also when the name
+        // was taken: that completes a registration whose writer died in between (see the
+        // module docs). Identical values, so repeating it is harmless.
+        let _: () = self
+            .query(
+                ::redis::cmd("HSET")
+                    .arg(acct_key(user))
+                    .arg("name")
+                    .arg(&name)
+                    .arg("password_hash")
+                    .arg(&stored_hash),
+            )
+            .await
+            .map(|_: i64| ())?;
+        Ok(StoreReply::AccountRegistered(if num(created)? == 1 {
+            Ok(user)
+        } else {
+            Err(NameTaken)
+        }))
+    }
+
+    async fn load_account(&self, user: UserId) -> R<StoreReply> {
+        let (name, password_hash): (Option<String>, Option<String>) = self
+            .query(
+                ::redis::cmd("HMGET")
+                    .arg(acct_key(user))
+                    .arg("name")
+                    .arg("password_hash"),
+            )
+            .await?;
+        Ok(StoreReply::Account(match (name, password_hash) {
+            (Some(name), Some(password_hash)) => Some(Account {
+                user,
+                name,
+                password_hash,
+            }),
+            _ => None,
+        }))
+    }
+
+    // --- claims -----------------------------------------------------------------------
+
+    async fn load_claim(&self, user: UserId) -> R<StoreReply> {
+        let v: Vec<Value> = self
+            .query(
+                ::redis::cmd("HMGET")
+                    .arg(claim_key(user))
+                    .arg("epoch")
+                    .arg("c_epoch")
+                    .arg("server")
+                    .arg("lease")
+                    .arg("token"),
+            )
+            .await?;
+        let [epoch, rest @ ..] = v.as_slice() else {
+            return Err(bad_reply("load claim", &Value::Array(v)));
+        };
+        Ok(StoreReply::Claim(ClaimState {
+            epoch: Epoch(opt_num(epoch)?.unwrap_or(0)),
+            claim: parse_claim(rest)?,
+        }))
+    }
+
+    async fn replace_claim(&self, user: UserId, expected: Epoch, claim: Claim) -> R<StoreReply> {
+        let v: Vec<Value> = self
+            .invoke(
+                self.scripts
+                    .claim_replace
+                    .key(claim_key(user))
+                    .arg(expected.0)
+                    .arg(claim.epoch.0)
+                    .arg(claim.server.as_str())
+                    .arg(claim.lease_until.0)
+                    .arg(&claim.resume_token_hash[..]),
+            )
+            .await?;
+        let [replaced, counter, old @ ..] = v.as_slice() else {
+            return Err(bad_reply("replace claim", &Value::Array(v)));
+        };
+        let old = parse_claim(old)?;
+        Ok(StoreReply::ClaimReplaced(if num(replaced)? == 1 {
+            Ok(old)
+        } else {
+            Err(ClaimState {
+                epoch: Epoch(num(counter)?),
+                claim: old,
+            })
+        }))
+    }
+
+    async fn refresh(
+        &self,
+        now: UnixMillis,
+        server: ServerId,
+        lease_until: UnixMillis,
+        sessions: Vec<(UserId, Epoch)>,
+    ) -> R<StoreReply> {
+        if sessions.is_empty() {
+            return Ok(StoreReply::LeasesRefreshed(Vec::new()));
+        }
+        let mut invocation = self.scripts.claim_refresh.prepare_invoke();
+        invocation
+            .arg(server.as_str())
+            .arg(lease_until.0)
+            .arg(now.0);
+        for (user, epoch) in &sessions {
+            invocation.key(claim_key(*user)).arg(epoch.0);
+        }
+        let v: Vec<Value> = self.invoke(&invocation).await?;
+        if v.len() != sessions.len() * 2 {
+            return Err(bad_reply("refresh", &Value::Array(v)));
+        }
+        let outcomes = sessions
+            .iter()
+            .zip(v.chunks_exact(2))
+            .map(|((user, _), pair)| {
+                let outcome = match num(&pair[0])? {
+                    0 => LeaseRefresh::Refreshed,
+                    1 => LeaseRefresh::Superseded {
+                        current: Epoch(num(&pair[1])?),
+                    },
+                    _ => LeaseRefresh::Gone,
+                };
+                Ok((*user, outcome))
+            })
+            .collect::<R<Vec<_>>>()?;
+        Ok(StoreReply::LeasesRefreshed(outcomes))
+    }
+
+    async fn routes(&self, now: UnixMillis, users: Vec<UserId>) -> R<StoreReply> {
+        if users.is_empty() {
+            return Ok(StoreReply::Routes(Vec::new()));
+        }
+        let mut invocation = self.scripts.claim_routes.prepare_invoke();
+        invocation.arg(now.0);
+        for user in &users {
+            invocation.key(claim_key(*user)).key(route_key(*user));
+        }
+        let v: Vec<Value> = self.invoke(&invocation).await?;
+        if v.len() != users.len() * 2 {
+            return Err(bad_reply("routes", &Value::Array(v)));
+        }
+        let routes = users
+            .iter()
+            .zip(v.chunks_exact(2))
+            .map(|(user, pair)| {
+                let record = match string(&pair[0])? {
+                    Some(server) => Some(RouteRecord {
+                        server: ServerId(server),
+                        epoch: Epoch(num(&pair[1])?),
+                    }),
+                    None => None,
+                };
+                Ok((*user, record))
+            })
+            .collect::<R<Vec<_>>>()?;
+        Ok(StoreReply::Routes(routes))
+    }
+
+    // --- conversations ----------------------------------------------------------------
+
+    async fn members(&self, conv: ConvId) -> R<StoreReply> {
+        let members = match &conv {
+            ConvId::All => Vec::new(),
+            ConvId::Private { low, high } => vec![*low, *high],
+            ConvId::Group(_) => {
+                let ids: Vec<u64> = self
+                    .query(::redis::cmd("HKEYS").arg(conv_key(&conv, "members")))
+                    .await?;
+                let set: BTreeSet<u64> = ids.into_iter().collect();
+                set.into_iter().map(UserId).collect()
+            }
+        };
+        Ok(StoreReply::Members(members))
+    }
+
+    async fn append(
+        &self,
+        conv: ConvId,
+        sender: UserId,
+        msg_id: ClientMsgId,
+        body: Bytes,
+        now: UnixMillis,
+    ) -> R<StoreReply> {
+        // Membership of private conversations and `all` is about accounts, which live under
+        // other tags; they are never deleted, so checking first is as good as inside.
+        match &conv {
+            ConvId::Private { low, high } => {
+                let (a, b): (bool, bool) = self
+                    .query_pipe(
+                        ::redis::pipe()
+                            .exists(acct_key(*low))
+                            .exists(acct_key(*high)),
+                    )
+                    .await?;
+                if !(a && b) {
+                    return Ok(StoreReply::Appended(Err(AppendError::UnknownConversation)));
+                }
+                if sender != *low && sender != *high {
+                    return Ok(StoreReply::Appended(Err(AppendError::NotMember)));
+                }
+                // The index first: see the module docs.
+                let _: () = self
+                    .query_pipe(
+                        ::redis::pipe()
+                            .sadd(convs_key(*low), conv.to_string())
+                            .ignore()
+                            .sadd(convs_key(*high), conv.to_string())
+                            .ignore(),
+                    )
+                    .await?;
+            }
+            ConvId::All => {
+                let exists: bool = self
+                    .query(::redis::cmd("EXISTS").arg(acct_key(sender)))
+                    .await?;
+                if !exists {
+                    return Ok(StoreReply::Appended(Err(AppendError::NotMember)));
+                }
+            }
+            ConvId::Group(_) => {}
+        }
+        let body_hash: [u8; 32] = Sha256::digest(&body).into();
+        let encoded = cim_proto::Message {
+            sender: sender.0,
+            msg_id_hi: msg_id.hi(),
+            msg_id_lo: msg_id.lo(),
+            body: body.to_vec(),
+            appended_at_ms: now.0,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let v: Vec<Value> = self
+            .invoke(
+                self.scripts
+                    .append
+                    .key(conv_key(&conv, "meta"))
+                    .key(conv_key(&conv, "log"))
+                    .key(idem_key(&conv, sender, msg_id))
+                    .key(conv_key(&conv, "members"))
+                    .arg(if matches!(conv, ConvId::Group(_)) {
+                        "1"
+                    } else {
+                        "0"
+                    })
+                    .arg(sender.0)
+                    .arg(&body_hash[..])
+                    .arg(encoded)
+                    .arg(now.0)
+                    .arg(millis(self.options.idempotency_ttl))
+                    .arg(self.options.max_log_len as u64)
+                    .arg(self.new_log_epoch().0),
+            )
+            .await?;
+        let status = v.first().map(string).transpose()?.flatten();
+        let result = match (status.as_deref(), v.as_slice()) {
+            (Some("unknown"), _) => Err(AppendError::UnknownConversation),
+            (Some("not_member"), _) => Err(AppendError::NotMember),
+            (Some("conflict"), _) => Err(AppendError::ConflictingRetry),
+            (Some(kind @ ("ok" | "dup")), [_, epoch, seq, at]) => Ok(Appended {
+                message: StoredMessage {
+                    conv,
+                    log_epoch: LogEpoch(num(epoch)?),
+                    seq: num(seq)?,
+                    sender,
+                    msg_id,
+                    // A duplicate's body is the retry's, equal to the original's (same hash).
+                    body,
+                    appended_at: UnixMillis(num(at)?),
+                },
+                duplicate: kind == "dup",
+            }),
+            _ => return Err(bad_reply("append", &Value::Array(v))),
+        };
+        Ok(StoreReply::Appended(result))
+    }
+
+    async fn heads(&self, user: UserId) -> R<StoreReply> {
+        let (exists, indexed, cursors): (bool, Vec<String>, BTreeMap<String, String>) = self
+            .query_pipe(
+                ::redis::pipe()
+                    .exists(acct_key(user))
+                    .smembers(convs_key(user))
+                    .hgetall(cursors_key(user)),
+            )
+            .await?;
+        if !exists {
+            return Ok(StoreReply::Heads(Vec::new()));
+        }
+        // Unparseable entries cannot come from this code; skipping them keeps one bad key
+        // from hiding every conversation.
+        let mut convs: BTreeSet<ConvId> = indexed.iter().filter_map(|c| c.parse().ok()).collect();
+        convs.insert(ConvId::All);
+        convs.retain(|c| !matches!(c, ConvId::Private { .. }) || c.peer_of(user).is_some());
+        let convs: Vec<ConvId> = convs.into_iter().collect();
+        let calls: Vec<_> = convs
+            .iter()
+            .map(|conv| read_call(user, conv, LogEpoch(0), 0, 0, false))
+            .collect();
+        let values = self.read_pipelined(&calls).await?;
+        if values.len() != convs.len() {
+            return Err(bad_reply("heads", &Value::Array(values)));
+        }
+        let mut heads = Vec::new();
+        for (conv, value) in convs.into_iter().zip(values) {
+            let Some(read) = parse_read(&value)? else {
+                continue; // no log (yet): not reported
+            };
+            if read.joined < 0 {
+                continue; // indexed group the user is not (or no longer) a member of
+            }
+            let cursor = cursor_in(cursors.get(&conv.to_string()), read.log_epoch);
+            heads.push(read.head(conv, cursor));
+        }
+        Ok(StoreReply::Heads(heads))
+    }
+
+    async fn fetch(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        after_seq: u64,
+        limit: u32,
+    ) -> R<StoreReply> {
+        let (exists, cursor): (bool, Option<String>) = self
+            .query_pipe(
+                ::redis::pipe()
+                    .exists(acct_key(user))
+                    .hget(cursors_key(user), conv.to_string()),
+            )
+            .await?;
+        let may_read = match &conv {
+            ConvId::All => exists,
+            ConvId::Private { .. } => conv.peer_of(user).is_some(),
+            ConvId::Group(_) => false, // the script checks membership
+        };
+        let call = read_call(user, &conv, log_epoch, after_seq, limit, may_read);
+        let value = self.read_pipelined(&[call]).await?;
+        let Some(value) = value.first() else {
+            return Err(bad_reply("fetch", &Value::Array(value)));
+        };
+        let Some(read) = parse_read(value)? else {
+            return Ok(StoreReply::Fetched {
+                head: ConvHead {
+                    conv,
+                    log_epoch: LogEpoch(0),
+                    head_seq: 0,
+                    first_available_seq: 1,
+                    cursor_seq: 0,
+                },
+                messages: Vec::new(),
+            });
+        };
+        let cursor = cursor_in(cursor.as_ref(), read.log_epoch);
+        let messages = read
+            .messages
+            .iter()
+            .map(|(seq, bytes)| decode_message(&conv, read.log_epoch, *seq, bytes))
+            .collect::<R<Vec<_>>>()?;
+        Ok(StoreReply::Fetched {
+            head: read.head(conv, cursor),
+            messages,
+        })
+    }
+
+    async fn advance_cursors(
+        &self,
+        user: UserId,
+        cursors: Vec<(ConvId, LogEpoch, u64)>,
+    ) -> R<StoreReply> {
+        if cursors.is_empty() {
+            return Ok(StoreReply::CursorsAdvanced);
+        }
+        let mut pipe = ::redis::pipe();
+        for (conv, _, _) in &cursors {
+            pipe.hget(conv_key(conv, "meta"), "epoch");
+        }
+        let current: Vec<Option<u64>> = self.query_pipe(&pipe).await?;
+        let mut invocation = self.scripts.advance_cursors.prepare_invoke();
+        invocation.key(cursors_key(user));
+        let mut any = false;
+        for ((conv, log_epoch, seq), current) in cursors.iter().zip(current) {
+            // A cursor of a replaced (or absent) log means nothing now.
+            if current == Some(log_epoch.0) {
+                invocation.arg(conv.to_string()).arg(log_epoch.0).arg(*seq);
+                any = true;
+            }
+        }
+        if any {
+            let _: i64 = self.invoke(&invocation).await?;
+        }
+        Ok(StoreReply::CursorsAdvanced)
+    }
+
+    async fn create_group(&self, conv: ConvId, owner: UserId) -> R<StoreReply> {
+        if !matches!(conv, ConvId::Group(_)) {
+            return Ok(StoreReply::GroupCreated { created: false });
+        }
+        let _: i64 = self
+            .query(
+                ::redis::cmd("SADD")
+                    .arg(convs_key(owner))
+                    .arg(conv.to_string()),
+            )
+            .await?;
+        let created: i64 = self
+            .invoke(
+                self.scripts
+                    .create_group
+                    .key(conv_key(&conv, "meta"))
+                    .key(conv_key(&conv, "members"))
+                    .arg(owner.0)
+                    .arg(self.new_log_epoch().0),
+            )
+            .await?;
+        Ok(StoreReply::GroupCreated {
+            created: created == 1,
+        })
+    }
+
+    async fn join_group(&self, conv: ConvId, user: UserId) -> R<StoreReply> {
+        if !matches!(conv, ConvId::Group(_)) {
+            return Ok(StoreReply::GroupJoined(None));
+        }
+        let _: i64 = self
+            .query(
+                ::redis::cmd("SADD")
+                    .arg(convs_key(user))
+                    .arg(conv.to_string()),
+            )
+            .await?;
+        let joined: i64 = self
+            .invoke(
+                self.scripts
+                    .join_group
+                    .key(conv_key(&conv, "meta"))
+                    .key(conv_key(&conv, "members"))
+                    .arg(user.0),
+            )
+            .await?;
+        Ok(StoreReply::GroupJoined(u64::try_from(joined).ok()))
+    }
+}
+
+impl Store for RedisStore {
+    fn execute(&self, now: UnixMillis, command: StoreCommand) -> StoreFuture<'_, StoreResult> {
+        Box::pin(async move {
+            // The connection manager also bounds each round trip; this bounds the whole
+            // command (some take two or three).
+            let budget = self.options.command_timeout.saturating_mul(3);
+            match tokio::time::timeout(budget, self.run(now, command)).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreUnavailable("redis: command timed out".into())),
+            }
+        })
+    }
+
+    fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
+        Box::pin(async move {
+            let pong = tokio::time::timeout(
+                self.options.command_timeout,
+                self.query::<String>(&mut ::redis::cmd("PING")),
+            )
+            .await
+            .map_err(|_| StoreUnavailable("redis: ping timed out".into()))??;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(StoreUnavailable(format!("redis: ping answered {pong:?}")))
+            }
+        })
+    }
+}
+
+// --- keys -----------------------------------------------------------------------------
+
+const NEXT_USER: &str = "cim:{names}:next_user";
+
+fn name_key(name: &str) -> String {
+    format!("cim:{{names}}:name:{name}")
+}
+
+fn acct_key(user: UserId) -> String {
+    format!("cim:acct:{{u:{}}}", user.0)
+}
+
+fn claim_key(user: UserId) -> String {
+    format!("cim:claim:{{u:{}}}", user.0)
+}
+
+fn route_key(user: UserId) -> String {
+    format!("cim:route:{{u:{}}}", user.0)
+}
+
+fn convs_key(user: UserId) -> String {
+    format!("cim:convs:{{u:{}}}", user.0)
+}
+
+fn cursors_key(user: UserId) -> String {
+    format!("cim:cursors:{{u:{}}}", user.0)
+}
+
+/// `part` is `meta`, `log` or `members`. Group names are restricted by `ConvId::group` to
+/// characters that cannot end the hash tag early.
+fn conv_key(conv: &ConvId, part: &str) -> String {
+    format!("cim:conv:{{c:{conv}}}:{part}")
+}
+
+fn idem_key(conv: &ConvId, sender: UserId, msg_id: ClientMsgId) -> String {
+    format!("cim:conv:{{c:{conv}}}:idem:{}:{:032x}", sender.0, msg_id.0)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+// --- reply parsing --------------------------------------------------------------------
+
+/// A number sent as an integer or a decimal string (scripts return both).
+fn num(v: &Value) -> R<u64> {
+    opt_num(v)?.ok_or_else(|| bad_reply("a number", v))
+}
+
+fn opt_num(v: &Value) -> R<Option<u64>> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::Int(i) => u64::try_from(*i)
+            .map(Some)
+            .map_err(|_| bad_reply("a number", v)),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or_else(|| bad_reply("a number", v)),
+        Value::SimpleString(s) => s.parse().map(Some).map_err(|_| bad_reply("a number", v)),
+        _ => Err(bad_reply("a number", v)),
+    }
+}
+
+fn bytes(v: &Value) -> R<Option<Vec<u8>>> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::BulkString(b) => Ok(Some(b.clone())),
+        Value::SimpleString(s) => Ok(Some(s.clone().into_bytes())),
+        _ => Err(bad_reply("a string", v)),
+    }
+}
+
+fn string(v: &Value) -> R<Option<String>> {
+    bytes(v)?
+        .map(|b| String::from_utf8(b).map_err(|_| bad_reply("utf-8", v)))
+        .transpose()
+}
+
+/// `[c_epoch, server, lease, token]`, all nil when there is no claim.
+fn parse_claim(fields: &[Value]) -> R<Option<Claim>> {
+    let [epoch, server, lease, token] = fields else {
+        return Err(bad_reply("claim", &Value::Array(fields.to_vec())));
+    };
+    let Some(epoch) = opt_num(epoch)? else {
+        return Ok(None);
+    };
+    let token = bytes(token)?.unwrap_or_default();
+    let resume_token_hash: [u8; 32] = token
+        .try_into()
+        .map_err(|_| bad_reply("claim token", &Value::Array(fields.to_vec())))?;
+    Ok(Some(Claim {
+        epoch: Epoch(epoch),
+        server: ServerId(string(server)?.unwrap_or_default()),
+        lease_until: UnixMillis(num(lease)?),
+        resume_token_hash,
+    }))
+}
+
+/// Keys and arguments of one `read.lua` call.
+fn read_call(
+    user: UserId,
+    conv: &ConvId,
+    log_epoch: LogEpoch,
+    after_seq: u64,
+    limit: u32,
+    may_read: bool,
+) -> (Vec<String>, Vec<String>) {
+    let keys = vec![
+        conv_key(conv, "meta"),
+        conv_key(conv, "members"),
+        conv_key(conv, "log"),
+    ];
+    let is_group = matches!(conv, ConvId::Group(_));
+    let args = vec![
+        user.0.to_string(),
+        if is_group { "1" } else { "0" }.to_string(),
+        log_epoch.0.to_string(),
+        after_seq.to_string(),
+        limit.to_string(),
+        if may_read { "1" } else { "0" }.to_string(),
+    ];
+    (keys, args)
+}
+
+struct Read {
+    log_epoch: LogEpoch,
+    head_seq: u64,
+    first: u64,
+    /// -1: not a member of the group.
+    joined: i64,
+    messages: Vec<(u64, Vec<u8>)>,
+}
+
+impl Read {
+    /// The head as the reference computes it: history starts after the join seq.
+    fn head(&self, conv: ConvId, cursor: u64) -> ConvHead {
+        let joined = u64::try_from(self.joined).unwrap_or(0);
+        ConvHead {
+            conv,
+            log_epoch: self.log_epoch,
+            head_seq: self.head_seq,
+            first_available_seq: self.first.max(joined + 1),
+            cursor_seq: cursor.max(joined),
+        }
+    }
+}
+
+fn parse_read(v: &Value) -> R<Option<Read>> {
+    let Value::Array(items) = v else {
+        return Err(bad_reply("read", v));
+    };
+    match items.as_slice() {
+        [Value::Nil] => Ok(None),
+        [epoch, head, first, joined, rest @ ..] if rest.len() % 2 == 0 => {
+            let joined = match joined {
+                Value::Int(i) => *i,
+                other => return Err(bad_reply("read joined", other)),
+            };
+            let messages = rest
+                .chunks_exact(2)
+                .map(|pair| {
+                    let body = bytes(&pair[1])?.ok_or_else(|| bad_reply("read message", v))?;
+                    Ok((num(&pair[0])?, body))
+                })
+                .collect::<R<Vec<_>>>()?;
+            Ok(Some(Read {
+                log_epoch: LogEpoch(num(epoch)?),
+                head_seq: num(head)?,
+                first: num(first)?,
+                joined,
+                messages,
+            }))
+        }
+        _ => Err(bad_reply("read", v)),
+    }
+}
+
+/// A stored `<log epoch>:<seq>` cursor, if it is of the current log epoch.
+fn cursor_in(stored: Option<&String>, log_epoch: LogEpoch) -> u64 {
+    stored
+        .and_then(|s| s.split_once(':'))
+        .filter(|(epoch, _)| epoch.parse() == Ok(log_epoch.0))
+        .and_then(|(_, seq)| seq.parse().ok())
+        .unwrap_or(0)
+}
+
+fn decode_message(conv: &ConvId, log_epoch: LogEpoch, seq: u64, bytes: &[u8]) -> R<StoredMessage> {
+    let m = cim_proto::Message::decode(bytes)
+        .map_err(|e| StoreUnavailable(format!("redis: corrupt message {conv} {seq}: {e}")))?;
+    Ok(StoredMessage {
+        conv: conv.clone(),
+        log_epoch,
+        seq,
+        sender: UserId(m.sender),
+        msg_id: ClientMsgId::from_halves(m.msg_id_hi, m.msg_id_lo),
+        body: Bytes::from(m.body),
+        appended_at: UnixMillis(m.appended_at_ms),
+    })
+}

@@ -1,0 +1,1512 @@
+//! One store conformance suite, run against the in-memory reference and against Redis.
+//!
+//! Each scenario asserts the expected replies itself, and records a transcript of
+//! (command, reply) pairs with log epochs renamed by order of first appearance (they are
+//! random per backend). The Redis run's transcript must equal the reference's, so every
+//! reply is compared, not only the asserted ones.
+//!
+//! The Redis half starts its own `redis-server` per test (see `support`); it is skipped with
+//! a message when `redis-server` is not installed, and fails under `CI=true`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use cim_core::memstore::MemoryStoreConfig;
+use cim_core::store::{
+    AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken, RouteRecord, StoreCommand,
+    StoreReply, StoredMessage,
+};
+use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use support::RedisServer;
+
+const TTL: Duration = Duration::from_secs(60);
+const TTL_MS: u64 = 60_000;
+const MAX_LOG: usize = 3;
+const T0: u64 = 1_700_000_000_000;
+
+fn memory() -> MemoryBackend {
+    MemoryBackend::new(MemoryStoreConfig {
+        max_log_len: MAX_LOG,
+        idempotency_ttl: TTL,
+        seed: 7,
+    })
+}
+
+fn redis_options() -> RedisOptions {
+    RedisOptions {
+        max_log_len: MAX_LOG,
+        idempotency_ttl: TTL,
+        allow_eviction: false,
+        command_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        seed: Some(7),
+    }
+}
+
+async fn redis(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(&server.url(), redis_options())
+        .await
+        .expect("connect to the test redis-server")
+}
+
+// --- driver ---------------------------------------------------------------------------
+
+/// Runs commands against one store and keeps the normalised transcript.
+struct Driver<'a> {
+    store: &'a dyn Store,
+    /// Log epochs in order of first appearance; normalised epoch `i + 1` is `epochs[i]`.
+    epochs: Vec<LogEpoch>,
+    /// Each conversation's log epoch as last seen in a reply (for [`CURRENT`]).
+    seen: BTreeMap<ConvId, LogEpoch>,
+    transcript: Vec<String>,
+}
+
+/// In a generated command: "the conversation's log epoch as this driver last saw it".
+const CURRENT: LogEpoch = LogEpoch(u64::MAX);
+
+impl<'a> Driver<'a> {
+    fn new(store: &'a dyn Store) -> Self {
+        Self {
+            store,
+            epochs: Vec::new(),
+            seen: BTreeMap::new(),
+            transcript: Vec::new(),
+        }
+    }
+
+    async fn run(&mut self, now: u64, command: StoreCommand) -> StoreReply {
+        let reply = self
+            .store
+            .execute(UnixMillis(now), command.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+        let command = self.norm_command(command);
+        let normalised = self.norm_reply(reply.clone());
+        self.transcript
+            .push(format!("@{now} {command:?} => {normalised:?}"));
+        reply
+    }
+
+    fn norm(&mut self, epoch: LogEpoch) -> LogEpoch {
+        if epoch.0 == 0 {
+            return epoch;
+        }
+        let index = match self.epochs.iter().position(|e| *e == epoch) {
+            Some(i) => i,
+            None => {
+                self.epochs.push(epoch);
+                self.epochs.len() - 1
+            }
+        };
+        LogEpoch(index as u64 + 1)
+    }
+
+    /// The real epoch behind normalised epoch `n`, or a made-up one nobody has.
+    fn denorm(&self, n: LogEpoch) -> LogEpoch {
+        match n.0 {
+            0 => n,
+            i => self
+                .epochs
+                .get(i as usize - 1)
+                .copied()
+                .unwrap_or(LogEpoch(u64::MAX - i)),
+        }
+    }
+
+    fn norm_head(&mut self, mut head: ConvHead) -> ConvHead {
+        self.seen.insert(head.conv.clone(), head.log_epoch);
+        head.log_epoch = self.norm(head.log_epoch);
+        head
+    }
+
+    fn norm_message(&mut self, mut message: StoredMessage) -> StoredMessage {
+        self.seen.insert(message.conv.clone(), message.log_epoch);
+        message.log_epoch = self.norm(message.log_epoch);
+        message
+    }
+
+    fn norm_reply(&mut self, reply: StoreReply) -> StoreReply {
+        match reply {
+            StoreReply::Appended(Ok(mut appended)) => {
+                appended.message = self.norm_message(appended.message);
+                StoreReply::Appended(Ok(appended))
+            }
+            StoreReply::Heads(heads) => {
+                StoreReply::Heads(heads.into_iter().map(|h| self.norm_head(h)).collect())
+            }
+            StoreReply::Fetched { head, messages } => StoreReply::Fetched {
+                head: self.norm_head(head),
+                messages: messages.into_iter().map(|m| self.norm_message(m)).collect(),
+            },
+            other => other,
+        }
+    }
+
+    fn norm_command(&mut self, command: StoreCommand) -> StoreCommand {
+        self.map_epochs(command, |d, _, e| d.norm(e))
+    }
+
+    fn denorm_command(&mut self, command: StoreCommand) -> StoreCommand {
+        self.map_epochs(command, |d, conv, e| {
+            if e == CURRENT {
+                d.seen.get(conv).copied().unwrap_or_default()
+            } else {
+                d.denorm(e)
+            }
+        })
+    }
+
+    fn map_epochs(
+        &mut self,
+        command: StoreCommand,
+        mut f: impl FnMut(&mut Self, &ConvId, LogEpoch) -> LogEpoch,
+    ) -> StoreCommand {
+        match command {
+            StoreCommand::Fetch {
+                user,
+                conv,
+                log_epoch,
+                after_seq,
+                limit,
+            } => {
+                let log_epoch = f(self, &conv, log_epoch);
+                StoreCommand::Fetch {
+                    user,
+                    conv,
+                    log_epoch,
+                    after_seq,
+                    limit,
+                }
+            }
+            StoreCommand::AdvanceCursors { user, cursors } => StoreCommand::AdvanceCursors {
+                user,
+                cursors: cursors
+                    .into_iter()
+                    .map(|(c, e, s)| {
+                        let e = f(self, &c, e);
+                        (c, e, s)
+                    })
+                    .collect(),
+            },
+            other => other,
+        }
+    }
+
+    // Shorthands used by the scenarios.
+
+    async fn register(&mut self, name: &str) -> UserId {
+        match self
+            .run(
+                T0,
+                StoreCommand::RegisterAccount {
+                    name: name.into(),
+                    password_hash: format!("phc-{name}"),
+                },
+            )
+            .await
+        {
+            StoreReply::AccountRegistered(Ok(user)) => user,
+            other => panic!("register {name}: {other:?}"),
+        }
+    }
+
+    async fn append(
+        &mut self,
+        now: u64,
+        conv: &ConvId,
+        sender: UserId,
+        id: u128,
+        body: &str,
+    ) -> Result<(u64, bool, u64), AppendError> {
+        match self
+            .run(
+                now,
+                StoreCommand::Append {
+                    conv: conv.clone(),
+                    sender,
+                    msg_id: ClientMsgId(id),
+                    body: Bytes::copy_from_slice(body.as_bytes()),
+                    now: UnixMillis(now),
+                },
+            )
+            .await
+        {
+            StoreReply::Appended(r) => {
+                r.map(|a| (a.message.seq, a.duplicate, a.message.appended_at.0))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn heads(&mut self, user: UserId) -> Vec<ConvHead> {
+        match self.run(T0, StoreCommand::LoadHeads { user }).await {
+            StoreReply::Heads(heads) => heads,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn head_of(&mut self, user: UserId, conv: &ConvId) -> Option<ConvHead> {
+        self.heads(user).await.into_iter().find(|h| h.conv == *conv)
+    }
+
+    async fn fetch(
+        &mut self,
+        user: UserId,
+        conv: &ConvId,
+        log_epoch: LogEpoch,
+        after_seq: u64,
+        limit: u32,
+    ) -> (ConvHead, Vec<u64>) {
+        let command = StoreCommand::Fetch {
+            user,
+            conv: conv.clone(),
+            log_epoch,
+            after_seq,
+            limit,
+        };
+        match self.run(T0, command).await {
+            StoreReply::Fetched { head, messages } => {
+                (head, messages.iter().map(|m| m.seq).collect())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn group(&mut self, command: StoreCommand) -> StoreReply {
+        self.run(T0, command).await
+    }
+}
+
+/// Runs a scenario against the reference and against Redis, and compares the transcripts.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let memory = memory();
+                let mut reference = Driver::new(&memory);
+                scenarios::$name(&mut reference).await;
+                assert!(!reference.transcript.is_empty());
+                let Some(server) = RedisServer::start() else { return };
+                let store = redis(&server).await;
+                let mut real = Driver::new(&store);
+                scenarios::$name(&mut real).await;
+                assert_transcripts_equal(&reference.transcript, &real.transcript);
+            }
+        )*
+    };
+}
+
+fn assert_transcripts_equal(reference: &[String], real: &[String]) {
+    for (i, (a, b)) in reference.iter().zip(real).enumerate() {
+        assert_eq!(a, b, "step {i}: memory (left) and redis (right) differ");
+    }
+    assert_eq!(reference.len(), real.len(), "transcript lengths differ");
+}
+
+conformance!(
+    accounts_register_name_taken_and_load,
+    claims_replace_is_compare_epoch,
+    claims_bind_refresh_release,
+    claims_takeover_hides_the_old_route,
+    routes_only_for_live_matching_claims,
+    append_membership_and_unknown_conversations,
+    append_idempotency_and_ttl_by_now,
+    append_trims_and_moves_first_available,
+    fetch_windows_and_log_epoch_mismatch,
+    heads_with_join_seqs,
+    cursors_only_move_forward,
+    groups_create_join_leave,
+);
+
+fn claim(epoch: u64, server: &str, lease: u64, token: u8) -> Claim {
+    Claim {
+        epoch: Epoch(epoch),
+        server: ServerId::new(server),
+        lease_until: UnixMillis(lease),
+        resume_token_hash: [token; 32],
+    }
+}
+
+fn state(epoch: u64, claim: Option<Claim>) -> ClaimState {
+    ClaimState {
+        epoch: Epoch(epoch),
+        claim,
+    }
+}
+
+fn s(name: &str) -> ServerId {
+    ServerId::new(name)
+}
+
+mod scenarios {
+    use super::*;
+
+    pub async fn accounts_register_name_taken_and_load(d: &mut Driver<'_>) {
+        assert_eq!(d.register("alice").await, UserId(1));
+        assert_eq!(d.register("bob").await, UserId(2));
+        let again = StoreCommand::RegisterAccount {
+            name: "alice".into(),
+            password_hash: "other".into(),
+        };
+        assert_eq!(
+            d.run(T0, again).await,
+            StoreReply::AccountRegistered(Err(NameTaken))
+        );
+        // A refused name burns no id.
+        assert_eq!(d.register("carol").await, UserId(3));
+        match d
+            .run(T0, StoreCommand::LoadAccount { user: UserId(1) })
+            .await
+        {
+            StoreReply::Account(Some(a)) => {
+                assert_eq!(
+                    (a.user, &*a.name, &*a.password_hash),
+                    (UserId(1), "alice", "phc-alice")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadAccount { user: UserId(99) })
+                .await,
+            StoreReply::Account(None)
+        );
+    }
+
+    pub async fn claims_replace_is_compare_epoch(d: &mut Driver<'_>) {
+        let u = UserId(7);
+        let replace = |expected, c| StoreCommand::ReplaceClaim {
+            user: u,
+            expected: Epoch(expected),
+            claim: c,
+        };
+        assert_eq!(
+            d.run(T0, replace(0, claim(1, "s1", T0 + 1_000, 1))).await,
+            StoreReply::ClaimReplaced(Ok(None))
+        );
+        let won = state(1, Some(claim(1, "s1", T0 + 1_000, 1)));
+        // Stale expectation, and a new epoch not above the expected one: the winner comes back.
+        assert_eq!(
+            d.run(T0, replace(0, claim(1, "s2", T0 + 1_000, 2))).await,
+            StoreReply::ClaimReplaced(Err(won.clone()))
+        );
+        assert_eq!(
+            d.run(T0, replace(1, claim(1, "s2", T0 + 1_000, 2))).await,
+            StoreReply::ClaimReplaced(Err(won.clone()))
+        );
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadClaim { user: u }).await,
+            StoreReply::Claim(won)
+        );
+        // The replaced claim comes back as it stood.
+        assert_eq!(
+            d.run(T0, replace(1, claim(2, "s2", T0 + 2_000, 2))).await,
+            StoreReply::ClaimReplaced(Ok(Some(claim(1, "s1", T0 + 1_000, 1))))
+        );
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadClaim { user: u }).await,
+            StoreReply::Claim(state(2, Some(claim(2, "s2", T0 + 2_000, 2))))
+        );
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadClaim { user: UserId(99) })
+                .await,
+            StoreReply::Claim(ClaimState::default())
+        );
+        // Replacing an expired claim works the same (the caller decided it may).
+        assert_eq!(
+            d.run(T0 + 5_000, replace(2, claim(5, "s3", T0 + 9_000, 3)))
+                .await,
+            StoreReply::ClaimReplaced(Ok(Some(claim(2, "s2", T0 + 2_000, 2))))
+        );
+    }
+
+    pub async fn claims_bind_refresh_release(d: &mut Driver<'_>) {
+        let u = UserId(7);
+        let now = T0 + 500;
+        let bind = |epoch, server: &str, lease| StoreCommand::BindSession {
+            user: u,
+            epoch: Epoch(epoch),
+            server: s(server),
+            lease_until: UnixMillis(lease),
+        };
+        let refresh =
+            |server: &str, lease, sessions: Vec<(UserId, Epoch)>| StoreCommand::RefreshLeases {
+                server: s(server),
+                lease_until: UnixMillis(lease),
+                sessions,
+            };
+        // Bind without any claim: the counter is 0.
+        assert_eq!(
+            d.run(now, bind(1, "s1", T0 + 5_000)).await,
+            StoreReply::SessionBound(Err(Epoch(0)))
+        );
+        d.run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: u,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 1_000, 1),
+            },
+        )
+        .await;
+        // Wrong epoch, wrong server: refused with the current epoch.
+        assert_eq!(
+            d.run(now, bind(0, "s1", T0 + 5_000)).await,
+            StoreReply::SessionBound(Err(Epoch(1)))
+        );
+        assert_eq!(
+            d.run(now, bind(1, "s2", T0 + 5_000)).await,
+            StoreReply::SessionBound(Err(Epoch(1)))
+        );
+        let routes = StoreCommand::LoadRoutes { users: vec![u] };
+        assert_eq!(
+            d.run(now, routes.clone()).await,
+            StoreReply::Routes(vec![(u, None)])
+        );
+        assert_eq!(
+            d.run(now, bind(1, "s1", T0 + 5_000)).await,
+            StoreReply::SessionBound(Ok(()))
+        );
+        let record = RouteRecord {
+            server: s("s1"),
+            epoch: Epoch(1),
+        };
+        assert_eq!(
+            d.run(now, routes.clone()).await,
+            StoreReply::Routes(vec![(u, Some(record.clone()))])
+        );
+        // A bind never shortens a lease.
+        assert_eq!(
+            d.run(now, bind(1, "s1", T0 + 4_000)).await,
+            StoreReply::SessionBound(Ok(()))
+        );
+        let lease = |reply: StoreReply| match reply {
+            StoreReply::Claim(st) => st.claim.map(|c| c.lease_until.0),
+            other => panic!("{other:?}"),
+        };
+        let load = StoreCommand::LoadClaim { user: u };
+        assert_eq!(lease(d.run(now, load.clone()).await), Some(T0 + 5_000));
+
+        // Refresh: ours, someone's stale epoch, an unknown user, in order.
+        assert_eq!(
+            d.run(
+                T0 + 4_000,
+                refresh(
+                    "s1",
+                    T0 + 8_000,
+                    vec![(u, Epoch(1)), (u, Epoch(0)), (UserId(99), Epoch(1))]
+                )
+            )
+            .await,
+            StoreReply::LeasesRefreshed(vec![
+                (u, LeaseRefresh::Refreshed),
+                (u, LeaseRefresh::Superseded { current: Epoch(1) }),
+                (UserId(99), LeaseRefresh::Gone),
+            ])
+        );
+        assert_eq!(lease(d.run(now, load.clone()).await), Some(T0 + 8_000));
+        // Refresh never shortens either; another server cannot refresh our claim.
+        assert_eq!(
+            d.run(T0 + 4_000, refresh("s1", T0 + 6_000, vec![(u, Epoch(1))]))
+                .await,
+            StoreReply::LeasesRefreshed(vec![(u, LeaseRefresh::Refreshed)])
+        );
+        assert_eq!(
+            d.run(T0 + 4_000, refresh("s2", T0 + 9_000, vec![(u, Epoch(1))]))
+                .await,
+            StoreReply::LeasesRefreshed(vec![(u, LeaseRefresh::Gone)])
+        );
+        assert_eq!(lease(d.run(now, load.clone()).await), Some(T0 + 8_000));
+        assert_eq!(
+            d.run(T0, refresh("s1", T0 + 9_000, vec![])).await,
+            StoreReply::LeasesRefreshed(vec![])
+        );
+
+        // Expiry by `now`: a late refresh is Gone and revives nothing, routes read offline,
+        // bind is refused.
+        let expired = T0 + 8_000;
+        assert_eq!(
+            d.run(expired, refresh("s1", T0 + 20_000, vec![(u, Epoch(1))]))
+                .await,
+            StoreReply::LeasesRefreshed(vec![(u, LeaseRefresh::Gone)])
+        );
+        assert_eq!(lease(d.run(expired, load.clone()).await), Some(T0 + 8_000));
+        assert_eq!(
+            d.run(expired - 1, routes.clone()).await,
+            StoreReply::Routes(vec![(u, Some(record))])
+        );
+        assert_eq!(
+            d.run(expired, routes.clone()).await,
+            StoreReply::Routes(vec![(u, None)])
+        );
+        assert_eq!(
+            d.run(expired, bind(1, "s1", T0 + 20_000)).await,
+            StoreReply::SessionBound(Err(Epoch(1)))
+        );
+
+        // Release: stale and future epochs do nothing; the exact one deletes claim and route.
+        let release = |epoch| StoreCommand::ReleaseClaim {
+            user: u,
+            epoch: Epoch(epoch),
+        };
+        for (epoch, released) in [(0, false), (2, false), (1, true), (1, false)] {
+            assert_eq!(
+                d.run(expired, release(epoch)).await,
+                StoreReply::ClaimReleased { released },
+                "release {epoch}"
+            );
+        }
+        assert_eq!(
+            d.run(expired, load.clone()).await,
+            StoreReply::Claim(state(1, None))
+        );
+        // The counter survives the claim: a released user's stale refresh is Gone, an older
+        // one Superseded.
+        assert_eq!(
+            d.run(
+                expired,
+                refresh("s1", T0 + 20_000, vec![(u, Epoch(1)), (u, Epoch(0))])
+            )
+            .await,
+            StoreReply::LeasesRefreshed(vec![
+                (u, LeaseRefresh::Gone),
+                (u, LeaseRefresh::Superseded { current: Epoch(1) }),
+            ])
+        );
+        assert_eq!(
+            d.run(expired, release(1)).await,
+            StoreReply::ClaimReleased { released: false }
+        );
+        assert_eq!(
+            d.run(
+                expired,
+                StoreCommand::ReleaseClaim {
+                    user: UserId(99),
+                    epoch: Epoch(0)
+                }
+            )
+            .await,
+            StoreReply::ClaimReleased { released: false }
+        );
+    }
+
+    pub async fn claims_takeover_hides_the_old_route(d: &mut Driver<'_>) {
+        let u = UserId(7);
+        let now = T0 + 100;
+        let replace = |expected, c| StoreCommand::ReplaceClaim {
+            user: u,
+            expected: Epoch(expected),
+            claim: c,
+        };
+        let bind = |epoch, server: &str| StoreCommand::BindSession {
+            user: u,
+            epoch: Epoch(epoch),
+            server: s(server),
+            lease_until: UnixMillis(T0 + 1_000),
+        };
+        d.run(now, replace(0, claim(1, "s1", T0 + 1_000, 1))).await;
+        assert_eq!(
+            d.run(now, bind(1, "s1")).await,
+            StoreReply::SessionBound(Ok(()))
+        );
+        assert_eq!(
+            d.run(now, replace(1, claim(2, "s2", T0 + 1_000, 2))).await,
+            StoreReply::ClaimReplaced(Ok(Some(claim(1, "s1", T0 + 1_000, 1))))
+        );
+        let routes = StoreCommand::LoadRoutes { users: vec![u] };
+        assert_eq!(
+            d.run(now, routes.clone()).await,
+            StoreReply::Routes(vec![(u, None)])
+        );
+        // The old server's cleanup and refresh cannot touch the new claim.
+        assert_eq!(
+            d.run(
+                now,
+                StoreCommand::ReleaseClaim {
+                    user: u,
+                    epoch: Epoch(1)
+                }
+            )
+            .await,
+            StoreReply::ClaimReleased { released: false }
+        );
+        assert_eq!(
+            d.run(
+                now,
+                StoreCommand::RefreshLeases {
+                    server: s("s1"),
+                    lease_until: UnixMillis(T0 + 9_000),
+                    sessions: vec![(u, Epoch(1))],
+                }
+            )
+            .await,
+            StoreReply::LeasesRefreshed(vec![(u, LeaseRefresh::Superseded { current: Epoch(2) })])
+        );
+        assert_eq!(
+            d.run(now, bind(1, "s1")).await,
+            StoreReply::SessionBound(Err(Epoch(2)))
+        );
+        assert_eq!(
+            d.run(now, StoreCommand::LoadClaim { user: u }).await,
+            StoreReply::Claim(state(2, Some(claim(2, "s2", T0 + 1_000, 2))))
+        );
+        assert_eq!(
+            d.run(now, bind(2, "s2")).await,
+            StoreReply::SessionBound(Ok(()))
+        );
+        assert_eq!(
+            d.run(now, routes).await,
+            StoreReply::Routes(vec![(
+                u,
+                Some(RouteRecord {
+                    server: s("s2"),
+                    epoch: Epoch(2)
+                })
+            )])
+        );
+    }
+
+    pub async fn routes_only_for_live_matching_claims(d: &mut Driver<'_>) {
+        // Users 1..=3 with claims of different lease lengths, user 4 released, 5 unknown.
+        for (user, lease) in [(1u64, 2_000u64), (2, 4_000), (3, 6_000), (4, 6_000)] {
+            let u = UserId(user);
+            d.run(
+                T0,
+                StoreCommand::ReplaceClaim {
+                    user: u,
+                    expected: Epoch(0),
+                    claim: claim(1, "s1", T0 + lease, 1),
+                },
+            )
+            .await;
+            d.run(
+                T0,
+                StoreCommand::BindSession {
+                    user: u,
+                    epoch: Epoch(1),
+                    server: s("s1"),
+                    lease_until: UnixMillis(T0),
+                },
+            )
+            .await;
+        }
+        d.run(
+            T0,
+            StoreCommand::ReleaseClaim {
+                user: UserId(4),
+                epoch: Epoch(1),
+            },
+        )
+        .await;
+        let users: Vec<UserId> = (1..=5).map(UserId).chain([UserId(1)]).collect();
+        let live = |ids: &[u64]| -> StoreReply {
+            StoreReply::Routes(
+                users
+                    .iter()
+                    .map(|u| {
+                        let record = ids.contains(&u.0).then(|| RouteRecord {
+                            server: s("s1"),
+                            epoch: Epoch(1),
+                        });
+                        (*u, record)
+                    })
+                    .collect(),
+            )
+        };
+        let load = StoreCommand::LoadRoutes {
+            users: users.clone(),
+        };
+        // (now, users still routed)
+        let table: &[(u64, &[u64])] = &[
+            (T0, &[1, 2, 3]),
+            (T0 + 1_999, &[1, 2, 3]),
+            (T0 + 2_000, &[2, 3]),
+            (T0 + 4_000, &[3]),
+            (T0 + 6_000, &[]),
+        ];
+        for (now, ids) in table {
+            assert_eq!(d.run(*now, load.clone()).await, live(ids), "at {now}");
+        }
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadRoutes { users: vec![] }).await,
+            StoreReply::Routes(vec![])
+        );
+    }
+
+    pub async fn append_membership_and_unknown_conversations(d: &mut Driver<'_>) {
+        let (a, b, c) = (
+            d.register("a").await,
+            d.register("b").await,
+            d.register("c").await,
+        );
+        let private = ConvId::private(a, b).unwrap();
+        assert_eq!(d.append(T0, &private, a, 1, "x").await, Ok((1, false, T0)));
+        assert_eq!(
+            d.append(T0, &private, c, 2, "x").await,
+            Err(AppendError::NotMember)
+        );
+        // Unknown peer: unknown conversation, even for a participant.
+        let stranger = ConvId::private(a, UserId(99)).unwrap();
+        assert_eq!(
+            d.append(T0, &stranger, a, 3, "x").await,
+            Err(AppendError::UnknownConversation)
+        );
+        let group = ConvId::group("rust").unwrap();
+        assert_eq!(
+            d.append(T0, &group, a, 4, "x").await,
+            Err(AppendError::UnknownConversation)
+        );
+        d.group(StoreCommand::CreateGroup {
+            conv: group.clone(),
+            owner: a,
+        })
+        .await;
+        assert_eq!(
+            d.append(T0, &group, b, 5, "x").await,
+            Err(AppendError::NotMember)
+        );
+        assert_eq!(d.append(T0, &group, a, 6, "x").await, Ok((1, false, T0)));
+        // Everyone with an account may post to `all`; nobody else.
+        assert_eq!(
+            d.append(T0, &ConvId::All, c, 7, "x").await,
+            Ok((1, false, T0))
+        );
+        assert_eq!(
+            d.append(T0, &ConvId::All, UserId(99), 8, "x").await,
+            Err(AppendError::NotMember)
+        );
+        // A non-member's retry of an id is still refused (membership comes first).
+        d.group(StoreCommand::LeaveGroup {
+            conv: group.clone(),
+            user: a,
+        })
+        .await;
+        assert_eq!(
+            d.append(T0, &group, a, 6, "x").await,
+            Err(AppendError::NotMember)
+        );
+        // Heads: the private conversation shows up for its two users only; the failed
+        // appends left nothing visible.
+        let convs = |heads: Vec<ConvHead>| heads.into_iter().map(|h| h.conv).collect::<Vec<_>>();
+        assert_eq!(convs(d.heads(b).await), vec![ConvId::All, private.clone()]);
+        assert_eq!(convs(d.heads(c).await), vec![ConvId::All]);
+        assert_eq!(convs(d.heads(a).await), vec![ConvId::All, private]);
+        assert_eq!(d.heads(UserId(99)).await, vec![]);
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadMembers { conv: group }).await,
+            StoreReply::Members(vec![])
+        );
+    }
+
+    pub async fn append_idempotency_and_ttl_by_now(d: &mut Driver<'_>) {
+        let (a, b) = (d.register("a").await, d.register("b").await);
+        let p = ConvId::private(a, b).unwrap();
+        // (at ms after T0, sender, id, body) -> (seq, duplicate, appended at) or error
+        type Step = (
+            u64,
+            UserId,
+            u128,
+            &'static str,
+            Result<(u64, bool, u64), AppendError>,
+        );
+        let steps: Vec<Step> = vec![
+            (0, a, 10, "hi", Ok((1, false, T0))),
+            (1, b, 10, "yo", Ok((2, false, T0 + 1))), // same id, other sender: new
+            (2, a, 11, "hi", Ok((3, false, T0 + 2))), // same body, other id: new
+            (3, a, 10, "hi", Ok((1, true, T0))),      // retry: the original
+            (4, a, 10, "HI", Err(AppendError::ConflictingRetry)),
+        ];
+        let late: Vec<Step> = vec![
+            (TTL_MS - 1, a, 10, "hi", Ok((1, true, T0))), // just inside the TTL
+            (TTL_MS, a, 10, "hi", Ok((4, false, T0 + TTL_MS))), // expired: a new message
+            (TTL_MS + 5, a, 10, "hi", Ok((4, true, T0 + TTL_MS))), // with a new record
+            (
+                TTL_MS + 6,
+                a,
+                11,
+                "changed",
+                Ok((5, false, T0 + TTL_MS + 6)),
+            ),
+        ];
+        for (i, (at, sender, id, body, want)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                d.append(T0 + at, &p, sender, id, body).await,
+                want,
+                "step {i}"
+            );
+        }
+        // The duplicate answer carries the retry's body, the original's seq and time.
+        match d
+            .run(
+                T0 + 5,
+                StoreCommand::Append {
+                    conv: p.clone(),
+                    sender: b,
+                    msg_id: ClientMsgId(10),
+                    body: Bytes::from_static(b"yo"),
+                    now: UnixMillis(T0 + 5),
+                },
+            )
+            .await
+        {
+            StoreReply::Appended(Ok(appended)) => {
+                assert!(appended.duplicate);
+                assert_eq!(appended.message.conv, p);
+                assert_eq!(&appended.message.body[..], b"yo");
+                assert_eq!(appended.message.appended_at, UnixMillis(T0 + 1));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Time only moves forward from here: the reference expires records by the newest
+        // `now` it has seen, Redis by each append's own `now`.
+        for (i, (at, sender, id, body, want)) in late.into_iter().enumerate() {
+            assert_eq!(
+                d.append(T0 + at, &p, sender, id, body).await,
+                want,
+                "late step {i}"
+            );
+        }
+    }
+
+    pub async fn append_trims_and_moves_first_available(d: &mut Driver<'_>) {
+        let a = d.register("a").await;
+        for i in 1..=5u64 {
+            assert_eq!(
+                d.append(T0 + i, &ConvId::All, a, u128::from(i), "m").await,
+                Ok((i, false, T0 + i))
+            );
+        }
+        let head = d.head_of(a, &ConvId::All).await.unwrap();
+        assert_eq!(
+            (head.head_seq, head.first_available_seq, head.cursor_seq),
+            (5, 3, 0)
+        );
+        // fetch table: (after, limit) -> seqs
+        let cases: &[(u64, u32, &[u64])] = &[
+            (0, 10, &[3, 4, 5]),
+            (3, 10, &[4, 5]),
+            (4, 1, &[5]),
+            (2, 2, &[3, 4]),
+            (5, 10, &[]),
+            (99, 10, &[]),
+            (0, 0, &[]),
+            (u64::MAX, 10, &[]),
+        ];
+        for (after, limit, want) in cases {
+            let (_, seqs) = d
+                .fetch(a, &ConvId::All, head.log_epoch, *after, *limit)
+                .await;
+            assert_eq!(seqs, *want, "after {after} limit {limit}");
+        }
+        // A retry of a trimmed message answers its original seq and time, stores nothing.
+        assert_eq!(
+            d.append(T0 + 9, &ConvId::All, a, 1, "m").await,
+            Ok((1, true, T0 + 1))
+        );
+        let again = d.head_of(a, &ConvId::All).await.unwrap();
+        assert_eq!((again.head_seq, again.first_available_seq), (5, 3));
+    }
+
+    pub async fn fetch_windows_and_log_epoch_mismatch(d: &mut Driver<'_>) {
+        let (a, b, c) = (
+            d.register("a").await,
+            d.register("b").await,
+            d.register("c").await,
+        );
+        let p = ConvId::private(a, b).unwrap();
+        // No log yet: an empty head, no messages.
+        let (head, seqs) = d.fetch(a, &p, LogEpoch(1), 0, 10).await;
+        assert_eq!(
+            head,
+            ConvHead {
+                conv: p.clone(),
+                log_epoch: LogEpoch(0),
+                head_seq: 0,
+                first_available_seq: 1,
+                cursor_seq: 0
+            }
+        );
+        assert!(seqs.is_empty());
+        for i in 1..=3 {
+            d.append(T0, &p, a, i, "m").await.unwrap();
+        }
+        let epoch = d.head_of(b, &p).await.unwrap().log_epoch;
+        assert_eq!(d.fetch(b, &p, epoch, 0, 10).await.1, vec![1, 2, 3]);
+        assert_eq!(d.fetch(b, &p, epoch, 1, 1).await.1, vec![2]);
+        // Another log epoch: only the current head comes back.
+        let (head, seqs) = d.fetch(b, &p, LogEpoch(epoch.0 ^ 1), 0, 10).await;
+        assert!(seqs.is_empty());
+        assert_eq!((head.log_epoch, head.head_seq), (epoch, 3));
+        // A non-participant reads nothing (but learns the head, as in the reference).
+        assert!(d.fetch(c, &p, epoch, 0, 10).await.1.is_empty());
+        // `all`: members are the users with accounts.
+        d.append(T0, &ConvId::All, c, 1, "m").await.unwrap();
+        let all = d.head_of(c, &ConvId::All).await.unwrap().log_epoch;
+        assert_eq!(d.fetch(a, &ConvId::All, all, 0, 10).await.1, vec![1]);
+        assert!(
+            d.fetch(UserId(99), &ConvId::All, all, 0, 10)
+                .await
+                .1
+                .is_empty()
+        );
+        // A group's non-member reads nothing.
+        let g = ConvId::group("g").unwrap();
+        d.group(StoreCommand::CreateGroup {
+            conv: g.clone(),
+            owner: a,
+        })
+        .await;
+        d.append(T0, &g, a, 9, "m").await.unwrap();
+        let ge = d.head_of(a, &g).await.unwrap().log_epoch;
+        assert_eq!(d.fetch(a, &g, ge, 0, 10).await.1, vec![1]);
+        assert!(d.fetch(b, &g, ge, 0, 10).await.1.is_empty());
+        assert_ne!(ge, epoch, "each log has its own epoch");
+    }
+
+    pub async fn heads_with_join_seqs(d: &mut Driver<'_>) {
+        let (a, b) = (d.register("a").await, d.register("b").await);
+        let g = ConvId::group("g").unwrap();
+        d.group(StoreCommand::CreateGroup {
+            conv: g.clone(),
+            owner: a,
+        })
+        .await;
+        // An empty group's log is reported to its owner.
+        let head = d.head_of(a, &g).await.unwrap();
+        assert_eq!(
+            (head.head_seq, head.first_available_seq, head.cursor_seq),
+            (0, 1, 0)
+        );
+        for id in 1..=3 {
+            d.append(T0, &g, a, id, "m").await.unwrap();
+        }
+        assert_eq!(
+            d.group(StoreCommand::JoinGroup {
+                conv: g.clone(),
+                user: b
+            })
+            .await,
+            StoreReply::GroupJoined(Some(3))
+        );
+        d.append(T0, &g, a, 4, "m").await.unwrap();
+        let head = d.head_of(b, &g).await.unwrap();
+        assert_eq!(
+            (head.head_seq, head.first_available_seq, head.cursor_seq),
+            (4, 4, 3)
+        );
+        let (_, seqs) = d.fetch(b, &g, head.log_epoch, 0, 100).await;
+        assert_eq!(seqs, vec![4]);
+        // The owner sees the trimmed log (MAX_LOG = 3) from its own join seq 0.
+        let owner = d.head_of(a, &g).await.unwrap();
+        assert_eq!((owner.first_available_seq, owner.cursor_seq), (2, 0));
+        // Leaving hides the group from heads and ends posting rights; re-joining starts at
+        // the head of that moment.
+        assert_eq!(
+            d.group(StoreCommand::LeaveGroup {
+                conv: g.clone(),
+                user: b
+            })
+            .await,
+            StoreReply::GroupLeft { was_member: true }
+        );
+        assert_eq!(d.head_of(b, &g).await, None);
+        assert_eq!(
+            d.append(T0, &g, b, 9, "m").await,
+            Err(AppendError::NotMember)
+        );
+        d.append(T0, &g, a, 5, "m").await.unwrap();
+        assert_eq!(
+            d.group(StoreCommand::JoinGroup {
+                conv: g.clone(),
+                user: b
+            })
+            .await,
+            StoreReply::GroupJoined(Some(5))
+        );
+        let head = d.head_of(b, &g).await.unwrap();
+        assert_eq!(
+            (head.head_seq, head.first_available_seq, head.cursor_seq),
+            (5, 6, 5)
+        );
+    }
+
+    pub async fn cursors_only_move_forward(d: &mut Driver<'_>) {
+        let (a, b) = (d.register("a").await, d.register("b").await);
+        for id in 1..=5 {
+            d.append(T0, &ConvId::All, a, id, "m").await.unwrap();
+        }
+        let epoch = d.head_of(a, &ConvId::All).await.unwrap().log_epoch;
+        let advance = |user, cursors| StoreCommand::AdvanceCursors { user, cursors };
+        let all = ConvId::All;
+        for cursors in [
+            vec![(all.clone(), epoch, 4)],
+            vec![(all.clone(), epoch, 2)],
+            vec![(all.clone(), LogEpoch(epoch.0 ^ 1), 5)],
+            // No log there: ignored.
+            vec![(ConvId::private(a, b).unwrap(), epoch, 9)],
+            vec![],
+        ] {
+            assert_eq!(
+                d.run(T0, advance(a, cursors)).await,
+                StoreReply::CursorsAdvanced
+            );
+        }
+        assert_eq!(d.head_of(a, &all).await.unwrap().cursor_seq, 4);
+        // Cursors are per user; in one batch they apply in order.
+        assert_eq!(d.head_of(b, &all).await.unwrap().cursor_seq, 0);
+        d.run(
+            T0,
+            advance(b, vec![(all.clone(), epoch, 3), (all.clone(), epoch, 1)]),
+        )
+        .await;
+        assert_eq!(d.head_of(b, &all).await.unwrap().cursor_seq, 3);
+        // A cursor past the head is kept as given (the reference does not clamp), even u64::MAX.
+        d.run(T0, advance(b, vec![(all.clone(), epoch, u64::MAX)]))
+            .await;
+        assert_eq!(d.head_of(b, &all).await.unwrap().cursor_seq, u64::MAX);
+        let (head, _) = d.fetch(a, &all, epoch, 0, 0).await;
+        assert_eq!(head.cursor_seq, 4);
+    }
+
+    pub async fn groups_create_join_leave(d: &mut Driver<'_>) {
+        let (a, b, c) = (
+            d.register("a").await,
+            d.register("b").await,
+            d.register("c").await,
+        );
+        let g = ConvId::group("g").unwrap();
+        let members = |conv: &ConvId| StoreCommand::LoadMembers { conv: conv.clone() };
+        let cases: Vec<(StoreCommand, StoreReply)> = vec![
+            (
+                StoreCommand::JoinGroup {
+                    conv: g.clone(),
+                    user: b,
+                },
+                StoreReply::GroupJoined(None),
+            ),
+            (
+                StoreCommand::CreateGroup {
+                    conv: g.clone(),
+                    owner: c,
+                },
+                StoreReply::GroupCreated { created: true },
+            ),
+            (
+                StoreCommand::CreateGroup {
+                    conv: g.clone(),
+                    owner: a,
+                },
+                StoreReply::GroupCreated { created: false },
+            ),
+            (
+                StoreCommand::CreateGroup {
+                    conv: ConvId::All,
+                    owner: a,
+                },
+                StoreReply::GroupCreated { created: false },
+            ),
+            (
+                StoreCommand::JoinGroup {
+                    conv: g.clone(),
+                    user: a,
+                },
+                StoreReply::GroupJoined(Some(0)),
+            ),
+            (
+                StoreCommand::JoinGroup {
+                    conv: g.clone(),
+                    user: a,
+                },
+                StoreReply::GroupJoined(Some(0)),
+            ),
+            (
+                StoreCommand::JoinGroup {
+                    conv: ConvId::All,
+                    user: a,
+                },
+                StoreReply::GroupJoined(None),
+            ),
+            (
+                StoreCommand::JoinGroup {
+                    conv: ConvId::private(a, b).unwrap(),
+                    user: a,
+                },
+                StoreReply::GroupJoined(None),
+            ),
+            (members(&g), StoreReply::Members(vec![a, c])),
+            (members(&ConvId::All), StoreReply::Members(vec![])),
+            (
+                members(&ConvId::private(c, a).unwrap()),
+                StoreReply::Members(vec![a, c]),
+            ),
+            (
+                members(&ConvId::group("none").unwrap()),
+                StoreReply::Members(vec![]),
+            ),
+            (
+                StoreCommand::LeaveGroup {
+                    conv: g.clone(),
+                    user: b,
+                },
+                StoreReply::GroupLeft { was_member: false },
+            ),
+            (
+                StoreCommand::LeaveGroup {
+                    conv: ConvId::All,
+                    user: a,
+                },
+                StoreReply::GroupLeft { was_member: false },
+            ),
+            (
+                StoreCommand::LeaveGroup {
+                    conv: g.clone(),
+                    user: c,
+                },
+                StoreReply::GroupLeft { was_member: true },
+            ),
+            (
+                StoreCommand::LeaveGroup {
+                    conv: g.clone(),
+                    user: a,
+                },
+                StoreReply::GroupLeft { was_member: true },
+            ),
+            // An emptied group still exists.
+            (members(&g), StoreReply::Members(vec![])),
+            (
+                StoreCommand::CreateGroup {
+                    conv: g.clone(),
+                    owner: b,
+                },
+                StoreReply::GroupCreated { created: false },
+            ),
+            (
+                StoreCommand::JoinGroup {
+                    conv: g.clone(),
+                    user: b,
+                },
+                StoreReply::GroupJoined(Some(0)),
+            ),
+        ];
+        for (i, (command, want)) in cases.into_iter().enumerate() {
+            assert_eq!(d.group(command).await, want, "case {i}");
+        }
+    }
+}
+
+// --- randomized: the same command sequence on both --------------------------------------
+
+/// Commands from a small space (few users, convs, ids, servers) so they collide often; log
+/// epochs in `Fetch`/`AdvanceCursors` are normalised indices the driver maps to its own.
+fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
+    let user = |rng: &mut ChaCha8Rng| UserId(rng.random_range(1..=5));
+    let conv = |rng: &mut ChaCha8Rng| match rng.random_range(0..6) {
+        0 => ConvId::All,
+        1 => ConvId::group("a").unwrap(),
+        2 => ConvId::group("b").unwrap(),
+        3 => ConvId::private(UserId(1), UserId(2)).unwrap(),
+        4 => ConvId::private(UserId(2), UserId(3)).unwrap(),
+        _ => ConvId::private(UserId(1), UserId(5)).unwrap(),
+    };
+    let server = |rng: &mut ChaCha8Rng| ServerId(format!("s{}", rng.random_range(0..2)));
+    // Claims: two users, few epochs and long leases, so compare-epoch steps often succeed.
+    let claimant = |rng: &mut ChaCha8Rng| UserId(rng.random_range(1..=2));
+    let epoch = |rng: &mut ChaCha8Rng| Epoch(rng.random_range(0..3));
+    let lease = |rng: &mut ChaCha8Rng| UnixMillis(now + rng.random_range(0..300));
+    // Mostly the conversation's current epoch as the driver last saw it, else any.
+    let log_epoch = |rng: &mut ChaCha8Rng| match rng.random_range(0..5) {
+        0 => LogEpoch(rng.random_range(0..5)),
+        _ => CURRENT,
+    };
+    match rng.random_range(0..17) {
+        0 => StoreCommand::RegisterAccount {
+            name: format!("n{}", rng.random_range(0..5)),
+            password_hash: format!("h{}", rng.random_range(0..2)),
+        },
+        1 => StoreCommand::LoadAccount { user: user(rng) },
+        2 => StoreCommand::LoadClaim { user: user(rng) },
+        3 => {
+            let expected = epoch(rng);
+            StoreCommand::ReplaceClaim {
+                user: claimant(rng),
+                expected,
+                claim: Claim {
+                    epoch: Epoch(expected.0 + u64::from(rng.random_range(0..5) > 0)),
+                    server: server(rng),
+                    lease_until: lease(rng),
+                    resume_token_hash: [rng.random_range(0..3); 32],
+                },
+            }
+        }
+        4 => StoreCommand::ReleaseClaim {
+            user: claimant(rng),
+            epoch: epoch(rng),
+        },
+        5 => StoreCommand::BindSession {
+            user: claimant(rng),
+            epoch: epoch(rng),
+            server: server(rng),
+            lease_until: lease(rng),
+        },
+        6 => StoreCommand::RefreshLeases {
+            server: server(rng),
+            lease_until: lease(rng),
+            sessions: (0..rng.random_range(0..4))
+                .map(|_| (claimant(rng), epoch(rng)))
+                .collect(),
+        },
+        7 => StoreCommand::LoadRoutes {
+            users: (0..rng.random_range(0..4)).map(|_| claimant(rng)).collect(),
+        },
+        8 => StoreCommand::LoadMembers { conv: conv(rng) },
+        9 | 10 => StoreCommand::Append {
+            conv: conv(rng),
+            sender: user(rng),
+            msg_id: ClientMsgId(rng.random_range(0..3)),
+            body: Bytes::from(vec![rng.random_range(0..2u8); 3]),
+            now: UnixMillis(now),
+        },
+        11 => StoreCommand::LoadHeads { user: user(rng) },
+        12 => StoreCommand::Fetch {
+            user: user(rng),
+            conv: conv(rng),
+            log_epoch: log_epoch(rng),
+            after_seq: rng.random_range(0..8),
+            limit: rng.random_range(0..5),
+        },
+        13 => StoreCommand::AdvanceCursors {
+            user: user(rng),
+            cursors: (0..rng.random_range(0..3))
+                .map(|_| (conv(rng), log_epoch(rng), rng.random_range(0..8)))
+                .collect(),
+        },
+        14 => StoreCommand::CreateGroup {
+            conv: conv(rng),
+            owner: user(rng),
+        },
+        15 => StoreCommand::JoinGroup {
+            conv: conv(rng),
+            user: user(rng),
+        },
+        _ => StoreCommand::LeaveGroup {
+            conv: conv(rng),
+            user: user(rng),
+        },
+    }
+}
+
+#[tokio::test]
+async fn random_command_sequences_agree() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let seeds: u64 = std::env::var("STORE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mut transcripts = Vec::new();
+    for seed in 0..seeds {
+        eprintln!(
+            "random_command_sequences_agree: seed {seed} (replay: STORE_SEEDS={})",
+            seed + 1
+        );
+        server.raw("FLUSHALL");
+        let memory = memory();
+        let redis = redis(&server).await;
+        let mut reference = Driver::new(&memory);
+        let mut real = Driver::new(&redis);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut now = T0;
+        for step in 0..500 {
+            match rng.random_range(0..10) {
+                0 => now += rng.random_range(0..50),
+                1 if rng.random_range(0..10) == 0 => now += TTL_MS,
+                _ => {}
+            }
+            let command = random_command(&mut rng, now);
+            let a = reference.denorm_command(command.clone());
+            let b = real.denorm_command(command);
+            reference.run(now, a).await;
+            real.run(now, b).await;
+            assert_eq!(
+                reference.transcript.last(),
+                real.transcript.last(),
+                "seed {seed} step {step}: memory (left) and redis (right) differ"
+            );
+        }
+        transcripts.extend(reference.transcript);
+    }
+    // The sequences must reach the interesting outcomes, or agreeing proves little.
+    for outcome in [
+        "AccountRegistered(Ok",
+        "NameTaken",
+        "ClaimReplaced(Ok(Some",
+        "ClaimReplaced(Err",
+        "released: true",
+        "SessionBound(Ok",
+        "SessionBound(Err",
+        ", Refreshed)",
+        ", Superseded",
+        ", Gone)",
+        "Some(RouteRecord",
+        "duplicate: true",
+        "duplicate: false",
+        "ConflictingRetry",
+        "NotMember",
+        "UnknownConversation",
+        "messages: [StoredMessage",
+        "GroupCreated { created: true",
+        "GroupJoined(Some",
+        "was_member: true",
+    ] {
+        let n = transcripts.iter().filter(|t| t.contains(outcome)).count();
+        eprintln!("{outcome}: {n}");
+        assert!(n > 0, "no step reached {outcome:?}");
+    }
+    let advanced = transcripts
+        .iter()
+        .filter(|t| {
+            t.contains("Heads") && t.contains("cursor_seq: ") && !t.contains("cursor_seq: 0")
+        })
+        .count();
+    eprintln!("heads with a cursor: {advanced}");
+}
+
+// --- Redis only ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn redis_refuses_an_evicting_policy_unless_overridden() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    assert_eq!(server.raw("CONFIG SET maxmemory-policy allkeys-lru"), "+OK");
+    match RedisStore::connect(&server.url(), redis_options()).await {
+        Err(ConnectError::EvictionPolicy { policy }) => assert_eq!(policy, "allkeys-lru"),
+        other => panic!("expected an eviction policy error, got {other:?}"),
+    }
+    let store = RedisStore::connect(
+        &server.url(),
+        RedisOptions {
+            allow_eviction: true,
+            ..redis_options()
+        },
+    )
+    .await
+    .expect("override accepted");
+    store.health().await.expect("healthy");
+}
+
+#[tokio::test]
+async fn redis_errors_are_store_unavailable() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = redis(&server).await;
+    store.health().await.expect("healthy");
+    let url = server.url();
+    drop(server);
+    let reply = store
+        .execute(UnixMillis(T0), StoreCommand::LoadClaim { user: UserId(1) })
+        .await;
+    assert!(reply.is_err(), "a dead server answered: {reply:?}");
+    assert!(store.health().await.is_err());
+    match RedisStore::connect(&url, redis_options()).await {
+        Err(ConnectError::Unreachable(_)) => {}
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+    assert!(matches!(
+        RedisStore::connect("not a url", redis_options()).await,
+        Err(ConnectError::Url(_))
+    ));
+}
+
+#[tokio::test]
+async fn memory_backend_is_usable_from_spawned_tasks() {
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(memory());
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .execute(
+                        UnixMillis(T0),
+                        StoreCommand::RegisterAccount {
+                            name: format!("u{i}"),
+                            password_hash: "h".into(),
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(StoreReply::AccountRegistered(Ok(user))) => ids.push(user.0),
+            other => panic!("{other:?}"),
+        }
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>());
+    store.health().await.unwrap();
+}
+
+/// What the vocabulary cannot observe but Redis must still do: release deletes the route
+/// record (not only hides it), and idempotency records carry a Redis TTL.
+#[tokio::test]
+async fn redis_collects_route_records_and_idempotency_records() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut d = Driver::new(&store);
+    let u = UserId(7);
+    d.run(
+        T0,
+        StoreCommand::ReplaceClaim {
+            user: u,
+            expected: Epoch(0),
+            claim: claim(1, "s1", T0 + 1_000, 1),
+        },
+    )
+    .await;
+    d.run(
+        T0,
+        StoreCommand::BindSession {
+            user: u,
+            epoch: Epoch(1),
+            server: s("s1"),
+            lease_until: UnixMillis(T0 + 1_000),
+        },
+    )
+    .await;
+    assert_eq!(server.raw("EXISTS cim:route:{u:7}"), ":1");
+    d.run(
+        T0,
+        StoreCommand::ReleaseClaim {
+            user: u,
+            epoch: Epoch(1),
+        },
+    )
+    .await;
+    assert_eq!(server.raw("EXISTS cim:route:{u:7}"), ":0");
+    // The counter survives.
+    assert_eq!(server.raw("HGET cim:claim:{u:7} epoch"), "$1");
+
+    let a = d.register("a").await;
+    d.append(T0, &ConvId::All, a, 0xab, "m").await.unwrap();
+    let pttl = server.raw(&format!(
+        "PTTL cim:conv:{{c:all}}:idem:{}:{:032x}",
+        a.0, 0xab
+    ));
+    let pttl: u64 = pttl.trim_start_matches(':').parse().expect(&pttl);
+    assert!(pttl > 0 && pttl <= TTL_MS, "idempotency record ttl {pttl}");
+}
