@@ -4,3 +4,4 @@
 
 pub use cim_core as core;
 pub use cim_proto as proto;
+pub mod registry;
