@@ -324,6 +324,20 @@ async fn session_expiry_removes_then_recreates(f: Fixture) {
         .expect("b (unaffected)");
     wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
     let mut health = reg.health();
+    // Fencing order: by the time routes drop `a`, `a` must already know its session is lost.
+    let health_when_gone = {
+        let mut servers = view.servers();
+        let health = reg.health();
+        let id = a.id.clone();
+        tokio::spawn(async move {
+            loop {
+                servers.changed().await.expect("view alive");
+                if !servers.borrow_and_update().contains_key(&id) {
+                    return *health.borrow();
+                }
+            }
+        })
+    };
 
     let t0 = Instant::now();
     f.partition(&a.id);
@@ -338,11 +352,15 @@ async fn session_expiry_removes_then_recreates(f: Fixture) {
     })
     .await;
     let t_gone = t0.elapsed();
+    assert_eq!(
+        health_when_gone.await.expect("observer"),
+        SessionHealth::Expired,
+        "routes dropped the server before it knew its session was lost"
+    );
     wait_health(&mut health, SESSION * 3, "Expired", |h| {
         *h == SessionHealth::Expired
     })
     .await;
-    let t_expired = t0.elapsed();
     assert_eq!(reg.sessions_lost(), 1);
     assert!(view.snapshot().contains_key(&ServerId::new("b")), "b stays");
 
@@ -365,8 +383,8 @@ async fn session_expiry_removes_then_recreates(f: Fixture) {
     wait_health(&mut health, PROMPT, "Connected", |h| h.is_connected()).await;
     assert_eq!(reg.sessions_lost(), 1, "one loss, one recreation");
     eprintln!(
-        "[{}] expiry: disconnected after {t_disconnected:?}, gone from view after {t_gone:?}, \
-         health Expired after {t_expired:?}; back {t_back:?} after the heal",
+        "[{}] expiry: disconnected after {t_disconnected:?}, gone from view after {t_gone:?} \
+         (health already Expired); back {t_back:?} after the heal",
         f.name()
     );
 

@@ -11,10 +11,10 @@
 //!   - reports its own session through [`Registration::health`], a
 //!     `watch::Receiver<SessionHealth>`. A server whose registry session is lost has vanished
 //!     from every route's view, and another server may take its users over, so it must fence
-//!     itself: on [`SessionHealth::Expired`] at once, and on [`SessionHealth::Disconnected`]
-//!     once `since + session timeout` has passed (the ensemble may have expired the session
-//!     without the client being able to hear it). The ZooKeeper registration declares
-//!     `Expired` by itself at that point, so watching for `Expired` is enough;
+//!     itself on [`SessionHealth::Expired`]. A partitioned ZooKeeper client cannot hear that
+//!     the ensemble expired its session, so the ZooKeeper registration declares `Expired` by
+//!     itself after a disconnection long enough that the ensemble is about to expire it
+//!     (see `zookeeper.rs`): the server learns it is out before routes drop it;
 //!   - **recreates the entry after a session expiry**: it opens a new session and creates the
 //!     node again with the latest data, then reports `Connected`;
 //!     [`Registration::sessions_lost`] counts how often that happened;

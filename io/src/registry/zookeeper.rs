@@ -7,8 +7,9 @@
 //! - the session's state drives [`SessionHealth`]: `Disconnected{since}` when the connection
 //!   drops, back to `Connected` if it comes back within the session; `Expired` when ZooKeeper
 //!   says so, or — since a partitioned client cannot hear that — once it has been
-//!   disconnected for a whole session timeout (the ensemble has expired it by then, so the
-//!   node is gone);
+//!   disconnected for half a session timeout (with the client's 2/5 connection timeout before
+//!   it noticed, about 0.9 session timeouts of silence: just before the ensemble expires the
+//!   session and routes drop the node, so the server fences first);
 //! - after a lost session the keeper opens a new session (retrying with capped backoff) and
 //!   creates the node again with the latest data. A node still held by one of this
 //!   registration's *previous* sessions (declared lost locally while the ensemble still had
@@ -386,7 +387,12 @@ impl Keeper {
                     }
                     zk::SessionState::Disconnected => {
                         let since = Instant::now();
-                        lost_at = Some(since + client.session_timeout());
+                        // The client notices a silent link only after its connection timeout
+                        // (2/5 of the session timeout), so the ensemble last heard from us
+                        // that long before `since`. Half a session timeout from here is about
+                        // 0.9 of one since then: this server calls its session lost just
+                        // before the ensemble expires it and routes drop it, never after.
+                        lost_at = Some(since + client.session_timeout() / 2);
                         tracing::warn!(server = %self.server.id, "registry connection lost");
                         self.health.send_replace(SessionHealth::Disconnected { since });
                     }

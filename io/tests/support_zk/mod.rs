@@ -64,7 +64,10 @@ fn start_or_skip() -> Option<ZkServer> {
             !in_ci(),
             "CI=true and {why}: CI must install ZooKeeper (apt-get install zookeeper)"
         );
-        eprintln!(
+        // Written to the real stderr (not `eprintln!`, which the test harness captures), so
+        // the skip is visible in a normal `cargo test` run.
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPING ZooKeeper registry tests: {why} (install the Debian `zookeeper` package)"
         );
         return None;
