@@ -26,6 +26,8 @@ pub struct MemoryRegistry {
 struct Shared {
     state: Mutex<State>,
     view: watch::Sender<ServerMap>,
+    /// Views' session health: always `Connected` (held so receivers never see a closed channel).
+    view_health: watch::Sender<SessionHealth>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +60,7 @@ impl MemoryRegistry {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 view: watch::channel(ServerMap::new()).0,
+                view_health: watch::channel(SessionHealth::Connected).0,
             }),
         }
     }
@@ -167,10 +170,9 @@ impl Registry for MemoryRegistry {
 
     async fn watch(&self) -> Result<RegistryView, RegistryError> {
         // An in-process view never loses its session.
-        let (_, health) = watch::channel(SessionHealth::Connected);
         Ok(RegistryView {
             servers: self.shared.view.subscribe(),
-            health,
+            health: self.shared.view_health.subscribe(),
         })
     }
 }
