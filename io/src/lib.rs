@@ -4,4 +4,5 @@
 
 pub use cim_core as core;
 pub use cim_proto as proto;
+pub mod registry;
 pub mod store;

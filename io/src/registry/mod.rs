@@ -1,0 +1,395 @@
+//! The server registry: which servers are alive and where to reach them.
+//!
+//! Two sides use it:
+//!
+//! - **A server** calls [`Registry::register`] once it listens. The returned [`Registration`]
+//!   keeps the server's entry alive for as long as it is held: in ZooKeeper an EPHEMERAL node
+//!   named by the server id under a persistent root (default [`DEFAULT_ROOT`]), holding the
+//!   [`LiveServer`] fields as JSON. It
+//!   - publishes a new session count with [`Registration::update`] (least-connections
+//!     balancing reads it);
+//!   - reports its own session through [`Registration::health`], a
+//!     `watch::Receiver<SessionHealth>`. A server whose registry session is lost has vanished
+//!     from every route's view, and another server may take its users over, so it must fence
+//!     itself on [`SessionHealth::Expired`]. A partitioned ZooKeeper client cannot hear that
+//!     the ensemble expired its session, so the ZooKeeper registration declares `Expired` by
+//!     itself after a disconnection long enough that the ensemble is about to expire it
+//!     (see `zookeeper.rs`): the server learns it is out before routes drop it;
+//!   - **recreates the entry after a session expiry**: it opens a new session and creates the
+//!     node again with the latest data, then reports `Connected`;
+//!     [`Registration::sessions_lost`] counts how often that happened;
+//!   - [`Registration::deregister`] removes the entry first and only then closes the session
+//!     (graceful drain: routes stop sending new users before the server goes away). Dropping
+//!     a `Registration` closes the session, so the entry disappears too (ZooKeeper deletes an
+//!     ephemeral node when its session closes).
+//! - **A route** calls [`Registry::watch`]. The [`RegistryView`] holds a
+//!   `watch::Receiver<BTreeMap<ServerId, LiveServer>>` that is current when `watch` returns
+//!   and is kept current afterwards (ZooKeeper: a child watch on the root plus a data watch
+//!   per server node, every watch re-armed when it fires, everything re-listed after a
+//!   reconnect or a new session). A removed server leaves the view as soon as ZooKeeper
+//!   reports it (milliseconds). While the view's own session is disconnected the map cannot
+//!   change; [`RegistryView::health`] says so.
+//!
+//! Node data that does not decode, or whose id disagrees with its node name, is skipped with a
+//! warning: a bad entry never takes the view down.
+//!
+//! [`ZkRegistry`] is the production backend; [`MemoryRegistry`] is the in-process one (`cim up`,
+//! unit tests), with test hooks to simulate disconnection and session expiry. [`AnyRegistry`]
+//! lets the shell pick one at run time. Both pass the same conformance suite
+//! (`io/tests/registry_conformance.rs`).
+
+mod memory;
+mod zookeeper;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cim_core::ids::ServerId;
+use cim_core::registry::LiveServer;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub use memory::MemoryRegistry;
+pub use zookeeper::{ZkConfig, ZkRegistry};
+
+/// The persistent ZooKeeper node the server nodes live under, unless configured otherwise.
+pub const DEFAULT_ROOT: &str = "/cim/servers";
+
+/// The live servers, by id.
+pub type ServerMap = BTreeMap<ServerId, LiveServer>;
+
+/// Health of one registry session, as its owner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionHealth {
+    /// The session is established and the entry (for a registration) exists.
+    Connected,
+    /// The connection dropped at `since`; the session may still be alive on the ensemble.
+    Disconnected { since: Instant },
+    /// The session is gone (expired, closed, or disconnected longer than the session
+    /// timeout): the entry is no longer in the registry. A registration is busy recreating
+    /// it and reports `Connected` when done.
+    Expired,
+}
+
+impl SessionHealth {
+    pub fn is_connected(self) -> bool {
+        self == SessionHealth::Connected
+    }
+}
+
+/// Errors of the registry API. Each says whether the registry changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Nothing was registered.
+    #[error(
+        "invalid server id {0:?}: it must be a non-empty node name without '/' or control characters"
+    )]
+    InvalidServerId(String),
+    /// Rejected at construction.
+    #[error("invalid registry root {0:?}: it must be an absolute path like /cim/servers")]
+    InvalidRoot(String),
+    /// Another live session holds this id; nothing was registered.
+    #[error("server {0} is already registered by another live session")]
+    AlreadyRegistered(ServerId),
+    /// The operation did not finish in time; it may or may not have taken effect.
+    #[error("registry operation `{op}` timed out after {after:?}")]
+    Timeout { op: &'static str, after: Duration },
+    /// ZooKeeper refused or failed the operation.
+    #[error("zookeeper `{op}` failed: {source}")]
+    ZooKeeper {
+        op: &'static str,
+        #[source]
+        source: zookeeper_client::Error,
+    },
+    /// The registration has no session right now (it is being recreated). For
+    /// [`Registration::update`]: the count is kept and published with the recreated entry.
+    #[error("the registration's session is not connected; the update is applied on reconnect")]
+    NotConnected,
+    /// The task serving this registration has stopped (the runtime is shutting down).
+    #[error("the registration is no longer served")]
+    Closed,
+    #[error("encoding node data: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A registry backend. The futures are `Send` so the shell can spawn them.
+pub trait Registry: Send + Sync {
+    /// Adds `server` to the registry for as long as the returned [`Registration`] lives.
+    /// Fails with [`RegistryError::AlreadyRegistered`] when another live session holds the id.
+    fn register(
+        &self,
+        server: LiveServer,
+    ) -> impl Future<Output = Result<Registration, RegistryError>> + Send;
+
+    /// A view of the live servers, current when this returns and kept current afterwards.
+    fn watch(&self) -> impl Future<Output = Result<RegistryView, RegistryError>> + Send;
+}
+
+/// Either backend, chosen at run time (`cim up` vs `--zk`).
+#[derive(Debug, Clone)]
+pub enum AnyRegistry {
+    Memory(MemoryRegistry),
+    Zk(ZkRegistry),
+}
+
+impl From<MemoryRegistry> for AnyRegistry {
+    fn from(r: MemoryRegistry) -> Self {
+        AnyRegistry::Memory(r)
+    }
+}
+
+impl From<ZkRegistry> for AnyRegistry {
+    fn from(r: ZkRegistry) -> Self {
+        AnyRegistry::Zk(r)
+    }
+}
+
+impl Registry for AnyRegistry {
+    async fn register(&self, server: LiveServer) -> Result<Registration, RegistryError> {
+        match self {
+            AnyRegistry::Memory(r) => r.register(server).await,
+            AnyRegistry::Zk(r) => r.register(server).await,
+        }
+    }
+
+    async fn watch(&self) -> Result<RegistryView, RegistryError> {
+        match self {
+            AnyRegistry::Memory(r) => r.watch().await,
+            AnyRegistry::Zk(r) => r.watch().await,
+        }
+    }
+}
+
+/// A server's live entry in the registry; see the module docs for its guarantees.
+#[derive(Debug)]
+pub struct Registration {
+    id: ServerId,
+    health: watch::Receiver<SessionHealth>,
+    sessions_lost: Arc<AtomicU64>,
+    backend: RegistrationBackend,
+}
+
+#[derive(Debug)]
+enum RegistrationBackend {
+    Memory(memory::MemoryHandle),
+    Zk(zookeeper::ZkHandle),
+}
+
+impl Registration {
+    pub fn server_id(&self) -> &ServerId {
+        &self.id
+    }
+
+    /// Session health, for fencing. Clones stay valid after the registration is dropped
+    /// (they then keep the last value).
+    pub fn health(&self) -> watch::Receiver<SessionHealth> {
+        self.health.clone()
+    }
+
+    pub fn current_health(&self) -> SessionHealth {
+        *self.health.borrow()
+    }
+
+    /// How many sessions this registration has lost (and replaced). It only grows.
+    pub fn sessions_lost(&self) -> u64 {
+        self.sessions_lost.load(Ordering::SeqCst)
+    }
+
+    /// Publishes the number of sessions this server holds. `Ok` once the registry has it.
+    /// On `Err` the count is still kept and published when the session recovers or the
+    /// entry is recreated.
+    pub async fn update(&self, connections: u32) -> Result<(), RegistryError> {
+        match &self.backend {
+            RegistrationBackend::Memory(h) => h.update(connections),
+            RegistrationBackend::Zk(h) => h.update(connections).await,
+        }
+    }
+
+    /// Leaves the registry (the entry is deleted first), then closes the session. After an
+    /// `Err` the session is closed anyway, which removes the entry once the ensemble notices.
+    pub async fn deregister(self) -> Result<(), RegistryError> {
+        match self.backend {
+            RegistrationBackend::Memory(h) => {
+                h.deregister();
+                Ok(())
+            }
+            RegistrationBackend::Zk(h) => h.deregister().await,
+        }
+    }
+}
+
+/// A route's view of the live servers.
+#[derive(Debug, Clone)]
+pub struct RegistryView {
+    servers: watch::Receiver<ServerMap>,
+    health: watch::Receiver<SessionHealth>,
+}
+
+impl RegistryView {
+    /// The live servers; `changed()` wakes on every change. The ZooKeeper view stops updating
+    /// once every receiver of it (views and clones) has been dropped.
+    pub fn servers(&self) -> watch::Receiver<ServerMap> {
+        self.servers.clone()
+    }
+
+    pub fn snapshot(&self) -> ServerMap {
+        self.servers.borrow().clone()
+    }
+
+    /// Health of the view's own session: while not `Connected` the map may be stale.
+    pub fn health(&self) -> watch::Receiver<SessionHealth> {
+        self.health.clone()
+    }
+
+    /// Waits until the view satisfies `pred` and returns that map, or `Timeout` after
+    /// `within`.
+    pub async fn wait_until(
+        &self,
+        within: Duration,
+        mut pred: impl FnMut(&ServerMap) -> bool,
+    ) -> Result<ServerMap, RegistryError> {
+        let mut rx = self.servers.clone();
+        let waited = tokio::time::timeout(within, async {
+            rx.wait_for(|m| pred(m)).await.map(|m| m.clone()).ok()
+        })
+        .await;
+        match waited {
+            Ok(Some(map)) => Ok(map),
+            // The sender is gone, so the view can no longer change.
+            Ok(None) => Err(RegistryError::Closed),
+            Err(_) => Err(RegistryError::Timeout {
+                op: "wait for view",
+                after: within,
+            }),
+        }
+    }
+}
+
+/// A server id becomes a ZooKeeper node name, so it must be one.
+fn validate_server_id(id: &ServerId) -> Result<(), RegistryError> {
+    let s = id.as_str();
+    let bad = s.is_empty()
+        || s == "."
+        || s == ".."
+        || s.len() > 255
+        || s.chars().any(|c| c == '/' || c.is_control());
+    if bad {
+        Err(RegistryError::InvalidServerId(s.to_owned()))
+    } else {
+        Ok(())
+    }
+}
+
+/// What a server node holds. Unknown fields are ignored, so a newer server may add some.
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeData {
+    id: String,
+    host: String,
+    client_port: u16,
+    link_port: u16,
+    http_port: u16,
+    #[serde(default)]
+    connections: u32,
+}
+
+fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
+    let data = NodeData {
+        id: server.id.as_str().to_owned(),
+        host: server.host.clone(),
+        client_port: server.client_port,
+        link_port: server.link_port,
+        http_port: server.http_port,
+        connections: server.connections,
+    };
+    Ok(serde_json::to_vec(&data)?)
+}
+
+/// Decodes one node; a node that does not decode is logged and skipped, never fatal.
+fn decode_node(name: &str, bytes: &[u8]) -> Option<LiveServer> {
+    let data: NodeData = match serde_json::from_slice(bytes) {
+        Ok(d) => d,
+        Err(error) => {
+            tracing::warn!(node = name, %error, "skipping registry node with undecodable data");
+            return None;
+        }
+    };
+    if data.id != name {
+        tracing::warn!(node = name, id = %data.id, "skipping registry node whose id is not its name");
+        return None;
+    }
+    if data.host.is_empty() {
+        tracing::warn!(node = name, "skipping registry node without a host");
+        return None;
+    }
+    Some(LiveServer {
+        id: ServerId::new(data.id),
+        host: data.host,
+        client_port: data.client_port,
+        link_port: data.link_port,
+        http_port: data.http_port,
+        connections: data.connections,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(id: &str) -> LiveServer {
+        LiveServer {
+            id: ServerId::new(id),
+            host: "10.0.0.1".into(),
+            client_port: 11211,
+            link_port: 11311,
+            http_port: 8081,
+            connections: 7,
+        }
+    }
+
+    #[test]
+    fn node_data_round_trips() {
+        let s = server("s1");
+        let bytes = encode_node(&s).unwrap();
+        assert_eq!(decode_node("s1", &bytes), Some(s));
+    }
+
+    #[test]
+    fn bad_node_data_is_skipped() {
+        let good = encode_node(&server("s1")).unwrap();
+        let cases: &[(&str, &[u8])] = &[
+            ("s1", b""),
+            ("s1", b"\xff\xfe garbage"),
+            ("s1", b"{\"id\":\"s1\"}"),
+            ("s1", b"{\"id\":\"s1\",\"host\":\"h\",\"client_port\":70000,\"link_port\":1,\"http_port\":1}"),
+            ("s1", b"{\"id\":\"s1\",\"host\":\"\",\"client_port\":1,\"link_port\":1,\"http_port\":1}"),
+            ("s2", &good),
+        ];
+        for (name, bytes) in cases {
+            assert_eq!(decode_node(name, bytes), None, "{name} {bytes:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_missing_connections_are_accepted() {
+        let bytes = b"{\"id\":\"s1\",\"host\":\"h\",\"client_port\":1,\"link_port\":2,\"http_port\":3,\"zone\":\"a\"}";
+        let s = decode_node("s1", bytes).unwrap();
+        assert_eq!(
+            (s.client_port, s.link_port, s.http_port, s.connections),
+            (1, 2, 3, 0)
+        );
+    }
+
+    #[test]
+    fn server_ids_must_be_node_names() {
+        for bad in ["", ".", "..", "a/b", "a\nb", &"x".repeat(256)] {
+            assert!(validate_server_id(&ServerId::new(bad)).is_err(), "{bad:?}");
+        }
+        for good in ["s1", "server-01.example", "10.0.0.1:11211"] {
+            assert!(validate_server_id(&ServerId::new(good)).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,799 @@
+//! The ZooKeeper registry.
+//!
+//! Layout: a persistent root (created like `mkdir -p` if absent); under it one EPHEMERAL node
+//! per live server, named by its id, holding the `LiveServer` fields as JSON.
+//!
+//! Each [`Registration`] owns one session, served by a *keeper* task:
+//! - the session's state drives [`SessionHealth`]: `Disconnected{since}` when the connection
+//!   drops, back to `Connected` if it comes back within the session; `Expired` when ZooKeeper
+//!   says so, or — since a partitioned client cannot hear that — once it has been
+//!   disconnected for half a session timeout (with the client's 2/5 connection timeout before
+//!   it noticed, about 0.9 session timeouts of silence: just before the ensemble expires the
+//!   session and routes drop the node, so the server fences first);
+//! - after a lost session the keeper opens a new session (retrying with capped backoff) and
+//!   creates the node again with the latest data. A node still held by one of this
+//!   registration's *previous* sessions (declared lost locally while the ensemble still had
+//!   it) is deleted and replaced; a node held by anyone else is waited out for a session
+//!   timeout, then reported as `AlreadyRegistered`;
+//! - dropping the `Registration` closes the command channel; the keeper drops the client,
+//!   which closes the session, which deletes the node.
+//!
+//! Each [`RegistryView`] owns one more session, served by a *viewer* task: a child watch on
+//! the root and a data watch per server node, each re-armed when it fires; after a reconnect
+//! or a new session everything is listed again. It stops when every receiver is dropped.
+//!
+//! Every ZooKeeper call is bounded by `op_timeout`, every connect by the session timeout plus
+//! `op_timeout`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cim_core::ids::ServerId;
+use cim_core::registry::LiveServer;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use zookeeper_client as zk;
+
+use super::{
+    DEFAULT_ROOT, Registration, RegistrationBackend, Registry, RegistryError, RegistryView,
+    ServerMap, SessionHealth, decode_node, encode_node, validate_server_id,
+};
+
+/// Where the ensemble is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct ZkConfig {
+    /// `host:port[,host:port...]`, the ensemble.
+    pub connect: String,
+    /// Persistent node the server nodes live under.
+    pub root: String,
+    /// Requested session timeout (the ensemble may clamp it to its min/max).
+    pub session_timeout: Duration,
+    /// Bound on every single ZooKeeper call.
+    pub op_timeout: Duration,
+}
+
+impl ZkConfig {
+    pub fn new(connect: impl Into<String>) -> Self {
+        Self {
+            connect: connect.into(),
+            root: DEFAULT_ROOT.to_owned(),
+            session_timeout: Duration::from_secs(6),
+            op_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn with_root(mut self, root: impl Into<String>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    fn node_path(&self, id: &str) -> String {
+        format!("{}/{}", self.root, id)
+    }
+}
+
+/// The ZooKeeper backend. Cheap to clone; it opens a session per registration and per view.
+#[derive(Debug, Clone)]
+pub struct ZkRegistry {
+    config: Arc<ZkConfig>,
+}
+
+impl ZkRegistry {
+    /// Checks the configuration; connects only when registering or watching.
+    pub fn new(config: ZkConfig) -> Result<Self, RegistryError> {
+        let root = config.root.as_str();
+        let bad = !root.starts_with('/')
+            || root.len() < 2
+            || root.ends_with('/')
+            || root[1..]
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+            || root.chars().any(char::is_control);
+        if bad {
+            return Err(RegistryError::InvalidRoot(config.root));
+        }
+        Ok(Self {
+            config: Arc::new(config),
+        })
+    }
+
+    pub fn config(&self) -> &ZkConfig {
+        &self.config
+    }
+}
+
+impl Registry for ZkRegistry {
+    async fn register(&self, server: LiveServer) -> Result<Registration, RegistryError> {
+        validate_server_id(&server.id)?;
+        let cfg = self.config.clone();
+        let client = establish(&cfg, &server, &[]).await?;
+        let (health_tx, health_rx) = watch::channel(SessionHealth::Connected);
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let sessions_lost = Arc::new(AtomicU64::new(0));
+        let id = server.id.clone();
+        tracing::info!(server = %id, session = %client.session_id(), "registered in zookeeper");
+        let keeper = Keeper {
+            path: cfg.node_path(server.id.as_str()),
+            cfg,
+            server,
+            dirty: false,
+            health: health_tx,
+            sessions_lost: sessions_lost.clone(),
+            cmds: cmd_rx,
+            previous_sessions: Vec::new(),
+        };
+        tokio::spawn(keeper.run(client));
+        Ok(Registration {
+            id,
+            health: health_rx,
+            sessions_lost,
+            backend: RegistrationBackend::Zk(ZkHandle { cmds: cmd_tx }),
+        })
+    }
+
+    async fn watch(&self) -> Result<RegistryView, RegistryError> {
+        let cfg = self.config.clone();
+        let client = connect(&cfg).await?;
+        ensure_root(&client, &cfg).await?;
+        let (servers_tx, servers_rx) = watch::channel(ServerMap::new());
+        let (health_tx, health_rx) = watch::channel(SessionHealth::Connected);
+        let mut viewer = Viewer {
+            cfg,
+            servers: servers_tx,
+            health: health_tx,
+            children: None,
+            data_watches: JoinSet::new(),
+            nodes: BTreeMap::new(),
+            next_gen: 0,
+        };
+        // The first listing happens before returning, so the view is current from the start.
+        viewer.resync(&client).await?;
+        tokio::spawn(viewer.run(client));
+        Ok(RegistryView {
+            servers: servers_rx,
+            health: health_rx,
+        })
+    }
+}
+
+fn zk_err(op: &'static str) -> impl FnOnce(zk::Error) -> RegistryError {
+    move |source| RegistryError::ZooKeeper { op, source }
+}
+
+/// Runs one ZooKeeper call under a deadline.
+async fn timed<T>(
+    op: &'static str,
+    after: Duration,
+    fut: impl Future<Output = Result<T, zk::Error>>,
+) -> Result<T, RegistryError> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(result) => result.map_err(zk_err(op)),
+        Err(_) => Err(RegistryError::Timeout { op, after }),
+    }
+}
+
+fn is_zk(err: &RegistryError, want: &zk::Error) -> bool {
+    matches!(err, RegistryError::ZooKeeper { source, .. } if source == want)
+}
+
+async fn connect(cfg: &ZkConfig) -> Result<zk::Client, RegistryError> {
+    let after = cfg.session_timeout + cfg.op_timeout;
+    let connecting = zk::Client::connector()
+        .with_session_timeout(cfg.session_timeout)
+        .connect(&cfg.connect);
+    timed("connect", after, connecting).await
+}
+
+async fn ensure_root(client: &zk::Client, cfg: &ZkConfig) -> Result<(), RegistryError> {
+    let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    timed(
+        "mkdir root",
+        cfg.op_timeout,
+        client.mkdir(&cfg.root, &options),
+    )
+    .await
+}
+
+/// A new session with the server's node in place.
+async fn establish(
+    cfg: &ZkConfig,
+    server: &LiveServer,
+    previous_sessions: &[i64],
+) -> Result<zk::Client, RegistryError> {
+    let client = connect(cfg).await?;
+    ensure_root(&client, cfg).await?;
+    create_node(&client, cfg, server, previous_sessions).await?;
+    Ok(client)
+}
+
+/// Creates the server's ephemeral node in `client`'s session.
+async fn create_node(
+    client: &zk::Client,
+    cfg: &ZkConfig,
+    server: &LiveServer,
+    previous_sessions: &[i64],
+) -> Result<(), RegistryError> {
+    let path = cfg.node_path(server.id.as_str());
+    let data = encode_node(server)?;
+    let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    // A node left by a crashed predecessor lives until the ensemble expires its session.
+    let give_up = Instant::now() + client.session_timeout() + cfg.op_timeout;
+    loop {
+        let created = timed(
+            "create node",
+            cfg.op_timeout,
+            client.create(&path, &data, &options),
+        )
+        .await;
+        match created {
+            Ok(_) => return Ok(()),
+            Err(e) if is_zk(&e, &zk::Error::NodeExists) => {}
+            Err(e) => return Err(e),
+        }
+        let stat = timed("stat node", cfg.op_timeout, client.check_stat(&path)).await?;
+        let Some(stat) = stat else { continue };
+        if stat.ephemeral_owner == client.session_id().0 {
+            // Ours already (a create retried across a connection loss): make the data current.
+            timed(
+                "set node data",
+                cfg.op_timeout,
+                client.set_data(&path, &data, None),
+            )
+            .await?;
+            return Ok(());
+        }
+        if previous_sessions.contains(&stat.ephemeral_owner) {
+            tracing::info!(node = %path, "replacing the node of this server's previous session");
+            match timed(
+                "delete stale node",
+                cfg.op_timeout,
+                client.delete(&path, Some(stat.version)),
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(e) if is_zk(&e, &zk::Error::NoNode) || is_zk(&e, &zk::Error::BadVersion) => {}
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        if Instant::now() >= give_up {
+            return Err(RegistryError::AlreadyRegistered(server.id.clone()));
+        }
+        tracing::debug!(node = %path, "node held by another session; waiting for it to expire");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+enum Cmd {
+    Update(u32, oneshot::Sender<Result<(), RegistryError>>),
+    Deregister(oneshot::Sender<Result<(), RegistryError>>),
+}
+
+/// The ZooKeeper side of a [`Registration`]: the keeper's command channel.
+pub(super) struct ZkHandle {
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl std::fmt::Debug for ZkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkHandle").finish_non_exhaustive()
+    }
+}
+
+impl ZkHandle {
+    pub(super) async fn update(&self, connections: u32) -> Result<(), RegistryError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Update(connections, tx))
+            .await
+            .map_err(|_| RegistryError::Closed)?;
+        rx.await.map_err(|_| RegistryError::Closed)?
+    }
+
+    pub(super) async fn deregister(self) -> Result<(), RegistryError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Deregister(tx))
+            .await
+            .map_err(|_| RegistryError::Closed)?;
+        rx.await.map_err(|_| RegistryError::Closed)?
+    }
+}
+
+/// Serves one registration across sessions.
+struct Keeper {
+    cfg: Arc<ZkConfig>,
+    path: String,
+    /// The latest data, republished on reconnect and on recreation.
+    server: LiveServer,
+    /// `server` changed since the registry last accepted it.
+    dirty: bool,
+    health: watch::Sender<SessionHealth>,
+    sessions_lost: Arc<AtomicU64>,
+    cmds: mpsc::Receiver<Cmd>,
+    /// Sessions this registration gave up on; a node one of them still holds is ours.
+    previous_sessions: Vec<i64>,
+}
+
+enum SessionEnd {
+    Lost,
+    Stop,
+}
+
+impl Keeper {
+    async fn run(mut self, mut client: zk::Client) {
+        loop {
+            match self.serve(&client).await {
+                SessionEnd::Stop => return,
+                SessionEnd::Lost => {}
+            }
+            self.sessions_lost.fetch_add(1, Ordering::SeqCst);
+            self.health.send_replace(SessionHealth::Expired);
+            self.previous_sessions.push(client.session_id().0);
+            tracing::warn!(server = %self.server.id, session = %client.session_id(),
+                "registry session lost; recreating the node in a new session");
+            // Dropping the old client closes that session if it is somehow still alive.
+            drop(client);
+            match self.reestablish().await {
+                Some(c) => client = c,
+                None => return,
+            }
+            tracing::info!(server = %self.server.id, session = %client.session_id(),
+                "registry node recreated");
+            self.health.send_replace(SessionHealth::Connected);
+        }
+    }
+
+    /// Serves commands and session events while `client`'s session lives.
+    async fn serve(&mut self, client: &zk::Client) -> SessionEnd {
+        let mut states = client.state_watcher();
+        let mut lost_at: Option<Instant> = None;
+        if self.dirty {
+            self.publish(client).await.ok();
+        }
+        loop {
+            let lost_timer = async {
+                match lost_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                state = states.changed() => match state {
+                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                        lost_at = None;
+                        if let Err(error) = self.after_reconnect(client).await {
+                            tracing::warn!(server = %self.server.id, %error,
+                                "could not check the registry node after reconnecting");
+                        }
+                        self.health.send_replace(SessionHealth::Connected);
+                    }
+                    zk::SessionState::Disconnected => {
+                        let since = Instant::now();
+                        // The client notices a silent link only after its connection timeout
+                        // (2/5 of the session timeout), so the ensemble last heard from us
+                        // that long before `since`. Half a session timeout from here is about
+                        // 0.9 of one since then: this server calls its session lost just
+                        // before the ensemble expires it and routes drop it, never after.
+                        lost_at = Some(since + client.session_timeout() / 2);
+                        tracing::warn!(server = %self.server.id, "registry connection lost");
+                        self.health.send_replace(SessionHealth::Disconnected { since });
+                    }
+                    zk::SessionState::Expired
+                    | zk::SessionState::Closed
+                    | zk::SessionState::AuthFailed => return SessionEnd::Lost,
+                },
+                () = lost_timer => {
+                    // The ensemble has expired the session by now; we just cannot hear it.
+                    return SessionEnd::Lost;
+                }
+                cmd = self.cmds.recv() => match cmd {
+                    None => return SessionEnd::Stop,
+                    Some(Cmd::Update(connections, reply)) => {
+                        self.server.connections = connections;
+                        self.dirty = true;
+                        let result = if lost_at.is_some() {
+                            Err(RegistryError::NotConnected)
+                        } else {
+                            self.publish(client).await
+                        };
+                        reply.send(result).ok();
+                    }
+                    Some(Cmd::Deregister(reply)) => {
+                        let deleted = timed("delete node", self.cfg.op_timeout,
+                            client.delete(&self.path, None)).await;
+                        let result = match deleted {
+                            Err(e) if is_zk(&e, &zk::Error::NoNode) => Ok(()),
+                            other => other,
+                        };
+                        reply.send(result).ok();
+                        return SessionEnd::Stop;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Writes the latest data to the node.
+    async fn publish(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
+        let data = encode_node(&self.server)?;
+        timed(
+            "set node data",
+            self.cfg.op_timeout,
+            client.set_data(&self.path, &data, None),
+        )
+        .await?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Same session, new connection: the node should still be there; an operator may have
+    /// deleted it by hand, so check, recreate if missing, and republish a pending update.
+    async fn after_reconnect(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
+        let stat = timed(
+            "stat node",
+            self.cfg.op_timeout,
+            client.check_stat(&self.path),
+        )
+        .await?;
+        if stat.is_none() {
+            tracing::warn!(node = %self.path, "registry node vanished within the session; recreating");
+            create_node(client, &self.cfg, &self.server, &self.previous_sessions).await?;
+            self.dirty = false;
+        } else if self.dirty {
+            self.publish(client).await?;
+        }
+        Ok(())
+    }
+
+    /// Opens new sessions until one holds the node again. `None` if the registration was
+    /// dropped or deregistered meanwhile.
+    async fn reestablish(&mut self) -> Option<zk::Client> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let server = self.server.clone();
+            let attempt = establish(&self.cfg, &server, &self.previous_sessions);
+            tokio::pin!(attempt);
+            let outcome = loop {
+                tokio::select! {
+                    biased;
+                    cmd = self.cmds.recv() => match cmd {
+                        None => return None,
+                        Some(Cmd::Deregister(reply)) => {
+                            // Nothing to delete: the node went with the old session.
+                            reply.send(Ok(())).ok();
+                            return None;
+                        }
+                        Some(Cmd::Update(connections, reply)) => {
+                            self.server.connections = connections;
+                            self.dirty = true;
+                            reply.send(Err(RegistryError::NotConnected)).ok();
+                        }
+                    },
+                    result = &mut attempt => break result,
+                }
+            };
+            match outcome {
+                Ok(client) => {
+                    // An update that arrived during the attempt is published by `serve`.
+                    self.dirty = self.dirty || server != self.server;
+                    return Some(client);
+                }
+                Err(error) => {
+                    tracing::warn!(server = %self.server.id, %error, retry_in = ?backoff,
+                        "could not recreate the registry node");
+                }
+            }
+            let pause = tokio::time::sleep(backoff);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    biased;
+                    cmd = self.cmds.recv() => match cmd {
+                        None => return None,
+                        Some(Cmd::Deregister(reply)) => {
+                            reply.send(Ok(())).ok();
+                            return None;
+                        }
+                        Some(Cmd::Update(connections, reply)) => {
+                            self.server.connections = connections;
+                            self.dirty = true;
+                            reply.send(Err(RegistryError::NotConnected)).ok();
+                        }
+                    },
+                    () = &mut pause => break,
+                }
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+type WatchFuture = Pin<Box<dyn Future<Output = zk::WatchedEvent> + Send>>;
+
+struct NodeEntry {
+    /// Tells this node's current data watch from older ones still in the join set.
+    generation: u64,
+    watch: AbortHandle,
+    /// `None` when the node's data did not decode (kept so a later fix is seen).
+    server: Option<LiveServer>,
+}
+
+/// Keeps one view current across sessions.
+struct Viewer {
+    cfg: Arc<ZkConfig>,
+    servers: watch::Sender<ServerMap>,
+    health: watch::Sender<SessionHealth>,
+    children: Option<WatchFuture>,
+    data_watches: JoinSet<(String, u64, zk::WatchedEvent)>,
+    nodes: BTreeMap<String, NodeEntry>,
+    next_gen: u64,
+}
+
+impl Viewer {
+    async fn run(mut self, mut client: zk::Client) {
+        let mut states = client.state_watcher();
+        let mut was_disconnected = false;
+        // Set when a call failed: the view may have missed something, so list everything again.
+        let mut retry_at: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let retry_timer = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let children_fired = async {
+                match self.children.as_mut() {
+                    Some(fut) => fut.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let step: Result<(), RegistryError> = tokio::select! {
+                biased;
+                () = self.servers.closed() => return,
+                state = states.changed() => match state {
+                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                        self.health.send_replace(SessionHealth::Connected);
+                        if std::mem::take(&mut was_disconnected) {
+                            self.resync(&client).await
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    zk::SessionState::Disconnected => {
+                        was_disconnected = true;
+                        self.health.send_replace(SessionHealth::Disconnected { since: Instant::now() });
+                        Ok(())
+                    }
+                    zk::SessionState::Expired
+                    | zk::SessionState::Closed
+                    | zk::SessionState::AuthFailed => {
+                        self.health.send_replace(SessionHealth::Expired);
+                        tracing::warn!(%state, "registry view session lost; opening a new one");
+                        match self.new_session().await {
+                            Some(c) => {
+                                client = c;
+                                states = client.state_watcher();
+                                was_disconnected = false;
+                                retry_at = None;
+                                self.health.send_replace(SessionHealth::Connected);
+                                Ok(())
+                            }
+                            None => return,
+                        }
+                    }
+                },
+                () = retry_timer => {
+                    retry_at = None;
+                    self.resync(&client).await
+                }
+                event = children_fired => {
+                    self.children = None;
+                    if event.event_type == zk::EventType::Session {
+                        // Session trouble; the state watcher drives recovery.
+                        Ok(())
+                    } else {
+                        self.relist(&client).await
+                    }
+                }
+                Some(joined) = self.data_watches.join_next(), if !self.data_watches.is_empty() => {
+                    match joined {
+                        Ok((name, generation, event)) => self.data_event(&client, name, generation, event).await,
+                        // Aborted watches of removed nodes.
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            match step {
+                Ok(()) => {
+                    if retry_at.is_none() {
+                        backoff = Duration::from_millis(100);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "registry view update failed; will list again");
+                    retry_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            self.publish();
+        }
+    }
+
+    /// New sessions until one lists the root. `None` when nobody watches any more.
+    async fn new_session(&mut self) -> Option<zk::Client> {
+        self.clear();
+        let watchers = self.servers.clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let client = connect(&self.cfg).await?;
+                ensure_root(&client, &self.cfg).await?;
+                self.resync(&client).await?;
+                Ok::<_, RegistryError>(client)
+            };
+            let outcome = tokio::select! {
+                biased;
+                () = watchers.closed() => return None,
+                outcome = attempt => outcome,
+            };
+            match outcome {
+                Ok(client) => return Some(client),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "registry view cannot reconnect");
+                }
+            }
+            tokio::select! {
+                biased;
+                () = self.servers.closed() => return None,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.children = None;
+        self.data_watches.abort_all();
+        self.nodes.clear();
+    }
+
+    /// Forgets every watch and lists the root again.
+    async fn resync(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
+        self.clear();
+        let result = self.relist(client).await;
+        self.publish();
+        result
+    }
+
+    /// Re-arms the child watch and reconciles the node set with the listing.
+    async fn relist(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
+        let (children, watcher) = timed(
+            "list servers",
+            self.cfg.op_timeout,
+            client.list_and_watch_children(&self.cfg.root),
+        )
+        .await?;
+        self.children = Some(Box::pin(watcher.changed()));
+        let listed: BTreeSet<String> = children.into_iter().collect();
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !listed.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove(&name);
+        }
+        for name in listed {
+            if !self.nodes.contains_key(&name) {
+                self.fetch(client, name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a node's data and arms (replaces) its data watch.
+    async fn fetch(&mut self, client: &zk::Client, name: String) -> Result<(), RegistryError> {
+        let path = self.cfg.node_path(&name);
+        let read = timed(
+            "read server",
+            self.cfg.op_timeout,
+            client.get_and_watch_data(&path),
+        )
+        .await;
+        let (data, watcher) = match read {
+            Ok((data, _stat, watcher)) => (data, watcher),
+            Err(e) if is_zk(&e, &zk::Error::NoNode) => {
+                // Gone between listing and reading; the child watch reports it too.
+                self.remove(&name);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let generation = self.next_gen;
+        self.next_gen += 1;
+        let watched = name.clone();
+        let watch = self
+            .data_watches
+            .spawn(async move { (watched, generation, watcher.changed().await) });
+        let server = decode_node(&name, &data);
+        if let Some(old) = self.nodes.insert(
+            name,
+            NodeEntry {
+                generation,
+                watch,
+                server,
+            },
+        ) {
+            old.watch.abort();
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(entry) = self.nodes.remove(name) {
+            entry.watch.abort();
+        }
+    }
+
+    async fn data_event(
+        &mut self,
+        client: &zk::Client,
+        name: String,
+        generation: u64,
+        event: zk::WatchedEvent,
+    ) -> Result<(), RegistryError> {
+        let current = self.nodes.get(&name).map(|e| e.generation);
+        if current != Some(generation) {
+            return Ok(());
+        }
+        match event.event_type {
+            zk::EventType::NodeDeleted => {
+                self.remove(&name);
+                Ok(())
+            }
+            zk::EventType::NodeDataChanged | zk::EventType::NodeCreated => {
+                self.fetch(client, name).await
+            }
+            // Session events: the state watcher drives recovery and re-lists.
+            zk::EventType::Session | zk::EventType::NodeChildrenChanged => Ok(()),
+        }
+    }
+
+    fn publish(&self) {
+        let map: ServerMap = self
+            .nodes
+            .values()
+            .filter_map(|e| e.server.clone())
+            .map(|s| (s.id.clone(), s))
+            .collect::<BTreeMap<ServerId, LiveServer>>();
+        self.servers.send_if_modified(|current| {
+            if *current == map {
+                false
+            } else {
+                *current = map;
+                true
+            }
+        });
+    }
+}

@@ -1,0 +1,548 @@
+//! One registry contract, two backends: every scenario below runs against `MemoryRegistry`
+//! and against `ZkRegistry` on a real ZooKeeper this test binary starts (see `support_zk`).
+//!
+//! For ZooKeeper the servers register through a TCP proxy the test can cut (a partition),
+//! and the route's view talks to ZooKeeper directly, as in a deployment where only the
+//! server's link is broken.
+
+mod support_zk;
+
+use std::time::Duration;
+
+use cim_core::ids::ServerId;
+use cim_core::registry::LiveServer;
+use cim_io::registry::{
+    AnyRegistry, MemoryRegistry, Registry, RegistryError, RegistryView, ServerMap, SessionHealth,
+    ZkConfig, ZkRegistry,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use zookeeper_client as zk;
+
+use support_zk::Proxy;
+
+/// The ZooKeeper fixtures' session timeout: the ensemble (tickTime 500 ms) allows 1–10 s.
+const SESSION: Duration = Duration::from_secs(2);
+/// How long a view may lag a change it can see (the contract says "at once"; the margin is
+/// for a loaded CI machine).
+const PROMPT: Duration = Duration::from_secs(3);
+
+enum Fixture {
+    Memory(MemoryRegistry),
+    Zk {
+        /// Through the proxy: what servers use.
+        proxied: ZkRegistry,
+        /// Direct: what routes use.
+        direct: ZkRegistry,
+        proxy: Proxy,
+        config: ZkConfig,
+    },
+}
+
+impl Fixture {
+    fn memory() -> Fixture {
+        Fixture::Memory(MemoryRegistry::new())
+    }
+
+    /// `None`: no ZooKeeper here (outside CI), skip.
+    async fn zk(tag: &str) -> Option<Fixture> {
+        let server = support_zk::zookeeper()?;
+        let proxy = Proxy::start(&server.addr).await;
+        let config = ZkConfig::new(server.addr.clone())
+            .with_root(support_zk::unique_root(tag))
+            .with_session_timeout(SESSION)
+            .with_op_timeout(Duration::from_secs(2));
+        let mut through_proxy = config.clone();
+        through_proxy.connect = proxy.addr.clone();
+        Some(Fixture::Zk {
+            proxied: ZkRegistry::new(through_proxy).expect("valid config"),
+            direct: ZkRegistry::new(config.clone()).expect("valid config"),
+            proxy,
+            config,
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Fixture::Memory(_) => "memory",
+            Fixture::Zk { .. } => "zookeeper",
+        }
+    }
+
+    fn servers(&self) -> AnyRegistry {
+        match self {
+            Fixture::Memory(r) => r.clone().into(),
+            Fixture::Zk { proxied, .. } => proxied.clone().into(),
+        }
+    }
+
+    fn routes(&self) -> AnyRegistry {
+        match self {
+            Fixture::Memory(r) => r.clone().into(),
+            Fixture::Zk { direct, .. } => direct.clone().into(),
+        }
+    }
+
+    /// Writes a node under the root around the API (another client, or a bug).
+    async fn write_raw(&self, name: &str, data: &[u8]) {
+        match self {
+            Fixture::Memory(r) => r.insert_raw_node(name, data),
+            Fixture::Zk { config, .. } => {
+                let client = zk::Client::connect(&config.connect).await.expect("connect");
+                let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+                client
+                    .mkdir(&config.root, &persistent)
+                    .await
+                    .expect("mkdir");
+                let path = format!("{}/{name}", config.root);
+                client
+                    .create(&path, data, &persistent)
+                    .await
+                    .expect("create raw node");
+            }
+        }
+    }
+
+    /// The server `id`'s link to the registry breaks.
+    fn partition(&self, id: &ServerId) {
+        match self {
+            Fixture::Memory(r) => assert!(r.disconnect_session(id)),
+            Fixture::Zk { proxy, .. } => proxy.blackhole(),
+        }
+    }
+
+    /// Time passes beyond the session timeout: ZooKeeper expires the session by itself.
+    fn let_session_expire(&self, id: &ServerId) {
+        match self {
+            Fixture::Memory(r) => assert!(r.expire_session(id)),
+            Fixture::Zk { .. } => {}
+        }
+    }
+
+    fn heal(&self, id: &ServerId) {
+        match self {
+            Fixture::Memory(r) => assert!(r.heal_session(id)),
+            Fixture::Zk { proxy, .. } => proxy.heal(),
+        }
+    }
+}
+
+fn server(id: &str, client_port: u16) -> LiveServer {
+    LiveServer {
+        id: ServerId::new(id),
+        host: format!("10.0.0.{}", client_port % 250),
+        client_port,
+        link_port: client_port + 100,
+        http_port: client_port + 200,
+        connections: 0,
+    }
+}
+
+fn ids(map: &ServerMap) -> Vec<&str> {
+    map.keys().map(ServerId::as_str).collect()
+}
+
+async fn wait_view(
+    view: &RegistryView,
+    within: Duration,
+    what: &str,
+    pred: impl FnMut(&ServerMap) -> bool,
+) -> ServerMap {
+    match view.wait_until(within, pred).await {
+        Ok(map) => map,
+        Err(e) => panic!(
+            "view never showed {what} within {within:?} ({e}); last: {:?}",
+            view.snapshot()
+        ),
+    }
+}
+
+async fn wait_health(
+    rx: &mut watch::Receiver<SessionHealth>,
+    within: Duration,
+    what: &str,
+    pred: impl FnMut(&SessionHealth) -> bool,
+) {
+    let reached = tokio::time::timeout(within, rx.wait_for(pred))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if !reached {
+        panic!(
+            "health never became {what} within {within:?}; last: {:?}",
+            *rx.borrow()
+        );
+    }
+}
+
+// ---------------------------------------------------------------- scenarios
+
+async fn two_servers_are_seen_with_their_addresses(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    assert!(view.snapshot().is_empty(), "fresh root is empty");
+    let a = server("a", 11211);
+    let b = server("b", 11212);
+    let reg_a = f.servers().register(a.clone()).await.expect("register a");
+    let reg_b = f.servers().register(b.clone()).await.expect("register b");
+    assert_eq!(reg_a.server_id().as_str(), "a");
+    assert_eq!(reg_a.current_health(), SessionHealth::Connected);
+    let map = wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
+    assert_eq!(map.get(&a.id), Some(&a));
+    assert_eq!(map.get(&b.id), Some(&b));
+    drop((reg_a, reg_b));
+}
+
+async fn deregister_removes_the_server(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let reg_a = f.servers().register(server("a", 1)).await.expect("a");
+    let _reg_b = f.servers().register(server("b", 2)).await.expect("b");
+    wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
+    let started = Instant::now();
+    reg_a.deregister().await.expect("deregister");
+    let map = wait_view(&view, PROMPT, "only b", |m| m.len() == 1).await;
+    eprintln!(
+        "[{}] deregister visible after {:?}",
+        f.name(),
+        started.elapsed()
+    );
+    assert_eq!(ids(&map), ["b"]);
+    // The id is free again at once: deregistering deleted the node.
+    let again = f
+        .servers()
+        .register(server("a", 3))
+        .await
+        .expect("re-register a");
+    let map = wait_view(&view, PROMPT, "a again", |m| m.len() == 2).await;
+    assert_eq!(map[&ServerId::new("a")].client_port, 3);
+    drop(again);
+}
+
+async fn dropped_registration_disappears(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let reg = f.servers().register(server("a", 1)).await.expect("a");
+    let _keep = f.servers().register(server("b", 2)).await.expect("b");
+    wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
+    let started = Instant::now();
+    drop(reg);
+    let map = wait_view(&view, PROMPT, "a gone", |m| {
+        !m.contains_key(&ServerId::new("a"))
+    })
+    .await;
+    eprintln!(
+        "[{}] dropped registration gone after {:?}",
+        f.name(),
+        started.elapsed()
+    );
+    assert_eq!(ids(&map), ["b"]);
+}
+
+async fn update_connections_shows_in_view(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let reg = f.servers().register(server("a", 1)).await.expect("a");
+    wait_view(&view, PROMPT, "a", |m| m.len() == 1).await;
+    for n in [5, 17, 0] {
+        reg.update(n).await.expect("update");
+        let map = wait_view(&view, PROMPT, "the new count", |m| {
+            m.get(&ServerId::new("a"))
+                .is_some_and(|s| s.connections == n)
+        })
+        .await;
+        // Only the count changed.
+        let mut expected = server("a", 1);
+        expected.connections = n;
+        assert_eq!(map[&ServerId::new("a")], expected);
+    }
+}
+
+async fn late_watcher_sees_earlier_registrations(f: Fixture) {
+    let _a = f.servers().register(server("a", 1)).await.expect("a");
+    let b = f.servers().register(server("b", 2)).await.expect("b");
+    b.update(9).await.expect("update");
+    // Current when `watch` returns, no waiting.
+    let view = f.routes().watch().await.expect("watch");
+    let map = view.snapshot();
+    assert_eq!(ids(&map), ["a", "b"]);
+    assert_eq!(map[&ServerId::new("b")].connections, 9);
+}
+
+async fn bad_node_data_is_skipped(f: Fixture) {
+    let _a = f.servers().register(server("a", 1)).await.expect("a");
+    f.write_raw("garbage", b"\x00\x01 not json").await;
+    f.write_raw("empty", b"").await;
+    f.write_raw(
+        "liar",
+        br#"{"id":"someone-else","host":"h","client_port":1,"link_port":2,"http_port":3}"#,
+    )
+    .await;
+    // A node written by another tool but well-formed is a server like any other.
+    f.write_raw(
+        "c",
+        br#"{"id":"c","host":"h","client_port":1,"link_port":2,"http_port":3}"#,
+    )
+    .await;
+    let view = f.routes().watch().await.expect("watch despite bad nodes");
+    let map = wait_view(&view, PROMPT, "a and c", |m| m.len() == 2).await;
+    assert_eq!(ids(&map), ["a", "c"]);
+    // The view keeps working after skipping them.
+    let _b = f.servers().register(server("b", 2)).await.expect("b");
+    let map = wait_view(&view, PROMPT, "b too", |m| m.len() == 3).await;
+    assert_eq!(ids(&map), ["a", "b", "c"]);
+}
+
+async fn a_live_id_cannot_be_taken_and_bad_ids_are_rejected(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let _a = f.servers().register(server("a", 1)).await.expect("a");
+    let started = Instant::now();
+    match f.servers().register(server("a", 2)).await {
+        Err(RegistryError::AlreadyRegistered(id)) => assert_eq!(id.as_str(), "a"),
+        other => panic!("expected AlreadyRegistered, got {other:?}"),
+    }
+    eprintln!(
+        "[{}] duplicate refused after {:?}",
+        f.name(),
+        started.elapsed()
+    );
+    // The first registration is untouched.
+    assert_eq!(view.snapshot()[&ServerId::new("a")].client_port, 1);
+    for bad in ["", "a/b", ".."] {
+        match f.servers().register(server(bad, 3)).await {
+            Err(RegistryError::InvalidServerId(_)) => {}
+            other => panic!("{bad:?}: expected InvalidServerId, got {other:?}"),
+        }
+    }
+}
+
+/// The server's session is lost: it leaves the view, its health says so (it must fence),
+/// and after the heal its entry comes back by itself, with the data it published meanwhile.
+async fn session_expiry_removes_then_recreates(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let a = server("a", 1);
+    let reg = f.servers().register(a.clone()).await.expect("a");
+    let _b = f
+        .routes()
+        .register(server("b", 2))
+        .await
+        .expect("b (unaffected)");
+    wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
+    let mut health = reg.health();
+    // Fencing order: by the time routes drop `a`, `a` must already know its session is lost.
+    let health_when_gone = {
+        let mut servers = view.servers();
+        let health = reg.health();
+        let id = a.id.clone();
+        tokio::spawn(async move {
+            loop {
+                servers.changed().await.expect("view alive");
+                if !servers.borrow_and_update().contains_key(&id) {
+                    return *health.borrow();
+                }
+            }
+        })
+    };
+
+    let t0 = Instant::now();
+    f.partition(&a.id);
+    wait_health(&mut health, SESSION * 3, "Disconnected or Expired", |h| {
+        !h.is_connected()
+    })
+    .await;
+    let t_disconnected = t0.elapsed();
+    f.let_session_expire(&a.id);
+    wait_view(&view, SESSION * 5, "a gone after expiry", |m| {
+        !m.contains_key(&a.id)
+    })
+    .await;
+    let t_gone = t0.elapsed();
+    assert_eq!(
+        health_when_gone.await.expect("observer"),
+        SessionHealth::Expired,
+        "routes dropped the server before it knew its session was lost"
+    );
+    wait_health(&mut health, SESSION * 3, "Expired", |h| {
+        *h == SessionHealth::Expired
+    })
+    .await;
+    assert_eq!(reg.sessions_lost(), 1);
+    assert!(view.snapshot().contains_key(&ServerId::new("b")), "b stays");
+
+    // An update while cut off is kept and published with the recreated entry.
+    match reg.update(42).await {
+        Err(RegistryError::NotConnected) => {}
+        other => panic!("update while expired: expected NotConnected, got {other:?}"),
+    }
+
+    let t1 = Instant::now();
+    f.heal(&a.id);
+    let map = wait_view(&view, SESSION * 5, "a recreated with 42", |m| {
+        m.get(&a.id).is_some_and(|s| s.connections == 42)
+    })
+    .await;
+    let t_back = t1.elapsed();
+    let mut expected = a.clone();
+    expected.connections = 42;
+    assert_eq!(map[&a.id], expected);
+    wait_health(&mut health, PROMPT, "Connected", |h| h.is_connected()).await;
+    assert_eq!(reg.sessions_lost(), 1, "one loss, one recreation");
+    eprintln!(
+        "[{}] expiry: disconnected after {t_disconnected:?}, gone from view after {t_gone:?} \
+         (health already Expired); back {t_back:?} after the heal",
+        f.name()
+    );
+
+    // The recreated entry is a normal one: updates work and deregistering removes it.
+    reg.update(7).await.expect("update after recreation");
+    wait_view(&view, PROMPT, "7", |m| {
+        m.get(&a.id).is_some_and(|s| s.connections == 7)
+    })
+    .await;
+    reg.deregister().await.expect("deregister");
+    wait_view(&view, PROMPT, "a gone", |m| !m.contains_key(&a.id)).await;
+}
+
+// ---------------------------------------------------------------- ZooKeeper only
+
+/// A cut shorter than the session timeout: the session survives, the node never leaves the
+/// view, and the health goes Disconnected and back to Connected without a loss.
+#[tokio::test]
+async fn zk_short_partition_keeps_the_session() {
+    let Some(f) = Fixture::zk("short_partition").await else {
+        return;
+    };
+    let view = f.routes().watch().await.expect("watch");
+    let a = server("a", 1);
+    let reg = f.servers().register(a.clone()).await.expect("a");
+    wait_view(&view, PROMPT, "a", |m| m.len() == 1).await;
+    // Record whether `a` ever leaves the view.
+    let mut servers = view.servers();
+    let id = a.id.clone();
+    let left = tokio::spawn(async move {
+        loop {
+            if servers.changed().await.is_err() {
+                return false;
+            }
+            if !servers.borrow_and_update().contains_key(&id) {
+                return true;
+            }
+        }
+    });
+    let mut health = reg.health();
+    f.partition(&a.id);
+    // The client notices after its connection timeout (2/5 of the session timeout).
+    wait_health(&mut health, SESSION, "Disconnected", |h| {
+        matches!(h, SessionHealth::Disconnected { .. })
+    })
+    .await;
+    f.heal(&a.id);
+    wait_health(&mut health, SESSION, "Connected", |h| h.is_connected()).await;
+    reg.update(3).await.expect("update after reconnect");
+    wait_view(&view, PROMPT, "3", |m| {
+        m.get(&a.id).is_some_and(|s| s.connections == 3)
+    })
+    .await;
+    assert_eq!(reg.sessions_lost(), 0);
+    left.abort();
+    assert!(
+        !matches!(left.await, Ok(true)),
+        "a left the view during a short partition"
+    );
+}
+
+/// A view whose own session expires opens a new one and lists again.
+#[tokio::test]
+async fn zk_view_recovers_after_its_own_session_expires() {
+    let Some(f) = Fixture::zk("view_expiry").await else {
+        return;
+    };
+    let Fixture::Zk { proxied, proxy, .. } = &f else {
+        unreachable!()
+    };
+    // Here the route is the one behind the proxy.
+    let view = proxied.watch().await.expect("watch");
+    let _a = f.routes().register(server("a", 1)).await.expect("a");
+    wait_view(&view, PROMPT, "a", |m| m.len() == 1).await;
+    let mut health = view.health();
+    proxy.blackhole();
+    wait_health(&mut health, SESSION * 2, "Disconnected", |h| {
+        !h.is_connected()
+    })
+    .await;
+    // Changes while the view is cut off...
+    let _b = f.routes().register(server("b", 2)).await.expect("b");
+    // ...and its session expires on the ensemble meanwhile.
+    tokio::time::sleep(SESSION * 2).await;
+    proxy.heal();
+    let map = wait_view(&view, SESSION * 5, "a and b after the view's heal", |m| {
+        m.len() == 2
+    })
+    .await;
+    assert_eq!(ids(&map), ["a", "b"]);
+    wait_health(&mut health, PROMPT, "Connected", |h| h.is_connected()).await;
+}
+
+#[tokio::test]
+async fn zk_rejects_bad_roots() {
+    for bad in ["", "/", "cim", "/cim/", "/cim//servers", "/cim/../x"] {
+        let config = ZkConfig::new("127.0.0.1:1").with_root(bad);
+        assert!(
+            matches!(ZkRegistry::new(config), Err(RegistryError::InvalidRoot(_))),
+            "{bad:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn zk_connect_failure_is_a_timely_error() {
+    // Nothing listens on a freshly probed and released port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("probe")
+        .port();
+    let config = ZkConfig::new(format!("127.0.0.1:{port}"))
+        .with_session_timeout(Duration::from_secs(1))
+        .with_op_timeout(Duration::from_secs(1));
+    let registry = ZkRegistry::new(config).expect("config");
+    let started = Instant::now();
+    let result = registry.register(server("a", 1)).await;
+    assert!(result.is_err(), "registered against nothing");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------- both backends
+
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(super::Fixture::memory()).await;
+                }
+            )*
+        }
+        mod zookeeper {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let Some(f) = super::Fixture::zk(stringify!($scenario)).await else {
+                        return;
+                    };
+                    super::$scenario(f).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    two_servers_are_seen_with_their_addresses,
+    deregister_removes_the_server,
+    dropped_registration_disappears,
+    update_connections_shows_in_view,
+    late_watcher_sees_earlier_registrations,
+    bad_node_data_is_skipped,
+    a_live_id_cannot_be_taken_and_bad_ids_are_rejected,
+    session_expiry_removes_then_recreates,
+);
