@@ -234,6 +234,7 @@ mod tests {
     fn appends_take_contiguous_seqs_and_retries_answer_the_original() {
         let mut l = log(100);
         assert_eq!((l.head_seq(), l.first_available_seq()), (0, 1));
+        assert!(l.is_empty());
         run(
             &mut l,
             &[
@@ -245,7 +246,7 @@ mod tests {
                 (2, 12, "x", 5, Ok((4, false))),
             ],
         );
-        assert_eq!(l.head_seq(), 4);
+        assert_eq!((l.head_seq(), l.len(), l.is_empty()), (4, 4, false));
         let seqs: Vec<u64> = l.fetch(0, 10).iter().map(|m| m.seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
         // The duplicate answer is the original message, time included.

@@ -455,6 +455,15 @@ mod tests {
             ),
             StoreReply::GroupJoined(Some(3))
         );
+        assert_eq!(
+            store.apply(
+                NOW,
+                &StoreCommand::LoadMembers {
+                    conv: group.clone()
+                }
+            ),
+            StoreReply::Members(vec![u[0], u[1]])
+        );
         append(&mut store, &group, u[0], 4);
         let head = heads(&mut store, u[1])
             .into_iter()
@@ -487,6 +496,15 @@ mod tests {
                 }
             ),
             StoreReply::GroupLeft { was_member: true }
+        );
+        assert_eq!(
+            store.apply(
+                NOW,
+                &StoreCommand::LoadMembers {
+                    conv: group.clone()
+                }
+            ),
+            StoreReply::Members(vec![u[0]])
         );
         assert_eq!(
             append(&mut store, &group, u[1], 9),

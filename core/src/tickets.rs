@@ -145,6 +145,14 @@ mod tests {
     }
 
     #[test]
+    fn debug_names_key_ids_but_never_secrets() {
+        let keys = TicketKeys::new(1, b"secret-one".to_vec()).accept(2, b"secret-two".to_vec());
+        let shown = format!("{keys:?}");
+        assert!(shown.contains("key_ids: [1, 2]"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    #[test]
     fn ticket_checks_table() {
         let keys = TicketKeys::new(1, b"secret-one".to_vec());
         let good = keys.mint(&grant());

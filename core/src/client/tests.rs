@@ -787,13 +787,24 @@ fn acks_nacks_retries_and_unknown() {
                 reason: "because".into(),
             }],
         ),
-        (
-            220,
-            In::Frame(send_nack(c, ErrorCode::RateLimited, true)),
-            vec![],
-            vec![],
-        ),
     ]);
+    // A retryable nack for a message no longer in the outbox schedules nothing.
+    h.table(vec![(
+        215,
+        In::Frame(send_nack(b, ErrorCode::RateLimited, true)),
+        vec![],
+        vec![],
+    )]);
+    assert_ne!(
+        h.s.poll_timeout().map(|(_, reason)| reason),
+        Some(TimerReason::SendRetry)
+    );
+    h.table(vec![(
+        220,
+        In::Frame(send_nack(c, ErrorCode::RateLimited, true)),
+        vec![],
+        vec![],
+    )]);
     assert_eq!(
         h.s.poll_timeout(),
         Some((h.at(1_220), TimerReason::SendRetry))
