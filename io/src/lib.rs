@@ -1,8 +1,12 @@
 //! `cim-io`: the tokio shell that drives the `cim-core` machines over real (or simulated)
-//! sockets. It is filled in by the distributed-system issue; today it only re-exports the
-//! layers below so the workspace layout is in place.
+//! sockets: the network seam, clocks, the store and registry backends, and (as they land)
+//! the server, the route and the client SDK.
 
 pub use cim_core as core;
 pub use cim_proto as proto;
+
+pub mod clock;
+pub mod http_client;
+pub mod net;
 pub mod registry;
 pub mod store;

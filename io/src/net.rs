@@ -1,0 +1,291 @@
+//! The network seam: everything the shell does with sockets goes through [`Network`], which
+//! has one implementation over tokio ([`TokioNet`], production) and one over turmoil
+//! ([`TurmoilNet`], simulation). The choice is a type parameter, never a Cargo feature:
+//! features unify across the workspace and would switch the production binaries too.
+//!
+//! Every read, write and connect has a timeout here (a partitioned turmoil link, like a
+//! blackholed real one, goes quiet instead of failing), and frames are read and written
+//! through the sans-IO [`FrameCodec`], so an oversized length prefix is an error before any
+//! allocation.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use cim_proto::Frame;
+use cim_proto::codec::{DecodeError, EncodeError, FrameCodec};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A byte stream the shell can frame.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// Sockets: bind a listener, dial a peer by host and port.
+pub trait Network: Clone + Send + Sync + std::fmt::Debug + 'static {
+    type Stream: Stream;
+    type Listener: Listener<Stream = Self::Stream>;
+
+    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+
+    /// Dials `host:port` with no timeout of its own; use [`connect`] in the shell.
+    fn dial(
+        &self,
+        host: String,
+        port: u16,
+    ) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+/// A bound listener.
+pub trait Listener: Send + Sync + 'static {
+    type Stream: Stream;
+
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// Real sockets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioNet;
+
+impl Network for TokioNet {
+    type Stream = tokio::net::TcpStream;
+    type Listener = tokio::net::TcpListener;
+
+    async fn bind(&self, addr: SocketAddr) -> io::Result<Self::Listener> {
+        tokio::net::TcpListener::bind(addr).await
+    }
+
+    async fn dial(&self, host: String, port: u16) -> io::Result<Self::Stream> {
+        let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        // Frames are small and latency matters more than packet count.
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+
+    async fn accept(&mut self) -> io::Result<(Self::Stream, SocketAddr)> {
+        let (stream, peer) = tokio::net::TcpListener::accept(self).await?;
+        stream.set_nodelay(true)?;
+        Ok((stream, peer))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        tokio::net::TcpListener::local_addr(self)
+    }
+}
+
+/// turmoil's simulated sockets; only usable inside a turmoil host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TurmoilNet;
+
+impl Network for TurmoilNet {
+    type Stream = turmoil::net::TcpStream;
+    type Listener = turmoil::net::TcpListener;
+
+    async fn bind(&self, addr: SocketAddr) -> io::Result<Self::Listener> {
+        turmoil::net::TcpListener::bind(addr).await
+    }
+
+    async fn dial(&self, host: String, port: u16) -> io::Result<Self::Stream> {
+        turmoil::net::TcpStream::connect((host, port)).await
+    }
+}
+
+impl Listener for turmoil::net::TcpListener {
+    type Stream = turmoil::net::TcpStream;
+
+    async fn accept(&mut self) -> io::Result<(Self::Stream, SocketAddr)> {
+        turmoil::net::TcpListener::accept(self).await
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        turmoil::net::TcpListener::local_addr(self)
+    }
+}
+
+/// Dials with a deadline: a blackholed peer is an error after `timeout`, not a hang.
+pub async fn connect<N: Network>(
+    net: &N,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> io::Result<N::Stream> {
+    match tokio::time::timeout(timeout, net.dial(host.to_owned(), port)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {host}:{port} timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// Adapts a [`Listener`] to `axum::serve`, so the HTTP API runs over either network.
+#[derive(Debug)]
+pub struct AxumListener<L>(pub L);
+
+impl<L: Listener> axum::serve::Listener for AxumListener<L> {
+    type Io = L::Stream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok(accepted) => return accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning,
+                    // as axum's own listener does.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// Why reading a frame failed. Each variant ends the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("peer closed the connection in the middle of a frame")]
+    Truncated,
+    #[error("no frame within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Why writing frames failed. Each variant ends the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("write did not complete within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// The reading half of a framed connection.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    io: R,
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(io: R, codec: FrameCodec) -> Self {
+        Self {
+            io,
+            codec,
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// The next frame, waiting at most `timeout` for it. Cancel-safe: bytes already read
+    /// stay buffered, so this can sit in a `select!`.
+    pub async fn read_frame(&mut self, timeout: Duration) -> Result<Frame, ReadError> {
+        match tokio::time::timeout(timeout, self.next_frame()).await {
+            Ok(result) => result,
+            Err(_) => Err(ReadError::Timeout(timeout)),
+        }
+    }
+
+    /// The next frame with no deadline (the caller has its own timer).
+    pub async fn next_frame(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            if let Some(frame) = self.codec.decode_buf(&mut self.buf)? {
+                return Ok(frame);
+            }
+            // `decode_buf` has checked the length prefix, so the buffer grows at most to one
+            // maximum frame.
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(if self.buf.is_empty() {
+                    ReadError::Closed
+                } else {
+                    ReadError::Truncated
+                });
+            }
+        }
+    }
+}
+
+/// The writing half of a framed connection.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    io: W,
+    codec: FrameCodec,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(io: W, codec: FrameCodec) -> Self {
+        Self {
+            io,
+            codec,
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Encodes `frames` into one buffer and writes it, all within `timeout`. A frame that
+    /// does not encode (over the maximum) fails the whole write before anything is sent.
+    pub async fn write_frames<'a>(
+        &mut self,
+        frames: impl IntoIterator<Item = &'a Frame>,
+        timeout: Duration,
+    ) -> Result<(), WriteError> {
+        self.buf.clear();
+        for frame in frames {
+            self.codec.encode(frame, &mut self.buf)?;
+        }
+        let write = async {
+            self.io.write_all(&self.buf).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(WriteError::Timeout(timeout)),
+        }
+    }
+
+    pub async fn write_frame(
+        &mut self,
+        frame: &Frame,
+        timeout: Duration,
+    ) -> Result<(), WriteError> {
+        self.write_frames([frame], timeout).await
+    }
+
+    /// Flushes and shuts the write side down (best effort, bounded by `timeout`).
+    pub async fn shutdown(&mut self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.io.shutdown()).await;
+    }
+}
+
+/// Splits a stream into framed halves sharing one codec configuration.
+pub fn framed<S: Stream>(
+    stream: S,
+    codec: FrameCodec,
+) -> (
+    FrameReader<tokio::io::ReadHalf<S>>,
+    FrameWriter<tokio::io::WriteHalf<S>>,
+) {
+    let (read, write) = tokio::io::split(stream);
+    (
+        FrameReader::new(read, codec),
+        FrameWriter::new(write, codec),
+    )
+}
