@@ -68,7 +68,6 @@ async fn oversized_prefix_truncation_and_silence_are_typed_errors() {
     let port = listener.local_addr().unwrap().port();
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
-        let mut listener = listener;
         for _ in 0..3 {
             let (stream, _) = listener.accept().await.unwrap();
             let (mut reader, _writer) = framed(stream, FrameCodec::new(1024));
