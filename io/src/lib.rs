@@ -5,6 +5,7 @@
 pub use cim_core as core;
 pub use cim_proto as proto;
 
+pub mod api;
 pub mod clock;
 pub mod http_client;
 pub mod net;

@@ -1,0 +1,280 @@
+//! The route's HTTP API as data: every request and answer body, the envelope and the codes.
+//! The route serves these types and the SDK sends them, so the two cannot drift apart.
+//!
+//! CIM's envelope is `{"code": "9000", "message": "...", "dataBody": ...}`; field names are
+//! CIM's camelCase. Binary values travel as unpadded URL-safe base64: the login `ticket` is
+//! the protobuf-encoded `cim.v1.Ticket`, the `resumeToken` its 32 bytes. Client message ids
+//! are UUID text (the same 128 bits as on the wire).
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use cim_core::route_login::ResumeToken;
+
+/// Success.
+pub const CODE_OK: &str = "9000";
+/// Failure (store unavailable, unknown receiver, not a member, ...).
+pub const CODE_FAIL: &str = "4000";
+/// Validation failure: malformed JSON, missing fields, wrong types, bad values.
+pub const CODE_VALIDATION: &str = "3000";
+/// The user is online elsewhere.
+pub const CODE_REPEAT_LOGIN: &str = "5000";
+/// No live server to send the user to.
+pub const CODE_NO_SERVER: &str = "7100";
+/// Unknown user, wrong name for the id or wrong password.
+pub const CODE_ACCOUNT_MISMATCH: &str = "9100";
+
+/// Every answer, success or not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope<T> {
+    pub code: String,
+    pub message: String,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub data_body: Option<T>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+impl<T> Envelope<T> {
+    pub fn ok(data: T) -> Self {
+        Self {
+            code: CODE_OK.to_owned(),
+            message: "success".to_owned(),
+            data_body: Some(data),
+        }
+    }
+
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+            data_body: None,
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.code == CODE_OK
+    }
+}
+
+/// `POST /registerAccount`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub user_name: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterResponse {
+    pub user_id: u64,
+    pub user_name: String,
+}
+
+/// `POST /login`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoginRequest {
+    pub user_id: u64,
+    pub user_name: String,
+    pub password: String,
+    #[serde(default)]
+    pub resume_token: Option<String>,
+}
+
+/// Where to connect and with what. `epoch` is the claim's epoch the ticket names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginResponse {
+    pub user_id: u64,
+    pub epoch: u64,
+    pub server_id: String,
+    pub ip: String,
+    pub cim_server_port: u16,
+    pub http_port: u16,
+    pub ticket: String,
+    pub token: String,
+    pub resume_token: String,
+}
+
+/// `POST /offLine` (bearer): ends the token's session. `userId` must be the token's user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OfflineRequest {
+    pub user_id: u64,
+}
+
+/// One entry of `GET /onlineUser` (bearer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OnlineUser {
+    pub user_id: u64,
+    pub user_name: String,
+    pub server_id: String,
+}
+
+/// `POST /groupRoute` (bearer): a message to the group `groupName`, or to `all` when
+/// `groupName` is absent (CIM's group chat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupRouteRequest {
+    pub user_id: u64,
+    pub msg: String,
+    pub client_msg_id: String,
+    #[serde(default)]
+    pub group_name: Option<String>,
+}
+
+/// `POST /p2pRoute` (bearer)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct P2pRouteRequest {
+    pub user_id: u64,
+    pub receive_user_id: u64,
+    pub msg: String,
+    pub client_msg_id: String,
+}
+
+/// The answer to `groupRoute` / `p2pRoute`: where the message was stored. `online` (p2p
+/// only) says whether the receiver has a session now; an offline receiver gets the message
+/// at its next login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendResponse {
+    pub conv: String,
+    pub log_epoch: String,
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
+}
+
+/// `POST /group/create`, `/group/join`, `/group/leave` (bearer)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupRequest {
+    pub user_id: u64,
+    pub group_name: String,
+}
+
+/// `GET /group/list` (bearer): the token user's groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupList {
+    pub groups: Vec<String>,
+}
+
+/// One message of `GET /history?conv=..&beforeSeq=..&limit=..` (bearer, members only;
+/// `limit` ≤ 100; oldest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryMessage {
+    pub seq: u64,
+    pub sender_id: u64,
+    pub client_msg_id: String,
+    pub msg: String,
+    pub sent_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct History {
+    pub conv: String,
+    pub log_epoch: String,
+    pub head_seq: u64,
+    pub first_available_seq: u64,
+    pub messages: Vec<HistoryMessage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BinaryFieldError {
+    #[error("not unpadded URL-safe base64")]
+    Base64,
+    #[error("not a protobuf ticket")]
+    Ticket,
+    #[error("a resume token is 32 bytes")]
+    ResumeTokenLength,
+}
+
+pub fn encode_ticket(ticket: &cim_proto::Ticket) -> String {
+    URL_SAFE_NO_PAD.encode(ticket.encode_to_vec())
+}
+
+pub fn decode_ticket(text: &str) -> Result<cim_proto::Ticket, BinaryFieldError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| BinaryFieldError::Base64)?;
+    cim_proto::Ticket::decode(bytes.as_slice()).map_err(|_| BinaryFieldError::Ticket)
+}
+
+pub fn encode_resume_token(token: &ResumeToken) -> String {
+    URL_SAFE_NO_PAD.encode(token.0)
+}
+
+pub fn decode_resume_token(text: &str) -> Result<ResumeToken, BinaryFieldError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| BinaryFieldError::Base64)?;
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| BinaryFieldError::ResumeTokenLength)?;
+    Ok(ResumeToken(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_uses_cims_field_names() {
+        let ok = serde_json::to_value(Envelope::ok(RegisterResponse {
+            user_id: 7,
+            user_name: "ann".into(),
+        }))
+        .unwrap();
+        assert_eq!(
+            ok,
+            serde_json::json!({"code": "9000", "message": "success",
+                               "dataBody": {"userId": 7, "userName": "ann"}})
+        );
+        let err: Envelope<RegisterResponse> =
+            serde_json::from_str(r#"{"code":"3000","message":"bad"}"#).unwrap();
+        assert_eq!(err.data_body, None);
+        assert!(!err.is_ok());
+    }
+
+    #[test]
+    fn binary_fields_round_trip_and_reject_garbage() {
+        let ticket = cim_proto::Ticket {
+            key_id: 1,
+            user_id: 2,
+            server_id: "s1".into(),
+            epoch: 3,
+            expires_at_ms: 4,
+            mac: vec![5; 32],
+        };
+        assert_eq!(decode_ticket(&encode_ticket(&ticket)).unwrap(), ticket);
+        assert_eq!(decode_ticket("!!"), Err(BinaryFieldError::Base64));
+        let token = ResumeToken([9; 32]);
+        assert_eq!(
+            decode_resume_token(&encode_resume_token(&token)).unwrap(),
+            token
+        );
+        assert_eq!(
+            decode_resume_token("AAAA"),
+            Err(BinaryFieldError::ResumeTokenLength)
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<RegisterRequest, _> =
+            serde_json::from_str(r#"{"userName":"a","password":"b","admin":true}"#);
+        assert!(r.is_err());
+    }
+}
