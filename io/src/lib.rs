@@ -8,6 +8,7 @@ pub use cim_proto as proto;
 pub mod api;
 pub mod clock;
 pub mod http_client;
+pub mod launch;
 pub mod net;
 pub mod registry;
 pub mod store;
