@@ -1,0 +1,18 @@
+//! Test support shared by the crates' integration tests: real backends on free ports, owned
+//! by the test process, and a fault proxy to put in front of them.
+//!
+//! A missing `redis-server`, `java` or ZooKeeper jar skips the tests that need them with a
+//! message, except under `CI=true`, where it fails them: CI installs both.
+
+pub mod proxy;
+pub mod redis;
+pub mod zk;
+
+pub use proxy::Proxy;
+pub use redis::RedisServer;
+pub use zk::{ZkServer, unique_root, zookeeper};
+
+/// Whether this run is CI's, which must not skip anything.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}

@@ -1,0 +1,167 @@
+//! A private `redis-server` per test, optionally with AOF, that can be killed and restarted
+//! on the same port and directory (what an operator's Redis restart looks like).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::in_ci;
+
+/// A `redis-server` this test started, on a free port, with a temp dir; killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    aof: bool,
+}
+
+impl RedisServer {
+    /// Starts a server without persistence, or `None` (with a message) if `redis-server` is
+    /// not installed. Under `CI=true` a missing `redis-server` fails the test instead.
+    pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server with `appendonly yes` and `appendfsync always`, so a restart keeps
+    /// every acknowledged write.
+    pub fn start_with_aof() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Option<Self> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            assert!(
+                !in_ci(),
+                "redis-server is not installed, and CI=true requires the Redis tests"
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPING the Redis part of this test: redis-server is not installed"
+            );
+            return None;
+        }
+        // The port is free when probed and taken a moment later; retry the rare collision.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "cim-redis-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let port = match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+                Ok(addr) => addr.port(),
+                Err(e) => {
+                    last_error = e.to_string();
+                    continue;
+                }
+            };
+            let mut server = Self {
+                child: None,
+                port,
+                dir,
+                aof,
+            };
+            match server.spawn() {
+                Ok(()) => return Some(server),
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start redis-server: {last_error}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.aof {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        let child = command.spawn().map_err(|e| e.to_string())?;
+        self.child = Some(child);
+        for _ in 0..500 {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Err(format!("redis-server exited: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err("redis-server did not answer PING within 5 s".into())
+    }
+
+    /// Kills the server (SIGKILL: no shutdown save) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (with AOF it reloads its data).
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 7];
+        stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Sends one inline command and returns the reply's first line (enough for CONFIG SET
+    /// and DBSIZE in tests).
+    pub fn raw(&self, command: &str) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .expect("write");
+        let mut out = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+            out.push(byte[0]);
+        }
+        String::from_utf8_lossy(&out).trim_end().to_string()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
