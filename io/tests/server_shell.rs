@@ -14,7 +14,9 @@ use cim_core::store::{Claim, StoreCommand, StoreReply};
 use cim_core::tickets::{Grant, TicketKeys};
 use cim_io::clock::Clock;
 use cim_io::http_client::HttpClient;
-use cim_io::net::{self, FrameReader, FrameWriter, ReadError, TokioNet, framed};
+use cim_io::net::{
+    self, FrameReader, FrameWriter, Network, ReadError, Stream, TokioNet, TurmoilNet, framed,
+};
 use cim_io::registry::{MemoryRegistry, Registry};
 use cim_io::server::{ServerHandle, ServerOptions, start};
 use cim_io::store::{MemoryBackend, Store};
@@ -196,16 +198,20 @@ impl Env {
 }
 
 /// One framed TCP peer: a client of the gateway or a route on the link port.
-struct Peer {
-    reader: FrameReader<ReadHalf<TcpStream>>,
-    writer: FrameWriter<WriteHalf<TcpStream>>,
+struct Peer<S: Stream = TcpStream> {
+    reader: FrameReader<ReadHalf<S>>,
+    writer: FrameWriter<WriteHalf<S>>,
 }
 
 impl Peer {
     async fn dial(port: u16) -> Self {
-        let stream = net::connect(&TokioNet, "127.0.0.1", port, T)
-            .await
-            .expect("dial");
+        Self::dial_on(&TokioNet, "127.0.0.1", port).await
+    }
+}
+
+impl<S: Stream> Peer<S> {
+    async fn dial_on<N: Network<Stream = S>>(net: &N, host: &str, port: u16) -> Self {
+        let stream = net::connect(net, host, port, T).await.expect("dial");
         let (reader, writer) = framed(stream, FrameCodec::default());
         Self { reader, writer }
     }
@@ -274,7 +280,16 @@ impl Peer {
 
 /// The route's side of the link handshake; `Err` if the server closes instead.
 async fn dial_route(port: u16, secret: &[u8]) -> Result<Peer, String> {
-    let mut route = Peer::dial(port).await;
+    dial_route_on(&TokioNet, "127.0.0.1", port, secret).await
+}
+
+async fn dial_route_on<N: Network>(
+    net: &N,
+    host: &str,
+    port: u16,
+    secret: &[u8],
+) -> Result<Peer<N::Stream>, String> {
+    let mut route = Peer::dial_on(net, host, port).await;
     let hello = match route.recv().await.kind {
         Some(Kind::LinkHello(hello)) => hello,
         other => panic!("expected LinkHello, got {other:?}"),
@@ -707,4 +722,95 @@ async fn abort_drops_every_connection_and_the_registration() {
     view.wait_until(T, |m| !m.contains_key(&id))
         .await
         .expect("entry removed with the aborted server");
+}
+
+/// The same shell runs over turmoil's simulated network (the simulation suites build on this):
+/// a login, a ping, a link handshake and a health check, in simulated time.
+#[test]
+fn serves_over_the_simulated_network() {
+    const ORIGIN: UnixMillis = UnixMillis(1_800_000_000_000);
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(Duration::from_secs(60))
+        .build();
+    let keys = TicketKeys::new(1, TICKET_SECRET.to_vec());
+    let store = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+    let registry = MemoryRegistry::new();
+    let id = ServerId::new("s1");
+    {
+        let (keys, store, registry) = (keys.clone(), store.clone(), registry.clone());
+        sim.host("server", move || {
+            let (keys, store, registry) = (keys.clone(), store.clone(), registry.clone());
+            async move {
+                let config = ServerConfig::new(ServerId::new("s1"), keys);
+                let mut options = ServerOptions::new(config, LINK_SECRET.to_vec());
+                options.advertise_host = "server".into();
+                let store: Arc<dyn Store> = store;
+                let clock = Clock::simulated(ORIGIN);
+                let mut server = start(TurmoilNet, clock, options, store, &registry).await?;
+                server.stopped().await?;
+                Ok(())
+            }
+        });
+    }
+    sim.client("test", async move {
+        let clock = Clock::simulated(ORIGIN);
+        let view = registry.watch().await?;
+        let listed = view.wait_until(T, |m| m.contains_key(&id)).await?;
+        let ports = &listed[&id];
+        assert_eq!((ports.host.as_str(), ports.client_port), ("server", 11211));
+
+        let name = "alice".to_owned();
+        let reply = store
+            .execute(
+                clock.wall(),
+                StoreCommand::RegisterAccount {
+                    name,
+                    password_hash: "phc".into(),
+                },
+            )
+            .await?;
+        let StoreReply::AccountRegistered(Ok(user)) = reply else {
+            panic!("{reply:?}")
+        };
+        let claim = Claim {
+            epoch: Epoch(1),
+            server: id.clone(),
+            lease_until: clock.wall().plus(Duration::from_secs(30)),
+            resume_token_hash: [0; 32],
+        };
+        let command = StoreCommand::ReplaceClaim {
+            user,
+            expected: Epoch(0),
+            claim,
+        };
+        let reply = store.execute(clock.wall(), command).await?;
+        assert!(
+            matches!(reply, StoreReply::ClaimReplaced(Ok(_))),
+            "{reply:?}"
+        );
+
+        let mut client = Peer::dial_on(&TurmoilNet, "server", 11211).await;
+        let ticket = keys.mint(&Grant {
+            user,
+            server: id.clone(),
+            epoch: Epoch(1),
+            expires_at: clock.wall().plus(Duration::from_secs(30)),
+        });
+        client
+            .send(Kind::Login(Login {
+                ticket: Some(ticket),
+            }))
+            .await;
+        assert!(matches!(client.recv().await.kind, Some(Kind::LoginOk(_))));
+        client.ping_pong(9).await;
+
+        let mut route = dial_route_on(&TurmoilNet, "server", 11311, LINK_SECRET).await?;
+        route.ping_pong(10).await;
+
+        let http = HttpClient::new(TurmoilNet, "server", 8081, T);
+        let (status, body) = http.request(Method::GET, "/health", None, None).await?;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+        Ok(())
+    });
+    sim.run().expect("simulation passes");
 }

@@ -53,13 +53,12 @@ pub(super) async fn serve<L: Listener>(
         .route("/health", get(health::<L::Stream>))
         .route("/metrics", get(metrics::<L::Stream>))
         .with_state(state);
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => Ok(()),
-        served = axum::serve(AxumListener(listener), app) => {
-            served.map_err(ServerError::Http)
-        }
-    }
+    // Graceful: on cancellation the listener closes, idle keep-alive connections are closed
+    // and a request in progress is answered first.
+    axum::serve(AxumListener(listener), app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+        .map_err(ServerError::Http)
 }
 
 impl<S> HttpState<S> {
