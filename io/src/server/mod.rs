@@ -213,7 +213,9 @@ impl ServerHandle {
                 .ok()?;
             acked.await.ok()
         };
-        match tokio::time::timeout_at(until, left).await {
+        // At most half the budget, so a hung registry still leaves time to kick and flush.
+        let leave_until = tokio::time::Instant::from_std(self.clock.now() + self.drain_timeout / 2);
+        match tokio::time::timeout_at(leave_until, left).await {
             Ok(Some(Ok(()))) => tracing::info!(server = %self.server_id, "left the registry"),
             Ok(Some(Err(error))) => {
                 tracing::warn!(server = %self.server_id, %error, "leaving the registry failed; its session is closed anyway")
