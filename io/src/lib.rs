@@ -11,4 +11,5 @@ pub mod http_client;
 pub mod launch;
 pub mod net;
 pub mod registry;
+pub mod server;
 pub mod store;

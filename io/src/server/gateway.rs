@@ -1,0 +1,189 @@
+//! The client TCP gateway: the accept loop, and per connection one reader task (decoded
+//! frames to the driver) and one writer task (a bounded queue of frames to the socket).
+
+use std::time::Duration;
+
+use cim_core::server::ConnId;
+use cim_proto::Frame;
+use cim_proto::codec::FrameCodec;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::ServerError;
+use super::driver::Input;
+use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, framed};
+
+/// Frames written to the socket in one go (and reported in one `Written`).
+const WRITE_BATCH: usize = 64;
+
+/// Back-off after a failed accept (out of descriptors and the like), instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Hands every accepted socket to the driver, which decides whether to keep it.
+pub(super) async fn accept_loop<L: Listener>(
+    mut listener: L,
+    inputs: mpsc::Sender<Input<L::Stream>>,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if inputs.send(Input::Accepted { stream, peer }).await.is_err() {
+                    return Ok(()); // the driver is gone: the server is stopping
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "client accept failed");
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Starts the reader and writer tasks of an accepted connection. The connection closes when
+/// the driver drops the queue's sender (after the writer has flushed it), when a write fails,
+/// or when the peer closes.
+pub(super) fn spawn_connection<S: Stream>(
+    conn: ConnId,
+    stream: S,
+    codec: FrameCodec,
+    queue: mpsc::Receiver<Frame>,
+    inputs: mpsc::Sender<Input<S>>,
+    io_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let (reader, writer) = framed(stream, codec);
+    let (writer_ended, linger) = oneshot::channel();
+    tokio::spawn(read_loop(
+        conn,
+        reader,
+        inputs.clone(),
+        linger,
+        io_timeout,
+        cancel.clone(),
+    ));
+    tokio::spawn(write_loop(
+        conn,
+        writer,
+        queue,
+        inputs,
+        writer_ended,
+        io_timeout,
+        cancel,
+    ));
+}
+
+/// Forwards decoded frames until the peer closes or the bytes stop decoding. Once the writer
+/// has closed its side, it keeps reading (and the driver ignores) for up to `io_timeout`: a
+/// socket closed with unread input is reset, which could destroy the final Kick or Error
+/// before the peer reads it.
+async fn read_loop<S: Stream>(
+    conn: ConnId,
+    mut reader: FrameReader<ReadHalf<S>>,
+    inputs: mpsc::Sender<Input<S>>,
+    writer_ended: oneshot::Receiver<()>,
+    io_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let linger = async {
+        // Sent or dropped: either way the writer is done.
+        let _ = writer_ended.await;
+        tokio::time::sleep(io_timeout).await;
+    };
+    tokio::pin!(linger);
+    loop {
+        let read = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = &mut linger => return,
+            read = reader.next_frame() => read,
+        };
+        let input = match read {
+            Ok(frame) => Input::Frame { conn, frame },
+            Err(ReadError::Decode(error)) => Input::ProtocolError {
+                conn,
+                code: error.code(),
+                detail: error.to_string(),
+            },
+            Err(error) => Input::ConnClosed {
+                conn,
+                reason: error.to_string(),
+            },
+        };
+        let last = !matches!(input, Input::Frame { .. });
+        if inputs.send(input).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Writes queued frames in batches, reporting each batch once the socket took it. Ends when
+/// the queue's sender is dropped (after flushing everything queued), or on a write error.
+async fn write_loop<S: Stream>(
+    conn: ConnId,
+    mut writer: FrameWriter<WriteHalf<S>>,
+    mut queue: mpsc::Receiver<Frame>,
+    inputs: mpsc::Sender<Input<S>>,
+    writer_ended: oneshot::Sender<()>,
+    io_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            first = queue.recv() => first,
+        };
+        let Some(first) = first else {
+            break; // closed by the driver: everything queued has been written
+        };
+        batch.clear();
+        batch.push(first);
+        while batch.len() < WRITE_BATCH {
+            match queue.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
+        let written = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            written = writer.write_frames(&batch, io_timeout) => written,
+        };
+        let input = match written {
+            Ok(()) => Input::Written {
+                conn,
+                frames: batch.len(),
+            },
+            Err(error) => Input::WriteFailed {
+                conn,
+                reason: error.to_string(),
+            },
+        };
+        let failed = matches!(input, Input::WriteFailed { .. });
+        if inputs.send(input).await.is_err() {
+            return;
+        }
+        if failed {
+            break;
+        }
+    }
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return,
+        _ = writer.shutdown(io_timeout) => {}
+    }
+    let _ = writer_ended.send(());
+    let _ = inputs.send(Input::WriterDone).await;
+}

@@ -1,0 +1,329 @@
+//! Health and metrics over HTTP: `GET /health` (200 when the store answers and the registry
+//! session is up, else 503 saying which part failed) and `GET /metrics` (Prometheus text,
+//! rendered by hand from the node's counters: no global recorder, since `cim up` runs two
+//! servers in one process).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use cim_core::ids::ServerId;
+use cim_proto::KickReason;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::ServerError;
+use super::driver::{Input, Snapshot};
+use crate::net::{AxumListener, Listener, Stream};
+use crate::registry::SessionHealth;
+use crate::store::Store;
+
+/// How long a health check waits for the store (and for the driver's snapshot).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(super) struct HttpState<S> {
+    pub server_id: ServerId,
+    pub inputs: mpsc::Sender<Input<S>>,
+    pub store: Arc<dyn Store>,
+    pub registry_health: watch::Receiver<SessionHealth>,
+}
+
+impl<S> Clone for HttpState<S> {
+    fn clone(&self) -> Self {
+        Self {
+            server_id: self.server_id.clone(),
+            inputs: self.inputs.clone(),
+            store: self.store.clone(),
+            registry_health: self.registry_health.clone(),
+        }
+    }
+}
+
+pub(super) async fn serve<L: Listener>(
+    listener: L,
+    state: HttpState<L::Stream>,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    let app = Router::new()
+        .route("/health", get(health::<L::Stream>))
+        .route("/metrics", get(metrics::<L::Stream>))
+        .with_state(state);
+    // Graceful: on cancellation the listener closes, idle keep-alive connections are closed
+    // and a request in progress is answered first.
+    axum::serve(AxumListener(listener), app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+        .map_err(ServerError::Http)
+}
+
+impl<S> HttpState<S> {
+    /// The driver's snapshot; `None` if it does not answer in time (stuck or stopping).
+    async fn snapshot(&self) -> Option<Snapshot> {
+        let (reply, answer) = oneshot::channel();
+        let ask = async {
+            self.inputs.send(Input::Snapshot { reply }).await.ok()?;
+            answer.await.ok()
+        };
+        tokio::time::timeout(CHECK_TIMEOUT, ask)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+async fn health<S: Stream>(State(state): State<HttpState<S>>) -> Response {
+    let store = match tokio::time::timeout(CHECK_TIMEOUT, state.store.health()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+    };
+    let registry = *state.registry_health.borrow();
+    let snapshot = state.snapshot().await;
+    let healthy = store.is_ok() && registry.is_connected() && snapshot.is_some();
+    let registry_text = match registry {
+        SessionHealth::Connected => "connected",
+        SessionHealth::Disconnected { .. } => "disconnected",
+        SessionHealth::Expired => "expired",
+    };
+    let body = serde_json::json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "serverId": state.server_id.as_str(),
+        "sessions": snapshot.as_ref().map(|s| s.sessions),
+        "connections": snapshot.as_ref().map(|s| s.connections),
+        "links": snapshot.as_ref().map(|s| s.links),
+        "draining": snapshot.as_ref().map(|s| s.draining),
+        "store": match &store {
+            Ok(()) => "ok".to_owned(),
+            Err(error) => error.clone(),
+        },
+        "registry": registry_text,
+        "driver": if snapshot.is_some() { "ok" } else { "unresponsive" },
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics<S: Stream>(State(state): State<HttpState<S>>) -> Response {
+    let Some(snapshot) = state.snapshot().await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server driver unresponsive\n",
+        )
+            .into_response();
+    };
+    let registry_up = state.registry_health.borrow().is_connected();
+    let text = render_metrics(state.server_id.as_str(), &snapshot, registry_up);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Prometheus text exposition format, every sample labelled with the server id.
+fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
+    let id = escape_label(server_id);
+    let mut out = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, samples: &[(Option<(&str, &str)>, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (label, value) in samples {
+                match label {
+                    Some((key, val)) => {
+                        let _ =
+                            writeln!(out, "{name}{{server_id=\"{id}\",{key}=\"{val}\"}} {value}");
+                    }
+                    None => {
+                        let _ = writeln!(out, "{name}{{server_id=\"{id}\"}} {value}");
+                    }
+                }
+            }
+        };
+    let st = &s.stats;
+    family(
+        "cim_server_logins_total",
+        "counter",
+        "Client logins, by result.",
+        &[
+            (Some(("result", "ok")), st.logins_ok),
+            (Some(("result", "failed")), st.logins_failed),
+        ],
+    );
+    let kicks: Vec<(Option<(&str, &str)>, u64)> = KICK_REASONS
+        .iter()
+        .map(|&(reason, label)| (Some(("reason", label)), st.kicks(reason)))
+        .collect();
+    family(
+        "cim_server_kicks_total",
+        "counter",
+        "Connections kicked, by reason.",
+        &kicks,
+    );
+    let counters: [(&str, &str, u64); 10] = [
+        (
+            "cim_server_slow_consumers_total",
+            "Clients kicked because their outbound queue was full.",
+            st.slow_consumers,
+        ),
+        (
+            "cim_server_rate_limited_sends_total",
+            "Sends refused by the per-user rate limit.",
+            st.rate_limited_sends,
+        ),
+        (
+            "cim_server_fenced_total",
+            "Sessions closed because their lease or registry session was no longer proven.",
+            st.fenced,
+        ),
+        (
+            "cim_server_protocol_errors_total",
+            "Client connections closed for protocol errors.",
+            st.protocol_errors,
+        ),
+        (
+            "cim_server_refused_connections_total",
+            "Connections refused (connection limit or draining).",
+            st.refused_connections,
+        ),
+        (
+            "cim_server_store_timeouts_total",
+            "Store requests with no reply within the store timeout.",
+            st.store_timeouts,
+        ),
+        (
+            "cim_server_link_auth_failures_total",
+            "Route links that failed to authenticate.",
+            s.shell.link_auth_failures,
+        ),
+        (
+            "cim_server_links_lost_total",
+            "Authenticated route links that went down.",
+            s.shell.links_lost,
+        ),
+        (
+            "cim_server_route_sends_unrouted_total",
+            "Sends failed at once: no route link up, or its queue full.",
+            s.shell.route_sends_unrouted,
+        ),
+        (
+            "cim_server_registry_sessions_lost_total",
+            "Registry sessions lost (every connection fenced).",
+            s.shell.registry_sessions_lost,
+        ),
+    ];
+    for (name, help, value) in counters {
+        family(name, "counter", help, &[(None, value)]);
+    }
+    family(
+        "cim_server_write_failures_total",
+        "counter",
+        "Client connections closed because a write failed or timed out.",
+        &[(None, s.shell.write_failures)],
+    );
+    let gauges: [(&str, &str, u64); 5] = [
+        (
+            "cim_server_connections",
+            "Client connections held, logged in or not.",
+            s.connections as u64,
+        ),
+        (
+            "cim_server_sessions",
+            "Live sessions (LoginOk sent).",
+            s.sessions as u64,
+        ),
+        (
+            "cim_server_route_links",
+            "Authenticated route links.",
+            s.links as u64,
+        ),
+        (
+            "cim_server_draining",
+            "1 while the server drains.",
+            u64::from(s.draining),
+        ),
+        (
+            "cim_server_registry_connected",
+            "1 while the registry session is connected.",
+            u64::from(registry_up),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(name, "gauge", help, &[(None, value)]);
+    }
+    out
+}
+
+const KICK_REASONS: [(KickReason, &str); 8] = [
+    (KickReason::TakenOver, "taken_over"),
+    (KickReason::SlowConsumer, "slow_consumer"),
+    (KickReason::Idle, "idle"),
+    (KickReason::LoginTimeout, "login_timeout"),
+    (KickReason::Fenced, "fenced"),
+    (KickReason::Draining, "draining"),
+    (KickReason::ProtocolError, "protocol_error"),
+    (KickReason::LoggedOut, "logged_out"),
+];
+
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::driver::ShellStats;
+    use cim_core::server::ServerStats;
+
+    #[test]
+    fn metrics_render_every_family_with_the_server_label() {
+        let mut stats = ServerStats {
+            logins_ok: 3,
+            logins_failed: 1,
+            ..Default::default()
+        };
+        stats.kicks.insert(KickReason::Draining, 2);
+        let snapshot = Snapshot {
+            stats,
+            connections: 4,
+            sessions: 3,
+            links: 1,
+            draining: false,
+            shell: ShellStats::default(),
+        };
+        let text = render_metrics("s\"1", &snapshot, true);
+        assert!(text.contains("cim_server_logins_total{server_id=\"s\\\"1\",result=\"ok\"} 3\n"));
+        assert!(
+            text.contains("cim_server_kicks_total{server_id=\"s\\\"1\",reason=\"draining\"} 2\n")
+        );
+        assert!(text.contains("cim_server_sessions{server_id=\"s\\\"1\"} 3\n"));
+        assert!(text.contains("# TYPE cim_server_connections gauge\n"));
+        // Every sample line has a HELP and TYPE before it, and a numeric value.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<u64>().is_ok(), "{line}");
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Route links: routes dial the link port; each link is authenticated with
+//! `cim_core::link` (server challenge, route proof and challenge, server proof), then carries
+//! pushes, kicks, send results and pings from the route, and sends from the server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_core::ids::ServerId;
+use cim_core::link::{self as link_auth, MIN_NONCE_LEN};
+use cim_proto::codec::FrameCodec;
+use cim_proto::frame::Kind;
+use cim_proto::{Frame, LinkAuth};
+use rand::TryRngCore;
+use rand::rngs::OsRng;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::driver::{Input, LinkId};
+use super::{LINK_IDLE_TIMEOUT, ServerError};
+use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, framed};
+
+const WRITE_BATCH: usize = 256;
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every link task needs to authenticate its route.
+#[derive(Debug, Clone)]
+pub(super) struct LinkSettings {
+    pub server_id: ServerId,
+    pub secret: Arc<[u8]>,
+    pub codec: FrameCodec,
+    pub io_timeout: Duration,
+}
+
+/// Why a link did not authenticate. The link is closed; nothing else changed.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("no entropy for the nonce: {0}")]
+    Entropy(String),
+    #[error("sending the hello: {0}")]
+    Hello(crate::net::WriteError),
+    #[error("reading the route's answer: {0}")]
+    Read(ReadError),
+    #[error("expected LinkAuth, got another frame")]
+    Unexpected,
+    #[error(transparent)]
+    Auth(#[from] link_auth::LinkAuthError),
+    #[error("sending LinkAuthOk: {0}")]
+    Ok(crate::net::WriteError),
+}
+
+pub(super) async fn accept_loop<L: Listener>(
+    mut listener: L,
+    settings: LinkSettings,
+    inputs: mpsc::Sender<Input<L::Stream>>,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut next_link: LinkId = 1;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let link = next_link;
+                next_link += 1;
+                tokio::spawn(serve_link(
+                    link,
+                    stream,
+                    peer,
+                    settings.clone(),
+                    inputs.clone(),
+                    cancel.child_token(),
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "link accept failed");
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Authenticates the link, hands its write half to the driver, then reads until it fails,
+/// goes silent for [`LINK_IDLE_TIMEOUT`], or the driver drops it (`token`).
+async fn serve_link<S: Stream>(
+    link: LinkId,
+    stream: S,
+    peer: SocketAddr,
+    settings: LinkSettings,
+    inputs: mpsc::Sender<Input<S>>,
+    token: CancellationToken,
+) {
+    let (mut reader, mut writer) = framed(stream, settings.codec);
+    let handshake = tokio::select! {
+        biased;
+        _ = token.cancelled() => return,
+        handshake = handshake(&settings, &mut reader, &mut writer) => handshake,
+    };
+    let route_id = match handshake {
+        Ok(route_id) => route_id,
+        Err(error) => {
+            tracing::warn!(link, %peer, %error, "route link failed to authenticate; closing");
+            let _ = inputs.send(Input::LinkAuthFailed).await;
+            writer.shutdown(settings.io_timeout).await;
+            return;
+        }
+    };
+    let up = Input::LinkUp {
+        link,
+        route_id,
+        peer,
+        writer,
+        token: token.clone(),
+    };
+    if inputs.send(up).await.is_err() {
+        return;
+    }
+    let reason = read_loop(link, &mut reader, &inputs, &token).await;
+    if let Some(reason) = reason {
+        let _ = inputs.send(Input::LinkDown { link, reason }).await;
+    }
+    // Stops the writer too, if it is still running.
+    token.cancel();
+}
+
+/// Server side of the handshake; returns the route's id.
+async fn handshake<S: Stream>(
+    settings: &LinkSettings,
+    reader: &mut FrameReader<ReadHalf<S>>,
+    writer: &mut FrameWriter<WriteHalf<S>>,
+) -> Result<String, HandshakeError> {
+    let mut nonce = [0u8; 2 * MIN_NONCE_LEN];
+    OsRng
+        .try_fill_bytes(&mut nonce)
+        .map_err(|e| HandshakeError::Entropy(e.to_string()))?;
+    let hello = link_auth::server_hello(&settings.server_id, &nonce);
+    let frame = Frame {
+        kind: Some(Kind::LinkHello(hello.clone())),
+    };
+    writer
+        .write_frame(&frame, settings.io_timeout)
+        .await
+        .map_err(HandshakeError::Hello)?;
+    let auth: LinkAuth = match reader.read_frame(settings.io_timeout).await {
+        Ok(Frame {
+            kind: Some(Kind::LinkAuth(auth)),
+        }) => auth,
+        Ok(_) => return Err(HandshakeError::Unexpected),
+        Err(error) => return Err(HandshakeError::Read(error)),
+    };
+    let ok = link_auth::server_check(&settings.secret, &hello, &auth)?;
+    let frame = Frame {
+        kind: Some(Kind::LinkAuthOk(ok)),
+    };
+    writer
+        .write_frame(&frame, settings.io_timeout)
+        .await
+        .map_err(HandshakeError::Ok)?;
+    Ok(auth.route_id)
+}
+
+/// Forwards the route's frames; returns why the link ended (`None` when the driver dropped
+/// it or the server is stopping).
+async fn read_loop<S: Stream>(
+    link: LinkId,
+    reader: &mut FrameReader<ReadHalf<S>>,
+    inputs: &mpsc::Sender<Input<S>>,
+    token: &CancellationToken,
+) -> Option<String> {
+    loop {
+        let read = tokio::select! {
+            biased;
+            _ = token.cancelled() => return None,
+            read = reader.read_frame(LINK_IDLE_TIMEOUT) => read,
+        };
+        let frame = match read {
+            Ok(frame) => frame,
+            Err(error) => return Some(error.to_string()),
+        };
+        match &frame.kind {
+            Some(
+                Kind::PushBatch(_) | Kind::KickUser(_) | Kind::RouteSendResult(_) | Kind::Ping(_),
+            ) => {
+                tracing::trace!(link, ?frame, "route frame");
+                if inputs.send(Input::LinkFrame { link, frame }).await.is_err() {
+                    return None;
+                }
+            }
+            _ => return Some(format!("unexpected frame from the route: {frame:?}")),
+        }
+    }
+}
+
+/// Starts the writer of an authenticated link. It ends when the driver drops the queue
+/// (after flushing it), when a write fails (reported as `LinkDown`), or on `token`.
+pub(super) fn spawn_writer<S: Stream>(
+    link: LinkId,
+    writer: FrameWriter<WriteHalf<S>>,
+    queue: mpsc::Receiver<Frame>,
+    inputs: mpsc::Sender<Input<S>>,
+    io_timeout: Duration,
+    token: CancellationToken,
+) {
+    tokio::spawn(write_loop(link, writer, queue, inputs, io_timeout, token));
+}
+
+async fn write_loop<S: Stream>(
+    link: LinkId,
+    mut writer: FrameWriter<WriteHalf<S>>,
+    mut queue: mpsc::Receiver<Frame>,
+    inputs: mpsc::Sender<Input<S>>,
+    io_timeout: Duration,
+    token: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut flushed = false;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            first = queue.recv() => first,
+        };
+        let Some(first) = first else {
+            flushed = true;
+            break;
+        };
+        batch.clear();
+        batch.push(first);
+        while batch.len() < WRITE_BATCH {
+            match queue.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
+        let written = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            written = writer.write_frames(&batch, io_timeout) => written,
+        };
+        if let Err(error) = written {
+            let reason = format!("write failed: {error}");
+            let _ = inputs.send(Input::LinkDown { link, reason }).await;
+            break;
+        }
+    }
+    if flushed {
+        writer.shutdown(io_timeout).await;
+    }
+    // Stops the reader too (a drained link is closed both ways).
+    token.cancel();
+    let _ = inputs.send(Input::WriterDone).await;
+}

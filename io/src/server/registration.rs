@@ -1,0 +1,164 @@
+//! The registry task: owns the server's [`Registration`], republishes its connection count,
+//! tells the driver when the registry session is lost (so it fences itself), and leaves the
+//! registry when the server drains.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::ServerError;
+use super::driver::Input;
+use crate::registry::{Registration, RegistryError, SessionHealth};
+
+pub(super) enum RegistryCtl {
+    /// Leave the registry (entry first, then the session) and stop.
+    Deregister {
+        ack: oneshot::Sender<Result<(), RegistryError>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Settings {
+    pub update_interval: Duration,
+    pub io_timeout: Duration,
+}
+
+/// Notices a lost session from the health watch: a new `Expired`, or a registration that
+/// replaced its session (it counts those) in case the `Expired` in between was never seen.
+struct LossDetector {
+    was_expired: bool,
+    sessions_lost: u64,
+}
+
+impl LossDetector {
+    fn new(reg: &Registration) -> Self {
+        Self {
+            was_expired: reg.current_health() == SessionHealth::Expired,
+            sessions_lost: reg.sessions_lost(),
+        }
+    }
+
+    fn lost(&mut self, health: SessionHealth, sessions_lost: u64) -> bool {
+        let expired = health == SessionHealth::Expired;
+        let newly_expired = expired && !self.was_expired;
+        self.was_expired = expired;
+        let replaced = sessions_lost > self.sessions_lost;
+        self.sessions_lost = sessions_lost;
+        newly_expired || replaced
+    }
+}
+
+pub(super) async fn run<S>(
+    reg: Registration,
+    settings: Settings,
+    inputs: mpsc::Sender<Input<S>>,
+    mut ctl: mpsc::Receiver<RegistryCtl>,
+    connections: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut health = reg.health();
+    let mut health_open = true;
+    let mut detector = LossDetector::new(&reg);
+    // `register` published 0.
+    let mut published: u64 = 0;
+    let start = tokio::time::Instant::now() + settings.update_interval;
+    let mut ticker = tokio::time::interval_at(start, settings.update_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            changed = health.changed(), if health_open => {
+                health_open = changed.is_ok();
+                check_health(&reg, &mut health, &mut detector, &inputs).await;
+            }
+            command = ctl.recv() => {
+                let Some(RegistryCtl::Deregister { ack }) = command else {
+                    // The handle is gone; dropping it cancels everything.
+                    return Ok(());
+                };
+                let left = match tokio::time::timeout(settings.io_timeout, reg.deregister()).await {
+                    Ok(result) => result,
+                    Err(_) => Err(RegistryError::Timeout {
+                        op: "deregister",
+                        after: settings.io_timeout,
+                    }),
+                };
+                let _ = ack.send(left);
+                // Leaving is the end of this task's job; it waits for the server to stop
+                // so that `stopped()` does not take its end for a failure.
+                cancel.cancelled().await;
+                return Ok(());
+            }
+            _ = ticker.tick() => {
+                let count = connections.load(Ordering::Relaxed);
+                if count == published {
+                    continue;
+                }
+                let n = u32::try_from(count).unwrap_or(u32::MAX);
+                let update = tokio::time::timeout(settings.io_timeout, reg.update(n));
+                tokio::pin!(update);
+                // A slow registry must not delay fencing: keep watching health meanwhile.
+                let result = loop {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Ok(()),
+                        changed = health.changed(), if health_open => {
+                            health_open = changed.is_ok();
+                            check_health(&reg, &mut health, &mut detector, &inputs).await;
+                        }
+                        result = &mut update => break result,
+                    }
+                };
+                match result {
+                    Ok(Ok(())) => published = count,
+                    // Kept by the registration and published when its session is back.
+                    Ok(Err(error)) => tracing::debug!(%error, "connection count not published yet"),
+                    Err(_) => tracing::warn!(after = ?settings.io_timeout, "registry update timed out"),
+                }
+            }
+        }
+    }
+}
+
+async fn check_health<S>(
+    reg: &Registration,
+    health: &mut watch::Receiver<SessionHealth>,
+    detector: &mut LossDetector,
+    inputs: &mpsc::Sender<Input<S>>,
+) {
+    let now = *health.borrow_and_update();
+    tracing::info!(server = %reg.server_id(), health = ?now, "registry session health");
+    if detector.lost(now, reg.sessions_lost()) {
+        let _ = inputs.send(Input::RegistryLost).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_loss_is_reported_once() {
+        let mut d = LossDetector {
+            was_expired: false,
+            sessions_lost: 0,
+        };
+        let disconnected = SessionHealth::Disconnected {
+            since: tokio::time::Instant::now(),
+        };
+        assert!(!d.lost(disconnected, 0), "a disconnection is not a loss");
+        assert!(d.lost(SessionHealth::Expired, 1));
+        assert!(!d.lost(SessionHealth::Expired, 1), "same loss seen twice");
+        assert!(
+            !d.lost(SessionHealth::Connected, 1),
+            "recreated: nothing new"
+        );
+        // An expiry and its recovery coalesced into one change of the watch.
+        assert!(d.lost(SessionHealth::Connected, 2));
+    }
+}
