@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest `limit` a FetchRequest is served with (also used when it asks for 0). 100.
     pub fetch_limit_cap: u32,
+    /// Encoded size a FetchAnswer's messages may reach; the rest is left for the client's
+    /// next fetch (it continues while answers make progress). Keeps answers under the frame
+    /// limit: 100 bodies of 4 KiB would not fit in 64 KiB. 56 KiB.
+    pub max_answer_bytes: usize,
     /// A store request the node waits on (bind, refresh, sync, fetch) with no reply by then
     /// counts as failed, so a lost reply never leaves a login hanging or an entry behind. 5 s.
     pub store_timeout: Duration,
@@ -100,6 +104,7 @@ impl ServerConfig {
             max_body: 4 * 1024,
             max_connections: 100_000,
             fetch_limit_cap: 100,
+            max_answer_bytes: 56 * 1024,
             store_timeout: Duration::from_secs(5),
         }
     }
@@ -129,6 +134,7 @@ impl ServerConfig {
             ("send_burst", self.send_burst == 0),
             ("max_connections", self.max_connections == 0),
             ("fetch_limit_cap", self.fetch_limit_cap == 0),
+            ("max_answer_bytes", self.max_answer_bytes == 0),
             ("store_timeout", self.store_timeout.is_zero()),
         ];
         match zero.into_iter().find(|(_, is_zero)| *is_zero) {
@@ -733,7 +739,7 @@ impl ServerNode {
                     Ok(StoreReply::Fetched { head, messages }) => {
                         Kind::FetchAnswer(proto::FetchAnswer {
                             head: Some(head_to_proto(&head)),
-                            messages: messages.iter().map(message_to_proto).collect(),
+                            messages: within_bytes(&messages, self.config.max_answer_bytes),
                         })
                     }
                     _ => error_kind(ErrorCode::Unavailable, "fetch failed, retry"),
@@ -1219,6 +1225,25 @@ fn is_client_request(kind: &Kind) -> bool {
         kind,
         Kind::Send(_) | Kind::DeliverAck(_) | Kind::SyncRequest(_) | Kind::FetchRequest(_)
     )
+}
+
+/// The longest prefix of `messages` whose encoding fits in `budget` bytes, but at least one
+/// message so an answer always makes progress (one body is far below any sane budget).
+fn within_bytes(messages: &[crate::store::StoredMessage], budget: usize) -> Vec<proto::Message> {
+    use prost::Message as _;
+    let mut used = 0;
+    let mut out = Vec::new();
+    for message in messages {
+        let message = message_to_proto(message);
+        // The field tag and length prefix of a repeated message: at most 1 + 10 bytes.
+        let size = message.encoded_len() + 11;
+        if !out.is_empty() && used + size > budget {
+            break;
+        }
+        used += size;
+        out.push(message);
+    }
+    out
 }
 
 fn error_kind(code: ErrorCode, message: &str) -> Kind {

@@ -940,6 +940,56 @@ mod store_reads {
     }
 
     #[test]
+    fn fetch_answers_stay_under_the_byte_budget() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.frame(
+            10,
+            1,
+            Kind::FetchRequest(proto::FetchRequest {
+                conv: "p:7:9".into(),
+                log_epoch: 5,
+                after_seq: 0,
+                limit: 100,
+            }),
+        );
+        let conv = ConvId::private(UserId(7), UserId(9)).unwrap();
+        let messages: Vec<StoredMessage> = (1..=100)
+            .map(|seq| StoredMessage {
+                conv: conv.clone(),
+                log_epoch: LogEpoch(5),
+                seq,
+                sender: UserId(9),
+                msg_id: ClientMsgId::from_halves(1, seq),
+                body: Bytes::from(vec![b'x'; 4096]),
+                appended_at: UnixMillis(123),
+            })
+            .collect();
+        let out = h.reply(
+            20,
+            Ok(StoreReply::Fetched {
+                head: head(conv, 100),
+                messages,
+            }),
+        );
+        let [Out::Fetch { answer, .. }] = out.as_slice() else {
+            panic!("{out:?}");
+        };
+        let seqs: Vec<u64> = answer.messages.iter().map(|m| m.seq).collect();
+        // The oldest ones, contiguous, as many as fit.
+        assert_eq!(seqs, (1..=13).collect::<Vec<_>>());
+        let frame = Frame {
+            kind: Some(Kind::FetchAnswer(answer.clone())),
+        };
+        assert!(
+            prost::Message::encoded_len(&frame)
+                <= ServerConfig::new(ServerId::new("s"), TicketKeys::new(1, b"k".to_vec()))
+                    .max_answer_bytes
+                    + 64
+        );
+    }
+
+    #[test]
     fn fetch_of_a_bad_conversation_is_an_error_not_a_close() {
         let mut h = Harness::new();
         h.login(0, 1, 7, 3);
