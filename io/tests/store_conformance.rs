@@ -18,8 +18,7 @@ use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, 
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::store::{
     AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken, OnlineEntry, RouteRecord,
-    StoreCommand,
-    StoreReply, StoredMessage,
+    StoreCommand, StoreReply, StoredMessage,
 };
 use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
 use rand::{Rng, SeedableRng};

@@ -331,7 +331,9 @@ impl<N: Network> Driver<N> {
                         };
                         let sender = UserId(route_send.user_id);
                         match route_send.send {
-                            Some(send) => self.delivery.handle_send(now, wall, origin, sender, send),
+                            Some(send) => {
+                                self.delivery.handle_send(now, wall, origin, sender, send)
+                            }
                             None => {
                                 let nack = cim_proto::SendNack {
                                     msg_id_hi: 0,
@@ -346,7 +348,11 @@ impl<N: Network> Driver<N> {
                                     ack: None,
                                     nack: Some(nack),
                                 };
-                                self.send_on_link(&server, Kind::RouteSendResult(result), "send_result");
+                                self.send_on_link(
+                                    &server,
+                                    Kind::RouteSendResult(result),
+                                    "send_result",
+                                );
                             }
                         }
                     }
@@ -542,7 +548,11 @@ impl<N: Network> Driver<N> {
     /// An answer for a request nobody waits for (or of the wrong kind): a machine bug. Log
     /// it rather than panic; a waiter of the wrong kind is dropped, so its caller gets 503.
     fn stray(&self, api: ApiRequestId, waiter: Option<Waiter>) {
-        tracing::error!(?api, ?waiter, "machine answered a request with no matching waiter");
+        tracing::error!(
+            ?api,
+            ?waiter,
+            "machine answered a request with no matching waiter"
+        );
     }
 
     /// Queues a frame on `server`'s link; without a link up (or with its queue full) the

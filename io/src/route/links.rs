@@ -104,14 +104,7 @@ pub(super) async fn run_link<N: Network>(
                     return;
                 }
                 let error = serve(
-                    &clock,
-                    &server.id,
-                    generation,
-                    &config,
-                    reader,
-                    writer,
-                    rx,
-                    &to_driver,
+                    &clock, &server.id, generation, &config, reader, writer, rx, &to_driver,
                 )
                 .await;
                 let down = Input::LinkDown {

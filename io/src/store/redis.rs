@@ -12,7 +12,8 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
     Account, AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken,
-    OnlineEntry, RouteRecord, StoreCommand, StoreReply, StoreResult, StoreUnavailable, StoredMessage,
+    OnlineEntry, RouteRecord, StoreCommand, StoreReply, StoreResult, StoreUnavailable,
+    StoredMessage,
 };
 use prost::Message as _;
 use rand::{Rng, SeedableRng};
