@@ -254,7 +254,8 @@ impl ClaimTable {
             | StoreCommand::AdvanceCursors { .. }
             | StoreCommand::CreateGroup { .. }
             | StoreCommand::JoinGroup { .. }
-            | StoreCommand::LeaveGroup { .. } => return None,
+            | StoreCommand::LeaveGroup { .. }
+            | StoreCommand::ListOnline { .. } => return None,
         })
     }
 }

@@ -15,7 +15,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::claims::ClaimTable;
 use crate::conv_log::ConversationLog;
 use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
-use crate::store::{Account, AppendError, ConvHead, NameTaken, StoreCommand, StoreReply};
+use crate::store::{
+    Account, AppendError, ConvHead, NameTaken, OnlineEntry, StoreCommand, StoreReply,
+};
 
 #[derive(Debug, Clone)]
 pub struct MemoryStoreConfig {
@@ -184,6 +186,20 @@ impl MemoryStore {
                 };
                 StoreReply::GroupLeft { was_member }
             }
+            StoreCommand::ListOnline { limit } => StoreReply::Online(
+                self.accounts
+                    .values()
+                    .filter_map(|account| {
+                        let (_, route) = self.claims.routes(&[account.user], now).pop()?;
+                        Some(OnlineEntry {
+                            user: account.user,
+                            name: account.name.clone(),
+                            server: route?.server,
+                        })
+                    })
+                    .take(*limit as usize)
+                    .collect(),
+            ),
             // Claim commands were answered by the claim table above.
             StoreCommand::LoadClaim { .. }
             | StoreCommand::ReplaceClaim { .. }

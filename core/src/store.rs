@@ -195,6 +195,13 @@ pub enum StoreCommand {
         conv: ConvId,
         user: UserId,
     },
+    /// Users online now (`GET /onlineUser`): those whose route record belongs to their
+    /// current live claim (as `LoadRoutes` judges it) and who have an account. At most
+    /// `limit` entries, sorted by user id; when more are online, which ones are listed is
+    /// up to the backend (Redis stops scanning once it has enough).
+    ListOnline {
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +237,15 @@ pub enum StoreReply {
     GroupLeft {
         was_member: bool,
     },
+    Online(Vec<OnlineEntry>),
+}
+
+/// One user of [`StoreReply::Online`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineEntry {
+    pub user: UserId,
+    pub name: String,
+    pub server: ServerId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -11,5 +11,6 @@ pub mod http_client;
 pub mod launch;
 pub mod net;
 pub mod registry;
+pub mod route;
 pub mod server;
 pub mod store;

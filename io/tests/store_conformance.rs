@@ -17,8 +17,8 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::store::{
-    AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken, RouteRecord, StoreCommand,
-    StoreReply, StoredMessage,
+    AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken, OnlineEntry, RouteRecord,
+    StoreCommand, StoreReply, StoredMessage,
 };
 use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
 use rand::{Rng, SeedableRng};
@@ -324,6 +324,7 @@ conformance!(
     heads_with_join_seqs,
     cursors_only_move_forward,
     groups_create_join_leave,
+    online_lists_users_with_live_bound_routes,
 );
 
 fn claim(epoch: u64, server: &str, lease: u64, token: u8) -> Claim {
@@ -671,6 +672,75 @@ mod scenarios {
                     epoch: Epoch(2)
                 })
             )])
+        );
+    }
+
+    pub async fn online_lists_users_with_live_bound_routes(d: &mut Driver<'_>) {
+        for name in ["alice", "bob", "carol", "dave"] {
+            d.register(name).await;
+        }
+        let list = |limit| StoreCommand::ListOnline { limit };
+        assert_eq!(d.run(T0, list(10)).await, StoreReply::Online(vec![]));
+        // alice on s1 (long lease), bob on s2 (short lease), carol claimed but never bound,
+        // dave taken over (his record names the old epoch), user 9 has no account.
+        let sessions: &[(u64, &str, u64, bool)] = &[
+            (1, "s1", 6_000, true),
+            (2, "s2", 2_000, true),
+            (3, "s1", 6_000, false),
+            (4, "s2", 6_000, true),
+            (9, "s1", 6_000, true),
+        ];
+        for &(user, server, lease, bind) in sessions {
+            let u = UserId(user);
+            d.run(
+                T0,
+                StoreCommand::ReplaceClaim {
+                    user: u,
+                    expected: Epoch(0),
+                    claim: claim(1, server, T0 + lease, 1),
+                },
+            )
+            .await;
+            if bind {
+                d.run(
+                    T0,
+                    StoreCommand::BindSession {
+                        user: u,
+                        epoch: Epoch(1),
+                        server: s(server),
+                        lease_until: UnixMillis(T0),
+                    },
+                )
+                .await;
+            }
+        }
+        d.run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: UserId(4),
+                expected: Epoch(1),
+                claim: claim(2, "s1", T0 + 6_000, 2),
+            },
+        )
+        .await;
+        let entry = |user, name: &str, server| OnlineEntry {
+            user: UserId(user),
+            name: name.into(),
+            server: s(server),
+        };
+        assert_eq!(
+            d.run(T0, list(10)).await,
+            StoreReply::Online(vec![entry(1, "alice", "s1"), entry(2, "bob", "s2")])
+        );
+        // bob's lease ran out.
+        assert_eq!(
+            d.run(T0 + 2_000, list(10)).await,
+            StoreReply::Online(vec![entry(1, "alice", "s1")])
+        );
+        assert_eq!(d.run(T0, list(0)).await, StoreReply::Online(vec![]));
+        assert_eq!(
+            d.run(T0 + 6_000, list(10)).await,
+            StoreReply::Online(vec![])
         );
     }
 

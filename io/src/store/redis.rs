@@ -12,7 +12,8 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
     Account, AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken,
-    RouteRecord, StoreCommand, StoreReply, StoreResult, StoreUnavailable, StoredMessage,
+    OnlineEntry, RouteRecord, StoreCommand, StoreReply, StoreResult, StoreUnavailable,
+    StoredMessage,
 };
 use prost::Message as _;
 use rand::{Rng, SeedableRng};
@@ -275,6 +276,7 @@ impl RedisStore {
                 };
                 Ok(StoreReply::GroupLeft { was_member })
             }
+            StoreCommand::ListOnline { limit } => self.online(now, limit).await,
         }
     }
 
@@ -507,6 +509,65 @@ impl RedisStore {
             })
             .collect::<R<Vec<_>>>()?;
         Ok(StoreReply::Routes(routes))
+    }
+
+    /// `ListOnline`: SCAN the route records (never KEYS: it blocks Redis), judge each batch
+    /// with the `LoadRoutes` script, read the names, stop once `limit` are found. SCAN may
+    /// return a key twice; the map dedups.
+    async fn online(&self, now: UnixMillis, limit: u32) -> R<StoreReply> {
+        let limit = limit as usize;
+        let mut found: BTreeMap<UserId, OnlineEntry> = BTreeMap::new();
+        let mut cursor: u64 = 0;
+        while found.len() < limit {
+            let (next, keys): (u64, Vec<String>) = self
+                .query(
+                    ::redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg("cim:route:*")
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT),
+                )
+                .await?;
+            let users: Vec<UserId> = keys
+                .iter()
+                .filter_map(|k| user_of_route_key(k))
+                .filter(|u| !found.contains_key(u))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !users.is_empty() {
+                let StoreReply::Routes(routes) = self.routes(now, users).await? else {
+                    return Err(StoreUnavailable("redis: routes answered oddly".into()));
+                };
+                let online: Vec<(UserId, ServerId)> = routes
+                    .into_iter()
+                    .filter_map(|(user, record)| Some((user, record?.server)))
+                    .collect();
+                let mut pipe = ::redis::pipe();
+                for (user, _) in &online {
+                    pipe.hget(acct_key(*user), "name");
+                }
+                let names: Vec<Option<String>> = if online.is_empty() {
+                    Vec::new()
+                } else {
+                    self.query_pipe(&pipe).await?
+                };
+                for ((user, server), name) in online.into_iter().zip(names) {
+                    // A route record without an account is not a user anyone can address.
+                    if let Some(name) = name {
+                        found.insert(user, OnlineEntry { user, name, server });
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        Ok(StoreReply::Online(
+            found.into_values().take(limit).collect(),
+        ))
     }
 
     // --- conversations ----------------------------------------------------------------
@@ -843,6 +904,16 @@ fn claim_key(user: UserId) -> String {
 
 fn route_key(user: UserId) -> String {
     format!("cim:route:{{u:{}}}", user.0)
+}
+
+/// Keys SCAN asks for per round trip: enough to make progress, small enough not to stall
+/// Redis.
+const SCAN_COUNT: u64 = 200;
+
+/// The user of a `cim:route:{u:<id>}` key; `None` for anything else the pattern matched.
+fn user_of_route_key(key: &str) -> Option<UserId> {
+    let id = key.strip_prefix("cim:route:{u:")?.strip_suffix('}')?;
+    id.parse().ok().map(UserId)
 }
 
 fn convs_key(user: UserId) -> String {

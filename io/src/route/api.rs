@@ -1,0 +1,721 @@
+//! The route's HTTP API (axum): DESIGN.md's list, with the bodies of [`crate::api`].
+//!
+//! Every API answer is an [`Envelope`]. Statuses: 200 for every answer with a CIM code
+//! (success or not, as CIM does), 400 + 3000 for a body or query that does not parse
+//! (malformed JSON, missing fields, wrong types, unknown fields), 401 for a missing or bad
+//! bearer token, 403 for acting as another user or reading a conversation one is not a
+//! member of, 413 past the body limit, 503 when the driver is gone. Never a 500 for bad
+//! input: rejections are mapped by the [`ApiJson`] and [`ApiQuery`] extractors.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cim_core::ids::{ClientMsgId, ConvId, UserId};
+use cim_core::route_login::{BearerClaims, BearerKey, LoginRequest};
+use cim_core::store::{StoreCommand, StoreReply};
+use cim_proto::ErrorCode;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::RouteOptions;
+use super::driver::{ApiCall, Counters, Input};
+use crate::api::{
+    self as body, CODE_FAIL, CODE_OK, CODE_VALIDATION, Envelope, GroupList, History,
+    HistoryMessage, LoginResponse, OnlineUser, RegisterResponse, SendResponse,
+};
+use crate::clock::Clock;
+use crate::registry::{RegistryView, ServerMap, SessionHealth};
+use crate::store::Store;
+
+/// Largest request body accepted.
+pub(super) const MAX_BODY: usize = 64 * 1024;
+/// Longest history page.
+const MAX_HISTORY: u32 = 100;
+const DEFAULT_HISTORY: u32 = 20;
+/// Most users `GET /onlineUser` lists.
+const MAX_ONLINE: u32 = 1000;
+/// `/health` waits this long for the store.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What every handler shares.
+pub(super) struct ApiShared {
+    driver: mpsc::Sender<Input>,
+    store: Arc<dyn Store>,
+    clock: Clock,
+    bearer: BearerKey,
+    store_timeout: Duration,
+    live: watch::Receiver<ServerMap>,
+    registry_health: watch::Receiver<SessionHealth>,
+    counters: Arc<Counters>,
+}
+
+impl ApiShared {
+    pub(super) fn new(
+        options: &RouteOptions,
+        driver: mpsc::Sender<Input>,
+        store: Arc<dyn Store>,
+        clock: Clock,
+        view: RegistryView,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Self {
+            driver,
+            store,
+            clock,
+            // The same key the login machine verifies with (`RouteLogin::verify_bearer`),
+            // held here so checking a token needs no trip through the driver.
+            bearer: BearerKey::new(options.bearer_secret.clone()),
+            store_timeout: options.login.store_timeout,
+            live: view.servers(),
+            registry_health: view.health(),
+            counters,
+        }
+    }
+}
+
+type Shared = Arc<ApiShared>;
+
+pub(super) fn router(shared: Shared) -> Router {
+    Router::new()
+        .route("/registerAccount", post(register))
+        .route("/login", post(login))
+        .route("/offLine", post(offline))
+        .route("/onlineUser", get(online_users))
+        .route("/groupRoute", post(group_route))
+        .route("/p2pRoute", post(p2p_route))
+        .route("/group/create", post(group_create))
+        .route("/group/join", post(group_join))
+        .route("/group/leave", post(group_leave))
+        .route("/group/list", get(group_list))
+        .route("/history", get(history))
+        .route("/openapi.json", get(openapi))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(shared.clone(), count))
+        .with_state(shared)
+}
+
+// --- answers ----------------------------------------------------------------------------
+
+/// An error answer: a status and the envelope's code and message.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A CIM failure code in a 200 answer (CIM's convention).
+    fn code(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::OK, code, message)
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, CODE_VALIDATION, message)
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::code(CODE_FAIL, message)
+    }
+
+    fn stopping() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            CODE_FAIL,
+            "the route is shutting down",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let envelope: Envelope<()> = Envelope::error(self.code, self.message);
+        (self.status, axum::Json(envelope)).into_response()
+    }
+}
+
+/// A success answer.
+fn ok<T: serde::Serialize>(data: T) -> Response {
+    axum::Json(Envelope::ok(data)).into_response()
+}
+
+/// Success without data (`dataBody` omitted).
+fn ok_empty(message: &str) -> Response {
+    let envelope: Envelope<()> = Envelope {
+        code: CODE_OK.to_owned(),
+        message: message.to_owned(),
+        data_body: None,
+    };
+    axum::Json(envelope).into_response()
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+// --- extractors -------------------------------------------------------------------------
+
+/// `axum::Json` whose rejections are envelopes: 400 + 3000, or 413 past the body limit.
+pub(super) struct ApiJson<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: &JsonRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            CODE_VALIDATION,
+            format!("request body over {MAX_BODY} bytes"),
+        );
+    }
+    ApiError::invalid(rejection.body_text())
+}
+
+/// `axum::extract::Query` whose rejections are 400 + 3000 envelopes.
+pub(super) struct ApiQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(query_rejection(&rejection)),
+        }
+    }
+}
+
+fn query_rejection(rejection: &QueryRejection) -> ApiError {
+    ApiError::invalid(rejection.body_text())
+}
+
+/// A verified bearer token: the user it acts for, and the token itself (logout needs it).
+pub(super) struct Bearer {
+    claims: BearerClaims,
+    token: String,
+}
+
+impl Bearer {
+    /// The body's `userId` must be the token's user: a token acts only for its own user.
+    fn acting_as(&self, user_id: u64) -> Result<UserId, ApiError> {
+        if self.claims.user.0 == user_id {
+            Ok(self.claims.user)
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                CODE_VALIDATION,
+                "userId is not the bearer token's user",
+            ))
+        }
+    }
+}
+
+impl FromRequestParts<Shared> for Bearer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Shared) -> Result<Self, ApiError> {
+        let unauthorized =
+            |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, CODE_VALIDATION, message);
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| unauthorized("Authorization must be Bearer <token>"))?;
+        let claims = shared
+            .bearer
+            .verify(token, shared.clock.wall())
+            .map_err(|e| unauthorized(&format!("bad bearer token: {e}")))?;
+        Ok(Self {
+            claims,
+            token: token.to_owned(),
+        })
+    }
+}
+
+// --- plumbing ---------------------------------------------------------------------------
+
+/// Counts answers by status class for /metrics.
+async fn count(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let c = &shared.counters;
+    c.http_requests.fetch_add(1, Ordering::Relaxed);
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED {
+        c.http_unauthorized.fetch_add(1, Ordering::Relaxed);
+    }
+    if status.is_client_error() {
+        c.http_client_errors.fetch_add(1, Ordering::Relaxed);
+    } else if status.is_server_error() {
+        c.http_server_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, CODE_FAIL, "no such path")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        CODE_FAIL,
+        "method not allowed on this path",
+    )
+}
+
+/// Hands a call to the driver and waits for its answer. The machines answer every request
+/// exactly once (with their own store deadlines), so no timeout here: a held takeover may
+/// rightly take up to the old lease.
+async fn call<T>(
+    shared: &ApiShared,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiCall,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .driver
+        .send(Input::Api(make(tx)))
+        .await
+        .map_err(|_| ApiError::stopping())?;
+    rx.await.map_err(|_| ApiError::stopping())
+}
+
+/// A store command the machines are not involved in, bounded by the store timeout.
+async fn store(shared: &ApiShared, command: StoreCommand) -> Result<StoreReply, ApiError> {
+    let wall = shared.clock.wall();
+    match tokio::time::timeout(shared.store_timeout, shared.store.execute(wall, command)).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(e)) => Err(ApiError::unavailable(e.to_string())),
+        Err(_) => Err(ApiError::unavailable("store timed out")),
+    }
+}
+
+fn odd_reply(reply: &StoreReply) -> ApiError {
+    tracing::error!(?reply, "store answered with a reply of the wrong kind");
+    ApiError::unavailable("store answered oddly")
+}
+
+// --- accounts ---------------------------------------------------------------------------
+
+async fn register(
+    State(shared): State<Shared>,
+    ApiJson(req): ApiJson<body::RegisterRequest>,
+) -> ApiResult {
+    let result = call(&shared, |reply| ApiCall::Register {
+        name: req.user_name,
+        password: req.password,
+        reply,
+    })
+    .await?;
+    match result {
+        Ok(registered) => Ok(ok(RegisterResponse {
+            user_id: registered.user.0,
+            user_name: registered.name,
+        })),
+        Err(e) => Err(ApiError::code(e.code(), e.to_string())),
+    }
+}
+
+async fn login(
+    State(shared): State<Shared>,
+    ApiJson(req): ApiJson<body::LoginRequest>,
+) -> ApiResult {
+    let resume_token = req
+        .resume_token
+        .as_deref()
+        .map(body::decode_resume_token)
+        .transpose()
+        .map_err(|e| ApiError::code(CODE_VALIDATION, format!("resumeToken: {e}")))?;
+    let request = LoginRequest {
+        user: UserId(req.user_id),
+        name: req.user_name,
+        password: req.password,
+        resume_token,
+    };
+    let answer = call(&shared, |reply| ApiCall::Login { request, reply })
+        .await?
+        .map_err(|e| ApiError::code(e.code(), e.to_string()))?;
+    Ok(ok(LoginResponse {
+        user_id: answer.user.0,
+        epoch: answer.epoch.0,
+        server_id: answer.server.id.0.clone(),
+        ip: answer.server.host.clone(),
+        cim_server_port: answer.server.client_port,
+        http_port: answer.server.http_port,
+        ticket: body::encode_ticket(&answer.ticket),
+        token: answer.token,
+        resume_token: body::encode_resume_token(&answer.resume_token),
+    }))
+}
+
+async fn offline(
+    State(shared): State<Shared>,
+    bearer: Bearer,
+    ApiJson(req): ApiJson<body::OfflineRequest>,
+) -> ApiResult {
+    bearer.acting_as(req.user_id)?;
+    let token = bearer.token;
+    let result = call(&shared, |reply| ApiCall::Logout { token, reply }).await?;
+    match result {
+        Ok(out) if out.released => Ok(ok_empty("logged out")),
+        Ok(_) => Ok(ok_empty("no current session for this token")),
+        Err(cim_core::route_login::LogoutError::BadToken(e)) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            CODE_VALIDATION,
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}
+
+async fn online_users(State(shared): State<Shared>, _bearer: Bearer) -> ApiResult {
+    match store(&shared, StoreCommand::ListOnline { limit: MAX_ONLINE }).await? {
+        StoreReply::Online(entries) => Ok(ok(entries
+            .into_iter()
+            .map(|e| OnlineUser {
+                user_id: e.user.0,
+                user_name: e.name,
+                server_id: e.server.0,
+            })
+            .collect::<Vec<_>>())),
+        other => Err(odd_reply(&other)),
+    }
+}
+
+// --- sends ------------------------------------------------------------------------------
+
+/// Appends through the delivery machine; the answer carries where the message was stored.
+async fn send(
+    shared: &ApiShared,
+    user: UserId,
+    conv: &ConvId,
+    msg: String,
+    client_msg_id: &str,
+) -> Result<(String, u64), ApiError> {
+    let msg_id = ClientMsgId::from_str(client_msg_id)
+        .map_err(|e| ApiError::code(CODE_VALIDATION, format!("clientMsgId: {e}")))?;
+    let send = cim_proto::Send {
+        msg_id_hi: msg_id.hi(),
+        msg_id_lo: msg_id.lo(),
+        conv: conv.to_string(),
+        body: msg.into_bytes(),
+        sent_at_ms: shared.clock.wall().0,
+    };
+    let result = call(shared, |reply| ApiCall::Send { user, send, reply }).await?;
+    if let Some(ack) = result.ack {
+        return Ok((ack.log_epoch.to_string(), ack.seq));
+    }
+    let nack = result.nack.unwrap_or_default();
+    let code = match ErrorCode::try_from(nack.code) {
+        Ok(ErrorCode::BodyTooLarge | ErrorCode::BadConversation | ErrorCode::MalformedFrame) => {
+            CODE_VALIDATION
+        }
+        _ => CODE_FAIL,
+    };
+    Err(ApiError::code(code, nack.reason))
+}
+
+async fn group_route(
+    State(shared): State<Shared>,
+    bearer: Bearer,
+    ApiJson(req): ApiJson<body::GroupRouteRequest>,
+) -> ApiResult {
+    let user = bearer.acting_as(req.user_id)?;
+    let conv = match req.group_name.as_deref() {
+        None => ConvId::All,
+        Some(name) => ConvId::group(name)
+            .map_err(|e| ApiError::code(CODE_VALIDATION, format!("groupName: {e}")))?,
+    };
+    let (log_epoch, seq) = send(&shared, user, &conv, req.msg, &req.client_msg_id).await?;
+    Ok(ok(SendResponse {
+        conv: conv.to_string(),
+        log_epoch,
+        seq,
+        online: None,
+    }))
+}
+
+async fn p2p_route(
+    State(shared): State<Shared>,
+    bearer: Bearer,
+    ApiJson(req): ApiJson<body::P2pRouteRequest>,
+) -> ApiResult {
+    let user = bearer.acting_as(req.user_id)?;
+    let receiver = UserId(req.receive_user_id);
+    let conv = ConvId::private(user, receiver)
+        .ok_or_else(|| ApiError::code(CODE_VALIDATION, "a private message needs another user"))?;
+    match store(&shared, StoreCommand::LoadAccount { user: receiver }).await? {
+        StoreReply::Account(Some(_)) => {}
+        StoreReply::Account(None) => {
+            return Err(ApiError::code(CODE_FAIL, "no such receiver"));
+        }
+        other => return Err(odd_reply(&other)),
+    }
+    let (log_epoch, seq) = send(&shared, user, &conv, req.msg, &req.client_msg_id).await?;
+    // Online = a route record of the receiver's live claim, on a server that is live: the
+    // same test the push planning applies, read after the append.
+    let online = match store(
+        &shared,
+        StoreCommand::LoadRoutes {
+            users: vec![receiver],
+        },
+    )
+    .await
+    {
+        Ok(StoreReply::Routes(routes)) => routes.iter().any(|(u, record)| {
+            *u == receiver
+                && record
+                    .as_ref()
+                    .is_some_and(|r| shared.live.borrow().contains_key(&r.server))
+        }),
+        // The message is stored and acked; only the presence hint is unknown.
+        _ => false,
+    };
+    Ok(ok(SendResponse {
+        conv: conv.to_string(),
+        log_epoch,
+        seq,
+        online: Some(online),
+    }))
+}
+
+// --- groups -----------------------------------------------------------------------------
+
+fn group_conv(name: &str) -> Result<ConvId, ApiError> {
+    ConvId::group(name).map_err(|e| ApiError::code(CODE_VALIDATION, format!("groupName: {e}")))
+}
+
+async fn group_create(
+    State(shared): State<Shared>,
+    bearer: Bearer,
+    ApiJson(req): ApiJson<body::GroupRequest>,
+) -> ApiResult {
+    let owner = bearer.acting_as(req.user_id)?;
+    let conv = group_conv(&req.group_name)?;
+    match store(&shared, StoreCommand::CreateGroup { conv, owner }).await? {
+        StoreReply::GroupCreated { created: true } => Ok(ok_empty("group created")),
+        StoreReply::GroupCreated { created: false } => {
+            Err(ApiError::code(CODE_FAIL, "a group of this name exists"))
+        }
+        other => Err(odd_reply(&other)),
+    }
+}
+
+async fn group_join(
+    State(shared): State<Shared>,
+    bearer: Bearer,
+    ApiJson(req): ApiJson<body::GroupRequest>,
+) -> ApiResult {
+    let user = bearer.acting_as(req.user_id)?;
+    let conv = group_conv(&req.group_name)?;
+    match store(&shared, StoreCommand::JoinGroup { conv, user }).await? {
+        StoreReply::GroupJoined(Some(_)) => Ok(ok_empty("joined")),
+        StoreReply::GroupJoined(None) => Err(ApiError::code(CODE_FAIL, "no such group")),
+        other => Err(odd_reply(&other)),
+    }
+}
+
+async fn group_leave(
+    State(shared): State<Shared>,
+    bearer: Bearer,
+    ApiJson(req): ApiJson<body::GroupRequest>,
+) -> ApiResult {
+    let user = bearer.acting_as(req.user_id)?;
+    let conv = group_conv(&req.group_name)?;
+    match store(&shared, StoreCommand::LeaveGroup { conv, user }).await? {
+        StoreReply::GroupLeft { was_member: true } => Ok(ok_empty("left")),
+        StoreReply::GroupLeft { was_member: false } => {
+            Err(ApiError::code(CODE_FAIL, "not a member of this group"))
+        }
+        other => Err(odd_reply(&other)),
+    }
+}
+
+async fn group_list(State(shared): State<Shared>, bearer: Bearer) -> ApiResult {
+    let user = bearer.claims.user;
+    match store(&shared, StoreCommand::LoadHeads { user }).await? {
+        StoreReply::Heads(heads) => Ok(ok(GroupList {
+            groups: heads
+                .into_iter()
+                .filter_map(|h| match h.conv {
+                    ConvId::Group(name) => Some(name),
+                    _ => None,
+                })
+                .collect(),
+        })),
+        other => Err(odd_reply(&other)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HistoryQuery {
+    conv: String,
+    #[serde(default)]
+    before_seq: Option<u64>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn history(
+    State(shared): State<Shared>,
+    bearer: Bearer,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
+) -> ApiResult {
+    let user = bearer.claims.user;
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY);
+    if limit == 0 || limit > MAX_HISTORY {
+        return Err(ApiError::code(
+            CODE_VALIDATION,
+            format!("limit must be 1 to {MAX_HISTORY}"),
+        ));
+    }
+    let conv: ConvId = query
+        .conv
+        .parse()
+        .map_err(|e| ApiError::code(CODE_VALIDATION, format!("conv: {e}")))?;
+    let not_member = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            CODE_FAIL,
+            "not a member of this conversation",
+        )
+    };
+    if let ConvId::Private { low, high } = conv
+        && user != low
+        && user != high
+    {
+        return Err(not_member());
+    }
+    // The user's heads say which groups they are in (with the join seq) and each log's
+    // epoch, which a fetch must name.
+    let heads = match store(&shared, StoreCommand::LoadHeads { user }).await? {
+        StoreReply::Heads(heads) => heads,
+        other => return Err(odd_reply(&other)),
+    };
+    let Some(head) = heads.into_iter().find(|h| h.conv == conv) else {
+        return match conv {
+            // Every group has a log from its creation: no head means not a member.
+            ConvId::Group(_) => Err(not_member()),
+            // No log yet: nothing was ever said.
+            _ => Ok(ok(History {
+                conv: conv.to_string(),
+                log_epoch: "0".into(),
+                head_seq: 0,
+                first_available_seq: 1,
+                messages: Vec::new(),
+            })),
+        };
+    };
+    // The page is the `limit` messages just below `beforeSeq` (default: past the head).
+    let before = query
+        .before_seq
+        .unwrap_or(u64::MAX)
+        .min(head.head_seq.saturating_add(1));
+    let after = before.saturating_sub(u64::from(limit) + 1);
+    let span = before.saturating_sub(1).saturating_sub(after);
+    let messages = if span == 0 {
+        Vec::new()
+    } else {
+        let fetch = StoreCommand::Fetch {
+            user,
+            conv: conv.clone(),
+            log_epoch: head.log_epoch,
+            after_seq: after,
+            limit: u32::try_from(span).unwrap_or(limit),
+        };
+        match store(&shared, fetch).await? {
+            StoreReply::Fetched { messages, .. } => messages,
+            other => return Err(odd_reply(&other)),
+        }
+    };
+    Ok(ok(History {
+        conv: conv.to_string(),
+        log_epoch: head.log_epoch.0.to_string(),
+        head_seq: head.head_seq,
+        first_available_seq: head.first_available_seq,
+        messages: messages
+            .into_iter()
+            // The join seq can move a fetch's window up; keep the page below `beforeSeq`.
+            .filter(|m| m.seq < before)
+            .map(|m| HistoryMessage {
+                seq: m.seq,
+                sender_id: m.sender.0,
+                client_msg_id: m.msg_id.to_string(),
+                msg: String::from_utf8_lossy(&m.body).into_owned(),
+                sent_at_ms: m.appended_at.0,
+            })
+            .collect(),
+    }))
+}
+
+// --- operations -------------------------------------------------------------------------
+
+async fn openapi() -> Response {
+    axum::Json(super::openapi::openapi_document()).into_response()
+}
+
+async fn health(State(shared): State<Shared>) -> Response {
+    let mut failing = Vec::new();
+    match tokio::time::timeout(HEALTH_TIMEOUT, shared.store.health()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => failing.push(format!("store: {e}")),
+        Err(_) => failing.push(format!("store: no answer within {HEALTH_TIMEOUT:?}")),
+    }
+    let registry = *shared.registry_health.borrow();
+    if !registry.is_connected() {
+        failing.push(format!("registry: {registry:?}"));
+    } else if shared.live.has_changed().is_err() {
+        failing.push("registry: the view is closed".to_owned());
+    }
+    if shared.driver.is_closed() {
+        failing.push("driver: stopped".to_owned());
+    }
+    if failing.is_empty() {
+        axum::Json(serde_json::json!({"status": "ok"})).into_response()
+    } else {
+        let body = serde_json::json!({"status": "degraded", "failing": failing});
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(shared): State<Shared>) -> Response {
+    match call(&shared, |reply| ApiCall::Metrics { reply }).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

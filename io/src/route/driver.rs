@@ -1,0 +1,768 @@
+//! The driver task: owns `RouteLogin` and `RouteDelivery`, feeds them every input (API
+//! calls, store replies, link frames, registry changes, deadlines) and carries out what
+//! they ask, never awaiting a store call itself.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cim_core::balance::Balancer;
+use cim_core::delivery::{RouteDelivery, SendOrigin};
+use cim_core::ids::{ApiRequestId, Epoch, ServerId, UserId};
+use cim_core::registry::LiveServer;
+use cim_core::route_login::{
+    LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, RegisterFailure, Registered,
+    RouteEvent, RouteLogin,
+};
+use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
+use cim_proto::frame::Kind;
+use cim_proto::{ErrorCode, Frame, KickReason, KickUser, KickUserDone, RouteSend, RouteSendResult};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::RouteOptions;
+use super::links::{self, LinkConfig};
+use crate::clock::Clock;
+use crate::net::Network;
+use crate::registry::{RegistryView, ServerMap};
+use crate::store::Store;
+
+/// Inputs waiting for the driver. Senders wait when it is full (backpressure on the HTTP
+/// handlers and link readers), never drop.
+pub(super) const INPUT_QUEUE: usize = 4096;
+
+/// Counters shared with the link tasks and HTTP handlers (plain atomics: no global
+/// recorder, so several routes in one process keep their own).
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub link_dials: AtomicU64,
+    pub link_connects: AtomicU64,
+    pub link_failures: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub http_client_errors: AtomicU64,
+    pub http_server_errors: AtomicU64,
+    pub http_unauthorized: AtomicU64,
+}
+
+/// A request from an HTTP handler, with where its answer goes.
+#[derive(Debug)]
+pub(super) enum ApiCall {
+    Register {
+        name: String,
+        password: String,
+        reply: oneshot::Sender<Result<Registered, RegisterFailure>>,
+    },
+    Login {
+        request: LoginRequest,
+        reply: oneshot::Sender<Result<LoginAnswer, LoginError>>,
+    },
+    Logout {
+        token: String,
+        reply: oneshot::Sender<Result<LoggedOut, LogoutError>>,
+    },
+    Send {
+        user: UserId,
+        send: cim_proto::Send,
+        reply: oneshot::Sender<RouteSendResult>,
+    },
+    Metrics {
+        reply: oneshot::Sender<String>,
+    },
+}
+
+/// What a link forwards to the driver.
+#[derive(Debug)]
+pub(super) enum LinkInbound {
+    Send(RouteSend),
+    KickDone(KickUserDone),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Machine {
+    Login,
+    Delivery,
+}
+
+#[derive(Debug)]
+pub(super) enum Input {
+    Api(ApiCall),
+    Store {
+        machine: Machine,
+        id: RequestId,
+        result: StoreResult,
+    },
+    LinkUp {
+        server: ServerId,
+        generation: u64,
+        tx: mpsc::Sender<Frame>,
+    },
+    LinkDown {
+        server: ServerId,
+        generation: u64,
+    },
+    LinkFrame {
+        server: ServerId,
+        generation: u64,
+        frame: LinkInbound,
+    },
+}
+
+/// Where an API request's answer goes.
+#[derive(Debug)]
+enum Waiter {
+    Register(oneshot::Sender<Result<Registered, RegisterFailure>>),
+    Login(oneshot::Sender<Result<LoginAnswer, LoginError>>),
+    Logout(oneshot::Sender<Result<LoggedOut, LogoutError>>),
+    Send(oneshot::Sender<RouteSendResult>),
+}
+
+/// One live server's link task.
+#[derive(Debug)]
+struct Link {
+    server: LiveServer,
+    generation: u64,
+    task: AbortHandle,
+    /// The authenticated connection's queue, while it is up.
+    tx: Option<mpsc::Sender<Frame>>,
+}
+
+/// Counters only the driver touches.
+#[derive(Debug, Default)]
+struct Stats {
+    registrations: BTreeMap<&'static str, u64>,
+    logins: BTreeMap<&'static str, u64>,
+    logouts: BTreeMap<&'static str, u64>,
+    kicks_sent: u64,
+    frames_dropped: BTreeMap<&'static str, u64>,
+    link_sends: u64,
+    store_errors: u64,
+    registry_changes: u64,
+}
+
+pub(super) struct Driver<N: Network> {
+    net: N,
+    clock: Clock,
+    route_id: String,
+    login: RouteLogin,
+    delivery: RouteDelivery,
+    store: Arc<dyn Store>,
+    view: RegistryView,
+    counters: Arc<Counters>,
+    to_self: mpsc::Sender<Input>,
+    cancel: CancellationToken,
+    link_config: Arc<LinkConfig>,
+    /// Bounds a spawned store call, so a hung backend cannot pile up tasks forever (the
+    /// machines time the request out earlier on their own).
+    store_task_timeout: std::time::Duration,
+    links: BTreeMap<ServerId, Link>,
+    link_tasks: JoinSet<()>,
+    next_generation: u64,
+    next_api: u64,
+    waiters: BTreeMap<ApiRequestId, Waiter>,
+    stats: Stats,
+}
+
+impl<N: Network> Driver<N> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        net: N,
+        clock: Clock,
+        options: &RouteOptions,
+        store: Arc<dyn Store>,
+        view: RegistryView,
+        counters: Arc<Counters>,
+        to_self: mpsc::Sender<Input>,
+        cancel: CancellationToken,
+    ) -> Self {
+        // Distinct streams for the balancer and the login machine from one seed.
+        let balancer = Balancer::new(options.strategy, options.seed ^ 0xba1a_5ce5_ba1a_5ce5);
+        let login = RouteLogin::new(
+            options.login.clone(),
+            options.ticket_keys.clone(),
+            options.bearer_secret.clone(),
+            balancer,
+            options.seed,
+        );
+        let store_task_timeout = options
+            .login
+            .store_timeout
+            .max(options.delivery.store_timeout)
+            * 2;
+        Self {
+            net,
+            clock,
+            route_id: options.route_id.clone(),
+            login,
+            delivery: RouteDelivery::new(options.delivery.clone()),
+            store,
+            view,
+            counters,
+            to_self,
+            cancel,
+            link_config: Arc::new(LinkConfig {
+                route_id: options.route_id.clone(),
+                link_secret: options.link_secret.clone(),
+                max_frame: options.max_frame,
+                io_timeout: options.io_timeout,
+                ping_interval: options.link_ping_interval,
+                retry_delay: options.link_retry_delay,
+            }),
+            store_task_timeout,
+            links: BTreeMap::new(),
+            link_tasks: JoinSet::new(),
+            next_generation: 0,
+            next_api: 0,
+            waiters: BTreeMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The loop: one input at a time, then drain every output, then re-arm the timer.
+    pub(super) async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {
+        let mut servers = self.view.servers();
+        let initial = servers.borrow_and_update().clone();
+        self.registry_changed(initial);
+        let mut registry_open = true;
+        loop {
+            self.drain();
+            let deadline = [
+                self.login.poll_timeout().map(|(t, _)| t),
+                self.delivery.poll_timeout().map(|(t, _)| t),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let clock = self.clock;
+            let timer = async move {
+                match deadline {
+                    Some(at) => clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break,
+                input = inputs.recv() => match input {
+                    Some(input) => self.handle(input),
+                    // Unreachable while we hold `to_self`; stop rather than spin.
+                    None => break,
+                },
+                changed = servers.changed(), if registry_open => match changed {
+                    Ok(()) => {
+                        let map = servers.borrow_and_update().clone();
+                        self.registry_changed(map);
+                    }
+                    Err(_) => {
+                        // The view's source is gone: keep routing with the last view;
+                        // /health reports the registry as failing.
+                        tracing::error!("registry view closed; the live-server view is frozen");
+                        registry_open = false;
+                    }
+                },
+                () = timer => {
+                    let now = self.clock.now();
+                    self.login.handle_timeout(now);
+                    self.delivery.handle_timeout(now);
+                }
+            }
+        }
+        tracing::info!(route_id = %self.route_id, "route driver stopping; closing links");
+        self.links.clear();
+        self.link_tasks.shutdown().await;
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = self.clock.now();
+        let wall = self.clock.wall();
+        match input {
+            Input::Api(call) => self.api(call),
+            Input::Store {
+                machine,
+                id,
+                result,
+            } => {
+                if result.is_err() {
+                    self.stats.store_errors += 1;
+                }
+                match machine {
+                    Machine::Login => self.login.handle_store_reply(now, wall, id, result),
+                    Machine::Delivery => self.delivery.handle_store(now, id, result),
+                }
+            }
+            Input::LinkUp {
+                server,
+                generation,
+                tx,
+            } => {
+                if let Some(link) = self.links.get_mut(&server)
+                    && link.generation == generation
+                {
+                    link.tx = Some(tx);
+                }
+            }
+            Input::LinkDown { server, generation } => {
+                if let Some(link) = self.links.get_mut(&server)
+                    && link.generation == generation
+                {
+                    link.tx = None;
+                }
+            }
+            Input::LinkFrame {
+                server,
+                generation,
+                frame,
+            } => {
+                // A frame from a link task we already replaced is from a server we no
+                // longer talk to: its sessions are being moved, ignore it.
+                if self
+                    .links
+                    .get(&server)
+                    .is_none_or(|l| l.generation != generation)
+                {
+                    return;
+                }
+                match frame {
+                    LinkInbound::Send(route_send) => {
+                        let origin = SendOrigin::Link {
+                            server: server.clone(),
+                            request_id: route_send.request_id,
+                        };
+                        let sender = UserId(route_send.user_id);
+                        match route_send.send {
+                            Some(send) => {
+                                self.delivery.handle_send(now, wall, origin, sender, send)
+                            }
+                            None => {
+                                let nack = cim_proto::SendNack {
+                                    msg_id_hi: 0,
+                                    msg_id_lo: 0,
+                                    code: ErrorCode::MalformedFrame as i32,
+                                    reason: "route_send without a send".into(),
+                                    retryable: false,
+                                };
+                                let result = RouteSendResult {
+                                    request_id: route_send.request_id,
+                                    user_id: route_send.user_id,
+                                    ack: None,
+                                    nack: Some(nack),
+                                };
+                                self.send_on_link(
+                                    &server,
+                                    Kind::RouteSendResult(result),
+                                    "send_result",
+                                );
+                            }
+                        }
+                    }
+                    LinkInbound::KickDone(done) => self.login.handle_kick_done(
+                        now,
+                        wall,
+                        &server,
+                        UserId(done.user_id),
+                        Epoch(done.below_epoch),
+                    ),
+                }
+            }
+        }
+    }
+
+    fn api(&mut self, call: ApiCall) {
+        let now = self.clock.now();
+        let wall = self.clock.wall();
+        self.next_api += 1;
+        let api = ApiRequestId(self.next_api);
+        match call {
+            ApiCall::Register {
+                name,
+                password,
+                reply,
+            } => {
+                self.waiters.insert(api, Waiter::Register(reply));
+                self.login.handle_register(now, api, &name, &password);
+            }
+            ApiCall::Login { request, reply } => {
+                self.waiters.insert(api, Waiter::Login(reply));
+                self.login.handle_login(now, api, request);
+            }
+            ApiCall::Logout { token, reply } => {
+                self.waiters.insert(api, Waiter::Logout(reply));
+                self.login.handle_logout(now, wall, api, &token);
+            }
+            ApiCall::Send { user, send, reply } => {
+                self.waiters.insert(api, Waiter::Send(reply));
+                self.delivery
+                    .handle_send(now, wall, SendOrigin::Http(api), user, send);
+            }
+            ApiCall::Metrics { reply } => {
+                let _ = reply.send(self.render_metrics());
+            }
+        }
+    }
+
+    fn registry_changed(&mut self, live: ServerMap) {
+        self.stats.registry_changes += 1;
+        let now = self.clock.now();
+        let wall = self.clock.wall();
+        self.login.handle_registry(now, wall, live.clone());
+        self.delivery.handle_registry(live.clone());
+        // Links of servers that left (or moved to another address) close now.
+        let gone: Vec<ServerId> = self
+            .links
+            .iter()
+            .filter(|(id, link)| {
+                live.get(*id).is_none_or(|s| {
+                    s.host != link.server.host || s.link_port != link.server.link_port
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some(link) = self.links.remove(&id) {
+                tracing::info!(server = %id, "server left the registry; closing its link");
+                link.task.abort();
+            }
+        }
+        while self.link_tasks.try_join_next().is_some() {}
+        for (id, server) in live {
+            if let Some(link) = self.links.get_mut(&id) {
+                link.server = server;
+                continue;
+            }
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            let task = self.link_tasks.spawn(links::run_link(
+                self.net.clone(),
+                self.clock,
+                server.clone(),
+                generation,
+                self.link_config.clone(),
+                self.to_self.clone(),
+                self.counters.clone(),
+            ));
+            self.links.insert(
+                id,
+                Link {
+                    server,
+                    generation,
+                    task,
+                    tx: None,
+                },
+            );
+        }
+    }
+
+    /// Drains both machines' outputs (the drain rule on each type).
+    fn drain(&mut self) {
+        while let Some(request) = self.login.poll_store() {
+            self.spawn_store(Machine::Login, request);
+        }
+        while let Some(event) = self.login.poll_event() {
+            self.route_event(event);
+        }
+        while let Some(request) = self.delivery.poll_store() {
+            self.spawn_store(Machine::Delivery, request);
+        }
+        while let Some((origin, result)) = self.delivery.poll_reply() {
+            match origin {
+                SendOrigin::Link { server, .. } => {
+                    self.send_on_link(&server, Kind::RouteSendResult(result), "send_result");
+                }
+                SendOrigin::Http(api) => match self.waiters.remove(&api) {
+                    Some(Waiter::Send(reply)) => {
+                        let _ = reply.send(result);
+                    }
+                    other => self.stray(api, other),
+                },
+            }
+        }
+        while let Some((server, batch)) = self.delivery.poll_push() {
+            self.send_on_link(&server, Kind::PushBatch(batch), "push_batch");
+        }
+    }
+
+    fn route_event(&mut self, event: RouteEvent) {
+        match event {
+            RouteEvent::Registered { api, result } => {
+                let label = match &result {
+                    Ok(_) => "ok",
+                    Err(e) => e.code(),
+                };
+                *self.stats.registrations.entry(label).or_default() += 1;
+                match self.waiters.remove(&api) {
+                    Some(Waiter::Register(reply)) => {
+                        let _ = reply.send(result);
+                    }
+                    other => self.stray(api, other),
+                }
+            }
+            RouteEvent::LoggedIn { api, result } => {
+                let label = match &result {
+                    Ok(_) => "ok",
+                    Err(e) => e.code(),
+                };
+                *self.stats.logins.entry(label).or_default() += 1;
+                match self.waiters.remove(&api) {
+                    Some(Waiter::Login(reply)) => {
+                        let _ = reply.send(result);
+                    }
+                    other => self.stray(api, other),
+                }
+            }
+            RouteEvent::LoggedOut { api, result } => {
+                let label = match &result {
+                    Ok(LoggedOut { released: true, .. }) => "released",
+                    Ok(LoggedOut {
+                        released: false, ..
+                    }) => "not_current",
+                    Err(LogoutError::BadToken(_)) => "bad_token",
+                    Err(LogoutError::Unavailable) => "4000",
+                };
+                *self.stats.logouts.entry(label).or_default() += 1;
+                match self.waiters.remove(&api) {
+                    Some(Waiter::Logout(reply)) => {
+                        let _ = reply.send(result);
+                    }
+                    other => self.stray(api, other),
+                }
+            }
+            RouteEvent::KickOld {
+                server,
+                user,
+                below_epoch,
+            } => {
+                self.stats.kicks_sent += 1;
+                let kick = KickUser {
+                    user_id: user.0,
+                    below_epoch: below_epoch.0,
+                    reason: KickReason::TakenOver as i32,
+                };
+                // Best effort without a link: the held answer is released when the server
+                // leaves the registry or the old lease runs out.
+                self.send_on_link(&server, Kind::KickUser(kick), "kick_user");
+            }
+        }
+    }
+
+    /// An answer for a request nobody waits for (or of the wrong kind): a machine bug. Log
+    /// it rather than panic; a waiter of the wrong kind is dropped, so its caller gets 503.
+    fn stray(&self, api: ApiRequestId, waiter: Option<Waiter>) {
+        tracing::error!(
+            ?api,
+            ?waiter,
+            "machine answered a request with no matching waiter"
+        );
+    }
+
+    /// Queues a frame on `server`'s link; without a link up (or with its queue full) the
+    /// frame is dropped and counted.
+    fn send_on_link(&mut self, server: &ServerId, kind: Kind, what: &'static str) {
+        let queued = self
+            .links
+            .get(server)
+            .and_then(|l| l.tx.as_ref())
+            .is_some_and(|tx| tx.try_send(Frame { kind: Some(kind) }).is_ok());
+        if queued {
+            self.stats.link_sends += 1;
+        } else {
+            tracing::debug!(%server, frame = what, "no link up (or its queue is full); frame dropped");
+            *self.stats.frames_dropped.entry(what).or_default() += 1;
+        }
+    }
+
+    fn spawn_store(&self, machine: Machine, request: StoreRequest) {
+        let store = self.store.clone();
+        let to_self = self.to_self.clone();
+        let wall = self.clock.wall();
+        let limit = self.store_task_timeout;
+        tokio::spawn(async move {
+            let StoreRequest { id, command } = request;
+            let result = match tokio::time::timeout(limit, store.execute(wall, command)).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreUnavailable(format!("no answer within {limit:?}"))),
+            };
+            // The driver may be gone (shutdown): nobody waits for the answer then.
+            let _ = to_self
+                .send(Input::Store {
+                    machine,
+                    id,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn render_metrics(&self) -> String {
+        let r = &self.route_id;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP cim_route_{name} {help}");
+            let _ = writeln!(out, "# TYPE cim_route_{name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "cim_route_{name}{{route_id=\"{r}\"{labels}}} {value}");
+            }
+        };
+        let one = |v: u64| vec![(String::new(), v)];
+        let labelled = |key: &str, map: &BTreeMap<&'static str, u64>| -> Vec<(String, u64)> {
+            map.iter()
+                .map(|(k, v)| (format!(",{key}=\"{k}\""), *v))
+                .collect()
+        };
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let d = self.delivery.stats();
+        let links_up = self.links.values().filter(|l| l.tx.is_some()).count() as u64;
+        metric(
+            "servers_live",
+            "gauge",
+            "Servers in the registry view.",
+            &one(self.links.len() as u64),
+        );
+        metric(
+            "links_up",
+            "gauge",
+            "Authenticated links to servers.",
+            &one(links_up),
+        );
+        metric(
+            "link_dials_total",
+            "counter",
+            "Link dial attempts.",
+            &one(load(&c.link_dials)),
+        );
+        metric(
+            "link_connects_total",
+            "counter",
+            "Links authenticated.",
+            &one(load(&c.link_connects)),
+        );
+        metric(
+            "link_failures_total",
+            "counter",
+            "Link attempts or links that failed.",
+            &one(load(&c.link_failures)),
+        );
+        metric(
+            "link_frames_sent_total",
+            "counter",
+            "Frames queued on links.",
+            &one(self.stats.link_sends),
+        );
+        metric(
+            "link_frames_dropped_total",
+            "counter",
+            "Frames dropped: no link up to the server, or its queue full.",
+            &labelled("frame", &self.stats.frames_dropped),
+        );
+        metric(
+            "registrations_total",
+            "counter",
+            "Registrations by result code.",
+            &labelled("result", &self.stats.registrations),
+        );
+        metric(
+            "logins_total",
+            "counter",
+            "Logins by result code.",
+            &labelled("result", &self.stats.logins),
+        );
+        metric(
+            "logouts_total",
+            "counter",
+            "Logouts by result.",
+            &labelled("result", &self.stats.logouts),
+        );
+        metric(
+            "takeover_kicks_total",
+            "counter",
+            "KickUser sent for takeovers.",
+            &one(self.stats.kicks_sent),
+        );
+        metric(
+            "messages_acked_total",
+            "counter",
+            "Sends appended and acked.",
+            &one(d.acked),
+        );
+        metric(
+            "messages_duplicate_total",
+            "counter",
+            "Acked sends that were retries of an appended message.",
+            &one(d.duplicates),
+        );
+        metric(
+            "messages_nacked_total",
+            "counter",
+            "Sends refused.",
+            &one(d.nacked),
+        );
+        metric(
+            "pushes_total",
+            "counter",
+            "Pushes planned (one per server per message).",
+            &one(d.pushes),
+        );
+        metric(
+            "recipients_unreachable_total",
+            "counter",
+            "Recipients skipped: offline or on a server not live.",
+            &one(d.recipients_unreachable),
+        );
+        metric(
+            "pushes_abandoned_total",
+            "counter",
+            "Appended messages whose push was given up (route/member read failed).",
+            &one(d.pushes_abandoned),
+        );
+        metric(
+            "store_in_flight",
+            "gauge",
+            "Delivery store requests awaiting a reply.",
+            &one(self.delivery.in_flight() as u64),
+        );
+        metric(
+            "store_errors_total",
+            "counter",
+            "Machine store requests that failed.",
+            &one(self.stats.store_errors),
+        );
+        metric(
+            "api_waiting",
+            "gauge",
+            "HTTP requests waiting for the machines.",
+            &one(self.waiters.len() as u64),
+        );
+        metric(
+            "registry_changes_total",
+            "counter",
+            "Registry view changes applied.",
+            &one(self.stats.registry_changes),
+        );
+        metric(
+            "http_requests_total",
+            "counter",
+            "HTTP requests answered.",
+            &one(load(&c.http_requests)),
+        );
+        metric(
+            "http_client_errors_total",
+            "counter",
+            "HTTP answers with a 4xx status.",
+            &one(load(&c.http_client_errors)),
+        );
+        metric(
+            "http_unauthorized_total",
+            "counter",
+            "HTTP answers 401 (missing or bad bearer token).",
+            &one(load(&c.http_unauthorized)),
+        );
+        metric(
+            "http_server_errors_total",
+            "counter",
+            "HTTP answers with a 5xx status.",
+            &one(load(&c.http_server_errors)),
+        );
+        out
+    }
+}

@@ -1,0 +1,270 @@
+//! One route→server link: dial, authenticate, carry frames, keep alive, redial.
+//!
+//! The task runs for as long as its server is in the registry view; the driver aborts it
+//! when the server leaves (dropping the socket closes the link). Each authenticated
+//! connection gets a fresh bounded outbound queue, announced to the driver with
+//! [`Input::LinkUp`]; when the connection ends the queue is dropped with it, so frames
+//! meant for a dead connection are never written to the next one, and the driver counts
+//! what it could not queue.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cim_core::ids::ServerId;
+use cim_core::link::{self, LinkAuthError};
+use cim_core::registry::LiveServer;
+use cim_proto::codec::FrameCodec;
+use cim_proto::frame::Kind;
+use cim_proto::{ErrorCode, Frame, LinkAuth, LinkHello, Ping, Pong};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use super::driver::{Counters, Input, LinkInbound};
+use crate::clock::Clock;
+use crate::net::{self, FrameReader, FrameWriter, Network, ReadError, WriteError};
+
+/// Frames waiting for one link's writer. Past it the driver drops (and counts) frames: a
+/// server that cannot keep up recovers through its clients' syncs.
+pub(super) const LINK_QUEUE: usize = 1024;
+
+/// Frames written in one go when several are queued.
+const WRITE_BATCH: usize = 64;
+
+/// Route nonce length: above the 16-byte minimum.
+const NONCE_LEN: usize = 32;
+
+/// What a link task needs.
+#[derive(Clone)]
+pub(super) struct LinkConfig {
+    pub route_id: String,
+    pub link_secret: Vec<u8>,
+    pub max_frame: usize,
+    pub io_timeout: Duration,
+    pub ping_interval: Duration,
+    pub retry_delay: Duration,
+}
+
+/// Why a link (attempt) ended.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LinkError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("read: {0}")]
+    Read(#[from] ReadError),
+    #[error("write: {0}")]
+    Write(#[from] WriteError),
+    #[error("handshake: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("handshake: dialled {dialled} but the hello names {named:?}")]
+    WrongServer { dialled: ServerId, named: String },
+    #[error("handshake: {0}")]
+    Auth(#[from] LinkAuthError),
+    #[error("server sent an error frame: {0}")]
+    Peer(String),
+    #[error("no frame for {0:?}: link dead")]
+    Silent(Duration),
+    #[error("the driver is gone")]
+    DriverGone,
+}
+
+fn kind_name(frame: &Frame) -> String {
+    frame
+        .kind
+        .as_ref()
+        .map_or("an empty frame", Kind::name)
+        .to_owned()
+}
+
+/// Dials and serves `server` until aborted.
+pub(super) async fn run_link<N: Network>(
+    net: N,
+    clock: Clock,
+    server: LiveServer,
+    generation: u64,
+    config: Arc<LinkConfig>,
+    to_driver: mpsc::Sender<Input>,
+    counters: Arc<Counters>,
+) {
+    loop {
+        counters.link_dials.fetch_add(1, Ordering::Relaxed);
+        let ended = match connect(&net, &server, &config).await {
+            Ok((reader, writer)) => {
+                counters.link_connects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(server = %server.id, "link up");
+                let (tx, rx) = mpsc::channel(LINK_QUEUE);
+                let up = Input::LinkUp {
+                    server: server.id.clone(),
+                    generation,
+                    tx,
+                };
+                if to_driver.send(up).await.is_err() {
+                    return;
+                }
+                let error = serve(
+                    &clock, &server.id, generation, &config, reader, writer, rx, &to_driver,
+                )
+                .await;
+                let down = Input::LinkDown {
+                    server: server.id.clone(),
+                    generation,
+                };
+                if matches!(error, LinkError::DriverGone) || to_driver.send(down).await.is_err() {
+                    return;
+                }
+                error
+            }
+            Err(error) => error,
+        };
+        counters.link_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(server = %server.id, error = %ended, "link failed; redialling");
+        tokio::time::sleep(config.retry_delay).await;
+    }
+}
+
+type Reader<N> = FrameReader<tokio::io::ReadHalf<<N as Network>::Stream>>;
+type Writer<N> = FrameWriter<tokio::io::WriteHalf<<N as Network>::Stream>>;
+
+/// Dial, then the route's side of the challenge-response (see `cim_core::link`).
+async fn connect<N: Network>(
+    net: &N,
+    server: &LiveServer,
+    config: &LinkConfig,
+) -> Result<(Reader<N>, Writer<N>), LinkError> {
+    let stream = net::connect(net, &server.host, server.link_port, config.io_timeout)
+        .await
+        .map_err(LinkError::Connect)?;
+    let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(config.max_frame));
+    let frame = reader.read_frame(config.io_timeout).await?;
+    let hello: LinkHello = match frame.kind {
+        Some(Kind::LinkHello(hello)) => hello,
+        Some(Kind::Error(e)) => return Err(LinkError::Peer(e.message)),
+        _ => {
+            return Err(LinkError::Unexpected {
+                expected: "link_hello",
+                got: kind_name(&frame),
+            });
+        }
+    };
+    // The MAC proves only that the peer knows the shared secret; the id must be the one we
+    // meant to reach, or a misconfigured registry entry would get another server's pushes.
+    if hello.server_id != server.id.as_str() {
+        return Err(LinkError::WrongServer {
+            dialled: server.id.clone(),
+            named: hello.server_id,
+        });
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    ChaCha8Rng::from_os_rng().fill_bytes(&mut nonce);
+    let auth: LinkAuth = link::route_answer(&config.link_secret, &hello, &config.route_id, &nonce)?;
+    let frame = Frame {
+        kind: Some(Kind::LinkAuth(auth.clone())),
+    };
+    writer.write_frame(&frame, config.io_timeout).await?;
+    let frame = reader.read_frame(config.io_timeout).await?;
+    match frame.kind {
+        Some(Kind::LinkAuthOk(ok)) => link::route_check(&config.link_secret, &hello, &auth, &ok)?,
+        Some(Kind::Error(e)) => return Err(LinkError::Peer(e.message)),
+        _ => {
+            return Err(LinkError::Unexpected {
+                expected: "link_auth_ok",
+                got: kind_name(&frame),
+            });
+        }
+    }
+    Ok((reader, writer))
+}
+
+/// Carries frames until the connection fails. Reads are forwarded to the driver (Ping and
+/// Pong are answered or absorbed here); queued frames are written in batches; a Ping goes
+/// out every `ping_interval`, and 3 intervals without any frame from the server is death.
+#[allow(clippy::too_many_arguments)]
+async fn serve<R, W>(
+    clock: &Clock,
+    server: &ServerId,
+    generation: u64,
+    config: &LinkConfig,
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    mut rx: mpsc::Receiver<Frame>,
+    to_driver: &mpsc::Sender<Input>,
+) -> LinkError
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let silence = config.ping_interval * 3;
+    let mut last_heard = clock.now();
+    let mut next_ping = clock.now() + config.ping_interval;
+    let mut ping_nonce = 0u64;
+    let mut batch: Vec<Frame> = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        let dead_at = last_heard + silence;
+        tokio::select! {
+            biased;
+            frame = reader.next_frame() => {
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => return e.into(),
+                };
+                last_heard = clock.now();
+                let inbound = match frame.kind {
+                    Some(Kind::RouteSend(send)) => LinkInbound::Send(send),
+                    Some(Kind::KickUserDone(done)) => LinkInbound::KickDone(done),
+                    Some(Kind::Pong(_)) => continue,
+                    Some(Kind::Ping(Ping { nonce })) => {
+                        let pong = Frame { kind: Some(Kind::Pong(Pong { nonce })) };
+                        if let Err(e) = writer.write_frame(&pong, config.io_timeout).await {
+                            return e.into();
+                        }
+                        continue;
+                    }
+                    Some(Kind::Error(e)) => return LinkError::Peer(e.message),
+                    _ => {
+                        let got = kind_name(&frame);
+                        tracing::warn!(%server, frame = %got, "unexpected frame on a link; closing it");
+                        let error = Frame {
+                            kind: Some(Kind::Error(cim_proto::Error {
+                                code: ErrorCode::UnexpectedFrame as i32,
+                                message: format!("a route does not take {got} on a link"),
+                            })),
+                        };
+                        let _ = writer.write_frame(&error, config.io_timeout).await;
+                        writer.shutdown(config.io_timeout).await;
+                        return LinkError::Unexpected { expected: "route_send or kick_user_done", got };
+                    }
+                };
+                let input = Input::LinkFrame { server: server.clone(), generation, frame: inbound };
+                if to_driver.send(input).await.is_err() {
+                    return LinkError::DriverGone;
+                }
+            }
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    // The driver dropped our queue: it is shutting down or replaced us.
+                    writer.shutdown(config.io_timeout).await;
+                    return LinkError::DriverGone;
+                }
+                tracing::debug!(%server, frames = n, "link write");
+                let written = writer.write_frames(batch.iter(), config.io_timeout).await;
+                batch.clear();
+                if let Err(e) = written {
+                    return e.into();
+                }
+            }
+            () = clock.sleep_until(next_ping) => {
+                ping_nonce += 1;
+                let ping = Frame { kind: Some(Kind::Ping(Ping { nonce: ping_nonce })) };
+                if let Err(e) = writer.write_frame(&ping, config.io_timeout).await {
+                    return e.into();
+                }
+                next_ping = clock.now() + config.ping_interval;
+            }
+            () = clock.sleep_until(dead_at) => {
+                return LinkError::Silent(silence);
+            }
+        }
+    }
+}

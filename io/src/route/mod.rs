@@ -1,0 +1,284 @@
+//! The route process shell: drives `cim_core::route_login::RouteLogin` and
+//! `cim_core::delivery::RouteDelivery` over real (or simulated) sockets.
+//!
+//! ```text
+//!  axum handlers ──Input::Api──▶ ┌──────────────┐ ──spawned store calls──▶ Store
+//!  link tasks ───Input::Link*──▶ │ driver task  │ ◀──Input::Store────────┘
+//!  registry view ──changed()───▶ │ RouteLogin + │ ──frames (bounded mpsc)──▶ link tasks ──▶ servers
+//!  machine deadlines ──timer───▶ │ RouteDelivery│ ──oneshot answers──▶ axum handlers
+//!                                └──────────────┘
+//! ```
+//!
+//! - [`driver`]: the one task that owns both machines; after every input it drains every
+//!   `poll_*` and acts on each output.
+//! - [`links`]: one task per live server: dial, authenticate (challenge-response), then
+//!   carry frames both ways with a Ping keepalive; redial while the server is live.
+//! - [`api`]: the HTTP API (axum), exactly DESIGN.md's list with `crate::api` bodies.
+//! - [`openapi`]: the hand-written OpenAPI document served at `/openapi.json`.
+//!
+//! Calls that need neither machine (groups, history, online users) go from the handler
+//! to the store directly; everything that changes claims or appends goes through the driver.
+
+mod api;
+mod driver;
+mod links;
+mod openapi;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_core::balance::Strategy;
+use cim_core::delivery::DeliveryConfig;
+use cim_core::route_login::RouteLoginConfig;
+use cim_core::tickets::TicketKeys;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::net::{AxumListener, Listener, Network};
+use crate::registry::{Registry, RegistryError};
+use crate::store::Store;
+
+pub use self::openapi::openapi_document;
+
+/// Everything the route needs to run.
+#[derive(Clone)]
+pub struct RouteOptions {
+    pub route_id: String,
+    /// Default 0.0.0.0:8083; port 0 takes any free port.
+    pub http_listen: SocketAddr,
+    pub login: RouteLoginConfig,
+    pub delivery: DeliveryConfig,
+    pub ticket_keys: TicketKeys,
+    pub bearer_secret: Vec<u8>,
+    pub link_secret: Vec<u8>,
+    /// Default consistent hash.
+    pub strategy: Strategy,
+    /// Seeds `RouteLogin` and the balancer; the binaries pass OS entropy.
+    pub seed: u64,
+    pub max_frame: usize,
+    /// Connect, each write, each handshake step.
+    pub io_timeout: Duration,
+    /// Keepalive Ping on each link; no frame for 3× this and the link is dead.
+    pub link_ping_interval: Duration,
+    /// Wait before redialling a live server whose link failed.
+    pub link_retry_delay: Duration,
+}
+
+impl std::fmt::Debug for RouteOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        f.debug_struct("RouteOptions")
+            .field("route_id", &self.route_id)
+            .field("http_listen", &self.http_listen)
+            .field("login", &self.login)
+            .field("delivery", &self.delivery)
+            .field("ticket_keys", &self.ticket_keys)
+            .field("strategy", &self.strategy)
+            .field("seed", &self.seed)
+            .field("max_frame", &self.max_frame)
+            .field("io_timeout", &self.io_timeout)
+            .field("link_ping_interval", &self.link_ping_interval)
+            .field("link_retry_delay", &self.link_retry_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteOptions {
+    pub fn new(
+        route_id: impl Into<String>,
+        ticket_keys: TicketKeys,
+        bearer_secret: Vec<u8>,
+        link_secret: Vec<u8>,
+    ) -> Self {
+        Self {
+            route_id: route_id.into(),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            login: RouteLoginConfig::default(),
+            delivery: DeliveryConfig::default(),
+            ticket_keys,
+            bearer_secret,
+            link_secret,
+            strategy: Strategy::ConsistentHash,
+            seed: 0,
+            max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            io_timeout: Duration::from_secs(5),
+            link_ping_interval: Duration::from_secs(5),
+            link_retry_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why the route did not start. Nothing is left running after an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("route options: {0}")]
+    Config(String),
+    #[error("bind HTTP listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watch the registry: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// Why a running route stopped by itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("the HTTP server stopped: {0}")]
+    Http(String),
+    #[error("the driver task stopped: {0}")]
+    Driver(String),
+}
+
+/// A running route.
+#[derive(Debug)]
+pub struct RouteHandle {
+    http_addr: SocketAddr,
+    cancel: CancellationToken,
+    http: JoinHandle<()>,
+    driver: JoinHandle<()>,
+    exit: watch::Receiver<Option<Result<(), RouteError>>>,
+    grace: Duration,
+}
+
+impl RouteHandle {
+    /// Where the HTTP API listens (the real port when configured with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Stops accepting HTTP connections, lets in-flight requests finish (bounded by the
+    /// I/O timeout), then stops the driver, which closes every link.
+    pub async fn shutdown(self) {
+        tracing::info!("route shutting down");
+        self.cancel.cancel();
+        let mut http = self.http;
+        if tokio::time::timeout(self.grace, &mut http).await.is_err() {
+            http.abort();
+        }
+        let mut driver = self.driver;
+        if tokio::time::timeout(self.grace, &mut driver).await.is_err() {
+            driver.abort();
+        }
+    }
+
+    /// Stops every task at once (links close as their tasks are dropped).
+    pub fn abort(self) {
+        self.http.abort();
+        self.driver.abort();
+    }
+
+    /// Resolves when the route stops by itself (a task ended without being asked to).
+    pub async fn stopped(&mut self) -> Result<(), RouteError> {
+        match self.exit.wait_for(Option::is_some).await {
+            Ok(exit) => exit.clone().unwrap_or(Ok(())),
+            // The senders live in the tasks; both gone without a word means they were torn
+            // down from outside (a runtime shutting down).
+            Err(_) => Err(RouteError::Driver("route tasks dropped".into())),
+        }
+    }
+}
+
+/// Starts the route: watches the registry, binds the HTTP listener, spawns the driver (which
+/// dials a link to every live server) and the HTTP server.
+pub async fn start<N: Network, R: Registry>(
+    net: N,
+    clock: Clock,
+    options: RouteOptions,
+    store: Arc<dyn Store>,
+    registry: &R,
+) -> Result<RouteHandle, StartError> {
+    if options.route_id.is_empty() {
+        return Err(StartError::Config("route_id is empty".into()));
+    }
+    if options.bearer_secret.is_empty() || options.link_secret.is_empty() {
+        return Err(StartError::Config(
+            "the bearer and link secrets must be set".into(),
+        ));
+    }
+    if options.link_ping_interval.is_zero() || options.io_timeout.is_zero() {
+        return Err(StartError::Config(
+            "io_timeout and link_ping_interval must be above zero".into(),
+        ));
+    }
+    let view = registry.watch().await?;
+    let listener = net
+        .bind(options.http_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: options.http_listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: options.http_listen,
+        source,
+    })?;
+
+    let counters = Arc::new(driver::Counters::default());
+    let (to_driver, inputs) = mpsc::channel(driver::INPUT_QUEUE);
+    let cancel = CancellationToken::new();
+    let (exit_tx, exit) = watch::channel(None);
+    let exit_tx = Arc::new(exit_tx);
+
+    let shared = Arc::new(api::ApiShared::new(
+        &options,
+        to_driver.clone(),
+        store.clone(),
+        clock,
+        view.clone(),
+        counters.clone(),
+    ));
+    let router = api::router(shared);
+
+    let driver = driver::Driver::new(
+        net,
+        clock,
+        &options,
+        store,
+        view,
+        counters,
+        to_driver,
+        cancel.clone(),
+    );
+    let driver = {
+        let exit_tx = exit_tx.clone();
+        tokio::spawn(async move {
+            driver.run(inputs).await;
+            exit_tx.send_if_modified(|exit| {
+                exit.get_or_insert(Err(RouteError::Driver("the driver loop ended".into())));
+                true
+            });
+        })
+    };
+    let http = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(AxumListener(listener), router)
+                .with_graceful_shutdown(cancel.clone().cancelled_owned())
+                .await;
+            let result = match served {
+                Ok(()) if cancel.is_cancelled() => Ok(()),
+                Ok(()) => Err(RouteError::Http("the HTTP server ended".into())),
+                Err(e) => Err(RouteError::Http(e.to_string())),
+            };
+            exit_tx.send_if_modified(|exit| {
+                exit.get_or_insert(result);
+                true
+            });
+        })
+    };
+    tracing::info!(route_id = %options.route_id, %http_addr, "route started");
+    Ok(RouteHandle {
+        http_addr,
+        cancel,
+        http,
+        driver,
+        exit,
+        grace: options.io_timeout,
+    })
+}

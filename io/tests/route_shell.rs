@@ -1,0 +1,789 @@
+//! The route shell over real sockets: the HTTP API and the internal links, with this test
+//! playing the servers (it accepts the route's link and does the server side of the
+//! handshake itself).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cim_core::accounts::PasswordParams;
+use cim_core::ids::{ClientMsgId, Epoch, ServerId, UserId};
+use cim_core::link;
+use cim_core::memstore::MemoryStoreConfig;
+use cim_core::registry::LiveServer;
+use cim_core::store::{StoreCommand, StoreReply};
+use cim_core::tickets::TicketKeys;
+use cim_io::api;
+use cim_io::clock::Clock;
+use cim_io::http_client::HttpClient;
+use cim_io::net::{self, FrameReader, FrameWriter, Listener, Network, ReadError, TokioNet};
+use cim_io::registry::{MemoryRegistry, Registration, Registry};
+use cim_io::route::{self, RouteHandle, RouteOptions};
+use cim_io::store::{MemoryBackend, Store};
+use cim_proto::codec::FrameCodec;
+use cim_proto::frame::Kind;
+use cim_proto::{Frame, KickUserDone, Pong, RouteSend};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+const LINK_SECRET: &[u8] = b"link-secret";
+const WAIT: Duration = Duration::from_secs(5);
+
+type Stream = TcpStream;
+
+struct Fixture {
+    route: RouteHandle,
+    http: HttpClient<TokioNet>,
+    store: Arc<MemoryBackend>,
+    keys: TicketKeys,
+}
+
+fn options() -> RouteOptions {
+    let keys = TicketKeys::new(1, b"ticket-secret".to_vec());
+    let mut o = RouteOptions::new("r1", keys, b"bearer-secret".to_vec(), LINK_SECRET.to_vec());
+    o.http_listen = "127.0.0.1:0".parse().unwrap();
+    o.login.password = PasswordParams::for_tests();
+    o.link_retry_delay = Duration::from_millis(100);
+    o.io_timeout = Duration::from_secs(2);
+    o
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        Self::start_with(MemoryRegistry::new()).await
+    }
+
+    async fn start_with(registry: MemoryRegistry) -> Self {
+        let options = options();
+        let keys = options.ticket_keys.clone();
+        let store = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+        let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
+            .await
+            .expect("route starts");
+        let http = HttpClient::new(TokioNet, "127.0.0.1", route.http_addr().port(), WAIT);
+        Self {
+            route,
+            http,
+            store,
+            keys,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Bytes>,
+    ) -> (StatusCode, Value) {
+        let (status, body) = self
+            .http
+            .request(method, path, token, body)
+            .await
+            .expect("http request");
+        let value = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body:?}"));
+        (status, value)
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap());
+        self.call(Method::POST, path, token, Some(bytes)).await
+    }
+
+    async fn post_raw(&self, path: &str, token: Option<&str>, raw: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, path, token, Some(Bytes::from(raw.to_owned())))
+            .await
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.call(Method::GET, path, token, None).await
+    }
+
+    async fn register(&self, name: &str) -> u64 {
+        let (status, v) = self
+            .post(
+                "/registerAccount",
+                None,
+                json!({"userName": name, "password": "pw-123456"}),
+            )
+            .await;
+        assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+        v["dataBody"]["userId"].as_u64().unwrap()
+    }
+
+    async fn login_raw(&self, user: u64, name: &str, resume: Option<&str>) -> Value {
+        let mut body = json!({"userId": user, "userName": name, "password": "pw-123456"});
+        if let Some(token) = resume {
+            body["resumeToken"] = json!(token);
+        }
+        let (status, v) = self.post("/login", None, body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    }
+
+    async fn login(&self, user: u64, name: &str) -> api::LoginResponse {
+        let v = self.login_raw(user, name, None).await;
+        assert_eq!(code(&v), "9000", "{v}");
+        serde_json::from_value(v["dataBody"].clone()).unwrap()
+    }
+
+    /// Writes the user's route record as its server does before LoginOk.
+    async fn bind(&self, login: &api::LoginResponse) {
+        let wall = Clock::System.wall();
+        let reply = self
+            .store
+            .execute(
+                wall,
+                StoreCommand::BindSession {
+                    user: UserId(login.user_id),
+                    epoch: Epoch(login.epoch),
+                    server: ServerId::new(&login.server_id),
+                    lease_until: wall.plus(Duration::from_secs(60)),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply, StoreReply::SessionBound(Ok(())));
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["code"].as_str().unwrap_or_else(|| panic!("no code: {v}"))
+}
+
+fn uuid(n: u128) -> String {
+    ClientMsgId(n).to_string()
+}
+
+// --- the fake server ------------------------------------------------------------------
+
+/// A server as far as the route can tell: a registry entry and a link listener.
+struct FakeServer {
+    id: ServerId,
+    listener: tokio::net::TcpListener,
+    registration: Option<Registration>,
+}
+
+struct FakeLink {
+    reader: FrameReader<tokio::io::ReadHalf<Stream>>,
+    writer: FrameWriter<tokio::io::WriteHalf<Stream>>,
+}
+
+impl FakeServer {
+    async fn start(registry: &MemoryRegistry, id: &str) -> Self {
+        let listener = TokioNet.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let port = Listener::local_addr(&listener).unwrap().port();
+        let registration = registry
+            .register(LiveServer {
+                id: ServerId::new(id),
+                host: "127.0.0.1".into(),
+                client_port: 11211,
+                link_port: port,
+                http_port: 8081,
+                connections: 0,
+            })
+            .await
+            .unwrap();
+        Self {
+            id: ServerId::new(id),
+            listener,
+            registration: Some(registration),
+        }
+    }
+
+    /// Accepts the route's next link and runs the server side of the handshake with
+    /// `secret`. `None` if the route's proof did not verify (the connection is dropped).
+    async fn accept_with(&mut self, secret: &[u8]) -> Option<FakeLink> {
+        let (stream, _) = tokio::time::timeout(WAIT, Listener::accept(&mut self.listener))
+            .await
+            .expect("the route dials")
+            .unwrap();
+        let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(64 * 1024));
+        let hello = link::server_hello(&self.id, &rand_nonce());
+        let frame = Frame {
+            kind: Some(Kind::LinkHello(hello.clone())),
+        };
+        writer.write_frame(&frame, WAIT).await.unwrap();
+        let auth = match reader.read_frame(WAIT).await.unwrap().kind {
+            Some(Kind::LinkAuth(auth)) => auth,
+            other => panic!("expected link_auth, got {other:?}"),
+        };
+        assert_eq!(auth.route_id, "r1");
+        let ok = link::server_check(secret, &hello, &auth).ok()?;
+        let frame = Frame {
+            kind: Some(Kind::LinkAuthOk(ok)),
+        };
+        writer.write_frame(&frame, WAIT).await.unwrap();
+        Some(FakeLink { reader, writer })
+    }
+
+    async fn accept(&mut self) -> FakeLink {
+        self.accept_with(LINK_SECRET)
+            .await
+            .expect("the route authenticates")
+    }
+}
+
+fn rand_nonce() -> [u8; 16] {
+    use rand::{RngCore, SeedableRng};
+    let mut nonce = [0u8; 16];
+    rand_chacha::ChaCha8Rng::from_os_rng().fill_bytes(&mut nonce);
+    nonce
+}
+
+impl FakeLink {
+    /// The next frame that is not a keepalive (Pings are answered).
+    async fn recv(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            let frame = self.reader.read_frame(WAIT).await?;
+            if let Some(Kind::Ping(ping)) = &frame.kind {
+                let pong = Frame {
+                    kind: Some(Kind::Pong(Pong { nonce: ping.nonce })),
+                };
+                self.send(pong).await;
+                continue;
+            }
+            return Ok(frame);
+        }
+    }
+
+    /// Frames until one `pick` accepts (others are skipped).
+    async fn expect<T>(&mut self, mut pick: impl FnMut(Kind) -> Option<T>) -> T {
+        loop {
+            let frame = self.recv().await.expect("a frame from the route");
+            if let Some(t) = frame.kind.and_then(&mut pick) {
+                return t;
+            }
+        }
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        self.writer.write_frame(&frame, WAIT).await.unwrap();
+    }
+}
+
+// --- tests -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn register_login_repeat_and_ticket() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let _link = s1.accept().await;
+
+    let alice = f.register("alice").await;
+    let (status, v) = f
+        .post(
+            "/registerAccount",
+            None,
+            json!({"userName": "alice", "password": "other-pw-1"}),
+        )
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "3000"), "{v}");
+
+    let v = f
+        .post(
+            "/login",
+            None,
+            json!({"userId": alice, "userName": "alice", "password": "wrong-pw-1"}),
+        )
+        .await
+        .1;
+    assert_eq!(code(&v), "9100", "{v}");
+
+    let answer = f.login(alice, "alice").await;
+    assert_eq!(
+        (answer.user_id, answer.epoch, answer.server_id.as_str()),
+        (alice, 1, "s1")
+    );
+    assert_eq!(
+        (answer.ip.as_str(), answer.cim_server_port),
+        ("127.0.0.1", 11211)
+    );
+    let ticket = api::decode_ticket(&answer.ticket).unwrap();
+    let grant = f
+        .keys
+        .verify(&ticket, &s1.id, Clock::System.wall(), Duration::ZERO)
+        .expect("the ticket verifies with the route's keys");
+    assert_eq!((grant.user, grant.epoch), (UserId(alice), Epoch(1)));
+    api::decode_resume_token(&answer.resume_token).unwrap();
+
+    // Online elsewhere, no proof: 5000.
+    assert_eq!(code(&f.login_raw(alice, "alice", None).await), "5000");
+    // A resume token that is not one: validation.
+    assert_eq!(
+        code(&f.login_raw(alice, "alice", Some("not base64!")).await),
+        "3000"
+    );
+}
+
+#[tokio::test]
+async fn takeover_waits_for_the_old_server_to_kick() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Arc::new(Fixture::start_with(registry).await);
+    let mut link = s1.accept().await;
+    let alice = f.register("alice").await;
+    let first = f.login(alice, "alice").await;
+
+    let takeover = {
+        let f = f.clone();
+        let token = first.resume_token.clone();
+        tokio::spawn(async move { f.login_raw(alice, "alice", Some(&token)).await })
+    };
+    let kick = link
+        .expect(|k| match k {
+            Kind::KickUser(kick) => Some(kick),
+            _ => None,
+        })
+        .await;
+    assert_eq!((kick.user_id, kick.below_epoch), (alice, 2));
+    // Held until the old server confirms: the answer must not be out yet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!takeover.is_finished(), "answered before KickUserDone");
+    link.send(Frame {
+        kind: Some(Kind::KickUserDone(KickUserDone {
+            user_id: alice,
+            below_epoch: 2,
+        })),
+    })
+    .await;
+    let v = tokio::time::timeout(WAIT, takeover).await.unwrap().unwrap();
+    assert_eq!(code(&v), "9000", "{v}");
+    assert_eq!(v["dataBody"]["epoch"], json!(2));
+    assert_ne!(v["dataBody"]["resumeToken"], json!(first.resume_token));
+}
+
+#[tokio::test]
+async fn no_live_server_is_7100() {
+    let f = Fixture::start().await;
+    let alice = f.register("alice").await;
+    assert_eq!(code(&f.login_raw(alice, "alice", None).await), "7100");
+}
+
+#[tokio::test]
+async fn route_send_on_the_link_is_acked_and_pushed() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let mut link = s1.accept().await;
+    let alice = f.register("alice").await;
+    let bob = f.register("bob").await;
+    let a = f.login(alice, "alice").await;
+    let b = f.login(bob, "bob").await;
+    f.bind(&b).await;
+
+    let msg_id = ClientMsgId(0xabc);
+    link.send(Frame {
+        kind: Some(Kind::RouteSend(RouteSend {
+            request_id: 77,
+            user_id: alice,
+            epoch: a.epoch,
+            send: Some(cim_proto::Send {
+                msg_id_hi: msg_id.hi(),
+                msg_id_lo: msg_id.lo(),
+                conv: format!("p:{alice}:{bob}"),
+                body: b"hi bob".to_vec(),
+                sent_at_ms: 0,
+            }),
+        })),
+    })
+    .await;
+    let result = link
+        .expect(|k| match k {
+            Kind::RouteSendResult(r) => Some(r),
+            _ => None,
+        })
+        .await;
+    assert_eq!((result.request_id, result.user_id), (77, alice));
+    let ack = result.ack.expect("acked");
+    assert_eq!((ack.seq, ack.msg_id_lo), (1, 0xabc));
+    let batch = link
+        .expect(|k| match k {
+            Kind::PushBatch(b) => Some(b),
+            _ => None,
+        })
+        .await;
+    let push = &batch.pushes[0];
+    assert_eq!(push.recipients, vec![bob], "only bound users are pushed to");
+    assert_eq!(push.message.as_ref().unwrap().body, b"hi bob");
+}
+
+#[tokio::test]
+async fn http_sends_with_a_token() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let mut link = s1.accept().await;
+    let alice = f.register("alice").await;
+    let bob = f.register("bob").await;
+    let carol = f.register("carol").await;
+    let a = f.login(alice, "alice").await;
+    let token = Some(a.token.as_str());
+
+    // `all`: acked, and broadcast to the live server.
+    let (status, v) = f
+        .post(
+            "/groupRoute",
+            token,
+            json!({"userId": alice, "msg": "hello all", "clientMsgId": uuid(1)}),
+        )
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+    assert_eq!(
+        (
+            v["dataBody"]["conv"].as_str(),
+            v["dataBody"]["seq"].as_u64()
+        ),
+        (Some("all"), Some(1))
+    );
+    let batch = link
+        .expect(|k| match k {
+            Kind::PushBatch(b) => Some(b),
+            _ => None,
+        })
+        .await;
+    assert!(batch.pushes[0].all_sessions);
+
+    // Registered but offline: stored, online false.
+    let p2p = |to: u64, id: u128| json!({"userId": alice, "receiveUserId": to, "msg": "psst", "clientMsgId": uuid(id)});
+    let v = f.post("/p2pRoute", token, p2p(bob, 2)).await.1;
+    assert_eq!(code(&v), "9000", "{v}");
+    assert_eq!(v["dataBody"]["online"], json!(false));
+    assert_eq!(v["dataBody"]["conv"], json!(format!("p:{alice}:{bob}")));
+    // Online once its server bound the session.
+    let c = f.login(carol, "carol").await;
+    f.bind(&c).await;
+    let v = f.post("/p2pRoute", token, p2p(carol, 3)).await.1;
+    assert_eq!(
+        (code(&v), &v["dataBody"]["online"]),
+        ("9000", &json!(true)),
+        "{v}"
+    );
+    // Unknown receiver: an error, nothing stored.
+    let v = f.post("/p2pRoute", token, p2p(999, 4)).await.1;
+    assert_eq!(code(&v), "4000", "{v}");
+    // Acting as someone else: refused.
+    let (status, v) = f
+        .post(
+            "/groupRoute",
+            token,
+            json!({"userId": bob, "msg": "spoof", "clientMsgId": uuid(5)}),
+        )
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::FORBIDDEN, "3000"), "{v}");
+    // A client message id that is not a UUID.
+    let v = f
+        .post(
+            "/groupRoute",
+            token,
+            json!({"userId": alice, "msg": "x", "clientMsgId": "nope"}),
+        )
+        .await
+        .1;
+    assert_eq!(code(&v), "3000", "{v}");
+
+    // The online list has carol (bound), not alice (logged in, never bound).
+    let (status, v) = f.get("/onlineUser", token).await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+    assert_eq!(
+        v["dataBody"],
+        json!([{"userId": carol, "userName": "carol", "serverId": "s1"}])
+    );
+
+    // Logout ends the session: a fresh login is no longer a repeat.
+    let v = f.post("/offLine", token, json!({"userId": alice})).await.1;
+    assert_eq!(code(&v), "9000", "{v}");
+    assert_eq!(f.login(alice, "alice").await.epoch, 2);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400_3000_and_missing_tokens_401() {
+    let f = Fixture::start().await;
+    let cases: &[(&str, &str)] = &[
+        ("garbage", "{not json"),
+        ("wrong type", r#"{"userName": 5, "password": "pw-123456"}"#),
+        ("missing field", r#"{"userName": "ann"}"#),
+        (
+            "unknown field",
+            r#"{"userName": "ann", "password": "pw-123456", "admin": true}"#,
+        ),
+        ("not an object", "[]"),
+    ];
+    for (label, raw) in cases {
+        let (status, v) = f.post_raw("/registerAccount", None, raw).await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, "3000"),
+            "{label}: {v}"
+        );
+    }
+    let (status, v) = f
+        .post_raw(
+            "/login",
+            None,
+            r#"{"userId": "one", "userName": "a", "password": "b"}"#,
+        )
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "3000"), "{v}");
+
+    let send = json!({"userId": 1, "msg": "x", "clientMsgId": uuid(1)});
+    let (status, v) = f.post("/groupRoute", None, send.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    code(&v);
+    let (status, _) = f.post("/groupRoute", Some("1.1.1.00"), send).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = f.get("/group/list", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let huge = format!(
+        r#"{{"userName": "{}", "password": "pw"}}"#,
+        "a".repeat(100 * 1024)
+    );
+    let (status, v) = f.post_raw("/registerAccount", None, &huge).await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "3000"),
+        "{v}"
+    );
+
+    let (status, v) = f.get("/nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    code(&v);
+}
+
+#[tokio::test]
+async fn history_is_bounded_and_for_members_only() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let _link = s1.accept().await;
+    let alice = f.register("alice").await;
+    let bob = f.register("bob").await;
+    let a = f.login(alice, "alice").await;
+    let b = f.login(bob, "bob").await;
+    let (ta, tb) = (Some(a.token.as_str()), Some(b.token.as_str()));
+
+    let group = json!({"userId": alice, "groupName": "rust"});
+    assert_eq!(
+        code(&f.post("/group/create", ta, group.clone()).await.1),
+        "9000"
+    );
+    assert_eq!(code(&f.post("/group/create", ta, group).await.1), "4000");
+    for i in 1..=3u128 {
+        let body = json!({"userId": alice, "msg": format!("m{i}"), "clientMsgId": uuid(i), "groupName": "rust"});
+        let v = f.post("/groupRoute", ta, body).await.1;
+        assert_eq!(v["dataBody"]["seq"].as_u64(), Some(i as u64), "{v}");
+    }
+    let (_, v) = f.get("/group/list", ta).await;
+    assert_eq!(v["dataBody"]["groups"], json!(["rust"]));
+
+    let (status, v) = f.get("/history?conv=g:rust&limit=101", ta).await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "3000"), "{v}");
+    let (status, v) = f.get("/history?conv=g:rust&limit=10", tb).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_ne!(code(&v), "9000");
+    let (status, v) = f.get("/history?conv=g:rust&limit=abc", ta).await;
+    assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "3000"), "{v}");
+
+    let seqs = |v: &Value| -> Vec<u64> {
+        v["dataBody"]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let (_, v) = f.get("/history?conv=g:rust&limit=2", ta).await;
+    assert_eq!((code(&v), seqs(&v)), ("9000", vec![2, 3]), "{v}");
+    assert_eq!(v["dataBody"]["messages"][1]["msg"], json!("m3"));
+    let (_, v) = f.get("/history?conv=g:rust&beforeSeq=3&limit=5", ta).await;
+    assert_eq!(seqs(&v), vec![1, 2]);
+
+    // Bob joins: history from his join on, and he may post.
+    let join = json!({"userId": bob, "groupName": "rust"});
+    assert_eq!(code(&f.post("/group/join", tb, join).await.1), "9000");
+    let (status, v) = f.get("/history?conv=g:rust", tb).await;
+    assert_eq!((status, seqs(&v)), (StatusCode::OK, vec![]), "{v}");
+}
+
+#[tokio::test]
+async fn openapi_health_and_metrics() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let _link = s1.accept().await;
+
+    let (status, doc) = f.get("/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/login",
+        "/registerAccount",
+        "/p2pRoute",
+        "/history",
+        "/group/join",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let (status, v) = f.get("/health", None).await;
+    assert_eq!((status, &v), (StatusCode::OK, &json!({"status": "ok"})));
+
+    // The link is up once the route has processed LinkUp: poll the gauge.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, text) = f
+            .http
+            .request(Method::GET, "/metrics", None, None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        assert!(text.contains("# TYPE cim_route_messages_acked_total counter"));
+        if text.contains("cim_route_links_up{route_id=\"r1\"} 1") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_link_with_a_bad_secret_is_refused_and_redialled() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    // The server has another secret: the route's proof fails; it keeps serving HTTP and
+    // tries again after the retry delay.
+    assert!(s1.accept_with(b"another-secret").await.is_none());
+    f.register("alice").await;
+    assert!(s1.accept_with(b"another-secret").await.is_none());
+    // A server that proves a different secret is refused by the route (no link up).
+    let (status, text) = f
+        .http
+        .request(Method::GET, "/metrics", None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    assert!(
+        text.contains("cim_route_links_up{route_id=\"r1\"} 0"),
+        "{text}"
+    );
+    // With the right secret the next attempt succeeds.
+    let _link = s1.accept().await;
+}
+
+#[tokio::test]
+async fn a_server_that_proves_the_wrong_secret_gets_no_link() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    // Accept with the right check, but answer with a MAC under another secret.
+    let (stream, _) = tokio::time::timeout(WAIT, Listener::accept(&mut s1.listener))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(64 * 1024));
+    let hello = link::server_hello(&s1.id, &rand_nonce());
+    writer
+        .write_frame(
+            &Frame {
+                kind: Some(Kind::LinkHello(hello.clone())),
+            },
+            WAIT,
+        )
+        .await
+        .unwrap();
+    let Some(Kind::LinkAuth(auth)) = reader.read_frame(WAIT).await.unwrap().kind else {
+        panic!("expected link_auth");
+    };
+    let forged = link::server_check(
+        b"another-secret",
+        &hello,
+        &link::route_answer(b"another-secret", &hello, &auth.route_id, &auth.nonce).unwrap(),
+    )
+    .unwrap();
+    writer
+        .write_frame(
+            &Frame {
+                kind: Some(Kind::LinkAuthOk(forged)),
+            },
+            WAIT,
+        )
+        .await
+        .unwrap();
+    // The route drops the connection instead of using it.
+    assert!(matches!(
+        reader.read_frame(WAIT).await,
+        Err(ReadError::Closed | ReadError::Io(_))
+    ));
+    // Nobody can be sent there; HTTP still works.
+    let alice = f.register("alice").await;
+    let v = f.login_raw(alice, "alice", None).await;
+    assert_eq!(code(&v), "9000", "the server is live in the registry: {v}");
+}
+
+#[tokio::test]
+async fn a_server_leaving_the_registry_loses_its_link() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let mut link = s1.accept().await;
+    s1.registration.take().unwrap().deregister().await.unwrap();
+    match link.recv().await {
+        Err(ReadError::Closed | ReadError::Io(_)) => {}
+        other => panic!("expected the link to close, got {other:?}"),
+    }
+    let alice = f.register("alice").await;
+    assert_eq!(code(&f.login_raw(alice, "alice", None).await), "7100");
+}
+
+#[tokio::test]
+async fn shutdown_stops_serving() {
+    let f = Fixture::start().await;
+    f.register("alice").await;
+    let port = f.route.http_addr().port();
+    tokio::time::timeout(WAIT, f.route.shutdown())
+        .await
+        .unwrap();
+    let http = HttpClient::new(TokioNet, "127.0.0.1", port, Duration::from_secs(1));
+    assert!(
+        http.request(Method::GET, "/health", None, None)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_hello_naming_another_server_is_refused() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let _f = Fixture::start_with(registry).await;
+    // Right secret, wrong name: the route must not answer the challenge.
+    s1.id = ServerId::new("s2");
+    let (stream, _) = tokio::time::timeout(WAIT, Listener::accept(&mut s1.listener))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(64 * 1024));
+    let hello = link::server_hello(&s1.id, &rand_nonce());
+    writer
+        .write_frame(
+            &Frame {
+                kind: Some(Kind::LinkHello(hello)),
+            },
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        reader.read_frame(WAIT).await,
+        Err(ReadError::Closed | ReadError::Io(_))
+    ));
+    // With the right name the redial authenticates.
+    s1.id = ServerId::new("s1");
+    let _link = s1.accept().await;
+}
