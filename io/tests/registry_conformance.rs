@@ -5,8 +5,6 @@
 //! and the route's view talks to ZooKeeper directly, as in a deployment where only the
 //! server's link is broken.
 
-mod support_zk;
-
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
@@ -19,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use zookeeper_client as zk;
 
-use support_zk::Proxy;
+use cim_testkit::Proxy;
 
 /// The ZooKeeper fixtures' session timeout: the ensemble (tickTime 500 ms) allows 1–10 s.
 const SESSION: Duration = Duration::from_secs(2);
@@ -46,10 +44,10 @@ impl Fixture {
 
     /// `None`: no ZooKeeper here (outside CI), skip.
     async fn zk(tag: &str) -> Option<Fixture> {
-        let server = support_zk::zookeeper()?;
+        let server = cim_testkit::zookeeper()?;
         let proxy = Proxy::start(&server.addr).await;
         let config = ZkConfig::new(server.addr.clone())
-            .with_root(support_zk::unique_root(tag))
+            .with_root(cim_testkit::unique_root(tag))
             .with_session_timeout(SESSION)
             .with_op_timeout(Duration::from_secs(2));
         let mut through_proxy = config.clone();

@@ -8,8 +8,6 @@
 //! The Redis half starts its own `redis-server` per test (see `support`); it is skipped with
 //! a message when `redis-server` is not installed, and fails under `CI=true`.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -24,7 +22,7 @@ use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use support::RedisServer;
+use cim_testkit::RedisServer;
 
 const TTL: Duration = Duration::from_secs(60);
 const TTL_MS: u64 = 60_000;

@@ -158,4 +158,3 @@ pub fn unique_root(tag: &str) -> String {
         unique()
     )
 }
-
