@@ -10,4 +10,5 @@ pub mod clock;
 pub mod http_client;
 pub mod net;
 pub mod registry;
+pub mod sdk;
 pub mod store;
