@@ -137,6 +137,8 @@ enum Ctl {
 #[derive(Default)]
 struct ServerState {
     ack_sends: bool,
+    /// Reads everything, answers nothing, keeps the connection open.
+    mute: bool,
     /// Every Send frame's id, in arrival order (resends included).
     sends: Vec<ClientMsgId>,
     acks: u32,
@@ -166,6 +168,9 @@ fn all_head(s: &ServerState) -> proto::ConvHead {
 
 fn answer(server: &Server, kind: Kind) -> Vec<Frame> {
     let mut s = server.lock().unwrap();
+    if s.mute {
+        return Vec::new();
+    }
     match kind {
         Kind::Login(login) => {
             let verified = login.ticket.as_ref().map(|t| {
@@ -477,6 +482,39 @@ async fn a_dropped_connection_reconnects_and_resends_with_the_same_id() {
         }
     }
     assert_eq!(acks, 1);
+}
+
+#[tokio::test]
+async fn a_silent_server_is_noticed_by_the_heartbeat() {
+    let setup = setup().await;
+    let mut opts = options(&setup);
+    opts.session.heartbeat_interval = Duration::from_millis(50);
+    opts.session.heartbeat_timeout = Duration::from_millis(100);
+    let (client, mut events) = Client::start(TokioNet, Clock::System, opts);
+    expect(&mut events, "Online", is_online).await;
+    setup.server.lock().unwrap().mute = true;
+    let lost = expect(&mut events, "Reconnecting", |e| {
+        matches!(e, ClientEvent::Reconnecting { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            lost,
+            ClientEvent::Reconnecting {
+                cause: LinkLoss::HeartbeatTimeout,
+                ..
+            }
+        ),
+        "{lost:?}"
+    );
+    setup.server.lock().unwrap().mute = false;
+    expect(&mut events, "Online again", is_online).await;
+    // The abandoned connection was closed by the client, not left open.
+    until(&setup.server, "the old connection closed", |s| {
+        s.closed >= 1
+    })
+    .await;
+    client.shutdown().await;
 }
 
 #[tokio::test]
