@@ -140,8 +140,12 @@ impl<N: Network> Driver<N> {
                     None => std::future::pending().await,
                 }
             };
+            // Inputs first: a pong or an ack queued behind a flood of application sends
+            // must not wait so long that the heartbeat declares a live link dead. The
+            // network paces inputs, so commands still get their turn.
             tokio::select! {
                 biased;
+                Some(input) = self.inputs.recv() => self.on_input(input),
                 command = self.commands.recv() => match command {
                     Some(AppCommand::Shutdown { reply }) => {
                         self.shutdown().await;
@@ -155,7 +159,6 @@ impl<N: Network> Driver<N> {
                         return;
                     }
                 },
-                Some(input) = self.inputs.recv() => self.on_input(input),
                 () = timer => self.session.handle_timeout(self.clock.now()),
             }
             self.drain();
