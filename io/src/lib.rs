@@ -13,4 +13,5 @@ pub mod net;
 pub mod registry;
 pub mod route;
 pub mod server;
+pub mod sdk;
 pub mod store;

@@ -1,0 +1,632 @@
+//! The driver task: owns the [`ClientSession`] and executes what it asks for.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cim_core::client::{
+    ClientCommand, ClientConfig, ClientEvent, ClientSession, LoginAttempt, LoginFailure,
+};
+use cim_core::ids::{ClientMsgId, Epoch, ServerId, UserId};
+use cim_core::registry::LiveServer;
+use cim_core::route_login::{LoginAnswer, LoginError, LoginRequest};
+use cim_proto::Frame;
+use cim_proto::codec::FrameCodec;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::route_api::{ApiError, RouteApi};
+use super::{Acked, AppCommand, SdkOptions, SendError};
+use crate::api::{self, decode_resume_token, decode_ticket, encode_resume_token};
+use crate::clock::Clock;
+use crate::net::{self, Network, framed};
+
+/// Frames queued for one connection's writer. The session resends its whole outbox in one
+/// go when it comes online, so this must hold a large outbox; tokio allocates channel slots
+/// lazily, so the bound costs nothing until used. A full queue means the link cannot keep
+/// up: it is dropped like a lost connection.
+const WRITE_QUEUE: usize = 1 << 18;
+/// Frames written per syscall batch.
+const WRITE_BATCH: usize = 256;
+/// Inputs from login and connection tasks waiting for the driver; a full queue slows the
+/// socket readers down (TCP backpressure) rather than growing memory.
+const INPUT_QUEUE: usize = 1024;
+
+#[derive(Debug)]
+enum Input {
+    LoginAnswer {
+        attempt: LoginAttempt,
+        result: Result<LoginAnswer, LoginFailure>,
+    },
+    Connected {
+        generation: u64,
+    },
+    ConnectFailed {
+        generation: u64,
+    },
+    Frame {
+        generation: u64,
+        frame: Frame,
+    },
+    Closed {
+        generation: u64,
+    },
+}
+
+/// The current connection (or connection attempt).
+#[derive(Debug)]
+struct Conn {
+    generation: u64,
+    frames: mpsc::Sender<Frame>,
+    connected: bool,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Driver<N: Network> {
+    net: N,
+    clock: Clock,
+    session: ClientSession,
+    config: ClientConfig,
+    codec: FrameCodec,
+    route: RouteApi<N>,
+    commands: mpsc::Receiver<AppCommand>,
+    inputs_tx: mpsc::Sender<Input>,
+    inputs: mpsc::Receiver<Input>,
+    events: mpsc::UnboundedSender<ClientEvent>,
+    token: watch::Sender<Option<String>>,
+    pending: BTreeMap<ClientMsgId, oneshot::Sender<Result<Acked, SendError>>>,
+    generation: u64,
+    conn: Option<Conn>,
+    last_login: Option<LoginAttempt>,
+    /// Connections given up gracefully, still writing what was queued before the close.
+    closing: Vec<JoinHandle<()>>,
+}
+
+impl<N: Network> Driver<N> {
+    pub(crate) fn new(
+        net: N,
+        clock: Clock,
+        options: SdkOptions,
+        route: RouteApi<N>,
+        commands: mpsc::Receiver<AppCommand>,
+        events: mpsc::UnboundedSender<ClientEvent>,
+        token: watch::Sender<Option<String>>,
+    ) -> Self {
+        let config = options.session.clone();
+        let session = match options.state {
+            Some(state) => {
+                ClientSession::restore(options.session, state, clock.now(), clock.wall())
+            }
+            None => ClientSession::new(options.session),
+        };
+        let (inputs_tx, inputs) = mpsc::channel(INPUT_QUEUE);
+        Self {
+            net,
+            clock,
+            session,
+            config,
+            codec: FrameCodec::new(options.max_frame),
+            route,
+            commands,
+            inputs_tx,
+            inputs,
+            events,
+            token,
+            pending: BTreeMap::new(),
+            generation: 0,
+            conn: None,
+            last_login: None,
+            closing: Vec::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        tracing::info!(user = self.config.user.0, "client starting");
+        self.session.start(self.clock.now());
+        self.drain();
+        loop {
+            let deadline = self.session.poll_timeout().map(|(at, _)| at);
+            // Checked before waiting, so a steady stream of inputs cannot starve the timers
+            // (the select below prefers inputs).
+            if deadline.is_some_and(|at| at <= self.clock.now()) {
+                self.session.handle_timeout(self.clock.now());
+                self.drain();
+                continue;
+            }
+            let clock = self.clock;
+            let timer = async move {
+                match deadline {
+                    Some(at) => clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Inputs first: a pong or an ack queued behind a flood of application sends
+            // must not wait so long that the heartbeat declares a live link dead. The
+            // network paces inputs, so commands still get their turn.
+            tokio::select! {
+                biased;
+                Some(input) = self.inputs.recv() => self.on_input(input),
+                command = self.commands.recv() => match command {
+                    Some(AppCommand::Shutdown { reply }) => {
+                        self.shutdown().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.on_command(command),
+                    // Every handle is gone: nobody can use this session any more.
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                () = timer => self.session.handle_timeout(self.clock.now()),
+            }
+            self.drain();
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        tracing::info!(user = self.config.user.0, "client shutting down");
+        self.session.shutdown(self.clock.now());
+        self.drain();
+        // Normally the Stopped event failed them already; a session that was stopped before
+        // has nothing pending either, but make sure no caller waits forever.
+        for (_, reply) in std::mem::take(&mut self.pending) {
+            let _ = reply.send(Err(SendError::Stopped));
+        }
+        if let Some(conn) = self.conn.take() {
+            conn.task.abort();
+        }
+        // Let closed connections write their last frames (the final DeliverAck). Each is
+        // bounded by its write timeouts; the overall bound also covers a task stuck handing
+        // its last report to this (no longer reading) driver.
+        let closing = futures::future::join_all(std::mem::take(&mut self.closing));
+        let bound = self.config.heartbeat_timeout * 2;
+        if tokio::time::timeout(bound, closing).await.is_err() {
+            tracing::debug!("connections still closing after {bound:?}: left behind");
+        }
+    }
+
+    fn on_command(&mut self, command: AppCommand) {
+        let now = self.clock.now();
+        match command {
+            AppCommand::Send { conv, body, reply } => {
+                if self.session.is_stopped() {
+                    let _ = reply.send(Err(SendError::Stopped));
+                    return;
+                }
+                let id = self.session.send(now, conv, body);
+                self.pending.insert(id, reply);
+            }
+            AppCommand::Submit { conv, body, reply } => {
+                if self.session.is_stopped() {
+                    let _ = reply.send(Err(SendError::Stopped));
+                    return;
+                }
+                let id = self.session.send(now, conv, body);
+                let _ = reply.send(Ok(id));
+            }
+            AppCommand::Snapshot { reply } => {
+                let _ = reply.send(self.session.snapshot(now, self.clock.wall()));
+            }
+            // Handled by the loop, which must end after it.
+            AppCommand::Shutdown { .. } => {}
+        }
+    }
+
+    fn is_current(&self, generation: u64) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.generation == generation)
+    }
+
+    fn on_input(&mut self, input: Input) {
+        let now = self.clock.now();
+        match input {
+            Input::LoginAnswer { attempt, result } => {
+                if let Ok(answer) = &result
+                    && self.last_login == Some(attempt)
+                {
+                    self.token.send_replace(Some(answer.token.clone()));
+                }
+                self.session.handle_login_answer(now, attempt, result);
+            }
+            Input::Connected { generation } => {
+                if let Some(conn) = self.conn.as_mut().filter(|c| c.generation == generation) {
+                    conn.connected = true;
+                    self.session.handle_connected(now);
+                }
+            }
+            Input::ConnectFailed { generation } => {
+                if self.is_current(generation) {
+                    self.conn = None;
+                    self.session.handle_connect_failed(now);
+                }
+            }
+            Input::Frame { generation, frame } => {
+                if self.is_current(generation) {
+                    tracing::trace!(?frame, "frame from server");
+                    if let Err(error) = self.session.handle_frame(now, frame) {
+                        tracing::debug!(%error, "frame ignored");
+                    }
+                }
+            }
+            Input::Closed { generation } => {
+                if self.is_current(generation) {
+                    self.conn = None;
+                    self.session.handle_disconnected(now);
+                }
+            }
+        }
+    }
+
+    /// Drains the session's outputs until it has nothing more to say. Executing a command
+    /// can feed the session another input (a full write queue is a lost connection), so
+    /// this loops until both queues stay empty.
+    fn drain(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(command) = self.session.poll_command() {
+                progressed = true;
+                self.execute(command);
+            }
+            while let Some(event) = self.session.poll_event() {
+                progressed = true;
+                self.dispatch(event);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn execute(&mut self, command: ClientCommand) {
+        match command {
+            ClientCommand::Login { attempt, request } => {
+                self.last_login = Some(attempt);
+                let route = self.route.clone();
+                let inputs = self.inputs_tx.clone();
+                tokio::spawn(async move {
+                    let result = login(&route, request).await;
+                    let _ = inputs.send(Input::LoginAnswer { attempt, result }).await;
+                });
+            }
+            ClientCommand::Connect { host, port } => {
+                // The session always disconnects first; a leftover would be a second live
+                // connection, so make sure.
+                self.close_conn();
+                self.generation += 1;
+                let generation = self.generation;
+                tracing::debug!(%host, port, generation, "connecting");
+                let (frames, frames_rx) = mpsc::channel(WRITE_QUEUE);
+                let task = tokio::spawn(connection(
+                    self.net.clone(),
+                    host,
+                    port,
+                    ConnTimeouts {
+                        connect: self.config.connect_timeout,
+                        write: self.config.heartbeat_timeout,
+                    },
+                    self.codec,
+                    generation,
+                    self.inputs_tx.clone(),
+                    frames_rx,
+                ));
+                self.conn = Some(Conn {
+                    generation,
+                    frames,
+                    connected: false,
+                    task,
+                });
+            }
+            ClientCommand::Transmit(frame) => {
+                let Some(conn) = &self.conn else {
+                    tracing::debug!(?frame, "no connection: frame dropped");
+                    return;
+                };
+                match conn.frames.try_send(frame) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!("write queue full: dropping the connection");
+                        if let Some(conn) = self.conn.take() {
+                            conn.task.abort();
+                        }
+                        self.session.handle_disconnected(self.clock.now());
+                    }
+                    // The connection task ended; its `Closed` is on the way.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+            ClientCommand::Disconnect => self.close_conn(),
+        }
+    }
+
+    /// Gives up the current connection. An established one gets to write what is queued
+    /// (the last DeliverAck on shutdown) and closes its write side; an attempt still
+    /// connecting is abandoned at once.
+    fn close_conn(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        tracing::debug!(generation = conn.generation, "closing connection");
+        if conn.connected {
+            // Dropping the sender ends the writer after the queue is written.
+            drop(conn.frames);
+            self.closing.retain(|task| !task.is_finished());
+            self.closing.push(conn.task);
+        } else {
+            conn.task.abort();
+        }
+    }
+
+    fn dispatch(&mut self, event: ClientEvent) {
+        match &event {
+            ClientEvent::Acked {
+                msg_id,
+                conv,
+                log_epoch,
+                seq,
+            } => {
+                if let Some(reply) = self.pending.remove(msg_id) {
+                    let _ = reply.send(Ok(Acked {
+                        msg_id: *msg_id,
+                        conv: conv.clone(),
+                        log_epoch: *log_epoch,
+                        seq: *seq,
+                    }));
+                }
+            }
+            ClientEvent::Rejected {
+                msg_id,
+                code,
+                reason,
+            } => {
+                if let Some(reply) = self.pending.remove(msg_id) {
+                    let _ = reply.send(Err(SendError::Rejected {
+                        msg_id: *msg_id,
+                        code: *code,
+                        reason: reason.clone(),
+                    }));
+                }
+            }
+            ClientEvent::Unknown { msg_id } => {
+                if let Some(reply) = self.pending.remove(msg_id) {
+                    let _ = reply.send(Err(SendError::Unknown { msg_id: *msg_id }));
+                }
+            }
+            ClientEvent::Stopped(reason) => {
+                tracing::info!(?reason, "client session stopped");
+                for (_, reply) in std::mem::take(&mut self.pending) {
+                    let _ = reply.send(Err(SendError::Stopped));
+                }
+            }
+            ClientEvent::Online { server, epoch } => {
+                tracing::info!(%server, epoch = epoch.0, "client online");
+            }
+            ClientEvent::Reconnecting {
+                attempt,
+                delay,
+                cause,
+            } => {
+                tracing::info!(attempt, ?delay, ?cause, "client reconnecting");
+            }
+            ClientEvent::Kicked(reason) => tracing::info!(?reason, "client kicked"),
+            ClientEvent::LoginRejected(error) => tracing::warn!(%error, "login rejected"),
+            other => tracing::debug!(event = ?other, "client event"),
+        }
+        // An application that dropped its `Events` still gets its sends resolved.
+        let _ = self.events.send(event);
+    }
+}
+
+/// `POST /login`, answered in the session's terms.
+async fn login<N: Network>(
+    route: &RouteApi<N>,
+    request: LoginRequest,
+) -> Result<LoginAnswer, LoginFailure> {
+    let user = request.user;
+    let body = api::LoginRequest {
+        user_id: request.user.0,
+        user_name: request.name,
+        password: request.password,
+        resume_token: request.resume_token.as_ref().map(encode_resume_token),
+    };
+    match route.login(&body).await {
+        Ok(response) => answer_from(user, response),
+        Err(error) => Err(failure_from(error)),
+    }
+}
+
+fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, LoginFailure> {
+    if r.user_id != user.0 {
+        return Err(LoginFailure::Transport(format!(
+            "login answer for user {} instead of {}",
+            r.user_id, user.0
+        )));
+    }
+    let bad = |what: &str, e: api::BinaryFieldError| {
+        LoginFailure::Transport(format!("login answer: bad {what}: {e}"))
+    };
+    let ticket = decode_ticket(&r.ticket).map_err(|e| bad("ticket", e))?;
+    let resume_token = decode_resume_token(&r.resume_token).map_err(|e| bad("resumeToken", e))?;
+    Ok(LoginAnswer {
+        user,
+        epoch: Epoch(r.epoch),
+        server: LiveServer {
+            id: ServerId::new(r.server_id),
+            host: r.ip,
+            client_port: r.cim_server_port,
+            http_port: r.http_port,
+            // Not the client's business: the internal link and the load are the route's.
+            link_port: 0,
+            connections: 0,
+        },
+        ticket,
+        token: r.token,
+        resume_token,
+    })
+}
+
+fn failure_from(error: ApiError) -> LoginFailure {
+    let rejected = |e: LoginError| LoginFailure::Rejected(e);
+    match error {
+        ApiError::Status { code, message, .. } => match code.as_str() {
+            api::CODE_REPEAT_LOGIN => rejected(LoginError::RepeatLogin),
+            api::CODE_ACCOUNT_MISMATCH => rejected(LoginError::AccountMismatch),
+            api::CODE_NO_SERVER => rejected(LoginError::NoServerAvailable),
+            api::CODE_FAIL => rejected(LoginError::Unavailable),
+            _ => LoginFailure::Transport(format!("login: code {code}: {message}")),
+        },
+        other => LoginFailure::Transport(other.to_string()),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConnTimeouts {
+    connect: Duration,
+    /// One batch write; a link stuck longer is dead (the heartbeat would say so too).
+    write: Duration,
+}
+
+/// One connection: connect, then read frames into the driver's inputs and write what the
+/// driver queues, until either side fails or the driver drops the queue (a graceful close:
+/// everything queued is written first). Reads need no timeout of their own: the session's
+/// heartbeat and login deadlines notice a silent server and disconnect.
+#[allow(clippy::too_many_arguments)]
+async fn connection<N: Network>(
+    net: N,
+    host: String,
+    port: u16,
+    timeouts: ConnTimeouts,
+    codec: FrameCodec,
+    generation: u64,
+    inputs: mpsc::Sender<Input>,
+    mut frames: mpsc::Receiver<Frame>,
+) {
+    let stream = match net::connect(&net, &host, port, timeouts.connect).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(%host, port, %error, "connect failed");
+            let _ = inputs.send(Input::ConnectFailed { generation }).await;
+            return;
+        }
+    };
+    let (mut reader, mut writer) = framed(stream, codec);
+    if inputs.send(Input::Connected { generation }).await.is_err() {
+        return;
+    }
+    let read = async {
+        loop {
+            match reader.next_frame().await {
+                Ok(frame) => {
+                    if inputs
+                        .send(Input::Frame { generation, frame })
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, generation, "connection read ended");
+                    return true;
+                }
+            }
+        }
+    };
+    let write = async {
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        while frames.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+            if let Err(error) = writer.write_frames(&batch, timeouts.write).await {
+                tracing::debug!(%error, generation, "connection write failed");
+                return true;
+            }
+            batch.clear();
+        }
+        // The driver gave this connection up and everything queued is written.
+        writer.shutdown(timeouts.write).await;
+        false
+    };
+    let lost = tokio::select! {
+        biased;
+        lost = write => lost,
+        lost = read => lost,
+    };
+    if lost {
+        let _ = inputs.send(Input::Closed { generation }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http_client::HttpError;
+
+    #[test]
+    fn login_codes_map_to_the_sessions_errors() {
+        let status = |code: &str| ApiError::Status {
+            http: 200,
+            code: code.to_owned(),
+            message: "m".to_owned(),
+        };
+        for (code, error) in [
+            ("5000", LoginError::RepeatLogin),
+            ("9100", LoginError::AccountMismatch),
+            ("7100", LoginError::NoServerAvailable),
+            ("4000", LoginError::Unavailable),
+        ] {
+            assert_eq!(
+                failure_from(status(code)),
+                LoginFailure::Rejected(error),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            failure_from(status("3000")),
+            LoginFailure::Transport(_)
+        ));
+        assert!(matches!(
+            failure_from(ApiError::Transport(HttpError::Timeout(
+                Duration::from_secs(1)
+            ))),
+            LoginFailure::Transport(_)
+        ));
+    }
+
+    #[test]
+    fn login_answers_are_checked() {
+        let ticket = cim_proto::Ticket {
+            key_id: 1,
+            user_id: 4,
+            server_id: "s1".into(),
+            epoch: 2,
+            expires_at_ms: 9,
+            mac: vec![1; 32],
+        };
+        let response = api::LoginResponse {
+            user_id: 4,
+            epoch: 2,
+            server_id: "s1".into(),
+            ip: "10.0.0.1".into(),
+            cim_server_port: 11211,
+            http_port: 8081,
+            ticket: api::encode_ticket(&ticket),
+            token: "tok".into(),
+            resume_token: encode_resume_token(&cim_core::route_login::ResumeToken([3; 32])),
+        };
+        let answer = answer_from(UserId(4), response.clone()).unwrap();
+        assert_eq!(answer.ticket, ticket);
+        assert_eq!(answer.server.host, "10.0.0.1");
+        assert_eq!(answer.server.client_port, 11211);
+        assert_eq!(answer.epoch, Epoch(2));
+        assert!(answer_from(UserId(5), response.clone()).is_err());
+        let garbled = api::LoginResponse {
+            ticket: "!!".into(),
+            ..response
+        };
+        assert!(matches!(
+            answer_from(UserId(4), garbled),
+            Err(LoginFailure::Transport(_))
+        ));
+    }
+}
