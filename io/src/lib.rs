@@ -12,6 +12,6 @@ pub mod launch;
 pub mod net;
 pub mod registry;
 pub mod route;
-pub mod server;
 pub mod sdk;
+pub mod server;
 pub mod store;

@@ -1,4 +1,5 @@
-fn main() {
-    eprintln!("cim-server: not built yet; the distributed-system issue fills in this binary");
-    std::process::exit(2);
+use clap::Parser as _;
+
+fn main() -> anyhow::Result<()> {
+    cim_server::run_blocking(cim_server::Args::parse())
 }

@@ -1,4 +1,203 @@
-fn main() {
-    eprintln!("cim: not built yet; the distributed-system issue fills in this binary");
-    std::process::exit(2);
+//! `cim up`: a whole cluster (one route, two servers) in one process, on the embedded store
+//! and registry unless `--redis` / `--zk` name real ones. Secrets are drawn at random: the
+//! three share them in memory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use cim_core::ids::ServerId;
+use cim_core::server::ServerConfig;
+use cim_core::tickets::TicketKeys;
+use cim_io::clock::Clock;
+use cim_io::launch;
+use cim_io::net::TokioNet;
+use cim_io::registry::AnyRegistry;
+use cim_io::route::{self, RouteHandle, RouteOptions};
+use cim_io::server::{self, ServerHandle, ServerOptions};
+use cim_io::store::{RedisOptions, Store};
+
+mod smoke;
+
+#[derive(Parser, Debug)]
+#[command(name = "cim", version, about = "CIM: distributed instant messaging")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one route and two servers in this process, then chat with `cim-client`.
+    Up(UpArgs),
+    /// Run a server of a real deployment (the same as the `cim-server` binary).
+    Server(cim_server::Args),
+    /// Run a route of a real deployment (the same as the `cim-route` binary).
+    Route(cim_route::Args),
+    /// Check a running cluster end to end: two new users log in and exchange a group and a
+    /// private message. Exits non-zero on any failure (used by CI against `cim up`).
+    Smoke(SmokeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SmokeArgs {
+    /// The route's HTTP API, host:port.
+    #[arg(long, env = "CIM_ROUTE", default_value = "127.0.0.1:8083")]
+    route: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "30s", value_parser = launch::parse_duration)]
+    timeout: std::time::Duration,
+}
+
+#[derive(clap::Args, Debug)]
+struct UpArgs {
+    /// Address everything binds and advertises.
+    #[arg(long, env = "CIM_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// The route's HTTP API port.
+    #[arg(long, env = "CIM_ROUTE_PORT", default_value_t = 8083)]
+    route_port: u16,
+    /// First server's client port; the second uses the next one. Link ports are these +100,
+    /// health ports 8081 and 8082. With --any-ports every port is picked free.
+    #[arg(long, env = "CIM_CLIENT_PORT", default_value_t = 11211)]
+    client_port: u16,
+    /// Pick free ports for everything except the route's HTTP API.
+    #[arg(long)]
+    any_ports: bool,
+    /// Use this Redis instead of the embedded store.
+    #[arg(long, env = "CIM_REDIS")]
+    redis: Option<String>,
+    /// Use this ZooKeeper ensemble (host:port[,host:port]) instead of the embedded registry.
+    #[arg(long, env = "CIM_ZK")]
+    zk: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Up(args) => {
+            launch::init_tracing("warn,cim_io=info");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(up(args))
+        }
+        Command::Smoke(args) => {
+            launch::init_tracing("warn");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    tokio::time::timeout(args.timeout, smoke::run(&args.route))
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!("smoke check timed out after {:?}", args.timeout)
+                        })?
+                })
+        }
+        Command::Server(args) => cim_server::run_blocking(args),
+        Command::Route(args) => cim_route::run_blocking(args),
+    }
+}
+
+struct Cluster {
+    route: RouteHandle,
+    servers: Vec<ServerHandle>,
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = launch::open_store(
+        args.redis.as_deref(),
+        RedisOptions {
+            allow_eviction: args.redis.is_none(),
+            ..RedisOptions::default()
+        },
+    )
+    .await?;
+    let registry: AnyRegistry = launch::open_registry(
+        args.zk.as_deref(),
+        "/cim/servers",
+        std::time::Duration::from_secs(6),
+    )?;
+    let ticket_secret = launch::random_secret();
+    let link_secret = launch::random_secret();
+
+    let mut servers = Vec::new();
+    for i in 0..2u16 {
+        let id = ServerId::new(format!("s{}", i + 1));
+        let node = ServerConfig::new(id, TicketKeys::new(1, ticket_secret.clone()));
+        let mut options = ServerOptions::new(node, link_secret.clone());
+        options.listen_ip = args.host;
+        options.advertise_host = args.host.to_string();
+        if args.any_ports {
+            (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+        } else {
+            options.client_port = args.client_port + i;
+            options.link_port = args.client_port + 100 + i;
+            options.http_port = 8081 + i;
+        }
+        let handle = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
+            .await
+            .with_context(|| format!("starting server s{}", i + 1))?;
+        servers.push(handle);
+    }
+
+    let mut options = RouteOptions::new(
+        "route-1",
+        TicketKeys::new(1, ticket_secret),
+        launch::random_secret(),
+        link_secret,
+    );
+    options.http_listen = SocketAddr::new(args.host, args.route_port);
+    options.seed = launch::os_seed();
+    let route = route::start(TokioNet, Clock::System, options, store, &registry)
+        .await
+        .context("starting the route")?;
+
+    print_welcome(&route, &servers, args.redis.is_some(), args.zk.is_some());
+    let mut cluster = Cluster { route, servers };
+    launch::shutdown_signal().await;
+    println!("\nstopping: servers drain (clients are told to reconnect elsewhere), then the route");
+    for server in cluster.servers.drain(..) {
+        if let Err(error) = server.drain().await {
+            tracing::warn!(%error, "drain failed");
+        }
+    }
+    cluster.route.shutdown().await;
+    Ok(())
+}
+
+fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk: bool) {
+    let http = route.http_addr();
+    println!("cim up: a route and two servers are running in this process");
+    println!("  route     http://{http}  (API: http://{http}/openapi.json)");
+    for s in servers {
+        println!(
+            "  server {}  clients {}  health http://{}/health",
+            s.server_id(),
+            s.client_addr(),
+            s.http_addr()
+        );
+    }
+    println!(
+        "  store: {}; registry: {}",
+        if redis {
+            "Redis"
+        } else {
+            "embedded, in memory (gone when this stops)"
+        },
+        if zk { "ZooKeeper" } else { "embedded" }
+    );
+    println!();
+    println!("Chat from two other terminals:");
+    for (name, password) in [("alice", "alice-secret"), ("bob", "bob-secret")] {
+        println!(
+            "  cargo run --release -p cim-client -- --route {http} --register --name {name} --password {password}"
+        );
+    }
+    println!(
+        "then type a line to talk to everyone, `:p <userId> text` to whisper, `:help` for more."
+    );
+    println!("Ctrl-C stops the cluster.");
 }

@@ -1,0 +1,181 @@
+//! `cim-route`: the stateless HTTP API. Any number run side by side; each keeps one link to
+//! every live server. Needs Redis, ZooKeeper and the ticket, bearer and link secrets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde::Deserialize;
+
+use cim_core::balance::Strategy;
+use cim_core::tickets::TicketKeys;
+use cim_io::clock::Clock;
+use cim_io::launch::{self, parse_duration};
+use cim_io::net::TokioNet;
+use cim_io::route::{self, RouteOptions};
+use cim_io::store::RedisOptions;
+
+/// Every setting is a flag, a `CIM_*` environment variable, or a key of the TOML file named
+/// by `--config` (kebab-case, e.g. `listen = "0.0.0.0:8083"`); flags beat the environment,
+/// which beats the file. Durations read like `500ms`, `30s`, `5m`.
+#[derive(Parser, Debug, Default, Deserialize)]
+#[command(name = "cim-route", version, about, long_about = None, after_help = AFTER_HELP)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Args {
+    /// TOML file with any of these settings.
+    #[arg(long, env = "CIM_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// This route's id, in logs, metrics and link handshakes [default: route-<port>].
+    #[arg(long, env = "CIM_ROUTE_ID")]
+    route_id: Option<String>,
+    /// HTTP API address; port 0 picks a free one [default: 0.0.0.0:8083].
+    #[arg(long, env = "CIM_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Redis URL, e.g. redis://127.0.0.1:6379 (required).
+    #[arg(long, env = "CIM_REDIS")]
+    redis: Option<String>,
+    /// ZooKeeper ensemble, host:port[,host:port] (required).
+    #[arg(long, env = "CIM_ZK")]
+    zk: Option<String>,
+    /// ZooKeeper node the servers register under [default: /cim/servers].
+    #[arg(long, env = "CIM_ZK_ROOT")]
+    zk_root: Option<String>,
+    /// ZooKeeper session timeout [default: 6s].
+    #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT")]
+    zk_session_timeout: Option<String>,
+    /// Secret tickets are signed with (>= 16 bytes; required). Prefer the environment.
+    #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
+    ticket_secret: Option<String>,
+    /// Key id of the ticket secret; bump it when rotating [default: 1].
+    #[arg(long, env = "CIM_TICKET_KEY_ID")]
+    ticket_key_id: Option<u32>,
+    /// Secret of the HTTP bearer tokens (>= 16 bytes; required).
+    #[arg(long, env = "CIM_BEARER_SECRET", hide_env_values = true)]
+    bearer_secret: Option<String>,
+    /// Secret of the server links' challenge-response (>= 16 bytes; required).
+    #[arg(long, env = "CIM_LINK_SECRET", hide_env_values = true)]
+    link_secret: Option<String>,
+    /// How users are spread over servers: consistent-hash, round-robin, random,
+    /// least-connections [default: consistent-hash].
+    #[arg(long, env = "CIM_BALANCE")]
+    balance: Option<String>,
+    /// Lease of a new login claim, until its server binds it [default: 30s].
+    #[arg(long, env = "CIM_CLAIM_TTL")]
+    claim_ttl: Option<String>,
+    /// How long a bearer token is valid [default: 24h].
+    #[arg(long, env = "CIM_TOKEN_TTL")]
+    token_ttl: Option<String>,
+    /// Largest message body in bytes [default: 4096].
+    #[arg(long, env = "CIM_MAX_BODY")]
+    max_body: Option<usize>,
+    /// Messages kept per conversation [default: 10000].
+    #[arg(long, env = "CIM_MAX_LOG_LEN")]
+    max_log_len: Option<usize>,
+    /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
+    #[arg(long, env = "CIM_ALLOW_EVICTION")]
+    allow_eviction: Option<bool>,
+}
+
+const AFTER_HELP: &str = "\
+Example:
+  CIM_TICKET_SECRET=... CIM_BEARER_SECRET=... CIM_LINK_SECRET=... cim-route \\
+      --redis redis://127.0.0.1:6379 --zk 127.0.0.1:2181 --listen 0.0.0.0:8083
+
+Refuses to start when Redis's maxmemory-policy is not noeviction (see --allow-eviction).";
+
+macro_rules! overlay {
+    ($top:expr, $bottom:expr; $($field:ident),* $(,)?) => {
+        Args { config: $top.config, $($field: $top.$field.or($bottom.$field)),* }
+    };
+}
+
+fn duration(value: Option<String>, default: &str) -> anyhow::Result<std::time::Duration> {
+    parse_duration(value.as_deref().unwrap_or(default)).map_err(anyhow::Error::msg)
+}
+
+fn strategy(name: Option<&str>) -> anyhow::Result<Strategy> {
+    Ok(match name.unwrap_or("consistent-hash") {
+        "consistent-hash" => Strategy::ConsistentHash,
+        "round-robin" => Strategy::RoundRobin,
+        "random" => Strategy::Random,
+        "least-connections" => Strategy::LeastConnections,
+        other => anyhow::bail!(
+            "--balance {other:?}: use consistent-hash, round-robin, random or least-connections"
+        ),
+    })
+}
+
+/// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
+pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
+    let file: Args = launch::load_toml(flags.config.as_deref())?;
+    let args = overlay!(flags, file; route_id, listen, redis, zk, zk_root, zk_session_timeout,
+        ticket_secret, ticket_key_id, bearer_secret, link_secret, balance, claim_ttl,
+        token_ttl, max_body, max_log_len, allow_eviction);
+    launch::init_tracing("info");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let redis = args.redis.context(
+        "--redis is required (the embedded store is only for `cim up`, whose processes share it)",
+    )?;
+    let zk = args.zk.context(
+        "--zk is required (the embedded registry is only for `cim up`, whose processes share it)",
+    )?;
+    let ticket_secret = launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref())?;
+    let bearer_secret = launch::require_secret("CIM_BEARER_SECRET", args.bearer_secret.as_deref())?;
+    let link_secret = launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref())?;
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8083)));
+    let route_id = args
+        .route_id
+        .unwrap_or_else(|| format!("route-{}", listen.port()));
+
+    let keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
+    let mut options = RouteOptions::new(route_id, keys, bearer_secret, link_secret);
+    options.http_listen = listen;
+    options.strategy = strategy(args.balance.as_deref())?;
+    options.seed = launch::os_seed();
+    options.login.claim_ttl = duration(args.claim_ttl, "30s")?;
+    options.login.token_ttl = duration(args.token_ttl, "24h")?;
+    if let Some(n) = args.max_body {
+        options.delivery.max_body = n;
+    }
+
+    let mut redis_options = RedisOptions {
+        allow_eviction: args.allow_eviction.unwrap_or(false),
+        ..RedisOptions::default()
+    };
+    if let Some(n) = args.max_log_len {
+        redis_options.max_log_len = n;
+    }
+    let store = launch::open_store(Some(&redis), redis_options).await?;
+    let registry = launch::open_registry(
+        Some(&zk),
+        args.zk_root.as_deref().unwrap_or("/cim/servers"),
+        duration(args.zk_session_timeout, "6s")?,
+    )?;
+
+    let mut handle = route::start(TokioNet, Clock::System, options, store, &registry)
+        .await
+        .context("starting the route")?;
+    tracing::info!(http = %handle.http_addr(), "cim-route up");
+    let signalled = tokio::select! {
+        () = launch::shutdown_signal() => true,
+        result = handle.stopped() => {
+            result?;
+            false
+        }
+    };
+    if signalled {
+        tracing::info!("stop signal: shutting down");
+        handle.shutdown().await;
+    }
+    Ok(())
+}

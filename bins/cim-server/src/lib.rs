@@ -1,0 +1,243 @@
+//! `cim-server`: one server of the tier. Needs Redis and ZooKeeper (the embedded store and
+//! registry exist only inside `cim up`) and the ticket and link secrets.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde::Deserialize;
+
+use cim_core::ids::ServerId;
+use cim_core::server::ServerConfig;
+use cim_core::tickets::TicketKeys;
+use cim_io::clock::Clock;
+use cim_io::launch::{self, parse_duration};
+use cim_io::net::TokioNet;
+use cim_io::server::{self, ServerOptions};
+use cim_io::store::RedisOptions;
+
+/// Every setting is a flag, a `CIM_*` environment variable, or a key of the TOML file named
+/// by `--config` (kebab-case, e.g. `client-port = 11211`); flags beat the environment, which
+/// beats the file. Durations read like `500ms`, `30s`, `5m`.
+#[derive(Parser, Debug, Default, Deserialize)]
+#[command(name = "cim-server", version, about, long_about = None, after_help = AFTER_HELP)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Args {
+    /// TOML file with any of these settings.
+    #[arg(long, env = "CIM_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// This server's id: unique in the cluster, stable across restarts
+    /// [default: <advertise-host>-<client-port>].
+    #[arg(long, env = "CIM_SERVER_ID")]
+    server_id: Option<String>,
+    /// Address the three listeners bind [default: 0.0.0.0].
+    #[arg(long, env = "CIM_LISTEN_IP")]
+    listen_ip: Option<IpAddr>,
+    /// Host clients and routes dial, published in the registry [default: 127.0.0.1].
+    #[arg(long, env = "CIM_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// Client TCP port; 0 picks a free one [default: 11211].
+    #[arg(long, env = "CIM_CLIENT_PORT")]
+    client_port: Option<u16>,
+    /// Internal link port routes dial [default: 11311].
+    #[arg(long, env = "CIM_LINK_PORT")]
+    link_port: Option<u16>,
+    /// Health and metrics HTTP port (`/health`, `/metrics`) [default: 8081].
+    #[arg(long, env = "CIM_HTTP_PORT")]
+    http_port: Option<u16>,
+    /// Redis URL, e.g. redis://127.0.0.1:6379 (required).
+    #[arg(long, env = "CIM_REDIS")]
+    redis: Option<String>,
+    /// ZooKeeper ensemble, host:port[,host:port] (required).
+    #[arg(long, env = "CIM_ZK")]
+    zk: Option<String>,
+    /// ZooKeeper node the servers register under [default: /cim/servers].
+    #[arg(long, env = "CIM_ZK_ROOT")]
+    zk_root: Option<String>,
+    /// ZooKeeper session timeout [default: 6s].
+    #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT")]
+    zk_session_timeout: Option<String>,
+    /// Secret the route signs tickets with (>= 16 bytes; required). Prefer the environment.
+    #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
+    ticket_secret: Option<String>,
+    /// Key id of the ticket secret [default: 1].
+    #[arg(long, env = "CIM_TICKET_KEY_ID")]
+    ticket_key_id: Option<u32>,
+    /// Also accept tickets of this older key during a rotation, as `<key id>:<secret>`.
+    #[arg(long, env = "CIM_TICKET_PREVIOUS_KEY", hide_env_values = true)]
+    ticket_previous_key: Option<String>,
+    /// Secret of the route links' challenge-response (>= 16 bytes; required).
+    #[arg(long, env = "CIM_LINK_SECRET", hide_env_values = true)]
+    link_secret: Option<String>,
+    /// Lease written with every bind and refresh [default: 30s].
+    #[arg(long, env = "CIM_LEASE_TTL")]
+    lease_ttl: Option<String>,
+    /// Ping period announced to clients [default: 10s].
+    #[arg(long, env = "CIM_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
+    /// A connection silent this long is closed [default: 30s].
+    #[arg(long, env = "CIM_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
+    /// A connection must log in within this [default: 10s].
+    #[arg(long, env = "CIM_LOGIN_TIMEOUT")]
+    login_timeout: Option<String>,
+    /// Connections held at once [default: 100000].
+    #[arg(long, env = "CIM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Per-user sends per second [default: 20].
+    #[arg(long, env = "CIM_SEND_RATE")]
+    send_rate: Option<u32>,
+    /// Per-user burst of sends [default: 50].
+    #[arg(long, env = "CIM_SEND_BURST")]
+    send_burst: Option<u32>,
+    /// Largest message body in bytes [default: 4096].
+    #[arg(long, env = "CIM_MAX_BODY")]
+    max_body: Option<usize>,
+    /// Largest frame in bytes [default: 65536].
+    #[arg(long, env = "CIM_MAX_FRAME")]
+    max_frame: Option<usize>,
+    /// Frames queued for one client before it is kicked as a slow consumer [default: 1024].
+    #[arg(long, env = "CIM_MAX_OUTBOUND_FRAMES")]
+    max_outbound_frames: Option<usize>,
+    /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
+    #[arg(long, env = "CIM_ALLOW_EVICTION")]
+    allow_eviction: Option<bool>,
+}
+
+const AFTER_HELP: &str = "\
+Example:
+  CIM_TICKET_SECRET=... CIM_LINK_SECRET=... cim-server --server-id s1 \\
+      --redis redis://127.0.0.1:6379 --zk 127.0.0.1:2181 --advertise-host 10.0.0.5
+
+Stops gracefully on SIGTERM or Ctrl-C: leaves the registry, tells its clients to reconnect
+elsewhere, then closes.";
+
+macro_rules! overlay {
+    ($top:expr, $bottom:expr; $($field:ident),* $(,)?) => {
+        Args { config: $top.config, $($field: $top.$field.or($bottom.$field)),* }
+    };
+}
+
+fn duration(value: Option<String>, default: &str) -> anyhow::Result<std::time::Duration> {
+    parse_duration(value.as_deref().unwrap_or(default)).map_err(anyhow::Error::msg)
+}
+
+/// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
+pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
+    let file: Args = launch::load_toml(flags.config.as_deref())?;
+    let args = overlay!(flags, file; server_id, listen_ip, advertise_host, client_port,
+        link_port, http_port, redis, zk, zk_root, zk_session_timeout, ticket_secret,
+        ticket_key_id, ticket_previous_key, link_secret, lease_ttl, heartbeat_interval,
+        idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
+        max_frame, max_outbound_frames, allow_eviction);
+    launch::init_tracing("info");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let redis = args.redis.context(
+        "--redis is required (the embedded store is only for `cim up`, whose processes share it)",
+    )?;
+    let zk = args.zk.context(
+        "--zk is required (the embedded registry is only for `cim up`, whose processes share it)",
+    )?;
+    let ticket_secret = launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref())?;
+    let link_secret = launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref())?;
+    let mut keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
+    if let Some(previous) = args.ticket_previous_key.as_deref() {
+        let (id, secret) = previous
+            .split_once(':')
+            .context("--ticket-previous-key is <key id>:<secret>")?;
+        let id: u32 = id.parse().context("--ticket-previous-key: bad key id")?;
+        keys = keys.accept(
+            id,
+            launch::require_secret("CIM_TICKET_PREVIOUS_KEY", Some(secret))?,
+        );
+    }
+
+    let advertise_host = args.advertise_host.unwrap_or_else(|| "127.0.0.1".into());
+    let client_port = args.client_port.unwrap_or(11211);
+    let server_id = args.server_id.unwrap_or_else(|| {
+        format!("{advertise_host}-{client_port}")
+            .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
+    });
+    let mut node = ServerConfig::new(ServerId::new(server_id.as_str()), keys);
+    node.lease_ttl = duration(args.lease_ttl, "30s")?;
+    node.refresh_interval = node.lease_ttl / 3;
+    node.heartbeat_interval = duration(args.heartbeat_interval, "10s")?;
+    node.idle_timeout = duration(args.idle_timeout, "30s")?;
+    node.login_timeout = duration(args.login_timeout, "10s")?;
+    if let Some(n) = args.max_connections {
+        node.max_connections = n;
+    }
+    if let Some(n) = args.send_rate {
+        node.send_rate_per_sec = n;
+    }
+    if let Some(n) = args.send_burst {
+        node.send_burst = n;
+    }
+    if let Some(n) = args.max_body {
+        node.max_body = n;
+    }
+    if let Some(n) = args.max_outbound_frames {
+        node.max_outbound_frames = n;
+    }
+
+    let mut options = ServerOptions::new(node, link_secret);
+    options.advertise_host = advertise_host;
+    options.client_port = client_port;
+    if let Some(ip) = args.listen_ip {
+        options.listen_ip = ip;
+    }
+    if let Some(port) = args.link_port {
+        options.link_port = port;
+    }
+    if let Some(port) = args.http_port {
+        options.http_port = port;
+    }
+    if let Some(n) = args.max_frame {
+        options.max_frame = n;
+    }
+
+    let store = launch::open_store(
+        Some(&redis),
+        RedisOptions {
+            allow_eviction: args.allow_eviction.unwrap_or(false),
+            ..RedisOptions::default()
+        },
+    )
+    .await?;
+    let registry = launch::open_registry(
+        Some(&zk),
+        args.zk_root.as_deref().unwrap_or("/cim/servers"),
+        duration(args.zk_session_timeout, "6s")?,
+    )?;
+
+    let mut handle = server::start(TokioNet, Clock::System, options, store, &registry)
+        .await
+        .context("starting the server")?;
+    tracing::info!(
+        server_id = %handle.server_id(),
+        client = %handle.client_addr(),
+        link = %handle.link_addr(),
+        http = %handle.http_addr(),
+        "cim-server up"
+    );
+    let signalled = tokio::select! {
+        () = launch::shutdown_signal() => true,
+        result = handle.stopped() => {
+            result?;
+            false
+        }
+    };
+    if signalled {
+        tracing::info!("stop signal: draining");
+        handle.drain().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! The real-deployment harness: a private `redis-server` (AOF on) and ZooKeeper, routes and
+//! servers as child processes of the `cim` binary (so one can be SIGKILLed), each server
+//! reaching ZooKeeper through its own fault proxy (to blackhole its session), and SDK
+//! clients in this process.
+
+#![allow(dead_code)] // each test uses a different part
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cim_core::client::{ClientConfig, ClientEvent};
+use cim_core::ids::{ServerId, UserId};
+use cim_io::clock::Clock;
+use cim_io::http_client::HttpClient;
+use cim_io::net::TokioNet;
+use cim_io::sdk::{Client, Events, RouteApi, SdkOptions};
+use cim_testkit::{Proxy, RedisServer, ZkServer};
+use hyper::Method;
+
+pub const TICKET_SECRET: &str = "test-ticket-secret-0123456789";
+pub const LINK_SECRET: &str = "test-link-secret-0123456789ab";
+pub const BEARER_SECRET: &str = "test-bearer-secret-0123456789";
+/// Short timers, so failover and expiry happen in seconds.
+pub const ZK_SESSION_TIMEOUT: &str = "2s";
+pub const LEASE_TTL: &str = "6s";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("probe a free port")
+        .port()
+}
+
+/// A child process killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[String]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_cim"))
+            .args(args)
+            .env("CIM_TICKET_SECRET", TICKET_SECRET)
+            .env("CIM_LINK_SECRET", LINK_SECRET)
+            .env("CIM_BEARER_SECRET", BEARER_SECRET)
+            .env(
+                "RUST_LOG",
+                std::env::var("CIM_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+        }
+    }
+
+    /// SIGKILL: no drain, no goodbye; peers learn from timeouts and resets.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process is still running, or was killed by the test.
+    pub fn is_running_or_killed(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => true,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Debug)]
+pub struct ServerProc {
+    pub id: String,
+    pub client_port: u16,
+    pub link_port: u16,
+    pub http_port: u16,
+    /// This server's path to ZooKeeper.
+    pub zk_proxy: Proxy,
+    pub proc: Proc,
+}
+
+#[derive(Debug)]
+pub struct RouteProc {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub redis: RedisServer,
+    pub zk: &'static ZkServer,
+    pub zk_root: String,
+    pub routes: Vec<RouteProc>,
+    pub servers: Vec<ServerProc>,
+}
+
+impl Cluster {
+    /// Two routes and two servers on a fresh Redis (AOF) and a fresh ZooKeeper root, all
+    /// healthy. `None` (skip) only outside CI when Redis or ZooKeeper is not installed.
+    pub async fn start(tag: &str) -> Option<Self> {
+        let redis = RedisServer::start_with_aof()?;
+        let zk = cim_testkit::zookeeper()?;
+        let mut cluster = Self {
+            redis,
+            zk,
+            zk_root: cim_testkit::unique_root(tag),
+            routes: Vec::new(),
+            servers: Vec::new(),
+        };
+        for i in 1..=2 {
+            cluster.start_server(&format!("s{i}")).await;
+        }
+        for _ in 0..2 {
+            cluster.start_route().await;
+        }
+        for i in 0..2 {
+            cluster.wait_healthy(cluster.routes[i].port).await;
+        }
+        Some(cluster)
+    }
+
+    pub async fn start_server(&mut self, id: &str) {
+        let zk_proxy = Proxy::start(&self.zk.addr).await;
+        let (client_port, link_port, http_port) = (free_port(), free_port(), free_port());
+        let args: Vec<String> = [
+            "server",
+            "--server-id",
+            id,
+            "--listen-ip",
+            "127.0.0.1",
+            "--advertise-host",
+            "127.0.0.1",
+            "--client-port",
+            &client_port.to_string(),
+            "--link-port",
+            &link_port.to_string(),
+            "--http-port",
+            &http_port.to_string(),
+            "--redis",
+            &self.redis.url(),
+            "--zk",
+            &zk_proxy.addr,
+            "--zk-root",
+            &self.zk_root,
+            "--zk-session-timeout",
+            ZK_SESSION_TIMEOUT,
+            "--lease-ttl",
+            LEASE_TTL,
+            "--heartbeat-interval",
+            "1s",
+            "--idle-timeout",
+            "5s",
+            // The load test sends as fast as acks come back.
+            "--send-rate",
+            "100000",
+            "--send-burst",
+            "100000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::spawn(id, &args);
+        self.wait_healthy(http_port).await;
+        self.servers.push(ServerProc {
+            id: id.to_owned(),
+            client_port,
+            link_port,
+            http_port,
+            zk_proxy,
+            proc,
+        });
+    }
+
+    pub async fn start_route(&mut self) {
+        let port = free_port();
+        let id = format!("r{}", self.routes.len() + 1);
+        let args: Vec<String> = [
+            "route",
+            "--route-id",
+            &id,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--redis",
+            &self.redis.url(),
+            "--zk",
+            &self.zk.addr,
+            "--zk-root",
+            &self.zk_root,
+            "--zk-session-timeout",
+            ZK_SESSION_TIMEOUT,
+            "--claim-ttl",
+            LEASE_TTL,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::spawn(&id, &args);
+        self.routes.push(RouteProc { port, proc });
+    }
+
+    /// Polls `/health` on `port` until it answers 200 (30 s at most).
+    pub async fn wait_healthy(&self, port: u16) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if health(port).await == Some(200) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "port {port} not healthy within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn api(&self, route: usize) -> RouteApi<TokioNet> {
+        RouteApi::new(
+            TokioNet,
+            "127.0.0.1",
+            self.routes[route].port,
+            Duration::from_secs(5),
+        )
+    }
+
+    pub fn http(&self, route: usize) -> HttpClient<TokioNet> {
+        HttpClient::new(
+            TokioNet,
+            "127.0.0.1",
+            self.routes[route].port,
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Registers `name` through route 0 and starts an SDK client logging in through
+    /// `route`, with short timers; returns once it is online.
+    pub async fn user(&self, name: &str, route: usize) -> User {
+        let registered = self
+            .api(0)
+            .register(name, PASSWORD)
+            .await
+            .unwrap_or_else(|e| panic!("register {name}: {e}"));
+        let user = UserId(registered.user_id);
+        let mut user = User {
+            id: user,
+            name: name.to_owned(),
+            route_port: self.routes[route].port,
+            server: None,
+            client: None,
+            events: None,
+        };
+        user.start(None).await;
+        user
+    }
+
+    /// Every process the test did not kill is still running: none exits by itself.
+    pub fn assert_all_running(&mut self) {
+        let procs = self
+            .routes
+            .iter_mut()
+            .map(|r| &mut r.proc)
+            .chain(self.servers.iter_mut().map(|s| &mut s.proc));
+        for proc in procs {
+            assert!(
+                proc.is_running_or_killed(),
+                "{} exited by itself",
+                proc.name
+            );
+        }
+    }
+
+    pub fn server_index(&self, id: &ServerId) -> usize {
+        self.servers
+            .iter()
+            .position(|s| s.id == id.as_str())
+            .unwrap_or_else(|| panic!("no server {id}"))
+    }
+}
+
+pub const PASSWORD: &str = "test-password";
+
+/// `/health`'s status, or `None` if nothing answers.
+pub async fn health(port: u16) -> Option<u16> {
+    let http = HttpClient::new(TokioNet, "127.0.0.1", port, Duration::from_secs(2));
+    match http.request(Method::GET, "/health", None, None).await {
+        Ok((status, _)) => Some(status.as_u16()),
+        Err(_) => None,
+    }
+}
+
+/// Client timers for the tests: failure noticed within about two seconds.
+pub fn client_config(user: UserId, name: &str, seed: u64) -> ClientConfig {
+    let mut config = ClientConfig::new(user, name, PASSWORD, seed);
+    config.heartbeat_interval = Duration::from_millis(500);
+    config.heartbeat_timeout = Duration::from_secs(1);
+    config.backoff_base = Duration::from_millis(50);
+    config.backoff_cap = Duration::from_millis(500);
+    config.connect_timeout = Duration::from_secs(1);
+    config.login_timeout = Duration::from_secs(2);
+    config.head_check_interval = Duration::from_secs(2);
+    config
+}
+
+#[derive(Debug)]
+pub struct User {
+    pub id: UserId,
+    pub name: String,
+    pub route_port: u16,
+    /// Where the client went online last.
+    pub server: Option<ServerId>,
+    pub client: Option<Client<TokioNet>>,
+    pub events: Option<Events>,
+}
+
+impl User {
+    /// Starts (or restarts) the SDK client, from saved state if given, and waits until it is
+    /// online.
+    pub async fn start(&mut self, state: Option<cim_core::client::ClientState>) {
+        let options = SdkOptions {
+            route_host: "127.0.0.1".into(),
+            route_port: self.route_port,
+            session: client_config(self.id, &self.name, cim_io::launch::os_seed()),
+            state,
+            max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+        };
+        let (client, mut events) = Client::start(TokioNet, Clock::System, options);
+        let deadline = Duration::from_secs(20);
+        let server = tokio::time::timeout(deadline, async {
+            while let Some(event) = events.next().await {
+                match event {
+                    ClientEvent::Online { server, .. } => return server,
+                    ClientEvent::LoginRejected(e) => panic!("{}: login rejected: {e}", self.name),
+                    ClientEvent::Stopped(r) => panic!("{}: stopped: {r:?}", self.name),
+                    _ => {}
+                }
+            }
+            panic!("{}: events ended", self.name);
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} not online within {deadline:?}", self.name));
+        self.server = Some(server);
+        self.client = Some(client);
+        self.events = Some(events);
+    }
+
+    pub fn client(&self) -> &Client<TokioNet> {
+        self.client.as_ref().expect("client started")
+    }
+}
