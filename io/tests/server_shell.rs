@@ -538,21 +538,23 @@ async fn a_link_with_a_bad_mac_is_closed_and_never_carries_sends() {
 }
 
 #[tokio::test]
-async fn sends_use_the_oldest_link_and_fail_over_when_it_dies() {
+async fn a_users_sends_stay_on_one_link_and_fail_over_when_it_dies() {
     let env = start_server("s1", |_| {}).await;
-    let mut first = env.route().await;
-    env.wait_links(1).await;
-    let mut second = env.route().await;
+    let mut links = [env.route().await, env.route().await];
     env.wait_links(2).await;
     let (mut alice, _, _) = env.logged_in("alice").await;
 
     alice.send_msg(1, "one").await;
+    let (on, first) = recv_either(&mut links).await;
+    assert_eq!(first.send.unwrap().msg_id_lo, 1);
+    // Send one is unanswered, so send two takes the same link: it cannot overtake.
     alice.send_msg(2, "two").await;
-    assert_eq!(first.recv_route_send().await.send.unwrap().msg_id_lo, 1);
-    assert_eq!(first.recv_route_send().await.send.unwrap().msg_id_lo, 2);
+    assert_eq!(links[on].recv_route_send().await.send.unwrap().msg_id_lo, 2);
 
     // The link dies with both sends unanswered: each is failed back, retryable.
-    drop(first);
+    let [a, b] = links;
+    let (dead, mut survivor) = if on == 0 { (a, b) } else { (b, a) };
+    drop(dead);
     for _ in 0..2 {
         match alice.recv().await.kind {
             Some(Kind::SendNack(nack)) => {
@@ -564,10 +566,43 @@ async fn sends_use_the_oldest_link_and_fail_over_when_it_dies() {
     }
     env.wait_links(1).await;
     alice.send_msg(1, "one").await;
-    let send = second.recv_route_send().await;
+    let send = survivor.recv_route_send().await;
     assert_eq!(send.send.as_ref().unwrap().msg_id_lo, 1);
-    second.send(Kind::RouteSendResult(ack_for(&send, 1))).await;
+    survivor
+        .send(Kind::RouteSendResult(ack_for(&send, 1)))
+        .await;
     assert!(matches!(alice.recv().await.kind, Some(Kind::SendAck(_))));
+}
+
+#[tokio::test]
+async fn users_spread_their_sends_over_every_route_link() {
+    let env = start_server("s1", |_| {}).await;
+    let mut links = [env.route().await, env.route().await];
+    env.wait_links(2).await;
+    let mut per_link = [0; 2];
+    for i in 0..8 {
+        let (mut client, _, _) = env.logged_in(&format!("user{i}")).await;
+        client.send_msg(1, "hi").await;
+        let (on, send) = recv_either(&mut links).await;
+        links[on]
+            .send(Kind::RouteSendResult(ack_for(&send, 1)))
+            .await;
+        assert!(matches!(client.recv().await.kind, Some(Kind::SendAck(_))));
+        per_link[on] += 1;
+    }
+    assert!(
+        per_link.iter().all(|n| *n > 0),
+        "sends per link: {per_link:?}"
+    );
+}
+
+/// The next RouteSend on either link, and which link carried it.
+async fn recv_either(links: &mut [Peer; 2]) -> (usize, RouteSend) {
+    let [a, b] = links;
+    tokio::select! {
+        send = a.recv_route_send() => (0, send),
+        send = b.recv_route_send() => (1, send),
+    }
 }
 
 #[tokio::test]

@@ -400,6 +400,26 @@ async fn four_senders_keep_chatting_through_a_server_sigkill() {
         rehomed.iter().max()
     );
     assert!(!rehomed.is_empty(), "someone was on the killed server");
+
+    // Both routes appended: servers spread their users' sends over every route link.
+    let mut per_route = Vec::new();
+    for route in 0..2 {
+        let (_, body) = cluster
+            .http(route)
+            .request(Method::GET, "/metrics", None, None)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let acked: u64 = text
+            .lines()
+            .find(|l| l.starts_with("cim_route_messages_acked_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no acked counter in:\n{text}"));
+        per_route.push(acked);
+    }
+    println!("appended per route: {per_route:?}");
+    assert!(per_route.iter().all(|n| *n > 0), "{per_route:?}");
     cluster.assert_all_running();
 }
 

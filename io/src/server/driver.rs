@@ -1,7 +1,7 @@
 //! The driver task: the one owner of the [`ServerNode`]. It never awaits I/O: every socket,
 //! store call and registry call runs in another task and reaches it as an [`Input`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,8 +121,8 @@ struct ConnEntry {
 struct LinkEntry {
     tx: mpsc::Sender<Frame>,
     token: CancellationToken,
-    /// RouteSends written (or queued) on this link and not yet answered.
-    in_flight: BTreeSet<u64>,
+    /// RouteSends written (or queued) on this link and not yet answered: request id -> user.
+    in_flight: BTreeMap<u64, u64>,
 }
 
 pub(super) struct Driver<S> {
@@ -138,8 +138,11 @@ pub(super) struct Driver<S> {
     next_conn: u64,
     conns: BTreeMap<ConnId, ConnEntry>,
     links: BTreeMap<LinkId, LinkEntry>,
-    /// The link every RouteSend goes over, kept until it dies so sends stay in order.
-    current_link: Option<LinkId>,
+    /// The link each user's RouteSends go over while any of them is unanswered, with how
+    /// many are: a user's sends stay on one link (so they reach the route in order) until
+    /// they are all answered or the link dies. With nothing in flight the next send picks a
+    /// link afresh, spreading users over every route.
+    user_links: BTreeMap<u64, (LinkId, usize)>,
     /// Writer tasks (connections and links) still running.
     live_writers: usize,
     drain_done: Option<oneshot::Sender<()>>,
@@ -170,7 +173,7 @@ impl<S: Stream> Driver<S> {
             next_conn: 1,
             conns: BTreeMap::new(),
             links: BTreeMap::new(),
-            current_link: None,
+            user_links: BTreeMap::new(),
             live_writers: 0,
             drain_done: None,
             shell: ShellStats::default(),
@@ -388,7 +391,7 @@ impl<S: Stream> Driver<S> {
             LinkEntry {
                 tx,
                 token,
-                in_flight: BTreeSet::new(),
+                in_flight: BTreeMap::new(),
             },
         );
         tracing::info!(link, %route_id, %peer, links = self.links.len(), "route link up");
@@ -413,8 +416,12 @@ impl<S: Stream> Driver<S> {
                 );
             }
             Some(Kind::RouteSendResult(result)) => {
-                if let Some(entry) = self.links.get_mut(&link) {
-                    entry.in_flight.remove(&result.request_id);
+                let user = self
+                    .links
+                    .get_mut(&link)
+                    .and_then(|entry| entry.in_flight.remove(&result.request_id));
+                if let Some(user) = user {
+                    self.answered(user);
                 }
                 self.node.handle_route_result(now, result);
             }
@@ -443,18 +450,39 @@ impl<S: Stream> Driver<S> {
         }
     }
 
+    /// The link for `user`'s next send: the one its unanswered sends are on, or else one
+    /// picked by user id among the links up (so users spread over routes).
+    fn link_for(&self, user: u64) -> Option<LinkId> {
+        if let Some((link, _)) = self.user_links.get(&user) {
+            return Some(*link);
+        }
+        let n = self.links.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        // A multiplicative hash: consecutive user ids land on different links.
+        let index = user.wrapping_mul(0x9E37_79B9_7F4A_7C15) % n;
+        self.links.keys().nth(index as usize).copied()
+    }
+
+    /// One of `user`'s sends was answered (or failed).
+    fn answered(&mut self, user: u64) {
+        if let Some((_, in_flight)) = self.user_links.get_mut(&user) {
+            *in_flight = in_flight.saturating_sub(1);
+            if *in_flight == 0 {
+                self.user_links.remove(&user);
+            }
+        }
+    }
+
     fn route_send(&mut self, send: cim_proto::RouteSend) {
         let request_id = send.request_id;
+        let user = send.user_id;
         let mut frame = Frame {
             kind: Some(Kind::RouteSend(send)),
         };
         loop {
-            let current = self
-                .current_link
-                .filter(|l| self.links.contains_key(l))
-                .or_else(|| self.links.keys().next().copied());
-            self.current_link = current;
-            let Some(link) = current else {
+            let Some(link) = self.link_for(user) else {
                 self.shell.route_sends_unrouted += 1;
                 tracing::debug!(request_id, "no route link up; failing the send");
                 self.node.handle_route_failed(self.clock.now(), request_id);
@@ -465,7 +493,8 @@ impl<S: Stream> Driver<S> {
             };
             match entry.tx.try_send(frame) {
                 Ok(()) => {
-                    entry.in_flight.insert(request_id);
+                    entry.in_flight.insert(request_id, user);
+                    self.user_links.entry(user).or_insert((link, 0)).1 += 1;
                     return;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -491,15 +520,14 @@ impl<S: Stream> Driver<S> {
         };
         entry.token.cancel();
         self.shell.links_lost += 1;
-        if self.current_link == Some(link) {
-            self.current_link = None;
-        }
+        // Every unanswered send on it fails below; its users pick a live link next time.
+        self.user_links.retain(|_, (l, _)| *l != link);
         tracing::warn!(
             link, %reason, in_flight = entry.in_flight.len(), links = self.links.len(),
             "route link down"
         );
         let now = self.clock.now();
-        for request_id in entry.in_flight {
+        for request_id in entry.in_flight.into_keys() {
             self.node.handle_route_failed(now, request_id);
         }
     }
@@ -517,7 +545,7 @@ impl<S: Stream> Driver<S> {
         // Dropping each link's queue lets its writer flush and close. Sends still in flight
         // belong to connections the node has just forgotten.
         self.links.clear();
-        self.current_link = None;
+        self.user_links.clear();
         self.drain_done = Some(done);
     }
 

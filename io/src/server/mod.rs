@@ -15,11 +15,12 @@
 //! one timer and waits again.
 //!
 //! Route links: routes dial `link_port` and authenticate with `cim_core::link`
-//! (challenge-response over the shared secret). Every authenticated link is kept, but all
-//! `RouteSend`s go over one of them (the one in use, switched only when it dies), so one
-//! sender's messages reach the route in the order sent. A link's death fails every send in
-//! flight on it (`handle_route_failed`: the client gets a retryable nack and resends with the
-//! same id).
+//! (challenge-response over the shared secret). Every authenticated link is kept. A user's
+//! `RouteSend`s stay on one link while any of them is unanswered, so one sender's messages
+//! reach the route in the order sent; with nothing in flight the next send picks a link by
+//! user id, so users (and the appending work) spread over every route. A link's death fails
+//! every send in flight on it (`handle_route_failed`: the client gets a retryable nack and
+//! resends with the same id).
 //!
 //! Stopping: [`ServerHandle::drain`] leaves the registry first (routes stop sending users
 //! here), then kicks every client with DRAINING, flushes every writer and closes the links,
