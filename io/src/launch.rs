@@ -101,6 +101,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// `value` (a flag's text) parsed as a duration, or `default` when the flag was not given.
+pub fn duration_or(value: Option<&str>, default: Duration) -> Result<Duration, LaunchError> {
+    value.map_or(Ok(default), |text| {
+        parse_duration(text).map_err(LaunchError::Usage)
+    })
+}
+
+/// The Redis and ZooKeeper addresses a real deployment's process must be given.
+pub fn require_backends(
+    redis: Option<String>,
+    zk: Option<String>,
+) -> Result<(String, String), LaunchError> {
+    let why = "the embedded store and registry are only for `cim up`, whose processes share them";
+    let redis = redis.ok_or_else(|| LaunchError::Usage(format!("--redis is required ({why})")))?;
+    let zk = zk.ok_or_else(|| LaunchError::Usage(format!("--zk is required ({why})")))?;
+    Ok((redis, zk))
+}
+
 /// Redis at `url`, or the embedded in-memory store when `None` (only `cim up`, whose
 /// processes share it, may pass `None`).
 pub async fn open_store(

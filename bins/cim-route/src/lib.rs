@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -11,7 +12,7 @@ use serde::Deserialize;
 use cim_core::balance::Strategy;
 use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
-use cim_io::launch::{self, parse_duration};
+use cim_io::launch;
 use cim_io::net::TokioNet;
 use cim_io::route::{self, RouteOptions};
 use cim_io::store::RedisOptions;
@@ -74,7 +75,7 @@ pub struct Args {
     #[arg(long, env = "CIM_MAX_LOG_LEN")]
     max_log_len: Option<usize>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
-    #[arg(long, env = "CIM_ALLOW_EVICTION")]
+    #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
 }
 
@@ -89,10 +90,6 @@ macro_rules! overlay {
     ($top:expr, $bottom:expr; $($field:ident),* $(,)?) => {
         Args { config: $top.config, $($field: $top.$field.or($bottom.$field)),* }
     };
-}
-
-fn duration(value: Option<String>, default: &str) -> anyhow::Result<std::time::Duration> {
-    parse_duration(value.as_deref().unwrap_or(default)).map_err(anyhow::Error::msg)
 }
 
 fn strategy(name: Option<&str>) -> anyhow::Result<Strategy> {
@@ -121,12 +118,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let redis = args.redis.context(
-        "--redis is required (the embedded store is only for `cim up`, whose processes share it)",
-    )?;
-    let zk = args.zk.context(
-        "--zk is required (the embedded registry is only for `cim up`, whose processes share it)",
-    )?;
+    let (redis, zk) = launch::require_backends(args.redis, args.zk)?;
     let ticket_secret = launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref())?;
     let bearer_secret = launch::require_secret("CIM_BEARER_SECRET", args.bearer_secret.as_deref())?;
     let link_secret = launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref())?;
@@ -142,8 +134,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     options.http_listen = listen;
     options.strategy = strategy(args.balance.as_deref())?;
     options.seed = launch::os_seed();
-    options.login.claim_ttl = duration(args.claim_ttl, "30s")?;
-    options.login.token_ttl = duration(args.token_ttl, "24h")?;
+    options.login.claim_ttl =
+        launch::duration_or(args.claim_ttl.as_deref(), Duration::from_secs(30))?;
+    options.login.token_ttl =
+        launch::duration_or(args.token_ttl.as_deref(), Duration::from_secs(86400))?;
     if let Some(n) = args.max_body {
         options.delivery.max_body = n;
     }
@@ -159,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let registry = launch::open_registry(
         Some(&zk),
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
-        duration(args.zk_session_timeout, "6s")?,
+        launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
     )?;
 
     let mut handle = route::start(TokioNet, Clock::System, options, store, &registry)

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -12,7 +13,7 @@ use cim_core::ids::ServerId;
 use cim_core::server::ServerConfig;
 use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
-use cim_io::launch::{self, parse_duration};
+use cim_io::launch;
 use cim_io::net::TokioNet;
 use cim_io::server::{self, ServerOptions};
 use cim_io::store::RedisOptions;
@@ -101,8 +102,12 @@ pub struct Args {
     /// Frames queued for one client before it is kicked as a slow consumer [default: 1024].
     #[arg(long, env = "CIM_MAX_OUTBOUND_FRAMES")]
     max_outbound_frames: Option<usize>,
+    /// How long Redis may stay unreachable before this server fences its clients and leaves
+    /// ZooKeeper until Redis is back, so routes send its users elsewhere [default: 3s].
+    #[arg(long, env = "CIM_STORE_LOSS_GRACE")]
+    store_loss_grace: Option<String>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
-    #[arg(long, env = "CIM_ALLOW_EVICTION")]
+    #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
 }
 
@@ -120,10 +125,6 @@ macro_rules! overlay {
     };
 }
 
-fn duration(value: Option<String>, default: &str) -> anyhow::Result<std::time::Duration> {
-    parse_duration(value.as_deref().unwrap_or(default)).map_err(anyhow::Error::msg)
-}
-
 /// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
@@ -131,7 +132,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         link_port, http_port, redis, zk, zk_root, zk_session_timeout, ticket_secret,
         ticket_key_id, ticket_previous_key, link_secret, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
-        max_frame, max_outbound_frames, allow_eviction);
+        max_frame, max_outbound_frames, store_loss_grace, allow_eviction);
     launch::init_tracing("info");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -140,12 +141,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let redis = args.redis.context(
-        "--redis is required (the embedded store is only for `cim up`, whose processes share it)",
-    )?;
-    let zk = args.zk.context(
-        "--zk is required (the embedded registry is only for `cim up`, whose processes share it)",
-    )?;
+    let (redis, zk) = launch::require_backends(args.redis, args.zk)?;
     let ticket_secret = launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref())?;
     let link_secret = launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref())?;
     let mut keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
@@ -167,11 +163,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
     });
     let mut node = ServerConfig::new(ServerId::new(server_id.as_str()), keys);
-    node.lease_ttl = duration(args.lease_ttl, "30s")?;
+    node.lease_ttl = launch::duration_or(args.lease_ttl.as_deref(), Duration::from_secs(30))?;
     node.refresh_interval = node.lease_ttl / 3;
-    node.heartbeat_interval = duration(args.heartbeat_interval, "10s")?;
-    node.idle_timeout = duration(args.idle_timeout, "30s")?;
-    node.login_timeout = duration(args.login_timeout, "10s")?;
+    node.heartbeat_interval =
+        launch::duration_or(args.heartbeat_interval.as_deref(), Duration::from_secs(10))?;
+    node.idle_timeout = launch::duration_or(args.idle_timeout.as_deref(), Duration::from_secs(30))?;
+    node.login_timeout =
+        launch::duration_or(args.login_timeout.as_deref(), Duration::from_secs(10))?;
     if let Some(n) = args.max_connections {
         node.max_connections = n;
     }
@@ -203,6 +201,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.max_frame {
         options.max_frame = n;
     }
+    options.store_loss_grace =
+        launch::duration_or(args.store_loss_grace.as_deref(), Duration::from_secs(3))?;
 
     let store = launch::open_store(
         Some(&redis),
@@ -215,7 +215,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let registry = launch::open_registry(
         Some(&zk),
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
-        duration(args.zk_session_timeout, "6s")?,
+        launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
     )?;
 
     let mut handle = server::start(TokioNet, Clock::System, options, store, &registry)

@@ -13,6 +13,7 @@ use cim_core::client::{ClientEvent, StopReason};
 use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, UserId};
 use cim_io::api;
 use cim_io::sdk::{ApiError, Events};
+use cim_proto::KickReason;
 use hyper::Method;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -27,10 +28,13 @@ type AckedByConv = BTreeMap<ConvId, BTreeSet<(u64, ClientMsgId)>>;
 struct Seen {
     /// Per conversation, the (log epoch, seq, msg id) handed over, in order.
     messages: BTreeMap<ConvId, Vec<(LogEpoch, u64, ClientMsgId)>>,
-    /// Times the client came online, in order.
+    /// Times the client came online, and on which server, in order.
     online_at: Vec<Instant>,
+    online_on: Vec<String>,
     /// Why the session stopped for good, if it did.
     stopped: Option<StopReason>,
+    /// Whether its server ever kicked it for an unproven lease.
+    kicked_fenced: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,8 +59,12 @@ impl Recorder {
                             .entry(m.conv.clone())
                             .or_default()
                             .push((m.log_epoch, m.seq, m.msg_id)),
-                        ClientEvent::Online { .. } => seen.online_at.push(Instant::now()),
+                        ClientEvent::Online { server, .. } => {
+                            seen.online_at.push(Instant::now());
+                            seen.online_on.push(server.as_str().to_owned());
+                        }
                         ClientEvent::Stopped(reason) => seen.stopped = Some(reason),
+                        ClientEvent::Kicked(KickReason::Fenced) => seen.kicked_fenced = true,
                         _ => {}
                     }
                 }
@@ -521,21 +529,30 @@ async fn redis_restart_degrades_then_recovers_without_losing_acked_messages() {
     cluster.redis.kill();
     let killed_at = Instant::now();
     let route_port = cluster.routes[0].port;
+    let server_port = cluster.servers[0].http_port;
     wait_until(
         Duration::from_secs(20),
-        "route reports degraded",
-        || async { support::health(route_port).await == Some(503) },
+        "route and server degraded",
+        || async {
+            support::health(route_port).await == Some(503)
+                && support::health(server_port).await == Some(503)
+        },
     )
     .await;
     println!(
-        "route /health degraded {:?} after the Redis kill",
+        "/health degraded {:?} after the Redis kill",
         killed_at.elapsed()
     );
     cluster.redis.restart().expect("redis restarts");
     let restarted_at = Instant::now();
-    wait_until(Duration::from_secs(30), "route healthy again", || async {
-        support::health(route_port).await == Some(200)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "route and server healthy again",
+        || async {
+            support::health(route_port).await == Some(200)
+                && support::health(server_port).await == Some(200)
+        },
+    )
     .await;
     // A brand-new user can register and log in.
     let carol = cluster.user("carol", 0).await;
@@ -705,4 +722,98 @@ where
         assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cut_off_from_redis_fences_its_sessions_and_recovers() {
+    let Some(mut cluster) = Cluster::start("redis-cut").await else {
+        return;
+    };
+    // Users on both servers.
+    let mut users = Vec::new();
+    for i in 0..8 {
+        users.push(cluster.user(&format!("c{i}"), i % 2).await);
+    }
+    let on = |server: usize| {
+        let id = cluster.servers[server].id.as_str();
+        users
+            .iter()
+            .position(|u| u.server.as_ref().is_some_and(|s| s.as_str() == id))
+    };
+    let (Some(cut_user), Some(other_user)) = (on(0), on(1)) else {
+        panic!("eight users all landed on one server");
+    };
+    let private = ConvId::private(users[cut_user].id, users[other_user].id).unwrap();
+    let cut = take_recorder(&mut users[cut_user]);
+    let other = take_recorder(&mut users[other_user]);
+
+    cluster.servers[0].redis_proxy.blackhole();
+    let cut_at = Instant::now();
+    // Past the grace period it fences its sessions and leaves the registry...
+    cut.wait_for(
+        Duration::from_secs(15),
+        "the cut server fences its session",
+        |seen| seen.kicked_fenced,
+    )
+    .await;
+    println!(
+        "{} fenced its session {:?} after losing Redis",
+        cluster.servers[0].id,
+        cut_at.elapsed()
+    );
+    // ... so its users re-home to the server that can still serve them.
+    let healthy = cluster.servers[1].id.clone();
+    cut.wait_for(
+        Duration::from_secs(20),
+        "the fenced user re-homes",
+        move |seen| seen.online_on.last() == Some(&healthy),
+    )
+    .await;
+    println!(
+        "the fenced user was online elsewhere {:?} after the cut",
+        cut_at.elapsed()
+    );
+    let ack = users[cut_user]
+        .client()
+        .send(private.clone(), Bytes::from_static(b"moved"))
+        .await
+        .unwrap();
+    let conv = private.clone();
+    other
+        .wait_for(
+            Duration::from_secs(10),
+            "the message from the re-homed user arrives",
+            move |seen| {
+                seen.messages
+                    .get(&conv)
+                    .is_some_and(|m| m.iter().any(|(_, s, _)| *s == ack.seq))
+            },
+        )
+        .await;
+
+    // Healed, the server lists itself again and takes logins.
+    cluster.servers[0].redis_proxy.heal();
+    let healed_at = Instant::now();
+    let port = cluster.servers[0].http_port;
+    wait_until(
+        Duration::from_secs(20),
+        "the healed server is healthy",
+        || async { support::health(port).await == Some(200) },
+    )
+    .await;
+    let mut landed = BTreeSet::new();
+    for i in 0..8 {
+        let user = cluster.user(&format!("d{i}"), i % 2).await;
+        landed.insert(user.server.unwrap().as_str().to_owned());
+    }
+    println!(
+        "{} back in rotation {:?} after the heal",
+        cluster.servers[0].id,
+        healed_at.elapsed()
+    );
+    assert!(
+        landed.contains(&cluster.servers[0].id),
+        "no login landed on the healed server: {landed:?}"
+    );
+    cluster.assert_all_running();
 }

@@ -85,6 +85,14 @@ pub(super) enum Input<S> {
     LinkAuthFailed,
     /// The registry session was lost: routes may hand this server's users to others.
     RegistryLost,
+    /// The store has been unreachable past the grace period: fence every connection and
+    /// refuse new ones, then answer, so the server can leave the registry with no session
+    /// left that a route could hand to another server.
+    StoreLost {
+        fenced: oneshot::Sender<()>,
+    },
+    /// The store answers again: accept connections again (the server lists itself next).
+    StoreBack,
     /// What /health and /metrics show.
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
@@ -99,6 +107,8 @@ pub(super) struct Snapshot {
     pub sessions: usize,
     pub links: usize,
     pub draining: bool,
+    /// Out of the registry because the store is unreachable.
+    pub withdrawn: bool,
     pub shell: ShellStats,
 }
 
@@ -111,6 +121,8 @@ pub(super) struct ShellStats {
     pub route_sends_unrouted: u64,
     pub write_failures: u64,
     pub registry_sessions_lost: u64,
+    /// Times the store stayed unreachable past the grace period (each one fenced everyone).
+    pub store_losses: u64,
 }
 
 struct ConnEntry {
@@ -145,6 +157,9 @@ pub(super) struct Driver<S> {
     user_links: BTreeMap<u64, (LinkId, usize)>,
     /// Writer tasks (connections and links) still running.
     live_writers: usize,
+    /// The store is unreachable: every connection was fenced, new ones are refused, and the
+    /// server is (being) taken out of the registry.
+    withdrawn: bool,
     drain_done: Option<oneshot::Sender<()>>,
     shell: ShellStats,
 }
@@ -175,6 +190,7 @@ impl<S: Stream> Driver<S> {
             links: BTreeMap::new(),
             user_links: BTreeMap::new(),
             live_writers: 0,
+            withdrawn: false,
             drain_done: None,
             shell: ShellStats::default(),
         }
@@ -267,6 +283,27 @@ impl<S: Stream> Driver<S> {
                 );
                 self.node.handle_registry_session_lost(now);
             }
+            Input::StoreLost { fenced } => {
+                self.shell.store_losses += 1;
+                self.withdrawn = true;
+                tracing::warn!(
+                    server = %self.node.config().server_id,
+                    "store unreachable: fencing every connection and leaving the registry"
+                );
+                self.node.handle_registry_session_lost(now);
+                // The kicks are queued by `act` after this input; the answer only has to
+                // follow the node's decision, which is already made.
+                let _ = fenced.send(());
+            }
+            Input::StoreBack => {
+                if self.withdrawn {
+                    tracing::info!(
+                        server = %self.node.config().server_id,
+                        "store reachable again: accepting clients and rejoining the registry"
+                    );
+                }
+                self.withdrawn = false;
+            }
             Input::Snapshot { reply } => {
                 let _ = reply.send(Snapshot {
                     stats: self.node.stats().clone(),
@@ -274,6 +311,7 @@ impl<S: Stream> Driver<S> {
                     sessions: self.node.sessions(),
                     links: self.links.len(),
                     draining: self.node.is_draining(),
+                    withdrawn: self.withdrawn,
                     shell: self.shell.clone(),
                 });
             }
@@ -300,6 +338,12 @@ impl<S: Stream> Driver<S> {
     }
 
     fn accepted(&mut self, stream: S, peer: SocketAddr) {
+        if self.withdrawn {
+            // Out of the registry: no route sends anyone here, and a session bound now could
+            // outlive a takeover the routes allow because this server is absent.
+            tracing::debug!(%peer, "refused client connection: store unreachable");
+            return;
+        }
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         if let Err(refused) = self.node.handle_connection_opened(self.clock.now(), conn) {

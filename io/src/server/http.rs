@@ -97,6 +97,7 @@ async fn health<S: Stream>(State(state): State<HttpState<S>>) -> Response {
         "connections": snapshot.as_ref().map(|s| s.connections),
         "links": snapshot.as_ref().map(|s| s.links),
         "draining": snapshot.as_ref().map(|s| s.draining),
+        "withdrawn": snapshot.as_ref().map(|s| s.withdrawn),
         "store": match &store {
             Ok(()) => "ok".to_owned(),
             Err(error) => error.clone(),
@@ -172,7 +173,7 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
         "Connections kicked, by reason.",
         &kicks,
     );
-    let counters: [(&str, &str, u64); 10] = [
+    let counters: [(&str, &str, u64); 11] = [
         (
             "cim_server_slow_consumers_total",
             "Clients kicked because their outbound queue was full.",
@@ -223,6 +224,11 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
             "Registry sessions lost (every connection fenced).",
             s.shell.registry_sessions_lost,
         ),
+        (
+            "cim_server_store_losses_total",
+            "Times the store stayed unreachable past the grace period (every connection fenced).",
+            s.shell.store_losses,
+        ),
     ];
     for (name, help, value) in counters {
         family(name, "counter", help, &[(None, value)]);
@@ -233,7 +239,7 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
         "Client connections closed because a write failed or timed out.",
         &[(None, s.shell.write_failures)],
     );
-    let gauges: [(&str, &str, u64); 5] = [
+    let gauges: [(&str, &str, u64); 6] = [
         (
             "cim_server_connections",
             "Client connections held, logged in or not.",
@@ -253,6 +259,11 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
             "cim_server_draining",
             "1 while the server drains.",
             u64::from(s.draining),
+        ),
+        (
+            "cim_server_withdrawn",
+            "1 while out of the registry because the store is unreachable.",
+            u64::from(s.withdrawn),
         ),
         (
             "cim_server_registry_connected",
@@ -311,6 +322,7 @@ mod tests {
             sessions: 3,
             links: 1,
             draining: false,
+            withdrawn: false,
             shell: ShellStats::default(),
         };
         let text = render_metrics("s\"1", &snapshot, true);

@@ -232,14 +232,7 @@ async fn write_loop<S: Stream>(
             flushed = true;
             break;
         };
-        batch.clear();
-        batch.push(first);
-        while batch.len() < WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(frame) => batch.push(frame),
-                Err(_) => break,
-            }
-        }
+        super::fill_batch(&mut batch, first, &mut queue, WRITE_BATCH);
         let written = tokio::select! {
             biased;
             _ = token.cancelled() => break,

@@ -26,12 +26,17 @@
 //! here), then kicks every client with DRAINING, flushes every writer and closes the links,
 //! all within `drain_timeout`. [`ServerHandle::abort`] (or dropping the handle) stops every
 //! task at once, like a crash.
+//!
+//! Losing the store: a server that cannot reach the store for `store_loss_grace` fences
+//! every connection, refuses new ones and unlists itself from the registry until the store
+//! answers again (see `store_watch`), so routes send its users to servers that can serve them.
 
 mod driver;
 mod gateway;
 mod http;
 mod link;
 mod registration;
+mod store_watch;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -91,6 +96,10 @@ pub struct ServerOptions {
     pub registry_update_interval: Duration,
     /// Bound on a graceful drain (default 5 s).
     pub drain_timeout: Duration,
+    /// How long the store may stay unreachable before the server fences every connection
+    /// and leaves the registry until it is back (default 3 s). Shorter than the lease's
+    /// proven window, so its users re-home before their leases would fence them anyway.
+    pub store_loss_grace: Duration,
 }
 
 impl ServerOptions {
@@ -108,6 +117,7 @@ impl ServerOptions {
             io_timeout: Duration::from_secs(5),
             registry_update_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            store_loss_grace: Duration::from_secs(3),
         }
     }
 
@@ -362,6 +372,17 @@ pub async fn start<N: Network, R: Registry>(
         ),
     ));
     tasks.spawn(named(
+        "store watch",
+        store_watch::run(
+            store.clone(),
+            clock,
+            options.store_loss_grace,
+            inputs.clone(),
+            registry_ctl.clone(),
+            cancel.clone(),
+        ),
+    ));
+    tasks.spawn(named(
         "http",
         http::serve(
             http_listener,
@@ -402,6 +423,19 @@ pub async fn start<N: Network, R: Registry>(
         begin_drain,
         registry_ctl,
     })
+}
+
+/// Starts a writer's next batch with `first` and whatever else is already queued, up to
+/// `max` frames, so one write carries a burst instead of one syscall per frame.
+fn fill_batch<T>(batch: &mut Vec<T>, first: T, queue: &mut mpsc::Receiver<T>, max: usize) {
+    batch.clear();
+    batch.push(first);
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
 }
 
 async fn named(

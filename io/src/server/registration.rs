@@ -18,6 +18,9 @@ pub(super) enum RegistryCtl {
     Deregister {
         ack: oneshot::Sender<Result<(), RegistryError>>,
     },
+    /// Take the entry out (`false`) or put it back (`true`), keeping the session. The
+    /// registration keeps the wish and applies it when it can.
+    SetListed(bool),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -77,9 +80,18 @@ pub(super) async fn run<S>(
                 check_health(&reg, &mut health, &mut detector, &inputs).await;
             }
             command = ctl.recv() => {
-                let Some(RegistryCtl::Deregister { ack }) = command else {
+                let ack = match command {
+                    Some(RegistryCtl::Deregister { ack }) => ack,
+                    Some(RegistryCtl::SetListed(listed)) => {
+                        match tokio::time::timeout(settings.io_timeout, reg.set_listed(listed)).await {
+                            Ok(Ok(())) => tracing::info!(server = %reg.server_id(), listed, "registry entry updated"),
+                            Ok(Err(error)) => tracing::warn!(server = %reg.server_id(), listed, %error, "registry entry not updated yet; kept as a wish"),
+                            Err(_) => tracing::warn!(server = %reg.server_id(), listed, "registry entry update timed out; kept as a wish"),
+                        }
+                        continue;
+                    }
                     // The handle is gone; dropping it cancels everything.
-                    return Ok(());
+                    None => return Ok(()),
                 };
                 let left = match tokio::time::timeout(settings.io_timeout, reg.deregister()).await {
                     Ok(result) => result,

@@ -1,7 +1,7 @@
 //! The real-deployment harness: a private `redis-server` (AOF on) and ZooKeeper, routes and
 //! servers as child processes of the `cim` binary (so one can be SIGKILLed), each server
-//! reaching ZooKeeper through its own fault proxy (to blackhole its session), and SDK
-//! clients in this process.
+//! reaching Redis and ZooKeeper through its own fault proxies (to cut it off from either),
+//! and SDK clients in this process.
 
 #![allow(dead_code)] // each test uses a different part
 
@@ -90,6 +90,8 @@ pub struct ServerProc {
     pub http_port: u16,
     /// This server's path to ZooKeeper.
     pub zk_proxy: Proxy,
+    /// This server's path to Redis.
+    pub redis_proxy: Proxy,
     pub proc: Proc,
 }
 
@@ -135,6 +137,8 @@ impl Cluster {
 
     pub async fn start_server(&mut self, id: &str) {
         let zk_proxy = Proxy::start(&self.zk.addr).await;
+        let redis_proxy = Proxy::start(&format!("127.0.0.1:{}", self.redis.port)).await;
+        let redis_url = format!("redis://{}/", redis_proxy.addr);
         let (client_port, link_port, http_port) = (free_port(), free_port(), free_port());
         let args: Vec<String> = [
             "server",
@@ -151,7 +155,7 @@ impl Cluster {
             "--http-port",
             &http_port.to_string(),
             "--redis",
-            &self.redis.url(),
+            &redis_url,
             "--zk",
             &zk_proxy.addr,
             "--zk-root",
@@ -181,6 +185,7 @@ impl Cluster {
             link_port,
             http_port,
             zk_proxy,
+            redis_proxy,
             proc,
         });
     }
