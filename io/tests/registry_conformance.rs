@@ -123,6 +123,19 @@ impl Fixture {
             Fixture::Zk { proxy, .. } => proxy.heal(),
         }
     }
+
+    /// Whether the registry holds an entry for `id` right now, asked directly (not through a
+    /// view, which may lag): proves a call did not (re)create an entry.
+    async fn entry_exists(&self, id: &ServerId) -> bool {
+        match self {
+            Fixture::Memory(r) => r.watch().await.expect("watch").snapshot().contains_key(id),
+            Fixture::Zk { config, .. } => {
+                let client = zk::Client::connect(&config.connect).await.expect("connect");
+                let path = format!("{}/{}", config.root, id.as_str());
+                client.check_stat(&path).await.expect("stat").is_some()
+            }
+        }
+    }
 }
 
 fn server(id: &str, client_port: u16) -> LiveServer {
@@ -170,6 +183,29 @@ async fn wait_health(
             *rx.borrow()
         );
     }
+}
+
+/// Finishes if the view ever shows `id` from now on: catches an entry that comes and goes
+/// between two checks.
+fn watch_for_appearance(view: &RegistryView, id: &ServerId) -> tokio::task::JoinHandle<()> {
+    let mut servers = view.servers();
+    let id = id.clone();
+    tokio::spawn(async move {
+        servers.wait_for(|m| m.contains_key(&id)).await.ok();
+    })
+}
+
+/// Finishes with the first health that is not `Connected`.
+fn watch_for_unhealth(
+    mut health: watch::Receiver<SessionHealth>,
+) -> tokio::task::JoinHandle<Option<SessionHealth>> {
+    tokio::spawn(async move {
+        health
+            .wait_for(|h| !h.is_connected())
+            .await
+            .ok()
+            .map(|h| *h)
+    })
 }
 
 // ---------------------------------------------------------------- scenarios
@@ -396,6 +432,204 @@ async fn session_expiry_removes_then_recreates(f: Fixture) {
     wait_view(&view, PROMPT, "a gone", |m| !m.contains_key(&a.id)).await;
 }
 
+/// Unlisting takes the server out of every view but keeps its session; a count published
+/// meanwhile is stored (not published) and shows once it is listed again. Both directions are
+/// idempotent.
+async fn unlisting_hides_the_server_and_keeps_its_session(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let a = server("a", 1);
+    let reg = f.servers().register(a.clone()).await.expect("a");
+    let _b = f.servers().register(server("b", 2)).await.expect("b");
+    wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
+    assert!(reg.is_listed(), "a registration starts listed");
+    let unhealthy = watch_for_unhealth(reg.health());
+
+    let started = Instant::now();
+    reg.set_listed(false).await.expect("unlist");
+    assert!(!reg.is_listed());
+    let map = wait_view(&view, PROMPT, "only b", |m| !m.contains_key(&a.id)).await;
+    eprintln!(
+        "[{}] unlist visible after {:?}",
+        f.name(),
+        started.elapsed()
+    );
+    assert_eq!(ids(&map), ["b"]);
+    let reappeared = watch_for_appearance(&view, &a.id);
+    reg.set_listed(false)
+        .await
+        .expect("unlisting twice is a no-op");
+    reg.update(12)
+        .await
+        .expect("an update while unlisted is stored");
+    assert!(
+        !f.entry_exists(&a.id).await,
+        "a second unlist or an update recreated the entry"
+    );
+    assert!(
+        !reappeared.is_finished() && !view.snapshot().contains_key(&a.id),
+        "an unlisted server showed up in the view"
+    );
+    reappeared.abort();
+    assert_eq!(reg.current_health(), SessionHealth::Connected);
+    assert_eq!(reg.sessions_lost(), 0);
+
+    reg.set_listed(true).await.expect("list");
+    assert!(reg.is_listed());
+    let map = wait_view(&view, PROMPT, "a back with 12", |m| {
+        m.get(&a.id).is_some_and(|s| s.connections == 12)
+    })
+    .await;
+    let mut expected = a.clone();
+    expected.connections = 12;
+    assert_eq!(map[&a.id], expected);
+    reg.set_listed(true)
+        .await
+        .expect("listing twice is a no-op");
+    reg.update(13).await.expect("update once listed");
+    wait_view(&view, PROMPT, "13", |m| {
+        m.get(&a.id).is_some_and(|s| s.connections == 13)
+    })
+    .await;
+    assert_eq!(reg.sessions_lost(), 0);
+    assert!(
+        !unhealthy.is_finished(),
+        "health left Connected: {:?}",
+        unhealthy.await
+    );
+    unhealthy.abort();
+}
+
+/// An unlisted server whose session is lost gets a new session (health back to `Connected`)
+/// but no entry in it; listing it then creates the entry with the latest count.
+async fn unlisted_server_stays_out_across_a_session_expiry(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let a = server("a", 1);
+    let reg = f.servers().register(a.clone()).await.expect("a");
+    let _b = f
+        .routes()
+        .register(server("b", 2))
+        .await
+        .expect("b (unaffected)");
+    wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
+    reg.set_listed(false).await.expect("unlist");
+    wait_view(&view, PROMPT, "a gone", |m| !m.contains_key(&a.id)).await;
+    let reappeared = watch_for_appearance(&view, &a.id);
+    let mut health = reg.health();
+
+    f.partition(&a.id);
+    wait_health(&mut health, SESSION * 3, "Disconnected or Expired", |h| {
+        !h.is_connected()
+    })
+    .await;
+    f.let_session_expire(&a.id);
+    wait_health(&mut health, SESSION * 3, "Expired", |h| {
+        *h == SessionHealth::Expired
+    })
+    .await;
+    assert_eq!(reg.sessions_lost(), 1);
+    match reg.update(8).await {
+        Err(RegistryError::NotConnected) => {}
+        other => panic!("update while expired: expected NotConnected, got {other:?}"),
+    }
+    match reg.set_listed(false).await {
+        Err(RegistryError::NotConnected) => {}
+        other => panic!("set_listed while expired: expected NotConnected, got {other:?}"),
+    }
+
+    let t1 = Instant::now();
+    f.heal(&a.id);
+    wait_health(
+        &mut health,
+        SESSION * 5,
+        "Connected in a new session",
+        |h| h.is_connected(),
+    )
+    .await;
+    eprintln!(
+        "[{}] unlisted: new session {:?} after the heal",
+        f.name(),
+        t1.elapsed()
+    );
+    assert_eq!(reg.sessions_lost(), 1);
+    assert!(
+        !f.entry_exists(&a.id).await,
+        "the new session created the entry of an unlisted server"
+    );
+    assert!(
+        !reappeared.is_finished() && !view.snapshot().contains_key(&a.id),
+        "an unlisted server showed up in the view"
+    );
+    reappeared.abort();
+
+    reg.set_listed(true).await.expect("list in the new session");
+    let map = wait_view(&view, PROMPT, "a with 8", |m| {
+        m.get(&a.id).is_some_and(|s| s.connections == 8)
+    })
+    .await;
+    let mut expected = a.clone();
+    expected.connections = 8;
+    assert_eq!(map[&a.id], expected);
+    assert!(reg.current_health().is_connected());
+    assert_eq!(reg.sessions_lost(), 1);
+}
+
+/// Unlisting while the link is down (session still alive) is applied once it is back; the
+/// session survives.
+async fn unlist_while_disconnected_applies_on_reconnect(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let a = server("a", 1);
+    let reg = f.servers().register(a.clone()).await.expect("a");
+    wait_view(&view, PROMPT, "a", |m| m.len() == 1).await;
+    let mut health = reg.health();
+    f.partition(&a.id);
+    wait_health(&mut health, SESSION, "Disconnected", |h| {
+        matches!(h, SessionHealth::Disconnected { .. })
+    })
+    .await;
+    // ZooKeeper cannot take it now; the in-process registry can.
+    match reg.set_listed(false).await {
+        Ok(()) | Err(RegistryError::NotConnected) => {}
+        other => panic!("unlist while disconnected: got {other:?}"),
+    }
+    assert!(!reg.is_listed(), "the wish is kept");
+    f.heal(&a.id);
+    wait_health(&mut health, SESSION, "Connected", |h| h.is_connected()).await;
+    wait_view(&view, PROMPT, "a gone after the reconnect", |m| {
+        !m.contains_key(&a.id)
+    })
+    .await;
+    assert!(!f.entry_exists(&a.id).await);
+    assert_eq!(reg.sessions_lost(), 0, "the session survived");
+    reg.set_listed(true).await.expect("list");
+    wait_view(&view, PROMPT, "a back", |m| m.contains_key(&a.id)).await;
+}
+
+/// Deregistering an unlisted server is fine and leaves nothing behind; the id is free again.
+async fn deregister_while_unlisted(f: Fixture) {
+    let view = f.routes().watch().await.expect("watch");
+    let a = server("a", 1);
+    let reg = f.servers().register(a.clone()).await.expect("a");
+    let _b = f.servers().register(server("b", 2)).await.expect("b");
+    wait_view(&view, PROMPT, "a and b", |m| m.len() == 2).await;
+    reg.set_listed(false).await.expect("unlist");
+    wait_view(&view, PROMPT, "a gone", |m| !m.contains_key(&a.id)).await;
+    let reappeared = watch_for_appearance(&view, &a.id);
+    reg.deregister().await.expect("deregister while unlisted");
+    assert!(!f.entry_exists(&a.id).await, "deregister created the entry");
+    assert!(
+        !reappeared.is_finished() && !view.snapshot().contains_key(&a.id),
+        "a showed up again"
+    );
+    reappeared.abort();
+    let _again = f
+        .servers()
+        .register(server("a", 3))
+        .await
+        .expect("re-register a");
+    let map = wait_view(&view, PROMPT, "a again", |m| m.contains_key(&a.id)).await;
+    assert_eq!(map[&a.id].client_port, 3);
+}
+
 // ---------------------------------------------------------------- ZooKeeper only
 
 /// A cut shorter than the session timeout: the session survives, the node never leaves the
@@ -543,4 +777,8 @@ conformance!(
     bad_node_data_is_skipped,
     a_live_id_cannot_be_taken_and_bad_ids_are_rejected,
     session_expiry_removes_then_recreates,
+    unlisting_hides_the_server_and_keeps_its_session,
+    unlisted_server_stays_out_across_a_session_expiry,
+    unlist_while_disconnected_applies_on_reconnect,
+    deregister_while_unlisted,
 );

@@ -1,9 +1,15 @@
 //! The in-process registry: `cim up` and tests. It behaves like the ZooKeeper one as seen
 //! through the API (an entry lives as long as its [`Registration`]; a view sees every change
 //! at once), and has test hooks for what only a network can do: disconnect, expire, heal.
+//!
+//! Listing: an unlisted registration stays in `State::regs` (its session lives on) and is
+//! left out of the published map. Unlike ZooKeeper, where an unlisted server holds no node,
+//! it keeps its id reserved: a second live server with the same id is a misconfiguration
+//! either way, and reserving it keeps one entry per id here. While a session is merely
+//! disconnected (test hook) `set_listed` applies at once, as `update` does.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cim_core::ids::ServerId;
@@ -44,6 +50,8 @@ struct Reg {
     server: LiveServer,
     /// False between a simulated expiry and the heal that recreates the entry.
     live: bool,
+    /// The registration's listing wish (shared with it); the entry is shown only when set.
+    listed: Arc<AtomicBool>,
     health: watch::Sender<SessionHealth>,
     sessions_lost: Arc<AtomicU64>,
 }
@@ -146,12 +154,14 @@ impl Registry for MemoryRegistry {
         state.next_token += 1;
         let (health_tx, health_rx) = watch::channel(SessionHealth::Connected);
         let sessions_lost = Arc::new(AtomicU64::new(0));
+        let listed = Arc::new(AtomicBool::new(true));
         let id = server.id.clone();
         state.regs.insert(
             token,
             Reg {
                 server,
                 live: true,
+                listed: listed.clone(),
                 health: health_tx,
                 sessions_lost: sessions_lost.clone(),
             },
@@ -161,6 +171,7 @@ impl Registry for MemoryRegistry {
             id,
             health: health_rx,
             sessions_lost,
+            listed,
             backend: RegistrationBackend::Memory(MemoryHandle {
                 shared: self.shared.clone(),
                 token,
@@ -192,7 +203,11 @@ impl Shared {
                 map.insert(server.id.clone(), server);
             }
         }
-        for reg in state.regs.values().filter(|r| r.live) {
+        let shown = state
+            .regs
+            .values()
+            .filter(|r| r.live && r.listed.load(Ordering::SeqCst));
+        for reg in shown {
             map.insert(reg.server.id.clone(), reg.server.clone());
         }
         self.view.send_if_modified(|current| {
@@ -230,6 +245,22 @@ impl MemoryHandle {
         };
         reg.server.connections = connections;
         if !reg.live {
+            return Err(RegistryError::NotConnected);
+        }
+        self.shared.publish(&state);
+        Ok(())
+    }
+
+    /// Stores the wish under the lock, so concurrent calls leave the wish and the views
+    /// agreeing on the last one.
+    pub(super) fn set_listed(&self, wish: &AtomicBool, listed: bool) -> Result<(), RegistryError> {
+        let state = self.shared.lock();
+        let Some(reg) = state.regs.get(&self.token) else {
+            return Err(RegistryError::Closed);
+        };
+        wish.store(listed, Ordering::SeqCst);
+        if !reg.live {
+            // `heal_session` brings the entry back only if the wish says so.
             return Err(RegistryError::NotConnected);
         }
         self.shared.publish(&state);

@@ -16,8 +16,10 @@
 //!     itself after a disconnection long enough that the ensemble is about to expire it
 //!     (see `zookeeper.rs`): the server learns it is out before routes drop it;
 //!   - **recreates the entry after a session expiry**: it opens a new session and creates the
-//!     node again with the latest data, then reports `Connected`;
+//!     node again with the latest data (unless unlisted), then reports `Connected`;
 //!     [`Registration::sessions_lost`] counts how often that happened;
+//!   - [`Registration::set_listed`] takes the entry out of the registry and puts it back
+//!     without touching the session (see *Listing* below);
 //!   - [`Registration::deregister`] removes the entry first and only then closes the session
 //!     (graceful drain: routes stop sending new users before the server goes away). Dropping
 //!     a `Registration` closes the session, so the entry disappears too (ZooKeeper deletes an
@@ -29,6 +31,18 @@
 //!   reconnect or a new session). A removed server leaves the view as soon as ZooKeeper
 //!   reports it (milliseconds). While the view's own session is disconnected the map cannot
 //!   change; [`RegistryView::health`] says so.
+//!
+//! **Listing.** A server that cannot serve new users for a while (it lost its store but not
+//! the registry) must stop being picked by routes without giving up its registry session:
+//! `set_listed(false)` deletes the entry (the server leaves every view within the usual
+//! latency) while health stays `Connected` and `sessions_lost` does not move;
+//! `set_listed(true)` recreates it with the latest data. The wish ([`Registration::is_listed`])
+//! is the registration's, not the session's: it survives reconnects (a reconnect never
+//! recreates an unlisted entry, and deletes one it finds), session loss (the new session is
+//! opened and reported `Connected`, but holds no entry while unlisted), and updates (a count
+//! published while unlisted is stored and shown when listed again). `set_listed` is
+//! idempotent; on `Err` the wish is still kept and applied when the session recovers.
+//! `deregister` works listed or not.
 //!
 //! Node data that does not decode, or whose id disagrees with its node name, is skipped with a
 //! warning: a bad entry never takes the view down.
@@ -44,7 +58,7 @@ mod zookeeper;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
@@ -65,7 +79,8 @@ pub type ServerMap = BTreeMap<ServerId, LiveServer>;
 /// Health of one registry session, as its owner sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionHealth {
-    /// The session is established and the entry (for a registration) exists.
+    /// The session is established and the entry (for a registration) exists, unless the
+    /// registration is unlisted.
     Connected,
     /// The connection dropped at `since`; the session may still be alive on the ensemble.
     Disconnected { since: Instant },
@@ -106,8 +121,9 @@ pub enum RegistryError {
         source: zookeeper_client::Error,
     },
     /// The registration has no session right now (it is being recreated). For
-    /// [`Registration::update`]: the count is kept and published with the recreated entry.
-    #[error("the registration's session is not connected; the update is applied on reconnect")]
+    /// [`Registration::update`]: the count is kept and published with the recreated entry; for
+    /// [`Registration::set_listed`]: the wish is kept and applied on reconnect.
+    #[error("the registration's session is not connected; the change is applied on reconnect")]
     NotConnected,
     /// The task serving this registration has stopped (the runtime is shutting down).
     #[error("the registration is no longer served")]
@@ -170,6 +186,9 @@ pub struct Registration {
     id: ServerId,
     health: watch::Receiver<SessionHealth>,
     sessions_lost: Arc<AtomicU64>,
+    /// The latest listing wish; the backend reads it whenever it (re)applies the listing, so
+    /// it survives reconnects and new sessions.
+    listed: Arc<AtomicBool>,
     backend: RegistrationBackend,
 }
 
@@ -199,9 +218,9 @@ impl Registration {
         self.sessions_lost.load(Ordering::SeqCst)
     }
 
-    /// Publishes the number of sessions this server holds. `Ok` once the registry has it.
-    /// On `Err` the count is still kept and published when the session recovers or the
-    /// entry is recreated.
+    /// Publishes the number of sessions this server holds. `Ok` once the registry has it
+    /// (while unlisted: once it is stored; it is published when listed again). On `Err` the
+    /// count is still kept and published when the session recovers or the entry is recreated.
     pub async fn update(&self, connections: u32) -> Result<(), RegistryError> {
         match &self.backend {
             RegistrationBackend::Memory(h) => h.update(connections),
@@ -209,7 +228,28 @@ impl Registration {
         }
     }
 
-    /// Leaves the registry (the entry is deleted first), then closes the session. After an
+    /// Whether routes should see this server. `false` deletes the entry but keeps the
+    /// session (health stays `Connected`, `sessions_lost` does not move); `true` recreates it
+    /// with the latest data. Idempotent. `Ok` once the registry has it; on `Err` (not
+    /// connected, timeout) the wish is kept and applied when the session recovers or is
+    /// re-established. A call cancelled midway also keeps its wish, applied by the next
+    /// reconnect or `set_listed`.
+    pub async fn set_listed(&self, listed: bool) -> Result<(), RegistryError> {
+        match &self.backend {
+            RegistrationBackend::Memory(h) => h.set_listed(&self.listed, listed),
+            RegistrationBackend::Zk(h) => {
+                self.listed.store(listed, Ordering::SeqCst);
+                h.set_listed().await
+            }
+        }
+    }
+
+    /// The latest wish given to [`set_listed`](Self::set_listed) (`true` at registration).
+    pub fn is_listed(&self) -> bool {
+        self.listed.load(Ordering::SeqCst)
+    }
+
+    /// Leaves the registry (the entry is deleted first, if this registration holds one), then closes the session. After an
     /// `Err` the session is closed anyway, which removes the entry once the ensemble notices.
     pub async fn deregister(self) -> Result<(), RegistryError> {
         match self.backend {

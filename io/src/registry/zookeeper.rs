@@ -15,6 +15,13 @@
 //!   registration's *previous* sessions (declared lost locally while the ensemble still had
 //!   it) is deleted and replaced; a node held by anyone else is waited out for a session
 //!   timeout, then reported as `AlreadyRegistered`;
+//! - the listing wish (`Registration::set_listed`) is a shared flag the keeper reads whenever
+//!   it reconciles the node with the registration: on `set_listed`, after every reconnect, at
+//!   the start of every new session, and on a retry timer after a failed reconciliation while
+//!   connected. Listed: the node must exist in the current session with the latest data
+//!   (created through `create_node`, so stale nodes are handled as above). Unlisted: no node
+//!   of this registration's sessions may exist (one found is deleted; a node held by someone
+//!   else is left alone); the session itself is kept and health is unaffected;
 //! - dropping the `Registration` closes the command channel; the keeper drops the client,
 //!   which closes the session, which deletes the node.
 //!
@@ -29,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
@@ -121,10 +128,11 @@ impl Registry for ZkRegistry {
     async fn register(&self, server: LiveServer) -> Result<Registration, RegistryError> {
         validate_server_id(&server.id)?;
         let cfg = self.config.clone();
-        let client = establish(&cfg, &server, &[]).await?;
+        let client = establish(&cfg, &server, &[], true).await?;
         let (health_tx, health_rx) = watch::channel(SessionHealth::Connected);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let sessions_lost = Arc::new(AtomicU64::new(0));
+        let listed = Arc::new(AtomicBool::new(true));
         let id = server.id.clone();
         tracing::info!(server = %id, session = %client.session_id(), "registered in zookeeper");
         let keeper = Keeper {
@@ -134,6 +142,7 @@ impl Registry for ZkRegistry {
             dirty: false,
             health: health_tx,
             sessions_lost: sessions_lost.clone(),
+            listed: listed.clone(),
             cmds: cmd_rx,
             previous_sessions: Vec::new(),
         };
@@ -142,6 +151,7 @@ impl Registry for ZkRegistry {
             id,
             health: health_rx,
             sessions_lost,
+            listed,
             backend: RegistrationBackend::Zk(ZkHandle { cmds: cmd_tx }),
         })
     }
@@ -209,16 +219,50 @@ async fn ensure_root(client: &zk::Client, cfg: &ZkConfig) -> Result<(), Registry
     .await
 }
 
-/// A new session with the server's node in place.
+/// A new session with the server's node in place if `listed`, and without a node of this
+/// registration's previous sessions otherwise.
 async fn establish(
     cfg: &ZkConfig,
     server: &LiveServer,
     previous_sessions: &[i64],
+    listed: bool,
 ) -> Result<zk::Client, RegistryError> {
     let client = connect(cfg).await?;
     ensure_root(&client, cfg).await?;
-    create_node(&client, cfg, server, previous_sessions).await?;
+    if listed {
+        create_node(&client, cfg, server, previous_sessions).await?;
+    } else {
+        let path = cfg.node_path(server.id.as_str());
+        delete_own_node(&client, cfg, &path, previous_sessions).await?;
+    }
     Ok(client)
+}
+
+/// Deletes the node at `path` if `client`'s session or one of `previous_sessions` holds it.
+/// A node held by anyone else (another server given the same id) is not ours to delete.
+async fn delete_own_node(
+    client: &zk::Client,
+    cfg: &ZkConfig,
+    path: &str,
+    previous_sessions: &[i64],
+) -> Result<(), RegistryError> {
+    let stat = timed("stat node", cfg.op_timeout, client.check_stat(path)).await?;
+    let Some(stat) = stat else { return Ok(()) };
+    let owner = stat.ephemeral_owner;
+    if owner != client.session_id().0 && !previous_sessions.contains(&owner) {
+        tracing::warn!(node = %path, "leaving a registry node held by another session");
+        return Ok(());
+    }
+    let deleted = timed(
+        "delete node",
+        cfg.op_timeout,
+        client.delete(path, Some(stat.version)),
+    )
+    .await;
+    match deleted {
+        Err(e) if is_zk(&e, &zk::Error::NoNode) => Ok(()),
+        other => other,
+    }
 }
 
 /// Creates the server's ephemeral node in `client`'s session.
@@ -282,6 +326,9 @@ async fn create_node(
 
 enum Cmd {
     Update(u32, oneshot::Sender<Result<(), RegistryError>>),
+    /// Apply the registration's current listing wish (the keeper reads the shared flag, so
+    /// racing calls converge on the last wish stored).
+    SetListed(oneshot::Sender<Result<(), RegistryError>>),
     Deregister(oneshot::Sender<Result<(), RegistryError>>),
 }
 
@@ -306,6 +353,15 @@ impl ZkHandle {
         rx.await.map_err(|_| RegistryError::Closed)?
     }
 
+    pub(super) async fn set_listed(&self) -> Result<(), RegistryError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::SetListed(tx))
+            .await
+            .map_err(|_| RegistryError::Closed)?;
+        rx.await.map_err(|_| RegistryError::Closed)?
+    }
+
     pub(super) async fn deregister(self) -> Result<(), RegistryError> {
         let (tx, rx) = oneshot::channel();
         self.cmds
@@ -322,10 +378,13 @@ struct Keeper {
     path: String,
     /// The latest data, republished on reconnect and on recreation.
     server: LiveServer,
-    /// `server` changed since the registry last accepted it.
+    /// The registry may not reflect `server` or the listing wish: reconcile once connected.
     dirty: bool,
     health: watch::Sender<SessionHealth>,
     sessions_lost: Arc<AtomicU64>,
+    /// The registration's listing wish, stored by `Registration::set_listed` before it sends
+    /// `Cmd::SetListed`; read here whenever the node is reconciled.
+    listed: Arc<AtomicBool>,
     cmds: mpsc::Receiver<Cmd>,
     /// Sessions this registration gave up on; a node one of them still holds is ours.
     previous_sessions: Vec<i64>,
@@ -336,7 +395,63 @@ enum SessionEnd {
     Stop,
 }
 
+/// When to reconcile again after a failure while the session stayed connected (after a
+/// disconnection the reconnect reconciles by itself).
+struct Repair {
+    at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Repair {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        Self {
+            at: None,
+            backoff: Self::FIRST,
+        }
+    }
+
+    fn record(&mut self, result: &Result<(), RegistryError>) {
+        match result {
+            Ok(()) => *self = Self::new(),
+            Err(_) => {
+                self.at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(Self::MAX);
+            }
+        }
+    }
+}
+
+/// Serves a command that arrives while there is no session. `false`: stop serving.
+fn while_down(server: &mut LiveServer, dirty: &mut bool, cmd: Option<Cmd>) -> bool {
+    match cmd {
+        None => false,
+        Some(Cmd::Deregister(reply)) => {
+            // Nothing to delete: the node went with the old session.
+            reply.send(Ok(())).ok();
+            false
+        }
+        Some(Cmd::Update(connections, reply)) => {
+            server.connections = connections;
+            *dirty = true;
+            reply.send(Err(RegistryError::NotConnected)).ok();
+            true
+        }
+        Some(Cmd::SetListed(reply)) => {
+            // The wish is stored already; the next session is reconciled with it.
+            reply.send(Err(RegistryError::NotConnected)).ok();
+            true
+        }
+    }
+}
+
 impl Keeper {
+    fn is_listed(&self) -> bool {
+        self.listed.load(Ordering::SeqCst)
+    }
+
     async fn run(mut self, mut client: zk::Client) {
         loop {
             match self.serve(&client).await {
@@ -347,7 +462,7 @@ impl Keeper {
             self.health.send_replace(SessionHealth::Expired);
             self.previous_sessions.push(client.session_id().0);
             tracing::warn!(server = %self.server.id, session = %client.session_id(),
-                "registry session lost; recreating the node in a new session");
+                "registry session lost; opening a new one");
             // Dropping the old client closes that session if it is somehow still alive.
             drop(client);
             match self.reestablish().await {
@@ -355,7 +470,7 @@ impl Keeper {
                 None => return,
             }
             tracing::info!(server = %self.server.id, session = %client.session_id(),
-                "registry node recreated");
+                listed = self.is_listed(), "registry session re-established");
             self.health.send_replace(SessionHealth::Connected);
         }
     }
@@ -364,12 +479,21 @@ impl Keeper {
     async fn serve(&mut self, client: &zk::Client) -> SessionEnd {
         let mut states = client.state_watcher();
         let mut lost_at: Option<Instant> = None;
+        let mut repair = Repair::new();
         if self.dirty {
-            self.publish(client).await.ok();
+            let result = self.reconcile(client).await;
+            self.warn_failed(&result, "could not bring the registry node up to date");
+            repair.record(&result);
         }
         loop {
             let lost_timer = async {
                 match lost_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let repair_timer = async {
+                match repair.at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -379,10 +503,10 @@ impl Keeper {
                 state = states.changed() => match state {
                     zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                         lost_at = None;
-                        if let Err(error) = self.after_reconnect(client).await {
-                            tracing::warn!(server = %self.server.id, %error,
-                                "could not check the registry node after reconnecting");
-                        }
+                        let result = self.after_reconnect(client).await;
+                        self.warn_failed(&result,
+                            "could not check the registry node after reconnecting");
+                        repair.record(&result);
                         self.health.send_replace(SessionHealth::Connected);
                     }
                     zk::SessionState::Disconnected => {
@@ -393,6 +517,8 @@ impl Keeper {
                         // 0.9 of one since then: this server calls its session lost just
                         // before the ensemble expires it and routes drop it, never after.
                         lost_at = Some(since + client.session_timeout() / 2);
+                        // The reconnect reconciles; retrying meanwhile would only time out.
+                        repair = Repair::new();
                         tracing::warn!(server = %self.server.id, "registry connection lost");
                         self.health.send_replace(SessionHealth::Disconnected { since });
                     }
@@ -404,6 +530,11 @@ impl Keeper {
                     // The ensemble has expired the session by now; we just cannot hear it.
                     return SessionEnd::Lost;
                 }
+                () = repair_timer => {
+                    let result = self.reconcile(client).await;
+                    self.warn_failed(&result, "could not bring the registry node up to date");
+                    repair.record(&result);
+                }
                 cmd = self.cmds.recv() => match cmd {
                     None => return SessionEnd::Stop,
                     Some(Cmd::Update(connections, reply)) => {
@@ -411,23 +542,44 @@ impl Keeper {
                         self.dirty = true;
                         let result = if lost_at.is_some() {
                             Err(RegistryError::NotConnected)
+                        } else if !self.is_listed() {
+                            // No node to write; it is created with this count when listed.
+                            Ok(())
                         } else {
-                            self.publish(client).await
+                            let result = self.publish(client).await;
+                            if result.is_err() {
+                                repair.record(&result);
+                            }
+                            result
+                        };
+                        reply.send(result).ok();
+                    }
+                    Some(Cmd::SetListed(reply)) => {
+                        self.dirty = true;
+                        let result = if lost_at.is_some() {
+                            // The reconnect (or the next session) applies the wish.
+                            Err(RegistryError::NotConnected)
+                        } else {
+                            let result = self.reconcile(client).await;
+                            repair.record(&result);
+                            result
                         };
                         reply.send(result).ok();
                     }
                     Some(Cmd::Deregister(reply)) => {
-                        let deleted = timed("delete node", self.cfg.op_timeout,
-                            client.delete(&self.path, None)).await;
-                        let result = match deleted {
-                            Err(e) if is_zk(&e, &zk::Error::NoNode) => Ok(()),
-                            other => other,
-                        };
+                        let result = delete_own_node(client, &self.cfg, &self.path,
+                            &self.previous_sessions).await;
                         reply.send(result).ok();
                         return SessionEnd::Stop;
                     }
                 },
             }
+        }
+    }
+
+    fn warn_failed(&self, result: &Result<(), RegistryError>, what: &'static str) {
+        if let Err(error) = result {
+            tracing::warn!(server = %self.server.id, %error, "{what}");
         }
     }
 
@@ -444,61 +596,79 @@ impl Keeper {
         Ok(())
     }
 
-    /// Same session, new connection: the node should still be there; an operator may have
-    /// deleted it by hand, so check, recreate if missing, and republish a pending update.
+    /// Same session, new connection: the node should be as we left it, but an operator may
+    /// have deleted it by hand, and a change may have been cut off midway (a `set_listed` or
+    /// `update` that timed out), so check everything.
     async fn after_reconnect(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
+        self.reconcile(client).await
+    }
+
+    /// Makes the registry match the registration in this session. Listed: the node exists in
+    /// this session with the latest data. Unlisted: no node of this registration's sessions.
+    async fn reconcile(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
+        if !self.is_listed() {
+            delete_own_node(client, &self.cfg, &self.path, &self.previous_sessions).await?;
+            // Listing again creates the node with the latest data, so nothing is pending.
+            self.dirty = false;
+            return Ok(());
+        }
         let stat = timed(
             "stat node",
             self.cfg.op_timeout,
             client.check_stat(&self.path),
         )
         .await?;
-        if stat.is_none() {
-            tracing::warn!(node = %self.path, "registry node vanished within the session; recreating");
-            create_node(client, &self.cfg, &self.server, &self.previous_sessions).await?;
-            self.dirty = false;
-        } else if self.dirty {
-            self.publish(client).await?;
+        match stat {
+            Some(stat) if stat.ephemeral_owner == client.session_id().0 => {
+                if self.dirty {
+                    self.publish(client).await?;
+                }
+            }
+            stat => {
+                if stat.is_none() && !self.dirty {
+                    tracing::warn!(node = %self.path,
+                        "registry node vanished within the session; recreating");
+                }
+                // Also when another session holds it: `create_node` replaces a node of our
+                // previous sessions and waits out anyone else's.
+                create_node(client, &self.cfg, &self.server, &self.previous_sessions).await?;
+                self.dirty = false;
+            }
         }
         Ok(())
     }
 
-    /// Opens new sessions until one holds the node again. `None` if the registration was
-    /// dropped or deregistered meanwhile.
+    /// Opens new sessions until one is set up as the listing wish says (holding the node, or
+    /// holding none). `None` if the registration was dropped or deregistered meanwhile.
     async fn reestablish(&mut self) -> Option<zk::Client> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let server = self.server.clone();
-            let attempt = establish(&self.cfg, &server, &self.previous_sessions);
+            let listed = self.is_listed();
+            let attempt = establish(&self.cfg, &server, &self.previous_sessions, listed);
             tokio::pin!(attempt);
             let outcome = loop {
                 tokio::select! {
                     biased;
-                    cmd = self.cmds.recv() => match cmd {
-                        None => return None,
-                        Some(Cmd::Deregister(reply)) => {
-                            // Nothing to delete: the node went with the old session.
-                            reply.send(Ok(())).ok();
+                    cmd = self.cmds.recv() => {
+                        if !while_down(&mut self.server, &mut self.dirty, cmd) {
                             return None;
                         }
-                        Some(Cmd::Update(connections, reply)) => {
-                            self.server.connections = connections;
-                            self.dirty = true;
-                            reply.send(Err(RegistryError::NotConnected)).ok();
-                        }
-                    },
+                    }
                     result = &mut attempt => break result,
                 }
             };
             match outcome {
                 Ok(client) => {
-                    // An update that arrived during the attempt is published by `serve`.
-                    self.dirty = self.dirty || server != self.server;
+                    // A change that arrived during the attempt is applied by `serve`.
+                    self.dirty = self.dirty
+                        || server != self.server
+                        || listed != self.listed.load(Ordering::SeqCst);
                     return Some(client);
                 }
                 Err(error) => {
                     tracing::warn!(server = %self.server.id, %error, retry_in = ?backoff,
-                        "could not recreate the registry node");
+                        "could not set up a new registry session");
                 }
             }
             let pause = tokio::time::sleep(backoff);
@@ -506,18 +676,11 @@ impl Keeper {
             loop {
                 tokio::select! {
                     biased;
-                    cmd = self.cmds.recv() => match cmd {
-                        None => return None,
-                        Some(Cmd::Deregister(reply)) => {
-                            reply.send(Ok(())).ok();
+                    cmd = self.cmds.recv() => {
+                        if !while_down(&mut self.server, &mut self.dirty, cmd) {
                             return None;
                         }
-                        Some(Cmd::Update(connections, reply)) => {
-                            self.server.connections = connections;
-                            self.dirty = true;
-                            reply.send(Err(RegistryError::NotConnected)).ok();
-                        }
-                    },
+                    }
                     () = &mut pause => break,
                 }
             }
