@@ -590,21 +590,13 @@ async fn redis_restart_degrades_then_recovers_without_losing_acked_messages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_zookeeper_session_expires_is_not_picked_until_it_is_back() {
-    use cim_io::registry::{Registry, ZkConfig, ZkRegistry};
-
     let Some(mut cluster) = Cluster::start("zk-expiry").await else {
         return;
     };
     // Watch the registry as the routes do.
-    let registry =
-        ZkRegistry::new(ZkConfig::new(&cluster.zk.addr).with_root(&cluster.zk_root)).unwrap();
-    let view = registry.watch().await.unwrap();
+    let view = cluster.registry_view().await;
     let isolated = cluster.servers[0].id.clone();
-    let listed = |view: &cim_io::registry::RegistryView| {
-        view.snapshot()
-            .keys()
-            .any(|id| id.as_str() == isolated.as_str())
-    };
+    let listed = |view: &cim_io::registry::RegistryView| support::listed(view, &isolated);
     assert!(listed(&view));
 
     cluster.servers[0].zk_proxy.blackhole();
@@ -792,13 +784,18 @@ async fn a_server_cut_off_from_redis_fences_its_sessions_and_recovers() {
         .await;
 
     // Healed, the server lists itself again and takes logins.
+    let view = cluster.registry_view().await;
+    assert!(
+        !support::listed(&view, &cluster.servers[0].id),
+        "still listed while cut off"
+    );
     cluster.servers[0].redis_proxy.heal();
     let healed_at = Instant::now();
-    let port = cluster.servers[0].http_port;
+    let id = cluster.servers[0].id.clone();
     wait_until(
         Duration::from_secs(20),
-        "the healed server is healthy",
-        || async { support::health(port).await == Some(200) },
+        "the healed server lists itself again",
+        || async { support::listed(&view, &id) },
     )
     .await;
     let mut landed = BTreeSet::new();

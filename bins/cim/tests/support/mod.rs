@@ -271,6 +271,14 @@ impl Cluster {
         user
     }
 
+    /// The registry as the routes see it.
+    pub async fn registry_view(&self) -> cim_io::registry::RegistryView {
+        use cim_io::registry::{Registry, ZkConfig, ZkRegistry};
+        let registry = ZkRegistry::new(ZkConfig::new(&self.zk.addr).with_root(&self.zk_root))
+            .expect("registry config");
+        registry.watch().await.expect("watch the registry")
+    }
+
     /// Every process the test did not kill is still running: none exits by itself.
     pub fn assert_all_running(&mut self) {
         let procs = self
@@ -364,4 +372,9 @@ impl User {
     pub fn client(&self) -> &Client<TokioNet> {
         self.client.as_ref().expect("client started")
     }
+}
+
+/// Whether `view` lists the server `id`.
+pub fn listed(view: &cim_io::registry::RegistryView, id: &str) -> bool {
+    view.snapshot().keys().any(|s| s.as_str() == id)
 }
