@@ -1,0 +1,658 @@
+//! The chat session both modes share: runs commands, turns SDK events into output, keeps
+//! the state file and the local history up to date.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cim_core::client::{ClientEvent, LinkLoss, LoginFailure, StopReason};
+use cim_core::ids::{ClientMsgId, ConvId, UserId};
+use cim_io::api::OnlineUser;
+use cim_io::clock::Clock;
+use cim_io::net::TokioNet;
+use cim_io::sdk::{Client, RouteApi};
+use tokio::sync::mpsc;
+
+use crate::command::{self, Command, ParseError, Target};
+use crate::render::{Level, Sink};
+use crate::store::{self, ClientFile, LocalHistory, SeenMessage};
+
+/// Names for tab completion, shared with the line editor's thread.
+#[derive(Debug, Default)]
+pub struct Completions {
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+pub type SharedCompletions = Arc<Mutex<Completions>>;
+
+/// The online list is refreshed at most this often for unknown senders.
+const REFRESH_MIN_GAP: Duration = Duration::from_secs(2);
+/// Messages shown by `:q`.
+const SEARCH_LIMIT: usize = 20;
+/// Messages fetched by `:his`.
+const HISTORY_LIMIT: u32 = 20;
+
+#[derive(Debug)]
+pub struct App {
+    client: Client<TokioNet>,
+    api: RouteApi<TokioNet>,
+    me: UserId,
+    route: String,
+    path: PathBuf,
+    file: ClientFile,
+    history: LocalHistory,
+    pub sink: Sink,
+    completions: SharedCompletions,
+    /// Where `:delay`ed messages come back to be sent.
+    delayed: mpsc::UnboundedSender<(Target, String)>,
+    server: Option<(String, u64)>,
+    was_online: bool,
+    reconnecting: bool,
+    /// Own messages not yet acknowledged: id → conversation label.
+    sending: BTreeMap<ClientMsgId, String>,
+    /// Own acknowledged messages whose echo has not come back yet (not shown twice).
+    echo_pending: BTreeSet<ClientMsgId>,
+    last_refresh: Option<std::time::Instant>,
+    /// Unknown senders already looked up in the online list.
+    looked_up: BTreeSet<u64>,
+    pub stopped: Option<StopReason>,
+}
+
+pub struct AppParts {
+    pub client: Client<TokioNet>,
+    pub me: UserId,
+    pub route: String,
+    pub path: PathBuf,
+    pub file: ClientFile,
+    pub sink: Sink,
+    pub completions: SharedCompletions,
+    pub delayed: mpsc::UnboundedSender<(Target, String)>,
+}
+
+impl App {
+    pub fn new(parts: AppParts) -> Self {
+        let history = LocalHistory::load(
+            store::sibling(&parts.path, "history.jsonl"),
+            store::HISTORY_CAP,
+        );
+        let api = parts.client.route_api();
+        let app = Self {
+            client: parts.client,
+            api,
+            me: parts.me,
+            route: parts.route,
+            path: parts.path,
+            file: parts.file,
+            history,
+            sink: parts.sink,
+            completions: parts.completions,
+            delayed: parts.delayed,
+            server: None,
+            was_online: false,
+            reconnecting: false,
+            sending: BTreeMap::new(),
+            echo_pending: BTreeSet::new(),
+            last_refresh: None,
+            looked_up: BTreeSet::new(),
+            stopped: None,
+        };
+        app.publish_users();
+        app
+    }
+
+    /// Runs one typed line. `false` when the user asked to quit.
+    pub async fn on_line(&mut self, line: &str) -> bool {
+        let command = match command::parse(line) {
+            Ok(command) => command,
+            Err(error @ ParseError::Unknown(_)) => {
+                // Never sent: a mistyped command must not leak into a conversation.
+                self.sink.error(&format!("{error} (not sent)"));
+                self.sink
+                    .result("help", serde_json::Value::Null, &command::help());
+                return true;
+            }
+            Err(error) => {
+                self.sink.error(&error.to_string());
+                return true;
+            }
+        };
+        match command {
+            Command::Nothing => {}
+            Command::Quit => return false,
+            Command::Help => {
+                let help = command::help();
+                self.sink.result("help", serde_json::json!(help), &help);
+            }
+            Command::Say(target, text) => self.say(target, text).await,
+            Command::Delay(after, target, text) => {
+                let delayed = self.delayed.clone();
+                self.sink.status(
+                    Level::Quiet,
+                    &format!("· will send in {}s", after.as_secs()),
+                );
+                tokio::spawn(async move {
+                    Clock::System.sleep_until(Clock::System.now() + after).await;
+                    let _ = delayed.send((target, text));
+                });
+            }
+            Command::Online => self.show_online(None).await,
+            Command::OnlinePrefix(prefix) => self.show_online(Some(prefix)).await,
+            Command::Info => self.show_info().await,
+            Command::Search(keyword) => {
+                let found = self.history.search(&keyword, SEARCH_LIMIT);
+                let mut text = format!("{} match(es) for {keyword:?}", found.len());
+                for m in &found {
+                    text.push_str(&format!("\n  {}", self.plain(m)));
+                }
+                self.sink
+                    .result("q", serde_json::to_value(&found).unwrap_or_default(), &text);
+            }
+            Command::History(of) => self.show_history(of).await,
+            Command::Join(group) => self.group_call("join", group).await,
+            Command::Leave(group) => self.group_call("leave", group).await,
+            Command::Create(group) => self.group_call("create", group).await,
+            Command::Groups => {
+                let Some(token) = self.token() else {
+                    return true;
+                };
+                match self.api.list_groups(&token).await {
+                    Ok(groups) => {
+                        self.completions
+                            .lock()
+                            .map(|mut c| c.groups = groups.clone())
+                            .ok();
+                        let text = if groups.is_empty() {
+                            "groups: (only all)".to_owned()
+                        } else {
+                            format!("groups: all, {}", groups.join(", "))
+                        };
+                        self.sink.result("groups", serde_json::json!(groups), &text);
+                    }
+                    Err(error) => self.sink.error(&error.to_string()),
+                }
+            }
+        }
+        true
+    }
+
+    /// Sends a message; its fate is reported as events come.
+    pub async fn say(&mut self, target: Target, text: String) {
+        let conv = match self.resolve(&target).await {
+            Ok(conv) => conv,
+            Err(error) => {
+                self.sink.error(&error);
+                return;
+            }
+        };
+        let label = self.label(&conv);
+        match self.client.submit(conv, text.into_bytes().into()).await {
+            Ok(id) => {
+                self.sending.insert(id, label.clone());
+                self.sink.status(
+                    Level::Quiet,
+                    &format!("· sending to {label} ({})", short(id)),
+                );
+                // The outbox is on disk before the user sees "sending": a crash now resends it.
+                self.save().await;
+            }
+            Err(error) => self.sink.error(&error.to_string()),
+        }
+    }
+
+    async fn resolve(&mut self, target: &Target) -> Result<ConvId, String> {
+        match target {
+            Target::All => Ok(ConvId::All),
+            Target::Group(name) => ConvId::group(name).map_err(|e| e.to_string()),
+            Target::UserId(id) => {
+                ConvId::private(self.me, UserId(*id)).ok_or_else(|| "that is you".to_owned())
+            }
+            Target::UserName(name) => {
+                let id = match self.id_of(name) {
+                    Some(id) => id,
+                    None => {
+                        let _ = self.refresh_online(true).await;
+                        self.id_of(name)
+                            .ok_or_else(|| format!("unknown user {name} (not online; try @<id>)"))?
+                    }
+                };
+                ConvId::private(self.me, UserId(id)).ok_or_else(|| "that is you".to_owned())
+            }
+        }
+    }
+
+    fn id_of(&self, name: &str) -> Option<u64> {
+        self.file
+            .users
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .map(|(id, _)| *id)
+    }
+
+    fn name_of(&self, id: UserId) -> Option<String> {
+        if id == self.me {
+            return Some(self.file.user_name.clone());
+        }
+        self.file.users.get(&id.0).cloned()
+    }
+
+    /// How a conversation reads: `all`, the group's name, `@peer`.
+    fn label(&self, conv: &ConvId) -> String {
+        match conv {
+            ConvId::All => "all".to_owned(),
+            ConvId::Group(name) => name.clone(),
+            ConvId::Private { .. } => match conv.peer_of(self.me) {
+                Some(peer) => format!(
+                    "@{}",
+                    self.name_of(peer).unwrap_or_else(|| peer.0.to_string())
+                ),
+                None => conv.to_string(),
+            },
+        }
+    }
+
+    fn plain(&self, m: &SeenMessage) -> String {
+        let who = m
+            .sender_name
+            .clone()
+            .unwrap_or_else(|| format!("#{}", m.sender));
+        format!("[{} #{}] {who}: {}", m.conv, m.seq, m.text)
+    }
+
+    fn token(&mut self) -> Option<String> {
+        let token = self.client.token();
+        if token.is_none() {
+            self.sink.error("not logged in yet");
+        }
+        token
+    }
+
+    /// Fetches the online list, learning names. `soon`: skip if fetched very recently.
+    pub async fn refresh_online(&mut self, soon: bool) -> Result<Vec<OnlineUser>, String> {
+        let now = Clock::System.now();
+        if soon
+            && self
+                .last_refresh
+                .is_some_and(|at| now < at + REFRESH_MIN_GAP)
+        {
+            return Err("refreshed a moment ago".to_owned());
+        }
+        let token = self.client.token().ok_or("not logged in yet")?;
+        self.last_refresh = Some(now);
+        let users = self
+            .api
+            .online_users(&token)
+            .await
+            .map_err(|e| e.to_string())?;
+        for u in &users {
+            self.file.users.insert(u.user_id, u.user_name.clone());
+        }
+        if let Ok(mut c) = self.completions.lock() {
+            c.users = users.iter().map(|u| u.user_name.clone()).collect();
+            c.users.sort();
+            c.users.dedup();
+        }
+        Ok(users)
+    }
+
+    fn publish_users(&self) {
+        if let Ok(mut c) = self.completions.lock() {
+            c.users = self.file.users.values().cloned().collect();
+            c.users.sort();
+            c.users.dedup();
+        }
+    }
+
+    async fn show_online(&mut self, prefix: Option<String>) {
+        match self.refresh_online(false).await {
+            Ok(mut users) => {
+                if let Some(prefix) = &prefix {
+                    users.retain(|u| u.user_name.starts_with(prefix.as_str()));
+                }
+                users.sort_by(|a, b| a.user_name.cmp(&b.user_name));
+                let list: Vec<String> = users
+                    .iter()
+                    .map(|u| format!("{} ({})", u.user_name, u.user_id))
+                    .collect();
+                let text = format!("online ({}): {}", users.len(), list.join(", "));
+                let command = if prefix.is_some() { "pu" } else { "olu" };
+                self.sink.result(
+                    command,
+                    serde_json::to_value(&users).unwrap_or_default(),
+                    &text,
+                );
+            }
+            Err(error) => self.sink.error(&error),
+        }
+    }
+
+    async fn show_info(&mut self) {
+        let outbox = match self.client.snapshot().await {
+            Ok(state) => state.outbox.len(),
+            Err(_) => 0,
+        };
+        let (server, epoch) = match &self.server {
+            Some((s, e)) => (Some(s.clone()), Some(*e)),
+            None => (None, None),
+        };
+        let json = serde_json::json!({
+            "userId": self.me.0,
+            "userName": self.file.user_name,
+            "route": self.route,
+            "server": server,
+            "epoch": epoch,
+            "online": !self.reconnecting && server.is_some(),
+            "outbox": outbox,
+            "stateFile": self.path.display().to_string(),
+            "localHistory": self.history.len(),
+        });
+        let text = format!(
+            "user {} ({}) via route {}\nserver {} epoch {}{}\noutbox {} unacknowledged, local history {} messages\nstate {}",
+            self.file.user_name,
+            self.me.0,
+            self.route,
+            server.as_deref().unwrap_or("-"),
+            epoch.map_or("-".to_owned(), |e| e.to_string()),
+            if self.reconnecting {
+                " (reconnecting)"
+            } else {
+                ""
+            },
+            outbox,
+            self.history.len(),
+            self.path.display(),
+        );
+        self.sink.result("info", json, &text);
+    }
+
+    async fn show_history(&mut self, of: Option<String>) {
+        let conv = match of.as_deref() {
+            None | Some("all") => ConvId::All,
+            Some(word) => {
+                let word = word.strip_prefix('@').unwrap_or(word);
+                if let Ok(conv) = word.parse::<ConvId>() {
+                    conv
+                } else if let Ok(id) = word.parse::<u64>() {
+                    match ConvId::private(self.me, UserId(id)) {
+                        Some(conv) => conv,
+                        None => return self.sink.error("that is you"),
+                    }
+                } else if self.id_of(word).is_some() || self.is_online_name(word).await {
+                    match self.resolve(&Target::UserName(word.to_owned())).await {
+                        Ok(conv) => conv,
+                        Err(error) => return self.sink.error(&error),
+                    }
+                } else {
+                    match ConvId::group(word) {
+                        Ok(conv) => conv,
+                        Err(error) => return self.sink.error(&error.to_string()),
+                    }
+                }
+            }
+        };
+        let Some(token) = self.token() else { return };
+        match self.api.history(&token, &conv, None, HISTORY_LIMIT).await {
+            Ok(history) => {
+                let messages: Vec<SeenMessage> = history
+                    .messages
+                    .iter()
+                    .map(|m| SeenMessage {
+                        conv: history.conv.clone(),
+                        seq: m.seq,
+                        sender: m.sender_id,
+                        sender_name: self.name_of(UserId(m.sender_id)),
+                        text: m.msg.clone(),
+                        at: m.sent_at_ms,
+                    })
+                    .collect();
+                let mut text = format!(
+                    "history of {} ({} of {} shown)",
+                    self.label(&conv),
+                    messages.len(),
+                    history.head_seq
+                );
+                for m in &messages {
+                    text.push_str(&format!("\n  {}", self.plain(m)));
+                }
+                self.sink.result(
+                    "his",
+                    serde_json::to_value(&messages).unwrap_or_default(),
+                    &text,
+                );
+            }
+            Err(error) => self.sink.error(&error.to_string()),
+        }
+    }
+
+    async fn is_online_name(&mut self, name: &str) -> bool {
+        self.refresh_online(true)
+            .await
+            .is_ok_and(|users| users.iter().any(|u| u.user_name == name))
+    }
+
+    async fn group_call(&mut self, what: &'static str, group: String) {
+        if let Err(error) = ConvId::group(&group) {
+            return self.sink.error(&error.to_string());
+        }
+        let Some(token) = self.token() else { return };
+        let done = match what {
+            "join" => self.api.join_group(&token, self.me, &group).await,
+            "leave" => self.api.leave_group(&token, self.me, &group).await,
+            _ => self.api.create_group(&token, self.me, &group).await,
+        };
+        match done {
+            Ok(()) => {
+                if let Ok(mut c) = self.completions.lock() {
+                    if what == "leave" {
+                        c.groups.retain(|g| *g != group);
+                    } else if !c.groups.contains(&group) {
+                        c.groups.push(group.clone());
+                    }
+                }
+                let past = match what {
+                    "join" => "joined",
+                    "leave" => "left",
+                    _ => "created",
+                };
+                let text = format!("{past} {group}");
+                self.sink.result(what, serde_json::json!(group), &text);
+            }
+            Err(error) => self.sink.error(&error.to_string()),
+        }
+    }
+
+    pub async fn on_event(&mut self, event: ClientEvent) {
+        match event {
+            ClientEvent::Message(m) => {
+                let mut sender_name = self.name_of(m.sender);
+                // A sender not seen before is looked up once, however recent the last
+                // refresh was (they may have just come online); after that, rate-limited.
+                if sender_name.is_none() {
+                    let first_time = self.looked_up.insert(m.sender.0);
+                    if self.refresh_online(!first_time).await.is_ok() {
+                        sender_name = self.name_of(m.sender);
+                    }
+                }
+                let seen = SeenMessage {
+                    conv: m.conv.to_string(),
+                    seq: m.seq,
+                    sender: m.sender.0,
+                    sender_name,
+                    text: String::from_utf8_lossy(&m.body).into_owned(),
+                    at: m.appended_at.0,
+                };
+                if let Err(error) = self.history.push(seen.clone()) {
+                    tracing::debug!(%error, "local history not written");
+                }
+                let own = m.sender == self.me;
+                // Our own message was already reported as acknowledged; in a terminal that
+                // is enough. Scripts get every message.
+                let echo = own && self.echo_pending.remove(&m.msg_id);
+                if !(echo && matches!(self.sink, Sink::Terminal { .. })) {
+                    let label = self.label(&m.conv);
+                    self.sink.message(&seen, &label, own);
+                }
+            }
+            ClientEvent::Acked {
+                msg_id, conv, seq, ..
+            } => {
+                let label = self
+                    .sending
+                    .remove(&msg_id)
+                    .unwrap_or_else(|| self.label(&conv));
+                self.echo_pending.insert(msg_id);
+                self.sink.status(
+                    Level::Quiet,
+                    &format!("✓ acknowledged {label} #{seq} ({})", short(msg_id)),
+                );
+                self.save().await;
+            }
+            ClientEvent::Rejected {
+                msg_id,
+                code,
+                reason,
+            } => {
+                let label = self.sending.remove(&msg_id).unwrap_or_default();
+                self.sink.error(&format!(
+                    "rejected {label} ({}): {reason} [{code:?}]",
+                    short(msg_id)
+                ));
+                self.save().await;
+            }
+            ClientEvent::Unknown { msg_id } => {
+                let label = self.sending.remove(&msg_id).unwrap_or_default();
+                self.sink.status(
+                    Level::Warn,
+                    &format!(
+                        "? unknown {label} ({}): not acknowledged in time, may or may not be delivered",
+                        short(msg_id)
+                    ),
+                );
+                self.save().await;
+            }
+            ClientEvent::Online { server, epoch } => {
+                let text = if self.was_online {
+                    format!("* reconnected to {server} (epoch {})", epoch.0)
+                } else {
+                    format!(
+                        "* online as {} ({}) on {server} (epoch {})",
+                        self.file.user_name, self.me.0, epoch.0
+                    )
+                };
+                self.server = Some((server.to_string(), epoch.0));
+                self.was_online = true;
+                self.reconnecting = false;
+                self.sink.status(Level::Info, &text);
+                let _ = self.refresh_online(false).await;
+                self.save().await;
+            }
+            ClientEvent::Reconnecting {
+                attempt,
+                delay,
+                cause,
+            } => {
+                self.reconnecting = true;
+                self.sink.status(
+                    Level::Warn,
+                    &format!(
+                        "* reconnecting in {:.1}s ({}, attempt {})",
+                        delay.as_secs_f32(),
+                        describe(&cause),
+                        attempt + 1
+                    ),
+                );
+            }
+            ClientEvent::Kicked(reason) => {
+                self.sink
+                    .status(Level::Warn, &format!("* kicked: {reason:?}"));
+            }
+            ClientEvent::LoginRejected(error) => {
+                self.sink.error(&format!("login rejected: {error}"));
+            }
+            ClientEvent::Stopped(reason) => {
+                match reason {
+                    StopReason::Shutdown => {}
+                    StopReason::TakenOver => {
+                        self.sink.error("stopped: this user logged in elsewhere");
+                    }
+                    StopReason::LoggedOut => self.sink.error("stopped: logged out"),
+                    StopReason::AccountMismatch => self.sink.error(&format!(
+                        "stopped: wrong password, or user {} is not {} (the store may have been reset: move {} away to register again)",
+                        self.me.0,
+                        self.file.user_name,
+                        self.path.display()
+                    )),
+                }
+                self.stopped = Some(reason);
+            }
+            ClientEvent::Unavailable {
+                conv,
+                from_seq,
+                count,
+            } => {
+                let label = self.label(&conv);
+                self.sink.status(
+                    Level::Warn,
+                    &format!("— [{label}] {count} unavailable (from #{from_seq}) —"),
+                );
+            }
+            ClientEvent::LogReset { conv, .. } => {
+                let label = self.label(&conv);
+                self.sink.status(
+                    Level::Warn,
+                    &format!("— [{label}] conversation reset; earlier unread messages are lost —"),
+                );
+            }
+            ClientEvent::LoggingIn | ClientEvent::Connecting { .. } => {}
+        }
+    }
+
+    /// Saves the session (outbox, resume token, positions) and names to the state file.
+    pub async fn save(&mut self) {
+        let Ok(state) = self.client.snapshot().await else {
+            return;
+        };
+        self.file.set_session(&state);
+        let path = self.path.clone();
+        let file = self.file.clone();
+        match tokio::task::spawn_blocking(move || store::save(&path, &file)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => self.sink.error(&format!("saving state: {error}")),
+            Err(error) => self.sink.error(&format!("saving state: {error}")),
+        }
+    }
+
+    /// Unacknowledged messages, or `None` if the session is gone.
+    pub async fn outbox_len(&self) -> Option<usize> {
+        self.client.snapshot().await.ok().map(|s| s.outbox.len())
+    }
+
+    pub async fn finish(mut self) {
+        self.save().await;
+        if let Err(error) = self.history.compact() {
+            tracing::debug!(%error, "local history not compacted");
+        }
+        self.client.shutdown().await;
+    }
+}
+
+/// The first 8 hex digits of a message id: enough to tell one's messages apart.
+fn short(id: ClientMsgId) -> String {
+    id.to_string().chars().take(8).collect()
+}
+
+fn describe(cause: &LinkLoss) -> String {
+    match cause {
+        LinkLoss::LoginFailed(LoginFailure::Rejected(error)) => error.to_string(),
+        LinkLoss::LoginFailed(LoginFailure::Transport(error)) => format!("route: {error}"),
+        LinkLoss::LoginTimeout => "the route did not answer".to_owned(),
+        LinkLoss::ConnectFailed => "server unreachable".to_owned(),
+        LinkLoss::ConnectTimeout => "connecting to the server timed out".to_owned(),
+        LinkLoss::LoginOkTimeout => "the server did not accept the login".to_owned(),
+        LinkLoss::Disconnected => "connection lost".to_owned(),
+        LinkLoss::HeartbeatTimeout => "the server stopped answering".to_owned(),
+        LinkLoss::Kicked(reason) => format!("kicked: {reason:?}"),
+        LinkLoss::ServerError { code, message } => format!("server error {code:?}: {message}"),
+    }
+}

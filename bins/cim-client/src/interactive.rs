@@ -1,0 +1,289 @@
+//! The terminal mode: a line editor (history, tab completion) on its own thread, incoming
+//! messages printed above the prompt through rustyline's external printer.
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cim_core::client::StopReason;
+use cim_io::clock::Clock;
+use cim_io::sdk::Events;
+use rustyline::completion::{Completer, Pair};
+use rustyline::config::Configurer;
+use rustyline::error::ReadlineError;
+use rustyline::highlight::{CmdKind, Highlighter};
+use rustyline::hint::Hinter;
+use rustyline::history::{DefaultHistory, FileHistory};
+use rustyline::validate::Validator;
+use rustyline::{ColorMode, CompletionType, Config, Context, Editor, ExternalPrinter, Helper};
+use tokio::sync::mpsc;
+
+use crate::app::{App, SharedCompletions};
+use crate::command::{COMMANDS, Target};
+use crate::render::Level;
+
+/// Lines kept in the editor's history file.
+const LINE_HISTORY: usize = 1000;
+/// How often the online list is refreshed for completion.
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// At `:q!`, how long to wait for the last messages' acknowledgements.
+const QUIT_DRAIN: Duration = Duration::from_secs(3);
+
+/// Completes commands, `@names` of online users, and group names after group commands.
+#[derive(Debug)]
+pub struct ChatHelper {
+    completions: SharedCompletions,
+    /// Asks the app to refresh the online list (on `@` completion).
+    refresh: mpsc::UnboundedSender<()>,
+}
+
+impl ChatHelper {
+    fn users(&self) -> Vec<String> {
+        self.completions
+            .lock()
+            .map(|c| c.users.clone())
+            .unwrap_or_default()
+    }
+
+    fn groups(&self) -> Vec<String> {
+        self.completions
+            .lock()
+            .map(|c| c.groups.clone())
+            .unwrap_or_default()
+    }
+
+    /// Candidates for the word ending at `pos`: (start of the word, replacements).
+    pub fn candidates(&self, line: &str, pos: usize) -> (usize, Vec<String>) {
+        let before = &line[..pos];
+        let start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        let word = &before[start..];
+        let first = before.split_whitespace().next().unwrap_or("");
+        let matching = |names: Vec<String>, prefix: &str, sigil: &str| -> Vec<String> {
+            names
+                .into_iter()
+                .filter(|n| n.starts_with(prefix))
+                .map(|n| format!("{sigil}{n} "))
+                .collect()
+        };
+        if start == 0 && word.starts_with(':') {
+            let words = COMMANDS
+                .iter()
+                .map(|(w, _)| (*w).to_owned())
+                .filter(|w| w.starts_with(word))
+                .map(|w| format!("{w} "))
+                .collect();
+            return (start, words);
+        }
+        if let Some(prefix) = word.strip_prefix('@') {
+            let _ = self.refresh.send(());
+            return (start, matching(self.users(), prefix, "@"));
+        }
+        // The first argument of a command taking a user or a group.
+        let arg_index = before[..start].split_whitespace().count();
+        if arg_index == 1 {
+            let names = match first {
+                ":pu" => self.users(),
+                ":his" => {
+                    let mut names = self.users();
+                    names.extend(self.groups());
+                    names
+                }
+                ":g" | ":join" | ":leave" => self.groups(),
+                _ => Vec::new(),
+            };
+            return (start, matching(names, word, ""));
+        }
+        (start, Vec::new())
+    }
+}
+
+impl Completer for ChatHelper {
+    type Candidate = Pair;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _ctx: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+        let (start, words) = self.candidates(line, pos);
+        let pairs = words
+            .into_iter()
+            .map(|w| Pair {
+                display: w.trim_end().to_owned(),
+                replacement: w,
+            })
+            .collect();
+        Ok((start, pairs))
+    }
+}
+
+impl Hinter for ChatHelper {
+    type Hint = String;
+}
+impl Highlighter for ChatHelper {}
+impl Validator for ChatHelper {}
+impl Helper for ChatHelper {}
+
+/// Hides what is typed (each character shows as nothing), for the password.
+#[derive(Debug, Default)]
+struct Masking;
+
+impl Completer for Masking {
+    type Candidate = String;
+}
+impl Hinter for Masking {
+    type Hint = String;
+}
+impl Validator for Masking {}
+impl Helper for Masking {}
+impl Highlighter for Masking {
+    fn highlight<'l>(&self, _line: &'l str, _pos: usize) -> Cow<'l, str> {
+        Cow::Borrowed("")
+    }
+
+    fn highlight_char(&self, _line: &str, _pos: usize, kind: CmdKind) -> bool {
+        kind != CmdKind::MoveCursor
+    }
+}
+
+/// Asks for a password without echoing it.
+pub fn read_password(prompt: &str) -> anyhow::Result<String> {
+    let mut rl: Editor<Masking, DefaultHistory> = Editor::new()?;
+    rl.set_helper(Some(Masking));
+    // Masking is done by the highlighter, which only runs with colours on.
+    rl.set_color_mode(ColorMode::Forced);
+    rl.set_auto_add_history(false);
+    Ok(rl.readline(prompt)?)
+}
+
+pub struct Terminal {
+    lines: mpsc::Receiver<Option<String>>,
+    go: std::sync::mpsc::Sender<bool>,
+    refresh: mpsc::UnboundedReceiver<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts the line editor's thread. The printer it returns prints above the prompt.
+pub fn start_editor(
+    prompt: String,
+    history: PathBuf,
+    completions: SharedCompletions,
+) -> anyhow::Result<(Terminal, crate::render::Printer)> {
+    let config = Config::builder()
+        .completion_type(CompletionType::List)
+        .auto_add_history(true)
+        .history_ignore_dups(true)?
+        .max_history_size(LINE_HISTORY)?
+        .build();
+    let (refresh_tx, refresh) = mpsc::unbounded_channel();
+    let mut rl: Editor<ChatHelper, FileHistory> = Editor::with_config(config)?;
+    rl.set_helper(Some(ChatHelper {
+        completions,
+        refresh: refresh_tx,
+    }));
+    // A missing history file is the first run.
+    let _ = rl.load_history(&history);
+    let mut printer = rl.create_external_printer()?;
+    let printer: crate::render::Printer = Box::new(move |mut line: String| {
+        // Outside the editor's raw mode the printer writes as is.
+        line.push('\n');
+        let _ = printer.print(line);
+    });
+    let (lines_tx, lines) = mpsc::channel(1);
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        loop {
+            match rl.readline(&prompt) {
+                Ok(line) => {
+                    if lines_tx.blocking_send(Some(line)).is_err() {
+                        break;
+                    }
+                    // Wait until the line is handled: its output comes before the next
+                    // prompt, and a quit never leaves the terminal in raw mode.
+                    if go_rx.recv() != Ok(true) {
+                        break;
+                    }
+                }
+                // Ctrl-C clears the line, as in a shell.
+                Err(ReadlineError::Interrupted) => {}
+                Err(_) => {
+                    let _ = lines_tx.blocking_send(None);
+                    break;
+                }
+            }
+        }
+        let _ = rl.save_history(&history);
+    });
+    Ok((
+        Terminal {
+            lines,
+            go,
+            refresh,
+            thread,
+        },
+        printer,
+    ))
+}
+
+pub async fn run(
+    mut app: App,
+    mut events: Events,
+    mut delayed: mpsc::UnboundedReceiver<(Target, String)>,
+    mut terminal: Terminal,
+) -> bool {
+    let mut tick = tokio::time::interval(REFRESH_EVERY);
+    tick.tick().await;
+    app.sink.status(
+        Level::Quiet,
+        "type to chat in `all`, @name to whisper, :help for commands, Tab completes",
+    );
+    loop {
+        tokio::select! {
+            biased;
+            Some(event) = events.next() => {
+                app.on_event(event).await;
+                if app.stopped.is_some_and(|r| r != StopReason::Shutdown) {
+                    app.sink.status(Level::Warn, "press Enter to exit");
+                }
+            }
+            Some((target, text)) = delayed.recv() => app.say(target, text).await,
+            Some(()) = terminal.refresh.recv() => {
+                let _ = app.refresh_online(true).await;
+            }
+            line = terminal.lines.recv() => match line {
+                Some(Some(line)) => {
+                    let go = app.stopped.is_none() && app.on_line(&line).await;
+                    let _ = terminal.go.send(go);
+                    if !go {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+            _ = tick.tick() => {
+                let _ = app.refresh_online(true).await;
+            }
+        }
+    }
+    drop(terminal.go);
+    let _ = terminal.thread.join();
+    // A moment for the last messages' acknowledgements; what is left is saved and resent
+    // next time.
+    let deadline = Clock::System.now() + QUIT_DRAIN;
+    while app.outbox_len().await.is_some_and(|n| n > 0) && Clock::System.now() < deadline {
+        tokio::select! {
+            Some(event) = events.next() => app.on_event(event).await,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    if let Some(n) = app.outbox_len().await.filter(|n| *n > 0) {
+        app.sink.status(
+            Level::Warn,
+            &format!("{n} unacknowledged message(s) saved; they are sent next time"),
+        );
+    }
+    let ok = app.stopped.is_none_or(|r| r == StopReason::Shutdown);
+    app.finish().await;
+    ok
+}

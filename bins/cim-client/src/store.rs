@@ -1,0 +1,321 @@
+//! The client's files: who the user is, the SDK's session state (resume token, outbox,
+//! read positions), names seen, and a bounded local history of messages.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use cim_core::client::ClientState;
+use cim_io::sdk::state_file;
+use serde::{Deserialize, Serialize};
+
+const VERSION: u32 = 1;
+/// Messages kept in the local history.
+pub const HISTORY_CAP: usize = 2000;
+
+/// The state file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientFile {
+    pub version: u32,
+    pub route: String,
+    pub user_id: u64,
+    pub user_name: String,
+    /// Only with `--save-password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// The SDK's state, in its own file format ([`state_file`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<serde_json::Value>,
+    /// Names of users seen (id → name), to show senders and resolve `@name` offline.
+    #[serde(default)]
+    pub users: BTreeMap<u64, String>,
+}
+
+impl ClientFile {
+    pub fn new(route: &str, user_id: u64, user_name: &str) -> Self {
+        Self {
+            version: VERSION,
+            route: route.to_owned(),
+            user_id,
+            user_name: user_name.to_owned(),
+            password: None,
+            session: None,
+            users: BTreeMap::new(),
+        }
+    }
+
+    pub fn session_state(&self) -> io::Result<Option<ClientState>> {
+        match &self.session {
+            None => Ok(None),
+            Some(value) => state_file::from_json(&value.to_string()).map(Some),
+        }
+    }
+
+    pub fn set_session(&mut self, state: &ClientState) {
+        // `to_json` writes valid JSON, so this parse cannot fail; if it did, keeping the
+        // previous session is better than none.
+        if let Ok(value) = serde_json::from_str(&state_file::to_json(state)) {
+            self.session = Some(value);
+        }
+    }
+}
+
+/// The default state file: `$XDG_DATA_HOME/cim/<host>_<port>/<user>.json`, else
+/// `~/.local/share/cim/...`, else the current directory.
+pub fn default_path(host: &str, port: u16, user: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".local").join("share"))
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("cim")
+        .join(sanitize(&format!("{host}_{port}")))
+        .join(format!("{}.json", sanitize(user)))
+}
+
+/// A path component from any text.
+fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A file beside the state file: `<stem>.<ext>`.
+pub fn sibling(state: &Path, ext: &str) -> PathBuf {
+    let stem = state.file_stem().unwrap_or_default().to_string_lossy();
+    state.with_file_name(format!("{stem}.{ext}"))
+}
+
+pub fn load(path: &Path) -> io::Result<Option<ClientFile>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let file: ClientFile = serde_json::from_str(&text)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if file.version != VERSION {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unknown version {}", file.version),
+                ));
+            }
+            Ok(Some(file))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes atomically (temporary file, sync, rename), owner-only: it holds the resume token
+/// and maybe the password.
+pub fn save(path: &Path, file: &ClientFile) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(file).map_err(io::Error::other)?;
+    let tmp = sibling(path, "json.tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let result = (|| {
+        let mut out = options.open(&tmp)?;
+        out.write_all(text.as_bytes())?;
+        out.sync_all()?;
+        drop(out);
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// One message as printed in non-interactive mode and kept in the local history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeenMessage {
+    pub conv: String,
+    pub seq: u64,
+    pub sender: u64,
+    pub sender_name: Option<String>,
+    pub text: String,
+    /// When the server stored it, Unix milliseconds.
+    pub at: u64,
+}
+
+/// The last [`HISTORY_CAP`] messages seen, appended to a JSON-lines file as they come and
+/// compacted when the file grows to twice the cap.
+#[derive(Debug)]
+pub struct LocalHistory {
+    path: PathBuf,
+    entries: VecDeque<SeenMessage>,
+    lines_in_file: usize,
+    cap: usize,
+}
+
+impl LocalHistory {
+    /// Loads what is there; unreadable lines are skipped (it is only a convenience).
+    pub fn load(path: PathBuf, cap: usize) -> Self {
+        let mut entries = VecDeque::new();
+        let mut lines_in_file = 0;
+        if let Ok(file) = std::fs::File::open(&path) {
+            for line in io::BufReader::new(file).lines().map_while(Result::ok) {
+                lines_in_file += 1;
+                if let Ok(entry) = serde_json::from_str(&line) {
+                    entries.push_back(entry);
+                    if entries.len() > cap {
+                        entries.pop_front();
+                    }
+                }
+            }
+        }
+        Self {
+            path,
+            entries,
+            lines_in_file,
+            cap,
+        }
+    }
+
+    pub fn push(&mut self, message: SeenMessage) -> io::Result<()> {
+        let line = serde_json::to_string(&message).map_err(io::Error::other)?;
+        self.entries.push_back(message);
+        if self.entries.len() > self.cap {
+            self.entries.pop_front();
+        }
+        if self.lines_in_file + 1 >= self.cap * 2 {
+            return self.compact();
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        writeln!(file, "{line}")?;
+        self.lines_in_file += 1;
+        Ok(())
+    }
+
+    /// Rewrites the file with the kept entries only.
+    pub fn compact(&mut self) -> io::Result<()> {
+        let tmp = sibling(&self.path, "jsonl.tmp");
+        let mut text = String::new();
+        for entry in &self.entries {
+            text.push_str(&serde_json::to_string(entry).map_err(io::Error::other)?);
+            text.push('\n');
+        }
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.lines_in_file = self.entries.len();
+        Ok(())
+    }
+
+    /// Entries whose text, sender name or conversation contains `keyword` (any case),
+    /// oldest first, at most `limit` (the newest ones).
+    pub fn search(&self, keyword: &str, limit: usize) -> Vec<SeenMessage> {
+        let keyword = keyword.to_lowercase();
+        let mut found: Vec<SeenMessage> = self
+            .entries
+            .iter()
+            .rev()
+            .filter(|m| {
+                m.text.to_lowercase().contains(&keyword)
+                    || m.conv.to_lowercase().contains(&keyword)
+                    || m.sender_name
+                        .as_deref()
+                        .is_some_and(|n| n.to_lowercase().contains(&keyword))
+            })
+            .take(limit)
+            .cloned()
+            .collect();
+        found.reverse();
+        found
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(seq: u64, text: &str) -> SeenMessage {
+        SeenMessage {
+            conv: "all".into(),
+            seq,
+            sender: 1,
+            sender_name: Some("ann".into()),
+            text: text.into(),
+            at: 5,
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cim-client-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn history_is_bounded_searchable_and_survives_reload() {
+        let dir = temp_dir("hist");
+        let path = dir.join("u.history.jsonl");
+        let mut history = LocalHistory::load(path.clone(), 3);
+        for seq in 1..=10 {
+            history.push(seen(seq, &format!("msg {seq}"))).unwrap();
+        }
+        assert_eq!(history.len(), 3);
+        assert_eq!(history.search("MSG", 10).len(), 3);
+        assert_eq!(history.search("msg 9", 10), vec![seen(9, "msg 9")]);
+        assert_eq!(
+            history.search("ann", 2),
+            vec![seen(9, "msg 9"), seen(10, "msg 10")]
+        );
+        let reloaded = LocalHistory::load(path.clone(), 3);
+        assert_eq!(reloaded.search("msg", 10), history.search("msg", 10));
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines < 6, "file compacted, {lines} lines");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn state_file_round_trips_with_the_session() {
+        let dir = temp_dir("state");
+        let path = dir.join("sub").join("ann.json");
+        assert!(load(&path).unwrap().is_none());
+        let mut file = ClientFile::new("127.0.0.1:8083", 7, "ann");
+        file.set_session(&ClientState::default());
+        file.users.insert(8, "bob".into());
+        save(&path, &file).unwrap();
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back.user_id, 7);
+        assert_eq!(back.users.get(&8).map(String::as_str), Some("bob"));
+        assert_eq!(back.session_state().unwrap(), Some(ClientState::default()));
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("password"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn default_paths_are_per_route_and_user() {
+        let path = default_path("127.0.0.1", 8083, "a/b");
+        assert!(path.ends_with("cim/127.0.0.1_8083/a_b.json"), "{path:?}");
+        assert_eq!(sibling(&path, "lines").file_name().unwrap(), "a_b.lines");
+    }
+}
