@@ -154,7 +154,11 @@ pub fn read_password(prompt: &str) -> anyhow::Result<String> {
     // Masking is done by the highlighter, which only runs with colours on.
     rl.set_color_mode(ColorMode::Forced);
     rl.set_auto_add_history(false);
-    Ok(rl.readline(prompt)?)
+    // A moving cursor would show the password's length.
+    let mut cursor = rl.set_cursor_visibility(false)?;
+    let password = rl.readline(prompt);
+    drop(cursor.take());
+    Ok(password?)
 }
 
 pub struct Terminal {

@@ -1,0 +1,210 @@
+//! Shared by the client's tests: an in-process cluster (one route, one server, memory
+//! store and registry, real sockets on port 0) and a `cim-client` child process driven
+//! through pipes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::Duration;
+
+use cim_core::ids::ServerId;
+use cim_core::memstore::MemoryStoreConfig;
+use cim_core::server::ServerConfig;
+use cim_core::tickets::TicketKeys;
+use cim_io::clock::Clock;
+use cim_io::net::TokioNet;
+use cim_io::registry::MemoryRegistry;
+use cim_io::route::{self, RouteHandle, RouteOptions};
+use cim_io::server::{self, ServerHandle, ServerOptions};
+use cim_io::store::{MemoryBackend, Store};
+use serde_json::Value;
+
+const TICKET_SECRET: &[u8] = b"console-ticket-secret";
+const LINK_SECRET: &[u8] = b"console-link-secret!";
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Cluster {
+    pub route_port: u16,
+    _route: RouteHandle,
+    _server: ServerHandle,
+}
+
+pub async fn cluster() -> Cluster {
+    let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+    let registry = MemoryRegistry::new();
+    let node = ServerConfig::new(ServerId::new("s1"), TicketKeys::new(1, TICKET_SECRET));
+    let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
+    options.listen_ip = LOCAL;
+    options.advertise_host = "127.0.0.1".into();
+    options.client_port = 0;
+    options.link_port = 0;
+    options.http_port = 0;
+    let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
+        .await
+        .expect("server starts");
+    let mut options = RouteOptions::new(
+        "r1",
+        TicketKeys::new(1, TICKET_SECRET),
+        b"console-bearer-secret".to_vec(),
+        LINK_SECRET.to_vec(),
+    );
+    options.http_listen = SocketAddr::new(LOCAL, 0);
+    let route = route::start(TokioNet, Clock::System, options, store, &registry)
+        .await
+        .expect("route starts");
+    Cluster {
+        route_port: route.http_addr().port(),
+        _route: route,
+        _server: server,
+    }
+}
+
+/// One `cim-client` process: its stdin, and its stdout / stderr lines as they come.
+pub struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    /// Everything read so far, for failure messages.
+    seen: Vec<String>,
+}
+
+fn lines_of(read: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(read).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+pub fn spawn(port: u16, user: &str, state: &Path, extra: &[&str]) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cim-client"))
+        .args([
+            "--route",
+            &format!("http://127.0.0.1:{port}"),
+            "--user",
+            user,
+        ])
+        .arg("--state")
+        .arg(state)
+        .args(extra)
+        .env("CIM_PASSWORD", format!("{user}-password"))
+        .env_remove("CIM_USER_ID")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cim-client starts");
+    let stdout = lines_of(child.stdout.take().expect("stdout"));
+    let stderr = lines_of(child.stderr.take().expect("stderr"));
+    Proc {
+        stdin: child.stdin.take(),
+        child,
+        stdout,
+        stderr,
+        seen: Vec::new(),
+    }
+}
+
+impl Proc {
+    pub fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to cim-client");
+        stdin.flush().expect("flush");
+    }
+
+    /// The first stderr line containing `text` (waiting at most `WAIT`).
+    pub fn status(&mut self, text: &str) -> String {
+        self.next_matching(false, |line| line.contains(text).then(|| line.to_owned()))
+            .unwrap_or_else(|| panic!("no status {text:?}; seen:\n{}", self.seen.join("\n")))
+    }
+
+    /// The first stdout JSON line for which `want` says yes.
+    pub fn json(&mut self, want: impl Fn(&Value) -> bool) -> Value {
+        self.next_matching(true, |line| {
+            serde_json::from_str::<Value>(line).ok().filter(|v| want(v))
+        })
+        .unwrap_or_else(|| panic!("no such JSON line; seen:\n{}", self.seen.join("\n")))
+    }
+
+    fn next_matching<T>(&mut self, stdout: bool, want: impl Fn(&str) -> Option<T>) -> Option<T> {
+        let deadline = now() + WAIT;
+        loop {
+            // Stderr is drained meanwhile too, so the failure message shows both.
+            while let Ok(line) = self.stderr.try_recv() {
+                self.seen.push(format!("err: {line}"));
+                if !stdout && let Some(found) = want(&line) {
+                    return Some(found);
+                }
+            }
+            let left = deadline.checked_duration_since(now())?;
+            let rx = if stdout { &self.stdout } else { &self.stderr };
+            match rx.recv_timeout(left.min(Duration::from_millis(50))) {
+                Ok(line) => {
+                    self.seen
+                        .push(format!("{}: {line}", if stdout { "out" } else { "err" }));
+                    if let Some(found) = want(&line) {
+                        return Some(found);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    if now() >= deadline {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Closes stdin and waits for a clean exit.
+    pub fn finish(mut self) -> Vec<String> {
+        drop(self.stdin.take());
+        let deadline = now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                while let Ok(line) = self.stdout.recv_timeout(Duration::from_millis(100)) {
+                    self.seen.push(format!("out: {line}"));
+                }
+                while let Ok(line) = self.stderr.try_recv() {
+                    self.seen.push(format!("err: {line}"));
+                }
+                assert!(status.success(), "exit {status}:\n{}", self.seen.join("\n"));
+                return self.seen;
+            }
+            if now() >= deadline {
+                let _ = self.child.kill();
+                panic!("cim-client did not exit:\n{}", self.seen.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cim-console-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+pub fn user_id(state: &Path) -> u64 {
+    let text = std::fs::read_to_string(state).expect("state file");
+    let value: Value = serde_json::from_str(&text).expect("state JSON");
+    value["userId"].as_u64().expect("userId")
+}
+
+/// Test-side deadlines read the same clock the code does.
+pub fn now() -> std::time::Instant {
+    Clock::System.now()
+}

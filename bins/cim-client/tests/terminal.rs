@@ -1,0 +1,74 @@
+//! The interactive mode under a real terminal (a pty): the hidden password prompt, tab
+//! completion, and a message printed above the prompt without losing the line being typed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cluster, spawn, temp_dir};
+use expectrl::{Eof, Expect, Session};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_chat_under_a_pty() {
+    let cluster = cluster().await;
+    let port = cluster.route_port;
+    let dir = temp_dir("pty");
+    tokio::task::spawn_blocking(move || {
+        let mut bob = spawn(port, "bob", &dir.join("bob.json"), &[]);
+        bob.status("online as bob");
+
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cim-client"));
+        command
+            .args(["--route", &format!("127.0.0.1:{port}"), "--user", "alice"])
+            .arg("--state")
+            .arg(dir.join("alice.json"))
+            .env_remove("CIM_PASSWORD")
+            .env_remove("CIM_USER_ID")
+            .env("TERM", "xterm")
+            .env("NO_COLOR", "1");
+        let mut alice = Session::spawn(command).expect("pty");
+        alice.set_expect_timeout(Some(Duration::from_secs(20)));
+
+        // The password is asked for and not echoed.
+        alice
+            .expect("password for alice: ")
+            .expect("password prompt");
+        alice.send("alice-password\r").expect("type");
+        let online = alice.expect("online as alice").expect("online");
+        assert!(
+            !String::from_utf8_lossy(online.before()).contains("alice-password"),
+            "password echoed"
+        );
+        alice.expect("alice> ").expect("prompt");
+
+        // `:he<Tab>` completes to `:help`.
+        alice.send(":he\t").expect("type");
+        alice.expect(":help ").expect("completed");
+        alice.send("\r").expect("enter");
+        alice.expect("online users").expect("help printed");
+
+        // A message arriving while a line is half typed prints above it, and the line is
+        // still there to finish.
+        alice.send("half typed").expect("type");
+        std::thread::sleep(Duration::from_millis(200));
+        bob.type_line("hello alice");
+        alice.expect("bob: hello alice").expect("message shown");
+        alice.expect("alice> half typed").expect("line redrawn");
+        alice.send(" and done\r").expect("enter");
+        bob.json(|v| v["text"] == "half typed and done");
+
+        // `@b<Tab>` completes an online user's name.
+        alice.send("@b\t").expect("type");
+        alice.expect("@bob ").expect("name completed");
+        alice.send("psst\r").expect("enter");
+        let got = bob.json(|v| v["text"] == "psst");
+        assert!(got["conv"].as_str().is_some_and(|c| c.starts_with("p:")));
+
+        alice.send(":q!\r").expect("quit");
+        alice.expect(Eof).expect("exits");
+        bob.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("terminal session");
+}
