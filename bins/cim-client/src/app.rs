@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cim_core::client::{ClientEvent, LinkLoss, LoginFailure, StopReason};
+use cim_core::client::{ClientConfig, ClientEvent, LinkLoss, LoginFailure, StopReason};
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
 use cim_io::api::OnlineUser;
 use cim_io::clock::Clock;
 use cim_io::net::TokioNet;
-use cim_io::sdk::{Client, RouteApi};
+use cim_io::sdk::{self, Client, Events, RouteApi, SdkOptions};
 use tokio::sync::mpsc;
 
 use crate::command::{self, Command, ParseError, Target};
@@ -37,6 +37,10 @@ const HISTORY_LIMIT: u32 = 20;
 #[derive(Debug)]
 pub struct App {
     client: Client<TokioNet>,
+    host: String,
+    port: u16,
+    password: String,
+    may_reregister: bool,
     api: RouteApi<TokioNet>,
     me: UserId,
     route: String,
@@ -62,6 +66,13 @@ pub struct App {
 
 pub struct AppParts {
     pub client: Client<TokioNet>,
+    /// Where and how to start a session again (after registering anew).
+    pub host: String,
+    pub port: u16,
+    pub password: String,
+    /// The id came from the state file: if the route no longer knows it (a store that
+    /// was reset), registering the name again is allowed once.
+    pub may_reregister: bool,
     pub me: UserId,
     pub route: String,
     pub path: PathBuf,
@@ -80,6 +91,10 @@ impl App {
         let api = parts.client.route_api();
         let app = Self {
             client: parts.client,
+            host: parts.host,
+            port: parts.port,
+            password: parts.password,
+            may_reregister: parts.may_reregister,
             api,
             me: parts.me,
             route: parts.route,
@@ -462,7 +477,9 @@ impl App {
         }
     }
 
-    pub async fn on_event(&mut self, event: ClientEvent) {
+    /// Reports one SDK event. `Some` when the session was started again (the account was
+    /// registered anew): the caller reads that new event stream from then on.
+    pub async fn on_event(&mut self, event: ClientEvent) -> Option<Events> {
         match event {
             ClientEvent::Message(m) => {
                 let mut sender_name = self.name_of(m.sender);
@@ -570,22 +587,16 @@ impl App {
             ClientEvent::LoginRejected(error) => {
                 self.sink.error(&format!("login rejected: {error}"));
             }
-            ClientEvent::Stopped(reason) => {
-                match reason {
-                    StopReason::Shutdown => {}
-                    StopReason::TakenOver => {
-                        self.sink.error("stopped: this user logged in elsewhere");
-                    }
-                    StopReason::LoggedOut => self.sink.error("stopped: logged out"),
-                    StopReason::AccountMismatch => self.sink.error(&format!(
-                        "stopped: wrong password, or user {} is not {} (the store may have been reset: move {} away to register again)",
-                        self.me.0,
-                        self.file.user_name,
-                        self.path.display()
-                    )),
+            ClientEvent::Stopped(StopReason::AccountMismatch)
+                if self.may_reregister && !self.was_online =>
+            {
+                self.may_reregister = false;
+                if let Some(events) = self.reregister().await {
+                    return Some(events);
                 }
-                self.stopped = Some(reason);
+                self.on_stopped(StopReason::AccountMismatch);
             }
+            ClientEvent::Stopped(reason) => self.on_stopped(reason),
             ClientEvent::Unavailable {
                 conv,
                 from_seq,
@@ -606,6 +617,56 @@ impl App {
             }
             ClientEvent::LoggingIn | ClientEvent::Connecting { .. } => {}
         }
+        None
+    }
+
+    fn on_stopped(&mut self, reason: StopReason) {
+        match reason {
+                    StopReason::Shutdown => {}
+                StopReason::TakenOver => {
+                    self.sink.error("stopped: this user logged in elsewhere");
+                }
+                StopReason::LoggedOut => self.sink.error("stopped: logged out"),
+                StopReason::AccountMismatch => self.sink.error(&format!(
+                    "stopped: wrong password, or user {} is not {} (the store may have been reset: move {} away to register again)",
+                    self.me.0,
+                    self.file.user_name,
+                    self.path.display()
+                )),
+        }
+        self.stopped = Some(reason);
+    }
+
+    /// The route does not know this id with this name and password. If the name is free,
+    /// the store was reset (or the account deleted): register it again and start over with
+    /// the new id, keeping the unsent messages. If it is taken, the password is wrong.
+    async fn reregister(&mut self) -> Option<Events> {
+        let name = self.file.user_name.clone();
+        let registered = self.api.register(&name, &self.password).await.ok()?;
+        let mut state = self.client.snapshot().await.unwrap_or_default();
+        // The token and read positions belonged to the old account.
+        state.resume_token = None;
+        state.convs.clear();
+        self.client.clone().shutdown().await;
+        let old = self.me;
+        self.me = UserId(registered.user_id);
+        self.file.user_id = registered.user_id;
+        let config =
+            ClientConfig::new(self.me, name.clone(), self.password.clone(), sdk::os_seed());
+        let mut options = SdkOptions::new(self.host.clone(), self.port, config);
+        options.state = Some(state);
+        let (client, events) = Client::start(TokioNet, Clock::System, options);
+        self.api = client.route_api();
+        self.client = client;
+        self.sink.status(
+            Level::Warn,
+            &format!(
+                "* the route no longer knew user {} ({name}): registered again as user {}",
+                old.0, self.me.0
+            ),
+        );
+        self.save().await;
+        Some(events)
     }
 
     /// Saves the session (outbox, resume token, positions) and names to the state file.

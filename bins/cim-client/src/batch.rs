@@ -48,7 +48,9 @@ pub async fn run(
         tokio::select! {
             biased;
             Some(event) = events.next() => {
-                app.on_event(event).await;
+                if let Some(restarted) = app.on_event(event).await {
+                    events = restarted;
+                }
                 if app.stopped.is_some() {
                     break false;
                 }
@@ -89,7 +91,9 @@ pub async fn run(
     };
     // Events already delivered (our own acks, messages) are still reported.
     while let Some(event) = events.try_next() {
-        app.on_event(event).await;
+        if app.on_event(event).await.is_some() {
+            break;
+        }
     }
     let ok = quit && app.stopped.is_none_or(|r| r == StopReason::Shutdown);
     app.finish().await;

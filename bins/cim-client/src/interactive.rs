@@ -246,7 +246,9 @@ pub async fn run(
         tokio::select! {
             biased;
             Some(event) = events.next() => {
-                app.on_event(event).await;
+                if let Some(restarted) = app.on_event(event).await {
+                    events = restarted;
+                }
                 if app.stopped.is_some_and(|r| r != StopReason::Shutdown) {
                     app.sink.status(Level::Warn, "press Enter to exit");
                 }
@@ -277,7 +279,11 @@ pub async fn run(
     let deadline = Clock::System.now() + QUIT_DRAIN;
     while app.outbox_len().await.is_some_and(|n| n > 0) && Clock::System.now() < deadline {
         tokio::select! {
-            Some(event) = events.next() => app.on_event(event).await,
+            Some(event) = events.next() => {
+                if let Some(restarted) = app.on_event(event).await {
+                    events = restarted;
+                }
+            }
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }

@@ -109,6 +109,7 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         }
     };
 
+    let may_reregister = loaded.is_some();
     let mut file = match loaded {
         Some(file) => file,
         None => {
@@ -133,8 +134,8 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
 
     let me = UserId(file.user_id);
     // Message ids must never repeat across runs: seed from the OS's entropy every start.
-    let config = ClientConfig::new(me, args.user.clone(), password, sdk::os_seed());
-    let mut options = SdkOptions::new(host, port, config);
+    let config = ClientConfig::new(me, args.user.clone(), password.clone(), sdk::os_seed());
+    let mut options = SdkOptions::new(host.clone(), port, config);
     options.state = state;
     let (client, events) = Client::start(TokioNet, Clock::System, options);
     let completions = Arc::default();
@@ -144,6 +145,10 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
 
     let mut parts = AppParts {
         client,
+        host,
+        port,
+        password,
+        may_reregister,
         me,
         route,
         path: path.clone(),

@@ -98,3 +98,88 @@ async fn two_clients_chat_in_all_and_privately() {
     .expect("restart");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_crash_shows_reconnecting_and_delivers_what_was_typed_meanwhile() {
+    let mut cluster = cluster().await;
+    let dir = temp_dir("crash");
+    let port = cluster.route_port;
+    let (alice_state, bob_state) = (dir.join("alice.json"), dir.join("bob.json"));
+    let (alice, bob) = tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        let mut bob = spawn(port, "bob", &bob_state, &[]);
+        alice.status("online as alice");
+        bob.status("online as bob");
+        (alice, bob)
+    })
+    .await
+    .expect("clients");
+
+    cluster.crash_server();
+    let (alice, bob) = tokio::task::spawn_blocking(move || {
+        let (mut alice, bob) = (alice, bob);
+        alice.status("reconnecting");
+        alice.type_line("typed during the outage");
+        alice.status("sending to all");
+        (alice, bob)
+    })
+    .await
+    .expect("outage");
+
+    cluster.start_server().await;
+    let (alice, bob) = tokio::task::spawn_blocking(move || {
+        let (mut alice, mut bob) = (alice, bob);
+        alice.status("reconnected to s2");
+        let got = bob.json(|v| v["text"] == "typed during the outage");
+        assert_eq!(got["senderName"], "alice");
+        alice.status("acknowledged all");
+        (alice, bob)
+    })
+    .await
+    .expect("recovery");
+    tokio::task::spawn_blocking(move || {
+        alice.finish();
+        bob.finish();
+    })
+    .await
+    .expect("exit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_the_route_forgot_is_registered_again() {
+    let dir = temp_dir("forgot");
+    let alice_state = dir.join("alice.json");
+    let old = cluster().await;
+    let port = old.route_port;
+    let state = alice_state.clone();
+    let old_id = tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &state, &[]);
+        alice.status("online as alice");
+        alice.finish();
+        user_id(&state)
+    })
+    .await
+    .expect("first run");
+    drop(old);
+
+    // A new cluster with an empty store, where the old id belongs to someone else.
+    let fresh = cluster().await;
+    let port = fresh.route_port;
+    tokio::task::spawn_blocking(move || {
+        let mut carol = spawn(port, "carol", &dir.join("carol.json"), &[]);
+        carol.status("online as carol");
+        assert_eq!(user_id(&dir.join("carol.json")), old_id);
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        alice.status("registered again");
+        alice.status("online as alice");
+        alice.type_line("still me");
+        carol.json(|v| v["text"] == "still me" && v["senderName"] == "alice");
+        alice.finish();
+        carol.finish();
+        assert_ne!(user_id(&alice_state), old_id);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("second run");
+}

@@ -31,22 +31,15 @@ const WAIT: Duration = Duration::from_secs(20);
 pub struct Cluster {
     pub route_port: u16,
     _route: RouteHandle,
-    _server: ServerHandle,
+    server: Option<ServerHandle>,
+    store: Arc<dyn Store>,
+    registry: MemoryRegistry,
+    servers_started: u32,
 }
 
 pub async fn cluster() -> Cluster {
     let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
     let registry = MemoryRegistry::new();
-    let node = ServerConfig::new(ServerId::new("s1"), TicketKeys::new(1, TICKET_SECRET));
-    let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
-    options.listen_ip = LOCAL;
-    options.advertise_host = "127.0.0.1".into();
-    options.client_port = 0;
-    options.link_port = 0;
-    options.http_port = 0;
-    let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
-        .await
-        .expect("server starts");
     let mut options = RouteOptions::new(
         "r1",
         TicketKeys::new(1, TICKET_SECRET),
@@ -54,13 +47,50 @@ pub async fn cluster() -> Cluster {
         LINK_SECRET.to_vec(),
     );
     options.http_listen = SocketAddr::new(LOCAL, 0);
-    let route = route::start(TokioNet, Clock::System, options, store, &registry)
+    let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .expect("route starts");
-    Cluster {
+    let mut cluster = Cluster {
         route_port: route.http_addr().port(),
         _route: route,
-        _server: server,
+        server: None,
+        store,
+        registry,
+        servers_started: 0,
+    };
+    cluster.start_server().await;
+    cluster
+}
+
+impl Cluster {
+    /// Starts a server (`s1`, then `s2`, ...) on fresh ports.
+    pub async fn start_server(&mut self) {
+        self.servers_started += 1;
+        let id = ServerId::new(format!("s{}", self.servers_started));
+        let node = ServerConfig::new(id, TicketKeys::new(1, TICKET_SECRET));
+        let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
+        options.listen_ip = LOCAL;
+        options.advertise_host = "127.0.0.1".into();
+        options.client_port = 0;
+        options.link_port = 0;
+        options.http_port = 0;
+        let server = server::start(
+            TokioNet,
+            Clock::System,
+            options,
+            self.store.clone(),
+            &self.registry,
+        )
+        .await
+        .expect("server starts");
+        self.server = Some(server);
+    }
+
+    /// Kills the server at once, as a crash would.
+    pub fn crash_server(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
     }
 }
 
