@@ -29,6 +29,9 @@ pub type SharedCompletions = Arc<Mutex<Completions>>;
 
 /// The online list is refreshed at most this often for unknown senders.
 const REFRESH_MIN_GAP: Duration = Duration::from_secs(2);
+/// Read positions advance with every message; they are saved this often (and on every
+/// send, acknowledgement and exit), so a crash re-delivers at most a few seconds' worth.
+pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// Messages shown by `:q`.
 const SEARCH_LIMIT: usize = 20;
 /// Messages fetched by `:his`.

@@ -44,6 +44,8 @@ pub async fn run(
     let mut delays_pending = 0usize;
     let mut deadline = None;
     let mut poll = tokio::time::interval(DRAIN_POLL);
+    let mut save_tick = tokio::time::interval(crate::app::SAVE_EVERY);
+    save_tick.tick().await;
     let quit = loop {
         tokio::select! {
             biased;
@@ -70,6 +72,7 @@ pub async fn run(
                 }
                 None => input_done = true,
             },
+            _ = save_tick.tick() => app.save().await,
             _ = poll.tick(), if input_done => {
                 if delays_pending > 0 {
                     continue;

@@ -238,6 +238,8 @@ pub async fn run(
 ) -> bool {
     let mut tick = tokio::time::interval(REFRESH_EVERY);
     tick.tick().await;
+    let mut save_tick = tokio::time::interval(crate::app::SAVE_EVERY);
+    save_tick.tick().await;
     app.sink.status(
         Level::Quiet,
         "type to chat in `all`, @name to whisper, :help for commands, Tab completes",
@@ -270,6 +272,7 @@ pub async fn run(
             _ = tick.tick() => {
                 let _ = app.refresh_online(true).await;
             }
+            _ = save_tick.tick() => app.save().await,
         }
     }
     drop(terminal.go);
