@@ -191,13 +191,12 @@ fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk:
     );
     println!();
     println!("Chat from two other terminals:");
-    for (name, password) in [("alice", "alice-secret"), ("bob", "bob-secret")] {
-        println!(
-            "  cargo run --release -p cim-client -- --route {http} --register --name {name} --password {password}"
-        );
+    for name in ["alice", "bob"] {
+        println!("  cargo run --release -p cim-client -- --route http://{http} --user {name}");
     }
     println!(
-        "then type a line to talk to everyone, `:p <userId> text` to whisper, `:help` for more."
+        "(the first run registers the name and asks for a password); then type a line to talk to \
+         everyone, `@bob text` to whisper, `:help` for more."
     );
     println!("Ctrl-C stops the cluster.");
 }
