@@ -53,6 +53,7 @@
 //! (`io/tests/registry_conformance.rs`).
 
 mod memory;
+pub mod remote;
 mod zookeeper;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use memory::MemoryRegistry;
+pub use remote::{
+    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
+};
 pub use zookeeper::{ZkConfig, ZkRegistry};
 
 /// The persistent ZooKeeper node the server nodes live under, unless configured otherwise.
@@ -128,6 +132,9 @@ pub enum RegistryError {
     /// The task serving this registration has stopped (the runtime is shutting down).
     #[error("the registration is no longer served")]
     Closed,
+    /// The simulation's registry host could not be reached or answered nonsense.
+    #[error("registry host `{op}` failed: {reason}")]
+    Remote { op: &'static str, reason: String },
     #[error("encoding node data: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -196,6 +203,7 @@ pub struct Registration {
 enum RegistrationBackend {
     Memory(memory::MemoryHandle),
     Zk(zookeeper::ZkHandle),
+    Remote(remote::RemoteHandle),
 }
 
 impl Registration {
@@ -225,6 +233,7 @@ impl Registration {
         match &self.backend {
             RegistrationBackend::Memory(h) => h.update(connections),
             RegistrationBackend::Zk(h) => h.update(connections).await,
+            RegistrationBackend::Remote(h) => h.update(connections).await,
         }
     }
 
@@ -238,6 +247,10 @@ impl Registration {
         match &self.backend {
             RegistrationBackend::Memory(h) => h.set_listed(&self.listed, listed),
             RegistrationBackend::Zk(h) => {
+                self.listed.store(listed, Ordering::SeqCst);
+                h.set_listed().await
+            }
+            RegistrationBackend::Remote(h) => {
                 self.listed.store(listed, Ordering::SeqCst);
                 h.set_listed().await
             }
@@ -258,6 +271,7 @@ impl Registration {
                 Ok(())
             }
             RegistrationBackend::Zk(h) => h.deregister().await,
+            RegistrationBackend::Remote(h) => h.deregister().await,
         }
     }
 }
