@@ -71,6 +71,7 @@ use tokio::time::Instant;
 pub use memory::MemoryRegistry;
 pub use remote::{
     RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
+    serve_registry_on,
 };
 pub use zookeeper::{ZkConfig, ZkRegistry};
 
@@ -152,11 +153,19 @@ pub trait Registry: Send + Sync {
     fn watch(&self) -> impl Future<Output = Result<RegistryView, RegistryError>> + Send;
 }
 
-/// Either backend, chosen at run time (`cim up` vs `--zk`).
+/// Any backend, chosen at run time (`cim up` vs `--zk`; `Remote`: a registry host over real
+/// sockets, as the conformance suite runs it; simulations use `RemoteRegistry<TurmoilNet>`).
 #[derive(Debug, Clone)]
 pub enum AnyRegistry {
     Memory(MemoryRegistry),
     Zk(ZkRegistry),
+    Remote(RemoteRegistry<crate::net::TokioNet>),
+}
+
+impl From<RemoteRegistry<crate::net::TokioNet>> for AnyRegistry {
+    fn from(r: RemoteRegistry<crate::net::TokioNet>) -> Self {
+        AnyRegistry::Remote(r)
+    }
 }
 
 impl From<MemoryRegistry> for AnyRegistry {
@@ -176,6 +185,7 @@ impl Registry for AnyRegistry {
         match self {
             AnyRegistry::Memory(r) => r.register(server).await,
             AnyRegistry::Zk(r) => r.register(server).await,
+            AnyRegistry::Remote(r) => r.register(server).await,
         }
     }
 
@@ -183,6 +193,7 @@ impl Registry for AnyRegistry {
         match self {
             AnyRegistry::Memory(r) => r.watch().await,
             AnyRegistry::Zk(r) => r.watch().await,
+            AnyRegistry::Remote(r) => r.watch().await,
         }
     }
 }

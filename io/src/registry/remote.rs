@@ -343,7 +343,15 @@ pub async fn serve_registry<N: Network>(
     listen: SocketAddr,
     host: Arc<RegistryHost>,
 ) -> io::Result<()> {
-    let mut listener = net.bind(listen).await?;
+    let listener = net.bind(listen).await?;
+    serve_registry_on(listener, host).await
+}
+
+/// [`serve_registry`] on a listener bound already (tests bind port 0 and read the port).
+pub async fn serve_registry_on<L: Listener>(
+    mut listener: L,
+    host: Arc<RegistryHost>,
+) -> io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "registry host listening");
     let tick = host.config.session_timeout / 20;
     let reaper = async {

@@ -172,7 +172,15 @@ pub async fn serve_store<N: Network>(
     listen: SocketAddr,
     backend: Arc<MemoryBackend>,
 ) -> io::Result<()> {
-    let mut listener = net.bind(listen).await?;
+    let listener = net.bind(listen).await?;
+    serve_store_on(listener, backend).await
+}
+
+/// [`serve_store`] on a listener bound already (tests bind port 0 and read the port).
+pub async fn serve_store_on<L: Listener>(
+    mut listener: L,
+    backend: Arc<MemoryBackend>,
+) -> io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "store host listening");
     loop {
         let (stream, peer) = listener.accept().await?;
