@@ -4,7 +4,7 @@
 use crate::ids::ServerId;
 
 /// One live server and where to reach it, as it registered itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct LiveServer {
     pub id: ServerId,
     /// Host (IP or name) clients connect to.

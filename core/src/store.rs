@@ -11,7 +11,9 @@ use bytes::Bytes;
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 
 /// Correlates a [`StoreReply`] with the request that caused it. Unique per machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 pub struct RequestId(pub u64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +22,7 @@ pub struct StoreRequest {
     pub command: StoreCommand,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub user: UserId,
     pub name: String,
@@ -29,7 +31,7 @@ pub struct Account {
 }
 
 /// A user's login claim: which server the user's one session may live on, under which epoch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub epoch: Epoch,
     pub server: ServerId,
@@ -40,7 +42,7 @@ pub struct Claim {
 }
 
 /// Everything the store knows about a user's claims.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClaimState {
     /// The highest epoch ever issued to this user (0 = never logged in). Survives the claim.
     pub epoch: Epoch,
@@ -49,14 +51,14 @@ pub struct ClaimState {
 }
 
 /// Where a user's session lives, as written by the server that holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct RouteRecord {
     pub server: ServerId,
     pub epoch: Epoch,
 }
 
 /// One message as stored in a conversation's log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     pub conv: ConvId,
     pub log_epoch: LogEpoch,
@@ -68,7 +70,7 @@ pub struct StoredMessage {
 }
 
 /// A conversation's log bounds and a user's read cursor in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ConvHead {
     pub conv: ConvId,
     pub log_epoch: LogEpoch,
@@ -81,7 +83,7 @@ pub struct ConvHead {
 }
 
 /// What a successful append tells the sender.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     pub message: StoredMessage,
     /// True when (sender, msg id) was already appended: the seq is the original one and
@@ -89,7 +91,9 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, thiserror::Error,
+)]
 pub enum AppendError {
     #[error("the sender is not a member of the conversation")]
     NotMember,
@@ -100,7 +104,7 @@ pub enum AppendError {
 }
 
 /// Outcome of one lease refresh entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseRefresh {
     /// The claim still has this epoch and server; its lease now runs to the new deadline.
     Refreshed,
@@ -110,7 +114,7 @@ pub enum LeaseRefresh {
     Gone,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum StoreCommand {
     /// Create an account with a fresh id. Names are unique.
     RegisterAccount {
@@ -204,7 +208,7 @@ pub enum StoreCommand {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum StoreReply {
     AccountRegistered(Result<UserId, NameTaken>),
     Account(Option<Account>),
@@ -241,20 +245,22 @@ pub enum StoreReply {
 }
 
 /// One user of [`StoreReply::Online`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct OnlineEntry {
     pub user: UserId,
     pub name: String,
     pub server: ServerId,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, thiserror::Error,
+)]
 #[error("this user name is taken")]
 pub struct NameTaken;
 
 /// A store request that did not complete: the shell's timeout or a backend error. The
 /// machine cannot know whether a write took effect, so every command is safe to retry.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("store unavailable: {0}")]
 pub struct StoreUnavailable(pub String);
 

@@ -1,17 +1,25 @@
 //! One registry contract, two backends: every scenario below runs against `MemoryRegistry`
 //! and against `ZkRegistry` on a real ZooKeeper this test binary starts (see `support_zk`).
 //!
+//! The same scenarios also run against `RemoteRegistry`, the simulation's registry host over
+//! real sockets (servers behind a proxy the test can cut, as for ZooKeeper).
+//!
 //! For ZooKeeper the servers register through a TCP proxy the test can cut (a partition),
 //! and the route's view talks to ZooKeeper directly, as in a deployment where only the
 //! server's link is broken.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
 use cim_core::registry::LiveServer;
+use cim_io::net::{Network, TokioNet};
 use cim_io::registry::{
     AnyRegistry, MemoryRegistry, Registry, RegistryError, RegistryView, ServerMap, SessionHealth,
     ZkConfig, ZkRegistry,
+};
+use cim_io::registry::{
+    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry_on,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -34,6 +42,13 @@ enum Fixture {
         direct: ZkRegistry,
         proxy: Proxy,
         config: ZkConfig,
+    },
+    /// The simulation's registry host, over real sockets, with `SESSION` as its timeout.
+    Remote {
+        host: Arc<RegistryHost>,
+        proxied: RemoteRegistry<TokioNet>,
+        direct: RemoteRegistry<TokioNet>,
+        proxy: Proxy,
     },
 }
 
@@ -60,10 +75,40 @@ impl Fixture {
         })
     }
 
+    async fn remote() -> Fixture {
+        let host = Arc::new(RegistryHost::new(RegistryHostConfig {
+            session_timeout: SESSION,
+        }));
+        let listener = TokioNet
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind registry host");
+        let port = listener.local_addr().expect("local address").port();
+        tokio::spawn(serve_registry_on(listener, host.clone()));
+        let proxy = Proxy::start(&format!("127.0.0.1:{port}")).await;
+        let options = RemoteRegistryOptions {
+            connect_timeout: Duration::from_millis(500),
+            op_timeout: Duration::from_secs(1),
+        };
+        let proxy_port: u16 = proxy
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("proxy port");
+        Fixture::Remote {
+            proxied: RemoteRegistry::new(TokioNet, "127.0.0.1", proxy_port, options),
+            direct: RemoteRegistry::new(TokioNet, "127.0.0.1", port, options),
+            host,
+            proxy,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Fixture::Memory(_) => "memory",
             Fixture::Zk { .. } => "zookeeper",
+            Fixture::Remote { .. } => "remote",
         }
     }
 
@@ -71,6 +116,7 @@ impl Fixture {
         match self {
             Fixture::Memory(r) => r.clone().into(),
             Fixture::Zk { proxied, .. } => proxied.clone().into(),
+            Fixture::Remote { proxied, .. } => proxied.clone().into(),
         }
     }
 
@@ -78,6 +124,7 @@ impl Fixture {
         match self {
             Fixture::Memory(r) => r.clone().into(),
             Fixture::Zk { direct, .. } => direct.clone().into(),
+            Fixture::Remote { direct, .. } => direct.clone().into(),
         }
     }
 
@@ -85,6 +132,7 @@ impl Fixture {
     async fn write_raw(&self, name: &str, data: &[u8]) {
         match self {
             Fixture::Memory(r) => r.insert_raw_node(name, data),
+            Fixture::Remote { host, .. } => host.insert_raw_node(name, data),
             Fixture::Zk { config, .. } => {
                 let client = zk::Client::connect(&config.connect).await.expect("connect");
                 let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
@@ -105,7 +153,7 @@ impl Fixture {
     fn partition(&self, id: &ServerId) {
         match self {
             Fixture::Memory(r) => assert!(r.disconnect_session(id)),
-            Fixture::Zk { proxy, .. } => proxy.blackhole(),
+            Fixture::Zk { proxy, .. } | Fixture::Remote { proxy, .. } => proxy.blackhole(),
         }
     }
 
@@ -113,14 +161,14 @@ impl Fixture {
     fn let_session_expire(&self, id: &ServerId) {
         match self {
             Fixture::Memory(r) => assert!(r.expire_session(id)),
-            Fixture::Zk { .. } => {}
+            Fixture::Zk { .. } | Fixture::Remote { .. } => {}
         }
     }
 
     fn heal(&self, id: &ServerId) {
         match self {
             Fixture::Memory(r) => assert!(r.heal_session(id)),
-            Fixture::Zk { proxy, .. } => proxy.heal(),
+            Fixture::Zk { proxy, .. } | Fixture::Remote { proxy, .. } => proxy.heal(),
         }
     }
 
@@ -129,6 +177,7 @@ impl Fixture {
     async fn entry_exists(&self, id: &ServerId) -> bool {
         match self {
             Fixture::Memory(r) => r.watch().await.expect("watch").snapshot().contains_key(id),
+            Fixture::Remote { host, .. } => host.has_node(id),
             Fixture::Zk { config, .. } => {
                 let client = zk::Client::connect(&config.connect).await.expect("connect");
                 let path = format!("{}/{}", config.root, id.as_str());
@@ -751,6 +800,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $scenario() {
                     super::$scenario(super::Fixture::memory()).await;
+                }
+            )*
+        }
+        mod remote {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(super::Fixture::remote().await).await;
                 }
             )*
         }

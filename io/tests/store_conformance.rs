@@ -5,6 +5,10 @@
 //! random per backend). The Redis run's transcript must equal the reference's, so every
 //! reply is compared, not only the asserted ones.
 //!
+//! The same scenarios run against `RemoteStore`, the simulation's store host over real
+//! sockets (a `MemoryBackend` behind the network): its transcript must equal the reference's
+//! too, which proves the wire carries every command and reply unchanged.
+//!
 //! The Redis half starts its own `redis-server` per test (see `support`); it is skipped with
 //! a message when `redis-server` is not installed, and fails under `CI=true`.
 
@@ -18,7 +22,11 @@ use cim_core::store::{
     AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken, OnlineEntry, RouteRecord,
     StoreCommand, StoreReply, StoredMessage,
 };
-use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
+use cim_io::net::{Network, TokioNet};
+use cim_io::store::{
+    ConnectError, MemoryBackend, RedisOptions, RedisStore, RemoteOptions, RemoteStore, Store,
+    serve_store_on,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -46,6 +54,21 @@ fn redis_options() -> RedisOptions {
         connect_timeout: Duration::from_millis(500),
         seed: Some(7),
     }
+}
+
+/// A store host serving a fresh reference backend on a free port, and a client of it.
+async fn remote() -> RemoteStore<TokioNet> {
+    let listener = TokioNet
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .await
+        .expect("bind store host");
+    let port = listener.local_addr().expect("local address").port();
+    tokio::spawn(serve_store_on(listener, std::sync::Arc::new(memory())));
+    let options = RemoteOptions {
+        request_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(1),
+    };
+    RemoteStore::new(TokioNet, "127.0.0.1", port, options)
 }
 
 async fn redis(server: &RedisServer) -> RedisStore {
@@ -292,6 +315,10 @@ macro_rules! conformance {
                 let mut reference = Driver::new(&memory);
                 scenarios::$name(&mut reference).await;
                 assert!(!reference.transcript.is_empty());
+                let store = remote().await;
+                let mut over_the_wire = Driver::new(&store);
+                scenarios::$name(&mut over_the_wire).await;
+                assert_transcripts_equal(&reference.transcript, &over_the_wire.transcript);
                 let Some(server) = RedisServer::start() else { return };
                 let store = redis(&server).await;
                 let mut real = Driver::new(&store);

@@ -1,2 +1,5 @@
-//! `cim-sim`: whole-cluster simulations over turmoil. Built by the simulation issue; the
-//! in-memory multi-node harness of the core machines lives in `cim-core`'s tests today.
+//! `cim-sim`: whole-cluster simulations over turmoil. The real shell (`cim-io`) runs in
+//! turmoil hosts: routes, servers, SDK clients, and — through [`cluster`] — the store and the
+//! registry as hosts of their own, reached over the simulated network.
+
+pub mod cluster;

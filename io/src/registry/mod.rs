@@ -53,6 +53,7 @@
 //! (`io/tests/registry_conformance.rs`).
 
 mod memory;
+pub mod remote;
 mod zookeeper;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use memory::MemoryRegistry;
+pub use remote::{
+    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
+    serve_registry_on,
+};
 pub use zookeeper::{ZkConfig, ZkRegistry};
 
 /// The persistent ZooKeeper node the server nodes live under, unless configured otherwise.
@@ -128,6 +133,9 @@ pub enum RegistryError {
     /// The task serving this registration has stopped (the runtime is shutting down).
     #[error("the registration is no longer served")]
     Closed,
+    /// The simulation's registry host could not be reached or answered nonsense.
+    #[error("registry host `{op}` failed: {reason}")]
+    Remote { op: &'static str, reason: String },
     #[error("encoding node data: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -145,11 +153,19 @@ pub trait Registry: Send + Sync {
     fn watch(&self) -> impl Future<Output = Result<RegistryView, RegistryError>> + Send;
 }
 
-/// Either backend, chosen at run time (`cim up` vs `--zk`).
+/// Any backend, chosen at run time (`cim up` vs `--zk`; `Remote`: a registry host over real
+/// sockets, as the conformance suite runs it; simulations use `RemoteRegistry<TurmoilNet>`).
 #[derive(Debug, Clone)]
 pub enum AnyRegistry {
     Memory(MemoryRegistry),
     Zk(ZkRegistry),
+    Remote(RemoteRegistry<crate::net::TokioNet>),
+}
+
+impl From<RemoteRegistry<crate::net::TokioNet>> for AnyRegistry {
+    fn from(r: RemoteRegistry<crate::net::TokioNet>) -> Self {
+        AnyRegistry::Remote(r)
+    }
 }
 
 impl From<MemoryRegistry> for AnyRegistry {
@@ -169,6 +185,7 @@ impl Registry for AnyRegistry {
         match self {
             AnyRegistry::Memory(r) => r.register(server).await,
             AnyRegistry::Zk(r) => r.register(server).await,
+            AnyRegistry::Remote(r) => r.register(server).await,
         }
     }
 
@@ -176,6 +193,7 @@ impl Registry for AnyRegistry {
         match self {
             AnyRegistry::Memory(r) => r.watch().await,
             AnyRegistry::Zk(r) => r.watch().await,
+            AnyRegistry::Remote(r) => r.watch().await,
         }
     }
 }
@@ -196,6 +214,7 @@ pub struct Registration {
 enum RegistrationBackend {
     Memory(memory::MemoryHandle),
     Zk(zookeeper::ZkHandle),
+    Remote(remote::RemoteHandle),
 }
 
 impl Registration {
@@ -225,6 +244,7 @@ impl Registration {
         match &self.backend {
             RegistrationBackend::Memory(h) => h.update(connections),
             RegistrationBackend::Zk(h) => h.update(connections).await,
+            RegistrationBackend::Remote(h) => h.update(connections).await,
         }
     }
 
@@ -238,6 +258,10 @@ impl Registration {
         match &self.backend {
             RegistrationBackend::Memory(h) => h.set_listed(&self.listed, listed),
             RegistrationBackend::Zk(h) => {
+                self.listed.store(listed, Ordering::SeqCst);
+                h.set_listed().await
+            }
+            RegistrationBackend::Remote(h) => {
                 self.listed.store(listed, Ordering::SeqCst);
                 h.set_listed().await
             }
@@ -258,6 +282,7 @@ impl Registration {
                 Ok(())
             }
             RegistrationBackend::Zk(h) => h.deregister().await,
+            RegistrationBackend::Remote(h) => h.deregister().await,
         }
     }
 }

@@ -23,6 +23,17 @@ impl MemoryBackend {
         }
     }
 
+    /// Replaces the whole state with a fresh store built from `config`: every account, claim,
+    /// log and cursor is gone, and logs created afterwards draw their log epochs from
+    /// `config.seed` (give it a new seed so they differ from the lost ones). The simulation's
+    /// "lossy restart" of the store: a Redis that restarts without its data.
+    pub fn reset(&self, config: MemoryStoreConfig) {
+        // A poisoned lock is exactly what a reset may replace.
+        let mut store = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *store = MemoryStore::new(config);
+        self.inner.clear_poison();
+    }
+
     fn apply(&self, now: UnixMillis, command: &StoreCommand) -> StoreResult {
         // A poisoned lock means an `apply` panicked halfway: the state may be inconsistent,
         // so refuse rather than serve it.

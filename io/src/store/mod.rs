@@ -85,6 +85,7 @@
 
 mod memory;
 mod redis;
+pub mod remote;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -94,6 +95,7 @@ use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 
 pub use self::memory::MemoryBackend;
 pub use self::redis::{ConnectError, RedisOptions, RedisStore};
+pub use self::remote::{RemoteOptions, RemoteStore, serve_store, serve_store_on};
 
 /// A boxed, sendable future borrowing the store (so `Arc<dyn Store>` can be moved into a
 /// spawned task that awaits it).

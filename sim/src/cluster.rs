@@ -1,0 +1,309 @@
+//! Builds a turmoil simulation of one CIM cluster: a store host, a registry host, servers,
+//! routes, and the SDK clients a scenario adds.
+//!
+//! | host | what runs there | reached as |
+//! |---|---|---|
+//! | `store` | [`serve_store`] over the shared [`MemoryBackend`] | `store:6379` |
+//! | `registry` | [`serve_registry`] over the shared [`RegistryHost`] (ZooKeeper sessions) | `registry:2181` |
+//! | `server-<i>` | `cim_io::server` with a [`RemoteStore`] and a [`RemoteRegistry`] | client 11211, link 11311, http 8081 |
+//! | `route-<i>` | `cim_io::route` with the same backends | HTTP 8083 |
+//! | clients | whatever the scenario runs ([`Cluster::add_client`]) | — |
+//!
+//! The store's and registry's state live outside their host closures, so `sim.bounce("store")`
+//! or `sim.bounce("registry")` keeps the data (Redis with its data on disk, a ZooKeeper member
+//! restarting); [`Cluster::lossy_restart_store`] is the store losing everything. Servers and
+//! routes keep nothing across a bounce (their state is in the store and the registry).
+//!
+//! Determinism: one seed drives turmoil's RNG and every seed inside (routes, store, clients);
+//! every host's wall clock is `origin` plus the simulated time (never the host OS clock).
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_core::client::ClientConfig;
+use cim_core::ids::{ServerId, UnixMillis, UserId};
+use cim_core::memstore::MemoryStoreConfig;
+use cim_core::server::ServerConfig;
+use cim_core::tickets::TicketKeys;
+use cim_io::clock::Clock;
+use cim_io::net::TurmoilNet;
+use cim_io::registry::{
+    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
+};
+use cim_io::route::{self, RouteOptions};
+use cim_io::sdk::SdkOptions;
+use cim_io::server::{self, ServerOptions};
+use cim_io::store::{MemoryBackend, RemoteOptions, RemoteStore, Store, serve_store};
+
+pub const STORE_HOST: &str = "store";
+pub const STORE_PORT: u16 = 6379;
+pub const REGISTRY_HOST: &str = "registry";
+pub const REGISTRY_PORT: u16 = 2181;
+pub const ROUTE_HTTP_PORT: u16 = 8083;
+
+const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+const TICKET_SECRET: &[u8] = b"sim-ticket-secret";
+const BEARER_SECRET: &[u8] = b"sim-bearer-secret";
+const LINK_SECRET: &[u8] = b"sim-link-secret!";
+
+/// The shape of a simulated cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Drives turmoil and every seed derived for the nodes.
+    pub seed: u64,
+    pub servers: usize,
+    pub routes: usize,
+    /// The registry host's session timeout (ZooKeeper's).
+    pub session_timeout: Duration,
+    /// Every store request's deadline, in servers and routes.
+    pub store_request_timeout: Duration,
+    /// The store's configuration (its seed is replaced by one derived from `seed`).
+    pub store: MemoryStoreConfig,
+    /// How long the simulation may run (turmoil fails the run past it).
+    pub duration: Duration,
+    /// Wall-clock time at the start of the simulation.
+    pub origin: UnixMillis,
+}
+
+impl ClusterSpec {
+    pub fn new(seed: u64, servers: usize, routes: usize) -> Self {
+        Self {
+            seed,
+            servers,
+            routes,
+            session_timeout: Duration::from_secs(6),
+            store_request_timeout: Duration::from_secs(2),
+            store: MemoryStoreConfig::default(),
+            duration: Duration::from_secs(600),
+            origin: UnixMillis(1_800_000_000_000),
+        }
+    }
+
+    /// A child seed for one purpose, so adding a node does not shift the others' seeds.
+    pub fn derive_seed(&self, purpose: &str, index: usize) -> u64 {
+        // FNV-1a: stable across runs and platforms (unlike `DefaultHasher`).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ self.seed;
+        for b in purpose.bytes().chain((index as u64).to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+}
+
+/// What a client host needs to talk to the cluster.
+#[derive(Debug, Clone)]
+pub struct ClientEnv {
+    pub routes: Vec<String>,
+    pub route_port: u16,
+    pub origin: UnixMillis,
+    pub seed: u64,
+}
+
+impl ClientEnv {
+    /// The host's clock: see [`sim_clock`].
+    pub fn clock(&self) -> Clock {
+        sim_clock(self.origin)
+    }
+
+    /// SDK options for `user` through route `route` (modulo the number of routes).
+    pub fn sdk_options(
+        &self,
+        user: UserId,
+        name: &str,
+        password: &str,
+        route: usize,
+    ) -> SdkOptions {
+        let route_host = self.routes[route % self.routes.len()].clone();
+        let session = ClientConfig::new(user, name, password, self.seed);
+        SdkOptions::new(route_host, self.route_port, session)
+    }
+}
+
+/// A simulated cluster: the turmoil `Sim` with every infrastructure host added, and handles
+/// on the state that outlives bounces.
+pub struct Cluster {
+    pub sim: turmoil::Sim<'static>,
+    pub spec: ClusterSpec,
+    /// The store host's data; survives `sim.bounce(STORE_HOST)`.
+    pub store: Arc<MemoryBackend>,
+    /// The registry host's sessions and entries; survive `sim.bounce(REGISTRY_HOST)`.
+    pub registry: Arc<RegistryHost>,
+    pub server_hosts: Vec<String>,
+    pub route_hosts: Vec<String>,
+    lossy_restarts: u64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("spec", &self.spec)
+            .field("server_hosts", &self.server_hosts)
+            .field("route_hosts", &self.route_hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A host's clock: wall time is `origin` plus the *simulation's* elapsed time, so a host
+/// restarted by a bounce does not jump back to `origin`.
+pub fn sim_clock(origin: UnixMillis) -> Clock {
+    let elapsed = turmoil::sim_elapsed().unwrap_or_default();
+    Clock::simulated(UnixMillis(origin.0 + elapsed.as_millis() as u64))
+}
+
+fn remote_store(spec: &ClusterSpec) -> Arc<dyn Store> {
+    let options = RemoteOptions {
+        request_timeout: spec.store_request_timeout,
+        connect_timeout: Duration::from_secs(1),
+    };
+    Arc::new(RemoteStore::new(
+        TurmoilNet, STORE_HOST, STORE_PORT, options,
+    ))
+}
+
+fn remote_registry() -> RemoteRegistry<TurmoilNet> {
+    RemoteRegistry::new(
+        TurmoilNet,
+        REGISTRY_HOST,
+        REGISTRY_PORT,
+        RemoteRegistryOptions::default(),
+    )
+}
+
+impl Cluster {
+    /// Builds the simulation with the store host, the registry host, `spec.servers` servers
+    /// (`server-0`..) and `spec.routes` routes (`route-0`..), each a turmoil host running the
+    /// real shell over [`TurmoilNet`] with a [`RemoteStore`] and a [`RemoteRegistry`]. Add
+    /// clients with [`add_client`](Self::add_client), then drive `sim` (`run`, or `step` with
+    /// faults in between).
+    pub fn build(spec: ClusterSpec) -> Cluster {
+        let mut sim = turmoil::Builder::new()
+            .simulation_duration(spec.duration)
+            .rng_seed(spec.seed)
+            .build();
+        let store = Arc::new(MemoryBackend::new(MemoryStoreConfig {
+            seed: spec.derive_seed("store", 0),
+            ..spec.store.clone()
+        }));
+        let registry = Arc::new(RegistryHost::new(RegistryHostConfig {
+            session_timeout: spec.session_timeout,
+        }));
+        {
+            let store = store.clone();
+            sim.host(STORE_HOST, move || {
+                let store = store.clone();
+                async move {
+                    serve_store(TurmoilNet, SocketAddr::new(ANY, STORE_PORT), store).await?;
+                    Ok(())
+                }
+            });
+        }
+        {
+            let registry = registry.clone();
+            sim.host(REGISTRY_HOST, move || {
+                let registry = registry.clone();
+                async move {
+                    let listen = SocketAddr::new(ANY, REGISTRY_PORT);
+                    serve_registry(TurmoilNet, listen, registry).await?;
+                    Ok(())
+                }
+            });
+        }
+        let mut server_hosts = Vec::new();
+        for i in 0..spec.servers {
+            let name = format!("server-{i}");
+            let spec2 = spec.clone();
+            let host = name.clone();
+            sim.host(name.as_str(), move || {
+                let (spec, host) = (spec2.clone(), host.clone());
+                async move {
+                    let keys = TicketKeys::new(1, TICKET_SECRET);
+                    let node = ServerConfig::new(ServerId::new(host.clone()), keys);
+                    let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
+                    options.listen_ip = ANY;
+                    options.advertise_host = host;
+                    let mut handle = server::start(
+                        TurmoilNet,
+                        sim_clock(spec.origin),
+                        options,
+                        remote_store(&spec),
+                        &remote_registry(),
+                    )
+                    .await?;
+                    handle.stopped().await?;
+                    Ok(())
+                }
+            });
+            server_hosts.push(name);
+        }
+        let mut route_hosts = Vec::new();
+        for i in 0..spec.routes {
+            let name = format!("route-{i}");
+            let spec2 = spec.clone();
+            let host = name.clone();
+            sim.host(name.as_str(), move || {
+                let (spec, host) = (spec2.clone(), host.clone());
+                async move {
+                    let mut options = RouteOptions::new(
+                        host,
+                        TicketKeys::new(1, TICKET_SECRET),
+                        BEARER_SECRET.to_vec(),
+                        LINK_SECRET.to_vec(),
+                    );
+                    options.http_listen = SocketAddr::new(ANY, ROUTE_HTTP_PORT);
+                    options.seed = spec.derive_seed("route", i);
+                    let mut handle = route::start(
+                        TurmoilNet,
+                        sim_clock(spec.origin),
+                        options,
+                        remote_store(&spec),
+                        &remote_registry(),
+                    )
+                    .await?;
+                    handle.stopped().await?;
+                    Ok(())
+                }
+            });
+            route_hosts.push(name);
+        }
+        Cluster {
+            sim,
+            spec,
+            store,
+            registry,
+            server_hosts,
+            route_hosts,
+            lossy_restarts: 0,
+        }
+    }
+
+    /// Adds a client host running `workload`. Its env names the routes and carries a seed
+    /// derived from the cluster's seed and the client's name.
+    pub fn add_client<F, Fut>(&mut self, name: &str, workload: F)
+    where
+        F: FnOnce(ClientEnv) -> Fut,
+        Fut: Future<Output = turmoil::Result> + 'static,
+    {
+        let env = ClientEnv {
+            routes: self.route_hosts.clone(),
+            route_port: ROUTE_HTTP_PORT,
+            origin: self.spec.origin,
+            seed: self.spec.derive_seed(&format!("client:{name}"), 0),
+        };
+        self.sim.client(name, workload(env));
+    }
+
+    /// The "lossy restart" fault: the store loses everything (new log epochs from a fresh
+    /// derived seed) and its host restarts, cutting every connection.
+    pub fn lossy_restart_store(&mut self) {
+        self.lossy_restarts += 1;
+        let seed = self.spec.derive_seed("store", self.lossy_restarts as usize);
+        self.store.reset(MemoryStoreConfig {
+            seed,
+            ..self.spec.store.clone()
+        });
+        self.sim.bounce(STORE_HOST);
+    }
+}
