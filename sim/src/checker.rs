@@ -974,8 +974,9 @@ fn advance(
         }),
         _ => None,
     };
-    // Resynchronise on what was handed over, so one fault is reported once.
-    pos.next = Some(to.saturating_add(1));
+    // Resynchronise past what was handed over (never back), so one fault is reported once.
+    let after = to.saturating_add(1);
+    pos.next = Some(pos.next.map_or(after, |next| next.max(after)));
     violation
 }
 
