@@ -35,7 +35,9 @@
 //! 5. **Re-home**: after a server death or an isolation of a server, every client that was
 //!    online on it is online again (or stopped) within the bound, measured from the later
 //!    of the fault and the network's heal (the first instant after the fault with no host
-//!    isolated). [`Violation::SlowRehome`]
+//!    isolated). A client online at that instant (its link survived an isolation, or it
+//!    re-homed before the heal) counts as re-homed at once; after a death, only an `Online`
+//!    later than the death counts. [`Violation::SlowRehome`]
 //! 6. **Consistency**: everything known about one (conv, log epoch, seq) (acks, messages
 //!    clients saw) names the same (sender, msg id), and the same body among clients; one
 //!    (sender, msg id) is acked under one seq per log epoch. [`Violation::Conflict`],
@@ -43,6 +45,9 @@
 //!
 //! # Scope
 //!
+//! - One [`ClientHistory`] per SDK client instance ([`ClientId`]); a user may have several
+//!   (concurrent logins, a restarted process): each is judged on its own.
+//! - Isolations name hosts ([`Host`]); the healed phase ([`Bounds::healed_at`]) heals all.
 //! - Membership is static per run: `all` holds every user, a private conversation its two
 //!   users, a group the users listed with their join seq (in the final log's terms), visible
 //!   from `join_seq + 1` on. Leaving is not modelled: leave such users out of the group.
