@@ -1,5 +1,7 @@
 //! `cim-sim`: whole-cluster simulations over turmoil. The real shell (`cim-io`) runs in
 //! turmoil hosts: routes, servers, SDK clients, and — through [`cluster`] — the store and the
-//! registry as hosts of their own, reached over the simulated network.
+//! registry as hosts of their own, reached over the simulated network. [`checker`] judges
+//! what the clients saw against what was acknowledged.
 
+pub mod checker;
 pub mod cluster;

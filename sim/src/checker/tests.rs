@@ -1,0 +1,633 @@
+//! Hand-made histories: a clean one, and for each invariant one that breaks it exactly once.
+
+use super::*;
+
+mod model;
+
+fn ms(n: u64) -> SimTime {
+    Duration::from_millis(n)
+}
+
+const E: LogEpoch = LogEpoch(7);
+const E2: LogEpoch = LogEpoch(8);
+
+fn user(n: u64) -> UserId {
+    UserId(n)
+}
+
+fn server(name: &str) -> ServerId {
+    ServerId::new(name)
+}
+
+fn all() -> ConvId {
+    ConvId::All
+}
+
+fn g() -> ConvId {
+    ConvId::group("g").unwrap()
+}
+
+fn p13() -> ConvId {
+    ConvId::private(user(1), user(3)).unwrap()
+}
+
+fn msg_id(conv: &ConvId, seq: u64) -> ClientMsgId {
+    let tag = match conv {
+        ConvId::All => 1,
+        ConvId::Group(_) => 2,
+        ConvId::Private { .. } => 3,
+    };
+    ClientMsgId((tag << 64) | u128::from(seq))
+}
+
+fn msg_in(conv: &ConvId, log_epoch: LogEpoch, seq: u64, sender: u64) -> StoredMessage {
+    StoredMessage {
+        conv: conv.clone(),
+        log_epoch,
+        seq,
+        sender: user(sender),
+        msg_id: msg_id(conv, seq),
+        body: Bytes::from(format!("{conv}#{seq}")),
+        appended_at: cim_core::ids::UnixMillis(seq),
+    }
+}
+
+fn msg(conv: &ConvId, seq: u64, sender: u64) -> StoredMessage {
+    msg_in(conv, E, seq, sender)
+}
+
+fn ack(m: &StoredMessage, at: u64) -> AckedSend {
+    AckedSend {
+        sender: m.sender,
+        conv: m.conv.clone(),
+        msg_id: m.msg_id,
+        log_epoch: m.log_epoch,
+        seq: m.seq,
+        acked_at: ms(at),
+    }
+}
+
+fn online(name: &str, epoch: u64) -> Seen {
+    Seen::Online {
+        server: server(name),
+        epoch: Epoch(epoch),
+    }
+}
+
+fn span(u: u64, s: &str, epoch: u64, open: u64, close: Option<u64>) -> SessionSpan {
+    SessionSpan {
+        user: user(u),
+        server: server(s),
+        epoch: Epoch(epoch),
+        opened_at: ms(open),
+        closed_at: close.map(ms),
+    }
+}
+
+/// Senders of each conversation's messages, seq 1 first.
+fn senders(conv: &ConvId) -> &'static [u64] {
+    match conv {
+        ConvId::All => &[1, 2, 3, 1],
+        ConvId::Group(_) => &[1, 1, 2],
+        ConvId::Private { .. } => &[1, 3],
+    }
+}
+
+fn m(conv: &ConvId, seq: u64) -> StoredMessage {
+    msg(conv, seq, senders(conv)[seq as usize - 1])
+}
+
+/// Three users on two servers; server s1 dies at 1000 and user 1 re-homes to s2 at 1500.
+/// `all` (seqs 1..=4, trimmed to 3.. by the end), group `g` (user 2 joined at seq 2) and
+/// p:1:3. Client 3 was told seq 2 of `all` was trimmed.
+fn clean() -> History {
+    let mut acks = Vec::new();
+    for conv in [all(), g(), p13()] {
+        for seq in 1..=senders(&conv).len() as u64 {
+            acks.push(ack(&m(&conv, seq), 100 + seq * 10));
+        }
+    }
+    let c1 = ClientHistory {
+        client: ClientId(1),
+        user: user(1),
+        events: vec![
+            (ms(100), online("s1", 1)),
+            (ms(200), Seen::Message(m(&all(), 1))),
+            (ms(210), Seen::Message(m(&all(), 2))),
+            (ms(220), Seen::Message(m(&g(), 1))),
+            (ms(230), Seen::Message(m(&p13(), 1))),
+            (ms(1200), Seen::Reconnecting),
+            (ms(1500), online("s2", 2)),
+            (ms(1600), Seen::Message(m(&all(), 3))),
+            (ms(1610), Seen::Message(m(&all(), 4))),
+            (ms(1620), Seen::Message(m(&g(), 2))),
+            (ms(1630), Seen::Message(m(&g(), 3))),
+            (ms(1640), Seen::Message(m(&p13(), 2))),
+        ],
+    };
+    let c2 = ClientHistory {
+        client: ClientId(2),
+        user: user(2),
+        events: vec![
+            (ms(100), online("s2", 1)),
+            (ms(200), Seen::Message(m(&all(), 1))),
+            (ms(210), Seen::Message(m(&all(), 2))),
+            (ms(220), Seen::Message(m(&all(), 3))),
+            (ms(230), Seen::Message(m(&all(), 4))),
+            (ms(240), Seen::Message(m(&g(), 3))),
+        ],
+    };
+    let c3 = ClientHistory {
+        client: ClientId(3),
+        user: user(3),
+        events: vec![
+            (ms(100), online("s2", 1)),
+            (ms(200), Seen::Message(m(&all(), 1))),
+            (
+                ms(300),
+                Seen::Unavailable {
+                    conv: all(),
+                    from_seq: 2,
+                    count: 1,
+                },
+            ),
+            (ms(310), Seen::Message(m(&all(), 3))),
+            (ms(320), Seen::Message(m(&all(), 4))),
+            (ms(330), Seen::Message(m(&p13(), 1))),
+            (ms(340), Seen::Message(m(&p13(), 2))),
+        ],
+    };
+    let final_log = |head: u64, first: u64| FinalLog {
+        log_epoch: E,
+        head_seq: head,
+        first_available_seq: first,
+    };
+    History {
+        sessions: vec![
+            span(1, "s1", 1, 100, Some(1000)),
+            span(1, "s2", 2, 1500, None),
+            span(2, "s2", 1, 100, None),
+            span(3, "s2", 1, 100, None),
+        ],
+        acks,
+        clients: vec![c1, c2, c3],
+        membership: Membership {
+            groups: BTreeMap::from([(
+                "g".to_owned(),
+                BTreeMap::from([(user(1), 0), (user(2), 2)]),
+            )]),
+        },
+        final_logs: BTreeMap::from([
+            (all(), final_log(4, 3)),
+            (g(), final_log(3, 1)),
+            (p13(), final_log(2, 1)),
+        ]),
+        faults: vec![(ms(1000), Fault::ServerDied(server("s1")))],
+        bounds: Bounds {
+            healed_at: ms(3000),
+            end: ms(5000),
+            rehome_after_death: ms(2000),
+            rehome_after_isolation: ms(3000),
+        },
+    }
+}
+
+fn client(h: &mut History, id: u32) -> &mut Vec<(SimTime, Seen)> {
+    &mut h
+        .clients
+        .iter_mut()
+        .find(|c| c.client == ClientId(id))
+        .unwrap()
+        .events
+}
+
+/// Checks `h` and returns its single violation, printing the report either way.
+fn single(h: &History) -> Violation {
+    let report = check(h);
+    println!("{report}");
+    assert_eq!(report.violations.len(), 1, "{report}");
+    report.violations[0].clone()
+}
+
+#[test]
+fn a_clean_history_passes_and_is_counted() {
+    let report = check(&clean());
+    println!("{report}");
+    assert!(report.is_clean(), "{report}");
+    let s = report.stats;
+    assert_eq!(s.sessions_checked, 4);
+    assert_eq!(s.acks_checked, 9);
+    assert_eq!(s.messages_checked, 9 + 5 + 5);
+    // all: 3 clients x seqs 3..=4; g: user 1 seqs 1..=3, user 2 seq 3; p: 2 users x 2.
+    assert_eq!(s.deliveries_required, 6 + 3 + 1 + 4);
+    assert_eq!((s.rehomes_checked, s.rehomes_unjudged), (1, 0));
+    assert_eq!(s.max_rehome, Some(ms(500)));
+}
+
+#[test]
+fn overlapping_sessions_are_reported() {
+    let mut h = clean();
+    h.sessions.push(span(2, "s1", 2, 200, Some(300)));
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::OverlappingSessions { user: u, first, second }
+            if *u == user(2) && first.opened_at == ms(100) && second.opened_at == ms(200)),
+        "{v}"
+    );
+    // Half-open: one closing when the next opens is fine.
+    let mut h = clean();
+    h.sessions[1].opened_at = ms(1000);
+    assert!(check(&h).is_clean());
+}
+
+#[test]
+fn a_seq_handed_over_twice_is_a_duplicate() {
+    let mut h = clean();
+    client(&mut h, 2).insert(3, (ms(215), Seen::Message(m(&all(), 2))));
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::DuplicateSeq { client, seq: 2, first_at, again_at, .. }
+            if *client == ClientId(2) && *first_at == ms(210) && *again_at == ms(215)),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_message_id_under_two_seqs_is_a_duplicate() {
+    let mut h = clean();
+    let mut again = m(&all(), 4);
+    again.seq = 5; // the store appended a retry again instead of answering the original
+    client(&mut h, 3).push((ms(400), Seen::Message(again)));
+    h.final_logs.get_mut(&all()).unwrap().head_seq = 5;
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::DuplicateMsgId { client, first_seq: 4, again_seq: 5, .. }
+            if *client == ClientId(3)),
+        "{v}"
+    );
+}
+
+#[test]
+fn going_back_is_a_reordering() {
+    let mut h = clean();
+    // Client 2's stream of `all` starts at seq 2 (allowed), then goes back to 1.
+    client(&mut h, 2).swap(1, 2);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::OutOfOrder { client, expected: 3, got: 1, .. }
+            if *client == ClientId(2)),
+        "{v}"
+    );
+}
+
+#[test]
+fn an_unannounced_jump_is_a_silent_gap() {
+    let mut h = clean();
+    // Seq 2 of `all` is trimmed by the end, so skipping it is no loss: only the silence is.
+    client(&mut h, 2).remove(2);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::SilentGap { client, missing_from: 2, missing_to: 2, .. }
+            if *client == ClientId(2)),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_message_of_another_log_epoch_without_reset_is_reported() {
+    let mut h = clean();
+    client(&mut h, 3).push((ms(400), Seen::Message(msg_in(&all(), E2, 1, 2))));
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::EpochSwitch { current, got, seq: Some(1), .. }
+            if *current == E && *got == E2),
+        "{v}"
+    );
+}
+
+/// Client 3 saw p:1:3 reset to a new log with one new message, which client 1 also got.
+fn reset_p(h: &mut History) {
+    client(h, 3).extend([
+        (
+            ms(2000),
+            Seen::LogReset {
+                conv: p13(),
+                old_epoch: E,
+                new_epoch: E2,
+            },
+        ),
+        (ms(2010), Seen::Message(msg_in(&p13(), E2, 1, 3))),
+    ]);
+    client(h, 1).extend([
+        (
+            ms(2000),
+            Seen::LogReset {
+                conv: p13(),
+                old_epoch: E,
+                new_epoch: E2,
+            },
+        ),
+        (ms(2010), Seen::Message(msg_in(&p13(), E2, 1, 3))),
+    ]);
+    h.acks.push(ack(&msg_in(&p13(), E2, 1, 3), 1990));
+    h.final_logs.insert(
+        p13(),
+        FinalLog {
+            log_epoch: E2,
+            head_seq: 1,
+            first_available_seq: 1,
+        },
+    );
+}
+
+#[test]
+fn a_log_reset_needs_a_lossy_restart() {
+    let mut h = clean();
+    reset_p(&mut h);
+    h.clients.retain(|c| c.client != ClientId(1));
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::UnexplainedLogReset { client, old_epoch, new_epoch, .. }
+            if *client == ClientId(3) && *old_epoch == E && *new_epoch == E2),
+        "{v}"
+    );
+    h.faults.push((ms(1900), Fault::StoreLossyRestart));
+    assert!(check(&h).is_clean(), "{}", check(&h));
+}
+
+#[test]
+fn after_a_lossy_restart_old_messages_are_exempt_but_never_current() {
+    let mut h = clean();
+    h.faults.push((ms(1900), Fault::StoreLossyRestart));
+    // Client 3 never got p:1:3 seq 2 of the replaced log: exempt.
+    let events = client(&mut h, 3);
+    events.retain(|(_, s)| !matches!(s, Seen::Message(m) if m.conv == p13() && m.seq == 2));
+    reset_p(&mut h);
+    assert!(check(&h).is_clean(), "{}", check(&h));
+    // ... but handing it over after the reset, as if current, is reported.
+    client(&mut h, 3).push((ms(2020), Seen::Message(m(&p13(), 2))));
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::EpochSwitch { current, got, seq: Some(2), .. }
+            if *current == E2 && *got == E),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_missing_acked_message_is_lost() {
+    let mut h = clean();
+    client(&mut h, 3)
+        .retain(|(_, s)| !matches!(s, Seen::Message(m) if m.conv == all() && m.seq == 4));
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::Lost { client, seq: 4, sender, announced_unavailable: false, .. }
+            if *client == ClientId(3) && *sender == user(1)),
+        "{v}"
+    );
+    // Announcing it unavailable while the log still holds it does not excuse it.
+    client(&mut h, 3).push((
+        ms(400),
+        Seen::Unavailable {
+            conv: all(),
+            from_seq: 4,
+            count: 1,
+        },
+    ));
+    let v = single(&h);
+    assert!(
+        matches!(
+            &v,
+            Violation::Lost {
+                seq: 4,
+                announced_unavailable: true,
+                ..
+            }
+        ),
+        "{v}"
+    );
+    // A client offline at the end owes nothing.
+    client(&mut h, 3).push((ms(4000), Seen::Reconnecting));
+    assert!(check(&h).is_clean(), "{}", check(&h));
+}
+
+#[test]
+fn a_group_member_owes_nothing_before_its_join_seq() {
+    let mut h = clean();
+    // User 2 (joined at seq 2) got seq 3 only; had it joined at 1 it would miss seq 2.
+    h.membership.groups.get_mut("g").unwrap().insert(user(2), 1);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::Lost { client, seq: 2, .. } if *client == ClientId(2)),
+        "{v}"
+    );
+    // A non-member owes nothing at all.
+    h.membership.groups.get_mut("g").unwrap().remove(&user(2));
+    assert!(check(&h).is_clean(), "{}", check(&h));
+}
+
+#[test]
+fn a_new_client_may_start_at_its_users_cursor() {
+    let mut h = clean();
+    // Client 4 of user 2 takes over: user 2's cursor in `all` is at 4, in g at 3.
+    client(&mut h, 2).push((ms(2500), Seen::Stopped(StopReason::TakenOver)));
+    h.clients.push(ClientHistory {
+        client: ClientId(4),
+        user: user(2),
+        events: vec![(ms(2600), online("s2", 2))],
+    });
+    assert!(check(&h).is_clean(), "{}", check(&h));
+    // Without the earlier client, the new one owes everything after the floors.
+    h.clients.retain(|c| c.client != ClientId(2));
+    let report = check(&h);
+    let lost: Vec<(ConvId, u64)> = report
+        .violations
+        .iter()
+        .map(|v| match v {
+            Violation::Lost { conv, seq, .. } => (conv.clone(), *seq),
+            other => panic!("unexpected {other}"),
+        })
+        .collect();
+    assert_eq!(lost, vec![(all(), 3), (all(), 4), (g(), 3)], "{report}");
+}
+
+#[test]
+fn re_homing_late_after_a_death_is_reported() {
+    let mut h = clean();
+    let events = client(&mut h, 1);
+    events[6].0 = ms(3100); // online on s2 2100ms after s1 died; bound 2000
+    events.sort_by_key(|(at, _)| *at);
+    h.sessions[1].opened_at = ms(3100);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::SlowRehome { client, server: s, measured_from, online_at: Some(at), .. }
+            if *client == ClientId(1) && *s == server("s1") && *measured_from == ms(1000)
+                && *at == ms(3100)),
+        "{v}"
+    );
+    // Never online again at all.
+    let events = client(&mut h, 1);
+    events.retain(|(at, _)| *at < ms(3100));
+    h.sessions.remove(1);
+    let report = check(&h);
+    assert!(
+        report.violations.iter().any(|v| matches!(
+            v,
+            Violation::SlowRehome {
+                online_at: None,
+                ..
+            }
+        )),
+        "{report}"
+    );
+}
+
+#[test]
+fn re_homing_after_an_isolation_is_measured_from_the_heal() {
+    let mut h = clean();
+    h.faults = vec![
+        (ms(200), Fault::Isolated(Host::Server(server("s2")))),
+        (ms(250), Fault::Isolated(Host::Other("route-1".to_owned()))),
+        (ms(1000), Fault::Healed(Host::Server(server("s2")))),
+        (ms(1100), Fault::Healed(Host::Other("route-1".to_owned()))),
+    ];
+    // Client 3 loses its link and is back 2900ms after the network healed (bound 3000).
+    client(&mut h, 3).extend([(ms(300), Seen::Reconnecting), (ms(4000), online("s2", 2))]);
+    let report = check(&h);
+    assert!(report.is_clean(), "{report}");
+    // Clients 2 and 3 were online on s2; client 2 never lost its link.
+    assert_eq!(report.stats.rehomes_checked, 2);
+    assert_eq!(report.stats.max_rehome, Some(ms(2900)));
+    let last = client(&mut h, 3).last_mut().unwrap();
+    last.0 = ms(4200);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::SlowRehome { client, measured_from, online_at: Some(at), .. }
+            if *client == ClientId(3) && *measured_from == ms(1100) && *at == ms(4200)),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_stopped_client_owes_no_re_home_and_an_unfinished_one_is_not_judged() {
+    let mut h = clean();
+    let events = client(&mut h, 1);
+    events.retain(|(at, _)| *at < ms(1500));
+    events.push((ms(1300), Seen::Stopped(StopReason::LoggedOut)));
+    h.sessions.remove(1);
+    let report = check(&h);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.stats.rehomes_checked, 0);
+
+    let mut h = clean();
+    h.bounds.end = ms(2500);
+    client(&mut h, 1).retain(|(at, _)| *at < ms(1500));
+    h.sessions.remove(1);
+    h.clients.retain(|c| c.client != ClientId(1)); // offline at the end: owes no messages
+    h.clients.push(ClientHistory {
+        client: ClientId(1),
+        user: user(1),
+        events: vec![(ms(100), online("s1", 1)), (ms(1200), Seen::Reconnecting)],
+    });
+    let report = check(&h);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.stats.rehomes_unjudged, 1);
+}
+
+#[test]
+fn two_messages_under_one_seq_conflict() {
+    let mut h = clean();
+    let events = client(&mut h, 2);
+    let Seen::Message(m3) = &mut events[3].1 else {
+        panic!("not a message");
+    };
+    m3.body = Bytes::from_static(b"forged");
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::Conflict { conv, seq: 3, second, .. }
+            if *conv == all() && second.client == Some(ClientId(2))),
+        "{v}"
+    );
+    // Against the ack: another message id under an acked seq.
+    let mut h = clean();
+    let events = client(&mut h, 2);
+    let Seen::Message(m3) = &mut events[3].1 else {
+        panic!("not a message");
+    };
+    m3.msg_id = ClientMsgId(99);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::Conflict { first, second, .. }
+            if first.client.is_none() && second.msg_id == ClientMsgId(99)),
+        "{v}"
+    );
+}
+
+#[test]
+fn one_message_acked_under_two_seqs_is_reported() {
+    let m1 = m(&all(), 1);
+    let mut again = ack(&m1, 500);
+    again.seq = 2;
+    let h = History {
+        acks: vec![ack(&m1, 100), again],
+        ..History::default()
+    };
+    let v = single(&h);
+    assert!(
+        matches!(
+            &v,
+            Violation::AckedTwice {
+                first_seq: 1,
+                again_seq: 2,
+                ..
+            }
+        ),
+        "{v}"
+    );
+}
+
+#[test]
+fn client_events_map_to_what_the_checker_judges() {
+    let mut c = ClientHistory::new(ClientId(1), user(1));
+    c.record(ms(1), &ClientEvent::LoggingIn);
+    c.record(
+        ms(2),
+        &ClientEvent::Online {
+            server: server("s1"),
+            epoch: Epoch(3),
+        },
+    );
+    c.record(ms(3), &ClientEvent::Message(m(&all(), 1)));
+    c.record(ms(4), &ClientEvent::Stopped(StopReason::Shutdown));
+    assert_eq!(
+        c.events,
+        vec![
+            (ms(2), online("s1", 3)),
+            (ms(3), Seen::Message(m(&all(), 1))),
+            (ms(4), Seen::Stopped(StopReason::Shutdown)),
+        ]
+    );
+}
+
+#[test]
+fn violations_read_well() {
+    let mut h = clean();
+    client(&mut h, 2).remove(2);
+    client(&mut h, 3)
+        .retain(|(_, s)| !matches!(s, Seen::Message(m) if m.conv == all() && m.seq == 4));
+    let text = check(&h).to_string();
+    assert!(
+        text.contains(
+            "silent gap: client 2 (user 2) skipped all seqs 2..=2 (log epoch 7) at 0.220s \
+             without an Unavailable"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "lost: client 3 (user 3, online at the end) never got all seq 4 (log epoch 7), \
+             message 00000000-0000-0001-0000-000000000004 of sender 1 acked at 0.140s"
+        ),
+        "{text}"
+    );
+}
