@@ -101,11 +101,6 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-struct Cluster {
-    route: RouteHandle,
-    servers: Vec<ServerHandle>,
-}
-
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = launch::open_store(
         args.redis.as_deref(),
@@ -156,15 +151,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .context("starting the route")?;
 
     print_welcome(&route, &servers, args.redis.is_some(), args.zk.is_some());
-    let mut cluster = Cluster { route, servers };
     launch::shutdown_signal().await;
     println!("\nstopping: servers drain (clients are told to reconnect elsewhere), then the route");
-    for server in cluster.servers.drain(..) {
+    for server in servers {
         if let Err(error) = server.drain().await {
             tracing::warn!(%error, "drain failed");
         }
     }
-    cluster.route.shutdown().await;
+    route.shutdown().await;
     Ok(())
 }
 
