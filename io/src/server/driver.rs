@@ -22,6 +22,9 @@ use crate::clock::Clock;
 use crate::net::{FrameWriter, Stream};
 use crate::store::Store;
 
+/// Sessions as (user, epoch, connection), for the observer's comparisons.
+type SessionSet = BTreeSet<(UserId, Epoch, ConnId)>;
+
 /// A route link, numbered by the link listener in accept order. Never reused.
 pub(super) type LinkId = u64;
 
@@ -164,7 +167,7 @@ pub(super) struct Driver<S> {
     drain_done: Option<oneshot::Sender<()>>,
     shell: ShellStats,
     /// Told of session changes; with it, the session list as last reported.
-    observer: Option<(SessionObserver, BTreeSet<(UserId, Epoch, ConnId)>)>,
+    observer: Option<(SessionObserver, SessionSet)>,
 }
 
 impl<S: Stream> Driver<S> {
@@ -349,7 +352,7 @@ impl<S: Stream> Driver<S> {
         let Some((observer, reported)) = &mut self.observer else {
             return;
         };
-        let now: BTreeSet<(UserId, Epoch, ConnId)> = self.node.session_list().into_iter().collect();
+        let now: SessionSet = self.node.session_list().into_iter().collect();
         if now == *reported {
             return;
         }
