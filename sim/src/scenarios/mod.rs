@@ -538,10 +538,10 @@ pub fn drive(
     }
     let wall = UnixMillis(plan.spec.origin.0 + sim_time.as_millis() as u64);
     let users: BTreeSet<UserId> = history.clients.iter().map(|c| c.user).collect();
-    if let Some(&reader) = users.first() {
-        if let Some(log) = final_log(&cluster, wall, reader, &ConvId::All) {
-            history.final_logs.insert(ConvId::All, log);
-        }
+    if let Some(&reader) = users.first()
+        && let Some(log) = final_log(&cluster, wall, reader, &ConvId::All)
+    {
+        history.final_logs.insert(ConvId::All, log);
     }
     for g in &groups {
         let (Some(&reader), Ok(conv)) = (members.first(), ConvId::group(g)) else {
