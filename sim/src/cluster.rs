@@ -34,7 +34,7 @@ use cim_io::registry::{
 };
 use cim_io::route::{self, RouteOptions};
 use cim_io::sdk::SdkOptions;
-use cim_io::server::{self, ServerOptions};
+use cim_io::server::{self, ServerOptions, SessionObserver};
 use cim_io::store::{MemoryBackend, RemoteOptions, RemoteStore, Store, serve_store};
 
 pub const STORE_HOST: &str = "store";
@@ -65,6 +65,9 @@ pub struct ClusterSpec {
     pub duration: Duration,
     /// Wall-clock time at the start of the simulation.
     pub origin: UnixMillis,
+    /// turmoil's step: every host runs this much simulated time per step (1 ms by default;
+    /// coarser steps run faster and blur ordering within a step).
+    pub tick: Duration,
 }
 
 impl ClusterSpec {
@@ -78,6 +81,7 @@ impl ClusterSpec {
             store: MemoryStoreConfig::default(),
             duration: Duration::from_secs(600),
             origin: UnixMillis(1_800_000_000_000),
+            tick: Duration::from_millis(1),
         }
     }
 
@@ -90,6 +94,25 @@ impl ClusterSpec {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         h
+    }
+}
+
+/// Makes the session observer of one server (called at every start of its host, so a
+/// bounced server keeps reporting).
+pub type ObserverFactory = Arc<dyn Fn(&ServerId) -> SessionObserver + Send + Sync>;
+
+/// Optional instrumentation of a cluster, for the recorder.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Gives each server a [`SessionObserver`] (`ServerOptions::observer`).
+    pub server_observer: Option<ObserverFactory>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("server_observer", &self.server_observer.is_some())
+            .finish()
     }
 }
 
@@ -179,9 +202,15 @@ impl Cluster {
     /// clients with [`add_client`](Self::add_client), then drive `sim` (`run`, or `step` with
     /// faults in between).
     pub fn build(spec: ClusterSpec) -> Cluster {
+        Self::build_with(spec, Hooks::default())
+    }
+
+    /// [`build`](Self::build), with instrumentation.
+    pub fn build_with(spec: ClusterSpec, hooks: Hooks) -> Cluster {
         let mut sim = turmoil::Builder::new()
             .simulation_duration(spec.duration)
             .rng_seed(spec.seed)
+            .tick_duration(spec.tick)
             .build();
         let store = Arc::new(MemoryBackend::new(MemoryStoreConfig {
             seed: spec.derive_seed("store", 0),
@@ -216,14 +245,20 @@ impl Cluster {
             let name = format!("server-{i}");
             let spec2 = spec.clone();
             let host = name.clone();
+            let observer = hooks.server_observer.clone();
             sim.host(name.as_str(), move || {
                 let (spec, host) = (spec2.clone(), host.clone());
+                let observer = observer.clone();
                 async move {
                     let keys = TicketKeys::new(1, TICKET_SECRET);
-                    let node = ServerConfig::new(ServerId::new(host.clone()), keys);
-                    let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
+                    let id = ServerId::new(host.clone());
+                    let mut options = ServerOptions::new(
+                        ServerConfig::new(id.clone(), keys),
+                        LINK_SECRET.to_vec(),
+                    );
                     options.listen_ip = ANY;
                     options.advertise_host = host;
+                    options.observer = observer.map(|make| make(&id));
                     let mut handle = server::start(
                         TurmoilNet,
                         sim_clock(spec.origin),

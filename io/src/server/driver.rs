@@ -1,12 +1,13 @@
 //! The driver task: the one owner of the [`ServerNode`]. It never awaits I/O: every socket,
 //! store call and registry call runs in another task and reaches it as an [`Input`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use cim_core::ids::{Epoch, UserId};
 use cim_core::server::{ConnId, ServerNode, ServerOutput, ServerStats};
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
 use cim_proto::codec::FrameCodec;
@@ -16,10 +17,13 @@ use tokio::io::WriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{LINK_QUEUE, ServerError, gateway, link};
+use super::{LINK_QUEUE, ServerError, SessionEvent, SessionObserver, gateway, link};
 use crate::clock::Clock;
 use crate::net::{FrameWriter, Stream};
 use crate::store::Store;
+
+/// Sessions as (user, epoch, connection), for the observer's comparisons.
+type SessionSet = BTreeSet<(UserId, Epoch, ConnId)>;
 
 /// A route link, numbered by the link listener in accept order. Never reused.
 pub(super) type LinkId = u64;
@@ -162,6 +166,8 @@ pub(super) struct Driver<S> {
     withdrawn: bool,
     drain_done: Option<oneshot::Sender<()>>,
     shell: ShellStats,
+    /// Told of session changes; with it, the session list as last reported.
+    observer: Option<(SessionObserver, SessionSet)>,
 }
 
 impl<S: Stream> Driver<S> {
@@ -175,6 +181,7 @@ impl<S: Stream> Driver<S> {
         inputs: mpsc::Sender<Input<S>>,
         cancel: CancellationToken,
         connections_gauge: Arc<AtomicU64>,
+        observer: Option<SessionObserver>,
     ) -> Self {
         Self {
             node,
@@ -193,6 +200,7 @@ impl<S: Stream> Driver<S> {
             withdrawn: false,
             drain_done: None,
             shell: ShellStats::default(),
+            observer: observer.map(|o| (o, BTreeSet::new())),
         }
     }
 
@@ -227,6 +235,7 @@ impl<S: Stream> Driver<S> {
                 },
             }
             self.act();
+            self.observe_sessions();
             self.connections_gauge
                 .store(self.node.connections() as u64, Ordering::Relaxed);
             self.check_drained();
@@ -335,6 +344,25 @@ impl<S: Stream> Driver<S> {
                 ServerOutput::ToRoute(send) => self.route_send(send),
             }
         }
+    }
+
+    /// Reports the sessions opened and closed since the last call (only with an observer:
+    /// the comparison walks every session).
+    fn observe_sessions(&mut self) {
+        let Some((observer, reported)) = &mut self.observer else {
+            return;
+        };
+        let now: SessionSet = self.node.session_list().into_iter().collect();
+        if now == *reported {
+            return;
+        }
+        for &(user, epoch, conn) in reported.difference(&now) {
+            (observer.0)(SessionEvent::Closed { user, epoch, conn });
+        }
+        for &(user, epoch, conn) in now.difference(reported) {
+            (observer.0)(SessionEvent::Opened { user, epoch, conn });
+        }
+        *reported = now;
     }
 
     fn accepted(&mut self, stream: S, peer: SocketAddr) {

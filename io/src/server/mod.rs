@@ -43,9 +43,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use cim_core::ids::ServerId;
+use cim_core::ids::{Epoch, ServerId, UserId};
 use cim_core::registry::LiveServer;
-use cim_core::server::{ConfigError, ServerConfig, ServerNode};
+use cim_core::server::{ConfigError, ConnId, ServerConfig, ServerNode};
 use cim_proto::codec::{DEFAULT_MAX_FRAME, FrameCodec};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -100,6 +100,37 @@ pub struct ServerOptions {
     /// and leaves the registry until it is back (default 3 s). Shorter than the lease's
     /// proven window, so its users re-home before their leases would fence them anyway.
     pub store_loss_grace: Duration,
+    /// Told of every session opened or closed here (default none). For the simulation's
+    /// recorder and for tests; a production server leaves it unset.
+    pub observer: Option<SessionObserver>,
+}
+
+/// A change of the node's session list, as [`SessionObserver`] sees it. A session runs from
+/// LoginOk sent (queued for the socket) to its connection being closed or forgotten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    Opened {
+        user: UserId,
+        epoch: Epoch,
+        conn: ConnId,
+    },
+    Closed {
+        user: UserId,
+        epoch: Epoch,
+        conn: ConnId,
+    },
+}
+
+/// Called by the driver task after each input, for each session that opened or closed
+/// (closes first, so a replacement on one server never appears to overlap). Must be cheap
+/// and must not block: it runs on the driver. An aborted server reports no closes.
+#[derive(Clone)]
+pub struct SessionObserver(pub Arc<dyn Fn(SessionEvent) + Send + Sync>);
+
+impl std::fmt::Debug for SessionObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionObserver")
+    }
 }
 
 impl ServerOptions {
@@ -118,6 +149,7 @@ impl ServerOptions {
             registry_update_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             store_loss_grace: Duration::from_secs(3),
+            observer: None,
         }
     }
 
@@ -348,6 +380,7 @@ pub async fn start<N: Network, R: Registry>(
         inputs.clone(),
         cancel.clone(),
         connections.clone(),
+        options.observer.clone(),
     );
     tasks.spawn(named(
         "driver",

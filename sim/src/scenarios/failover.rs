@@ -1,0 +1,88 @@
+//! **failover**: 2 servers, 2 routes, 4 clients chatting in `all` and a group. During the
+//! fault phase one server (picked by the seed) crashes (and restarts at the heal), or is
+//! partitioned from everyone, or from its clients only, at a seeded time; then the network
+//! heals and a quiet healed phase follows. The checker judges sessions, loss, duplicates,
+//! order and re-home times against DESIGN.md's bound.
+
+use std::time::Duration;
+
+use crate::checker::ClientId;
+use crate::cluster::ClusterSpec;
+use crate::scenarios::{
+    Action, ClientPlan, Plan, Rng, Scenario, ScenarioOutcome, TICK, Target, drive, rehome_bounds,
+};
+
+pub const CLIENTS: usize = 4;
+pub const GROUP: &str = "crew";
+
+/// The plan of one seed.
+pub fn plan(seed: u64) -> Plan {
+    let mut spec = ClusterSpec::new(seed, 2, 2);
+    spec.tick = TICK;
+    let mut rng = Rng::new(spec.derive_seed("failover plan", 0));
+    let chat_from = Duration::from_secs(4);
+    let fault_at = rng.duration(Duration::from_secs(8), Duration::from_secs(20));
+    let fault_for = rng.duration(Duration::from_secs(2), Duration::from_secs(15));
+    let healed_at = fault_at + fault_for;
+    let target = Target::Server(rng.between(0, 1) as usize);
+    let actions = match rng.between(0, 3) {
+        0 => vec![
+            (fault_at, Action::Crash(target)),
+            (healed_at, Action::RestartCrashed),
+        ],
+        1 => vec![
+            // A bounce: the process dies and comes straight back.
+            (fault_at, Action::Crash(target)),
+            (fault_at, Action::RestartCrashed),
+        ],
+        2 => vec![
+            (
+                fault_at,
+                Action::Isolate {
+                    target,
+                    clients_only: false,
+                },
+            ),
+            (healed_at, Action::HealAll),
+        ],
+        _ => vec![
+            (
+                fault_at,
+                Action::Isolate {
+                    target,
+                    clients_only: true,
+                },
+            ),
+            (healed_at, Action::HealAll),
+        ],
+    };
+    // The healed phase: a re-home within the bound, then a head check (30 s) to recover a
+    // lost last push of a client that never disconnected, and some slack.
+    let (_, rehome) = rehome_bounds(&spec);
+    let end = healed_at + rehome + Duration::from_secs(40);
+    let clients = (0..CLIENTS)
+        .map(|i| ClientPlan {
+            client: ClientId(i as u32),
+            name: format!("user{i}"),
+            password: format!("password-{i}"),
+            route: i,
+            registers: true,
+            start_at: Duration::from_millis(rng.between(0, 500)),
+            login_at: Duration::ZERO,
+            group: Some(GROUP.to_owned()),
+            chat: Some((chat_from, healed_at)),
+        })
+        .collect();
+    Plan {
+        spec,
+        clients,
+        actions,
+        healed_at,
+        end,
+        group_members: CLIENTS,
+    }
+}
+
+pub fn run(seed: u64) -> ScenarioOutcome {
+    drive(Scenario::Failover, plan(seed), |_, _| {})
+}

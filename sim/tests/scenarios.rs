@@ -1,0 +1,131 @@
+//! Each scenario over a few fixed seeds, and the determinism of a seed. `SIM_SEED=n` runs
+//! only that seed (a replay); every run prints its seed first and a failure its replay
+//! command.
+//!
+//! Every seed runs in a fresh process of the CLI: two runs of one seed in one process match
+//! only when nothing else ran there before (some process-global state outside the
+//! simulation, most likely tokio's per-runtime RNG seeded from a global counter and
+//! `RandomState`, leaks into scheduling), while runs in fresh processes always match, in
+//! debug and release alike.
+
+use std::process::Command;
+
+fn seeds(default: &[u64]) -> Vec<u64> {
+    match std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(seed) => vec![seed],
+        None => default.to_vec(),
+    }
+}
+
+/// Runs one seed in a fresh process; (clean, its report).
+fn run(scenario: &str, seed: u64) -> (bool, String) {
+    println!("SIM_SEED={seed}");
+    let out = Command::new(env!("CARGO_BIN_EXE_cim-sim"))
+        .args(["--scenario", scenario, "--seed", &seed.to_string()])
+        .env_remove("SIM_SEEDS")
+        .output()
+        .expect("run the cim-sim binary");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{report}");
+    (out.status.success(), report)
+}
+
+fn assert_clean(scenario: &str, seeds: &[u64]) {
+    let failed: Vec<String> = seeds
+        .iter()
+        .map(|&seed| run(scenario, seed))
+        .filter(|(clean, _)| !clean)
+        .map(|(_, report)| report)
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// The "trace <hash>" of a run's report line.
+fn trace(report: &str) -> String {
+    report
+        .split_whitespace()
+        .skip_while(|w| *w != "trace")
+        .nth(1)
+        .expect("a trace hash in the report")
+        .to_owned()
+}
+
+#[test]
+fn failover_over_fixed_seeds() {
+    assert_clean("failover", &seeds(&[1, 2, 4, 5]));
+}
+
+#[test]
+fn duplicate_login_over_fixed_seeds() {
+    assert_clean("duplicate-login", &seeds(&[1, 2, 3]));
+}
+
+#[test]
+fn a_seed_replays_identically() {
+    let seed = seeds(&[7])[0];
+    let (_, first) = run("duplicate-login", seed);
+    let (_, again) = run("duplicate-login", seed);
+    assert_eq!(
+        trace(&first),
+        trace(&again),
+        "SIM_SEED={seed}: two runs differ"
+    );
+    assert!(first.contains(&format!("SIM_SEED={seed}")), "{first}");
+}
+
+/// In-process: one run's outcome carries the history's hash and its counters.
+#[test]
+fn an_outcome_counts_what_the_run_exercised() {
+    let outcome = cim_sim::scenarios::Scenario::Failover.run(2);
+    assert!(outcome.is_clean(), "{outcome}");
+    assert!(
+        outcome
+            .counters
+            .get("sessions opened")
+            .copied()
+            .unwrap_or(0)
+            >= 4
+    );
+    assert_eq!(
+        outcome.counters.get("server crashed").copied().unwrap_or(0)
+            + outcome
+                .counters
+                .get("server isolated")
+                .copied()
+                .unwrap_or(0)
+            + outcome
+                .counters
+                .get("server cut from clients")
+                .copied()
+                .unwrap_or(0),
+        1
+    );
+}
+// ---- pinned seeds of real bugs (ignored until fixed; see the note of the simulation issue) --
+//
+// Stale resume token after a held takeover: the route replaces the claim (new epoch, new
+// resume-token hash) *before* holding the answer until the old server confirms the kick,
+// leaves the registry view (registry session timeout, 6 s) or its lease runs out (up to
+// 30 s). The client's login_timeout (5 s) is shorter, so it abandons the attempt and
+// never learns the new token; every later login carries the old one, which the new claim
+// refuses with 5000 until that orphaned claim's lease (30 s) runs out. Re-home then takes
+// about 60 s instead of DESIGN.md's 20 s (26 s partitioned), and messages acked at the end
+// are still in flight ("lost" at the end of the healed phase).
+
+#[test]
+#[ignore = "bug: stale resume token after a held takeover (slow re-home)"]
+fn pinned_failover_seed_3_stale_resume_token() {
+    assert_clean("failover", &[3]);
+}
+
+#[test]
+#[ignore = "bug: stale resume token after a held takeover (slow re-home)"]
+fn pinned_duplicate_login_seed_5_stale_resume_token() {
+    assert_clean("duplicate-login", &[5]);
+}
+
+#[test]
+#[ignore = "bug: stale resume token after a held takeover (never online again)"]
+fn pinned_duplicate_login_seed_4_never_rehomed() {
+    assert_clean("duplicate-login", &[4]);
+}
