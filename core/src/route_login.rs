@@ -372,12 +372,13 @@ pub struct RouteLogin {
     pending: BTreeMap<RequestId, Pending>,
     /// Takeover answers waiting for the old session to end, in the order they were held.
     held: Vec<HeldLogin>,
+    released: Vec<ReleasedTakeover>,
     store_out: VecDeque<StoreRequest>,
     events: VecDeque<RouteEvent>,
 }
 
 /// A successful login's claim, before its ticket and bearer token are minted.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Granted {
     api: ApiRequestId,
     user: UserId,
@@ -390,6 +391,12 @@ struct Granted {
 #[derive(Debug)]
 struct HeldLogin {
     granted: Granted,
+    /// Hash of the resume token the takeover was asked with. A client that gave up waiting
+    /// retries with that same token (it never saw the new one); the retry joins this answer
+    /// instead of meeting the new claim, which would refuse the old token with 5000.
+    presented: Option<[u8; 32]>,
+    /// Retries waiting for this same answer.
+    waiters: Vec<ApiRequestId>,
     old_server: ServerId,
     old_epoch: Epoch,
     /// When the old claim's lease runs out, on the monotonic clock.
@@ -397,6 +404,17 @@ struct HeldLogin {
     /// Monotonic and wall time when it was held, to tell the wall time at a release by
     /// timer (which brings only the monotonic time).
     held_at: (Instant, UnixMillis),
+}
+
+/// A held takeover's answer after its release, kept for `claim_ttl` so that a retry with
+/// the token the takeover was asked with gets it again while the claim is unchanged (the
+/// first request may have timed out before the release). Re-answering the same claim starts
+/// nothing new: the hold that protected it is already over.
+#[derive(Debug)]
+struct ReleasedTakeover {
+    presented: [u8; 32],
+    granted: Granted,
+    until: Instant,
 }
 
 #[derive(Debug)]
@@ -469,6 +487,7 @@ impl RouteLogin {
             next_request: 0,
             pending: BTreeMap::new(),
             held: Vec::new(),
+            released: Vec::new(),
             store_out: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -491,7 +510,7 @@ impl RouteLogin {
         let _ = now; // every input carries the time; releasing needs only the wall clock
         self.live = live;
         for held in take_held(&mut self.held, |h| !self.live.contains_key(&h.old_server)) {
-            self.answer(wall, held.granted);
+            self.release(now, wall, held);
         }
     }
 
@@ -511,7 +530,7 @@ impl RouteLogin {
             h.old_server == *server && h.granted.user == user && h.old_epoch < below_epoch
         });
         for held in done {
-            self.answer(wall, held.granted);
+            self.release(now, wall, held);
         }
     }
 
@@ -647,7 +666,9 @@ impl RouteLogin {
                 }
             }
             (Step::LoadClaim { api, login }, StoreReply::Claim(state)) => {
-                self.decide_and_claim(now, wall, api, login, &state);
+                if !self.rejoin_takeover(now, wall, api, &login, &state) {
+                    self.decide_and_claim(now, wall, api, login, &state);
+                }
             }
             (
                 Step::ReplaceClaim {
@@ -680,7 +701,7 @@ impl RouteLogin {
                         server,
                         resume,
                     };
-                    self.login_succeeded(now, wall, granted, decision);
+                    self.login_succeeded(now, wall, granted, decision, login.resume_hash);
                 }
                 Err(won) => {
                     let mut login = login;
@@ -711,8 +732,9 @@ impl RouteLogin {
         for held in take_held(&mut self.held, |h| h.deadline <= now) {
             let (held_now, held_wall) = held.held_at;
             let wall = held_wall.plus(now.saturating_duration_since(held_now));
-            self.answer(wall, held.granted);
+            self.release(now, wall, held);
         }
+        self.released.retain(|r| r.until > now);
         let expired: Vec<RequestId> = self
             .pending
             .iter()
@@ -812,6 +834,7 @@ impl RouteLogin {
         wall: UnixMillis,
         granted: Granted,
         decision: LoginDecision,
+        presented: Option<[u8; 32]>,
     ) {
         if let LoginDecision::Takeover { old, .. } = decision {
             self.events.push_back(RouteEvent::KickOld {
@@ -828,6 +851,8 @@ impl RouteLogin {
                 let remaining = Duration::from_millis(old.lease_until.0 - wall.0);
                 self.held.push(HeldLogin {
                     granted,
+                    presented,
+                    waiters: Vec::new(),
                     old_server: old.server,
                     old_epoch: old.epoch,
                     deadline: now + remaining,
@@ -837,6 +862,77 @@ impl RouteLogin {
             }
         }
         self.answer(wall, granted);
+    }
+
+    /// A login presenting the resume token of a takeover that is held, or was released
+    /// within `claim_ttl`, while the claim it made is still the live one: the same client
+    /// retrying after its request timed out. It gets that takeover's answer (now, or when
+    /// the hold ends) rather than a second takeover, which would not wait for the first
+    /// one's old session. `true` if it was taken care of.
+    fn rejoin_takeover(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        api: ApiRequestId,
+        login: &LoginCtx,
+        state: &ClaimState,
+    ) -> bool {
+        let Some(presented) = login.resume_hash else {
+            return false;
+        };
+        let Some(current) = state.claim.as_ref().filter(|c| is_live(c, wall)) else {
+            return false;
+        };
+        // The same claim, on a server still live: an answer naming a server that has left
+        // the registry would only send the client to a dead end; a fresh decision (a
+        // takeover, its server being gone) serves it better.
+        let same = |granted: &Granted| {
+            granted.user == login.user
+                && granted.epoch == current.epoch
+                && self.live.contains_key(&granted.server.id)
+        };
+        if let Some(held) = self
+            .held
+            .iter_mut()
+            .find(|h| h.presented == Some(presented) && same(&h.granted))
+        {
+            held.waiters.push(api);
+            return true;
+        }
+        self.released.retain(|r| r.until > now);
+        let Some(released) = self
+            .released
+            .iter()
+            .find(|r| r.presented == presented && same(&r.granted))
+        else {
+            return false;
+        };
+        let granted = Granted {
+            api,
+            ..released.granted.clone()
+        };
+        self.answer(wall, granted);
+        true
+    }
+
+    /// A held takeover's hold is over: answer it and every retry that joined it, and keep
+    /// the answer for retries still to come.
+    fn release(&mut self, now: Instant, wall: UnixMillis, held: HeldLogin) {
+        for api in held.waiters {
+            let again = Granted {
+                api,
+                ..held.granted.clone()
+            };
+            self.answer(wall, again);
+        }
+        if let Some(presented) = held.presented {
+            self.released.push(ReleasedTakeover {
+                presented,
+                granted: held.granted.clone(),
+                until: now + self.config.claim_ttl,
+            });
+        }
+        self.answer(wall, held.granted);
     }
 
     /// Mints the ticket and bearer token (expiries count from `wall`) and answers.
@@ -1336,11 +1432,44 @@ mod tests {
         // Answered once: a repeated report and the old deadline do nothing.
         assert_eq!(h.kick_done(7_000, "s1", 1, 2), vec![]);
         assert_eq!(h.timeout(30_000), vec![]);
-        // The first token is spent: it no longer proves anything.
+        // A retry with the token the takeover was asked with (its client gave up before
+        // the release) gets the same answer again: same claim, no new takeover or kick.
+        let events = h.login(8_000, 1, Some(&first.resume_token));
+        let again = login_ok(&events);
         assert_eq!(
-            login_err(&h.login(8_000, 1, Some(&first.resume_token))),
+            (again.epoch, &again.resume_token),
+            (Epoch(2), &second.resume_token)
+        );
+        assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(2));
+        // Past claim_ttl after the release the first token is spent.
+        assert_eq!(
+            login_err(&h.login(36_001, 1, Some(&first.resume_token))),
             LoginError::RepeatLogin
         );
+    }
+
+    #[test]
+    fn a_retry_during_the_hold_joins_the_held_answer() {
+        let (mut h, first, api) = held_takeover(&["s1"]);
+        // The client timed out and retries with the token it has: no second takeover.
+        let retry = h.start_login(6_000, 1, "alice", "pw", Some(&first.resume_token));
+        assert_eq!(h.run(6_000), vec![], "joins the hold, no new kick");
+        assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(2));
+        // Without the token a login is still refused.
+        assert_eq!(login_err(&h.login(6_500, 1, None)), LoginError::RepeatLogin);
+        let events = h.kick_done(7_000, "s1", 1, 2);
+        let answered: Vec<ApiRequestId> = events
+            .iter()
+            .map(|e| match e {
+                RouteEvent::LoggedIn { api, result: Ok(a) } => {
+                    assert_eq!(a.epoch, Epoch(2));
+                    *api
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(answered.len(), 2);
+        assert!(answered.contains(&api) && answered.contains(&retry));
     }
 
     #[test]
