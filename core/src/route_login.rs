@@ -534,6 +534,20 @@ impl RouteLogin {
         }
     }
 
+    /// A link to `server` is up (again). Every held takeover whose old session was there
+    /// repeats its kick: one sent while the link was down was lost, and a server that
+    /// restarted answers at once (it holds no session), which releases the answer long
+    /// before the old lease would.
+    pub fn handle_server_reachable(&mut self, server: &ServerId) {
+        for held in self.held.iter().filter(|h| h.old_server == *server) {
+            self.events.push_back(RouteEvent::KickOld {
+                server: server.clone(),
+                user: held.granted.user,
+                below_epoch: held.granted.epoch,
+            });
+        }
+    }
+
     pub fn handle_register(&mut self, now: Instant, api: ApiRequestId, name: &str, password: &str) {
         if let Err(e) = accounts::validate_registration(name, password) {
             self.registered(api, Err(e.into()));
@@ -1446,6 +1460,18 @@ mod tests {
             login_err(&h.login(36_001, 1, Some(&first.resume_token))),
             LoginError::RepeatLogin
         );
+    }
+
+    #[test]
+    fn a_reconnected_old_server_is_asked_again() {
+        let (mut h, _, api) = held_takeover(&["s1", "s2"]);
+        // The first kick went nowhere (the link was down); a link to s1 comes up again.
+        h.m.handle_server_reachable(&ServerId::new("s2"));
+        assert_eq!(h.run(2_000), vec![], "only the old server is asked");
+        h.m.handle_server_reachable(&ServerId::new("s1"));
+        assert_eq!(h.run(2_000), vec![kick_old("s1", 1, 2)]);
+        let events = h.kick_done(2_100, "s1", 1, 2);
+        assert!(matches!(events[..], [RouteEvent::LoggedIn { api: a, result: Ok(_) }] if a == api));
     }
 
     #[test]

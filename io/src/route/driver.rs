@@ -300,6 +300,9 @@ impl<N: Network> Driver<N> {
                     && link.generation == generation
                 {
                     link.tx = Some(tx);
+                    // Kicks sent while the link was down were dropped; a held takeover
+                    // waiting on this server asks again (a restarted server answers at once).
+                    self.login.handle_server_reachable(&server);
                 }
             }
             Input::LinkDown { server, generation } => {
