@@ -507,7 +507,6 @@ impl RouteLogin {
         wall: UnixMillis,
         live: BTreeMap<ServerId, LiveServer>,
     ) {
-        let _ = now; // every input carries the time; releasing needs only the wall clock
         self.live = live;
         for held in take_held(&mut self.held, |h| !self.live.contains_key(&h.old_server)) {
             self.release(now, wall, held);
@@ -525,7 +524,6 @@ impl RouteLogin {
         user: UserId,
         below_epoch: Epoch,
     ) {
-        let _ = now; // every input carries the time; releasing needs only the wall clock
         let done = take_held(&mut self.held, |h| {
             h.old_server == *server && h.granted.user == user && h.old_epoch < below_epoch
         });
