@@ -1249,6 +1249,22 @@ fn check_rehome(history: &History, report: &mut Report) {
                     None => None,
                 }
             };
+            // Another client of the same user online after the fault re-homes the user too:
+            // a user's clients compete for one claim, and the one that wins it is the
+            // user's session, while the others are rightly refused (5000).
+            let by_sibling = all_links
+                .iter()
+                .filter(|(o, _)| o.user == c.user && o.client != c.client)
+                .flat_map(|(_, links)| links.iter())
+                .filter_map(|(at, l)| match l {
+                    Link::Online(_, since) if *since > *fault_at => Some((*at).max(from)),
+                    _ => None,
+                })
+                .min();
+            let online_at = match (online_at, by_sibling) {
+                (Some(own), Some(sibling)) => Some(own.min(sibling)),
+                (own, sibling) => own.or(sibling),
+            };
             let deadline = from.saturating_add(bound);
             if online_at.is_none() && deadline > history.bounds.end {
                 report.stats.rehomes_unjudged += 1;

@@ -121,11 +121,11 @@ fn pinned_duplicate_login_seed_5_stale_resume_token() {
     assert_clean("duplicate-login", &[5]);
 }
 
-// Not yet understood: one of the user's three clients is never online again after its
-// server is isolated. Possibly correct (another client of the user holds the claim, so this
-// one is refused with 5000) and the re-home rule should not apply to it; to be decided.
+// Not a product bug: one of a user's three competing clients was never online again after
+// its server was isolated, because another of them won the claim (and this one was rightly
+// refused with 5000). The checker now counts a sibling client coming online as the user's
+// re-home.
 #[test]
-#[ignore = "open: a duplicate-login client never online again (checker rule or product bug?)"]
-fn pinned_duplicate_login_seed_4_never_rehomed() {
+fn pinned_duplicate_login_seed_4_sibling_rehomed() {
     assert_clean("duplicate-login", &[4]);
 }

@@ -483,6 +483,34 @@ fn re_homing_late_after_a_death_is_reported() {
 }
 
 #[test]
+fn another_client_of_the_user_coming_online_re_homes_the_user() {
+    let mut h = clean();
+    // Client 1 is never online again after s1 died (it stops being online at 1200)...
+    let events = client(&mut h, 1);
+    events.retain(|(at, _)| *at < ms(1500));
+    let user_of_1 = h
+        .clients
+        .iter()
+        .find(|c| c.client == ClientId(1))
+        .unwrap()
+        .user;
+    h.sessions.remove(1);
+    assert!(!check(&h).is_clean());
+    // ... because another client of the same user won the claim in time (and later left).
+    h.clients.push(ClientHistory {
+        client: ClientId(9),
+        user: user_of_1,
+        events: vec![
+            (ms(2500), online("s2", 2)),
+            (ms(2600), Seen::Stopped(StopReason::LoggedOut)),
+        ],
+    });
+    let report = check(&h);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.stats.max_rehome, Some(ms(1500)));
+}
+
+#[test]
 fn re_homing_after_an_isolation_is_measured_from_the_heal() {
     let mut h = clean();
     h.faults = vec![
