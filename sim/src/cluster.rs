@@ -22,6 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cim_core::accounts::PasswordParams;
 use cim_core::client::ClientConfig;
 use cim_core::ids::{ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
@@ -289,6 +290,9 @@ impl Cluster {
                     );
                     options.http_listen = SocketAddr::new(ANY, ROUTE_HTTP_PORT);
                     options.seed = spec.derive_seed("route", i);
+                    // The simulation judges logins, not hashing: OWASP's argon2 costs tens of
+                    // milliseconds of real CPU per login and dominated a run's wall time.
+                    options.login.password = PasswordParams::for_tests();
                     let mut handle = route::start(
                         TurmoilNet,
                         sim_clock(spec.origin),

@@ -20,6 +20,7 @@ use cim_proto as proto;
 use proto::frame::Kind;
 
 use super::{ClientEvent, FrameError, Outputs};
+use crate::canary::{self, Canary};
 use crate::ids::{ClientMsgId, ConvId, LogEpoch, UnixMillis, UserId};
 use crate::store::{ConvHead, StoredMessage};
 
@@ -66,7 +67,11 @@ impl Conv {
 
     /// Buffers `msg` unless it is already delivered or buffered (dedup), or the buffer is
     /// full (the gap sync fetches it again). The caller checked the log epoch.
-    fn insert(&mut self, msg: StoredMessage, max_buffered: usize) {
+    fn insert(&mut self, msg: StoredMessage, max_buffered: usize, out: &mut Outputs) {
+        if self.anchored && msg.seq <= self.delivered && canary::disabled(Canary::Dedup) {
+            out.events.push_back(ClientEvent::Message(msg));
+            return;
+        }
         if msg.seq <= self.delivered || self.buffer.contains_key(&msg.seq) {
             return;
         }
@@ -243,13 +248,13 @@ impl Inbound {
         if !c.anchored {
             // Which epoch is current is the sync answer's to say; keep the first one seen.
             if c.log_epoch == msg.log_epoch {
-                c.insert(msg, self.cfg.max_buffered);
+                c.insert(msg, self.cfg.max_buffered, out);
             }
             self.request_sync(now, out);
         } else if c.log_epoch != msg.log_epoch {
             c.fetch(&conv_id, now, &self.cfg, out);
         } else {
-            c.insert(msg, self.cfg.max_buffered);
+            c.insert(msg, self.cfg.max_buffered, out);
             c.drain(out);
             c.settle_gap(now, &self.cfg);
         }
@@ -288,7 +293,7 @@ impl Inbound {
         }
         for msg in messages {
             if msg.conv == head.conv && msg.log_epoch == c.log_epoch {
-                c.insert(msg, self.cfg.max_buffered);
+                c.insert(msg, self.cfg.max_buffered, out);
             }
         }
         c.drain(out);
@@ -351,6 +356,14 @@ impl Inbound {
                 continue;
             }
             c.gap_deadline = None;
+            if c.anchored && canary::disabled(Canary::GapSync) {
+                // What a client without gap sync does: go on from what arrived.
+                if let Some(&first) = c.buffer.keys().next() {
+                    c.delivered = first - 1;
+                    c.drain(out);
+                }
+                continue;
+            }
             if c.anchored && !c.buffer.is_empty() {
                 c.fetch(conv, now, &self.cfg, out);
                 // Re-armed so a lost answer is retried once the fetch goes stale.
