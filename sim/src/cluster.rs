@@ -44,6 +44,9 @@ pub const REGISTRY_HOST: &str = "registry";
 pub const REGISTRY_PORT: u16 = 2181;
 pub const ROUTE_HTTP_PORT: u16 = 8083;
 
+/// How long a supervisor waits before starting a server or route that failed to start.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
 const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const TICKET_SECRET: &[u8] = b"sim-ticket-secret";
 const BEARER_SECRET: &[u8] = b"sim-bearer-secret";
@@ -260,14 +263,26 @@ impl Cluster {
                     options.listen_ip = ANY;
                     options.advertise_host = host;
                     options.observer = observer.map(|make| make(&id));
-                    let mut handle = server::start(
-                        TurmoilNet,
-                        sim_clock(spec.origin),
-                        options,
-                        remote_store(&spec),
-                        &remote_registry(),
-                    )
-                    .await?;
+                    // A server that cannot start (the registry is unreachable) exits, and
+                    // its supervisor starts it again a second later (systemd's
+                    // `Restart=on-failure` in deploy/).
+                    let mut handle = loop {
+                        match server::start(
+                            TurmoilNet,
+                            sim_clock(spec.origin),
+                            options.clone(),
+                            remote_store(&spec),
+                            &remote_registry(),
+                        )
+                        .await
+                        {
+                            Ok(handle) => break handle,
+                            Err(error) => {
+                                tracing::info!(%error, "server did not start; restarting in 1 s");
+                                tokio::time::sleep(RESTART_DELAY).await;
+                            }
+                        }
+                    };
                     handle.stopped().await?;
                     Ok(())
                 }
@@ -293,14 +308,23 @@ impl Cluster {
                     // The simulation judges logins, not hashing: OWASP's argon2 costs tens of
                     // milliseconds of real CPU per login and dominated a run's wall time.
                     options.login.password = PasswordParams::for_tests();
-                    let mut handle = route::start(
-                        TurmoilNet,
-                        sim_clock(spec.origin),
-                        options,
-                        remote_store(&spec),
-                        &remote_registry(),
-                    )
-                    .await?;
+                    let mut handle = loop {
+                        match route::start(
+                            TurmoilNet,
+                            sim_clock(spec.origin),
+                            options.clone(),
+                            remote_store(&spec),
+                            &remote_registry(),
+                        )
+                        .await
+                        {
+                            Ok(handle) => break handle,
+                            Err(error) => {
+                                tracing::info!(%error, "route did not start; restarting in 1 s");
+                                tokio::time::sleep(RESTART_DELAY).await;
+                            }
+                        }
+                    };
                     handle.stopped().await?;
                     Ok(())
                 }
