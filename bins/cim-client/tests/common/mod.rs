@@ -227,6 +227,12 @@ impl Proc {
         }
     }
 
+    /// Kills the process at once (SIGKILL: nothing is saved on the way out).
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        let _ = self.child.wait();
+    }
+
     /// Closes stdin and waits for a clean exit.
     pub fn finish(mut self) -> Vec<String> {
         drop(self.stdin.take());
@@ -259,9 +265,12 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 }
 
 pub fn user_id(state: &Path) -> u64 {
+    state_json(state)["userId"].as_u64().expect("userId")
+}
+
+pub fn state_json(state: &Path) -> Value {
     let text = std::fs::read_to_string(state).expect("state file");
-    let value: Value = serde_json::from_str(&text).expect("state JSON");
-    value["userId"].as_u64().expect("userId")
+    serde_json::from_str(&text).expect("state JSON")
 }
 
 /// Test-side deadlines read the same clock the code does.
