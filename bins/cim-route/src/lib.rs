@@ -60,6 +60,10 @@ pub struct Args {
     /// Secret of the server links' challenge-response (>= 16 bytes; required).
     #[arg(long, env = "CIM_LINK_SECRET", hide_env_values = true)]
     link_secret: Option<String>,
+    /// During a rotation, the previous link secret: a server that refuses the new one is
+    /// dialled again with this one.
+    #[arg(long, env = "CIM_LINK_SECRET_PREVIOUS", hide_env_values = true)]
+    link_secret_previous: Option<String>,
     /// How users are spread over servers: consistent-hash, round-robin, random,
     /// least-connections [default: consistent-hash].
     #[arg(long, env = "CIM_BALANCE")]
@@ -162,7 +166,8 @@ fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; route_id, listen, redis, zk, zk_root, zk_session_timeout,
-        ticket_secret, ticket_key_id, bearer_secret, link_secret, balance, claim_ttl,
+        ticket_secret, ticket_key_id, bearer_secret, link_secret, link_secret_previous,
+        balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
         link_retry_delay, redis_timeout, max_body, max_log_len, allow_eviction);
     launch::init_tracing("info");
@@ -187,6 +192,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
     let mut options = RouteOptions::new(route_id, keys, bearer_secret, link_secret);
     options.http_listen = listen;
+    options.link_secret_previous = args
+        .link_secret_previous
+        .as_deref()
+        .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
+        .transpose()?;
     options.strategy = strategy(args.balance.as_deref())?;
     options.seed = launch::os_seed();
     options.login.claim_ttl =

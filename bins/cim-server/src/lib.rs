@@ -72,6 +72,10 @@ pub struct Args {
     /// Secret of the route links' challenge-response (>= 16 bytes; required).
     #[arg(long, env = "CIM_LINK_SECRET", hide_env_values = true)]
     link_secret: Option<String>,
+    /// During a rotation, the previous link secret, still accepted from routes not yet
+    /// switched to the new one.
+    #[arg(long, env = "CIM_LINK_SECRET_PREVIOUS", hide_env_values = true)]
+    link_secret_previous: Option<String>,
     /// Lease written with every bind and refresh [default: 30s].
     #[arg(long, env = "CIM_LEASE_TTL")]
     lease_ttl: Option<String>,
@@ -144,7 +148,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; server_id, listen_ip, advertise_host, client_port,
         link_port, http_port, redis, zk, zk_root, zk_session_timeout, ticket_secret,
-        ticket_key_id, ticket_previous_key, link_secret, lease_ttl, heartbeat_interval,
+        ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
         registry_update_interval, redis_timeout, allow_eviction);
@@ -202,6 +206,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mut options = ServerOptions::new(node, link_secret);
+    options.link_secret_previous = args
+        .link_secret_previous
+        .as_deref()
+        .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
+        .transpose()?;
     options.advertise_host = advertise_host;
     options.client_port = client_port;
     if let Some(ip) = args.listen_ip {
