@@ -113,23 +113,6 @@ Example:
 
 Refuses to start when Redis's maxmemory-policy is not noeviction (see --allow-eviction).";
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_idempotency_window_cannot_be_shorter_than_the_outbox_age() {
-        assert_eq!(idempotency_ttl(None).unwrap(), Duration::from_secs(600));
-        assert_eq!(
-            idempotency_ttl(Some("5m")).unwrap(),
-            Duration::from_secs(300)
-        );
-        let error = idempotency_ttl(Some("4m")).unwrap_err().to_string();
-        assert!(error.contains("stored twice"), "{error}");
-        assert!(idempotency_ttl(Some("ten")).is_err());
-    }
-}
-
 macro_rules! overlay {
     ($top:expr, $bottom:expr; $($field:ident),* $(,)?) => {
         Args { config: $top.config, $($field: $top.$field.or($bottom.$field)),* }
@@ -265,4 +248,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         handle.shutdown().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idempotency_window_cannot_be_shorter_than_the_outbox_age() {
+        assert_eq!(idempotency_ttl(None).unwrap(), Duration::from_secs(600));
+        assert_eq!(
+            idempotency_ttl(Some("5m")).unwrap(),
+            Duration::from_secs(300)
+        );
+        let error = idempotency_ttl(Some("4m")).unwrap_err().to_string();
+        assert!(error.contains("stored twice"), "{error}");
+        assert!(idempotency_ttl(Some("ten")).is_err());
+    }
 }
