@@ -22,7 +22,7 @@ use cim_io::route::{self, RouteHandle, RouteOptions};
 use cim_io::store::{MemoryBackend, Store};
 use cim_proto::codec::FrameCodec;
 use cim_proto::frame::Kind;
-use cim_proto::{Frame, KickUserDone, Pong, RouteSend};
+use cim_proto::{Frame, KickUserDone, Ping, Pong, RouteSend};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -55,7 +55,10 @@ impl Fixture {
     }
 
     async fn start_with(registry: MemoryRegistry) -> Self {
-        let options = options();
+        Self::start_with_options(registry, options()).await
+    }
+
+    async fn start_with_options(registry: MemoryRegistry, options: RouteOptions) -> Self {
         let keys = options.ticket_keys.clone();
         let store = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
         let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
@@ -674,6 +677,36 @@ async fn a_link_with_a_bad_secret_is_refused_and_redialled() {
     );
     // With the right secret the next attempt succeeds.
     let _link = s1.accept().await;
+}
+
+#[tokio::test]
+async fn a_route_rotating_its_link_secret_still_links_to_a_server_on_the_old_one() {
+    const NEW: &[u8] = b"the-new-link-secret";
+    let registry = MemoryRegistry::new();
+    let mut old = FakeServer::start(&registry, "s1").await;
+    let mut new = FakeServer::start(&registry, "s2").await;
+    let mut options = options();
+    options.link_secret = NEW.to_vec();
+    options.link_secret_previous = Some(LINK_SECRET.to_vec());
+    let _f = Fixture::start_with_options(registry, options).await;
+    // A server on the new secret links at the first dial.
+    let _new_link = new
+        .accept_with(NEW)
+        .await
+        .expect("linked on the new secret");
+    // One still on the old secret refuses the new proof; the route's next dial proves the
+    // old one and checks the server's answer with it.
+    assert!(old.accept_with(LINK_SECRET).await.is_none());
+    let mut link = old
+        .accept_with(LINK_SECRET)
+        .await
+        .expect("linked on the old secret");
+    link.send(Frame {
+        kind: Some(Kind::Ping(Ping { nonce: 7 })),
+    })
+    .await;
+    link.expect(|k| matches!(k, Kind::Pong(Pong { nonce: 7 })).then_some(()))
+        .await;
 }
 
 #[tokio::test]

@@ -505,6 +505,25 @@ async fn kick_user_kicks_the_session_and_answers_on_the_link() {
 }
 
 #[tokio::test]
+async fn a_server_rotating_its_link_secret_accepts_routes_on_either() {
+    const NEW: &[u8] = b"the-new-link-secret";
+    let env = start_server("s1", |o| {
+        o.link_secret = NEW.to_vec();
+        o.link_secret_previous = Some(LINK_SECRET.to_vec());
+    })
+    .await;
+    let port = env.server.link_addr().port();
+    // A route still on the old secret and one already on the new one both link (each
+    // checks the server's answer with the secret it used).
+    dial_route(port, LINK_SECRET)
+        .await
+        .expect("old secret accepted");
+    dial_route(port, NEW).await.expect("new secret accepted");
+    // Anything else is refused.
+    assert!(dial_route(port, b"some-other-secret").await.is_err());
+}
+
+#[tokio::test]
 async fn a_link_with_a_bad_mac_is_closed_and_never_carries_sends() {
     let env = start_server("s1", |_| {}).await;
     let refused = dial_route(env.server.link_addr().port(), b"wrong-secret").await;

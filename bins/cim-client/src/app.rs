@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::command::{self, Command, ParseError, Target};
 use crate::render::{Level, Sink};
-use crate::store::{self, ClientFile, LocalHistory, SeenMessage};
+use crate::store::{self, ClientFile, LocalHistory, PendingDelay, SeenMessage};
 
 /// Names for tab completion, shared with the line editor's thread.
 #[derive(Debug, Default)]
@@ -52,8 +52,12 @@ pub struct App {
     history: LocalHistory,
     pub sink: Sink,
     completions: SharedCompletions,
-    /// Where `:delay`ed messages come back to be sent.
-    delayed: mpsc::UnboundedSender<(Target, String)>,
+    /// Where `:delay`ed messages come back (by id) to be sent.
+    delayed: mpsc::UnboundedSender<u64>,
+    /// The next `:delay` id.
+    next_delay: u64,
+    /// Delays the non-interactive mode waits for before it exits.
+    awaited_delays: BTreeSet<u64>,
     server: Option<(String, u64)>,
     was_online: bool,
     reconnecting: bool,
@@ -82,7 +86,7 @@ pub struct AppParts {
     pub file: ClientFile,
     pub sink: Sink,
     pub completions: SharedCompletions,
-    pub delayed: mpsc::UnboundedSender<(Target, String)>,
+    pub delayed: mpsc::UnboundedSender<u64>,
 }
 
 impl App {
@@ -92,6 +96,13 @@ impl App {
             store::HISTORY_CAP,
         );
         let api = parts.client.route_api();
+        let next_delay = parts
+            .file
+            .delayed
+            .iter()
+            .map(|d| d.id + 1)
+            .max()
+            .unwrap_or(1);
         let app = Self {
             client: parts.client,
             host: parts.host,
@@ -107,6 +118,8 @@ impl App {
             sink: parts.sink,
             completions: parts.completions,
             delayed: parts.delayed,
+            next_delay,
+            awaited_delays: BTreeSet::new(),
             server: None,
             was_online: false,
             reconnecting: false,
@@ -145,15 +158,24 @@ impl App {
             }
             Command::Say(target, text) => self.say(target, text).await,
             Command::Delay(after, target, text) => {
-                let delayed = self.delayed.clone();
+                let pending = PendingDelay {
+                    id: self.next_delay,
+                    due_at_ms: Clock::System
+                        .wall()
+                        .0
+                        .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+                    line: target.line(&text),
+                };
+                self.next_delay += 1;
+                self.awaited_delays.insert(pending.id);
+                self.schedule(&pending);
+                self.file.delayed.push(pending);
+                // On disk before it is confirmed: a quit or a crash does not lose it.
+                self.save().await;
                 self.sink.status(
                     Level::Quiet,
                     &format!("· will send in {}s", after.as_secs()),
                 );
-                tokio::spawn(async move {
-                    Clock::System.sleep_until(Clock::System.now() + after).await;
-                    let _ = delayed.send((target, text));
-                });
             }
             Command::Online => self.show_online(None).await,
             Command::OnlinePrefix(prefix) => self.show_online(Some(prefix)).await,
@@ -193,6 +215,70 @@ impl App {
             }
         }
         true
+    }
+
+    /// Arms the timer of one pending delay; its id comes back on the `delayed` channel.
+    fn schedule(&self, pending: &PendingDelay) {
+        let left = Duration::from_millis(pending.due_at_ms.saturating_sub(Clock::System.wall().0));
+        let (delayed, id) = (self.delayed.clone(), pending.id);
+        tokio::spawn(async move {
+            Clock::System.sleep_until(Clock::System.now() + left).await;
+            let _ = delayed.send(id);
+        });
+    }
+
+    /// Schedules the delays a previous run left (overdue ones fire at once). Those due
+    /// within `await_within` are waited for by the non-interactive mode.
+    pub fn restore_delays(&mut self, await_within: Duration) {
+        let pending = self.file.delayed.clone();
+        if pending.is_empty() {
+            return;
+        }
+        let horizon = Clock::System
+            .wall()
+            .0
+            .saturating_add(u64::try_from(await_within.as_millis()).unwrap_or(u64::MAX));
+        for delay in &pending {
+            self.schedule(delay);
+            if delay.due_at_ms <= horizon {
+                self.awaited_delays.insert(delay.id);
+            }
+        }
+        self.sink.status(
+            Level::Info,
+            &format!(
+                "* {} delayed message(s) from the last run: sent at their time",
+                pending.len()
+            ),
+        );
+    }
+
+    /// A delay's time has come: send it (it leaves the pending list in the same save that
+    /// puts it in the outbox).
+    pub async fn fire_delay(&mut self, id: u64) {
+        self.awaited_delays.remove(&id);
+        let Some(at) = self.file.delayed.iter().position(|d| d.id == id) else {
+            return;
+        };
+        let pending = self.file.delayed.remove(at);
+        match command::parse(&pending.line) {
+            Ok(Command::Say(target, text)) => self.say(target, text).await,
+            _ => self.sink.error(&format!(
+                "delayed message {:?} is not a message; dropped",
+                pending.line
+            )),
+        }
+        self.save().await;
+    }
+
+    /// Delays this run still waits for (non-interactive mode).
+    pub fn awaiting_delays(&self) -> usize {
+        self.awaited_delays.len()
+    }
+
+    /// Delays not sent yet, kept in the state file for the next run.
+    pub fn pending_delays(&self) -> usize {
+        self.file.delayed.len()
     }
 
     /// Sends a message; its fate is reported as events come.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{cluster, spawn, temp_dir, user_id};
+use common::{cluster, spawn, state_json, temp_dir, user_id};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_chat_in_all_and_privately() {
@@ -182,4 +182,58 @@ async fn an_account_the_route_forgot_is_registered_again() {
     })
     .await
     .expect("second run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_survives_a_kill_and_a_quit() {
+    let cluster = cluster().await;
+    let dir = temp_dir("delay");
+    let port = cluster.route_port;
+    tokio::task::spawn_blocking(move || {
+        let (alice_state, bob_state) = (dir.join("alice.json"), dir.join("bob.json"));
+        let mut bob = spawn(port, "bob", &bob_state, &[]);
+        bob.status("online as bob");
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        alice.status("online as alice");
+
+        // Killed before the delay fires: it is on disk with its due time.
+        alice.type_line(":delay 2 survives a kill");
+        alice.status("will send in 2s");
+        alice.kill();
+        let delayed = state_json(&alice_state)["delayed"].clone();
+        assert_eq!(delayed.as_array().map(Vec::len), Some(1), "{delayed}");
+        assert_eq!(delayed[0]["line"], ":g all survives a kill");
+
+        // The next run sends it at its time, and a delay set then survives `:q!`.
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        alice.status("1 delayed message(s) from the last run");
+        let got = bob.json(|v| v["text"] == "survives a kill");
+        assert_eq!(got["senderName"], "alice");
+        assert_eq!(got["conv"], "all");
+        alice.status("acknowledged all");
+        alice.type_line(":delay 1 @bob survives a quit");
+        alice.status("will send in 1s");
+        alice.type_line(":q!");
+        alice.finish();
+        let delayed = state_json(&alice_state)["delayed"].clone();
+        assert_eq!(delayed.as_array().map(Vec::len), Some(1), "{delayed}");
+        assert_eq!(delayed[0]["line"], "@bob survives a quit");
+
+        // A run with no input of its own waits for it (it is due within --drain-secs).
+        let seen = spawn(port, "alice", &alice_state, &["--batch"]).finish();
+        assert!(
+            seen.iter().any(|l| l.contains("acknowledged @bob")),
+            "{seen:?}"
+        );
+        let got = bob.json(|v| v["text"] == "survives a quit");
+        assert!(got["conv"].as_str().is_some_and(|c| c.starts_with("p:")));
+        assert!(
+            state_json(&alice_state).get("delayed").is_none(),
+            "sent delays leave the file"
+        );
+        bob.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("clients");
 }

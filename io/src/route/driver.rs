@@ -204,6 +204,7 @@ impl<N: Network> Driver<N> {
             link_config: Arc::new(LinkConfig {
                 route_id: options.route_id.clone(),
                 link_secret: options.link_secret.clone(),
+                link_secret_previous: options.link_secret_previous.clone(),
                 max_frame: options.max_frame,
                 io_timeout: options.io_timeout,
                 ping_interval: options.link_ping_interval,

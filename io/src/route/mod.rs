@@ -54,6 +54,9 @@ pub struct RouteOptions {
     pub ticket_keys: TicketKeys,
     pub bearer_secret: Vec<u8>,
     pub link_secret: Vec<u8>,
+    /// During a rotation, the previous link secret: a server that refuses the current one
+    /// is dialled again with this one (default none).
+    pub link_secret_previous: Option<Vec<u8>>,
     /// Default consistent hash.
     pub strategy: Strategy,
     /// Seeds `RouteLogin` and the balancer; the binaries pass OS entropy.
@@ -101,6 +104,7 @@ impl RouteOptions {
             ticket_keys,
             bearer_secret,
             link_secret,
+            link_secret_previous: None,
             strategy: Strategy::ConsistentHash,
             seed: 0,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,

@@ -88,6 +88,9 @@ pub struct ServerOptions {
     pub http_port: u16,
     /// Shared secret of the route links (no default).
     pub link_secret: Vec<u8>,
+    /// During a rotation, the previous link secret, still accepted from routes that have
+    /// not switched yet (default none).
+    pub link_secret_previous: Option<Vec<u8>>,
     /// Largest frame body read or written (default 64 KiB).
     pub max_frame: usize,
     /// Bound on each socket write and each link-handshake step (default 5 s).
@@ -144,6 +147,7 @@ impl ServerOptions {
             link_port: 11311,
             http_port: 8081,
             link_secret,
+            link_secret_previous: None,
             max_frame: DEFAULT_MAX_FRAME,
             io_timeout: Duration::from_secs(5),
             registry_update_interval: Duration::from_secs(5),
@@ -397,6 +401,11 @@ pub async fn start<N: Network, R: Registry>(
             link::LinkSettings {
                 server_id: server_id.clone(),
                 secret: Arc::from(options.link_secret.as_slice()),
+                previous_secret: options
+                    .link_secret_previous
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .map(Arc::from),
                 codec,
                 io_timeout: options.io_timeout,
             },
