@@ -256,6 +256,11 @@ impl ClaimTable {
     }
 }
 
+/// Whether `(epoch, server)` is the claim's own: the compare-epoch fence of bind and refresh.
+fn owns(claim: &Claim, epoch: Epoch, server: &ServerId) -> bool {
+    (claim.epoch == epoch && claim.server == *server) || canary::disabled(Canary::EpochFencing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,9 +738,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Whether `(epoch, server)` is the claim's own: the compare-epoch fence of bind and refresh.
-fn owns(claim: &Claim, epoch: Epoch, server: &ServerId) -> bool {
-    (claim.epoch == epoch && claim.server == *server) || canary::disabled(Canary::EpochFencing)
 }

@@ -21,6 +21,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use cim_core::balance::Strategy;
 use cim_core::canary::{self, Canary};
 use cim_sim::record::secs;
 use cim_sim::scenarios::{Scenario, ScenarioOutcome};
@@ -48,6 +49,10 @@ struct Args {
     /// idempotent-append, epoch-fencing, self-fencing, gap-sync or dedup.
     #[arg(long)]
     canary: Option<String>,
+    /// How routes pick servers: round-robin, random, consistent-hash (the default) or
+    /// least-connections.
+    #[arg(long)]
+    balancer: Option<String>,
     /// Stops a scenario's sweep at its first failing seed (how canaries are measured).
     #[arg(long)]
     until_violation: bool,
@@ -129,6 +134,21 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(name) = &args.balancer {
+        let strategy = match name.as_str() {
+            "round-robin" => Strategy::RoundRobin,
+            "random" => Strategy::Random,
+            "consistent-hash" => Strategy::ConsistentHash,
+            "least-connections" => Strategy::LeastConnections,
+            other => {
+                eprintln!(
+                    "unknown balancer {other:?}: round-robin, random, consistent-hash or least-connections"
+                );
+                std::process::exit(2);
+            }
+        };
+        cim_sim::cluster::set_balancer(strategy);
+    }
     if let Err(e) = canary::set(canary) {
         eprintln!("{e}");
         std::process::exit(2);
@@ -211,6 +231,9 @@ fn sweep(
                 .stderr(Stdio::null());
             if let Some(c) = canary {
                 cmd.args(["--canary", c.name()]);
+            }
+            if let Some(b) = &args.balancer {
+                cmd.args(["--balancer", b]);
             }
             let child = cmd.spawn().expect("spawn a child run");
             running.push_back((seed, child));
