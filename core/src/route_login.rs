@@ -10,7 +10,7 @@
 //! confirms the old session is closed (or leaves the registry, or the old lease runs out),
 //! so two sessions of one user never overlap in time.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use cim_proto::Ticket;
@@ -18,6 +18,7 @@ use hmac::{Hmac, Mac};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::accounts::{self, PasswordParams, RegisterError};
 use crate::balance::Balancer;
@@ -293,6 +294,20 @@ impl BearerKey {
         Ok(claims)
     }
 
+    /// The resume token a login presenting `parent` is given with the claim of `epoch`.
+    /// Keyed, so only routes can compute it: a route that meets a claim whose token hash is
+    /// this derivation of the token presented knows the request is a retry of the login
+    /// that made the claim (its answer was lost: a route crashed while holding it), while
+    /// a client cannot step from an old token to a newer one by itself.
+    pub fn derive_resume(&self, parent: &ResumeToken, user: UserId, epoch: Epoch) -> ResumeToken {
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        mac.update(b"cim-resume-v1");
+        mac.update(&parent.0);
+        mac.update(&user.0.to_be_bytes());
+        mac.update(&epoch.0.to_be_bytes());
+        ResumeToken(mac.finalize().into_bytes().into())
+    }
+
     fn mac(&self, claims: &BearerClaims) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(b"cim-bearer-v1");
@@ -397,7 +412,11 @@ struct HeldLogin {
     presented: Option<[u8; 32]>,
     /// Retries waiting for this same answer.
     waiters: Vec<ApiRequestId>,
-    old_server: ServerId,
+    /// Servers that may still hold a session of the user below the new epoch: the old
+    /// claim's server, or every live server for a retry whose first answer was lost (which
+    /// server the older session was on is not known then). Each leaves the set when it
+    /// confirms the kick or leaves the registry; the answer goes out when it is empty.
+    awaiting: BTreeSet<ServerId>,
     old_epoch: Epoch,
     /// When the old claim's lease runs out, on the monotonic clock.
     deadline: Instant,
@@ -458,7 +477,12 @@ enum Step {
 #[derive(Debug, Clone)]
 struct LoginCtx {
     user: UserId,
+    /// The resume token presented, if any: the new claim's token derives from it.
+    presented: Option<ResumeToken>,
     resume_hash: Option<[u8; 32]>,
+    /// The presented token derives to the live claim's: this login made that claim and
+    /// never got its answer. Decided with the claim, in `decide_and_claim`.
+    retries_lost_answer: bool,
     lost_races: u32,
 }
 
@@ -508,7 +532,10 @@ impl RouteLogin {
         live: BTreeMap<ServerId, LiveServer>,
     ) {
         self.live = live;
-        for held in take_held(&mut self.held, |h| !self.live.contains_key(&h.old_server)) {
+        for h in &mut self.held {
+            h.awaiting.retain(|s| self.live.contains_key(s));
+        }
+        for held in take_held(&mut self.held, |h| h.awaiting.is_empty()) {
             self.release(now, wall, held);
         }
     }
@@ -524,9 +551,12 @@ impl RouteLogin {
         user: UserId,
         below_epoch: Epoch,
     ) {
-        let done = take_held(&mut self.held, |h| {
-            h.old_server == *server && h.granted.user == user && h.old_epoch < below_epoch
-        });
+        for h in &mut self.held {
+            if h.granted.user == user && h.old_epoch < below_epoch {
+                h.awaiting.remove(server);
+            }
+        }
+        let done = take_held(&mut self.held, |h| h.awaiting.is_empty());
         for held in done {
             self.release(now, wall, held);
         }
@@ -537,7 +567,7 @@ impl RouteLogin {
     /// restarted answers at once (it holds no session), which releases the answer long
     /// before the old lease would.
     pub fn handle_server_reachable(&mut self, server: &ServerId) {
-        for held in self.held.iter().filter(|h| h.old_server == *server) {
+        for held in self.held.iter().filter(|h| h.awaiting.contains(server)) {
             self.events.push_back(RouteEvent::KickOld {
                 server: server.clone(),
                 user: held.granted.user,
@@ -580,7 +610,9 @@ impl RouteLogin {
         }
         let login = LoginCtx {
             user: request.user,
+            presented: request.resume_token.clone(),
             resume_hash: request.resume_token.as_ref().map(resume_token_hash),
+            retries_lost_answer: false,
             lost_races: 0,
         };
         self.send(
@@ -713,7 +745,7 @@ impl RouteLogin {
                         server,
                         resume,
                     };
-                    self.login_succeeded(now, wall, granted, decision, login.resume_hash);
+                    self.login_succeeded(now, wall, granted, decision, &login);
                 }
                 Err(won) => {
                     let mut login = login;
@@ -788,12 +820,31 @@ impl RouteLogin {
         login: LoginCtx,
         state: &ClaimState,
     ) {
+        let mut login = login;
         let claim_server_live = state
             .claim
             .as_ref()
             .is_some_and(|c| self.live.contains_key(&c.server));
+        // A retry of the login that made the live claim, whose answer was lost (the route
+        // holding it crashed): it takes the claim over again, waiting on every server.
+        login.retries_lost_answer = match (&login.presented, &state.claim) {
+            (Some(presented), Some(claim)) if is_live(claim, wall) => {
+                let derived = self
+                    .bearer
+                    .derive_resume(presented, login.user, claim.epoch);
+                bool::from(resume_token_hash(&derived).ct_eq(&claim.resume_token_hash))
+            }
+            _ => false,
+        };
         let decision = match decide_login(state, wall, login.resume_hash, claim_server_live) {
             Ok(decision) => decision,
+            Err(_) if login.retries_lost_answer => LoginDecision::Takeover {
+                epoch: state.epoch.next(),
+                old: state
+                    .claim
+                    .clone()
+                    .expect("a lost answer's retry is only recognized against a live claim"),
+            },
             Err(_) => {
                 self.logged_in(api, Err(LoginError::RepeatLogin));
                 return;
@@ -807,9 +858,18 @@ impl RouteLogin {
             self.logged_in(api, Err(LoginError::NoServerAvailable));
             return;
         };
-        let mut token = [0u8; 32];
-        self.rng.fill_bytes(&mut token);
-        let resume = ResumeToken(token);
+        // Derived from the token presented, if any, so that a retry of this very login can
+        // be recognized by any route should its answer be lost.
+        let resume = match &login.presented {
+            Some(presented) => self
+                .bearer
+                .derive_resume(presented, login.user, decision.epoch()),
+            None => {
+                let mut token = [0u8; 32];
+                self.rng.fill_bytes(&mut token);
+                ResumeToken(token)
+            }
+        };
         // A takeover's answer may be held until the old lease ends: the new claim must
         // outlive that by a whole claim_ttl, or it could expire before the client connects.
         let lease_from = match &decision {
@@ -846,26 +906,42 @@ impl RouteLogin {
         wall: UnixMillis,
         granted: Granted,
         decision: LoginDecision,
-        presented: Option<[u8; 32]>,
+        login: &LoginCtx,
     ) {
         if let LoginDecision::Takeover { old, .. } = decision {
-            self.events.push_back(RouteEvent::KickOld {
-                server: old.server.clone(),
-                user: granted.user,
-                below_epoch: granted.epoch,
-            });
+            // The old claim's session is on its server. For a retry of a login whose answer
+            // was lost, the claim it replaces was never answered: the session that takeover
+            // was waiting for may be on any server, so every live one is asked.
+            let awaiting: BTreeSet<ServerId> = if login.retries_lost_answer {
+                self.live.keys().cloned().collect()
+            } else {
+                BTreeSet::from([old.server.clone()])
+            };
+            for server in &awaiting {
+                self.events.push_back(RouteEvent::KickOld {
+                    server: server.clone(),
+                    user: granted.user,
+                    below_epoch: granted.epoch,
+                });
+            }
             // The old session may still be open on a live server: answering now could let
             // the new one start before it ends. Wait, at most until its lease runs out
             // (a server that cannot refresh it fences itself by then). `old` is the claim
             // as ReplaceClaim found it, so a refresh since our read is accounted for.
-            if self.live.contains_key(&old.server) && is_live(&old, wall) {
+            // For a lost answer's retry, the replaced claim's lease covers the older one's
+            // (a takeover's claim outlives the lease it waited for by a claim_ttl).
+            let awaiting: BTreeSet<ServerId> = awaiting
+                .into_iter()
+                .filter(|s| self.live.contains_key(s))
+                .collect();
+            if !awaiting.is_empty() && is_live(&old, wall) {
                 // `is_live` just held, so lease_until > wall.
                 let remaining = Duration::from_millis(old.lease_until.0 - wall.0);
                 self.held.push(HeldLogin {
                     granted,
-                    presented,
+                    presented: login.resume_hash,
                     waiters: Vec::new(),
-                    old_server: old.server,
+                    awaiting,
                     old_epoch: old.epoch,
                     deadline: now + remaining,
                     held_at: (now, wall),
@@ -1085,7 +1161,7 @@ mod tests {
     }
 
     /// The store side: accounts in a map, claims in the reference table.
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     struct Store {
         claims: ClaimTable,
         accounts: BTreeMap<UserId, Account>,
@@ -1453,10 +1529,60 @@ mod tests {
             (Epoch(2), &second.resume_token)
         );
         assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(2));
-        // Past claim_ttl after the release the first token is spent.
+        // Past claim_ttl after the release, the route has forgotten the answer, but the
+        // claim's token is still the first one's derivation: a retry of that login (its
+        // answer lost with a crashed route) takes the claim over again, asking every live
+        // server, since the session it waited for may be anywhere.
         assert_eq!(
-            login_err(&h.login(36_001, 1, Some(&first.resume_token))),
+            h.login(36_001, 1, Some(&first.resume_token)),
+            vec![kick_old("s1", 1, 3)]
+        );
+        assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(3));
+        // A token the claim does not derive from is refused.
+        assert_eq!(
+            login_err(&h.login(36_002, 1, Some(&ResumeToken([7; 32])))),
             LoginError::RepeatLogin
+        );
+    }
+
+    #[test]
+    fn a_retry_whose_answer_was_lost_takes_over_waiting_on_every_server() {
+        // A takeover is held on s1; the route then crashes: a new route (same secrets, no
+        // memory) meets the retry presenting the token the takeover was asked with.
+        let (h, first, _) = held_takeover(&["s1", "s2", "s3"]);
+        let mut h2 = Harness::new(&["s1", "s2", "s3"]);
+        h2.store = h.store.clone();
+        let events = h2.login(2_000, 1, Some(&first.resume_token));
+        assert_eq!(
+            events,
+            vec![
+                kick_old("s1", 1, 3),
+                kick_old("s2", 1, 3),
+                kick_old("s3", 1, 3)
+            ],
+            "every live server is asked"
+        );
+        assert_eq!(h2.store.claims.load(UserId(1)).epoch, Epoch(3));
+        assert_eq!(h2.kick_done(2_100, "s1", 1, 3), vec![]);
+        assert_eq!(h2.kick_done(2_200, "s3", 1, 3), vec![]);
+        // The last one to confirm releases the answer.
+        let events = h2.kick_done(2_300, "s2", 1, 3);
+        let answer = login_ok(&events);
+        assert_eq!(answer.epoch, Epoch(3));
+        assert_eq!(
+            h2.store
+                .claims
+                .load(UserId(1))
+                .claim
+                .unwrap()
+                .resume_token_hash,
+            resume_token_hash(&answer.resume_token)
+        );
+        // Another route (the same secret) derives the same token: the claim is this one's.
+        assert_eq!(
+            h2.m.bearer
+                .derive_resume(&first.resume_token, UserId(1), Epoch(3)),
+            answer.resume_token
         );
     }
 

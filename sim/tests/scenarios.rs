@@ -155,21 +155,20 @@ fn pinned_everything_seed_39_logins_accepted_after_registry_loss() {
     assert_clean("everything", &[39]);
 }
 
-// Open bug: a route that crashes while it holds a takeover's answer (or while a login's
-// answer is in flight) has already written the new claim with a new resume token; the client
-// never learns that token, and every retry with the old one gets 5000 until the new claim's
-// lease runs out (the old lease's end plus claim_ttl): re-homes of 46–55 s against 20 s.
-// Fixing it needs the claim to remember the token that authorized the takeover and the old
-// lease the takeover must wait for, so that any route can re-run the hold.
+// A route that crashed while it held a takeover's answer (or while a login's answer was in
+// flight) had already written the new claim with a new resume token; the client never
+// learned that token, and every retry with the old one got 5000 until the new claim's lease
+// ran out (the old lease's end plus claim_ttl): re-homes of 46–55 s against 20 s. Fixed: a
+// claim's resume token is derived (keyed by the routes' secret) from the token its login
+// presented, so any route recognizes a retry of that login and takes the claim over again,
+// waiting on every live server.
 
 #[test]
-#[ignore = "open bug: a route crash during a held takeover strands the client's resume token"]
 fn pinned_everything_seed_19_route_crash_during_takeover() {
     assert_clean("everything", &[19]);
 }
 
 #[test]
-#[ignore = "open bug: a route crash during a held takeover strands the client's resume token"]
 fn pinned_everything_seed_145_route_crash_during_takeover() {
     assert_clean("everything", &[145]);
 }
