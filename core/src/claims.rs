@@ -243,6 +243,7 @@ impl ClaimTable {
             StoreCommand::LoadRoutes { users } => StoreReply::Routes(self.routes(users, now)),
             StoreCommand::RegisterAccount { .. }
             | StoreCommand::LoadAccount { .. }
+            | StoreCommand::LoadNames { .. }
             | StoreCommand::LoadMembers { .. }
             | StoreCommand::Append { .. }
             | StoreCommand::LoadHeads { .. }
@@ -254,6 +255,11 @@ impl ClaimTable {
             | StoreCommand::ListOnline { .. } => return None,
         })
     }
+}
+
+/// Whether `(epoch, server)` is the claim's own: the compare-epoch fence of bind and refresh.
+fn owns(claim: &Claim, epoch: Epoch, server: &ServerId) -> bool {
+    (claim.epoch == epoch && claim.server == *server) || canary::disabled(Canary::EpochFencing)
 }
 
 #[cfg(test)]
@@ -733,9 +739,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Whether `(epoch, server)` is the claim's own: the compare-epoch fence of bind and refresh.
-fn owns(claim: &Claim, epoch: Epoch, server: &ServerId) -> bool {
-    (claim.epoch == epoch && claim.server == *server) || canary::disabled(Canary::EpochFencing)
 }
