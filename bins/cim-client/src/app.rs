@@ -27,7 +27,8 @@ pub struct Completions {
 
 pub type SharedCompletions = Arc<Mutex<Completions>>;
 
-/// The online list is refreshed at most this often for unknown senders.
+/// The online list is refreshed at most this often, and a failed name lookup is retried no
+/// sooner than this.
 const REFRESH_MIN_GAP: Duration = Duration::from_secs(2);
 /// Read positions advance with every message; they are saved this often (and on every
 /// send, acknowledgement and exit), so a crash re-delivers at most a few seconds' worth.
@@ -66,8 +67,11 @@ pub struct App {
     /// Own acknowledged messages whose echo has not come back yet (not shown twice).
     echo_pending: BTreeSet<ClientMsgId>,
     last_refresh: Option<std::time::Instant>,
-    /// Unknown senders already looked up in the online list.
+    /// Ids the route was asked to name and had no account for: not asked again this run.
     looked_up: BTreeSet<u64>,
+    /// When a name lookup last failed: lookups pause for `REFRESH_MIN_GAP` after it, so a
+    /// route that is down is not asked once per message.
+    names_failed_at: Option<std::time::Instant>,
     pub stopped: Option<StopReason>,
 }
 
@@ -127,6 +131,7 @@ impl App {
             echo_pending: BTreeSet::new(),
             last_refresh: None,
             looked_up: BTreeSet::new(),
+            names_failed_at: None,
             stopped: None,
         };
         app.publish_users();
@@ -357,9 +362,11 @@ impl App {
     }
 
     fn plain(&self, m: &SeenMessage) -> String {
+        // Local history written before the name was known has none: use what is known now.
         let who = m
             .sender_name
             .clone()
+            .or_else(|| self.name_of(UserId(m.sender)))
             .unwrap_or_else(|| format!("#{}", m.sender));
         format!("[{} #{}] {who}: {}", m.conv, m.seq, m.text)
     }
@@ -398,6 +405,57 @@ impl App {
             c.users.dedup();
         }
         Ok(users)
+    }
+
+    /// Learns the names of those of `ids` not known yet, in one batched lookup by id
+    /// (`POST /userNames`), and keeps them (in the state file too). Ids the route has no
+    /// account for are not asked again this run; after a failed lookup, none are asked
+    /// for `REFRESH_MIN_GAP`.
+    async fn learn_names(&mut self, ids: &[u64]) {
+        let missing: BTreeSet<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                *id != self.me.0
+                    && !self.file.users.contains_key(id)
+                    && !self.looked_up.contains(id)
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let now = Clock::System.now();
+        if self
+            .names_failed_at
+            .is_some_and(|at| now < at + REFRESH_MIN_GAP)
+        {
+            return;
+        }
+        let Some(token) = self.client.token() else {
+            return;
+        };
+        let users: Vec<UserId> = missing.iter().copied().map(UserId).collect();
+        match self.api.user_names(&token, &users).await {
+            Ok(found) => {
+                self.names_failed_at = None;
+                if let Ok(mut c) = self.completions.lock() {
+                    c.users.extend(found.iter().map(|u| u.user_name.clone()));
+                    c.users.sort();
+                    c.users.dedup();
+                }
+                for user in found {
+                    self.file.users.insert(user.user_id, user.user_name);
+                }
+                let unknown = missing
+                    .into_iter()
+                    .filter(|id| !self.file.users.contains_key(id));
+                self.looked_up.extend(unknown);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "user names not looked up");
+                self.names_failed_at = Some(now);
+            }
+        }
     }
 
     fn publish_users(&self) {
@@ -498,6 +556,10 @@ impl App {
         let Some(token) = self.token() else { return };
         match self.api.history(&token, &conv, None, HISTORY_LIMIT).await {
             Ok(history) => {
+                // Every unknown sender of the page in one lookup.
+                let mut ids: Vec<u64> = history.messages.iter().map(|m| m.sender_id).collect();
+                ids.extend(conv.peer_of(self.me).map(|p| p.0));
+                self.learn_names(&ids).await;
                 let messages: Vec<SeenMessage> = history
                     .messages
                     .iter()
@@ -571,15 +633,12 @@ impl App {
     pub async fn on_event(&mut self, event: ClientEvent) -> Option<Events> {
         match event {
             ClientEvent::Message(m) => {
-                let mut sender_name = self.name_of(m.sender);
-                // A sender not seen before is looked up once, however recent the last
-                // refresh was (they may have just come online); after that, rate-limited.
-                if sender_name.is_none() {
-                    let first_time = self.looked_up.insert(m.sender.0);
-                    if self.refresh_online(!first_time).await.is_ok() {
-                        sender_name = self.name_of(m.sender);
-                    }
-                }
+                // A sender not seen before (a synced message, someone now offline) is
+                // looked up by id once; the name is kept in the state file.
+                let mut ids = vec![m.sender.0];
+                ids.extend(m.conv.peer_of(self.me).map(|p| p.0));
+                self.learn_names(&ids).await;
+                let sender_name = self.name_of(m.sender);
                 let seen = SeenMessage {
                     conv: m.conv.to_string(),
                     seq: m.seq,
