@@ -661,6 +661,45 @@ async fn user_names_by_id_for_any_logged_in_user() {
 }
 
 #[tokio::test]
+async fn a_token_of_the_previous_bearer_secret_works_until_the_secret_is_dropped() {
+    // A token from a route still on the old secret.
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let old = Fixture::start_with(registry).await;
+    let _link = s1.accept().await;
+    let alice = old.register("alice").await;
+    let token = old.login(alice, "alice").await.token;
+    let (status, v) = old.get("/group/list", Some(&token)).await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+
+    // A route switched to the new secret, holding the old one as previous, takes it.
+    let mut rotating = options();
+    rotating.bearer_secret = b"bearer-secret-new".to_vec();
+    rotating.bearer_secret_previous = Some(b"bearer-secret".to_vec());
+    let rotating = Fixture::start_with_options(MemoryRegistry::new(), rotating).await;
+    let (status, v) = rotating.get("/group/list", Some(&token)).await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+    let (status, _) = rotating.get("/group/list", Some("1.1.1.00")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Logout checks the token in the login machine: it takes the previous secret too.
+    let (status, v) = rotating
+        .post("/offLine", Some(&token), json!({"userId": alice}))
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+
+    // Once the previous secret is dropped, the old token is refused.
+    let mut done = options();
+    done.bearer_secret = b"bearer-secret-new".to_vec();
+    let done = Fixture::start_with_options(MemoryRegistry::new(), done).await;
+    let (status, v) = done.get("/group/list", Some(&token)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    let (status, v) = done
+        .post("/offLine", Some(&token), json!({"userId": alice}))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+}
+
+#[tokio::test]
 async fn openapi_health_and_metrics() {
     let registry = MemoryRegistry::new();
     let mut s1 = FakeServer::start(&registry, "s1").await;

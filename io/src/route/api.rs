@@ -77,7 +77,8 @@ impl ApiShared {
             clock,
             // The same key the login machine verifies with (`RouteLogin::verify_bearer`),
             // held here so checking a token needs no trip through the driver.
-            bearer: BearerKey::new(options.bearer_secret.clone()),
+            bearer: BearerKey::new(options.bearer_secret.clone())
+                .with_previous(options.bearer_secret_previous.clone()),
             store_timeout: options.login.store_timeout,
             live: view.servers(),
             registry_health: view.health(),
