@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cim_core::client::{ClientConfig, ClientEvent, LinkLoss, LoginFailure, StopReason};
+use cim_core::client::{
+    ClientConfig, ClientEvent, ErrorCode, KickReason, LinkLoss, LoginFailure, StopReason,
+};
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
 use cim_io::api::OnlineUser;
 use cim_io::clock::Clock;
@@ -680,8 +682,13 @@ impl App {
             } => {
                 let label = self.sending.remove(&msg_id).unwrap_or_default();
                 self.sink.error(&format!(
-                    "rejected {label} ({}): {reason} [{code:?}]",
-                    short(msg_id)
+                    "rejected {label} ({}): {}",
+                    short(msg_id),
+                    if reason.is_empty() {
+                        error_words(code)
+                    } else {
+                        &reason
+                    }
                 ));
                 self.save().await;
             }
@@ -730,7 +737,7 @@ impl App {
             }
             ClientEvent::Kicked(reason) => {
                 self.sink
-                    .status(Level::Warn, &format!("* kicked: {reason:?}"));
+                    .status(Level::Warn, &format!("* kicked: {}", kick_words(reason)));
             }
             ClientEvent::LoginRejected(error) => {
                 self.sink.error(&format!("login rejected: {error}"));
@@ -861,7 +868,81 @@ fn describe(cause: &LinkLoss) -> String {
         LinkLoss::LoginOkTimeout => "the server did not accept the login".to_owned(),
         LinkLoss::Disconnected => "connection lost".to_owned(),
         LinkLoss::HeartbeatTimeout => "the server stopped answering".to_owned(),
-        LinkLoss::Kicked(reason) => format!("kicked: {reason:?}"),
-        LinkLoss::ServerError { code, message } => format!("server error {code:?}: {message}"),
+        LinkLoss::Kicked(reason) => format!("kicked: {}", kick_words(*reason)),
+        LinkLoss::ServerError { code, message } if message.is_empty() => {
+            format!("server error: {}", error_words(*code))
+        }
+        LinkLoss::ServerError { code, message } => {
+            format!("server error: {} ({message})", error_words(*code))
+        }
+    }
+}
+
+/// Why the server closed the session, in words a chat user reads.
+fn kick_words(reason: KickReason) -> &'static str {
+    match reason {
+        KickReason::Unspecified => "by the server",
+        KickReason::TakenOver => "this user logged in elsewhere",
+        KickReason::SlowConsumer => "too slow to keep up",
+        KickReason::Idle => "silent too long",
+        KickReason::LoginTimeout => "login took too long",
+        KickReason::Fenced => "the server lost its store",
+        KickReason::Draining => "the server is shutting down",
+        KickReason::ProtocolError => "protocol error",
+        KickReason::LoggedOut => "logged out",
+    }
+}
+
+/// A server's error code in words.
+fn error_words(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Unspecified => "unspecified error",
+        ErrorCode::MalformedFrame => "malformed frame",
+        ErrorCode::FrameTooLarge => "frame too large",
+        ErrorCode::BodyTooLarge => "message too long",
+        ErrorCode::BadTicket => "bad login ticket",
+        ErrorCode::TicketExpired => "login ticket expired",
+        ErrorCode::WrongServer => "wrong server",
+        ErrorCode::StaleEpoch => "a newer login exists",
+        ErrorCode::NotLoggedIn => "not logged in",
+        ErrorCode::RateLimited => "sending too fast",
+        ErrorCode::NotMember => "not a member",
+        ErrorCode::BadConversation => "no such conversation",
+        ErrorCode::ConflictingRetry => "message id reused with another text",
+        ErrorCode::Unavailable => "temporarily unavailable",
+        ErrorCode::UnexpectedFrame => "unexpected frame",
+        ErrorCode::UnknownUser => "unknown user",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kicks_and_errors_read_as_words_not_enum_names() {
+        assert_eq!(
+            describe(&LinkLoss::Kicked(KickReason::Draining)),
+            "kicked: the server is shutting down"
+        );
+        assert_eq!(
+            describe(&LinkLoss::ServerError {
+                code: ErrorCode::RateLimited,
+                message: String::new()
+            }),
+            "server error: sending too fast"
+        );
+        let reasons = (0..=8).filter_map(|n| KickReason::try_from(n).ok());
+        let codes = (0..=15).filter_map(|n| ErrorCode::try_from(n).ok());
+        let words: Vec<&str> = reasons
+            .map(kick_words)
+            .chain(codes.map(error_words))
+            .collect();
+        assert_eq!(words.len(), 9 + 16);
+        for w in words {
+            // An enum name (`Draining`, `RateLimited`) would start upper case or be one word
+            // of mixed case; words are lower case.
+            assert_eq!(w, w.to_lowercase(), "{w}");
+        }
     }
 }
