@@ -243,6 +243,7 @@ impl ClaimTable {
             StoreCommand::LoadRoutes { users } => StoreReply::Routes(self.routes(users, now)),
             StoreCommand::RegisterAccount { .. }
             | StoreCommand::LoadAccount { .. }
+            | StoreCommand::LoadNames { .. }
             | StoreCommand::LoadMembers { .. }
             | StoreCommand::Append { .. }
             | StoreCommand::LoadHeads { .. }

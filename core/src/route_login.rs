@@ -220,9 +220,13 @@ pub enum TimerReason {
 /// Signs and checks the HTTP API's bearer tokens: `<user>.<epoch>.<expires_at_ms>.<mac>`,
 /// decimal numbers and a hex HMAC-SHA256 over them. Bound to (user, epoch), so a token
 /// only ever acts for the session it was issued with.
+///
+/// During a rotation it also holds the previous secret: tokens are minted with the current
+/// one and accepted under either, so tokens issued before the switch keep working.
 #[derive(Clone)]
 pub struct BearerKey {
     secret: Vec<u8>,
+    previous: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for BearerKey {
@@ -253,7 +257,14 @@ impl BearerKey {
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
         Self {
             secret: secret.into(),
+            previous: None,
         }
+    }
+
+    /// Also accept tokens signed with `previous` (a rotation's old secret); never mint with it.
+    pub fn with_previous(mut self, previous: Option<Vec<u8>>) -> Self {
+        self.previous = previous;
+        self
     }
 
     pub fn mint(&self, claims: &BearerClaims) -> String {
@@ -285,9 +296,10 @@ impl BearerKey {
             expires_at: UnixMillis(parse_decimal(expires)?),
         };
         let mac = hex_decode(mac).ok_or(TokenError::Malformed)?;
-        self.mac(&claims)
-            .verify_slice(&mac)
-            .map_err(|_| TokenError::BadMac)?;
+        let signed_by = |secret: &[u8]| mac_of(secret, &claims).verify_slice(&mac).is_ok();
+        if !signed_by(&self.secret) && !self.previous.as_deref().is_some_and(signed_by) {
+            return Err(TokenError::BadMac);
+        }
         if claims.expires_at <= now {
             return Err(TokenError::Expired);
         }
@@ -309,13 +321,17 @@ impl BearerKey {
     }
 
     fn mac(&self, claims: &BearerClaims) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        mac.update(b"cim-bearer-v1");
-        mac.update(&claims.user.0.to_be_bytes());
-        mac.update(&claims.epoch.0.to_be_bytes());
-        mac.update(&claims.expires_at.0.to_be_bytes());
-        mac
+        mac_of(&self.secret, claims)
     }
+}
+
+fn mac_of(secret: &[u8], claims: &BearerClaims) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(b"cim-bearer-v1");
+    mac.update(&claims.user.0.to_be_bytes());
+    mac.update(&claims.epoch.0.to_be_bytes());
+    mac.update(&claims.expires_at.0.to_be_bytes());
+    mac
 }
 
 /// Canonical decimal only (no sign, no leading zero), so a token has one spelling.
@@ -515,6 +531,11 @@ impl RouteLogin {
             store_out: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// During a bearer secret rotation, also accept tokens signed with `previous`.
+    pub fn accept_previous_bearer_secret(&mut self, previous: Option<Vec<u8>>) {
+        self.bearer = self.bearer.clone().with_previous(previous);
     }
 
     /// Checks a bearer token (for the HTTP API's authenticated calls).
@@ -1911,6 +1932,33 @@ mod tests {
             }]
         ));
         assert!(h.m.poll_store().is_none());
+    }
+
+    #[test]
+    fn bearer_rotation_mints_with_the_current_secret_and_accepts_the_previous() {
+        let claims = BearerClaims {
+            user: UserId(7),
+            epoch: Epoch(3),
+            expires_at: UnixMillis(10_000),
+        };
+        let now = UnixMillis(9_999);
+        let old = BearerKey::new(b"old".to_vec());
+        let rotating = BearerKey::new(b"new".to_vec()).with_previous(Some(b"old".to_vec()));
+        let new_only = BearerKey::new(b"new".to_vec());
+        let before = old.mint(&claims);
+        let after = rotating.mint(&claims);
+        assert_eq!(rotating.verify(&before, now), Ok(claims));
+        assert_eq!(
+            new_only.verify(&after, now),
+            Ok(claims),
+            "minted with the new one"
+        );
+        assert_eq!(old.verify(&after, now), Err(TokenError::BadMac));
+        assert_eq!(new_only.verify(&before, now), Err(TokenError::BadMac));
+        assert_eq!(
+            rotating.verify(&before, UnixMillis(10_000)),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]

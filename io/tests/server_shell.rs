@@ -868,3 +868,39 @@ fn serves_over_the_simulated_network() {
     });
     sim.run().expect("simulation passes");
 }
+
+#[test]
+fn options_debug_never_prints_secrets() {
+    let ticket_secret = b"ticket-secret-in-debug".to_vec();
+    let (link, link_previous) = ("link-secret-in-debug", "link-previous-in-debug");
+    let keys = TicketKeys::new(1, ticket_secret.clone());
+    let mut server = ServerOptions::new(
+        ServerConfig::new(ServerId::new("s1"), keys.clone()),
+        link.as_bytes().to_vec(),
+    );
+    server.link_secret_previous = Some(link_previous.as_bytes().to_vec());
+    let mut route = cim_io::route::RouteOptions::new(
+        "r1",
+        keys,
+        b"bearer-secret-in-debug".to_vec(),
+        link.as_bytes().to_vec(),
+    );
+    route.bearer_secret_previous = Some(b"bearer-previous-in-debug".to_vec());
+    route.link_secret_previous = Some(link_previous.as_bytes().to_vec());
+    for text in [format!("{server:?}"), format!("{route:?}")] {
+        // Secrets as text, and as the byte list a derived `Debug` of a `Vec<u8>` prints.
+        for secret in [
+            "ticket-secret-in-debug",
+            link,
+            link_previous,
+            "bearer-secret-in-debug",
+            "bearer-previous-in-debug",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+            let bytes = format!("{:?}", secret.as_bytes());
+            let inner = bytes.trim_start_matches('[').trim_end_matches(']');
+            assert!(!text.contains(inner), "{secret} (as bytes) in {text}");
+        }
+        assert!(text.contains("s1") || text.contains("r1"), "{text}");
+    }
+}

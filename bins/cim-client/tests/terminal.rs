@@ -83,6 +83,10 @@ async fn interactive_chat_under_a_pty() {
     // The server both are on stops (as `systemctl restart` stops it first).
     let stopped = cluster.stop_server().await;
     let (mut alice, mut bob) = tokio::task::spawn_blocking(move || {
+        // In words, not `Draining`.
+        alice
+            .expect("* kicked: the server is shutting down")
+            .expect("kick shown");
         alice.expect("* reconnecting").expect("reconnecting shown");
         alice
             .send("typed while the server was down\r")

@@ -57,6 +57,10 @@ pub struct Args {
     /// Secret of the HTTP bearer tokens (>= 16 bytes; required).
     #[arg(long, env = "CIM_BEARER_SECRET", hide_env_values = true)]
     bearer_secret: Option<String>,
+    /// During a rotation, the previous bearer secret: tokens signed with it are still
+    /// accepted (new ones are signed with --bearer-secret).
+    #[arg(long, env = "CIM_BEARER_SECRET_PREVIOUS", hide_env_values = true)]
+    bearer_secret_previous: Option<String>,
     /// Secret of the server links' challenge-response (>= 16 bytes; required).
     #[arg(long, env = "CIM_LINK_SECRET", hide_env_values = true)]
     link_secret: Option<String>,
@@ -149,7 +153,8 @@ fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; route_id, listen, redis, zk, zk_root, zk_session_timeout,
-        ticket_secret, ticket_key_id, bearer_secret, link_secret, link_secret_previous,
+        ticket_secret, ticket_key_id, bearer_secret, bearer_secret_previous, link_secret,
+        link_secret_previous,
         balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
         link_retry_delay, redis_timeout, max_body, max_log_len, allow_eviction);
@@ -175,6 +180,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
     let mut options = RouteOptions::new(route_id, keys, bearer_secret, link_secret);
     options.http_listen = listen;
+    options.bearer_secret_previous = args
+        .bearer_secret_previous
+        .as_deref()
+        .map(|s| launch::require_secret("CIM_BEARER_SECRET_PREVIOUS", Some(s)))
+        .transpose()?;
     options.link_secret_previous = args
         .link_secret_previous
         .as_deref()

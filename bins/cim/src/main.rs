@@ -272,6 +272,34 @@ async fn control(
     out.join("\n")
 }
 
+/// How to start the console client, as the README says: the `cim-client` binary built next
+/// to this one (`target/release/cim-client` after the quick start's build), named relative to
+/// the current directory when it is below it. `false` when no such binary exists yet (then the
+/// README's path, to be built first).
+fn client_command() -> (String, bool) {
+    let name = format!("cim-client{}", std::env::consts::EXE_SUFFIX);
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(&name)))
+        .filter(|path| path.is_file());
+    match sibling {
+        Some(path) => {
+            let shown = std::env::current_dir()
+                .ok()
+                .and_then(|cwd| path.strip_prefix(cwd).ok().map(|p| p.to_path_buf()))
+                .unwrap_or(path);
+            // `cim-client` alone would be looked up in PATH.
+            let shown = if shown.components().count() == 1 {
+                std::path::Path::new(".").join(shown)
+            } else {
+                shown
+            };
+            (shown.display().to_string(), true)
+        }
+        None => (format!("target/release/{name}"), false),
+    }
+}
+
 fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk: bool) {
     let http = route.http_addr();
     println!("cim up: a route and two servers are running in this process");
@@ -294,9 +322,13 @@ fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk:
         if zk { "ZooKeeper" } else { "embedded" }
     );
     println!();
+    let (client, built) = client_command();
+    if !built {
+        println!("Build the console client once: cargo build --release -p cim-client");
+    }
     println!("Chat from two other terminals:");
     for name in ["alice", "bob"] {
-        println!("  cargo run --release -p cim-client -- --route http://{http} --user {name}");
+        println!("  {client} --route http://{http} --user {name}");
     }
     println!(
         "(the first run registers the name and asks for a password); then type a line to talk to \

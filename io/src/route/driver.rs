@@ -178,13 +178,14 @@ impl<N: Network> Driver<N> {
     ) -> Self {
         // Distinct streams for the balancer and the login machine from one seed.
         let balancer = Balancer::new(options.strategy, options.seed ^ 0xba1a_5ce5_ba1a_5ce5);
-        let login = RouteLogin::new(
+        let mut login = RouteLogin::new(
             options.login.clone(),
             options.ticket_keys.clone(),
             options.bearer_secret.clone(),
             balancer,
             options.seed,
         );
+        login.accept_previous_bearer_secret(options.bearer_secret_previous.clone());
         let store_task_timeout = options
             .login
             .store_timeout
