@@ -312,12 +312,24 @@ impl BearerKey {
     /// that made the claim (its answer was lost: a route crashed while holding it), while
     /// a client cannot step from an old token to a newer one by itself.
     pub fn derive_resume(&self, parent: &ResumeToken, user: UserId, epoch: Epoch) -> ResumeToken {
-        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        mac.update(b"cim-resume-v1");
-        mac.update(&parent.0);
-        mac.update(&user.0.to_be_bytes());
-        mac.update(&epoch.0.to_be_bytes());
-        ResumeToken(mac.finalize().into_bytes().into())
+        derive_resume_with(&self.secret, parent, user, epoch)
+    }
+
+    /// Whether `hash` is the hash of `parent`'s derivation for `epoch`, under the current
+    /// secret or, during a rotation, the previous one (the claim may be another route's).
+    pub fn derives_to(
+        &self,
+        parent: &ResumeToken,
+        user: UserId,
+        epoch: Epoch,
+        hash: &[u8; 32],
+    ) -> bool {
+        std::iter::once(&self.secret)
+            .chain(self.previous.as_ref())
+            .any(|secret| {
+                let derived = derive_resume_with(secret, parent, user, epoch);
+                bool::from(resume_token_hash(&derived).ct_eq(hash))
+            })
     }
 
     fn mac(&self, claims: &BearerClaims) -> HmacSha256 {
@@ -332,6 +344,20 @@ fn mac_of(secret: &[u8], claims: &BearerClaims) -> HmacSha256 {
     mac.update(&claims.epoch.0.to_be_bytes());
     mac.update(&claims.expires_at.0.to_be_bytes());
     mac
+}
+
+fn derive_resume_with(
+    secret: &[u8],
+    parent: &ResumeToken,
+    user: UserId,
+    epoch: Epoch,
+) -> ResumeToken {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(b"cim-resume-v1");
+    mac.update(&parent.0);
+    mac.update(&user.0.to_be_bytes());
+    mac.update(&epoch.0.to_be_bytes());
+    ResumeToken(mac.finalize().into_bytes().into())
 }
 
 /// Canonical decimal only (no sign, no leading zero), so a token has one spelling.
@@ -850,10 +876,8 @@ impl RouteLogin {
         // holding it crashed): it takes the claim over again, waiting on every server.
         login.retries_lost_answer = match (&login.presented, &state.claim) {
             (Some(presented), Some(claim)) if is_live(claim, wall) => {
-                let derived = self
-                    .bearer
-                    .derive_resume(presented, login.user, claim.epoch);
-                bool::from(resume_token_hash(&derived).ct_eq(&claim.resume_token_hash))
+                self.bearer
+                    .derives_to(presented, login.user, claim.epoch, &claim.resume_token_hash)
             }
             _ => false,
         };
