@@ -88,6 +88,10 @@ impl Recorder {
         *self.lock().counters.entry(name).or_default() += 1;
     }
 
+    pub fn count_n(&self, name: &'static str, n: u64) {
+        *self.lock().counters.entry(name).or_default() += n;
+    }
+
     /// Registers a client instance (so a client that saw nothing still has a history).
     pub fn add_client(&self, client: ClientId, user: UserId) {
         let mut r = self.lock();

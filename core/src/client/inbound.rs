@@ -186,9 +186,18 @@ impl Conv {
     }
 }
 
+/// Counts of the recoveries inbound delivery made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct InboundStats {
+    /// Gaps whose timer fired and sent a fetch for the missing seqs.
+    pub gap_fetches: u64,
+}
+
 #[derive(Debug)]
 pub(crate) struct Inbound {
     cfg: InboundConfig,
+    /// What inbound delivery did, for [`super::ClientStats`].
+    pub(crate) stats: InboundStats,
     convs: BTreeMap<ConvId, Conv>,
     /// Send times of unanswered SyncRequests, oldest first (answers come back in order).
     syncs: VecDeque<Instant>,
@@ -197,6 +206,7 @@ pub(crate) struct Inbound {
 impl Inbound {
     pub(crate) fn new(cfg: InboundConfig) -> Self {
         Self {
+            stats: InboundStats::default(),
             cfg,
             convs: BTreeMap::new(),
             syncs: VecDeque::new(),
@@ -365,6 +375,7 @@ impl Inbound {
                 continue;
             }
             if c.anchored && !c.buffer.is_empty() {
+                self.stats.gap_fetches += 1;
                 c.fetch(conv, now, &self.cfg, out);
                 // Re-armed so a lost answer is retried once the fetch goes stale.
                 c.gap_deadline = Some(now + self.cfg.gap_sync_delay);

@@ -398,6 +398,9 @@ async fn chat_client(
         _ = pump => {}
         _ = work => {}
     }
+    if let Ok(stats) = client.stats().await {
+        rec.count_n("gaps fetched by the client", stats.gap_fetches);
+    }
     Ok(())
 }
 
