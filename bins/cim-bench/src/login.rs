@@ -2,14 +2,19 @@
 //! compare-epoch claim write, ticket), each a different registered user, `concurrency` at
 //! once. Registrations (one argon2 hash each) are timed too.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use cim_core::client::ClientEvent;
+use cim_core::ids::ConvId;
 
 use anyhow::{Context as _, bail};
 use cim_io::api::LoginRequest;
 use futures::StreamExt as _;
 
 use crate::cluster::{Argon2Cost, Setup};
-use crate::util::{self, PASSWORD, Table, f1, int};
+use crate::util::{self, PASSWORD, Table, f1, f2, int};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoginArgs {
@@ -31,6 +36,9 @@ pub struct LoginFigures {
     pub registrations_per_sec: f64,
     pub logins_per_sec: f64,
     pub failures: usize,
+    /// p50/p99/p999 of a private message sent every 20 ms while the logins run: how much
+    /// the login burst delays routing.
+    pub probe_ms: [f64; 3],
 }
 
 pub async fn run(
@@ -49,6 +57,7 @@ pub async fn run(
             "registrations/s",
             "logins/s",
             "failed",
+            "p2p p50 / p99 during logins, ms",
         ],
     );
     let costs: Vec<(Argon2Cost, usize)> = if route.is_some() {
@@ -103,6 +112,7 @@ pub async fn run(
                 f1(figures.registrations_per_sec),
                 int(figures.logins_per_sec),
                 figures.failures.to_string(),
+                format!("{} / {}", f2(figures.probe_ms[0]), f2(figures.probe_ms[1])),
             ]);
             if route.is_some() {
                 return Ok(table);
@@ -121,6 +131,7 @@ pub async fn measure(
     let started = util::now();
     let registered = util::register_users(route, &format!("lg{tag}"), users, concurrency).await?;
     let registrations_per_sec = users as f64 / started.elapsed().as_secs_f64();
+    let probe = Probe::start(route, &tag).await?;
     let api = util::route_api(route);
     let bar = util::bar(users as u64, "login");
     let started = util::now();
@@ -147,6 +158,7 @@ pub async fn measure(
         .await;
     let elapsed = started.elapsed();
     bar.finish_and_clear();
+    let probe_ms = probe.stop().await?;
     let failures = results.iter().filter(|r| r.is_err()).count();
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
         eprintln!("login: {failures} failed, first: {e:#}");
@@ -159,5 +171,68 @@ pub async fn measure(
         logins_per_sec: (users - failures) as f64
             / elapsed.max(Duration::from_micros(1)).as_secs_f64(),
         failures,
+        probe_ms,
     })
+}
+
+/// One pair of clients exchanging a message every 20 ms, to see routing while logins run.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    sender: tokio::task::JoinHandle<anyhow::Result<()>>,
+    receiver: tokio::task::JoinHandle<hdrhistogram::Histogram<u64>>,
+}
+
+impl Probe {
+    async fn start(route: &(String, u16), tag: &str) -> anyhow::Result<Self> {
+        let users = util::register_users(route, &format!("lp{tag}"), 2, 2).await?;
+        let mut clients = util::start_clients(route, &users, 2).await?;
+        let (b, mut b_events) = clients.pop().context("two clients")?;
+        let (a, mut a_events) = clients.pop().context("two clients")?;
+        let conv = ConvId::private(users[0].0, users[1].0).context("pair")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::spawn(async move { while a_events.next().await.is_some() {} });
+                while !stop.load(Ordering::Relaxed) {
+                    a.submit(conv.clone(), util::stamped_body(util::stamp(), 16))
+                        .await
+                        .context("probe send")?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                a.shutdown().await;
+                Ok(())
+            })
+        };
+        let receiver = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut hist = util::histogram();
+                while !stop.load(Ordering::Relaxed) {
+                    let next = tokio::time::timeout(Duration::from_millis(100), b_events.next());
+                    if let Ok(Some(ClientEvent::Message(m))) = next.await
+                        && let Some(us) = util::latency_us(&m.body)
+                    {
+                        let _ = hist.record(us.max(1));
+                    }
+                }
+                b.shutdown().await;
+                hist
+            })
+        };
+        Ok(Self {
+            stop,
+            sender,
+            receiver,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<[f64; 3]> {
+        // A message still in flight arrives within the receiver's last wait.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop.store(true, Ordering::Relaxed);
+        self.sender.await??;
+        let hist = self.receiver.await?;
+        Ok(util::percentiles_ms(&hist))
+    }
 }
