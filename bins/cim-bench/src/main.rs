@@ -113,13 +113,13 @@ enum Command {
     Cluster(cluster::ClusterArgs),
     /// (internal) The real cim-server program, for scenarios that kill servers.
     #[command(hide = true)]
-    Server(cim_server::Args),
+    Server(Box<cim_server::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     let command = match command {
-        Command::Server(args) => return cim_server::run_blocking(args),
+        Command::Server(args) => return cim_server::run_blocking(*args),
         Command::Cluster(args) => {
             cim_io::launch::init_tracing("error");
             return runtime()?.block_on(cluster::run_cluster(args));

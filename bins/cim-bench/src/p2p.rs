@@ -29,6 +29,9 @@ pub struct P2pArgs {
     pub payload: usize,
 }
 
+/// Deliveries and latencies of one rate, filled by the receivers.
+type PerRate = (u64, Histogram<u64>);
+
 /// One rate's figures.
 #[derive(Debug)]
 pub struct Step {
@@ -59,7 +62,7 @@ pub async fn run(
     let tag = util::run_tag();
     let users = util::register_users(route, &format!("pp{tag}"), pairs * 2, 32).await?;
     let clients = util::start_clients(route, &users, 64).await?;
-    let hists: Arc<Mutex<Vec<(u64, Histogram<u64>)>>> = Arc::new(Mutex::new(
+    let hists: Arc<Mutex<Vec<PerRate>>> = Arc::new(Mutex::new(
         (0..rates.len()).map(|_| (0, util::histogram())).collect(),
     ));
     let mut senders = Vec::new();
