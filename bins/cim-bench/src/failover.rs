@@ -27,6 +27,9 @@ pub struct FailoverArgs {
     /// The servers' ZooKeeper session timeout (how long a dead server stays listed).
     #[arg(long, default_value = "6s")]
     pub zk_session_timeout: String,
+    /// Print how many clients are online (and still on the killed server) every second.
+    #[arg(long)]
+    pub timeline: bool,
 }
 
 /// One client as the scenario watches it.
@@ -124,6 +127,7 @@ pub async fn run(args: &FailoverArgs, quick: bool) -> anyhow::Result<Table> {
     // Everyone online, none of them on s2 any more (a client on s2 counts as there until
     // its next Online elsewhere).
     let mut rehomed;
+    let mut last_tick = u128::MAX;
     let recovered = loop {
         let online = watches
             .iter()
@@ -138,6 +142,11 @@ pub async fn run(args: &FailoverArgs, quick: bool) -> anyhow::Result<Table> {
             .iter()
             .filter(|w| w.online.load(Ordering::Relaxed) && w.server.load(Ordering::Relaxed) == 2)
             .count();
+        let tick = kill_started.elapsed().as_millis();
+        if args.timeline && tick / 1000 != last_tick {
+            last_tick = tick / 1000;
+            eprintln!("t={last_tick:>3}s online {online:>6} still on s2 {on_s2:>6} re-homed {rehomed:>6}");
+        }
         if online == n && on_s2 == 0 {
             break Some(kill_started.elapsed());
         }
@@ -147,6 +156,16 @@ pub async fn run(args: &FailoverArgs, quick: bool) -> anyhow::Result<Table> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     bar.finish_and_clear();
+    if args.timeline {
+        // The route's login outcomes by code: a slow tail shows up here (5000 = repeat login).
+        let addr = format!("{}:{}", route.0, route.1).parse()?;
+        let metrics = procs::http_get(addr, "/metrics").await.unwrap_or_default();
+        for line in metrics.lines().filter(|l| {
+            l.starts_with("cim_route_logins_total") || l.starts_with("cim_route_takeover")
+        }) {
+            eprintln!("{line}");
+        }
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     for s in senders {
