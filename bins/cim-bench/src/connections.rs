@@ -74,8 +74,18 @@ fn raise_nofile(want: u64) -> u64 {
 pub async fn run(args: &ConnectionsArgs, quick: bool) -> anyhow::Result<Table> {
     let n = args.clients.unwrap_or(if quick { 100 } else { 50_000 });
     let idle = Duration::from_secs(args.idle_seconds.unwrap_or(if quick { 3 } else { 30 }));
-    let limit = raise_nofile((n as u64) * 2 + 10_000);
+    let limit = raise_nofile(n as u64 + 10_000);
     eprintln!("connections: open-file limit {limit}");
+    // The bench holds one socket per client and the server one per connection, each in
+    // its own process; both inherit this limit.
+    if (n as u64) + 2_000 > limit {
+        anyhow::bail!(
+            "{n} clients need an open-file limit above {}, and it is {limit} (raising the hard \
+             limit needs root with CAP_SYS_RESOURCE); try --clients {}",
+            n + 2_000,
+            limit.saturating_sub(2_000)
+        );
+    }
     let deployment = procs::deploy(1, "6s").await?;
     let route = deployment.route.clone();
     let server_pid = deployment.servers[0].pid();
