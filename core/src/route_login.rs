@@ -1150,7 +1150,8 @@ impl RouteLogin {
     fn send_password(&mut self, now: Instant, work: PasswordWork, step: Step) {
         let deadline = now + self.config.password_timeout;
         let id = self.wait_for(deadline, step);
-        self.password_out.push_back(PasswordJob { id, deadline, work });
+        self.password_out
+            .push_back(PasswordJob { id, deadline, work });
     }
 
     /// Records `step` as waiting for the answer to a new request id until `deadline`.
@@ -1339,7 +1340,8 @@ mod tests {
         fn password(&mut self, ms: u64) {
             let job = self.m.poll_password().expect("a password job");
             assert!(self.m.poll_password().is_none(), "one job at a time here");
-            self.m.handle_password(self.at(ms).0, job.id, job.work.run());
+            self.m
+                .handle_password(self.at(ms).0, job.id, job.work.run());
         }
 
         fn register(&mut self, ms: u64, name: &str, password: &str) -> Vec<RouteEvent> {
@@ -1869,7 +1871,11 @@ mod tests {
             h.m.poll_timeout(),
             Some((job.deadline, TimerReason::StoreDeadline))
         );
-        assert_eq!(format!("{:?}", job.work), "Verify(..)", "never prints a password");
+        assert_eq!(
+            format!("{:?}", job.work),
+            "Verify(..)",
+            "never prints a password"
+        );
         // The outcome comes 40 ms later (argon2 on a worker thread).
         let later = h.at(40).0;
         h.m.handle_password(later, job.id, PasswordOutcome::Verified(true));
@@ -1887,7 +1893,13 @@ mod tests {
     fn password_outcome_table() {
         // (label, user id, name, outcome fed back, expected result: None = goes on to LoadClaim)
         let cases: Vec<(&str, u64, &str, PasswordOutcome, Option<LoginError>)> = vec![
-            ("right password", 1, "alice", PasswordOutcome::Verified(true), None),
+            (
+                "right password",
+                1,
+                "alice",
+                PasswordOutcome::Verified(true),
+                None,
+            ),
             (
                 "wrong password",
                 1,
@@ -1960,7 +1972,11 @@ mod tests {
         }
         // A real argon2id hash with the configured parameters (same cost as a real check),
         // the same one for every unknown id, and not alice's.
-        assert!(dummies[0].starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{}", dummies[0]);
+        assert!(
+            dummies[0].starts_with("$argon2id$v=19$m=64,t=1,p=1$"),
+            "{}",
+            dummies[0]
+        );
         assert_eq!(dummies[0], dummies[1]);
         assert_ne!(dummies[0], h.store.accounts[&UserId(1)].password_hash);
     }

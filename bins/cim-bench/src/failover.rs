@@ -145,7 +145,9 @@ pub async fn run(args: &FailoverArgs, quick: bool) -> anyhow::Result<Table> {
         let tick = kill_started.elapsed().as_millis();
         if args.timeline && tick / 1000 != last_tick {
             last_tick = tick / 1000;
-            eprintln!("t={last_tick:>3}s online {online:>6} still on s2 {on_s2:>6} re-homed {rehomed:>6}");
+            eprintln!(
+                "t={last_tick:>3}s online {online:>6} still on s2 {on_s2:>6} re-homed {rehomed:>6}"
+            );
         }
         if online == n && on_s2 == 0 {
             break Some(kill_started.elapsed());

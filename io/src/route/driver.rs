@@ -599,7 +599,8 @@ impl<N: Network> Driver<N> {
     fn run_password(&mut self, job: PasswordJob) {
         let Some(pool) = self.password_pool.clone() else {
             let outcome = job.work.run();
-            self.login.handle_password(self.clock.now(), job.id, outcome);
+            self.login
+                .handle_password(self.clock.now(), job.id, outcome);
             return;
         };
         let to_self = self.to_self.clone();
