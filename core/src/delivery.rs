@@ -616,7 +616,7 @@ mod tests {
             msg_id_hi: id.hi(),
             msg_id_lo: id.lo(),
             conv: conv.into(),
-            body: body.as_bytes().to_vec(),
+            body: body.as_bytes().to_vec().into(),
             sent_at_ms: 1,
         }
     }

@@ -638,7 +638,7 @@ impl RedisStore {
             sender: sender.0,
             msg_id_hi: msg_id.hi(),
             msg_id_lo: msg_id.lo(),
-            body: body.to_vec(),
+            body: body.clone(),
             appended_at_ms: now.0,
             ..Default::default()
         }
