@@ -1093,7 +1093,7 @@ fn decode_message(conv: &ConvId, log_epoch: LogEpoch, seq: u64, bytes: &[u8]) ->
         seq,
         sender: UserId(m.sender),
         msg_id: ClientMsgId::from_halves(m.msg_id_hi, m.msg_id_lo),
-        body: Bytes::from(m.body),
+        body: m.body,
         appended_at: UnixMillis(m.appended_at_ms),
     })
 }
