@@ -231,6 +231,14 @@ pub enum ClientEvent {
     LoginRejected(LoginError),
 }
 
+/// Counts of what a session recovered from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Gaps in a conversation (a push lost or late) that waited out `gap_sync_delay` and
+    /// were fetched from the store.
+    pub gap_fetches: u64,
+}
+
 /// A failed `POST /login`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoginFailure {
@@ -427,6 +435,13 @@ impl ClientSession {
                 .restore(now, saved.conv, saved.log_epoch, saved.delivered);
         }
         session
+    }
+
+    /// Counts of what the session recovered from, for metrics and the simulation.
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            gap_fetches: self.inbound.stats.gap_fetches,
+        }
     }
 
     /// What to persist: the resume token, the outbox, and each conversation's position.

@@ -18,6 +18,7 @@
 
 pub mod accounts;
 pub mod balance;
+pub mod canary;
 pub mod claims;
 pub mod client;
 pub mod conv_log;

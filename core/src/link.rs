@@ -93,6 +93,25 @@ pub fn server_check(
     Ok(LinkAuthOk { mac })
 }
 
+/// [`server_check`] against each of `secrets` in turn (the current one first, then one kept
+/// during a rotation), answering with the first that verifies, so a route still on the
+/// previous secret checks the answer with the secret it used. Nothing is learnt from which
+/// one failed: the error is the same.
+pub fn server_check_any(
+    secrets: &[&[u8]],
+    hello: &LinkHello,
+    auth: &LinkAuth,
+) -> Result<LinkAuthOk, LinkAuthError> {
+    let mut result = Err(LinkAuthError::BadMac);
+    for secret in secrets {
+        result = server_check(secret, hello, auth);
+        if !matches!(result, Err(LinkAuthError::BadMac)) {
+            return result;
+        }
+    }
+    result
+}
+
 /// The route checks the server's proof over the transcript it took part in.
 pub fn route_check(
     secret: &[u8],
@@ -172,6 +191,26 @@ mod tests {
         let fake_ok = server_check(b"other", &hello, &forged).unwrap();
         assert_eq!(
             route_check(SECRET, &hello, &auth, &fake_ok),
+            Err(LinkAuthError::BadMac)
+        );
+    }
+
+    #[test]
+    fn a_server_rotating_its_secret_accepts_either_and_answers_in_kind() {
+        let hello = hello();
+        let secrets: [&[u8]; 2] = [b"new-link-secret", SECRET];
+        for secret in secrets {
+            let auth = route_answer(secret, &hello, "r1", &ROUTE_NONCE).unwrap();
+            let ok = server_check_any(&secrets, &hello, &auth).unwrap();
+            assert_eq!(route_check(secret, &hello, &auth, &ok), Ok(()));
+        }
+        let stranger = route_answer(b"other", &hello, "r1", &ROUTE_NONCE).unwrap();
+        assert_eq!(
+            server_check_any(&secrets, &hello, &stranger),
+            Err(LinkAuthError::BadMac)
+        );
+        assert_eq!(
+            server_check_any(&[], &hello, &stranger),
             Err(LinkAuthError::BadMac)
         );
     }

@@ -102,6 +102,12 @@ impl MemoryStore {
             StoreCommand::LoadAccount { user } => {
                 StoreReply::Account(self.accounts.get(user).cloned())
             }
+            StoreCommand::LoadNames { users } => StoreReply::Names(
+                users
+                    .iter()
+                    .map(|user| (*user, self.accounts.get(user).map(|a| a.name.clone())))
+                    .collect(),
+            ),
             StoreCommand::LoadMembers { conv } => StoreReply::Members(self.members(conv)),
             StoreCommand::Append {
                 conv,

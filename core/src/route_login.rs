@@ -10,7 +10,7 @@
 //! confirms the old session is closed (or leaves the registry, or the old lease runs out),
 //! so two sessions of one user never overlap in time.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use cim_proto::Ticket;
@@ -18,6 +18,7 @@ use hmac::{Hmac, Mac};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::accounts::{self, HashError, PasswordParams, RegisterError};
 use crate::balance::Balancer;
@@ -285,9 +286,13 @@ pub enum TimerReason {
 /// Signs and checks the HTTP API's bearer tokens: `<user>.<epoch>.<expires_at_ms>.<mac>`,
 /// decimal numbers and a hex HMAC-SHA256 over them. Bound to (user, epoch), so a token
 /// only ever acts for the session it was issued with.
+///
+/// During a rotation it also holds the previous secret: tokens are minted with the current
+/// one and accepted under either, so tokens issued before the switch keep working.
 #[derive(Clone)]
 pub struct BearerKey {
     secret: Vec<u8>,
+    previous: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for BearerKey {
@@ -318,7 +323,14 @@ impl BearerKey {
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
         Self {
             secret: secret.into(),
+            previous: None,
         }
+    }
+
+    /// Also accept tokens signed with `previous` (a rotation's old secret); never mint with it.
+    pub fn with_previous(mut self, previous: Option<Vec<u8>>) -> Self {
+        self.previous = previous;
+        self
     }
 
     pub fn mint(&self, claims: &BearerClaims) -> String {
@@ -350,23 +362,68 @@ impl BearerKey {
             expires_at: UnixMillis(parse_decimal(expires)?),
         };
         let mac = hex_decode(mac).ok_or(TokenError::Malformed)?;
-        self.mac(&claims)
-            .verify_slice(&mac)
-            .map_err(|_| TokenError::BadMac)?;
+        let signed_by = |secret: &[u8]| mac_of(secret, &claims).verify_slice(&mac).is_ok();
+        if !signed_by(&self.secret) && !self.previous.as_deref().is_some_and(signed_by) {
+            return Err(TokenError::BadMac);
+        }
         if claims.expires_at <= now {
             return Err(TokenError::Expired);
         }
         Ok(claims)
     }
 
-    fn mac(&self, claims: &BearerClaims) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        mac.update(b"cim-bearer-v1");
-        mac.update(&claims.user.0.to_be_bytes());
-        mac.update(&claims.epoch.0.to_be_bytes());
-        mac.update(&claims.expires_at.0.to_be_bytes());
-        mac
+    /// The resume token a login presenting `parent` is given with the claim of `epoch`.
+    /// Keyed, so only routes can compute it: a route that meets a claim whose token hash is
+    /// this derivation of the token presented knows the request is a retry of the login
+    /// that made the claim (its answer was lost: a route crashed while holding it), while
+    /// a client cannot step from an old token to a newer one by itself.
+    pub fn derive_resume(&self, parent: &ResumeToken, user: UserId, epoch: Epoch) -> ResumeToken {
+        derive_resume_with(&self.secret, parent, user, epoch)
     }
+
+    /// Whether `hash` is the hash of `parent`'s derivation for `epoch`, under the current
+    /// secret or, during a rotation, the previous one (the claim may be another route's).
+    pub fn derives_to(
+        &self,
+        parent: &ResumeToken,
+        user: UserId,
+        epoch: Epoch,
+        hash: &[u8; 32],
+    ) -> bool {
+        std::iter::once(&self.secret)
+            .chain(self.previous.as_ref())
+            .any(|secret| {
+                let derived = derive_resume_with(secret, parent, user, epoch);
+                bool::from(resume_token_hash(&derived).ct_eq(hash))
+            })
+    }
+
+    fn mac(&self, claims: &BearerClaims) -> HmacSha256 {
+        mac_of(&self.secret, claims)
+    }
+}
+
+fn mac_of(secret: &[u8], claims: &BearerClaims) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(b"cim-bearer-v1");
+    mac.update(&claims.user.0.to_be_bytes());
+    mac.update(&claims.epoch.0.to_be_bytes());
+    mac.update(&claims.expires_at.0.to_be_bytes());
+    mac
+}
+
+fn derive_resume_with(
+    secret: &[u8],
+    parent: &ResumeToken,
+    user: UserId,
+    epoch: Epoch,
+) -> ResumeToken {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(b"cim-resume-v1");
+    mac.update(&parent.0);
+    mac.update(&user.0.to_be_bytes());
+    mac.update(&epoch.0.to_be_bytes());
+    ResumeToken(mac.finalize().into_bytes().into())
 }
 
 /// Canonical decimal only (no sign, no leading zero), so a token has one spelling.
@@ -466,7 +523,11 @@ struct HeldLogin {
     presented: Option<[u8; 32]>,
     /// Retries waiting for this same answer.
     waiters: Vec<ApiRequestId>,
-    old_server: ServerId,
+    /// Servers that may still hold a session of the user below the new epoch: the old
+    /// claim's server, or every live server for a retry whose first answer was lost (which
+    /// server the older session was on is not known then). Each leaves the set when it
+    /// confirms the kick or leaves the registry; the answer goes out when it is empty.
+    awaiting: BTreeSet<ServerId>,
     old_epoch: Epoch,
     /// When the old claim's lease runs out, on the monotonic clock.
     deadline: Instant,
@@ -539,7 +600,12 @@ enum Step {
 #[derive(Debug, Clone)]
 struct LoginCtx {
     user: UserId,
+    /// The resume token presented, if any: the new claim's token derives from it.
+    presented: Option<ResumeToken>,
     resume_hash: Option<[u8; 32]>,
+    /// The presented token derives to the live claim's: this login made that claim and
+    /// never got its answer. Decided with the claim, in `decide_and_claim`.
+    retries_lost_answer: bool,
     lost_races: u32,
 }
 
@@ -575,6 +641,11 @@ impl RouteLogin {
         }
     }
 
+    /// During a bearer secret rotation, also accept tokens signed with `previous`.
+    pub fn accept_previous_bearer_secret(&mut self, previous: Option<Vec<u8>>) {
+        self.bearer = self.bearer.clone().with_previous(previous);
+    }
+
     /// Checks a bearer token (for the HTTP API's authenticated calls).
     pub fn verify_bearer(&self, token: &str, now: UnixMillis) -> Result<BearerClaims, TokenError> {
         self.bearer.verify(token, now)
@@ -590,7 +661,10 @@ impl RouteLogin {
         live: BTreeMap<ServerId, LiveServer>,
     ) {
         self.live = live;
-        for held in take_held(&mut self.held, |h| !self.live.contains_key(&h.old_server)) {
+        for h in &mut self.held {
+            h.awaiting.retain(|s| self.live.contains_key(s));
+        }
+        for held in take_held(&mut self.held, |h| h.awaiting.is_empty()) {
             self.release(now, wall, held);
         }
     }
@@ -606,9 +680,12 @@ impl RouteLogin {
         user: UserId,
         below_epoch: Epoch,
     ) {
-        let done = take_held(&mut self.held, |h| {
-            h.old_server == *server && h.granted.user == user && h.old_epoch < below_epoch
-        });
+        for h in &mut self.held {
+            if h.granted.user == user && h.old_epoch < below_epoch {
+                h.awaiting.remove(server);
+            }
+        }
+        let done = take_held(&mut self.held, |h| h.awaiting.is_empty());
         for held in done {
             self.release(now, wall, held);
         }
@@ -619,7 +696,7 @@ impl RouteLogin {
     /// restarted answers at once (it holds no session), which releases the answer long
     /// before the old lease would.
     pub fn handle_server_reachable(&mut self, server: &ServerId) {
-        for held in self.held.iter().filter(|h| h.old_server == *server) {
+        for held in self.held.iter().filter(|h| h.awaiting.contains(server)) {
             self.events.push_back(RouteEvent::KickOld {
                 server: server.clone(),
                 user: held.granted.user,
@@ -701,7 +778,9 @@ impl RouteLogin {
         }
         let login = LoginCtx {
             user: request.user,
+            presented: request.resume_token.clone(),
             resume_hash: request.resume_token.as_ref().map(resume_token_hash),
+            retries_lost_answer: false,
             lost_races: 0,
         };
         self.send(
@@ -833,7 +912,7 @@ impl RouteLogin {
                         server,
                         resume,
                     };
-                    self.login_succeeded(now, wall, granted, decision, login.resume_hash);
+                    self.login_succeeded(now, wall, granted, decision, &login);
                 }
                 Err(won) => {
                     let mut login = login;
@@ -912,12 +991,29 @@ impl RouteLogin {
         login: LoginCtx,
         state: &ClaimState,
     ) {
+        let mut login = login;
         let claim_server_live = state
             .claim
             .as_ref()
             .is_some_and(|c| self.live.contains_key(&c.server));
+        // A retry of the login that made the live claim, whose answer was lost (the route
+        // holding it crashed): it takes the claim over again, waiting on every server.
+        login.retries_lost_answer = match (&login.presented, &state.claim) {
+            (Some(presented), Some(claim)) if is_live(claim, wall) => {
+                self.bearer
+                    .derives_to(presented, login.user, claim.epoch, &claim.resume_token_hash)
+            }
+            _ => false,
+        };
         let decision = match decide_login(state, wall, login.resume_hash, claim_server_live) {
             Ok(decision) => decision,
+            Err(_) if login.retries_lost_answer => LoginDecision::Takeover {
+                epoch: state.epoch.next(),
+                old: state
+                    .claim
+                    .clone()
+                    .expect("a lost answer's retry is only recognized against a live claim"),
+            },
             Err(_) => {
                 self.logged_in(api, Err(LoginError::RepeatLogin));
                 return;
@@ -931,9 +1027,18 @@ impl RouteLogin {
             self.logged_in(api, Err(LoginError::NoServerAvailable));
             return;
         };
-        let mut token = [0u8; 32];
-        self.rng.fill_bytes(&mut token);
-        let resume = ResumeToken(token);
+        // Derived from the token presented, if any, so that a retry of this very login can
+        // be recognized by any route should its answer be lost.
+        let resume = match &login.presented {
+            Some(presented) => self
+                .bearer
+                .derive_resume(presented, login.user, decision.epoch()),
+            None => {
+                let mut token = [0u8; 32];
+                self.rng.fill_bytes(&mut token);
+                ResumeToken(token)
+            }
+        };
         // A takeover's answer may be held until the old lease ends: the new claim must
         // outlive that by a whole claim_ttl, or it could expire before the client connects.
         let lease_from = match &decision {
@@ -970,26 +1075,42 @@ impl RouteLogin {
         wall: UnixMillis,
         granted: Granted,
         decision: LoginDecision,
-        presented: Option<[u8; 32]>,
+        login: &LoginCtx,
     ) {
         if let LoginDecision::Takeover { old, .. } = decision {
-            self.events.push_back(RouteEvent::KickOld {
-                server: old.server.clone(),
-                user: granted.user,
-                below_epoch: granted.epoch,
-            });
+            // The old claim's session is on its server. For a retry of a login whose answer
+            // was lost, the claim it replaces was never answered: the session that takeover
+            // was waiting for may be on any server, so every live one is asked.
+            let awaiting: BTreeSet<ServerId> = if login.retries_lost_answer {
+                self.live.keys().cloned().collect()
+            } else {
+                BTreeSet::from([old.server.clone()])
+            };
+            for server in &awaiting {
+                self.events.push_back(RouteEvent::KickOld {
+                    server: server.clone(),
+                    user: granted.user,
+                    below_epoch: granted.epoch,
+                });
+            }
             // The old session may still be open on a live server: answering now could let
             // the new one start before it ends. Wait, at most until its lease runs out
             // (a server that cannot refresh it fences itself by then). `old` is the claim
             // as ReplaceClaim found it, so a refresh since our read is accounted for.
-            if self.live.contains_key(&old.server) && is_live(&old, wall) {
+            // For a lost answer's retry, the replaced claim's lease covers the older one's
+            // (a takeover's claim outlives the lease it waited for by a claim_ttl).
+            let awaiting: BTreeSet<ServerId> = awaiting
+                .into_iter()
+                .filter(|s| self.live.contains_key(s))
+                .collect();
+            if !awaiting.is_empty() && is_live(&old, wall) {
                 // `is_live` just held, so lease_until > wall.
                 let remaining = Duration::from_millis(old.lease_until.0 - wall.0);
                 self.held.push(HeldLogin {
                     granted,
-                    presented,
+                    presented: login.resume_hash,
                     waiters: Vec::new(),
-                    old_server: old.server,
+                    awaiting,
                     old_epoch: old.epoch,
                     deadline: now + remaining,
                     held_at: (now, wall),
@@ -1220,7 +1341,7 @@ mod tests {
     }
 
     /// The store side: accounts in a map, claims in the reference table.
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     struct Store {
         claims: ClaimTable,
         accounts: BTreeMap<UserId, Account>,
@@ -1603,10 +1724,60 @@ mod tests {
             (Epoch(2), &second.resume_token)
         );
         assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(2));
-        // Past claim_ttl after the release the first token is spent.
+        // Past claim_ttl after the release, the route has forgotten the answer, but the
+        // claim's token is still the first one's derivation: a retry of that login (its
+        // answer lost with a crashed route) takes the claim over again, asking every live
+        // server, since the session it waited for may be anywhere.
         assert_eq!(
-            login_err(&h.login(36_001, 1, Some(&first.resume_token))),
+            h.login(36_001, 1, Some(&first.resume_token)),
+            vec![kick_old("s1", 1, 3)]
+        );
+        assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(3));
+        // A token the claim does not derive from is refused.
+        assert_eq!(
+            login_err(&h.login(36_002, 1, Some(&ResumeToken([7; 32])))),
             LoginError::RepeatLogin
+        );
+    }
+
+    #[test]
+    fn a_retry_whose_answer_was_lost_takes_over_waiting_on_every_server() {
+        // A takeover is held on s1; the route then crashes: a new route (same secrets, no
+        // memory) meets the retry presenting the token the takeover was asked with.
+        let (h, first, _) = held_takeover(&["s1", "s2", "s3"]);
+        let mut h2 = Harness::new(&["s1", "s2", "s3"]);
+        h2.store = h.store.clone();
+        let events = h2.login(2_000, 1, Some(&first.resume_token));
+        assert_eq!(
+            events,
+            vec![
+                kick_old("s1", 1, 3),
+                kick_old("s2", 1, 3),
+                kick_old("s3", 1, 3)
+            ],
+            "every live server is asked"
+        );
+        assert_eq!(h2.store.claims.load(UserId(1)).epoch, Epoch(3));
+        assert_eq!(h2.kick_done(2_100, "s1", 1, 3), vec![]);
+        assert_eq!(h2.kick_done(2_200, "s3", 1, 3), vec![]);
+        // The last one to confirm releases the answer.
+        let events = h2.kick_done(2_300, "s2", 1, 3);
+        let answer = login_ok(&events);
+        assert_eq!(answer.epoch, Epoch(3));
+        assert_eq!(
+            h2.store
+                .claims
+                .load(UserId(1))
+                .claim
+                .unwrap()
+                .resume_token_hash,
+            resume_token_hash(&answer.resume_token)
+        );
+        // Another route (the same secret) derives the same token: the claim is this one's.
+        assert_eq!(
+            h2.m.bearer
+                .derive_resume(&first.resume_token, UserId(1), Epoch(3)),
+            answer.resume_token
         );
     }
 
@@ -2165,6 +2336,33 @@ mod tests {
             }]
         ));
         assert!(h.m.poll_store().is_none());
+    }
+
+    #[test]
+    fn bearer_rotation_mints_with_the_current_secret_and_accepts_the_previous() {
+        let claims = BearerClaims {
+            user: UserId(7),
+            epoch: Epoch(3),
+            expires_at: UnixMillis(10_000),
+        };
+        let now = UnixMillis(9_999);
+        let old = BearerKey::new(b"old".to_vec());
+        let rotating = BearerKey::new(b"new".to_vec()).with_previous(Some(b"old".to_vec()));
+        let new_only = BearerKey::new(b"new".to_vec());
+        let before = old.mint(&claims);
+        let after = rotating.mint(&claims);
+        assert_eq!(rotating.verify(&before, now), Ok(claims));
+        assert_eq!(
+            new_only.verify(&after, now),
+            Ok(claims),
+            "minted with the new one"
+        );
+        assert_eq!(old.verify(&after, now), Err(TokenError::BadMac));
+        assert_eq!(new_only.verify(&before, now), Err(TokenError::BadMac));
+        assert_eq!(
+            rotating.verify(&before, UnixMillis(10_000)),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use cim_proto::{
     RouteSendResult,
 };
 
+use crate::canary::{self, Canary};
 use crate::ids::{ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::store::{
     LeaseRefresh, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult, StoreUnavailable,
@@ -467,6 +468,9 @@ impl ServerNode {
     /// connections are still accepted: the shell re-registers, and only tickets minted for
     /// this server afterwards (or whose claims the store still binds) can log in.
     pub fn handle_registry_session_lost(&mut self, _now: Instant) {
+        if canary::disabled(Canary::SelfFencing) {
+            return;
+        }
         let all: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in all {
             if matches!(
@@ -1007,7 +1011,9 @@ impl ServerNode {
             ConnState::AwaitingLogin | ConnState::Binding { .. } if now >= c.login_deadline => {
                 self.kick(conn, KickReason::LoginTimeout, "no login in time");
             }
-            ConnState::Live(s) if now >= s.proven_until => {
+            ConnState::Live(s)
+                if now >= s.proven_until && !canary::disabled(Canary::SelfFencing) =>
+            {
                 self.stats.fenced += 1;
                 self.kick(conn, KickReason::Fenced, "server lost the store");
             }
@@ -1172,6 +1178,7 @@ impl ServerNode {
             ConnState::AwaitingLogin | ConnState::Binding { .. } => {
                 (c.login_deadline, TimerReason::LoginDeadline)
             }
+            ConnState::Live(_) if canary::disabled(Canary::SelfFencing) => idle,
             ConnState::Live(s) => (s.proven_until, TimerReason::Fence),
         };
         let (at, reason) = if other.0 <= idle.0 { other } else { idle };

@@ -124,6 +124,12 @@ pub enum StoreCommand {
     LoadAccount {
         user: UserId,
     },
+    /// The account names of these users, in the order asked (`None` for an id without an
+    /// account). For display (`POST /userNames`): nothing secret, and no atomicity across
+    /// users is needed (a name never changes once registered).
+    LoadNames {
+        users: Vec<UserId>,
+    },
     LoadClaim {
         user: UserId,
     },
@@ -212,6 +218,7 @@ pub enum StoreCommand {
 pub enum StoreReply {
     AccountRegistered(Result<UserId, NameTaken>),
     Account(Option<Account>),
+    Names(Vec<(UserId, Option<String>)>),
     Claim(ClaimState),
     /// `Ok` carries the claim that was replaced, as it stood at that moment (its lease may
     /// have been refreshed since it was loaded); `Err` carries the state that won the race.

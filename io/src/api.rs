@@ -119,6 +119,32 @@ pub struct OnlineUser {
     pub server_id: String,
 }
 
+/// Most ids one `POST /userNames` may ask for.
+pub const MAX_USER_NAMES: usize = 100;
+
+/// `POST /userNames` (bearer): the names of these user ids, for showing who sent a message.
+/// At most [`MAX_USER_NAMES`] ids per request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserNamesRequest {
+    pub user_ids: Vec<u64>,
+}
+
+/// The answer to `POST /userNames`: one entry per known id asked for, in the order asked
+/// (duplicates once); ids without an account are left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserNames {
+    pub users: Vec<UserName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserName {
+    pub user_id: u64,
+    pub user_name: String,
+}
+
 /// `POST /groupRoute` (bearer): a message to the group `groupName`, or to `all` when
 /// `groupName` is absent (CIM's group chat).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

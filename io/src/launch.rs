@@ -108,6 +108,20 @@ pub fn duration_or(value: Option<&str>, default: Duration) -> Result<Duration, L
     })
 }
 
+/// Like [`duration_or`], for a setting that must be above zero; `name` is its flag, for the
+/// error.
+pub fn nonzero_duration_or(
+    name: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, LaunchError> {
+    let duration = duration_or(value, default)?;
+    if duration.is_zero() {
+        return Err(LaunchError::Usage(format!("{name} must be above zero")));
+    }
+    Ok(duration)
+}
+
 /// The Redis and ZooKeeper addresses a real deployment's process must be given.
 pub fn require_backends(
     redis: Option<String>,
@@ -193,6 +207,21 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn zero_is_refused_where_it_makes_no_sense() {
+        let default = Duration::from_secs(5);
+        assert_eq!(nonzero_duration_or("--x", None, default).unwrap(), default);
+        assert_eq!(
+            nonzero_duration_or("--x", Some("2s"), default).unwrap(),
+            Duration::from_secs(2)
+        );
+        assert!(matches!(
+            nonzero_duration_or("--x", Some("0s"), default),
+            Err(LaunchError::Usage(m)) if m.contains("--x")
+        ));
+        assert!(nonzero_duration_or("--x", Some("soon"), default).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use cim_io::route::{self, RouteHandle, RouteOptions};
 use cim_io::store::{MemoryBackend, Store};
 use cim_proto::codec::FrameCodec;
 use cim_proto::frame::Kind;
-use cim_proto::{Frame, KickUserDone, Pong, RouteSend};
+use cim_proto::{Frame, KickUserDone, Ping, Pong, RouteSend};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -55,7 +55,10 @@ impl Fixture {
     }
 
     async fn start_with(registry: MemoryRegistry) -> Self {
-        let options = options();
+        Self::start_with_options(registry, options()).await
+    }
+
+    async fn start_with_options(registry: MemoryRegistry, options: RouteOptions) -> Self {
         let keys = options.ticket_keys.clone();
         let store = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
         let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
@@ -610,6 +613,93 @@ async fn history_is_bounded_and_for_members_only() {
 }
 
 #[tokio::test]
+async fn user_names_by_id_for_any_logged_in_user() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let _link = s1.accept().await;
+    let alice = f.register("alice").await;
+    let bob = f.register("bob").await;
+    let a = f.login(alice, "alice").await;
+    let ta = Some(a.token.as_str());
+
+    // Bob never logged in: his name is still there; unknown ids are left out, repeats once.
+    let (status, v) = f
+        .post("/userNames", ta, json!({"userIds": [bob, 999, alice, bob]}))
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+    assert_eq!(
+        v["dataBody"],
+        json!({"users": [{"userId": bob, "userName": "bob"},
+                         {"userId": alice, "userName": "alice"}]})
+    );
+    let (_, v) = f.post("/userNames", ta, json!({"userIds": []})).await;
+    assert_eq!(v["dataBody"], json!({"users": []}), "{v}");
+
+    let (status, v) = f
+        .post("/userNames", None, json!({"userIds": [alice]}))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    let (status, v) = f.post("/userNames", ta, json!({"userIds": "alice"})).await;
+    assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "3000"), "{v}");
+    let too_many: Vec<u64> = (1..=api::MAX_USER_NAMES as u64 + 1).collect();
+    let (status, v) = f.post("/userNames", ta, json!({"userIds": too_many})).await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "3000"), "{v}");
+
+    // The SDK splits a long list into requests the route takes.
+    let sdk = cim_io::sdk::RouteApi::new(TokioNet, "127.0.0.1", f.route.http_addr().port(), WAIT);
+    let mut ids: Vec<UserId> = (0..250).map(|i| UserId(1000 + i)).collect();
+    ids.push(UserId(bob));
+    let names = sdk.user_names(&a.token, &ids).await.unwrap();
+    assert_eq!(
+        names,
+        vec![api::UserName {
+            user_id: bob,
+            user_name: "bob".into()
+        }]
+    );
+}
+
+#[tokio::test]
+async fn a_token_of_the_previous_bearer_secret_works_until_the_secret_is_dropped() {
+    // A token from a route still on the old secret.
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let old = Fixture::start_with(registry).await;
+    let _link = s1.accept().await;
+    let alice = old.register("alice").await;
+    let token = old.login(alice, "alice").await.token;
+    let (status, v) = old.get("/group/list", Some(&token)).await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+
+    // A route switched to the new secret, holding the old one as previous, takes it.
+    let mut rotating = options();
+    rotating.bearer_secret = b"bearer-secret-new".to_vec();
+    rotating.bearer_secret_previous = Some(b"bearer-secret".to_vec());
+    let rotating = Fixture::start_with_options(MemoryRegistry::new(), rotating).await;
+    let (status, v) = rotating.get("/group/list", Some(&token)).await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+    let (status, _) = rotating.get("/group/list", Some("1.1.1.00")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Logout checks the token in the login machine: it takes the previous secret too.
+    let (status, v) = rotating
+        .post("/offLine", Some(&token), json!({"userId": alice}))
+        .await;
+    assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
+
+    // Once the previous secret is dropped, the old token is refused.
+    let mut done = options();
+    done.bearer_secret = b"bearer-secret-new".to_vec();
+    let done = Fixture::start_with_options(MemoryRegistry::new(), done).await;
+    let (status, v) = done.get("/group/list", Some(&token)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    let (status, v) = done
+        .post("/offLine", Some(&token), json!({"userId": alice}))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+}
+
+#[tokio::test]
 async fn openapi_health_and_metrics() {
     let registry = MemoryRegistry::new();
     let mut s1 = FakeServer::start(&registry, "s1").await;
@@ -625,6 +715,7 @@ async fn openapi_health_and_metrics() {
         "/p2pRoute",
         "/history",
         "/group/join",
+        "/userNames",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
@@ -674,6 +765,36 @@ async fn a_link_with_a_bad_secret_is_refused_and_redialled() {
     );
     // With the right secret the next attempt succeeds.
     let _link = s1.accept().await;
+}
+
+#[tokio::test]
+async fn a_route_rotating_its_link_secret_still_links_to_a_server_on_the_old_one() {
+    const NEW: &[u8] = b"the-new-link-secret";
+    let registry = MemoryRegistry::new();
+    let mut old = FakeServer::start(&registry, "s1").await;
+    let mut new = FakeServer::start(&registry, "s2").await;
+    let mut options = options();
+    options.link_secret = NEW.to_vec();
+    options.link_secret_previous = Some(LINK_SECRET.to_vec());
+    let _f = Fixture::start_with_options(registry, options).await;
+    // A server on the new secret links at the first dial.
+    let _new_link = new
+        .accept_with(NEW)
+        .await
+        .expect("linked on the new secret");
+    // One still on the old secret refuses the new proof; the route's next dial proves the
+    // old one and checks the server's answer with it.
+    assert!(old.accept_with(LINK_SECRET).await.is_none());
+    let mut link = old
+        .accept_with(LINK_SECRET)
+        .await
+        .expect("linked on the old secret");
+    link.send(Frame {
+        kind: Some(Kind::Ping(Ping { nonce: 7 })),
+    })
+    .await;
+    link.expect(|k| matches!(k, Kind::Pong(Pong { nonce: 7 })).then_some(()))
+        .await;
 }
 
 #[tokio::test]

@@ -505,6 +505,25 @@ async fn kick_user_kicks_the_session_and_answers_on_the_link() {
 }
 
 #[tokio::test]
+async fn a_server_rotating_its_link_secret_accepts_routes_on_either() {
+    const NEW: &[u8] = b"the-new-link-secret";
+    let env = start_server("s1", |o| {
+        o.link_secret = NEW.to_vec();
+        o.link_secret_previous = Some(LINK_SECRET.to_vec());
+    })
+    .await;
+    let port = env.server.link_addr().port();
+    // A route still on the old secret and one already on the new one both link (each
+    // checks the server's answer with the secret it used).
+    dial_route(port, LINK_SECRET)
+        .await
+        .expect("old secret accepted");
+    dial_route(port, NEW).await.expect("new secret accepted");
+    // Anything else is refused.
+    assert!(dial_route(port, b"some-other-secret").await.is_err());
+}
+
+#[tokio::test]
 async fn a_link_with_a_bad_mac_is_closed_and_never_carries_sends() {
     let env = start_server("s1", |_| {}).await;
     let refused = dial_route(env.server.link_addr().port(), b"wrong-secret").await;
@@ -848,4 +867,40 @@ fn serves_over_the_simulated_network() {
         Ok(())
     });
     sim.run().expect("simulation passes");
+}
+
+#[test]
+fn options_debug_never_prints_secrets() {
+    let ticket_secret = b"ticket-secret-in-debug".to_vec();
+    let (link, link_previous) = ("link-secret-in-debug", "link-previous-in-debug");
+    let keys = TicketKeys::new(1, ticket_secret.clone());
+    let mut server = ServerOptions::new(
+        ServerConfig::new(ServerId::new("s1"), keys.clone()),
+        link.as_bytes().to_vec(),
+    );
+    server.link_secret_previous = Some(link_previous.as_bytes().to_vec());
+    let mut route = cim_io::route::RouteOptions::new(
+        "r1",
+        keys,
+        b"bearer-secret-in-debug".to_vec(),
+        link.as_bytes().to_vec(),
+    );
+    route.bearer_secret_previous = Some(b"bearer-previous-in-debug".to_vec());
+    route.link_secret_previous = Some(link_previous.as_bytes().to_vec());
+    for text in [format!("{server:?}"), format!("{route:?}")] {
+        // Secrets as text, and as the byte list a derived `Debug` of a `Vec<u8>` prints.
+        for secret in [
+            "ticket-secret-in-debug",
+            link,
+            link_previous,
+            "bearer-secret-in-debug",
+            "bearer-previous-in-debug",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+            let bytes = format!("{:?}", secret.as_bytes());
+            let inner = bytes.trim_start_matches('[').trim_end_matches(']');
+            assert!(!text.contains(inner), "{secret} (as bytes) in {text}");
+        }
+        assert!(text.contains("s1") || text.contains("r1"), "{text}");
+    }
 }

@@ -338,6 +338,7 @@ fn assert_transcripts_equal(reference: &[String], real: &[String]) {
 
 conformance!(
     accounts_register_name_taken_and_load,
+    names_are_looked_up_in_order_unknown_ids_none,
     claims_replace_is_compare_epoch,
     claims_bind_refresh_release,
     claims_takeover_hides_the_old_route,
@@ -404,6 +405,41 @@ mod scenarios {
             d.run(T0, StoreCommand::LoadAccount { user: UserId(99) })
                 .await,
             StoreReply::Account(None)
+        );
+    }
+
+    pub async fn names_are_looked_up_in_order_unknown_ids_none(d: &mut Driver<'_>) {
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadNames { users: vec![] }).await,
+            StoreReply::Names(vec![])
+        );
+        assert_eq!(d.register("alice").await, UserId(1));
+        assert_eq!(d.register("bob").await, UserId(2));
+        let users = vec![UserId(2), UserId(99), UserId(1), UserId(2)];
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadNames { users }).await,
+            StoreReply::Names(vec![
+                (UserId(2), Some("bob".into())),
+                (UserId(99), None),
+                (UserId(1), Some("alice".into())),
+                (UserId(2), Some("bob".into())),
+            ])
+        );
+        // A refused registration changes no name.
+        let again = StoreCommand::RegisterAccount {
+            name: "bob".into(),
+            password_hash: "other".into(),
+        };
+        d.run(T0, again).await;
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::LoadNames {
+                    users: vec![UserId(2), UserId(3)]
+                }
+            )
+            .await,
+            StoreReply::Names(vec![(UserId(2), Some("bob".into())), (UserId(3), None)])
         );
     }
 

@@ -19,9 +19,11 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use cim_core::accounts::PasswordParams;
+use cim_core::balance::Strategy;
 use cim_core::client::ClientConfig;
 use cim_core::ids::{ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
@@ -42,6 +44,9 @@ pub const STORE_PORT: u16 = 6379;
 pub const REGISTRY_HOST: &str = "registry";
 pub const REGISTRY_PORT: u16 = 2181;
 pub const ROUTE_HTTP_PORT: u16 = 8083;
+
+/// How long a supervisor waits before starting a server or route that failed to start.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const TICKET_SECRET: &[u8] = b"sim-ticket-secret";
@@ -68,6 +73,19 @@ pub struct ClusterSpec {
     /// turmoil's step: every host runs this much simulated time per step (1 ms by default;
     /// coarser steps run faster and blur ordering within a step).
     pub tick: Duration,
+    /// How routes pick a server (the routes' default, consistent hashing, unless the sweep
+    /// was asked for another with [`set_balancer`]).
+    pub strategy: Option<Strategy>,
+}
+
+/// A process-wide choice of balancer for every cluster built afterwards (the sweep's
+/// `--balancer`): consistent hashing sends one user's racing logins to one server, which
+/// serializes them; other strategies spread them, exercising the claim table's fences.
+static BALANCER: OnceLock<Strategy> = OnceLock::new();
+
+/// Sets the balancer of every cluster built from now on in this process (once).
+pub fn set_balancer(strategy: Strategy) -> bool {
+    BALANCER.set(strategy).is_ok()
 }
 
 impl ClusterSpec {
@@ -82,6 +100,7 @@ impl ClusterSpec {
             duration: Duration::from_secs(600),
             origin: UnixMillis(1_800_000_000_000),
             tick: Duration::from_millis(1),
+            strategy: BALANCER.get().copied(),
         }
     }
 
@@ -259,14 +278,26 @@ impl Cluster {
                     options.listen_ip = ANY;
                     options.advertise_host = host;
                     options.observer = observer.map(|make| make(&id));
-                    let mut handle = server::start(
-                        TurmoilNet,
-                        sim_clock(spec.origin),
-                        options,
-                        remote_store(&spec),
-                        &remote_registry(),
-                    )
-                    .await?;
+                    // A server that cannot start (the registry is unreachable) exits, and
+                    // its supervisor starts it again a second later (systemd's
+                    // `Restart=on-failure` in deploy/).
+                    let mut handle = loop {
+                        match server::start(
+                            TurmoilNet,
+                            sim_clock(spec.origin),
+                            options.clone(),
+                            remote_store(&spec),
+                            &remote_registry(),
+                        )
+                        .await
+                        {
+                            Ok(handle) => break handle,
+                            Err(error) => {
+                                tracing::info!(%error, "server did not start; restarting in 1 s");
+                                tokio::time::sleep(RESTART_DELAY).await;
+                            }
+                        }
+                    };
                     handle.stopped().await?;
                     Ok(())
                 }
@@ -289,14 +320,29 @@ impl Cluster {
                     );
                     options.http_listen = SocketAddr::new(ANY, ROUTE_HTTP_PORT);
                     options.seed = spec.derive_seed("route", i);
-                    let mut handle = route::start(
-                        TurmoilNet,
-                        sim_clock(spec.origin),
-                        options,
-                        remote_store(&spec),
-                        &remote_registry(),
-                    )
-                    .await?;
+                    if let Some(strategy) = spec.strategy {
+                        options.strategy = strategy;
+                    }
+                    // The simulation judges logins, not hashing: OWASP's argon2 costs tens of
+                    // milliseconds of real CPU per login and dominated a run's wall time.
+                    options.login.password = PasswordParams::for_tests();
+                    let mut handle = loop {
+                        match route::start(
+                            TurmoilNet,
+                            sim_clock(spec.origin),
+                            options.clone(),
+                            remote_store(&spec),
+                            &remote_registry(),
+                        )
+                        .await
+                        {
+                            Ok(handle) => break handle,
+                            Err(error) => {
+                                tracing::info!(%error, "route did not start; restarting in 1 s");
+                                tokio::time::sleep(RESTART_DELAY).await;
+                            }
+                        }
+                    };
                     handle.stopped().await?;
                     Ok(())
                 }

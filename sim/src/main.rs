@@ -1,23 +1,37 @@
 //! The sweep CLI: runs scenarios over seeds and prints a table.
 //!
 //! ```text
-//! cargo run -p cim-sim --release -- --scenario <failover|duplicate-login|all> --seeds N
-//! SIM_SEED=n cargo run -p cim-sim --release -- --scenario failover    # replay one seed
+//! cargo run -p cim-sim --release -- --scenario all --seeds 10000           # a sweep
+//! SIM_SEED=n cargo run -p cim-sim --release -- --scenario failover         # replay one seed
+//! CIM_CANARIES=1 cargo run -p cim-sim --release -- --canary dedup --scenario broadcast \
+//!     --seeds 50 --until-violation                                         # a canary
 //! ```
 //!
 //! Every run prints `SIM_SEED=<n>` (to stderr) before it starts; a failing run prints its
 //! violations and the replay command. Exit status 1 if any run found a violation.
+//!
+//! A sweep runs every seed in a fresh child process of this binary (`--jobs` at once):
+//! within one process an earlier simulation can change a later one's timeline (tokio numbers
+//! tasks from a process-wide counter, and that number picks the list a crashed host's tasks
+//! are dropped from, so the order its sockets close in), while a seed in a fresh process
+//! always replays identically. A single `--seed` runs in this process.
 
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cim_sim::record::{Counters, add_counters, secs};
-use cim_sim::scenarios::Scenario;
+use cim_core::balance::Strategy;
+use cim_core::canary::{self, Canary};
+use cim_sim::record::secs;
+use cim_sim::scenarios::{Scenario, ScenarioOutcome};
 use clap::Parser;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Parser)]
 #[command(about = "Turmoil simulations of whole CIM clusters, checked")]
 struct Args {
-    /// failover, duplicate-login or all.
+    /// failover, duplicate-login, broadcast, everything, or all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// How many seeds per scenario (from --first-seed on).
@@ -25,12 +39,57 @@ struct Args {
     seeds: u64,
     #[arg(long, default_value_t = 0)]
     first_seed: u64,
-    /// Replays exactly this seed.
+    /// Replays exactly this seed, in this process.
     #[arg(long, env = "SIM_SEED")]
     seed: Option<u64>,
+    /// Seeds run at once, each in its own process (default: the number of CPUs).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Switches one safety mechanism off (only in a build made with CIM_CANARIES=1):
+    /// idempotent-append, epoch-fencing, self-fencing, gap-sync or dedup.
+    #[arg(long)]
+    canary: Option<String>,
+    /// How routes pick servers: round-robin, random, consistent-hash (the default) or
+    /// least-connections.
+    #[arg(long)]
+    balancer: Option<String>,
+    /// Stops a scenario's sweep at its first failing seed (how canaries are measured).
+    #[arg(long)]
+    until_violation: bool,
     /// Prints every run's report, not only failing ones.
     #[arg(long)]
     verbose: bool,
+    /// Internal: print the run's summary as one JSON line (used by the sweep's children).
+    #[arg(long, hide = true)]
+    json: bool,
+}
+
+/// What a child process reports about its seed.
+#[derive(Debug, Serialize, Deserialize)]
+struct Summary {
+    seed: u64,
+    violations: u64,
+    sim_ms: u64,
+    trace: String,
+    counters: Vec<(String, u64)>,
+    report: String,
+}
+
+impl Summary {
+    fn of(outcome: &ScenarioOutcome) -> Self {
+        Self {
+            seed: outcome.seed,
+            violations: outcome.violations() as u64,
+            sim_ms: outcome.sim_time.as_millis() as u64,
+            trace: format!("{:016x}", outcome.trace_hash),
+            counters: outcome
+                .counters
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            report: outcome.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -38,57 +97,195 @@ struct Row {
     seeds: u64,
     violations: u64,
     failing_seeds: Vec<u64>,
-    counters: Counters,
+    counters: std::collections::BTreeMap<String, u64>,
     sim_time: Duration,
     wall: Duration,
 }
 
+impl Row {
+    fn add(&mut self, s: &Summary) {
+        self.seeds += 1;
+        self.sim_time += Duration::from_millis(s.sim_ms);
+        if s.violations > 0 {
+            self.violations += s.violations;
+            self.failing_seeds.push(s.seed);
+        }
+        for (name, n) in &s.counters {
+            let total = self.counters.entry(name.clone()).or_default();
+            if name.starts_with("max ") {
+                *total = (*total).max(*n);
+            } else {
+                *total += n;
+            }
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
+    let canary = match args.canary.as_deref().map(|n| (n, Canary::from_name(n))) {
+        None => None,
+        Some((_, Some(c))) => Some(c),
+        Some((name, None)) => {
+            eprintln!(
+                "unknown canary {name:?}: {}",
+                Canary::ALL.map(Canary::name).join(", ")
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Some(name) = &args.balancer {
+        let strategy = match name.as_str() {
+            "round-robin" => Strategy::RoundRobin,
+            "random" => Strategy::Random,
+            "consistent-hash" => Strategy::ConsistentHash,
+            "least-connections" => Strategy::LeastConnections,
+            other => {
+                eprintln!(
+                    "unknown balancer {other:?}: round-robin, random, consistent-hash or least-connections"
+                );
+                std::process::exit(2);
+            }
+        };
+        cim_sim::cluster::set_balancer(strategy);
+    }
+    if let Err(e) = canary::set(canary) {
+        eprintln!("{e}");
+        std::process::exit(2);
+    }
     let scenarios: Vec<Scenario> = if args.scenario == "all" {
         Scenario::ALL.to_vec()
     } else if let Some(s) = Scenario::from_name(&args.scenario) {
         vec![s]
     } else {
         eprintln!(
-            "unknown scenario {:?}: failover, duplicate-login or all",
-            args.scenario
+            "unknown scenario {:?}: {} or all",
+            args.scenario,
+            Scenario::ALL.map(Scenario::name).join(", ")
         );
         std::process::exit(2);
     };
-    let seeds: Vec<u64> = match args.seed {
-        Some(seed) => vec![seed],
-        None => (args.first_seed..args.first_seed + args.seeds).collect(),
-    };
+    if let Some(seed) = args.seed {
+        std::process::exit(replay(&scenarios, seed, &args));
+    }
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     let mut rows = Vec::new();
     for scenario in scenarios {
-        let mut row = Row::default();
-        for &seed in &seeds {
-            eprintln!("SIM_SEED={seed}");
-            // The sweep's own wall time, for seeds per second; the simulation never sees it.
-            #[allow(clippy::disallowed_methods)]
-            let started = std::time::Instant::now();
-            let outcome = scenario.run(seed);
-            row.wall += started.elapsed();
-            row.seeds += 1;
-            row.sim_time += outcome.sim_time;
-            add_counters(&mut row.counters, &outcome.counters);
-            if !outcome.is_clean() {
-                row.violations += outcome.violations() as u64;
-                row.failing_seeds.push(seed);
-                println!("{outcome}");
-            } else if args.verbose || args.seed.is_some() {
-                println!("{outcome}");
-            }
-        }
+        let seeds: Vec<u64> = (args.first_seed..args.first_seed + args.seeds).collect();
+        let row = sweep(scenario, &seeds, jobs.max(1), canary, &args);
         rows.push((scenario, row));
     }
+    print_table(&rows, canary);
+    if rows.iter().any(|(_, r)| r.violations > 0) {
+        std::process::exit(1);
+    }
+}
+
+/// Runs one seed of each scenario in this process; the exit status.
+fn replay(scenarios: &[Scenario], seed: u64, args: &Args) -> i32 {
+    let mut failed = false;
+    for &scenario in scenarios {
+        eprintln!("SIM_SEED={seed}");
+        let outcome = scenario.run(seed);
+        failed |= !outcome.is_clean();
+        if args.json {
+            let line = serde_json::to_string(&Summary::of(&outcome)).expect("a summary encodes");
+            println!("{line}");
+        } else {
+            println!("{outcome}");
+        }
+    }
+    i32::from(failed)
+}
+
+/// Runs `seeds` of `scenario`, `jobs` child processes at a time.
+fn sweep(
+    scenario: Scenario,
+    seeds: &[u64],
+    jobs: usize,
+    canary: Option<Canary>,
+    args: &Args,
+) -> Row {
+    let exe = std::env::current_exe().expect("the path of this executable");
+    let mut row = Row::default();
+    let mut pending: VecDeque<u64> = seeds.iter().copied().collect();
+    let mut running: VecDeque<(u64, Child)> = VecDeque::new();
+    // The sweep's own wall time, for seeds per second; the simulation never sees it.
+    #[allow(clippy::disallowed_methods)]
+    let started = std::time::Instant::now();
+    let mut stop = false;
+    loop {
+        while !stop && running.len() < jobs {
+            let Some(seed) = pending.pop_front() else {
+                break;
+            };
+            eprintln!("SIM_SEED={seed}");
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--scenario", scenario.name(), "--json"])
+                .args(["--seed", &seed.to_string()])
+                .env_remove("SIM_SEED")
+                .env_remove("SIM_SEEDS")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            if let Some(c) = canary {
+                cmd.args(["--canary", c.name()]);
+            }
+            if let Some(b) = &args.balancer {
+                cmd.args(["--balancer", b]);
+            }
+            let child = cmd.spawn().expect("spawn a child run");
+            running.push_back((seed, child));
+        }
+        // Seeds finish in about the order they started; wait for the oldest.
+        let Some((seed, mut child)) = running.pop_front() else {
+            break;
+        };
+        let summary = read_summary(seed, &mut child);
+        row.add(&summary);
+        if summary.violations > 0 {
+            println!("{}", summary.report);
+            stop |= args.until_violation;
+        } else if args.verbose {
+            println!("{}", summary.report);
+        }
+    }
+    row.wall = started.elapsed();
+    row
+}
+
+/// The summary line of a finished child; a child that crashed counts as a violation.
+fn read_summary(seed: u64, child: &mut Child) -> Summary {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let line = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with('{'));
+    let status = child.wait();
+    match line.and_then(|l| serde_json::from_str::<Summary>(&l).ok()) {
+        Some(summary) => summary,
+        None => Summary {
+            seed,
+            violations: 1,
+            sim_ms: 0,
+            trace: String::new(),
+            counters: Vec::new(),
+            report: format!("SIM_SEED={seed}: the run crashed ({status:?})"),
+        },
+    }
+}
+
+fn print_table(rows: &[(Scenario, Row)], canary: Option<Canary>) {
     println!();
+    if let Some(c) = canary {
+        println!("canary: {c} switched off");
+    }
     println!(
         "{:<16} {:>6} {:>10} {:>12} {:>10} {:>9}",
         "scenario", "seeds", "violations", "simulated", "wall", "seeds/s"
     );
-    for (scenario, row) in &rows {
+    for (scenario, row) in rows {
         let per_sec = row.seeds as f64 / row.wall.as_secs_f64().max(1e-9);
         println!(
             "{:<16} {:>6} {:>10} {:>12} {:>10} {:>9.2}",
@@ -100,13 +297,10 @@ fn main() {
             per_sec
         );
         for (name, n) in &row.counters {
-            println!("    {name:<28} {n}");
+            println!("    {name:<36} {n}");
         }
         if !row.failing_seeds.is_empty() {
             println!("    failing seeds: {:?}", row.failing_seeds);
         }
-    }
-    if rows.iter().any(|(_, r)| r.violations > 0) {
-        std::process::exit(1);
     }
 }

@@ -48,6 +48,8 @@ struct Recording {
     per_client: BTreeMap<ClientId, Counters>,
     /// Events after this time are not recorded (the run's end).
     end: Option<SimTime>,
+    /// Clients whose events are printed to stderr as they happen (`SIM_TRACE=0,3`).
+    trace_clients: Option<Vec<u32>>,
 }
 
 /// The shared recording of one run. Cheap to clone.
@@ -62,8 +64,14 @@ pub fn sim_now() -> SimTime {
 }
 
 impl Recorder {
+    /// A recorder; `SIM_TRACE=<client ids, comma-separated>` prints those clients' events
+    /// to stderr while the run goes (for reading a failing seed's story).
     pub fn new() -> Self {
-        Self::default()
+        let recorder = Self::default();
+        recorder.lock().trace_clients = std::env::var("SIM_TRACE")
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+        recorder
     }
 
     fn lock(&self) -> MutexGuard<'_, Recording> {
@@ -78,6 +86,10 @@ impl Recorder {
 
     pub fn count(&self, name: &'static str) {
         *self.lock().counters.entry(name).or_default() += 1;
+    }
+
+    pub fn count_n(&self, name: &'static str, n: u64) {
+        *self.lock().counters.entry(name).or_default() += n;
     }
 
     /// Registers a client instance (so a client that saw nothing still has a history).
@@ -156,6 +168,12 @@ impl Recorder {
     /// One event a client's application saw, at `at`.
     pub fn client_event(&self, client: ClientId, user: UserId, at: SimTime, event: &ClientEvent) {
         let mut r = self.lock();
+        if r.trace_clients
+            .as_ref()
+            .is_some_and(|t| t.contains(&client.0))
+        {
+            eprintln!("{} {client} (user {user}): {event:?}", secs(at));
+        }
         if r.end.is_some_and(|end| at > end) {
             return;
         }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cim_core::client::{ClientConfig, ClientEvent, LinkLoss, LoginFailure, StopReason};
+use cim_core::client::{
+    ClientConfig, ClientEvent, ErrorCode, KickReason, LinkLoss, LoginFailure, StopReason,
+};
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
 use cim_io::api::OnlineUser;
 use cim_io::clock::Clock;
@@ -16,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::command::{self, Command, ParseError, Target};
 use crate::render::{Level, Sink};
-use crate::store::{self, ClientFile, LocalHistory, SeenMessage};
+use crate::store::{self, ClientFile, LocalHistory, PendingDelay, SeenMessage};
 
 /// Names for tab completion, shared with the line editor's thread.
 #[derive(Debug, Default)]
@@ -27,7 +29,8 @@ pub struct Completions {
 
 pub type SharedCompletions = Arc<Mutex<Completions>>;
 
-/// The online list is refreshed at most this often for unknown senders.
+/// The online list is refreshed at most this often, and a failed name lookup is retried no
+/// sooner than this.
 const REFRESH_MIN_GAP: Duration = Duration::from_secs(2);
 /// Read positions advance with every message; they are saved this often (and on every
 /// send, acknowledgement and exit), so a crash re-delivers at most a few seconds' worth.
@@ -52,8 +55,12 @@ pub struct App {
     history: LocalHistory,
     pub sink: Sink,
     completions: SharedCompletions,
-    /// Where `:delay`ed messages come back to be sent.
-    delayed: mpsc::UnboundedSender<(Target, String)>,
+    /// Where `:delay`ed messages come back (by id) to be sent.
+    delayed: mpsc::UnboundedSender<u64>,
+    /// The next `:delay` id.
+    next_delay: u64,
+    /// Delays the non-interactive mode waits for before it exits.
+    awaited_delays: BTreeSet<u64>,
     server: Option<(String, u64)>,
     was_online: bool,
     reconnecting: bool,
@@ -62,8 +69,11 @@ pub struct App {
     /// Own acknowledged messages whose echo has not come back yet (not shown twice).
     echo_pending: BTreeSet<ClientMsgId>,
     last_refresh: Option<std::time::Instant>,
-    /// Unknown senders already looked up in the online list.
+    /// Ids the route was asked to name and had no account for: not asked again this run.
     looked_up: BTreeSet<u64>,
+    /// When a name lookup last failed: lookups pause for `REFRESH_MIN_GAP` after it, so a
+    /// route that is down is not asked once per message.
+    names_failed_at: Option<std::time::Instant>,
     pub stopped: Option<StopReason>,
 }
 
@@ -82,7 +92,7 @@ pub struct AppParts {
     pub file: ClientFile,
     pub sink: Sink,
     pub completions: SharedCompletions,
-    pub delayed: mpsc::UnboundedSender<(Target, String)>,
+    pub delayed: mpsc::UnboundedSender<u64>,
 }
 
 impl App {
@@ -92,6 +102,13 @@ impl App {
             store::HISTORY_CAP,
         );
         let api = parts.client.route_api();
+        let next_delay = parts
+            .file
+            .delayed
+            .iter()
+            .map(|d| d.id + 1)
+            .max()
+            .unwrap_or(1);
         let app = Self {
             client: parts.client,
             host: parts.host,
@@ -107,6 +124,8 @@ impl App {
             sink: parts.sink,
             completions: parts.completions,
             delayed: parts.delayed,
+            next_delay,
+            awaited_delays: BTreeSet::new(),
             server: None,
             was_online: false,
             reconnecting: false,
@@ -114,6 +133,7 @@ impl App {
             echo_pending: BTreeSet::new(),
             last_refresh: None,
             looked_up: BTreeSet::new(),
+            names_failed_at: None,
             stopped: None,
         };
         app.publish_users();
@@ -145,15 +165,24 @@ impl App {
             }
             Command::Say(target, text) => self.say(target, text).await,
             Command::Delay(after, target, text) => {
-                let delayed = self.delayed.clone();
+                let pending = PendingDelay {
+                    id: self.next_delay,
+                    due_at_ms: Clock::System
+                        .wall()
+                        .0
+                        .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+                    line: target.line(&text),
+                };
+                self.next_delay += 1;
+                self.awaited_delays.insert(pending.id);
+                self.schedule(&pending);
+                self.file.delayed.push(pending);
+                // On disk before it is confirmed: a quit or a crash does not lose it.
+                self.save().await;
                 self.sink.status(
                     Level::Quiet,
                     &format!("· will send in {}s", after.as_secs()),
                 );
-                tokio::spawn(async move {
-                    Clock::System.sleep_until(Clock::System.now() + after).await;
-                    let _ = delayed.send((target, text));
-                });
             }
             Command::Online => self.show_online(None).await,
             Command::OnlinePrefix(prefix) => self.show_online(Some(prefix)).await,
@@ -193,6 +222,70 @@ impl App {
             }
         }
         true
+    }
+
+    /// Arms the timer of one pending delay; its id comes back on the `delayed` channel.
+    fn schedule(&self, pending: &PendingDelay) {
+        let left = Duration::from_millis(pending.due_at_ms.saturating_sub(Clock::System.wall().0));
+        let (delayed, id) = (self.delayed.clone(), pending.id);
+        tokio::spawn(async move {
+            Clock::System.sleep_until(Clock::System.now() + left).await;
+            let _ = delayed.send(id);
+        });
+    }
+
+    /// Schedules the delays a previous run left (overdue ones fire at once). Those due
+    /// within `await_within` are waited for by the non-interactive mode.
+    pub fn restore_delays(&mut self, await_within: Duration) {
+        let pending = self.file.delayed.clone();
+        if pending.is_empty() {
+            return;
+        }
+        let horizon = Clock::System
+            .wall()
+            .0
+            .saturating_add(u64::try_from(await_within.as_millis()).unwrap_or(u64::MAX));
+        for delay in &pending {
+            self.schedule(delay);
+            if delay.due_at_ms <= horizon {
+                self.awaited_delays.insert(delay.id);
+            }
+        }
+        self.sink.status(
+            Level::Info,
+            &format!(
+                "* {} delayed message(s) from the last run: sent at their time",
+                pending.len()
+            ),
+        );
+    }
+
+    /// A delay's time has come: send it (it leaves the pending list in the same save that
+    /// puts it in the outbox).
+    pub async fn fire_delay(&mut self, id: u64) {
+        self.awaited_delays.remove(&id);
+        let Some(at) = self.file.delayed.iter().position(|d| d.id == id) else {
+            return;
+        };
+        let pending = self.file.delayed.remove(at);
+        match command::parse(&pending.line) {
+            Ok(Command::Say(target, text)) => self.say(target, text).await,
+            _ => self.sink.error(&format!(
+                "delayed message {:?} is not a message; dropped",
+                pending.line
+            )),
+        }
+        self.save().await;
+    }
+
+    /// Delays this run still waits for (non-interactive mode).
+    pub fn awaiting_delays(&self) -> usize {
+        self.awaited_delays.len()
+    }
+
+    /// Delays not sent yet, kept in the state file for the next run.
+    pub fn pending_delays(&self) -> usize {
+        self.file.delayed.len()
     }
 
     /// Sends a message; its fate is reported as events come.
@@ -271,9 +364,11 @@ impl App {
     }
 
     fn plain(&self, m: &SeenMessage) -> String {
+        // Local history written before the name was known has none: use what is known now.
         let who = m
             .sender_name
             .clone()
+            .or_else(|| self.name_of(UserId(m.sender)))
             .unwrap_or_else(|| format!("#{}", m.sender));
         format!("[{} #{}] {who}: {}", m.conv, m.seq, m.text)
     }
@@ -312,6 +407,57 @@ impl App {
             c.users.dedup();
         }
         Ok(users)
+    }
+
+    /// Learns the names of those of `ids` not known yet, in one batched lookup by id
+    /// (`POST /userNames`), and keeps them (in the state file too). Ids the route has no
+    /// account for are not asked again this run; after a failed lookup, none are asked
+    /// for `REFRESH_MIN_GAP`.
+    async fn learn_names(&mut self, ids: &[u64]) {
+        let missing: BTreeSet<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                *id != self.me.0
+                    && !self.file.users.contains_key(id)
+                    && !self.looked_up.contains(id)
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let now = Clock::System.now();
+        if self
+            .names_failed_at
+            .is_some_and(|at| now < at + REFRESH_MIN_GAP)
+        {
+            return;
+        }
+        let Some(token) = self.client.token() else {
+            return;
+        };
+        let users: Vec<UserId> = missing.iter().copied().map(UserId).collect();
+        match self.api.user_names(&token, &users).await {
+            Ok(found) => {
+                self.names_failed_at = None;
+                if let Ok(mut c) = self.completions.lock() {
+                    c.users.extend(found.iter().map(|u| u.user_name.clone()));
+                    c.users.sort();
+                    c.users.dedup();
+                }
+                for user in found {
+                    self.file.users.insert(user.user_id, user.user_name);
+                }
+                let unknown = missing
+                    .into_iter()
+                    .filter(|id| !self.file.users.contains_key(id));
+                self.looked_up.extend(unknown);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "user names not looked up");
+                self.names_failed_at = Some(now);
+            }
+        }
     }
 
     fn publish_users(&self) {
@@ -412,6 +558,10 @@ impl App {
         let Some(token) = self.token() else { return };
         match self.api.history(&token, &conv, None, HISTORY_LIMIT).await {
             Ok(history) => {
+                // Every unknown sender of the page in one lookup.
+                let mut ids: Vec<u64> = history.messages.iter().map(|m| m.sender_id).collect();
+                ids.extend(conv.peer_of(self.me).map(|p| p.0));
+                self.learn_names(&ids).await;
                 let messages: Vec<SeenMessage> = history
                     .messages
                     .iter()
@@ -485,15 +635,12 @@ impl App {
     pub async fn on_event(&mut self, event: ClientEvent) -> Option<Events> {
         match event {
             ClientEvent::Message(m) => {
-                let mut sender_name = self.name_of(m.sender);
-                // A sender not seen before is looked up once, however recent the last
-                // refresh was (they may have just come online); after that, rate-limited.
-                if sender_name.is_none() {
-                    let first_time = self.looked_up.insert(m.sender.0);
-                    if self.refresh_online(!first_time).await.is_ok() {
-                        sender_name = self.name_of(m.sender);
-                    }
-                }
+                // A sender not seen before (a synced message, someone now offline) is
+                // looked up by id once; the name is kept in the state file.
+                let mut ids = vec![m.sender.0];
+                ids.extend(m.conv.peer_of(self.me).map(|p| p.0));
+                self.learn_names(&ids).await;
+                let sender_name = self.name_of(m.sender);
                 let seen = SeenMessage {
                     conv: m.conv.to_string(),
                     seq: m.seq,
@@ -535,8 +682,13 @@ impl App {
             } => {
                 let label = self.sending.remove(&msg_id).unwrap_or_default();
                 self.sink.error(&format!(
-                    "rejected {label} ({}): {reason} [{code:?}]",
-                    short(msg_id)
+                    "rejected {label} ({}): {}",
+                    short(msg_id),
+                    if reason.is_empty() {
+                        error_words(code)
+                    } else {
+                        &reason
+                    }
                 ));
                 self.save().await;
             }
@@ -585,7 +737,7 @@ impl App {
             }
             ClientEvent::Kicked(reason) => {
                 self.sink
-                    .status(Level::Warn, &format!("* kicked: {reason:?}"));
+                    .status(Level::Warn, &format!("* kicked: {}", kick_words(reason)));
             }
             ClientEvent::LoginRejected(error) => {
                 self.sink.error(&format!("login rejected: {error}"));
@@ -716,7 +868,81 @@ fn describe(cause: &LinkLoss) -> String {
         LinkLoss::LoginOkTimeout => "the server did not accept the login".to_owned(),
         LinkLoss::Disconnected => "connection lost".to_owned(),
         LinkLoss::HeartbeatTimeout => "the server stopped answering".to_owned(),
-        LinkLoss::Kicked(reason) => format!("kicked: {reason:?}"),
-        LinkLoss::ServerError { code, message } => format!("server error {code:?}: {message}"),
+        LinkLoss::Kicked(reason) => format!("kicked: {}", kick_words(*reason)),
+        LinkLoss::ServerError { code, message } if message.is_empty() => {
+            format!("server error: {}", error_words(*code))
+        }
+        LinkLoss::ServerError { code, message } => {
+            format!("server error: {} ({message})", error_words(*code))
+        }
+    }
+}
+
+/// Why the server closed the session, in words a chat user reads.
+fn kick_words(reason: KickReason) -> &'static str {
+    match reason {
+        KickReason::Unspecified => "by the server",
+        KickReason::TakenOver => "this user logged in elsewhere",
+        KickReason::SlowConsumer => "too slow to keep up",
+        KickReason::Idle => "silent too long",
+        KickReason::LoginTimeout => "login took too long",
+        KickReason::Fenced => "the server lost its store",
+        KickReason::Draining => "the server is shutting down",
+        KickReason::ProtocolError => "protocol error",
+        KickReason::LoggedOut => "logged out",
+    }
+}
+
+/// A server's error code in words.
+fn error_words(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Unspecified => "unspecified error",
+        ErrorCode::MalformedFrame => "malformed frame",
+        ErrorCode::FrameTooLarge => "frame too large",
+        ErrorCode::BodyTooLarge => "message too long",
+        ErrorCode::BadTicket => "bad login ticket",
+        ErrorCode::TicketExpired => "login ticket expired",
+        ErrorCode::WrongServer => "wrong server",
+        ErrorCode::StaleEpoch => "a newer login exists",
+        ErrorCode::NotLoggedIn => "not logged in",
+        ErrorCode::RateLimited => "sending too fast",
+        ErrorCode::NotMember => "not a member",
+        ErrorCode::BadConversation => "no such conversation",
+        ErrorCode::ConflictingRetry => "message id reused with another text",
+        ErrorCode::Unavailable => "temporarily unavailable",
+        ErrorCode::UnexpectedFrame => "unexpected frame",
+        ErrorCode::UnknownUser => "unknown user",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kicks_and_errors_read_as_words_not_enum_names() {
+        assert_eq!(
+            describe(&LinkLoss::Kicked(KickReason::Draining)),
+            "kicked: the server is shutting down"
+        );
+        assert_eq!(
+            describe(&LinkLoss::ServerError {
+                code: ErrorCode::RateLimited,
+                message: String::new()
+            }),
+            "server error: sending too fast"
+        );
+        let reasons = (0..=8).filter_map(|n| KickReason::try_from(n).ok());
+        let codes = (0..=15).filter_map(|n| ErrorCode::try_from(n).ok());
+        let words: Vec<&str> = reasons
+            .map(kick_words)
+            .chain(codes.map(error_words))
+            .collect();
+        assert_eq!(words.len(), 9 + 16);
+        for w in words {
+            // An enum name (`Draining`, `RateLimited`) would start upper case or be one word
+            // of mixed case; words are lower case.
+            assert_eq!(w, w.to_lowercase(), "{w}");
+        }
     }
 }

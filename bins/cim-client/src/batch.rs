@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::app::App;
-use crate::command::{self, Command, Target};
+
 use crate::render::Level;
 
 /// How often the end-of-input wait looks at the outbox.
@@ -18,7 +18,7 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 pub async fn run(
     mut app: App,
     mut events: Events,
-    mut delayed: mpsc::UnboundedReceiver<(Target, String)>,
+    mut delayed: mpsc::UnboundedReceiver<u64>,
     sends: Vec<String>,
     read_stdin: bool,
     drain: Duration,
@@ -41,7 +41,6 @@ pub async fn run(
         }
     });
     let mut input_done = false;
-    let mut delays_pending = 0usize;
     let mut deadline = None;
     let mut poll = tokio::time::interval(DRAIN_POLL);
     let mut save_tick = tokio::time::interval(crate::app::SAVE_EVERY);
@@ -57,15 +56,9 @@ pub async fn run(
                     break false;
                 }
             }
-            Some((target, text)) = delayed.recv() => {
-                delays_pending = delays_pending.saturating_sub(1);
-                app.say(target, text).await;
-            }
+            Some(id) = delayed.recv() => app.fire_delay(id).await,
             line = lines.recv(), if !input_done => match line {
                 Some(line) => {
-                    if matches!(command::parse(&line), Ok(Command::Delay(..))) {
-                        delays_pending += 1;
-                    }
                     if !app.on_line(&line).await {
                         break true;
                     }
@@ -74,7 +67,7 @@ pub async fn run(
             },
             _ = save_tick.tick() => app.save().await,
             _ = poll.tick(), if input_done => {
-                if delays_pending > 0 {
+                if app.awaiting_delays() > 0 {
                     continue;
                 }
                 let deadline = *deadline.get_or_insert_with(|| Clock::System.now() + drain);
@@ -97,6 +90,13 @@ pub async fn run(
         if app.on_event(event).await.is_some() {
             break;
         }
+    }
+    let delays = app.pending_delays();
+    if delays > 0 {
+        app.sink.status(
+            Level::Info,
+            &format!("{delays} delayed message(s) saved; sent at their time by the next run"),
+        );
     }
     let ok = quit && app.stopped.is_none_or(|r| r == StopReason::Shutdown);
     app.finish().await;

@@ -16,6 +16,18 @@ pub enum Target {
     UserId(u64),
 }
 
+impl Target {
+    /// The message line that parses back into this target and `text`.
+    pub fn line(&self, text: &str) -> String {
+        match self {
+            Self::All => format!(":g all {text}"),
+            Self::Group(group) => format!(":g {group} {text}"),
+            Self::UserName(name) => format!("@{name} {text}"),
+            Self::UserId(id) => format!("@{id} {text}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// An empty line.
@@ -270,6 +282,22 @@ mod tests {
         ];
         for (line, want) in table {
             assert_eq!(parse(line), want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn targets_round_trip_through_their_line() {
+        for (target, text) in [
+            (Target::All, "@not a user, :not a command"),
+            (Target::Group("rust".into()), "hi  there"),
+            (Target::UserName("bob".into()), ":g x"),
+            (Target::UserId(42), "hi"),
+        ] {
+            assert_eq!(
+                parse(&target.line(text)),
+                Ok(Command::Say(target.clone(), text.to_owned())),
+                "{target:?}"
+            );
         }
     }
 

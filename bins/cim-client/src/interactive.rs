@@ -19,7 +19,7 @@ use rustyline::{ColorMode, CompletionType, Config, Context, Editor, ExternalPrin
 use tokio::sync::mpsc;
 
 use crate::app::{App, SharedCompletions};
-use crate::command::{COMMANDS, Target};
+use crate::command::COMMANDS;
 use crate::render::Level;
 
 /// Lines kept in the editor's history file.
@@ -233,7 +233,7 @@ pub fn start_editor(
 pub async fn run(
     mut app: App,
     mut events: Events,
-    mut delayed: mpsc::UnboundedReceiver<(Target, String)>,
+    mut delayed: mpsc::UnboundedReceiver<u64>,
     mut terminal: Terminal,
 ) -> bool {
     let mut tick = tokio::time::interval(REFRESH_EVERY);
@@ -255,7 +255,7 @@ pub async fn run(
                     app.sink.status(Level::Warn, "press Enter to exit");
                 }
             }
-            Some((target, text)) = delayed.recv() => app.say(target, text).await,
+            Some(id) = delayed.recv() => app.fire_delay(id).await,
             Some(()) = terminal.refresh.recv() => {
                 let _ = app.refresh_online(true).await;
             }
@@ -294,6 +294,13 @@ pub async fn run(
         app.sink.status(
             Level::Warn,
             &format!("{n} unacknowledged message(s) saved; they are sent next time"),
+        );
+    }
+    let delays = app.pending_delays();
+    if delays > 0 {
+        app.sink.status(
+            Level::Info,
+            &format!("{delays} delayed message(s) saved; sent at their time by the next run"),
         );
     }
     let ok = app.stopped.is_none_or(|r| r == StopReason::Shutdown);

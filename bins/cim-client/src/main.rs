@@ -164,16 +164,22 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
             completions,
         )?;
         parts.sink = Sink::Terminal { printer, color };
-        Ok(interactive::run(App::new(parts), events, delayed_rx, terminal).await)
+        let mut app = App::new(parts);
+        app.restore_delays(Duration::ZERO);
+        Ok(interactive::run(app, events, delayed_rx, terminal).await)
     } else {
         let read_stdin = args.send.is_empty();
+        let drain = Duration::from_secs(args.drain_secs);
+        let mut app = App::new(parts);
+        // Delays due within the drain window are waited for; later ones stay saved.
+        app.restore_delays(drain);
         Ok(batch::run(
-            App::new(parts),
+            app,
             events,
             delayed_rx,
             args.send.clone(),
             read_stdin,
-            Duration::from_secs(args.drain_secs),
+            drain,
         )
         .await)
     }

@@ -30,6 +30,23 @@ pub struct ClientFile {
     /// Names of users seen (id → name), to show senders and resolve `@name` offline.
     #[serde(default)]
     pub users: BTreeMap<u64, String>,
+    /// `:delay`ed messages not sent yet: they survive a quit or a crash and are sent at
+    /// their time by the next run (at once if it is past).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delayed: Vec<PendingDelay>,
+}
+
+/// One `:delay`ed message waiting for its time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingDelay {
+    /// Unique among the pending ones of this file.
+    pub id: u64,
+    /// When to send it, Unix milliseconds (wall time, so it means the same after a restart).
+    pub due_at_ms: u64,
+    /// The message as a line (`:g all text`, `@bob text`, `:g rust text`), parsed again when
+    /// it is sent.
+    pub line: String,
 }
 
 impl ClientFile {
@@ -42,6 +59,7 @@ impl ClientFile {
             password: None,
             session: None,
             users: BTreeMap::new(),
+            delayed: Vec::new(),
         }
     }
 
@@ -303,11 +321,18 @@ mod tests {
         let mut file = ClientFile::new("127.0.0.1:8083", 7, "ann");
         file.set_session(&ClientState::default());
         file.users.insert(8, "bob".into());
+        let delay = PendingDelay {
+            id: 1,
+            due_at_ms: 1_700_000_000_000,
+            line: "@bob later".into(),
+        };
+        file.delayed.push(delay.clone());
         save(&path, &file).unwrap();
         let back = load(&path).unwrap().unwrap();
         assert_eq!(back.user_id, 7);
         assert_eq!(back.users.get(&8).map(String::as_str), Some("bob"));
         assert_eq!(back.session_state().unwrap(), Some(ClientState::default()));
+        assert_eq!(back.delayed, vec![delay]);
         assert!(!std::fs::read_to_string(&path).unwrap().contains("password"));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -2,7 +2,13 @@
 
 mod common;
 
-use common::{cluster, spawn, temp_dir, user_id};
+use std::time::Duration;
+
+use cim_core::ids::{ClientMsgId, UserId};
+use cim_io::api::LoginRequest;
+use cim_io::net::TokioNet;
+use cim_io::sdk::RouteApi;
+use common::{cluster, spawn, state_json, temp_dir, user_id};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_chat_in_all_and_privately() {
@@ -178,6 +184,145 @@ async fn an_account_the_route_forgot_is_registered_again() {
         alice.finish();
         carol.finish();
         assert_ne!(user_id(&alice_state), old_id);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("second run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_survives_a_kill_and_a_quit() {
+    let cluster = cluster().await;
+    let dir = temp_dir("delay");
+    let port = cluster.route_port;
+    tokio::task::spawn_blocking(move || {
+        let (alice_state, bob_state) = (dir.join("alice.json"), dir.join("bob.json"));
+        let mut bob = spawn(port, "bob", &bob_state, &[]);
+        bob.status("online as bob");
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        alice.status("online as alice");
+
+        // Killed before the delay fires: it is on disk with its due time.
+        alice.type_line(":delay 2 survives a kill");
+        alice.status("will send in 2s");
+        alice.kill();
+        let delayed = state_json(&alice_state)["delayed"].clone();
+        assert_eq!(delayed.as_array().map(Vec::len), Some(1), "{delayed}");
+        assert_eq!(delayed[0]["line"], ":g all survives a kill");
+
+        // The next run sends it at its time, and a delay set then survives `:q!`.
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        alice.status("1 delayed message(s) from the last run");
+        let got = bob.json(|v| v["text"] == "survives a kill");
+        assert_eq!(got["senderName"], "alice");
+        assert_eq!(got["conv"], "all");
+        alice.status("acknowledged all");
+        alice.type_line(":delay 1 @bob survives a quit");
+        alice.status("will send in 1s");
+        alice.type_line(":q!");
+        alice.finish();
+        let delayed = state_json(&alice_state)["delayed"].clone();
+        assert_eq!(delayed.as_array().map(Vec::len), Some(1), "{delayed}");
+        assert_eq!(delayed[0]["line"], "@bob survives a quit");
+
+        // A run with no input of its own waits for it (it is due within --drain-secs).
+        let seen = spawn(port, "alice", &alice_state, &["--batch"]).finish();
+        assert!(
+            seen.iter().any(|l| l.contains("acknowledged @bob")),
+            "{seen:?}"
+        );
+        let got = bob.json(|v| v["text"] == "survives a quit");
+        assert!(got["conv"].as_str().is_some_and(|c| c.starts_with("p:")));
+        assert!(
+            state_json(&alice_state).get("delayed").is_none(),
+            "sent delays leave the file"
+        );
+        bob.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("clients");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_never_seen_online_is_shown_by_name() {
+    let cluster = cluster().await;
+    let dir = temp_dir("names");
+    let port = cluster.route_port;
+    let alice_state = dir.join("alice.json");
+    let state = alice_state.clone();
+    let alice_id = tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &state, &[]);
+        alice.status("online as alice");
+        alice.finish();
+        user_id(&state)
+    })
+    .await
+    .expect("first run");
+
+    // Bob only ever talks over HTTP: he never holds a session, so no online list has him,
+    // and he writes while alice is away.
+    let api = RouteApi::new(TokioNet, "127.0.0.1", port, Duration::from_secs(20));
+    let bob = api
+        .register("bob", "bob-password")
+        .await
+        .expect("register bob");
+    let login = api
+        .login(&LoginRequest {
+            user_id: bob.user_id,
+            user_name: "bob".into(),
+            password: "bob-password".into(),
+            resume_token: None,
+        })
+        .await
+        .expect("bob logs in");
+    let bob_id = UserId(bob.user_id);
+    api.group_route(
+        &login.token,
+        bob_id,
+        None,
+        "to all from bob",
+        ClientMsgId(1),
+    )
+    .await
+    .expect("bob says to all");
+    api.p2p_route(
+        &login.token,
+        bob_id,
+        UserId(alice_id),
+        "to alice from bob",
+        ClientMsgId(2),
+    )
+    .await
+    .expect("bob whispers to alice");
+
+    tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        // Both synced, in either order.
+        let mut texts = Vec::new();
+        for _ in 0..2 {
+            let got = alice.json(|v| v["sender"] == bob.user_id);
+            assert_eq!(got["senderName"], "bob", "{got}");
+            texts.push(got["text"].as_str().expect("text").to_owned());
+        }
+        texts.sort();
+        assert_eq!(texts, ["to alice from bob", "to all from bob"]);
+        alice.type_line(":his");
+        let his = alice.json(|v| v["command"] == "his");
+        let from_bob: Vec<&serde_json::Value> = his["result"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter(|m| m["sender"] == bob.user_id)
+            .collect();
+        assert_eq!(from_bob.len(), 1, "{his}");
+        assert_eq!(from_bob[0]["senderName"], "bob", "{his}");
+        alice.finish();
+        // The name is kept for the next run.
+        assert_eq!(
+            state_json(&alice_state)["users"][bob.user_id.to_string()],
+            "bob"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await

@@ -1,5 +1,7 @@
 //! The interactive mode under a real terminal (a pty): the hidden password prompt, tab
-//! completion, and a message printed above the prompt without losing the line being typed.
+//! completion, a message printed above the prompt without losing the line being typed, and a
+//! server restart: the client shows it is reconnecting, then reconnected, and what was typed
+//! meanwhile is delivered.
 
 mod common;
 
@@ -10,10 +12,12 @@ use expectrl::{Eof, Expect, Session};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_chat_under_a_pty() {
-    let cluster = cluster().await;
+    let mut cluster = cluster().await;
     let port = cluster.route_port;
     let dir = temp_dir("pty");
-    tokio::task::spawn_blocking(move || {
+    let state_dir = dir.clone();
+    let (mut alice, bob) = tokio::task::spawn_blocking(move || {
+        let dir = state_dir;
         let mut bob = spawn(port, "bob", &dir.join("bob.json"), &[]);
         bob.status("online as bob");
 
@@ -63,6 +67,46 @@ async fn interactive_chat_under_a_pty() {
         alice.send("psst\r").expect("enter");
         let got = bob.json(|v| v["text"] == "psst");
         assert!(got["conv"].as_str().is_some_and(|c| c.starts_with("p:")));
+        bob.type_line("@alice psst back");
+        alice
+            .expect("[@bob] bob: psst back")
+            .expect("private answer shown");
+
+        // `:olu` lists both.
+        alice.send(":olu\r").expect("enter");
+        alice.expect("online (2): alice (").expect("both online");
+        (alice, bob)
+    })
+    .await
+    .expect("terminal session");
+
+    // The server both are on stops (as `systemctl restart` stops it first).
+    let stopped = cluster.stop_server().await;
+    let (mut alice, mut bob) = tokio::task::spawn_blocking(move || {
+        // In words, not `Draining`.
+        alice
+            .expect("* kicked: the server is shutting down")
+            .expect("kick shown");
+        alice.expect("* reconnecting").expect("reconnecting shown");
+        alice
+            .send("typed while the server was down\r")
+            .expect("enter");
+        alice.expect("· sending to all").expect("queued");
+        (alice, bob)
+    })
+    .await
+    .expect("outage");
+
+    // ... and starts again on the same ports.
+    cluster.start_again(stopped).await;
+    tokio::task::spawn_blocking(move || {
+        alice
+            .expect("* reconnected to s1")
+            .expect("reconnected shown");
+        let got = bob.json(|v| v["text"] == "typed while the server was down");
+        assert_eq!(got["senderName"], "alice");
+        assert_eq!(got["conv"], "all");
+        alice.expect("✓ acknowledged all").expect("acknowledged");
 
         alice.send(":q!\r").expect("quit");
         alice.expect(Eof).expect("exits");
@@ -70,5 +114,5 @@ async fn interactive_chat_under_a_pty() {
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await
-    .expect("terminal session");
+    .expect("recovery");
 }

@@ -10,6 +10,8 @@ use clap::Parser;
 use serde::Deserialize;
 
 use cim_core::balance::Strategy;
+use cim_core::client::ClientConfig;
+use cim_core::ids::UserId;
 use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::launch;
@@ -55,9 +57,17 @@ pub struct Args {
     /// Secret of the HTTP bearer tokens (>= 16 bytes; required).
     #[arg(long, env = "CIM_BEARER_SECRET", hide_env_values = true)]
     bearer_secret: Option<String>,
+    /// During a rotation, the previous bearer secret: tokens signed with it are still
+    /// accepted (new ones are signed with --bearer-secret).
+    #[arg(long, env = "CIM_BEARER_SECRET_PREVIOUS", hide_env_values = true)]
+    bearer_secret_previous: Option<String>,
     /// Secret of the server links' challenge-response (>= 16 bytes; required).
     #[arg(long, env = "CIM_LINK_SECRET", hide_env_values = true)]
     link_secret: Option<String>,
+    /// During a rotation, the previous link secret: a server that refuses the new one is
+    /// dialled again with this one.
+    #[arg(long, env = "CIM_LINK_SECRET_PREVIOUS", hide_env_values = true)]
+    link_secret_previous: Option<String>,
     /// How users are spread over servers: consistent-hash, round-robin, random,
     /// least-connections [default: consistent-hash].
     #[arg(long, env = "CIM_BALANCE")]
@@ -68,6 +78,27 @@ pub struct Args {
     /// How long a bearer token is valid [default: 24h].
     #[arg(long, env = "CIM_TOKEN_TTL")]
     token_ttl: Option<String>,
+    /// How long a login ticket is valid: the client must reach its server within it
+    /// [default: 30s].
+    #[arg(long, env = "CIM_TICKET_TTL")]
+    ticket_ttl: Option<String>,
+    /// How long a message's idempotency record lives, so a resent message lands once; at
+    /// least the clients' 5-minute outbox age [default: 10m].
+    #[arg(long, env = "CIM_IDEMPOTENCY_TTL")]
+    idempotency_ttl: Option<String>,
+    /// Bound on connecting, each write and each handshake step of a server link
+    /// [default: 5s].
+    #[arg(long, env = "CIM_IO_TIMEOUT")]
+    io_timeout: Option<String>,
+    /// Keepalive ping on each server link; a link silent for 3x this is dead [default: 5s].
+    #[arg(long, env = "CIM_LINK_PING_INTERVAL")]
+    link_ping_interval: Option<String>,
+    /// Wait before redialling a live server whose link failed [default: 500ms].
+    #[arg(long, env = "CIM_LINK_RETRY_DELAY")]
+    link_retry_delay: Option<String>,
+    /// Bound on one Redis command; a slower one counts as Redis unreachable [default: 2s].
+    #[arg(long, env = "CIM_REDIS_TIMEOUT")]
+    redis_timeout: Option<String>,
     /// Largest message body in bytes [default: 4096].
     #[arg(long, env = "CIM_MAX_BODY")]
     max_body: Option<usize>,
@@ -104,12 +135,29 @@ fn strategy(name: Option<&str>) -> anyhow::Result<Strategy> {
     })
 }
 
+/// `--idempotency-ttl`: a record that expires before the client gives up resending would
+/// let a resend be stored twice, so anything shorter than the outbox's age is refused.
+fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
+    let ttl = launch::duration_or(value, RedisOptions::default().idempotency_ttl)?;
+    let outbox_age = ClientConfig::new(UserId(0), String::new(), String::new(), 0).outbox_max_age;
+    if ttl < outbox_age {
+        anyhow::bail!(
+            "--idempotency-ttl {ttl:?} is shorter than the clients' outbox age {outbox_age:?}: \
+             a resent message could be stored twice"
+        );
+    }
+    Ok(ttl)
+}
+
 /// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; route_id, listen, redis, zk, zk_root, zk_session_timeout,
-        ticket_secret, ticket_key_id, bearer_secret, link_secret, balance, claim_ttl,
-        token_ttl, max_body, max_log_len, allow_eviction);
+        ticket_secret, ticket_key_id, bearer_secret, bearer_secret_previous, link_secret,
+        link_secret_previous,
+        balance, claim_ttl,
+        token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
+        link_retry_delay, redis_timeout, max_body, max_log_len, allow_eviction);
     launch::init_tracing("info");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -132,19 +180,57 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
     let mut options = RouteOptions::new(route_id, keys, bearer_secret, link_secret);
     options.http_listen = listen;
+    options.bearer_secret_previous = args
+        .bearer_secret_previous
+        .as_deref()
+        .map(|s| launch::require_secret("CIM_BEARER_SECRET_PREVIOUS", Some(s)))
+        .transpose()?;
+    options.link_secret_previous = args
+        .link_secret_previous
+        .as_deref()
+        .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
+        .transpose()?;
     options.strategy = strategy(args.balance.as_deref())?;
     options.seed = launch::os_seed();
     options.login.claim_ttl =
         launch::duration_or(args.claim_ttl.as_deref(), Duration::from_secs(30))?;
     options.login.token_ttl =
         launch::duration_or(args.token_ttl.as_deref(), Duration::from_secs(86400))?;
+    options.login.ticket_ttl = launch::nonzero_duration_or(
+        "--ticket-ttl",
+        args.ticket_ttl.as_deref(),
+        Duration::from_secs(30),
+    )?;
+    options.io_timeout = launch::nonzero_duration_or(
+        "--io-timeout",
+        args.io_timeout.as_deref(),
+        options.io_timeout,
+    )?;
+    options.link_ping_interval = launch::nonzero_duration_or(
+        "--link-ping-interval",
+        args.link_ping_interval.as_deref(),
+        options.link_ping_interval,
+    )?;
+    options.link_retry_delay = launch::nonzero_duration_or(
+        "--link-retry-delay",
+        args.link_retry_delay.as_deref(),
+        options.link_retry_delay,
+    )?;
+    let idempotency_ttl = idempotency_ttl(args.idempotency_ttl.as_deref())?;
     if let Some(n) = args.max_body {
         options.delivery.max_body = n;
     }
 
+    let defaults = RedisOptions::default();
     let mut redis_options = RedisOptions {
         allow_eviction: args.allow_eviction.unwrap_or(false),
-        ..RedisOptions::default()
+        idempotency_ttl,
+        command_timeout: launch::nonzero_duration_or(
+            "--redis-timeout",
+            args.redis_timeout.as_deref(),
+            defaults.command_timeout,
+        )?,
+        ..defaults
     };
     if let Some(n) = args.max_log_len {
         redis_options.max_log_len = n;
@@ -172,4 +258,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         handle.shutdown().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idempotency_window_cannot_be_shorter_than_the_outbox_age() {
+        assert_eq!(idempotency_ttl(None).unwrap(), Duration::from_secs(600));
+        assert_eq!(
+            idempotency_ttl(Some("5m")).unwrap(),
+            Duration::from_secs(300)
+        );
+        let error = idempotency_ttl(Some("4m")).unwrap_err().to_string();
+        assert!(error.contains("stored twice"), "{error}");
+        assert!(idempotency_ttl(Some("ten")).is_err());
+    }
 }

@@ -72,6 +72,10 @@ pub struct Args {
     /// Secret of the route links' challenge-response (>= 16 bytes; required).
     #[arg(long, env = "CIM_LINK_SECRET", hide_env_values = true)]
     link_secret: Option<String>,
+    /// During a rotation, the previous link secret, still accepted from routes not yet
+    /// switched to the new one.
+    #[arg(long, env = "CIM_LINK_SECRET_PREVIOUS", hide_env_values = true)]
+    link_secret_previous: Option<String>,
     /// Lease written with every bind and refresh [default: 30s].
     #[arg(long, env = "CIM_LEASE_TTL")]
     lease_ttl: Option<String>,
@@ -106,6 +110,20 @@ pub struct Args {
     /// ZooKeeper until Redis is back, so routes send its users elsewhere [default: 3s].
     #[arg(long, env = "CIM_STORE_LOSS_GRACE")]
     store_loss_grace: Option<String>,
+    /// Longest a graceful stop (SIGTERM) takes: leave ZooKeeper, send every client
+    /// elsewhere, flush; past it the server stops anyway [default: 5s].
+    #[arg(long, env = "CIM_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
+    /// Bound on each socket write and each route-link handshake step [default: 5s].
+    #[arg(long, env = "CIM_IO_TIMEOUT")]
+    io_timeout: Option<String>,
+    /// How often the connection count is republished in ZooKeeper (what least-connections
+    /// balancing reads) [default: 5s].
+    #[arg(long, env = "CIM_REGISTRY_UPDATE_INTERVAL")]
+    registry_update_interval: Option<String>,
+    /// Bound on one Redis command; a slower one counts as Redis unreachable [default: 2s].
+    #[arg(long, env = "CIM_REDIS_TIMEOUT")]
+    redis_timeout: Option<String>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
@@ -130,9 +148,10 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; server_id, listen_ip, advertise_host, client_port,
         link_port, http_port, redis, zk, zk_root, zk_session_timeout, ticket_secret,
-        ticket_key_id, ticket_previous_key, link_secret, lease_ttl, heartbeat_interval,
+        ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
-        max_frame, max_outbound_frames, store_loss_grace, allow_eviction);
+        max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
+        registry_update_interval, redis_timeout, allow_eviction);
     launch::init_tracing("info");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -187,6 +206,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mut options = ServerOptions::new(node, link_secret);
+    options.link_secret_previous = args
+        .link_secret_previous
+        .as_deref()
+        .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
+        .transpose()?;
     options.advertise_host = advertise_host;
     options.client_port = client_port;
     if let Some(ip) = args.listen_ip {
@@ -203,12 +227,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     options.store_loss_grace =
         launch::duration_or(args.store_loss_grace.as_deref(), Duration::from_secs(3))?;
+    options.drain_timeout = launch::nonzero_duration_or(
+        "--drain-timeout",
+        args.drain_timeout.as_deref(),
+        options.drain_timeout,
+    )?;
+    options.io_timeout = launch::nonzero_duration_or(
+        "--io-timeout",
+        args.io_timeout.as_deref(),
+        options.io_timeout,
+    )?;
+    options.registry_update_interval = launch::nonzero_duration_or(
+        "--registry-update-interval",
+        args.registry_update_interval.as_deref(),
+        options.registry_update_interval,
+    )?;
 
+    let defaults = RedisOptions::default();
     let store = launch::open_store(
         Some(&redis),
         RedisOptions {
             allow_eviction: args.allow_eviction.unwrap_or(false),
-            ..RedisOptions::default()
+            command_timeout: launch::nonzero_duration_or(
+                "--redis-timeout",
+                args.redis_timeout.as_deref(),
+                defaults.command_timeout,
+            )?,
+            ..defaults
         },
     )
     .await?;

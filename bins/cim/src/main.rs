@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use cim_core::ids::ServerId;
 use cim_core::server::ServerConfig;
@@ -119,6 +120,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let link_secret = launch::random_secret();
 
     let mut servers = Vec::new();
+    let mut server_options = Vec::new();
     for i in 0..2u16 {
         let id = ServerId::new(format!("s{}", i + 1));
         let node = ServerConfig::new(id, TicketKeys::new(1, ticket_secret.clone()));
@@ -132,9 +134,20 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             options.link_port = args.client_port + 100 + i;
             options.http_port = 8081 + i;
         }
-        let handle = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
-            .await
-            .with_context(|| format!("starting server s{}", i + 1))?;
+        let handle = server::start(
+            TokioNet,
+            Clock::System,
+            options.clone(),
+            store.clone(),
+            &registry,
+        )
+        .await
+        .with_context(|| format!("starting server s{}", i + 1))?;
+        // A restart binds the same ports again (also with --any-ports).
+        options.client_port = handle.client_addr().port();
+        options.link_port = handle.link_addr().port();
+        options.http_port = handle.http_addr().port();
+        server_options.push(options);
         servers.push(handle);
     }
 
@@ -146,20 +159,145 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     options.http_listen = SocketAddr::new(args.host, args.route_port);
     options.seed = launch::os_seed();
-    let route = route::start(TokioNet, Clock::System, options, store, &registry)
+    let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .context("starting the route")?;
 
     print_welcome(&route, &servers, args.redis.is_some(), args.zk.is_some());
-    launch::shutdown_signal().await;
+    let mut servers: Vec<Option<ServerHandle>> = servers.into_iter().map(Some).collect();
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            () = launch::shutdown_signal() => break,
+            line = stdin.next_line(), if reading => match line {
+                Ok(Some(line)) => {
+                    let answer = control(&line, &mut servers, &server_options, &store, &registry).await;
+                    println!("{answer}");
+                }
+                // No terminal (a background job, CI): only signals stop it.
+                Ok(None) | Err(_) => reading = false,
+            },
+        }
+    }
     println!("\nstopping: servers drain (clients are told to reconnect elsewhere), then the route");
-    for server in servers {
+    for server in servers.into_iter().flatten() {
         if let Err(error) = server.drain().await {
             tracing::warn!(%error, "drain failed");
         }
     }
     route.shutdown().await;
     Ok(())
+}
+
+const CONTROL_HELP: &str = "commands: restart <s1|s2> (stop gracefully, start again), \
+stop <s>, kill <s> (as a crash would), start <s>, status";
+
+/// One line typed into `cim up`'s terminal: stop, kill, start or restart a server, to watch
+/// the clients move and recover.
+async fn control(
+    line: &str,
+    servers: &mut [Option<ServerHandle>],
+    options: &[ServerOptions],
+    store: &Arc<dyn Store>,
+    registry: &AnyRegistry,
+) -> String {
+    let mut words = line.split_whitespace();
+    let (verb, name) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    if verb.is_empty() {
+        return String::new();
+    }
+    if verb == "status" {
+        return options
+            .iter()
+            .zip(servers.iter())
+            .map(|(o, s)| {
+                let state = if s.is_some() { "running" } else { "stopped" };
+                format!("{} {state} (clients :{})", o.node.server_id, o.client_port)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    let Some(i) = options
+        .iter()
+        .position(|o| o.node.server_id.as_str() == name)
+    else {
+        return format!("no server {name:?}; {CONTROL_HELP}");
+    };
+    let mut out = Vec::new();
+    if matches!(verb, "stop" | "restart" | "kill") {
+        match servers[i].take() {
+            None => out.push(format!("{name} is not running")),
+            Some(server) if verb == "kill" => {
+                server.abort();
+                out.push(format!("{name} killed: its clients reconnect on their own"));
+            }
+            Some(server) => {
+                if let Err(error) = server.drain().await {
+                    out.push(format!("{name}: {error}"));
+                }
+                out.push(format!(
+                    "{name} stopped (drained: its clients were sent elsewhere)"
+                ));
+            }
+        }
+    }
+    if matches!(verb, "start" | "restart") {
+        if servers[i].is_some() {
+            out.push(format!("{name} is already running"));
+        } else {
+            match server::start(
+                TokioNet,
+                Clock::System,
+                options[i].clone(),
+                store.clone(),
+                registry,
+            )
+            .await
+            {
+                Ok(server) => {
+                    servers[i] = Some(server);
+                    out.push(format!(
+                        "{name} started again on :{}",
+                        options[i].client_port
+                    ));
+                }
+                Err(error) => out.push(format!("{name} did not start: {error}")),
+            }
+        }
+    }
+    if out.is_empty() {
+        return format!("unknown command {verb:?}; {CONTROL_HELP}");
+    }
+    out.join("\n")
+}
+
+/// How to start the console client, as the README says: the `cim-client` binary built next
+/// to this one (`target/release/cim-client` after the quick start's build), named relative to
+/// the current directory when it is below it. `false` when no such binary exists yet (then the
+/// README's path, to be built first).
+fn client_command() -> (String, bool) {
+    let name = format!("cim-client{}", std::env::consts::EXE_SUFFIX);
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(&name)))
+        .filter(|path| path.is_file());
+    match sibling {
+        Some(path) => {
+            let shown = std::env::current_dir()
+                .ok()
+                .and_then(|cwd| path.strip_prefix(cwd).ok().map(|p| p.to_path_buf()))
+                .unwrap_or(path);
+            // `cim-client` alone would be looked up in PATH.
+            let shown = if shown.components().count() == 1 {
+                std::path::Path::new(".").join(shown)
+            } else {
+                shown
+            };
+            (shown.display().to_string(), true)
+        }
+        None => (format!("target/release/{name}"), false),
+    }
 }
 
 fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk: bool) {
@@ -184,13 +322,89 @@ fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk:
         if zk { "ZooKeeper" } else { "embedded" }
     );
     println!();
+    let (client, built) = client_command();
+    if !built {
+        println!("Build the console client once: cargo build --release -p cim-client");
+    }
     println!("Chat from two other terminals:");
     for name in ["alice", "bob"] {
-        println!("  cargo run --release -p cim-client -- --route http://{http} --user {name}");
+        println!("  {client} --route http://{http} --user {name}");
     }
     println!(
         "(the first run registers the name and asks for a password); then type a line to talk to \
          everyone, `@bob text` to whisper, `:help` for more."
     );
-    println!("Ctrl-C stops the cluster.");
+    println!(
+        "Type `restart s1` here to restart a server (also `stop`, `kill`, `start`, `status`) \
+         and watch the clients recover. Ctrl-C stops the cluster."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cim_core::memstore::MemoryStoreConfig;
+    use cim_io::registry::{MemoryRegistry, Registry};
+    use cim_io::store::MemoryBackend;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_up_terminal_restarts_kills_and_starts_servers() {
+        let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+        let registry: AnyRegistry = MemoryRegistry::new().into();
+        let node = ServerConfig::new(
+            ServerId::new("s1"),
+            TicketKeys::new(1, b"up-test-ticket-secret".to_vec()),
+        );
+        let mut options = ServerOptions::new(node, b"up-test-link-secret".to_vec());
+        options.listen_ip = IpAddr::from([127, 0, 0, 1]);
+        (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+        let server = server::start(
+            TokioNet,
+            Clock::System,
+            options.clone(),
+            store.clone(),
+            &registry,
+        )
+        .await
+        .unwrap();
+        options.client_port = server.client_addr().port();
+        options.link_port = server.link_addr().port();
+        options.http_port = server.http_addr().port();
+        let options = [options];
+        let mut servers = [Some(server)];
+        let view = registry.watch().await.unwrap();
+
+        let out = control("restart s1", &mut servers, &options, &store, &registry).await;
+        assert!(out.contains("s1 started again"), "{out}");
+        let port = servers[0].as_ref().map(|s| s.client_addr().port());
+        assert_eq!(
+            port,
+            Some(options[0].client_port),
+            "same port after a restart"
+        );
+        view.wait_until(Duration::from_secs(5), |m| m.len() == 1)
+            .await
+            .expect("listed again");
+
+        let out = control("kill s1", &mut servers, &options, &store, &registry).await;
+        assert!(out.contains("killed") && servers[0].is_none(), "{out}");
+        view.wait_until(Duration::from_secs(5), |m| m.is_empty())
+            .await
+            .expect("a killed server leaves the registry");
+        let out = control("stop s1", &mut servers, &options, &store, &registry).await;
+        assert!(out.contains("not running"), "{out}");
+        let out = control("start s1", &mut servers, &options, &store, &registry).await;
+        assert!(
+            out.contains("started again") && servers[0].is_some(),
+            "{out}"
+        );
+        let out = control("status", &mut servers, &options, &store, &registry).await;
+        assert!(out.contains("s1 running"), "{out}");
+
+        for bad in ["restart s9", "frobnicate s1"] {
+            let out = control(bad, &mut servers, &options, &store, &registry).await;
+            assert!(out.contains("restart <s1|s2>"), "{bad}: {out}");
+        }
+    }
 }

@@ -19,6 +19,7 @@ use cim_proto as proto;
 use proto::frame::Kind;
 
 use super::{ClientEvent, FrameError, Outputs};
+use crate::canary::{self, Canary};
 use crate::ids::{ClientMsgId, ConvId, LogEpoch, UnixMillis, UserId};
 use crate::store::{ConvHead, StoredMessage};
 
@@ -65,7 +66,11 @@ impl Conv {
 
     /// Buffers `msg` unless it is already delivered or buffered (dedup), or the buffer is
     /// full (the gap sync fetches it again). The caller checked the log epoch.
-    fn insert(&mut self, msg: StoredMessage, max_buffered: usize) {
+    fn insert(&mut self, msg: StoredMessage, max_buffered: usize, out: &mut Outputs) {
+        if self.anchored && msg.seq <= self.delivered && canary::disabled(Canary::Dedup) {
+            out.events.push_back(ClientEvent::Message(msg));
+            return;
+        }
         if msg.seq <= self.delivered || self.buffer.contains_key(&msg.seq) {
             return;
         }
@@ -180,9 +185,18 @@ impl Conv {
     }
 }
 
+/// Counts of the recoveries inbound delivery made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct InboundStats {
+    /// Gaps whose timer fired and sent a fetch for the missing seqs.
+    pub gap_fetches: u64,
+}
+
 #[derive(Debug)]
 pub(crate) struct Inbound {
     cfg: InboundConfig,
+    /// What inbound delivery did, for [`super::ClientStats`].
+    pub(crate) stats: InboundStats,
     convs: BTreeMap<ConvId, Conv>,
     /// Send times of unanswered SyncRequests, oldest first (answers come back in order).
     syncs: VecDeque<Instant>,
@@ -191,6 +205,7 @@ pub(crate) struct Inbound {
 impl Inbound {
     pub(crate) fn new(cfg: InboundConfig) -> Self {
         Self {
+            stats: InboundStats::default(),
             cfg,
             convs: BTreeMap::new(),
             syncs: VecDeque::new(),
@@ -242,13 +257,13 @@ impl Inbound {
         if !c.anchored {
             // Which epoch is current is the sync answer's to say; keep the first one seen.
             if c.log_epoch == msg.log_epoch {
-                c.insert(msg, self.cfg.max_buffered);
+                c.insert(msg, self.cfg.max_buffered, out);
             }
             self.request_sync(now, out);
         } else if c.log_epoch != msg.log_epoch {
             c.fetch(&conv_id, now, &self.cfg, out);
         } else {
-            c.insert(msg, self.cfg.max_buffered);
+            c.insert(msg, self.cfg.max_buffered, out);
             c.drain(out);
             c.settle_gap(now, &self.cfg);
         }
@@ -287,7 +302,7 @@ impl Inbound {
         }
         for msg in messages {
             if msg.conv == head.conv && msg.log_epoch == c.log_epoch {
-                c.insert(msg, self.cfg.max_buffered);
+                c.insert(msg, self.cfg.max_buffered, out);
             }
         }
         c.drain(out);
@@ -350,7 +365,16 @@ impl Inbound {
                 continue;
             }
             c.gap_deadline = None;
+            if c.anchored && canary::disabled(Canary::GapSync) {
+                // What a client without gap sync does: go on from what arrived.
+                if let Some(&first) = c.buffer.keys().next() {
+                    c.delivered = first - 1;
+                    c.drain(out);
+                }
+                continue;
+            }
             if c.anchored && !c.buffer.is_empty() {
+                self.stats.gap_fetches += 1;
                 c.fetch(conv, now, &self.cfg, out);
                 // Re-armed so a lost answer is retried once the fetch goes stale.
                 c.gap_deadline = Some(now + self.cfg.gap_sync_delay);

@@ -900,6 +900,7 @@ fn a_gap_waits_then_fetches_and_duplicates_are_dropped() {
         vec![],
     )]);
     assert_eq!(h.s.poll_timeout().map(|t| t.1), Some(TimerReason::Ping));
+    assert_eq!(h.s.stats().gap_fetches, 1, "one gap waited out and fetched");
 }
 
 #[test]

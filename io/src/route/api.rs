@@ -1,4 +1,5 @@
-//! The route's HTTP API (axum): DESIGN.md's list, with the bodies of [`crate::api`].
+//! The route's HTTP API (axum): DESIGN.md's list plus `POST /userNames` (names by id, for
+//! showing senders), with the bodies of [`crate::api`].
 //!
 //! Every API answer is an [`Envelope`]. Statuses: 200 for every answer with a CIM code
 //! (success or not, as CIM does), 400 + 3000 for a body or query that does not parse
@@ -32,7 +33,8 @@ use super::RouteOptions;
 use super::driver::{ApiCall, Counters, Input};
 use crate::api::{
     self as body, CODE_FAIL, CODE_OK, CODE_VALIDATION, Envelope, GroupList, History,
-    HistoryMessage, LoginResponse, OnlineUser, RegisterResponse, SendResponse,
+    HistoryMessage, LoginResponse, MAX_USER_NAMES, OnlineUser, RegisterResponse, SendResponse,
+    UserName, UserNames,
 };
 use crate::clock::Clock;
 use crate::registry::{RegistryView, ServerMap, SessionHealth};
@@ -75,7 +77,8 @@ impl ApiShared {
             clock,
             // The same key the login machine verifies with (`RouteLogin::verify_bearer`),
             // held here so checking a token needs no trip through the driver.
-            bearer: BearerKey::new(options.bearer_secret.clone()),
+            bearer: BearerKey::new(options.bearer_secret.clone())
+                .with_previous(options.bearer_secret_previous.clone()),
             store_timeout: options.login.store_timeout,
             live: view.servers(),
             registry_health: view.health(),
@@ -92,6 +95,7 @@ pub(super) fn router(shared: Shared) -> Router {
         .route("/login", post(login))
         .route("/offLine", post(offline))
         .route("/onlineUser", get(online_users))
+        .route("/userNames", post(user_names))
         .route("/groupRoute", post(group_route))
         .route("/p2pRoute", post(p2p_route))
         .route("/group/create", post(group_create))
@@ -412,6 +416,45 @@ async fn online_users(State(shared): State<Shared>, _bearer: Bearer) -> ApiResul
                 server_id: e.server.0,
             })
             .collect::<Vec<_>>())),
+        other => Err(odd_reply(&other)),
+    }
+}
+
+/// Any user's name by id (any authenticated user may ask: names are what `/onlineUser` and
+/// every chat line show anyway). Unknown ids are left out; duplicates are answered once.
+async fn user_names(
+    State(shared): State<Shared>,
+    _bearer: Bearer,
+    ApiJson(req): ApiJson<body::UserNamesRequest>,
+) -> ApiResult {
+    if req.user_ids.len() > MAX_USER_NAMES {
+        return Err(ApiError::code(
+            CODE_VALIDATION,
+            format!("at most {MAX_USER_NAMES} userIds per request"),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let users: Vec<UserId> = req
+        .user_ids
+        .into_iter()
+        .filter(|id| seen.insert(*id))
+        .map(UserId)
+        .collect();
+    if users.is_empty() {
+        return Ok(ok(UserNames { users: Vec::new() }));
+    }
+    match store(&shared, StoreCommand::LoadNames { users }).await? {
+        StoreReply::Names(names) => Ok(ok(UserNames {
+            users: names
+                .into_iter()
+                .filter_map(|(user, name)| {
+                    Some(UserName {
+                        user_id: user.0,
+                        user_name: name?,
+                    })
+                })
+                .collect(),
+        })),
         other => Err(odd_reply(&other)),
     }
 }

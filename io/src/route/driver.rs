@@ -190,13 +190,14 @@ impl<N: Network> Driver<N> {
     ) -> Self {
         // Distinct streams for the balancer and the login machine from one seed.
         let balancer = Balancer::new(options.strategy, options.seed ^ 0xba1a_5ce5_ba1a_5ce5);
-        let login = RouteLogin::new(
+        let mut login = RouteLogin::new(
             options.login.clone(),
             options.ticket_keys.clone(),
             options.bearer_secret.clone(),
             balancer,
             options.seed,
         );
+        login.accept_previous_bearer_secret(options.bearer_secret_previous.clone());
         let store_task_timeout = options
             .login
             .store_timeout
@@ -219,6 +220,7 @@ impl<N: Network> Driver<N> {
             link_config: Arc::new(LinkConfig {
                 route_id: options.route_id.clone(),
                 link_secret: options.link_secret.clone(),
+                link_secret_previous: options.link_secret_previous.clone(),
                 max_frame: options.max_frame,
                 io_timeout: options.io_timeout,
                 ping_interval: options.link_ping_interval,

@@ -41,6 +41,8 @@ const NONCE_LEN: usize = 32;
 pub(super) struct LinkConfig {
     pub route_id: String,
     pub link_secret: Vec<u8>,
+    /// During a rotation: tried when the server refuses `link_secret`.
+    pub link_secret_previous: Option<Vec<u8>>,
     pub max_frame: usize,
     pub io_timeout: Duration,
     pub ping_interval: Duration,
@@ -62,6 +64,9 @@ pub(super) enum LinkError {
     WrongServer { dialled: ServerId, named: String },
     #[error("handshake: {0}")]
     Auth(#[from] LinkAuthError),
+    /// The server closed the link after our proof: most likely it has another secret.
+    #[error("handshake: the server refused our proof ({0})")]
+    Refused(ReadError),
     #[error("server sent an error frame: {0}")]
     Peer(String),
     #[error("no frame for {0:?}: link dead")]
@@ -88,9 +93,16 @@ pub(super) async fn run_link<N: Network>(
     to_driver: mpsc::Sender<Input>,
     counters: Arc<Counters>,
 ) {
+    // During a rotation a server may still be on the previous secret: after a refusal the
+    // next dial uses the other one, and keeps it while it works.
+    let mut use_previous = false;
     loop {
         counters.link_dials.fetch_add(1, Ordering::Relaxed);
-        let ended = match connect(&net, &server, &config).await {
+        let secret = match (&config.link_secret_previous, use_previous) {
+            (Some(previous), true) => previous.as_slice(),
+            _ => config.link_secret.as_slice(),
+        };
+        let ended = match connect(&net, &server, &config, secret).await {
             Ok((reader, writer)) => {
                 counters.link_connects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(server = %server.id, "link up");
@@ -119,6 +131,9 @@ pub(super) async fn run_link<N: Network>(
             Err(error) => error,
         };
         counters.link_failures.fetch_add(1, Ordering::Relaxed);
+        if matches!(ended, LinkError::Refused(_)) && config.link_secret_previous.is_some() {
+            use_previous = !use_previous;
+        }
         tracing::warn!(server = %server.id, error = %ended, "link failed; redialling");
         tokio::time::sleep(config.retry_delay).await;
     }
@@ -132,6 +147,7 @@ async fn connect<N: Network>(
     net: &N,
     server: &LiveServer,
     config: &LinkConfig,
+    secret: &[u8],
 ) -> Result<(Reader<N>, Writer<N>), LinkError> {
     let stream = net::connect(net, &server.host, server.link_port, config.io_timeout)
         .await
@@ -158,14 +174,20 @@ async fn connect<N: Network>(
     }
     let mut nonce = [0u8; NONCE_LEN];
     ChaCha8Rng::from_os_rng().fill_bytes(&mut nonce);
-    let auth: LinkAuth = link::route_answer(&config.link_secret, &hello, &config.route_id, &nonce)?;
+    let auth: LinkAuth = link::route_answer(secret, &hello, &config.route_id, &nonce)?;
     let frame = Frame {
         kind: Some(Kind::LinkAuth(auth.clone())),
     };
     writer.write_frame(&frame, config.io_timeout).await?;
-    let frame = reader.read_frame(config.io_timeout).await?;
+    let frame = match reader.read_frame(config.io_timeout).await {
+        Ok(frame) => frame,
+        Err(error @ (ReadError::Closed | ReadError::Io(_))) => {
+            return Err(LinkError::Refused(error));
+        }
+        Err(error) => return Err(error.into()),
+    };
     match frame.kind {
-        Some(Kind::LinkAuthOk(ok)) => link::route_check(&config.link_secret, &hello, &auth, &ok)?,
+        Some(Kind::LinkAuthOk(ok)) => link::route_check(secret, &hello, &auth, &ok)?,
         Some(Kind::Error(e)) => return Err(LinkError::Peer(e.message)),
         _ => {
             return Err(LinkError::Unexpected {

@@ -53,7 +53,13 @@ pub struct RouteOptions {
     pub delivery: DeliveryConfig,
     pub ticket_keys: TicketKeys,
     pub bearer_secret: Vec<u8>,
+    /// During a rotation, the previous bearer secret: tokens signed with it are still
+    /// accepted; new ones are signed with `bearer_secret` (default none).
+    pub bearer_secret_previous: Option<Vec<u8>>,
     pub link_secret: Vec<u8>,
+    /// During a rotation, the previous link secret: a server that refuses the current one
+    /// is dialled again with this one (default none).
+    pub link_secret_previous: Option<Vec<u8>>,
     /// Default consistent hash.
     pub strategy: Strategy,
     /// Seeds `RouteLogin` and the balancer; the binaries pass OS entropy.
@@ -106,7 +112,9 @@ impl RouteOptions {
             delivery: DeliveryConfig::default(),
             ticket_keys,
             bearer_secret,
+            bearer_secret_previous: None,
             link_secret,
+            link_secret_previous: None,
             strategy: Strategy::ConsistentHash,
             seed: 0,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,

@@ -209,6 +209,9 @@ impl<N: Network> Driver<N> {
             AppCommand::Snapshot { reply } => {
                 let _ = reply.send(self.session.snapshot(now, self.clock.wall()));
             }
+            AppCommand::Stats { reply } => {
+                let _ = reply.send(self.session.stats());
+            }
             // Handled by the loop, which must end after it.
             AppCommand::Shutdown { .. } => {}
         }

@@ -29,7 +29,7 @@ pub mod route_api;
 pub mod state_file;
 
 use bytes::Bytes;
-use cim_core::client::{ClientConfig, ClientEvent, ClientState, ErrorCode};
+use cim_core::client::{ClientConfig, ClientEvent, ClientState, ClientStats, ErrorCode};
 use cim_core::ids::{ClientMsgId, ConvId, LogEpoch};
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -116,6 +116,9 @@ pub(crate) enum AppCommand {
     Snapshot {
         reply: oneshot::Sender<ClientState>,
     },
+    Stats {
+        reply: oneshot::Sender<ClientStats>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -139,6 +142,7 @@ impl std::fmt::Debug for AppCommand {
             Self::Send { .. } => "Send",
             Self::Submit { .. } => "Submit",
             Self::Snapshot { .. } => "Snapshot",
+            Self::Stats { .. } => "Stats",
             Self::Shutdown { .. } => "Shutdown",
         })
     }
@@ -223,6 +227,16 @@ impl<N: Network> Client<N> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(AppCommand::Snapshot { reply })
+            .await
+            .map_err(|_| SdkStopped)?;
+        answer.await.map_err(|_| SdkStopped)
+    }
+
+    /// Counts of what the session recovered from (gaps fetched, ...).
+    pub async fn stats(&self) -> Result<ClientStats, SdkStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(AppCommand::Stats { reply })
             .await
             .map_err(|_| SdkStopped)?;
         answer.await.map_err(|_| SdkStopped)

@@ -13,6 +13,7 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use crate::api::{
     self, Envelope, GroupList, GroupRequest, GroupRouteRequest, History, LoginResponse,
     OfflineRequest, OnlineUser, P2pRouteRequest, RegisterRequest, RegisterResponse, SendResponse,
+    UserName, UserNames, UserNamesRequest,
 };
 use crate::http_client::{HttpClient, HttpError};
 use crate::net::Network;
@@ -86,6 +87,26 @@ impl<N: Network> RouteApi<N> {
     pub async fn online_users(&self, token: &str) -> Result<Vec<OnlineUser>, ApiError> {
         self.call(Method::GET, "/onlineUser", Some(token), None::<&()>)
             .await
+    }
+
+    /// `POST /userNames`: the names of these ids (unknown ones left out). Asks in batches of
+    /// [`api::MAX_USER_NAMES`], so any number of ids may be passed.
+    pub async fn user_names(
+        &self,
+        token: &str,
+        users: &[UserId],
+    ) -> Result<Vec<UserName>, ApiError> {
+        let mut found = Vec::new();
+        for batch in users.chunks(api::MAX_USER_NAMES) {
+            let body = UserNamesRequest {
+                user_ids: batch.iter().map(|u| u.0).collect(),
+            };
+            let answer: UserNames = self
+                .call(Method::POST, "/userNames", Some(token), Some(&body))
+                .await?;
+            found.extend(answer.users);
+        }
+        Ok(found)
     }
 
     /// `POST /groupRoute`: to the group `group`, or to `all` when `None`.

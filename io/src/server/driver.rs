@@ -89,6 +89,8 @@ pub(super) enum Input<S> {
     LinkAuthFailed,
     /// The registry session was lost: routes may hand this server's users to others.
     RegistryLost,
+    /// Registered again under a new session after a loss: accept clients again.
+    RegistryBack,
     /// The store has been unreachable past the grace period: fence every connection and
     /// refuse new ones, then answer, so the server can leave the registry with no session
     /// left that a route could hand to another server.
@@ -164,6 +166,9 @@ pub(super) struct Driver<S> {
     /// The store is unreachable: every connection was fenced, new ones are refused, and the
     /// server is (being) taken out of the registry.
     withdrawn: bool,
+    /// The registry session was lost and is not back: routes may already treat this server
+    /// as dead and allow takeovers without asking it, so no session may start here.
+    registry_lost: bool,
     drain_done: Option<oneshot::Sender<()>>,
     shell: ShellStats,
     /// Told of session changes; with it, the session list as last reported.
@@ -198,6 +203,7 @@ impl<S: Stream> Driver<S> {
             user_links: BTreeMap::new(),
             live_writers: 0,
             withdrawn: false,
+            registry_lost: false,
             drain_done: None,
             shell: ShellStats::default(),
             observer: observer.map(|o| (o, BTreeSet::new())),
@@ -290,7 +296,15 @@ impl<S: Stream> Driver<S> {
                     server = %self.node.config().server_id,
                     "registry session lost: fencing every connection"
                 );
+                self.registry_lost = true;
                 self.node.handle_registry_session_lost(now);
+            }
+            Input::RegistryBack => {
+                tracing::info!(
+                    server = %self.node.config().server_id,
+                    "registered again: accepting clients"
+                );
+                self.registry_lost = false;
             }
             Input::StoreLost { fenced } => {
                 self.shell.store_losses += 1;
@@ -320,7 +334,7 @@ impl<S: Stream> Driver<S> {
                     sessions: self.node.sessions(),
                     links: self.links.len(),
                     draining: self.node.is_draining(),
-                    withdrawn: self.withdrawn,
+                    withdrawn: self.withdrawn || self.registry_lost,
                     shell: self.shell.clone(),
                 });
             }
@@ -366,10 +380,11 @@ impl<S: Stream> Driver<S> {
     }
 
     fn accepted(&mut self, stream: S, peer: SocketAddr) {
-        if self.withdrawn {
-            // Out of the registry: no route sends anyone here, and a session bound now could
-            // outlive a takeover the routes allow because this server is absent.
-            tracing::debug!(%peer, "refused client connection: store unreachable");
+        if self.withdrawn || self.registry_lost {
+            // Out of the registry (or about to be): a session bound now could outlive a
+            // takeover the routes allow because this server is absent, and the fence that
+            // protects sessions has already fired.
+            tracing::debug!(%peer, "refused client connection: store or registry session lost");
             return;
         }
         let conn = ConnId(self.next_conn);

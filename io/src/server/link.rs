@@ -29,6 +29,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub(super) struct LinkSettings {
     pub server_id: ServerId,
     pub secret: Arc<[u8]>,
+    /// Also accepted during a rotation.
+    pub previous_secret: Option<Arc<[u8]>>,
     pub codec: FrameCodec,
     pub io_timeout: Duration,
 }
@@ -156,7 +158,12 @@ async fn handshake<S: Stream>(
         Ok(_) => return Err(HandshakeError::Unexpected),
         Err(error) => return Err(HandshakeError::Read(error)),
     };
-    let ok = link_auth::server_check(&settings.secret, &hello, &auth)?;
+    let ok = match &settings.previous_secret {
+        None => link_auth::server_check(&settings.secret, &hello, &auth)?,
+        Some(previous) => {
+            link_auth::server_check_any(&[&settings.secret, previous], &hello, &auth)?
+        }
+    };
     let frame = Frame {
         kind: Some(Kind::LinkAuthOk(ok)),
     };

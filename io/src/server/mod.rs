@@ -72,7 +72,8 @@ const INPUT_QUEUE: usize = 4096;
 const LINK_QUEUE: usize = 4096;
 
 /// Configuration of one server process. [`ServerOptions::new`] fills in the defaults.
-#[derive(Debug, Clone)]
+/// Its `Debug` leaves the link secrets out.
+#[derive(Clone)]
 pub struct ServerOptions {
     /// Server id, ticket keys, limits and timers of the connection machine.
     pub node: ServerConfig,
@@ -88,6 +89,9 @@ pub struct ServerOptions {
     pub http_port: u16,
     /// Shared secret of the route links (no default).
     pub link_secret: Vec<u8>,
+    /// During a rotation, the previous link secret, still accepted from routes that have
+    /// not switched yet (default none).
+    pub link_secret_previous: Option<Vec<u8>>,
     /// Largest frame body read or written (default 64 KiB).
     pub max_frame: usize,
     /// Bound on each socket write and each link-handshake step (default 5 s).
@@ -103,6 +107,26 @@ pub struct ServerOptions {
     /// Told of every session opened or closed here (default none). For the simulation's
     /// recorder and for tests; a production server leaves it unset.
     pub observer: Option<SessionObserver>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets (the node's ticket keys print their ids only).
+        f.debug_struct("ServerOptions")
+            .field("node", &self.node)
+            .field("listen_ip", &self.listen_ip)
+            .field("advertise_host", &self.advertise_host)
+            .field("client_port", &self.client_port)
+            .field("link_port", &self.link_port)
+            .field("http_port", &self.http_port)
+            .field("max_frame", &self.max_frame)
+            .field("io_timeout", &self.io_timeout)
+            .field("registry_update_interval", &self.registry_update_interval)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("store_loss_grace", &self.store_loss_grace)
+            .field("observer", &self.observer)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A change of the node's session list, as [`SessionObserver`] sees it. A session runs from
@@ -144,6 +168,7 @@ impl ServerOptions {
             link_port: 11311,
             http_port: 8081,
             link_secret,
+            link_secret_previous: None,
             max_frame: DEFAULT_MAX_FRAME,
             io_timeout: Duration::from_secs(5),
             registry_update_interval: Duration::from_secs(5),
@@ -397,6 +422,11 @@ pub async fn start<N: Network, R: Registry>(
             link::LinkSettings {
                 server_id: server_id.clone(),
                 secret: Arc::from(options.link_secret.as_slice()),
+                previous_secret: options
+                    .link_secret_previous
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .map(Arc::from),
                 codec,
                 io_timeout: options.io_timeout,
             },

@@ -30,10 +30,22 @@ pub(super) struct Settings {
 }
 
 /// Notices a lost session from the health watch: a new `Expired`, or a registration that
-/// replaced its session (it counts those) in case the `Expired` in between was never seen.
+/// replaced its session (it counts those) in case the `Expired` in between was never seen;
+/// and the first `Connected` after a loss (the entry is back under a new session).
 struct LossDetector {
     was_expired: bool,
     sessions_lost: u64,
+    /// A loss was reported and no recovery yet.
+    fenced: bool,
+}
+
+/// What a health change means for the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Lost,
+    /// Lost, and already back under a new session (both coalesced into one change).
+    LostAndBack,
+    Back,
 }
 
 impl LossDetector {
@@ -41,6 +53,7 @@ impl LossDetector {
         Self {
             was_expired: reg.current_health() == SessionHealth::Expired,
             sessions_lost: reg.sessions_lost(),
+            fenced: false,
         }
     }
 
@@ -51,6 +64,19 @@ impl LossDetector {
         let replaced = sessions_lost > self.sessions_lost;
         self.sessions_lost = sessions_lost;
         newly_expired || replaced
+    }
+
+    fn change(&mut self, health: SessionHealth, sessions_lost: u64) -> Option<Change> {
+        let lost = self.lost(health, sessions_lost);
+        let connected = health.is_connected();
+        let change = match (lost, connected) {
+            (true, true) => Some(Change::LostAndBack),
+            (true, false) => Some(Change::Lost),
+            (false, true) if self.fenced => Some(Change::Back),
+            (false, _) => None,
+        };
+        self.fenced = (self.fenced || lost) && !connected;
+        change
     }
 }
 
@@ -145,8 +171,18 @@ async fn check_health<S>(
 ) {
     let now = *health.borrow_and_update();
     tracing::info!(server = %reg.server_id(), health = ?now, "registry session health");
-    if detector.lost(now, reg.sessions_lost()) {
-        let _ = inputs.send(Input::RegistryLost).await;
+    match detector.change(now, reg.sessions_lost()) {
+        Some(Change::Lost) => {
+            let _ = inputs.send(Input::RegistryLost).await;
+        }
+        Some(Change::LostAndBack) => {
+            let _ = inputs.send(Input::RegistryLost).await;
+            let _ = inputs.send(Input::RegistryBack).await;
+        }
+        Some(Change::Back) => {
+            let _ = inputs.send(Input::RegistryBack).await;
+        }
+        None => {}
     }
 }
 
@@ -159,6 +195,7 @@ mod tests {
         let mut d = LossDetector {
             was_expired: false,
             sessions_lost: 0,
+            fenced: false,
         };
         let disconnected = SessionHealth::Disconnected {
             since: tokio::time::Instant::now(),
@@ -172,5 +209,38 @@ mod tests {
         );
         // An expiry and its recovery coalesced into one change of the watch.
         assert!(d.lost(SessionHealth::Connected, 2));
+    }
+
+    #[test]
+    fn a_loss_is_followed_by_one_recovery() {
+        let mut d = LossDetector {
+            was_expired: false,
+            sessions_lost: 0,
+            fenced: false,
+        };
+        let disconnected = SessionHealth::Disconnected {
+            since: tokio::time::Instant::now(),
+        };
+        assert_eq!(d.change(SessionHealth::Connected, 0), None);
+        assert_eq!(
+            d.change(disconnected, 0),
+            None,
+            "a disconnection is not a loss"
+        );
+        assert_eq!(
+            d.change(SessionHealth::Connected, 0),
+            None,
+            "nothing was lost"
+        );
+        assert_eq!(d.change(SessionHealth::Expired, 1), Some(Change::Lost));
+        assert_eq!(d.change(disconnected, 1), None, "still fenced");
+        assert_eq!(d.change(SessionHealth::Connected, 1), Some(Change::Back));
+        assert_eq!(d.change(SessionHealth::Connected, 1), None, "back once");
+        assert_eq!(
+            d.change(SessionHealth::Connected, 2),
+            Some(Change::LostAndBack),
+            "an expiry and its recovery coalesced"
+        );
+        assert_eq!(d.change(SessionHealth::Connected, 2), None);
     }
 }

@@ -185,6 +185,7 @@ impl RedisStore {
                 password_hash,
             } => self.register(name, password_hash).await,
             StoreCommand::LoadAccount { user } => self.load_account(user).await,
+            StoreCommand::LoadNames { users } => self.names(users).await,
             StoreCommand::LoadClaim { user } => self.load_claim(user).await,
             StoreCommand::ReplaceClaim {
                 user,
@@ -390,6 +391,23 @@ impl RedisStore {
             }),
             _ => None,
         }))
+    }
+
+    /// `LoadNames`: one `HGET` per account, pipelined (each name is written once and never
+    /// changes, so the pipeline need not be one snapshot).
+    async fn names(&self, users: Vec<UserId>) -> R<StoreReply> {
+        if users.is_empty() {
+            return Ok(StoreReply::Names(Vec::new()));
+        }
+        let mut pipe = ::redis::pipe();
+        for user in &users {
+            pipe.hget(acct_key(*user), "name");
+        }
+        let names: Vec<Option<String>> = self.query_pipe(&pipe).await?;
+        if names.len() != users.len() {
+            return Err(StoreUnavailable("redis: names answered oddly".into()));
+        }
+        Ok(StoreReply::Names(users.into_iter().zip(names).collect()))
     }
 
     // --- claims -----------------------------------------------------------------------

@@ -537,6 +537,40 @@ fn re_homing_after_an_isolation_is_measured_from_the_heal() {
 }
 
 #[test]
+fn a_fault_before_the_re_home_moves_its_measurement_to_that_faults_heal() {
+    let late = |h: &mut History| {
+        let events = client(h, 1);
+        events[6].0 = ms(3100); // online on s2 2100ms after s1 died; bound 2000
+        events.sort_by_key(|(at, _)| *at);
+        h.sessions[1].opened_at = ms(3100);
+    };
+    let mut h = clean();
+    late(&mut h);
+    // The route client 1 logs in through crashed 500ms after s1 died, until 2000: the
+    // re-home counts from 2000 and took 1100ms.
+    h.faults.extend([
+        (ms(1500), Fault::Isolated(Host::Other("route-1".to_owned()))),
+        (ms(2000), Fault::Healed(Host::Other("route-1".to_owned()))),
+    ]);
+    let report = check(&h);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.stats.max_rehome, Some(ms(1100)));
+    // A fault that starts after the deadline (1000 + 2000) does not excuse a late re-home.
+    let mut h = clean();
+    late(&mut h);
+    h.bounds.healed_at = ms(4000);
+    h.faults.extend([
+        (ms(3050), Fault::Isolated(Host::Other("route-1".to_owned()))),
+        (ms(3500), Fault::Healed(Host::Other("route-1".to_owned()))),
+    ]);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::SlowRehome { measured_from, .. } if *measured_from == ms(1000)),
+        "{v}"
+    );
+}
+
+#[test]
 fn a_stopped_client_owes_no_re_home_and_an_unfinished_one_is_not_judged() {
     let mut h = clean();
     let events = client(&mut h, 1);

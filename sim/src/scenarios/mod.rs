@@ -6,7 +6,9 @@
 //! application sees), and [`drive`] (steps the simulation, applying the fault plan, then
 //! reads the final logs and calls the checker).
 
+pub mod broadcast;
 pub mod duplicate_login;
+pub mod everything;
 pub mod failover;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,15 +40,24 @@ pub const TICK: Duration = Duration::from_millis(5);
 pub enum Scenario {
     Failover,
     DuplicateLogin,
+    Broadcast,
+    Everything,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 2] = [Scenario::Failover, Scenario::DuplicateLogin];
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Failover,
+        Scenario::DuplicateLogin,
+        Scenario::Broadcast,
+        Scenario::Everything,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Failover => "failover",
             Self::DuplicateLogin => "duplicate-login",
+            Self::Broadcast => "broadcast",
+            Self::Everything => "everything",
         }
     }
 
@@ -59,6 +70,8 @@ impl Scenario {
         match self {
             Self::Failover => failover::run(seed),
             Self::DuplicateLogin => duplicate_login::run(seed),
+            Self::Broadcast => broadcast::run(seed),
+            Self::Everything => everything::run(seed),
         }
     }
 
@@ -86,6 +99,8 @@ pub struct ScenarioOutcome {
     pub counters: Counters,
     /// Simulated time the run covered.
     pub sim_time: Duration,
+    /// The fault plan, for the report of a failing run.
+    pub faults: Vec<String>,
 }
 
 impl ScenarioOutcome {
@@ -113,6 +128,10 @@ impl fmt::Display for ScenarioOutcome {
             writeln!(f, "  {p}")?;
         }
         if !self.is_clean() {
+            writeln!(f, "  fault plan:")?;
+            for fault in &self.faults {
+                writeln!(f, "    {fault}")?;
+            }
             write!(f, "replay: {}", self.scenario.replay_command(self.seed))?;
         }
         Ok(())
@@ -169,16 +188,38 @@ pub enum Target {
     HolderOf(String),
 }
 
+/// A role of the cluster, as one side of a link fault.
+#[derive(Debug, Clone)]
+pub enum Node {
+    Server(Target),
+    Route(usize),
+    Store,
+    Registry,
+    /// Every client host.
+    Clients,
+}
+
 /// A fault action of the plan.
 #[derive(Debug, Clone)]
 pub enum Action {
     /// The process dies (turmoil crash).
     Crash(Target),
-    /// Every crashed server starts again (turmoil bounce).
+    /// A route's process dies.
+    CrashRoute(usize),
+    /// The store's process dies; its data survives (Redis with its AOF on disk).
+    CrashStore,
+    /// Every crashed server, route and store starts again (turmoil bounce).
     RestartCrashed,
     /// Partitions the server from every other host, or from the clients only.
     Isolate { target: Target, clients_only: bool },
-    /// Repairs every partition.
+    /// Cuts every link between the hosts of `a` and of `b`; one way (`a` to `b`) only, if
+    /// `one_way`.
+    Partition { a: Node, b: Node, one_way: bool },
+    /// Holds every message between `a` and `b` until the heal releases them (a stall).
+    Hold { a: Node, b: Node },
+    /// Sets the latency of the links between `a` and `b` (the heal restores the default).
+    Latency { a: Node, b: Node, latency: Duration },
+    /// Repairs every partition, releases every hold, restores every latency.
     HealAll,
 }
 
@@ -357,6 +398,9 @@ async fn chat_client(
         _ = pump => {}
         _ = work => {}
     }
+    if let Ok(stats) = client.stats().await {
+        rec.count_n("gaps fetched by the client", stats.gap_fetches);
+    }
     Ok(())
 }
 
@@ -398,6 +442,211 @@ fn final_log(
             first_available_seq: head.first_available_seq,
         }),
         _ => None,
+    }
+}
+
+/// The hosts of a run, to resolve a fault's [`Node`]s.
+struct Hosts<'a> {
+    servers: &'a [String],
+    routes: &'a [String],
+    clients: &'a [String],
+    /// The store, the registry and the routes.
+    others: &'a [String],
+    shared: &'a Shared,
+    rec: &'a Recorder,
+}
+
+impl Hosts<'_> {
+    fn server(&self, t: &Target) -> String {
+        let servers = self.servers;
+        let index = match t {
+            Target::Server(i) => *i % servers.len(),
+            Target::HolderOf(name) => lookup(&self.shared.dir, name)
+                .and_then(|u| self.rec.open_session_of(u))
+                .and_then(|s| servers.iter().position(|h| h == s.as_str()))
+                .unwrap_or(0),
+        };
+        servers[index].clone()
+    }
+
+    fn route(&self, i: usize) -> String {
+        let routes = self.routes;
+        routes[i % routes.len()].clone()
+    }
+
+    fn of(&self, node: &Node) -> Vec<String> {
+        match node {
+            Node::Server(t) => vec![self.server(t)],
+            Node::Route(i) => vec![self.route(*i)],
+            Node::Store => vec![STORE_HOST.to_owned()],
+            Node::Registry => vec![REGISTRY_HOST.to_owned()],
+            Node::Clients => self.clients.to_vec(),
+        }
+    }
+
+    fn is_server(&self, host: &str) -> bool {
+        self.servers.iter().any(|h| h == host)
+    }
+}
+
+/// What the fault plan has done so far, to undo it at the heal.
+#[derive(Debug, Default)]
+struct FaultState {
+    crashed_servers: Vec<String>,
+    /// Routes and the store.
+    crashed_others: Vec<String>,
+    partitioned: Vec<(String, String)>,
+    held: Vec<(String, String)>,
+    slowed: Vec<(String, String)>,
+}
+
+/// turmoil's default maximum message latency, restored at the heal.
+const DEFAULT_MAX_LATENCY: Duration = Duration::from_millis(100);
+
+impl FaultState {
+    /// Applies `action` at `now`, records it for the checker; the counter it adds to.
+    fn apply(
+        &mut self,
+        sim: &mut turmoil::Sim<'static>,
+        hosts: &Hosts<'_>,
+        rec: &Recorder,
+        now: Duration,
+        action: Action,
+    ) -> &'static str {
+        // A host cut from any peer is "isolated" for the checker: re-homes are measured
+        // from the heal, and a server's clients must be back within the isolation bound.
+        let isolated = |host: &str| {
+            let h = if hosts.is_server(host) {
+                Host::Server(ServerId::new(host))
+            } else {
+                Host::Other(host.to_owned())
+            };
+            rec.fault(now, Fault::Isolated(h));
+        };
+        match action {
+            Action::Crash(t) => {
+                let host = hosts.server(&t);
+                sim.crash(host.as_str());
+                rec.server_died(&ServerId::new(host.clone()), now);
+                self.crashed_servers.push(host);
+                "server crashed"
+            }
+            Action::CrashRoute(i) => {
+                let host = hosts.route(i);
+                sim.crash(host.as_str());
+                // Its clients log in through it only: their re-home counts from its restart.
+                isolated(&host);
+                self.crashed_others.push(host);
+                "route crashed"
+            }
+            Action::CrashStore => {
+                sim.crash(STORE_HOST);
+                isolated(STORE_HOST);
+                // Every server loses the store: it fences its sessions, and they re-home
+                // once the store is back.
+                for server in hosts.servers {
+                    isolated(server);
+                }
+                self.crashed_others.push(STORE_HOST.to_owned());
+                "store crashed"
+            }
+            Action::RestartCrashed => {
+                for host in self.crashed_servers.drain(..) {
+                    sim.bounce(host.as_str());
+                }
+                let others = !self.crashed_others.is_empty();
+                for host in self.crashed_others.drain(..) {
+                    sim.bounce(host.as_str());
+                    rec.fault(now, Fault::Healed(Host::Other(host)));
+                }
+                if others {
+                    for server in hosts.servers {
+                        rec.fault(now, Fault::Healed(Host::Server(ServerId::new(server))));
+                    }
+                }
+                "restarts"
+            }
+            Action::Isolate {
+                target,
+                clients_only,
+            } => {
+                let host = hosts.server(&target);
+                let mut peers = hosts.clients.to_vec();
+                if !clients_only {
+                    peers.extend(hosts.others.iter().cloned());
+                    peers.extend(hosts.servers.iter().filter(|h| **h != host).cloned());
+                }
+                for peer in peers {
+                    sim.partition(host.as_str(), peer.as_str());
+                    self.partitioned.push((host.clone(), peer));
+                }
+                rec.fault(now, Fault::Isolated(Host::Server(ServerId::new(host))));
+                if clients_only {
+                    "server cut from clients"
+                } else {
+                    "server isolated"
+                }
+            }
+            Action::Partition { a, b, one_way } => {
+                for x in hosts.of(&a) {
+                    for y in hosts.of(&b) {
+                        if x == y {
+                            continue;
+                        }
+                        if one_way {
+                            sim.partition_oneway(x.as_str(), y.as_str());
+                        } else {
+                            sim.partition(x.as_str(), y.as_str());
+                        }
+                        isolated(&x);
+                        isolated(&y);
+                        self.partitioned.push((x.clone(), y));
+                    }
+                }
+                if one_way {
+                    "one-way partitions"
+                } else {
+                    "partitions"
+                }
+            }
+            Action::Hold { a, b } => {
+                for x in hosts.of(&a) {
+                    for y in hosts.of(&b) {
+                        if x != y {
+                            sim.hold(x.as_str(), y.as_str());
+                            isolated(&x);
+                            isolated(&y);
+                            self.held.push((x.clone(), y));
+                        }
+                    }
+                }
+                "holds"
+            }
+            Action::Latency { a, b, latency } => {
+                for x in hosts.of(&a) {
+                    for y in hosts.of(&b) {
+                        if x != y {
+                            sim.set_link_max_message_latency(x.as_str(), y.as_str(), latency);
+                            self.slowed.push((x.clone(), y));
+                        }
+                    }
+                }
+                "latency spikes"
+            }
+            Action::HealAll => {
+                for (a, b) in self.held.drain(..) {
+                    sim.release(a.as_str(), b.as_str());
+                }
+                for (a, b) in self.partitioned.drain(..) {
+                    sim.repair(a.as_str(), b.as_str());
+                }
+                for (a, b) in self.slowed.drain(..) {
+                    sim.set_link_max_message_latency(a.as_str(), b.as_str(), DEFAULT_MAX_LATENCY);
+                }
+                rec.fault(now, Fault::HealAll);
+                "heals"
+            }
+        }
     }
 }
 
@@ -444,8 +693,7 @@ pub fn drive(
     let mut actions = plan.actions.clone();
     actions.sort_by_key(|(at, _)| *at);
     let mut actions = actions.into_iter().peekable();
-    let mut crashed: Vec<String> = Vec::new();
-    let mut partitioned: Vec<(String, String)> = Vec::new();
+    let mut faults = FaultState::default();
     let mut counters = Counters::new();
     loop {
         let finished = match cluster.sim.step() {
@@ -460,59 +708,16 @@ pub fn drive(
             let Some((_, action)) = actions.next() else {
                 break;
             };
-            let resolve = |t: &Target| -> usize {
-                match t {
-                    Target::Server(i) => *i % cluster.server_hosts.len(),
-                    Target::HolderOf(name) => lookup(&shared.dir, name)
-                        .and_then(|u| rec.open_session_of(u))
-                        .and_then(|s| cluster.server_hosts.iter().position(|h| h == s.as_str()))
-                        .unwrap_or(0),
-                }
+            let hosts = Hosts {
+                servers: &cluster.server_hosts,
+                routes: &cluster.route_hosts,
+                clients: &client_hosts,
+                others: &others,
+                shared: &shared,
+                rec: &rec,
             };
-            match action {
-                Action::Crash(t) => {
-                    let host = cluster.server_hosts[resolve(&t)].clone();
-                    cluster.sim.crash(host.as_str());
-                    rec.server_died(&ServerId::new(host.clone()), now);
-                    *counters.entry("server crashed").or_default() += 1;
-                    crashed.push(host);
-                }
-                Action::RestartCrashed => {
-                    for host in crashed.drain(..) {
-                        cluster.sim.bounce(host.as_str());
-                        *counters.entry("server restarted").or_default() += 1;
-                    }
-                }
-                Action::Isolate {
-                    target,
-                    clients_only,
-                } => {
-                    let host = cluster.server_hosts[resolve(&target)].clone();
-                    let mut peers = client_hosts.clone();
-                    if !clients_only {
-                        peers.extend(others.iter().cloned());
-                        peers.extend(cluster.server_hosts.iter().filter(|h| **h != host).cloned());
-                    }
-                    for peer in peers {
-                        cluster.sim.partition(host.as_str(), peer.as_str());
-                        partitioned.push((host.clone(), peer));
-                    }
-                    rec.fault(now, Fault::Isolated(Host::Server(ServerId::new(host))));
-                    *counters
-                        .entry(if clients_only {
-                            "server cut from clients"
-                        } else {
-                            "server isolated"
-                        })
-                        .or_default() += 1;
-                }
-                Action::HealAll => {
-                    for (a, b) in partitioned.drain(..) {
-                        cluster.sim.repair(a.as_str(), b.as_str());
-                    }
-                    rec.fault(now, Fault::HealAll);
-                }
-            }
+            let counter = faults.apply(&mut cluster.sim, &hosts, &rec, now, action);
+            *counters.entry(counter).or_default() += 1;
         }
         if finished {
             break;
@@ -578,5 +783,153 @@ pub fn drive(
         problems,
         counters,
         sim_time,
+        faults: plan
+            .actions
+            .iter()
+            .map(|(at, action)| format!("{}: {action:?}", secs(*at)))
+            .collect(),
     }
+}
+
+/// The kinds of fault a random fault plan draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A server dies, and restarts at the heal.
+    ServerCrash,
+    /// A server dies and comes straight back.
+    ServerBounce,
+    /// A server is cut from every other host.
+    ServerIsolated,
+    /// A server is cut from the clients only.
+    ServerCutFromClients,
+    /// A server and a route cannot talk (pushes and sends on that link are lost).
+    ServerRoutePartition,
+    /// One direction of a server–route link drops everything.
+    ServerRouteOneWay,
+    /// A server–route link stalls, then delivers everything at the heal.
+    ServerRouteHold,
+    /// A server–route link gets slow.
+    ServerRouteLatency,
+    /// A server cannot reach the store (it fences itself after the grace).
+    ServerStorePartition,
+    /// A server cannot reach the registry (its session expires).
+    ServerRegistryPartition,
+    /// A route cannot reach the store.
+    RouteStorePartition,
+    /// A route dies, and restarts at the heal.
+    RouteCrash,
+    /// The store dies (keeping its data), and restarts at the heal.
+    StoreCrash,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 13] = [
+        FaultKind::ServerCrash,
+        FaultKind::ServerBounce,
+        FaultKind::ServerIsolated,
+        FaultKind::ServerCutFromClients,
+        FaultKind::ServerRoutePartition,
+        FaultKind::ServerRouteOneWay,
+        FaultKind::ServerRouteHold,
+        FaultKind::ServerRouteLatency,
+        FaultKind::ServerStorePartition,
+        FaultKind::ServerRegistryPartition,
+        FaultKind::RouteStorePartition,
+        FaultKind::RouteCrash,
+        FaultKind::StoreCrash,
+    ];
+}
+
+/// `count` faults drawn from `kinds`, each starting in `[fault_at, fault_at + 4 s]` and all
+/// over at `healed_at` (restarts and a heal of everything).
+pub fn random_faults(
+    rng: &mut Rng,
+    spec: &ClusterSpec,
+    kinds: &[FaultKind],
+    count: usize,
+    fault_at: Duration,
+    healed_at: Duration,
+) -> Vec<(Duration, Action)> {
+    let mut actions = Vec::new();
+    // turmoil does not support a hold and a one-way partition on one link.
+    let mut holds = false;
+    let mut one_way = false;
+    for _ in 0..count {
+        let at = fault_at + rng.duration(Duration::ZERO, Duration::from_secs(4));
+        let at = at.min(healed_at);
+        let server = Target::Server(rng.between(0, spec.servers as u64 - 1) as usize);
+        let route = rng.between(0, spec.routes as u64 - 1) as usize;
+        let mut kind = rng.pick(kinds);
+        if (kind == FaultKind::ServerRouteHold && one_way)
+            || (kind == FaultKind::ServerRouteOneWay && holds)
+        {
+            kind = FaultKind::ServerRoutePartition;
+        }
+        let action = match kind {
+            FaultKind::ServerCrash => Action::Crash(server),
+            FaultKind::ServerBounce => {
+                actions.push((at, Action::Crash(server)));
+                Action::RestartCrashed
+            }
+            FaultKind::ServerIsolated => Action::Isolate {
+                target: server,
+                clients_only: false,
+            },
+            FaultKind::ServerCutFromClients => Action::Isolate {
+                target: server,
+                clients_only: true,
+            },
+            FaultKind::ServerRoutePartition => Action::Partition {
+                a: Node::Server(server),
+                b: Node::Route(route),
+                one_way: false,
+            },
+            FaultKind::ServerRouteOneWay => {
+                one_way = true;
+                let (a, b) = if rng.between(0, 1) == 0 {
+                    (Node::Server(server), Node::Route(route))
+                } else {
+                    (Node::Route(route), Node::Server(server))
+                };
+                Action::Partition {
+                    a,
+                    b,
+                    one_way: true,
+                }
+            }
+            FaultKind::ServerRouteHold => {
+                holds = true;
+                Action::Hold {
+                    a: Node::Server(server),
+                    b: Node::Route(route),
+                }
+            }
+            FaultKind::ServerRouteLatency => Action::Latency {
+                a: Node::Server(server),
+                b: Node::Route(route),
+                latency: rng.duration(Duration::from_millis(200), Duration::from_millis(800)),
+            },
+            FaultKind::ServerStorePartition => Action::Partition {
+                a: Node::Server(server),
+                b: Node::Store,
+                one_way: false,
+            },
+            FaultKind::ServerRegistryPartition => Action::Partition {
+                a: Node::Server(server),
+                b: Node::Registry,
+                one_way: false,
+            },
+            FaultKind::RouteStorePartition => Action::Partition {
+                a: Node::Route(route),
+                b: Node::Store,
+                one_way: false,
+            },
+            FaultKind::RouteCrash => Action::CrashRoute(route),
+            FaultKind::StoreCrash => Action::CrashStore,
+        };
+        actions.push((at, action));
+    }
+    actions.push((healed_at, Action::RestartCrashed));
+    actions.push((healed_at, Action::HealAll));
+    actions
 }

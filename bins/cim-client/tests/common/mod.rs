@@ -35,6 +35,8 @@ pub struct Cluster {
     store: Arc<dyn Store>,
     registry: MemoryRegistry,
     servers_started: u32,
+    /// The running server's id and (client, link, http) ports, to restart it in place.
+    current: Option<(ServerId, [u16; 3])>,
 }
 
 pub async fn cluster() -> Cluster {
@@ -57,6 +59,7 @@ pub async fn cluster() -> Cluster {
         store,
         registry,
         servers_started: 0,
+        current: None,
     };
     cluster.start_server().await;
     cluster
@@ -67,13 +70,31 @@ impl Cluster {
     pub async fn start_server(&mut self) {
         self.servers_started += 1;
         let id = ServerId::new(format!("s{}", self.servers_started));
-        let node = ServerConfig::new(id, TicketKeys::new(1, TICKET_SECRET));
+        self.start_server_as(id, [0, 0, 0]).await;
+    }
+
+    /// Stops the server gracefully (what SIGTERM or `systemctl stop` does). Returns its id
+    /// and ports for [`Cluster::start_again`].
+    pub async fn stop_server(&mut self) -> (ServerId, [u16; 3]) {
+        let server = self.server.take().expect("a server is running");
+        let current = self.current.take().expect("a server is running");
+        server.drain().await.expect("drained");
+        current
+    }
+
+    /// Starts the stopped server again: the same id on the same ports, as a restart does.
+    pub async fn start_again(&mut self, stopped: (ServerId, [u16; 3])) {
+        self.start_server_as(stopped.0, stopped.1).await;
+    }
+
+    async fn start_server_as(&mut self, id: ServerId, [client, link, http]: [u16; 3]) {
+        let node = ServerConfig::new(id.clone(), TicketKeys::new(1, TICKET_SECRET));
         let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
         options.listen_ip = LOCAL;
         options.advertise_host = "127.0.0.1".into();
-        options.client_port = 0;
-        options.link_port = 0;
-        options.http_port = 0;
+        options.client_port = client;
+        options.link_port = link;
+        options.http_port = http;
         let server = server::start(
             TokioNet,
             Clock::System,
@@ -83,11 +104,20 @@ impl Cluster {
         )
         .await
         .expect("server starts");
+        self.current = Some((
+            id,
+            [
+                server.client_addr().port(),
+                server.link_addr().port(),
+                server.http_addr().port(),
+            ],
+        ));
         self.server = Some(server);
     }
 
     /// Kills the server at once, as a crash would.
     pub fn crash_server(&mut self) {
+        self.current = None;
         if let Some(server) = self.server.take() {
             server.abort();
         }
@@ -197,6 +227,12 @@ impl Proc {
         }
     }
 
+    /// Kills the process at once (SIGKILL: nothing is saved on the way out).
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        let _ = self.child.wait();
+    }
+
     /// Closes stdin and waits for a clean exit.
     pub fn finish(mut self) -> Vec<String> {
         drop(self.stdin.take());
@@ -229,9 +265,12 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 }
 
 pub fn user_id(state: &Path) -> u64 {
+    state_json(state)["userId"].as_u64().expect("userId")
+}
+
+pub fn state_json(state: &Path) -> Value {
     let text = std::fs::read_to_string(state).expect("state file");
-    let value: Value = serde_json::from_str(&text).expect("state JSON");
-    value["userId"].as_u64().expect("userId")
+    serde_json::from_str(&text).expect("state JSON")
 }
 
 /// Test-side deadlines read the same clock the code does.

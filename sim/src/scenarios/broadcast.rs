@@ -1,0 +1,72 @@
+//! **broadcast**: 3 servers, 2 routes, 6 clients all in one group, posting to `all` and the
+//! group. During the fault phase 1–3 faults cut servers, routes or the store from each other
+//! (partitions, one-way partitions, stalls, slow links), or crash a route or the store;
+//! clients on untouched servers never disconnect. At the end of the healed phase every
+//! online member must have every acknowledged message exactly once, in seq order (the
+//! checker's loss, duplicate and order invariants), and every re-home must be in bound.
+
+use std::time::Duration;
+
+use crate::checker::ClientId;
+use crate::cluster::ClusterSpec;
+use crate::scenarios::{
+    ClientPlan, FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, drive, random_faults,
+    rehome_bounds,
+};
+
+pub const CLIENTS: usize = 6;
+pub const GROUP: &str = "crew";
+
+/// What the broadcast faults draw from: everything but server deaths and isolations, which
+/// are the failover scenario's.
+const KINDS: [FaultKind; 9] = [
+    FaultKind::ServerRoutePartition,
+    FaultKind::ServerRouteOneWay,
+    FaultKind::ServerRouteHold,
+    FaultKind::ServerRouteLatency,
+    FaultKind::ServerStorePartition,
+    FaultKind::RouteStorePartition,
+    FaultKind::RouteCrash,
+    FaultKind::StoreCrash,
+    FaultKind::ServerCutFromClients,
+];
+
+pub fn plan(seed: u64) -> Plan {
+    let mut spec = ClusterSpec::new(seed, 3, 2);
+    spec.tick = TICK;
+    let mut rng = Rng::new(spec.derive_seed("broadcast plan", 0));
+    let chat_from = Duration::from_secs(4);
+    let fault_at = rng.duration(Duration::from_secs(8), Duration::from_secs(16));
+    let healed_at = fault_at + rng.duration(Duration::from_secs(3), Duration::from_secs(15));
+    let count = rng.between(1, 3) as usize;
+    let actions = random_faults(&mut rng, &spec, &KINDS, count, fault_at, healed_at);
+    let (_, rehome) = rehome_bounds(&spec);
+    // A re-home, then a head check (30 s) that recovers a lost last push of a client that
+    // never disconnected, and some slack.
+    let end = healed_at + rehome + Duration::from_secs(40);
+    let clients = (0..CLIENTS)
+        .map(|i| ClientPlan {
+            client: ClientId(i as u32),
+            name: format!("user{i}"),
+            password: format!("password-{i}"),
+            route: i,
+            registers: true,
+            start_at: Duration::from_millis(rng.between(0, 500)),
+            login_at: Duration::ZERO,
+            group: Some(GROUP.to_owned()),
+            chat: Some((chat_from, healed_at)),
+        })
+        .collect();
+    Plan {
+        spec,
+        clients,
+        actions,
+        healed_at,
+        end,
+        group_members: CLIENTS,
+    }
+}
+
+pub fn run(seed: u64) -> ScenarioOutcome {
+    drive(Scenario::Broadcast, plan(seed), |_, _| {})
+}

@@ -1,0 +1,71 @@
+//! **everything**: a random mix of every fault and every workload: 3 servers, 2 routes,
+//! 4 clients chatting in `all` and a group, and one user logged in from 2 clients at once
+//! (through different routes). During the fault phase 1–4 faults of any kind (server
+//! crashes, bounces and isolations; partitions, one-way partitions, stalls and slow links
+//! between any roles; route and store crashes), then the healed phase. Judged by the
+//! checker alone: no overlapping sessions, no loss, duplicate or reordering of acknowledged
+//! messages, re-homes within the bound.
+
+use std::time::Duration;
+
+use crate::checker::ClientId;
+use crate::cluster::ClusterSpec;
+use crate::scenarios::{
+    ClientPlan, FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, drive, random_faults,
+    rehome_bounds,
+};
+
+pub const CHATTERS: usize = 4;
+pub const GROUP: &str = "crew";
+pub const DUP: &str = "dup";
+
+pub fn plan(seed: u64) -> Plan {
+    let mut spec = ClusterSpec::new(seed, 3, 2);
+    spec.tick = TICK;
+    let mut rng = Rng::new(spec.derive_seed("everything plan", 0));
+    let chat_from = Duration::from_secs(4);
+    let fault_at = rng.duration(Duration::from_secs(6), Duration::from_secs(18));
+    let healed_at = fault_at + rng.duration(Duration::from_secs(2), Duration::from_secs(15));
+    let count = rng.between(1, 4) as usize;
+    let actions = random_faults(&mut rng, &spec, &FaultKind::ALL, count, fault_at, healed_at);
+    let (_, rehome) = rehome_bounds(&spec);
+    let end = healed_at + rehome + Duration::from_secs(40);
+    let mut clients: Vec<ClientPlan> = (0..CHATTERS)
+        .map(|i| ClientPlan {
+            client: ClientId(i as u32),
+            name: format!("user{i}"),
+            password: format!("password-{i}"),
+            route: i,
+            registers: true,
+            start_at: Duration::from_millis(rng.between(0, 500)),
+            login_at: Duration::ZERO,
+            group: Some(GROUP.to_owned()),
+            chat: Some((chat_from, healed_at)),
+        })
+        .collect();
+    for i in 0..2u32 {
+        clients.push(ClientPlan {
+            client: ClientId(CHATTERS as u32 + i),
+            name: DUP.to_owned(),
+            password: "dup-password".to_owned(),
+            route: i as usize,
+            registers: i == 0,
+            start_at: Duration::ZERO,
+            login_at: Duration::from_secs(2) + Duration::from_millis(rng.between(0, 300)),
+            group: None,
+            chat: Some((chat_from, healed_at)),
+        });
+    }
+    Plan {
+        spec,
+        clients,
+        actions,
+        healed_at,
+        end,
+        group_members: CHATTERS,
+    }
+}
+
+pub fn run(seed: u64) -> ScenarioOutcome {
+    drive(Scenario::Everything, plan(seed), |_, _| {})
+}

@@ -1,0 +1,94 @@
+//! A checker that never fires proves nothing: with each canary on (one safety mechanism
+//! switched off), a sweep of the scenario that exercises that mechanism must report a
+//! violation within the stated number of seeds.
+//!
+//! Canaries exist only in a build made with `CIM_CANARIES=1` (`core/build.rs` then sets
+//! `--cfg cim_canaries`); `.ci/run` runs this file so:
+//!
+//! ```text
+//! CIM_CANARIES=1 cargo test --release -p cim-sim --test canaries
+//! ```
+//!
+//! In an ordinary build the sweep must refuse `--canary` instead.
+
+use std::process::Command;
+
+use cim_core::canary::{self, Canary};
+
+/// (canary, the sweep that exercises it, seeds within which it must be caught). Measured
+/// (first failing seed from 1): idempotent append 8, epoch fencing 11, self-fencing 4, gap
+/// sync 7, dedup 1.
+///
+/// Epoch fencing needs a balancer that spreads one user's racing logins over servers: with
+/// consistent hashing they all reach one server, which serializes them by itself.
+const CAUGHT_WITHIN: [(Canary, &[&str], u64); 5] = [
+    (Canary::IdempotentAppend, &["--scenario", "failover"], 30),
+    (
+        Canary::EpochFencing,
+        &["--scenario", "duplicate-login", "--balancer", "random"],
+        30,
+    ),
+    (Canary::SelfFencing, &["--scenario", "everything"], 30),
+    (Canary::GapSync, &["--scenario", "broadcast"], 30),
+    (Canary::Dedup, &["--scenario", "failover"], 30),
+];
+
+fn cim_sim() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cim-sim"));
+    cmd.env_remove("SIM_SEED").env_remove("SIM_SEEDS");
+    cmd
+}
+
+#[test]
+fn an_ordinary_build_refuses_canaries() {
+    if canary::COMPILED {
+        println!("a canary build: see each_canary_is_caught");
+        return;
+    }
+    let out = cim_sim()
+        .args(["--scenario", "failover", "--seed", "1", "--canary", "dedup"])
+        .output()
+        .expect("run cim-sim");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("CIM_CANARIES=1"), "{stderr}");
+}
+
+#[test]
+fn each_canary_is_caught() {
+    if !canary::COMPILED {
+        println!("not a canary build (CIM_CANARIES=1): nothing to switch off");
+        return;
+    }
+    let mut escaped = Vec::new();
+    for (canary, sweep, within) in CAUGHT_WITHIN {
+        let scenario = sweep.join(" ");
+        let out = cim_sim()
+            .args(sweep)
+            .args(["--canary", canary.name()])
+            .args(["--first-seed", "1", "--seeds", &within.to_string()])
+            .arg("--until-violation")
+            .output()
+            .expect("run cim-sim");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let caught_at = stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("failing seeds: ["))
+            .and_then(|rest| rest.split([',', ']']).next())
+            .and_then(|seed| seed.trim().parse::<u64>().ok());
+        match caught_at {
+            Some(seed) if out.status.code() == Some(1) => {
+                println!("{canary}: caught by {scenario} at SIM_SEED={seed} (bound {within})");
+                let first = stdout
+                    .lines()
+                    .find(|l| l.contains("SIM_SEED="))
+                    .unwrap_or("");
+                println!("    {first}");
+            }
+            _ => escaped.push(format!(
+                "{canary}: no violation in {within} seeds of {scenario}\n{stdout}"
+            )),
+        }
+    }
+    assert!(escaped.is_empty(), "{}", escaped.join("\n"));
+}
