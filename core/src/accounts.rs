@@ -13,7 +13,7 @@ pub const MAX_NAME_LEN: usize = 32;
 pub const MAX_PASSWORD_LEN: usize = 128;
 
 /// Salt length in bytes (the PHC recommendation).
-const SALT_LEN: usize = 16;
+pub const SALT_LEN: usize = 16;
 
 /// Argon2id cost parameters, validated when built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl Default for PasswordParams {
 /// Hashing failed (only with parameters argon2 rejects).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("password hashing failed: {0}")]
-pub struct HashError(String);
+pub struct HashError(pub(crate) String);
 
 /// Hashes `password` with argon2id into a PHC string (`$argon2id$v=19$m=..,t=..,p=..$salt$hash`),
 /// with a fresh 16-byte salt from `rng`.
@@ -68,7 +68,17 @@ pub fn hash_password(
 ) -> Result<String, HashError> {
     let mut salt = [0u8; SALT_LEN];
     rng.fill_bytes(&mut salt);
-    let salt = SaltString::encode_b64(&salt).map_err(|e| HashError(e.to_string()))?;
+    hash_password_with_salt(password, params, &salt)
+}
+
+/// [`hash_password`] with the salt given: the route draws it from its seeded RNG and runs
+/// the (slow) hashing elsewhere.
+pub fn hash_password_with_salt(
+    password: &str,
+    params: &PasswordParams,
+    salt: &[u8; SALT_LEN],
+) -> Result<String, HashError> {
+    let salt = SaltString::encode_b64(salt).map_err(|e| HashError(e.to_string()))?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.params.clone());
     argon
         .hash_password(password.as_bytes(), &salt)

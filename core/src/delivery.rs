@@ -24,7 +24,6 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use cim_proto::{ErrorCode, Push, PushBatch, RouteSendResult, SendAck, SendNack};
 
 use crate::ids::{ClientMsgId, ConvId, ServerId, UnixMillis, UserId};
@@ -302,7 +301,7 @@ impl RouteDelivery {
                     conv,
                     sender,
                     msg_id,
-                    body: Bytes::from(send.body),
+                    body: send.body,
                     now: wall,
                 };
                 let stage = Stage::Append {
@@ -616,7 +615,7 @@ mod tests {
             msg_id_hi: id.hi(),
             msg_id_lo: id.lo(),
             conv: conv.into(),
-            body: body.as_bytes().to_vec(),
+            body: body.as_bytes().to_vec().into(),
             sent_at_ms: 1,
         }
     }
@@ -635,7 +634,7 @@ mod tests {
             seq,
             sender: UserId(sender),
             msg_id: ClientMsgId(id),
-            body: Bytes::copy_from_slice(body.as_bytes()),
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
             appended_at: UnixMillis(1000),
         }
     }

@@ -1,8 +1,8 @@
 //! The route's login machine: registration, login and logout (see [`RouteLogin`]), and the
 //! HTTP API's bearer tokens ([`BearerKey`]).
 //!
-//! A login is a short chain of store steps: `LoadAccount` (name and argon2 check) ->
-//! `LoadClaim` -> [`decide_login`] against the registry view -> balancer pick ->
+//! A login is a short chain of steps: `LoadAccount` -> argon2 check (a [`PasswordJob`] the
+//! shell runs off its driver task) -> `LoadClaim` -> [`decide_login`] against the registry view -> balancer pick ->
 //! `ReplaceClaim` (compare-epoch; a lost race re-decides against the winner, bounded) ->
 //! ticket, bearer token and a fresh resume token.
 //!
@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::accounts::{self, PasswordParams, RegisterError};
+use crate::accounts::{self, HashError, PasswordParams, RegisterError};
 use crate::balance::Balancer;
 use crate::claims::{LoginDecision, decide_login, is_live};
 use crate::ids::{Epoch, ServerId, UnixMillis, UserId};
@@ -112,6 +112,10 @@ pub struct RouteLoginConfig {
     pub token_ttl: Duration,
     /// A store request with no reply by then fails its API request with 4000.
     pub store_timeout: Duration,
+    /// A [`PasswordJob`] with no outcome by then fails its API request with 4000. Under a
+    /// burst of logins the jobs queue for the shell's few hashing threads; past this the
+    /// client has given up anyway (its own login timeout is of the same order).
+    pub password_timeout: Duration,
     pub password: PasswordParams,
     /// How many lost `ReplaceClaim` races one login re-decides before giving up with 4000.
     pub max_cas_retries: u32,
@@ -124,6 +128,7 @@ impl Default for RouteLoginConfig {
             ticket_ttl: Duration::from_secs(30),
             token_ttl: Duration::from_secs(24 * 3600),
             store_timeout: Duration::from_secs(2),
+            password_timeout: Duration::from_secs(5),
             password: PasswordParams::default(),
             max_cas_retries: 3,
         }
@@ -206,10 +211,71 @@ pub enum RouteEvent {
     },
 }
 
+/// Argon2 work the machine asks the shell to do: hashing or verifying costs tens of
+/// milliseconds with production parameters, too long to run inside a driver loop that also
+/// routes messages. The shell runs [`PasswordWork::run`] wherever it likes (a small pool of
+/// blocking threads) and feeds the outcome back with [`RouteLogin::handle_password`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordJob {
+    pub id: RequestId,
+    /// When the machine stops waiting for the outcome: a shell whose queue is long may skip
+    /// a job it only reaches later (the request has already failed with 4000).
+    pub deadline: Instant,
+    pub work: PasswordWork,
+}
+
+/// One argon2 computation. Everything it needs is in it, the salt included (drawn from
+/// the machine's seeded RNG), so where and when it runs cannot change its result.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PasswordWork {
+    /// Does `password` match the PHC string `phc`? For an unknown account `phc` is the
+    /// machine's dummy hash, so the answer costs the same time as a wrong password.
+    Verify { password: String, phc: String },
+    /// Hash a new account's password.
+    Hash {
+        password: String,
+        params: PasswordParams,
+        salt: [u8; accounts::SALT_LEN],
+    },
+}
+
+impl std::fmt::Debug for PasswordWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a password.
+        match self {
+            Self::Verify { .. } => f.write_str("Verify(..)"),
+            Self::Hash { params, .. } => f.debug_tuple("Hash").field(params).finish(),
+        }
+    }
+}
+
+impl PasswordWork {
+    /// Does the work (CPU-bound, blocking: tens of milliseconds with production parameters).
+    pub fn run(&self) -> PasswordOutcome {
+        match self {
+            Self::Verify { password, phc } => {
+                PasswordOutcome::Verified(accounts::verify_password(password, phc))
+            }
+            Self::Hash {
+                password,
+                params,
+                salt,
+            } => PasswordOutcome::Hashed(accounts::hash_password_with_salt(password, params, salt)),
+        }
+    }
+}
+
+/// The result of a [`PasswordWork`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordOutcome {
+    Verified(bool),
+    Hashed(Result<String, HashError>),
+}
+
 /// Why the machine wants to be woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerReason {
-    /// A store request's deadline.
+    /// A store request's or password job's deadline.
     StoreDeadline,
     /// A held takeover answer is released: the old claim's lease ran out.
     TakeoverHold,
@@ -401,8 +467,9 @@ pub fn resume_token_hash(token: &ResumeToken) -> [u8; 32] {
 /// and logout, against the store and the registry view.
 ///
 /// Inputs: `handle_registry`, `handle_register`, `handle_login`, `handle_logout`,
-/// `handle_store_reply`, `handle_kick_done`, `handle_timeout`. **After every `handle_*` the
-/// caller drains [`Self::poll_store`] and [`Self::poll_event`] until each returns `None`**,
+/// `handle_store_reply`, `handle_password`, `handle_kick_done`, `handle_timeout`. **After
+/// every `handle_*` the caller drains [`Self::poll_store`], [`Self::poll_password`] and
+/// [`Self::poll_event`] until each returns `None`**,
 /// then re-arms its timer from [`Self::poll_timeout`]. Every API request ends in exactly one
 /// event (`Registered`, `LoggedIn` or `LoggedOut`) carrying its [`ApiRequestId`].
 ///
@@ -412,8 +479,9 @@ pub fn resume_token_hash(token: &ResumeToken) -> [u8; 32] {
 /// or the old claim's lease running out (a [`TimerReason::TakeoverHold`] deadline). The
 /// ticket is minted on release, so its expiry counts from then.
 ///
-/// Password hashing and verification run inline (argon2: tens of milliseconds with
-/// production parameters); a shell that must not stall can run one machine per worker.
+/// Password hashing and verification never run inside the machine (argon2: tens of
+/// milliseconds with production parameters): they are [`PasswordJob`]s the shell runs where
+/// they cannot stall routing, answered like store requests (same ids, same deadline rule).
 #[derive(Debug)]
 pub struct RouteLogin {
     config: RouteLoginConfig,
@@ -431,6 +499,7 @@ pub struct RouteLogin {
     held: Vec<HeldLogin>,
     released: Vec<ReleasedTakeover>,
     store_out: VecDeque<StoreRequest>,
+    password_out: VecDeque<PasswordJob>,
     events: VecDeque<RouteEvent>,
 }
 
@@ -487,6 +556,11 @@ struct Pending {
 /// Where a request is, and what it needs to continue.
 #[derive(Debug)]
 enum Step {
+    /// The password is being hashed (a [`PasswordJob`]).
+    HashPassword {
+        api: ApiRequestId,
+        name: String,
+    },
     Register {
         api: ApiRequestId,
         name: String,
@@ -496,6 +570,13 @@ enum Step {
         login: LoginCtx,
         name: String,
         password: String,
+    },
+    /// The password is being verified (a [`PasswordJob`]); `account_ok` says whether the
+    /// account exists with that name, so both must hold.
+    VerifyPassword {
+        api: ApiRequestId,
+        login: LoginCtx,
+        account_ok: bool,
     },
     LoadClaim {
         api: ApiRequestId,
@@ -555,6 +636,7 @@ impl RouteLogin {
             held: Vec::new(),
             released: Vec::new(),
             store_out: VecDeque::new(),
+            password_out: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
@@ -628,23 +710,62 @@ impl RouteLogin {
             self.registered(api, Err(e.into()));
             return;
         }
-        let Ok(password_hash) =
-            accounts::hash_password(password, &self.config.password, &mut self.rng)
-        else {
-            self.registered(api, Err(RegisterFailure::Unavailable));
+        let mut salt = [0u8; accounts::SALT_LEN];
+        self.rng.fill_bytes(&mut salt);
+        let work = PasswordWork::Hash {
+            password: password.to_owned(),
+            params: self.config.password.clone(),
+            salt,
+        };
+        let step = Step::HashPassword {
+            api,
+            name: name.to_owned(),
+        };
+        self.send_password(now, work, step);
+    }
+
+    /// The outcome of a [`PasswordJob`]. Outcomes for unknown ids (late, after their
+    /// deadline) are ignored.
+    pub fn handle_password(&mut self, now: Instant, id: RequestId, outcome: PasswordOutcome) {
+        let Some(pending) = self.pending.remove(&id) else {
             return;
         };
-        self.send(
-            now,
-            StoreCommand::RegisterAccount {
-                name: name.to_owned(),
-                password_hash,
-            },
-            Step::Register {
-                api,
-                name: name.to_owned(),
-            },
-        );
+        match (pending.step, outcome) {
+            (Step::HashPassword { api, name }, PasswordOutcome::Hashed(Ok(password_hash))) => {
+                self.send(
+                    now,
+                    StoreCommand::RegisterAccount {
+                        name: name.clone(),
+                        password_hash,
+                    },
+                    Step::Register { api, name },
+                );
+            }
+            // Only parameters argon2 rejects fail to hash: nothing was stored.
+            (Step::HashPassword { api, .. }, PasswordOutcome::Hashed(Err(_))) => {
+                self.registered(api, Err(RegisterFailure::Unavailable));
+            }
+            (
+                Step::VerifyPassword {
+                    api,
+                    login,
+                    account_ok,
+                },
+                PasswordOutcome::Verified(password_ok),
+            ) => {
+                if account_ok && password_ok {
+                    self.send(
+                        now,
+                        StoreCommand::LoadClaim { user: login.user },
+                        Step::LoadClaim { api, login },
+                    );
+                } else {
+                    self.logged_in(api, Err(LoginError::AccountMismatch));
+                }
+            }
+            // An outcome of the wrong kind is a shell bug; fail the request rather than guess.
+            (step, _) => self.fail(now, step),
+        }
     }
 
     /// Starts a login. Wall-clock time is first needed when the claim is decided, so it
@@ -738,23 +859,22 @@ impl RouteLogin {
             ) => {
                 // Always run one argon2 verification, so the answer's timing does not tell
                 // an unknown id from a wrong password.
-                let (phc, account_ok) = match &account {
-                    Some(a) => (
-                        a.password_hash.as_str(),
-                        a.user == login.user && a.name == name,
-                    ),
-                    None => (self.dummy_hash.as_str(), false),
+                let (phc, account_ok) = match account {
+                    Some(a) => {
+                        let ok = a.user == login.user && a.name == name;
+                        (a.password_hash, ok)
+                    }
+                    None => (self.dummy_hash.clone(), false),
                 };
-                let password_ok = accounts::verify_password(&password, phc);
-                if account_ok && password_ok {
-                    self.send(
-                        now,
-                        StoreCommand::LoadClaim { user: login.user },
-                        Step::LoadClaim { api, login },
-                    );
-                } else {
-                    self.logged_in(api, Err(LoginError::AccountMismatch));
-                }
+                self.send_password(
+                    now,
+                    PasswordWork::Verify { password, phc },
+                    Step::VerifyPassword {
+                        api,
+                        login,
+                        account_ok,
+                    },
+                );
             }
             (Step::LoadClaim { api, login }, StoreReply::Claim(state)) => {
                 if !self.rejoin_takeover(now, wall, api, &login, &state) {
@@ -853,6 +973,10 @@ impl RouteLogin {
 
     pub fn poll_store(&mut self) -> Option<StoreRequest> {
         self.store_out.pop_front()
+    }
+
+    pub fn poll_password(&mut self) -> Option<PasswordJob> {
+        self.password_out.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<RouteEvent> {
@@ -1104,8 +1228,12 @@ impl RouteLogin {
     /// The store failed `step` (error reply, timeout or nonsense): answer 4000.
     fn fail(&mut self, now: Instant, step: Step) {
         match step {
-            Step::Register { api, .. } => self.registered(api, Err(RegisterFailure::Unavailable)),
-            Step::LoadAccount { api, .. } | Step::LoadClaim { api, .. } => {
+            Step::Register { api, .. } | Step::HashPassword { api, .. } => {
+                self.registered(api, Err(RegisterFailure::Unavailable));
+            }
+            Step::LoadAccount { api, .. }
+            | Step::VerifyPassword { api, .. }
+            | Step::LoadClaim { api, .. } => {
                 self.logged_in(api, Err(LoginError::Unavailable));
             }
             Step::ReplaceClaim {
@@ -1136,16 +1264,23 @@ impl RouteLogin {
     }
 
     fn send(&mut self, now: Instant, command: StoreCommand, step: Step) {
+        let id = self.wait_for(now + self.config.store_timeout, step);
+        self.store_out.push_back(StoreRequest { id, command });
+    }
+
+    fn send_password(&mut self, now: Instant, work: PasswordWork, step: Step) {
+        let deadline = now + self.config.password_timeout;
+        let id = self.wait_for(deadline, step);
+        self.password_out
+            .push_back(PasswordJob { id, deadline, work });
+    }
+
+    /// Records `step` as waiting for the answer to a new request id until `deadline`.
+    fn wait_for(&mut self, deadline: Instant, step: Step) -> RequestId {
         self.next_request += 1;
         let id = RequestId(self.next_request);
-        self.pending.insert(
-            id,
-            Pending {
-                deadline: now + self.config.store_timeout,
-                step,
-            },
-        );
-        self.store_out.push_back(StoreRequest { id, command });
+        self.pending.insert(id, Pending { deadline, step });
+        id
     }
 
     fn registered(&mut self, api: ApiRequestId, result: Result<Registered, RegisterFailure>) {
@@ -1305,14 +1440,29 @@ mod tests {
             ApiRequestId(self.next_api)
         }
 
-        /// Answers store requests until there are none, then drains the events.
+        /// Answers store requests and runs password jobs until there are none, then drains
+        /// the events.
         fn run(&mut self, ms: u64) -> Vec<RouteEvent> {
             let (now, wall) = self.at(ms);
-            while let Some(req) = self.m.poll_store() {
-                let reply = self.store.answer(wall, &req.command);
-                self.m.handle_store_reply(now, wall, req.id, Ok(reply));
+            loop {
+                if let Some(req) = self.m.poll_store() {
+                    let reply = self.store.answer(wall, &req.command);
+                    self.m.handle_store_reply(now, wall, req.id, Ok(reply));
+                } else if let Some(job) = self.m.poll_password() {
+                    self.m.handle_password(now, job.id, job.work.run());
+                } else {
+                    break;
+                }
             }
             std::iter::from_fn(|| self.m.poll_event()).collect()
+        }
+
+        /// Runs the one password job the machine must have queued, at `ms`.
+        fn password(&mut self, ms: u64) {
+            let job = self.m.poll_password().expect("a password job");
+            assert!(self.m.poll_password().is_none(), "one job at a time here");
+            self.m
+                .handle_password(self.at(ms).0, job.id, job.work.run());
         }
 
         fn register(&mut self, ms: u64, name: &str, password: &str) -> Vec<RouteEvent> {
@@ -1740,6 +1890,7 @@ mod tests {
         let load_account = h.m.poll_store().unwrap();
         let reply = h.store.answer(wall, &load_account.command);
         h.m.handle_store_reply(now, wall, load_account.id, Ok(reply));
+        h.password(0);
         let load_claim = h.m.poll_store().unwrap();
         assert_eq!(
             load_claim.command,
@@ -1775,6 +1926,7 @@ mod tests {
         let req = h.m.poll_store().unwrap();
         let reply = h.store.answer(wall, &req.command);
         h.m.handle_store_reply(now, wall, req.id, Ok(reply));
+        h.password(0);
         let mut req = h.m.poll_store().unwrap();
         h.m.handle_store_reply(
             now,
@@ -1842,6 +1994,7 @@ mod tests {
         let api = h.api();
         let (now, wall) = h.at(0);
         h.m.handle_register(now, api, "alice", "pw");
+        h.password(0);
         let req = h.m.poll_store().unwrap();
         h.m.handle_store_reply(now, wall, req.id, Err(StoreUnavailable("down".into())));
         assert_eq!(
@@ -1853,8 +2006,231 @@ mod tests {
         );
         // A reply of the wrong kind is treated the same, not trusted.
         h.m.handle_register(now, api, "alice", "pw");
+        h.password(0);
         let req = h.m.poll_store().unwrap();
         h.m.handle_store_reply(now, wall, req.id, Ok(StoreReply::CursorsAdvanced));
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::Registered {
+                api,
+                result: Err(RegisterFailure::Unavailable)
+            })
+        );
+    }
+
+    #[test]
+    fn login_verifies_the_password_outside_the_machine() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let (now, wall) = h.at(0);
+        h.start_login(0, 1, "alice", "pw", None);
+        let load = h.m.poll_store().unwrap();
+        let reply = h.store.answer(wall, &load.command);
+        h.m.handle_store_reply(now, wall, load.id, Ok(reply));
+        // Nothing moves until the verification's outcome comes back.
+        assert_eq!((h.m.poll_store(), h.m.poll_event()), (None, None));
+        let job = h.m.poll_password().unwrap();
+        let stored = h.store.accounts[&UserId(1)].password_hash.clone();
+        assert_eq!(
+            job.work,
+            PasswordWork::Verify {
+                password: "pw".into(),
+                phc: stored
+            }
+        );
+        assert_eq!(job.deadline, h.t0 + Duration::from_secs(5));
+        assert_eq!(
+            h.m.poll_timeout(),
+            Some((job.deadline, TimerReason::StoreDeadline))
+        );
+        assert_eq!(
+            format!("{:?}", job.work),
+            "Verify(..)",
+            "never prints a password"
+        );
+        // The outcome comes 40 ms later (argon2 on a worker thread).
+        let later = h.at(40).0;
+        h.m.handle_password(later, job.id, PasswordOutcome::Verified(true));
+        assert_eq!(
+            h.m.poll_store().unwrap().command,
+            StoreCommand::LoadClaim { user: UserId(1) }
+        );
+        assert_eq!(
+            h.m.poll_timeout(),
+            Some((later + Duration::from_secs(2), TimerReason::StoreDeadline))
+        );
+    }
+
+    #[test]
+    fn password_outcome_table() {
+        // (label, user id, name, outcome fed back, expected result: None = goes on to LoadClaim)
+        let cases: Vec<(&str, u64, &str, PasswordOutcome, Option<LoginError>)> = vec![
+            (
+                "right password",
+                1,
+                "alice",
+                PasswordOutcome::Verified(true),
+                None,
+            ),
+            (
+                "wrong password",
+                1,
+                "alice",
+                PasswordOutcome::Verified(false),
+                Some(LoginError::AccountMismatch),
+            ),
+            (
+                "wrong name, password matches",
+                1,
+                "bob",
+                PasswordOutcome::Verified(true),
+                Some(LoginError::AccountMismatch),
+            ),
+            (
+                "unknown id, even if the dummy matched",
+                9,
+                "alice",
+                PasswordOutcome::Verified(true),
+                Some(LoginError::AccountMismatch),
+            ),
+            (
+                "outcome of the wrong kind",
+                1,
+                "alice",
+                PasswordOutcome::Hashed(Ok("x".into())),
+                Some(LoginError::Unavailable),
+            ),
+        ];
+        for (label, user, name, outcome, want) in cases {
+            let mut h = Harness::with_alice(&["s1"]);
+            let (now, wall) = h.at(0);
+            h.start_login(0, user, name, "pw", None);
+            let load = h.m.poll_store().unwrap();
+            let reply = h.store.answer(wall, &load.command);
+            h.m.handle_store_reply(now, wall, load.id, Ok(reply));
+            let job = h.m.poll_password().unwrap();
+            h.m.handle_password(now, job.id, outcome);
+            match want {
+                None => {
+                    let next = h.m.poll_store().map(|r| r.command);
+                    assert_eq!(
+                        next,
+                        Some(StoreCommand::LoadClaim { user: UserId(1) }),
+                        "{label}"
+                    );
+                }
+                Some(e) => {
+                    assert_eq!(login_err(&[h.m.poll_event().unwrap()]), e, "{label}");
+                    assert!(h.m.poll_store().is_none(), "{label}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_ids_verify_against_the_dummy_hash() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let (now, wall) = h.at(0);
+        let mut dummies = Vec::new();
+        for user in [7, 8] {
+            h.start_login(0, user, "alice", "pw", None);
+            let load = h.m.poll_store().unwrap();
+            let reply = h.store.answer(wall, &load.command);
+            h.m.handle_store_reply(now, wall, load.id, Ok(reply));
+            match h.m.poll_password().unwrap().work {
+                PasswordWork::Verify { phc, .. } => dummies.push(phc),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A real argon2id hash with the configured parameters (same cost as a real check),
+        // the same one for every unknown id, and not alice's.
+        assert!(
+            dummies[0].starts_with("$argon2id$v=19$m=64,t=1,p=1$"),
+            "{}",
+            dummies[0]
+        );
+        assert_eq!(dummies[0], dummies[1]);
+        assert_ne!(dummies[0], h.store.accounts[&UserId(1)].password_hash);
+    }
+
+    #[test]
+    fn registration_hashes_outside_the_machine() {
+        let mut h = Harness::new(&["s1"]);
+        let now = h.at(0).0;
+        let (a, b) = (h.api(), h.api());
+        h.m.handle_register(now, a, "alice", "pw");
+        h.m.handle_register(now, b, "bob", "pw");
+        assert!(h.m.poll_store().is_none(), "nothing stored before the hash");
+        let (ja, jb) = (h.m.poll_password().unwrap(), h.m.poll_password().unwrap());
+        let salt = |job: &PasswordJob| match &job.work {
+            PasswordWork::Hash {
+                params,
+                salt,
+                password,
+            } => {
+                assert_eq!((params, password.as_str()), (&config().password, "pw"));
+                *salt
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(salt(&ja), salt(&jb), "a fresh salt per account");
+        // alice's hash fails (only bad parameters can): 4000, nothing stored.
+        h.m.handle_password(
+            now,
+            ja.id,
+            PasswordOutcome::Hashed(Err(HashError("bad params".into()))),
+        );
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::Registered {
+                api: a,
+                result: Err(RegisterFailure::Unavailable)
+            })
+        );
+        assert!(h.m.poll_store().is_none());
+        // bob's hash is stored as computed.
+        let outcome = jb.work.run();
+        let PasswordOutcome::Hashed(Ok(phc)) = &outcome else {
+            panic!("{outcome:?}");
+        };
+        let phc = phc.clone();
+        h.m.handle_password(now, jb.id, outcome);
+        assert_eq!(
+            h.m.poll_store().unwrap().command,
+            StoreCommand::RegisterAccount {
+                name: "bob".into(),
+                password_hash: phc
+            }
+        );
+    }
+
+    #[test]
+    fn password_job_timeout_is_4000_and_late_outcomes_are_ignored() {
+        let mut h = Harness::with_alice(&["s1"]);
+        let (now, wall) = h.at(0);
+        let api = h.start_login(0, 1, "alice", "pw", None);
+        let load = h.m.poll_store().unwrap();
+        let reply = h.store.answer(wall, &load.command);
+        h.m.handle_store_reply(now, wall, load.id, Ok(reply));
+        let job = h.m.poll_password().unwrap();
+        h.m.handle_timeout(h.at(4_999).0);
+        assert_eq!(h.m.poll_event(), None);
+        h.m.handle_timeout(h.at(5_000).0);
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::LoggedIn {
+                api,
+                result: Err(LoginError::Unavailable)
+            })
+        );
+        assert_eq!(h.m.poll_timeout(), None);
+        // The pool got to it after all: nothing happens.
+        h.m.handle_password(h.at(6_000).0, job.id, job.work.run());
+        assert_eq!((h.m.poll_store(), h.m.poll_event()), (None, None));
+        // Registration too: the hash's deadline fails it with 4000.
+        let api = h.api();
+        h.m.handle_register(h.at(7_000).0, api, "bob", "pw");
+        assert!(h.m.poll_password().is_some());
+        h.m.handle_timeout(h.at(12_000).0);
         assert_eq!(
             h.m.poll_event(),
             Some(RouteEvent::Registered {
@@ -1873,6 +2249,10 @@ mod tests {
             let req = h.m.poll_store().unwrap();
             let reply = h.store.answer(wall, &req.command);
             h.m.handle_store_reply(now, wall, req.id, Ok(reply));
+            // After LoadAccount: the password check.
+            if let Some(job) = h.m.poll_password() {
+                h.m.handle_password(now, job.id, job.work.run());
+            }
         }
         // The store applies the ReplaceClaim but its reply is lost.
         let replace = h.m.poll_store().unwrap();

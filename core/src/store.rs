@@ -282,7 +282,7 @@ pub fn message_to_proto(message: &StoredMessage) -> cim_proto::Message {
         sender: message.sender.0,
         msg_id_hi: message.msg_id.hi(),
         msg_id_lo: message.msg_id.lo(),
-        body: message.body.to_vec(),
+        body: message.body.clone(),
         appended_at_ms: message.appended_at.0,
     }
 }

@@ -388,7 +388,7 @@ async fn route_send_on_the_link_is_acked_and_pushed() {
                 msg_id_hi: msg_id.hi(),
                 msg_id_lo: msg_id.lo(),
                 conv: format!("p:{alice}:{bob}"),
-                body: b"hi bob".to_vec(),
+                body: b"hi bob".to_vec().into(),
                 sent_at_ms: 0,
             }),
         })),
@@ -411,7 +411,7 @@ async fn route_send_on_the_link_is_acked_and_pushed() {
         .await;
     let push = &batch.pushes[0];
     assert_eq!(push.recipients, vec![bob], "only bound users are pushed to");
-    assert_eq!(push.message.as_ref().unwrap().body, b"hi bob");
+    assert_eq!(push.message.as_ref().unwrap().body, &b"hi bob"[..]);
 }
 
 #[tokio::test]

@@ -291,7 +291,7 @@ fn push(server: &Server, text: &str) {
         sender: 99,
         msg_id_hi: 0,
         msg_id_lo: seq,
-        body: text.as_bytes().to_vec(),
+        body: text.as_bytes().to_vec().into(),
         appended_at_ms: 0,
     };
     s.log.push(message.clone());

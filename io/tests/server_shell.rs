@@ -264,7 +264,7 @@ impl<S: Stream> Peer<S> {
             msg_id_hi: 7,
             msg_id_lo: lo,
             conv: "all".into(),
-            body: body.as_bytes().to_vec(),
+            body: body.as_bytes().to_vec().into(),
             sent_at_ms: wall().0,
         }))
         .await;
@@ -416,7 +416,7 @@ async fn a_send_goes_over_the_link_and_its_result_comes_back_as_send_ack() {
     let send = route.recv_route_send().await;
     assert_eq!((send.user_id, send.epoch), (user.0, epoch.0));
     let msg = send.send.clone().expect("the Send");
-    assert_eq!((msg.msg_id_lo, msg.body.as_slice()), (1, &b"hello"[..]));
+    assert_eq!((msg.msg_id_lo, &msg.body[..]), (1, &b"hello"[..]));
 
     route.send(Kind::RouteSendResult(ack_for(&send, 1))).await;
     match alice.recv().await.kind {
@@ -442,7 +442,7 @@ async fn a_push_is_delivered_to_the_recipients_connection_only() {
         sender: alice_id.0,
         msg_id_hi: 1,
         msg_id_lo: 2,
-        body: b"hi bob".to_vec(),
+        body: b"hi bob".to_vec().into(),
         appended_at_ms: wall().0,
     };
     route

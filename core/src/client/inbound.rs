@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use cim_proto as proto;
 use proto::frame::Kind;
 
@@ -433,7 +432,7 @@ pub(crate) fn message_from_proto(m: proto::Message) -> Result<StoredMessage, Fra
         seq: m.seq,
         sender: UserId(m.sender),
         msg_id: ClientMsgId::from_halves(m.msg_id_hi, m.msg_id_lo),
-        body: Bytes::from(m.body),
+        body: m.body,
         appended_at: UnixMillis(m.appended_at_ms),
     })
 }

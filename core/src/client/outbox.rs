@@ -25,7 +25,7 @@ impl OutboxEntry {
                 msg_id_hi: self.id.hi(),
                 msg_id_lo: self.id.lo(),
                 conv: self.conv.to_string(),
-                body: self.body.to_vec(),
+                body: self.body.clone(),
                 // Informational only and the machine has no wall clock; the store stamps
                 // `appended_at`.
                 sent_at_ms: 0,

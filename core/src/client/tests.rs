@@ -97,7 +97,7 @@ fn pmsg(c: &str, epoch: LogEpoch, seq: u64) -> proto::Message {
         sender: 9,
         msg_id_hi: epoch.0,
         msg_id_lo: seq,
-        body: format!("{c}#{seq}@{}", epoch.0).into_bytes(),
+        body: format!("{c}#{seq}@{}", epoch.0).into_bytes().into(),
         appended_at_ms: 1000 + seq,
     }
 }
@@ -166,7 +166,7 @@ fn send_frame(id: ClientMsgId, c: &str, body: &str) -> ClientCommand {
         msg_id_hi: id.hi(),
         msg_id_lo: id.lo(),
         conv: c.into(),
-        body: body.as_bytes().to_vec(),
+        body: body.as_bytes().to_vec().into(),
         sent_at_ms: 0,
     }))
 }

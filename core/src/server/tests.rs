@@ -158,7 +158,7 @@ fn send_frame(conv: &str, body_len: usize, msg: u64) -> Kind {
         msg_id_hi: 0,
         msg_id_lo: msg,
         conv: conv.into(),
-        body: vec![b'x'; body_len],
+        body: vec![b'x'; body_len].into(),
         sent_at_ms: 0,
     })
 }
@@ -926,7 +926,7 @@ mod store_reads {
                 sender: 9,
                 msg_id_hi: 1,
                 msg_id_lo: 2,
-                body: b"hi".to_vec(),
+                body: b"hi".to_vec().into(),
                 appended_at_ms: 123,
             }],
         };

@@ -488,6 +488,11 @@ impl Cluster {
                     },
                 );
             }
+            // Password work runs at once (it takes no virtual time here).
+            while let Some(job) = self.route.poll_password() {
+                moved = true;
+                self.route.handle_password(now, job.id, job.work.run());
+            }
             while let Some(event) = self.route.poll_event() {
                 moved = true;
                 self.route_event(event);

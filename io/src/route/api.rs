@@ -475,7 +475,7 @@ async fn send(
         msg_id_hi: msg_id.hi(),
         msg_id_lo: msg_id.lo(),
         conv: conv.to_string(),
-        body: msg.into_bytes(),
+        body: msg.into_bytes().into(),
         sent_at_ms: shared.clock.wall().0,
     };
     let result = call(shared, |reply| ApiCall::Send { user, send, reply }).await?;

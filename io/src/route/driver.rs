@@ -1,6 +1,11 @@
 //! The driver task: owns `RouteLogin` and `RouteDelivery`, feeds them every input (API
 //! calls, store replies, link frames, registry changes, deadlines) and carries out what
 //! they ask, never awaiting a store call itself.
+//!
+//! Argon2 (tens of milliseconds per login with production parameters) runs on a small pool
+//! of blocking threads, one per core: a burst of logins queues there while messages keep
+//! flowing through the driver. Under a simulated clock it runs inline instead, so a
+//! simulation stays deterministic (a real thread would finish at a real, not simulated, time).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,13 +17,13 @@ use cim_core::delivery::{RouteDelivery, SendOrigin};
 use cim_core::ids::{ApiRequestId, Epoch, ServerId, UserId};
 use cim_core::registry::LiveServer;
 use cim_core::route_login::{
-    LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, RegisterFailure, Registered,
-    RouteEvent, RouteLogin,
+    LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, PasswordJob, PasswordOutcome,
+    RegisterFailure, Registered, RouteEvent, RouteLogin,
 };
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
 use cim_proto::frame::Kind;
 use cim_proto::{ErrorCode, Frame, KickReason, KickUser, KickUserDone, RouteSend, RouteSendResult};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -93,6 +98,10 @@ pub(super) enum Input {
         id: RequestId,
         result: StoreResult,
     },
+    Password {
+        id: RequestId,
+        outcome: PasswordOutcome,
+    },
     LinkUp {
         server: ServerId,
         generation: u64,
@@ -156,6 +165,9 @@ pub(super) struct Driver<N: Network> {
     /// Bounds a spawned store call, so a hung backend cannot pile up tasks forever (the
     /// machines time the request out earlier on their own).
     store_task_timeout: std::time::Duration,
+    /// Bounds the password jobs running at once (one blocking thread each); `None` runs
+    /// them inline.
+    password_pool: Option<Arc<Semaphore>>,
     links: BTreeMap<ServerId, Link>,
     link_tasks: JoinSet<()>,
     next_generation: u64,
@@ -191,6 +203,9 @@ impl<N: Network> Driver<N> {
             .store_timeout
             .max(options.delivery.store_timeout)
             * 2;
+        let simulated = matches!(clock, Clock::Simulated { .. });
+        let password_pool = (!simulated && options.password_workers > 0)
+            .then(|| Arc::new(Semaphore::new(options.password_workers)));
         Self {
             net,
             clock,
@@ -212,6 +227,7 @@ impl<N: Network> Driver<N> {
                 retry_delay: options.link_retry_delay,
             }),
             store_task_timeout,
+            password_pool,
             links: BTreeMap::new(),
             link_tasks: JoinSet::new(),
             next_generation: 0,
@@ -293,6 +309,7 @@ impl<N: Network> Driver<N> {
                     Machine::Delivery => self.delivery.handle_store(now, id, result),
                 }
             }
+            Input::Password { id, outcome } => self.login.handle_password(now, id, outcome),
             Input::LinkUp {
                 server,
                 generation,
@@ -460,6 +477,10 @@ impl<N: Network> Driver<N> {
 
     /// Drains both machines' outputs (the drain rule on each type).
     fn drain(&mut self) {
+        // First: an inline outcome queues store requests and events drained just below.
+        while let Some(job) = self.login.poll_password() {
+            self.run_password(job);
+        }
         while let Some(request) = self.login.poll_store() {
             self.spawn_store(Machine::Login, request);
         }
@@ -574,6 +595,34 @@ impl<N: Network> Driver<N> {
             tracing::debug!(%server, frame = what, "no link up (or its queue is full); frame dropped");
             *self.stats.frames_dropped.entry(what).or_default() += 1;
         }
+    }
+
+    /// Runs a password job on the pool (FIFO: the semaphore is fair), or inline without one.
+    fn run_password(&mut self, job: PasswordJob) {
+        let Some(pool) = self.password_pool.clone() else {
+            let outcome = job.work.run();
+            self.login
+                .handle_password(self.clock.now(), job.id, outcome);
+            return;
+        };
+        let to_self = self.to_self.clone();
+        let clock = self.clock;
+        tokio::spawn(async move {
+            let Ok(_permit) = pool.acquire_owned().await else {
+                return;
+            };
+            // The machine has already failed this request with 4000: under a burst, skipping
+            // it sheds work nobody waits for.
+            if clock.now() >= job.deadline {
+                return;
+            }
+            let PasswordJob { id, work, .. } = job;
+            // A panic in argon2 would be a bug; the machine's deadline then answers 4000.
+            let Ok(outcome) = tokio::task::spawn_blocking(move || work.run()).await else {
+                return;
+            };
+            let _ = to_self.send(Input::Password { id, outcome }).await;
+        });
     }
 
     fn spawn_store(&self, machine: Machine, request: StoreRequest) {

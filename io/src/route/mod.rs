@@ -71,6 +71,11 @@ pub struct RouteOptions {
     pub link_ping_interval: Duration,
     /// Wait before redialling a live server whose link failed.
     pub link_retry_delay: Duration,
+    /// Threads that hash and verify passwords at once (argon2, off the driver task);
+    /// default one per core. 0 runs them inline on the driver task, which stalls routing
+    /// during a burst of logins (kept to measure that). A simulated clock always runs them
+    /// inline, for determinism.
+    pub password_workers: usize,
 }
 
 impl std::fmt::Debug for RouteOptions {
@@ -88,6 +93,7 @@ impl std::fmt::Debug for RouteOptions {
             .field("io_timeout", &self.io_timeout)
             .field("link_ping_interval", &self.link_ping_interval)
             .field("link_retry_delay", &self.link_retry_delay)
+            .field("password_workers", &self.password_workers)
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +121,7 @@ impl RouteOptions {
             io_timeout: Duration::from_secs(5),
             link_ping_interval: Duration::from_secs(5),
             link_retry_delay: Duration::from_millis(500),
+            password_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }

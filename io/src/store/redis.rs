@@ -656,7 +656,7 @@ impl RedisStore {
             sender: sender.0,
             msg_id_hi: msg_id.hi(),
             msg_id_lo: msg_id.lo(),
-            body: body.to_vec(),
+            body: body.clone(),
             appended_at_ms: now.0,
             ..Default::default()
         }
@@ -1111,7 +1111,7 @@ fn decode_message(conv: &ConvId, log_epoch: LogEpoch, seq: u64, bytes: &[u8]) ->
         seq,
         sender: UserId(m.sender),
         msg_id: ClientMsgId::from_halves(m.msg_id_hi, m.msg_id_lo),
-        body: Bytes::from(m.body),
+        body: m.body,
         appended_at: UnixMillis(m.appended_at_ms),
     })
 }

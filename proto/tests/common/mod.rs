@@ -77,7 +77,7 @@ pub fn arb_send() -> impl Strategy<Value = Send> {
             msg_id_hi,
             msg_id_lo,
             conv,
-            body,
+            body: body.into(),
             sent_at_ms,
         })
 }
@@ -135,7 +135,7 @@ pub fn arb_message() -> impl Strategy<Value = Message> {
                 sender,
                 msg_id_hi,
                 msg_id_lo,
-                body,
+                body: body.into(),
                 appended_at_ms,
             },
         )
@@ -324,7 +324,7 @@ fn message(seq: u64) -> Message {
         sender: 42,
         msg_id_hi: 0x0123_4567_89ab_cdef,
         msg_id_lo: 0xfedc_ba98_7654_3210,
-        body: b"hello".to_vec(),
+        body: b"hello".to_vec().into(),
         appended_at_ms: 1_700_000_000_000,
     }
 }
@@ -334,7 +334,7 @@ fn send() -> Send {
         msg_id_hi: 0x0123_4567_89ab_cdef,
         msg_id_lo: 0xfedc_ba98_7654_3210,
         conv: "p:1:42".into(),
-        body: b"hi".to_vec(),
+        body: b"hi".to_vec().into(),
         sent_at_ms: 1_700_000_000_000,
     }
 }

@@ -1,0 +1,325 @@
+//! The system under test: a running cluster given by `--route`, or one the bench starts.
+//!
+//! A started cluster runs in **child processes** of the bench (it re-executes itself with the
+//! hidden `cluster` / `server` subcommands), so its CPU time and memory can be read from
+//! /proc apart from the load generator's, as a broker's would be. Backends: embedded (the
+//! route and servers share one process and its in-memory store), or `--redis`: a private
+//! `redis-server` with AOF `everysec` (and ZooKeeper when servers run in their own processes).
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use cim_core::accounts::PasswordParams;
+use cim_core::ids::ServerId;
+use cim_core::server::ServerConfig;
+use cim_core::tickets::TicketKeys;
+use cim_io::clock::Clock;
+use cim_io::launch;
+use cim_io::net::TokioNet;
+use cim_io::route::{self, RouteOptions};
+use cim_io::server::{self, ServerOptions};
+use cim_io::store::{RedisOptions, Store};
+use cim_testkit::RedisServer;
+
+/// Argon2 cost of a started cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Argon2Cost {
+    /// OWASP's argon2id parameters (19 MiB, 2 passes): what production runs.
+    Owasp,
+    /// 64 KiB, 1 pass: microseconds per hash; never for production.
+    Test,
+}
+
+impl Argon2Cost {
+    pub fn params(self) -> PasswordParams {
+        match self {
+            Self::Owasp => PasswordParams::default(),
+            Self::Test => PasswordParams::for_tests(),
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Owasp => "argon2 OWASP (19 MiB, t=2)",
+            Self::Test => "argon2 test (64 KiB, t=1)",
+        }
+    }
+}
+
+/// `cim-bench cluster`: a route and N servers in this process (what `cim up` runs), for the
+/// bench to drive from its parent process. Prints `ROUTE host:port` when ready, stops when
+/// its standard input closes (the parent died or is done) or on a signal.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Redis URL; the embedded store without it.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// ZooKeeper connect string; the embedded registry without it.
+    #[arg(long)]
+    pub zk: Option<String>,
+    #[arg(long, default_value = "/cim-bench/servers")]
+    pub zk_root: String,
+    /// Servers in this process (0: a route only, for servers in their own processes).
+    #[arg(long, default_value_t = 2)]
+    pub servers: u16,
+    #[arg(long, value_enum, default_value = "test")]
+    pub argon2: Argon2Cost,
+    /// Route threads that run argon2 (0: inline on the route's driver task, as before).
+    #[arg(long)]
+    pub password_workers: Option<usize>,
+    /// Per-user send rate limit (messages/s) of the servers: raised so one bench sender is
+    /// not throttled (production default 20).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub send_rate: u32,
+}
+
+fn secret(var: &str) -> anyhow::Result<Vec<u8>> {
+    std::env::var(var)
+        .map(String::into_bytes)
+        .with_context(|| format!("{var} is set by the bench parent"))
+}
+
+/// Runs in the child: start, print the route's address, wait for stdin to close.
+pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = launch::open_store(
+        args.redis_url.as_deref(),
+        RedisOptions {
+            allow_eviction: args.redis_url.is_none(),
+            ..RedisOptions::default()
+        },
+    )
+    .await?;
+    let registry =
+        launch::open_registry(args.zk.as_deref(), &args.zk_root, Duration::from_secs(6))?;
+    let ticket_secret = secret("CIM_TICKET_SECRET")?;
+    let link_secret = secret("CIM_LINK_SECRET")?;
+    let mut servers = Vec::new();
+    for i in 1..=args.servers {
+        let mut node = ServerConfig::new(
+            ServerId::new(format!("s{i}")),
+            TicketKeys::new(1, ticket_secret.clone()),
+        );
+        node.send_rate_per_sec = args.send_rate;
+        node.send_burst = args.send_rate;
+        let mut options = ServerOptions::new(node, link_secret.clone());
+        options.listen_ip = [127, 0, 0, 1].into();
+        options.advertise_host = "127.0.0.1".into();
+        (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+        servers
+            .push(server::start(TokioNet, Clock::System, options, store.clone(), &registry).await?);
+    }
+    let mut options = RouteOptions::new(
+        "bench-route",
+        TicketKeys::new(1, ticket_secret),
+        secret("CIM_BEARER_SECRET")?,
+        link_secret,
+    );
+    options.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    options.seed = launch::os_seed();
+    options.login.password = args.argon2.params();
+    if let Some(n) = args.password_workers {
+        options.password_workers = n;
+    }
+    let route = route::start(TokioNet, Clock::System, options, store, &registry).await?;
+    println!("ROUTE {}", route.http_addr());
+    // Stop when the parent closes our stdin (or dies).
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    })
+    .await?;
+    for s in servers {
+        s.abort();
+    }
+    route.abort();
+    Ok(())
+}
+
+/// A child process of the bench, killed on drop.
+#[derive(Debug)]
+pub struct ChildProc {
+    pub child: Child,
+}
+
+impl ChildProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The bench itself as a child, with the secrets every child shares.
+fn child_command() -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("the bench's own path")?;
+    let mut cmd = Command::new(exe);
+    child_env(&mut cmd);
+    Ok(cmd)
+}
+
+/// Secrets the parent hands to every child it starts, and a quiet log.
+pub fn child_env(cmd: &mut Command) {
+    for var in ["CIM_TICKET_SECRET", "CIM_LINK_SECRET", "CIM_BEARER_SECRET"] {
+        cmd.env(var, shared_secret(var));
+    }
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+    );
+}
+
+/// One secret per variable per bench run, the same in every child.
+fn shared_secret(var: &str) -> String {
+    use std::sync::OnceLock;
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(launch::os_seed);
+    format!("bench-{var}-{seed:016x}")
+}
+
+/// What the bench runs against.
+#[derive(Debug, Default)]
+pub struct Target {
+    pub route: (String, u16),
+    /// The process holding route and servers (None for `--route`).
+    pub cluster: Option<ChildProc>,
+    /// Kept running for the target's lifetime.
+    pub _redis: Option<RedisServer>,
+    pub label: String,
+}
+
+/// How to start (or reach) the system under test.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub route: Option<String>,
+    pub redis: bool,
+    pub argon2: Argon2Cost,
+    pub password_workers: Option<usize>,
+    /// Servers in the cluster process.
+    pub servers: u16,
+}
+
+/// A private redis-server with AOF `everysec` (what deploy/ recommends), or an error.
+pub fn start_redis() -> anyhow::Result<RedisServer> {
+    let redis = RedisServer::start_with_aof().context("redis-server is not installed")?;
+    let answer = redis.raw("CONFIG SET appendfsync everysec");
+    if answer != "+OK" {
+        bail!("CONFIG SET appendfsync everysec: {answer}");
+    }
+    Ok(redis)
+}
+
+pub fn start(setup: &Setup) -> anyhow::Result<Target> {
+    if let Some(route) = &setup.route {
+        return Ok(Target {
+            route: crate::util::parse_route(route)?,
+            label: format!("running cluster at {route}"),
+            ..Target::default()
+        });
+    }
+    let redis = if setup.redis {
+        Some(start_redis()?)
+    } else {
+        None
+    };
+    let mut cmd = child_command()?;
+    cmd.arg("cluster")
+        .args(["--servers", &setup.servers.to_string()])
+        .args(["--argon2", argon2_arg(setup.argon2)]);
+    if let Some(r) = &redis {
+        cmd.args(["--redis-url", &r.url()]);
+    }
+    if let Some(n) = setup.password_workers {
+        cmd.args(["--password-workers", &n.to_string()]);
+    }
+    let (route, proc_) = spawn_cluster(cmd, "cluster")?;
+    let label = format!(
+        "{} store, {} server(s) in one process, {}",
+        if setup.redis {
+            "Redis (AOF everysec)"
+        } else {
+            "embedded"
+        },
+        setup.servers,
+        setup.argon2.label()
+    );
+    Ok(Target {
+        route,
+        cluster: Some(proc_),
+        _redis: redis,
+        label,
+    })
+}
+
+pub fn argon2_arg(cost: Argon2Cost) -> &'static str {
+    match cost {
+        Argon2Cost::Owasp => "owasp",
+        Argon2Cost::Test => "test",
+    }
+}
+
+/// Spawns a `cluster` child and waits for its `ROUTE host:port` line.
+pub fn spawn_cluster(mut cmd: Command, what: &str) -> anyhow::Result<((String, u16), ChildProc)> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().context("spawning the cluster process")?;
+    let stdout = child.stdout.take().context("cluster stdout")?;
+    let mut proc_ = ChildProc { child };
+    let mut lines = BufReader::new(stdout).lines();
+    let route = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(addr) = line.strip_prefix("ROUTE ") {
+                    break crate::util::parse_route(addr)?;
+                }
+            }
+            _ => {
+                proc_.kill();
+                bail!("the {what} process ended before its route was up");
+            }
+        }
+    };
+    // Keep draining its stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((route, proc_))
+}
+
+/// Spawns `cim-bench server ...` (the real `cim-server` program) as its own process.
+pub fn spawn_server(
+    id: &str,
+    redis: &str,
+    zk: &str,
+    zk_root: &str,
+    zk_session_timeout: &str,
+) -> anyhow::Result<ChildProc> {
+    let mut cmd = child_command()?;
+    cmd.arg("server")
+        .args(["--server-id", id, "--redis", redis, "--zk", zk])
+        .args([
+            "--zk-root",
+            zk_root,
+            "--zk-session-timeout",
+            zk_session_timeout,
+        ])
+        .args(["--listen-ip", "127.0.0.1", "--advertise-host", "127.0.0.1"])
+        .args(["--client-port", "0", "--link-port", "0", "--http-port", "0"])
+        .args(["--send-rate", "1000000", "--send-burst", "1000000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let child = cmd.spawn().context("spawning a server process")?;
+    Ok(ChildProc { child })
+}

@@ -1,0 +1,213 @@
+//! `cim-bench`: load generator for CIM-rs, on the SDK (so every message pays for the outbox,
+//! acks and dedup a user gets), against a running cluster (`--route`) or one it starts in a
+//! child process (embedded store, or `--redis`: a private redis-server with AOF everysec).
+//! Each scenario shows a progress bar and ends with a Markdown table; `compare` runs the
+//! same fan-out against NATS and Mosquitto and draws a PNG chart.
+//!
+//! Figures are measured, never asserted: tests run `--quick` scenarios for correctness only
+//! (every delivery arrived, nothing acknowledged lost).
+
+mod chart;
+mod cluster;
+mod compare;
+mod connections;
+mod failover;
+mod fanout;
+mod login;
+mod p2p;
+mod procs;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+use crate::cluster::{Argon2Cost, Setup};
+use crate::util::{Table, f1, f2, int};
+
+#[derive(Parser, Debug)]
+#[command(name = "cim-bench", version, about = "Benchmarks for CIM-rs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// What every scenario takes.
+#[derive(clap::Args, Debug, Clone)]
+struct Common {
+    /// Drive the cluster whose route listens here (http://host:port) instead of starting one.
+    #[arg(long)]
+    route: Option<String>,
+    /// Started clusters: Redis (a private redis-server, AOF everysec) instead of the embedded
+    /// store.
+    #[arg(long)]
+    redis: bool,
+    /// Small sizes, for tests and a first look.
+    #[arg(long)]
+    quick: bool,
+    /// Started clusters: argon2 cost (login measures both).
+    #[arg(long, value_enum, default_value = "test")]
+    argon2: Argon2Cost,
+}
+
+impl Common {
+    fn setup(&self) -> Setup {
+        Setup {
+            route: self.route.clone(),
+            redis: self.redis,
+            argon2: self.argon2,
+            password_workers: None,
+            servers: 2,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Logins per second through the route (embedded store and Redis, both argon2 costs).
+    Login {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: login::LoginArgs,
+    },
+    /// One sender, a group of M members over two servers: deliveries/s and latency.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: fanout::FanoutArgs,
+    },
+    /// K pairs at stepped offered rates: latency percentiles, highest rate with p99 < 10 ms.
+    P2p {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: p2p::P2pArgs,
+    },
+    /// N clients on two server processes, SIGKILL one: time until all are online again,
+    /// acknowledged messages lost (Redis and ZooKeeper started by the bench).
+    Failover {
+        /// Small sizes.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        args: failover::FailoverArgs,
+    },
+    /// N idle clients on one server process: server memory per connection, idle CPU.
+    Connections {
+        /// Small sizes.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        args: connections::ConnectionsArgs,
+    },
+    /// The fan-out against our cluster, nats-server and mosquitto (QoS 0 and 1), with ratios
+    /// and a PNG chart.
+    Compare {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: compare::CompareArgs,
+    },
+    /// (internal) A route and servers in this process, for the bench parent to drive.
+    #[command(hide = true)]
+    Cluster(cluster::ClusterArgs),
+    /// (internal) The real cim-server program, for scenarios that kill servers.
+    #[command(hide = true)]
+    Server(Box<cim_server::Args>),
+}
+
+fn main() -> anyhow::Result<()> {
+    let command = Cli::parse().command;
+    let command = match command {
+        Command::Server(args) => return cim_server::run_blocking(*args),
+        Command::Cluster(args) => {
+            cim_io::launch::init_tracing("error");
+            return runtime()?.block_on(cluster::run_cluster(args));
+        }
+        other => other,
+    };
+    cim_io::launch::init_tracing("error");
+    runtime()?.block_on(async move {
+        let tables = match command {
+            Command::Login { common, args } => {
+                let modes: &[bool] = if common.redis {
+                    &[true]
+                } else {
+                    &[false, true]
+                };
+                vec![login::run(&args, common.route.clone(), modes, common.quick).await?]
+            }
+            Command::Fanout { common, args } => {
+                let target = cluster::start(&common.setup())?;
+                eprintln!("fanout against {}", target.label);
+                let pid = target.cluster.as_ref().map(cluster::ChildProc::pid);
+                let r = fanout::run_ours(&target.route, &args, common.quick, pid, "cim-rs").await?;
+                vec![fanout_table(&target.label, &[r])?]
+            }
+            Command::P2p { common, args } => {
+                let target = cluster::start(&common.setup())?;
+                eprintln!("p2p against {}", target.label);
+                vec![
+                    p2p::run(&target.route, &args, common.quick, &target.label)
+                        .await?
+                        .0,
+                ]
+            }
+            Command::Compare { common, args } => {
+                compare::run(&args, &common.setup(), common.quick).await?
+            }
+            Command::Failover { quick, args } => vec![failover::run(&args, quick).await?],
+            Command::Connections { quick, args } => vec![connections::run(&args, quick).await?],
+            Command::Cluster(_) | Command::Server(_) => unreachable!("handled above"),
+        };
+        for t in tables {
+            println!("{}", t.render());
+        }
+        Ok(())
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The fan-out table; fails if a delivery is missing (every scenario checks its own
+/// correctness: a fast wrong answer is not a figure).
+pub fn fanout_table(label: &str, results: &[fanout::FanoutResult]) -> anyhow::Result<Table> {
+    let mut table = Table::new(
+        format!("fan-out ({label})"),
+        &[
+            "system",
+            "deliveries",
+            "deliveries/s",
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+            "broker CPU s / M deliveries",
+        ],
+    );
+    for r in results {
+        let [p50, p99, p999] = util::percentiles_ms(&r.latency_us);
+        table.row(vec![
+            r.system.clone(),
+            format!("{}/{}", int(r.delivered as f64), int(r.expected as f64)),
+            int(r.per_sec()),
+            f2(p50),
+            f2(p99),
+            f2(p999),
+            r.cpu_per_million().map_or("-".into(), f1),
+        ]);
+    }
+    if let Some(r) = results.iter().find(|r| r.delivered != r.expected) {
+        println!("{}", table.render());
+        anyhow::bail!(
+            "{}: {} of {} deliveries arrived",
+            r.system,
+            r.delivered,
+            r.expected
+        );
+    }
+    Ok(table)
+}

@@ -1,0 +1,184 @@
+//! `p2p`: K sender/receiver pairs in private conversations at a fixed offered rate (open
+//! loop: each message's latency counts from when it was *due*, so a stalled sender cannot
+//! hide queueing), stepped through rising rates; p50/p99/p999 per rate, and the highest
+//! rate whose p99 stays under 10 ms.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cim_core::client::ClientEvent;
+use cim_core::ids::ConvId;
+use hdrhistogram::Histogram;
+
+use crate::util::{self, Table, f2, int};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct P2pArgs {
+    /// Sender/receiver pairs [default: 100; --quick 5].
+    #[arg(long)]
+    pub pairs: Option<usize>,
+    /// Offered rates to step through, messages per second in total
+    /// [default: 1000,2000,5000,10000,20000; --quick 100,200].
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<u64>,
+    /// Seconds per rate [default: 5; --quick 1].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+}
+
+/// Deliveries and latencies of one rate, filled by the receivers.
+type PerRate = (u64, Histogram<u64>);
+
+/// One rate's figures.
+#[derive(Debug)]
+pub struct Step {
+    pub offered: u64,
+    pub sent: u64,
+    pub delivered: u64,
+    pub secs: f64,
+    pub latency_us: Histogram<u64>,
+}
+
+pub async fn run(
+    route: &(String, u16),
+    args: &P2pArgs,
+    quick: bool,
+    label: &str,
+) -> anyhow::Result<(Table, Vec<Step>)> {
+    let pairs = args.pairs.unwrap_or(if quick { 5 } else { 100 });
+    let rates = if args.rates.is_empty() {
+        if quick {
+            vec![100, 200]
+        } else {
+            vec![1_000, 2_000, 5_000, 10_000, 20_000]
+        }
+    } else {
+        args.rates.clone()
+    };
+    let seconds = args.seconds.unwrap_or(if quick { 1 } else { 5 });
+    let tag = util::run_tag();
+    let users = util::register_users(route, &format!("pp{tag}"), pairs * 2, 32).await?;
+    let clients = util::start_clients(route, &users, 64).await?;
+    let hists: Arc<Mutex<Vec<PerRate>>> = Arc::new(Mutex::new(
+        (0..rates.len()).map(|_| (0, util::histogram())).collect(),
+    ));
+    let mut senders = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, (client, mut events)) in clients.into_iter().enumerate() {
+        if i % 2 == 0 {
+            let conv = ConvId::private(users[i].0, users[i + 1].0).context("pair")?;
+            senders.push((client, conv));
+            // Acks: drained.
+            tasks.push(tokio::spawn(async move {
+                while events.next().await.is_some() {}
+            }));
+        } else {
+            let hists = hists.clone();
+            tasks.push(tokio::spawn(async move {
+                let _client = client;
+                while let Some(event) = events.next().await {
+                    if let ClientEvent::Message(m) = event
+                        && let (Some(us), Some(&step)) = (util::latency_us(&m.body), m.body.get(8))
+                    {
+                        let mut h = hists.lock().expect("no panics while held");
+                        if let Some((n, hist)) = h.get_mut(step as usize) {
+                            *n += 1;
+                            let _ = hist.record(us.max(1));
+                        }
+                    }
+                }
+            }));
+        }
+    }
+
+    let mut steps = Vec::new();
+    for (index, &rate) in rates.iter().enumerate() {
+        let total = rate * seconds;
+        let bar = util::bar(total, &format!("{rate}/s"));
+        let start_stamp = util::stamp();
+        let started = util::now();
+        let mut sent = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        while sent < total {
+            tick.tick().await;
+            let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+            while sent < due {
+                // Stamped with when it was due, not when we got round to it.
+                let due_at = start_stamp + sent * 1_000_000_000 / rate;
+                let mut body = util::stamped_body(due_at, args.payload.max(9)).to_vec();
+                body[8] = index as u8;
+                let (client, conv) = &senders[(sent as usize) % senders.len()];
+                client
+                    .submit(conv.clone(), body.into())
+                    .await
+                    .context("submit")?;
+                sent += 1;
+            }
+            bar.set_position(sent);
+        }
+        let send_secs = started.elapsed().as_secs_f64();
+        // Let the tail arrive (bounded).
+        let drain_until = util::now() + Duration::from_secs(5);
+        while util::now() < drain_until && hists.lock().expect("held briefly")[index].0 < sent {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bar.finish_and_clear();
+        let (delivered, latency_us) = {
+            let h = hists.lock().expect("held briefly");
+            (h[index].0, h[index].1.clone())
+        };
+        steps.push(Step {
+            offered: rate,
+            sent,
+            delivered,
+            secs: send_secs,
+            latency_us,
+        });
+    }
+    for (client, _) in senders {
+        client.shutdown().await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+
+    let mut table = Table::new(
+        format!("p2p: {pairs} pairs, {seconds} s per rate ({label})"),
+        &[
+            "offered msg/s",
+            "achieved msg/s",
+            "delivered",
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+        ],
+    );
+    for s in &steps {
+        let [p50, p99, p999] = util::percentiles_ms(&s.latency_us);
+        table.row(vec![
+            int(s.offered as f64),
+            int(s.sent as f64 / s.secs.max(1e-9)),
+            int(s.delivered as f64),
+            f2(p50),
+            f2(p99),
+            f2(p999),
+        ]);
+    }
+    let best = steps
+        .iter()
+        .filter(|s| s.delivered == s.sent && util::percentiles_ms(&s.latency_us)[1] < 10.0)
+        .map(|s| s.offered)
+        .max();
+    table.row(vec![
+        "highest rate with p99 < 10 ms".into(),
+        best.map_or("none of those tried".into(), |r| int(r as f64)),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    Ok((table, steps))
+}

@@ -1,0 +1,284 @@
+//! What every scenario shares: the bench's clock, latency histograms, users, SDK clients,
+//! process figures from /proc, and the result table.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use cim_core::client::{ClientConfig, ClientEvent};
+use cim_core::ids::UserId;
+use cim_io::clock::Clock;
+use cim_io::net::{Network, TokioNet};
+use cim_io::sdk::{Client, Events, RouteApi, SdkOptions};
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub const PASSWORD: &str = "bench-password";
+
+/// The bench measures real time: this is the one place it reads the clock. Latencies are
+/// nanoseconds since the bench started, put into message bodies by the sender and read back
+/// by the receiver in this same process, so one monotonic clock serves both ends.
+#[allow(clippy::disallowed_methods)] // a benchmark measures wall time by definition
+pub fn now() -> Instant {
+    Instant::now()
+}
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the bench's first call, for send timestamps in bodies.
+pub fn stamp() -> u64 {
+    let epoch = *EPOCH.get_or_init(now);
+    now().duration_since(epoch).as_nanos() as u64
+}
+
+/// A body of `size` bytes (at least 8) starting with the send time `at` (from [`stamp`]).
+pub fn stamped_body(at: u64, size: usize) -> bytes::Bytes {
+    let mut body = vec![b'.'; size.max(8)];
+    body[..8].copy_from_slice(&at.to_be_bytes());
+    body.into()
+}
+
+/// Microseconds since the stamp at the start of `body`, or `None` for a foreign body.
+pub fn latency_us(body: &[u8]) -> Option<u64> {
+    let sent = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+    Some(stamp().saturating_sub(sent) / 1_000)
+}
+
+/// Latencies in microseconds, 1 µs .. 60 s at 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// p50, p99, p999 in milliseconds.
+pub fn percentiles_ms(h: &Histogram<u64>) -> [f64; 3] {
+    [0.5, 0.99, 0.999].map(|q| h.value_at_quantile(q) as f64 / 1_000.0)
+}
+
+pub fn bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
+/// host and port of `--route` (`http://host:port`, `host:port`).
+pub fn parse_route(route: &str) -> anyhow::Result<(String, u16)> {
+    let bare = route
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (host, port) = bare.rsplit_once(':').context("--route is host:port")?;
+    Ok((host.to_owned(), port.parse().context("--route: bad port")?))
+}
+
+pub fn route_api(route: &(String, u16)) -> RouteApi<TokioNet> {
+    RouteApi::new(TokioNet, route.0.clone(), route.1, Duration::from_secs(30))
+}
+
+/// Registers `n` users named `<prefix>-<i>`, `concurrency` at a time.
+pub async fn register_users(
+    route: &(String, u16),
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<(UserId, String)>> {
+    let api = route_api(route);
+    let bar = bar(n as u64, "register");
+    let users: Vec<anyhow::Result<(UserId, String)>> = futures::stream::iter((0..n).map(|i| {
+        let api = api.clone();
+        let bar = bar.clone();
+        let name = format!("{prefix}-{i}");
+        async move {
+            let r = api
+                .register(&name, PASSWORD)
+                .await
+                .with_context(|| format!("registering {name}"))?;
+            bar.inc(1);
+            Ok((UserId(r.user_id), name))
+        }
+    }))
+    .buffered(concurrency)
+    .collect()
+    .await;
+    bar.finish_and_clear();
+    users.into_iter().collect()
+}
+
+/// A unique-enough tag for user and group names, so runs against one cluster do not clash.
+pub fn run_tag() -> String {
+    format!("{:x}", cim_io::launch::os_seed() % 0xff_ffff)
+}
+
+/// One SDK client, started; call [`wait_online`] on its events.
+pub fn start_client<N: Network>(
+    net: N,
+    route: &(String, u16),
+    user: UserId,
+    name: &str,
+) -> (Client<N>, Events) {
+    let session = ClientConfig::new(user, name, PASSWORD, cim_io::launch::os_seed());
+    let options = SdkOptions::new(route.0.clone(), route.1, session);
+    Client::start(net, Clock::System, options)
+}
+
+/// Waits for `Online`; the server's id.
+pub async fn wait_online(events: &mut Events, within: Duration) -> anyhow::Result<String> {
+    let wait = async {
+        while let Some(event) = events.next().await {
+            match event {
+                ClientEvent::Online { server, .. } => return Ok(server.to_string()),
+                ClientEvent::LoginRejected(e) => bail!("login rejected: {e}"),
+                ClientEvent::Stopped(reason) => bail!("client stopped: {reason:?}"),
+                _ => {}
+            }
+        }
+        bail!("client ended before going online")
+    };
+    tokio::time::timeout(within, wait)
+        .await
+        .map_err(|_| anyhow::anyhow!("not online within {within:?}"))?
+}
+
+/// Starts a client per user, `concurrency` logins at a time, each online before it counts.
+pub async fn start_clients(
+    route: &(String, u16),
+    users: &[(UserId, String)],
+    concurrency: usize,
+) -> anyhow::Result<Vec<(Client<TokioNet>, Events)>> {
+    let clients = start_clients_on(TokioNet, route, users, concurrency).await?;
+    Ok(clients.into_iter().map(|(c, e, _)| (c, e)).collect())
+}
+
+/// [`start_clients`] over any network (e.g. one that spreads source addresses).
+pub async fn start_clients_on<N: Network>(
+    net: N,
+    route: &(String, u16),
+    users: &[(UserId, String)],
+    concurrency: usize,
+) -> anyhow::Result<Vec<(Client<N>, Events, String)>> {
+    let bar = bar(users.len() as u64, "online");
+    let clients: Vec<anyhow::Result<(Client<N>, Events, String)>> =
+        futures::stream::iter(users.iter().map(|(user, name)| {
+            let bar = bar.clone();
+            let net = net.clone();
+            async move {
+                let (client, mut events) = start_client(net, route, *user, name);
+                let server = wait_online(&mut events, Duration::from_secs(120))
+                    .await
+                    .with_context(|| format!("{name} going online"))?;
+                bar.inc(1);
+                Ok((client, events, server))
+            }
+        }))
+        .buffered(concurrency)
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    clients.into_iter().collect()
+}
+
+/// CPU time (user + system) of a process so far, from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks() as f64)
+}
+
+fn clock_ticks() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// Resident memory of a process in bytes, from /proc/<pid>/status.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A shared counter with a name, for progress across tasks.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) -> u64 {
+        self.0.fetch_add(n, Ordering::Relaxed) + n
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A printed result table: a title, column names, rows of cells.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(title: impl Into<String>, columns: &[&str]) -> Self {
+        Self {
+            title: title.into(),
+            columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Markdown, so the output pastes into BENCHMARKS.md as it is.
+    pub fn render(&self) -> String {
+        let mut out = format!("\n### {}\n\n", self.title);
+        out += &format!("| {} |\n", self.columns.join(" | "));
+        out += &format!("|{}\n", "---|".repeat(self.columns.len()));
+        for row in &self.rows {
+            out += &format!("| {} |\n", row.join(" | "));
+        }
+        out
+    }
+}
+
+pub fn f1(x: f64) -> String {
+    format!("{x:.1}")
+}
+
+pub fn f2(x: f64) -> String {
+    format!("{x:.2}")
+}
+
+pub fn int(x: f64) -> String {
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,129 @@
+//! Every scenario at `--quick` sizes, for correctness only: every delivery arrives, no login
+//! fails, nothing acknowledged is lost, the chart is drawn. Speed is printed, never asserted.
+//!
+//! Scenarios that need Redis and ZooKeeper, or nats-server and mosquitto, skip with a message
+//! when those are not installed, except under `CI=true`, where `.ci/run` installs them.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cim-bench"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run cim-bench");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "cim-bench {args:?} failed:\n{text}");
+    text
+}
+
+fn installed(programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {p}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !cim_testkit::in_ci(),
+        "CI=true and {missing:?} missing: .ci/run installs them"
+    );
+    eprintln!("SKIPPING: {missing:?} not installed");
+    false
+}
+
+/// The cells of the table rows whose first cell is `first`.
+fn row<'a>(out: &'a str, first: &str) -> Vec<&'a str> {
+    out.lines()
+        .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+        .find(|cells| cells.get(1) == Some(&first))
+        .map(|cells| cells[1..cells.len() - 1].to_vec())
+        .unwrap_or_else(|| panic!("no row {first:?} in:\n{out}"))
+}
+
+#[test]
+fn fanout_delivers_every_message_to_every_member() {
+    let out = bench(&["fanout", "--quick"]);
+    assert_eq!(row(&out, "cim-rs")[1], "200/200", "{out}");
+}
+
+#[test]
+fn p2p_delivers_every_message_at_each_rate() {
+    let out = bench(&["p2p", "--quick"]);
+    assert_eq!(row(&out, "100")[2], "100", "{out}");
+    assert_eq!(row(&out, "200")[2], "200", "{out}");
+}
+
+#[test]
+fn login_measures_both_stores_and_costs_without_failures() {
+    if !installed(&["redis-server"]) {
+        return;
+    }
+    let out = bench(&["login", "--quick"]);
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("| embedded") || l.starts_with("| Redis"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    for r in rows {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        assert_eq!(cells[7], "0", "a login failed: {r}");
+    }
+}
+
+#[test]
+fn failover_loses_no_acknowledged_message() {
+    if !installed(&["redis-server", "java"]) {
+        return;
+    }
+    // The bench itself fails when an acknowledged message is lost or a client stays offline.
+    let out = bench(&["failover", "--quick"]);
+    let cells = row(&out, "40");
+    assert_eq!(cells[5], "0", "{out}");
+    assert_ne!(cells[1], "0", "nobody was on the killed server: {out}");
+}
+
+#[test]
+fn connections_reports_memory_per_connection() {
+    if !installed(&["redis-server", "java"]) {
+        return;
+    }
+    let out = bench(&["connections", "--quick"]);
+    assert_eq!(row(&out, "100").len(), 6, "{out}");
+}
+
+#[test]
+fn compare_runs_every_system_and_draws_the_chart() {
+    if !installed(&["nats-server", "mosquitto"]) {
+        return;
+    }
+    let chart = std::env::temp_dir().join(format!("cim-bench-test-{}.png", std::process::id()));
+    let out = bench(&[
+        "compare",
+        "--quick",
+        "--chart",
+        chart.to_str().expect("utf-8 path"),
+    ]);
+    for system in [
+        "cim-rs (embedded)",
+        "NATS (core)",
+        "Mosquitto QoS 0",
+        "Mosquitto QoS 1",
+    ] {
+        assert_eq!(row(&out, system)[1], "200/200", "{out}");
+    }
+    let png = std::fs::read(&chart).expect("the chart was written");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    let _ = std::fs::remove_file(&chart);
+}
