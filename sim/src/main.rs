@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use cim_core::balance::Strategy;
 use cim_core::canary::{self, Canary};
-use cim_sim::record::secs;
+use cim_sim::record::{add_count, secs};
 use cim_sim::scenarios::{Scenario, ScenarioOutcome};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,6 @@ struct Summary {
     seed: u64,
     violations: u64,
     sim_ms: u64,
-    trace: String,
     counters: Vec<(String, u64)>,
     report: String,
 }
@@ -81,7 +80,6 @@ impl Summary {
             seed: outcome.seed,
             violations: outcome.violations() as u64,
             sim_ms: outcome.sim_time.as_millis() as u64,
-            trace: format!("{:016x}", outcome.trace_hash),
             counters: outcome
                 .counters
                 .iter()
@@ -111,12 +109,7 @@ impl Row {
             self.failing_seeds.push(s.seed);
         }
         for (name, n) in &s.counters {
-            let total = self.counters.entry(name.clone()).or_default();
-            if name.starts_with("max ") {
-                *total = (*total).max(*n);
-            } else {
-                *total += n;
-            }
+            add_count(&mut self.counters, name.clone(), *n);
         }
     }
 }
@@ -269,7 +262,6 @@ fn read_summary(seed: u64, child: &mut Child) -> Summary {
             seed,
             violations: 1,
             sim_ms: 0,
-            trace: String::new(),
             counters: Vec::new(),
             report: format!("SIM_SEED={seed}: the run crashed ({status:?})"),
         },

@@ -30,12 +30,18 @@ pub type Counters = BTreeMap<&'static str, u64>;
 /// Adds `from` into `into` (counters named "max ..." keep the largest instead).
 pub fn add_counters(into: &mut Counters, from: &Counters) {
     for (name, n) in from {
-        let total = into.entry(name).or_default();
-        if name.starts_with("max ") {
-            *total = (*total).max(*n);
-        } else {
-            *total += n;
-        }
+        add_count(into, *name, *n);
+    }
+}
+
+/// Adds `n` to counter `name` of a sweep's totals ("max ..." keeps the largest instead).
+pub fn add_count<K: Ord + AsRef<str>>(into: &mut BTreeMap<K, u64>, name: K, n: u64) {
+    let is_max = name.as_ref().starts_with("max ");
+    let total = into.entry(name).or_default();
+    if is_max {
+        *total = (*total).max(n);
+    } else {
+        *total += n;
     }
 }
 

@@ -7,11 +7,9 @@
 
 use std::time::Duration;
 
-use crate::checker::ClientId;
 use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    ClientPlan, FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, drive, random_faults,
-    rehome_bounds,
+    FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, chatters, drive, random_faults, run_end,
 };
 
 pub const CLIENTS: usize = 6;
@@ -40,23 +38,8 @@ pub fn plan(seed: u64) -> Plan {
     let healed_at = fault_at + rng.duration(Duration::from_secs(3), Duration::from_secs(15));
     let count = rng.between(1, 3) as usize;
     let actions = random_faults(&mut rng, &spec, &KINDS, count, fault_at, healed_at);
-    let (_, rehome) = rehome_bounds(&spec);
-    // A re-home, then a head check (30 s) that recovers a lost last push of a client that
-    // never disconnected, and some slack.
-    let end = healed_at + rehome + Duration::from_secs(40);
-    let clients = (0..CLIENTS)
-        .map(|i| ClientPlan {
-            client: ClientId(i as u32),
-            name: format!("user{i}"),
-            password: format!("password-{i}"),
-            route: i,
-            registers: true,
-            start_at: Duration::from_millis(rng.between(0, 500)),
-            login_at: Duration::ZERO,
-            group: Some(GROUP.to_owned()),
-            chat: Some((chat_from, healed_at)),
-        })
-        .collect();
+    let end = run_end(&spec, healed_at);
+    let clients = chatters(&mut rng, CLIENTS, GROUP, (chat_from, healed_at));
     Plan {
         spec,
         clients,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::checker::{ClientId, Seen};
 use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    Action, ClientPlan, Plan, Rng, Scenario, ScenarioOutcome, TICK, Target, drive, rehome_bounds,
+    Action, ClientPlan, Plan, Rng, Scenario, ScenarioOutcome, TICK, Target, drive, run_end,
 };
 
 pub const DUP: &str = "dup";
@@ -55,8 +55,7 @@ pub fn plan(seed: u64) -> Plan {
             (healed_at, Action::HealAll),
         ],
     };
-    let (_, rehome) = rehome_bounds(&spec);
-    let end = healed_at + rehome + Duration::from_secs(40);
+    let end = run_end(&spec, healed_at);
     let mut clients: Vec<ClientPlan> = (0..DUP_CLIENTS)
         .map(|i| ClientPlan {
             client: ClientId(i),

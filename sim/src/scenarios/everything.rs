@@ -11,8 +11,8 @@ use std::time::Duration;
 use crate::checker::ClientId;
 use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    ClientPlan, FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, drive, random_faults,
-    rehome_bounds,
+    ClientPlan, FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, chatters, drive,
+    random_faults, run_end,
 };
 
 pub const CHATTERS: usize = 4;
@@ -28,21 +28,8 @@ pub fn plan(seed: u64) -> Plan {
     let healed_at = fault_at + rng.duration(Duration::from_secs(2), Duration::from_secs(15));
     let count = rng.between(1, 4) as usize;
     let actions = random_faults(&mut rng, &spec, &FaultKind::ALL, count, fault_at, healed_at);
-    let (_, rehome) = rehome_bounds(&spec);
-    let end = healed_at + rehome + Duration::from_secs(40);
-    let mut clients: Vec<ClientPlan> = (0..CHATTERS)
-        .map(|i| ClientPlan {
-            client: ClientId(i as u32),
-            name: format!("user{i}"),
-            password: format!("password-{i}"),
-            route: i,
-            registers: true,
-            start_at: Duration::from_millis(rng.between(0, 500)),
-            login_at: Duration::ZERO,
-            group: Some(GROUP.to_owned()),
-            chat: Some((chat_from, healed_at)),
-        })
-        .collect();
+    let end = run_end(&spec, healed_at);
+    let mut clients = chatters(&mut rng, CHATTERS, GROUP, (chat_from, healed_at));
     for i in 0..2u32 {
         clients.push(ClientPlan {
             client: ClientId(CHATTERS as u32 + i),

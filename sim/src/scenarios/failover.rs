@@ -6,10 +6,9 @@
 
 use std::time::Duration;
 
-use crate::checker::ClientId;
 use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    Action, ClientPlan, Plan, Rng, Scenario, ScenarioOutcome, TICK, Target, drive, rehome_bounds,
+    Action, Plan, Rng, Scenario, ScenarioOutcome, TICK, Target, chatters, drive, run_end,
 };
 
 pub const CLIENTS: usize = 4;
@@ -56,23 +55,8 @@ pub fn plan(seed: u64) -> Plan {
             (healed_at, Action::HealAll),
         ],
     };
-    // The healed phase: a re-home within the bound, then a head check (30 s) to recover a
-    // lost last push of a client that never disconnected, and some slack.
-    let (_, rehome) = rehome_bounds(&spec);
-    let end = healed_at + rehome + Duration::from_secs(40);
-    let clients = (0..CLIENTS)
-        .map(|i| ClientPlan {
-            client: ClientId(i as u32),
-            name: format!("user{i}"),
-            password: format!("password-{i}"),
-            route: i,
-            registers: true,
-            start_at: Duration::from_millis(rng.between(0, 500)),
-            login_at: Duration::ZERO,
-            group: Some(GROUP.to_owned()),
-            chat: Some((chat_from, healed_at)),
-        })
-        .collect();
+    let end = run_end(&spec, healed_at);
+    let clients = chatters(&mut rng, CLIENTS, GROUP, (chat_from, healed_at));
     Plan {
         spec,
         clients,

@@ -195,8 +195,6 @@ pub enum Node {
     Route(usize),
     Store,
     Registry,
-    /// Every client host.
-    Clients,
 }
 
 /// A fault action of the plan.
@@ -267,6 +265,37 @@ pub fn rehome_bounds(spec: &ClusterSpec) -> (Duration, Duration) {
     let c = client_config_defaults();
     let death = c.heartbeat_timeout + c.backoff_cap + c.login_timeout + c.connect_timeout;
     (death, death + spec.session_timeout)
+}
+
+/// `count` users `user0`.. that each register, log in through route `i` (modulo the routes)
+/// within the first 0.5 s, join `group` and chat from `chat.0` to `chat.1`.
+pub fn chatters(
+    rng: &mut Rng,
+    count: usize,
+    group: &str,
+    chat: (Duration, Duration),
+) -> Vec<ClientPlan> {
+    (0..count)
+        .map(|i| ClientPlan {
+            client: ClientId(i as u32),
+            name: format!("user{i}"),
+            password: format!("password-{i}"),
+            route: i,
+            registers: true,
+            start_at: Duration::from_millis(rng.between(0, 500)),
+            login_at: Duration::ZERO,
+            group: Some(group.to_owned()),
+            chat: Some(chat),
+        })
+        .collect()
+}
+
+/// The end of a run whose faults are over at `healed_at`: a re-home within the bound, then
+/// a head check (30 s) that recovers a lost last push of a client that never disconnected,
+/// and some slack.
+pub fn run_end(spec: &ClusterSpec, healed_at: Duration) -> Duration {
+    let (_, rehome) = rehome_bounds(spec);
+    healed_at + rehome + Duration::from_secs(40)
 }
 
 /// Shared between a run's clients: the directory and the group barrier.
@@ -480,7 +509,6 @@ impl Hosts<'_> {
             Node::Route(i) => vec![self.route(*i)],
             Node::Store => vec![STORE_HOST.to_owned()],
             Node::Registry => vec![REGISTRY_HOST.to_owned()],
-            Node::Clients => self.clients.to_vec(),
         }
     }
 
