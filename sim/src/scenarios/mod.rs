@@ -532,7 +532,8 @@ struct FaultState {
 const DEFAULT_MAX_LATENCY: Duration = Duration::from_millis(100);
 
 impl FaultState {
-    /// Applies `action` at `now`, records it for the checker; the counter it adds to.
+    /// Applies `action` at `now`, records it for the checker; the counter it adds to (a
+    /// restart counts its hosts itself).
     fn apply(
         &mut self,
         sim: &mut turmoil::Sim<'static>,
@@ -540,7 +541,7 @@ impl FaultState {
         rec: &Recorder,
         now: Duration,
         action: Action,
-    ) -> &'static str {
+    ) -> Option<&'static str> {
         // A host cut from any peer is "isolated" for the checker: re-homes are measured
         // from the heal, and a server's clients must be back within the isolation bound.
         let isolated = |host: &str| {
@@ -551,7 +552,7 @@ impl FaultState {
             };
             rec.fault(now, Fault::Isolated(h));
         };
-        match action {
+        Some(match action {
             Action::Crash(t) => {
                 let host = hosts.server(&t);
                 sim.crash(host.as_str());
@@ -579,6 +580,8 @@ impl FaultState {
                 "store crashed"
             }
             Action::RestartCrashed => {
+                let n = self.crashed_servers.len() + self.crashed_others.len();
+                rec.count_n("hosts restarted", n as u64);
                 for host in self.crashed_servers.drain(..) {
                     sim.bounce(host.as_str());
                 }
@@ -592,7 +595,7 @@ impl FaultState {
                         rec.fault(now, Fault::Healed(Host::Server(ServerId::new(server))));
                     }
                 }
-                "restarts"
+                return None;
             }
             Action::Isolate {
                 target,
@@ -674,7 +677,7 @@ impl FaultState {
                 rec.fault(now, Fault::HealAll);
                 "heals"
             }
-        }
+        })
     }
 }
 
@@ -744,8 +747,9 @@ pub fn drive(
                 shared: &shared,
                 rec: &rec,
             };
-            let counter = faults.apply(&mut cluster.sim, &hosts, &rec, now, action);
-            *counters.entry(counter).or_default() += 1;
+            if let Some(counter) = faults.apply(&mut cluster.sim, &hosts, &rec, now, action) {
+                *counters.entry(counter).or_default() += 1;
+            }
         }
         if finished {
             break;
