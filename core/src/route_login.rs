@@ -490,6 +490,14 @@ pub struct RouteLogin {
     balancer: Balancer,
     rng: ChaCha8Rng,
     live: BTreeMap<ServerId, LiveServer>,
+    /// Live servers whose link from this route went down and is not back. A crashed server
+    /// stays listed until its registry session expires (seconds): logins placed there in
+    /// the meantime would only send clients to a closed port, so placement skips these
+    /// while any other live server is linked. Placement only: takeovers still wait on them.
+    unlinked: BTreeSet<ServerId>,
+    /// `live` minus `unlinked` (or all of `live` when that would leave none): where logins
+    /// are placed.
+    placeable: BTreeMap<ServerId, LiveServer>,
     /// Verified against when the account does not exist, so an unknown id costs the same
     /// time as a wrong password.
     dummy_hash: String,
@@ -630,6 +638,8 @@ impl RouteLogin {
             balancer,
             rng,
             live: BTreeMap::new(),
+            unlinked: BTreeSet::new(),
+            placeable: BTreeMap::new(),
             dummy_hash,
             next_request: 0,
             pending: BTreeMap::new(),
@@ -661,6 +671,8 @@ impl RouteLogin {
         live: BTreeMap<ServerId, LiveServer>,
     ) {
         self.live = live;
+        self.unlinked.retain(|s| self.live.contains_key(s));
+        self.update_placeable();
         for h in &mut self.held {
             h.awaiting.retain(|s| self.live.contains_key(s));
         }
@@ -696,6 +708,9 @@ impl RouteLogin {
     /// restarted answers at once (it holds no session), which releases the answer long
     /// before the old lease would.
     pub fn handle_server_reachable(&mut self, server: &ServerId) {
+        if self.unlinked.remove(server) {
+            self.update_placeable();
+        }
         for held in self.held.iter().filter(|h| h.awaiting.contains(server)) {
             self.events.push_back(RouteEvent::KickOld {
                 server: server.clone(),
@@ -703,6 +718,27 @@ impl RouteLogin {
                 below_epoch: held.granted.epoch,
             });
         }
+    }
+
+    /// The link to `server` went down: no new logins are placed there until it is back
+    /// (or the server leaves the registry), unless no linked server is left.
+    pub fn handle_server_unreachable(&mut self, server: &ServerId) {
+        if self.live.contains_key(server) && self.unlinked.insert(server.clone()) {
+            self.update_placeable();
+        }
+    }
+
+    fn update_placeable(&mut self) {
+        let linked = || {
+            self.live
+                .iter()
+                .filter(|(id, _)| !self.unlinked.contains(*id))
+        };
+        self.placeable = if linked().next().is_some() {
+            linked().map(|(id, s)| (id.clone(), s.clone())).collect()
+        } else {
+            self.live.clone()
+        };
     }
 
     pub fn handle_register(&mut self, now: Instant, api: ApiRequestId, name: &str, password: &str) {
@@ -1021,8 +1057,8 @@ impl RouteLogin {
         };
         let Some(server) = self
             .balancer
-            .pick(login.user, &self.live)
-            .and_then(|id| self.live.get(&id).cloned())
+            .pick(login.user, &self.placeable)
+            .and_then(|id| self.placeable.get(&id).cloned())
         else {
             self.logged_in(api, Err(LoginError::NoServerAvailable));
             return;
@@ -1779,6 +1815,32 @@ mod tests {
                 .derive_resume(&first.resume_token, UserId(1), Epoch(3)),
             answer.resume_token
         );
+    }
+
+    #[test]
+    fn logins_are_not_placed_on_a_server_whose_link_is_down() {
+        let mut h = Harness::with_alice(&["s1", "s2"]);
+        for name in ["bob", "carol", "dave"] {
+            assert!(matches!(
+                h.register(0, name, "pw")[..],
+                [RouteEvent::Registered { result: Ok(_), .. }]
+            ));
+        }
+        let server_of = |h: &mut Harness, user: u64, name: &str| {
+            h.start_login(100, user, name, "pw", None);
+            login_ok(&h.run(100)).server.id.as_str().to_owned()
+        };
+        // Round robin would start with s1; its link is down, so both go to s2.
+        h.m.handle_server_unreachable(&ServerId::new("s1"));
+        assert_eq!(server_of(&mut h, 1, "alice"), "s2");
+        assert_eq!(server_of(&mut h, 2, "bob"), "s2");
+        // Back up: placement uses it again.
+        h.m.handle_server_reachable(&ServerId::new("s1"));
+        assert_eq!(server_of(&mut h, 3, "carol"), "s1");
+        // With every link down, logins are placed on any live server rather than refused.
+        h.m.handle_server_unreachable(&ServerId::new("s1"));
+        h.m.handle_server_unreachable(&ServerId::new("s2"));
+        assert_eq!(server_of(&mut h, 4, "dave"), "s2");
     }
 
     #[test]

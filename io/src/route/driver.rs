@@ -329,6 +329,9 @@ impl<N: Network> Driver<N> {
                     && link.generation == generation
                 {
                     link.tx = None;
+                    // New logins go elsewhere while it is down: after a crash the server
+                    // stays listed until its registry session expires.
+                    self.login.handle_server_unreachable(&server);
                 }
             }
             Input::LinkFrame {
