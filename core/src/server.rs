@@ -174,6 +174,10 @@ pub enum ServerOutput {
     /// Write this frame to the connection; report it with `handle_written` once the socket
     /// took it.
     Transmit { conn: ConnId, frame: Frame },
+    /// Write this one frame to each of these connections (a push's Deliver to its
+    /// recipients here), reporting each with `handle_written` like a `Transmit`. One output
+    /// so the shell encodes the frame once, not once per recipient.
+    TransmitToMany { conns: Vec<ConnId>, frame: Frame },
     /// Flush the frames already queued for this connection (a final Kick or Error), then close
     /// it. The node has already forgotten it: no `handle_connection_closed` is needed.
     Close { conn: ConnId },
@@ -929,13 +933,19 @@ impl ServerNode {
                     .filter_map(|u| self.sessions.get(&UserId(*u)).map(|&(conn, _)| conn))
                     .collect()
             };
-            for conn in targets {
-                self.transmit(
-                    conn,
-                    Kind::Deliver(proto::Deliver {
-                        message: Some(message.clone()),
-                    }),
-                );
+            let conns: Vec<ConnId> = targets
+                .into_iter()
+                .filter(|&conn| self.admit_frame(conn))
+                .collect();
+            if !conns.is_empty() {
+                self.outputs.push_back(ServerOutput::TransmitToMany {
+                    conns,
+                    frame: Frame {
+                        kind: Some(Kind::Deliver(proto::Deliver {
+                            message: Some(message),
+                        })),
+                    },
+                });
             }
         }
     }
@@ -1086,20 +1096,28 @@ impl ServerNode {
 
     /// Queues a frame, or kicks the connection if its unwritten backlog is already full.
     fn transmit(&mut self, conn: ConnId, kind: Kind) {
+        if self.admit_frame(conn) {
+            self.outputs.push_back(ServerOutput::Transmit {
+                conn,
+                frame: Frame { kind: Some(kind) },
+            });
+        }
+    }
+
+    /// Counts one more frame into `conn`'s unwritten backlog, or kicks the connection if
+    /// the backlog is already full. `false`: do not send it the frame.
+    fn admit_frame(&mut self, conn: ConnId) -> bool {
         let max = self.config.max_outbound_frames;
         let Some(c) = self.conns.get_mut(&conn) else {
-            return;
+            return false;
         };
         if c.unwritten >= max {
             self.stats.slow_consumers += 1;
             self.kick(conn, KickReason::SlowConsumer, "too far behind");
-            return;
+            return false;
         }
         c.unwritten += 1;
-        self.outputs.push_back(ServerOutput::Transmit {
-            conn,
-            frame: Frame { kind: Some(kind) },
-        });
+        true
     }
 
     fn kick(&mut self, conn: ConnId, reason: KickReason, message: &str) {

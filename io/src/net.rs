@@ -9,11 +9,11 @@
 //! allocation.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use cim_proto::Frame;
 use cim_proto::codec::{DecodeError, EncodeError, FrameCodec};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -178,20 +178,32 @@ pub enum WriteError {
     Io(#[from] io::Error),
 }
 
+/// Bytes asked of the socket per read when the buffer has no room left.
+pub const DEFAULT_READ_CHUNK: usize = 4096;
+
 /// The reading half of a framed connection.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     io: R,
     codec: FrameCodec,
     buf: BytesMut,
+    read_chunk: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R, codec: FrameCodec) -> Self {
+        Self::with_read_chunk(io, codec, DEFAULT_READ_CHUNK)
+    }
+
+    /// Reads at most about `read_chunk` bytes at a time (more when one frame needs it).
+    /// The buffer is only allocated at the first read, and a connection waiting for input
+    /// holds one chunk: a server with many mostly idle clients keeps this small.
+    pub fn with_read_chunk(io: R, codec: FrameCodec, read_chunk: usize) -> Self {
         Self {
             io,
             codec,
-            buf: BytesMut::with_capacity(4096),
+            buf: BytesMut::new(),
+            read_chunk: read_chunk.max(64),
         }
     }
 
@@ -212,6 +224,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             // `decode_buf` has checked the length prefix, so the buffer grows at most to one
             // maximum frame.
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(self.read_chunk);
+            }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(if self.buf.is_empty() {
                     ReadError::Closed
@@ -236,7 +251,28 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Self {
             io,
             codec,
-            buf: BytesMut::with_capacity(4096),
+            // Grown by the first encode; unused by `write_encoded`.
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Writes frames encoded beforehand (each `Bytes` one whole frame), all within
+    /// `timeout`. Where the stream takes vectored writes (TCP does) the frames go out in
+    /// one `writev` per up to 64 of them, without being copied together. The frames are
+    /// consumed: each is empty afterwards.
+    pub async fn write_encoded(
+        &mut self,
+        frames: &mut [Bytes],
+        timeout: Duration,
+    ) -> Result<(), WriteError> {
+        let mut gather = Gather::new(frames);
+        let write = async {
+            self.io.write_all_buf(&mut gather).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(WriteError::Timeout(timeout)),
         }
     }
 
@@ -272,6 +308,60 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Flushes and shuts the write side down (best effort, bounded by `timeout`).
     pub async fn shutdown(&mut self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.io.shutdown()).await;
+    }
+}
+
+/// Several encoded frames as one [`Buf`], whose `chunks_vectored` lets `write_all_buf`
+/// hand them all to one vectored write.
+struct Gather<'a> {
+    frames: &'a mut [Bytes],
+    /// The first frame with bytes left to write.
+    next: usize,
+}
+
+impl<'a> Gather<'a> {
+    fn new(frames: &'a mut [Bytes]) -> Self {
+        let mut gather = Self { frames, next: 0 };
+        gather.skip_written();
+        gather
+    }
+
+    fn skip_written(&mut self) {
+        while self.frames.get(self.next).is_some_and(Bytes::is_empty) {
+            self.next += 1;
+        }
+    }
+}
+
+impl Buf for Gather<'_> {
+    fn remaining(&self) -> usize {
+        self.frames[self.next..].iter().map(Bytes::len).sum()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.frames
+            .get(self.next)
+            .map_or(&[], |frame| frame.as_ref())
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let frame = &mut self.frames[self.next];
+            let n = cnt.min(frame.len());
+            frame.advance(n);
+            cnt -= n;
+            self.skip_written();
+        }
+    }
+
+    fn chunks_vectored<'b>(&'b self, dst: &mut [IoSlice<'b>]) -> usize {
+        let rest = self.frames[self.next..].iter().filter(|f| !f.is_empty());
+        let mut filled = 0;
+        for (slot, frame) in dst.iter_mut().zip(rest) {
+            *slot = IoSlice::new(frame);
+            filled += 1;
+        }
+        filled
     }
 }
 

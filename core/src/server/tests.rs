@@ -71,21 +71,32 @@ enum Out {
 fn summarize(outputs: &[ServerOutput]) -> Vec<Out> {
     outputs
         .iter()
-        .map(|o| match o {
-            ServerOutput::Transmit { conn, frame } => frame_out(conn.0, frame),
-            ServerOutput::Close { conn } => Out::Close(conn.0),
-            ServerOutput::Store(req) => Out::Store(req.command.clone()),
-            ServerOutput::ToRoute(send) => Out::Route {
-                user: send.user_id,
-                epoch: send.epoch,
-                conv: send
-                    .send
-                    .as_ref()
-                    .map(|s| s.conv.clone())
-                    .unwrap_or_default(),
-            },
+        .flat_map(|o| match o {
+            ServerOutput::TransmitToMany { conns, frame } => conns
+                .iter()
+                .map(|conn| frame_out(conn.0, frame))
+                .collect::<Vec<_>>(),
+            other => vec![summarize_one(other)],
         })
         .collect()
+}
+
+fn summarize_one(output: &ServerOutput) -> Out {
+    match output {
+        ServerOutput::Transmit { conn, frame } => frame_out(conn.0, frame),
+        ServerOutput::TransmitToMany { .. } => unreachable!("expanded by summarize"),
+        ServerOutput::Close { conn } => Out::Close(conn.0),
+        ServerOutput::Store(req) => Out::Store(req.command.clone()),
+        ServerOutput::ToRoute(send) => Out::Route {
+            user: send.user_id,
+            epoch: send.epoch,
+            conv: send
+                .send
+                .as_ref()
+                .map(|s| s.conv.clone())
+                .unwrap_or_default(),
+        },
+    }
 }
 
 fn frame_out(conn: u64, frame: &Frame) -> Out {
@@ -1089,6 +1100,44 @@ mod push {
                 Out::Deliver { conn: 2, seq: 6 },
             ]
         );
+    }
+
+    /// The recipients of one push share one output, so the shell encodes the Deliver once;
+    /// a recipient whose backlog is full is kicked instead and left out of it.
+    #[test]
+    fn one_push_is_one_output_for_all_its_recipients() {
+        let mut h = Harness::with(|c| c.max_outbound_frames = 2);
+        h.login(0, 1, 1, 1);
+        h.login(0, 2, 2, 1);
+        h.login(0, 3, 3, 1);
+        // Conn 2 has its LoginOk and a pong unwritten: full.
+        h.frame(1, 2, ping(1));
+        h.node.handle_written(ConnId(1), 1);
+        h.node.handle_written(ConnId(3), 1);
+        h.node.handle_push(
+            h.at(10),
+            proto::PushBatch {
+                pushes: vec![pushed(5, vec![1, 2, 3], false)],
+            },
+        );
+        let mut raw = Vec::new();
+        while let Some(output) = h.node.poll_output() {
+            raw.push(output);
+        }
+        let many: Vec<_> = raw
+            .iter()
+            .filter_map(|o| match o {
+                ServerOutput::TransmitToMany { conns, frame } => Some((conns, frame)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(many.len(), 1, "{raw:?}");
+        assert_eq!(many[0].0, &vec![ConnId(1), ConnId(3)]);
+        assert!(matches!(
+            frame_out(0, many[0].1),
+            Out::Deliver { seq: 5, .. }
+        ));
+        assert_eq!(h.node.stats().kicks(KickReason::SlowConsumer), 1);
     }
 
     #[test]

@@ -606,6 +606,17 @@ impl Cluster {
 
     fn server_output(&mut self, s: usize, output: ServerOutput) {
         match output {
+            ServerOutput::TransmitToMany { conns, frame } => {
+                for conn in conns {
+                    self.server_output(
+                        s,
+                        ServerOutput::Transmit {
+                            conn,
+                            frame: frame.clone(),
+                        },
+                    );
+                }
+            }
             ServerOutput::Transmit { conn, frame } => {
                 // The socket takes every frame at once in the harness.
                 self.servers[s].node.handle_written(conn, 1);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use cim_core::ids::{Epoch, UserId};
 use cim_core::server::{ConnId, ServerNode, ServerOutput, ServerStats};
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
@@ -24,6 +25,10 @@ use crate::store::Store;
 
 /// Sessions as (user, epoch, connection), for the observer's comparisons.
 type SessionSet = BTreeSet<(UserId, Epoch, ConnId)>;
+
+/// The encoding buffer's allocations, and the room below which it takes a fresh one.
+const ENCODE_CHUNK: usize = 4096;
+const ENCODE_ROOM: usize = 256;
 
 /// A route link, numbered by the link listener in accept order. Never reused.
 pub(super) type LinkId = u64;
@@ -132,8 +137,9 @@ pub(super) struct ShellStats {
 }
 
 struct ConnEntry {
-    /// Dropping it closes the connection once the writer has flushed what is queued.
-    tx: mpsc::Sender<Frame>,
+    /// Encoded frames for the connection's writer. Dropping it closes the connection once
+    /// the writer has flushed what is queued.
+    tx: mpsc::Sender<Bytes>,
 }
 
 struct LinkEntry {
@@ -147,6 +153,9 @@ pub(super) struct Driver<S> {
     node: ServerNode,
     clock: Clock,
     codec: FrameCodec,
+    /// Client frames are encoded here, then split off as `Bytes`: frames encoded together
+    /// share an allocation, and a push's Deliver is encoded once for all its recipients.
+    encoded: BytesMut,
     store: Arc<dyn Store>,
     io_timeout: Duration,
     inputs: mpsc::Sender<Input<S>>,
@@ -192,6 +201,7 @@ impl<S: Stream> Driver<S> {
             node,
             clock,
             codec,
+            encoded: BytesMut::new(),
             store,
             io_timeout,
             inputs,
@@ -346,7 +356,18 @@ impl<S: Stream> Driver<S> {
     fn act(&mut self) {
         while let Some(output) = self.node.poll_output() {
             match output {
-                ServerOutput::Transmit { conn, frame } => self.transmit(conn, frame),
+                ServerOutput::Transmit { conn, frame } => {
+                    if let Some(bytes) = self.encode(&frame, &[conn]) {
+                        self.transmit(conn, bytes);
+                    }
+                }
+                ServerOutput::TransmitToMany { conns, frame } => {
+                    if let Some(bytes) = self.encode(&frame, &conns) {
+                        for conn in conns {
+                            self.transmit(conn, bytes.clone());
+                        }
+                    }
+                }
                 ServerOutput::Close { conn } => {
                     // Dropping the queue's sender lets the writer flush the final Kick/Error,
                     // then close. The node has already forgotten the connection.
@@ -412,7 +433,34 @@ impl<S: Stream> Driver<S> {
         tracing::debug!(conn = conn.0, %peer, "client connected");
     }
 
-    fn transmit(&mut self, conn: ConnId, frame: Frame) {
+    /// One frame's bytes on the wire. A frame that does not encode (over the maximum frame
+    /// size) cannot be sent to `conns`, which then could miss what it carries: they are
+    /// closed, as a failed write would close them, and their clients resync on reconnect.
+    fn encode(&mut self, frame: &Frame, conns: &[ConnId]) -> Option<Bytes> {
+        // Chunks of ENCODE_CHUNK, so small frames share allocations; a chunk is freed once
+        // every frame split from it has been written. (A frame larger than the room left
+        // gets an allocation of its own from `encode`.)
+        if self.encoded.capacity() < ENCODE_ROOM {
+            self.encoded.reserve(ENCODE_CHUNK);
+        }
+        match self.codec.encode(frame, &mut self.encoded) {
+            Ok(()) => Some(self.encoded.split().freeze()),
+            Err(error) => {
+                self.encoded.clear();
+                let now = self.clock.now();
+                for conn in conns {
+                    if self.conns.remove(conn).is_some() {
+                        self.shell.write_failures += 1;
+                        tracing::warn!(conn = conn.0, %error, "frame to client does not encode; closing");
+                        self.node.handle_connection_closed(now, *conn);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn transmit(&mut self, conn: ConnId, frame: Bytes) {
         let Some(entry) = self.conns.get(&conn) else {
             return;
         };

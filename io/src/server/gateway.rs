@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use cim_core::server::ConnId;
-use cim_proto::Frame;
 use cim_proto::codec::FrameCodec;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -12,10 +12,19 @@ use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
 use super::driver::Input;
-use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, framed};
+use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream};
 
-/// Frames written to the socket in one go (and reported in one `Written`).
+/// Frames written to the socket in one go (and reported in one `Written`): tokio's limit on
+/// slices per vectored write.
 const WRITE_BATCH: usize = 64;
+
+/// Clients send small frames (sends, acks, pings), and most connections are idle most of
+/// the time, waiting in a read with this much buffer.
+const CLIENT_READ_CHUNK: usize = 1024;
+
+/// The write batch's capacity kept across writes; a burst's larger batch is given back once
+/// the queue is empty, so an idle connection holds next to nothing.
+const IDLE_BATCH: usize = 4;
 
 /// Back-off after a failed accept (out of descriptors and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -57,12 +66,14 @@ pub(super) fn spawn_connection<S: Stream>(
     conn: ConnId,
     stream: S,
     codec: FrameCodec,
-    queue: mpsc::Receiver<Frame>,
+    queue: mpsc::Receiver<Bytes>,
     inputs: mpsc::Sender<Input<S>>,
     io_timeout: Duration,
     cancel: CancellationToken,
 ) {
-    let (reader, writer) = framed(stream, codec);
+    let (read, write) = tokio::io::split(stream);
+    let reader = FrameReader::with_read_chunk(read, codec, CLIENT_READ_CHUNK);
+    let writer = FrameWriter::new(write, codec);
     let (writer_ended, linger) = oneshot::channel();
     tokio::spawn(read_loop(
         conn,
@@ -127,18 +138,19 @@ async fn read_loop<S: Stream>(
     }
 }
 
-/// Writes queued frames in batches, reporting each batch once the socket took it. Ends when
-/// the queue's sender is dropped (after flushing everything queued), or on a write error.
+/// Writes queued frames (encoded by the driver) in batches, reporting each batch once the
+/// socket took it. Ends when the queue's sender is dropped (after flushing everything
+/// queued), or on a write error.
 async fn write_loop<S: Stream>(
     conn: ConnId,
     mut writer: FrameWriter<WriteHalf<S>>,
-    mut queue: mpsc::Receiver<Frame>,
+    mut queue: mpsc::Receiver<Bytes>,
     inputs: mpsc::Sender<Input<S>>,
     writer_ended: oneshot::Sender<()>,
     io_timeout: Duration,
     cancel: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut batch = Vec::new();
     loop {
         let first = tokio::select! {
             biased;
@@ -152,13 +164,15 @@ async fn write_loop<S: Stream>(
         let written = tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
-            written = writer.write_frames(&batch, io_timeout) => written,
+            written = writer.write_encoded(&mut batch, io_timeout) => written,
         };
+        let frames = batch.len();
+        batch.clear();
+        if queue.is_empty() {
+            batch.shrink_to(IDLE_BATCH);
+        }
         let input = match written {
-            Ok(()) => Input::Written {
-                conn,
-                frames: batch.len(),
-            },
+            Ok(()) => Input::Written { conn, frames },
             Err(error) => Input::WriteFailed {
                 conn,
                 reason: error.to_string(),
