@@ -105,6 +105,11 @@ pub struct Args {
     /// Messages kept per conversation [default: 10000].
     #[arg(long, env = "CIM_MAX_LOG_LEN")]
     max_log_len: Option<usize>,
+    /// Threads that hash and verify passwords (argon2), off the routing task; 0 runs them
+    /// on the routing task, stalling message routing during login bursts [default: one per
+    /// core].
+    #[arg(long, env = "CIM_PASSWORD_WORKERS")]
+    password_workers: Option<usize>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
@@ -157,7 +162,8 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         link_secret_previous,
         balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
-        link_retry_delay, redis_timeout, max_body, max_log_len, allow_eviction);
+        link_retry_delay, redis_timeout, max_body, max_log_len, password_workers,
+        allow_eviction);
     launch::init_tracing("info");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -219,6 +225,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let idempotency_ttl = idempotency_ttl(args.idempotency_ttl.as_deref())?;
     if let Some(n) = args.max_body {
         options.delivery.max_body = n;
+    }
+    if let Some(n) = args.password_workers {
+        options.password_workers = n;
     }
 
     let defaults = RedisOptions::default();
