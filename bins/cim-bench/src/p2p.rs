@@ -1,7 +1,13 @@
-//! `p2p`: K sender/receiver pairs in private conversations at a fixed offered rate (open
-//! loop: each message's latency counts from when it was *due*, so a stalled sender cannot
-//! hide queueing), stepped through rising rates; p50/p99/p999 per rate, and the highest
-//! rate whose p99 stays under 10 ms.
+//! `p2p`: K sender/receiver pairs in private conversations at a fixed offered rate, stepped
+//! through rising rates; p50/p99/p999 per rate, and the highest rate whose p99 stays under
+//! 10 ms.
+//!
+//! Two latencies per message. *From submit*: from the moment the SDK is handed the message
+//! to its delivery, what the system costs. *From due*: from when the open-loop schedule
+//! said it should be sent, so a sender held back (by backpressure, or a starved bench)
+//! cannot hide queueing; it adds the generator's own lateness, up to about one 1 ms timer
+//! tick (tokio's timer resolution) on a machine that keeps up. The sustained-rate verdict
+//! uses the stricter one, from due.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,8 +35,12 @@ pub struct P2pArgs {
     pub payload: usize,
 }
 
-/// Deliveries and latencies of one rate, filled by the receivers.
-type PerRate = (u64, Histogram<u64>);
+/// Deliveries and latencies (from submit, from due) of one rate, filled by the receivers.
+type PerRate = (u64, Histogram<u64>, Histogram<u64>);
+
+/// Body layout: submit stamp (8 bytes, what `util::latency_us` reads), rate index (1),
+/// due stamp (8).
+const DUE_AT: std::ops::Range<usize> = 9..17;
 
 /// One rate's figures.
 #[derive(Debug)]
@@ -40,6 +50,7 @@ pub struct Step {
     pub delivered: u64,
     pub secs: f64,
     pub latency_us: Histogram<u64>,
+    pub from_due_us: Histogram<u64>,
 }
 
 pub async fn run(
@@ -63,7 +74,9 @@ pub async fn run(
     let users = util::register_users(route, &format!("pp{tag}"), pairs * 2, 32).await?;
     let clients = util::start_clients(route, &users, 64).await?;
     let hists: Arc<Mutex<Vec<PerRate>>> = Arc::new(Mutex::new(
-        (0..rates.len()).map(|_| (0, util::histogram())).collect(),
+        (0..rates.len())
+            .map(|_| (0, util::histogram(), util::histogram()))
+            .collect(),
     ));
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
@@ -81,12 +94,17 @@ pub async fn run(
                 let _client = client;
                 while let Some(event) = events.next().await {
                     if let ClientEvent::Message(m) = event
-                        && let (Some(us), Some(&step)) = (util::latency_us(&m.body), m.body.get(8))
+                        && let (Some(us), Some(&step), Some(due)) = (
+                            util::latency_us(&m.body),
+                            m.body.get(8),
+                            m.body.get(DUE_AT).and_then(util::latency_us),
+                        )
                     {
                         let mut h = hists.lock().expect("no panics while held");
-                        if let Some((n, hist)) = h.get_mut(step as usize) {
+                        if let Some((n, from_submit, from_due)) = h.get_mut(step as usize) {
                             *n += 1;
-                            let _ = hist.record(us.max(1));
+                            let _ = from_submit.record(us.max(1));
+                            let _ = from_due.record(due.max(1));
                         }
                     }
                 }
@@ -100,25 +118,39 @@ pub async fn run(
         let bar = util::bar(total, &format!("{rate}/s"));
         let start_stamp = util::stamp();
         let started = util::now();
-        let mut sent = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        while sent < total {
-            tick.tick().await;
-            let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-            while sent < due {
-                // Stamped with when it was due, not when we got round to it.
-                let due_at = start_stamp + sent * 1_000_000_000 / rate;
-                let mut body = util::stamped_body(due_at, args.payload.max(9)).to_vec();
-                body[8] = index as u8;
-                let (client, conv) = &senders[(sent as usize) % senders.len()];
-                client
-                    .submit(conv.clone(), body.into())
-                    .await
-                    .context("submit")?;
-                sent += 1;
+        // The schedule runs on a thread of its own, sleeping with the OS timer (tens of
+        // microseconds) rather than tokio's 1 ms timer wheel, so sends leave close to when
+        // they are due; the latency "from due" still counts any lateness.
+        let handle = tokio::runtime::Handle::current();
+        let payload = args.payload.max(DUE_AT.end);
+        let generator_bar = bar.clone();
+        let (returned, sent) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut sent = 0u64;
+            while sent < total {
+                // Message n is due n / rate after the start: those due by now are n <= t * rate.
+                let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+                while sent < due {
+                    let due_at = start_stamp + sent * 1_000_000_000 / rate;
+                    let mut body = util::stamped_body(util::stamp(), payload).to_vec();
+                    body[8] = index as u8;
+                    body[DUE_AT].copy_from_slice(&due_at.to_be_bytes());
+                    let (client, conv) = &senders[(sent as usize) % senders.len()];
+                    handle
+                        .block_on(client.submit(conv.clone(), body.into()))
+                        .context("submit")?;
+                    sent += 1;
+                }
+                generator_bar.set_position(sent);
+                let next = started + Duration::from_nanos(sent * 1_000_000_000 / rate);
+                if let Some(wait) = next.checked_duration_since(util::now()) {
+                    std::thread::sleep(wait);
+                }
             }
-            bar.set_position(sent);
-        }
+            Ok((senders, sent))
+        })
+        .await
+        .context("the generator thread")??;
+        senders = returned;
         let send_secs = started.elapsed().as_secs_f64();
         // Let the tail arrive (bounded).
         let drain_until = util::now() + Duration::from_secs(5);
@@ -126,9 +158,9 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         bar.finish_and_clear();
-        let (delivered, latency_us) = {
+        let (delivered, latency_us, from_due_us) = {
             let h = hists.lock().expect("held briefly");
-            (h[index].0, h[index].1.clone())
+            (h[index].0, h[index].1.clone(), h[index].2.clone())
         };
         steps.push(Step {
             offered: rate,
@@ -136,6 +168,7 @@ pub async fn run(
             delivered,
             secs: send_secs,
             latency_us,
+            from_due_us,
         });
     }
     for (client, _) in senders {
@@ -154,10 +187,12 @@ pub async fn run(
             "p50 ms",
             "p99 ms",
             "p999 ms",
+            "from due: p50 / p99 ms",
         ],
     );
     for s in &steps {
         let [p50, p99, p999] = util::percentiles_ms(&s.latency_us);
+        let [due50, due99, _] = util::percentiles_ms(&s.from_due_us);
         table.row(vec![
             int(s.offered as f64),
             int(s.sent as f64 / s.secs.max(1e-9)),
@@ -165,16 +200,18 @@ pub async fn run(
             f2(p50),
             f2(p99),
             f2(p999),
+            format!("{} / {}", f2(due50), f2(due99)),
         ]);
     }
     let best = steps
         .iter()
-        .filter(|s| s.delivered == s.sent && util::percentiles_ms(&s.latency_us)[1] < 10.0)
+        .filter(|s| s.delivered == s.sent && util::percentiles_ms(&s.from_due_us)[1] < 10.0)
         .map(|s| s.offered)
         .max();
     table.row(vec![
-        "highest rate with p99 < 10 ms".into(),
+        "highest rate with p99 (from due) < 10 ms".into(),
         best.map_or("none of those tried".into(), |r| int(r as f64)),
+        String::new(),
         String::new(),
         String::new(),
         String::new(),
