@@ -1641,3 +1641,44 @@ async fn redis_collects_route_records_and_idempotency_records() {
     let pttl: u64 = pttl.trim_start_matches(':').parse().expect(&pttl);
     assert!(pttl > 0 && pttl <= TTL_MS, "idempotency record ttl {pttl}");
 }
+
+/// The private append sends the conversation index and the append script in one pipeline,
+/// by `EVALSHA`: after `SCRIPT FLUSH` (what a restarted Redis has) it loads the script and
+/// sends the pipeline again, and both users' index entries are there either way.
+#[tokio::test]
+async fn redis_append_pipeline_survives_a_flushed_script_cache() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut d = Driver::new(&store);
+    let a = d.register("a").await;
+    let b = d.register("b").await;
+    let conv = ConvId::private(a, b).unwrap();
+    assert_eq!(d.append(T0, &conv, a, 1, "one").await.unwrap().0, 1);
+    assert_eq!(server.raw("SCRIPT FLUSH"), "+OK");
+    assert_eq!(d.append(T0, &conv, b, 2, "two").await.unwrap().0, 2);
+    // A retry after the reload is still recognized (the idempotency record was written once).
+    assert_eq!(
+        d.append(T0, &conv, b, 2, "two").await.unwrap(),
+        (2, true, T0)
+    );
+    for user in [a, b] {
+        assert_eq!(
+            server.raw(&format!("SISMEMBER cim:convs:{{u:{}}} {conv}", user.0)),
+            ":1"
+        );
+        let heads = d.heads(user).await;
+        assert!(
+            heads.iter().any(|h| h.conv == conv && h.head_seq == 2),
+            "{heads:?}"
+        );
+    }
+    // An unknown account is still refused once the others are remembered.
+    let stranger = UserId(a.0 + b.0 + 100);
+    assert_eq!(
+        d.append(T0, &ConvId::private(a, stranger).unwrap(), a, 3, "x")
+            .await,
+        Err(AppendError::UnknownConversation)
+    );
+}

@@ -2,7 +2,7 @@
 //! the semantics of `cim_core::memstore::MemoryStore`. Key layout and atomicity: see the
 //! module docs of [`super`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -111,7 +111,15 @@ pub struct RedisStore {
     scripts: Scripts,
     /// Log epochs for new logs. Held only to draw one number.
     rng: Mutex<ChaCha8Rng>,
+    /// Users whose account this store has seen exist. Accounts are never deleted, so an
+    /// append need not ask Redis again (two `EXISTS` per private message, one per message
+    /// in `all`). Emptied when a command fails, which a Redis restart (and whatever AOF
+    /// `everysec` lost with it) always causes; bounded by [`KNOWN_ACCOUNTS_MAX`].
+    known_accounts: Mutex<HashSet<u64>>,
 }
+
+/// Past this many remembered accounts the set starts over (8 bytes each, plus the table).
+const KNOWN_ACCOUNTS_MAX: usize = 1 << 20;
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -167,6 +175,7 @@ impl RedisStore {
             options,
             scripts: Scripts::new(),
             rng: Mutex::new(rng),
+            known_accounts: Mutex::new(HashSet::new()),
         })
     }
 
@@ -304,21 +313,14 @@ impl RedisStore {
         pipe.query_async(&mut conn).await.map_err(unavailable)
     }
 
-    /// Runs `read.lua` once per conversation in one pipeline (the `Script` type cannot be
-    /// pipelined, so this is `EVALSHA` by hand, loading the script on `NOSCRIPT`).
-    async fn read_pipelined(&self, calls: &[(Vec<String>, Vec<String>)]) -> R<Vec<Value>> {
-        if calls.is_empty() {
-            return Ok(Vec::new());
-        }
-        let script = &self.scripts.read;
-        let mut pipe = ::redis::pipe();
-        for (keys, args) in calls {
-            pipe.cmd("EVALSHA")
-                .arg(script.get_hash())
-                .arg(keys.len())
-                .arg(keys)
-                .arg(args);
-        }
+    /// `pipe`, whose scripts are called by `EVALSHA` (the `Script` type cannot be pipelined):
+    /// on `NOSCRIPT` (a Redis that restarted or was flushed) `script` is loaded and the whole
+    /// pipeline sent again, so what precedes the script in it must be idempotent.
+    async fn query_pipe_with_script<T: ::redis::FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        script: &Script,
+    ) -> R<T> {
         let mut conn = self.conn.clone();
         match pipe.query_async(&mut conn).await {
             Ok(values) => Ok(values),
@@ -334,6 +336,63 @@ impl RedisStore {
             }
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    fn known_accounts(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        // A poisoned lock only means another thread panicked while inserting: the set is
+        // still a set of accounts seen to exist.
+        self.known_accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether all of `users` have accounts: from memory for those seen before, else one
+    /// round trip of `EXISTS`.
+    async fn accounts_exist(&self, users: &[UserId]) -> R<bool> {
+        let unknown: Vec<UserId> = {
+            let known = self.known_accounts();
+            users
+                .iter()
+                .filter(|u| !known.contains(&u.0))
+                .copied()
+                .collect()
+        };
+        if unknown.is_empty() {
+            return Ok(true);
+        }
+        let mut pipe = ::redis::pipe();
+        for user in &unknown {
+            pipe.exists(acct_key(*user));
+        }
+        let exist: Vec<bool> = self.query_pipe(&pipe).await?;
+        let mut known = self.known_accounts();
+        if known.len() + unknown.len() > KNOWN_ACCOUNTS_MAX {
+            known.clear();
+        }
+        for (user, exists) in unknown.iter().zip(&exist) {
+            if *exists {
+                known.insert(user.0);
+            }
+        }
+        Ok(exist.iter().all(|e| *e))
+    }
+
+    /// Runs `read.lua` once per conversation in one pipeline (the `Script` type cannot be
+    /// pipelined, so this is `EVALSHA` by hand, loading the script on `NOSCRIPT`).
+    async fn read_pipelined(&self, calls: &[(Vec<String>, Vec<String>)]) -> R<Vec<Value>> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let script = &self.scripts.read;
+        let mut pipe = ::redis::pipe();
+        for (keys, args) in calls {
+            pipe.cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args);
+        }
+        self.query_pipe_with_script(&pipe, script).await
     }
 
     // --- accounts ---------------------------------------------------------------------
@@ -615,37 +674,24 @@ impl RedisStore {
     ) -> R<StoreReply> {
         // Membership of private conversations and `all` is about accounts, which live under
         // other tags; they are never deleted, so checking first is as good as inside.
+        let mut pipe = ::redis::pipe();
         match &conv {
             ConvId::Private { low, high } => {
-                let (a, b): (bool, bool) = self
-                    .query_pipe(
-                        ::redis::pipe()
-                            .exists(acct_key(*low))
-                            .exists(acct_key(*high)),
-                    )
-                    .await?;
-                if !(a && b) {
+                if !self.accounts_exist(&[*low, *high]).await? {
                     return Ok(StoreReply::Appended(Err(AppendError::UnknownConversation)));
                 }
                 if sender != *low && sender != *high {
                     return Ok(StoreReply::Appended(Err(AppendError::NotMember)));
                 }
-                // The index first: see the module docs.
-                let _: () = self
-                    .query_pipe(
-                        ::redis::pipe()
-                            .sadd(convs_key(*low), conv.to_string())
-                            .ignore()
-                            .sadd(convs_key(*high), conv.to_string())
-                            .ignore(),
-                    )
-                    .await?;
+                // The index first (see the module docs): a pipeline runs in order, so the
+                // entries are in before the script, in the same round trip.
+                pipe.sadd(convs_key(*low), conv.to_string())
+                    .ignore()
+                    .sadd(convs_key(*high), conv.to_string())
+                    .ignore();
             }
             ConvId::All => {
-                let exists: bool = self
-                    .query(::redis::cmd("EXISTS").arg(acct_key(sender)))
-                    .await?;
-                if !exists {
+                if !self.accounts_exist(&[sender]).await? {
                     return Ok(StoreReply::Appended(Err(AppendError::NotMember)));
                 }
             }
@@ -661,28 +707,27 @@ impl RedisStore {
             ..Default::default()
         }
         .encode_to_vec();
-        let v: Vec<Value> = self
-            .invoke(
-                self.scripts
-                    .append
-                    .key(conv_key(&conv, "meta"))
-                    .key(conv_key(&conv, "log"))
-                    .key(idem_key(&conv, sender, msg_id))
-                    .key(conv_key(&conv, "members"))
-                    .arg(if matches!(conv, ConvId::Group(_)) {
-                        "1"
-                    } else {
-                        "0"
-                    })
-                    .arg(sender.0)
-                    .arg(&body_hash[..])
-                    .arg(encoded)
-                    .arg(now.0)
-                    .arg(millis(self.options.idempotency_ttl))
-                    .arg(self.options.max_log_len as u64)
-                    .arg(self.new_log_epoch().0),
-            )
-            .await?;
+        let script = &self.scripts.append;
+        pipe.cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(4)
+            .arg(conv_key(&conv, "meta"))
+            .arg(conv_key(&conv, "log"))
+            .arg(idem_key(&conv, sender, msg_id))
+            .arg(conv_key(&conv, "members"))
+            .arg(if matches!(conv, ConvId::Group(_)) {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(sender.0)
+            .arg(&body_hash[..])
+            .arg(encoded)
+            .arg(now.0)
+            .arg(millis(self.options.idempotency_ttl))
+            .arg(self.options.max_log_len as u64)
+            .arg(self.new_log_epoch().0);
+        let (v,): (Vec<Value>,) = self.query_pipe_with_script(&pipe, script).await?;
         let status = v.first().map(string).transpose()?.flatten();
         let result = match (status.as_deref(), v.as_slice()) {
             (Some("unknown"), _) => Err(AppendError::UnknownConversation),
@@ -880,10 +925,15 @@ impl Store for RedisStore {
             // The connection manager also bounds each round trip; this bounds the whole
             // command (some take two or three).
             let budget = self.options.command_timeout.saturating_mul(3);
-            match tokio::time::timeout(budget, self.run(now, command)).await {
+            let result = match tokio::time::timeout(budget, self.run(now, command)).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreUnavailable("redis: command timed out".into())),
+            };
+            if result.is_err() {
+                // Redis may have restarted and lost recent writes, accounts among them.
+                self.known_accounts().clear();
             }
+            result
         })
     }
 
