@@ -863,13 +863,22 @@ impl ClientSession {
     fn begin_login(&mut self, now: Instant) {
         self.next_login_attempt += 1;
         let attempt = LoginAttempt(self.next_login_attempt);
+        // A first login presents a token of the client's own making. Should its answer be
+        // lost, the retry presents the same one, and any route recognizes the claim that
+        // login made as this client's (its token derives from the one presented) instead
+        // of refusing a repeat login until the claim's lease runs out.
+        let rng = &mut self.rng;
+        let resume_token = self
+            .resume_token
+            .get_or_insert_with(|| ResumeToken(rng.random()))
+            .clone();
         self.out.commands.push_back(ClientCommand::Login {
             attempt,
             request: LoginRequest {
                 user: self.config.user,
                 name: self.config.name.clone(),
                 password: self.config.password.clone(),
-                resume_token: self.resume_token.clone(),
+                resume_token: Some(resume_token),
             },
         });
         self.out.events.push_back(ClientEvent::LoggingIn);

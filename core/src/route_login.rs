@@ -1817,6 +1817,37 @@ mod tests {
         );
     }
 
+    /// A client's first login presents a token of its own making. If the answer is lost,
+    /// its retry (same token) takes the claim over instead of being refused as a repeat
+    /// login until the claim's lease runs out; a login with any other token still is.
+    #[test]
+    fn a_first_login_retried_with_its_own_token_takes_its_claim_over() {
+        let mut h = Harness::with_alice(&["s1", "s2"]);
+        let own = ResumeToken([0x5e; 32]);
+        // The answer is lost: the client never learns this claim's token.
+        let lost = login_ok(&h.login(0, 1, Some(&own))).clone();
+        assert_eq!(lost.epoch, Epoch(1));
+        assert_eq!(
+            login_err(&h.login(100, 1, Some(&ResumeToken([0x77; 32])))),
+            LoginError::RepeatLogin,
+            "someone else's token is a repeat login"
+        );
+        assert_eq!(
+            login_err(&h.login(100, 1, None)),
+            LoginError::RepeatLogin,
+            "no token is a repeat login"
+        );
+        let events = h.login(200, 1, Some(&own));
+        assert_eq!(
+            events,
+            vec![kick_old("s1", 1, 2), kick_old("s2", 1, 2)],
+            "the retry takes over, waiting on every live server"
+        );
+        h.kick_done(300, "s1", 1, 2);
+        let answer = login_ok(&h.kick_done(300, "s2", 1, 2)).clone();
+        assert_eq!(answer.epoch, Epoch(2));
+    }
+
     #[test]
     fn logins_are_not_placed_on_a_server_whose_link_is_down() {
         let mut h = Harness::with_alice(&["s1", "s2"]);

@@ -65,12 +65,20 @@ fn answer(epoch: u64, tok: u8) -> LoginAnswer {
     }
 }
 
+/// The token a session seeded 42 makes for its first login (its RNG's first draw: no
+/// message was submitted before).
+fn own_token() -> ResumeToken {
+    use rand::Rng as _;
+    ResumeToken(ChaCha8Rng::seed_from_u64(42).random())
+}
+
+/// A login request presenting `tok`, or with `None` the session's own first token.
 fn request(tok: Option<u8>) -> LoginRequest {
     LoginRequest {
         user: USER,
         name: "alice".into(),
         password: "pw".into(),
-        resume_token: tok.map(token),
+        resume_token: Some(tok.map_or_else(own_token, token)),
     }
 }
 
@@ -1594,4 +1602,28 @@ proptest! {
         }
         prop_assert_eq!(sim.received.keys().collect::<Vec<_>>(), sim.logs.keys().collect::<Vec<_>>());
     }
+}
+
+/// A first login whose answer never comes is retried with the same self-made token, so the
+/// route can tell the retry from a second device (see `route_login`).
+#[test]
+fn a_first_login_is_retried_with_the_same_own_token() {
+    let mut h = Harness::new(config());
+    h.table(vec![(
+        0,
+        In::Start,
+        vec![login_cmd(1, None)],
+        vec![ClientEvent::LoggingIn],
+    )]);
+    let mut retries = Vec::new();
+    for ms in [5_000, 5_001, 5_002] {
+        let (cmds, _) = h.step(ms, In::Timeout);
+        retries.extend(cmds);
+    }
+    assert_eq!(retries, vec![login_cmd(2, None)]);
+    // The token is persisted with the rest, so a restart retries with it too.
+    assert_eq!(
+        h.s.snapshot(h.at(5_002), UnixMillis(0)).resume_token,
+        Some(own_token())
+    );
 }
