@@ -650,7 +650,8 @@ impl ClientSession {
                     .into_iter()
                     .filter_map(|h| head_from_proto(h).ok())
                     .collect();
-                self.inbound.on_sync_answer(now, heads, &mut self.out);
+                self.inbound
+                    .on_sync_page(now, heads, answer.more, &mut self.out);
             }
             Kind::FetchAnswer(answer) => {
                 let head = answer.head.ok_or(FrameError::MissingField)?;

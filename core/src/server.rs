@@ -731,13 +731,19 @@ impl ServerNode {
                 if !self.is_session(conn, user, epoch) {
                     return;
                 }
-                let frame = match result {
-                    Ok(StoreReply::Heads(heads)) => Kind::SyncAnswer(proto::SyncAnswer {
-                        heads: heads.iter().map(head_to_proto).collect(),
-                    }),
-                    _ => error_kind(ErrorCode::Unavailable, "sync failed, retry"),
+                let Ok(StoreReply::Heads(heads)) = result else {
+                    self.transmit(
+                        conn,
+                        error_kind(ErrorCode::Unavailable, "sync failed, retry"),
+                    );
+                    return;
                 };
-                self.transmit(conn, frame);
+                let pages = sync_pages(&heads, self.config.max_answer_bytes);
+                let last = pages.len() - 1;
+                for (i, heads) in pages.into_iter().enumerate() {
+                    let more = i < last;
+                    self.transmit(conn, Kind::SyncAnswer(proto::SyncAnswer { heads, more }));
+                }
             }
             Pending::Fetch { conn, user, epoch } => {
                 if !self.is_session(conn, user, epoch) {
@@ -1269,6 +1275,27 @@ fn within_bytes(messages: &[crate::store::StoredMessage], budget: usize) -> Vec<
         out.push(message);
     }
     out
+}
+
+/// `heads` in pages of about `budget` encoded bytes at most (at least one head, and at
+/// least one page). A user in a few thousand conversations would otherwise get a
+/// SyncAnswer over the frame limit: it could never be sent, and the client never synced.
+fn sync_pages(heads: &[crate::store::ConvHead], budget: usize) -> Vec<Vec<proto::ConvHead>> {
+    use prost::Message as _;
+    let mut pages: Vec<Vec<proto::ConvHead>> = vec![Vec::new()];
+    let mut used = 0;
+    for head in heads {
+        let head = head_to_proto(head);
+        // The field tag and length prefix of a repeated message: at most 1 + 10 bytes.
+        let size = head.encoded_len() + 11;
+        if used + size > budget && pages.last().is_some_and(|page| !page.is_empty()) {
+            pages.push(Vec::new());
+            used = 0;
+        }
+        used += size;
+        pages.last_mut().expect("starts with one page").push(head);
+    }
+    pages
 }
 
 fn error_kind(code: ErrorCode, message: &str) -> Kind {

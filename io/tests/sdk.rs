@@ -214,6 +214,7 @@ fn answer(server: &Server, kind: Kind) -> Vec<Frame> {
             }))]
         }
         Kind::SyncRequest(_) => vec![frame(Kind::SyncAnswer(proto::SyncAnswer {
+            more: false,
             heads: vec![all_head(&s)],
         }))],
         Kind::FetchRequest(fetch) => {

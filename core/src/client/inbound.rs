@@ -200,6 +200,10 @@ pub(crate) struct Inbound {
     convs: BTreeMap<ConvId, Conv>,
     /// Send times of unanswered SyncRequests, oldest first (answers come back in order).
     syncs: VecDeque<Instant>,
+    /// The pages so far of a SyncAnswer too big for one frame (`more` set on all but the
+    /// last). The answer is only complete with its last page: it lists *every* conversation,
+    /// and conversations it does not list are judged by that.
+    pub(super) sync_pages: Vec<ConvHead>,
 }
 
 impl Inbound {
@@ -209,6 +213,7 @@ impl Inbound {
             cfg,
             convs: BTreeMap::new(),
             syncs: VecDeque::new(),
+            sync_pages: Vec::new(),
         }
     }
 
@@ -315,7 +320,23 @@ impl Inbound {
         c.settle_gap(now, &self.cfg);
     }
 
-    pub(crate) fn on_sync_answer(&mut self, now: Instant, heads: Vec<ConvHead>, out: &mut Outputs) {
+    /// One SyncAnswer frame: kept while more of the same answer follows, else the whole
+    /// answer is taken.
+    pub(crate) fn on_sync_page(
+        &mut self,
+        now: Instant,
+        heads: Vec<ConvHead>,
+        more: bool,
+        out: &mut Outputs,
+    ) {
+        self.sync_pages.extend(heads);
+        if !more {
+            let heads = std::mem::take(&mut self.sync_pages);
+            self.on_sync_answer(now, heads, out);
+        }
+    }
+
+    fn on_sync_answer(&mut self, now: Instant, heads: Vec<ConvHead>, out: &mut Outputs) {
         let asked_at = self.syncs.pop_front();
         let mut listed = BTreeSet::new();
         for head in heads {
@@ -389,6 +410,7 @@ impl Inbound {
     /// Nothing in flight survives the connection; buffered messages and positions do.
     pub(crate) fn on_link_lost(&mut self) {
         self.syncs.clear();
+        self.sync_pages.clear();
         for c in self.convs.values_mut() {
             c.gap_deadline = None;
             c.fetch_sent = None;

@@ -135,7 +135,7 @@ fn phead(c: &str, epoch: LogEpoch, head: u64, first: u64, cursor: u64) -> proto:
 }
 
 fn sync_answer(heads: Vec<proto::ConvHead>) -> Kind {
-    Kind::SyncAnswer(proto::SyncAnswer { heads })
+    Kind::SyncAnswer(proto::SyncAnswer { heads, more: false })
 }
 
 fn fetch_answer(head: proto::ConvHead, msgs: &[u64]) -> Kind {
@@ -1626,4 +1626,40 @@ fn a_first_login_is_retried_with_the_same_own_token() {
         h.s.snapshot(h.at(5_002), UnixMillis(0)).resume_token,
         Some(own_token())
     );
+}
+
+/// A SyncAnswer in pages (`more` on all but the last) is taken as one answer: nothing
+/// happens on the first pages, so a pushed conversation listed only on a later page is not
+/// judged "not listed" (which would ask again, or start it from its beginning).
+#[test]
+fn a_paged_sync_answer_is_taken_whole() {
+    let mut h = Harness::new(quiet_config());
+    h.online();
+    let page = |heads, more| Kind::SyncAnswer(proto::SyncAnswer { heads, more });
+    h.table(vec![
+        (40, In::Frame(deliver("g:y", E1, 6)), vec![], vec![]),
+        (
+            50,
+            In::Frame(page(vec![phead("g:x", E1, 3, 1, 1)], true)),
+            vec![],
+            vec![],
+        ),
+        (
+            51,
+            In::Frame(page(vec![phead("g:y", E1, 6, 1, 4)], false)),
+            vec![fetch_req("g:x", E1, 1), fetch_req("g:y", E1, 4)],
+            vec![],
+        ),
+    ]);
+    // A link lost mid-answer drops its pages: the next answer starts afresh.
+    let mut h = Harness::new(quiet_config());
+    h.online();
+    h.table(vec![(
+        50,
+        In::Frame(page(vec![phead("g:x", E1, 3, 1, 1)], true)),
+        vec![],
+        vec![],
+    )]);
+    h.s.handle_disconnected(h.at(60));
+    assert!(h.s.inbound.sync_pages.is_empty());
 }

@@ -54,6 +54,7 @@ enum Out {
     Sync {
         conn: u64,
         heads: Vec<proto::ConvHead>,
+        more: bool,
     },
     Fetch {
         conn: u64,
@@ -135,6 +136,7 @@ fn frame_out(conn: u64, frame: &Frame) -> Out {
         Kind::SyncAnswer(s) => Out::Sync {
             conn,
             heads: s.heads,
+            more: s.more,
         },
         Kind::FetchAnswer(answer) => Out::Fetch { conn, answer },
         other => panic!("unexpected frame to a client: {other:?}"),
@@ -850,6 +852,7 @@ mod store_reads {
                     cursor_seq: 2,
                 },
             ],
+            more: false,
         }];
         assert_eq!(h.reply(20, Ok(StoreReply::Heads(heads))), want);
         // Store down: the client is told to retry, the connection stays.
@@ -862,6 +865,52 @@ mod store_reads {
             }]
         );
         assert_eq!(h.node.sessions(), 1);
+    }
+
+    /// Heads that do not fit in one frame go out as several SyncAnswers from the one store
+    /// read, back to back, each within `max_answer_bytes`, all but the last marked `more`.
+    #[test]
+    fn a_sync_answer_too_big_for_a_frame_is_paged() {
+        let mut h = Harness::with(|c| c.max_answer_bytes = 200);
+        h.login(0, 1, 7, 3);
+        h.frame(10, 1, Kind::SyncRequest(proto::SyncRequest {}));
+        let heads: Vec<ConvHead> = (0..20)
+            .map(|n| head(ConvId::group(&format!("g{n:02}")).unwrap(), n + 1))
+            .collect();
+        let out = h.reply(20, Ok(StoreReply::Heads(heads.clone())));
+        let pages: Vec<(Vec<proto::ConvHead>, bool)> = out
+            .into_iter()
+            .map(|o| match o {
+                Out::Sync {
+                    conn: 1,
+                    heads,
+                    more,
+                } => (heads, more),
+                other => panic!("expected only sync answers, got {other:?}"),
+            })
+            .collect();
+        assert!(pages.len() > 2, "{} pages", pages.len());
+        let mores: Vec<bool> = pages.iter().map(|(_, more)| *more).collect();
+        let mut expected = vec![true; pages.len() - 1];
+        expected.push(false);
+        assert_eq!(mores, expected);
+        for (page, _) in &pages {
+            use prost::Message as _;
+            let size: usize = page.iter().map(|h| h.encoded_len() + 11).sum();
+            assert!(size <= 200, "page of {size} bytes");
+        }
+        let all: Vec<proto::ConvHead> = pages.into_iter().flat_map(|(page, _)| page).collect();
+        assert_eq!(all, heads.iter().map(head_to_proto).collect::<Vec<_>>());
+        // None at all is still one (empty, final) answer.
+        h.frame(30, 1, Kind::SyncRequest(proto::SyncRequest {}));
+        assert_eq!(
+            h.reply(40, Ok(StoreReply::Heads(Vec::new()))),
+            vec![Out::Sync {
+                conn: 1,
+                heads: Vec::new(),
+                more: false
+            }]
+        );
     }
 
     #[test]

@@ -223,8 +223,8 @@ pub fn arb_kind() -> impl Strategy<Value = Kind> {
         proptest::option::of(arb_message())
             .prop_map(|message| Kind::Deliver(Deliver { message }))
             .boxed(),
-        vec(arb_conv_head(), 0..5)
-            .prop_map(|heads| Kind::SyncAnswer(SyncAnswer { heads }))
+        (vec(arb_conv_head(), 0..5), any::<bool>())
+            .prop_map(|(heads, more)| Kind::SyncAnswer(SyncAnswer { heads, more }))
             .boxed(),
         (
             proptest::option::of(arb_conv_head()),
@@ -418,6 +418,7 @@ pub fn canonical_kinds() -> Vec<Kind> {
         }),
         Kind::SyncAnswer(SyncAnswer {
             heads: vec![head()],
+            more: false,
         }),
         Kind::FetchAnswer(FetchAnswer {
             head: Some(head()),
