@@ -10,6 +10,7 @@
 //! confirms the old session is closed (or leaves the registry, or the old lease runs out),
 //! so two sessions of one user never overlap in time.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -457,6 +458,20 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 }
 
 /// SHA-256 of a resume token, as claims store it.
+/// Where logins are placed: the live servers minus those whose link is down, or all of
+/// them when that would leave none. Borrowed as is while every link is up (the usual case).
+fn placeable<'a>(
+    live: &'a BTreeMap<ServerId, LiveServer>,
+    unlinked: &BTreeSet<ServerId>,
+) -> Cow<'a, BTreeMap<ServerId, LiveServer>> {
+    let linked = || live.iter().filter(|(id, _)| !unlinked.contains(*id));
+    if unlinked.is_empty() || linked().next().is_none() {
+        Cow::Borrowed(live)
+    } else {
+        Cow::Owned(linked().map(|(id, s)| (id.clone(), s.clone())).collect())
+    }
+}
+
 pub fn resume_token_hash(token: &ResumeToken) -> [u8; 32] {
     Sha256::digest(token.0).into()
 }
@@ -495,9 +510,6 @@ pub struct RouteLogin {
     /// the meantime would only send clients to a closed port, so placement skips these
     /// while any other live server is linked. Placement only: takeovers still wait on them.
     unlinked: BTreeSet<ServerId>,
-    /// `live` minus `unlinked` (or all of `live` when that would leave none): where logins
-    /// are placed.
-    placeable: BTreeMap<ServerId, LiveServer>,
     /// Verified against when the account does not exist, so an unknown id costs the same
     /// time as a wrong password.
     dummy_hash: String,
@@ -639,7 +651,6 @@ impl RouteLogin {
             rng,
             live: BTreeMap::new(),
             unlinked: BTreeSet::new(),
-            placeable: BTreeMap::new(),
             dummy_hash,
             next_request: 0,
             pending: BTreeMap::new(),
@@ -672,7 +683,6 @@ impl RouteLogin {
     ) {
         self.live = live;
         self.unlinked.retain(|s| self.live.contains_key(s));
-        self.update_placeable();
         for h in &mut self.held {
             h.awaiting.retain(|s| self.live.contains_key(s));
         }
@@ -708,9 +718,7 @@ impl RouteLogin {
     /// restarted answers at once (it holds no session), which releases the answer long
     /// before the old lease would.
     pub fn handle_server_reachable(&mut self, server: &ServerId) {
-        if self.unlinked.remove(server) {
-            self.update_placeable();
-        }
+        self.unlinked.remove(server);
         for held in self.held.iter().filter(|h| h.awaiting.contains(server)) {
             self.events.push_back(RouteEvent::KickOld {
                 server: server.clone(),
@@ -723,22 +731,9 @@ impl RouteLogin {
     /// The link to `server` went down: no new logins are placed there until it is back
     /// (or the server leaves the registry), unless no linked server is left.
     pub fn handle_server_unreachable(&mut self, server: &ServerId) {
-        if self.live.contains_key(server) && self.unlinked.insert(server.clone()) {
-            self.update_placeable();
+        if self.live.contains_key(server) {
+            self.unlinked.insert(server.clone());
         }
-    }
-
-    fn update_placeable(&mut self) {
-        let linked = || {
-            self.live
-                .iter()
-                .filter(|(id, _)| !self.unlinked.contains(*id))
-        };
-        self.placeable = if linked().next().is_some() {
-            linked().map(|(id, s)| (id.clone(), s.clone())).collect()
-        } else {
-            self.live.clone()
-        };
     }
 
     pub fn handle_register(&mut self, now: Instant, api: ApiRequestId, name: &str, password: &str) {
@@ -1055,10 +1050,11 @@ impl RouteLogin {
                 return;
             }
         };
+        let placeable = placeable(&self.live, &self.unlinked);
         let Some(server) = self
             .balancer
-            .pick(login.user, &self.placeable)
-            .and_then(|id| self.placeable.get(&id).cloned())
+            .pick(login.user, &placeable)
+            .and_then(|id| placeable.get(&id).cloned())
         else {
             self.logged_in(api, Err(LoginError::NoServerAvailable));
             return;

@@ -738,7 +738,17 @@ impl ServerNode {
                     );
                     return;
                 };
-                let pages = sync_pages(&heads, self.config.max_answer_bytes);
+                // A user in a few thousand conversations would otherwise get an answer
+                // over the frame limit, which could never be sent: it goes in pages, back
+                // to back, all but the last marked `more`; no heads is one empty page.
+                let mut pages: Vec<_> = pages_within(
+                    heads.iter().map(head_to_proto),
+                    self.config.max_answer_bytes,
+                )
+                .collect();
+                if pages.is_empty() {
+                    pages.push(Vec::new());
+                }
                 let last = pages.len() - 1;
                 for (i, heads) in pages.into_iter().enumerate() {
                     let more = i < last;
@@ -753,7 +763,12 @@ impl ServerNode {
                     Ok(StoreReply::Fetched { head, messages }) => {
                         Kind::FetchAnswer(proto::FetchAnswer {
                             head: Some(head_to_proto(&head)),
-                            messages: within_bytes(&messages, self.config.max_answer_bytes),
+                            messages: pages_within(
+                                messages.iter().map(message_to_proto),
+                                self.config.max_answer_bytes,
+                            )
+                            .next()
+                            .unwrap_or_default(),
                         })
                     }
                     _ => error_kind(ErrorCode::Unavailable, "fetch failed, retry"),
@@ -1258,44 +1273,27 @@ fn is_client_request(kind: &Kind) -> bool {
     )
 }
 
-/// The longest prefix of `messages` whose encoding fits in `budget` bytes, but at least one
-/// message so an answer always makes progress (one body is far below any sane budget).
-fn within_bytes(messages: &[crate::store::StoredMessage], budget: usize) -> Vec<proto::Message> {
-    use prost::Message as _;
-    let mut used = 0;
-    let mut out = Vec::new();
-    for message in messages {
-        let message = message_to_proto(message);
-        // The field tag and length prefix of a repeated message: at most 1 + 10 bytes.
-        let size = message.encoded_len() + 11;
-        if !out.is_empty() && used + size > budget {
-            break;
+/// Splits `items` into pages of at most `budget` bytes encoded as a repeated field (one
+/// item per page at least, however big), lazily: a caller that needs only the first page
+/// converts no more items than it holds.
+fn pages_within<T: prost::Message>(
+    items: impl Iterator<Item = T>,
+    budget: usize,
+) -> impl Iterator<Item = Vec<T>> {
+    // The field tag and length prefix of a repeated message: at most 1 + 10 bytes.
+    let entry_len = |item: &T| item.encoded_len() + 11;
+    let mut items = items.peekable();
+    std::iter::from_fn(move || {
+        let mut page = Vec::new();
+        let mut used = 0;
+        while let Some(item) =
+            items.next_if(|item| page.is_empty() || used + entry_len(item) <= budget)
+        {
+            used += entry_len(&item);
+            page.push(item);
         }
-        used += size;
-        out.push(message);
-    }
-    out
-}
-
-/// `heads` in pages of about `budget` encoded bytes at most (at least one head, and at
-/// least one page). A user in a few thousand conversations would otherwise get a
-/// SyncAnswer over the frame limit: it could never be sent, and the client never synced.
-fn sync_pages(heads: &[crate::store::ConvHead], budget: usize) -> Vec<Vec<proto::ConvHead>> {
-    use prost::Message as _;
-    let mut pages: Vec<Vec<proto::ConvHead>> = vec![Vec::new()];
-    let mut used = 0;
-    for head in heads {
-        let head = head_to_proto(head);
-        // The field tag and length prefix of a repeated message: at most 1 + 10 bytes.
-        let size = head.encoded_len() + 11;
-        if used + size > budget && pages.last().is_some_and(|page| !page.is_empty()) {
-            pages.push(Vec::new());
-            used = 0;
-        }
-        used += size;
-        pages.last_mut().expect("starts with one page").push(head);
-    }
-    pages
+        (!page.is_empty()).then_some(page)
+    })
 }
 
 fn error_kind(code: ErrorCode, message: &str) -> Kind {

@@ -179,7 +179,7 @@ pub enum WriteError {
 }
 
 /// Bytes asked of the socket per read when the buffer has no room left.
-pub const DEFAULT_READ_CHUNK: usize = 4096;
+const DEFAULT_READ_CHUNK: usize = 4096;
 
 /// The reading half of a framed connection.
 #[derive(Debug)]

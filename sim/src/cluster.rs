@@ -48,6 +48,24 @@ pub const ROUTE_HTTP_PORT: u16 = 8083;
 /// How long a supervisor waits before starting a server or route that failed to start.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
+/// Starts a process, and again after [`RESTART_DELAY`] each time it fails to (the registry
+/// unreachable, say): what its supervisor does (systemd's `Restart=on-failure` in deploy/).
+async fn start_supervised<H, E, F>(what: &str, mut start: impl FnMut() -> F) -> H
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<H, E>>,
+{
+    loop {
+        match start().await {
+            Ok(handle) => return handle,
+            Err(error) => {
+                tracing::info!(%error, "{what} did not start; restarting in 1 s");
+                tokio::time::sleep(RESTART_DELAY).await;
+            }
+        }
+    }
+}
+
 const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 const TICKET_SECRET: &[u8] = b"sim-ticket-secret";
 const BEARER_SECRET: &[u8] = b"sim-bearer-secret";
@@ -278,26 +296,20 @@ impl Cluster {
                     options.listen_ip = ANY;
                     options.advertise_host = host;
                     options.observer = observer.map(|make| make(&id));
-                    // A server that cannot start (the registry is unreachable) exits, and
-                    // its supervisor starts it again a second later (systemd's
-                    // `Restart=on-failure` in deploy/).
-                    let mut handle = loop {
-                        match server::start(
-                            TurmoilNet,
-                            sim_clock(spec.origin),
-                            options.clone(),
-                            remote_store(&spec),
-                            &remote_registry(),
-                        )
-                        .await
-                        {
-                            Ok(handle) => break handle,
-                            Err(error) => {
-                                tracing::info!(%error, "server did not start; restarting in 1 s");
-                                tokio::time::sleep(RESTART_DELAY).await;
-                            }
+                    let mut handle = start_supervised("server", || {
+                        let (spec, options) = (&spec, &options);
+                        async move {
+                            server::start(
+                                TurmoilNet,
+                                sim_clock(spec.origin),
+                                options.clone(),
+                                remote_store(spec),
+                                &remote_registry(),
+                            )
+                            .await
                         }
-                    };
+                    })
+                    .await;
                     handle.stopped().await?;
                     Ok(())
                 }
@@ -326,23 +338,20 @@ impl Cluster {
                     // The simulation judges logins, not hashing: OWASP's argon2 costs tens of
                     // milliseconds of real CPU per login and dominated a run's wall time.
                     options.login.password = PasswordParams::for_tests();
-                    let mut handle = loop {
-                        match route::start(
-                            TurmoilNet,
-                            sim_clock(spec.origin),
-                            options.clone(),
-                            remote_store(&spec),
-                            &remote_registry(),
-                        )
-                        .await
-                        {
-                            Ok(handle) => break handle,
-                            Err(error) => {
-                                tracing::info!(%error, "route did not start; restarting in 1 s");
-                                tokio::time::sleep(RESTART_DELAY).await;
-                            }
+                    let mut handle = start_supervised("route", || {
+                        let (spec, options) = (&spec, &options);
+                        async move {
+                            route::start(
+                                TurmoilNet,
+                                sim_clock(spec.origin),
+                                options.clone(),
+                                remote_store(spec),
+                                &remote_registry(),
+                            )
+                            .await
                         }
-                    };
+                    })
+                    .await;
                     handle.stopped().await?;
                     Ok(())
                 }
