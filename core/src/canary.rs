@@ -26,15 +26,19 @@ pub enum Canary {
     GapSync,
     /// The client's dedup: a message already handed over is handed over again.
     Dedup,
+    /// The conversation log's per-sender order check (`SendOrder`): a message is appended
+    /// whatever its stream's previous message to the conversation did.
+    SendOrder,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 5] = [
+    pub const ALL: [Canary; 6] = [
         Canary::IdempotentAppend,
         Canary::EpochFencing,
         Canary::SelfFencing,
         Canary::GapSync,
         Canary::Dedup,
+        Canary::SendOrder,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Canary {
             Self::SelfFencing => "self-fencing",
             Self::GapSync => "gap-sync",
             Self::Dedup => "dedup",
+            Self::SendOrder => "send-order",
         }
     }
 

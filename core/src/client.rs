@@ -376,6 +376,13 @@ pub struct ClientSession {
     out: Outputs,
 }
 
+/// The session's order stream (see `outbox`): random per session, so a restarted client or
+/// another device of the same user never continues a counter the store remembers. Drawn
+/// from a stream of its own, so it does not shift the session's other draws.
+pub(crate) fn order_stream(seed: u64) -> u64 {
+    ChaCha8Rng::seed_from_u64(seed ^ 0x0bde_5eed_0bde_5eed).random::<u64>()
+}
+
 impl ClientSession {
     pub fn new(config: ClientConfig) -> Self {
         let inbound = Inbound::new(InboundConfig {
@@ -386,13 +393,13 @@ impl ClientSession {
         });
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
+            outbox: Outbox::new(order_stream(config.seed)),
             config,
             link: Link::Idle,
             attempt: 0,
             next_login_attempt: 0,
             next_nonce: 0,
             resume_token: None,
-            outbox: Outbox::default(),
             send_retry_at: None,
             inbound,
             ack_at: None,
@@ -420,14 +427,17 @@ impl ClientSession {
                     .push_back(ClientEvent::Unknown { msg_id: saved.id });
                 continue;
             }
-            session.outbox.push(OutboxEntry {
-                id: saved.id,
-                conv: saved.conv,
-                body: saved.body,
+            // Renumbered in this session's stream, in the saved order. One the store already
+            // holds under the old stream answers as a duplicate, which moves the new
+            // stream's record past it.
+            session.outbox.push(
+                saved.id,
+                saved.conv,
+                saved.body,
                 // Early in a process `now` may be closer to the platform's epoch than `age`;
                 // then the entry just counts as new.
-                created_at: now.checked_sub(age).unwrap_or(now),
-            });
+                now.checked_sub(age).unwrap_or(now),
+            );
         }
         for saved in state.convs {
             session
@@ -514,18 +524,10 @@ impl ClientSession {
     /// Queues a message; it is sent at once if online, otherwise on the next `Online`.
     pub fn send(&mut self, now: Instant, conv: ConvId, body: Bytes) -> ClientMsgId {
         let id = ClientMsgId(self.rng.random::<u128>());
-        let entry = OutboxEntry {
-            id,
-            conv,
-            body,
-            created_at: now,
-        };
-        if self.is_online() && self.send_retry_at.is_none() {
-            self.out
-                .commands
-                .push_back(ClientCommand::Transmit(entry.to_frame()));
+        let go = self.outbox.push(id, conv, body, now);
+        if go && self.may_transmit() {
+            self.transmit_entry(id);
         }
-        self.outbox.push(entry);
         id
     }
 
@@ -615,27 +617,34 @@ impl ClientSession {
             Kind::Pong(_) => {}
             Kind::SendAck(ack) => {
                 let id = ClientMsgId::from_halves(ack.msg_id_hi, ack.msg_id_lo);
-                if let Some(entry) = self.outbox.remove(id) {
+                if let Some((entry, released)) = self.outbox.remove(id) {
                     self.out.events.push_back(ClientEvent::Acked {
                         msg_id: id,
                         conv: entry.conv,
                         log_epoch: LogEpoch(ack.log_epoch),
                         seq: ack.seq,
                     });
+                    self.transmit_released(released);
                 }
             }
             Kind::SendNack(nack) => {
                 let id = ClientMsgId::from_halves(nack.msg_id_hi, nack.msg_id_lo);
-                if nack.retryable {
+                if nack.retryable && nack.code() == ErrorCode::OutOfOrder {
+                    // Overtaken an earlier message of its conversation at the store: wait
+                    // for that one's answer (or send again now if it came already).
+                    let again = self.outbox.refused_out_of_order(id);
+                    self.transmit_released(again);
+                } else if nack.retryable {
                     if self.outbox.contains(id) && self.send_retry_at.is_none() {
                         self.send_retry_at = Some(now + self.config.send_retry_delay);
                     }
-                } else if self.outbox.remove(id).is_some() {
+                } else if let Some((_, released)) = self.outbox.remove(id) {
                     self.out.events.push_back(ClientEvent::Rejected {
                         msg_id: id,
                         code: nack.code(),
                         reason: nack.reason,
                     });
+                    self.transmit_released(released);
                 }
             }
             Kind::Deliver(deliver) => {
@@ -741,8 +750,12 @@ impl ClientSession {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        for msg_id in self.outbox.expire(now, self.config.outbox_max_age) {
+        let (expired, released) = self.outbox.expire(now, self.config.outbox_max_age);
+        for msg_id in expired {
             self.out.events.push_back(ClientEvent::Unknown { msg_id });
+        }
+        for frame in released {
+            self.transmit_released(Some(frame));
         }
         match &mut self.link {
             Link::Idle | Link::Stopped => {}
@@ -926,10 +939,30 @@ impl ClientSession {
     }
 
     fn resend_outbox(&mut self) {
-        for entry in self.outbox.iter() {
-            self.out
-                .commands
-                .push_back(ClientCommand::Transmit(entry.to_frame()));
+        for frame in self.outbox.resend_all() {
+            self.out.commands.push_back(ClientCommand::Transmit(frame));
+        }
+    }
+
+    /// Whether a send may go out now: online, and no retry hold (the retry resends
+    /// everything in order anyway).
+    fn may_transmit(&self) -> bool {
+        self.is_online() && self.send_retry_at.is_none()
+    }
+
+    fn transmit_entry(&mut self, id: ClientMsgId) {
+        if let Some(frame) = self.outbox.frame(id) {
+            self.out.commands.push_back(ClientCommand::Transmit(frame));
+        }
+    }
+
+    /// Sends an entry the outbox released from its hold, if sends may go out now; otherwise
+    /// the next `Online` or retry resends it with the rest.
+    fn transmit_released(&mut self, frame: Option<proto::Frame>) {
+        if let Some(frame) = frame
+            && self.may_transmit()
+        {
+            self.out.commands.push_back(ClientCommand::Transmit(frame));
         }
     }
 

@@ -8,9 +8,17 @@
 //! 2. look up the record for (sender, client msg id):
 //!    - same body hash: answer the **original** message, `duplicate: true`, store nothing;
 //!    - other body hash: [`AppendError::ConflictingRetry`], store nothing;
-//! 3. otherwise take `head_seq + 1` (the first message is seq 1), store the message, write the
-//!    record (body hash, seq, append time), and trim the log to `max_len`, oldest first
-//!    (`first_available_seq` moves up).
+//! 3. if the append carries a [`SendOrder`], look up the last stored `seq` of its (sender,
+//!    stream), `last` (0 if none or expired): `order.seq <= last` is
+//!    [`AppendError::Superseded`] and `order.after > last` is [`AppendError::OutOfOrder`],
+//!    storing nothing;
+//! 4. otherwise take `head_seq + 1` (the first message is seq 1), store the message, write the
+//!    record (body hash, seq, append time), raise the order record to `order.seq`, and trim
+//!    the log to `max_len`, oldest first (`first_available_seq` moves up).
+//!
+//! A duplicate (step 2) raises the order record too: the message is stored, so what its
+//! stream sends after it may follow it (a restarted client renumbers its outbox under a new
+//! stream, and its first resend may be of a message stored under the old one).
 //!
 //! A duplicate whose original has been trimmed still answers with the original seq and
 //! append time: the record keeps them, and the body is the retry's, which equals the
@@ -26,7 +34,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::ids::{ClientMsgId, ConvId, LogEpoch, UnixMillis, UserId};
-use crate::store::{AppendError, Appended, StoredMessage};
+use crate::store::{AppendError, Appended, SendOrder, StoredMessage};
 
 /// What the log remembers of one appended (sender, msg id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +56,10 @@ pub struct ConversationLog {
     records: BTreeMap<(UserId, ClientMsgId), IdempotencyRecord>,
     /// The same records ordered by write time, so expiry does not scan them all.
     expiry: BTreeSet<(UnixMillis, UserId, ClientMsgId)>,
+    /// (sender, stream) -> the stream's last stored order seq, and when it was written.
+    orders: BTreeMap<(UserId, u64), (u64, UnixMillis)>,
+    /// The same records by write time; they expire with the idempotency TTL.
+    order_expiry: BTreeSet<(UnixMillis, UserId, u64)>,
 }
 
 impl ConversationLog {
@@ -69,6 +81,8 @@ impl ConversationLog {
             head_seq: 0,
             records: BTreeMap::new(),
             expiry: BTreeSet::new(),
+            orders: BTreeMap::new(),
+            order_expiry: BTreeSet::new(),
         }
     }
 
@@ -113,6 +127,7 @@ impl ConversationLog {
         msg_id: ClientMsgId,
         body: Bytes,
         now: UnixMillis,
+        order: Option<SendOrder>,
     ) -> Result<Appended, AppendError> {
         self.expire_records(now);
         let body_hash: [u8; 32] = Sha256::digest(&body).into();
@@ -136,10 +151,24 @@ impl ConversationLog {
                 body,
                 appended_at: record.appended_at,
             };
+            if let Some(order) = order {
+                self.raise_order(sender, order, now);
+            }
             return Ok(Appended {
                 message,
                 duplicate: true,
             });
+        }
+        if let Some(order) = order
+            && !crate::canary::disabled(crate::canary::Canary::SendOrder)
+        {
+            let last = self.last_order(sender, order.stream);
+            if order.seq <= last {
+                return Err(AppendError::Superseded);
+            }
+            if order.after > last {
+                return Err(AppendError::OutOfOrder);
+            }
         }
 
         self.head_seq += 1;
@@ -162,6 +191,9 @@ impl ConversationLog {
             },
         );
         self.expiry.insert((now, sender, msg_id));
+        if let Some(order) = order {
+            self.raise_order(sender, order, now);
+        }
         while self.messages.len() > self.max_len {
             self.messages.pop_front();
         }
@@ -186,6 +218,27 @@ impl ConversationLog {
             .collect()
     }
 
+    /// The last stored order seq of (sender, stream); 0 if none is remembered.
+    pub fn last_order(&self, sender: UserId, stream: u64) -> u64 {
+        self.orders
+            .get(&(sender, stream))
+            .map_or(0, |&(last, _)| last)
+    }
+
+    /// Raises (never lowers) the order record of `order`'s stream to `order.seq`.
+    fn raise_order(&mut self, sender: UserId, order: SendOrder, now: UnixMillis) {
+        let key = (sender, order.stream);
+        let previous = self.orders.get(&key).copied();
+        if previous.is_some_and(|(last, _)| last >= order.seq) {
+            return;
+        }
+        if let Some((_, at)) = previous {
+            self.order_expiry.remove(&(at, sender, order.stream));
+        }
+        self.orders.insert(key, (order.seq, now));
+        self.order_expiry.insert((now, sender, order.stream));
+    }
+
     /// A record written at `t` lives while `now < t + ttl` (Redis `PX` semantics).
     fn expire_records(&mut self, now: UnixMillis) {
         while let Some(&(at, sender, msg_id)) = self.expiry.first() {
@@ -194,6 +247,13 @@ impl ConversationLog {
             }
             self.expiry.pop_first();
             self.records.remove(&(sender, msg_id));
+        }
+        while let Some(&(at, sender, stream)) = self.order_expiry.first() {
+            if now < at.plus(self.idempotency_ttl) {
+                break;
+            }
+            self.order_expiry.pop_first();
+            self.orders.remove(&(sender, stream));
         }
     }
 }
@@ -229,7 +289,7 @@ mod tests {
     fn run(log: &mut ConversationLog, steps: &[Step]) {
         for (i, (sender, id, text, at, want)) in steps.iter().enumerate() {
             let got = log
-                .append(UserId(*sender), ClientMsgId(*id), body(text), t(*at))
+                .append(UserId(*sender), ClientMsgId(*id), body(text), t(*at), None)
                 .map(|a| (a.message.seq, a.duplicate));
             assert_eq!(&got, want, "step {i}");
         }
@@ -256,7 +316,7 @@ mod tests {
         assert_eq!(seqs, [1, 2, 3, 4]);
         // The duplicate answer is the original message, time included.
         let dup = l
-            .append(UserId(1), ClientMsgId(10), body("hi"), t(9))
+            .append(UserId(1), ClientMsgId(10), body("hi"), t(9), None)
             .unwrap();
         assert_eq!(dup.message, l.fetch(0, 1)[0]);
         assert_eq!(dup.message.appended_at, t(0));
@@ -269,7 +329,7 @@ mod tests {
         let mut l = log(3);
         for i in 1..=5u64 {
             let a = l
-                .append(UserId(1), ClientMsgId(u128::from(i)), body("m"), t(i))
+                .append(UserId(1), ClientMsgId(u128::from(i)), body("m"), t(i), None)
                 .unwrap();
             assert_eq!(a.message.seq, i);
         }
@@ -290,14 +350,14 @@ mod tests {
         }
         // A retry of a trimmed message still answers its original seq, and stores nothing.
         let dup = l
-            .append(UserId(1), ClientMsgId(1), body("m"), t(9))
+            .append(UserId(1), ClientMsgId(1), body("m"), t(9), None)
             .unwrap();
         assert_eq!((dup.message.seq, dup.duplicate), (1, true));
         assert_eq!(dup.message.appended_at, t(1));
         assert_eq!((l.head_seq(), l.len()), (5, 3));
         // A zero bound still keeps the newest message.
         let mut tiny = log(0);
-        tiny.append(UserId(1), ClientMsgId(1), body("a"), t(0))
+        tiny.append(UserId(1), ClientMsgId(1), body("a"), t(0), None)
             .unwrap();
         assert_eq!((tiny.len(), tiny.first_available_seq()), (1, 1));
     }
@@ -322,6 +382,156 @@ mod tests {
             ],
         );
         assert_eq!(l.idempotency_records(), 2);
+    }
+
+    /// (order seq, after, msg id, at ms) of sender 1, stream 9 -> expected seq or error.
+    type OrderStep = (u64, u64, u128, u64, Result<u64, AppendError>);
+
+    fn run_ordered(log: &mut ConversationLog, steps: &[OrderStep]) {
+        for (i, (seq, after, id, at, want)) in steps.iter().enumerate() {
+            let order = SendOrder {
+                stream: 9,
+                seq: *seq,
+                after: *after,
+            };
+            let got = log
+                .append(UserId(1), ClientMsgId(*id), body("m"), t(*at), Some(order))
+                .map(|a| a.message.seq);
+            assert_eq!(&got, want, "step {i}");
+        }
+    }
+
+    #[test]
+    fn a_stream_is_appended_in_its_order_whatever_order_the_appends_arrive_in() {
+        let mut l = log(100);
+        run_ordered(
+            &mut l,
+            &[
+                // 2 arrives before 1, which it follows: refused, nothing stored.
+                (2, 1, 102, 0, Err(AppendError::OutOfOrder)),
+                (1, 0, 101, 1, Ok(1)),
+                (2, 1, 102, 2, Ok(2)),
+                // A resend of 1 is a duplicate: its original seq.
+                (1, 0, 101, 3, Ok(1)),
+                // 4 follows 3, which is not stored yet.
+                (4, 3, 104, 4, Err(AppendError::OutOfOrder)),
+                // The client gave 3 up as unknown: 4 now follows nothing pending.
+                (4, 0, 104, 5, Ok(3)),
+                // 3 arrives late (a delayed copy): it can no longer go before 4.
+                (3, 2, 103, 6, Err(AppendError::Superseded)),
+                // Order seqs skip numbers used in other conversations.
+                (9, 4, 109, 7, Ok(4)),
+            ],
+        );
+        assert_eq!(l.last_order(UserId(1), 9), 9);
+        // Other senders and other streams of the same sender have records of their own.
+        assert_eq!(l.last_order(UserId(2), 9), 0);
+        assert_eq!(l.last_order(UserId(1), 8), 0);
+        let other_stream = SendOrder {
+            stream: 8,
+            seq: 1,
+            after: 0,
+        };
+        let a = l
+            .append(
+                UserId(1),
+                ClientMsgId(200),
+                body("m"),
+                t(8),
+                Some(other_stream),
+            )
+            .unwrap();
+        assert_eq!(a.message.seq, 5);
+        // Unordered appends (HTTP) neither check nor move the records.
+        let a = l
+            .append(UserId(1), ClientMsgId(201), body("m"), t(9), None)
+            .unwrap();
+        assert_eq!((a.message.seq, l.last_order(UserId(1), 9)), (6, 9));
+    }
+
+    #[test]
+    fn a_duplicate_raises_the_order_record_and_records_expire_with_the_ttl() {
+        let ttl_ms = TTL.as_millis() as u64;
+        let mut l = log(100);
+        // Stored unordered (or under an old stream), then resent as seq 1 of a new stream.
+        l.append(UserId(1), ClientMsgId(101), body("m"), t(0), None)
+            .unwrap();
+        run_ordered(
+            &mut l,
+            &[
+                (2, 1, 102, 1, Err(AppendError::OutOfOrder)),
+                (1, 0, 101, 2, Ok(1)),
+                (2, 1, 102, 3, Ok(2)),
+                // Just inside the TTL the record still says 2.
+                (3, 2, 103, ttl_ms + 2, Ok(3)),
+                // Forgotten a TTL after its last write: 5 (after 4) waits for 4 again...
+                (5, 4, 105, 2 * ttl_ms + 2, Err(AppendError::OutOfOrder)),
+                // ...which is stored next (nothing pending before it), then 5.
+                (4, 0, 104, 2 * ttl_ms + 3, Ok(4)),
+                (5, 4, 105, 2 * ttl_ms + 4, Ok(5)),
+            ],
+        );
+    }
+
+    /// What one step of [`a_stream_gets_seqs_in_its_order`] does.
+    #[derive(Debug, Clone, Copy)]
+    enum StreamOp {
+        /// (Re)send the `n`-th pending message, with its `after` as the client computes it.
+        Send(usize),
+        /// The client gives up its oldest pending message (unknown).
+        GiveUp,
+        /// A late copy of the `n`-th given-up message arrives, with no `after`.
+        Late(usize),
+    }
+
+    fn stream_op() -> impl Strategy<Value = StreamOp> {
+        prop_oneof![
+            6 => (0usize..8).prop_map(StreamOp::Send),
+            1 => Just(StreamOp::GiveUp),
+            1 => (0usize..8).prop_map(StreamOp::Late),
+        ]
+    }
+
+    proptest! {
+        /// One stream's messages to one conversation, sent, resent and given up in any order:
+        /// the stored ones take seqs in the order of their order seqs, and a message the
+        /// client still waits for is never refused for good.
+        #[test]
+        fn a_stream_gets_seqs_in_its_order(ops in proptest::collection::vec(stream_op(), 0..120)) {
+            let mut l = log(usize::MAX);
+            // Order seqs 2, 4, ..: the stream's odd ones went to other conversations.
+            let mut pending: BTreeSet<u64> = (1..=8).map(|n| 2 * n).collect();
+            let mut given_up: Vec<u64> = Vec::new();
+            let mut stored: BTreeMap<u64, u64> = BTreeMap::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                let (seq, after) = match op {
+                    StreamOp::Send(n) if !pending.is_empty() => {
+                        let seq = *pending.iter().nth(n % pending.len()).unwrap();
+                        let after = pending.range(..seq).next_back().copied().unwrap_or(0);
+                        (seq, after)
+                    }
+                    StreamOp::GiveUp => {
+                        given_up.extend(pending.pop_first());
+                        continue;
+                    }
+                    StreamOp::Late(n) if !given_up.is_empty() => (given_up[n % given_up.len()], 0),
+                    _ => continue,
+                };
+                let order = SendOrder { stream: 1, seq, after };
+                let got = l.append(UserId(1), ClientMsgId(u128::from(seq)), body("m"), t(i as u64), Some(order));
+                match got {
+                    Ok(a) => {
+                        prop_assert_eq!(*stored.entry(seq).or_insert(a.message.seq), a.message.seq);
+                        pending.remove(&seq);
+                    }
+                    Err(AppendError::OutOfOrder) => prop_assert!(after != 0),
+                    Err(AppendError::Superseded) => prop_assert!(!pending.contains(&seq)),
+                    Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                }
+            }
+            let seqs: Vec<u64> = stored.values().copied().collect();
+            prop_assert!(seqs.windows(2).all(|w| w[0] < w[1]), "order seq -> seq {stored:?}");
+        }
     }
 
     #[derive(Debug, Clone)]
@@ -349,6 +559,7 @@ mod tests {
                     ClientMsgId(o.id),
                     Bytes::from(vec![o.body; 3]),
                     t(i as u64),
+                    None,
                 );
                 match model.get(&(o.sender, o.id)) {
                     None => {

@@ -29,8 +29,8 @@ use cim_proto::{ErrorCode, Push, PushBatch, RouteSendResult, SendAck, SendNack};
 use crate::ids::{ClientMsgId, ConvId, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
 use crate::store::{
-    AppendError, RequestId, RouteRecord, StoreCommand, StoreReply, StoreRequest, StoreResult,
-    StoredMessage, message_to_proto,
+    AppendError, RequestId, RouteRecord, SendOrder, StoreCommand, StoreReply, StoreRequest,
+    StoreResult, StoredMessage, message_to_proto,
 };
 
 pub use crate::ids::ApiRequestId;
@@ -301,6 +301,7 @@ impl RouteDelivery {
                     conv,
                     sender,
                     msg_id,
+                    order: SendOrder::from_send(&send),
                     body: send.body,
                     now: wall,
                 };
@@ -438,12 +439,15 @@ impl RouteDelivery {
         let appended = match result {
             Ok(StoreReply::Appended(Ok(appended))) => appended,
             Ok(StoreReply::Appended(Err(e))) => {
-                let code = match e {
-                    AppendError::NotMember => ErrorCode::NotMember,
-                    AppendError::ConflictingRetry => ErrorCode::ConflictingRetry,
-                    AppendError::UnknownConversation => ErrorCode::BadConversation,
+                let (code, retryable) = match e {
+                    AppendError::NotMember => (ErrorCode::NotMember, false),
+                    AppendError::ConflictingRetry => (ErrorCode::ConflictingRetry, false),
+                    AppendError::UnknownConversation => (ErrorCode::BadConversation, false),
+                    // The client resends it once the message it follows is stored.
+                    AppendError::OutOfOrder => (ErrorCode::OutOfOrder, true),
+                    AppendError::Superseded => (ErrorCode::Superseded, false),
                 };
-                return self.nack(origin, sender, msg_id, code, e.to_string(), false);
+                return self.nack(origin, sender, msg_id, code, e.to_string(), retryable);
             }
             Ok(other) => {
                 let reason = format!("store answered an append with {other:?}");
@@ -617,6 +621,7 @@ mod tests {
             conv: conv.into(),
             body: body.as_bytes().to_vec().into(),
             sent_at_ms: 1,
+            ..Default::default()
         }
     }
 
@@ -724,6 +729,7 @@ mod tests {
             msg_id,
             body: b,
             now: wall,
+            order: None,
         } = &out.store[0].command
         else {
             panic!("expected an append, got {:?}", out.store[0]);
@@ -991,6 +997,16 @@ mod tests {
             (
                 Ok(StoreReply::Appended(Err(AppendError::UnknownConversation))),
                 ErrorCode::BadConversation,
+                false,
+            ),
+            (
+                Ok(StoreReply::Appended(Err(AppendError::OutOfOrder))),
+                ErrorCode::OutOfOrder,
+                true,
+            ),
+            (
+                Ok(StoreReply::Appended(Err(AppendError::Superseded))),
+                ErrorCode::Superseded,
                 false,
             ),
             (

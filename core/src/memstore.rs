@@ -115,7 +115,15 @@ impl MemoryStore {
                 msg_id,
                 body,
                 now,
-            } => StoreReply::Appended(self.append(conv, *sender, *msg_id, body.clone(), *now)),
+                order,
+            } => StoreReply::Appended(self.append(
+                conv,
+                *sender,
+                *msg_id,
+                body.clone(),
+                *now,
+                *order,
+            )),
             StoreCommand::LoadHeads { user } => StoreReply::Heads(self.heads(*user)),
             StoreCommand::Fetch {
                 user,
@@ -262,6 +270,7 @@ impl MemoryStore {
         msg_id: crate::ids::ClientMsgId,
         body: bytes::Bytes,
         now: UnixMillis,
+        order: Option<crate::store::SendOrder>,
     ) -> Result<crate::store::Appended, AppendError> {
         match conv {
             ConvId::Group(name) if !self.groups.contains_key(name) => {
@@ -277,7 +286,21 @@ impl MemoryStore {
         if !self.may_read(sender, conv) {
             return Err(AppendError::NotMember);
         }
-        let appended = self.ensure_log(conv).append(sender, msg_id, body, now)?;
+        let existed = self.logs.contains_key(conv);
+        let appended = self
+            .ensure_log(conv)
+            .append(sender, msg_id, body, now, order);
+        let appended = match appended {
+            Ok(appended) => appended,
+            Err(e) => {
+                // A refused first append leaves no log behind (Redis creates the log's
+                // metadata only once the checks passed).
+                if !existed {
+                    self.logs.remove(conv);
+                }
+                return Err(e);
+            }
+        };
         if let ConvId::Private { low, high } = conv {
             for user in [*low, *high] {
                 self.private_convs
@@ -376,6 +399,7 @@ mod tests {
                 msg_id: ClientMsgId(id),
                 body: Bytes::from_static(b"x"),
                 now: NOW,
+                order: None,
             },
         )
     }

@@ -101,6 +101,46 @@ pub enum AppendError {
     ConflictingRetry,
     #[error("no such conversation")]
     UnknownConversation,
+    /// The message's `after` (an earlier message of its stream to this conversation) is
+    /// not stored yet: appending this one now would put it before that one. Retryable.
+    #[error("an earlier message of this sender is not stored yet")]
+    OutOfOrder,
+    /// A later message of the same stream to this conversation is already stored: this one
+    /// can no longer be stored in order (its sender gave it up). Final.
+    #[error("a later message of this sender is already stored")]
+    Superseded,
+}
+
+/// Where a message stands in its sender's submission order (the wire `Send`'s `order_*`
+/// fields). A conversation log keeps, per (sender, stream), the `seq` of the last message of
+/// that stream it stored, `last` (0 if none or forgotten), and appends a new message only if
+/// `seq > last` (else [`AppendError::Superseded`]) and `after <= last` (else
+/// [`AppendError::OutOfOrder`]): so a stream's messages take conversation seqs in the order
+/// of their `seq`, whatever order their appends arrive in. The record lives as long as the
+/// idempotency records (at least the clients' outbox maximum age), refreshed by each append.
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+pub struct SendOrder {
+    /// One run of one client: random, so two devices or two runs never share a counter.
+    pub stream: u64,
+    /// This message's number in its stream (from 1, across all conversations).
+    pub seq: u64,
+    /// The stream's previous message to this conversation that the client had not settled
+    /// when it sent this one; 0 if none.
+    pub after: u64,
+}
+
+impl SendOrder {
+    /// The order carried by a wire `Send`; `None` for an unordered one (all fields 0, or a
+    /// `seq` of 0, which no stream uses).
+    pub fn from_send(send: &cim_proto::Send) -> Option<Self> {
+        (send.order_seq != 0).then_some(Self {
+            stream: send.order_stream,
+            seq: send.order_seq,
+            after: send.order_after,
+        })
+    }
 }
 
 /// Outcome of one lease refresh entry.
@@ -168,13 +208,15 @@ pub enum StoreCommand {
     LoadMembers {
         conv: ConvId,
     },
-    /// Idempotent append, see `conv_log`.
+    /// Idempotent append, see `conv_log`; ordered within the sender's stream when `order`
+    /// is given (see [`SendOrder`]).
     Append {
         conv: ConvId,
         sender: UserId,
         msg_id: ClientMsgId,
         body: Bytes,
         now: UnixMillis,
+        order: Option<SendOrder>,
     },
     /// The user's conversations with their heads and the user's cursors.
     LoadHeads {

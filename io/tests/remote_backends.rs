@@ -98,6 +98,7 @@ fn append(user: UserId, n: u128) -> StoreCommand {
         msg_id: ClientMsgId(n),
         body: Bytes::from_static(b"hi"),
         now: NOW,
+        order: None,
     }
 }
 

@@ -390,6 +390,7 @@ async fn route_send_on_the_link_is_acked_and_pushed() {
                 conv: format!("p:{alice}:{bob}"),
                 body: b"hi bob".to_vec().into(),
                 sent_at_ms: 0,
+                ..Default::default()
             }),
         })),
     })

@@ -266,6 +266,7 @@ impl<S: Stream> Peer<S> {
             conv: "all".into(),
             body: body.as_bytes().to_vec().into(),
             sent_at_ms: wall().0,
+            ..Default::default()
         }))
         .await;
     }

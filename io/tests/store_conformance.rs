@@ -20,7 +20,7 @@ use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, 
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::store::{
     AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken, OnlineEntry, RouteRecord,
-    StoreCommand, StoreReply, StoredMessage,
+    SendOrder, StoreCommand, StoreReply, StoredMessage,
 };
 use cim_io::net::{Network, TokioNet};
 use cim_io::store::{
@@ -255,6 +255,7 @@ impl<'a> Driver<'a> {
                     msg_id: ClientMsgId(id),
                     body: Bytes::copy_from_slice(body.as_bytes()),
                     now: UnixMillis(now),
+                    order: None,
                 },
             )
             .await
@@ -262,6 +263,30 @@ impl<'a> Driver<'a> {
             StoreReply::Appended(r) => {
                 r.map(|a| (a.message.seq, a.duplicate, a.message.appended_at.0))
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// An append of one stream's message `(stream, order seq, after)`: its conversation seq.
+    async fn append_ordered(
+        &mut self,
+        now: u64,
+        conv: &ConvId,
+        sender: UserId,
+        id: u128,
+        (stream, seq, after): (u64, u64, u64),
+    ) -> Result<u64, AppendError> {
+        let order = Some(SendOrder { stream, seq, after });
+        let command = StoreCommand::Append {
+            conv: conv.clone(),
+            sender,
+            msg_id: ClientMsgId(id),
+            body: Bytes::from_static(b"m"),
+            now: UnixMillis(now),
+            order,
+        };
+        match self.run(now, command).await {
+            StoreReply::Appended(r) => r.map(|a| a.message.seq),
             other => panic!("{other:?}"),
         }
     }
@@ -345,6 +370,7 @@ conformance!(
     routes_only_for_live_matching_claims,
     append_membership_and_unknown_conversations,
     append_idempotency_and_ttl_by_now,
+    append_keeps_each_stream_in_order,
     append_trims_and_moves_first_available,
     fetch_windows_and_log_epoch_mismatch,
     heads_with_join_seqs,
@@ -984,6 +1010,7 @@ mod scenarios {
                     msg_id: ClientMsgId(10),
                     body: Bytes::from_static(b"yo"),
                     now: UnixMillis(T0 + 5),
+                    order: None,
                 },
             )
             .await
@@ -1003,6 +1030,43 @@ mod scenarios {
                 d.append(T0 + at, &p, sender, id, body).await,
                 want,
                 "late step {i}"
+            );
+        }
+    }
+
+    pub async fn append_keeps_each_stream_in_order(d: &mut Driver<'_>) {
+        let (a, b) = (d.register("a").await, d.register("b").await);
+        let p = ConvId::private(a, b).unwrap();
+        // (at ms after T0, sender, msg id, (stream, order seq, after)) -> seq or error
+        type Step = (u64, UserId, u128, (u64, u64, u64), Result<u64, AppendError>);
+        let steps: Vec<Step> = vec![
+            (0, a, 2, (7, 2, 1), Err(AppendError::OutOfOrder)), // overtook 1
+            (1, a, 1, (7, 1, 0), Ok(1)),
+            (2, a, 2, (7, 2, 1), Ok(2)),
+            (3, a, 1, (7, 1, 0), Ok(1)), // a resend: the original seq
+            (4, b, 9, (7, 5, 4), Err(AppendError::OutOfOrder)), // b's stream 7 is b's own
+            (5, a, 4, (7, 4, 3), Err(AppendError::OutOfOrder)),
+            (6, a, 4, (7, 4, 0), Ok(3)), // 3 was given up
+            (7, a, 3, (7, 3, 2), Err(AppendError::Superseded)), // 3, late
+            (8, a, 20, (8, 1, 0), Ok(4)), // another stream of a
+            (9, b, 9, (7, 5, 0), Ok(5)),
+            // Order records expire with the idempotency TTL after their last write.
+            (TTL_MS + 5, a, 6, (7, 6, 4), Ok(6)),
+            (TTL_MS + 6, a, 8, (7, 8, 6), Ok(7)),
+            (
+                2 * TTL_MS + 6,
+                a,
+                9,
+                (7, 9, 8),
+                Err(AppendError::OutOfOrder),
+            ),
+            (2 * TTL_MS + 7, a, 9, (7, 9, 0), Ok(8)),
+        ];
+        for (i, (at, sender, id, order, want)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                d.append_ordered(T0 + at, &p, sender, id, order).await,
+                want,
+                "step {i}"
             );
         }
     }
@@ -1404,6 +1468,17 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
             msg_id: ClientMsgId(rng.random_range(0..3)),
             body: Bytes::from(vec![rng.random_range(0..2u8); 3]),
             now: UnixMillis(now),
+            order: match rng.random_range(0..3) {
+                0 => None,
+                _ => {
+                    let seq = rng.random_range(1..6);
+                    Some(SendOrder {
+                        stream: rng.random_range(0..2),
+                        seq,
+                        after: rng.random_range(0..seq),
+                    })
+                }
+            },
         },
         11 => StoreCommand::LoadHeads { user: user(rng) },
         12 => StoreCommand::Fetch {

@@ -912,6 +912,8 @@ fn error_words(code: ErrorCode) -> &'static str {
         ErrorCode::Unavailable => "temporarily unavailable",
         ErrorCode::UnexpectedFrame => "unexpected frame",
         ErrorCode::UnknownUser => "unknown user",
+        ErrorCode::OutOfOrder => "waiting for your earlier message",
+        ErrorCode::Superseded => "a later message of yours was stored first",
     }
 }
 

@@ -169,13 +169,22 @@ fn login_ok(epoch: u64) -> Kind {
     })
 }
 
-fn send_frame(id: ClientMsgId, c: &str, body: &str) -> ClientCommand {
+/// The order stream of a session made from `config()` (the first draw of its RNG).
+fn stream() -> u64 {
+    order_stream(config().seed)
+}
+
+/// A `Send` of the session's stream: its order seq and the one it follows (0: none).
+fn send_frame(id: ClientMsgId, c: &str, body: &str, (seq, after): (u64, u64)) -> ClientCommand {
     tx(Kind::Send(proto::Send {
         msg_id_hi: id.hi(),
         msg_id_lo: id.lo(),
         conv: c.into(),
         body: body.as_bytes().to_vec().into(),
         sent_at_ms: 0,
+        order_stream: stream(),
+        order_seq: seq,
+        order_after: after,
     }))
 }
 
@@ -691,9 +700,9 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
             In::Frame(login_ok(5)),
             vec![
                 sync_req(),
-                send_frame(a, "all", "a"),
-                send_frame(b, "g:x", "b"),
-                send_frame(c, "all", "c"),
+                send_frame(a, "all", "a", (1, 0)),
+                send_frame(b, "g:x", "b", (2, 0)),
+                send_frame(c, "all", "c", (3, 1)),
             ],
             vec![online_ev(5)],
         ),
@@ -744,8 +753,8 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
             In::Frame(login_ok(6)),
             vec![
                 sync_req(),
-                send_frame(b, "g:x", "b"),
-                send_frame(c, "all", "c"),
+                send_frame(b, "g:x", "b", (2, 0)),
+                send_frame(c, "all", "c", (3, 0)),
             ],
             vec![online_ev(6)],
         ),
@@ -753,6 +762,65 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
         (90, In::Frame(send_ack(a, "all", 17)), vec![], vec![]),
     ]);
     assert_eq!(h.s.outbox_len(), 2);
+}
+
+#[test]
+fn a_send_refused_as_out_of_order_waits_for_the_one_it_follows() {
+    let mut h = Harness::new(quiet_config());
+    h.online();
+    let a = h.s.send(h.at(100), conv("all"), Bytes::from_static(b"a"));
+    let b = h.s.send(h.at(100), conv("all"), Bytes::from_static(b"b"));
+    let _ = h.drain();
+    h.table(vec![
+        // b overtook a at the store: held, no retry timer.
+        (
+            110,
+            In::Frame(send_nack(b, ErrorCode::OutOfOrder, true)),
+            vec![],
+            vec![],
+        ),
+    ]);
+    assert_ne!(
+        h.s.poll_timeout().map(|(_, reason)| reason),
+        Some(TimerReason::SendRetry)
+    );
+    // A new message to `all` waits behind b; one to another conversation goes at once.
+    let c = h.s.send(h.at(120), conv("all"), Bytes::from_static(b"c"));
+    let g = h.s.send(h.at(120), conv("g:x"), Bytes::from_static(b"g"));
+    assert_eq!(h.drain().0, vec![send_frame(g, "g:x", "g", (4, 0))]);
+    h.table(vec![
+        // a's ack releases b, which now follows nothing unsettled.
+        (
+            130,
+            In::Frame(send_ack(a, "all", 1)),
+            vec![send_frame(b, "all", "b", (2, 0))],
+            vec![ClientEvent::Acked {
+                msg_id: a,
+                conv: conv("all"),
+                log_epoch: E1,
+                seq: 1,
+            }],
+        ),
+        // b's ack releases c.
+        (
+            140,
+            In::Frame(send_ack(b, "all", 2)),
+            vec![send_frame(c, "all", "c", (3, 0))],
+            vec![ClientEvent::Acked {
+                msg_id: b,
+                conv: conv("all"),
+                log_epoch: E1,
+                seq: 2,
+            }],
+        ),
+        // A refusal that arrives after the one it waited for was acked: sent again at once.
+        (
+            150,
+            In::Frame(send_nack(c, ErrorCode::OutOfOrder, true)),
+            vec![send_frame(c, "all", "c", (3, 0))],
+            vec![],
+        ),
+    ]);
 }
 
 #[test]
@@ -767,9 +835,9 @@ fn acks_nacks_retries_and_unknown() {
     assert_eq!(
         h.drain().0,
         vec![
-            send_frame(a, "all", "a"),
-            send_frame(b, "all", "b"),
-            send_frame(c, "all", "c")
+            send_frame(a, "all", "a", (1, 0)),
+            send_frame(b, "all", "b", (2, 1)),
+            send_frame(c, "all", "c", (3, 2))
         ]
     );
     h.table(vec![
@@ -825,7 +893,10 @@ fn acks_nacks_retries_and_unknown() {
         (
             1_220,
             In::Timeout,
-            vec![send_frame(c, "all", "c"), send_frame(d, "all", "d")],
+            vec![
+                send_frame(c, "all", "c", (3, 0)),
+                send_frame(d, "all", "d", (4, 3)),
+            ],
             vec![],
         ),
         (60_099, In::Timeout, vec![], vec![]),
@@ -1248,7 +1319,10 @@ fn snapshot_and_restore_keep_the_token_outbox_and_positions() {
         },
     );
     let (cmds, _) = h.drain();
-    assert_eq!(cmds.last(), Some(&send_frame(young, "g:x", "young")));
+    assert_eq!(
+        cmds.last(),
+        Some(&send_frame(young, "g:x", "young", (1, 0)))
+    );
     h.table(vec![
         (31, In::Frame(deliver("g:x", E1, 3)), vec![], vec![]),
         (
@@ -1308,7 +1382,7 @@ fn restored_outbox_is_resent_with_its_ids() {
         (
             30,
             In::Frame(login_ok(5)),
-            vec![sync_req(), send_frame(id, "all", "hi")],
+            vec![sync_req(), send_frame(id, "all", "hi", (1, 0))],
             vec![online_ev(5)],
         ),
     ]);

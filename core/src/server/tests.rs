@@ -173,6 +173,7 @@ fn send_frame(conv: &str, body_len: usize, msg: u64) -> Kind {
         conv: conv.into(),
         body: vec![b'x'; body_len].into(),
         sent_at_ms: 0,
+        ..Default::default()
     })
 }
 

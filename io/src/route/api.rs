@@ -477,6 +477,8 @@ async fn send(
         conv: conv.to_string(),
         body: msg.into_bytes().into(),
         sent_at_ms: shared.clock.wall().0,
+        // Unordered: each HTTP send is answered before the caller's next one.
+        ..Default::default()
     };
     let result = call(shared, |reply| ApiCall::Send { user, send, reply }).await?;
     if let Some(ack) = result.ack {

@@ -2,6 +2,13 @@
 //! calls, store replies, link frames, registry changes, deadlines) and carries out what
 //! they ask, never awaiting a store call itself.
 //!
+//! Store calls go through one **store lane** task, which starts them in the order the
+//! machines asked for them and awaits them concurrently (a `FuturesUnordered`): a spawned
+//! task per call would let the runtime start them in any order (tokio's LIFO slot runs the
+//! newest first), and one sender's burst of appends would reach the store reordered. The
+//! store refuses an out-of-order append anyway (`SendOrder`), so this keeps the common case
+//! free of refusals and resends; it is not what makes the order safe.
+//!
 //! Argon2 (tens of milliseconds per login with production parameters) runs on a small pool
 //! of blocking threads, one per core: a burst of logins queues there while messages keep
 //! flowing through the driver. Under a simulated clock it runs inline instead, so a
@@ -14,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use cim_core::balance::Balancer;
 use cim_core::delivery::{RouteDelivery, SendOrigin};
-use cim_core::ids::{ApiRequestId, Epoch, ServerId, UserId};
+use cim_core::ids::{ApiRequestId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::registry::LiveServer;
 use cim_core::route_login::{
     LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, PasswordJob, PasswordOutcome,
@@ -23,6 +30,8 @@ use cim_core::route_login::{
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
 use cim_proto::frame::Kind;
 use cim_proto::{ErrorCode, Frame, KickReason, KickUser, KickUserDone, RouteSend, RouteSendResult};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -162,8 +171,12 @@ pub(super) struct Driver<N: Network> {
     to_self: mpsc::Sender<Input>,
     cancel: CancellationToken,
     link_config: Arc<LinkConfig>,
-    /// Bounds a spawned store call, so a hung backend cannot pile up tasks forever (the
-    /// machines time the request out earlier on their own).
+    /// Where store calls go, in order: the store lane task (see the module docs).
+    store_lane: mpsc::UnboundedSender<LaneCall>,
+    /// The lane's end, until `run` starts the lane.
+    store_lane_rx: Option<mpsc::UnboundedReceiver<LaneCall>>,
+    /// Bounds a store call, so a hung backend cannot pile up calls forever (the machines
+    /// time the request out earlier on their own).
     store_task_timeout: std::time::Duration,
     /// Bounds the password jobs running at once (one blocking thread each); `None` runs
     /// them inline.
@@ -206,6 +219,7 @@ impl<N: Network> Driver<N> {
         let simulated = matches!(clock, Clock::Simulated { .. });
         let password_pool = (!simulated && options.password_workers > 0)
             .then(|| Arc::new(Semaphore::new(options.password_workers)));
+        let (store_lane, store_lane_rx) = mpsc::unbounded_channel();
         Self {
             net,
             clock,
@@ -226,6 +240,8 @@ impl<N: Network> Driver<N> {
                 ping_interval: options.link_ping_interval,
                 retry_delay: options.link_retry_delay,
             }),
+            store_lane,
+            store_lane_rx: Some(store_lane_rx),
             store_task_timeout,
             password_pool,
             links: BTreeMap::new(),
@@ -239,6 +255,14 @@ impl<N: Network> Driver<N> {
 
     /// The loop: one input at a time, then drain every output, then re-arm the timer.
     pub(super) async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {
+        if let Some(calls) = self.store_lane_rx.take() {
+            tokio::spawn(run_store_lane(
+                self.store.clone(),
+                calls,
+                self.to_self.clone(),
+                self.store_task_timeout,
+            ));
+        }
         let mut servers = self.view.servers();
         let initial = servers.borrow_and_update().clone();
         self.registry_changed(initial);
@@ -628,25 +652,13 @@ impl<N: Network> Driver<N> {
         });
     }
 
+    /// Hands a store call to the lane, which starts calls in the order they come.
     fn spawn_store(&self, machine: Machine, request: StoreRequest) {
-        let store = self.store.clone();
-        let to_self = self.to_self.clone();
-        let wall = self.clock.wall();
-        let limit = self.store_task_timeout;
-        tokio::spawn(async move {
-            let StoreRequest { id, command } = request;
-            let result = match tokio::time::timeout(limit, store.execute(wall, command)).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreUnavailable(format!("no answer within {limit:?}"))),
-            };
-            // The driver may be gone (shutdown): nobody waits for the answer then.
-            let _ = to_self
-                .send(Input::Store {
-                    machine,
-                    id,
-                    result,
-                })
-                .await;
+        // The lane ends only when the driver's channel does: nobody waits for answers then.
+        let _ = self.store_lane.send(LaneCall {
+            machine,
+            request,
+            wall: self.clock.wall(),
         });
     }
 
@@ -821,5 +833,46 @@ impl<N: Network> Driver<N> {
             &one(load(&c.http_server_errors)),
         );
         out
+    }
+}
+
+/// One store call for the lane: which machine asked, what, at which wall-clock time.
+pub(super) struct LaneCall {
+    machine: Machine,
+    request: StoreRequest,
+    wall: UnixMillis,
+}
+
+/// The store lane: starts each call in arrival order (a `FuturesUnordered` polls what was
+/// pushed first first, so each call reaches its first await, for Redis the write into the
+/// connection's pipeline, in that order) and sends each answer to the driver as it comes.
+/// Ends when the driver drops its sender.
+async fn run_store_lane(
+    store: Arc<dyn Store>,
+    mut calls: mpsc::UnboundedReceiver<LaneCall>,
+    to_driver: mpsc::Sender<Input>,
+    limit: std::time::Duration,
+) {
+    let mut running = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some((machine, id, result)) = running.next(), if !running.is_empty() => {
+                // The driver may be gone (shutdown): nobody waits for the answer then.
+                let _ = to_driver.send(Input::Store { machine, id, result }).await;
+            }
+            call = calls.recv() => {
+                let Some(LaneCall { machine, request, wall }) = call else { break };
+                let StoreRequest { id, command } = request;
+                let call = store.execute(wall, command);
+                running.push(async move {
+                    let result = match tokio::time::timeout(limit, call).await {
+                        Ok(result) => result,
+                        Err(_) => Err(StoreUnavailable(format!("no answer within {limit:?}"))),
+                    };
+                    (machine, id, result)
+                });
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
     Account, AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken,
-    OnlineEntry, RouteRecord, StoreCommand, StoreReply, StoreResult, StoreUnavailable,
+    OnlineEntry, RouteRecord, SendOrder, StoreCommand, StoreReply, StoreResult, StoreUnavailable,
     StoredMessage,
 };
 use prost::Message as _;
@@ -256,7 +256,8 @@ impl RedisStore {
                 msg_id,
                 body,
                 now,
-            } => self.append(conv, sender, msg_id, body, now).await,
+                order,
+            } => self.append(conv, sender, msg_id, body, now, order).await,
             StoreCommand::LoadHeads { user } => self.heads(user).await,
             StoreCommand::Fetch {
                 user,
@@ -671,6 +672,7 @@ impl RedisStore {
         msg_id: ClientMsgId,
         body: Bytes,
         now: UnixMillis,
+        order: Option<SendOrder>,
     ) -> R<StoreReply> {
         // Membership of private conversations and `all` is about accounts, which live under
         // other tags; they are never deleted, so checking first is as good as inside.
@@ -710,11 +712,13 @@ impl RedisStore {
         let script = &self.scripts.append;
         pipe.cmd("EVALSHA")
             .arg(script.get_hash())
-            .arg(4)
+            .arg(5)
             .arg(conv_key(&conv, "meta"))
             .arg(conv_key(&conv, "log"))
             .arg(idem_key(&conv, sender, msg_id))
             .arg(conv_key(&conv, "members"))
+            // Unordered appends never touch it; any key of the conversation's slot will do.
+            .arg(order_key(&conv, sender, order.map_or(0, |o| o.stream)))
             .arg(if matches!(conv, ConvId::Group(_)) {
                 "1"
             } else {
@@ -726,13 +730,17 @@ impl RedisStore {
             .arg(now.0)
             .arg(millis(self.options.idempotency_ttl))
             .arg(self.options.max_log_len as u64)
-            .arg(self.new_log_epoch().0);
+            .arg(self.new_log_epoch().0)
+            .arg(order.map_or(0, |o| o.seq))
+            .arg(order.map_or(0, |o| o.after));
         let (v,): (Vec<Value>,) = self.query_pipe_with_script(&pipe, script).await?;
         let status = v.first().map(string).transpose()?.flatten();
         let result = match (status.as_deref(), v.as_slice()) {
             (Some("unknown"), _) => Err(AppendError::UnknownConversation),
             (Some("not_member"), _) => Err(AppendError::NotMember),
             (Some("conflict"), _) => Err(AppendError::ConflictingRetry),
+            (Some("out_of_order"), _) => Err(AppendError::OutOfOrder),
+            (Some("superseded"), _) => Err(AppendError::Superseded),
             (Some(kind @ ("ok" | "dup")), [_, epoch, seq, at]) => Ok(Appended {
                 message: StoredMessage {
                     conv,
@@ -1000,6 +1008,10 @@ fn conv_key(conv: &ConvId, part: &str) -> String {
 
 fn idem_key(conv: &ConvId, sender: UserId, msg_id: ClientMsgId) -> String {
     format!("cim:conv:{{c:{conv}}}:idem:{}:{:032x}", sender.0, msg_id.0)
+}
+
+fn order_key(conv: &ConvId, sender: UserId, stream: u64) -> String {
+    format!("cim:conv:{{c:{conv}}}:order:{}:{stream:016x}", sender.0)
 }
 
 fn millis(d: Duration) -> u64 {

@@ -72,14 +72,20 @@ pub fn arb_send() -> impl Strategy<Value = Send> {
         arb_string(),
         arb_bytes(),
         any::<u64>(),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
     )
-        .prop_map(|(msg_id_hi, msg_id_lo, conv, body, sent_at_ms)| Send {
-            msg_id_hi,
-            msg_id_lo,
-            conv,
-            body: body.into(),
-            sent_at_ms,
-        })
+        .prop_map(
+            |(msg_id_hi, msg_id_lo, conv, body, sent_at_ms, (stream, seq, after))| Send {
+                msg_id_hi,
+                msg_id_lo,
+                conv,
+                body: body.into(),
+                sent_at_ms,
+                order_stream: stream,
+                order_seq: seq,
+                order_after: after,
+            },
+        )
 }
 
 pub fn arb_send_ack() -> impl Strategy<Value = SendAck> {
@@ -336,6 +342,9 @@ fn send() -> Send {
         conv: "p:1:42".into(),
         body: b"hi".to_vec().into(),
         sent_at_ms: 1_700_000_000_000,
+        order_stream: 0x5eed_5eed_5eed_5eed,
+        order_seq: 3,
+        order_after: 2,
     }
 }
 

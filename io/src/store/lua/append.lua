@@ -1,9 +1,12 @@
 -- Append: conv_log's append as one step. KEYS (all under the conversation's {c:<id>} tag):
 -- [1] meta hash (epoch, head, first), [2] log hash (seq -> encoded message),
--- [3] idempotency record of (sender, msg id), [4] group members hash (seq joined at).
+-- [3] idempotency record of (sender, msg id), [4] group members hash (seq joined at),
+-- [5] order record of (sender, stream): `last` order seq stored, `at` (unused when unordered).
 -- ARGV: [1] '1' for a group, [2] sender, [3] body hash, [4] encoded message, [5] now,
--- [6] idempotency ttl ms, [7] max log length, [8] log epoch to use if the log is new.
--- Returns {'unknown'} | {'not_member'} | {'conflict'} | {'dup'|'ok', log epoch, seq, appended at}.
+-- [6] idempotency ttl ms, [7] max log length, [8] log epoch to use if the log is new,
+-- [9] order seq (0: unordered), [10] order after.
+-- Returns {'unknown'} | {'not_member'} | {'conflict'} | {'out_of_order'} | {'superseded'} |
+-- {'dup'|'ok', log epoch, seq, appended at}.
 -- Private and `all` membership (accounts exist) is checked by the caller before: accounts are
 -- never deleted, so that check cannot go stale.
 if ARGV[1] == '1' then
@@ -16,6 +19,49 @@ if ARGV[1] == '1' then
 end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first')
 local epoch = meta[1]
+local now = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+local order_seq = tonumber(ARGV[9])
+-- The order record, judged by the caller's clock like the idempotency record.
+local function last_order()
+  local o = redis.call('HMGET', KEYS[5], 'last', 'at')
+  if o[1] and now < tonumber(o[2]) + ttl then
+    return tonumber(o[1])
+  end
+  return 0
+end
+-- Raises (never lowers) the order record to this message's order seq.
+local function raise_order(last)
+  if order_seq > last then
+    redis.call('HSET', KEYS[5], 'last', order_seq, 'at', ARGV[5])
+    redis.call('PEXPIRE', KEYS[5], math.max(ttl, 1))
+  end
+end
+-- The record is judged by the caller's clock (`now`), like the reference; PEXPIRE only
+-- collects it. A log that does not exist has no records.
+if epoch then
+  local rec = redis.call('HMGET', KEYS[3], 'hash', 'seq', 'at')
+  if rec[1] and now < tonumber(rec[3]) + ttl then
+    if rec[1] ~= ARGV[3] then
+      return {'conflict'}
+    end
+    if order_seq > 0 then
+      raise_order(last_order())
+    end
+    return {'dup', epoch, tonumber(rec[2]), rec[3]}
+  end
+end
+local last = 0
+if order_seq > 0 then
+  last = last_order()
+  if order_seq <= last then
+    return {'superseded'}
+  end
+  if tonumber(ARGV[10]) > last then
+    return {'out_of_order'}
+  end
+end
+-- Every check passed: only now may a new log come into being.
 local head, first
 if not epoch then
   epoch = ARGV[8]
@@ -24,21 +70,13 @@ if not epoch then
 else
   head, first = tonumber(meta[2]), tonumber(meta[3])
 end
-local now = tonumber(ARGV[5])
-local ttl = tonumber(ARGV[6])
--- The record is judged by the caller's clock (`now`), like the reference; PEXPIRE only
--- collects it.
-local rec = redis.call('HMGET', KEYS[3], 'hash', 'seq', 'at')
-if rec[1] and now < tonumber(rec[3]) + ttl then
-  if rec[1] ~= ARGV[3] then
-    return {'conflict'}
-  end
-  return {'dup', epoch, tonumber(rec[2]), rec[3]}
-end
 head = head + 1
 redis.call('HSET', KEYS[2], head, ARGV[4])
 redis.call('HSET', KEYS[3], 'hash', ARGV[3], 'seq', head, 'at', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], math.max(ttl, 1))
+if order_seq > 0 then
+  raise_order(last)
+end
 local max_len = math.max(tonumber(ARGV[7]), 1)
 while head - first + 1 > max_len do
   redis.call('HDEL', KEYS[2], first)
