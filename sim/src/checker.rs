@@ -45,6 +45,11 @@
 //!    clients saw) names the same (sender, msg id), and the same body among clients; one
 //!    (sender, msg id) is acked under one seq per log epoch. [`Violation::Conflict`],
 //!    [`Violation::AckedTwice`]
+//! 7. **Per-sender order** (README: "one sender's messages keep their order"): per (client
+//!    instance, conversation, log epoch), the messages the client's application submitted
+//!    that are known to be stored (acked to it, or seen by any client) hold seqs that grow
+//!    in submission order. Stored includes messages the sender gave up as unknown: the store
+//!    never puts one after a message submitted later. [`Violation::SenderOrder`]
 //!
 //! # Scope
 //!
@@ -97,6 +102,17 @@ pub struct AckedSend {
     pub log_epoch: LogEpoch,
     pub seq: u64,
     pub acked_at: SimTime,
+}
+
+/// A message a client's application submitted; [`History::submissions`] keeps them in
+/// submission order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submission {
+    pub client: ClientId,
+    pub sender: UserId,
+    pub conv: ConvId,
+    pub msg_id: ClientMsgId,
+    pub at: SimTime,
 }
 
 /// One SDK client instance. A user may have several (concurrent logins, restarts).
@@ -280,6 +296,9 @@ pub struct Bounds {
 pub struct History {
     pub sessions: Vec<SessionSpan>,
     pub acks: Vec<AckedSend>,
+    /// Every submitted message, in submission order (per client, the order its application
+    /// submitted them).
+    pub submissions: Vec<Submission>,
     pub clients: Vec<ClientHistory>,
     pub membership: Membership,
     pub final_logs: BTreeMap<ConvId, FinalLog>,
@@ -422,6 +441,18 @@ pub enum Violation {
         seq: u64,
         first: Witness,
         second: Witness,
+    },
+    /// Invariant 7: a message submitted later got a lower seq than one submitted before it
+    /// to the same conversation by the same client.
+    SenderOrder {
+        client: ClientId,
+        sender: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        /// (msg id, submitted at, seq) of the earlier submission.
+        earlier: (ClientMsgId, SimTime, u64),
+        /// The same of the later one, stored before it.
+        later: (ClientMsgId, SimTime, u64),
     },
     /// Invariant 6: one (sender, msg id) acked under two seqs of one log epoch.
     AckedTwice {
@@ -639,6 +670,24 @@ impl fmt::Display for Violation {
                 "conflict: two messages under {conv} seq {seq} (log epoch {}): {first}; {second}",
                 log_epoch.0
             ),
+            Self::SenderOrder {
+                client,
+                sender,
+                conv,
+                log_epoch,
+                earlier,
+                later,
+            } => write!(
+                f,
+                "sender order: {client} (user {sender}) submitted {} to {conv} at {} before {}                  at {}, but they were stored as seqs {} and {} (log epoch {})",
+                earlier.0,
+                T(earlier.1),
+                later.0,
+                T(later.1),
+                earlier.2,
+                later.2,
+                log_epoch.0
+            ),
             Self::AckedTwice {
                 sender,
                 conv,
@@ -670,6 +719,8 @@ pub struct Stats {
     pub rehomes_checked: u64,
     pub rehomes_unjudged: u64,
     pub max_rehome: Option<Duration>,
+    /// Submitted messages known to be stored, whose order the sender-order check judged.
+    pub ordered_checked: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -690,12 +741,13 @@ impl fmt::Display for Report {
         write!(
             f,
             "{} violation(s); checked {} sessions, {} acks, {} messages, {} required \
-             deliveries, {} re-homes ({} unjudged), max re-home ",
+             deliveries, {} sender-ordered, {} re-homes ({} unjudged), max re-home ",
             self.violations.len(),
             s.sessions_checked,
             s.acks_checked,
             s.messages_checked,
             s.deliveries_required,
+            s.ordered_checked,
             s.rehomes_checked,
             s.rehomes_unjudged
         )?;
@@ -718,7 +770,60 @@ pub fn check(history: &History) -> Report {
     check_consistency(history, &mut report);
     check_loss(history, &streams, &mut report);
     check_rehome(history, &mut report);
+    check_sender_order(history, &mut report);
     report
+}
+
+/// Invariant 7.
+fn check_sender_order(history: &History, report: &mut Report) {
+    // Where each (sender, msg id) is stored: from acks and from what any client saw. A
+    // message may be stored under several log epochs (resent after a lossy restart).
+    let mut stored: BTreeMap<(UserId, ClientMsgId, ConvId), BTreeMap<LogEpoch, u64>> =
+        BTreeMap::new();
+    for a in &history.acks {
+        stored
+            .entry((a.sender, a.msg_id, a.conv.clone()))
+            .or_default()
+            .insert(a.log_epoch, a.seq);
+    }
+    for c in &history.clients {
+        for (_, seen) in &c.events {
+            if let Seen::Message(m) = seen {
+                stored
+                    .entry((m.sender, m.msg_id, m.conv.clone()))
+                    .or_default()
+                    .insert(m.log_epoch, m.seq);
+            }
+        }
+    }
+    // Per (client, conv, log epoch): the highest-seq submission so far, in submission order.
+    let mut latest: BTreeMap<(ClientId, ConvId, LogEpoch), (ClientMsgId, SimTime, u64)> =
+        BTreeMap::new();
+    for sub in &history.submissions {
+        let Some(places) = stored.get(&(sub.sender, sub.msg_id, sub.conv.clone())) else {
+            continue;
+        };
+        report.stats.ordered_checked += 1;
+        for (&log_epoch, &seq) in places {
+            let key = (sub.client, sub.conv.clone(), log_epoch);
+            let this = (sub.msg_id, sub.at, seq);
+            match latest.get(&key) {
+                Some(&earlier) if earlier.2 > seq => {
+                    report.violations.push(Violation::SenderOrder {
+                        client: sub.client,
+                        sender: sub.sender,
+                        conv: sub.conv.clone(),
+                        log_epoch,
+                        earlier,
+                        later: this,
+                    });
+                }
+                _ => {
+                    latest.insert(key, this);
+                }
+            }
+        }
+    }
 }
 
 /// Invariant 1.

@@ -94,7 +94,14 @@ pub struct ClusterSpec {
     /// How routes pick a server (the routes' default, consistent hashing, unless the sweep
     /// was asked for another with [`set_balancer`]).
     pub strategy: Option<Strategy>,
+    /// The servers' per-user send limit: (tokens a second, burst). Half the seeds run with
+    /// [`TIGHT_SEND_RATE`], which the chat bursts exceed: rate-limit nacks and resends
+    /// then race later messages of the same sender, the per-sender order's hardest case.
+    pub send_rate: (u32, u32),
 }
+
+/// The tight send limit some seeds run with (see [`ClusterSpec::send_rate`]).
+pub const TIGHT_SEND_RATE: (u32, u32) = (4, 3);
 
 /// A process-wide choice of balancer for every cluster built afterwards (the sweep's
 /// `--balancer`): consistent hashing sends one user's racing logins to one server, which
@@ -108,7 +115,7 @@ pub fn set_balancer(strategy: Strategy) -> bool {
 
 impl ClusterSpec {
     pub fn new(seed: u64, servers: usize, routes: usize) -> Self {
-        Self {
+        let mut spec = Self {
             seed,
             servers,
             routes,
@@ -119,7 +126,15 @@ impl ClusterSpec {
             origin: UnixMillis(1_800_000_000_000),
             tick: Duration::from_millis(1),
             strategy: BALANCER.get().copied(),
-        }
+            send_rate: (0, 0),
+        };
+        let defaults = ServerConfig::new(ServerId::new("-"), TicketKeys::new(1, TICKET_SECRET));
+        spec.send_rate = if spec.derive_seed("send rate", 0) % 2 == 0 {
+            TIGHT_SEND_RATE
+        } else {
+            (defaults.send_rate_per_sec, defaults.send_burst)
+        };
+        spec
     }
 
     /// A child seed for one purpose, so adding a node does not shift the others' seeds.
@@ -289,10 +304,9 @@ impl Cluster {
                 async move {
                     let keys = TicketKeys::new(1, TICKET_SECRET);
                     let id = ServerId::new(host.clone());
-                    let mut options = ServerOptions::new(
-                        ServerConfig::new(id.clone(), keys),
-                        LINK_SECRET.to_vec(),
-                    );
+                    let mut node = ServerConfig::new(id.clone(), keys);
+                    (node.send_rate_per_sec, node.send_burst) = spec.send_rate;
+                    let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
                     options.listen_ip = ANY;
                     options.advertise_host = host;
                     options.observer = observer.map(|make| make(&id));

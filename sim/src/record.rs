@@ -17,11 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cim_core::client::{ClientEvent, KickReason, LinkLoss, LoginFailure, StopReason};
-use cim_core::ids::{ServerId, UserId};
+use cim_core::ids::{ClientMsgId, ConvId, ServerId, UserId};
 use cim_core::route_login::LoginError;
 use cim_io::server::{SessionEvent, SessionObserver};
 
-use crate::checker::{AckedSend, ClientHistory, ClientId, Fault, History, SessionSpan, SimTime};
+use crate::checker::{
+    AckedSend, ClientHistory, ClientId, Fault, History, SessionSpan, SimTime, Submission,
+};
 
 /// Named counts of what a run exercised ("server crashed", "takeover", ...). Summed over a
 /// sweep.
@@ -215,6 +217,23 @@ impl Recorder {
             }
         };
         r.history.clients[index].record(at, event);
+    }
+
+    /// A message `client`'s application submitted (call in submission order).
+    pub fn submitted(&self, client: ClientId, sender: UserId, conv: ConvId, msg_id: ClientMsgId) {
+        let at = sim_now();
+        let mut r = self.lock();
+        if r.end.is_some_and(|end| at > end) {
+            return;
+        }
+        *r.counters.entry("messages submitted").or_default() += 1;
+        r.history.submissions.push(Submission {
+            client,
+            sender,
+            conv,
+            msg_id,
+            at,
+        });
     }
 
     /// The recording so far (the harness completes membership, final logs and bounds).

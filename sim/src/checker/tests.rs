@@ -67,6 +67,17 @@ fn ack(m: &StoredMessage, at: u64) -> AckedSend {
     }
 }
 
+/// `m` as its sender's client (client n is user n) submitted it.
+fn submission(m: &StoredMessage, at: u64) -> Submission {
+    Submission {
+        client: ClientId(m.sender.0 as u32),
+        sender: m.sender,
+        conv: m.conv.clone(),
+        msg_id: m.msg_id,
+        at: ms(at),
+    }
+}
+
 fn online(name: &str, epoch: u64) -> Seen {
     Seen::Online {
         server: server(name),
@@ -102,9 +113,12 @@ fn m(conv: &ConvId, seq: u64) -> StoredMessage {
 /// p:1:3. Client 3 was told seq 2 of `all` was trimmed.
 fn clean() -> History {
     let mut acks = Vec::new();
+    let mut submissions = Vec::new();
     for conv in [all(), g(), p13()] {
         for seq in 1..=senders(&conv).len() as u64 {
-            acks.push(ack(&m(&conv, seq), 100 + seq * 10));
+            let message = m(&conv, seq);
+            acks.push(ack(&message, 100 + seq * 10));
+            submissions.push(submission(&message, 90 + seq * 10));
         }
     }
     let c1 = ClientHistory {
@@ -170,6 +184,7 @@ fn clean() -> History {
             span(3, "s2", 1, 100, None),
         ],
         acks,
+        submissions,
         clients: vec![c1, c2, c3],
         membership: Membership {
             groups: BTreeMap::from([(
@@ -222,6 +237,82 @@ fn a_clean_history_passes_and_is_counted() {
     assert_eq!(s.deliveries_required, 6 + 3 + 1 + 4);
     assert_eq!((s.rehomes_checked, s.rehomes_unjudged), (1, 0));
     assert_eq!(s.max_rehome, Some(ms(500)));
+    assert_eq!(s.ordered_checked, 9);
+}
+
+#[test]
+fn a_later_submission_stored_before_an_earlier_one_breaks_sender_order() {
+    let mut h = clean();
+    // User 1 submitted all#4 before all#1 (same client, same conversation).
+    let later = h
+        .submissions
+        .iter()
+        .position(|s| s.conv == all() && s.msg_id == msg_id(&all(), 4))
+        .unwrap();
+    let moved = h.submissions.remove(later);
+    h.submissions.insert(0, moved);
+    let v = single(&h);
+    assert!(
+        matches!(
+            &v,
+            Violation::SenderOrder {
+                client: ClientId(1),
+                earlier: (_, _, 4),
+                later: (_, _, 1),
+                ..
+            }
+        ),
+        "{v}"
+    );
+    assert!(
+        v.to_string()
+            .starts_with("sender order: client 1 (user 1) submitted"),
+        "{v}"
+    );
+}
+
+#[test]
+fn sender_order_counts_what_anyone_saw_and_judges_each_log_epoch_alone() {
+    let (a, b) = (msg_in(&all(), E, 3, 5), msg_in(&all(), E, 2, 5));
+    let mut h = History {
+        submissions: vec![submission(&a, 10), submission(&b, 20)],
+        // `a` was never acked (its sender gave it up), but client 1 saw it stored after `b`.
+        acks: vec![ack(&b, 30)],
+        clients: vec![ClientHistory {
+            client: ClientId(1),
+            user: user(1),
+            events: vec![(ms(40), Seen::Message(a.clone()))],
+        }],
+        ..History::default()
+    };
+    let order = |h: &History| {
+        check(h)
+            .violations
+            .into_iter()
+            .filter(|v| matches!(v, Violation::SenderOrder { .. }))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order(&h).len(), 1);
+    // In order under one log epoch, reversed under another (both resent after a lossy
+    // restart): only the second is reported.
+    h.clients.clear();
+    h.acks = vec![
+        ack(&msg_in(&all(), E, 1, 5), 30),
+        ack(&msg_in(&all(), E, 2, 5), 31),
+    ];
+    h.acks[0].msg_id = a.msg_id;
+    h.acks[1].msg_id = b.msg_id;
+    assert!(order(&h).is_empty());
+    let mut a2 = ack(&msg_in(&all(), E2, 5, 5), 50);
+    a2.msg_id = a.msg_id;
+    let mut b2 = ack(&msg_in(&all(), E2, 4, 5), 51);
+    b2.msg_id = b.msg_id;
+    h.acks.extend([a2, b2]);
+    let v = order(&h);
+    assert!(
+        matches!(&v[..], [Violation::SenderOrder { log_epoch, .. }] if *log_epoch == E2),
+        "{v:?}"
+    );
 }
 
 #[test]

@@ -13,18 +13,19 @@ pub mod failover;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cim_core::client::ClientConfig;
+use cim_core::client::{ClientConfig, ClientEvent};
 use cim_core::ids::{ConvId, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{StoreCommand, StoreReply};
 use cim_io::net::TurmoilNet;
 use cim_io::sdk::{Client, RouteApi};
 use cim_io::store::Store;
+use tokio::sync::Notify;
 
 use crate::checker::{self, Bounds, ClientId, Fault, FinalLog, Host, Membership, Report};
 use crate::cluster::{ClientEnv, Cluster, ClusterSpec, Hooks, REGISTRY_HOST, STORE_HOST};
@@ -357,11 +358,22 @@ async fn chat_client(
     let options = env.sdk_options(user, &plan.name, &plan.password, plan.route);
     let (client, mut events) = Client::start(TurmoilNet, env.clock(), options);
     let id = plan.client;
+    // Between `Reconnecting` and `Online`; a reconnect wakes the chat loop for a burst.
+    let offline = AtomicBool::new(false);
+    let reconnected = Notify::new();
     let pump = {
         let rec = rec.clone();
+        let (offline, reconnected) = (&offline, &reconnected);
         async move {
             while let Some(event) = events.next().await {
                 rec.client_event(id, user, sim_now(), &event);
+                match event {
+                    ClientEvent::Reconnecting { .. } => offline.store(true, Ordering::SeqCst),
+                    ClientEvent::Online { .. } if offline.swap(false, Ordering::SeqCst) => {
+                        reconnected.notify_one();
+                    }
+                    _ => {}
+                }
             }
         }
     };
@@ -408,17 +420,33 @@ async fn chat_client(
             sleep_until_sim(from).await;
             let mut n = 0u64;
             while sim_now() < until {
-                tokio::time::sleep(
-                    rng.duration(Duration::from_millis(300), Duration::from_millis(1500)),
-                )
-                .await;
+                let pause = rng.duration(Duration::from_millis(300), Duration::from_millis(1500));
+                let woken_by_reconnect = tokio::select! {
+                    biased;
+                    () = reconnected.notified() => true,
+                    () = tokio::time::sleep(pause) => false,
+                };
                 if sim_now() >= until {
                     break;
                 }
-                n += 1;
-                let conv = convs[(rng.next_u64() % convs.len() as u64) as usize].clone();
-                let body = Bytes::from(format!("{}#{} {n}", plan.name, plan.client.0));
-                let _ = client.submit(conv, body).await;
+                // Bursts while offline (they wait in the outbox and leave together), right
+                // after a reconnect (behind the outbox's resend), and now and then anyway:
+                // one sender's order is only at stake when its messages overlap in flight.
+                let burst = if woken_by_reconnect || offline.load(Ordering::SeqCst) {
+                    rng.between(2, 6)
+                } else if rng.between(0, 9) == 0 {
+                    rng.between(2, 5)
+                } else {
+                    1
+                };
+                for _ in 0..burst {
+                    n += 1;
+                    let conv = convs[(rng.next_u64() % convs.len() as u64) as usize].clone();
+                    let body = Bytes::from(format!("{}#{} {n}", plan.name, plan.client.0));
+                    if let Ok(msg_id) = client.submit(conv.clone(), body).await {
+                        rec.submitted(id, user, conv, msg_id);
+                    }
+                }
             }
         }
         sleep_until_sim(end).await;
@@ -797,6 +825,9 @@ pub fn drive(
         rehome_after_isolation: isolation,
     };
     let report = checker::check(&history);
+    if plan.spec.send_rate == crate::cluster::TIGHT_SEND_RATE {
+        rec.count("runs with a tight send rate");
+    }
     let finished = Finished {
         rec: rec.clone(),
         dir: shared.dir.clone(),

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::Duration;
 
-use cim_core::ids::ServerId;
+use cim_core::ids::{ConvId, LogEpoch, ServerId, UnixMillis, UserId};
+use cim_core::store::{StoreCommand, StoreReply, StoredMessage};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::server::ServerConfig;
 use cim_core::tickets::TicketKeys;
@@ -113,6 +114,32 @@ impl Cluster {
             ],
         ));
         self.server = Some(server);
+    }
+
+    /// `conv`'s stored messages as `reader` (a member) may read them, oldest first.
+    pub async fn log(&self, reader: UserId, conv: ConvId) -> Vec<StoredMessage> {
+        let fetch = StoreCommand::Fetch {
+            user: reader,
+            conv,
+            log_epoch: LogEpoch(0),
+            after_seq: 0,
+            limit: 0,
+        };
+        // The head names the log epoch; then the messages under it.
+        let Ok(StoreReply::Fetched { head, .. }) = self.store.execute(wall(), fetch).await else {
+            panic!("fetch of the head failed");
+        };
+        let fetch = StoreCommand::Fetch {
+            user: reader,
+            conv: head.conv,
+            log_epoch: head.log_epoch,
+            after_seq: 0,
+            limit: 10_000,
+        };
+        match self.store.execute(wall(), fetch).await {
+            Ok(StoreReply::Fetched { messages, .. }) => messages,
+            other => panic!("fetch failed: {other:?}"),
+        }
     }
 
     /// Kills the server at once, as a crash would.
@@ -255,6 +282,11 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The wall clock, for store calls made by the test itself.
+fn wall() -> UnixMillis {
+    Clock::System.wall()
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
