@@ -17,11 +17,11 @@ use cim_core::canary::{self, Canary};
 
 /// (canary, the sweep that exercises it, seeds within which it must be caught). Measured
 /// (first failing seed from 1): idempotent append 8, epoch fencing 11, self-fencing 4, gap
-/// sync 7, dedup 1.
+/// sync 7, dedup 1 (before the bursty workload); send order 11 (broadcast; everything: 18).
 ///
 /// Epoch fencing needs a balancer that spreads one user's racing logins over servers: with
 /// consistent hashing they all reach one server, which serializes them by itself.
-const CAUGHT_WITHIN: [(Canary, &[&str], u64); 5] = [
+const CAUGHT_WITHIN: [(Canary, &[&str], u64); 6] = [
     (Canary::IdempotentAppend, &["--scenario", "failover"], 30),
     (
         Canary::EpochFencing,
@@ -31,6 +31,7 @@ const CAUGHT_WITHIN: [(Canary, &[&str], u64); 5] = [
     (Canary::SelfFencing, &["--scenario", "everything"], 30),
     (Canary::GapSync, &["--scenario", "broadcast"], 30),
     (Canary::Dedup, &["--scenario", "failover"], 30),
+    (Canary::SendOrder, &["--scenario", "broadcast"], 30),
 ];
 
 fn cim_sim() -> Command {
