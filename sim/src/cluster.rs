@@ -103,6 +103,11 @@ pub struct ClusterSpec {
 /// The tight send limit some seeds run with (see [`ClusterSpec::send_rate`]).
 pub const TIGHT_SEND_RATE: (u32, u32) = (4, 3);
 
+/// The log length a third of the seeds run with: a run's chat overflows it, so a client
+/// that was away must be told "N unavailable" (README: each conversation keeps its last
+/// `--max-log-len` messages) rather than wait for trimmed seqs.
+pub const SHORT_LOG: usize = 25;
+
 /// A process-wide choice of balancer for every cluster built afterwards (the sweep's
 /// `--balancer`): consistent hashing sends one user's racing logins to one server, which
 /// serializes them; other strategies spread them, exercising the claim table's fences.
@@ -134,6 +139,9 @@ impl ClusterSpec {
         } else {
             (defaults.send_rate_per_sec, defaults.send_burst)
         };
+        if spec.derive_seed("log length", 0) % 3 == 0 {
+            spec.store.max_log_len = SHORT_LOG;
+        }
         spec
     }
 

@@ -828,6 +828,9 @@ pub fn drive(
     if plan.spec.send_rate == crate::cluster::TIGHT_SEND_RATE {
         rec.count("runs with a tight send rate");
     }
+    if plan.spec.store.max_log_len == crate::cluster::SHORT_LOG {
+        rec.count("runs with a short log");
+    }
     let finished = Finished {
         rec: rec.clone(),
         dir: shared.dir.clone(),
