@@ -557,6 +557,34 @@ async fn a_link_with_a_bad_mac_is_closed_and_never_carries_sends() {
 }
 
 #[tokio::test]
+async fn a_flood_of_bad_links_is_counted_and_its_warnings_rate_limited() {
+    const FLOOD: u64 = 50;
+    let env = start_server("s1", |_| {}).await;
+    let port = env.server.link_addr().port();
+    for _ in 0..FLOOD {
+        assert!(dial_route(port, b"an-attackers-guess").await.is_err());
+    }
+    let (_, metrics) = env.http("/metrics").await;
+    let value = |name: &str| -> u64 {
+        let prefix = format!("{name}{{server_id=\"s1\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("cim_server_link_auth_failures_total"), FLOOD);
+    // One warning line per 10 s: whatever the pace, most of the flood is left out of the
+    // log and counted instead.
+    let suppressed = value("cim_server_warnings_suppressed_total");
+    assert!(
+        (FLOOD / 2..FLOOD).contains(&suppressed),
+        "{suppressed} of {FLOOD} warnings suppressed"
+    );
+}
+
+#[tokio::test]
 async fn a_users_sends_stay_on_one_link_and_fail_over_when_it_dies() {
     let env = start_server("s1", |_| {}).await;
     let mut links = [env.route().await, env.route().await];
