@@ -124,14 +124,16 @@ impl MemoryStore {
                 after_seq,
                 limit,
             } => {
+                if !self.may_read(*user, conv) {
+                    return StoreReply::NotMember;
+                }
                 let head = self.head(*user, conv);
                 let visible_from = head.first_available_seq;
                 let messages = match self.logs.get(conv) {
-                    Some(log) if log.log_epoch() == *log_epoch && self.may_read(*user, conv) => log
-                        .fetch(
-                            (*after_seq).max(visible_from.saturating_sub(1)),
-                            *limit as usize,
-                        ),
+                    Some(log) if log.log_epoch() == *log_epoch => log.fetch(
+                        (*after_seq).max(visible_from.saturating_sub(1)),
+                        *limit as usize,
+                    ),
                     _ => Vec::new(),
                 };
                 StoreReply::Fetched { head, messages }

@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_core::ids::{Epoch, ServerId, UnixMillis, UserId};
+use bytes::Bytes;
+use cim_core::ids::{ClientMsgId, ConvId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::link::{route_answer, route_check};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::server::ServerConfig;
@@ -554,6 +555,57 @@ async fn a_link_with_a_bad_mac_is_closed_and_never_carries_sends() {
     env.wait_links(1).await;
     alice.send_msg(1, "nobody to route this").await;
     assert_eq!(route.recv_route_send().await.send.unwrap().msg_id_lo, 1);
+}
+
+#[tokio::test]
+async fn a_fetch_of_a_conversation_the_user_is_not_in_tells_nothing() {
+    let env = start_server("s1", |_| {}).await;
+    let (mut alice, alice_id, _) = env.logged_in("alice").await;
+    // A private conversation of two others, with messages in it.
+    let mut others = Vec::new();
+    for name in ["bob", "carol"] {
+        let registered = env
+            .exec(StoreCommand::RegisterAccount {
+                name: name.into(),
+                password_hash: "phc".into(),
+            })
+            .await;
+        let StoreReply::AccountRegistered(Ok(user)) = registered else {
+            panic!("{registered:?}");
+        };
+        others.push(user);
+    }
+    let (low, high) = (others[0], others[1]);
+    assert!(alice_id != low && alice_id != high);
+    let private = ConvId::private(low, high).unwrap();
+    for id in 1..=3 {
+        let reply = env
+            .exec(StoreCommand::Append {
+                conv: private.clone(),
+                sender: low,
+                msg_id: ClientMsgId(id),
+                body: Bytes::from_static(b"not for alice"),
+                now: wall(),
+            })
+            .await;
+        assert!(matches!(reply, StoreReply::Appended(Ok(_))), "{reply:?}");
+    }
+    for conv in [private.to_string(), "g:nobody-made-this".to_owned()] {
+        alice
+            .send(Kind::FetchRequest(cim_proto::FetchRequest {
+                conv: conv.clone(),
+                log_epoch: 0,
+                after_seq: 0,
+                limit: 10,
+            }))
+            .await;
+        match alice.recv().await.kind {
+            Some(Kind::Error(error)) => {
+                assert_eq!(error.code(), ErrorCode::NotMember, "{conv}");
+            }
+            other => panic!("{conv}: expected Error NOT_MEMBER, got {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]

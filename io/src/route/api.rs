@@ -703,6 +703,8 @@ async fn history(
         };
         match store(&shared, fetch).await? {
             StoreReply::Fetched { messages, .. } => messages,
+            // Left the group since its heads were read.
+            StoreReply::NotMember => return Err(not_member()),
             other => return Err(odd_reply(&other)),
         }
     };

@@ -811,12 +811,21 @@ impl RedisStore {
             ConvId::Private { .. } => conv.peer_of(user).is_some(),
             ConvId::Group(_) => false, // the script checks membership
         };
+        if !may_read && !matches!(conv, ConvId::Group(_)) {
+            return Ok(StoreReply::NotMember);
+        }
         let call = read_call(user, &conv, log_epoch, after_seq, limit, may_read);
         let value = self.read_pipelined(&[call]).await?;
         let Some(value) = value.first() else {
             return Err(bad_reply("fetch", &Value::Array(value)));
         };
-        let Some(read) = parse_read(value)? else {
+        let read = parse_read(value)?;
+        // A group has a log from its creation: no log, or no membership, is not a member.
+        let is_group = matches!(conv, ConvId::Group(_));
+        if is_group && read.as_ref().is_none_or(|r| r.joined < 0) {
+            return Ok(StoreReply::NotMember);
+        }
+        let Some(read) = read else {
             return Ok(StoreReply::Fetched {
                 head: ConvHead {
                     conv,
