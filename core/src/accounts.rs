@@ -11,6 +11,13 @@ use rand::RngCore;
 pub const MAX_NAME_LEN: usize = 32;
 /// Longest password, in bytes. Bounds the work an attacker can make one hash cost.
 pub const MAX_PASSWORD_LEN: usize = 128;
+/// Shortest password accepted at registration by default, in characters
+/// (`--min-password-len`).
+pub const DEFAULT_MIN_PASSWORD_LEN: usize = 8;
+/// Names no account may take, in any case: `all` is the group chat everyone is in (a user
+/// of that name would be ambiguous wherever a conversation or a user is named). Other
+/// conversation names (`g:<name>`, `p:<a>:<b>`) contain `:`, which names never do.
+pub const RESERVED_NAMES: &[&str] = &["all"];
 
 /// Salt length in bytes (the PHC recommendation).
 pub const SALT_LEN: usize = 16;
@@ -108,8 +115,12 @@ pub enum RegisterError {
     NameTooLong,
     #[error("user names may only contain A-Z a-z 0-9 _ - .")]
     BadNameCharacter,
+    #[error("user name {0:?} is reserved")]
+    ReservedName(&'static str),
     #[error("password must not be empty")]
     EmptyPassword,
+    #[error("password must be at least {0} characters")]
+    PasswordTooShort(usize),
     #[error("password must be at most 128 bytes")]
     PasswordTooLong,
 }
@@ -120,9 +131,15 @@ impl RegisterError {
     }
 }
 
-/// Checks a registration's name and password. Names are ASCII only, so two accounts
-/// cannot have names that look alike but differ in Unicode.
-pub fn validate_registration(name: &str, password: &str) -> Result<(), RegisterError> {
+/// Checks a registration's name and password, with passwords of at least
+/// `min_password_len` characters. Names are ASCII only, so two accounts cannot have names
+/// that look alike but differ in Unicode (and the store makes them unique regardless of
+/// ASCII case); the [`RESERVED_NAMES`] are refused in any case.
+pub fn validate_registration(
+    name: &str,
+    password: &str,
+    min_password_len: usize,
+) -> Result<(), RegisterError> {
     if name.is_empty() {
         return Err(RegisterError::EmptyName);
     }
@@ -136,8 +153,17 @@ pub fn validate_registration(name: &str, password: &str) -> Result<(), RegisterE
     if name.len() > MAX_NAME_LEN {
         return Err(RegisterError::NameTooLong);
     }
+    if let Some(reserved) = RESERVED_NAMES
+        .iter()
+        .find(|reserved| name.eq_ignore_ascii_case(reserved))
+    {
+        return Err(RegisterError::ReservedName(reserved));
+    }
     if password.is_empty() {
         return Err(RegisterError::EmptyPassword);
+    }
+    if password.chars().count() < min_password_len {
+        return Err(RegisterError::PasswordTooShort(min_password_len));
     }
     if password.len() > MAX_PASSWORD_LEN {
         return Err(RegisterError::PasswordTooLong);
@@ -210,16 +236,46 @@ mod tests {
         let max_name = "a".repeat(32);
         let long_pw = "p".repeat(129);
         let max_pw = "p".repeat(128);
+        let min = DEFAULT_MIN_PASSWORD_LEN;
         let cases: &[(&str, &str, Result<(), RegisterError>)] = &[
-            ("alice", "pw", Ok(())),
-            ("a.b-c_D9", "pw", Ok(())),
+            ("alice", "password", Ok(())),
+            ("a.b-c_D9", "12345678", Ok(())),
             (&max_name, &max_pw, Ok(())),
-            ("", "pw", Err(RegisterError::EmptyName)),
-            (&long_name, "pw", Err(RegisterError::NameTooLong)),
-            ("al ice", "pw", Err(RegisterError::BadNameCharacter)),
-            ("älice", "pw", Err(RegisterError::BadNameCharacter)),
-            ("a/b", "pw", Err(RegisterError::BadNameCharacter)),
+            ("", "password", Err(RegisterError::EmptyName)),
+            (&long_name, "password", Err(RegisterError::NameTooLong)),
+            ("al ice", "password", Err(RegisterError::BadNameCharacter)),
+            (" bob", "password", Err(RegisterError::BadNameCharacter)),
+            ("bob ", "password", Err(RegisterError::BadNameCharacter)),
+            ("älice", "password", Err(RegisterError::BadNameCharacter)),
+            // A Kelvin sign is not a K: Unicode never reaches the store's case folding.
+            (
+                "\u{212a}en",
+                "password",
+                Err(RegisterError::BadNameCharacter),
+            ),
+            ("a/b", "password", Err(RegisterError::BadNameCharacter)),
+            ("g:rust", "password", Err(RegisterError::BadNameCharacter)),
+            ("p:1:2", "password", Err(RegisterError::BadNameCharacter)),
+            ("@bob", "password", Err(RegisterError::BadNameCharacter)),
+            ("all", "password", Err(RegisterError::ReservedName("all"))),
+            ("ALL", "password", Err(RegisterError::ReservedName("all"))),
+            ("All", "password", Err(RegisterError::ReservedName("all"))),
+            ("all_", "password", Ok(())),
+            ("ball", "password", Ok(())),
             ("alice", "", Err(RegisterError::EmptyPassword)),
+            ("alice", "p", Err(RegisterError::PasswordTooShort(min))),
+            (
+                "alice",
+                "1234567",
+                Err(RegisterError::PasswordTooShort(min)),
+            ),
+            // Characters, not bytes: seven of them are too few however many bytes.
+            (
+                "alice",
+                "ééééééé",
+                Err(RegisterError::PasswordTooShort(min)),
+            ),
+            ("alice", "éééééééé", Ok(())),
             ("alice", &long_pw, Err(RegisterError::PasswordTooLong)),
             // 65 characters but 130 bytes: the password limit is in bytes.
             (
@@ -229,7 +285,25 @@ mod tests {
             ),
         ];
         for (name, pw, want) in cases {
-            assert_eq!(validate_registration(name, pw), *want, "{name:?}");
+            assert_eq!(
+                validate_registration(name, pw, min),
+                *want,
+                "{name:?} {pw:?}"
+            );
         }
+        // The minimum is configurable.
+        assert_eq!(validate_registration("alice", "pw", 2), Ok(()));
+        assert_eq!(
+            validate_registration("alice", "pw", 12),
+            Err(RegisterError::PasswordTooShort(12))
+        );
+        assert_eq!(
+            RegisterError::PasswordTooShort(8).to_string(),
+            "password must be at least 8 characters"
+        );
+        assert_eq!(
+            RegisterError::ReservedName("all").to_string(),
+            "user name \"all\" is reserved"
+        );
     }
 }

@@ -368,6 +368,7 @@ fn assert_transcripts_equal(reference: &[String], real: &[String]) {
 conformance!(
     accounts_register_name_taken_and_load,
     names_are_looked_up_in_order_unknown_ids_none,
+    account_names_are_unique_regardless_of_case,
     claims_replace_is_compare_epoch,
     claims_bind_refresh_release,
     claims_takeover_hides_the_old_route,
@@ -436,6 +437,45 @@ mod scenarios {
                 .await,
             StoreReply::Account(None)
         );
+    }
+
+    /// `Bob` and `bob` are one name: the second registration is refused whatever the case,
+    /// burns no id, and the account keeps the name as its owner typed it.
+    pub async fn account_names_are_unique_regardless_of_case(d: &mut Driver<'_>) {
+        let bob = d.register("Bob").await;
+        for other in ["bob", "BOB", "bOb"] {
+            let command = StoreCommand::RegisterAccount {
+                name: other.into(),
+                password_hash: format!("phc-{other}"),
+            };
+            assert_eq!(
+                d.run(T0, command).await,
+                StoreReply::AccountRegistered(Err(NameTaken)),
+                "{other}"
+            );
+        }
+        // Differences other than ASCII case are other names.
+        let bobby = d.register("bob_").await;
+        assert_eq!(bobby, UserId(bob.0 + 1), "a refused name burns no id");
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::LoadNames {
+                    users: vec![bob, bobby]
+                }
+            )
+            .await,
+            StoreReply::Names(vec![
+                (bob, Some("Bob".into())),
+                (bobby, Some("bob_".into()))
+            ])
+        );
+        match d.run(T0, StoreCommand::LoadAccount { user: bob }).await {
+            StoreReply::Account(Some(a)) => {
+                assert_eq!((&*a.name, &*a.password_hash), ("Bob", "phc-Bob"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     pub async fn names_are_looked_up_in_order_unknown_ids_none(d: &mut Driver<'_>) {

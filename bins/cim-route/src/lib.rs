@@ -110,6 +110,9 @@ pub struct Args {
     /// core].
     #[arg(long, env = "CIM_PASSWORD_WORKERS")]
     password_workers: Option<usize>,
+    /// Shortest password a registration may choose, in characters [default: 8].
+    #[arg(long, env = "CIM_MIN_PASSWORD_LEN")]
+    min_password_len: Option<usize>,
     /// HTTP connections held at once; more are answered 503 and closed at once. Lowered at
     /// start to what the open-file limit allows [default: 10000].
     #[arg(long, env = "CIM_MAX_CONNECTIONS")]
@@ -175,7 +178,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
         link_retry_delay, redis_timeout, max_body, max_log_len, password_workers,
-        max_connections, http_header_timeout, http_idle_timeout,
+        min_password_len, max_connections, http_header_timeout, http_idle_timeout,
         allow_eviction);
     launch::init_tracing("info");
     cim_io::fd_limit::raise_file_limit();
@@ -242,6 +245,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(n) = args.password_workers {
         options.password_workers = n;
+    }
+    if let Some(n) = args.min_password_len {
+        options.login.min_password_len = n;
     }
     if let Some(n) = args.max_connections {
         anyhow::ensure!(n > 0, "--max-connections must be above zero");

@@ -20,6 +20,7 @@
 //! to the store directly; everything that changes claims or appends goes through the driver.
 
 mod api;
+mod body_errors;
 mod driver;
 mod links;
 mod openapi;

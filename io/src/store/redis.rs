@@ -402,16 +402,20 @@ impl RedisStore {
             .invoke(
                 self.scripts
                     .register
-                    .key(name_key(&name))
+                    .key(name_key(&name.to_ascii_lowercase()))
                     .key(NEXT_USER)
-                    .arg(&password_hash),
+                    .key(name_key(&name))
+                    .arg(&password_hash)
+                    .arg(&name),
             )
             .await?;
-        let [created, user, stored_hash] = v.as_slice() else {
+        let [created, user, stored_hash, stored_name] = v.as_slice() else {
             return Err(bad_reply("register", &Value::Array(v)));
         };
         let user = UserId(num(user)?);
         let stored_hash = string(stored_hash)?.unwrap_or_default();
+        // The name as its owner typed it, never as a later look-alike typed it.
+        let name = string(stored_name)?.unwrap_or(name);
         // Written after the reservation, from the reservation's values, also when the name
         // was taken: that completes a registration whose writer died in between (see the
         // module docs). Identical values, so repeating it is harmless.
