@@ -320,10 +320,7 @@ mod tests {
         ] {
             let ours = hash_password_with_salt("hunter2", &params, &salt).unwrap();
             let theirs = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.params.clone())
-                .hash_password(
-                    b"hunter2",
-                    &SaltString::encode_b64(&salt).unwrap(),
-                )
+                .hash_password(b"hunter2", &SaltString::encode_b64(&salt).unwrap())
                 .unwrap()
                 .to_string();
             assert_eq!(ours, theirs, "{params:?}");

@@ -219,6 +219,34 @@ async fn slow_request_heads_are_closed_after_the_header_timeout_while_others_are
     route.abort();
 }
 
+#[tokio::test]
+async fn a_slow_request_body_is_refused_after_the_header_timeout() {
+    let (route, _registry) = start(|o| {
+        o.http.header_timeout = Duration::from_secs(1);
+        o.http.idle_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let mut stream = TcpStream::connect(route.http_addr()).await.unwrap();
+    stream
+        .write_all(
+            b"POST /registerAccount HTTP/1.1\r\nhost: r\r\ncontent-type: application/json\r\n\
+              content-length: 60\r\n\r\n{\"userName\"",
+        )
+        .await
+        .unwrap();
+    // The rest of the body never comes: the answer does, and the connection closes.
+    let answer = tokio::time::timeout(GUARD, until_closed(&mut stream))
+        .await
+        .expect("a slow body held the connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("the request body did not arrive in time"),
+        "{answer}"
+    );
+    route.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_are_refused_at_once_while_open_ones_keep_working() {
     const CAP: usize = 20;

@@ -609,6 +609,21 @@ async fn a_fetch_of_a_conversation_the_user_is_not_in_tells_nothing() {
 }
 
 #[tokio::test]
+async fn the_client_gateway_cap_is_clamped_to_the_open_file_limit() {
+    let env = start_server("s1", |o| o.node.max_connections = usize::MAX).await;
+    let limit = cim_io::fd_limit::file_limit().expect("unix has an open-file limit");
+    let (_, metrics) = env.http("/metrics").await;
+    let cap = cim_io::fd_limit::connection_budget(limit);
+    assert!(
+        metrics.contains(&format!(
+            "cim_server_max_connections{{server_id=\"s1\"}} {cap}\n"
+        )),
+        "{metrics}"
+    );
+    assert!((cap as u64) < limit);
+}
+
+#[tokio::test]
 async fn a_flood_of_bad_links_is_counted_and_its_warnings_rate_limited() {
     const FLOOD: u64 = 50;
     let env = start_server("s1", |_| {}).await;

@@ -127,6 +127,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         3,
         file_limit,
     );
+    if let Some(asked) = args.max_connections.filter(|n| *n > route_max) {
+        tracing::warn!(
+            asked,
+            max_connections = route_max,
+            open_file_limit = file_limit,
+            "--max-connections lowered: the route and both servers share the open-file limit"
+        );
+    }
     let store: Arc<dyn Store> = launch::open_store(
         args.redis.as_deref(),
         RedisOptions {

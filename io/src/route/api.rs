@@ -211,6 +211,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     format!("request body over {MAX_BODY} bytes"),
                 ));
             }
+            Err(rejection) if rejection.body_text().contains("did not arrive in time") => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    CODE_VALIDATION,
+                    "the request body did not arrive in time",
+                ));
+            }
             Err(_) => return Err(ApiError::invalid("the body could not be read")),
         };
         if let Some(message) = super::body_errors::list_for_object(&bytes) {

@@ -27,6 +27,8 @@ fn op(summary: &str, bearer: bool, request: Option<Value>, data: Value, params: 
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
             "403": {"description": "userId is not the token's user, or not a member",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
+            "408": {"description": "The request body did not arrive in time (code 3000)",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
             "413": {"description": "Body over 64 KiB",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}}
         }
@@ -72,7 +74,7 @@ pub fn openapi_document() -> Value {
         "info": {
             "title": "CIM route API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Register, log in, route messages. Every answer is the envelope {code, message, dataBody}. Binary fields are unpadded URL-safe base64; clientMsgId is a UUID. A connection past the route's connection cap is answered 503 and closed; one that does not send a complete request head within the header timeout (10 s by default), or stays idle past the idle timeout (60 s), is closed."
+            "description": "Register, log in, route messages. Every answer is the envelope {code, message, dataBody}. Binary fields are unpadded URL-safe base64; clientMsgId is a UUID. A connection past the route's connection cap is answered 503 and closed; one that does not send a complete request head within the header timeout (10 s by default), or stays idle past the idle timeout (60 s), is closed; a request body that does not arrive in full within the header timeout after its head is answered 408 (code 3000)."
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
