@@ -159,20 +159,11 @@ pub fn pooled_hash_memory() -> (usize, usize) {
 
 /// argon2 with its working memory from [`BLOCK_POOL`]; otherwise exactly argon2's
 /// `PasswordHasher` (same PHC strings), and so its `PasswordVerifier` too.
+#[derive(Default)]
 struct PooledArgon2 {
     algorithm: Algorithm,
     version: Version,
     params: Params,
-}
-
-impl Default for PooledArgon2 {
-    fn default() -> Self {
-        Self {
-            algorithm: Algorithm::default(),
-            version: Version::default(),
-            params: Params::default(),
-        }
-    }
 }
 
 impl PasswordHasher for PooledArgon2 {

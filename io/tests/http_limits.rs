@@ -209,7 +209,8 @@ async fn slow_request_heads_are_closed_after_the_header_timeout_while_others_are
     assert_eq!(status, StatusCode::OK);
     let text = String::from_utf8(text.to_vec()).unwrap();
     assert!(
-        metric(&text, "cim_route_http_header_timeouts_total") >= SLOW as u64 + 1,
+        // Every slow connection and the silent one.
+        metric(&text, "cim_route_http_header_timeouts_total") > SLOW as u64,
         "{text}"
     );
     assert!(
@@ -322,7 +323,7 @@ async fn the_cap_is_clamped_to_the_open_file_limit_and_shown_in_metrics() {
         .unwrap();
     assert_eq!(status, StatusCode::OK);
     let cap = metric(
-        &String::from_utf8(text.to_vec()).unwrap(),
+        std::str::from_utf8(&text).unwrap(),
         "cim_route_http_max_connections",
     );
     assert_eq!(cap, cim_io::fd_limit::connection_budget(limit) as u64);
