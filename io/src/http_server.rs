@@ -48,7 +48,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What a connection past the cap reads before it is closed.
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
-content-type: application/json\r\ncontent-length: 70\r\n\r\n\
+content-type: application/json\r\ncontent-length: 68\r\n\r\n\
 {\"code\":\"4000\",\"message\":\"too many connections, retry in a moment\"}\n";
 
 /// The limits of one HTTP listener.
@@ -529,5 +529,26 @@ impl hyper::body::Body for TimedBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_a_whole_503_with_an_envelope() {
+        let text = std::str::from_utf8(REFUSAL).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(length, body.len());
+        let envelope: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(envelope["code"], "4000");
     }
 }
