@@ -369,7 +369,7 @@ fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk:
         println!("  {client} --route http://{http} --user {name}");
     }
     println!(
-        "(the first run registers the name and asks for a password); then type a line to talk to \
+        "(the first run registers the name and asks for a password, at least 8 characters); then type a line to talk to \
          everyone, `@bob text` to whisper, `:help` for more."
     );
     println!(
