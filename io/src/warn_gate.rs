@@ -139,6 +139,15 @@ mod tests {
     }
 
     #[test]
+    fn the_default_is_one_line_per_10_seconds_as_the_docs_say() {
+        let gate = WarnGate::default();
+        let t0 = Instant::now();
+        assert_eq!(gate.admit_at("k", t0), Some(0));
+        assert_eq!(gate.admit_at("k", t0 + Duration::from_millis(9_999)), None);
+        assert_eq!(gate.admit_at("k", t0 + Duration::from_secs(10)), Some(1));
+    }
+
+    #[test]
     fn time_going_backwards_does_not_open_the_gate() {
         let gate = WarnGate::new(Duration::from_secs(1));
         let t0 = Instant::now() + Duration::from_secs(5);
