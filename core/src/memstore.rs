@@ -51,6 +51,7 @@ pub struct MemoryStore {
     config: MemoryStoreConfig,
     rng: ChaCha8Rng,
     accounts: BTreeMap<UserId, Account>,
+    /// Account names in ASCII lowercase: one account per name whatever its case.
     names: BTreeMap<String, UserId>,
     claims: ClaimTable,
     logs: BTreeMap<ConvId, ConversationLog>,
@@ -86,11 +87,13 @@ impl MemoryStore {
                 name,
                 password_hash,
             } => {
-                if self.names.contains_key(name) {
+                // Names are unique regardless of case (`Bob` is `bob`), shown as typed.
+                let key = name.to_ascii_lowercase();
+                if self.names.contains_key(&key) {
                     return StoreReply::AccountRegistered(Err(NameTaken));
                 }
                 let user = UserId(self.accounts.len() as u64 + 1);
-                self.names.insert(name.clone(), user);
+                self.names.insert(key, user);
                 let account = Account {
                     user,
                     name: name.clone(),
@@ -132,14 +135,16 @@ impl MemoryStore {
                 after_seq,
                 limit,
             } => {
+                if !self.may_read(*user, conv) {
+                    return StoreReply::NotMember;
+                }
                 let head = self.head(*user, conv);
                 let visible_from = head.first_available_seq;
                 let messages = match self.logs.get(conv) {
-                    Some(log) if log.log_epoch() == *log_epoch && self.may_read(*user, conv) => log
-                        .fetch(
-                            (*after_seq).max(visible_from.saturating_sub(1)),
-                            *limit as usize,
-                        ),
+                    Some(log) if log.log_epoch() == *log_epoch => log.fetch(
+                        (*after_seq).max(visible_from.saturating_sub(1)),
+                        *limit as usize,
+                    ),
                     _ => Vec::new(),
                 };
                 StoreReply::Fetched { head, messages }

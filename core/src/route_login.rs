@@ -120,6 +120,8 @@ pub struct RouteLoginConfig {
     pub password: PasswordParams,
     /// How many lost `ReplaceClaim` races one login re-decides before giving up with 4000.
     pub max_cas_retries: u32,
+    /// Shortest password a registration may choose, in characters.
+    pub min_password_len: usize,
 }
 
 impl Default for RouteLoginConfig {
@@ -132,6 +134,7 @@ impl Default for RouteLoginConfig {
             password_timeout: Duration::from_secs(5),
             password: PasswordParams::default(),
             max_cas_retries: 3,
+            min_password_len: accounts::DEFAULT_MIN_PASSWORD_LEN,
         }
     }
 }
@@ -737,7 +740,9 @@ impl RouteLogin {
     }
 
     pub fn handle_register(&mut self, now: Instant, api: ApiRequestId, name: &str, password: &str) {
-        if let Err(e) = accounts::validate_registration(name, password) {
+        if let Err(e) =
+            accounts::validate_registration(name, password, self.config.min_password_len)
+        {
             self.registered(api, Err(e.into()));
             return;
         }
@@ -1368,6 +1373,8 @@ mod tests {
     fn config() -> RouteLoginConfig {
         RouteLoginConfig {
             password: PasswordParams::for_tests(),
+            // These tables use "pw"; the minimum has its own table in `accounts`.
+            min_password_len: 1,
             ..RouteLoginConfig::default()
         }
     }

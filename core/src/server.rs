@@ -771,6 +771,11 @@ impl ServerNode {
                             .unwrap_or_default(),
                         })
                     }
+                    // The same rule as HTTP `/history` (403): a conversation the user is
+                    // not in tells them nothing, not even its head.
+                    Ok(StoreReply::NotMember) => {
+                        error_kind(ErrorCode::NotMember, "not a member of this conversation")
+                    }
                     _ => error_kind(ErrorCode::Unavailable, "fetch failed, retry"),
                 };
                 self.transmit(conn, frame);

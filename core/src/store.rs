@@ -280,6 +280,10 @@ pub enum StoreReply {
         head: ConvHead,
         messages: Vec<StoredMessage>,
     },
+    /// `Fetch` by a user who may not read the conversation (not a member of the group, not
+    /// one of the two of a private conversation, no account for `all`): nothing about the
+    /// conversation is told, not even its head.
+    NotMember,
     CursorsAdvanced,
     /// Group created (`true`) or already existed (`false`).
     GroupCreated {

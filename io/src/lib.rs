@@ -7,7 +7,9 @@ pub use cim_proto as proto;
 
 pub mod api;
 pub mod clock;
+pub mod fd_limit;
 pub mod http_client;
+pub mod http_server;
 pub mod launch;
 pub mod net;
 pub mod registry;
@@ -15,3 +17,4 @@ pub mod route;
 pub mod sdk;
 pub mod server;
 pub mod store;
+pub mod warn_gate;

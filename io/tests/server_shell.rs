@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_core::ids::{Epoch, ServerId, UnixMillis, UserId};
+use bytes::Bytes;
+use cim_core::ids::{ClientMsgId, ConvId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::link::{route_answer, route_check};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::server::ServerConfig;
@@ -555,6 +556,100 @@ async fn a_link_with_a_bad_mac_is_closed_and_never_carries_sends() {
     env.wait_links(1).await;
     alice.send_msg(1, "nobody to route this").await;
     assert_eq!(route.recv_route_send().await.send.unwrap().msg_id_lo, 1);
+}
+
+#[tokio::test]
+async fn a_fetch_of_a_conversation_the_user_is_not_in_tells_nothing() {
+    let env = start_server("s1", |_| {}).await;
+    let (mut alice, alice_id, _) = env.logged_in("alice").await;
+    // A private conversation of two others, with messages in it.
+    let mut others = Vec::new();
+    for name in ["bob", "carol"] {
+        let registered = env
+            .exec(StoreCommand::RegisterAccount {
+                name: name.into(),
+                password_hash: "phc".into(),
+            })
+            .await;
+        let StoreReply::AccountRegistered(Ok(user)) = registered else {
+            panic!("{registered:?}");
+        };
+        others.push(user);
+    }
+    let (low, high) = (others[0], others[1]);
+    assert!(alice_id != low && alice_id != high);
+    let private = ConvId::private(low, high).unwrap();
+    for id in 1..=3 {
+        let reply = env
+            .exec(StoreCommand::Append {
+                conv: private.clone(),
+                sender: low,
+                msg_id: ClientMsgId(id),
+                body: Bytes::from_static(b"not for alice"),
+                now: wall(),
+            })
+            .await;
+        assert!(matches!(reply, StoreReply::Appended(Ok(_))), "{reply:?}");
+    }
+    for conv in [private.to_string(), "g:nobody-made-this".to_owned()] {
+        alice
+            .send(Kind::FetchRequest(cim_proto::FetchRequest {
+                conv: conv.clone(),
+                log_epoch: 0,
+                after_seq: 0,
+                limit: 10,
+            }))
+            .await;
+        match alice.recv().await.kind {
+            Some(Kind::Error(error)) => {
+                assert_eq!(error.code(), ErrorCode::NotMember, "{conv}");
+            }
+            other => panic!("{conv}: expected Error NOT_MEMBER, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_client_gateway_cap_is_clamped_to_the_open_file_limit() {
+    let env = start_server("s1", |o| o.node.max_connections = usize::MAX).await;
+    let limit = cim_io::fd_limit::file_limit().expect("unix has an open-file limit");
+    let (_, metrics) = env.http("/metrics").await;
+    let cap = cim_io::fd_limit::connection_budget(limit);
+    assert!(
+        metrics.contains(&format!(
+            "cim_server_max_connections{{server_id=\"s1\"}} {cap}\n"
+        )),
+        "{metrics}"
+    );
+    assert!((cap as u64) < limit);
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_links_is_counted_and_its_warnings_rate_limited() {
+    const FLOOD: u64 = 50;
+    let env = start_server("s1", |_| {}).await;
+    let port = env.server.link_addr().port();
+    for _ in 0..FLOOD {
+        assert!(dial_route(port, b"an-attackers-guess").await.is_err());
+    }
+    let (_, metrics) = env.http("/metrics").await;
+    let value = |name: &str| -> u64 {
+        let prefix = format!("{name}{{server_id=\"s1\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("cim_server_link_auth_failures_total"), FLOOD);
+    // One warning line per 10 s: whatever the pace, most of the flood is left out of the
+    // log and counted instead.
+    let suppressed = value("cim_server_warnings_suppressed_total");
+    assert!(
+        (FLOOD / 2..FLOOD).contains(&suppressed),
+        "{suppressed} of {FLOOD} warnings suppressed"
+    );
 }
 
 #[tokio::test]

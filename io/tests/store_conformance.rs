@@ -302,6 +302,35 @@ impl<'a> Driver<'a> {
         self.heads(user).await.into_iter().find(|h| h.conv == *conv)
     }
 
+    /// Every kind of fetch by `user` of `conv` is answered `NotMember`.
+    async fn assert_outsider(&mut self, user: UserId, conv: ConvId, epoch: LogEpoch) {
+        for (after, limit) in [(0, 10), (0, 0), (u64::MAX, 0)] {
+            assert_eq!(
+                self.fetch_reply(user, &conv, epoch, after, limit).await,
+                StoreReply::NotMember,
+                "{user:?} {conv}"
+            );
+        }
+    }
+
+    async fn fetch_reply(
+        &mut self,
+        user: UserId,
+        conv: &ConvId,
+        log_epoch: LogEpoch,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreReply {
+        let command = StoreCommand::Fetch {
+            user,
+            conv: conv.clone(),
+            log_epoch,
+            after_seq,
+            limit,
+        };
+        self.run(T0, command).await
+    }
+
     async fn fetch(
         &mut self,
         user: UserId,
@@ -364,6 +393,7 @@ fn assert_transcripts_equal(reference: &[String], real: &[String]) {
 conformance!(
     accounts_register_name_taken_and_load,
     names_are_looked_up_in_order_unknown_ids_none,
+    account_names_are_unique_regardless_of_case,
     claims_replace_is_compare_epoch,
     claims_bind_refresh_release,
     claims_takeover_hides_the_old_route,
@@ -373,6 +403,7 @@ conformance!(
     append_keeps_each_stream_in_order,
     append_trims_and_moves_first_available,
     fetch_windows_and_log_epoch_mismatch,
+    fetch_by_an_outsider_tells_nothing,
     heads_with_join_seqs,
     cursors_only_move_forward,
     groups_create_join_leave,
@@ -432,6 +463,45 @@ mod scenarios {
                 .await,
             StoreReply::Account(None)
         );
+    }
+
+    /// `Bob` and `bob` are one name: the second registration is refused whatever the case,
+    /// burns no id, and the account keeps the name as its owner typed it.
+    pub async fn account_names_are_unique_regardless_of_case(d: &mut Driver<'_>) {
+        let bob = d.register("Bob").await;
+        for other in ["bob", "BOB", "bOb"] {
+            let command = StoreCommand::RegisterAccount {
+                name: other.into(),
+                password_hash: format!("phc-{other}"),
+            };
+            assert_eq!(
+                d.run(T0, command).await,
+                StoreReply::AccountRegistered(Err(NameTaken)),
+                "{other}"
+            );
+        }
+        // Differences other than ASCII case are other names.
+        let bobby = d.register("bob_").await;
+        assert_eq!(bobby, UserId(bob.0 + 1), "a refused name burns no id");
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::LoadNames {
+                    users: vec![bob, bobby]
+                }
+            )
+            .await,
+            StoreReply::Names(vec![
+                (bob, Some("Bob".into())),
+                (bobby, Some("bob_".into()))
+            ])
+        );
+        match d.run(T0, StoreCommand::LoadAccount { user: bob }).await {
+            StoreReply::Account(Some(a)) => {
+                assert_eq!((&*a.name, &*a.password_hash), ("Bob", "phc-Bob"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     pub async fn names_are_looked_up_in_order_unknown_ids_none(d: &mut Driver<'_>) {
@@ -1140,18 +1210,15 @@ mod scenarios {
         let (head, seqs) = d.fetch(b, &p, LogEpoch(epoch.0 ^ 1), 0, 10).await;
         assert!(seqs.is_empty());
         assert_eq!((head.log_epoch, head.head_seq), (epoch, 3));
-        // A non-participant reads nothing (but learns the head, as in the reference).
-        assert!(d.fetch(c, &p, epoch, 0, 10).await.1.is_empty());
+        // A non-participant learns nothing (`fetch_by_an_outsider_tells_nothing`).
+        assert_eq!(
+            d.fetch_reply(c, &p, epoch, 0, 10).await,
+            StoreReply::NotMember
+        );
         // `all`: members are the users with accounts.
         d.append(T0, &ConvId::All, c, 1, "m").await.unwrap();
         let all = d.head_of(c, &ConvId::All).await.unwrap().log_epoch;
         assert_eq!(d.fetch(a, &ConvId::All, all, 0, 10).await.1, vec![1]);
-        assert!(
-            d.fetch(UserId(99), &ConvId::All, all, 0, 10)
-                .await
-                .1
-                .is_empty()
-        );
         // A group's non-member reads nothing.
         let g = ConvId::group("g").unwrap();
         d.group(StoreCommand::CreateGroup {
@@ -1162,8 +1229,64 @@ mod scenarios {
         d.append(T0, &g, a, 9, "m").await.unwrap();
         let ge = d.head_of(a, &g).await.unwrap().log_epoch;
         assert_eq!(d.fetch(a, &g, ge, 0, 10).await.1, vec![1]);
-        assert!(d.fetch(b, &g, ge, 0, 10).await.1.is_empty());
         assert_ne!(ge, epoch, "each log has its own epoch");
+    }
+
+    /// HTTP `/history` answers 403 to a conversation the user is not in; the store's Fetch
+    /// (which the gateway's FetchRequest uses) tells such a user nothing either: not the
+    /// messages, and not the head (log epoch, head seq, first available seq).
+    pub async fn fetch_by_an_outsider_tells_nothing(d: &mut Driver<'_>) {
+        let (a, b, c) = (
+            d.register("a").await,
+            d.register("b").await,
+            d.register("c").await,
+        );
+        let p = ConvId::private(a, b).unwrap();
+        let g = ConvId::group("g").unwrap();
+        // Before any log exists.
+        d.assert_outsider(c, p.clone(), LogEpoch(0)).await;
+        d.assert_outsider(c, g.clone(), LogEpoch(0)).await;
+        d.assert_outsider(UserId(99), ConvId::All, LogEpoch(0))
+            .await;
+        // With logs, guessing the right epoch or not.
+        d.append(T0, &p, a, 1, "secret").await.unwrap();
+        d.append(T0, &ConvId::All, a, 2, "hello").await.unwrap();
+        d.group(StoreCommand::CreateGroup {
+            conv: g.clone(),
+            owner: a,
+        })
+        .await;
+        d.append(T0, &g, a, 3, "secret").await.unwrap();
+        let pe = d.head_of(a, &p).await.unwrap().log_epoch;
+        let ge = d.head_of(a, &g).await.unwrap().log_epoch;
+        let ae = d.head_of(a, &ConvId::All).await.unwrap().log_epoch;
+        for epoch in [LogEpoch(0), pe] {
+            d.assert_outsider(c, p.clone(), epoch).await;
+        }
+        for epoch in [LogEpoch(0), ge] {
+            d.assert_outsider(c, g.clone(), epoch).await;
+        }
+        d.assert_outsider(UserId(99), ConvId::All, ae).await;
+        // A member who left is an outsider again.
+        d.group(StoreCommand::JoinGroup {
+            conv: g.clone(),
+            user: b,
+        })
+        .await;
+        assert!(matches!(
+            d.fetch_reply(b, &g, ge, 0, 10).await,
+            StoreReply::Fetched { .. }
+        ));
+        d.group(StoreCommand::LeaveGroup {
+            conv: g.clone(),
+            user: b,
+        })
+        .await;
+        d.assert_outsider(b, g.clone(), ge).await;
+        // Members and parties still read.
+        assert_eq!(d.fetch(b, &p, pe, 0, 10).await.1, vec![1]);
+        assert_eq!(d.fetch(a, &g, ge, 0, 10).await.1, vec![1]);
+        assert_eq!(d.fetch(c, &ConvId::All, ae, 0, 10).await.1, vec![1]);
     }
 
     pub async fn heads_with_join_seqs(d: &mut Driver<'_>) {

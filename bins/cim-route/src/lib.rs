@@ -110,6 +110,21 @@ pub struct Args {
     /// core].
     #[arg(long, env = "CIM_PASSWORD_WORKERS")]
     password_workers: Option<usize>,
+    /// Shortest password a registration may choose, in characters [default: 8].
+    #[arg(long, env = "CIM_MIN_PASSWORD_LEN")]
+    min_password_len: Option<usize>,
+    /// HTTP connections held at once; more are answered 503 and closed at once. Lowered at
+    /// start to what the open-file limit allows [default: 10000].
+    #[arg(long, env = "CIM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Time a client has to send a complete request head, from connecting or from the first
+    /// byte of its next request; slower connections are closed [default: 10s].
+    #[arg(long, env = "CIM_HTTP_HEADER_TIMEOUT")]
+    http_header_timeout: Option<String>,
+    /// A kept-alive HTTP connection with no request (or not reading its answer) this long is
+    /// closed [default: 60s].
+    #[arg(long, env = "CIM_HTTP_IDLE_TIMEOUT")]
+    http_idle_timeout: Option<String>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
@@ -163,8 +178,10 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
         link_retry_delay, redis_timeout, max_body, max_log_len, password_workers,
+        min_password_len, max_connections, http_header_timeout, http_idle_timeout,
         allow_eviction);
     launch::init_tracing("info");
+    cim_io::fd_limit::raise_file_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -229,6 +246,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.password_workers {
         options.password_workers = n;
     }
+    if let Some(n) = args.min_password_len {
+        options.login.min_password_len = n;
+    }
+    if let Some(n) = args.max_connections {
+        anyhow::ensure!(n > 0, "--max-connections must be above zero");
+        options.http.max_connections = n;
+    }
+    options.http.header_timeout = launch::nonzero_duration_or(
+        "--http-header-timeout",
+        args.http_header_timeout.as_deref(),
+        options.http.header_timeout,
+    )?;
+    options.http.idle_timeout = launch::nonzero_duration_or(
+        "--http-idle-timeout",
+        args.http_idle_timeout.as_deref(),
+        options.http.idle_timeout,
+    )?;
 
     let defaults = RedisOptions::default();
     let mut redis_options = RedisOptions {

@@ -88,7 +88,8 @@ pub struct Args {
     /// A connection must log in within this [default: 10s].
     #[arg(long, env = "CIM_LOGIN_TIMEOUT")]
     login_timeout: Option<String>,
-    /// Connections held at once [default: 100000].
+    /// Connections held at once; more are refused. Lowered at start to what the open-file
+    /// limit allows [default: 100000].
     #[arg(long, env = "CIM_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// Per-user sends per second [default: 20].
@@ -153,6 +154,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
         registry_update_interval, redis_timeout, allow_eviction);
     launch::init_tracing("info");
+    cim_io::fd_limit::raise_file_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

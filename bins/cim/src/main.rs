@@ -73,6 +73,11 @@ struct UpArgs {
     /// Use this ZooKeeper ensemble (host:port[,host:port]) instead of the embedded registry.
     #[arg(long, env = "CIM_ZK")]
     zk: Option<String>,
+    /// Connections each of the three listeners (the route's HTTP API, each server's client
+    /// gateway) holds at once; lowered so that together they stay within the open-file
+    /// limit. Default: the route's and the servers' own defaults, lowered the same way.
+    #[arg(long, env = "CIM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,7 +107,34 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The cap of each of `cim up`'s `listeners` connection-capped listeners: `requested`,
+/// lowered so that together they stay within the process's open-file limit `file_limit`.
+fn up_share(requested: usize, listeners: usize, file_limit: Option<u64>) -> usize {
+    match file_limit {
+        Some(limit) => {
+            requested.min((cim_io::fd_limit::connection_budget(limit) / listeners.max(1)).max(1))
+        }
+        None => requested,
+    }
+}
+
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    // One route and two servers share this process's descriptors.
+    let file_limit = cim_io::fd_limit::raise_file_limit();
+    let route_max = up_share(
+        args.max_connections
+            .unwrap_or(cim_io::http_server::HttpLimits::default().max_connections),
+        3,
+        file_limit,
+    );
+    if let Some(asked) = args.max_connections.filter(|n| *n > route_max) {
+        tracing::warn!(
+            asked,
+            max_connections = route_max,
+            open_file_limit = file_limit,
+            "--max-connections lowered: the route and both servers share the open-file limit"
+        );
+    }
     let store: Arc<dyn Store> = launch::open_store(
         args.redis.as_deref(),
         RedisOptions {
@@ -123,7 +155,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut server_options = Vec::new();
     for i in 0..2u16 {
         let id = ServerId::new(format!("s{}", i + 1));
-        let node = ServerConfig::new(id, TicketKeys::new(1, ticket_secret.clone()));
+        let mut node = ServerConfig::new(id, TicketKeys::new(1, ticket_secret.clone()));
+        node.max_connections = up_share(
+            args.max_connections.unwrap_or(node.max_connections),
+            3,
+            file_limit,
+        );
         let mut options = ServerOptions::new(node, link_secret.clone());
         options.listen_ip = args.host;
         options.advertise_host = args.host.to_string();
@@ -159,6 +196,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     options.http_listen = SocketAddr::new(args.host, args.route_port);
     options.seed = launch::os_seed();
+    options.http.max_connections = route_max;
     let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .context("starting the route")?;
@@ -331,7 +369,7 @@ fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk:
         println!("  {client} --route http://{http} --user {name}");
     }
     println!(
-        "(the first run registers the name and asks for a password); then type a line to talk to \
+        "(the first run registers the name and asks for a password, at least 8 characters); then type a line to talk to \
          everyone, `@bob text` to whisper, `:help` for more."
     );
     println!(
@@ -343,6 +381,16 @@ fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn up_splits_the_file_limit_between_its_three_listeners() {
+        // 1024 descriptors: 896 for connections, a third each.
+        assert_eq!(up_share(100_000, 3, Some(1024)), 298);
+        assert_eq!(up_share(100, 3, Some(1024)), 100);
+        assert!(3 * up_share(usize::MAX, 3, Some(4096)) <= 4096);
+        assert_eq!(up_share(100_000, 3, None), 100_000);
+        assert_eq!(up_share(100_000, 3, Some(2)), 1);
+    }
     use cim_core::memstore::MemoryStoreConfig;
     use cim_io::registry::{MemoryRegistry, Registry};
     use cim_io::store::MemoryBackend;

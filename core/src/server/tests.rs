@@ -1051,6 +1051,36 @@ mod store_reads {
     }
 
     #[test]
+    fn fetch_of_a_conversation_the_user_is_not_in_tells_nothing() {
+        // The store says the user may not read it: the answer is NOT_MEMBER, with no head
+        // (no log epoch, head seq or first available seq), as HTTP `/history` answers 403.
+        for conv in ["p:8:9", "g:secret", "all"] {
+            let mut h = Harness::new();
+            h.login(0, 1, 7, 3);
+            h.frame(
+                10,
+                1,
+                Kind::FetchRequest(proto::FetchRequest {
+                    conv: conv.into(),
+                    log_epoch: 0,
+                    after_seq: 0,
+                    limit: 10,
+                }),
+            );
+            let out = h.reply(20, Ok(StoreReply::NotMember));
+            assert_eq!(
+                out,
+                vec![Out::Error {
+                    conn: 1,
+                    code: ErrorCode::NotMember
+                }],
+                "{conv}"
+            );
+            assert_eq!(h.node.sessions(), 1, "{conv}: the session stays");
+        }
+    }
+
+    #[test]
     fn fetch_of_a_bad_conversation_is_an_error_not_a_close() {
         let mut h = Harness::new();
         h.login(0, 1, 7, 3);

@@ -173,6 +173,8 @@ impl Cluster {
         let keys = TicketKeys::new(1, b"harness-ticket-secret".to_vec());
         let route_config = RouteLoginConfig {
             password: PasswordParams::for_tests(),
+            // Every client here registers with "pw".
+            min_password_len: 1,
             ..Default::default()
         };
         let route = RouteLogin::new(

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -187,22 +187,50 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_rejection(&rejection)),
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim();
+                mime.eq_ignore_ascii_case("application/json")
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::invalid(
+                "send the body as JSON, with Content-Type: application/json",
+            ));
         }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(bytes) => bytes,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    CODE_VALIDATION,
+                    format!("request body over {MAX_BODY} bytes"),
+                ));
+            }
+            Err(rejection) if rejection.body_text().contains("did not arrive in time") => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    CODE_VALIDATION,
+                    "the request body did not arrive in time",
+                ));
+            }
+            Err(_) => return Err(ApiError::invalid("the body could not be read")),
+        };
+        if let Some(message) = super::body_errors::list_for_object(&bytes) {
+            return Err(ApiError::invalid(message));
+        }
+        // The field path goes into the message: the client's words, not the parser's.
+        let mut json = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut json)
+            .map_err(|error| ApiError::invalid(super::body_errors::json_error(&error)))?;
+        json.end()
+            .map_err(|_| ApiError::invalid("the body has more after its JSON value"))?;
+        Ok(Self(value))
     }
-}
-
-fn json_rejection(rejection: &JsonRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            CODE_VALIDATION,
-            format!("request body over {MAX_BODY} bytes"),
-        );
-    }
-    ApiError::invalid(rejection.body_text())
 }
 
 /// `axum::extract::Query` whose rejections are 400 + 3000 envelopes.
@@ -220,7 +248,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 }
 
 fn query_rejection(rejection: &QueryRejection) -> ApiError {
-    ApiError::invalid(rejection.body_text())
+    ApiError::invalid(super::body_errors::query_error(&rejection.body_text()))
 }
 
 /// A verified bearer token: the user it acts for, and the token itself (logout needs it).
@@ -705,6 +733,8 @@ async fn history(
         };
         match store(&shared, fetch).await? {
             StoreReply::Fetched { messages, .. } => messages,
+            // Left the group since its heads were read.
+            StoreReply::NotMember => return Err(not_member()),
             other => return Err(odd_reply(&other)),
         }
     };

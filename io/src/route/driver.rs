@@ -58,6 +58,8 @@ pub(super) struct Counters {
     pub http_client_errors: AtomicU64,
     pub http_server_errors: AtomicU64,
     pub http_unauthorized: AtomicU64,
+    /// The HTTP listener's connections, timeouts and refusals.
+    pub http: Arc<crate::http_server::HttpStats>,
 }
 
 /// A request from an HTTP handler, with where its answer goes.
@@ -832,6 +834,8 @@ impl<N: Network> Driver<N> {
             "HTTP answers with a 5xx status.",
             &one(load(&c.http_server_errors)),
         );
+        c.http
+            .render("cim_route", &format!("route_id=\"{r}\""), &mut out);
         out
     }
 }

@@ -20,6 +20,7 @@
 //! to the store directly; everything that changes claims or appends goes through the driver.
 
 mod api;
+mod body_errors;
 mod driver;
 mod links;
 mod openapi;
@@ -37,7 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::net::{AxumListener, Listener, Network};
+use crate::http_server::HttpLimits;
+use crate::net::{Listener, Network};
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
 
@@ -76,6 +78,9 @@ pub struct RouteOptions {
     /// during a burst of logins (kept to measure that). A simulated clock always runs them
     /// inline, for determinism.
     pub password_workers: usize,
+    /// The HTTP listener's connection cap and header/idle timeouts. The cap is lowered at
+    /// start to what the process's open-file limit allows (and a warning says so).
+    pub http: HttpLimits,
 }
 
 impl std::fmt::Debug for RouteOptions {
@@ -94,6 +99,7 @@ impl std::fmt::Debug for RouteOptions {
             .field("link_ping_interval", &self.link_ping_interval)
             .field("link_retry_delay", &self.link_retry_delay)
             .field("password_workers", &self.password_workers)
+            .field("http", &self.http)
             .finish_non_exhaustive()
     }
 }
@@ -122,6 +128,7 @@ impl RouteOptions {
             link_ping_interval: Duration::from_secs(5),
             link_retry_delay: Duration::from_millis(500),
             password_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            http: HttpLimits::default(),
         }
     }
 }
@@ -221,6 +228,13 @@ pub async fn start<N: Network, R: Registry>(
             "io_timeout and link_ping_interval must be above zero".into(),
         ));
     }
+    options
+        .http
+        .validate()
+        .map_err(|e| StartError::Config(e.into()))?;
+    let mut http_limits = options.http;
+    http_limits.max_connections =
+        crate::fd_limit::clamp_to_process_limit("route HTTP", http_limits.max_connections);
     let view = registry.watch().await?;
     let listener = net
         .bind(options.http_listen)
@@ -235,6 +249,7 @@ pub async fn start<N: Network, R: Registry>(
     })?;
 
     let counters = Arc::new(driver::Counters::default());
+    let http_stats = counters.http.clone();
     let (to_driver, inputs) = mpsc::channel(driver::INPUT_QUEUE);
     let cancel = CancellationToken::new();
     let (exit_tx, exit) = watch::channel(None);
@@ -273,13 +288,12 @@ pub async fn start<N: Network, R: Registry>(
     let http = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let served = axum::serve(AxumListener(listener), router)
-                .with_graceful_shutdown(cancel.clone().cancelled_owned())
+            crate::http_server::serve(listener, router, http_limits, http_stats, cancel.clone())
                 .await;
-            let result = match served {
-                Ok(()) if cancel.is_cancelled() => Ok(()),
-                Ok(()) => Err(RouteError::Http("the HTTP server ended".into())),
-                Err(e) => Err(RouteError::Http(e.to_string())),
+            let result = if cancel.is_cancelled() {
+                Ok(())
+            } else {
+                Err(RouteError::Http("the HTTP server ended".into()))
             };
             exit_tx.send_if_modified(|exit| {
                 exit.get_or_insert(result);
@@ -287,7 +301,14 @@ pub async fn start<N: Network, R: Registry>(
             });
         })
     };
-    tracing::info!(route_id = %options.route_id, %http_addr, "route started");
+    tracing::info!(
+        route_id = %options.route_id,
+        %http_addr,
+        max_connections = http_limits.max_connections,
+        header_timeout = ?http_limits.header_timeout,
+        idle_timeout = ?http_limits.idle_timeout,
+        "route started"
+    );
     Ok(RouteHandle {
         http_addr,
         cancel,

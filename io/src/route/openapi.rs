@@ -21,11 +21,13 @@ fn op(summary: &str, bearer: bool, request: Option<Value>, data: Value, params: 
         "responses": {
             "200": {"description": "An envelope; `code` says whether it succeeded",
                     "content": {"application/json": {"schema": envelope(data)}}},
-            "400": {"description": "Malformed JSON, missing fields, wrong types, unknown fields (code 3000)",
+            "400": {"description": "Malformed JSON, missing fields, wrong types, unknown fields, or a body not sent as Content-Type: application/json (code 3000); the message names the JSON field, e.g. \"missing field userName\", \"userId must be a whole number, not a string\"",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
             "401": {"description": "Missing or bad bearer token",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
             "403": {"description": "userId is not the token's user, or not a member",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
+            "408": {"description": "The request body did not arrive in time (code 3000)",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
             "413": {"description": "Body over 64 KiB",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}}
@@ -72,15 +74,20 @@ pub fn openapi_document() -> Value {
         "info": {
             "title": "CIM route API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Register, log in, route messages. Every answer is the envelope {code, message, dataBody}. Binary fields are unpadded URL-safe base64; clientMsgId is a UUID."
+            "description": "Register, log in, route messages. Every answer is the envelope {code, message, dataBody}. Binary fields are unpadded URL-safe base64; clientMsgId is a UUID. A connection past the route's connection cap is answered 503 and closed; one that does not send a complete request head within the header timeout (10 s by default), or stays idle past the idle timeout (60 s), is closed; a request body that does not arrive in full within the header timeout after its head is answered 408 (code 3000)."
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Envelope": envelope(json!({}))}
         },
         "paths": {
-            "/registerAccount": {"post": op("Create an account (a taken name is an error)", false,
-                Some(object(&["userName", "password"], json!({"userName": s(), "password": s()}))),
+            "/registerAccount": {"post": op("Create an account (a taken name is an error, code 3000, and so is a name or password breaking the rules below)", false,
+                Some(object(&["userName", "password"], json!({
+                    "userName": {"type": "string", "minLength": 1, "maxLength": 32,
+                        "pattern": "^[A-Za-z0-9_.-]+$",
+                        "description": "Unique regardless of case (Bob and bob are one name), shown as typed. `all` is reserved, in any case."},
+                    "password": {"type": "string", "minLength": 8,
+                        "description": "At least 8 characters by default (the route's --min-password-len), at most 128 bytes."}}))),
                 object(&["userId", "userName"], json!({"userId": u(), "userName": s()})), none())},
             "/login": {"post": op("Log in: a server, a ticket for it, a bearer token, a resume token", false,
                 Some(object(&["userId", "userName", "password"],

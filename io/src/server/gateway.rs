@@ -1,6 +1,7 @@
 //! The client TCP gateway: the accept loop, and per connection one reader task (decoded
 //! frames to the driver) and one writer task (a bounded queue of frames to the socket).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::ServerError;
 use super::driver::Input;
 use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream};
+use crate::warn_gate::WarnGate;
 
 /// Frames written to the socket in one go (and reported in one `Written`): tokio's limit on
 /// slices per vectored write.
@@ -33,6 +35,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub(super) async fn accept_loop<L: Listener>(
     mut listener: L,
     inputs: mpsc::Sender<Input<L::Stream>>,
+    warnings: Arc<WarnGate>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
     loop {
@@ -48,7 +51,7 @@ pub(super) async fn accept_loop<L: Listener>(
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "client accept failed");
+                crate::warn_limited!(warnings, "client accept", %error, "client accept failed");
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return Ok(()),

@@ -19,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
 use super::driver::{Input, Snapshot};
-use crate::net::{AxumListener, Listener, Stream};
+use crate::http_server::{HttpLimits, HttpStats};
+use crate::net::{Listener, Stream};
 use crate::registry::SessionHealth;
 use crate::store::Store;
+use crate::warn_gate::WarnGate;
 
 /// How long a health check waits for the store (and for the driver's snapshot).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -31,6 +33,12 @@ pub(super) struct HttpState<S> {
     pub inputs: mpsc::Sender<Input<S>>,
     pub store: Arc<dyn Store>,
     pub registry_health: watch::Receiver<SessionHealth>,
+    /// The server's rate-limited warnings (link port, accept errors).
+    pub warnings: Arc<WarnGate>,
+    /// The client gateway's cap in force (after clamping to the open-file limit).
+    pub max_connections: usize,
+    /// This HTTP listener's own connections and timeouts.
+    pub http: Arc<HttpStats>,
 }
 
 impl<S> Clone for HttpState<S> {
@@ -40,6 +48,9 @@ impl<S> Clone for HttpState<S> {
             inputs: self.inputs.clone(),
             store: self.store.clone(),
             registry_health: self.registry_health.clone(),
+            warnings: self.warnings.clone(),
+            max_connections: self.max_connections,
+            http: self.http.clone(),
         }
     }
 }
@@ -49,16 +60,16 @@ pub(super) async fn serve<L: Listener>(
     state: HttpState<L::Stream>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
+    let stats = state.http.clone();
     let app = Router::new()
         .route("/health", get(health::<L::Stream>))
         .route("/metrics", get(metrics::<L::Stream>))
         .with_state(state);
     // Graceful: on cancellation the listener closes, idle keep-alive connections are closed
-    // and a request in progress is answered first.
-    axum::serve(AxumListener(listener), app)
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
-        .map_err(ServerError::Http)
+    // and a request in progress is answered first. The operators' port has small limits of
+    // its own, so slow clients there cannot take the process's descriptors either.
+    crate::http_server::serve(listener, app, HttpLimits::operator(), stats, cancel).await;
+    Ok(())
 }
 
 impl<S> HttpState<S> {
@@ -122,7 +133,8 @@ async fn metrics<S: Stream>(State(state): State<HttpState<S>>) -> Response {
             .into_response();
     };
     let registry_up = state.registry_health.borrow().is_connected();
-    let text = render_metrics(state.server_id.as_str(), &snapshot, registry_up);
+    let mut text = render_metrics(state.server_id.as_str(), &snapshot, registry_up);
+    render_shell_metrics(&state, &mut text);
     (
         [(
             header::CONTENT_TYPE,
@@ -275,6 +287,34 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
         family(name, "gauge", help, &[(None, value)]);
     }
     out
+}
+
+/// The families the shell keeps outside the driver: the gateway's cap, the warnings left out
+/// of the log, the HTTP listener's own counters.
+fn render_shell_metrics<S>(state: &HttpState<S>, out: &mut String) {
+    let id = escape_label(state.server_id.as_str());
+    let families = [
+        (
+            "cim_server_max_connections",
+            "gauge",
+            "Cap on client connections in force (after clamping to the open-file limit).",
+            state.max_connections as u64,
+        ),
+        (
+            "cim_server_warnings_suppressed_total",
+            "counter",
+            "Repeated warnings left out of the log (link port floods, accept errors).",
+            state.warnings.suppressed_total(),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name}{{server_id=\"{id}\"}} {value}");
+    }
+    state
+        .http
+        .render("cim_server", &format!("server_id=\"{id}\""), out);
 }
 
 const KICK_REASONS: [(KickReason, &str); 8] = [

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::driver::{Input, LinkId};
 use super::{LINK_IDLE_TIMEOUT, ServerError};
 use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, framed};
+use crate::warn_gate::WarnGate;
 
 const WRITE_BATCH: usize = 256;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -33,6 +34,8 @@ pub(super) struct LinkSettings {
     pub previous_secret: Option<Arc<[u8]>>,
     pub codec: FrameCodec,
     pub io_timeout: Duration,
+    /// Rate-limits the warnings a flood of strangers on the link port would write.
+    pub warnings: Arc<WarnGate>,
 }
 
 /// Why a link did not authenticate. The link is closed; nothing else changed.
@@ -79,7 +82,7 @@ pub(super) async fn accept_loop<L: Listener>(
                 ));
             }
             Err(error) => {
-                tracing::warn!(%error, "link accept failed");
+                crate::warn_limited!(settings.warnings, "link accept", %error, "link accept failed");
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return Ok(()),
@@ -109,7 +112,14 @@ async fn serve_link<S: Stream>(
     let route_id = match handshake {
         Ok(route_id) => route_id,
         Err(error) => {
-            tracing::warn!(link, %peer, %error, "route link failed to authenticate; closing");
+            crate::warn_limited!(
+                settings.warnings,
+                "link auth",
+                link,
+                %peer,
+                %error,
+                "route link failed to authenticate; closing"
+            );
             let _ = inputs.send(Input::LinkAuthFailed).await;
             writer.shutdown(settings.io_timeout).await;
             return;

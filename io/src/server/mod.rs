@@ -52,9 +52,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::http_server::HttpStats;
 use crate::net::{Listener, Network};
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
+use crate::warn_gate::WarnGate;
 
 use self::driver::{Driver, Input};
 use self::registration::RegistryCtl;
@@ -361,7 +363,17 @@ pub async fn start<N: Network, R: Registry>(
     registry: &R,
 ) -> Result<ServerHandle, StartError> {
     options.validate()?;
-    let node = ServerNode::new(options.node.clone())?;
+    let mut node_config = options.node.clone();
+    // Each client connection is a descriptor: a cap above the open-file limit would turn
+    // the excess into failed accepts (and starve the store and links) instead of refusals.
+    node_config.max_connections = crate::fd_limit::clamp_to_process_limit(
+        "server client gateway",
+        node_config.max_connections,
+    );
+    let max_connections = node_config.max_connections;
+    let node = ServerNode::new(node_config)?;
+    let warnings = Arc::new(WarnGate::default());
+    let http_stats = Arc::new(HttpStats::default());
     let server_id = options.node.server_id.clone();
 
     // Bind first, so port 0 resolves before anything is registered.
@@ -384,7 +396,7 @@ pub async fn start<N: Network, R: Registry>(
         .await?;
     tracing::info!(
         server = %server_id, %client_addr, %link_addr, %http_addr,
-        host = %options.advertise_host, "server registered and serving"
+        host = %options.advertise_host, max_connections, "server registered and serving"
     );
 
     let cancel = CancellationToken::new();
@@ -413,7 +425,12 @@ pub async fn start<N: Network, R: Registry>(
     ));
     tasks.spawn(named(
         "client listener",
-        gateway::accept_loop(client_listener, inputs.clone(), cancel.clone()),
+        gateway::accept_loop(
+            client_listener,
+            inputs.clone(),
+            warnings.clone(),
+            cancel.clone(),
+        ),
     ));
     tasks.spawn(named(
         "link listener",
@@ -429,6 +446,7 @@ pub async fn start<N: Network, R: Registry>(
                     .map(Arc::from),
                 codec,
                 io_timeout: options.io_timeout,
+                warnings: warnings.clone(),
             },
             inputs.clone(),
             cancel.clone(),
@@ -454,6 +472,9 @@ pub async fn start<N: Network, R: Registry>(
                 inputs: inputs.clone(),
                 store,
                 registry_health,
+                warnings,
+                max_connections,
+                http: http_stats,
             },
             cancel.clone(),
         ),

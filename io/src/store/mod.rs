@@ -32,7 +32,7 @@
 //! | key | type | contents |
 //! |---|---|---|
 //! | `cim:{names}:next_user` | string | last issued user id (`INCR`) |
-//! | `cim:{names}:name:<name>` | hash | `user`, `password_hash`: the name's reservation |
+//! | `cim:{names}:name:<name>` | hash | `user`, `password_hash`, `name` (as typed): the name's reservation, keyed by the name in ASCII lowercase so names are unique regardless of case (records from before that are keyed as typed and still checked) |
 //! | `cim:acct:{u:<id>}` | hash | `name`, `password_hash` |
 //! | `cim:claim:{u:<id>}` | hash | `epoch` (counter, survives the claim); the claim: `c_epoch`, `server`, `lease` (unix ms), `token` (32 bytes) |
 //! | `cim:route:{u:<id>}` | hash | `server`, `epoch` |

@@ -403,16 +403,20 @@ impl RedisStore {
             .invoke(
                 self.scripts
                     .register
-                    .key(name_key(&name))
+                    .key(name_key(&name.to_ascii_lowercase()))
                     .key(NEXT_USER)
-                    .arg(&password_hash),
+                    .key(name_key(&name))
+                    .arg(&password_hash)
+                    .arg(&name),
             )
             .await?;
-        let [created, user, stored_hash] = v.as_slice() else {
+        let [created, user, stored_hash, stored_name] = v.as_slice() else {
             return Err(bad_reply("register", &Value::Array(v)));
         };
         let user = UserId(num(user)?);
         let stored_hash = string(stored_hash)?.unwrap_or_default();
+        // The name as its owner typed it, never as a later look-alike typed it.
+        let name = string(stored_name)?.unwrap_or(name);
         // Written after the reservation, from the reservation's values, also when the name
         // was taken: that completes a registration whose writer died in between (see the
         // module docs). Identical values, so repeating it is harmless.
@@ -819,12 +823,21 @@ impl RedisStore {
             ConvId::Private { .. } => conv.peer_of(user).is_some(),
             ConvId::Group(_) => false, // the script checks membership
         };
+        if !may_read && !matches!(conv, ConvId::Group(_)) {
+            return Ok(StoreReply::NotMember);
+        }
         let call = read_call(user, &conv, log_epoch, after_seq, limit, may_read);
         let value = self.read_pipelined(&[call]).await?;
         let Some(value) = value.first() else {
             return Err(bad_reply("fetch", &Value::Array(value)));
         };
-        let Some(read) = parse_read(value)? else {
+        let read = parse_read(value)?;
+        // A group has a log from its creation: no log, or no membership, is not a member.
+        let is_group = matches!(conv, ConvId::Group(_));
+        if is_group && read.as_ref().is_none_or(|r| r.joined < 0) {
+            return Ok(StoreReply::NotMember);
+        }
+        let Some(read) = read else {
             return Ok(StoreReply::Fetched {
                 head: ConvHead {
                     conv,
