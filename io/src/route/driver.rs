@@ -17,8 +17,8 @@ use cim_core::delivery::{RouteDelivery, SendOrigin};
 use cim_core::ids::{ApiRequestId, Epoch, ServerId, UserId};
 use cim_core::registry::LiveServer;
 use cim_core::route_login::{
-    LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, PasswordJob, PasswordOutcome,
-    RegisterFailure, Registered, RouteEvent, RouteLogin,
+    CODE_BUSY, CODE_THROTTLED, LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError,
+    PasswordJob, PasswordOutcome, RegisterFailure, Registered, RouteEvent, RouteLogin,
 };
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
 use cim_proto::frame::Kind;
@@ -49,6 +49,12 @@ pub(super) struct Counters {
     pub http_client_errors: AtomicU64,
     pub http_server_errors: AtomicU64,
     pub http_unauthorized: AtomicU64,
+    /// Requests refused by the shell's limits (429).
+    pub limited_login_address: AtomicU64,
+    pub limited_register_address: AtomicU64,
+    pub limited_send_user: AtomicU64,
+    /// Bearer tokens refused because their session ended.
+    pub stale_tokens: AtomicU64,
 }
 
 /// A request from an HTTP handler, with where its answer goes.
@@ -819,6 +825,30 @@ impl<N: Network> Driver<N> {
             "counter",
             "HTTP answers with a 5xx status.",
             &one(load(&c.http_server_errors)),
+        );
+        let code = |map: &BTreeMap<&'static str, u64>, code| map.get(code).copied().unwrap_or(0);
+        let busy = code(&self.stats.logins, CODE_BUSY) + code(&self.stats.registrations, CODE_BUSY);
+        let limited = [
+            ("login_account", code(&self.stats.logins, CODE_THROTTLED)),
+            ("login_address", load(&c.limited_login_address)),
+            ("register_address", load(&c.limited_register_address)),
+            ("send_user", load(&c.limited_send_user)),
+            ("password_busy", busy),
+        ];
+        metric(
+            "requests_limited_total",
+            "counter",
+            "Requests refused by a limit (429, or 503 when the password checks are full).",
+            &limited
+                .iter()
+                .map(|(limit, n)| (format!(",limit=\"{limit}\""), *n))
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "stale_tokens_total",
+            "counter",
+            "Bearer tokens refused (401) because their session ended.",
+            &one(load(&c.stale_tokens)),
         );
         out
     }

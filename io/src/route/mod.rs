@@ -21,6 +21,7 @@
 
 mod api;
 mod driver;
+mod limits;
 mod links;
 mod openapi;
 
@@ -41,6 +42,7 @@ use crate::net::{AxumListener, Listener, Network};
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
 
+pub use self::limits::{IpNet, RateLimit, SESSION_CACHE_TTL, parse_trusted_proxies};
 pub use self::openapi::openapi_document;
 
 /// Everything the route needs to run.
@@ -76,6 +78,16 @@ pub struct RouteOptions {
     /// during a burst of logins (kept to measure that). A simulated clock always runs them
     /// inline, for determinism.
     pub password_workers: usize,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers); from any other peer
+    /// the header is ignored and the peer is the client. Default none.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `/login` requests per client address (IPv6: per /64); default 5/s, burst 20.
+    pub login_per_address: RateLimit,
+    /// `/registerAccount` requests per client address; default 1/s, burst 5.
+    pub register_per_address: RateLimit,
+    /// `/groupRoute` and `/p2pRoute` sends per user, on this route; default 20/s, burst
+    /// 50 (the servers' default for TCP sends).
+    pub send_per_user: RateLimit,
 }
 
 impl std::fmt::Debug for RouteOptions {
@@ -94,6 +106,10 @@ impl std::fmt::Debug for RouteOptions {
             .field("link_ping_interval", &self.link_ping_interval)
             .field("link_retry_delay", &self.link_retry_delay)
             .field("password_workers", &self.password_workers)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("login_per_address", &self.login_per_address)
+            .field("register_per_address", &self.register_per_address)
+            .field("send_per_user", &self.send_per_user)
             .finish_non_exhaustive()
     }
 }
@@ -105,10 +121,14 @@ impl RouteOptions {
         bearer_secret: Vec<u8>,
         link_secret: Vec<u8>,
     ) -> Self {
+        let password_workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             route_id: route_id.into(),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
-            login: RouteLoginConfig::default(),
+            login: RouteLoginConfig {
+                max_password_jobs: PASSWORD_JOBS_PER_WORKER * password_workers,
+                ..RouteLoginConfig::default()
+            },
             delivery: DeliveryConfig::default(),
             ticket_keys,
             bearer_secret,
@@ -121,10 +141,18 @@ impl RouteOptions {
             io_timeout: Duration::from_secs(5),
             link_ping_interval: Duration::from_secs(5),
             link_retry_delay: Duration::from_millis(500),
-            password_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            password_workers,
+            trusted_proxies: Vec::new(),
+            login_per_address: RateLimit::new(5, 20),
+            register_per_address: RateLimit::new(1, 5),
+            send_per_user: RateLimit::new(20, 50),
         }
     }
 }
+
+/// The default bound of the password phase (`RouteLoginConfig::max_password_jobs`) per
+/// password worker: with argon2 at 20-40 ms a check, a full queue waits well under a second.
+pub const PASSWORD_JOBS_PER_WORKER: usize = 8;
 
 /// Why the route did not start. Nothing is left running after an error.
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +301,9 @@ pub async fn start<N: Network, R: Registry>(
     let http = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let served = axum::serve(AxumListener(listener), router)
+            // Each request learns its TCP peer (the per-address limits' client address).
+            let service = router.into_make_service_with_connect_info::<limits::PeerAddr>();
+            let served = axum::serve(AxumListener(listener), service)
                 .with_graceful_shutdown(cancel.clone().cancelled_owned())
                 .await;
             let result = match served {
