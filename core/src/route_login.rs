@@ -145,9 +145,9 @@ pub struct RouteLoginConfig {
     pub max_cas_retries: u32,
     /// The per-account failed-login throttle.
     pub throttle: LoginThrottle,
-    /// Most requests in their password phase at once (a job queued or running, or about
-    /// to be): past it a login or registration is answered `Busy` at once, so a burst
-    /// queues at most this many argon2 jobs instead of timing out behind them.
+    /// Most password jobs queued or running at once: past it a login or registration is
+    /// answered `Busy` at once, so a burst queues at most this many argon2 jobs instead of
+    /// timing out behind them.
     pub max_password_jobs: usize,
 }
 
@@ -991,10 +991,6 @@ impl RouteLogin {
                 },
                 StoreReply::Account(account),
             ) => {
-                if self.password_busy() {
-                    self.logged_in(api, Err(LoginError::Busy));
-                    return;
-                }
                 // Always run one argon2 verification, so the answer's timing does not tell
                 // an unknown id from a wrong password.
                 match account {
@@ -1442,23 +1438,21 @@ impl RouteLogin {
         }
     }
 
-    /// Whether the password phase is full: as many requests as `max_password_jobs` are
-    /// counting, checking a resume token, or waiting for a password job.
+    /// Whether `max_password_jobs` password jobs are queued or running already. Checked
+    /// right before a job is queued, so the bound is exact; a throttled attempt never takes
+    /// a place (it is refused before its check).
     fn password_busy(&self) -> bool {
-        let in_phase = self
+        let jobs = self
             .pending
             .values()
             .filter(|p| {
                 matches!(
                     p.step,
-                    Step::HashPassword { .. }
-                        | Step::CountFailure { .. }
-                        | Step::CheckResume { .. }
-                        | Step::VerifyPassword { .. }
+                    Step::HashPassword { .. } | Step::VerifyPassword { .. }
                 )
             })
             .count();
-        in_phase >= self.config.max_password_jobs
+        jobs >= self.config.max_password_jobs
     }
 
     /// Counts the attempt (compare-and-count against `expected`), then checks it.
@@ -1552,6 +1546,12 @@ impl RouteLogin {
         check: PasswordCheck,
         gate: Gate,
     ) {
+        // Refused before it queues behind a full pool. An attempt counted by the throttle
+        // stays counted: under overload a login costs one of the free failures.
+        if self.password_busy() {
+            self.logged_in(api, Err(LoginError::Busy));
+            return;
+        }
         let PasswordCheck {
             password,
             phc,
@@ -3038,12 +3038,13 @@ mod tests {
             },
         );
         let (now, wall) = h.at(0);
-        // Two logins reach their password checks; the jobs have not come back yet.
+        // Two logins reach their password checks; the jobs have not come back yet. (Unknown
+        // ids: checked against the dummy hash, nothing for the throttle to count.)
         let mut apis = Vec::new();
-        for _ in 0..3 {
-            apis.push(h.start_login(0, 1, "alice", "pw", None));
+        for user in 7..10 {
+            apis.push(h.start_login(0, user, "alice", "pw", None));
         }
-        // Answer the three LoadAccounts (the third finds the phase full).
+        // Answer the three LoadAccounts (the third finds both places taken).
         for _ in 0..3 {
             let req = h.m.poll_store().unwrap();
             let reply = h.store.answer(wall, &req.command);
@@ -3070,13 +3071,19 @@ mod tests {
         assert_eq!(RegisterFailure::Busy.code(), "4500");
         // Once the two are through, there is room again.
         let events = h.run(0);
-        assert_eq!(
-            events
-                .iter()
-                .filter(|e| matches!(e, RouteEvent::LoggedIn { result: Ok(_), .. }))
-                .count(),
-            1
-        );
+        let mismatches = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    RouteEvent::LoggedIn {
+                        result: Err(LoginError::AccountMismatch),
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(mismatches, 2, "{events:?}");
         let events = h.register(0, "bob", "pw-bob");
         assert!(matches!(
             events[..],
