@@ -789,3 +789,24 @@ async fn http_sends_are_held_to_the_per_user_rate() {
     );
     a.handle.abort();
 }
+
+/// The OpenAPI document states the limits' answers.
+#[tokio::test]
+async fn openapi_documents_429_503_and_their_codes() {
+    let doc = route::openapi_document();
+    for path in ["/login", "/registerAccount", "/groupRoute", "/p2pRoute"] {
+        let answer = &doc["paths"][path]["post"]["responses"]["429"];
+        assert!(answer["description"].as_str().unwrap().contains("4290"), "{path}");
+        assert!(answer["headers"].get("Retry-After").is_some(), "{path}");
+    }
+    for path in ["/login", "/registerAccount"] {
+        let answer = &doc["paths"][path]["post"]["responses"]["503"];
+        assert!(answer["description"].as_str().unwrap().contains("4500"), "{path}");
+    }
+    let codes = doc["components"]["schemas"]["Envelope"]["properties"]["code"]["description"]
+        .as_str()
+        .unwrap();
+    assert!(codes.contains("4290") && codes.contains("4500"), "{codes}");
+    assert_eq!(cim_io::api::CODE_THROTTLED, "4290");
+    assert_eq!(cim_io::api::CODE_BUSY, "4500");
+}
