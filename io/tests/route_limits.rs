@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::accounts::{self, PasswordParams};
@@ -30,6 +30,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 const PASSWORD: &str = "pw-123456";
 const WAIT: Duration = Duration::from_secs(30);
@@ -796,12 +797,18 @@ async fn openapi_documents_429_503_and_their_codes() {
     let doc = route::openapi_document();
     for path in ["/login", "/registerAccount", "/groupRoute", "/p2pRoute"] {
         let answer = &doc["paths"][path]["post"]["responses"]["429"];
-        assert!(answer["description"].as_str().unwrap().contains("4290"), "{path}");
+        assert!(
+            answer["description"].as_str().unwrap().contains("4290"),
+            "{path}"
+        );
         assert!(answer["headers"].get("Retry-After").is_some(), "{path}");
     }
     for path in ["/login", "/registerAccount"] {
         let answer = &doc["paths"][path]["post"]["responses"]["503"];
-        assert!(answer["description"].as_str().unwrap().contains("4500"), "{path}");
+        assert!(
+            answer["description"].as_str().unwrap().contains("4500"),
+            "{path}"
+        );
     }
     let codes = doc["components"]["schemas"]["Envelope"]["properties"]["code"]["description"]
         .as_str()
