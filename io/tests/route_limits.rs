@@ -817,3 +817,113 @@ async fn openapi_documents_429_503_and_their_codes() {
     assert_eq!(cim_io::api::CODE_THROTTLED, "4290");
     assert_eq!(cim_io::api::CODE_BUSY, "4500");
 }
+
+// --- measurements (run by hand; they print, they do not judge) -----------------------------
+
+/// Options with every login limit switched off: the route as it was before them (the
+/// throttle's compare-and-count step aside).
+fn unlimited(mut o: RouteOptions) -> RouteOptions {
+    o.login.throttle.free_failures = u32::MAX;
+    // Concurrent guesses at one account race their compare-and-count; with the throttle
+    // on, losing too often means "hammered" and is throttled. Off, they just retry.
+    o.login.max_cas_retries = u32::MAX;
+    o.login.max_password_jobs = usize::MAX;
+    o.login_per_address = RateLimit::OFF;
+    o.register_per_address = RateLimit::OFF;
+    o
+}
+
+/// Wrong guesses per second one sequential client gets checked at one account, and another
+/// user's login latency under a 400-stream flood, with the limits off and on (production
+/// argon2 parameters, two password workers):
+/// `cargo test -p cim-io --test route_limits -- --ignored --nocapture measure`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement for BENCHMARKS-style figures; takes ~30 s"]
+async fn measure_guesses_and_flood_latency_with_and_without_limits() {
+    for limits in [false, true] {
+        let registry = MemoryRegistry::new();
+        let _s1 = server(&registry, "s1").await;
+        let store = memory();
+        let mut o = options();
+        o.login.password = PasswordParams::default();
+        o.password_workers = 2;
+        o.login.max_password_jobs = route::PASSWORD_JOBS_PER_WORKER * 2;
+        o.trusted_proxies = route::parse_trusted_proxies("127.0.0.1").unwrap();
+        if !limits {
+            o = unlimited(o);
+        }
+        let r = start(o, store.clone(), &registry).await;
+        let names: Vec<String> = ["victim", "bob"].map(String::from).to_vec();
+        let ids = accounts(&store, &names, &PasswordParams::default()).await;
+
+        // One client guessing as fast as answers come, for 5 s.
+        let t = Instant::now();
+        let mut checked = 0u32;
+        let mut attempts = 0u32;
+        while t.elapsed() < Duration::from_secs(5) {
+            let (_, _, v) =
+                login_as(r.addr, &xff("203.0.113.1"), ids[0], "victim", "guess", None).await;
+            attempts += 1;
+            if code(&v) == "9100" {
+                checked += 1;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "limits {}: one client, 5 s: {attempts} attempts, {checked} password checks = {:.1} \
+             wrong guesses checked/s at one account",
+            if limits { "on " } else { "off" },
+            f64::from(checked) / secs
+        );
+
+        // 400 streams of wrong guesses at the victim, from 8 addresses; bob logs in.
+        let stop = Arc::new(tokio::sync::Semaphore::new(0));
+        let answered = Arc::new(AtomicU64::new(0));
+        let started = Arc::new(Notify::new());
+        let mut flood = tokio::task::JoinSet::new();
+        for stream in 0..400u64 {
+            let (stop, answered, started, addr, victim) = (
+                stop.clone(),
+                answered.clone(),
+                started.clone(),
+                r.addr,
+                ids[0],
+            );
+            flood.spawn(async move {
+                let ip = format!("203.0.113.{}", 10 + stream % 8);
+                let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+                while stop.available_permits() == 0 {
+                    let (status, _, v) =
+                        login_as(addr, &xff(&ip), victim, "victim", "guess", None).await;
+                    *codes
+                        .entry(format!("{} {}", status.as_u16(), code(&v)))
+                        .or_default() += 1;
+                    if answered.fetch_add(1, Ordering::Relaxed) == 400 {
+                        started.notify_one();
+                    }
+                }
+                codes
+            });
+        }
+        // Without limits the first answers take seconds: start bob after 1 s at most.
+        let _ = tokio::time::timeout(Duration::from_secs(1), started.notified()).await;
+        let t = Instant::now();
+        let (status, _, v) =
+            login_as(r.addr, &xff("198.51.100.20"), ids[1], "bob", PASSWORD, None).await;
+        let latency = t.elapsed();
+        stop.add_permits(1);
+        let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+        while let Some(stream) = flood.join_next().await {
+            for (k, n) in stream.unwrap() {
+                *codes.entry(k).or_default() += n;
+            }
+        }
+        println!(
+            "limits {}: bob's login under a 400-stream flood: {} {} in {latency:?}; flood: {codes:?}",
+            if limits { "on " } else { "off" },
+            status.as_u16(),
+            code(&v)
+        );
+        r.handle.abort();
+    }
+}
