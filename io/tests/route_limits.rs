@@ -950,3 +950,25 @@ async fn measure_guesses_and_flood_latency_with_and_without_limits() {
         r.handle.abort();
     }
 }
+
+/// The defaults README and docs/configuration.md promise.
+#[test]
+fn the_documented_defaults() {
+    let o = RouteOptions::new("r", TicketKeys::new(1, b"k".to_vec()), vec![1], vec![1]);
+    assert_eq!(o.login_per_address, RateLimit::new(5, 20));
+    assert_eq!(o.register_per_address, RateLimit::new(1, 5));
+    assert_eq!(o.send_per_user, RateLimit::new(20, 50));
+    assert!(o.trusted_proxies.is_empty());
+    let t = o.login.throttle;
+    assert_eq!(
+        (t.free_failures, t.base_delay, t.max_delay),
+        (5, Duration::from_secs(1), Duration::from_secs(60))
+    );
+    assert_eq!(t.forget_after(), Duration::from_secs(15 * 60));
+    assert_eq!(
+        o.login.max_password_jobs,
+        route::PASSWORD_JOBS_PER_WORKER * o.password_workers
+    );
+    assert_eq!(route::PASSWORD_JOBS_PER_WORKER, 8);
+    assert_eq!(route::SESSION_CACHE_TTL, Duration::from_secs(1));
+}
