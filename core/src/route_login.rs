@@ -254,6 +254,9 @@ pub enum RouteEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasswordJob {
     pub id: RequestId,
+    /// The API request it is for: the shell may schedule jobs fairly by who asked (the
+    /// client address of that request), so one client's burst does not queue another's.
+    pub api: ApiRequestId,
     /// When the machine stops waiting for the outcome: a shell whose queue is long may skip
     /// a job it only reaches later (the request has already failed with 4000).
     pub deadline: Instant,
@@ -833,7 +836,7 @@ impl RouteLogin {
             api,
             name: name.to_owned(),
         };
-        self.send_password(now, work, step);
+        self.send_password(now, api, work, step);
     }
 
     /// The outcome of a [`PasswordJob`]. Outcomes for unknown ids (late, after their
@@ -1559,6 +1562,7 @@ impl RouteLogin {
         } = check;
         self.send_password(
             now,
+            api,
             PasswordWork::Verify { password, phc },
             Step::VerifyPassword {
                 api,
@@ -1574,11 +1578,15 @@ impl RouteLogin {
         self.store_out.push_back(StoreRequest { id, command });
     }
 
-    fn send_password(&mut self, now: Instant, work: PasswordWork, step: Step) {
+    fn send_password(&mut self, now: Instant, api: ApiRequestId, work: PasswordWork, step: Step) {
         let deadline = now + self.config.password_timeout;
         let id = self.wait_for(deadline, step);
-        self.password_out
-            .push_back(PasswordJob { id, deadline, work });
+        self.password_out.push_back(PasswordJob {
+            id,
+            api,
+            deadline,
+            work,
+        });
     }
 
     /// Records `step` as waiting for the answer to a new request id until `deadline`.

@@ -470,6 +470,7 @@ async fn register(
     let result = call(&shared, |reply| ApiCall::Register {
         name: req.user_name,
         password: req.password,
+        client,
         reply,
     })
     .await?;
@@ -507,7 +508,12 @@ async fn login(
         password: req.password,
         resume_token,
     };
-    let answer = call(&shared, |reply| ApiCall::Login { request, reply }).await??;
+    let answer = call(&shared, |reply| ApiCall::Login {
+        request,
+        client,
+        reply,
+    })
+    .await??;
     // Tokens of the user's older sessions stop working here at once.
     shared
         .sessions

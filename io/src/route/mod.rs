@@ -24,6 +24,7 @@ mod driver;
 mod limits;
 mod links;
 mod openapi;
+mod password_queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
