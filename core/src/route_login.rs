@@ -676,11 +676,19 @@ enum Step {
 }
 
 /// What the password check of a login needs once the throttle lets it through.
-#[derive(Debug)]
 struct PasswordCheck {
     password: String,
     phc: String,
     account_ok: bool,
+}
+
+impl std::fmt::Debug for PasswordCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a password.
+        f.debug_struct("PasswordCheck")
+            .field("account_ok", &self.account_ok)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a login passed the per-account throttle, which says what its outcome does to the
