@@ -252,7 +252,9 @@ impl ClaimTable {
             | StoreCommand::CreateGroup { .. }
             | StoreCommand::JoinGroup { .. }
             | StoreCommand::LeaveGroup { .. }
-            | StoreCommand::ListOnline { .. } => return None,
+            | StoreCommand::ListOnline { .. }
+            | StoreCommand::CountLoginFailure { .. }
+            | StoreCommand::ClearLoginFailures { .. } => return None,
         })
     }
 }

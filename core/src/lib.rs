@@ -25,6 +25,7 @@ pub mod conv_log;
 pub mod delivery;
 pub mod ids;
 pub mod link;
+pub mod login_throttle;
 pub mod memstore;
 pub mod registry;
 pub mod route_login;

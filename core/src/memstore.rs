@@ -16,7 +16,7 @@ use crate::claims::ClaimTable;
 use crate::conv_log::ConversationLog;
 use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
 use crate::store::{
-    Account, AppendError, ConvHead, NameTaken, OnlineEntry, StoreCommand, StoreReply,
+    Account, AppendError, ConvHead, LoginFailures, NameTaken, OnlineEntry, StoreCommand, StoreReply,
 };
 
 #[derive(Debug, Clone)]
@@ -60,6 +60,8 @@ pub struct MemoryStore {
     private_convs: BTreeMap<UserId, BTreeSet<ConvId>>,
     /// (user, conversation) -> (log epoch, last seq read).
     cursors: BTreeMap<(UserId, ConvId), (LogEpoch, u64)>,
+    /// The login throttle's failure records.
+    login_failures: BTreeMap<UserId, LoginFailures>,
 }
 
 impl MemoryStore {
@@ -74,6 +76,7 @@ impl MemoryStore {
             groups: BTreeMap::new(),
             private_convs: BTreeMap::new(),
             cursors: BTreeMap::new(),
+            login_failures: BTreeMap::new(),
         }
     }
 
@@ -219,6 +222,26 @@ impl MemoryStore {
                     .take(*limit as usize)
                     .collect(),
             ),
+            StoreCommand::CountLoginFailure {
+                user,
+                expected,
+                forget_after,
+            } => {
+                let current = self.login_failures(*user, now, *forget_after);
+                if current.count != *expected {
+                    return StoreReply::LoginFailureCounted(Err(current));
+                }
+                let counted = LoginFailures {
+                    count: current.count.saturating_add(1),
+                    last_at: now,
+                };
+                self.login_failures.insert(*user, counted);
+                StoreReply::LoginFailureCounted(Ok(counted))
+            }
+            StoreCommand::ClearLoginFailures { user } => {
+                self.login_failures.remove(user);
+                StoreReply::LoginFailuresCleared
+            }
             // Claim commands were answered by the claim table above.
             StoreCommand::LoadClaim { .. }
             | StoreCommand::ReplaceClaim { .. }
@@ -228,6 +251,24 @@ impl MemoryStore {
             | StoreCommand::LoadRoutes { .. } => {
                 unreachable!("ClaimTable::apply answers every claim command")
             }
+        }
+    }
+
+    /// `user`'s failure record as of `now`: empty once `forget_after` has passed since the
+    /// last failure (and then dropped, so records of quiet accounts do not pile up).
+    fn login_failures(
+        &mut self,
+        user: UserId,
+        now: UnixMillis,
+        forget_after: Duration,
+    ) -> LoginFailures {
+        match self.login_failures.get(&user) {
+            Some(f) if f.last_at.plus(forget_after) > now => *f,
+            Some(_) => {
+                self.login_failures.remove(&user);
+                LoginFailures::default()
+            }
+            None => LoginFailures::default(),
         }
     }
 

@@ -25,9 +25,11 @@ use crate::accounts::{self, HashError, PasswordParams, RegisterError};
 use crate::balance::Balancer;
 use crate::claims::{LoginDecision, decide_login, is_live};
 use crate::ids::{Epoch, ServerId, UnixMillis, UserId};
+use crate::login_throttle::LoginThrottle;
 use crate::registry::LiveServer;
 use crate::store::{
-    Claim, ClaimState, NameTaken, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult,
+    Claim, ClaimState, LoginFailures, NameTaken, RequestId, StoreCommand, StoreReply, StoreRequest,
+    StoreResult,
 };
 use crate::tickets::{Grant, TicketKeys};
 
@@ -79,6 +81,14 @@ pub enum LoginError {
     /// 4000: the store did not answer; nothing was changed that a retry cannot fix.
     #[error("login failed: store unavailable")]
     Unavailable,
+    /// 4290: too many failed logins at this account lately (the per-account throttle);
+    /// no password was checked. Retry after the delay.
+    #[error("too many failed logins for this account: retry in {} s", secs_up(*.0))]
+    Throttled(Duration),
+    /// 4500: the route's password checks are all taken (a burst of logins); nothing was
+    /// checked or changed. Retry in a moment.
+    #[error("the route is busy checking passwords: retry in a moment")]
+    Busy,
 }
 
 impl LoginError {
@@ -89,8 +99,21 @@ impl LoginError {
             Self::AccountMismatch => "9100",
             Self::NoServerAvailable => "7100",
             Self::Unavailable => "4000",
+            Self::Throttled(_) => CODE_THROTTLED,
+            Self::Busy => CODE_BUSY,
         }
     }
+}
+
+/// The envelope code of a throttled request (HTTP 429 with `Retry-After`).
+pub const CODE_THROTTLED: &str = "4290";
+/// The envelope code of a request refused because the route is busy (HTTP 503 with
+/// `Retry-After`).
+pub const CODE_BUSY: &str = "4500";
+
+/// Whole seconds, rounded up (what `Retry-After` says): never 0 for a real wait.
+pub fn secs_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -122,6 +145,12 @@ pub struct RouteLoginConfig {
     pub max_cas_retries: u32,
     /// Shortest password a registration may choose, in characters.
     pub min_password_len: usize,
+    /// The per-account failed-login throttle.
+    pub throttle: LoginThrottle,
+    /// Most password jobs queued or running at once: past it a login or registration is
+    /// answered `Busy` at once, so a burst queues at most this many argon2 jobs instead of
+    /// timing out behind them.
+    pub max_password_jobs: usize,
 }
 
 impl Default for RouteLoginConfig {
@@ -135,6 +164,8 @@ impl Default for RouteLoginConfig {
             password: PasswordParams::default(),
             max_cas_retries: 3,
             min_password_len: accounts::DEFAULT_MIN_PASSWORD_LEN,
+            throttle: LoginThrottle::default(),
+            max_password_jobs: 64,
         }
     }
 }
@@ -158,6 +189,9 @@ pub enum RegisterFailure {
     /// 4000: the store did not answer (the account may or may not exist now).
     #[error("registration failed: store unavailable")]
     Unavailable,
+    /// 4500: the route's password workers are all taken; nothing was stored.
+    #[error("the route is busy hashing passwords: retry in a moment")]
+    Busy,
 }
 
 impl RegisterFailure {
@@ -165,6 +199,7 @@ impl RegisterFailure {
         match self {
             Self::Invalid(_) | Self::NameTaken => "3000",
             Self::Unavailable => "4000",
+            Self::Busy => CODE_BUSY,
         }
     }
 }
@@ -222,6 +257,9 @@ pub enum RouteEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasswordJob {
     pub id: RequestId,
+    /// The API request it is for: the shell may schedule jobs fairly by who asked (the
+    /// client address of that request), so one client's burst does not queue another's.
+    pub api: ApiRequestId,
     /// When the machine stops waiting for the outcome: a shell whose queue is long may skip
     /// a job it only reaches later (the request has already failed with 4000).
     pub deadline: Instant,
@@ -594,12 +632,32 @@ enum Step {
         name: String,
         password: String,
     },
+    /// The attempt is being counted against the account's throttle record before the
+    /// password is checked (`CountLoginFailure`, compare-and-count), so concurrent guesses
+    /// cannot all pass on one stale read.
+    CountFailure {
+        api: ApiRequestId,
+        login: LoginCtx,
+        check: PasswordCheck,
+        races: u32,
+    },
+    /// The account is throttled and the request presented a resume token: the claim says
+    /// whether it is the token of the user's current (or lapsed) claim, which skips the
+    /// throttle.
+    CheckResume {
+        api: ApiRequestId,
+        login: LoginCtx,
+        check: PasswordCheck,
+        failures: LoginFailures,
+        wait: Duration,
+    },
     /// The password is being verified (a [`PasswordJob`]); `account_ok` says whether the
     /// account exists with that name, so both must hold.
     VerifyPassword {
         api: ApiRequestId,
         login: LoginCtx,
         account_ok: bool,
+        gate: Gate,
     },
     LoadClaim {
         api: ApiRequestId,
@@ -618,6 +676,36 @@ enum Step {
     },
     /// Best-effort release of a claim a failed login may have written; nobody waits on it.
     Cleanup,
+}
+
+/// What the password check of a login needs once the throttle lets it through.
+struct PasswordCheck {
+    password: String,
+    phc: String,
+    account_ok: bool,
+}
+
+impl std::fmt::Debug for PasswordCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a password.
+        f.debug_struct("PasswordCheck")
+            .field("account_ok", &self.account_ok)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a login passed the per-account throttle, which says what its outcome does to the
+/// account's failure record.
+#[derive(Debug, Clone, Copy)]
+enum Gate {
+    /// No account (nothing to throttle or count).
+    NoAccount,
+    /// Counted before the check: a success clears the record.
+    Counted,
+    /// Let through by a valid resume token, uncounted: a failure is counted afterwards
+    /// (against `failures`, best effort); a success leaves the record alone, so a user's
+    /// own re-login does not reset an attacker's delay.
+    Resumed { failures: u32 },
 }
 
 #[derive(Debug, Clone)]
@@ -746,6 +834,10 @@ impl RouteLogin {
             self.registered(api, Err(e.into()));
             return;
         }
+        if self.password_busy() {
+            self.registered(api, Err(RegisterFailure::Busy));
+            return;
+        }
         let mut salt = [0u8; accounts::SALT_LEN];
         self.rng.fill_bytes(&mut salt);
         let work = PasswordWork::Hash {
@@ -757,7 +849,7 @@ impl RouteLogin {
             api,
             name: name.to_owned(),
         };
-        self.send_password(now, work, step);
+        self.send_password(now, api, work, step);
     }
 
     /// The outcome of a [`PasswordJob`]. Outcomes for unknown ids (late, after their
@@ -786,17 +878,39 @@ impl RouteLogin {
                     api,
                     login,
                     account_ok,
+                    gate,
                 },
                 PasswordOutcome::Verified(password_ok),
             ) => {
-                if account_ok && password_ok {
+                let ok = account_ok && password_ok;
+                if ok {
                     self.send(
                         now,
                         StoreCommand::LoadClaim { user: login.user },
-                        Step::LoadClaim { api, login },
+                        Step::LoadClaim {
+                            api,
+                            login: login.clone(),
+                        },
                     );
                 } else {
                     self.logged_in(api, Err(LoginError::AccountMismatch));
+                }
+                match gate {
+                    Gate::Counted if ok => self.send(
+                        now,
+                        StoreCommand::ClearLoginFailures { user: login.user },
+                        Step::Cleanup,
+                    ),
+                    Gate::Resumed { failures } if !ok => self.send(
+                        now,
+                        StoreCommand::CountLoginFailure {
+                            user: login.user,
+                            expected: failures,
+                            forget_after: self.config.throttle.forget_after(),
+                        },
+                        Step::Cleanup,
+                    ),
+                    _ => {}
                 }
             }
             // An outcome of the wrong kind is a shell bug; fail the request rather than guess.
@@ -895,22 +1009,57 @@ impl RouteLogin {
             ) => {
                 // Always run one argon2 verification, so the answer's timing does not tell
                 // an unknown id from a wrong password.
-                let (phc, account_ok) = match account {
+                match account {
                     Some(a) => {
-                        let ok = a.user == login.user && a.name == name;
-                        (a.password_hash, ok)
+                        let check = PasswordCheck {
+                            account_ok: a.user == login.user && a.name == name,
+                            phc: a.password_hash,
+                            password,
+                        };
+                        // Counted before it is checked, starting from the usual case (no
+                        // failures on record); the reply corrects the guess.
+                        self.count_failure(now, api, login, check, LoginFailures::default(), 0);
                     }
-                    None => (self.dummy_hash.clone(), false),
-                };
-                self.send_password(
-                    now,
-                    PasswordWork::Verify { password, phc },
-                    Step::VerifyPassword {
-                        api,
-                        login,
-                        account_ok,
-                    },
-                );
+                    None => {
+                        let check = PasswordCheck {
+                            password,
+                            phc: self.dummy_hash.clone(),
+                            account_ok: false,
+                        };
+                        self.verify(now, api, login, check, Gate::NoAccount);
+                    }
+                }
+            }
+            (
+                Step::CountFailure {
+                    api,
+                    login,
+                    check,
+                    races,
+                },
+                StoreReply::LoginFailureCounted(counted),
+            ) => match counted {
+                Ok(_) => self.verify(now, api, login, check, Gate::Counted),
+                Err(current) => self.gate(now, wall, api, login, check, current, races + 1),
+            },
+            (
+                Step::CheckResume {
+                    api,
+                    login,
+                    check,
+                    failures,
+                    wait,
+                },
+                StoreReply::Claim(state),
+            ) => {
+                if self.presents_claim_token(&login, &state) {
+                    let gate = Gate::Resumed {
+                        failures: failures.count,
+                    };
+                    self.verify(now, api, login, check, gate);
+                } else {
+                    self.logged_in(api, Err(LoginError::Throttled(wait)));
+                }
             }
             (Step::LoadClaim { api, login }, StoreReply::Claim(state)) => {
                 if !self.rejoin_takeover(now, wall, api, &login, &state) {
@@ -1265,14 +1414,19 @@ impl RouteLogin {
     /// The store failed `step` (error reply, timeout or nonsense): answer 4000.
     fn fail(&mut self, now: Instant, step: Step) {
         match step {
-            Step::Register { api, .. } | Step::HashPassword { api, .. } => {
+            Step::Register { api, .. } => {
                 self.registered(api, Err(RegisterFailure::Unavailable));
             }
+            Step::HashPassword { api, .. } => self.registered(api, Err(RegisterFailure::Busy)),
             Step::LoadAccount { api, .. }
-            | Step::VerifyPassword { api, .. }
+            | Step::CountFailure { api, .. }
+            | Step::CheckResume { api, .. }
             | Step::LoadClaim { api, .. } => {
                 self.logged_in(api, Err(LoginError::Unavailable));
             }
+            // Only the password deadline ends a check: the jobs queued behind others (a
+            // burst), not the store.
+            Step::VerifyPassword { api, .. } => self.logged_in(api, Err(LoginError::Busy)),
             Step::ReplaceClaim {
                 api,
                 login,
@@ -1300,16 +1454,152 @@ impl RouteLogin {
         }
     }
 
+    /// Whether `max_password_jobs` password jobs are queued or running already. Checked
+    /// right before a job is queued, so the bound is exact; a throttled attempt never takes
+    /// a place (it is refused before its check).
+    fn password_busy(&self) -> bool {
+        let jobs = self
+            .pending
+            .values()
+            .filter(|p| {
+                matches!(
+                    p.step,
+                    Step::HashPassword { .. } | Step::VerifyPassword { .. }
+                )
+            })
+            .count();
+        jobs >= self.config.max_password_jobs
+    }
+
+    /// Counts the attempt (compare-and-count against `expected`), then checks it.
+    fn count_failure(
+        &mut self,
+        now: Instant,
+        api: ApiRequestId,
+        login: LoginCtx,
+        check: PasswordCheck,
+        expected: LoginFailures,
+        races: u32,
+    ) {
+        let user = login.user;
+        self.send(
+            now,
+            StoreCommand::CountLoginFailure {
+                user,
+                expected: expected.count,
+                forget_after: self.config.throttle.forget_after(),
+            },
+            Step::CountFailure {
+                api,
+                login,
+                check,
+                races,
+            },
+        );
+    }
+
+    /// The account has `failures` on record (read by a lost compare-and-count): go ahead
+    /// and count this attempt, or answer 4290 unless a resume token lets it through.
+    #[allow(clippy::too_many_arguments)]
+    fn gate(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        api: ApiRequestId,
+        login: LoginCtx,
+        check: PasswordCheck,
+        failures: LoginFailures,
+        races: u32,
+    ) {
+        let throttle = self.config.throttle;
+        let wait = match throttle.wait(&failures, wall) {
+            // Each lost race is another attempt counted first: under a burst at one
+            // account the throttle closes within `free_failures` of them anyway.
+            None if races <= self.config.max_cas_retries => {
+                self.count_failure(now, api, login, check, failures, races);
+                return;
+            }
+            None => throttle.base_delay.max(Duration::from_millis(1)),
+            Some(wait) => wait,
+        };
+        if login.presented.is_some() {
+            let user = login.user;
+            self.send(
+                now,
+                StoreCommand::LoadClaim { user },
+                Step::CheckResume {
+                    api,
+                    login,
+                    check,
+                    failures,
+                    wait,
+                },
+            );
+        } else {
+            self.logged_in(api, Err(LoginError::Throttled(wait)));
+        }
+    }
+
+    /// Whether the login presented the resume token of the user's claim (live or lapsed),
+    /// or the token a lost answer for it derived from: a client that logged in before.
+    fn presents_claim_token(&self, login: &LoginCtx, state: &ClaimState) -> bool {
+        let (Some(presented), Some(hash), Some(claim)) =
+            (&login.presented, login.resume_hash, &state.claim)
+        else {
+            return false;
+        };
+        bool::from(hash.ct_eq(&claim.resume_token_hash))
+            || self
+                .bearer
+                .derives_to(presented, login.user, claim.epoch, &claim.resume_token_hash)
+    }
+
+    fn verify(
+        &mut self,
+        now: Instant,
+        api: ApiRequestId,
+        login: LoginCtx,
+        check: PasswordCheck,
+        gate: Gate,
+    ) {
+        // Refused before it queues behind a full pool. An attempt counted by the throttle
+        // stays counted: under overload a login costs one of the free failures.
+        if self.password_busy() {
+            self.logged_in(api, Err(LoginError::Busy));
+            return;
+        }
+        let PasswordCheck {
+            password,
+            phc,
+            account_ok,
+        } = check;
+        self.send_password(
+            now,
+            api,
+            PasswordWork::Verify { password, phc },
+            Step::VerifyPassword {
+                api,
+                login,
+                account_ok,
+                gate,
+            },
+        );
+    }
+
     fn send(&mut self, now: Instant, command: StoreCommand, step: Step) {
         let id = self.wait_for(now + self.config.store_timeout, step);
         self.store_out.push_back(StoreRequest { id, command });
     }
 
-    fn send_password(&mut self, now: Instant, work: PasswordWork, step: Step) {
+    fn send_password(&mut self, now: Instant, api: ApiRequestId, work: PasswordWork, step: Step) {
         let deadline = now + self.config.password_timeout;
         let id = self.wait_for(deadline, step);
-        self.password_out
-            .push_back(PasswordJob { id, deadline, work });
+        self.password_out.push_back(PasswordJob {
+            id,
+            api,
+            deadline,
+            work,
+        });
     }
 
     /// Records `step` as waiting for the answer to a new request id until `deadline`.
@@ -1384,6 +1674,8 @@ mod tests {
     struct Store {
         claims: ClaimTable,
         accounts: BTreeMap<UserId, Account>,
+        /// The throttle's records (forgetting is the conformance suite's business).
+        failures: BTreeMap<UserId, LoginFailures>,
     }
 
     impl Store {
@@ -1413,6 +1705,22 @@ mod tests {
                 StoreCommand::LoadAccount { user } => {
                     StoreReply::Account(self.accounts.get(user).cloned())
                 }
+                StoreCommand::CountLoginFailure { user, expected, .. } => {
+                    let current = self.failures.get(user).copied().unwrap_or_default();
+                    if current.count != *expected {
+                        return StoreReply::LoginFailureCounted(Err(current));
+                    }
+                    let counted = LoginFailures {
+                        count: current.count + 1,
+                        last_at: wall,
+                    };
+                    self.failures.insert(*user, counted);
+                    StoreReply::LoginFailureCounted(Ok(counted))
+                }
+                StoreCommand::ClearLoginFailures { user } => {
+                    self.failures.remove(user);
+                    StoreReply::LoginFailuresCleared
+                }
                 other => panic!("route login sent {other:?}"),
             }
         }
@@ -1427,8 +1735,12 @@ mod tests {
 
     impl Harness {
         fn new(live: &[&str]) -> Self {
+            Self::with_config(live, config())
+        }
+
+        fn with_config(live: &[&str], config: RouteLoginConfig) -> Self {
             let mut m = RouteLogin::new(
-                config(),
+                config,
                 TicketKeys::new(1, TICKET_SECRET.to_vec()),
                 b"token-secret".to_vec(),
                 Balancer::new(Strategy::RoundRobin, 0),
@@ -1496,6 +1808,16 @@ mod tests {
             std::iter::from_fn(|| self.m.poll_event()).collect()
         }
 
+        /// Answers the store request the machine must have queued next (from the store),
+        /// at `ms`, and returns its command.
+        fn store_step(&mut self, ms: u64) -> StoreCommand {
+            let (now, wall) = self.at(ms);
+            let req = self.m.poll_store().expect("a store request");
+            let reply = self.store.answer(wall, &req.command);
+            self.m.handle_store_reply(now, wall, req.id, Ok(reply));
+            req.command
+        }
+
         /// Runs the one password job the machine must have queued, at `ms`.
         fn password(&mut self, ms: u64) {
             let job = self.m.poll_password().expect("a password job");
@@ -1543,7 +1865,11 @@ mod tests {
 
         /// Registers alice (user 1, password "pw").
         fn with_alice(live: &[&str]) -> Self {
-            let mut h = Self::new(live);
+            Self::with_alice_and(live, config())
+        }
+
+        fn with_alice_and(live: &[&str], config: RouteLoginConfig) -> Self {
+            let mut h = Self::with_config(live, config);
             let events = h.register(0, "alice", "pw");
             assert!(matches!(
                 events[..],
@@ -1986,6 +2312,7 @@ mod tests {
         let load_account = h.m.poll_store().unwrap();
         let reply = h.store.answer(wall, &load_account.command);
         h.m.handle_store_reply(now, wall, load_account.id, Ok(reply));
+        h.store_step(0); // counts the attempt
         h.password(0);
         let load_claim = h.m.poll_store().unwrap();
         assert_eq!(
@@ -2022,6 +2349,7 @@ mod tests {
         let req = h.m.poll_store().unwrap();
         let reply = h.store.answer(wall, &req.command);
         h.m.handle_store_reply(now, wall, req.id, Ok(reply));
+        h.store_step(0); // counts the attempt
         h.password(0);
         let mut req = h.m.poll_store().unwrap();
         h.m.handle_store_reply(
@@ -2029,6 +2357,10 @@ mod tests {
             wall,
             req.id,
             Ok(StoreReply::Claim(ClaimState::default())),
+        );
+        assert_eq!(
+            h.store_step(0),
+            StoreCommand::ClearLoginFailures { user: UserId(1) }
         );
         // Every ReplaceClaim loses to a released claim with a higher counter: each retry is
         // a fresh decision, until the bound (3 retries) is spent.
@@ -2122,6 +2454,15 @@ mod tests {
         let load = h.m.poll_store().unwrap();
         let reply = h.store.answer(wall, &load.command);
         h.m.handle_store_reply(now, wall, load.id, Ok(reply));
+        // The attempt is counted against the account's throttle first.
+        assert_eq!(
+            h.store_step(0),
+            StoreCommand::CountLoginFailure {
+                user: UserId(1),
+                expected: 0,
+                forget_after: Duration::from_secs(900)
+            }
+        );
         // Nothing moves until the verification's outcome comes back.
         assert_eq!((h.m.poll_store(), h.m.poll_event()), (None, None));
         let job = h.m.poll_password().unwrap();
@@ -2149,6 +2490,11 @@ mod tests {
         assert_eq!(
             h.m.poll_store().unwrap().command,
             StoreCommand::LoadClaim { user: UserId(1) }
+        );
+        // ...and a success clears the count.
+        assert_eq!(
+            h.m.poll_store().unwrap().command,
+            StoreCommand::ClearLoginFailures { user: UserId(1) }
         );
         assert_eq!(
             h.m.poll_timeout(),
@@ -2193,7 +2539,7 @@ mod tests {
                 1,
                 "alice",
                 PasswordOutcome::Hashed(Ok("x".into())),
-                Some(LoginError::Unavailable),
+                Some(LoginError::Busy),
             ),
         ];
         for (label, user, name, outcome, want) in cases {
@@ -2203,6 +2549,9 @@ mod tests {
             let load = h.m.poll_store().unwrap();
             let reply = h.store.answer(wall, &load.command);
             h.m.handle_store_reply(now, wall, load.id, Ok(reply));
+            if user == 1 {
+                h.store_step(0); // counts the attempt
+            }
             let job = h.m.poll_password().unwrap();
             h.m.handle_password(now, job.id, outcome);
             match want {
@@ -2300,29 +2649,32 @@ mod tests {
     }
 
     #[test]
-    fn password_job_timeout_is_4000_and_late_outcomes_are_ignored() {
+    fn password_job_timeout_is_busy_and_late_outcomes_are_ignored() {
         let mut h = Harness::with_alice(&["s1"]);
         let (now, wall) = h.at(0);
         let api = h.start_login(0, 1, "alice", "pw", None);
         let load = h.m.poll_store().unwrap();
         let reply = h.store.answer(wall, &load.command);
         h.m.handle_store_reply(now, wall, load.id, Ok(reply));
+        h.store_step(0); // counts the attempt
         let job = h.m.poll_password().unwrap();
         h.m.handle_timeout(h.at(4_999).0);
         assert_eq!(h.m.poll_event(), None);
+        // A password check that did not come back in time is the route's queue, not the
+        // store: "busy", never "store unavailable".
         h.m.handle_timeout(h.at(5_000).0);
         assert_eq!(
             h.m.poll_event(),
             Some(RouteEvent::LoggedIn {
                 api,
-                result: Err(LoginError::Unavailable)
+                result: Err(LoginError::Busy)
             })
         );
         assert_eq!(h.m.poll_timeout(), None);
         // The pool got to it after all: nothing happens.
         h.m.handle_password(h.at(6_000).0, job.id, job.work.run());
         assert_eq!((h.m.poll_store(), h.m.poll_event()), (None, None));
-        // Registration too: the hash's deadline fails it with 4000.
+        // Registration too: the hash's deadline fails it with "busy".
         let api = h.api();
         h.m.handle_register(h.at(7_000).0, api, "bob", "pw");
         assert!(h.m.poll_password().is_some());
@@ -2331,7 +2683,7 @@ mod tests {
             h.m.poll_event(),
             Some(RouteEvent::Registered {
                 api,
-                result: Err(RegisterFailure::Unavailable)
+                result: Err(RegisterFailure::Busy)
             })
         );
     }
@@ -2341,17 +2693,19 @@ mod tests {
         let mut h = Harness::with_alice(&["s1"]);
         let (now, wall) = h.at(0);
         h.start_login(0, 1, "alice", "pw", None);
-        for _ in 0..2 {
+        let replace = loop {
             let req = h.m.poll_store().unwrap();
+            if matches!(req.command, StoreCommand::ReplaceClaim { .. }) {
+                break req;
+            }
             let reply = h.store.answer(wall, &req.command);
             h.m.handle_store_reply(now, wall, req.id, Ok(reply));
-            // After LoadAccount: the password check.
+            // After the attempt is counted: the password check.
             if let Some(job) = h.m.poll_password() {
                 h.m.handle_password(now, job.id, job.work.run());
             }
-        }
+        };
         // The store applies the ReplaceClaim but its reply is lost.
-        let replace = h.m.poll_store().unwrap();
         h.store.answer(wall, &replace.command);
         assert_eq!(h.store.claims.load(UserId(1)).epoch, Epoch(1));
         h.m.handle_timeout(now + Duration::from_secs(2));
@@ -2557,5 +2911,206 @@ mod tests {
         for (label, token, now, want) in cases {
             assert_eq!(key.verify(&token, now), want, "{label}");
         }
+    }
+
+    // --- the per-account throttle and the password phase's bound ----------------------
+
+    fn throttled_config() -> RouteLoginConfig {
+        RouteLoginConfig {
+            throttle: LoginThrottle {
+                free_failures: 3,
+                base_delay: Duration::from_secs(1),
+                max_delay: Duration::from_secs(4),
+            },
+            ..config()
+        }
+    }
+
+    /// One login of alice (user 1) at `ms` with `password`, to its end.
+    fn attempt(
+        h: &mut Harness,
+        ms: u64,
+        password: &str,
+        resume: Option<&ResumeToken>,
+    ) -> Vec<RouteEvent> {
+        h.start_login(ms, 1, "alice", password, resume);
+        h.run(ms)
+    }
+
+    fn failures(h: &Harness) -> LoginFailures {
+        h.store
+            .failures
+            .get(&UserId(1))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn failed_logins_grow_a_capped_delay_never_a_lock() {
+        let mut h = Harness::with_alice_and(&["s1"], throttled_config());
+        let wrong = |h: &mut Harness, ms| login_err(&attempt(h, ms, "guess", None));
+        let throttled = |s: u64| LoginError::Throttled(Duration::from_millis(s));
+        // (time ms, password, expected result)
+        let steps: &[(u64, &str, LoginError)] = &[
+            // Three free failures.
+            (0, "guess", LoginError::AccountMismatch),
+            (0, "guess", LoginError::AccountMismatch),
+            (0, "guess", LoginError::AccountMismatch),
+            // Then 1 s after the last one: even the right password is not checked.
+            (0, "guess", throttled(1_000)),
+            (0, "pw", throttled(1_000)),
+            (999, "guess", throttled(1)),
+            (1_000, "guess", LoginError::AccountMismatch),
+            // 2 s, then 4 s, then capped at 4 s.
+            (1_000, "guess", throttled(2_000)),
+            (3_000, "guess", LoginError::AccountMismatch),
+            (3_000, "guess", throttled(4_000)),
+            (7_000, "guess", LoginError::AccountMismatch),
+            (7_000, "guess", throttled(4_000)),
+            (11_000, "guess", LoginError::AccountMismatch),
+            (11_000, "guess", throttled(4_000)),
+        ];
+        for (i, (ms, password, want)) in steps.iter().enumerate() {
+            let got = if *password == "guess" {
+                wrong(&mut h, *ms)
+            } else {
+                login_err(&attempt(&mut h, *ms, password, None))
+            };
+            assert_eq!(got, *want, "step {i} at {ms} ms");
+            // A throttled attempt checks no password.
+            assert!(h.m.poll_password().is_none());
+        }
+        assert_eq!(throttled(1_500).code(), "4290");
+        assert_eq!(
+            throttled(1_500).to_string(),
+            "too many failed logins for this account: retry in 2 s"
+        );
+        // The owner gets in once the delay has passed, which clears the record: the next
+        // mistakes are free again.
+        let events = attempt(&mut h, 15_000, "pw", None);
+        assert_eq!(login_ok(&events).epoch, Epoch(1));
+        assert_eq!(failures(&h).count, 0);
+        assert_eq!(wrong(&mut h, 15_000), LoginError::AccountMismatch);
+    }
+
+    #[test]
+    fn concurrent_guesses_cannot_all_pass_on_one_read() {
+        let mut h = Harness::with_alice_and(&["s1"], throttled_config());
+        // Ten guesses in flight at once: all read "no failures", but each is counted by a
+        // compare-and-count before its check, so only the free three are checked.
+        for _ in 0..10 {
+            h.start_login(0, 1, "alice", "guess", None);
+        }
+        let events = h.run(0);
+        let mut results: BTreeMap<&str, usize> = BTreeMap::new();
+        for e in &events {
+            let RouteEvent::LoggedIn { result: Err(e), .. } = e else {
+                panic!("{e:?}");
+            };
+            *results.entry(e.code()).or_default() += 1;
+        }
+        assert_eq!(results, BTreeMap::from([("9100", 3), ("4290", 7)]));
+        assert_eq!(failures(&h).count, 3);
+    }
+
+    #[test]
+    fn a_resume_token_of_the_users_claim_skips_the_throttle() {
+        let mut h = Harness::with_alice_and(&["s1"], throttled_config());
+        let first = login_ok(&attempt(&mut h, 0, "pw", None)).clone();
+        // An attacker spends the free failures and throttles the account.
+        for _ in 0..3 {
+            attempt(&mut h, 100, "guess", None);
+        }
+        assert_eq!(
+            login_err(&attempt(&mut h, 100, "pw", None)),
+            LoginError::Throttled(Duration::from_secs(1))
+        );
+        // A made-up resume token does not help.
+        let forged = ResumeToken([7; 32]);
+        assert_eq!(
+            login_err(&attempt(&mut h, 100, "pw", Some(&forged))),
+            LoginError::Throttled(Duration::from_secs(1))
+        );
+        // The owner's client, whose server crashed (gone from the registry), re-homes at
+        // once with the resume token of its claim: a takeover, not slowed.
+        h.set_registry(200, &["s2"]);
+        let events = attempt(&mut h, 200, "pw", Some(&first.resume_token));
+        let again = login_ok(&events);
+        assert_eq!(again.epoch, Epoch(2));
+        // Its success leaves the attacker's record alone...
+        assert_eq!(failures(&h).count, 3);
+        assert_eq!(
+            login_err(&attempt(&mut h, 200, "guess", None)),
+            LoginError::Throttled(Duration::from_millis(900))
+        );
+        // ...and a wrong password with a valid token is still counted.
+        assert_eq!(
+            login_err(&attempt(&mut h, 200, "guess", Some(&again.resume_token))),
+            LoginError::AccountMismatch
+        );
+        assert_eq!(failures(&h).count, 4);
+    }
+
+    #[test]
+    fn a_full_password_phase_answers_busy_at_once() {
+        let mut h = Harness::with_alice_and(
+            &["s1"],
+            RouteLoginConfig {
+                max_password_jobs: 2,
+                ..config()
+            },
+        );
+        let (now, wall) = h.at(0);
+        // Two logins reach their password checks; the jobs have not come back yet. (Unknown
+        // ids: checked against the dummy hash, nothing for the throttle to count.)
+        let mut apis = Vec::new();
+        for user in 7..10 {
+            apis.push(h.start_login(0, user, "alice", "pw", None));
+        }
+        // Answer the three LoadAccounts (the third finds both places taken).
+        for _ in 0..3 {
+            let req = h.m.poll_store().unwrap();
+            let reply = h.store.answer(wall, &req.command);
+            h.m.handle_store_reply(now, wall, req.id, Ok(reply));
+        }
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::LoggedIn {
+                api: apis[2],
+                result: Err(LoginError::Busy)
+            })
+        );
+        assert_eq!(LoginError::Busy.code(), "4500");
+        // A registration meanwhile is refused the same way, before any hashing.
+        let api = h.api();
+        h.m.handle_register(now, api, "bob", "pw-bob");
+        assert_eq!(
+            h.m.poll_event(),
+            Some(RouteEvent::Registered {
+                api,
+                result: Err(RegisterFailure::Busy)
+            })
+        );
+        assert_eq!(RegisterFailure::Busy.code(), "4500");
+        // Once the two are through, there is room again.
+        let events = h.run(0);
+        let mismatches = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    RouteEvent::LoggedIn {
+                        result: Err(LoginError::AccountMismatch),
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(mismatches, 2, "{events:?}");
+        let events = h.register(0, "bob", "pw-bob");
+        assert!(matches!(
+            events[..],
+            [RouteEvent::Registered { result: Ok(_), .. }]
+        ));
     }
 }

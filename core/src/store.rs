@@ -143,6 +143,17 @@ impl SendOrder {
     }
 }
 
+/// An account's failed logins as the login throttle counts them (`login_throttle`). The
+/// default (no record) is zero failures.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoginFailures {
+    /// Failed (or not yet judged) logins since the last success, or since the record was
+    /// forgotten.
+    pub count: u32,
+    /// When the last one was counted (the counting node's wall clock).
+    pub last_at: UnixMillis,
+}
+
 /// Outcome of one lease refresh entry.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseRefresh {
@@ -254,6 +265,19 @@ pub enum StoreCommand {
     ListOnline {
         limit: u32,
     },
+    /// Compare-and-count one failed login of `user` (the login throttle, shared by every
+    /// route): only if the record's count still equals `expected`, add one and set
+    /// `last_at` to now. A record whose `last_at + forget_after <= now` counts as empty
+    /// (zero failures) and its storage is reclaimed by then.
+    CountLoginFailure {
+        user: UserId,
+        expected: u32,
+        forget_after: std::time::Duration,
+    },
+    /// Forget `user`'s failed logins (a login that passed the throttle succeeded).
+    ClearLoginFailures {
+        user: UserId,
+    },
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -295,6 +319,10 @@ pub enum StoreReply {
         was_member: bool,
     },
     Online(Vec<OnlineEntry>),
+    /// `Ok` carries the record after counting; `Err` the current record (the count was not
+    /// `expected`: another attempt was counted first).
+    LoginFailureCounted(Result<LoginFailures, LoginFailures>),
+    LoginFailuresCleared,
 }
 
 /// One user of [`StoreReply::Online`].

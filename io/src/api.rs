@@ -25,6 +25,12 @@ pub const CODE_REPEAT_LOGIN: &str = "5000";
 pub const CODE_NO_SERVER: &str = "7100";
 /// Unknown user, wrong name for the id or wrong password.
 pub const CODE_ACCOUNT_MISMATCH: &str = "9100";
+/// "4290", throttled (HTTP 429 with `Retry-After`): too many failed logins at the account,
+/// too many logins or registrations from the client's address, or a user sending faster
+/// than the per-user rate. "4500", busy (HTTP 503 with `Retry-After`): the route's
+/// password checks are all taken (a burst of logins or registrations). Both change nothing:
+/// retry after the delay.
+pub use cim_core::route_login::{CODE_BUSY, CODE_THROTTLED};
 
 /// Every answer, success or not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

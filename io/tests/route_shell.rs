@@ -59,8 +59,17 @@ impl Fixture {
     }
 
     async fn start_with_options(registry: MemoryRegistry, options: RouteOptions) -> Self {
-        let keys = options.ticket_keys.clone();
         let store = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+        Self::start_on(registry, options, store).await
+    }
+
+    /// A route on an existing store (a second route of the same deployment).
+    async fn start_on(
+        registry: MemoryRegistry,
+        options: RouteOptions,
+        store: Arc<MemoryBackend>,
+    ) -> Self {
+        let keys = options.ticket_keys.clone();
         let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
             .await
             .expect("route starts");
@@ -673,11 +682,12 @@ async fn a_token_of_the_previous_bearer_secret_works_until_the_secret_is_dropped
     let (status, v) = old.get("/group/list", Some(&token)).await;
     assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
 
-    // A route switched to the new secret, holding the old one as previous, takes it.
+    // A route switched to the new secret, holding the old one as previous, takes it. (On
+    // the same store: a token works only while its session is the user's current one.)
     let mut rotating = options();
     rotating.bearer_secret = b"bearer-secret-new".to_vec();
     rotating.bearer_secret_previous = Some(b"bearer-secret".to_vec());
-    let rotating = Fixture::start_with_options(MemoryRegistry::new(), rotating).await;
+    let rotating = Fixture::start_on(MemoryRegistry::new(), rotating, old.store.clone()).await;
     let (status, v) = rotating.get("/group/list", Some(&token)).await;
     assert_eq!((status, code(&v)), (StatusCode::OK, "9000"), "{v}");
     let (status, _) = rotating.get("/group/list", Some("1.1.1.00")).await;
@@ -691,7 +701,7 @@ async fn a_token_of_the_previous_bearer_secret_works_until_the_secret_is_dropped
     // Once the previous secret is dropped, the old token is refused.
     let mut done = options();
     done.bearer_secret = b"bearer-secret-new".to_vec();
-    let done = Fixture::start_with_options(MemoryRegistry::new(), done).await;
+    let done = Fixture::start_on(MemoryRegistry::new(), done, old.store.clone()).await;
     let (status, v) = done.get("/group/list", Some(&token)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
     let (status, v) = done

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::store::{
-    AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken, OnlineEntry, RouteRecord,
-    SendOrder, StoreCommand, StoreReply, StoredMessage,
+    AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures, NameTaken, OnlineEntry,
+    RouteRecord, SendOrder, StoreCommand, StoreReply, StoredMessage,
 };
 use cim_io::net::{Network, TokioNet};
 use cim_io::store::{
@@ -408,6 +408,7 @@ conformance!(
     cursors_only_move_forward,
     groups_create_join_leave,
     online_lists_users_with_live_bound_routes,
+    login_failures_compare_and_count_and_forget,
 );
 
 fn claim(epoch: u64, server: &str, lease: u64, token: u8) -> Claim {
@@ -432,6 +433,60 @@ fn s(name: &str) -> ServerId {
 
 mod scenarios {
     use super::*;
+
+    /// The login throttle's record: compare-and-count (a stale `expected` changes nothing
+    /// and answers the current record), forgotten `forget_after` past the last failure,
+    /// cleared on demand, one record per user.
+    pub async fn login_failures_compare_and_count_and_forget(d: &mut Driver<'_>) {
+        let forget_after = Duration::from_secs(900);
+        let count = |user: u64, expected: u32| StoreCommand::CountLoginFailure {
+            user: UserId(user),
+            expected,
+            forget_after,
+        };
+        let record = |count: u32, last: u64| LoginFailures {
+            count,
+            last_at: UnixMillis(last),
+        };
+        let counted = |r| StoreReply::LoginFailureCounted(Ok(r));
+        let refused = |r| StoreReply::LoginFailureCounted(Err(r));
+        // (at, command, expected reply)
+        let steps: Vec<(u64, StoreCommand, StoreReply)> = vec![
+            (T0, count(1, 0), counted(record(1, T0))),
+            // A second attempt that read "0" before the first was counted loses.
+            (T0, count(1, 0), refused(record(1, T0))),
+            (T0 + 5, count(1, 1), counted(record(2, T0 + 5))),
+            (T0 + 6, count(1, 3), refused(record(2, T0 + 5))),
+            // Another user's record is its own.
+            (T0 + 7, count(2, 0), counted(record(1, T0 + 7))),
+            (T0 + 8, count(1, 2), counted(record(3, T0 + 8))),
+            // Just before forget_after past the last failure it is still there...
+            (T0 + 8 + 899_999, count(1, 0), refused(record(3, T0 + 8))),
+            // ...at forget_after it counts as empty.
+            (T0 + 8 + 900_000, count(1, 3), refused(record(0, 0))),
+            (
+                T0 + 8 + 900_000,
+                count(1, 0),
+                counted(record(1, T0 + 900_008)),
+            ),
+            // Cleared: empty again; clearing nothing is fine.
+            (
+                T0 + 900_010,
+                StoreCommand::ClearLoginFailures { user: UserId(1) },
+                StoreReply::LoginFailuresCleared,
+            ),
+            (
+                T0 + 900_010,
+                StoreCommand::ClearLoginFailures { user: UserId(9) },
+                StoreReply::LoginFailuresCleared,
+            ),
+            (T0 + 900_011, count(1, 1), refused(record(0, 0))),
+            (T0 + 900_012, count(2, 1), refused(record(0, 0))),
+        ];
+        for (i, (at, command, want)) in steps.into_iter().enumerate() {
+            assert_eq!(d.run(at, command).await, want, "step {i}");
+        }
+    }
 
     pub async fn accounts_register_name_taken_and_load(d: &mut Driver<'_>) {
         assert_eq!(d.register("alice").await, UserId(1));

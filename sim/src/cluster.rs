@@ -134,12 +134,12 @@ impl ClusterSpec {
             send_rate: (0, 0),
         };
         let defaults = ServerConfig::new(ServerId::new("-"), TicketKeys::new(1, TICKET_SECRET));
-        spec.send_rate = if spec.derive_seed("send rate", 0) % 2 == 0 {
+        spec.send_rate = if spec.derive_seed("send rate", 0).is_multiple_of(2) {
             TIGHT_SEND_RATE
         } else {
             (defaults.send_rate_per_sec, defaults.send_burst)
         };
-        if spec.derive_seed("log length", 0) % 3 == 0 {
+        if spec.derive_seed("log length", 0).is_multiple_of(3) {
             spec.store.max_log_len = SHORT_LOG;
         }
         spec

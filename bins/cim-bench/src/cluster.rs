@@ -123,6 +123,12 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     if let Some(n) = args.password_workers {
         options.password_workers = n;
     }
+    // Every benchmark client comes from this one address and logs in as fast as it can
+    // (`login --concurrency`, 64 by default, without retries): the per-address limits and
+    // the password queue's "busy" answers would measure themselves, not the system.
+    options.login_per_address = route::RateLimit::OFF;
+    options.register_per_address = route::RateLimit::OFF;
+    options.login.max_password_jobs = 4096;
     let route = route::start(TokioNet, Clock::System, options, store, &registry).await?;
     println!("ROUTE {}", route.http_addr());
     // Stop when the parent closes our stdin (or dies).

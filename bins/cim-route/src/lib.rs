@@ -16,7 +16,7 @@ use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::launch;
 use cim_io::net::TokioNet;
-use cim_io::route::{self, RouteOptions};
+use cim_io::route::{self, RateLimit, RouteOptions};
 use cim_io::store::RedisOptions;
 
 /// Every setting is a flag, a `CIM_*` environment variable, or a key of the TOML file named
@@ -125,6 +125,44 @@ pub struct Args {
     /// closed [default: 60s].
     #[arg(long, env = "CIM_HTTP_IDLE_TIMEOUT")]
     http_idle_timeout: Option<String>,
+    /// Logins and registrations in their password check at once (queued or running); past
+    /// it they are answered 503 "busy" at once [default: 8 per password worker].
+    #[arg(long, env = "CIM_PASSWORD_QUEUE")]
+    password_queue: Option<usize>,
+    /// Failed logins at one account that cost no delay [default: 5].
+    #[arg(long, env = "CIM_LOGIN_FREE_FAILURES")]
+    login_free_failures: Option<u32>,
+    /// Delay after the first failed login past the free ones; doubles with each further
+    /// one [default: 1s].
+    #[arg(long, env = "CIM_LOGIN_DELAY_BASE")]
+    login_delay_base: Option<String>,
+    /// Longest delay between failed logins at one account [default: 60s].
+    #[arg(long, env = "CIM_LOGIN_DELAY_MAX")]
+    login_delay_max: Option<String>,
+    /// /login requests per second per client address (IPv6: per /64); 0 = no limit
+    /// [default: 5].
+    #[arg(long, env = "CIM_LOGIN_RATE_PER_ADDRESS")]
+    login_rate_per_address: Option<u32>,
+    /// Burst of /login requests per client address [default: 20].
+    #[arg(long, env = "CIM_LOGIN_BURST_PER_ADDRESS")]
+    login_burst_per_address: Option<u32>,
+    /// /registerAccount requests per second per client address; 0 = no limit [default: 1].
+    #[arg(long, env = "CIM_REGISTER_RATE_PER_ADDRESS")]
+    register_rate_per_address: Option<u32>,
+    /// Burst of /registerAccount requests per client address [default: 5].
+    #[arg(long, env = "CIM_REGISTER_BURST_PER_ADDRESS")]
+    register_burst_per_address: Option<u32>,
+    /// Per-user sends per second over HTTP (/groupRoute, /p2pRoute); 0 = no limit
+    /// [default: 20].
+    #[arg(long, env = "CIM_SEND_RATE")]
+    send_rate: Option<u32>,
+    /// Per-user burst of HTTP sends [default: 50].
+    #[arg(long, env = "CIM_SEND_BURST")]
+    send_burst: Option<u32>,
+    /// Load balancers whose X-Forwarded-For names the client, as addresses or blocks
+    /// (10.0.0.0/8,192.168.1.7); from any other peer the header is ignored [default: none].
+    #[arg(long, env = "CIM_TRUSTED_PROXIES")]
+    trusted_proxies: Option<String>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
@@ -179,6 +217,9 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
         link_retry_delay, redis_timeout, max_body, max_log_len, password_workers,
         min_password_len, max_connections, http_header_timeout, http_idle_timeout,
+        password_queue, login_free_failures, login_delay_base, login_delay_max,
+        login_rate_per_address, login_burst_per_address, register_rate_per_address,
+        register_burst_per_address, send_rate, send_burst, trusted_proxies,
         allow_eviction);
     launch::init_tracing("info");
     cim_io::fd_limit::raise_file_limit();
@@ -263,6 +304,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.http_idle_timeout.as_deref(),
         options.http.idle_timeout,
     )?;
+    options.login.max_password_jobs = args
+        .password_queue
+        .unwrap_or(route::PASSWORD_JOBS_PER_WORKER * options.password_workers.max(1));
+    if options.login.max_password_jobs == 0 {
+        anyhow::bail!("--password-queue 0 would refuse every login");
+    }
+    let throttle = &mut options.login.throttle;
+    throttle.free_failures = args.login_free_failures.unwrap_or(throttle.free_failures);
+    throttle.base_delay =
+        launch::duration_or(args.login_delay_base.as_deref(), throttle.base_delay)?;
+    throttle.max_delay = launch::duration_or(args.login_delay_max.as_deref(), throttle.max_delay)?;
+    if throttle.base_delay > throttle.max_delay {
+        anyhow::bail!("--login-delay-base is longer than --login-delay-max");
+    }
+    let limit = |rate: Option<u32>, burst: Option<u32>, default: RateLimit| {
+        RateLimit::new(
+            rate.unwrap_or(default.rate_per_sec),
+            burst.unwrap_or(default.burst),
+        )
+    };
+    options.login_per_address = limit(
+        args.login_rate_per_address,
+        args.login_burst_per_address,
+        options.login_per_address,
+    );
+    options.register_per_address = limit(
+        args.register_rate_per_address,
+        args.register_burst_per_address,
+        options.register_per_address,
+    );
+    options.send_per_user = limit(args.send_rate, args.send_burst, options.send_per_user);
+    if let Some(list) = args.trusted_proxies.as_deref() {
+        options.trusted_proxies = route::parse_trusted_proxies(list)
+            .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
+    }
 
     let defaults = RedisOptions::default();
     let mut redis_options = RedisOptions {

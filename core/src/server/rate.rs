@@ -1,6 +1,6 @@
 //! A token bucket in integer micro-tokens, so refills are exact and deterministic.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const MICRO: u128 = 1_000_000;
 
@@ -36,6 +36,27 @@ impl TokenBucket {
         }
     }
 
+    /// How long until a token is there (zero if one is now). Refills as `try_take` would.
+    pub fn retry_after(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.level >= MICRO || self.rate_per_sec == 0 {
+            // A zero rate never refills: there is no honest wait to name.
+            return Duration::ZERO;
+        }
+        let missing = MICRO - self.level;
+        // missing micro-tokens at rate * 10^6 per 10^9 ns, rounded up.
+        let rate = u128::from(self.rate_per_sec);
+        let nanos = (missing * 1_000).div_ceil(rate);
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    /// Whether the bucket is back at its burst (an idle key's bucket can be dropped and
+    /// started full again without changing anything).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.level >= self.capacity
+    }
+
     fn refill(&mut self, now: Instant) {
         // A `now` older than the last refill (inputs fed out of order) adds nothing.
         let Some(elapsed) = now.checked_duration_since(self.last) else {
@@ -51,7 +72,6 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[allow(clippy::disallowed_methods)]
     fn base() -> Instant {
@@ -80,5 +100,21 @@ mod tests {
         for (i, (at, want)) in steps.into_iter().enumerate() {
             assert_eq!(bucket.try_take(at), want, "step {i}");
         }
+    }
+
+    #[test]
+    fn retry_after_names_the_next_token() {
+        let t0 = base();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut bucket = TokenBucket::full(t0, 4, 1);
+        assert_eq!(bucket.retry_after(ms(0)), Duration::ZERO);
+        assert!(bucket.is_full(ms(0)));
+        assert!(bucket.try_take(ms(0)));
+        assert!(!bucket.is_full(ms(0)));
+        assert_eq!(bucket.retry_after(ms(0)), Duration::from_millis(250));
+        assert_eq!(bucket.retry_after(ms(100)), Duration::from_millis(150));
+        assert!(!bucket.try_take(ms(249)));
+        assert!(bucket.try_take(ms(250)));
+        assert_eq!(bucket.retry_after(ms(250)), Duration::from_millis(250));
     }
 }

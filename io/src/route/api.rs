@@ -7,7 +7,13 @@
 //! bearer token, 403 for acting as another user or reading a conversation one is not a
 //! member of, 413 past the body limit, 503 when the driver is gone. Never a 500 for bad
 //! input: rejections are mapped by the [`ApiJson`] and [`ApiQuery`] extractors.
+//!
+//! Limits (see `limits`): 429 + `Retry-After` + code 4290 for a throttled request (failed
+//! logins at the account, logins or registrations per client address, sends per user),
+//! 503 + `Retry-After` + code 4500 when the password checks are all taken. A bearer token
+//! whose session ended (logout, takeover, newer login) is 401.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,14 +21,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
-use cim_core::route_login::{BearerClaims, BearerKey, LoginRequest};
+use cim_core::route_login::{
+    BearerClaims, BearerKey, LoginError, LoginRequest, RegisterFailure, secs_up,
+};
 use cim_core::store::{StoreCommand, StoreReply};
 use cim_proto::ErrorCode;
 use serde::Deserialize;
@@ -31,10 +39,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::RouteOptions;
 use super::driver::{ApiCall, Counters, Input};
+use super::limits::{self, IpNet, KeyedBuckets, SessionCache};
 use crate::api::{
-    self as body, CODE_FAIL, CODE_OK, CODE_VALIDATION, Envelope, GroupList, History,
-    HistoryMessage, LoginResponse, MAX_USER_NAMES, OnlineUser, RegisterResponse, SendResponse,
-    UserName, UserNames,
+    self as body, CODE_BUSY, CODE_FAIL, CODE_OK, CODE_THROTTLED, CODE_VALIDATION, Envelope,
+    GroupList, History, HistoryMessage, LoginResponse, MAX_USER_NAMES, OnlineUser,
+    RegisterResponse, SendResponse, UserName, UserNames,
 };
 use crate::clock::Clock;
 use crate::registry::{RegistryView, ServerMap, SessionHealth};
@@ -60,6 +69,12 @@ pub(super) struct ApiShared {
     live: watch::Receiver<ServerMap>,
     registry_health: watch::Receiver<SessionHealth>,
     counters: Arc<Counters>,
+    trusted_proxies: Vec<IpNet>,
+    login_limits: KeyedBuckets<IpAddr>,
+    register_limits: KeyedBuckets<IpAddr>,
+    send_limits: KeyedBuckets<UserId>,
+    /// Each user's current claim epoch, which a bearer token must carry.
+    sessions: SessionCache,
 }
 
 impl ApiShared {
@@ -83,6 +98,11 @@ impl ApiShared {
             live: view.servers(),
             registry_health: view.health(),
             counters,
+            trusted_proxies: options.trusted_proxies.clone(),
+            login_limits: KeyedBuckets::new(options.login_per_address),
+            register_limits: KeyedBuckets::new(options.register_per_address),
+            send_limits: KeyedBuckets::new(options.send_per_user),
+            sessions: SessionCache::default(),
         }
     }
 }
@@ -121,6 +141,8 @@ pub(super) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Sent as `Retry-After` (whole seconds, rounded up).
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -129,7 +151,32 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// 429 + `Retry-After` + 4290: `what` is over its limit for `wait`.
+    fn throttled(what: &str, wait: Duration) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                CODE_THROTTLED,
+                format!("{what}: retry in {} s", secs_up(wait)),
+            )
+        }
+    }
+
+    /// 503 + `Retry-After: 1` + 4500: the password checks are all taken.
+    fn busy(message: String) -> Self {
+        Self {
+            retry_after: Some(Duration::from_secs(1)),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, CODE_BUSY, message)
+        }
+    }
+
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, CODE_VALIDATION, message)
     }
 
     /// A CIM failure code in a 200 answer (CIM's convention).
@@ -157,7 +204,34 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let envelope: Envelope<()> = Envelope::error(self.code, self.message);
-        (self.status, axum::Json(envelope)).into_response()
+        let mut response = (self.status, axum::Json(envelope)).into_response();
+        if let Some(wait) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs_up(wait).max(1)));
+        }
+        response
+    }
+}
+
+impl From<LoginError> for ApiError {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Throttled(wait) => {
+                Self::throttled("too many failed logins for this account", wait)
+            }
+            LoginError::Busy => Self::busy(e.to_string()),
+            other => Self::code(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<RegisterFailure> for ApiError {
+    fn from(e: RegisterFailure) -> Self {
+        match e {
+            RegisterFailure::Busy => Self::busy(e.to_string()),
+            other => Self::code(other.code(), other.to_string()),
+        }
     }
 }
 
@@ -276,8 +350,7 @@ impl FromRequestParts<Shared> for Bearer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, shared: &Shared) -> Result<Self, ApiError> {
-        let unauthorized =
-            |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, CODE_VALIDATION, message);
+        let unauthorized = |message: &str| ApiError::unauthorized(message);
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -292,10 +365,56 @@ impl FromRequestParts<Shared> for Bearer {
             .bearer
             .verify(token, shared.clock.wall())
             .map_err(|e| unauthorized(&format!("bad bearer token: {e}")))?;
+        if current_epoch(shared, claims.user).await? != Some(claims.epoch) {
+            shared.counters.stale_tokens.fetch_add(1, Ordering::Relaxed);
+            return Err(unauthorized(
+                "bearer token of an ended session (logged out, or replaced by a newer login): \
+                 log in again",
+            ));
+        }
         Ok(Self {
             claims,
             token: token.to_owned(),
         })
+    }
+}
+
+/// The epoch of `user`'s claim (live or lapsed; `None` once released), at most
+/// `SESSION_CACHE_TTL` old: a token is good while it carries this epoch.
+async fn current_epoch(
+    shared: &ApiShared,
+    user: UserId,
+) -> Result<Option<cim_core::ids::Epoch>, ApiError> {
+    let now = shared.clock.now();
+    if let Some(epoch) = shared.sessions.get(user, now) {
+        return Ok(epoch);
+    }
+    match store(shared, StoreCommand::LoadClaim { user }).await? {
+        StoreReply::Claim(state) => {
+            let epoch = state.claim.map(|c| c.epoch);
+            shared.sessions.learn(user, epoch, now);
+            Ok(epoch)
+        }
+        other => Err(odd_reply(&other)),
+    }
+}
+
+/// The client a request comes from (see `limits::client_ip`), as the per-address limits
+/// count it.
+pub(super) struct ClientAddr(IpAddr);
+
+impl FromRequestParts<Shared> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Shared) -> Result<Self, ApiError> {
+        // Always there behind the route's own listener; a router served without it (none
+        // today) counts every request as one unknown client.
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        let client = limits::client_ip(peer, &parts.headers, &shared.trusted_proxies);
+        Ok(Self(limits::address_key(client)))
     }
 }
 
@@ -365,11 +484,21 @@ fn odd_reply(reply: &StoreReply) -> ApiError {
 
 async fn register(
     State(shared): State<Shared>,
+    ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<body::RegisterRequest>,
 ) -> ApiResult {
+    if let Err(wait) = shared.register_limits.check(client, shared.clock.now()) {
+        let c = &shared.counters;
+        c.limited_register_address.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::throttled(
+            "too many registrations from this address",
+            wait,
+        ));
+    }
     let result = call(&shared, |reply| ApiCall::Register {
         name: req.user_name,
         password: req.password,
+        client,
         reply,
     })
     .await?;
@@ -378,14 +507,23 @@ async fn register(
             user_id: registered.user.0,
             user_name: registered.name,
         })),
-        Err(e) => Err(ApiError::code(e.code(), e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
 async fn login(
     State(shared): State<Shared>,
+    ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<body::LoginRequest>,
 ) -> ApiResult {
+    if let Err(wait) = shared.login_limits.check(client, shared.clock.now()) {
+        let c = &shared.counters;
+        c.limited_login_address.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::throttled(
+            "too many logins from this address",
+            wait,
+        ));
+    }
     let resume_token = req
         .resume_token
         .as_deref()
@@ -398,9 +536,16 @@ async fn login(
         password: req.password,
         resume_token,
     };
-    let answer = call(&shared, |reply| ApiCall::Login { request, reply })
-        .await?
-        .map_err(|e| ApiError::code(e.code(), e.to_string()))?;
+    let answer = call(&shared, |reply| ApiCall::Login {
+        request,
+        client,
+        reply,
+    })
+    .await??;
+    // Tokens of the user's older sessions stop working here at once.
+    shared
+        .sessions
+        .set(answer.user, Some(answer.epoch), shared.clock.now());
     Ok(ok(LoginResponse {
         user_id: answer.user.0,
         epoch: answer.epoch.0,
@@ -423,7 +568,11 @@ async fn offline(
     let token = bearer.token;
     let result = call(&shared, |reply| ApiCall::Logout { token, reply }).await?;
     match result {
-        Ok(out) if out.released => Ok(ok_empty("logged out")),
+        Ok(out) if out.released => {
+            // The token (and any other of this session) stops working here at once.
+            shared.sessions.set(out.user, None, shared.clock.now());
+            Ok(ok_empty("logged out"))
+        }
         Ok(_) => Ok(ok_empty("no current session for this token")),
         Err(cim_core::route_login::LogoutError::BadToken(e)) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -490,6 +639,18 @@ async fn user_names(
 // --- sends ------------------------------------------------------------------------------
 
 /// Appends through the delivery machine; the answer carries where the message was stored.
+/// The per-user send limit (the servers' TCP rule, on this route's HTTP send paths).
+fn send_allowed(shared: &ApiShared, user: UserId) -> Result<(), ApiError> {
+    shared
+        .send_limits
+        .check(user, shared.clock.now())
+        .map_err(|wait| {
+            let c = &shared.counters;
+            c.limited_send_user.fetch_add(1, Ordering::Relaxed);
+            ApiError::throttled("sending too fast", wait)
+        })
+}
+
 async fn send(
     shared: &ApiShared,
     user: UserId,
@@ -528,6 +689,7 @@ async fn group_route(
     ApiJson(req): ApiJson<body::GroupRouteRequest>,
 ) -> ApiResult {
     let user = bearer.acting_as(req.user_id)?;
+    send_allowed(&shared, user)?;
     let conv = match req.group_name.as_deref() {
         None => ConvId::All,
         Some(name) => ConvId::group(name)
@@ -548,6 +710,7 @@ async fn p2p_route(
     ApiJson(req): ApiJson<body::P2pRouteRequest>,
 ) -> ApiResult {
     let user = bearer.acting_as(req.user_id)?;
+    send_allowed(&shared, user)?;
     let receiver = UserId(req.receive_user_id);
     let conv = ConvId::private(user, receiver)
         .ok_or_else(|| ApiError::code(CODE_VALIDATION, "a private message needs another user"))?;

@@ -11,11 +11,13 @@
 //!
 //! Argon2 (tens of milliseconds per login with production parameters) runs on a small pool
 //! of blocking threads, one per core: a burst of logins queues there while messages keep
-//! flowing through the driver. Under a simulated clock it runs inline instead, so a
+//! flowing through the driver. The queue is served round-robin by client address
+//! (`password_queue`), so one client's burst waits behind itself, not in front of others. Under a simulated clock it runs inline instead, so a
 //! simulation stays deterministic (a real thread would finish at a real, not simulated, time).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,20 +26,21 @@ use cim_core::delivery::{RouteDelivery, SendOrigin};
 use cim_core::ids::{ApiRequestId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::registry::LiveServer;
 use cim_core::route_login::{
-    LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, PasswordJob, PasswordOutcome,
-    RegisterFailure, Registered, RouteEvent, RouteLogin,
+    CODE_BUSY, CODE_THROTTLED, LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError,
+    PasswordJob, PasswordOutcome, RegisterFailure, Registered, RouteEvent, RouteLogin,
 };
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
 use cim_proto::frame::Kind;
 use cim_proto::{ErrorCode, Frame, KickReason, KickUser, KickUserDone, RouteSend, RouteSendResult};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::RouteOptions;
 use super::links::{self, LinkConfig};
+use super::password_queue::FairQueue;
 use crate::clock::Clock;
 use crate::net::Network;
 use crate::registry::{RegistryView, ServerMap};
@@ -60,6 +63,12 @@ pub(super) struct Counters {
     pub http_unauthorized: AtomicU64,
     /// The HTTP listener's connections, timeouts and refusals.
     pub http: Arc<crate::http_server::HttpStats>,
+    /// Requests refused by the shell's limits (429).
+    pub limited_login_address: AtomicU64,
+    pub limited_register_address: AtomicU64,
+    pub limited_send_user: AtomicU64,
+    /// Bearer tokens refused because their session ended.
+    pub stale_tokens: AtomicU64,
 }
 
 /// A request from an HTTP handler, with where its answer goes.
@@ -68,10 +77,13 @@ pub(super) enum ApiCall {
     Register {
         name: String,
         password: String,
+        /// Who asked (the per-address limits' client), for fair password scheduling.
+        client: IpAddr,
         reply: oneshot::Sender<Result<Registered, RegisterFailure>>,
     },
     Login {
         request: LoginRequest,
+        client: IpAddr,
         reply: oneshot::Sender<Result<LoginAnswer, LoginError>>,
     },
     Logout {
@@ -109,9 +121,11 @@ pub(super) enum Input {
         id: RequestId,
         result: StoreResult,
     },
+    /// A password worker is done; `None` if the job was lost (a panic in argon2, a bug:
+    /// the machine's deadline answers it).
     Password {
         id: RequestId,
-        outcome: PasswordOutcome,
+        outcome: Option<PasswordOutcome>,
     },
     LinkUp {
         server: ServerId,
@@ -180,9 +194,12 @@ pub(super) struct Driver<N: Network> {
     /// Bounds a store call, so a hung backend cannot pile up calls forever (the machines
     /// time the request out earlier on their own).
     store_task_timeout: std::time::Duration,
-    /// Bounds the password jobs running at once (one blocking thread each); `None` runs
-    /// them inline.
-    password_pool: Option<Arc<Semaphore>>,
+    /// Password jobs run at once (one blocking thread each); 0 runs them inline.
+    password_workers: usize,
+    password_running: usize,
+    password_queue: FairQueue<PasswordJob>,
+    /// The client address of each register/login request still in the machine.
+    api_clients: BTreeMap<ApiRequestId, IpAddr>,
     links: BTreeMap<ServerId, Link>,
     link_tasks: JoinSet<()>,
     next_generation: u64,
@@ -219,8 +236,11 @@ impl<N: Network> Driver<N> {
             .max(options.delivery.store_timeout)
             * 2;
         let simulated = matches!(clock, Clock::Simulated { .. });
-        let password_pool = (!simulated && options.password_workers > 0)
-            .then(|| Arc::new(Semaphore::new(options.password_workers)));
+        let password_workers = if simulated {
+            0
+        } else {
+            options.password_workers
+        };
         let (store_lane, store_lane_rx) = mpsc::unbounded_channel();
         Self {
             net,
@@ -245,7 +265,10 @@ impl<N: Network> Driver<N> {
             store_lane,
             store_lane_rx: Some(store_lane_rx),
             store_task_timeout,
-            password_pool,
+            password_workers,
+            password_running: 0,
+            password_queue: FairQueue::default(),
+            api_clients: BTreeMap::new(),
             links: BTreeMap::new(),
             link_tasks: JoinSet::new(),
             next_generation: 0,
@@ -335,7 +358,13 @@ impl<N: Network> Driver<N> {
                     Machine::Delivery => self.delivery.handle_store(now, id, result),
                 }
             }
-            Input::Password { id, outcome } => self.login.handle_password(now, id, outcome),
+            Input::Password { id, outcome } => {
+                self.password_running = self.password_running.saturating_sub(1);
+                if let Some(outcome) = outcome {
+                    self.login.handle_password(now, id, outcome);
+                }
+                self.dispatch_passwords();
+            }
             Input::LinkUp {
                 server,
                 generation,
@@ -428,13 +457,20 @@ impl<N: Network> Driver<N> {
             ApiCall::Register {
                 name,
                 password,
+                client,
                 reply,
             } => {
                 self.waiters.insert(api, Waiter::Register(reply));
+                self.api_clients.insert(api, client);
                 self.login.handle_register(now, api, &name, &password);
             }
-            ApiCall::Login { request, reply } => {
+            ApiCall::Login {
+                request,
+                client,
+                reply,
+            } => {
                 self.waiters.insert(api, Waiter::Login(reply));
+                self.api_clients.insert(api, client);
                 self.login.handle_login(now, api, request);
             }
             ApiCall::Logout { token, reply } => {
@@ -540,6 +576,7 @@ impl<N: Network> Driver<N> {
     fn route_event(&mut self, event: RouteEvent) {
         match event {
             RouteEvent::Registered { api, result } => {
+                self.api_clients.remove(&api);
                 let label = match &result {
                     Ok(_) => "ok",
                     Err(e) => e.code(),
@@ -553,6 +590,7 @@ impl<N: Network> Driver<N> {
                 }
             }
             RouteEvent::LoggedIn { api, result } => {
+                self.api_clients.remove(&api);
                 let label = match &result {
                     Ok(_) => "ok",
                     Err(e) => e.code(),
@@ -626,32 +664,44 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    /// Runs a password job on the pool (FIFO: the semaphore is fair), or inline without one.
+    /// Queues a password job for the pool (fair by client address), or runs it inline
+    /// without one.
     fn run_password(&mut self, job: PasswordJob) {
-        let Some(pool) = self.password_pool.clone() else {
+        if self.password_workers == 0 {
             let outcome = job.work.run();
             self.login
                 .handle_password(self.clock.now(), job.id, outcome);
             return;
-        };
-        let to_self = self.to_self.clone();
-        let clock = self.clock;
-        tokio::spawn(async move {
-            let Ok(_permit) = pool.acquire_owned().await else {
+        }
+        let client = self
+            .api_clients
+            .get(&job.api)
+            .copied()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        self.password_queue.push(client, job);
+        self.dispatch_passwords();
+    }
+
+    /// Starts queued password jobs while a worker is free.
+    fn dispatch_passwords(&mut self) {
+        while self.password_running < self.password_workers {
+            let Some(job) = self.password_queue.pop() else {
                 return;
             };
-            // The machine has already failed this request with 4000: under a burst, skipping
-            // it sheds work nobody waits for.
-            if clock.now() >= job.deadline {
-                return;
+            // The machine has already failed this request: under a burst, skipping it
+            // sheds work nobody waits for.
+            if self.clock.now() >= job.deadline {
+                continue;
             }
+            self.password_running += 1;
+            let to_self = self.to_self.clone();
             let PasswordJob { id, work, .. } = job;
-            // A panic in argon2 would be a bug; the machine's deadline then answers 4000.
-            let Ok(outcome) = tokio::task::spawn_blocking(move || work.run()).await else {
-                return;
-            };
-            let _ = to_self.send(Input::Password { id, outcome }).await;
-        });
+            tokio::spawn(async move {
+                let outcome = tokio::task::spawn_blocking(move || work.run()).await.ok();
+                // The driver may be gone (shutdown): nobody waits for the outcome then.
+                let _ = to_self.send(Input::Password { id, outcome }).await;
+            });
+        }
     }
 
     /// Hands a store call to the lane, which starts calls in the order they come.
@@ -833,6 +883,36 @@ impl<N: Network> Driver<N> {
             "counter",
             "HTTP answers with a 5xx status.",
             &one(load(&c.http_server_errors)),
+        );
+        let code = |map: &BTreeMap<&'static str, u64>, code| map.get(code).copied().unwrap_or(0);
+        let busy = code(&self.stats.logins, CODE_BUSY) + code(&self.stats.registrations, CODE_BUSY);
+        let limited = [
+            ("login_account", code(&self.stats.logins, CODE_THROTTLED)),
+            ("login_address", load(&c.limited_login_address)),
+            ("register_address", load(&c.limited_register_address)),
+            ("send_user", load(&c.limited_send_user)),
+            ("password_busy", busy),
+        ];
+        metric(
+            "requests_limited_total",
+            "counter",
+            "Requests refused by a limit (429, or 503 when the password checks are full).",
+            &limited
+                .iter()
+                .map(|(limit, n)| (format!(",limit=\"{limit}\""), *n))
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "password_jobs",
+            "gauge",
+            "Password checks queued or running (bounded by --password-queue).",
+            &one((self.password_queue.len() + self.password_running) as u64),
+        );
+        metric(
+            "stale_tokens_total",
+            "counter",
+            "Bearer tokens refused (401) because their session ended.",
+            &one(load(&c.stale_tokens)),
         );
         c.http
             .render("cim_route", &format!("route_id=\"{r}\""), &mut out);

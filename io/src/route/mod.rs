@@ -22,8 +22,10 @@
 mod api;
 mod body_errors;
 mod driver;
+mod limits;
 mod links;
 mod openapi;
+mod password_queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +45,7 @@ use crate::net::{Listener, Network};
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
 
+pub use self::limits::{IpNet, RateLimit, SESSION_CACHE_TTL, parse_trusted_proxies};
 pub use self::openapi::openapi_document;
 
 /// Everything the route needs to run.
@@ -81,6 +84,16 @@ pub struct RouteOptions {
     /// The HTTP listener's connection cap and header/idle timeouts. The cap is lowered at
     /// start to what the process's open-file limit allows (and a warning says so).
     pub http: HttpLimits,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers); from any other peer
+    /// the header is ignored and the peer is the client. Default none.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `/login` requests per client address (IPv6: per /64); default 5/s, burst 20.
+    pub login_per_address: RateLimit,
+    /// `/registerAccount` requests per client address; default 1/s, burst 5.
+    pub register_per_address: RateLimit,
+    /// `/groupRoute` and `/p2pRoute` sends per user, on this route; default 20/s, burst
+    /// 50 (the servers' default for TCP sends).
+    pub send_per_user: RateLimit,
 }
 
 impl std::fmt::Debug for RouteOptions {
@@ -100,6 +113,10 @@ impl std::fmt::Debug for RouteOptions {
             .field("link_retry_delay", &self.link_retry_delay)
             .field("password_workers", &self.password_workers)
             .field("http", &self.http)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("login_per_address", &self.login_per_address)
+            .field("register_per_address", &self.register_per_address)
+            .field("send_per_user", &self.send_per_user)
             .finish_non_exhaustive()
     }
 }
@@ -111,10 +128,14 @@ impl RouteOptions {
         bearer_secret: Vec<u8>,
         link_secret: Vec<u8>,
     ) -> Self {
+        let password_workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             route_id: route_id.into(),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
-            login: RouteLoginConfig::default(),
+            login: RouteLoginConfig {
+                max_password_jobs: PASSWORD_JOBS_PER_WORKER * password_workers,
+                ..RouteLoginConfig::default()
+            },
             delivery: DeliveryConfig::default(),
             ticket_keys,
             bearer_secret,
@@ -127,11 +148,19 @@ impl RouteOptions {
             io_timeout: Duration::from_secs(5),
             link_ping_interval: Duration::from_secs(5),
             link_retry_delay: Duration::from_millis(500),
-            password_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            password_workers,
             http: HttpLimits::default(),
+            trusted_proxies: Vec::new(),
+            login_per_address: RateLimit::new(5, 20),
+            register_per_address: RateLimit::new(1, 5),
+            send_per_user: RateLimit::new(20, 50),
         }
     }
 }
+
+/// The default bound of the password phase (`RouteLoginConfig::max_password_jobs`) per
+/// password worker: with argon2 at 20-40 ms a check, a full queue waits well under a second.
+pub const PASSWORD_JOBS_PER_WORKER: usize = 8;
 
 /// Why the route did not start. Nothing is left running after an error.
 #[derive(Debug, thiserror::Error)]

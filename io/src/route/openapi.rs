@@ -8,7 +8,7 @@ fn envelope(data: Value) -> Value {
         "type": "object",
         "required": ["code", "message"],
         "properties": {
-            "code": {"type": "string", "description": "9000 success, 4000 fail, 3000 validation fail, 5000 repeat login, 7100 no server available, 9100 account mismatch"},
+            "code": {"type": "string", "description": "9000 success, 4000 fail, 3000 validation fail, 5000 repeat login, 7100 no server available, 9100 account mismatch, 4290 throttled (HTTP 429), 4500 busy (HTTP 503)"},
             "message": {"type": "string"},
             "dataBody": data
         }
@@ -23,7 +23,7 @@ fn op(summary: &str, bearer: bool, request: Option<Value>, data: Value, params: 
                     "content": {"application/json": {"schema": envelope(data)}}},
             "400": {"description": "Malformed JSON, missing fields, wrong types, unknown fields, or a body not sent as Content-Type: application/json (code 3000); the message names the JSON field, e.g. \"missing field userName\", \"userId must be a whole number, not a string\"",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
-            "401": {"description": "Missing or bad bearer token",
+            "401": {"description": "Missing or bad bearer token, or one whose session ended (logged out, taken over, a newer login)",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
             "403": {"description": "userId is not the token's user, or not a member",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
@@ -44,6 +44,26 @@ fn op(summary: &str, bearer: bool, request: Option<Value>, data: Value, params: 
     }
     if params.as_array().is_some_and(|p| !p.is_empty()) {
         op["parameters"] = params;
+    }
+    op
+}
+
+/// The answers of a limited operation: 429 (throttled) and, where passwords are checked,
+/// 503 (busy), each with `Retry-After`.
+fn limited(mut op: Value, busy: bool) -> Value {
+    let retry_after = json!({"Retry-After": {"description": "Seconds to wait before retrying",
+                                             "schema": {"type": "integer", "minimum": 1}}});
+    op["responses"]["429"] = json!({
+        "description": "Throttled (code 4290): failed logins at the account, requests per client address, or sends per user over their limit; nothing was done",
+        "headers": retry_after.clone(),
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+    });
+    if busy {
+        op["responses"]["503"] = json!({
+            "description": "Busy (code 4500): the route's password checks are all taken; nothing was done",
+            "headers": retry_after,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+        });
     }
     op
 }
@@ -81,21 +101,21 @@ pub fn openapi_document() -> Value {
             "schemas": {"Envelope": envelope(json!({}))}
         },
         "paths": {
-            "/registerAccount": {"post": op("Create an account (a taken name is an error, code 3000, and so is a name or password breaking the rules below)", false,
+            "/registerAccount": {"post": limited(op("Create an account (a taken name is an error, code 3000, and so is a name or password breaking the rules below)", false,
                 Some(object(&["userName", "password"], json!({
                     "userName": {"type": "string", "minLength": 1, "maxLength": 32,
                         "pattern": "^[A-Za-z0-9_.-]+$",
                         "description": "Unique regardless of case (Bob and bob are one name), shown as typed. `all` is reserved, in any case."},
                     "password": {"type": "string", "minLength": 8,
                         "description": "At least 8 characters by default (the route's --min-password-len), at most 128 bytes."}}))),
-                object(&["userId", "userName"], json!({"userId": u(), "userName": s()})), none())},
-            "/login": {"post": op("Log in: a server, a ticket for it, a bearer token, a resume token", false,
+                object(&["userId", "userName"], json!({"userId": u(), "userName": s()})), none()), true)},
+            "/login": {"post": limited(op("Log in: a server, a ticket for it, a bearer token, a resume token", false,
                 Some(object(&["userId", "userName", "password"],
                     json!({"userId": u(), "userName": s(), "password": s(), "resumeToken": s()}))),
                 object(&["userId", "epoch", "serverId", "ip", "cimServerPort", "httpPort", "ticket", "token", "resumeToken"],
                     json!({"userId": u(), "epoch": u(), "serverId": s(), "ip": s(),
                            "cimServerPort": {"type": "integer"}, "httpPort": {"type": "integer"},
-                           "ticket": s(), "token": s(), "resumeToken": s()})), none())},
+                           "ticket": s(), "token": s(), "resumeToken": s()})), none()), true)},
             "/offLine": {"post": op("End the token's session", true,
                 Some(object(&["userId"], json!({"userId": u()}))), json!({}), none())},
             "/onlineUser": {"get": op("Users online now", true, None,
@@ -105,14 +125,14 @@ pub fn openapi_document() -> Value {
                 Some(object(&["userIds"], json!({"userIds": {"type": "array", "maxItems": 100, "items": u()}}))),
                 object(&["users"], json!({"users": {"type": "array", "items": object(&["userId", "userName"],
                     json!({"userId": u(), "userName": s()}))}})), none())},
-            "/groupRoute": {"post": op("Send to a group (`all` without groupName)", true,
+            "/groupRoute": {"post": limited(op("Send to a group (`all` without groupName)", true,
                 Some(object(&["userId", "msg", "clientMsgId"],
                     json!({"userId": u(), "msg": s(), "clientMsgId": {"type": "string", "format": "uuid"}, "groupName": s()}))),
-                send_response.clone(), none())},
-            "/p2pRoute": {"post": op("Send to one user; online says whether they have a session", true,
+                send_response.clone(), none()), false)},
+            "/p2pRoute": {"post": limited(op("Send to one user; online says whether they have a session", true,
                 Some(object(&["userId", "receiveUserId", "msg", "clientMsgId"],
                     json!({"userId": u(), "receiveUserId": u(), "msg": s(), "clientMsgId": {"type": "string", "format": "uuid"}}))),
-                send_response, none())},
+                send_response, none()), false)},
             "/group/create": {"post": op("Create a group (the caller is its first member)", true, Some(group_request.clone()), json!({}), none())},
             "/group/join": {"post": op("Join a group (history visible from now)", true, Some(group_request.clone()), json!({}), none())},
             "/group/leave": {"post": op("Leave a group", true, Some(group_request), json!({}), none())},

@@ -36,6 +36,7 @@
 //! | `cim:acct:{u:<id>}` | hash | `name`, `password_hash` |
 //! | `cim:claim:{u:<id>}` | hash | `epoch` (counter, survives the claim); the claim: `c_epoch`, `server`, `lease` (unix ms), `token` (32 bytes) |
 //! | `cim:route:{u:<id>}` | hash | `server`, `epoch` |
+//! | `cim:fail:{u:<id>}` | hash, `PEXPIRE` forget-after | `count`, `last` (unix ms): the login throttle's failed logins |
 //! | `cim:convs:{u:<id>}` | set | canonical conv ids the user may take part in (a superset hint) |
 //! | `cim:cursors:{u:<id>}` | hash | conv id -> `<log epoch>:<seq>` |
 //! | `cim:conv:{c:<conv>}:meta` | hash | `epoch` (log epoch), `head`, `first` (first available seq) |

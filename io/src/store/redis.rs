@@ -11,9 +11,9 @@ use ::redis::{Pipeline, RedisError, Script, Value};
 use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
-    Account, AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, NameTaken,
-    OnlineEntry, RouteRecord, SendOrder, StoreCommand, StoreReply, StoreResult, StoreUnavailable,
-    StoredMessage,
+    Account, AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures,
+    NameTaken, OnlineEntry, RouteRecord, SendOrder, StoreCommand, StoreReply, StoreResult,
+    StoreUnavailable, StoredMessage,
 };
 use prost::Message as _;
 use rand::{Rng, SeedableRng};
@@ -84,6 +84,7 @@ struct Scripts {
     join_group: Script,
     read: Script,
     advance_cursors: Script,
+    login_failure: Script,
 }
 
 impl Scripts {
@@ -100,6 +101,7 @@ impl Scripts {
             join_group: Script::new(include_str!("lua/join_group.lua")),
             read: Script::new(include_str!("lua/read.lua")),
             advance_cursors: Script::new(include_str!("lua/advance_cursors.lua")),
+            login_failure: Script::new(include_str!("lua/login_failure.lua")),
         }
     }
 }
@@ -288,6 +290,40 @@ impl RedisStore {
                 Ok(StoreReply::GroupLeft { was_member })
             }
             StoreCommand::ListOnline { limit } => self.online(now, limit).await,
+            StoreCommand::CountLoginFailure {
+                user,
+                expected,
+                forget_after,
+            } => {
+                let v: Vec<Value> = self
+                    .invoke(
+                        self.scripts
+                            .login_failure
+                            .key(failures_key(user))
+                            .arg(expected)
+                            .arg(now.0)
+                            .arg(millis(forget_after).max(1)),
+                    )
+                    .await?;
+                let [counted, count, last] = v.as_slice() else {
+                    return Err(bad_reply("count login failure", &Value::Array(v)));
+                };
+                let record = LoginFailures {
+                    count: u32::try_from(num(count)?).unwrap_or(u32::MAX),
+                    last_at: UnixMillis(num(last)?),
+                };
+                Ok(StoreReply::LoginFailureCounted(if num(counted)? == 1 {
+                    Ok(record)
+                } else {
+                    Err(record)
+                }))
+            }
+            StoreCommand::ClearLoginFailures { user } => {
+                let _: i64 = self
+                    .query(::redis::cmd("DEL").arg(failures_key(user)))
+                    .await?;
+                Ok(StoreReply::LoginFailuresCleared)
+            }
         }
     }
 
@@ -989,6 +1025,10 @@ fn acct_key(user: UserId) -> String {
 
 fn claim_key(user: UserId) -> String {
     format!("cim:claim:{{u:{}}}", user.0)
+}
+
+fn failures_key(user: UserId) -> String {
+    format!("cim:fail:{{u:{}}}", user.0)
 }
 
 fn route_key(user: UserId) -> String {

@@ -209,6 +209,12 @@ impl Cluster {
             ZK_SESSION_TIMEOUT,
             "--claim-ttl",
             LEASE_TTL,
+            // Every test user comes from 127.0.0.1: the per-address limits (tested in
+            // cim-io's route_limits) would only throttle the test itself.
+            "--login-rate-per-address",
+            "0",
+            "--register-rate-per-address",
+            "0",
         ]
         .iter()
         .map(|s| s.to_string())
