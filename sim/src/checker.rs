@@ -50,6 +50,9 @@
 //!    that are known to be stored (acked to it, or seen by any client) hold seqs that grow
 //!    in submission order. Stored includes messages the sender gave up as unknown: the store
 //!    never puts one after a message submitted later. [`Violation::SenderOrder`]
+//! 8. **Refused means not stored**: a message its sender was told was refused for good
+//!    (`Rejected`: not a member, superseded, ...) is in no log: no ack names it and no client
+//!    saw it. [`Violation::RejectedButStored`]
 //!
 //! # Scope
 //!
@@ -111,6 +114,15 @@ pub struct Submission {
     pub client: ClientId,
     pub sender: UserId,
     pub conv: ConvId,
+    pub msg_id: ClientMsgId,
+    pub at: SimTime,
+}
+
+/// A message its sender's client was told was refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub client: ClientId,
+    pub sender: UserId,
     pub msg_id: ClientMsgId,
     pub at: SimTime,
 }
@@ -299,6 +311,8 @@ pub struct History {
     /// Every submitted message, in submission order (per client, the order its application
     /// submitted them).
     pub submissions: Vec<Submission>,
+    /// Messages refused for good, as their senders were told.
+    pub rejections: Vec<Rejection>,
     pub clients: Vec<ClientHistory>,
     pub membership: Membership,
     pub final_logs: BTreeMap<ConvId, FinalLog>,
@@ -453,6 +467,13 @@ pub enum Violation {
         earlier: (ClientMsgId, SimTime, u64),
         /// The same of the later one, stored before it.
         later: (ClientMsgId, SimTime, u64),
+    },
+    /// Invariant 8: a message refused for good is stored after all.
+    RejectedButStored {
+        rejection: Rejection,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        seq: u64,
     },
     /// Invariant 6: one (sender, msg id) acked under two seqs of one log epoch.
     AckedTwice {
@@ -688,6 +709,21 @@ impl fmt::Display for Violation {
                 later.2,
                 log_epoch.0
             ),
+            Self::RejectedButStored {
+                rejection,
+                conv,
+                log_epoch,
+                seq,
+            } => write!(
+                f,
+                "refused but stored: {} (user {}) was told at {} that {} was refused, but it is \
+                 {conv} seq {seq} (log epoch {})",
+                rejection.client,
+                rejection.sender,
+                T(rejection.at),
+                rejection.msg_id,
+                log_epoch.0
+            ),
             Self::AckedTwice {
                 sender,
                 conv,
@@ -770,16 +806,19 @@ pub fn check(history: &History) -> Report {
     check_consistency(history, &mut report);
     check_loss(history, &streams, &mut report);
     check_rehome(history, &mut report);
-    check_sender_order(history, &mut report);
+    let stored = stored_messages(history);
+    check_sender_order(history, &stored, &mut report);
+    check_rejections(history, &stored, &mut report);
     report
 }
 
-/// Invariant 7.
-fn check_sender_order(history: &History, report: &mut Report) {
-    // Where each (sender, msg id) is stored: from acks and from what any client saw. A
-    // message may be stored under several log epochs (resent after a lossy restart).
-    let mut stored: BTreeMap<(UserId, ClientMsgId, ConvId), BTreeMap<LogEpoch, u64>> =
-        BTreeMap::new();
+/// Where each (sender, msg id, conv) is known to be stored, by log epoch: from acks and from
+/// what any client saw. A message may be stored under several log epochs (resent after a
+/// lossy restart).
+type Stored = BTreeMap<(UserId, ClientMsgId, ConvId), BTreeMap<LogEpoch, u64>>;
+
+fn stored_messages(history: &History) -> Stored {
+    let mut stored = Stored::new();
     for a in &history.acks {
         stored
             .entry((a.sender, a.msg_id, a.conv.clone()))
@@ -796,6 +835,32 @@ fn check_sender_order(history: &History, report: &mut Report) {
             }
         }
     }
+    stored
+}
+
+/// Invariant 8.
+fn check_rejections(history: &History, stored: &Stored, report: &mut Report) {
+    for rejection in &history.rejections {
+        let places = stored
+            .range((rejection.sender, rejection.msg_id, ConvId::All)..)
+            .take_while(|((sender, msg_id, _), _)| {
+                (*sender, *msg_id) == (rejection.sender, rejection.msg_id)
+            });
+        for ((_, _, conv), epochs) in places {
+            for (&log_epoch, &seq) in epochs {
+                report.violations.push(Violation::RejectedButStored {
+                    rejection: rejection.clone(),
+                    conv: conv.clone(),
+                    log_epoch,
+                    seq,
+                });
+            }
+        }
+    }
+}
+
+/// Invariant 7.
+fn check_sender_order(history: &History, stored: &Stored, report: &mut Report) {
     // Per (client, conv, log epoch): the highest-seq submission so far, in submission order.
     let mut latest: BTreeMap<(ClientId, ConvId, LogEpoch), (ClientMsgId, SimTime, u64)> =
         BTreeMap::new();

@@ -22,7 +22,7 @@ use cim_core::route_login::LoginError;
 use cim_io::server::{SessionEvent, SessionObserver};
 
 use crate::checker::{
-    AckedSend, ClientHistory, ClientId, Fault, History, SessionSpan, SimTime, Submission,
+    AckedSend, ClientHistory, ClientId, Fault, History, Rejection, SessionSpan, SimTime, Submission,
 };
 
 /// Named counts of what a run exercised ("server crashed", "takeover", ...). Summed over a
@@ -207,6 +207,14 @@ impl Recorder {
                 log_epoch: *log_epoch,
                 seq: *seq,
                 acked_at: at,
+            });
+        }
+        if let ClientEvent::Rejected { msg_id, .. } = event {
+            r.history.rejections.push(Rejection {
+                client,
+                sender: user,
+                msg_id: *msg_id,
+                at,
             });
         }
         let index = match r.history.clients.iter().position(|c| c.client == client) {

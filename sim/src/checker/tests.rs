@@ -185,6 +185,7 @@ fn clean() -> History {
         ],
         acks,
         submissions,
+        rejections: Vec::new(),
         clients: vec![c1, c2, c3],
         membership: Membership {
             groups: BTreeMap::from([(
@@ -269,6 +270,32 @@ fn a_later_submission_stored_before_an_earlier_one_breaks_sender_order() {
             .starts_with("sender order: client 1 (user 1) submitted"),
         "{v}"
     );
+}
+
+#[test]
+fn a_refused_message_that_is_stored_is_reported() {
+    let mut h = clean();
+    // all#4 (user 1's) was acked and seen; its sender was also told it was refused.
+    let stored = m(&all(), 4);
+    h.rejections.push(Rejection {
+        client: ClientId(1),
+        sender: stored.sender,
+        msg_id: stored.msg_id,
+        at: ms(150),
+    });
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::RejectedButStored { seq: 4, .. }),
+        "{v}"
+    );
+    assert!(
+        v.to_string()
+            .starts_with("refused but stored: client 1 (user 1)"),
+        "{v}"
+    );
+    // Refused and nowhere stored: fine.
+    h.rejections[0].msg_id = ClientMsgId(0xdead);
+    assert!(check(&h).is_clean());
 }
 
 #[test]

@@ -231,6 +231,7 @@ fn run(ops: &[Op], max_len: u64, join: u64) -> (History, BTreeMap<(UserId, ConvI
         acks,
         // The model submits nothing of its own: the sender-order check is tested by hand.
         submissions: Vec::new(),
+        rejections: Vec::new(),
         clients: clients
             .into_iter()
             .map(|c| ClientHistory {
