@@ -1597,7 +1597,10 @@ impl Sim {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(
+        // PROPTEST_CASES still wins, for a long run.
+        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(512)
+    ))]
 
     /// Whatever the pushes do (late, repeated, reordered, lost), the application gets every
     /// message exactly once, in seq order per conversation: what was pushed once the gap
