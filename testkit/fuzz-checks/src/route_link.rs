@@ -315,8 +315,8 @@ struct Harness {
     /// Sends handed to the machine, and replies seen, per origin.
     sends: BTreeMap<(ServerId, u64), usize>,
     replies: BTreeMap<(ServerId, u64), usize>,
-    /// Appends the store confirmed: (sender, msg id) -> (conv, seq), and by (conv, seq).
-    confirmed: BTreeMap<(u64, ClientMsgId), (String, u64)>,
+    /// Appends the store confirmed: (sender, msg id, conv) -> seq, and by (conv, seq).
+    confirmed: BTreeMap<(u64, ClientMsgId, String), u64>,
     appended: BTreeMap<(String, u64), Appended>,
     /// (origin, sender, msg id) of each send not yet answered, to match acks to senders.
     senders: BTreeMap<(ServerId, u64), Vec<(u64, ClientMsgId)>>,
@@ -473,8 +473,8 @@ impl Harness {
                 assert_eq!((a.message.sender, a.message.msg_id), (*sender, *msg_id));
             }
             self.confirmed.insert(
-                (a.message.sender.0, a.message.msg_id),
-                (conv.clone(), a.message.seq),
+                (a.message.sender.0, a.message.msg_id, conv.clone()),
+                a.message.seq,
             );
             self.appended.insert(
                 (conv, a.message.seq),
@@ -588,12 +588,8 @@ impl Harness {
         candidates.remove(i);
         match (&result.ack, &result.nack) {
             (Some(ack), None) => {
-                let confirmed = self.confirmed.get(&(result.user_id, msg));
-                assert_eq!(
-                    confirmed,
-                    Some(&(ack.conv.clone(), ack.seq)),
-                    "an ack the store did not confirm"
-                );
+                let confirmed = self.confirmed.get(&(result.user_id, msg, ack.conv.clone()));
+                assert_eq!(confirmed, Some(&ack.seq), "an ack the store did not confirm");
                 self.reached.insert("acked");
             }
             (None, Some(nack)) => {

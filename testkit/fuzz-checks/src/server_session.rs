@@ -410,7 +410,7 @@ impl Harness {
                     below_epoch: u64::from(below_epoch % 8),
                     reason,
                 };
-                let done = self.node.handle_kick_user(self.now, kick.clone());
+                let done = self.node.handle_kick_user(self.now, kick);
                 assert_eq!(
                     (done.user_id, done.below_epoch),
                     (kick.user_id, kick.below_epoch)
@@ -925,7 +925,7 @@ impl Harness {
 
     fn judge(&mut self, output: &ServerOutput) {
         match output {
-            ServerOutput::Transmit { conn, frame } => self.to_client(*conn, frame, false),
+            ServerOutput::Transmit { conn, frame } => self.judge_frame(*conn, frame, false),
             ServerOutput::TransmitToMany { conns, frame } => {
                 assert!(
                     matches!(frame.kind, Some(Kind::Deliver(_))),
@@ -934,7 +934,7 @@ impl Harness {
                 let unique: BTreeSet<_> = conns.iter().collect();
                 assert_eq!(unique.len(), conns.len(), "a push names a connection twice");
                 for conn in conns {
-                    self.to_client(*conn, frame, true);
+                    self.judge_frame(*conn, frame, true);
                 }
             }
             ServerOutput::Close { conn } => {
@@ -1005,7 +1005,7 @@ impl Harness {
         }
     }
 
-    fn to_client(&mut self, conn: ConnId, frame: &Frame, push: bool) {
+    fn judge_frame(&mut self, conn: ConnId, frame: &Frame, push: bool) {
         assert!(
             !self.closed.contains(&conn),
             "a frame after the close of {conn:?}: {frame:?}"
