@@ -230,8 +230,10 @@ struct Harness {
     /// Which connection a sync request belongs to, with the number of heads we answered.
     syncs: BTreeMap<u64, ConnId>,
     route: Vec<(proto::RouteSend, ConnId)>,
-    /// The connection whose frame is being handled (route sends may only come from it).
+    /// The connection whose frame is being handled (route sends may only come from it), and
+    /// its session then (the frame may get the connection kicked before its last output).
     current: Option<ConnId>,
+    current_live: Option<(u64, u64)>,
     reached: Reached,
 }
 
@@ -284,6 +286,7 @@ impl Harness {
             syncs: BTreeMap::new(),
             route: Vec::new(),
             current: None,
+            current_live: None,
             reached: Reached::new(),
         }
     }
@@ -592,9 +595,11 @@ impl Harness {
         let is_login = matches!(frame.kind, Some(Kind::Login(_)));
         let was_awaiting = self.conns.get(&conn).is_some_and(|c| c.awaiting_login);
         self.current = Some(conn);
+        self.current_live = self.conns.get(&conn).and_then(|c| c.live);
         self.node.handle_frame(self.now, self.wall(), conn, frame);
         let outputs = self.drain();
         self.current = None;
+        self.current_live = None;
         if is_login && was_awaiting {
             let presented = self.conns.get(&conn).and_then(|c| c.presented);
             let binds: Vec<(u64, u64)> = outputs
@@ -955,9 +960,8 @@ impl Harness {
                 let conn = self
                     .current
                     .expect("route sends only while handling a frame");
-                let c = &self.conns[&conn];
                 assert_eq!(
-                    c.live,
+                    self.current_live,
                     Some((send.user_id, send.epoch)),
                     "a route send under another session"
                 );
@@ -969,9 +973,9 @@ impl Harness {
 
     fn judge_store(&mut self, req: &StoreRequest) {
         let session_user = |h: &Self, user: UserId| {
-            let conn = h.current.expect("reads only while handling a frame");
+            assert!(h.current.is_some(), "reads only while handling a frame");
             assert_eq!(
-                h.conns[&conn].live.map(|(u, _)| u),
+                h.current_live.map(|(u, _)| u),
                 Some(user.0),
                 "a store request for another user than the session's"
             );
@@ -986,7 +990,7 @@ impl Harness {
                 assert_eq!(server.as_str(), S1);
                 let conn = self.current.expect("binds only on a login frame");
                 assert_eq!(
-                    self.conns[&conn].presented,
+                    self.conns.get(&conn).and_then(|c| c.presented),
                     Some((user.0, epoch.0)),
                     "bind without an accepted ticket"
                 );
