@@ -15,6 +15,7 @@ use std::time::Instant;
 
 pub mod frame_decode;
 pub mod http_bodies;
+pub mod http_route;
 pub mod route_link;
 pub mod server_session;
 pub mod state_file;
@@ -58,6 +59,11 @@ pub const TARGETS: &[Target] = &[
         name: "http_bodies",
         check: http_bodies::check,
         features: http_bodies::FEATURES,
+    },
+    Target {
+        name: "http_route",
+        check: http_route::check,
+        features: http_route::FEATURES,
     },
     Target {
         name: "state_file",

@@ -589,7 +589,11 @@ impl Harness {
         match (&result.ack, &result.nack) {
             (Some(ack), None) => {
                 let confirmed = self.confirmed.get(&(result.user_id, msg, ack.conv.clone()));
-                assert_eq!(confirmed, Some(&ack.seq), "an ack the store did not confirm");
+                assert_eq!(
+                    confirmed,
+                    Some(&ack.seq),
+                    "an ack the store did not confirm"
+                );
                 self.reached.insert("acked");
             }
             (None, Some(nack)) => {

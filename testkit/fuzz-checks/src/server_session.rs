@@ -806,7 +806,10 @@ impl Harness {
             // sent, and no page it got says the answer is complete).
             let open = self.conns.contains_key(&conn);
             if !open {
-                assert!(pages.iter().all(|p| p.more), "a closed connection got a last page");
+                assert!(
+                    pages.iter().all(|p| p.more),
+                    "a closed connection got a last page"
+                );
             }
             if open && !pages.is_empty() {
                 let mores: Vec<bool> = pages.iter().map(|p| p.more).collect();

@@ -138,5 +138,8 @@ fn write_structured_seeds() {
 /// The targets whose inputs are operation sequences read with `arbitrary` (their seeds are
 /// found by search); the others take text or frames and have hand-written seeds.
 fn is_structured(target: &Target) -> bool {
-    matches!(target.name, "server_session" | "route_link" | "tokens")
+    matches!(
+        target.name,
+        "server_session" | "route_link" | "tokens" | "http_route"
+    )
 }
