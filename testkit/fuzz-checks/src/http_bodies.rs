@@ -3,10 +3,8 @@
 //! base64 (ticket, resume token), and the ids parsed from text (conversation ids, client
 //! message ids, group names).
 //!
-//! Driving the axum router itself (`cim_io::route`) needs a running route with its driver
-//! task, a store and a registry view on a tokio runtime; this target fuzzes what the
-//! handlers hand their input to instead. The route's private query types
-//! (`/history?conv=..&beforeSeq=..&limit=..`) are not reachable from here.
+//! The router around them (status codes, tokens, query strings) is `http_route`'s; this
+//! target reaches the parsers directly, far faster.
 //!
 //! Input: `<kind>\n<payload>`, where kind names a body type or a field (`register`,
 //! `login`, `ticket`, `conv`, ...; see [`KINDS`]); any other first line sends the whole
