@@ -335,7 +335,10 @@ mod tests {
 
     proptest! {
         // Each case hashes 10,000 users against a few rings: keep the case count modest.
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(
+            // PROPTEST_CASES still wins, for a long run.
+            std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(24)
+        ))]
 
         #[test]
         fn consistent_hash_moves_about_one_nth_on_join_and_only_the_leavers_users_on_leave(

@@ -124,11 +124,18 @@ impl fmt::Display for ClientMsgId {
 
 impl FromStr for ClientMsgId {
     type Err = IdError;
+    /// Only UUID text: hex digits (either case) with dashes exactly at 8-4-4-4-12, so an id
+    /// has one spelling up to case.
     fn from_str(s: &str) -> Result<Self, IdError> {
-        let hex: String = s.chars().filter(|c| *c != '-').collect();
-        if hex.len() != 32 || s.len() != 36 {
+        let well_formed = s.len() == 36
+            && s.bytes().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => b == b'-',
+                _ => b.is_ascii_hexdigit(),
+            });
+        if !well_formed {
             return Err(IdError::BadMsgId);
         }
+        let hex: String = s.chars().filter(|c| *c != '-').collect();
         u128::from_str_radix(&hex, 16)
             .map(Self)
             .map_err(|_| IdError::BadMsgId)
@@ -237,7 +244,9 @@ impl FromStr for ConvId {
             let parse = |x: &str| -> Result<u64, IdError> {
                 // Only canonical decimal: no sign, no leading zeros, so one conversation has
                 // one name.
-                if x.is_empty() || (x.len() > 1 && x.starts_with('0')) {
+                // (`u64::from_str` alone would also take a leading `+`.)
+                let digits = !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+                if !digits || (x.len() > 1 && x.starts_with('0')) {
                     return Err(IdError::BadConversation);
                 }
                 x.parse().map_err(|_| IdError::BadConversation)
@@ -274,7 +283,8 @@ mod tests {
             assert_eq!(conv.to_string(), text);
         }
         for bad in [
-            "", "g:", "g:all", "p:2:1", "p:1:1", "p:01:2", "p:1", "x", "g:a b", "p:-1:2",
+            "", "g:", "g:all", "p:2:1", "p:1:1", "p:01:2", "p:1", "x", "g:a b", "p:-1:2", "p:+1:2",
+            "p:1:+2",
         ] {
             assert!(bad.parse::<ConvId>().is_err(), "{bad:?} parsed");
         }
@@ -294,10 +304,19 @@ mod tests {
         assert_eq!(ClientMsgId::from_halves(id.hi(), id.lo()), id);
         assert_eq!(id.to_string(), "01234567-89ab-cdef-fedc-ba9876543210");
         assert_eq!(id.to_string().parse::<ClientMsgId>(), Ok(id));
-        assert!(
-            "0123456789abcdeffedcba9876543210"
-                .parse::<ClientMsgId>()
-                .is_err()
+        assert_eq!(
+            "01234567-89AB-CDEF-fedc-ba9876543210".parse::<ClientMsgId>(),
+            Ok(id)
         );
+        for bad in [
+            "0123456789abcdeffedcba9876543210",
+            // Four dashes and 32 digits, but not at 8-4-4-4-12 (found by the http_bodies
+            // fuzz target's one-spelling check).
+            "0123456789ab-cdef-fedc-ba98765432-10",
+            "--0123456789abcdeffedcba9876543210",
+            "+1234567-89ab-cdef-fedc-ba9876543210",
+        ] {
+            assert!(bad.parse::<ClientMsgId>().is_err(), "{bad:?} parsed");
+        }
     }
 }

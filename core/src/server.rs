@@ -1231,10 +1231,11 @@ impl ServerNode {
     }
 }
 
-#[cfg(test)]
 impl ServerNode {
-    /// The indexes agree with the connections; checked by the tests after every step.
-    fn check_invariants(&self) {
+    /// Panics unless the indexes agree with the connections. Checked by the tests and the
+    /// fuzz targets (`cim-fuzz-checks`) after every step; not meant for production paths.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) {
         for (user, &(conn, epoch)) in &self.sessions {
             match self.conns.get(&conn).map(|c| &c.state) {
                 Some(ConnState::Live(s)) => assert_eq!((s.user, s.epoch), (*user, epoch)),

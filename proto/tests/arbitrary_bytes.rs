@@ -29,7 +29,10 @@ fn arb_input() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1024))]
+    #![proptest_config(ProptestConfig::with_cases(
+        // PROPTEST_CASES still wins, for a long run.
+        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1024)
+    ))]
 
     #[test]
     fn arbitrary_bytes_decode_consistently(

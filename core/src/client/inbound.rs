@@ -44,6 +44,10 @@ struct Conv {
     acked: u64,
     /// Out-of-order arrivals above `delivered + 1`, bounded by `max_buffered`.
     buffer: BTreeMap<u64, StoredMessage>,
+    /// The highest seq of `log_epoch` that arrived here, kept or not: a message dropped
+    /// because the buffer was full still proves the log reaches this far, so the gap stays
+    /// open until it is fetched (an empty buffer alone does not mean nothing is missing).
+    seen: u64,
     gap_deadline: Option<Instant>,
     fetch_sent: Option<Instant>,
     /// When the first push of an unanchored conversation arrived.
@@ -58,6 +62,7 @@ impl Conv {
             delivered: 0,
             acked: 0,
             buffer: BTreeMap::new(),
+            seen: 0,
             gap_deadline: None,
             fetch_sent: None,
             seen_at: now,
@@ -71,6 +76,7 @@ impl Conv {
             out.events.push_back(ClientEvent::Message(msg));
             return;
         }
+        self.seen = self.seen.max(msg.seq);
         if msg.seq <= self.delivered || self.buffer.contains_key(&msg.seq) {
             return;
         }
@@ -108,6 +114,7 @@ impl Conv {
     fn anchor(&mut self, conv: &ConvId, head: &ConvHead, out: &mut Outputs) {
         if self.log_epoch != head.log_epoch {
             self.buffer.clear();
+            self.seen = 0;
             self.log_epoch = head.log_epoch;
         }
         self.anchored = true;
@@ -142,6 +149,7 @@ impl Conv {
         });
         self.log_epoch = head.log_epoch;
         self.buffer.clear();
+        self.seen = 0;
         self.delivered = 0;
         self.acked = 0;
         self.gap_deadline = None;
@@ -175,9 +183,15 @@ impl Conv {
         }));
     }
 
-    /// A gap is anything still buffered after a drain: start its timer if none runs.
+    /// Whether something above `delivered` is known to exist: buffered, or seen and dropped.
+    fn has_gap(&self) -> bool {
+        !self.buffer.is_empty() || self.seen > self.delivered
+    }
+
+    /// A gap is anything buffered after a drain, or seen and not yet delivered: start its
+    /// timer if none runs.
     fn settle_gap(&mut self, now: Instant, cfg: &InboundConfig) {
-        if self.buffer.is_empty() {
+        if !self.has_gap() {
             self.gap_deadline = None;
         } else if self.gap_deadline.is_none() {
             self.gap_deadline = Some(now + cfg.gap_sync_delay);
@@ -313,8 +327,10 @@ impl Inbound {
         c.drain(out);
         // Continue while answers make progress (the limit cut this one short, or the head
         // moved on); a server whose answers do not advance is left to the timers.
+        // The head may be older than a push that arrived meanwhile (the store read came
+        // before that append) and was dropped from a full buffer: `seen` covers it.
         let progressed = (c.log_epoch, c.delivered) != before;
-        if progressed && head.head_seq > c.delivered {
+        if progressed && head.head_seq.max(c.seen) > c.delivered {
             c.fetch(&head.conv, now, &self.cfg, out);
         }
         c.settle_gap(now, &self.cfg);
@@ -367,7 +383,7 @@ impl Inbound {
             if asked_at.is_some_and(|at| at >= c.seen_at) {
                 c.anchored = true;
                 c.drain(out);
-                if !c.buffer.is_empty() {
+                if c.has_gap() {
                     c.fetch(conv, now, &self.cfg, out);
                 }
                 c.settle_gap(now, &self.cfg);
@@ -394,7 +410,7 @@ impl Inbound {
                 }
                 continue;
             }
-            if c.anchored && !c.buffer.is_empty() {
+            if c.anchored && c.has_gap() {
                 self.stats.gap_fetches += 1;
                 c.fetch(conv, now, &self.cfg, out);
                 // Re-armed so a lost answer is retried once the fetch goes stale.

@@ -266,7 +266,10 @@ fn run(ops: &[Op], max_len: u64, join: u64) -> (History, BTreeMap<(UserId, ConvI
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(128))]
+    #![proptest_config(ProptestConfig::with_cases(
+        // PROPTEST_CASES still wins, for a long run.
+        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(128)
+    ))]
 
     #[test]
     fn correct_histories_pass_and_any_dropped_delivery_is_caught(

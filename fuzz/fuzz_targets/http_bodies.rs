@@ -1,0 +1,10 @@
+//! The HTTP API's JSON bodies, binary fields and ids. The check, its invariants and its
+//! documentation live in `cim_fuzz_checks::http_bodies` (testkit/fuzz-checks), which
+//! `cargo test -p cim-fuzz-checks` also runs on the committed corpus.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    cim_fuzz_checks::http_bodies::check(data);
+});

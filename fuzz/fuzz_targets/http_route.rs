@@ -1,0 +1,10 @@
+//! Raw HTTP requests to a running route (axum router, in-memory store). The check, its invariants and its
+//! documentation live in `cim_fuzz_checks::http_route` (testkit/fuzz-checks), which
+//! `cargo test -p cim-fuzz-checks` also runs on the committed corpus.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    cim_fuzz_checks::http_route::check(data);
+});

@@ -1,0 +1,10 @@
+//! The link handshake, and link frames into the route's RouteDelivery. The check, its invariants and its
+//! documentation live in `cim_fuzz_checks::route_link` (testkit/fuzz-checks), which
+//! `cargo test -p cim-fuzz-checks` also runs on the committed corpus.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    cim_fuzz_checks::route_link::check(data);
+});
