@@ -33,6 +33,9 @@ use crate::store::{
     StoreResult, StoredMessage, message_to_proto,
 };
 
+/// The largest `order_seq` / `order_after` a send may carry (see `SendOrder`).
+pub const MAX_ORDER_SEQ: u64 = (1 << 53) - 1;
+
 pub use crate::ids::ApiRequestId;
 
 /// Where a send came from, and so where its answer goes.
@@ -292,6 +295,12 @@ impl RouteDelivery {
             Ok(ConvId::Private { low, high }) if sender != low && sender != high => refuse(
                 ErrorCode::NotMember,
                 "a private conversation of two other users",
+            ),
+            // The Redis script compares order numbers as Lua doubles: past 2^53 they would
+            // compare unlike the reference. No client counts that far.
+            Ok(_) if send.order_seq > MAX_ORDER_SEQ || send.order_after > MAX_ORDER_SEQ => refuse(
+                ErrorCode::MalformedFrame,
+                "order numbers must stay below 2^53",
             ),
             Ok(_) if self.pending.len() >= self.config.max_in_flight => {
                 Some((ErrorCode::Unavailable, "route overloaded".to_owned(), true))
@@ -937,6 +946,59 @@ mod tests {
             );
         }
         assert_eq!((d.stats().acked, d.stats().duplicates), (2, 1));
+    }
+
+    #[test]
+    fn a_sends_order_reaches_the_append_and_order_numbers_past_2_pow_53_are_refused() {
+        let t0 = base();
+        let ordered = |seq, after| cim_proto::Send {
+            order_stream: 7,
+            order_seq: seq,
+            order_after: after,
+            ..send(9, "g:x", "b")
+        };
+        let mut d = machine(&["a"]);
+        d.handle_send(t0, UnixMillis(1), link("a", 1), UserId(1), ordered(3, 2));
+        let out = drain(&mut d);
+        let StoreCommand::Append { order, .. } = &out.store[0].command else {
+            panic!("expected an append, got {:?}", out.store);
+        };
+        let want = SendOrder {
+            stream: 7,
+            seq: 3,
+            after: 2,
+        };
+        assert_eq!(*order, Some(want));
+        for (seq, after) in [
+            (MAX_ORDER_SEQ + 1, 0),
+            (5, MAX_ORDER_SEQ + 1),
+            (u64::MAX, 1),
+        ] {
+            let mut d = machine(&["a"]);
+            d.handle_send(
+                t0,
+                UnixMillis(1),
+                link("a", 2),
+                UserId(1),
+                ordered(seq, after),
+            );
+            let out = drain(&mut d);
+            assert!(out.store.is_empty(), "{seq} after {after}");
+            assert_eq!(
+                nack_of(&out.replies[0].1),
+                (ErrorCode::MalformedFrame, false)
+            );
+        }
+        // The largest allowed still goes to the store.
+        let mut d = machine(&["a"]);
+        d.handle_send(
+            t0,
+            UnixMillis(1),
+            link("a", 3),
+            UserId(1),
+            ordered(MAX_ORDER_SEQ, 0),
+        );
+        assert_eq!(drain(&mut d).store.len(), 1);
     }
 
     #[test]
