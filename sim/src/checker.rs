@@ -841,6 +841,7 @@ fn stored_messages(history: &History) -> Stored {
 /// Invariant 8.
 fn check_rejections(history: &History, stored: &Stored, report: &mut Report) {
     for rejection in &history.rejections {
+        // Every conversation of this (sender, msg id): `All` is the smallest `ConvId`.
         let places = stored
             .range((rejection.sender, rejection.msg_id, ConvId::All)..)
             .take_while(|((sender, msg_id, _), _)| {

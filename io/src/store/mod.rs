@@ -42,7 +42,7 @@
 //! | `cim:conv:{c:<conv>}:meta` | hash | `epoch` (log epoch), `head`, `first` (first available seq) |
 //! | `cim:conv:{c:<conv>}:log` | hash | seq -> message (prost `cim.v1.Message`, with conv, log epoch and seq left out: the key and field say them) |
 //! | `cim:conv:{c:<conv>}:idem:<sender>:<msg id hex>` | hash, `PEXPIRE` ttl | `hash` (SHA-256 of the body), `seq`, `at` |
-//! | `cim:conv:{c:<conv>}:order:<sender>:<stream hex>` | hash, `PEXPIRE` ttl | `last` (the stream's last stored order seq), `at` |
+//! | `cim:conv:{c:<conv>}:order:<sender>:<stream hex>` | string, `PX` ttl | `<last>:<at>`: the stream's last stored order seq, and when it was written |
 //! | `cim:conv:{c:<conv>}:members` | hash | member -> seq joined at (groups) |
 //!
 //! `<conv>` is the canonical text form (`all`, `g:<name>`, `p:<low>:<high>`). The names

@@ -1,7 +1,7 @@
 -- Append: conv_log's append as one step. KEYS (all under the conversation's {c:<id>} tag):
 -- [1] meta hash (epoch, head, first), [2] log hash (seq -> encoded message),
 -- [3] idempotency record of (sender, msg id), [4] group members hash (seq joined at),
--- [5] order record of (sender, stream): `last` order seq stored, `at` (unused when unordered).
+-- [5] order record of (sender, stream): '<last order seq stored>:<at>' (unused when unordered).
 -- ARGV: [1] '1' for a group, [2] sender, [3] body hash, [4] encoded message, [5] now,
 -- [6] idempotency ttl ms, [7] max log length, [8] log epoch to use if the log is new,
 -- [9] order seq (0: unordered), [10] order after.
@@ -22,19 +22,21 @@ local epoch = meta[1]
 local now = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local order_seq = tonumber(ARGV[9])
--- The order record, judged by the caller's clock like the idempotency record.
+-- The order record, '<last>:<at>', judged by the caller's clock like the idempotency record.
 local function last_order()
-  local o = redis.call('HMGET', KEYS[5], 'last', 'at')
-  if o[1] and now < tonumber(o[2]) + ttl then
-    return tonumber(o[1])
+  local o = redis.call('GET', KEYS[5])
+  if o then
+    local last, at = string.match(o, '^(%d+):(%d+)$')
+    if last and now < tonumber(at) + ttl then
+      return tonumber(last)
+    end
   end
   return 0
 end
--- Raises (never lowers) the order record to this message's order seq.
+-- Raises (never lowers) the order record to this message's order seq: one SET with its TTL.
 local function raise_order(last)
   if order_seq > last then
-    redis.call('HSET', KEYS[5], 'last', order_seq, 'at', ARGV[5])
-    redis.call('PEXPIRE', KEYS[5], math.max(ttl, 1))
+    redis.call('SET', KEYS[5], ARGV[9] .. ':' .. ARGV[5], 'PX', math.max(ttl, 1))
   end
 end
 -- The record is judged by the caller's clock (`now`), like the reference; PEXPIRE only
