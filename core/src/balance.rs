@@ -190,6 +190,7 @@ mod tests {
             link_port: 11311,
             http_port: 8081,
             connections,
+            client_tls: false,
         }
     }
 

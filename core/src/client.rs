@@ -42,6 +42,7 @@ use rand_chacha::ChaCha8Rng;
 pub use outbox::OutboxEntry;
 
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use crate::registry::ServerEndpoint;
 use crate::route_login::{LoginAnswer, LoginError, LoginRequest, ResumeToken};
 use crate::store::StoredMessage;
 use inbound::{Inbound, InboundConfig, head_from_proto, message_from_proto};
@@ -132,8 +133,9 @@ pub enum ClientCommand {
         attempt: LoginAttempt,
         request: LoginRequest,
     },
-    /// Open a TCP connection; answer with `handle_connected` or `handle_connect_failed`.
-    Connect { host: String, port: u16 },
+    /// Open a connection (TLS if the endpoint says so); answer with `handle_connected` or
+    /// `handle_connect_failed`.
+    Connect { endpoint: ServerEndpoint },
     /// Encode and write a frame on the current connection.
     Transmit(proto::Frame),
     /// Close the current connection (or abandon the connect in progress). The session has
@@ -548,8 +550,7 @@ impl ClientSession {
                 // The claim now holds this token's hash; the previous one proves nothing.
                 self.resume_token = Some(answer.resume_token);
                 self.out.commands.push_back(ClientCommand::Connect {
-                    host: answer.server.host,
-                    port: answer.server.client_port,
+                    endpoint: answer.server.client_endpoint(),
                 });
                 self.out.events.push_back(ClientEvent::Connecting {
                     server: answer.server.id,

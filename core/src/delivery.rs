@@ -603,6 +603,7 @@ mod tests {
                     link_port: 11311,
                     http_port: 8081,
                     connections: 0,
+                    client_tls: false,
                 };
                 (sid(id), server)
             })

@@ -17,4 +17,28 @@ pub struct LiveServer {
     pub http_port: u16,
     /// Sessions it holds, as last reported; used by least-connections balancing.
     pub connections: u32,
+    /// Whether its client gateway expects TLS (it may still take plaintext while an
+    /// operator migrates; clients that can should use TLS then).
+    #[serde(default)]
+    pub client_tls: bool,
+}
+
+impl LiveServer {
+    /// Where a client reaches this server's gateway.
+    pub fn client_endpoint(&self) -> ServerEndpoint {
+        ServerEndpoint {
+            host: self.host.clone(),
+            port: self.client_port,
+            tls: self.client_tls,
+        }
+    }
+}
+
+/// Where a client reaches a server, as the route's login answer names it: a host the
+/// server's certificate is valid for (a name or an IP), a port, and whether to speak TLS.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ServerEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
 }

@@ -11,6 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
+use cim_core::registry::ServerEndpoint;
 use cim_core::route_login::ResumeToken;
 
 /// Success.
@@ -95,12 +96,18 @@ pub struct LoginRequest {
 }
 
 /// Where to connect and with what. `epoch` is the claim's epoch the ticket names.
+/// `endpoint` is where to connect: the host the server's certificate is valid for, the
+/// port, and whether to speak TLS; `ip` and `cimServerPort` repeat its host and port for
+/// CIM's clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoginResponse {
     pub user_id: u64,
     pub epoch: u64,
     pub server_id: String,
+    /// Absent from an older route's answer: then `ip` and `cimServerPort`, plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<ServerEndpoint>,
     pub ip: String,
     pub cim_server_port: u16,
     pub http_port: u16,

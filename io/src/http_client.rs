@@ -10,6 +10,7 @@ use hyper::{Method, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
 
 use crate::net::{self, Network};
+use crate::tls::{self, ClientTls, MaybeTls};
 
 /// Largest response body read; an API answer is a few hundred bytes, history at most 100
 /// messages of 4 KiB.
@@ -19,19 +20,22 @@ const MAX_RESPONSE: usize = 1 << 20;
 pub enum HttpError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::ConnectError),
     #[error("request did not complete within {0:?}")]
     Timeout(Duration),
     #[error("http: {0}")]
     Http(String),
 }
 
-/// Where the route's HTTP API is and how long a request may take.
+/// Where the route's HTTP API is, whether it speaks HTTPS, and how long a request may take.
 #[derive(Debug, Clone)]
 pub struct HttpClient<N> {
     net: N,
     host: String,
     port: u16,
     timeout: Duration,
+    tls: Option<ClientTls>,
 }
 
 impl<N: Network> HttpClient<N> {
@@ -41,7 +45,18 @@ impl<N: Network> HttpClient<N> {
             host: host.into(),
             port,
             timeout,
+            tls: None,
         }
+    }
+
+    /// Speaks HTTPS, verifying the route's certificate for its host with `tls`.
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn host(&self) -> &str {
@@ -82,6 +97,10 @@ impl<N: Network> HttpClient<N> {
         let stream = net::connect(&self.net, &self.host, self.port, self.timeout)
             .await
             .map_err(HttpError::Connect)?;
+        let stream = match &self.tls {
+            Some(tls) => tls.connect(stream, &self.host).await?,
+            None => MaybeTls::plain(stream),
+        };
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| HttpError::Http(e.to_string()))?;

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::net::{Listener, Stream};
+use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
 /// The first back-off after a failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`].
@@ -176,6 +177,7 @@ impl HttpStats {
 /// flight finish (idle connections close at once) and returns.
 pub async fn serve<L: Listener>(
     mut listener: L,
+    tls: Option<ServerTls>,
     router: Router,
     limits: HttpLimits,
     stats: Arc<HttpStats>,
@@ -230,6 +232,7 @@ pub async fn serve<L: Listener>(
         let open = OpenGuard(stats.clone());
         connections.spawn(serve_connection(
             stream,
+            tls.clone(),
             peer,
             router.clone(),
             limits,
@@ -250,8 +253,10 @@ impl Drop for OpenGuard {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<S: Stream>(
     stream: S,
+    tls: Option<ServerTls>,
     peer: SocketAddr,
     router: Router,
     limits: HttpLimits,
@@ -260,6 +265,30 @@ async fn serve_connection<S: Stream>(
 ) {
     let requests = Arc::new(RequestCount::default());
     let io = GuardedIo::new(stream, requests.clone(), open.0.clone(), limits);
+    // The handshake reads through the guard, so the header timeout bounds it too.
+    let io = match tls {
+        None => MaybeTls::plain(io),
+        Some(tls) => {
+            let accepted = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                accepted = tls.accept(io) => accepted,
+            };
+            match accepted {
+                Ok(io) => io,
+                Err(error) => {
+                    crate::warn_limited!(
+                        open.0.warnings,
+                        "https handshake",
+                        %peer,
+                        %error,
+                        "HTTPS client refused at the TLS handshake; closing"
+                    );
+                    return;
+                }
+            }
+        }
+    };
     let body_timeout = limits.header_timeout;
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));

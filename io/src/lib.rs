@@ -17,4 +17,5 @@ pub mod route;
 pub mod sdk;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod warn_gate;

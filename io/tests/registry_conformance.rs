@@ -195,6 +195,7 @@ fn server(id: &str, client_port: u16) -> LiveServer {
         link_port: client_port + 100,
         http_port: client_port + 200,
         connections: 0,
+        client_tls: false,
     }
 }
 

@@ -60,6 +60,7 @@ async fn server(registry: &MemoryRegistry, id: &str) -> Registration {
             link_port: 1,
             http_port: 8081,
             connections: 0,
+            client_tls: false,
         })
         .await
         .unwrap()

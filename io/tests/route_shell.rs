@@ -195,6 +195,7 @@ impl FakeServer {
                 link_port: port,
                 http_port: 8081,
                 connections: 0,
+                client_tls: false,
             })
             .await
             .unwrap();

@@ -71,6 +71,7 @@ async fn route_login(
         user_id: req.user_id,
         epoch,
         server_id: "s1".into(),
+        endpoint: None,
         ip: "127.0.0.1".into(),
         cim_server_port: r.server_port,
         http_port: 0,

@@ -104,6 +104,7 @@ fn route_server_and_client_chat_over_simulated_sockets() {
             session: ClientConfig::new(user, "ann", "ann-password", seed),
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            tls: None,
         };
         let (client, mut events) = Client::start(TurmoilNet, Clock::simulated(ORIGIN), options);
         loop {

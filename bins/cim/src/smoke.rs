@@ -40,6 +40,7 @@ pub async fn run(route: &str) -> anyhow::Result<()> {
             session: ClientConfig::new(*user, name.clone(), PASSWORD, launch::os_seed()),
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            tls: None,
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);
         let server = wait_online(&mut events).await?;

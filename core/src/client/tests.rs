@@ -58,6 +58,7 @@ fn answer(epoch: u64, tok: u8) -> LoginAnswer {
             link_port: 11311,
             http_port: 8081,
             connections: 0,
+            client_tls: false,
         },
         ticket: ticket(epoch),
         token: "bearer".into(),
@@ -307,8 +308,11 @@ impl Harness {
                 10,
                 In::Answer(1, Ok(answer(5, 0xA))),
                 vec![ClientCommand::Connect {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
+                    endpoint: ServerEndpoint {
+                        host: "10.0.0.1".into(),
+                        port: 11211,
+                        tls: false,
+                    },
                 }],
                 vec![ClientEvent::Connecting {
                     server: ServerId::new("s1"),
@@ -403,8 +407,11 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
             110,
             In::Answer(2, Ok(answer(6, 0xB))),
             vec![ClientCommand::Connect {
-                host: "10.0.0.1".into(),
-                port: 11211,
+                endpoint: ServerEndpoint {
+                    host: "10.0.0.1".into(),
+                    port: 11211,
+                    tls: false,
+                },
             }],
             vec![ClientEvent::Connecting {
                 server: ServerId::new("s1"),
@@ -479,8 +486,11 @@ fn connect_and_login_ok_timeouts_disconnect_and_retry() {
             10,
             In::Answer(1, Ok(answer(5, 0xA))),
             vec![ClientCommand::Connect {
-                host: "10.0.0.1".into(),
-                port: 11211,
+                endpoint: ServerEndpoint {
+                    host: "10.0.0.1".into(),
+                    port: 11211,
+                    tls: false,
+                },
             }],
             vec![ClientEvent::Connecting {
                 server: ServerId::new("s1"),
@@ -502,8 +512,11 @@ fn connect_and_login_ok_timeouts_disconnect_and_retry() {
             5_020,
             In::Answer(2, Ok(answer(6, 0xB))),
             vec![ClientCommand::Connect {
-                host: "10.0.0.1".into(),
-                port: 11211,
+                endpoint: ServerEndpoint {
+                    host: "10.0.0.1".into(),
+                    port: 11211,
+                    tls: false,
+                },
             }],
             vec![ClientEvent::Connecting {
                 server: ServerId::new("s1"),
@@ -550,8 +563,11 @@ fn kicks_reconnect_except_taken_over_which_stops() {
             110,
             In::Answer(2, Ok(answer(6, 0xB))),
             vec![ClientCommand::Connect {
-                host: "10.0.0.1".into(),
-                port: 11211,
+                endpoint: ServerEndpoint {
+                    host: "10.0.0.1".into(),
+                    port: 11211,
+                    tls: false,
+                },
             }],
             vec![ClientEvent::Connecting {
                 server: ServerId::new("s1"),
@@ -680,8 +696,11 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
             10,
             In::Answer(1, Ok(answer(5, 0xA))),
             vec![ClientCommand::Connect {
-                host: "10.0.0.1".into(),
-                port: 11211,
+                endpoint: ServerEndpoint {
+                    host: "10.0.0.1".into(),
+                    port: 11211,
+                    tls: false,
+                },
             }],
             vec![ClientEvent::Connecting {
                 server: ServerId::new("s1"),
@@ -733,8 +752,11 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
             60,
             In::Answer(2, Ok(answer(6, 0xB))),
             vec![ClientCommand::Connect {
-                host: "10.0.0.1".into(),
-                port: 11211,
+                endpoint: ServerEndpoint {
+                    host: "10.0.0.1".into(),
+                    port: 11211,
+                    tls: false,
+                },
             }],
             vec![ClientEvent::Connecting {
                 server: ServerId::new("s1"),
@@ -1401,8 +1423,11 @@ fn restored_outbox_is_resent_with_its_ids() {
             10,
             In::Answer(1, Ok(answer(5, 0xB))),
             vec![ClientCommand::Connect {
-                host: "10.0.0.1".into(),
-                port: 11211,
+                endpoint: ServerEndpoint {
+                    host: "10.0.0.1".into(),
+                    port: 11211,
+                    tls: false,
+                },
             }],
             vec![ClientEvent::Connecting {
                 server: ServerId::new("s1"),

@@ -374,6 +374,7 @@ impl Cluster {
                     link_port: 11311,
                     http_port: 8081,
                     connections: self.servers[i].conns.len() as u32,
+                    client_tls: false,
                 };
                 (id, info)
             })
@@ -691,8 +692,8 @@ impl Cluster {
                 self.api_clients.insert(api, (c, attempt));
                 self.schedule(LATENCY, Event::RouteLogin { api, request });
             }
-            ClientCommand::Connect { host, .. } => {
-                let server = self.servers.iter().position(|h| h.id.0 == host);
+            ClientCommand::Connect { endpoint } => {
+                let server = self.servers.iter().position(|h| h.id.0 == endpoint.host);
                 let host_state = &mut self.clients[c];
                 host_state.attempts += 1;
                 let attempt = host_state.attempts;

@@ -359,6 +359,9 @@ struct NodeData {
     http_port: u16,
     #[serde(default)]
     connections: u32,
+    /// Absent in entries of servers older than TLS support: plaintext.
+    #[serde(default)]
+    client_tls: bool,
 }
 
 fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
@@ -369,6 +372,7 @@ fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
         link_port: server.link_port,
         http_port: server.http_port,
         connections: server.connections,
+        client_tls: server.client_tls,
     };
     Ok(serde_json::to_vec(&data)?)
 }
@@ -397,6 +401,7 @@ fn decode_node(name: &str, bytes: &[u8]) -> Option<LiveServer> {
         link_port: data.link_port,
         http_port: data.http_port,
         connections: data.connections,
+        client_tls: data.client_tls,
     })
 }
 
@@ -412,6 +417,7 @@ mod tests {
             link_port: 11311,
             http_port: 8081,
             connections: 7,
+            client_tls: false,
         }
     }
 

@@ -550,6 +550,7 @@ async fn login(
         user_id: answer.user.0,
         epoch: answer.epoch.0,
         server_id: answer.server.id.0.clone(),
+        endpoint: Some(answer.server.client_endpoint()),
         ip: answer.server.host.clone(),
         cim_server_port: answer.server.client_port,
         http_port: answer.server.http_port,

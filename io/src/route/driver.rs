@@ -63,6 +63,8 @@ pub(super) struct Counters {
     pub http_unauthorized: AtomicU64,
     /// The HTTP listener's connections, timeouts and refusals.
     pub http: Arc<crate::http_server::HttpStats>,
+    /// Handshakes and certificate expiry of the HTTPS listener and the link dialer.
+    pub tls: Vec<(&'static str, Arc<crate::tls::TlsStats>)>,
     /// Requests refused by the shell's limits (429).
     pub limited_login_address: AtomicU64,
     pub limited_register_address: AtomicU64,
@@ -261,6 +263,7 @@ impl<N: Network> Driver<N> {
                 io_timeout: options.io_timeout,
                 ping_interval: options.link_ping_interval,
                 retry_delay: options.link_retry_delay,
+                tls: options.link_tls.clone(),
             }),
             store_lane,
             store_lane_rx: Some(store_lane_rx),
@@ -916,6 +919,17 @@ impl<N: Network> Driver<N> {
         );
         c.http
             .render("cim_route", &format!("route_id=\"{r}\""), &mut out);
+        let tls: Vec<_> = c
+            .tls
+            .iter()
+            .map(|(side, stats)| {
+                (
+                    format!("route_id=\"{r}\",listener=\"{side}\""),
+                    stats.clone(),
+                )
+            })
+            .collect();
+        crate::tls::render_stats("cim_route", &tls, &mut out);
         out
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use super::driver::{Counters, Input, LinkInbound};
 use crate::clock::Clock;
 use crate::net::{self, FrameReader, FrameWriter, Network, ReadError, WriteError};
+use crate::tls::{ClientTls, MaybeTls};
 
 /// Frames waiting for one link's writer. Past it the driver drops (and counts) frames: a
 /// server that cannot keep up recovers through its clients' syncs.
@@ -47,6 +48,8 @@ pub(super) struct LinkConfig {
     pub io_timeout: Duration,
     pub ping_interval: Duration,
     pub retry_delay: Duration,
+    /// Mutual TLS to the servers' link ports (none: plaintext).
+    pub tls: Option<ClientTls>,
 }
 
 /// Why a link (attempt) ended.
@@ -54,6 +57,8 @@ pub(super) struct LinkConfig {
 pub(super) enum LinkError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::ConnectError),
     #[error("read: {0}")]
     Read(#[from] ReadError),
     #[error("write: {0}")]
@@ -139,8 +144,8 @@ pub(super) async fn run_link<N: Network>(
     }
 }
 
-type Reader<N> = FrameReader<tokio::io::ReadHalf<<N as Network>::Stream>>;
-type Writer<N> = FrameWriter<tokio::io::WriteHalf<<N as Network>::Stream>>;
+type Reader<N> = FrameReader<tokio::io::ReadHalf<MaybeTls<<N as Network>::Stream>>>;
+type Writer<N> = FrameWriter<tokio::io::WriteHalf<MaybeTls<<N as Network>::Stream>>>;
 
 /// Dial, then the route's side of the challenge-response (see `cim_core::link`).
 async fn connect<N: Network>(
@@ -152,6 +157,16 @@ async fn connect<N: Network>(
     let stream = net::connect(net, &server.host, server.link_port, config.io_timeout)
         .await
         .map_err(LinkError::Connect)?;
+    let stream = match &config.tls {
+        Some(tls) => {
+            let handshake = tls.connect(stream, &server.host);
+            match tokio::time::timeout(config.io_timeout, handshake).await {
+                Ok(stream) => stream?,
+                Err(_) => return Err(LinkError::Connect(std::io::ErrorKind::TimedOut.into())),
+            }
+        }
+        None => MaybeTls::plain(stream),
+    };
     let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(config.max_frame));
     let frame = reader.read_frame(config.io_timeout).await?;
     let hello: LinkHello = match frame.kind {

@@ -44,6 +44,7 @@ use crate::http_server::HttpLimits;
 use crate::net::{Listener, Network};
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
+use crate::tls::{ClientTls, ServerTls};
 
 pub use self::limits::{IpNet, RateLimit, SESSION_CACHE_TTL, parse_trusted_proxies};
 pub use self::openapi::openapi_document;
@@ -94,6 +95,11 @@ pub struct RouteOptions {
     /// `/groupRoute` and `/p2pRoute` sends per user, on this route; default 20/s, burst
     /// 50 (the servers' default for TCP sends).
     pub send_per_user: RateLimit,
+    /// HTTPS on the API listener (default none: plain HTTP).
+    pub https: Option<ServerTls>,
+    /// Mutual TLS on the links this route dials: the CA that signs the servers, this
+    /// route's certificate of the route role (default none: plaintext links).
+    pub link_tls: Option<ClientTls>,
 }
 
 impl std::fmt::Debug for RouteOptions {
@@ -117,6 +123,8 @@ impl std::fmt::Debug for RouteOptions {
             .field("login_per_address", &self.login_per_address)
             .field("register_per_address", &self.register_per_address)
             .field("send_per_user", &self.send_per_user)
+            .field("https", &self.https.is_some())
+            .field("link_tls", &self.link_tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +162,8 @@ impl RouteOptions {
             login_per_address: RateLimit::new(5, 20),
             register_per_address: RateLimit::new(1, 5),
             send_per_user: RateLimit::new(20, 50),
+            https: None,
+            link_tls: None,
         }
     }
 }
@@ -277,8 +287,18 @@ pub async fn start<N: Network, R: Registry>(
         source,
     })?;
 
-    let counters = Arc::new(driver::Counters::default());
+    let counters = Arc::new(driver::Counters {
+        tls: [
+            ("https", options.https.as_ref().map(|tls| tls.stats())),
+            ("link", options.link_tls.as_ref().map(|tls| tls.stats())),
+        ]
+        .into_iter()
+        .filter_map(|(name, stats)| Some((name, stats?.clone())))
+        .collect(),
+        ..driver::Counters::default()
+    });
     let http_stats = counters.http.clone();
+    let https = options.https.clone();
     let (to_driver, inputs) = mpsc::channel(driver::INPUT_QUEUE);
     let cancel = CancellationToken::new();
     let (exit_tx, exit) = watch::channel(None);
@@ -317,8 +337,15 @@ pub async fn start<N: Network, R: Registry>(
     let http = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            crate::http_server::serve(listener, router, http_limits, http_stats, cancel.clone())
-                .await;
+            crate::http_server::serve(
+                listener,
+                https,
+                router,
+                http_limits,
+                http_stats,
+                cancel.clone(),
+            )
+            .await;
             let result = if cancel.is_cancelled() {
                 Ok(())
             } else {
@@ -333,6 +360,8 @@ pub async fn start<N: Network, R: Registry>(
     tracing::info!(
         route_id = %options.route_id,
         %http_addr,
+        https = options.https.is_some(),
+        link_tls = options.link_tls.is_some(),
         max_connections = http_limits.max_connections,
         header_timeout = ?http_limits.header_timeout,
         idle_timeout = ?http_limits.idle_timeout,

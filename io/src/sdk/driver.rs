@@ -7,7 +7,7 @@ use cim_core::client::{
     ClientCommand, ClientConfig, ClientEvent, ClientSession, LoginAttempt, LoginFailure,
 };
 use cim_core::ids::{ClientMsgId, Epoch, ServerId, UserId};
-use cim_core::registry::LiveServer;
+use cim_core::registry::{LiveServer, ServerEndpoint};
 use cim_core::route_login::{LoginAnswer, LoginError, LoginRequest};
 use cim_proto::Frame;
 use cim_proto::codec::FrameCodec;
@@ -19,6 +19,7 @@ use super::{Acked, AppCommand, SdkOptions, SendError};
 use crate::api::{self, decode_resume_token, decode_ticket, encode_resume_token};
 use crate::clock::Clock;
 use crate::net::{self, Network, framed};
+use crate::tls::{ClientTls, MaybeTls};
 
 /// Frames queued for one connection's writer. The session resends its whole outbox in one
 /// go when it comes online, so this must hold a large outbox; tokio allocates channel slots
@@ -80,6 +81,16 @@ pub(crate) struct Driver<N: Network> {
     last_login: Option<LoginAttempt>,
     /// Connections given up gracefully, still writing what was queued before the close.
     closing: Vec<JoinHandle<()>>,
+    transport: Transport,
+}
+
+/// How connections to servers are secured.
+#[derive(Debug, Clone)]
+struct Transport {
+    /// The route is reached over HTTPS: a plaintext server endpoint is refused.
+    route_tls: bool,
+    /// Trust roots for TLS servers; `None` cannot reach one.
+    tls: Option<ClientTls>,
 }
 
 impl<N: Network> Driver<N> {
@@ -93,6 +104,10 @@ impl<N: Network> Driver<N> {
         token: watch::Sender<Option<String>>,
     ) -> Self {
         let config = options.session.clone();
+        let transport = Transport {
+            route_tls: options.tls.as_ref().is_some_and(|tls| tls.route_https),
+            tls: options.tls.as_ref().map(|tls| tls.client.clone()),
+        };
         let session = match options.state {
             Some(state) => {
                 ClientSession::restore(options.session, state, clock.now(), clock.wall())
@@ -117,6 +132,7 @@ impl<N: Network> Driver<N> {
             conn: None,
             last_login: None,
             closing: Vec::new(),
+            transport,
         }
     }
 
@@ -294,18 +310,18 @@ impl<N: Network> Driver<N> {
                     let _ = inputs.send(Input::LoginAnswer { attempt, result }).await;
                 });
             }
-            ClientCommand::Connect { host, port } => {
+            ClientCommand::Connect { endpoint } => {
                 // The session always disconnects first; a leftover would be a second live
                 // connection, so make sure.
                 self.close_conn();
                 self.generation += 1;
                 let generation = self.generation;
-                tracing::debug!(%host, port, generation, "connecting");
+                tracing::debug!(?endpoint, generation, "connecting");
                 let (frames, frames_rx) = mpsc::channel(WRITE_QUEUE);
                 let task = tokio::spawn(connection(
                     self.net.clone(),
-                    host,
-                    port,
+                    endpoint,
+                    self.transport.clone(),
                     ConnTimeouts {
                         connect: self.config.connect_timeout,
                         write: self.config.heartbeat_timeout,
@@ -451,18 +467,24 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
         LoginFailure::Transport(format!("login answer: bad {what}: {e}"))
     };
     let ticket = decode_ticket(&r.ticket).map_err(|e| bad("ticket", e))?;
+    let endpoint = r.endpoint.unwrap_or(ServerEndpoint {
+        host: r.ip,
+        port: r.cim_server_port,
+        tls: false,
+    });
     let resume_token = decode_resume_token(&r.resume_token).map_err(|e| bad("resumeToken", e))?;
     Ok(LoginAnswer {
         user,
         epoch: Epoch(r.epoch),
         server: LiveServer {
             id: ServerId::new(r.server_id),
-            host: r.ip,
-            client_port: r.cim_server_port,
+            host: endpoint.host,
+            client_port: endpoint.port,
             http_port: r.http_port,
             // Not the client's business: the internal link and the load are the route's.
             link_port: 0,
             connections: 0,
+            client_tls: endpoint.tls,
         },
         ticket,
         token: r.token,
@@ -498,20 +520,53 @@ struct ConnTimeouts {
 #[allow(clippy::too_many_arguments)]
 async fn connection<N: Network>(
     net: N,
-    host: String,
-    port: u16,
+    endpoint: ServerEndpoint,
+    transport: Transport,
     timeouts: ConnTimeouts,
     codec: FrameCodec,
     generation: u64,
     inputs: mpsc::Sender<Input>,
     mut frames: mpsc::Receiver<Frame>,
 ) {
-    let stream = match net::connect(&net, &host, port, timeouts.connect).await {
+    let ServerEndpoint { host, port, tls } = endpoint;
+    let failed = || async {
+        let _ = inputs.send(Input::ConnectFailed { generation }).await;
+    };
+    // Never a silent downgrade: a client that reached the route over TLS does not chat in
+    // plaintext because an answer said so.
+    if !tls && transport.route_tls {
+        tracing::warn!(%host, port, "the route sent a plaintext server to a TLS client; not connecting");
+        return failed().await;
+    }
+    let tls = match (tls, &transport.tls) {
+        (false, _) => None,
+        (true, Some(client)) => Some(client),
+        (true, None) => {
+            tracing::warn!(%host, port, "the server expects TLS but this client has no TLS configuration");
+            return failed().await;
+        }
+    };
+    // The TLS handshake shares the connect deadline.
+    let connected = tokio::time::timeout(timeouts.connect, async {
+        let stream = net::connect(&net, &host, port, timeouts.connect)
+            .await
+            .map_err(|error| error.to_string())?;
+        match tls {
+            None => Ok(MaybeTls::plain(stream)),
+            Some(client) => client.connect(stream, &host).await.map_err(|error| {
+                // The one failure retrying will not fix: say it where the user sees it.
+                tracing::warn!(%error, "TLS to the server failed");
+                error.to_string()
+            }),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no connection within {:?}", timeouts.connect)));
+    let stream = match connected {
         Ok(stream) => stream,
         Err(error) => {
             tracing::debug!(%host, port, %error, "connect failed");
-            let _ = inputs.send(Input::ConnectFailed { generation }).await;
-            return;
+            return failed().await;
         }
     };
     let (mut reader, mut writer) = framed(stream, codec);
@@ -610,6 +665,8 @@ mod tests {
             user_id: 4,
             epoch: 2,
             server_id: "s1".into(),
+            // An older route's answer: no endpoint, so `ip` and `cimServerPort`, plaintext.
+            endpoint: None,
             ip: "10.0.0.1".into(),
             cim_server_port: 11211,
             http_port: 8081,
@@ -621,7 +678,25 @@ mod tests {
         assert_eq!(answer.ticket, ticket);
         assert_eq!(answer.server.host, "10.0.0.1");
         assert_eq!(answer.server.client_port, 11211);
+        assert!(!answer.server.client_tls);
         assert_eq!(answer.epoch, Epoch(2));
+        let with_endpoint = api::LoginResponse {
+            endpoint: Some(ServerEndpoint {
+                host: "s1.example".into(),
+                port: 11212,
+                tls: true,
+            }),
+            ..response.clone()
+        };
+        let answer = answer_from(UserId(4), with_endpoint).unwrap();
+        assert_eq!(
+            answer.server.client_endpoint(),
+            ServerEndpoint {
+                host: "s1.example".into(),
+                port: 11212,
+                tls: true
+            }
+        );
         assert!(answer_from(UserId(5), response.clone()).is_err());
         let garbled = api::LoginResponse {
             ticket: "!!".into(),

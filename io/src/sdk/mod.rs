@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Clock;
 use crate::net::Network;
+use crate::tls::ClientTls;
 
 pub use route_api::{ApiError, RouteApi};
 
@@ -45,6 +46,9 @@ pub struct SdkOptions {
     /// The route's HTTP API.
     pub route_host: String,
     pub route_port: u16,
+    /// TLS to the route and the servers; `None` is a plaintext-only client (a server that
+    /// expects TLS is then unreachable, never spoken to in plaintext).
+    pub tls: Option<SdkTls>,
     /// User, name, password, timers and seed. `login_timeout` also bounds each HTTP call of
     /// [`Client::route_api`].
     pub session: ClientConfig,
@@ -60,11 +64,22 @@ impl SdkOptions {
         Self {
             route_host: route_host.into(),
             route_port,
+            tls: None,
             session,
             state: None,
             max_frame: cim_proto::codec::FrameCodec::default().max_frame(),
         }
     }
+}
+
+/// How the SDK uses TLS.
+#[derive(Debug, Clone)]
+pub struct SdkTls {
+    /// Trust roots and hostname checks, for the route's HTTPS and for TLS servers.
+    pub client: ClientTls,
+    /// The route is reached over HTTPS. Then every server must speak TLS too: a login
+    /// answer naming a plaintext server is refused rather than followed.
+    pub route_https: bool,
 }
 
 /// A message stored under `(log_epoch, seq)` in `conv`.
@@ -170,12 +185,15 @@ impl Events {
 impl<N: Network> Client<N> {
     /// Spawns the driver on the current tokio runtime and starts logging in.
     pub fn start(net: N, clock: Clock, options: SdkOptions) -> (Client<N>, Events) {
-        let route = RouteApi::new(
+        let mut route = RouteApi::new(
             net.clone(),
             options.route_host.clone(),
             options.route_port,
             options.session.login_timeout,
         );
+        if let Some(tls) = options.tls.as_ref().filter(|tls| tls.route_https) {
+            route = route.with_tls(tls.client.clone());
+        }
         let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (token_tx, token) = watch::channel(None);

@@ -17,6 +17,7 @@ use crate::api::{
 };
 use crate::http_client::{HttpClient, HttpError};
 use crate::net::Network;
+use crate::tls::ClientTls;
 
 /// A failed API call.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,12 @@ impl<N: Network> RouteApi<N> {
         Self {
             http: HttpClient::new(net, host, port, timeout),
         }
+    }
+
+    /// Speaks HTTPS to the route, verifying its certificate with `tls`.
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.http = self.http.with_tls(tls);
+        self
     }
 
     /// `POST /registerAccount`: a new account; the route picks the id.

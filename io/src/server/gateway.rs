@@ -2,18 +2,20 @@
 //! frames to the driver) and one writer task (a bounded queue of frames to the socket).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::server::ConnId;
 use cim_proto::codec::FrameCodec;
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
 use super::driver::Input;
 use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream};
+use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
 /// Frames written to the socket in one go (and reported in one `Written`): tokio's limit on
@@ -31,13 +33,21 @@ const IDLE_BATCH: usize = 4;
 /// Back-off after a failed accept (out of descriptors and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Hands every accepted socket to the driver, which decides whether to keep it.
+/// TLS handshakes in progress at once; a connection past this is closed at once (a flood
+/// of sockets that never finish their handshake must not hold a task and a buffer each).
+const MAX_HANDSHAKES: usize = 4096;
+
+/// Hands every accepted socket to the driver, which decides whether to keep it. With TLS,
+/// each socket first completes its handshake in a task of its own (within the handshake
+/// timeout), so a slow one holds up no other.
 pub(super) async fn accept_loop<L: Listener>(
     mut listener: L,
-    inputs: mpsc::Sender<Input<L::Stream>>,
+    tls: Option<ServerTls>,
+    inputs: mpsc::Sender<Input<MaybeTls<L::Stream>>>,
     warnings: Arc<WarnGate>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -46,9 +56,42 @@ pub(super) async fn accept_loop<L: Listener>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                if inputs.send(Input::Accepted { stream, peer }).await.is_err() {
-                    return Ok(()); // the driver is gone: the server is stopping
-                }
+                let Some(tls) = &tls else {
+                    let stream = MaybeTls::plain(stream);
+                    if inputs.send(Input::Accepted { stream, peer }).await.is_err() {
+                        return Ok(()); // the driver is gone: the server is stopping
+                    }
+                    continue;
+                };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tls.stats()
+                        .handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    crate::warn_limited!(warnings, "client tls", %peer, "too many TLS handshakes in progress; closing");
+                    continue;
+                };
+                let (tls, inputs, warnings, cancel) = (
+                    tls.clone(),
+                    inputs.clone(),
+                    warnings.clone(),
+                    cancel.clone(),
+                );
+                tokio::spawn(async move {
+                    let accepted = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return,
+                        accepted = tls.accept(stream) => accepted,
+                    };
+                    drop(permit);
+                    match accepted {
+                        Ok(stream) => {
+                            let _ = inputs.send(Input::Accepted { stream, peer }).await;
+                        }
+                        Err(error) => {
+                            crate::warn_limited!(warnings, "client tls", %peer, %error, "client refused at the TLS handshake; closing");
+                        }
+                    }
+                });
             }
             Err(error) => {
                 crate::warn_limited!(warnings, "client accept", %error, "client accept failed");

@@ -23,6 +23,7 @@ use crate::http_server::{HttpLimits, HttpStats};
 use crate::net::{Listener, Stream};
 use crate::registry::SessionHealth;
 use crate::store::Store;
+use crate::tls::TlsStats;
 use crate::warn_gate::WarnGate;
 
 /// How long a health check waits for the store (and for the driver's snapshot).
@@ -39,6 +40,8 @@ pub(super) struct HttpState<S> {
     pub max_connections: usize,
     /// This HTTP listener's own connections and timeouts.
     pub http: Arc<HttpStats>,
+    /// Handshake counters and certificate expiry of each TLS listener, by listener name.
+    pub tls: Vec<(&'static str, Arc<TlsStats>)>,
 }
 
 impl<S> Clone for HttpState<S> {
@@ -51,24 +54,25 @@ impl<S> Clone for HttpState<S> {
             warnings: self.warnings.clone(),
             max_connections: self.max_connections,
             http: self.http.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
 
-pub(super) async fn serve<L: Listener>(
+pub(super) async fn serve<L: Listener, S: Stream>(
     listener: L,
-    state: HttpState<L::Stream>,
+    state: HttpState<S>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
     let stats = state.http.clone();
     let app = Router::new()
-        .route("/health", get(health::<L::Stream>))
-        .route("/metrics", get(metrics::<L::Stream>))
+        .route("/health", get(health::<S>))
+        .route("/metrics", get(metrics::<S>))
         .with_state(state);
     // Graceful: on cancellation the listener closes, idle keep-alive connections are closed
     // and a request in progress is answered first. The operators' port has small limits of
     // its own, so slow clients there cannot take the process's descriptors either.
-    crate::http_server::serve(listener, app, HttpLimits::operator(), stats, cancel).await;
+    crate::http_server::serve(listener, None, app, HttpLimits::operator(), stats, cancel).await;
     Ok(())
 }
 
@@ -315,6 +319,15 @@ fn render_shell_metrics<S>(state: &HttpState<S>, out: &mut String) {
     state
         .http
         .render("cim_server", &format!("server_id=\"{id}\""), out);
+    let tls: Vec<_> = state
+        .tls
+        .iter()
+        .map(|(listener, stats)| {
+            let labels = format!("server_id=\"{id}\",listener=\"{listener}\"");
+            (labels, stats.clone())
+        })
+        .collect();
+    crate::tls::render_stats("cim_server", &tls, out);
 }
 
 const KICK_REASONS: [(KickReason, &str); 8] = [

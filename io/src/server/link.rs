@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::driver::{Input, LinkId};
 use super::{LINK_IDLE_TIMEOUT, ServerError};
 use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, framed};
+use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
 const WRITE_BATCH: usize = 256;
@@ -36,6 +37,8 @@ pub(super) struct LinkSettings {
     pub io_timeout: Duration,
     /// Rate-limits the warnings a flood of strangers on the link port would write.
     pub warnings: Arc<WarnGate>,
+    /// Mutual TLS: the route's certificate must carry the route role (none: plaintext).
+    pub tls: Option<ServerTls>,
 }
 
 /// Why a link did not authenticate. The link is closed; nothing else changed.
@@ -58,7 +61,7 @@ enum HandshakeError {
 pub(super) async fn accept_loop<L: Listener>(
     mut listener: L,
     settings: LinkSettings,
-    inputs: mpsc::Sender<Input<L::Stream>>,
+    inputs: mpsc::Sender<Input<MaybeTls<L::Stream>>>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
     let mut next_link: LinkId = 1;
@@ -100,9 +103,34 @@ async fn serve_link<S: Stream>(
     stream: S,
     peer: SocketAddr,
     settings: LinkSettings,
-    inputs: mpsc::Sender<Input<S>>,
+    inputs: mpsc::Sender<Input<MaybeTls<S>>>,
     token: CancellationToken,
 ) {
+    let stream = match &settings.tls {
+        None => MaybeTls::plain(stream),
+        Some(tls) => {
+            let accepted = tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                accepted = tls.accept(stream) => accepted,
+            };
+            match accepted {
+                Ok(stream) => stream,
+                Err(error) => {
+                    crate::warn_limited!(
+                        settings.warnings,
+                        "link tls",
+                        link,
+                        %peer,
+                        %error,
+                        "route link refused at the TLS handshake; closing"
+                    );
+                    let _ = inputs.send(Input::LinkAuthFailed).await;
+                    return;
+                }
+            }
+        }
+    };
     let (mut reader, mut writer) = framed(stream, settings.codec);
     let handshake = tokio::select! {
         biased;

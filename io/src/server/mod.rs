@@ -56,6 +56,7 @@ use crate::http_server::HttpStats;
 use crate::net::{Listener, Network};
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
+use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
 use self::driver::{Driver, Input};
@@ -106,6 +107,12 @@ pub struct ServerOptions {
     /// and leaves the registry until it is back (default 3 s). Shorter than the lease's
     /// proven window, so its users re-home before their leases would fence them anyway.
     pub store_loss_grace: Duration,
+    /// TLS on the client gateway (default none: plaintext). Its certificate must be valid
+    /// for `advertise_host`; the registry tells routes (and so clients) to use TLS.
+    pub gateway_tls: Option<ServerTls>,
+    /// TLS on the link port (default none): routes must present a certificate of the route
+    /// role, signed by the configured CA (mutual TLS).
+    pub link_tls: Option<ServerTls>,
     /// Told of every session opened or closed here (default none). For the simulation's
     /// recorder and for tests; a production server leaves it unset.
     pub observer: Option<SessionObserver>,
@@ -126,6 +133,8 @@ impl std::fmt::Debug for ServerOptions {
             .field("registry_update_interval", &self.registry_update_interval)
             .field("drain_timeout", &self.drain_timeout)
             .field("store_loss_grace", &self.store_loss_grace)
+            .field("gateway_tls", &self.gateway_tls.is_some())
+            .field("link_tls", &self.link_tls.is_some())
             .field("observer", &self.observer)
             .finish_non_exhaustive()
     }
@@ -176,6 +185,8 @@ impl ServerOptions {
             registry_update_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             store_loss_grace: Duration::from_secs(3),
+            gateway_tls: None,
+            link_tls: None,
             observer: None,
         }
     }
@@ -392,16 +403,19 @@ pub async fn start<N: Network, R: Registry>(
             link_port: link_addr.port(),
             http_port: http_addr.port(),
             connections: 0,
+            client_tls: options.gateway_tls.is_some(),
         })
         .await?;
     tracing::info!(
         server = %server_id, %client_addr, %link_addr, %http_addr,
-        host = %options.advertise_host, max_connections, "server registered and serving"
+        host = %options.advertise_host, max_connections,
+        gateway_tls = options.gateway_tls.is_some(), link_tls = options.link_tls.is_some(),
+        "server registered and serving"
     );
 
     let cancel = CancellationToken::new();
     let codec = FrameCodec::new(options.max_frame);
-    let (inputs, inputs_rx) = mpsc::channel::<Input<N::Stream>>(INPUT_QUEUE);
+    let (inputs, inputs_rx) = mpsc::channel::<Input<MaybeTls<N::Stream>>>(INPUT_QUEUE);
     let (begin_drain, begin_drain_rx) = mpsc::channel(1);
     let (registry_ctl, registry_ctl_rx) = mpsc::channel(1);
     let connections = Arc::new(AtomicU64::new(0));
@@ -427,6 +441,7 @@ pub async fn start<N: Network, R: Registry>(
         "client listener",
         gateway::accept_loop(
             client_listener,
+            options.gateway_tls.clone(),
             inputs.clone(),
             warnings.clone(),
             cancel.clone(),
@@ -447,6 +462,7 @@ pub async fn start<N: Network, R: Registry>(
                 codec,
                 io_timeout: options.io_timeout,
                 warnings: warnings.clone(),
+                tls: options.link_tls.clone(),
             },
             inputs.clone(),
             cancel.clone(),
@@ -475,6 +491,13 @@ pub async fn start<N: Network, R: Registry>(
                 warnings,
                 max_connections,
                 http: http_stats,
+                tls: [
+                    ("gateway", &options.gateway_tls),
+                    ("link", &options.link_tls),
+                ]
+                .into_iter()
+                .filter_map(|(name, tls)| Some((name, tls.as_ref()?.stats().clone())))
+                .collect(),
             },
             cancel.clone(),
         ),

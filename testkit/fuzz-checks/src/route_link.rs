@@ -295,6 +295,7 @@ fn live_server(id: &str) -> LiveServer {
         link_port: 11311,
         http_port: 8081,
         connections: 0,
+        client_tls: false,
     }
 }
 

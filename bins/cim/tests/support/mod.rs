@@ -354,6 +354,7 @@ impl User {
             session: client_config(self.id, &self.name, cim_io::launch::os_seed()),
             state,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            tls: None,
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);
         let deadline = Duration::from_secs(20);
