@@ -13,7 +13,7 @@ use cim_core::ids::{ClientMsgId, ConvId, UserId};
 use cim_io::api::OnlineUser;
 use cim_io::clock::Clock;
 use cim_io::net::TokioNet;
-use cim_io::sdk::{self, Client, Events, RouteApi, SdkOptions};
+use cim_io::sdk::{self, Client, Events, RouteApi, SdkOptions, SdkTls};
 use tokio::sync::mpsc;
 
 use crate::command::{self, Command, ParseError, Target};
@@ -45,6 +45,7 @@ pub struct App {
     client: Client<TokioNet>,
     host: String,
     port: u16,
+    tls: Option<SdkTls>,
     password: String,
     may_reregister: bool,
     api: RouteApi<TokioNet>,
@@ -82,6 +83,7 @@ pub struct AppParts {
     /// Where and how to start a session again (after registering anew).
     pub host: String,
     pub port: u16,
+    pub tls: Option<SdkTls>,
     pub password: String,
     /// The id came from the state file: if the route no longer knows it (a store that
     /// was reset), registering the name again is allowed once.
@@ -113,6 +115,7 @@ impl App {
             client: parts.client,
             host: parts.host,
             port: parts.port,
+            tls: parts.tls,
             password: parts.password,
             may_reregister: parts.may_reregister,
             api,
@@ -809,6 +812,7 @@ impl App {
         let config =
             ClientConfig::new(self.me, name.clone(), self.password.clone(), sdk::os_seed());
         let mut options = SdkOptions::new(self.host.clone(), self.port, config);
+        options.tls = self.tls.clone();
         options.state = Some(state);
         let (client, events) = Client::start(TokioNet, Clock::System, options);
         self.api = client.route_api();

@@ -24,9 +24,14 @@ unless --save-password is given (then it is in that file as plain text).";
 #[derive(Debug, Clone, Parser)]
 #[command(name = "cim-client", version, after_help = AFTER_HELP)]
 pub struct Args {
-    /// The route's HTTP API: host:port or http://host:port.
+    /// The route's API: host:port, http://host:port, or https://host:port (then the
+    /// servers are reached over TLS too, and a plaintext one is refused).
     #[arg(long, env = "CIM_ROUTE", default_value = "127.0.0.1:8083")]
     pub route: String,
+    /// PEM CA to trust for the route's and the servers' certificates, instead of the
+    /// system's roots (e.g. the one `cim up --tls` prints). Host names are always checked.
+    #[arg(long, env = "CIM_CA")]
+    pub ca: Option<PathBuf>,
     /// Your user name. Registered on first use.
     #[arg(long, env = "CIM_USER")]
     pub user: String,
@@ -60,15 +65,27 @@ pub struct Args {
     pub no_color: bool,
 }
 
-/// `host:port` or `http://host:port[/]`.
-pub fn parse_route(text: &str) -> Result<(String, u16), String> {
-    let bare = text
-        .strip_prefix("http://")
-        .unwrap_or(text)
-        .trim_end_matches('/');
-    if bare.contains("://") {
-        return Err(format!("--route {text:?}: only http:// is supported"));
-    }
+/// Where the route is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteAddr {
+    pub host: String,
+    pub port: u16,
+    pub https: bool,
+}
+
+/// `host:port`, `http://host:port[/]` or `https://host:port[/]`.
+pub fn parse_route(text: &str) -> Result<RouteAddr, String> {
+    let (https, rest) = match text.split_once("://") {
+        None => (false, text),
+        Some(("http", rest)) => (false, rest),
+        Some(("https", rest)) => (true, rest),
+        Some(_) => {
+            return Err(format!(
+                "--route {text:?}: only http:// and https:// are supported"
+            ));
+        }
+    };
+    let bare = rest.trim_end_matches('/');
     let (host, port) = bare
         .rsplit_once(':')
         .ok_or_else(|| format!("--route {text:?}: expected host:port"))?;
@@ -79,7 +96,11 @@ pub fn parse_route(text: &str) -> Result<(String, u16), String> {
     if host.is_empty() {
         return Err(format!("--route {text:?}: no host"));
     }
-    Ok((host.to_owned(), port))
+    Ok(RouteAddr {
+        host: host.to_owned(),
+        port,
+        https,
+    })
 }
 
 #[cfg(test)]
@@ -88,16 +109,23 @@ mod tests {
 
     #[test]
     fn routes_parse() {
-        let ok = |h: &str, p| Ok((h.to_owned(), p));
+        let ok = |h: &str, port, https| {
+            Ok(RouteAddr {
+                host: h.to_owned(),
+                port,
+                https,
+            })
+        };
         for (text, want) in [
-            ("127.0.0.1:8083", ok("127.0.0.1", 8083)),
-            ("http://127.0.0.1:8083", ok("127.0.0.1", 8083)),
-            ("http://localhost:80/", ok("localhost", 80)),
-            ("[::1]:80", ok("::1", 80)),
+            ("127.0.0.1:8083", ok("127.0.0.1", 8083, false)),
+            ("http://127.0.0.1:8083", ok("127.0.0.1", 8083, false)),
+            ("http://localhost:80/", ok("localhost", 80, false)),
+            ("https://chat.example:443/", ok("chat.example", 443, true)),
+            ("[::1]:80", ok("::1", 80, false)),
         ] {
             assert_eq!(parse_route(text), want, "{text}");
         }
-        for bad in ["nohost", "https://a:1", ":80", "a:b", "a:99999"] {
+        for bad in ["nohost", "ftp://a:1", "https://:1", ":80", "a:b", "a:99999"] {
             assert!(parse_route(bad).is_err(), "{bad}");
         }
     }

@@ -14,6 +14,7 @@ mod render;
 mod store;
 
 use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,8 @@ use cim_core::client::ClientConfig;
 use cim_core::ids::UserId;
 use cim_io::clock::Clock;
 use cim_io::net::TokioNet;
-use cim_io::sdk::{self, Client, RouteApi, SdkOptions};
+use cim_io::sdk::{self, Client, RouteApi, SdkOptions, SdkTls};
+use cim_io::tls::{ClientTls, ClientTlsSettings};
 use clap::Parser;
 use tokio::sync::mpsc;
 
@@ -54,8 +56,10 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (host, port) = args::parse_route(&args.route).map_err(|e| anyhow!(e))?;
+    let args::RouteAddr { host, port, https } =
+        args::parse_route(&args.route).map_err(|e| anyhow!(e))?;
     let route = format!("{host}:{port}");
+    let tls = client_tls(args.ca.clone(), https)?;
     let interactive = !args.batch && args.send.is_empty() && std::io::stdin().is_terminal();
     let path = args
         .state
@@ -115,7 +119,7 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         None => {
             let id = match args.user_id {
                 Some(id) => id,
-                None => register(&host, port, &args.user, &password).await?,
+                None => register(&host, port, tls.as_ref(), &args.user, &password).await?,
             };
             ClientFile::new(&route, id, &args.user)
         }
@@ -137,6 +141,7 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
     let config = ClientConfig::new(me, args.user.clone(), password.clone(), sdk::os_seed());
     let mut options = SdkOptions::new(host.clone(), port, config);
     options.state = state;
+    options.tls = tls.clone();
     let (client, events) = Client::start(TokioNet, Clock::System, options);
     let completions = Arc::default();
     let (delayed_tx, delayed_rx) = mpsc::unbounded_channel();
@@ -147,6 +152,7 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         client,
         host,
         port,
+        tls,
         password,
         may_reregister,
         me,
@@ -185,9 +191,40 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
     }
 }
 
+/// The client's TLS: `--ca` or the system's roots. An https route (or a `--ca`) needs it;
+/// a plain route uses it only if a server expects TLS, so missing system roots are no
+/// error there.
+fn client_tls(ca: Option<PathBuf>, route_https: bool) -> anyhow::Result<Option<SdkTls>> {
+    let required = route_https || ca.is_some();
+    let settings = ClientTlsSettings {
+        ca: ca.clone(),
+        ..ClientTlsSettings::default()
+    };
+    match ClientTls::load(settings) {
+        Ok(client) => Ok(Some(SdkTls {
+            client,
+            route_https,
+        })),
+        Err(error) if required => Err(anyhow!(error).context("loading the trusted certificates")),
+        Err(error) => {
+            tracing::debug!(%error, "no TLS roots: plaintext servers only");
+            Ok(None)
+        }
+    }
+}
+
 /// Registers `name`, returning its new id.
-async fn register(host: &str, port: u16, name: &str, password: &str) -> anyhow::Result<u64> {
-    let api = RouteApi::new(TokioNet, host, port, API_TIMEOUT);
+async fn register(
+    host: &str,
+    port: u16,
+    tls: Option<&SdkTls>,
+    name: &str,
+    password: &str,
+) -> anyhow::Result<u64> {
+    let mut api = RouteApi::new(TokioNet, host, port, API_TIMEOUT);
+    if let Some(tls) = tls.filter(|tls| tls.route_https) {
+        api = api.with_tls(tls.client.clone());
+    }
     match api.register(name, password).await {
         Ok(registered) => {
             eprintln!(

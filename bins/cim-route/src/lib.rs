@@ -18,6 +18,8 @@ use cim_io::launch;
 use cim_io::net::TokioNet;
 use cim_io::route::{self, RateLimit, RouteOptions};
 use cim_io::store::RedisOptions;
+use cim_io::tls;
+use tokio_util::sync::CancellationToken;
 
 /// Every setting is a flag, a `CIM_*` environment variable, or a key of the TOML file named
 /// by `--config` (kebab-case, e.g. `listen = "0.0.0.0:8083"`); flags beat the environment,
@@ -166,6 +168,21 @@ pub struct Args {
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
+    /// PEM certificate (chain) of this route: HTTPS on the API listener, and the identity
+    /// it presents on the links it dials (mutual TLS). Carrying the route role (a URI SAN
+    /// urn:cim:role:route). Needs --tls-key and --tls-ca. Reloaded on SIGHUP or change.
+    #[arg(long, env = "CIM_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (keep it readable by this process only).
+    #[arg(long, env = "CIM_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that signs the servers' certificates (the links accept only those, and only
+    /// with the server role).
+    #[arg(long, env = "CIM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Migration to TLS: the API listener also takes plain HTTP.
+    #[arg(long, env = "CIM_TLS_ACCEPT_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    tls_accept_plaintext: Option<bool>,
 }
 
 const AFTER_HELP: &str = "\
@@ -220,7 +237,8 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         password_queue, login_free_failures, login_delay_base, login_delay_max,
         login_rate_per_address, login_burst_per_address, register_rate_per_address,
         register_burst_per_address, send_rate, send_burst, trusted_proxies,
-        allow_eviction);
+        allow_eviction,
+        tls_cert, tls_key, tls_ca, tls_accept_plaintext);
     launch::init_tracing("info");
     cim_io::fd_limit::raise_file_limit();
     tokio::runtime::Builder::new_multi_thread()
@@ -361,6 +379,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
     )?;
 
+    let tls = tls::setup::RouteSide::load(&tls::setup::TlsFlags {
+        cert: args.tls_cert,
+        key: args.tls_key,
+        ca: args.tls_ca,
+        accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
+    })
+    .context("TLS")?;
+    if let Some(tls) = &tls {
+        options.https = Some(tls.https.clone());
+        options.link_tls = Some(tls.links.clone());
+        tls::reload::spawn_reloader(
+            tls.reloadables(),
+            tls::reload::DEFAULT_POLL,
+            CancellationToken::new(),
+        );
+    }
     let mut handle = route::start(TokioNet, Clock::System, options, store, &registry)
         .await
         .context("starting the route")?;

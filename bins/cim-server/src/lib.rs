@@ -17,6 +17,8 @@ use cim_io::launch;
 use cim_io::net::TokioNet;
 use cim_io::server::{self, ServerOptions};
 use cim_io::store::RedisOptions;
+use cim_io::tls;
+use tokio_util::sync::CancellationToken;
 
 /// Every setting is a flag, a `CIM_*` environment variable, or a key of the TOML file named
 /// by `--config` (kebab-case, e.g. `client-port = 11211`); flags beat the environment, which
@@ -128,6 +130,21 @@ pub struct Args {
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
+    /// PEM certificate (chain) of this server: TLS on the client gateway and mutual TLS on
+    /// the link port. Valid for --advertise-host, carrying the server role (a URI SAN
+    /// urn:cim:role:server). Needs --tls-key and --tls-ca. Reloaded on SIGHUP or change.
+    #[arg(long, env = "CIM_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (keep it readable by this process only).
+    #[arg(long, env = "CIM_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that signs the routes' certificates (the link port admits only those, and
+    /// only with the route role).
+    #[arg(long, env = "CIM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Migration to TLS: the gateway and link port also take plaintext clients and routes.
+    #[arg(long, env = "CIM_TLS_ACCEPT_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    tls_accept_plaintext: Option<bool>,
 }
 
 const AFTER_HELP: &str = "\
@@ -152,7 +169,8 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
-        registry_update_interval, redis_timeout, allow_eviction);
+        registry_update_interval, redis_timeout, allow_eviction,
+        tls_cert, tls_key, tls_ca, tls_accept_plaintext);
     launch::init_tracing("info");
     cim_io::fd_limit::raise_file_limit();
     tokio::runtime::Builder::new_multi_thread()
@@ -264,6 +282,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
         launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
     )?;
+
+    let tls = tls::setup::ServerSide::load(&tls::setup::TlsFlags {
+        cert: args.tls_cert,
+        key: args.tls_key,
+        ca: args.tls_ca,
+        accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
+    })
+    .context("TLS")?;
+    if let Some(tls) = &tls {
+        options.gateway_tls = Some(tls.gateway.clone());
+        options.link_tls = Some(tls.link.clone());
+        tls::reload::spawn_reloader(
+            tls.reloadables(),
+            tls::reload::DEFAULT_POLL,
+            CancellationToken::new(),
+        );
+    }
 
     let mut handle = server::start(TokioNet, Clock::System, options, store, &registry)
         .await

@@ -24,6 +24,7 @@
 
 pub mod dev;
 pub mod reload;
+pub mod setup;
 mod stream;
 
 use std::io;
