@@ -11,8 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
 
-use crate::registry::{AnyRegistry, MemoryRegistry, ZkConfig, ZkRegistry};
-use crate::store::{MemoryBackend, RedisOptions, RedisStore, Store};
+use crate::registry::{AnyRegistry, MemoryRegistry, ZkAuth, ZkConfig, ZkRegistry};
+use crate::store::{MemoryBackend, RedisOptions, RedisStore, RedisTls, Store};
 
 /// Shortest secret accepted: 128 bits of a random string's worth.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -154,17 +154,47 @@ pub async fn open_store(
     }
 }
 
+/// The TLS settings for a `rediss://` URL from the files `--redis-ca`, `--redis-client-cert`
+/// and `--redis-client-key` name (PEM; each checked now, so a bad file stops the start with
+/// its name).
+pub fn redis_tls(
+    ca: Option<&Path>,
+    client_cert: Option<&Path>,
+    client_key: Option<&Path>,
+) -> Result<RedisTls, LaunchError> {
+    RedisTls::from_files(ca, client_cert, client_key).map_err(LaunchError::Redis)
+}
+
+/// The `--zk-auth` digest identity (`user:password`), if given.
+pub fn zk_auth(value: Option<&str>) -> Result<Option<ZkAuth>, LaunchError> {
+    value
+        .map(|text| ZkAuth::parse(text).map_err(LaunchError::Usage))
+        .transpose()
+}
+
 /// ZooKeeper at `connect` (`host:port[,host:port]`), or the embedded registry when `None`.
 pub fn open_registry(
     zk: Option<&str>,
     root: &str,
     session_timeout: Duration,
 ) -> Result<AnyRegistry, LaunchError> {
+    open_registry_with_auth(zk, root, session_timeout, None)
+}
+
+/// [`open_registry`], authenticating every ZooKeeper session as `auth` (and creating nodes
+/// only that identity may change; see [`ZkConfig::auth`]).
+pub fn open_registry_with_auth(
+    zk: Option<&str>,
+    root: &str,
+    session_timeout: Duration,
+    auth: Option<ZkAuth>,
+) -> Result<AnyRegistry, LaunchError> {
     match zk {
         Some(connect) => {
             let config = ZkConfig::new(connect)
                 .with_root(root)
-                .with_session_timeout(session_timeout);
+                .with_session_timeout(session_timeout)
+                .with_auth(auth);
             let registry =
                 ZkRegistry::new(config).map_err(|e| LaunchError::ZooKeeper(e.to_string()))?;
             Ok(registry.into())

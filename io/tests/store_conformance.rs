@@ -53,6 +53,7 @@ fn redis_options() -> RedisOptions {
         command_timeout: Duration::from_millis(500),
         connect_timeout: Duration::from_millis(500),
         seed: Some(7),
+        ..RedisOptions::default()
     }
 }
 
@@ -1773,7 +1774,7 @@ async fn redis_refuses_an_evicting_policy_unless_overridden() {
     };
     assert_eq!(server.raw("CONFIG SET maxmemory-policy allkeys-lru"), "+OK");
     match RedisStore::connect(&server.url(), redis_options()).await {
-        Err(ConnectError::EvictionPolicy { policy }) => assert_eq!(policy, "allkeys-lru"),
+        Err(ConnectError::EvictionPolicy { policy, .. }) => assert_eq!(policy, "allkeys-lru"),
         other => panic!("expected an eviction policy error, got {other:?}"),
     }
     let store = RedisStore::connect(
@@ -1803,12 +1804,12 @@ async fn redis_errors_are_store_unavailable() {
     assert!(reply.is_err(), "a dead server answered: {reply:?}");
     assert!(store.health().await.is_err());
     match RedisStore::connect(&url, redis_options()).await {
-        Err(ConnectError::Unreachable(_)) => {}
+        Err(ConnectError::Unreachable { .. }) => {}
         other => panic!("expected unreachable, got {other:?}"),
     }
     assert!(matches!(
         RedisStore::connect("not a url", redis_options()).await,
-        Err(ConnectError::Url(_))
+        Err(ConnectError::Url { .. })
     ));
 }
 

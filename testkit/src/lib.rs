@@ -4,12 +4,14 @@
 //! A missing `redis-server`, `java` or ZooKeeper jar skips the tests that need them with a
 //! message, except under `CI=true`, where it fails them: CI installs both.
 
+pub mod certs;
 pub mod proxy;
 pub mod redis;
 pub mod zk;
 
+pub use certs::{TestCa, TestCert};
 pub use proxy::Proxy;
-pub use redis::RedisServer;
+pub use redis::{RedisServer, RedisSetup, RedisTlsSetup};
 pub use zk::{ZkServer, unique_root, zookeeper};
 
 /// Whether this run is CI's, which must not skip anything.

@@ -1,5 +1,6 @@
-//! A private `redis-server` per test, optionally with AOF, that can be killed and restarted
-//! on the same port and directory (what an operator's Redis restart looks like).
+//! A private `redis-server` per test, optionally with AOF, TLS or ACL users, that can be
+//! killed and restarted on the same port and directory (what an operator's Redis restart
+//! looks like).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,23 +17,52 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
-    aof: bool,
+    setup: RedisSetup,
+}
+
+/// How to start a [`RedisServer`] beyond the defaults (no persistence, plaintext, the
+/// `default` user without a password).
+#[derive(Debug, Clone, Default)]
+pub struct RedisSetup {
+    /// `appendonly yes` with `appendfsync always`.
+    pub aof: bool,
+    /// Serve TLS only, on the one port (`--port 0 --tls-port <port>`).
+    pub tls: Option<RedisTlsSetup>,
+    /// ACL file lines, e.g. `user cim-route on >secret ~cim:* +@all`. A `user default ...`
+    /// line replaces the passwordless default user.
+    pub acl: Vec<String>,
+}
+
+/// The certificate Redis serves, and the CA that client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct RedisTlsSetup {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `--tls-ca-cert-file`: the CA client certificates are checked against.
+    pub client_ca: PathBuf,
+    /// `--tls-auth-clients yes` (a client certificate is required) or `no`.
+    pub require_client_cert: bool,
 }
 
 impl RedisServer {
     /// Starts a server without persistence, or `None` (with a message) if `redis-server` is
     /// not installed. Under `CI=true` a missing `redis-server` fails the test instead.
     pub fn start() -> Option<Self> {
-        Self::start_with(false)
+        Self::start_with(RedisSetup::default())
     }
 
     /// Starts a server with `appendonly yes` and `appendfsync always`, so a restart keeps
     /// every acknowledged write.
     pub fn start_with_aof() -> Option<Self> {
-        Self::start_with(true)
+        Self::start_with(RedisSetup {
+            aof: true,
+            ..RedisSetup::default()
+        })
     }
 
-    fn start_with(aof: bool) -> Option<Self> {
+    /// Starts a server as `setup` says, or `None` (with a message) if `redis-server` is not
+    /// installed (under `CI=true`: fails).
+    pub fn start_with(setup: RedisSetup) -> Option<Self> {
         let installed = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -70,7 +100,7 @@ impl RedisServer {
                 child: None,
                 port,
                 dir,
-                aof,
+                setup: setup.clone(),
             };
             match server.spawn() {
                 Ok(()) => return Some(server),
@@ -83,14 +113,35 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<(), String> {
         std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
         let mut command = Command::new("redis-server");
+        let port = self.port.to_string();
+        match &self.setup.tls {
+            None => command.args(["--port", &port]),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port", &port])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.client_ca)
+                .args([
+                    "--tls-auth-clients",
+                    if tls.require_client_cert { "yes" } else { "no" },
+                ]),
+        };
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if self.aof {
+        if !self.setup.acl.is_empty() {
+            let path = self.dir.join("users.acl");
+            std::fs::write(&path, self.setup.acl.join("\n") + "\n").map_err(|e| e.to_string())?;
+            command.arg("--aclfile").arg(path);
+        }
+        if self.setup.aof {
             command.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
             command.args(["--appendonly", "no"]);
@@ -98,7 +149,13 @@ impl RedisServer {
         let child = command.spawn().map_err(|e| e.to_string())?;
         self.child = Some(child);
         for _ in 0..500 {
-            if self.ping() {
+            let up = if self.setup.tls.is_some() {
+                // The TLS port accepts once Redis is ready; speaking TLS is the test's job.
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                self.answers()
+            };
+            if up {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -124,6 +181,20 @@ impl RedisServer {
         self.spawn()
     }
 
+    /// Whether it answers PING at all over plaintext (`+PONG`, or an error such as
+    /// `-NOAUTH` when the default user needs a password).
+    fn answers(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        if stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
+            return false;
+        }
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).is_ok() && matches!(first[0], b'+' | b'-')
+    }
+
     pub fn ping(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
@@ -136,12 +207,24 @@ impl RedisServer {
         stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// `redis://127.0.0.1:<port>/`, or `rediss://` when serving TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.setup.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
+    }
+
+    /// [`Self::url`] logging in as the ACL user `user` with `password`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        self.url()
+            .replacen("://", &format!("://{user}:{password}@"), 1)
     }
 
     /// Sends one inline command and returns the reply's first line (enough for CONFIG SET
-    /// and DBSIZE in tests).
+    /// and DBSIZE in tests). Plaintext only, as the `default` user.
     pub fn raw(&self, command: &str) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
         stream

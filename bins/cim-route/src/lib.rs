@@ -50,6 +50,22 @@ pub struct Args {
     /// ZooKeeper session timeout [default: 6s].
     #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT")]
     zk_session_timeout: Option<String>,
+    /// CA certificate(s) (PEM) that a rediss:// Redis's certificate must chain to
+    /// [default: the system's roots].
+    #[arg(long, env = "CIM_REDIS_CA")]
+    redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a rediss:// Redis that requires one
+    /// (tls-auth-clients); needs --redis-client-key.
+    #[arg(long, env = "CIM_REDIS_CLIENT_CERT")]
+    redis_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --redis-client-cert.
+    #[arg(long, env = "CIM_REDIS_CLIENT_KEY")]
+    redis_client_key: Option<PathBuf>,
+    /// ZooKeeper digest identity, as <user>:<password>: every session authenticates with it
+    /// and the registry nodes it creates are writable by that identity only (readable by
+    /// anyone). Prefer the environment.
+    #[arg(long, env = "CIM_ZK_AUTH", hide_env_values = true)]
+    zk_auth: Option<String>,
     /// Secret tickets are signed with (>= 16 bytes; required). Prefer the environment.
     #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
     ticket_secret: Option<String>,
@@ -228,6 +244,7 @@ fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; route_id, listen, redis, zk, zk_root, zk_session_timeout,
+        redis_ca, redis_client_cert, redis_client_key, zk_auth,
         ticket_secret, ticket_key_id, bearer_secret, bearer_secret_previous, link_secret,
         link_secret_previous,
         balance, claim_ttl,
@@ -362,6 +379,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut redis_options = RedisOptions {
         allow_eviction: args.allow_eviction.unwrap_or(false),
         idempotency_ttl,
+        tls: launch::redis_tls(
+            args.redis_ca.as_deref(),
+            args.redis_client_cert.as_deref(),
+            args.redis_client_key.as_deref(),
+        )?,
         command_timeout: launch::nonzero_duration_or(
             "--redis-timeout",
             args.redis_timeout.as_deref(),
@@ -373,10 +395,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         redis_options.max_log_len = n;
     }
     let store = launch::open_store(Some(&redis), redis_options).await?;
-    let registry = launch::open_registry(
+    let registry = launch::open_registry_with_auth(
         Some(&zk),
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
         launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
+        launch::zk_auth(args.zk_auth.as_deref())?,
     )?;
 
     let tls = tls::setup::RouteSide::load(&tls::setup::TlsFlags {

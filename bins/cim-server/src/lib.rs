@@ -62,6 +62,22 @@ pub struct Args {
     /// ZooKeeper session timeout [default: 6s].
     #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT")]
     zk_session_timeout: Option<String>,
+    /// CA certificate(s) (PEM) that a rediss:// Redis's certificate must chain to
+    /// [default: the system's roots].
+    #[arg(long, env = "CIM_REDIS_CA")]
+    redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a rediss:// Redis that requires one
+    /// (tls-auth-clients); needs --redis-client-key.
+    #[arg(long, env = "CIM_REDIS_CLIENT_CERT")]
+    redis_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --redis-client-cert.
+    #[arg(long, env = "CIM_REDIS_CLIENT_KEY")]
+    redis_client_key: Option<PathBuf>,
+    /// ZooKeeper digest identity, as <user>:<password>: every session authenticates with it
+    /// and the registry nodes it creates are writable by that identity only (readable by
+    /// anyone). Prefer the environment.
+    #[arg(long, env = "CIM_ZK_AUTH", hide_env_values = true)]
+    zk_auth: Option<String>,
     /// Secret the route signs tickets with (>= 16 bytes; required). Prefer the environment.
     #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
     ticket_secret: Option<String>,
@@ -165,7 +181,8 @@ macro_rules! overlay {
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; server_id, listen_ip, advertise_host, client_port,
-        link_port, http_port, redis, zk, zk_root, zk_session_timeout, ticket_secret,
+        link_port, http_port, redis, zk, zk_root, zk_session_timeout, redis_ca,
+        redis_client_cert, redis_client_key, zk_auth, ticket_secret,
         ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
@@ -268,6 +285,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(&redis),
         RedisOptions {
             allow_eviction: args.allow_eviction.unwrap_or(false),
+            tls: launch::redis_tls(
+                args.redis_ca.as_deref(),
+                args.redis_client_cert.as_deref(),
+                args.redis_client_key.as_deref(),
+            )?,
             command_timeout: launch::nonzero_duration_or(
                 "--redis-timeout",
                 args.redis_timeout.as_deref(),
@@ -277,10 +299,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let registry = launch::open_registry(
+    let registry = launch::open_registry_with_auth(
         Some(&zk),
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
         launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
+        launch::zk_auth(args.zk_auth.as_deref())?,
     )?;
 
     let tls = tls::setup::ServerSide::load(&tls::setup::TlsFlags {

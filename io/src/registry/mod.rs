@@ -73,7 +73,7 @@ pub use remote::{
     RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
     serve_registry_on,
 };
-pub use zookeeper::{ZkConfig, ZkRegistry};
+pub use zookeeper::{ZkAuth, ZkConfig, ZkRegistry};
 
 /// The persistent ZooKeeper node the server nodes live under, unless configured otherwise.
 pub const DEFAULT_ROOT: &str = "/cim/servers";

@@ -62,7 +62,60 @@ pub struct ZkConfig {
     pub session_timeout: Duration,
     /// Bound on every single ZooKeeper call.
     pub op_timeout: Duration,
+    /// Digest identity every session authenticates as. With it, the nodes this registry
+    /// creates (the root path and the servers' nodes) are writable by that identity only and
+    /// readable by anyone; without it, by anyone (ZooKeeper's `world:anyone`).
+    pub auth: Option<ZkAuth>,
 }
+
+/// A ZooKeeper digest identity, `user:password` (`--zk-auth`). Its `Debug` hides the
+/// password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ZkAuth {
+    user: String,
+    password: String,
+}
+
+impl ZkAuth {
+    /// Parses `user:password`; neither part may be empty.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => Ok(Self {
+                user: user.to_owned(),
+                password: password.to_owned(),
+            }),
+            // The text itself is not repeated: it may be a password.
+            _ => Err("--zk-auth must be <user>:<password>, both non-empty".into()),
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The bytes of ZooKeeper's `digest` scheme.
+    fn digest(&self) -> Vec<u8> {
+        format!("{}:{}", self.user, self.password).into_bytes()
+    }
+}
+
+impl std::fmt::Debug for ZkAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The ACL of every node created with `auth`: all rights to the identities of the creating
+/// session (`auth` scheme: here the one digest identity every CIM process shares), read to
+/// anyone, so a route without credentials can still list the servers but nobody else can
+/// create, overwrite or delete a server's node.
+static CREATOR_ALL_ANYONE_READ: [zk::Acl; 2] = [
+    zk::Acl::new_const(zk::Permission::ALL, "auth", ""),
+    zk::Acl::new_const(zk::Permission::READ, "world", "anyone"),
+];
 
 impl ZkConfig {
     pub fn new(connect: impl Into<String>) -> Self {
@@ -71,6 +124,20 @@ impl ZkConfig {
             root: DEFAULT_ROOT.to_owned(),
             session_timeout: Duration::from_secs(6),
             op_timeout: Duration::from_secs(5),
+            auth: None,
+        }
+    }
+
+    pub fn with_auth(mut self, auth: Option<ZkAuth>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The ACL for the nodes this registry creates.
+    fn acls(&self) -> zk::Acls<'static> {
+        match self.auth {
+            Some(_) => zk::Acls::new(&CREATOR_ALL_ANYONE_READ),
+            None => zk::Acls::anyone_all(),
         }
     }
 
@@ -203,20 +270,48 @@ fn is_zk(err: &RegistryError, want: &zk::Error) -> bool {
 
 async fn connect(cfg: &ZkConfig) -> Result<zk::Client, RegistryError> {
     let after = cfg.session_timeout + cfg.op_timeout;
-    let connecting = zk::Client::connector()
-        .with_session_timeout(cfg.session_timeout)
-        .connect(&cfg.connect);
-    timed("connect", after, connecting).await
+    let mut connector = zk::Client::connector().with_session_timeout(cfg.session_timeout);
+    if let Some(auth) = &cfg.auth {
+        // Sent at every (re)connect of the session. Digest auth never fails by itself: a
+        // wrong password is just another identity, refused by the nodes' ACLs (`NoAuth`).
+        connector = connector.with_auth("digest", &auth.digest());
+    }
+    timed("connect", after, connector.connect(&cfg.connect)).await
 }
 
+/// Creates the root like `mkdir -p`, with [`ZkConfig::acls`] on every node it creates. With
+/// `auth`, warns when an existing root is writable by anyone (created before auth was on, or
+/// by a process without it), since then anyone could list a fake server.
 async fn ensure_root(client: &zk::Client, cfg: &ZkConfig) -> Result<(), RegistryError> {
-    let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-    timed(
-        "mkdir root",
-        cfg.op_timeout,
-        client.mkdir(&cfg.root, &options),
-    )
-    .await
+    // Only when missing: creating a node that exists needs CREATE on its parent before
+    // ZooKeeper says it exists, which a reader without `--zk-auth` lacks under the
+    // restricted ACL.
+    if timed("stat root", cfg.op_timeout, client.check_stat(&cfg.root))
+        .await?
+        .is_none()
+    {
+        let options = zk::CreateMode::Persistent.with_acls(cfg.acls());
+        timed(
+            "mkdir root",
+            cfg.op_timeout,
+            client.mkdir(&cfg.root, &options),
+        )
+        .await?;
+    }
+    if cfg.auth.is_some() {
+        let (acls, _) = timed("get root acl", cfg.op_timeout, client.get_acl(&cfg.root)).await?;
+        let open = zk::Permission::CREATE | zk::Permission::WRITE | zk::Permission::DELETE;
+        let world_writable = acls.iter().any(|acl| {
+            acl.scheme() == "world" && (acl.permission() & open) != zk::Permission::NONE
+        });
+        if world_writable {
+            tracing::warn!(root = %cfg.root,
+                "--zk-auth is set but the registry root is writable by anyone (it was created \
+                 without auth): anyone can add or delete server nodes under it; restrict it \
+                 with zkCli `setAcl` (see deploy/README.md)");
+        }
+    }
+    Ok(())
 }
 
 /// A new session with the server's node in place if `listed`, and without a node of this
@@ -274,7 +369,7 @@ async fn create_node(
 ) -> Result<(), RegistryError> {
     let path = cfg.node_path(server.id.as_str());
     let data = encode_node(server)?;
-    let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let options = zk::CreateMode::Ephemeral.with_acls(cfg.acls());
     // A node left by a crashed predecessor lives until the ensemble expires its session.
     let give_up = Instant::now() + client.session_timeout() + cfg.op_timeout;
     loop {

@@ -87,6 +87,7 @@
 
 mod memory;
 mod redis;
+mod redis_tls;
 pub mod remote;
 
 use std::future::Future;
@@ -97,6 +98,7 @@ use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 
 pub use self::memory::MemoryBackend;
 pub use self::redis::{ConnectError, RedisOptions, RedisStore};
+pub use self::redis_tls::{RedisTls, redact_url};
 pub use self::remote::{RemoteOptions, RemoteStore, serve_store, serve_store_on};
 
 /// A boxed, sendable future borrowing the store (so `Arc<dyn Store>` can be moved into a

@@ -20,6 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
+use super::redis_tls::{RedisTls, install_crypto_provider, redact_url};
 use super::{Store, StoreFuture};
 
 /// How a [`RedisStore`] behaves. The log bounds must equal the in-memory store's where both
@@ -41,6 +42,9 @@ pub struct RedisOptions {
     /// Seeds the log epochs; `None` seeds from the OS (production). Two stores sharing one
     /// Redis must not share a seed.
     pub seed: Option<u64>,
+    /// The CA and client certificate for a `rediss://` URL (default: the system's roots, no
+    /// client certificate). Refused with a `redis://` URL.
+    pub tls: RedisTls,
 }
 
 impl Default for RedisOptions {
@@ -52,22 +56,71 @@ impl Default for RedisOptions {
             command_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             seed: None,
+            tls: RedisTls::default(),
         }
     }
 }
 
-/// Why [`RedisStore::connect`] refused.
+/// Why [`RedisStore::connect`] refused. No variant ever holds the URL's password: the
+/// address is shown as `host:port`, URLs through [`redact_url`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("bad redis url: {0}")]
-    Url(String),
-    #[error("redis unreachable: {0}")]
-    Unreachable(String),
+    #[error("bad redis url {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("redis at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
     #[error(
-        "redis maxmemory-policy is {policy:?}, not \"noeviction\": Redis could evict claims and \
-         messages; set it to noeviction or pass the override flag"
+        "redis at {addr}: maxmemory-policy is {policy:?}, not \"noeviction\": Redis could evict \
+         claims and messages; set it to noeviction or pass the override flag"
     )]
-    EvictionPolicy { policy: String },
+    EvictionPolicy { addr: String, policy: String },
+}
+
+/// Words an operator can act on for a failed connect or first command. The `redis` crate's
+/// own text stays in, after them.
+fn explain_connect_failure(tls: bool, e: &RedisError) -> String {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    let hint = if lower.contains("wrongpass")
+        || lower.contains("invalid username-password")
+        || lower.contains("authentication failed")
+    {
+        "authentication refused (wrong user name or password in the URL, or the ACL user is \
+         disabled)"
+    } else if lower.contains("noauth") {
+        "Redis requires a password: put it in the URL (redis://user:password@host:port)"
+    } else if lower.contains("noperm") {
+        "the ACL user lacks a command or key this process needs (see deploy/README.md for \
+         the ACL rules per role)"
+    } else if tls && lower.contains("certificaterequired") {
+        "TLS: Redis requires a client certificate (tls-auth-clients): give \
+         --redis-client-cert and --redis-client-key"
+    } else if tls
+        && lower.contains("alert")
+        && (lower.contains("certificate") || lower.contains("unknownca"))
+    {
+        "TLS: Redis refused this client certificate (is it signed by Redis's \
+         tls-ca-cert-file CA, and still valid?)"
+    } else if tls && (lower.contains("certificate") || lower.contains("unknownissuer")) {
+        "TLS: the server's certificate did not verify (check --redis-ca and that the URL's \
+         host is a name in the certificate)"
+    } else if tls
+        && (lower.contains("handshake")
+            || lower.contains("corrupt message")
+            || lower.contains("invaliddata")
+            || lower.contains("received corrupt"))
+    {
+        "TLS handshake failed (is this port serving TLS? does Redis require a client \
+         certificate, --redis-client-cert?)"
+    } else if tls && lower.contains("timed out") {
+        "no TLS handshake within the connect timeout (is this port serving TLS? a plaintext \
+         Redis never answers a TLS hello)"
+    } else if !tls && (lower.contains("connection reset") || lower.contains("broken pipe")) {
+        "connection dropped at once (a TLS-only Redis port? use a rediss:// URL)"
+    } else {
+        "unreachable"
+    };
+    format!("{hint}: {text}")
 }
 
 /// The scripts, each loaded once per server on first use (`EVALSHA`, `SCRIPT LOAD` on
@@ -143,30 +196,69 @@ fn bad_reply(what: &str, v: &Value) -> StoreUnavailable {
 }
 
 impl RedisStore {
-    /// Connects, and checks that Redis will not evict keys (`maxmemory-policy noeviction`)
-    /// unless `options.allow_eviction`.
+    /// Connects (over TLS for a `rediss://` URL, as `options.tls` says), and checks that
+    /// Redis will not evict keys (`maxmemory-policy noeviction`) unless
+    /// `options.allow_eviction`. A failure names the address (`host:port`, never the
+    /// password) and the reason, within about four connect timeouts.
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, ConnectError> {
-        let client = ::redis::Client::open(url).map_err(|e| ConnectError::Url(e.to_string()))?;
+        let bad_url = |reason: String| ConnectError::Url {
+            url: redact_url(url),
+            reason,
+        };
+        let info = ::redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| bad_url(e.to_string()))?;
+        let addr = info.addr().to_string();
+        let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
+        let client = if tls {
+            install_crypto_provider();
+            ::redis::Client::build_with_tls(info, options.tls.certificates())
+        } else if options.tls.is_configured() {
+            return Err(bad_url(
+                "a CA or client certificate for Redis is given but the URL is redis://; \
+                 use rediss:// for TLS"
+                    .into(),
+            ));
+        } else {
+            ::redis::Client::open(info)
+        }
+        .map_err(|e| bad_url(e.to_string()))?;
+        let unreachable = |reason: String| ConnectError::Unreachable {
+            addr: addr.clone(),
+            reason,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.command_timeout))
             .set_number_of_retries(2);
-        let mut conn = tokio::time::timeout(
-            options.connect_timeout.saturating_mul(4),
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| ConnectError::Unreachable("connect timed out".into()))?
-        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
-        let policy: Vec<String> = ::redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
+        let budget = options.connect_timeout.saturating_mul(4);
+        let mut conn =
+            tokio::time::timeout(budget, ConnectionManager::new_with_config(client, config))
+                .await
+                .map_err(|_| {
+                    unreachable(format!(
+                        "no connection within {budget:?}{}",
+                        if tls {
+                            " (a TLS handshake that never completed: is this a TLS port?)"
+                        } else {
+                            ""
+                        }
+                    ))
+                })?
+                .map_err(|e| unreachable(explain_connect_failure(tls, &e)))?;
+        // `INFO memory` rather than `CONFIG GET`: an ACL user for CIM needs no CONFIG
+        // rights, which would also reveal `requirepass` and the like.
+        let info: String = ::redis::cmd("INFO")
+            .arg("memory")
             .query_async(&mut conn)
             .await
-            .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
-        let policy = policy.get(1).cloned().unwrap_or_default();
+            .map_err(|e| unreachable(explain_connect_failure(tls, &e)))?;
+        let policy = info
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("maxmemory_policy:"))
+            .unwrap_or_default()
+            .to_owned();
         if policy != "noeviction" && !options.allow_eviction {
-            return Err(ConnectError::EvictionPolicy { policy });
+            return Err(ConnectError::EvictionPolicy { addr, policy });
         }
         let rng = match options.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
