@@ -54,7 +54,7 @@ pub struct Step {
 }
 
 pub async fn run(
-    route: &(String, u16),
+    route: &crate::util::Route,
     args: &P2pArgs,
     quick: bool,
     label: &str,
