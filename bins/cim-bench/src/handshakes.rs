@@ -10,7 +10,9 @@
 //! Two kinds: **full** (no session resumption: every handshake signs with the server's key
 //! and the client verifies the chain: a reconnect storm of clients the server has never
 //! seen, e.g. after a failover) and **resumed** (the client offers a TLS 1.3 ticket from an
-//! earlier handshake with this server; rustls' defaults on both sides).
+//! earlier handshake with this server; rustls' defaults on both sides). Then the baseline:
+//! the same loop without TLS against a plaintext cluster (connect, close, wait for the
+//! server's close), so what a connection costs the server apart from TLS is visible.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -45,8 +47,8 @@ struct Figures {
     client: u64,
     /// Of those, resumed ones.
     resumed: u64,
-    /// Handshakes the server counted complete.
-    server: u64,
+    /// Handshakes the server counted complete (TLS only).
+    server: Option<u64>,
     errors: u64,
     secs: f64,
     server_cpu: f64,
@@ -55,70 +57,87 @@ struct Figures {
 
 pub async fn run(args: &HandshakeArgs, quick: bool) -> anyhow::Result<Table> {
     let seconds = args.seconds.unwrap_or(if quick { 1.0 } else { 5.0 });
-    let target = cluster::start(&Setup {
-        route: None,
-        ca: None,
-        redis: false,
-        argon2: Argon2Cost::Test,
-        password_workers: None,
-        servers: 1,
-        tls: true,
-    })?;
-    let server = target.servers.first().context("the cluster has a server")?;
-    let pid = target
-        .cluster
-        .as_ref()
-        .map(cluster::ChildProc::pid)
-        .context("a started cluster")?;
-    let ca = &target.tls.as_ref().context("a TLS cluster")?.pki.ca;
-    eprintln!(
-        "handshakes: {} in flight against server {}'s gateway {} for {seconds} s per kind",
-        args.concurrency, server.id, server.client
-    );
     let mut table = Table::new(
         format!(
-            "handshakes: TLS 1.3 handshakes on one server's client gateway, {} in flight, {seconds} s each (cluster: {})",
-            args.concurrency, target.label
+            "handshakes: connections with a TLS 1.3 handshake to one server's client gateway, {} in flight, {seconds} s each (embedded store, the server and an idle route in one process)",
+            args.concurrency
         ),
         &[
             "kind",
-            "handshakes/s (bench)",
+            "connections/s (bench)",
             "handshakes/s (server)",
             "resumed",
             "errors",
             "server CPU s",
-            "handshakes per server CPU-second",
-            "server CPU µs / handshake",
+            "per server CPU-second",
+            "server CPU µs / connection",
             "bench CPU s",
         ],
     );
-    for (kind, resume) in [("full", false), ("resumed", true)] {
-        let config = client_config(ca, resume)?;
-        let f = measure(server, pid, config, args.concurrency, seconds).await?;
-        if f.client == 0 || f.errors > 0 {
-            bail!(
-                "{kind}: {} handshakes, {} errors: the gateway refused TLS clients",
-                f.client,
-                f.errors
+    for tls in [true, false] {
+        let target = cluster::start(&Setup {
+            route: None,
+            ca: None,
+            redis: false,
+            argon2: Argon2Cost::Test,
+            password_workers: None,
+            servers: 1,
+            tls,
+        })?;
+        let server = target.servers.first().context("the cluster has a server")?;
+        let pid = target
+            .cluster
+            .as_ref()
+            .map(cluster::ChildProc::pid)
+            .context("a started cluster")?;
+        let kinds: Vec<(&str, Option<TlsConnector>)> = match &target.tls {
+            Some(pki) => vec![
+                ("TLS full", Some(connector(&pki.pki.ca, false)?)),
+                ("TLS resumed", Some(connector(&pki.pki.ca, true)?)),
+            ],
+            None => vec![("plaintext (no TLS)", None)],
+        };
+        for (kind, tls) in kinds {
+            eprintln!(
+                "handshakes: {kind}, {} in flight against server {}'s gateway {} for {seconds} s",
+                args.concurrency, server.id, server.client
             );
+            let resume = kind == "TLS resumed";
+            let f = measure(server, pid, tls.clone(), args.concurrency, seconds).await?;
+            if f.client == 0 || f.errors > 0 {
+                bail!(
+                    "{kind}: {} connections, {} errors: the gateway refused clients",
+                    f.client,
+                    f.errors
+                );
+            }
+            if resume && f.resumed == 0 {
+                bail!("{kind}: no handshake was resumed");
+            }
+            // The server's own count where it has one (TLS), else the bench's.
+            let counted = f.server.unwrap_or(f.client);
+            table.row(vec![
+                kind.to_owned(),
+                int(f.client as f64 / f.secs),
+                f.server.map_or("-".into(), |n| int(n as f64 / f.secs)),
+                if tls.is_some() {
+                    int(f.resumed as f64)
+                } else {
+                    "-".into()
+                },
+                f.errors.to_string(),
+                format!("{:.2}", f.server_cpu),
+                int(counted as f64 / f.server_cpu.max(1e-9)),
+                f1(1e6 * f.server_cpu / (counted.max(1) as f64)),
+                format!("{:.2}", f.bench_cpu),
+            ]);
         }
-        if resume && f.resumed == 0 {
-            bail!("resumed: no handshake was resumed");
-        }
-        let per_cpu = f.server as f64 / f.server_cpu.max(1e-9);
-        table.row(vec![
-            kind.to_owned(),
-            int(f.client as f64 / f.secs),
-            int(f.server as f64 / f.secs),
-            int(f.resumed as f64),
-            f.errors.to_string(),
-            format!("{:.2}", f.server_cpu),
-            int(per_cpu),
-            f1(1e6 * f.server_cpu / (f.server.max(1) as f64)),
-            format!("{:.2}", f.bench_cpu),
-        ]);
     }
     Ok(table)
+}
+
+fn connector(ca: &std::path::Path, resume: bool) -> anyhow::Result<TlsConnector> {
+    Ok(TlsConnector::from(client_config(ca, resume)?))
 }
 
 /// The bench's TLS client: trusts `ca`, checks the name, TLS 1.3 and 1.2 as the SDK offers;
@@ -141,26 +160,26 @@ fn client_config(ca: &std::path::Path, resume: bool) -> anyhow::Result<Arc<rustl
     Ok(Arc::new(config))
 }
 
-/// The gateway's completed handshakes, from the server's `/metrics`.
-async fn server_handshakes(http: SocketAddr) -> anyhow::Result<u64> {
+/// The gateway's completed handshakes, from the server's `/metrics` (`None` without TLS).
+async fn server_handshakes(http: SocketAddr) -> anyhow::Result<Option<u64>> {
     let metrics = crate::procs::http_get(http, "/metrics").await?;
     metrics
         .lines()
         .find(|l| {
             l.starts_with("cim_server_tls_handshakes_total{") && l.contains("listener=\"gateway\"")
         })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .context("no cim_server_tls_handshakes_total{listener=\"gateway\"} in /metrics")
+        .map(|l| l.rsplit(' ').next()?.parse().ok())
+        .map(|n| n.context("a bad cim_server_tls_handshakes_total line"))
+        .transpose()
 }
 
 async fn measure(
     server: &cluster::ServerAddrs,
     pid: u32,
-    config: Arc<rustls::ClientConfig>,
+    connector: Option<TlsConnector>,
     concurrency: usize,
     seconds: f64,
 ) -> anyhow::Result<Figures> {
-    let connector = TlsConnector::from(config);
     let done = Arc::new(Counter::default());
     let resumed = Arc::new(Counter::default());
     let errors = Arc::new(Counter::default());
@@ -182,7 +201,7 @@ async fn measure(
         let addr = server.client;
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match one(&connector, addr).await {
+                match one(connector.as_ref(), addr).await {
                     Ok(was_resumed) => {
                         done.add(1);
                         if was_resumed {
@@ -215,7 +234,7 @@ async fn measure(
     Ok(Figures {
         client: done.get(),
         resumed: resumed.get(),
-        server: server_after - server_before,
+        server: server_after.zip(server_before).map(|(a, b)| a - b),
         errors: errors.get(),
         secs,
         server_cpu: cpu1 - cpu0,
@@ -225,11 +244,18 @@ async fn measure(
 
 /// One connection: handshake, close_notify, then read until the server closes (so the
 /// server has finished with it before the next one counts). Whether it was resumed.
-async fn one(connector: &TlsConnector, addr: SocketAddr) -> anyhow::Result<bool> {
+/// Without TLS (the baseline): connect, close, read until the server closes.
+async fn one(connector: Option<&TlsConnector>, addr: SocketAddr) -> anyhow::Result<bool> {
     const LIMIT: Duration = Duration::from_secs(10);
     let work = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        let Some(connector) = connector else {
+            tcp.shutdown().await?;
+            let mut sink = [0u8; 64];
+            while tcp.read(&mut sink).await? > 0 {}
+            return anyhow::Ok(false);
+        };
         let name = ServerName::IpAddress(addr.ip().into());
         let mut tls = connector.connect(name, tcp).await?;
         let was_resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);

@@ -79,12 +79,15 @@ fn fanout_and_p2p_over_tls_deliver_everything() {
 fn handshakes_are_counted_by_bench_and_server_alike() {
     // The bench fails by itself on a refused handshake, or when none was resumed.
     let out = bench(&["handshakes", "--quick", "--concurrency", "4"]);
-    for kind in ["full", "resumed"] {
+    for kind in ["TLS full", "TLS resumed"] {
         let cells = row(&out, kind);
         assert_eq!(cells[4], "0", "errors: {out}");
         assert_ne!(cells[1], "0", "no handshakes: {out}");
         assert_ne!(cells[2], "0", "the server counted none: {out}");
     }
+    let baseline = row(&out, "plaintext (no TLS)");
+    assert_eq!(baseline[4], "0", "errors: {out}");
+    assert_ne!(baseline[1], "0", "no connections: {out}");
 }
 
 #[test]
