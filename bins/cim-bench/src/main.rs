@@ -167,8 +167,9 @@ fn main() -> anyhow::Result<()> {
             Command::P2p { common, args } => {
                 let target = cluster::start(&common.setup())?;
                 eprintln!("p2p against {}", target.label);
+                let pid = target.cluster.as_ref().map(cluster::ChildProc::pid);
                 vec![
-                    p2p::run(&target.route, &args, common.quick, &target.label)
+                    p2p::run(&target.route, &args, common.quick, &target.label, pid)
                         .await?
                         .0,
                 ]
