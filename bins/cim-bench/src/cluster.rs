@@ -5,9 +5,14 @@
 //! /proc apart from the load generator's, as a broker's would be. Backends: embedded (the
 //! route and servers share one process and its in-memory store), or `--redis`: a private
 //! `redis-server` with AOF `everysec` (and ZooKeeper when servers run in their own processes).
+//! With `--tls` the bench makes a throwaway CA and certificates (a private temporary
+//! directory, deleted at the end), the cluster serves everything over TLS exactly as
+//! `cim-route` / `cim-server` do given `--tls-cert`, `--tls-key` and `--tls-ca`, and the
+//! bench's clients trust that CA.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +28,11 @@ use cim_io::net::TokioNet;
 use cim_io::route::{self, RouteOptions};
 use cim_io::server::{self, ServerOptions};
 use cim_io::store::{RedisOptions, Store};
+use cim_io::tls::dev::DevPki;
+use cim_io::tls::setup::{RouteSide, ServerSide, TlsFlags};
 use cim_testkit::RedisServer;
+
+use crate::util::Route;
 
 /// Argon2 cost of a started cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,8 +59,9 @@ impl Argon2Cost {
 }
 
 /// `cim-bench cluster`: a route and N servers in this process (what `cim up` runs), for the
-/// bench to drive from its parent process. Prints `ROUTE host:port` when ready, stops when
-/// its standard input closes (the parent died or is done) or on a signal.
+/// bench to drive from its parent process. Prints `SERVER id client-addr http-addr` per
+/// server, then `ROUTE host:port` when ready; stops when its standard input closes (the
+/// parent died or is done) or on a signal.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
     /// Redis URL; the embedded store without it.
@@ -74,6 +84,18 @@ pub struct ClusterArgs {
     /// not throttled (production default 20).
     #[arg(long, default_value_t = 1_000_000)]
     pub send_rate: u32,
+    /// TLS everywhere: the CA signing the internal links' certificates (with the four
+    /// files below, what `cim-route` and `cim-server` take as --tls-ca/--tls-cert/--tls-key).
+    #[arg(long, requires_all = ["tls_server_cert", "tls_server_key", "tls_route_cert", "tls_route_key"])]
+    pub tls_ca: Option<PathBuf>,
+    #[arg(long, requires = "tls_ca")]
+    pub tls_server_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_ca")]
+    pub tls_server_key: Option<PathBuf>,
+    #[arg(long, requires = "tls_ca")]
+    pub tls_route_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_ca")]
+    pub tls_route_key: Option<PathBuf>,
 }
 
 fn secret(var: &str) -> anyhow::Result<Vec<u8>> {
@@ -96,6 +118,18 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         launch::open_registry(args.zk.as_deref(), &args.zk_root, Duration::from_secs(6))?;
     let ticket_secret = secret("CIM_TICKET_SECRET")?;
     let link_secret = secret("CIM_LINK_SECRET")?;
+    let server_tls = ServerSide::load(&TlsFlags {
+        cert: args.tls_server_cert.clone(),
+        key: args.tls_server_key.clone(),
+        ca: args.tls_ca.clone(),
+        accept_plaintext: false,
+    })?;
+    let route_tls = RouteSide::load(&TlsFlags {
+        cert: args.tls_route_cert.clone(),
+        key: args.tls_route_key.clone(),
+        ca: args.tls_ca.clone(),
+        accept_plaintext: false,
+    })?;
     let mut servers = Vec::new();
     for i in 1..=args.servers {
         let mut node = ServerConfig::new(
@@ -108,8 +142,19 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         options.listen_ip = [127, 0, 0, 1].into();
         options.advertise_host = "127.0.0.1".into();
         (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
-        servers
-            .push(server::start(TokioNet, Clock::System, options, store.clone(), &registry).await?);
+        if let Some(tls) = &server_tls {
+            options.gateway_tls = Some(tls.gateway.clone());
+            options.link_tls = Some(tls.link.clone());
+        }
+        let server =
+            server::start(TokioNet, Clock::System, options, store.clone(), &registry).await?;
+        println!(
+            "SERVER {} {} {}",
+            server.server_id(),
+            server.client_addr(),
+            server.http_addr()
+        );
+        servers.push(server);
     }
     let mut options = RouteOptions::new(
         "bench-route",
@@ -129,6 +174,10 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     options.login_per_address = route::RateLimit::OFF;
     options.register_per_address = route::RateLimit::OFF;
     options.login.max_password_jobs = 4096;
+    if let Some(tls) = &route_tls {
+        options.https = Some(tls.https.clone());
+        options.link_tls = Some(tls.links.clone());
+    }
     let route = route::start(TokioNet, Clock::System, options, store, &registry).await?;
     println!("ROUTE {}", route.http_addr());
     // Stop when the parent closes our stdin (or dies).
@@ -195,26 +244,81 @@ fn shared_secret(var: &str) -> String {
     format!("bench-{var}-{seed:016x}")
 }
 
+/// A server of a started cluster, as its process printed it.
+#[derive(Debug, Clone)]
+pub struct ServerAddrs {
+    pub id: String,
+    /// The client gateway.
+    pub client: SocketAddr,
+    /// Health and metrics (plain HTTP).
+    pub http: SocketAddr,
+}
+
 /// What the bench runs against.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Target {
-    pub route: (String, u16),
+    pub route: Route,
+    /// The servers of a started cluster (empty for `--route`).
+    pub servers: Vec<ServerAddrs>,
     /// The process holding route and servers (None for `--route`).
     pub cluster: Option<ChildProc>,
     /// Kept running for the target's lifetime.
     pub _redis: Option<RedisServer>,
+    /// With `--tls`: the throwaway CA and certificates, deleted with the target.
+    pub tls: Option<BenchPki>,
     pub label: String,
+}
+
+/// `--tls`'s certificates in a private temporary directory (deleted on drop).
+#[derive(Debug)]
+pub struct BenchPki {
+    pub pki: DevPki,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchPki {
+    /// A fresh CA, and route and server certificates for 127.0.0.1, in a new directory
+    /// readable by this user only.
+    pub fn generate() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("cim-bench-tls-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let pki = DevPki::generate(dir.path(), &["127.0.0.1", "localhost"])
+            .context("making the bench's certificates")?;
+        Ok(Self { pki, _dir: dir })
+    }
+
+    /// The `cluster` child's flags for these files.
+    pub fn cluster_args(&self) -> Vec<std::ffi::OsString> {
+        let pki = &self.pki;
+        [
+            ("--tls-ca", &pki.ca),
+            ("--tls-server-cert", &pki.server_cert),
+            ("--tls-server-key", &pki.server_key),
+            ("--tls-route-cert", &pki.route_cert),
+            ("--tls-route-key", &pki.route_key),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.into(), path.into()])
+        .collect()
+    }
 }
 
 /// How to start (or reach) the system under test.
 #[derive(Debug, Clone)]
 pub struct Setup {
     pub route: Option<String>,
+    /// `--route https://…`: the CA to trust (default the system's roots).
+    pub ca: Option<PathBuf>,
     pub redis: bool,
     pub argon2: Argon2Cost,
     pub password_workers: Option<usize>,
     /// Servers in the cluster process.
     pub servers: u16,
+    /// Started clusters: everything over TLS, with a throwaway CA.
+    pub tls: bool,
 }
 
 /// A private redis-server with AOF `everysec` (what deploy/ recommends), or an error.
@@ -230,9 +334,12 @@ pub fn start_redis() -> anyhow::Result<RedisServer> {
 pub fn start(setup: &Setup) -> anyhow::Result<Target> {
     if let Some(route) = &setup.route {
         return Ok(Target {
-            route: crate::util::parse_route(route)?,
+            route: crate::util::parse_route_url(route, setup.ca.as_deref())?,
+            servers: Vec::new(),
+            cluster: None,
+            _redis: None,
+            tls: None,
             label: format!("running cluster at {route}"),
-            ..Target::default()
         });
     }
     let redis = if setup.redis {
@@ -250,21 +357,39 @@ pub fn start(setup: &Setup) -> anyhow::Result<Target> {
     if let Some(n) = setup.password_workers {
         cmd.args(["--password-workers", &n.to_string()]);
     }
-    let (route, proc_) = spawn_cluster(cmd, "cluster")?;
+    let tls = if setup.tls {
+        Some(BenchPki::generate()?)
+    } else {
+        None
+    };
+    if let Some(tls) = &tls {
+        cmd.args(tls.cluster_args());
+    }
+    let (mut route, servers, proc_) = spawn_cluster(cmd, "cluster")?;
+    if let Some(tls) = &tls {
+        route = route.with_ca(&tls.pki.ca)?;
+    }
     let label = format!(
-        "{} store, {} server(s) in one process, {}",
+        "{} store, {} server(s) in one process, {}{}",
         if setup.redis {
             "Redis (AOF everysec)"
         } else {
             "embedded"
         },
         setup.servers,
-        setup.argon2.label()
+        setup.argon2.label(),
+        if setup.tls {
+            ", TLS (route HTTPS, client gateways, mutual-TLS links)"
+        } else {
+            ""
+        }
     );
     Ok(Target {
         route,
+        servers,
         cluster: Some(proc_),
         _redis: redis,
+        tls,
         label,
     })
 }
@@ -276,8 +401,12 @@ pub fn argon2_arg(cost: Argon2Cost) -> &'static str {
     }
 }
 
-/// Spawns a `cluster` child and waits for its `ROUTE host:port` line.
-pub fn spawn_cluster(mut cmd: Command, what: &str) -> anyhow::Result<((String, u16), ChildProc)> {
+/// Spawns a `cluster` child and waits for its `ROUTE host:port` line (after its servers'
+/// `SERVER` lines).
+pub fn spawn_cluster(
+    mut cmd: Command,
+    what: &str,
+) -> anyhow::Result<(Route, Vec<ServerAddrs>, ChildProc)> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -285,11 +414,23 @@ pub fn spawn_cluster(mut cmd: Command, what: &str) -> anyhow::Result<((String, u
     let stdout = child.stdout.take().context("cluster stdout")?;
     let mut proc_ = ChildProc { child };
     let mut lines = BufReader::new(stdout).lines();
+    let mut servers = Vec::new();
     let route = loop {
         match lines.next() {
             Some(Ok(line)) => {
                 if let Some(addr) = line.strip_prefix("ROUTE ") {
                     break crate::util::parse_route(addr)?;
+                }
+                if let Some(server) = line.strip_prefix("SERVER ") {
+                    let words: Vec<&str> = server.split_whitespace().collect();
+                    let [id, client, http] = words[..] else {
+                        bail!("the {what} process printed {line:?}");
+                    };
+                    servers.push(ServerAddrs {
+                        id: id.to_owned(),
+                        client: client.parse().context("a server's client address")?,
+                        http: http.parse().context("a server's http address")?,
+                    });
                 }
             }
             _ => {
@@ -300,7 +441,7 @@ pub fn spawn_cluster(mut cmd: Command, what: &str) -> anyhow::Result<((String, u
     };
     // Keep draining its stdout so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Ok((route, proc_))
+    Ok((route, servers, proc_))
 }
 
 /// Spawns `cim-bench server ...` (the real `cim-server` program) as its own process.

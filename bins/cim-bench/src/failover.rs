@@ -160,7 +160,7 @@ pub async fn run(args: &FailoverArgs, quick: bool) -> anyhow::Result<Table> {
     bar.finish_and_clear();
     if args.timeline {
         // The route's login outcomes by code: a slow tail shows up here (5000 = repeat login).
-        let addr = format!("{}:{}", route.0, route.1).parse()?;
+        let addr = route.addr().parse()?;
         let metrics = procs::http_get(addr, "/metrics").await.unwrap_or_default();
         for line in metrics.lines().filter(|l| {
             l.starts_with("cim_route_logins_total") || l.starts_with("cim_route_takeover")

@@ -115,7 +115,7 @@ impl Flow {
 
 /// Runs the fan-out against our cluster at `route`; `broker_pid` is the cluster process.
 pub async fn run_ours(
-    route: &(String, u16),
+    route: &crate::util::Route,
     args: &FanoutArgs,
     quick: bool,
     broker_pid: Option<u32>,

@@ -43,10 +43,11 @@ pub struct LoginFigures {
 
 pub async fn run(
     args: &LoginArgs,
-    route: Option<String>,
+    base: &Setup,
     redis_modes: &[bool],
     quick: bool,
 ) -> anyhow::Result<Table> {
+    let route = base.route.clone();
     let mut table = Table::new(
         "login: logins per second through the route",
         &[
@@ -80,11 +81,11 @@ pub async fn run(
     for &redis in redis_modes {
         for &(cost, users) in &costs {
             let setup = Setup {
-                route: route.clone(),
                 redis,
                 argon2: cost,
                 password_workers: args.password_workers,
                 servers: 2,
+                ..base.clone()
             };
             let target = crate::cluster::start(&setup)?;
             eprintln!("login: {} users against {}", users, target.label);
@@ -123,7 +124,7 @@ pub async fn run(
 }
 
 pub async fn measure(
-    route: &(String, u16),
+    route: &crate::util::Route,
     users: usize,
     concurrency: usize,
 ) -> anyhow::Result<LoginFigures> {
@@ -183,7 +184,7 @@ struct Probe {
 }
 
 impl Probe {
-    async fn start(route: &(String, u16), tag: &str) -> anyhow::Result<Self> {
+    async fn start(route: &crate::util::Route, tag: &str) -> anyhow::Result<Self> {
         let users = util::register_users(route, &format!("lp{tag}"), 2, 2).await?;
         let mut clients = util::start_clients(route, &users, 2).await?;
         let (b, mut b_events) = clients.pop().context("two clients")?;

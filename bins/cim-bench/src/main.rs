@@ -13,6 +13,7 @@ mod compare;
 mod connections;
 mod failover;
 mod fanout;
+mod handshakes;
 mod login;
 mod p2p;
 mod procs;
@@ -33,9 +34,17 @@ struct Cli {
 /// What every scenario takes.
 #[derive(clap::Args, Debug, Clone)]
 struct Common {
-    /// Drive the cluster whose route listens here (http://host:port) instead of starting one.
+    /// Drive the cluster whose route listens here (http://host:port, or https://host:port)
+    /// instead of starting one.
     #[arg(long)]
     route: Option<String>,
+    /// With an https:// --route: the CA file to trust (default the system's roots).
+    #[arg(long, value_name = "FILE", requires = "route")]
+    ca: Option<std::path::PathBuf>,
+    /// Started clusters: everything over TLS (route HTTPS, client gateways, mutual-TLS
+    /// links) with a throwaway CA made for the run, which the bench's clients trust.
+    #[arg(long, conflicts_with = "route")]
+    tls: bool,
     /// Started clusters: Redis (a private redis-server, AOF everysec) instead of the embedded
     /// store.
     #[arg(long)]
@@ -52,10 +61,12 @@ impl Common {
     fn setup(&self) -> Setup {
         Setup {
             route: self.route.clone(),
+            ca: self.ca.clone(),
             redis: self.redis,
             argon2: self.argon2,
             password_workers: None,
             servers: 2,
+            tls: self.tls,
         }
     }
 }
@@ -108,6 +119,15 @@ enum Command {
         #[command(flatten)]
         args: compare::CompareArgs,
     },
+    /// TLS handshakes per second on one server's client gateway, and per CPU-second of the
+    /// server (full and resumed handshakes).
+    Handshakes {
+        /// Small sizes.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        args: handshakes::HandshakeArgs,
+    },
     /// (internal) A route and servers in this process, for the bench parent to drive.
     #[command(hide = true)]
     Cluster(cluster::ClusterArgs),
@@ -135,7 +155,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     &[false, true]
                 };
-                vec![login::run(&args, common.route.clone(), modes, common.quick).await?]
+                vec![login::run(&args, &common.setup(), modes, common.quick).await?]
             }
             Command::Fanout { common, args } => {
                 let target = cluster::start(&common.setup())?;
@@ -147,8 +167,9 @@ fn main() -> anyhow::Result<()> {
             Command::P2p { common, args } => {
                 let target = cluster::start(&common.setup())?;
                 eprintln!("p2p against {}", target.label);
+                let pid = target.cluster.as_ref().map(cluster::ChildProc::pid);
                 vec![
-                    p2p::run(&target.route, &args, common.quick, &target.label)
+                    p2p::run(&target.route, &args, common.quick, &target.label, pid)
                         .await?
                         .0,
                 ]
@@ -158,6 +179,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Failover { quick, args } => vec![failover::run(&args, quick).await?],
             Command::Connections { quick, args } => vec![connections::run(&args, quick).await?],
+            Command::Handshakes { quick, args } => vec![handshakes::run(&args, quick).await?],
             Command::Cluster(_) | Command::Server(_) => unreachable!("handled above"),
         };
         for t in tables {

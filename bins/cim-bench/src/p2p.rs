@@ -17,7 +17,7 @@ use cim_core::client::ClientEvent;
 use cim_core::ids::ConvId;
 use hdrhistogram::Histogram;
 
-use crate::util::{self, Table, f2, int};
+use crate::util::{self, Table, f1, f2, int};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct P2pArgs {
@@ -51,13 +51,16 @@ pub struct Step {
     pub secs: f64,
     pub latency_us: Histogram<u64>,
     pub from_due_us: Histogram<u64>,
+    /// CPU seconds of the cluster process over the step (sending and the tail's drain).
+    pub cluster_cpu: Option<f64>,
 }
 
 pub async fn run(
-    route: &(String, u16),
+    route: &crate::util::Route,
     args: &P2pArgs,
     quick: bool,
     label: &str,
+    cluster_pid: Option<u32>,
 ) -> anyhow::Result<(Table, Vec<Step>)> {
     let pairs = args.pairs.unwrap_or(if quick { 5 } else { 100 });
     let rates = if args.rates.is_empty() {
@@ -116,6 +119,7 @@ pub async fn run(
     for (index, &rate) in rates.iter().enumerate() {
         let total = rate * seconds;
         let bar = util::bar(total, &format!("{rate}/s"));
+        let cpu0 = cluster_pid.and_then(util::cpu_seconds);
         let start_stamp = util::stamp();
         let started = util::now();
         // The schedule runs on a thread of its own, sleeping with the OS timer (tens of
@@ -157,6 +161,7 @@ pub async fn run(
         while util::now() < drain_until && hists.lock().expect("held briefly")[index].0 < sent {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let cpu1 = cluster_pid.and_then(util::cpu_seconds);
         bar.finish_and_clear();
         let (delivered, latency_us, from_due_us) = {
             let h = hists.lock().expect("held briefly");
@@ -169,6 +174,7 @@ pub async fn run(
             secs: send_secs,
             latency_us,
             from_due_us,
+            cluster_cpu: cpu0.zip(cpu1).map(|(a, b)| b - a),
         });
     }
     for (client, _) in senders {
@@ -188,6 +194,7 @@ pub async fn run(
             "p99 ms",
             "p999 ms",
             "from due: p50 / p99 ms",
+            "cluster CPU µs / msg",
         ],
     );
     for s in &steps {
@@ -201,6 +208,10 @@ pub async fn run(
             f2(p99),
             f2(p999),
             format!("{} / {}", f2(due50), f2(due99)),
+            s.cluster_cpu.map_or(
+                "-".into(),
+                |cpu| f1(1e6 * cpu / (s.delivered.max(1) as f64)),
+            ),
         ]);
     }
     let best = steps
@@ -211,6 +222,7 @@ pub async fn run(
     table.row(vec![
         "highest rate with p99 (from due) < 10 ms".into(),
         best.map_or("none of those tried".into(), |r| int(r as f64)),
+        String::new(),
         String::new(),
         String::new(),
         String::new(),

@@ -14,7 +14,7 @@ use crate::cluster::{self, ChildProc};
 /// Redis, ZooKeeper, the route process and the server processes.
 #[derive(Debug)]
 pub struct Deployment {
-    pub route: (String, u16),
+    pub route: crate::util::Route,
     /// Kept running for the deployment's lifetime.
     pub _route_proc: ChildProc,
     pub servers: Vec<ChildProc>,
@@ -42,7 +42,7 @@ pub async fn deploy(servers: usize, zk_session_timeout: &str) -> anyhow::Result<
         ])
         .args(["--zk-root", &root]);
     cluster::child_env(&mut route_cmd);
-    let (route, route_proc) = cluster::spawn_cluster(route_cmd, "route")?;
+    let (route, _, route_proc) = cluster::spawn_cluster(route_cmd, "route")?;
     let mut procs = Vec::new();
     for i in 1..=servers {
         procs.push(cluster::spawn_server(
@@ -53,7 +53,7 @@ pub async fn deploy(servers: usize, zk_session_timeout: &str) -> anyhow::Result<
             zk_session_timeout,
         )?);
     }
-    let addr: SocketAddr = format!("{}:{}", route.0, route.1).parse()?;
+    let addr: SocketAddr = route.addr().parse()?;
     for _ in 0..300 {
         let metrics = http_get(addr, "/metrics").await.unwrap_or_default();
         let up = metrics

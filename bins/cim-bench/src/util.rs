@@ -10,7 +10,8 @@ use cim_core::client::{ClientConfig, ClientEvent};
 use cim_core::ids::UserId;
 use cim_io::clock::Clock;
 use cim_io::net::{Network, TokioNet};
-use cim_io::sdk::{Client, Events, RouteApi, SdkOptions};
+use cim_io::sdk::{Client, Events, RouteApi, SdkOptions, SdkTls};
+use cim_io::tls::{ClientTls, ClientTlsSettings};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -68,23 +69,85 @@ pub fn bar(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// host and port of `--route` (`http://host:port`, `host:port`).
-pub fn parse_route(route: &str) -> anyhow::Result<(String, u16)> {
+/// Where the route is, and the TLS the bench's clients speak to it and to the servers
+/// (`None`: plaintext).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<ClientTls>,
+}
+
+impl Route {
+    /// `host:port` (for a plain TCP connection, e.g. `/metrics`).
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The same route over HTTPS, its certificates (and the servers') checked against `ca`.
+    pub fn with_ca(mut self, ca: &std::path::Path) -> anyhow::Result<Self> {
+        let tls = ClientTls::load(ClientTlsSettings {
+            ca: Some(ca.to_owned()),
+            ..ClientTlsSettings::default()
+        })
+        .with_context(|| format!("loading the CA {}", ca.display()))?;
+        self.tls = Some(tls);
+        Ok(self)
+    }
+}
+
+/// `--route`: `host:port`, `http://host:port`, or `https://host:port` (then `ca` is the CA
+/// file to trust; the system's roots without it).
+pub fn parse_route_url(route: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Route> {
+    match route.strip_prefix("https://") {
+        Some(rest) => {
+            let plain = parse_route(rest)?;
+            match ca {
+                Some(ca) => plain.with_ca(ca),
+                None => Ok(Route {
+                    tls: Some(
+                        ClientTls::load(ClientTlsSettings::default())
+                            .context("the system's trusted roots (or give --ca)")?,
+                    ),
+                    ..plain
+                }),
+            }
+        }
+        None if ca.is_some() => bail!("--ca is for an https:// --route"),
+        None => parse_route(route),
+    }
+}
+
+/// host and port of a plain route (`http://host:port`, `host:port`).
+pub fn parse_route(route: &str) -> anyhow::Result<Route> {
     let bare = route
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_owned();
     let (host, port) = bare.rsplit_once(':').context("--route is host:port")?;
-    Ok((host.to_owned(), port.parse().context("--route: bad port")?))
+    Ok(Route {
+        host: host.to_owned(),
+        port: port.parse().context("--route: bad port")?,
+        tls: None,
+    })
 }
 
-pub fn route_api(route: &(String, u16)) -> RouteApi<TokioNet> {
-    RouteApi::new(TokioNet, route.0.clone(), route.1, Duration::from_secs(30))
+pub fn route_api(route: &Route) -> RouteApi<TokioNet> {
+    let api = RouteApi::new(
+        TokioNet,
+        route.host.clone(),
+        route.port,
+        Duration::from_secs(30),
+    );
+    match &route.tls {
+        Some(tls) => api.with_tls(tls.clone()),
+        None => api,
+    }
 }
 
 /// Registers `n` users named `<prefix>-<i>`, `concurrency` at a time.
 pub async fn register_users(
-    route: &(String, u16),
+    route: &Route,
     prefix: &str,
     n: usize,
     concurrency: usize,
@@ -119,12 +182,16 @@ pub fn run_tag() -> String {
 /// One SDK client, started; call [`wait_online`] on its events.
 pub fn start_client<N: Network>(
     net: N,
-    route: &(String, u16),
+    route: &Route,
     user: UserId,
     name: &str,
 ) -> (Client<N>, Events) {
     let session = ClientConfig::new(user, name, PASSWORD, cim_io::launch::os_seed());
-    let options = SdkOptions::new(route.0.clone(), route.1, session);
+    let mut options = SdkOptions::new(route.host.clone(), route.port, session);
+    options.tls = route.tls.clone().map(|client| SdkTls {
+        client,
+        route_https: true,
+    });
     Client::start(net, Clock::System, options)
 }
 
@@ -148,7 +215,7 @@ pub async fn wait_online(events: &mut Events, within: Duration) -> anyhow::Resul
 
 /// Starts a client per user, `concurrency` logins at a time, each online before it counts.
 pub async fn start_clients(
-    route: &(String, u16),
+    route: &Route,
     users: &[(UserId, String)],
     concurrency: usize,
 ) -> anyhow::Result<Vec<(Client<TokioNet>, Events)>> {
@@ -159,7 +226,7 @@ pub async fn start_clients(
 /// [`start_clients`] over any network (e.g. one that spreads source addresses).
 pub async fn start_clients_on<N: Network>(
     net: N,
-    route: &(String, u16),
+    route: &Route,
     users: &[(UserId, String)],
     concurrency: usize,
 ) -> anyhow::Result<Vec<(Client<N>, Events, String)>> {

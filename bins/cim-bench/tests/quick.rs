@@ -66,6 +66,31 @@ fn p2p_delivers_every_message_at_each_rate() {
 }
 
 #[test]
+fn fanout_and_p2p_over_tls_deliver_everything() {
+    let out = bench(&["fanout", "--quick", "--tls"]);
+    assert!(out.contains("TLS (route HTTPS"), "not over TLS: {out}");
+    assert_eq!(row(&out, "cim-rs")[1], "200/200", "{out}");
+    let out = bench(&["p2p", "--quick", "--tls"]);
+    assert!(out.contains("TLS (route HTTPS"), "not over TLS: {out}");
+    assert_eq!(row(&out, "100")[2], "100", "{out}");
+}
+
+#[test]
+fn handshakes_are_counted_by_bench_and_server_alike() {
+    // The bench fails by itself on a refused handshake, or when none was resumed.
+    let out = bench(&["handshakes", "--quick", "--concurrency", "4"]);
+    for kind in ["TLS full", "TLS resumed"] {
+        let cells = row(&out, kind);
+        assert_eq!(cells[4], "0", "errors: {out}");
+        assert_ne!(cells[1], "0", "no handshakes: {out}");
+        assert_ne!(cells[2], "0", "the server counted none: {out}");
+    }
+    let baseline = row(&out, "plaintext (no TLS)");
+    assert_eq!(baseline[4], "0", "errors: {out}");
+    assert_ne!(baseline[1], "0", "no connections: {out}");
+}
+
+#[test]
 fn login_measures_both_stores_and_costs_without_failures() {
     if !installed(&["redis-server"]) {
         return;

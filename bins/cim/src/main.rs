@@ -1,8 +1,10 @@
 //! `cim up`: a whole cluster (one route, two servers) in one process, on the embedded store
 //! and registry unless `--redis` / `--zk` name real ones. Secrets are drawn at random: the
-//! three share them in memory.
+//! three share them in memory. `cim up --tls` also makes a throwaway CA and certificates at
+//! start and serves everything over TLS.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -19,6 +21,8 @@ use cim_io::registry::AnyRegistry;
 use cim_io::route::{self, RouteHandle, RouteOptions};
 use cim_io::server::{self, ServerHandle, ServerOptions};
 use cim_io::store::{RedisOptions, Store};
+use cim_io::tls::dev::DevPki;
+use cim_io::tls::setup::{RouteSide, ServerSide, TlsFlags};
 
 mod smoke;
 
@@ -44,9 +48,14 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct SmokeArgs {
-    /// The route's HTTP API, host:port.
+    /// The route's HTTP API: host:port, http://host:port, or https://host:port (then every
+    /// server must speak TLS too).
     #[arg(long, env = "CIM_ROUTE", default_value = "127.0.0.1:8083")]
     route: String,
+    /// PEM file of the CA to trust for the route's and the servers' certificates (e.g. the
+    /// `ca.pem` of `cim up --tls`); default the system's roots.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// Give up after this long.
     #[arg(long, default_value = "30s", value_parser = launch::parse_duration)]
     timeout: std::time::Duration,
@@ -78,16 +87,31 @@ struct UpArgs {
     /// limit. Default: the route's and the servers' own defaults, lowered the same way.
     #[arg(long, env = "CIM_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Serve everything over TLS: the route's HTTPS, both servers' client gateways, and
+    /// mutual TLS on the internal links. A throwaway CA and certificates for 127.0.0.1,
+    /// localhost and --host are made at start; the CA's path and the client command that
+    /// trusts it are printed.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: write the CA, certificates and keys (owner-only) into this directory
+    /// (created owner-only if missing, kept after the cluster stops) instead of a fresh
+    /// temporary one (deleted when the cluster stops).
+    #[arg(long, value_name = "DIR", requires = "tls")]
+    tls_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Up(args) => {
             launch::init_tracing("warn,cim_io=info");
-            tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .build()?
-                .block_on(up(args))
+                .build()?;
+            let outcome = runtime.block_on(up(args));
+            // The control terminal is read by a blocking thread that no signal interrupts:
+            // waiting for it (dropping the runtime) would hang after Ctrl-C until Enter.
+            runtime.shutdown_background();
+            outcome
         }
         Command::Smoke(args) => {
             launch::init_tracing("warn");
@@ -95,7 +119,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(async {
-                    tokio::time::timeout(args.timeout, smoke::run(&args.route))
+                    tokio::time::timeout(args.timeout, smoke::run(&args.route, args.ca.as_deref()))
                         .await
                         .map_err(|_| {
                             anyhow::anyhow!("smoke check timed out after {:?}", args.timeout)
@@ -150,6 +174,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     )?;
     let ticket_secret = launch::random_secret();
     let link_secret = launch::random_secret();
+    let tls = UpTls::make(&args).context("making the TLS certificates (--tls)")?;
 
     let mut servers = Vec::new();
     let mut server_options = Vec::new();
@@ -164,6 +189,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let mut options = ServerOptions::new(node, link_secret.clone());
         options.listen_ip = args.host;
         options.advertise_host = args.host.to_string();
+        // Kept in `server_options`, so a server the terminal restarts speaks TLS again.
+        if let Some(tls) = &tls {
+            options.gateway_tls = Some(tls.server.gateway.clone());
+            options.link_tls = Some(tls.server.link.clone());
+        }
         if args.any_ports {
             (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
         } else {
@@ -197,11 +227,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     options.http_listen = SocketAddr::new(args.host, args.route_port);
     options.seed = launch::os_seed();
     options.http.max_connections = route_max;
+    if let Some(tls) = &tls {
+        options.https = Some(tls.route.https.clone());
+        options.link_tls = Some(tls.route.links.clone());
+    }
     let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .context("starting the route")?;
 
-    print_welcome(&route, &servers, args.redis.is_some(), args.zk.is_some());
+    print_welcome(
+        &route,
+        &servers,
+        args.redis.is_some(),
+        args.zk.is_some(),
+        tls.as_ref(),
+    );
     let mut servers: Vec<Option<ServerHandle>> = servers.into_iter().map(Some).collect();
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut reading = true;
@@ -225,7 +265,97 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     route.shutdown().await;
+    if let Some(UpTls {
+        temp: Some(temp), ..
+    }) = tls
+    {
+        let dir = temp.path().to_owned();
+        match temp.close() {
+            Ok(()) => println!("deleted the TLS directory {}", dir.display()),
+            Err(error) => {
+                tracing::warn!(%error, dir = %dir.display(), "could not delete the TLS directory")
+            }
+        }
+    }
     Ok(())
+}
+
+/// `cim up --tls`: a throwaway CA, a route and a server certificate signed by it, and the
+/// listeners' and dialers' TLS made from them exactly as `cim-route` and `cim-server` make
+/// theirs from `--tls-cert`, `--tls-key` and `--tls-ca`.
+struct UpTls {
+    pki: DevPki,
+    /// The directory the files are in, when it is a fresh temporary one: deleted at the end.
+    temp: Option<tempfile::TempDir>,
+    server: ServerSide,
+    route: RouteSide,
+}
+
+impl UpTls {
+    fn make(args: &UpArgs) -> anyhow::Result<Option<Self>> {
+        if !args.tls {
+            return Ok(None);
+        }
+        let (dir, temp) = match &args.tls_dir {
+            Some(dir) => {
+                private_dir(dir)?;
+                (std::path::absolute(dir)?, None)
+            }
+            None => {
+                // A fresh random name under $TMPDIR, readable by this user only.
+                let temp = tempfile::Builder::new()
+                    .prefix("cim-up-tls-")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .tempdir()
+                    .context("creating a temporary directory")?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
+        let host = args.host.to_string();
+        let mut hosts = vec!["127.0.0.1", "localhost"];
+        if !hosts.contains(&host.as_str()) {
+            hosts.push(&host);
+        }
+        let pki = DevPki::generate(&dir, &hosts)
+            .with_context(|| format!("writing certificates into {}", dir.display()))?;
+        let server = ServerSide::load(&TlsFlags {
+            cert: Some(pki.server_cert.clone()),
+            key: Some(pki.server_key.clone()),
+            ca: Some(pki.ca.clone()),
+            accept_plaintext: false,
+        })?
+        .context("the servers' TLS is on when given files")?;
+        let route = RouteSide::load(&TlsFlags {
+            cert: Some(pki.route_cert.clone()),
+            key: Some(pki.route_key.clone()),
+            ca: Some(pki.ca.clone()),
+            accept_plaintext: false,
+        })?
+        .context("the route's TLS is on when given files")?;
+        Ok(Some(Self {
+            pki,
+            temp,
+            server,
+            route,
+        }))
+    }
+
+    fn dir(&self) -> &Path {
+        self.pki.ca.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// Creates `dir` (and its parents) readable by its owner only, unless it exists.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 const CONTROL_HELP: &str = "commands: restart <s1|s2> (stop gracefully, start again), \
@@ -338,15 +468,27 @@ fn client_command() -> (String, bool) {
     }
 }
 
-fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk: bool) {
+fn print_welcome(
+    route: &RouteHandle,
+    servers: &[ServerHandle],
+    redis: bool,
+    zk: bool,
+    tls: Option<&UpTls>,
+) {
     let http = route.http_addr();
-    println!("cim up: a route and two servers are running in this process");
-    println!("  route     http://{http}  (API: http://{http}/openapi.json)");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if tls.is_some() {
+        println!("cim up: a route and two servers are running in this process, all over TLS");
+    } else {
+        println!("cim up: a route and two servers are running in this process");
+    }
+    println!("  route     {scheme}://{http}  (API: {scheme}://{http}/openapi.json)");
     for s in servers {
         println!(
-            "  server {}  clients {}  health http://{}/health",
+            "  server {}  clients {}{}  health http://{}/health",
             s.server_id(),
             s.client_addr(),
+            if tls.is_some() { " (TLS)" } else { "" },
             s.http_addr()
         );
     }
@@ -359,14 +501,36 @@ fn print_welcome(route: &RouteHandle, servers: &[ServerHandle], redis: bool, zk:
         },
         if zk { "ZooKeeper" } else { "embedded" }
     );
+    let mut trust = String::new();
+    if let Some(tls) = tls {
+        println!(
+            "  TLS: a throwaway CA made at start signed the route's and the servers' certificates \
+             (127.0.0.1, localhost); the internal links are mutual TLS."
+        );
+        println!(
+            "  Files (keys readable by you only) in {}{}",
+            tls.dir().display(),
+            if tls.temp.is_some() {
+                ", a temporary directory deleted when this stops"
+            } else {
+                ""
+            }
+        );
+        println!("  CA certificate: {}", tls.pki.ca.display());
+        trust = format!(" --ca {}", tls.pki.ca.display());
+    }
     println!();
     let (client, built) = client_command();
     if !built {
         println!("Build the console client once: cargo build --release -p cim-client");
     }
-    println!("Chat from two other terminals:");
+    if tls.is_some() {
+        println!("Chat from two other terminals (--ca makes the client trust this run's CA):");
+    } else {
+        println!("Chat from two other terminals:");
+    }
     for name in ["alice", "bob"] {
-        println!("  {client} --route http://{http} --user {name}");
+        println!("  {client} --route {scheme}://{http}{trust} --user {name}");
     }
     println!(
         "(the first run registers the name and asks for a password, at least 8 characters); then type a line to talk to \

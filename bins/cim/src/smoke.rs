@@ -1,6 +1,8 @@
 //! `cim smoke`: the end-to-end check CI runs against `cim up`. Two fresh users register, log
-//! in through the SDK, and exchange a group message and a private message each way.
+//! in through the SDK, and exchange a group message and a private message each way. Over
+//! TLS when the route is `https://` (against `cim up --tls`, with `--ca` its CA file).
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -11,14 +13,69 @@ use cim_core::ids::{ConvId, UserId};
 use cim_io::clock::Clock;
 use cim_io::launch;
 use cim_io::net::TokioNet;
-use cim_io::sdk::{Client, Events, RouteApi, SdkOptions};
+use cim_io::sdk::{Client, Events, RouteApi, SdkOptions, SdkTls};
+use cim_io::tls::{ClientTls, ClientTlsSettings};
 
 const PASSWORD: &str = "smoke-password";
 
-pub async fn run(route: &str) -> anyhow::Result<()> {
-    let (host, port) = route.rsplit_once(':').context("--route is host:port")?;
-    let port: u16 = port.parse().context("--route: bad port")?;
-    let api = RouteApi::new(TokioNet, host, port, Duration::from_secs(5));
+/// Where the route is: `host:port`, `http://host:port[/]` or `https://host:port[/]`.
+#[derive(Debug, PartialEq, Eq)]
+struct RouteAddr {
+    host: String,
+    port: u16,
+    https: bool,
+}
+
+fn parse_route(text: &str) -> anyhow::Result<RouteAddr> {
+    let (https, rest) = match text.split_once("://") {
+        None => (false, text),
+        Some(("http", rest)) => (false, rest),
+        Some(("https", rest)) => (true, rest),
+        Some(_) => bail!("--route {text:?}: only http:// and https:// are supported"),
+    };
+    let (host, port) = rest
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .with_context(|| format!("--route {text:?}: expected host:port"))?;
+    let port = port
+        .parse()
+        .with_context(|| format!("--route {text:?}: bad port"))?;
+    let host = host.trim_matches(['[', ']']);
+    if host.is_empty() {
+        bail!("--route {text:?}: no host");
+    }
+    Ok(RouteAddr {
+        host: host.to_owned(),
+        port,
+        https,
+    })
+}
+
+/// The SDK's TLS: with an https route, or a `--ca` (then servers that expect TLS are
+/// reached over it even behind a plain route). Never a fallback to plaintext.
+fn sdk_tls(route: &RouteAddr, ca: Option<&Path>) -> anyhow::Result<Option<SdkTls>> {
+    if !route.https && ca.is_none() {
+        return Ok(None);
+    }
+    let client = ClientTls::load(ClientTlsSettings {
+        ca: ca.map(Path::to_owned),
+        ..ClientTlsSettings::default()
+    })
+    .context("loading the trusted certificates")?;
+    Ok(Some(SdkTls {
+        client,
+        route_https: route.https,
+    }))
+}
+
+pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
+    let route = parse_route(route)?;
+    let tls = sdk_tls(&route, ca)?;
+    let (host, port) = (route.host.as_str(), route.port);
+    let mut api = RouteApi::new(TokioNet, host, port, Duration::from_secs(5));
+    if let Some(tls) = tls.as_ref().filter(|tls| tls.route_https) {
+        api = api.with_tls(tls.client.clone());
+    }
     // Fresh names each run, so the check also works against a long-running cluster.
     let tag = launch::os_seed() % 1_000_000_000;
     let mut users = Vec::new();
@@ -40,7 +97,7 @@ pub async fn run(route: &str) -> anyhow::Result<()> {
             session: ClientConfig::new(*user, name.clone(), PASSWORD, launch::os_seed()),
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
-            tls: None,
+            tls: tls.clone(),
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);
         let server = wait_online(&mut events).await?;
@@ -99,4 +156,29 @@ async fn wait_message(events: &mut Events, conv: &ConvId, text: &str) -> anyhow:
         }
     }
     bail!("client ended before receiving {text:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_parse_with_and_without_a_scheme() {
+        let ok = |host: &str, port, https| RouteAddr {
+            host: host.to_owned(),
+            port,
+            https,
+        };
+        for (text, want) in [
+            ("127.0.0.1:8083", ok("127.0.0.1", 8083, false)),
+            ("http://127.0.0.1:8083/", ok("127.0.0.1", 8083, false)),
+            ("https://localhost:18083", ok("localhost", 18083, true)),
+            ("https://[::1]:443/", ok("::1", 443, true)),
+        ] {
+            assert_eq!(parse_route(text).unwrap(), want, "{text}");
+        }
+        for bad in ["nohost", "ftp://a:1", "https://:1", "a:b", "a:99999"] {
+            assert!(parse_route(bad).is_err(), "{bad}");
+        }
+    }
 }
