@@ -817,3 +817,32 @@ async fn a_client_that_reached_the_route_over_tls_never_chats_in_plaintext() {
     }
     client.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificates() {
+    let pki = Pki::new("sighup");
+    let (cert, key) = pki.leaf("gateway", &LeafSpec::new(HOSTS, Some(Role::Server)));
+    let gateway =
+        ServerTls::load(ServerTlsSettings::new("gateway", cert.clone(), key.clone())).unwrap();
+    // The file watcher would take an hour: only the signal can explain a reload.
+    cim_io::tls::reload::spawn_reloader(
+        vec![cim_io::tls::reload::Reloadable::Server(gateway.clone())],
+        Duration::from_secs(3600),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let before = load_i64(&gateway.stats().cert_not_after);
+    let mut renewed = LeafSpec::new(HOSTS, Some(Role::Server));
+    renewed.days_from_now = (-1, 120);
+    let fresh = pki.ca.issue(&renewed).unwrap();
+    replace(&key, &fresh.key);
+    replace(&cert, &fresh.cert);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("SIGHUP reloaded the certificate", || {
+        load(&gateway.stats().reloads) == 1 && load_i64(&gateway.stats().cert_not_after) > before
+    })
+    .await;
+}

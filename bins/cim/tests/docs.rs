@@ -22,6 +22,9 @@ use cim_io::registry::MemoryRegistry;
 use cim_io::route::{self, RouteOptions};
 use cim_io::server::{self, ServerOptions};
 use cim_io::store::{MemoryBackend, Store};
+use cim_io::tls::dev::DevPki;
+use cim_io::tls::setup::{RouteSide, ServerSide, TlsFlags};
+use cim_io::tls::{ClientTls, ClientTlsSettings};
 use clap::CommandFactory;
 use hyper::{Method, StatusCode};
 
@@ -287,8 +290,11 @@ const TICKET_SECRET: &[u8] = b"docs-test-ticket-secret";
 const LINK_SECRET: &[u8] = b"docs-test-link-secret";
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-async fn get_metrics(port: u16) -> String {
-    let http = HttpClient::new(TokioNet, "127.0.0.1", port, Duration::from_secs(5));
+async fn get_metrics(port: u16, tls: Option<&ClientTls>) -> String {
+    let mut http = HttpClient::new(TokioNet, "127.0.0.1", port, Duration::from_secs(5));
+    if let Some(tls) = tls {
+        http = http.with_tls(tls.clone());
+    }
     let (status, body) = http
         .request(Method::GET, "/metrics", None, None)
         .await
@@ -297,15 +303,36 @@ async fn get_metrics(port: u16) -> String {
     String::from_utf8(body.to_vec()).expect("metrics are text")
 }
 
-/// A server and a route in this process (memory store and registry, free ports), and the
-/// families their `/metrics` expose.
+/// A server and a route in this process (memory store and registry, free ports, TLS on so
+/// the TLS families show), and the families their `/metrics` expose.
 async fn exposed_families() -> BTreeMap<String, String> {
+    let dir = std::env::temp_dir().join(format!("cim-docs-tls-{}", std::process::id()));
+    let pki = DevPki::generate(&dir, &["127.0.0.1"]).expect("throwaway certificates");
+    let flags = |cert: &std::path::Path, key: &std::path::Path| TlsFlags {
+        cert: Some(cert.to_owned()),
+        key: Some(key.to_owned()),
+        ca: Some(pki.ca.clone()),
+        accept_plaintext: false,
+    };
+    let server_tls = ServerSide::load(&flags(&pki.server_cert, &pki.server_key))
+        .expect("server TLS")
+        .expect("TLS on");
+    let route_tls = RouteSide::load(&flags(&pki.route_cert, &pki.route_key))
+        .expect("route TLS")
+        .expect("TLS on");
+    let trust = ClientTls::load(ClientTlsSettings {
+        ca: Some(pki.ca.clone()),
+        ..ClientTlsSettings::default()
+    })
+    .expect("the CA loads");
     let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
     let registry = MemoryRegistry::new();
     let node = ServerConfig::new(ServerId::new("s1"), TicketKeys::new(1, TICKET_SECRET));
     let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
     options.listen_ip = LOCALHOST;
     (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+    options.gateway_tls = Some(server_tls.gateway);
+    options.link_tls = Some(server_tls.link);
     let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .expect("server starts");
@@ -316,14 +343,18 @@ async fn exposed_families() -> BTreeMap<String, String> {
         LINK_SECRET.to_vec(),
     );
     options.http_listen = SocketAddr::new(LOCALHOST, 0);
+    options.https = Some(route_tls.https);
+    options.link_tls = Some(route_tls.links);
     let route = route::start(TokioNet, Clock::System, options, store, &registry)
         .await
         .expect("route starts");
 
-    let server_text = get_metrics(server.http_addr().port()).await;
-    let route_text = get_metrics(route.http_addr().port()).await;
+    // The server's `/metrics` port stays plain HTTP; the route's API listener is HTTPS.
+    let server_text = get_metrics(server.http_addr().port(), None).await;
+    let route_text = get_metrics(route.http_addr().port(), Some(&trust)).await;
     server.abort();
     route.abort();
+    let _ = std::fs::remove_dir_all(&dir);
 
     let server_families = families(&server_text);
     let route_families = families(&route_text);
