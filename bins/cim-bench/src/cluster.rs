@@ -419,7 +419,7 @@ pub fn spawn_cluster(
         match lines.next() {
             Some(Ok(line)) => {
                 if let Some(addr) = line.strip_prefix("ROUTE ") {
-                    break crate::util::parse_route(addr)?;
+                    break crate::util::parse_route_url(addr, None)?;
                 }
                 if let Some(server) = line.strip_prefix("SERVER ") {
                     let words: Vec<&str> = server.split_whitespace().collect();

@@ -99,37 +99,24 @@ impl Route {
 /// `--route`: `host:port`, `http://host:port`, or `https://host:port` (then `ca` is the CA
 /// file to trust; the system's roots without it).
 pub fn parse_route_url(route: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Route> {
-    match route.strip_prefix("https://") {
-        Some(rest) => {
-            let plain = parse_route(rest)?;
-            match ca {
-                Some(ca) => plain.with_ca(ca),
-                None => Ok(Route {
-                    tls: Some(
-                        ClientTls::load(ClientTlsSettings::default())
-                            .context("the system's trusted roots (or give --ca)")?,
-                    ),
-                    ..plain
-                }),
-            }
-        }
-        None if ca.is_some() => bail!("--ca is for an https:// --route"),
-        None => parse_route(route),
-    }
-}
-
-/// host and port of a plain route (`http://host:port`, `host:port`).
-pub fn parse_route(route: &str) -> anyhow::Result<Route> {
-    let bare = route
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let (host, port) = bare.rsplit_once(':').context("--route is host:port")?;
-    Ok(Route {
-        host: host.to_owned(),
-        port: port.parse().context("--route: bad port")?,
+    let addr = cim_io::sdk::RouteAddr::parse(route).map_err(anyhow::Error::msg)?;
+    let plain = Route {
+        host: addr.host,
+        port: addr.port,
         tls: None,
-    })
+    };
+    match (addr.https, ca) {
+        (false, None) => Ok(plain),
+        (false, Some(_)) => bail!("--ca is for an https:// --route"),
+        (true, Some(ca)) => plain.with_ca(ca),
+        (true, None) => Ok(Route {
+            tls: Some(
+                ClientTls::load(ClientTlsSettings::default())
+                    .context("the system's trusted roots (or give --ca)")?,
+            ),
+            ..plain
+        }),
+    }
 }
 
 pub fn route_api(route: &Route) -> RouteApi<TokioNet> {

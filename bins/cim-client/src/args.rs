@@ -65,70 +65,9 @@ pub struct Args {
     pub no_color: bool,
 }
 
-/// Where the route is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteAddr {
-    pub host: String,
-    pub port: u16,
-    pub https: bool,
-}
-
-/// `host:port`, `http://host:port[/]` or `https://host:port[/]`.
-pub fn parse_route(text: &str) -> Result<RouteAddr, String> {
-    let (https, rest) = match text.split_once("://") {
-        None => (false, text),
-        Some(("http", rest)) => (false, rest),
-        Some(("https", rest)) => (true, rest),
-        Some(_) => {
-            return Err(format!(
-                "--route {text:?}: only http:// and https:// are supported"
-            ));
-        }
-    };
-    let bare = rest.trim_end_matches('/');
-    let (host, port) = bare
-        .rsplit_once(':')
-        .ok_or_else(|| format!("--route {text:?}: expected host:port"))?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("--route {text:?}: bad port"))?;
-    let host = host.trim_matches(['[', ']']);
-    if host.is_empty() {
-        return Err(format!("--route {text:?}: no host"));
-    }
-    Ok(RouteAddr {
-        host: host.to_owned(),
-        port,
-        https,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_parse() {
-        let ok = |h: &str, port, https| {
-            Ok(RouteAddr {
-                host: h.to_owned(),
-                port,
-                https,
-            })
-        };
-        for (text, want) in [
-            ("127.0.0.1:8083", ok("127.0.0.1", 8083, false)),
-            ("http://127.0.0.1:8083", ok("127.0.0.1", 8083, false)),
-            ("http://localhost:80/", ok("localhost", 80, false)),
-            ("https://chat.example:443/", ok("chat.example", 443, true)),
-            ("[::1]:80", ok("::1", 80, false)),
-        ] {
-            assert_eq!(parse_route(text), want, "{text}");
-        }
-        for bad in ["nohost", "ftp://a:1", "https://:1", ":80", "a:b", "a:99999"] {
-            assert!(parse_route(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn help_is_complete() {

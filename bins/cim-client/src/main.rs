@@ -56,8 +56,8 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args::RouteAddr { host, port, https } =
-        args::parse_route(&args.route).map_err(|e| anyhow!(e))?;
+    let cim_io::sdk::RouteAddr { host, port, https } =
+        cim_io::sdk::RouteAddr::parse(&args.route).map_err(|e| anyhow!(e))?;
     let route = format!("{host}:{port}");
     let tls = client_tls(args.ca.clone(), https)?;
     let interactive = !args.batch && args.send.is_empty() && std::io::stdin().is_terminal();

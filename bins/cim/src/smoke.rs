@@ -13,43 +13,10 @@ use cim_core::ids::{ConvId, UserId};
 use cim_io::clock::Clock;
 use cim_io::launch;
 use cim_io::net::TokioNet;
-use cim_io::sdk::{Client, Events, RouteApi, SdkOptions, SdkTls};
+use cim_io::sdk::{Client, Events, RouteAddr, RouteApi, SdkOptions, SdkTls};
 use cim_io::tls::{ClientTls, ClientTlsSettings};
 
 const PASSWORD: &str = "smoke-password";
-
-/// Where the route is: `host:port`, `http://host:port[/]` or `https://host:port[/]`.
-#[derive(Debug, PartialEq, Eq)]
-struct RouteAddr {
-    host: String,
-    port: u16,
-    https: bool,
-}
-
-fn parse_route(text: &str) -> anyhow::Result<RouteAddr> {
-    let (https, rest) = match text.split_once("://") {
-        None => (false, text),
-        Some(("http", rest)) => (false, rest),
-        Some(("https", rest)) => (true, rest),
-        Some(_) => bail!("--route {text:?}: only http:// and https:// are supported"),
-    };
-    let (host, port) = rest
-        .trim_end_matches('/')
-        .rsplit_once(':')
-        .with_context(|| format!("--route {text:?}: expected host:port"))?;
-    let port = port
-        .parse()
-        .with_context(|| format!("--route {text:?}: bad port"))?;
-    let host = host.trim_matches(['[', ']']);
-    if host.is_empty() {
-        bail!("--route {text:?}: no host");
-    }
-    Ok(RouteAddr {
-        host: host.to_owned(),
-        port,
-        https,
-    })
-}
 
 /// The SDK's TLS: with an https route, or a `--ca` (then servers that expect TLS are
 /// reached over it even behind a plain route). Never a fallback to plaintext.
@@ -69,7 +36,7 @@ fn sdk_tls(route: &RouteAddr, ca: Option<&Path>) -> anyhow::Result<Option<SdkTls
 }
 
 pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
-    let route = parse_route(route)?;
+    let route = RouteAddr::parse(route).map_err(anyhow::Error::msg)?;
     let tls = sdk_tls(&route, ca)?;
     let (host, port) = (route.host.as_str(), route.port);
     let mut api = RouteApi::new(TokioNet, host, port, Duration::from_secs(5));
@@ -156,29 +123,4 @@ async fn wait_message(events: &mut Events, conv: &ConvId, text: &str) -> anyhow:
         }
     }
     bail!("client ended before receiving {text:?}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_parse_with_and_without_a_scheme() {
-        let ok = |host: &str, port, https| RouteAddr {
-            host: host.to_owned(),
-            port,
-            https,
-        };
-        for (text, want) in [
-            ("127.0.0.1:8083", ok("127.0.0.1", 8083, false)),
-            ("http://127.0.0.1:8083/", ok("127.0.0.1", 8083, false)),
-            ("https://localhost:18083", ok("localhost", 18083, true)),
-            ("https://[::1]:443/", ok("::1", 443, true)),
-        ] {
-            assert_eq!(parse_route(text).unwrap(), want, "{text}");
-        }
-        for bad in ["nohost", "ftp://a:1", "https://:1", "a:b", "a:99999"] {
-            assert!(parse_route(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -25,6 +25,7 @@
 //! entropy at every start ([`os_seed`]); fixed seeds are for tests and simulations.
 
 mod driver;
+mod route_addr;
 pub mod route_api;
 pub mod state_file;
 
@@ -38,6 +39,7 @@ use crate::clock::Clock;
 use crate::net::Network;
 use crate::tls::ClientTls;
 
+pub use route_addr::RouteAddr;
 pub use route_api::{ApiError, RouteApi};
 
 /// Everything [`Client::start`] needs besides the network and the clock.
