@@ -228,7 +228,7 @@ impl Deployment {
 async fn tls_deployment(pki: &Pki) -> Deployment {
     let mut d = Deployment::new();
     for id in ["s1", "s2"] {
-        let tls = ServerSide::load(&pki.flags(id, Role::Server)).unwrap();
+        let tls = ServerSide::load(&pki.flags(id, Role::Server), "127.0.0.1").unwrap();
         d.server(id, tls).await;
     }
     for id in ["r1", "r2"] {
@@ -370,7 +370,7 @@ async fn links_refuse_a_certificate_of_another_ca_or_of_the_wrong_role() {
     let mut d = Deployment::new();
     d.server(
         "s1",
-        ServerSide::load(&pki.flags("s1", Role::Server)).unwrap(),
+        ServerSide::load(&pki.flags("s1", Role::Server), "127.0.0.1").unwrap(),
     )
     .await;
     let link = d.server_tls(0).link.stats().clone();
@@ -698,7 +698,8 @@ async fn a_migration_takes_tls_and_plaintext_on_the_same_ports() {
     let mut d = Deployment::new();
     let mut flags = pki.flags("s1", Role::Server);
     flags.accept_plaintext = true;
-    d.server("s1", ServerSide::load(&flags).unwrap()).await;
+    d.server("s1", ServerSide::load(&flags, "127.0.0.1").unwrap())
+        .await;
     // One route not yet switched (plaintext links, plain HTTP), one switched.
     d.route("old", None).await;
     d.route(
@@ -845,4 +846,40 @@ async fn sighup_reloads_the_certificates() {
         load(&gateway.stats().reloads) == 1 && load_i64(&gateway.stats().cert_not_after) > before
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_no_peer_would_accept_is_refused_by_both_listeners_alike() {
+    let pki = Pki::new("consistent");
+    let flags = pki.flags("s1", Role::Server);
+    // Not valid for the advertised host: refused at start, naming the host.
+    let error = ServerSide::load(&flags, "chat.example").unwrap_err();
+    assert!(error.to_string().contains("chat.example"), "{error}");
+
+    let side = ServerSide::load(&flags, "127.0.0.1").unwrap().unwrap();
+    let (gateway, link) = (side.gateway.stats().clone(), side.link.stats().clone());
+    // A route's certificate written over the server's: the link would refuse it, so the
+    // gateway must too (no half-applied reload).
+    let wrong_role = pki
+        .ca
+        .issue(&LeafSpec::new(HOSTS, Some(Role::Route)))
+        .unwrap();
+    replace(flags.key.as_ref().unwrap(), &wrong_role.key);
+    replace(flags.cert.as_ref().unwrap(), &wrong_role.cert);
+    assert!(side.gateway.reload().is_err());
+    assert!(side.link.reload().is_err());
+    // A certificate for another host: refused by both.
+    let elsewhere = pki
+        .ca
+        .issue(&LeafSpec::new(&["chat.example"], Some(Role::Server)))
+        .unwrap();
+    replace(flags.key.as_ref().unwrap(), &elsewhere.key);
+    replace(flags.cert.as_ref().unwrap(), &elsewhere.cert);
+    assert!(side.gateway.reload().is_err());
+    assert!(side.link.reload().is_err());
+    assert_eq!((load(&gateway.reloads), load(&link.reloads)), (0, 0));
+    assert_eq!(
+        (load(&gateway.reload_failures), load(&link.reload_failures)),
+        (2, 2)
+    );
 }

@@ -118,12 +118,15 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         launch::open_registry(args.zk.as_deref(), &args.zk_root, Duration::from_secs(6))?;
     let ticket_secret = secret("CIM_TICKET_SECRET")?;
     let link_secret = secret("CIM_LINK_SECRET")?;
-    let server_tls = ServerSide::load(&TlsFlags {
-        cert: args.tls_server_cert.clone(),
-        key: args.tls_server_key.clone(),
-        ca: args.tls_ca.clone(),
-        accept_plaintext: false,
-    })?;
+    let server_tls = ServerSide::load(
+        &TlsFlags {
+            cert: args.tls_server_cert.clone(),
+            key: args.tls_server_key.clone(),
+            ca: args.tls_ca.clone(),
+            accept_plaintext: false,
+        },
+        "127.0.0.1",
+    )?;
     let route_tls = RouteSide::load(&TlsFlags {
         cert: args.tls_route_cert.clone(),
         key: args.tls_route_key.clone(),

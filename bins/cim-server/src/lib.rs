@@ -306,12 +306,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         launch::zk_auth(args.zk_auth.as_deref())?,
     )?;
 
-    let tls = tls::setup::ServerSide::load(&tls::setup::TlsFlags {
-        cert: args.tls_cert,
-        key: args.tls_key,
-        ca: args.tls_ca,
-        accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
-    })
+    let tls = tls::setup::ServerSide::load(
+        &tls::setup::TlsFlags {
+            cert: args.tls_cert,
+            key: args.tls_key,
+            ca: args.tls_ca,
+            accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
+        },
+        &options.advertise_host,
+    )
     .context("TLS")?;
     if let Some(tls) = &tls {
         options.gateway_tls = Some(tls.gateway.clone());

@@ -318,12 +318,15 @@ impl UpTls {
         }
         let pki = DevPki::generate(&dir, &hosts)
             .with_context(|| format!("writing certificates into {}", dir.display()))?;
-        let server = ServerSide::load(&TlsFlags {
-            cert: Some(pki.server_cert.clone()),
-            key: Some(pki.server_key.clone()),
-            ca: Some(pki.ca.clone()),
-            accept_plaintext: false,
-        })?
+        let server = ServerSide::load(
+            &TlsFlags {
+                cert: Some(pki.server_cert.clone()),
+                key: Some(pki.server_key.clone()),
+                ca: Some(pki.ca.clone()),
+                accept_plaintext: false,
+            },
+            &host,
+        )?
         .context("the servers' TLS is on when given files")?;
         let route = RouteSide::load(&TlsFlags {
             cert: Some(pki.route_cert.clone()),

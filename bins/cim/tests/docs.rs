@@ -314,7 +314,7 @@ async fn exposed_families() -> BTreeMap<String, String> {
         ca: Some(pki.ca.clone()),
         accept_plaintext: false,
     };
-    let server_tls = ServerSide::load(&flags(&pki.server_cert, &pki.server_key))
+    let server_tls = ServerSide::load(&flags(&pki.server_cert, &pki.server_key), "127.0.0.1")
         .expect("server TLS")
         .expect("TLS on");
     let route_tls = RouteSide::load(&flags(&pki.route_cert, &pki.route_key))

@@ -33,21 +33,23 @@ const IDLE_BATCH: usize = 4;
 /// Back-off after a failed accept (out of descriptors and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// TLS handshakes in progress at once; a connection past this is closed at once (a flood
-/// of sockets that never finish their handshake must not hold a task and a buffer each).
-const MAX_HANDSHAKES: usize = 4096;
-
 /// Hands every accepted socket to the driver, which decides whether to keep it. With TLS,
 /// each socket first completes its handshake in a task of its own (within the handshake
 /// timeout), so a slow one holds up no other.
+///
+/// Handshakes in progress count against the connection cap (`max_connections`, already
+/// clamped to the open-file limit), as a plaintext connection waiting to log in does: a
+/// flood of silent sockets costs what it cost before TLS, and each is closed by the
+/// handshake timeout.
 pub(super) async fn accept_loop<L: Listener>(
     mut listener: L,
     tls: Option<ServerTls>,
+    max_connections: usize,
     inputs: mpsc::Sender<Input<MaybeTls<L::Stream>>>,
     warnings: Arc<WarnGate>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
         let accepted = tokio::select! {
             biased;

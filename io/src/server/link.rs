@@ -14,7 +14,7 @@ use cim_proto::{Frame, LinkAuth};
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::driver::{Input, LinkId};
@@ -24,6 +24,11 @@ use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
 const WRITE_BATCH: usize = 256;
+
+/// Link connections not yet authenticated (TLS handshake and challenge-response) at once.
+/// A deployment has a handful of routes; past this a new connection is closed at once, so
+/// a flood on the link port cannot take the descriptors the gateway and `/health` need.
+const MAX_PENDING_LINKS: usize = 256;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What every link task needs to authenticate its route.
@@ -65,6 +70,7 @@ pub(super) async fn accept_loop<L: Listener>(
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
     let mut next_link: LinkId = 1;
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_LINKS));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -73,12 +79,18 @@ pub(super) async fn accept_loop<L: Listener>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = pending.clone().try_acquire_owned() else {
+                    crate::warn_limited!(settings.warnings, "link flood", %peer, "too many link connections authenticating; closing");
+                    let _ = inputs.send(Input::LinkAuthFailed).await;
+                    continue;
+                };
                 let link = next_link;
                 next_link += 1;
                 tokio::spawn(serve_link(
                     link,
                     stream,
                     peer,
+                    permit,
                     settings.clone(),
                     inputs.clone(),
                     cancel.child_token(),
@@ -102,6 +114,7 @@ async fn serve_link<S: Stream>(
     link: LinkId,
     stream: S,
     peer: SocketAddr,
+    authenticating: OwnedSemaphorePermit,
     settings: LinkSettings,
     inputs: mpsc::Sender<Input<MaybeTls<S>>>,
     token: CancellationToken,
@@ -137,6 +150,7 @@ async fn serve_link<S: Stream>(
         _ = token.cancelled() => return,
         handshake = handshake(&settings, &mut reader, &mut writer) => handshake,
     };
+    drop(authenticating);
     let route_id = match handshake {
         Ok(route_id) => route_id,
         Err(error) => {

@@ -442,6 +442,7 @@ pub async fn start<N: Network, R: Registry>(
         gateway::accept_loop(
             client_listener,
             options.gateway_tls.clone(),
+            max_connections,
             inputs.clone(),
             warnings.clone(),
             cancel.clone(),

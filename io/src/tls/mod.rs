@@ -102,6 +102,12 @@ pub enum TlsError {
     Expired { path: PathBuf, not_after: i64 },
     #[error("{}: the certificate does not carry the {role} role (a URI SAN {})", path.display(), role.uri())]
     MissingRole { path: PathBuf, role: Role },
+    #[error("{}: the certificate is not valid for {host:?}, the name clients and routes check ({reason})", path.display())]
+    WrongHost {
+        path: PathBuf,
+        host: String,
+        reason: String,
+    },
     #[error("{}: no CA certificate usable as a trust root: {reason}", path.display())]
     BadCa { path: PathBuf, reason: String },
     #[error("the system's trusted roots: {0}")]
@@ -115,7 +121,7 @@ pub enum TlsError {
 pub enum AcceptError {
     #[error("no TLS handshake within {0:?}")]
     Timeout(Duration),
-    #[error("a plaintext client on a TLS port (first bytes {0:02x?})")]
+    #[error("a plaintext client on a TLS port (first bytes {:?})", String::from_utf8_lossy(.0))]
     Plaintext(Vec<u8>),
     #[error("closed before the handshake")]
     Closed,
@@ -317,6 +323,19 @@ fn load_leaf(
     Ok((certs, info))
 }
 
+/// Whether a leaf is valid for `host` (a DNS name or an IP address), as a peer would check.
+fn check_host(path: &Path, leaf: &CertificateDer<'_>, host: &str) -> Result<(), TlsError> {
+    let wrong = |reason: String| TlsError::WrongHost {
+        path: path.to_owned(),
+        host: host.to_owned(),
+        reason,
+    };
+    let name = ServerName::try_from(host).map_err(|e| wrong(e.to_string()))?;
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| wrong(e.to_string()))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|e| wrong(e.to_string()))
+}
+
 fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
@@ -368,6 +387,9 @@ pub struct ServerTlsSettings {
     pub client_auth: Option<(PathBuf, Role)>,
     /// The leaf must carry this role (a server's link certificate).
     pub own_role: Option<Role>,
+    /// The leaf must be valid for this host name (a server's `--advertise-host`), so a
+    /// certificate no client would accept is refused at load, not after.
+    pub own_host: Option<String>,
     /// Also take plaintext clients (a migration to TLS in progress; off by default).
     pub accept_plaintext: bool,
     /// Whether plaintext clients wait for the server to speak first (the link protocol):
@@ -384,6 +406,7 @@ impl ServerTlsSettings {
             key,
             client_auth: None,
             own_role: None,
+            own_host: None,
             accept_plaintext: false,
             server_speaks_first: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -398,6 +421,9 @@ impl ServerTlsSettings {
 
     fn build(&self) -> Result<(Arc<rustls::ServerConfig>, CertInfo), TlsError> {
         let (certs, info) = load_leaf(&self.cert, self.own_role)?;
+        if let Some(host) = &self.own_host {
+            check_host(&self.cert, &certs[0], host)?;
+        }
         let key = load_key(&self.key)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()

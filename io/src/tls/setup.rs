@@ -51,14 +51,20 @@ pub struct ServerSide {
 }
 
 impl ServerSide {
-    pub fn load(flags: &TlsFlags) -> Result<Option<Self>, TlsSetupError> {
+    /// `advertise_host` is the name clients and routes dial: the certificate must be valid
+    /// for it. Both listeners check the same files alike, so a reload takes on both or
+    /// neither.
+    pub fn load(flags: &TlsFlags, advertise_host: &str) -> Result<Option<Self>, TlsSetupError> {
         let Some((cert, key, ca)) = flags.files()? else {
             return Ok(None);
         };
         let mut gateway = ServerTlsSettings::new("gateway", cert.clone(), key.clone());
         gateway.accept_plaintext = flags.accept_plaintext;
+        gateway.own_role = Some(Role::Server);
+        gateway.own_host = Some(advertise_host.to_owned());
         let mut link = ServerTlsSettings::new("link", cert, key);
         link.own_role = Some(Role::Server);
+        link.own_host = Some(advertise_host.to_owned());
         link.client_auth = Some((ca, Role::Route));
         link.accept_plaintext = flags.accept_plaintext;
         link.server_speaks_first = true;
@@ -90,6 +96,8 @@ impl RouteSide {
         };
         let mut https = ServerTlsSettings::new("https", cert.clone(), key.clone());
         https.accept_plaintext = flags.accept_plaintext;
+        // The same files are the link identity: a reload must suit both or neither.
+        https.own_role = Some(Role::Route);
         let links = ClientTlsSettings {
             ca: Some(ca),
             identity: Some((cert, key)),
