@@ -48,22 +48,23 @@ fn modified(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
 }
 
 /// Watches for SIGHUP and changed files until `cancel`. Spawns nothing when `targets` is
-/// empty. Call it inside the tokio runtime.
+/// empty. Call it inside the tokio runtime. When it returns, the SIGHUP handler is in place
+/// (SIGHUP's default action would end the process) and the files' current state is the
+/// baseline: a signal or a change from then on reloads.
 pub fn spawn_reloader(targets: Vec<Reloadable>, poll: Duration, cancel: CancellationToken) {
     if targets.is_empty() {
         return;
     }
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::warn!(%error, "no SIGHUP handler: TLS files reload on change only");
+            None
+        }
+    };
+    let mut seen: Vec<_> = targets.iter().map(|t| modified(&t.files())).collect();
     tokio::spawn(async move {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(error) => {
-                tracing::warn!(%error, "no SIGHUP handler: TLS files reload on change only");
-                None
-            }
-        };
-        let mut seen: Vec<_> = targets.iter().map(|t| modified(&t.files())).collect();
-        let mut tick = tokio::time::interval(poll);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut daily = tokio::time::interval_at(tokio::time::Instant::now() + DAY, DAY);
         loop {
