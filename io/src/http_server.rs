@@ -222,8 +222,11 @@ pub async fn serve<L: Listener>(
         if stats.open.load(Ordering::Relaxed) >= limits.max_connections as u64 {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             // One try, never a wait: a fresh socket's send buffer is empty, so this writes
-            // unless the peer is already gone. Then the descriptor is closed.
-            let _ = stream.write(REFUSAL).now_or_never();
+            // unless the peer is already gone. Then the descriptor is closed. An HTTPS
+            // listener just closes: plaintext bytes would read as tampering to a TLS client.
+            if tls.is_none() {
+                let _ = stream.write(REFUSAL).now_or_never();
+            }
             drop(stream);
             continue;
         }

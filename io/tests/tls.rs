@@ -883,3 +883,34 @@ async fn a_certificate_no_peer_would_accept_is_refused_by_both_listeners_alike()
         (2, 2)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_listener_at_its_cap_closes_without_plaintext() {
+    let pki = Pki::new("https-cap");
+    let mut d = Deployment::new();
+    let https = RouteSide::load(&pki.flags("r1", Role::Route))
+        .unwrap()
+        .unwrap()
+        .https;
+    let mut options = route_options("r1");
+    options.https = Some(https);
+    options.http.max_connections = 1;
+    let store: Arc<dyn Store> = d.store.clone();
+    let route = route::start(TokioNet, Clock::System, options, store, &d.registry)
+        .await
+        .expect("route starts");
+    let addr = route.http_addr();
+    d.routes.push((route, None));
+    // The one place, held by a client that has not even started its handshake. The route
+    // accepts in order and counts it before it accepts the next.
+    let _held = TcpStream::connect(addr).await.unwrap();
+    let mut refused = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, refused.read_to_end(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(
+        read.is_err() || buf.is_empty(),
+        "plaintext on an HTTPS port: {buf:?}"
+    );
+}

@@ -265,12 +265,24 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file. A key others can
+/// read is used, with a warning: refusing it would turn a permissions slip into an outage.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
     })?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                key = %path.display(),
+                mode = format!("{mode:o}"),
+                "TLS private key readable by others: chmod 600 it"
+            );
+        }
+    }
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::NoKey {
         path: path.to_owned(),
         reason: e.to_string(),
