@@ -191,8 +191,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         options.advertise_host = args.host.to_string();
         // Kept in `server_options`, so a server the terminal restarts speaks TLS again.
         if let Some(tls) = &tls {
-            options.gateway_tls = Some(tls.server.gateway.clone());
-            options.link_tls = Some(tls.server.link.clone());
+            let side = tls.server()?;
+            options.gateway_tls = Some(side.gateway);
+            options.link_tls = Some(side.link);
         }
         if args.any_ports {
             (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
@@ -287,7 +288,8 @@ struct UpTls {
     pki: DevPki,
     /// The directory the files are in, when it is a fresh temporary one: deleted at the end.
     temp: Option<tempfile::TempDir>,
-    server: ServerSide,
+    /// The name the servers advertise (their certificates must be valid for it).
+    host: String,
     route: RouteSide,
 }
 
@@ -318,16 +320,6 @@ impl UpTls {
         }
         let pki = DevPki::generate(&dir, &hosts)
             .with_context(|| format!("writing certificates into {}", dir.display()))?;
-        let server = ServerSide::load(
-            &TlsFlags {
-                cert: Some(pki.server_cert.clone()),
-                key: Some(pki.server_key.clone()),
-                ca: Some(pki.ca.clone()),
-                accept_plaintext: false,
-            },
-            &host,
-        )?
-        .context("the servers' TLS is on when given files")?;
         let route = RouteSide::load(&TlsFlags {
             cert: Some(pki.route_cert.clone()),
             key: Some(pki.route_key.clone()),
@@ -335,12 +327,25 @@ impl UpTls {
             accept_plaintext: false,
         })?
         .context("the route's TLS is on when given files")?;
-        Ok(Some(Self {
+        let up = Self {
             pki,
             temp,
-            server,
+            host: host.clone(),
             route,
-        }))
+        };
+        up.server()?; // refuse bad files before anything starts
+        Ok(Some(up))
+    }
+
+    /// One server's TLS, loaded for it alone, so each server counts its own handshakes.
+    fn server(&self) -> anyhow::Result<ServerSide> {
+        let flags = TlsFlags {
+            cert: Some(self.pki.server_cert.clone()),
+            key: Some(self.pki.server_key.clone()),
+            ca: Some(self.pki.ca.clone()),
+            accept_plaintext: false,
+        };
+        ServerSide::load(&flags, &self.host)?.context("the servers' TLS is on when given files")
     }
 
     fn dir(&self) -> &Path {

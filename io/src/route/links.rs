@@ -101,6 +101,7 @@ pub(super) async fn run_link<N: Network>(
     // During a rotation a server may still be on the previous secret: after a refusal the
     // next dial uses the other one, and keeps it while it works.
     let mut use_previous = false;
+    let mut quiet = QuietFailures::default();
     loop {
         counters.link_dials.fetch_add(1, Ordering::Relaxed);
         let secret = match (&config.link_secret_previous, use_previous) {
@@ -111,6 +112,7 @@ pub(super) async fn run_link<N: Network>(
             Ok((reader, writer)) => {
                 counters.link_connects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(server = %server.id, "link up");
+                quiet = QuietFailures::default();
                 let (tx, rx) = mpsc::channel(LINK_QUEUE);
                 let up = Input::LinkUp {
                     server: server.id.clone(),
@@ -139,8 +141,35 @@ pub(super) async fn run_link<N: Network>(
         if matches!(ended, LinkError::Refused(_)) && config.link_secret_previous.is_some() {
             use_previous = !use_previous;
         }
-        tracing::warn!(server = %server.id, error = %ended, "link failed; redialling");
+        quiet.report(&server.id, &ended);
         tokio::time::sleep(config.retry_delay).await;
+    }
+}
+
+/// How often a link that keeps failing (a server with a certificate this route refuses,
+/// the wrong secret, a dead host) is logged: the first failure at once, then one line per
+/// interval with the number left out, instead of one per redial.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct QuietFailures {
+    last_logged: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl QuietFailures {
+    fn report(&mut self, server: &ServerId, error: &LinkError) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|at| now.duration_since(at) < FAILURE_LOG_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(server = %server, %error, suppressed = self.suppressed, "link failed; redialling");
+        self.last_logged = Some(now);
+        self.suppressed = 0;
     }
 }
 

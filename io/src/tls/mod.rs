@@ -35,6 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier as _;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
@@ -348,6 +349,36 @@ fn check_host(path: &Path, leaf: &CertificateDer<'_>, host: &str) -> Result<(), 
         .map_err(|e| wrong(e.to_string()))
 }
 
+/// Warns when the chain would not verify under `ca` for `host`, as a peer trusting only
+/// that CA would find at its first handshake.
+fn warn_unless_chains(path: &Path, certs: &[CertificateDer<'static>], ca: &Path, host: &str) {
+    let verdict = (|| {
+        let roots = load_roots(ca).map_err(|e| e.to_string())?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(
+                &certs[0],
+                &certs[1..],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })();
+    if let Err(reason) = verdict {
+        tracing::warn!(
+            certificate = %path.display(),
+            ca = %ca.display(),
+            %reason,
+            "the certificate does not verify under --tls-ca: peers that trust only that CA will refuse it (fine if routes and servers use different CAs)"
+        );
+    }
+}
+
 fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
@@ -402,6 +433,10 @@ pub struct ServerTlsSettings {
     /// The leaf must be valid for this host name (a server's `--advertise-host`), so a
     /// certificate no client would accept is refused at load, not after.
     pub own_host: Option<String>,
+    /// The CA peers are expected to trust: a leaf that does not chain to it is loaded with a
+    /// warning (a deployment may use one CA for routes and another for servers, so this is
+    /// not a refusal).
+    pub peers_trust: Option<PathBuf>,
     /// Also take plaintext clients (a migration to TLS in progress; off by default).
     pub accept_plaintext: bool,
     /// Whether plaintext clients wait for the server to speak first (the link protocol):
@@ -419,6 +454,7 @@ impl ServerTlsSettings {
             client_auth: None,
             own_role: None,
             own_host: None,
+            peers_trust: None,
             accept_plaintext: false,
             server_speaks_first: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -435,6 +471,9 @@ impl ServerTlsSettings {
         let (certs, info) = load_leaf(&self.cert, self.own_role)?;
         if let Some(host) = &self.own_host {
             check_host(&self.cert, &certs[0], host)?;
+        }
+        if let (Some(ca), Some(host)) = (&self.peers_trust, &self.own_host) {
+            warn_unless_chains(&self.cert, &certs, ca, host);
         }
         let key = load_key(&self.key)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())

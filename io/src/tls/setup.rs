@@ -65,6 +65,7 @@ impl ServerSide {
         let mut link = ServerTlsSettings::new("link", cert, key);
         link.own_role = Some(Role::Server);
         link.own_host = Some(advertise_host.to_owned());
+        gateway.peers_trust = Some(ca.clone());
         link.client_auth = Some((ca, Role::Route));
         link.accept_plaintext = flags.accept_plaintext;
         link.server_speaks_first = true;
