@@ -914,3 +914,30 @@ async fn an_https_listener_at_its_cap_closes_without_plaintext() {
         "plaintext on an HTTPS port: {buf:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_https_client_is_closed_and_counted_as_a_handshake_timeout() {
+    let pki = Pki::new("https-silent");
+    let mut d = Deployment::new();
+    let https = RouteSide::load(&pki.flags("r1", Role::Route))
+        .unwrap()
+        .unwrap()
+        .https;
+    let stats = https.stats().clone();
+    let mut options = route_options("r1");
+    options.https = Some(https);
+    // The HTTP server's own deadline runs out before the handshake's.
+    options.http.header_timeout = Duration::from_millis(200);
+    let store: Arc<dyn Store> = d.store.clone();
+    let route = route::start(TokioNet, Clock::System, options, store, &d.registry)
+        .await
+        .expect("route starts");
+    let mut silent = TcpStream::connect(route.http_addr()).await.unwrap();
+    d.routes.push((route, None));
+    closed_promptly(&mut silent).await;
+    eventually("the silent client counts as a handshake timeout", || {
+        load(&stats.handshake_timeouts) == 1
+    })
+    .await;
+    assert_eq!(load(&stats.handshake_failures), 0);
+}

@@ -611,6 +611,10 @@ impl ServerTls {
             Ok(MaybeTls::Plain(_)) => &stats.plaintext_accepted,
             Ok(_) => &stats.handshakes,
             Err(AcceptError::Timeout(_)) => &stats.handshake_timeouts,
+            // A deadline of the layer below (the HTTP server's header timeout) ran out first.
+            Err(AcceptError::Handshake(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                &stats.handshake_timeouts
+            }
             Err(AcceptError::Plaintext(_)) => &stats.plaintext_refused,
             Err(_) => &stats.handshake_failures,
         };
