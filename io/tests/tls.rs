@@ -184,11 +184,22 @@ impl Deployment {
         let mut options = route_options(id);
         options.https = tls.as_ref().map(|t| t.https.clone());
         options.link_tls = tls.as_ref().map(|t| t.links.clone());
+        self.route_with(options, tls).await;
+    }
+
+    /// A route with these options; returns its API address.
+    async fn route_with(
+        &mut self,
+        options: RouteOptions,
+        tls: Option<RouteSide>,
+    ) -> std::net::SocketAddr {
         let store: Arc<dyn Store> = self.store.clone();
         let handle = route::start(TokioNet, Clock::System, options, store, &self.registry)
             .await
             .expect("route starts");
+        let addr = handle.http_addr();
         self.routes.push((handle, tls));
+        addr
     }
 
     fn route_port(&self, i: usize) -> u16 {
@@ -792,11 +803,7 @@ async fn a_client_that_reached_the_route_over_tls_never_chats_in_plaintext() {
         .https;
     let mut options = route_options("r1");
     options.https = Some(https);
-    let store: Arc<dyn Store> = d.store.clone();
-    let route = route::start(TokioNet, Clock::System, options, store, &d.registry)
-        .await
-        .expect("route starts");
-    d.routes.push((route, None));
+    d.route_with(options, None).await;
     let trust = pki.client();
     let registered = d
         .api(0, Some(&trust))
@@ -895,12 +902,7 @@ async fn an_https_listener_at_its_cap_closes_without_plaintext() {
     let mut options = route_options("r1");
     options.https = Some(https);
     options.http.max_connections = 1;
-    let store: Arc<dyn Store> = d.store.clone();
-    let route = route::start(TokioNet, Clock::System, options, store, &d.registry)
-        .await
-        .expect("route starts");
-    let addr = route.http_addr();
-    d.routes.push((route, None));
+    let addr = d.route_with(options, None).await;
     // The one place, held by a client that has not even started its handshake. The route
     // accepts in order and counts it before it accepts the next.
     let _held = TcpStream::connect(addr).await.unwrap();
@@ -928,12 +930,8 @@ async fn a_silent_https_client_is_closed_and_counted_as_a_handshake_timeout() {
     options.https = Some(https);
     // The HTTP server's own deadline runs out before the handshake's.
     options.http.header_timeout = Duration::from_millis(200);
-    let store: Arc<dyn Store> = d.store.clone();
-    let route = route::start(TokioNet, Clock::System, options, store, &d.registry)
-        .await
-        .expect("route starts");
-    let mut silent = TcpStream::connect(route.http_addr()).await.unwrap();
-    d.routes.push((route, None));
+    let addr = d.route_with(options, None).await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
     closed_promptly(&mut silent).await;
     eventually("the silent client counts as a handshake timeout", || {
         load(&stats.handshake_timeouts) == 1

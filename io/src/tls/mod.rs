@@ -404,9 +404,22 @@ fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// Whether a peer's certificate chain (leaf first) grants `role`.
+fn leaf_has_role(chain: Option<&[CertificateDer<'_>]>, role: Role) -> bool {
+    chain
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| cert_info(leaf).ok())
+        .is_some_and(|info| info.roles.contains(&role))
+}
+
+/// Seconds left before `not_after` when that is within [`EXPIRY_WARNING`] (or past).
+fn expiring_within_warning(not_after: i64, now: i64) -> Option<i64> {
+    let left = not_after - now;
+    (left < EXPIRY_WARNING.as_secs() as i64).then_some(left)
+}
+
 fn warn_if_expiring(what: &str, path: &Path, not_after: i64) {
-    let left = not_after - unix_now();
-    if left < EXPIRY_WARNING.as_secs() as i64 {
+    if let Some(left) = expiring_within_warning(not_after, unix_now()) {
         tracing::warn!(
             certificate = %path.display(),
             what,
@@ -661,16 +674,10 @@ impl ServerTls {
             .accept(Rewind::new(seen, stream))
             .await
             .map_err(AcceptError::Handshake)?;
-        if let Some((_, role)) = &settings.client_auth {
-            let (_, connection) = tls.get_ref();
-            let has_role = connection
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| cert_info(leaf).ok())
-                .is_some_and(|info| info.roles.contains(role));
-            if !has_role {
-                return Err(AcceptError::WrongRole(*role));
-            }
+        if let Some((_, role)) = &settings.client_auth
+            && !leaf_has_role(tls.get_ref().1.peer_certificates(), *role)
+        {
+            return Err(AcceptError::WrongRole(*role));
         }
         Ok(MaybeTls::Server(Box::new(tls)))
     }
@@ -829,22 +836,64 @@ impl ClientTls {
                 });
             }
         };
-        if let Some(role) = self.inner.settings.server_role {
-            let (_, connection) = tls.get_ref();
-            let has_role = connection
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| cert_info(leaf).ok())
-                .is_some_and(|info| info.roles.contains(&role));
-            if !has_role {
-                stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(ConnectError::WrongRole {
-                    host: host.to_owned(),
-                    role,
-                });
-            }
+        if let Some(role) = self.inner.settings.server_role
+            && !leaf_has_role(tls.get_ref().1.peer_certificates(), role)
+        {
+            stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnectError::WrongRole {
+                host: host.to_owned(),
+                role,
+            });
         }
         stats.handshakes.fetch_add(1, Ordering::Relaxed);
         Ok(MaybeTls::Client(Box::new(tls)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_expiry_warning_starts_21_days_before() {
+        let day = 86_400;
+        let now = 1_000 * day;
+        for (not_after, warned) in [
+            (now + 60 * day, false),
+            (now + 21 * day, false),
+            (now + 21 * day - 1, true),
+            (now + day, true),
+            (now - day, true),
+        ] {
+            assert_eq!(
+                expiring_within_warning(not_after, now).is_some(),
+                warned,
+                "{} days left",
+                (not_after - now) / day
+            );
+        }
+    }
+
+    #[test]
+    fn roles_are_read_from_the_leaf_only() {
+        let ca = dev::DevCa::new("role test").unwrap();
+        let der = |role| {
+            let pem = ca.issue(&dev::LeafSpec::new(&["h"], role)).unwrap().cert;
+            CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+        };
+        let route = der(Some(Role::Route));
+        let bare = der(None);
+        assert!(leaf_has_role(
+            Some(std::slice::from_ref(&route)),
+            Role::Route
+        ));
+        assert!(!leaf_has_role(
+            Some(std::slice::from_ref(&route)),
+            Role::Server
+        ));
+        // A route certificate further down the chain grants nothing.
+        assert!(!leaf_has_role(Some(&[bare.clone(), route]), Role::Route));
+        assert!(!leaf_has_role(Some(&[bare]), Role::Route));
+        assert!(!leaf_has_role(None, Role::Route));
     }
 }
