@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
 
-use crate::registry::{AnyRegistry, MemoryRegistry, ZkAuth, ZkConfig, ZkRegistry};
+use crate::registry::{AnyRegistry, MemoryRegistry, ZkAuth, ZkConfig, ZkRegistry, ZkTls};
 use crate::store::{MemoryBackend, RedisOptions, RedisStore, RedisTls, Store};
 
 /// Shortest secret accepted: 128 bits of a random string's worth.
@@ -172,29 +172,49 @@ pub fn zk_auth(value: Option<&str>) -> Result<Option<ZkAuth>, LaunchError> {
         .transpose()
 }
 
+/// TLS to ZooKeeper from `--zk-ca` and, for an ensemble that requires one, the client
+/// certificate `--zk-client-cert` / `--zk-client-key` (PEM; read and checked now).
+pub fn zk_tls(
+    ca: Option<&Path>,
+    client_cert: Option<&Path>,
+    client_key: Option<&Path>,
+) -> Result<Option<ZkTls>, LaunchError> {
+    match ca {
+        Some(ca) => ZkTls::from_files(ca, client_cert, client_key)
+            .map(Some)
+            .map_err(LaunchError::ZooKeeper),
+        None if client_cert.is_some() || client_key.is_some() => Err(LaunchError::Usage(
+            "--zk-client-cert / --zk-client-key need --zk-ca (TLS to ZooKeeper)".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
 /// ZooKeeper at `connect` (`host:port[,host:port]`), or the embedded registry when `None`.
 pub fn open_registry(
     zk: Option<&str>,
     root: &str,
     session_timeout: Duration,
 ) -> Result<AnyRegistry, LaunchError> {
-    open_registry_with_auth(zk, root, session_timeout, None)
+    open_secured_registry(zk, root, session_timeout, None, None)
 }
 
 /// [`open_registry`], authenticating every ZooKeeper session as `auth` (and creating nodes
-/// only that identity may change; see [`ZkConfig::auth`]).
-pub fn open_registry_with_auth(
+/// only that identity may change; see [`ZkConfig::auth`]), over TLS when `tls` is given.
+pub fn open_secured_registry(
     zk: Option<&str>,
     root: &str,
     session_timeout: Duration,
     auth: Option<ZkAuth>,
+    tls: Option<ZkTls>,
 ) -> Result<AnyRegistry, LaunchError> {
     match zk {
         Some(connect) => {
             let config = ZkConfig::new(connect)
                 .with_root(root)
                 .with_session_timeout(session_timeout)
-                .with_auth(auth);
+                .with_auth(auth)
+                .with_tls(tls);
             let registry =
                 ZkRegistry::new(config).map_err(|e| LaunchError::ZooKeeper(e.to_string()))?;
             Ok(registry.into())

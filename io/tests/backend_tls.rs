@@ -10,7 +10,7 @@ use std::time::Duration;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::registry::LiveServer;
 use cim_core::store::{Claim, StoreCommand, StoreReply};
-use cim_io::registry::{Registry, ZkAuth, ZkConfig, ZkRegistry};
+use cim_io::registry::{Registry, ZkAuth, ZkConfig, ZkRegistry, ZkTls};
 use cim_io::store::{ConnectError, RedisOptions, RedisStore, RedisTls, Store};
 use cim_testkit::{RedisServer, RedisSetup, RedisTlsSetup, TestCa};
 use tokio::time::Instant;
@@ -724,4 +724,114 @@ async fn zookeeper_nodes_are_writable_only_by_the_cim_identity() {
     assert_eq!(world.permission(), zk::Permission::READ);
 
     drop((s1, s2));
+}
+
+fn zk_tls_config(addr: &str, tls: ZkTls) -> ZkConfig {
+    ZkConfig::new(addr)
+        .with_root(cim_testkit::unique_root("tls"))
+        .with_session_timeout(Duration::from_secs(2))
+        .with_op_timeout(Duration::from_secs(2))
+        .with_tls(Some(tls))
+}
+
+#[tokio::test]
+async fn zookeeper_over_tls_with_a_client_certificate() {
+    let Some(zookeeper) = cim_testkit::zookeeper_tls() else {
+        return;
+    };
+    let tls = ZkTls::from_files(
+        &zookeeper.ca.cert_path,
+        Some(&zookeeper.client.cert_path),
+        Some(&zookeeper.client.key_path),
+    )
+    .expect("the test files load");
+    assert!(
+        !format!("{tls:?}").contains("PRIVATE KEY"),
+        "Debug shows the key: {tls:?}"
+    );
+    let registry =
+        ZkRegistry::new(zk_tls_config(&zookeeper.tls_addr, tls.clone())).expect("config");
+    let registration = registry
+        .register(live("s1"))
+        .await
+        .expect("registers over TLS");
+    let view = registry.watch().await.expect("watches over TLS");
+    assert_eq!(view.snapshot().len(), 1, "{:?}", view.snapshot());
+    drop(registration);
+
+    // `localhost` is a name of the server's certificate too.
+    let port = zookeeper.tls_addr.rsplit_once(':').expect("host:port").1;
+    let by_name =
+        ZkRegistry::new(zk_tls_config(&format!("localhost:{port}"), tls)).expect("config");
+    by_name
+        .watch()
+        .await
+        .expect("watches over TLS by host name");
+}
+
+#[tokio::test]
+async fn zookeeper_over_tls_refuses_what_does_not_verify() {
+    let Some(zookeeper) = cim_testkit::zookeeper_tls() else {
+        return;
+    };
+    let other_ca = TestCa::new("not-zookeepers");
+    let cases = [
+        (
+            "a CA that did not sign the server's certificate",
+            "UnknownIssuer",
+            ZkTls::from_files(
+                &other_ca.cert_path,
+                Some(&zookeeper.client.cert_path),
+                Some(&zookeeper.client.key_path),
+            ),
+        ),
+        (
+            "no client certificate (the ensemble requires one)",
+            "alert",
+            ZkTls::from_files(&zookeeper.ca.cert_path, None, None),
+        ),
+    ];
+    for (what, reason, tls) in cases {
+        let tls = tls.expect("the files load");
+        let registry = ZkRegistry::new(zk_tls_config(&zookeeper.tls_addr, tls)).expect("config");
+        let started = Instant::now();
+        let error = match registry.register(live("s1")).await {
+            Ok(_) => panic!("{what}: registered"),
+            Err(error) => error.to_string(),
+        };
+        eprintln!("{what}: {error}");
+        assert!(
+            error.contains("TLS") && error.contains(reason),
+            "{what}: the error does not name the reason {reason:?}: {error}"
+        );
+        assert!(
+            started.elapsed() < PROMPT,
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+    }
+    // The plaintext client against the TLS port fails too (no silent fallback).
+    let plain = ZkConfig::new(zookeeper.tls_addr.clone())
+        .with_root(cim_testkit::unique_root("tls"))
+        .with_session_timeout(Duration::from_secs(2))
+        .with_op_timeout(Duration::from_secs(2));
+    let registry = ZkRegistry::new(plain).expect("config");
+    assert!(registry.register(live("s1")).await.is_err());
+}
+
+#[test]
+fn zookeeper_tls_files_are_checked_at_start_with_their_names() {
+    let ca = TestCa::new("zk-files");
+    let client = ca.client_cert("client", "cim");
+    let missing = ca.dir().join("missing.pem");
+    let error = ZkTls::from_files(&missing, None, None).expect_err("a missing CA file");
+    assert!(
+        error.contains("--zk-ca") && error.contains("missing.pem"),
+        "{error}"
+    );
+    let error = ZkTls::from_files(&ca.cert_path, Some(&client.cert_path), None)
+        .expect_err("a certificate without its key");
+    assert!(error.contains("--zk-client-key"), "{error}");
+    let error = ZkTls::from_files(&client.key_path, None, None).expect_err("a key as the CA");
+    assert!(error.contains("--zk-ca"), "{error}");
 }

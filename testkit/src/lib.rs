@@ -12,7 +12,7 @@ pub mod zk;
 pub use certs::{TestCa, TestCert};
 pub use proxy::Proxy;
 pub use redis::{RedisServer, RedisSetup, RedisTlsSetup};
-pub use zk::{ZkServer, unique_root, zookeeper};
+pub use zk::{ZkServer, ZkTlsServer, unique_root, zookeeper, zookeeper_tls};
 
 /// Whether this run is CI's, which must not skip anything.
 pub fn in_ci() -> bool {

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::in_ci;
+use crate::{TestCa, TestCert};
 
 const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
 const ZK_CONF_DIR: &str = "/etc/zookeeper/conf";
@@ -35,6 +36,75 @@ static ZK: OnceLock<Option<ZkServer>> = OnceLock::new();
 pub fn zookeeper() -> Option<&'static ZkServer> {
     ZK.get_or_init(start_or_skip).as_ref()
 }
+
+/// A ZooKeeper that also serves TLS (`secureClientPort`, `ssl.clientAuth=need`) with a
+/// certificate of [`Self::ca`] for `127.0.0.1` / `localhost`.
+#[derive(Debug)]
+pub struct ZkTlsServer {
+    /// The plaintext port's server (for setup and `ruok`).
+    pub plain: ZkServer,
+    /// `127.0.0.1:<secure port>`.
+    pub tls_addr: String,
+    /// The CA of the server's and of [`Self::client`]'s certificates.
+    pub ca: TestCa,
+    /// A client certificate the ensemble accepts.
+    pub client: TestCert,
+}
+
+static ZK_TLS: OnceLock<Option<ZkTlsServer>> = OnceLock::new();
+
+/// A ZooKeeper of its own serving TLS, started on first use. `None` means "skip".
+pub fn zookeeper_tls() -> Option<&'static ZkTlsServer> {
+    ZK_TLS
+        .get_or_init(|| {
+            zookeeper()?;
+            let ca = TestCa::new("zookeeper");
+            let server_cert = ca.server_cert("zk-server");
+            let client = ca.client_cert("zk-client", "cim");
+            let mut last_error = String::new();
+            for attempt in 0..3 {
+                let tls = TlsSetup {
+                    secure_port: free_port(),
+                    keystore: format!("{}{}", server_cert.key_pem, server_cert.cert_pem),
+                    truststore: ca.cert_pem.clone(),
+                };
+                match start(attempt + 10, Some(&tls)) {
+                    Ok(plain) => {
+                        return Some(ZkTlsServer {
+                            plain,
+                            tls_addr: format!("127.0.0.1:{}", tls.secure_port),
+                            ca,
+                            client,
+                        });
+                    }
+                    Err(e) => last_error = e,
+                }
+            }
+            panic!("could not start ZooKeeper with TLS: {last_error}");
+        })
+        .as_ref()
+}
+
+/// What a TLS-serving ZooKeeper is started with.
+struct TlsSetup {
+    secure_port: u16,
+    /// Key and certificate, PEM, in one file as ZooKeeper's PEM key store wants them.
+    keystore: String,
+    truststore: String,
+}
+
+/// ZooKeeper's TLS runs on Netty, whose jars Debian's `zookeeper` package pulls in
+/// (libnetty-java) but does not put on the class path.
+const NETTY_JARS: [&str; 8] = [
+    "handler",
+    "codec",
+    "buffer",
+    "common",
+    "transport",
+    "resolver",
+    "transport-native-unix-common",
+    "transport-native-epoll",
+];
 
 fn start_or_skip() -> Option<ZkServer> {
     let missing = if Command::new("java")
@@ -66,7 +136,7 @@ fn start_or_skip() -> Option<ZkServer> {
     // A free port can be taken between probing and ZooKeeper binding it; try a few.
     let mut last_error = String::new();
     for attempt in 0..3 {
-        match start(attempt) {
+        match start(attempt, None) {
             Ok(server) => return Some(server),
             Err(e) => last_error = e,
         }
@@ -85,26 +155,45 @@ fn free_port() -> u16 {
     listener.local_addr().expect("probe socket address").port()
 }
 
-fn start(attempt: u32) -> Result<ZkServer, String> {
+fn start(attempt: u32, tls: Option<&TlsSetup>) -> Result<ZkServer, String> {
     let dir =
         std::env::temp_dir().join(format!("cim-registry-zk-{}-{attempt}", std::process::id()));
     std::fs::create_dir_all(dir.join("data")).map_err(|e| format!("temp dir: {e}"))?;
     let port = free_port();
     // tickTime 500 ms: the ensemble accepts session timeouts from 1 s (2 ticks) to 10 s
     // (20 ticks), and checks expiry every tick, so expiry tests run fast.
-    let cfg = format!(
+    let mut cfg = format!(
         "tickTime=500\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
          admin.enableServer=false\n4lw.commands.whitelist=ruok,srvr,mntr\n",
         dir.join("data").display()
     );
+    let mut classpath = format!("{ZK_CONF_DIR}:{ZK_JAR}");
+    let mut java_options = String::new();
+    if let Some(tls) = tls {
+        let (keystore, truststore) = (dir.join("keystore.pem"), dir.join("truststore.pem"));
+        std::fs::write(&keystore, &tls.keystore).map_err(|e| format!("keystore: {e}"))?;
+        std::fs::write(&truststore, &tls.truststore).map_err(|e| format!("truststore: {e}"))?;
+        cfg.push_str(&format!(
+            "secureClientPort={}\nssl.keyStore.location={}\nssl.keyStore.type=PEM\n\
+             ssl.trustStore.location={}\nssl.trustStore.type=PEM\nssl.clientAuth=need\n",
+            tls.secure_port,
+            keystore.display(),
+            truststore.display()
+        ));
+        for jar in NETTY_JARS {
+            classpath.push_str(&format!(":/usr/share/java/netty-{jar}.jar"));
+        }
+        java_options =
+            "-Dzookeeper.serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory"
+                .into();
+    }
     let cfg_path = dir.join("zoo.cfg");
     std::fs::write(&cfg_path, cfg).map_err(|e| format!("zoo.cfg: {e}"))?;
     let log = std::fs::File::create(dir.join("zk.out")).map_err(|e| format!("zk.out: {e}"))?;
     let log_err = log.try_clone().map_err(|e| format!("zk.out: {e}"))?;
-    let classpath = format!("{ZK_CONF_DIR}:{ZK_JAR}");
     // The watchdog: java runs as its child; when this test process is gone (or java died),
     // java is killed and the temp dir removed.
-    let script = r#"java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -cp "$1" \
+    let script = r#"java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 $5 -cp "$1" \
         org.apache.zookeeper.server.quorum.QuorumPeerMain "$2" &
       j=$!
       while kill -0 "$3" 2>/dev/null && kill -0 "$j" 2>/dev/null; do sleep 0.5; done
@@ -117,6 +206,7 @@ fn start(attempt: u32) -> Result<ZkServer, String> {
         .arg(&cfg_path)
         .arg(std::process::id().to_string())
         .arg(&dir)
+        .arg(&java_options)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)

@@ -66,6 +66,17 @@ pub struct Args {
     /// anyone). Prefer the environment.
     #[arg(long, env = "CIM_ZK_AUTH", hide_env_values = true)]
     zk_auth: Option<String>,
+    /// CA (PEM) of ZooKeeper's secureClientPort certificates: with it, ZooKeeper is reached
+    /// over TLS (each --zk host must be a name of its certificate).
+    #[arg(long, env = "CIM_ZK_CA")]
+    zk_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a ZooKeeper with ssl.clientAuth=need; needs
+    /// --zk-client-key and --zk-ca.
+    #[arg(long, env = "CIM_ZK_CLIENT_CERT")]
+    zk_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --zk-client-cert.
+    #[arg(long, env = "CIM_ZK_CLIENT_KEY")]
+    zk_client_key: Option<PathBuf>,
     /// Secret tickets are signed with (>= 16 bytes; required). Prefer the environment.
     #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
     ticket_secret: Option<String>,
@@ -244,7 +255,7 @@ fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; route_id, listen, redis, zk, zk_root, zk_session_timeout,
-        redis_ca, redis_client_cert, redis_client_key, zk_auth,
+        redis_ca, redis_client_cert, redis_client_key, zk_auth, zk_ca, zk_client_cert, zk_client_key,
         ticket_secret, ticket_key_id, bearer_secret, bearer_secret_previous, link_secret,
         link_secret_previous,
         balance, claim_ttl,
@@ -395,11 +406,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         redis_options.max_log_len = n;
     }
     let store = launch::open_store(Some(&redis), redis_options).await?;
-    let registry = launch::open_registry_with_auth(
+    let registry = launch::open_secured_registry(
         Some(&zk),
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
         launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
         launch::zk_auth(args.zk_auth.as_deref())?,
+        launch::zk_tls(
+            args.zk_ca.as_deref(),
+            args.zk_client_cert.as_deref(),
+            args.zk_client_key.as_deref(),
+        )?,
     )?;
 
     let tls = tls::setup::RouteSide::load(&tls::setup::TlsFlags {

@@ -78,6 +78,17 @@ pub struct Args {
     /// anyone). Prefer the environment.
     #[arg(long, env = "CIM_ZK_AUTH", hide_env_values = true)]
     zk_auth: Option<String>,
+    /// CA (PEM) of ZooKeeper's secureClientPort certificates: with it, ZooKeeper is reached
+    /// over TLS (each --zk host must be a name of its certificate).
+    #[arg(long, env = "CIM_ZK_CA")]
+    zk_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a ZooKeeper with ssl.clientAuth=need; needs
+    /// --zk-client-key and --zk-ca.
+    #[arg(long, env = "CIM_ZK_CLIENT_CERT")]
+    zk_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --zk-client-cert.
+    #[arg(long, env = "CIM_ZK_CLIENT_KEY")]
+    zk_client_key: Option<PathBuf>,
     /// Secret the route signs tickets with (>= 16 bytes; required). Prefer the environment.
     #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
     ticket_secret: Option<String>,
@@ -182,7 +193,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
     let args = overlay!(flags, file; server_id, listen_ip, advertise_host, client_port,
         link_port, http_port, redis, zk, zk_root, zk_session_timeout, redis_ca,
-        redis_client_cert, redis_client_key, zk_auth, ticket_secret,
+        redis_client_cert, redis_client_key, zk_auth, zk_ca, zk_client_cert, zk_client_key, ticket_secret,
         ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
@@ -299,11 +310,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let registry = launch::open_registry_with_auth(
+    let registry = launch::open_secured_registry(
         Some(&zk),
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
         launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
         launch::zk_auth(args.zk_auth.as_deref())?,
+        launch::zk_tls(
+            args.zk_ca.as_deref(),
+            args.zk_client_cert.as_deref(),
+            args.zk_client_key.as_deref(),
+        )?,
     )?;
 
     let tls = tls::setup::ServerSide::load(

@@ -73,7 +73,7 @@ pub use remote::{
     RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
     serve_registry_on,
 };
-pub use zookeeper::{ZkAuth, ZkConfig, ZkRegistry};
+pub use zookeeper::{ZkAuth, ZkConfig, ZkRegistry, ZkTls};
 
 /// The persistent ZooKeeper node the server nodes live under, unless configured otherwise.
 pub const DEFAULT_ROOT: &str = "/cim/servers";
@@ -125,6 +125,10 @@ pub enum RegistryError {
         #[source]
         source: zookeeper_client::Error,
     },
+    /// A TLS handshake with an endpoint of the ensemble failed (found by probing it after a
+    /// connect over TLS did not succeed: the client library only reports a timeout).
+    #[error("zookeeper over TLS: {0}")]
+    Tls(String),
     /// The registration has no session right now (it is being recreated). For
     /// [`Registration::update`]: the count is kept and published with the recreated entry; for
     /// [`Registration::set_listed`]: the wish is kept and applied on reconnect.

@@ -46,6 +46,8 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use zookeeper_client as zk;
 
+use crate::tls::{ClientTls, ClientTlsSettings};
+
 use super::{
     DEFAULT_ROOT, Registration, RegistrationBackend, Registry, RegistryError, RegistryView,
     ServerMap, SessionHealth, decode_node, encode_node, validate_server_id,
@@ -66,6 +68,140 @@ pub struct ZkConfig {
     /// creates (the root path and the servers' nodes) are writable by that identity only and
     /// readable by anyone; without it, by anyone (ZooKeeper's `world:anyone`).
     pub auth: Option<ZkAuth>,
+    /// TLS to the ensemble's `secureClientPort` (`--zk-ca`). With it every endpoint of
+    /// `connect` without a scheme speaks TLS (`tcp://host:port` still forces plaintext).
+    pub tls: Option<ZkTls>,
+}
+
+/// TLS settings for ZooKeeper: the CA its certificates must chain to and, for an ensemble
+/// with `ssl.clientAuth=need`, a client certificate. Host names are checked: each endpoint's
+/// host must be a name (or IP address) of its certificate. Its `Debug` hides the key.
+#[derive(Clone)]
+pub struct ZkTls {
+    /// Boxed: it is large, and every `ZkConfig` carries the option.
+    options: Box<zk::TlsOptions>,
+    /// The same trust and identity in CIM's own dialer, to name the reason when a connect
+    /// fails (see [`ZkTls::diagnose`]).
+    probe: ClientTls,
+    ca_path: String,
+    with_client_cert: bool,
+}
+
+impl ZkTls {
+    /// Reads and checks the PEM files now, so a bad file stops the start with its name.
+    pub fn from_files(
+        ca: &std::path::Path,
+        client_cert: Option<&std::path::Path>,
+        client_key: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+        };
+        let ca_pem = read(ca, "--zk-ca")?;
+        let mut options = zk::TlsOptions::new()
+            .with_pem_ca(&ca_pem)
+            .map_err(|e| format!("--zk-ca {}: {e}", ca.display()))?;
+        let identity = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => Some((cert.to_path_buf(), key.to_path_buf())),
+            _ => None,
+        };
+        let probe = ClientTls::load(ClientTlsSettings {
+            ca: Some(ca.to_path_buf()),
+            identity,
+            own_role: None,
+            server_role: None,
+        })
+        .map_err(|e| format!("--zk-ca / --zk-client-cert: {e}"))?;
+        let with_client_cert = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => {
+                let (cert_pem, key_pem) = (
+                    read(cert, "--zk-client-cert")?,
+                    read(key, "--zk-client-key")?,
+                );
+                options = options
+                    .with_pem_identity(&cert_pem, &key_pem)
+                    .map_err(|e| {
+                        format!(
+                            "--zk-client-cert {} / --zk-client-key {}: {e}",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?;
+                true
+            }
+            (None, None) => false,
+            _ => {
+                return Err(
+                    "--zk-client-cert and --zk-client-key go together: give both or neither".into(),
+                );
+            }
+        };
+        Ok(Self {
+            options: Box::new(options),
+            probe,
+            ca_path: ca.display().to_string(),
+            with_client_cert,
+        })
+    }
+}
+
+impl ZkTls {
+    /// Why TLS to the ensemble `connect` fails, if a handshake with one of its TLS endpoints
+    /// fails: zookeeper-client retries a failed handshake until its connect times out and
+    /// reports only the timeout, which sends an operator looking at the network instead of
+    /// at the certificates.
+    async fn diagnose(&self, connect: &str) -> Option<String> {
+        const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+        for (host, port) in tls_endpoints(connect) {
+            let Ok(Ok(stream)) = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            else {
+                continue;
+            };
+            if let Ok(Err(error)) =
+                tokio::time::timeout(PROBE_TIMEOUT, self.probe.connect(stream, &host)).await
+            {
+                return Some(format!(
+                    "{error} (port {port}, trusting --zk-ca {})",
+                    self.ca_path
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// The `(host, port)` of each endpoint of a ZooKeeper connect string that speaks TLS when
+/// TLS is configured: all but those marked `tcp://`; the port defaults to 2181.
+fn tls_endpoints(connect: &str) -> Vec<(String, u16)> {
+    connect
+        .split(',')
+        .filter(|endpoint| !endpoint.starts_with("tcp://"))
+        .filter_map(|endpoint| {
+            let endpoint = endpoint.strip_prefix("tcp+tls://").unwrap_or(endpoint);
+            // A chroot path follows the last endpoint.
+            let endpoint = endpoint.split('/').next().unwrap_or(endpoint);
+            let (host, port) = match endpoint.rsplit_once(':') {
+                Some((host, port)) if !host.ends_with(':') => (host, port.parse().ok()?),
+                _ => (endpoint, 2181),
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            (!host.is_empty()).then(|| (host.to_owned(), port))
+        })
+        .collect()
+}
+
+impl std::fmt::Debug for ZkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkTls")
+            .field("ca", &self.ca_path)
+            .field("with_client_cert", &self.with_client_cert)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A ZooKeeper digest identity, `user:password` (`--zk-auth`). Its `Debug` hides the
@@ -125,7 +261,13 @@ impl ZkConfig {
             session_timeout: Duration::from_secs(6),
             op_timeout: Duration::from_secs(5),
             auth: None,
+            tls: None,
         }
+    }
+
+    pub fn with_tls(mut self, tls: Option<ZkTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn with_auth(mut self, auth: Option<ZkAuth>) -> Self {
@@ -276,7 +418,23 @@ async fn connect(cfg: &ZkConfig) -> Result<zk::Client, RegistryError> {
         // wrong password is just another identity, refused by the nodes' ACLs (`NoAuth`).
         connector = connector.with_auth("digest", &auth.digest());
     }
-    timed("connect", after, connector.connect(&cfg.connect)).await
+    match &cfg.tls {
+        Some(tls) => {
+            // The `tls` feature of zookeeper-client brings rustls' aws-lc provider next to
+            // the ring one the rest of CIM uses; with two, its `ClientConfig::builder()` needs
+            // a process default.
+            crate::tls::install_default_crypto_provider();
+            connector = connector.with_tls((*tls.options).clone());
+            match timed("connect", after, connector.secure_connect(&cfg.connect)).await {
+                Err(error) => match tls.diagnose(&cfg.connect).await {
+                    Some(reason) => Err(RegistryError::Tls(reason)),
+                    None => Err(error),
+                },
+                connected => connected,
+            }
+        }
+        None => timed("connect", after, connector.connect(&cfg.connect)).await,
+    }
 }
 
 /// Creates the root like `mkdir -p`, with [`ZkConfig::acls`] on every node it creates. With
@@ -1053,5 +1211,22 @@ impl Viewer {
                 true
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_endpoints_of_a_connect_string() {
+        assert_eq!(
+            tls_endpoints("zk1:2281,tcp://zk2:2181,tcp+tls://zk3,[::1]:2282/cim"),
+            [
+                ("zk1".to_owned(), 2281),
+                ("zk3".to_owned(), 2181),
+                ("::1".to_owned(), 2282)
+            ]
+        );
     }
 }

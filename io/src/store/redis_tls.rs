@@ -121,11 +121,10 @@ impl RedisTls {
     }
 }
 
-/// Makes ring rustls' process-wide provider unless one is installed already, so the `redis`
-/// crate's `ClientConfig::builder()` finds one whatever other crates enable.
+/// The `redis` crate builds its TLS settings with `ClientConfig::builder()`, which needs a
+/// process default provider.
 pub(crate) fn install_crypto_provider() {
-    // Err only means a provider is installed already, which is all this wants.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_default_crypto_provider();
 }
 
 /// `url` with any password replaced by `***`, for logs and errors. Something that does not

@@ -169,6 +169,16 @@ pub struct TlsStats {
 
 /// Appends the Prometheus families of several TLS listeners or dialers, each one's lines
 /// labelled with its `labels` (e.g. `listener="link"`); a family's lines stay together.
+/// Makes ring rustls' process-wide default provider unless one is installed already. CIM's
+/// own configurations name ring explicitly; this is for libraries that call
+/// `ClientConfig::builder()` (the `redis` crate, zookeeper-client), which panics when the
+/// dependency tree enables more than one provider (zookeeper-client's `tls` feature brings
+/// aws-lc-rs) and none is installed.
+pub fn install_default_crypto_provider() {
+    // Err only means a provider is installed already, which is all this wants.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn render_stats(prefix: &str, each: &[(String, Arc<TlsStats>)], out: &mut String) {
     use std::fmt::Write as _;
     type Read = fn(&TlsStats) -> i64;
