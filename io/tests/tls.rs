@@ -651,7 +651,8 @@ async fn expired_wrong_host_and_unknown_ca_certificates_are_refused_by_name() {
     let addr = raw_tls_server(&cert, &key).await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let error = pki.client().connect(stream, "127.0.0.1").await.unwrap_err();
-    assert!(matches!(error, ConnectError::Handshake { .. }), "{error}");
+    // A certificate problem, told apart from a cut handshake: retrying will not fix it.
+    assert!(matches!(error, ConnectError::Certificate { .. }), "{error}");
     assert!(
         error.to_string().contains("127.0.0.1") && error.to_string().contains("xpired"),
         "{error}"
@@ -664,7 +665,7 @@ async fn expired_wrong_host_and_unknown_ca_certificates_are_refused_by_name() {
     let error = pki.client().connect(stream, "127.0.0.1").await.unwrap_err();
     let text = error.to_string();
     assert!(
-        text.contains("127.0.0.1") && text.contains("not valid for name"),
+        text.contains("127.0.0.1") && text.contains("not valid for this host name"),
         "{text}"
     );
 
@@ -674,7 +675,7 @@ async fn expired_wrong_host_and_unknown_ca_certificates_are_refused_by_name() {
     let stream = TcpStream::connect(addr).await.unwrap();
     let other = Pki::new("bad-certs-other").client();
     let error = other.connect(stream, "127.0.0.1").await.unwrap_err();
-    assert!(error.to_string().contains("UnknownIssuer"), "{error}");
+    assert!(error.to_string().contains("unknown issuer"), "{error}");
 }
 
 /// A TLS server that presents any certificate (even expired), for the client-side checks.

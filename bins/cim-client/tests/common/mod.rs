@@ -41,6 +41,17 @@ pub struct Cluster {
 }
 
 pub async fn cluster() -> Cluster {
+    cluster_with(None).await
+}
+
+/// A cluster whose route serves its API over HTTPS with this certificate and key.
+pub async fn https_cluster(cert: PathBuf, key: PathBuf) -> Cluster {
+    let tls = cim_io::tls::ServerTls::load(cim_io::tls::ServerTlsSettings::new("api", cert, key))
+        .expect("route certificate loads");
+    cluster_with(Some(tls)).await
+}
+
+async fn cluster_with(https: Option<cim_io::tls::ServerTls>) -> Cluster {
     let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
     let registry = MemoryRegistry::new();
     let mut options = RouteOptions::new(
@@ -50,6 +61,7 @@ pub async fn cluster() -> Cluster {
         LINK_SECRET.to_vec(),
     );
     options.http_listen = SocketAddr::new(LOCAL, 0);
+    options.https = https;
     let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .expect("route starts");
@@ -174,17 +186,23 @@ fn lines_of(read: impl std::io::Read + Send + 'static) -> Receiver<String> {
 }
 
 pub fn spawn(port: u16, user: &str, state: &Path, extra: &[&str]) -> Proc {
+    spawn_as(
+        &format!("http://127.0.0.1:{port}"),
+        user,
+        &format!("{user}-password"),
+        state,
+        extra,
+    )
+}
+
+/// A client with this `--route` text and password.
+pub fn spawn_as(route: &str, user: &str, password: &str, state: &Path, extra: &[&str]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cim-client"))
-        .args([
-            "--route",
-            &format!("http://127.0.0.1:{port}"),
-            "--user",
-            user,
-        ])
+        .args(["--route", route, "--user", user])
         .arg("--state")
         .arg(state)
         .args(extra)
-        .env("CIM_PASSWORD", format!("{user}-password"))
+        .env("CIM_PASSWORD", password)
         .env_remove("CIM_USER_ID")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -261,7 +279,14 @@ impl Proc {
     }
 
     /// Closes stdin and waits for a clean exit.
-    pub fn finish(mut self) -> Vec<String> {
+    pub fn finish(self) -> Vec<String> {
+        let (code, seen) = self.exit();
+        assert_eq!(code, Some(0), "exit code:\n{}", seen.join("\n"));
+        seen
+    }
+
+    /// Closes stdin and waits for the exit: its code and every line seen.
+    pub fn exit(mut self) -> (Option<i32>, Vec<String>) {
         drop(self.stdin.take());
         let deadline = now() + WAIT;
         loop {
@@ -272,8 +297,7 @@ impl Proc {
                 while let Ok(line) = self.stderr.try_recv() {
                     self.seen.push(format!("err: {line}"));
                 }
-                assert!(status.success(), "exit {status}:\n{}", self.seen.join("\n"));
-                return self.seen;
+                return (status.code(), self.seen);
             }
             if now() >= deadline {
                 let _ = self.child.kill();
