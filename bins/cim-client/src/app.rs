@@ -969,6 +969,12 @@ impl App {
                 );
             }
             ClientEvent::LogReset { conv, .. } => {
+                // A log recreated under a new epoch: the store lost it (a reset, a restore).
+                // Ids may name other people now, so every remembered name goes; they are
+                // looked up again by id before the log's messages are shown.
+                self.file.users.clear();
+                self.looked_up.clear();
+                self.publish_users();
                 let label = self.label(&conv);
                 self.sink.status(
                     Level::Warn,

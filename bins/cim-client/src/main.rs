@@ -179,7 +179,8 @@ async fn chat(args: Args) -> anyhow::Result<Option<Failure>> {
 
     let me = UserId(file.user_id);
     // Message ids must never repeat across runs: seed from the OS's entropy every start.
-    let config = ClientConfig::new(me, args.user.clone(), password.clone(), sdk::os_seed());
+    // The name as registered (the state file's): `--user Bob` for account `bob` logs in as `bob`.
+    let config = ClientConfig::new(me, file.user_name.clone(), password.clone(), sdk::os_seed());
     let mut options = SdkOptions::new(host.clone(), port, config);
     options.state = state;
     options.tls = tls.clone();

@@ -41,18 +41,27 @@ pub struct Cluster {
 }
 
 pub async fn cluster() -> Cluster {
-    cluster_with(None).await
+    cluster_with(None, 0).await
+}
+
+/// A cluster whose store draws its log epochs from `seed`: two stores with different seeds
+/// are two different stores to a client (a reset one looks like this).
+pub async fn cluster_seeded(seed: u64) -> Cluster {
+    cluster_with(None, seed).await
 }
 
 /// A cluster whose route serves its API over HTTPS with this certificate and key.
 pub async fn https_cluster(cert: PathBuf, key: PathBuf) -> Cluster {
     let tls = cim_io::tls::ServerTls::load(cim_io::tls::ServerTlsSettings::new("api", cert, key))
         .expect("route certificate loads");
-    cluster_with(Some(tls)).await
+    cluster_with(Some(tls), 0).await
 }
 
-async fn cluster_with(https: Option<cim_io::tls::ServerTls>) -> Cluster {
-    let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+async fn cluster_with(https: Option<cim_io::tls::ServerTls>, seed: u64) -> Cluster {
+    let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig {
+        seed,
+        ..MemoryStoreConfig::default()
+    }));
     let registry = MemoryRegistry::new();
     let mut options = RouteOptions::new(
         "r1",
@@ -197,10 +206,26 @@ pub fn spawn(port: u16, user: &str, state: &Path, extra: &[&str]) -> Proc {
 
 /// A client with this `--route` text and password.
 pub fn spawn_as(route: &str, user: &str, password: &str, state: &Path, extra: &[&str]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cim-client"))
-        .args(["--route", route, "--user", user])
-        .arg("--state")
-        .arg(state)
+    spawn_env(route, user, password, Some(state), extra, &[])
+}
+
+/// A client with this `--route` text, password, state file (or the default one) and
+/// environment.
+pub fn spawn_env(
+    route: &str,
+    user: &str,
+    password: &str,
+    state: Option<&Path>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cim-client"));
+    command.args(["--route", route, "--user", user]);
+    if let Some(state) = state {
+        command.arg("--state").arg(state);
+    }
+    command.envs(env.iter().copied());
+    let mut child = command
         .args(extra)
         .env("CIM_PASSWORD", password)
         .env_remove("CIM_USER_ID")
