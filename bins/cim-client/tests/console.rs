@@ -222,6 +222,13 @@ async fn a_delayed_message_survives_a_kill_and_a_quit() {
         alice.status("acknowledged all");
         alice.type_line(":delay 1 @bob survives a quit");
         alice.status("will send in 1s");
+        // `:info` counts it.
+        alice.type_line(":info");
+        let info = alice.json(|v| v["command"] == "info");
+        assert_eq!(
+            info["result"]["delayed"][0]["line"], "@bob survives a quit",
+            "{info}"
+        );
         alice.type_line(":q!");
         alice.finish();
         let delayed = state_json(&alice_state)["delayed"].clone();
@@ -451,6 +458,46 @@ async fn the_state_is_keyed_by_a_normalized_route_and_a_taken_name_shows_the_way
         .exit();
         assert_eq!(code, Some(4), "{seen:?}");
         assert!(seen.iter().any(|l| l.contains("--user-id")), "{seen:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("clients");
+}
+
+/// Item 7: a script logging in as a user whose session is held by a client without this
+/// machine's state file stops at once with code 11, instead of retrying "repeat login"
+/// until the drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_blocked_by_another_session_exits_11_at_once() {
+    let cluster = cluster().await;
+    let port = cluster.route_port;
+    let dir = temp_dir("repeat");
+    tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &dir.join("alice.json"), &[]);
+        alice.status("online as alice");
+        let id = user_id(&dir.join("alice.json")).to_string();
+        let started = common::now();
+        let (code, seen) = common::spawn_as(
+            &format!("http://localhost:{port}"),
+            "alice",
+            "alice-password",
+            &dir.join("other-machine.json"),
+            &["--user-id", &id, "--send", "hi", "--drain-secs", "30"],
+        )
+        .exit();
+        assert_eq!(code, Some(11), "{seen:?}");
+        assert!(
+            seen.iter()
+                .any(|l| l.contains("alice is logged in elsewhere")),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|l| l.contains("not sent")), "{seen:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        alice.finish();
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await

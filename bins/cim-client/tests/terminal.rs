@@ -72,6 +72,25 @@ async fn interactive_chat_under_a_pty() {
             .expect("[@bob] bob: psst back")
             .expect("private answer shown");
 
+        // History reads like the live chat: `[@bob]`, not the conversation's key.
+        alice.send(":his bob\r").expect("enter");
+        alice
+            .expect("[@bob] you: psst")
+            .expect("own line in history");
+        alice
+            .expect("[@bob] bob: psst back")
+            .expect("history as live");
+        // A refused command in words, without HTTP or CIM codes.
+        alice.send(":his nosuchgroup\r").expect("enter");
+        let refused = alice
+            .expect(expectrl::Regex(r"! [^\r\n]+"))
+            .expect("the refusal");
+        let refused = String::from_utf8_lossy(refused.get(0).expect("match")).into_owned();
+        assert!(
+            !refused.contains("403") && !refused.contains("4000"),
+            "{refused}"
+        );
+
         // `:olu` lists both.
         alice.send(":olu\r").expect("enter");
         alice.expect("online (2): alice (").expect("both online");
