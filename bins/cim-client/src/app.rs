@@ -672,6 +672,9 @@ impl App {
     }
 
     async fn show_history(&mut self, of: Option<String>, count: u32) {
+        // A word that is no known user is taken for a group; if the route then refuses,
+        // say both.
+        let mut guessed_group = None;
         let conv = match of.as_deref() {
             None | Some("all") => ConvId::All,
             Some(word) => {
@@ -689,6 +692,7 @@ impl App {
                         Err((failure, error)) => return self.error(failure, &error),
                     }
                 } else {
+                    guessed_group = Some(word.to_owned());
                     match ConvId::group(word) {
                         Ok(conv) => conv,
                         Err(error) => return self.error(Failure::BadLine, &error.to_string()),
@@ -728,6 +732,14 @@ impl App {
                     "his",
                     serde_json::to_value(&messages).unwrap_or_default(),
                     &text,
+                );
+            }
+            Err(ApiError::Status { http: 403, .. }) if let Some(word) = guessed_group => {
+                self.error(
+                    Failure::BadLine,
+                    &format!(
+                        "{word} is neither a group you are in nor a user online or seen here (@<id> reaches anyone: :his <id>)"
+                    ),
                 );
             }
             Err(error) => self.api_error(&error),
@@ -838,6 +850,14 @@ impl App {
                             format!("there is no user {}", &label[1..]),
                         )
                     }
+                    ErrorCode::BadConversation if label != "all" => (
+                        Failure::MessageRejected,
+                        format!("there is no group {label} (:create {label} makes it)"),
+                    ),
+                    ErrorCode::NotMember if label != "all" => (
+                        Failure::MessageRejected,
+                        format!("you are not a member of {label} (:join {label} first)"),
+                    ),
                     _ if reason.is_empty() || !self.verbose => {
                         (Failure::MessageRejected, error_words(code).to_owned())
                     }
@@ -913,7 +933,7 @@ impl App {
                     &format!(
                         "* reconnecting in {:.1}s ({}{attempt})",
                         delay.as_secs_f32(),
-                        describe(&cause, &self.file.user_name, self.verbose),
+                        describe(&cause, &self.file.user_name, &self.route, self.verbose),
                     ),
                 );
             }
@@ -1141,7 +1161,7 @@ fn short(id: ClientMsgId) -> String {
 }
 
 /// Why the link was lost, in words. `verbose` adds the protocol's details.
-fn describe(cause: &LinkLoss, user: &str, verbose: bool) -> String {
+fn describe(cause: &LinkLoss, user: &str, route: &str, verbose: bool) -> String {
     match cause {
         LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)) => format!(
             "{user} is logged in elsewhere, from a client without this machine's state file; \
@@ -1154,9 +1174,11 @@ fn describe(cause: &LinkLoss, user: &str, verbose: bool) -> String {
             "the chat's store is not answering".to_owned()
         }
         LinkLoss::LoginFailed(LoginFailure::Rejected(error)) => error.to_string(),
-        LinkLoss::LoginFailed(failure) if verbose => format!("cannot reach the route: {failure}"),
-        LinkLoss::LoginFailed(_) => "cannot reach the route".to_owned(),
-        LinkLoss::LoginTimeout => "the route did not answer".to_owned(),
+        LinkLoss::LoginFailed(failure) if verbose => {
+            format!("cannot reach the route at {route}: {failure}")
+        }
+        LinkLoss::LoginFailed(_) => format!("cannot reach the route at {route}"),
+        LinkLoss::LoginTimeout => format!("the route at {route} did not answer"),
         LinkLoss::ConnectFailed => "the chat server is unreachable".to_owned(),
         LinkLoss::ConnectTimeout => "connecting to the server timed out".to_owned(),
         LinkLoss::LoginOkTimeout => "the server did not accept the login".to_owned(),
@@ -1218,7 +1240,7 @@ mod tests {
     #[test]
     fn kicks_and_errors_read_as_words_not_enum_names() {
         assert_eq!(
-            describe(&LinkLoss::Kicked(KickReason::Draining), "ann", false),
+            describe(&LinkLoss::Kicked(KickReason::Draining), "ann", "r:1", false),
             "kicked: the server is shutting down"
         );
         assert_eq!(
@@ -1228,15 +1250,19 @@ mod tests {
                     message: "limit 50/s (bucket 3)".into()
                 },
                 "ann",
+                "r:1",
                 false
             ),
             "server error: sending too fast"
         );
         let transport = LinkLoss::LoginFailed(LoginFailure::Transport("connect: refused".into()));
-        assert_eq!(describe(&transport, "ann", false), "cannot reach the route");
-        assert!(describe(&transport, "ann", true).contains("refused"));
+        assert_eq!(
+            describe(&transport, "ann", "r:1", false),
+            "cannot reach the route at r:1"
+        );
+        assert!(describe(&transport, "ann", "r:1", true).contains("refused"));
         let repeat = LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin));
-        assert!(describe(&repeat, "ann", false).contains("ann is logged in elsewhere"));
+        assert!(describe(&repeat, "ann", "r:1", false).contains("ann is logged in elsewhere"));
         let reasons = (0..=8).filter_map(|n| KickReason::try_from(n).ok());
         let codes = (0..=15).filter_map(|n| ErrorCode::try_from(n).ok());
         let words: Vec<&str> = reasons
