@@ -87,6 +87,9 @@ pub struct App {
     /// unacknowledged messages are not kept for a later run, which would send them under a
     /// login the user did not see succeed.
     drop_unsent: bool,
+    /// The first login was answered "repeat login": another client without this state
+    /// file holds the session.
+    pub blocked_elsewhere: bool,
     verbose: bool,
 }
 
@@ -155,6 +158,7 @@ impl App {
             failure: None,
             this_run: BTreeSet::new(),
             drop_unsent: false,
+            blocked_elsewhere: false,
             verbose: parts.verbose,
         };
         app.publish_users();
@@ -917,10 +921,13 @@ impl App {
                 cause,
             } => {
                 self.reconnecting = true;
-                if matches!(
-                    cause,
-                    LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin))
-                ) {
+                if !self.was_online
+                    && matches!(
+                        cause,
+                        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin))
+                    )
+                {
+                    self.blocked_elsewhere = true;
                     self.fail(Failure::LoggedInElsewhere);
                 }
                 let attempt = if self.verbose {

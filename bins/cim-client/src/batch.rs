@@ -76,7 +76,7 @@ pub async fn run(
                 }
                 // A second client without this state file holds the session: waiting
                 // would only repeat that until the drain deadline.
-                if app.failure == Some(Failure::LoggedInElsewhere) && !app.was_online() {
+                if app.blocked_elsewhere && !app.was_online() {
                     break;
                 }
                 if app.was_online() {
@@ -157,7 +157,7 @@ pub async fn run(
 /// Input still queued at the end: the session never came up. Messages go into the outbox
 /// for the next run, unless the login was refused for good; commands did not run.
 async fn settle_held(app: &mut App, held: VecDeque<Held>) {
-    let refused = app.stopped.is_some() || app.failure == Some(Failure::LoggedInElsewhere);
+    let refused = app.stopped.is_some() || app.blocked_elsewhere;
     if !refused {
         app.fail(Failure::Unreachable);
     }

@@ -349,7 +349,9 @@ pub async fn run(
     // answered there and is no reason for a failing exit.
     let failure = match app.stopped {
         None | Some(StopReason::Shutdown) => None,
-        Some(_) => app.failure,
+        Some(StopReason::TakenOver | StopReason::LoggedOut) => Some(Failure::LoggedInElsewhere),
+        Some(StopReason::AccountMismatch) => Some(Failure::LoginRejected),
+        Some(StopReason::CertificateRejected) => Some(Failure::Certificate),
     };
     app.finish().await;
     failure
