@@ -665,7 +665,7 @@ async fn expired_wrong_host_and_unknown_ca_certificates_are_refused_by_name() {
     let error = pki.client().connect(stream, "127.0.0.1").await.unwrap_err();
     let text = error.to_string();
     assert!(
-        text.contains("127.0.0.1") && text.contains("not valid for this host name"),
+        text.contains("127.0.0.1") && text.contains("not valid for name"),
         "{text}"
     );
 
@@ -675,7 +675,7 @@ async fn expired_wrong_host_and_unknown_ca_certificates_are_refused_by_name() {
     let stream = TcpStream::connect(addr).await.unwrap();
     let other = Pki::new("bad-certs-other").client();
     let error = other.connect(stream, "127.0.0.1").await.unwrap_err();
-    assert!(error.to_string().contains("unknown issuer"), "{error}");
+    assert!(error.to_string().contains("UnknownIssuer"), "{error}");
 }
 
 /// A TLS server that presents any certificate (even expired), for the client-side checks.

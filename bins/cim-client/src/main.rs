@@ -314,10 +314,11 @@ fn registration_error(
         ),
         ApiError::Transport(HttpError::Tls(cim_io::tls::ConnectError::Certificate {
             host,
-            reason,
+            plain,
+            ..
         })) => fatal(
             Failure::Certificate,
-            format!("the certificate of {host} is not trusted: {reason}"),
+            format!("the certificate of {host} is not trusted: {plain}"),
         ),
         ApiError::Transport(error) => fatal(
             Failure::Unreachable,

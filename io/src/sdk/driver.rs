@@ -519,9 +519,12 @@ fn failure_from(error: ApiError) -> LoginFailure {
             api::CODE_FAIL => rejected(LoginError::Unavailable),
             _ => LoginFailure::Transport(format!("login: code {code}: {message}")),
         },
-        ApiError::Transport(HttpError::Tls(tls::ConnectError::Certificate { host, reason })) => {
-            LoginFailure::Certificate { host, reason }
-        }
+        ApiError::Transport(HttpError::Tls(tls::ConnectError::Certificate {
+            host, plain, ..
+        })) => LoginFailure::Certificate {
+            host,
+            reason: plain,
+        },
         other => LoginFailure::Transport(other.to_string()),
     }
 }
@@ -576,7 +579,7 @@ async fn connection<N: Network>(
             Some(client) => client.connect(stream, &host).await.map_err(|error| {
                 tracing::warn!(%error, "TLS to the server failed");
                 let permanent = match &error {
-                    tls::ConnectError::Certificate { reason, .. } => Some(reason.clone()),
+                    tls::ConnectError::Certificate { plain, .. } => Some(plain.clone()),
                     _ => None,
                 };
                 (error.to_string(), permanent)
@@ -685,7 +688,8 @@ mod tests {
         // A route certificate that does not verify is permanent, and says whose and why.
         let untrusted = tls::ConnectError::Certificate {
             host: "route.example".into(),
-            reason: "it has expired".into(),
+            reason: "invalid peer certificate: Expired".into(),
+            plain: "it has expired".into(),
         };
         assert_eq!(
             failure_from(ApiError::Transport(HttpError::Tls(untrusted))),

@@ -140,9 +140,14 @@ pub enum ConnectError {
     #[error("TLS to {host}: {reason}")]
     Handshake { host: String, reason: String },
     /// The peer's certificate did not verify (unknown issuer, wrong name, expired, ...):
-    /// unlike a cut handshake, trying again will not help.
-    #[error("TLS to {host}: the certificate was not accepted: {reason}")]
-    Certificate { host: String, reason: String },
+    /// unlike a cut handshake, trying again will not help. `reason` is rustls' text (as in
+    /// `Handshake`), `plain` the same in words for a chat user.
+    #[error("TLS to {host}: {reason}")]
+    Certificate {
+        host: String,
+        reason: String,
+        plain: String,
+    },
     #[error("TLS to {host}: the server's certificate does not carry the {role} role")]
     WrongRole { host: String, role: Role },
 }
@@ -835,12 +840,14 @@ impl ClientTls {
             Err(error) => {
                 stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
                 let host = host.to_owned();
+                let reason = error.to_string();
                 return Err(match certificate_problem(&error) {
-                    Some(reason) => ConnectError::Certificate { host, reason },
-                    None => ConnectError::Handshake {
+                    Some(plain) => ConnectError::Certificate {
                         host,
-                        reason: error.to_string(),
+                        reason,
+                        plain,
                     },
+                    None => ConnectError::Handshake { host, reason },
                 });
             }
         };
@@ -858,7 +865,8 @@ impl ClientTls {
     }
 }
 
-/// A handshake that failed on the peer's certificate, in words (`None` for anything else).
+/// A handshake that failed on the peer's certificate, in words for a chat user (`None` for
+/// anything else).
 fn certificate_problem(error: &io::Error) -> Option<String> {
     use rustls::CertificateError as C;
     let rustls::Error::InvalidCertificate(problem) =
