@@ -391,10 +391,13 @@ impl App {
             Ok(id) => {
                 self.this_run.insert(id);
                 self.sending.insert(id, label.clone());
-                self.sink.status(
-                    Level::Quiet,
-                    &format!("· sending to {label} ({})", short(id)),
-                );
+                let detail = if self.verbose {
+                    format!(" ({})", short(id))
+                } else {
+                    String::new()
+                };
+                self.sink
+                    .status(Level::Quiet, &format!("· sending to {label}{detail}"));
                 // The outbox is on disk before the user sees "sending": a crash now resends it.
                 self.save().await;
             }

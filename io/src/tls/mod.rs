@@ -884,6 +884,12 @@ fn certificate_problem(error: &io::Error) -> Option<String> {
         C::Expired | C::ExpiredContext { .. } => "it has expired".to_owned(),
         C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet".to_owned(),
         C::Revoked => "it has been revoked".to_owned(),
+        C::BadSignature => {
+            "its signature does not verify (signed by another CA of the same name?)".to_owned()
+        }
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "it is not a server certificate".to_owned()
+        }
         other => format!("{other:?}"),
     })
 }
