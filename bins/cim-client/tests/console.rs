@@ -492,8 +492,9 @@ async fn a_script_blocked_by_another_session_exits_11_at_once() {
             "{seen:?}"
         );
         assert!(seen.iter().any(|l| l.contains("not sent")), "{seen:?}");
+        // Retrying would last the whole --drain-secs 30.
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(15),
             "{:?}",
             started.elapsed()
         );

@@ -336,7 +336,7 @@ async fn an_untrusted_certificate_exits_5_naming_host_and_reason() {
         assert!(out.contains("127.0.0.1") && out.contains("not signed by a trusted CA"), "{out}");
         assert!(!out.contains("reconnecting"), "{out}");
         assert!(out.contains("not sent"), "{out}");
-        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await
@@ -415,8 +415,9 @@ async fn quitting_while_disconnected_is_prompt_and_keeps_the_message() {
         let started = common::now();
         alice.send(":q!\r").expect("quit");
         alice.expect(Eof).expect("exits");
+        // It used to wait out 3 s for acknowledgements that could not come.
         assert!(
-            started.elapsed() < Duration::from_millis(1500),
+            started.elapsed() < Duration::from_millis(2500),
             "quitting took {:?}",
             started.elapsed()
         );
