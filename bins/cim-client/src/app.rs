@@ -932,6 +932,14 @@ impl App {
                 {
                     self.blocked_elsewhere = true;
                     self.fail(Failure::LoggedInElsewhere);
+                    if matches!(self.sink, Sink::Json) {
+                        // A script does not wait for another person's session: it stops.
+                        self.sink.error(&format!(
+                            "{} is logged in elsewhere, from a client without this machine's state file: quit that session first",
+                            self.file.user_name
+                        ));
+                        return None;
+                    }
                 }
                 let attempt = if self.verbose {
                     format!(", attempt {}", attempt + 1)

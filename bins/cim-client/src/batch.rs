@@ -43,11 +43,6 @@ pub async fn run(
 ) -> Option<Failure> {
     let (lines_tx, mut lines) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
-        for line in sends {
-            if lines_tx.send(line).await.is_err() {
-                return;
-            }
-        }
         if !read_stdin {
             return;
         }
@@ -58,8 +53,12 @@ pub async fn run(
             }
         }
     });
-    let mut held: VecDeque<Held> = VecDeque::new();
+    // `--send` lines are input known from the start: queued at once, so a session that
+    // stops before the first event still accounts for them.
+    let mut held: VecDeque<Held> = sends.into_iter().map(Held::Line).collect();
     let mut input_done = false;
+    // `:q!` read: what follows it is not run.
+    let mut quit = false;
     let mut deadline = None;
     let mut poll = tokio::time::interval(DRAIN_POLL);
     let mut save_tick = tokio::time::interval(crate::app::SAVE_EVERY);
@@ -84,6 +83,7 @@ pub async fn run(
                         match next {
                             Held::Line(line) => {
                                 if !app.on_line(&line).await {
+                                    quit = true;
                                     break 'run;
                                 }
                             }
@@ -102,6 +102,7 @@ pub async fn run(
             line = lines.recv(), if !input_done => match line {
                 Some(line) if app.was_online() && held.is_empty() => {
                     if !app.on_line(&line).await {
+                        quit = true;
                         break;
                     }
                 }
@@ -131,6 +132,14 @@ pub async fn run(
                     Some(_) => {}
                 }
             }
+        }
+    }
+    if quit {
+        held.clear();
+    } else {
+        // Lines already read but not handled yet are accounted for with the rest.
+        while let Ok(line) = lines.try_recv() {
+            held.push_back(Held::Line(line));
         }
     }
     // Events already delivered (our own acks, messages) are still reported.

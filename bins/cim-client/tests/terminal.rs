@@ -289,6 +289,16 @@ async fn failures_exit_with_distinct_codes_and_a_refused_login_keeps_nothing() {
         // The next good run sends what was saved, and never the message of the refused login.
         let (out, code) = client("--send last", "alice-password");
         assert_eq!(code, 0, "{out}");
+
+        // Input after `:q!` is not run, even when it was queued behind the login.
+        let (out, code) = shell(
+            &format!(
+                "printf 'before quit\\n:q!\\nafter quit\\n' | \"$CIM_CLIENT\" --route http://127.0.0.1:{port} --user alice --state {}",
+                state2.display()
+            ),
+            "alice-password",
+        );
+        assert_eq!(code, 0, "{out}");
         alice_id
     })
     .await
@@ -299,7 +309,10 @@ async fn failures_exit_with_distinct_codes_and_a_refused_login_keeps_nothing() {
         .iter()
         .map(|m| String::from_utf8_lossy(&m.body).into_owned())
         .collect();
-    assert_eq!(texts, ["first", "after the typo", "later", "last"]);
+    assert_eq!(
+        texts,
+        ["first", "after the typo", "later", "last", "before quit"]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
