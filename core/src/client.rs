@@ -20,7 +20,9 @@
 //! gave up, and the shell reports nothing more about those). Logging in again would take it
 //! back, and the other client would do the same, forever; so the session stops with
 //! [`StopReason::TakenOver`] and lets the user decide (`start` again). Likewise for
-//! [`KickReason::LoggedOut`] and a login answered with `AccountMismatch`.
+//! [`KickReason::LoggedOut`], a login answered with `AccountMismatch`, and a route or server
+//! whose TLS certificate does not verify ([`StopReason::CertificateRejected`]: an unknown
+//! issuer, a wrong host name or an expired certificate stays so however often it is tried).
 
 mod backoff;
 mod inbound;
@@ -173,6 +175,9 @@ pub enum StopReason {
     TakenOver,
     LoggedOut,
     AccountMismatch,
+    /// The route's or a server's certificate did not verify; see
+    /// [`ClientEvent::CertificateRejected`] for whose and why.
+    CertificateRejected,
 }
 
 /// What the application is told.
@@ -231,6 +236,13 @@ pub enum ClientEvent {
     Kicked(KickReason),
     /// A login failure that retrying will not fix; the session stops.
     LoginRejected(LoginError),
+    /// `host`'s TLS certificate did not verify (`reason` in words: unknown issuer, wrong
+    /// name, expired). Retrying will not fix it; the session stops with
+    /// [`StopReason::CertificateRejected`].
+    CertificateRejected {
+        host: String,
+        reason: String,
+    },
 }
 
 /// Counts of what a session recovered from.
@@ -249,6 +261,9 @@ pub enum LoginFailure {
     /// No usable HTTP answer (connection refused, bad body, ...).
     #[error("login request failed: {0}")]
     Transport(String),
+    /// The route's HTTPS certificate did not verify: permanent, the session stops.
+    #[error("the certificate of {host} was not accepted: {reason}")]
+    Certificate { host: String, reason: String },
 }
 
 /// A frame the session ignored. Its state did not change.
@@ -566,6 +581,12 @@ impl ClientSession {
                     .push_back(ClientEvent::LoginRejected(LoginError::AccountMismatch));
                 self.stop(StopReason::AccountMismatch);
             }
+            Err(LoginFailure::Certificate { host, reason }) => {
+                self.out
+                    .events
+                    .push_back(ClientEvent::CertificateRejected { host, reason });
+                self.stop(StopReason::CertificateRejected);
+            }
             // Repeat login (the old claim's lease has yet to run out), no server, store
             // trouble, transport: all may pass.
             Err(failure) => self.lose(now, LinkLoss::LoginFailed(failure), false),
@@ -588,6 +609,19 @@ impl ClientSession {
     pub fn handle_connect_failed(&mut self, now: Instant) {
         if matches!(self.link, Link::Connecting { .. }) {
             self.lose(now, LinkLoss::ConnectFailed, false);
+        }
+    }
+
+    /// The connection attempt failed for good: the server's TLS certificate did not verify.
+    /// Unlike [`handle_connect_failed`](Self::handle_connect_failed) this stops the session
+    /// (see [`StopReason::CertificateRejected`]). Ignored unless connecting.
+    pub fn handle_certificate_rejected(&mut self, now: Instant, host: String, reason: String) {
+        let _ = now;
+        if matches!(self.link, Link::Connecting { .. }) {
+            self.out
+                .events
+                .push_back(ClientEvent::CertificateRejected { host, reason });
+            self.stop(StopReason::CertificateRejected);
         }
     }
 

@@ -45,6 +45,8 @@ struct RouteState {
     logins: Vec<api::LoginRequest>,
     /// Resume tokens handed out, in order.
     issued: Vec<String>,
+    /// Send clients to the server over TLS.
+    server_tls: bool,
 }
 
 type Route = Arc<Mutex<RouteState>>;
@@ -71,7 +73,11 @@ async fn route_login(
         user_id: req.user_id,
         epoch,
         server_id: "s1".into(),
-        endpoint: None,
+        endpoint: r.server_tls.then(|| cim_core::registry::ServerEndpoint {
+            host: "127.0.0.1".into(),
+            port: r.server_port,
+            tls: true,
+        }),
         ip: "127.0.0.1".into(),
         cim_server_port: r.server_port,
         http_port: 0,
@@ -730,4 +736,67 @@ async fn route_api_unwraps_envelopes_and_keeps_error_codes() {
         dead.list_groups("tok").await,
         Err(ApiError::Transport(_))
     ));
+}
+
+/// A server whose certificate does not verify (signed by a CA the client does not trust)
+/// stops the session with the host and the reason: no reconnect loop.
+#[tokio::test]
+async fn a_server_certificate_that_does_not_verify_stops_the_session() {
+    use cim_io::sdk::SdkTls;
+    use cim_io::tls::{ClientTls, ClientTlsSettings, ServerTls, ServerTlsSettings};
+    let ca = cim_testkit::certs::TestCa::new("sdk-server");
+    let other = cim_testkit::certs::TestCa::new("sdk-other");
+    let cert = ca.server_cert("s1");
+    let gateway = ServerTls::load(ServerTlsSettings::new(
+        "gateway",
+        cert.cert_path.clone(),
+        cert.key_path.clone(),
+    ))
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let _ = gateway.accept(stream).await;
+            });
+        }
+    });
+    let (route_port, route) = start_route(tls_port).await;
+    route.lock().unwrap().server_tls = true;
+    let client_tls = ClientTls::load(ClientTlsSettings {
+        ca: Some(other.cert_path.clone()),
+        ..ClientTlsSettings::default()
+    })
+    .unwrap();
+    let mut config = ClientConfig::new(USER, "ann", "pw", 1);
+    config.backoff_base = Duration::from_millis(10);
+    config.backoff_cap = Duration::from_millis(50);
+    let mut options = SdkOptions::new("127.0.0.1", route_port, config);
+    options.tls = Some(SdkTls {
+        client: client_tls,
+        route_https: false,
+    });
+    let (client, mut events) = Client::start(TokioNet, Clock::System, options);
+    let rejected = expect(&mut events, "CertificateRejected", |e| {
+        matches!(e, ClientEvent::CertificateRejected { .. })
+    })
+    .await;
+    let ClientEvent::CertificateRejected { host, reason } = rejected else {
+        unreachable!()
+    };
+    assert_eq!(host, "127.0.0.1");
+    assert!(reason.contains("not signed by a trusted CA"), "{reason}");
+    let stopped = expect(&mut events, "Stopped", |_| true).await;
+    assert_eq!(
+        stopped,
+        ClientEvent::Stopped(StopReason::CertificateRejected)
+    );
+    assert_eq!(route.lock().unwrap().logins.len(), 1, "no second login");
+    assert_eq!(
+        client.send(ConvId::All, Bytes::from_static(b"x")).await,
+        Err(SendError::Stopped)
+    );
+    client.shutdown().await;
 }

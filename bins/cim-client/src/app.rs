@@ -6,17 +6,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cim_core::client::ClientState;
 use cim_core::client::{
     ClientConfig, ClientEvent, ErrorCode, KickReason, LinkLoss, LoginFailure, StopReason,
 };
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
+use cim_core::route_login::LoginError;
 use cim_io::api::OnlineUser;
 use cim_io::clock::Clock;
 use cim_io::net::TokioNet;
-use cim_io::sdk::{self, Client, Events, RouteApi, SdkOptions, SdkTls};
+use cim_io::sdk::{self, ApiError, Client, Events, RouteApi, SdkOptions, SdkTls};
 use tokio::sync::mpsc;
 
 use crate::command::{self, Command, ParseError, Target};
+use crate::exit::Failure;
 use crate::render::{Level, Sink};
 use crate::store::{self, ClientFile, LocalHistory, PendingDelay, SeenMessage};
 
@@ -37,8 +40,8 @@ const REFRESH_MIN_GAP: Duration = Duration::from_secs(2);
 pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// Messages shown by `:q`.
 const SEARCH_LIMIT: usize = 20;
-/// Messages fetched by `:his`.
-const HISTORY_LIMIT: u32 = 20;
+/// Longest message body handed to the session: well inside the 64 KiB frame limit.
+const LOCAL_BODY_LIMIT: usize = 60 * 1024;
 
 #[derive(Debug)]
 pub struct App {
@@ -76,6 +79,18 @@ pub struct App {
     /// route that is down is not asked once per message.
     names_failed_at: Option<std::time::Instant>,
     pub stopped: Option<StopReason>,
+    /// The first failure of this run: the exit code (see `exit`).
+    pub failure: Option<Failure>,
+    /// Messages this run queued that are not acknowledged, rejected or expired yet.
+    this_run: BTreeSet<ClientMsgId>,
+    /// The login was refused for good (wrong password, untrusted certificate): this run's
+    /// unacknowledged messages are not kept for a later run, which would send them under a
+    /// login the user did not see succeed.
+    drop_unsent: bool,
+    /// The first login was answered "repeat login": another client without this state
+    /// file holds the session.
+    pub blocked_elsewhere: bool,
+    verbose: bool,
 }
 
 pub struct AppParts {
@@ -95,6 +110,8 @@ pub struct AppParts {
     pub sink: Sink,
     pub completions: SharedCompletions,
     pub delayed: mpsc::UnboundedSender<u64>,
+    /// Protocol details in messages (`--verbose`).
+    pub verbose: bool,
 }
 
 impl App {
@@ -138,9 +155,67 @@ impl App {
             looked_up: BTreeSet::new(),
             names_failed_at: None,
             stopped: None,
+            failure: None,
+            this_run: BTreeSet::new(),
+            drop_unsent: false,
+            blocked_elsewhere: false,
+            verbose: parts.verbose,
         };
         app.publish_users();
         app
+    }
+
+    /// Records a failure; the first one of a run is its exit code.
+    pub fn fail(&mut self, failure: Failure) {
+        self.failure.get_or_insert(failure);
+    }
+
+    /// Whether a session is up now.
+    pub fn is_online(&self) -> bool {
+        self.was_online && !self.reconnecting && self.stopped.is_none()
+    }
+
+    /// Whether this run has been online at all.
+    pub fn was_online(&self) -> bool {
+        self.was_online
+    }
+
+    /// Reports an error and records its failure.
+    fn error(&mut self, failure: Failure, text: &str) {
+        self.fail(failure);
+        self.sink.error(text);
+    }
+
+    /// A route API error in words; the codes only with `--verbose`.
+    fn api_error(&mut self, error: &ApiError) {
+        let (failure, text) = match error {
+            ApiError::Status {
+                http,
+                code,
+                message,
+            } => {
+                let text = if self.verbose {
+                    format!("{message} (HTTP {http}, code {code})")
+                } else {
+                    message.clone()
+                };
+                (Failure::BadLine, text)
+            }
+            ApiError::Transport(e) if self.verbose => (
+                Failure::Unreachable,
+                format!("the route did not answer: {e}"),
+            ),
+            ApiError::Transport(_) => (
+                Failure::Unreachable,
+                "the route did not answer; try again in a moment (--verbose for details)"
+                    .to_owned(),
+            ),
+            ApiError::BadBody(e) => (
+                Failure::Other,
+                format!("the route's answer made no sense: {e}"),
+            ),
+        };
+        self.error(failure, &text);
     }
 
     /// Runs one typed line. `false` when the user asked to quit.
@@ -149,13 +224,13 @@ impl App {
             Ok(command) => command,
             Err(error @ ParseError::Unknown(_)) => {
                 // Never sent: a mistyped command must not leak into a conversation.
-                self.sink.error(&format!("{error} (not sent)"));
+                self.error(Failure::BadLine, &format!("{error} (not sent)"));
                 self.sink
                     .result("help", serde_json::Value::Null, &command::help());
                 return true;
             }
             Err(error) => {
-                self.sink.error(&error.to_string());
+                self.error(Failure::BadLine, &error.to_string());
                 return true;
             }
         };
@@ -199,7 +274,7 @@ impl App {
                 self.sink
                     .result("q", serde_json::to_value(&found).unwrap_or_default(), &text);
             }
-            Command::History(of) => self.show_history(of).await,
+            Command::History(of, count) => self.show_history(of, count).await,
             Command::Join(group) => self.group_call("join", group).await,
             Command::Leave(group) => self.group_call("leave", group).await,
             Command::Create(group) => self.group_call("create", group).await,
@@ -220,7 +295,7 @@ impl App {
                         };
                         self.sink.result("groups", serde_json::json!(groups), &text);
                     }
-                    Err(error) => self.sink.error(&error.to_string()),
+                    Err(error) => self.api_error(&error),
                 }
             }
         }
@@ -293,45 +368,70 @@ impl App {
 
     /// Sends a message; its fate is reported as events come.
     pub async fn say(&mut self, target: Target, text: String) {
+        // Past the frame limit the connection itself would fail; the server's own (smaller)
+        // body limit answers with a rejection.
+        if text.len() > LOCAL_BODY_LIMIT {
+            return self.error(
+                Failure::TooLong,
+                &format!(
+                    "message too long ({} bytes; at most {LOCAL_BODY_LIMIT}, and servers usually take 4096) (not sent)",
+                    text.len()
+                ),
+            );
+        }
         let conv = match self.resolve(&target).await {
             Ok(conv) => conv,
-            Err(error) => {
-                self.sink.error(&error);
+            Err((failure, error)) => {
+                self.error(failure, &format!("{error} (not sent)"));
                 return;
             }
         };
         let label = self.label(&conv);
         match self.client.submit(conv, text.into_bytes().into()).await {
             Ok(id) => {
+                self.this_run.insert(id);
                 self.sending.insert(id, label.clone());
-                self.sink.status(
-                    Level::Quiet,
-                    &format!("· sending to {label} ({})", short(id)),
-                );
+                let detail = if self.verbose {
+                    format!(" ({})", short(id))
+                } else {
+                    String::new()
+                };
+                self.sink
+                    .status(Level::Quiet, &format!("· sending to {label}{detail}"));
                 // The outbox is on disk before the user sees "sending": a crash now resends it.
                 self.save().await;
             }
-            Err(error) => self.sink.error(&error.to_string()),
+            Err(_) => self.error(
+                Failure::Other,
+                "not sent: the session has ended (quit and start again)",
+            ),
         }
     }
 
-    async fn resolve(&mut self, target: &Target) -> Result<ConvId, String> {
+    async fn resolve(&mut self, target: &Target) -> Result<ConvId, (Failure, String)> {
+        let yourself = || (Failure::BadLine, "that is you".to_owned());
         match target {
             Target::All => Ok(ConvId::All),
-            Target::Group(name) => ConvId::group(name).map_err(|e| e.to_string()),
-            Target::UserId(id) => {
-                ConvId::private(self.me, UserId(*id)).ok_or_else(|| "that is you".to_owned())
+            Target::Group(name) => {
+                ConvId::group(name).map_err(|e| (Failure::BadLine, e.to_string()))
             }
+            Target::UserId(id) => ConvId::private(self.me, UserId(*id)).ok_or_else(yourself),
             Target::UserName(name) => {
                 let id = match self.id_of(name) {
                     Some(id) => id,
                     None => {
                         let _ = self.refresh_online(true).await;
-                        self.id_of(name)
-                            .ok_or_else(|| format!("unknown user {name} (not online; try @<id>)"))?
+                        self.id_of(name).ok_or_else(|| {
+                            (
+                                Failure::UnknownRecipient,
+                                format!(
+                                    "no user {name} is online or known here (if you know the id, @<id> reaches them offline)"
+                                ),
+                            )
+                        })?
                     }
                 };
-                ConvId::private(self.me, UserId(id)).ok_or_else(|| "that is you".to_owned())
+                ConvId::private(self.me, UserId(id)).ok_or_else(yourself)
             }
         }
     }
@@ -366,20 +466,35 @@ impl App {
         }
     }
 
+    /// A message as a line, the way live ones read: `[@bob] bob: hi`, `[all] ann: hi`.
     fn plain(&self, m: &SeenMessage) -> String {
         // Local history written before the name was known has none: use what is known now.
-        let who = m
-            .sender_name
-            .clone()
-            .or_else(|| self.name_of(UserId(m.sender)))
-            .unwrap_or_else(|| format!("#{}", m.sender));
-        format!("[{} #{}] {who}: {}", m.conv, m.seq, m.text)
+        let who = if m.sender == self.me.0 {
+            "you".to_owned()
+        } else {
+            m.sender_name
+                .clone()
+                .or_else(|| self.name_of(UserId(m.sender)))
+                .unwrap_or_else(|| format!("user {}", m.sender))
+        };
+        let label = m
+            .conv
+            .parse::<ConvId>()
+            .map_or_else(|_| m.conv.clone(), |conv| self.label(&conv));
+        if self.verbose {
+            format!("[{label} #{}] {who}: {}", m.seq, m.text)
+        } else {
+            format!("[{label}] {who}: {}", m.text)
+        }
     }
 
     fn token(&mut self) -> Option<String> {
         let token = self.client.token();
         if token.is_none() {
-            self.sink.error("not logged in yet");
+            self.error(
+                Failure::Unreachable,
+                "not online yet: wait for \"online as ...\" and try again",
+            );
         }
         token
     }
@@ -394,13 +509,15 @@ impl App {
         {
             return Err("refreshed a moment ago".to_owned());
         }
-        let token = self.client.token().ok_or("not logged in yet")?;
+        let token = self
+            .client
+            .token()
+            .ok_or("not online yet: wait for \"online as ...\" and try again")?;
         self.last_refresh = Some(now);
-        let users = self
-            .api
-            .online_users(&token)
-            .await
-            .map_err(|e| e.to_string())?;
+        let users = self.api.online_users(&token).await.map_err(|e| match e {
+            ApiError::Status { message, .. } => message,
+            _ => "the route did not answer; try again in a moment".to_owned(),
+        })?;
         for u in &users {
             self.file.users.insert(u.user_id, u.user_name.clone());
         }
@@ -490,7 +607,7 @@ impl App {
                     &text,
                 );
             }
-            Err(error) => self.sink.error(&error),
+            Err(error) => self.error(Failure::Unreachable, &error),
         }
     }
 
@@ -503,37 +620,68 @@ impl App {
             Some((s, e)) => (Some(s.clone()), Some(*e)),
             None => (None, None),
         };
+        let online = self.is_online();
+        let now = Clock::System.wall().0;
+        let mut delays: Vec<&PendingDelay> = self.file.delayed.iter().collect();
+        delays.sort_by_key(|d| d.due_at_ms);
         let json = serde_json::json!({
             "userId": self.me.0,
             "userName": self.file.user_name,
             "route": self.route,
             "server": server,
             "epoch": epoch,
-            "online": !self.reconnecting && server.is_some(),
+            "online": online,
             "outbox": outbox,
+            "delayed": delays.iter().map(|d| serde_json::json!({
+                "dueAt": d.due_at_ms,
+                "line": d.line,
+            })).collect::<Vec<_>>(),
             "stateFile": self.path.display().to_string(),
             "localHistory": self.history.len(),
         });
-        let text = format!(
-            "user {} ({}) via route {}\nserver {} epoch {}{}\noutbox {} unacknowledged, local history {} messages\nstate {}",
-            self.file.user_name,
-            self.me.0,
-            self.route,
-            server.as_deref().unwrap_or("-"),
-            epoch.map_or("-".to_owned(), |e| e.to_string()),
-            if self.reconnecting {
-                " (reconnecting)"
-            } else {
-                ""
-            },
-            outbox,
-            self.history.len(),
-            self.path.display(),
+        let status = if online {
+            "online"
+        } else if self.stopped.is_some() {
+            "stopped"
+        } else if self.was_online {
+            "reconnecting"
+        } else {
+            "logging in"
+        };
+        let mut text = format!(
+            "user {} (id {}) via route {}, {status}",
+            self.file.user_name, self.me.0, self.route,
         );
+        if self.verbose {
+            text.push_str(&format!(
+                "\nserver {} epoch {}",
+                server.as_deref().unwrap_or("-"),
+                epoch.map_or("-".to_owned(), |e| e.to_string()),
+            ));
+        }
+        text.push_str(&format!(
+            "\n{outbox} message(s) not acknowledged yet, {} delayed",
+            delays.len()
+        ));
+        for d in &delays {
+            text.push_str(&format!(
+                "\n  in {}s: {}",
+                d.due_at_ms.saturating_sub(now).div_ceil(1000),
+                d.line
+            ));
+        }
+        text.push_str(&format!(
+            "\nlocal history {} messages, state {}",
+            self.history.len(),
+            self.path.display()
+        ));
         self.sink.result("info", json, &text);
     }
 
-    async fn show_history(&mut self, of: Option<String>) {
+    async fn show_history(&mut self, of: Option<String>, count: u32) {
+        // A word that is no known user is taken for a group; if the route then refuses,
+        // say both.
+        let mut guessed_group = None;
         let conv = match of.as_deref() {
             None | Some("all") => ConvId::All,
             Some(word) => {
@@ -543,23 +691,24 @@ impl App {
                 } else if let Ok(id) = word.parse::<u64>() {
                     match ConvId::private(self.me, UserId(id)) {
                         Some(conv) => conv,
-                        None => return self.sink.error("that is you"),
+                        None => return self.error(Failure::BadLine, "that is you"),
                     }
                 } else if self.id_of(word).is_some() || self.is_online_name(word).await {
                     match self.resolve(&Target::UserName(word.to_owned())).await {
                         Ok(conv) => conv,
-                        Err(error) => return self.sink.error(&error),
+                        Err((failure, error)) => return self.error(failure, &error),
                     }
                 } else {
+                    guessed_group = Some(word.to_owned());
                     match ConvId::group(word) {
                         Ok(conv) => conv,
-                        Err(error) => return self.sink.error(&error.to_string()),
+                        Err(error) => return self.error(Failure::BadLine, &error.to_string()),
                     }
                 }
             }
         };
         let Some(token) = self.token() else { return };
-        match self.api.history(&token, &conv, None, HISTORY_LIMIT).await {
+        match self.api.history(&token, &conv, None, count).await {
             Ok(history) => {
                 // Every unknown sender of the page in one lookup.
                 let mut ids: Vec<u64> = history.messages.iter().map(|m| m.sender_id).collect();
@@ -578,7 +727,7 @@ impl App {
                     })
                     .collect();
                 let mut text = format!(
-                    "history of {} ({} of {} shown)",
+                    "history of {}: the last {} of {} message(s)",
                     self.label(&conv),
                     messages.len(),
                     history.head_seq
@@ -592,7 +741,15 @@ impl App {
                     &text,
                 );
             }
-            Err(error) => self.sink.error(&error.to_string()),
+            Err(ApiError::Status { http: 403, .. }) if let Some(word) = guessed_group => {
+                self.error(
+                    Failure::BadLine,
+                    &format!(
+                        "{word} is neither a group you are in nor a user online or seen here (@<id> reaches anyone: :his <id>)"
+                    ),
+                );
+            }
+            Err(error) => self.api_error(&error),
         }
     }
 
@@ -604,7 +761,7 @@ impl App {
 
     async fn group_call(&mut self, what: &'static str, group: String) {
         if let Err(error) = ConvId::group(&group) {
-            return self.sink.error(&error.to_string());
+            return self.error(Failure::BadLine, &error.to_string());
         }
         let Some(token) = self.token() else { return };
         let done = match what {
@@ -629,7 +786,7 @@ impl App {
                 let text = format!("{past} {group}");
                 self.sink.result(what, serde_json::json!(group), &text);
             }
-            Err(error) => self.sink.error(&error.to_string()),
+            Err(error) => self.api_error(&error),
         }
     }
 
@@ -671,11 +828,15 @@ impl App {
                     .sending
                     .remove(&msg_id)
                     .unwrap_or_else(|| self.label(&conv));
+                self.this_run.remove(&msg_id);
                 self.echo_pending.insert(msg_id);
-                self.sink.status(
-                    Level::Quiet,
-                    &format!("✓ acknowledged {label} #{seq} ({})", short(msg_id)),
-                );
+                let detail = if self.verbose {
+                    format!(" #{seq} ({})", short(msg_id))
+                } else {
+                    String::new()
+                };
+                self.sink
+                    .status(Level::Quiet, &format!("✓ acknowledged {label}{detail}"));
                 self.save().await;
             }
             ClientEvent::Rejected {
@@ -684,41 +845,76 @@ impl App {
                 reason,
             } => {
                 let label = self.sending.remove(&msg_id).unwrap_or_default();
-                self.sink.error(&format!(
-                    "rejected {label} ({}): {}",
-                    short(msg_id),
-                    if reason.is_empty() {
-                        error_words(code)
-                    } else {
-                        &reason
+                self.this_run.remove(&msg_id);
+                let (failure, words) = match code {
+                    ErrorCode::BodyTooLarge => (Failure::TooLong, error_words(code).to_owned()),
+                    // A private conversation with an id that is nobody's.
+                    ErrorCode::UnknownUser | ErrorCode::BadConversation
+                        if label.starts_with('@') =>
+                    {
+                        (
+                            Failure::UnknownRecipient,
+                            format!("there is no user {}", &label[1..]),
+                        )
                     }
-                ));
+                    ErrorCode::BadConversation if label != "all" => (
+                        Failure::MessageRejected,
+                        format!("there is no group {label} (:create {label} makes it)"),
+                    ),
+                    ErrorCode::NotMember if label != "all" => (
+                        Failure::MessageRejected,
+                        format!("you are not a member of {label} (:join {label} first)"),
+                    ),
+                    _ if reason.is_empty() || !self.verbose => {
+                        (Failure::MessageRejected, error_words(code).to_owned())
+                    }
+                    _ => (Failure::MessageRejected, reason),
+                };
+                self.error(
+                    failure,
+                    &format!("not delivered to {label}: {words} (not resent)"),
+                );
                 self.save().await;
             }
             ClientEvent::Unknown { msg_id } => {
                 let label = self.sending.remove(&msg_id).unwrap_or_default();
+                self.this_run.remove(&msg_id);
+                self.fail(Failure::Unreachable);
                 self.sink.status(
                     Level::Warn,
                     &format!(
-                        "? unknown {label} ({}): not acknowledged in time, may or may not be delivered",
-                        short(msg_id)
+                        "? a message to {label} was not acknowledged in time: it may or may not have been delivered (not resent)"
                     ),
                 );
                 self.save().await;
             }
             ClientEvent::Online { server, epoch } => {
+                let place = if self.verbose {
+                    format!(" on {server} (epoch {})", epoch.0)
+                } else {
+                    String::new()
+                };
                 let text = if self.was_online {
-                    format!("* reconnected to {server} (epoch {})", epoch.0)
+                    format!("* reconnected{place}")
                 } else {
                     format!(
-                        "* online as {} ({}) on {server} (epoch {})",
-                        self.file.user_name, self.me.0, epoch.0
+                        "* online as {} (id {}){place}",
+                        self.file.user_name, self.me.0
                     )
                 };
                 self.server = Some((server.to_string(), epoch.0));
                 self.was_online = true;
                 self.reconnecting = false;
                 self.sink.status(Level::Info, &text);
+                if self.file.note_epoch(epoch.0) {
+                    // Ids may name other people now: names are looked up afresh.
+                    self.looked_up.clear();
+                    self.publish_users();
+                    self.sink.status(
+                        Level::Warn,
+                        "* the chat's data was reset since your last visit: names are looked up again",
+                    );
+                }
                 let _ = self.refresh_online(false).await;
                 self.save().await;
             }
@@ -728,28 +924,68 @@ impl App {
                 cause,
             } => {
                 self.reconnecting = true;
+                if !self.was_online
+                    && matches!(
+                        cause,
+                        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin))
+                    )
+                {
+                    self.blocked_elsewhere = true;
+                    self.fail(Failure::LoggedInElsewhere);
+                    if matches!(self.sink, Sink::Json) {
+                        // A script does not wait for another person's session: it stops.
+                        self.sink.error(&format!(
+                            "{} is logged in elsewhere, from a client without this machine's state file: quit that session first",
+                            self.file.user_name
+                        ));
+                        return None;
+                    }
+                }
+                let attempt = if self.verbose {
+                    format!(", attempt {}", attempt + 1)
+                } else {
+                    String::new()
+                };
                 self.sink.status(
                     Level::Warn,
                     &format!(
-                        "* reconnecting in {:.1}s ({}, attempt {})",
+                        "* reconnecting in {:.1}s ({}{attempt})",
                         delay.as_secs_f32(),
-                        describe(&cause),
-                        attempt + 1
+                        describe(&cause, &self.file.user_name, &self.route, self.verbose),
                     ),
                 );
             }
+            // These two stop the session; `Stopped` says what happened.
+            ClientEvent::Kicked(KickReason::TakenOver | KickReason::LoggedOut) => {}
             ClientEvent::Kicked(reason) => {
                 self.sink
                     .status(Level::Warn, &format!("* kicked: {}", kick_words(reason)));
             }
             ClientEvent::LoginRejected(error) => {
-                self.sink.error(&format!("login rejected: {error}"));
+                self.fail(Failure::LoginRejected);
+                let text = match error {
+                    LoginError::AccountMismatch => format!(
+                        "login rejected: wrong password for {} (or user id {} is not {})",
+                        self.file.user_name, self.me.0, self.file.user_name
+                    ),
+                    other => format!("login rejected: {other}"),
+                };
+                self.sink.error(&text);
+            }
+            ClientEvent::CertificateRejected { host, reason } => {
+                self.drop_unsent = true;
+                self.error(
+                    Failure::Certificate,
+                    &format!("the certificate of {host} is not trusted: {reason}"),
+                );
             }
             ClientEvent::Stopped(StopReason::AccountMismatch)
                 if self.may_reregister && !self.was_online =>
             {
                 self.may_reregister = false;
                 if let Some(events) = self.reregister().await {
+                    // Not a failure after all: the account is back.
+                    self.failure = None;
                     return Some(events);
                 }
                 self.on_stopped(StopReason::AccountMismatch);
@@ -763,10 +999,20 @@ impl App {
                 let label = self.label(&conv);
                 self.sink.status(
                     Level::Warn,
-                    &format!("— [{label}] {count} unavailable (from #{from_seq}) —"),
+                    &if self.verbose {
+                        format!("— [{label}] {count} message(s) no longer available (from #{from_seq}) —")
+                    } else {
+                        format!("— [{label}] {count} earlier message(s) no longer available —")
+                    },
                 );
             }
             ClientEvent::LogReset { conv, .. } => {
+                // A log recreated under a new epoch: the store lost it (a reset, a restore).
+                // Ids may name other people now, so every remembered name goes; they are
+                // looked up again by id before the log's messages are shown.
+                self.file.users.clear();
+                self.looked_up.clear();
+                self.publish_users();
                 let label = self.label(&conv);
                 self.sink.status(
                     Level::Warn,
@@ -780,19 +1026,80 @@ impl App {
 
     fn on_stopped(&mut self, reason: StopReason) {
         match reason {
-                    StopReason::Shutdown => {}
-                StopReason::TakenOver => {
-                    self.sink.error("stopped: this user logged in elsewhere");
-                }
-                StopReason::LoggedOut => self.sink.error("stopped: logged out"),
-                StopReason::AccountMismatch => self.sink.error(&format!(
-                    "stopped: wrong password, or user {} is not {} (the store may have been reset: move {} away to register again)",
-                    self.me.0,
-                    self.file.user_name,
-                    self.path.display()
-                )),
+            StopReason::Shutdown => {}
+            StopReason::TakenOver => self.error(
+                Failure::LoggedInElsewhere,
+                &format!(
+                    "{} logged in elsewhere (another terminal, a --send, another device), which took this session over",
+                    self.file.user_name
+                ),
+            ),
+            StopReason::LoggedOut => {
+                self.error(Failure::LoggedInElsewhere, "stopped: logged out");
+            }
+            StopReason::AccountMismatch => {
+                self.drop_unsent = true;
+                self.error(
+                    Failure::LoginRejected,
+                    &format!(
+                        "stopped: check the password (if the chat's data was reset, move {} away to register {} again)",
+                        self.path.display(),
+                        self.file.user_name
+                    ),
+                );
+            }
+            StopReason::CertificateRejected => {
+                self.drop_unsent = true;
+                self.fail(Failure::Certificate);
+            }
+        }
+        if self.drop_unsent && !self.this_run.is_empty() {
+            self.sink.status(
+                Level::Warn,
+                &format!(
+                    "{} message(s) of this run not sent, and not kept for a later run",
+                    self.this_run.len()
+                ),
+            );
         }
         self.stopped = Some(reason);
+    }
+
+    /// Starts a session again after another login took this one over. The other login's
+    /// resume token, if that client shares this state file (same machine), takes the claim
+    /// back at once; otherwise the login waits until the other session ends.
+    pub async fn take_back(&mut self) -> Option<Events> {
+        let mut state = self.client.snapshot().await.unwrap_or_default();
+        if let Ok(Some(disk)) = store::load(&self.path)
+            && disk.user_id == self.me.0
+            && let Ok(Some(disk)) = disk.session_state()
+            && disk.resume_token.is_some()
+        {
+            state.resume_token = disk.resume_token;
+        }
+        self.stopped = None;
+        self.failure = None;
+        self.sink
+            .status(Level::Info, "* taking the session back ...");
+        Some(self.restart(state).await)
+    }
+
+    /// Replaces the SDK client by a new one started from `state`.
+    async fn restart(&mut self, state: ClientState) -> Events {
+        self.client.clone().shutdown().await;
+        let config = ClientConfig::new(
+            self.me,
+            self.file.user_name.clone(),
+            self.password.clone(),
+            sdk::os_seed(),
+        );
+        let mut options = SdkOptions::new(self.host.clone(), self.port, config);
+        options.tls = self.tls.clone();
+        options.state = Some(state);
+        let (client, events) = Client::start(TokioNet, Clock::System, options);
+        self.api = client.route_api();
+        self.client = client;
+        events
     }
 
     /// The route does not know this id with this name and password. If the name is free,
@@ -805,23 +1112,21 @@ impl App {
         // The token and read positions belonged to the old account.
         state.resume_token = None;
         state.convs.clear();
-        self.client.clone().shutdown().await;
         let old = self.me;
         self.me = UserId(registered.user_id);
         self.file.user_id = registered.user_id;
-        let config =
-            ClientConfig::new(self.me, name.clone(), self.password.clone(), sdk::os_seed());
-        let mut options = SdkOptions::new(self.host.clone(), self.port, config);
-        options.tls = self.tls.clone();
-        options.state = Some(state);
-        let (client, events) = Client::start(TokioNet, Clock::System, options);
-        self.api = client.route_api();
-        self.client = client;
+        // A store that forgot this account forgot everyone: the ids seen name nobody, or
+        // other people now.
+        self.file.users.clear();
+        self.file.last_epoch = None;
+        self.looked_up.clear();
+        self.publish_users();
+        let events = self.restart(state).await;
         self.sink.status(
             Level::Warn,
             &format!(
-                "* the route no longer knew user {} ({name}): registered again as user {}",
-                old.0, self.me.0
+                "* the chat no longer knew {name} (its data was reset): registered again, now id {} (was {})",
+                self.me.0, old.0
             ),
         );
         self.save().await;
@@ -830,10 +1135,21 @@ impl App {
 
     /// Saves the session (outbox, resume token, positions) and names to the state file.
     pub async fn save(&mut self) {
-        let Ok(state) = self.client.snapshot().await else {
-            return;
-        };
-        self.file.set_session(&state);
+        if self.stopped == Some(StopReason::TakenOver) {
+            // The login that took over may share this file: its resume token and outbox
+            // are the current ones. Keep them.
+            if let Ok(Some(disk)) = store::load(&self.path) {
+                self.file.session = disk.session;
+            }
+        } else {
+            let Ok(mut state) = self.client.snapshot().await else {
+                return;
+            };
+            if self.drop_unsent {
+                state.outbox.retain(|m| !self.this_run.contains(&m.id));
+            }
+            self.file.set_session(&state);
+        }
         let path = self.path.clone();
         let file = self.file.clone();
         match tokio::task::spawn_blocking(move || store::save(&path, &file)).await {
@@ -862,18 +1178,32 @@ fn short(id: ClientMsgId) -> String {
     id.to_string().chars().take(8).collect()
 }
 
-fn describe(cause: &LinkLoss) -> String {
+/// Why the link was lost, in words. `verbose` adds the protocol's details.
+fn describe(cause: &LinkLoss, user: &str, route: &str, verbose: bool) -> String {
     match cause {
+        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)) => format!(
+            "{user} is logged in elsewhere, from a client without this machine's state file; \
+             waiting for that session to end"
+        ),
+        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::NoServerAvailable)) => {
+            "no chat server is up".to_owned()
+        }
+        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::Unavailable)) => {
+            "the chat's store is not answering".to_owned()
+        }
         LinkLoss::LoginFailed(LoginFailure::Rejected(error)) => error.to_string(),
-        LinkLoss::LoginFailed(LoginFailure::Transport(error)) => format!("route: {error}"),
-        LinkLoss::LoginTimeout => "the route did not answer".to_owned(),
-        LinkLoss::ConnectFailed => "server unreachable".to_owned(),
+        LinkLoss::LoginFailed(failure) if verbose => {
+            format!("cannot reach the route at {route}: {failure}")
+        }
+        LinkLoss::LoginFailed(_) => format!("cannot reach the route at {route}"),
+        LinkLoss::LoginTimeout => format!("the route at {route} did not answer"),
+        LinkLoss::ConnectFailed => "the chat server is unreachable".to_owned(),
         LinkLoss::ConnectTimeout => "connecting to the server timed out".to_owned(),
         LinkLoss::LoginOkTimeout => "the server did not accept the login".to_owned(),
         LinkLoss::Disconnected => "connection lost".to_owned(),
         LinkLoss::HeartbeatTimeout => "the server stopped answering".to_owned(),
         LinkLoss::Kicked(reason) => format!("kicked: {}", kick_words(*reason)),
-        LinkLoss::ServerError { code, message } if message.is_empty() => {
+        LinkLoss::ServerError { code, message } if message.is_empty() || !verbose => {
             format!("server error: {}", error_words(*code))
         }
         LinkLoss::ServerError { code, message } => {
@@ -928,16 +1258,29 @@ mod tests {
     #[test]
     fn kicks_and_errors_read_as_words_not_enum_names() {
         assert_eq!(
-            describe(&LinkLoss::Kicked(KickReason::Draining)),
+            describe(&LinkLoss::Kicked(KickReason::Draining), "ann", "r:1", false),
             "kicked: the server is shutting down"
         );
         assert_eq!(
-            describe(&LinkLoss::ServerError {
-                code: ErrorCode::RateLimited,
-                message: String::new()
-            }),
+            describe(
+                &LinkLoss::ServerError {
+                    code: ErrorCode::RateLimited,
+                    message: "limit 50/s (bucket 3)".into()
+                },
+                "ann",
+                "r:1",
+                false
+            ),
             "server error: sending too fast"
         );
+        let transport = LinkLoss::LoginFailed(LoginFailure::Transport("connect: refused".into()));
+        assert_eq!(
+            describe(&transport, "ann", "r:1", false),
+            "cannot reach the route at r:1"
+        );
+        assert!(describe(&transport, "ann", "r:1", true).contains("refused"));
+        let repeat = LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin));
+        assert!(describe(&repeat, "ann", "r:1", false).contains("ann is logged in elsewhere"));
         let reasons = (0..=8).filter_map(|n| KickReason::try_from(n).ok());
         let codes = (0..=15).filter_map(|n| ErrorCode::try_from(n).ok());
         let words: Vec<&str> = reasons

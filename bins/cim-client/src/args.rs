@@ -9,15 +9,20 @@ Interactive (stdin is a terminal): type text to say it in `all`, `@bob text` to 
 `:help` for the commands. Tab completes commands and online user names.
 
 Non-interactive (stdin is not a terminal, or --send / --batch): every stdin line is handled
-as if typed; received messages are printed on stdout as JSON lines
+as if typed, once the session is online (lines read before are queued); received messages are printed on stdout as JSON lines
   {\"conv\":\"all\",\"seq\":3,\"sender\":7,\"senderName\":\"bob\",\"text\":\"hi\",\"at\":1700000000000}
 command results as {\"command\":\"olu\",\"result\":...}, and status on stderr. After the end of
 input the client waits (at most --drain-secs) until the server acknowledged every message.
+Exit codes: 0 all done, 1 other error, 2 bad command line, 3 login rejected (wrong
+password), 4 registration refused (name taken), 5 certificate not trusted, 6 route or
+servers unreachable (messages saved for the next run), 7 unknown recipient, 8 message too
+long, 9 bad input line or refused command, 10 message rejected, 11 logged in elsewhere.
 
 State: the user id, resume token, unsent messages and read positions live in
-$XDG_DATA_HOME/cim/<route>/<user>.json (default ~/.local/share/cim/...), with the local
-history (<user>.history.jsonl) and line history (<user>.lines) beside it. The file is
-saved on every send and on exit, readable by its owner only. The password is never stored
+$XDG_DATA_HOME/cim/<route>/<user>.json (default ~/.local/share/cim/...; one per user and
+route, however the route is spelled: localhost and 127.0.0.1 are one), with the local
+history (<user>.history.jsonl), line history (<user>.lines) and diagnostics log
+(<user>.log) beside it, all readable by their owner only. The password is never stored
 unless --save-password is given (then it is in that file as plain text).";
 
 /// CIM's console chat client.
@@ -63,6 +68,10 @@ pub struct Args {
     /// No colours, even on a terminal (NO_COLOR is honoured too).
     #[arg(long)]
     pub no_color: bool,
+    /// Protocol details: diagnostics on stderr (RUST_LOG filters them) instead of the log
+    /// file beside the state file, and codes, servers and epochs in messages.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 #[cfg(test)]

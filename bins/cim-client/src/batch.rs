@@ -1,20 +1,38 @@
 //! The non-interactive mode: lines from `--send` and stdin, JSON lines out.
+//!
+//! Lines wait for the session: until the first login succeeds they are queued in order
+//! (as are `:delay`s that fall due), so `:olu` or `:his bob` piped in at once work, and a
+//! message is never queued under a login that then fails. If the session never comes up
+//! (route or servers unreachable until the drain deadline), the queued messages go into
+//! the outbox, which is saved and sent by the next run; queued commands are reported as
+//! not run. A login refused for good (wrong password, untrusted certificate, logged in
+//! elsewhere) ends the run at once, and nothing of it is kept.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use cim_core::client::StopReason;
 use cim_io::clock::Clock;
 use cim_io::sdk::Events;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::app::App;
-
+use crate::command::{self, Command};
+use crate::exit::Failure;
 use crate::render::Level;
 
 /// How often the end-of-input wait looks at the outbox.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
+/// Input waiting for the session.
+#[derive(Debug)]
+enum Held {
+    Line(String),
+    Delay(u64),
+}
+
+/// Runs until the input is done and acknowledged, or the drain deadline. The first failure
+/// met, if any: the exit code.
 pub async fn run(
     mut app: App,
     mut events: Events,
@@ -22,14 +40,9 @@ pub async fn run(
     sends: Vec<String>,
     read_stdin: bool,
     drain: Duration,
-) -> bool {
+) -> Option<Failure> {
     let (lines_tx, mut lines) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
-        for line in sends {
-            if lines_tx.send(line).await.is_err() {
-                return;
-            }
-        }
         if !read_stdin {
             return;
         }
@@ -40,12 +53,17 @@ pub async fn run(
             }
         }
     });
+    // `--send` lines are input known from the start: queued at once, so a session that
+    // stops before the first event still accounts for them.
+    let mut held: VecDeque<Held> = sends.into_iter().map(Held::Line).collect();
     let mut input_done = false;
+    // `:q!` read: what follows it is not run.
+    let mut quit = false;
     let mut deadline = None;
     let mut poll = tokio::time::interval(DRAIN_POLL);
     let mut save_tick = tokio::time::interval(crate::app::SAVE_EVERY);
     save_tick.tick().await;
-    let quit = loop {
+    'run: loop {
         tokio::select! {
             biased;
             Some(event) = events.next() => {
@@ -53,43 +71,85 @@ pub async fn run(
                     events = restarted;
                 }
                 if app.stopped.is_some() {
-                    break false;
+                    break;
                 }
-            }
-            Some(id) = delayed.recv() => app.fire_delay(id).await,
-            line = lines.recv(), if !input_done => match line {
-                Some(line) => {
-                    if !app.on_line(&line).await {
-                        break true;
+                // A second client without this state file holds the session: waiting
+                // would only repeat that until the drain deadline.
+                if app.blocked_elsewhere && !app.was_online() {
+                    break;
+                }
+                if app.was_online() {
+                    while let Some(next) = held.pop_front() {
+                        match next {
+                            Held::Line(line) => {
+                                if !app.on_line(&line).await {
+                                    quit = true;
+                                    break 'run;
+                                }
+                            }
+                            Held::Delay(id) => app.fire_delay(id).await,
+                        }
                     }
                 }
+            }
+            Some(id) = delayed.recv() => {
+                if app.was_online() {
+                    app.fire_delay(id).await;
+                } else {
+                    held.push_back(Held::Delay(id));
+                }
+            }
+            line = lines.recv(), if !input_done => match line {
+                Some(line) if app.was_online() && held.is_empty() => {
+                    if !app.on_line(&line).await {
+                        quit = true;
+                        break;
+                    }
+                }
+                Some(line) => held.push_back(Held::Line(line)),
                 None => input_done = true,
             },
             _ = save_tick.tick() => app.save().await,
             _ = poll.tick(), if input_done => {
-                if app.awaiting_delays() > 0 {
+                let deadline = *deadline.get_or_insert_with(|| Clock::System.now() + drain);
+                let past = Clock::System.now() >= deadline;
+                if !held.is_empty() || app.awaiting_delays() > 0 {
+                    if past {
+                        break;
+                    }
                     continue;
                 }
-                let deadline = *deadline.get_or_insert_with(|| Clock::System.now() + drain);
                 match app.outbox_len().await {
-                    Some(0) | None => break true,
-                    Some(n) if Clock::System.now() >= deadline => {
+                    Some(0) | None => break,
+                    Some(n) if past => {
+                        app.fail(Failure::Unreachable);
                         app.sink.status(
                             Level::Warn,
                             &format!("{n} message(s) not acknowledged yet: saved, resent next time"),
                         );
-                        break true;
+                        break;
                     }
                     Some(_) => {}
                 }
             }
         }
-    };
+    }
+    if quit {
+        held.clear();
+    } else {
+        // Lines already read but not handled yet are accounted for with the rest.
+        while let Ok(line) = lines.try_recv() {
+            held.push_back(Held::Line(line));
+        }
+    }
     // Events already delivered (our own acks, messages) are still reported.
     while let Some(event) = events.try_next() {
         if app.on_event(event).await.is_some() {
             break;
         }
+    }
+    if !held.is_empty() {
+        settle_held(&mut app, held).await;
     }
     let delays = app.pending_delays();
     if delays > 0 {
@@ -98,7 +158,52 @@ pub async fn run(
             &format!("{delays} delayed message(s) saved; sent at their time by the next run"),
         );
     }
-    let ok = quit && app.stopped.is_none_or(|r| r == StopReason::Shutdown);
+    let failure = app.failure;
     app.finish().await;
-    ok
+    failure
+}
+
+/// Input still queued at the end: the session never came up. Messages go into the outbox
+/// for the next run, unless the login was refused for good; commands did not run.
+async fn settle_held(app: &mut App, held: VecDeque<Held>) {
+    let refused = app.stopped.is_some() || app.blocked_elsewhere;
+    if !refused {
+        app.fail(Failure::Unreachable);
+    }
+    let (mut kept, mut dropped, mut skipped) = (0, 0, 0);
+    for next in held {
+        match next {
+            // A delay stays pending in the state file either way.
+            Held::Delay(_) => {}
+            Held::Line(line) => match command::parse(&line) {
+                Ok(Command::Say(..)) if !refused => {
+                    app.on_line(&line).await;
+                    kept += 1;
+                }
+                Ok(Command::Say(..)) => dropped += 1,
+                Ok(Command::Nothing | Command::Quit) => {}
+                Ok(_) => skipped += 1,
+                // Reported as any bad line is.
+                Err(_) => {
+                    app.on_line(&line).await;
+                }
+            },
+        }
+    }
+    if kept > 0 {
+        app.sink.status(
+            Level::Warn,
+            &format!("never online: {kept} message(s) saved, sent by the next run"),
+        );
+    }
+    if dropped > 0 {
+        app.sink.status(
+            Level::Warn,
+            &format!("{dropped} message(s) not sent, and not kept for a later run"),
+        );
+    }
+    if skipped > 0 {
+        app.sink
+            .error(&format!("never online: {skipped} command(s) not run"));
+    }
 }

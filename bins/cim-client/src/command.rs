@@ -41,8 +41,9 @@ pub enum Command {
     Info,
     /// `:q <keyword>`: search the local history.
     Search(String),
-    /// `:his [user|group]`: the server's recent history (of `all` without an argument).
-    History(Option<String>),
+    /// `:his [user|group] [count]`: the server's recent history (of `all` without an
+    /// argument), the last `count` messages (default [`HISTORY_DEFAULT`]).
+    History(Option<String>, u32),
     /// `:delay <seconds> <message line>`.
     Delay(Duration, Target, String),
     Join(String),
@@ -59,43 +60,76 @@ pub enum ParseError {
     Unknown(String),
     #[error("usage: {0}")]
     Usage(&'static str),
+    /// `/help`, `/quit`, ...: a command typed the way other chat programs spell it. Not
+    /// sent to everyone.
+    #[error("commands start with ':' here: did you mean {0}? (not sent)")]
+    Slash(String),
 }
 
-/// Every command word, for help and tab completion.
-pub const COMMANDS: &[(&str, &str)] = &[
-    (":help", "this list (alias :all)"),
-    (":olu", "online users"),
+/// Messages `:his` shows without a count, and the most it can show (the route's limit).
+pub const HISTORY_DEFAULT: u32 = 20;
+pub const HISTORY_MAX: u32 = 100;
+
+/// Every command: its word, its arguments, what it does. For help and tab completion.
+pub const COMMANDS: &[(&str, &str, &str)] = &[
+    (":help", "", "this list"),
+    (":olu", "", "online users"),
     (
         ":pu",
-        "<prefix>  online users whose name starts with <prefix>",
+        "<prefix>",
+        "online users whose name starts with <prefix>",
     ),
-    (":info", "who and where you are, outbox size, state file"),
-    (":q", "<keyword>  search the local history"),
+    (
+        ":info",
+        "",
+        "who and where you are, unsent and delayed messages",
+    ),
+    (":q", "<keyword>", "search the local history"),
     (
         ":his",
-        "[user|group]  recent history from the server (default: all)",
+        "[user|group] [count]",
+        "recent history from the server (default: all, 20)",
     ),
     (
         ":delay",
-        "<seconds> <message>  send later (plain, @user or :g)",
+        "<seconds> <message>",
+        "send later (plain, @user or :g)",
     ),
-    (":g", "<group> <text>  post to a group"),
-    (":create", "<group>  create a group and join it"),
-    (":join", "<group>  join a group"),
-    (":leave", "<group>  leave a group"),
-    (":groups", "your groups"),
-    (":q!", "save and quit (also Ctrl-D)"),
+    (
+        ":g",
+        "<group> <text>",
+        "post to a group (:g all, or :all, for all)",
+    ),
+    (":create", "<group>", "create a group and join it"),
+    (":join", "<group>", "join a group"),
+    (":leave", "<group>", "leave a group"),
+    (":groups", "", "your groups"),
+    (":q!", "", "save and quit (also Ctrl-D)"),
 ];
 
-/// The help text.
+/// The help text, in aligned columns.
 pub fn help() -> String {
     let mut out =
         String::from("Type text to say it in `all`; `@name text` (or `@<id> text`) to one user.\n");
-    for (word, what) in COMMANDS {
-        out.push_str(&format!("  {word:<8} {what}\n"));
+    let width = COMMANDS
+        .iter()
+        .map(|(word, args, _)| usage_of(word, args).chars().count())
+        .max()
+        .unwrap_or(0);
+    for (word, args, what) in COMMANDS {
+        let usage = usage_of(word, args);
+        out.push_str(&format!("  {usage:<width$}  {what}\n"));
     }
-    out.pop();
+    out.push_str("Ctrl-C clears the line; :q! or Ctrl-D quits.");
     out
+}
+
+fn usage_of(word: &str, args: &str) -> String {
+    if args.is_empty() {
+        word.to_owned()
+    } else {
+        format!("{word} {args}")
+    }
 }
 
 const MAX_DELAY_SECS: u64 = 24 * 3600;
@@ -105,24 +139,36 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
     if line.is_empty() {
         return Ok(Command::Nothing);
     }
+    if let Some(word) = slash_command(line) {
+        return Err(ParseError::Slash(word));
+    }
     if !line.starts_with(':') {
         return parse_message(line).map(|(target, text)| Command::Say(target, text));
     }
     let (word, rest) = split_word(line);
+    // A command that takes nothing refuses words after it rather than drop them.
+    let alone = |command: Command, usage: &'static str| {
+        if rest.is_empty() {
+            Ok(command)
+        } else {
+            Err(ParseError::Usage(usage))
+        }
+    };
     match word {
-        ":help" | ":all" | ":h" | ":?" => Ok(Command::Help),
-        ":olu" => Ok(Command::Online),
+        ":help" | ":h" | ":?" => alone(Command::Help, ":help"),
+        ":all" if rest.is_empty() => Err(ParseError::Usage(
+            ":all <text> (plain text goes to all too; :help lists the commands)",
+        )),
+        ":all" => Ok(Command::Say(Target::All, rest.to_owned())),
+        ":olu" => alone(Command::Online, ":olu (:pu <prefix> filters by name)"),
         ":pu" => one_word(rest, ":pu <prefix>").map(Command::OnlinePrefix),
-        ":info" => Ok(Command::Info),
+        ":info" => alone(Command::Info, ":info"),
         ":q" if rest.is_empty() => Err(ParseError::Usage(
             ":q <keyword> searches the history; :q! quits",
         )),
         ":q" => Ok(Command::Search(rest.to_owned())),
-        ":q!" | ":quit" | ":exit" => Ok(Command::Quit),
-        ":his" | ":history" => match rest {
-            "" => Ok(Command::History(None)),
-            _ => one_word(rest, ":his [user|group]").map(|w| Command::History(Some(w))),
-        },
+        ":q!" | ":quit" | ":exit" => alone(Command::Quit, ":q!"),
+        ":his" | ":history" => parse_history(rest),
         ":delay" => {
             const USAGE: &str = ":delay <seconds> <message>";
             let (secs, text) = split_word(rest);
@@ -141,9 +187,55 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         ":join" => one_word(rest, ":join <group>").map(Command::Join),
         ":leave" => one_word(rest, ":leave <group>").map(Command::Leave),
         ":create" => one_word(rest, ":create <group>").map(Command::Create),
-        ":groups" => Ok(Command::Groups),
+        ":groups" => alone(Command::Groups, ":groups"),
         other => Err(ParseError::Unknown(other.to_owned())),
     }
+}
+
+/// `:his`, `:his bob`, `:his all 50`, `:his rust 5`.
+fn parse_history(rest: &str) -> Result<Command, ParseError> {
+    const USAGE: &str = ":his [user|group] [count] (count 1 to 100)";
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let count = |word: &str| {
+        word.parse::<u32>()
+            .ok()
+            .filter(|n| (1..=HISTORY_MAX).contains(n))
+            .ok_or(ParseError::Usage(USAGE))
+    };
+    match words.as_slice() {
+        [] => Ok(Command::History(None, HISTORY_DEFAULT)),
+        [of] => Ok(Command::History(Some((*of).to_owned()), HISTORY_DEFAULT)),
+        [of, n] => Ok(Command::History(Some((*of).to_owned()), count(n)?)),
+        _ => Err(ParseError::Usage(USAGE)),
+    }
+}
+
+/// `/help`, `/quit`, `/join rust`: a command word of ours behind a slash, as IRC and
+/// other chats spell commands. The `:` spelling it meant, if so.
+fn slash_command(line: &str) -> Option<String> {
+    let (word, _) = split_word(line);
+    let name = word.strip_prefix('/')?;
+    let known = |w: &str| {
+        COMMANDS
+            .iter()
+            .any(|(c, _, _)| c.strip_prefix(':') == Some(w))
+    };
+    if known(name)
+        || matches!(
+            name,
+            "quit" | "exit" | "h" | "?" | "history" | "msg" | "all"
+        )
+    {
+        let meant = match name {
+            "quit" | "exit" => "q!",
+            "h" | "?" => "help",
+            "history" => "his",
+            "msg" => return Some("@name <text>".to_owned()),
+            other => other,
+        };
+        return Some(format!(":{meant}"));
+    }
+    None
 }
 
 /// A message line: plain text (to `all`), `@user text` or `:g <group> text`.
@@ -223,8 +315,25 @@ mod tests {
             (":g all hey", say(Target::All, "hey")),
             (":g rust", Err(ParseError::Usage(":g <group> <text>"))),
             (":help", Ok(Command::Help)),
-            (":all", Ok(Command::Help)),
+            (":help me", Err(ParseError::Usage(":help"))),
+            (
+                ":all",
+                Err(ParseError::Usage(
+                    ":all <text> (plain text goes to all too; :help lists the commands)",
+                )),
+            ),
+            (":all hello", say(Target::All, "hello")),
+            ("/help", Err(ParseError::Slash(s(":help")))),
+            ("/quit", Err(ParseError::Slash(s(":q!")))),
+            ("/join rust", Err(ParseError::Slash(s(":join")))),
+            ("/shrug ok", say(Target::All, "/shrug ok")),
+            ("1/2 done", say(Target::All, "1/2 done")),
             (":olu", Ok(Command::Online)),
+            (
+                ":olu now",
+                Err(ParseError::Usage(":olu (:pu <prefix> filters by name)")),
+            ),
+            (":q! now", Err(ParseError::Usage(":q!"))),
             (":pu al", Ok(Command::OnlinePrefix(s("al")))),
             (":pu", Err(ParseError::Usage(":pu <prefix>"))),
             (":info", Ok(Command::Info)),
@@ -236,9 +345,21 @@ mod tests {
                 )),
             ),
             (":q!", Ok(Command::Quit)),
-            (":his", Ok(Command::History(None))),
-            (":his bob", Ok(Command::History(Some(s("bob"))))),
-            (":his a b", Err(ParseError::Usage(":his [user|group]"))),
+            (":his", Ok(Command::History(None, 20))),
+            (":his bob", Ok(Command::History(Some(s("bob")), 20))),
+            (":his all 50", Ok(Command::History(Some(s("all")), 50))),
+            (
+                ":his a b",
+                Err(ParseError::Usage(
+                    ":his [user|group] [count] (count 1 to 100)",
+                )),
+            ),
+            (
+                ":his all 500",
+                Err(ParseError::Usage(
+                    ":his [user|group] [count] (count 1 to 100)",
+                )),
+            ),
             (
                 ":delay 3 later",
                 Ok(Command::Delay(
@@ -302,10 +423,19 @@ mod tests {
     }
 
     #[test]
-    fn help_lists_every_command() {
+    fn help_lists_every_command_in_aligned_columns() {
         let help = help();
-        for (word, _) in COMMANDS {
+        for (word, _, _) in COMMANDS {
             assert!(help.contains(word), "{word}");
         }
+        // Every description starts in the same column.
+        let columns: std::collections::BTreeSet<usize> = COMMANDS
+            .iter()
+            .map(|(_, _, what)| {
+                let line = help.lines().find(|l| l.ends_with(what)).expect("listed");
+                line.chars().count() - what.chars().count()
+            })
+            .collect();
+        assert_eq!(columns.len(), 1, "{help}");
     }
 }

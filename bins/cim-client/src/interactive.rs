@@ -20,21 +20,26 @@ use tokio::sync::mpsc;
 
 use crate::app::{App, SharedCompletions};
 use crate::command::COMMANDS;
+use crate::exit::Failure;
 use crate::render::Level;
 
 /// Lines kept in the editor's history file.
 const LINE_HISTORY: usize = 1000;
 /// How often the online list is refreshed for completion.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
-/// At `:q!`, how long to wait for the last messages' acknowledgements.
+/// At `:q!`, how long to wait for the last messages' acknowledgements (only while online:
+/// offline there is nothing to wait for, they are saved for the next run).
 const QUIT_DRAIN: Duration = Duration::from_secs(3);
+/// How long Tab waits for a fresh online list before completing from what it has.
+const COMPLETION_WAIT: Duration = Duration::from_millis(700);
 
 /// Completes commands, `@names` of online users, and group names after group commands.
 #[derive(Debug)]
 pub struct ChatHelper {
     completions: SharedCompletions,
-    /// Asks the app to refresh the online list (on `@` completion).
-    refresh: mpsc::UnboundedSender<()>,
+    /// Asks the app to refresh the online list (on `@` completion); the app answers on
+    /// the sender it is given once the list is fresh.
+    refresh: mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>,
 }
 
 impl ChatHelper {
@@ -68,15 +73,24 @@ impl ChatHelper {
         if start == 0 && word.starts_with(':') {
             let words = COMMANDS
                 .iter()
-                .map(|(w, _)| (*w).to_owned())
+                .map(|(w, _, _)| (*w).to_owned())
                 .filter(|w| w.starts_with(word))
                 .map(|w| format!("{w} "))
                 .collect();
             return (start, words);
         }
         if let Some(prefix) = word.strip_prefix('@') {
-            let _ = self.refresh.send(());
-            return (start, matching(self.users(), prefix, "@"));
+            let mut found = matching(self.users(), prefix, "@");
+            if found.is_empty() {
+                // A name not seen yet (someone who just came online): ask the route, and
+                // wait a moment for the answer, so the first Tab completes it.
+                let (done, fresh) = std::sync::mpsc::channel();
+                if self.refresh.send(done).is_ok() {
+                    let _ = fresh.recv_timeout(COMPLETION_WAIT);
+                }
+                found = matching(self.users(), prefix, "@");
+            }
+            return (start, found);
         }
         // The first argument of a command taking a user or a group.
         let arg_index = before[..start].split_whitespace().count();
@@ -164,7 +178,7 @@ pub fn read_password(prompt: &str) -> anyhow::Result<String> {
 pub struct Terminal {
     lines: mpsc::Receiver<Option<String>>,
     go: std::sync::mpsc::Sender<bool>,
-    refresh: mpsc::UnboundedReceiver<()>,
+    refresh: mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -187,6 +201,7 @@ pub fn start_editor(
         refresh: refresh_tx,
     }));
     // A missing history file is the first run.
+    crate::store::make_private(&history);
     let _ = rl.load_history(&history);
     let mut printer = rl.create_external_printer()?;
     let printer: crate::render::Printer = Box::new(move |mut line: String| {
@@ -209,8 +224,10 @@ pub fn start_editor(
                         break;
                     }
                 }
-                // Ctrl-C clears the line, as in a shell.
-                Err(ReadlineError::Interrupted) => {}
+                // Ctrl-C clears the line, as in a shell; say how to leave.
+                Err(ReadlineError::Interrupted) => {
+                    println!("(Ctrl-C clears the line; :q! or Ctrl-D quits)");
+                }
                 Err(_) => {
                     let _ = lines_tx.blocking_send(None);
                     break;
@@ -218,6 +235,8 @@ pub fn start_editor(
             }
         }
         let _ = rl.save_history(&history);
+        // Typed lines include private messages.
+        crate::store::make_private(&history);
     });
     Ok((
         Terminal {
@@ -235,7 +254,7 @@ pub async fn run(
     mut events: Events,
     mut delayed: mpsc::UnboundedReceiver<u64>,
     mut terminal: Terminal,
-) -> bool {
+) -> Option<Failure> {
     let mut tick = tokio::time::interval(REFRESH_EVERY);
     tick.tick().await;
     let mut save_tick = tokio::time::interval(crate::app::SAVE_EVERY);
@@ -251,17 +270,37 @@ pub async fn run(
                 if let Some(restarted) = app.on_event(event).await {
                     events = restarted;
                 }
-                if app.stopped.is_some_and(|r| r != StopReason::Shutdown) {
-                    app.sink.status(Level::Warn, "press Enter to exit");
+                match app.stopped {
+                    None | Some(StopReason::Shutdown) => {}
+                    Some(StopReason::TakenOver) => app.sink.status(
+                        Level::Warn,
+                        "press Enter to take the session back (that other login is then stopped), or :q! to quit",
+                    ),
+                    Some(_) => app.sink.status(Level::Warn, "press Enter to exit"),
                 }
             }
             Some(id) = delayed.recv() => app.fire_delay(id).await,
-            Some(()) = terminal.refresh.recv() => {
-                let _ = app.refresh_online(true).await;
+            Some(done) = terminal.refresh.recv() => {
+                // Asked for by a Tab that found no name: fetch even if fetched a moment ago
+                // (someone may have just come online).
+                let _ = app.refresh_online(false).await;
+                let _ = done.send(());
             }
             line = terminal.lines.recv() => match line {
                 Some(Some(line)) => {
-                    let go = app.stopped.is_none() && app.on_line(&line).await;
+                    let go = match app.stopped {
+                        None => app.on_line(&line).await,
+                        Some(StopReason::TakenOver) if !matches!(
+                            crate::command::parse(&line),
+                            Ok(crate::command::Command::Quit)
+                        ) => {
+                            if let Some(restarted) = app.take_back().await {
+                                events = restarted;
+                            }
+                            true
+                        }
+                        Some(_) => false,
+                    };
                     let _ = terminal.go.send(go);
                     if !go {
                         break;
@@ -280,7 +319,10 @@ pub async fn run(
     // A moment for the last messages' acknowledgements; what is left is saved and resent
     // next time.
     let deadline = Clock::System.now() + QUIT_DRAIN;
-    while app.outbox_len().await.is_some_and(|n| n > 0) && Clock::System.now() < deadline {
+    while app.is_online()
+        && app.outbox_len().await.is_some_and(|n| n > 0)
+        && Clock::System.now() < deadline
+    {
         tokio::select! {
             Some(event) = events.next() => {
                 if let Some(restarted) = app.on_event(event).await {
@@ -303,7 +345,14 @@ pub async fn run(
             &format!("{delays} delayed message(s) saved; sent at their time by the next run"),
         );
     }
-    let ok = app.stopped.is_none_or(|r| r == StopReason::Shutdown);
+    // Only what ended the session counts here: a mistyped line at the terminal was
+    // answered there and is no reason for a failing exit.
+    let failure = match app.stopped {
+        None | Some(StopReason::Shutdown) => None,
+        Some(StopReason::TakenOver | StopReason::LoggedOut) => Some(Failure::LoggedInElsewhere),
+        Some(StopReason::AccountMismatch) => Some(Failure::LoginRejected),
+        Some(StopReason::CertificateRejected) => Some(Failure::Certificate),
+    };
     app.finish().await;
-    ok
+    failure
 }

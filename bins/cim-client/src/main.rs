@@ -9,6 +9,7 @@ mod app;
 mod args;
 mod batch;
 mod command;
+mod exit;
 mod interactive;
 mod render;
 mod store;
@@ -23,48 +24,88 @@ use anyhow::{Context, anyhow, bail};
 use cim_core::client::ClientConfig;
 use cim_core::ids::UserId;
 use cim_io::clock::Clock;
+use cim_io::http_client::HttpError;
 use cim_io::net::TokioNet;
-use cim_io::sdk::{self, Client, RouteApi, SdkOptions, SdkTls};
+use cim_io::sdk::{self, ApiError, Client, RouteApi, SdkOptions, SdkTls};
 use cim_io::tls::{ClientTls, ClientTlsSettings};
 use clap::Parser;
 use tokio::sync::mpsc;
 
 use crate::app::{App, AppParts};
 use crate::args::Args;
+use crate::exit::{Failure, fatal};
 use crate::render::Sink;
 use crate::store::ClientFile;
 
 /// Registration's HTTP call.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// The diagnostics log beside the state file is started afresh past this size.
+const LOG_CAP: u64 = 1 << 20;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match chat(Args::parse()).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(failure)) => failure.exit_code(),
         Err(error) => {
             eprintln!("cim-client: {error:#}");
-            ExitCode::FAILURE
+            exit::failure_of(&error).exit_code()
         }
     }
 }
 
-async fn chat(args: Args) -> anyhow::Result<bool> {
+/// Diagnostics (tracing) go to stderr with `--verbose`, otherwise to `<user>.log` beside
+/// the state file: never in the middle of the chat or of a script's stderr.
+fn start_tracing(verbose: bool, state: &std::path::Path) {
+    let filter = |default: &str| {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into())
+    };
+    if verbose {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter("info"))
+            .with_writer(std::io::stderr)
+            .init();
+        return;
+    }
+    let path = store::sibling(state, "log");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let too_big = std::fs::metadata(&path).is_ok_and(|m| m.len() > LOG_CAP);
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true);
+    if too_big {
+        options.write(true).truncate(true);
+    } else {
+        options.append(true);
+    }
+    let Ok(file) = store::private(&mut options).open(&path) else {
+        return;
+    };
+    store::make_private(&path);
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
+        .with_env_filter(filter("warn"))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
         .init();
-    let cim_io::sdk::RouteAddr { host, port, https } =
-        cim_io::sdk::RouteAddr::parse(&args.route).map_err(|e| anyhow!(e))?;
-    let route = format!("{host}:{port}");
-    let tls = client_tls(args.ca.clone(), https)?;
+}
+
+async fn chat(args: Args) -> anyhow::Result<Option<Failure>> {
+    let addr = cim_io::sdk::RouteAddr::parse(&args.route).map_err(|e| anyhow!(e))?;
+    let route = addr.key();
+    let cim_io::sdk::RouteAddr { host, port, https } = addr;
     let interactive = !args.batch && args.send.is_empty() && std::io::stdin().is_terminal();
-    let path = args
-        .state
-        .clone()
-        .unwrap_or_else(|| store::default_path(&host, port, &args.user));
+    let path = args.state.clone().unwrap_or_else(|| {
+        let path = store::default_path(&route, &args.user);
+        let legacy = store::legacy_path(&host, port, &args.user);
+        if !path.exists() && legacy.exists() {
+            legacy
+        } else {
+            path
+        }
+    });
+    start_tracing(args.verbose, &path);
+    let tls = client_tls(args.ca.clone(), https)?;
     // A file that does not parse is not overwritten: it may hold unsent messages.
     let loaded = store::load(&path).with_context(|| {
         format!(
@@ -73,7 +114,7 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         )
     })?;
     if let Some(file) = &loaded
-        && file.user_name != args.user
+        && !file.user_name.eq_ignore_ascii_case(&args.user)
     {
         bail!(
             "{} belongs to user {:?}, not {:?}",
@@ -119,7 +160,7 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         None => {
             let id = match args.user_id {
                 Some(id) => id,
-                None => register(&host, port, tls.as_ref(), &args.user, &password).await?,
+                None => register(&host, port, tls.as_ref(), &args.user, &password, &path).await?,
             };
             ClientFile::new(&route, id, &args.user)
         }
@@ -138,7 +179,8 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
 
     let me = UserId(file.user_id);
     // Message ids must never repeat across runs: seed from the OS's entropy every start.
-    let config = ClientConfig::new(me, args.user.clone(), password.clone(), sdk::os_seed());
+    // The name as registered (the state file's): `--user Bob` for account `bob` logs in as `bob`.
+    let config = ClientConfig::new(me, file.user_name.clone(), password.clone(), sdk::os_seed());
     let mut options = SdkOptions::new(host.clone(), port, config);
     options.state = state;
     options.tls = tls.clone();
@@ -162,6 +204,7 @@ async fn chat(args: Args) -> anyhow::Result<bool> {
         sink: Sink::Json,
         completions: Arc::clone(&completions),
         delayed: delayed_tx,
+        verbose: args.verbose,
     };
     if interactive {
         let (terminal, printer) = interactive::start_editor(
@@ -213,13 +256,14 @@ fn client_tls(ca: Option<PathBuf>, route_https: bool) -> anyhow::Result<Option<S
     }
 }
 
-/// Registers `name`, returning its new id.
+/// Registers `name`, returning its new id. A refusal says what to do instead.
 async fn register(
     host: &str,
     port: u16,
     tls: Option<&SdkTls>,
     name: &str,
     password: &str,
+    state: &std::path::Path,
 ) -> anyhow::Result<u64> {
     let mut api = RouteApi::new(TokioNet, host, port, API_TIMEOUT);
     if let Some(tls) = tls.filter(|tls| tls.route_https) {
@@ -233,11 +277,53 @@ async fn register(
             );
             Ok(registered.user_id)
         }
-        Err(error) => Err(anyhow!(error)).with_context(|| {
-            format!(
-                "registering {name} (if the account exists but this machine has no state \
-                 file for it, pass --user-id <id>)"
-            )
-        }),
+        Err(error) => Err(registration_error(error, host, port, name, state)),
+    }
+}
+
+/// Why registering failed, as the exit code and a sentence that offers the way out.
+fn registration_error(
+    error: ApiError,
+    host: &str,
+    port: u16,
+    name: &str,
+    state: &std::path::Path,
+) -> anyhow::Error {
+    match error {
+        ApiError::Status { message, .. } if message.contains("taken") => {
+            let mut text = format!(
+                "the name {name} is taken. If it is your account, log in with its id: \
+                 cim-client --user {name} --user-id <id> (the id is in the state file where \
+                 you registered, and `:info` shows it). Otherwise pick another --user."
+            );
+            for (path, id) in store::same_user_elsewhere(port, name) {
+                if path != state {
+                    text.push_str(&format!(
+                        "\n  this machine has {name}'s state for another spelling of the route: \
+                         id {id} in {} (add --user-id {id}, or --state {})",
+                        path.display(),
+                        path.display()
+                    ));
+                }
+            }
+            fatal(Failure::RegistrationRefused, text)
+        }
+        ApiError::Status { message, code, .. } if code == cim_io::api::CODE_VALIDATION => fatal(
+            Failure::RegistrationRefused,
+            format!("registering {name}: {message}"),
+        ),
+        ApiError::Transport(HttpError::Tls(cim_io::tls::ConnectError::Certificate {
+            host,
+            plain,
+            ..
+        })) => fatal(
+            Failure::Certificate,
+            format!("the certificate of {host} is not trusted: {plain}"),
+        ),
+        ApiError::Transport(error) => fatal(
+            Failure::Unreachable,
+            format!("cannot reach the route at {host}:{port} to register {name}: {error}"),
+        ),
+        other => fatal(Failure::Other, format!("registering {name}: {other}")),
     }
 }

@@ -28,8 +28,15 @@ pub struct ClientFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<serde_json::Value>,
     /// Names of users seen (id → name), to show senders and resolve `@name` offline.
+    /// Valid for one store only: dropped when [`Self::last_epoch`] shows the store was
+    /// reset (ids may then name other people).
     #[serde(default)]
     pub users: BTreeMap<u64, String>,
+    /// The login epoch of the last session. A user's epoch only grows in one store, so a
+    /// login answered with an epoch not above it means the store is not the one the names
+    /// came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_epoch: Option<u64>,
     /// `:delay`ed messages not sent yet: they survive a quit or a crash and are sent at
     /// their time by the next run (at once if it is past).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -59,8 +66,20 @@ impl ClientFile {
             password: None,
             session: None,
             users: BTreeMap::new(),
+            last_epoch: None,
             delayed: Vec::new(),
         }
+    }
+
+    /// Records a login's epoch. `true` when it shows the store was reset since the last
+    /// one (the names seen are then dropped: they may belong to other people now).
+    pub fn note_epoch(&mut self, epoch: u64) -> bool {
+        let reset = self.last_epoch.is_some_and(|last| epoch <= last);
+        if reset {
+            self.users.clear();
+        }
+        self.last_epoch = Some(epoch);
+        reset
     }
 
     pub fn session_state(&self) -> io::Result<Option<ClientState>> {
@@ -79,9 +98,54 @@ impl ClientFile {
     }
 }
 
-/// The default state file: `$XDG_DATA_HOME/cim/<host>_<port>/<user>.json`, else
-/// `~/.local/share/cim/...`, else the current directory.
-pub fn default_path(host: &str, port: u16, user: &str) -> PathBuf {
+/// The default state file: `$XDG_DATA_HOME/cim/<route key>/<user>.json`, else
+/// `~/.local/share/cim/...`, else the current directory. The route key is
+/// [`RouteAddr::key`](cim_io::sdk::RouteAddr::key): one file for every spelling of one route
+/// (`localhost:8083`, `http://127.0.0.1:8083/`).
+/// Names are one account regardless of case (`Bob` is `bob`), so the file name is the
+/// lower-case name.
+pub fn default_path(route_key: &str, user: &str) -> PathBuf {
+    data_dir()
+        .join(sanitize(route_key))
+        .join(format!("{}.json", sanitize(&user.to_lowercase())))
+}
+
+/// Where earlier versions kept the state file (keyed by the host as typed). Used when it
+/// exists and the normalized one does not, so an upgrade keeps its account and outbox.
+pub fn legacy_path(host: &str, port: u16, user: &str) -> PathBuf {
+    data_dir()
+        .join(sanitize(&format!("{host}_{port}")))
+        .join(format!("{}.json", sanitize(user)))
+}
+
+/// State files of `user` for other routes that listen on `port` (another spelling of the
+/// host, before keys were normalized, or a name for the same machine): `(path, user id)`.
+/// On "name is taken" they tell the user which id to log in with.
+pub fn same_user_elsewhere(port: u16, user: &str) -> Vec<(PathBuf, u64)> {
+    let suffix = format!("_{port}");
+    let Ok(dirs) = std::fs::read_dir(data_dir()) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(PathBuf, u64)> = dirs
+        .filter_map(Result::ok)
+        .filter(|d| d.file_name().to_string_lossy().ends_with(&suffix))
+        .flat_map(|d| {
+            [user.to_owned(), user.to_lowercase()]
+                .map(|u| d.path().join(format!("{}.json", sanitize(&u))))
+        })
+        .filter_map(|path| {
+            let file = load(&path).ok()??;
+            file.user_name
+                .eq_ignore_ascii_case(user)
+                .then_some((path, file.user_id))
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+fn data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -92,8 +156,6 @@ pub fn default_path(host: &str, port: u16, user: &str) -> PathBuf {
         })
         .unwrap_or_else(|| PathBuf::from("."));
     base.join("cim")
-        .join(sanitize(&format!("{host}_{port}")))
-        .join(format!("{}.json", sanitize(user)))
 }
 
 /// A path component from any text.
@@ -161,6 +223,32 @@ pub fn save(path: &Path, file: &ClientFile) -> io::Result<()> {
     result
 }
 
+/// Options that create a file readable by its owner only (private messages, tokens). An
+/// existing file keeps its mode: [`make_private`] fixes one an older version created.
+pub fn private(options: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+}
+
+/// Makes an existing file owner-only (files of older versions were created 0644).
+pub fn make_private(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 /// One message as printed in non-interactive mode and kept in the local history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -187,6 +275,7 @@ pub struct LocalHistory {
 impl LocalHistory {
     /// Loads what is there; unreadable lines are skipped (it is only a convenience).
     pub fn load(path: PathBuf, cap: usize) -> Self {
+        make_private(&path);
         let mut entries = VecDeque::new();
         let mut lines_in_file = 0;
         if let Ok(file) = std::fs::File::open(&path) {
@@ -220,10 +309,8 @@ impl LocalHistory {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        let mut file =
+            private(std::fs::OpenOptions::new().create(true).append(true)).open(&self.path)?;
         writeln!(file, "{line}")?;
         self.lines_in_file += 1;
         Ok(())
@@ -237,7 +324,15 @@ impl LocalHistory {
             text.push_str(&serde_json::to_string(entry).map_err(io::Error::other)?);
             text.push('\n');
         }
-        std::fs::write(&tmp, text)?;
+        let mut out = private(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+        )
+        .open(&tmp)?;
+        out.write_all(text.as_bytes())?;
+        drop(out);
         std::fs::rename(&tmp, &self.path)?;
         self.lines_in_file = self.entries.len();
         Ok(())
@@ -339,8 +434,45 @@ mod tests {
 
     #[test]
     fn default_paths_are_per_route_and_user() {
-        let path = default_path("127.0.0.1", 8083, "a/b");
+        let path = default_path("127.0.0.1:8083", "A/b");
         assert!(path.ends_with("cim/127.0.0.1_8083/a_b.json"), "{path:?}");
         assert_eq!(sibling(&path, "lines").file_name().unwrap(), "a_b.lines");
+        assert_eq!(
+            legacy_path("localhost", 8083, "a"),
+            data_dir().join("localhost_8083").join("a.json")
+        );
+    }
+
+    #[test]
+    fn a_lower_epoch_drops_the_names() {
+        let mut file = ClientFile::new("r", 1, "ann");
+        file.users.insert(2, "bob".into());
+        assert!(!file.note_epoch(5), "first login");
+        assert!(!file.note_epoch(6), "a later login");
+        assert_eq!(file.users.len(), 1);
+        // A store reset: the epoch counter starts over, and id 2 may be someone else.
+        assert!(file.note_epoch(1));
+        assert!(file.users.is_empty());
+        assert!(!file.note_epoch(2));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_local_history_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("mode");
+        let path = dir.join("u.history.jsonl");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mut history = LocalHistory::load(path.clone(), 3);
+        history.push(seen(1, "private")).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        history.compact().unwrap();
+        assert_eq!(mode(&path), 0o600, "after compaction");
+        // A file an older version left world-readable is fixed on load.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _ = LocalHistory::load(path.clone(), 3);
+        assert_eq!(mode(&path), 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

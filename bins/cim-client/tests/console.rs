@@ -78,7 +78,10 @@ async fn two_clients_chat_in_all_and_privately() {
             !bob_seen.iter().any(|l| l.contains("secret")),
             "an unknown command was sent: {bob_seen:?}"
         );
-        (alice_id, bob_id, alice.finish())
+        // The mistyped line is the run's failure: exit code 9 (a bad input line).
+        let (code, alice_seen) = alice.exit();
+        assert_eq!(code, Some(9), "{alice_seen:?}");
+        (alice_id, bob_id, alice_seen)
     })
     .await
     .expect("clients");
@@ -135,7 +138,7 @@ async fn a_server_crash_shows_reconnecting_and_delivers_what_was_typed_meanwhile
     cluster.start_server().await;
     let (alice, bob) = tokio::task::spawn_blocking(move || {
         let (mut alice, mut bob) = (alice, bob);
-        alice.status("reconnected to s2");
+        alice.status("* reconnected");
         let got = bob.json(|v| v["text"] == "typed during the outage");
         assert_eq!(got["senderName"], "alice");
         alice.status("acknowledged all");
@@ -219,6 +222,13 @@ async fn a_delayed_message_survives_a_kill_and_a_quit() {
         alice.status("acknowledged all");
         alice.type_line(":delay 1 @bob survives a quit");
         alice.status("will send in 1s");
+        // `:info` counts it.
+        alice.type_line(":info");
+        let info = alice.json(|v| v["command"] == "info");
+        assert_eq!(
+            info["result"]["delayed"][0]["line"], "@bob survives a quit",
+            "{info}"
+        );
         alice.type_line(":q!");
         alice.finish();
         let delayed = state_json(&alice_state)["delayed"].clone();
@@ -327,4 +337,170 @@ async fn a_sender_never_seen_online_is_shown_by_name() {
     })
     .await
     .expect("second run");
+}
+
+/// Item 5: after the store was reset, an id the client knew by one name may belong to
+/// someone else. The client must not show the old name for the new person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_from_before_a_store_reset_are_not_reused() {
+    let dir = temp_dir("reset-names");
+    let alice_state = dir.join("alice.json");
+    let old = common::cluster_seeded(1).await;
+    let port = old.route_port;
+    let (state, d) = (alice_state.clone(), dir.clone());
+    let bob_id = tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &state, &[]);
+        alice.status("online as alice");
+        let mut bob = spawn(port, "bob", &d.join("bob.json"), &["--send", "bob here"]);
+        bob.json(|v| v["text"] == "bob here");
+        bob.finish();
+        alice.json(|v| v["text"] == "bob here" && v["senderName"] == "bob");
+        alice.finish();
+        user_id(&d.join("bob.json"))
+    })
+    .await
+    .expect("first store");
+    drop(old);
+
+    // A fresh store: alice registers again first (same id as before), then mallory gets
+    // bob's old id.
+    let fresh = common::cluster_seeded(2).await;
+    let port = fresh.route_port;
+    tokio::task::spawn_blocking(move || {
+        let mut again = spawn(port, "alice", &dir.join("alice-new.json"), &[]);
+        again.status("online as alice");
+        again.finish();
+        assert_eq!(user_id(&dir.join("alice-new.json")), user_id(&alice_state));
+        let mut mallory = spawn(
+            port,
+            "mallory",
+            &dir.join("mallory.json"),
+            &["--send", "mallory here"],
+        );
+        mallory.json(|v| v["text"] == "mallory here");
+        mallory.finish();
+        assert_eq!(user_id(&dir.join("mallory.json")), bob_id);
+
+        // Alice's old state file still maps that id to bob.
+        let mut alice = spawn(port, "alice", &alice_state, &[]);
+        let got = alice.json(|v| v["text"] == "mallory here");
+        assert_eq!(got["senderName"], "mallory", "{got}");
+        alice.finish();
+        assert_eq!(
+            state_json(&alice_state)["users"][bob_id.to_string()],
+            "mallory"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("second store");
+}
+
+/// Item 6: one state file for every spelling of one route; "name is taken" says how to
+/// log in as that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_is_keyed_by_a_normalized_route_and_a_taken_name_shows_the_way_out() {
+    let cluster = cluster().await;
+    let port = cluster.route_port;
+    let dir = temp_dir("route-key");
+    tokio::task::spawn_blocking(move || {
+        let data = dir.join("data");
+        let run = |route: &str, user: &str, extra: &[&str]| {
+            common::spawn_env(
+                route,
+                user,
+                // One account regardless of the name's case: one password.
+                &format!("{}-password", user.to_lowercase()),
+                None,
+                extra,
+                &[("XDG_DATA_HOME", data.to_str().expect("utf-8"))],
+            )
+        };
+        let seen = run(&format!("127.0.0.1:{port}"), "alice", &["--send", "one"]).finish();
+        assert!(
+            seen.iter().any(|l| l.contains("registered alice")),
+            "{seen:?}"
+        );
+        for route in [
+            format!("http://localhost:{port}"),
+            format!("http://LOCALHOST:{port}/"),
+            format!("http://[::1]:{port}"),
+        ] {
+            // (::1 may not reach a route bound to 127.0.0.1: only the key matters here,
+            // so that one only needs to not register.)
+            let mut client = run(&route, "Alice", &["--send", "again", "--drain-secs", "2"]);
+            if !route.contains("::1") {
+                client.json(|v| v["text"] == "again");
+            }
+            let (_, seen) = client.exit();
+            assert!(
+                !seen
+                    .iter()
+                    .any(|l| l.contains("registered") || l.contains("taken")),
+                "{route}: {seen:?}"
+            );
+        }
+        let files: Vec<_> = std::fs::read_dir(data.join("cim"))
+            .expect("data dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+
+        // Another machine (another data dir) has no state for alice: the name is taken.
+        let (code, seen) = common::spawn_env(
+            &format!("127.0.0.1:{port}"),
+            "alice",
+            "alice-password",
+            Some(&dir.join("elsewhere.json")),
+            &["--send", "x"],
+            &[],
+        )
+        .exit();
+        assert_eq!(code, Some(4), "{seen:?}");
+        assert!(seen.iter().any(|l| l.contains("--user-id")), "{seen:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("clients");
+}
+
+/// Item 7: a script logging in as a user whose session is held by a client without this
+/// machine's state file stops at once with code 11, instead of retrying "repeat login"
+/// until the drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_blocked_by_another_session_exits_11_at_once() {
+    let cluster = cluster().await;
+    let port = cluster.route_port;
+    let dir = temp_dir("repeat");
+    tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &dir.join("alice.json"), &[]);
+        alice.status("online as alice");
+        let id = user_id(&dir.join("alice.json")).to_string();
+        let started = common::now();
+        let (code, seen) = common::spawn_as(
+            &format!("http://localhost:{port}"),
+            "alice",
+            "alice-password",
+            &dir.join("other-machine.json"),
+            &["--user-id", &id, "--send", "hi", "--drain-secs", "30"],
+        )
+        .exit();
+        assert_eq!(code, Some(11), "{seen:?}");
+        assert!(
+            seen.iter()
+                .any(|l| l.contains("alice is logged in elsewhere")),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|l| l.contains("not sent")), "{seen:?}");
+        // Retrying would last the whole --drain-secs 30.
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+        alice.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("clients");
 }

@@ -237,6 +237,7 @@ enum In {
     Answer(u64, Result<LoginAnswer, LoginFailure>),
     Connected,
     ConnectFailed,
+    CertificateRejected,
     Disconnected,
     Frame(Kind),
     Timeout,
@@ -272,6 +273,13 @@ impl Harness {
             In::Answer(n, a) => self.s.handle_login_answer(now, LoginAttempt(n), a),
             In::Connected => self.s.handle_connected(now),
             In::ConnectFailed => self.s.handle_connect_failed(now),
+            In::CertificateRejected => {
+                self.s.handle_certificate_rejected(
+                    now,
+                    "s1.example".into(),
+                    "unknown issuer".into(),
+                );
+            }
             In::Disconnected => self.s.handle_disconnected(now),
             In::Frame(kind) => {
                 let _ = self.s.handle_frame(now, proto::Frame { kind: Some(kind) });
@@ -470,6 +478,70 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
         ),
     ]);
     assert_eq!(h.s.poll_timeout(), None);
+}
+
+/// A certificate that does not verify stops the session (no backoff, no retry), whether it
+/// is the route's (the login answer) or the server's (the connect); a plain connect failure
+/// still retries.
+#[test]
+fn a_certificate_that_does_not_verify_stops_instead_of_retrying() {
+    let rejected = |host: &str| {
+        vec![
+            ClientEvent::CertificateRejected {
+                host: host.into(),
+                reason: "unknown issuer".into(),
+            },
+            ClientEvent::Stopped(StopReason::CertificateRejected),
+        ]
+    };
+    let mut h = Harness::new(quiet_config());
+    h.table(vec![
+        (
+            0,
+            In::Start,
+            vec![login_cmd(1, None)],
+            vec![ClientEvent::LoggingIn],
+        ),
+        (
+            10,
+            In::Answer(
+                1,
+                Err(LoginFailure::Certificate {
+                    host: "route.example".into(),
+                    reason: "unknown issuer".into(),
+                }),
+            ),
+            vec![],
+            rejected("route.example"),
+        ),
+    ]);
+    assert_eq!(h.s.poll_timeout(), None);
+    assert!(h.s.is_stopped());
+
+    let mut h = Harness::new(quiet_config());
+    h.step(0, In::Start);
+    h.step(10, In::Answer(1, Ok(answer(5, 0xA))));
+    let (cmds, evs) = h.step(20, In::CertificateRejected);
+    assert_eq!(cmds, vec![]);
+    assert_eq!(evs, rejected("s1.example"));
+    assert_eq!(h.s.poll_timeout(), None);
+    // Not connecting (stopped already): nothing more happens.
+    assert_eq!(h.step(30, In::CertificateRejected), (vec![], vec![]));
+
+    let mut h = Harness::new(quiet_config());
+    h.step(0, In::Start);
+    h.step(10, In::Answer(1, Ok(answer(5, 0xA))));
+    let (_, evs) = h.step(20, In::ConnectFailed);
+    assert!(
+        matches!(
+            evs.as_slice(),
+            [ClientEvent::Reconnecting {
+                cause: LinkLoss::ConnectFailed,
+                ..
+            }]
+        ),
+        "{evs:?}"
+    );
 }
 
 #[test]

@@ -18,8 +18,9 @@ use super::route_api::{ApiError, RouteApi};
 use super::{Acked, AppCommand, SdkOptions, SendError};
 use crate::api::{self, decode_resume_token, decode_ticket, encode_resume_token};
 use crate::clock::Clock;
+use crate::http_client::HttpError;
 use crate::net::{self, Network, framed};
-use crate::tls::{ClientTls, MaybeTls};
+use crate::tls::{self, ClientTls, MaybeTls};
 
 /// Frames queued for one connection's writer. The session resends its whole outbox in one
 /// go when it comes online, so this must hold a large outbox; tokio allocates channel slots
@@ -43,6 +44,12 @@ enum Input {
     },
     ConnectFailed {
         generation: u64,
+    },
+    /// The server's certificate did not verify: the session stops rather than retry.
+    CertificateRejected {
+        generation: u64,
+        host: String,
+        reason: String,
     },
     Frame {
         generation: u64,
@@ -260,6 +267,16 @@ impl<N: Network> Driver<N> {
                 if self.is_current(generation) {
                     self.conn = None;
                     self.session.handle_connect_failed(now);
+                }
+            }
+            Input::CertificateRejected {
+                generation,
+                host,
+                reason,
+            } => {
+                if self.is_current(generation) {
+                    self.conn = None;
+                    self.session.handle_certificate_rejected(now, host, reason);
                 }
             }
             Input::Frame { generation, frame } => {
@@ -502,6 +519,12 @@ fn failure_from(error: ApiError) -> LoginFailure {
             api::CODE_FAIL => rejected(LoginError::Unavailable),
             _ => LoginFailure::Transport(format!("login: code {code}: {message}")),
         },
+        ApiError::Transport(HttpError::Tls(tls::ConnectError::Certificate {
+            host, plain, ..
+        })) => LoginFailure::Certificate {
+            host,
+            reason: plain,
+        },
         other => LoginFailure::Transport(other.to_string()),
     }
 }
@@ -550,21 +573,35 @@ async fn connection<N: Network>(
     let connected = tokio::time::timeout(timeouts.connect, async {
         let stream = net::connect(&net, &host, port, timeouts.connect)
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| (error.to_string(), None))?;
         match tls {
             None => Ok(MaybeTls::plain(stream)),
             Some(client) => client.connect(stream, &host).await.map_err(|error| {
-                // The one failure retrying will not fix: say it where the user sees it.
                 tracing::warn!(%error, "TLS to the server failed");
-                error.to_string()
+                let permanent = match &error {
+                    tls::ConnectError::Certificate { plain, .. } => Some(plain.clone()),
+                    _ => None,
+                };
+                (error.to_string(), permanent)
             }),
         }
     })
     .await
-    .unwrap_or_else(|_| Err(format!("no connection within {:?}", timeouts.connect)));
+    .unwrap_or_else(|_| Err((format!("no connection within {:?}", timeouts.connect), None)));
     let stream = match connected {
         Ok(stream) => stream,
-        Err(error) => {
+        // The one failure retrying will not fix: the session stops and says why.
+        Err((_, Some(reason))) => {
+            let _ = inputs
+                .send(Input::CertificateRejected {
+                    generation,
+                    host: host.clone(),
+                    reason,
+                })
+                .await;
+            return;
+        }
+        Err((error, None)) => {
             tracing::debug!(%host, port, %error, "connect failed");
             return failed().await;
         }
@@ -618,7 +655,6 @@ async fn connection<N: Network>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http_client::HttpError;
 
     #[test]
     fn login_codes_map_to_the_sessions_errors() {
@@ -649,6 +685,19 @@ mod tests {
             ))),
             LoginFailure::Transport(_)
         ));
+        // A route certificate that does not verify is permanent, and says whose and why.
+        let untrusted = tls::ConnectError::Certificate {
+            host: "route.example".into(),
+            reason: "invalid peer certificate: Expired".into(),
+            plain: "it has expired".into(),
+        };
+        assert_eq!(
+            failure_from(ApiError::Transport(HttpError::Tls(untrusted))),
+            LoginFailure::Certificate {
+                host: "route.example".into(),
+                reason: "it has expired".into()
+            }
+        );
     }
 
     #[test]

@@ -139,6 +139,15 @@ pub enum ConnectError {
     BadName { host: String },
     #[error("TLS to {host}: {reason}")]
     Handshake { host: String, reason: String },
+    /// The peer's certificate did not verify (unknown issuer, wrong name, expired, ...):
+    /// unlike a cut handshake, trying again will not help. `reason` is rustls' text (as in
+    /// `Handshake`), `plain` the same in words for a chat user.
+    #[error("TLS to {host}: {reason}")]
+    Certificate {
+        host: String,
+        reason: String,
+        plain: String,
+    },
     #[error("TLS to {host}: the server's certificate does not carry the {role} role")]
     WrongRole { host: String, role: Role },
 }
@@ -840,9 +849,15 @@ impl ClientTls {
             Ok(tls) => tls,
             Err(error) => {
                 stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(ConnectError::Handshake {
-                    host: host.to_owned(),
-                    reason: error.to_string(),
+                let host = host.to_owned();
+                let reason = error.to_string();
+                return Err(match certificate_problem(&error) {
+                    Some(plain) => ConnectError::Certificate {
+                        host,
+                        reason,
+                        plain,
+                    },
+                    None => ConnectError::Handshake { host, reason },
                 });
             }
         };
@@ -858,6 +873,35 @@ impl ClientTls {
         stats.handshakes.fetch_add(1, Ordering::Relaxed);
         Ok(MaybeTls::Client(Box::new(tls)))
     }
+}
+
+/// A handshake that failed on the peer's certificate, in words for a chat user (`None` for
+/// anything else).
+fn certificate_problem(error: &io::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(problem) =
+        error.get_ref()?.downcast_ref::<rustls::Error>()?
+    else {
+        return None;
+    };
+    Some(match problem {
+        C::UnknownIssuer => {
+            "it is not signed by a trusted CA (unknown issuer; pass the CA with --ca)".to_owned()
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "it is not valid for this host name".to_owned()
+        }
+        C::Expired | C::ExpiredContext { .. } => "it has expired".to_owned(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet".to_owned(),
+        C::Revoked => "it has been revoked".to_owned(),
+        C::BadSignature => {
+            "its signature does not verify (signed by another CA of the same name?)".to_owned()
+        }
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "it is not a server certificate".to_owned()
+        }
+        other => format!("{other:?}"),
+    })
 }
 
 #[cfg(test)]

@@ -41,7 +41,27 @@ pub struct Cluster {
 }
 
 pub async fn cluster() -> Cluster {
-    let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+    cluster_with(None, 0).await
+}
+
+/// A cluster whose store draws its log epochs from `seed`: two stores with different seeds
+/// are two different stores to a client (a reset one looks like this).
+pub async fn cluster_seeded(seed: u64) -> Cluster {
+    cluster_with(None, seed).await
+}
+
+/// A cluster whose route serves its API over HTTPS with this certificate and key.
+pub async fn https_cluster(cert: PathBuf, key: PathBuf) -> Cluster {
+    let tls = cim_io::tls::ServerTls::load(cim_io::tls::ServerTlsSettings::new("api", cert, key))
+        .expect("route certificate loads");
+    cluster_with(Some(tls), 0).await
+}
+
+async fn cluster_with(https: Option<cim_io::tls::ServerTls>, seed: u64) -> Cluster {
+    let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig {
+        seed,
+        ..MemoryStoreConfig::default()
+    }));
     let registry = MemoryRegistry::new();
     let mut options = RouteOptions::new(
         "r1",
@@ -50,6 +70,7 @@ pub async fn cluster() -> Cluster {
         LINK_SECRET.to_vec(),
     );
     options.http_listen = SocketAddr::new(LOCAL, 0);
+    options.https = https;
     let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .expect("route starts");
@@ -174,17 +195,39 @@ fn lines_of(read: impl std::io::Read + Send + 'static) -> Receiver<String> {
 }
 
 pub fn spawn(port: u16, user: &str, state: &Path, extra: &[&str]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cim-client"))
-        .args([
-            "--route",
-            &format!("http://127.0.0.1:{port}"),
-            "--user",
-            user,
-        ])
-        .arg("--state")
-        .arg(state)
+    spawn_as(
+        &format!("http://127.0.0.1:{port}"),
+        user,
+        &format!("{user}-password"),
+        state,
+        extra,
+    )
+}
+
+/// A client with this `--route` text and password.
+pub fn spawn_as(route: &str, user: &str, password: &str, state: &Path, extra: &[&str]) -> Proc {
+    spawn_env(route, user, password, Some(state), extra, &[])
+}
+
+/// A client with this `--route` text, password, state file (or the default one) and
+/// environment.
+pub fn spawn_env(
+    route: &str,
+    user: &str,
+    password: &str,
+    state: Option<&Path>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cim-client"));
+    command.args(["--route", route, "--user", user]);
+    if let Some(state) = state {
+        command.arg("--state").arg(state);
+    }
+    command.envs(env.iter().copied());
+    let mut child = command
         .args(extra)
-        .env("CIM_PASSWORD", format!("{user}-password"))
+        .env("CIM_PASSWORD", password)
         .env_remove("CIM_USER_ID")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -261,7 +304,14 @@ impl Proc {
     }
 
     /// Closes stdin and waits for a clean exit.
-    pub fn finish(mut self) -> Vec<String> {
+    pub fn finish(self) -> Vec<String> {
+        let (code, seen) = self.exit();
+        assert_eq!(code, Some(0), "exit code:\n{}", seen.join("\n"));
+        seen
+    }
+
+    /// Closes stdin and waits for the exit: its code and every line seen.
+    pub fn exit(mut self) -> (Option<i32>, Vec<String>) {
         drop(self.stdin.take());
         let deadline = now() + WAIT;
         loop {
@@ -272,8 +322,7 @@ impl Proc {
                 while let Ok(line) = self.stderr.try_recv() {
                     self.seen.push(format!("err: {line}"));
                 }
-                assert!(status.success(), "exit {status}:\n{}", self.seen.join("\n"));
-                return self.seen;
+                return (status.code(), self.seen);
             }
             if now() >= deadline {
                 let _ = self.child.kill();
