@@ -65,13 +65,6 @@ pub fn ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error>
         .collect())
 }
 
-/// An optional string field that, when present, is a string: `null` is refused like any
-/// other non-string (serde's `Option` alone would take `null` as absent, which the
-/// document does not allow). Used with `#[serde(default)]`, so an absent field is `None`.
-pub fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    String::deserialize(d).map(Some)
-}
-
 /// Every answer, success or not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -131,12 +124,9 @@ pub struct LoginRequest {
     pub user_id: u64,
     pub user_name: String,
     pub password: String,
-    /// Absent for a login without one (never `null`).
-    #[serde(
-        default,
-        deserialize_with = "present_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    /// Absent (or `null`, as this SDK sent it before, and the document says `nullable`)
+    /// for a login without one; left out when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_token: Option<String>,
 }
 
@@ -214,12 +204,9 @@ pub struct GroupRouteRequest {
     pub user_id: u64,
     pub msg: String,
     pub client_msg_id: String,
-    /// Absent for `all` (never `null`).
-    #[serde(
-        default,
-        deserialize_with = "present_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    /// Absent (or `null`, as this SDK sent it before, and the document says `nullable`)
+    /// for `all`; left out when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_name: Option<String>,
 }
 

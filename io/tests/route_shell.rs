@@ -1015,22 +1015,20 @@ async fn every_request_the_document_forbids_is_400_with_the_envelope() {
             t,
             Some(format!(r#"{{"userId": {TOO_BIG_ID}, "groupName": "g"}}"#)),
         ),
-        // null where the document has an optional string.
+        // null where the document does not say nullable.
         (
-            "groupRoute groupName null",
+            "groupRoute msg null",
             "/groupRoute",
             t,
             Some(format!(
-                r#"{{"userId": {alice}, "msg": "x", "clientMsgId": "{id}", "groupName": null}}"#
+                r#"{{"userId": {alice}, "msg": null, "clientMsgId": "{id}"}}"#
             )),
         ),
         (
-            "login resumeToken null",
-            "/login",
-            None,
-            Some(format!(
-                r#"{{"userId": {alice}, "userName": "alice", "password": "pw-123456", "resumeToken": null}}"#
-            )),
+            "group/join groupName null",
+            "/group/join",
+            t,
+            Some(format!(r#"{{"userId": {alice}, "groupName": null}}"#)),
         ),
         // bounds and patterns the document states (these were 200 + 3000).
         (
@@ -1202,6 +1200,24 @@ async fn every_request_the_document_forbids_is_400_with_the_envelope() {
     );
     let (status, v) = answer(&f, "/groupRoute", t, Some(&send)).await;
     assert_eq!((status, code(&v)), (200, "4000"), "no such group yet: {v}");
+
+    // null where the document says nullable: as if left out (older SDKs sent it so).
+    let to_all = format!(
+        r#"{{"userId": {alice}, "msg": "x", "clientMsgId": "{}", "groupName": null}}"#,
+        uuid(4)
+    );
+    let (status, v) = answer(&f, "/groupRoute", t, Some(&to_all)).await;
+    assert_eq!((status, code(&v)), (200, "9000"), "{v}");
+    assert_eq!(v["dataBody"]["conv"], "all", "{v}");
+    let login = format!(
+        r#"{{"userId": {alice}, "userName": "alice", "password": "pw-123456", "resumeToken": null}}"#
+    );
+    let (status, v) = answer(&f, "/login", None, Some(&login)).await;
+    assert_eq!(
+        (status, code(&v)),
+        (200, "5000"),
+        "online elsewhere, no proof: {v}"
+    );
 
     // Well-formed but not so: a pair in the wrong order names no conversation (404), a
     // taken name conflicts (409); neither is 200 with 3000.

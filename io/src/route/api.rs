@@ -3,9 +3,8 @@
 //!
 //! Every API answer is an [`Envelope`]. Statuses: 400 + 3000 for every request the OpenAPI
 //! document forbids (a body or query that does not parse, a value out of its range, a
-//! string not matching its pattern, a missing or unknown field, `null` where a string
-//! belongs) and the few rules the document states in words (a private message to oneself);
-//! 401 for a missing or bad bearer token, 403 for acting as another user or reading a
+//! string not matching its pattern, a missing or unknown field, `null` where the document
+//! does not say `nullable`); 401 for a missing or bad bearer token, 403 for acting as another user or reading a
 //! conversation one is not a member of, 404 for a conversation that cannot exist, 409 for
 //! a taken user name, 413 past the body limit, 503 when the driver is gone; 200 for every
 //! other answer with a CIM code (success, or 4000 / 5000 / 7100 / 9100 as CIM does). Code

@@ -206,6 +206,12 @@ fn document(settings: DocSettings) -> Value {
                "not": {"enum": ["all"]},
                "description": "1 to 64 of A-Z a-z 0-9 . _ -; `all` is the built-in group, never a group's name"})
     };
+    // The same, optional: `null` is taken as left out (older SDKs sent it so).
+    let mut optional_group_name = group_name();
+    optional_group_name["nullable"] = json!(true);
+    optional_group_name["description"] = json!(
+        "The group; left out or null for `all`. 1 to 64 of A-Z a-z 0-9 . _ -, never `all` itself"
+    );
     let reserved: Vec<Value> = RESERVED_NAMES
         .iter()
         .map(|name| {
@@ -251,8 +257,8 @@ fn document(settings: DocSettings) -> Value {
             "/login": {"post": limited(op("Log in: a server, a ticket for it, a bearer token, a resume token", false,
                 Some(object(&["userId", "userName", "password"],
                     json!({"userId": u(), "userName": s(), "password": s(),
-                           "resumeToken": {"type": "string", "pattern": RESUME_TOKEN_PATTERN,
-                               "description": "The resumeToken of an earlier login (32 bytes, unpadded URL-safe base64); leave the field out for none"}}))),
+                           "resumeToken": {"type": "string", "nullable": true, "pattern": RESUME_TOKEN_PATTERN,
+                               "description": "The resumeToken of an earlier login (32 bytes, unpadded URL-safe base64); left out or null for none"}}))),
                 object(&["userId", "epoch", "serverId", "ip", "cimServerPort", "httpPort", "ticket", "token", "resumeToken"],
                     json!({"userId": u(), "epoch": u(), "serverId": s(),
                            "endpoint": object(&["host", "port", "tls"], json!({"host": s(), "port": port(), "tls": {"type": "boolean"}})),
@@ -269,7 +275,7 @@ fn document(settings: DocSettings) -> Value {
                     json!({"userId": u(), "userName": s()}))}})), none())},
             "/groupRoute": {"post": limited(op("Send to a group (`all` when groupName is left out)", true,
                 Some(object(&["userId", "msg", "clientMsgId"],
-                    json!({"userId": u(), "msg": msg(), "clientMsgId": client_msg_id(), "groupName": group_name()}))),
+                    json!({"userId": u(), "msg": msg(), "clientMsgId": client_msg_id(), "groupName": optional_group_name}))),
                 send_response.clone(), none()), false)},
             "/p2pRoute": {"post": limited(with_response(op("Send to one user; online says whether they have a session. An id without an account is code 4000", true,
                 Some(object(&["userId", "receiveUserId", "msg", "clientMsgId"],
