@@ -921,7 +921,10 @@ impl RouteLogin {
     /// Starts a login. Wall-clock time is first needed when the claim is decided, so it
     /// comes with the store replies, not here.
     pub fn handle_login(&mut self, now: Instant, api: ApiRequestId, request: LoginRequest) {
-        if request.password.len() > accounts::MAX_PASSWORD_LEN {
+        // Bytes first: counting the characters of a huge body is work too.
+        if request.password.len() > 4 * accounts::MAX_PASSWORD_LEN
+            || request.password.chars().count() > accounts::MAX_PASSWORD_LEN
+        {
             // No account has such a password; refuse before hashing megabytes.
             self.logged_in(api, Err(LoginError::AccountMismatch));
             return;

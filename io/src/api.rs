@@ -33,6 +33,38 @@ pub const CODE_ACCOUNT_MISMATCH: &str = "9100";
 /// retry after the delay.
 pub use cim_core::route_login::{CODE_BUSY, CODE_THROTTLED};
 
+/// Largest id the API takes (`userId`, `receiveUserId`, `userIds[]`, `beforeSeq`): ids are
+/// JSON `int64` from 0, as the OpenAPI document says, so every client language holds them
+/// in a signed 64-bit integer. The store hands out user ids from 1 upwards, so no account
+/// ever has a larger one; a larger id in a request is refused (400), not looked up.
+pub const MAX_ID: u64 = i64::MAX as u64;
+
+/// Deserializes an id of the API: a whole number from 0 to [`MAX_ID`]. (A plain `u64`
+/// would also take 2^63 .. 2^64-1, which the document forbids.)
+pub fn id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let value = u64::deserialize(d)?;
+    if value > MAX_ID {
+        return Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Unsigned(value),
+            &ID_RANGE,
+        ));
+    }
+    Ok(value)
+}
+
+/// What an id must be, in the API's words (the 400's message names it).
+const ID_RANGE: &str = "a whole number from 0 to 9223372036854775807";
+
+/// A list of [`id`]s (the path of a bad item, `userIds[3]`, reaches the message).
+pub fn ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Id(#[serde(deserialize_with = "id")] u64);
+    Ok(Vec::<Id>::deserialize(d)?
+        .into_iter()
+        .map(|Id(value)| value)
+        .collect())
+}
+
 /// Every answer, success or not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -88,10 +120,13 @@ pub struct RegisterResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoginRequest {
+    #[serde(deserialize_with = "id")]
     pub user_id: u64,
     pub user_name: String,
     pub password: String,
-    #[serde(default)]
+    /// Absent (or `null`, as this SDK sent it before, and the document says `nullable`)
+    /// for a login without one; left out when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_token: Option<String>,
 }
 
@@ -120,6 +155,7 @@ pub struct LoginResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OfflineRequest {
+    #[serde(deserialize_with = "id")]
     pub user_id: u64,
 }
 
@@ -140,6 +176,7 @@ pub const MAX_USER_NAMES: usize = 100;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UserNamesRequest {
+    #[serde(deserialize_with = "ids")]
     pub user_ids: Vec<u64>,
 }
 
@@ -163,10 +200,13 @@ pub struct UserName {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupRouteRequest {
+    #[serde(deserialize_with = "id")]
     pub user_id: u64,
     pub msg: String,
     pub client_msg_id: String,
-    #[serde(default)]
+    /// Absent (or `null`, as this SDK sent it before, and the document says `nullable`)
+    /// for `all`; left out when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_name: Option<String>,
 }
 
@@ -174,7 +214,9 @@ pub struct GroupRouteRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct P2pRouteRequest {
+    #[serde(deserialize_with = "id")]
     pub user_id: u64,
+    #[serde(deserialize_with = "id")]
     pub receive_user_id: u64,
     pub msg: String,
     pub client_msg_id: String,
@@ -197,6 +239,7 @@ pub struct SendResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupRequest {
+    #[serde(deserialize_with = "id")]
     pub user_id: u64,
     pub group_name: String,
 }

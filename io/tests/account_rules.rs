@@ -70,7 +70,14 @@ impl Route {
     async fn register(&self, name: &str, password: &str) -> Value {
         let body = json!({"userName": name, "password": password}).to_string();
         let (status, v) = self.post_raw("/registerAccount", &body).await;
-        assert_eq!(status, StatusCode::OK, "{name:?}: {v}");
+        // Success is 200; a name or password breaking the rules is a 400, a taken name a
+        // 409 (both code 3000: never 200 with 3000).
+        let want = match (v["code"].as_str(), v["message"].as_str()) {
+            (Some("9000"), _) => StatusCode::OK,
+            (Some("3000"), Some(m)) if m.contains("taken") => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        assert_eq!(status, want, "{name:?}: {v}");
         v
     }
 }

@@ -294,7 +294,7 @@ async fn register_login_repeat_and_ticket() {
             json!({"userName": "alice", "password": "other-pw-1"}),
         )
         .await;
-    assert_eq!((status, code(&v)), (StatusCode::OK, "3000"), "{v}");
+    assert_eq!((status, code(&v)), (StatusCode::CONFLICT, "3000"), "{v}");
 
     let v = f
         .post(
@@ -325,11 +325,11 @@ async fn register_login_repeat_and_ticket() {
 
     // Online elsewhere, no proof: 5000.
     assert_eq!(code(&f.login_raw(alice, "alice", None).await), "5000");
-    // A resume token that is not one: validation.
-    assert_eq!(
-        code(&f.login_raw(alice, "alice", Some("not base64!")).await),
-        "3000"
-    );
+    // A resume token that is not one: invalid.
+    let body = json!({"userId": alice, "userName": "alice", "password": "pw-123456",
+                      "resumeToken": "not base64!"});
+    let (status, v) = f.post("/login", None, body).await;
+    assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "3000"), "{v}");
 }
 
 #[tokio::test]
@@ -595,7 +595,7 @@ async fn history_is_bounded_and_for_members_only() {
     assert_eq!(v["dataBody"]["groups"], json!(["rust"]));
 
     let (status, v) = f.get("/history?conv=g:rust&limit=101", ta).await;
-    assert_eq!((status, code(&v)), (StatusCode::OK, "3000"), "{v}");
+    assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "3000"), "{v}");
     let (status, v) = f.get("/history?conv=g:rust&limit=10", tb).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
     assert_ne!(code(&v), "9000");
@@ -655,7 +655,7 @@ async fn user_names_by_id_for_any_logged_in_user() {
     assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "3000"), "{v}");
     let too_many: Vec<u64> = (1..=api::MAX_USER_NAMES as u64 + 1).collect();
     let (status, v) = f.post("/userNames", ta, json!({"userIds": too_many})).await;
-    assert_eq!((status, code(&v)), (StatusCode::OK, "3000"), "{v}");
+    assert_eq!((status, code(&v)), (StatusCode::BAD_REQUEST, "3000"), "{v}");
 
     // The SDK splits a long list into requests the route takes.
     let sdk = cim_io::sdk::RouteApi::new(TokioNet, "127.0.0.1", f.route.http_addr().port(), WAIT);
@@ -919,4 +919,362 @@ async fn a_hello_naming_another_server_is_refused() {
     // With the right name the redial authenticates.
     s1.id = ServerId::new("s1");
     let _link = s1.accept().await;
+}
+
+// --- the API contract: what the OpenAPI document forbids is 400 + 3000 ---------------------
+
+/// 2^63: one above the largest id the document allows (`int64`).
+const TOO_BIG_ID: &str = "9223372036854775808";
+
+/// `(status, code)` of a request: `body` raw JSON for a POST, `None` for a GET.
+async fn answer(f: &Fixture, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let (status, v) = match body {
+        Some(raw) => f.post_raw(path, token, raw).await,
+        None => f.get(path, token).await,
+    };
+    (status.as_u16(), v)
+}
+
+/// The envelope of a refusal: code and a message, no data.
+fn assert_refusal(label: &str, v: &Value, want_code: &str) {
+    assert_eq!(code(v), want_code, "{label}: {v}");
+    assert!(
+        v["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{label}: {v}"
+    );
+    assert!(v.get("dataBody").is_none(), "{label}: {v}");
+}
+
+#[tokio::test]
+async fn every_request_the_document_forbids_is_400_with_the_envelope() {
+    let registry = MemoryRegistry::new();
+    let mut s1 = FakeServer::start(&registry, "s1").await;
+    let f = Fixture::start_with(registry).await;
+    let _link = s1.accept().await;
+    let alice = f.register("alice").await;
+    let bob = f.register("bob").await;
+    let a = f.login(alice, "alice").await;
+    let t = Some(a.token.as_str());
+    let id = uuid(1);
+    // Over HTTP a message has at most a quarter of --max-body (4096) characters.
+    let long_msg = "x".repeat(1024 + 1);
+    let too_many: Vec<u64> = (1..=api::MAX_USER_NAMES as u64 + 1).collect();
+    let too_many = serde_json::to_string(&too_many).unwrap();
+    let bad_last = format!("{}B", "A".repeat(42));
+    // (what, path, token, body): each breaks the document in one place.
+    let cases: Vec<(&str, &str, Option<&str>, Option<String>)> = vec![
+        // ids above int64 (schemathesis' find: these were accepted).
+        (
+            "login userId 2^63",
+            "/login",
+            None,
+            Some(format!(
+                r#"{{"userId": {TOO_BIG_ID}, "userName": "alice", "password": "pw-123456"}}"#
+            )),
+        ),
+        (
+            "login userId 2^64-1",
+            "/login",
+            None,
+            Some(
+                r#"{"userId": 18446744073709551615, "userName": "alice", "password": "pw-123456"}"#
+                    .into(),
+            ),
+        ),
+        (
+            "p2p receiveUserId 2^63",
+            "/p2pRoute",
+            t,
+            Some(format!(
+                r#"{{"userId": {alice}, "receiveUserId": {TOO_BIG_ID}, "msg": "x", "clientMsgId": "{id}"}}"#
+            )),
+        ),
+        (
+            "p2p userId 2^63",
+            "/p2pRoute",
+            t,
+            Some(format!(
+                r#"{{"userId": {TOO_BIG_ID}, "receiveUserId": {bob}, "msg": "x", "clientMsgId": "{id}"}}"#
+            )),
+        ),
+        (
+            "userNames item 2^63",
+            "/userNames",
+            t,
+            Some(format!(r#"{{"userIds": [{bob}, {TOO_BIG_ID}]}}"#)),
+        ),
+        (
+            "offLine userId 2^63",
+            "/offLine",
+            t,
+            Some(format!(r#"{{"userId": {TOO_BIG_ID}}}"#)),
+        ),
+        (
+            "group/create userId 2^63",
+            "/group/create",
+            t,
+            Some(format!(r#"{{"userId": {TOO_BIG_ID}, "groupName": "g"}}"#)),
+        ),
+        // null where the document does not say nullable.
+        (
+            "groupRoute msg null",
+            "/groupRoute",
+            t,
+            Some(format!(
+                r#"{{"userId": {alice}, "msg": null, "clientMsgId": "{id}"}}"#
+            )),
+        ),
+        (
+            "group/join groupName null",
+            "/group/join",
+            t,
+            Some(format!(r#"{{"userId": {alice}, "groupName": null}}"#)),
+        ),
+        // bounds and patterns the document states (these were 200 + 3000).
+        (
+            "history limit 32822",
+            "/history?conv=all&limit=32822",
+            t,
+            None,
+        ),
+        ("history limit 0", "/history?conv=all&limit=0", t, None),
+        ("history limit 101", "/history?conv=all&limit=101", t, None),
+        (
+            "history limit past u32",
+            "/history?conv=all&limit=5000000000",
+            t,
+            None,
+        ),
+        (
+            "history beforeSeq 2^63",
+            "/history?conv=all&beforeSeq=9223372036854775808",
+            t,
+            None,
+        ),
+        ("history conv g:all", "/history?conv=g:all", t, None),
+        ("history conv nonsense", "/history?conv=everyone", t, None),
+        ("history conv leading zero", "/history?conv=p:01:2", t, None),
+        ("history conv newline", "/history?conv=all%0A", t, None),
+        ("history conv missing", "/history?limit=5", t, None),
+        (
+            "userNames 101 ids",
+            "/userNames",
+            t,
+            Some(format!(r#"{{"userIds": {too_many}}}"#)),
+        ),
+        (
+            "resumeToken too short",
+            "/login",
+            None,
+            Some(format!(
+                r#"{{"userId": {alice}, "userName": "alice", "password": "pw-123456", "resumeToken": "AAAA"}}"#
+            )),
+        ),
+        (
+            "resumeToken spare bits set",
+            "/login",
+            None,
+            Some(format!(
+                r#"{{"userId": {alice}, "userName": "alice", "password": "pw-123456", "resumeToken": "{bad_last}"}}"#
+            )),
+        ),
+        (
+            "clientMsgId not a uuid",
+            "/groupRoute",
+            t,
+            Some(format!(
+                r#"{{"userId": {alice}, "msg": "x", "clientMsgId": "nope"}}"#
+            )),
+        ),
+        (
+            "msg over max body",
+            "/p2pRoute",
+            t,
+            Some(format!(
+                r#"{{"userId": {alice}, "receiveUserId": {bob}, "msg": "{long_msg}", "clientMsgId": "{id}"}}"#
+            )),
+        ),
+        (
+            "groupRoute groupName all",
+            "/groupRoute",
+            t,
+            Some(format!(
+                r#"{{"userId": {alice}, "msg": "x", "clientMsgId": "{id}", "groupName": "all"}}"#
+            )),
+        ),
+        (
+            "group/create groupName all",
+            "/group/create",
+            t,
+            Some(format!(r#"{{"userId": {alice}, "groupName": "all"}}"#)),
+        ),
+        (
+            "group/join groupName empty",
+            "/group/join",
+            t,
+            Some(format!(r#"{{"userId": {alice}, "groupName": ""}}"#)),
+        ),
+        (
+            "group/leave groupName 65 chars",
+            "/group/leave",
+            t,
+            Some(format!(
+                r#"{{"userId": {alice}, "groupName": "{}"}}"#,
+                "g".repeat(65)
+            )),
+        ),
+        (
+            "register name all",
+            "/registerAccount",
+            None,
+            Some(r#"{"userName": "ALL", "password": "pw-123456"}"#.into()),
+        ),
+        (
+            "register name with a space",
+            "/registerAccount",
+            None,
+            Some(r#"{"userName": "a b", "password": "pw-123456"}"#.into()),
+        ),
+        (
+            "register password short",
+            "/registerAccount",
+            None,
+            Some(r#"{"userName": "carol", "password": "short"}"#.into()),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (label, path, token, body) in &cases {
+        let (status, v) = answer(&f, path, *token, body.as_deref()).await;
+        if status != 400 || v["code"] != "3000" {
+            wrong.push(format!("{label}: {status} {v}"));
+        } else {
+            assert_refusal(label, &v, "3000");
+        }
+    }
+    assert!(wrong.is_empty(), "not 400 + 3000:\n{}", wrong.join("\n"));
+
+    // At the edges the document allows, nothing is refused as invalid.
+    let max = api::MAX_ID;
+    let (status, v) = answer(
+        &f,
+        &format!("/history?conv=all&limit=100&beforeSeq={max}"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!((status, code(&v)), (200, "9000"), "{v}");
+    let (status, v) = answer(&f, "/history?conv=g:All&limit=1", t, None).await;
+    assert_eq!(status, 403, "a group one is not in: {v}");
+    let (status, v) = answer(&f, &format!("/history?conv=p:0:{max}"), t, None).await;
+    assert_eq!(status, 403, "a conversation of two others: {v}");
+    let (status, v) = answer(
+        &f,
+        "/userNames",
+        t,
+        Some(&format!(r#"{{"userIds": [{max}, 0]}}"#)),
+    )
+    .await;
+    assert_eq!(
+        (status, &v["dataBody"]),
+        (200, &json!({"users": []})),
+        "{v}"
+    );
+    let login = format!(r#"{{"userId": {max}, "userName": "alice", "password": "pw-123456"}}"#);
+    let (status, v) = answer(&f, "/login", None, Some(&login)).await;
+    assert_eq!((status, code(&v)), (200, "9100"), "no such account: {v}");
+    // 1024 characters of 4 bytes each: the longest text, and exactly --max-body.
+    let send = format!(
+        r#"{{"userId": {alice}, "msg": "{}", "clientMsgId": "{}"}}"#,
+        "😀".repeat(1024),
+        uuid(2)
+    );
+    let (status, v) = answer(&f, "/groupRoute", t, Some(&send)).await;
+    assert_eq!(
+        (status, code(&v)),
+        (200, "9000"),
+        "a body of exactly --max-body: {v}"
+    );
+    let send = format!(
+        r#"{{"userId": {alice}, "msg": "", "clientMsgId": "{}", "groupName": "rust"}}"#,
+        uuid(3).to_uppercase()
+    );
+    let (status, v) = answer(&f, "/groupRoute", t, Some(&send)).await;
+    assert_eq!((status, code(&v)), (200, "4000"), "no such group yet: {v}");
+
+    // null where the document says nullable: as if left out (older SDKs sent it so).
+    let to_all = format!(
+        r#"{{"userId": {alice}, "msg": "x", "clientMsgId": "{}", "groupName": null}}"#,
+        uuid(4)
+    );
+    let (status, v) = answer(&f, "/groupRoute", t, Some(&to_all)).await;
+    assert_eq!((status, code(&v)), (200, "9000"), "{v}");
+    assert_eq!(v["dataBody"]["conv"], "all", "{v}");
+    let login = format!(
+        r#"{{"userId": {alice}, "userName": "alice", "password": "pw-123456", "resumeToken": null}}"#
+    );
+    let (status, v) = answer(&f, "/login", None, Some(&login)).await;
+    assert_eq!(
+        (status, code(&v)),
+        (200, "5000"),
+        "online elsewhere, no proof: {v}"
+    );
+
+    // Well-formed but not so: a pair in the wrong order names no conversation (404), a
+    // taken name conflicts (409); neither is 200 with 3000.
+    let (status, v) = answer(&f, &format!("/history?conv=p:{bob}:{alice}"), t, None).await;
+    assert_eq!(status, 404, "{v}");
+    assert_refusal("p:<high>:<low>", &v, "4000");
+    let to_self = format!(
+        r#"{{"userId": {alice}, "receiveUserId": {alice}, "msg": "x", "clientMsgId": "{id}"}}"#
+    );
+    let (status, v) = answer(&f, "/p2pRoute", t, Some(&to_self)).await;
+    assert_eq!(status, 404, "{v}");
+    assert_refusal("a private message to oneself", &v, "4000");
+    let (status, v) = answer(
+        &f,
+        "/registerAccount",
+        None,
+        Some(r#"{"userName": "Alice", "password": "pw-123456"}"#),
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    assert_refusal("a taken name", &v, "3000");
+}
+
+#[tokio::test]
+async fn the_served_document_states_this_routes_limits() {
+    let mut o = options();
+    o.login.min_password_len = 12;
+    o.delivery.max_body = 100;
+    let f = Fixture::start_with_options(MemoryRegistry::new(), o.clone()).await;
+    let (status, doc) = f.get("/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc, route::openapi_document_for(&o));
+    let password = &doc["paths"]["/registerAccount"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"]["password"];
+    assert_eq!(password["minLength"], json!(12), "{password}");
+    let msg = &doc["paths"]["/p2pRoute"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        ["properties"]["msg"];
+    assert_eq!(
+        msg["maxLength"],
+        json!(25),
+        "a quarter of --max-body: {msg}"
+    );
+    // And the route holds to them: 11 characters are a 400, 12 are not.
+    let (status, v) = f
+        .post_raw(
+            "/registerAccount",
+            None,
+            r#"{"userName": "ann", "password": "12345678901"}"#,
+        )
+        .await;
+    assert_eq!((status.as_u16(), code(&v)), (400, "3000"), "{v}");
+    let (status, v) = f
+        .post_raw(
+            "/registerAccount",
+            None,
+            r#"{"userName": "ann", "password": "123456789012"}"#,
+        )
+        .await;
+    assert_eq!((status.as_u16(), code(&v)), (200, "9000"), "{v}");
 }

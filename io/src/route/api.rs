@@ -1,12 +1,15 @@
 //! The route's HTTP API (axum): DESIGN.md's list plus `POST /userNames` (names by id, for
 //! showing senders), with the bodies of [`crate::api`].
 //!
-//! Every API answer is an [`Envelope`]. Statuses: 200 for every answer with a CIM code
-//! (success or not, as CIM does), 400 + 3000 for a body or query that does not parse
-//! (malformed JSON, missing fields, wrong types, unknown fields), 401 for a missing or bad
-//! bearer token, 403 for acting as another user or reading a conversation one is not a
-//! member of, 413 past the body limit, 503 when the driver is gone. Never a 500 for bad
-//! input: rejections are mapped by the [`ApiJson`] and [`ApiQuery`] extractors.
+//! Every API answer is an [`Envelope`]. Statuses: 400 + 3000 for every request the OpenAPI
+//! document forbids (a body or query that does not parse, a value out of its range, a
+//! string not matching its pattern, a missing or unknown field, `null` where the document
+//! does not say `nullable`); 401 for a missing or bad bearer token, 403 for acting as another user or reading a
+//! conversation one is not a member of, 404 for a conversation that cannot exist, 409 for
+//! a taken user name, 413 past the body limit, 503 when the driver is gone; 200 for every
+//! other answer with a CIM code (success, or 4000 / 5000 / 7100 / 9100 as CIM does). Code
+//! 3000 is never sent with 200 ([`ApiError::code`] makes sure). Never a 500 for bad input:
+//! rejections are mapped by the [`ApiJson`] and [`ApiQuery`] extractors.
 //!
 //! Limits (see `limits`): 429 + `Retry-After` + code 4290 for a throttled request (failed
 //! logins at the account, logins or registrations per client address, sends per user),
@@ -52,8 +55,8 @@ use crate::store::Store;
 /// Largest request body accepted.
 pub(super) const MAX_BODY: usize = 64 * 1024;
 /// Longest history page.
-const MAX_HISTORY: u32 = 100;
-const DEFAULT_HISTORY: u32 = 20;
+pub(super) const MAX_HISTORY: u32 = 100;
+pub(super) const DEFAULT_HISTORY: u32 = 20;
 /// Most users `GET /onlineUser` lists.
 const MAX_ONLINE: u32 = 1000;
 /// `/health` waits this long for the store.
@@ -75,6 +78,13 @@ pub(super) struct ApiShared {
     send_limits: KeyedBuckets<UserId>,
     /// Each user's current claim epoch, which a bearer token must carry.
     sessions: SessionCache,
+    /// `/openapi.json`, with this route's limits in it.
+    openapi: Arc<serde_json::Value>,
+    /// `--min-password-len`, to refuse a registration that breaks the rules before it
+    /// counts against the address's limit.
+    min_password_len: usize,
+    /// `--max-body`: the longest message text, in bytes.
+    max_body: usize,
 }
 
 impl ApiShared {
@@ -103,6 +113,9 @@ impl ApiShared {
             register_limits: KeyedBuckets::new(options.register_per_address),
             send_limits: KeyedBuckets::new(options.send_per_user),
             sessions: SessionCache::default(),
+            openapi: Arc::new(super::openapi::openapi_document_for(options)),
+            min_password_len: options.login.min_password_len,
+            max_body: options.delivery.max_body,
         }
     }
 }
@@ -179,8 +192,12 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, CODE_VALIDATION, message)
     }
 
-    /// A CIM failure code in a 200 answer (CIM's convention).
+    /// A CIM failure code in a 200 answer (CIM's convention), except validation (3000),
+    /// which is always a 400: a client tells an invalid request by its status alone.
     fn code(code: &'static str, message: impl Into<String>) -> Self {
+        if code == CODE_VALIDATION {
+            return Self::invalid(message);
+        }
         Self::new(StatusCode::OK, code, message)
     }
 
@@ -230,6 +247,11 @@ impl From<RegisterFailure> for ApiError {
     fn from(e: RegisterFailure) -> Self {
         match e {
             RegisterFailure::Busy => Self::busy(e.to_string()),
+            // A well-formed request that conflicts with an account: not invalid, so not 400
+            // (CIM's code stays 3000 for its clients).
+            RegisterFailure::NameTaken => {
+                Self::new(StatusCode::CONFLICT, CODE_VALIDATION, e.to_string())
+            }
             other => Self::code(other.code(), other.to_string()),
         }
     }
@@ -487,6 +509,14 @@ async fn register(
     ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<body::RegisterRequest>,
 ) -> ApiResult {
+    // An invalid request is a 400 whatever the limits say (the login machine checks the
+    // same rules again).
+    cim_core::accounts::validate_registration(
+        &req.user_name,
+        &req.password,
+        shared.min_password_len,
+    )
+    .map_err(|e| ApiError::invalid(e.to_string()))?;
     if let Err(wait) = shared.register_limits.check(client, shared.clock.now()) {
         let c = &shared.counters;
         c.limited_register_address.fetch_add(1, Ordering::Relaxed);
@@ -516,6 +546,13 @@ async fn login(
     ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<body::LoginRequest>,
 ) -> ApiResult {
+    // An invalid request is a 400 whatever the limits say.
+    let resume_token = req
+        .resume_token
+        .as_deref()
+        .map(body::decode_resume_token)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("resumeToken: {e}")))?;
     if let Err(wait) = shared.login_limits.check(client, shared.clock.now()) {
         let c = &shared.counters;
         c.limited_login_address.fetch_add(1, Ordering::Relaxed);
@@ -524,12 +561,6 @@ async fn login(
             wait,
         ));
     }
-    let resume_token = req
-        .resume_token
-        .as_deref()
-        .map(body::decode_resume_token)
-        .transpose()
-        .map_err(|e| ApiError::code(CODE_VALIDATION, format!("resumeToken: {e}")))?;
     let request = LoginRequest {
         user: UserId(req.user_id),
         name: req.user_name,
@@ -606,10 +637,9 @@ async fn user_names(
     ApiJson(req): ApiJson<body::UserNamesRequest>,
 ) -> ApiResult {
     if req.user_ids.len() > MAX_USER_NAMES {
-        return Err(ApiError::code(
-            CODE_VALIDATION,
-            format!("at most {MAX_USER_NAMES} userIds per request"),
-        ));
+        return Err(ApiError::invalid(format!(
+            "at most {MAX_USER_NAMES} userIds per request"
+        )));
     }
     let mut seen = std::collections::BTreeSet::new();
     let users: Vec<UserId> = req
@@ -652,15 +682,26 @@ fn send_allowed(shared: &ApiShared, user: UserId) -> Result<(), ApiError> {
         })
 }
 
+/// A message's id and text, checked as the document states them: the text in characters
+/// (see `openapi::max_msg_chars`), before the send counts against the user's limit.
+fn outgoing(shared: &ApiShared, msg: &str, client_msg_id: &str) -> Result<ClientMsgId, ApiError> {
+    let most = super::openapi::max_msg_chars(shared.max_body);
+    // Bytes first: counting the characters of a long text is work too.
+    if msg.len() > 4 * most || msg.chars().count() > most {
+        return Err(ApiError::invalid(format!(
+            "msg must be at most {most} characters"
+        )));
+    }
+    ClientMsgId::from_str(client_msg_id).map_err(|e| ApiError::invalid(format!("clientMsgId: {e}")))
+}
+
 async fn send(
     shared: &ApiShared,
     user: UserId,
     conv: &ConvId,
     msg: String,
-    client_msg_id: &str,
+    msg_id: ClientMsgId,
 ) -> Result<(String, u64), ApiError> {
-    let msg_id = ClientMsgId::from_str(client_msg_id)
-        .map_err(|e| ApiError::code(CODE_VALIDATION, format!("clientMsgId: {e}")))?;
     let send = cim_proto::Send {
         msg_id_hi: msg_id.hi(),
         msg_id_lo: msg_id.lo(),
@@ -675,10 +716,10 @@ async fn send(
         return Ok((ack.log_epoch.to_string(), ack.seq));
     }
     let nack = result.nack.unwrap_or_default();
+    // The request was checked above, so these two cannot happen; a group that does not
+    // exist (BadConversation from the store) is a failure like `/group/join`'s.
     let code = match ErrorCode::try_from(nack.code) {
-        Ok(ErrorCode::BodyTooLarge | ErrorCode::BadConversation | ErrorCode::MalformedFrame) => {
-            CODE_VALIDATION
-        }
+        Ok(ErrorCode::BodyTooLarge | ErrorCode::MalformedFrame) => CODE_VALIDATION,
         _ => CODE_FAIL,
     };
     Err(ApiError::code(code, nack.reason))
@@ -689,14 +730,14 @@ async fn group_route(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::GroupRouteRequest>,
 ) -> ApiResult {
-    let user = bearer.acting_as(req.user_id)?;
-    send_allowed(&shared, user)?;
+    let msg_id = outgoing(&shared, &req.msg, &req.client_msg_id)?;
     let conv = match req.group_name.as_deref() {
         None => ConvId::All,
-        Some(name) => ConvId::group(name)
-            .map_err(|e| ApiError::code(CODE_VALIDATION, format!("groupName: {e}")))?,
+        Some(name) => group_conv(name)?,
     };
-    let (log_epoch, seq) = send(&shared, user, &conv, req.msg, &req.client_msg_id).await?;
+    let user = bearer.acting_as(req.user_id)?;
+    send_allowed(&shared, user)?;
+    let (log_epoch, seq) = send(&shared, user, &conv, req.msg, msg_id).await?;
     Ok(ok(SendResponse {
         conv: conv.to_string(),
         log_epoch,
@@ -710,11 +751,19 @@ async fn p2p_route(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::P2pRouteRequest>,
 ) -> ApiResult {
+    let msg_id = outgoing(&shared, &req.msg, &req.client_msg_id)?;
     let user = bearer.acting_as(req.user_id)?;
-    send_allowed(&shared, user)?;
     let receiver = UserId(req.receive_user_id);
-    let conv = ConvId::private(user, receiver)
-        .ok_or_else(|| ApiError::code(CODE_VALIDATION, "a private message needs another user"))?;
+    // Well-formed (the document cannot say the two ids differ), but there is no such
+    // conversation: like `/history?conv=p:1:1`, a 404.
+    let conv = ConvId::private(user, receiver).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            CODE_FAIL,
+            "no private conversation with oneself: receiveUserId must be another user",
+        )
+    })?;
+    send_allowed(&shared, user)?;
     match store(&shared, StoreCommand::LoadAccount { user: receiver }).await? {
         StoreReply::Account(Some(_)) => {}
         StoreReply::Account(None) => {
@@ -722,7 +771,7 @@ async fn p2p_route(
         }
         other => return Err(odd_reply(&other)),
     }
-    let (log_epoch, seq) = send(&shared, user, &conv, req.msg, &req.client_msg_id).await?;
+    let (log_epoch, seq) = send(&shared, user, &conv, req.msg, msg_id).await?;
     // Online = a route record of the receiver's live claim, on a server that is live: the
     // same test the push planning applies, read after the append.
     let online = match store(
@@ -753,7 +802,7 @@ async fn p2p_route(
 // --- groups -----------------------------------------------------------------------------
 
 fn group_conv(name: &str) -> Result<ConvId, ApiError> {
-    ConvId::group(name).map_err(|e| ApiError::code(CODE_VALIDATION, format!("groupName: {e}")))
+    ConvId::group(name).map_err(|e| ApiError::invalid(format!("groupName: {e}")))
 }
 
 async fn group_create(
@@ -761,8 +810,8 @@ async fn group_create(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::GroupRequest>,
 ) -> ApiResult {
-    let owner = bearer.acting_as(req.user_id)?;
     let conv = group_conv(&req.group_name)?;
+    let owner = bearer.acting_as(req.user_id)?;
     match store(&shared, StoreCommand::CreateGroup { conv, owner }).await? {
         StoreReply::GroupCreated { created: true } => Ok(ok_empty("group created")),
         StoreReply::GroupCreated { created: false } => {
@@ -777,8 +826,8 @@ async fn group_join(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::GroupRequest>,
 ) -> ApiResult {
-    let user = bearer.acting_as(req.user_id)?;
     let conv = group_conv(&req.group_name)?;
+    let user = bearer.acting_as(req.user_id)?;
     match store(&shared, StoreCommand::JoinGroup { conv, user }).await? {
         StoreReply::GroupJoined(Some(_)) => Ok(ok_empty("joined")),
         StoreReply::GroupJoined(None) => Err(ApiError::code(CODE_FAIL, "no such group")),
@@ -791,8 +840,8 @@ async fn group_leave(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::GroupRequest>,
 ) -> ApiResult {
-    let user = bearer.acting_as(req.user_id)?;
     let conv = group_conv(&req.group_name)?;
+    let user = bearer.acting_as(req.user_id)?;
     match store(&shared, StoreCommand::LeaveGroup { conv, user }).await? {
         StoreReply::GroupLeft { was_member: true } => Ok(ok_empty("left")),
         StoreReply::GroupLeft { was_member: false } => {
@@ -824,8 +873,26 @@ struct HistoryQuery {
     conv: String,
     #[serde(default)]
     before_seq: Option<u64>,
+    /// Wider than the 1..=100 it may be, so a number out of range is said as such.
     #[serde(default)]
-    limit: Option<u32>,
+    limit: Option<u64>,
+}
+
+/// The `conv` of `/history`: 400 for a text the document's pattern refuses, 404 for one it
+/// admits that names no conversation (`p:<a>:<b>` needs a < b; a pattern cannot say so).
+fn history_conv(text: &str) -> Result<ConvId, ApiError> {
+    if !super::openapi::conv_well_formed(text) {
+        return Err(ApiError::invalid(
+            "query parameter conv must be all, g:<group name> or p:<low id>:<high id>",
+        ));
+    }
+    text.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            CODE_FAIL,
+            "no such conversation: p:<low>:<high> names two users, the lower id first",
+        )
+    })
 }
 
 async fn history(
@@ -834,17 +901,22 @@ async fn history(
     ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> ApiResult {
     let user = bearer.claims.user;
-    let limit = query.limit.unwrap_or(DEFAULT_HISTORY);
-    if limit == 0 || limit > MAX_HISTORY {
-        return Err(ApiError::code(
-            CODE_VALIDATION,
-            format!("limit must be 1 to {MAX_HISTORY}"),
-        ));
+    let limit = query.limit.unwrap_or(u64::from(DEFAULT_HISTORY));
+    let limit = match u32::try_from(limit) {
+        Ok(limit @ 1..=MAX_HISTORY) => limit,
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "query parameter limit must be 1 to {MAX_HISTORY}"
+            )));
+        }
+    };
+    if query.before_seq.is_some_and(|seq| seq > body::MAX_ID) {
+        return Err(ApiError::invalid(format!(
+            "query parameter beforeSeq must be a whole number from 0 to {}",
+            body::MAX_ID
+        )));
     }
-    let conv: ConvId = query
-        .conv
-        .parse()
-        .map_err(|e| ApiError::code(CODE_VALIDATION, format!("conv: {e}")))?;
+    let conv = history_conv(&query.conv)?;
     let not_member = || {
         ApiError::new(
             StatusCode::FORBIDDEN,
@@ -924,8 +996,8 @@ async fn history(
 
 // --- operations -------------------------------------------------------------------------
 
-async fn openapi() -> Response {
-    axum::Json(super::openapi::openapi_document()).into_response()
+async fn openapi(State(shared): State<Shared>) -> Response {
+    axum::Json(&*shared.openapi).into_response()
 }
 
 async fn health(State(shared): State<Shared>) -> Response {

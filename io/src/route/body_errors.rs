@@ -180,7 +180,7 @@ fn plain_got(got: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{LoginRequest, RegisterRequest};
+    use crate::api::{LoginRequest, P2pRouteRequest, RegisterRequest, UserNamesRequest};
 
     fn said<T: serde::de::DeserializeOwned + std::fmt::Debug>(raw: &str) -> String {
         let mut de = serde_json::Deserializer::from_str(raw);
@@ -240,6 +240,24 @@ mod tests {
         for (raw, want) in login {
             assert_eq!(said::<LoginRequest>(raw), *want, "{raw}");
         }
+        // Ids are JSON int64 from 0 (the OpenAPI document's range), wherever they are.
+        let range = "a whole number from 0 to 9223372036854775807";
+        assert_eq!(
+            said::<LoginRequest>(
+                r#"{"userId": 9223372036854775808, "userName": "a", "password": "b"}"#
+            ),
+            format!("userId must be {range}, not 9223372036854775808")
+        );
+        assert_eq!(
+            said::<UserNamesRequest>(r#"{"userIds": [1, 18446744073709551615]}"#),
+            format!("userIds[1] must be {range}, not 18446744073709551615")
+        );
+        assert_eq!(
+            said::<P2pRouteRequest>(
+                r#"{"userId": 1, "receiveUserId": 9223372036854775808, "msg": "", "clientMsgId": ""}"#
+            ),
+            format!("receiveUserId must be {range}, not 9223372036854775808")
+        );
         let query: &[(&str, &str)] = &[
             (
                 "Failed to deserialize query string: missing field `conv`",

@@ -47,7 +47,7 @@ use crate::store::Store;
 use crate::tls::{ClientTls, ServerTls};
 
 pub use self::limits::{IpNet, RateLimit, SESSION_CACHE_TTL, parse_trusted_proxies};
-pub use self::openapi::openapi_document;
+pub use self::openapi::{openapi_document, openapi_document_for};
 
 /// Everything the route needs to run.
 #[derive(Clone)]
