@@ -22,6 +22,7 @@
 mod api;
 mod body_errors;
 mod driver;
+mod latency;
 mod limits;
 mod links;
 mod openapi;
