@@ -317,12 +317,10 @@ pub fn bind_failure(
 pub fn zk_failure(connect: &str, error: &crate::registry::RegistryError) -> String {
     use crate::registry::RegistryError;
     let hint = match error {
-        RegistryError::Timeout { op: "connect", .. } => {
+        RegistryError::Timeout { op: "connect", .. }
+        | RegistryError::ZooKeeper { op: "connect", .. } => {
             ": no ZooKeeper answered there; is it running and reachable from this host, and \
-             is --zk (CIM_ZK) right?"
-        }
-        RegistryError::ZooKeeper { op: "connect", .. } => {
-            ": check --zk (CIM_ZK) (host:port[,host:port])"
+             is --zk (CIM_ZK, host:port[,host:port]) right?"
         }
         _ => "",
     };

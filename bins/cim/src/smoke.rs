@@ -58,8 +58,7 @@ pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
     let mut users = Vec::new();
     for who in ["a", "b"] {
         let name = format!("{SMOKE_PREFIX}{tag}-{who}");
-        let registered = api
-            .register(&name, PASSWORD)
+        let registered = register(&api, &name)
             .await
             .with_context(|| format!("registering {name}"))?;
         println!("registered {name} as user {}", registered.user_id);
@@ -135,6 +134,22 @@ pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
         users[0].1, users[1].1
     );
     Ok(())
+}
+
+/// Registers `name`, waiting out the route's per-address registration limit (429, as when
+/// smoke runs follow each other closely) as often as it asks; the caller's timeout bounds it.
+async fn register(
+    api: &RouteApi<TokioNet>,
+    name: &str,
+) -> Result<cim_io::api::RegisterResponse, cim_io::sdk::ApiError> {
+    loop {
+        match api.register(name, PASSWORD).await {
+            Err(cim_io::sdk::ApiError::Status { http: 429, .. }) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The route API as `client` logs in through, and its bearer token.

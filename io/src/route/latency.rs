@@ -3,6 +3,7 @@
 //! servers' links (from the `RouteSend` read off the link to its `RouteSendResult` written
 //! back: the append in Redis and the ordering checks included).
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::ops_metrics::{Histogram, render_histograms};
@@ -54,5 +55,16 @@ impl Latency {
             ],
             out,
         );
+        // Not a latency, but what the password checks cost in memory: argon2's working
+        // memory, kept in a small pool for reuse (`cim_core::accounts`), process-wide.
+        let (_, bytes) = cim_core::accounts::pooled_hash_memory();
+        let name = "cim_route_password_hash_memory_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Argon2 working memory kept for reuse by the password checks \
+             (process-wide; one buffer per check that ran at once, at most 8)."
+        );
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name}{{{labels}}} {bytes}");
     }
 }

@@ -440,6 +440,38 @@ mod tests {
     use cim_core::server::ServerStats;
 
     #[test]
+    fn readiness_says_why_in_words_and_a_draining_server_is_unready() {
+        let snapshot = |draining, withdrawn| Snapshot {
+            stats: ServerStats::default(),
+            connections: 0,
+            sessions: 0,
+            links: 1,
+            draining,
+            withdrawn,
+            shell: ShellStats::default(),
+        };
+        let ok = Ok(());
+        let ready = unready_reasons(&ok, SessionHealth::Connected, Some(&snapshot(false, false)));
+        assert!(ready.is_empty(), "{ready:?}");
+        let draining =
+            unready_reasons(&ok, SessionHealth::Connected, Some(&snapshot(true, false)));
+        assert_eq!(draining.len(), 1);
+        assert!(draining[0].starts_with("draining:"), "{draining:?}");
+        let lost = unready_reasons(
+            &Err("connection refused".into()),
+            SessionHealth::Disconnected {
+                since: tokio::time::Instant::now(),
+            },
+            None,
+        );
+        let text = lost.join("\n");
+        assert!(text.contains("store: connection refused"), "{text}");
+        assert!(text.contains("ZooKeeper connection is lost"), "{text}");
+        assert!(text.contains("driver: no answer"), "{text}");
+        assert!(!text.contains("Instant") && !text.contains('{'), "debug output: {text}");
+    }
+
+    #[test]
     fn metrics_render_every_family_with_the_server_label() {
         let mut stats = ServerStats {
             logins_ok: 3,
