@@ -19,7 +19,20 @@ pub const GIT_COMMIT: &str = match option_env!("CIM_GIT_COMMIT") {
 /// argon2 check of tens of milliseconds, queued behind others under load) and a send (a
 /// Redis round trip or two).
 const BOUNDS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, f64::INFINITY,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    f64::INFINITY,
 ];
 
 /// A latency histogram with fixed buckets, updated with atomics from any task.
@@ -194,10 +207,22 @@ mod tests {
         let mut out = String::new();
         render_histograms("x_seconds", "help", "id=\"r\"", &[("", &h)], &mut out);
         assert!(out.contains("# TYPE x_seconds histogram\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{id=\"r\",le=\"0.001\"} 1\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{id=\"r\",le=\"0.05\"} 2\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{id=\"r\",le=\"10\"} 2\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{id=\"r\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(
+            out.contains("x_seconds_bucket{id=\"r\",le=\"0.001\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{id=\"r\",le=\"0.05\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{id=\"r\",le=\"10\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{id=\"r\",le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
         assert!(out.contains("x_seconds_count{id=\"r\"} 3\n"), "{out}");
         assert!(out.contains("x_seconds_sum{id=\"r\"} 60.0305\n"), "{out}");
         assert_eq!(h.count(), 3);
@@ -218,7 +243,13 @@ mod tests {
         assert!(stats.cpu_seconds.is_some(), "{stats:?}");
         let mut out = String::new();
         render_process("cim_test", "id=\"t\"", &mut out);
-        assert!(out.contains("cim_test_build_info{id=\"t\",version=\""), "{out}");
-        assert!(out.contains("cim_test_process_open_fds{id=\"t\"} "), "{out}");
+        assert!(
+            out.contains("cim_test_build_info{id=\"t\",version=\""),
+            "{out}"
+        );
+        assert!(
+            out.contains("cim_test_process_open_fds{id=\"t\"} "),
+            "{out}"
+        );
     }
 }

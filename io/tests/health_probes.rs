@@ -144,7 +144,10 @@ async fn a_route_whose_links_all_fail_authentication_is_unready_and_names_the_se
     let server_port = server.http_addr().port();
     let (status, ready) = get_json(server_port, "/health/ready").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
-    assert_eq!((&ready["ready"], &ready["status"]), (&true.into(), &"ok".into()));
+    assert_eq!(
+        (&ready["ready"], &ready["status"]),
+        (&true.into(), &"ok".into())
+    );
     let (status, live) = get_json(server_port, "/health/live").await;
     assert_eq!((status, &live["status"]), (StatusCode::OK, &"live".into()));
     route.abort();

@@ -281,12 +281,18 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
     }
     let redis = p.required("--redis", "CIM_REDIS", args.redis);
     let zk = p.required("--zk", "CIM_ZK", args.zk);
-    let ticket_secret =
-        p.check(launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref()));
-    let bearer_secret =
-        p.check(launch::require_secret("CIM_BEARER_SECRET", args.bearer_secret.as_deref()));
-    let link_secret =
-        p.check(launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref()));
+    let ticket_secret = p.check(launch::require_secret(
+        "CIM_TICKET_SECRET",
+        args.ticket_secret.as_deref(),
+    ));
+    let bearer_secret = p.check(launch::require_secret(
+        "CIM_BEARER_SECRET",
+        args.bearer_secret.as_deref(),
+    ));
+    let link_secret = p.check(launch::require_secret(
+        "CIM_LINK_SECRET",
+        args.link_secret.as_deref(),
+    ));
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8083)));
@@ -324,7 +330,11 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
     options.strategy = p.or(strategy(args.balance.as_deref()), options.strategy);
     options.seed = launch::os_seed();
     options.login.claim_ttl = p.or(
-        launch::duration_or("--claim-ttl", args.claim_ttl.as_deref(), Duration::from_secs(30)),
+        launch::duration_or(
+            "--claim-ttl",
+            args.claim_ttl.as_deref(),
+            Duration::from_secs(30),
+        ),
         options.login.claim_ttl,
     );
     options.login.token_ttl = p.or(

@@ -209,25 +209,29 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
     }
     let redis = p.required("--redis", "CIM_REDIS", args.redis);
     let zk = p.required("--zk", "CIM_ZK", args.zk);
-    let ticket_secret =
-        p.check(launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref()));
-    let link_secret =
-        p.check(launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref()));
+    let ticket_secret = p.check(launch::require_secret(
+        "CIM_TICKET_SECRET",
+        args.ticket_secret.as_deref(),
+    ));
+    let link_secret = p.check(launch::require_secret(
+        "CIM_LINK_SECRET",
+        args.link_secret.as_deref(),
+    ));
     let mut keys = TicketKeys::new(
         args.ticket_key_id.unwrap_or(1),
         ticket_secret.unwrap_or_default(),
     );
     if let Some(previous) = args.ticket_previous_key.as_deref() {
         match previous.split_once(':') {
-            None => p.push(
-                "--ticket-previous-key (CIM_TICKET_PREVIOUS_KEY) is <key id>:<secret>",
-            ),
+            None => p.push("--ticket-previous-key (CIM_TICKET_PREVIOUS_KEY) is <key id>:<secret>"),
             Some((id, secret)) => {
                 let id = p.check(id.parse::<u32>().map_err(|_| {
                     format!("--ticket-previous-key (CIM_TICKET_PREVIOUS_KEY): bad key id {id:?}")
                 }));
-                let secret =
-                    p.check(launch::require_secret("CIM_TICKET_PREVIOUS_KEY", Some(secret)));
+                let secret = p.check(launch::require_secret(
+                    "CIM_TICKET_PREVIOUS_KEY",
+                    Some(secret),
+                ));
                 if let (Some(id), Some(secret)) = (id, secret) {
                     keys = keys.accept(id, secret);
                 }

@@ -214,7 +214,9 @@ fn up_bind_failure(
 ) -> String {
     let mut text = launch::bind_failure(listener, addr, flag, source);
     if source.kind() == std::io::ErrorKind::AddrInUse {
-        text.push_str(", or pass --any-ports to pick free ports for every port not set by its flag");
+        text.push_str(
+            ", or pass --any-ports to pick free ports for every port not set by its flag",
+        );
     }
     text
 }
@@ -670,6 +672,120 @@ mod tests {
     use cim_io::registry::{MemoryRegistry, Registry};
     use cim_io::store::MemoryBackend;
     use std::time::Duration;
+
+    fn up_args(flags: &[&str]) -> UpArgs {
+        let mut argv = vec!["cim", "up"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).expect("flags parse").command {
+            Command::Up(args) => args,
+            other => panic!("not up: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_port_has_its_flag_and_any_ports_moves_the_rest() {
+        // Only the CIM_* variables of these flags could change the answer: none are set in
+        // tests, and clap reads them only for flags left out.
+        let defaults = UpPorts::from_args(&up_args(&[])).unwrap();
+        assert_eq!(
+            defaults,
+            UpPorts {
+                route: 8083,
+                client: [11211, 11212],
+                link: [11311, 11312],
+                health: [8081, 8082],
+            }
+        );
+        // --client-port alone moves the client ports only: the others keep their defaults
+        // (and a taken one is named with its own flag).
+        let clients = UpPorts::from_args(&up_args(&["--client-port", "22211"])).unwrap();
+        assert_eq!(clients.client, [22211, 22212]);
+        assert_eq!((clients.route, clients.health), (8083, [8081, 8082]));
+        // --any-ports moves every port not set by its flag, the route's included.
+        let any = UpPorts::from_args(&up_args(&["--any-ports", "--route-port", "22083"])).unwrap();
+        assert_eq!(
+            any,
+            UpPorts {
+                route: 22083,
+                client: [0, 0],
+                link: [0, 0],
+                health: [0, 0],
+            }
+        );
+        assert_eq!(
+            UpPorts::from_args(&up_args(&["--any-ports"]))
+                .unwrap()
+                .route,
+            0
+        );
+        let error = UpPorts::from_args(&up_args(&["--health-port", "65535"])).unwrap_err();
+        assert!(error.to_string().contains("--health-port 65535"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smoke_posts_nothing_to_all_and_leaves_its_group() {
+        let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+        let registry: AnyRegistry = MemoryRegistry::new().into();
+        let (ticket, link) = (
+            b"smoke-test-ticket-secret".to_vec(),
+            b"smoke-test-link-secret".to_vec(),
+        );
+        let mut servers = Vec::new();
+        for id in ["s1", "s2"] {
+            let node = ServerConfig::new(ServerId::new(id), TicketKeys::new(1, ticket.clone()));
+            let mut options = ServerOptions::new(node, link.clone());
+            options.listen_ip = IpAddr::from([127, 0, 0, 1]);
+            (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+            let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
+                .await
+                .unwrap();
+            servers.push(server);
+        }
+        let mut options = RouteOptions::new(
+            "r1",
+            TicketKeys::new(1, ticket),
+            b"smoke-test-bearer-secret".to_vec(),
+            link,
+        );
+        options.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
+            .await
+            .unwrap();
+        let addr = route.http_addr().to_string();
+
+        // Someone who was there before.
+        let api = cim_io::sdk::RouteApi::new(
+            TokioNet,
+            "127.0.0.1",
+            route.http_addr().port(),
+            Duration::from_secs(5),
+        );
+        let observer = api.register("observer", "observer-password").await.unwrap();
+
+        tokio::time::timeout(Duration::from_secs(60), smoke::run(&addr, None))
+            .await
+            .expect("smoke within 60 s")
+            .expect("smoke passes");
+
+        let login = api
+            .login(&cim_io::api::LoginRequest {
+                user_id: observer.user_id,
+                user_name: "observer".into(),
+                password: "observer-password".into(),
+                resume_token: None,
+            })
+            .await
+            .unwrap();
+        let all = api
+            .history(&login.token, &cim_core::ids::ConvId::All, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(all.head_seq, 0, "smoke posted to all: {all:?}");
+        route.abort();
+        for server in servers {
+            server.abort();
+        }
+    }
 
     #[tokio::test]
     async fn the_up_terminal_restarts_kills_and_starts_servers() {

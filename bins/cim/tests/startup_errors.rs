@@ -107,7 +107,13 @@ fn every_missing_or_invalid_setting_is_reported_at_once_by_name() {
 fn redis_errors_name_the_url_without_its_password() {
     // No scheme: said in words, not as the client library's "InvalidClientConfig".
     let (out, text) = run(
-        &["route", "--redis", "127.0.0.1:6379", "--zk", "127.0.0.1:2181"],
+        &[
+            "route",
+            "--redis",
+            "127.0.0.1:6379",
+            "--zk",
+            "127.0.0.1:2181",
+        ],
         &secrets(),
     );
     assert!(!out.status.success(), "{text}");
@@ -192,7 +198,10 @@ fn a_taken_port_is_named_with_its_flag_and_the_way_out() {
         assert!(text.contains(&part), "missing {part:?} in:\n{text}");
     }
 
-    let (out, text) = run(&["up", "--any-ports", "--route-port", &port.to_string()], &[]);
+    let (out, text) = run(
+        &["up", "--any-ports", "--route-port", &port.to_string()],
+        &[],
+    );
     assert!(!out.status.success(), "{text}");
     assert!(
         text.contains(&format!("port {port} is already in use")) && text.contains("--route-port"),

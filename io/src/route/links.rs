@@ -255,7 +255,9 @@ pub(super) async fn run_link<N: Network>(
         counters.link_failures.fetch_add(1, Ordering::Relaxed);
         if !was_up {
             let cause = FailureCause::of(&ended);
-            counters.link_states.set(&server.id, LinkState::Failing(cause));
+            counters
+                .link_states
+                .set(&server.id, LinkState::Failing(cause));
         }
         if matches!(ended, LinkError::Refused(_)) && config.link_secret_previous.is_some() {
             use_previous = !use_previous;

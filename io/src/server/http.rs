@@ -149,9 +149,7 @@ fn unready_reasons(
                 reasons.push("draining: sending every client elsewhere before stopping".into());
             }
             if s.withdrawn {
-                reasons.push(
-                    "withdrawn: out of the registry until the store answers again".into(),
-                );
+                reasons.push("withdrawn: out of the registry until the store answers again".into());
             }
         }
     }
@@ -453,8 +451,7 @@ mod tests {
         let ok = Ok(());
         let ready = unready_reasons(&ok, SessionHealth::Connected, Some(&snapshot(false, false)));
         assert!(ready.is_empty(), "{ready:?}");
-        let draining =
-            unready_reasons(&ok, SessionHealth::Connected, Some(&snapshot(true, false)));
+        let draining = unready_reasons(&ok, SessionHealth::Connected, Some(&snapshot(true, false)));
         assert_eq!(draining.len(), 1);
         assert!(draining[0].starts_with("draining:"), "{draining:?}");
         let lost = unready_reasons(
@@ -468,7 +465,10 @@ mod tests {
         assert!(text.contains("store: connection refused"), "{text}");
         assert!(text.contains("ZooKeeper connection is lost"), "{text}");
         assert!(text.contains("driver: no answer"), "{text}");
-        assert!(!text.contains("Instant") && !text.contains('{'), "debug output: {text}");
+        assert!(
+            !text.contains("Instant") && !text.contains('{'),
+            "debug output: {text}"
+        );
     }
 
     #[test]

@@ -215,8 +215,7 @@ impl RedisStore {
                 } else {
                     format!("{url:?}")
                 },
-                reason:
-                "a Redis URL starts with redis:// (or rediss:// for TLS), e.g. \
+                reason: "a Redis URL starts with redis:// (or rediss:// for TLS), e.g. \
                  redis://127.0.0.1:6379 or redis://user:password@host:6379/0"
                     .into(),
             });

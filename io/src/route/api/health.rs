@@ -38,7 +38,8 @@ pub(in crate::route) async fn ready(State(shared): State<Shared>) -> Response {
     match *shared.registry_health.borrow() {
         SessionHealth::Connected => {
             if shared.live.has_changed().is_err() {
-                failing.push("registry: the view is closed (the live-server list is frozen)".into());
+                failing
+                    .push("registry: the view is closed (the live-server list is frozen)".into());
             }
         }
         SessionHealth::Disconnected { .. } => failing.push(
@@ -46,9 +47,8 @@ pub(in crate::route) async fn ready(State(shared): State<Shared>) -> Response {
              may be stale)"
                 .into(),
         ),
-        SessionHealth::Expired => failing.push(
-            "registry: the ZooKeeper session expired (reconnecting with a new one)".into(),
-        ),
+        SessionHealth::Expired => failing
+            .push("registry: the ZooKeeper session expired (reconnecting with a new one)".into()),
     }
     if shared.driver.is_closed() {
         failing.push("driver: stopped".to_owned());
@@ -102,7 +102,11 @@ mod tests {
 
     #[test]
     fn a_route_is_unready_only_when_every_live_servers_link_fails() {
-        assert_eq!(links_reason(&[]), None, "no server live: not the route's fault");
+        assert_eq!(
+            links_reason(&[]),
+            None,
+            "no server live: not the route's fault"
+        );
         let up = [
             (id("s1"), LinkState::Up),
             (id("s2"), LinkState::Failing(FailureCause::Secret)),
