@@ -150,6 +150,20 @@ async fn a_route_whose_links_all_fail_authentication_is_unready_and_names_the_se
     );
     let (status, live) = get_json(server_port, "/health/live").await;
     assert_eq!((status, &live["status"]), (StatusCode::OK, &"live".into()));
+
+    // Told to stop (SIGTERM with --shutdown-delay): unready first, still serving.
+    let port = route.http_addr().port();
+    route.begin_drain();
+    let (status, unready) = get_json(port, "/health/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{unready}");
+    assert!(
+        unready["failing"].to_string().contains("draining"),
+        "{unready}"
+    );
+    let (status, _) = get(port, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK, "a draining route still serves");
+    let (status, _) = get_json(port, "/health/live").await;
+    assert_eq!(status, StatusCode::OK);
     route.abort();
     server.abort();
 }

@@ -184,6 +184,11 @@ pub struct Args {
     /// (10.0.0.0/8,192.168.1.7); from any other peer the header is ignored [default: none].
     #[arg(long, env = "CIM_TRUSTED_PROXIES")]
     trusted_proxies: Option<String>,
+    /// On SIGTERM, first answer /health/ready 503 for this long while still serving, so the
+    /// load balancer takes this route out before it stops (a second signal stops at once)
+    /// [default: 0s].
+    #[arg(long, env = "CIM_SHUTDOWN_DELAY")]
+    shutdown_delay: Option<String>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
@@ -261,7 +266,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         password_queue, login_free_failures, login_delay_base, login_delay_max,
         login_rate_per_address, login_burst_per_address, register_rate_per_address,
         register_burst_per_address, send_rate, send_burst, trusted_proxies,
-        allow_eviction,
+        shutdown_delay, allow_eviction,
         tls_cert, tls_key, tls_ca, tls_accept_plaintext);
     let log_format = launch::LogFormat::parse(args.log_format.as_deref());
     launch::init_logging("info", log_format.clone().unwrap_or_default());
@@ -498,6 +503,14 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         Duration::from_secs(6),
     );
     let zk_auth = p.check(launch::zk_auth(args.zk_auth.as_deref())).flatten();
+    let shutdown_delay = p.or(
+        launch::duration_or(
+            "--shutdown-delay",
+            args.shutdown_delay.as_deref(),
+            Duration::ZERO,
+        ),
+        Duration::ZERO,
+    );
     let tls = p
         .check(
             tls::setup::RouteSide::load(&tls::setup::TlsFlags {
@@ -551,6 +564,17 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         }
     };
     if signalled {
+        if !shutdown_delay.is_zero() {
+            tracing::info!(
+                ?shutdown_delay,
+                "stop signal: unready for the load balancer, still serving until the delay ends"
+            );
+            handle.begin_drain();
+            tokio::select! {
+                () = tokio::time::sleep(shutdown_delay) => {}
+                () = launch::shutdown_signal() => tracing::info!("second stop signal"),
+            }
+        }
         tracing::info!("stop signal: shutting down");
         handle.shutdown().await;
     }

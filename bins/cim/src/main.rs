@@ -33,6 +33,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and matched at once: the size of the route's many settings does not
+// matter here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run one route and two servers in this process, then chat with `cim-client`.

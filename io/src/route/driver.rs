@@ -75,6 +75,8 @@ pub(super) struct Counters {
     pub link_states: links::LinkStates,
     /// Login and send latency histograms.
     pub latency: super::latency::Latency,
+    /// Set by `RouteHandle::begin_drain`: `/health/ready` answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// A request from an HTTP handler, with where its answer goes.

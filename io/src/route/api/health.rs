@@ -7,7 +7,8 @@
 //!   answers, the registry session is up, the driver runs and, when servers are live, a link
 //!   to at least one of them is up or still being dialled; else 503
 //!   `{"status":"degraded","failing":[...]}`, each reason in words (the likely cause too, e.g.
-//!   a link secret that differs from the servers').
+//!   a link secret that differs from the servers'). A route told to stop turns unready
+//!   first (`RouteHandle::begin_drain`) and keeps serving for `--shutdown-delay`.
 //!
 //! No server live at all is not counted as unready: every route would turn unready at once
 //! and the load balancer could send nobody anywhere; `cim_route_servers_live` is the alert.
@@ -52,6 +53,13 @@ pub(in crate::route) async fn ready(State(shared): State<Shared>) -> Response {
     }
     if shared.driver.is_closed() {
         failing.push("driver: stopped".to_owned());
+    }
+    if shared
+        .counters
+        .draining
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        failing.push("draining: stopping soon; still answering requests meanwhile".to_owned());
     }
     let links = shared.counters.link_states.snapshot();
     if let Some(reason) = links_reason(&links) {
