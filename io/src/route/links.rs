@@ -137,7 +137,9 @@ impl FailureCause {
 /// Each live server's link as its task last saw it: up, or failing (and why). Kept by the
 /// link tasks; read by `/health/ready`.
 #[derive(Debug, Default)]
-pub(super) struct LinkStates(std::sync::Mutex<std::collections::BTreeMap<ServerId, LinkState>>);
+pub(super) struct LinkStates(
+    std::sync::Mutex<std::collections::BTreeMap<ServerId, (u64, LinkState)>>,
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum LinkState {
@@ -149,18 +151,23 @@ pub(super) enum LinkState {
 }
 
 impl LinkStates {
-    fn set(&self, server: &ServerId, state: LinkState) {
+    /// `generation`: the link task's, so a replaced task ending late cannot touch the entry
+    /// of the task that replaced it.
+    fn set(&self, server: &ServerId, generation: u64, state: LinkState) {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(server.clone(), state);
+            .insert(server.clone(), (generation, state));
     }
 
-    fn remove(&self, server: &ServerId) {
-        self.0
+    fn remove(&self, server: &ServerId, generation: u64) {
+        let mut states = self
+            .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(server);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if states.get(server).is_some_and(|(g, _)| *g == generation) {
+            states.remove(server);
+        }
     }
 
     /// The state of every link whose task runs.
@@ -169,7 +176,7 @@ impl LinkStates {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .map(|(id, state)| (id.clone(), *state))
+            .map(|(id, (_, state))| (id.clone(), *state))
             .collect()
     }
 }
@@ -178,11 +185,14 @@ impl LinkStates {
 struct StateGuard {
     counters: Arc<Counters>,
     server: ServerId,
+    generation: u64,
 }
 
 impl Drop for StateGuard {
     fn drop(&mut self) {
-        self.counters.link_states.remove(&self.server);
+        self.counters
+            .link_states
+            .remove(&self.server, self.generation);
     }
 }
 
@@ -200,10 +210,13 @@ pub(super) async fn run_link<N: Network>(
     // next dial uses the other one, and keeps it while it works.
     let mut use_previous = false;
     let mut quiet = QuietFailures::default();
-    counters.link_states.set(&server.id, LinkState::Dialling);
+    counters
+        .link_states
+        .set(&server.id, generation, LinkState::Dialling);
     let _state = StateGuard {
         counters: counters.clone(),
         server: server.id.clone(),
+        generation,
     };
     loop {
         counters.link_dials.fetch_add(1, Ordering::Relaxed);
@@ -215,7 +228,9 @@ pub(super) async fn run_link<N: Network>(
             Ok((reader, writer)) => {
                 counters.link_connects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(server = %server.id, "link up");
-                counters.link_states.set(&server.id, LinkState::Up);
+                counters
+                    .link_states
+                    .set(&server.id, generation, LinkState::Up);
                 quiet = QuietFailures::default();
                 let (tx, rx) = mpsc::channel(LINK_QUEUE);
                 let up = Input::LinkUp {
@@ -247,7 +262,9 @@ pub(super) async fn run_link<N: Network>(
                 }
                 // A link that was up and went down (a server restart, a network blip) is not
                 // a failing link until the next dial says so.
-                counters.link_states.set(&server.id, LinkState::Dialling);
+                counters
+                    .link_states
+                    .set(&server.id, generation, LinkState::Dialling);
                 (error, true)
             }
             Err(error) => (error, false),
@@ -257,7 +274,7 @@ pub(super) async fn run_link<N: Network>(
             let cause = FailureCause::of(&ended);
             counters
                 .link_states
-                .set(&server.id, LinkState::Failing(cause));
+                .set(&server.id, generation, LinkState::Failing(cause));
         }
         if matches!(ended, LinkError::Refused(_)) && config.link_secret_previous.is_some() {
             use_previous = !use_previous;
