@@ -162,12 +162,19 @@ async fn serve_link<S: Stream>(
             return;
         }
         Err(error) => {
+            let likely_cause = match error {
+                HandshakeError::Auth(_) => {
+                    "the route's link secret (CIM_LINK_SECRET) differs from this server's"
+                }
+                _ => "not a CIM route, or a route of another version",
+            };
             crate::warn_limited!(
                 settings.warnings,
                 "link auth",
                 link,
                 %peer,
                 %error,
+                likely_cause,
                 "route link failed to authenticate; closing"
             );
             let _ = inputs.send(Input::LinkAuthFailed).await;
