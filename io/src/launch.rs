@@ -20,7 +20,7 @@ pub const MIN_SECRET_LEN: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error(
-        "{0} is required (set it with its flag or environment variable; it has no default outside `cim up`)"
+        "{0} is required (set it in the environment or with its flag; it has no default outside `cim up`)"
     )]
     MissingSecret(&'static str),
     #[error("{0} must be at least {MIN_SECRET_LEN} bytes")]
@@ -33,17 +33,105 @@ pub enum LaunchError {
     ZooKeeper(String),
     #[error("{0}")]
     Usage(String),
+    /// Every missing or invalid setting found before starting, each naming its setting.
+    #[error("{} setting{} missing or invalid:\n  - {}", .0.len(), if .0.len() == 1 { " is" } else { "s are" }, .0.join("\n  - "))]
+    Settings(Vec<String>),
 }
 
-/// Logs to stderr; `RUST_LOG` overrides `default_filter`.
+/// Collects the problems of a process's settings, so that an operator sees all of them at
+/// once (each naming its flag or variable), not one per attempt to start.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    /// `result`'s value, or `None` with its error noted.
+    pub fn check<T, E: std::fmt::Display>(&mut self, result: Result<T, E>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.0.push(error.to_string());
+                None
+            }
+        }
+    }
+
+    /// `result`'s value, or `fallback` (to keep checking the rest) with its error noted.
+    pub fn or<T, E: std::fmt::Display>(&mut self, result: Result<T, E>, fallback: T) -> T {
+        self.check(result).unwrap_or(fallback)
+    }
+
+    /// A setting every real deployment must give: noted when missing.
+    pub fn required<T>(&mut self, flag: &str, env: &str, value: Option<T>) -> Option<T> {
+        if value.is_none() {
+            self.0.push(format!(
+                "{flag} ({env}) is required: the embedded store and registry are only for \
+                 `cim up`, whose processes share them"
+            ));
+        }
+        value
+    }
+
+    /// Notes a problem found some other way.
+    pub fn push(&mut self, problem: impl Into<String>) {
+        self.0.push(problem.into());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `Ok` when nothing was noted, else every problem in one error.
+    pub fn finish(self) -> Result<(), LaunchError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(LaunchError::Settings(self.0))
+        }
+    }
+}
+
+/// Logs to stderr as text; `RUST_LOG` overrides `default_filter`.
 pub fn init_tracing(default_filter: &str) {
+    init_logging(default_filter, LogFormat::Text);
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// For people: one line per event, colours on a terminal.
+    #[default]
+    Text,
+    /// For log pipelines: one JSON object per line (`timestamp`, `level`, `target`,
+    /// `fields` with `message` and the event's fields, `span`/`spans`), never colours.
+    Json,
+}
+
+impl LogFormat {
+    /// `text` or `json`; `None` is the default. The error names the setting.
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.map(str::trim) {
+            None | Some("text") => Ok(Self::Text),
+            Some("json") => Ok(Self::Json),
+            Some(other) => Err(format!(
+                "--log-format (CIM_LOG_FORMAT) {other:?}: use text or json"
+            )),
+        }
+    }
+}
+
+/// Logs to stderr in `format`; `RUST_LOG` overrides `default_filter`.
+pub fn init_logging(default_filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
 }
 
 /// A seed from the OS's entropy: every process start must draw fresh message ids, resume
@@ -101,10 +189,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// `value` (a flag's text) parsed as a duration, or `default` when the flag was not given.
-pub fn duration_or(value: Option<&str>, default: Duration) -> Result<Duration, LaunchError> {
+/// `value` (the text of the flag `name`) parsed as a duration, or `default` when the flag was
+/// not given.
+pub fn duration_or(
+    name: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, LaunchError> {
     value.map_or(Ok(default), |text| {
-        parse_duration(text).map_err(LaunchError::Usage)
+        parse_duration(text).map_err(|e| LaunchError::Usage(format!("{name}: {e}")))
     })
 }
 
@@ -115,22 +208,11 @@ pub fn nonzero_duration_or(
     value: Option<&str>,
     default: Duration,
 ) -> Result<Duration, LaunchError> {
-    let duration = duration_or(value, default)?;
+    let duration = duration_or(name, value, default)?;
     if duration.is_zero() {
         return Err(LaunchError::Usage(format!("{name} must be above zero")));
     }
     Ok(duration)
-}
-
-/// The Redis and ZooKeeper addresses a real deployment's process must be given.
-pub fn require_backends(
-    redis: Option<String>,
-    zk: Option<String>,
-) -> Result<(String, String), LaunchError> {
-    let why = "the embedded store and registry are only for `cim up`, whose processes share them";
-    let redis = redis.ok_or_else(|| LaunchError::Usage(format!("--redis is required ({why})")))?;
-    let zk = zk.ok_or_else(|| LaunchError::Usage(format!("--zk is required ({why})")))?;
-    Ok((redis, zk))
 }
 
 /// Redis at `url`, or the embedded in-memory store when `None` (only `cim up`, whose
@@ -221,6 +303,48 @@ pub fn open_secured_registry(
         }
         None => Ok(MemoryRegistry::new().into()),
     }
+}
+
+/// Why a listener could not bind, for an operator: the address, what it is, the flag that
+/// sets it and, when the port is taken, the way out.
+pub fn bind_failure(
+    listener: &str,
+    addr: std::net::SocketAddr,
+    flag: &str,
+    source: &std::io::Error,
+) -> String {
+    let port = addr.port();
+    match source.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "cannot listen on {addr} ({listener}): port {port} is already in use, by another \
+             process or another cluster on this machine (`ss -ltnp 'sport = :{port}'` names \
+             it); stop that, or choose another port with {flag}"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "cannot listen on {addr} ({listener}): permission denied (ports below 1024 need \
+             privileges); choose another port with {flag}"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "cannot listen on {addr} ({listener}): {} is not an address of this machine",
+            addr.ip()
+        ),
+        _ => format!("cannot listen on {addr} ({listener}, set by {flag}): {source}"),
+    }
+}
+
+/// Why the registry could not be reached or used at start, for an operator: the ensemble
+/// (`--zk`), what failed and, for a connect that got no answer, what to check.
+pub fn zk_failure(connect: &str, error: &crate::registry::RegistryError) -> String {
+    use crate::registry::RegistryError;
+    let hint = match error {
+        RegistryError::Timeout { op: "connect", .. }
+        | RegistryError::ZooKeeper { op: "connect", .. } => {
+            ": no ZooKeeper answered there; is it running and reachable from this host, and \
+             is --zk (CIM_ZK, host:port[,host:port]) right?"
+        }
+        _ => "",
+    };
+    format!("ZooKeeper at {connect} (--zk): {error}{hint}")
 }
 
 /// Resolves on Ctrl-C or SIGTERM, whichever comes first.

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -32,6 +31,10 @@ pub struct Args {
     #[arg(long, env = "CIM_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// Log lines as `text` (for people) or `json` (one object a line, for a log pipeline)
+    /// [default: text].
+    #[arg(long, env = "CIM_LOG_FORMAT")]
+    log_format: Option<String>,
     /// This route's id, in logs, metrics and link handshakes [default: route-<port>].
     #[arg(long, env = "CIM_ROUTE_ID")]
     route_id: Option<String>,
@@ -192,6 +195,11 @@ pub struct Args {
     /// (10.0.0.0/8,192.168.1.7); from any other peer the header is ignored [default: none].
     #[arg(long, env = "CIM_TRUSTED_PROXIES")]
     trusted_proxies: Option<String>,
+    /// On SIGTERM, first answer /health/ready 503 for this long while still serving, so the
+    /// load balancer takes this route out before it stops (a second signal stops at once)
+    /// [default: 0s].
+    #[arg(long, env = "CIM_SHUTDOWN_DELAY")]
+    shutdown_delay: Option<String>,
     /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
     #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
     allow_eviction: Option<bool>,
@@ -240,7 +248,11 @@ fn strategy(name: Option<&str>) -> anyhow::Result<Strategy> {
 /// `--idempotency-ttl`: a record that expires before the client gives up resending would
 /// let a resend be stored twice, so anything shorter than the outbox's age is refused.
 fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
-    let ttl = launch::duration_or(value, RedisOptions::default().idempotency_ttl)?;
+    let ttl = launch::duration_or(
+        "--idempotency-ttl",
+        value,
+        RedisOptions::default().idempotency_ttl,
+    )?;
     let outbox_age = ClientConfig::new(UserId(0), String::new(), String::new(), 0).outbox_max_age;
     if ttl < outbox_age {
         anyhow::bail!(
@@ -254,7 +266,7 @@ fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
 /// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
-    let args = overlay!(flags, file; route_id, listen, redis, zk, zk_root, zk_session_timeout,
+    let args = overlay!(flags, file; log_format, route_id, listen, redis, zk, zk_root, zk_session_timeout,
         redis_ca, redis_client_cert, redis_client_key, zk_auth, zk_ca, zk_client_cert, zk_client_key,
         ticket_secret, ticket_key_id, bearer_secret, bearer_secret_previous, link_secret,
         link_secret_previous,
@@ -265,21 +277,38 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         password_queue, login_free_failures, login_delay_base, login_delay_max,
         login_rate_per_address, login_burst_per_address, register_rate_per_address,
         register_burst_per_address, send_rate, send_burst, trusted_proxies,
-        allow_eviction,
+        shutdown_delay, allow_eviction,
         tls_cert, tls_key, tls_ca, tls_accept_plaintext);
-    launch::init_tracing("info");
+    let log_format = launch::LogFormat::parse(args.log_format.as_deref());
+    launch::init_logging("info", log_format.clone().unwrap_or_default());
     cim_io::fd_limit::raise_file_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(args))
+        .block_on(run(args, log_format.err()))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let (redis, zk) = launch::require_backends(args.redis, args.zk)?;
-    let ticket_secret = launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref())?;
-    let bearer_secret = launch::require_secret("CIM_BEARER_SECRET", args.bearer_secret.as_deref())?;
-    let link_secret = launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref())?;
+async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<()> {
+    // Every setting is checked before anything connects, and every problem is reported at
+    // once, each naming its flag or variable.
+    let mut p = launch::Problems::default();
+    if let Some(problem) = log_format_problem {
+        p.push(problem);
+    }
+    let redis = p.required("--redis", "CIM_REDIS", args.redis);
+    let zk = p.required("--zk", "CIM_ZK", args.zk);
+    let ticket_secret = p.check(launch::require_secret(
+        "CIM_TICKET_SECRET",
+        args.ticket_secret.as_deref(),
+    ));
+    let bearer_secret = p.check(launch::require_secret(
+        "CIM_BEARER_SECRET",
+        args.bearer_secret.as_deref(),
+    ));
+    let link_secret = p.check(launch::require_secret(
+        "CIM_LINK_SECRET",
+        args.link_secret.as_deref(),
+    ));
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8083)));
@@ -287,46 +316,87 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .route_id
         .unwrap_or_else(|| format!("route-{}", listen.port()));
 
-    let keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
-    let mut options = RouteOptions::new(route_id, keys, bearer_secret, link_secret);
+    let keys = TicketKeys::new(
+        args.ticket_key_id.unwrap_or(1),
+        ticket_secret.clone().unwrap_or_default(),
+    );
+    let mut options = RouteOptions::new(
+        route_id,
+        keys,
+        bearer_secret.clone().unwrap_or_default(),
+        link_secret.clone().unwrap_or_default(),
+    );
     options.http_listen = listen;
-    options.bearer_secret_previous = args
-        .bearer_secret_previous
-        .as_deref()
-        .map(|s| launch::require_secret("CIM_BEARER_SECRET_PREVIOUS", Some(s)))
-        .transpose()?;
-    options.link_secret_previous = args
-        .link_secret_previous
-        .as_deref()
-        .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
-        .transpose()?;
-    options.strategy = strategy(args.balance.as_deref())?;
+    options.bearer_secret_previous = p
+        .check(
+            args.bearer_secret_previous
+                .as_deref()
+                .map(|s| launch::require_secret("CIM_BEARER_SECRET_PREVIOUS", Some(s)))
+                .transpose(),
+        )
+        .flatten();
+    options.link_secret_previous = p
+        .check(
+            args.link_secret_previous
+                .as_deref()
+                .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
+                .transpose(),
+        )
+        .flatten();
+    options.strategy = p.or(strategy(args.balance.as_deref()), options.strategy);
     options.seed = launch::os_seed();
-    options.login.claim_ttl =
-        launch::duration_or(args.claim_ttl.as_deref(), Duration::from_secs(30))?;
-    options.login.token_ttl =
-        launch::duration_or(args.token_ttl.as_deref(), Duration::from_secs(86400))?;
-    options.login.ticket_ttl = launch::nonzero_duration_or(
-        "--ticket-ttl",
-        args.ticket_ttl.as_deref(),
-        Duration::from_secs(30),
-    )?;
-    options.io_timeout = launch::nonzero_duration_or(
-        "--io-timeout",
-        args.io_timeout.as_deref(),
+    options.login.claim_ttl = p.or(
+        launch::duration_or(
+            "--claim-ttl",
+            args.claim_ttl.as_deref(),
+            Duration::from_secs(30),
+        ),
+        options.login.claim_ttl,
+    );
+    options.login.token_ttl = p.or(
+        launch::duration_or(
+            "--token-ttl",
+            args.token_ttl.as_deref(),
+            Duration::from_secs(86400),
+        ),
+        options.login.token_ttl,
+    );
+    options.login.ticket_ttl = p.or(
+        launch::nonzero_duration_or(
+            "--ticket-ttl",
+            args.ticket_ttl.as_deref(),
+            Duration::from_secs(30),
+        ),
+        options.login.ticket_ttl,
+    );
+    options.io_timeout = p.or(
+        launch::nonzero_duration_or(
+            "--io-timeout",
+            args.io_timeout.as_deref(),
+            options.io_timeout,
+        ),
         options.io_timeout,
-    )?;
-    options.link_ping_interval = launch::nonzero_duration_or(
-        "--link-ping-interval",
-        args.link_ping_interval.as_deref(),
+    );
+    options.link_ping_interval = p.or(
+        launch::nonzero_duration_or(
+            "--link-ping-interval",
+            args.link_ping_interval.as_deref(),
+            options.link_ping_interval,
+        ),
         options.link_ping_interval,
-    )?;
-    options.link_retry_delay = launch::nonzero_duration_or(
-        "--link-retry-delay",
-        args.link_retry_delay.as_deref(),
+    );
+    options.link_retry_delay = p.or(
+        launch::nonzero_duration_or(
+            "--link-retry-delay",
+            args.link_retry_delay.as_deref(),
+            options.link_retry_delay,
+        ),
         options.link_retry_delay,
-    )?;
-    let idempotency_ttl = idempotency_ttl(args.idempotency_ttl.as_deref())?;
+    );
+    let idempotency_ttl = p.or(
+        idempotency_ttl(args.idempotency_ttl.as_deref()),
+        RedisOptions::default().idempotency_ttl,
+    );
     if let Some(n) = args.max_body {
         options.delivery.max_body = n;
     }
@@ -337,32 +407,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
         options.login.min_password_len = n;
     }
     if let Some(n) = args.max_connections {
-        anyhow::ensure!(n > 0, "--max-connections must be above zero");
-        options.http.max_connections = n;
+        if n == 0 {
+            p.push("--max-connections must be above zero");
+        } else {
+            options.http.max_connections = n;
+        }
     }
-    options.http.header_timeout = launch::nonzero_duration_or(
-        "--http-header-timeout",
-        args.http_header_timeout.as_deref(),
+    options.http.header_timeout = p.or(
+        launch::nonzero_duration_or(
+            "--http-header-timeout",
+            args.http_header_timeout.as_deref(),
+            options.http.header_timeout,
+        ),
         options.http.header_timeout,
-    )?;
-    options.http.idle_timeout = launch::nonzero_duration_or(
-        "--http-idle-timeout",
-        args.http_idle_timeout.as_deref(),
+    );
+    options.http.idle_timeout = p.or(
+        launch::nonzero_duration_or(
+            "--http-idle-timeout",
+            args.http_idle_timeout.as_deref(),
+            options.http.idle_timeout,
+        ),
         options.http.idle_timeout,
-    )?;
+    );
     options.login.max_password_jobs = args
         .password_queue
         .unwrap_or(route::PASSWORD_JOBS_PER_WORKER * options.password_workers.max(1));
     if options.login.max_password_jobs == 0 {
-        anyhow::bail!("--password-queue 0 would refuse every login");
+        p.push("--password-queue 0 would refuse every login");
     }
     let throttle = &mut options.login.throttle;
     throttle.free_failures = args.login_free_failures.unwrap_or(throttle.free_failures);
-    throttle.base_delay =
-        launch::duration_or(args.login_delay_base.as_deref(), throttle.base_delay)?;
-    throttle.max_delay = launch::duration_or(args.login_delay_max.as_deref(), throttle.max_delay)?;
+    throttle.base_delay = p.or(
+        launch::duration_or(
+            "--login-delay-base",
+            args.login_delay_base.as_deref(),
+            throttle.base_delay,
+        ),
+        throttle.base_delay,
+    );
+    throttle.max_delay = p.or(
+        launch::duration_or(
+            "--login-delay-max",
+            args.login_delay_max.as_deref(),
+            throttle.max_delay,
+        ),
+        throttle.max_delay,
+    );
     if throttle.base_delay > throttle.max_delay {
-        anyhow::bail!("--login-delay-base is longer than --login-delay-max");
+        p.push("--login-delay-base is longer than --login-delay-max");
     }
     let limit = |rate: Option<u32>, burst: Option<u32>, default: RateLimit| {
         RateLimit::new(
@@ -382,49 +474,85 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     options.send_per_user = limit(args.send_rate, args.send_burst, options.send_per_user);
     if let Some(list) = args.trusted_proxies.as_deref() {
-        options.trusted_proxies = route::parse_trusted_proxies(list)
-            .map_err(|e| anyhow::anyhow!("--trusted-proxies: {e}"))?;
+        options.trusted_proxies = p.or(
+            route::parse_trusted_proxies(list).map_err(|e| format!("--trusted-proxies: {e}")),
+            Vec::new(),
+        );
     }
 
     let defaults = RedisOptions::default();
     let mut redis_options = RedisOptions {
         allow_eviction: args.allow_eviction.unwrap_or(false),
         idempotency_ttl,
-        tls: launch::redis_tls(
-            args.redis_ca.as_deref(),
-            args.redis_client_cert.as_deref(),
-            args.redis_client_key.as_deref(),
-        )?,
-        command_timeout: launch::nonzero_duration_or(
-            "--redis-timeout",
-            args.redis_timeout.as_deref(),
+        tls: p.or(
+            launch::redis_tls(
+                args.redis_ca.as_deref(),
+                args.redis_client_cert.as_deref(),
+                args.redis_client_key.as_deref(),
+            ),
+            defaults.tls.clone(),
+        ),
+        command_timeout: p.or(
+            launch::nonzero_duration_or(
+                "--redis-timeout",
+                args.redis_timeout.as_deref(),
+                defaults.command_timeout,
+            ),
             defaults.command_timeout,
-        )?,
+        ),
         ..defaults
     };
     if let Some(n) = args.max_log_len {
         redis_options.max_log_len = n;
     }
+    let zk_session_timeout = p.or(
+        launch::duration_or(
+            "--zk-session-timeout",
+            args.zk_session_timeout.as_deref(),
+            Duration::from_secs(6),
+        ),
+        Duration::from_secs(6),
+    );
+    let zk_auth = p.check(launch::zk_auth(args.zk_auth.as_deref())).flatten();
+    let zk_tls = p
+        .check(launch::zk_tls(
+            args.zk_ca.as_deref(),
+            args.zk_client_cert.as_deref(),
+            args.zk_client_key.as_deref(),
+        ))
+        .flatten();
+    let shutdown_delay = p.or(
+        launch::duration_or(
+            "--shutdown-delay",
+            args.shutdown_delay.as_deref(),
+            Duration::ZERO,
+        ),
+        Duration::ZERO,
+    );
+    let tls = p
+        .check(
+            tls::setup::RouteSide::load(&tls::setup::TlsFlags {
+                cert: args.tls_cert,
+                key: args.tls_key,
+                ca: args.tls_ca,
+                accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
+            })
+            .map_err(|e| format!("TLS: {e:#}")),
+        )
+        .flatten();
+    p.finish()?;
+    let (Some(redis), Some(zk)) = (redis, zk) else {
+        anyhow::bail!("--redis and --zk are required");
+    };
+
     let store = launch::open_store(Some(&redis), redis_options).await?;
     let registry = launch::open_secured_registry(
         Some(&zk),
         args.zk_root.as_deref().unwrap_or("/cim/servers"),
-        launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
-        launch::zk_auth(args.zk_auth.as_deref())?,
-        launch::zk_tls(
-            args.zk_ca.as_deref(),
-            args.zk_client_cert.as_deref(),
-            args.zk_client_key.as_deref(),
-        )?,
+        zk_session_timeout,
+        zk_auth,
+        zk_tls,
     )?;
-
-    let tls = tls::setup::RouteSide::load(&tls::setup::TlsFlags {
-        cert: args.tls_cert,
-        key: args.tls_key,
-        ca: args.tls_ca,
-        accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
-    })
-    .context("TLS")?;
     if let Some(tls) = &tls {
         options.https = Some(tls.https.clone());
         options.link_tls = Some(tls.links.clone());
@@ -436,7 +564,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut handle = route::start(TokioNet, Clock::System, options, store, &registry)
         .await
-        .context("starting the route")?;
+        .map_err(|error| match error {
+            route::StartError::Bind { addr, source } => anyhow::anyhow!(
+                "{}",
+                launch::bind_failure("the HTTP API", addr, "--listen", &source)
+            ),
+            route::StartError::Registry(error) => {
+                anyhow::anyhow!("{}", launch::zk_failure(&zk, &error))
+            }
+            other => anyhow::Error::new(other).context("starting the route"),
+        })?;
     tracing::info!(http = %handle.http_addr(), "cim-route up");
     let signalled = tokio::select! {
         () = launch::shutdown_signal() => true,
@@ -446,6 +583,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     if signalled {
+        if !shutdown_delay.is_zero() {
+            tracing::info!(
+                ?shutdown_delay,
+                "stop signal: unready for the load balancer, still serving until the delay ends"
+            );
+            handle.begin_drain();
+            tokio::select! {
+                () = tokio::time::sleep(shutdown_delay) => {}
+                () = launch::shutdown_signal() => tracing::info!("second stop signal"),
+            }
+        }
         tracing::info!("stop signal: shutting down");
         handle.shutdown().await;
     }

@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -31,6 +30,10 @@ pub struct Args {
     #[arg(long, env = "CIM_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// Log lines as `text` (for people) or `json` (one object a line, for a log pipeline)
+    /// [default: text].
+    #[arg(long, env = "CIM_LOG_FORMAT")]
+    log_format: Option<String>,
     /// This server's id: unique in the cluster, stable across restarts
     /// [default: <advertise-host>-<client-port>].
     #[arg(long, env = "CIM_SERVER_ID")]
@@ -191,7 +194,7 @@ macro_rules! overlay {
 /// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let file: Args = launch::load_toml(flags.config.as_deref())?;
-    let args = overlay!(flags, file; server_id, listen_ip, advertise_host, client_port,
+    let args = overlay!(flags, file; log_format, server_id, listen_ip, advertise_host, client_port,
         link_port, http_port, redis, zk, zk_root, zk_session_timeout, redis_ca,
         redis_client_cert, redis_client_key, zk_auth, zk_ca, zk_client_cert, zk_client_key, ticket_secret,
         ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
@@ -199,28 +202,52 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
         registry_update_interval, redis_timeout, allow_eviction,
         tls_cert, tls_key, tls_ca, tls_accept_plaintext);
-    launch::init_tracing("info");
+    let log_format = launch::LogFormat::parse(args.log_format.as_deref());
+    launch::init_logging("info", log_format.clone().unwrap_or_default());
     cim_io::fd_limit::raise_file_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(args))
+        .block_on(run(args, log_format.err()))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let (redis, zk) = launch::require_backends(args.redis, args.zk)?;
-    let ticket_secret = launch::require_secret("CIM_TICKET_SECRET", args.ticket_secret.as_deref())?;
-    let link_secret = launch::require_secret("CIM_LINK_SECRET", args.link_secret.as_deref())?;
-    let mut keys = TicketKeys::new(args.ticket_key_id.unwrap_or(1), ticket_secret);
+async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<()> {
+    // Every setting is checked before anything connects, and every problem is reported at
+    // once, each naming its flag or variable.
+    let mut p = launch::Problems::default();
+    if let Some(problem) = log_format_problem {
+        p.push(problem);
+    }
+    let redis = p.required("--redis", "CIM_REDIS", args.redis);
+    let zk = p.required("--zk", "CIM_ZK", args.zk);
+    let ticket_secret = p.check(launch::require_secret(
+        "CIM_TICKET_SECRET",
+        args.ticket_secret.as_deref(),
+    ));
+    let link_secret = p.check(launch::require_secret(
+        "CIM_LINK_SECRET",
+        args.link_secret.as_deref(),
+    ));
+    let mut keys = TicketKeys::new(
+        args.ticket_key_id.unwrap_or(1),
+        ticket_secret.unwrap_or_default(),
+    );
     if let Some(previous) = args.ticket_previous_key.as_deref() {
-        let (id, secret) = previous
-            .split_once(':')
-            .context("--ticket-previous-key is <key id>:<secret>")?;
-        let id: u32 = id.parse().context("--ticket-previous-key: bad key id")?;
-        keys = keys.accept(
-            id,
-            launch::require_secret("CIM_TICKET_PREVIOUS_KEY", Some(secret))?,
-        );
+        match previous.split_once(':') {
+            None => p.push("--ticket-previous-key (CIM_TICKET_PREVIOUS_KEY) is <key id>:<secret>"),
+            Some((id, secret)) => {
+                let id = p.check(id.parse::<u32>().map_err(|_| {
+                    format!("--ticket-previous-key (CIM_TICKET_PREVIOUS_KEY): bad key id {id:?}")
+                }));
+                let secret = p.check(launch::require_secret(
+                    "CIM_TICKET_PREVIOUS_KEY",
+                    Some(secret),
+                ));
+                if let (Some(id), Some(secret)) = (id, secret) {
+                    keys = keys.accept(id, secret);
+                }
+            }
+        }
     }
 
     let advertise_host = args.advertise_host.unwrap_or_else(|| "127.0.0.1".into());
@@ -230,13 +257,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-")
     });
     let mut node = ServerConfig::new(ServerId::new(server_id.as_str()), keys);
-    node.lease_ttl = launch::duration_or(args.lease_ttl.as_deref(), Duration::from_secs(30))?;
+    node.lease_ttl = p.or(
+        launch::duration_or(
+            "--lease-ttl",
+            args.lease_ttl.as_deref(),
+            Duration::from_secs(30),
+        ),
+        node.lease_ttl,
+    );
     node.refresh_interval = node.lease_ttl / 3;
-    node.heartbeat_interval =
-        launch::duration_or(args.heartbeat_interval.as_deref(), Duration::from_secs(10))?;
-    node.idle_timeout = launch::duration_or(args.idle_timeout.as_deref(), Duration::from_secs(30))?;
-    node.login_timeout =
-        launch::duration_or(args.login_timeout.as_deref(), Duration::from_secs(10))?;
+    node.heartbeat_interval = p.or(
+        launch::duration_or(
+            "--heartbeat-interval",
+            args.heartbeat_interval.as_deref(),
+            Duration::from_secs(10),
+        ),
+        node.heartbeat_interval,
+    );
+    node.idle_timeout = p.or(
+        launch::duration_or(
+            "--idle-timeout",
+            args.idle_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
+        node.idle_timeout,
+    );
+    node.login_timeout = p.or(
+        launch::duration_or(
+            "--login-timeout",
+            args.login_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        node.login_timeout,
+    );
     if let Some(n) = args.max_connections {
         node.max_connections = n;
     }
@@ -253,12 +306,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         node.max_outbound_frames = n;
     }
 
-    let mut options = ServerOptions::new(node, link_secret);
-    options.link_secret_previous = args
-        .link_secret_previous
-        .as_deref()
-        .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
-        .transpose()?;
+    let mut options = ServerOptions::new(node, link_secret.unwrap_or_default());
+    options.link_secret_previous = p
+        .check(
+            args.link_secret_previous
+                .as_deref()
+                .map(|s| launch::require_secret("CIM_LINK_SECRET_PREVIOUS", Some(s)))
+                .transpose(),
+        )
+        .flatten();
     options.advertise_host = advertise_host;
     options.client_port = client_port;
     if let Some(ip) = args.listen_ip {
@@ -273,65 +329,103 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.max_frame {
         options.max_frame = n;
     }
-    options.store_loss_grace =
-        launch::duration_or(args.store_loss_grace.as_deref(), Duration::from_secs(3))?;
-    options.drain_timeout = launch::nonzero_duration_or(
-        "--drain-timeout",
-        args.drain_timeout.as_deref(),
+    options.store_loss_grace = p.or(
+        launch::duration_or(
+            "--store-loss-grace",
+            args.store_loss_grace.as_deref(),
+            Duration::from_secs(3),
+        ),
+        options.store_loss_grace,
+    );
+    options.drain_timeout = p.or(
+        launch::nonzero_duration_or(
+            "--drain-timeout",
+            args.drain_timeout.as_deref(),
+            options.drain_timeout,
+        ),
         options.drain_timeout,
-    )?;
-    options.io_timeout = launch::nonzero_duration_or(
-        "--io-timeout",
-        args.io_timeout.as_deref(),
+    );
+    options.io_timeout = p.or(
+        launch::nonzero_duration_or(
+            "--io-timeout",
+            args.io_timeout.as_deref(),
+            options.io_timeout,
+        ),
         options.io_timeout,
-    )?;
-    options.registry_update_interval = launch::nonzero_duration_or(
-        "--registry-update-interval",
-        args.registry_update_interval.as_deref(),
+    );
+    options.registry_update_interval = p.or(
+        launch::nonzero_duration_or(
+            "--registry-update-interval",
+            args.registry_update_interval.as_deref(),
+            options.registry_update_interval,
+        ),
         options.registry_update_interval,
-    )?;
+    );
 
     let defaults = RedisOptions::default();
-    let store = launch::open_store(
-        Some(&redis),
-        RedisOptions {
-            allow_eviction: args.allow_eviction.unwrap_or(false),
-            tls: launch::redis_tls(
+    let redis_options = RedisOptions {
+        allow_eviction: args.allow_eviction.unwrap_or(false),
+        tls: p.or(
+            launch::redis_tls(
                 args.redis_ca.as_deref(),
                 args.redis_client_cert.as_deref(),
                 args.redis_client_key.as_deref(),
-            )?,
-            command_timeout: launch::nonzero_duration_or(
+            ),
+            defaults.tls.clone(),
+        ),
+        command_timeout: p.or(
+            launch::nonzero_duration_or(
                 "--redis-timeout",
                 args.redis_timeout.as_deref(),
                 defaults.command_timeout,
-            )?,
-            ..defaults
-        },
-    )
-    .await?;
-    let registry = launch::open_secured_registry(
-        Some(&zk),
-        args.zk_root.as_deref().unwrap_or("/cim/servers"),
-        launch::duration_or(args.zk_session_timeout.as_deref(), Duration::from_secs(6))?,
-        launch::zk_auth(args.zk_auth.as_deref())?,
-        launch::zk_tls(
+            ),
+            defaults.command_timeout,
+        ),
+        ..defaults
+    };
+    let zk_session_timeout = p.or(
+        launch::duration_or(
+            "--zk-session-timeout",
+            args.zk_session_timeout.as_deref(),
+            Duration::from_secs(6),
+        ),
+        Duration::from_secs(6),
+    );
+    let zk_auth = p.check(launch::zk_auth(args.zk_auth.as_deref())).flatten();
+    let zk_tls = p
+        .check(launch::zk_tls(
             args.zk_ca.as_deref(),
             args.zk_client_cert.as_deref(),
             args.zk_client_key.as_deref(),
-        )?,
-    )?;
+        ))
+        .flatten();
+    let tls = p
+        .check(
+            tls::setup::ServerSide::load(
+                &tls::setup::TlsFlags {
+                    cert: args.tls_cert,
+                    key: args.tls_key,
+                    ca: args.tls_ca,
+                    accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
+                },
+                &options.advertise_host,
+            )
+            .map_err(|e| format!("TLS: {e:#}")),
+        )
+        .flatten();
+    p.finish()?;
+    let (Some(redis), Some(zk)) = (redis, zk) else {
+        anyhow::bail!("--redis and --zk are required");
+    };
 
-    let tls = tls::setup::ServerSide::load(
-        &tls::setup::TlsFlags {
-            cert: args.tls_cert,
-            key: args.tls_key,
-            ca: args.tls_ca,
-            accept_plaintext: args.tls_accept_plaintext.unwrap_or(false),
-        },
-        &options.advertise_host,
-    )
-    .context("TLS")?;
+    let store = launch::open_store(Some(&redis), redis_options).await?;
+    let registry = launch::open_secured_registry(
+        Some(&zk),
+        args.zk_root.as_deref().unwrap_or("/cim/servers"),
+        zk_session_timeout,
+        zk_auth,
+        zk_tls,
+    )?;
     if let Some(tls) = &tls {
         options.gateway_tls = Some(tls.gateway.clone());
         options.link_tls = Some(tls.link.clone());
@@ -344,7 +438,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut handle = server::start(TokioNet, Clock::System, options, store, &registry)
         .await
-        .context("starting the server")?;
+        .map_err(|error| match error {
+            server::StartError::Bind {
+                listener,
+                addr,
+                source,
+            } => {
+                let (what, flag) = match listener {
+                    "client" => ("the client gateway", "--client-port"),
+                    "link" => ("the route link port", "--link-port"),
+                    _ => ("the health/metrics port", "--http-port"),
+                };
+                anyhow::anyhow!("{}", launch::bind_failure(what, addr, flag, &source))
+            }
+            server::StartError::Registry(error) => {
+                anyhow::anyhow!("{}", launch::zk_failure(&zk, &error))
+            }
+            other => anyhow::Error::new(other).context("starting the server"),
+        })?;
     tracing::info!(
         server_id = %handle.server_id(),
         client = %handle.client_addr(),

@@ -33,6 +33,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and matched at once: the size of the route's many settings does not
+// matter here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run one route and two servers in this process, then chat with `cim-client`.
@@ -66,19 +69,32 @@ struct UpArgs {
     /// Address everything binds and advertises.
     #[arg(long, env = "CIM_HOST", default_value = "127.0.0.1")]
     host: IpAddr,
-    /// The route's HTTP API port.
-    #[arg(long, env = "CIM_ROUTE_PORT", default_value_t = 8083)]
-    route_port: u16,
-    /// First server's client port; the second uses the next one. Link ports are these +100,
-    /// health ports 8081 and 8082. With --any-ports every port is picked free.
-    #[arg(long, env = "CIM_CLIENT_PORT", default_value_t = 11211)]
-    client_port: u16,
-    /// Pick free ports for everything except the route's HTTP API.
+    /// The route's HTTP API port [default: 8083; with --any-ports a free one].
+    #[arg(long, env = "CIM_ROUTE_PORT")]
+    route_port: Option<u16>,
+    /// First server's client port; the second uses the next one [default: 11211; with
+    /// --any-ports free ones].
+    #[arg(long, env = "CIM_CLIENT_PORT")]
+    client_port: Option<u16>,
+    /// First server's internal link port (routes dial it); the second uses the next one
+    /// [default: 11311; with --any-ports free ones].
+    #[arg(long, env = "CIM_LINK_PORT")]
+    link_port: Option<u16>,
+    /// First server's health and metrics port (`/health`, `/metrics`); the second uses the
+    /// next one [default: 8081; with --any-ports free ones].
+    #[arg(long, env = "CIM_HEALTH_PORT")]
+    health_port: Option<u16>,
+    /// Pick a free port for every port not set by its own flag (route, clients, links,
+    /// health): for running beside another cluster or anything holding the defaults.
     #[arg(long)]
     any_ports: bool,
     /// Use this Redis instead of the embedded store.
     #[arg(long, env = "CIM_REDIS")]
     redis: Option<String>,
+    /// With --redis: run even if that Redis may evict keys (maxmemory-policy other than
+    /// noeviction).
+    #[arg(long, env = "CIM_ALLOW_EVICTION", requires = "redis")]
+    allow_eviction: bool,
     /// Use this ZooKeeper ensemble (host:port[,host:port]) instead of the embedded registry.
     #[arg(long, env = "CIM_ZK")]
     zk: Option<String>,
@@ -98,12 +114,16 @@ struct UpArgs {
     /// temporary one (deleted when the cluster stops).
     #[arg(long, value_name = "DIR", requires = "tls")]
     tls_dir: Option<PathBuf>,
+    /// Log lines as text (for people) or json (one object a line, for a log pipeline).
+    #[arg(long, env = "CIM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Up(args) => {
-            launch::init_tracing("warn,cim_io=info");
+            let format = launch::LogFormat::parse(Some(&args.log_format)).unwrap_or_default();
+            launch::init_logging("warn,cim_io=info", format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -142,7 +162,70 @@ fn up_share(requested: usize, listeners: usize, file_limit: Option<u64>) -> usiz
     }
 }
 
+/// The ports `cim up` binds: each from its flag, else its default, else (with `--any-ports`)
+/// 0, a free one. The second server takes the port after the first's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UpPorts {
+    route: u16,
+    client: [u16; 2],
+    link: [u16; 2],
+    health: [u16; 2],
+}
+
+impl UpPorts {
+    const ROUTE: u16 = 8083;
+    const CLIENT: u16 = 11211;
+    const LINK: u16 = 11311;
+    const HEALTH: u16 = 8081;
+
+    fn from_args(args: &UpArgs) -> anyhow::Result<Self> {
+        let any = args.any_ports;
+        let pick = |flag: Option<u16>, default: u16| flag.unwrap_or(if any { 0 } else { default });
+        let pair = |first: u16, flag: &str| -> anyhow::Result<[u16; 2]> {
+            if first == 0 {
+                return Ok([0, 0]);
+            }
+            let second = first.checked_add(1).with_context(|| {
+                format!("{flag} {first}: the second server needs the port after it")
+            })?;
+            Ok([first, second])
+        };
+        Ok(Self {
+            route: pick(args.route_port, Self::ROUTE),
+            client: pair(pick(args.client_port, Self::CLIENT), "--client-port")?,
+            link: pair(pick(args.link_port, Self::LINK), "--link-port")?,
+            health: pair(pick(args.health_port, Self::HEALTH), "--health-port")?,
+        })
+    }
+
+    /// What a server's listener is called, and the flag that sets its port.
+    fn server_flag(listener: &str) -> (&'static str, &'static str) {
+        match listener {
+            "client" => ("client port", "--client-port"),
+            "link" => ("link port", "--link-port"),
+            _ => ("health/metrics port", "--health-port"),
+        }
+    }
+}
+
+/// [`launch::bind_failure`] plus `cim up`'s own way out.
+fn up_bind_failure(
+    listener: &str,
+    addr: SocketAddr,
+    flag: &str,
+    source: &std::io::Error,
+) -> String {
+    let mut text = launch::bind_failure(listener, addr, flag, source);
+    if source.kind() == std::io::ErrorKind::AddrInUse {
+        text.push_str(
+            ", or pass --any-ports to pick free ports for every port not set by its flag",
+        );
+    }
+    text
+}
+
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let ports = UpPorts::from_args(&args)?;
     // One route and two servers share this process's descriptors.
     let file_limit = cim_io::fd_limit::raise_file_limit();
     let route_max = up_share(
@@ -162,7 +245,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = launch::open_store(
         args.redis.as_deref(),
         RedisOptions {
-            allow_eviction: args.redis.is_none(),
+            allow_eviction: args.redis.is_none() || args.allow_eviction,
             ..RedisOptions::default()
         },
     )
@@ -195,13 +278,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             options.gateway_tls = Some(side.gateway);
             options.link_tls = Some(side.link);
         }
-        if args.any_ports {
-            (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
-        } else {
-            options.client_port = args.client_port + i;
-            options.link_port = args.client_port + 100 + i;
-            options.http_port = 8081 + i;
-        }
+        let at = usize::from(i);
+        options.client_port = ports.client[at];
+        options.link_port = ports.link[at];
+        options.http_port = ports.health[at];
         let handle = server::start(
             TokioNet,
             Clock::System,
@@ -210,7 +290,25 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             &registry,
         )
         .await
-        .with_context(|| format!("starting server s{}", i + 1))?;
+        .map_err(|error| match error {
+            server::StartError::Bind {
+                listener,
+                addr,
+                source,
+            } => {
+                let (what, flag) = UpPorts::server_flag(listener);
+                anyhow::anyhow!(
+                    "{}",
+                    up_bind_failure(&format!("server s{} {what}", i + 1), addr, flag, &source)
+                )
+            }
+            server::StartError::Registry(error) if args.zk.is_some() => anyhow::anyhow!(
+                "starting server s{}: {}",
+                i + 1,
+                launch::zk_failure(args.zk.as_deref().unwrap_or_default(), &error)
+            ),
+            other => anyhow::Error::new(other).context(format!("starting server s{}", i + 1)),
+        })?;
         // A restart binds the same ports again (also with --any-ports).
         options.client_port = handle.client_addr().port();
         options.link_port = handle.link_addr().port();
@@ -225,7 +323,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         launch::random_secret(),
         link_secret,
     );
-    options.http_listen = SocketAddr::new(args.host, args.route_port);
+    options.http_listen = SocketAddr::new(args.host, ports.route);
     options.seed = launch::os_seed();
     options.http.max_connections = route_max;
     if let Some(tls) = &tls {
@@ -234,7 +332,17 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
-        .context("starting the route")?;
+        .map_err(|error| match error {
+            route::StartError::Bind { addr, source } => anyhow::anyhow!(
+                "{}",
+                up_bind_failure("the route's HTTP API", addr, "--route-port", &source)
+            ),
+            route::StartError::Registry(error) if args.zk.is_some() => anyhow::anyhow!(
+                "starting the route: {}",
+                launch::zk_failure(args.zk.as_deref().unwrap_or_default(), &error)
+            ),
+            other => anyhow::Error::new(other).context("starting the route"),
+        })?;
 
     print_welcome(
         &route,
@@ -567,6 +675,120 @@ mod tests {
     use cim_io::registry::{MemoryRegistry, Registry};
     use cim_io::store::MemoryBackend;
     use std::time::Duration;
+
+    fn up_args(flags: &[&str]) -> UpArgs {
+        let mut argv = vec!["cim", "up"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).expect("flags parse").command {
+            Command::Up(args) => args,
+            other => panic!("not up: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_port_has_its_flag_and_any_ports_moves_the_rest() {
+        // Only the CIM_* variables of these flags could change the answer: none are set in
+        // tests, and clap reads them only for flags left out.
+        let defaults = UpPorts::from_args(&up_args(&[])).unwrap();
+        assert_eq!(
+            defaults,
+            UpPorts {
+                route: 8083,
+                client: [11211, 11212],
+                link: [11311, 11312],
+                health: [8081, 8082],
+            }
+        );
+        // --client-port alone moves the client ports only: the others keep their defaults
+        // (and a taken one is named with its own flag).
+        let clients = UpPorts::from_args(&up_args(&["--client-port", "22211"])).unwrap();
+        assert_eq!(clients.client, [22211, 22212]);
+        assert_eq!((clients.route, clients.health), (8083, [8081, 8082]));
+        // --any-ports moves every port not set by its flag, the route's included.
+        let any = UpPorts::from_args(&up_args(&["--any-ports", "--route-port", "22083"])).unwrap();
+        assert_eq!(
+            any,
+            UpPorts {
+                route: 22083,
+                client: [0, 0],
+                link: [0, 0],
+                health: [0, 0],
+            }
+        );
+        assert_eq!(
+            UpPorts::from_args(&up_args(&["--any-ports"]))
+                .unwrap()
+                .route,
+            0
+        );
+        let error = UpPorts::from_args(&up_args(&["--health-port", "65535"])).unwrap_err();
+        assert!(error.to_string().contains("--health-port 65535"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smoke_posts_nothing_to_all_and_leaves_its_group() {
+        let store: Arc<dyn Store> = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
+        let registry: AnyRegistry = MemoryRegistry::new().into();
+        let (ticket, link) = (
+            b"smoke-test-ticket-secret".to_vec(),
+            b"smoke-test-link-secret".to_vec(),
+        );
+        let mut servers = Vec::new();
+        for id in ["s1", "s2"] {
+            let node = ServerConfig::new(ServerId::new(id), TicketKeys::new(1, ticket.clone()));
+            let mut options = ServerOptions::new(node, link.clone());
+            options.listen_ip = IpAddr::from([127, 0, 0, 1]);
+            (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+            let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
+                .await
+                .unwrap();
+            servers.push(server);
+        }
+        let mut options = RouteOptions::new(
+            "r1",
+            TicketKeys::new(1, ticket),
+            b"smoke-test-bearer-secret".to_vec(),
+            link,
+        );
+        options.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
+            .await
+            .unwrap();
+        let addr = route.http_addr().to_string();
+
+        // Someone who was there before.
+        let api = cim_io::sdk::RouteApi::new(
+            TokioNet,
+            "127.0.0.1",
+            route.http_addr().port(),
+            Duration::from_secs(5),
+        );
+        let observer = api.register("observer", "observer-password").await.unwrap();
+
+        tokio::time::timeout(Duration::from_secs(60), smoke::run(&addr, None))
+            .await
+            .expect("smoke within 60 s")
+            .expect("smoke passes");
+
+        let login = api
+            .login(&cim_io::api::LoginRequest {
+                user_id: observer.user_id,
+                user_name: "observer".into(),
+                password: "observer-password".into(),
+                resume_token: None,
+            })
+            .await
+            .unwrap();
+        let all = api
+            .history(&login.token, &cim_core::ids::ConvId::All, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(all.head_seq, 0, "smoke posted to all: {all:?}");
+        route.abort();
+        for server in servers {
+            server.abort();
+        }
+    }
 
     #[tokio::test]
     async fn the_up_terminal_restarts_kills_and_starts_servers() {

@@ -52,6 +52,8 @@ use crate::clock::Clock;
 use crate::registry::{RegistryView, ServerMap, SessionHealth};
 use crate::store::Store;
 
+mod health;
+
 /// Largest request body accepted.
 pub(super) const MAX_BODY: usize = 64 * 1024;
 /// Longest history page.
@@ -137,7 +139,9 @@ pub(super) fn router(shared: Shared) -> Router {
         .route("/group/list", get(group_list))
         .route("/history", get(history))
         .route("/openapi.json", get(openapi))
-        .route("/health", get(health))
+        .route("/health", get(health::ready))
+        .route("/health/ready", get(health::ready))
+        .route("/health/live", get(health::live))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -444,8 +448,10 @@ impl FromRequestParts<Shared> for ClientAddr {
 
 /// Counts answers by status class for /metrics.
 async fn count(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+    let (path, started) = (request.uri().path().to_owned(), tokio::time::Instant::now());
     let response = next.run(request).await;
     let c = &shared.counters;
+    c.latency.observe_path(&path, started.elapsed());
     c.http_requests.fetch_add(1, Ordering::Relaxed);
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED {
@@ -998,30 +1004,6 @@ async fn history(
 
 async fn openapi(State(shared): State<Shared>) -> Response {
     axum::Json(&*shared.openapi).into_response()
-}
-
-async fn health(State(shared): State<Shared>) -> Response {
-    let mut failing = Vec::new();
-    match tokio::time::timeout(HEALTH_TIMEOUT, shared.store.health()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => failing.push(format!("store: {e}")),
-        Err(_) => failing.push(format!("store: no answer within {HEALTH_TIMEOUT:?}")),
-    }
-    let registry = *shared.registry_health.borrow();
-    if !registry.is_connected() {
-        failing.push(format!("registry: {registry:?}"));
-    } else if shared.live.has_changed().is_err() {
-        failing.push("registry: the view is closed".to_owned());
-    }
-    if shared.driver.is_closed() {
-        failing.push("driver: stopped".to_owned());
-    }
-    if failing.is_empty() {
-        axum::Json(serde_json::json!({"status": "ok"})).into_response()
-    } else {
-        let body = serde_json::json!({"status": "degraded", "failing": failing});
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
-    }
 }
 
 async fn metrics(State(shared): State<Shared>) -> Response {

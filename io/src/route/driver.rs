@@ -71,6 +71,12 @@ pub(super) struct Counters {
     pub limited_send_user: AtomicU64,
     /// Bearer tokens refused because their session ended.
     pub stale_tokens: AtomicU64,
+    /// Each link's state as its task last saw it, for `/health/ready`.
+    pub link_states: links::LinkStates,
+    /// Login and send latency histograms.
+    pub latency: super::latency::Latency,
+    /// Set by `RouteHandle::begin_drain`: `/health/ready` answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// A request from an HTTP handler, with where its answer goes.
@@ -930,6 +936,9 @@ impl<N: Network> Driver<N> {
             })
             .collect();
         crate::tls::render_stats("cim_route", &tls, &mut out);
+        let labels = format!("route_id=\"{r}\"");
+        c.latency.render(&labels, &mut out);
+        crate::ops_metrics::render_process("cim_route", &labels, &mut out);
         out
     }
 }

@@ -34,6 +34,9 @@ pub(super) const LINK_QUEUE: usize = 1024;
 /// Frames written in one go when several are queued.
 const WRITE_BATCH: usize = 64;
 
+/// Sends awaiting their result whose arrival time a link keeps, for the latency histogram.
+const PENDING_SEND_TIMES: usize = 4 * LINK_QUEUE;
+
 /// Route nonce length: above the 16-byte minimum.
 const NONCE_LEN: usize = 32;
 
@@ -88,6 +91,111 @@ fn kind_name(frame: &Frame) -> String {
         .to_owned()
 }
 
+/// What a link's failures most likely mean, for `/health/ready` and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FailureCause {
+    /// The challenge-response failed: the link secrets differ.
+    Secret,
+    /// The TLS handshake failed: a certificate (or CA) does not match.
+    Certificate,
+    /// Nothing answered at the server's link port.
+    Unreachable,
+    Other,
+}
+
+impl FailureCause {
+    fn of(error: &LinkError) -> Self {
+        match error {
+            LinkError::Refused(_) | LinkError::Auth(_) => Self::Secret,
+            LinkError::Tls(_) => Self::Certificate,
+            LinkError::Connect(_) => Self::Unreachable,
+            _ => Self::Other,
+        }
+    }
+
+    /// What an operator should check, in words.
+    pub(super) fn hint(self) -> &'static str {
+        match self {
+            Self::Secret => {
+                "the server refused this route's link authentication: the link secret \
+                 (CIM_LINK_SECRET / --link-secret) most likely differs between this route and \
+                 the server"
+            }
+            Self::Certificate => {
+                "the TLS handshake on the link failed: check --tls-cert / --tls-ca on this \
+                 route and the server (each must trust the other's CA and carry its role)"
+            }
+            Self::Unreachable => {
+                "nothing answers at the server's link port (--link-port, advertised host): \
+                 the server is down or a firewall is in the way"
+            }
+            Self::Other => "see the route's log for the link error",
+        }
+    }
+}
+
+/// Each live server's link as its task last saw it: up, or failing (and why). Kept by the
+/// link tasks; read by `/health/ready`.
+#[derive(Debug, Default)]
+pub(super) struct LinkStates(
+    std::sync::Mutex<std::collections::BTreeMap<ServerId, (u64, LinkState)>>,
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LinkState {
+    /// Dialling for the first time (or again after a link that was up went down).
+    Dialling,
+    Up,
+    /// The latest attempt failed.
+    Failing(FailureCause),
+}
+
+impl LinkStates {
+    /// `generation`: the link task's, so a replaced task ending late cannot touch the entry
+    /// of the task that replaced it.
+    fn set(&self, server: &ServerId, generation: u64, state: LinkState) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(server.clone(), (generation, state));
+    }
+
+    fn remove(&self, server: &ServerId, generation: u64) {
+        let mut states = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if states.get(server).is_some_and(|(g, _)| *g == generation) {
+            states.remove(server);
+        }
+    }
+
+    /// The state of every link whose task runs.
+    pub(super) fn snapshot(&self) -> Vec<(ServerId, LinkState)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(id, (_, state))| (id.clone(), *state))
+            .collect()
+    }
+}
+
+/// Removes its server's entry when the link task ends (aborted when the server leaves).
+struct StateGuard {
+    counters: Arc<Counters>,
+    server: ServerId,
+    generation: u64,
+}
+
+impl Drop for StateGuard {
+    fn drop(&mut self) {
+        self.counters
+            .link_states
+            .remove(&self.server, self.generation);
+    }
+}
+
 /// Dials and serves `server` until aborted.
 pub(super) async fn run_link<N: Network>(
     net: N,
@@ -102,16 +210,27 @@ pub(super) async fn run_link<N: Network>(
     // next dial uses the other one, and keeps it while it works.
     let mut use_previous = false;
     let mut quiet = QuietFailures::default();
+    counters
+        .link_states
+        .set(&server.id, generation, LinkState::Dialling);
+    let _state = StateGuard {
+        counters: counters.clone(),
+        server: server.id.clone(),
+        generation,
+    };
     loop {
         counters.link_dials.fetch_add(1, Ordering::Relaxed);
         let secret = match (&config.link_secret_previous, use_previous) {
             (Some(previous), true) => previous.as_slice(),
             _ => config.link_secret.as_slice(),
         };
-        let ended = match connect(&net, &server, &config, secret).await {
+        let (ended, was_up) = match connect(&net, &server, &config, secret).await {
             Ok((reader, writer)) => {
                 counters.link_connects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(server = %server.id, "link up");
+                counters
+                    .link_states
+                    .set(&server.id, generation, LinkState::Up);
                 quiet = QuietFailures::default();
                 let (tx, rx) = mpsc::channel(LINK_QUEUE);
                 let up = Input::LinkUp {
@@ -123,7 +242,15 @@ pub(super) async fn run_link<N: Network>(
                     return;
                 }
                 let error = serve(
-                    &clock, &server.id, generation, &config, reader, writer, rx, &to_driver,
+                    &clock,
+                    &server.id,
+                    generation,
+                    &config,
+                    reader,
+                    writer,
+                    rx,
+                    &to_driver,
+                    &counters.latency,
                 )
                 .await;
                 let down = Input::LinkDown {
@@ -133,11 +260,22 @@ pub(super) async fn run_link<N: Network>(
                 if matches!(error, LinkError::DriverGone) || to_driver.send(down).await.is_err() {
                     return;
                 }
-                error
+                // A link that was up and went down (a server restart, a network blip) is not
+                // a failing link until the next dial says so.
+                counters
+                    .link_states
+                    .set(&server.id, generation, LinkState::Dialling);
+                (error, true)
             }
-            Err(error) => error,
+            Err(error) => (error, false),
         };
         counters.link_failures.fetch_add(1, Ordering::Relaxed);
+        if !was_up {
+            let cause = FailureCause::of(&ended);
+            counters
+                .link_states
+                .set(&server.id, generation, LinkState::Failing(cause));
+        }
         if matches!(ended, LinkError::Refused(_)) && config.link_secret_previous.is_some() {
             use_previous = !use_previous;
         }
@@ -167,7 +305,12 @@ impl QuietFailures {
             self.suppressed += 1;
             return;
         }
-        tracing::warn!(server = %server, %error, suppressed = self.suppressed, "link failed; redialling");
+        let cause = FailureCause::of(error);
+        if cause == FailureCause::Other {
+            tracing::warn!(server = %server, %error, suppressed = self.suppressed, "link failed; redialling");
+        } else {
+            tracing::warn!(server = %server, %error, suppressed = self.suppressed, likely_cause = cause.hint(), "link failed; redialling");
+        }
         self.last_logged = Some(now);
         self.suppressed = 0;
     }
@@ -256,6 +399,7 @@ async fn serve<R, W>(
     mut writer: FrameWriter<W>,
     mut rx: mpsc::Receiver<Frame>,
     to_driver: &mpsc::Sender<Input>,
+    latency: &super::latency::Latency,
 ) -> LinkError
 where
     R: AsyncRead + Unpin,
@@ -266,6 +410,10 @@ where
     let mut next_ping = clock.now() + config.ping_interval;
     let mut ping_nonce = 0u64;
     let mut batch: Vec<Frame> = Vec::with_capacity(WRITE_BATCH);
+    // When each send read off this link arrived, by request id, until its result goes back
+    // (for `cim_route_send_seconds`). Bounded: a result that never comes ages out.
+    let mut sends_started: std::collections::BTreeMap<u64, tokio::time::Instant> =
+        std::collections::BTreeMap::new();
     loop {
         let dead_at = last_heard + silence;
         tokio::select! {
@@ -277,7 +425,13 @@ where
                 };
                 last_heard = clock.now();
                 let inbound = match frame.kind {
-                    Some(Kind::RouteSend(send)) => LinkInbound::Send(send),
+                    Some(Kind::RouteSend(send)) => {
+                        if sends_started.len() >= PENDING_SEND_TIMES {
+                            sends_started.pop_first();
+                        }
+                        sends_started.insert(send.request_id, tokio::time::Instant::now());
+                        LinkInbound::Send(send)
+                    }
                     Some(Kind::KickUserDone(done)) => LinkInbound::KickDone(done),
                     Some(Kind::Pong(_)) => continue,
                     Some(Kind::Ping(Ping { nonce })) => {
@@ -314,6 +468,13 @@ where
                     return LinkError::DriverGone;
                 }
                 tracing::debug!(%server, frames = n, "link write");
+                for frame in &batch {
+                    if let Some(Kind::RouteSendResult(result)) = &frame.kind
+                        && let Some(started) = sends_started.remove(&result.request_id)
+                    {
+                        latency.send_link.observe(started.elapsed());
+                    }
+                }
                 let written = writer.write_frames(batch.iter(), config.io_timeout).await;
                 batch.clear();
                 if let Err(e) = written {

@@ -22,6 +22,7 @@
 mod api;
 mod body_errors;
 mod driver;
+mod latency;
 mod limits;
 mod links;
 mod openapi;
@@ -200,6 +201,7 @@ pub enum RouteError {
 #[derive(Debug)]
 pub struct RouteHandle {
     http_addr: SocketAddr,
+    counters: Arc<driver::Counters>,
     cancel: CancellationToken,
     http: JoinHandle<()>,
     driver: JoinHandle<()>,
@@ -211,6 +213,14 @@ impl RouteHandle {
     /// Where the HTTP API listens (the real port when configured with port 0).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Turns `/health/ready` unready (503, "draining") while the route keeps serving, so a
+    /// load balancer stops sending it new requests before [`shutdown`](Self::shutdown).
+    pub fn begin_drain(&self) {
+        self.counters
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops accepting HTTP connections, lets in-flight requests finish (bounded by the
@@ -313,6 +323,7 @@ pub async fn start<N: Network, R: Registry>(
         counters.clone(),
     ));
     let router = api::router(shared);
+    let handle_counters = counters.clone();
 
     let driver = driver::Driver::new(
         net,
@@ -369,6 +380,7 @@ pub async fn start<N: Network, R: Registry>(
     );
     Ok(RouteHandle {
         http_addr,
+        counters: handle_counters,
         cancel,
         http,
         driver,

@@ -1,7 +1,12 @@
-//! Health and metrics over HTTP: `GET /health` (200 when the store answers and the registry
-//! session is up, else 503 saying which part failed) and `GET /metrics` (Prometheus text,
-//! rendered by hand from the node's counters: no global recorder, since `cim up` runs two
-//! servers in one process).
+//! Health and metrics over HTTP, for probes and monitoring:
+//!
+//! - `GET /health/live` (liveness): 200 while the server's driver answers; 503 when it is
+//!   stuck (restart the process).
+//! - `GET /health/ready` and `GET /health` (readiness): 200 when the store answers, the
+//!   registry session is up and the server is neither draining nor withdrawn; else 503 with
+//!   the reasons in words. A draining server turns unready before it stops.
+//! - `GET /metrics`: Prometheus text, rendered by hand from the node's counters (no global
+//!   recorder, since `cim up` runs two servers in one process).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -67,6 +72,8 @@ pub(super) async fn serve<L: Listener, S: Stream>(
     let stats = state.http.clone();
     let app = Router::new()
         .route("/health", get(health::<S>))
+        .route("/health/ready", get(health::<S>))
+        .route("/health/live", get(live::<S>))
         .route("/metrics", get(metrics::<S>))
         .with_state(state);
     // Graceful: on cancellation the listener closes, idle keep-alive connections are closed
@@ -91,6 +98,64 @@ impl<S> HttpState<S> {
     }
 }
 
+/// Liveness: the driver answers. Nothing else (a Redis or ZooKeeper outage is not cured by
+/// restarting this process).
+async fn live<S: Stream>(State(state): State<HttpState<S>>) -> Response {
+    match state.snapshot().await {
+        Some(_) => axum::Json(serde_json::json!({
+            "status": "live",
+            "serverId": state.server_id.as_str(),
+        }))
+        .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "status": "stuck",
+                "serverId": state.server_id.as_str(),
+                "reasons": [format!("driver: no answer within {CHECK_TIMEOUT:?}")],
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// Why the server should take no new clients now, in words; empty when it is ready.
+fn unready_reasons(
+    store: &Result<(), String>,
+    registry: SessionHealth,
+    snapshot: Option<&Snapshot>,
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let Err(error) = store {
+        reasons.push(format!("store: {error}"));
+    }
+    match registry {
+        SessionHealth::Connected => {}
+        SessionHealth::Disconnected { .. } => reasons.push(
+            "registry: the ZooKeeper connection is lost (reconnecting; routes stop placing \
+             users here if it stays lost)"
+                .to_owned(),
+        ),
+        SessionHealth::Expired => reasons.push(
+            "registry: the ZooKeeper session expired (every session was fenced; registering \
+             again)"
+                .to_owned(),
+        ),
+    }
+    match snapshot {
+        None => reasons.push(format!("driver: no answer within {CHECK_TIMEOUT:?}")),
+        Some(s) => {
+            if s.draining {
+                reasons.push("draining: sending every client elsewhere before stopping".into());
+            }
+            if s.withdrawn {
+                reasons.push("withdrawn: out of the registry until the store answers again".into());
+            }
+        }
+    }
+    reasons
+}
+
 async fn health<S: Stream>(State(state): State<HttpState<S>>) -> Response {
     let store = match tokio::time::timeout(CHECK_TIMEOUT, state.store.health()).await {
         Ok(Ok(())) => Ok(()),
@@ -99,14 +164,24 @@ async fn health<S: Stream>(State(state): State<HttpState<S>>) -> Response {
     };
     let registry = *state.registry_health.borrow();
     let snapshot = state.snapshot().await;
-    let healthy = store.is_ok() && registry.is_connected() && snapshot.is_some();
+    let reasons = unready_reasons(&store, registry, snapshot.as_ref());
+    let failing = store.is_err() || !registry.is_connected() || snapshot.is_none();
+    let status_text = if reasons.is_empty() {
+        "ok"
+    } else if failing {
+        "degraded"
+    } else {
+        "draining"
+    };
     let registry_text = match registry {
         SessionHealth::Connected => "connected",
         SessionHealth::Disconnected { .. } => "disconnected",
         SessionHealth::Expired => "expired",
     };
     let body = serde_json::json!({
-        "status": if healthy { "ok" } else { "degraded" },
+        "status": status_text,
+        "ready": reasons.is_empty(),
+        "reasons": reasons,
         "serverId": state.server_id.as_str(),
         "sessions": snapshot.as_ref().map(|s| s.sessions),
         "connections": snapshot.as_ref().map(|s| s.connections),
@@ -120,7 +195,7 @@ async fn health<S: Stream>(State(state): State<HttpState<S>>) -> Response {
         "registry": registry_text,
         "driver": if snapshot.is_some() { "ok" } else { "unresponsive" },
     });
-    let status = if healthy {
+    let status = if reasons.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -328,6 +403,7 @@ fn render_shell_metrics<S>(state: &HttpState<S>, out: &mut String) {
         })
         .collect();
     crate::tls::render_stats("cim_server", &tls, out);
+    crate::ops_metrics::render_process("cim_server", &format!("server_id=\"{id}\""), out);
 }
 
 const KICK_REASONS: [(KickReason, &str); 8] = [
@@ -360,6 +436,40 @@ mod tests {
     use super::*;
     use crate::server::driver::ShellStats;
     use cim_core::server::ServerStats;
+
+    #[test]
+    fn readiness_says_why_in_words_and_a_draining_server_is_unready() {
+        let snapshot = |draining, withdrawn| Snapshot {
+            stats: ServerStats::default(),
+            connections: 0,
+            sessions: 0,
+            links: 1,
+            draining,
+            withdrawn,
+            shell: ShellStats::default(),
+        };
+        let ok = Ok(());
+        let ready = unready_reasons(&ok, SessionHealth::Connected, Some(&snapshot(false, false)));
+        assert!(ready.is_empty(), "{ready:?}");
+        let draining = unready_reasons(&ok, SessionHealth::Connected, Some(&snapshot(true, false)));
+        assert_eq!(draining.len(), 1);
+        assert!(draining[0].starts_with("draining:"), "{draining:?}");
+        let lost = unready_reasons(
+            &Err("connection refused".into()),
+            SessionHealth::Disconnected {
+                since: tokio::time::Instant::now(),
+            },
+            None,
+        );
+        let text = lost.join("\n");
+        assert!(text.contains("store: connection refused"), "{text}");
+        assert!(text.contains("ZooKeeper connection is lost"), "{text}");
+        assert!(text.contains("driver: no answer"), "{text}");
+        assert!(
+            !text.contains("Instant") && !text.contains('{'),
+            "debug output: {text}"
+        );
+    }
 
     #[test]
     fn metrics_render_every_family_with_the_server_label() {

@@ -129,6 +129,8 @@ async fn serve_link<S: Stream>(
             };
             match accepted {
                 Ok(stream) => stream,
+                // Gone before the handshake (a killed or restarting route): nothing refused.
+                Err(crate::tls::AcceptError::Closed) => return,
                 Err(error) => {
                     crate::warn_limited!(
                         settings.warnings,
@@ -153,13 +155,26 @@ async fn serve_link<S: Stream>(
     drop(authenticating);
     let route_id = match handshake {
         Ok(route_id) => route_id,
+        // The route went away before answering (it was killed or restarted, or it dropped a
+        // dial it no longer needs): nothing was refused, so it is no authentication failure.
+        Err(HandshakeError::Read(ReadError::Closed | ReadError::Io(_))) => {
+            tracing::debug!(link, %peer, "route link closed before authenticating");
+            return;
+        }
         Err(error) => {
+            let likely_cause = match error {
+                HandshakeError::Auth(_) => {
+                    "the route's link secret (CIM_LINK_SECRET) differs from this server's"
+                }
+                _ => "not a CIM route, or a route of another version",
+            };
             crate::warn_limited!(
                 settings.warnings,
                 "link auth",
                 link,
                 %peer,
                 %error,
+                likely_cause,
                 "route link failed to authenticate; closing"
             );
             let _ = inputs.send(Input::LinkAuthFailed).await;

@@ -61,19 +61,22 @@ impl Default for RedisOptions {
     }
 }
 
-/// Why [`RedisStore::connect`] refused. No variant ever holds the URL's password: the
-/// address is shown as `host:port`, URLs through [`redact_url`].
+/// Why [`RedisStore::connect`] refused. No variant ever holds the URL's password: URLs are
+/// shown through [`redact_url`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("bad redis url {url}: {reason}")]
     Url { url: String, reason: String },
-    #[error("redis at {addr}: {reason}")]
-    Unreachable { addr: String, reason: String },
+    /// `url` is redacted: no password.
+    #[error("redis at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
     #[error(
-        "redis at {addr}: maxmemory-policy is {policy:?}, not \"noeviction\": Redis could evict \
-         claims and messages; set it to noeviction or pass the override flag"
+        "redis at {url}: maxmemory-policy is {policy:?}, not \"noeviction\": Redis could evict \
+         claims and messages; set `maxmemory-policy noeviction` in Redis, or start with \
+         --allow-eviction (CIM_ALLOW_EVICTION=true, `allow-eviction = true` in the config file) \
+         to run anyway"
     )]
-    EvictionPolicy { addr: String, policy: String },
+    EvictionPolicy { url: String, policy: String },
 }
 
 /// Words an operator can act on for a failed connect or first command. The `redis` crate's
@@ -198,16 +201,27 @@ fn bad_reply(what: &str, v: &Value) -> StoreUnavailable {
 impl RedisStore {
     /// Connects (over TLS for a `rediss://` URL, as `options.tls` says), and checks that
     /// Redis will not evict keys (`maxmemory-policy noeviction`) unless
-    /// `options.allow_eviction`. A failure names the address (`host:port`, never the
-    /// password) and the reason, within about four connect timeouts.
+    /// `options.allow_eviction`. A failure names the URL (never its password) and the
+    /// reason, within about four connect timeouts.
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, ConnectError> {
         let bad_url = |reason: String| ConnectError::Url {
             url: redact_url(url),
             reason,
         };
+        if !url.contains("://") {
+            return Err(ConnectError::Url {
+                url: if url.contains('@') {
+                    "(not shown: it may hold a password)".into()
+                } else {
+                    format!("{url:?}")
+                },
+                reason: "a Redis URL starts with redis:// (or rediss:// for TLS), e.g. \
+                 redis://127.0.0.1:6379 or redis://user:password@host:6379/0"
+                    .into(),
+            });
+        }
         let info = ::redis::IntoConnectionInfo::into_connection_info(url)
             .map_err(|e| bad_url(e.to_string()))?;
-        let addr = info.addr().to_string();
         let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
         let client = if tls {
             install_crypto_provider();
@@ -222,8 +236,9 @@ impl RedisStore {
             ::redis::Client::open(info)
         }
         .map_err(|e| bad_url(e.to_string()))?;
+        let shown = redact_url(url);
         let unreachable = |reason: String| ConnectError::Unreachable {
-            addr: addr.clone(),
+            url: shown.clone(),
             reason,
         };
         let config = ConnectionManagerConfig::new()
@@ -258,7 +273,7 @@ impl RedisStore {
             .unwrap_or_default()
             .to_owned();
         if policy != "noeviction" && !options.allow_eviction {
-            return Err(ConnectError::EvictionPolicy { addr, policy });
+            return Err(ConnectError::EvictionPolicy { url: shown, policy });
         }
         let rng = match options.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
