@@ -185,6 +185,8 @@ pub enum StartError {
     },
     #[error("watch the registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error("store layout: {0}")]
+    Store(String),
 }
 
 /// Why a running route stopped by itself.
@@ -274,6 +276,8 @@ pub async fn start<N: Network, R: Registry>(
     let mut http_limits = options.http;
     http_limits.max_connections =
         crate::fd_limit::clamp_to_process_limit("route HTTP", http_limits.max_connections);
+    // A store written by an older CIM is migrated (once, under a lock) before serving.
+    store.ensure_schema().await.map_err(StartError::Store)?;
     let view = registry.watch().await?;
     let listener = net
         .bind(options.http_listen)

@@ -86,6 +86,7 @@
 //!   single-node form.
 
 mod memory;
+mod migrate;
 mod redis;
 mod redis_tls;
 pub mod remote;
@@ -97,6 +98,7 @@ use cim_core::ids::UnixMillis;
 use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 
 pub use self::memory::MemoryBackend;
+pub use self::migrate::{MigrateError, MigrationReport, NameConflict, SCHEMA_KEY, SCHEMA_VERSION};
 pub use self::redis::{ConnectError, RedisOptions, RedisStore};
 pub use self::redis_tls::{RedisTls, redact_url};
 pub use self::remote::{RemoteOptions, RemoteStore, serve_store, serve_store_on};
@@ -114,4 +116,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the backend answers (a `PING` on Redis).
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>>;
+
+    /// Brings the stored layout to this build's version before a route serves: Redis
+    /// migrates an older layout once, under a lock, and refuses a newer one (see
+    /// `migrate`). Nothing to do for the in-memory backends.
+    fn ensure_schema(&self) -> StoreFuture<'_, Result<(), String>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
