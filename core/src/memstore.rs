@@ -108,12 +108,13 @@ impl MemoryStore {
                 let user = UserId(self.last_user);
                 self.names.insert(key, user);
                 // A new account starts reading `all` here, like a group member at its join.
-                let all_from = self.logs.get(&ConvId::All).map_or(AllFrom::default(), |log| {
-                    AllFrom {
+                let all_from = self
+                    .logs
+                    .get(&ConvId::All)
+                    .map_or(AllFrom::default(), |log| AllFrom {
                         log_epoch: log.log_epoch(),
                         seq: log.head_seq(),
-                    }
-                });
+                    });
                 let account = Account {
                     user,
                     name: name.clone(),
@@ -795,12 +796,7 @@ mod tests {
             StoreReply::Members(vec![])
         );
         assert_eq!(
-            store.apply(
-                NOW,
-                &StoreCommand::LoadNames {
-                    users: vec![u[0]]
-                }
-            ),
+            store.apply(NOW, &StoreCommand::LoadNames { users: vec![u[0]] }),
             StoreReply::Names(vec![(u[0], Some("Bob".into()))])
         );
         // The name stays taken, in any case; the next id is new.

@@ -447,7 +447,9 @@ mod scenarios {
     pub async fn a_new_account_starts_reading_all_at_its_registration(d: &mut Driver<'_>) {
         let first = d.register("first").await;
         for id in 1..=2 {
-            d.append(T0, &ConvId::All, first, id, "early").await.unwrap();
+            d.append(T0, &ConvId::All, first, id, "early")
+                .await
+                .unwrap();
         }
         let late = d.register("late").await;
         d.append(T0, &ConvId::All, first, 3, "after").await.unwrap();
@@ -493,8 +495,13 @@ mod scenarios {
             }
         }
         assert_eq!(
-            d.run(T0, StoreCommand::LoadAccountByName { name: "dave".into() })
-                .await,
+            d.run(
+                T0,
+                StoreCommand::LoadAccountByName {
+                    name: "dave".into()
+                }
+            )
+            .await,
             StoreReply::Account(None)
         );
         let list = |after, limit| StoreCommand::ListAccounts {
@@ -518,7 +525,10 @@ mod scenarios {
             d.run(T0, list(bob.0, 1)).await,
             StoreReply::Accounts(vec![row(carol, "carol")])
         );
-        assert_eq!(d.run(T0, list(carol.0, 5)).await, StoreReply::Accounts(vec![]));
+        assert_eq!(
+            d.run(T0, list(carol.0, 5)).await,
+            StoreReply::Accounts(vec![])
+        );
         assert_eq!(d.run(T0, list(0, 0)).await, StoreReply::Accounts(vec![]));
         let reset = |user, hash: &str| StoreCommand::SetPassword {
             user,
@@ -651,7 +661,8 @@ mod scenarios {
             StoreReply::Claim(state(1, None))
         );
         assert_eq!(
-            d.run(T0, StoreCommand::LoadRoutes { users: vec![bob] }).await,
+            d.run(T0, StoreCommand::LoadRoutes { users: vec![bob] })
+                .await,
             StoreReply::Routes(vec![(bob, None)])
         );
         assert_eq!(
@@ -681,8 +692,13 @@ mod scenarios {
             assert!(d.append(T0, conv, bob, 4, "ghost").await.is_err(), "{conv}");
         }
         assert_eq!(
-            d.run(T0, StoreCommand::LoadMembers { conv: group.clone() })
-                .await,
+            d.run(
+                T0,
+                StoreCommand::LoadMembers {
+                    conv: group.clone()
+                }
+            )
+            .await,
             StoreReply::Members(vec![alice])
         );
         assert_eq!(d.heads(bob).await, vec![]);
@@ -728,9 +744,7 @@ mod scenarios {
             other => panic!("{other:?}"),
         }
         // The surviving user still reads the conversation's history.
-        let (_, seqs) = d
-            .fetch(alice, &private, head_before.log_epoch, 0, 10)
-            .await;
+        let (_, seqs) = d.fetch(alice, &private, head_before.log_epoch, 0, 10).await;
         assert_eq!(seqs, vec![1]);
     }
 

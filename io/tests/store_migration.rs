@@ -240,7 +240,12 @@ async fn a_store_written_by_the_previous_code_is_migrated_in_place() {
     }
     // The unreserved accounts keep their id, name, password and history: they log in by id.
     match store
-        .execute(NOW, StoreCommand::LoadAccount { user: UserId(bob_new) })
+        .execute(
+            NOW,
+            StoreCommand::LoadAccount {
+                user: UserId(bob_new),
+            },
+        )
         .await
         .unwrap()
     {
@@ -272,7 +277,12 @@ async fn a_store_written_by_the_previous_code_is_migrated_in_place() {
     // Running it again changes nothing.
     let again = store.migrate().await.expect("migrate again");
     assert_eq!(
-        (again.from, again.moved, again.duplicates, again.conflicts.len()),
+        (
+            again.from,
+            again.moved,
+            again.duplicates,
+            again.conflicts.len()
+        ),
         (SCHEMA_VERSION, 0, 0, 0)
     );
 }

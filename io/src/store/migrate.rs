@@ -89,11 +89,7 @@ impl RedisStore {
     /// migrate), 1 for data written before versioning.
     pub async fn schema_version(&self) -> Result<u32, MigrateError> {
         let (version, users): (Option<String>, Option<u64>) = self
-            .query_pipe_pub(
-                ::redis::pipe()
-                    .get(SCHEMA_KEY)
-                    .get(super::redis::NEXT_USER),
-            )
+            .query_pipe_pub(::redis::pipe().get(SCHEMA_KEY).get(super::redis::NEXT_USER))
             .await?;
         match version {
             Some(v) => v.parse().map_err(|_| MigrateError::BadVersion(v)),
@@ -159,9 +155,7 @@ impl RedisStore {
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) \
              end return 0",
         );
-        let _: Result<i64, _> = self
-            .invoke_pub(unlock.key(LOCK_KEY).arg(&token))
-            .await;
+        let _: Result<i64, _> = self.invoke_pub(unlock.key(LOCK_KEY).arg(&token)).await;
         result
     }
 

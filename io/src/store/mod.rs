@@ -99,7 +99,7 @@ use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 
 pub use self::memory::MemoryBackend;
 pub use self::migrate::{MigrateError, MigrationReport, NameConflict, SCHEMA_KEY, SCHEMA_VERSION};
-pub use self::redis::{ConnectError, RedisOptions, RedisStore};
+pub use self::redis::{ACCOUNT_CACHE_TTL, ConnectError, RedisOptions, RedisStore};
 pub use self::redis_tls::{RedisTls, redact_url};
 pub use self::remote::{RemoteOptions, RemoteStore, serve_store, serve_store_on};
 

@@ -474,10 +474,7 @@ impl RedisStore {
         self.query(cmd).await
     }
 
-    pub(super) async fn query_pipe_pub<T: ::redis::FromRedisValue>(
-        &self,
-        pipe: &Pipeline,
-    ) -> R<T> {
+    pub(super) async fn query_pipe_pub<T: ::redis::FromRedisValue>(&self, pipe: &Pipeline) -> R<T> {
         self.query_pipe(pipe).await
     }
 
@@ -657,7 +654,15 @@ impl RedisStore {
                     .arg(&all_seq),
             )
             .await?;
-        let [created, user, stored_hash, stored_name, all_epoch, all_seq, deleted] = v.as_slice()
+        let [
+            created,
+            user,
+            stored_hash,
+            stored_name,
+            all_epoch,
+            all_seq,
+            deleted,
+        ] = v.as_slice()
         else {
             return Err(bad_reply("register", &Value::Array(v)));
         };
@@ -795,12 +800,7 @@ impl RedisStore {
     /// the caller hears "deleted".
     async fn delete_account(&self, now: UnixMillis, user: UserId) -> R<StoreReply> {
         let v: Vec<Value> = self
-            .invoke(
-                self.scripts
-                    .tombstone
-                    .key(acct_key(user))
-                    .arg(now.0),
-            )
+            .invoke(self.scripts.tombstone.key(acct_key(user)).arg(now.0))
             .await?;
         let [status, name] = v.as_slice() else {
             return Err(bad_reply("delete account", &Value::Array(v)));
