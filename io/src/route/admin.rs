@@ -53,6 +53,59 @@ impl std::fmt::Debug for AdminOptions {
     }
 }
 
+/// The admin listener from the route's settings: off (`None`) unless an address is given
+/// (`--admin-addr`, or `--admin-port` for 127.0.0.1), and then only with a token of at
+/// least [`MIN_ADMIN_TOKEN_LEN`] bytes, from `--admin-token-file` (its first line) or
+/// `CIM_ADMIN_TOKEN`. Every problem is reported at once, by flag name.
+pub fn admin_options(
+    addr: Option<SocketAddr>,
+    port: Option<u16>,
+    token: Option<&str>,
+    token_file: Option<&std::path::Path>,
+) -> Result<Option<AdminOptions>, String> {
+    let listen = match (addr, port) {
+        (Some(_), Some(_)) => {
+            return Err("give --admin-addr or --admin-port, not both".into());
+        }
+        (Some(addr), None) => Some(addr),
+        (None, Some(port)) => Some(SocketAddr::from(([127, 0, 0, 1], port))),
+        (None, None) => None,
+    };
+    let token = match (token, token_file) {
+        (Some(_), Some(_)) => {
+            return Err("give --admin-token-file or CIM_ADMIN_TOKEN, not both".into());
+        }
+        (Some(token), None) => Some(token.trim().to_owned()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--admin-token-file {}: {e}", path.display()))?;
+            Some(text.lines().next().unwrap_or_default().trim().to_owned())
+        }
+        (None, None) => None,
+    };
+    match (listen, token) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(
+            "an admin token is given but no admin listener: add --admin-addr or --admin-port \
+             (or drop the token)"
+                .into(),
+        ),
+        (Some(_), None) => Err(
+            "the admin listener needs a token: --admin-token-file FILE or CIM_ADMIN_TOKEN \
+             (at least 16 bytes)"
+                .into(),
+        ),
+        (Some(_), Some(token)) if token.len() < MIN_ADMIN_TOKEN_LEN => Err(format!(
+            "the admin token must be at least {MIN_ADMIN_TOKEN_LEN} bytes (it has {})",
+            token.len()
+        )),
+        (Some(listen), Some(token)) => Ok(Some(AdminOptions {
+            listen,
+            token: token.into_bytes(),
+        })),
+    }
+}
+
 /// Shortest admin token accepted: guessing it must be hopeless.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
@@ -579,4 +632,60 @@ pub fn openapi_document() -> Value {
             }}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_settings_table() {
+        let dir = std::env::temp_dir().join(format!("cim-admin-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-a-file-0123456789\nignored\n").unwrap();
+        let addr: SocketAddr = "10.0.0.1:9000".parse().unwrap();
+        let long = "an-admin-token-0123";
+        let ok = |o: Result<Option<AdminOptions>, String>| {
+            o.unwrap()
+                .map(|o| (o.listen.to_string(), String::from_utf8(o.token).unwrap()))
+        };
+        assert_eq!(ok(admin_options(None, None, None, None)), None);
+        assert_eq!(
+            ok(admin_options(Some(addr), None, Some(long), None)),
+            Some(("10.0.0.1:9000".into(), long.into()))
+        );
+        assert_eq!(
+            ok(admin_options(None, Some(8084), None, Some(&file))),
+            Some(("127.0.0.1:8084".into(), "from-a-file-0123456789".into()))
+        );
+        let errors = [
+            (
+                admin_options(Some(addr), Some(1), Some(long), None),
+                "not both",
+            ),
+            (admin_options(Some(addr), None, None, None), "needs a token"),
+            (
+                admin_options(None, None, Some(long), None),
+                "no admin listener",
+            ),
+            (
+                admin_options(Some(addr), None, Some("short"), None),
+                "at least 16",
+            ),
+            (
+                admin_options(Some(addr), None, Some(long), Some(&file)),
+                "not both",
+            ),
+            (
+                admin_options(Some(addr), None, None, Some(&dir.join("missing"))),
+                "--admin-token-file",
+            ),
+        ];
+        for (result, want) in errors {
+            let e = result.unwrap_err();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

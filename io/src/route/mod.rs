@@ -48,7 +48,8 @@ use crate::store::Store;
 use crate::tls::{ClientTls, ServerTls};
 
 pub use self::admin::{
-    AUDIT_TARGET, AdminOptions, MIN_ADMIN_TOKEN_LEN, openapi_document as admin_openapi_document,
+    AUDIT_TARGET, AdminOptions, MIN_ADMIN_TOKEN_LEN, admin_options,
+    openapi_document as admin_openapi_document,
 };
 pub use self::limits::{IpNet, RateLimit, SESSION_CACHE_TTL, parse_trusted_proxies};
 pub use self::openapi::openapi_document;
