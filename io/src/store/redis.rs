@@ -1079,7 +1079,8 @@ impl RedisStore {
         order: Option<SendOrder>,
     ) -> R<StoreReply> {
         // Membership of private conversations and `all` is about accounts, which live under
-        // other tags; they are never deleted, so checking first is as good as inside.
+        // other tags: checked first, from a cache at most `ACCOUNT_CACHE_TTL` old, which a
+        // deletion waits out before it answers (see the module docs).
         let mut pipe = ::redis::pipe();
         match &conv {
             ConvId::Private { low, high } => {
