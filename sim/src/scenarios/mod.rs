@@ -819,12 +819,15 @@ pub fn drive(
     // Where each user started reading `all` (its account's start, in the final log's terms).
     if let Some(log) = history.final_logs.get(&ConvId::All) {
         for &user in &users {
-            if let Some(Ok(StoreReply::Account(Some(account)))) =
-                ready(cluster.store.execute(wall, StoreCommand::LoadAccount { user }))
-            {
+            if let Some(Ok(StoreReply::Account(Some(account)))) = ready(
+                cluster
+                    .store
+                    .execute(wall, StoreCommand::LoadAccount { user }),
+            ) {
                 let floor = account.all_from.floor(log.log_epoch);
                 if floor > 0 {
                     membership.all_from.insert(user, floor);
+                    rec.count("users owed all only after their registration");
                 }
             }
         }
