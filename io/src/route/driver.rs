@@ -505,7 +505,7 @@ impl<N: Network> Driver<N> {
                     below_epoch: below_epoch.0,
                     reason: KickReason::LoggedOut as i32,
                 };
-                self.send_on_link(&server, Kind::KickUser(kick), "admin_kick");
+                self.send_on_link(&server, Kind::KickUser(kick), "kick_user");
             }
         }
     }

@@ -847,9 +847,8 @@ impl RedisStore {
         pipe.del(failures_key(user)).ignore();
         let () = self.query_pipe(&pipe).await?;
         self.known_accounts().clear();
-        if !already {
-            tokio::time::sleep(ACCOUNT_CACHE_TTL).await;
-        }
+        // Also on a retry: the first attempt may have died before its wait.
+        tokio::time::sleep(ACCOUNT_CACHE_TTL).await;
         Ok(StoreReply::AccountDeleted(Some(Deleted {
             name,
             claim: state.claim,
