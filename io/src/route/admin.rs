@@ -146,8 +146,24 @@ pub(super) fn router(shared: Shared) -> Router {
 
 // --- answers and audit ------------------------------------------------------------------
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+/// An error answer: `{"error": "<in words>"}` with its status.
+#[derive(Debug)]
+struct AdminError {
+    status: StatusCode,
+    message: String,
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> AdminError {
+    AdminError {
+        status,
+        message: message.into(),
+    }
 }
 
 /// One audit event. `user` is the path's user (0 when none).
@@ -185,14 +201,14 @@ async fn authenticate(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token",
         );
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token").into_response();
     }
     next.run(request).await
 }
 
 /// The store's answer within the store timeout, or a 503 (the outcome is unknown: every
 /// admin action is safe to repeat).
-async fn store(shared: &AdminShared, command: StoreCommand) -> Result<StoreReply, Response> {
+async fn store(shared: &AdminShared, command: StoreCommand) -> Result<StoreReply, AdminError> {
     let now = shared.clock.wall();
     // A delete on Redis waits out the account cache's TTL before answering.
     let budget = shared.store_timeout * 3 + Duration::from_secs(2);
@@ -206,7 +222,7 @@ async fn store(shared: &AdminShared, command: StoreCommand) -> Result<StoreReply
     }
 }
 
-fn odd(reply: &StoreReply) -> Response {
+fn odd(reply: &StoreReply) -> AdminError {
     error(
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("unexpected store reply {reply:?}"),
@@ -214,7 +230,7 @@ fn odd(reply: &StoreReply) -> Response {
 }
 
 /// A path's user id: a whole number above 0.
-fn user_id(text: &str) -> Result<UserId, Response> {
+fn user_id(text: &str) -> Result<UserId, AdminError> {
     match text.parse::<u64>() {
         Ok(id) if id > 0 && id <= i64::MAX as u64 => Ok(UserId(id)),
         _ => Err(error(
@@ -314,15 +330,20 @@ fn summary_json(row: &AccountSummary) -> Value {
     json!({ "userId": row.user.0, "userName": row.name, "deleted": row.deleted })
 }
 
-fn finish(peer: SocketAddr, action: &str, user: u64, answer: Result<Value, Response>) -> Response {
+fn finish(
+    peer: SocketAddr,
+    action: &str,
+    user: u64,
+    answer: Result<Value, AdminError>,
+) -> Response {
     match answer {
         Ok(body) => {
             audit(peer, action, user, StatusCode::OK, "");
             (StatusCode::OK, axum::Json(body)).into_response()
         }
-        Err(response) => {
-            audit(peer, action, user, response.status(), "");
-            response
+        Err(e) => {
+            audit(peer, action, user, e.status, &e.message);
+            e.into_response()
         }
     }
 }

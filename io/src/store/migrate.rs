@@ -135,7 +135,12 @@ impl RedisStore {
     /// Migrates the layout to [`SCHEMA_VERSION`] under the migration lock (see the module
     /// docs). Safe to run again, and while routes serve (each step is one script).
     pub async fn migrate(&self) -> Result<MigrationReport, MigrateError> {
-        let token = format!("{:032x}", rand::random::<u128>());
+        let token = {
+            use rand::{Rng as _, SeedableRng as _};
+            // Only needs to differ from another process's: OS entropy, once per migration.
+            let mut rng = rand_chacha::ChaCha8Rng::from_os_rng();
+            format!("{:032x}", rng.random::<u128>())
+        };
         let locked: Option<String> = self
             .query_pub(
                 ::redis::cmd("SET")
@@ -177,7 +182,23 @@ impl RedisStore {
             .await
             .map(|_: Value| ())?;
         if from < SCHEMA_VERSION {
-            tracing::info!(?report, "store migrated");
+            tracing::info!(
+                from,
+                to = SCHEMA_VERSION,
+                moved = report.moved,
+                duplicates = report.duplicates,
+                conflicts = report.conflicts.len(),
+                "store layout migrated"
+            );
+            for c in &report.conflicts {
+                tracing::warn!(
+                    name = %c.name,
+                    kept_by = c.kept.0,
+                    unreserved = c.unreserved.0,
+                    "two accounts held this name in different case: the older keeps it; the \
+                     newer logs in by its id (listed in cim:{{names}}:conflicts, docs/admin.md)"
+                );
+            }
         }
         Ok(report)
     }
