@@ -1913,10 +1913,33 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
         0 => LogEpoch(rng.random_range(0..5)),
         _ => CURRENT,
     };
-    match rng.random_range(0..17) {
+    // Names in either case: `n1` and `N1` are one name.
+    let name = |rng: &mut ChaCha8Rng| {
+        let first = if rng.random_range(0..2) == 0 {
+            'n'
+        } else {
+            'N'
+        };
+        format!("{first}{}", rng.random_range(0..5))
+    };
+    match rng.random_range(0..21) {
         0 => StoreCommand::RegisterAccount {
-            name: format!("n{}", rng.random_range(0..5)),
+            name: name(rng),
             password_hash: format!("h{}", rng.random_range(0..2)),
+        },
+        17 => StoreCommand::LoadAccountByName { name: name(rng) },
+        18 => StoreCommand::SetPassword {
+            user: user(rng),
+            password_hash: format!("r{}", rng.random_range(0..2)),
+        },
+        19 => StoreCommand::ListAccounts {
+            after: UserId(rng.random_range(0..4)),
+            limit: rng.random_range(0..4),
+        },
+        // Rare: a deletion on Redis waits out the account cache's second.
+        20 if rng.random_range(0..60) == 0 => StoreCommand::DeleteAccount { user: user(rng) },
+        20 => StoreCommand::LoadNames {
+            users: (0..rng.random_range(0..3)).map(|_| user(rng)).collect(),
         },
         1 => StoreCommand::LoadAccount { user: user(rng) },
         2 => StoreCommand::LoadClaim { user: user(rng) },
@@ -2046,6 +2069,9 @@ async fn random_command_sequences_agree() {
     for outcome in [
         "AccountRegistered(Ok",
         "NameTaken",
+        "AccountDeleted(Some",
+        "PasswordSet { found: true",
+        "Accounts([AccountSummary",
         "ClaimReplaced(Ok(Some",
         "ClaimReplaced(Err",
         "released: true",
