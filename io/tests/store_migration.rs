@@ -318,3 +318,65 @@ async fn the_route_migrates_at_start_once_and_refuses_a_newer_layout() {
     let err = Store::ensure_schema(&store).await.unwrap_err();
     assert!(err.contains("schema 99") && err.contains("newer"), "{err}");
 }
+
+const DEPLOY_DOC: &str = include_str!("../../deploy/README.md");
+const ROUTE_PASSWORD: &str = "route-pw-migrate-0123";
+
+/// The documented `cim-route` ACL line (deploy/README.md) as an ACL file line.
+fn documented_route_acl() -> String {
+    let line = DEPLOY_DOC
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ACL SETUSER cim-route "))
+        .expect("deploy/README.md has the cim-route ACL line");
+    line.replace("ACL SETUSER ", "user ")
+        .replace(">ROUTE-PASSWORD", &format!(">{ROUTE_PASSWORD}"))
+}
+
+/// A route logged in as the documented `cim-route` ACL user can migrate, and run every new
+/// account command (a tombstone, a reset, the listing, a look-up by name).
+#[tokio::test]
+async fn the_documented_route_acl_allows_the_migration_and_the_account_commands() {
+    let Some(server) = RedisServer::start_with(cim_testkit::RedisSetup {
+        acl: vec![
+            "user default on nopass ~* &* +@all".into(),
+            documented_route_acl(),
+        ],
+        ..cim_testkit::RedisSetup::default()
+    }) else {
+        return;
+    };
+    let mut conn = raw(&server).await;
+    old_register(&mut conn, "Old").await;
+    let store = RedisStore::connect(
+        &server.url_as("cim-route", ROUTE_PASSWORD),
+        RedisOptions::default(),
+    )
+    .await
+    .expect("connect as cim-route");
+    Store::ensure_schema(&store)
+        .await
+        .expect("migrates as cim-route");
+    assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(by_name(&store, "old").await, Some(UserId(1)));
+    let new = register(&store, "New")
+        .await
+        .expect("registers as cim-route");
+    for command in [
+        StoreCommand::SetPassword {
+            user: new,
+            password_hash: "phc-reset".into(),
+        },
+        StoreCommand::ListAccounts {
+            after: UserId(0),
+            limit: 10,
+        },
+        StoreCommand::DeleteAccount { user: new },
+    ] {
+        store
+            .execute(NOW, command.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{command:?} as cim-route: {e}"));
+    }
+    assert_eq!(register(&store, "NEW").await, Err(NameTaken));
+}
