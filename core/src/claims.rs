@@ -243,6 +243,10 @@ impl ClaimTable {
             StoreCommand::LoadRoutes { users } => StoreReply::Routes(self.routes(users, now)),
             StoreCommand::RegisterAccount { .. }
             | StoreCommand::LoadAccount { .. }
+            | StoreCommand::LoadAccountByName { .. }
+            | StoreCommand::ListAccounts { .. }
+            | StoreCommand::SetPassword { .. }
+            | StoreCommand::DeleteAccount { .. }
             | StoreCommand::LoadNames { .. }
             | StoreCommand::LoadMembers { .. }
             | StoreCommand::Append { .. }

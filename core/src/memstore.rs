@@ -16,7 +16,8 @@ use crate::claims::ClaimTable;
 use crate::conv_log::ConversationLog;
 use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
 use crate::store::{
-    Account, AppendError, ConvHead, LoginFailures, NameTaken, OnlineEntry, StoreCommand, StoreReply,
+    Account, AccountSummary, AllFrom, AppendError, ConvHead, Deleted, LoginFailures, NameTaken,
+    OnlineEntry, StoreCommand, StoreReply,
 };
 
 #[derive(Debug, Clone)]
@@ -50,8 +51,14 @@ struct Group {
 pub struct MemoryStore {
     config: MemoryStoreConfig,
     rng: ChaCha8Rng,
+    /// Every account ever registered, tombstones included (see `deleted`).
     accounts: BTreeMap<UserId, Account>,
-    /// Account names in ASCII lowercase: one account per name whatever its case.
+    /// The last id issued: ids are never reused, not even a deleted account's.
+    last_user: u64,
+    /// Tombstoned accounts (`DeleteAccount`): they keep their id, name and record.
+    deleted: BTreeSet<UserId>,
+    /// Account names in ASCII lowercase: one account per name whatever its case. A
+    /// tombstone keeps its name.
     names: BTreeMap<String, UserId>,
     claims: ClaimTable,
     logs: BTreeMap<ConvId, ConversationLog>,
@@ -70,6 +77,8 @@ impl MemoryStore {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             config,
             accounts: BTreeMap::new(),
+            last_user: 0,
+            deleted: BTreeSet::new(),
             names: BTreeMap::new(),
             claims: ClaimTable::default(),
             logs: BTreeMap::new(),
@@ -95,18 +104,61 @@ impl MemoryStore {
                 if self.names.contains_key(&key) {
                     return StoreReply::AccountRegistered(Err(NameTaken));
                 }
-                let user = UserId(self.accounts.len() as u64 + 1);
+                self.last_user += 1;
+                let user = UserId(self.last_user);
                 self.names.insert(key, user);
+                // A new account starts reading `all` here, like a group member at its join.
+                let all_from = self
+                    .logs
+                    .get(&ConvId::All)
+                    .map_or(AllFrom::default(), |log| AllFrom {
+                        log_epoch: log.log_epoch(),
+                        seq: log.head_seq(),
+                    });
                 let account = Account {
                     user,
                     name: name.clone(),
                     password_hash: password_hash.clone(),
+                    all_from,
                 };
                 self.accounts.insert(user, account);
                 StoreReply::AccountRegistered(Ok(user))
             }
             StoreCommand::LoadAccount { user } => {
-                StoreReply::Account(self.accounts.get(user).cloned())
+                StoreReply::Account(self.live_account(*user).cloned())
+            }
+            StoreCommand::LoadAccountByName { name } => StoreReply::Account(
+                self.names
+                    .get(&name.to_ascii_lowercase())
+                    .and_then(|user| self.live_account(*user))
+                    .cloned(),
+            ),
+            StoreCommand::ListAccounts { after, limit } => StoreReply::Accounts(
+                self.accounts
+                    .range(UserId(after.0.saturating_add(1))..)
+                    .take(*limit as usize)
+                    .map(|(user, account)| AccountSummary {
+                        user: *user,
+                        name: account.name.clone(),
+                        deleted: self.deleted.contains(user),
+                    })
+                    .collect(),
+            ),
+            StoreCommand::SetPassword {
+                user,
+                password_hash,
+            } => {
+                let found = !self.deleted.contains(user);
+                match self.accounts.get_mut(user) {
+                    Some(account) if found => {
+                        account.password_hash = password_hash.clone();
+                        StoreReply::PasswordSet { found: true }
+                    }
+                    _ => StoreReply::PasswordSet { found: false },
+                }
+            }
+            StoreCommand::DeleteAccount { user } => {
+                StoreReply::AccountDeleted(self.delete_account(*user))
             }
             StoreCommand::LoadNames { users } => StoreReply::Names(
                 users
@@ -211,6 +263,7 @@ impl MemoryStore {
             StoreCommand::ListOnline { limit } => StoreReply::Online(
                 self.accounts
                     .values()
+                    .filter(|account| !self.deleted.contains(&account.user))
                     .filter_map(|account| {
                         let (_, route) = self.claims.routes(&[account.user], now).pop()?;
                         Some(OnlineEntry {
@@ -272,6 +325,37 @@ impl MemoryStore {
         }
     }
 
+    /// The account if it exists and is not a tombstone.
+    fn live_account(&self, user: UserId) -> Option<&Account> {
+        self.accounts
+            .get(&user)
+            .filter(|_| !self.deleted.contains(&user))
+    }
+
+    fn delete_account(&mut self, user: UserId) -> Option<Deleted> {
+        let name = self.accounts.get(&user)?.name.clone();
+        if !self.deleted.insert(user) {
+            return Some(Deleted {
+                name,
+                claim: None,
+                already: true,
+            });
+        }
+        let claim = self.claims.load(user).claim;
+        if let Some(claim) = &claim {
+            self.claims.release(user, claim.epoch);
+        }
+        for group in self.groups.values_mut() {
+            group.members.remove(&user);
+        }
+        self.login_failures.remove(&user);
+        Some(Deleted {
+            name,
+            claim,
+            already: false,
+        })
+    }
+
     fn members(&self, conv: &ConvId) -> Vec<UserId> {
         match conv {
             ConvId::All => Vec::new(),
@@ -286,7 +370,7 @@ impl MemoryStore {
 
     fn may_read(&self, user: UserId, conv: &ConvId) -> bool {
         match conv {
-            ConvId::All => self.accounts.contains_key(&user),
+            ConvId::All => self.live_account(user).is_some(),
             ConvId::Group(name) => self
                 .groups
                 .get(name)
@@ -323,7 +407,7 @@ impl MemoryStore {
                 return Err(AppendError::UnknownConversation);
             }
             ConvId::Private { low, high }
-                if !self.accounts.contains_key(low) || !self.accounts.contains_key(high) =>
+                if self.live_account(*low).is_none() || self.live_account(*high).is_none() =>
             {
                 return Err(AppendError::UnknownConversation);
             }
@@ -360,7 +444,7 @@ impl MemoryStore {
 
     /// The user's conversations that have a log, with heads and cursors.
     fn heads(&self, user: UserId) -> Vec<ConvHead> {
-        if !self.accounts.contains_key(&user) {
+        if self.live_account(user).is_none() {
             return Vec::new();
         }
         let mut convs: BTreeSet<ConvId> = BTreeSet::from([ConvId::All]);
@@ -400,12 +484,21 @@ impl MemoryStore {
             Some((epoch, seq)) if *epoch == log.log_epoch() => *seq,
             _ => 0,
         };
+        // `all` before the account's start stays fetchable history; only the cursor (what
+        // the account is owed) starts there.
+        let all_floor = match conv {
+            ConvId::All => self
+                .accounts
+                .get(&user)
+                .map_or(0, |a| a.all_from.floor(log.log_epoch())),
+            _ => 0,
+        };
         ConvHead {
             conv: conv.clone(),
             log_epoch: log.log_epoch(),
             head_seq: log.head_seq(),
             first_available_seq: log.first_available_seq().max(joined_at + 1),
-            cursor_seq: cursor.max(joined_at),
+            cursor_seq: cursor.max(joined_at).max(all_floor),
         }
     }
 }
@@ -602,6 +695,140 @@ mod tests {
             append(&mut store, &group, u[1], 9),
             StoreReply::Appended(Err(AppendError::NotMember))
         );
+    }
+
+    #[test]
+    fn a_new_account_starts_reading_all_at_its_registration() {
+        let (mut store, u) = store_with_users(&["a"]);
+        for id in 1..=3 {
+            append(&mut store, &ConvId::All, u[0], id);
+        }
+        let (_, late) = {
+            let command = StoreCommand::RegisterAccount {
+                name: "late".into(),
+                password_hash: "phc".into(),
+            };
+            match store.apply(NOW, &command) {
+                StoreReply::AccountRegistered(Ok(user)) => ((), user),
+                other => panic!("{other:?}"),
+            }
+        };
+        append(&mut store, &ConvId::All, u[0], 4);
+        let head = heads(&mut store, late)[0].clone();
+        // Owed from seq 4 on; 1..=3 are history it may still fetch.
+        assert_eq!(
+            (head.head_seq, head.first_available_seq, head.cursor_seq),
+            (4, 1, 3)
+        );
+        let fetch = StoreCommand::Fetch {
+            user: late,
+            conv: ConvId::All,
+            log_epoch: head.log_epoch,
+            after_seq: 0,
+            limit: 100,
+        };
+        match store.apply(NOW, &fetch) {
+            StoreReply::Fetched { messages, .. } => assert_eq!(messages.len(), 4),
+            other => panic!("{other:?}"),
+        }
+        // The first account, registered before any message, owes everything.
+        assert_eq!(heads(&mut store, u[0])[0].cursor_seq, 0);
+        match store.apply(NOW, &StoreCommand::LoadAccount { user: late }) {
+            StoreReply::Account(Some(account)) => {
+                assert_eq!(account.all_from.seq, 3);
+                assert_eq!(account.all_from.floor(head.log_epoch), 3);
+                assert_eq!(account.all_from.floor(LogEpoch(head.log_epoch.0 ^ 1)), 0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_ignore_case_and_a_tombstone_keeps_its_id_and_name() {
+        let (mut store, u) = store_with_users(&["Bob", "carol"]);
+        let register = |name: &str| StoreCommand::RegisterAccount {
+            name: name.into(),
+            password_hash: "x".into(),
+        };
+        assert_eq!(
+            store.apply(NOW, &register("bob")),
+            StoreReply::AccountRegistered(Err(NameTaken))
+        );
+        match store.apply(NOW, &StoreCommand::LoadAccountByName { name: "BOB".into() }) {
+            StoreReply::Account(Some(a)) => assert_eq!((a.user, a.name.as_str()), (u[0], "Bob")),
+            other => panic!("{other:?}"),
+        }
+        let private = ConvId::private(u[0], u[1]).unwrap();
+        assert_eq!(seq_of(append(&mut store, &private, u[1], 1)), 1);
+        let group = ConvId::group("g").unwrap();
+        store.apply(
+            NOW,
+            &StoreCommand::CreateGroup {
+                conv: group.clone(),
+                owner: u[0],
+            },
+        );
+        match store.apply(NOW, &StoreCommand::DeleteAccount { user: u[0] }) {
+            StoreReply::AccountDeleted(Some(d)) => {
+                assert_eq!((d.name.as_str(), d.already), ("Bob", false));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Gone for login, messages and membership; named still for old messages.
+        assert_eq!(
+            store.apply(NOW, &StoreCommand::LoadAccount { user: u[0] }),
+            StoreReply::Account(None)
+        );
+        assert_eq!(
+            store.apply(NOW, &StoreCommand::LoadAccountByName { name: "bob".into() }),
+            StoreReply::Account(None)
+        );
+        assert_eq!(
+            append(&mut store, &private, u[1], 2),
+            StoreReply::Appended(Err(AppendError::UnknownConversation))
+        );
+        assert_eq!(
+            append(&mut store, &ConvId::All, u[0], 3),
+            StoreReply::Appended(Err(AppendError::NotMember))
+        );
+        assert_eq!(
+            store.apply(NOW, &StoreCommand::LoadMembers { conv: group }),
+            StoreReply::Members(vec![])
+        );
+        assert_eq!(
+            store.apply(NOW, &StoreCommand::LoadNames { users: vec![u[0]] }),
+            StoreReply::Names(vec![(u[0], Some("Bob".into()))])
+        );
+        // The name stays taken, in any case; the next id is new.
+        assert_eq!(
+            store.apply(NOW, &register("BOB")),
+            StoreReply::AccountRegistered(Err(NameTaken))
+        );
+        assert_eq!(
+            store.apply(NOW, &register("dave")),
+            StoreReply::AccountRegistered(Ok(UserId(3)))
+        );
+        match store.apply(NOW, &StoreCommand::DeleteAccount { user: u[0] }) {
+            StoreReply::AccountDeleted(Some(d)) => assert!(d.already),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            store.apply(NOW, &StoreCommand::DeleteAccount { user: UserId(99) }),
+            StoreReply::AccountDeleted(None)
+        );
+        match store.apply(
+            NOW,
+            &StoreCommand::ListAccounts {
+                after: UserId(0),
+                limit: 2,
+            },
+        ) {
+            StoreReply::Accounts(list) => {
+                let rows: Vec<_> = list.iter().map(|a| (a.user.0, a.deleted)).collect();
+                assert_eq!(rows, vec![(1, true), (2, false)]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -936,9 +936,18 @@ impl RouteLogin {
             retries_lost_answer: false,
             lost_races: 0,
         };
+        // Id 0 is no account: the login names its account by name alone (a client that
+        // lost its state, or "the name is taken: log in as that user").
+        let command = if request.user == UserId(0) {
+            StoreCommand::LoadAccountByName {
+                name: request.name.clone(),
+            }
+        } else {
+            StoreCommand::LoadAccount { user: request.user }
+        };
         self.send(
             now,
-            StoreCommand::LoadAccount { user: request.user },
+            command,
             Step::LoadAccount {
                 api,
                 login,
@@ -1015,10 +1024,15 @@ impl RouteLogin {
                 match account {
                     Some(a) => {
                         let check = PasswordCheck {
-                            account_ok: a.user == login.user && a.name == name,
+                            // Names are one account regardless of ASCII case (`Bob` is
+                            // `bob`); an id of 0 asked by name, so any id is this one.
+                            account_ok: (a.user == login.user || login.user == UserId(0))
+                                && a.name.eq_ignore_ascii_case(&name),
                             phc: a.password_hash,
                             password,
                         };
+                        let mut login = login;
+                        login.user = a.user;
                         // Counted before it is checked, starting from the usual case (no
                         // failures on record); the reply corrects the guess.
                         self.count_failure(now, api, login, check, LoginFailures::default(), 0);
@@ -1702,6 +1716,7 @@ mod tests {
                             user,
                             name: name.clone(),
                             password_hash: password_hash.clone(),
+                            all_from: Default::default(),
                         },
                     );
                     StoreReply::AccountRegistered(Ok(user))
@@ -1709,6 +1724,12 @@ mod tests {
                 StoreCommand::LoadAccount { user } => {
                     StoreReply::Account(self.accounts.get(user).cloned())
                 }
+                StoreCommand::LoadAccountByName { name } => StoreReply::Account(
+                    self.accounts
+                        .values()
+                        .find(|a| a.name.eq_ignore_ascii_case(name))
+                        .cloned(),
+                ),
                 StoreCommand::CountLoginFailure { user, expected, .. } => {
                     let current = self.failures.get(user).copied().unwrap_or_default();
                     if current.count != *expected {
@@ -1996,6 +2017,28 @@ mod tests {
             assert_eq!(e.code(), "9100");
         }
         assert_eq!(h.store.claims.load(UserId(1)), ClaimState::default());
+    }
+
+    #[test]
+    fn names_ignore_case_and_id_zero_logs_in_by_name() {
+        let cases: &[(&str, u64, &str, &str, Option<u64>)] = &[
+            ("as registered", 1, "alice", "pw", Some(1)),
+            ("other case", 1, "ALICE", "pw", Some(1)),
+            ("mixed case", 1, "aLiCe", "pw", Some(1)),
+            ("by name, id 0", 0, "Alice", "pw", Some(1)),
+            ("by name, wrong password", 0, "alice", "nope", None),
+            ("by unknown name", 0, "mallory", "pw", None),
+            ("other case, wrong id", 2, "ALICE", "pw", None),
+        ];
+        for (label, user, name, pw, want) in cases {
+            let mut h = Harness::with_alice(&["s1"]);
+            h.start_login(0, *user, name, pw, None);
+            let events = h.run(0);
+            match want {
+                Some(id) => assert_eq!(login_ok(&events).user, UserId(*id), "{label}"),
+                None => assert_eq!(login_err(&events), LoginError::AccountMismatch, "{label}"),
+            }
+        }
     }
 
     #[test]

@@ -25,9 +25,58 @@ pub struct StoreRequest {
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub user: UserId,
+    /// As first registered (case kept); unique regardless of ASCII case.
     pub name: String,
     /// PHC string (argon2id), see `accounts`.
     pub password_hash: String,
+    /// Where the account starts reading `all`: the log's head when it registered.
+    pub all_from: AllFrom,
+}
+
+/// Where an account starts reading `all`, like a group member's join seq: the `all` log's
+/// epoch and head seq when the account was registered. Messages of that log up to `seq`
+/// are history the account may fetch (`:his all`), never a backlog it is owed: its head
+/// reports `cursor_seq` at least `seq`. A log with another epoch was created after the
+/// registration (logs are only ever replaced by newer ones), so all of it is owed.
+/// Accounts registered before the store recorded this start at 0 (everything, as before).
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, Hash,
+)]
+pub struct AllFrom {
+    /// `LogEpoch(0)`: no `all` log existed at registration.
+    pub log_epoch: LogEpoch,
+    pub seq: u64,
+}
+
+impl AllFrom {
+    /// The seq after which the account is owed messages of the `all` log with `log_epoch`.
+    pub fn floor(self, log_epoch: LogEpoch) -> u64 {
+        if log_epoch == self.log_epoch {
+            self.seq
+        } else {
+            0
+        }
+    }
+}
+
+/// One row of [`StoreCommand::ListAccounts`] (the admin listing).
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AccountSummary {
+    pub user: UserId,
+    pub name: String,
+    /// Tombstoned by [`StoreCommand::DeleteAccount`].
+    pub deleted: bool,
+}
+
+/// What [`StoreCommand::DeleteAccount`] did.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub name: String,
+    /// The claim that was live or lapsed at deletion (now released): the route kicks its
+    /// server's session. `None` if the user had none.
+    pub claim: Option<Claim>,
+    /// Already tombstoned before this command (a retry): nothing changed.
+    pub already: bool,
 }
 
 /// A user's login claim: which server the user's one session may live on, under which epoch.
@@ -172,7 +221,35 @@ pub enum StoreCommand {
         name: String,
         password_hash: String,
     },
+    /// The account, `None` if there is none or it was deleted (a tombstone logs in,
+    /// receives and sends nothing).
     LoadAccount {
+        user: UserId,
+    },
+    /// The account whose name equals `name` ignoring ASCII case, `None` if there is none
+    /// or it was deleted.
+    LoadAccountByName {
+        name: String,
+    },
+    /// Accounts with ids above `after`, ascending, at most `limit` (tombstones included,
+    /// marked). Ids are never reused, so paging by id sees every account once.
+    ListAccounts {
+        after: UserId,
+        limit: u32,
+    },
+    /// Replace an account's password hash (admin reset). `found: false` for an unknown or
+    /// deleted account.
+    SetPassword {
+        user: UserId,
+        password_hash: String,
+    },
+    /// Tombstone an account: from now on it cannot log in, no message to or from it is
+    /// appended (private conversations with it are `UnknownConversation`, `all` and groups
+    /// `NotMember`), it is no longer a member of any group, its claim and route record are
+    /// released and its failed-login record forgotten. Its id is never issued again and its
+    /// name stays taken (a later registration of it is `NameTaken`); `LoadNames` still
+    /// names it, so old messages keep their sender. Idempotent.
+    DeleteAccount {
         user: UserId,
     },
     /// The account names of these users, in the order asked (`None` for an id without an
@@ -284,6 +361,12 @@ pub enum StoreCommand {
 pub enum StoreReply {
     AccountRegistered(Result<UserId, NameTaken>),
     Account(Option<Account>),
+    Accounts(Vec<AccountSummary>),
+    PasswordSet {
+        found: bool,
+    },
+    /// `None`: no such account (never registered).
+    AccountDeleted(Option<Deleted>),
     Names(Vec<(UserId, Option<String>)>),
     Claim(ClaimState),
     /// `Ok` carries the claim that was replaced, as it stood at that moment (its lease may

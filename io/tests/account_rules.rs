@@ -129,6 +129,20 @@ async fn names_are_unique_regardless_of_case_shown_as_typed_and_all_is_reserved(
     assert_eq!(status, StatusCode::OK);
     // No server is live in this test: the password was right, the placement failed.
     assert_eq!(v["code"], "7100", "{v}");
+    // Login ignores the name's case too, and id 0 logs in by name alone (a client that
+    // lost its state). 7100: the account and password were right; 9100: they were not.
+    for (user, name, password, code) in [
+        (bob, "bob", "bobs-password", "7100"),
+        (bob, "BOB", "bobs-password", "7100"),
+        (0, "bOb", "bobs-password", "7100"),
+        (0, "bob", "wrong-password", "9100"),
+        (0, "nobody", "bobs-password", "9100"),
+        (bob + 1, "bob", "bobs-password", "9100"),
+    ] {
+        let login = json!({"userId": user, "userName": name, "password": password});
+        let (_, v) = route.post_raw("/login", &login.to_string()).await;
+        assert_eq!(v["code"], code, "{user} {name} {password}: {v}");
+    }
 
     for reserved in ["all", "ALL", "All", "aLl"] {
         refused(

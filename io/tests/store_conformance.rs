@@ -167,6 +167,10 @@ impl<'a> Driver<'a> {
                 head: self.norm_head(head),
                 messages: messages.into_iter().map(|m| self.norm_message(m)).collect(),
             },
+            StoreReply::Account(Some(mut account)) => {
+                account.all_from.log_epoch = self.norm(account.all_from.log_epoch);
+                StoreReply::Account(Some(account))
+            }
             other => other,
         }
     }
@@ -410,6 +414,9 @@ conformance!(
     groups_create_join_leave,
     online_lists_users_with_live_bound_routes,
     login_failures_compare_and_count_and_forget,
+    a_new_account_starts_reading_all_at_its_registration,
+    accounts_by_name_listed_and_password_reset,
+    a_deleted_account_is_a_tombstone,
 );
 
 fn claim(epoch: u64, server: &str, lease: u64, token: u8) -> Claim {
@@ -434,6 +441,312 @@ fn s(name: &str) -> ServerId {
 
 mod scenarios {
     use super::*;
+
+    /// Item 4: a new account owes nothing of `all` before its registration (its head's
+    /// cursor starts at the head it registered at), yet may fetch that history.
+    pub async fn a_new_account_starts_reading_all_at_its_registration(d: &mut Driver<'_>) {
+        let first = d.register("first").await;
+        for id in 1..=2 {
+            d.append(T0, &ConvId::All, first, id, "early")
+                .await
+                .unwrap();
+        }
+        let late = d.register("late").await;
+        d.append(T0, &ConvId::All, first, 3, "after").await.unwrap();
+        let head = d.head_of(late, &ConvId::All).await.expect("all has a log");
+        assert_eq!((head.head_seq, head.cursor_seq), (3, 2));
+        // The first account registered before the log existed: it owes everything.
+        let head_first = d.head_of(first, &ConvId::All).await.unwrap();
+        assert_eq!(head_first.cursor_seq, 0);
+        // Earlier history is still there on request.
+        let (fetched_head, seqs) = d.fetch(late, &ConvId::All, head.log_epoch, 0, 10).await;
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(fetched_head.cursor_seq, 2);
+        match d.run(T0, StoreCommand::LoadAccount { user: late }).await {
+            StoreReply::Account(Some(a)) => {
+                assert_eq!(a.all_from.seq, 2);
+                assert_eq!(a.all_from.floor(head.log_epoch), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A cursor beyond the start wins.
+        d.run(
+            T0,
+            StoreCommand::AdvanceCursors {
+                user: late,
+                cursors: vec![(ConvId::All, head.log_epoch, 3)],
+            },
+        )
+        .await;
+        assert_eq!(d.head_of(late, &ConvId::All).await.unwrap().cursor_seq, 3);
+    }
+
+    /// Login by name ignores case; the admin listing pages by id; a password reset.
+    pub async fn accounts_by_name_listed_and_password_reset(d: &mut Driver<'_>) {
+        let bob = d.register("Bob").await;
+        let carol = d.register("carol").await;
+        for name in ["bob", "BOB", "Bob"] {
+            match d
+                .run(T0, StoreCommand::LoadAccountByName { name: name.into() })
+                .await
+            {
+                StoreReply::Account(Some(a)) => assert_eq!((a.user, &*a.name), (bob, "Bob")),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::LoadAccountByName {
+                    name: "dave".into()
+                }
+            )
+            .await,
+            StoreReply::Account(None)
+        );
+        let list = |after, limit| StoreCommand::ListAccounts {
+            after: UserId(after),
+            limit,
+        };
+        let row = |user: UserId, name: &str| cim_core::store::AccountSummary {
+            user,
+            name: name.into(),
+            deleted: false,
+        };
+        assert_eq!(
+            d.run(T0, list(0, 10)).await,
+            StoreReply::Accounts(vec![row(bob, "Bob"), row(carol, "carol")])
+        );
+        assert_eq!(
+            d.run(T0, list(0, 1)).await,
+            StoreReply::Accounts(vec![row(bob, "Bob")])
+        );
+        assert_eq!(
+            d.run(T0, list(bob.0, 1)).await,
+            StoreReply::Accounts(vec![row(carol, "carol")])
+        );
+        assert_eq!(
+            d.run(T0, list(carol.0, 5)).await,
+            StoreReply::Accounts(vec![])
+        );
+        assert_eq!(d.run(T0, list(0, 0)).await, StoreReply::Accounts(vec![]));
+        let reset = |user, hash: &str| StoreCommand::SetPassword {
+            user,
+            password_hash: hash.into(),
+        };
+        assert_eq!(
+            d.run(T0, reset(carol, "phc-new")).await,
+            StoreReply::PasswordSet { found: true }
+        );
+        assert_eq!(
+            d.run(T0, reset(UserId(99), "x")).await,
+            StoreReply::PasswordSet { found: false }
+        );
+        match d.run(T0, StoreCommand::LoadAccount { user: carol }).await {
+            StoreReply::Account(Some(a)) => assert_eq!(a.password_hash, "phc-new"),
+            other => panic!("{other:?}"),
+        }
+        // A second registration attempt of the name never undoes the reset.
+        let again = StoreCommand::RegisterAccount {
+            name: "CAROL".into(),
+            password_hash: "phc-again".into(),
+        };
+        assert_eq!(
+            d.run(T0, again).await,
+            StoreReply::AccountRegistered(Err(NameTaken))
+        );
+        match d.run(T0, StoreCommand::LoadAccount { user: carol }).await {
+            StoreReply::Account(Some(a)) => assert_eq!(a.password_hash, "phc-new"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Item 16: deletion is a tombstone. The rules that relied on "accounts are never
+    /// deleted" still hold: nothing is appended to, from or for the deleted account, it is
+    /// in no group, has no claim, route or presence, its id is never reissued and its name
+    /// stays taken in every case; old messages keep their sender's name.
+    pub async fn a_deleted_account_is_a_tombstone(d: &mut Driver<'_>) {
+        let alice = d.register("alice").await;
+        let bob = d.register("Bob").await;
+        let private = ConvId::private(alice, bob).unwrap();
+        d.append(T0, &private, alice, 1, "hi bob").await.unwrap();
+        d.append(T0, &ConvId::All, bob, 2, "hi all").await.unwrap();
+        let group = ConvId::group("g").unwrap();
+        d.group(StoreCommand::CreateGroup {
+            conv: group.clone(),
+            owner: alice,
+        })
+        .await;
+        d.group(StoreCommand::JoinGroup {
+            conv: group.clone(),
+            user: bob,
+        })
+        .await;
+        // bob online on s1.
+        d.run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: bob,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 6_000, 1),
+            },
+        )
+        .await;
+        d.run(
+            T0,
+            StoreCommand::BindSession {
+                user: bob,
+                epoch: Epoch(1),
+                server: s("s1"),
+                lease_until: UnixMillis(T0 + 6_000),
+            },
+        )
+        .await;
+        d.run(
+            T0,
+            StoreCommand::CountLoginFailure {
+                user: bob,
+                expected: 0,
+                forget_after: Duration::from_secs(60),
+            },
+        )
+        .await;
+        let head_before = d.head_of(alice, &private).await.unwrap();
+
+        match d.run(T0, StoreCommand::DeleteAccount { user: bob }).await {
+            StoreReply::AccountDeleted(Some(deleted)) => {
+                assert_eq!(deleted.name, "Bob");
+                assert!(!deleted.already);
+                assert_eq!(deleted.claim, Some(claim(1, "s1", T0 + 6_000, 1)));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Idempotent; unknown ids are no account.
+        match d.run(T0, StoreCommand::DeleteAccount { user: bob }).await {
+            StoreReply::AccountDeleted(Some(deleted)) => {
+                assert!(deleted.already);
+                assert_eq!(deleted.claim, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            d.run(T0, StoreCommand::DeleteAccount { user: UserId(99) })
+                .await,
+            StoreReply::AccountDeleted(None)
+        );
+        // No login: not by id, not by name.
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadAccount { user: bob }).await,
+            StoreReply::Account(None)
+        );
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadAccountByName { name: "bob".into() })
+                .await,
+            StoreReply::Account(None)
+        );
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::SetPassword {
+                    user: bob,
+                    password_hash: "x".into()
+                }
+            )
+            .await,
+            StoreReply::PasswordSet { found: false }
+        );
+        // Its claim and route are gone: no presence, and a refresh of its session fails.
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadClaim { user: bob }).await,
+            StoreReply::Claim(state(1, None))
+        );
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadRoutes { users: vec![bob] })
+                .await,
+            StoreReply::Routes(vec![(bob, None)])
+        );
+        assert_eq!(
+            d.run(T0, StoreCommand::ListOnline { limit: 10 }).await,
+            StoreReply::Online(vec![])
+        );
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::RefreshLeases {
+                    server: s("s1"),
+                    lease_until: UnixMillis(T0 + 9_000),
+                    sessions: vec![(bob, Epoch(1))],
+                }
+            )
+            .await,
+            StoreReply::LeasesRefreshed(vec![(bob, LeaseRefresh::Gone)])
+        );
+        // A message to it is refused and nothing is stored.
+        assert_eq!(
+            d.append(T0, &private, alice, 3, "still there?").await,
+            Err(AppendError::UnknownConversation)
+        );
+        assert_eq!(d.head_of(alice, &private).await.unwrap(), head_before);
+        // Nothing from it either, anywhere.
+        for conv in [&private, &ConvId::All, &group] {
+            assert!(d.append(T0, conv, bob, 4, "ghost").await.is_err(), "{conv}");
+        }
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::LoadMembers {
+                    conv: group.clone()
+                }
+            )
+            .await,
+            StoreReply::Members(vec![alice])
+        );
+        assert_eq!(d.heads(bob).await, vec![]);
+        d.assert_outsider(bob, ConvId::All, LogEpoch(0)).await;
+        // The name stays taken, in any case; the next id is new.
+        for name in ["Bob", "bob", "BOB"] {
+            let command = StoreCommand::RegisterAccount {
+                name: name.into(),
+                password_hash: "phc-again".into(),
+            };
+            assert_eq!(
+                d.run(T0, command).await,
+                StoreReply::AccountRegistered(Err(NameTaken)),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadAccount { user: bob }).await,
+            StoreReply::Account(None),
+            "a refused registration does not revive the tombstone"
+        );
+        assert_eq!(d.register("carol").await, UserId(bob.0 + 1));
+        // Old messages keep their sender's name; the listing marks the tombstone.
+        assert_eq!(
+            d.run(T0, StoreCommand::LoadNames { users: vec![bob] })
+                .await,
+            StoreReply::Names(vec![(bob, Some("Bob".into()))])
+        );
+        match d
+            .run(
+                T0,
+                StoreCommand::ListAccounts {
+                    after: UserId(0),
+                    limit: 10,
+                },
+            )
+            .await
+        {
+            StoreReply::Accounts(rows) => {
+                let rows: Vec<_> = rows.iter().map(|r| (r.user, r.deleted)).collect();
+                assert_eq!(rows, vec![(alice, false), (bob, true), (UserId(3), false)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The surviving user still reads the conversation's history.
+        let (_, seqs) = d.fetch(alice, &private, head_before.log_epoch, 0, 10).await;
+        assert_eq!(seqs, vec![1]);
+    }
 
     /// The login throttle's record: compare-and-count (a stale `expected` changes nothing
     /// and answers the current record), forgotten `forget_after` past the last failure,
@@ -1600,10 +1913,33 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
         0 => LogEpoch(rng.random_range(0..5)),
         _ => CURRENT,
     };
-    match rng.random_range(0..17) {
+    // Names in either case: `n1` and `N1` are one name.
+    let name = |rng: &mut ChaCha8Rng| {
+        let first = if rng.random_range(0..2) == 0 {
+            'n'
+        } else {
+            'N'
+        };
+        format!("{first}{}", rng.random_range(0..5))
+    };
+    match rng.random_range(0..21) {
         0 => StoreCommand::RegisterAccount {
-            name: format!("n{}", rng.random_range(0..5)),
+            name: name(rng),
             password_hash: format!("h{}", rng.random_range(0..2)),
+        },
+        17 => StoreCommand::LoadAccountByName { name: name(rng) },
+        18 => StoreCommand::SetPassword {
+            user: user(rng),
+            password_hash: format!("r{}", rng.random_range(0..2)),
+        },
+        19 => StoreCommand::ListAccounts {
+            after: UserId(rng.random_range(0..4)),
+            limit: rng.random_range(0..4),
+        },
+        // Rare: a deletion on Redis waits out the account cache's second.
+        20 if rng.random_range(0..60) == 0 => StoreCommand::DeleteAccount { user: user(rng) },
+        20 => StoreCommand::LoadNames {
+            users: (0..rng.random_range(0..3)).map(|_| user(rng)).collect(),
         },
         1 => StoreCommand::LoadAccount { user: user(rng) },
         2 => StoreCommand::LoadClaim { user: user(rng) },
@@ -1733,6 +2069,9 @@ async fn random_command_sequences_agree() {
     for outcome in [
         "AccountRegistered(Ok",
         "NameTaken",
+        "AccountDeleted(Some",
+        "PasswordSet { found: true",
+        "Accounts([AccountSummary",
         "ClaimReplaced(Ok(Some",
         "ClaimReplaced(Err",
         "released: true",

@@ -26,7 +26,8 @@
 //!    [`Violation::UnexplainedLogReset`].
 //! 4. **No loss**: every client online at the end of the run has, for every conversation in
 //!    [`History::final_logs`] its user is a member of, every acknowledged message of that
-//!    log's (final) epoch with `seq > floor`, where `floor` is the largest of: the join seq,
+//!    log's (final) epoch with `seq > floor`, where `floor` is the largest of: the join seq
+//!    (for `all`, where the account started reading it),
 //!    `first_available_seq - 1` of the final log (trimmed before this client could get
 //!    them), and the highest seq another client of the same user had already covered when
 //!    this one started the conversation (the user's read cursor may have come from it).
@@ -59,9 +60,11 @@
 //! - One [`ClientHistory`] per SDK client instance ([`ClientId`]); a user may have several
 //!   (concurrent logins, a restarted process): each is judged on its own.
 //! - Isolations name hosts ([`Host`]); the healed phase ([`Bounds::healed_at`]) heals all.
-//! - Membership is static per run: `all` holds every user, a private conversation its two
-//!   users, a group the users listed with their join seq (in the final log's terms), visible
-//!   from `join_seq + 1` on. Leaving is not modelled: leave such users out of the group.
+//! - Membership is static per run: `all` holds every user, owed from its account's start
+//!   (`Membership::all_from`, the `all` head at its registration) on, a private
+//!   conversation its two users, a group the users listed with their join seq (in the final
+//!   log's terms), visible from `join_seq + 1` on. Leaving is not modelled: leave such
+//!   users out of the group.
 //! - The trim bound enters through [`FinalLog::first_available_seq`] (read from the store
 //!   at the end), which is exact, rather than `head - max_len`, which the checker could only
 //!   guess from what it saw (a message may be appended and never acked nor seen).
@@ -219,18 +222,23 @@ impl ClientHistory {
     }
 }
 
-/// Group membership; `all` and private conversations need no entry.
+/// Group membership, and where each user starts in `all`; private conversations need no
+/// entry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Membership {
     /// Group name -> member -> join seq (history visible after it).
     pub groups: BTreeMap<String, BTreeMap<UserId, u64>>,
+    /// User -> the seq of the final `all` log after which it is owed `all` (its account's
+    /// start, `AllFrom::floor`, like a group member's join seq: a new account owes nothing
+    /// of `all` before its registration). Absent: 0.
+    pub all_from: BTreeMap<UserId, u64>,
 }
 
 impl Membership {
     /// The seq after which `user` sees `conv`, or `None` if not a member.
     pub fn join_seq(&self, user: UserId, conv: &ConvId) -> Option<u64> {
         match conv {
-            ConvId::All => Some(0),
+            ConvId::All => Some(self.all_from.get(&user).copied().unwrap_or(0)),
             ConvId::Private { low, high } => (*low == user || *high == user).then_some(0),
             ConvId::Group(name) => self.groups.get(name)?.get(&user).copied(),
         }

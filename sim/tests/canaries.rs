@@ -16,7 +16,7 @@ use std::process::Command;
 use cim_core::canary::{self, Canary};
 
 /// (canary, the sweep that exercises it, seeds within which it must be caught). Measured
-/// (first failing seed from 1): idempotent append 3, epoch fencing 14, self-fencing 4, gap
+/// (first failing seed from 1): idempotent append 3, epoch fencing 14, self-fencing 1, gap
 /// sync 1, dedup 1, send order 5.
 ///
 /// Idempotent append: since the per-sender order check, a resend of an SDK message that is

@@ -218,6 +218,18 @@ pub struct Args {
     /// Migration to TLS: the API listener also takes plain HTTP.
     #[arg(long, env = "CIM_TLS_ACCEPT_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
     tls_accept_plaintext: Option<bool>,
+    /// Address of the admin listener (docs/admin.md); needs an admin token [default: off].
+    #[arg(long, env = "CIM_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// The admin listener on 127.0.0.1 at this port (instead of --admin-addr).
+    #[arg(long, env = "CIM_ADMIN_PORT")]
+    admin_port: Option<u16>,
+    /// File whose first line is the admin token (>= 16 bytes).
+    #[arg(long, env = "CIM_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// The admin token itself (>= 16 bytes). Prefer the environment or --admin-token-file.
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 const AFTER_HELP: &str = "\
@@ -278,7 +290,8 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         login_rate_per_address, login_burst_per_address, register_rate_per_address,
         register_burst_per_address, send_rate, send_burst, trusted_proxies,
         shutdown_delay, allow_eviction,
-        tls_cert, tls_key, tls_ca, tls_accept_plaintext);
+        tls_cert, tls_key, tls_ca, tls_accept_plaintext,
+        admin_addr, admin_port, admin_token_file, admin_token);
     let log_format = launch::LogFormat::parse(args.log_format.as_deref());
     launch::init_logging("info", log_format.clone().unwrap_or_default());
     cim_io::fd_limit::raise_file_limit();
@@ -327,6 +340,14 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         link_secret.clone().unwrap_or_default(),
     );
     options.http_listen = listen;
+    options.admin = p
+        .check(route::admin_options(
+            args.admin_addr,
+            args.admin_port,
+            args.admin_token.as_deref(),
+            args.admin_token_file.as_deref(),
+        ))
+        .flatten();
     options.bearer_secret_previous = p
         .check(
             args.bearer_secret_previous

@@ -24,6 +24,7 @@ use cim_io::store::{RedisOptions, Store};
 use cim_io::tls::dev::DevPki;
 use cim_io::tls::setup::{RouteSide, ServerSide, TlsFlags};
 
+mod admin;
 mod smoke;
 
 #[derive(Parser, Debug)]
@@ -47,6 +48,9 @@ enum Command {
     /// Check a running cluster end to end: two new users log in and exchange a group and a
     /// private message. Exits non-zero on any failure (used by CI against `cim up`).
     Smoke(SmokeArgs),
+    /// Administer a running deployment through a route's admin listener (list users, show
+    /// a session, kick, reset a password, delete an account), or migrate its Redis store.
+    Admin(admin::AdminArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -145,6 +149,13 @@ fn main() -> anyhow::Result<()> {
                             anyhow::anyhow!("smoke check timed out after {:?}", args.timeout)
                         })?
                 })
+        }
+        Command::Admin(args) => {
+            launch::init_tracing("warn");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(admin::run(args))
         }
         Command::Server(args) => cim_server::run_blocking(args),
         Command::Route(args) => cim_route::run_blocking(args),

@@ -623,8 +623,12 @@ async fn offline(
 
 async fn online_users(State(shared): State<Shared>, _bearer: Bearer) -> ApiResult {
     match store(&shared, StoreCommand::ListOnline { limit: MAX_ONLINE }).await? {
+        // Presence must not outlive the server: a session on a server that left the
+        // registry (crashed, partitioned) is not online, whatever its lease says (the same
+        // test the push planning and `/p2pRoute`'s `online` apply).
         StoreReply::Online(entries) => Ok(ok(entries
             .into_iter()
+            .filter(|e| shared.live.borrow().contains_key(&e.server))
             .map(|e| OnlineUser {
                 user_id: e.user.0,
                 user_name: e.name,

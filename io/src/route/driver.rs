@@ -106,6 +106,13 @@ pub(super) enum ApiCall {
     Metrics {
         reply: oneshot::Sender<String>,
     },
+    /// The admin listener ended `user`'s claim: close their sessions below `below_epoch`
+    /// on `server` (best effort, like a takeover's kick).
+    AdminKick {
+        server: ServerId,
+        user: UserId,
+        below_epoch: cim_core::ids::Epoch,
+    },
 }
 
 /// What a link forwards to the driver.
@@ -493,6 +500,18 @@ impl<N: Network> Driver<N> {
             }
             ApiCall::Metrics { reply } => {
                 let _ = reply.send(self.render_metrics());
+            }
+            ApiCall::AdminKick {
+                server,
+                user,
+                below_epoch,
+            } => {
+                let kick = KickUser {
+                    user_id: user.0,
+                    below_epoch: below_epoch.0,
+                    reason: KickReason::LoggedOut as i32,
+                };
+                self.send_on_link(&server, Kind::KickUser(kick), "kick_user");
             }
         }
     }

@@ -19,6 +19,7 @@
 //! Calls that need neither machine (groups, history, online users) go from the handler
 //! to the store directly; everything that changes claims or appends goes through the driver.
 
+mod admin;
 mod api;
 mod body_errors;
 mod driver;
@@ -47,6 +48,10 @@ use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
 use crate::tls::{ClientTls, ServerTls};
 
+pub use self::admin::{
+    AUDIT_TARGET, AdminOptions, MIN_ADMIN_TOKEN_LEN, admin_options,
+    openapi_document as admin_openapi_document,
+};
 pub use self::limits::{IpNet, RateLimit, SESSION_CACHE_TTL, parse_trusted_proxies};
 pub use self::openapi::{openapi_document, openapi_document_for};
 
@@ -101,6 +106,8 @@ pub struct RouteOptions {
     /// Mutual TLS on the links this route dials: the CA that signs the servers, this
     /// route's certificate of the route role (default none: plaintext links).
     pub link_tls: Option<ClientTls>,
+    /// The admin listener (default none: off). Served over HTTPS when `https` is set.
+    pub admin: Option<AdminOptions>,
 }
 
 impl std::fmt::Debug for RouteOptions {
@@ -126,6 +133,7 @@ impl std::fmt::Debug for RouteOptions {
             .field("send_per_user", &self.send_per_user)
             .field("https", &self.https.is_some())
             .field("link_tls", &self.link_tls.is_some())
+            .field("admin", &self.admin)
             .finish_non_exhaustive()
     }
 }
@@ -165,6 +173,7 @@ impl RouteOptions {
             send_per_user: RateLimit::new(20, 50),
             https: None,
             link_tls: None,
+            admin: None,
         }
     }
 }
@@ -186,6 +195,8 @@ pub enum StartError {
     },
     #[error("watch the registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error("store layout: {0}")]
+    Store(String),
 }
 
 /// Why a running route stopped by itself.
@@ -202,6 +213,8 @@ pub enum RouteError {
 pub struct RouteHandle {
     http_addr: SocketAddr,
     counters: Arc<driver::Counters>,
+    /// The admin listener's address and task, when configured.
+    admin: Option<(SocketAddr, JoinHandle<()>)>,
     cancel: CancellationToken,
     http: JoinHandle<()>,
     driver: JoinHandle<()>,
@@ -223,6 +236,11 @@ impl RouteHandle {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Where the admin listener listens, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
+    }
+
     /// Stops accepting HTTP connections, lets in-flight requests finish (bounded by the
     /// I/O timeout), then stops the driver, which closes every link.
     pub async fn shutdown(self) {
@@ -240,6 +258,9 @@ impl RouteHandle {
 
     /// Stops every task at once (links close as their tasks are dropped).
     pub fn abort(self) {
+        if let Some((_, admin)) = &self.admin {
+            admin.abort();
+        }
         self.http.abort();
         self.driver.abort();
     }
@@ -284,6 +305,15 @@ pub async fn start<N: Network, R: Registry>(
     let mut http_limits = options.http;
     http_limits.max_connections =
         crate::fd_limit::clamp_to_process_limit("route HTTP", http_limits.max_connections);
+    // A store written by an older CIM is migrated (once, under a lock) before serving.
+    store.ensure_schema().await.map_err(StartError::Store)?;
+    if let Some(admin) = &options.admin
+        && admin.token.len() < MIN_ADMIN_TOKEN_LEN
+    {
+        return Err(StartError::Config(format!(
+            "the admin token must be at least {MIN_ADMIN_TOKEN_LEN} bytes"
+        )));
+    }
     let view = registry.watch().await?;
     let listener = net
         .bind(options.http_listen)
@@ -324,6 +354,47 @@ pub async fn start<N: Network, R: Registry>(
     ));
     let router = api::router(shared);
     let handle_counters = counters.clone();
+    let admin = match &options.admin {
+        Some(admin) => {
+            let listener = net
+                .bind(admin.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: admin.listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: admin.listen,
+                source,
+            })?;
+            let shared = Arc::new(admin::AdminShared {
+                store: store.clone(),
+                driver: to_driver.clone(),
+                clock,
+                live: view.servers(),
+                token_digest: {
+                    use sha2::Digest as _;
+                    sha2::Sha256::digest(&admin.token).into()
+                },
+                password: options.login.password.clone(),
+                min_password_len: options.login.min_password_len,
+                store_timeout: options.login.store_timeout,
+            });
+            let router = admin::router(shared);
+            let (https, cancel) = (options.https.clone(), cancel.clone());
+            let limits = HttpLimits {
+                max_connections: 64,
+                ..http_limits
+            };
+            let task = tokio::spawn(async move {
+                let stats = Arc::new(crate::http_server::HttpStats::default());
+                crate::http_server::serve(listener, https, router, limits, stats, cancel).await;
+            });
+            tracing::info!(%addr, "admin listener started (audit log: target cim::audit)");
+            Some((addr, task))
+        }
+        None => None,
+    };
 
     let driver = driver::Driver::new(
         net,
@@ -381,6 +452,7 @@ pub async fn start<N: Network, R: Registry>(
     Ok(RouteHandle {
         http_addr,
         counters: handle_counters,
+        admin,
         cancel,
         http,
         driver,

@@ -31,9 +31,12 @@
 //!
 //! | key | type | contents |
 //! |---|---|---|
-//! | `cim:{names}:next_user` | string | last issued user id (`INCR`) |
-//! | `cim:{names}:name:<name>` | hash | `user`, `password_hash`, `name` (as typed): the name's reservation, keyed by the name in ASCII lowercase so names are unique regardless of case (records from before that are keyed as typed and still checked) |
-//! | `cim:acct:{u:<id>}` | hash | `name`, `password_hash` |
+//! | `cim:{names}:schema` | string | the layout's version, `2` (absent: 1, before versioning; see `migrate`) |
+//! | `cim:{names}:next_user` | string | last issued user id (`INCR`); ids are never reused, not even a deleted account's |
+//! | `cim:{names}:name:<name>` | hash | `user`, `password_hash`, `name` (as typed), `all_epoch`, `all_seq`, `deleted` (unix ms, tombstones): the name's reservation, keyed by the name in ASCII lowercase so names are unique regardless of case (schema 1 could hold records keyed as typed: the migration moves them; they are still checked) |
+//! | `cim:{names}:conflicts` | hash | user id -> name: accounts whose name another, older account held in another case when the store was migrated (they log in by id) |
+//! | `cim:{names}:migration_lock` | string, `PX` | the migration's lock (a random token) |
+//! | `cim:acct:{u:<id>}` | hash | `name`, `password_hash`, `all_epoch` and `all_seq` (the `all` head at registration: where the account starts reading `all`; absent = 0), `deleted` (unix ms; a tombstone has no `password_hash`) |
 //! | `cim:claim:{u:<id>}` | hash | `epoch` (counter, survives the claim); the claim: `c_epoch`, `server`, `lease` (unix ms), `token` (32 bytes) |
 //! | `cim:route:{u:<id>}` | hash | `server`, `epoch` |
 //! | `cim:fail:{u:<id>}` | hash, `PEXPIRE` forget-after | `count`, `last` (unix ms): the login throttle's failed logins |
@@ -57,13 +60,27 @@
 //! hash tags. There the conversation part is one script and the rest is ordered so that an
 //! interruption is harmless:
 //!
-//! - `RegisterAccount`: the name reservation and id are one script (`{names}`); the account
-//!   hash (`{u:<id>}`) is written after it, from the reservation's values. If the writer
-//!   dies in between, the account is missing until the next registration attempt of that
-//!   name, which gets `NameTaken` and writes the account from the reservation (idempotent:
-//!   the reservation never changes). Until then nobody holds the id, so nobody reads it.
+//! - `RegisterAccount`: the `all` head is read first (so a message appended meanwhile is
+//!   owed, never skipped), then the name reservation and id are one script (`{names}`); the
+//!   account hash (`{u:<id>}`) is written after it, from the reservation's values, field by
+//!   field where missing (`HSETNX`: it never undoes a password reset). If the writer dies
+//!   in between, the account is missing until the next registration attempt of that name,
+//!   which gets `NameTaken` and writes the account from the reservation (idempotent: the
+//!   reservation never changes), unless the reservation is a tombstone's. Until then nobody
+//!   holds the id, so nobody reads it.
+//! - `DeleteAccount` (a tombstone): the account hash is marked `deleted` and loses its
+//!   `password_hash` (one script: from then on no login passes and no fresh existence check
+//!   does), then the name record, then the claim (compare-epoch release, which also drops
+//!   the route record), the group memberships in the user's index and the failure record.
+//!   Each step is idempotent and a retry finishes an interrupted deletion. It answers only
+//!   after [`ACCOUNT_CACHE_TTL`], by when no route trusts a cached "exists" any more.
 //! - `Append`: accounts are checked first (`UnknownConversation` / `NotMember` for private
-//!   and `all`); accounts are never deleted, so the check cannot go stale. For a private
+//!   and `all`), from a per-store cache of accounts seen alive that is forgotten every
+//!   [`ACCOUNT_CACHE_TTL`] (1 s): accounts can be deleted, so a route trusts what it saw for
+//!   at most that long, and a deletion answers only after it. An append whose check passed
+//!   before a deletion and whose script runs after it (a request delayed in flight by more
+//!   than the TTL, bounded by the command timeout) is stored: linearized before the
+//!   deletion, as any append that raced it. For a private
 //!   conversation both users' `cim:convs` entries are added *before* the append script. The
 //!   index is a superset: `LoadHeads` only reports an indexed conversation whose log exists
 //!   (and, for groups, of which the user is a member), so an entry written for an append
@@ -86,6 +103,7 @@
 //!   single-node form.
 
 mod memory;
+mod migrate;
 mod redis;
 mod redis_tls;
 pub mod remote;
@@ -97,7 +115,8 @@ use cim_core::ids::UnixMillis;
 use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 
 pub use self::memory::MemoryBackend;
-pub use self::redis::{ConnectError, RedisOptions, RedisStore};
+pub use self::migrate::{MigrateError, MigrationReport, NameConflict, SCHEMA_KEY, SCHEMA_VERSION};
+pub use self::redis::{ACCOUNT_CACHE_TTL, ConnectError, RedisOptions, RedisStore};
 pub use self::redis_tls::{RedisTls, redact_url};
 pub use self::remote::{RemoteOptions, RemoteStore, serve_store, serve_store_on};
 
@@ -114,4 +133,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the backend answers (a `PING` on Redis).
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>>;
+
+    /// Brings the stored layout to this build's version before a route serves: Redis
+    /// migrates an older layout once, under a lock, and refuses a newer one (see
+    /// `migrate`). Nothing to do for the in-memory backends.
+    fn ensure_schema(&self) -> StoreFuture<'_, Result<(), String>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }

@@ -11,9 +11,9 @@ use ::redis::{Pipeline, RedisError, Script, Value};
 use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
-    Account, AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures,
-    NameTaken, OnlineEntry, RouteRecord, SendOrder, StoreCommand, StoreReply, StoreResult,
-    StoreUnavailable, StoredMessage,
+    Account, AccountSummary, AllFrom, AppendError, Appended, Claim, ClaimState, ConvHead, Deleted,
+    LeaseRefresh, LoginFailures, NameTaken, OnlineEntry, RouteRecord, SendOrder, StoreCommand,
+    StoreReply, StoreResult, StoreUnavailable, StoredMessage,
 };
 use prost::Message as _;
 use rand::{Rng, SeedableRng};
@@ -141,6 +141,9 @@ struct Scripts {
     read: Script,
     advance_cursors: Script,
     login_failure: Script,
+    set_password: Script,
+    tombstone: Script,
+    tombstone_name: Script,
 }
 
 impl Scripts {
@@ -158,6 +161,9 @@ impl Scripts {
             read: Script::new(include_str!("lua/read.lua")),
             advance_cursors: Script::new(include_str!("lua/advance_cursors.lua")),
             login_failure: Script::new(include_str!("lua/login_failure.lua")),
+            set_password: Script::new(include_str!("lua/set_password.lua")),
+            tombstone: Script::new(include_str!("lua/tombstone.lua")),
+            tombstone_name: Script::new(include_str!("lua/tombstone_name.lua")),
         }
     }
 }
@@ -169,15 +175,48 @@ pub struct RedisStore {
     scripts: Scripts,
     /// Log epochs for new logs. Held only to draw one number.
     rng: Mutex<ChaCha8Rng>,
-    /// Users whose account this store has seen exist. Accounts are never deleted, so an
-    /// append need not ask Redis again (two `EXISTS` per private message, one per message
-    /// in `all`). Emptied when a command fails, which a Redis restart (and whatever AOF
-    /// `everysec` lost with it) always causes; bounded by [`KNOWN_ACCOUNTS_MAX`].
-    known_accounts: Mutex<HashSet<u64>>,
+    /// Users whose account this store has seen exist and not deleted, so an append need
+    /// not ask Redis again (two reads per private message, one per message in `all`).
+    /// Accounts can be deleted (tombstoned) by any route, so the set is forgotten every
+    /// [`ACCOUNT_CACHE_TTL`]: a route that cached an account learns of its deletion within
+    /// that time, and `DeleteAccount` answers only after it (see the module docs). Also
+    /// emptied when a command fails, which a Redis restart (and whatever AOF `everysec`
+    /// lost with it) always causes; bounded by [`KNOWN_ACCOUNTS_MAX`].
+    known_accounts: Mutex<KnownAccounts>,
 }
 
 /// Past this many remembered accounts the set starts over (8 bytes each, plus the table).
 const KNOWN_ACCOUNTS_MAX: usize = 1 << 20;
+
+/// How long a route trusts that an account it saw is still not deleted.
+pub const ACCOUNT_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// The account-existence cache: ids seen alive since `since`.
+#[derive(Debug, Default)]
+struct KnownAccounts {
+    ids: HashSet<u64>,
+    since: Option<tokio::time::Instant>,
+}
+
+impl KnownAccounts {
+    /// The ids, forgotten first if they are older than [`ACCOUNT_CACHE_TTL`].
+    fn fresh(&mut self) -> &mut HashSet<u64> {
+        let now = tokio::time::Instant::now();
+        if self
+            .since
+            .is_none_or(|since| now.duration_since(since) >= ACCOUNT_CACHE_TTL)
+        {
+            self.ids.clear();
+            self.since = Some(now);
+        }
+        &mut self.ids
+    }
+
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.since = None;
+    }
+}
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -284,7 +323,7 @@ impl RedisStore {
             options,
             scripts: Scripts::new(),
             rng: Mutex::new(rng),
-            known_accounts: Mutex::new(HashSet::new()),
+            known_accounts: Mutex::new(KnownAccounts::default()),
         })
     }
 
@@ -303,6 +342,13 @@ impl RedisStore {
                 password_hash,
             } => self.register(name, password_hash).await,
             StoreCommand::LoadAccount { user } => self.load_account(user).await,
+            StoreCommand::LoadAccountByName { name } => self.load_account_by_name(&name).await,
+            StoreCommand::ListAccounts { after, limit } => self.list_accounts(after, limit).await,
+            StoreCommand::SetPassword {
+                user,
+                password_hash,
+            } => self.set_password(user, password_hash).await,
+            StoreCommand::DeleteAccount { user } => self.delete_account(now, user).await,
             StoreCommand::LoadNames { users } => self.names(users).await,
             StoreCommand::LoadClaim { user } => self.load_claim(user).await,
             StoreCommand::ReplaceClaim {
@@ -436,6 +482,24 @@ impl RedisStore {
 
     // --- plumbing ---------------------------------------------------------------------
 
+    pub(super) async fn query_pub<T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &mut ::redis::Cmd,
+    ) -> R<T> {
+        self.query(cmd).await
+    }
+
+    pub(super) async fn query_pipe_pub<T: ::redis::FromRedisValue>(&self, pipe: &Pipeline) -> R<T> {
+        self.query_pipe(pipe).await
+    }
+
+    pub(super) async fn invoke_pub<T: ::redis::FromRedisValue>(
+        &self,
+        invocation: &::redis::ScriptInvocation<'_>,
+    ) -> R<T> {
+        self.invoke(invocation).await
+    }
+
     async fn invoke<T: ::redis::FromRedisValue>(
         &self,
         invocation: &::redis::ScriptInvocation<'_>,
@@ -482,7 +546,7 @@ impl RedisStore {
         }
     }
 
-    fn known_accounts(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+    fn known_accounts(&self) -> std::sync::MutexGuard<'_, KnownAccounts> {
         // A poisoned lock only means another thread panicked while inserting: the set is
         // still a set of accounts seen to exist.
         self.known_accounts
@@ -490,11 +554,12 @@ impl RedisStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether all of `users` have accounts: from memory for those seen before, else one
-    /// round trip of `EXISTS`.
+    /// Whether all of `users` have live (not deleted) accounts: from memory for those seen
+    /// within [`ACCOUNT_CACHE_TTL`], else one round trip.
     async fn accounts_exist(&self, users: &[UserId]) -> R<bool> {
         let unknown: Vec<UserId> = {
-            let known = self.known_accounts();
+            let mut known = self.known_accounts();
+            let known = known.fresh();
             users
                 .iter()
                 .filter(|u| !known.contains(&u.0))
@@ -504,21 +569,56 @@ impl RedisStore {
         if unknown.is_empty() {
             return Ok(true);
         }
+        let started = tokio::time::Instant::now();
         let mut pipe = ::redis::pipe();
         for user in &unknown {
-            pipe.exists(acct_key(*user));
+            pipe.hget(acct_key(*user), "password_hash")
+                .hget(acct_key(*user), "deleted");
         }
-        let exist: Vec<bool> = self.query_pipe(&pipe).await?;
+        let fields: Vec<Option<String>> = self.query_pipe(&pipe).await?;
+        let exist: Vec<bool> = fields
+            .chunks(2)
+            .map(|f| matches!(f, [Some(_), None]))
+            .collect();
         let mut known = self.known_accounts();
-        if known.len() + unknown.len() > KNOWN_ACCOUNTS_MAX {
-            known.clear();
-        }
-        for (user, exists) in unknown.iter().zip(&exist) {
-            if *exists {
-                known.insert(user.0);
+        // What was read before the set last started over must not live on in the new one
+        // (it could outlast the TTL counted from the read).
+        if known.since.is_some_and(|since| since <= started) {
+            let known = known.fresh();
+            if known.len() + unknown.len() > KNOWN_ACCOUNTS_MAX {
+                known.clear();
+            }
+            for (user, exists) in unknown.iter().zip(&exist) {
+                if *exists {
+                    known.insert(user.0);
+                }
             }
         }
-        Ok(exist.iter().all(|e| *e))
+        Ok(exist.len() == unknown.len() && exist.iter().all(|e| *e))
+    }
+
+    /// The account's `all` start and whether it is live (exists, not deleted): what
+    /// `LoadHeads` and `Fetch` need.
+    async fn account_state(&self, user: UserId) -> R<(bool, AllFrom)> {
+        let (hash, deleted, epoch, seq): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = self
+            .query(
+                ::redis::cmd("HMGET")
+                    .arg(acct_key(user))
+                    .arg("password_hash")
+                    .arg("deleted")
+                    .arg("all_epoch")
+                    .arg("all_seq"),
+            )
+            .await?;
+        Ok((
+            hash.is_some() && deleted.is_none(),
+            all_from(epoch.as_deref(), seq.as_deref()),
+        ))
     }
 
     /// Runs `read.lua` once per conversation in one pipeline (the `Script` type cannot be
@@ -542,6 +642,20 @@ impl RedisStore {
     // --- accounts ---------------------------------------------------------------------
 
     async fn register(&self, name: String, password_hash: String) -> R<StoreReply> {
+        // Where the account starts reading `all`: the head before the reservation, so a
+        // message appended meanwhile is owed rather than missed.
+        let (all_epoch, all_seq): (Option<String>, Option<String>) = self
+            .query(
+                ::redis::cmd("HMGET")
+                    .arg(conv_key(&ConvId::All, "meta"))
+                    .arg("epoch")
+                    .arg("head"),
+            )
+            .await?;
+        let (all_epoch, all_seq) = match (all_epoch, all_seq) {
+            (Some(epoch), Some(seq)) => (epoch, seq),
+            _ => ("0".to_owned(), "0".to_owned()),
+        };
         let v: Vec<Value> = self
             .invoke(
                 self.scripts
@@ -550,30 +664,49 @@ impl RedisStore {
                     .key(NEXT_USER)
                     .key(name_key(&name))
                     .arg(&password_hash)
-                    .arg(&name),
+                    .arg(&name)
+                    .arg(&all_epoch)
+                    .arg(&all_seq),
             )
             .await?;
-        let [created, user, stored_hash, stored_name] = v.as_slice() else {
+        let [
+            created,
+            user,
+            stored_hash,
+            stored_name,
+            all_epoch,
+            all_seq,
+            deleted,
+        ] = v.as_slice()
+        else {
             return Err(bad_reply("register", &Value::Array(v)));
         };
         let user = UserId(num(user)?);
         let stored_hash = string(stored_hash)?.unwrap_or_default();
         // The name as its owner typed it, never as a later look-alike typed it.
         let name = string(stored_name)?.unwrap_or(name);
+        let all_epoch = string(all_epoch)?.unwrap_or_else(|| "0".into());
+        let all_seq = string(all_seq)?.unwrap_or_else(|| "0".into());
         // Written after the reservation, from the reservation's values, also when the name
         // was taken: that completes a registration whose writer died in between (see the
-        // module docs). Identical values, so repeating it is harmless.
-        let _: () = self
-            .query(
-                ::redis::cmd("HSET")
+        // module docs). Field by field and only where missing (`HSETNX`), so it never undoes
+        // a password reset; never for a tombstone, which must stay without a password.
+        if num(deleted)? == 0 {
+            let mut pipe = ::redis::pipe();
+            for (field, value) in [
+                ("name", name.as_str()),
+                ("password_hash", stored_hash.as_str()),
+                ("all_epoch", all_epoch.as_str()),
+                ("all_seq", all_seq.as_str()),
+            ] {
+                pipe.cmd("HSETNX")
                     .arg(acct_key(user))
-                    .arg("name")
-                    .arg(&name)
-                    .arg("password_hash")
-                    .arg(&stored_hash),
-            )
-            .await
-            .map(|_: i64| ())?;
+                    .arg(field)
+                    .arg(value)
+                    .ignore();
+            }
+            let () = self.query_pipe(&pipe).await?;
+        }
         Ok(StoreReply::AccountRegistered(if num(created)? == 1 {
             Ok(user)
         } else {
@@ -582,22 +715,160 @@ impl RedisStore {
     }
 
     async fn load_account(&self, user: UserId) -> R<StoreReply> {
-        let (name, password_hash): (Option<String>, Option<String>) = self
+        type Fields = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let (name, password_hash, deleted, all_epoch, all_seq): Fields = self
             .query(
                 ::redis::cmd("HMGET")
                     .arg(acct_key(user))
                     .arg("name")
-                    .arg("password_hash"),
+                    .arg("password_hash")
+                    .arg("deleted")
+                    .arg("all_epoch")
+                    .arg("all_seq"),
             )
             .await?;
-        Ok(StoreReply::Account(match (name, password_hash) {
-            (Some(name), Some(password_hash)) => Some(Account {
+        Ok(StoreReply::Account(match (name, password_hash, deleted) {
+            (Some(name), Some(password_hash), None) => Some(Account {
                 user,
                 name,
                 password_hash,
+                all_from: all_from(all_epoch.as_deref(), all_seq.as_deref()),
             }),
             _ => None,
         }))
+    }
+
+    /// `LoadAccountByName`: the reservation (lowercase key, then one written as typed
+    /// before names ignored case and not migrated yet), then the account.
+    async fn load_account_by_name(&self, name: &str) -> R<StoreReply> {
+        let (lower, typed): (Option<u64>, Option<u64>) = self
+            .query_pipe(
+                ::redis::pipe()
+                    .hget(name_key(&name.to_ascii_lowercase()), "user")
+                    .hget(name_key(name), "user"),
+            )
+            .await?;
+        match lower.or(typed) {
+            Some(user) => self.load_account(UserId(user)).await,
+            None => Ok(StoreReply::Account(None)),
+        }
+    }
+
+    /// `ListAccounts`: ids are dense (`INCR`), so a page is a range of ids read in one
+    /// pipeline; an id without an account hash (a registration whose writer died before
+    /// writing it) is skipped.
+    async fn list_accounts(&self, after: UserId, limit: u32) -> R<StoreReply> {
+        let last: Option<u64> = self.query(::redis::cmd("GET").arg(NEXT_USER)).await?;
+        let last = last.unwrap_or(0);
+        let mut rows = Vec::new();
+        let mut next = after.0.saturating_add(1);
+        while rows.len() < limit as usize && next <= last {
+            let chunk_end = last.min(next.saturating_add(u64::from(limit).max(1) - 1));
+            let ids: Vec<u64> = (next..=chunk_end).collect();
+            let mut pipe = ::redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(acct_key(UserId(*id)))
+                    .arg("name")
+                    .arg("deleted");
+            }
+            let fields: Vec<(Option<String>, Option<String>)> = self.query_pipe(&pipe).await?;
+            for (id, (name, deleted)) in ids.iter().zip(fields) {
+                if let Some(name) = name
+                    && rows.len() < limit as usize
+                {
+                    rows.push(AccountSummary {
+                        user: UserId(*id),
+                        name,
+                        deleted: deleted.is_some(),
+                    });
+                }
+            }
+            next = chunk_end.saturating_add(1);
+        }
+        Ok(StoreReply::Accounts(rows))
+    }
+
+    async fn set_password(&self, user: UserId, password_hash: String) -> R<StoreReply> {
+        let found: i64 = self
+            .invoke(
+                self.scripts
+                    .set_password
+                    .key(acct_key(user))
+                    .arg(&password_hash),
+            )
+            .await?;
+        Ok(StoreReply::PasswordSet { found: found == 1 })
+    }
+
+    /// `DeleteAccount`, in an order an interruption cannot harm (each step idempotent; a
+    /// retry finishes the rest): the account's tombstone first (from then on no login
+    /// passes and no fresh existence check does), then the name's, the claim and route
+    /// record, group memberships, the failure record; last, the answer waits out
+    /// [`ACCOUNT_CACHE_TTL`], so every route's cache has forgotten the account by the time
+    /// the caller hears "deleted".
+    async fn delete_account(&self, now: UnixMillis, user: UserId) -> R<StoreReply> {
+        let v: Vec<Value> = self
+            .invoke(self.scripts.tombstone.key(acct_key(user)).arg(now.0))
+            .await?;
+        let [status, name] = v.as_slice() else {
+            return Err(bad_reply("delete account", &Value::Array(v)));
+        };
+        let Some(name) = string(name)? else {
+            return Ok(StoreReply::AccountDeleted(None));
+        };
+        let already = num(status)? == 2;
+        // The reservation: only the one that is this account's (after a migration conflict
+        // the lowercase name may belong to an older account).
+        let _: i64 = self
+            .invoke(
+                self.scripts
+                    .tombstone_name
+                    .key(name_key(&name.to_ascii_lowercase()))
+                    .key(name_key(&name))
+                    .arg(user.0)
+                    .arg(now.0),
+            )
+            .await?;
+        let StoreReply::Claim(state) = self.load_claim(user).await? else {
+            return Err(StoreUnavailable("redis: claim answered oddly".into()));
+        };
+        if let Some(claim) = &state.claim {
+            let _: i64 = self
+                .invoke(
+                    self.scripts
+                        .claim_release
+                        .key(claim_key(user))
+                        .key(route_key(user))
+                        .arg(claim.epoch.0),
+                )
+                .await?;
+        }
+        let indexed: Vec<String> = self
+            .query(::redis::cmd("SMEMBERS").arg(convs_key(user)))
+            .await?;
+        let mut pipe = ::redis::pipe();
+        for conv in indexed.iter().filter_map(|c| c.parse::<ConvId>().ok()) {
+            if matches!(conv, ConvId::Group(_)) {
+                pipe.hdel(conv_key(&conv, "members"), user.0).ignore();
+            }
+        }
+        pipe.del(failures_key(user)).ignore();
+        let () = self.query_pipe(&pipe).await?;
+        self.known_accounts().clear();
+        // Also on a retry: the first attempt may have died before its wait.
+        tokio::time::sleep(ACCOUNT_CACHE_TTL).await;
+        Ok(StoreReply::AccountDeleted(Some(Deleted {
+            name,
+            claim: state.claim,
+            already,
+        })))
     }
 
     /// `LoadNames`: one `HGET` per account, pipelined (each name is written once and never
@@ -822,7 +1093,8 @@ impl RedisStore {
         order: Option<SendOrder>,
     ) -> R<StoreReply> {
         // Membership of private conversations and `all` is about accounts, which live under
-        // other tags; they are never deleted, so checking first is as good as inside.
+        // other tags: checked first, from a cache at most `ACCOUNT_CACHE_TTL` old, which a
+        // deletion waits out before it answers (see the module docs).
         let mut pipe = ::redis::pipe();
         match &conv {
             ConvId::Private { low, high } => {
@@ -907,10 +1179,10 @@ impl RedisStore {
     }
 
     async fn heads(&self, user: UserId) -> R<StoreReply> {
-        let (exists, indexed, cursors): (bool, Vec<String>, BTreeMap<String, String>) = self
+        let (exists, all_from) = self.account_state(user).await?;
+        let (indexed, cursors): (Vec<String>, BTreeMap<String, String>) = self
             .query_pipe(
                 ::redis::pipe()
-                    .exists(acct_key(user))
                     .smembers(convs_key(user))
                     .hgetall(cursors_key(user)),
             )
@@ -940,7 +1212,10 @@ impl RedisStore {
             if read.joined < 0 {
                 continue; // indexed group the user is not (or no longer) a member of
             }
-            let cursor = cursor_in(cursors.get(&conv.to_string()), read.log_epoch);
+            let mut cursor = cursor_in(cursors.get(&conv.to_string()), read.log_epoch);
+            if conv == ConvId::All {
+                cursor = cursor.max(all_from.floor(read.log_epoch));
+            }
             heads.push(read.head(conv, cursor));
         }
         Ok(StoreReply::Heads(heads))
@@ -954,11 +1229,12 @@ impl RedisStore {
         after_seq: u64,
         limit: u32,
     ) -> R<StoreReply> {
-        let (exists, cursor): (bool, Option<String>) = self
-            .query_pipe(
-                ::redis::pipe()
-                    .exists(acct_key(user))
-                    .hget(cursors_key(user), conv.to_string()),
+        let (exists, all_from) = self.account_state(user).await?;
+        let cursor: Option<String> = self
+            .query(
+                ::redis::cmd("HGET")
+                    .arg(cursors_key(user))
+                    .arg(conv.to_string()),
             )
             .await?;
         let may_read = match &conv {
@@ -992,7 +1268,10 @@ impl RedisStore {
                 messages: Vec::new(),
             });
         };
-        let cursor = cursor_in(cursor.as_ref(), read.log_epoch);
+        let mut cursor = cursor_in(cursor.as_ref(), read.log_epoch);
+        if conv == ConvId::All {
+            cursor = cursor.max(all_from.floor(read.log_epoch));
+        }
         let messages = read
             .messages
             .iter()
@@ -1101,6 +1380,15 @@ impl Store for RedisStore {
         })
     }
 
+    fn ensure_schema(&self) -> StoreFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            RedisStore::ensure_schema(self)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
         Box::pin(async move {
             let pong = tokio::time::timeout(
@@ -1120,7 +1408,7 @@ impl Store for RedisStore {
 
 // --- keys -----------------------------------------------------------------------------
 
-const NEXT_USER: &str = "cim:{names}:next_user";
+pub(super) const NEXT_USER: &str = "cim:{names}:next_user";
 
 fn name_key(name: &str) -> String {
     format!("cim:{{names}}:name:{name}")
@@ -1312,6 +1600,15 @@ fn parse_read(v: &Value) -> R<Option<Read>> {
             }))
         }
         _ => Err(bad_reply("read", v)),
+    }
+}
+
+/// An account's `all` start from its `all_epoch` and `all_seq` fields (absent, as in accounts
+/// registered before the start was recorded: 0, everything is owed).
+fn all_from(epoch: Option<&str>, seq: Option<&str>) -> AllFrom {
+    AllFrom {
+        log_epoch: LogEpoch(epoch.and_then(|e| e.parse().ok()).unwrap_or(0)),
+        seq: seq.and_then(|s| s.parse().ok()).unwrap_or(0),
     }
 }
 

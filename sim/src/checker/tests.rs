@@ -188,6 +188,7 @@ fn clean() -> History {
         rejections: Vec::new(),
         clients: vec![c1, c2, c3],
         membership: Membership {
+            all_from: BTreeMap::new(),
             groups: BTreeMap::from([(
                 "g".to_owned(),
                 BTreeMap::from([(user(1), 0), (user(2), 2)]),
@@ -542,6 +543,31 @@ fn a_group_member_owes_nothing_before_its_join_seq() {
     // A non-member owes nothing at all.
     h.membership.groups.get_mut("g").unwrap().remove(&user(2));
     assert!(check(&h).is_clean(), "{}", check(&h));
+}
+
+#[test]
+fn a_new_user_owes_nothing_of_all_before_its_registration() {
+    let mut h = clean();
+    // User 3's client hands over only seq 4 of `all` (a stream's first seq is free).
+    client(&mut h, 3).retain(|(_, s)| match s {
+        Seen::Message(m) => m.conv != all() || m.seq == 4,
+        Seen::Unavailable { conv, .. } => *conv != all(),
+        _ => true,
+    });
+    // Registered when `all` was at seq 2: it owes seq 3.
+    h.membership.all_from.insert(user(3), 2);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::Lost { client, seq: 3, .. } if *client == ClientId(3)),
+        "{v}"
+    );
+    // Registered at seq 3: it owes only seq 4, which it has.
+    h.membership.all_from.insert(user(3), 3);
+    assert!(check(&h).is_clean(), "{}", check(&h));
+    // Another user's start is not this one's.
+    h.membership.all_from.remove(&user(3));
+    h.membership.all_from.insert(user(2), 3);
+    assert!(!check(&h).is_clean());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! **everything**: a random mix of every fault and every workload: 3 servers, 2 routes,
 //! 4 clients chatting in `all` and a group, and one user logged in from 2 clients at once
-//! (through different routes). During the fault phase 1–4 faults of any kind (server
+//! (through different routes), and one user who registers only once the chat is under way
+//! (it owes `all` from its registration on, not the backlog). During the fault phase 1–4 faults of any kind (server
 //! crashes, bounces and isolations; partitions, one-way partitions, stalls and slow links
 //! between any roles; route and store crashes), then the healed phase. Judged by the
 //! checker alone: no overlapping sessions, no loss, duplicate or reordering of acknowledged
@@ -18,6 +19,7 @@ use crate::scenarios::{
 pub const CHATTERS: usize = 4;
 pub const GROUP: &str = "crew";
 pub const DUP: &str = "dup";
+pub const LATE: &str = "late";
 
 pub fn plan(seed: u64) -> Plan {
     let mut spec = ClusterSpec::new(seed, 3, 2);
@@ -43,6 +45,19 @@ pub fn plan(seed: u64) -> Plan {
             chat: Some((chat_from, healed_at)),
         });
     }
+    // Drawn from its own seed, so the plan's other draws stay as they were.
+    let mut late = Rng::new(spec.derive_seed("everything late joiner", 0));
+    clients.push(ClientPlan {
+        client: ClientId(CHATTERS as u32 + 2),
+        name: LATE.to_owned(),
+        password: "late-password".to_owned(),
+        route: 1,
+        registers: true,
+        start_at: chat_from + late.duration(Duration::from_secs(1), Duration::from_secs(3)),
+        login_at: Duration::ZERO,
+        group: None,
+        chat: Some((chat_from, healed_at)),
+    });
     Plan {
         spec,
         clients,

@@ -816,6 +816,22 @@ pub fn drive(
             history.final_logs.insert(conv, log);
         }
     }
+    // Where each user started reading `all` (its account's start, in the final log's terms).
+    if let Some(log) = history.final_logs.get(&ConvId::All) {
+        for &user in &users {
+            if let Some(Ok(StoreReply::Account(Some(account)))) = ready(
+                cluster
+                    .store
+                    .execute(wall, StoreCommand::LoadAccount { user }),
+            ) {
+                let floor = account.all_from.floor(log.log_epoch);
+                if floor > 0 {
+                    membership.all_from.insert(user, floor);
+                    rec.count("users owed all only after their registration");
+                }
+            }
+        }
+    }
     history.membership = membership;
     let (death, isolation) = rehome_bounds(&plan.spec);
     history.bounds = Bounds {

@@ -113,6 +113,7 @@ impl Client {
 /// Runs the model; returns the history and each user's loss floor per conversation.
 fn run(ops: &[Op], max_len: u64, join: u64) -> (History, BTreeMap<(UserId, ConvId), u64>) {
     let membership = Membership {
+        all_from: BTreeMap::new(),
         groups: BTreeMap::from([(
             "g".to_owned(),
             BTreeMap::from([(UserId(1), 0), (UserId(2), join)]),
