@@ -88,8 +88,12 @@ struct UpArgs {
     /// next one [default: 8081; with --any-ports free ones].
     #[arg(long, env = "CIM_HEALTH_PORT")]
     health_port: Option<u16>,
+    /// The route's admin listener (`cim admin`), with a token drawn at start and written to
+    /// a file only you can read [default: 8084; with --any-ports a free one].
+    #[arg(long, env = "CIM_ADMIN_PORT")]
+    admin_port: Option<u16>,
     /// Pick a free port for every port not set by its own flag (route, clients, links,
-    /// health): for running beside another cluster or anything holding the defaults.
+    /// health, admin): for running beside another cluster or anything holding the defaults.
     #[arg(long)]
     any_ports: bool,
     /// Use this Redis instead of the embedded store.
@@ -178,6 +182,7 @@ fn up_share(requested: usize, listeners: usize, file_limit: Option<u64>) -> usiz
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct UpPorts {
     route: u16,
+    admin: u16,
     client: [u16; 2],
     link: [u16; 2],
     health: [u16; 2],
@@ -185,6 +190,7 @@ struct UpPorts {
 
 impl UpPorts {
     const ROUTE: u16 = 8083;
+    const ADMIN: u16 = 8084;
     const CLIENT: u16 = 11211;
     const LINK: u16 = 11311;
     const HEALTH: u16 = 8081;
@@ -203,6 +209,7 @@ impl UpPorts {
         };
         Ok(Self {
             route: pick(args.route_port, Self::ROUTE),
+            admin: pick(args.admin_port, Self::ADMIN),
             client: pair(pick(args.client_port, Self::CLIENT), "--client-port")?,
             link: pair(pick(args.link_port, Self::LINK), "--link-port")?,
             health: pair(pick(args.health_port, Self::HEALTH), "--health-port")?,
@@ -337,6 +344,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     options.http_listen = SocketAddr::new(args.host, ports.route);
     options.seed = launch::os_seed();
     options.http.max_connections = route_max;
+    // The admin listener, so `cim admin` can be tried here too: its token is drawn now and
+    // written owner-only into a directory deleted when this stops.
+    let admin_token = UpAdminToken::write()?;
+    options.admin = Some(route::AdminOptions {
+        listen: SocketAddr::new(args.host, ports.admin),
+        token: admin_token.token.clone().into_bytes(),
+    });
     if let Some(tls) = &tls {
         options.https = Some(tls.route.https.clone());
         options.link_tls = Some(tls.route.links.clone());
@@ -344,6 +358,14 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let route = route::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .map_err(|error| match error {
+            route::StartError::Bind { addr, source }
+                if ports.admin != 0 && addr.port() == ports.admin =>
+            {
+                anyhow::anyhow!(
+                    "{}",
+                    up_bind_failure("the route's admin listener", addr, "--admin-port", &source)
+                )
+            }
             route::StartError::Bind { addr, source } => anyhow::anyhow!(
                 "{}",
                 up_bind_failure("the route's HTTP API", addr, "--route-port", &source)
@@ -361,6 +383,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         args.redis.is_some(),
         args.zk.is_some(),
         tls.as_ref(),
+        &admin_token,
     );
     let mut servers: Vec<Option<ServerHandle>> = servers.into_iter().map(Some).collect();
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
@@ -403,6 +426,34 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 /// `cim up --tls`: a throwaway CA, a route and a server certificate signed by it, and the
 /// listeners' and dialers' TLS made from them exactly as `cim-route` and `cim-server` make
 /// theirs from `--tls-cert`, `--tls-key` and `--tls-ca`.
+/// `cim up`'s admin token and the owner-only temporary file `cim admin --token-file` reads.
+struct UpAdminToken {
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+impl UpAdminToken {
+    fn write() -> anyhow::Result<Self> {
+        let token: String = launch::random_secret()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        // tempfile makes the directory 0700; the file is 0600 as well.
+        let dir = tempfile::Builder::new()
+            .prefix("cim-up-admin-")
+            .tempdir()
+            .context("a temporary directory for the admin token")?;
+        let file = dir.path().join("admin-token");
+        cim_io::tls::dev::write_key(&file, &token)
+            .with_context(|| format!("writing {}", file.display()))?;
+        Ok(Self { token, dir })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("admin-token")
+    }
+}
+
 struct UpTls {
     pki: DevPki,
     /// The directory the files are in, when it is a fresh temporary one: deleted at the end.
@@ -601,6 +652,7 @@ fn print_welcome(
     redis: bool,
     zk: bool,
     tls: Option<&UpTls>,
+    admin_token: &UpAdminToken,
 ) {
     let http = route.http_addr();
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -663,6 +715,15 @@ fn print_welcome(
         "(the first run registers the name and asks for a password, at least 8 characters); then type a line to talk to \
          everyone, `@bob text` to whisper, `:help` for more."
     );
+    if let Some(admin) = route.admin_addr() {
+        println!(
+            "Administer (list users, kick, delete; see docs/admin.md):\n  \
+             {} admin --url {scheme}://{admin}{trust} --token-file {} users",
+            // As this was started (`target/release/cim`, `cim`, ...).
+            std::env::args().next().unwrap_or_else(|| "cim".into()),
+            admin_token.path().display()
+        );
+    }
     println!(
         "Type `restart s1` here to restart a server (also `stop`, `kill`, `start`, `status`) \
          and watch the clients recover. Ctrl-C stops the cluster."
@@ -705,6 +766,7 @@ mod tests {
             defaults,
             UpPorts {
                 route: 8083,
+                admin: 8084,
                 client: [11211, 11212],
                 link: [11311, 11312],
                 health: [8081, 8082],
@@ -721,6 +783,7 @@ mod tests {
             any,
             UpPorts {
                 route: 22083,
+                admin: 0,
                 client: [0, 0],
                 link: [0, 0],
                 health: [0, 0],

@@ -175,6 +175,19 @@ fn up_tls_chats_over_https_refuses_untrusted_clients_and_restarts_with_tls() {
             .strip_suffix(" --user alice")
             .unwrap_or_else(|| panic!("{command:?}")),
     );
+    // The printed admin command too: its token file is the owner's only.
+    let admin = up.wait_line(" admin --url ");
+    let admin_args: Vec<String> = admin
+        .split_whitespace()
+        .skip_while(|word| *word != "admin")
+        .map(str::to_owned)
+        .collect();
+    let token_file = admin_args
+        .windows(2)
+        .find(|pair| pair[0] == "--token-file")
+        .map(|pair| PathBuf::from(&pair[1]))
+        .unwrap_or_else(|| panic!("no --token-file in {admin:?}"));
+    assert_eq!(mode(&token_file), 0o600, "{}", token_file.display());
     up.wait_line("Ctrl-C stops");
     let dir = ca.parent().expect("the CA is in a directory").to_owned();
     assert!(ca.is_absolute() && ca.is_file(), "{}", ca.display());
@@ -185,6 +198,17 @@ fn up_tls_chats_over_https_refuses_untrusted_clients_and_restarts_with_tls() {
 
     // Trusting the CA: two users chat (group and private, both ways).
     smoke_passes(&route, &ca);
+
+    // The admin listener answers the printed command over HTTPS, and lists the smoke users.
+    let out = Command::new(env!("CARGO_BIN_EXE_cim"))
+        .args(&admin_args)
+        .output()
+        .expect("run cim admin");
+    assert!(
+        out.status.success() && text(&out).contains("cim-smoke-"),
+        "{admin_args:?}:\n{}",
+        text(&out)
+    );
 
     // Without it: refused, naming the host and the reason. The system's roots (no --ca) do
     // not know the CA, where the machine has any; another CA of the same name (another run's)
@@ -221,5 +245,10 @@ fn up_tls_chats_over_https_refuses_untrusted_clients_and_restarts_with_tls() {
 
     up.interrupt();
     up.wait_line("deleted the TLS directory");
+    assert!(
+        !token_file.exists(),
+        "{} is left behind",
+        token_file.display()
+    );
     assert!(!dir.exists(), "{} is left behind", dir.display());
 }
