@@ -163,9 +163,18 @@ pub enum ReadError {
     Timeout(Duration),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The peer's first bytes are a TLS record header: it expects TLS where this side
+    /// speaks plaintext (a misconfiguration worth naming, not garbage).
+    #[error("the peer began a TLS handshake on this plaintext connection")]
+    TlsOnPlaintext,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
+
+/// How every TLS connection starts: a handshake record (0x16) of TLS major version 3. No
+/// frame starts so: a 22-byte body starting 0x03 would be protobuf field number 0, which is
+/// invalid.
+const TLS_RECORD_START: [u8; 2] = [0x16, 0x03];
 
 /// Why writing frames failed. Each variant ends the connection.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +197,8 @@ pub struct FrameReader<R> {
     codec: FrameCodec,
     buf: BytesMut,
     read_chunk: usize,
+    /// The first two bytes were checked for a TLS record header.
+    checked_for_tls: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -204,6 +215,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             codec,
             buf: BytesMut::new(),
             read_chunk: read_chunk.max(64),
+            checked_for_tls: false,
         }
     }
 
@@ -219,6 +231,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame with no deadline (the caller has its own timer).
     pub async fn next_frame(&mut self) -> Result<Frame, ReadError> {
         loop {
+            if !self.checked_for_tls && self.buf.len() >= TLS_RECORD_START.len() {
+                self.checked_for_tls = true;
+                if self.buf[..TLS_RECORD_START.len()] == TLS_RECORD_START {
+                    return Err(ReadError::TlsOnPlaintext);
+                }
+            }
             if let Some(frame) = self.codec.decode_buf(&mut self.buf)? {
                 return Ok(frame);
             }

@@ -613,6 +613,25 @@ async fn a_tls_client_on_a_plaintext_port_fails_promptly() {
         .expect("the handshake fails in time, not hangs")
         .expect_err("a plaintext port cannot complete a TLS handshake");
     assert!(error.to_string().contains("127.0.0.1"), "{error}");
+    // Counted (and warned about, by the same branch), not taken for garbage.
+    let http = d.servers[0].0.http_addr();
+    let metrics = HttpClient::new(TokioNet, "127.0.0.1", http.port(), WAIT);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = metrics
+            .request(Method::GET, "/metrics", None, None)
+            .await
+            .expect("GET /metrics");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if body.contains("cim_server_client_tls_on_plaintext_total{server_id=\"plain\"} 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the TLS client was not counted:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

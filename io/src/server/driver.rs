@@ -22,6 +22,7 @@ use super::{LINK_QUEUE, ServerError, SessionEvent, SessionObserver, gateway, lin
 use crate::clock::Clock;
 use crate::net::{FrameWriter, Stream};
 use crate::store::Store;
+use crate::warn_gate::WarnGate;
 
 /// Sessions as (user, epoch, connection), for the observer's comparisons.
 type SessionSet = BTreeSet<(UserId, Epoch, ConnId)>;
@@ -50,6 +51,11 @@ pub(super) enum Input<S> {
         conn: ConnId,
         code: ErrorCode,
         detail: String,
+    },
+    /// A client began a TLS handshake on this plaintext gateway: closed without an Error
+    /// frame (it could not read one), with a warning that names the misconfiguration.
+    TlsOnPlaintext {
+        conn: ConnId,
     },
     /// A client's read side ended (EOF, reset, or a read error).
     ConnClosed {
@@ -131,6 +137,8 @@ pub(super) struct ShellStats {
     /// Route sends failed at once: no link up, or the link's queue full.
     pub route_sends_unrouted: u64,
     pub write_failures: u64,
+    /// Clients that began a TLS handshake on this plaintext client port.
+    pub tls_on_plaintext: u64,
     pub registry_sessions_lost: u64,
     /// Times the store stayed unreachable past the grace period (each one fenced everyone).
     pub store_losses: u64,
@@ -180,6 +188,8 @@ pub(super) struct Driver<S> {
     registry_lost: bool,
     drain_done: Option<oneshot::Sender<()>>,
     shell: ShellStats,
+    /// The server's rate limit on repeated warnings.
+    warnings: Arc<WarnGate>,
     /// Told of session changes; with it, the session list as last reported.
     observer: Option<(SessionObserver, SessionSet)>,
 }
@@ -196,6 +206,7 @@ impl<S: Stream> Driver<S> {
         cancel: CancellationToken,
         connections_gauge: Arc<AtomicU64>,
         observer: Option<SessionObserver>,
+        warnings: Arc<WarnGate>,
     ) -> Self {
         Self {
             node,
@@ -217,6 +228,7 @@ impl<S: Stream> Driver<S> {
             drain_done: None,
             shell: ShellStats::default(),
             observer: observer.map(|o| (o, BTreeSet::new())),
+            warnings,
         }
     }
 
@@ -272,6 +284,20 @@ impl<S: Stream> Driver<S> {
                 if self.conns.contains_key(&conn) {
                     tracing::debug!(conn = conn.0, %detail, "client sent undecodable bytes");
                     self.node.handle_protocol_error(now, conn, code, &detail);
+                }
+            }
+            Input::TlsOnPlaintext { conn } => {
+                if self.conns.remove(&conn).is_some() {
+                    self.shell.tls_on_plaintext += 1;
+                    crate::warn_limited!(
+                        self.warnings,
+                        "client tls on plaintext",
+                        conn = conn.0,
+                        "a client began a TLS handshake on this plaintext client port: it \
+                         expects TLS (give this server --tls-cert and --tls-key) or was sent \
+                         to the wrong port; closing"
+                    );
+                    self.node.handle_connection_closed(now, conn);
                 }
             }
             Input::ConnClosed { conn, reason } => {

@@ -169,6 +169,7 @@ async fn read_loop<S: Stream>(
         };
         let input = match read {
             Ok(frame) => Input::Frame { conn, frame },
+            Err(ReadError::TlsOnPlaintext) => Input::TlsOnPlaintext { conn },
             Err(ReadError::Decode(error)) => Input::ProtocolError {
                 conn,
                 code: error.code(),

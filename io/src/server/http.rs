@@ -325,6 +325,12 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
         family(name, "counter", help, &[(None, value)]);
     }
     family(
+        "cim_server_client_tls_on_plaintext_total",
+        "counter",
+        "Clients that began a TLS handshake on this plaintext client port (closed; one side's TLS setting is wrong).",
+        &[(None, s.shell.tls_on_plaintext)],
+    );
+    family(
         "cim_server_write_failures_total",
         "counter",
         "Client connections closed because a write failed or timed out.",

@@ -432,6 +432,7 @@ pub async fn start<N: Network, R: Registry>(
         cancel.clone(),
         connections.clone(),
         options.observer.clone(),
+        warnings.clone(),
     );
     tasks.spawn(named(
         "driver",
