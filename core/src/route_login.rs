@@ -499,17 +499,18 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 }
 
 /// SHA-256 of a resume token, as claims store it.
-/// Where logins are placed: the live servers minus those whose link is down, or all of
-/// them when that would leave none. Borrowed as is while every link is up (the usual case).
+/// Where logins are placed: the live servers whose link from this route is up, or all of
+/// them when none is. Borrowed as is while every link is up (the usual case).
 fn placeable<'a>(
     live: &'a BTreeMap<ServerId, LiveServer>,
-    unlinked: &BTreeSet<ServerId>,
+    linked: &BTreeSet<ServerId>,
 ) -> Cow<'a, BTreeMap<ServerId, LiveServer>> {
-    let linked = || live.iter().filter(|(id, _)| !unlinked.contains(*id));
-    if unlinked.is_empty() || linked().next().is_none() {
+    let with_link = || live.iter().filter(|(id, _)| linked.contains(*id));
+    let all_linked = live.keys().all(|id| linked.contains(id));
+    if all_linked || with_link().next().is_none() {
         Cow::Borrowed(live)
     } else {
-        Cow::Owned(linked().map(|(id, s)| (id.clone(), s.clone())).collect())
+        Cow::Owned(with_link().map(|(id, s)| (id.clone(), s.clone())).collect())
     }
 }
 
@@ -546,11 +547,12 @@ pub struct RouteLogin {
     balancer: Balancer,
     rng: ChaCha8Rng,
     live: BTreeMap<ServerId, LiveServer>,
-    /// Live servers whose link from this route went down and is not back. A crashed server
-    /// stays listed until its registry session expires (seconds): logins placed there in
-    /// the meantime would only send clients to a closed port, so placement skips these
-    /// while any other live server is linked. Placement only: takeovers still wait on them.
-    unlinked: BTreeSet<ServerId>,
+    /// Live servers whose link from this route is up. Placement skips the others while any
+    /// server is linked: a crashed server stays listed until its registry session expires
+    /// (seconds), and one whose link never authenticates (a wrong link secret or
+    /// certificate) stays listed for good; clients placed there could not send through this
+    /// route. Placement only: takeovers still wait on every live server.
+    linked: BTreeSet<ServerId>,
     /// Verified against when the account does not exist, so an unknown id costs the same
     /// time as a wrong password.
     dummy_hash: String,
@@ -741,7 +743,7 @@ impl RouteLogin {
             balancer,
             rng,
             live: BTreeMap::new(),
-            unlinked: BTreeSet::new(),
+            linked: BTreeSet::new(),
             dummy_hash,
             next_request: 0,
             pending: BTreeMap::new(),
@@ -773,7 +775,7 @@ impl RouteLogin {
         live: BTreeMap<ServerId, LiveServer>,
     ) {
         self.live = live;
-        self.unlinked.retain(|s| self.live.contains_key(s));
+        self.linked.retain(|s| self.live.contains_key(s));
         for h in &mut self.held {
             h.awaiting.retain(|s| self.live.contains_key(s));
         }
@@ -809,7 +811,7 @@ impl RouteLogin {
     /// restarted answers at once (it holds no session), which releases the answer long
     /// before the old lease would.
     pub fn handle_server_reachable(&mut self, server: &ServerId) {
-        self.unlinked.remove(server);
+        self.linked.insert(server.clone());
         for held in self.held.iter().filter(|h| h.awaiting.contains(server)) {
             self.events.push_back(RouteEvent::KickOld {
                 server: server.clone(),
@@ -819,12 +821,10 @@ impl RouteLogin {
         }
     }
 
-    /// The link to `server` went down: no new logins are placed there until it is back
-    /// (or the server leaves the registry), unless no linked server is left.
+    /// The link to `server` went down: no new logins are placed there until it is back,
+    /// unless no linked server is left.
     pub fn handle_server_unreachable(&mut self, server: &ServerId) {
-        if self.live.contains_key(server) {
-            self.unlinked.insert(server.clone());
-        }
+        self.linked.remove(server);
     }
 
     pub fn handle_register(&mut self, now: Instant, api: ApiRequestId, name: &str, password: &str) {
@@ -1221,7 +1221,7 @@ impl RouteLogin {
                 return;
             }
         };
-        let placeable = placeable(&self.live, &self.unlinked);
+        let placeable = placeable(&self.live, &self.linked);
         let Some(server) = self
             .balancer
             .pick(login.user, &placeable)
@@ -2237,8 +2237,9 @@ mod tests {
             h.start_login(100, user, name, "pw", None);
             login_ok(&h.run(100)).server.id.as_str().to_owned()
         };
-        // Round robin would start with s1; its link is down, so both go to s2.
-        h.m.handle_server_unreachable(&ServerId::new("s1"));
+        // Only s2's link is up; s1's never came up (a wrong link secret, say). Round robin
+        // would start with s1; it has no link, so both go to s2.
+        h.m.handle_server_reachable(&ServerId::new("s2"));
         assert_eq!(server_of(&mut h, 1, "alice"), "s2");
         assert_eq!(server_of(&mut h, 2, "bob"), "s2");
         // Back up: placement uses it again.

@@ -33,7 +33,16 @@ async fn start_server(
     registry: &MemoryRegistry,
     link_secret: &[u8],
 ) -> ServerHandle {
-    let node = ServerConfig::new(ServerId::new("s1"), TicketKeys::new(1, TICKET_SECRET));
+    start_server_named("s1", store, registry, link_secret).await
+}
+
+async fn start_server_named(
+    id: &str,
+    store: Arc<dyn Store>,
+    registry: &MemoryRegistry,
+    link_secret: &[u8],
+) -> ServerHandle {
+    let node = ServerConfig::new(ServerId::new(id), TicketKeys::new(1, TICKET_SECRET));
     let mut options = ServerOptions::new(node, link_secret.to_vec());
     options.listen_ip = LOCALHOST;
     (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
@@ -217,4 +226,66 @@ async fn a_route_gone_mid_handshake_is_no_link_auth_failure_but_a_wrong_proof_is
         "only the wrong proof counts:\n{text}"
     );
     server.abort();
+}
+
+async fn post_json(port: u16, path: &str, body: Value) -> Value {
+    let http = HttpClient::new(TokioNet, "127.0.0.1", port, Duration::from_secs(5));
+    let (status, answer) = http
+        .request(
+            Method::POST,
+            path,
+            None,
+            Some(serde_json::to_vec(&body).expect("json").into()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    let value: Value = serde_json::from_slice(&answer).expect("a JSON envelope");
+    assert_eq!(status, StatusCode::OK, "{path}: {value}");
+    value["dataBody"].clone()
+}
+
+/// A server whose link never authenticates (a wrong link secret) stays listed in the
+/// registry; while another server is linked, no login is placed on it: its users could not
+/// send through the route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_skip_a_server_whose_link_never_came_up() {
+    let store = memory_store();
+    let registry = MemoryRegistry::new();
+    let good = start_server_named("good", store.clone(), &registry, b"the-right-link-secret").await;
+    let bad = start_server_named("bad", store.clone(), &registry, b"a-wrong-link-secret!!").await;
+    let route = start_route(store, &registry, b"the-right-link-secret").await;
+    let port = route.http_addr().port();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let (_, text) = get(port, "/metrics").await;
+        if metric(&text, "cim_route_servers_live") == 2 && metric(&text, "cim_route_links_up") == 1
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "links never settled:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Four: within the registration burst; round robin would put two on `bad`.
+    for i in 0..4 {
+        let name = format!("placed{i}");
+        let user = post_json(
+            port,
+            "/registerAccount",
+            serde_json::json!({"userName": name, "password": "placement-pw-1"}),
+        )
+        .await;
+        let login = post_json(
+            port,
+            "/login",
+            serde_json::json!({"userId": user["userId"], "userName": name, "password": "placement-pw-1"}),
+        )
+        .await;
+        assert_eq!(login["serverId"], "good", "{name} was placed: {login}");
+    }
+    route.abort();
+    good.abort();
+    bad.abort();
 }
