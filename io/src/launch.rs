@@ -119,6 +119,27 @@ impl LogFormat {
     }
 }
 
+/// What a binary's `main` does with its failure: the error and its causes on stderr, as
+/// Rust prints a `main` that returns an error, then exit code 1 — without the backtrace
+/// that `RUST_BACKTRACE=1` (common on developers' machines) would add to an operator's
+/// startup error.
+pub fn report_failure(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
+    let mut text = format!("Error: {error}");
+    let causes: Vec<_> = std::iter::successors(error.source(), |e| e.source()).collect();
+    match causes[..] {
+        [] => {}
+        [cause] => text.push_str(&format!("\n\nCaused by:\n    {cause}")),
+        _ => {
+            text.push_str("\n\nCaused by:");
+            for (i, cause) in causes.iter().enumerate() {
+                text.push_str(&format!("\n    {i}: {cause}"));
+            }
+        }
+    }
+    eprintln!("{text}");
+    std::process::ExitCode::FAILURE
+}
+
 /// Logs to stderr in `format`; `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(default_filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

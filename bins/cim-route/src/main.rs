@@ -1,5 +1,8 @@
 use clap::Parser as _;
 
-fn main() -> anyhow::Result<()> {
-    cim_route::run_blocking(cim_route::Args::parse())
+fn main() -> std::process::ExitCode {
+    match cim_route::run_blocking(cim_route::Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => cim_io::launch::report_failure(error.as_ref()),
+    }
 }

@@ -1,5 +1,8 @@
 use clap::Parser as _;
 
-fn main() -> anyhow::Result<()> {
-    cim_server::run_blocking(cim_server::Args::parse())
+fn main() -> std::process::ExitCode {
+    match cim_server::run_blocking(cim_server::Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => cim_io::launch::report_failure(error.as_ref()),
+    }
 }

@@ -127,8 +127,15 @@ struct UpArgs {
     log_format: String,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => launch::report_failure(error.as_ref()),
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Up(args) => {
             let format = launch::LogFormat::parse(Some(&args.log_format)).unwrap_or_default();
             launch::init_logging("warn,cim_io=info", format);
@@ -664,7 +671,7 @@ fn print_welcome(
     println!("  route     {scheme}://{http}  (API: {scheme}://{http}/openapi.json)");
     for s in servers {
         println!(
-            "  server {}  clients {}{}  health http://{}/health",
+            "  server {}  clients {}{}  ready http://{}/health/ready",
             s.server_id(),
             s.client_addr(),
             if tls.is_some() { " (TLS)" } else { "" },
