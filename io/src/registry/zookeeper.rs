@@ -98,55 +98,47 @@ impl ZkTls {
             std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
         };
-        let ca_pem = read(ca, "--zk-ca")?;
-        let mut options = zk::TlsOptions::new()
-            .with_pem_ca(&ca_pem)
-            .map_err(|e| format!("--zk-ca {}: {e}", ca.display()))?;
         let identity = match (client_cert, client_key) {
-            (Some(cert), Some(key)) => Some((cert.to_path_buf(), key.to_path_buf())),
-            _ => None,
-        };
-        let probe = ClientTls::load(ClientTlsSettings {
-            ca: Some(ca.to_path_buf()),
-            identity,
-            own_role: None,
-            server_role: None,
-        })
-        .map_err(|e| format!("--zk-ca / --zk-client-cert: {e}"))?;
-        let with_client_cert = match (client_cert, client_key) {
-            (Some(cert), Some(key)) => {
-                let (cert_pem, key_pem) = (
-                    read(cert, "--zk-client-cert")?,
-                    read(key, "--zk-client-key")?,
-                );
-                options = options
-                    .with_pem_identity(&cert_pem, &key_pem)
-                    .map_err(|e| {
-                        format!(
-                            "--zk-client-cert {} / --zk-client-key {}: {e}",
-                            cert.display(),
-                            key.display()
-                        )
-                    })?;
-                true
-            }
-            (None, None) => false,
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
             _ => {
                 return Err(
                     "--zk-client-cert and --zk-client-key go together: give both or neither".into(),
                 );
             }
         };
+        let mut options = zk::TlsOptions::new()
+            .with_pem_ca(&read(ca, "--zk-ca")?)
+            .map_err(|e| format!("--zk-ca {}: {e}", ca.display()))?;
+        if let Some((cert, key)) = identity {
+            options = options
+                .with_pem_identity(
+                    &read(cert, "--zk-client-cert")?,
+                    &read(key, "--zk-client-key")?,
+                )
+                .map_err(|e| {
+                    format!(
+                        "--zk-client-cert {} / --zk-client-key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+        }
+        let probe = ClientTls::load(ClientTlsSettings {
+            ca: Some(ca.to_path_buf()),
+            identity: identity.map(|(cert, key)| (cert.to_path_buf(), key.to_path_buf())),
+            own_role: None,
+            server_role: None,
+        })
+        .map_err(|e| format!("--zk-ca / --zk-client-cert: {e}"))?;
         Ok(Self {
             options: Box::new(options),
             probe,
             ca_path: ca.display().to_string(),
-            with_client_cert,
+            with_client_cert: identity.is_some(),
         })
     }
-}
 
-impl ZkTls {
     /// Why TLS to the ensemble `connect` fails, if a handshake with one of its TLS endpoints
     /// fails: zookeeper-client retries a failed handshake until its connect times out and
     /// reports only the timeout, which sends an operator looking at the network instead of
