@@ -21,8 +21,9 @@
 //! back, and the other client would do the same, forever; so the session stops with
 //! [`StopReason::TakenOver`] and lets the user decide (`start` again). Likewise for
 //! [`KickReason::LoggedOut`], a login answered with `AccountMismatch`, and a route or server
-//! whose TLS certificate does not verify ([`StopReason::CertificateRejected`]: an unknown
-//! issuer, a wrong host name or an expired certificate stays so however often it is tried).
+//! with which TLS cannot work ([`StopReason::TlsFailed`]: an unknown issuer, a wrong host
+//! name, an expired certificate, or a peer speaking plaintext where TLS was asked for or the
+//! reverse, stays so however often it is tried).
 
 mod backoff;
 mod inbound;
@@ -175,9 +176,10 @@ pub enum StopReason {
     TakenOver,
     LoggedOut,
     AccountMismatch,
-    /// The route's or a server's certificate did not verify; see
-    /// [`ClientEvent::CertificateRejected`] for whose and why.
-    CertificateRejected,
+    /// TLS with the route or a server cannot work (its certificate did not verify, or one
+    /// side speaks TLS and the other does not); see [`ClientEvent::TlsFailed`] for whose and
+    /// why.
+    TlsFailed,
 }
 
 /// What the application is told.
@@ -236,10 +238,11 @@ pub enum ClientEvent {
     Kicked(KickReason),
     /// A login failure that retrying will not fix; the session stops.
     LoginRejected(LoginError),
-    /// `host`'s TLS certificate did not verify (`reason` in words: unknown issuer, wrong
-    /// name, expired). Retrying will not fix it; the session stops with
-    /// [`StopReason::CertificateRejected`].
-    CertificateRejected {
+    /// TLS with `host` cannot work (`reason` in words: its certificate has an unknown
+    /// issuer, a wrong name or has expired; or it speaks plaintext to this TLS client, or
+    /// HTTPS only to this plaintext one). Retrying will not fix it; the session stops with
+    /// [`StopReason::TlsFailed`].
+    TlsFailed {
         host: String,
         reason: String,
     },
@@ -261,9 +264,10 @@ pub enum LoginFailure {
     /// No usable HTTP answer (connection refused, bad body, ...).
     #[error("login request failed: {0}")]
     Transport(String),
-    /// The route's HTTPS certificate did not verify: permanent, the session stops.
-    #[error("the certificate of {host} was not accepted: {reason}")]
-    Certificate { host: String, reason: String },
+    /// TLS with the route cannot work (its certificate did not verify, or the scheme is
+    /// the wrong one): permanent, the session stops.
+    #[error("TLS with {host} cannot work: {reason}")]
+    Tls { host: String, reason: String },
 }
 
 /// A frame the session ignored. Its state did not change.
@@ -581,11 +585,11 @@ impl ClientSession {
                     .push_back(ClientEvent::LoginRejected(LoginError::AccountMismatch));
                 self.stop(StopReason::AccountMismatch);
             }
-            Err(LoginFailure::Certificate { host, reason }) => {
+            Err(LoginFailure::Tls { host, reason }) => {
                 self.out
                     .events
-                    .push_back(ClientEvent::CertificateRejected { host, reason });
-                self.stop(StopReason::CertificateRejected);
+                    .push_back(ClientEvent::TlsFailed { host, reason });
+                self.stop(StopReason::TlsFailed);
             }
             // Repeat login (the old claim's lease has yet to run out), no server, store
             // trouble, transport: all may pass.
@@ -612,16 +616,17 @@ impl ClientSession {
         }
     }
 
-    /// The connection attempt failed for good: the server's TLS certificate did not verify.
+    /// The connection attempt failed for good: TLS with the server cannot work (its
+    /// certificate did not verify, or it does not speak TLS).
     /// Unlike [`handle_connect_failed`](Self::handle_connect_failed) this stops the session
-    /// (see [`StopReason::CertificateRejected`]). Ignored unless connecting.
-    pub fn handle_certificate_rejected(&mut self, now: Instant, host: String, reason: String) {
+    /// (see [`StopReason::TlsFailed`]). Ignored unless connecting.
+    pub fn handle_tls_failed(&mut self, now: Instant, host: String, reason: String) {
         let _ = now;
         if matches!(self.link, Link::Connecting { .. }) {
             self.out
                 .events
-                .push_back(ClientEvent::CertificateRejected { host, reason });
-            self.stop(StopReason::CertificateRejected);
+                .push_back(ClientEvent::TlsFailed { host, reason });
+            self.stop(StopReason::TlsFailed);
         }
     }
 

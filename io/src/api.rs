@@ -26,6 +26,9 @@ pub const CODE_REPEAT_LOGIN: &str = "5000";
 pub const CODE_NO_SERVER: &str = "7100";
 /// Unknown user, wrong name for the id or wrong password.
 pub const CODE_ACCOUNT_MISMATCH: &str = "9100";
+/// A plain HTTP request on a listener that speaks HTTPS only (HTTP 400): use `https://`.
+/// The listener answers it before any route handler, and closes the connection.
+pub const CODE_HTTPS_REQUIRED: &str = "4260";
 /// "4290", throttled (HTTP 429 with `Retry-After`): too many failed logins at the account,
 /// too many logins or registrations from the client's address, or a user sending faster
 /// than the per-user rate. "4500", busy (HTTP 503 with `Retry-After`): the route's

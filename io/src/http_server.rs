@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::net::{Listener, Stream};
-use crate::tls::{MaybeTls, ServerTls};
+use crate::tls::{self, MaybeTls, Opening, Rewind, ServerTls};
 use crate::warn_gate::WarnGate;
 
 /// The first back-off after a failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`].
@@ -51,6 +51,20 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
 content-type: application/json\r\ncontent-length: 68\r\n\r\n\
 {\"code\":\"4000\",\"message\":\"too many connections, retry in a moment\"}\n";
+
+/// What a TLS client on a plain HTTP listener reads before it is closed. It cannot read it
+/// as TLS, which is the point: its handshake fails at once on "not a TLS record" (rustls:
+/// `InvalidContentType`, curl: "wrong version number"), which the SDK reports as a
+/// plaintext route dialed over `https://` instead of retrying.
+const NOT_HTTPS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+content-type: application/json\r\ncontent-length: 83\r\n\r\n\
+{\"code\":\"3000\",\"message\":\"this port speaks plain HTTP: use http://, not https://\"}\n";
+
+/// What a plain HTTP client on an HTTPS-only listener reads before it is closed (code
+/// [`crate::api::CODE_HTTPS_REQUIRED`]).
+const HTTPS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+content-type: application/json\r\ncontent-length: 83\r\n\r\n\
+{\"code\":\"4260\",\"message\":\"this port speaks HTTPS only: use https://, not http://\"}\n";
 
 /// The limits of one HTTP listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +126,8 @@ pub struct HttpStats {
     pub idle_timeouts: AtomicU64,
     /// `accept` failures (e.g. out of file descriptors).
     pub accept_errors: AtomicU64,
+    /// TLS clients on this plain HTTP listener (told so and closed).
+    pub tls_on_plaintext: AtomicU64,
     /// Warnings left out of the log by the listener's gate.
     pub warnings: WarnGate,
 }
@@ -121,7 +137,7 @@ impl HttpStats {
     /// with `labels` (e.g. `route_id="r1"`) on every sample.
     pub fn render(&self, prefix: &str, labels: &str, out: &mut String) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let families: [(&str, &str, &str, u64); 7] = [
+        let families: [(&str, &str, &str, u64); 8] = [
             (
                 "http_connections",
                 "gauge",
@@ -157,6 +173,12 @@ impl HttpStats {
                 "counter",
                 "Failed accepts of HTTP connections (e.g. out of file descriptors).",
                 load(&self.accept_errors),
+            ),
+            (
+                "http_tls_on_plaintext_total",
+                "counter",
+                "TLS clients on this plain HTTP listener, answered in plaintext and closed (an https:// URL for an http:// route).",
+                load(&self.tls_on_plaintext),
             ),
             (
                 "http_warnings_suppressed_total",
@@ -267,15 +289,42 @@ async fn serve_connection<S: Stream>(
     cancel: CancellationToken,
 ) {
     let requests = Arc::new(RequestCount::default());
-    let io = GuardedIo::new(stream, requests.clone(), open.0.clone(), limits);
+    let mut io = GuardedIo::new(stream, requests.clone(), open.0.clone(), limits);
     // The handshake reads through the guard, so the header timeout bounds it too.
     let io = match tls {
-        None => MaybeTls::plain(io),
+        None => {
+            // The first bytes tell an HTTP request from a TLS hello (an https:// URL for
+            // this http:// listener): that client is told in plaintext, which its TLS stack
+            // reports at once, and the operator sees it in the log and the metrics.
+            let opening = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                opening = tls::read_opening(&mut io, None) => opening,
+            };
+            // Closed, or no byte within the header timeout (the guard counted it).
+            let Ok(Opening::Seen(opening)) = opening else {
+                return;
+            };
+            if opening.is_tls_hello() {
+                open.0.tls_on_plaintext.fetch_add(1, Ordering::Relaxed);
+                crate::warn_limited!(
+                    open.0.warnings,
+                    "tls on plaintext http",
+                    %peer,
+                    "a TLS client on this plain HTTP port (an https:// URL for an http:// \
+                     listener); told so and closed"
+                );
+                let _ = io.write_all(NOT_HTTPS).await;
+                let _ = io.shutdown().await;
+                return;
+            }
+            MaybeTls::Plain(Rewind::new(opening.bytes(), io))
+        }
         Some(tls) => {
             let accepted = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                accepted = tls.accept(io) => accepted,
+                accepted = tls.accept_telling_plaintext(io, Some(HTTPS_REQUIRED)) => accepted,
             };
             match accepted {
                 Ok(io) => io,
@@ -569,18 +618,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_refusal_is_a_whole_503_with_an_envelope() {
-        let text = std::str::from_utf8(REFUSAL).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 503 "));
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(length, body.len());
-        let envelope: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(envelope["code"], "4000");
+    fn the_listeners_own_answers_are_whole_responses_with_an_envelope() {
+        for (answer, status, code) in [
+            (REFUSAL, "503", "4000"),
+            (NOT_HTTPS, "400", "3000"),
+            (HTTPS_REQUIRED, "400", crate::api::CODE_HTTPS_REQUIRED),
+        ] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+            assert!(head.contains("\r\nconnection: close"), "{head}");
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(length, body.len(), "{head}");
+            let envelope: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(envelope["code"], code);
+        }
     }
 }

@@ -779,24 +779,52 @@ async fn a_server_certificate_that_does_not_verify_stops_the_session() {
         route_https: false,
     });
     let (client, mut events) = Client::start(TokioNet, Clock::System, options);
-    let rejected = expect(&mut events, "CertificateRejected", |e| {
-        matches!(e, ClientEvent::CertificateRejected { .. })
+    let rejected = expect(&mut events, "TlsFailed", |e| {
+        matches!(e, ClientEvent::TlsFailed { .. })
     })
     .await;
-    let ClientEvent::CertificateRejected { host, reason } = rejected else {
+    let ClientEvent::TlsFailed { host, reason } = rejected else {
         unreachable!()
     };
     assert_eq!(host, "127.0.0.1");
     assert!(reason.contains("not signed by a trusted CA"), "{reason}");
     let stopped = expect(&mut events, "Stopped", |_| true).await;
-    assert_eq!(
-        stopped,
-        ClientEvent::Stopped(StopReason::CertificateRejected)
-    );
+    assert_eq!(stopped, ClientEvent::Stopped(StopReason::TlsFailed));
     assert_eq!(route.lock().unwrap().logins.len(), 1, "no second login");
     assert_eq!(
         client.send(ConvId::All, Bytes::from_static(b"x")).await,
         Err(SendError::Stopped)
     );
+    client.shutdown().await;
+}
+
+/// A login answer naming a TLS server, for a client with no TLS configuration, stops the
+/// session saying so: retrying would ask the same route for the same kind of server.
+#[tokio::test]
+async fn a_tls_server_for_a_client_without_tls_stops_the_session() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (route_port, route) = start_route(port).await;
+    route.lock().unwrap().server_tls = true;
+    let mut config = ClientConfig::new(USER, "ann", "pw", 1);
+    config.backoff_base = Duration::from_millis(10);
+    config.backoff_cap = Duration::from_millis(50);
+    let options = SdkOptions::new("127.0.0.1", route_port, config);
+    let (client, mut events) = Client::start(TokioNet, Clock::System, options);
+    let stopped = expect(&mut events, "TlsFailed", |e| {
+        matches!(e, ClientEvent::TlsFailed { .. })
+    })
+    .await;
+    let ClientEvent::TlsFailed { host, reason } = stopped else {
+        unreachable!()
+    };
+    assert_eq!(host, "127.0.0.1");
+    assert!(reason.contains("no trusted certificates"), "{reason}");
+    assert_eq!(
+        expect(&mut events, "Stopped", |_| true).await,
+        ClientEvent::Stopped(StopReason::TlsFailed)
+    );
+    assert_eq!(route.lock().unwrap().logins.len(), 1, "no second login");
+    drop(listener);
     client.shutdown().await;
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::accounts::PasswordParams;
-use cim_core::client::{ClientConfig, ClientEvent, LinkLoss};
+use cim_core::client::{ClientConfig, ClientEvent, StopReason};
 use cim_core::ids::{ConvId, ServerId, UserId};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::server::ServerConfig;
@@ -831,18 +831,23 @@ async fn a_client_that_reached_the_route_over_tls_never_chats_in_plaintext() {
         .await
         .unwrap();
     let (client, mut events) = d.client(0, UserId(registered.user_id), "dora", sdk_tls(&trust));
-    for _ in 0..3 {
-        loop {
-            match next_event(&mut events).await {
-                ClientEvent::Online { .. } => panic!("went online with a plaintext server"),
-                ClientEvent::Reconnecting { cause, .. } => {
-                    assert_eq!(cause, LinkLoss::ConnectFailed);
-                    break;
-                }
-                _ => {}
+    // No plaintext chat, and no silent retry loop either: the session stops and says why.
+    loop {
+        match next_event(&mut events).await {
+            ClientEvent::Online { .. } => panic!("went online with a plaintext server"),
+            ClientEvent::Reconnecting { cause, .. } => panic!("retried: {cause:?}"),
+            ClientEvent::TlsFailed { host, reason } => {
+                assert_eq!(host, "127.0.0.1");
+                assert!(reason.contains("without TLS"), "{reason}");
+                break;
             }
+            _ => {}
         }
     }
+    assert_eq!(
+        next_event(&mut events).await,
+        ClientEvent::Stopped(StopReason::TlsFailed)
+    );
     client.shutdown().await;
 }
 
@@ -958,4 +963,78 @@ async fn a_silent_https_client_is_closed_and_counted_as_a_handshake_timeout() {
     })
     .await;
     assert_eq!(load(&stats.handshake_failures), 0);
+}
+
+/// A scheme mistake stops the client at once, naming the host and the reason, in either
+/// direction: `https://` to a plaintext route (which names and counts the TLS client) and
+/// `http://` to an HTTPS-only one (which answers 400 / 4260 in plaintext). Neither loops
+/// on reconnects, and both routes keep serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheme_mistake_stops_the_client_and_the_route_names_it() {
+    let pki = Pki::new("scheme");
+    let mut d = Deployment::new();
+    d.server("plain", None).await;
+    d.route("plain-route", None).await;
+    let https = RouteSide::load(&pki.flags("r1", Role::Route))
+        .unwrap()
+        .unwrap()
+        .https;
+    let mut options = route_options("https-route");
+    options.https = Some(https.clone());
+    d.route_with(options, None).await;
+    let trust = pki.client();
+
+    let stops_with = |mut events: Events, says: &'static str| async move {
+        loop {
+            match next_event(&mut events).await {
+                ClientEvent::TlsFailed { host, reason } => {
+                    assert_eq!(host, "127.0.0.1");
+                    assert!(reason.contains(says), "{reason}");
+                    break;
+                }
+                ClientEvent::Reconnecting { cause, .. } => panic!("retried: {cause:?}"),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            next_event(&mut events).await,
+            ClientEvent::Stopped(StopReason::TlsFailed)
+        );
+    };
+
+    // https:// to the plaintext route.
+    let (client, events) = d.client(0, UserId(1), "nobody", sdk_tls(&trust));
+    stops_with(events, "http://").await;
+    client.shutdown().await;
+    let plain_api = HttpClient::new(TokioNet, "127.0.0.1", d.route_port(0), WAIT);
+    let (status, metrics) = plain_api
+        .request(Method::GET, "/metrics", None, None)
+        .await
+        .expect("the plaintext route still serves");
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("cim_route_http_tls_on_plaintext_total{route_id=\"plain-route\"} 1"),
+        "{metrics}"
+    );
+
+    // http:// to the HTTPS-only route.
+    let (client, events) = d.client(1, UserId(1), "nobody", None);
+    stops_with(events, "https://").await;
+    client.shutdown().await;
+    let refused = https.stats().plaintext_refused.load(Ordering::Relaxed);
+    assert_eq!(refused, 1);
+    let (status, body) = HttpClient::new(TokioNet, "127.0.0.1", d.route_port(1), WAIT)
+        .request(Method::GET, "/openapi.json", None, None)
+        .await
+        .expect("a plain request is answered, not cut");
+    assert_eq!(status, 400);
+    let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(envelope["code"], api::CODE_HTTPS_REQUIRED, "{envelope}");
+    let (status, _) = HttpClient::new(TokioNet, "127.0.0.1", d.route_port(1), WAIT)
+        .with_tls(trust.clone())
+        .request(Method::GET, "/openapi.json", None, None)
+        .await
+        .expect("the HTTPS route still serves");
+    assert_eq!(status, 200);
 }

@@ -972,11 +972,11 @@ impl App {
                 };
                 self.sink.error(&text);
             }
-            ClientEvent::CertificateRejected { host, reason } => {
+            ClientEvent::TlsFailed { host, reason } => {
                 self.drop_unsent = true;
                 self.error(
-                    Failure::Certificate,
-                    &format!("the certificate of {host} is not trusted: {reason}"),
+                    Failure::Tls,
+                    &format!("TLS with {host} cannot work: {reason}"),
                 );
             }
             ClientEvent::Stopped(StopReason::AccountMismatch)
@@ -1048,9 +1048,9 @@ impl App {
                     ),
                 );
             }
-            StopReason::CertificateRejected => {
+            StopReason::TlsFailed => {
                 self.drop_unsent = true;
-                self.fail(Failure::Certificate);
+                self.fail(Failure::Tls);
             }
         }
         if self.drop_unsent && !self.this_run.is_empty() {

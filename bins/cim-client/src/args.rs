@@ -14,9 +14,10 @@ as if typed, once the session is online (lines read before are queued); received
 command results as {\"command\":\"olu\",\"result\":...}, and status on stderr. After the end of
 input the client waits (at most --drain-secs) until the server acknowledged every message.
 Exit codes: 0 all done, 1 other error, 2 bad command line, 3 login rejected (wrong
-password), 4 registration refused (name taken), 5 certificate not trusted, 6 route or
-servers unreachable (messages saved for the next run), 7 unknown recipient, 8 message too
-long, 9 bad input line or refused command, 10 message rejected, 11 logged in elsewhere.
+password), 4 registration refused (name taken), 5 TLS cannot work (certificate not trusted,
+or http:// vs https://), 6 route or servers unreachable (messages saved for the next run),
+7 unknown recipient, 8 message too long, 9 bad input line or refused command, 10 message
+rejected, 11 logged in elsewhere.
 
 State: the user id, resume token, unsent messages and read positions live in
 $XDG_DATA_HOME/cim/<route>/<user>.json (default ~/.local/share/cim/...; one per user and

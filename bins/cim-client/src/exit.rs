@@ -14,8 +14,9 @@ pub enum Failure {
     LoginRejected,
     /// Registration refused (the name is taken, or not a valid name).
     RegistrationRefused,
-    /// The route's or a server's TLS certificate did not verify.
-    Certificate,
+    /// TLS with the route or a server cannot work: a certificate did not verify, or one
+    /// side speaks TLS and the other does not.
+    Tls,
     /// The route or every server stayed unreachable: messages were not delivered (they are
     /// kept in the state file and sent by the next run), or a command could not run.
     Unreachable,
@@ -39,7 +40,7 @@ impl Failure {
         Self::Other,
         Self::LoginRejected,
         Self::RegistrationRefused,
-        Self::Certificate,
+        Self::Tls,
         Self::Unreachable,
         Self::UnknownRecipient,
         Self::TooLong,
@@ -54,7 +55,7 @@ impl Failure {
             Self::Other => 1,
             Self::LoginRejected => 3,
             Self::RegistrationRefused => 4,
-            Self::Certificate => 5,
+            Self::Tls => 5,
             Self::Unreachable => 6,
             Self::UnknownRecipient => 7,
             Self::TooLong => 8,
@@ -125,8 +126,8 @@ mod tests {
 
     #[test]
     fn a_fatal_error_keeps_its_failure_under_context() {
-        let error = fatal(Failure::Certificate, "bad cert").context("registering");
-        assert_eq!(failure_of(&error), Failure::Certificate);
+        let error = fatal(Failure::Tls, "bad cert").context("registering");
+        assert_eq!(failure_of(&error), Failure::Tls);
         assert_eq!(failure_of(&anyhow::anyhow!("x")), Failure::Other);
     }
 }

@@ -351,7 +351,7 @@ pub async fn run(
         None | Some(StopReason::Shutdown) => None,
         Some(StopReason::TakenOver | StopReason::LoggedOut) => Some(Failure::LoggedInElsewhere),
         Some(StopReason::AccountMismatch) => Some(Failure::LoginRejected),
-        Some(StopReason::CertificateRejected) => Some(Failure::Certificate),
+        Some(StopReason::TlsFailed) => Some(Failure::Tls),
     };
     app.finish().await;
     failure

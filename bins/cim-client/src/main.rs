@@ -312,14 +312,19 @@ fn registration_error(
             Failure::RegistrationRefused,
             format!("registering {name}: {message}"),
         ),
-        ApiError::Transport(HttpError::Tls(cim_io::tls::ConnectError::Certificate {
-            host,
-            plain,
-            ..
-        })) => fatal(
-            Failure::Certificate,
-            format!("the certificate of {host} is not trusted: {plain}"),
-        ),
+        ApiError::Status { message, code, .. } if code == cim_io::api::CODE_HTTPS_REQUIRED => {
+            fatal(
+                Failure::Tls,
+                format!("TLS with {host} cannot work: {message}"),
+            )
+        }
+        ApiError::Transport(HttpError::Tls(error)) if error.permanent().is_some() => {
+            let reason = error.permanent().unwrap_or_default();
+            fatal(
+                Failure::Tls,
+                format!("TLS with {} cannot work: {reason}", error.host()),
+            )
+        }
         ApiError::Transport(error) => fatal(
             Failure::Unreachable,
             format!("cannot reach the route at {host}:{port} to register {name}: {error}"),

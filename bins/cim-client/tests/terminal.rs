@@ -356,6 +356,49 @@ async fn an_untrusted_certificate_exits_5_naming_host_and_reason() {
     .expect("clients");
 }
 
+/// A scheme mistake ends the run with code 5 too, naming the host and what to use, for
+/// registration and a login alike, without retrying: `https://` to a plaintext route and
+/// `http://` to an HTTPS-only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheme_mistake_exits_5_saying_which_scheme() {
+    let ca = cim_testkit::certs::TestCa::new("route");
+    let cert = ca.server_cert("route");
+    let https = common::https_cluster(cert.cert_path.clone(), cert.key_path.clone()).await;
+    let plain = common::cluster().await;
+    let dir = temp_dir("scheme");
+    let ca_path = ca.cert_path.clone();
+    let (https_port, plain_port) = (https.route_port, plain.route_port);
+    tokio::task::spawn_blocking(move || {
+        let run = |url: &str, user: &str, extra: &str| {
+            shell(
+                &format!(
+                    "\"$CIM_CLIENT\" --route {url} --ca {} --user {user} --state {} --send hi {extra}",
+                    ca_path.display(),
+                    dir.join(format!("{user}.json")).display()
+                ),
+                "dora-password",
+            )
+        };
+        let started = common::now();
+        for (url, says) in [
+            (format!("https://127.0.0.1:{plain_port}"), "use http://"),
+            (format!("http://127.0.0.1:{https_port}"), "use https://"),
+        ] {
+            // Registration, then a login (the id given, so no registration).
+            for (user, extra) in [("dora", ""), ("erin", "--user-id 1")] {
+                let (out, code) = run(&url, user, extra);
+                assert_eq!(code, 5, "{url} {extra}: {out}");
+                assert!(out.contains("127.0.0.1") && out.contains(says), "{out}");
+                assert!(!out.contains("reconnecting"), "{out}");
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .expect("clients");
+}
+
 /// Item 7: a second login of the same user (here a `--send` sharing the state file) takes
 /// the session over; the terminal says what happened and Enter takes it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

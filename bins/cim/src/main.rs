@@ -531,9 +531,24 @@ impl UpTls {
 }
 
 /// Creates `dir` (and its parents) readable by its owner only, unless it exists.
+/// Makes `dir` owner-only if missing. An existing one must not be writable by others: the
+/// CA and keys written there are what every process trusts, and anyone who may write the
+/// directory may swap them (a shared `/tmp` is the trap).
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     if dir.is_dir() {
+        let mode = std::fs::metadata(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .permissions()
+            .mode();
+        anyhow::ensure!(
+            mode & 0o022 == 0,
+            "--tls-dir {} is writable by other users (mode {:o}): anyone who can write it \
+             could swap the CA and keys; use a directory only you can write (chmod go-w), \
+             or a new path (created owner-only)",
+            dir.display(),
+            mode & 0o777
+        );
         return Ok(());
     }
     std::fs::DirBuilder::new()
@@ -740,6 +755,26 @@ fn print_welcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_dir_others_may_write_is_refused_and_a_new_one_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let base = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = base.path().join("new/tls");
+        private_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        private_dir(&fresh).expect("an owner-only directory is reused");
+        for shared in [0o777, 0o1777, 0o775] {
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(shared)).unwrap();
+            let error = private_dir(&fresh)
+                .expect_err("writable by others")
+                .to_string();
+            assert!(error.contains("writable by other users"), "{error}");
+        }
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&fresh).expect("readable by others is fine: the keys are owner-only");
+    }
 
     #[test]
     fn up_splits_the_file_limit_between_its_three_listeners() {

@@ -237,7 +237,7 @@ enum In {
     Answer(u64, Result<LoginAnswer, LoginFailure>),
     Connected,
     ConnectFailed,
-    CertificateRejected,
+    TlsFailed,
     Disconnected,
     Frame(Kind),
     Timeout,
@@ -273,12 +273,9 @@ impl Harness {
             In::Answer(n, a) => self.s.handle_login_answer(now, LoginAttempt(n), a),
             In::Connected => self.s.handle_connected(now),
             In::ConnectFailed => self.s.handle_connect_failed(now),
-            In::CertificateRejected => {
-                self.s.handle_certificate_rejected(
-                    now,
-                    "s1.example".into(),
-                    "unknown issuer".into(),
-                );
+            In::TlsFailed => {
+                self.s
+                    .handle_tls_failed(now, "s1.example".into(), "unknown issuer".into());
             }
             In::Disconnected => self.s.handle_disconnected(now),
             In::Frame(kind) => {
@@ -487,11 +484,11 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
 fn a_certificate_that_does_not_verify_stops_instead_of_retrying() {
     let rejected = |host: &str| {
         vec![
-            ClientEvent::CertificateRejected {
+            ClientEvent::TlsFailed {
                 host: host.into(),
                 reason: "unknown issuer".into(),
             },
-            ClientEvent::Stopped(StopReason::CertificateRejected),
+            ClientEvent::Stopped(StopReason::TlsFailed),
         ]
     };
     let mut h = Harness::new(quiet_config());
@@ -506,7 +503,7 @@ fn a_certificate_that_does_not_verify_stops_instead_of_retrying() {
             10,
             In::Answer(
                 1,
-                Err(LoginFailure::Certificate {
+                Err(LoginFailure::Tls {
                     host: "route.example".into(),
                     reason: "unknown issuer".into(),
                 }),
@@ -521,12 +518,12 @@ fn a_certificate_that_does_not_verify_stops_instead_of_retrying() {
     let mut h = Harness::new(quiet_config());
     h.step(0, In::Start);
     h.step(10, In::Answer(1, Ok(answer(5, 0xA))));
-    let (cmds, evs) = h.step(20, In::CertificateRejected);
+    let (cmds, evs) = h.step(20, In::TlsFailed);
     assert_eq!(cmds, vec![]);
     assert_eq!(evs, rejected("s1.example"));
     assert_eq!(h.s.poll_timeout(), None);
     // Not connecting (stopped already): nothing more happens.
-    assert_eq!(h.step(30, In::CertificateRejected), (vec![], vec![]));
+    assert_eq!(h.step(30, In::TlsFailed), (vec![], vec![]));
 
     let mut h = Harness::new(quiet_config());
     h.step(0, In::Start);

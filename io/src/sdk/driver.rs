@@ -20,7 +20,7 @@ use crate::api::{self, decode_resume_token, decode_ticket, encode_resume_token};
 use crate::clock::Clock;
 use crate::http_client::HttpError;
 use crate::net::{self, Network, framed};
-use crate::tls::{self, ClientTls, MaybeTls};
+use crate::tls::{ClientTls, MaybeTls};
 
 /// Frames queued for one connection's writer. The session resends its whole outbox in one
 /// go when it comes online, so this must hold a large outbox; tokio allocates channel slots
@@ -45,8 +45,9 @@ enum Input {
     ConnectFailed {
         generation: u64,
     },
-    /// The server's certificate did not verify: the session stops rather than retry.
-    CertificateRejected {
+    /// TLS to the server cannot work (its certificate did not verify, or it does not speak
+    /// TLS): the session stops rather than retry.
+    TlsFailed {
         generation: u64,
         host: String,
         reason: String,
@@ -269,14 +270,14 @@ impl<N: Network> Driver<N> {
                     self.session.handle_connect_failed(now);
                 }
             }
-            Input::CertificateRejected {
+            Input::TlsFailed {
                 generation,
                 host,
                 reason,
             } => {
                 if self.is_current(generation) {
                     self.conn = None;
-                    self.session.handle_certificate_rejected(now, host, reason);
+                    self.session.handle_tls_failed(now, host, reason);
                 }
             }
             Input::Frame { generation, frame } => {
@@ -469,7 +470,7 @@ async fn login<N: Network>(
     };
     match route.login(&body).await {
         Ok(response) => answer_from(user, response),
-        Err(error) => Err(failure_from(error)),
+        Err(error) => Err(failure_from(route.host(), error)),
     }
 }
 
@@ -509,7 +510,10 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
     })
 }
 
-fn failure_from(error: ApiError) -> LoginFailure {
+/// A failed login in the session's terms. TLS that cannot work with this route (its
+/// certificate is not trusted, it speaks plaintext to an https:// client or HTTPS only to an
+/// http:// one) is [`LoginFailure::Tls`]: the session stops instead of retrying forever.
+fn failure_from(route_host: &str, error: ApiError) -> LoginFailure {
     let rejected = |e: LoginError| LoginFailure::Rejected(e);
     match error {
         ApiError::Status { code, message, .. } => match code.as_str() {
@@ -517,13 +521,18 @@ fn failure_from(error: ApiError) -> LoginFailure {
             api::CODE_ACCOUNT_MISMATCH => rejected(LoginError::AccountMismatch),
             api::CODE_NO_SERVER => rejected(LoginError::NoServerAvailable),
             api::CODE_FAIL => rejected(LoginError::Unavailable),
+            api::CODE_HTTPS_REQUIRED => LoginFailure::Tls {
+                host: route_host.to_owned(),
+                reason: message,
+            },
             _ => LoginFailure::Transport(format!("login: code {code}: {message}")),
         },
-        ApiError::Transport(HttpError::Tls(tls::ConnectError::Certificate {
-            host, plain, ..
-        })) => LoginFailure::Certificate {
-            host,
-            reason: plain,
+        ApiError::Transport(HttpError::Tls(error)) => match error.permanent() {
+            Some(reason) => LoginFailure::Tls {
+                host: error.host().to_owned(),
+                reason,
+            },
+            None => LoginFailure::Transport(error.to_string()),
         },
         other => LoginFailure::Transport(other.to_string()),
     }
@@ -555,18 +564,36 @@ async fn connection<N: Network>(
     let failed = || async {
         let _ = inputs.send(Input::ConnectFailed { generation }).await;
     };
+    // What the login answer asks cannot work with this client's TLS: no retry changes that
+    // (every server of a route is set up alike), so the session stops and says why.
+    let tls_cannot_work = |reason: &str| {
+        tracing::warn!(%host, port, reason, "not connecting to the server");
+        Input::TlsFailed {
+            generation,
+            host: host.clone(),
+            reason: reason.to_owned(),
+        }
+    };
     // Never a silent downgrade: a client that reached the route over TLS does not chat in
     // plaintext because an answer said so.
     if !tls && transport.route_tls {
-        tracing::warn!(%host, port, "the route sent a plaintext server to a TLS client; not connecting");
-        return failed().await;
+        let stop = tls_cannot_work(
+            "the route, reached over HTTPS, sent this client to a server without TLS: \
+             refusing to chat in plaintext (its operator must give the servers --tls-cert)",
+        );
+        let _ = inputs.send(stop).await;
+        return;
     }
     let tls = match (tls, &transport.tls) {
         (false, _) => None,
         (true, Some(client)) => Some(client),
         (true, None) => {
-            tracing::warn!(%host, port, "the server expects TLS but this client has no TLS configuration");
-            return failed().await;
+            let stop = tls_cannot_work(
+                "the server speaks TLS but this client has no trusted certificates \
+                 (configure the CA that signs it: --ca for cim-client)",
+            );
+            let _ = inputs.send(stop).await;
+            return;
         }
     };
     // The TLS handshake shares the connect deadline.
@@ -578,10 +605,7 @@ async fn connection<N: Network>(
             None => Ok(MaybeTls::plain(stream)),
             Some(client) => client.connect(stream, &host).await.map_err(|error| {
                 tracing::warn!(%error, "TLS to the server failed");
-                let permanent = match &error {
-                    tls::ConnectError::Certificate { plain, .. } => Some(plain.clone()),
-                    _ => None,
-                };
+                let permanent = error.permanent();
                 (error.to_string(), permanent)
             }),
         }
@@ -593,7 +617,7 @@ async fn connection<N: Network>(
         // The one failure retrying will not fix: the session stops and says why.
         Err((_, Some(reason))) => {
             let _ = inputs
-                .send(Input::CertificateRejected {
+                .send(Input::TlsFailed {
                     generation,
                     host: host.clone(),
                     reason,
@@ -655,6 +679,7 @@ async fn connection<N: Network>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls;
 
     #[test]
     fn login_codes_map_to_the_sessions_errors() {
@@ -663,6 +688,7 @@ mod tests {
             code: code.to_owned(),
             message: "m".to_owned(),
         };
+        let failure = |error| failure_from("route.example", error);
         for (code, error) in [
             ("5000", LoginError::RepeatLogin),
             ("9100", LoginError::AccountMismatch),
@@ -670,34 +696,57 @@ mod tests {
             ("4000", LoginError::Unavailable),
         ] {
             assert_eq!(
-                failure_from(status(code)),
+                failure(status(code)),
                 LoginFailure::Rejected(error),
                 "{code}"
             );
         }
         assert!(matches!(
-            failure_from(status("3000")),
+            failure(status("3000")),
             LoginFailure::Transport(_)
         ));
         assert!(matches!(
-            failure_from(ApiError::Transport(HttpError::Timeout(
+            failure(ApiError::Transport(HttpError::Timeout(
                 Duration::from_secs(1)
             ))),
             LoginFailure::Transport(_)
         ));
-        // A route certificate that does not verify is permanent, and says whose and why.
+        // A cut handshake may pass.
+        let cut = tls::ConnectError::Handshake {
+            host: "route.example".into(),
+            reason: "unexpected end of file".into(),
+        };
+        assert!(matches!(
+            failure(ApiError::Transport(HttpError::Tls(cut))),
+            LoginFailure::Transport(_)
+        ));
+        // TLS that cannot work is permanent, and says whose and why: a route certificate
+        // that does not verify, a plaintext route dialed over https://, an HTTPS-only one
+        // dialed over http://.
         let untrusted = tls::ConnectError::Certificate {
             host: "route.example".into(),
             reason: "invalid peer certificate: Expired".into(),
             plain: "it has expired".into(),
         };
-        assert_eq!(
-            failure_from(ApiError::Transport(HttpError::Tls(untrusted))),
-            LoginFailure::Certificate {
-                host: "route.example".into(),
-                reason: "it has expired".into()
+        let plaintext = tls::ConnectError::NotTls {
+            host: "route.example".into(),
+        };
+        for (error, says) in [
+            (
+                ApiError::Transport(HttpError::Tls(untrusted)),
+                "it has expired",
+            ),
+            (ApiError::Transport(HttpError::Tls(plaintext)), "http://"),
+            (status(api::CODE_HTTPS_REQUIRED), "m"),
+        ] {
+            match failure(error) {
+                LoginFailure::Tls { host, reason } => {
+                    assert_eq!(host, "route.example");
+                    assert!(reason.contains(says), "{reason}");
+                }
+                other => panic!("{other:?}"),
             }
-        );
+        }
     }
 
     #[test]

@@ -62,6 +62,11 @@ impl<N: Network> RouteApi<N> {
         }
     }
 
+    /// The route's host, as dialed.
+    pub fn host(&self) -> &str {
+        self.http.host()
+    }
+
     /// Speaks HTTPS to the route, verifying its certificate with `tls`.
     pub fn with_tls(mut self, tls: ClientTls) -> Self {
         self.http = self.http.with_tls(tls);

@@ -40,7 +40,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 pub use self::stream::{MaybeTls, Rewind};
 use crate::net::Stream;
@@ -150,6 +150,41 @@ pub enum ConnectError {
     },
     #[error("TLS to {host}: the server's certificate does not carry the {role} role")]
     WrongRole { host: String, role: Role },
+    /// The peer answered the hello with something that is no TLS record: it speaks
+    /// plaintext on that port. Trying again will not help either.
+    #[error("TLS to {host}: the peer does not speak TLS on this port (it answered in plaintext)")]
+    NotTls { host: String },
+}
+
+impl ConnectError {
+    /// What stops a client for good, in words for a chat user: the certificate did not
+    /// verify, or the peer does not speak TLS. `None` for what may pass (a cut handshake).
+    pub fn permanent(&self) -> Option<String> {
+        match self {
+            ConnectError::Certificate { plain, .. } => {
+                Some(format!("its certificate is not trusted: {plain}"))
+            }
+            ConnectError::NotTls { .. } => Some(
+                "it does not speak TLS on that port (it answered in plaintext; \
+                 for a route, use http:// instead of https://)"
+                    .to_owned(),
+            ),
+            ConnectError::BadName { .. }
+            | ConnectError::Handshake { .. }
+            | ConnectError::WrongRole { .. } => None,
+        }
+    }
+
+    /// The host the dial was for.
+    pub fn host(&self) -> &str {
+        match self {
+            ConnectError::BadName { host }
+            | ConnectError::Handshake { host, .. }
+            | ConnectError::Certificate { host, .. }
+            | ConnectError::WrongRole { host, .. }
+            | ConnectError::NotTls { host } => host,
+        }
+    }
 }
 
 /// What the shell needs to know of a loaded certificate.
@@ -631,14 +666,28 @@ impl ServerTls {
     /// handshake, completes it (checking the client's role where one is required), or takes
     /// plaintext if this listener still accepts it. All within the handshake timeout.
     pub async fn accept<S: Stream>(&self, stream: S) -> Result<MaybeTls<S>, AcceptError> {
+        self.accept_telling_plaintext(stream, None).await
+    }
+
+    /// [`accept`](Self::accept), and a refused plaintext client is told `answer` before the
+    /// close: the HTTPS listener answers an HTTP 400 naming `https://` (a frame port has
+    /// nothing a plaintext peer would read).
+    pub async fn accept_telling_plaintext<S: Stream>(
+        &self,
+        stream: S,
+        answer: Option<&'static [u8]>,
+    ) -> Result<MaybeTls<S>, AcceptError> {
         let settings = &self.inner.settings;
         let stats = &self.inner.stats;
-        let outcome =
-            match tokio::time::timeout(settings.handshake_timeout, self.accept_inner(stream)).await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Err(AcceptError::Timeout(settings.handshake_timeout)),
-            };
+        let outcome = match tokio::time::timeout(
+            settings.handshake_timeout,
+            self.accept_inner(stream, answer),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(AcceptError::Timeout(settings.handshake_timeout)),
+        };
         let counter = match &outcome {
             Ok(MaybeTls::Plain(_)) => &stats.plaintext_accepted,
             Ok(_) => &stats.handshakes,
@@ -654,39 +703,33 @@ impl ServerTls {
         outcome
     }
 
-    async fn accept_inner<S: Stream>(&self, mut stream: S) -> Result<MaybeTls<S>, AcceptError> {
+    async fn accept_inner<S: Stream>(
+        &self,
+        mut stream: S,
+        plaintext_answer: Option<&'static [u8]>,
+    ) -> Result<MaybeTls<S>, AcceptError> {
         let settings = &self.inner.settings;
-        // A TLS record starts 0x16 (handshake) 0x03 (major version). A plaintext frame could
-        // start 0x16 (a 22-byte frame) but never continues 0x03: no protobuf field is 0.
-        let mut prefix = [0u8; 2];
-        let mut have = 0;
-        while have < prefix.len() {
-            let read = stream.read(&mut prefix[have..]);
-            let n = if settings.accept_plaintext && settings.server_speaks_first && have == 0 {
-                match tokio::time::timeout(PLAINTEXT_SILENCE, read).await {
-                    Ok(n) => n,
-                    // Silent: a plaintext peer waiting for our hello.
-                    Err(_) => return Ok(MaybeTls::Plain(Rewind::new(&[], stream))),
-                }
-            } else {
-                read.await
+        let silence = (settings.accept_plaintext && settings.server_speaks_first)
+            .then_some(PLAINTEXT_SILENCE);
+        let opening = match read_opening(&mut stream, silence)
+            .await
+            .map_err(AcceptError::Handshake)?
+        {
+            // Silent: a plaintext peer waiting for our hello.
+            Opening::Silent => return Ok(MaybeTls::Plain(Rewind::new(&[], stream))),
+            Opening::Closed => return Err(AcceptError::Closed),
+            Opening::Seen(opening) => opening,
+        };
+        let seen = opening.bytes();
+        if !opening.is_tls_hello() {
+            if settings.accept_plaintext {
+                return Ok(MaybeTls::Plain(Rewind::new(seen, stream)));
             }
-            .map_err(AcceptError::Handshake)?;
-            if n == 0 {
-                return Err(AcceptError::Closed);
+            if let Some(answer) = plaintext_answer {
+                let _ = stream.write_all(answer).await;
+                let _ = stream.shutdown().await;
             }
-            have += n;
-            if prefix[0] != 0x16 {
-                break;
-            }
-        }
-        let seen = &prefix[..have];
-        if seen != [0x16, 0x03] {
-            return if settings.accept_plaintext {
-                Ok(MaybeTls::Plain(Rewind::new(seen, stream)))
-            } else {
-                Err(AcceptError::Plaintext(seen.to_vec()))
-            };
+            return Err(AcceptError::Plaintext(seen.to_vec()));
         }
         let acceptor = tokio_rustls::TlsAcceptor::from(self.current());
         let tls = acceptor
@@ -700,6 +743,65 @@ impl ServerTls {
         }
         Ok(MaybeTls::Server(Box::new(tls)))
     }
+}
+
+/// How a connection opened: the bytes that tell a TLS client from a plaintext one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Nothing within the silence allowed: a plaintext peer waiting for the server to speak.
+    Silent,
+    /// Closed before sending anything.
+    Closed,
+    Seen(OpeningBytes),
+}
+
+/// The first one or two bytes a peer sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpeningBytes {
+    bytes: [u8; 2],
+    len: usize,
+}
+
+impl OpeningBytes {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Whether these bytes open a TLS handshake record: 0x16 (handshake), then 0x03 (the
+    /// major version). A plaintext frame could start 0x16 (a 22-byte frame) but never
+    /// continues 0x03 (no protobuf field is 0); an HTTP request starts with a letter.
+    pub fn is_tls_hello(&self) -> bool {
+        self.bytes() == [0x16, 0x03]
+    }
+}
+
+/// Reads a new connection's first bytes, as few as tell a TLS hello from anything else:
+/// one that is not 0x16, or two. With `silence`, a peer that sends nothing for that long
+/// is [`Opening::Silent`]. Put the bytes back in front with [`Rewind::new`].
+pub async fn read_opening<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    silence: Option<Duration>,
+) -> io::Result<Opening> {
+    let mut bytes = [0u8; 2];
+    let mut len = 0;
+    while len < bytes.len() {
+        let read = stream.read(&mut bytes[len..]);
+        let n = match silence {
+            Some(silence) if len == 0 => match tokio::time::timeout(silence, read).await {
+                Ok(n) => n?,
+                Err(_) => return Ok(Opening::Silent),
+            },
+            _ => read.await?,
+        };
+        if n == 0 {
+            return Ok(Opening::Closed);
+        }
+        len += n;
+        if bytes[0] != 0x16 {
+            break;
+        }
+    }
+    Ok(Opening::Seen(OpeningBytes { bytes, len }))
 }
 
 /// One dialer's TLS settings.
@@ -851,13 +953,16 @@ impl ClientTls {
                 stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
                 let host = host.to_owned();
                 let reason = error.to_string();
-                return Err(match certificate_problem(&error) {
-                    Some(plain) => ConnectError::Certificate {
+                return Err(if answered_in_plaintext(&error) {
+                    ConnectError::NotTls { host }
+                } else if let Some(plain) = certificate_problem(&error) {
+                    ConnectError::Certificate {
                         host,
                         reason,
                         plain,
-                    },
-                    None => ConnectError::Handshake { host, reason },
+                    }
+                } else {
+                    ConnectError::Handshake { host, reason }
                 });
             }
         };
@@ -873,6 +978,18 @@ impl ClientTls {
         stats.handshakes.fetch_add(1, Ordering::Relaxed);
         Ok(MaybeTls::Client(Box::new(tls)))
     }
+}
+
+/// A handshake whose answer was no TLS record (e.g. `HTTP/1.1 400`: an http:// server).
+fn answered_in_plaintext(error: &io::Error) -> bool {
+    matches!(
+        error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
 }
 
 /// A handshake that failed on the peer's certificate, in words for a chat user (`None` for
