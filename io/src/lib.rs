@@ -13,6 +13,7 @@ pub mod http_server;
 pub mod launch;
 pub mod net;
 pub mod ops_metrics;
+pub mod private_file;
 pub mod registry;
 pub mod route;
 pub mod sdk;

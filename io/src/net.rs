@@ -18,6 +18,11 @@ use cim_proto::Frame;
 use cim_proto::codec::{DecodeError, EncodeError, FrameCodec};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Frames queued toward one route↔server link's writer, on either end: enough for a burst
+/// of fan-out pushes, small enough that a peer not reading is noticed (what each end does
+/// when it is full is said where it sends).
+pub(crate) const LINK_QUEUE: usize = 4096;
+
 /// A byte stream the shell can frame.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
@@ -174,7 +179,7 @@ pub enum ReadError {
 /// How every TLS connection starts: a handshake record (0x16) of TLS major version 3. No
 /// frame starts so: a 22-byte body starting 0x03 would be protobuf field number 0, which is
 /// invalid.
-const TLS_RECORD_START: [u8; 2] = [0x16, 0x03];
+pub(crate) const TLS_RECORD_START: [u8; 2] = [0x16, 0x03];
 
 /// Why writing frames failed. Each variant ends the connection.
 #[derive(Debug, thiserror::Error)]

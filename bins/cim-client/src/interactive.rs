@@ -201,7 +201,7 @@ pub fn start_editor(
         refresh: refresh_tx,
     }));
     // A missing history file is the first run.
-    crate::store::make_private(&history);
+    cim_io::private_file::make_owner_only(&history);
     let _ = rl.load_history(&history);
     let mut printer = rl.create_external_printer()?;
     let printer: crate::render::Printer = Box::new(move |mut line: String| {
@@ -236,7 +236,7 @@ pub fn start_editor(
         }
         let _ = rl.save_history(&history);
         // Typed lines include private messages.
-        crate::store::make_private(&history);
+        cim_io::private_file::make_owner_only(&history);
     });
     Ok((
         Terminal {

@@ -79,10 +79,10 @@ fn start_tracing(verbose: bool, state: &std::path::Path) {
     } else {
         options.append(true);
     }
-    let Ok(file) = store::private(&mut options).open(&path) else {
+    let Ok(file) = cim_io::private_file::owner_only(&mut options).open(&path) else {
         return;
     };
-    store::make_private(&path);
+    cim_io::private_file::make_owner_only(&path);
     tracing_subscriber::fmt()
         .with_env_filter(filter("warn"))
         .with_ansi(false)

@@ -6,6 +6,7 @@ use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use cim_core::client::ClientState;
+use cim_io::private_file;
 use cim_io::sdk::state_file;
 use serde::{Deserialize, Serialize};
 
@@ -195,58 +196,13 @@ pub fn load(path: &Path) -> io::Result<Option<ClientFile>> {
     }
 }
 
-/// Writes atomically (temporary file, sync, rename), owner-only: it holds the resume token
-/// and maybe the password.
+/// Writes atomically and owner-only: it holds the resume token and maybe the password.
 pub fn save(path: &Path, file: &ClientFile) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let text = serde_json::to_string_pretty(file).map_err(io::Error::other)?;
-    let tmp = sibling(path, "json.tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let result = (|| {
-        let mut out = options.open(&tmp)?;
-        out.write_all(text.as_bytes())?;
-        out.sync_all()?;
-        drop(out);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Options that create a file readable by its owner only (private messages, tokens). An
-/// existing file keeps its mode: [`make_private`] fixes one an older version created.
-pub fn private(options: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    options
-}
-
-/// Makes an existing file owner-only (files of older versions were created 0644).
-pub fn make_private(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
+    private_file::write_atomically(path, text.as_bytes())
 }
 
 /// One message as printed in non-interactive mode and kept in the local history.
@@ -275,7 +231,7 @@ pub struct LocalHistory {
 impl LocalHistory {
     /// Loads what is there; unreadable lines are skipped (it is only a convenience).
     pub fn load(path: PathBuf, cap: usize) -> Self {
-        make_private(&path);
+        private_file::make_owner_only(&path);
         let mut entries = VecDeque::new();
         let mut lines_in_file = 0;
         if let Ok(file) = std::fs::File::open(&path) {
@@ -310,7 +266,8 @@ impl LocalHistory {
             std::fs::create_dir_all(dir)?;
         }
         let mut file =
-            private(std::fs::OpenOptions::new().create(true).append(true)).open(&self.path)?;
+            private_file::owner_only(std::fs::OpenOptions::new().create(true).append(true))
+                .open(&self.path)?;
         writeln!(file, "{line}")?;
         self.lines_in_file += 1;
         Ok(())
@@ -318,22 +275,12 @@ impl LocalHistory {
 
     /// Rewrites the file with the kept entries only.
     pub fn compact(&mut self) -> io::Result<()> {
-        let tmp = sibling(&self.path, "jsonl.tmp");
         let mut text = String::new();
         for entry in &self.entries {
             text.push_str(&serde_json::to_string(entry).map_err(io::Error::other)?);
             text.push('\n');
         }
-        let mut out = private(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true),
-        )
-        .open(&tmp)?;
-        out.write_all(text.as_bytes())?;
-        drop(out);
-        std::fs::rename(&tmp, &self.path)?;
+        private_file::write_atomically(&self.path, text.as_bytes())?;
         self.lines_in_file = self.entries.len();
         Ok(())
     }

@@ -27,9 +27,9 @@ use crate::clock::Clock;
 use crate::net::{self, FrameReader, FrameWriter, Network, ReadError, WriteError};
 use crate::tls::{ClientTls, MaybeTls};
 
-/// Frames waiting for one link's writer. Past it the driver drops (and counts) frames: a
-/// server that cannot keep up recovers through its clients' syncs.
-pub(super) const LINK_QUEUE: usize = 1024;
+// Frames waiting for one link's writer. Past it the driver drops (and counts) frames: a
+// server that cannot keep up recovers through its clients' syncs.
+use crate::net::LINK_QUEUE;
 
 /// Frames written in one go when several are queued.
 const WRITE_BATCH: usize = 64;

@@ -5,8 +5,8 @@
 //! The core types stay free of serde; the file format is these mirror types, versioned.
 //! Binary values are base64 as in the HTTP API; message ids are UUID text.
 
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -136,36 +136,10 @@ pub fn load(path: impl AsRef<Path>) -> io::Result<Option<ClientState>> {
     }
 }
 
-/// Writes `state` to `path` atomically: a temporary file beside it, synced, then renamed
-/// over it, so a crash mid-write leaves the previous state rather than a torn file. The file
-/// holds the resume token (a credential), so on Unix it is readable by its owner only.
+/// Writes `state` to `path` atomically and owner-only (it holds the resume token, a
+/// credential): see [`crate::private_file::write_atomically`].
 pub fn save(path: impl AsRef<Path>, state: &ClientState) -> io::Result<()> {
-    let path = path.as_ref();
-    let tmp = tmp_path(path);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let result = (|| {
-        let mut file = options.open(&tmp)?;
-        file.write_all(to_json(state).as_bytes())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
+    crate::private_file::write_atomically(path.as_ref(), to_json(state).as_bytes())
 }
 
 #[cfg(test)]

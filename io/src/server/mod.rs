@@ -70,9 +70,9 @@ pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// peers through TCP instead of buffering without bound.
 const INPUT_QUEUE: usize = 4096;
 
-/// Frames queued for one route link. Full means the route is not reading; the send is failed
-/// back to the client (retryable) rather than blocking the driver.
-const LINK_QUEUE: usize = 4096;
+// Frames queued for one route link. Full means the route is not reading: the link is taken
+// down and its sends failed back to their clients (retryable) rather than blocking the driver.
+use crate::net::LINK_QUEUE;
 
 /// Configuration of one server process. [`ServerOptions::new`] fills in the defaults.
 /// Its `Debug` leaves the link secrets out.

@@ -148,17 +148,6 @@ impl DevPki {
 
 /// Writes a private key readable by its owner only.
 pub fn write_key(path: &Path, pem: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     // Replace rather than truncate, so a reader never sees half a key.
-    let partial = path.with_extension("partial");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&partial)?;
-    file.write_all(pem.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(partial, path)
+    crate::private_file::write_atomically(path, pem.as_bytes())
 }

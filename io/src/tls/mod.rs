@@ -771,7 +771,7 @@ impl OpeningBytes {
     /// major version). A plaintext frame could start 0x16 (a 22-byte frame) but never
     /// continues 0x03 (no protobuf field is 0); an HTTP request starts with a letter.
     pub fn is_tls_hello(&self) -> bool {
-        self.bytes() == [0x16, 0x03]
+        self.bytes() == crate::net::TLS_RECORD_START
     }
 }
 
