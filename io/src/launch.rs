@@ -2,7 +2,7 @@
 //! opening the store and registry the flags name, and waiting for a stop signal. Shared by
 //! `cim-route`, `cim-server` and `cim up` so they behave alike.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,207 @@ pub enum LaunchError {
     /// Every missing or invalid setting found before starting, each naming its setting.
     #[error("{} setting{} missing or invalid:\n  - {}", .0.len(), if .0.len() == 1 { " is" } else { "s are" }, .0.join("\n  - "))]
     Settings(Vec<String>),
+}
+
+/// The Redis and ZooKeeper settings `cim-route` and `cim-server` share: flattened into each
+/// one's `Args`, so they are flags, `CIM_*` variables and TOML keys alike in both (the file's
+/// keys are split off by [`load_toml_with_backends`]).
+#[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BackendFlags {
+    /// Redis URL, e.g. redis://127.0.0.1:6379, or rediss:// for TLS (required).
+    #[arg(long, env = "CIM_REDIS")]
+    redis: Option<String>,
+    /// Bound on one Redis command; a slower one counts as Redis unreachable [default: 2s].
+    #[arg(long, env = "CIM_REDIS_TIMEOUT")]
+    redis_timeout: Option<String>,
+    /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
+    #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
+    allow_eviction: Option<bool>,
+    /// CA certificate(s) (PEM) that a rediss:// Redis's certificate must chain to
+    /// [default: the system's roots].
+    #[arg(long, env = "CIM_REDIS_CA")]
+    redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a rediss:// Redis that requires one
+    /// (tls-auth-clients); needs --redis-client-key.
+    #[arg(long, env = "CIM_REDIS_CLIENT_CERT")]
+    redis_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --redis-client-cert.
+    #[arg(long, env = "CIM_REDIS_CLIENT_KEY")]
+    redis_client_key: Option<PathBuf>,
+    /// ZooKeeper ensemble, host:port[,host:port] (required).
+    #[arg(long, env = "CIM_ZK")]
+    zk: Option<String>,
+    /// ZooKeeper node the servers register under [default: /cim/servers].
+    #[arg(long, env = "CIM_ZK_ROOT")]
+    zk_root: Option<String>,
+    /// ZooKeeper session timeout [default: 6s].
+    #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT")]
+    zk_session_timeout: Option<String>,
+    /// ZooKeeper digest identity, as <user>:<password>: every session authenticates with it
+    /// and the registry nodes it creates are writable by that identity only (readable by
+    /// anyone). Prefer the environment.
+    #[arg(long, env = "CIM_ZK_AUTH", hide_env_values = true)]
+    zk_auth: Option<String>,
+    /// CA (PEM) of ZooKeeper's secureClientPort certificates: with it, ZooKeeper is reached
+    /// over TLS (each --zk host must be a name of its certificate).
+    #[arg(long, env = "CIM_ZK_CA")]
+    zk_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to a ZooKeeper with ssl.clientAuth=need; needs
+    /// --zk-client-key and --zk-ca.
+    #[arg(long, env = "CIM_ZK_CLIENT_CERT")]
+    zk_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --zk-client-cert.
+    #[arg(long, env = "CIM_ZK_CLIENT_KEY")]
+    zk_client_key: Option<PathBuf>,
+}
+
+/// Redis and ZooKeeper as checked [`BackendFlags`] name them, ready to open.
+#[derive(Debug)]
+pub struct Backends {
+    pub redis: String,
+    pub redis_options: RedisOptions,
+    pub zk: String,
+    pub zk_root: String,
+    pub zk_session_timeout: Duration,
+    pub zk_auth: Option<ZkAuth>,
+    pub zk_tls: Option<ZkTls>,
+}
+
+impl BackendFlags {
+    /// These settings, each one not given taken from `file` (flags and the environment beat
+    /// the file).
+    pub fn or(self, file: Self) -> Self {
+        macro_rules! each {
+            ($($field:ident),* $(,)?) => {
+                Self { $($field: self.$field.or(file.$field)),* }
+            };
+        }
+        each!(
+            redis,
+            redis_timeout,
+            allow_eviction,
+            redis_ca,
+            redis_client_cert,
+            redis_client_key,
+            zk,
+            zk_root,
+            zk_session_timeout,
+            zk_auth,
+            zk_ca,
+            zk_client_cert,
+            zk_client_key,
+        )
+    }
+
+    /// The TOML keys of these settings (kebab-case, like the flags).
+    fn toml_keys() -> Vec<String> {
+        <Self as clap::Args>::augment_args(clap::Command::new("backends"))
+            .get_arguments()
+            .map(|arg| arg.get_id().as_str().replace('_', "-"))
+            .collect()
+    }
+
+    /// Checks every setting, noting each problem (naming its flag) in `p`; `None` when any
+    /// was found. Options both binaries set alike are filled in; the caller adds its own.
+    pub fn check(self, p: &mut Problems) -> Option<Backends> {
+        let redis = p.required("--redis", "CIM_REDIS", self.redis);
+        let zk = p.required("--zk", "CIM_ZK", self.zk);
+        let defaults = RedisOptions::default();
+        let redis_tls = p.check(redis_tls(
+            self.redis_ca.as_deref(),
+            self.redis_client_cert.as_deref(),
+            self.redis_client_key.as_deref(),
+        ));
+        let command_timeout = p.check(nonzero_duration_or(
+            "--redis-timeout",
+            self.redis_timeout.as_deref(),
+            defaults.command_timeout,
+        ));
+        let zk_session_timeout = p.check(duration_or(
+            "--zk-session-timeout",
+            self.zk_session_timeout.as_deref(),
+            Duration::from_secs(6),
+        ));
+        let zk_auth = p.check(zk_auth(self.zk_auth.as_deref()));
+        let zk_tls = p.check(zk_tls(
+            self.zk_ca.as_deref(),
+            self.zk_client_cert.as_deref(),
+            self.zk_client_key.as_deref(),
+        ));
+        Some(Backends {
+            redis: redis?,
+            redis_options: RedisOptions {
+                allow_eviction: self.allow_eviction.unwrap_or(false),
+                tls: redis_tls?,
+                command_timeout: command_timeout?,
+                ..defaults
+            },
+            zk: zk?,
+            zk_root: self.zk_root.unwrap_or_else(|| "/cim/servers".to_owned()),
+            zk_session_timeout: zk_session_timeout?,
+            zk_auth: zk_auth?,
+            zk_tls: zk_tls?,
+        })
+    }
+}
+
+impl Backends {
+    /// Connects to Redis (checking its eviction policy and the key layout's version).
+    pub async fn open_store(&self) -> Result<Arc<dyn Store>, LaunchError> {
+        open_store(Some(&self.redis), self.redis_options.clone()).await
+    }
+
+    /// The ZooKeeper registry (its session is established in the background).
+    pub fn open_registry(&self) -> Result<AnyRegistry, LaunchError> {
+        open_secured_registry(
+            Some(&self.zk),
+            &self.zk_root,
+            self.zk_session_timeout,
+            self.zk_auth.clone(),
+            self.zk_tls.clone(),
+        )
+    }
+}
+
+/// [`load_toml`] for a binary whose `Args` flatten [`BackendFlags`]: the file's backend keys
+/// go to the second value, the rest to the first (which still refuses unknown keys).
+pub fn load_toml_with_backends<T: DeserializeOwned + Default>(
+    path: Option<&Path>,
+) -> Result<(T, BackendFlags), LaunchError> {
+    let Some(path) = path else {
+        return Ok(Default::default());
+    };
+    let error = |reason: String| LaunchError::ConfigFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    let mut rest: toml::Table = toml::from_str(&text).map_err(|e| error(e.to_string()))?;
+    let keys = BackendFlags::toml_keys();
+    let mut backends = toml::Table::new();
+    for key in keys {
+        if let Some(value) = rest.remove(&key) {
+            backends.insert(key, value);
+        }
+    }
+    Ok((
+        from_table(rest).map_err(error)?,
+        from_table(backends).map_err(error)?,
+    ))
+}
+
+/// A parsed table as `T`; a wrong value is named by its key (the table has no lines left).
+fn from_table<T: DeserializeOwned>(table: toml::Table) -> Result<T, String> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.inner().message().to_owned();
+        if key == "." {
+            message
+        } else {
+            format!("{key}: {message}")
+        }
+    })
 }
 
 /// Collects the problems of a process's settings, so that an operator sees all of them at
@@ -393,6 +594,92 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A binary's own settings, beside the shared backend ones.
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+    struct OwnSettings {
+        listen: Option<String>,
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_config_file_splits_into_the_binarys_settings_and_the_backends() {
+        let file = toml_file(
+            "listen = \"0.0.0.0:1\"\nredis = \"redis://r:6379\"\nzk-root = \"/x\"\n\
+             allow-eviction = true\n",
+        );
+        let (own, backends): (OwnSettings, BackendFlags) =
+            load_toml_with_backends(Some(file.path())).unwrap();
+        assert_eq!(own.listen.as_deref(), Some("0.0.0.0:1"));
+        assert_eq!(backends.redis.as_deref(), Some("redis://r:6379"));
+        assert_eq!(backends.zk_root.as_deref(), Some("/x"));
+        assert_eq!(backends.allow_eviction, Some(true));
+        // Every backend flag is a key: the split knows all thirteen.
+        assert_eq!(BackendFlags::toml_keys().len(), 13);
+        assert!(BackendFlags::toml_keys().contains(&"zk-client-key".to_owned()));
+
+        // An unknown key is still refused, and a wrong value is named by its key.
+        for (text, says) in [
+            ("redis-url = \"x\"\n", "unknown field `redis-url`"),
+            ("zk-session-timeout = 5\n", "zk-session-timeout"),
+            ("listen = 5\n", "listen"),
+        ] {
+            let file = toml_file(text);
+            let error = load_toml_with_backends::<OwnSettings>(Some(file.path()))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_every_backend_problem_is_named_at_once() {
+        let flags = BackendFlags {
+            zk: Some("flag:2181".into()),
+            ..BackendFlags::default()
+        };
+        let file = BackendFlags {
+            zk: Some("file:2181".into()),
+            redis: Some("redis://file".into()),
+            ..BackendFlags::default()
+        };
+        let merged = flags.or(file);
+        assert_eq!(merged.zk.as_deref(), Some("flag:2181"));
+        assert_eq!(merged.redis.as_deref(), Some("redis://file"));
+        let backends = merged.check(&mut Problems::default()).expect("valid");
+        assert_eq!(backends.zk_root, "/cim/servers");
+        assert_eq!(backends.zk_session_timeout, Duration::from_secs(6));
+
+        let broken = BackendFlags {
+            zk_session_timeout: Some("soon".into()),
+            redis_timeout: Some("0s".into()),
+            zk_client_cert: Some("c.pem".into()),
+            ..BackendFlags::default()
+        };
+        let mut p = Problems::default();
+        assert!(broken.check(&mut p).is_none());
+        let LaunchError::Settings(problems) = p.finish().unwrap_err() else {
+            panic!("not a settings error");
+        };
+        for flag in [
+            "--redis",
+            "--zk ",
+            "--zk-session-timeout",
+            "--redis-timeout",
+            "--zk-ca",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(flag)),
+                "{flag} not named: {problems:?}"
+            );
+        }
+    }
 
     #[test]
     fn durations_parse_with_units() {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -41,45 +42,9 @@ pub struct Args {
     /// HTTP API address; port 0 picks a free one [default: 0.0.0.0:8083].
     #[arg(long, env = "CIM_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Redis URL, e.g. redis://127.0.0.1:6379 (required).
-    #[arg(long, env = "CIM_REDIS")]
-    redis: Option<String>,
-    /// ZooKeeper ensemble, host:port[,host:port] (required).
-    #[arg(long, env = "CIM_ZK")]
-    zk: Option<String>,
-    /// ZooKeeper node the servers register under [default: /cim/servers].
-    #[arg(long, env = "CIM_ZK_ROOT")]
-    zk_root: Option<String>,
-    /// ZooKeeper session timeout [default: 6s].
-    #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT")]
-    zk_session_timeout: Option<String>,
-    /// CA certificate(s) (PEM) that a rediss:// Redis's certificate must chain to
-    /// [default: the system's roots].
-    #[arg(long, env = "CIM_REDIS_CA")]
-    redis_ca: Option<PathBuf>,
-    /// Client certificate (PEM) shown to a rediss:// Redis that requires one
-    /// (tls-auth-clients); needs --redis-client-key.
-    #[arg(long, env = "CIM_REDIS_CLIENT_CERT")]
-    redis_client_cert: Option<PathBuf>,
-    /// Private key (PEM) of --redis-client-cert.
-    #[arg(long, env = "CIM_REDIS_CLIENT_KEY")]
-    redis_client_key: Option<PathBuf>,
-    /// ZooKeeper digest identity, as <user>:<password>: every session authenticates with it
-    /// and the registry nodes it creates are writable by that identity only (readable by
-    /// anyone). Prefer the environment.
-    #[arg(long, env = "CIM_ZK_AUTH", hide_env_values = true)]
-    zk_auth: Option<String>,
-    /// CA (PEM) of ZooKeeper's secureClientPort certificates: with it, ZooKeeper is reached
-    /// over TLS (each --zk host must be a name of its certificate).
-    #[arg(long, env = "CIM_ZK_CA")]
-    zk_ca: Option<PathBuf>,
-    /// Client certificate (PEM) shown to a ZooKeeper with ssl.clientAuth=need; needs
-    /// --zk-client-key and --zk-ca.
-    #[arg(long, env = "CIM_ZK_CLIENT_CERT")]
-    zk_client_cert: Option<PathBuf>,
-    /// Private key (PEM) of --zk-client-cert.
-    #[arg(long, env = "CIM_ZK_CLIENT_KEY")]
-    zk_client_key: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "Redis and ZooKeeper")]
+    #[serde(skip)]
+    backends: launch::BackendFlags,
     /// Secret tickets are signed with (>= 16 bytes; required). Prefer the environment.
     #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
     ticket_secret: Option<String>,
@@ -128,9 +93,6 @@ pub struct Args {
     /// Wait before redialling a live server whose link failed [default: 500ms].
     #[arg(long, env = "CIM_LINK_RETRY_DELAY")]
     link_retry_delay: Option<String>,
-    /// Bound on one Redis command; a slower one counts as Redis unreachable [default: 2s].
-    #[arg(long, env = "CIM_REDIS_TIMEOUT")]
-    redis_timeout: Option<String>,
     /// Largest message body in bytes [default: 4096].
     #[arg(long, env = "CIM_MAX_BODY")]
     max_body: Option<usize>,
@@ -200,9 +162,6 @@ pub struct Args {
     /// [default: 0s].
     #[arg(long, env = "CIM_SHUTDOWN_DELAY")]
     shutdown_delay: Option<String>,
-    /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
-    #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
-    allow_eviction: Option<bool>,
     /// PEM certificate (chain) of this route: HTTPS on the API listener, and the identity
     /// it presents on the links it dials (mutual TLS). Carrying the route role (a URI SAN
     /// urn:cim:role:route). Needs --tls-key and --tls-ca. Reloaded on SIGHUP or change.
@@ -240,8 +199,12 @@ Example:
 Refuses to start when Redis's maxmemory-policy is not noeviction (see --allow-eviction).";
 
 macro_rules! overlay {
-    ($top:expr, $bottom:expr; $($field:ident),* $(,)?) => {
-        Args { config: $top.config, $($field: $top.$field.or($bottom.$field)),* }
+    ($top:expr, $bottom:expr, $backends:expr; $($field:ident),* $(,)?) => {
+        Args {
+            config: $top.config,
+            backends: $top.backends.or($backends),
+            $($field: $top.$field.or($bottom.$field)),*
+        }
     };
 }
 
@@ -277,19 +240,18 @@ fn idempotency_ttl(value: Option<&str>) -> anyhow::Result<Duration> {
 
 /// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
-    let file: Args = launch::load_toml(flags.config.as_deref())?;
-    let args = overlay!(flags, file; log_format, route_id, listen, redis, zk, zk_root, zk_session_timeout,
-        redis_ca, redis_client_cert, redis_client_key, zk_auth, zk_ca, zk_client_cert, zk_client_key,
-        ticket_secret, ticket_key_id, bearer_secret, bearer_secret_previous, link_secret,
+    let (file, file_backends): (Args, _) =
+        launch::load_toml_with_backends(flags.config.as_deref())?;
+    let args = overlay!(flags, file, file_backends; log_format, route_id, listen, ticket_secret, ticket_key_id, bearer_secret, bearer_secret_previous, link_secret,
         link_secret_previous,
         balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
-        link_retry_delay, redis_timeout, max_body, max_log_len, password_workers,
+        link_retry_delay, max_body, max_log_len, password_workers,
         min_password_len, max_connections, http_header_timeout, http_idle_timeout,
         password_queue, login_free_failures, login_delay_base, login_delay_max,
         login_rate_per_address, login_burst_per_address, register_rate_per_address,
         register_burst_per_address, send_rate, send_burst, trusted_proxies,
-        shutdown_delay, allow_eviction,
+        shutdown_delay,
         tls_cert, tls_key, tls_ca, tls_accept_plaintext,
         admin_addr, admin_port, admin_token_file, admin_token);
     let log_format = launch::LogFormat::parse(args.log_format.as_deref());
@@ -308,8 +270,7 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
     if let Some(problem) = log_format_problem {
         p.push(problem);
     }
-    let redis = p.required("--redis", "CIM_REDIS", args.redis);
-    let zk = p.required("--zk", "CIM_ZK", args.zk);
+    let backends = args.backends.check(&mut p);
     let ticket_secret = p.check(launch::require_secret(
         "CIM_TICKET_SECRET",
         args.ticket_secret.as_deref(),
@@ -501,47 +462,6 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         );
     }
 
-    let defaults = RedisOptions::default();
-    let mut redis_options = RedisOptions {
-        allow_eviction: args.allow_eviction.unwrap_or(false),
-        idempotency_ttl,
-        tls: p.or(
-            launch::redis_tls(
-                args.redis_ca.as_deref(),
-                args.redis_client_cert.as_deref(),
-                args.redis_client_key.as_deref(),
-            ),
-            defaults.tls.clone(),
-        ),
-        command_timeout: p.or(
-            launch::nonzero_duration_or(
-                "--redis-timeout",
-                args.redis_timeout.as_deref(),
-                defaults.command_timeout,
-            ),
-            defaults.command_timeout,
-        ),
-        ..defaults
-    };
-    if let Some(n) = args.max_log_len {
-        redis_options.max_log_len = n;
-    }
-    let zk_session_timeout = p.or(
-        launch::duration_or(
-            "--zk-session-timeout",
-            args.zk_session_timeout.as_deref(),
-            Duration::from_secs(6),
-        ),
-        Duration::from_secs(6),
-    );
-    let zk_auth = p.check(launch::zk_auth(args.zk_auth.as_deref())).flatten();
-    let zk_tls = p
-        .check(launch::zk_tls(
-            args.zk_ca.as_deref(),
-            args.zk_client_cert.as_deref(),
-            args.zk_client_key.as_deref(),
-        ))
-        .flatten();
     let shutdown_delay = p.or(
         launch::duration_or(
             "--shutdown-delay",
@@ -562,18 +482,15 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         )
         .flatten();
     p.finish()?;
-    let (Some(redis), Some(zk)) = (redis, zk) else {
-        anyhow::bail!("--redis and --zk are required");
-    };
+    let mut backends = backends.context("the Redis and ZooKeeper settings were checked")?;
+    backends.redis_options.idempotency_ttl = idempotency_ttl;
+    if let Some(n) = args.max_log_len {
+        backends.redis_options.max_log_len = n;
+    }
 
-    let store = launch::open_store(Some(&redis), redis_options).await?;
-    let registry = launch::open_secured_registry(
-        Some(&zk),
-        args.zk_root.as_deref().unwrap_or("/cim/servers"),
-        zk_session_timeout,
-        zk_auth,
-        zk_tls,
-    )?;
+    let store = backends.open_store().await?;
+    let registry = backends.open_registry()?;
+    let zk = &backends.zk;
     if let Some(tls) = &tls {
         options.https = Some(tls.https.clone());
         options.link_tls = Some(tls.links.clone());
@@ -591,7 +508,7 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
                 launch::bind_failure("the HTTP API", addr, "--listen", &source)
             ),
             route::StartError::Registry(error) => {
-                anyhow::anyhow!("{}", launch::zk_failure(&zk, &error))
+                anyhow::anyhow!("{}", launch::zk_failure(zk, &error))
             }
             other => anyhow::Error::new(other).context("starting the route"),
         })?;

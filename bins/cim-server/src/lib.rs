@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -15,7 +16,6 @@ use cim_io::clock::Clock;
 use cim_io::launch;
 use cim_io::net::TokioNet;
 use cim_io::server::{self, ServerOptions};
-use cim_io::store::RedisOptions;
 use cim_io::tls;
 use tokio_util::sync::CancellationToken;
 
@@ -53,45 +53,9 @@ pub struct Args {
     /// Health and metrics HTTP port (`/health`, `/metrics`) [default: 8081].
     #[arg(long, env = "CIM_HTTP_PORT")]
     http_port: Option<u16>,
-    /// Redis URL, e.g. redis://127.0.0.1:6379 (required).
-    #[arg(long, env = "CIM_REDIS")]
-    redis: Option<String>,
-    /// ZooKeeper ensemble, host:port[,host:port] (required).
-    #[arg(long, env = "CIM_ZK")]
-    zk: Option<String>,
-    /// ZooKeeper node the servers register under [default: /cim/servers].
-    #[arg(long, env = "CIM_ZK_ROOT")]
-    zk_root: Option<String>,
-    /// ZooKeeper session timeout [default: 6s].
-    #[arg(long, env = "CIM_ZK_SESSION_TIMEOUT")]
-    zk_session_timeout: Option<String>,
-    /// CA certificate(s) (PEM) that a rediss:// Redis's certificate must chain to
-    /// [default: the system's roots].
-    #[arg(long, env = "CIM_REDIS_CA")]
-    redis_ca: Option<PathBuf>,
-    /// Client certificate (PEM) shown to a rediss:// Redis that requires one
-    /// (tls-auth-clients); needs --redis-client-key.
-    #[arg(long, env = "CIM_REDIS_CLIENT_CERT")]
-    redis_client_cert: Option<PathBuf>,
-    /// Private key (PEM) of --redis-client-cert.
-    #[arg(long, env = "CIM_REDIS_CLIENT_KEY")]
-    redis_client_key: Option<PathBuf>,
-    /// ZooKeeper digest identity, as <user>:<password>: every session authenticates with it
-    /// and the registry nodes it creates are writable by that identity only (readable by
-    /// anyone). Prefer the environment.
-    #[arg(long, env = "CIM_ZK_AUTH", hide_env_values = true)]
-    zk_auth: Option<String>,
-    /// CA (PEM) of ZooKeeper's secureClientPort certificates: with it, ZooKeeper is reached
-    /// over TLS (each --zk host must be a name of its certificate).
-    #[arg(long, env = "CIM_ZK_CA")]
-    zk_ca: Option<PathBuf>,
-    /// Client certificate (PEM) shown to a ZooKeeper with ssl.clientAuth=need; needs
-    /// --zk-client-key and --zk-ca.
-    #[arg(long, env = "CIM_ZK_CLIENT_CERT")]
-    zk_client_cert: Option<PathBuf>,
-    /// Private key (PEM) of --zk-client-cert.
-    #[arg(long, env = "CIM_ZK_CLIENT_KEY")]
-    zk_client_key: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "Redis and ZooKeeper")]
+    #[serde(skip)]
+    backends: launch::BackendFlags,
     /// Secret the route signs tickets with (>= 16 bytes; required). Prefer the environment.
     #[arg(long, env = "CIM_TICKET_SECRET", hide_env_values = true)]
     ticket_secret: Option<String>,
@@ -154,12 +118,6 @@ pub struct Args {
     /// balancing reads) [default: 5s].
     #[arg(long, env = "CIM_REGISTRY_UPDATE_INTERVAL")]
     registry_update_interval: Option<String>,
-    /// Bound on one Redis command; a slower one counts as Redis unreachable [default: 2s].
-    #[arg(long, env = "CIM_REDIS_TIMEOUT")]
-    redis_timeout: Option<String>,
-    /// Run even if Redis may evict keys (maxmemory-policy other than noeviction).
-    #[arg(long, env = "CIM_ALLOW_EVICTION", num_args = 0..=1, default_missing_value = "true")]
-    allow_eviction: Option<bool>,
     /// PEM certificate (chain) of this server: TLS on the client gateway and mutual TLS on
     /// the link port. Valid for --advertise-host, carrying the server role (a URI SAN
     /// urn:cim:role:server). Needs --tls-key and --tls-ca. Reloaded on SIGHUP or change.
@@ -186,21 +144,25 @@ Stops gracefully on SIGTERM or Ctrl-C: leaves the registry, tells its clients to
 elsewhere, then closes.";
 
 macro_rules! overlay {
-    ($top:expr, $bottom:expr; $($field:ident),* $(,)?) => {
-        Args { config: $top.config, $($field: $top.$field.or($bottom.$field)),* }
+    ($top:expr, $bottom:expr, $backends:expr; $($field:ident),* $(,)?) => {
+        Args {
+            config: $top.config,
+            backends: $top.backends.or($backends),
+            $($field: $top.$field.or($bottom.$field)),*
+        }
     };
 }
 
 /// Runs the process with these flags (overlaid on the `--config` file) until a stop signal.
 pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
-    let file: Args = launch::load_toml(flags.config.as_deref())?;
-    let args = overlay!(flags, file; log_format, server_id, listen_ip, advertise_host, client_port,
-        link_port, http_port, redis, zk, zk_root, zk_session_timeout, redis_ca,
-        redis_client_cert, redis_client_key, zk_auth, zk_ca, zk_client_cert, zk_client_key, ticket_secret,
+    let (file, file_backends): (Args, _) =
+        launch::load_toml_with_backends(flags.config.as_deref())?;
+    let args = overlay!(flags, file, file_backends; log_format, server_id, listen_ip,
+        advertise_host, client_port, link_port, http_port, ticket_secret,
         ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
-        registry_update_interval, redis_timeout, allow_eviction,
+        registry_update_interval,
         tls_cert, tls_key, tls_ca, tls_accept_plaintext);
     let log_format = launch::LogFormat::parse(args.log_format.as_deref());
     launch::init_logging("info", log_format.clone().unwrap_or_default());
@@ -218,8 +180,7 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
     if let Some(problem) = log_format_problem {
         p.push(problem);
     }
-    let redis = p.required("--redis", "CIM_REDIS", args.redis);
-    let zk = p.required("--zk", "CIM_ZK", args.zk);
+    let backends = args.backends.check(&mut p);
     let ticket_secret = p.check(launch::require_secret(
         "CIM_TICKET_SECRET",
         args.ticket_secret.as_deref(),
@@ -362,43 +323,6 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         options.registry_update_interval,
     );
 
-    let defaults = RedisOptions::default();
-    let redis_options = RedisOptions {
-        allow_eviction: args.allow_eviction.unwrap_or(false),
-        tls: p.or(
-            launch::redis_tls(
-                args.redis_ca.as_deref(),
-                args.redis_client_cert.as_deref(),
-                args.redis_client_key.as_deref(),
-            ),
-            defaults.tls.clone(),
-        ),
-        command_timeout: p.or(
-            launch::nonzero_duration_or(
-                "--redis-timeout",
-                args.redis_timeout.as_deref(),
-                defaults.command_timeout,
-            ),
-            defaults.command_timeout,
-        ),
-        ..defaults
-    };
-    let zk_session_timeout = p.or(
-        launch::duration_or(
-            "--zk-session-timeout",
-            args.zk_session_timeout.as_deref(),
-            Duration::from_secs(6),
-        ),
-        Duration::from_secs(6),
-    );
-    let zk_auth = p.check(launch::zk_auth(args.zk_auth.as_deref())).flatten();
-    let zk_tls = p
-        .check(launch::zk_tls(
-            args.zk_ca.as_deref(),
-            args.zk_client_cert.as_deref(),
-            args.zk_client_key.as_deref(),
-        ))
-        .flatten();
     let tls = p
         .check(
             tls::setup::ServerSide::load(
@@ -414,18 +338,11 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         )
         .flatten();
     p.finish()?;
-    let (Some(redis), Some(zk)) = (redis, zk) else {
-        anyhow::bail!("--redis and --zk are required");
-    };
+    let backends = backends.context("the Redis and ZooKeeper settings were checked")?;
 
-    let store = launch::open_store(Some(&redis), redis_options).await?;
-    let registry = launch::open_secured_registry(
-        Some(&zk),
-        args.zk_root.as_deref().unwrap_or("/cim/servers"),
-        zk_session_timeout,
-        zk_auth,
-        zk_tls,
-    )?;
+    let store = backends.open_store().await?;
+    let registry = backends.open_registry()?;
+    let zk = &backends.zk;
     if let Some(tls) = &tls {
         options.gateway_tls = Some(tls.gateway.clone());
         options.link_tls = Some(tls.link.clone());
@@ -452,7 +369,7 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
                 anyhow::anyhow!("{}", launch::bind_failure(what, addr, flag, &source))
             }
             server::StartError::Registry(error) => {
-                anyhow::anyhow!("{}", launch::zk_failure(&zk, &error))
+                anyhow::anyhow!("{}", launch::zk_failure(zk, &error))
             }
             other => anyhow::Error::new(other).context("starting the server"),
         })?;

@@ -169,18 +169,33 @@ fn config_problems(section_text: &str, expected: &BTreeMap<String, Setting>) -> 
     problems
 }
 
+/// The keys a settings type reads from a config file, as its refusal of an unknown key
+/// lists them.
+macro_rules! keys_of {
+    ($settings:ty) => {
+        serde_keys(
+            &serde_json::from_str::<$settings>(r#"{"no-such-key": 0}"#)
+                .expect_err("unknown keys are rejected")
+                .to_string(),
+        )
+    };
+}
+
+/// A binary's file keys: its own, and the Redis and ZooKeeper ones it shares.
+macro_rules! file_keys {
+    ($args:ty) => {{
+        let mut keys = keys_of!($args);
+        keys.extend(keys_of!(cim_io::launch::BackendFlags));
+        keys
+    }};
+}
+
 fn server_settings() -> BTreeMap<String, Setting> {
-    let error = serde_json::from_str::<cim_server::Args>(r#"{"no-such-key": 0}"#)
-        .expect_err("unknown keys are rejected")
-        .to_string();
-    settings_of(&cim_server::Args::command(), &serde_keys(&error))
+    settings_of(&cim_server::Args::command(), &file_keys!(cim_server::Args))
 }
 
 fn route_settings() -> BTreeMap<String, Setting> {
-    let error = serde_json::from_str::<cim_route::Args>(r#"{"no-such-key": 0}"#)
-        .expect_err("unknown keys are rejected")
-        .to_string();
-    settings_of(&cim_route::Args::command(), &serde_keys(&error))
+    settings_of(&cim_route::Args::command(), &file_keys!(cim_route::Args))
 }
 
 #[test]
