@@ -1,5 +1,13 @@
 //! Hand-made histories: a clean one, and for each invariant one that breaks it exactly once.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cim_core::client::{ClientEvent, StopReason};
+use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UserId};
+use cim_core::store::StoredMessage;
+
 use super::*;
 
 mod model;

@@ -1,0 +1,379 @@
+//! What the checker finds, each with the evidence an engineer needs to replay it.
+
+use std::fmt;
+use std::time::Duration;
+
+use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, ServerId, UserId};
+
+use super::{ClientId, Ep, Fault, Rejection, SessionSpan, SimTime, T, Witness};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// Invariant 1.
+    OverlappingSessions {
+        user: UserId,
+        first: SessionSpan,
+        second: SessionSpan,
+    },
+    /// Invariant 2: one (conv, log epoch, seq) handed over twice.
+    DuplicateSeq {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        seq: u64,
+        first_at: SimTime,
+        again_at: SimTime,
+    },
+    /// Invariant 2: one (sender, msg id) handed over under two seqs of one log epoch.
+    DuplicateMsgId {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        sender: UserId,
+        msg_id: ClientMsgId,
+        first_seq: u64,
+        again_seq: u64,
+        at: SimTime,
+    },
+    /// Invariant 3: a seq (or an `Unavailable` range) at or below what was already handed
+    /// over.
+    OutOfOrder {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        log_epoch: Option<LogEpoch>,
+        expected: u64,
+        got: u64,
+        at: SimTime,
+    },
+    /// Invariant 3: seqs skipped without an `Unavailable`.
+    SilentGap {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        log_epoch: Option<LogEpoch>,
+        missing_from: u64,
+        missing_to: u64,
+        at: SimTime,
+    },
+    /// Invariant 3/4: a message of another log epoch than the client's current one, without
+    /// a `LogReset` (or a `LogReset` from an epoch the client was not in).
+    EpochSwitch {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        current: LogEpoch,
+        got: LogEpoch,
+        seq: Option<u64>,
+        at: SimTime,
+    },
+    /// A `LogReset` with no lossy store restart before it.
+    UnexplainedLogReset {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        old_epoch: LogEpoch,
+        new_epoch: LogEpoch,
+        at: SimTime,
+    },
+    /// Invariant 4.
+    Lost {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        seq: u64,
+        sender: UserId,
+        msg_id: ClientMsgId,
+        acked_at: SimTime,
+        /// The client was told it was trimmed, but the final log still holds it.
+        announced_unavailable: bool,
+    },
+    /// Invariant 5.
+    SlowRehome {
+        client: ClientId,
+        user: UserId,
+        server: ServerId,
+        fault: Fault,
+        fault_at: SimTime,
+        measured_from: SimTime,
+        /// `None`: not online again before the end of the run.
+        online_at: Option<SimTime>,
+        bound: Duration,
+    },
+    /// Invariant 6: two different messages under one (conv, log epoch, seq).
+    Conflict {
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        seq: u64,
+        first: Witness,
+        second: Witness,
+    },
+    /// Invariant 7: a message submitted later got a lower seq than one submitted before it
+    /// to the same conversation by the same client.
+    SenderOrder {
+        client: ClientId,
+        sender: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        /// (msg id, submitted at, seq) of the earlier submission.
+        earlier: (ClientMsgId, SimTime, u64),
+        /// The same of the later one, stored before it.
+        later: (ClientMsgId, SimTime, u64),
+    },
+    /// Invariant 8: a message refused for good is stored after all.
+    RejectedButStored {
+        rejection: Rejection,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        seq: u64,
+    },
+    /// Invariant 6: one (sender, msg id) acked under two seqs of one log epoch.
+    AckedTwice {
+        sender: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        msg_id: ClientMsgId,
+        first_seq: u64,
+        again_seq: u64,
+        at: SimTime,
+    },
+}
+
+pub(super) fn span(s: &SessionSpan) -> String {
+    let closed = s.closed_at.map_or("open".to_owned(), |c| T(c).to_string());
+    format!(
+        "[{} .. {}) on server {} epoch {}",
+        T(s.opened_at),
+        closed,
+        s.server,
+        s.epoch.0
+    )
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OverlappingSessions {
+                user,
+                first,
+                second,
+            } => write!(
+                f,
+                "overlapping sessions of user {user}: {} and {}",
+                span(first),
+                span(second)
+            ),
+            Self::DuplicateSeq {
+                client,
+                user,
+                conv,
+                log_epoch,
+                seq,
+                first_at,
+                again_at,
+            } => write!(
+                f,
+                "duplicate: {client} (user {user}) got {conv} seq {seq} (log epoch {}) at {} \
+                 and again at {}",
+                log_epoch.0,
+                T(*first_at),
+                T(*again_at)
+            ),
+            Self::DuplicateMsgId {
+                client,
+                user,
+                conv,
+                log_epoch,
+                sender,
+                msg_id,
+                first_seq,
+                again_seq,
+                at,
+            } => write!(
+                f,
+                "duplicate: {client} (user {user}) got message {msg_id} of sender {sender} in \
+                 {conv} (log epoch {}) as seq {first_seq} and again as seq {again_seq} at {}",
+                log_epoch.0,
+                T(*at)
+            ),
+            Self::OutOfOrder {
+                client,
+                user,
+                conv,
+                log_epoch,
+                expected,
+                got,
+                at,
+            } => write!(
+                f,
+                "reordered: {client} (user {user}) expected {conv} seq {expected} ({}) next \
+                 but got seq {got} at {}",
+                Ep(*log_epoch),
+                T(*at)
+            ),
+            Self::SilentGap {
+                client,
+                user,
+                conv,
+                log_epoch,
+                missing_from,
+                missing_to,
+                at,
+            } => write!(
+                f,
+                "silent gap: {client} (user {user}) skipped {conv} seqs {missing_from}..={missing_to} \
+                 ({}) at {} without an Unavailable",
+                Ep(*log_epoch),
+                T(*at)
+            ),
+            Self::EpochSwitch {
+                client,
+                user,
+                conv,
+                current,
+                got,
+                seq,
+                at,
+            } => {
+                write!(
+                    f,
+                    "epoch switch: {client} (user {user}) is in {conv} log epoch {} but at {} got ",
+                    current.0,
+                    T(*at)
+                )?;
+                match seq {
+                    Some(seq) => write!(f, "seq {seq} of log epoch {} without a LogReset", got.0),
+                    None => write!(f, "a LogReset from log epoch {}", got.0),
+                }
+            }
+            Self::UnexplainedLogReset {
+                client,
+                user,
+                conv,
+                old_epoch,
+                new_epoch,
+                at,
+            } => write!(
+                f,
+                "log reset without a lossy store restart: {client} (user {user}) saw {conv} go \
+                 from log epoch {} to {} at {}",
+                old_epoch.0,
+                new_epoch.0,
+                T(*at)
+            ),
+            Self::Lost {
+                client,
+                user,
+                conv,
+                log_epoch,
+                seq,
+                sender,
+                msg_id,
+                acked_at,
+                announced_unavailable,
+            } => {
+                write!(
+                    f,
+                    "lost: {client} (user {user}, online at the end) never got {conv} seq {seq} \
+                     (log epoch {}), message {msg_id} of sender {sender} acked at {}",
+                    log_epoch.0,
+                    T(*acked_at)
+                )?;
+                if *announced_unavailable {
+                    f.write_str("; it was announced unavailable but the log still holds it")?;
+                }
+                Ok(())
+            }
+            Self::SlowRehome {
+                client,
+                user,
+                server,
+                fault,
+                fault_at,
+                measured_from,
+                online_at,
+                bound,
+            } => {
+                write!(
+                    f,
+                    "slow re-home: {client} (user {user}) was online on server {server} when \
+                     \"{fault}\" at {}; measured from {}, ",
+                    T(*fault_at),
+                    T(*measured_from)
+                )?;
+                match online_at {
+                    Some(at) => write!(
+                        f,
+                        "online again at {} after {} (bound {})",
+                        T(*at),
+                        T(at.saturating_sub(*measured_from)),
+                        T(*bound)
+                    ),
+                    None => write!(f, "never online again (bound {})", T(*bound)),
+                }
+            }
+            Self::Conflict {
+                conv,
+                log_epoch,
+                seq,
+                first,
+                second,
+            } => write!(
+                f,
+                "conflict: two messages under {conv} seq {seq} (log epoch {}): {first}; {second}",
+                log_epoch.0
+            ),
+            Self::SenderOrder {
+                client,
+                sender,
+                conv,
+                log_epoch,
+                earlier,
+                later,
+            } => write!(
+                f,
+                "sender order: {client} (user {sender}) submitted {} to {conv} at {} before {}                  at {}, but they were stored as seqs {} and {} (log epoch {})",
+                earlier.0,
+                T(earlier.1),
+                later.0,
+                T(later.1),
+                earlier.2,
+                later.2,
+                log_epoch.0
+            ),
+            Self::RejectedButStored {
+                rejection,
+                conv,
+                log_epoch,
+                seq,
+            } => write!(
+                f,
+                "refused but stored: {} (user {}) was told at {} that {} was refused, but it is \
+                 {conv} seq {seq} (log epoch {})",
+                rejection.client,
+                rejection.sender,
+                T(rejection.at),
+                rejection.msg_id,
+                log_epoch.0
+            ),
+            Self::AckedTwice {
+                sender,
+                conv,
+                log_epoch,
+                msg_id,
+                first_seq,
+                again_seq,
+                at,
+            } => write!(
+                f,
+                "appended twice: message {msg_id} of sender {sender} acked in {conv} (log epoch \
+                 {}) as seq {first_seq} and as seq {again_seq} (at {})",
+                log_epoch.0,
+                T(*at)
+            ),
+        }
+    }
+}
