@@ -17,7 +17,6 @@
 //!
 //! Each request carries `axum::extract::ConnectInfo<SocketAddr>` with the peer's address.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -39,6 +38,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+use crate::metrics::{Exposition, Kind};
 use crate::net::{Listener, Stream};
 use crate::tls::{self, MaybeTls, Opening, Rewind, ServerTls};
 use crate::warn_gate::WarnGate;
@@ -133,64 +133,61 @@ pub struct HttpStats {
 }
 
 impl HttpStats {
-    /// Appends this listener's families as Prometheus text: `{prefix}_http_connections`, ...
-    /// with `labels` (e.g. `route_id="r1"`) on every sample.
-    pub fn render(&self, prefix: &str, labels: &str, out: &mut String) {
+    /// Writes this listener's families: `{prefix}_http_connections`, ...
+    pub fn render(&self, prefix: &str, page: &mut Exposition) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let families: [(&str, &str, &str, u64); 8] = [
+        let families: [(&str, Kind, &str, u64); 8] = [
             (
                 "http_connections",
-                "gauge",
+                Kind::Gauge,
                 "HTTP connections open.",
                 load(&self.open),
             ),
             (
                 "http_max_connections",
-                "gauge",
+                Kind::Gauge,
                 "Cap on HTTP connections in force (after clamping to the open-file limit).",
                 load(&self.max_connections),
             ),
             (
                 "http_connections_refused_total",
-                "counter",
+                Kind::Counter,
                 "HTTP connections answered 503 and closed because the cap was reached.",
                 load(&self.refused),
             ),
             (
                 "http_header_timeouts_total",
-                "counter",
+                Kind::Counter,
                 "HTTP connections closed for not delivering a request head in time.",
                 load(&self.header_timeouts),
             ),
             (
                 "http_idle_timeouts_total",
-                "counter",
+                Kind::Counter,
                 "HTTP connections closed for staying idle past the idle timeout.",
                 load(&self.idle_timeouts),
             ),
             (
                 "http_accept_errors_total",
-                "counter",
+                Kind::Counter,
                 "Failed accepts of HTTP connections (e.g. out of file descriptors).",
                 load(&self.accept_errors),
             ),
             (
                 "http_tls_on_plaintext_total",
-                "counter",
+                Kind::Counter,
                 "TLS clients on this plain HTTP listener, answered in plaintext and closed (an https:// URL for an http:// route).",
                 load(&self.tls_on_plaintext),
             ),
             (
                 "http_warnings_suppressed_total",
-                "counter",
+                Kind::Counter,
                 "Repeated warnings of the HTTP listener left out of the log.",
                 self.warnings.suppressed_total(),
             ),
         ];
         for (name, kind, help, value) in families {
-            let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
-            let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
-            let _ = writeln!(out, "{prefix}_{name}{{{labels}}} {value}");
+            page.single(&format!("{prefix}_{name}"), kind, help, value);
         }
     }
 }

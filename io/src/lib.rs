@@ -11,6 +11,7 @@ pub mod fd_limit;
 pub mod http_client;
 pub mod http_server;
 pub mod launch;
+pub mod metrics;
 pub mod net;
 pub mod ops_metrics;
 pub mod private_file;

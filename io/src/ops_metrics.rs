@@ -1,11 +1,12 @@
 //! What operators expect of every process's `/metrics` beside its own counters: which build
 //! runs (`*_build_info`), what the process costs (resident memory, open descriptors, CPU
-//! seconds, from `/proc/self`), and latency histograms. Rendered by hand in the Prometheus
-//! text format, like the rest (no global recorder: `cim up` runs three in one process).
+//! seconds, from `/proc/self`), and latency histograms, written through
+//! [`crate::metrics::Exposition`] like the rest.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::metrics::{Exposition, Family, Kind};
 
 /// This build's version (the workspace's) and git commit (`unknown` when the build had no
 /// git checkout; set `CIM_GIT_COMMIT` at build time to name one).
@@ -59,8 +60,8 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
-    /// The `_bucket`, `_sum` and `_count` samples of `name` (HELP and TYPE are the caller's).
-    fn render_samples(&self, name: &str, labels: &str, out: &mut String) {
+    /// The `_bucket`, `_sum` and `_count` samples of one series of `family`.
+    fn render_samples(&self, family: &mut Family<'_>, labels: &[(&str, &str)]) {
         let mut cumulative = 0;
         for (bound, bucket) in BOUNDS.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
@@ -69,31 +70,26 @@ impl Histogram {
             } else {
                 bound.to_string()
             };
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", &le));
+            family.series("_bucket", &with_le, cumulative);
         }
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+        family.series("_sum", labels, sum);
+        family.series("_count", labels, cumulative);
     }
 }
 
-/// One histogram family: its name, help, and the histograms of each label value.
+/// One histogram family: its name, help, and the histogram of each series (its labels).
 pub fn render_histograms(
+    page: &mut Exposition,
     name: &str,
     help: &str,
-    labels: &str,
-    series: &[(&str, &Histogram)],
-    out: &mut String,
+    series: &[(&[(&str, &str)], &Histogram)],
 ) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for (extra, histogram) in series {
-        let labels = if extra.is_empty() {
-            labels.to_owned()
-        } else {
-            format!("{labels},{extra}")
-        };
-        histogram.render_samples(name, &labels, out);
+    let mut family = page.family(name, Kind::Histogram, help);
+    for (labels, histogram) in series {
+        histogram.render_samples(&mut family, labels);
     }
 }
 
@@ -147,49 +143,45 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// `{prefix}_build_info` and `{prefix}_process_*`, each sample labelled `labels`.
-pub fn render_process(prefix: &str, labels: &str, out: &mut String) {
-    let _ = writeln!(
-        out,
-        "# HELP {prefix}_build_info The running build: version and git commit (value 1)."
-    );
-    let _ = writeln!(out, "# TYPE {prefix}_build_info gauge");
-    let _ = writeln!(
-        out,
-        "{prefix}_build_info{{{labels},version=\"{VERSION}\",git_commit=\"{GIT_COMMIT}\"}} 1"
-    );
+/// `{prefix}_build_info` and `{prefix}_process_*`.
+pub fn render_process(page: &mut Exposition, prefix: &str) {
+    page.family(
+        &format!("{prefix}_build_info"),
+        Kind::Gauge,
+        "The running build: version and git commit (value 1).",
+    )
+    .sample(&[("version", VERSION), ("git_commit", GIT_COMMIT)], 1);
     let stats = ProcessStats::read();
     let gauges = [
         (
             "process_resident_memory_bytes",
-            "gauge",
+            Kind::Gauge,
             "Resident memory of the whole process (cim up: all three share one process).",
             stats.resident_bytes.map(|n| n.to_string()),
         ),
         (
             "process_open_fds",
-            "gauge",
+            Kind::Gauge,
             "Open file descriptors of the process (sockets included).",
             stats.open_fds.map(|n| n.to_string()),
         ),
         (
             "process_threads",
-            "gauge",
+            Kind::Gauge,
             "Threads of the process.",
             stats.threads.map(|n| n.to_string()),
         ),
         (
             "process_cpu_seconds_total",
-            "counter",
+            Kind::Counter,
             "User and system CPU time the process has used, in seconds.",
             stats.cpu_seconds.map(|s| format!("{s:.2}")),
         ),
     ];
     for (name, kind, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
-        let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
+        let mut family = page.family(&format!("{prefix}_{name}"), kind, help);
         if let Some(value) = value {
-            let _ = writeln!(out, "{prefix}_{name}{{{labels}}} {value}");
+            family.sample(&[], value);
         }
     }
 }
@@ -204,8 +196,9 @@ mod tests {
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(30));
         h.observe(Duration::from_secs(60));
-        let mut out = String::new();
-        render_histograms("x_seconds", "help", "id=\"r\"", &[("", &h)], &mut out);
+        let mut page = Exposition::new("id", "r");
+        render_histograms(&mut page, "x_seconds", "help", &[(&[], &h)]);
+        let out = page.finish();
         assert!(out.contains("# TYPE x_seconds histogram\n"), "{out}");
         assert!(
             out.contains("x_seconds_bucket{id=\"r\",le=\"0.001\"} 1\n"),
@@ -241,8 +234,9 @@ mod tests {
         assert!(stats.resident_bytes.is_some_and(|n| n > 0), "{stats:?}");
         assert!(stats.open_fds.is_some_and(|n| n >= 3), "{stats:?}");
         assert!(stats.cpu_seconds.is_some(), "{stats:?}");
-        let mut out = String::new();
-        render_process("cim_test", "id=\"t\"", &mut out);
+        let mut page = Exposition::new("id", "t");
+        render_process(&mut page, "cim_test");
+        let out = page.finish();
         assert!(
             out.contains("cim_test_build_info{id=\"t\",version=\""),
             "{out}"

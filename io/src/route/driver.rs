@@ -16,7 +16,6 @@
 //! simulation stays deterministic (a real thread would finish at a real, not simulated, time).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +41,7 @@ use super::RouteOptions;
 use super::links::{self, LinkConfig};
 use super::password_queue::FairQueue;
 use crate::clock::Clock;
+use crate::metrics::{Exposition, Kind as MetricKind};
 use crate::net::Network;
 use crate::registry::{RegistryView, ServerMap};
 use crate::store::Store;
@@ -743,174 +743,179 @@ impl<N: Network> Driver<N> {
     }
 
     fn render_metrics(&self) -> String {
-        let r = &self.route_id;
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-            let _ = writeln!(out, "# HELP cim_route_{name} {help}");
-            let _ = writeln!(out, "# TYPE cim_route_{name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "cim_route_{name}{{route_id=\"{r}\"{labels}}} {value}");
+        let mut page = Exposition::new("route_id", &self.route_id);
+        let labelled = |page: &mut Exposition,
+                        name: &str,
+                        kind: MetricKind,
+                        help: &str,
+                        key: &str,
+                        map: &BTreeMap<&'static str, u64>| {
+            let mut family = page.family(name, kind, help);
+            for (value, n) in map {
+                family.sample(&[(key, value)], n);
             }
-        };
-        let one = |v: u64| vec![(String::new(), v)];
-        let labelled = |key: &str, map: &BTreeMap<&'static str, u64>| -> Vec<(String, u64)> {
-            map.iter()
-                .map(|(k, v)| (format!(",{key}=\"{k}\""), *v))
-                .collect()
         };
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let d = self.delivery.stats();
         let links_up = self.links.values().filter(|l| l.tx.is_some()).count() as u64;
-        metric(
-            "servers_live",
-            "gauge",
+        page.single(
+            "cim_route_servers_live",
+            MetricKind::Gauge,
             "Servers in the registry view.",
-            &one(self.links.len() as u64),
+            self.links.len() as u64,
         );
-        metric(
-            "links_up",
-            "gauge",
+        page.single(
+            "cim_route_links_up",
+            MetricKind::Gauge,
             "Authenticated links to servers.",
-            &one(links_up),
+            links_up,
         );
-        metric(
-            "link_dials_total",
-            "counter",
+        page.single(
+            "cim_route_link_dials_total",
+            MetricKind::Counter,
             "Link dial attempts.",
-            &one(load(&c.link_dials)),
+            load(&c.link_dials),
         );
-        metric(
-            "link_connects_total",
-            "counter",
+        page.single(
+            "cim_route_link_connects_total",
+            MetricKind::Counter,
             "Links authenticated.",
-            &one(load(&c.link_connects)),
+            load(&c.link_connects),
         );
-        metric(
-            "link_failures_total",
-            "counter",
+        page.single(
+            "cim_route_link_failures_total",
+            MetricKind::Counter,
             "Link attempts or links that failed.",
-            &one(load(&c.link_failures)),
+            load(&c.link_failures),
         );
-        metric(
-            "link_frames_sent_total",
-            "counter",
+        page.single(
+            "cim_route_link_frames_sent_total",
+            MetricKind::Counter,
             "Frames queued on links.",
-            &one(self.stats.link_sends),
+            self.stats.link_sends,
         );
-        metric(
-            "link_frames_dropped_total",
-            "counter",
+        labelled(
+            &mut page,
+            "cim_route_link_frames_dropped_total",
+            MetricKind::Counter,
             "Frames dropped: no link up to the server, or its queue full.",
-            &labelled("frame", &self.stats.frames_dropped),
+            "frame",
+            &self.stats.frames_dropped,
         );
-        metric(
-            "registrations_total",
-            "counter",
+        labelled(
+            &mut page,
+            "cim_route_registrations_total",
+            MetricKind::Counter,
             "Registrations by result code.",
-            &labelled("result", &self.stats.registrations),
+            "result",
+            &self.stats.registrations,
         );
-        metric(
-            "logins_total",
-            "counter",
+        labelled(
+            &mut page,
+            "cim_route_logins_total",
+            MetricKind::Counter,
             "Logins by result code.",
-            &labelled("result", &self.stats.logins),
+            "result",
+            &self.stats.logins,
         );
-        metric(
-            "logouts_total",
-            "counter",
+        labelled(
+            &mut page,
+            "cim_route_logouts_total",
+            MetricKind::Counter,
             "Logouts by result.",
-            &labelled("result", &self.stats.logouts),
+            "result",
+            &self.stats.logouts,
         );
-        metric(
-            "takeover_kicks_total",
-            "counter",
+        page.single(
+            "cim_route_takeover_kicks_total",
+            MetricKind::Counter,
             "KickUser sent for takeovers.",
-            &one(self.stats.kicks_sent),
+            self.stats.kicks_sent,
         );
-        metric(
-            "messages_acked_total",
-            "counter",
+        page.single(
+            "cim_route_messages_acked_total",
+            MetricKind::Counter,
             "Sends appended and acked.",
-            &one(d.acked),
+            d.acked,
         );
-        metric(
-            "messages_duplicate_total",
-            "counter",
+        page.single(
+            "cim_route_messages_duplicate_total",
+            MetricKind::Counter,
             "Acked sends that were retries of an appended message.",
-            &one(d.duplicates),
+            d.duplicates,
         );
-        metric(
-            "messages_nacked_total",
-            "counter",
+        page.single(
+            "cim_route_messages_nacked_total",
+            MetricKind::Counter,
             "Sends refused.",
-            &one(d.nacked),
+            d.nacked,
         );
-        metric(
-            "pushes_total",
-            "counter",
+        page.single(
+            "cim_route_pushes_total",
+            MetricKind::Counter,
             "Pushes planned (one per server per message).",
-            &one(d.pushes),
+            d.pushes,
         );
-        metric(
-            "recipients_unreachable_total",
-            "counter",
+        page.single(
+            "cim_route_recipients_unreachable_total",
+            MetricKind::Counter,
             "Recipients skipped: offline or on a server not live.",
-            &one(d.recipients_unreachable),
+            d.recipients_unreachable,
         );
-        metric(
-            "pushes_abandoned_total",
-            "counter",
+        page.single(
+            "cim_route_pushes_abandoned_total",
+            MetricKind::Counter,
             "Appended messages whose push was given up (route/member read failed).",
-            &one(d.pushes_abandoned),
+            d.pushes_abandoned,
         );
-        metric(
-            "store_in_flight",
-            "gauge",
+        page.single(
+            "cim_route_store_in_flight",
+            MetricKind::Gauge,
             "Delivery store requests awaiting a reply.",
-            &one(self.delivery.in_flight() as u64),
+            self.delivery.in_flight() as u64,
         );
-        metric(
-            "store_errors_total",
-            "counter",
+        page.single(
+            "cim_route_store_errors_total",
+            MetricKind::Counter,
             "Machine store requests that failed.",
-            &one(self.stats.store_errors),
+            self.stats.store_errors,
         );
-        metric(
-            "api_waiting",
-            "gauge",
+        page.single(
+            "cim_route_api_waiting",
+            MetricKind::Gauge,
             "HTTP requests waiting for the machines.",
-            &one(self.waiters.len() as u64),
+            self.waiters.len() as u64,
         );
-        metric(
-            "registry_changes_total",
-            "counter",
+        page.single(
+            "cim_route_registry_changes_total",
+            MetricKind::Counter,
             "Registry view changes applied.",
-            &one(self.stats.registry_changes),
+            self.stats.registry_changes,
         );
-        metric(
-            "http_requests_total",
-            "counter",
+        page.single(
+            "cim_route_http_requests_total",
+            MetricKind::Counter,
             "HTTP requests answered.",
-            &one(load(&c.http_requests)),
+            load(&c.http_requests),
         );
-        metric(
-            "http_client_errors_total",
-            "counter",
+        page.single(
+            "cim_route_http_client_errors_total",
+            MetricKind::Counter,
             "HTTP answers with a 4xx status.",
-            &one(load(&c.http_client_errors)),
+            load(&c.http_client_errors),
         );
-        metric(
-            "http_unauthorized_total",
-            "counter",
+        page.single(
+            "cim_route_http_unauthorized_total",
+            MetricKind::Counter,
             "HTTP answers 401 (missing or bad bearer token).",
-            &one(load(&c.http_unauthorized)),
+            load(&c.http_unauthorized),
         );
-        metric(
-            "http_server_errors_total",
-            "counter",
+        page.single(
+            "cim_route_http_server_errors_total",
+            MetricKind::Counter,
             "HTTP answers with a 5xx status.",
-            &one(load(&c.http_server_errors)),
+            load(&c.http_server_errors),
         );
         let code = |map: &BTreeMap<&'static str, u64>, code| map.get(code).copied().unwrap_or(0);
         let busy = code(&self.stats.logins, CODE_BUSY) + code(&self.stats.registrations, CODE_BUSY);
@@ -921,44 +926,36 @@ impl<N: Network> Driver<N> {
             ("send_user", load(&c.limited_send_user)),
             ("password_busy", busy),
         ];
-        metric(
-            "requests_limited_total",
-            "counter",
+        let mut family = page.family(
+            "cim_route_requests_limited_total",
+            MetricKind::Counter,
             "Requests refused by a limit (429, or 503 when the password checks are full).",
-            &limited
-                .iter()
-                .map(|(limit, n)| (format!(",limit=\"{limit}\""), *n))
-                .collect::<Vec<_>>(),
         );
-        metric(
-            "password_jobs",
-            "gauge",
+        for (limit, n) in limited {
+            family.sample(&[("limit", limit)], n);
+        }
+        page.single(
+            "cim_route_password_jobs",
+            MetricKind::Gauge,
             "Password checks queued or running (bounded by --password-queue).",
-            &one((self.password_queue.len() + self.password_running) as u64),
+            (self.password_queue.len() + self.password_running) as u64,
         );
-        metric(
-            "stale_tokens_total",
-            "counter",
+        page.single(
+            "cim_route_stale_tokens_total",
+            MetricKind::Counter,
             "Bearer tokens refused (401) because their session ended.",
-            &one(load(&c.stale_tokens)),
+            load(&c.stale_tokens),
         );
-        c.http
-            .render("cim_route", &format!("route_id=\"{r}\""), &mut out);
+        c.http.render("cim_route", &mut page);
         let tls: Vec<_> = c
             .tls
             .iter()
-            .map(|(side, stats)| {
-                (
-                    format!("route_id=\"{r}\",listener=\"{side}\""),
-                    stats.clone(),
-                )
-            })
+            .map(|(side, stats)| (*side, stats.clone()))
             .collect();
-        crate::tls::render_stats("cim_route", &tls, &mut out);
-        let labels = format!("route_id=\"{r}\"");
-        c.latency.render(&labels, &mut out);
-        crate::ops_metrics::render_process("cim_route", &labels, &mut out);
-        out
+        crate::tls::render_stats(&mut page, "cim_route", &tls);
+        c.latency.render(&mut page);
+        crate::ops_metrics::render_process(&mut page, "cim_route");
+        page.finish()
     }
 }
 

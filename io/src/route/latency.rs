@@ -3,9 +3,9 @@
 //! servers' links (from the `RouteSend` read off the link to its `RouteSendResult` written
 //! back: the append in Redis and the ordering checks included).
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::metrics::{Exposition, Kind};
 use crate::ops_metrics::{Histogram, render_histograms};
 
 #[derive(Debug, Default)]
@@ -33,38 +33,35 @@ impl Latency {
         }
     }
 
-    pub(super) fn render(&self, labels: &str, out: &mut String) {
+    pub(super) fn render(&self, page: &mut Exposition) {
         render_histograms(
+            page,
             "cim_route_login_seconds",
             "Time to answer /login and /registerAccount, password check and its queue included.",
-            labels,
             &[
-                ("op=\"login\"", &self.login),
-                ("op=\"register\"", &self.register),
+                (&[("op", "login")], &self.login),
+                (&[("op", "register")], &self.register),
             ],
-            out,
         );
         render_histograms(
+            page,
             "cim_route_send_seconds",
             "Time from a send reaching the route to its answer (ack or nack): `via` http \
              (/groupRoute, /p2pRoute) or link (a client's send relayed by its server).",
-            labels,
             &[
-                ("via=\"http\"", &self.send_http),
-                ("via=\"link\"", &self.send_link),
+                (&[("via", "http")], &self.send_http),
+                (&[("via", "link")], &self.send_link),
             ],
-            out,
         );
         // Not a latency, but what the password checks cost in memory: argon2's working
         // memory, kept in a small pool for reuse (`cim_core::accounts`), process-wide.
         let (_, bytes) = cim_core::accounts::pooled_hash_memory();
-        let name = "cim_route_password_hash_memory_bytes";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Argon2 working memory kept for reuse by the password checks \
-             (process-wide; one buffer per check that ran at once, at most 8)."
+        page.single(
+            "cim_route_password_hash_memory_bytes",
+            Kind::Gauge,
+            "Argon2 working memory kept for reuse by the password checks \
+             (process-wide; one buffer per check that ran at once, at most 8).",
+            bytes,
         );
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        let _ = writeln!(out, "{name}{{{labels}}} {bytes}");
     }
 }

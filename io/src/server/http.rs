@@ -8,7 +8,6 @@
 //! - `GET /metrics`: Prometheus text, rendered by hand from the node's counters (no global
 //!   recorder, since `cim up` runs two servers in one process).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::ServerError;
 use super::driver::{Input, Snapshot};
 use crate::http_server::{HttpLimits, HttpStats};
+use crate::metrics::{Exposition, Kind};
 use crate::net::{Listener, Stream};
 use crate::registry::SessionHealth;
 use crate::store::Store;
@@ -212,8 +212,10 @@ async fn metrics<S: Stream>(State(state): State<HttpState<S>>) -> Response {
             .into_response();
     };
     let registry_up = state.registry_health.borrow().is_connected();
-    let mut text = render_metrics(state.server_id.as_str(), &snapshot, registry_up);
-    render_shell_metrics(&state, &mut text);
+    let mut page = Exposition::new("server_id", state.server_id.as_str());
+    render_metrics(&mut page, &snapshot, registry_up);
+    render_shell_metrics(&state, &mut page);
+    let text = page.finish();
     (
         [(
             header::CONTENT_TYPE,
@@ -224,30 +226,19 @@ async fn metrics<S: Stream>(State(state): State<HttpState<S>>) -> Response {
         .into_response()
 }
 
-/// Prometheus text exposition format, every sample labelled with the server id.
-fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
-    let id = escape_label(server_id);
-    let mut out = String::new();
+/// The node's families, every sample labelled with the server id.
+fn render_metrics(page: &mut Exposition, s: &Snapshot, registry_up: bool) {
     let mut family =
-        |name: &str, kind: &str, help: &str, samples: &[(Option<(&str, &str)>, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
+        |name: &str, kind: Kind, help: &str, samples: &[(Option<(&str, &str)>, u64)]| {
+            let mut family = page.family(name, kind, help);
             for (label, value) in samples {
-                match label {
-                    Some((key, val)) => {
-                        let _ =
-                            writeln!(out, "{name}{{server_id=\"{id}\",{key}=\"{val}\"}} {value}");
-                    }
-                    None => {
-                        let _ = writeln!(out, "{name}{{server_id=\"{id}\"}} {value}");
-                    }
-                }
+                family.sample(label.as_slice(), value);
             }
         };
     let st = &s.stats;
     family(
         "cim_server_logins_total",
-        "counter",
+        Kind::Counter,
         "Client logins, by result.",
         &[
             (Some(("result", "ok")), st.logins_ok),
@@ -260,7 +251,7 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
         .collect();
     family(
         "cim_server_kicks_total",
-        "counter",
+        Kind::Counter,
         "Connections kicked, by reason.",
         &kicks,
     );
@@ -322,17 +313,17 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
         ),
     ];
     for (name, help, value) in counters {
-        family(name, "counter", help, &[(None, value)]);
+        family(name, Kind::Counter, help, &[(None, value)]);
     }
     family(
         "cim_server_client_tls_on_plaintext_total",
-        "counter",
+        Kind::Counter,
         "Clients that began a TLS handshake on this plaintext client port (closed; one side's TLS setting is wrong).",
         &[(None, s.shell.tls_on_plaintext)],
     );
     family(
         "cim_server_write_failures_total",
-        "counter",
+        Kind::Counter,
         "Client connections closed because a write failed or timed out.",
         &[(None, s.shell.write_failures)],
     );
@@ -369,47 +360,38 @@ fn render_metrics(server_id: &str, s: &Snapshot, registry_up: bool) -> String {
         ),
     ];
     for (name, help, value) in gauges {
-        family(name, "gauge", help, &[(None, value)]);
+        family(name, Kind::Gauge, help, &[(None, value)]);
     }
-    out
 }
 
 /// The families the shell keeps outside the driver: the gateway's cap, the warnings left out
 /// of the log, the HTTP listener's own counters.
-fn render_shell_metrics<S>(state: &HttpState<S>, out: &mut String) {
-    let id = escape_label(state.server_id.as_str());
+fn render_shell_metrics<S>(state: &HttpState<S>, page: &mut Exposition) {
     let families = [
         (
             "cim_server_max_connections",
-            "gauge",
+            Kind::Gauge,
             "Cap on client connections in force (after clamping to the open-file limit).",
             state.max_connections as u64,
         ),
         (
             "cim_server_warnings_suppressed_total",
-            "counter",
+            Kind::Counter,
             "Repeated warnings left out of the log (link port floods, accept errors).",
             state.warnings.suppressed_total(),
         ),
     ];
     for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name}{{server_id=\"{id}\"}} {value}");
+        page.single(name, kind, help, value);
     }
-    state
-        .http
-        .render("cim_server", &format!("server_id=\"{id}\""), out);
+    state.http.render("cim_server", page);
     let tls: Vec<_> = state
         .tls
         .iter()
-        .map(|(listener, stats)| {
-            let labels = format!("server_id=\"{id}\",listener=\"{listener}\"");
-            (labels, stats.clone())
-        })
+        .map(|(listener, stats)| (*listener, stats.clone()))
         .collect();
-    crate::tls::render_stats("cim_server", &tls, out);
-    crate::ops_metrics::render_process("cim_server", &format!("server_id=\"{id}\""), out);
+    crate::tls::render_stats(page, "cim_server", &tls);
+    crate::ops_metrics::render_process(page, "cim_server");
 }
 
 const KICK_REASONS: [(KickReason, &str); 8] = [
@@ -422,20 +404,6 @@ const KICK_REASONS: [(KickReason, &str); 8] = [
     (KickReason::ProtocolError, "protocol_error"),
     (KickReason::LoggedOut, "logged_out"),
 ];
-
-/// A label value as the text format wants it: backslash, quote and newline escaped.
-fn escape_label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {
@@ -494,7 +462,9 @@ mod tests {
             withdrawn: false,
             shell: ShellStats::default(),
         };
-        let text = render_metrics("s\"1", &snapshot, true);
+        let mut page = Exposition::new("server_id", "s\"1");
+        render_metrics(&mut page, &snapshot, true);
+        let text = page.finish();
         assert!(text.contains("cim_server_logins_total{server_id=\"s\\\"1\",result=\"ok\"} 3\n"));
         assert!(
             text.contains("cim_server_kicks_total{server_id=\"s\\\"1\",reason=\"draining\"} 2\n")

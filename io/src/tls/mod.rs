@@ -43,6 +43,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 pub use self::stream::{MaybeTls, Rewind};
+use crate::metrics::{Exposition, Kind};
 use crate::net::Stream;
 
 /// How long a new connection has to complete its TLS handshake (default of every listener).
@@ -223,55 +224,54 @@ pub fn install_default_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-pub fn render_stats(prefix: &str, each: &[(String, Arc<TlsStats>)], out: &mut String) {
-    use std::fmt::Write as _;
+pub fn render_stats(page: &mut Exposition, prefix: &str, each: &[(&str, Arc<TlsStats>)]) {
     type Read = fn(&TlsStats) -> i64;
-    let families: [(&str, &str, &str, Read); 8] = [
+    let families: [(&str, Kind, &str, Read); 8] = [
         (
             "tls_handshakes_total",
-            "counter",
+            Kind::Counter,
             "TLS handshakes completed.",
             |s| s.handshakes.load(Ordering::Relaxed) as i64,
         ),
         (
             "tls_handshake_failures_total",
-            "counter",
+            Kind::Counter,
             "TLS handshakes that failed (bad certificate, wrong role, protocol error).",
             |s| s.handshake_failures.load(Ordering::Relaxed) as i64,
         ),
         (
             "tls_handshake_timeouts_total",
-            "counter",
+            Kind::Counter,
             "Connections closed for not completing the TLS handshake in time.",
             |s| s.handshake_timeouts.load(Ordering::Relaxed) as i64,
         ),
         (
             "tls_plaintext_refused_total",
-            "counter",
+            Kind::Counter,
             "Plaintext clients refused on a TLS-only port.",
             |s| s.plaintext_refused.load(Ordering::Relaxed) as i64,
         ),
         (
             "tls_plaintext_accepted_total",
-            "counter",
+            Kind::Counter,
             "Plaintext clients taken on a port that accepts both (a migration).",
             |s| s.plaintext_accepted.load(Ordering::Relaxed) as i64,
         ),
         (
             "tls_reloads_total",
-            "counter",
+            Kind::Counter,
             "Certificate reloads that took effect.",
             |s| s.reloads.load(Ordering::Relaxed) as i64,
         ),
         (
             "tls_reload_failures_total",
-            "counter",
+            Kind::Counter,
             "Certificate reloads refused (the previous certificate stays).",
             |s| s.reload_failures.load(Ordering::Relaxed) as i64,
         ),
         (
             "tls_cert_expiry_timestamp_seconds",
-            "gauge",
+            Kind::Gauge,
             "When the certificate in use expires (Unix seconds).",
             |s| s.cert_not_after.load(Ordering::Relaxed),
         ),
@@ -280,10 +280,9 @@ pub fn render_stats(prefix: &str, each: &[(String, Arc<TlsStats>)], out: &mut St
         return;
     }
     for (name, kind, help, read) in families {
-        let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
-        let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
-        for (labels, stats) in each {
-            let _ = writeln!(out, "{prefix}_{name}{{{labels}}} {}", read(stats));
+        let mut family = page.family(&format!("{prefix}_{name}"), kind, help);
+        for (listener, stats) in each {
+            family.sample(&[("listener", listener)], read(stats));
         }
     }
 }
