@@ -907,15 +907,8 @@ impl Cluster {
             }
             Event::ServerToRoute { server, frame } => match frame.kind {
                 Some(Kind::RouteSend(send)) => {
-                    let origin = SendOrigin::Link {
-                        server: self.servers[server].id.clone(),
-                        request_id: send.request_id,
-                    };
-                    let sender = UserId(send.user_id);
-                    if let Some(message) = send.send {
-                        self.delivery
-                            .handle_send(now, wall, origin, sender, message);
-                    }
+                    let id = self.servers[server].id.clone();
+                    self.delivery.handle_route_send(now, wall, id, send);
                 }
                 Some(Kind::KickUserDone(done)) => {
                     let id = self.servers[server].id.clone();
