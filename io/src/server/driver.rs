@@ -126,7 +126,7 @@ pub(super) struct Snapshot {
     pub sessions: usize,
     pub links: usize,
     pub draining: bool,
-    /// Out of the registry because the store is unreachable.
+    /// Out of the registry (or on the way out): the store or the registry session is lost.
     pub withdrawn: bool,
     pub shell: ShellStats,
 }
