@@ -801,12 +801,14 @@ mod tests {
     #[test]
     fn route_send_from_a_link_table() {
         let t0 = base();
-        let cases: Vec<(
-            &str,
+        /// (name, send carried, appends, nack: code and retryable)
+        type Case = (
+            &'static str,
             Option<cim_proto::Send>,
             usize,
             Option<(ErrorCode, bool)>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             ("with a send", Some(send(9, "all", "hi")), 1, None),
             (
                 "without a send",

@@ -120,7 +120,9 @@ mod tests {
     #[test]
     fn page_request_bounds() {
         let ok = |limit, before_seq| Ok(PageRequest { limit, before_seq });
-        let cases: &[(Option<u64>, Option<u64>, Result<PageRequest, PageError>)] = &[
+        /// (limit, beforeSeq, request or error)
+        type Case = (Option<u64>, Option<u64>, Result<PageRequest, PageError>);
+        let cases: &[Case] = &[
             (None, None, ok(DEFAULT_LIMIT, None)),
             (Some(1), None, ok(1, None)),
             (Some(100), Some(0), ok(100, Some(0))),
@@ -185,7 +187,8 @@ mod tests {
         }
         let page = P::Page;
         // (conv, head seq or no head, limit, beforeSeq, plan: after_seq, limit, before)
-        let cases: &[(&ConvId, Option<u64>, u32, Option<u64>, P)] = &[
+        type Case<'a> = (&'a ConvId, Option<u64>, u32, Option<u64>, P);
+        let cases: &[Case] = &[
             (&group, None, 20, None, P::NotMember),
             (&ConvId::All, None, 20, None, P::NoLog),
             // The newest 20 of 50: 31..=50.
