@@ -225,6 +225,40 @@ fn server_cut_off_from_store_fences_before_the_other_accepts() {
     cluster.cut_from_store(home, false);
 }
 
+/// A server whose store watchdog gives up fences its sessions, then leaves the registry:
+/// its user re-homes at once (no lease has to run out), and the server takes nobody until
+/// the store is back.
+#[test]
+fn server_that_lost_the_store_fences_unlists_and_refuses() {
+    let mut cluster = Cluster::new(2, 7);
+    let alice = cluster.register("alice");
+    let a = cluster.add_client(alice, "alice", 71);
+    assert!(cluster.run_until(5 * SECOND, |c| c.is_online(a)));
+    cluster.run_for(SECOND);
+    let home = cluster.server_of(a).unwrap();
+    let lost_at = cluster.now;
+    cluster.store_lost(home, true);
+    assert!(cluster.servers[home].node.is_withdrawn());
+    assert!(
+        cluster.run_until(10 * SECOND, |c| c.server_of(a).is_some_and(|s| s != home)),
+        "alice re-homes"
+    );
+    assert!(
+        cluster.now - lost_at < 10 * SECOND,
+        "well before a lease runs out"
+    );
+    assert!(
+        cluster.clients[a]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= lost_at && matches!(e, ClientEvent::Kicked(KickReason::Fenced))),
+        "fenced"
+    );
+    cluster.store_lost(home, false);
+    assert!(!cluster.servers[home].node.is_withdrawn());
+    cluster.assert_no_overlapping_sessions();
+}
+
 /// A server loses its registry session while the route still lists it: it fences its
 /// sessions and refuses every client (the route keeps sending them there) until it is
 /// registered again; then the user is back on it.

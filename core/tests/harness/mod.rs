@@ -377,6 +377,24 @@ impl Cluster {
         self.pump();
     }
 
+    /// What the server's store watchdog does once the store has been unreachable past its
+    /// grace period (`lost`), or answers again: the node fences everyone and refuses
+    /// clients, then the server leaves the registry; back, it lists itself again. (The
+    /// store itself is not cut: see [`Cluster::cut_from_store`].)
+    pub fn store_lost(&mut self, server: usize, lost: bool) {
+        let now = self.now;
+        if lost {
+            self.servers[server].node.handle_store_lost(now);
+            self.pump();
+            self.registered.remove(&server);
+        } else {
+            self.servers[server].node.handle_store_back(now);
+            self.registered.insert(server);
+        }
+        self.publish_registry();
+        self.pump();
+    }
+
     /// The server can no longer reach the store (requests and replies are lost).
     pub fn cut_from_store(&mut self, server: usize, cut: bool) {
         self.servers[server].store_cut = cut;
