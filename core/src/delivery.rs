@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use cim_proto::{ErrorCode, Push, PushBatch, RouteSendResult, SendAck, SendNack};
+use cim_proto::{ErrorCode, Push, PushBatch, RouteSend, RouteSendResult, SendAck, SendNack};
 
 use crate::ids::{ClientMsgId, ConvId, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
@@ -273,6 +273,42 @@ impl RouteDelivery {
     pub fn handle_registry(&mut self, live: BTreeMap<ServerId, LiveServer>) {
         self.pushes.retain(|server, _| live.contains_key(server));
         self.live = live;
+    }
+
+    /// A server's `RouteSend` from its link: its send, to append and push, answered on that
+    /// server's link. One that carries no send is answered with a non-retryable
+    /// MALFORMED_FRAME nack (not counted in `nacked`: it names no message).
+    pub fn handle_route_send(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        server: ServerId,
+        route_send: RouteSend,
+    ) {
+        let origin = SendOrigin::Link {
+            server,
+            request_id: route_send.request_id,
+        };
+        let sender = UserId(route_send.user_id);
+        match route_send.send {
+            Some(send) => self.handle_send(now, wall, origin, sender, send),
+            None => {
+                let nack = SendNack {
+                    msg_id_hi: 0,
+                    msg_id_lo: 0,
+                    code: ErrorCode::MalformedFrame as i32,
+                    reason: "route_send without a send".into(),
+                    retryable: false,
+                };
+                let result = RouteSendResult {
+                    request_id: route_send.request_id,
+                    user_id: route_send.user_id,
+                    ack: None,
+                    nack: Some(nack),
+                };
+                self.replies.push_back((origin, result));
+            }
+        }
     }
 
     /// A user's message, to append and push. `wall` stamps the message in the log.
@@ -757,6 +793,57 @@ mod tests {
         let id = out.store[0].id;
         d.handle_store(now, id, appended(message, duplicate));
         drain(d)
+    }
+
+    /// A server's RouteSend: one with a send takes the send's path (an Append, answered on
+    /// that server's link); one without is nacked at once, non-retryable, with no store
+    /// request and nothing counted as a nacked message.
+    #[test]
+    fn route_send_from_a_link_table() {
+        let t0 = base();
+        /// (name, send carried, appends, nack: code and retryable)
+        type Case = (
+            &'static str,
+            Option<cim_proto::Send>,
+            usize,
+            Option<(ErrorCode, bool)>,
+        );
+        let cases: Vec<Case> = vec![
+            ("with a send", Some(send(9, "all", "hi")), 1, None),
+            (
+                "without a send",
+                None,
+                0,
+                Some((ErrorCode::MalformedFrame, false)),
+            ),
+            (
+                "with a bad send",
+                Some(send(9, "p:2:1", "hi")),
+                0,
+                Some((ErrorCode::BadConversation, false)),
+            ),
+        ];
+        for (name, message, appends, nack) in cases {
+            let mut d = machine(&["a"]);
+            let route_send = RouteSend {
+                request_id: 7,
+                user_id: 1,
+                epoch: 3,
+                send: message,
+            };
+            d.handle_route_send(t0, UnixMillis(1000), sid("a"), route_send);
+            let out = drain(&mut d);
+            assert_eq!(out.store.len(), appends, "{name}");
+            assert_eq!(out.replies.len(), usize::from(nack.is_some()), "{name}");
+            if let Some(want) = nack {
+                let (origin, result) = &out.replies[0];
+                assert_eq!(*origin, link("a", 7), "{name}");
+                assert_eq!((result.request_id, result.user_id), (7, 1), "{name}");
+                assert_eq!(nack_of(result), want, "{name}");
+            }
+            let counted = u64::from(nack.is_some() && name != "without a send");
+            assert_eq!(d.stats().nacked, counted, "{name}");
+        }
     }
 
     #[test]

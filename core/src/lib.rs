@@ -23,6 +23,8 @@ pub mod claims;
 pub mod client;
 pub mod conv_log;
 pub mod delivery;
+pub mod groups;
+pub mod history;
 pub mod ids;
 pub mod link;
 pub mod login_throttle;

@@ -2,11 +2,14 @@
 //!
 //! The shell owns the sockets and the frame codec. It tells [`ServerNode`] about connections
 //! (by a [`ConnId`] it never reuses) and decoded frames; it executes the node's store
-//! requests, carries its route-bound sends over a route link, writes its frames and closes the
-//! connections it names. The node decides everything else: login (ticket, then a
-//! compare-epoch `BindSession`, then LoginOk), heartbeats and idle reaping, send admission
-//! (conversation, body size, per-user token bucket), delivery of pushes, lease refreshes and
-//! self-fencing, slow-consumer kicks and draining.
+//! requests, carries its route-bound sends over the route link it names, writes its frames and
+//! closes the connections it names; it reports which route links are up, and when the store or
+//! the registry session is lost and back. The node decides everything else: login (ticket,
+//! then a compare-epoch `BindSession`, then LoginOk), heartbeats and idle reaping, send
+//! admission (conversation, body size, per-user token bucket), the route link of each send
+//! (a user's unanswered sends share one: `route_links`), delivery of pushes, lease refreshes
+//! and self-fencing, fencing and refusing clients while out of the registry, slow-consumer
+//! kicks and draining.
 //!
 //! **Session invariant.** A session runs from LoginOk to the connection's close. The node
 //! sends LoginOk only after the store bound the session, and keeps a session only while its
@@ -16,6 +19,7 @@
 //! server, and two sessions of one user never overlap.
 
 mod rate;
+mod route_links;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -35,6 +39,8 @@ use crate::store::{
 use crate::tickets::{TicketError, TicketKeys};
 
 pub use rate::TokenBucket;
+pub use route_links::RouteLinkId;
+use route_links::RouteLinks;
 
 /// A client connection, named by the shell. Never reused within one process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -164,6 +170,14 @@ pub enum Refused {
     TooManyConnections,
     #[error("server is draining")]
     Draining,
+    /// The store has been unreachable past the grace period: the server is (being) taken out
+    /// of the registry, and the fence that protects sessions has already fired.
+    #[error("server cannot reach the store (out of the registry)")]
+    StoreUnreachable,
+    /// The registry session was lost and the server is not registered again: routes may
+    /// already treat it as dead and allow takeovers without asking it.
+    #[error("server lost its registry session (not registered again yet)")]
+    Unregistered,
     #[error("connection id already in use (shell bug)")]
     DuplicateId,
 }
@@ -183,9 +197,10 @@ pub enum ServerOutput {
     Close { conn: ConnId },
     /// Execute, then feed the result to `handle_store_reply`.
     Store(StoreRequest),
-    /// Carry to the route over this session's route link; feed the answer to
-    /// `handle_route_result`, or `handle_route_failed` if the link dies first.
-    ToRoute(RouteSend),
+    /// Carry to the route over `link` (one reported up); feed the answer to
+    /// `handle_route_result`. If the link's queue refuses it, `handle_route_failed`; if the
+    /// link turns out to be gone, `handle_route_link_gone`.
+    ToRoute { link: RouteLinkId, send: RouteSend },
 }
 
 /// Why `poll_timeout` wants to be woken.
@@ -214,6 +229,8 @@ pub struct ServerStats {
     pub fenced: u64,
     pub protocol_errors: u64,
     pub refused_connections: u64,
+    /// Route sends failed at once: no route link up, or its queue full.
+    pub route_sends_unrouted: u64,
     /// Store requests that got no reply within `store_timeout`.
     pub store_timeouts: u64,
 }
@@ -248,7 +265,15 @@ pub struct ServerNode {
     pending_sends: BTreeMap<u64, PendingSend>,
     next_request: u64,
     next_route_request: u64,
+    /// The route links up, and which one each unanswered send is on.
+    links: RouteLinks,
     draining: bool,
+    /// The store has been unreachable past the grace period (the shell's watchdog says so):
+    /// every connection was fenced, new ones are refused until it answers again.
+    store_lost: bool,
+    /// The registry session was lost and is not back: every connection was fenced, new
+    /// ones are refused until the server is registered again.
+    registry_lost: bool,
     outputs: VecDeque<ServerOutput>,
     stats: ServerStats,
 }
@@ -336,7 +361,10 @@ impl ServerNode {
             pending_sends: BTreeMap::new(),
             next_request: 1,
             next_route_request: 1,
+            links: RouteLinks::default(),
             draining: false,
+            store_lost: false,
+            registry_lost: false,
             outputs: VecDeque::new(),
             stats: ServerStats::default(),
         })
@@ -377,6 +405,17 @@ impl ServerNode {
         self.draining
     }
 
+    /// Out of the registry, or on the way out: the store or the registry session was lost
+    /// and is not back. No client is accepted meanwhile.
+    pub fn is_withdrawn(&self) -> bool {
+        self.store_lost || self.registry_lost
+    }
+
+    /// Route links up.
+    pub fn route_links(&self) -> usize {
+        self.links.len()
+    }
+
     pub fn poll_output(&mut self) -> Option<ServerOutput> {
         self.outputs.pop_front()
     }
@@ -401,7 +440,11 @@ impl ServerNode {
 
     /// A socket was accepted. On `Err` the shell closes it; nothing else happened.
     pub fn handle_connection_opened(&mut self, now: Instant, conn: ConnId) -> Result<(), Refused> {
-        let refused = if self.draining {
+        let refused = if self.store_lost {
+            Some(Refused::StoreUnreachable)
+        } else if self.registry_lost {
+            Some(Refused::Unregistered)
+        } else if self.draining {
             Some(Refused::Draining)
         } else if self.conns.contains_key(&conn) {
             Some(Refused::DuplicateId)
@@ -457,9 +500,12 @@ impl ServerNode {
 
     /// Kicks every connection with DRAINING and refuses new ones: clients reconnect through
     /// the route to another server.
+    /// Route links are dropped too (the shell closes them; a draining server takes no new
+    /// ones): the sends still in flight belong to connections kicked here.
     pub fn begin_drain(&mut self, _now: Instant) {
         self.draining = true;
         self.next_refresh = None;
+        self.links.clear();
         let all: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in all {
             self.kick(conn, KickReason::Draining, "server is shutting down");
@@ -468,10 +514,37 @@ impl ServerNode {
 
     /// The server's registry session expired: routes may now treat this server as dead and
     /// hand its users to others, so no session here may go on. Every connection is kicked
-    /// with FENCED (logins still binding too: their LoginOk could follow a takeover). New
-    /// connections are still accepted: the shell re-registers, and only tickets minted for
-    /// this server afterwards (or whose claims the store still binds) can log in.
+    /// with FENCED (logins still binding too: their LoginOk could follow a takeover), and
+    /// new connections are refused until [`ServerNode::handle_registered`]: a session bound
+    /// meanwhile could outlive a takeover the routes allow because this server is absent.
     pub fn handle_registry_session_lost(&mut self, _now: Instant) {
+        self.registry_lost = true;
+        self.fence_everyone("server lost its registry session");
+    }
+
+    /// Registered again under a new session after a loss: clients are accepted again
+    /// (unless the store is still lost).
+    pub fn handle_registered(&mut self, _now: Instant) {
+        self.registry_lost = false;
+    }
+
+    /// The store has been unreachable past the grace period: nobody here can be bound or
+    /// refreshed, and the shell is about to take the server out of the registry, after
+    /// which routes let its users log in elsewhere without asking it. So every connection is
+    /// kicked with FENCED now (the shell unlists the server only after this call's outputs),
+    /// and new connections are refused until [`ServerNode::handle_store_back`].
+    pub fn handle_store_lost(&mut self, _now: Instant) {
+        self.store_lost = true;
+        self.fence_everyone("server lost the store");
+    }
+
+    /// The store answers again: clients are accepted again (unless the registry session is
+    /// still lost); the shell lists the server again.
+    pub fn handle_store_back(&mut self, _now: Instant) {
+        self.store_lost = false;
+    }
+
+    fn fence_everyone(&mut self, message: &str) {
         if canary::disabled(Canary::SelfFencing) {
             return;
         }
@@ -483,7 +556,7 @@ impl ServerNode {
             ) {
                 self.stats.fenced += 1;
             }
-            self.kick(conn, KickReason::Fenced, "server lost its registry session");
+            self.kick(conn, KickReason::Fenced, message);
         }
     }
 
@@ -634,12 +707,31 @@ impl ServerNode {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.sends_in_flight.insert(request_id);
         }
-        self.outputs.push_back(ServerOutput::ToRoute(RouteSend {
-            request_id,
-            user_id: user.0,
-            epoch: epoch.0,
-            send: Some(send),
-        }));
+        self.route(
+            now,
+            RouteSend {
+                request_id,
+                user_id: user.0,
+                epoch: epoch.0,
+                send: Some(send),
+            },
+        );
+    }
+
+    /// Puts a send on its user's link (see `route_links`), or fails it at once (retryable)
+    /// when no link is up.
+    fn route(&mut self, now: Instant, send: RouteSend) {
+        let user = UserId(send.user_id);
+        match self.links.pick(user) {
+            Some(link) => {
+                self.links.carry(link, send.request_id, user);
+                self.outputs.push_back(ServerOutput::ToRoute { link, send });
+            }
+            None => {
+                self.stats.route_sends_unrouted += 1;
+                self.fail_route_send(now, send.request_id);
+            }
+        }
     }
 
     fn take_token(&mut self, now: Instant, conn: ConnId) -> bool {
@@ -921,6 +1013,7 @@ impl ServerNode {
     /// The route's answer to a `ToRoute` send: relayed to the sender if its session is still
     /// the one that sent it (a new session re-sends from its outbox).
     pub fn handle_route_result(&mut self, _now: Instant, result: RouteSendResult) {
+        self.links.settle(result.request_id);
         let Some(p) = self.take_pending_send(result.request_id) else {
             return;
         };
@@ -934,9 +1027,55 @@ impl ServerNode {
         }
     }
 
-    /// The link carrying this send died before answering: the client may retry (same msg id,
-    /// so a send that did append is not appended twice).
-    pub fn handle_route_failed(&mut self, _now: Instant, request_id: u64) {
+    /// The queue of the link a `ToRoute` named refused the send (full): it fails at once
+    /// (retryable) rather than move to another link, where it could overtake the user's
+    /// sends queued on this one.
+    pub fn handle_route_failed(&mut self, now: Instant, request_id: u64) {
+        if self.links.settle(request_id).is_some() {
+            self.stats.route_sends_unrouted += 1;
+        }
+        self.fail_route_send(now, request_id);
+    }
+
+    /// The link a `ToRoute` named was already gone when the shell came to queue the send:
+    /// the link goes down (as [`ServerNode::handle_route_link_down`]) and this send, which
+    /// never left, is routed afresh.
+    pub fn handle_route_link_gone(&mut self, now: Instant, link: RouteLinkId, send: RouteSend) {
+        self.links.settle(send.request_id);
+        self.handle_route_link_down(now, link);
+        self.route(now, send);
+    }
+
+    /// A route link authenticated. A draining server takes no new links (the shell closes
+    /// it; the route learns from the close).
+    pub fn handle_route_link_up(
+        &mut self,
+        _now: Instant,
+        link: RouteLinkId,
+    ) -> Result<(), Refused> {
+        if self.draining {
+            return Err(Refused::Draining);
+        }
+        self.links.link_up(link);
+        Ok(())
+    }
+
+    /// A route link failed, timed out or broke the protocol: every send unanswered on it
+    /// fails (retryable: the client resends with the same msg id, so one that did append is
+    /// not appended twice), and their users pick a live link next time.
+    pub fn handle_route_link_down(&mut self, now: Instant, link: RouteLinkId) {
+        for request_id in self.links.link_down(link) {
+            self.fail_route_send(now, request_id);
+        }
+    }
+
+    /// Unanswered sends on `link` (for the shell's logs).
+    pub fn route_link_in_flight(&self, link: RouteLinkId) -> usize {
+        self.links.in_flight(link)
+    }
+
+    /// The send will get no answer: the client may retry (same msg id).
+    fn fail_route_send(&mut self, _now: Instant, request_id: u64) {
         let Some(p) = self.take_pending_send(request_id) else {
             return;
         };
@@ -1260,6 +1399,7 @@ impl ServerNode {
             ));
         }
         assert!(self.store_deadlines.keys().eq(self.pending_store.keys()));
+        self.links.check_invariants();
         assert_eq!(self.store_timers.len(), self.store_deadlines.len());
         for (request_id, p) in &self.pending_sends {
             let c = self

@@ -225,6 +225,74 @@ fn server_cut_off_from_store_fences_before_the_other_accepts() {
     cluster.cut_from_store(home, false);
 }
 
+/// A server whose store watchdog gives up fences its sessions, then leaves the registry:
+/// its user re-homes at once (no lease has to run out), and the server takes nobody until
+/// the store is back.
+#[test]
+fn server_that_lost_the_store_fences_unlists_and_refuses() {
+    let mut cluster = Cluster::new(2, 7);
+    let alice = cluster.register("alice");
+    let a = cluster.add_client(alice, "alice", 71);
+    assert!(cluster.run_until(5 * SECOND, |c| c.is_online(a)));
+    cluster.run_for(SECOND);
+    let home = cluster.server_of(a).unwrap();
+    let lost_at = cluster.now;
+    cluster.store_lost(home, true);
+    assert!(cluster.servers[home].node.is_withdrawn());
+    assert!(
+        cluster.run_until(10 * SECOND, |c| c.server_of(a).is_some_and(|s| s != home)),
+        "alice re-homes"
+    );
+    assert!(
+        cluster.now - lost_at < 10 * SECOND,
+        "well before a lease runs out"
+    );
+    assert!(
+        cluster.clients[a]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= lost_at && matches!(e, ClientEvent::Kicked(KickReason::Fenced))),
+        "fenced"
+    );
+    cluster.store_lost(home, false);
+    assert!(!cluster.servers[home].node.is_withdrawn());
+    cluster.assert_no_overlapping_sessions();
+}
+
+/// A server loses its registry session while the route still lists it: it fences its
+/// sessions and refuses every client (the route keeps sending them there) until it is
+/// registered again; then the user is back on it.
+#[test]
+fn server_without_registry_session_refuses_until_registered_again() {
+    let mut cluster = Cluster::new(1, 9);
+    let alice = cluster.register("alice");
+    let a = cluster.add_client(alice, "alice", 91);
+    assert!(cluster.run_until(5 * SECOND, |c| c.is_online(a)));
+    cluster.run_for(SECOND);
+    cluster.lose_registry_session(0);
+    let lost_at = cluster.now;
+    cluster.run_for(20 * SECOND);
+    assert!(!cluster.is_online(a), "refused while unregistered");
+    assert!(cluster.servers[0].node.stats().refused_connections > 0);
+    assert!(
+        cluster.clients[a]
+            .events
+            .iter()
+            .any(|(t, e)| *t >= lost_at && matches!(e, ClientEvent::Kicked(KickReason::Fenced))),
+        "fenced at the loss"
+    );
+    assert!(
+        cluster.sessions.iter().all(|s| s.start < lost_at),
+        "no session started while unregistered"
+    );
+    cluster.register_again(0);
+    assert!(
+        cluster.run_until(30 * SECOND, |c| c.is_online(a)),
+        "back once registered"
+    );
+    cluster.assert_no_overlapping_sessions();
+}
+
 /// The client's path to its server goes silent while the server stays up and still holds
 /// the session. The client notices by heartbeat and logs in again with its resume token:
 /// a takeover. The route holds the answer until the old server confirms it closed the old

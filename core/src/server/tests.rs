@@ -88,7 +88,7 @@ fn summarize_one(output: &ServerOutput) -> Out {
         ServerOutput::TransmitToMany { .. } => unreachable!("expanded by summarize"),
         ServerOutput::Close { conn } => Out::Close(conn.0),
         ServerOutput::Store(req) => Out::Store(req.command.clone()),
-        ServerOutput::ToRoute(send) => Out::Route {
+        ServerOutput::ToRoute { send, .. } => Out::Route {
             user: send.user_id,
             epoch: send.epoch,
             conv: send
@@ -186,6 +186,8 @@ struct Harness {
     unanswered: Vec<StoreRequest>,
     /// Route sends seen, for their request ids.
     route_sends: Vec<RouteSend>,
+    /// The link each of `route_sends` went out on.
+    route_links: Vec<RouteLinkId>,
 }
 
 impl Harness {
@@ -198,12 +200,17 @@ impl Harness {
         let keys = TicketKeys::new(1, b"test-secret".to_vec());
         let mut config = ServerConfig::new(ServerId::new(S1), keys.clone());
         adjust(&mut config);
+        let t0 = Instant::now();
+        let mut node = ServerNode::new(config).unwrap();
+        // One route link up, as a server that has just started and been dialled.
+        node.handle_route_link_up(t0, RouteLinkId(1)).unwrap();
         Self {
-            node: ServerNode::new(config).unwrap(),
-            t0: Instant::now(),
+            node,
+            t0,
             keys,
             unanswered: Vec::new(),
             route_sends: Vec::new(),
+            route_links: Vec::new(),
         }
     }
 
@@ -229,7 +236,10 @@ impl Harness {
         for o in &raw {
             match o {
                 ServerOutput::Store(req) => self.unanswered.push(req.clone()),
-                ServerOutput::ToRoute(send) => self.route_sends.push(send.clone()),
+                ServerOutput::ToRoute { link, send } => {
+                    self.route_sends.push(send.clone());
+                    self.route_links.push(*link);
+                }
                 _ => {}
             }
         }
@@ -1724,7 +1734,307 @@ mod registry {
             ),
             vec![release(9, 2)]
         );
-        // The server keeps accepting connections (the shell re-registers it).
-        h.open(100, 5);
+        // No client is accepted until the server is registered again.
+        assert_eq!(
+            h.node.handle_connection_opened(h.at(100), ConnId(5)),
+            Err(Refused::Unregistered)
+        );
+        h.node.handle_registered(h.at(200));
+        h.open(200, 5);
+    }
+
+    /// The kick message of every Kick output (the summary drops texts).
+    fn kick_messages(h: &mut Harness) -> Vec<String> {
+        let mut messages = Vec::new();
+        while let Some(o) = h.node.poll_output() {
+            if let ServerOutput::Transmit {
+                frame: Frame {
+                    kind: Some(Kind::Kick(k)),
+                },
+                ..
+            } = o
+            {
+                messages.push(k.message);
+            }
+        }
+        messages
+    }
+
+    #[test]
+    fn a_fence_says_which_of_store_and_registry_was_lost() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.node.handle_store_lost(h.at(10));
+        assert_eq!(kick_messages(&mut h), vec!["server lost the store"]);
+        h.node.handle_store_back(h.at(20));
+        h.login(30, 2, 7, 4);
+        h.node.handle_registry_session_lost(h.at(40));
+        assert_eq!(
+            kick_messages(&mut h),
+            vec!["server lost its registry session"]
+        );
+        assert_eq!(h.node.stats().fenced, 2);
+        assert_eq!(h.node.stats().kicks(KickReason::Fenced), 2);
+    }
+
+    #[test]
+    fn losing_the_store_fences_every_connection_like_a_registry_loss() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.open(0, 2);
+        h.node.handle_store_lost(h.at(50));
+        assert_eq!(
+            h.drain(),
+            [
+                kick(1, KickReason::Fenced).as_slice(),
+                &[release(7, 3)],
+                &kick(2, KickReason::Fenced),
+            ]
+            .concat()
+        );
+        assert!(h.node.is_withdrawn());
+    }
+
+    /// Inputs in order at the given milliseconds, then whether a connection opened after
+    /// them is accepted (and with which refusal if not). The store and the registry are
+    /// separate reasons: each must be back before clients are accepted.
+    #[test]
+    fn clients_are_refused_while_store_or_registry_is_lost() {
+        #[derive(Debug, Clone, Copy)]
+        enum In {
+            StoreLost,
+            StoreBack,
+            RegistryLost,
+            Registered,
+            Drain,
+        }
+        use In::*;
+        let cases: &[(&str, &[In], Result<(), Refused>)] = &[
+            ("nothing lost", &[], Ok(())),
+            ("store lost", &[StoreLost], Err(Refused::StoreUnreachable)),
+            ("store back", &[StoreLost, StoreBack], Ok(())),
+            ("registry lost", &[RegistryLost], Err(Refused::Unregistered)),
+            ("registered again", &[RegistryLost, Registered], Ok(())),
+            (
+                "store back, registry still lost",
+                &[StoreLost, RegistryLost, StoreBack],
+                Err(Refused::Unregistered),
+            ),
+            (
+                "registered again, store still lost",
+                &[RegistryLost, StoreLost, Registered],
+                Err(Refused::StoreUnreachable),
+            ),
+            (
+                "both back",
+                &[StoreLost, RegistryLost, Registered, StoreBack],
+                Ok(()),
+            ),
+            (
+                "a back without a loss changes nothing",
+                &[StoreBack, Registered],
+                Ok(()),
+            ),
+            ("draining", &[Drain], Err(Refused::Draining)),
+            (
+                "withdrawn and draining: the withdrawal is said",
+                &[Drain, StoreLost],
+                Err(Refused::StoreUnreachable),
+            ),
+        ];
+        for &(name, inputs, want) in cases {
+            let mut h = Harness::new();
+            for (i, input) in inputs.iter().enumerate() {
+                let now = h.at(10 * i as u64);
+                match input {
+                    StoreLost => h.node.handle_store_lost(now),
+                    StoreBack => h.node.handle_store_back(now),
+                    RegistryLost => h.node.handle_registry_session_lost(now),
+                    Registered => h.node.handle_registered(now),
+                    Drain => h.node.begin_drain(now),
+                }
+            }
+            assert_eq!(
+                h.node.is_withdrawn(),
+                matches!(want, Err(Refused::StoreUnreachable | Refused::Unregistered)),
+                "{name}"
+            );
+            assert_eq!(
+                h.node.handle_connection_opened(h.at(100), ConnId(9)),
+                want,
+                "{name}"
+            );
+            let refused = u64::from(want.is_err());
+            assert_eq!(h.node.stats().refused_connections, refused, "{name}");
+            assert_eq!(h.node.connections(), usize::from(want.is_ok()), "{name}");
+        }
+    }
+}
+
+mod route_links {
+    use super::*;
+
+    fn nack_unavailable(conn: u64) -> Out {
+        Out::Nack {
+            conn,
+            code: ErrorCode::Unavailable,
+            retryable: true,
+        }
+    }
+
+    fn route(user: u64, epoch: u64) -> Out {
+        Out::Route {
+            user,
+            epoch,
+            conv: "all".into(),
+        }
+    }
+
+    fn answer(h: &mut Harness, ms: u64, i: usize) -> Vec<Out> {
+        let send = h.route_sends[i].clone();
+        h.node.handle_route_result(
+            h.at(ms),
+            proto::RouteSendResult {
+                request_id: send.request_id,
+                user_id: send.user_id,
+                ack: Some(proto::SendAck {
+                    seq: i as u64 + 1,
+                    ..Default::default()
+                }),
+                nack: None,
+            },
+        );
+        h.drain()
+    }
+
+    #[test]
+    fn with_no_link_up_a_send_fails_at_once_and_retryable() {
+        let mut h = Harness::new();
+        h.login(0, 1, 7, 3);
+        h.node.handle_route_link_down(h.at(5), RouteLinkId(1));
+        assert_eq!(h.drain(), vec![]);
+        assert_eq!(
+            h.frame(10, 1, send_frame("all", 5, 1)),
+            vec![nack_unavailable(1)]
+        );
+        assert_eq!(h.node.stats().route_sends_unrouted, 1);
+    }
+
+    #[test]
+    fn a_users_unanswered_sends_share_one_link() {
+        let mut h = Harness::new();
+        h.login(0, 1, 3, 1); // user 3: link 2 of links 1 and 2, link 3 of 1, 2 and 3
+        h.node
+            .handle_route_link_up(h.at(1), RouteLinkId(2))
+            .unwrap();
+        assert_eq!(h.frame(10, 1, send_frame("all", 5, 1)), vec![route(3, 1)]);
+        // A third link changes the hash (user 3 → link 3), not the link of sends in flight.
+        h.node
+            .handle_route_link_up(h.at(11), RouteLinkId(3))
+            .unwrap();
+        assert_eq!(h.frame(12, 1, send_frame("all", 5, 2)), vec![route(3, 1)]);
+        answer(&mut h, 20, 0);
+        assert_eq!(h.frame(21, 1, send_frame("all", 5, 3)), vec![route(3, 1)]);
+        assert_eq!(
+            h.route_links,
+            vec![RouteLinkId(2), RouteLinkId(2), RouteLinkId(2)],
+            "one send still unanswered each time"
+        );
+        answer(&mut h, 30, 1);
+        answer(&mut h, 31, 2);
+        // All answered: the next send picks afresh.
+        h.frame(40, 1, send_frame("all", 5, 4));
+        assert_eq!(h.route_links[3], RouteLinkId(3));
+    }
+
+    #[test]
+    fn users_spread_over_the_links() {
+        let mut h = Harness::new();
+        h.node
+            .handle_route_link_up(h.at(0), RouteLinkId(2))
+            .unwrap();
+        for (conn, user) in [(1, 1), (2, 2), (3, 3), (4, 4)] {
+            h.login(0, conn, user, 1);
+            h.frame(10, conn, send_frame("all", 5, user));
+        }
+        let links: Vec<u64> = h.route_links.iter().map(|l| l.0).collect();
+        assert_eq!(links, vec![2, 1, 2, 1]);
+    }
+
+    #[test]
+    fn a_link_going_down_fails_its_sends_and_frees_their_users() {
+        let mut h = Harness::new();
+        h.node
+            .handle_route_link_up(h.at(0), RouteLinkId(2))
+            .unwrap();
+        h.login(0, 1, 1, 1); // user 1: link 2
+        h.login(0, 2, 2, 1); // user 2: link 1
+        h.frame(10, 1, send_frame("all", 5, 1));
+        h.frame(11, 2, send_frame("all", 5, 2));
+        h.frame(12, 1, send_frame("all", 5, 3));
+        assert_eq!(h.node.route_link_in_flight(RouteLinkId(2)), 2);
+        h.node.handle_route_link_down(h.at(20), RouteLinkId(2));
+        assert_eq!(h.drain(), vec![nack_unavailable(1), nack_unavailable(1)]);
+        assert_eq!(h.node.route_links(), 1);
+        // User 1 goes over the link left; user 2's send there is untouched.
+        assert_eq!(h.frame(30, 1, send_frame("all", 5, 4)), vec![route(1, 1)]);
+        assert_eq!(h.route_links[3], RouteLinkId(1));
+        assert_eq!(answer(&mut h, 40, 1), vec![Out::Ack { conn: 2, seq: 2 }]);
+        // An answer for a send already failed is dropped.
+        assert_eq!(answer(&mut h, 41, 0), vec![]);
+    }
+
+    #[test]
+    fn a_full_link_queue_fails_the_send_without_moving_the_user() {
+        let mut h = Harness::new();
+        h.node
+            .handle_route_link_up(h.at(0), RouteLinkId(2))
+            .unwrap();
+        h.login(0, 1, 1, 1); // user 1: link 2
+        h.frame(10, 1, send_frame("all", 5, 1));
+        h.frame(11, 1, send_frame("all", 5, 2));
+        let second = h.route_sends[1].request_id;
+        h.node.handle_route_failed(h.at(12), second);
+        assert_eq!(h.drain(), vec![nack_unavailable(1)]);
+        assert_eq!(h.node.stats().route_sends_unrouted, 1);
+        // The first is still on link 2, so the user stays there.
+        h.frame(13, 1, send_frame("all", 5, 3));
+        assert_eq!(h.route_links[2], RouteLinkId(2));
+    }
+
+    #[test]
+    fn a_send_whose_link_is_already_gone_is_routed_afresh() {
+        let mut h = Harness::new();
+        h.node
+            .handle_route_link_up(h.at(0), RouteLinkId(2))
+            .unwrap();
+        h.login(0, 1, 1, 1); // user 1: link 2
+        h.login(0, 2, 3, 1); // user 3: link 2
+        h.frame(10, 2, send_frame("all", 5, 1));
+        h.frame(11, 1, send_frame("all", 5, 2));
+        // The shell finds link 2's writer gone when it queues user 1's send: user 3's send
+        // on it fails, user 1's goes over link 1.
+        let (link, send) = (h.route_links[1], h.route_sends[1].clone());
+        h.node.handle_route_link_gone(h.at(12), link, send);
+        assert_eq!(h.drain(), vec![nack_unavailable(2), route(1, 1)]);
+        assert_eq!(h.route_links[2], RouteLinkId(1));
+        assert_eq!(h.route_sends[2].request_id, h.route_sends[1].request_id);
+        // With no link left, it fails like any send with no link.
+        let send = h.route_sends[2].clone();
+        h.node
+            .handle_route_link_gone(h.at(13), RouteLinkId(1), send);
+        assert_eq!(h.drain(), vec![nack_unavailable(1)]);
+        assert_eq!(h.node.stats().route_sends_unrouted, 1);
+    }
+
+    #[test]
+    fn a_draining_server_drops_its_links_and_takes_no_new_ones() {
+        let mut h = Harness::new();
+        h.node.begin_drain(h.at(0));
+        assert_eq!(h.node.route_links(), 0);
+        assert_eq!(
+            h.node.handle_route_link_up(h.at(1), RouteLinkId(2)),
+            Err(Refused::Draining)
+        );
     }
 }

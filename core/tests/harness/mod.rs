@@ -29,7 +29,7 @@ use cim_core::registry::LiveServer;
 use cim_core::route_login::{
     LoginAnswer, LoginError, LoginRequest, RouteEvent, RouteLogin, RouteLoginConfig,
 };
-use cim_core::server::{ConnId, ServerConfig, ServerNode, ServerOutput};
+use cim_core::server::{ConnId, RouteLinkId, ServerConfig, ServerNode, ServerOutput};
 use cim_core::store::{StoreCommand, StoreReply, StoreRequest, StoredMessage};
 use cim_core::tickets::TicketKeys;
 
@@ -37,6 +37,8 @@ pub const LATENCY: Duration = Duration::from_millis(1);
 /// How long the registry keeps a silent server's entry (ZooKeeper's session timeout).
 pub const REGISTRY_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 const WALL0: u64 = 1_800_000_000_000;
+/// The one route's link to each server, as the servers name it.
+const ROUTE_LINK: RouteLinkId = RouteLinkId(1);
 
 /// The one base instant of a harness run; everything else is an offset from it.
 #[allow(clippy::disallowed_methods)] // tests need one real Instant to offset from
@@ -211,9 +213,13 @@ impl Cluster {
         for i in 0..servers {
             let id = ServerId(format!("s{}", i + 1));
             let config = ServerConfig::new(id.clone(), cluster.keys.clone());
+            let mut node = ServerNode::new(config).expect("default server config is valid");
+            // The route's one link to it.
+            node.handle_route_link_up(t0, ROUTE_LINK)
+                .expect("a new server takes links");
             cluster.servers.push(ServerHost {
                 id,
-                node: ServerNode::new(config).expect("default server config is valid"),
+                node,
                 alive: true,
                 store_cut: false,
                 conns: BTreeMap::new(),
@@ -353,6 +359,40 @@ impl Cluster {
             .copied()
             .unwrap_or(LATENCY)
             .max(LATENCY)
+    }
+
+    /// The server's registry session expires (it is told; the routes' view of the registry
+    /// is left as it was, as in the moments before ZooKeeper's watches fire): it fences every
+    /// connection and refuses clients until [`Cluster::register_again`].
+    pub fn lose_registry_session(&mut self, server: usize) {
+        let now = self.now;
+        self.servers[server].node.handle_registry_session_lost(now);
+        self.pump();
+    }
+
+    /// The server is registered again under a new session.
+    pub fn register_again(&mut self, server: usize) {
+        let now = self.now;
+        self.servers[server].node.handle_registered(now);
+        self.pump();
+    }
+
+    /// What the server's store watchdog does once the store has been unreachable past its
+    /// grace period (`lost`), or answers again: the node fences everyone and refuses
+    /// clients, then the server leaves the registry; back, it lists itself again. (The
+    /// store itself is not cut: see [`Cluster::cut_from_store`].)
+    pub fn store_lost(&mut self, server: usize, lost: bool) {
+        let now = self.now;
+        if lost {
+            self.servers[server].node.handle_store_lost(now);
+            self.pump();
+            self.registered.remove(&server);
+        } else {
+            self.servers[server].node.handle_store_back(now);
+            self.registered.insert(server);
+        }
+        self.publish_registry();
+        self.pump();
     }
 
     /// The server can no longer reach the store (requests and replies are lost).
@@ -662,7 +702,8 @@ impl Cluster {
                     );
                 }
             }
-            ServerOutput::ToRoute(send) => {
+            ServerOutput::ToRoute { link, send } => {
+                assert_eq!(link, ROUTE_LINK, "the only link up");
                 let frame = Frame {
                     kind: Some(Kind::RouteSend(send)),
                 };
@@ -884,15 +925,8 @@ impl Cluster {
             }
             Event::ServerToRoute { server, frame } => match frame.kind {
                 Some(Kind::RouteSend(send)) => {
-                    let origin = SendOrigin::Link {
-                        server: self.servers[server].id.clone(),
-                        request_id: send.request_id,
-                    };
-                    let sender = UserId(send.user_id);
-                    if let Some(message) = send.send {
-                        self.delivery
-                            .handle_send(now, wall, origin, sender, message);
-                    }
+                    let id = self.servers[server].id.clone();
+                    self.delivery.handle_route_send(now, wall, id, send);
                 }
                 Some(Kind::KickUserDone(done)) => {
                     let id = self.servers[server].id.clone();

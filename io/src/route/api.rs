@@ -30,6 +30,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use cim_core::groups::{self, GroupAction};
+use cim_core::history::{self, PageRequest, Plan};
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
 use cim_core::route_login::{
     BearerClaims, BearerKey, LoginError, LoginRequest, RegisterFailure, secs_up,
@@ -56,9 +58,9 @@ mod health;
 
 /// Largest request body accepted.
 pub(super) const MAX_BODY: usize = 64 * 1024;
-/// Longest history page.
-pub(super) const MAX_HISTORY: u32 = 100;
-pub(super) const DEFAULT_HISTORY: u32 = 20;
+/// Longest history page (the rule is `cim_core::history`'s).
+pub(super) const MAX_HISTORY: u32 = history::MAX_LIMIT;
+pub(super) const DEFAULT_HISTORY: u32 = history::DEFAULT_LIMIT;
 /// Most users `GET /onlineUser` lists.
 const MAX_ONLINE: u32 = 1000;
 /// `/health` waits this long for the store.
@@ -820,15 +822,7 @@ async fn group_create(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::GroupRequest>,
 ) -> ApiResult {
-    let conv = group_conv(&req.group_name)?;
-    let owner = bearer.acting_as(req.user_id)?;
-    match store(&shared, StoreCommand::CreateGroup { conv, owner }).await? {
-        StoreReply::GroupCreated { created: true } => Ok(ok_empty("group created")),
-        StoreReply::GroupCreated { created: false } => {
-            Err(ApiError::code(CODE_FAIL, "a group of this name exists"))
-        }
-        other => Err(odd_reply(&other)),
-    }
+    group_action(&shared, &bearer, req, GroupAction::Create).await
 }
 
 async fn group_join(
@@ -836,13 +830,7 @@ async fn group_join(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::GroupRequest>,
 ) -> ApiResult {
-    let conv = group_conv(&req.group_name)?;
-    let user = bearer.acting_as(req.user_id)?;
-    match store(&shared, StoreCommand::JoinGroup { conv, user }).await? {
-        StoreReply::GroupJoined(Some(_)) => Ok(ok_empty("joined")),
-        StoreReply::GroupJoined(None) => Err(ApiError::code(CODE_FAIL, "no such group")),
-        other => Err(odd_reply(&other)),
-    }
+    group_action(&shared, &bearer, req, GroupAction::Join).await
 }
 
 async fn group_leave(
@@ -850,14 +838,23 @@ async fn group_leave(
     bearer: Bearer,
     ApiJson(req): ApiJson<body::GroupRequest>,
 ) -> ApiResult {
+    group_action(&shared, &bearer, req, GroupAction::Leave).await
+}
+
+/// One group action (the rules are `cim_core::groups`'): a refusal is a 200 + 4000.
+async fn group_action(
+    shared: &ApiShared,
+    bearer: &Bearer,
+    req: body::GroupRequest,
+    action: GroupAction,
+) -> ApiResult {
     let conv = group_conv(&req.group_name)?;
     let user = bearer.acting_as(req.user_id)?;
-    match store(&shared, StoreCommand::LeaveGroup { conv, user }).await? {
-        StoreReply::GroupLeft { was_member: true } => Ok(ok_empty("left")),
-        StoreReply::GroupLeft { was_member: false } => {
-            Err(ApiError::code(CODE_FAIL, "not a member of this group"))
-        }
-        other => Err(odd_reply(&other)),
+    let reply = store(shared, action.command(conv, user)).await?;
+    match action.outcome(&reply) {
+        Some(Ok(done)) => Ok(ok_empty(done)),
+        Some(Err(refused)) => Err(ApiError::code(CODE_FAIL, refused.to_string())),
+        None => Err(odd_reply(&reply)),
     }
 }
 
@@ -865,13 +862,7 @@ async fn group_list(State(shared): State<Shared>, bearer: Bearer) -> ApiResult {
     let user = bearer.claims.user;
     match store(&shared, StoreCommand::LoadHeads { user }).await? {
         StoreReply::Heads(heads) => Ok(ok(GroupList {
-            groups: heads
-                .into_iter()
-                .filter_map(|h| match h.conv {
-                    ConvId::Group(name) => Some(name),
-                    _ => None,
-                })
-                .collect(),
+            groups: groups::groups_of(heads),
         })),
         other => Err(odd_reply(&other)),
     }
@@ -905,27 +896,16 @@ fn history_conv(text: &str) -> Result<ConvId, ApiError> {
     })
 }
 
+/// The rules (bounds, who may read, which seqs) are `cim_core::history`'s; this maps them
+/// to HTTP and runs the reads they name.
 async fn history(
     State(shared): State<Shared>,
     bearer: Bearer,
     ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> ApiResult {
     let user = bearer.claims.user;
-    let limit = query.limit.unwrap_or(u64::from(DEFAULT_HISTORY));
-    let limit = match u32::try_from(limit) {
-        Ok(limit @ 1..=MAX_HISTORY) => limit,
-        _ => {
-            return Err(ApiError::invalid(format!(
-                "query parameter limit must be 1 to {MAX_HISTORY}"
-            )));
-        }
-    };
-    if query.before_seq.is_some_and(|seq| seq > body::MAX_ID) {
-        return Err(ApiError::invalid(format!(
-            "query parameter beforeSeq must be a whole number from 0 to {}",
-            body::MAX_ID
-        )));
-    }
+    let request = PageRequest::new(query.limit, query.before_seq, body::MAX_ID)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let conv = history_conv(&query.conv)?;
     let not_member = || {
         ApiError::new(
@@ -934,10 +914,7 @@ async fn history(
             "not a member of this conversation",
         )
     };
-    if let ConvId::Private { low, high } = conv
-        && user != low
-        && user != high
-    {
+    if !history::may_ask(user, &conv) {
         return Err(not_member());
     }
     // The user's heads say which groups they are in (with the join seq) and each log's
@@ -946,36 +923,34 @@ async fn history(
         StoreReply::Heads(heads) => heads,
         other => return Err(odd_reply(&other)),
     };
-    let Some(head) = heads.into_iter().find(|h| h.conv == conv) else {
-        return match conv {
-            // Every group has a log from its creation: no head means not a member.
-            ConvId::Group(_) => Err(not_member()),
-            // No log yet: nothing was ever said.
-            _ => Ok(ok(History {
+    let head = heads.into_iter().find(|h| h.conv == conv);
+    let (head, after_seq, limit, before) = match history::plan(&conv, head, request) {
+        Plan::NotMember => return Err(not_member()),
+        Plan::NoLog => {
+            return Ok(ok(History {
                 conv: conv.to_string(),
                 log_epoch: "0".into(),
                 head_seq: 0,
                 first_available_seq: 1,
                 messages: Vec::new(),
-            })),
-        };
+            }));
+        }
+        Plan::Page {
+            head,
+            after_seq,
+            limit,
+            before,
+        } => (head, after_seq, limit, before),
     };
-    // The page is the `limit` messages just below `beforeSeq` (default: past the head).
-    let before = query
-        .before_seq
-        .unwrap_or(u64::MAX)
-        .min(head.head_seq.saturating_add(1));
-    let after = before.saturating_sub(u64::from(limit) + 1);
-    let span = before.saturating_sub(1).saturating_sub(after);
-    let messages = if span == 0 {
+    let messages = if limit == 0 {
         Vec::new()
     } else {
         let fetch = StoreCommand::Fetch {
             user,
             conv: conv.clone(),
             log_epoch: head.log_epoch,
-            after_seq: after,
-            limit: u32::try_from(span).unwrap_or(limit),
+            after_seq,
+            limit,
         };
         match store(&shared, fetch).await? {
             StoreReply::Fetched { messages, .. } => messages,
@@ -989,10 +964,7 @@ async fn history(
         log_epoch: head.log_epoch.0.to_string(),
         head_seq: head.head_seq,
         first_available_seq: head.first_available_seq,
-        messages: messages
-            .into_iter()
-            // The join seq can move a fetch's window up; keep the page below `beforeSeq`.
-            .filter(|m| m.seq < before)
+        messages: history::keep(messages, before)
             .map(|m| HistoryMessage {
                 seq: m.seq,
                 sender_id: m.sender.0,

@@ -30,7 +30,7 @@ use cim_core::route_login::{
 };
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
 use cim_proto::frame::Kind;
-use cim_proto::{ErrorCode, Frame, KickReason, KickUser, KickUserDone, RouteSend, RouteSendResult};
+use cim_proto::{Frame, KickReason, KickUser, KickUserDone, RouteSend, RouteSendResult};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
@@ -421,36 +421,8 @@ impl<N: Network> Driver<N> {
                 }
                 match frame {
                     LinkInbound::Send(route_send) => {
-                        let origin = SendOrigin::Link {
-                            server: server.clone(),
-                            request_id: route_send.request_id,
-                        };
-                        let sender = UserId(route_send.user_id);
-                        match route_send.send {
-                            Some(send) => {
-                                self.delivery.handle_send(now, wall, origin, sender, send)
-                            }
-                            None => {
-                                let nack = cim_proto::SendNack {
-                                    msg_id_hi: 0,
-                                    msg_id_lo: 0,
-                                    code: ErrorCode::MalformedFrame as i32,
-                                    reason: "route_send without a send".into(),
-                                    retryable: false,
-                                };
-                                let result = RouteSendResult {
-                                    request_id: route_send.request_id,
-                                    user_id: route_send.user_id,
-                                    ack: None,
-                                    nack: Some(nack),
-                                };
-                                self.send_on_link(
-                                    &server,
-                                    Kind::RouteSendResult(result),
-                                    "send_result",
-                                );
-                            }
-                        }
+                        self.delivery
+                            .handle_route_send(now, wall, server.clone(), route_send)
                     }
                     LinkInbound::KickDone(done) => self.login.handle_kick_done(
                         now,

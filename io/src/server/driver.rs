@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cim_core::ids::{Epoch, UserId};
-use cim_core::server::{ConnId, ServerNode, ServerOutput, ServerStats};
+use cim_core::server::{ConnId, RouteLinkId, ServerNode, ServerOutput, ServerStats};
 use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
 use cim_proto::codec::FrameCodec;
 use cim_proto::frame::Kind;
@@ -31,7 +31,8 @@ type SessionSet = BTreeSet<(UserId, Epoch, ConnId)>;
 const ENCODE_CHUNK: usize = 4096;
 const ENCODE_ROOM: usize = 256;
 
-/// A route link, numbered by the link listener in accept order. Never reused.
+/// A route link, numbered by the link listener in accept order. Never reused. The node knows
+/// it as `RouteLinkId(link)`.
 pub(super) type LinkId = u64;
 
 /// Everything the driver is told.
@@ -98,17 +99,18 @@ pub(super) enum Input<S> {
     },
     /// A dialled link did not authenticate (counted for metrics).
     LinkAuthFailed,
-    /// The registry session was lost: routes may hand this server's users to others.
+    /// The registry session was lost: routes may hand this server's users to others (the
+    /// node fences everyone and refuses clients until `RegistryBack`).
     RegistryLost,
-    /// Registered again under a new session after a loss: accept clients again.
+    /// Registered again under a new session after a loss.
     RegistryBack,
-    /// The store has been unreachable past the grace period: fence every connection and
-    /// refuse new ones, then answer, so the server can leave the registry with no session
-    /// left that a route could hand to another server.
+    /// The store has been unreachable past the grace period: the node fences every
+    /// connection and refuses new ones; then this answers, so the server can leave the
+    /// registry with no session left that a route could hand to another server.
     StoreLost {
         fenced: oneshot::Sender<()>,
     },
-    /// The store answers again: accept connections again (the server lists itself next).
+    /// The store answers again (the server lists itself next).
     StoreBack,
     /// What /health and /metrics show.
     Snapshot {
@@ -124,7 +126,7 @@ pub(super) struct Snapshot {
     pub sessions: usize,
     pub links: usize,
     pub draining: bool,
-    /// Out of the registry because the store is unreachable.
+    /// Out of the registry (or on the way out): the store or the registry session is lost.
     pub withdrawn: bool,
     pub shell: ShellStats,
 }
@@ -134,8 +136,6 @@ pub(super) struct Snapshot {
 pub(super) struct ShellStats {
     pub link_auth_failures: u64,
     pub links_lost: u64,
-    /// Route sends failed at once: no link up, or the link's queue full.
-    pub route_sends_unrouted: u64,
     pub write_failures: u64,
     /// Clients that began a TLS handshake on this plaintext client port.
     pub tls_on_plaintext: u64,
@@ -153,8 +153,6 @@ struct ConnEntry {
 struct LinkEntry {
     tx: mpsc::Sender<Frame>,
     token: CancellationToken,
-    /// RouteSends written (or queued) on this link and not yet answered: request id -> user.
-    in_flight: BTreeMap<u64, u64>,
 }
 
 pub(super) struct Driver<S> {
@@ -172,20 +170,10 @@ pub(super) struct Driver<S> {
     connections_gauge: Arc<AtomicU64>,
     next_conn: u64,
     conns: BTreeMap<ConnId, ConnEntry>,
+    /// The links up, as the node knows them too (it picks the link of every send).
     links: BTreeMap<LinkId, LinkEntry>,
-    /// The link each user's RouteSends go over while any of them is unanswered, with how
-    /// many are: a user's sends stay on one link (so they reach the route in order) until
-    /// they are all answered or the link dies. With nothing in flight the next send picks a
-    /// link afresh, spreading users over every route.
-    user_links: BTreeMap<u64, (LinkId, usize)>,
     /// Writer tasks (connections and links) still running.
     live_writers: usize,
-    /// The store is unreachable: every connection was fenced, new ones are refused, and the
-    /// server is (being) taken out of the registry.
-    withdrawn: bool,
-    /// The registry session was lost and is not back: routes may already treat this server
-    /// as dead and allow takeovers without asking it, so no session may start here.
-    registry_lost: bool,
     drain_done: Option<oneshot::Sender<()>>,
     shell: ShellStats,
     /// The server's rate limit on repeated warnings.
@@ -221,10 +209,7 @@ impl<S: Stream> Driver<S> {
             next_conn: 1,
             conns: BTreeMap::new(),
             links: BTreeMap::new(),
-            user_links: BTreeMap::new(),
             live_writers: 0,
-            withdrawn: false,
-            registry_lost: false,
             drain_done: None,
             shell: ShellStats::default(),
             observer: observer.map(|o| (o, BTreeSet::new())),
@@ -332,7 +317,6 @@ impl<S: Stream> Driver<S> {
                     server = %self.node.config().server_id,
                     "registry session lost: fencing every connection"
                 );
-                self.registry_lost = true;
                 self.node.handle_registry_session_lost(now);
             }
             Input::RegistryBack => {
@@ -340,28 +324,26 @@ impl<S: Stream> Driver<S> {
                     server = %self.node.config().server_id,
                     "registered again: accepting clients"
                 );
-                self.registry_lost = false;
+                self.node.handle_registered(now);
             }
             Input::StoreLost { fenced } => {
                 self.shell.store_losses += 1;
-                self.withdrawn = true;
                 tracing::warn!(
                     server = %self.node.config().server_id,
                     "store unreachable: fencing every connection and leaving the registry"
                 );
-                self.node.handle_registry_session_lost(now);
+                self.node.handle_store_lost(now);
                 // The kicks are queued by `act` after this input; the answer only has to
                 // follow the node's decision, which is already made.
                 let _ = fenced.send(());
             }
             Input::StoreBack => {
-                if self.withdrawn {
-                    tracing::info!(
-                        server = %self.node.config().server_id,
-                        "store reachable again: accepting clients and rejoining the registry"
-                    );
-                }
-                self.withdrawn = false;
+                // Sent only after a StoreLost.
+                tracing::info!(
+                    server = %self.node.config().server_id,
+                    "store reachable again: accepting clients and rejoining the registry"
+                );
+                self.node.handle_store_back(now);
             }
             Input::Snapshot { reply } => {
                 let _ = reply.send(Snapshot {
@@ -370,7 +352,7 @@ impl<S: Stream> Driver<S> {
                     sessions: self.node.sessions(),
                     links: self.links.len(),
                     draining: self.node.is_draining(),
-                    withdrawn: self.withdrawn || self.registry_lost,
+                    withdrawn: self.node.is_withdrawn(),
                     shell: self.shell.clone(),
                 });
             }
@@ -402,7 +384,7 @@ impl<S: Stream> Driver<S> {
                     }
                 }
                 ServerOutput::Store(request) => self.spawn_store(request),
-                ServerOutput::ToRoute(send) => self.route_send(send),
+                ServerOutput::ToRoute { link, send } => self.route_send(link, send),
             }
         }
     }
@@ -427,13 +409,6 @@ impl<S: Stream> Driver<S> {
     }
 
     fn accepted(&mut self, stream: S, peer: SocketAddr) {
-        if self.withdrawn || self.registry_lost {
-            // Out of the registry (or about to be): a session bound now could outlive a
-            // takeover the routes allow because this server is absent, and the fence that
-            // protects sessions has already fired.
-            tracing::debug!(%peer, "refused client connection: store or registry session lost");
-            return;
-        }
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         if let Err(refused) = self.node.handle_connection_opened(self.clock.now(), conn) {
@@ -532,8 +507,12 @@ impl<S: Stream> Driver<S> {
         writer: FrameWriter<WriteHalf<S>>,
         token: CancellationToken,
     ) {
-        if self.node.is_draining() {
+        if let Err(refused) = self
+            .node
+            .handle_route_link_up(self.clock.now(), RouteLinkId(link))
+        {
             // A draining server takes no new links; the route learns from the close.
+            tracing::debug!(link, %route_id, %refused, "refused route link");
             token.cancel();
             return;
         }
@@ -547,14 +526,7 @@ impl<S: Stream> Driver<S> {
             token.clone(),
         );
         self.live_writers += 1;
-        self.links.insert(
-            link,
-            LinkEntry {
-                tx,
-                token,
-                in_flight: BTreeMap::new(),
-            },
-        );
+        self.links.insert(link, LinkEntry { tx, token });
         tracing::info!(link, %route_id, %peer, links = self.links.len(), "route link up");
     }
 
@@ -576,16 +548,7 @@ impl<S: Stream> Driver<S> {
                     },
                 );
             }
-            Some(Kind::RouteSendResult(result)) => {
-                let user = self
-                    .links
-                    .get_mut(&link)
-                    .and_then(|entry| entry.in_flight.remove(&result.request_id));
-                if let Some(user) = user {
-                    self.answered(user);
-                }
-                self.node.handle_route_result(now, result);
-            }
+            Some(Kind::RouteSendResult(result)) => self.node.handle_route_result(now, result),
             Some(Kind::Ping(ping)) => {
                 let pong = Frame {
                     kind: Some(Kind::Pong(Pong { nonce: ping.nonce })),
@@ -611,86 +574,67 @@ impl<S: Stream> Driver<S> {
         }
     }
 
-    /// The link for `user`'s next send: the one its unanswered sends are on, or else one
-    /// picked by user id among the links up (so users spread over routes).
-    fn link_for(&self, user: u64) -> Option<LinkId> {
-        if let Some((link, _)) = self.user_links.get(&user) {
-            return Some(*link);
-        }
-        let n = self.links.len() as u64;
-        if n == 0 {
-            return None;
-        }
-        // A multiplicative hash: consecutive user ids land on different links.
-        let index = user.wrapping_mul(0x9E37_79B9_7F4A_7C15) % n;
-        self.links.keys().nth(index as usize).copied()
-    }
-
-    /// One of `user`'s sends was answered (or failed).
-    fn answered(&mut self, user: u64) {
-        if let Some((_, in_flight)) = self.user_links.get_mut(&user) {
-            *in_flight = in_flight.saturating_sub(1);
-            if *in_flight == 0 {
-                self.user_links.remove(&user);
-            }
-        }
-    }
-
-    fn route_send(&mut self, send: cim_proto::RouteSend) {
+    /// Queues a send on the link the node picked for it.
+    fn route_send(&mut self, link: RouteLinkId, send: cim_proto::RouteSend) {
+        let now = self.clock.now();
+        let Some(entry) = self.links.get(&link.0) else {
+            // The node learns of every link going down; this cannot happen, but if it did
+            // the send would be routed afresh.
+            self.node.handle_route_link_gone(now, link, send);
+            return;
+        };
         let request_id = send.request_id;
-        let user = send.user_id;
-        let mut frame = Frame {
+        let frame = Frame {
             kind: Some(Kind::RouteSend(send)),
         };
-        loop {
-            let Some(link) = self.link_for(user) else {
-                self.shell.route_sends_unrouted += 1;
-                tracing::debug!(request_id, "no route link up; failing the send");
-                self.node.handle_route_failed(self.clock.now(), request_id);
-                return;
-            };
-            let Some(entry) = self.links.get_mut(&link) else {
-                return; // just chosen from `links`
-            };
-            match entry.tx.try_send(frame) {
-                Ok(()) => {
-                    entry.in_flight.insert(request_id, user);
-                    self.user_links.entry(user).or_insert((link, 0)).1 += 1;
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Failing this one send (retryable) is backpressure; switching links
-                    // here would let later sends overtake the ones queued on this link.
-                    self.shell.route_sends_unrouted += 1;
-                    tracing::warn!(link, request_id, "route link queue full; failing the send");
-                    self.node.handle_route_failed(self.clock.now(), request_id);
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(back)) => {
-                    // The writer died: the link is down; try the next one.
-                    frame = back;
-                    self.link_down(link, "link writer stopped");
+        match entry.tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Failing this one send (retryable) is backpressure (the node's decision:
+                // switching links here would let later sends overtake the ones queued).
+                tracing::warn!(
+                    link = link.0,
+                    request_id,
+                    "route link queue full; failing the send"
+                );
+                self.node.handle_route_failed(now, request_id);
+            }
+            Err(mpsc::error::TrySendError::Closed(back)) => {
+                // The writer died: the link is down, and this send, which never left, goes
+                // over another link (the node picks it).
+                let in_flight = self.node.route_link_in_flight(link).saturating_sub(1);
+                self.forget_link(link.0, "link writer stopped", in_flight);
+                match back.kind {
+                    Some(Kind::RouteSend(send)) => {
+                        self.node.handle_route_link_gone(now, link, send)
+                    }
+                    _ => self.node.handle_route_link_down(now, link),
                 }
             }
         }
     }
 
     fn link_down(&mut self, link: LinkId, reason: &str) {
+        let in_flight = self.node.route_link_in_flight(RouteLinkId(link));
+        if self.forget_link(link, reason, in_flight) {
+            // Every unanswered send on it fails; its users pick a live link next time.
+            self.node
+                .handle_route_link_down(self.clock.now(), RouteLinkId(link));
+        }
+    }
+
+    /// Closes the link's tasks and drops it; false if it was already gone.
+    fn forget_link(&mut self, link: LinkId, reason: &str, in_flight: usize) -> bool {
         let Some(entry) = self.links.remove(&link) else {
-            return;
+            return false;
         };
         entry.token.cancel();
         self.shell.links_lost += 1;
-        // Every unanswered send on it fails below; its users pick a live link next time.
-        self.user_links.retain(|_, (l, _)| *l != link);
         tracing::warn!(
-            link, %reason, in_flight = entry.in_flight.len(), links = self.links.len(),
+            link, %reason, in_flight, links = self.links.len(),
             "route link down"
         );
-        let now = self.clock.now();
-        for request_id in entry.in_flight.into_keys() {
-            self.node.handle_route_failed(now, request_id);
-        }
+        true
     }
 
     // ---- drain -------------------------------------------------------------------------
@@ -703,10 +647,9 @@ impl<S: Stream> Driver<S> {
         );
         self.node.begin_drain(self.clock.now());
         self.act();
-        // Dropping each link's queue lets its writer flush and close. Sends still in flight
-        // belong to connections the node has just forgotten.
+        // Dropping each link's queue lets its writer flush and close (the node has dropped
+        // them too). Sends still in flight belong to connections the node has just forgotten.
         self.links.clear();
-        self.user_links.clear();
         self.drain_done = Some(done);
     }
 

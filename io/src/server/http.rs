@@ -278,7 +278,7 @@ fn render_metrics(page: &mut Exposition, s: &Snapshot, registry_up: bool) {
         ),
         (
             "cim_server_refused_connections_total",
-            "Connections refused (connection limit or draining).",
+            "Connections refused (connection limit, draining, or out of the registry: store or registry session lost).",
             st.refused_connections,
         ),
         (
@@ -299,7 +299,7 @@ fn render_metrics(page: &mut Exposition, s: &Snapshot, registry_up: bool) {
         (
             "cim_server_route_sends_unrouted_total",
             "Sends failed at once: no route link up, or its queue full.",
-            s.shell.route_sends_unrouted,
+            st.route_sends_unrouted,
         ),
         (
             "cim_server_registry_sessions_lost_total",

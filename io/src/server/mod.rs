@@ -15,12 +15,13 @@
 //! one timer and waits again.
 //!
 //! Route links: routes dial `link_port` and authenticate with `cim_core::link`
-//! (challenge-response over the shared secret). Every authenticated link is kept. A user's
-//! `RouteSend`s stay on one link while any of them is unanswered, so one sender's messages
-//! reach the route in the order sent; with nothing in flight the next send picks a link by
-//! user id, so users (and the appending work) spread over every route. A link's death fails
-//! every send in flight on it (`handle_route_failed`: the client gets a retryable nack and
-//! resends with the same id).
+//! (challenge-response over the shared secret). Every authenticated link is kept and
+//! reported to the node, which picks the link of every `RouteSend` (`ServerOutput::ToRoute`
+//! names it): a user's sends stay on one link while any of them is unanswered, so one
+//! sender's messages reach the route in the order sent; with nothing in flight the next send
+//! picks a link by user id, so users (and the appending work) spread over every route. A
+//! link's death fails every send in flight on it (`handle_route_link_down`: the client gets a
+//! retryable nack and resends with the same id).
 //!
 //! Stopping: [`ServerHandle::drain`] leaves the registry first (routes stop sending users
 //! here), then kicks every client with DRAINING, flushes every writer and closes the links,
@@ -30,6 +31,9 @@
 //! Losing the store: a server that cannot reach the store for `store_loss_grace` fences
 //! every connection, refuses new ones and unlists itself from the registry until the store
 //! answers again (see `store_watch`), so routes send its users to servers that can serve them.
+//! Losing the registry session does the same until the server is registered again (see
+//! `registration`). The node decides both (`handle_store_lost`, `handle_registry_session_lost`
+//! and their returns); the tasks only detect the conditions.
 
 mod driver;
 mod gateway;

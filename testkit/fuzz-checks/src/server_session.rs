@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
-use cim_core::server::{ConnId, ServerConfig, ServerNode, ServerOutput};
+use cim_core::server::{ConnId, RouteLinkId, ServerConfig, ServerNode, ServerOutput};
 use cim_core::store::{
     ConvHead, LeaseRefresh, StoreCommand, StoreReply, StoreRequest, StoreUnavailable, StoredMessage,
 };
@@ -271,8 +271,11 @@ fn config() -> ServerConfig {
 impl Harness {
     fn new() -> Self {
         let t0 = crate::origin();
+        let mut node = ServerNode::new(config()).expect("valid config");
+        node.handle_route_link_up(t0, RouteLinkId(1))
+            .expect("a new server takes links");
         Self {
-            node: ServerNode::new(config()).expect("valid config"),
+            node,
             keys: TicketKeys::new(KEY_ID, SECRET),
             t0,
             now: t0,
@@ -439,6 +442,11 @@ impl Harness {
                     self.conns.is_empty(),
                     "connections left after the registry session was lost"
                 );
+                // Refusing clients until registered again; here at once registered again
+                // (a loss and its recovery seen together), so later steps can open more.
+                assert!(self.node.is_withdrawn());
+                self.node.handle_registered(self.now);
+                assert!(!self.node.is_withdrawn());
             }
             Op::Drain => {
                 self.node.begin_drain(self.now);
@@ -960,7 +968,8 @@ impl Harness {
                 self.judge_store(req);
                 self.store.push(req.clone());
             }
-            ServerOutput::ToRoute(send) => {
+            ServerOutput::ToRoute { link, send } => {
+                assert_eq!(*link, RouteLinkId(1), "the only link up");
                 let conn = self
                     .current
                     .expect("route sends only while handling a frame");
