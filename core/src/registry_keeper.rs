@@ -228,8 +228,11 @@ pub struct RegistryKeeper<E> {
 
 impl<E> RegistryKeeper<E> {
     /// A registration whose `session` holds the entry with `server` (the backend registered
-    /// it before handing over), listed, health `Connected`.
+    /// it before handing over), listed. Its first output reports the health it starts with,
+    /// `Connected`.
     pub fn new(config: KeeperConfig, server: LiveServer, session: Session) -> Self {
+        let mut outputs = VecDeque::new();
+        outputs.push_back(KeeperOutput::Health(KeeperHealth::Connected));
         Self {
             config,
             server,
@@ -244,7 +247,7 @@ impl<E> RegistryKeeper<E> {
             repair_at: None,
             repair_backoff: config.repair.first,
             sessions_lost: 0,
-            outputs: VecDeque::new(),
+            outputs,
         }
     }
 

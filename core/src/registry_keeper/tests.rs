@@ -85,10 +85,12 @@ impl Harness {
             connections: 5,
             client_tls: false,
         };
-        Self {
+        let mut h = Self {
             keeper: RegistryKeeper::new(KeeperConfig::default(), server, session(1)),
             t0: Instant::now(),
-        }
+        };
+        assert_eq!(h.drain(), [Connected], "the health it starts with");
+        h
     }
 
     fn at(&self, ms: u64) -> Instant {
@@ -121,6 +123,10 @@ impl Harness {
             In::Established(result) => k.handle_established(now, result.map(session)),
             In::Timeout => k.handle_timeout(now),
         }
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Out> {
         let mut outs = Vec::new();
         while let Some(o) = self.keeper.poll_output() {
             outs.push(self.summarize(o));
