@@ -25,8 +25,10 @@
 //! the registry host keeps sessions and entries (as a ZooKeeper ensemble does when one member
 //! restarts); sessions whose clients do not come back in time expire as usual.
 //!
-//! # Client side: the same health semantics as `ZkRegistry`
+//! # Client side: the same keeper as `ZkRegistry`
 //!
+//! A registration runs core's `RegistryKeeper`, the machine `ZkRegistry` runs; this file is
+//! only its transport (the connection, pings, resuming a session on a new connection).
 //! A registration declares its connection lost after `2T/5` without hearing from the host
 //! (`Disconnected { since }`), tries to resume the session, and declares it `Expired` by
 //! itself at `since + T/2` (about `0.9 T` after the host last heard from it: just before the

@@ -3,7 +3,9 @@
 //! Layout: a persistent root (created like `mkdir -p` if absent); under it one EPHEMERAL node
 //! per live server, named by its id, holding the `LiveServer` fields as JSON.
 //!
-//! Each [`Registration`] owns one session, served by a *keeper* task:
+//! Each [`Registration`] owns one session, served by a *keeper* task that drives core's
+//! `RegistryKeeper` (the same machine the simulated registry runs; every decision below is
+//! its, the task only feeds it the client's session states and runs its operations):
 //! - the session's state drives [`SessionHealth`]: `Disconnected{since}` when the connection
 //!   drops, back to `Connected` if it comes back within the session; `Expired` when ZooKeeper
 //!   says so, or — since a partitioned client cannot hear that — once it has been
@@ -15,10 +17,10 @@
 //!   registration's *previous* sessions (declared lost locally while the ensemble still had
 //!   it) is deleted and replaced; a node held by anyone else is waited out for a session
 //!   timeout, then reported as `AlreadyRegistered`;
-//! - the listing wish (`Registration::set_listed`) is a shared flag the keeper reads whenever
-//!   it reconciles the node with the registration: on `set_listed`, after every reconnect, at
-//!   the start of every new session, and on a retry timer after a failed reconciliation while
-//!   connected. Listed: the node must exist in the current session with the latest data
+//! - the listing wish (`Registration::set_listed`) is a shared flag the keeper reads when it
+//!   serves `set_listed`; the node is reconciled with the registration on `set_listed`, after
+//!   every reconnect, at the start of a new session when something changed while it was set
+//!   up, and on a retry timer (capped backoff) after a failed operation while connected. Listed: the node must exist in the current session with the latest data
 //!   (created through `create_node`, so stale nodes are handled as above). Unlisted: no node
 //!   of this registration's sessions may exist (one found is deleted; a node held by someone
 //!   else is left alone); the session itself is kept and health is unaffected;
