@@ -20,10 +20,11 @@
 //! - the listing wish (`Registration::set_listed`) is a shared flag the keeper reads when it
 //!   serves `set_listed`; the node is reconciled with the registration on `set_listed`, after
 //!   every reconnect, at the start of a new session when something changed while it was set
-//!   up, and on a retry timer (capped backoff) after a failed operation while connected. Listed: the node must exist in the current session with the latest data
-//!   (created through `create_node`, so stale nodes are handled as above). Unlisted: no node
-//!   of this registration's sessions may exist (one found is deleted; a node held by someone
-//!   else is left alone); the session itself is kept and health is unaffected;
+//!   up, and on a retry timer (capped backoff) after a failed operation while connected.
+//!   Listed: the node must exist in the current session with the latest data (created
+//!   through `create_node`, so stale nodes are handled as above). Unlisted: no node of this
+//!   registration's sessions may exist (one found is deleted; a node held by someone else is
+//!   left alone); the session itself is kept and health is unaffected;
 //! - dropping the `Registration` closes the command channel; the keeper drops the client,
 //!   which closes the session, which deletes the node.
 //!
