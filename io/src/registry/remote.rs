@@ -777,9 +777,10 @@ fn keeper_config() -> KeeperConfig {
 pub(super) type RemoteHandle = KeeperHandle;
 
 /// Serves one registration across connections and sessions: the transport for a
-/// [`RegistryKeeper`] (in [`Shell`]), which decides everything else. The transport's part is
-/// what ZooKeeper's client library does by itself: noticing a silent connection (`2T/5`),
-/// pinging, and resuming the session on new connections while the machine waits for it.
+/// [`cim_core::registry_keeper::RegistryKeeper`] (in [`Shell`]), which decides everything
+/// else. The transport's part is what ZooKeeper's client library does by itself: noticing a
+/// silent connection (`2T/5`), pinging, and resuming the session on new connections while
+/// the machine waits for it.
 struct Keeper<N: Network> {
     reg: RemoteRegistry<N>,
     shell: Shell,
