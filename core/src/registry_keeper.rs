@@ -442,13 +442,17 @@ impl<E> RegistryKeeper<E> {
             Ok(()) => {
                 self.dirty = false;
                 if matches!(busy, Busy::Reconcile(_)) {
-                    // The registry matches: nothing left to repair.
+                    // The registry matches: nothing left to repair. (The simulated keeper
+                    // left a pending repair armed here, for one more redundant write.)
                     self.repair_at = None;
                     self.repair_backoff = self.config.repair.first;
                 }
                 (Ok(()), None)
             }
             Err(OpError::Failed(e)) => {
+                // A capped doubling, as ZooKeeper's keeper did; the simulated one retried
+                // every 200 ms for as long as the failure lasted (a node held by another
+                // session: up to a session timeout of needless writes).
                 self.repair_at = Some(now + self.repair_backoff);
                 self.repair_backoff = self.config.repair.next(self.repair_backoff);
                 (Err(AnswerError::Backend(e)), None)
@@ -542,6 +546,11 @@ impl<E> RegistryKeeper<E> {
     }
 
     /// Reports `Connected` once per connection, after the first reconcile (if any).
+    ///
+    /// After a reconnect both keepers reported it after reconciling; for a new session
+    /// ZooKeeper's reported it before, the simulated one after. After: `Connected` says the
+    /// registry holds what the registration says (as far as it could be made to), and a
+    /// server that fenced on the loss takes clients again only then.
     fn announce(&mut self) {
         if let Phase::Connected { announced, .. } = &mut self.phase
             && !*announced
