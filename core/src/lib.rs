@@ -30,6 +30,7 @@ pub mod link;
 pub mod login_throttle;
 pub mod memstore;
 pub mod registry;
+pub mod registry_keeper;
 pub mod route_login;
 pub mod server;
 pub mod store;

@@ -52,6 +52,7 @@
 //! lets the shell pick one at run time. Both pass the same conformance suite
 //! (`io/tests/registry_conformance.rs`).
 
+mod keeper;
 mod memory;
 pub mod remote;
 mod zookeeper;

@@ -25,8 +25,10 @@
 //! the registry host keeps sessions and entries (as a ZooKeeper ensemble does when one member
 //! restarts); sessions whose clients do not come back in time expire as usual.
 //!
-//! # Client side: the same health semantics as `ZkRegistry`
+//! # Client side: the same keeper as `ZkRegistry`
 //!
+//! A registration runs core's `RegistryKeeper`, the machine `ZkRegistry` runs; this file is
+//! only its transport (the connection, pings, resuming a session on a new connection).
 //! A registration declares its connection lost after `2T/5` without hearing from the host
 //! (`Disconnected { since }`), tries to resume the session, and declares it `Expired` by
 //! itself at `since + T/2` (about `0.9 T` after the host last heard from it: just before the
@@ -37,16 +39,19 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
 use cim_core::registry::LiveServer;
+use cim_core::registry_keeper::{
+    Backoff, KeeperConfig, OpError as KeeperOpError, Session, SessionId,
+};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::keeper::{Cmd, Effect, KeeperHandle, Shell, now};
 use super::{
     Registration, RegistrationBackend, Registry, RegistryError, RegistryView, ServerMap,
     SessionHealth, decode_node, encode_node, validate_server_id,
@@ -714,29 +719,25 @@ impl<N: Network> Registry for RemoteRegistry<N> {
     async fn register(&self, server: LiveServer) -> Result<Registration, RegistryError> {
         validate_server_id(&server.id)?;
         let conn = establish(self, &server, Vec::new(), true).await?;
-        let (health_tx, health_rx) = watch::channel(SessionHealth::Connected);
-        let (cmd_tx, cmd_rx) = mpsc::channel(16);
-        let sessions_lost = Arc::new(AtomicU64::new(0));
-        let listed = Arc::new(AtomicBool::new(true));
         let id = server.id.clone();
         tracing::info!(server = %id, session = conn.session, "registered with the registry host");
+        let session = Session {
+            id: conn.session,
+            timeout: conn.timeout,
+        };
+        let (shell, parts) = Shell::new(keeper_config(), server, session);
         let keeper = Keeper {
             reg: self.clone(),
-            server,
-            dirty: false,
-            health: health_tx,
-            sessions_lost: sessions_lost.clone(),
-            listed: listed.clone(),
-            cmds: cmd_rx,
-            previous: Vec::new(),
+            shell,
+            pending: None,
         };
         tokio::spawn(keeper.run(conn));
         Ok(Registration {
             id,
-            health: health_rx,
-            sessions_lost,
-            listed,
-            backend: RegistrationBackend::Remote(RemoteHandle { cmds: cmd_tx }),
+            health: parts.health,
+            sessions_lost: parts.sessions_lost,
+            listed: parts.listed,
+            backend: RegistrationBackend::Remote(parts.handle),
         })
     }
 
@@ -759,111 +760,46 @@ impl<N: Network> Registry for RemoteRegistry<N> {
 
 // ---------------------------------------------------------------- registration
 
-enum Cmd {
-    Update(u32, oneshot::Sender<Result<(), RegistryError>>),
-    /// Apply the registration's current listing wish (read from the shared flag).
-    SetListed(oneshot::Sender<Result<(), RegistryError>>),
-    Deregister(oneshot::Sender<Result<(), RegistryError>>),
+/// The simulated registry's pauses: new sessions are cheap on the host, so retried sooner
+/// than ZooKeeper's (capped at 1 s); the repair backoff is the machine's default.
+fn keeper_config() -> KeeperConfig {
+    let default = KeeperConfig::default();
+    KeeperConfig {
+        establish: Backoff {
+            first: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        },
+        ..default
+    }
 }
 
 /// The remote side of a [`Registration`]: the keeper's command channel.
-pub(super) struct RemoteHandle {
-    cmds: mpsc::Sender<Cmd>,
-}
+pub(super) type RemoteHandle = KeeperHandle;
 
-impl std::fmt::Debug for RemoteHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteHandle").finish_non_exhaustive()
-    }
-}
-
-impl RemoteHandle {
-    async fn ask(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<(), RegistryError>>) -> Cmd,
-    ) -> Result<(), RegistryError> {
-        let (tx, rx) = oneshot::channel();
-        self.cmds
-            .send(make(tx))
-            .await
-            .map_err(|_| RegistryError::Closed)?;
-        rx.await.map_err(|_| RegistryError::Closed)?
-    }
-
-    pub(super) async fn update(&self, connections: u32) -> Result<(), RegistryError> {
-        self.ask(|tx| Cmd::Update(connections, tx)).await
-    }
-
-    pub(super) async fn set_listed(&self) -> Result<(), RegistryError> {
-        self.ask(Cmd::SetListed).await
-    }
-
-    pub(super) async fn deregister(self) -> Result<(), RegistryError> {
-        self.ask(Cmd::Deregister).await
-    }
-}
-
-/// Serves one registration across connections and sessions.
+/// Serves one registration across connections and sessions: the transport for a
+/// [`cim_core::registry_keeper::RegistryKeeper`] (in [`Shell`]), which decides everything
+/// else. The transport's part is what ZooKeeper's client library does by itself: noticing a
+/// silent connection (`2T/5`), pinging, and resuming the session on new connections while
+/// the machine waits for it.
 struct Keeper<N: Network> {
     reg: RemoteRegistry<N>,
-    /// The latest data, republished on reconnect and recreation.
-    server: LiveServer,
-    /// The host may not reflect `server` or the listing wish: reconcile once connected.
-    dirty: bool,
-    health: watch::Sender<SessionHealth>,
-    sessions_lost: Arc<AtomicU64>,
-    listed: Arc<AtomicBool>,
-    cmds: mpsc::Receiver<Cmd>,
-    /// Sessions this registration gave up on; the next `Open` closes them on the host.
-    previous: Vec<u64>,
+    shell: Shell,
+    /// An effect taken from the machine while waiting, for the run loop to carry out.
+    pending: Option<Effect>,
 }
 
-enum SessionEnd {
-    /// The connection is gone; the session may live on.
-    Disconnected,
-    /// The host said the session is gone.
-    Lost,
-    Stop,
-}
-
-enum Resumed<S> {
-    Back(Box<SessionConn<S>>),
-    Lost,
-    Stop,
-}
-
-/// Serves a command while there is no usable connection. `false`: stop serving.
-fn while_down(
-    server: &mut LiveServer,
-    dirty: &mut bool,
-    session_alive: bool,
-    cmd: Option<Cmd>,
-) -> bool {
-    match cmd {
-        None => false,
-        Some(Cmd::Deregister(reply)) => {
-            // Without a connection nothing can be deleted now; a live session's entry goes
-            // when the host expires it.
-            let result = if session_alive {
-                Err(RegistryError::NotConnected)
-            } else {
-                Ok(())
-            };
-            reply.send(result).ok();
-            false
+fn op_result(result: Result<(), Fail>, id: &ServerId) -> Result<(), KeeperOpError<RegistryError>> {
+    result.map_err(|fail| match fail {
+        Fail::Conn(e) => {
+            tracing::debug!(server = %id, error = %e, "registry connection failed");
+            KeeperOpError::Disconnected(e)
         }
-        Some(Cmd::Update(connections, reply)) => {
-            server.connections = connections;
-            *dirty = true;
-            reply.send(Err(RegistryError::NotConnected)).ok();
-            true
+        Fail::Expired => KeeperOpError::Expired,
+        Fail::Exists => {
+            tracing::warn!(server = %id, "registry entry held by another session; retrying");
+            KeeperOpError::Failed(RegistryError::AlreadyRegistered(id.clone()))
         }
-        Some(Cmd::SetListed(reply)) => {
-            *dirty = true;
-            reply.send(Err(RegistryError::NotConnected)).ok();
-            true
-        }
-    }
+    })
 }
 
 impl Fail {
@@ -877,154 +813,117 @@ impl Fail {
 }
 
 impl<N: Network> Keeper<N> {
-    fn is_listed(&self) -> bool {
-        self.listed.load(Ordering::SeqCst)
-    }
-
+    /// `conn` is the current connection, or the last one: it is kept until a new one
+    /// replaces it (or serving ends).
     async fn run(mut self, mut conn: SessionConn<N::Stream>) {
         loop {
-            let session = conn.session;
-            let timeout = conn.timeout;
-            match self.serve(&mut conn).await {
-                SessionEnd::Stop => return,
-                SessionEnd::Lost => {}
-                SessionEnd::Disconnected => {
-                    let since = Instant::now();
-                    tracing::warn!(server = %self.server.id, "registry connection lost");
-                    self.health
-                        .send_replace(SessionHealth::Disconnected { since });
-                    match self.resume(session, since + timeout / 2).await {
-                        Resumed::Back(c) => {
-                            conn = *c;
-                            // Same session: check everything (a change may have been cut off).
-                            self.dirty = true;
-                            continue;
-                        }
-                        Resumed::Lost => {}
-                        Resumed::Stop => return,
-                    }
-                }
-            }
-            self.sessions_lost.fetch_add(1, Ordering::SeqCst);
-            self.health.send_replace(SessionHealth::Expired);
-            self.previous.push(session);
-            tracing::warn!(server = %self.server.id, session, "registry session lost; opening a new one");
-            match self.reestablish().await {
-                Some(c) => conn = c,
-                None => return,
-            }
-            tracing::info!(server = %self.server.id, session = conn.session,
-                listed = self.is_listed(), "registry session re-established");
-        }
-    }
-
-    /// Makes the host match the registration in this session.
-    async fn reconcile(&mut self, conn: &mut SessionConn<N::Stream>) -> Result<(), Fail> {
-        if self.is_listed() {
-            conn.put(&self.server).await?;
-        } else {
-            conn.delete(&self.server.id).await?;
-        }
-        self.dirty = false;
-        Ok(())
-    }
-
-    /// Serves commands, pings and host messages while the connection lives.
-    async fn serve(&mut self, conn: &mut SessionConn<N::Stream>) -> SessionEnd {
-        let mut repair_at: Option<Instant> = None;
-        if self.dirty {
-            match self.reconcile(conn).await {
-                Ok(()) => {}
-                Err(Fail::Conn(_)) => return SessionEnd::Disconnected,
-                Err(Fail::Expired) => return SessionEnd::Lost,
-                Err(Fail::Exists) => repair_at = Some(Instant::now() + Duration::from_millis(200)),
-            }
-        }
-        self.health.send_replace(SessionHealth::Connected);
-        loop {
-            let idle = conn.idle_deadline();
-            let ping = conn.ping_deadline();
-            let repair = async move {
-                match repair_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let outcome: Result<(), Fail> = tokio::select! {
-                biased;
-                cmd = self.cmds.recv() => match cmd {
-                    None => {
-                        conn_close(conn).await;
-                        return SessionEnd::Stop;
-                    }
-                    Some(Cmd::Update(connections, reply)) => {
-                        self.server.connections = connections;
-                        self.dirty = true;
-                        if self.is_listed() {
-                            let result = self.reconcile(conn).await;
-                            let answer = match &result {
-                                Ok(()) => Ok(()),
-                                Err(Fail::Exists) => Err(RegistryError::AlreadyRegistered(self.server.id.clone())),
-                                Err(Fail::Expired) => Err(RegistryError::NotConnected),
-                                Err(Fail::Conn(e)) => Err(remote_err("update", e)),
-                            };
-                            reply.send(answer).ok();
-                            result
+            let mut establish = None;
+            while let Some(effect) = self.pending.take().or_else(|| self.shell.next_effect()) {
+                let id = self.shell.machine.server().id.clone();
+                let result = match effect {
+                    Effect::Reconcile { server, listed, .. } => {
+                        // A put creates the entry or overwrites it, so stale or not is the same.
+                        if listed {
+                            conn.put(&server).await
                         } else {
-                            // No entry to write; it is created with this count when listed.
-                            reply.send(Ok(())).ok();
-                            Ok(())
+                            conn.delete(&server.id).await
                         }
                     }
-                    Some(Cmd::SetListed(reply)) => {
-                        self.dirty = true;
-                        let result = self.reconcile(conn).await;
-                        let answer = match &result {
-                            Ok(()) => Ok(()),
-                            Err(Fail::Exists) => Err(RegistryError::AlreadyRegistered(self.server.id.clone())),
-                            Err(Fail::Expired) => Err(RegistryError::NotConnected),
-                            Err(Fail::Conn(e)) => Err(remote_err("set listed", e)),
-                        };
-                        reply.send(answer).ok();
+                    Effect::Publish { server } => conn.put(&server).await,
+                    Effect::Leave => {
+                        let result = conn.delete(&id).await;
+                        conn_close(&mut conn).await;
                         result
                     }
-                    Some(Cmd::Deregister(reply)) => {
-                        let result = conn.delete(&self.server.id).await;
-                        conn_close(conn).await;
-                        reply.send(result.map_err(|f| f.into_error(&self.server.id))).ok();
-                        return SessionEnd::Stop;
+                    Effect::Establish {
+                        server,
+                        listed,
+                        previous,
+                    } => {
+                        establish = Some((server, listed, previous));
+                        continue;
                     }
-                },
-                message = conn.reader.recv::<FromRegistry>() => match message {
-                    Ok(message) => conn.heard(&message),
-                    Err(e) => Err(Fail::Conn(remote_err("read", e))),
-                },
-                () = tokio::time::sleep_until(idle) => {
-                    Err(Fail::Conn(RegistryError::Timeout { op: "hear from the registry host", after: conn.timeout * 2 / 5 }))
-                }
-                () = tokio::time::sleep_until(ping) => conn.send(&ToRegistry::Ping).await,
-                () = repair => {
-                    repair_at = None;
-                    self.reconcile(conn).await
-                }
-            };
-            match outcome {
-                Ok(()) => {}
-                Err(Fail::Conn(error)) => {
-                    tracing::debug!(server = %self.server.id, %error, "registry connection failed");
-                    return SessionEnd::Disconnected;
-                }
-                Err(Fail::Expired) => return SessionEnd::Lost,
-                Err(Fail::Exists) => {
-                    tracing::warn!(server = %self.server.id, "registry entry held by another session; retrying");
-                    repair_at = Some(Instant::now() + Duration::from_millis(200));
-                }
+                    // The connection goes when a new one replaces it.
+                    Effect::SessionLost { .. } => continue,
+                    Effect::Stop { close_session } => {
+                        if close_session {
+                            conn_close(&mut conn).await;
+                        }
+                        return;
+                    }
+                };
+                let result = op_result(result, &id);
+                self.shell.machine.handle_op_done(now(), result);
+            }
+            if self.shell.machine.is_connected() {
+                self.serve(&mut conn).await;
+            } else if let Some(session) = self.shell.machine.session() {
+                self.resume(&mut conn, session.id).await;
+            } else if let Some(attempt) = establish {
+                self.reestablish(&mut conn, attempt).await;
+            } else {
+                debug_assert!(false, "a registry keeper with nothing to do");
+                return;
             }
         }
     }
 
-    /// Tries to resume `session` on new connections until `lost_at`.
-    async fn resume(&mut self, session: u64, lost_at: Instant) -> Resumed<N::Stream> {
+    /// Feeds a command; `true` if the machine now wants something of the transport (the run
+    /// loop carries it out).
+    fn command(&mut self, cmd: Option<Cmd>) -> bool {
+        self.shell.feed(cmd);
+        self.pending = self.shell.next_effect();
+        self.pending.is_some()
+    }
+
+    /// Waits for one event on the connected session and feeds it to the machine.
+    async fn serve(&mut self, conn: &mut SessionConn<N::Stream>) {
+        let idle = conn.idle_deadline();
+        let ping = conn.ping_deadline();
+        let repair_at = self.shell.machine.poll_timeout().map(|(at, _)| at);
+        let repair = async move {
+            match repair_at {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let failed: Option<Fail> = tokio::select! {
+            biased;
+            cmd = self.shell.cmds.recv() => {
+                self.shell.feed(cmd);
+                None
+            }
+            message = conn.reader.recv::<FromRegistry>() => match message {
+                Ok(message) => conn.heard(&message).err(),
+                Err(e) => Some(Fail::Conn(remote_err("read", e))),
+            },
+            () = tokio::time::sleep_until(idle) => {
+                Some(Fail::Conn(RegistryError::Timeout { op: "hear from the registry host", after: conn.timeout * 2 / 5 }))
+            }
+            () = tokio::time::sleep_until(ping) => conn.send(&ToRegistry::Ping).await.err(),
+            () = repair => {
+                self.shell.machine.handle_timeout(now());
+                None
+            }
+        };
+        match failed {
+            None => {}
+            Some(Fail::Expired) => self.shell.machine.handle_session_expired(now()),
+            Some(fail) => {
+                let error = fail.into_error(&self.shell.machine.server().id);
+                tracing::debug!(server = %self.shell.machine.server().id, %error, "registry connection failed");
+                self.shell.machine.handle_disconnected(now());
+            }
+        }
+    }
+
+    /// Tries to resume `session` on new connections until it is back, gone, or the machine
+    /// calls it lost.
+    async fn resume(&mut self, conn: &mut SessionConn<N::Stream>, session: SessionId) {
+        let Some((lost_at, _)) = self.shell.machine.poll_timeout() else {
+            debug_assert!(false, "a disconnected session without a deadline");
+            return;
+        };
         let mut backoff = Duration::from_millis(50);
         loop {
             let reg = self.reg.clone();
@@ -1033,20 +932,30 @@ impl<N: Network> Keeper<N> {
             let outcome = loop {
                 tokio::select! {
                     biased;
-                    cmd = self.cmds.recv() => {
-                        if !while_down(&mut self.server, &mut self.dirty, true, cmd) {
-                            return Resumed::Stop;
+                    cmd = self.shell.cmds.recv() => {
+                        if self.command(cmd) {
+                            return;
                         }
                     }
-                    () = tokio::time::sleep_until(lost_at) => return Resumed::Lost,
+                    () = sleep_until(lost_at) => {
+                        self.shell.machine.handle_timeout(now());
+                        return;
+                    }
                     result = &mut attempt => break result,
                 }
             };
             match outcome {
-                Ok(Opening::Open(conn)) => return Resumed::Back(conn),
-                Ok(Opening::Expired) => return Resumed::Lost,
+                Ok(Opening::Open(c)) => {
+                    *conn = *c;
+                    self.shell.machine.handle_reconnected(now());
+                    return;
+                }
+                Ok(Opening::Expired) => {
+                    self.shell.machine.handle_session_expired(now());
+                    return;
+                }
                 Err(error) => {
-                    tracing::debug!(server = %self.server.id, %error, "cannot resume the registry session yet");
+                    tracing::debug!(server = %self.shell.machine.server().id, %error, "cannot resume the registry session yet");
                 }
             }
             let pause = tokio::time::sleep(backoff);
@@ -1054,12 +963,15 @@ impl<N: Network> Keeper<N> {
             loop {
                 tokio::select! {
                     biased;
-                    cmd = self.cmds.recv() => {
-                        if !while_down(&mut self.server, &mut self.dirty, true, cmd) {
-                            return Resumed::Stop;
+                    cmd = self.shell.cmds.recv() => {
+                        if self.command(cmd) {
+                            return;
                         }
                     }
-                    () = tokio::time::sleep_until(lost_at) => return Resumed::Lost,
+                    () = sleep_until(lost_at) => {
+                        self.shell.machine.handle_timeout(now());
+                        return;
+                    }
                     () = &mut pause => break,
                 }
             }
@@ -1067,56 +979,83 @@ impl<N: Network> Keeper<N> {
         }
     }
 
-    /// Opens new sessions until one is set up as the listing wish says. `None` if the
-    /// registration was dropped or deregistered meanwhile.
-    async fn reestablish(&mut self) -> Option<SessionConn<N::Stream>> {
-        let mut backoff = Duration::from_millis(100);
+    /// Runs the machine's attempts at a new session until one is up or serving ends.
+    async fn reestablish(
+        &mut self,
+        conn: &mut SessionConn<N::Stream>,
+        (mut server, mut listed, mut previous): (LiveServer, bool, Vec<SessionId>),
+    ) {
         loop {
-            let server = self.server.clone();
-            let listed = self.is_listed();
-            let reg = self.reg.clone();
-            let previous = self.previous.clone();
-            let attempt = establish(&reg, &server, previous, listed);
-            tokio::pin!(attempt);
-            let outcome = loop {
-                tokio::select! {
-                    biased;
-                    cmd = self.cmds.recv() => {
-                        if !while_down(&mut self.server, &mut self.dirty, false, cmd) {
-                            return None;
+            let outcome = {
+                let reg = self.reg.clone();
+                let attempt = establish(&reg, &server, previous, listed);
+                tokio::pin!(attempt);
+                loop {
+                    tokio::select! {
+                        biased;
+                        cmd = self.shell.cmds.recv() => {
+                            if self.command(cmd) {
+                                return;
+                            }
                         }
+                        result = &mut attempt => break result,
                     }
-                    result = &mut attempt => break result,
                 }
             };
-            match outcome {
-                Ok(conn) => {
-                    // The closed sessions are gone for good now.
-                    self.previous.clear();
-                    self.dirty = self.dirty || server != self.server || listed != self.is_listed();
-                    return Some(conn);
+            let Some((retry_at, _)) = (match outcome {
+                Ok(c) => {
+                    let session = Session {
+                        id: c.session,
+                        timeout: c.timeout,
+                    };
+                    *conn = c;
+                    self.shell.machine.handle_established(now(), Ok(session));
+                    tracing::info!(server = %server.id, session = session.id,
+                        listed = self.shell.machine.is_listed(), "registry session re-established");
+                    return;
                 }
                 Err(error) => {
-                    tracing::warn!(server = %self.server.id, %error, retry_in = ?backoff,
+                    self.shell.machine.handle_established(now(), Err(error));
+                    let retry = self.shell.machine.poll_timeout();
+                    tracing::warn!(server = %server.id, retry_at = ?retry.map(|(at, _)| at),
                         "could not set up a new registry session");
+                    retry
                 }
-            }
-            let pause = tokio::time::sleep(backoff);
+            }) else {
+                debug_assert!(false, "a failed attempt without a retry");
+                return;
+            };
+            let pause = sleep_until(retry_at);
             tokio::pin!(pause);
             loop {
                 tokio::select! {
                     biased;
-                    cmd = self.cmds.recv() => {
-                        if !while_down(&mut self.server, &mut self.dirty, false, cmd) {
-                            return None;
+                    cmd = self.shell.cmds.recv() => {
+                        if self.command(cmd) {
+                            return;
                         }
                     }
                     () = &mut pause => break,
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            self.shell.machine.handle_timeout(now());
+            match self.shell.next_effect() {
+                Some(Effect::Establish {
+                    server: s,
+                    listed: l,
+                    previous: p,
+                }) => (server, listed, previous) = (s, l, p),
+                other => {
+                    self.pending = other;
+                    return;
+                }
+            }
         }
     }
+}
+
+fn sleep_until(at: std::time::Instant) -> tokio::time::Sleep {
+    tokio::time::sleep_until(Instant::from_std(at))
 }
 
 async fn conn_close<S: net::Stream>(conn: &mut SessionConn<S>) {

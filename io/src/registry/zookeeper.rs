@@ -3,7 +3,9 @@
 //! Layout: a persistent root (created like `mkdir -p` if absent); under it one EPHEMERAL node
 //! per live server, named by its id, holding the `LiveServer` fields as JSON.
 //!
-//! Each [`Registration`] owns one session, served by a *keeper* task:
+//! Each [`Registration`] owns one session, served by a *keeper* task that drives core's
+//! `RegistryKeeper` (the same machine the simulated registry runs; every decision below is
+//! its, the task only feeds it the client's session states and runs its operations):
 //! - the session's state drives [`SessionHealth`]: `Disconnected{since}` when the connection
 //!   drops, back to `Connected` if it comes back within the session; `Expired` when ZooKeeper
 //!   says so, or — since a partitioned client cannot hear that — once it has been
@@ -15,13 +17,14 @@
 //!   registration's *previous* sessions (declared lost locally while the ensemble still had
 //!   it) is deleted and replaced; a node held by anyone else is waited out for a session
 //!   timeout, then reported as `AlreadyRegistered`;
-//! - the listing wish (`Registration::set_listed`) is a shared flag the keeper reads whenever
-//!   it reconciles the node with the registration: on `set_listed`, after every reconnect, at
-//!   the start of every new session, and on a retry timer after a failed reconciliation while
-//!   connected. Listed: the node must exist in the current session with the latest data
-//!   (created through `create_node`, so stale nodes are handled as above). Unlisted: no node
-//!   of this registration's sessions may exist (one found is deleted; a node held by someone
-//!   else is left alone); the session itself is kept and health is unaffected;
+//! - the listing wish (`Registration::set_listed`) is a shared flag the keeper reads when it
+//!   serves `set_listed`; the node is reconciled with the registration on `set_listed`, after
+//!   every reconnect, at the start of a new session when something changed while it was set
+//!   up, and on a retry timer (capped backoff) after a failed operation while connected.
+//!   Listed: the node must exist in the current session with the latest data (created
+//!   through `create_node`, so stale nodes are handled as above). Unlisted: no node of this
+//!   registration's sessions may exist (one found is deleted; a node held by someone else is
+//!   left alone); the session itself is kept and health is unaffected;
 //! - dropping the `Registration` closes the command channel; the keeper drops the client,
 //!   which closes the session, which deletes the node.
 //!
@@ -36,18 +39,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
 use cim_core::registry::LiveServer;
-use tokio::sync::{mpsc, oneshot, watch};
+use cim_core::registry_keeper::{KeeperConfig, OpError as KeeperOpError, Session, SessionId};
+use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use zookeeper_client as zk;
 
 use crate::tls::{ClientTls, ClientTlsSettings};
 
+use super::keeper::{Cmd, Effect, KeeperHandle, Shell, now};
 use super::{
     DEFAULT_ROOT, Registration, RegistrationBackend, Registry, RegistryError, RegistryView,
     ServerMap, SessionHealth, decode_node, encode_node, validate_server_id,
@@ -330,30 +334,21 @@ impl Registry for ZkRegistry {
         validate_server_id(&server.id)?;
         let cfg = self.config.clone();
         let client = establish(&cfg, &server, &[], true).await?;
-        let (health_tx, health_rx) = watch::channel(SessionHealth::Connected);
-        let (cmd_tx, cmd_rx) = mpsc::channel(16);
-        let sessions_lost = Arc::new(AtomicU64::new(0));
-        let listed = Arc::new(AtomicBool::new(true));
         let id = server.id.clone();
         tracing::info!(server = %id, session = %client.session_id(), "registered in zookeeper");
+        let (shell, parts) = Shell::new(KeeperConfig::default(), server, session_of(&client));
         let keeper = Keeper {
-            path: cfg.node_path(server.id.as_str()),
             cfg,
-            server,
-            dirty: false,
-            health: health_tx,
-            sessions_lost: sessions_lost.clone(),
-            listed: listed.clone(),
-            cmds: cmd_rx,
-            previous_sessions: Vec::new(),
+            shell,
+            pending: None,
         };
         tokio::spawn(keeper.run(client));
         Ok(Registration {
             id,
-            health: health_rx,
-            sessions_lost,
-            listed,
-            backend: RegistrationBackend::Zk(ZkHandle { cmds: cmd_tx }),
+            health: parts.health,
+            sessions_lost: parts.sessions_lost,
+            listed: parts.listed,
+            backend: RegistrationBackend::Zk(parts.handle),
         })
     }
 
@@ -569,177 +564,105 @@ async fn create_node(
     }
 }
 
-enum Cmd {
-    Update(u32, oneshot::Sender<Result<(), RegistryError>>),
-    /// Apply the registration's current listing wish (the keeper reads the shared flag, so
-    /// racing calls converge on the last wish stored).
-    SetListed(oneshot::Sender<Result<(), RegistryError>>),
-    Deregister(oneshot::Sender<Result<(), RegistryError>>),
-}
-
 /// The ZooKeeper side of a [`Registration`]: the keeper's command channel.
-pub(super) struct ZkHandle {
-    cmds: mpsc::Sender<Cmd>,
-}
+pub(super) type ZkHandle = KeeperHandle;
 
-impl std::fmt::Debug for ZkHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ZkHandle").finish_non_exhaustive()
-    }
-}
-
-impl ZkHandle {
-    pub(super) async fn update(&self, connections: u32) -> Result<(), RegistryError> {
-        let (tx, rx) = oneshot::channel();
-        self.cmds
-            .send(Cmd::Update(connections, tx))
-            .await
-            .map_err(|_| RegistryError::Closed)?;
-        rx.await.map_err(|_| RegistryError::Closed)?
-    }
-
-    pub(super) async fn set_listed(&self) -> Result<(), RegistryError> {
-        let (tx, rx) = oneshot::channel();
-        self.cmds
-            .send(Cmd::SetListed(tx))
-            .await
-            .map_err(|_| RegistryError::Closed)?;
-        rx.await.map_err(|_| RegistryError::Closed)?
-    }
-
-    pub(super) async fn deregister(self) -> Result<(), RegistryError> {
-        let (tx, rx) = oneshot::channel();
-        self.cmds
-            .send(Cmd::Deregister(tx))
-            .await
-            .map_err(|_| RegistryError::Closed)?;
-        rx.await.map_err(|_| RegistryError::Closed)?
-    }
-}
-
-/// Serves one registration across sessions.
+/// Serves one registration across sessions: ZooKeeper's transport for a
+/// [`cim_core::registry_keeper::RegistryKeeper`] (in [`Shell`]), which decides everything
+/// else. The client library resumes a session on new connections by itself and reports its
+/// state; this feeds those reports to the machine and runs the operations it asks for.
 struct Keeper {
     cfg: Arc<ZkConfig>,
-    path: String,
-    /// The latest data, republished on reconnect and on recreation.
-    server: LiveServer,
-    /// The registry may not reflect `server` or the listing wish: reconcile once connected.
-    dirty: bool,
-    health: watch::Sender<SessionHealth>,
-    sessions_lost: Arc<AtomicU64>,
-    /// The registration's listing wish, stored by `Registration::set_listed` before it sends
-    /// `Cmd::SetListed`; read here whenever the node is reconciled.
-    listed: Arc<AtomicBool>,
-    cmds: mpsc::Receiver<Cmd>,
-    /// Sessions this registration gave up on; a node one of them still holds is ours.
-    previous_sessions: Vec<i64>,
+    shell: Shell,
+    /// An effect taken from the machine while waiting, for the run loop to carry out.
+    pending: Option<Effect>,
 }
 
-enum SessionEnd {
-    Lost,
-    Stop,
-}
-
-/// When to reconcile again after a failure while the session stayed connected (after a
-/// disconnection the reconnect reconciles by itself).
-struct Repair {
-    at: Option<Instant>,
-    backoff: Duration,
-}
-
-impl Repair {
-    const FIRST: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(2);
-
-    fn new() -> Self {
-        Self {
-            at: None,
-            backoff: Self::FIRST,
-        }
-    }
-
-    fn record(&mut self, result: &Result<(), RegistryError>) {
-        match result {
-            Ok(()) => *self = Self::new(),
-            Err(_) => {
-                self.at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(Self::MAX);
-            }
-        }
+fn session_of(client: &zk::Client) -> Session {
+    Session {
+        // ZooKeeper's session ids are 64 bits; the machine only compares them.
+        id: client.session_id().0 as u64,
+        timeout: client.session_timeout(),
     }
 }
 
-/// Serves a command that arrives while there is no session. `false`: stop serving.
-fn while_down(server: &mut LiveServer, dirty: &mut bool, cmd: Option<Cmd>) -> bool {
-    match cmd {
-        None => false,
-        Some(Cmd::Deregister(reply)) => {
-            // Nothing to delete: the node went with the old session.
-            reply.send(Ok(())).ok();
-            false
-        }
-        Some(Cmd::Update(connections, reply)) => {
-            server.connections = connections;
-            *dirty = true;
-            reply.send(Err(RegistryError::NotConnected)).ok();
-            true
-        }
-        Some(Cmd::SetListed(reply)) => {
-            // The wish is stored already; the next session is reconciled with it.
-            reply.send(Err(RegistryError::NotConnected)).ok();
-            true
-        }
+fn zk_sessions(ids: &[SessionId]) -> Vec<i64> {
+    ids.iter().map(|&id| id as i64).collect()
+}
+
+fn warn_failed(server: &ServerId, result: &Result<(), RegistryError>, what: &'static str) {
+    if let Err(error) = result {
+        tracing::warn!(server = %server, %error, "{what}");
     }
 }
 
 impl Keeper {
-    fn is_listed(&self) -> bool {
-        self.listed.load(Ordering::SeqCst)
-    }
-
-    async fn run(mut self, mut client: zk::Client) {
-        loop {
-            match self.serve(&client).await {
-                SessionEnd::Stop => return,
-                SessionEnd::Lost => {}
-            }
-            self.sessions_lost.fetch_add(1, Ordering::SeqCst);
-            self.health.send_replace(SessionHealth::Expired);
-            self.previous_sessions.push(client.session_id().0);
-            tracing::warn!(server = %self.server.id, session = %client.session_id(),
-                "registry session lost; opening a new one");
-            // Dropping the old client closes that session if it is somehow still alive.
-            drop(client);
-            match self.reestablish().await {
-                Some(c) => client = c,
-                None => return,
-            }
-            tracing::info!(server = %self.server.id, session = %client.session_id(),
-                listed = self.is_listed(), "registry session re-established");
-            self.health.send_replace(SessionHealth::Connected);
-        }
-    }
-
-    /// Serves commands and session events while `client`'s session lives.
-    async fn serve(&mut self, client: &zk::Client) -> SessionEnd {
+    async fn run(mut self, client: zk::Client) {
         let mut states = client.state_watcher();
-        let mut lost_at: Option<Instant> = None;
-        let mut repair = Repair::new();
-        if self.dirty {
-            let result = self.reconcile(client).await;
-            self.warn_failed(&result, "could not bring the registry node up to date");
-            repair.record(&result);
-        }
+        let mut client = Some(client);
         loop {
-            let lost_timer = async {
-                match lost_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+            let mut establish = None;
+            while let Some(effect) = self.pending.take().or_else(|| self.shell.next_effect()) {
+                let id = self.shell.machine.server().id.clone();
+                let previous = zk_sessions(self.shell.machine.previous_sessions());
+                let result = match (effect, client.as_ref()) {
+                    (
+                        Effect::Establish {
+                            server,
+                            listed,
+                            previous,
+                        },
+                        _,
+                    ) => {
+                        establish = Some((server, listed, previous));
+                        continue;
+                    }
+                    (Effect::SessionLost { session }, _) => {
+                        // Dropping the old client closes that session if it is somehow still
+                        // alive.
+                        tracing::debug!(server = %id, session, "dropping the lost registry session");
+                        client = None;
+                        continue;
+                    }
+                    (Effect::Stop { .. }, _) => return,
+                    (
+                        Effect::Reconcile {
+                            server,
+                            listed,
+                            stale,
+                        },
+                        Some(c),
+                    ) => {
+                        let result =
+                            reconcile(c, &self.cfg, &server, listed, stale, &previous).await;
+                        warn_failed(&id, &result, "could not bring the registry node up to date");
+                        result
+                    }
+                    (Effect::Publish { server }, Some(c)) => publish(c, &self.cfg, &server).await,
+                    (Effect::Leave, Some(c)) => {
+                        let path = self.cfg.node_path(id.as_str());
+                        delete_own_node(c, &self.cfg, &path, &previous).await
+                    }
+                    (_, None) => {
+                        debug_assert!(false, "a registry operation without a session");
+                        Err(RegistryError::NotConnected)
+                    }
+                };
+                self.shell
+                    .machine
+                    .handle_op_done(now(), result.map_err(KeeperOpError::Failed));
+            }
+            if let Some(attempt) = establish {
+                if let Some(c) = self.reestablish(attempt).await {
+                    states = c.state_watcher();
+                    client = Some(c);
                 }
-            };
-            let repair_timer = async {
-                match repair.at {
-                    Some(at) => tokio::time::sleep_until(at).await,
+                continue;
+            }
+            let timer = self.shell.machine.poll_timeout().map(|(at, _)| at);
+            let timer = async move {
+                match timer {
+                    Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
                     None => std::future::pending().await,
                 }
             };
@@ -747,191 +670,150 @@ impl Keeper {
                 biased;
                 state = states.changed() => match state {
                     zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
-                        lost_at = None;
-                        let result = self.after_reconnect(client).await;
-                        self.warn_failed(&result,
-                            "could not check the registry node after reconnecting");
-                        repair.record(&result);
-                        self.health.send_replace(SessionHealth::Connected);
+                        self.shell.machine.handle_reconnected(now());
                     }
-                    zk::SessionState::Disconnected => {
-                        let since = Instant::now();
-                        // The client notices a silent link only after its connection timeout
-                        // (2/5 of the session timeout), so the ensemble last heard from us
-                        // that long before `since`. Half a session timeout from here is about
-                        // 0.9 of one since then: this server calls its session lost just
-                        // before the ensemble expires it and routes drop it, never after.
-                        lost_at = Some(since + client.session_timeout() / 2);
-                        // The reconnect reconciles; retrying meanwhile would only time out.
-                        repair = Repair::new();
-                        tracing::warn!(server = %self.server.id, "registry connection lost");
-                        self.health.send_replace(SessionHealth::Disconnected { since });
-                    }
+                    zk::SessionState::Disconnected => self.shell.machine.handle_disconnected(now()),
                     zk::SessionState::Expired
                     | zk::SessionState::Closed
-                    | zk::SessionState::AuthFailed => return SessionEnd::Lost,
-                },
-                () = lost_timer => {
-                    // The ensemble has expired the session by now; we just cannot hear it.
-                    return SessionEnd::Lost;
-                }
-                () = repair_timer => {
-                    let result = self.reconcile(client).await;
-                    self.warn_failed(&result, "could not bring the registry node up to date");
-                    repair.record(&result);
-                }
-                cmd = self.cmds.recv() => match cmd {
-                    None => return SessionEnd::Stop,
-                    Some(Cmd::Update(connections, reply)) => {
-                        self.server.connections = connections;
-                        self.dirty = true;
-                        let result = if lost_at.is_some() {
-                            Err(RegistryError::NotConnected)
-                        } else if !self.is_listed() {
-                            // No node to write; it is created with this count when listed.
-                            Ok(())
-                        } else {
-                            let result = self.publish(client).await;
-                            if result.is_err() {
-                                repair.record(&result);
-                            }
-                            result
-                        };
-                        reply.send(result).ok();
-                    }
-                    Some(Cmd::SetListed(reply)) => {
-                        self.dirty = true;
-                        let result = if lost_at.is_some() {
-                            // The reconnect (or the next session) applies the wish.
-                            Err(RegistryError::NotConnected)
-                        } else {
-                            let result = self.reconcile(client).await;
-                            repair.record(&result);
-                            result
-                        };
-                        reply.send(result).ok();
-                    }
-                    Some(Cmd::Deregister(reply)) => {
-                        let result = delete_own_node(client, &self.cfg, &self.path,
-                            &self.previous_sessions).await;
-                        reply.send(result).ok();
-                        return SessionEnd::Stop;
+                    | zk::SessionState::AuthFailed => {
+                        tracing::warn!(server = %self.shell.machine.server().id, %state, "registry session ended");
+                        self.shell.machine.handle_session_expired(now());
                     }
                 },
+                // Disconnected too long: the ensemble has expired the session by now, we just
+                // cannot hear it. Or: time to repair the node after a failed operation.
+                () = timer => self.shell.machine.handle_timeout(now()),
+                cmd = self.shell.cmds.recv() => self.shell.feed(cmd),
             }
         }
     }
 
-    fn warn_failed(&self, result: &Result<(), RegistryError>, what: &'static str) {
-        if let Err(error) = result {
-            tracing::warn!(server = %self.server.id, %error, "{what}");
-        }
+    /// Feeds a command; `true` if the machine now wants something of the transport (the run
+    /// loop carries it out).
+    fn command(&mut self, cmd: Option<Cmd>) -> bool {
+        self.shell.feed(cmd);
+        self.pending = self.shell.next_effect();
+        self.pending.is_some()
     }
 
-    /// Writes the latest data to the node.
-    async fn publish(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
-        let data = encode_node(&self.server)?;
-        timed(
-            "set node data",
-            self.cfg.op_timeout,
-            client.set_data(&self.path, &data, None),
-        )
-        .await?;
-        self.dirty = false;
-        Ok(())
-    }
-
-    /// Same session, new connection: the node should be as we left it, but an operator may
-    /// have deleted it by hand, and a change may have been cut off midway (a `set_listed` or
-    /// `update` that timed out), so check everything.
-    async fn after_reconnect(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
-        self.reconcile(client).await
-    }
-
-    /// Makes the registry match the registration in this session. Listed: the node exists in
-    /// this session with the latest data. Unlisted: no node of this registration's sessions.
-    async fn reconcile(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
-        if !self.is_listed() {
-            delete_own_node(client, &self.cfg, &self.path, &self.previous_sessions).await?;
-            // Listing again creates the node with the latest data, so nothing is pending.
-            self.dirty = false;
-            return Ok(());
-        }
-        let stat = timed(
-            "stat node",
-            self.cfg.op_timeout,
-            client.check_stat(&self.path),
-        )
-        .await?;
-        match stat {
-            Some(stat) if stat.ephemeral_owner == client.session_id().0 => {
-                if self.dirty {
-                    self.publish(client).await?;
-                }
-            }
-            stat => {
-                if stat.is_none() && !self.dirty {
-                    tracing::warn!(node = %self.path,
-                        "registry node vanished within the session; recreating");
-                }
-                // Also when another session holds it: `create_node` replaces a node of our
-                // previous sessions and waits out anyone else's.
-                create_node(client, &self.cfg, &self.server, &self.previous_sessions).await?;
-                self.dirty = false;
-            }
-        }
-        Ok(())
-    }
-
-    /// Opens new sessions until one is set up as the listing wish says (holding the node, or
-    /// holding none). `None` if the registration was dropped or deregistered meanwhile.
-    async fn reestablish(&mut self) -> Option<zk::Client> {
-        let mut backoff = Duration::from_millis(100);
+    /// Runs the machine's attempts at a new session until one is set up (`Some`) or the
+    /// machine wants something else (`None`: the run loop carries it out).
+    async fn reestablish(
+        &mut self,
+        (mut server, mut listed, mut previous): (LiveServer, bool, Vec<SessionId>),
+    ) -> Option<zk::Client> {
         loop {
-            let server = self.server.clone();
-            let listed = self.is_listed();
-            let attempt = establish(&self.cfg, &server, &self.previous_sessions, listed);
-            tokio::pin!(attempt);
-            let outcome = loop {
-                tokio::select! {
-                    biased;
-                    cmd = self.cmds.recv() => {
-                        if !while_down(&mut self.server, &mut self.dirty, cmd) {
-                            return None;
+            let outcome = {
+                let previous = zk_sessions(&previous);
+                let cfg = self.cfg.clone();
+                let attempt = establish(&cfg, &server, &previous, listed);
+                tokio::pin!(attempt);
+                loop {
+                    tokio::select! {
+                        biased;
+                        cmd = self.shell.cmds.recv() => {
+                            if self.command(cmd) {
+                                return None;
+                            }
                         }
+                        result = &mut attempt => break result,
                     }
-                    result = &mut attempt => break result,
                 }
             };
-            match outcome {
+            let (retry_at, _) = match outcome {
                 Ok(client) => {
-                    // A change that arrived during the attempt is applied by `serve`.
-                    self.dirty = self.dirty
-                        || server != self.server
-                        || listed != self.listed.load(Ordering::SeqCst);
+                    self.shell
+                        .machine
+                        .handle_established(now(), Ok(session_of(&client)));
+                    tracing::info!(server = %server.id, session = %client.session_id(),
+                        listed = self.shell.machine.is_listed(), "registry session re-established");
                     return Some(client);
                 }
                 Err(error) => {
-                    tracing::warn!(server = %self.server.id, %error, retry_in = ?backoff,
+                    tracing::warn!(server = %server.id, %error,
                         "could not set up a new registry session");
+                    self.shell.machine.handle_established(now(), Err(error));
+                    self.shell.machine.poll_timeout()?
                 }
-            }
-            let pause = tokio::time::sleep(backoff);
+            };
+            let pause = tokio::time::sleep_until(Instant::from_std(retry_at));
             tokio::pin!(pause);
             loop {
                 tokio::select! {
                     biased;
-                    cmd = self.cmds.recv() => {
-                        if !while_down(&mut self.server, &mut self.dirty, cmd) {
+                    cmd = self.shell.cmds.recv() => {
+                        if self.command(cmd) {
                             return None;
                         }
                     }
                     () = &mut pause => break,
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            self.shell.machine.handle_timeout(now());
+            match self.shell.next_effect() {
+                Some(Effect::Establish {
+                    server: s,
+                    listed: l,
+                    previous: p,
+                }) => (server, listed, previous) = (s, l, p),
+                other => {
+                    self.pending = other;
+                    return None;
+                }
+            }
         }
     }
+}
+
+/// Writes the latest data to the node.
+async fn publish(
+    client: &zk::Client,
+    cfg: &ZkConfig,
+    server: &LiveServer,
+) -> Result<(), RegistryError> {
+    let data = encode_node(server)?;
+    timed(
+        "set node data",
+        cfg.op_timeout,
+        client.set_data(&cfg.node_path(server.id.as_str()), &data, None),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Makes the registry match the registration in this session. Listed: the node exists in
+/// this session with the latest data (`stale`: rewrite it). Unlisted: no node of this
+/// registration's sessions.
+async fn reconcile(
+    client: &zk::Client,
+    cfg: &ZkConfig,
+    server: &LiveServer,
+    listed: bool,
+    stale: bool,
+    previous_sessions: &[i64],
+) -> Result<(), RegistryError> {
+    let path = cfg.node_path(server.id.as_str());
+    if !listed {
+        return delete_own_node(client, cfg, &path, previous_sessions).await;
+    }
+    let stat = timed("stat node", cfg.op_timeout, client.check_stat(&path)).await?;
+    match stat {
+        Some(stat) if stat.ephemeral_owner == client.session_id().0 => {
+            if stale {
+                publish(client, cfg, server).await?;
+            }
+        }
+        stat => {
+            if stat.is_none() && !stale {
+                tracing::warn!(node = %path,
+                    "registry node vanished within the session; recreating");
+            }
+            // Also when another session holds it: `create_node` replaces a node of our
+            // previous sessions and waits out anyone else's.
+            create_node(client, cfg, server, previous_sessions).await?;
+        }
+    }
+    Ok(())
 }
 
 type WatchFuture = Pin<Box<dyn Future<Output = zk::WatchedEvent> + Send>>;
