@@ -12,6 +12,7 @@ pub mod http_client;
 pub mod http_server;
 pub mod launch;
 pub mod net;
+pub mod nonces;
 pub mod ops_metrics;
 pub mod registry;
 pub mod route;
