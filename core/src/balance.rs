@@ -37,6 +37,29 @@ pub enum Strategy {
     LeastConnections,
 }
 
+impl Strategy {
+    pub const ALL: [Strategy; 4] = [
+        Strategy::RoundRobin,
+        Strategy::Random,
+        Strategy::ConsistentHash,
+        Strategy::LeastConnections,
+    ];
+
+    /// The name flags and replay commands use (`--balancer round-robin`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round-robin",
+            Self::Random => "random",
+            Self::ConsistentHash => "consistent-hash",
+            Self::LeastConnections => "least-connections",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
 #[derive(Debug)]
 pub struct Balancer {
     strategy: Strategy,
@@ -205,13 +228,16 @@ mod tests {
     }
 
     #[test]
+    fn names_round_trip() {
+        for s in Strategy::ALL {
+            assert_eq!(Strategy::from_name(s.name()), Some(s));
+        }
+        assert_eq!(Strategy::from_name("fastest"), None);
+    }
+
+    #[test]
     fn empty_live_set_picks_nothing() {
-        for strategy in [
-            Strategy::RoundRobin,
-            Strategy::Random,
-            Strategy::ConsistentHash,
-            Strategy::LeastConnections,
-        ] {
+        for strategy in Strategy::ALL {
             let mut b = Balancer::new(strategy, 7);
             assert_eq!(b.pick(UserId(1), &BTreeMap::new()), None, "{strategy:?}");
             assert_eq!(b.strategy(), strategy);

@@ -3,9 +3,17 @@
 //! proves nothing.
 //!
 //! They exist only in a build made with `CIM_CANARIES=1` (the build script then sets
-//! `--cfg cim_canaries`); in every other build [`disabled`] is a constant `false` that the
-//! compiler folds away, and [`set`] refuses. The simulation runs one seed per process, so
-//! one process-wide switch is enough: a canary applies to every machine of the run.
+//! `--cfg cim_canaries`). A run's choice is a [`Canaries`] value carried by the
+//! configuration of every machine that has a switch ([`ServerConfig`], [`ClientConfig`],
+//! [`MemoryStoreConfig`]), set by whoever builds them (the simulation's cluster spec): no
+//! process-wide state, so two runs in one process cannot see each other's canary. In every
+//! other build [`Canaries`] is a zero-sized type and [`Canaries::disabled`] a constant
+//! `false` the compiler folds away: the production path carries neither a field nor a
+//! branch, and a canary cannot be switched on (construction refuses).
+//!
+//! [`ServerConfig`]: crate::server::ServerConfig
+//! [`ClientConfig`]: crate::client::ClientConfig
+//! [`MemoryStoreConfig`]: crate::memstore::MemoryStoreConfig
 
 use std::fmt;
 
@@ -71,41 +79,61 @@ pub const COMPILED: bool = cfg!(cim_canaries);
 #[error("this build has no canaries: build it with CIM_CANARIES=1")]
 pub struct NotCompiled;
 
-#[cfg(cim_canaries)]
-static ACTIVE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-#[cfg(cim_canaries)]
-fn code(canary: Option<Canary>) -> u8 {
-    canary.map_or(0, |c| c as u8 + 1)
+/// The canary a run switches off, if any: [`Canaries::NONE`] (the default) keeps every
+/// mechanism on. Zero-sized outside canary builds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Canaries {
+    #[cfg(cim_canaries)]
+    off: Option<Canary>,
 }
 
-/// Switches `canary` on for the whole process (`None`: every mechanism on again).
-pub fn set(canary: Option<Canary>) -> Result<(), NotCompiled> {
-    #[cfg(cim_canaries)]
-    {
-        ACTIVE.store(code(canary), std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-    #[cfg(not(cim_canaries))]
-    {
-        match canary {
-            None => Ok(()),
-            Some(_) => Err(NotCompiled),
+impl Canaries {
+    /// Every mechanism on.
+    pub const NONE: Self = Self {
+        #[cfg(cim_canaries)]
+        off: None,
+    };
+
+    /// Switches `canary` off (`None`: every mechanism on). Refused for `Some` in a build
+    /// without canaries.
+    pub fn switch_off(canary: Option<Canary>) -> Result<Self, NotCompiled> {
+        #[cfg(cim_canaries)]
+        {
+            Ok(Self { off: canary })
+        }
+        #[cfg(not(cim_canaries))]
+        {
+            match canary {
+                None => Ok(Self::NONE),
+                Some(_) => Err(NotCompiled),
+            }
         }
     }
-}
 
-/// Whether `mechanism` is switched off in this run. Always `false` outside canary builds.
-#[inline]
-pub fn disabled(mechanism: Canary) -> bool {
-    #[cfg(cim_canaries)]
-    {
-        ACTIVE.load(std::sync::atomic::Ordering::Relaxed) == code(Some(mechanism))
+    /// The mechanism switched off, if any (always `None` outside canary builds).
+    pub fn off(self) -> Option<Canary> {
+        #[cfg(cim_canaries)]
+        {
+            self.off
+        }
+        #[cfg(not(cim_canaries))]
+        {
+            None
+        }
     }
-    #[cfg(not(cim_canaries))]
-    {
-        let _ = mechanism;
-        false
+
+    /// Whether `mechanism` is switched off. A constant `false` outside canary builds.
+    #[inline(always)]
+    pub fn disabled(self, mechanism: Canary) -> bool {
+        #[cfg(cim_canaries)]
+        {
+            self.off == Some(mechanism)
+        }
+        #[cfg(not(cim_canaries))]
+        {
+            let _ = mechanism;
+            false
+        }
     }
 }
 
@@ -125,8 +153,25 @@ mod tests {
     #[test]
     fn an_ordinary_build_has_no_canaries() {
         const { assert!(!COMPILED) };
-        assert_eq!(set(Some(Canary::Dedup)), Err(NotCompiled));
-        assert_eq!(set(None), Ok(()));
-        assert!(Canary::ALL.into_iter().all(|c| !disabled(c)));
+        // Nothing to carry: the configurations that hold one grow by nothing.
+        assert_eq!(std::mem::size_of::<Canaries>(), 0);
+        assert_eq!(Canaries::switch_off(Some(Canary::Dedup)), Err(NotCompiled));
+        assert_eq!(Canaries::switch_off(None), Ok(Canaries::NONE));
+        assert_eq!(Canaries::default(), Canaries::NONE);
+        assert_eq!(Canaries::NONE.off(), None);
+        assert!(Canary::ALL.into_iter().all(|c| !Canaries::NONE.disabled(c)));
+    }
+
+    #[cfg(cim_canaries)]
+    #[test]
+    fn a_canary_switches_off_exactly_its_mechanism() {
+        assert!(Canary::ALL.into_iter().all(|c| !Canaries::NONE.disabled(c)));
+        for off in Canary::ALL {
+            let canaries = Canaries::switch_off(Some(off)).unwrap();
+            assert_eq!(canaries.off(), Some(off));
+            for c in Canary::ALL {
+                assert_eq!(canaries.disabled(c), c == off, "{off} vs {c}");
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use subtle::ConstantTimeEq;
 
-use crate::canary::{self, Canary};
+use crate::canary::{Canaries, Canary};
 use crate::ids::{Epoch, ServerId, UnixMillis, UserId};
 use crate::store::{Claim, ClaimState, LeaseRefresh, RouteRecord, StoreCommand, StoreReply};
 
@@ -84,11 +84,21 @@ pub fn decide_login(
 pub struct ClaimTable {
     claims: BTreeMap<UserId, ClaimState>,
     routes: BTreeMap<UserId, RouteRecord>,
+    /// `EpochFencing` off: the simulation's canary (nothing outside canary builds).
+    canaries: Canaries,
 }
 
 impl ClaimTable {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table with the run's canaries (see `crate::canary`).
+    pub fn with_canaries(canaries: Canaries) -> Self {
+        Self {
+            canaries,
+            ..Self::default()
+        }
     }
 
     /// `LoadClaim`: the user's counter and claim (possibly expired; the reader compares).
@@ -108,7 +118,7 @@ impl ClaimTable {
         claim: Claim,
     ) -> Result<Option<Claim>, ClaimState> {
         let state = self.claims.entry(user).or_default();
-        let fencing = !canary::disabled(Canary::EpochFencing);
+        let fencing = !self.canaries.disabled(Canary::EpochFencing);
         if fencing && (state.epoch != expected || claim.epoch <= expected) {
             return Err(state.clone());
         }
@@ -143,12 +153,13 @@ impl ClaimTable {
         lease_until: UnixMillis,
         now: UnixMillis,
     ) -> Result<(), Epoch> {
+        let canaries = self.canaries;
         let Some(state) = self.claims.get_mut(&user) else {
             return Err(Epoch::default());
         };
         let current = state.epoch;
         match state.claim.as_mut() {
-            Some(claim) if owns(claim, epoch, server) && is_live(claim, now) => {
+            Some(claim) if owns(claim, epoch, server, canaries) && is_live(claim, now) => {
                 claim.lease_until = claim.lease_until.max(lease_until);
                 self.routes.insert(
                     user,
@@ -173,13 +184,16 @@ impl ClaimTable {
         sessions: &[(UserId, Epoch)],
         now: UnixMillis,
     ) -> Vec<(UserId, LeaseRefresh)> {
+        let canaries = self.canaries;
         sessions
             .iter()
             .map(|&(user, epoch)| {
                 let outcome = match self.claims.get_mut(&user) {
                     None => LeaseRefresh::Gone,
                     Some(state) => match state.claim.as_mut() {
-                        Some(claim) if owns(claim, epoch, server) && is_live(claim, now) => {
+                        Some(claim)
+                            if owns(claim, epoch, server, canaries) && is_live(claim, now) =>
+                        {
                             claim.lease_until = claim.lease_until.max(lease_until);
                             LeaseRefresh::Refreshed
                         }
@@ -264,8 +278,8 @@ impl ClaimTable {
 }
 
 /// Whether `(epoch, server)` is the claim's own: the compare-epoch fence of bind and refresh.
-fn owns(claim: &Claim, epoch: Epoch, server: &ServerId) -> bool {
-    (claim.epoch == epoch && claim.server == *server) || canary::disabled(Canary::EpochFencing)
+fn owns(claim: &Claim, epoch: Epoch, server: &ServerId, canaries: Canaries) -> bool {
+    (claim.epoch == epoch && claim.server == *server) || canaries.disabled(Canary::EpochFencing)
 }
 
 #[cfg(test)]

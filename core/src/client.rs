@@ -44,6 +44,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use outbox::OutboxEntry;
 
+use crate::canary::Canaries;
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::registry::ServerEndpoint;
 use crate::route_login::{LoginAnswer, LoginError, LoginRequest, ResumeToken};
@@ -92,6 +93,8 @@ pub struct ClientConfig {
     /// of an old one), so a real client seeds from the OS's entropy at every process start;
     /// fixed seeds are for tests and simulations.
     pub seed: u64,
+    /// `Dedup` or `GapSync` off: the simulation's canaries (nothing outside canary builds).
+    pub canaries: Canaries,
 }
 
 impl ClientConfig {
@@ -119,6 +122,7 @@ impl ClientConfig {
             fetch_limit: 100,
             max_buffered: 1024,
             seed,
+            canaries: Canaries::NONE,
         }
     }
 }
@@ -411,6 +415,7 @@ impl ClientSession {
             fetch_limit: config.fetch_limit,
             max_buffered: config.max_buffered,
             request_timeout: config.login_timeout,
+            canaries: config.canaries,
         });
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),

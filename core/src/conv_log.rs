@@ -33,6 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use crate::canary::{Canaries, Canary};
 use crate::ids::{ClientMsgId, ConvId, LogEpoch, UnixMillis, UserId};
 use crate::store::{AppendError, Appended, SendOrder, StoredMessage};
 
@@ -60,6 +61,9 @@ pub struct ConversationLog {
     orders: BTreeMap<(UserId, u64), (u64, UnixMillis)>,
     /// The same records by write time; they expire with the idempotency TTL.
     order_expiry: BTreeSet<(UnixMillis, UserId, u64)>,
+    /// `IdempotentAppend` or `SendOrder` off: the simulation's canaries (nothing outside
+    /// canary builds).
+    canaries: Canaries,
 }
 
 impl ConversationLog {
@@ -83,7 +87,14 @@ impl ConversationLog {
             expiry: BTreeSet::new(),
             orders: BTreeMap::new(),
             order_expiry: BTreeSet::new(),
+            canaries: Canaries::NONE,
         }
+    }
+
+    /// This log with the run's canaries (see `crate::canary`).
+    pub fn with_canaries(mut self, canaries: Canaries) -> Self {
+        self.canaries = canaries;
+        self
     }
 
     pub fn conv(&self) -> &ConvId {
@@ -133,7 +144,7 @@ impl ConversationLog {
         let body_hash: [u8; 32] = Sha256::digest(&body).into();
         let key = (sender, msg_id);
 
-        let records = if crate::canary::disabled(crate::canary::Canary::IdempotentAppend) {
+        let records = if self.canaries.disabled(Canary::IdempotentAppend) {
             None
         } else {
             self.records.get(&key)
@@ -160,7 +171,7 @@ impl ConversationLog {
             });
         }
         if let Some(order) = order
-            && !crate::canary::disabled(crate::canary::Canary::SendOrder)
+            && !self.canaries.disabled(Canary::SendOrder)
         {
             let last = self.last_order(sender, order.stream);
             if order.seq <= last {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::canary::Canaries;
 use crate::claims::ClaimTable;
 use crate::conv_log::ConversationLog;
 use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
@@ -29,6 +30,8 @@ pub struct MemoryStoreConfig {
     pub idempotency_ttl: Duration,
     /// Seeds the log epochs.
     pub seed: u64,
+    /// The simulation's canaries for the claim table and the logs (`crate::canary`).
+    pub canaries: Canaries,
 }
 
 impl Default for MemoryStoreConfig {
@@ -37,6 +40,7 @@ impl Default for MemoryStoreConfig {
             max_log_len: 10_000,
             idempotency_ttl: Duration::from_secs(600),
             seed: 0,
+            canaries: Canaries::NONE,
         }
     }
 }
@@ -75,12 +79,12 @@ impl MemoryStore {
     pub fn new(config: MemoryStoreConfig) -> Self {
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
+            claims: ClaimTable::with_canaries(config.canaries),
             config,
             accounts: BTreeMap::new(),
             last_user: 0,
             deleted: BTreeSet::new(),
             names: BTreeMap::new(),
-            claims: ClaimTable::default(),
             logs: BTreeMap::new(),
             groups: BTreeMap::new(),
             private_convs: BTreeMap::new(),
@@ -390,6 +394,7 @@ impl MemoryStore {
                 config.max_log_len,
                 config.idempotency_ttl,
             )
+            .with_canaries(config.canaries)
         })
     }
 

@@ -30,7 +30,7 @@ use cim_proto::{
     RouteSendResult,
 };
 
-use crate::canary::{self, Canary};
+use crate::canary::{Canaries, Canary};
 use crate::ids::{ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::store::{
     LeaseRefresh, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult, StoreUnavailable,
@@ -88,6 +88,8 @@ pub struct ServerConfig {
     /// A store request the node waits on (bind, refresh, sync, fetch) with no reply by then
     /// counts as failed, so a lost reply never leaves a login hanging or an entry behind. 5 s.
     pub store_timeout: Duration,
+    /// `SelfFencing` off: the simulation's canary (nothing outside canary builds).
+    pub canaries: Canaries,
 }
 
 impl ServerConfig {
@@ -113,6 +115,7 @@ impl ServerConfig {
             fetch_limit_cap: 100,
             max_answer_bytes: 56 * 1024,
             store_timeout: Duration::from_secs(5),
+            canaries: Canaries::NONE,
         }
     }
 
@@ -545,7 +548,7 @@ impl ServerNode {
     }
 
     fn fence_everyone(&mut self, message: &str) {
-        if canary::disabled(Canary::SelfFencing) {
+        if self.config.canaries.disabled(Canary::SelfFencing) {
             return;
         }
         let all: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -1187,7 +1190,7 @@ impl ServerNode {
                 self.kick(conn, KickReason::LoginTimeout, "no login in time");
             }
             ConnState::Live(s)
-                if now >= s.proven_until && !canary::disabled(Canary::SelfFencing) =>
+                if now >= s.proven_until && !self.config.canaries.disabled(Canary::SelfFencing) =>
             {
                 self.stats.fenced += 1;
                 self.kick(conn, KickReason::Fenced, "server lost the store");
@@ -1361,7 +1364,7 @@ impl ServerNode {
             ConnState::AwaitingLogin | ConnState::Binding { .. } => {
                 (c.login_deadline, TimerReason::LoginDeadline)
             }
-            ConnState::Live(_) if canary::disabled(Canary::SelfFencing) => idle,
+            ConnState::Live(_) if self.config.canaries.disabled(Canary::SelfFencing) => idle,
             ConnState::Live(s) => (s.proven_until, TimerReason::Fence),
         };
         let (at, reason) = if other.0 <= idle.0 { other } else { idle };

@@ -454,6 +454,7 @@ pub async fn open_store(
             max_log_len: options.max_log_len,
             idempotency_ttl: options.idempotency_ttl,
             seed: options.seed.unwrap_or_else(os_seed),
+            canaries: cim_core::canary::Canaries::NONE,
         }))),
     }
 }

@@ -13,6 +13,7 @@ pub mod http_server;
 pub mod launch;
 pub mod metrics;
 pub mod net;
+pub mod nonces;
 pub mod ops_metrics;
 pub mod private_file;
 pub mod registry;

@@ -42,6 +42,7 @@ fn memory() -> MemoryBackend {
         max_log_len: MAX_LOG,
         idempotency_ttl: TTL,
         seed: 7,
+        ..MemoryStoreConfig::default()
     })
 }
 

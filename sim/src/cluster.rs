@@ -14,16 +14,19 @@
 //! restarting); [`Cluster::lossy_restart_store`] is the store losing everything. Servers and
 //! routes keep nothing across a bounce (their state is in the store and the registry).
 //!
-//! Determinism: one seed drives turmoil's RNG and every seed inside (routes, store, clients);
-//! every host's wall clock is `origin` plus the simulated time (never the host OS clock).
+//! Determinism: one seed drives turmoil's RNG and every seed inside (routes, store, clients,
+//! each host's link-handshake nonces); every host's wall clock is `origin` plus the simulated
+//! time (never the host OS clock). Everything else that shapes a run (the balancer, a canary)
+//! is a field of the [`ClusterSpec`], handed to each node's options: no process-wide state.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cim_core::accounts::PasswordParams;
 use cim_core::balance::Strategy;
+use cim_core::canary::Canaries;
 use cim_core::client::ClientConfig;
 use cim_core::ids::{ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
@@ -31,6 +34,7 @@ use cim_core::server::ServerConfig;
 use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::net::TurmoilNet;
+use cim_io::nonces::NonceSource;
 use cim_io::registry::{
     RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
 };
@@ -91,9 +95,13 @@ pub struct ClusterSpec {
     /// turmoil's step: every host runs this much simulated time per step (1 ms by default;
     /// coarser steps run faster and blur ordering within a step).
     pub tick: Duration,
-    /// How routes pick a server (the routes' default, consistent hashing, unless the sweep
-    /// was asked for another with [`set_balancer`]).
+    /// How routes pick a server (`None`: the routes' default, consistent hashing).
+    /// Consistent hashing sends one user's racing logins to one server, which serializes
+    /// them; other strategies spread them, exercising the claim table's fences.
     pub strategy: Option<Strategy>,
+    /// The safety mechanism this run switches off (canary builds only), in the store's
+    /// claim table and logs, the servers and the clients alike.
+    pub canaries: Canaries,
     /// The servers' per-user send limit: (tokens a second, burst). Half the seeds run with
     /// [`TIGHT_SEND_RATE`], which the chat bursts exceed: rate-limit nacks and resends
     /// then race later messages of the same sender, the per-sender order's hardest case.
@@ -108,16 +116,6 @@ pub const TIGHT_SEND_RATE: (u32, u32) = (4, 3);
 /// `--max-log-len` messages) rather than wait for trimmed seqs.
 pub const SHORT_LOG: usize = 25;
 
-/// A process-wide choice of balancer for every cluster built afterwards (the sweep's
-/// `--balancer`): consistent hashing sends one user's racing logins to one server, which
-/// serializes them; other strategies spread them, exercising the claim table's fences.
-static BALANCER: OnceLock<Strategy> = OnceLock::new();
-
-/// Sets the balancer of every cluster built from now on in this process (once).
-pub fn set_balancer(strategy: Strategy) -> bool {
-    BALANCER.set(strategy).is_ok()
-}
-
 impl ClusterSpec {
     pub fn new(seed: u64, servers: usize, routes: usize) -> Self {
         let mut spec = Self {
@@ -130,7 +128,8 @@ impl ClusterSpec {
             duration: Duration::from_secs(600),
             origin: UnixMillis(1_800_000_000_000),
             tick: Duration::from_millis(1),
-            strategy: BALANCER.get().copied(),
+            strategy: None,
+            canaries: Canaries::NONE,
             send_rate: (0, 0),
         };
         let defaults = ServerConfig::new(ServerId::new("-"), TicketKeys::new(1, TICKET_SECRET));
@@ -183,6 +182,8 @@ pub struct ClientEnv {
     pub route_port: u16,
     pub origin: UnixMillis,
     pub seed: u64,
+    /// The run's canaries, for the client's own switches (dedup, gap sync).
+    pub canaries: Canaries,
 }
 
 impl ClientEnv {
@@ -200,7 +201,8 @@ impl ClientEnv {
         route: usize,
     ) -> SdkOptions {
         let route_host = self.routes[route % self.routes.len()].clone();
-        let session = ClientConfig::new(user, name, password, self.seed);
+        let mut session = ClientConfig::new(user, name, password, self.seed);
+        session.canaries = self.canaries;
         SdkOptions::new(route_host, self.route_port, session)
     }
 }
@@ -274,6 +276,7 @@ impl Cluster {
             .build();
         let store = Arc::new(MemoryBackend::new(MemoryStoreConfig {
             seed: spec.derive_seed("store", 0),
+            canaries: spec.canaries,
             ..spec.store.clone()
         }));
         let registry = Arc::new(RegistryHost::new(RegistryHostConfig {
@@ -306,15 +309,20 @@ impl Cluster {
             let spec2 = spec.clone();
             let host = name.clone();
             let observer = hooks.server_observer.clone();
+            // Outside the host closure: a restarted server continues its stream rather than
+            // repeating its nonces.
+            let nonces = NonceSource::seeded(spec.derive_seed("server link nonces", i));
             sim.host(name.as_str(), move || {
                 let (spec, host) = (spec2.clone(), host.clone());
-                let observer = observer.clone();
+                let (observer, nonces) = (observer.clone(), nonces.clone());
                 async move {
                     let keys = TicketKeys::new(1, TICKET_SECRET);
                     let id = ServerId::new(host.clone());
                     let mut node = ServerConfig::new(id.clone(), keys);
                     (node.send_rate_per_sec, node.send_burst) = spec.send_rate;
+                    node.canaries = spec.canaries;
                     let mut options = ServerOptions::new(node, LINK_SECRET.to_vec());
+                    options.link_nonces = nonces;
                     options.listen_ip = ANY;
                     options.advertise_host = host;
                     options.observer = observer.map(|make| make(&id));
@@ -343,8 +351,9 @@ impl Cluster {
             let name = format!("route-{i}");
             let spec2 = spec.clone();
             let host = name.clone();
+            let nonces = NonceSource::seeded(spec.derive_seed("route link nonces", i));
             sim.host(name.as_str(), move || {
-                let (spec, host) = (spec2.clone(), host.clone());
+                let (spec, host, nonces) = (spec2.clone(), host.clone(), nonces.clone());
                 async move {
                     let mut options = RouteOptions::new(
                         host,
@@ -357,6 +366,7 @@ impl Cluster {
                     if let Some(strategy) = spec.strategy {
                         options.strategy = strategy;
                     }
+                    options.link_nonces = nonces;
                     // The simulation judges logins, not hashing: OWASP's argon2 costs tens of
                     // milliseconds of real CPU per login and dominated a run's wall time.
                     options.login.password = PasswordParams::for_tests();
@@ -403,6 +413,7 @@ impl Cluster {
             route_port: ROUTE_HTTP_PORT,
             origin: self.spec.origin,
             seed: self.spec.derive_seed(&format!("client:{name}"), 0),
+            canaries: self.spec.canaries,
         };
         self.sim.client(name, workload(env));
     }
@@ -414,6 +425,7 @@ impl Cluster {
         let seed = self.spec.derive_seed("store", self.lossy_restarts as usize);
         self.store.reset(MemoryStoreConfig {
             seed,
+            canaries: self.spec.canaries,
             ..self.spec.store.clone()
         });
         self.sim.bounce(STORE_HOST);

@@ -84,6 +84,13 @@ fn each_canary_is_caught() {
         match caught_at {
             Some(seed) if out.status.code() == Some(1) => {
                 println!("{canary}: caught by {scenario} at SIM_SEED={seed} (bound {within})");
+                // The failing run's report starts with its full replay command and plan.
+                let replay = format!(
+                    "replay: CIM_CANARIES=1 SIM_SEED={seed} cargo run -p cim-sim --release -- {scenario} --canary {canary}\nfault plan:\n"
+                );
+                if !stdout.contains(&replay) {
+                    escaped.push(format!("{canary}: no {replay:?} in\n{stdout}"));
+                }
                 let first = stdout
                     .lines()
                     .find(|l| l.contains("SIM_SEED="))

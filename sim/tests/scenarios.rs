@@ -73,10 +73,82 @@ fn a_seed_replays_identically() {
     assert!(first.contains(&format!("SIM_SEED={seed}")), "{first}");
 }
 
+/// One seed decides the whole run, balancer included: with the random balancer (a stream of
+/// its own, seeded from the run's seed) two runs of one seed print the same bytes, report
+/// and replay preamble alike, and the flag reaches the routes (the default balancer gives
+/// another history).
+#[test]
+fn a_seed_with_the_random_balancer_replays_byte_identically() {
+    let seed = seeds(&[7])[0].to_string();
+    let run = |balancer: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cim-sim"))
+            .args(["--scenario", "duplicate-login", "--seed", &seed])
+            .args(balancer)
+            .env_remove("SIM_SEEDS")
+            .output()
+            .expect("run the cim-sim binary");
+        println!("{}", String::from_utf8_lossy(&out.stderr));
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        out
+    };
+    let first = run(&["--balancer", "random"]);
+    let again = run(&["--balancer", "random"]);
+    assert!(first.status.success());
+    assert_eq!(
+        first.stdout, again.stdout,
+        "SIM_SEED={seed}: two runs differ"
+    );
+    assert_eq!(
+        first.stderr, again.stderr,
+        "SIM_SEED={seed}: two preambles differ"
+    );
+    let preamble = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        preamble.contains(&format!(
+            "replay: SIM_SEED={seed} cargo run -p cim-sim --release -- --scenario duplicate-login --balancer random\nfault plan:\n"
+        )),
+        "{preamble}"
+    );
+    let default = run(&[]);
+    assert_ne!(
+        trace(&String::from_utf8_lossy(&first.stdout)),
+        trace(&String::from_utf8_lossy(&default.stdout)),
+        "--balancer random changed nothing"
+    );
+}
+
+#[test]
+fn the_replay_command_names_every_flag_that_shaped_the_run() {
+    use cim_core::balance::Strategy;
+    use cim_core::canary::{Canaries, Canary};
+    use cim_sim::scenarios::{RunSpec, Scenario};
+    let run = RunSpec::new(9);
+    assert_eq!(
+        Scenario::Broadcast.replay_command(run),
+        "SIM_SEED=9 cargo run -p cim-sim --release -- --scenario broadcast"
+    );
+    let run = RunSpec {
+        balancer: Some(Strategy::LeastConnections),
+        ..run
+    };
+    assert_eq!(
+        Scenario::Everything.replay_command(run),
+        "SIM_SEED=9 cargo run -p cim-sim --release -- --scenario everything \
+         --balancer least-connections"
+    );
+    if let Ok(canaries) = Canaries::switch_off(Some(Canary::Dedup)) {
+        assert_eq!(
+            Scenario::Failover.replay_command(RunSpec { canaries, ..run }),
+            "CIM_CANARIES=1 SIM_SEED=9 cargo run -p cim-sim --release -- --scenario failover \
+             --balancer least-connections --canary dedup"
+        );
+    }
+}
+
 /// In-process: one run's outcome carries the history's hash and its counters.
 #[test]
 fn an_outcome_counts_what_the_run_exercised() {
-    let outcome = cim_sim::scenarios::Scenario::Failover.run(2);
+    let outcome = cim_sim::scenarios::Scenario::Failover.run(cim_sim::scenarios::RunSpec::new(2));
     assert!(outcome.is_clean(), "{outcome}");
     assert!(
         outcome

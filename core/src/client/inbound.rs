@@ -19,7 +19,7 @@ use cim_proto as proto;
 use proto::frame::Kind;
 
 use super::{ClientEvent, FrameError, Outputs};
-use crate::canary::{self, Canary};
+use crate::canary::{Canaries, Canary};
 use crate::ids::{ClientMsgId, ConvId, LogEpoch, UnixMillis, UserId};
 use crate::store::{ConvHead, StoredMessage};
 
@@ -30,6 +30,7 @@ pub(crate) struct InboundConfig {
     pub max_buffered: usize,
     /// A sync or fetch unanswered this long is forgotten, so another may be sent.
     pub request_timeout: Duration,
+    pub canaries: Canaries,
 }
 
 /// Where the client stands in one conversation.
@@ -71,8 +72,9 @@ impl Conv {
 
     /// Buffers `msg` unless it is already delivered or buffered (dedup), or the buffer is
     /// full (the gap sync fetches it again). The caller checked the log epoch.
-    fn insert(&mut self, msg: StoredMessage, max_buffered: usize, out: &mut Outputs) {
-        if self.anchored && msg.seq <= self.delivered && canary::disabled(Canary::Dedup) {
+    fn insert(&mut self, msg: StoredMessage, cfg: &InboundConfig, out: &mut Outputs) {
+        let max_buffered = cfg.max_buffered;
+        if self.anchored && msg.seq <= self.delivered && cfg.canaries.disabled(Canary::Dedup) {
             out.events.push_back(ClientEvent::Message(msg));
             return;
         }
@@ -276,13 +278,13 @@ impl Inbound {
         if !c.anchored {
             // Which epoch is current is the sync answer's to say; keep the first one seen.
             if c.log_epoch == msg.log_epoch {
-                c.insert(msg, self.cfg.max_buffered, out);
+                c.insert(msg, &self.cfg, out);
             }
             self.request_sync(now, out);
         } else if c.log_epoch != msg.log_epoch {
             c.fetch(&conv_id, now, &self.cfg, out);
         } else {
-            c.insert(msg, self.cfg.max_buffered, out);
+            c.insert(msg, &self.cfg, out);
             c.drain(out);
             c.settle_gap(now, &self.cfg);
         }
@@ -321,7 +323,7 @@ impl Inbound {
         }
         for msg in messages {
             if msg.conv == head.conv && msg.log_epoch == c.log_epoch {
-                c.insert(msg, self.cfg.max_buffered, out);
+                c.insert(msg, &self.cfg, out);
             }
         }
         c.drain(out);
@@ -402,7 +404,7 @@ impl Inbound {
                 continue;
             }
             c.gap_deadline = None;
-            if c.anchored && canary::disabled(Canary::GapSync) {
+            if c.anchored && self.cfg.canaries.disabled(Canary::GapSync) {
                 // What a client without gap sync does: go on from what arrived.
                 if let Some(&first) = c.buffer.keys().next() {
                     c.delivered = first - 1;

@@ -277,6 +277,7 @@ impl<N: Network> Driver<N> {
                 ping_interval: options.link_ping_interval,
                 retry_delay: options.link_retry_delay,
                 tls: options.link_tls.clone(),
+                nonces: options.link_nonces.clone(),
             }),
             store_lane,
             store_lane_rx: Some(store_lane_rx),

@@ -17,14 +17,13 @@ use cim_core::registry::LiveServer;
 use cim_proto::codec::FrameCodec;
 use cim_proto::frame::Kind;
 use cim_proto::{ErrorCode, Frame, LinkAuth, LinkHello, Ping, Pong};
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::driver::{Counters, Input, LinkInbound};
 use crate::clock::Clock;
 use crate::net::{self, FrameReader, FrameWriter, Network, ReadError, WriteError};
+use crate::nonces::{NoEntropy, NonceSource};
 use crate::tls::{ClientTls, MaybeTls};
 
 // Frames waiting for one link's writer. Past it the driver drops (and counts) frames: a
@@ -53,6 +52,8 @@ pub(super) struct LinkConfig {
     pub retry_delay: Duration,
     /// Mutual TLS to the servers' link ports (none: plaintext).
     pub tls: Option<ClientTls>,
+    /// The handshake's nonces (the OS in production).
+    pub nonces: NonceSource,
 }
 
 /// Why a link (attempt) ended.
@@ -79,6 +80,8 @@ pub(super) enum LinkError {
     Peer(String),
     #[error("no frame for {0:?}: link dead")]
     Silent(Duration),
+    #[error("handshake: {0}")]
+    Entropy(#[from] NoEntropy),
     #[error("the driver is gone")]
     DriverGone,
 }
@@ -360,7 +363,7 @@ async fn connect<N: Network>(
         });
     }
     let mut nonce = [0u8; NONCE_LEN];
-    ChaCha8Rng::from_os_rng().fill_bytes(&mut nonce);
+    config.nonces.fill(&mut nonce)?;
     let auth: LinkAuth = link::route_answer(secret, &hello, &config.route_id, &nonce)?;
     let frame = Frame {
         kind: Some(Kind::LinkAuth(auth.clone())),

@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::http_server::HttpLimits;
 use crate::net::{Listener, Network};
+use crate::nonces::NonceSource;
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
 use crate::tls::{ClientTls, ServerTls};
@@ -108,6 +109,9 @@ pub struct RouteOptions {
     pub link_tls: Option<ClientTls>,
     /// The admin listener (default none: off). Served over HTTPS when `https` is set.
     pub admin: Option<AdminOptions>,
+    /// Where the links' handshake nonces come from (default: the OS). The simulation gives
+    /// each route a seeded source; a production route leaves the default.
+    pub link_nonces: NonceSource,
 }
 
 impl std::fmt::Debug for RouteOptions {
@@ -134,6 +138,7 @@ impl std::fmt::Debug for RouteOptions {
             .field("https", &self.https.is_some())
             .field("link_tls", &self.link_tls.is_some())
             .field("admin", &self.admin)
+            .field("link_nonces", &self.link_nonces)
             .finish_non_exhaustive()
     }
 }
@@ -174,6 +179,7 @@ impl RouteOptions {
             https: None,
             link_tls: None,
             admin: None,
+            link_nonces: NonceSource::os(),
         }
     }
 }

@@ -11,8 +11,6 @@ use cim_core::link::{self as link_auth, MIN_NONCE_LEN};
 use cim_proto::codec::FrameCodec;
 use cim_proto::frame::Kind;
 use cim_proto::{Frame, LinkAuth};
-use rand::TryRngCore;
-use rand::rngs::OsRng;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::driver::{Input, LinkId};
 use super::{LINK_IDLE_TIMEOUT, ServerError};
 use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, framed};
+use crate::nonces::{NoEntropy, NonceSource};
 use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
@@ -44,13 +43,15 @@ pub(super) struct LinkSettings {
     pub warnings: Arc<WarnGate>,
     /// Mutual TLS: the route's certificate must carry the route role (none: plaintext).
     pub tls: Option<ServerTls>,
+    /// The handshake's nonces (the OS in production).
+    pub nonces: NonceSource,
 }
 
 /// Why a link did not authenticate. The link is closed; nothing else changed.
 #[derive(Debug, thiserror::Error)]
 enum HandshakeError {
-    #[error("no entropy for the nonce: {0}")]
-    Entropy(String),
+    #[error(transparent)]
+    Entropy(#[from] NoEntropy),
     #[error("sending the hello: {0}")]
     Hello(crate::net::WriteError),
     #[error("reading the route's answer: {0}")]
@@ -207,9 +208,7 @@ async fn handshake<S: Stream>(
     writer: &mut FrameWriter<WriteHalf<S>>,
 ) -> Result<String, HandshakeError> {
     let mut nonce = [0u8; 2 * MIN_NONCE_LEN];
-    OsRng
-        .try_fill_bytes(&mut nonce)
-        .map_err(|e| HandshakeError::Entropy(e.to_string()))?;
+    settings.nonces.fill(&mut nonce)?;
     let hello = link_auth::server_hello(&settings.server_id, &nonce);
     let frame = Frame {
         kind: Some(Kind::LinkHello(hello.clone())),

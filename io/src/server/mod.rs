@@ -58,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::http_server::HttpStats;
 use crate::net::{Listener, Network};
+use crate::nonces::NonceSource;
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
 use crate::tls::{MaybeTls, ServerTls};
@@ -120,6 +121,9 @@ pub struct ServerOptions {
     /// Told of every session opened or closed here (default none). For the simulation's
     /// recorder and for tests; a production server leaves it unset.
     pub observer: Option<SessionObserver>,
+    /// Where the route links' handshake nonces come from (default: the OS). The simulation
+    /// gives each server a seeded source; a production server leaves the default.
+    pub link_nonces: NonceSource,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -140,6 +144,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("gateway_tls", &self.gateway_tls.is_some())
             .field("link_tls", &self.link_tls.is_some())
             .field("observer", &self.observer)
+            .field("link_nonces", &self.link_nonces)
             .finish_non_exhaustive()
     }
 }
@@ -192,6 +197,7 @@ impl ServerOptions {
             gateway_tls: None,
             link_tls: None,
             observer: None,
+            link_nonces: NonceSource::os(),
         }
     }
 
@@ -469,6 +475,7 @@ pub async fn start<N: Network, R: Registry>(
                 io_timeout: options.io_timeout,
                 warnings: warnings.clone(),
                 tls: options.link_tls.clone(),
+                nonces: options.link_nonces.clone(),
             },
             inputs.clone(),
             cancel.clone(),

@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, chatters, drive, random_faults, run_end,
+    FaultKind, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, chatters, drive, random_faults,
+    run_end,
 };
 
 pub const CLIENTS: usize = 6;
@@ -29,9 +29,8 @@ const KINDS: [FaultKind; 9] = [
     FaultKind::ServerCutFromClients,
 ];
 
-pub fn plan(seed: u64) -> Plan {
-    let mut spec = ClusterSpec::new(seed, 3, 2);
-    spec.tick = TICK;
+pub fn plan(run: RunSpec) -> Plan {
+    let spec = run.cluster(3, 2);
     let mut rng = Rng::new(spec.derive_seed("broadcast plan", 0));
     let chat_from = Duration::from_secs(4);
     let fault_at = rng.duration(Duration::from_secs(8), Duration::from_secs(16));
@@ -50,6 +49,6 @@ pub fn plan(seed: u64) -> Plan {
     }
 }
 
-pub fn run(seed: u64) -> ScenarioOutcome {
-    drive(Scenario::Broadcast, plan(seed), |_, _| {})
+pub fn run(run: RunSpec) -> ScenarioOutcome {
+    drive(Scenario::Broadcast, plan(run), |_, _| {})
 }

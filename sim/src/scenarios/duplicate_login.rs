@@ -11,17 +11,15 @@
 use std::time::Duration;
 
 use crate::checker::{ClientId, Seen};
-use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    Action, ClientPlan, Plan, Rng, Scenario, ScenarioOutcome, TICK, Target, drive, run_end,
+    Action, ClientPlan, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, Target, drive, run_end,
 };
 
 pub const DUP: &str = "dup";
 pub const DUP_CLIENTS: u32 = 3;
 
-pub fn plan(seed: u64) -> Plan {
-    let mut spec = ClusterSpec::new(seed, 2, 2);
-    spec.tick = TICK;
+pub fn plan(run: RunSpec) -> Plan {
+    let spec = run.cluster(2, 2);
     let mut rng = Rng::new(spec.derive_seed("duplicate-login plan", 0));
     let login_at = Duration::from_secs(2);
     let chat_from = Duration::from_secs(4);
@@ -91,51 +89,47 @@ pub fn plan(seed: u64) -> Plan {
     }
 }
 
-pub fn run(seed: u64) -> ScenarioOutcome {
-    drive(
-        Scenario::DuplicateLogin,
-        plan(seed),
-        |finished, problems| {
-            let mut online_at_end = Vec::new();
-            for i in 0..DUP_CLIENTS {
-                let id = ClientId(i);
-                let Some(history) = finished.rec.client(id) else {
-                    problems.push(format!("{id} of {DUP} never started"));
-                    continue;
-                };
-                let mut ever_online = false;
-                let mut online = false;
-                for (_, seen) in &history.events {
-                    match seen {
-                        Seen::Online { .. } => {
-                            ever_online = true;
-                            online = true;
-                        }
-                        Seen::Reconnecting | Seen::Stopped(_) => online = false,
-                        _ => {}
+pub fn run(run: RunSpec) -> ScenarioOutcome {
+    drive(Scenario::DuplicateLogin, plan(run), |finished, problems| {
+        let mut online_at_end = Vec::new();
+        for i in 0..DUP_CLIENTS {
+            let id = ClientId(i);
+            let Some(history) = finished.rec.client(id) else {
+                problems.push(format!("{id} of {DUP} never started"));
+                continue;
+            };
+            let mut ever_online = false;
+            let mut online = false;
+            for (_, seen) in &history.events {
+                match seen {
+                    Seen::Online { .. } => {
+                        ever_online = true;
+                        online = true;
                     }
-                }
-                if online {
-                    online_at_end.push(id);
-                }
-                let refused = finished
-                    .rec
-                    .client_counters(id)
-                    .get("login 5000 (repeat)")
-                    .copied()
-                    .unwrap_or(0);
-                if !ever_online && refused == 0 {
-                    problems.push(format!(
-                        "{id} of {DUP} was never online and never refused with 5000"
-                    ));
+                    Seen::Reconnecting | Seen::Stopped(_) => online = false,
+                    _ => {}
                 }
             }
-            if online_at_end.len() != 1 {
+            if online {
+                online_at_end.push(id);
+            }
+            let refused = finished
+                .rec
+                .client_counters(id)
+                .get("login 5000 (repeat)")
+                .copied()
+                .unwrap_or(0);
+            if !ever_online && refused == 0 {
                 problems.push(format!(
+                    "{id} of {DUP} was never online and never refused with 5000"
+                ));
+            }
+        }
+        if online_at_end.len() != 1 {
+            problems.push(format!(
                 "{} of {DUP}'s clients online at the end ({online_at_end:?}), expected exactly one",
                 online_at_end.len()
             ));
-            }
-        },
-    )
+        }
+    })
 }

@@ -10,9 +10,8 @@
 use std::time::Duration;
 
 use crate::checker::ClientId;
-use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    ClientPlan, FaultKind, Plan, Rng, Scenario, ScenarioOutcome, TICK, chatters, drive,
+    ClientPlan, FaultKind, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, chatters, drive,
     random_faults, run_end,
 };
 
@@ -21,9 +20,8 @@ pub const GROUP: &str = "crew";
 pub const DUP: &str = "dup";
 pub const LATE: &str = "late";
 
-pub fn plan(seed: u64) -> Plan {
-    let mut spec = ClusterSpec::new(seed, 3, 2);
-    spec.tick = TICK;
+pub fn plan(run: RunSpec) -> Plan {
+    let spec = run.cluster(3, 2);
     let mut rng = Rng::new(spec.derive_seed("everything plan", 0));
     let chat_from = Duration::from_secs(4);
     let fault_at = rng.duration(Duration::from_secs(6), Duration::from_secs(18));
@@ -68,6 +66,6 @@ pub fn plan(seed: u64) -> Plan {
     }
 }
 
-pub fn run(seed: u64) -> ScenarioOutcome {
-    drive(Scenario::Everything, plan(seed), |_, _| {})
+pub fn run(run: RunSpec) -> ScenarioOutcome {
+    drive(Scenario::Everything, plan(run), |_, _| {})
 }

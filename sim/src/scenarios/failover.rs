@@ -6,18 +6,16 @@
 
 use std::time::Duration;
 
-use crate::cluster::ClusterSpec;
 use crate::scenarios::{
-    Action, Plan, Rng, Scenario, ScenarioOutcome, TICK, Target, chatters, drive, run_end,
+    Action, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, Target, chatters, drive, run_end,
 };
 
 pub const CLIENTS: usize = 4;
 pub const GROUP: &str = "crew";
 
 /// The plan of one seed.
-pub fn plan(seed: u64) -> Plan {
-    let mut spec = ClusterSpec::new(seed, 2, 2);
-    spec.tick = TICK;
+pub fn plan(run: RunSpec) -> Plan {
+    let spec = run.cluster(2, 2);
     let mut rng = Rng::new(spec.derive_seed("failover plan", 0));
     let chat_from = Duration::from_secs(4);
     let fault_at = rng.duration(Duration::from_secs(8), Duration::from_secs(20));
@@ -67,6 +65,6 @@ pub fn plan(seed: u64) -> Plan {
     }
 }
 
-pub fn run(seed: u64) -> ScenarioOutcome {
-    drive(Scenario::Failover, plan(seed), |_, _| {})
+pub fn run(run: RunSpec) -> ScenarioOutcome {
+    drive(Scenario::Failover, plan(run), |_, _| {})
 }

@@ -1,5 +1,6 @@
 //! The scenarios: each builds a cluster, runs a seeded workload and fault plan over it,
-//! records the run and checks it. [`Scenario::run`] is one seed.
+//! records the run and checks it. [`Scenario::run`] is one run: a [`RunSpec`] (the seed,
+//! and the balancer and canary it was asked for) decides everything it does.
 //!
 //! Shared pieces: [`Plan`] (what a run does, decided from the seed before it starts),
 //! [`chat_client`] (an SDK client that registers, joins a group, chats and records what its
@@ -19,6 +20,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cim_core::balance::Strategy;
+use cim_core::canary::Canaries;
 use cim_core::client::{ClientConfig, ClientEvent};
 use cim_core::ids::{ConvId, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{StoreCommand, StoreReply};
@@ -66,22 +69,75 @@ impl Scenario {
         Self::ALL.into_iter().find(|s| s.name() == name)
     }
 
-    /// One run of this scenario with `seed`.
-    pub fn run(self, seed: u64) -> ScenarioOutcome {
+    /// One run of this scenario.
+    pub fn run(self, run: RunSpec) -> ScenarioOutcome {
         match self {
-            Self::Failover => failover::run(seed),
-            Self::DuplicateLogin => duplicate_login::run(seed),
-            Self::Broadcast => broadcast::run(seed),
-            Self::Everything => everything::run(seed),
+            Self::Failover => failover::run(run),
+            Self::DuplicateLogin => duplicate_login::run(run),
+            Self::Broadcast => broadcast::run(run),
+            Self::Everything => everything::run(run),
         }
     }
 
-    /// How to replay one seed from a shell.
-    pub fn replay_command(self, seed: u64) -> String {
-        format!(
-            "SIM_SEED={seed} cargo run -p cim-sim --release -- --scenario {}",
+    /// What [`run`](Self::run) will do: decided before the simulation starts.
+    pub fn plan(self, run: RunSpec) -> Plan {
+        match self {
+            Self::Failover => failover::plan(run),
+            Self::DuplicateLogin => duplicate_login::plan(run),
+            Self::Broadcast => broadcast::plan(run),
+            Self::Everything => everything::plan(run),
+        }
+    }
+
+    /// How to replay one run from a shell: every flag that shaped it.
+    pub fn replay_command(self, run: RunSpec) -> String {
+        let mut command = String::new();
+        if run.canaries.off().is_some() {
+            command.push_str("CIM_CANARIES=1 ");
+        }
+        command.push_str(&format!(
+            "SIM_SEED={} cargo run -p cim-sim --release -- --scenario {}",
+            run.seed,
             self.name()
-        )
+        ));
+        if let Some(strategy) = run.balancer {
+            command.push_str(&format!(" --balancer {}", strategy.name()));
+        }
+        if let Some(canary) = run.canaries.off() {
+            command.push_str(&format!(" --canary {canary}"));
+        }
+        command
+    }
+}
+
+/// Everything that decides one run besides the scenario: its seed and the sweep's flags.
+/// Two runs of a scenario with equal specs, each in a fresh process, are byte-identical.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunSpec {
+    pub seed: u64,
+    /// How routes pick a server (`None`: the routes' default, consistent hashing).
+    pub balancer: Option<Strategy>,
+    /// The safety mechanism switched off (canary builds only).
+    pub canaries: Canaries,
+}
+
+impl RunSpec {
+    /// `seed` with the default balancer and no canary.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            ..Self::default()
+        }
+    }
+
+    /// The cluster of this run: `servers` and `routes` on the scenarios' [`TICK`], with the
+    /// run's balancer and canaries.
+    pub fn cluster(self, servers: usize, routes: usize) -> ClusterSpec {
+        let mut spec = ClusterSpec::new(self.seed, servers, routes);
+        spec.tick = TICK;
+        spec.strategy = self.balancer;
+        spec.canaries = self.canaries;
+        spec
     }
 }
 
@@ -89,7 +145,7 @@ impl Scenario {
 #[derive(Debug, Clone)]
 pub struct ScenarioOutcome {
     pub scenario: Scenario,
-    pub seed: u64,
+    pub run: RunSpec,
     /// The checker's verdict.
     pub report: Report,
     /// Scenario-specific findings (beyond the checker's invariants), and a simulation that
@@ -114,13 +170,25 @@ impl ScenarioOutcome {
     }
 }
 
+impl ScenarioOutcome {
+    pub fn seed(&self) -> u64 {
+        self.run.seed
+    }
+}
+
+/// A failing run's report starts with how to replay it and what its faults were, then its
+/// findings.
 impl fmt::Display for ScenarioOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.is_clean() {
+            writeln!(f, "replay: {}", self.scenario.replay_command(self.run))?;
+            write_fault_plan(f, &self.faults)?;
+        }
         writeln!(
             f,
             "{} SIM_SEED={} trace {:016x}, {} simulated: {}",
             self.scenario.name(),
-            self.seed,
+            self.run.seed,
             self.trace_hash,
             secs(self.sim_time),
             self.report
@@ -128,15 +196,16 @@ impl fmt::Display for ScenarioOutcome {
         for p in &self.problems {
             writeln!(f, "  {p}")?;
         }
-        if !self.is_clean() {
-            writeln!(f, "  fault plan:")?;
-            for fault in &self.faults {
-                writeln!(f, "    {fault}")?;
-            }
-            write!(f, "replay: {}", self.scenario.replay_command(self.seed))?;
-        }
         Ok(())
     }
+}
+
+fn write_fault_plan(f: &mut impl fmt::Write, faults: &[String]) -> fmt::Result {
+    writeln!(f, "fault plan:")?;
+    for fault in faults {
+        writeln!(f, "  {fault}")?;
+    }
+    Ok(())
 }
 
 /// SplitMix64: the scenarios' own seeded choices (stable, no dependency).
@@ -253,6 +322,23 @@ pub struct Plan {
     pub end: Duration,
     /// Clients that must have joined the group before anyone posts in it.
     pub group_members: usize,
+}
+
+impl Plan {
+    /// The fault plan, one action a line with its time.
+    pub fn faults(&self) -> Vec<String> {
+        self.actions
+            .iter()
+            .map(|(at, action)| format!("{}: {action:?}", secs(*at)))
+            .collect()
+    }
+
+    /// What a run prints before it starts: how to replay it and its fault plan.
+    pub fn preamble(&self, scenario: Scenario, run: RunSpec) -> String {
+        let mut text = format!("replay: {}\n", scenario.replay_command(run));
+        let _ = write_fault_plan(&mut text, &self.faults());
+        text
+    }
 }
 
 /// The cluster's session and reconnect settings, as every client uses them.
@@ -731,7 +817,12 @@ pub fn drive(
             Arc::new(move |id: &ServerId| rec.session_observer(id))
         }),
     };
-    let seed = plan.spec.seed;
+    let run = RunSpec {
+        seed: plan.spec.seed,
+        balancer: plan.spec.strategy,
+        canaries: plan.spec.canaries,
+    };
+    let fault_plan = plan.faults();
     let mut cluster = Cluster::build_with(plan.spec.clone(), hooks);
     let shared = Shared::default();
     let client_hosts: Vec<String> = plan
@@ -859,17 +950,13 @@ pub fn drive(
     }
     ScenarioOutcome {
         scenario,
-        seed,
+        run,
         trace_hash: trace_hash(&history),
         report,
         problems,
         counters,
         sim_time,
-        faults: plan
-            .actions
-            .iter()
-            .map(|(at, action)| format!("{}: {action:?}", secs(*at)))
-            .collect(),
+        faults: fault_plan,
     }
 }
 
