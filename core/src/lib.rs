@@ -18,6 +18,7 @@
 
 pub mod accounts;
 pub mod balance;
+pub mod bearer;
 pub mod canary;
 pub mod claims;
 pub mod client;
