@@ -58,9 +58,6 @@ mod health;
 
 /// Largest request body accepted.
 pub(super) const MAX_BODY: usize = 64 * 1024;
-/// Longest history page (the rule is `cim_core::history`'s).
-pub(super) const MAX_HISTORY: u32 = history::MAX_LIMIT;
-pub(super) const DEFAULT_HISTORY: u32 = history::DEFAULT_LIMIT;
 /// Most users `GET /onlineUser` lists.
 const MAX_ONLINE: u32 = 1000;
 /// `/health` waits this long for the store.

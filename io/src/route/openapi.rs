@@ -18,11 +18,11 @@ use cim_core::accounts::{
     DEFAULT_MIN_PASSWORD_LEN, MAX_NAME_LEN, MAX_PASSWORD_LEN, RESERVED_NAMES,
 };
 use cim_core::delivery::DeliveryConfig;
+use cim_core::history::{DEFAULT_LIMIT as DEFAULT_HISTORY, MAX_LIMIT as MAX_HISTORY};
 use cim_core::ids::MAX_GROUP_NAME;
 use serde_json::{Value, json};
 
 use super::RouteOptions;
-use super::api::{DEFAULT_HISTORY, MAX_HISTORY};
 use crate::api::{MAX_ID, MAX_USER_NAMES};
 
 /// A client message id: UUID text, hex digits of either case, dashes at 8-4-4-4-12

@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
-use super::driver::Input;
+use super::input::Input;
 use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream};
 use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;

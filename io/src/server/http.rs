@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
-use super::driver::{Input, Snapshot};
+use super::input::{Input, Snapshot};
 use crate::http_server::{HttpLimits, HttpStats};
 use crate::metrics::{Exposition, Kind};
 use crate::net::{Listener, Stream};
@@ -408,7 +408,7 @@ const KICK_REASONS: [(KickReason, &str); 8] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::driver::ShellStats;
+    use crate::server::input::ShellStats;
     use cim_core::server::ServerStats;
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::driver::{Input, LinkId};
+use super::input::{Input, LinkId};
 use super::{LINK_IDLE_TIMEOUT, ServerError};
 use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, framed};
 use crate::nonces::{NoEntropy, NonceSource};

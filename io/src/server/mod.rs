@@ -38,6 +38,7 @@
 mod driver;
 mod gateway;
 mod http;
+mod input;
 mod link;
 mod registration;
 mod store_watch;
@@ -64,7 +65,8 @@ use crate::store::Store;
 use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
-use self::driver::{Driver, Input};
+use self::driver::Driver;
+use self::input::Input;
 use self::registration::RegistryCtl;
 
 /// How long an authenticated route link may stay silent before it is reaped. Routes ping

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
-use super::driver::Input;
+use super::input::Input;
 use crate::registry::{Registration, RegistryError, SessionHealth};
 
 pub(super) enum RegistryCtl {

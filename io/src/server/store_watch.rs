@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
-use super::driver::Input;
+use super::input::Input;
 use super::registration::RegistryCtl;
 use crate::clock::Clock;
 use crate::store::Store;
