@@ -126,5 +126,3 @@ fn bearer_token_table() {
         assert_eq!(key.verify(&token, now), want, "{label}");
     }
 }
-
-// --- the per-account throttle and the password phase's bound ----------------------
