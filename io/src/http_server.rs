@@ -176,7 +176,7 @@ impl HttpStats {
             (
                 "http_tls_on_plaintext_total",
                 Kind::Counter,
-                "TLS clients on this plain HTTP listener, answered in plaintext and closed (an https:// URL for an http:// route).",
+                "TLS clients on this plain HTTP listener (an https:// URL for an http:// one), answered in plaintext and closed.",
                 load(&self.tls_on_plaintext),
             ),
             (
