@@ -209,14 +209,10 @@ macro_rules! overlay {
 }
 
 fn strategy(name: Option<&str>) -> anyhow::Result<Strategy> {
-    Ok(match name.unwrap_or("consistent-hash") {
-        "consistent-hash" => Strategy::ConsistentHash,
-        "round-robin" => Strategy::RoundRobin,
-        "random" => Strategy::Random,
-        "least-connections" => Strategy::LeastConnections,
-        other => anyhow::bail!(
-            "--balance {other:?}: use consistent-hash, round-robin, random or least-connections"
-        ),
+    let name = name.unwrap_or(Strategy::ConsistentHash.name());
+    Strategy::from_name(name).ok_or_else(|| {
+        let names = Strategy::ALL.map(Strategy::name).join(", ");
+        anyhow::anyhow!("--balance {name:?}: use one of {names}")
     })
 }
 
