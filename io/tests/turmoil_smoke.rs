@@ -18,7 +18,7 @@ use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::net::TurmoilNet;
 use cim_io::registry::MemoryRegistry;
-use cim_io::route::{self, RouteOptions};
+use cim_io::route::{self, PasswordRunner, RouteOptions};
 use cim_io::sdk::{Client, RouteApi, SdkOptions};
 use cim_io::server::{self, ServerOptions};
 use cim_io::store::{MemoryBackend, Store};
@@ -76,6 +76,7 @@ fn route_server_and_client_chat_over_simulated_sockets() {
             );
             options.http_listen = SocketAddr::new(ANY, 8083);
             options.seed = 7;
+            options.password_runner = PasswordRunner::Inline;
             let mut handle = route::start(
                 TurmoilNet,
                 Clock::simulated(ORIGIN),

@@ -38,7 +38,7 @@ use cim_io::nonces::NonceSource;
 use cim_io::registry::{
     RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
 };
-use cim_io::route::{self, RouteOptions};
+use cim_io::route::{self, PasswordRunner, RouteOptions};
 use cim_io::sdk::SdkOptions;
 use cim_io::server::{self, ServerOptions, SessionObserver};
 use cim_io::store::{MemoryBackend, RemoteOptions, RemoteStore, Store, serve_store};
@@ -370,6 +370,8 @@ impl Cluster {
                     // The simulation judges logins, not hashing: OWASP's argon2 costs tens of
                     // milliseconds of real CPU per login and dominated a run's wall time.
                     options.login.password = PasswordParams::for_tests();
+                    // No thread outside turmoil's control may finish a password job.
+                    options.password_runner = PasswordRunner::Inline;
                     let mut handle = start_supervised("route", || {
                         let (spec, options) = (&spec, &options);
                         async move {
