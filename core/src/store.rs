@@ -11,9 +11,8 @@ use bytes::Bytes;
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 
 /// Correlates a [`StoreReply`] with the request that caused it. Unique per machine.
-#[derive(
-    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
-)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +21,8 @@ pub struct StoreRequest {
     pub command: StoreCommand,
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub user: UserId,
     /// As first registered (case kept); unique regardless of ASCII case.
@@ -39,9 +39,8 @@ pub struct Account {
 /// reports `cursor_seq` at least `seq`. A log with another epoch was created after the
 /// registration (logs are only ever replaced by newer ones), so all of it is owed.
 /// Accounts registered before the store recorded this start at 0 (everything, as before).
-#[derive(
-    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, Hash,
-)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct AllFrom {
     /// `LogEpoch(0)`: no `all` log existed at registration.
     pub log_epoch: LogEpoch,
@@ -60,7 +59,8 @@ impl AllFrom {
 }
 
 /// One row of [`StoreCommand::ListAccounts`] (the admin listing).
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountSummary {
     pub user: UserId,
     pub name: String,
@@ -69,7 +69,8 @@ pub struct AccountSummary {
 }
 
 /// What [`StoreCommand::DeleteAccount`] did.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deleted {
     pub name: String,
     /// The claim that was live or lapsed at deletion (now released): the route kicks its
@@ -80,7 +81,8 @@ pub struct Deleted {
 }
 
 /// A user's login claim: which server the user's one session may live on, under which epoch.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub epoch: Epoch,
     pub server: ServerId,
@@ -91,7 +93,8 @@ pub struct Claim {
 }
 
 /// Everything the store knows about a user's claims.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClaimState {
     /// The highest epoch ever issued to this user (0 = never logged in). Survives the claim.
     pub epoch: Epoch,
@@ -100,14 +103,16 @@ pub struct ClaimState {
 }
 
 /// Where a user's session lives, as written by the server that holds it.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteRecord {
     pub server: ServerId,
     pub epoch: Epoch,
 }
 
 /// One message as stored in a conversation's log.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     pub conv: ConvId,
     pub log_epoch: LogEpoch,
@@ -119,7 +124,8 @@ pub struct StoredMessage {
 }
 
 /// A conversation's log bounds and a user's read cursor in it.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConvHead {
     pub conv: ConvId,
     pub log_epoch: LogEpoch,
@@ -132,7 +138,8 @@ pub struct ConvHead {
 }
 
 /// What a successful append tells the sender.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     pub message: StoredMessage,
     /// True when (sender, msg id) was already appended: the seq is the original one and
@@ -140,9 +147,8 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-#[derive(
-    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, thiserror::Error,
-)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {
     #[error("the sender is not a member of the conversation")]
     NotMember,
@@ -167,9 +173,8 @@ pub enum AppendError {
 /// [`AppendError::OutOfOrder`]): so a stream's messages take conversation seqs in the order
 /// of their `seq`, whatever order their appends arrive in. The record lives as long as the
 /// idempotency records (at least the clients' outbox maximum age), refreshed by each append.
-#[derive(
-    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
-)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SendOrder {
     /// One run of one client: random, so two devices or two runs never share a counter.
     pub stream: u64,
@@ -194,7 +199,8 @@ impl SendOrder {
 
 /// An account's failed logins as the login throttle counts them (`login_throttle`). The
 /// default (no record) is zero failures.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoginFailures {
     /// Failed (or not yet judged) logins since the last success, or since the record was
     /// forgotten.
@@ -204,7 +210,8 @@ pub struct LoginFailures {
 }
 
 /// Outcome of one lease refresh entry.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseRefresh {
     /// The claim still has this epoch and server; its lease now runs to the new deadline.
     Refreshed,
@@ -214,7 +221,8 @@ pub enum LeaseRefresh {
     Gone,
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreCommand {
     /// Create an account with a fresh id. Names are unique.
     RegisterAccount {
@@ -357,7 +365,8 @@ pub enum StoreCommand {
     },
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreReply {
     AccountRegistered(Result<UserId, NameTaken>),
     Account(Option<Account>),
@@ -409,22 +418,23 @@ pub enum StoreReply {
 }
 
 /// One user of [`StoreReply::Online`].
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OnlineEntry {
     pub user: UserId,
     pub name: String,
     pub server: ServerId,
 }
 
-#[derive(
-    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, thiserror::Error,
-)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("this user name is taken")]
 pub struct NameTaken;
 
 /// A store request that did not complete: the shell's timeout or a backend error. The
 /// machine cannot know whether a write took effect, so every command is safe to retry.
-#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("store unavailable: {0}")]
 pub struct StoreUnavailable(pub String);
 
