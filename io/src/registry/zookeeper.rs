@@ -558,7 +558,6 @@ async fn create_node(
     }
 }
 
-
 /// Serves one registration across sessions: ZooKeeper's transport for a
 /// [`cim_core::registry_keeper::RegistryKeeper`] (in [`Shell`]), which decides everything
 /// else. The client library resumes a session on new connections by itself and reports its
