@@ -4,13 +4,15 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A registered user. Assigned by the store at registration, never reused.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 pub struct UserId(pub u64);
 
 /// A server, by the name it registers under (unique among live servers).
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 pub struct ServerId(pub String);
 
 impl ServerId {
@@ -36,8 +38,19 @@ impl fmt::Display for UserId {
 
 /// A user's login epoch. Per user, it only grows: every successful login or takeover takes
 /// the next one, and every claim/route change compares it first (fencing).
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+)]
 pub struct Epoch(pub u64);
 
 impl Epoch {
@@ -49,14 +62,36 @@ impl Epoch {
 /// A random number chosen when a conversation's log is created. A (log epoch, seq) pair
 /// names one message forever; a log that was lost and recreated gets a new epoch, so a
 /// client never dedups a new message against an old one.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+)]
 pub struct LogEpoch(pub u64);
 
 /// 128 random bits chosen by the sending client; with the sender it makes an append
 /// idempotent.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+)]
 pub struct ClientMsgId(pub u128);
 
 impl ClientMsgId {
@@ -114,8 +149,19 @@ pub struct ApiRequestId(pub u64);
 /// Wall-clock time in unix milliseconds: ticket expiry, lease deadlines in the store,
 /// message timestamps. Monotonic deadlines use `std::time::Instant` instead; both are always
 /// passed in by the caller.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+)]
 pub struct UnixMillis(pub u64);
 
 impl UnixMillis {
@@ -128,8 +174,9 @@ impl UnixMillis {
 pub const MAX_GROUP_NAME: usize = 64;
 
 /// A conversation. Canonical text form: `all`, `g:<name>`, `p:<low>:<high>`.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 pub enum ConvId {
     /// The built-in group every user belongs to.
     All,

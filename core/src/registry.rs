@@ -4,8 +4,7 @@
 use crate::ids::ServerId;
 
 /// One live server and where to reach it, as it registered itself.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct LiveServer {
     pub id: ServerId,
     /// Host (IP or name) clients connect to.
@@ -20,7 +19,7 @@ pub struct LiveServer {
     pub connections: u32,
     /// Whether its client gateway expects TLS (it may still take plaintext while an
     /// operator migrates; clients that can should use TLS then).
-    #[cfg_attr(feature = "serde", serde(default))]
+    #[serde(default)]
     pub client_tls: bool,
 }
 
@@ -37,8 +36,7 @@ impl LiveServer {
 
 /// Where a client reaches a server, as the route's login answer names it: a host the
 /// server's certificate is valid for (a name or an IP), a port, and whether to speak TLS.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ServerEndpoint {
     pub host: String,
     pub port: u16,

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 
 /// Correlates a [`StoreReply`] with the request that caused it. Unique per machine.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 pub struct RequestId(pub u64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,8 +22,7 @@ pub struct StoreRequest {
     pub command: StoreCommand,
 }
 
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub user: UserId,
     /// As first registered (case kept); unique regardless of ASCII case.
@@ -39,8 +39,9 @@ pub struct Account {
 /// reports `cursor_seq` at least `seq`. A log with another epoch was created after the
 /// registration (logs are only ever replaced by newer ones), so all of it is owed.
 /// Accounts registered before the store recorded this start at 0 (everything, as before).
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, Hash,
+)]
 pub struct AllFrom {
     /// `LogEpoch(0)`: no `all` log existed at registration.
     pub log_epoch: LogEpoch,
@@ -59,8 +60,7 @@ impl AllFrom {
 }
 
 /// One row of [`StoreCommand::ListAccounts`] (the admin listing).
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct AccountSummary {
     pub user: UserId,
     pub name: String,
@@ -69,8 +69,7 @@ pub struct AccountSummary {
 }
 
 /// What [`StoreCommand::DeleteAccount`] did.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Deleted {
     pub name: String,
     /// The claim that was live or lapsed at deletion (now released): the route kicks its
@@ -81,8 +80,7 @@ pub struct Deleted {
 }
 
 /// A user's login claim: which server the user's one session may live on, under which epoch.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub epoch: Epoch,
     pub server: ServerId,
@@ -93,8 +91,7 @@ pub struct Claim {
 }
 
 /// Everything the store knows about a user's claims.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClaimState {
     /// The highest epoch ever issued to this user (0 = never logged in). Survives the claim.
     pub epoch: Epoch,
@@ -103,16 +100,14 @@ pub struct ClaimState {
 }
 
 /// Where a user's session lives, as written by the server that holds it.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct RouteRecord {
     pub server: ServerId,
     pub epoch: Epoch,
 }
 
 /// One message as stored in a conversation's log.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     pub conv: ConvId,
     pub log_epoch: LogEpoch,
@@ -124,8 +119,7 @@ pub struct StoredMessage {
 }
 
 /// A conversation's log bounds and a user's read cursor in it.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ConvHead {
     pub conv: ConvId,
     pub log_epoch: LogEpoch,
@@ -138,8 +132,7 @@ pub struct ConvHead {
 }
 
 /// What a successful append tells the sender.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     pub message: StoredMessage,
     /// True when (sender, msg id) was already appended: the seq is the original one and
@@ -147,8 +140,9 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, thiserror::Error,
+)]
 pub enum AppendError {
     #[error("the sender is not a member of the conversation")]
     NotMember,
@@ -173,8 +167,9 @@ pub enum AppendError {
 /// [`AppendError::OutOfOrder`]): so a stream's messages take conversation seqs in the order
 /// of their `seq`, whatever order their appends arrive in. The record lives as long as the
 /// idempotency records (at least the clients' outbox maximum age), refreshed by each append.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 pub struct SendOrder {
     /// One run of one client: random, so two devices or two runs never share a counter.
     pub stream: u64,
@@ -199,8 +194,7 @@ impl SendOrder {
 
 /// An account's failed logins as the login throttle counts them (`login_throttle`). The
 /// default (no record) is zero failures.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoginFailures {
     /// Failed (or not yet judged) logins since the last success, or since the record was
     /// forgotten.
@@ -210,8 +204,7 @@ pub struct LoginFailures {
 }
 
 /// Outcome of one lease refresh entry.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseRefresh {
     /// The claim still has this epoch and server; its lease now runs to the new deadline.
     Refreshed,
@@ -221,8 +214,7 @@ pub enum LeaseRefresh {
     Gone,
 }
 
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum StoreCommand {
     /// Create an account with a fresh id. Names are unique.
     RegisterAccount {
@@ -365,8 +357,7 @@ pub enum StoreCommand {
     },
 }
 
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum StoreReply {
     AccountRegistered(Result<UserId, NameTaken>),
     Account(Option<Account>),
@@ -418,23 +409,22 @@ pub enum StoreReply {
 }
 
 /// One user of [`StoreReply::Online`].
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct OnlineEntry {
     pub user: UserId,
     pub name: String,
     pub server: ServerId,
 }
 
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, thiserror::Error,
+)]
 #[error("this user name is taken")]
 pub struct NameTaken;
 
 /// A store request that did not complete: the shell's timeout or a backend error. The
 /// machine cannot know whether a write took effect, so every command is safe to retry.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("store unavailable: {0}")]
 pub struct StoreUnavailable(pub String);
 
