@@ -1,7 +1,8 @@
 //! The network seam: everything the shell does with sockets goes through [`Network`], which
-//! has one implementation over tokio ([`TokioNet`], production) and one over turmoil
-//! ([`TurmoilNet`], simulation). The choice is a type parameter, never a Cargo feature:
-//! features unify across the workspace and would switch the production binaries too.
+//! has one implementation over tokio here ([`TokioNet`], production) and one over turmoil
+//! in `cim-sim-hosts` (`TurmoilNet`, simulation and tests), so turmoil is no dependency of
+//! the production binaries. The choice is a type parameter, never a Cargo feature: features
+//! unify across the workspace and would switch the production binaries too.
 //!
 //! Every read, write and connect has a timeout here (a partitioned turmoil link, like a
 //! blackholed real one, goes quiet instead of failing), and frames are read and written
@@ -82,35 +83,6 @@ impl Listener for tokio::net::TcpListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         tokio::net::TcpListener::local_addr(self)
-    }
-}
-
-/// turmoil's simulated sockets; only usable inside a turmoil host.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TurmoilNet;
-
-impl Network for TurmoilNet {
-    type Stream = turmoil::net::TcpStream;
-    type Listener = turmoil::net::TcpListener;
-
-    async fn bind(&self, addr: SocketAddr) -> io::Result<Self::Listener> {
-        turmoil::net::TcpListener::bind(addr).await
-    }
-
-    async fn dial(&self, host: String, port: u16) -> io::Result<Self::Stream> {
-        turmoil::net::TcpStream::connect((host, port)).await
-    }
-}
-
-impl Listener for turmoil::net::TcpListener {
-    type Stream = turmoil::net::TcpStream;
-
-    async fn accept(&mut self) -> io::Result<(Self::Stream, SocketAddr)> {
-        turmoil::net::TcpListener::accept(self).await
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        turmoil::net::TcpListener::local_addr(self)
     }
 }
 

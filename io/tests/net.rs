@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cim_io::net::{self, Listener, Network, ReadError, TokioNet, TurmoilNet, framed};
+use cim_io::net::{self, Listener, Network, ReadError, TokioNet, framed};
 use cim_proto::codec::{DecodeError, FrameCodec};
 use cim_proto::frame::Kind;
 use cim_proto::{Frame, Ping};
+use cim_sim_hosts::TurmoilNet;
 use tokio::io::AsyncWriteExt;
 
 const T: Duration = Duration::from_secs(5);

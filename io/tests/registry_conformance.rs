@@ -18,7 +18,7 @@ use cim_io::registry::{
     AnyRegistry, MemoryRegistry, Registry, RegistryError, RegistryView, ServerMap, SessionHealth,
     ZkConfig, ZkRegistry,
 };
-use cim_io::registry::{
+use cim_sim_hosts::registry::{
     RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry_on,
 };
 use tokio::sync::watch;

@@ -15,9 +15,7 @@ use cim_core::store::{Claim, StoreCommand, StoreReply};
 use cim_core::tickets::{Grant, TicketKeys};
 use cim_io::clock::Clock;
 use cim_io::http_client::HttpClient;
-use cim_io::net::{
-    self, FrameReader, FrameWriter, Network, ReadError, Stream, TokioNet, TurmoilNet, framed,
-};
+use cim_io::net::{self, FrameReader, FrameWriter, Network, ReadError, Stream, TokioNet, framed};
 use cim_io::registry::{MemoryRegistry, Registry};
 use cim_io::server::{ServerHandle, ServerOptions, start};
 use cim_io::store::{MemoryBackend, Store};
@@ -27,6 +25,7 @@ use cim_proto::{
     ErrorCode, Frame, KickReason, KickUser, Login, Message, Ping, Push, PushBatch, RouteSend,
     RouteSendResult, Send, SendAck, Ticket,
 };
+use cim_sim_hosts::TurmoilNet;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;

@@ -23,10 +23,8 @@ use cim_core::store::{
     RouteRecord, SendOrder, StoreCommand, StoreReply, StoredMessage,
 };
 use cim_io::net::{Network, TokioNet};
-use cim_io::store::{
-    ConnectError, MemoryBackend, RedisOptions, RedisStore, RemoteOptions, RemoteStore, Store,
-    serve_store_on,
-};
+use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
+use cim_sim_hosts::store::{RemoteOptions, RemoteStore, serve_store_on};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -16,12 +16,12 @@ use cim_core::memstore::MemoryStoreConfig;
 use cim_core::server::ServerConfig;
 use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
-use cim_io::net::TurmoilNet;
 use cim_io::registry::MemoryRegistry;
-use cim_io::route::{self, RouteOptions};
+use cim_io::route::{self, PasswordRunner, RouteOptions};
 use cim_io::sdk::{Client, RouteApi, SdkOptions};
 use cim_io::server::{self, ServerOptions};
 use cim_io::store::{MemoryBackend, Store};
+use cim_sim_hosts::TurmoilNet;
 
 const ORIGIN: UnixMillis = UnixMillis(1_800_000_000_000);
 const TICKET_SECRET: &[u8] = b"turmoil-ticket-secret";
@@ -76,6 +76,7 @@ fn route_server_and_client_chat_over_simulated_sockets() {
             );
             options.http_listen = SocketAddr::new(ANY, 8083);
             options.seed = 7;
+            options.password_runner = PasswordRunner::Inline;
             let mut handle = route::start(
                 TurmoilNet,
                 Clock::simulated(ORIGIN),

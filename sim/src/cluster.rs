@@ -33,15 +33,17 @@ use cim_core::memstore::MemoryStoreConfig;
 use cim_core::server::ServerConfig;
 use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
-use cim_io::net::TurmoilNet;
 use cim_io::nonces::NonceSource;
-use cim_io::registry::{
-    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
-};
-use cim_io::route::{self, RouteOptions};
+
+use cim_io::route::{self, PasswordRunner, RouteOptions};
 use cim_io::sdk::SdkOptions;
 use cim_io::server::{self, ServerOptions, SessionObserver};
-use cim_io::store::{MemoryBackend, RemoteOptions, RemoteStore, Store, serve_store};
+use cim_io::store::{MemoryBackend, Store};
+use cim_sim_hosts::TurmoilNet;
+use cim_sim_hosts::registry::{
+    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
+};
+use cim_sim_hosts::store::{RemoteOptions, RemoteStore, serve_store};
 
 pub const STORE_HOST: &str = "store";
 pub const STORE_PORT: u16 = 6379;
@@ -370,6 +372,8 @@ impl Cluster {
                     // The simulation judges logins, not hashing: OWASP's argon2 costs tens of
                     // milliseconds of real CPU per login and dominated a run's wall time.
                     options.login.password = PasswordParams::for_tests();
+                    // No thread outside turmoil's control may finish a password job.
+                    options.password_runner = PasswordRunner::Inline;
                     let mut handle = start_supervised("route", || {
                         let (spec, options) = (&spec, &options);
                         async move {

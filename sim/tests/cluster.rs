@@ -6,9 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use cim_core::client::ClientEvent;
 use cim_core::ids::{ConvId, UserId};
-use cim_io::net::TurmoilNet;
 use cim_io::sdk::{Client, RouteApi};
 use cim_sim::cluster::{Cluster, ClusterSpec};
+use cim_sim_hosts::TurmoilNet;
 
 #[test]
 fn a_client_chats_through_a_cluster_with_remote_store_and_registry() {

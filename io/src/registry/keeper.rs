@@ -1,7 +1,10 @@
 //! What the ZooKeeper and the simulated registry's drivers share around
 //! [`RegistryKeeper`]: the registration's command channel, the replies, the health watch
 //! and the lost-session counter. Each driver owns its transport and runs the operations the
-//! machine asks for; everything it decides is the machine's.
+//! machine asks for; everything it decides is the machine's. Public so that a driver outside
+//! this crate (the simulated registry in `cim-sim-hosts`) runs the same plumbing: it builds
+//! a [`Shell`], hands [`Parts`] to [`Registration::from_keeper`](super::Registration::from_keeper),
+//! and carries out each [`Effect`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +21,8 @@ use super::{RegistryError, SessionHealth};
 
 type Reply = oneshot::Sender<Result<(), RegistryError>>;
 
-pub(super) enum Cmd {
+#[derive(Debug)]
+pub enum Cmd {
     Update(u32, Reply),
     /// Apply the registration's current listing wish (read from the shared flag when the
     /// command is served, so racing calls converge on the last wish stored).
@@ -27,7 +31,7 @@ pub(super) enum Cmd {
 }
 
 /// The driver's side of a [`super::Registration`]: the keeper's command channel.
-pub(super) struct KeeperHandle {
+pub struct KeeperHandle {
     cmds: mpsc::Sender<Cmd>,
 }
 
@@ -47,22 +51,23 @@ impl KeeperHandle {
         rx.await.map_err(|_| RegistryError::Closed)?
     }
 
-    pub(super) async fn update(&self, connections: u32) -> Result<(), RegistryError> {
+    pub async fn update(&self, connections: u32) -> Result<(), RegistryError> {
         self.ask(|tx| Cmd::Update(connections, tx)).await
     }
 
-    pub(super) async fn set_listed(&self) -> Result<(), RegistryError> {
+    pub async fn set_listed(&self) -> Result<(), RegistryError> {
         self.ask(Cmd::SetListed).await
     }
 
-    pub(super) async fn deregister(self) -> Result<(), RegistryError> {
+    pub async fn deregister(self) -> Result<(), RegistryError> {
         self.ask(Cmd::Deregister).await
     }
 }
 
 /// What the driver must do for the machine (everything else [`Shell::next_effect`] does
 /// itself).
-pub(super) enum Effect {
+#[derive(Debug)]
+pub enum Effect {
     Establish {
         server: LiveServer,
         listed: bool,
@@ -87,9 +92,9 @@ pub(super) enum Effect {
 }
 
 /// The machine and the registration's shared state.
-pub(super) struct Shell {
-    pub(super) machine: RegistryKeeper<RegistryError>,
-    pub(super) cmds: mpsc::Receiver<Cmd>,
+pub struct Shell {
+    pub machine: RegistryKeeper<RegistryError>,
+    pub cmds: mpsc::Receiver<Cmd>,
     health: watch::Sender<SessionHealth>,
     sessions_lost: Arc<AtomicU64>,
     /// The registration's listing wish, stored by `Registration::set_listed` before it sends
@@ -100,16 +105,25 @@ pub(super) struct Shell {
 }
 
 /// The registration's ends of what a [`Shell`] serves.
-pub(super) struct Parts {
-    pub(super) health: watch::Receiver<SessionHealth>,
-    pub(super) sessions_lost: Arc<AtomicU64>,
-    pub(super) listed: Arc<AtomicBool>,
-    pub(super) handle: KeeperHandle,
+#[derive(Debug)]
+pub struct Parts {
+    pub health: watch::Receiver<SessionHealth>,
+    pub sessions_lost: Arc<AtomicU64>,
+    pub listed: Arc<AtomicBool>,
+    pub handle: KeeperHandle,
+}
+
+impl std::fmt::Debug for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shell")
+            .field("server", &self.machine.server().id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shell {
     /// A keeper for `server`, registered (listed) in `session`.
-    pub(super) fn new(config: KeeperConfig, server: LiveServer, session: Session) -> (Self, Parts) {
+    pub fn new(config: KeeperConfig, server: LiveServer, session: Session) -> (Self, Parts) {
         let (health_tx, health_rx) = watch::channel(SessionHealth::Connected);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let sessions_lost = Arc::new(AtomicU64::new(0));
@@ -133,7 +147,7 @@ impl Shell {
     }
 
     /// Feeds a command (`None`: the registration is gone) to the machine.
-    pub(super) fn feed(&mut self, cmd: Option<Cmd>) {
+    pub fn feed(&mut self, cmd: Option<Cmd>) {
         let now = now();
         let mut request = |reply: Reply| {
             self.next_request += 1;
@@ -161,7 +175,7 @@ impl Shell {
 
     /// Carries out the machine's outputs that need no transport (answers, health, the lost
     /// count) until one does, and returns that one.
-    pub(super) fn next_effect(&mut self) -> Option<Effect> {
+    pub fn next_effect(&mut self) -> Option<Effect> {
         loop {
             let effect = match self.machine.poll_output()? {
                 KeeperOutput::Answer { id, result } => {
@@ -223,6 +237,6 @@ impl Shell {
 }
 
 /// The machine's time: tokio's clock, so a simulation controls it.
-pub(super) fn now() -> std::time::Instant {
+pub fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }

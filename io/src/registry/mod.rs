@@ -52,13 +52,13 @@
 //! lets the shell pick one at run time. Both pass the same conformance suite
 //! (`io/tests/registry_conformance.rs`).
 
-mod keeper;
+pub mod keeper;
 mod memory;
-pub mod remote;
 mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -70,10 +70,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use memory::MemoryRegistry;
-pub use remote::{
-    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
-    serve_registry_on,
-};
 pub use zookeeper::{ZkAuth, ZkConfig, ZkRegistry, ZkTls};
 
 /// The persistent ZooKeeper node the server nodes live under, unless configured otherwise.
@@ -138,7 +134,8 @@ pub enum RegistryError {
     /// The task serving this registration has stopped (the runtime is shutting down).
     #[error("the registration is no longer served")]
     Closed,
-    /// The simulation's registry host could not be reached or answered nonsense.
+    /// Another backend's host (the simulation's registry host) could not be reached or
+    /// answered nonsense.
     #[error("registry host `{op}` failed: {reason}")]
     Remote { op: &'static str, reason: String },
     #[error("encoding node data: {0}")]
@@ -158,18 +155,46 @@ pub trait Registry: Send + Sync {
     fn watch(&self) -> impl Future<Output = Result<RegistryView, RegistryError>> + Send;
 }
 
-/// Any backend, chosen at run time (`cim up` vs `--zk`; `Remote`: a registry host over real
-/// sockets, as the conformance suite runs it; simulations use `RemoteRegistry<TurmoilNet>`).
+/// A boxed, sendable future borrowing the registry.
+pub type RegistryFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`Registry`] as a trait object, for a backend this crate does not name
+/// ([`AnyRegistry::Other`]: the simulation's registry host in tests). Every `Registry` is one.
+pub trait DynRegistry: Send + Sync + std::fmt::Debug {
+    fn register_boxed(
+        &self,
+        server: LiveServer,
+    ) -> RegistryFuture<'_, Result<Registration, RegistryError>>;
+
+    fn watch_boxed(&self) -> RegistryFuture<'_, Result<RegistryView, RegistryError>>;
+}
+
+impl<R: Registry + std::fmt::Debug> DynRegistry for R {
+    fn register_boxed(
+        &self,
+        server: LiveServer,
+    ) -> RegistryFuture<'_, Result<Registration, RegistryError>> {
+        Box::pin(self.register(server))
+    }
+
+    fn watch_boxed(&self) -> RegistryFuture<'_, Result<RegistryView, RegistryError>> {
+        Box::pin(self.watch())
+    }
+}
+
+/// Any backend, chosen at run time (`cim up` vs `--zk`; `Other`: a backend from outside this
+/// crate, such as the simulation's registry host over real sockets in the conformance suite).
 #[derive(Debug, Clone)]
 pub enum AnyRegistry {
     Memory(MemoryRegistry),
     Zk(ZkRegistry),
-    Remote(RemoteRegistry<crate::net::TokioNet>),
+    Other(Arc<dyn DynRegistry>),
 }
 
-impl From<RemoteRegistry<crate::net::TokioNet>> for AnyRegistry {
-    fn from(r: RemoteRegistry<crate::net::TokioNet>) -> Self {
-        AnyRegistry::Remote(r)
+impl AnyRegistry {
+    /// A backend this crate does not name, boxed.
+    pub fn other(registry: impl Registry + std::fmt::Debug + 'static) -> Self {
+        AnyRegistry::Other(Arc::new(registry))
     }
 }
 
@@ -190,7 +215,7 @@ impl Registry for AnyRegistry {
         match self {
             AnyRegistry::Memory(r) => r.register(server).await,
             AnyRegistry::Zk(r) => r.register(server).await,
-            AnyRegistry::Remote(r) => r.register(server).await,
+            AnyRegistry::Other(r) => r.register_boxed(server).await,
         }
     }
 
@@ -198,7 +223,7 @@ impl Registry for AnyRegistry {
         match self {
             AnyRegistry::Memory(r) => r.watch().await,
             AnyRegistry::Zk(r) => r.watch().await,
-            AnyRegistry::Remote(r) => r.watch().await,
+            AnyRegistry::Other(r) => r.watch_boxed().await,
         }
     }
 }
@@ -218,11 +243,23 @@ pub struct Registration {
 #[derive(Debug)]
 enum RegistrationBackend {
     Memory(memory::MemoryHandle),
-    Zk(zookeeper::ZkHandle),
-    Remote(remote::RemoteHandle),
+    /// Served by a driver around core's `RegistryKeeper` (ZooKeeper, or a backend from
+    /// outside this crate through [`Registration::from_keeper`]).
+    Keeper(keeper::KeeperHandle),
 }
 
 impl Registration {
+    /// The registration a keeper driver serves ([`keeper::Shell::new`] made `parts`).
+    pub fn from_keeper(id: ServerId, parts: keeper::Parts) -> Self {
+        Self {
+            id,
+            health: parts.health,
+            sessions_lost: parts.sessions_lost,
+            listed: parts.listed,
+            backend: RegistrationBackend::Keeper(parts.handle),
+        }
+    }
+
     pub fn server_id(&self) -> &ServerId {
         &self.id
     }
@@ -248,8 +285,7 @@ impl Registration {
     pub async fn update(&self, connections: u32) -> Result<(), RegistryError> {
         match &self.backend {
             RegistrationBackend::Memory(h) => h.update(connections),
-            RegistrationBackend::Zk(h) => h.update(connections).await,
-            RegistrationBackend::Remote(h) => h.update(connections).await,
+            RegistrationBackend::Keeper(h) => h.update(connections).await,
         }
     }
 
@@ -262,11 +298,7 @@ impl Registration {
     pub async fn set_listed(&self, listed: bool) -> Result<(), RegistryError> {
         match &self.backend {
             RegistrationBackend::Memory(h) => h.set_listed(&self.listed, listed),
-            RegistrationBackend::Zk(h) => {
-                self.listed.store(listed, Ordering::SeqCst);
-                h.set_listed().await
-            }
-            RegistrationBackend::Remote(h) => {
+            RegistrationBackend::Keeper(h) => {
                 self.listed.store(listed, Ordering::SeqCst);
                 h.set_listed().await
             }
@@ -286,8 +318,7 @@ impl Registration {
                 h.deregister();
                 Ok(())
             }
-            RegistrationBackend::Zk(h) => h.deregister().await,
-            RegistrationBackend::Remote(h) => h.deregister().await,
+            RegistrationBackend::Keeper(h) => h.deregister().await,
         }
     }
 }
@@ -300,6 +331,14 @@ pub struct RegistryView {
 }
 
 impl RegistryView {
+    /// A view fed by a backend's task: `servers` kept current, `health` its session's.
+    pub fn new(
+        servers: watch::Receiver<ServerMap>,
+        health: watch::Receiver<SessionHealth>,
+    ) -> Self {
+        Self { servers, health }
+    }
+
     /// The live servers; `changed()` wakes on every change. The ZooKeeper view stops updating
     /// once every receiver of it (views and clones) has been dropped.
     pub fn servers(&self) -> watch::Receiver<ServerMap> {
@@ -340,7 +379,7 @@ impl RegistryView {
 }
 
 /// A server id becomes a ZooKeeper node name, so it must be one.
-fn validate_server_id(id: &ServerId) -> Result<(), RegistryError> {
+pub fn validate_server_id(id: &ServerId) -> Result<(), RegistryError> {
     let s = id.as_str();
     let bad = s.is_empty()
         || s == "."
@@ -369,7 +408,7 @@ struct NodeData {
     client_tls: bool,
 }
 
-fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
+pub fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
     let data = NodeData {
         id: server.id.as_str().to_owned(),
         host: server.host.clone(),
@@ -383,7 +422,7 @@ fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
 }
 
 /// Decodes one node; a node that does not decode is logged and skipped, never fatal.
-fn decode_node(name: &str, bytes: &[u8]) -> Option<LiveServer> {
+pub fn decode_node(name: &str, bytes: &[u8]) -> Option<LiveServer> {
     let data: NodeData = match serde_json::from_slice(bytes) {
         Ok(d) => d,
         Err(error) => {

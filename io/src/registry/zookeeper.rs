@@ -51,10 +51,10 @@ use zookeeper_client as zk;
 
 use crate::tls::{ClientTls, ClientTlsSettings};
 
-use super::keeper::{Cmd, Effect, KeeperHandle, Shell, now};
+use super::keeper::{Cmd, Effect, Shell, now};
 use super::{
-    DEFAULT_ROOT, Registration, RegistrationBackend, Registry, RegistryError, RegistryView,
-    ServerMap, SessionHealth, decode_node, encode_node, validate_server_id,
+    DEFAULT_ROOT, Registration, Registry, RegistryError, RegistryView, ServerMap, SessionHealth,
+    decode_node, encode_node, validate_server_id,
 };
 
 /// Where the ensemble is and how to talk to it.
@@ -343,13 +343,7 @@ impl Registry for ZkRegistry {
             pending: None,
         };
         tokio::spawn(keeper.run(client));
-        Ok(Registration {
-            id,
-            health: parts.health,
-            sessions_lost: parts.sessions_lost,
-            listed: parts.listed,
-            backend: RegistrationBackend::Zk(parts.handle),
-        })
+        Ok(Registration::from_keeper(id, parts))
     }
 
     async fn watch(&self) -> Result<RegistryView, RegistryError> {
@@ -563,9 +557,6 @@ async fn create_node(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-
-/// The ZooKeeper side of a [`Registration`]: the keeper's command channel.
-pub(super) type ZkHandle = KeeperHandle;
 
 /// Serves one registration across sessions: ZooKeeper's transport for a
 /// [`cim_core::registry_keeper::RegistryKeeper`] (in [`Shell`]), which decides everything

@@ -37,9 +37,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::RouteOptions;
 use super::links::{self, LinkConfig};
 use super::password_queue::FairQueue;
+use super::{PasswordRunner, RouteOptions};
 use crate::clock::Clock;
 use crate::metrics::{Exposition, Kind as MetricKind};
 use crate::net::Network;
@@ -250,11 +250,9 @@ impl<N: Network> Driver<N> {
             .store_timeout
             .max(options.delivery.store_timeout)
             * 2;
-        let simulated = matches!(clock, Clock::Simulated { .. });
-        let password_workers = if simulated {
-            0
-        } else {
-            options.password_workers
+        let password_workers = match options.password_runner {
+            PasswordRunner::BlockingPool => options.password_workers,
+            PasswordRunner::Inline => 0,
         };
         let (store_lane, store_lane_rx) = mpsc::unbounded_channel();
         Self {

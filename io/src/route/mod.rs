@@ -86,9 +86,12 @@ pub struct RouteOptions {
     pub link_retry_delay: Duration,
     /// Threads that hash and verify passwords at once (argon2, off the driver task);
     /// default one per core. 0 runs them inline on the driver task, which stalls routing
-    /// during a burst of logins (kept to measure that). A simulated clock always runs them
-    /// inline, for determinism.
+    /// during a burst of logins (kept to measure that). Only read by
+    /// [`PasswordRunner::BlockingPool`].
     pub password_workers: usize,
+    /// How password jobs run: on a pool of blocking threads (the default), or inline on the
+    /// driver task (the simulation, for determinism).
+    pub password_runner: PasswordRunner,
     /// The HTTP listener's connection cap and header/idle timeouts. The cap is lowered at
     /// start to what the process's open-file limit allows (and a warning says so).
     pub http: HttpLimits,
@@ -130,6 +133,7 @@ impl std::fmt::Debug for RouteOptions {
             .field("link_ping_interval", &self.link_ping_interval)
             .field("link_retry_delay", &self.link_retry_delay)
             .field("password_workers", &self.password_workers)
+            .field("password_runner", &self.password_runner)
             .field("http", &self.http)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("login_per_address", &self.login_per_address)
@@ -171,6 +175,7 @@ impl RouteOptions {
             link_ping_interval: Duration::from_secs(5),
             link_retry_delay: Duration::from_millis(500),
             password_workers,
+            password_runner: PasswordRunner::BlockingPool,
             http: HttpLimits::default(),
             trusted_proxies: Vec::new(),
             login_per_address: RateLimit::new(5, 20),
@@ -182,6 +187,18 @@ impl RouteOptions {
             link_nonces: NonceSource::os(),
         }
     }
+}
+
+/// Where the route runs its password jobs (argon2 hashes and checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PasswordRunner {
+    /// On up to [`RouteOptions::password_workers`] blocking threads at once, fair by client
+    /// address (0 workers: inline).
+    #[default]
+    BlockingPool,
+    /// On the driver task as each job is asked for: a simulation's runs stay deterministic
+    /// (no thread outside turmoil's control finishes a job at a time of its own).
+    Inline,
 }
 
 /// The default bound of the password phase (`RouteLoginConfig::max_password_jobs`) per

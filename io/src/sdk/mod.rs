@@ -18,7 +18,7 @@
 //! is dropped (the session wants to hear nothing more after `Disconnect`); a `Transmit` goes
 //! to the connection's bounded writer queue (a full queue means the link cannot keep up and
 //! counts as a lost connection). All time comes from the [`Clock`], so the SDK runs
-//! unchanged inside a turmoil simulation over [`TurmoilNet`](crate::net::TurmoilNet).
+//! unchanged inside a turmoil simulation (over `cim_sim_hosts::TurmoilNet`).
 //!
 //! **Seeds**: [`SdkOptions::session`]`.seed` seeds message ids and backoff jitter. Message
 //! ids must never repeat across runs of one user, so a real client seeds from the OS's

@@ -106,7 +106,6 @@ mod memory;
 mod migrate;
 mod redis;
 mod redis_tls;
-pub mod remote;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -118,7 +117,6 @@ pub use self::memory::MemoryBackend;
 pub use self::migrate::{MigrateError, MigrationReport, NameConflict, SCHEMA_KEY, SCHEMA_VERSION};
 pub use self::redis::{ACCOUNT_CACHE_TTL, ConnectError, RedisOptions, RedisStore};
 pub use self::redis_tls::{RedisTls, redact_url};
-pub use self::remote::{RemoteOptions, RemoteStore, serve_store, serve_store_on};
 
 /// A boxed, sendable future borrowing the store (so `Arc<dyn Store>` can be moved into a
 /// spawned task that awaits it).

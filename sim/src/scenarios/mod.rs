@@ -25,9 +25,9 @@ use cim_core::canary::Canaries;
 use cim_core::client::{ClientConfig, ClientEvent};
 use cim_core::ids::{ConvId, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{StoreCommand, StoreReply};
-use cim_io::net::TurmoilNet;
 use cim_io::sdk::{Client, RouteApi};
 use cim_io::store::Store;
+use cim_sim_hosts::TurmoilNet;
 use tokio::sync::Notify;
 
 use crate::checker::{self, Bounds, ClientId, Fault, FinalLog, Host, Membership, Report};

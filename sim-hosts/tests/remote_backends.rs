@@ -12,12 +12,13 @@ use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, ServerId, UnixMillis, UserId}
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::registry::LiveServer;
 use cim_core::store::{StoreCommand, StoreReply, StoreResult};
-use cim_io::net::TurmoilNet;
-use cim_io::registry::{
-    Registry, RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions,
-    SessionHealth, serve_registry,
+use cim_io::registry::{Registry, SessionHealth};
+use cim_io::store::{MemoryBackend, Store};
+use cim_sim_hosts::TurmoilNet;
+use cim_sim_hosts::registry::{
+    RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
 };
-use cim_io::store::{MemoryBackend, RemoteOptions, RemoteStore, Store, serve_store};
+use cim_sim_hosts::store::{RemoteOptions, RemoteStore, serve_store};
 use tokio::time::Instant;
 
 const ANY: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);

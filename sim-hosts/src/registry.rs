@@ -51,13 +51,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::keeper::{Cmd, Effect, KeeperHandle, Shell, now};
-use super::{
-    Registration, RegistrationBackend, Registry, RegistryError, RegistryView, ServerMap,
-    SessionHealth, decode_node, encode_node, validate_server_id,
+use cim_io::net::{self, Listener, Network};
+use cim_io::registry::keeper::{Cmd, Effect, Shell, now};
+use cim_io::registry::{
+    AnyRegistry, Registration, Registry, RegistryError, RegistryView, ServerMap, SessionHealth,
+    decode_node, encode_node, validate_server_id,
 };
-use crate::net::{self, Listener, Network};
-use crate::store::remote::{FrameError, JsonReader, JsonWriter, json_framed};
+
+use crate::store::{FrameError, JsonReader, JsonWriter, json_framed};
 
 /// Bound on one frame write, both sides.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -507,6 +508,13 @@ pub struct RemoteRegistry<N: Network> {
     options: RemoteRegistryOptions,
 }
 
+/// Tests pick it among the production backends as a boxed one ([`AnyRegistry::other`]).
+impl<N: Network> From<RemoteRegistry<N>> for AnyRegistry {
+    fn from(r: RemoteRegistry<N>) -> Self {
+        AnyRegistry::other(r)
+    }
+}
+
 impl<N: Network> RemoteRegistry<N> {
     /// Connects only when registering or watching.
     pub fn new(net: N, host: impl Into<String>, port: u16, options: RemoteRegistryOptions) -> Self {
@@ -732,13 +740,7 @@ impl<N: Network> Registry for RemoteRegistry<N> {
             pending: None,
         };
         tokio::spawn(keeper.run(conn));
-        Ok(Registration {
-            id,
-            health: parts.health,
-            sessions_lost: parts.sessions_lost,
-            listed: parts.listed,
-            backend: RegistrationBackend::Remote(parts.handle),
-        })
+        Ok(Registration::from_keeper(id, parts))
     }
 
     async fn watch(&self) -> Result<RegistryView, RegistryError> {
@@ -751,10 +753,7 @@ impl<N: Network> Registry for RemoteRegistry<N> {
             health: health_tx,
         };
         tokio::spawn(viewer.run(conn));
-        Ok(RegistryView {
-            servers: servers_rx,
-            health: health_rx,
-        })
+        Ok(RegistryView::new(servers_rx, health_rx))
     }
 }
 
@@ -772,9 +771,6 @@ fn keeper_config() -> KeeperConfig {
         ..default
     }
 }
-
-/// The remote side of a [`Registration`]: the keeper's command channel.
-pub(super) type RemoteHandle = KeeperHandle;
 
 /// Serves one registration across connections and sessions: the transport for a
 /// [`cim_core::registry_keeper::RegistryKeeper`] (in [`Shell`]), which decides everything

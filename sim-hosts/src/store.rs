@@ -46,8 +46,8 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use super::{MemoryBackend, Store, StoreFuture};
-use crate::net::{self, Listener, Network};
+use cim_io::net::{self, Listener, Network};
+use cim_io::store::{MemoryBackend, Store, StoreFuture};
 
 /// Largest frame either side accepts: far above any store reply the simulation produces, and
 /// a garbage length prefix above it is an error before any allocation.
