@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::SESSION_CACHE_TTL;
-use super::driver::{ApiCall, Input};
+use super::input::{ApiCall, Input};
 use crate::clock::Clock;
 use crate::registry::ServerMap;
 use crate::store::Store;

@@ -43,7 +43,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::RouteOptions;
-use super::driver::{ApiCall, Counters, Input};
+use super::counters::Counters;
+use super::input::{ApiCall, Input};
 use super::limits::{self, IpNet, KeyedBuckets, SessionCache};
 use crate::api::{
     self as body, CODE_BUSY, CODE_FAIL, CODE_OK, CODE_THROTTLED, CODE_VALIDATION, Envelope,

@@ -12,8 +12,9 @@
 //! Argon2 (tens of milliseconds per login with production parameters) runs on a small pool
 //! of blocking threads, one per core: a burst of logins queues there while messages keep
 //! flowing through the driver. The queue is served round-robin by client address
-//! (`password_queue`), so one client's burst waits behind itself, not in front of others. Under a simulated clock it runs inline instead, so a
-//! simulation stays deterministic (a real thread would finish at a real, not simulated, time).
+//! (`password_queue`), so one client's burst waits behind itself, not in front of others.
+//! The simulation runs them inline instead (`PasswordRunner::Inline`), so it stays
+//! deterministic (a real thread would finish at a real, not simulated, time).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -25,18 +26,20 @@ use cim_core::delivery::{RouteDelivery, SendOrigin};
 use cim_core::ids::{ApiRequestId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::registry::LiveServer;
 use cim_core::route_login::{
-    CODE_BUSY, CODE_THROTTLED, LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError,
-    PasswordJob, PasswordOutcome, RegisterFailure, Registered, RouteEvent, RouteLogin,
+    CODE_BUSY, CODE_THROTTLED, LoggedOut, LoginAnswer, LoginError, LogoutError, PasswordJob,
+    RegisterFailure, Registered, RouteEvent, RouteLogin,
 };
-use cim_core::store::{RequestId, StoreRequest, StoreResult, StoreUnavailable};
+use cim_core::store::{StoreRequest, StoreUnavailable};
 use cim_proto::frame::Kind;
-use cim_proto::{Frame, KickReason, KickUser, KickUserDone, RouteSend, RouteSendResult};
+use cim_proto::{Frame, KickReason, KickUser, RouteSendResult};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use super::counters::Counters;
+use super::input::{ApiCall, Input, LinkInbound, Machine};
 use super::links::{self, LinkConfig};
 use super::password_queue::FairQueue;
 use super::{PasswordRunner, RouteOptions};
@@ -49,114 +52,6 @@ use crate::store::Store;
 /// Inputs waiting for the driver. Senders wait when it is full (backpressure on the HTTP
 /// handlers and link readers), never drop.
 pub(super) const INPUT_QUEUE: usize = 4096;
-
-/// Counters shared with the link tasks and HTTP handlers (plain atomics: no global
-/// recorder, so several routes in one process keep their own).
-#[derive(Debug, Default)]
-pub(super) struct Counters {
-    pub link_dials: AtomicU64,
-    pub link_connects: AtomicU64,
-    pub link_failures: AtomicU64,
-    pub http_requests: AtomicU64,
-    pub http_client_errors: AtomicU64,
-    pub http_server_errors: AtomicU64,
-    pub http_unauthorized: AtomicU64,
-    /// The HTTP listener's connections, timeouts and refusals.
-    pub http: Arc<crate::http_server::HttpStats>,
-    /// Handshakes and certificate expiry of the HTTPS listener and the link dialer.
-    pub tls: Vec<(&'static str, Arc<crate::tls::TlsStats>)>,
-    /// Requests refused by the shell's limits (429).
-    pub limited_login_address: AtomicU64,
-    pub limited_register_address: AtomicU64,
-    pub limited_send_user: AtomicU64,
-    /// Bearer tokens refused because their session ended.
-    pub stale_tokens: AtomicU64,
-    /// Each link's state as its task last saw it, for `/health/ready`.
-    pub link_states: links::LinkStates,
-    /// Login and send latency histograms.
-    pub latency: super::latency::Latency,
-    /// Set by `RouteHandle::begin_drain`: `/health/ready` answers 503 from then on.
-    pub draining: std::sync::atomic::AtomicBool,
-}
-
-/// A request from an HTTP handler, with where its answer goes.
-#[derive(Debug)]
-pub(super) enum ApiCall {
-    Register {
-        name: String,
-        password: String,
-        /// Who asked (the per-address limits' client), for fair password scheduling.
-        client: IpAddr,
-        reply: oneshot::Sender<Result<Registered, RegisterFailure>>,
-    },
-    Login {
-        request: LoginRequest,
-        client: IpAddr,
-        reply: oneshot::Sender<Result<LoginAnswer, LoginError>>,
-    },
-    Logout {
-        token: String,
-        reply: oneshot::Sender<Result<LoggedOut, LogoutError>>,
-    },
-    Send {
-        user: UserId,
-        send: cim_proto::Send,
-        reply: oneshot::Sender<RouteSendResult>,
-    },
-    Metrics {
-        reply: oneshot::Sender<String>,
-    },
-    /// The admin listener ended `user`'s claim: close their sessions below `below_epoch`
-    /// on `server` (best effort, like a takeover's kick).
-    AdminKick {
-        server: ServerId,
-        user: UserId,
-        below_epoch: cim_core::ids::Epoch,
-    },
-}
-
-/// What a link forwards to the driver.
-#[derive(Debug)]
-pub(super) enum LinkInbound {
-    Send(RouteSend),
-    KickDone(KickUserDone),
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Machine {
-    Login,
-    Delivery,
-}
-
-#[derive(Debug)]
-pub(super) enum Input {
-    Api(ApiCall),
-    Store {
-        machine: Machine,
-        id: RequestId,
-        result: StoreResult,
-    },
-    /// A password worker is done; `None` if the job was lost (a panic in argon2, a bug:
-    /// the machine's deadline answers it).
-    Password {
-        id: RequestId,
-        outcome: Option<PasswordOutcome>,
-    },
-    LinkUp {
-        server: ServerId,
-        generation: u64,
-        tx: mpsc::Sender<Frame>,
-    },
-    LinkDown {
-        server: ServerId,
-        generation: u64,
-    },
-    LinkFrame {
-        server: ServerId,
-        generation: u64,
-        frame: LinkInbound,
-    },
-}
 
 /// Where an API request's answer goes.
 #[derive(Debug)]

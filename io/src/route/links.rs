@@ -20,7 +20,9 @@ use cim_proto::{ErrorCode, Frame, LinkAuth, LinkHello, Ping, Pong};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use super::driver::{Counters, Input, LinkInbound};
+use super::counters::Counters;
+use super::input::{Input, LinkInbound};
+use super::link_states::{FailureCause, LinkState};
 use crate::clock::Clock;
 use crate::net::{self, FrameReader, FrameWriter, Network, ReadError, WriteError};
 use crate::nonces::{NoEntropy, NonceSource};
@@ -94,93 +96,13 @@ fn kind_name(frame: &Frame) -> String {
         .to_owned()
 }
 
-/// What a link's failures most likely mean, for `/health/ready` and the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum FailureCause {
-    /// The challenge-response failed: the link secrets differ.
-    Secret,
-    /// The TLS handshake failed: a certificate (or CA) does not match.
-    Certificate,
-    /// Nothing answered at the server's link port.
-    Unreachable,
-    Other,
-}
-
-impl FailureCause {
-    fn of(error: &LinkError) -> Self {
-        match error {
-            LinkError::Refused(_) | LinkError::Auth(_) => Self::Secret,
-            LinkError::Tls(_) => Self::Certificate,
-            LinkError::Connect(_) => Self::Unreachable,
-            _ => Self::Other,
-        }
-    }
-
-    /// What an operator should check, in words.
-    pub(super) fn hint(self) -> &'static str {
-        match self {
-            Self::Secret => {
-                "the server refused this route's link authentication: the link secret \
-                 (CIM_LINK_SECRET / --link-secret) most likely differs between this route and \
-                 the server"
-            }
-            Self::Certificate => {
-                "the TLS handshake on the link failed: check --tls-cert / --tls-ca on this \
-                 route and the server (each must trust the other's CA and carry its role)"
-            }
-            Self::Unreachable => {
-                "nothing answers at the server's link port (--link-port, advertised host): \
-                 the server is down or a firewall is in the way"
-            }
-            Self::Other => "see the route's log for the link error",
-        }
-    }
-}
-
-/// Each live server's link as its task last saw it: up, or failing (and why). Kept by the
-/// link tasks; read by `/health/ready`.
-#[derive(Debug, Default)]
-pub(super) struct LinkStates(
-    std::sync::Mutex<std::collections::BTreeMap<ServerId, (u64, LinkState)>>,
-);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LinkState {
-    /// Dialling for the first time (or again after a link that was up went down).
-    Dialling,
-    Up,
-    /// The latest attempt failed.
-    Failing(FailureCause),
-}
-
-impl LinkStates {
-    /// `generation`: the link task's, so a replaced task ending late cannot touch the entry
-    /// of the task that replaced it.
-    fn set(&self, server: &ServerId, generation: u64, state: LinkState) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(server.clone(), (generation, state));
-    }
-
-    fn remove(&self, server: &ServerId, generation: u64) {
-        let mut states = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if states.get(server).is_some_and(|(g, _)| *g == generation) {
-            states.remove(server);
-        }
-    }
-
-    /// The state of every link whose task runs.
-    pub(super) fn snapshot(&self) -> Vec<(ServerId, LinkState)> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|(id, (_, state))| (id.clone(), *state))
-            .collect()
+/// What a link's failure most likely means (see [`FailureCause`]).
+fn failure_cause(error: &LinkError) -> FailureCause {
+    match error {
+        LinkError::Refused(_) | LinkError::Auth(_) => FailureCause::Secret,
+        LinkError::Tls(_) => FailureCause::Certificate,
+        LinkError::Connect(_) => FailureCause::Unreachable,
+        _ => FailureCause::Other,
     }
 }
 
@@ -274,7 +196,7 @@ pub(super) async fn run_link<N: Network>(
         };
         counters.link_failures.fetch_add(1, Ordering::Relaxed);
         if !was_up {
-            let cause = FailureCause::of(&ended);
+            let cause = failure_cause(&ended);
             counters
                 .link_states
                 .set(&server.id, generation, LinkState::Failing(cause));
@@ -308,7 +230,7 @@ impl QuietFailures {
             self.suppressed += 1;
             return;
         }
-        let cause = FailureCause::of(error);
+        let cause = failure_cause(error);
         if cause == FailureCause::Other {
             tracing::warn!(server = %server, %error, suppressed = self.suppressed, "link failed; redialling");
         } else {

@@ -22,9 +22,12 @@
 mod admin;
 mod api;
 mod body_errors;
+mod counters;
 mod driver;
+mod input;
 mod latency;
 mod limits;
+mod link_states;
 mod links;
 mod openapi;
 mod password_queue;
@@ -235,7 +238,7 @@ pub enum RouteError {
 #[derive(Debug)]
 pub struct RouteHandle {
     http_addr: SocketAddr,
-    counters: Arc<driver::Counters>,
+    counters: Arc<counters::Counters>,
     /// The admin listener's address and task, when configured.
     admin: Option<(SocketAddr, JoinHandle<()>)>,
     cancel: CancellationToken,
@@ -350,7 +353,7 @@ pub async fn start<N: Network, R: Registry>(
         source,
     })?;
 
-    let counters = Arc::new(driver::Counters {
+    let counters = Arc::new(counters::Counters {
         tls: [
             ("https", options.https.as_ref().map(|tls| tls.stats())),
             ("link", options.link_tls.as_ref().map(|tls| tls.stats())),
@@ -358,7 +361,7 @@ pub async fn start<N: Network, R: Registry>(
         .into_iter()
         .filter_map(|(name, stats)| Some((name, stats?.clone())))
         .collect(),
-        ..driver::Counters::default()
+        ..counters::Counters::default()
     });
     let http_stats = counters.http.clone();
     let https = options.https.clone();

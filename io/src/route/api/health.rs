@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use super::super::links::{FailureCause, LinkState};
+use super::super::link_states::{FailureCause, LinkState};
 use super::{HEALTH_TIMEOUT, Shared};
 use crate::registry::SessionHealth;
 
