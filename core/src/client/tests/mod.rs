@@ -92,6 +92,23 @@ fn request(tok: Option<u8>) -> LoginRequest {
     }
 }
 
+/// The command and event of an answer naming s1 (at `answer`'s endpoint).
+fn connect_s1() -> ClientCommand {
+    ClientCommand::Connect {
+        endpoint: ServerEndpoint {
+            host: "10.0.0.1".into(),
+            port: 11211,
+            tls: false,
+        },
+    }
+}
+
+fn connecting_s1() -> ClientEvent {
+    ClientEvent::Connecting {
+        server: ServerId::new("s1"),
+    }
+}
+
 fn login_cmd(attempt: u64, tok: Option<u8>) -> ClientCommand {
     ClientCommand::Login {
         attempt: LoginAttempt(attempt),
@@ -321,16 +338,8 @@ impl Harness {
             (
                 10,
                 In::Answer(1, Ok(answer(5, 0xA))),
-                vec![ClientCommand::Connect {
-                    endpoint: ServerEndpoint {
-                        host: "10.0.0.1".into(),
-                        port: 11211,
-                        tls: false,
-                    },
-                }],
-                vec![ClientEvent::Connecting {
-                    server: ServerId::new("s1"),
-                }],
+                vec![connect_s1()],
+                vec![connecting_s1()],
             ),
             (
                 20,

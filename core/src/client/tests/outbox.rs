@@ -19,16 +19,8 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
         (
             10,
             In::Answer(1, Ok(answer(5, 0xA))),
-            vec![ClientCommand::Connect {
-                endpoint: ServerEndpoint {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
-                    tls: false,
-                },
-            }],
-            vec![ClientEvent::Connecting {
-                server: ServerId::new("s1"),
-            }],
+            vec![connect_s1()],
+            vec![connecting_s1()],
         ),
         (
             20,
@@ -75,16 +67,8 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
         (
             60,
             In::Answer(2, Ok(answer(6, 0xB))),
-            vec![ClientCommand::Connect {
-                endpoint: ServerEndpoint {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
-                    tls: false,
-                },
-            }],
-            vec![ClientEvent::Connecting {
-                server: ServerId::new("s1"),
-            }],
+            vec![connect_s1()],
+            vec![connecting_s1()],
         ),
         (
             70,

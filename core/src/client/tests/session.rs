@@ -64,16 +64,8 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
         (
             110,
             In::Answer(2, Ok(answer(6, 0xB))),
-            vec![ClientCommand::Connect {
-                endpoint: ServerEndpoint {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
-                    tls: false,
-                },
-            }],
-            vec![ClientEvent::Connecting {
-                server: ServerId::new("s1"),
-            }],
+            vec![connect_s1()],
+            vec![connecting_s1()],
         ),
         (
             120,
@@ -207,16 +199,8 @@ fn connect_and_login_ok_timeouts_disconnect_and_retry() {
         (
             10,
             In::Answer(1, Ok(answer(5, 0xA))),
-            vec![ClientCommand::Connect {
-                endpoint: ServerEndpoint {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
-                    tls: false,
-                },
-            }],
-            vec![ClientEvent::Connecting {
-                server: ServerId::new("s1"),
-            }],
+            vec![connect_s1()],
+            vec![connecting_s1()],
         ),
         (
             5_010,
@@ -233,16 +217,8 @@ fn connect_and_login_ok_timeouts_disconnect_and_retry() {
         (
             5_020,
             In::Answer(2, Ok(answer(6, 0xB))),
-            vec![ClientCommand::Connect {
-                endpoint: ServerEndpoint {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
-                    tls: false,
-                },
-            }],
-            vec![ClientEvent::Connecting {
-                server: ServerId::new("s1"),
-            }],
+            vec![connect_s1()],
+            vec![connecting_s1()],
         ),
         (
             5_030,
@@ -284,16 +260,8 @@ fn kicks_reconnect_except_taken_over_which_stops() {
         (
             110,
             In::Answer(2, Ok(answer(6, 0xB))),
-            vec![ClientCommand::Connect {
-                endpoint: ServerEndpoint {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
-                    tls: false,
-                },
-            }],
-            vec![ClientEvent::Connecting {
-                server: ServerId::new("s1"),
-            }],
+            vec![connect_s1()],
+            vec![connecting_s1()],
         ),
         (
             120,

@@ -108,16 +108,8 @@ fn restored_outbox_is_resent_with_its_ids() {
         (
             10,
             In::Answer(1, Ok(answer(5, 0xB))),
-            vec![ClientCommand::Connect {
-                endpoint: ServerEndpoint {
-                    host: "10.0.0.1".into(),
-                    port: 11211,
-                    tls: false,
-                },
-            }],
-            vec![ClientEvent::Connecting {
-                server: ServerId::new("s1"),
-            }],
+            vec![connect_s1()],
+            vec![connecting_s1()],
         ),
         (
             20,
