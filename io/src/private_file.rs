@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 /// temporary file behind.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temporary_beside(path);
-    // A stale temporary file (a crash mid-write) is removed, and the new one must be
-    // created, not opened: whatever sat under that name cannot lend it its mode or
-    // redirect the write through a link.
+    // The temporary is this process's own (two clients may share a state file: each
+    // renames a whole file of its own, the last one wins, neither is torn). A stale one of
+    // this process id (a crash mid-write) is removed, and the new one must be created, not
+    // opened: whatever sat under that name cannot lend it its mode or redirect the write
+    // through a link.
     let _ = std::fs::remove_file(&tmp);
     let result = (|| {
         let mut file = owner_only(OpenOptions::new().write(true).create_new(true)).open(&tmp)?;
@@ -60,7 +62,7 @@ pub fn make_owner_only(path: &Path) {
 
 fn temporary_beside(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
+    name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
