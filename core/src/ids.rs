@@ -147,7 +147,7 @@ impl FromStr for ClientMsgId {
 pub struct ApiRequestId(pub u64);
 
 /// Wall-clock time in unix milliseconds: ticket expiry, lease deadlines in the store,
-/// message timestamps. Monotonic deadlines use `std::time::Instant` instead; both are always
+/// message timestamps. Monotonic deadlines use [`crate::time::Instant`] instead; both are always
 /// passed in by the caller.
 #[derive(
     serde::Serialize,

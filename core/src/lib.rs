@@ -11,7 +11,7 @@
 //! - `poll_timeout()` names the next deadline and why; the caller calls `handle_timeout(now)`
 //!   when it passes.
 //!
-//! Time comes in as `std::time::Instant` (monotonic deadlines) and [`ids::UnixMillis`]
+//! Time comes in as [`time::Instant`] (monotonic deadlines, from a number any shell can give) and [`ids::UnixMillis`]
 //! (wall clock, for tickets and leases in the store). Randomness comes from a seeded RNG the
 //! machine owns. Maps whose order can reach an output are `BTreeMap`s. Network input never
 //! panics.
@@ -36,5 +36,6 @@ pub mod route_login;
 pub mod server;
 pub mod store;
 pub mod tickets;
+pub mod time;
 
 pub use cim_proto as proto;

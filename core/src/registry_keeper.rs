@@ -38,7 +38,9 @@
 //! passes. After `Stop` the keeper takes no more inputs.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use crate::registry::LiveServer;
 

@@ -22,7 +22,9 @@ mod rate;
 mod route_links;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use cim_proto::frame::Kind;
 use cim_proto::{

@@ -1050,8 +1050,8 @@ impl<N: Network> Keeper<N> {
     }
 }
 
-fn sleep_until(at: std::time::Instant) -> tokio::time::Sleep {
-    tokio::time::sleep_until(Instant::from_std(at))
+fn sleep_until(at: cim_core::time::Instant) -> tokio::time::Sleep {
+    tokio::time::sleep_until(cim_io::clock::tokio_instant(at))
 }
 
 async fn conn_close<S: net::Stream>(conn: &mut SessionConn<S>) {

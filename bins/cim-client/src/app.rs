@@ -72,12 +72,12 @@ pub struct App {
     sending: BTreeMap<ClientMsgId, String>,
     /// Own acknowledged messages whose echo has not come back yet (not shown twice).
     echo_pending: BTreeSet<ClientMsgId>,
-    last_refresh: Option<std::time::Instant>,
+    last_refresh: Option<cim_core::time::Instant>,
     /// Ids the route was asked to name and had no account for: not asked again this run.
     looked_up: BTreeSet<u64>,
     /// When a name lookup last failed: lookups pause for `REFRESH_MIN_GAP` after it, so a
     /// route that is down is not asked once per message.
-    names_failed_at: Option<std::time::Instant>,
+    names_failed_at: Option<cim_core::time::Instant>,
     pub stopped: Option<StopReason>,
     /// The first failure of this run: the exit code (see `exit`).
     pub failure: Option<Failure>,

@@ -349,7 +349,7 @@ async fn an_untrusted_certificate_exits_5_naming_host_and_reason() {
         assert!(out.contains("127.0.0.1") && out.contains("not signed by a trusted CA"), "{out}");
         assert!(!out.contains("reconnecting"), "{out}");
         assert!(out.contains("not sent"), "{out}");
-        assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+        assert!((common::now() - started) < Duration::from_secs(15), "{:?}", (common::now() - started));
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await
@@ -392,7 +392,7 @@ async fn a_scheme_mistake_exits_5_saying_which_scheme() {
                 assert!(!out.contains("reconnecting"), "{out}");
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+        assert!((common::now() - started) < Duration::from_secs(15), "{:?}", (common::now() - started));
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await
@@ -473,9 +473,9 @@ async fn quitting_while_disconnected_is_prompt_and_keeps_the_message() {
         alice.expect(Eof).expect("exits");
         // It used to wait out 3 s for acknowledgements that could not come.
         assert!(
-            started.elapsed() < Duration::from_millis(2500),
+            (common::now() - started) < Duration::from_millis(2500),
             "quitting took {:?}",
-            started.elapsed()
+            (common::now() - started)
         );
         let outbox = &common::state_json(&state2)["session"]["outbox"];
         assert_eq!(outbox.as_array().map(Vec::len), Some(1), "{outbox}");

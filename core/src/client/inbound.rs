@@ -13,7 +13,9 @@
 //!   the whole history.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use cim_proto as proto;
 use proto::frame::Kind;

@@ -9,7 +9,9 @@
 //! not a retry timer.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use bytes::Bytes;
 use cim_proto as proto;
@@ -222,7 +224,7 @@ mod tests {
 
     #[allow(clippy::disallowed_methods)]
     fn base() -> Instant {
-        Instant::now()
+        Instant::from_nanos(0)
     }
 
     fn conv(name: &str) -> ConvId {

@@ -22,7 +22,9 @@
 //! The counters in [`DeliveryStats`] report it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use cim_proto::{ErrorCode, Push, PushBatch, RouteSend, RouteSendResult, SendAck, SendNack};
 

@@ -4,7 +4,7 @@ use crate::store::{Appended, StoreUnavailable};
 
 #[allow(clippy::disallowed_methods)]
 fn base() -> Instant {
-    Instant::now()
+    Instant::from_nanos(0)
 }
 
 const EPOCH: LogEpoch = LogEpoch(0xE90C);

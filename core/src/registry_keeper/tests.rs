@@ -1,7 +1,9 @@
 //! `RegistryKeeper` tables. Every step names its time in milliseconds from the test's start,
 //! the input, the outputs it caused (in full, in order) and the deadline after it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use super::*;
 use crate::ids::ServerId;
@@ -87,7 +89,7 @@ impl Harness {
         };
         let mut h = Self {
             keeper: RegistryKeeper::new(KeeperConfig::default(), server, session(1)),
-            t0: Instant::now(),
+            t0: Instant::from_nanos(0),
         };
         assert_eq!(h.drain(), [Connected], "the health it starts with");
         h

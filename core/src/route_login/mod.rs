@@ -12,7 +12,9 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use cim_proto::Ticket;
 use rand::{RngCore, SeedableRng};

@@ -195,7 +195,7 @@ impl Shell {
                         KeeperHealth::Disconnected { since } => {
                             tracing::warn!(server = %server, "registry connection lost");
                             SessionHealth::Disconnected {
-                                since: tokio::time::Instant::from_std(since),
+                                since: crate::clock::tokio_instant(since),
                             }
                         }
                         KeeperHealth::Expired => SessionHealth::Expired,
@@ -237,6 +237,6 @@ impl Shell {
 }
 
 /// The machine's time: tokio's clock, so a simulation controls it.
-pub fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
+pub fn now() -> cim_core::time::Instant {
+    crate::clock::core_instant(tokio::time::Instant::now())
 }

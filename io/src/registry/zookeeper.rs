@@ -653,7 +653,7 @@ impl Keeper {
             let timer = self.shell.machine.poll_timeout().map(|(at, _)| at);
             let timer = async move {
                 match timer {
-                    Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
+                    Some(at) => tokio::time::sleep_until(crate::clock::tokio_instant(at)).await,
                     None => std::future::pending().await,
                 }
             };
@@ -727,7 +727,7 @@ impl Keeper {
                     self.shell.machine.poll_timeout()?
                 }
             };
-            let pause = tokio::time::sleep_until(Instant::from_std(retry_at));
+            let pause = tokio::time::sleep_until(crate::clock::tokio_instant(retry_at));
             tokio::pin!(pause);
             loop {
                 tokio::select! {

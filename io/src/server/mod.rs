@@ -294,7 +294,7 @@ impl ServerHandle {
     /// within `drain_timeout`; past it everything is stopped anyway and `DrainTimeout` returned.
     pub async fn drain(mut self) -> Result<(), ServerError> {
         let deadline = self.clock.now() + self.drain_timeout;
-        let until = tokio::time::Instant::from_std(deadline);
+        let until = crate::clock::tokio_instant(deadline);
         tracing::info!(server = %self.server_id, "draining");
 
         // Leave the registry first, so routes stop handing users to a server that is going.
@@ -307,7 +307,7 @@ impl ServerHandle {
             acked.await.ok()
         };
         // At most half the budget, so a hung registry still leaves time to kick and flush.
-        let leave_until = tokio::time::Instant::from_std(self.clock.now() + self.drain_timeout / 2);
+        let leave_until = crate::clock::tokio_instant(self.clock.now() + self.drain_timeout / 2);
         match tokio::time::timeout_at(leave_until, left).await {
             Ok(Some(Ok(()))) => tracing::info!(server = %self.server_id, "left the registry"),
             Ok(Some(Err(error))) => {

@@ -18,7 +18,9 @@
 //!   its timers settle (no deadline that stays in the past).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use cim_core::time::Instant;
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};

@@ -355,6 +355,6 @@ pub fn state_json(state: &Path) -> Value {
 }
 
 /// Test-side deadlines read the same clock the code does.
-pub fn now() -> std::time::Instant {
+pub fn now() -> cim_core::time::Instant {
     Clock::System.now()
 }

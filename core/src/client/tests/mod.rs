@@ -22,7 +22,7 @@ const E2: LogEpoch = LogEpoch(222);
 
 #[allow(clippy::disallowed_methods)] // the one clock read: a base every test time is offset from
 fn base() -> Instant {
-    Instant::now()
+    Instant::from_nanos(0)
 }
 
 /// Zero backoff so tables can name every output; tests of the jitter itself use the defaults.

@@ -19,7 +19,7 @@ const WALL0: UnixMillis = UnixMillis(1_700_000_000_000);
 
 #[allow(clippy::disallowed_methods)] // the one clock read: a base for explicit offsets
 fn t0() -> Instant {
-    Instant::now()
+    Instant::from_nanos(0)
 }
 
 fn server(name: &str) -> LiveServer {

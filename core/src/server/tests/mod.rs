@@ -2,7 +2,9 @@
 //! from the test's start; outputs are compared in full, in order, after a summary that drops
 //! only human-readable texts.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use bytes::Bytes;
 use cim_proto::frame::Kind;
@@ -200,7 +202,7 @@ impl Harness {
         let keys = TicketKeys::new(1, b"test-secret".to_vec());
         let mut config = ServerConfig::new(ServerId::new(S1), keys.clone());
         adjust(&mut config);
-        let t0 = Instant::now();
+        let t0 = Instant::from_nanos(0);
         let mut node = ServerNode::new(config).unwrap();
         // One route link up, as a server that has just started and been dialled.
         node.handle_route_link_up(t0, RouteLinkId(1)).unwrap();
