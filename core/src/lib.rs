@@ -27,7 +27,7 @@ pub mod delivery;
 pub mod groups;
 pub mod history;
 pub mod ids;
-pub mod link;
+pub mod link_auth;
 pub mod login_throttle;
 pub mod memstore;
 pub mod registry;

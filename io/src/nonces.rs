@@ -1,4 +1,4 @@
-//! Where the route↔server link handshake draws its nonces from (`cim_core::link`).
+//! Where the route↔server link handshake draws its nonces from (`cim_core::link_auth`).
 //!
 //! Production draws every nonce from the OS: a nonce anyone could predict would let a
 //! recorded handshake be replayed. A simulation must decide everything from its one seed, so

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cim_core::accounts::PasswordParams;
 use cim_core::ids::{ClientMsgId, Epoch, ServerId, UserId};
-use cim_core::link;
+use cim_core::link_auth;
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::registry::LiveServer;
 use cim_core::store::{StoreCommand, StoreReply};
@@ -214,7 +214,7 @@ impl FakeServer {
             .expect("the route dials")
             .unwrap();
         let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(64 * 1024));
-        let hello = link::server_hello(&self.id, &rand_nonce());
+        let hello = link_auth::server_hello(&self.id, &rand_nonce());
         let frame = Frame {
             kind: Some(Kind::LinkHello(hello.clone())),
         };
@@ -224,7 +224,7 @@ impl FakeServer {
             other => panic!("expected link_auth, got {other:?}"),
         };
         assert_eq!(auth.route_id, "r1");
-        let ok = link::server_check(secret, &hello, &auth).ok()?;
+        let ok = link_auth::server_check(secret, &hello, &auth).ok()?;
         let frame = Frame {
             kind: Some(Kind::LinkAuthOk(ok)),
         };
@@ -820,7 +820,7 @@ async fn a_server_that_proves_the_wrong_secret_gets_no_link() {
         .unwrap()
         .unwrap();
     let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(64 * 1024));
-    let hello = link::server_hello(&s1.id, &rand_nonce());
+    let hello = link_auth::server_hello(&s1.id, &rand_nonce());
     writer
         .write_frame(
             &Frame {
@@ -833,10 +833,10 @@ async fn a_server_that_proves_the_wrong_secret_gets_no_link() {
     let Some(Kind::LinkAuth(auth)) = reader.read_frame(WAIT).await.unwrap().kind else {
         panic!("expected link_auth");
     };
-    let forged = link::server_check(
+    let forged = link_auth::server_check(
         b"another-secret",
         &hello,
-        &link::route_answer(b"another-secret", &hello, &auth.route_id, &auth.nonce).unwrap(),
+        &link_auth::route_answer(b"another-secret", &hello, &auth.route_id, &auth.nonce).unwrap(),
     )
     .unwrap();
     writer
@@ -902,7 +902,7 @@ async fn a_hello_naming_another_server_is_refused() {
         .unwrap()
         .unwrap();
     let (mut reader, mut writer) = net::framed(stream, FrameCodec::new(64 * 1024));
-    let hello = link::server_hello(&s1.id, &rand_nonce());
+    let hello = link_auth::server_hello(&s1.id, &rand_nonce());
     writer
         .write_frame(
             &Frame {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, ServerId, UnixMillis, UserId};
-use cim_core::link::{route_answer, route_check};
+use cim_core::link_auth::{route_answer, route_check};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::server::ServerConfig;
 use cim_core::store::{Claim, StoreCommand, StoreReply};

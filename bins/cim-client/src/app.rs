@@ -18,10 +18,10 @@ use cim_io::net::TokioNet;
 use cim_io::sdk::{self, ApiError, Client, Events, RouteApi, SdkOptions, SdkTls};
 use tokio::sync::mpsc;
 
+use crate::client_file::{self, ClientFile, LocalHistory, PendingDelay, SeenMessage};
 use crate::command::{self, Command, ParseError, Target};
 use crate::exit::Failure;
 use crate::render::{Level, Sink};
-use crate::store::{self, ClientFile, LocalHistory, PendingDelay, SeenMessage};
 
 /// Names for tab completion, shared with the line editor's thread.
 #[derive(Debug, Default)]
@@ -117,8 +117,8 @@ pub struct AppParts {
 impl App {
     pub fn new(parts: AppParts) -> Self {
         let history = LocalHistory::load(
-            store::sibling(&parts.path, "history.jsonl"),
-            store::HISTORY_CAP,
+            client_file::sibling(&parts.path, "history.jsonl"),
+            client_file::HISTORY_CAP,
         );
         let api = parts.client.route_api();
         let next_delay = parts
@@ -1070,7 +1070,7 @@ impl App {
     /// back at once; otherwise the login waits until the other session ends.
     pub async fn take_back(&mut self) -> Option<Events> {
         let mut state = self.client.snapshot().await.unwrap_or_default();
-        if let Ok(Some(disk)) = store::load(&self.path)
+        if let Ok(Some(disk)) = client_file::load(&self.path)
             && disk.user_id == self.me.0
             && let Ok(Some(disk)) = disk.session_state()
             && disk.resume_token.is_some()
@@ -1138,7 +1138,7 @@ impl App {
         if self.stopped == Some(StopReason::TakenOver) {
             // The login that took over may share this file: its resume token and outbox
             // are the current ones. Keep them.
-            if let Ok(Some(disk)) = store::load(&self.path) {
+            if let Ok(Some(disk)) = client_file::load(&self.path) {
                 self.file.session = disk.session;
             }
         } else {
@@ -1152,7 +1152,7 @@ impl App {
         }
         let path = self.path.clone();
         let file = self.file.clone();
-        match tokio::task::spawn_blocking(move || store::save(&path, &file)).await {
+        match tokio::task::spawn_blocking(move || client_file::save(&path, &file)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => self.sink.error(&format!("saving state: {error}")),
             Err(error) => self.sink.error(&format!("saving state: {error}")),

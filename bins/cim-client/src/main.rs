@@ -8,11 +8,11 @@
 mod app;
 mod args;
 mod batch;
+mod client_file;
 mod command;
 mod exit;
 mod interactive;
 mod render;
-mod store;
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -33,9 +33,9 @@ use tokio::sync::mpsc;
 
 use crate::app::{App, AppParts};
 use crate::args::Args;
+use crate::client_file::ClientFile;
 use crate::exit::{Failure, fatal};
 use crate::render::Sink;
-use crate::store::ClientFile;
 
 /// Registration's HTTP call.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,7 +67,7 @@ fn start_tracing(verbose: bool, state: &std::path::Path) {
             .init();
         return;
     }
-    let path = store::sibling(state, "log");
+    let path = client_file::sibling(state, "log");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -96,8 +96,8 @@ async fn chat(args: Args) -> anyhow::Result<Option<Failure>> {
     let cim_io::sdk::RouteAddr { host, port, https } = addr;
     let interactive = !args.batch && args.send.is_empty() && std::io::stdin().is_terminal();
     let path = args.state.clone().unwrap_or_else(|| {
-        let path = store::default_path(&route, &args.user);
-        let legacy = store::legacy_path(&host, port, &args.user);
+        let path = client_file::default_path(&route, &args.user);
+        let legacy = client_file::legacy_path(&host, port, &args.user);
         if !path.exists() && legacy.exists() {
             legacy
         } else {
@@ -107,7 +107,7 @@ async fn chat(args: Args) -> anyhow::Result<Option<Failure>> {
     start_tracing(args.verbose, &path);
     let tls = client_tls(args.ca.clone(), https)?;
     // A file that does not parse is not overwritten: it may hold unsent messages.
-    let loaded = store::load(&path).with_context(|| {
+    let loaded = client_file::load(&path).with_context(|| {
         format!(
             "reading {} (move it away to start without it)",
             path.display()
@@ -169,7 +169,7 @@ async fn chat(args: Args) -> anyhow::Result<Option<Failure>> {
         file.password = Some(password.clone());
     }
     // The id is on disk before anything else can go wrong.
-    store::save(&path, &file).with_context(|| format!("writing {}", path.display()))?;
+    client_file::save(&path, &file).with_context(|| format!("writing {}", path.display()))?;
     let state = file.session_state().with_context(|| {
         format!(
             "reading the session in {} (move it away to start without it)",
@@ -209,7 +209,7 @@ async fn chat(args: Args) -> anyhow::Result<Option<Failure>> {
     if interactive {
         let (terminal, printer) = interactive::start_editor(
             format!("{}> ", args.user),
-            store::sibling(&path, "lines"),
+            client_file::sibling(&path, "lines"),
             completions,
         )?;
         parts.sink = Sink::Terminal { printer, color };
@@ -296,7 +296,7 @@ fn registration_error(
                  cim-client --user {name} --user-id <id> (the id is in the state file where \
                  you registered, and `:info` shows it). Otherwise pick another --user."
             );
-            for (path, id) in store::same_user_elsewhere(port, name) {
+            for (path, id) in client_file::same_user_elsewhere(port, name) {
                 if path != state {
                     text.push_str(&format!(
                         "\n  this machine has {name}'s state for another spelling of the route: \

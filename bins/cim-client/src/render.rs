@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use crate::store::SeenMessage;
+use crate::client_file::SeenMessage;
 
 /// Prints one finished line (no trailing newline) without breaking the line being typed.
 pub type Printer = Box<dyn FnMut(String) + Send>;

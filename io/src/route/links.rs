@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
-use cim_core::link::{self, LinkAuthError};
+use cim_core::link_auth::{self, LinkAuthError};
 use cim_core::registry::LiveServer;
 use cim_proto::codec::FrameCodec;
 use cim_proto::frame::Kind;
@@ -244,7 +244,7 @@ impl QuietFailures {
 type Reader<N> = FrameReader<tokio::io::ReadHalf<MaybeTls<<N as Network>::Stream>>>;
 type Writer<N> = FrameWriter<tokio::io::WriteHalf<MaybeTls<<N as Network>::Stream>>>;
 
-/// Dial, then the route's side of the challenge-response (see `cim_core::link`).
+/// Dial, then the route's side of the challenge-response (see `cim_core::link_auth`).
 async fn connect<N: Network>(
     net: &N,
     server: &LiveServer,
@@ -286,7 +286,7 @@ async fn connect<N: Network>(
     }
     let mut nonce = [0u8; NONCE_LEN];
     config.nonces.fill(&mut nonce)?;
-    let auth: LinkAuth = link::route_answer(secret, &hello, &config.route_id, &nonce)?;
+    let auth: LinkAuth = link_auth::route_answer(secret, &hello, &config.route_id, &nonce)?;
     let frame = Frame {
         kind: Some(Kind::LinkAuth(auth.clone())),
     };
@@ -299,7 +299,7 @@ async fn connect<N: Network>(
         Err(error) => return Err(error.into()),
     };
     match frame.kind {
-        Some(Kind::LinkAuthOk(ok)) => link::route_check(secret, &hello, &auth, &ok)?,
+        Some(Kind::LinkAuthOk(ok)) => link_auth::route_check(secret, &hello, &auth, &ok)?,
         Some(Kind::Error(e)) => return Err(LinkError::Peer(e.message)),
         _ => {
             return Err(LinkError::Unexpected {

@@ -1,5 +1,5 @@
 //! Route links: routes dial the link port; each link is authenticated with
-//! `cim_core::link` (server challenge, route proof and challenge, server proof), then carries
+//! `cim_core::link_auth` (server challenge, route proof and challenge, server proof), then carries
 //! pushes, kicks, send results and pings from the route, and sends from the server.
 
 use std::net::SocketAddr;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cim_core::ids::ServerId;
-use cim_core::link::{self as link_auth, MIN_NONCE_LEN};
+use cim_core::link_auth::{self, MIN_NONCE_LEN};
 use cim_proto::codec::FrameCodec;
 use cim_proto::frame::Kind;
 use cim_proto::{Frame, LinkAuth};

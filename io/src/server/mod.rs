@@ -14,7 +14,7 @@
 //! tasks whose replies come back as inputs, route sends go into a link's queue), re-arms its
 //! one timer and waits again.
 //!
-//! Route links: routes dial `link_port` and authenticate with `cim_core::link`
+//! Route links: routes dial `link_port` and authenticate with `cim_core::link_auth`
 //! (challenge-response over the shared secret). Every authenticated link is kept and
 //! reported to the node, which picks the link of every `RouteSend` (`ServerOutput::ToRoute`
 //! names it): a user's sends stay on one link while any of them is unanswered, so one

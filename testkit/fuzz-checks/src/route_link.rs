@@ -1,5 +1,5 @@
 //! What a peer on the route's internal link reaches: the challenge-response handshake
-//! (`cim_core::link`), then `RouteSend` frames into the route's `RouteDelivery`, with the
+//! (`cim_core::link_auth`), then `RouteSend` frames into the route's `RouteDelivery`, with the
 //! store (the reference `MemoryStore`, plus failures, wrong kinds and silence), registry
 //! changes and time interleaved.
 //!
@@ -24,7 +24,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};
 use cim_core::delivery::{DeliveryConfig, RouteDelivery, SendOrigin};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, ServerId, UnixMillis, UserId};
-use cim_core::link;
+use cim_core::link_auth;
 use cim_core::memstore::{MemoryStore, MemoryStoreConfig};
 use cim_core::registry::LiveServer;
 use cim_core::store::{
@@ -196,17 +196,18 @@ fn check_handshake(hs: &Handshake, reached: &mut Reached) {
         nonce: hs.server_nonce.bytes(0x5a),
     };
     let route_nonce = hs.route_nonce.bytes(0xa5);
-    let nonce_ok = |n: &[u8]| (link::MIN_NONCE_LEN..=link::MAX_NONCE_LEN).contains(&n.len());
+    let nonce_ok =
+        |n: &[u8]| (link_auth::MIN_NONCE_LEN..=link_auth::MAX_NONCE_LEN).contains(&n.len());
 
     // The route answers any hello whose nonces are acceptable, and only those.
-    let answer = link::route_answer(SECRET, &hello, ROUTE_ID, &route_nonce);
+    let answer = link_auth::route_answer(SECRET, &hello, ROUTE_ID, &route_nonce);
     let acceptable = nonce_ok(&hello.nonce) && nonce_ok(&route_nonce) && hello.nonce != route_nonce;
     assert_eq!(answer.is_ok(), acceptable, "route_answer: {answer:?}");
 
     // The server side: what the peer claims to be a route's proof.
     let auth = match &hs.auth {
         PeerAuth::Honest(secret) => {
-            link::route_answer(secret.bytes(), &hello, ROUTE_ID, &route_nonce).ok()
+            link_auth::route_answer(secret.bytes(), &hello, ROUTE_ID, &route_nonce).ok()
         }
         PeerAuth::Forged {
             route_id,
@@ -219,7 +220,7 @@ fn check_handshake(hs: &Handshake, reached: &mut Reached) {
         }),
         PeerAuth::Replayed(nonce) => {
             let other = nonce.bytes(0x77);
-            link::route_answer(SECRET, &hello, ROUTE_ID, &other)
+            link_auth::route_answer(SECRET, &hello, ROUTE_ID, &other)
                 .ok()
                 .map(|a| LinkAuth {
                     nonce: route_nonce.clone(),
@@ -233,14 +234,15 @@ fn check_handshake(hs: &Handshake, reached: &mut Reached) {
     };
     if let Some(auth) = &auth {
         let secrets: [&[u8]; 2] = [SECRET, PREVIOUS];
-        let checked = link::server_check_any(&secrets, &hello, auth);
+        let checked = link_auth::server_check_any(&secrets, &hello, auth);
         let genuine_under = secrets.iter().find(|secret| {
-            link::route_answer(secret, &hello, &auth.route_id, &auth.nonce).as_ref() == Ok(auth)
+            link_auth::route_answer(secret, &hello, &auth.route_id, &auth.nonce).as_ref()
+                == Ok(auth)
         });
         match (&checked, genuine_under) {
             (Ok(ok), Some(secret)) => {
                 // The server's answer is the one the route checks with the same secret.
-                assert_eq!(link::route_check(secret, &hello, auth, ok), Ok(()));
+                assert_eq!(link_auth::route_check(secret, &hello, auth, ok), Ok(()));
                 reached.insert("handshake_ok");
             }
             (Ok(_), None) => panic!("the server accepted a forged LinkAuth: {auth:?}"),
@@ -256,15 +258,15 @@ fn check_handshake(hs: &Handshake, reached: &mut Reached) {
         return;
     };
     let ok = match &hs.ok {
-        PeerOk::Honest(secret) => link::server_check(secret.bytes(), &hello, &answer).ok(),
+        PeerOk::Honest(secret) => link_auth::server_check(secret.bytes(), &hello, &answer).ok(),
         PeerOk::Forged(mac) => Some(LinkAuthOk { mac: mac.clone() }),
         PeerOk::Reflected => Some(LinkAuthOk {
             mac: answer.mac.clone(),
         }),
     };
     if let Some(ok) = ok {
-        let genuine = link::server_check(SECRET, &hello, &answer).as_ref() == Ok(&ok);
-        let checked = link::route_check(SECRET, &hello, &answer, &ok);
+        let genuine = link_auth::server_check(SECRET, &hello, &answer).as_ref() == Ok(&ok);
+        let checked = link_auth::route_check(SECRET, &hello, &answer, &ok);
         assert_eq!(
             checked.is_ok(),
             genuine,
