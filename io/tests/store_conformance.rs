@@ -9,6 +9,10 @@
 //! sockets (a `MemoryBackend` behind the network): its transcript must equal the reference's
 //! too, which proves the wire carries every command and reply unchanged.
 //!
+//! Every scenario also runs against a Redis Cluster (three masters with a replica each), whose
+//! transcript must equal the reference's too: started once for the whole test binary
+//! (`cim_testkit::redis_cluster`), emptied before each scenario, which takes its turn with it.
+//!
 //! The Redis half starts its own `redis-server` per test (see `support`); it is skipped with
 //! a message when `redis-server` is not installed, and fails under `CI=true`.
 
@@ -28,7 +32,7 @@ use cim_sim_hosts::store::{RemoteOptions, RemoteStore, serve_store_on};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use cim_testkit::RedisServer;
+use cim_testkit::{RedisCluster, RedisServer, redis_cluster};
 
 const TTL: Duration = Duration::from_secs(60);
 const TTL_MS: u64 = 60_000;
@@ -76,6 +80,16 @@ async fn redis(server: &RedisServer) -> RedisStore {
         .await
         .expect("connect to the test redis-server")
 }
+
+/// A cluster store on `cluster`, through all of its nodes' URLs.
+async fn redis_cluster_store(cluster: &RedisCluster) -> RedisStore {
+    RedisStore::connect_cluster(&cluster.urls(), redis_options())
+        .await
+        .expect("connect to the test Redis Cluster")
+}
+
+/// One test at a time uses the shared cluster (each empties it first); the others wait.
+static CLUSTER_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // --- driver ---------------------------------------------------------------------------
 
@@ -382,6 +396,13 @@ macro_rules! conformance {
                 let mut real = Driver::new(&store);
                 scenarios::$name(&mut real).await;
                 assert_transcripts_equal(&reference.transcript, &real.transcript);
+                let Some(cluster) = redis_cluster() else { return };
+                let _turn = CLUSTER_TURN.lock().await;
+                cluster.flush_all();
+                let store = redis_cluster_store(cluster).await;
+                let mut sharded = Driver::new(&store);
+                scenarios::$name(&mut sharded).await;
+                assert_transcripts_equal(&reference.transcript, &sharded.transcript);
             }
         )*
     };
@@ -2032,15 +2053,48 @@ async fn random_command_sequences_agree() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
+    random_sequences(seeds, || async {
+        server.raw("FLUSHALL");
+        redis(&server).await
+    })
+    .await;
+}
+
+/// The random sequences on a Redis Cluster: every multi-user command is split per slot there
+/// (the sequences' users spread over the three masters), and must still agree with the
+/// reference. Fewer seeds than on one node by default (`STORE_CLUSTER_SEEDS`).
+#[tokio::test]
+async fn random_command_sequences_agree_on_a_cluster() {
+    let Some(cluster) = redis_cluster() else {
+        return;
+    };
+    let _turn = CLUSTER_TURN.lock().await;
+    let seeds: u64 = std::env::var("STORE_CLUSTER_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    random_sequences(seeds, || async {
+        cluster.flush_all();
+        redis_cluster_store(cluster).await
+    })
+    .await;
+}
+
+/// Runs `seeds` random sequences against the reference and a fresh store from `fresh`, step
+/// by step, and checks they reached the interesting outcomes.
+async fn random_sequences<F, Fut>(seeds: u64, fresh: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = RedisStore>,
+{
     let mut transcripts = Vec::new();
     for seed in 0..seeds {
         eprintln!(
             "random_command_sequences_agree: seed {seed} (replay: STORE_SEEDS={})",
             seed + 1
         );
-        server.raw("FLUSHALL");
         let memory = memory();
-        let redis = redis(&server).await;
+        let redis = fresh().await;
         let mut reference = Driver::new(&memory);
         let mut real = Driver::new(&redis);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -2101,6 +2155,136 @@ async fn random_command_sequences_agree() {
         })
         .count();
     eprintln!("heads with a cursor: {advanced}");
+}
+
+/// Multi-user commands whose users' keys live on different masters (so the cluster store splits
+/// them per slot and merges the outcomes) answer exactly as the reference and a single node do:
+/// `RefreshLeases` with refreshed, superseded and gone sessions mixed, `LoadRoutes` with live,
+/// expired and missing records, `LoadNames`, `ListOnline` across every master.
+#[tokio::test]
+async fn multi_user_commands_across_masters_answer_as_on_one_node() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let Some(cluster) = redis_cluster() else {
+        return;
+    };
+    let users: Vec<u64> = (1..=12).collect();
+    let _turn = CLUSTER_TURN.lock().await;
+    // The users must really be spread: at least one per master.
+    let masters: std::collections::BTreeSet<u16> = users
+        .iter()
+        .map(|u| {
+            cluster
+                .master_of_key(&format!("cim:claim:{{u:{u}}}"))
+                .expect("an owner")
+        })
+        .collect();
+    assert_eq!(masters.len(), 3, "users 1..=12 span all three masters");
+    cluster.flush_all();
+    let sharded = redis_cluster_store(cluster).await;
+    let single = redis(&server).await;
+    let memory = memory();
+    let mut transcripts = Vec::new();
+    for store in [&memory as &dyn Store, &single, &sharded] {
+        let mut d = Driver::new(store);
+        across_masters(&mut d, &users).await;
+        transcripts.push(d.transcript);
+    }
+    assert_transcripts_equal(&transcripts[0], &transcripts[1]);
+    assert_transcripts_equal(&transcripts[0], &transcripts[2]);
+}
+
+async fn across_masters(d: &mut Driver<'_>, users: &[u64]) {
+    for u in users {
+        d.register(&format!("user{u}")).await;
+    }
+    // Every user claims on s1 (lease by user: some run out), all but 11 and 12 bind; users
+    // divisible by 4 are then taken over by s2 (their s1 session is superseded).
+    for &u in users {
+        let user = UserId(u);
+        d.run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 1_000 * u, 1),
+            },
+        )
+        .await;
+        if u <= 10 {
+            d.run(
+                T0,
+                StoreCommand::BindSession {
+                    user,
+                    epoch: Epoch(1),
+                    server: s("s1"),
+                    lease_until: UnixMillis(T0 + 1_000 * u),
+                },
+            )
+            .await;
+        }
+        if u % 4 == 0 {
+            d.run(
+                T0,
+                StoreCommand::ReplaceClaim {
+                    user,
+                    expected: Epoch(1),
+                    claim: claim(2, "s2", T0 + 20_000, 2),
+                },
+            )
+            .await;
+        }
+    }
+    let all: Vec<UserId> = users.iter().copied().map(UserId).chain([UserId(99)]).collect();
+    let sessions: Vec<(UserId, Epoch)> = all.iter().map(|u| (*u, Epoch(1))).collect();
+    let StoreReply::LeasesRefreshed(outcomes) = d
+        .run(
+            T0 + 500,
+            StoreCommand::RefreshLeases {
+                server: s("s1"),
+                lease_until: UnixMillis(T0 + 5_500),
+                sessions: sessions.clone(),
+            },
+        )
+        .await
+    else {
+        panic!("refresh answered oddly");
+    };
+    // In the callers' order, one outcome each, all three kinds present.
+    assert_eq!(
+        outcomes.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+        all,
+        "outcomes in the order asked"
+    );
+    assert!(outcomes.iter().any(|(_, o)| *o == LeaseRefresh::Refreshed));
+    assert!(
+        outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, LeaseRefresh::Superseded { .. }))
+    );
+    assert!(outcomes.iter().any(|(_, o)| *o == LeaseRefresh::Gone));
+    for now in [T0 + 1_000, T0 + 7_000, T0 + 30_000] {
+        let StoreReply::Routes(routes) = d
+            .run(now, StoreCommand::LoadRoutes { users: all.clone() })
+            .await
+        else {
+            panic!("routes answered oddly");
+        };
+        assert_eq!(routes.iter().map(|(u, _)| *u).collect::<Vec<_>>(), all);
+        d.run(now, StoreCommand::ListOnline { limit: 100 }).await;
+    }
+    let mut reversed = all.clone();
+    reversed.reverse();
+    d.run(T0, StoreCommand::LoadNames { users: reversed }).await;
+    d.run(
+        T0,
+        StoreCommand::ListAccounts {
+            after: UserId(0),
+            limit: 100,
+        },
+    )
+    .await;
 }
 
 // --- Redis only ---------------------------------------------------------------------------
