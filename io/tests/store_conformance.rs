@@ -32,7 +32,8 @@ use cim_sim_hosts::store::{RemoteOptions, RemoteStore, serve_store_on};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use cim_testkit::{RedisCluster, RedisServer, redis_cluster};
+use cim_io::store::RedisTls;
+use cim_testkit::{RedisCluster, RedisServer, redis_cluster, redis_cluster_tls};
 
 const TTL: Duration = Duration::from_secs(60);
 const TTL_MS: u64 = 60_000;
@@ -2285,6 +2286,45 @@ async fn across_masters(d: &mut Driver<'_>, users: &[u64]) {
         },
     )
     .await;
+}
+
+/// A scenario of claims, appends, reads and online listing on a Redis Cluster served over TLS
+/// only (clients, bus, replication), with a client certificate: the `--redis-ca` /
+/// `--redis-client-cert` settings reach every node the cluster client dials.
+#[tokio::test]
+async fn a_tls_cluster_runs_a_scenario_as_the_reference_does() {
+    let Some(cluster) = redis_cluster_tls() else {
+        return;
+    };
+    let tls = cluster.tls().expect("a TLS cluster");
+    let options = RedisOptions {
+        tls: RedisTls::default()
+            .with_ca_pem(tls.ca.cert_pem.clone())
+            .and_then(|t| t.with_client_pem(tls.client.cert_pem.clone(), tls.client.key_pem.clone()))
+            .expect("PEM files"),
+        ..redis_options()
+    };
+    // Without the client certificate the nodes refuse the handshake.
+    let refused = RedisStore::connect_cluster(
+        &cluster.urls(),
+        RedisOptions {
+            tls: RedisTls::default()
+                .with_ca_pem(tls.ca.cert_pem.clone())
+                .expect("PEM"),
+            ..redis_options()
+        },
+    )
+    .await;
+    assert!(refused.is_err(), "a TLS cluster without a client certificate");
+    let store = RedisStore::connect_cluster(&cluster.urls(), options)
+        .await
+        .expect("connect over TLS");
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    scenarios::online_lists_users_with_live_bound_routes(&mut reference).await;
+    let mut real = Driver::new(&store);
+    scenarios::online_lists_users_with_live_bound_routes(&mut real).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
 }
 
 // --- Redis only ---------------------------------------------------------------------------

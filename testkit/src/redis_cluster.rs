@@ -249,6 +249,9 @@ impl RedisCluster {
         cluster
             .wait_until_ok(Duration::from_secs(30))
             .map_err(|e| (e, ports.clone()))?;
+        cluster
+            .wait_for_replicas(Duration::from_secs(30))
+            .map_err(|e| (e, ports.clone()))?;
         cluster.started_in = started.elapsed();
         Ok(cluster)
     }
@@ -314,6 +317,9 @@ impl RedisCluster {
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", &timeout])
             .args(["--save", "", "--appendonly", "no"])
+            // Replicas sync at once (the default waits 5 s for more replicas), so a master
+            // killed right after the start has a replica able to take over.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&node.dir)
             .arg("--logfile")
@@ -401,6 +407,55 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         Err(format!("the cluster did not become ok within {within:?}: {last}"))
+    }
+
+    /// Waits until every live replica's link to its master is up (it has synced): a replica
+    /// that never synced refuses to take over.
+    pub fn wait_for_replicas(&self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let infos: Vec<String> = self
+                .live_ports()
+                .iter()
+                .map(|&p| self.cli(p, &["INFO", "replication"]).unwrap_or_default())
+                .collect();
+            let replicas: Vec<&String> =
+                infos.iter().filter(|i| i.contains("role:slave")).collect();
+            if replicas.len() * 2 >= infos.len()
+                && replicas
+                    .iter()
+                    .all(|i| i.contains("master_link_status:up"))
+            {
+                return Ok(());
+            }
+            last = format!("{} replicas of {} nodes", replicas.len(), infos.len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("replicas not in sync within {within:?}: {last}"))
+    }
+
+    /// Waits until a replica has taken over every slot of the (killed) node at `port`: no
+    /// live node names it master of any slot, and the cluster is ok again. Returns how long
+    /// that took.
+    pub fn wait_for_failover(&self, port: u16, within: Duration) -> Result<Duration, String> {
+        let started = Instant::now();
+        let deadline = started + within;
+        while Instant::now() < deadline {
+            let taken_over = self.live_ports().iter().all(|&p| {
+                self.slot_masters_at(p)
+                    .is_ok_and(|r| covers_all_slots(&r) && r.iter().all(|&(_, _, m)| m != port))
+            });
+            if taken_over {
+                self.wait_until_ok(deadline.saturating_duration_since(Instant::now()))?;
+                return Ok(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let view = self.cli(self.any_live_port(), &["CLUSTER", "NODES"]);
+        Err(format!(
+            "no replica took over from {port} within {within:?}; CLUSTER NODES: {view:?}"
+        ))
     }
 
     /// Client ports of every node, masters and replicas.

@@ -24,9 +24,10 @@ fn starts_serves_every_slot_and_fails_over_a_killed_master() {
         .kill_master_of_slot(cluster.slot_of(key))
         .expect("a master to kill");
     assert_eq!(killed, owner);
-    cluster
-        .wait_until_ok(Duration::from_secs(30))
+    let took = cluster
+        .wait_for_failover(killed, Duration::from_secs(30))
         .expect("a replica takes over");
+    eprintln!("failover took {took:?}");
     let new_owner = cluster.master_of_key(key).expect("a new owner");
     assert_ne!(new_owner, owner);
     cluster.restart_node(owner).expect("the old master restarts");

@@ -139,42 +139,43 @@ impl RedisStore {
         matches!(self.conn, Conn::Cluster(_))
     }
 
-    /// Indices of `keys` grouped by slot, in first-seen order: one group holding everything on
-    /// a single node.
-    fn slot_groups<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Vec<Vec<usize>> {
+    /// Indices of `keys` grouped by slot, in slot order: one group holding everything on a
+    /// single node.
+    fn slot_groups(&self, keys: &[String]) -> Vec<Vec<usize>> {
         if !self.is_cluster() {
-            return vec![keys.enumerate().map(|(i, _)| i).collect()];
+            return vec![(0..keys.len()).collect()];
         }
         let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
-        for (i, key) in keys.enumerate() {
+        for (i, key) in keys.iter().enumerate() {
             by_slot.entry(key_slot(key)).or_default().push(i);
         }
         by_slot.into_values().collect()
     }
 
-    /// Runs `step` on `items` split per slot of `key(item)` (all of them at once on a single
-    /// node), the slots' calls concurrently; `step` returns one output per item it was given,
-    /// and the outputs come back in `items`' order. Atomic per call only: on a cluster, items
-    /// of different slots are separate steps.
-    pub(super) async fn per_slot<'i, I, O, F, Fut>(
+    /// Runs `step` on `items` split per slot of their `keys` (one key per item; all items at
+    /// once on a single node), the slots' calls concurrently; `step` returns one output per
+    /// item it was given, and the outputs come back in `items`' order. Atomic per call only:
+    /// on a cluster, items of different slots are separate steps.
+    pub(super) async fn per_slot<'i, I, O, Fut>(
         &self,
         items: &'i [I],
-        key: impl Fn(&I) -> String,
-        step: F,
+        keys: Vec<String>,
+        step: impl Fn(Vec<&'i I>) -> Fut,
     ) -> R<Vec<O>>
     where
-        F: Fn(Vec<&'i I>) -> Fut,
         Fut: Future<Output = R<Vec<O>>>,
     {
-        let keys: Vec<String> = items.iter().map(key).collect();
-        let groups = self.slot_groups(keys.iter().map(String::as_str));
-        let outputs: Vec<R<Vec<O>>> = futures::stream::iter(groups.iter().map(|group| {
-            let part: Vec<&I> = group.iter().map(|&i| &items[i]).collect();
-            step(part)
-        }))
-        .buffered(SPLIT_CONCURRENCY)
-        .collect()
-        .await;
+        let groups = self.slot_groups(&keys);
+        // Made before anything is awaited, so the future holds no closure over borrowed
+        // items (which would make it not provably `Send`).
+        let calls: Vec<Fut> = groups
+            .iter()
+            .map(|group| step(group.iter().map(|&i| &items[i]).collect()))
+            .collect();
+        let outputs: Vec<R<Vec<O>>> = futures::stream::iter(calls)
+            .buffered(SPLIT_CONCURRENCY)
+            .collect()
+            .await;
         let mut slots: Vec<Option<O>> = std::iter::repeat_with(|| None).take(items.len()).collect();
         for (group, output) in groups.iter().zip(outputs) {
             let output = output?;
@@ -200,9 +201,10 @@ impl RedisStore {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
+        let keys = cmds.iter().map(|(key, _)| key.clone()).collect();
         self.per_slot(
             &cmds,
-            |(key, _)| key.clone(),
+            keys,
             |part| async move {
                 let mut pipe = ::redis::pipe();
                 for (_, cmd) in part {

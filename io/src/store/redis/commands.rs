@@ -330,7 +330,7 @@ impl RedisStore {
         let outcomes = self
             .per_slot(
                 &sessions,
-                |(user, _)| claim_key(*user),
+                sessions.iter().map(|(user, _)| claim_key(*user)).collect(),
                 |part| self.refresh_part(now, &server, lease_until, part),
             )
             .await?;
@@ -379,7 +379,11 @@ impl RedisStore {
         }
         // One script per slot on a cluster, as `refresh`: each user's record is judged alone.
         let routes = self
-            .per_slot(&users, |user| claim_key(*user), |part| self.routes_part(now, part))
+            .per_slot(
+                &users,
+                users.iter().map(|user| claim_key(*user)).collect(),
+                |part| self.routes_part(now, part),
+            )
             .await?;
         Ok(StoreReply::Routes(routes))
     }

@@ -9,15 +9,18 @@
 //!
 //! What the crate does not do well on a cluster is reloading a script: `Script` answers
 //! `NOSCRIPT` with a keyless `SCRIPT LOAD`, which the crate sends to *every* node and fails if
-//! any one is down. So a cluster [`Conn`] is cloned fresh for each call and remembers where
-//! its last keyed command (or pipeline) went; a keyless command after it (which, within one
-//! call, is only that `SCRIPT LOAD`) goes to the same node: the one that said `NOSCRIPT`.
+//! any one is down. So a cluster [`Conn`] is cloned fresh for each call and remembers the
+//! slot of its last script call (alone or in a pipeline); a command after it (which, within
+//! one call, is only that `SCRIPT LOAD`) goes to that slot's master: the node that said
+//! `NOSCRIPT`, or the one a redirection since made the slot's.
 
 use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use ::redis::{Cmd, Pipeline, RedisFuture, Value};
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use ::redis::{Arg, Cmd, Pipeline, RedisFuture, Value};
 use futures::FutureExt as _;
+
+use super::cluster::key_slot;
 
 #[derive(Clone)]
 pub(in crate::store) enum Conn {
@@ -38,27 +41,38 @@ impl Sticky {
     }
 }
 
-/// The node a command is for, when it names one by its key.
-fn keyed(cmd: &Cmd) -> Option<RoutingInfo> {
-    match RoutingInfo::for_routable(cmd)? {
-        r @ RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(_)) => Some(r),
+/// The slot's master a script call (`EVALSHA` or `EVAL` with keys) goes to: where a
+/// `NOSCRIPT` from it must be answered by loading the script. Every other command is routed
+/// by the crate alone.
+fn script_node(cmd: &Cmd) -> Option<RoutingInfo> {
+    let mut args = cmd.args_iter().map(|a| match a {
+        Arg::Simple(bytes) => Some(bytes),
         _ => None,
+    });
+    let name = args.next()??;
+    if !name.eq_ignore_ascii_case(b"EVALSHA") && !name.eq_ignore_ascii_case(b"EVAL") {
+        return None;
     }
+    let _script = args.next()??;
+    let keys: usize = std::str::from_utf8(args.next()??).ok()?.parse().ok()?;
+    if keys == 0 {
+        return None;
+    }
+    let key = std::str::from_utf8(args.next()??).ok()?;
+    Some(RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+        Route::new(key_slot(key), SlotAddr::Master),
+    )))
 }
 
 impl ConnectionLike for Sticky {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let routing = match keyed(cmd) {
-            Some(route) => {
-                self.last = Some(route.clone());
-                Some(route)
-            }
-            None => self.last.clone(),
-        };
-        match routing {
-            Some(routing) => self.conn.route_command(cmd.clone(), routing).boxed(),
-            // Keyless and first (PING, INFO, SCAN by address are routed by their callers):
-            // as the crate routes it.
+        if let Some(node) = script_node(cmd) {
+            self.last = Some(node);
+            return self.conn.req_packed_command(cmd);
+        }
+        match &self.last {
+            // Within one call, a command after a script call is that script's `SCRIPT LOAD`.
+            Some(node) => self.conn.route_command(cmd.clone(), node.clone()).boxed(),
             None => self.conn.req_packed_command(cmd),
         }
     }
@@ -69,8 +83,8 @@ impl ConnectionLike for Sticky {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        if let Some(route) = pipeline.cmd_iter().find_map(keyed) {
-            self.last = Some(route);
+        if let Some(node) = pipeline.cmd_iter().find_map(script_node) {
+            self.last = Some(node);
         }
         self.conn.req_packed_commands(pipeline, offset, count)
     }

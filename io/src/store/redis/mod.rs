@@ -623,9 +623,13 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         // One pipeline per conversation slot on a cluster.
+        let slot_keys = calls
+            .iter()
+            .map(|(keys, _)| keys.first().cloned().unwrap_or_default())
+            .collect();
         self.per_slot(
             calls,
-            |(keys, _)| keys.first().cloned().unwrap_or_default(),
+            slot_keys,
             |part| async move {
                 let script = &self.scripts.read;
                 let mut pipe = ::redis::pipe();
