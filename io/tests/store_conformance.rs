@@ -2498,3 +2498,84 @@ async fn redis_append_pipeline_survives_a_flushed_script_cache() {
         Err(AppendError::UnknownConversation)
     );
 }
+
+/// On a cluster, a flushed script cache is reloaded on the node that answers `NOSCRIPT` only:
+/// while another master is dead and not yet replaced (so a `SCRIPT LOAD` sent to every master,
+/// as the crate's `Script` would, fails), scripts called alone (`ReplaceClaim`, `RefreshLeases`) and in pipelines (`Append`,
+/// `LoadHeads`) still run after every master's cache was flushed. A cluster of its own: the
+/// test kills a node.
+#[tokio::test]
+async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = redis_cluster_store(&cluster).await;
+    let mut d = Driver::new(&store);
+    let a = d.register("a").await;
+    let b = d.register("b").await;
+    let conv = ConvId::private(a, b).unwrap();
+    assert_eq!(d.append(T0, &conv, a, 1, "one").await.unwrap().0, 1);
+    // A master that holds none of this test's keys dies; until its replica takes over
+    // (`cluster-node-timeout` 2 s and then some), a `SCRIPT LOAD` to every master fails.
+    let used: Vec<u16> = [a, b]
+        .iter()
+        .flat_map(|u| {
+            [
+                cluster.master_of_key(&format!("cim:claim:{{u:{}}}", u.0)),
+                cluster.master_of_key(&format!("cim:conv:{{c:{conv}}}:meta")),
+            ]
+        })
+        .flatten()
+        .collect();
+    let idle = cluster
+        .masters()
+        .into_iter()
+        .find(|m| !used.contains(m))
+        .expect("a master none of the keys is on");
+    let live: Vec<u16> = cluster.masters().into_iter().filter(|m| *m != idle).collect();
+    cluster.kill_node(idle);
+    for master in &live {
+        assert_eq!(cluster.cli(*master, &["SCRIPT", "FLUSH"]).as_deref(), Ok("OK"));
+    }
+    assert_eq!(d.append(T0, &conv, b, 2, "two").await.unwrap().0, 2);
+    let replaced = d
+        .run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: a,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 5_000, 1),
+            },
+        )
+        .await;
+    assert!(matches!(replaced, StoreReply::ClaimReplaced(Ok(None))), "{replaced:?}");
+    let refreshed = d
+        .run(
+            T0,
+            StoreCommand::RefreshLeases {
+                server: s("s1"),
+                lease_until: UnixMillis(T0 + 5_000),
+                sessions: vec![(a, Epoch(1)), (b, Epoch(1))],
+            },
+        )
+        .await;
+    assert!(matches!(refreshed, StoreReply::LeasesRefreshed(_)), "{refreshed:?}");
+    for user in [a, b] {
+        let heads = d.heads(user).await;
+        assert!(
+            heads.iter().any(|h| h.conv == conv && h.head_seq == 2),
+            "{heads:?}"
+        );
+    }
+    // The append script was reloaded where the conversation lives (so `NOSCRIPT` was met).
+    let append = redis::Script::new(include_str!("../src/store/lua/append.lua"));
+    let home = cluster
+        .master_of_key(&format!("cim:conv:{{c:{conv}}}:meta"))
+        .expect("the conversation's master");
+    assert_eq!(
+        cluster
+            .cli(home, &["SCRIPT", "EXISTS", append.get_hash()])
+            .as_deref(),
+        Ok("1")
+    );
+}
