@@ -492,7 +492,11 @@ fn redis_target(
             Some(RedisTarget::Cluster(urls))
         }
         (None, None) => {
-            p.required::<()>("--redis or --redis-cluster", "CIM_REDIS or CIM_REDIS_CLUSTER", None);
+            p.required::<()>(
+                "--redis or --redis-cluster",
+                "CIM_REDIS or CIM_REDIS_CLUSTER",
+                None,
+            );
             None
         }
     }
@@ -682,9 +686,10 @@ mod tests {
         assert_eq!(backends.redis.as_deref(), Some("redis://r:6379"));
         assert_eq!(backends.zk_root.as_deref(), Some("/x"));
         assert_eq!(backends.allow_eviction, Some(true));
-        // Every backend flag is a key: the split knows all thirteen.
-        assert_eq!(BackendFlags::toml_keys().len(), 13);
+        // Every backend flag is a key: the split knows all fourteen.
+        assert_eq!(BackendFlags::toml_keys().len(), 14);
         assert!(BackendFlags::toml_keys().contains(&"zk-client-key".to_owned()));
+        assert!(BackendFlags::toml_keys().contains(&"redis-cluster".to_owned()));
 
         // An unknown key is still refused, and a wrong value is named by its key.
         for (text, says) in [

@@ -2237,7 +2237,12 @@ async fn across_masters(d: &mut Driver<'_>, users: &[u64]) {
             .await;
         }
     }
-    let all: Vec<UserId> = users.iter().copied().map(UserId).chain([UserId(99)]).collect();
+    let all: Vec<UserId> = users
+        .iter()
+        .copied()
+        .map(UserId)
+        .chain([UserId(99)])
+        .collect();
     let sessions: Vec<(UserId, Epoch)> = all.iter().map(|u| (*u, Epoch(1))).collect();
     let StoreReply::LeasesRefreshed(outcomes) = d
         .run(
@@ -2300,7 +2305,9 @@ async fn a_tls_cluster_runs_a_scenario_as_the_reference_does() {
     let options = RedisOptions {
         tls: RedisTls::default()
             .with_ca_pem(tls.ca.cert_pem.clone())
-            .and_then(|t| t.with_client_pem(tls.client.cert_pem.clone(), tls.client.key_pem.clone()))
+            .and_then(|t| {
+                t.with_client_pem(tls.client.cert_pem.clone(), tls.client.key_pem.clone())
+            })
             .expect("PEM files"),
         ..redis_options()
     };
@@ -2315,7 +2322,10 @@ async fn a_tls_cluster_runs_a_scenario_as_the_reference_does() {
         },
     )
     .await;
-    assert!(refused.is_err(), "a TLS cluster without a client certificate");
+    assert!(
+        refused.is_err(),
+        "a TLS cluster without a client certificate"
+    );
     let store = RedisStore::connect_cluster(&cluster.urls(), options)
         .await
         .expect("connect over TLS");
@@ -2532,10 +2542,17 @@ async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
         .into_iter()
         .find(|m| !used.contains(m))
         .expect("a master none of the keys is on");
-    let live: Vec<u16> = cluster.masters().into_iter().filter(|m| *m != idle).collect();
+    let live: Vec<u16> = cluster
+        .masters()
+        .into_iter()
+        .filter(|m| *m != idle)
+        .collect();
     cluster.kill_node(idle);
     for master in &live {
-        assert_eq!(cluster.cli(*master, &["SCRIPT", "FLUSH"]).as_deref(), Ok("OK"));
+        assert_eq!(
+            cluster.cli(*master, &["SCRIPT", "FLUSH"]).as_deref(),
+            Ok("OK")
+        );
     }
     assert_eq!(d.append(T0, &conv, b, 2, "two").await.unwrap().0, 2);
     let replaced = d
@@ -2548,7 +2565,10 @@ async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
             },
         )
         .await;
-    assert!(matches!(replaced, StoreReply::ClaimReplaced(Ok(None))), "{replaced:?}");
+    assert!(
+        matches!(replaced, StoreReply::ClaimReplaced(Ok(None))),
+        "{replaced:?}"
+    );
     let refreshed = d
         .run(
             T0,
@@ -2559,7 +2579,10 @@ async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
             },
         )
         .await;
-    assert!(matches!(refreshed, StoreReply::LeasesRefreshed(_)), "{refreshed:?}");
+    assert!(
+        matches!(refreshed, StoreReply::LeasesRefreshed(_)),
+        "{refreshed:?}"
+    );
     for user in [a, b] {
         let heads = d.heads(user).await;
         assert!(

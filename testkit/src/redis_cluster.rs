@@ -235,7 +235,9 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{port}"));
         }
         create.args(["--cluster-replicas", "1", "--cluster-yes"]);
-        let out = create.output().map_err(|e| (e.to_string(), ports.clone()))?;
+        let out = create
+            .output()
+            .map_err(|e| (e.to_string(), ports.clone()))?;
         if !out.status.success() {
             return Err((
                 format!(
@@ -345,7 +347,9 @@ impl RedisCluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("redis-server on {port} did not answer PING within 10 s"))
+        Err(format!(
+            "redis-server on {port} did not answer PING within 10 s"
+        ))
     }
 
     /// `redis-cli` with this cluster's TLS options.
@@ -406,7 +410,9 @@ impl RedisCluster {
             last = format!("{states:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!("the cluster did not become ok within {within:?}: {last}"))
+        Err(format!(
+            "the cluster did not become ok within {within:?}: {last}"
+        ))
     }
 
     /// Waits until every live replica's link to its master is up (it has synced): a replica
@@ -423,9 +429,7 @@ impl RedisCluster {
             let replicas: Vec<&String> =
                 infos.iter().filter(|i| i.contains("role:slave")).collect();
             if replicas.len() * 2 >= infos.len()
-                && replicas
-                    .iter()
-                    .all(|i| i.contains("master_link_status:up"))
+                && replicas.iter().all(|i| i.contains("master_link_status:up"))
             {
                 return Ok(());
             }
@@ -559,7 +563,9 @@ impl RedisCluster {
 
     /// The masters' ports, ascending.
     pub fn masters(&self) -> Vec<u16> {
-        let ranges = self.slot_masters_at(self.any_live_port()).unwrap_or_default();
+        let ranges = self
+            .slot_masters_at(self.any_live_port())
+            .unwrap_or_default();
         let mut masters: Vec<u16> = ranges.into_iter().map(|(_, _, p)| p).collect();
         masters.sort_unstable();
         masters.dedup();

@@ -30,7 +30,9 @@ fn starts_serves_every_slot_and_fails_over_a_killed_master() {
     eprintln!("failover took {took:?}");
     let new_owner = cluster.master_of_key(key).expect("a new owner");
     assert_ne!(new_owner, owner);
-    cluster.restart_node(owner).expect("the old master restarts");
+    cluster
+        .restart_node(owner)
+        .expect("the old master restarts");
     cluster
         .wait_until_ok(Duration::from_secs(30))
         .expect("the cluster is whole again");

@@ -851,7 +851,10 @@ async fn two_users_chat_over_a_redis_cluster() {
 
     let to_bob = ann
         .client()
-        .send(private.clone(), Bytes::from_static(b"hello over the cluster"))
+        .send(
+            private.clone(),
+            Bytes::from_static(b"hello over the cluster"),
+        )
         .await
         .expect("acknowledged");
     let to_all = ann
@@ -868,10 +871,14 @@ async fn two_users_chat_over_a_redis_cluster() {
 
     let conv = private.clone();
     bob_seen
-        .wait_for(Duration::from_secs(20), "bob gets ann's messages", move |s| {
-            s.messages.get(&conv).is_some_and(|m| !m.is_empty())
-                && s.messages.get(&ConvId::All).is_some_and(|m| !m.is_empty())
-        })
+        .wait_for(
+            Duration::from_secs(20),
+            "bob gets ann's messages",
+            move |s| {
+                s.messages.get(&conv).is_some_and(|m| !m.is_empty())
+                    && s.messages.get(&ConvId::All).is_some_and(|m| !m.is_empty())
+            },
+        )
         .await;
     let conv = private.clone();
     let answer = to_ann.seq;
@@ -897,9 +904,15 @@ async fn two_users_chat_over_a_redis_cluster() {
         vec![(to_all.seq, to_all.msg_id)]
     );
     let ann_got = seqs(&ann_seen, &private);
-    assert!(ann_got.contains(&(to_ann.seq, to_ann.msg_id)), "{ann_got:?}");
+    assert!(
+        ann_got.contains(&(to_ann.seq, to_ann.msg_id)),
+        "{ann_got:?}"
+    );
     for got in [&bob_got, &ann_got] {
-        assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "once, in order: {got:?}");
+        assert!(
+            got.windows(2).all(|w| w[0].0 < w[1].0),
+            "once, in order: {got:?}"
+        );
     }
     cluster.assert_all_running();
 }

@@ -119,7 +119,9 @@ fn one_redis_or_one_redis_cluster_never_both() {
     );
     assert!(!out.status.success(), "{text}");
     assert!(
-        text.contains("--redis (CIM_REDIS) and --redis-cluster (CIM_REDIS_CLUSTER) are alternatives"),
+        text.contains(
+            "--redis (CIM_REDIS) and --redis-cluster (CIM_REDIS_CLUSTER) are alternatives"
+        ),
         "{text}"
     );
     // A cluster nobody serves: named (without password) and refused, not a hang.

@@ -83,8 +83,7 @@ impl RedisStore {
             if tls.is_some_and(|t| t != is_tls) {
                 return Err(ConnectError::Url {
                     url: shown,
-                    reason: "the cluster's URLs mix redis:// and rediss://: use one scheme"
-                        .into(),
+                    reason: "the cluster's URLs mix redis:// and rediss://: use one scheme".into(),
                 });
             }
             tls = Some(is_tls);
@@ -197,22 +196,21 @@ impl RedisStore {
     /// Single-key commands (each given with its key), one reply each, in order: one pipeline
     /// on a single node, one per slot on a cluster. Not one snapshot in either mode: use it
     /// where each reply stands alone.
-    pub(super) async fn query_each<T: FromRedisValue>(&self, cmds: Vec<(String, Cmd)>) -> R<Vec<T>> {
+    pub(super) async fn query_each<T: FromRedisValue>(
+        &self,
+        cmds: Vec<(String, Cmd)>,
+    ) -> R<Vec<T>> {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
         let keys = cmds.iter().map(|(key, _)| key.clone()).collect();
-        self.per_slot(
-            &cmds,
-            keys,
-            |part| async move {
-                let mut pipe = ::redis::pipe();
-                for (_, cmd) in part {
-                    pipe.add_command(cmd.clone());
-                }
-                self.query_pipe::<Vec<T>>(&pipe).await
-            },
-        )
+        self.per_slot(&cmds, keys, |part| async move {
+            let mut pipe = ::redis::pipe();
+            for (_, cmd) in part {
+                pipe.add_command(cmd.clone());
+            }
+            self.query_pipe::<Vec<T>>(&pipe).await
+        })
         .await
     }
 
@@ -303,9 +301,8 @@ impl RedisStore {
                     .route_command(cmd, node.clone())
                     .await
                     .map_err(unavailable)?;
-                ::redis::from_redis_value(value).map_err(|e| {
-                    StoreUnavailable(format!("redis: unexpected reply to SCAN: {e}"))
-                })
+                ::redis::from_redis_value(value)
+                    .map_err(|e| StoreUnavailable(format!("redis: unexpected reply to SCAN: {e}")))
             }
             _ => self.query(&mut cmd).await,
         }

@@ -59,9 +59,9 @@ fn script_node(cmd: &Cmd) -> Option<RoutingInfo> {
         return None;
     }
     let key = std::str::from_utf8(args.next()??).ok()?;
-    Some(RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-        Route::new(key_slot(key), SlotAddr::Master),
-    )))
+    Some(RoutingInfo::SingleNode(
+        SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master)),
+    ))
 }
 
 impl ConnectionLike for Sticky {

@@ -627,22 +627,18 @@ impl RedisStore {
             .iter()
             .map(|(keys, _)| keys.first().cloned().unwrap_or_default())
             .collect();
-        self.per_slot(
-            calls,
-            slot_keys,
-            |part| async move {
-                let script = &self.scripts.read;
-                let mut pipe = ::redis::pipe();
-                for (keys, args) in part {
-                    pipe.cmd("EVALSHA")
-                        .arg(script.get_hash())
-                        .arg(keys.len())
-                        .arg(keys)
-                        .arg(args);
-                }
-                self.query_pipe_with_script(&pipe, script).await
-            },
-        )
+        self.per_slot(calls, slot_keys, |part| async move {
+            let script = &self.scripts.read;
+            let mut pipe = ::redis::pipe();
+            for (keys, args) in part {
+                pipe.cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg(args);
+            }
+            self.query_pipe_with_script(&pipe, script).await
+        })
         .await
     }
 }
