@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Pipeline, RedisError, Script, Value};
-
-use self::conn::Conn;
 use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
@@ -31,6 +29,7 @@ mod conn;
 mod keys;
 mod reply;
 
+use self::conn::Conn;
 pub(in crate::store) use self::keys::NEXT_USER;
 use self::keys::*;
 use self::reply::*;
