@@ -2602,3 +2602,77 @@ async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
         Ok("1")
     );
 }
+
+/// The cluster client follows `MOVED` for scripts and pipelines: after a user's slot and a
+/// conversation's slot are moved to other masters (keys and all) behind the store's back, its
+/// next appends (a script in a pipeline), lease refreshes (a script alone), heads and fetches
+/// (read pipelines) go where the keys now are, without an error. A cluster of its own: the
+/// test moves slots.
+#[tokio::test]
+async fn scripts_and_pipelines_follow_slots_moved_to_another_master() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = redis_cluster_store(&cluster).await;
+    let mut d = Driver::new(&store);
+    let a = d.register("a").await;
+    let b = d.register("b").await;
+    let conv = ConvId::private(a, b).unwrap();
+    assert_eq!(d.append(T0, &conv, a, 1, "one").await.unwrap().0, 1);
+    let claimed = d
+        .run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: a,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 5_000, 1),
+            },
+        )
+        .await;
+    assert!(
+        matches!(claimed, StoreReply::ClaimReplaced(Ok(None))),
+        "{claimed:?}"
+    );
+    for key in [
+        format!("cim:conv:{{c:{conv}}}:meta"),
+        format!("cim:claim:{{u:{}}}", a.0),
+    ] {
+        let slot = cluster.slot_of(&key);
+        let from = cluster.master_of_slot(slot).expect("an owner");
+        let to = cluster
+            .masters()
+            .into_iter()
+            .find(|m| *m != from)
+            .expect("another master");
+        cluster.move_slot(slot, to).expect("the slot moves");
+        assert_eq!(cluster.master_of_key(&key), Some(to));
+        assert_eq!(cluster.cli(to, &["EXISTS", &key]).as_deref(), Ok("1"));
+    }
+    assert_eq!(d.append(T0, &conv, b, 2, "two").await.unwrap().0, 2);
+    let refreshed = d
+        .run(
+            T0,
+            StoreCommand::RefreshLeases {
+                server: s("s1"),
+                lease_until: UnixMillis(T0 + 5_000),
+                sessions: vec![(a, Epoch(1)), (b, Epoch(1))],
+            },
+        )
+        .await;
+    assert_eq!(
+        refreshed,
+        StoreReply::LeasesRefreshed(vec![(a, LeaseRefresh::Refreshed), (b, LeaseRefresh::Gone)])
+    );
+    let heads = d.heads(a).await;
+    assert!(
+        heads.iter().any(|h| h.conv == conv && h.head_seq == 2),
+        "{heads:?}"
+    );
+    let epoch = heads
+        .iter()
+        .find(|h| h.conv == conv)
+        .map(|h| h.log_epoch)
+        .expect("the conversation's head");
+    let (_, seqs) = d.fetch(b, &conv, epoch, 0, 10).await;
+    assert_eq!(seqs, vec![1, 2]);
+}

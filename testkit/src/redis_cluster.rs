@@ -585,6 +585,57 @@ impl RedisCluster {
         }
     }
 
+    /// Moves `slot`, keys and all, from its master to the master at `to`, as
+    /// `redis-cli --cluster reshard` does for one slot: `IMPORTING` / `MIGRATING`, `MIGRATE`
+    /// of every key, then `SETSLOT NODE` on every master. A client that cached the old owner
+    /// is then answered `MOVED`.
+    pub fn move_slot(&self, slot: u16, to: u16) -> Result<(), String> {
+        let from = self
+            .master_of_slot(slot)
+            .ok_or_else(|| format!("no master serves slot {slot}"))?;
+        if from == to {
+            return Ok(());
+        }
+        let id = |port: u16| self.cli(port, &["CLUSTER", "MYID"]);
+        let (from_id, to_id) = (id(from)?, id(to)?);
+        let slot_text = slot.to_string();
+        self.cli(
+            to,
+            &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+        )?;
+        self.cli(
+            from,
+            &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+        )?;
+        loop {
+            let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"])?;
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_text = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_text, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            self.cli(from, &args)?;
+        }
+        for master in self.masters() {
+            self.cli(master, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id])?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.live_ports().iter().all(|&p| {
+                self.slot_masters_at(p)
+                    .is_ok_and(|r| owner(&r, slot) == Some(to))
+            }) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "slot {slot} not seen on {to} by every node within 10 s"
+        ))
+    }
+
     /// SIGKILL of the node at `port` (no shutdown, no save); waits until it is gone.
     pub fn kill_node(&self, port: u16) {
         let Some(node) = self.nodes.iter().find(|n| n.port == port) else {
@@ -621,6 +672,13 @@ impl RedisCluster {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+fn owner(ranges: &[(u16, u16, u16)], slot: u16) -> Option<u16> {
+    ranges
+        .iter()
+        .find(|&&(a, b, _)| a <= slot && slot <= b)
+        .map(|&(_, _, p)| p)
 }
 
 fn covers_all_slots(ranges: &Vec<(u16, u16, u16)>) -> bool {
