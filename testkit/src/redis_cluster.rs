@@ -174,8 +174,7 @@ impl RedisCluster {
                 Ok(cluster) => {
                     let _ = writeln!(
                         std::io::stderr(),
-                        "Redis Cluster for this test binary: ports {:?}, started and joined in \
-                         {:.1} s",
+                        "Redis Cluster started: ports {:?}, started and joined in {:.1} s",
                         cluster.ports(),
                         cluster.started_in.as_secs_f64()
                     );
