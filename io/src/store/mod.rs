@@ -112,9 +112,9 @@
 //!
 //! - `RefreshLeases`, `LoadRoutes`: one script per slot (above).
 //! - `LoadNames`, `ListAccounts`, the account checks of `Append`, `AdvanceCursors`' epoch
-//!   reads, `LoadHeads`' per-conversation reads, `DeleteAccount`'s membership removals:
-//!   pipelines of independent single-key reads or idempotent writes, one per slot. None of
-//!   them is one snapshot on a single node either (see above).
+//!   reads, `DeleteAccount`'s membership removals: pipelines of independent single-key reads
+//!   or idempotent writes, one per slot. `LoadHeads`: its per-conversation read scripts, one
+//!   pipeline per slot. None of them is one snapshot on a single node either (see above).
 //! - `Append` to a private conversation: the two users' index entries (`SADD`, their own
 //!   slots) are written and answered before the append script runs, rather than in its
 //!   pipeline: the same order, so the index stays a superset.
