@@ -2676,3 +2676,41 @@ async fn scripts_and_pipelines_follow_slots_moved_to_another_master() {
     let (_, seqs) = d.fetch(b, &conv, epoch, 0, 10).await;
     assert_eq!(seqs, vec![1, 2]);
 }
+
+/// The eviction-policy check asks every master: one evicting master among three refuses the
+/// connect, naming that node, unless eviction is allowed.
+#[tokio::test]
+async fn a_cluster_with_one_evicting_master_is_refused() {
+    let Some(cluster) = redis_cluster() else {
+        return;
+    };
+    let _turn = CLUSTER_TURN.lock().await;
+    let evicting = *cluster.masters().last().expect("a master");
+    let set = |policy: &str| {
+        cluster
+            .cli(evicting, &["CONFIG", "SET", "maxmemory-policy", policy])
+            .expect("CONFIG SET")
+    };
+    set("allkeys-lru");
+    let refused = RedisStore::connect_cluster(&cluster.urls(), redis_options()).await;
+    let allowed = RedisStore::connect_cluster(
+        &cluster.urls(),
+        RedisOptions {
+            allow_eviction: true,
+            ..redis_options()
+        },
+    )
+    .await;
+    set("noeviction");
+    match refused {
+        Err(ConnectError::EvictionPolicy { url, policy }) => {
+            assert_eq!(policy, "allkeys-lru");
+            assert!(
+                url.ends_with(&format!("(node 127.0.0.1:{evicting})")),
+                "the evicting master is named: {url}"
+            );
+        }
+        other => panic!("expected an eviction-policy refusal, got {other:?}"),
+    }
+    assert!(allowed.is_ok(), "{allowed:?}");
+}
