@@ -44,9 +44,15 @@ pub enum LaunchError {
 #[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BackendFlags {
-    /// Redis URL, e.g. redis://127.0.0.1:6379, or rediss:// for TLS (required).
+    /// Redis URL, e.g. redis://127.0.0.1:6379, or rediss:// for TLS (this or
+    /// --redis-cluster is required).
     #[arg(long, env = "CIM_REDIS")]
     redis: Option<String>,
+    /// A Redis Cluster instead of one Redis: URLs of some of its nodes, comma-separated, e.g.
+    /// redis://10.0.0.2:6379,redis://10.0.0.3:6379 (rediss:// for TLS; the rest of the nodes
+    /// are learnt from them). Not together with --redis.
+    #[arg(long, env = "CIM_REDIS_CLUSTER")]
+    redis_cluster: Option<String>,
     /// Bound on one Redis command; a slower one counts as Redis unreachable [default: 2s].
     #[arg(long, env = "CIM_REDIS_TIMEOUT")]
     redis_timeout: Option<String>,
@@ -91,10 +97,18 @@ pub struct BackendFlags {
     zk_client_key: Option<PathBuf>,
 }
 
+/// Which Redis a process uses: one node (`--redis`) or a cluster (`--redis-cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Node(String),
+    /// Seed nodes' URLs.
+    Cluster(Vec<String>),
+}
+
 /// Redis and ZooKeeper as checked [`BackendFlags`] name them, ready to open.
 #[derive(Debug)]
 pub struct Backends {
-    pub redis: String,
+    pub redis: RedisTarget,
     pub redis_options: RedisOptions,
     pub zk: String,
     pub zk_root: String,
@@ -114,6 +128,7 @@ impl BackendFlags {
         }
         each!(
             redis,
+            redis_cluster,
             redis_timeout,
             allow_eviction,
             redis_ca,
@@ -140,7 +155,7 @@ impl BackendFlags {
     /// Checks every setting, noting each problem (naming its flag) in `p`; `None` when any
     /// was found. Options both binaries set alike are filled in; the caller adds its own.
     pub fn check(self, p: &mut Problems) -> Option<Backends> {
-        let redis = p.required("--redis", "CIM_REDIS", self.redis);
+        let redis = redis_target(p, self.redis, self.redis_cluster);
         let zk = p.required("--zk", "CIM_ZK", self.zk);
         let defaults = RedisOptions::default();
         let redis_tls = p.check(redis_tls(
@@ -184,7 +199,15 @@ impl BackendFlags {
 impl Backends {
     /// Connects to Redis (checking its eviction policy and the key layout's version).
     pub async fn open_store(&self) -> Result<Arc<dyn Store>, LaunchError> {
-        open_store(Some(&self.redis), self.redis_options.clone()).await
+        match &self.redis {
+            RedisTarget::Node(url) => open_store(Some(url), self.redis_options.clone()).await,
+            RedisTarget::Cluster(urls) => {
+                let store = RedisStore::connect_cluster(urls, self.redis_options.clone())
+                    .await
+                    .map_err(|e| LaunchError::Redis(e.to_string()))?;
+                Ok(Arc::new(store))
+            }
+        }
     }
 
     /// The ZooKeeper registry (its session is established in the background).
@@ -437,6 +460,48 @@ pub fn nonzero_duration_or(
     Ok(duration)
 }
 
+/// `--redis` or `--redis-cluster`: exactly one, the cluster's URLs a non-empty list.
+fn redis_target(
+    p: &mut Problems,
+    node: Option<String>,
+    cluster: Option<String>,
+) -> Option<RedisTarget> {
+    match (node, cluster) {
+        (Some(_), Some(_)) => {
+            p.check::<(), _>(Err(
+                "--redis (CIM_REDIS) and --redis-cluster (CIM_REDIS_CLUSTER) are alternatives: \
+                 give one Redis or one Redis Cluster, not both",
+            ));
+            None
+        }
+        (Some(url), None) => Some(RedisTarget::Node(url)),
+        (None, Some(list)) => {
+            let urls: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if urls.is_empty() {
+                p.check::<(), _>(Err(
+                    "--redis-cluster (CIM_REDIS_CLUSTER) names no node: give one or more \
+                     comma-separated URLs, e.g. redis://10.0.0.2:6379,redis://10.0.0.3:6379",
+                ));
+                return None;
+            }
+            Some(RedisTarget::Cluster(urls))
+        }
+        (None, None) => {
+            p.required::<()>(
+                "--redis or --redis-cluster",
+                "CIM_REDIS or CIM_REDIS_CLUSTER",
+                None,
+            );
+            None
+        }
+    }
+}
+
 /// Redis at `url`, or the embedded in-memory store when `None` (only `cim up`, whose
 /// processes share it, may pass `None`).
 pub async fn open_store(
@@ -621,9 +686,10 @@ mod tests {
         assert_eq!(backends.redis.as_deref(), Some("redis://r:6379"));
         assert_eq!(backends.zk_root.as_deref(), Some("/x"));
         assert_eq!(backends.allow_eviction, Some(true));
-        // Every backend flag is a key: the split knows all thirteen.
-        assert_eq!(BackendFlags::toml_keys().len(), 13);
+        // Every backend flag is a key: the split knows all fourteen.
+        assert_eq!(BackendFlags::toml_keys().len(), 14);
         assert!(BackendFlags::toml_keys().contains(&"zk-client-key".to_owned()));
+        assert!(BackendFlags::toml_keys().contains(&"redis-cluster".to_owned()));
 
         // An unknown key is still refused, and a wrong value is named by its key.
         for (text, says) in [
@@ -678,6 +744,42 @@ mod tests {
             assert!(
                 problems.iter().any(|p| p.contains(flag)),
                 "{flag} not named: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_is_one_node_or_one_cluster_never_both() {
+        let with = |redis: Option<&str>, cluster: Option<&str>| BackendFlags {
+            redis: redis.map(str::to_owned),
+            redis_cluster: cluster.map(str::to_owned),
+            zk: Some("127.0.0.1:2181".into()),
+            ..BackendFlags::default()
+        };
+        let backends = with(None, Some(" redis://a:1, redis://b:2 ,"))
+            .check(&mut Problems::default())
+            .expect("a cluster alone is valid");
+        assert_eq!(
+            backends.redis,
+            RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+        let backends = with(Some("redis://a:1"), None)
+            .check(&mut Problems::default())
+            .expect("a node alone is valid");
+        assert_eq!(backends.redis, RedisTarget::Node("redis://a:1".into()));
+        for (redis, cluster, named) in [
+            (Some("redis://a:1"), Some("redis://b:2"), "alternatives"),
+            (None, Some(" , "), "names no node"),
+            (None, None, "--redis or --redis-cluster"),
+        ] {
+            let mut p = Problems::default();
+            assert!(with(redis, cluster).check(&mut p).is_none());
+            let LaunchError::Settings(problems) = p.finish().unwrap_err() else {
+                panic!("not a settings error");
+            };
+            assert!(
+                problems.iter().any(|p| p.contains(named)),
+                "{named:?} not said: {problems:?}"
             );
         }
     }

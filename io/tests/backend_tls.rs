@@ -548,6 +548,75 @@ async fn each_role_runs_with_its_documented_acl_user_and_nothing_more() {
     );
 }
 
+/// Every `ACL SETUSER <role> ...` line of `deploy/README.md` for `role` (the one-node rules,
+/// then the cluster's additions), as `ACL SETUSER` arguments with `password`.
+fn documented_acl_commands(role: &str, password: &str) -> Vec<Vec<String>> {
+    let prefix = format!("ACL SETUSER {role} ");
+    let placeholder = format!(
+        ">{}-PASSWORD",
+        role.trim_start_matches("cim-").to_uppercase()
+    );
+    let lines: Vec<Vec<String>> = DEPLOY_DOC
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| {
+            l.replace(&placeholder, &format!(">{password}"))
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect();
+    assert!(
+        lines.len() >= 2,
+        "deploy/README.md has the one-node and the cluster lines for {role}"
+    );
+    lines
+}
+
+/// The documented ACL users, with the cluster's two additions, run every command of their
+/// roles on a Redis Cluster (set on every node).
+#[tokio::test]
+async fn each_role_runs_with_its_documented_acl_user_on_a_cluster() {
+    let Some(cluster) = cim_testkit::RedisCluster::start() else {
+        return;
+    };
+    for port in cluster.ports() {
+        for (role, password) in [
+            ("cim-route", ROUTE_PASSWORD),
+            ("cim-server", SERVER_PASSWORD),
+        ] {
+            for command in documented_acl_commands(role, password) {
+                let args: Vec<&str> = command.iter().map(String::as_str).collect();
+                assert_eq!(cluster.cli(port, &args).as_deref(), Ok("OK"), "{command:?}");
+            }
+        }
+    }
+    let as_user = |user: &str, password: &str| -> Vec<String> {
+        cluster
+            .urls()
+            .iter()
+            .map(|u| u.replacen("://", &format!("://{user}:{password}@"), 1))
+            .collect()
+    };
+    let route = RedisStore::connect_cluster(
+        &as_user("cim-route", ROUTE_PASSWORD),
+        options(RedisTls::default()),
+    )
+    .await
+    .expect("the route's ACL user connects to the cluster");
+    let server = RedisStore::connect_cluster(
+        &as_user("cim-server", SERVER_PASSWORD),
+        options(RedisTls::default()),
+    )
+    .await
+    .expect("the server's ACL user connects to the cluster");
+    let (alice, _) = exercise_route_commands(&route).await;
+    exercise_server_commands(&server, alice).await;
+    route.health().await.expect("route healthy");
+    server.health().await.expect("server healthy");
+}
+
 #[tokio::test]
 async fn a_wrong_password_is_refused_clearly_and_never_printed() {
     let Some(redis) = acl_redis(None) else {

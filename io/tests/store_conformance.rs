@@ -9,6 +9,10 @@
 //! sockets (a `MemoryBackend` behind the network): its transcript must equal the reference's
 //! too, which proves the wire carries every command and reply unchanged.
 //!
+//! Every scenario also runs against a Redis Cluster (three masters with a replica each), whose
+//! transcript must equal the reference's too: started once for the whole test binary
+//! (`cim_testkit::redis_cluster`), emptied before each scenario, which takes its turn with it.
+//!
 //! The Redis half starts its own `redis-server` per test (see `support`); it is skipped with
 //! a message when `redis-server` is not installed, and fails under `CI=true`.
 
@@ -28,7 +32,8 @@ use cim_sim_hosts::store::{RemoteOptions, RemoteStore, serve_store_on};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use cim_testkit::RedisServer;
+use cim_io::store::RedisTls;
+use cim_testkit::{RedisCluster, RedisServer, redis_cluster, redis_cluster_tls};
 
 const TTL: Duration = Duration::from_secs(60);
 const TTL_MS: u64 = 60_000;
@@ -76,6 +81,16 @@ async fn redis(server: &RedisServer) -> RedisStore {
         .await
         .expect("connect to the test redis-server")
 }
+
+/// A cluster store on `cluster`, through all of its nodes' URLs.
+async fn redis_cluster_store(cluster: &RedisCluster) -> RedisStore {
+    RedisStore::connect_cluster(&cluster.urls(), redis_options())
+        .await
+        .expect("connect to the test Redis Cluster")
+}
+
+/// One test at a time uses the shared cluster (each empties it first); the others wait.
+static CLUSTER_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // --- driver ---------------------------------------------------------------------------
 
@@ -382,6 +397,13 @@ macro_rules! conformance {
                 let mut real = Driver::new(&store);
                 scenarios::$name(&mut real).await;
                 assert_transcripts_equal(&reference.transcript, &real.transcript);
+                let Some(cluster) = redis_cluster() else { return };
+                let _turn = CLUSTER_TURN.lock().await;
+                cluster.flush_all();
+                let store = redis_cluster_store(cluster).await;
+                let mut sharded = Driver::new(&store);
+                scenarios::$name(&mut sharded).await;
+                assert_transcripts_equal(&reference.transcript, &sharded.transcript);
             }
         )*
     };
@@ -2032,15 +2054,48 @@ async fn random_command_sequences_agree() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
+    random_sequences(seeds, || async {
+        server.raw("FLUSHALL");
+        redis(&server).await
+    })
+    .await;
+}
+
+/// The random sequences on a Redis Cluster: every multi-user command is split per slot there
+/// (the sequences' users spread over the three masters), and must still agree with the
+/// reference. As many seeds as on one node (`STORE_SEEDS`): fewer do not reach every outcome.
+#[tokio::test]
+async fn random_command_sequences_agree_on_a_cluster() {
+    let Some(cluster) = redis_cluster() else {
+        return;
+    };
+    let _turn = CLUSTER_TURN.lock().await;
+    let seeds: u64 = std::env::var("STORE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    random_sequences(seeds, || async {
+        cluster.flush_all();
+        redis_cluster_store(cluster).await
+    })
+    .await;
+}
+
+/// Runs `seeds` random sequences against the reference and a fresh store from `fresh`, step
+/// by step, and checks they reached the interesting outcomes.
+async fn random_sequences<F, Fut>(seeds: u64, fresh: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = RedisStore>,
+{
     let mut transcripts = Vec::new();
     for seed in 0..seeds {
         eprintln!(
             "random_command_sequences_agree: seed {seed} (replay: STORE_SEEDS={})",
             seed + 1
         );
-        server.raw("FLUSHALL");
         let memory = memory();
-        let redis = redis(&server).await;
+        let redis = fresh().await;
         let mut reference = Driver::new(&memory);
         let mut real = Driver::new(&redis);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -2101,6 +2156,185 @@ async fn random_command_sequences_agree() {
         })
         .count();
     eprintln!("heads with a cursor: {advanced}");
+}
+
+/// Multi-user commands whose users' keys live on different masters (so the cluster store splits
+/// them per slot and merges the outcomes) answer exactly as the reference and a single node do:
+/// `RefreshLeases` with refreshed, superseded and gone sessions mixed, `LoadRoutes` with live,
+/// expired and missing records, `LoadNames`, `ListOnline` across every master.
+#[tokio::test]
+async fn multi_user_commands_across_masters_answer_as_on_one_node() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let Some(cluster) = redis_cluster() else {
+        return;
+    };
+    let users: Vec<u64> = (1..=12).collect();
+    let _turn = CLUSTER_TURN.lock().await;
+    // The users must really be spread: at least one per master.
+    let masters: std::collections::BTreeSet<u16> = users
+        .iter()
+        .map(|u| {
+            cluster
+                .master_of_key(&format!("cim:claim:{{u:{u}}}"))
+                .expect("an owner")
+        })
+        .collect();
+    assert_eq!(masters.len(), 3, "users 1..=12 span all three masters");
+    cluster.flush_all();
+    let sharded = redis_cluster_store(cluster).await;
+    let single = redis(&server).await;
+    let memory = memory();
+    let mut transcripts = Vec::new();
+    for store in [&memory as &dyn Store, &single, &sharded] {
+        let mut d = Driver::new(store);
+        across_masters(&mut d, &users).await;
+        transcripts.push(d.transcript);
+    }
+    assert_transcripts_equal(&transcripts[0], &transcripts[1]);
+    assert_transcripts_equal(&transcripts[0], &transcripts[2]);
+}
+
+async fn across_masters(d: &mut Driver<'_>, users: &[u64]) {
+    for u in users {
+        d.register(&format!("user{u}")).await;
+    }
+    // Every user claims on s1 (lease by user: some run out), all but 11 and 12 bind; users
+    // divisible by 4 are then taken over by s2 (their s1 session is superseded).
+    for &u in users {
+        let user = UserId(u);
+        d.run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 1_000 * u, 1),
+            },
+        )
+        .await;
+        if u <= 10 {
+            d.run(
+                T0,
+                StoreCommand::BindSession {
+                    user,
+                    epoch: Epoch(1),
+                    server: s("s1"),
+                    lease_until: UnixMillis(T0 + 1_000 * u),
+                },
+            )
+            .await;
+        }
+        if u % 4 == 0 {
+            d.run(
+                T0,
+                StoreCommand::ReplaceClaim {
+                    user,
+                    expected: Epoch(1),
+                    claim: claim(2, "s2", T0 + 20_000, 2),
+                },
+            )
+            .await;
+        }
+    }
+    let all: Vec<UserId> = users
+        .iter()
+        .copied()
+        .map(UserId)
+        .chain([UserId(99)])
+        .collect();
+    let sessions: Vec<(UserId, Epoch)> = all.iter().map(|u| (*u, Epoch(1))).collect();
+    let StoreReply::LeasesRefreshed(outcomes) = d
+        .run(
+            T0 + 500,
+            StoreCommand::RefreshLeases {
+                server: s("s1"),
+                lease_until: UnixMillis(T0 + 5_500),
+                sessions: sessions.clone(),
+            },
+        )
+        .await
+    else {
+        panic!("refresh answered oddly");
+    };
+    // In the callers' order, one outcome each, all three kinds present.
+    assert_eq!(
+        outcomes.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+        all,
+        "outcomes in the order asked"
+    );
+    assert!(outcomes.iter().any(|(_, o)| *o == LeaseRefresh::Refreshed));
+    assert!(
+        outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, LeaseRefresh::Superseded { .. }))
+    );
+    assert!(outcomes.iter().any(|(_, o)| *o == LeaseRefresh::Gone));
+    for now in [T0 + 1_000, T0 + 7_000, T0 + 30_000] {
+        let StoreReply::Routes(routes) = d
+            .run(now, StoreCommand::LoadRoutes { users: all.clone() })
+            .await
+        else {
+            panic!("routes answered oddly");
+        };
+        assert_eq!(routes.iter().map(|(u, _)| *u).collect::<Vec<_>>(), all);
+        d.run(now, StoreCommand::ListOnline { limit: 100 }).await;
+    }
+    let mut reversed = all.clone();
+    reversed.reverse();
+    d.run(T0, StoreCommand::LoadNames { users: reversed }).await;
+    d.run(
+        T0,
+        StoreCommand::ListAccounts {
+            after: UserId(0),
+            limit: 100,
+        },
+    )
+    .await;
+}
+
+/// A scenario of claims, appends, reads and online listing on a Redis Cluster served over TLS
+/// only (clients, bus, replication), with a client certificate: the `--redis-ca` /
+/// `--redis-client-cert` settings reach every node the cluster client dials.
+#[tokio::test]
+async fn a_tls_cluster_runs_a_scenario_as_the_reference_does() {
+    let Some(cluster) = redis_cluster_tls() else {
+        return;
+    };
+    let tls = cluster.tls().expect("a TLS cluster");
+    let options = RedisOptions {
+        tls: RedisTls::default()
+            .with_ca_pem(tls.ca.cert_pem.clone())
+            .and_then(|t| {
+                t.with_client_pem(tls.client.cert_pem.clone(), tls.client.key_pem.clone())
+            })
+            .expect("PEM files"),
+        ..redis_options()
+    };
+    // Without the client certificate the nodes refuse the handshake.
+    let refused = RedisStore::connect_cluster(
+        &cluster.urls(),
+        RedisOptions {
+            tls: RedisTls::default()
+                .with_ca_pem(tls.ca.cert_pem.clone())
+                .expect("PEM"),
+            ..redis_options()
+        },
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a TLS cluster without a client certificate"
+    );
+    let store = RedisStore::connect_cluster(&cluster.urls(), options)
+        .await
+        .expect("connect over TLS");
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    scenarios::online_lists_users_with_live_bound_routes(&mut reference).await;
+    let mut real = Driver::new(&store);
+    scenarios::online_lists_users_with_live_bound_routes(&mut real).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
 }
 
 // --- Redis only ---------------------------------------------------------------------------
@@ -2273,4 +2507,210 @@ async fn redis_append_pipeline_survives_a_flushed_script_cache() {
             .await,
         Err(AppendError::UnknownConversation)
     );
+}
+
+/// On a cluster, a flushed script cache is reloaded on the node that answers `NOSCRIPT` only:
+/// while another master is dead and not yet replaced (so a `SCRIPT LOAD` sent to every master,
+/// as the crate's `Script` would, fails), scripts called alone (`ReplaceClaim`, `RefreshLeases`) and in pipelines (`Append`,
+/// `LoadHeads`) still run after every master's cache was flushed. A cluster of its own: the
+/// test kills a node.
+#[tokio::test]
+async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = redis_cluster_store(&cluster).await;
+    let mut d = Driver::new(&store);
+    let a = d.register("a").await;
+    let b = d.register("b").await;
+    let conv = ConvId::private(a, b).unwrap();
+    assert_eq!(d.append(T0, &conv, a, 1, "one").await.unwrap().0, 1);
+    // A master that holds none of this test's keys dies; until its replica takes over
+    // (`cluster-node-timeout` 2 s and then some), a `SCRIPT LOAD` to every master fails.
+    let used: Vec<u16> = [a, b]
+        .iter()
+        .flat_map(|u| {
+            [
+                cluster.master_of_key(&format!("cim:claim:{{u:{}}}", u.0)),
+                cluster.master_of_key(&format!("cim:conv:{{c:{conv}}}:meta")),
+            ]
+        })
+        .flatten()
+        .collect();
+    let idle = cluster
+        .masters()
+        .into_iter()
+        .find(|m| !used.contains(m))
+        .expect("a master none of the keys is on");
+    let live: Vec<u16> = cluster
+        .masters()
+        .into_iter()
+        .filter(|m| *m != idle)
+        .collect();
+    cluster.kill_node(idle);
+    for master in &live {
+        assert_eq!(
+            cluster.cli(*master, &["SCRIPT", "FLUSH"]).as_deref(),
+            Ok("OK")
+        );
+    }
+    assert_eq!(d.append(T0, &conv, b, 2, "two").await.unwrap().0, 2);
+    let replaced = d
+        .run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: a,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 5_000, 1),
+            },
+        )
+        .await;
+    assert!(
+        matches!(replaced, StoreReply::ClaimReplaced(Ok(None))),
+        "{replaced:?}"
+    );
+    let refreshed = d
+        .run(
+            T0,
+            StoreCommand::RefreshLeases {
+                server: s("s1"),
+                lease_until: UnixMillis(T0 + 5_000),
+                sessions: vec![(a, Epoch(1)), (b, Epoch(1))],
+            },
+        )
+        .await;
+    assert!(
+        matches!(refreshed, StoreReply::LeasesRefreshed(_)),
+        "{refreshed:?}"
+    );
+    for user in [a, b] {
+        let heads = d.heads(user).await;
+        assert!(
+            heads.iter().any(|h| h.conv == conv && h.head_seq == 2),
+            "{heads:?}"
+        );
+    }
+    // The append script was reloaded where the conversation lives (so `NOSCRIPT` was met).
+    let append = redis::Script::new(include_str!("../src/store/lua/append.lua"));
+    let home = cluster
+        .master_of_key(&format!("cim:conv:{{c:{conv}}}:meta"))
+        .expect("the conversation's master");
+    assert_eq!(
+        cluster
+            .cli(home, &["SCRIPT", "EXISTS", append.get_hash()])
+            .as_deref(),
+        Ok("1")
+    );
+}
+
+/// The cluster client follows `MOVED` for scripts and pipelines: after a user's slot and a
+/// conversation's slot are moved to other masters (keys and all) behind the store's back, its
+/// next appends (a script in a pipeline), lease refreshes (a script alone), heads and fetches
+/// (read pipelines) go where the keys now are, without an error. A cluster of its own: the
+/// test moves slots.
+#[tokio::test]
+async fn scripts_and_pipelines_follow_slots_moved_to_another_master() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = redis_cluster_store(&cluster).await;
+    let mut d = Driver::new(&store);
+    let a = d.register("a").await;
+    let b = d.register("b").await;
+    let conv = ConvId::private(a, b).unwrap();
+    assert_eq!(d.append(T0, &conv, a, 1, "one").await.unwrap().0, 1);
+    let claimed = d
+        .run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: a,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 5_000, 1),
+            },
+        )
+        .await;
+    assert!(
+        matches!(claimed, StoreReply::ClaimReplaced(Ok(None))),
+        "{claimed:?}"
+    );
+    for key in [
+        format!("cim:conv:{{c:{conv}}}:meta"),
+        format!("cim:claim:{{u:{}}}", a.0),
+    ] {
+        let slot = cluster.slot_of(&key);
+        let from = cluster.master_of_slot(slot).expect("an owner");
+        let to = cluster
+            .masters()
+            .into_iter()
+            .find(|m| *m != from)
+            .expect("another master");
+        cluster.move_slot(slot, to).expect("the slot moves");
+        assert_eq!(cluster.master_of_key(&key), Some(to));
+        assert_eq!(cluster.cli(to, &["EXISTS", &key]).as_deref(), Ok("1"));
+    }
+    assert_eq!(d.append(T0, &conv, b, 2, "two").await.unwrap().0, 2);
+    let refreshed = d
+        .run(
+            T0,
+            StoreCommand::RefreshLeases {
+                server: s("s1"),
+                lease_until: UnixMillis(T0 + 5_000),
+                sessions: vec![(a, Epoch(1)), (b, Epoch(1))],
+            },
+        )
+        .await;
+    assert_eq!(
+        refreshed,
+        StoreReply::LeasesRefreshed(vec![(a, LeaseRefresh::Refreshed), (b, LeaseRefresh::Gone)])
+    );
+    let heads = d.heads(a).await;
+    assert!(
+        heads.iter().any(|h| h.conv == conv && h.head_seq == 2),
+        "{heads:?}"
+    );
+    let epoch = heads
+        .iter()
+        .find(|h| h.conv == conv)
+        .map(|h| h.log_epoch)
+        .expect("the conversation's head");
+    let (_, seqs) = d.fetch(b, &conv, epoch, 0, 10).await;
+    assert_eq!(seqs, vec![1, 2]);
+}
+
+/// The eviction-policy check asks every master: one evicting master among three refuses the
+/// connect, naming that node, unless eviction is allowed.
+#[tokio::test]
+async fn a_cluster_with_one_evicting_master_is_refused() {
+    let Some(cluster) = redis_cluster() else {
+        return;
+    };
+    let _turn = CLUSTER_TURN.lock().await;
+    let evicting = *cluster.masters().last().expect("a master");
+    let set = |policy: &str| {
+        cluster
+            .cli(evicting, &["CONFIG", "SET", "maxmemory-policy", policy])
+            .expect("CONFIG SET")
+    };
+    set("allkeys-lru");
+    let refused = RedisStore::connect_cluster(&cluster.urls(), redis_options()).await;
+    let allowed = RedisStore::connect_cluster(
+        &cluster.urls(),
+        RedisOptions {
+            allow_eviction: true,
+            ..redis_options()
+        },
+    )
+    .await;
+    set("noeviction");
+    match refused {
+        Err(ConnectError::EvictionPolicy { url, policy }) => {
+            assert_eq!(policy, "allkeys-lru");
+            assert!(
+                url.ends_with(&format!("(node 127.0.0.1:{evicting})")),
+                "the evicting master is named: {url}"
+            );
+        }
+        other => panic!("expected an eviction-policy refusal, got {other:?}"),
+    }
+    assert!(allowed.is_ok(), "{allowed:?}");
 }

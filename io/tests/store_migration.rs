@@ -39,7 +39,7 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
 
 /// An account as the code before case-insensitive names registered it: the reservation
 /// keyed by the name as typed, with `user` and `password_hash` only.
-async fn old_register(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> u64 {
+async fn old_register(conn: &mut impl redis::aio::ConnectionLike, name: &str) -> u64 {
     let user: u64 = redis::cmd("INCR")
         .arg("cim:{names}:next_user")
         .query_async(conn)
@@ -71,7 +71,7 @@ async fn old_register(conn: &mut redis::aio::MultiplexedConnection, name: &str) 
 /// the lowercase name (with `name` as typed), the account hash without an `all` start.
 /// (That code checked the lowercase key and the key as typed, so a legacy `Bob` did not
 /// stop a new `bob`: the conflict this migration resolves.)
-async fn today_register(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> u64 {
+async fn today_register(conn: &mut impl redis::aio::ConnectionLike, name: &str) -> u64 {
     let user: u64 = redis::cmd("INCR")
         .arg("cim:{names}:next_user")
         .query_async(conn)
@@ -285,6 +285,58 @@ async fn a_store_written_by_the_previous_code_is_migrated_in_place() {
         ),
         (SCHEMA_VERSION, 0, 0, 0)
     );
+}
+
+/// On a Redis Cluster the name records all live in the `{names}` slot: the migration scans
+/// that slot's master (a scan of any other node would find nothing) and resolves the same
+/// conflicts as on one node.
+#[tokio::test]
+async fn a_cluster_store_is_migrated_on_the_names_master() {
+    let Some(cluster) = cim_testkit::RedisCluster::start() else {
+        return;
+    };
+    let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
+        .expect("urls")
+        .get_async_connection()
+        .await
+        .expect("connect");
+    let bob_old = old_register(&mut conn, "Bob").await;
+    old_register(&mut conn, "Frank").await;
+    let bob_new = today_register(&mut conn, "bob").await;
+    let names_master = cluster
+        .master_of_key(SCHEMA_KEY)
+        .expect("the {names} slot's master");
+    assert!(
+        cluster.masters().iter().any(|m| *m != names_master),
+        "other masters exist, holding none of the names"
+    );
+    let options = RedisOptions {
+        command_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+        seed: Some(3),
+        ..RedisOptions::default()
+    };
+    let store = RedisStore::connect_cluster(&cluster.urls(), options)
+        .await
+        .expect("connect to the cluster");
+    assert_eq!(store.schema_version().await.unwrap(), 1);
+    let report = store.migrate().await.expect("migrate");
+    assert_eq!((report.from, report.to), (1, SCHEMA_VERSION));
+    assert_eq!(report.moved, 1, "Frank moved to frank: {report:?}");
+    assert_eq!(
+        report.conflicts,
+        vec![NameConflict {
+            name: "bob".into(),
+            kept: UserId(bob_old),
+            unreserved: UserId(bob_new),
+        }]
+    );
+    assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(
+        by_name(&store, "frank").await,
+        by_name(&store, "Frank").await
+    );
+    assert!(by_name(&store, "frank").await.is_some());
 }
 
 #[tokio::test]

@@ -7,11 +7,13 @@
 pub mod certs;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 pub mod zk;
 
 pub use certs::{TestCa, TestCert};
 pub use proxy::Proxy;
 pub use redis::{RedisServer, RedisSetup, RedisTlsSetup};
+pub use redis_cluster::{ClusterSetup, ClusterTls, RedisCluster, redis_cluster, redis_cluster_tls};
 pub use zk::{ZkServer, ZkTlsServer, unique_root, zookeeper, zookeeper_tls};
 
 /// Whether this run is CI's, which must not skip anything.

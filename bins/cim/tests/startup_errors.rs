@@ -77,7 +77,7 @@ fn every_missing_or_invalid_setting_is_reported_at_once_by_name() {
     );
     assert!(!out.status.success(), "{text}");
     for name in [
-        "--redis (CIM_REDIS) is required",
+        "--redis or --redis-cluster (CIM_REDIS or CIM_REDIS_CLUSTER) is required",
         "--zk (CIM_ZK) is required",
         "CIM_TICKET_SECRET is required",
         "CIM_BEARER_SECRET must be at least 16 bytes",
@@ -93,7 +93,7 @@ fn every_missing_or_invalid_setting_is_reported_at_once_by_name() {
     let (out, text) = run(&["server", "--lease-ttl", "forever"], &[]);
     assert!(!out.status.success(), "{text}");
     for name in [
-        "--redis (CIM_REDIS)",
+        "--redis or --redis-cluster (CIM_REDIS or CIM_REDIS_CLUSTER)",
         "--zk (CIM_ZK)",
         "CIM_TICKET_SECRET",
         "CIM_LINK_SECRET",
@@ -101,6 +101,45 @@ fn every_missing_or_invalid_setting_is_reported_at_once_by_name() {
     ] {
         assert!(text.contains(name), "missing {name:?} in:\n{text}");
     }
+}
+
+#[test]
+fn one_redis_or_one_redis_cluster_never_both() {
+    let (out, text) = run(
+        &[
+            "route",
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--redis-cluster",
+            "redis://127.0.0.1:2/",
+            "--zk",
+            "127.0.0.1:2181",
+        ],
+        &secrets(),
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "--redis (CIM_REDIS) and --redis-cluster (CIM_REDIS_CLUSTER) are alternatives"
+        ),
+        "{text}"
+    );
+    // A cluster nobody serves: named (without password) and refused, not a hang.
+    let (out, text) = run(
+        &[
+            "route",
+            "--redis-cluster",
+            "redis://cim:secret-pw@127.0.0.1:1/,redis://cim:secret-pw@127.0.0.1:2/",
+            "--zk",
+            "127.0.0.1:2181",
+        ],
+        &secrets(),
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("127.0.0.1:1") && !text.contains("secret-pw"),
+        "{text}"
+    );
 }
 
 #[test]

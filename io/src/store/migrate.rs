@@ -209,15 +209,9 @@ impl RedisStore {
         let prefix = "cim:{names}:name:";
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .query_pub(
-                    ::redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg("cim:{names}:name:*")
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT),
-                )
+            // Every name record is in the `{names}` slot: on a cluster, its master's keys.
+            let (next, keys) = self
+                .scan_names_page(cursor, "cim:{names}:name:*", SCAN_COUNT)
                 .await?;
             for key in keys {
                 let Some(name) = key.strip_prefix(prefix) else {

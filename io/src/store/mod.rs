@@ -2,7 +2,7 @@
 //!
 //! [`Store`] is the one interface the shell drives; [`MemoryBackend`] wraps the pure reference
 //! (`cim_core::memstore::MemoryStore`) and [`RedisStore`] runs the same commands as Lua
-//! scripts. `tests/store_conformance.rs` runs one scenario suite against both and compares
+//! scripts, on one Redis or on a Redis Cluster. `tests/store_conformance.rs` runs one scenario suite against both and compares
 //! their replies.
 //!
 //! # Time
@@ -97,10 +97,36 @@
 //!   updated in one script. A log epoch only changes when a log is lost and recreated; a
 //!   cursor written under an epoch that changed in between is ignored by every reader.
 //! - `RefreshLeases` and `LoadRoutes` touch several users' keys in one script. That is one
-//!   atomic step on a single node; on Redis Cluster the batch must be split per slot (one
-//!   script call per slot group; every outcome is per user, so the split changes nothing
-//!   but atomicity across users, which no caller relies on). This implementation is the
-//!   single-node form.
+//!   atomic step on a single node; on Redis Cluster the batch is split per slot (one script
+//!   call per slot, sent at once; every outcome is per user, so the split changes nothing
+//!   but atomicity across users, which no caller relies on). If some calls fail, the whole
+//!   command fails (outcome unknown for every user; those that ran took effect, and every
+//!   command is safe to retry).
+//!
+//! # Redis Cluster
+//!
+//! `RedisStore::connect_cluster` runs the same steps on a cluster (`redis/cluster.rs`). Every
+//! script's keys share one hash tag, so each script is one atomic step on its slot's master,
+//! exactly as on one node. What a single node does in one round trip over several tags is
+//! split per slot there, and is then several steps, each atomic alone:
+//!
+//! - `RefreshLeases`, `LoadRoutes`: one script per slot (above).
+//! - `LoadNames`, `ListAccounts`, the account checks of `Append`, `AdvanceCursors`' epoch
+//!   reads, `DeleteAccount`'s membership removals: pipelines of independent single-key reads
+//!   or idempotent writes, one per slot. `LoadHeads`: its per-conversation read scripts, one
+//!   pipeline per slot. None of them is one snapshot on a single node either (see above).
+//! - `Append` to a private conversation: the two users' index entries (`SADD`, their own
+//!   slots) are written and answered before the append script runs, rather than in its
+//!   pipeline: the same order, so the index stays a superset.
+//! - `ListOnline`: `SCAN` on every master, each page judged with `LoadRoutes`.
+//! - The layout's version and its migration live in the `{names}` slot: checked, locked and
+//!   migrated on that slot's master (its `SCAN` runs there).
+//! - The eviction-policy check at connect asks every master (`INFO memory`).
+//!
+//! The cluster client follows `MOVED`, `ASK` and `TRYAGAIN` itself, for scripts and
+//! pipelines alike (a redirected pipeline is sent again whole: each is idempotent up to its
+//! script, which is last). A script is loaded on the node that answers `NOSCRIPT` only
+//! (`redis/conn.rs`), never on all nodes at once.
 
 mod memory;
 mod migrate;

@@ -1,7 +1,9 @@
 //! The real-deployment harness: a private `redis-server` (AOF on) and ZooKeeper, routes and
 //! servers as child processes of the `cim` binary (so one can be SIGKILLed), each server
 //! reaching Redis and ZooKeeper through its own fault proxies (to cut it off from either),
-//! and SDK clients in this process.
+//! and SDK clients in this process. [`Cluster::start_on_redis_cluster`] runs the same on a
+//! private Redis Cluster instead (`--redis-cluster`; no Redis proxies: the cluster client
+//! learns the nodes' own addresses).
 
 #![allow(dead_code)] // each test uses a different part
 
@@ -15,7 +17,7 @@ use cim_io::clock::Clock;
 use cim_io::http_client::HttpClient;
 use cim_io::net::TokioNet;
 use cim_io::sdk::{Client, Events, RouteApi, SdkOptions};
-use cim_testkit::{Proxy, RedisServer, ZkServer};
+use cim_testkit::{Proxy, RedisCluster, RedisServer, ZkServer};
 use hyper::Method;
 
 pub const TICKET_SECRET: &str = "test-ticket-secret-0123456789";
@@ -90,8 +92,8 @@ pub struct ServerProc {
     pub http_port: u16,
     /// This server's path to ZooKeeper.
     pub zk_proxy: Proxy,
-    /// This server's path to Redis.
-    pub redis_proxy: Proxy,
+    /// This server's path to Redis (single-node Redis only).
+    pub redis_proxy: Option<Proxy>,
     pub proc: Proc,
 }
 
@@ -103,7 +105,9 @@ pub struct RouteProc {
 
 #[derive(Debug)]
 pub struct Cluster {
-    pub redis: RedisServer,
+    /// The one Redis, unless the cluster runs on [`Self::redis_cluster`].
+    pub redis: Option<RedisServer>,
+    pub redis_cluster: Option<RedisCluster>,
     pub zk: &'static ZkServer,
     pub zk_root: String,
     pub routes: Vec<RouteProc>,
@@ -115,9 +119,24 @@ impl Cluster {
     /// healthy. `None` (skip) only outside CI when Redis or ZooKeeper is not installed.
     pub async fn start(tag: &str) -> Option<Self> {
         let redis = RedisServer::start_with_aof()?;
+        Self::start_on(tag, Some(redis), None).await
+    }
+
+    /// The same on a Redis Cluster of its own (three masters, one replica each).
+    pub async fn start_on_redis_cluster(tag: &str) -> Option<Self> {
+        let redis_cluster = RedisCluster::start()?;
+        Self::start_on(tag, None, Some(redis_cluster)).await
+    }
+
+    async fn start_on(
+        tag: &str,
+        redis: Option<RedisServer>,
+        redis_cluster: Option<RedisCluster>,
+    ) -> Option<Self> {
         let zk = cim_testkit::zookeeper()?;
         let mut cluster = Self {
             redis,
+            redis_cluster,
             zk,
             zk_root: cim_testkit::unique_root(tag),
             routes: Vec::new(),
@@ -137,8 +156,14 @@ impl Cluster {
 
     pub async fn start_server(&mut self, id: &str) {
         let zk_proxy = Proxy::start(&self.zk.addr).await;
-        let redis_proxy = Proxy::start(&format!("127.0.0.1:{}", self.redis.port)).await;
-        let redis_url = format!("redis://{}/", redis_proxy.addr);
+        let (redis_flag, redis_url, redis_proxy) = match &self.redis {
+            Some(redis) => {
+                let proxy = Proxy::start(&format!("127.0.0.1:{}", redis.port)).await;
+                let url = format!("redis://{}/", proxy.addr);
+                ("--redis", url, Some(proxy))
+            }
+            None => ("--redis-cluster", self.redis_cluster_urls(), None),
+        };
         let (client_port, link_port, http_port) = (free_port(), free_port(), free_port());
         let args: Vec<String> = [
             "server",
@@ -154,7 +179,7 @@ impl Cluster {
             &link_port.to_string(),
             "--http-port",
             &http_port.to_string(),
-            "--redis",
+            redis_flag,
             &redis_url,
             "--zk",
             &zk_proxy.addr,
@@ -193,14 +218,18 @@ impl Cluster {
     pub async fn start_route(&mut self) {
         let port = free_port();
         let id = format!("r{}", self.routes.len() + 1);
+        let (redis_flag, redis_url) = match &self.redis {
+            Some(redis) => ("--redis", redis.url()),
+            None => ("--redis-cluster", self.redis_cluster_urls()),
+        };
         let args: Vec<String> = [
             "route",
             "--route-id",
             &id,
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--redis",
-            &self.redis.url(),
+            redis_flag,
+            &redis_url,
             "--zk",
             &self.zk.addr,
             "--zk-root",
@@ -221,6 +250,20 @@ impl Cluster {
         .collect();
         let proc = Proc::spawn(&id, &args);
         self.routes.push(RouteProc { port, proc });
+    }
+
+    /// The single-node Redis (every test but the Redis Cluster ones runs on one).
+    pub fn redis(&mut self) -> &mut RedisServer {
+        self.redis.as_mut().expect("this test runs on one Redis")
+    }
+
+    /// `--redis-cluster`'s value: every node's URL.
+    fn redis_cluster_urls(&self) -> String {
+        self.redis_cluster
+            .as_ref()
+            .expect("a Redis Cluster")
+            .urls()
+            .join(",")
     }
 
     /// Polls `/health` on `port` until it answers 200 (30 s at most).

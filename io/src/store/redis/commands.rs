@@ -138,14 +138,16 @@ impl RedisStore {
         while rows.len() < limit as usize && next <= last {
             let chunk_end = last.min(next.saturating_add(u64::from(limit).max(1) - 1));
             let ids: Vec<u64> = (next..=chunk_end).collect();
-            let mut pipe = ::redis::pipe();
-            for id in &ids {
-                pipe.cmd("HMGET")
-                    .arg(acct_key(UserId(*id)))
-                    .arg("name")
-                    .arg("deleted");
-            }
-            let fields: Vec<(Option<String>, Option<String>)> = self.query_pipe(&pipe).await?;
+            let cmds = ids
+                .iter()
+                .map(|id| {
+                    let key = acct_key(UserId(*id));
+                    let mut cmd = ::redis::cmd("HMGET");
+                    cmd.arg(&key).arg("name").arg("deleted");
+                    (key, cmd)
+                })
+                .collect();
+            let fields: Vec<(Option<String>, Option<String>)> = self.query_each(cmds).await?;
             for (id, (name, deleted)) in ids.iter().zip(fields) {
                 if let Some(name) = name
                     && rows.len() < limit as usize
@@ -220,14 +222,21 @@ impl RedisStore {
         let indexed: Vec<String> = self
             .query(::redis::cmd("SMEMBERS").arg(convs_key(user)))
             .await?;
-        let mut pipe = ::redis::pipe();
+        // Each group's membership is under that group's tag: one command each.
+        let mut cmds = Vec::new();
         for conv in indexed.iter().filter_map(|c| c.parse::<ConvId>().ok()) {
             if matches!(conv, ConvId::Group(_)) {
-                pipe.hdel(conv_key(&conv, "members"), user.0).ignore();
+                let key = conv_key(&conv, "members");
+                let mut cmd = ::redis::cmd("HDEL");
+                cmd.arg(&key).arg(user.0);
+                cmds.push((key, cmd));
             }
         }
-        pipe.del(failures_key(user)).ignore();
-        let () = self.query_pipe(&pipe).await?;
+        let key = failures_key(user);
+        let mut cmd = ::redis::cmd("DEL");
+        cmd.arg(&key);
+        cmds.push((key, cmd));
+        let _: Vec<Value> = self.query_each(cmds).await?;
         self.known_accounts().clear();
         // Also on a retry: the first attempt may have died before its wait.
         tokio::time::sleep(ACCOUNT_CACHE_TTL).await;
@@ -244,11 +253,7 @@ impl RedisStore {
         if users.is_empty() {
             return Ok(StoreReply::Names(Vec::new()));
         }
-        let mut pipe = ::redis::pipe();
-        for user in &users {
-            pipe.hget(acct_key(*user), "name");
-        }
-        let names: Vec<Option<String>> = self.query_pipe(&pipe).await?;
+        let names: Vec<Option<String>> = self.query_each(name_reads(&users)).await?;
         if names.len() != users.len() {
             return Err(StoreUnavailable("redis: names answered oddly".into()));
         }
@@ -320,6 +325,26 @@ impl RedisStore {
         if sessions.is_empty() {
             return Ok(StoreReply::LeasesRefreshed(Vec::new()));
         }
+        // One script per slot on a cluster (see `cluster`): each user's outcome is its own,
+        // so only the batch's atomicity across users is lost, which no caller relies on.
+        let outcomes = self
+            .per_slot(
+                &sessions,
+                sessions.iter().map(|(user, _)| claim_key(*user)).collect(),
+                |part| self.refresh_part(now, &server, lease_until, part),
+            )
+            .await?;
+        Ok(StoreReply::LeasesRefreshed(outcomes))
+    }
+
+    /// `RefreshLeases` of sessions whose claims share a slot (or any, on one node): one script.
+    async fn refresh_part(
+        &self,
+        now: UnixMillis,
+        server: &ServerId,
+        lease_until: UnixMillis,
+        sessions: Vec<&(UserId, Epoch)>,
+    ) -> R<Vec<(UserId, LeaseRefresh)>> {
         let mut invocation = self.scripts.claim_refresh.prepare_invoke();
         invocation
             .arg(server.as_str())
@@ -332,7 +357,7 @@ impl RedisStore {
         if v.len() != sessions.len() * 2 {
             return Err(bad_reply("refresh", &Value::Array(v)));
         }
-        let outcomes = sessions
+        sessions
             .iter()
             .zip(v.chunks_exact(2))
             .map(|((user, _), pair)| {
@@ -345,24 +370,40 @@ impl RedisStore {
                 };
                 Ok((*user, outcome))
             })
-            .collect::<R<Vec<_>>>()?;
-        Ok(StoreReply::LeasesRefreshed(outcomes))
+            .collect()
     }
 
     pub(super) async fn routes(&self, now: UnixMillis, users: Vec<UserId>) -> R<StoreReply> {
         if users.is_empty() {
             return Ok(StoreReply::Routes(Vec::new()));
         }
+        // One script per slot on a cluster, as `refresh`: each user's record is judged alone.
+        let routes = self
+            .per_slot(
+                &users,
+                users.iter().map(|user| claim_key(*user)).collect(),
+                |part| self.routes_part(now, part),
+            )
+            .await?;
+        Ok(StoreReply::Routes(routes))
+    }
+
+    /// `LoadRoutes` of users whose keys share a slot (or any, on one node): one script.
+    async fn routes_part(
+        &self,
+        now: UnixMillis,
+        users: Vec<&UserId>,
+    ) -> R<Vec<(UserId, Option<RouteRecord>)>> {
         let mut invocation = self.scripts.claim_routes.prepare_invoke();
         invocation.arg(now.0);
         for user in &users {
-            invocation.key(claim_key(*user)).key(route_key(*user));
+            invocation.key(claim_key(**user)).key(route_key(**user));
         }
         let v: Vec<Value> = self.invoke(&invocation).await?;
         if v.len() != users.len() * 2 {
             return Err(bad_reply("routes", &Value::Array(v)));
         }
-        let routes = users
+        users
             .iter()
             .zip(v.chunks_exact(2))
             .map(|(user, pair)| {
@@ -373,10 +414,9 @@ impl RedisStore {
                     }),
                     None => None,
                 };
-                Ok((*user, record))
+                Ok((**user, record))
             })
-            .collect::<R<Vec<_>>>()?;
-        Ok(StoreReply::Routes(routes))
+            .collect()
     }
 
     /// `ListOnline`: SCAN the route records (never KEYS: it blocks Redis), judge each batch
@@ -385,17 +425,31 @@ impl RedisStore {
     pub(super) async fn online(&self, now: UnixMillis, limit: u32) -> R<StoreReply> {
         let limit = limit as usize;
         let mut found: BTreeMap<UserId, OnlineEntry> = BTreeMap::new();
+        // Every master's keys on a cluster: route records live in every slot.
+        for node in self.scan_nodes().await? {
+            if found.len() >= limit {
+                break;
+            }
+            self.online_on(now, limit, node.as_ref(), &mut found)
+                .await?;
+        }
+        Ok(StoreReply::Online(
+            found.into_values().take(limit).collect(),
+        ))
+    }
+
+    /// [`Self::online`]'s scan of one node, adding to `found` until it holds `limit`.
+    async fn online_on(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+        node: Option<&::redis::cluster_routing::RoutingInfo>,
+        found: &mut BTreeMap<UserId, OnlineEntry>,
+    ) -> R<()> {
         let mut cursor: u64 = 0;
         while found.len() < limit {
-            let (next, keys): (u64, Vec<String>) = self
-                .query(
-                    ::redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg("cim:route:*")
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT),
-                )
+            let (next, keys) = self
+                .scan_page(node, cursor, "cim:route:*", SCAN_COUNT)
                 .await?;
             let users: Vec<UserId> = keys
                 .iter()
@@ -412,15 +466,8 @@ impl RedisStore {
                     .into_iter()
                     .filter_map(|(user, record)| Some((user, record?.server)))
                     .collect();
-                let mut pipe = ::redis::pipe();
-                for (user, _) in &online {
-                    pipe.hget(acct_key(*user), "name");
-                }
-                let names: Vec<Option<String>> = if online.is_empty() {
-                    Vec::new()
-                } else {
-                    self.query_pipe(&pipe).await?
-                };
+                let users: Vec<UserId> = online.iter().map(|(user, _)| *user).collect();
+                let names: Vec<Option<String>> = self.query_each(name_reads(&users)).await?;
                 for ((user, server), name) in online.into_iter().zip(names) {
                     // A route record without an account is not a user anyone can address.
                     if let Some(name) = name {
@@ -433,9 +480,7 @@ impl RedisStore {
                 break;
             }
         }
-        Ok(StoreReply::Online(
-            found.into_values().take(limit).collect(),
-        ))
+        Ok(())
     }
 
     // --- conversations ----------------------------------------------------------------
@@ -477,11 +522,28 @@ impl RedisStore {
                     return Ok(StoreReply::Appended(Err(AppendError::NotMember)));
                 }
                 // The index first (see the module docs): a pipeline runs in order, so the
-                // entries are in before the script, in the same round trip.
-                pipe.sadd(convs_key(*low), conv.to_string())
-                    .ignore()
-                    .sadd(convs_key(*high), conv.to_string())
-                    .ignore();
+                // entries are in before the script, in the same round trip. On a cluster
+                // they are under the users' tags: sent (and answered) before the script.
+                if self.is_cluster() {
+                    let _: Vec<i64> = self
+                        .query_each(
+                            [*low, *high]
+                                .into_iter()
+                                .map(|user| {
+                                    let key = convs_key(user);
+                                    let mut cmd = ::redis::cmd("SADD");
+                                    cmd.arg(&key).arg(conv.to_string());
+                                    (key, cmd)
+                                })
+                                .collect(),
+                        )
+                        .await?;
+                } else {
+                    pipe.sadd(convs_key(*low), conv.to_string())
+                        .ignore()
+                        .sadd(convs_key(*high), conv.to_string())
+                        .ignore();
+                }
             }
             ConvId::All => {
                 if !self.accounts_exist(&[sender]).await? {
@@ -663,11 +725,16 @@ impl RedisStore {
         if cursors.is_empty() {
             return Ok(StoreReply::CursorsAdvanced);
         }
-        let mut pipe = ::redis::pipe();
-        for (conv, _, _) in &cursors {
-            pipe.hget(conv_key(conv, "meta"), "epoch");
-        }
-        let current: Vec<Option<u64>> = self.query_pipe(&pipe).await?;
+        let reads = cursors
+            .iter()
+            .map(|(conv, _, _)| {
+                let key = conv_key(conv, "meta");
+                let mut cmd = ::redis::cmd("HGET");
+                cmd.arg(&key).arg("epoch");
+                (key, cmd)
+            })
+            .collect();
+        let current: Vec<Option<u64>> = self.query_each(reads).await?;
         let mut invocation = self.scripts.advance_cursors.prepare_invoke();
         invocation.key(cursors_key(user));
         let mut any = false;
@@ -732,4 +799,17 @@ impl RedisStore {
             .await?;
         Ok(StoreReply::GroupJoined(u64::try_from(joined).ok()))
     }
+}
+
+/// `HGET <account> name` of each user, for [`RedisStore::query_each`].
+fn name_reads(users: &[UserId]) -> Vec<(String, ::redis::Cmd)> {
+    users
+        .iter()
+        .map(|user| {
+            let key = acct_key(*user);
+            let mut cmd = ::redis::cmd("HGET");
+            cmd.arg(&key).arg("name");
+            (key, cmd)
+        })
+        .collect()
 }

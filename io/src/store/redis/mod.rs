@@ -23,10 +23,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
+mod cluster;
 mod commands;
+mod conn;
 mod keys;
 mod reply;
 
+use self::conn::Conn;
 pub(in crate::store) use self::keys::NEXT_USER;
 use self::keys::*;
 use self::reply::*;
@@ -178,9 +181,11 @@ impl Scripts {
     }
 }
 
-/// The Redis-backed [`Store`] (single node; see the module docs for Cluster).
+/// The Redis-backed [`Store`]: one node ([`RedisStore::connect`]) or a Redis Cluster
+/// ([`RedisStore::connect_cluster`]; what differs is in `cluster`, and what is atomic where in
+/// the module docs of [`super`]).
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     options: RedisOptions,
     scripts: Scripts,
     /// Log epochs for new logs. Held only to draw one number.
@@ -245,34 +250,13 @@ impl RedisStore {
     /// `options.allow_eviction`. A failure names the URL (never its password) and the
     /// reason, within about four connect timeouts.
     pub async fn connect(url: &str, options: RedisOptions) -> Result<Self, ConnectError> {
+        let (info, tls) = parse_url(url, &options)?;
         let bad_url = |reason: String| ConnectError::Url {
             url: redact_url(url),
             reason,
         };
-        if !url.contains("://") {
-            return Err(ConnectError::Url {
-                url: if url.contains('@') {
-                    "(not shown: it may hold a password)".into()
-                } else {
-                    format!("{url:?}")
-                },
-                reason: "a Redis URL starts with redis:// (or rediss:// for TLS), e.g. \
-                 redis://127.0.0.1:6379 or redis://user:password@host:6379/0"
-                    .into(),
-            });
-        }
-        let info = ::redis::IntoConnectionInfo::into_connection_info(url)
-            .map_err(|e| bad_url(e.to_string()))?;
-        let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
         let client = if tls {
-            install_crypto_provider();
             ::redis::Client::build_with_tls(info, options.tls.certificates())
-        } else if options.tls.is_configured() {
-            return Err(bad_url(
-                "a CA or client certificate for Redis is given but the URL is redis://; \
-                 use rediss:// for TLS"
-                    .into(),
-            ));
         } else {
             ::redis::Client::open(info)
         }
@@ -316,17 +300,21 @@ impl RedisStore {
         if policy != "noeviction" && !options.allow_eviction {
             return Err(ConnectError::EvictionPolicy { url: shown, policy });
         }
+        Ok(Self::with_conn(Conn::Single(conn), options))
+    }
+
+    fn with_conn(conn: Conn, options: RedisOptions) -> Self {
         let rng = match options.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Ok(Self {
+        Self {
             conn,
             options,
             scripts: Scripts::new(),
             rng: Mutex::new(rng),
             known_accounts: Mutex::new(KnownAccounts::default()),
-        })
+        }
     }
 
     fn new_log_epoch(&self) -> LogEpoch {
@@ -572,15 +560,19 @@ impl RedisStore {
             return Ok(true);
         }
         let started = tokio::time::Instant::now();
-        let mut pipe = ::redis::pipe();
-        for user in &unknown {
-            pipe.hget(acct_key(*user), "password_hash")
-                .hget(acct_key(*user), "deleted");
-        }
-        let fields: Vec<Option<String>> = self.query_pipe(&pipe).await?;
+        let reads = unknown
+            .iter()
+            .map(|user| {
+                let key = acct_key(*user);
+                let mut cmd = ::redis::cmd("HMGET");
+                cmd.arg(&key).arg("password_hash").arg("deleted");
+                (key, cmd)
+            })
+            .collect();
+        let fields: Vec<(Option<String>, Option<String>)> = self.query_each(reads).await?;
         let exist: Vec<bool> = fields
-            .chunks(2)
-            .map(|f| matches!(f, [Some(_), None]))
+            .iter()
+            .map(|f| matches!(f, (Some(_), None)))
             .collect();
         let mut known = self.known_accounts();
         // What was read before the set last started over must not live on in the new one
@@ -629,17 +621,63 @@ impl RedisStore {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
-        let script = &self.scripts.read;
-        let mut pipe = ::redis::pipe();
-        for (keys, args) in calls {
-            pipe.cmd("EVALSHA")
-                .arg(script.get_hash())
-                .arg(keys.len())
-                .arg(keys)
-                .arg(args);
-        }
-        self.query_pipe_with_script(&pipe, script).await
+        // One pipeline per conversation slot on a cluster.
+        let slot_keys = calls
+            .iter()
+            .map(|(keys, _)| keys.first().cloned().unwrap_or_default())
+            .collect();
+        self.per_slot(calls, slot_keys, |part| async move {
+            let script = &self.scripts.read;
+            let mut pipe = ::redis::pipe();
+            for (keys, args) in part {
+                pipe.cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg(args);
+            }
+            self.query_pipe_with_script(&pipe, script).await
+        })
+        .await
     }
+}
+
+/// A Redis URL's connection info and whether it asks for TLS (`rediss://`), checked as both
+/// connects need: a scheme, and TLS settings only with a TLS URL. Installs the TLS crypto
+/// provider when needed.
+fn parse_url(
+    url: &str,
+    options: &RedisOptions,
+) -> Result<(::redis::ConnectionInfo, bool), ConnectError> {
+    let bad_url = |reason: String| ConnectError::Url {
+        url: redact_url(url),
+        reason,
+    };
+    if !url.contains("://") {
+        return Err(ConnectError::Url {
+            url: if url.contains('@') {
+                "(not shown: it may hold a password)".into()
+            } else {
+                format!("{url:?}")
+            },
+            reason: "a Redis URL starts with redis:// (or rediss:// for TLS), e.g. \
+             redis://127.0.0.1:6379 or redis://user:password@host:6379/0"
+                .into(),
+        });
+    }
+    let info = ::redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|e| bad_url(e.to_string()))?;
+    let tls = matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. });
+    if tls {
+        install_crypto_provider();
+    } else if options.tls.is_configured() {
+        return Err(bad_url(
+            "a CA or client certificate for Redis is given but the URL is redis://; use \
+             rediss:// for TLS"
+                .into(),
+        ));
+    }
+    Ok((info, tls))
 }
 
 /// A duration as a script argument: whole milliseconds.

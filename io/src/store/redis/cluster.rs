@@ -1,0 +1,341 @@
+//! Redis Cluster: connecting, and what a step does differently when its keys span slots.
+//!
+//! Every script touches the keys of one hash tag (see the key layout in [`crate::store`]), so
+//! each runs unchanged on the slot's master. What spans tags is split here:
+//!
+//! - a batch of single-key reads or writes of several users or conversations (a pipeline on
+//!   one node) becomes one pipeline per slot, sent at once ([`RedisStore::query_each`]);
+//! - a multi-user script (`RefreshLeases`, `LoadRoutes`) becomes one call per slot, also sent
+//!   at once ([`RedisStore::per_slot`]), and its outcomes are put back in the caller's order;
+//! - `SCAN` (`ListOnline`, the migration's name scan) runs on every master, or on the master
+//!   of the `{names}` slot ([`RedisStore::scan_page`]).
+//!
+//! On one node all of these stay one round trip, as before.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use ::redis::cluster::ClusterClientBuilder;
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use ::redis::{Cmd, FromRedisValue};
+use futures::StreamExt as _;
+
+use super::conn::{Conn, Sticky};
+use super::*;
+
+/// Redis Cluster's slot count.
+const SLOTS: u16 = 16_384;
+
+/// Calls of one split step in flight at once (each is one slot's pipeline or script).
+const SPLIT_CONCURRENCY: usize = 64;
+
+/// The hash slot of `key`: CRC16 (XMODEM) of its hash tag (the text between the first `{`
+/// and the next `}`, if not empty), else of the whole key, modulo 16384 — Redis's rule.
+pub(super) fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tag = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &bytes[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16_xmodem(tag.unwrap_or(bytes)) % SLOTS
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+impl RedisStore {
+    /// Connects to a Redis Cluster through any of `urls` (the crate learns the rest of the
+    /// nodes from them), over TLS for `rediss://` URLs as `options.tls` says, and checks that
+    /// no master will evict keys, as [`Self::connect`] does for one node. All URLs must use
+    /// one scheme and the same credentials.
+    pub async fn connect_cluster(
+        urls: &[String],
+        options: RedisOptions,
+    ) -> Result<Self, ConnectError> {
+        let Some(first) = urls.first() else {
+            return Err(ConnectError::Url {
+                url: String::new(),
+                reason: "a Redis Cluster needs at least one node's URL".into(),
+            });
+        };
+        let shown = urls
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut infos = Vec::with_capacity(urls.len());
+        let mut tls = None;
+        for url in urls {
+            let (info, is_tls) = parse_url(url, &options)?;
+            if tls.is_some_and(|t| t != is_tls) {
+                return Err(ConnectError::Url {
+                    url: shown,
+                    reason: "the cluster's URLs mix redis:// and rediss://: use one scheme".into(),
+                });
+            }
+            tls = Some(is_tls);
+            infos.push(info);
+        }
+        let tls = tls.unwrap_or(false);
+        let mut builder = ClusterClientBuilder::new(infos)
+            .connection_timeout(options.connect_timeout)
+            .response_timeout(options.command_timeout);
+        if tls {
+            builder = builder.certs(options.tls.certificates());
+        }
+        let client = builder.build().map_err(|e| ConnectError::Url {
+            url: redact_url(first),
+            reason: e.to_string(),
+        })?;
+        let unreachable = |reason: String| ConnectError::Unreachable {
+            url: shown.clone(),
+            reason,
+        };
+        let budget = options.connect_timeout.saturating_mul(4);
+        let conn = tokio::time::timeout(budget, client.get_async_connection())
+            .await
+            .map_err(|_| unreachable(format!("no cluster connection within {budget:?}")))?
+            .map_err(|e| unreachable(explain_connect_failure(tls, &e)))?;
+        let mut conn = Conn::Cluster(Sticky::new(conn));
+        // `INFO` goes to every master; the crate answers with one reply per node.
+        let infos: Value = tokio::time::timeout(
+            budget,
+            ::redis::cmd("INFO").arg("memory").query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no answer to INFO within {budget:?}")))?
+        .map_err(|e| unreachable(explain_connect_failure(tls, &e)))?;
+        for (node, info) in per_node_text(&infos) {
+            let policy = info
+                .lines()
+                .find_map(|line| line.trim().strip_prefix("maxmemory_policy:"))
+                .unwrap_or_default()
+                .to_owned();
+            if policy != "noeviction" && !options.allow_eviction {
+                return Err(ConnectError::EvictionPolicy {
+                    url: format!("{shown} (node {node})"),
+                    policy,
+                });
+            }
+        }
+        Ok(Self::with_conn(conn, options))
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// Indices of `keys` grouped by slot, in slot order: one group holding everything on a
+    /// single node.
+    fn slot_groups(&self, keys: &[String]) -> Vec<Vec<usize>> {
+        if !self.is_cluster() {
+            return vec![(0..keys.len()).collect()];
+        }
+        let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            by_slot.entry(key_slot(key)).or_default().push(i);
+        }
+        by_slot.into_values().collect()
+    }
+
+    /// Runs `step` on `items` split per slot of their `keys` (one key per item; all items at
+    /// once on a single node), the slots' calls concurrently; `step` returns one output per
+    /// item it was given, and the outputs come back in `items`' order. Atomic per call only:
+    /// on a cluster, items of different slots are separate steps.
+    pub(super) async fn per_slot<'i, I, O, Fut>(
+        &self,
+        items: &'i [I],
+        keys: Vec<String>,
+        step: impl Fn(Vec<&'i I>) -> Fut,
+    ) -> R<Vec<O>>
+    where
+        Fut: Future<Output = R<Vec<O>>>,
+    {
+        let groups = self.slot_groups(&keys);
+        // Made before anything is awaited, so the future holds no closure over borrowed
+        // items (which would make it not provably `Send`).
+        let calls: Vec<Fut> = groups
+            .iter()
+            .map(|group| step(group.iter().map(|&i| &items[i]).collect()))
+            .collect();
+        let outputs: Vec<R<Vec<O>>> = futures::stream::iter(calls)
+            .buffered(SPLIT_CONCURRENCY)
+            .collect()
+            .await;
+        let mut slots: Vec<Option<O>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+        for (group, output) in groups.iter().zip(outputs) {
+            let output = output?;
+            if output.len() != group.len() {
+                return Err(StoreUnavailable(
+                    "redis: a split step answered for the wrong number of items".into(),
+                ));
+            }
+            for (&i, o) in group.iter().zip(output) {
+                slots[i] = Some(o);
+            }
+        }
+        slots
+            .into_iter()
+            .map(|o| o.ok_or_else(|| StoreUnavailable("redis: a split step left a gap".into())))
+            .collect()
+    }
+
+    /// Single-key commands (each given with its key), one reply each, in order: one pipeline
+    /// on a single node, one per slot on a cluster. Not one snapshot in either mode: use it
+    /// where each reply stands alone.
+    pub(super) async fn query_each<T: FromRedisValue>(
+        &self,
+        cmds: Vec<(String, Cmd)>,
+    ) -> R<Vec<T>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = cmds.iter().map(|(key, _)| key.clone()).collect();
+        self.per_slot(&cmds, keys, |part| async move {
+            let mut pipe = ::redis::pipe();
+            for (_, cmd) in part {
+                pipe.add_command(cmd.clone());
+            }
+            self.query_pipe::<Vec<T>>(&pipe).await
+        })
+        .await
+    }
+
+    /// Where [`Self::scan_page`] must look to see every key: the one node, or every master.
+    pub(super) async fn scan_nodes(&self) -> R<Vec<Option<RoutingInfo>>> {
+        let Conn::Cluster(sticky) = &self.conn else {
+            return Ok(vec![None]);
+        };
+        let mut conn = sticky.conn.clone();
+        let slots: Value = conn
+            .route_command(
+                ::redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        // Each range: [start, end, [master ip, port, id, ..], replicas...].
+        if let Value::Array(ranges) = &slots {
+            for range in ranges {
+                let Value::Array(fields) = range else {
+                    continue;
+                };
+                let Some(Value::Array(master)) = fields.get(2) else {
+                    continue;
+                };
+                if let [host, Value::Int(port), ..] = master.as_slice()
+                    && let (Some(host), Ok(port)) = (string(host)?, u16::try_from(*port))
+                    && !masters.contains(&(host.clone(), port))
+                {
+                    masters.push((host, port));
+                }
+            }
+        }
+        if masters.is_empty() {
+            return Err(bad_reply("cluster slots", &slots));
+        }
+        Ok(masters
+            .into_iter()
+            .map(|(host, port)| {
+                Some(RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host,
+                    port,
+                }))
+            })
+            .collect())
+    }
+
+    /// Where the keys of `key`'s slot are: the one node, or that slot's master.
+    pub(super) fn node_of(&self, key: &str) -> Option<RoutingInfo> {
+        self.is_cluster().then(|| {
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                key_slot(key),
+                SlotAddr::Master,
+            )))
+        })
+    }
+
+    /// One `SCAN` page of the `{names}` slot's keys (the whole node's on a single node).
+    pub(in crate::store) async fn scan_names_page(
+        &self,
+        cursor: u64,
+        pattern: &str,
+        count: u64,
+    ) -> R<(u64, Vec<String>)> {
+        let node = self.node_of(NEXT_USER);
+        self.scan_page(node.as_ref(), cursor, pattern, count).await
+    }
+
+    /// One `SCAN` page on `node` (from [`Self::scan_nodes`] or [`Self::node_of`]).
+    pub(super) async fn scan_page(
+        &self,
+        node: Option<&RoutingInfo>,
+        cursor: u64,
+        pattern: &str,
+        count: u64,
+    ) -> R<(u64, Vec<String>)> {
+        let mut cmd = ::redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count);
+        match (&self.conn, node) {
+            (Conn::Cluster(sticky), Some(node)) => {
+                let mut conn = sticky.conn.clone();
+                let value = conn
+                    .route_command(cmd, node.clone())
+                    .await
+                    .map_err(unavailable)?;
+                ::redis::from_redis_value(value)
+                    .map_err(|e| StoreUnavailable(format!("redis: unexpected reply to SCAN: {e}")))
+            }
+            _ => self.query(&mut cmd).await,
+        }
+    }
+}
+
+/// `(node, text)` of a reply the crate gathered from several nodes (a map from address to
+/// reply), or of a single node's reply.
+fn per_node_text(value: &Value) -> Vec<(String, String)> {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        Value::SimpleString(s) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    match value {
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| (text(k), text(v))).collect(),
+        other => vec![(String::new(), text(other))],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_slot;
+
+    #[test]
+    fn slots_follow_redis_rules() {
+        // Redis Cluster specification's example, and the crate's own test key.
+        assert_eq!(super::crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(key_slot("foo"), 12182);
+        // The hash tag alone decides; an empty tag does not count.
+        assert_eq!(key_slot("cim:claim:{u:7}"), key_slot("cim:route:{u:7}"));
+        assert_eq!(key_slot("{u:7}"), key_slot("u:7"));
+        assert_eq!(key_slot("a{}b"), super::crc16_xmodem(b"a{}b") % 16_384);
+    }
+}
