@@ -406,6 +406,9 @@ struct NodeData {
     /// Absent in entries of servers older than TLS support: plaintext.
     #[serde(default)]
     client_tls: bool,
+    /// Absent in entries of servers older than the WebSocket gateway, or with it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ws_port: Option<u16>,
 }
 
 pub fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
@@ -417,6 +420,7 @@ pub fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
         http_port: server.http_port,
         connections: server.connections,
         client_tls: server.client_tls,
+        ws_port: server.ws_port,
     };
     Ok(serde_json::to_vec(&data)?)
 }
@@ -446,6 +450,7 @@ pub fn decode_node(name: &str, bytes: &[u8]) -> Option<LiveServer> {
         http_port: data.http_port,
         connections: data.connections,
         client_tls: data.client_tls,
+        ws_port: data.ws_port,
     })
 }
 
@@ -462,6 +467,7 @@ mod tests {
             http_port: 8081,
             connections: 7,
             client_tls: false,
+            ws_port: Some(11411),
         }
     }
 
