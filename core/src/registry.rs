@@ -62,3 +62,39 @@ pub struct ServerEndpoint {
     #[serde(default, rename = "wsUrl", skip_serializing_if = "Option::is_none")]
     pub ws_url: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(host: &str, tls: bool, ws_port: Option<u16>) -> LiveServer {
+        LiveServer {
+            id: ServerId::new("s1"),
+            host: host.into(),
+            client_port: 11211,
+            link_port: 11311,
+            http_port: 8081,
+            connections: 0,
+            client_tls: tls,
+            ws_port,
+        }
+    }
+
+    #[test]
+    fn the_endpoint_names_the_websocket_gateway_only_when_there_is_one() {
+        let url = |host, tls, port| server(host, tls, port).client_endpoint().ws_url;
+        assert_eq!(url("10.0.0.1", false, None), None);
+        assert_eq!(
+            url("10.0.0.1", false, Some(11411)).as_deref(),
+            Some("ws://10.0.0.1:11411/")
+        );
+        assert_eq!(
+            url("s1.example", true, Some(443)).as_deref(),
+            Some("wss://s1.example:443/")
+        );
+        assert_eq!(
+            url("::1", false, Some(11411)).as_deref(),
+            Some("ws://[::1]:11411/")
+        );
+    }
+}

@@ -76,8 +76,12 @@ async fn start(tweak: impl FnOnce(&mut ServerOptions)) -> Env {
     let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .expect("server starts");
-    let mut route_options =
-        RouteOptions::new("r1", keys(), b"ws-test-bearer".to_vec(), LINK_SECRET.to_vec());
+    let mut route_options = RouteOptions::new(
+        "r1",
+        keys(),
+        b"ws-test-bearer".to_vec(),
+        LINK_SECRET.to_vec(),
+    );
     route_options.http_listen = "127.0.0.1:0".parse().unwrap();
     route_options.login.password = PasswordParams::for_tests();
     route_options.link_retry_delay = Duration::from_millis(100);
@@ -101,7 +105,10 @@ impl Env {
     }
 
     fn ws_port(&self) -> u16 {
-        self.server().ws_addr().expect("WebSocket gateway on").port()
+        self.server()
+            .ws_addr()
+            .expect("WebSocket gateway on")
+            .port()
     }
 
     /// Registers `name` and logs in over the route: (user, the login answer).
@@ -233,7 +240,10 @@ async fn closed_with(ws: &mut Ws) -> (CloseCode, String) {
         match next_message(ws).await {
             Message::Close(Some(close)) => return (close.code, close.reason.to_string()),
             Message::Close(None) => panic!("closed without a code"),
-            Message::Binary(body) => panic!("frame after the last one: {:?}", Frame::decode(body.as_ref())),
+            Message::Binary(body) => panic!(
+                "frame after the last one: {:?}",
+                Frame::decode(body.as_ref())
+            ),
             _ => continue,
         }
     }
@@ -260,9 +270,12 @@ async fn http_get(port: u16, path: &str) -> String {
 
 /// A Ping frame answered by a Pong: the connection is served.
 async fn still_served(ws: &mut Ws, nonce: u64) {
-    send(ws, Frame {
-        kind: Some(Kind::Ping(Ping { nonce })),
-    })
+    send(
+        ws,
+        Frame {
+            kind: Some(Kind::Ping(Ping { nonce })),
+        },
+    )
     .await;
     loop {
         match recv(ws).await {
@@ -300,7 +313,10 @@ async fn a_websocket_client_and_a_tcp_client_chat_through_one_node() {
     loop {
         match recv(&mut ws).await {
             Kind::SendAck(ack) => {
-                assert_eq!((ack.msg_id_lo, ack.conv.as_str()), (1, private.to_string().as_str()));
+                assert_eq!(
+                    (ack.msg_id_lo, ack.conv.as_str()),
+                    (1, private.to_string().as_str())
+                );
                 break;
             }
             // Its own message may come back as a Deliver first.
@@ -351,14 +367,21 @@ async fn a_websocket_client_and_a_tcp_client_chat_through_one_node() {
     // An operator tells the two gateways apart.
     let metrics = env.metrics().await;
     assert!(
-        metrics.contains("cim_server_connections_by_transport{server_id=\"s1\",transport=\"websocket\"} 1\n"),
+        metrics.contains(
+            "cim_server_connections_by_transport{server_id=\"s1\",transport=\"websocket\"} 1\n"
+        ),
         "{metrics}"
     );
     assert!(
-        metrics.contains("cim_server_connections_by_transport{server_id=\"s1\",transport=\"tcp\"} 1\n"),
+        metrics.contains(
+            "cim_server_connections_by_transport{server_id=\"s1\",transport=\"tcp\"} 1\n"
+        ),
         "{metrics}"
     );
-    assert!(metrics.contains("cim_server_ws_upgrades_total{server_id=\"s1\"} 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("cim_server_ws_upgrades_total{server_id=\"s1\"} 1\n"),
+        "{metrics}"
+    );
 
     // A close from the browser ends the session as an EOF does: the user goes offline.
     ws.close(None).await.unwrap();
@@ -368,7 +391,10 @@ async fn a_websocket_client_and_a_tcp_client_chat_through_one_node() {
         if metrics.contains("transport=\"websocket\"} 0\n") {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the WebSocket session never ended");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the WebSocket session never ended"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     client.shutdown().await;
@@ -393,7 +419,9 @@ async fn bad_messages_get_the_typed_error_and_a_close_code_while_others_are_serv
 
     // A message over the frame limit.
     let mut ws = ws_connect(&url, None).await.unwrap();
-    ws.send(Message::Binary(vec![0u8; 1025].into())).await.unwrap();
+    ws.send(Message::Binary(vec![0u8; 1025].into()))
+        .await
+        .unwrap();
     match recv(&mut ws).await {
         Kind::Error(error) => assert_eq!(error.code(), ErrorCode::FrameTooLarge),
         other => panic!("expected Error, got {other:?}"),
@@ -416,9 +444,14 @@ async fn bad_messages_get_the_typed_error_and_a_close_code_while_others_are_serv
     let (_, login) = env.login("forger").await;
     let mut ticket = api::decode_ticket(&login.ticket).unwrap();
     ticket.mac[0] ^= 1;
-    send(&mut ws, Frame {
-        kind: Some(Kind::Login(Login { ticket: Some(ticket) })),
-    })
+    send(
+        &mut ws,
+        Frame {
+            kind: Some(Kind::Login(Login {
+                ticket: Some(ticket),
+            })),
+        },
+    )
     .await;
     match recv(&mut ws).await {
         Kind::Error(error) => assert_eq!(error.code(), ErrorCode::BadTicket),
@@ -478,7 +511,9 @@ async fn origins_outside_the_list_are_refused_before_the_upgrade() {
         Ok(_) => panic!("a disallowed origin was upgraded"),
     }
     // The allowed origin, and a client sending none (not a browser), are let in.
-    ws_connect(&url, Some(ORIGIN)).await.expect("allowed origin");
+    ws_connect(&url, Some(ORIGIN))
+        .await
+        .expect("allowed origin");
     ws_connect(&url, None).await.expect("no origin");
     let metrics = env.metrics().await;
     assert!(
@@ -494,14 +529,20 @@ async fn a_slow_or_oversized_upgrade_request_is_closed_and_others_are_served() {
 
     // Half a request line, then silence: closed by the header timeout.
     let mut slow = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nhost: s1\r\n").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: s1\r\n")
+        .await
+        .unwrap();
     let started = tokio::time::Instant::now();
     // Meanwhile a whole upgrade goes through.
     let (_, mut ws) = env.ws_user("patient").await;
     let mut rest = Vec::new();
     let read = tokio::time::timeout(WAIT, slow.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the slow request was never closed");
-    assert!(rest.is_empty(), "answered: {:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        rest.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
     assert!(started.elapsed() >= Duration::from_millis(250));
     still_served(&mut ws, 1).await;
 
@@ -539,7 +580,10 @@ async fn wss_with_the_gateways_certificate() {
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.cert_pem()).unwrap();
     let pair = ca
-        .issue(&LeafSpec::new(&["127.0.0.1", "localhost"], Some(Role::Server)))
+        .issue(&LeafSpec::new(
+            &["127.0.0.1", "localhost"],
+            Some(Role::Server),
+        ))
         .unwrap();
     let (cert, key) = (dir.path().join("s1.pem"), dir.path().join("s1-key.pem"));
     std::fs::write(&cert, &pair.cert).unwrap();
@@ -565,7 +609,11 @@ async fn wss_with_the_gateways_certificate() {
 
     // The login answer says wss (the route itself is plain HTTP here).
     let (user, login) = env.login("secure").await;
-    let url = login.endpoint.as_ref().and_then(|e| e.ws_url.clone()).unwrap();
+    let url = login
+        .endpoint
+        .as_ref()
+        .and_then(|e| e.ws_url.clone())
+        .unwrap();
     assert_eq!(url, format!("wss://127.0.0.1:{port}/"));
 
     let trust = ClientTls::load(ClientTlsSettings {
@@ -573,9 +621,15 @@ async fn wss_with_the_gateways_certificate() {
         ..ClientTlsSettings::default()
     })
     .unwrap();
-    let handshakes = gateway.stats().handshakes.load(std::sync::atomic::Ordering::Relaxed);
+    let handshakes = gateway
+        .stats()
+        .handshakes
+        .load(std::sync::atomic::Ordering::Relaxed);
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let tls = trust.connect(tcp, "127.0.0.1").await.expect("TLS handshake");
+    let tls = trust
+        .connect(tcp, "127.0.0.1")
+        .await
+        .expect("TLS handshake");
     let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), tls)
         .await
         .expect("upgrade over TLS");
@@ -585,7 +639,11 @@ async fn wss_with_the_gateways_certificate() {
         other => panic!("expected LoginOk, got {other:?}"),
     }
     assert!(
-        gateway.stats().handshakes.load(std::sync::atomic::Ordering::Relaxed) > handshakes,
+        gateway
+            .stats()
+            .handshakes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > handshakes,
         "the handshake went through the gateway's TLS (its counters and reloads)"
     );
 

@@ -625,7 +625,10 @@ async fn control(
             .zip(servers.iter())
             .map(|(o, s)| {
                 let state = if s.is_some() { "running" } else { "stopped" };
-                let ws = o.ws_port.map(|p| format!(", websocket :{p}")).unwrap_or_default();
+                let ws = o
+                    .ws_port
+                    .map(|p| format!(", websocket :{p}"))
+                    .unwrap_or_default();
                 format!(
                     "{} {state} (clients :{}{ws})",
                     o.node.server_id, o.client_port

@@ -479,6 +479,18 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_without_a_websocket_port_reads_and_writes_as_before() {
+        // A server older than the WebSocket gateway, or one with it off.
+        let old = br#"{"id":"s1","host":"h","client_port":1,"link_port":2,"http_port":3}"#;
+        let server = decode_node("s1", old).expect("decodes");
+        assert_eq!(server.ws_port, None);
+        let written = String::from_utf8(encode_node(&server).unwrap()).unwrap();
+        assert!(!written.contains("ws_port"), "{written}");
+        let endpoint = serde_json::to_string(&server.client_endpoint()).unwrap();
+        assert!(!endpoint.contains("wsUrl"), "{endpoint}");
+    }
+
+    #[test]
     fn bad_node_data_is_skipped() {
         let good = encode_node(&server("s1")).unwrap();
         let cases: &[(&str, &[u8])] = &[

@@ -235,9 +235,7 @@ async fn read_loop<S: Stream>(
                 code: error.code(),
                 detail: error.to_string(),
             },
-            Err(ReadError::Refused { code, detail }) => {
-                Input::ProtocolError { conn, code, detail }
-            }
+            Err(ReadError::Refused { code, detail }) => Input::ProtocolError { conn, code, detail },
             Err(error) => Input::ConnClosed {
                 conn,
                 reason: error.to_string(),

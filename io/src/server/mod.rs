@@ -495,7 +495,9 @@ pub async fn start<N: Network, R: Registry>(
             cancel.clone(),
         ),
     ));
-    let ws_stats = ws_listener.as_ref().map(|_| Arc::new(ws::WsStats::default()));
+    let ws_stats = ws_listener
+        .as_ref()
+        .map(|_| Arc::new(ws::WsStats::default()));
     if let (Some((listener, _)), Some(stats)) = (ws_listener, &ws_stats) {
         tasks.spawn(named(
             "websocket listener",

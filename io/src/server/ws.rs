@@ -338,7 +338,10 @@ async fn read_head<S: Stream>(stream: &mut S) -> Result<(Vec<u8>, Vec<u8>), Head
 
 /// The end of the first `\r\n\r\n` (the byte after it), if any.
 fn find_blank_line(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4)
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
 }
 
 /// An HTTP answer that refuses the upgrade.
@@ -445,9 +448,7 @@ pub(super) fn check_request(head: &[u8], origins: &OriginPolicy) -> Result<Strin
     let Some(key) = header("sec-websocket-key").map(str::trim) else {
         return Err(Refusal::new(400, "no sec-websocket-key"));
     };
-    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(
-        key.as_bytes(),
-    ))
+    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
 /// Splits an upgraded connection into the gateway's reader and writer. The reader leaves
@@ -572,10 +573,10 @@ impl<S: Stream> FrameSink for WsWriter<S> {
     async fn shutdown(&mut self, timeout: Duration) {
         let (code, reason) = match self.close.get() {
             Some((code, reason)) => (*code, reason.clone()),
-            None => self.last.as_deref().map_or_else(
-                || (CloseCode::Normal, String::new()),
-                close_code,
-            ),
+            None => self
+                .last
+                .as_deref()
+                .map_or_else(|| (CloseCode::Normal, String::new()), close_code),
         };
         let frame = CloseFrame {
             code,
@@ -683,7 +684,9 @@ mod tests {
             check_request(plain, &OriginPolicy::Any).unwrap_err().status,
             426
         );
-        let path = String::from_utf8(request("")).unwrap().replace("GET / ", "GET /x ");
+        let path = String::from_utf8(request(""))
+            .unwrap()
+            .replace("GET / ", "GET /x ");
         assert_eq!(
             check_request(path.as_bytes(), &OriginPolicy::Any)
                 .unwrap_err()
@@ -739,7 +742,10 @@ mod tests {
             }
             .encode_to_vec()
         };
-        assert_eq!(close_code(&error(ErrorCode::FrameTooLarge)).0, CloseCode::Size);
+        assert_eq!(
+            close_code(&error(ErrorCode::FrameTooLarge)).0,
+            CloseCode::Size
+        );
         assert_eq!(
             close_code(&error(ErrorCode::MalformedFrame)).0,
             CloseCode::Invalid
