@@ -325,7 +325,7 @@ impl<S: Stream> Driver<S> {
                 self.cancel.clone(),
             ),
             ClientConn::Ws(stream) => {
-                let (reader, writer) = ws::split(stream, self.codec);
+                let (reader, writer) = ws::split(*stream, self.codec);
                 gateway::spawn_framed(
                     conn,
                     reader,

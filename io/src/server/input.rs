@@ -22,8 +22,9 @@ pub(super) type LinkId = u64;
 pub(super) enum ClientConn<S> {
     /// The TCP gateway: varint length-prefixed frames.
     Tcp(S),
-    /// The WebSocket gateway, past its upgrade: one binary message per frame.
-    Ws(super::ws::WsConn<S>),
+    /// The WebSocket gateway, past its upgrade: one binary message per frame. Boxed: the
+    /// WebSocket state is some hundreds of bytes, and every input is sized for the largest.
+    Ws(Box<super::ws::WsConn<S>>),
 }
 
 impl<S> ClientConn<S> {

@@ -208,7 +208,7 @@ pub(super) async fn accept_loop<L: Listener>(
             match upgraded {
                 Ok(ws) => {
                     settings.stats.upgrades.fetch_add(1, Ordering::Relaxed);
-                    let stream = ClientConn::Ws(WsConn { ws });
+                    let stream = ClientConn::Ws(Box::new(WsConn { ws }));
                     let _ = inputs.send(Input::Accepted { stream, peer }).await;
                 }
                 Err(error) => {
