@@ -130,6 +130,11 @@ impl Env {
     /// A WebSocket client logged in through the route: dialled at the answer's `wsUrl`.
     async fn ws_user(&self, name: &str) -> (UserId, Ws) {
         let (user, login) = self.login(name).await;
+        (user, self.ws_attach(user, &login).await)
+    }
+
+    /// Connects at the login answer's `wsUrl` and logs in with its ticket.
+    async fn ws_attach(&self, user: UserId, login: &api::LoginResponse) -> Ws {
         let url = login
             .endpoint
             .as_ref()
@@ -142,7 +147,7 @@ impl Env {
             Kind::LoginOk(ok) => assert_eq!(ok.user_id, user.0),
             other => panic!("expected LoginOk, got {other:?}"),
         }
-        (user, ws)
+        ws
     }
 
     /// An SDK (TCP gateway) client of a fresh user, online.
@@ -502,6 +507,34 @@ async fn a_drain_reaches_websocket_clients_as_going_away() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_from_another_login_kicks_the_websocket_session() {
+    let env = start(|_| {}).await;
+    let (user, first) = env.login("twice").await;
+    let mut ws = env.ws_attach(user, &first).await;
+    // The same user logs in again with the session's resume token (another tab, or the
+    // terminal): the route has the server kick the old session before it answers.
+    let again = env
+        .api()
+        .login(&api::LoginRequest {
+            user_id: user.0,
+            user_name: "twice".into(),
+            password: PASSWORD.into(),
+            resume_token: Some(first.resume_token.clone()),
+        })
+        .await
+        .expect("second login");
+    assert!(again.epoch > first.epoch);
+    match recv(&mut ws).await {
+        Kind::Kick(kick) => assert_eq!(kick.reason(), KickReason::TakenOver),
+        other => panic!("expected Kick, got {other:?}"),
+    }
+    assert_eq!(
+        u16::from(closed_with(&mut ws).await.0),
+        4000 + KickReason::TakenOver as u16
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origins_outside_the_list_are_refused_before_the_upgrade() {
     let env = start(|_| {}).await;
     let url = format!("ws://127.0.0.1:{}/", env.ws_port());
@@ -648,6 +681,9 @@ async fn wss_with_the_gateways_certificate() {
     );
 
     // Plaintext on the wss port gets no upgrade.
-    let plain = ws_connect(&format!("ws://127.0.0.1:{port}/"), None).await;
-    assert!(plain.is_err(), "a plaintext upgrade on the wss port");
+    match ws_connect(&format!("ws://127.0.0.1:{port}/"), None).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 400),
+        Err(other) => panic!("expected 400, got {other}"),
+        Ok(_) => panic!("a plaintext upgrade on the wss port"),
+    }
 }

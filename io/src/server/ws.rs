@@ -63,6 +63,12 @@ pub const MAX_HEADERS: usize = 64;
 /// connections are idle (tungstenite's default of 128 KiB would be allocated for each).
 const WS_READ_BUFFER: usize = 4096;
 
+/// The answer to a plaintext request on a `wss://` port (unless it still takes plaintext):
+/// a browser shows it, where a frame port would have nothing a plaintext peer could read.
+const WSS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 29\r\n\r\n\
+this port speaks wss:// only\n";
+
 /// Back-off after a failed accept (out of descriptors and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -242,7 +248,7 @@ async fn open<S: Stream>(
     let stream = match &settings.tls {
         // `accept` has its own handshake deadline.
         Some(tls) => tls
-            .accept(stream)
+            .accept_telling_plaintext(stream, Some(WSS_REQUIRED))
             .await
             .map_err(|e| UpgradeError::Tls(e.to_string()))?,
         None => MaybeTls::plain(stream),
@@ -644,6 +650,16 @@ mod tests {
              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn the_wss_refusal_is_one_well_formed_answer() {
+        let text = std::str::from_utf8(WSS_REQUIRED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.ends_with(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
     }
 
     #[test]
