@@ -687,3 +687,85 @@ async fn wss_with_the_gateways_certificate() {
         Ok(_) => panic!("a plaintext upgrade on the wss port"),
     }
 }
+
+/// Resident memory of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What an idle connection costs the server, TCP against WebSocket: `N` connections of
+/// each kind held open (not logged in), the process's resident memory before and after.
+/// The clients are bare sockets (the upgrade written by hand), so the growth is the
+/// server's. A measurement, not a check: run with `--ignored --nocapture`, and with
+/// `CIM_MEASURE=tcp` or `=websocket` to measure one kind in a fresh process (the second kind
+/// measured in one process reuses what the allocator kept from the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints numbers"]
+async fn measure_idle_connection_memory() {
+    const N: usize = 2000;
+    cim_io::fd_limit::raise_file_limit();
+    let env = start(|options| {
+        options.node.login_timeout = Duration::from_secs(120);
+        options.node.idle_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let upgrade = b"GET / HTTP/1.1\r\nhost: s1\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let only = std::env::var("CIM_MEASURE").ok();
+    for (kind, port) in [
+        ("tcp", env.server().client_addr().port()),
+        ("websocket", env.ws_port()),
+    ] {
+        if only.as_deref().is_some_and(|only| only != kind) {
+            continue;
+        }
+        let before = rss_kib();
+        let mut held = Vec::with_capacity(N);
+        for _ in 0..N {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            if kind == "websocket" {
+                stream.write_all(upgrade).await.unwrap();
+                let mut answer = [0u8; 512];
+                let n = stream.read(&mut answer).await.unwrap();
+                assert!(answer[..n].starts_with(b"HTTP/1.1 101"));
+            }
+            held.push(stream);
+        }
+        // Every connection has reached the driver (a metrics scrape goes through it after).
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !env
+            .metrics()
+            .await
+            .contains(&format!("transport=\"{kind}\"}} {N}\n"))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{kind}: not all held"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = rss_kib();
+        println!(
+            "{kind}: {N} idle connections, RSS {before} KiB -> {after} KiB, {:.1} KiB each",
+            (after.saturating_sub(before)) as f64 / N as f64
+        );
+        drop(held);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !env
+            .metrics()
+            .await
+            .contains(&format!("transport=\"{kind}\"}} 0\n"))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{kind}: not all closed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
