@@ -930,6 +930,8 @@ mod tests {
             let mut options = ServerOptions::new(node, link.clone());
             options.listen_ip = IpAddr::from([127, 0, 0, 1]);
             (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+            // The smoke's third user connects over WebSocket, as in `cim up`.
+            options.ws_port = Some(0);
             let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
                 .await
                 .unwrap();
