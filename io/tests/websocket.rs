@@ -535,6 +535,19 @@ async fn a_takeover_from_another_login_kicks_the_websocket_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_past_the_connection_limit_is_told_to_try_again() {
+    let env = start(|options| options.node.max_connections = 1).await;
+    let (_, mut first) = env.ws_user("first").await;
+    let url = format!("ws://127.0.0.1:{}/", env.ws_port());
+    // The upgrade succeeds (the node decides after it); the close says why, and how to go on.
+    let mut second = ws_connect(&url, None).await.expect("upgrade");
+    let (code, reason) = closed_with(&mut second).await;
+    assert_eq!(code, CloseCode::Again, "{reason}");
+    assert!(reason.contains("connection limit"), "{reason}");
+    still_served(&mut first, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origins_outside_the_list_are_refused_before_the_upgrade() {
     let env = start(|_| {}).await;
     let url = format!("ws://127.0.0.1:{}/", env.ws_port());

@@ -305,8 +305,20 @@ impl<S: Stream> Driver<S> {
         self.next_conn += 1;
         let transport = stream.transport();
         if let Err(refused) = self.node.handle_connection_opened(self.clock.now(), conn) {
-            // Dropping the stream closes it.
             tracing::debug!(%peer, transport, %refused, "refused client connection");
+            match stream {
+                // A browser reports a WebSocket dropped without a close as 1006, which says
+                // nothing: it is told to try again (elsewhere, through the route) instead.
+                ClientConn::Ws(stream) => {
+                    tokio::spawn(ws::close_refused(
+                        *stream,
+                        refused.to_string(),
+                        self.io_timeout,
+                    ));
+                }
+                // Dropping the stream closes it.
+                ClientConn::Tcp(_) => {}
+            }
             return;
         }
         // The node kicks a connection whose unwritten backlog reaches its limit, so the queue

@@ -476,6 +476,18 @@ pub(super) fn split<S: Stream>(conn: WsConn<S>, codec: FrameCodec) -> (WsReader<
     )
 }
 
+/// Closes an upgraded connection the node refused (connection limit, draining, store or
+/// registry lost) with 1013, "try again later", and the refusal's words: the client goes
+/// back to the route, which places it on a server that can take it.
+pub(super) async fn close_refused<S: Stream>(conn: WsConn<S>, reason: String, timeout: Duration) {
+    let mut ws = conn.ws;
+    let frame = CloseFrame {
+        code: CloseCode::Again,
+        reason: Utf8Bytes::from(truncate_reason(&reason)),
+    };
+    let _ = tokio::time::timeout(timeout, ws.close(Some(frame))).await;
+}
+
 /// The reading half: one binary message is one frame.
 pub(super) struct WsReader<S> {
     stream: SplitStream<WebSocketStream<S>>,
