@@ -85,6 +85,8 @@ async fn start(tweak: impl FnOnce(&mut ServerOptions)) -> Env {
     route_options.http_listen = "127.0.0.1:0".parse().unwrap();
     route_options.login.password = PasswordParams::for_tests();
     route_options.link_retry_delay = Duration::from_millis(100);
+    // The slow-consumer test's large bodies; the server's own `max_body` still bounds sends.
+    route_options.delivery.max_body = 60_000;
     let route = route::start(TokioNet, Clock::System, route_options, store, &registry)
         .await
         .expect("route starts");
@@ -532,6 +534,79 @@ async fn a_takeover_from_another_login_kicks_the_websocket_session() {
         u16::from(closed_with(&mut ws).await.0),
         4000 + KickReason::TakenOver as u16
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_stops_reading_is_kicked_as_a_slow_consumer() {
+    let env = start(|options| {
+        options.node.max_outbound_frames = 8;
+        options.node.max_body = 60_000;
+        options.node.send_rate_per_sec = 10_000;
+        options.node.send_burst = 10_000;
+        // Long enough that the final Kick is still being flushed when the client reads.
+        options.io_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let (_, login) = env.login("reader").await;
+    let reader = UserId(login.user_id);
+    // A small receive buffer, so the server's writes block soon once nothing is read.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket
+        .connect(([127, 0, 0, 1], env.ws_port()).into())
+        .await
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{}/", env.ws_port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
+        .await
+        .unwrap();
+    send(&mut ws, login_frame(&login.ticket)).await;
+    // (LoginOk is read with the rest, below.)
+
+    let (sender, client, _events) = env.tcp_user("sender").await;
+    let conv = ConvId::private(reader, sender).unwrap();
+    let body = Bytes::from(vec![b'x'; 50_000]);
+    let mut sent = 0;
+    loop {
+        client.send(conv.clone(), body.clone()).await.unwrap();
+        sent += 1;
+        if env
+            .metrics()
+            .await
+            .contains("reason=\"slow_consumer\"} 1\n")
+        {
+            break;
+        }
+        assert!(
+            sent < 1000,
+            "never kicked after {sent} messages of 50 kB unread"
+        );
+    }
+    // Reading again: what was queued before the kick, then the Kick and the close.
+    let mut delivered = 0;
+    loop {
+        match next_message(&mut ws).await {
+            Message::Binary(body) => match Frame::decode(body.as_ref()).unwrap().kind {
+                Some(Kind::Deliver(_)) => delivered += 1,
+                Some(Kind::LoginOk(_)) => {}
+                Some(Kind::Kick(kick)) => {
+                    assert_eq!(kick.reason(), KickReason::SlowConsumer);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        delivered < sent,
+        "{delivered} of {sent} delivered before the kick"
+    );
+    assert_eq!(
+        u16::from(closed_with(&mut ws).await.0),
+        4000 + KickReason::SlowConsumer as u16
+    );
+    client.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
