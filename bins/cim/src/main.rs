@@ -736,8 +736,15 @@ fn print_welcome(
     }
     println!("  route     {scheme}://{http}  (API: {scheme}://{http}/openapi.json)");
     for s in servers {
+        let ws = s
+            .ws_addr()
+            .map(|addr| {
+                let scheme = if tls.is_some() { "wss" } else { "ws" };
+                format!("  websocket {scheme}://{addr}/")
+            })
+            .unwrap_or_default();
         println!(
-            "  server {}  clients {}{}  ready http://{}/health/ready",
+            "  server {}  clients {}{}{ws}  ready http://{}/health/ready",
             s.server_id(),
             s.client_addr(),
             if tls.is_some() { " (TLS)" } else { "" },
