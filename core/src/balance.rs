@@ -214,6 +214,7 @@ mod tests {
             http_port: 8081,
             connections,
             client_tls: false,
+            ws_port: None,
         }
     }
 

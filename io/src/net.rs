@@ -144,6 +144,13 @@ pub enum ReadError {
     /// speaks plaintext (a misconfiguration worth naming, not garbage).
     #[error("the peer began a TLS handshake on this plaintext connection")]
     TlsOnPlaintext,
+    /// The peer sent something its transport carries but the protocol has no place for (a
+    /// WebSocket text message): answered with an `Error` frame of this code, then closed.
+    #[error("{detail}")]
+    Refused {
+        code: cim_proto::ErrorCode,
+        detail: String,
+    },
     #[error(transparent)]
     Io(#[from] io::Error),
 }

@@ -688,6 +688,7 @@ fn live(id: &str) -> LiveServer {
         http_port: 8081,
         connections: 0,
         client_tls: false,
+        ws_port: None,
     }
 }
 

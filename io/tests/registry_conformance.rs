@@ -196,6 +196,7 @@ fn server(id: &str, client_port: u16) -> LiveServer {
         http_port: client_port + 200,
         connections: 0,
         client_tls: false,
+        ws_port: None,
     }
 }
 

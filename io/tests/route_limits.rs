@@ -61,6 +61,7 @@ async fn server(registry: &MemoryRegistry, id: &str) -> Registration {
             http_port: 8081,
             connections: 0,
             client_tls: false,
+            ws_port: None,
         })
         .await
         .unwrap()

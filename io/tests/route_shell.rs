@@ -196,6 +196,7 @@ impl FakeServer {
                 http_port: 8081,
                 connections: 0,
                 client_tls: false,
+                ws_port: None,
             })
             .await
             .unwrap();

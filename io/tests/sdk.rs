@@ -77,6 +77,7 @@ async fn route_login(
             host: "127.0.0.1".into(),
             port: r.server_port,
             tls: true,
+            ws_url: None,
         }),
         ip: "127.0.0.1".into(),
         cim_server_port: r.server_port,

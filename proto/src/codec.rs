@@ -150,6 +150,23 @@ impl FrameCodec {
         })
     }
 
+    /// Decodes one frame body with no length prefix: a transport that frames messages
+    /// itself (one WebSocket binary message = one frame) checks it as [`Self::decode`]
+    /// checks a prefixed record, so both gateways refuse the same bodies the same way.
+    pub fn decode_body(&self, body: &[u8]) -> Result<Frame, DecodeError> {
+        if body.len() > self.max_frame {
+            return Err(DecodeError::FrameTooLarge {
+                len: body.len() as u64,
+                max: self.max_frame,
+            });
+        }
+        let frame = Frame::decode(body).map_err(DecodeError::Malformed)?;
+        if frame.kind.is_none() {
+            return Err(DecodeError::EmptyFrame);
+        }
+        Ok(frame)
+    }
+
     /// Decodes the record at the start of `buf` and advances `buf` past it.
     ///
     /// `Ok(None)` means more bytes are needed; once the prefix is known (and within

@@ -53,6 +53,15 @@ pub struct Args {
     /// Health and metrics HTTP port (`/health`, `/metrics`) [default: 8081].
     #[arg(long, env = "CIM_HTTP_PORT")]
     http_port: Option<u16>,
+    /// WebSocket port for browsers: the same protocol, one binary message per frame, TLS
+    /// (`wss://`) as the client port; 0 or absent = off [default: off].
+    #[arg(long, env = "CIM_WS_PORT")]
+    ws_port: Option<u16>,
+    /// Browser origin (`scheme://host[:port]`) allowed to open a WebSocket here; repeat the
+    /// flag or give a comma list, `*` for any. Others get 403; a client sending no `Origin`
+    /// (not a browser) is always let in [default: none].
+    #[arg(long, env = "CIM_WS_ALLOWED_ORIGIN", value_delimiter = ',')]
+    ws_allowed_origin: Option<Vec<String>>,
     #[command(flatten, next_help_heading = "Redis and ZooKeeper")]
     #[serde(skip)]
     backends: launch::BackendFlags,
@@ -158,7 +167,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
     let (file, file_backends): (Args, _) =
         launch::load_toml_with_backends(flags.config.as_deref())?;
     let args = overlay!(flags, file, file_backends; log_format, server_id, listen_ip,
-        advertise_host, client_port, link_port, http_port, ticket_secret,
+        advertise_host, client_port, link_port, http_port, ws_port, ws_allowed_origin, ticket_secret,
         ticket_key_id, ticket_previous_key, link_secret, link_secret_previous, lease_ttl, heartbeat_interval,
         idle_timeout, login_timeout, max_connections, send_rate, send_burst, max_body,
         max_frame, max_outbound_frames, store_loss_grace, drain_timeout, io_timeout,
@@ -286,6 +295,14 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
     }
     if let Some(port) = args.http_port {
         options.http_port = port;
+    }
+    // 0 is off here (unlike the other ports): a deployment opts in to a browser-facing port.
+    options.ws_port = args.ws_port.filter(|&port| port != 0);
+    if let Some(origins) = p.check(
+        server::ws::OriginPolicy::from_list(args.ws_allowed_origin.as_deref().unwrap_or(&[]))
+            .map_err(|e| format!("--ws-allowed-origin (CIM_WS_ALLOWED_ORIGIN): {e}")),
+    ) {
+        options.ws_origins = origins;
     }
     if let Some(n) = args.max_frame {
         options.max_frame = n;

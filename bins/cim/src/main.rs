@@ -88,6 +88,15 @@ struct UpArgs {
     /// next one [default: 8081; with --any-ports free ones].
     #[arg(long, env = "CIM_HEALTH_PORT")]
     health_port: Option<u16>,
+    /// First server's WebSocket port (browsers: `ws://`, or `wss://` with --tls); the second
+    /// uses the next one [default: 11411; with --any-ports free ones].
+    #[arg(long, env = "CIM_WS_PORT")]
+    ws_port: Option<u16>,
+    /// Browser origins (`scheme://host[:port]`, repeatable or a comma list, `*` for any) the
+    /// servers' WebSocket ports accept [default: the route's own origin, where its web
+    /// client will be served; none with --any-ports and no --route-port].
+    #[arg(long, env = "CIM_WS_ALLOWED_ORIGIN", value_delimiter = ',')]
+    ws_allowed_origin: Vec<String>,
     /// The route's admin listener (`cim admin`), with a token drawn at start and written to
     /// a file only you can read [default: 8084; with --any-ports a free one].
     #[arg(long, env = "CIM_ADMIN_PORT")]
@@ -193,6 +202,7 @@ struct UpPorts {
     client: [u16; 2],
     link: [u16; 2],
     health: [u16; 2],
+    ws: [u16; 2],
 }
 
 impl UpPorts {
@@ -201,6 +211,7 @@ impl UpPorts {
     const CLIENT: u16 = 11211;
     const LINK: u16 = 11311;
     const HEALTH: u16 = 8081;
+    const WS: u16 = 11411;
 
     fn from_args(args: &UpArgs) -> anyhow::Result<Self> {
         let any = args.any_ports;
@@ -220,6 +231,7 @@ impl UpPorts {
             client: pair(pick(args.client_port, Self::CLIENT), "--client-port")?,
             link: pair(pick(args.link_port, Self::LINK), "--link-port")?,
             health: pair(pick(args.health_port, Self::HEALTH), "--health-port")?,
+            ws: pair(pick(args.ws_port, Self::WS), "--ws-port")?,
         })
     }
 
@@ -228,9 +240,37 @@ impl UpPorts {
         match listener {
             "client" => ("client port", "--client-port"),
             "link" => ("link port", "--link-port"),
+            "websocket" => ("WebSocket port", "--ws-port"),
             _ => ("health/metrics port", "--health-port"),
         }
     }
+}
+
+/// The browser origins `cim up`'s WebSocket ports accept: the flag's, or else the route's
+/// own (by its address and by `localhost` when that is loopback), where the web client is
+/// served. With a route port picked at start there is no origin to name beforehand.
+fn up_ws_origins(
+    args: &UpArgs,
+    route_port: u16,
+    tls: bool,
+) -> anyhow::Result<server::ws::OriginPolicy> {
+    if !args.ws_allowed_origin.is_empty() {
+        return server::ws::OriginPolicy::from_list(&args.ws_allowed_origin)
+            .map_err(|e| anyhow::anyhow!("--ws-allowed-origin: {e}"));
+    }
+    if route_port == 0 {
+        return Ok(server::ws::OriginPolicy::NoBrowsers);
+    }
+    let scheme = if tls { "https" } else { "http" };
+    let host = match args.host {
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
+    };
+    let mut origins = vec![format!("{scheme}://{host}:{route_port}")];
+    if args.host.is_loopback() {
+        origins.push(format!("{scheme}://localhost:{route_port}"));
+    }
+    server::ws::OriginPolicy::from_list(&origins).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// [`launch::bind_failure`] plus `cim up`'s own way out.
@@ -284,6 +324,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let link_secret = launch::random_secret();
     let tls = UpTls::make(&args).context("making the TLS certificates (--tls)")?;
 
+    let ws_origins = up_ws_origins(&args, ports.route, tls.is_some())?;
     let mut servers = Vec::new();
     let mut server_options = Vec::new();
     for i in 0..2u16 {
@@ -307,6 +348,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         options.client_port = ports.client[at];
         options.link_port = ports.link[at];
         options.http_port = ports.health[at];
+        options.ws_port = Some(ports.ws[at]);
+        options.ws_origins = ws_origins.clone();
         let handle = server::start(
             TokioNet,
             Clock::System,
@@ -338,6 +381,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         options.client_port = handle.client_addr().port();
         options.link_port = handle.link_addr().port();
         options.http_port = handle.http_addr().port();
+        options.ws_port = handle.ws_addr().map(|addr| addr.port());
         server_options.push(options);
         servers.push(handle);
     }
@@ -581,7 +625,14 @@ async fn control(
             .zip(servers.iter())
             .map(|(o, s)| {
                 let state = if s.is_some() { "running" } else { "stopped" };
-                format!("{} {state} (clients :{})", o.node.server_id, o.client_port)
+                let ws = o
+                    .ws_port
+                    .map(|p| format!(", websocket :{p}"))
+                    .unwrap_or_default();
+                format!(
+                    "{} {state} (clients :{}{ws})",
+                    o.node.server_id, o.client_port
+                )
             })
             .collect::<Vec<_>>()
             .join("\n");
@@ -685,8 +736,15 @@ fn print_welcome(
     }
     println!("  route     {scheme}://{http}  (API: {scheme}://{http}/openapi.json)");
     for s in servers {
+        let ws = s
+            .ws_addr()
+            .map(|addr| {
+                let scheme = if tls.is_some() { "wss" } else { "ws" };
+                format!("  websocket {scheme}://{addr}/")
+            })
+            .unwrap_or_default();
         println!(
-            "  server {}  clients {}{}  ready http://{}/health/ready",
+            "  server {}  clients {}{}{ws}  ready http://{}/health/ready",
             s.server_id(),
             s.client_addr(),
             if tls.is_some() { " (TLS)" } else { "" },
@@ -812,6 +870,7 @@ mod tests {
                 client: [11211, 11212],
                 link: [11311, 11312],
                 health: [8081, 8082],
+                ws: [11411, 11412],
             }
         );
         // --client-port alone moves the client ports only: the others keep their defaults
@@ -829,6 +888,7 @@ mod tests {
                 client: [0, 0],
                 link: [0, 0],
                 health: [0, 0],
+                ws: [0, 0],
             }
         );
         assert_eq!(
@@ -837,8 +897,30 @@ mod tests {
                 .route,
             0
         );
+        let error = UpPorts::from_args(&up_args(&["--ws-port", "65535"])).unwrap_err();
+        assert!(error.to_string().contains("--ws-port 65535"), "{error}");
         let error = UpPorts::from_args(&up_args(&["--health-port", "65535"])).unwrap_err();
         assert!(error.to_string().contains("--health-port 65535"), "{error}");
+    }
+
+    #[test]
+    fn up_lets_the_routes_own_origin_open_websockets() {
+        use server::ws::OriginPolicy;
+        let policy = up_ws_origins(&up_args(&[]), 8083, false).unwrap();
+        assert!(policy.allows(Some("http://127.0.0.1:8083")));
+        assert!(policy.allows(Some("http://localhost:8083")));
+        assert!(!policy.allows(Some("http://evil.example")));
+        let tls = up_ws_origins(&up_args(&[]), 8083, true).unwrap();
+        assert!(tls.allows(Some("https://127.0.0.1:8083")));
+        assert!(!tls.allows(Some("http://127.0.0.1:8083")));
+        assert_eq!(
+            up_ws_origins(&up_args(&["--any-ports"]), 0, false).unwrap(),
+            OriginPolicy::NoBrowsers
+        );
+        let named = up_args(&["--ws-allowed-origin", "https://a.example,https://b.example"]);
+        let named = up_ws_origins(&named, 8083, false).unwrap();
+        assert!(named.allows(Some("https://b.example")));
+        assert!(!named.allows(Some("http://127.0.0.1:8083")));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -855,6 +937,8 @@ mod tests {
             let mut options = ServerOptions::new(node, link.clone());
             options.listen_ip = IpAddr::from([127, 0, 0, 1]);
             (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+            // The smoke's third user connects over WebSocket, as in `cim up`.
+            options.ws_port = Some(0);
             let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
                 .await
                 .unwrap();

@@ -3,10 +3,14 @@
 //! their own and exchange a group message and a private message each way. Over TLS when the
 //! route is `https://` (against `cim up --tls`, with `--ca` its CA file).
 //!
+//! Then a third user logs in and connects at the login answer's `wsUrl`, as a browser
+//! would (`wss://` trusting the same CA), and trades a private message each way with the
+//! first over the WebSocket gateway; a server without one is said so and skipped.
+//!
 //! It touches nobody else: nothing is posted to `all` (every user's group), the group is the
 //! run's own (both leave it at the end), and the two accounts are named
 //! `cim-smoke-<run>-a` / `-b` (the [`SMOKE_PREFIX`]), so they are easy to tell apart from
-//! real users and to remove. Both log out at the end.
+//! real users and to remove (`-w` too, the WebSocket round's). All log out at the end.
 
 use std::path::Path;
 use std::time::Duration;
@@ -115,6 +119,10 @@ pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
         wait_message(&mut clients[to].1, &conv, text).await?;
         println!("{} received it", users[to].1);
     }
+    websocket_round(&api, tls.as_ref(), tag, users[0].0, &mut clients[0])
+        .await
+        .context("the WebSocket round")?;
+
     // Clean up what can be: leave the group, log out. The accounts stay (accounts are not
     // deleted through the API), named `cim-smoke-…` for an operator to find and remove.
     for (i, (user, name)) in users.iter().enumerate() {
@@ -130,9 +138,152 @@ pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
         client.shutdown().await;
     }
     println!(
-        "smoke check passed (accounts {} and {} stay, with the prefix {SMOKE_PREFIX})",
+        "smoke check passed (accounts {}, {} and the WebSocket round's -w stay, with the \
+         prefix {SMOKE_PREFIX})",
         users[0].1, users[1].1
     );
+    Ok(())
+}
+
+/// A user over the WebSocket gateway: logs in through the route, connects at `wsUrl` (TLS
+/// with the SDK's trust when the endpoint says so), logs in with the ticket, then receives a
+/// private message from `peer` and answers it. Protobuf frames, one binary message each.
+async fn websocket_round(
+    api: &RouteApi<TokioNet>,
+    tls: Option<&SdkTls>,
+    tag: u64,
+    peer: UserId,
+    (peer_client, peer_events): &mut (Client<TokioNet>, Events),
+) -> anyhow::Result<()> {
+    use cim_proto::Frame;
+    use cim_proto::frame::Kind;
+    use futures::{SinkExt as _, StreamExt as _};
+    use prost::Message as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let name = format!("{SMOKE_PREFIX}{tag}-w");
+    let registered = register(api, &name)
+        .await
+        .with_context(|| format!("registering {name}"))?;
+    let user = UserId(registered.user_id);
+    let login = api
+        .login(&cim_io::api::LoginRequest {
+            user_id: user.0,
+            user_name: name.clone(),
+            password: PASSWORD.into(),
+            resume_token: None,
+        })
+        .await
+        .with_context(|| format!("logging {name} in"))?;
+    let Some(endpoint) = login.endpoint.clone() else {
+        println!("the route's login answer names no endpoint: WebSocket round skipped");
+        return Ok(());
+    };
+    let Some(url) = endpoint.ws_url.clone() else {
+        println!(
+            "server {} has no WebSocket gateway: WebSocket round skipped",
+            login.server_id
+        );
+        return Ok(());
+    };
+    let uri: tokio_tungstenite::tungstenite::http::Uri =
+        url.parse().with_context(|| format!("wsUrl {url:?}"))?;
+    let port = uri
+        .port_u16()
+        .with_context(|| format!("wsUrl {url:?} names no port"))?;
+    let tcp = tokio::net::TcpStream::connect((endpoint.host.as_str(), port))
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let stream = match (endpoint.tls, tls) {
+        (true, Some(tls)) => tls
+            .client
+            .connect(tcp, &endpoint.host)
+            .await
+            .with_context(|| format!("TLS to {url}"))?,
+        (true, None) => bail!("{url} needs TLS: give --ca (or an https:// route)"),
+        (false, _) => cim_io::tls::MaybeTls::plain(tcp),
+    };
+    let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
+        .await
+        .with_context(|| format!("upgrading at {url}"))?;
+    let ticket = cim_io::api::decode_ticket(&login.ticket)
+        .map_err(|e| anyhow::anyhow!("the login answer's ticket: {e}"))?;
+    let frame = |kind| Message::Binary(Frame { kind: Some(kind) }.encode_to_vec().into());
+    ws.send(frame(Kind::Login(cim_proto::Login {
+        ticket: Some(ticket),
+    })))
+    .await?;
+    // Frames until one `pick` takes; a close or an Error frame ends the round.
+    async fn next_kind<S, T>(
+        ws: &mut tokio_tungstenite::WebSocketStream<S>,
+        mut pick: impl FnMut(&Kind) -> Option<T>,
+    ) -> anyhow::Result<T>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        while let Some(message) = ws.next().await {
+            match message? {
+                Message::Binary(body) => {
+                    let kind = Frame::decode(body.as_ref())?.kind;
+                    if let Some(Kind::Error(error)) = &kind {
+                        bail!("the server refused: {}", error.message);
+                    }
+                    if let Some(found) = kind.as_ref().and_then(&mut pick) {
+                        return Ok(found);
+                    }
+                }
+                Message::Close(close) => bail!("the server closed the WebSocket: {close:?}"),
+                _ => {}
+            }
+        }
+        bail!("the WebSocket ended")
+    }
+    next_kind(&mut ws, |k| matches!(k, Kind::LoginOk(_)).then_some(())).await?;
+    println!("{name} logged in at server {} over {url}", login.server_id);
+
+    let conv = ConvId::private(peer, user).context("two distinct users")?;
+    let text = "hello, browser";
+    peer_client
+        .send(conv.clone(), Bytes::from_static(text.as_bytes()))
+        .await
+        .with_context(|| format!("sending {text:?}"))?;
+    next_kind(&mut ws, |k| match k {
+        Kind::Deliver(d) => d
+            .message
+            .as_ref()
+            .filter(|m| m.body.as_ref() == text.as_bytes())
+            .map(|_| ()),
+        _ => None,
+    })
+    .await?;
+    println!("{name} received {text:?} over the WebSocket");
+
+    let reply = "hello from the browser";
+    let msg_id = launch::os_seed();
+    ws.send(frame(Kind::Send(cim_proto::Send {
+        msg_id_hi: msg_id,
+        msg_id_lo: tag,
+        conv: conv.to_string(),
+        body: Bytes::from_static(reply.as_bytes()),
+        sent_at_ms: 0,
+        order_stream: 0,
+        order_seq: 0,
+        order_after: 0,
+    })))
+    .await?;
+    next_kind(&mut ws, |k| match k {
+        Kind::SendAck(ack) if ack.msg_id_hi == msg_id => Some(Ok(())),
+        Kind::SendNack(nack) if nack.msg_id_hi == msg_id => Some(Err(nack.reason.clone())),
+        _ => None,
+    })
+    .await?
+    .map_err(|reason| anyhow::anyhow!("the send over the WebSocket was refused: {reason}"))?;
+    wait_message(peer_events, &conv, reply).await?;
+    println!("{name} sent {reply:?} over the WebSocket; it was received");
+    let _ = ws.close(None).await;
+    if let Err(error) = api.offline(&login.token, user).await {
+        println!("warning: {name} could not log out: {error}");
+    }
     Ok(())
 }
 

@@ -348,6 +348,8 @@ async fn exposed_families() -> BTreeMap<String, String> {
     (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
     options.gateway_tls = Some(server_tls.gateway);
     options.link_tls = Some(server_tls.link);
+    // The WebSocket port's families are exposed only when it is on.
+    options.ws_port = Some(0);
     let server = server::start(TokioNet, Clock::System, options, store.clone(), &registry)
         .await
         .expect("server starts");

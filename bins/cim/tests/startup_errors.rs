@@ -90,7 +90,16 @@ fn every_missing_or_invalid_setting_is_reported_at_once_by_name() {
     }
     assert!(text.contains("8 settings are missing or invalid"), "{text}");
 
-    let (out, text) = run(&["server", "--lease-ttl", "forever"], &[]);
+    let (out, text) = run(
+        &[
+            "server",
+            "--lease-ttl",
+            "forever",
+            "--ws-allowed-origin",
+            "https://fine.example,chat.example",
+        ],
+        &[],
+    );
     assert!(!out.status.success(), "{text}");
     for name in [
         "--redis or --redis-cluster (CIM_REDIS or CIM_REDIS_CLUSTER)",
@@ -98,6 +107,7 @@ fn every_missing_or_invalid_setting_is_reported_at_once_by_name() {
         "CIM_TICKET_SECRET",
         "CIM_LINK_SECRET",
         "--lease-ttl",
+        "--ws-allowed-origin (CIM_WS_ALLOWED_ORIGIN): WebSocket allowed origin \"chat.example\"",
     ] {
         assert!(text.contains(name), "missing {name:?} in:\n{text}");
     }

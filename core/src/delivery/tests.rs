@@ -24,6 +24,7 @@ fn live(ids: &[&str]) -> BTreeMap<ServerId, LiveServer> {
                 http_port: 8081,
                 connections: 0,
                 client_tls: false,
+                ws_port: None,
             };
             (sid(id), server)
         })

@@ -86,6 +86,7 @@ impl Harness {
             http_port: 8081,
             connections: 5,
             client_tls: false,
+            ws_port: None,
         };
         let mut h = Self {
             keeper: RegistryKeeper::new(KeeperConfig::default(), server, session(1)),

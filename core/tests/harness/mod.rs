@@ -416,6 +416,7 @@ impl Cluster {
                     http_port: 8081,
                     connections: self.servers[i].conns.len() as u32,
                     client_tls: false,
+                    ws_port: None,
                 };
                 (id, info)
             })

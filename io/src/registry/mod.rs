@@ -406,6 +406,9 @@ struct NodeData {
     /// Absent in entries of servers older than TLS support: plaintext.
     #[serde(default)]
     client_tls: bool,
+    /// Absent in entries of servers older than the WebSocket gateway, or with it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ws_port: Option<u16>,
 }
 
 pub fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
@@ -417,6 +420,7 @@ pub fn encode_node(server: &LiveServer) -> Result<Vec<u8>, RegistryError> {
         http_port: server.http_port,
         connections: server.connections,
         client_tls: server.client_tls,
+        ws_port: server.ws_port,
     };
     Ok(serde_json::to_vec(&data)?)
 }
@@ -446,6 +450,7 @@ pub fn decode_node(name: &str, bytes: &[u8]) -> Option<LiveServer> {
         http_port: data.http_port,
         connections: data.connections,
         client_tls: data.client_tls,
+        ws_port: data.ws_port,
     })
 }
 
@@ -462,6 +467,7 @@ mod tests {
             http_port: 8081,
             connections: 7,
             client_tls: false,
+            ws_port: Some(11411),
         }
     }
 
@@ -470,6 +476,18 @@ mod tests {
         let s = server("s1");
         let bytes = encode_node(&s).unwrap();
         assert_eq!(decode_node("s1", &bytes), Some(s));
+    }
+
+    #[test]
+    fn an_entry_without_a_websocket_port_reads_and_writes_as_before() {
+        // A server older than the WebSocket gateway, or one with it off.
+        let old = br#"{"id":"s1","host":"h","client_port":1,"link_port":2,"http_port":3}"#;
+        let server = decode_node("s1", old).expect("decodes");
+        assert_eq!(server.ws_port, None);
+        let written = String::from_utf8(encode_node(&server).unwrap()).unwrap();
+        assert!(!written.contains("ws_port"), "{written}");
+        let endpoint = serde_json::to_string(&server.client_endpoint()).unwrap();
+        assert!(!endpoint.contains("wsUrl"), "{endpoint}");
     }
 
     #[test]

@@ -489,6 +489,7 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
         host: r.ip,
         port: r.cim_server_port,
         tls: false,
+        ws_url: None,
     });
     let resume_token = decode_resume_token(&r.resume_token).map_err(|e| bad("resumeToken", e))?;
     Ok(LoginAnswer {
@@ -503,6 +504,8 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
             link_port: 0,
             connections: 0,
             client_tls: endpoint.tls,
+            // This SDK speaks the TCP gateway; the WebSocket URL is for browsers.
+            ws_port: None,
         },
         ticket,
         token: r.token,
@@ -560,7 +563,9 @@ async fn connection<N: Network>(
     inputs: mpsc::Sender<Input>,
     mut frames: mpsc::Receiver<Frame>,
 ) {
-    let ServerEndpoint { host, port, tls } = endpoint;
+    let ServerEndpoint {
+        host, port, tls, ..
+    } = endpoint;
     let failed = || async {
         let _ = inputs.send(Input::ConnectFailed { generation }).await;
     };
@@ -783,6 +788,7 @@ mod tests {
                 host: "s1.example".into(),
                 port: 11212,
                 tls: true,
+                ws_url: Some("wss://s1.example:11412/".into()),
             }),
             ..response.clone()
         };
@@ -792,7 +798,8 @@ mod tests {
             ServerEndpoint {
                 host: "s1.example".into(),
                 port: 11212,
-                tls: true
+                tls: true,
+                ws_url: None,
             }
         );
         assert!(answer_from(UserId(5), response.clone()).is_err());

@@ -18,8 +18,8 @@ use tokio::io::WriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::input::{Input, LinkId, ShellStats, Snapshot};
-use super::{LINK_QUEUE, ServerError, SessionEvent, SessionObserver, gateway, link};
+use super::input::{ClientConn, Input, LinkId, ShellStats, Snapshot};
+use super::{LINK_QUEUE, ServerError, SessionEvent, SessionObserver, gateway, link, ws};
 use crate::clock::Clock;
 use crate::net::{FrameWriter, Stream};
 use crate::store::Store;
@@ -36,6 +36,8 @@ struct ConnEntry {
     /// Encoded frames for the connection's writer. Dropping it closes the connection once
     /// the writer has flushed what is queued.
     tx: mpsc::Sender<Bytes>,
+    /// Came through the WebSocket gateway (counted apart on /metrics).
+    websocket: bool,
 }
 
 struct LinkEntry {
@@ -237,6 +239,8 @@ impl<S: Stream> Driver<S> {
                 let _ = reply.send(Snapshot {
                     stats: self.node.stats().clone(),
                     connections: self.node.connections(),
+                    // A walk over the connections, once per scrape.
+                    ws_connections: self.conns.values().filter(|c| c.websocket).count(),
                     sessions: self.node.sessions(),
                     links: self.links.len(),
                     draining: self.node.is_draining(),
@@ -296,30 +300,58 @@ impl<S: Stream> Driver<S> {
         *reported = now;
     }
 
-    fn accepted(&mut self, stream: S, peer: SocketAddr) {
+    fn accepted(&mut self, stream: ClientConn<S>, peer: SocketAddr) {
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
+        let transport = stream.transport();
         if let Err(refused) = self.node.handle_connection_opened(self.clock.now(), conn) {
-            // Dropping the stream closes it.
-            tracing::debug!(%peer, %refused, "refused client connection");
+            tracing::debug!(%peer, transport, %refused, "refused client connection");
+            match stream {
+                // A browser reports a WebSocket dropped without a close as 1006, which says
+                // nothing: it is told to try again (elsewhere, through the route) instead.
+                ClientConn::Ws(stream) => {
+                    tokio::spawn(ws::close_refused(
+                        *stream,
+                        refused.to_string(),
+                        self.io_timeout,
+                    ));
+                }
+                // Dropping the stream closes it.
+                ClientConn::Tcp(_) => {}
+            }
             return;
         }
         // The node kicks a connection whose unwritten backlog reaches its limit, so the queue
         // never holds more than that plus the final frame; the slack is for safety only.
         let capacity = self.node.config().max_outbound_frames + 8;
         let (tx, rx) = mpsc::channel(capacity);
-        gateway::spawn_connection(
-            conn,
-            stream,
-            self.codec,
-            rx,
-            self.inputs.clone(),
-            self.io_timeout,
-            self.cancel.clone(),
-        );
+        let websocket = matches!(stream, ClientConn::Ws(_));
+        match stream {
+            ClientConn::Tcp(stream) => gateway::spawn_connection(
+                conn,
+                stream,
+                self.codec,
+                rx,
+                self.inputs.clone(),
+                self.io_timeout,
+                self.cancel.clone(),
+            ),
+            ClientConn::Ws(stream) => {
+                let (reader, writer) = ws::split(*stream, self.codec);
+                gateway::spawn_framed(
+                    conn,
+                    reader,
+                    writer,
+                    rx,
+                    self.inputs.clone(),
+                    self.io_timeout,
+                    self.cancel.clone(),
+                );
+            }
+        }
         self.live_writers += 1;
-        self.conns.insert(conn, ConnEntry { tx });
-        tracing::debug!(conn = conn.0, %peer, "client connected");
+        self.conns.insert(conn, ConnEntry { tx, websocket });
+        tracing::debug!(conn = conn.0, %peer, transport, "client connected");
     }
 
     /// One frame's bytes on the wire. A frame that does not encode (over the maximum frame

@@ -1,5 +1,9 @@
-//! The client TCP gateway: the accept loop, and per connection one reader task (decoded
+//! The client gateways: the TCP accept loop, and per connection one reader task (decoded
 //! frames to the driver) and one writer task (a bounded queue of frames to the socket).
+//!
+//! Both tasks are generic over how frames are carried ([`FrameSource`], [`FrameSink`]): a
+//! length prefix on TCP, one binary message each on a WebSocket (`super::ws`). Everything
+//! after framing (the driver, the node, the queues, the linger) is one code path.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -7,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::server::ConnId;
+use cim_proto::Frame;
 use cim_proto::codec::FrameCodec;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -14,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
 use super::input::Input;
-use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream};
+use crate::net::{FrameReader, FrameWriter, Listener, ReadError, Stream, WriteError};
 use crate::tls::{MaybeTls, ServerTls};
 use crate::warn_gate::WarnGate;
 
@@ -49,6 +54,7 @@ pub(super) async fn accept_loop<L: Listener>(
     warnings: Arc<WarnGate>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
+    use super::input::ClientConn;
     let handshakes = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
         let accepted = tokio::select! {
@@ -59,7 +65,7 @@ pub(super) async fn accept_loop<L: Listener>(
         match accepted {
             Ok((stream, peer)) => {
                 let Some(tls) = &tls else {
-                    let stream = MaybeTls::plain(stream);
+                    let stream = ClientConn::Tcp(MaybeTls::plain(stream));
                     if inputs.send(Input::Accepted { stream, peer }).await.is_err() {
                         return Ok(()); // the driver is gone: the server is stopping
                     }
@@ -87,6 +93,7 @@ pub(super) async fn accept_loop<L: Listener>(
                     drop(permit);
                     match accepted {
                         Ok(stream) => {
+                            let stream = ClientConn::Tcp(stream);
                             let _ = inputs.send(Input::Accepted { stream, peer }).await;
                         }
                         Err(error) => {
@@ -107,9 +114,49 @@ pub(super) async fn accept_loop<L: Listener>(
     }
 }
 
-/// Starts the reader and writer tasks of an accepted connection. The connection closes when
-/// the driver drops the queue's sender (after the writer has flushed it), when a write fails,
-/// or when the peer closes.
+/// Where a connection's reader task takes frames from.
+pub(super) trait FrameSource: Send + 'static {
+    /// The next frame with no deadline (the node has its own idle timer). Cancel-safe.
+    fn next_frame(&mut self) -> impl Future<Output = Result<Frame, ReadError>> + Send;
+}
+
+/// Where a connection's writer task puts frames the driver encoded (length-prefixed).
+pub(super) trait FrameSink: Send + 'static {
+    /// Writes the frames, all within `timeout`; each is empty afterwards.
+    fn write_encoded(
+        &mut self,
+        frames: &mut [Bytes],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), WriteError>> + Send;
+
+    /// Ends the connection from this side once everything queued is written (best effort,
+    /// bounded by `timeout`).
+    fn shutdown(&mut self, timeout: Duration) -> impl Future<Output = ()> + Send;
+}
+
+impl<S: Stream> FrameSource for FrameReader<ReadHalf<S>> {
+    async fn next_frame(&mut self) -> Result<Frame, ReadError> {
+        FrameReader::next_frame(self).await
+    }
+}
+
+impl<S: Stream> FrameSink for FrameWriter<WriteHalf<S>> {
+    async fn write_encoded(
+        &mut self,
+        frames: &mut [Bytes],
+        timeout: Duration,
+    ) -> Result<(), WriteError> {
+        FrameWriter::write_encoded(self, frames, timeout).await
+    }
+
+    async fn shutdown(&mut self, timeout: Duration) {
+        FrameWriter::shutdown(self, timeout).await;
+    }
+}
+
+/// Starts the reader and writer tasks of an accepted TCP connection. The connection closes
+/// when the driver drops the queue's sender (after the writer has flushed it), when a write
+/// fails, or when the peer closes.
 pub(super) fn spawn_connection<S: Stream>(
     conn: ConnId,
     stream: S,
@@ -122,6 +169,19 @@ pub(super) fn spawn_connection<S: Stream>(
     let (read, write) = tokio::io::split(stream);
     let reader = FrameReader::with_read_chunk(read, codec, CLIENT_READ_CHUNK);
     let writer = FrameWriter::new(write, codec);
+    spawn_framed(conn, reader, writer, queue, inputs, io_timeout, cancel);
+}
+
+/// Starts the reader and writer tasks of a connection, whatever carries its frames.
+pub(super) fn spawn_framed<S: Stream>(
+    conn: ConnId,
+    reader: impl FrameSource,
+    writer: impl FrameSink,
+    queue: mpsc::Receiver<Bytes>,
+    inputs: mpsc::Sender<Input<S>>,
+    io_timeout: Duration,
+    cancel: CancellationToken,
+) {
     let (writer_ended, linger) = oneshot::channel();
     tokio::spawn(read_loop(
         conn,
@@ -148,7 +208,7 @@ pub(super) fn spawn_connection<S: Stream>(
 /// before the peer reads it.
 async fn read_loop<S: Stream>(
     conn: ConnId,
-    mut reader: FrameReader<ReadHalf<S>>,
+    mut reader: impl FrameSource,
     inputs: mpsc::Sender<Input<S>>,
     writer_ended: oneshot::Receiver<()>,
     io_timeout: Duration,
@@ -175,6 +235,7 @@ async fn read_loop<S: Stream>(
                 code: error.code(),
                 detail: error.to_string(),
             },
+            Err(ReadError::Refused { code, detail }) => Input::ProtocolError { conn, code, detail },
             Err(error) => Input::ConnClosed {
                 conn,
                 reason: error.to_string(),
@@ -192,7 +253,7 @@ async fn read_loop<S: Stream>(
 /// queued), or on a write error.
 async fn write_loop<S: Stream>(
     conn: ConnId,
-    mut writer: FrameWriter<WriteHalf<S>>,
+    mut writer: impl FrameSink,
     mut queue: mpsc::Receiver<Bytes>,
     inputs: mpsc::Sender<Input<S>>,
     writer_ended: oneshot::Sender<()>,

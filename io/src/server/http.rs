@@ -29,6 +29,8 @@ use crate::net::{Listener, Stream};
 use crate::registry::SessionHealth;
 use crate::store::Store;
 use crate::tls::TlsStats;
+
+use super::ws::WsStats;
 use crate::warn_gate::WarnGate;
 
 /// How long a health check waits for the store (and for the driver's snapshot).
@@ -47,6 +49,8 @@ pub(super) struct HttpState<S> {
     pub http: Arc<HttpStats>,
     /// Handshake counters and certificate expiry of each TLS listener, by listener name.
     pub tls: Vec<(&'static str, Arc<TlsStats>)>,
+    /// The WebSocket listener's upgrade counters, when it is on.
+    pub ws: Option<Arc<WsStats>>,
 }
 
 impl<S> Clone for HttpState<S> {
@@ -60,6 +64,7 @@ impl<S> Clone for HttpState<S> {
             max_connections: self.max_connections,
             http: self.http.clone(),
             tls: self.tls.clone(),
+            ws: self.ws.clone(),
         }
     }
 }
@@ -362,6 +367,19 @@ fn render_metrics(page: &mut Exposition, s: &Snapshot, registry_up: bool) {
     for (name, help, value) in gauges {
         family(name, Kind::Gauge, help, &[(None, value)]);
     }
+    let ws = s.ws_connections as u64;
+    family(
+        "cim_server_connections_by_transport",
+        Kind::Gauge,
+        "Client connections held, by gateway: tcp or websocket.",
+        &[
+            (
+                Some(("transport", "tcp")),
+                (s.connections as u64).saturating_sub(ws),
+            ),
+            (Some(("transport", "websocket")), ws),
+        ],
+    );
 }
 
 /// The families the shell keeps outside the driver: the gateway's cap, the warnings left out
@@ -385,6 +403,30 @@ fn render_shell_metrics<S>(state: &HttpState<S>, page: &mut Exposition) {
         page.single(name, kind, help, value);
     }
     state.http.render("cim_server", page);
+    if let Some(ws) = &state.ws {
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        page.single(
+            "cim_server_ws_upgrades_total",
+            Kind::Counter,
+            "Connections upgraded to a WebSocket on the WebSocket port.",
+            load(&ws.upgrades),
+        );
+        let mut family = page.family(
+            "cim_server_ws_refusals_total",
+            Kind::Counter,
+            "Connections on the WebSocket port closed before the upgrade, by reason.",
+        );
+        for (reason, counter) in [
+            ("origin", &ws.origin_refusals),
+            ("bad_request", &ws.bad_requests),
+            ("header_timeout", &ws.header_timeouts),
+            ("busy", &ws.upgrades_refused_busy),
+        ] {
+            family.sample(&[("reason", reason)], load(counter));
+        }
+    }
     let tls: Vec<_> = state
         .tls
         .iter()
@@ -416,6 +458,7 @@ mod tests {
         let snapshot = |draining, withdrawn| Snapshot {
             stats: ServerStats::default(),
             connections: 0,
+            ws_connections: 0,
             sessions: 0,
             links: 1,
             draining,
@@ -456,6 +499,7 @@ mod tests {
         let snapshot = Snapshot {
             stats,
             connections: 4,
+            ws_connections: 1,
             sessions: 3,
             links: 1,
             draining: false,
@@ -471,6 +515,12 @@ mod tests {
         );
         assert!(text.contains("cim_server_sessions{server_id=\"s\\\"1\"} 3\n"));
         assert!(text.contains("# TYPE cim_server_connections gauge\n"));
+        assert!(text.contains(
+            "cim_server_connections_by_transport{server_id=\"s\\\"1\",transport=\"websocket\"} 1\n"
+        ));
+        assert!(text.contains(
+            "cim_server_connections_by_transport{server_id=\"s\\\"1\",transport=\"tcp\"} 3\n"
+        ));
         // Every sample line has a HELP and TYPE before it, and a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();

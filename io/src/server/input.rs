@@ -17,11 +17,30 @@ use crate::net::FrameWriter;
 /// it as `RouteLinkId(link)`.
 pub(super) type LinkId = u64;
 
+/// An accepted client connection, by how it carries frames. The driver treats both alike
+/// except for spawning their tasks and counting them apart.
+pub(super) enum ClientConn<S> {
+    /// The TCP gateway: varint length-prefixed frames.
+    Tcp(S),
+    /// The WebSocket gateway, past its upgrade: one binary message per frame. Boxed: the
+    /// WebSocket state is some hundreds of bytes, and every input is sized for the largest.
+    Ws(Box<super::ws::WsConn<S>>),
+}
+
+impl<S> ClientConn<S> {
+    pub(super) fn transport(&self) -> &'static str {
+        match self {
+            Self::Tcp(_) => "tcp",
+            Self::Ws(_) => "websocket",
+        }
+    }
+}
+
 /// Everything the driver is told.
 pub(super) enum Input<S> {
-    /// A client socket was accepted.
+    /// A client socket was accepted (and, on the WebSocket port, upgraded).
     Accepted {
-        stream: S,
+        stream: ClientConn<S>,
         peer: SocketAddr,
     },
     /// A decoded frame from a client.
@@ -105,6 +124,8 @@ pub(super) enum Input<S> {
 pub(super) struct Snapshot {
     pub stats: ServerStats,
     pub connections: usize,
+    /// Of `connections`, those open through the WebSocket gateway.
+    pub ws_connections: usize,
     pub sessions: usize,
     pub links: usize,
     pub draining: bool,

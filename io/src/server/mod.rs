@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  client TCP (client_port) ─ reader task ─┐                 ┌─ writer task (bounded queue) ─ client TCP
+//!  WebSocket (ws_port) ───── reader task ───┤                 ├─ writer task ────────────────── WebSocket
 //!  route link (link_port) ── link task ────┤                 ├─ link writer task ──────────── route link
 //!  store replies (spawned tasks) ──────────┼─▶ driver task ──┼─ store calls (spawned tasks)
 //!  registry task (health, conn count) ─────┤   (ServerNode)  │
@@ -42,6 +43,7 @@ mod input;
 mod link;
 mod registration;
 mod store_watch;
+pub mod ws;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -97,6 +99,15 @@ pub struct ServerOptions {
     pub link_port: u16,
     /// Health and metrics (default 8081; 0 = any free port).
     pub http_port: u16,
+    /// The WebSocket gateway (default none: off; `Some(0)` = any free port). Same node,
+    /// same frames, one binary message each; TLS as `gateway_tls` (`wss://`).
+    pub ws_port: Option<u16>,
+    /// The browser origins the WebSocket gateway accepts (default: none; clients that send
+    /// no `Origin` are always accepted). See [`ws`].
+    pub ws_origins: ws::OriginPolicy,
+    /// Time for a WebSocket upgrade request's head to arrive complete (default 10 s, the
+    /// HTTP listeners' header timeout).
+    pub ws_header_timeout: Duration,
     /// Shared secret of the route links (no default).
     pub link_secret: Vec<u8>,
     /// During a rotation, the previous link secret, still accepted from routes that have
@@ -138,6 +149,9 @@ impl std::fmt::Debug for ServerOptions {
             .field("client_port", &self.client_port)
             .field("link_port", &self.link_port)
             .field("http_port", &self.http_port)
+            .field("ws_port", &self.ws_port)
+            .field("ws_origins", &self.ws_origins)
+            .field("ws_header_timeout", &self.ws_header_timeout)
             .field("max_frame", &self.max_frame)
             .field("io_timeout", &self.io_timeout)
             .field("registry_update_interval", &self.registry_update_interval)
@@ -189,6 +203,9 @@ impl ServerOptions {
             client_port: 11211,
             link_port: 11311,
             http_port: 8081,
+            ws_port: None,
+            ws_origins: ws::OriginPolicy::default(),
+            ws_header_timeout: crate::http_server::HttpLimits::default().header_timeout,
             link_secret,
             link_secret_previous: None,
             max_frame: DEFAULT_MAX_FRAME,
@@ -208,6 +225,7 @@ impl ServerOptions {
         let bad = [
             ("max_frame", self.max_frame == 0),
             ("io_timeout", self.io_timeout.is_zero()),
+            ("ws_header_timeout", self.ws_header_timeout.is_zero()),
             (
                 "registry_update_interval",
                 self.registry_update_interval.is_zero(),
@@ -261,6 +279,7 @@ pub struct ServerHandle {
     client_addr: SocketAddr,
     link_addr: SocketAddr,
     http_addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
     clock: Clock,
     drain_timeout: Duration,
     io_timeout: Duration,
@@ -287,6 +306,11 @@ impl ServerHandle {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The WebSocket gateway's bound address, when it is on.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
     }
 
     /// Graceful stop: leave the registry, kick every client with DRAINING (they reconnect
@@ -406,6 +430,15 @@ pub async fn start<N: Network, R: Registry>(
     let client_addr = local_addr("client", &client_listener, options.client_port, &options)?;
     let link_addr = local_addr("link", &link_listener, options.link_port, &options)?;
     let http_addr = local_addr("http", &http_listener, options.http_port, &options)?;
+    let ws_listener = match options.ws_port {
+        Some(port) => {
+            let listener = bind(&net, "websocket", options.listen_ip, port).await?;
+            let addr = local_addr("websocket", &listener, port, &options)?;
+            Some((listener, addr))
+        }
+        None => None,
+    };
+    let ws_addr = ws_listener.as_ref().map(|(_, addr)| *addr);
 
     let registration = registry
         .register(LiveServer {
@@ -416,10 +449,11 @@ pub async fn start<N: Network, R: Registry>(
             http_port: http_addr.port(),
             connections: 0,
             client_tls: options.gateway_tls.is_some(),
+            ws_port: ws_addr.map(|addr| addr.port()),
         })
         .await?;
     tracing::info!(
-        server = %server_id, %client_addr, %link_addr, %http_addr,
+        server = %server_id, %client_addr, %link_addr, %http_addr, ws_addr = ?ws_addr,
         host = %options.advertise_host, max_connections,
         gateway_tls = options.gateway_tls.is_some(), link_tls = options.link_tls.is_some(),
         "server registered and serving"
@@ -461,6 +495,29 @@ pub async fn start<N: Network, R: Registry>(
             cancel.clone(),
         ),
     ));
+    let ws_stats = ws_listener
+        .as_ref()
+        .map(|_| Arc::new(ws::WsStats::default()));
+    if let (Some((listener, _)), Some(stats)) = (ws_listener, &ws_stats) {
+        tasks.spawn(named(
+            "websocket listener",
+            ws::accept_loop(
+                listener,
+                ws::WsSettings {
+                    origins: options.ws_origins.clone(),
+                    header_timeout: options.ws_header_timeout,
+                    io_timeout: options.io_timeout,
+                    codec,
+                    tls: options.gateway_tls.clone(),
+                    max_connections,
+                    stats: stats.clone(),
+                    warnings: warnings.clone(),
+                },
+                inputs.clone(),
+                cancel.clone(),
+            ),
+        ));
+    }
     tasks.spawn(named(
         "link listener",
         link::accept_loop(
@@ -513,6 +570,7 @@ pub async fn start<N: Network, R: Registry>(
                 .into_iter()
                 .filter_map(|(name, tls)| Some((name, tls.as_ref()?.stats().clone())))
                 .collect(),
+                ws: ws_stats,
             },
             cancel.clone(),
         ),
@@ -537,6 +595,7 @@ pub async fn start<N: Network, R: Registry>(
         client_addr,
         link_addr,
         http_addr,
+        ws_addr,
         clock,
         drain_timeout: options.drain_timeout,
         io_timeout: options.io_timeout,

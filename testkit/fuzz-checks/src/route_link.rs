@@ -300,6 +300,7 @@ fn live_server(id: &str) -> LiveServer {
         http_port: 8081,
         connections: 0,
         client_tls: false,
+        ws_port: None,
     }
 }
 

@@ -68,6 +68,7 @@ fn answer(epoch: u64, tok: u8) -> LoginAnswer {
             http_port: 8081,
             connections: 0,
             client_tls: false,
+            ws_port: None,
         },
         ticket: ticket(epoch),
         token: "bearer".into(),
@@ -99,6 +100,7 @@ fn connect_s1() -> ClientCommand {
             host: "10.0.0.1".into(),
             port: 11211,
             tls: false,
+            ws_url: None,
         },
     }
 }

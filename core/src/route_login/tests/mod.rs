@@ -31,6 +31,7 @@ fn server(name: &str) -> LiveServer {
         http_port: 8081,
         connections: 0,
         client_tls: false,
+        ws_port: None,
     }
 }
 
