@@ -33,6 +33,7 @@ pub mod memstore;
 pub mod registry;
 pub mod registry_keeper;
 pub mod route_login;
+pub mod route_node;
 pub mod server;
 pub mod store;
 pub mod tickets;
