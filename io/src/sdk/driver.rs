@@ -150,13 +150,14 @@ impl<N: Network> Driver<N> {
         self.session.start(self.clock.now());
         self.drain();
         loop {
-            let timer = self.session.poll_timeout();
-            let deadline = timer.map(|(at, _)| at);
+            let next = self.session.poll_timeout();
+            let deadline = next.map(|(at, _)| at);
             // Checked before waiting, so a steady stream of inputs cannot starve the timers
             // (the select below prefers inputs).
-            if let Some((at, reason)) = timer
+            if let Some((at, reason)) = next
                 && at <= self.clock.now()
             {
+                // Which timer is due, for tracing a stall or a busy loop.
                 tracing::trace!(?reason, "client timer (overdue)");
                 self.session.handle_timeout(self.clock.now());
                 self.drain();
@@ -188,7 +189,12 @@ impl<N: Network> Driver<N> {
                         return;
                     }
                 },
-                () = timer => self.session.handle_timeout(self.clock.now()),
+                () = timer => {
+                    if let Some((_, reason)) = next {
+                        tracing::trace!(?reason, "client timer");
+                    }
+                    self.session.handle_timeout(self.clock.now());
+                }
             }
             self.drain();
         }
