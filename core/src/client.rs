@@ -153,6 +153,16 @@ pub enum ClientCommand {
     Disconnect,
 }
 
+/// Everything the session asks of its shell, from [`ClientSession::poll_output`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientOutput {
+    /// Something to do, in order: a `Disconnect` closes the old connection before the next
+    /// `Connect` opens a new one.
+    Command(ClientCommand),
+    /// Something to tell the application.
+    Event(ClientEvent),
+}
+
 /// Why the link was lost, carried by [`ClientEvent::Reconnecting`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkLoss {
@@ -381,10 +391,10 @@ enum Link {
 /// `handle_login_answer`, `handle_connected` / `handle_connect_failed` /
 /// `handle_disconnected`, [`handle_frame`](Self::handle_frame),
 /// [`handle_timeout`](Self::handle_timeout). **After each input, drain
-/// [`poll_command`](Self::poll_command) and [`poll_event`](Self::poll_event) until both return
-/// `None`, executing commands in order**, then arm a timer for
-/// [`poll_timeout`](Self::poll_timeout). Commands must run in order: a `Disconnect` closes
-/// the old connection before the next `Connect` opens a new one.
+/// [`poll_output`](Self::poll_output) until it returns `None`, executing commands in
+/// order**, then arm a timer for [`poll_timeout`](Self::poll_timeout). Commands must run in
+/// order: a `Disconnect` closes the old connection before the next `Connect` opens a new
+/// one. Commands come before events (see `poll_output`).
 #[derive(Debug)]
 pub struct ClientSession {
     config: ClientConfig,
@@ -913,11 +923,25 @@ impl ClientSession {
         timers.into_iter().min()
     }
 
-    pub fn poll_command(&mut self) -> Option<ClientCommand> {
+    /// The next output: every queued command, then the events. The shells have always
+    /// drained in this order (the simulation's recorded histories pin it): frames and
+    /// connection changes go out before the application hears what caused them, and a
+    /// command whose execution feeds the session an input (a full write queue is a lost
+    /// connection) has that input's commands come out before the older events too.
+    pub fn poll_output(&mut self) -> Option<ClientOutput> {
+        if let Some(command) = self.poll_command() {
+            return Some(ClientOutput::Command(command));
+        }
+        self.poll_event().map(ClientOutput::Event)
+    }
+
+    // The two kinds `poll_output` gives, in its order. Private: shells drain only
+    // `poll_output`; this module's tables read one kind at a time.
+    fn poll_command(&mut self) -> Option<ClientCommand> {
         self.out.commands.pop_front()
     }
 
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+    fn poll_event(&mut self) -> Option<ClientEvent> {
         self.out.events.pop_front()
     }
 

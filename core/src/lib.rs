@@ -5,11 +5,15 @@
 //!
 //! - `handle_*(&mut self, now, input)` feeds one input (a frame, a store reply, a registry
 //!   change, an expired timer, an application command);
-//! - `poll_*()` drains the outputs that input caused (frames to send, store commands,
-//!   application events); **after every `handle_*` the caller drains every `poll_*` until it
-//!   returns `None`**;
-//! - `poll_timeout()` names the next deadline and why; the caller calls `handle_timeout(now)`
-//!   when it passes.
+//! - `poll_output()` drains the outputs that input caused (frames to send, store commands,
+//!   application events, answers), one enum per machine, in the order the shell must carry
+//!   them out; **after every `handle_*` the caller drains `poll_output` until it returns
+//!   `None`**. Every answer is an output, never a return value. The route's two machines
+//!   drain through one facade, [`route_node::RouteNode`];
+//! - `poll_timeout()` names the next deadline and why (which timer); the caller calls
+//!   `handle_timeout(now)` when it passes.
+//! - A machine that asked the store for something takes the answer in
+//!   `handle_store_reply`.
 //!
 //! Time comes in as [`time::Instant`] (monotonic deadlines, from a number any shell can give) and [`ids::UnixMillis`]
 //! (wall clock, for tickets and leases in the store). Randomness comes from a seeded RNG the
@@ -33,6 +37,7 @@ pub mod memstore;
 pub mod registry;
 pub mod registry_keeper;
 pub mod route_login;
+pub mod route_node;
 pub mod server;
 pub mod store;
 pub mod tickets;

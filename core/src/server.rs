@@ -206,6 +206,13 @@ pub enum ServerOutput {
     /// `handle_route_result`. If the link's queue refuses it, `handle_route_failed`; if the
     /// link turns out to be gone, `handle_route_link_gone`.
     ToRoute { link: RouteLinkId, send: RouteSend },
+    /// The answer to a route's `KickUser`: send it on `link`, the route link the kick came
+    /// on. It follows the kick's own outputs (its Kick frames and closes), so the route
+    /// hears the old session is gone only after the node gave it up.
+    KickUserDone {
+        link: RouteLinkId,
+        done: KickUserDone,
+    },
 }
 
 /// Why `poll_timeout` wants to be woken.
@@ -1120,10 +1127,10 @@ impl ServerNode {
         }
     }
 
-    /// The route took the user over (or logged them out): close their session here if it is
-    /// older than `below_epoch`, and stop any older login still binding. The returned answer
-    /// goes back on the link the request came from, after this call's outputs are drained.
-    pub fn handle_kick_user(&mut self, _now: Instant, kick: KickUser) -> KickUserDone {
+    /// The route took the user over (or logged them out) with a `KickUser` on `link`: close
+    /// their session here if it is older than `below_epoch`, and stop any older login still
+    /// binding. The answer is the last output, [`ServerOutput::KickUserDone`] for `link`.
+    pub fn handle_kick_user(&mut self, _now: Instant, link: RouteLinkId, kick: KickUser) {
         let user = UserId(kick.user_id);
         let below = Epoch(kick.below_epoch);
         let reason = match KickReason::try_from(kick.reason) {
@@ -1147,10 +1154,13 @@ impl ServerNode {
         for conn in doomed {
             self.kick(conn, reason, "logged in elsewhere");
         }
-        KickUserDone {
-            user_id: kick.user_id,
-            below_epoch: kick.below_epoch,
-        }
+        self.outputs.push_back(ServerOutput::KickUserDone {
+            link,
+            done: KickUserDone {
+                user_id: kick.user_id,
+                below_epoch: kick.below_epoch,
+            },
+        });
     }
 
     // ---- timers ------------------------------------------------------------------------

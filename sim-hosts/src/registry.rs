@@ -876,6 +876,7 @@ impl<N: Network> Keeper<N> {
     async fn serve(&mut self, conn: &mut SessionConn<N::Stream>) {
         let idle = conn.idle_deadline();
         let ping = conn.ping_deadline();
+        let reason = self.shell.machine.poll_timeout().map(|(_, why)| why);
         let repair_at = self.shell.machine.poll_timeout().map(|(at, _)| at);
         let repair = async move {
             match repair_at {
@@ -898,6 +899,7 @@ impl<N: Network> Keeper<N> {
             }
             () = tokio::time::sleep_until(ping) => conn.send(&ToRegistry::Ping).await.err(),
             () = repair => {
+                tracing::trace!(server = %self.shell.machine.server().id, ?reason, "registry timer");
                 self.shell.machine.handle_timeout(now());
                 None
             }

@@ -80,6 +80,21 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// What the delivery machine asks of the shell, from [`RouteDelivery::poll_output`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutput {
+    /// Execute, then feed the result to [`RouteDelivery::handle_store_reply`].
+    Store(StoreRequest),
+    /// The answer to a send: to the server's link (`RouteSendResult` as is) or to the HTTP
+    /// caller (`request_id` then carries the [`ApiRequestId`]).
+    Reply {
+        origin: SendOrigin,
+        result: RouteSendResult,
+    },
+    /// Everything queued for one server since the last drain, as one batch.
+    Push { server: ServerId, batch: PushBatch },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerReason {
     /// A store request passed its deadline.
@@ -196,14 +211,15 @@ fn push_size_bound(push: &Push) -> usize {
 /// The route's delivery machine.
 ///
 /// Inputs: [`handle_registry`](Self::handle_registry) (live set changes),
-/// [`handle_send`](Self::handle_send), [`handle_store`](Self::handle_store) (the reply to a
-/// request it emitted), [`handle_timeout`](Self::handle_timeout).
+/// [`handle_send`](Self::handle_send), [`handle_route_send`](Self::handle_route_send),
+/// [`handle_store_reply`](Self::handle_store_reply) (the reply to a request it emitted),
+/// [`handle_timeout`](Self::handle_timeout).
 ///
-/// **Drain rule:** after every `handle_*`, drain [`poll_store`](Self::poll_store),
-/// [`poll_reply`](Self::poll_reply) and then [`poll_push`](Self::poll_push) until each returns
-/// `None` (replies before pushes: a sender hears its ack no later than its recipients see the
-/// message), then re-arm the timer from [`poll_timeout`](Self::poll_timeout). Pushes queued for
-/// one server between drains leave as one `PushBatch` (more only past `max_batch_bytes`).
+/// **Drain rule:** after every `handle_*`, drain [`poll_output`](Self::poll_output) until it
+/// returns `None`, then re-arm the timer from [`poll_timeout`](Self::poll_timeout). It gives
+/// store requests first, then replies, then pushes (replies before pushes: a sender hears
+/// its ack no later than its recipients see the message). Pushes queued for one server
+/// between drains leave as one `PushBatch` (more only past `max_batch_bytes`).
 #[derive(Debug)]
 pub struct RouteDelivery {
     config: DeliveryConfig,
@@ -368,7 +384,7 @@ impl RouteDelivery {
 
     /// The store's answer to request `id`. Answers to requests that already timed out (or
     /// that this machine never made) are ignored.
-    pub fn handle_store(&mut self, now: Instant, id: RequestId, result: StoreResult) {
+    pub fn handle_store_reply(&mut self, now: Instant, id: RequestId, result: StoreResult) {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
@@ -445,19 +461,31 @@ impl RouteDelivery {
             .map(|(deadline, _)| (*deadline, TimerReason::StoreDeadline))
     }
 
-    pub fn poll_store(&mut self) -> Option<StoreRequest> {
+    /// The next output: store requests, then replies, then pushes (see the drain rule).
+    pub fn poll_output(&mut self) -> Option<DeliveryOutput> {
+        if let Some(request) = self.poll_store() {
+            return Some(DeliveryOutput::Store(request));
+        }
+        if let Some((origin, result)) = self.poll_reply() {
+            return Some(DeliveryOutput::Reply { origin, result });
+        }
+        self.poll_push()
+            .map(|(server, batch)| DeliveryOutput::Push { server, batch })
+    }
+
+    // The three kinds `poll_output` gives, in its order. Private: the shell drains only
+    // `poll_output`; this module's tables read one kind at a time.
+    fn poll_store(&mut self) -> Option<StoreRequest> {
         self.store_out.pop_front()
     }
 
-    /// The answer to a send: to the server's link (`RouteSendResult` as is) or to the HTTP
-    /// caller (`request_id` then carries the [`ApiRequestId`]).
-    pub fn poll_reply(&mut self) -> Option<(SendOrigin, RouteSendResult)> {
+    fn poll_reply(&mut self) -> Option<(SendOrigin, RouteSendResult)> {
         self.replies.pop_front()
     }
 
     /// Everything queued for one server since the last drain, as one batch (cut only where
     /// it would pass `max_batch_bytes`), servers in id order.
-    pub fn poll_push(&mut self) -> Option<(ServerId, PushBatch)> {
+    fn poll_push(&mut self) -> Option<(ServerId, PushBatch)> {
         let (server, mut queue) = self.pushes.pop_first()?;
         let mut size = 0;
         let mut pushes = Vec::new();

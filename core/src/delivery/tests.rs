@@ -96,14 +96,12 @@ struct Out {
 
 fn drain(d: &mut RouteDelivery) -> Out {
     let mut out = Out::default();
-    while let Some(r) = d.poll_store() {
-        out.store.push(r);
-    }
-    while let Some(r) = d.poll_reply() {
-        out.replies.push(r);
-    }
-    while let Some(p) = d.poll_push() {
-        out.pushes.push(p);
+    while let Some(output) = d.poll_output() {
+        match output {
+            DeliveryOutput::Store(r) => out.store.push(r),
+            DeliveryOutput::Reply { origin, result } => out.replies.push((origin, result)),
+            DeliveryOutput::Push { server, batch } => out.pushes.push((server, batch)),
+        }
     }
     out
 }
@@ -176,7 +174,7 @@ fn send_and_append(
         )
     );
     let id = out.store[0].id;
-    d.handle_store(now, id, appended(message, duplicate));
+    d.handle_store_reply(now, id, appended(message, duplicate));
     drain(d)
 }
 
@@ -254,7 +252,7 @@ fn private_send_acks_then_pushes_to_both_participants_servers() {
     );
 
     let routes = vec![route(1, Some("a")), route(2, Some("b"))];
-    d.handle_store(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
+    d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
     let out = drain(&mut d);
     assert!(out.store.is_empty() && out.replies.is_empty());
     assert_eq!(
@@ -291,7 +289,7 @@ fn offline_recipient_is_acked_but_not_pushed() {
     assert_eq!(out.replies[0].1.request_id, 42);
     assert_eq!(ack_of(&out.replies[0].1), (EPOCH.0, 3));
     let routes = vec![route(1, None), route(2, Some("b"))];
-    d.handle_store(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
+    d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
     let out = drain(&mut d);
     assert_eq!(summary(&out.pushes), [("b".into(), 3, vec![2], false)]);
     assert_eq!(d.stats().recipients_unreachable, 1);
@@ -342,7 +340,7 @@ fn small_group_goes_through_routes_large_group_through_member_lists() {
         }
     );
     let members = vec![UserId(1), UserId(2), UserId(3)];
-    d.handle_store(
+    d.handle_store_reply(
         t0,
         out.store[0].id,
         Ok(StoreReply::Members(members.clone())),
@@ -358,7 +356,7 @@ fn small_group_goes_through_routes_large_group_through_member_lists() {
         route(2, Some("a")),
         route(3, Some("c")),
     ];
-    d.handle_store(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
+    d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
     assert_eq!(
         summary(&drain(&mut d).pushes),
         [
@@ -377,7 +375,7 @@ fn small_group_goes_through_routes_large_group_through_member_lists() {
         false,
     );
     let members = vec![UserId(4), UserId(1), UserId(3), UserId(2)];
-    d.handle_store(t0, out.store[0].id, Ok(StoreReply::Members(members)));
+    d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Members(members)));
     let out = drain(&mut d);
     assert!(out.store.is_empty());
     assert_eq!(
@@ -398,7 +396,7 @@ fn small_group_goes_through_routes_large_group_through_member_lists() {
         stored("g:gone", 1, 1, 3, "s"),
         false,
     );
-    d.handle_store(t0, out.store[0].id, Ok(StoreReply::Members(vec![])));
+    d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Members(vec![])));
     let out = drain(&mut d);
     assert!(out.store.is_empty() && out.pushes.is_empty());
 }
@@ -412,7 +410,7 @@ fn duplicate_append_acks_the_original_seq_and_pushes_again() {
         let out = send_and_append(&mut d, t0, link("a", 1), 1, msg.clone(), duplicate);
         assert_eq!(ack_of(&out.replies[0].1), (EPOCH.0, 4));
         let routes = vec![route(1, Some("a")), route(2, Some("a"))];
-        d.handle_store(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
+        d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Routes(routes)));
         assert_eq!(
             summary(&drain(&mut d).pushes),
             [("a".into(), 4, vec![1, 2], false)]
@@ -565,7 +563,7 @@ fn store_answers_map_to_nacks() {
             send(9, "g:x", "b"),
         );
         let id = drain(&mut d).store[0].id;
-        d.handle_store(t0, id, result);
+        d.handle_store_reply(t0, id, result);
         let out = drain(&mut d);
         assert_eq!(nack_of(&out.replies[0].1), (code, retryable));
         assert!(out.store.is_empty() && out.pushes.is_empty());
@@ -615,10 +613,10 @@ fn store_timeout_nacks_unavailable_and_late_replies_are_ignored() {
 
     // The late answer to the first changes nothing; the second's still works.
     let msg = stored("p:1:2", 1, 1, 1, "b");
-    d.handle_store(t0 + timeout, first, appended(msg, false));
+    d.handle_store_reply(t0 + timeout, first, appended(msg, false));
     let out = drain(&mut d);
     assert!(out.replies.is_empty() && out.store.is_empty());
-    d.handle_store(
+    d.handle_store_reply(
         t0 + timeout,
         second,
         appended(stored("p:1:2", 2, 1, 2, "b"), false),
@@ -685,7 +683,7 @@ fn pushes_to_one_server_coalesce_into_one_batch() {
         stored("p:3:4", 1, 3, 2, "m2"),
         false,
     );
-    d.handle_store(
+    d.handle_store_reply(
         t0,
         o1.store[0].id,
         Ok(StoreReply::Routes(vec![
@@ -693,7 +691,7 @@ fn pushes_to_one_server_coalesce_into_one_batch() {
             route(2, Some("a")),
         ])),
     );
-    d.handle_store(
+    d.handle_store_reply(
         t0,
         o2.store[0].id,
         Ok(StoreReply::Routes(vec![
@@ -734,7 +732,7 @@ fn batches_and_member_lists_stay_bounded() {
         false,
     );
     let members = (1..=5).map(UserId).collect();
-    d.handle_store(t0, out.store[0].id, Ok(StoreReply::Members(members)));
+    d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Members(members)));
     let out = drain(&mut d);
     // 5 members in chunks of 2 -> 3 pushes; 2 fit a batch -> 2 batches, in order.
     let sizes: Vec<usize> = out.pushes.iter().map(|(_, b)| b.pushes.len()).collect();
@@ -763,7 +761,7 @@ fn a_server_that_left_gets_no_push() {
     );
     // "b" leaves between the append and the route read.
     d.handle_registry(live(&["a"]));
-    d.handle_store(
+    d.handle_store_reply(
         t0,
         out.store[0].id,
         Ok(StoreReply::Routes(vec![
@@ -795,7 +793,7 @@ fn a_server_that_left_gets_no_push() {
         send(2, "all", "m"),
     );
     let id = drain(&mut d).store[0].id;
-    d.handle_store(t0, id, appended(stored("all", 2, 1, 2, "m"), false));
+    d.handle_store_reply(t0, id, appended(stored("all", 2, 1, 2, "m"), false));
     d.handle_registry(live(&["b"]));
     assert_eq!(
         summary(&drain(&mut d).pushes),
@@ -825,4 +823,59 @@ fn planners_are_pure_and_skip_the_unreachable() {
     let members = plan_member_broadcast(&msg, &[UserId(2), UserId(2), UserId(1)], &set, 10);
     assert_eq!(members[&sid("a")][0].recipients, [1, 2]);
     assert_eq!(members.len(), 2);
+}
+
+/// `poll_output` is the one drain, and its order is the contract the shells rely on: store
+/// requests, then the sender's answer, then pushes, so the sender hears its ack no later
+/// than the recipients' servers get the message. Two sends answered in one drain: both
+/// replies come before the one batch per server that carries both messages.
+#[test]
+fn poll_output_gives_stores_then_replies_then_pushes() {
+    let t0 = base();
+    let mut d = machine(&["a", "b"]);
+    d.handle_send(
+        t0,
+        UnixMillis(1000),
+        link("a", 1),
+        UserId(1),
+        send(1, "all", "x"),
+    );
+    d.handle_send(
+        t0,
+        UnixMillis(1000),
+        link("a", 2),
+        UserId(1),
+        send(2, "all", "y"),
+    );
+    let appends: Vec<RequestId> = std::iter::from_fn(|| d.poll_output())
+        .map(|o| match o {
+            DeliveryOutput::Store(r) => r.id,
+            other => panic!("only appends before a reply, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(appends.len(), 2);
+    d.handle_store_reply(t0, appends[0], appended(stored("all", 1, 1, 1, "x"), false));
+    d.handle_store_reply(t0, appends[1], appended(stored("all", 2, 1, 2, "y"), false));
+    // A bad send after them: its nack is a reply too, still ahead of the pushes.
+    d.handle_send(
+        t0,
+        UnixMillis(1000),
+        link("b", 3),
+        UserId(1),
+        send(3, "p:2:3", "z"),
+    );
+    let kinds: Vec<String> = std::iter::from_fn(|| d.poll_output())
+        .map(|o| match o {
+            DeliveryOutput::Store(r) => format!("store {:?}", r.command),
+            DeliveryOutput::Reply { result, .. } => format!("reply {}", result.request_id),
+            DeliveryOutput::Push { server, batch } => {
+                format!("push {} x{}", server.0, batch.pushes.len())
+            }
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["reply 1", "reply 2", "reply 3", "push a x2", "push b x2"]
+    );
+    assert_eq!(d.poll_output(), None);
 }

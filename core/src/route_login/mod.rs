@@ -246,6 +246,17 @@ pub enum RouteEvent {
     },
 }
 
+/// What the login machine asks of the shell, from [`RouteLogin::poll_output`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginOutput {
+    /// Run it off the driver task; feed the outcome to [`RouteLogin::handle_password`].
+    Password(PasswordJob),
+    /// Execute, then feed the result to [`RouteLogin::handle_store_reply`].
+    Store(StoreRequest),
+    /// An answer for the shell: an API request's result, or a kick to send.
+    Event(RouteEvent),
+}
+
 /// Argon2 work the machine asks the shell to do: hashing or verifying costs tens of
 /// milliseconds with production parameters, too long to run inside a driver loop that also
 /// routes messages. The shell runs [`PasswordWork::run`] wherever it likes (a small pool of
@@ -341,9 +352,9 @@ fn placeable<'a>(
 ///
 /// Inputs: `handle_registry`, `handle_register`, `handle_login`, `handle_logout`,
 /// `handle_store_reply`, `handle_password`, `handle_kick_done`, `handle_timeout`. **After
-/// every `handle_*` the caller drains [`Self::poll_store`], [`Self::poll_password`] and
-/// [`Self::poll_event`] until each returns `None`**,
-/// then re-arms its timer from [`Self::poll_timeout`]. Every API request ends in exactly one
+/// every `handle_*` the caller drains [`Self::poll_output`] until it returns `None`** (password
+/// jobs first, then store requests, then events), then re-arms its timer from
+/// [`Self::poll_timeout`]. Every API request ends in exactly one
 /// event (`Registered`, `LoggedIn` or `LoggedOut`) carrying its [`ApiRequestId`].
 ///
 /// Takeover rule: when a login takes over a live claim whose server is in the registry
@@ -989,15 +1000,31 @@ impl RouteLogin {
         store.chain(held).min_by_key(|(deadline, _)| *deadline)
     }
 
-    pub fn poll_store(&mut self) -> Option<StoreRequest> {
-        self.store_out.pop_front()
+    /// The next output: password jobs, then store requests, then events. The order is the
+    /// one the route's shell has always drained in (the simulation's recorded histories pin
+    /// it): a password job run inline queues its next store request before the drain reaches
+    /// the store requests.
+    pub fn poll_output(&mut self) -> Option<LoginOutput> {
+        if let Some(job) = self.poll_password() {
+            return Some(LoginOutput::Password(job));
+        }
+        if let Some(request) = self.poll_store() {
+            return Some(LoginOutput::Store(request));
+        }
+        self.poll_event().map(LoginOutput::Event)
     }
 
-    pub fn poll_password(&mut self) -> Option<PasswordJob> {
+    // The three kinds `poll_output` gives, in its order. Private: the shell drains only
+    // `poll_output`; this module's tables read one kind at a time.
+    fn poll_password(&mut self) -> Option<PasswordJob> {
         self.password_out.pop_front()
     }
 
-    pub fn poll_event(&mut self) -> Option<RouteEvent> {
+    fn poll_store(&mut self) -> Option<StoreRequest> {
+        self.store_out.pop_front()
+    }
+
+    fn poll_event(&mut self) -> Option<RouteEvent> {
         self.events.pop_front()
     }
     /// Mints the ticket and bearer token (expiries count from `wall`) and answers.

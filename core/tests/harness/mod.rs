@@ -19,7 +19,8 @@ use bytes::Bytes;
 use cim_core::accounts::PasswordParams;
 use cim_core::balance::{Balancer, Strategy};
 use cim_core::client::{
-    ClientCommand, ClientConfig, ClientEvent, ClientSession, LoginAttempt, LoginFailure,
+    ClientCommand, ClientConfig, ClientEvent, ClientOutput, ClientSession, LoginAttempt,
+    LoginFailure,
 };
 use cim_core::delivery::{DeliveryConfig, RouteDelivery, SendOrigin};
 use cim_core::ids::{
@@ -31,6 +32,7 @@ use cim_core::registry::LiveServer;
 use cim_core::route_login::{
     LoginAnswer, LoginError, LoginRequest, RouteEvent, RouteLogin, RouteLoginConfig,
 };
+use cim_core::route_node::{RouteMachine, RouteNode, RouteOutput};
 use cim_core::server::{ConnId, RouteLinkId, ServerConfig, ServerNode, ServerOutput};
 use cim_core::store::{StoreCommand, StoreReply, StoreRequest, StoredMessage};
 use cim_core::tickets::TicketKeys;
@@ -49,8 +51,7 @@ fn base_instant() -> Instant {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Requester {
-    RouteLogin,
-    RouteDelivery,
+    Route(RouteMachine),
     Server(usize),
 }
 
@@ -155,8 +156,7 @@ pub struct Cluster {
     cut_paths: BTreeSet<(usize, usize)>,
     /// Extra latency on a server's link with the route (both ways).
     slow_links: BTreeMap<usize, Duration>,
-    pub route: RouteLogin,
-    pub delivery: RouteDelivery,
+    pub route: RouteNode,
     pub servers: Vec<ServerHost>,
     pub clients: Vec<ClientHost>,
     queue: BTreeMap<(Instant, u64), Event>,
@@ -198,8 +198,7 @@ impl Cluster {
             link_down: BTreeSet::new(),
             cut_paths: BTreeSet::new(),
             slow_links: BTreeMap::new(),
-            route,
-            delivery: RouteDelivery::new(DeliveryConfig::default()),
+            route: RouteNode::new(route, RouteDelivery::new(DeliveryConfig::default())),
             servers: Vec::new(),
             clients: Vec::new(),
             queue: BTreeMap::new(),
@@ -422,8 +421,7 @@ impl Cluster {
             })
             .collect();
         let (now, wall) = (self.now, self.wall());
-        self.route.handle_registry(now, wall, live.clone());
-        self.delivery.handle_registry(live);
+        self.route.handle_registry(now, wall, live);
     }
 
     // ---- running ----
@@ -473,9 +471,6 @@ impl Cluster {
         if self.route.poll_timeout().is_some_and(|(t, _)| t <= now) {
             self.route.handle_timeout(now);
         }
-        if self.delivery.poll_timeout().is_some_and(|(t, _)| t <= now) {
-            self.delivery.handle_timeout(now);
-        }
         for host in self.servers.iter_mut().filter(|h| h.alive) {
             if host.node.poll_timeout().is_some_and(|(t, _)| t <= now) {
                 host.node.handle_timeout(now, wall);
@@ -498,7 +493,6 @@ impl Cluster {
             }
         };
         consider(self.route.poll_timeout().map(|(t, _)| t));
-        consider(self.delivery.poll_timeout().map(|(t, _)| t));
         for host in self.servers.iter().filter(|h| h.alive) {
             consider(host.node.poll_timeout().map(|(t, _)| t));
         }
@@ -523,54 +517,9 @@ impl Cluster {
         let now = self.now;
         loop {
             let mut moved = false;
-            while let Some(request) = self.route.poll_store() {
+            while let Some(output) = self.route.poll_output() {
                 moved = true;
-                self.schedule(
-                    LATENCY,
-                    Event::StoreRequest {
-                        from: Requester::RouteLogin,
-                        request,
-                    },
-                );
-            }
-            // Password work runs at once (it takes no virtual time here).
-            while let Some(job) = self.route.poll_password() {
-                moved = true;
-                self.route.handle_password(now, job.id, job.work.run());
-            }
-            while let Some(event) = self.route.poll_event() {
-                moved = true;
-                self.route_event(event);
-            }
-            while let Some(request) = self.delivery.poll_store() {
-                moved = true;
-                self.schedule(
-                    LATENCY,
-                    Event::StoreRequest {
-                        from: Requester::RouteDelivery,
-                        request,
-                    },
-                );
-            }
-            while let Some((origin, result)) = self.delivery.poll_reply() {
-                moved = true;
-                if let SendOrigin::Link { server, .. } = origin {
-                    let server = self.server_index(&server);
-                    let frame = Frame {
-                        kind: Some(Kind::RouteSendResult(result)),
-                    };
-                    self.route_to_server(server, frame);
-                }
-            }
-            while let Some((server, batch)) = self.delivery.poll_push() {
-                moved = true;
-                let server = self.server_index(&server);
-                self.route_to_server(
-                    server,
-                    Frame {
-                        kind: Some(Kind::PushBatch(batch)),
-                    },
-                );
+                self.route_output(now, output);
             }
             for s in 0..self.servers.len() {
                 while let Some(output) = self.servers[s].node.poll_output() {
@@ -581,13 +530,12 @@ impl Cluster {
                 }
             }
             for c in 0..self.clients.len() {
-                while let Some(command) = self.clients[c].session.poll_command() {
+                while let Some(output) = self.clients[c].session.poll_output() {
                     moved = true;
-                    self.client_command(c, command);
-                }
-                while let Some(event) = self.clients[c].session.poll_event() {
-                    moved = true;
-                    self.client_event(c, now, event);
+                    match output {
+                        ClientOutput::Command(command) => self.client_command(c, command),
+                        ClientOutput::Event(event) => self.client_event(c, now, event),
+                    }
                 }
             }
             if !moved {
@@ -609,6 +557,41 @@ impl Cluster {
                 self.link_latency(server),
                 Event::RouteToServer { server, frame },
             );
+        }
+    }
+
+    fn route_output(&mut self, now: Instant, output: RouteOutput) {
+        match output {
+            RouteOutput::Store { machine, request } => self.schedule(
+                LATENCY,
+                Event::StoreRequest {
+                    from: Requester::Route(machine),
+                    request,
+                },
+            ),
+            // Password work runs at once (it takes no virtual time here).
+            RouteOutput::Password(job) => {
+                self.route.handle_password(now, job.id, job.work.run());
+            }
+            RouteOutput::Event(event) => self.route_event(event),
+            RouteOutput::SendResult { origin, result } => {
+                if let SendOrigin::Link { server, .. } = origin {
+                    let server = self.server_index(&server);
+                    let frame = Frame {
+                        kind: Some(Kind::RouteSendResult(result)),
+                    };
+                    self.route_to_server(server, frame);
+                }
+            }
+            RouteOutput::Push { server, batch } => {
+                let server = self.server_index(&server);
+                self.route_to_server(
+                    server,
+                    Frame {
+                        kind: Some(Kind::PushBatch(batch)),
+                    },
+                );
+            }
         }
     }
 
@@ -708,6 +691,18 @@ impl Cluster {
                 assert_eq!(link, ROUTE_LINK, "the only link up");
                 let frame = Frame {
                     kind: Some(Kind::RouteSend(send)),
+                };
+                if !self.link_down.contains(&s) {
+                    self.schedule(
+                        self.link_latency(s),
+                        Event::ServerToRoute { server: s, frame },
+                    );
+                }
+            }
+            ServerOutput::KickUserDone { link, done } => {
+                assert_eq!(link, ROUTE_LINK, "the only link up");
+                let frame = Frame {
+                    kind: Some(Kind::KickUserDone(done)),
                 };
                 if !self.link_down.contains(&s) {
                     self.schedule(
@@ -816,8 +811,10 @@ impl Cluster {
                 );
             }
             Event::StoreReply { to, id, reply } => match to {
-                Requester::RouteLogin => self.route.handle_store_reply(now, wall, id, Ok(reply)),
-                Requester::RouteDelivery => self.delivery.handle_store(now, id, Ok(reply)),
+                Requester::Route(machine) => {
+                    self.route
+                        .handle_store_reply(now, wall, machine, id, Ok(reply))
+                }
                 Requester::Server(s) => {
                     let host = &mut self.servers[s];
                     if host.alive && !host.store_cut {
@@ -928,7 +925,7 @@ impl Cluster {
             Event::ServerToRoute { server, frame } => match frame.kind {
                 Some(Kind::RouteSend(send)) => {
                     let id = self.servers[server].id.clone();
-                    self.delivery.handle_route_send(now, wall, id, send);
+                    self.route.handle_route_send(now, wall, id, send);
                 }
                 Some(Kind::KickUserDone(done)) => {
                     let id = self.servers[server].id.clone();
@@ -949,16 +946,8 @@ impl Cluster {
                 }
                 match frame.kind {
                     Some(Kind::PushBatch(batch)) => host.node.handle_push(now, batch),
-                    Some(Kind::KickUser(kick)) => {
-                        let done = host.node.handle_kick_user(now, kick);
-                        let frame = Frame {
-                            kind: Some(Kind::KickUserDone(done)),
-                        };
-                        if !self.link_down.contains(&server) {
-                            let latency = self.link_latency(server);
-                            self.schedule(latency, Event::ServerToRoute { server, frame });
-                        }
-                    }
+                    // The answer is an output, scheduled when the node's outputs are pumped.
+                    Some(Kind::KickUser(kick)) => host.node.handle_kick_user(now, ROUTE_LINK, kick),
                     Some(Kind::RouteSendResult(result)) => {
                         host.node.handle_route_result(now, result)
                     }

@@ -650,6 +650,7 @@ impl Keeper {
                 }
                 continue;
             }
+            let reason = self.shell.machine.poll_timeout().map(|(_, why)| why);
             let timer = self.shell.machine.poll_timeout().map(|(at, _)| at);
             let timer = async move {
                 match timer {
@@ -673,7 +674,10 @@ impl Keeper {
                 },
                 // Disconnected too long: the ensemble has expired the session by now, we just
                 // cannot hear it. Or: time to repair the node after a failed operation.
-                () = timer => self.shell.machine.handle_timeout(now()),
+                () = timer => {
+                    tracing::trace!(server = %self.shell.machine.server().id, ?reason, "registry timer");
+                    self.shell.machine.handle_timeout(now());
+                }
                 cmd = self.shell.cmds.recv() => self.shell.feed(cmd),
             }
         }

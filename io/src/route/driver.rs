@@ -1,6 +1,7 @@
-//! The driver task: owns `RouteLogin` and `RouteDelivery`, feeds them every input (API
-//! calls, store replies, link frames, registry changes, deadlines) and carries out what
-//! they ask, never awaiting a store call itself.
+//! The driver task: owns the route's machines (`RouteNode`: `RouteLogin` and
+//! `RouteDelivery`), feeds them every input (API calls, store replies, link frames, registry
+//! changes, deadlines) and carries out every `RouteOutput`, never awaiting a store call
+//! itself.
 //!
 //! Store calls go through one **store lane** task, which starts them in the order the
 //! machines asked for them and awaits them concurrently (a `FuturesUnordered`): a spawned
@@ -29,6 +30,7 @@ use cim_core::route_login::{
     CODE_BUSY, CODE_THROTTLED, LoggedOut, LoginAnswer, LoginError, LogoutError, PasswordJob,
     RegisterFailure, Registered, RouteEvent, RouteLogin,
 };
+use cim_core::route_node::{RouteMachine, RouteNode, RouteOutput};
 use cim_core::store::{StoreRequest, StoreUnavailable};
 use cim_proto::frame::Kind;
 use cim_proto::{Frame, KickReason, KickUser, RouteSendResult};
@@ -39,7 +41,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::counters::Counters;
-use super::input::{ApiCall, Input, LinkInbound, Machine};
+use super::input::{ApiCall, Input, LinkInbound};
 use super::links::{self, LinkConfig};
 use super::password_queue::FairQueue;
 use super::{PasswordRunner, RouteOptions};
@@ -89,8 +91,7 @@ pub(super) struct Driver<N: Network> {
     net: N,
     clock: Clock,
     route_id: String,
-    login: RouteLogin,
-    delivery: RouteDelivery,
+    node: RouteNode,
     store: Arc<dyn Store>,
     view: RegistryView,
     counters: Arc<Counters>,
@@ -154,8 +155,7 @@ impl<N: Network> Driver<N> {
             net,
             clock,
             route_id: options.route_id.clone(),
-            login,
-            delivery: RouteDelivery::new(options.delivery.clone()),
+            node: RouteNode::new(login, RouteDelivery::new(options.delivery.clone())),
             store,
             view,
             counters,
@@ -204,17 +204,11 @@ impl<N: Network> Driver<N> {
         let mut registry_open = true;
         loop {
             self.drain();
-            let deadline = [
-                self.login.poll_timeout().map(|(t, _)| t),
-                self.delivery.poll_timeout().map(|(t, _)| t),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let deadline = self.node.poll_timeout();
             let clock = self.clock;
             let timer = async move {
                 match deadline {
-                    Some(at) => clock.sleep_until(at).await,
+                    Some((at, _)) => clock.sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -239,9 +233,12 @@ impl<N: Network> Driver<N> {
                     }
                 },
                 () = timer => {
-                    let now = self.clock.now();
-                    self.login.handle_timeout(now);
-                    self.delivery.handle_timeout(now);
+                    // Which machine's deadline woke the route, for tracing a stall or a
+                    // busy loop (the node serves every deadline that passed either way).
+                    if let Some((_, reason)) = deadline {
+                        tracing::trace!(?reason, "route timer");
+                    }
+                    self.node.handle_timeout(self.clock.now());
                 }
             }
         }
@@ -263,15 +260,12 @@ impl<N: Network> Driver<N> {
                 if result.is_err() {
                     self.stats.store_errors += 1;
                 }
-                match machine {
-                    Machine::Login => self.login.handle_store_reply(now, wall, id, result),
-                    Machine::Delivery => self.delivery.handle_store(now, id, result),
-                }
+                self.node.handle_store_reply(now, wall, machine, id, result);
             }
             Input::Password { id, outcome } => {
                 self.password_running = self.password_running.saturating_sub(1);
                 if let Some(outcome) = outcome {
-                    self.login.handle_password(now, id, outcome);
+                    self.node.handle_password(now, id, outcome);
                 }
                 self.dispatch_passwords();
             }
@@ -286,7 +280,7 @@ impl<N: Network> Driver<N> {
                     link.tx = Some(tx);
                     // Kicks sent while the link was down were dropped; a held takeover
                     // waiting on this server asks again (a restarted server answers at once).
-                    self.login.handle_server_reachable(&server);
+                    self.node.handle_server_reachable(&server);
                 }
             }
             Input::LinkDown { server, generation } => {
@@ -296,7 +290,7 @@ impl<N: Network> Driver<N> {
                     link.tx = None;
                     // New logins go elsewhere while it is down: after a crash the server
                     // stays listed until its registry session expires.
-                    self.login.handle_server_unreachable(&server);
+                    self.node.handle_server_unreachable(&server);
                 }
             }
             Input::LinkFrame {
@@ -315,10 +309,10 @@ impl<N: Network> Driver<N> {
                 }
                 match frame {
                     LinkInbound::Send(route_send) => {
-                        self.delivery
+                        self.node
                             .handle_route_send(now, wall, server.clone(), route_send)
                     }
-                    LinkInbound::KickDone(done) => self.login.handle_kick_done(
+                    LinkInbound::KickDone(done) => self.node.handle_kick_done(
                         now,
                         wall,
                         &server,
@@ -344,7 +338,7 @@ impl<N: Network> Driver<N> {
             } => {
                 self.waiters.insert(api, Waiter::Register(reply));
                 self.api_clients.insert(api, client);
-                self.login.handle_register(now, api, &name, &password);
+                self.node.handle_register(now, api, &name, &password);
             }
             ApiCall::Login {
                 request,
@@ -353,15 +347,15 @@ impl<N: Network> Driver<N> {
             } => {
                 self.waiters.insert(api, Waiter::Login(reply));
                 self.api_clients.insert(api, client);
-                self.login.handle_login(now, api, request);
+                self.node.handle_login(now, api, request);
             }
             ApiCall::Logout { token, reply } => {
                 self.waiters.insert(api, Waiter::Logout(reply));
-                self.login.handle_logout(now, wall, api, &token);
+                self.node.handle_logout(now, wall, api, &token);
             }
             ApiCall::Send { user, send, reply } => {
                 self.waiters.insert(api, Waiter::Send(reply));
-                self.delivery
+                self.node
                     .handle_send(now, wall, SendOrigin::Http(api), user, send);
             }
             ApiCall::Metrics { reply } => {
@@ -386,8 +380,7 @@ impl<N: Network> Driver<N> {
         self.stats.registry_changes += 1;
         let now = self.clock.now();
         let wall = self.clock.wall();
-        self.login.handle_registry(now, wall, live.clone());
-        self.delivery.handle_registry(live.clone());
+        self.node.handle_registry(now, wall, live.clone());
         // Links of servers that left (or moved to another address) close now.
         let gone: Vec<ServerId> = self
             .links
@@ -434,36 +427,30 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    /// Drains both machines' outputs (the drain rule on each type).
+    /// Carries out every output the node has (the drain rule on `RouteNode`). A password
+    /// job run inline feeds its outcome back at once; what it causes comes out of this same
+    /// drain.
     fn drain(&mut self) {
-        // First: an inline outcome queues store requests and events drained just below.
-        while let Some(job) = self.login.poll_password() {
-            self.run_password(job);
-        }
-        while let Some(request) = self.login.poll_store() {
-            self.spawn_store(Machine::Login, request);
-        }
-        while let Some(event) = self.login.poll_event() {
-            self.route_event(event);
-        }
-        while let Some(request) = self.delivery.poll_store() {
-            self.spawn_store(Machine::Delivery, request);
-        }
-        while let Some((origin, result)) = self.delivery.poll_reply() {
-            match origin {
-                SendOrigin::Link { server, .. } => {
-                    self.send_on_link(&server, Kind::RouteSendResult(result), "send_result");
-                }
-                SendOrigin::Http(api) => match self.waiters.remove(&api) {
-                    Some(Waiter::Send(reply)) => {
-                        let _ = reply.send(result);
+        while let Some(output) = self.node.poll_output() {
+            match output {
+                RouteOutput::Password(job) => self.run_password(job),
+                RouteOutput::Store { machine, request } => self.spawn_store(machine, request),
+                RouteOutput::Event(event) => self.route_event(event),
+                RouteOutput::SendResult { origin, result } => match origin {
+                    SendOrigin::Link { server, .. } => {
+                        self.send_on_link(&server, Kind::RouteSendResult(result), "send_result");
                     }
-                    other => self.stray(api, other),
+                    SendOrigin::Http(api) => match self.waiters.remove(&api) {
+                        Some(Waiter::Send(reply)) => {
+                            let _ = reply.send(result);
+                        }
+                        other => self.stray(api, other),
+                    },
                 },
+                RouteOutput::Push { server, batch } => {
+                    self.send_on_link(&server, Kind::PushBatch(batch), "push_batch");
+                }
             }
-        }
-        while let Some((server, batch)) = self.delivery.poll_push() {
-            self.send_on_link(&server, Kind::PushBatch(batch), "push_batch");
         }
     }
 
@@ -563,8 +550,7 @@ impl<N: Network> Driver<N> {
     fn run_password(&mut self, job: PasswordJob) {
         if self.password_workers == 0 {
             let outcome = job.work.run();
-            self.login
-                .handle_password(self.clock.now(), job.id, outcome);
+            self.node.handle_password(self.clock.now(), job.id, outcome);
             return;
         }
         let client = self
@@ -599,7 +585,7 @@ impl<N: Network> Driver<N> {
     }
 
     /// Hands a store call to the lane, which starts calls in the order they come.
-    fn spawn_store(&self, machine: Machine, request: StoreRequest) {
+    fn spawn_store(&self, machine: RouteMachine, request: StoreRequest) {
         // The lane ends only when the driver's channel does: nobody waits for answers then.
         let _ = self.store_lane.send(LaneCall {
             machine,
@@ -623,7 +609,7 @@ impl<N: Network> Driver<N> {
         };
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let d = self.delivery.stats();
+        let d = self.node.delivery().stats();
         let links_up = self.links.values().filter(|l| l.tx.is_some()).count() as u64;
         page.single(
             "cim_route_servers_live",
@@ -739,7 +725,7 @@ impl<N: Network> Driver<N> {
             "cim_route_store_in_flight",
             MetricKind::Gauge,
             "Delivery store requests awaiting a reply.",
-            self.delivery.in_flight() as u64,
+            self.node.delivery().in_flight() as u64,
         );
         page.single(
             "cim_route_store_errors_total",
@@ -827,7 +813,7 @@ impl<N: Network> Driver<N> {
 
 /// One store call for the lane: which machine asked, what, at which wall-clock time.
 pub(super) struct LaneCall {
-    machine: Machine,
+    machine: RouteMachine,
     request: StoreRequest,
     wall: UnixMillis,
 }

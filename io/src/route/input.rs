@@ -9,6 +9,7 @@ use cim_core::route_login::{
     LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, PasswordOutcome,
     RegisterFailure, Registered,
 };
+use cim_core::route_node::RouteMachine;
 use cim_core::store::{RequestId, StoreResult};
 use cim_proto::{Frame, KickUserDone, RouteSend, RouteSendResult};
 use tokio::sync::{mpsc, oneshot};
@@ -56,17 +57,11 @@ pub(super) enum LinkInbound {
     KickDone(KickUserDone),
 }
 
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Machine {
-    Login,
-    Delivery,
-}
-
 #[derive(Debug)]
 pub(super) enum Input {
     Api(ApiCall),
     Store {
-        machine: Machine,
+        machine: RouteMachine,
         id: RequestId,
         result: StoreResult,
     },

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cim_core::client::{
-    ClientCommand, ClientConfig, ClientEvent, ClientSession, LoginAttempt, LoginFailure,
+    ClientCommand, ClientConfig, ClientEvent, ClientOutput, ClientSession, LoginAttempt,
+    LoginFailure,
 };
 use cim_core::ids::{ClientMsgId, Epoch, ServerId, UserId};
 use cim_core::registry::{LiveServer, ServerEndpoint};
@@ -149,10 +150,15 @@ impl<N: Network> Driver<N> {
         self.session.start(self.clock.now());
         self.drain();
         loop {
-            let deadline = self.session.poll_timeout().map(|(at, _)| at);
+            let next = self.session.poll_timeout();
+            let deadline = next.map(|(at, _)| at);
             // Checked before waiting, so a steady stream of inputs cannot starve the timers
             // (the select below prefers inputs).
-            if deadline.is_some_and(|at| at <= self.clock.now()) {
+            if let Some((at, reason)) = next
+                && at <= self.clock.now()
+            {
+                // Which timer is due, for tracing a stall or a busy loop.
+                tracing::trace!(?reason, "client timer (overdue)");
                 self.session.handle_timeout(self.clock.now());
                 self.drain();
                 continue;
@@ -183,7 +189,12 @@ impl<N: Network> Driver<N> {
                         return;
                     }
                 },
-                () = timer => self.session.handle_timeout(self.clock.now()),
+                () = timer => {
+                    if let Some((_, reason)) = next {
+                        tracing::trace!(?reason, "client timer");
+                    }
+                    self.session.handle_timeout(self.clock.now());
+                }
             }
             self.drain();
         }
@@ -298,21 +309,13 @@ impl<N: Network> Driver<N> {
     }
 
     /// Drains the session's outputs until it has nothing more to say. Executing a command
-    /// can feed the session another input (a full write queue is a lost connection), so
-    /// this loops until both queues stay empty.
+    /// can feed the session another input (a full write queue is a lost connection); what
+    /// that input causes comes out of this same drain.
     fn drain(&mut self) {
-        loop {
-            let mut progressed = false;
-            while let Some(command) = self.session.poll_command() {
-                progressed = true;
-                self.execute(command);
-            }
-            while let Some(event) = self.session.poll_event() {
-                progressed = true;
-                self.dispatch(event);
-            }
-            if !progressed {
-                break;
+        while let Some(output) = self.session.poll_output() {
+            match output {
+                ClientOutput::Command(command) => self.execute(command),
+                ClientOutput::Event(event) => self.dispatch(event),
             }
         }
     }

@@ -117,13 +117,18 @@ impl<S: Stream> Driver<S> {
     ) -> Result<(), ServerError> {
         let mut drain_open = true;
         loop {
-            let deadline = self.node.poll_timeout().map(|(at, _)| at);
+            let timer = self.node.poll_timeout();
+            let deadline = timer.map(|(at, _)| at);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
                 _ = self.clock.sleep_until(deadline.unwrap_or_else(|| self.clock.now())),
                     if deadline.is_some() =>
                 {
+                    // Which timer woke the node, for tracing a stall or a busy loop.
+                    if let Some((_, reason)) = timer {
+                        tracing::trace!(?reason, "server timer");
+                    }
                     self.node.handle_timeout(self.clock.now(), self.clock.wall());
                 }
                 request = begin_drain.recv(), if drain_open => match request {
@@ -277,6 +282,12 @@ impl<S: Stream> Driver<S> {
                 }
                 ServerOutput::Store(request) => self.spawn_store(request),
                 ServerOutput::ToRoute { link, send } => self.route_send(link, send),
+                ServerOutput::KickUserDone { link, done } => {
+                    let frame = Frame {
+                        kind: Some(Kind::KickUserDone(done)),
+                    };
+                    self.send_on_link(link.0, frame);
+                }
             }
         }
     }
@@ -457,17 +468,8 @@ impl<S: Stream> Driver<S> {
         let now = self.clock.now();
         match frame.kind {
             Some(Kind::PushBatch(batch)) => self.node.handle_push(now, batch),
-            Some(Kind::KickUser(kick)) => {
-                let done = self.node.handle_kick_user(now, kick);
-                // The answer follows the kick's own outputs (its Kick frames and closes).
-                self.act();
-                self.send_on_link(
-                    link,
-                    Frame {
-                        kind: Some(Kind::KickUserDone(done)),
-                    },
-                );
-            }
+            // The answer is the node's last output for this kick (`KickUserDone`).
+            Some(Kind::KickUser(kick)) => self.node.handle_kick_user(now, RouteLinkId(link), kick),
             Some(Kind::RouteSendResult(result)) => self.node.handle_route_result(now, result),
             Some(Kind::Ping(ping)) => {
                 let pong = Frame {

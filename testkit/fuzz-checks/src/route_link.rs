@@ -22,7 +22,7 @@ use cim_core::time::Instant;
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};
-use cim_core::delivery::{DeliveryConfig, RouteDelivery, SendOrigin};
+use cim_core::delivery::{DeliveryConfig, DeliveryOutput, RouteDelivery, SendOrigin};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::link_auth;
 use cim_core::memstore::{MemoryStore, MemoryStoreConfig};
@@ -493,7 +493,7 @@ impl Harness {
                 self.reached.insert("duplicate");
             }
         }
-        self.delivery.handle_store(self.now, req.id, result);
+        self.delivery.handle_store_reply(self.now, req.id, result);
         self.drain();
     }
 
@@ -523,18 +523,24 @@ impl Harness {
     fn drain(&mut self) {
         let config = delivery_config();
         assert!(self.delivery.in_flight() <= config.max_in_flight);
-        while let Some(req) = self.delivery.poll_store() {
-            self.judge_store(&req);
-            self.pending.push(req);
-        }
-        while let Some((origin, result)) = self.delivery.poll_reply() {
-            self.judge_reply(origin, result);
-        }
         let mut batches = BTreeSet::new();
-        while let Some((server, batch)) = self.delivery.poll_push() {
-            self.judge_push(&server, &batch);
-            if !batches.insert(server) {
-                self.reached.insert("batch_split");
+        while let Some(output) = self.delivery.poll_output() {
+            match output {
+                DeliveryOutput::Store(req) => {
+                    assert!(batches.is_empty(), "a store request after a push");
+                    self.judge_store(&req);
+                    self.pending.push(req);
+                }
+                DeliveryOutput::Reply { origin, result } => {
+                    assert!(batches.is_empty(), "a reply after a push");
+                    self.judge_reply(origin, result);
+                }
+                DeliveryOutput::Push { server, batch } => {
+                    self.judge_push(&server, &batch);
+                    if !batches.insert(server) {
+                        self.reached.insert("batch_split");
+                    }
+                }
             }
         }
     }

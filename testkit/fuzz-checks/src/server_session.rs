@@ -235,6 +235,8 @@ struct Harness {
     /// The connection whose frame is being handled (route sends may only come from it), and
     /// its session then (the frame may get the connection kicked before its last output).
     current: Option<ConnId>,
+    /// The `KickUser` being handled, until its one `KickUserDone` comes out.
+    kicking: Option<proto::KickUser>,
     current_live: Option<(u64, u64)>,
     reached: Reached,
 }
@@ -291,6 +293,7 @@ impl Harness {
             syncs: BTreeMap::new(),
             route: Vec::new(),
             current: None,
+            kicking: None,
             current_live: None,
             reached: Reached::new(),
         }
@@ -418,12 +421,14 @@ impl Harness {
                     below_epoch: u64::from(below_epoch % 8),
                     reason,
                 };
-                let done = self.node.handle_kick_user(self.now, kick);
-                assert_eq!(
-                    (done.user_id, done.below_epoch),
-                    (kick.user_id, kick.below_epoch)
+                self.kicking = Some(kick);
+                self.node.handle_kick_user(self.now, RouteLinkId(1), kick);
+                let outputs = self.drain();
+                assert!(self.kicking.is_none(), "a kick without its answer");
+                assert!(
+                    matches!(outputs.last(), Some(ServerOutput::KickUserDone { .. })),
+                    "the answer is the kick's last output: {outputs:?}"
                 );
-                self.drain();
                 for (conn, c) in &self.conns {
                     if let Some((user, epoch)) = c.live {
                         assert!(
@@ -969,6 +974,14 @@ impl Harness {
             ServerOutput::Store(req) => {
                 self.judge_store(req);
                 self.store.push(req.clone());
+            }
+            ServerOutput::KickUserDone { link, done } => {
+                assert_eq!(*link, RouteLinkId(1), "the link the kick came on");
+                let kick = self.kicking.take().expect("a kick answer without a kick");
+                assert_eq!(
+                    (done.user_id, done.below_epoch),
+                    (kick.user_id, kick.below_epoch)
+                );
             }
             ServerOutput::ToRoute { link, send } => {
                 assert_eq!(*link, RouteLinkId(1), "the only link up");

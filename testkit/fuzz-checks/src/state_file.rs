@@ -85,7 +85,6 @@ fn restore(state: ClientState) {
         .collect();
     assert_eq!(restored, positions, "positions after a restore");
     session.start(now);
-    while session.poll_command().is_some() {}
-    while session.poll_event().is_some() {}
+    while session.poll_output().is_some() {}
     let _ = session.snapshot(now, wall);
 }

@@ -289,8 +289,13 @@ impl Harness {
     }
 
     fn drain(&mut self) -> (Vec<ClientCommand>, Vec<ClientEvent>) {
-        let cmds = std::iter::from_fn(|| self.s.poll_command()).collect();
-        let evs = std::iter::from_fn(|| self.s.poll_event()).collect();
+        let (mut cmds, mut evs) = (Vec::new(), Vec::new());
+        while let Some(output) = self.s.poll_output() {
+            match output {
+                ClientOutput::Command(c) => cmds.push(c),
+                ClientOutput::Event(e) => evs.push(e),
+            }
+        }
         (cmds, evs)
     }
 

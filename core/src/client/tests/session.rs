@@ -391,3 +391,28 @@ fn a_first_login_is_retried_with_the_same_own_token() {
         Some(own_token())
     );
 }
+
+/// `poll_output` is the one drain: commands before events, whatever order they were
+/// queued in. A kick queues the `Kicked` event before the `Disconnect`; the shell still
+/// closes the connection before the application hears why.
+#[test]
+fn poll_output_gives_commands_before_events() {
+    let mut h = Harness::new(config());
+    h.online();
+    h.s.handle_frame(
+        h.at(100),
+        proto::Frame {
+            kind: Some(kick(KickReason::Draining)),
+        },
+    )
+    .unwrap();
+    let outputs: Vec<ClientOutput> = std::iter::from_fn(|| h.s.poll_output()).collect();
+    assert_eq!(
+        outputs,
+        vec![
+            ClientOutput::Command(ClientCommand::Disconnect),
+            ClientOutput::Event(ClientEvent::Kicked(KickReason::Draining)),
+            ClientOutput::Event(reconnecting(0, LinkLoss::Kicked(KickReason::Draining))),
+        ]
+    );
+}

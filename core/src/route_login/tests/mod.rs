@@ -180,21 +180,24 @@ impl Harness {
         ApiRequestId(self.next_api)
     }
 
-    /// Answers store requests and runs password jobs until there are none, then drains
-    /// the events.
+    /// Drains `poll_output` as a shell does: answers store requests and runs password jobs
+    /// at once, until nothing is left; returns the events.
     fn run(&mut self, ms: u64) -> Vec<RouteEvent> {
         let (now, wall) = self.at(ms);
-        loop {
-            if let Some(req) = self.m.poll_store() {
-                let reply = self.store.answer(wall, &req.command);
-                self.m.handle_store_reply(now, wall, req.id, Ok(reply));
-            } else if let Some(job) = self.m.poll_password() {
-                self.m.handle_password(now, job.id, job.work.run());
-            } else {
-                break;
+        let mut events = Vec::new();
+        while let Some(output) = self.m.poll_output() {
+            match output {
+                LoginOutput::Store(req) => {
+                    let reply = self.store.answer(wall, &req.command);
+                    self.m.handle_store_reply(now, wall, req.id, Ok(reply));
+                }
+                LoginOutput::Password(job) => {
+                    self.m.handle_password(now, job.id, job.work.run());
+                }
+                LoginOutput::Event(event) => events.push(event),
             }
         }
-        std::iter::from_fn(|| self.m.poll_event()).collect()
+        events
     }
 
     /// Answers the store request the machine must have queued next (from the store),

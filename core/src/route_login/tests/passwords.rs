@@ -243,3 +243,37 @@ fn password_job_timeout_is_busy_and_late_outcomes_are_ignored() {
         })
     );
 }
+
+/// `poll_output` is the one drain: password jobs first, then store requests, then events,
+/// whatever order the inputs queued them in. (The route's shell runs jobs inline in the
+/// simulation, and a job's outcome queues its next store request: jobs first keeps that
+/// request in the same drain.)
+#[test]
+fn poll_output_gives_jobs_then_store_requests_then_events() {
+    let mut h = Harness::new(&["s1"]);
+    let (now, wall) = h.at(0);
+    let logout = h.api();
+    h.m.handle_logout(now, wall, logout, "not-a-token");
+    h.start_login(0, 1, "alice", "pw", None);
+    let register = h.api();
+    h.m.handle_register(now, register, "bob", "pw");
+    let kinds: Vec<&str> = std::iter::from_fn(|| h.m.poll_output())
+        .map(|o| match o {
+            LoginOutput::Password(job) => {
+                assert_eq!(job.api, register);
+                "password"
+            }
+            LoginOutput::Store(req) => {
+                assert!(matches!(req.command, StoreCommand::LoadAccount { .. }));
+                "store"
+            }
+            LoginOutput::Event(event) => {
+                assert!(
+                    matches!(event, RouteEvent::LoggedOut { api, result: Err(_) } if api == logout)
+                );
+                "event"
+            }
+        })
+        .collect();
+    assert_eq!(kinds, ["password", "store", "event"]);
+}

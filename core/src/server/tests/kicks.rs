@@ -1,5 +1,9 @@
 use super::*;
 
+fn kick_done(link: u64, user: u64, below: u64) -> Out {
+    Out::KickDone { link, user, below }
+}
+
 fn kick_user(user: u64, below: u64) -> proto::KickUser {
     proto::KickUser {
         user_id: user,
@@ -12,16 +16,22 @@ fn kick_user(user: u64, below: u64) -> proto::KickUser {
 fn kick_user_closes_only_older_sessions() {
     let mut h = Harness::new();
     h.login(0, 1, 7, 3);
-    // Same epoch: this is the session the route means to keep.
-    let done = h.node.handle_kick_user(h.at(10), kick_user(7, 3));
-    assert_eq!(h.drain(), vec![]);
-    assert_eq!((done.user_id, done.below_epoch), (7, 3));
-    let done = h.node.handle_kick_user(h.at(20), kick_user(7, 4));
+    // Same epoch: this is the session the route means to keep. Answered all the same, on
+    // the link the kick came on.
+    h.node
+        .handle_kick_user(h.at(10), RouteLinkId(2), kick_user(7, 3));
+    assert_eq!(h.drain(), vec![kick_done(2, 7, 3)]);
+    // The answer comes last: after the kick and the release it caused.
+    h.node
+        .handle_kick_user(h.at(20), RouteLinkId(1), kick_user(7, 4));
     assert_eq!(
         h.drain(),
-        [kick(1, KickReason::TakenOver).as_slice(), &[release(7, 3)]].concat()
+        [
+            kick(1, KickReason::TakenOver).as_slice(),
+            &[release(7, 3), kick_done(1, 7, 4)]
+        ]
+        .concat()
     );
-    assert_eq!((done.user_id, done.below_epoch), (7, 4));
     assert_eq!(h.node.stats().kicks(KickReason::TakenOver), 1);
 }
 
@@ -31,8 +41,16 @@ fn kick_user_stops_a_login_still_binding() {
     h.open(0, 1);
     let ticket = h.ticket(7, 3);
     h.login_frame(0, 1, ticket);
-    h.node.handle_kick_user(h.at(5), kick_user(7, 4));
-    assert_eq!(h.drain(), kick(1, KickReason::TakenOver).to_vec());
+    h.node
+        .handle_kick_user(h.at(5), RouteLinkId(1), kick_user(7, 4));
+    assert_eq!(
+        h.drain(),
+        [
+            kick(1, KickReason::TakenOver).as_slice(),
+            &[kick_done(1, 7, 4)]
+        ]
+        .concat()
+    );
     // The bind reached the store before the takeover did: no LoginOk, claim released.
     assert_eq!(
         h.reply(10, Ok(StoreReply::SessionBound(Ok(())))),

@@ -69,6 +69,11 @@ enum Out {
         epoch: u64,
         conv: String,
     },
+    KickDone {
+        link: u64,
+        user: u64,
+        below: u64,
+    },
 }
 
 fn summarize(outputs: &[ServerOutput]) -> Vec<Out> {
@@ -98,6 +103,11 @@ fn summarize_one(output: &ServerOutput) -> Out {
                 .as_ref()
                 .map(|s| s.conv.clone())
                 .unwrap_or_default(),
+        },
+        ServerOutput::KickUserDone { link, done } => Out::KickDone {
+            link: link.0,
+            user: done.user_id,
+            below: done.below_epoch,
         },
     }
 }
