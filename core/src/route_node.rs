@@ -5,7 +5,6 @@
 //! fuzz checks cannot drain them in different orders.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use cim_proto::{PushBatch, RouteSend, RouteSendResult};
 
@@ -16,6 +15,7 @@ use crate::route_login::{
     self, LoginOutput, LoginRequest, PasswordJob, PasswordOutcome, RouteEvent, RouteLogin,
 };
 use crate::store::{RequestId, StoreRequest, StoreResult};
+use crate::time::Instant;
 
 /// Which of the route's machines a store request is from: each numbers its requests on its
 /// own, so the shell hands the reply back with this tag.
