@@ -1,8 +1,9 @@
 //! The ensemble itself: it starts with a leader, keeps serving when its leader is killed,
 //! stops serving without a majority, and serves again when a member comes back.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use cim_testkit::zk_ensemble::now;
 use cim_testkit::{ZkEnsemble, ZkMode};
 
 #[test]
@@ -25,7 +26,7 @@ fn an_ensemble_elects_survives_one_death_and_needs_a_majority() {
         None,
         "a killed member does not answer"
     );
-    let killed = Instant::now();
+    let killed = now();
     ensemble
         .wait_for_quorum(Duration::from_secs(30), 2)
         .expect("the two others elect a leader");
@@ -39,17 +40,14 @@ fn an_ensemble_elects_survives_one_death_and_needs_a_majority() {
     // Without a majority the last member answers but does not serve.
     ensemble.kill(new_leader);
     let last = (0..3).find(|&m| m != leader && m != new_leader).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = now() + Duration::from_secs(10);
     while ensemble.mode(last) != Some(ZkMode::NotServing) {
-        assert!(
-            Instant::now() < deadline,
-            "the last member kept serving alone"
-        );
+        assert!(now() < deadline, "the last member kept serving alone");
         std::thread::sleep(Duration::from_millis(100));
     }
 
     ensemble.restart(leader).expect("restart");
-    let restarted = Instant::now();
+    let restarted = now();
     ensemble
         .wait_for_quorum(Duration::from_secs(30), 2)
         .expect("a majority again");

@@ -250,7 +250,7 @@ async fn an_ensemble_member_dies_unnoticed_a_lost_quorum_fences_and_all_recovers
         senders.push(tokio::spawn(async move {
             let mut k = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let conv = if k % 2 == 0 {
+                let conv = if k.is_multiple_of(2) {
                     group.clone()
                 } else {
                     private.clone()
