@@ -140,6 +140,20 @@ async fn disturbance(cluster: &Cluster) -> Disturbance {
     }
 }
 
+/// Whether the server's client port closes a new connection at once (a withdrawn server
+/// refuses clients) rather than wait for its login (10 s by default).
+async fn refuses_clients(port: u16) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return true;
+    };
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
 /// Runs a blocking ensemble call (it polls with `std::thread::sleep`) off the runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
@@ -453,6 +467,11 @@ async fn an_ensemble_member_dies_unnoticed_a_lost_quorum_fences_and_all_recovers
             Some(503),
             "server /health"
         );
+        assert!(
+            refuses_clients(s.client_port).await,
+            "{} accepts clients",
+            s.id
+        );
     }
     // Hold the outage a little: it stays honest.
     let hold_from = Instant::now();
@@ -558,6 +577,13 @@ async fn an_ensemble_member_dies_unnoticed_a_lost_quorum_fences_and_all_recovers
     )
     .await;
     let healthy_after = c.elapsed();
+    for s in &cluster.servers {
+        assert!(
+            !refuses_clients(s.client_port).await,
+            "{} refuses clients",
+            s.id
+        );
+    }
     // Messages flow again, then the load stops and every send settles.
     let resumed = acked_count();
     wait_until(Duration::from_secs(30), "the load flows again", || async {
