@@ -368,12 +368,16 @@ async fn an_ensemble_member_dies_unnoticed_a_lost_quorum_fences_and_all_recovers
         .await
         .expect("all three serve again");
 
-    // (a2) The member holding the most client connections dies (whatever its role).
+    // (a2) A member holding client connections dies: the busiest follower if a follower
+    // holds any (the leader's death was (a1)), else the leader again.
     let leader = ensemble.leader().expect("a leader");
     let loads: Vec<(usize, u64)> = (0..3)
         .map(|m| (m, ensemble.connections(m).unwrap_or(0)))
         .collect();
-    let (busiest, connections) = *loads.iter().max_by_key(|(_, n)| *n).unwrap();
+    let (busiest, connections) = *loads
+        .iter()
+        .max_by_key(|&&(m, n)| (n > 0 && m != leader, n))
+        .unwrap();
     assert!(
         connections > 0,
         "no member holds a client connection: {loads:?}"

@@ -870,12 +870,15 @@ impl Viewer {
                 state = states.changed() => match state {
                     zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                         lost_at = None;
-                        self.health.send_replace(SessionHealth::Connected);
-                        if std::mem::take(&mut was_disconnected) {
+                        // Listed first, then `Connected`: a route that stopped placing logins
+                        // while the view was lost starts again on the current listing.
+                        let listed = if std::mem::take(&mut was_disconnected) {
                             self.resync(&client).await
                         } else {
                             Ok(())
-                        }
+                        };
+                        self.health.send_replace(SessionHealth::Connected);
+                        listed
                     }
                     zk::SessionState::Disconnected => {
                         was_disconnected = true;
