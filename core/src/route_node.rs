@@ -104,6 +104,16 @@ impl RouteNode {
         self.delivery.handle_registry(live);
     }
 
+    /// See [`RouteLogin::handle_registry_lost`].
+    pub fn handle_registry_lost(&mut self, now: Instant) {
+        self.login.handle_registry_lost(now);
+    }
+
+    /// See [`RouteLogin::handle_registry_back`].
+    pub fn handle_registry_back(&mut self, now: Instant) {
+        self.login.handle_registry_back(now);
+    }
+
     /// See [`RouteLogin::handle_server_reachable`].
     pub fn handle_server_reachable(&mut self, server: &ServerId) {
         self.login.handle_server_reachable(server);

@@ -1,5 +1,7 @@
 //! One registry contract, two backends: every scenario below runs against `MemoryRegistry`
-//! and against `ZkRegistry` on a real ZooKeeper this test binary starts (see `support_zk`).
+//! and against `ZkRegistry` on a real ZooKeeper this test binary starts (testkit's `zk`),
+//! standalone and as a three-member ensemble (testkit's `zk_ensemble`; every process is given
+//! all three members, and a partition cuts a server off from all of them).
 //!
 //! The same scenarios also run against `RemoteRegistry`, the simulation's registry host over
 //! real sockets (servers behind a proxy the test can cut, as for ZooKeeper).
@@ -36,11 +38,13 @@ const PROMPT: Duration = Duration::from_secs(3);
 enum Fixture {
     Memory(MemoryRegistry),
     Zk {
-        /// Through the proxy: what servers use.
+        /// Through the proxies: what servers use.
         proxied: ZkRegistry,
         /// Direct: what routes use.
         direct: ZkRegistry,
-        proxy: Proxy,
+        /// One per ensemble member (one for a standalone ZooKeeper): cutting them all is a
+        /// partition of the servers from the whole ensemble.
+        proxies: Vec<Proxy>,
         config: ZkConfig,
     },
     /// The simulation's registry host, over real sockets, with `SESSION` as its timeout.
@@ -60,19 +64,37 @@ impl Fixture {
     /// `None`: no ZooKeeper here (outside CI), skip.
     async fn zk(tag: &str) -> Option<Fixture> {
         let server = cim_testkit::zookeeper()?;
-        let proxy = Proxy::start(&server.addr).await;
-        let config = ZkConfig::new(server.addr.clone())
+        Some(Self::zk_on(&server.addr, tag).await)
+    }
+
+    /// The same on a three-member ensemble (shared by this binary's ensemble scenarios):
+    /// every process is given all three members, as in a deployment.
+    async fn zk_ensemble(tag: &str) -> Option<Fixture> {
+        let ensemble = cim_testkit::zk_ensemble()?;
+        Some(Self::zk_on(&ensemble.connect_string(), tag).await)
+    }
+
+    async fn zk_on(connect: &str, tag: &str) -> Fixture {
+        let mut proxies = Vec::new();
+        for member in connect.split(',') {
+            proxies.push(Proxy::start(member).await);
+        }
+        let config = ZkConfig::new(connect)
             .with_root(cim_testkit::unique_root(tag))
             .with_session_timeout(SESSION)
             .with_op_timeout(Duration::from_secs(2));
         let mut through_proxy = config.clone();
-        through_proxy.connect = proxy.addr.clone();
-        Some(Fixture::Zk {
+        through_proxy.connect = proxies
+            .iter()
+            .map(|p| p.addr.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        Fixture::Zk {
             proxied: ZkRegistry::new(through_proxy).expect("valid config"),
             direct: ZkRegistry::new(config.clone()).expect("valid config"),
-            proxy,
+            proxies,
             config,
-        })
+        }
     }
 
     async fn remote() -> Fixture {
@@ -153,7 +175,8 @@ impl Fixture {
     fn partition(&self, id: &ServerId) {
         match self {
             Fixture::Memory(r) => assert!(r.disconnect_session(id)),
-            Fixture::Zk { proxy, .. } | Fixture::Remote { proxy, .. } => proxy.blackhole(),
+            Fixture::Zk { proxies, .. } => proxies.iter().for_each(Proxy::blackhole),
+            Fixture::Remote { proxy, .. } => proxy.blackhole(),
         }
     }
 
@@ -168,7 +191,8 @@ impl Fixture {
     fn heal(&self, id: &ServerId) {
         match self {
             Fixture::Memory(r) => assert!(r.heal_session(id)),
-            Fixture::Zk { proxy, .. } | Fixture::Remote { proxy, .. } => proxy.heal(),
+            Fixture::Zk { proxies, .. } => proxies.iter().for_each(Proxy::heal),
+            Fixture::Remote { proxy, .. } => proxy.heal(),
         }
     }
 
@@ -735,7 +759,7 @@ async fn zk_view_recovers_after_its_own_session_expires() {
     let Some(f) = Fixture::zk("view_expiry").await else {
         return;
     };
-    let Fixture::Zk { proxied, proxy, .. } = &f else {
+    let Fixture::Zk { proxied, .. } = &f else {
         unreachable!()
     };
     // Here the route is the one behind the proxy.
@@ -743,7 +767,7 @@ async fn zk_view_recovers_after_its_own_session_expires() {
     let _a = f.routes().register(server("a", 1)).await.expect("a");
     wait_view(&view, PROMPT, "a", |m| m.len() == 1).await;
     let mut health = view.health();
-    proxy.blackhole();
+    f.partition(&ServerId::new("a"));
     wait_health(&mut health, SESSION * 2, "Disconnected", |h| {
         !h.is_connected()
     })
@@ -752,13 +776,162 @@ async fn zk_view_recovers_after_its_own_session_expires() {
     let _b = f.routes().register(server("b", 2)).await.expect("b");
     // ...and its session expires on the ensemble meanwhile.
     tokio::time::sleep(SESSION * 2).await;
-    proxy.heal();
+    f.heal(&ServerId::new("a"));
     let map = wait_view(&view, SESSION * 5, "a and b after the view's heal", |m| {
         m.len() == 2
     })
     .await;
     assert_eq!(ids(&map), ["a", "b"]);
     wait_health(&mut health, PROMPT, "Connected", |h| h.is_connected()).await;
+}
+
+/// A view cut off for half a session timeout calls its session lost (`Expired`), as the
+/// registrations do (their servers fence then), well before the client library gives up on
+/// the session (7/5 of it): its route stops placing logins on servers that have fenced.
+/// Healed, it is `Connected` again with the current listing.
+#[tokio::test]
+async fn zk_view_cut_off_for_half_a_session_calls_itself_lost() {
+    let Some(f) = Fixture::zk("view_half_session").await else {
+        return;
+    };
+    let Fixture::Zk { proxied, .. } = &f else {
+        unreachable!()
+    };
+    let view = proxied.watch().await.expect("watch");
+    let _a = f.routes().register(server("a", 1)).await.expect("a");
+    wait_view(&view, PROMPT, "a", |m| m.len() == 1).await;
+    let mut health = view.health();
+    f.partition(&ServerId::new("a"));
+    wait_health(&mut health, SESSION, "Disconnected", |h| {
+        matches!(h, SessionHealth::Disconnected { .. })
+    })
+    .await;
+    let disconnected = Instant::now();
+    wait_health(&mut health, SESSION, "Expired", |h| {
+        *h == SessionHealth::Expired
+    })
+    .await;
+    let lost_after = disconnected.elapsed();
+    // Half a session (1 s) after the disconnection; the library would say so 2 s after it.
+    assert!(
+        lost_after >= SESSION / 2 - Duration::from_millis(100)
+            && lost_after < SESSION / 2 + Duration::from_millis(600),
+        "called lost {lost_after:?} after the disconnection"
+    );
+    let _b = f.routes().register(server("b", 2)).await.expect("b");
+    f.heal(&ServerId::new("a"));
+    wait_health(&mut health, SESSION * 5, "Connected", |h| h.is_connected()).await;
+    wait_view(&view, PROMPT, "a and b after the heal", |m| m.len() == 2).await;
+}
+
+/// A node deleted and created again at once (what a server does when it replaces its
+/// previous session's node after a lost quorum) stays in the view: the deletion's data
+/// watch event, handled after a listing that already saw the new node, must not drop it.
+#[tokio::test]
+async fn zk_a_node_replaced_at_once_stays_in_the_view() {
+    let Some(f) = Fixture::zk("node_replaced").await else {
+        return;
+    };
+    let Fixture::Zk { config, .. } = &f else {
+        unreachable!()
+    };
+    let view = f.routes().watch().await.expect("watch");
+    let client = zk::Client::connect(&config.connect).await.expect("connect");
+    let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let path = format!("{}/a", config.root);
+    for round in 0..5u16 {
+        let data = cim_io::registry::encode_node(&server("a", round + 1)).expect("encode");
+        if round == 0 {
+            client
+                .create(&path, &data, &ephemeral)
+                .await
+                .expect("create");
+        } else {
+            // In one transaction, so that every listing after the deletion's events sees
+            // the new node: the race a server's replacement can lose, made certain.
+            let mut replace = client.new_multi_writer();
+            replace.add_delete(&path, None).expect("delete op");
+            replace
+                .add_create(&path, &data, &ephemeral)
+                .expect("create op");
+            replace.commit().await.expect("replace");
+        }
+        wait_view(&view, PROMPT, "the replaced node", |m| {
+            m.get(&ServerId::new("a"))
+                .is_some_and(|s| s.client_port == round + 1)
+        })
+        .await;
+    }
+    // And a deletion that is one still removes it.
+    client.delete(&path, None).await.expect("delete");
+    wait_view(&view, PROMPT, "a gone", |m| m.is_empty()).await;
+}
+
+/// A view whose listing fails after a reconnect (here: the root made unreadable to it) keeps
+/// showing its last whole listing instead of the half it had: publishing that would tell its
+/// route that every server left. Readable again, it lists again by itself.
+#[tokio::test]
+async fn zk_a_failed_listing_keeps_the_last_whole_view() {
+    let Some(f) = Fixture::zk("failed_listing").await else {
+        return;
+    };
+    let Fixture::Zk {
+        proxied, config, ..
+    } = &f
+    else {
+        unreachable!()
+    };
+    let _a = f.routes().register(server("a", 1)).await.expect("a");
+    let view = proxied.watch().await.expect("watch");
+    wait_view(&view, PROMPT, "a", |m| m.len() == 1).await;
+    let mut servers = view.servers();
+    let emptied = tokio::spawn(async move {
+        loop {
+            if servers.changed().await.is_err() {
+                return false;
+            }
+            if servers.borrow_and_update().is_empty() {
+                return true;
+            }
+        }
+    });
+    let admin = zk::Client::connector()
+        .with_auth("digest", b"admin:secret")
+        .connect(&config.connect)
+        .await
+        .expect("connect");
+    let admin_only = [zk::Acl::new_const(zk::Permission::ALL, "auth", "")];
+    admin
+        .set_acl(&config.root, &admin_only, None)
+        .await
+        .expect("restrict the root");
+    let mut health = view.health();
+    f.partition(&ServerId::new("a"));
+    wait_health(&mut health, SESSION, "Disconnected", |h| {
+        matches!(h, SessionHealth::Disconnected { .. })
+    })
+    .await;
+    f.heal(&ServerId::new("a"));
+    // Connected once the listing after the reconnect was tried (and refused: NoAuth).
+    wait_health(&mut health, SESSION * 2, "Connected", |h| h.is_connected()).await;
+    // A few of its retries (100 ms, 200 ms, ...) fail too: an observation window, since
+    // what must not happen cannot be awaited.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let anyone = [zk::Acl::new_const(zk::Permission::ALL, "world", "anyone")];
+    admin
+        .set_acl(&config.root, &anyone, None)
+        .await
+        .expect("open the root again");
+    let _b = f.routes().register(server("b", 2)).await.expect("b");
+    wait_view(&view, SESSION * 3, "a and b once readable", |m| {
+        m.len() == 2
+    })
+    .await;
+    emptied.abort();
+    assert!(
+        !matches!(emptied.await, Ok(true)),
+        "the view showed no server while its listing failed"
+    );
 }
 
 #[tokio::test]
@@ -818,6 +991,18 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $scenario() {
                     let Some(f) = super::Fixture::zk(stringify!($scenario)).await else {
+                        return;
+                    };
+                    super::$scenario(f).await;
+                }
+            )*
+        }
+        mod zookeeper_ensemble {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let Some(f) = super::Fixture::zk_ensemble(stringify!($scenario)).await
+                    else {
                         return;
                     };
                     super::$scenario(f).await;

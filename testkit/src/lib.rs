@@ -9,12 +9,14 @@ pub mod proxy;
 pub mod redis;
 pub mod redis_cluster;
 pub mod zk;
+pub mod zk_ensemble;
 
 pub use certs::{TestCa, TestCert};
 pub use proxy::Proxy;
 pub use redis::{RedisServer, RedisSetup, RedisTlsSetup};
 pub use redis_cluster::{ClusterSetup, ClusterTls, RedisCluster, redis_cluster, redis_cluster_tls};
 pub use zk::{ZkServer, ZkTlsServer, unique_root, zookeeper, zookeeper_tls};
+pub use zk_ensemble::{Mode as ZkMode, ZkEnsemble, zk_ensemble};
 
 /// Whether this run is CI's, which must not skip anything.
 pub fn in_ci() -> bool {

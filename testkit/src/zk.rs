@@ -19,8 +19,8 @@ use std::time::Duration;
 use crate::in_ci;
 use crate::{TestCa, TestCert};
 
-const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
-const ZK_CONF_DIR: &str = "/etc/zookeeper/conf";
+pub(crate) const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
+pub(crate) const ZK_CONF_DIR: &str = "/etc/zookeeper/conf";
 
 /// A running standalone ZooKeeper.
 #[derive(Debug)]
@@ -106,8 +106,9 @@ const NETTY_JARS: [&str; 8] = [
     "transport-native-epoll",
 ];
 
-fn start_or_skip() -> Option<ZkServer> {
-    let missing = if Command::new("java")
+/// Why ZooKeeper cannot run here, if it cannot: no `java`, or no jar.
+pub(crate) fn zookeeper_missing() -> Option<&'static str> {
+    if Command::new("java")
         .arg("-version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -119,8 +120,11 @@ fn start_or_skip() -> Option<ZkServer> {
         Some("the ZooKeeper jar /usr/share/java/zookeeper.jar is missing")
     } else {
         None
-    };
-    if let Some(why) = missing {
+    }
+}
+
+fn start_or_skip() -> Option<ZkServer> {
+    if let Some(why) = zookeeper_missing() {
         assert!(
             !in_ci(),
             "CI=true and {why}: CI must install ZooKeeper (apt-get install zookeeper)"
@@ -150,7 +154,7 @@ fn unique() -> u64 {
     UNIQUE.fetch_add(1, Ordering::SeqCst)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = StdListener::bind("127.0.0.1:0").expect("bind a probe socket");
     listener.local_addr().expect("probe socket address").port()
 }

@@ -4,95 +4,19 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cim_core::client::{ClientEvent, StopReason};
-use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, UserId};
+use cim_core::client::StopReason;
+use cim_core::ids::{ClientMsgId, ConvId, UserId};
 use cim_io::api;
-use cim_io::sdk::{ApiError, Events};
-use cim_proto::KickReason;
+use cim_io::sdk::ApiError;
 use hyper::Method;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use support::{Cluster, PASSWORD, User};
-
-/// Per conversation, the (seq, msg id) of every acknowledged send.
-type AckedByConv = BTreeMap<ConvId, BTreeSet<(u64, ClientMsgId)>>;
-
-/// What one user's application saw, recorded as it happens.
-#[derive(Debug, Default)]
-struct Seen {
-    /// Per conversation, the (log epoch, seq, msg id) handed over, in order.
-    messages: BTreeMap<ConvId, Vec<(LogEpoch, u64, ClientMsgId)>>,
-    /// Times the client came online, and on which server, in order.
-    online_at: Vec<Instant>,
-    online_on: Vec<String>,
-    /// Why the session stopped for good, if it did.
-    stopped: Option<StopReason>,
-    /// Whether its server ever kicked it for an unproven lease.
-    kicked_fenced: bool,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Recorder {
-    seen: Arc<Mutex<Seen>>,
-    changed: Arc<Notify>,
-}
-
-impl Recorder {
-    /// Consumes `events` in a background task.
-    fn spawn(events: Events) -> Self {
-        let recorder = Self::default();
-        let r = recorder.clone();
-        let mut events = events;
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                {
-                    let mut seen = r.seen.lock().unwrap();
-                    match event {
-                        ClientEvent::Message(m) => seen
-                            .messages
-                            .entry(m.conv.clone())
-                            .or_default()
-                            .push((m.log_epoch, m.seq, m.msg_id)),
-                        ClientEvent::Online { server, .. } => {
-                            seen.online_at.push(Instant::now());
-                            seen.online_on.push(server.as_str().to_owned());
-                        }
-                        ClientEvent::Stopped(reason) => seen.stopped = Some(reason),
-                        ClientEvent::Kicked(KickReason::Fenced) => seen.kicked_fenced = true,
-                        _ => {}
-                    }
-                }
-                r.changed.notify_waiters();
-            }
-        });
-        recorder
-    }
-
-    /// Waits (at most `limit`) until `done` holds for what was seen.
-    async fn wait_for(&self, limit: Duration, what: &str, done: impl Fn(&Seen) -> bool) {
-        let result = tokio::time::timeout(limit, async {
-            loop {
-                let notified = self.changed.notified();
-                if done(&self.seen.lock().unwrap()) {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
-        assert!(result.is_ok(), "not within {limit:?}: {what}");
-    }
-}
-
-fn take_recorder(user: &mut User) -> Recorder {
-    Recorder::spawn(user.events.take().expect("events not taken yet"))
-}
+use support::{AckedByConv, Cluster, PASSWORD, Recorder, User, take_recorder, wait_until};
 
 fn status_code(result: Result<impl std::fmt::Debug, ApiError>) -> String {
     match result {
@@ -599,7 +523,7 @@ async fn a_server_whose_zookeeper_session_expires_is_not_picked_until_it_is_back
     let listed = |view: &cim_io::registry::RegistryView| support::listed(view, &isolated);
     assert!(listed(&view));
 
-    cluster.servers[0].zk_proxy.blackhole();
+    cluster.servers[0].zk_proxy.as_ref().unwrap().blackhole();
     let cut_at = Instant::now();
     wait_until(
         Duration::from_secs(20),
@@ -622,7 +546,7 @@ async fn a_server_whose_zookeeper_session_expires_is_not_picked_until_it_is_back
         );
     }
 
-    cluster.servers[0].zk_proxy.heal();
+    cluster.servers[0].zk_proxy.as_ref().unwrap().heal();
     let healed_at = Instant::now();
     wait_until(
         Duration::from_secs(30),
@@ -700,20 +624,6 @@ async fn malformed_and_oversized_frames_close_only_their_connection() {
             },
         )
         .await;
-}
-
-/// Polls `condition` (every 50 ms) until it holds or `limit` passes. For conditions of other
-/// processes (health, registry state) that nothing here can await.
-async fn wait_until<F, Fut>(limit: Duration, what: &str, condition: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -350,7 +350,8 @@ fn placeable<'a>(
 /// The route's login machine: registration, login (password, claim, server choice, ticket)
 /// and logout, against the store and the registry view.
 ///
-/// Inputs: `handle_registry`, `handle_register`, `handle_login`, `handle_logout`,
+/// Inputs: `handle_registry` (and `handle_registry_lost` / `handle_registry_back`),
+/// `handle_register`, `handle_login`, `handle_logout`,
 /// `handle_store_reply`, `handle_password`, `handle_kick_done`, `handle_timeout`. **After
 /// every `handle_*` the caller drains [`Self::poll_output`] until it returns `None`** (password
 /// jobs first, then store requests, then events), then re-arms its timer from
@@ -380,6 +381,9 @@ pub struct RouteLogin {
     /// certificate) stays listed for good; clients placed there could not send through this
     /// route. Placement only: takeovers still wait on every live server.
     linked: BTreeSet<ServerId>,
+    /// The route's registry view is lost (its session cut off long enough that every server
+    /// cut off with it has fenced itself): `live` is stale, so no login is placed.
+    registry_lost: bool,
     /// Verified against when the account does not exist, so an unknown id costs the same
     /// time as a wrong password.
     dummy_hash: String,
@@ -571,6 +575,7 @@ impl RouteLogin {
             rng,
             live: BTreeMap::new(),
             linked: BTreeSet::new(),
+            registry_lost: false,
             dummy_hash,
             next_request: 0,
             pending: BTreeMap::new(),
@@ -609,6 +614,29 @@ impl RouteLogin {
         for held in take_held(&mut self.held, |h| h.awaiting.is_empty()) {
             self.release(now, wall, held);
         }
+    }
+
+    /// The route's registry view is lost: its session has been cut off from the ensemble so
+    /// long that the servers cut off with it (a lost quorum cuts off everyone) have fenced
+    /// themselves, and the view cannot say which servers are live. Until
+    /// [`Self::handle_registry_back`], every login is answered 7100 (no server available)
+    /// before its password is checked (a client retries 7100 with backoff; checking
+    /// passwords for logins that cannot be placed would only load the route), instead of
+    /// sending clients to servers that refuse them. Registration, logout and held takeovers
+    /// are unaffected.
+    pub fn handle_registry_lost(&mut self, _now: Instant) {
+        self.registry_lost = true;
+    }
+
+    /// The registry view is current again (after [`Self::handle_registry_lost`]): logins are
+    /// placed on its live servers again.
+    pub fn handle_registry_back(&mut self, _now: Instant) {
+        self.registry_lost = false;
+    }
+
+    /// Whether logins are refused because the registry view is lost.
+    pub fn is_registry_lost(&self) -> bool {
+        self.registry_lost
     }
 
     /// `server` reports it closed `user`'s sessions with an epoch below `below_epoch` (the
@@ -754,6 +782,10 @@ impl RouteLogin {
         {
             // No account has such a password; refuse before hashing megabytes.
             self.logged_in(api, Err(LoginError::AccountMismatch));
+            return;
+        }
+        if self.registry_lost {
+            self.logged_in(api, Err(LoginError::NoServerAvailable));
             return;
         }
         let login = LoginCtx {

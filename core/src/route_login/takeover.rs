@@ -43,11 +43,15 @@ impl RouteLogin {
             }
         };
         let placeable = placeable(&self.live, &self.linked);
-        let Some(server) = self
-            .balancer
-            .pick(login.user, &placeable)
-            .and_then(|id| placeable.get(&id).cloned())
-        else {
+        // `registry_lost`: a login already past its password check when the view was lost.
+        let server = if self.registry_lost {
+            None
+        } else {
+            self.balancer
+                .pick(login.user, &placeable)
+                .and_then(|id| placeable.get(&id).cloned())
+        };
+        let Some(server) = server else {
             self.logged_in(api, Err(LoginError::NoServerAvailable));
             return;
         };

@@ -30,7 +30,9 @@
 //!   per server node, every watch re-armed when it fires, everything re-listed after a
 //!   reconnect or a new session). A removed server leaves the view as soon as ZooKeeper
 //!   reports it (milliseconds). While the view's own session is disconnected the map cannot
-//!   change; [`RegistryView::health`] says so.
+//!   change; [`RegistryView::health`] says so, and says `Expired` once the ZooKeeper view has
+//!   been cut off for half a session timeout (as long as a registration waits before its
+//!   server fences): a route stops placing logins then (see `RouteLogin::handle_registry_lost`).
 //!
 //! **Listing.** A server that cannot serve new users for a while (it lost its store but not
 //! the registry) must stop being picked by routes without giving up its registry session:
@@ -86,8 +88,9 @@ pub enum SessionHealth {
     Connected,
     /// The connection dropped at `since`; the session may still be alive on the ensemble.
     Disconnected { since: Instant },
-    /// The session is gone (expired, closed, or disconnected longer than the session
-    /// timeout): the entry is no longer in the registry. A registration is busy recreating
+    /// The session is gone (expired, closed, or disconnected so long that it counts as
+    /// lost: half the session timeout for ZooKeeper): the entry is no longer in the registry,
+    /// or will not be by the time anyone could act on it. A registration is busy recreating
     /// it and reports `Connected` when done.
     Expired,
 }

@@ -360,6 +360,7 @@ impl Registry for ZkRegistry {
             data_watches: JoinSet::new(),
             nodes: BTreeMap::new(),
             next_gen: 0,
+            complete: false,
         };
         // The first listing happens before returning, so the view is current from the start.
         viewer.resync(&client).await?;
@@ -830,18 +831,33 @@ struct Viewer {
     data_watches: JoinSet<(String, u64, zk::WatchedEvent)>,
     nodes: BTreeMap<String, NodeEntry>,
     next_gen: u64,
+    /// Whether `nodes` holds a whole listing. Cleared when everything is listed again
+    /// (after a reconnect or a failed step), set when a listing succeeds: until then the
+    /// view keeps showing the last whole listing. Publishing the half-built one would tell
+    /// the route that servers left when only a call failed (an election closes connections
+    /// while a view lists again), and the route would act on it: close links, release held
+    /// takeovers.
+    complete: bool,
 }
 
 impl Viewer {
     async fn run(mut self, mut client: zk::Client) {
         let mut states = client.state_watcher();
         let mut was_disconnected = false;
+        // When a disconnection that has not ended counts as the session lost (see below).
+        let mut lost_at: Option<Instant> = None;
         // Set when a call failed: the view may have missed something, so list everything again.
         let mut retry_at: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
         loop {
             let retry_timer = async {
                 match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let lost_timer = async {
+                match lost_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -857,21 +873,34 @@ impl Viewer {
                 () = self.servers.closed() => return,
                 state = states.changed() => match state {
                     zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
-                        self.health.send_replace(SessionHealth::Connected);
-                        if std::mem::take(&mut was_disconnected) {
+                        lost_at = None;
+                        // Listed first, then `Connected`: a route that stopped placing logins
+                        // while the view was lost starts again on the current listing.
+                        let listed = if std::mem::take(&mut was_disconnected) {
                             self.resync(&client).await
                         } else {
                             Ok(())
-                        }
+                        };
+                        self.health.send_replace(SessionHealth::Connected);
+                        listed
                     }
                     zk::SessionState::Disconnected => {
                         was_disconnected = true;
-                        self.health.send_replace(SessionHealth::Disconnected { since: Instant::now() });
+                        let since = Instant::now();
+                        // The registrations' keepers call their sessions lost after half a
+                        // session timeout without the ensemble (and their servers fence): a
+                        // view cut off as long is as blind, and says so, so that its route
+                        // stops placing logins on servers that have fenced themselves (a
+                        // lost quorum cuts everyone off at once). One member's death costs
+                        // a reconnect to another, well within that.
+                        lost_at = Some(since + client.session_timeout() / 2);
+                        self.health.send_replace(SessionHealth::Disconnected { since });
                         Ok(())
                     }
                     zk::SessionState::Expired
                     | zk::SessionState::Closed
                     | zk::SessionState::AuthFailed => {
+                        lost_at = None;
                         self.health.send_replace(SessionHealth::Expired);
                         tracing::warn!(%state, "registry view session lost; opening a new one");
                         match self.new_session().await {
@@ -887,6 +916,16 @@ impl Viewer {
                         }
                     }
                 },
+                () = lost_timer => {
+                    // The client library keeps trying the session (and reports `Expired`
+                    // itself at 7/5 of its timeout); a reconnect brings `Connected` back and
+                    // lists everything again.
+                    lost_at = None;
+                    tracing::warn!(after = ?client.session_timeout() / 2,
+                        "registry view disconnected for half a session timeout; calling it lost");
+                    self.health.send_replace(SessionHealth::Expired);
+                    Ok(())
+                }
                 () = retry_timer => {
                     retry_at = None;
                     self.resync(&client).await
@@ -957,12 +996,14 @@ impl Viewer {
     }
 
     fn clear(&mut self) {
+        self.complete = false;
         self.children = None;
         self.data_watches.abort_all();
         self.nodes.clear();
     }
 
-    /// Forgets every watch and lists the root again.
+    /// Forgets every watch and lists the root again. Published only once the listing is
+    /// whole (see `complete`).
     async fn resync(&mut self, client: &zk::Client) -> Result<(), RegistryError> {
         self.clear();
         let result = self.relist(client).await;
@@ -994,6 +1035,7 @@ impl Viewer {
                 self.fetch(client, name).await?;
             }
         }
+        self.complete = true;
         Ok(())
     }
 
@@ -1053,19 +1095,24 @@ impl Viewer {
             return Ok(());
         }
         match event.event_type {
-            zk::EventType::NodeDeleted => {
-                self.remove(&name);
-                Ok(())
-            }
-            zk::EventType::NodeDataChanged | zk::EventType::NodeCreated => {
-                self.fetch(client, name).await
-            }
+            // Read again rather than dropped: the name may be back already. A server that
+            // replaces its previous session's node deletes and recreates it at once, and a
+            // child-watch listing in between sees the name still there (so fetches nothing)
+            // while this event, handled after it, would drop the new node from the view
+            // until the next change under the root; its route would close the server's
+            // link and place nobody there. `fetch` removes it if it is really gone.
+            zk::EventType::NodeDeleted
+            | zk::EventType::NodeDataChanged
+            | zk::EventType::NodeCreated => self.fetch(client, name).await,
             // Session events: the state watcher drives recovery and re-lists.
             zk::EventType::Session | zk::EventType::NodeChildrenChanged => Ok(()),
         }
     }
 
     fn publish(&self) {
+        if !self.complete {
+            return;
+        }
         let map: ServerMap = self
             .nodes
             .values()

@@ -48,7 +48,7 @@ use super::{PasswordRunner, RouteOptions};
 use crate::clock::Clock;
 use crate::metrics::{Exposition, Kind as MetricKind};
 use crate::net::Network;
-use crate::registry::{RegistryView, ServerMap};
+use crate::registry::{RegistryView, ServerMap, SessionHealth};
 use crate::store::Store;
 
 /// Inputs waiting for the driver. Senders wait when it is full (backpressure on the HTTP
@@ -202,6 +202,12 @@ impl<N: Network> Driver<N> {
         let initial = servers.borrow_and_update().clone();
         self.registry_changed(initial);
         let mut registry_open = true;
+        // The view's own session: a view cut off from the ensemble (see
+        // `RouteLogin::handle_registry_lost`) stops login placement until it is back.
+        let mut view_health = self.view.health();
+        let health = *view_health.borrow_and_update();
+        self.view_health_changed(health);
+        let mut health_open = true;
         loop {
             self.drain();
             let deadline = self.node.poll_timeout();
@@ -231,6 +237,14 @@ impl<N: Network> Driver<N> {
                         tracing::error!("registry view closed; the live-server view is frozen");
                         registry_open = false;
                     }
+                },
+                changed = view_health.changed(), if health_open => match changed {
+                    Ok(()) => {
+                        let health = *view_health.borrow_and_update();
+                        self.view_health_changed(health);
+                    }
+                    // Gone with the view's source, reported above.
+                    Err(_) => health_open = false,
                 },
                 () = timer => {
                     // Which machine's deadline woke the route, for tracing a stall or a
@@ -376,8 +390,28 @@ impl<N: Network> Driver<N> {
         }
     }
 
+    /// `Expired` (the view's session lost, or cut off long enough to count as lost) stops
+    /// login placement; `Connected` resumes it. `Disconnected` changes nothing: a reconnect
+    /// to another ensemble member is expected within it.
+    fn view_health_changed(&mut self, health: SessionHealth) {
+        let now = self.clock.now();
+        match health {
+            SessionHealth::Expired if !self.node.login().is_registry_lost() => {
+                tracing::warn!("registry view lost: logins are refused (7100) until it is back");
+                self.node.handle_registry_lost(now);
+            }
+            SessionHealth::Connected if self.node.login().is_registry_lost() => {
+                tracing::info!("registry view back: logins are placed again");
+                self.node.handle_registry_back(now);
+            }
+            _ => {}
+        }
+    }
+
     fn registry_changed(&mut self, live: ServerMap) {
         self.stats.registry_changes += 1;
+        tracing::debug!(servers = ?live.values().map(|s| (s.id.as_str(), s.connections)).collect::<Vec<_>>(),
+            "registry view changed");
         let now = self.clock.now();
         let wall = self.clock.wall();
         self.node.handle_registry(now, wall, live.clone());

@@ -7,18 +7,23 @@
 
 #![allow(dead_code)] // each test uses a different part
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cim_core::client::{ClientConfig, ClientEvent};
-use cim_core::ids::{ServerId, UserId};
+use cim_core::client::{ClientConfig, ClientEvent, LinkLoss, StopReason};
+use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, ServerId, UserId};
 use cim_io::clock::Clock;
 use cim_io::http_client::HttpClient;
 use cim_io::net::TokioNet;
 use cim_io::sdk::{Client, Events, RouteApi, SdkOptions};
-use cim_testkit::{Proxy, RedisCluster, RedisServer, ZkServer};
+use cim_proto::KickReason;
+use cim_testkit::{Proxy, RedisCluster, RedisServer};
 use hyper::Method;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 pub const TICKET_SECRET: &str = "test-ticket-secret-0123456789";
 pub const LINK_SECRET: &str = "test-link-secret-0123456789ab";
@@ -90,8 +95,9 @@ pub struct ServerProc {
     pub client_port: u16,
     pub link_port: u16,
     pub http_port: u16,
-    /// This server's path to ZooKeeper.
-    pub zk_proxy: Proxy,
+    /// This server's path to ZooKeeper (a standalone one; on an ensemble, servers connect
+    /// to the members directly).
+    pub zk_proxy: Option<Proxy>,
     /// This server's path to Redis (single-node Redis only).
     pub redis_proxy: Option<Proxy>,
     pub proc: Proc,
@@ -108,32 +114,62 @@ pub struct Cluster {
     /// The one Redis, unless the cluster runs on [`Self::redis_cluster`].
     pub redis: Option<RedisServer>,
     pub redis_cluster: Option<RedisCluster>,
-    pub zk: &'static ZkServer,
+    pub zk: ZkSetup,
     pub zk_root: String,
     pub routes: Vec<RouteProc>,
     pub servers: Vec<ServerProc>,
+}
+
+/// Which ZooKeeper the processes use, and with what session timeout.
+#[derive(Debug, Clone)]
+pub struct ZkSetup {
+    /// `host:port[,host:port...]`.
+    pub connect: String,
+    pub session_timeout: &'static str,
+    /// Put a fault proxy between each server and ZooKeeper (one address only).
+    pub proxied: bool,
 }
 
 impl Cluster {
     /// Two routes and two servers on a fresh Redis (AOF) and a fresh ZooKeeper root, all
     /// healthy. `None` (skip) only outside CI when Redis or ZooKeeper is not installed.
     pub async fn start(tag: &str) -> Option<Self> {
+        let zk = Self::standalone_zk()?;
         let redis = RedisServer::start_with_aof()?;
-        Self::start_on(tag, Some(redis), None).await
+        Self::start_with(tag, zk, 2, Some(redis), None).await
     }
 
     /// The same on a Redis Cluster of its own (three masters, one replica each).
     pub async fn start_on_redis_cluster(tag: &str) -> Option<Self> {
+        let zk = Self::standalone_zk()?;
         let redis_cluster = RedisCluster::start()?;
-        Self::start_on(tag, None, Some(redis_cluster)).await
+        Self::start_with(tag, zk, 2, None, Some(redis_cluster)).await
     }
 
-    async fn start_on(
+    /// `routes` routes and two servers on a fresh Redis (AOF) and the given ZooKeeper (a
+    /// fresh root in it), all healthy. `None` (skip) when Redis is missing outside CI.
+    pub async fn start_on(tag: &str, zk: ZkSetup, routes: usize) -> Option<Self> {
+        let redis = RedisServer::start_with_aof()?;
+        Self::start_with(tag, zk, routes, Some(redis), None).await
+    }
+
+    /// The shared standalone ZooKeeper, each server behind a fault proxy to it.
+    fn standalone_zk() -> Option<ZkSetup> {
+        let zk = cim_testkit::zookeeper()?;
+        Some(ZkSetup {
+            connect: zk.addr.clone(),
+            session_timeout: ZK_SESSION_TIMEOUT,
+            proxied: true,
+        })
+    }
+
+    async fn start_with(
         tag: &str,
+        zk: ZkSetup,
+        routes: usize,
         redis: Option<RedisServer>,
         redis_cluster: Option<RedisCluster>,
     ) -> Option<Self> {
-        let zk = cim_testkit::zookeeper()?;
         let mut cluster = Self {
             redis,
             redis_cluster,
@@ -145,17 +181,23 @@ impl Cluster {
         for i in 1..=2 {
             cluster.start_server(&format!("s{i}")).await;
         }
-        for _ in 0..2 {
+        for _ in 0..routes {
             cluster.start_route().await;
         }
-        for i in 0..2 {
+        for i in 0..routes {
             cluster.wait_healthy(cluster.routes[i].port).await;
         }
         Some(cluster)
     }
 
     pub async fn start_server(&mut self, id: &str) {
-        let zk_proxy = Proxy::start(&self.zk.addr).await;
+        let zk_proxy = match self.zk.proxied {
+            true => Some(Proxy::start(&self.zk.connect).await),
+            false => None,
+        };
+        let zk_connect = zk_proxy
+            .as_ref()
+            .map_or_else(|| self.zk.connect.clone(), |p| p.addr.clone());
         let (redis_flag, redis_url, redis_proxy) = match &self.redis {
             Some(redis) => {
                 let proxy = Proxy::start(&format!("127.0.0.1:{}", redis.port)).await;
@@ -182,11 +224,11 @@ impl Cluster {
             redis_flag,
             &redis_url,
             "--zk",
-            &zk_proxy.addr,
+            &zk_connect,
             "--zk-root",
             &self.zk_root,
             "--zk-session-timeout",
-            ZK_SESSION_TIMEOUT,
+            self.zk.session_timeout,
             "--lease-ttl",
             LEASE_TTL,
             "--heartbeat-interval",
@@ -231,11 +273,11 @@ impl Cluster {
             redis_flag,
             &redis_url,
             "--zk",
-            &self.zk.addr,
+            &self.zk.connect,
             "--zk-root",
             &self.zk_root,
             "--zk-session-timeout",
-            ZK_SESSION_TIMEOUT,
+            self.zk.session_timeout,
             "--claim-ttl",
             LEASE_TTL,
             // Every test user comes from 127.0.0.1: the per-address limits (tested in
@@ -323,7 +365,7 @@ impl Cluster {
     /// The registry as the routes see it.
     pub async fn registry_view(&self) -> cim_io::registry::RegistryView {
         use cim_io::registry::{Registry, ZkConfig, ZkRegistry};
-        let registry = ZkRegistry::new(ZkConfig::new(&self.zk.addr).with_root(&self.zk_root))
+        let registry = ZkRegistry::new(ZkConfig::new(&self.zk.connect).with_root(&self.zk_root))
             .expect("registry config");
         registry.watch().await.expect("watch the registry")
     }
@@ -427,4 +469,103 @@ impl User {
 /// Whether `view` lists the server `id`.
 pub fn listed(view: &cim_io::registry::RegistryView, id: &str) -> bool {
     view.snapshot().keys().any(|s| s.as_str() == id)
+}
+
+/// Per conversation, the (seq, msg id) of every acknowledged send.
+pub type AckedByConv = BTreeMap<ConvId, BTreeSet<(u64, ClientMsgId)>>;
+
+/// What one user's application saw, recorded as it happens.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Per conversation, the (log epoch, seq, msg id) handed over, in order.
+    pub messages: BTreeMap<ConvId, Vec<(LogEpoch, u64, ClientMsgId)>>,
+    /// Times the client came online, and on which server, in order.
+    pub online_at: Vec<Instant>,
+    pub online_on: Vec<String>,
+    /// Why the session stopped for good, if it did.
+    pub stopped: Option<StopReason>,
+    /// Whether its server ever kicked it for an unproven lease.
+    pub kicked_fenced: bool,
+    /// Every kick, when it came.
+    pub kicks: Vec<(Instant, KickReason)>,
+    /// Every failed link or login attempt, when, and why.
+    pub reconnecting: Vec<(Instant, LinkLoss)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Recorder {
+    pub seen: Arc<Mutex<Seen>>,
+    changed: Arc<Notify>,
+}
+
+impl Recorder {
+    /// Consumes `events` in a background task.
+    pub fn spawn(events: Events) -> Self {
+        let recorder = Self::default();
+        let r = recorder.clone();
+        let mut events = events;
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                {
+                    // A test that failed holding the lock has said why; no second panic.
+                    let mut seen = r.seen.lock().unwrap_or_else(|e| e.into_inner());
+                    match event {
+                        ClientEvent::Message(m) => seen
+                            .messages
+                            .entry(m.conv.clone())
+                            .or_default()
+                            .push((m.log_epoch, m.seq, m.msg_id)),
+                        ClientEvent::Online { server, .. } => {
+                            seen.online_at.push(Instant::now());
+                            seen.online_on.push(server.as_str().to_owned());
+                        }
+                        ClientEvent::Stopped(reason) => seen.stopped = Some(reason),
+                        ClientEvent::Kicked(reason) => {
+                            seen.kicked_fenced |= reason == KickReason::Fenced;
+                            seen.kicks.push((Instant::now(), reason));
+                        }
+                        ClientEvent::Reconnecting { cause, .. } => {
+                            seen.reconnecting.push((Instant::now(), cause));
+                        }
+                        _ => {}
+                    }
+                }
+                r.changed.notify_waiters();
+            }
+        });
+        recorder
+    }
+
+    /// Waits (at most `limit`) until `done` holds for what was seen.
+    pub async fn wait_for(&self, limit: Duration, what: &str, done: impl Fn(&Seen) -> bool) {
+        let result = tokio::time::timeout(limit, async {
+            loop {
+                let notified = self.changed.notified();
+                if done(&self.seen.lock().unwrap()) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        assert!(result.is_ok(), "not within {limit:?}: {what}");
+    }
+}
+
+pub fn take_recorder(user: &mut User) -> Recorder {
+    Recorder::spawn(user.events.take().expect("events not taken yet"))
+}
+
+/// Polls `condition` (every 50 ms) until it holds or `limit` passes. For conditions of other
+/// processes (health, registry state) that nothing here can await.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -223,3 +223,56 @@ fn an_old_token_cannot_log_out_a_newer_session() {
     ));
     assert!(h.m.poll_store().is_none());
 }
+
+/// A lost registry view refuses every login with 7100 before its password is checked (the
+/// servers cut off with the view have fenced themselves), a login already past its check
+/// too; registration goes on; the view back, logins are placed again.
+#[test]
+fn a_lost_registry_view_refuses_logins_until_it_is_back() {
+    let mut h = Harness::with_alice(&["s1", "s2"]);
+    h.m.handle_registry_lost(h.at(1_000).0);
+    assert!(h.m.is_registry_lost());
+    let api = h.start_login(1_000, 1, "alice", "pw", None);
+    assert!(h.m.poll_password().is_none(), "no password checked");
+    assert!(h.m.poll_store().is_none(), "nothing read or written");
+    let events = h.run(1_000);
+    assert_eq!(
+        events,
+        vec![RouteEvent::LoggedIn {
+            api,
+            result: Err(LoginError::NoServerAvailable)
+        }]
+    );
+    assert_eq!(LoginError::NoServerAvailable.code(), "7100");
+    // A wrong password learns nothing more while the view is lost.
+    h.start_login(1_000, 1, "alice", "wrong", None);
+    assert_eq!(login_err(&h.run(1_000)), LoginError::NoServerAvailable);
+    assert!(matches!(
+        h.register(1_000, "bob", "pw")[..],
+        [RouteEvent::Registered { result: Ok(_), .. }]
+    ));
+
+    h.m.handle_registry_back(h.at(2_000).0);
+    let events = h.login(2_000, 1, None);
+    assert_eq!(login_ok(&events).epoch, Epoch(1));
+
+    // Lost between the password check and the placement: refused, and no claim written.
+    let mut h = Harness::with_alice(&["s1"]);
+    h.start_login(3_000, 1, "alice", "pw", None);
+    assert!(matches!(
+        h.store_step(3_000),
+        StoreCommand::LoadAccount { .. }
+    ));
+    assert!(matches!(
+        h.store_step(3_000),
+        StoreCommand::CountLoginFailure { .. }
+    ));
+    h.password(3_000);
+    h.m.handle_registry_lost(h.at(3_000).0);
+    let events = h.run(3_000);
+    assert_eq!(login_err(&events), LoginError::NoServerAvailable);
+    assert!(
+        h.store.claims.load(UserId(1)).claim.is_none(),
+        "no claim made"
+    );
+}
