@@ -49,7 +49,7 @@ pub use outbox::OutboxEntry;
 use crate::canary::Canaries;
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::registry::ServerEndpoint;
-use crate::route_login::{LoginAnswer, LoginError, LoginRequest, ResumeToken};
+use crate::route::login::{LoginAnswer, LoginError, LoginRequest, ResumeToken};
 use crate::store::StoredMessage;
 use inbound::{Inbound, InboundConfig, head_from_proto, message_from_proto};
 use outbox::Outbox;
@@ -163,9 +163,10 @@ pub enum ClientOutput {
     Event(ClientEvent),
 }
 
-/// Why the link was lost, carried by [`ClientEvent::Reconnecting`].
+/// Why the session lost (or could not get) its connection to a server, carried by
+/// [`ClientEvent::Reconnecting`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkLoss {
+pub enum ConnectionLoss {
     LoginFailed(LoginFailure),
     /// The route did not answer within `login_timeout`.
     LoginTimeout,
@@ -214,7 +215,7 @@ pub enum ClientEvent {
     Reconnecting {
         attempt: u32,
         delay: Duration,
-        cause: LinkLoss,
+        cause: ConnectionLoss,
     },
     Stopped(StopReason),
     /// The next message of a conversation, in seq order, exactly once.
@@ -610,7 +611,7 @@ impl ClientSession {
             }
             // Repeat login (the old claim's lease has yet to run out), no server, store
             // trouble, transport: all may pass.
-            Err(failure) => self.lose(now, LinkLoss::LoginFailed(failure), false),
+            Err(failure) => self.lose(now, ConnectionLoss::LoginFailed(failure), false),
         }
     }
 
@@ -629,7 +630,7 @@ impl ClientSession {
 
     pub fn handle_connect_failed(&mut self, now: Instant) {
         if matches!(self.link, Link::Connecting { .. }) {
-            self.lose(now, LinkLoss::ConnectFailed, false);
+            self.lose(now, ConnectionLoss::ConnectFailed, false);
         }
     }
 
@@ -652,7 +653,7 @@ impl ClientSession {
             self.link,
             Link::Connecting { .. } | Link::Authenticating { .. } | Link::Online { .. }
         ) {
-            self.lose(now, LinkLoss::Disconnected, false);
+            self.lose(now, ConnectionLoss::Disconnected, false);
         }
     }
 
@@ -732,7 +733,7 @@ impl ClientSession {
             }
             Kind::Kick(kick) => self.kicked(now, kick.reason()),
             Kind::Error(error) => {
-                let loss = LinkLoss::ServerError {
+                let loss = ConnectionLoss::ServerError {
                     code: error.code(),
                     message: error.message,
                 };
@@ -755,7 +756,7 @@ impl ClientSession {
                 Ok(())
             }
             Kind::Error(error) => {
-                let loss = LinkLoss::ServerError {
+                let loss = ConnectionLoss::ServerError {
                     code: error.code(),
                     message: error.message,
                 };
@@ -802,7 +803,7 @@ impl ClientSession {
                 self.out.commands.push_back(ClientCommand::Disconnect);
                 self.stop(StopReason::LoggedOut);
             }
-            _ => self.lose(now, LinkLoss::Kicked(reason), true),
+            _ => self.lose(now, ConnectionLoss::Kicked(reason), true),
         }
     }
 
@@ -818,17 +819,17 @@ impl ClientSession {
             Link::Idle | Link::Stopped => {}
             Link::LoggingIn { deadline, .. } => {
                 if *deadline <= now {
-                    self.lose(now, LinkLoss::LoginTimeout, false);
+                    self.lose(now, ConnectionLoss::LoginTimeout, false);
                 }
             }
             Link::Connecting { deadline, .. } => {
                 if *deadline <= now {
-                    self.lose(now, LinkLoss::ConnectTimeout, true);
+                    self.lose(now, ConnectionLoss::ConnectTimeout, true);
                 }
             }
             Link::Authenticating { deadline } => {
                 if *deadline <= now {
-                    self.lose(now, LinkLoss::LoginOkTimeout, true);
+                    self.lose(now, ConnectionLoss::LoginOkTimeout, true);
                 }
             }
             Link::Backoff { until } => {
@@ -843,7 +844,7 @@ impl ClientSession {
                 interval,
             } => {
                 if pong_deadline.is_some_and(|at| at <= now) {
-                    self.lose(now, LinkLoss::HeartbeatTimeout, true);
+                    self.lose(now, ConnectionLoss::HeartbeatTimeout, true);
                     return;
                 }
                 let mut sync = false;
@@ -974,7 +975,7 @@ impl ClientSession {
     }
 
     /// Gives up the current attempt or connection and schedules the next login.
-    fn lose(&mut self, now: Instant, cause: LinkLoss, disconnect: bool) {
+    fn lose(&mut self, now: Instant, cause: ConnectionLoss, disconnect: bool) {
         if disconnect {
             self.out.commands.push_back(ClientCommand::Disconnect);
         }

@@ -21,13 +21,9 @@
 //! panics.
 
 pub mod accounts;
-pub mod balance;
-pub mod bearer;
 pub mod canary;
-pub mod claims;
 pub mod client;
 pub mod conv_log;
-pub mod delivery;
 pub mod groups;
 pub mod history;
 pub mod ids;
@@ -36,11 +32,9 @@ pub mod login_throttle;
 pub mod memstore;
 pub mod registry;
 pub mod registry_keeper;
-pub mod route_login;
-pub mod route_node;
+pub mod route;
 pub mod server;
 pub mod store;
-pub mod tickets;
 pub mod time;
 
 pub use cim_proto as proto;

@@ -13,9 +13,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::canary::Canaries;
-use crate::claims::ClaimTable;
 use crate::conv_log::ConversationLog;
 use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
+use crate::route::claims::ClaimTable;
 use crate::store::{
     Account, AccountSummary, AllFrom, AppendError, ConvHead, Deleted, LoginFailures, NameTaken,
     OnlineEntry, StoreCommand, StoreReply,

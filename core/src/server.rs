@@ -34,11 +34,11 @@ use cim_proto::{
 
 use crate::canary::{Canaries, Canary};
 use crate::ids::{ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use crate::route::tickets::{TicketError, TicketKeys};
 use crate::store::{
     LeaseRefresh, RequestId, StoreCommand, StoreReply, StoreRequest, StoreResult, StoreUnavailable,
     head_to_proto, message_to_proto,
 };
-use crate::tickets::{TicketError, TicketKeys};
 
 pub use rate::TokenBucket;
 pub use route_links::RouteLinkId;

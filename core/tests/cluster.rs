@@ -10,7 +10,7 @@ use std::time::Duration;
 use cim_core::client::ClientEvent;
 use cim_core::ids::ConvId;
 use cim_core::proto::KickReason;
-use cim_core::route_login::{LoginError, RouteEvent};
+use cim_core::route::login::{LoginError, RouteEvent};
 use harness::Cluster;
 
 const SECOND: Duration = Duration::from_secs(1);

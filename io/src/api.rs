@@ -12,7 +12,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use cim_core::registry::ServerEndpoint;
-use cim_core::route_login::ResumeToken;
+use cim_core::route::login::ResumeToken;
 
 /// Success.
 pub const CODE_OK: &str = "9000";
@@ -34,7 +34,7 @@ pub const CODE_HTTPS_REQUIRED: &str = "4260";
 /// than the per-user rate. "4500", busy (HTTP 503 with `Retry-After`): the route's
 /// password checks are all taken (a burst of logins or registrations). Both change nothing:
 /// retry after the delay.
-pub use cim_core::route_login::{CODE_BUSY, CODE_THROTTLED};
+pub use cim_core::route::login::{CODE_BUSY, CODE_THROTTLED};
 
 /// Largest id the API takes (`userId`, `receiveUserId`, `userIds[]`, `beforeSeq`): ids are
 /// JSON `int64` from 0, as the OpenAPI document says, so every client language holds them

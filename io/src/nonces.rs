@@ -95,13 +95,13 @@ mod tests {
         // What the binaries start from (they never set a source): the OS, on both ends.
         let node = cim_core::server::ServerConfig::new(
             cim_core::ids::ServerId::new("s1"),
-            cim_core::tickets::TicketKeys::new(1, b"ticket-secret"),
+            cim_core::route::tickets::TicketKeys::new(1, b"ticket-secret"),
         );
         let server = crate::server::ServerOptions::new(node, b"link".to_vec());
         assert!(server.link_nonces.is_os());
         let route = crate::route::RouteOptions::new(
             "r1",
-            cim_core::tickets::TicketKeys::new(1, b"ticket-secret"),
+            cim_core::route::tickets::TicketKeys::new(1, b"ticket-secret"),
             b"bearer".to_vec(),
             b"link".to_vec(),
         );

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cim_core::accounts::PasswordParams;
 use cim_core::memstore::MemoryStoreConfig;
-use cim_core::tickets::TicketKeys;
+use cim_core::route::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::http_client::HttpClient;
 use cim_io::net::TokioNet;

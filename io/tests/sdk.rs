@@ -11,10 +11,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use cim_core::client::{ClientConfig, ClientEvent, LinkLoss, LoginFailure, StopReason};
+use cim_core::client::{ClientConfig, ClientEvent, ConnectionLoss, LoginFailure, StopReason};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UserId};
-use cim_core::route_login::{LoginError, ResumeToken};
-use cim_core::tickets::{Grant, TicketKeys};
+use cim_core::route::login::{LoginError, ResumeToken};
+use cim_core::route::tickets::{Grant, TicketKeys};
 use cim_io::api::{self, Envelope};
 use cim_io::clock::Clock;
 use cim_io::net::{AxumListener, Network, TokioNet, framed};
@@ -448,7 +448,7 @@ async fn a_dropped_connection_reconnects_and_resends_with_the_same_id() {
             reconnecting,
             ClientEvent::Reconnecting {
                 attempt: 0,
-                cause: LinkLoss::Disconnected,
+                cause: ConnectionLoss::Disconnected,
                 ..
             }
         ),
@@ -515,7 +515,7 @@ async fn a_silent_server_is_noticed_by_the_heartbeat() {
         matches!(
             lost,
             ClientEvent::Reconnecting {
-                cause: LinkLoss::HeartbeatTimeout,
+                cause: ConnectionLoss::HeartbeatTimeout,
                 ..
             }
         ),
@@ -557,7 +557,9 @@ async fn repeat_login_backs_off_and_retries() {
                 ClientEvent::LoggingIn,
                 ClientEvent::Reconnecting {
                     attempt: 0,
-                    cause: LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)),
+                    cause: ConnectionLoss::LoginFailed(LoginFailure::Rejected(
+                        LoginError::RepeatLogin
+                    )),
                     ..
                 },
                 ClientEvent::LoggingIn,

@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cim_core::accounts::PasswordParams;
-use cim_core::balance::Strategy;
 use cim_core::canary::Canaries;
 use cim_core::client::ClientConfig;
 use cim_core::ids::{ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
+use cim_core::route::balance::Strategy;
+use cim_core::route::tickets::TicketKeys;
 use cim_core::server::ServerConfig;
-use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::nonces::NonceSource;
 

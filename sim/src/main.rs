@@ -27,8 +27,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cim_core::balance::Strategy;
 use cim_core::canary::{Canaries, Canary};
+use cim_core::route::balance::Strategy;
 use cim_sim::record::{add_count, secs};
 use cim_sim::scenarios::{RunSpec, Scenario, ScenarioOutcome};
 use clap::Parser;

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cim_core::client::{ClientEvent, KickReason, LinkLoss, LoginFailure, StopReason};
+use cim_core::client::{ClientEvent, ConnectionLoss, KickReason, LoginFailure, StopReason};
 use cim_core::ids::{ClientMsgId, ConvId, ServerId, UserId};
-use cim_core::route_login::LoginError;
+use cim_core::route::login::LoginError;
 use cim_io::server::{SessionEvent, SessionObserver};
 
 use crate::checker::{
@@ -284,13 +284,15 @@ fn counter_of(event: &ClientEvent) -> Option<&'static str> {
         ClientEvent::Stopped(StopReason::TakenOver) => "stopped: taken over",
         ClientEvent::Stopped(_) => "stopped: other",
         ClientEvent::Reconnecting { cause, .. } => match cause {
-            LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)) => {
+            ConnectionLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)) => {
                 "login 5000 (repeat)"
             }
-            LinkLoss::LoginFailed(_) | LinkLoss::LoginTimeout => "login failed/timed out",
-            LinkLoss::HeartbeatTimeout => "heartbeat timeouts",
-            LinkLoss::Disconnected => "disconnects",
-            LinkLoss::ConnectFailed | LinkLoss::ConnectTimeout => "connect failed",
+            ConnectionLoss::LoginFailed(_) | ConnectionLoss::LoginTimeout => {
+                "login failed/timed out"
+            }
+            ConnectionLoss::HeartbeatTimeout => "heartbeat timeouts",
+            ConnectionLoss::Disconnected => "disconnects",
+            ConnectionLoss::ConnectFailed | ConnectionLoss::ConnectTimeout => "connect failed",
             _ => "reconnects: other",
         },
         ClientEvent::Unavailable { .. } => "unavailable ranges",

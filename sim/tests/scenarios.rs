@@ -119,8 +119,8 @@ fn a_seed_with_the_random_balancer_replays_byte_identically() {
 
 #[test]
 fn the_replay_command_names_every_flag_that_shaped_the_run() {
-    use cim_core::balance::Strategy;
     use cim_core::canary::{Canaries, Canary};
+    use cim_core::route::balance::Strategy;
     use cim_sim::scenarios::{RunSpec, Scenario};
     let run = RunSpec::new(9);
     assert_eq!(

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use cim_core::client::ClientState;
 use cim_core::client::{
-    ClientConfig, ClientEvent, ErrorCode, KickReason, LinkLoss, LoginFailure, StopReason,
+    ClientConfig, ClientEvent, ConnectionLoss, ErrorCode, KickReason, LoginFailure, StopReason,
 };
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
-use cim_core::route_login::LoginError;
+use cim_core::route::login::LoginError;
 use cim_io::api::OnlineUser;
 use cim_io::clock::Clock;
 use cim_io::net::TokioNet;
@@ -927,7 +927,9 @@ impl App {
                 if !self.was_online
                     && matches!(
                         cause,
-                        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin))
+                        ConnectionLoss::LoginFailed(LoginFailure::Rejected(
+                            LoginError::RepeatLogin
+                        ))
                     )
                 {
                     self.blocked_elsewhere = true;
@@ -1179,34 +1181,34 @@ fn short(id: ClientMsgId) -> String {
 }
 
 /// Why the link was lost, in words. `verbose` adds the protocol's details.
-fn describe(cause: &LinkLoss, user: &str, route: &str, verbose: bool) -> String {
+fn describe(cause: &ConnectionLoss, user: &str, route: &str, verbose: bool) -> String {
     match cause {
-        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)) => format!(
+        ConnectionLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)) => format!(
             "{user} is logged in elsewhere, from a client without this machine's state file; \
              waiting for that session to end"
         ),
-        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::NoServerAvailable)) => {
+        ConnectionLoss::LoginFailed(LoginFailure::Rejected(LoginError::NoServerAvailable)) => {
             "no chat server is up".to_owned()
         }
-        LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::Unavailable)) => {
+        ConnectionLoss::LoginFailed(LoginFailure::Rejected(LoginError::Unavailable)) => {
             "the chat's store is not answering".to_owned()
         }
-        LinkLoss::LoginFailed(LoginFailure::Rejected(error)) => error.to_string(),
-        LinkLoss::LoginFailed(failure) if verbose => {
+        ConnectionLoss::LoginFailed(LoginFailure::Rejected(error)) => error.to_string(),
+        ConnectionLoss::LoginFailed(failure) if verbose => {
             format!("cannot reach the route at {route}: {failure}")
         }
-        LinkLoss::LoginFailed(_) => format!("cannot reach the route at {route}"),
-        LinkLoss::LoginTimeout => format!("the route at {route} did not answer"),
-        LinkLoss::ConnectFailed => "the chat server is unreachable".to_owned(),
-        LinkLoss::ConnectTimeout => "connecting to the server timed out".to_owned(),
-        LinkLoss::LoginOkTimeout => "the server did not accept the login".to_owned(),
-        LinkLoss::Disconnected => "connection lost".to_owned(),
-        LinkLoss::HeartbeatTimeout => "the server stopped answering".to_owned(),
-        LinkLoss::Kicked(reason) => format!("kicked: {}", kick_words(*reason)),
-        LinkLoss::ServerError { code, message } if message.is_empty() || !verbose => {
+        ConnectionLoss::LoginFailed(_) => format!("cannot reach the route at {route}"),
+        ConnectionLoss::LoginTimeout => format!("the route at {route} did not answer"),
+        ConnectionLoss::ConnectFailed => "the chat server is unreachable".to_owned(),
+        ConnectionLoss::ConnectTimeout => "connecting to the server timed out".to_owned(),
+        ConnectionLoss::LoginOkTimeout => "the server did not accept the login".to_owned(),
+        ConnectionLoss::Disconnected => "connection lost".to_owned(),
+        ConnectionLoss::HeartbeatTimeout => "the server stopped answering".to_owned(),
+        ConnectionLoss::Kicked(reason) => format!("kicked: {}", kick_words(*reason)),
+        ConnectionLoss::ServerError { code, message } if message.is_empty() || !verbose => {
             format!("server error: {}", error_words(*code))
         }
-        LinkLoss::ServerError { code, message } => {
+        ConnectionLoss::ServerError { code, message } => {
             format!("server error: {} ({message})", error_words(*code))
         }
     }
@@ -1258,12 +1260,17 @@ mod tests {
     #[test]
     fn kicks_and_errors_read_as_words_not_enum_names() {
         assert_eq!(
-            describe(&LinkLoss::Kicked(KickReason::Draining), "ann", "r:1", false),
+            describe(
+                &ConnectionLoss::Kicked(KickReason::Draining),
+                "ann",
+                "r:1",
+                false
+            ),
             "kicked: the server is shutting down"
         );
         assert_eq!(
             describe(
-                &LinkLoss::ServerError {
+                &ConnectionLoss::ServerError {
                     code: ErrorCode::RateLimited,
                     message: "limit 50/s (bucket 3)".into()
                 },
@@ -1273,13 +1280,14 @@ mod tests {
             ),
             "server error: sending too fast"
         );
-        let transport = LinkLoss::LoginFailed(LoginFailure::Transport("connect: refused".into()));
+        let transport =
+            ConnectionLoss::LoginFailed(LoginFailure::Transport("connect: refused".into()));
         assert_eq!(
             describe(&transport, "ann", "r:1", false),
             "cannot reach the route at r:1"
         );
         assert!(describe(&transport, "ann", "r:1", true).contains("refused"));
-        let repeat = LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin));
+        let repeat = ConnectionLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin));
         assert!(describe(&repeat, "ann", "r:1", false).contains("ann is logged in elsewhere"));
         let reasons = (0..=8).filter_map(|n| KickReason::try_from(n).ok());
         let codes = (0..=15).filter_map(|n| ErrorCode::try_from(n).ok());

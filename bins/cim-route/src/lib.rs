@@ -9,10 +9,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use serde::Deserialize;
 
-use cim_core::balance::Strategy;
 use cim_core::client::ClientConfig;
 use cim_core::ids::UserId;
-use cim_core::tickets::TicketKeys;
+use cim_core::route::balance::Strategy;
+use cim_core::route::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::launch;
 use cim_io::net::TokioNet;

@@ -10,8 +10,8 @@ use clap::Parser;
 use serde::Deserialize;
 
 use cim_core::ids::ServerId;
+use cim_core::route::tickets::TicketKeys;
 use cim_core::server::ServerConfig;
-use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::launch;
 use cim_io::net::TokioNet;

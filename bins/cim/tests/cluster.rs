@@ -132,7 +132,7 @@ async fn accounts_logins_takeover_and_spoofing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_and_stale_tickets_are_refused_on_the_gateway() {
     use cim_core::ids::{Epoch, ServerId, UnixMillis};
-    use cim_core::tickets::{Grant, TicketKeys};
+    use cim_core::route::tickets::{Grant, TicketKeys};
     use cim_io::net::{self, TokioNet, framed};
     use cim_proto::codec::FrameCodec;
     use cim_proto::frame::Kind;

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use cim_core::ids::ServerId;
 use cim_core::memstore::MemoryStoreConfig;
+use cim_core::route::tickets::TicketKeys;
 use cim_core::server::ServerConfig;
-use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::http_client::HttpClient;
 use cim_io::net::TokioNet;

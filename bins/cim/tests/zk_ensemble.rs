@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cim_core::client::{LinkLoss, LoginFailure};
+use cim_core::client::{ConnectionLoss, LoginFailure};
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
-use cim_core::route_login::LoginError;
+use cim_core::route::login::LoginError;
 use cim_io::api;
 use cim_io::net::TokioNet;
 use cim_io::registry::SessionHealth;
@@ -516,7 +516,7 @@ async fn an_ensemble_member_dies_unnoticed_a_lost_quorum_fences_and_all_recovers
                 .any(|(_, cause)| {
                     matches!(
                         cause,
-                        LinkLoss::LoginFailed(LoginFailure::Rejected(
+                        ConnectionLoss::LoginFailed(LoginFailure::Rejected(
                             LoginError::NoServerAvailable
                         ))
                     )

@@ -17,25 +17,25 @@ use cim_core::time::Instant;
 
 use bytes::Bytes;
 use cim_core::accounts::PasswordParams;
-use cim_core::balance::{Balancer, Strategy};
 use cim_core::client::{
     ClientCommand, ClientConfig, ClientEvent, ClientOutput, ClientSession, LoginAttempt,
     LoginFailure,
 };
-use cim_core::delivery::{DeliveryConfig, RouteDelivery, SendOrigin};
 use cim_core::ids::{
     ApiRequestId, ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId,
 };
 use cim_core::memstore::{MemoryStore, MemoryStoreConfig};
 use cim_core::proto::{Frame, frame::Kind};
 use cim_core::registry::LiveServer;
-use cim_core::route_login::{
+use cim_core::route::balance::{Balancer, Strategy};
+use cim_core::route::delivery::{DeliveryConfig, RouteDelivery, SendOrigin};
+use cim_core::route::login::{
     LoginAnswer, LoginError, LoginRequest, RouteEvent, RouteLogin, RouteLoginConfig,
 };
-use cim_core::route_node::{RouteMachine, RouteNode, RouteOutput};
+use cim_core::route::tickets::TicketKeys;
+use cim_core::route::{RouteMachine, RouteNode, RouteOutput};
 use cim_core::server::{ConnId, RouteLinkId, ServerConfig, ServerNode, ServerOutput};
 use cim_core::store::{StoreCommand, StoreReply, StoreRequest, StoredMessage};
-use cim_core::tickets::TicketKeys;
 
 pub const LATENCY: Duration = Duration::from_millis(1);
 /// How long the registry keeps a silent server's entry (ZooKeeper's session timeout).

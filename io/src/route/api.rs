@@ -33,7 +33,7 @@ use axum::routing::{get, post};
 use cim_core::groups::{self, GroupAction};
 use cim_core::history::{self, PageRequest, Plan};
 use cim_core::ids::{ClientMsgId, ConvId, UserId};
-use cim_core::route_login::{
+use cim_core::route::login::{
     BearerClaims, BearerKey, LoginError, LoginRequest, RegisterFailure, secs_up,
 };
 use cim_core::store::{StoreCommand, StoreReply};
@@ -612,7 +612,7 @@ async fn offline(
             Ok(ok_empty("logged out"))
         }
         Ok(_) => Ok(ok_empty("no current session for this token")),
-        Err(cim_core::route_login::LogoutError::BadToken(e)) => Err(ApiError::new(
+        Err(cim_core::route::login::LogoutError::BadToken(e)) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             CODE_VALIDATION,
             e.to_string(),

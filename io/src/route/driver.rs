@@ -22,15 +22,15 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cim_core::balance::Balancer;
-use cim_core::delivery::{RouteDelivery, SendOrigin};
 use cim_core::ids::{ApiRequestId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::registry::LiveServer;
-use cim_core::route_login::{
+use cim_core::route::balance::Balancer;
+use cim_core::route::delivery::{RouteDelivery, SendOrigin};
+use cim_core::route::login::{
     CODE_BUSY, CODE_THROTTLED, LoggedOut, LoginAnswer, LoginError, LogoutError, PasswordJob,
     RegisterFailure, Registered, RouteEvent, RouteLogin,
 };
-use cim_core::route_node::{RouteMachine, RouteNode, RouteOutput};
+use cim_core::route::{RouteMachine, RouteNode, RouteOutput};
 use cim_core::store::{StoreRequest, StoreUnavailable};
 use cim_proto::frame::Kind;
 use cim_proto::{Frame, KickReason, KickUser, RouteSendResult};

@@ -5,11 +5,11 @@
 use std::net::IpAddr;
 
 use cim_core::ids::{ServerId, UserId};
-use cim_core::route_login::{
+use cim_core::route::RouteMachine;
+use cim_core::route::login::{
     LoggedOut, LoginAnswer, LoginError, LoginRequest, LogoutError, PasswordOutcome,
     RegisterFailure, Registered,
 };
-use cim_core::route_node::RouteMachine;
 use cim_core::store::{RequestId, StoreResult};
 use cim_proto::{Frame, KickUserDone, RouteSend, RouteSendResult};
 use tokio::sync::{mpsc, oneshot};

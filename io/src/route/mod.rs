@@ -1,5 +1,5 @@
-//! The route process shell: drives `cim_core::route_login::RouteLogin` and
-//! `cim_core::delivery::RouteDelivery` over real (or simulated) sockets.
+//! The route process shell: drives `cim_core::route::login::RouteLogin` and
+//! `cim_core::route::delivery::RouteDelivery` over real (or simulated) sockets.
 //!
 //! ```text
 //!  axum handlers ──Input::Api──▶ ┌──────────────┐ ──spawned store calls──▶ Store
@@ -36,10 +36,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_core::balance::Strategy;
-use cim_core::delivery::DeliveryConfig;
-use cim_core::route_login::RouteLoginConfig;
-use cim_core::tickets::TicketKeys;
+use cim_core::route::balance::Strategy;
+use cim_core::route::delivery::DeliveryConfig;
+use cim_core::route::login::RouteLoginConfig;
+use cim_core::route::tickets::TicketKeys;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

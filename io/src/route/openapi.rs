@@ -17,9 +17,9 @@
 use cim_core::accounts::{
     DEFAULT_MIN_PASSWORD_LEN, MAX_NAME_LEN, MAX_PASSWORD_LEN, RESERVED_NAMES,
 };
-use cim_core::delivery::DeliveryConfig;
 use cim_core::history::{DEFAULT_LIMIT as DEFAULT_HISTORY, MAX_LIMIT as MAX_HISTORY};
 use cim_core::ids::MAX_GROUP_NAME;
+use cim_core::route::delivery::DeliveryConfig;
 use serde_json::{Value, json};
 
 use super::RouteOptions;

@@ -9,7 +9,7 @@ use cim_core::client::{
 };
 use cim_core::ids::{ClientMsgId, Epoch, ServerId, UserId};
 use cim_core::registry::{LiveServer, ServerEndpoint};
-use cim_core::route_login::{LoginAnswer, LoginError, LoginRequest};
+use cim_core::route::login::{LoginAnswer, LoginError, LoginRequest};
 use cim_proto::Frame;
 use cim_proto::codec::FrameCodec;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -778,7 +778,7 @@ mod tests {
             http_port: 8081,
             ticket: api::encode_ticket(&ticket),
             token: "tok".into(),
-            resume_token: encode_resume_token(&cim_core::route_login::ResumeToken([3; 32])),
+            resume_token: encode_resume_token(&cim_core::route::login::ResumeToken([3; 32])),
         };
         let answer = answer_from(UserId(4), response.clone()).unwrap();
         assert_eq!(answer.ticket, ticket);

@@ -144,7 +144,7 @@ pub fn save(path: impl AsRef<Path>, state: &ClientState) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use cim_core::route_login::ResumeToken;
+    use cim_core::route::login::ResumeToken;
 
     use super::*;
 

@@ -20,10 +20,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cim_core::balance::Strategy;
 use cim_core::canary::Canaries;
 use cim_core::client::{ClientConfig, ClientEvent};
 use cim_core::ids::{ConvId, LogEpoch, ServerId, UnixMillis, UserId};
+use cim_core::route::balance::Strategy;
 use cim_core::store::{StoreCommand, StoreReply};
 use cim_io::sdk::{Client, RouteApi};
 use cim_io::store::Store;

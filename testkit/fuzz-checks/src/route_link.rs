@@ -22,11 +22,11 @@ use cim_core::time::Instant;
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};
-use cim_core::delivery::{DeliveryConfig, DeliveryOutput, RouteDelivery, SendOrigin};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, ServerId, UnixMillis, UserId};
 use cim_core::link_auth;
 use cim_core::memstore::{MemoryStore, MemoryStoreConfig};
 use cim_core::registry::LiveServer;
+use cim_core::route::delivery::{DeliveryConfig, DeliveryOutput, RouteDelivery, SendOrigin};
 use cim_core::store::{
     RouteRecord, StoreCommand, StoreReply, StoreRequest, StoreResult, StoreUnavailable,
 };

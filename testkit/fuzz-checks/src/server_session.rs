@@ -25,11 +25,11 @@ use cim_core::time::Instant;
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use cim_core::route::tickets::{Grant, TicketKeys};
 use cim_core::server::{ConnId, RouteLinkId, ServerConfig, ServerNode, ServerOutput};
 use cim_core::store::{
     ConvHead, LeaseRefresh, StoreCommand, StoreReply, StoreRequest, StoreUnavailable, StoredMessage,
 };
-use cim_core::tickets::{Grant, TicketKeys};
 use cim_proto::codec::{DEFAULT_MAX_FRAME, Decoded, FrameCodec};
 use cim_proto::frame::Kind;
 use cim_proto::{self as proto, Frame};

@@ -1,5 +1,5 @@
-//! Login tickets (`cim_core::tickets`), the HTTP API's bearer tokens and the resume-token
-//! derivation (`cim_core::route_login::BearerKey`): genuine ones minted with the current or
+//! Login tickets (`cim_core::route::tickets`), the HTTP API's bearer tokens and the resume-token
+//! derivation (`cim_core::route::login::BearerKey`): genuine ones minted with the current or
 //! the previous secret, then forged, mutated (one character or field changed, cut, padded,
 //! upper-cased) and arbitrary ones.
 //!
@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use cim_core::ids::{Epoch, ServerId, UnixMillis, UserId};
-use cim_core::route_login::{BearerClaims, BearerKey, ResumeToken, resume_token_hash};
-use cim_core::tickets::{Grant, TicketKeys};
+use cim_core::route::login::{BearerClaims, BearerKey, ResumeToken, resume_token_hash};
+use cim_core::route::tickets::{Grant, TicketKeys};
 use cim_proto::Ticket;
 
 use crate::Reached;
@@ -296,7 +296,7 @@ impl Tokens {
                 self.reached.insert("bearer_expired");
             }
             (Err(e), None) => {
-                use cim_core::route_login::TokenError;
+                use cim_core::route::login::TokenError;
                 self.reached.insert(match e {
                     TokenError::Malformed => "bearer_malformed",
                     TokenError::BadMac => "bearer_bad_mac",
@@ -337,7 +337,7 @@ impl Tokens {
                     !(genuine && unexpired && ours),
                     "a genuine ticket is refused: {e}"
                 );
-                use cim_core::tickets::TicketError;
+                use cim_core::route::tickets::TicketError;
                 self.reached.insert(match e {
                     TicketError::UnknownKey => "ticket_unknown_key",
                     TicketError::BadMac => "ticket_bad_mac",

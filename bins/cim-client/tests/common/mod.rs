@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use cim_core::ids::{ConvId, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
+use cim_core::route::tickets::TicketKeys;
 use cim_core::server::ServerConfig;
 use cim_core::store::{StoreCommand, StoreReply, StoredMessage};
-use cim_core::tickets::TicketKeys;
 use cim_io::clock::Clock;
 use cim_io::net::TokioNet;
 use cim_io::registry::MemoryRegistry;

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cim_core::client::{ClientConfig, ClientEvent, LinkLoss, StopReason};
+use cim_core::client::{ClientConfig, ClientEvent, ConnectionLoss, StopReason};
 use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, ServerId, UserId};
 use cim_io::clock::Clock;
 use cim_io::http_client::HttpClient;
@@ -489,7 +489,7 @@ pub struct Seen {
     /// Every kick, when it came.
     pub kicks: Vec<(Instant, KickReason)>,
     /// Every failed link or login attempt, when, and why.
-    pub reconnecting: Vec<(Instant, LinkLoss)>,
+    pub reconnecting: Vec<(Instant, ConnectionLoss)>,
 }
 
 #[derive(Debug, Clone, Default)]

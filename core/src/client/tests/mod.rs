@@ -244,7 +244,7 @@ fn kick(reason: KickReason) -> Kind {
     })
 }
 
-fn reconnecting(attempt: u32, cause: LinkLoss) -> ClientEvent {
+fn reconnecting(attempt: u32, cause: ConnectionLoss) -> ClientEvent {
     ClientEvent::Reconnecting {
         attempt,
         delay: Duration::ZERO,

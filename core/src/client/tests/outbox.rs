@@ -56,7 +56,7 @@ fn outbox_waits_offline_and_resends_in_order_with_the_same_ids() {
             50,
             In::Disconnected,
             vec![],
-            vec![reconnecting(0, LinkLoss::Disconnected)],
+            vec![reconnecting(0, ConnectionLoss::Disconnected)],
         ),
         (
             50,

@@ -33,7 +33,7 @@ fn heartbeat_pings_on_schedule_and_a_missing_pong_reconnects() {
             35_030,
             In::Timeout,
             vec![ClientCommand::Disconnect],
-            vec![reconnecting(0, LinkLoss::HeartbeatTimeout)],
+            vec![reconnecting(0, ConnectionLoss::HeartbeatTimeout)],
         ),
         (
             35_030,
@@ -53,7 +53,7 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
             100,
             In::Disconnected,
             vec![],
-            vec![reconnecting(0, LinkLoss::Disconnected)],
+            vec![reconnecting(0, ConnectionLoss::Disconnected)],
         ),
         (
             100,
@@ -71,7 +71,7 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
             120,
             In::ConnectFailed,
             vec![],
-            vec![reconnecting(1, LinkLoss::ConnectFailed)],
+            vec![reconnecting(1, ConnectionLoss::ConnectFailed)],
         ),
         (
             120,
@@ -86,7 +86,7 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
             5_120,
             In::Timeout,
             vec![],
-            vec![reconnecting(2, LinkLoss::LoginTimeout)],
+            vec![reconnecting(2, ConnectionLoss::LoginTimeout)],
         ),
         (
             5_120,
@@ -100,7 +100,7 @@ fn relogin_carries_the_latest_resume_token_and_ignores_stale_answers() {
             vec![],
             vec![reconnecting(
                 3,
-                LinkLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)),
+                ConnectionLoss::LoginFailed(LoginFailure::Rejected(LoginError::RepeatLogin)),
             )],
         ),
         (
@@ -178,7 +178,7 @@ fn a_certificate_that_does_not_verify_stops_instead_of_retrying() {
         matches!(
             evs.as_slice(),
             [ClientEvent::Reconnecting {
-                cause: LinkLoss::ConnectFailed,
+                cause: ConnectionLoss::ConnectFailed,
                 ..
             }]
         ),
@@ -206,7 +206,7 @@ fn connect_and_login_ok_timeouts_disconnect_and_retry() {
             5_010,
             In::Timeout,
             vec![ClientCommand::Disconnect],
-            vec![reconnecting(0, LinkLoss::ConnectTimeout)],
+            vec![reconnecting(0, ConnectionLoss::ConnectTimeout)],
         ),
         (
             5_010,
@@ -232,7 +232,7 @@ fn connect_and_login_ok_timeouts_disconnect_and_retry() {
             10_030,
             In::Timeout,
             vec![ClientCommand::Disconnect],
-            vec![reconnecting(1, LinkLoss::LoginOkTimeout)],
+            vec![reconnecting(1, ConnectionLoss::LoginOkTimeout)],
         ),
     ]);
 }
@@ -248,7 +248,7 @@ fn kicks_reconnect_except_taken_over_which_stops() {
             vec![ClientCommand::Disconnect],
             vec![
                 ClientEvent::Kicked(KickReason::Draining),
-                reconnecting(0, LinkLoss::Kicked(KickReason::Draining)),
+                reconnecting(0, ConnectionLoss::Kicked(KickReason::Draining)),
             ],
         ),
         (
@@ -412,7 +412,10 @@ fn poll_output_gives_commands_before_events() {
         vec![
             ClientOutput::Command(ClientCommand::Disconnect),
             ClientOutput::Event(ClientEvent::Kicked(KickReason::Draining)),
-            ClientOutput::Event(reconnecting(0, LinkLoss::Kicked(KickReason::Draining))),
+            ClientOutput::Event(reconnecting(
+                0,
+                ConnectionLoss::Kicked(KickReason::Draining)
+            )),
         ]
     );
 }

@@ -12,10 +12,10 @@ use cim_proto::{self as proto, ErrorCode, Frame, KickReason};
 
 use super::*;
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
+use crate::route::tickets::{Grant, TicketKeys};
 use crate::store::{
     ConvHead, LeaseRefresh, StoreCommand, StoreReply, StoreUnavailable, StoredMessage,
 };
-use crate::tickets::{Grant, TicketKeys};
 
 const WALL0: u64 = 1_700_000_000_000;
 const S1: &str = "s1";

@@ -1,5 +1,5 @@
 //! The route's login machine: registration, login and logout (see [`RouteLogin`]). The
-//! bearer and resume tokens it mints are in [`crate::bearer`].
+//! bearer and resume tokens it mints are in [`crate::route::bearer`].
 //!
 //! A login is a short chain of steps: `LoadAccount` -> argon2 check (a [`PasswordJob`] the
 //! shell runs off its driver task) -> `LoadClaim` -> [`decide_login`] against the registry view -> balancer pick ->
@@ -22,16 +22,16 @@ use rand_chacha::ChaCha8Rng;
 use subtle::ConstantTimeEq;
 
 use crate::accounts::{self, HashError, PasswordParams, RegisterError};
-use crate::balance::Balancer;
-use crate::claims::{LoginDecision, decide_login, is_live};
 use crate::ids::{Epoch, ServerId, UnixMillis, UserId};
 use crate::login_throttle::LoginThrottle;
 use crate::registry::LiveServer;
+use crate::route::balance::Balancer;
+use crate::route::claims::{LoginDecision, decide_login, is_live};
+use crate::route::tickets::{Grant, TicketKeys};
 use crate::store::{
     Claim, ClaimState, LoginFailures, NameTaken, RequestId, StoreCommand, StoreReply, StoreRequest,
     StoreResult,
 };
-use crate::tickets::{Grant, TicketKeys};
 
 mod takeover;
 #[cfg(test)]
@@ -40,7 +40,9 @@ mod tests;
 use self::takeover::take_held;
 
 // The HTTP API's credentials live beside the tickets; their old paths stay.
-pub use crate::bearer::{BearerClaims, BearerKey, ResumeToken, TokenError, resume_token_hash};
+pub use crate::route::bearer::{
+    BearerClaims, BearerKey, ResumeToken, TokenError, resume_token_hash,
+};
 
 /// `POST /login`.
 #[derive(Debug, Clone, PartialEq, Eq)]

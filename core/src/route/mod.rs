@@ -4,18 +4,23 @@
 //! [`RouteNode::poll_timeout`], so the production driver, the multi-node harness and the
 //! fuzz checks cannot drain them in different orders.
 
+pub mod balance;
+pub mod bearer;
+pub mod claims;
+pub mod delivery;
+pub mod login;
+pub mod tickets;
+
 use std::collections::BTreeMap;
 
 use cim_proto::{PushBatch, RouteSend, RouteSendResult};
 
-use crate::delivery::{self, DeliveryOutput, RouteDelivery, SendOrigin};
 use crate::ids::{ApiRequestId, Epoch, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
-use crate::route_login::{
-    self, LoginOutput, LoginRequest, PasswordJob, PasswordOutcome, RouteEvent, RouteLogin,
-};
 use crate::store::{RequestId, StoreRequest, StoreResult};
 use crate::time::Instant;
+use delivery::{DeliveryOutput, RouteDelivery, SendOrigin};
+use login::{LoginOutput, LoginRequest, PasswordJob, PasswordOutcome, RouteEvent, RouteLogin};
 
 /// Which of the route's machines a store request is from: each numbers its requests on its
 /// own, so the shell hands the reply back with this tag.
@@ -52,7 +57,7 @@ pub enum RouteOutput {
 /// Why [`RouteNode::poll_timeout`] wants to be woken: which machine, and its reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteTimer {
-    Login(route_login::TimerReason),
+    Login(login::TimerReason),
     Delivery(delivery::TimerReason),
 }
 

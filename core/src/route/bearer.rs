@@ -2,7 +2,7 @@
 //! ([`BearerKey`]: `<user>.<epoch>.<expires_at_ms>.<mac>`, bound to one session) and the
 //! resume tokens handed out with each login ([`ResumeToken`], derived so a retried login
 //! can prove it is the same client). Login tickets, signed with another key for the
-//! servers, are in [`crate::tickets`].
+//! servers, are in [`crate::route::tickets`].
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};

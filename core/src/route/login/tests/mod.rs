@@ -7,9 +7,9 @@ mod tokens;
 
 use super::*;
 
-use crate::balance::Strategy;
+use crate::route::balance::Strategy;
 
-use crate::claims::ClaimTable;
+use crate::route::claims::ClaimTable;
 
 use crate::store::{Account, StoreUnavailable};
 

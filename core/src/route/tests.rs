@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use super::*;
 use crate::accounts::PasswordParams;
-use crate::balance::{Balancer, Strategy};
-use crate::delivery::DeliveryConfig;
-use crate::route_login::RouteLoginConfig;
+use crate::route::balance::{Balancer, Strategy};
+use crate::route::delivery::DeliveryConfig;
+use crate::route::login::RouteLoginConfig;
+use crate::route::tickets::TicketKeys;
 use crate::store::{StoreCommand, StoreUnavailable};
-use crate::tickets::TicketKeys;
 
 fn t0() -> Instant {
     Instant::from_nanos(0)
@@ -166,7 +166,7 @@ fn poll_timeout_names_the_machine_and_its_reason() {
         n.poll_timeout(),
         Some((
             now + Duration::from_secs(2),
-            RouteTimer::Login(route_login::TimerReason::StoreDeadline)
+            RouteTimer::Login(login::TimerReason::StoreDeadline)
         ))
     );
     n.handle_timeout(now + Duration::from_secs(2));
