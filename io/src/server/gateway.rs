@@ -6,7 +6,7 @@
 //! after framing (the driver, the node, the queues, the linger) is one code path.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use cim_core::server::ConnId;
 use cim_proto::Frame;
 use cim_proto::codec::FrameCodec;
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
@@ -38,24 +38,56 @@ const IDLE_BATCH: usize = 4;
 /// Back-off after a failed accept (out of descriptors and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// The one budget of sockets not yet handed to the node: TLS handshakes on the TCP gateway
+/// and WebSocket upgrades (with their TLS) share it, and a socket is admitted only while the
+/// node's connections plus those in progress stay under `max_connections`. So slow clients
+/// on both ports together hold at most `max_connections` descriptors, as plaintext clients
+/// waiting to log in do (separate budgets let them hold several times that, past the
+/// open-file limit the cap was clamped to).
+#[derive(Debug, Clone)]
+pub(super) struct Admission {
+    in_progress: Arc<Semaphore>,
+    /// The node's connection count, as the driver last published it.
+    established: Arc<AtomicU64>,
+}
+
+impl Admission {
+    pub(super) fn new(max_connections: usize, established: Arc<AtomicU64>) -> Self {
+        Self {
+            in_progress: Arc::new(Semaphore::new(max_connections.max(1))),
+            established,
+        }
+    }
+
+    /// A place for one more socket in progress, or `None` when the budget is spent. The
+    /// place is held until the permit is dropped (the socket reached the node or failed).
+    pub(super) fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        // established + in progress < max  ⇔  established < available places.
+        let available = self.in_progress.available_permits() as u64;
+        if self.established.load(Ordering::Relaxed) >= available {
+            return None;
+        }
+        self.in_progress.clone().try_acquire_owned().ok()
+    }
+}
+
 /// Hands every accepted socket to the driver, which decides whether to keep it. With TLS,
 /// each socket first completes its handshake in a task of its own (within the handshake
 /// timeout), so a slow one holds up no other.
 ///
 /// Handshakes in progress count against the connection cap (`max_connections`, already
-/// clamped to the open-file limit), as a plaintext connection waiting to log in does: a
-/// flood of silent sockets costs what it cost before TLS, and each is closed by the
-/// handshake timeout.
+/// clamped to the open-file limit) through the [`Admission`] the WebSocket listener shares,
+/// as a plaintext connection waiting to log in does: a flood of silent sockets costs what it
+/// cost before TLS, and each is closed by the handshake timeout.
 pub(super) async fn accept_loop<L: Listener>(
     mut listener: L,
     tls: Option<ServerTls>,
-    max_connections: usize,
+    admission: Admission,
     inputs: mpsc::Sender<Input<MaybeTls<L::Stream>>>,
     warnings: Arc<WarnGate>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
     use super::input::ClientConn;
-    let handshakes = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -71,7 +103,7 @@ pub(super) async fn accept_loop<L: Listener>(
                     }
                     continue;
                 };
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                let Some(permit) = admission.try_admit() else {
                     tls.stats()
                         .handshake_failures
                         .fetch_add(1, Ordering::Relaxed);

@@ -467,6 +467,7 @@ pub async fn start<N: Network, R: Registry>(
     let connections = Arc::new(AtomicU64::new(0));
     let registry_health = registration.health();
 
+    let admission = gateway::Admission::new(max_connections, connections.clone());
     let mut tasks = JoinSet::new();
     let driver = Driver::new(
         node,
@@ -489,7 +490,7 @@ pub async fn start<N: Network, R: Registry>(
         gateway::accept_loop(
             client_listener,
             options.gateway_tls.clone(),
-            max_connections,
+            admission.clone(),
             inputs.clone(),
             warnings.clone(),
             cancel.clone(),
@@ -509,7 +510,7 @@ pub async fn start<N: Network, R: Registry>(
                     io_timeout: options.io_timeout,
                     codec,
                     tls: options.gateway_tls.clone(),
-                    max_connections,
+                    admission: admission.clone(),
                     stats: stats.clone(),
                     warnings: warnings.clone(),
                 },

@@ -37,7 +37,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt as _, StreamExt as _};
 use prost::Message as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -46,7 +46,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use super::ServerError;
-use super::gateway::{FrameSink, FrameSource};
+use super::gateway::{Admission, FrameSink, FrameSource};
 use super::input::{ClientConn, Input};
 use crate::net::{Listener, ReadError, Stream, WriteError};
 use crate::tls::{MaybeTls, ServerTls};
@@ -62,6 +62,13 @@ pub const MAX_HEADERS: usize = 64;
 /// What a connection's WebSocket layer buffers for reading: frames are small, and most
 /// connections are idle (tungstenite's default of 128 KiB would be allocated for each).
 const WS_READ_BUFFER: usize = 4096;
+
+/// Written out once this much is queued (the library's default, 128 KiB, is per
+/// connection too).
+const WS_WRITE_BUFFER: usize = 4096;
+
+/// The longest WebSocket frame header (2 + 8 length bytes + 4 mask bytes).
+const WS_FRAME_HEADER_MAX: usize = 14;
 
 /// The answer to a plaintext request on a `wss://` port (unless it still takes plaintext):
 /// a browser shows it, where a frame port would have nothing a plaintext peer could read.
@@ -156,7 +163,8 @@ pub(super) struct WsSettings {
     pub io_timeout: Duration,
     pub codec: FrameCodec,
     pub tls: Option<ServerTls>,
-    pub max_connections: usize,
+    /// Shared with the TCP gateway's TLS handshakes.
+    pub admission: Admission,
     pub stats: Arc<WsStats>,
     pub warnings: Arc<WarnGate>,
 }
@@ -175,7 +183,6 @@ pub(super) async fn accept_loop<L: Listener>(
     inputs: mpsc::Sender<Input<MaybeTls<L::Stream>>>,
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
-    let upgrades = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     let settings = Arc::new(settings);
     loop {
         let accepted = tokio::select! {
@@ -195,7 +202,7 @@ pub(super) async fn accept_loop<L: Listener>(
                 continue;
             }
         };
-        let Ok(permit) = upgrades.clone().try_acquire_owned() else {
+        let Some(permit) = settings.admission.try_admit() else {
             settings
                 .stats
                 .upgrades_refused_busy
@@ -240,37 +247,50 @@ pub(super) enum UpgradeError {
     Io(#[from] std::io::Error),
 }
 
-/// TLS (when configured), then the upgrade.
+/// TLS (when configured), then the upgrade. The TLS handshake and the request head share
+/// one deadline, the header timeout from the accept (as on the HTTP listeners), so a slow
+/// client cannot spend a handshake timeout and then a header timeout.
 async fn open<S: Stream>(
     stream: S,
     settings: &WsSettings,
 ) -> Result<WebSocketStream<MaybeTls<S>>, UpgradeError> {
+    let head_by = tokio::time::Instant::now() + settings.header_timeout;
     let stream = match &settings.tls {
-        // `accept` has its own handshake deadline.
-        Some(tls) => tls
-            .accept_telling_plaintext(stream, Some(WSS_REQUIRED))
-            .await
-            .map_err(|e| UpgradeError::Tls(e.to_string()))?,
+        // `accept` has its own handshake deadline too; whichever ends first.
+        Some(tls) => {
+            let accepted = tokio::time::timeout_at(
+                head_by,
+                tls.accept_telling_plaintext(stream, Some(WSS_REQUIRED)),
+            )
+            .await;
+            match accepted {
+                Err(_) => return Err(header_timeout(settings)),
+                Ok(accepted) => accepted.map_err(|e| UpgradeError::Tls(e.to_string()))?,
+            }
+        }
         None => MaybeTls::plain(stream),
     };
-    upgrade(stream, settings).await
+    upgrade(stream, head_by, settings).await
 }
 
-/// Reads the request head within the header timeout, checks it, and answers `101` or an
-/// HTTP error (then closes).
+fn header_timeout(settings: &WsSettings) -> UpgradeError {
+    settings
+        .stats
+        .header_timeouts
+        .fetch_add(1, Ordering::Relaxed);
+    UpgradeError::HeaderTimeout(settings.header_timeout)
+}
+
+/// Reads the request head by `head_by`, checks it, and answers `101` or an HTTP error (then
+/// closes).
 async fn upgrade<S: Stream>(
     mut stream: S,
+    head_by: tokio::time::Instant,
     settings: &WsSettings,
 ) -> Result<WebSocketStream<S>, UpgradeError> {
-    let read = tokio::time::timeout(settings.header_timeout, read_head(&mut stream)).await;
+    let read = tokio::time::timeout_at(head_by, read_head(&mut stream)).await;
     let (head, rest) = match read {
-        Err(_) => {
-            settings
-                .stats
-                .header_timeouts
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(UpgradeError::HeaderTimeout(settings.header_timeout));
-        }
+        Err(_) => return Err(header_timeout(settings)),
         Ok(Err(HeadError::Closed)) => return Err(UpgradeError::Closed),
         Ok(Err(HeadError::Io(error))) => return Err(error.into()),
         Ok(Err(HeadError::TooLarge)) => {
@@ -301,13 +321,30 @@ async fn upgrade<S: Stream>(
             .into());
         }
     }
-    let config = WebSocketConfig::default()
-        .read_buffer_size(WS_READ_BUFFER)
-        .max_message_size(Some(settings.codec.max_frame()))
-        .max_frame_size(Some(settings.codec.max_frame()));
+    let config = ws_config(settings.codec.max_frame());
     // Bytes after the head belong to the WebSocket (a client may send its first message
     // without waiting for the 101).
     Ok(WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(config)).await)
+}
+
+/// The library's limits for one connection. Its write buffer is unbounded by default, and
+/// it queues a pong for every ping it reads even while the socket does not take them: a
+/// client that pings without reading would grow the server's memory at its own line rate
+/// until the login timeout. Bounded at one batch plus one whole frame, extra pongs collapse
+/// into the library's one pending pong and a data write waits (then the slow-consumer rule).
+fn ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(max_write_buffer(max_frame))
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// One batch, one whole frame and its header: more than `WS_WRITE_BUFFER` (the library
+/// panics otherwise) and bounded by the frame limit, never by what a client sends.
+fn max_write_buffer(max_frame: usize) -> usize {
+    WS_WRITE_BUFFER + max_frame + WS_FRAME_HEADER_MAX
 }
 
 enum HeadError {
@@ -655,6 +692,40 @@ fn truncate_reason(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_buffer_is_bounded_by_the_frame_limit_not_by_the_client() {
+        for max_frame in [1024, 64 * 1024, 1 << 20] {
+            let config = ws_config(max_frame);
+            // Unbounded (the library's default) let pongs pile up for a client that pings
+            // without reading.
+            assert_ne!(config.max_write_buffer_size, usize::MAX);
+            assert!(config.max_write_buffer_size <= WS_WRITE_BUFFER + max_frame + 64);
+            // Room for one whole frame, and above the batch size (the library panics below).
+            assert!(config.max_write_buffer_size >= max_frame + WS_FRAME_HEADER_MAX);
+            assert!(config.max_write_buffer_size > config.write_buffer_size);
+        }
+    }
+
+    #[test]
+    fn tls_handshakes_and_upgrades_share_one_budget_with_the_established_connections() {
+        let established = Arc::new(AtomicU64::new(0));
+        let admission = Admission::new(3, established.clone());
+        let tls_handshake = admission.try_admit().expect("a place");
+        let upgrade = admission.clone().try_admit().expect("a place");
+        let third = admission.try_admit().expect("a place");
+        assert!(admission.try_admit().is_none(), "3 in progress of 3");
+        drop(third);
+        // One place left in the semaphore, but the node already holds one connection.
+        established.store(1, Ordering::Relaxed);
+        assert!(
+            admission.try_admit().is_none(),
+            "1 established + 2 in progress of 3"
+        );
+        established.store(0, Ordering::Relaxed);
+        assert!(admission.try_admit().is_some());
+        drop((tls_handshake, upgrade));
+    }
 
     fn request(extra: &str) -> Vec<u8> {
         format!(
