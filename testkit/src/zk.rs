@@ -123,18 +123,27 @@ pub(crate) fn zookeeper_missing() -> Option<&'static str> {
     }
 }
 
+/// Whether ZooKeeper can run here; if not, says that `what` is skipped (and fails under
+/// `CI=true`, where CI must have installed it).
+pub(crate) fn zookeeper_or_skip(what: &str) -> bool {
+    let Some(why) = zookeeper_missing() else {
+        return true;
+    };
+    assert!(
+        !in_ci(),
+        "CI=true and {why}: CI must install ZooKeeper (apt-get install zookeeper)"
+    );
+    // Written to the real stderr (not `eprintln!`, which the test harness captures), so
+    // the skip is visible in a normal `cargo test` run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPING {what}: {why} (install the Debian `zookeeper` package)"
+    );
+    false
+}
+
 fn start_or_skip() -> Option<ZkServer> {
-    if let Some(why) = zookeeper_missing() {
-        assert!(
-            !in_ci(),
-            "CI=true and {why}: CI must install ZooKeeper (apt-get install zookeeper)"
-        );
-        // Written to the real stderr (not `eprintln!`, which the test harness captures), so
-        // the skip is visible in a normal `cargo test` run.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPING ZooKeeper registry tests: {why} (install the Debian `zookeeper` package)"
-        );
+    if !zookeeper_or_skip("ZooKeeper registry tests") {
         return None;
     }
     // A free port can be taken between probing and ZooKeeper binding it; try a few.

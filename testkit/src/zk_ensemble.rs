@@ -24,8 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::in_ci;
-use crate::zk::{ZK_CONF_DIR, ZK_JAR, free_port, zookeeper_missing};
+use crate::zk::{ZK_CONF_DIR, ZK_JAR, free_port, zookeeper_or_skip};
 
 static SHARED: std::sync::OnceLock<Option<ZkEnsemble>> = std::sync::OnceLock::new();
 
@@ -71,15 +70,7 @@ impl ZkEnsemble {
     /// Starts three members and waits (60 s at most) until one leads and two follow. `None`
     /// (with a message) when java or the jar is missing, outside CI.
     pub fn start() -> Option<Self> {
-        if let Some(why) = zookeeper_missing() {
-            assert!(
-                !in_ci(),
-                "CI=true and {why}: CI must install ZooKeeper (apt-get install zookeeper)"
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPING the ZooKeeper ensemble test: {why} (install the Debian `zookeeper` package)"
-            );
+        if !zookeeper_or_skip("the ZooKeeper ensemble test") {
             return None;
         }
         // Nine free ports are probed before any member binds them; another process can take

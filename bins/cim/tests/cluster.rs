@@ -288,37 +288,13 @@ async fn four_senders_keep_chatting_through_a_server_sigkill() {
     assert_eq!(acked.values().map(BTreeSet::len).sum::<usize>(), total);
 
     // Every member of each conversation gets exactly the acked messages, in seq order.
-    let members = |conv: &ConvId| -> Vec<usize> {
-        match conv {
-            ConvId::Private { low, high } => (0..SENDERS)
-                .filter(|i| ids[*i] == *low || ids[*i] == *high)
-                .collect(),
-            _ => (0..SENDERS).collect(),
-        }
-    };
-    for (conv, messages) in &acked {
-        let want: Vec<(u64, ClientMsgId)> = messages.iter().copied().collect();
-        for m in members(conv) {
-            let (count, conv2) = (want.len(), conv.clone());
-            recorders[m]
-                .wait_for(
-                    Duration::from_secs(60),
-                    &format!("u{m} has all of {conv}"),
-                    move |seen| {
-                        seen.messages
-                            .get(&conv2)
-                            .is_some_and(|got| got.len() >= count)
-                    },
-                )
-                .await;
-            let seen = recorders[m].seen.lock().unwrap();
-            let got: Vec<(u64, ClientMsgId)> = seen.messages[conv]
-                .iter()
-                .map(|(_, seq, id)| (*seq, *id))
-                .collect();
-            assert_eq!(got, want, "u{m} in {conv}: exactly once, in seq order");
-        }
-    }
+    support::assert_each_member_has_exactly_the_acked(
+        &acked,
+        &ids,
+        &recorders,
+        Duration::from_secs(60),
+    )
+    .await;
     let mut rehomed = Vec::new();
     for (i, r) in recorders.iter().enumerate() {
         let seen = r.seen.lock().unwrap();

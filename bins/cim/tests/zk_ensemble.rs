@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cim_core::client::{ConnectionLoss, LoginFailure};
-use cim_core::ids::{ClientMsgId, ConvId, UserId};
+use cim_core::ids::{ConvId, UserId};
 use cim_core::route::login::LoginError;
 use cim_io::api;
 use cim_io::net::TokioNet;
@@ -609,38 +609,14 @@ async fn an_ensemble_member_dies_unnoticed_a_lost_quorum_fences_and_all_recovers
         );
     }
     // Every member of each conversation has exactly the acknowledged messages, in order.
-    let members = |conv: &ConvId| -> Vec<usize> {
-        match conv {
-            ConvId::Private { low, high } => (0..USERS)
-                .filter(|i| ids[*i] == *low || ids[*i] == *high)
-                .collect(),
-            _ => (0..USERS).collect(),
-        }
-    };
     let total: usize = acked.values().map(BTreeSet::len).sum();
-    for (conv, messages) in &acked {
-        let want: Vec<(u64, ClientMsgId)> = messages.iter().copied().collect();
-        for m in members(conv) {
-            let (count, conv2) = (want.len(), conv.clone());
-            recorders[m]
-                .wait_for(
-                    Duration::from_secs(30),
-                    &format!("u{m} has all of {conv}"),
-                    move |seen| {
-                        seen.messages
-                            .get(&conv2)
-                            .is_some_and(|got| got.len() >= count)
-                    },
-                )
-                .await;
-            let seen = recorders[m].seen.lock().unwrap();
-            let got: Vec<(u64, ClientMsgId)> = seen.messages[conv]
-                .iter()
-                .map(|(_, seq, id)| (*seq, *id))
-                .collect();
-            assert_eq!(got, want, "u{m} in {conv}: exactly once, in seq order");
-        }
-    }
+    support::assert_each_member_has_exactly_the_acked(
+        &acked,
+        &ids,
+        &recorders,
+        Duration::from_secs(30),
+    )
+    .await;
     let end = disturbance(&cluster).await;
     assert_eq!(end.route.0, 2.0, "both servers back in the route's view");
     println!(

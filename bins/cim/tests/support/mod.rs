@@ -474,6 +474,44 @@ pub fn listed(view: &cim_io::registry::RegistryView, id: &str) -> bool {
 /// Per conversation, the (seq, msg id) of every acknowledged send.
 pub type AckedByConv = BTreeMap<ConvId, BTreeSet<(u64, ClientMsgId)>>;
 
+/// Every member of each conversation has exactly its acknowledged messages, once each, in
+/// seq order: `ids[i]` is recorder `i`'s user (all of them are in `all`), and each waits up
+/// to `limit` for its count before the comparison.
+pub async fn assert_each_member_has_exactly_the_acked(
+    acked: &AckedByConv,
+    ids: &[UserId],
+    recorders: &[Recorder],
+    limit: Duration,
+) {
+    let members = |conv: &ConvId| -> Vec<usize> {
+        match conv {
+            ConvId::Private { low, high } => (0..ids.len())
+                .filter(|i| ids[*i] == *low || ids[*i] == *high)
+                .collect(),
+            _ => (0..ids.len()).collect(),
+        }
+    };
+    for (conv, messages) in acked {
+        let want: Vec<(u64, ClientMsgId)> = messages.iter().copied().collect();
+        for m in members(conv) {
+            let (count, conv2) = (want.len(), conv.clone());
+            recorders[m]
+                .wait_for(limit, &format!("u{m} has all of {conv}"), move |seen| {
+                    seen.messages
+                        .get(&conv2)
+                        .is_some_and(|got| got.len() >= count)
+                })
+                .await;
+            let seen = recorders[m].seen.lock().unwrap();
+            let got: Vec<(u64, ClientMsgId)> = seen.messages[conv]
+                .iter()
+                .map(|(_, seq, id)| (*seq, *id))
+                .collect();
+            assert_eq!(got, want, "u{m} in {conv}: exactly once, in seq order");
+        }
+    }
+}
+
 /// What one user's application saw, recorded as it happens.
 #[derive(Debug, Default)]
 pub struct Seen {
