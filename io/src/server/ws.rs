@@ -592,9 +592,14 @@ impl<S: Stream> FrameSource for WsReader<S> {
 pub(super) struct WsWriter<S> {
     sink: SplitSink<WebSocketStream<S>, Message>,
     close: Arc<OnceLock<(CloseCode, String)>>,
-    /// The last frame written: a final `Kick` or `Error` names the close code.
+    /// The last frame written, if it is small enough to be a `Kick` or `Error` (which names
+    /// the close code): a copy, so an idle connection does not pin the driver's encode
+    /// buffer or a large answer it shares.
     last: Option<Bytes>,
 }
+
+/// `Kick` and `Error` frames are a code and a short text; a larger last frame is neither.
+const LAST_FRAME_KEPT: usize = 1024;
 
 impl<S: Stream> FrameSink for WsWriter<S> {
     async fn write_encoded(
@@ -603,7 +608,8 @@ impl<S: Stream> FrameSink for WsWriter<S> {
         timeout: Duration,
     ) -> Result<(), WriteError> {
         let write = async {
-            for frame in frames.iter_mut() {
+            let count = frames.len();
+            for (i, frame) in frames.iter_mut().enumerate() {
                 let mut record = std::mem::take(frame);
                 // The driver's encoding carries a length prefix: a WebSocket message has
                 // its own length, so the body alone is sent.
@@ -614,7 +620,11 @@ impl<S: Stream> FrameSink for WsWriter<S> {
                     }
                     Err(error) => return Err(std::io::Error::other(error)),
                 };
-                self.last = Some(body.clone());
+                if i + 1 == count {
+                    // Only the batch's last frame can be the one the connection ends on.
+                    self.last =
+                        (body.len() <= LAST_FRAME_KEPT).then(|| Bytes::copy_from_slice(&body));
+                }
                 self.sink.feed(Message::Binary(body)).await.map_err(ws_io)?;
             }
             self.sink.flush().await.map_err(ws_io)
