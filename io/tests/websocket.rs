@@ -424,6 +424,20 @@ async fn bad_messages_get_the_typed_error_and_a_close_code_while_others_are_serv
     assert_eq!(code, CloseCode::Unsupported, "{reason}");
     assert!(reason.contains("binary"), "{reason}");
 
+    // A text message that is not even UTF-8 (the library refuses it before the gateway
+    // sees it): the same close code, not a normal close.
+    let mut ws = ws_connect(&url, None).await.unwrap();
+    let raw = tokio_tungstenite::tungstenite::protocol::frame::Frame::message(
+        Bytes::from_static(b"\xff\xfe"),
+        tokio_tungstenite::tungstenite::protocol::frame::coding::OpCode::Data(
+            tokio_tungstenite::tungstenite::protocol::frame::coding::Data::Text,
+        ),
+        true,
+    );
+    ws.send(Message::Frame(raw)).await.unwrap();
+    let (code, reason) = closed_with(&mut ws).await;
+    assert_eq!(code, CloseCode::Unsupported, "{reason}");
+
     // A message over the frame limit.
     let mut ws = ws_connect(&url, None).await.unwrap();
     ws.send(Message::Binary(vec![0u8; 1025].into()))

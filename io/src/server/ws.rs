@@ -525,6 +525,10 @@ pub(super) async fn close_refused<S: Stream>(conn: WsConn<S>, reason: String, ti
     let _ = tokio::time::timeout(timeout, ws.close(Some(frame))).await;
 }
 
+/// Why a text message is refused (and the close reason after one).
+const TEXT_REFUSED: &str =
+    "text messages are not part of the protocol: send each frame as one binary message";
+
 /// The reading half: one binary message is one frame.
 pub(super) struct WsReader<S> {
     stream: SplitStream<WebSocketStream<S>>,
@@ -549,8 +553,14 @@ impl<S: Stream> FrameSource for WsReader<S> {
                 }
                 Some(Err(WsError::Io(error))) => return Err(ReadError::Io(error)),
                 Some(Err(error)) => {
-                    // A broken WebSocket (bad masking, bad opcode, …): tungstenite has
-                    // already failed the connection; nothing more can be said on it.
+                    // A broken WebSocket (bad masking, bad opcode, …) or a text message that
+                    // is not even UTF-8: the close says which, where tungstenite can still
+                    // send one (otherwise the close code of the last frame written would).
+                    let close = match &error {
+                        WsError::Utf8(_) => (CloseCode::Unsupported, TEXT_REFUSED.to_owned()),
+                        _ => (CloseCode::Protocol, error.to_string()),
+                    };
+                    let _ = self.close.set(close);
                     return Err(ReadError::Io(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         error.to_string(),
@@ -570,12 +580,12 @@ impl<S: Stream> FrameSource for WsReader<S> {
                     });
                 }
                 Message::Text(_) => {
-                    let detail = "text messages are not part of the protocol: send each frame \
-                                  as one binary message";
-                    let _ = self.close.set((CloseCode::Unsupported, detail.to_owned()));
+                    let _ = self
+                        .close
+                        .set((CloseCode::Unsupported, TEXT_REFUSED.to_owned()));
                     return Err(ReadError::Refused {
                         code: ErrorCode::MalformedFrame,
-                        detail: detail.to_owned(),
+                        detail: TEXT_REFUSED.to_owned(),
                     });
                 }
                 // Answered by tungstenite (queued, sent with the next read or write).
