@@ -745,9 +745,30 @@ async fn wss_with_the_gateways_certificate() {
     let env = start(|options| {
         options.gateway_tls = Some(side.gateway);
         options.link_tls = None;
+        options.ws_header_timeout = Duration::from_millis(300);
     })
     .await;
     let port = env.ws_port();
+
+    // A TLS hello begun, then silence: the handshake and the request head share the header
+    // timeout, so it is closed at 300 ms, long before the TLS handshake's own 10 s.
+    let mut stalled = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        cim_io::tls::DEFAULT_HANDSHAKE_TIMEOUT / 2,
+        stalled.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a stalled TLS hello outlived the header timeout"
+    );
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains("reason=\"header_timeout\"} 1\n"),
+        "{metrics}"
+    );
 
     // The login answer says wss (the route itself is plain HTTP here).
     let (user, login) = env.login("secure").await;
