@@ -91,6 +91,7 @@ async fn online_users_leave_with_their_server() {
         session: ClientConfig::new(cim_core::ids::UserId(ids[0]), "alice", PASSWORD, 1),
         state: None,
         max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+        server_transport: Default::default(),
         tls: None,
     };
     let (_alice, mut events) = Client::start(TokioNet, Clock::System, options);

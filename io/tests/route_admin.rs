@@ -186,6 +186,7 @@ impl Cluster {
             session: ClientConfig::new(user, name, password, user.0 + 100),
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            server_transport: Default::default(),
             tls: None,
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);

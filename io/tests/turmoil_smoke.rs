@@ -105,6 +105,7 @@ fn route_server_and_client_chat_over_simulated_sockets() {
             session: ClientConfig::new(user, "ann", "ann-password", seed),
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            server_transport: Default::default(),
             tls: None,
         };
         let (client, mut events) = Client::start(TurmoilNet, Clock::simulated(ORIGIN), options);

@@ -20,7 +20,7 @@ use cim_io::clock::Clock;
 use cim_io::net::TokioNet;
 use cim_io::registry::MemoryRegistry;
 use cim_io::route::{self, RouteHandle, RouteOptions};
-use cim_io::sdk::{Client, Events, RouteApi, SdkOptions};
+use cim_io::sdk::{Client, Events, RouteApi, SdkOptions, ServerTransport};
 use cim_io::server::ws::OriginPolicy;
 use cim_io::server::{self, ServerHandle, ServerOptions};
 use cim_io::store::{MemoryBackend, Store};
@@ -154,11 +154,21 @@ impl Env {
 
     /// An SDK (TCP gateway) client of a fresh user, online.
     async fn tcp_user(&self, name: &str) -> (UserId, Client<TokioNet>, Events) {
+        self.sdk_user(name, ServerTransport::Tcp).await
+    }
+
+    /// An SDK client of a fresh user, online through the given gateway.
+    async fn sdk_user(
+        &self,
+        name: &str,
+        transport: ServerTransport,
+    ) -> (UserId, Client<TokioNet>, Events) {
         let registered = self.api().register(name, PASSWORD).await.unwrap();
         let user = UserId(registered.user_id);
         let mut config = ClientConfig::new(user, name, PASSWORD, cim_io::launch::os_seed());
         config.ack_delay = Duration::from_millis(10);
-        let options = SdkOptions::new("127.0.0.1", self.route.http_addr().port(), config);
+        let mut options = SdkOptions::new("127.0.0.1", self.route.http_addr().port(), config);
+        options.server_transport = transport;
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);
         loop {
             match next_event(&mut events).await {
@@ -405,6 +415,55 @@ async fn a_websocket_client_and_a_tcp_client_chat_through_one_node() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     client.shutdown().await;
+}
+
+/// The SDK's own WebSocket transport (what `cim-bench --transport websocket` drives): the
+/// same client machine over the browser's gateway, both ways with a TCP client, and back
+/// online over the WebSocket after the server cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_chats_over_the_websocket_gateway() {
+    let env = start(|_| {}).await;
+    let (web, web_client, mut web_events) =
+        env.sdk_user("sdkweb", ServerTransport::WebSocket).await;
+    let (tcp, tcp_client, mut tcp_events) = env.tcp_user("sdktcp").await;
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains(
+            "cim_server_connections_by_transport{server_id=\"s1\",transport=\"websocket\"} 1\n"
+        ),
+        "the SDK's WebSocket client is on the WebSocket gateway: {metrics}"
+    );
+    let private = ConvId::private(web, tcp).unwrap();
+    for i in 0..3 {
+        let body = format!("web to tcp {i}");
+        web_client
+            .send(private.clone(), Bytes::from(body.clone()))
+            .await
+            .expect("acknowledged over the WebSocket");
+        loop {
+            if let ClientEvent::Message(m) = next_event(&mut tcp_events).await
+                && m.body.as_ref() == body.as_bytes()
+            {
+                assert_eq!(m.sender, web);
+                break;
+            }
+        }
+        let body = format!("tcp to web {i}");
+        tcp_client
+            .send(private.clone(), Bytes::from(body.clone()))
+            .await
+            .unwrap();
+        loop {
+            if let ClientEvent::Message(m) = next_event(&mut web_events).await
+                && m.body.as_ref() == body.as_bytes()
+            {
+                assert_eq!(m.sender, tcp);
+                break;
+            }
+        }
+    }
+    web_client.shutdown().await;
+    tcp_client.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

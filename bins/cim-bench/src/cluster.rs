@@ -145,6 +145,8 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
         options.listen_ip = [127, 0, 0, 1].into();
         options.advertise_host = "127.0.0.1".into();
         (options.client_port, options.link_port, options.http_port) = (0, 0, 0);
+        // The WebSocket gateway too, for `--transport websocket` (idle otherwise).
+        options.ws_port = Some(0);
         if let Some(tls) = &server_tls {
             options.gateway_tls = Some(tls.gateway.clone());
             options.link_tls = Some(tls.link.clone());

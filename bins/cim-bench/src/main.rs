@@ -19,6 +19,7 @@ mod p2p;
 mod procs;
 mod util;
 
+use cim_io::sdk::ServerTransport;
 use clap::{Parser, Subcommand};
 
 use crate::cluster::{Argon2Cost, Setup};
@@ -55,6 +56,36 @@ struct Common {
     /// Started clusters: argon2 cost (login measures both).
     #[arg(long, value_enum, default_value = "test")]
     argon2: Argon2Cost,
+    /// The servers' gateway the clients use; `both` (fanout only) runs the fan-out over TCP
+    /// and then over WebSocket against the same cluster and prints the ratio.
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: Transport,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Websocket,
+    Both,
+}
+
+impl Common {
+    fn tcp_only(&self, scenario: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.transport == Transport::Tcp,
+            "--transport is for fanout and p2p, not {scenario}"
+        );
+        Ok(())
+    }
+
+    /// The clients' gateway for scenarios that run one (`both` is fan-out's alone).
+    fn one_transport(&self) -> anyhow::Result<ServerTransport> {
+        match self.transport {
+            Transport::Tcp => Ok(ServerTransport::Tcp),
+            Transport::Websocket => Ok(ServerTransport::WebSocket),
+            Transport::Both => anyhow::bail!("--transport both is for fanout only"),
+        }
+    }
 }
 
 impl Common {
@@ -150,6 +181,7 @@ fn main() -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let tables = match command {
             Command::Login { common, args } => {
+                common.tcp_only("login")?;
                 let modes: &[bool] = if common.redis {
                     &[true]
                 } else {
@@ -161,11 +193,38 @@ fn main() -> anyhow::Result<()> {
                 let target = cluster::start(&common.setup())?;
                 eprintln!("fanout against {}", target.label);
                 let pid = target.cluster.as_ref().map(cluster::ChildProc::pid);
-                let r = fanout::run_ours(&target.route, &args, common.quick, pid, "cim-rs").await?;
-                vec![fanout_table(&target.label, &[r])?]
+                let transports: &[(ServerTransport, &str)] = match common.transport {
+                    Transport::Both => &[
+                        (ServerTransport::Tcp, "cim-rs (TCP)"),
+                        (ServerTransport::WebSocket, "cim-rs (WebSocket)"),
+                    ],
+                    Transport::Websocket => &[(ServerTransport::WebSocket, "cim-rs (WebSocket)")],
+                    Transport::Tcp => &[(ServerTransport::Tcp, "cim-rs")],
+                };
+                let mut results = Vec::new();
+                for &(transport, name) in transports {
+                    let mut route = target.route.clone();
+                    route.transport = transport;
+                    results.push(fanout::run_ours(&route, &args, common.quick, pid, name).await?);
+                }
+                let mut tables = vec![fanout_table(&target.label, &results)?];
+                if let [tcp, ws] = &results[..] {
+                    let mut ratio = Table::new(
+                        "WebSocket against TCP (same cluster, one run)",
+                        &["deliveries/s ratio", "p99 ratio"],
+                    );
+                    let p99 = |r: &fanout::FanoutResult| util::percentiles_ms(&r.latency_us)[1];
+                    ratio.row(vec![
+                        format!("{:.2}x", ws.per_sec() / tcp.per_sec().max(1e-9)),
+                        format!("{:.2}x", p99(ws) / p99(tcp).max(1e-9)),
+                    ]);
+                    tables.push(ratio);
+                }
+                tables
             }
             Command::P2p { common, args } => {
-                let target = cluster::start(&common.setup())?;
+                let mut target = cluster::start(&common.setup())?;
+                target.route.transport = common.one_transport()?;
                 eprintln!("p2p against {}", target.label);
                 let pid = target.cluster.as_ref().map(cluster::ChildProc::pid);
                 vec![
@@ -175,6 +234,7 @@ fn main() -> anyhow::Result<()> {
                 ]
             }
             Command::Compare { common, args } => {
+                common.tcp_only("compare")?;
                 compare::run(&args, &common.setup(), common.quick).await?
             }
             Command::Failover { quick, args } => vec![failover::run(&args, quick).await?],

@@ -10,7 +10,7 @@ use cim_core::client::{ClientConfig, ClientEvent};
 use cim_core::ids::UserId;
 use cim_io::clock::Clock;
 use cim_io::net::{Network, TokioNet};
-use cim_io::sdk::{Client, Events, RouteApi, SdkOptions, SdkTls};
+use cim_io::sdk::{Client, Events, RouteApi, SdkOptions, SdkTls, ServerTransport};
 use cim_io::tls::{ClientTls, ClientTlsSettings};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
@@ -76,6 +76,8 @@ pub struct Route {
     pub host: String,
     pub port: u16,
     pub tls: Option<ClientTls>,
+    /// Which gateway of the servers the bench's clients connect to.
+    pub transport: ServerTransport,
 }
 
 impl Route {
@@ -104,6 +106,7 @@ pub fn parse_route_url(route: &str, ca: Option<&std::path::Path>) -> anyhow::Res
         host: addr.host,
         port: addr.port,
         tls: None,
+        transport: ServerTransport::Tcp,
     };
     match (addr.https, ca) {
         (false, None) => Ok(plain),
@@ -179,6 +182,7 @@ pub fn start_client<N: Network>(
         client,
         route_https: true,
     });
+    options.server_transport = route.transport;
     Client::start(net, Clock::System, options)
 }
 

@@ -77,6 +77,7 @@ pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
             session: ClientConfig::new(*user, name.clone(), PASSWORD, launch::os_seed()),
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            server_transport: Default::default(),
             tls: tls.clone(),
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);

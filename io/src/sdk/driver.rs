@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::route_api::{ApiError, RouteApi};
-use super::{Acked, AppCommand, SdkOptions, SendError};
+use super::{Acked, AppCommand, SdkOptions, SendError, ServerTransport, ws_conn};
 use crate::api::{self, decode_resume_token, decode_ticket, encode_resume_token};
 use crate::clock::Clock;
 use crate::http_client::HttpError;
@@ -100,6 +100,8 @@ struct Transport {
     route_tls: bool,
     /// Trust roots for TLS servers; `None` cannot reach one.
     tls: Option<ClientTls>,
+    /// Which of the server's gateways to connect to.
+    server: ServerTransport,
 }
 
 impl<N: Network> Driver<N> {
@@ -116,6 +118,7 @@ impl<N: Network> Driver<N> {
         let transport = Transport {
             route_tls: options.tls.as_ref().is_some_and(|tls| tls.route_https),
             tls: options.tls.as_ref().map(|tls| tls.client.clone()),
+            server: options.server_transport,
         };
         let session = match options.state {
             Some(state) => {
@@ -507,8 +510,13 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
             link_port: 0,
             connections: 0,
             client_tls: endpoint.tls,
-            // This SDK speaks the TCP gateway; the WebSocket URL is for browsers.
-            ws_port: None,
+            // The WebSocket gateway's port, for `ServerTransport::WebSocket` (its URL is
+            // made from the same host and TLS, as the route made it).
+            ws_port: endpoint
+                .ws_url
+                .as_deref()
+                .and_then(|url| ws_conn::WsTarget::parse(url).ok())
+                .map(|target| target.port),
         },
         ticket,
         token: r.token,
@@ -564,13 +572,30 @@ async fn connection<N: Network>(
     codec: FrameCodec,
     generation: u64,
     inputs: mpsc::Sender<Input>,
-    mut frames: mpsc::Receiver<Frame>,
+    frames: mpsc::Receiver<Frame>,
 ) {
-    let ServerEndpoint {
-        host, port, tls, ..
-    } = endpoint;
     let failed = || async {
         let _ = inputs.send(Input::ConnectFailed { generation }).await;
+    };
+    // Where to connect: the TCP gateway, or the WebSocket one (its own host, port and scheme).
+    let (host, port, tls, ws_url) = match transport.server {
+        ServerTransport::Tcp => (endpoint.host, endpoint.port, endpoint.tls, None),
+        ServerTransport::WebSocket => {
+            match endpoint.ws_url.as_deref().map(ws_conn::WsTarget::parse) {
+                Some(Ok(target)) => (target.host, target.port, target.tls, Some(target.url)),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "the server's wsUrl is unusable");
+                    return failed().await;
+                }
+                None => {
+                    tracing::warn!(
+                        host = %endpoint.host,
+                        "the server names no WebSocket gateway; this client uses only WebSocket"
+                    );
+                    return failed().await;
+                }
+            }
+        }
     };
     // What the login answer asks cannot work with this client's TLS: no retry changes that
     // (every server of a route is set up alike), so the session stops and says why.
@@ -638,7 +663,44 @@ async fn connection<N: Network>(
             return failed().await;
         }
     };
-    let (mut reader, mut writer) = framed(stream, codec);
+    match ws_url {
+        None => {
+            let (reader, writer) = framed(stream, codec);
+            pump(reader, writer, timeouts, generation, inputs, frames).await;
+        }
+        Some(url) => {
+            let upgraded =
+                tokio::time::timeout(timeouts.connect, ws_conn::upgrade(stream, &url, codec))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no WebSocket upgrade within {:?}",
+                            timeouts.connect
+                        ))
+                    });
+            match upgraded {
+                Ok((reader, writer)) => {
+                    pump(reader, writer, timeouts, generation, inputs, frames).await;
+                }
+                Err(error) => {
+                    tracing::debug!(%url, %error, "WebSocket upgrade failed");
+                    failed().await;
+                }
+            }
+        }
+    }
+}
+
+/// Reads and writes one connection's frames until either side fails or the driver drops
+/// the queue; the same for both gateways.
+async fn pump(
+    mut reader: impl ws_conn::ReadFrames,
+    mut writer: impl ws_conn::WriteFrames,
+    timeouts: ConnTimeouts,
+    generation: u64,
+    inputs: mpsc::Sender<Input>,
+    mut frames: mpsc::Receiver<Frame>,
+) {
     if inputs.send(Input::Connected { generation }).await.is_err() {
         return;
     }
@@ -802,7 +864,8 @@ mod tests {
                 host: "s1.example".into(),
                 port: 11212,
                 tls: true,
-                ws_url: None,
+                // Kept, for a client that connects over WebSocket.
+                ws_url: Some("wss://s1.example:11412/".into()),
             }
         );
         assert!(answer_from(UserId(5), response.clone()).is_err());

@@ -28,6 +28,7 @@ mod driver;
 mod route_addr;
 pub mod route_api;
 pub mod state_file;
+mod ws_conn;
 
 use bytes::Bytes;
 use cim_core::client::{ClientConfig, ClientEvent, ClientState, ClientStats, ErrorCode};
@@ -58,6 +59,22 @@ pub struct SdkOptions {
     pub state: Option<ClientState>,
     /// Largest frame read or written (the server's limit, 64 KiB by default).
     pub max_frame: usize,
+    /// How this client reaches the server the route names: its TCP gateway (the default)
+    /// or its WebSocket gateway, as a browser does.
+    pub server_transport: ServerTransport,
+}
+
+/// Which of a server's gateways the SDK connects to. Both carry the same frames to the same
+/// server machine; the WebSocket one is for browsers, and the SDK can use it to test and
+/// benchmark that path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServerTransport {
+    /// The server's TCP gateway: length-prefixed frames (`endpoint.host:port`).
+    #[default]
+    Tcp,
+    /// The server's WebSocket gateway (`endpoint.wsUrl`): one binary message per frame. A
+    /// server without one is unreachable to this client, never silently reached over TCP.
+    WebSocket,
 }
 
 impl SdkOptions {
@@ -70,6 +87,7 @@ impl SdkOptions {
             session,
             state: None,
             max_frame: cim_proto::codec::FrameCodec::default().max_frame(),
+            server_transport: ServerTransport::Tcp,
         }
     }
 }

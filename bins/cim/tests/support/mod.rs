@@ -439,6 +439,7 @@ impl User {
             session: client_config(self.id, &self.name, cim_io::launch::os_seed()),
             state,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
+            server_transport: Default::default(),
             tls: None,
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);
