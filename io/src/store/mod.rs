@@ -141,7 +141,7 @@ use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 
 pub use self::memory::MemoryBackend;
 pub use self::migrate::{MigrateError, MigrationReport, NameConflict, SCHEMA_KEY, SCHEMA_VERSION};
-pub use self::redis::{ACCOUNT_CACHE_TTL, ConnectError, RedisOptions, RedisStore};
+pub use self::redis::{ACCOUNT_CACHE_TTL, CircuitStats, ConnectError, RedisOptions, RedisStore};
 pub use self::redis_tls::{RedisTls, redact_url};
 
 /// A boxed, sendable future borrowing the store (so `Arc<dyn Store>` can be moved into a
@@ -157,6 +157,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the backend answers (a `PING` on Redis).
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>>;
+
+    /// What the backend's circuit breaker has done (a Redis Cluster's: see
+    /// `redis/circuit.rs`); all zero for the others.
+    fn circuit(&self) -> CircuitStats {
+        CircuitStats::default()
+    }
 
     /// Brings the stored layout to this build's version before a route serves: Redis
     /// migrates an older layout once, under a lock, and refuses a newer one (see

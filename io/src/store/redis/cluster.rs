@@ -20,7 +20,8 @@ use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAd
 use ::redis::{Cmd, FromRedisValue};
 use futures::StreamExt as _;
 
-use super::conn::{Conn, Sticky};
+use super::circuit::Circuit;
+use super::conn::{Backend, Conn};
 use super::*;
 
 /// Redis Cluster's slot count.
@@ -109,7 +110,8 @@ impl RedisStore {
             .await
             .map_err(|_| unreachable(format!("no cluster connection within {budget:?}")))?
             .map_err(|e| unreachable(explain_connect_failure(tls, &e)))?;
-        let mut conn = Conn::Cluster(Sticky::new(conn));
+        let backend = Backend::Cluster(Circuit::new(client, conn, budget));
+        let mut conn = backend.conn().await.map_err(|e| unreachable(e.0))?;
         // `INFO` goes to every master; the crate answers with one reply per node.
         let infos: Value = tokio::time::timeout(
             budget,
@@ -131,11 +133,11 @@ impl RedisStore {
                 });
             }
         }
-        Ok(Self::with_conn(conn, options))
+        Ok(Self::with_backend(backend, options))
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        matches!(self.backend, Backend::Cluster(_))
     }
 
     /// Indices of `keys` grouped by slot, in slot order: one group holding everything on a
@@ -216,10 +218,12 @@ impl RedisStore {
 
     /// Where [`Self::scan_page`] must look to see every key: the one node, or every master.
     pub(super) async fn scan_nodes(&self) -> R<Vec<Option<RoutingInfo>>> {
-        let Conn::Cluster(sticky) = &self.conn else {
+        if !self.is_cluster() {
+            return Ok(vec![None]);
+        }
+        let Conn::Cluster(mut conn) = self.backend.conn().await? else {
             return Ok(vec![None]);
         };
-        let mut conn = sticky.conn.clone();
         let slots: Value = conn
             .route_command(
                 ::redis::cmd("CLUSTER").arg("SLOTS").clone(),
@@ -294,9 +298,8 @@ impl RedisStore {
             .arg(pattern)
             .arg("COUNT")
             .arg(count);
-        match (&self.conn, node) {
-            (Conn::Cluster(sticky), Some(node)) => {
-                let mut conn = sticky.conn.clone();
+        match (self.backend.conn().await?, node) {
+            (Conn::Cluster(mut conn), Some(node)) => {
                 let value = conn
                     .route_command(cmd, node.clone())
                     .await

@@ -23,13 +23,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
+mod circuit;
 mod cluster;
 mod commands;
 mod conn;
 mod keys;
 mod reply;
 
-use self::conn::Conn;
+pub use self::circuit::CircuitStats;
+use self::conn::Backend;
 pub(in crate::store) use self::keys::NEXT_USER;
 use self::keys::*;
 use self::reply::*;
@@ -185,7 +187,7 @@ impl Scripts {
 /// ([`RedisStore::connect_cluster`]; what differs is in `cluster`, and what is atomic where in
 /// the module docs of [`super`]).
 pub struct RedisStore {
-    conn: Conn,
+    backend: Backend,
     options: RedisOptions,
     scripts: Scripts,
     /// Log epochs for new logs. Held only to draw one number.
@@ -300,16 +302,25 @@ impl RedisStore {
         if policy != "noeviction" && !options.allow_eviction {
             return Err(ConnectError::EvictionPolicy { url: shown, policy });
         }
-        Ok(Self::with_conn(Conn::Single(conn), options))
+        Ok(Self::with_backend(Backend::Single(conn), options))
     }
 
-    fn with_conn(conn: Conn, options: RedisOptions) -> Self {
+    /// What the cluster connection's circuit has done (see `circuit`); all zero on one node,
+    /// whose connection manager reconnects by itself without spinning.
+    pub fn circuit_stats(&self) -> CircuitStats {
+        match &self.backend {
+            Backend::Single(_) => CircuitStats::default(),
+            Backend::Cluster(circuit) => circuit.stats(),
+        }
+    }
+
+    fn with_backend(backend: Backend, options: RedisOptions) -> Self {
         let rng = match options.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::from_os_rng(),
         };
         Self {
-            conn,
+            backend,
             options,
             scripts: Scripts::new(),
             rng: Mutex::new(rng),
@@ -494,7 +505,7 @@ impl RedisStore {
         &self,
         invocation: &::redis::ScriptInvocation<'_>,
     ) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         invocation
             .invoke_async(&mut conn)
             .await
@@ -502,12 +513,12 @@ impl RedisStore {
     }
 
     async fn query<T: ::redis::FromRedisValue>(&self, cmd: &mut ::redis::Cmd) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         cmd.query_async(&mut conn).await.map_err(unavailable)
     }
 
     async fn query_pipe<T: ::redis::FromRedisValue>(&self, pipe: &Pipeline) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         pipe.query_async(&mut conn).await.map_err(unavailable)
     }
 
@@ -519,7 +530,7 @@ impl RedisStore {
         pipe: &Pipeline,
         script: &Script,
     ) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         match pipe.query_async(&mut conn).await {
             Ok(values) => Ok(values),
             Err(e)
@@ -701,6 +712,10 @@ impl Store for RedisStore {
             }
             result
         })
+    }
+
+    fn circuit(&self) -> CircuitStats {
+        self.circuit_stats()
     }
 
     fn ensure_schema(&self) -> StoreFuture<'_, Result<(), String>> {
