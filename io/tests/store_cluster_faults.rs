@@ -9,10 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use cim_core::ids::{UnixMillis, UserId};
-use cim_core::store::StoreCommand;
+use bytes::Bytes;
+use cim_core::ids::{ClientMsgId, ConvId, UnixMillis, UserId};
+use cim_core::store::{StoreCommand, StoreReply};
 use cim_io::store::{RedisOptions, RedisStore, Store};
-use cim_testkit::RedisCluster;
+use cim_testkit::{RedisCluster, RedisServer};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -208,4 +209,205 @@ async fn one_dead_master_leaves_the_circuit_closed() {
         stats.connects > 1,
         "it checked, and found the cluster: {stats:?}"
     );
+}
+
+// --- acknowledging after replication (`--store-wait-replicas`) ---------------------------
+
+fn waiting(replicas: u32) -> RedisOptions {
+    RedisOptions {
+        wait_replicas: replicas,
+        ..options()
+    }
+}
+
+async fn register(store: &RedisStore, name: &str) -> UserId {
+    match store
+        .execute(
+            UnixMillis(T0),
+            StoreCommand::RegisterAccount {
+                name: name.into(),
+                password_hash: "phc".into(),
+            },
+        )
+        .await
+    {
+        Ok(StoreReply::AccountRegistered(Ok(user))) => user,
+        other => panic!("register {name}: {other:?}"),
+    }
+}
+
+/// Appends `text` to `all` as `sender` with message id `id`: the stored message's seq and
+/// whether it was a duplicate, or the store's error.
+async fn append(
+    store: &RedisStore,
+    sender: UserId,
+    id: u128,
+    text: &str,
+) -> Result<(u64, bool), String> {
+    let now = UnixMillis(T0 + 1);
+    match store
+        .execute(
+            now,
+            StoreCommand::Append {
+                conv: ConvId::All,
+                sender,
+                msg_id: ClientMsgId(id),
+                body: Bytes::from(text.to_owned()),
+                now,
+                order: None,
+            },
+        )
+        .await
+    {
+        Ok(StoreReply::Appended(Ok(a))) => Ok((a.message.seq, a.duplicate)),
+        Ok(other) => panic!("append {text}: {other:?}"),
+        Err(e) => Err(e.0),
+    }
+}
+
+/// On a cluster, `WAIT` goes to the master of the conversation's slot, on the append's
+/// connection: a dead replica of *another* master changes nothing (a `WAIT` sent to every
+/// master, as the cluster client sends a bare one, would count 0 there and refuse), and a
+/// dead replica of the conversation's own master makes the append's outcome unknown, though
+/// it is stored: the resend is answered once the replica is back, with the same seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_the_replicas_of_the_conversations_master_only() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    cluster
+        .wait_for_replicas(Duration::from_secs(30))
+        .expect("replicas in sync");
+    let store = RedisStore::connect_cluster(&cluster.urls(), waiting(1))
+        .await
+        .expect("connect to the cluster");
+    let plain = RedisStore::connect_cluster(&cluster.urls(), waiting(0))
+        .await
+        .expect("connect to the cluster");
+    let alice = register(&store, "alice").await;
+    let timed = Instant::now();
+    assert_eq!(append(&store, alice, 1, "one").await, Ok((1, false)));
+    let with_wait = timed.elapsed();
+    let timed = Instant::now();
+    assert_eq!(append(&plain, alice, 2, "two").await, Ok((2, false)));
+    eprintln!(
+        "an append with WAIT 1: {with_wait:?}; without: {:?}",
+        timed.elapsed()
+    );
+
+    let log = "cim:conv:{c:all}:log";
+    let master = cluster.master_of_key(log).expect("the log's master");
+    let other = cluster
+        .masters()
+        .into_iter()
+        .find(|&m| m != master)
+        .expect("another master");
+    let others = cluster.replicas_of(other);
+    assert_eq!(
+        others.len(),
+        1,
+        "one replica of the other master {other} (masters {:?}): {:?}",
+        cluster.masters(),
+        cluster.cli(master, &["CLUSTER", "NODES"])
+    );
+    cluster.kill_node(others[0]);
+    assert_eq!(
+        append(&store, alice, 3, "three").await,
+        Ok((3, false)),
+        "another master's replica does not count"
+    );
+
+    let own = cluster.replicas_of(master);
+    assert_eq!(
+        own.len(),
+        1,
+        "one replica of the log's master {master}: {:?}",
+        cluster.cli(master, &["CLUSTER", "NODES"])
+    );
+    cluster.kill_node(own[0]);
+    let timed = Instant::now();
+    let unknown = append(&store, alice, 4, "four").await;
+    let refused_in = timed.elapsed();
+    let error = unknown.expect_err("no replica confirms: the outcome is unknown");
+    assert!(error.contains("0 of 1 replicas"), "{error}");
+    assert!(
+        refused_in >= store_wait_timeout() && refused_in < Duration::from_secs(2),
+        "WAIT waits its timeout, then gives up: {refused_in:?}"
+    );
+    // It is stored all the same, so the replica-less store acknowledges the resend.
+    assert_eq!(append(&plain, alice, 4, "four").await, Ok((4, true)));
+    // The resend under WAIT is still unknown while the replica is away.
+    assert!(append(&store, alice, 4, "four").await.is_err());
+
+    for replica in [own[0], others[0]] {
+        cluster.restart_node(replica).expect("restart a replica");
+    }
+    cluster
+        .wait_for_replicas(Duration::from_secs(30))
+        .expect("the replica syncs again");
+    assert_eq!(
+        append(&store, alice, 4, "four").await,
+        Ok((4, true)),
+        "the resend is acknowledged once the replica has it, under its first seq"
+    );
+}
+
+fn store_wait_timeout() -> Duration {
+    waiting(1).wait_timeout()
+}
+
+/// `redis-cli INFO replication` of the node at `port`.
+fn replication(port: u16) -> String {
+    std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "replication"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn replica_in_sync(replica: &RedisServer, within: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if replication(replica.port).contains("master_link_status:up") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the replica did not sync within {within:?}");
+}
+
+/// One Redis with one replica (`REPLICAOF`): `WAIT` is pipelined after the append on the
+/// same connection, so an append is acknowledged once the replica has it, and not while the
+/// replica is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_acknowledges_after_its_replica_confirms() {
+    let (Some(primary), Some(mut replica)) = (RedisServer::start(), RedisServer::start()) else {
+        return;
+    };
+    let follow = format!("REPLICAOF 127.0.0.1 {}", primary.port);
+    assert_eq!(replica.raw(&follow), "+OK");
+    replica_in_sync(&replica, Duration::from_secs(10));
+    let store = RedisStore::connect(&primary.url(), waiting(1))
+        .await
+        .expect("connect");
+    let alice = register(&store, "alice").await;
+    assert_eq!(append(&store, alice, 1, "one").await, Ok((1, false)));
+    replica.kill();
+    let error = append(&store, alice, 2, "two")
+        .await
+        .expect_err("no replica: unknown");
+    assert!(error.contains("0 of 1 replicas"), "{error}");
+    replica.restart().expect("restart the replica");
+    assert_eq!(replica.raw(&follow), "+OK");
+    replica_in_sync(&replica, Duration::from_secs(10));
+    assert_eq!(
+        append(&store, alice, 2, "two").await,
+        Ok((2, true)),
+        "the resend is acknowledged with the seq the first try took"
+    );
+    // Asking for more replicas than there are never acknowledges.
+    let greedy = RedisStore::connect(&primary.url(), waiting(2))
+        .await
+        .expect("connect");
+    assert!(append(&greedy, alice, 3, "three").await.is_err());
 }

@@ -635,6 +635,25 @@ impl RedisCluster {
         ))
     }
 
+    /// Ports of the replicas connected to the master at `port`, as it says itself (`INFO
+    /// replication`; the cluster's gossip may still show a new replica as a master).
+    pub fn replicas_of(&self, master: u16) -> Vec<u16> {
+        let Ok(info) = self.cli(master, &["INFO", "replication"]) else {
+            return Vec::new();
+        };
+        // `slave0:ip=127.0.0.1,port=30001,state=online,offset=..,lag=..`
+        info.lines()
+            .filter(|l| l.starts_with("slave") && l.contains(":ip="))
+            .filter_map(|l| {
+                l.split(',')
+                    .find_map(|field| field.strip_prefix("port="))?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
     /// SIGKILL of the node at `port` (no shutdown, no save); waits until it is gone.
     pub fn kill_node(&self, port: u16) {
         let Some(node) = self.nodes.iter().find(|n| n.port == port) else {

@@ -47,6 +47,7 @@
 //! | `cim:conv:{c:<conv>}:idem:<sender>:<msg id hex>` | hash, `PEXPIRE` ttl | `hash` (SHA-256 of the body), `seq`, `at` |
 //! | `cim:conv:{c:<conv>}:order:<sender>:<stream hex>` | string, `PX` ttl | `<last>:<at>`: the stream's last stored order seq, and when it was written |
 //! | `cim:conv:{c:<conv>}:members` | hash | member -> seq joined at (groups) |
+//! | `cim:conv:{c:<conv>}:wait` | string, `PX` | written only by a resent append under `WAIT` (`--store-wait-replicas`), so that the `WAIT` after it covers the original append too (a duplicate writes nothing of its own) |
 //!
 //! `<conv>` is the canonical text form (`all`, `g:<name>`, `p:<low>:<high>`). The names
 //! counter and reservations share the `{names}` tag so registration's check-and-take is one

@@ -60,6 +60,19 @@ pub struct RedisOptions {
     /// The CA and client certificate for a `rediss://` URL (default: the system's roots, no
     /// client certificate). Refused with a `redis://` URL.
     pub tls: RedisTls,
+    /// Replicas that must have confirmed an append before it is acknowledged (`WAIT`, sent to
+    /// the conversation's master on the append's connection; 0: no `WAIT`). Fewer within
+    /// [`Self::wait_timeout`] make the append's outcome unknown (`StoreUnavailable`): it may
+    /// be stored, and the sender's resend with the same id settles it.
+    pub wait_replicas: u32,
+}
+
+impl RedisOptions {
+    /// How long an append's `WAIT` may block: half the command timeout, so that its answer
+    /// comes back before the round trip counts as failed.
+    pub fn wait_timeout(&self) -> Duration {
+        self.command_timeout / 2
+    }
 }
 
 impl Default for RedisOptions {
@@ -72,6 +85,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(2),
             seed: None,
             tls: RedisTls::default(),
+            wait_replicas: 0,
         }
     }
 }
