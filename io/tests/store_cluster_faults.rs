@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cim_core::ids::{ClientMsgId, ConvId, UnixMillis, UserId};
-use cim_core::store::{StoreCommand, StoreReply};
+use cim_core::ids::{ClientMsgId, ConvId, Epoch, ServerId, UnixMillis, UserId};
+use cim_core::store::{LeaseRefresh, StoreCommand, StoreReply};
 use cim_io::store::{RedisOptions, RedisStore, Store};
 use cim_testkit::{RedisCluster, RedisServer};
 
@@ -410,4 +410,104 @@ async fn a_single_node_acknowledges_after_its_replica_confirms() {
         .await
         .expect("connect");
     assert!(append(&greedy, alice, 3, "three").await.is_err());
+}
+
+// --- one shard down ----------------------------------------------------------------------
+
+/// One master dead and its replica told not to take over: the store stays healthy (a server
+/// stays listed, a route ready), a lease refresh answers per user — unknown for the users of
+/// the dead shard only — and route reads leave out only those users; once the replica is
+/// promoted, every user is answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_shard_fails_only_its_own_users() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    cluster
+        .wait_for_replicas(Duration::from_secs(30))
+        .expect("replicas in sync");
+    let store = RedisStore::connect_cluster(&cluster.urls(), options())
+        .await
+        .expect("connect to the cluster");
+    let claim = |user: u64| format!("cim:claim:{{u:{user}}}");
+    let users: Vec<UserId> = (1..=30).map(UserId).collect();
+    let dead = cluster.master_of_key(&claim(1)).expect("an owner");
+    let replica = cluster.replicas_of(dead);
+    assert_eq!(replica.len(), 1, "one replica of {dead}");
+    cluster
+        .cli(
+            replica[0],
+            &["CONFIG", "SET", "cluster-replica-no-failover", "yes"],
+        )
+        .expect("hold the replica back");
+    let on_dead: Vec<bool> = users
+        .iter()
+        .map(|u| cluster.master_of_key(&claim(u.0)) == Some(dead))
+        .collect();
+    assert!(on_dead.iter().any(|d| *d) && on_dead.iter().any(|d| !*d));
+    cluster.kill_node(dead);
+
+    let at = UnixMillis(T0);
+    let refresh = StoreCommand::RefreshLeases {
+        server: ServerId::new("s1"),
+        lease_until: UnixMillis(T0 + 30_000),
+        sessions: users.iter().map(|&u| (u, Epoch(1))).collect(),
+    };
+    store
+        .health()
+        .await
+        .expect("healthy with two masters of three");
+    match store.execute(at, refresh.clone()).await {
+        Ok(StoreReply::LeasesRefreshed(outcomes)) => {
+            assert_eq!(outcomes.len(), users.len());
+            for ((user, outcome), dead) in outcomes.iter().zip(&on_dead) {
+                let want = if *dead {
+                    LeaseRefresh::Unknown
+                } else {
+                    // No claim was ever made for them.
+                    LeaseRefresh::Gone
+                };
+                assert_eq!(*outcome, want, "user {user:?}");
+            }
+        }
+        other => panic!("a per-user answer: {other:?}"),
+    }
+    match store
+        .execute(
+            at,
+            StoreCommand::LoadRoutes {
+                users: users.clone(),
+            },
+        )
+        .await
+    {
+        Ok(StoreReply::Routes(routes)) => assert_eq!(routes.len(), users.len()),
+        other => panic!("routes of the live shards: {other:?}"),
+    }
+    assert!(
+        !store.circuit_stats().open,
+        "one shard down is not an outage"
+    );
+
+    cluster
+        .cli(replica[0], &["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .expect("promote the replica");
+    cluster
+        .wait_for_failover(dead, Duration::from_secs(30))
+        .expect("the replica serves the slots");
+    let started = Instant::now();
+    loop {
+        match store.execute(at, refresh.clone()).await {
+            Ok(StoreReply::LeasesRefreshed(outcomes))
+                if outcomes.iter().all(|(_, o)| *o == LeaseRefresh::Gone) =>
+            {
+                break;
+            }
+            other => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "every user answered again after the promotion: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -516,7 +516,12 @@ impl RedisCluster {
         let mut ranges = Vec::new();
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+            // Flags are comma-separated; `nofailover` is not `fail`.
+            let flags: Vec<&str> = fields.get(2).map_or(Vec::new(), |f| f.split(',').collect());
+            if fields.len() < 8
+                || !flags.contains(&"master")
+                || flags.iter().any(|&f| f == "fail" || f == "fail?")
+            {
                 continue;
             }
             let Some(node_port) = fields[1]

@@ -100,9 +100,12 @@
 //! - `RefreshLeases` and `LoadRoutes` touch several users' keys in one script. That is one
 //!   atomic step on a single node; on Redis Cluster the batch is split per slot (one script
 //!   call per slot, sent at once; every outcome is per user, so the split changes nothing
-//!   but atomicity across users, which no caller relies on). If some calls fail, the whole
-//!   command fails (outcome unknown for every user; those that ran took effect, and every
-//!   command is safe to retry).
+//!   but atomicity across users, which no caller relies on). If some calls fail (a dead
+//!   master), only their users are affected: `RefreshLeases` answers `LeaseRefresh::Unknown`
+//!   for them (the server fences just those sessions at their deadline) and `LoadRoutes`
+//!   reports them without a route (not pushed to; they recover by sync). Only if every call
+//!   fails does the command fail. Those that ran took effect, and every command is safe to
+//!   retry.
 //!
 //! # Redis Cluster
 //!
@@ -123,6 +126,13 @@
 //! - The layout's version and its migration live in the `{names}` slot: checked, locked and
 //!   migrated on that slot's master (its `SCAN` runs there).
 //! - The eviction-policy check at connect asks every master (`INFO memory`).
+//! - `health` (`PING`) asks every master and is healthy when any answers: one dead master is
+//!   one shard's outage, which only the commands on its slots see (the store watchdog of a
+//!   server and a route's readiness then stay up for everyone else).
+//! - The connection sits behind a circuit breaker (`redis/circuit.rs`) that stops the
+//!   cluster client's busy loop while no node at all answers.
+//! - `--store-wait-replicas`: `WAIT` rides in the append's pipeline, so it reaches the
+//!   conversation's master on the append's connection.
 //!
 //! The cluster client follows `MOVED`, `ASK` and `TRYAGAIN` itself, for scripts and
 //! pipelines alike (a redirected pipeline is sent again whole: each is idempotent up to its

@@ -156,12 +156,42 @@ impl RedisStore {
     /// Runs `step` on `items` split per slot of their `keys` (one key per item; all items at
     /// once on a single node), the slots' calls concurrently; `step` returns one output per
     /// item it was given, and the outputs come back in `items`' order. Atomic per call only:
-    /// on a cluster, items of different slots are separate steps.
+    /// on a cluster, items of different slots are separate steps. Any failed call fails the
+    /// whole step.
     pub(super) async fn per_slot<'i, I, O, Fut>(
         &self,
         items: &'i [I],
         keys: Vec<String>,
         step: impl Fn(Vec<&'i I>) -> Fut,
+    ) -> R<Vec<O>>
+    where
+        Fut: Future<Output = R<Vec<O>>>,
+    {
+        self.split(items, keys, step, None::<fn(&I) -> O>).await
+    }
+
+    /// As [`Self::per_slot`], but the items of a slot whose call failed get `unknown(item)`
+    /// rather than failing the step, so that one dead master does not fail the users of the
+    /// others. Fails only if every call failed (on one node: if its one call did).
+    pub(super) async fn per_slot_or<'i, I, O, Fut>(
+        &self,
+        items: &'i [I],
+        keys: Vec<String>,
+        step: impl Fn(Vec<&'i I>) -> Fut,
+        unknown: impl Fn(&I) -> O,
+    ) -> R<Vec<O>>
+    where
+        Fut: Future<Output = R<Vec<O>>>,
+    {
+        self.split(items, keys, step, Some(unknown)).await
+    }
+
+    async fn split<'i, I, O, Fut>(
+        &self,
+        items: &'i [I],
+        keys: Vec<String>,
+        step: impl Fn(Vec<&'i I>) -> Fut,
+        unknown: Option<impl Fn(&I) -> O>,
     ) -> R<Vec<O>>
     where
         Fut: Future<Output = R<Vec<O>>>,
@@ -178,16 +208,34 @@ impl RedisStore {
             .collect()
             .await;
         let mut slots: Vec<Option<O>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+        let mut first_error = None;
+        let mut answered = 0;
         for (group, output) in groups.iter().zip(outputs) {
-            let output = output?;
+            let output = match (output, &unknown) {
+                (Ok(output), _) => output,
+                (Err(e), Some(unknown)) => {
+                    first_error.get_or_insert(e);
+                    for &i in group {
+                        slots[i] = Some(unknown(&items[i]));
+                    }
+                    continue;
+                }
+                (Err(e), None) => return Err(e),
+            };
             if output.len() != group.len() {
                 return Err(StoreUnavailable(
                     "redis: a split step answered for the wrong number of items".into(),
                 ));
             }
+            answered += 1;
             for (&i, o) in group.iter().zip(output) {
                 slots[i] = Some(o);
             }
+        }
+        if answered == 0
+            && let Some(e) = first_error
+        {
+            return Err(e);
         }
         slots
             .into_iter()

@@ -326,12 +326,15 @@ impl RedisStore {
             return Ok(StoreReply::LeasesRefreshed(Vec::new()));
         }
         // One script per slot on a cluster (see `cluster`): each user's outcome is its own,
-        // so only the batch's atomicity across users is lost, which no caller relies on.
+        // so only the batch's atomicity across users is lost, which no caller relies on. A
+        // slot whose master does not answer makes its users' outcomes unknown, not everyone's
+        // (the server then fences only them, at their deadline).
         let outcomes = self
-            .per_slot(
+            .per_slot_or(
                 &sessions,
                 sessions.iter().map(|(user, _)| claim_key(*user)).collect(),
                 |part| self.refresh_part(now, &server, lease_until, part),
+                |(user, _)| (*user, LeaseRefresh::Unknown),
             )
             .await?;
         Ok(StoreReply::LeasesRefreshed(outcomes))
@@ -378,11 +381,14 @@ impl RedisStore {
             return Ok(StoreReply::Routes(Vec::new()));
         }
         // One script per slot on a cluster, as `refresh`: each user's record is judged alone.
+        // A user whose slot does not answer is reported without a route: not pushed to, it
+        // recovers the message by sync like any user a push misses.
         let routes = self
-            .per_slot(
+            .per_slot_or(
                 &users,
                 users.iter().map(|user| claim_key(*user)).collect(),
                 |part| self.routes_part(now, part),
+                |user| (*user, None),
             )
             .await?;
         Ok(StoreReply::Routes(routes))

@@ -561,6 +561,32 @@ impl RedisStore {
         }
     }
 
+    /// `PING`: on one node, that node; on a cluster, every master, healthy when any answers.
+    /// One dead master is one shard's outage, which its users see in their own commands; the
+    /// process stays healthy (ready, listed) for the users of the others.
+    async fn ping(&self) -> R<String> {
+        match self.backend.conn().await? {
+            conn::Conn::Cluster(mut conn) => {
+                use ::redis::cluster_routing::{
+                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                };
+                let value = conn
+                    .route_command(
+                        ::redis::cmd("PING"),
+                        RoutingInfo::MultiNode((
+                            MultipleNodeRoutingInfo::AllMasters,
+                            Some(ResponsePolicy::OneSucceeded),
+                        )),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                ::redis::from_redis_value(value)
+                    .map_err(|e| StoreUnavailable(format!("redis: unexpected reply to PING: {e}")))
+            }
+            conn::Conn::Single(_) => self.query::<String>(&mut ::redis::cmd("PING")).await,
+        }
+    }
+
     fn known_accounts(&self) -> std::sync::MutexGuard<'_, KnownAccounts> {
         // A poisoned lock only means another thread panicked while inserting: the set is
         // still a set of accounts seen to exist.
@@ -743,12 +769,9 @@ impl Store for RedisStore {
 
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
         Box::pin(async move {
-            let pong = tokio::time::timeout(
-                self.options.command_timeout,
-                self.query::<String>(&mut ::redis::cmd("PING")),
-            )
-            .await
-            .map_err(|_| StoreUnavailable("redis: ping timed out".into()))??;
+            let pong = tokio::time::timeout(self.options.command_timeout, self.ping())
+                .await
+                .map_err(|_| StoreUnavailable("redis: ping timed out".into()))??;
             if pong == "PONG" {
                 Ok(())
             } else {
