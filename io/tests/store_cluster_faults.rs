@@ -414,7 +414,8 @@ async fn a_single_node_acknowledges_after_its_replica_confirms() {
 
 // --- one shard down ----------------------------------------------------------------------
 
-/// One master dead and its replica told not to take over: the store stays healthy (a server
+/// One master dead (and marked failed by the cluster) and its replica told not to take over:
+/// the store stays healthy (a server
 /// stays listed, a route ready), a lease refresh answers per user — unknown for the users of
 /// the dead shard only — and route reads leave out only those users; once the replica is
 /// promoted, every user is answered again.
@@ -445,7 +446,35 @@ async fn one_dead_shard_fails_only_its_own_users() {
         .map(|u| cluster.master_of_key(&claim(u.0)) == Some(dead))
         .collect();
     assert!(on_dead.iter().any(|d| *d) && on_dead.iter().any(|d| !*d));
+    // A master-less shard must not stop the others (`deploy/redis-cluster.conf`).
+    for port in cluster.ports() {
+        cluster
+            .cli(
+                port,
+                &["CONFIG", "SET", "cluster-require-full-coverage", "no"],
+            )
+            .expect("let the other shards serve");
+    }
     cluster.kill_node(dead);
+    // Past the node timeout: the cluster has marked the master failed (and, with full
+    // coverage required, would now refuse every slot).
+    let started = Instant::now();
+    let failed = |flags: &str| flags.split(',').any(|f| f == "fail");
+    while !cluster
+        .cli(replica[0], &["CLUSTER", "NODES"])
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[1].starts_with(&format!("127.0.0.1:{dead}@")) && failed(f[2])
+        })
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the dead master is marked failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let at = UnixMillis(T0);
     let refresh = StoreCommand::RefreshLeases {
