@@ -27,6 +27,9 @@ use tokio::time::Instant;
 
 use support::{Cluster, Recorder, take_recorder};
 
+/// Per sender, (seq, msg id, when acknowledged) of each acknowledged message.
+type AckLog = Arc<Mutex<Vec<Vec<(u64, ClientMsgId, Instant)>>>>;
+
 const SENDERS: usize = 4;
 const PER_SENDER: usize = 120;
 
@@ -65,9 +68,7 @@ async fn run(wait: bool) -> Option<Figures> {
     let recorders: Vec<Recorder> = users.iter_mut().map(take_recorder).collect();
     let ids: Vec<UserId> = users.iter().map(|u| u.id).collect();
 
-    // Per sender, (seq, msg id, when acknowledged).
-    let acked: Arc<Mutex<Vec<Vec<(u64, ClientMsgId, Instant)>>>> =
-        Arc::new(Mutex::new(vec![Vec::new(); SENDERS]));
+    let acked: AckLog = Arc::new(Mutex::new(vec![Vec::new(); SENDERS]));
     let mut senders = Vec::new();
     for (i, user) in users.iter().enumerate() {
         let client = user.client().clone();
@@ -83,9 +84,7 @@ async fn run(wait: bool) -> Option<Figures> {
             }
         }));
     }
-    let count = |acked: &Arc<Mutex<Vec<Vec<(u64, ClientMsgId, Instant)>>>>| -> usize {
-        acked.lock().unwrap().iter().map(Vec::len).sum()
-    };
+    let count = |acked: &AckLog| -> usize { acked.lock().unwrap().iter().map(Vec::len).sum() };
     let total = SENDERS * PER_SENDER;
     support::wait_until(Duration::from_secs(60), "a fifth of the traffic", || {
         let n = count(&acked);
