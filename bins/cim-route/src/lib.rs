@@ -100,8 +100,9 @@ pub struct Args {
     #[arg(long, env = "CIM_MAX_LOG_LEN")]
     max_log_len: Option<usize>,
     /// Replicas of the conversation's Redis master that must confirm an append (WAIT) before
-    /// it is acknowledged; fewer within half --redis-timeout make the send's outcome unknown
-    /// to the client, which resends it [default: 0, acknowledge once the master has it].
+    /// it is acknowledged (0: acknowledge once the master has it); fewer within half
+    /// --redis-timeout make the send's outcome unknown to the client, which resends it
+    /// [default: 0].
     #[arg(long, env = "CIM_STORE_WAIT_REPLICAS")]
     store_wait_replicas: Option<u32>,
     /// Threads that hash and verify passwords (argon2), off the routing task; 0 runs them
