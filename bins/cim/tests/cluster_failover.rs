@@ -220,3 +220,183 @@ async fn the_all_masters_sigkill_loses_no_acknowledged_message_with_wait() {
     assert!(with_wait.exact, "exactly once, in seq order: {with_wait:?}");
     assert!(with_wait.recovered_in.is_some(), "{with_wait:?}");
 }
+
+/// One master dead and its replica held back (`cluster-replica-no-failover`), with
+/// `cluster-require-full-coverage no` as `deploy/redis-cluster.conf` sets: users whose
+/// records live on other masters keep chatting for longer than a lease, never fenced, and
+/// both servers stay listed; a user of the dead shard loses its session (fenced at its lease
+/// deadline, or sooner when its client's sync fails) and cannot log in again (the store does
+/// not answer for it) until the replica is promoted, then it is back and chats. (The master picked holds neither `all` nor the live pair's conversation: a
+/// client's sync reads every one of its conversations' heads, and fails while any of them is
+/// on a dead shard.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_master_fences_only_its_own_users() {
+    let Some(mut cluster) = Cluster::start_on_redis_cluster("one-shard").await else {
+        return;
+    };
+    let mut users = Vec::new();
+    for i in 0..8 {
+        users.push(cluster.user(&format!("v{i}"), i % 2).await);
+    }
+    let redis = cluster.redis_cluster.as_ref().expect("a Redis Cluster");
+    redis
+        .wait_for_replicas(Duration::from_secs(30))
+        .expect("replicas in sync");
+    let master_of = |key: String| redis.master_of_key(&key).expect("an owner");
+    let home = |u: &support::User| master_of(format!("cim:claim:{{u:{}}}", u.id.0));
+    let conv_home = |c: &ConvId| master_of(format!("cim:conv:{{c:{c}}}:log"));
+    let all_home = conv_home(&ConvId::All);
+    // A master to kill, a user living on it, and two users living elsewhere whose private
+    // conversation lives elsewhere too.
+    let (dead, victim, (a, b)) = redis
+        .masters()
+        .into_iter()
+        .filter(|&m| m != all_home)
+        .find_map(|m| {
+            let victim = users.iter().position(|u| home(u) == m)?;
+            let live: Vec<usize> = (0..users.len()).filter(|&i| home(&users[i]) != m).collect();
+            let pair = live.iter().enumerate().find_map(|(n, &x)| {
+                live[n + 1..].iter().find_map(|&y| {
+                    let conv = ConvId::private(users[x].id, users[y].id)?;
+                    (conv_home(&conv) != m).then_some((x, y))
+                })
+            })?;
+            Some((m, victim, pair))
+        })
+        .expect("eight users spread over three masters give such a choice");
+    let replica = redis.replicas_of(dead);
+    assert_eq!(replica.len(), 1, "one replica of {dead}");
+    for port in redis.ports() {
+        redis
+            .cli(
+                port,
+                &["CONFIG", "SET", "cluster-require-full-coverage", "no"],
+            )
+            .expect("let the other shards serve");
+    }
+    redis
+        .cli(
+            replica[0],
+            &["CONFIG", "SET", "cluster-replica-no-failover", "yes"],
+        )
+        .expect("hold the replica back");
+    let live_seen = [take_recorder(&mut users[a]), take_recorder(&mut users[b])];
+    let victim_seen = take_recorder(&mut users[victim]);
+    let private = ConvId::private(users[a].id, users[b].id).expect("two users");
+
+    let killed_at = Instant::now();
+    redis.kill_node(dead);
+    // Chat for longer than a lease (6 s): both live users' sessions must outlast it.
+    let mut sent = Vec::new();
+    let mut k = 0;
+    while killed_at.elapsed() < Duration::from_secs(9) {
+        let (from, _) = if k % 2 == 0 { (a, b) } else { (b, a) };
+        let ack = tokio::time::timeout(
+            Duration::from_secs(5),
+            users[from].client().send(
+                private.clone(),
+                Bytes::from(format!("during the outage #{k}")),
+            ),
+        )
+        .await
+        .expect("acknowledged within 5 s while another shard is down")
+        .expect("acknowledged");
+        sent.push((ack.seq, ack.msg_id));
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its session ends: fenced at its lease deadline, or sooner, when its own client's
+    // periodic sync (which reads the user's records, on the dead shard) fails and it
+    // reconnects; either way it is not online while its records are unreachable.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ended = |seen: &support::Seen| seen.kicked_fenced || !seen.reconnecting.is_empty();
+    while !ended(&victim_seen.seen.lock().unwrap()) {
+        assert!(
+            Instant::now() < deadline,
+            "the dead shard's user's session ends: {:?}",
+            victim_seen.seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (how, fenced_after) = {
+        let seen = victim_seen.seen.lock().unwrap();
+        let kicked = seen
+            .kicks
+            .first()
+            .map(|(at, why)| (format!("kicked: {why:?}"), *at));
+        let lost = seen
+            .reconnecting
+            .first()
+            .map(|(at, why)| (format!("{why:?}"), *at));
+        let (how, at) = match (kicked, lost) {
+            (Some(k), Some(l)) => {
+                if k.1 <= l.1 {
+                    k
+                } else {
+                    l
+                }
+            }
+            (Some(first), None) | (None, Some(first)) => first,
+            (None, None) => unreachable!("the loop above waited for one of them"),
+        };
+        (how, at.saturating_duration_since(killed_at))
+    };
+    for seen in &live_seen {
+        let seen = seen.seen.lock().unwrap();
+        assert!(
+            seen.kicks.is_empty(),
+            "a live shard's user was kicked: {seen:?}"
+        );
+        let got: Vec<(u64, ClientMsgId)> = seen.messages[&private]
+            .iter()
+            .map(|(_, seq, id)| (*seq, *id))
+            .collect();
+        assert!(
+            sent.iter().all(|m| got.contains(m)),
+            "every message of the outage delivered: {got:?} vs {sent:?}"
+        );
+    }
+    let view = cluster.registry_view().await;
+    assert!(
+        support::listed(&view, "s1") && support::listed(&view, "s2"),
+        "both servers stay listed"
+    );
+    let online_before = victim_seen.seen.lock().unwrap().online_at.len();
+    // Not back while its shard has no master: every login attempt is refused by the store.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        victim_seen.seen.lock().unwrap().online_at.len(),
+        online_before,
+        "the dead shard's user cannot log in"
+    );
+
+    let redis = cluster.redis_cluster.as_ref().expect("a Redis Cluster");
+    let promoted_at = Instant::now();
+    redis
+        .cli(replica[0], &["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .expect("promote the replica");
+    victim_seen
+        .wait_for(
+            Duration::from_secs(30),
+            "the dead shard's user is back once the replica serves",
+            move |seen| seen.online_at.len() > online_before,
+        )
+        .await;
+    let back_in = promoted_at.elapsed();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        users[victim]
+            .client()
+            .send(ConvId::All, Bytes::from_static(b"back")),
+    )
+    .await
+    .expect("acknowledged in time")
+    .expect("acknowledged");
+    println!(
+        "one master dead: {} private messages acknowledged and delivered during it; its user's \
+         session ended ({how}) {fenced_after:?} after the kill; back {back_in:?} after the \
+         promotion",
+        sent.len()
+    );
+    cluster.assert_all_running();
+}
