@@ -1016,6 +1016,10 @@ impl ServerNode {
                     self.kick(conn, KickReason::TakenOver, "logged in elsewhere");
                 }
                 LeaseRefresh::Gone => self.kick(conn, KickReason::LoggedOut, "logged out"),
+                // Its shard did not answer: nothing is proven, and its fence deadline
+                // stands, while the rest of the batch was proven (one dead master fences
+                // only its own users).
+                LeaseRefresh::Unknown => {}
             }
         }
     }

@@ -212,6 +212,11 @@ pub enum LeaseRefresh {
     Superseded { current: Epoch },
     /// No claim (released or expired): the session must be kicked.
     Gone,
+    /// Not known: this user's part of the batch did not reach the store (on a Redis Cluster,
+    /// the master of the user's slot did not answer while the others did). Nothing is
+    /// proven for the session, exactly as if the whole refresh had failed: it is fenced at
+    /// its deadline unless a later refresh proves it.
+    Unknown,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -364,10 +364,17 @@ pub fn report_failure(error: &(dyn std::error::Error + 'static)) -> std::process
     std::process::ExitCode::FAILURE
 }
 
+/// Added to every default filter: the Redis Cluster client logs a line (an ERROR) on every
+/// attempt to refresh its slot map, hundreds a second while no node answers; the store's
+/// circuit (`store/redis/circuit.rs`) logs the outage and the recovery once each instead.
+/// `RUST_LOG` (which replaces the default) brings them back.
+const QUIET_BY_DEFAULT: &str = "redis::cluster_handling::async_connection=off";
+
 /// Logs to stderr in `format`; `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(default_filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_filter},{QUIET_BY_DEFAULT}"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

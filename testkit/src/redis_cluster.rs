@@ -516,7 +516,12 @@ impl RedisCluster {
         let mut ranges = Vec::new();
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+            // Flags are comma-separated; `nofailover` is not `fail`.
+            let flags: Vec<&str> = fields.get(2).map_or(Vec::new(), |f| f.split(',').collect());
+            if fields.len() < 8
+                || !flags.contains(&"master")
+                || flags.iter().any(|&f| f == "fail" || f == "fail?")
+            {
                 continue;
             }
             let Some(node_port) = fields[1]
@@ -633,6 +638,25 @@ impl RedisCluster {
         Err(format!(
             "slot {slot} not seen on {to} by every node within 10 s"
         ))
+    }
+
+    /// Ports of the replicas connected to the master at `port`, as it says itself (`INFO
+    /// replication`; the cluster's gossip may still show a new replica as a master).
+    pub fn replicas_of(&self, master: u16) -> Vec<u16> {
+        let Ok(info) = self.cli(master, &["INFO", "replication"]) else {
+            return Vec::new();
+        };
+        // `slave0:ip=127.0.0.1,port=30001,state=online,offset=..,lag=..`
+        info.lines()
+            .filter(|l| l.starts_with("slave") && l.contains(":ip="))
+            .filter_map(|l| {
+                l.split(',')
+                    .find_map(|field| field.strip_prefix("port="))?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
     }
 
     /// SIGKILL of the node at `port` (no shutdown, no save); waits until it is gone.

@@ -99,6 +99,12 @@ pub struct Args {
     /// Messages kept per conversation [default: 10000].
     #[arg(long, env = "CIM_MAX_LOG_LEN")]
     max_log_len: Option<usize>,
+    /// Replicas of the conversation's Redis master that must confirm an append (WAIT) before
+    /// it is acknowledged (0: acknowledge once the master has it); fewer within half
+    /// --redis-timeout make the send's outcome unknown to the client, which resends it
+    /// [default: 0].
+    #[arg(long, env = "CIM_STORE_WAIT_REPLICAS")]
+    store_wait_replicas: Option<u32>,
     /// Threads that hash and verify passwords (argon2), off the routing task; 0 runs them
     /// on the routing task, stalling message routing during login bursts [default: one per
     /// core].
@@ -242,7 +248,7 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         link_secret_previous,
         balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
-        link_retry_delay, max_body, max_log_len, password_workers,
+        link_retry_delay, max_body, max_log_len, store_wait_replicas, password_workers,
         min_password_len, max_connections, http_header_timeout, http_idle_timeout,
         password_queue, login_free_failures, login_delay_base, login_delay_max,
         login_rate_per_address, login_burst_per_address, register_rate_per_address,
@@ -483,6 +489,7 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
     if let Some(n) = args.max_log_len {
         backends.redis_options.max_log_len = n;
     }
+    backends.redis_options.wait_replicas = args.store_wait_replicas.unwrap_or(0);
 
     let store = backends.open_store().await?;
     let registry = backends.open_registry()?;

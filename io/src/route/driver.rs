@@ -767,6 +767,19 @@ impl<N: Network> Driver<N> {
             "Machine store requests that failed.",
             self.stats.store_errors,
         );
+        let circuit = self.store.circuit();
+        page.single(
+            "cim_route_store_circuit_open",
+            MetricKind::Gauge,
+            "1 while store calls fail at once because the Redis Cluster is unreachable.",
+            u64::from(circuit.open),
+        );
+        page.single(
+            "cim_route_store_refused_total",
+            MetricKind::Counter,
+            "Store calls failed at once, without reaching Redis, while the cluster was unreachable.",
+            circuit.refused,
+        );
         page.single(
             "cim_route_api_waiting",
             MetricKind::Gauge,

@@ -402,6 +402,19 @@ fn render_shell_metrics<S>(state: &HttpState<S>, page: &mut Exposition) {
     for (name, kind, help, value) in families {
         page.single(name, kind, help, value);
     }
+    let circuit = state.store.circuit();
+    page.single(
+        "cim_server_store_circuit_open",
+        Kind::Gauge,
+        "1 while store calls fail at once because the Redis Cluster is unreachable.",
+        u64::from(circuit.open),
+    );
+    page.single(
+        "cim_server_store_refused_total",
+        Kind::Counter,
+        "Store calls failed at once, without reaching Redis, while the cluster was unreachable.",
+        circuit.refused,
+    );
     state.http.render("cim_server", page);
     if let Some(ws) = &state.ws {
         let load = |counter: &std::sync::atomic::AtomicU64| {

@@ -6,6 +6,13 @@
 //!
 //! Fencing comes first: once the server is out of the registry, routes let its users log in
 //! elsewhere without waiting for it, so nothing may still be live here by then.
+//!
+//! On a Redis Cluster "unreachable" means no master answers (`RedisStore`'s health): one
+//! dead master is one shard's outage, not the store's. The server then stays listed and
+//! keeps every session whose lease its refreshes still prove; the users of the dead shard
+//! get `LeaseRefresh::Unknown` and are fenced one by one at their own deadline (the same
+//! `lease_ttl × (1 − ε)` bound as ever), and their logins are refused by the store until a
+//! replica takes over.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -47,6 +47,7 @@
 //! | `cim:conv:{c:<conv>}:idem:<sender>:<msg id hex>` | hash, `PEXPIRE` ttl | `hash` (SHA-256 of the body), `seq`, `at` |
 //! | `cim:conv:{c:<conv>}:order:<sender>:<stream hex>` | string, `PX` ttl | `<last>:<at>`: the stream's last stored order seq, and when it was written |
 //! | `cim:conv:{c:<conv>}:members` | hash | member -> seq joined at (groups) |
+//! | `cim:conv:{c:<conv>}:wait` | string, `PX` | written only by a resent append under `WAIT` (`--store-wait-replicas`), so that the `WAIT` after it covers the original append too (a duplicate writes nothing of its own) |
 //!
 //! `<conv>` is the canonical text form (`all`, `g:<name>`, `p:<low>:<high>`). The names
 //! counter and reservations share the `{names}` tag so registration's check-and-take is one
@@ -99,9 +100,12 @@
 //! - `RefreshLeases` and `LoadRoutes` touch several users' keys in one script. That is one
 //!   atomic step on a single node; on Redis Cluster the batch is split per slot (one script
 //!   call per slot, sent at once; every outcome is per user, so the split changes nothing
-//!   but atomicity across users, which no caller relies on). If some calls fail, the whole
-//!   command fails (outcome unknown for every user; those that ran took effect, and every
-//!   command is safe to retry).
+//!   but atomicity across users, which no caller relies on). If some calls fail (a dead
+//!   master), only their users are affected: `RefreshLeases` answers `LeaseRefresh::Unknown`
+//!   for them (the server fences just those sessions at their deadline) and `LoadRoutes`
+//!   reports them without a route (not pushed to; they recover by sync). Only if every call
+//!   fails does the command fail. Those that ran took effect, and every command is safe to
+//!   retry.
 //!
 //! # Redis Cluster
 //!
@@ -122,6 +126,13 @@
 //! - The layout's version and its migration live in the `{names}` slot: checked, locked and
 //!   migrated on that slot's master (its `SCAN` runs there).
 //! - The eviction-policy check at connect asks every master (`INFO memory`).
+//! - `health` (`PING`) asks every master and is healthy when any answers: one dead master is
+//!   one shard's outage, which only the commands on its slots see (the store watchdog of a
+//!   server and a route's readiness then stay up for everyone else).
+//! - The connection sits behind a circuit breaker (`redis/circuit.rs`) that stops the
+//!   cluster client's busy loop while no node at all answers.
+//! - `--store-wait-replicas`: `WAIT` rides in the append's pipeline, so it reaches the
+//!   conversation's master on the append's connection.
 //!
 //! The cluster client follows `MOVED`, `ASK` and `TRYAGAIN` itself, for scripts and
 //! pipelines alike (a redirected pipeline is sent again whole: each is idempotent up to its
@@ -141,7 +152,7 @@ use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 
 pub use self::memory::MemoryBackend;
 pub use self::migrate::{MigrateError, MigrationReport, NameConflict, SCHEMA_KEY, SCHEMA_VERSION};
-pub use self::redis::{ACCOUNT_CACHE_TTL, ConnectError, RedisOptions, RedisStore};
+pub use self::redis::{ACCOUNT_CACHE_TTL, CircuitStats, ConnectError, RedisOptions, RedisStore};
 pub use self::redis_tls::{RedisTls, redact_url};
 
 /// A boxed, sendable future borrowing the store (so `Arc<dyn Store>` can be moved into a
@@ -157,6 +168,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the backend answers (a `PING` on Redis).
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>>;
+
+    /// What the backend's circuit breaker has done (a Redis Cluster's: see
+    /// `redis/circuit.rs`); all zero for the others.
+    fn circuit(&self) -> CircuitStats {
+        CircuitStats::default()
+    }
 
     /// Brings the stored layout to this build's version before a route serves: Redis
     /// migrates an older layout once, under a lock, and refuses a newer one (see

@@ -667,12 +667,14 @@ impl Harness {
                                     .iter()
                                     .enumerate()
                                     .map(|(i, (user, epoch))| {
-                                        let outcome = if i % 2 == 0 {
-                                            LeaseRefresh::Superseded {
+                                        // Unknown: a Redis Cluster shard that did
+                                        // not answer for this user.
+                                        let outcome = match i % 3 {
+                                            0 => LeaseRefresh::Superseded {
                                                 current: Epoch(epoch.0 + 1),
-                                            }
-                                        } else {
-                                            LeaseRefresh::Gone
+                                            },
+                                            1 => LeaseRefresh::Gone,
+                                            _ => LeaseRefresh::Unknown,
                                         };
                                         (*user, outcome)
                                     })

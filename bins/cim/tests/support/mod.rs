@@ -118,6 +118,8 @@ pub struct Cluster {
     pub zk_root: String,
     pub routes: Vec<RouteProc>,
     pub servers: Vec<ServerProc>,
+    /// Flags every route started from now on gets besides the harness's own.
+    pub route_args: Vec<String>,
 }
 
 /// Which ZooKeeper the processes use, and with what session timeout.
@@ -136,21 +138,27 @@ impl Cluster {
     pub async fn start(tag: &str) -> Option<Self> {
         let zk = Self::standalone_zk()?;
         let redis = RedisServer::start_with_aof()?;
-        Self::start_with(tag, zk, 2, Some(redis), None).await
+        Self::start_with(tag, zk, 2, Some(redis), None, Vec::new()).await
     }
 
     /// The same on a Redis Cluster of its own (three masters, one replica each).
     pub async fn start_on_redis_cluster(tag: &str) -> Option<Self> {
+        Self::start_on_redis_cluster_with(tag, &[]).await
+    }
+
+    /// [`Self::start_on_redis_cluster`] with `route_args` added to each route's flags.
+    pub async fn start_on_redis_cluster_with(tag: &str, route_args: &[&str]) -> Option<Self> {
         let zk = Self::standalone_zk()?;
         let redis_cluster = RedisCluster::start()?;
-        Self::start_with(tag, zk, 2, None, Some(redis_cluster)).await
+        let route_args = route_args.iter().map(|a| a.to_string()).collect();
+        Self::start_with(tag, zk, 2, None, Some(redis_cluster), route_args).await
     }
 
     /// `routes` routes and two servers on a fresh Redis (AOF) and the given ZooKeeper (a
     /// fresh root in it), all healthy. `None` (skip) when Redis is missing outside CI.
     pub async fn start_on(tag: &str, zk: ZkSetup, routes: usize) -> Option<Self> {
         let redis = RedisServer::start_with_aof()?;
-        Self::start_with(tag, zk, routes, Some(redis), None).await
+        Self::start_with(tag, zk, routes, Some(redis), None, Vec::new()).await
     }
 
     /// The shared standalone ZooKeeper, each server behind a fault proxy to it.
@@ -169,6 +177,7 @@ impl Cluster {
         routes: usize,
         redis: Option<RedisServer>,
         redis_cluster: Option<RedisCluster>,
+        route_args: Vec<String>,
     ) -> Option<Self> {
         let mut cluster = Self {
             redis,
@@ -177,6 +186,7 @@ impl Cluster {
             zk_root: cim_testkit::unique_root(tag),
             routes: Vec::new(),
             servers: Vec::new(),
+            route_args,
         };
         for i in 1..=2 {
             cluster.start_server(&format!("s{i}")).await;
@@ -289,6 +299,7 @@ impl Cluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.route_args.iter().cloned())
         .collect();
         let proc = Proc::spawn(&id, &args);
         self.routes.push(RouteProc { port, proc });

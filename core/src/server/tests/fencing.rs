@@ -119,3 +119,42 @@ fn refreshes_go_out_in_batches() {
     assert_eq!(h.node.stats().store_timeouts, 3);
     assert_eq!(h.next_timer(), Some((20_000, TimerReason::LeaseRefresh)));
 }
+
+/// One shard of a Redis Cluster down: the refresh answers per user, and only the user whose
+/// outcome is unknown is fenced at its deadline; the other's lease is proven and its session
+/// lives on.
+#[test]
+fn an_unknown_outcome_fences_only_that_user() {
+    let mut h = Harness::new();
+    h.login(0, 1, 7, 3);
+    h.login(0, 2, 8, 1);
+    h.forget_unanswered();
+    for ms in (5_000..=45_000).step_by(10_000) {
+        h.frame(ms, 1, ping(ms));
+        h.frame(ms, 2, ping(ms));
+    }
+    let mut out = h.timeout(10_000);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Out::Store(c) if is_refresh(c)))
+    );
+    out = h.reply_to(
+        10_050,
+        is_refresh,
+        Ok(StoreReply::LeasesRefreshed(vec![
+            (UserId(7), LeaseRefresh::Unknown),
+            (UserId(8), LeaseRefresh::Refreshed),
+        ])),
+    );
+    assert_eq!(out, vec![]);
+    // Later refreshes go unanswered: user 7 is proven by its bind (0 + 24 s) only, user 8
+    // by the refresh sent at 10 s (until 34 s).
+    assert_eq!(h.timeout(20_000).len(), 1);
+    assert_eq!(h.next_timer(), Some((24_000, TimerReason::Fence)));
+    assert_eq!(
+        h.timeout(24_000),
+        [kick(1, KickReason::Fenced).as_slice(), &[release(7, 3)]].concat()
+    );
+    assert_eq!(h.node.session_of(UserId(8)), Some((ConnId(2), Epoch(1))));
+    assert_eq!(h.node.stats().fenced, 1);
+}

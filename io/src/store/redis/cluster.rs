@@ -20,7 +20,8 @@ use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAd
 use ::redis::{Cmd, FromRedisValue};
 use futures::StreamExt as _;
 
-use super::conn::{Conn, Sticky};
+use super::circuit::Circuit;
+use super::conn::{Backend, Conn};
 use super::*;
 
 /// Redis Cluster's slot count.
@@ -109,7 +110,8 @@ impl RedisStore {
             .await
             .map_err(|_| unreachable(format!("no cluster connection within {budget:?}")))?
             .map_err(|e| unreachable(explain_connect_failure(tls, &e)))?;
-        let mut conn = Conn::Cluster(Sticky::new(conn));
+        let backend = Backend::Cluster(Circuit::new(client, conn, budget));
+        let mut conn = backend.conn().await.map_err(|e| unreachable(e.0))?;
         // `INFO` goes to every master; the crate answers with one reply per node.
         let infos: Value = tokio::time::timeout(
             budget,
@@ -131,11 +133,11 @@ impl RedisStore {
                 });
             }
         }
-        Ok(Self::with_conn(conn, options))
+        Ok(Self::with_backend(backend, options))
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        matches!(self.backend, Backend::Cluster(_))
     }
 
     /// Indices of `keys` grouped by slot, in slot order: one group holding everything on a
@@ -154,12 +156,42 @@ impl RedisStore {
     /// Runs `step` on `items` split per slot of their `keys` (one key per item; all items at
     /// once on a single node), the slots' calls concurrently; `step` returns one output per
     /// item it was given, and the outputs come back in `items`' order. Atomic per call only:
-    /// on a cluster, items of different slots are separate steps.
+    /// on a cluster, items of different slots are separate steps. Any failed call fails the
+    /// whole step.
     pub(super) async fn per_slot<'i, I, O, Fut>(
         &self,
         items: &'i [I],
         keys: Vec<String>,
         step: impl Fn(Vec<&'i I>) -> Fut,
+    ) -> R<Vec<O>>
+    where
+        Fut: Future<Output = R<Vec<O>>>,
+    {
+        self.split(items, keys, step, None::<fn(&I) -> O>).await
+    }
+
+    /// As [`Self::per_slot`], but the items of a slot whose call failed get `unknown(item)`
+    /// rather than failing the step, so that one dead master does not fail the users of the
+    /// others. Fails only if every call failed (on one node: if its one call did).
+    pub(super) async fn per_slot_or<'i, I, O, Fut>(
+        &self,
+        items: &'i [I],
+        keys: Vec<String>,
+        step: impl Fn(Vec<&'i I>) -> Fut,
+        unknown: impl Fn(&I) -> O,
+    ) -> R<Vec<O>>
+    where
+        Fut: Future<Output = R<Vec<O>>>,
+    {
+        self.split(items, keys, step, Some(unknown)).await
+    }
+
+    async fn split<'i, I, O, Fut>(
+        &self,
+        items: &'i [I],
+        keys: Vec<String>,
+        step: impl Fn(Vec<&'i I>) -> Fut,
+        unknown: Option<impl Fn(&I) -> O>,
     ) -> R<Vec<O>>
     where
         Fut: Future<Output = R<Vec<O>>>,
@@ -176,16 +208,34 @@ impl RedisStore {
             .collect()
             .await;
         let mut slots: Vec<Option<O>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+        let mut first_error = None;
+        let mut answered = 0;
         for (group, output) in groups.iter().zip(outputs) {
-            let output = output?;
+            let output = match (output, &unknown) {
+                (Ok(output), _) => output,
+                (Err(e), Some(unknown)) => {
+                    first_error.get_or_insert(e);
+                    for &i in group {
+                        slots[i] = Some(unknown(&items[i]));
+                    }
+                    continue;
+                }
+                (Err(e), None) => return Err(e),
+            };
             if output.len() != group.len() {
                 return Err(StoreUnavailable(
                     "redis: a split step answered for the wrong number of items".into(),
                 ));
             }
+            answered += 1;
             for (&i, o) in group.iter().zip(output) {
                 slots[i] = Some(o);
             }
+        }
+        if answered == 0
+            && let Some(e) = first_error
+        {
+            return Err(e);
         }
         slots
             .into_iter()
@@ -216,10 +266,12 @@ impl RedisStore {
 
     /// Where [`Self::scan_page`] must look to see every key: the one node, or every master.
     pub(super) async fn scan_nodes(&self) -> R<Vec<Option<RoutingInfo>>> {
-        let Conn::Cluster(sticky) = &self.conn else {
+        if !self.is_cluster() {
+            return Ok(vec![None]);
+        }
+        let Conn::Cluster(mut conn) = self.backend.conn().await? else {
             return Ok(vec![None]);
         };
-        let mut conn = sticky.conn.clone();
         let slots: Value = conn
             .route_command(
                 ::redis::cmd("CLUSTER").arg("SLOTS").clone(),
@@ -294,9 +346,8 @@ impl RedisStore {
             .arg(pattern)
             .arg("COUNT")
             .arg(count);
-        match (&self.conn, node) {
-            (Conn::Cluster(sticky), Some(node)) => {
-                let mut conn = sticky.conn.clone();
+        match (self.backend.conn().await?, node) {
+            (Conn::Cluster(mut conn), Some(node)) => {
                 let value = conn
                     .route_command(cmd, node.clone())
                     .await

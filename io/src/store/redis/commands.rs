@@ -326,12 +326,15 @@ impl RedisStore {
             return Ok(StoreReply::LeasesRefreshed(Vec::new()));
         }
         // One script per slot on a cluster (see `cluster`): each user's outcome is its own,
-        // so only the batch's atomicity across users is lost, which no caller relies on.
+        // so only the batch's atomicity across users is lost, which no caller relies on. A
+        // slot whose master does not answer makes its users' outcomes unknown, not everyone's
+        // (the server then fences only them, at their deadline).
         let outcomes = self
-            .per_slot(
+            .per_slot_or(
                 &sessions,
                 sessions.iter().map(|(user, _)| claim_key(*user)).collect(),
                 |part| self.refresh_part(now, &server, lease_until, part),
+                |(user, _)| (*user, LeaseRefresh::Unknown),
             )
             .await?;
         Ok(StoreReply::LeasesRefreshed(outcomes))
@@ -378,11 +381,14 @@ impl RedisStore {
             return Ok(StoreReply::Routes(Vec::new()));
         }
         // One script per slot on a cluster, as `refresh`: each user's record is judged alone.
+        // A user whose slot does not answer is reported without a route: not pushed to, it
+        // recovers the message by sync like any user a push misses.
         let routes = self
-            .per_slot(
+            .per_slot_or(
                 &users,
                 users.iter().map(|user| claim_key(*user)).collect(),
                 |part| self.routes_part(now, part),
+                |user| (*user, None),
             )
             .await?;
         Ok(StoreReply::Routes(routes))
@@ -586,7 +592,53 @@ impl RedisStore {
             .arg(self.new_log_epoch().0)
             .arg(order.map_or(0, |o| o.seq))
             .arg(order.map_or(0, |o| o.after));
-        let (v,): (Vec<Value>,) = self.query_pipe_with_script(&pipe, script).await?;
+        let waiting = self.options.wait_replicas;
+        let v: Vec<Value> = if waiting == 0 {
+            let (v,): (Vec<Value>,) = self.query_pipe_with_script(&pipe, script).await?;
+            v
+        } else {
+            // `WAIT` in the script's pipeline: on one node the same connection; on a cluster
+            // the crate routes a pipeline by its first keyed command, so it goes to the
+            // slot's master with the script (a bare `WAIT` would go to every master).
+            pipe.cmd("WAIT")
+                .arg(waiting)
+                .arg(millis(self.options.wait_timeout()));
+            let (v, confirmed): (Vec<Value>, i64) =
+                self.query_pipe_with_script(&pipe, script).await?;
+            let status = v.first().map(string).transpose()?.flatten();
+            let confirmed = match status.as_deref() {
+                // A duplicate wrote nothing: `WAIT` counted only this connection's earlier
+                // writes, which need not include the original append (another route's, or
+                // one before a reconnect). A write of its own moves the connection's
+                // replication offset past everything the master has, the original included.
+                Some("dup") => {
+                    let (confirmed,): (i64,) = self
+                        .query_pipe(
+                            ::redis::pipe()
+                                .cmd("SET")
+                                .arg(conv_key(&conv, "wait"))
+                                .arg(now.0)
+                                .arg("PX")
+                                .arg(millis(self.options.wait_timeout()).max(1))
+                                .ignore()
+                                .cmd("WAIT")
+                                .arg(waiting)
+                                .arg(millis(self.options.wait_timeout())),
+                        )
+                        .await?;
+                    confirmed
+                }
+                _ => confirmed,
+            };
+            if matches!(status.as_deref(), Some("ok" | "dup")) && confirmed < i64::from(waiting) {
+                return Err(StoreUnavailable(format!(
+                    "redis: the append reached {confirmed} of {waiting} replicas within {} ms: \
+                     it may be stored; resend it",
+                    millis(self.options.wait_timeout())
+                )));
+            }
+            v
+        };
         let status = v.first().map(string).transpose()?.flatten();
         let result = match (status.as_deref(), v.as_slice()) {
             (Some("unknown"), _) => Err(AppendError::UnknownConversation),

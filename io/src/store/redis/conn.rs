@@ -13,31 +13,78 @@
 //! slot of its last script call (alone or in a pipeline); a command after it (which, within
 //! one call, is only that `SCRIPT LOAD`) goes to that slot's master: the node that said
 //! `NOSCRIPT`, or the one a redirection since made the slot's.
+//!
+//! A cluster connection comes from the store's [`Circuit`] for each call, and tells it how
+//! every command went (see `circuit` for why).
+
+use std::sync::Arc;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use ::redis::{Arg, Cmd, Pipeline, RedisFuture, Value};
-use futures::FutureExt as _;
+use ::redis::{Arg, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use cim_core::store::StoreUnavailable;
 
+use super::circuit::Circuit;
 use super::cluster::key_slot;
 
-#[derive(Clone)]
+/// What a [`super::RedisStore`] holds: one node's connection manager, or a cluster's
+/// connection behind its circuit.
+pub(in crate::store) enum Backend {
+    Single(ConnectionManager),
+    Cluster(Arc<Circuit>),
+}
+
+impl Backend {
+    /// The connection for one call; on a cluster, `StoreUnavailable` at once while the
+    /// circuit is open.
+    pub(super) async fn conn(&self) -> Result<Conn, StoreUnavailable> {
+        Ok(match self {
+            Self::Single(c) => Conn::Single(c.clone()),
+            Self::Cluster(circuit) => Conn::Cluster(Sticky {
+                conn: circuit.connection().await?,
+                last: None,
+                circuit: circuit.clone(),
+            }),
+        })
+    }
+}
+
+/// One call's connection.
 pub(in crate::store) enum Conn {
     Single(ConnectionManager),
     Cluster(Sticky),
 }
 
-/// A cluster connection that sends a keyless command where the previous keyed one went.
-#[derive(Clone)]
+/// A cluster connection that sends a keyless command where the previous keyed one went, and
+/// reports each outcome to its circuit.
 pub(in crate::store) struct Sticky {
-    pub(super) conn: ClusterConnection,
+    conn: ClusterConnection,
     last: Option<RoutingInfo>,
+    circuit: Arc<Circuit>,
 }
 
 impl Sticky {
-    pub(super) fn new(conn: ClusterConnection) -> Self {
-        Self { conn, last: None }
+    /// `cmd` on the node `routing` names (reported to the circuit like every command).
+    pub(super) async fn route_command(
+        &mut self,
+        cmd: Cmd,
+        routing: RoutingInfo,
+    ) -> RedisResult<Value> {
+        let result = self.conn.route_command(cmd, routing).await;
+        self.circuit.report(&result);
+        result
+    }
+
+    fn reported<'a, T: Send + 'a>(
+        circuit: Arc<Circuit>,
+        call: RedisFuture<'a, T>,
+    ) -> RedisFuture<'a, T> {
+        Box::pin(async move {
+            let result = call.await;
+            circuit.report(&result);
+            result
+        })
     }
 }
 
@@ -66,14 +113,21 @@ fn script_node(cmd: &Cmd) -> Option<RoutingInfo> {
 
 impl ConnectionLike for Sticky {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let circuit = self.circuit.clone();
         if let Some(node) = script_node(cmd) {
             self.last = Some(node);
-            return self.conn.req_packed_command(cmd);
+            return Self::reported(circuit, self.conn.req_packed_command(cmd));
         }
         match &self.last {
             // Within one call, a command after a script call is that script's `SCRIPT LOAD`.
-            Some(node) => self.conn.route_command(cmd.clone(), node.clone()).boxed(),
-            None => self.conn.req_packed_command(cmd),
+            Some(node) => {
+                let (cmd, node) = (cmd.clone(), node.clone());
+                Self::reported(
+                    circuit,
+                    Box::pin(async move { self.conn.route_command(cmd, node).await }),
+                )
+            }
+            None => Self::reported(circuit, self.conn.req_packed_command(cmd)),
         }
     }
 
@@ -86,7 +140,11 @@ impl ConnectionLike for Sticky {
         if let Some(node) = pipeline.cmd_iter().find_map(script_node) {
             self.last = Some(node);
         }
-        self.conn.req_packed_commands(pipeline, offset, count)
+        let circuit = self.circuit.clone();
+        Self::reported(
+            circuit,
+            self.conn.req_packed_commands(pipeline, offset, count),
+        )
     }
 
     fn get_db(&self) -> i64 {

@@ -23,13 +23,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
+mod circuit;
 mod cluster;
 mod commands;
 mod conn;
 mod keys;
 mod reply;
 
-use self::conn::Conn;
+pub use self::circuit::CircuitStats;
+use self::conn::Backend;
 pub(in crate::store) use self::keys::NEXT_USER;
 use self::keys::*;
 use self::reply::*;
@@ -58,6 +60,19 @@ pub struct RedisOptions {
     /// The CA and client certificate for a `rediss://` URL (default: the system's roots, no
     /// client certificate). Refused with a `redis://` URL.
     pub tls: RedisTls,
+    /// Replicas that must have confirmed an append before it is acknowledged (`WAIT`, sent to
+    /// the conversation's master on the append's connection; 0: no `WAIT`). Fewer within
+    /// [`Self::wait_timeout`] make the append's outcome unknown (`StoreUnavailable`): it may
+    /// be stored, and the sender's resend with the same id settles it.
+    pub wait_replicas: u32,
+}
+
+impl RedisOptions {
+    /// How long an append's `WAIT` may block: half the command timeout, so that its answer
+    /// comes back before the round trip counts as failed.
+    pub fn wait_timeout(&self) -> Duration {
+        self.command_timeout / 2
+    }
 }
 
 impl Default for RedisOptions {
@@ -70,6 +85,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(2),
             seed: None,
             tls: RedisTls::default(),
+            wait_replicas: 0,
         }
     }
 }
@@ -185,7 +201,7 @@ impl Scripts {
 /// ([`RedisStore::connect_cluster`]; what differs is in `cluster`, and what is atomic where in
 /// the module docs of [`super`]).
 pub struct RedisStore {
-    conn: Conn,
+    backend: Backend,
     options: RedisOptions,
     scripts: Scripts,
     /// Log epochs for new logs. Held only to draw one number.
@@ -300,16 +316,25 @@ impl RedisStore {
         if policy != "noeviction" && !options.allow_eviction {
             return Err(ConnectError::EvictionPolicy { url: shown, policy });
         }
-        Ok(Self::with_conn(Conn::Single(conn), options))
+        Ok(Self::with_backend(Backend::Single(conn), options))
     }
 
-    fn with_conn(conn: Conn, options: RedisOptions) -> Self {
+    /// What the cluster connection's circuit has done (see `circuit`); all zero on one node,
+    /// whose connection manager reconnects by itself without spinning.
+    pub fn circuit_stats(&self) -> CircuitStats {
+        match &self.backend {
+            Backend::Single(_) => CircuitStats::default(),
+            Backend::Cluster(circuit) => circuit.stats(),
+        }
+    }
+
+    fn with_backend(backend: Backend, options: RedisOptions) -> Self {
         let rng = match options.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::from_os_rng(),
         };
         Self {
-            conn,
+            backend,
             options,
             scripts: Scripts::new(),
             rng: Mutex::new(rng),
@@ -494,7 +519,7 @@ impl RedisStore {
         &self,
         invocation: &::redis::ScriptInvocation<'_>,
     ) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         invocation
             .invoke_async(&mut conn)
             .await
@@ -502,12 +527,12 @@ impl RedisStore {
     }
 
     async fn query<T: ::redis::FromRedisValue>(&self, cmd: &mut ::redis::Cmd) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         cmd.query_async(&mut conn).await.map_err(unavailable)
     }
 
     async fn query_pipe<T: ::redis::FromRedisValue>(&self, pipe: &Pipeline) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         pipe.query_async(&mut conn).await.map_err(unavailable)
     }
 
@@ -519,7 +544,7 @@ impl RedisStore {
         pipe: &Pipeline,
         script: &Script,
     ) -> R<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.backend.conn().await?;
         match pipe.query_async(&mut conn).await {
             Ok(values) => Ok(values),
             Err(e)
@@ -533,6 +558,32 @@ impl RedisStore {
                 pipe.query_async(&mut conn).await.map_err(unavailable)
             }
             Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// `PING`: on one node, that node; on a cluster, every master, healthy when any answers.
+    /// One dead master is one shard's outage, which its users see in their own commands; the
+    /// process stays healthy (ready, listed) for the users of the others.
+    async fn ping(&self) -> R<String> {
+        match self.backend.conn().await? {
+            conn::Conn::Cluster(mut conn) => {
+                use ::redis::cluster_routing::{
+                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                };
+                let value = conn
+                    .route_command(
+                        ::redis::cmd("PING"),
+                        RoutingInfo::MultiNode((
+                            MultipleNodeRoutingInfo::AllMasters,
+                            Some(ResponsePolicy::OneSucceeded),
+                        )),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                ::redis::from_redis_value(value)
+                    .map_err(|e| StoreUnavailable(format!("redis: unexpected reply to PING: {e}")))
+            }
+            conn::Conn::Single(_) => self.query::<String>(&mut ::redis::cmd("PING")).await,
         }
     }
 
@@ -703,6 +754,10 @@ impl Store for RedisStore {
         })
     }
 
+    fn circuit(&self) -> CircuitStats {
+        self.circuit_stats()
+    }
+
     fn ensure_schema(&self) -> StoreFuture<'_, Result<(), String>> {
         Box::pin(async move {
             RedisStore::ensure_schema(self)
@@ -714,12 +769,9 @@ impl Store for RedisStore {
 
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
         Box::pin(async move {
-            let pong = tokio::time::timeout(
-                self.options.command_timeout,
-                self.query::<String>(&mut ::redis::cmd("PING")),
-            )
-            .await
-            .map_err(|_| StoreUnavailable("redis: ping timed out".into()))??;
+            let pong = tokio::time::timeout(self.options.command_timeout, self.ping())
+                .await
+                .map_err(|_| StoreUnavailable("redis: ping timed out".into()))??;
             if pong == "PONG" {
                 Ok(())
             } else {
