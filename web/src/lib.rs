@@ -12,6 +12,7 @@
 //! comes in as milliseconds: `performance.now()` (monotonic, fractional) and `Date.now()`
 //! (wall clock, for the outbox's age across a reload).
 
+mod frames;
 mod glue;
 
 use cim_core::client::{ClientConfig, ClientSession, LoginAttempt};
@@ -20,6 +21,7 @@ use cim_core::time::Instant;
 use prost::Message;
 use wasm_bindgen::prelude::*;
 
+pub use frames::{frame_from_json, frame_to_json};
 pub use glue::{GlueError, SavedState};
 
 /// `performance.now()` in milliseconds to the core's instant, keeping the fraction: a

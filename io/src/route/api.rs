@@ -56,6 +56,7 @@ use crate::registry::{RegistryView, ServerMap, SessionHealth};
 use crate::store::Store;
 
 mod health;
+mod web;
 
 /// Largest request body accepted.
 pub(super) const MAX_BODY: usize = 64 * 1024;
@@ -143,6 +144,12 @@ pub(super) fn router(shared: Shared) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/health/live", get(health::live))
         .route("/metrics", get(metrics))
+        // The web client (web/), same origin as the API: no CORS needed.
+        .route("/", get(web::index))
+        .route("/index.html", get(web::index))
+        .route("/app.js", get(web::app_js))
+        .route("/style.css", get(web::style))
+        .route("/cim_web_bg.wasm", get(web::wasm))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
