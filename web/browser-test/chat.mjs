@@ -84,16 +84,23 @@ async function sees(page, conv, want) {
   }
 }
 
+/** Clicks in the page itself: the lists are re-rendered often, so an element handle taken
+ * a moment earlier may already be gone. */
+async function tap(page, sel) {
+  await page.waitForSelector(sel, { timeout: WAIT });
+  await page.evaluate((s) => document.querySelector(s).click(), sel);
+}
+
 async function say(page, text) {
   await page.$eval('#text', (el, text) => { el.value = text; }, text);
-  await page.click('#send');
+  await tap(page, '#send');
 }
 
 async function register(page, name) {
   await page.waitForSelector('body[data-ready="1"]', { timeout: WAIT });
   await page.type('#name', name);
   await page.type('#password', `${name}-password`);
-  await page.click('#register');
+  await tap(page, '#register');
   await page.waitForSelector('#status.online', { timeout: WAIT });
   return page.evaluate(() => JSON.parse(localStorage.getItem('cim.last')).userId);
 }
@@ -150,11 +157,11 @@ async function main() {
 
     // Privately, both ways: ann opens ben from the online list.
     const priv = `p:${[annId, benId].sort((a, b) => Number(a) - Number(b)).join(':')}`;
-    await ann.click('#refresh');
+    await tap(ann, '#refresh');
     await ann.waitForSelector(`#online li[data-user="ben${tag}"]`, { timeout: WAIT });
-    await ann.click(`#online li[data-user="ben${tag}"]`);
+    await tap(ann, `#online li[data-user="ben${tag}"]`);
     await say(ann, 'psst ben');
-    await ben.click('#convs li[data-conv="all"]');
+    await tap(ben, '#convs li[data-conv="all"]');
     await ben.waitForSelector(`#convs li[data-conv="${priv}"] .unread`, { timeout: WAIT });
     await sees(ben, priv, ['psst ben']);
     await say(ben, 'psst ann');
@@ -164,10 +171,10 @@ async function main() {
     // A group: ann creates it, ben joins, both write.
     const group = `g${tag}`;
     await ann.type('#group', group);
-    await ann.click('#create');
+    await tap(ann, '#create');
     await ann.waitForSelector(`#convs li[data-conv="g:${group}"].current`, { timeout: WAIT });
     await ben.type('#group', group);
-    await ben.click('#join');
+    await tap(ben, '#join');
     await ben.waitForSelector(`#convs li[data-conv="g:${group}"].current`, { timeout: WAIT });
     await say(ann, 'group hello');
     await sees(ben, `g:${group}`, ['group hello']);
@@ -178,8 +185,8 @@ async function main() {
 
     // restart s1: the pages on it reconnect on their own; what is typed meanwhile arrives
     // once, in order.
-    await ann.click('#convs li[data-conv="all"]');
-    await ben.click('#convs li[data-conv="all"]');
+    await tap(ann, '#convs li[data-conv="all"]');
+    await tap(ben, '#convs li[data-conv="all"]');
     up.type('restart s1');
     const during = ['during 1', 'during 2', 'during 3'];
     for (const t of during) await say(ann, t);
@@ -205,7 +212,7 @@ async function main() {
     assert.match(await ann.$eval('#pending', (e) => e.textContent), /1 unsent/);
     assert.equal(await ann.$eval('#uid', (e) => e.value), annId, 'the id is remembered');
     await ann.type('#password', `ann${tag}-password`); // never stored: asked again
-    await ann.click('#signin');
+    await tap(ann, '#signin');
     up.type('start s1');
     up.type('start s2');
     await sees(ben, 'all', ['typed before the reload']);

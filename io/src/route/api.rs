@@ -88,6 +88,8 @@ pub(super) struct ApiShared {
     min_password_len: usize,
     /// `--max-body`: the longest message text, in bytes.
     max_body: usize,
+    /// The servers' WebSocket origins seen since start, for the web page's CSP (`api/web`).
+    ws_origins: web::SeenOrigins,
 }
 
 impl ApiShared {
@@ -119,6 +121,7 @@ impl ApiShared {
             openapi: Arc::new(super::openapi::openapi_document_for(options)),
             min_password_len: options.login.min_password_len,
             max_body: options.delivery.max_body,
+            ws_origins: web::SeenOrigins::default(),
         }
     }
 }
@@ -150,6 +153,7 @@ pub(super) fn router(shared: Shared) -> Router {
         .route("/app.js", get(web::app_js))
         .route("/style.css", get(web::style))
         .route("/cim_web_bg.wasm", get(web::wasm))
+        .route("/favicon.ico", get(web::no_icon))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

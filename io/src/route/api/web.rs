@@ -3,10 +3,16 @@
 //!
 //! The page runs under a strict Content-Security-Policy: its own scripts, styles and
 //! WebAssembly only (`wasm-unsafe-eval` compiles the wasm; no `unsafe-eval`, no inline
-//! script), HTTP to this origin only, and WebSockets only to the servers the route knows
-//! when the page is served (a server that registers later is reachable after a reload).
+//! script), HTTP to this origin only, and WebSockets only to the servers' origins this route
+//! has seen live since it started. Not only the live ones: a page loaded while a server
+//! restarts (or all are down) must still reach them when they are back, and the policy is
+//! fixed for the page's life. A server first seen after the page loaded is reachable after a
+//! reload.
+
+use std::sync::Mutex;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
@@ -36,6 +42,30 @@ pub(super) const WASM: Asset = Asset {
     // `application/wasm` is what lets the browser compile it while it streams in.
     content_type: "application/wasm",
 };
+
+/// The most origins [`SeenOrigins`] keeps: enough for any cluster, bounded against servers
+/// that come back on new ports forever (the oldest are forgotten first).
+const MAX_ORIGINS: usize = 64;
+
+/// WebSocket origins (`ws://host:port`) of the servers seen live, oldest first.
+#[derive(Debug, Default)]
+pub(super) struct SeenOrigins(Mutex<Vec<String>>);
+
+impl SeenOrigins {
+    /// Adds `live` and returns every origin seen, in the order first seen.
+    fn update(&self, live: impl IntoIterator<Item = String>) -> Vec<String> {
+        // A poisoned lock only means another request panicked mid-push: the list is usable.
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for origin in live {
+            if !seen.contains(&origin) {
+                seen.push(origin);
+            }
+        }
+        let excess = seen.len().saturating_sub(MAX_ORIGINS);
+        seen.drain(..excess);
+        seen.clone()
+    }
+}
 
 /// The policy for the page, allowing WebSockets to `ws_origins`.
 pub(super) fn content_security_policy<'a>(ws_origins: impl IntoIterator<Item = &'a str>) -> String {
@@ -80,14 +110,21 @@ fn answer(asset: &Asset, csp: Option<String>) -> Response {
 }
 
 pub(super) async fn index(State(shared): State<Shared>) -> Response {
-    let urls: Vec<String> = shared
+    let live: Vec<String> = shared
         .live
         .borrow()
         .values()
         .filter_map(|s| s.client_endpoint().ws_url)
+        .map(|url| origin(&url).to_owned())
         .collect();
-    let csp = content_security_policy(urls.iter().map(|u| origin(u)));
+    let seen = shared.ws_origins.update(live);
+    let csp = content_security_policy(seen.iter().map(String::as_str));
     answer(&INDEX, Some(csp))
+}
+
+/// Browsers ask for it unprompted; "nothing" beats a 404 in the page's console.
+pub(super) async fn no_icon() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 pub(super) async fn app_js() -> Response {
@@ -114,6 +151,19 @@ mod tests {
         assert!(!csp.contains("unsafe-inline"));
         assert!(csp.starts_with("default-src 'none';"));
         assert_eq!(origin("ws://[::1]:11411/"), "ws://[::1]:11411");
+    }
+
+    #[test]
+    fn origins_seen_once_stay_until_many_newer_ones_push_them_out() {
+        let seen = SeenOrigins::default();
+        let o = |p: usize| format!("ws://h:{p}");
+        assert_eq!(seen.update([o(1), o(2)]), [o(1), o(2)]);
+        // s1 is down: still allowed, so a page loaded now reaches it when it is back.
+        assert_eq!(seen.update([o(2)]), [o(1), o(2)]);
+        assert_eq!(seen.update([]), [o(1), o(2)]);
+        let all = seen.update((3..=MAX_ORIGINS + 1).map(o));
+        assert_eq!(all.len(), MAX_ORIGINS);
+        assert_eq!(all[0], o(2), "the oldest went first");
     }
 
     #[test]
