@@ -187,6 +187,14 @@ async function main() {
     // once, in order.
     await tap(ann, '#convs li[data-conv="all"]');
     await tap(ben, '#convs li[data-conv="all"]');
+    const onS1 = [];
+    for (const page of pages) {
+      const text = await page.$eval('#status', (e) => e.textContent);
+      if (text.includes('server s1')) onS1.push([page, await page.evaluate(() => Number(document.body.dataset.reconnects ?? 0))]);
+    }
+    // The pages logged in one after the other, before carol: least-connections balancing
+    // put them on different servers, so one is on s1.
+    assert.ok(onS1.length > 0, 'a page is on s1, so the restart tests a reconnect');
     up.type('restart s1');
     const during = ['during 1', 'during 2', 'during 3'];
     for (const t of during) await say(ann, t);
@@ -197,6 +205,11 @@ async function main() {
     for (const page of pages) {
       await page.waitForFunction(() => document.querySelectorAll('#msgs li.sending').length === 0, { timeout: WAIT });
       assert.equal(await page.$$eval('#msgs li.unknown, #msgs li.rejected', (l) => l.length), 0);
+    }
+    for (const [page, before] of onS1) {
+      assert.ok(await page.evaluate(() => Number(document.body.dataset.reconnects ?? 0)) > before,
+        'the page on s1 reconnected by itself');
+      await page.waitForSelector('#status.online', { timeout: WAIT });
     }
     for (const t of during) await carol.line((l) => l.includes(`"${t}"`), t);
     console.log('restart s1: ok');

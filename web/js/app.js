@@ -74,7 +74,10 @@ function onEvent(e) {
     case 'online': status(`online (server ${e.server})`, 'online'); refreshSide(); break;
     case 'loggingIn': status('logging in…', 'busy'); break;
     case 'connecting': status(`connecting to ${e.server}…`, 'busy'); break;
-    case 'reconnecting': status(`reconnecting in ${(e.delayMs / 1000).toFixed(1)} s (${e.cause})`, 'busy'); break;
+    case 'reconnecting':
+      // Counted for the browser test, which checks that a restart made the page reconnect.
+      document.body.dataset.reconnects = String(Number(document.body.dataset.reconnects ?? 0) + 1);
+      status(`reconnecting in ${(e.delayMs / 1000).toFixed(1)} s (${e.cause})`, 'busy'); break;
     case 'stopped': status(`stopped: ${e.reason}`, 'down'); break;
     case 'loginRejected': status(`login refused: ${e.reason}`, 'down'); showLogin(`Login refused: ${e.reason}`); break;
     case 'tlsFailed': status(`TLS with ${e.host} cannot work: ${e.reason}`, 'down'); break;
