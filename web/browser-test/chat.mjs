@@ -232,7 +232,13 @@ async function main() {
     await ann.waitForFunction(() => document.querySelectorAll('#msgs li.sending').length === 0, { timeout: WAIT });
     const once = (await texts(ben, 'all')).filter((t) => t === 'typed before the reload').length;
     assert.equal(once, 1, 'delivered once');
-    console.log('reload: ok');
+    // The reloaded page shows what came before from the server's history.
+    await sees(ann, 'all', ['hello from ann <b>not bold</b>', 'hello from carol', 'typed before the reload']);
+    // Leaving a group takes it off the list.
+    await tap(ben, `#convs li[data-conv="g:${group}"]`);
+    await tap(ben, '#leave');
+    await ben.waitForFunction((c) => !document.querySelector(`#convs li[data-conv="${c}"]`), { timeout: WAIT }, `g:${group}`);
+    console.log('reload, history, leave: ok');
   } finally {
     await browser.close();
   }
