@@ -81,6 +81,7 @@ function onEvent(e) {
     case 'stopped': status(`stopped: ${e.reason}`, 'down'); break;
     case 'loginRejected': status(`login refused: ${e.reason}`, 'down'); showLogin(`Login refused: ${e.reason}`); break;
     case 'tlsFailed': status(`TLS with ${e.host} cannot work: ${e.reason}`, 'down'); break;
+    case 'stateLost': flash(`unsent messages saved by an earlier visit could not be read (${e.reason})`); break;
     case 'kicked': status(`kicked: ${e.reason}`, 'busy'); break;
     case 'message': {
       const c = conv(e.conv);

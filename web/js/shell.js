@@ -35,9 +35,17 @@ export class Shell {
     this.timer = null;
     this.stopped = false;
     const saved = env.storage.getItem(stateKey(account.userId)) || '';
-    const seed = env.randomBytes(32);
-    this.client = new env.wasm.WebClient(
-      account.userId, account.name, account.password, seed, saved, env.now(), env.wall());
+    const make = (state) => new env.wasm.WebClient(
+      account.userId, account.name, account.password, env.randomBytes(32), state, env.now(), env.wall());
+    try {
+      this.client = make(saved);
+    } catch (e) {
+      if (!saved) throw e; // a bad user id: the caller's to show
+      // Saved state this build cannot read (damaged, or written by a future version): start
+      // afresh rather than never log in again, and say what was lost.
+      this.client = make('');
+      queueMicrotask(() => onEvent({ t: 'stateLost', reason: String(e.message ?? e) }));
+    }
     // The password is needed by the session (every re-login) and nowhere else.
     this.account = { userId: account.userId, name: account.name };
   }

@@ -199,3 +199,16 @@ test('a server silent past the heartbeat timeout is given up and logged into aga
   assert.ok(w.logins.length >= 2);
   assert.equal(w.logins.at(-1).resumeToken, RESUME);
 });
+
+test('saved state that cannot be read is dropped with an event, and the session still logs in', async () => {
+  const w = world();
+  w.store.set(stateKey(ME), '{"outbox": [{"id": "not-an-id"');
+  const shell = w.shell();
+  shell.start();
+  await settle();
+  const lost = w.events.find((e) => e.t === 'stateLost');
+  assert.ok(lost, 'said so');
+  assert.match(lost.reason, /not valid JSON/);
+  await w.online(shell);
+  assert.equal(JSON.parse(w.store.get(stateKey(ME))).outbox.length, 0, 'replaced by a readable state');
+});
