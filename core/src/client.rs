@@ -423,6 +423,22 @@ pub(crate) fn order_stream(seed: u64) -> u64 {
 
 impl ClientSession {
     pub fn new(config: ClientConfig) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let order = order_stream(config.seed);
+        Self::with_rng(config, rng, order)
+    }
+
+    /// A session whose RNG is seeded with 256 bits of entropy instead of
+    /// [`ClientConfig::seed`] (which it ignores): the browser shell's seed from
+    /// `crypto.getRandomValues`. The order stream is the RNG's first draw, so it too is new
+    /// in every run.
+    pub fn with_entropy(config: ClientConfig, seed: [u8; 32]) -> Self {
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        let order = rng.random::<u64>();
+        Self::with_rng(config, rng, order)
+    }
+
+    fn with_rng(config: ClientConfig, rng: ChaCha8Rng, order: u64) -> Self {
         let inbound = Inbound::new(InboundConfig {
             gap_sync_delay: config.gap_sync_delay,
             fetch_limit: config.fetch_limit,
@@ -431,8 +447,8 @@ impl ClientSession {
             canaries: config.canaries,
         });
         Self {
-            rng: ChaCha8Rng::seed_from_u64(config.seed),
-            outbox: Outbox::new(order_stream(config.seed)),
+            rng,
+            outbox: Outbox::new(order),
             config,
             link: Link::Idle,
             attempt: 0,
@@ -455,7 +471,22 @@ impl ClientSession {
         now: Instant,
         wall: UnixMillis,
     ) -> Self {
-        let mut session = Self::new(config);
+        Self::new(config).restored(state, now, wall)
+    }
+
+    /// [`restore`](Self::restore) for a session made with [`with_entropy`](Self::with_entropy).
+    pub fn restore_with_entropy(
+        config: ClientConfig,
+        seed: [u8; 32],
+        state: ClientState,
+        now: Instant,
+        wall: UnixMillis,
+    ) -> Self {
+        Self::with_entropy(config, seed).restored(state, now, wall)
+    }
+
+    fn restored(self, state: ClientState, now: Instant, wall: UnixMillis) -> Self {
+        let mut session = self;
         session.resume_token = state.resume_token;
         for saved in state.outbox {
             let age = Duration::from_millis(wall.0.saturating_sub(saved.created_at.0));

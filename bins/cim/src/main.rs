@@ -795,6 +795,8 @@ fn print_welcome(
         "(the first run registers the name and asks for a password, at least 8 characters); then type a line to talk to \
          everyone, `@bob text` to whisper, `:help` for more."
     );
+    // Served by the route itself (web/, embedded); the servers' WebSocket ports let it in.
+    println!("Or chat in a browser: open {scheme}://{http}/");
     if let Some(admin) = route.admin_addr() {
         println!(
             "Administer (list users, kick, delete; see docs/admin.md):\n  \

@@ -56,6 +56,7 @@ use crate::registry::{RegistryView, ServerMap, SessionHealth};
 use crate::store::Store;
 
 mod health;
+mod web;
 
 /// Largest request body accepted.
 pub(super) const MAX_BODY: usize = 64 * 1024;
@@ -87,6 +88,8 @@ pub(super) struct ApiShared {
     min_password_len: usize,
     /// `--max-body`: the longest message text, in bytes.
     max_body: usize,
+    /// The servers' WebSocket origins seen since start, for the web page's CSP (`api/web`).
+    ws_origins: web::SeenOrigins,
 }
 
 impl ApiShared {
@@ -118,6 +121,7 @@ impl ApiShared {
             openapi: Arc::new(super::openapi::openapi_document_for(options)),
             min_password_len: options.login.min_password_len,
             max_body: options.delivery.max_body,
+            ws_origins: web::SeenOrigins::default(),
         }
     }
 }
@@ -143,6 +147,13 @@ pub(super) fn router(shared: Shared) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/health/live", get(health::live))
         .route("/metrics", get(metrics))
+        // The web client (web/), same origin as the API: no CORS needed.
+        .route("/", get(web::index))
+        .route("/index.html", get(web::index))
+        .route("/app.js", get(web::app_js))
+        .route("/style.css", get(web::style))
+        .route("/cim_web_bg.wasm", get(web::wasm))
+        .route("/favicon.ico", get(web::no_icon))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -373,3 +373,26 @@ impl Harness {
         cmds
     }
 }
+
+/// The browser's constructor: 256 bits choose the ids (and the session's own resume token),
+/// not `ClientConfig::seed`; the same bits give the same ids, other bits other ids.
+#[test]
+fn a_session_seeded_with_256_bits_draws_from_them_not_from_the_config_seed() {
+    let ids = |seed: [u8; 32], config_seed: u64| {
+        let mut c = config();
+        c.seed = config_seed;
+        let mut s = ClientSession::with_entropy(c, seed);
+        (0..3)
+            .map(|_| s.send(base(), ConvId::All, Bytes::from_static(b"x")))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids([1; 32], 1),
+        ids([1; 32], 2),
+        "the config's seed is unused"
+    );
+    assert_ne!(ids([1; 32], 1), ids([2; 32], 1));
+    let mut plain = ClientSession::new(config());
+    let plain_id = plain.send(base(), ConvId::All, Bytes::from_static(b"x"));
+    assert_ne!(ids([1; 32], 42)[0], plain_id);
+}
