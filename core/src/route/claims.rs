@@ -126,6 +126,38 @@ impl ClaimTable {
         Ok(state.claim.replace(claim))
     }
 
+    /// `ResumeClaim`: [`Self::replace`], only if the current claim also holds the
+    /// resumption secret hashed to `secret`. A mismatch is a lost race: `Err` carries the
+    /// state, against which the route re-checks the secret (and refuses it).
+    pub fn resume(
+        &mut self,
+        user: UserId,
+        expected: Epoch,
+        secret: &[u8; 32],
+        claim: Claim,
+    ) -> Result<Option<Claim>, ClaimState> {
+        let state = self.load(user);
+        let holds = state
+            .claim
+            .as_ref()
+            .and_then(|c| c.resume_secret.as_ref())
+            .is_some_and(|s| bool::from(s.hash.ct_eq(secret)));
+        if !holds {
+            return Err(state);
+        }
+        self.replace(user, expected, claim)
+    }
+
+    /// `RevokeResumption` (and the revocation part of `SetPassword`): drops the claim's
+    /// resumption secret, keeping the claim. Returns whether there was one.
+    pub fn revoke_resumption(&mut self, user: UserId) -> bool {
+        self.claims
+            .get_mut(&user)
+            .and_then(|state| state.claim.as_mut())
+            .and_then(|claim| claim.resume_secret.take())
+            .is_some()
+    }
+
     /// `ReleaseClaim`: deletes the claim and the route record, only if the stored claim
     /// has exactly `epoch` (expired or not). Returns whether it deleted.
     pub fn release(&mut self, user: UserId, epoch: Epoch) -> bool {
@@ -240,6 +272,15 @@ impl ClaimTable {
                 expected,
                 claim,
             } => StoreReply::ClaimReplaced(self.replace(*user, *expected, claim.clone())),
+            StoreCommand::ResumeClaim {
+                user,
+                expected,
+                secret,
+                claim,
+            } => StoreReply::ClaimReplaced(self.resume(*user, *expected, secret, claim.clone())),
+            StoreCommand::RevokeResumption { user } => StoreReply::ResumptionRevoked {
+                revoked: self.revoke_resumption(*user),
+            },
             StoreCommand::ReleaseClaim { user, epoch } => StoreReply::ClaimReleased {
                 released: self.release(*user, *epoch),
             },
@@ -299,6 +340,7 @@ mod tests {
             server: s(server),
             lease_until: UnixMillis(lease_until),
             resume_token_hash: [token; 32],
+            resume_secret: None,
         }
     }
 
@@ -715,6 +757,7 @@ mod tests {
                             server: ServerId(format!("s{server}")),
                             lease_until: UnixMillis(now + ttl),
                             resume_token_hash: [*server; 32],
+                            resume_secret: None,
                         };
                         let _ = t.apply(wall, &StoreCommand::ReplaceClaim { user: UserId(*user), expected: Epoch(*expected), claim: c });
                     }

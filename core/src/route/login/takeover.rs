@@ -73,25 +73,42 @@ impl RouteLogin {
             LoginDecision::Fresh { .. } => wall,
             LoginDecision::Takeover { old, .. } => wall.max(old.lease_until),
         };
+        // Every login issues the next resumption secret; a resumption's write also requires
+        // the one it presented to be still the claim's, so each secret is used once.
+        let secret = ResumptionSecret::random(&mut self.rng);
         let claim = Claim {
             epoch: decision.epoch(),
             server: server.id.clone(),
             lease_until: lease_from.plus(self.config.claim_ttl),
             resume_token_hash: resume_token_hash(&resume),
+            resume_secret: Some(ResumeSecret {
+                hash: resumption::secret_hash(login.user, &secret),
+                expires_at: wall.plus(self.config.resume_secret_ttl),
+            }),
         };
-        self.send(
-            now,
-            StoreCommand::ReplaceClaim {
+        let command = match login.secret_hash {
+            Some(presented) => StoreCommand::ResumeClaim {
+                user: login.user,
+                expected: state.epoch,
+                secret: presented,
+                claim,
+            },
+            None => StoreCommand::ReplaceClaim {
                 user: login.user,
                 expected: state.epoch,
                 claim,
             },
+        };
+        self.send(
+            now,
+            command,
             Step::ReplaceClaim {
                 api,
                 login,
                 decision,
                 server,
                 resume,
+                secret,
             },
         );
     }
@@ -137,6 +154,7 @@ impl RouteLogin {
                 self.held.push(HeldLogin {
                     granted,
                     presented: login.resume_hash,
+                    presented_secret: login.secret_hash,
                     waiters: Vec::new(),
                     awaiting,
                     old_epoch: old.epoch,
@@ -176,20 +194,22 @@ impl RouteLogin {
                 && granted.epoch == current.epoch
                 && self.live.contains_key(&granted.server.id)
         };
-        if let Some(held) = self
-            .held
-            .iter_mut()
-            .find(|h| h.presented == Some(presented) && same(&h.granted))
-        {
+        // A password login proved who it is; a resumption must present the very secret the
+        // held one did (its answer carries the next secret).
+        let secret_ok = |held_secret: Option<[u8; 32]>| match login.secret_hash {
+            None => true,
+            Some(secret) => held_secret.is_some_and(|h| bool::from(h.ct_eq(&secret))),
+        };
+        if let Some(held) = self.held.iter_mut().find(|h| {
+            h.presented == Some(presented) && secret_ok(h.presented_secret) && same(&h.granted)
+        }) {
             held.waiters.push(api);
             return true;
         }
         self.released.retain(|r| r.until > now);
-        let Some(released) = self
-            .released
-            .iter()
-            .find(|r| r.presented == presented && same(&r.granted))
-        else {
+        let Some(released) = self.released.iter().find(|r| {
+            r.presented == presented && secret_ok(r.presented_secret) && same(&r.granted)
+        }) else {
             return false;
         };
         let granted = Granted {
@@ -213,6 +233,7 @@ impl RouteLogin {
         if let Some(presented) = held.presented {
             self.released.push(ReleasedTakeover {
                 presented,
+                presented_secret: held.presented_secret,
                 granted: held.granted.clone(),
                 until: now + self.config.claim_ttl,
             });
