@@ -619,7 +619,7 @@ impl ClientSession {
                 // The claim now holds this token's hash; the previous one proves nothing.
                 // Likewise the secret: the one presented (if any) was used up.
                 self.resume_token = Some(answer.resume_token);
-                self.resume_secret = Some(answer.resume_secret);
+                self.resume_secret = answer.resume_secret;
                 self.out.commands.push_back(ClientCommand::Connect {
                     endpoint: answer.server.client_endpoint(),
                 });

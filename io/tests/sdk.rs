@@ -70,6 +70,7 @@ async fn route_login(
     let resume_token = api::encode_resume_token(&ResumeToken([epoch as u8; 32]));
     r.issued.push(resume_token.clone());
     Json(Envelope::ok(api::LoginResponse {
+        resume_secret: None,
         user_id: req.user_id,
         epoch,
         server_id: "s1".into(),

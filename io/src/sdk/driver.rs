@@ -17,7 +17,10 @@ use tokio::task::JoinHandle;
 
 use super::route_api::{ApiError, RouteApi};
 use super::{Acked, AppCommand, SdkOptions, SendError};
-use crate::api::{self, decode_resume_token, decode_ticket, encode_resume_token};
+use crate::api::{
+    self, decode_resume_secret, decode_resume_token, decode_ticket, encode_resume_secret,
+    encode_resume_token,
+};
 use crate::clock::Clock;
 use crate::http_client::HttpError;
 use crate::net::{self, Network, framed};
@@ -470,6 +473,7 @@ async fn login<N: Network>(
         user_name: request.name,
         password: request.password,
         resume_token: request.resume_token.as_ref().map(encode_resume_token),
+        resume_secret: request.resume_secret.as_ref().map(encode_resume_secret),
     };
     match route.login(&body).await {
         Ok(response) => answer_from(user, response),
@@ -495,6 +499,11 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
         ws_url: None,
     });
     let resume_token = decode_resume_token(&r.resume_token).map_err(|e| bad("resumeToken", e))?;
+    // An older route issues none: the next login then needs the password again.
+    let resume_secret = match r.resume_secret.as_deref() {
+        Some(text) => Some(decode_resume_secret(text).map_err(|e| bad("resumeSecret", e))?),
+        None => None,
+    };
     Ok(LoginAnswer {
         user,
         epoch: Epoch(r.epoch),
@@ -513,6 +522,7 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
         ticket,
         token: r.token,
         resume_token,
+        resume_secret,
     })
 }
 
@@ -768,6 +778,7 @@ mod tests {
             mac: vec![1; 32],
         };
         let response = api::LoginResponse {
+            resume_secret: None,
             user_id: 4,
             epoch: 2,
             server_id: "s1".into(),

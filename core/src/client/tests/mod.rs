@@ -74,7 +74,7 @@ fn answer(epoch: u64, tok: u8) -> LoginAnswer {
         ticket: ticket(epoch),
         token: "bearer".into(),
         resume_token: token(tok),
-        resume_secret: secret(tok),
+        resume_secret: Some(secret(tok)),
     }
 }
 

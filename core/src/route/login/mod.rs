@@ -70,7 +70,9 @@ pub struct LoginAnswer {
     pub resume_token: ResumeToken,
     /// The next resumption secret, good with `resume_token` until the configured lifetime
     /// runs out, it is used, or it is revoked. Shown once: the store keeps only its hash.
-    pub resume_secret: ResumptionSecret,
+    /// Always issued by this route; `None` only in an older route's answer (as the SDK
+    /// reads it), after which the next login needs the password.
+    pub resume_secret: Option<ResumptionSecret>,
 }
 
 /// Why a login failed, with CIM's status codes.
@@ -119,7 +121,8 @@ impl LoginError {
     }
 }
 
-/// The envelope code of a refused resumption (HTTP 401): the client asks for the password.
+/// The envelope code of a refused resumption (HTTP 200, like 9100): the client logs in with
+/// the password instead (and asks its user for it if it has none).
 pub const CODE_RESUME_REFUSED: &str = "9110";
 
 /// The envelope code of a throttled request (HTTP 429 with `Retry-After`).
@@ -1158,7 +1161,7 @@ impl RouteLogin {
                 ticket,
                 token,
                 resume_token: resume,
-                resume_secret: secret,
+                resume_secret: Some(secret),
             }),
         );
     }

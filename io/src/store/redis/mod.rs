@@ -345,7 +345,30 @@ impl RedisStore {
                 user,
                 expected,
                 claim,
-            } => self.replace_claim(user, expected, claim).await,
+            } => self.replace_claim(user, expected, claim, None).await,
+            StoreCommand::ResumeClaim {
+                user,
+                expected,
+                secret,
+                claim,
+            } => {
+                self.replace_claim(user, expected, claim, Some(secret))
+                    .await
+            }
+            StoreCommand::RevokeResumption { user } => {
+                // One key: a plain HDEL is atomic.
+                let removed: i64 = self
+                    .query(
+                        ::redis::cmd("HDEL")
+                            .arg(claim_key(user))
+                            .arg("secret")
+                            .arg("secret_exp"),
+                    )
+                    .await?;
+                Ok(StoreReply::ResumptionRevoked {
+                    revoked: removed > 0,
+                })
+            }
             StoreCommand::ReleaseClaim { user, epoch } => {
                 let released: i64 = self
                     .invoke(

@@ -43,6 +43,18 @@ fn first_login(h: &mut Harness) -> LoginAnswer {
     login_ok(&h.login(0, 1, None)).clone()
 }
 
+trait Secret {
+    fn secret(&self) -> &ResumptionSecret;
+}
+
+impl Secret for LoginAnswer {
+    fn secret(&self) -> &ResumptionSecret {
+        self.resume_secret
+            .as_ref()
+            .expect("every answer issues a secret")
+    }
+}
+
 /// Past the first claim's lease (30 s): a resumption then makes a fresh claim, no kick.
 const LAPSED: u64 = 31_000;
 
@@ -50,7 +62,7 @@ const LAPSED: u64 = 31_000;
 fn a_resumption_checks_no_password_and_rotates_the_secret() {
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
-    start_resume(&mut h, LAPSED, &first.resume_token, &first.resume_secret);
+    start_resume(&mut h, LAPSED, &first.resume_token, first.secret());
     // No argon2 job at any step: the claim, then the compare-and-replace.
     assert!(h.m.poll_password().is_none());
     assert_eq!(
@@ -61,14 +73,14 @@ fn a_resumption_checks_no_password_and_rotates_the_secret() {
     let StoreCommand::ResumeClaim { secret, claim, .. } = h.store_step(LAPSED) else {
         panic!("a resumption writes with ResumeClaim");
     };
-    assert_eq!(secret, secret_hash(UserId(1), &first.resume_secret));
+    assert_eq!(secret, secret_hash(UserId(1), first.secret()));
     let events = h.run(LAPSED);
     let second = login_ok(&events).clone();
     assert_eq!(second.epoch, Epoch(first.epoch.0 + 1));
     assert_ne!(second.resume_secret, first.resume_secret);
     // The store holds only the new secret's hash, with its expiry.
     let stored = claim.resume_secret.expect("the new claim carries a secret");
-    assert_eq!(stored.hash, secret_hash(UserId(1), &second.resume_secret));
+    assert_eq!(stored.hash, secret_hash(UserId(1), second.secret()));
     assert_eq!(
         stored.expires_at,
         h.at(LAPSED).1.plus(config().resume_secret_ttl)
@@ -80,25 +92,19 @@ fn a_resumption_checks_no_password_and_rotates_the_secret() {
 fn a_used_secret_is_refused_and_counted_like_a_wrong_password() {
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
-    let second = login_ok(&resume(
-        &mut h,
-        LAPSED,
-        &first.resume_token,
-        &first.resume_secret,
-    ))
-    .clone();
+    let second = login_ok(&resume(&mut h, LAPSED, &first.resume_token, first.secret())).clone();
     // A copy of the first token and secret, replayed after their use.
     let at = 2 * LAPSED;
-    let replay = resume(&mut h, at, &first.resume_token, &first.resume_secret);
+    let replay = resume(&mut h, at, &first.resume_token, first.secret());
     assert_eq!(login_err(&replay), LoginError::ResumeRefused);
     assert_eq!(failures(&h), 1);
     // The used secret with the current token: refused too.
-    let mixed = resume(&mut h, at, &second.resume_token, &first.resume_secret);
+    let mixed = resume(&mut h, at, &second.resume_token, first.secret());
     assert_eq!(login_err(&mixed), LoginError::ResumeRefused);
     assert_eq!(failures(&h), 2);
     // The current pair still works, and a success does not clear the record (a user's own
     // resumption must not reset an attacker's delay).
-    let third = resume(&mut h, at, &second.resume_token, &second.resume_secret);
+    let third = resume(&mut h, at, &second.resume_token, second.secret());
     login_ok(&third);
     assert_eq!(failures(&h), 2);
 }
@@ -120,12 +126,7 @@ fn a_resumption_is_not_held_back_by_the_account_throttle() {
         login_err(&h.login(LAPSED, 1, None)),
         LoginError::Throttled(_)
     ));
-    login_ok(&resume(
-        &mut h,
-        LAPSED,
-        &first.resume_token,
-        &first.resume_secret,
-    ));
+    login_ok(&resume(&mut h, LAPSED, &first.resume_token, first.secret()));
     assert_eq!(failures(&h), 50);
 }
 
@@ -142,7 +143,7 @@ fn logout_a_revocation_and_expiry_end_the_secret() {
             ..
         }]
     ));
-    let refused = resume(&mut h, 20, &first.resume_token, &first.resume_secret);
+    let refused = resume(&mut h, 20, &first.resume_token, first.secret());
     assert_eq!(login_err(&refused), LoginError::ResumeRefused);
 
     // An explicit revocation (and a password change, which the store implements with it)
@@ -151,7 +152,7 @@ fn logout_a_revocation_and_expiry_end_the_secret() {
     let first = first_login(&mut h);
     assert!(h.store.claims.revoke_resumption(UserId(1)));
     assert!(h.store.claims.load(UserId(1)).claim.is_some());
-    let refused = resume(&mut h, LAPSED, &first.resume_token, &first.resume_secret);
+    let refused = resume(&mut h, LAPSED, &first.resume_token, first.secret());
     assert_eq!(login_err(&refused), LoginError::ResumeRefused);
     // The password still logs in, with the same token (the client keeps it), and issues a
     // new secret.
@@ -160,7 +161,7 @@ fn logout_a_revocation_and_expiry_end_the_secret() {
         &mut h,
         2 * LAPSED,
         &again.resume_token,
-        &again.resume_secret,
+        again.secret(),
     ));
 
     // Expiry: good until `resume_secret_ttl` after it was issued, not at it.
@@ -174,7 +175,7 @@ fn logout_a_revocation_and_expiry_end_the_secret() {
     );
     let first = first_login(&mut h);
     let at_expiry = ttl.as_millis() as u64;
-    let refused = resume(&mut h, at_expiry, &first.resume_token, &first.resume_secret);
+    let refused = resume(&mut h, at_expiry, &first.resume_token, first.secret());
     assert_eq!(login_err(&refused), LoginError::ResumeRefused);
     let mut h = Harness::with_alice_and(
         &["s1"],
@@ -188,7 +189,7 @@ fn logout_a_revocation_and_expiry_end_the_secret() {
         &mut h,
         at_expiry - 1,
         &first.resume_token,
-        &first.resume_secret,
+        first.secret(),
     ));
 }
 
@@ -196,7 +197,7 @@ fn logout_a_revocation_and_expiry_end_the_secret() {
 fn a_revocation_between_the_check_and_the_write_wins() {
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
-    start_resume(&mut h, LAPSED, &first.resume_token, &first.resume_secret);
+    start_resume(&mut h, LAPSED, &first.resume_token, first.secret());
     assert_eq!(
         h.store_step(LAPSED),
         StoreCommand::LoadClaim { user: UserId(1) }
@@ -215,8 +216,8 @@ fn a_revocation_between_the_check_and_the_write_wins() {
 fn two_uses_of_one_secret_at_once_one_wins() {
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
-    let a = start_resume(&mut h, LAPSED, &first.resume_token, &first.resume_secret);
-    let b = start_resume(&mut h, LAPSED, &first.resume_token, &first.resume_secret);
+    let a = start_resume(&mut h, LAPSED, &first.resume_token, first.secret());
+    let b = start_resume(&mut h, LAPSED, &first.resume_token, first.secret());
     // Both read the claim before either writes: both pass the check.
     for _ in 0..2 {
         assert_eq!(
@@ -248,7 +249,7 @@ fn a_resumption_needs_a_token_and_an_id() {
             name: "alice".into(),
             password: "pw".into(),
             resume_token: token,
-            resume_secret: Some(first.resume_secret.clone()),
+            resume_secret: Some(first.secret().clone()),
         };
         h.m.handle_login(h.at(LAPSED).0, api, request);
         // Refused before any store step: nothing names the claim to check.
@@ -263,11 +264,11 @@ fn a_retry_during_a_held_takeover_joins_only_with_the_same_secret() {
     // answer is held until s1 confirms the kick.
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
-    let events = resume(&mut h, 100, &first.resume_token, &first.resume_secret);
+    let events = resume(&mut h, 100, &first.resume_token, first.secret());
     assert_eq!(events, vec![kick_old("s1", 1, first.epoch.0 + 1)]);
     // The client timed out and retries with the same pair: it joins the held answer.
     assert_eq!(
-        resume(&mut h, 200, &first.resume_token, &first.resume_secret),
+        resume(&mut h, 200, &first.resume_token, first.secret()),
         vec![]
     );
     // The token with another secret does not join (it would be handed the next secret).
