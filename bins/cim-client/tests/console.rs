@@ -279,6 +279,7 @@ async fn a_sender_never_seen_online_is_shown_by_name() {
         .expect("register bob");
     let login = api
         .login(&LoginRequest {
+            resume_secret: None,
             user_id: bob.user_id,
             user_name: "bob".into(),
             password: "bob-password".into(),

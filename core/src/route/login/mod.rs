@@ -171,6 +171,7 @@ pub struct RouteLoginConfig {
     pub max_password_jobs: usize,
     /// How long a resumption secret stays good if unused (each login issues a new one, so
     /// this is how long a user may stay away and still come back without the password).
+    /// Zero issues no secrets: every login checks the password.
     pub resume_secret_ttl: Duration,
 }
 
@@ -434,7 +435,7 @@ struct Granted {
     epoch: Epoch,
     server: LiveServer,
     resume: ResumeToken,
-    secret: ResumptionSecret,
+    secret: Option<ResumptionSecret>,
 }
 
 /// A takeover's answer, claimed in the store but not yet given to the client.
@@ -537,7 +538,7 @@ enum Step {
         decision: LoginDecision,
         server: LiveServer,
         resume: ResumeToken,
-        secret: ResumptionSecret,
+        secret: Option<ResumptionSecret>,
     },
     /// A refused resumption is being counted against the account's throttle record (best
     /// effort, compare-and-count: `races` lost so far). The client has its answer already.
@@ -1161,7 +1162,7 @@ impl RouteLogin {
                 ticket,
                 token,
                 resume_token: resume,
-                resume_secret: Some(secret),
+                resume_secret: secret,
             }),
         );
     }

@@ -75,14 +75,17 @@ impl RouteLogin {
         };
         // Every login issues the next resumption secret; a resumption's write also requires
         // the one it presented to be still the claim's, so each secret is used once.
-        let secret = ResumptionSecret::random(&mut self.rng);
+        // A lifetime of zero turns resumption off: no secret, so every login checks the
+        // password (what a deployment chooses that wants no credential but the password).
+        let secret = (!self.config.resume_secret_ttl.is_zero())
+            .then(|| ResumptionSecret::random(&mut self.rng));
         let claim = Claim {
             epoch: decision.epoch(),
             server: server.id.clone(),
             lease_until: lease_from.plus(self.config.claim_ttl),
             resume_token_hash: resume_token_hash(&resume),
-            resume_secret: Some(ResumeSecret {
-                hash: resumption::secret_hash(login.user, &secret),
+            resume_secret: secret.as_ref().map(|secret| ResumeSecret {
+                hash: resumption::secret_hash(login.user, secret),
                 expires_at: wall.plus(self.config.resume_secret_ttl),
             }),
         };

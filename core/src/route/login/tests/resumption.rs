@@ -59,6 +59,21 @@ impl Secret for LoginAnswer {
 const LAPSED: u64 = 31_000;
 
 #[test]
+fn a_zero_lifetime_issues_no_secret() {
+    let mut h = Harness::with_alice_and(
+        &["s1"],
+        RouteLoginConfig {
+            resume_secret_ttl: Duration::ZERO,
+            ..config()
+        },
+    );
+    let first = login_ok(&h.login(0, 1, None)).clone();
+    assert_eq!(first.resume_secret, None);
+    let state = h.store.claims.load(UserId(1));
+    assert_eq!(state.claim.and_then(|c| c.resume_secret), None);
+}
+
+#[test]
 fn a_resumption_checks_no_password_and_rotates_the_secret() {
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
