@@ -472,7 +472,6 @@ struct HeldLogin {
 #[derive(Debug)]
 struct ReleasedTakeover {
     presented: [u8; 32],
-    presented_secret: Option<[u8; 32]>,
     granted: Granted,
     until: Instant,
 }

@@ -198,7 +198,8 @@ impl RouteLogin {
                 && self.live.contains_key(&granted.server.id)
         };
         // A password login proved who it is; a resumption must present the very secret the
-        // held one did (its answer carries the next secret).
+        // held one did (its answer carries the next secret). While held, the first request
+        // has had no answer: a retry of the same use is what the client does on a timeout.
         let secret_ok = |held_secret: Option<[u8; 32]>| match login.secret_hash {
             None => true,
             Some(secret) => held_secret.is_some_and(|h| bool::from(h.ct_eq(&secret))),
@@ -210,9 +211,19 @@ impl RouteLogin {
             return true;
         }
         self.released.retain(|r| r.until > now);
-        let Some(released) = self.released.iter().find(|r| {
-            r.presented == presented && secret_ok(r.presented_secret) && same(&r.granted)
-        }) else {
+        // A released answer has gone out: the secret it was asked with is used. A copy of it
+        // presented now must fail, not be handed the next secret (a stolen state file
+        // replayed right after its owner's re-home), so a resumption never rejoins here; the
+        // rare owner whose request timed out just before the release logs in with the
+        // password.
+        if login.secret_hash.is_some() {
+            return false;
+        }
+        let Some(released) = self
+            .released
+            .iter()
+            .find(|r| r.presented == presented && same(&r.granted))
+        else {
             return false;
         };
         let granted = Granted {
@@ -236,7 +247,6 @@ impl RouteLogin {
         if let Some(presented) = held.presented {
             self.released.push(ReleasedTakeover {
                 presented,
-                presented_secret: held.presented_secret,
                 granted: held.granted.clone(),
                 until: now + self.config.claim_ttl,
             });

@@ -305,4 +305,10 @@ fn a_retry_during_a_held_takeover_joins_only_with_the_same_secret() {
         answers[0], answers[1],
         "the retry gets the same next secret"
     );
+    // Once the answer is out, the used pair is refused like any used secret (a released
+    // answer is re-given only to a retry that proved itself with the password).
+    assert_eq!(
+        login_err(&resume(&mut h, 500, &first.resume_token, first.secret())),
+        LoginError::ResumeRefused
+    );
 }
