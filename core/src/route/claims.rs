@@ -111,6 +111,9 @@ impl ClaimTable {
     /// is left alone: it names the old epoch, so [`Self::routes`] no longer reports it, and
     /// the new server's bind overwrites it. `Ok` carries the replaced claim as it stood
     /// (a refresh may have extended it since it was loaded); `Err` the state that won.
+    // The `Err` is the store's reply (`ClaimReplaced(Err(state))`), returned as it is: one
+    // per claim command, not worth a box.
+    #[allow(clippy::result_large_err)]
     pub fn replace(
         &mut self,
         user: UserId,
@@ -129,6 +132,9 @@ impl ClaimTable {
     /// `ResumeClaim`: [`Self::replace`], only if the current claim also holds the
     /// resumption secret hashed to `secret`. A mismatch is a lost race: `Err` carries the
     /// state, against which the route re-checks the secret (and refuses it).
+    // The `Err` is the store's reply (`ClaimReplaced(Err(state))`), returned as it is: one
+    // per claim command, not worth a box.
+    #[allow(clippy::result_large_err)]
     pub fn resume(
         &mut self,
         user: UserId,
