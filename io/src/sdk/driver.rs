@@ -535,6 +535,8 @@ fn failure_from(route_host: &str, error: ApiError) -> LoginFailure {
         ApiError::Status { code, message, .. } => match code.as_str() {
             api::CODE_REPEAT_LOGIN => rejected(LoginError::RepeatLogin),
             api::CODE_ACCOUNT_MISMATCH => rejected(LoginError::AccountMismatch),
+            // The session drops the secret and logs in with the password (or stops).
+            api::CODE_RESUME_REFUSED => rejected(LoginError::ResumeRefused),
             api::CODE_NO_SERVER => rejected(LoginError::NoServerAvailable),
             api::CODE_FAIL => rejected(LoginError::Unavailable),
             api::CODE_HTTPS_REQUIRED => LoginFailure::Tls {

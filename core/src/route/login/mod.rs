@@ -173,6 +173,11 @@ pub struct RouteLoginConfig {
     /// this is how long a user may stay away and still come back without the password).
     /// Zero issues no secrets: every login checks the password.
     pub resume_secret_ttl: Duration,
+    /// A takeover answer held at least this long may be given again, after its release, to
+    /// a resumption retrying with the secret it was asked with (its first request has
+    /// timed out on the client: the SDK waits 5 s). One released sooner is not: its
+    /// client had it, so the same secret presented again is a copy, and refused.
+    pub resume_rejoin_after: Duration,
 }
 
 impl Default for RouteLoginConfig {
@@ -189,6 +194,7 @@ impl Default for RouteLoginConfig {
             throttle: LoginThrottle::default(),
             max_password_jobs: 64,
             resume_secret_ttl: DEFAULT_RESUME_SECRET_TTL,
+            resume_rejoin_after: Duration::from_secs(4),
         }
     }
 }
@@ -475,6 +481,10 @@ struct HeldLogin {
 #[derive(Debug)]
 struct ReleasedTakeover {
     presented: [u8; 32],
+    presented_secret: Option<[u8; 32]>,
+    /// How long the answer was held: a resumption may rejoin it only if that was long
+    /// enough for its first request to have timed out (`resume_rejoin_after`).
+    held_for: Duration,
     granted: Granted,
     until: Instant,
 }

@@ -213,17 +213,17 @@ impl RouteLogin {
         self.released.retain(|r| r.until > now);
         // A released answer has gone out: the secret it was asked with is used. A copy of it
         // presented now must fail, not be handed the next secret (a stolen state file
-        // replayed right after its owner's re-home), so a resumption never rejoins here; the
-        // rare owner whose request timed out just before the release logs in with the
-        // password.
-        if login.secret_hash.is_some() {
-            return false;
-        }
-        let Some(released) = self
-            .released
-            .iter()
-            .find(|r| r.presented == presented && same(&r.granted))
-        else {
+        // replayed right after its owner's re-home) — unless the answer was held so long that
+        // its first request timed out on the client (a re-home from a crashed server still
+        // listed): then this is that client's retry, and refusing it would cost an argon2
+        // check per re-homed user. The secret must still be the one the hold was asked with.
+        let rejoin_after = self.config.resume_rejoin_after;
+        let Some(released) = self.released.iter().find(|r| {
+            r.presented == presented
+                && same(&r.granted)
+                && (login.secret_hash.is_none()
+                    || (r.held_for >= rejoin_after && secret_ok(r.presented_secret)))
+        }) else {
             return false;
         };
         let granted = Granted {
@@ -247,6 +247,8 @@ impl RouteLogin {
         if let Some(presented) = held.presented {
             self.released.push(ReleasedTakeover {
                 presented,
+                presented_secret: held.presented_secret,
+                held_for: now.saturating_duration_since(held.held_at.0),
                 granted: held.granted.clone(),
                 until: now + self.config.claim_ttl,
             });

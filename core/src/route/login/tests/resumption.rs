@@ -254,6 +254,30 @@ fn two_uses_of_one_secret_at_once_one_wins() {
 }
 
 #[test]
+fn after_a_long_hold_the_same_pair_gets_the_released_answer() {
+    // The first request's hold outlasts the client's timeout (the old server never
+    // confirms; its lease runs out): the retry after the release is that client's.
+    let mut h = Harness::with_alice(&["s1"]);
+    let first = first_login(&mut h);
+    assert_eq!(
+        resume(&mut h, 100, &first.resume_token, first.secret()),
+        vec![kick_old("s1", 1, first.epoch.0 + 1)]
+    );
+    // s1 leaves the registry 5 s later: released, held 5 s.
+    let released = h.set_registry(5_100, &[]);
+    let answer = login_ok(&released).clone();
+    h.set_registry(5_150, &["s1"]);
+    let retry = resume(&mut h, 5_200, &first.resume_token, first.secret());
+    assert_eq!(login_ok(&retry).resume_secret, answer.resume_secret);
+    // Another secret with the same token gets nothing.
+    let forged = ResumptionSecret([7; 32]);
+    assert_eq!(
+        login_err(&resume(&mut h, 5_300, &first.resume_token, &forged)),
+        LoginError::ResumeRefused
+    );
+}
+
+#[test]
 fn a_resumption_needs_a_token_and_an_id() {
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
@@ -305,8 +329,8 @@ fn a_retry_during_a_held_takeover_joins_only_with_the_same_secret() {
         answers[0], answers[1],
         "the retry gets the same next secret"
     );
-    // Once the answer is out, the used pair is refused like any used secret (a released
-    // answer is re-given only to a retry that proved itself with the password).
+    // Once the answer is out (after a short hold), the used pair is refused like any used
+    // secret.
     assert_eq!(
         login_err(&resume(&mut h, 500, &first.resume_token, first.secret())),
         LoginError::ResumeRefused
