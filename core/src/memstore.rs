@@ -317,6 +317,7 @@ impl MemoryStore {
             | StoreCommand::ReplaceClaim { .. }
             | StoreCommand::ResumeClaim { .. }
             | StoreCommand::RevokeResumption { .. }
+            | StoreCommand::ExpireClaim { .. }
             | StoreCommand::ReleaseClaim { .. }
             | StoreCommand::BindSession { .. }
             | StoreCommand::RefreshLeases { .. }

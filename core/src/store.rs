@@ -300,6 +300,15 @@ pub enum StoreCommand {
     RevokeResumption {
         user: UserId,
     },
+    /// Compare-epoch end of a session whose connection closed (a server's cleanup): only if
+    /// the stored claim has exactly `epoch`, its lease ends now (it is lapsed: a new login
+    /// is fresh, no route reads it) and the route record is deleted; the claim record — its
+    /// resume token and resumption secret — stays, so its client re-homes without the
+    /// password. Answers [`StoreReply::ClaimReleased`].
+    ExpireClaim {
+        user: UserId,
+        epoch: Epoch,
+    },
     /// Compare-epoch delete of the claim and the route record (logout, cleanup). Removes
     /// nothing unless the current claim's epoch is exactly `epoch`.
     ReleaseClaim {

@@ -560,6 +560,30 @@ mod scenarios {
                 })
             )))
         );
+        // A server's cleanup of a closed connection only ends the lease: the claim, its
+        // token and its secret stay (the client resumes without the password).
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::ExpireClaim {
+                    user: alice,
+                    epoch: Epoch(3)
+                }
+            )
+            .await,
+            StoreReply::ClaimReleased { released: true }
+        );
+        assert_eq!(
+            d.run(T0, load.clone()).await,
+            StoreReply::Claim(state(
+                3,
+                Some(Claim {
+                    resume_secret: None,
+                    lease_until: UnixMillis(0),
+                    ..with_secret(3, 0xC)
+                })
+            ))
+        );
         // A release (logout) takes the secret with the claim: a new claim without one has
         // no leftover.
         d.run(T0, replace(3, with_secret(4, 0xD))).await;
@@ -2142,6 +2166,11 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
                 },
             }
         }
+        // A server's cleanup (expire) as often as a logout (release).
+        4 if rng.random_range(0..2) == 0 => StoreCommand::ExpireClaim {
+            user: claimant(rng),
+            epoch: epoch(rng),
+        },
         4 => StoreCommand::ReleaseClaim {
             user: claimant(rng),
             epoch: epoch(rng),

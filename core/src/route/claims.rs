@@ -164,6 +164,23 @@ impl ClaimTable {
             .is_some()
     }
 
+    /// `ExpireClaim`: ends the lease of the claim with exactly `epoch` (expired or not) and
+    /// deletes the route record; the claim stays, lapsed. Returns whether it matched.
+    pub fn expire(&mut self, user: UserId, epoch: Epoch) -> bool {
+        let Some(claim) = self
+            .claims
+            .get_mut(&user)
+            .and_then(|state| state.claim.as_mut())
+            .filter(|c| c.epoch == epoch)
+        else {
+            return false;
+        };
+        claim.lease_until = UnixMillis(0);
+        // The record's epoch is at most the claim's: never a newer session's.
+        self.routes.remove(&user);
+        true
+    }
+
     /// `ReleaseClaim`: deletes the claim and the route record, only if the stored claim
     /// has exactly `epoch` (expired or not). Returns whether it deleted.
     pub fn release(&mut self, user: UserId, epoch: Epoch) -> bool {
@@ -284,6 +301,9 @@ impl ClaimTable {
                 secret,
                 claim,
             } => StoreReply::ClaimReplaced(self.resume(*user, *expected, secret, claim.clone())),
+            StoreCommand::ExpireClaim { user, epoch } => StoreReply::ClaimReleased {
+                released: self.expire(*user, *epoch),
+            },
             StoreCommand::RevokeResumption { user } => StoreReply::ResumptionRevoked {
                 revoked: self.revoke_resumption(*user),
             },
