@@ -542,7 +542,9 @@ async fn a_later_run_logs_in_by_its_resumption_secret_until_revoked() {
         cim_core::store::StoreReply::ResumptionRevoked { revoked: true }
     );
     let (code, seen) = tokio::task::spawn_blocking(move || {
-        spawn_as(&route, "alice", "not-her-password", &state, &[]).exit()
+        let mut alice = spawn_as(&route, "alice", "not-her-password", &state, &[]);
+        alice.status("login rejected: wrong password");
+        alice.exit()
     })
     .await
     .expect("client");
