@@ -13,7 +13,11 @@
 //!
 //! On `Online` the session sends a `SyncRequest`, then resends every unacknowledged outbox
 //! entry in order with its original id. Every re-login carries the resume token of the last
-//! login answer, so a failover takes over the old claim at once.
+//! login answer, so a failover takes over the old claim at once, and the resumption secret
+//! that came with it, so the route checks no password (`route::resumption`): a re-home costs
+//! the route a hash, not an argon2 run, and the client need not keep the password. A refused
+//! resumption (the secret was used, revoked or expired) falls back to the password when the
+//! configuration has one, and otherwise stops with [`StopReason::PasswordNeeded`].
 //!
 //! Stopping for good: a [`KickReason::TakenOver`] kick means *another* login of this user
 //! took the claim (this client's own re-logins only ever replace connections it already
@@ -50,6 +54,7 @@ use crate::canary::Canaries;
 use crate::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use crate::registry::ServerEndpoint;
 use crate::route::login::{LoginAnswer, LoginError, LoginRequest, ResumeToken};
+use crate::route::resumption::ResumptionSecret;
 use crate::store::StoredMessage;
 use inbound::{Inbound, InboundConfig, head_from_proto, message_from_proto};
 use outbox::Outbox;
@@ -59,6 +64,9 @@ use outbox::Outbox;
 pub struct ClientConfig {
     pub user: UserId,
     pub name: String,
+    /// Empty when the client has no password: it logs in by resumption only (a state
+    /// restored with a resumption secret), and stops with [`StopReason::PasswordNeeded`]
+    /// if that is refused.
     pub password: String,
     /// Ping period while online (10 s). The server's `LoginOk` may ask for a shorter one.
     pub heartbeat_interval: Duration,
@@ -197,6 +205,9 @@ pub enum StopReason {
     /// side speaks TLS and the other does not); see [`ClientEvent::TlsFailed`] for whose and
     /// why.
     TlsFailed,
+    /// A resumption was refused (see [`LoginError::ResumeRefused`]) and the session has no
+    /// password to fall back on: ask the user, [`ClientSession::set_password`], `start`.
+    PasswordNeeded,
 }
 
 /// What the application is told.
@@ -324,6 +335,8 @@ pub enum TimerReason {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientState {
     pub resume_token: Option<ResumeToken>,
+    /// The resumption secret that goes with `resume_token`: a credential (keep it private).
+    pub resume_secret: Option<ResumptionSecret>,
     /// In send order.
     pub outbox: Vec<SavedMessage>,
     pub convs: Vec<SavedConv>,
@@ -406,6 +419,8 @@ pub struct ClientSession {
     next_login_attempt: u64,
     next_nonce: u64,
     resume_token: Option<ResumeToken>,
+    /// The secret of the last login answer; `None` before one, or once refused.
+    resume_secret: Option<ResumptionSecret>,
     outbox: Outbox,
     /// Set by a retryable nack: sends wait, then everything is resent in order.
     send_retry_at: Option<Instant>,
@@ -455,6 +470,7 @@ impl ClientSession {
             next_login_attempt: 0,
             next_nonce: 0,
             resume_token: None,
+            resume_secret: None,
             send_retry_at: None,
             inbound,
             ack_at: None,
@@ -488,6 +504,10 @@ impl ClientSession {
     fn restored(self, state: ClientState, now: Instant, wall: UnixMillis) -> Self {
         let mut session = self;
         session.resume_token = state.resume_token;
+        // A secret without its token proves nothing; keep neither half alone.
+        if session.resume_token.is_some() {
+            session.resume_secret = state.resume_secret;
+        }
         for saved in state.outbox {
             let age = Duration::from_millis(wall.0.saturating_sub(saved.created_at.0));
             if age >= session.config.outbox_max_age {
@@ -528,6 +548,7 @@ impl ClientSession {
     pub fn snapshot(&self, now: Instant, wall: UnixMillis) -> ClientState {
         ClientState {
             resume_token: self.resume_token.clone(),
+            resume_secret: self.resume_secret.clone(),
             outbox: self
                 .outbox
                 .iter()
@@ -566,6 +587,17 @@ impl ClientSession {
     }
 
     /// Begins logging in. No effect unless idle or stopped.
+    /// The password to log in with when resumption is refused (after
+    /// [`StopReason::PasswordNeeded`], before `start` again).
+    pub fn set_password(&mut self, password: impl Into<String>) {
+        self.config.password = password.into();
+    }
+
+    /// Whether the session holds a resumption secret (its next login needs no password).
+    pub fn has_resume_secret(&self) -> bool {
+        self.resume_secret.is_some()
+    }
+
     pub fn start(&mut self, now: Instant) {
         if matches!(self.link, Link::Idle | Link::Stopped) {
             self.attempt = 0;
@@ -616,7 +648,9 @@ impl ClientSession {
         match answer {
             Ok(answer) => {
                 // The claim now holds this token's hash; the previous one proves nothing.
+                // Likewise the secret: the one presented (if any) was used up.
                 self.resume_token = Some(answer.resume_token);
+                self.resume_secret = answer.resume_secret;
                 self.out.commands.push_back(ClientCommand::Connect {
                     endpoint: answer.server.client_endpoint(),
                 });
@@ -639,6 +673,19 @@ impl ClientSession {
                     .events
                     .push_back(ClientEvent::TlsFailed { host, reason });
                 self.stop(StopReason::TlsFailed);
+            }
+            Err(LoginFailure::Rejected(LoginError::ResumeRefused)) => {
+                // Retrying the secret can only be refused again (and counted against the
+                // account): drop it, and log in with the password at once if there is one.
+                self.resume_secret = None;
+                if self.config.password.is_empty() {
+                    self.out
+                        .events
+                        .push_back(ClientEvent::LoginRejected(LoginError::ResumeRefused));
+                    self.stop(StopReason::PasswordNeeded);
+                } else {
+                    self.begin_login(now);
+                }
             }
             // Repeat login (the old claim's lease has yet to run out), no server, store
             // trouble, transport: all may pass.
@@ -994,8 +1041,14 @@ impl ClientSession {
             request: LoginRequest {
                 user: self.config.user,
                 name: self.config.name.clone(),
-                password: self.config.password.clone(),
+                // Not sent alongside a secret: the route would not look at it.
+                password: if self.resume_secret.is_some() {
+                    String::new()
+                } else {
+                    self.config.password.clone()
+                },
                 resume_token: Some(resume_token),
+                resume_secret: self.resume_secret.clone(),
             },
         });
         self.out.events.push_back(ClientEvent::LoggingIn);

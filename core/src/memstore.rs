@@ -95,6 +95,18 @@ impl MemoryStore {
 
     /// Applies one command atomically. `now` is the store's wall clock (lease expiry).
     pub fn apply(&mut self, now: UnixMillis, command: &StoreCommand) -> StoreReply {
+        // A tombstoned account resumes nothing, even in the moment between its tombstone
+        // and its claim's release: answered as a claim that holds no secret, which the route
+        // refuses.
+        if let StoreCommand::ResumeClaim { user, .. } = command
+            && self.deleted.contains(user)
+        {
+            let mut state = self.claims.load(*user);
+            if let Some(claim) = state.claim.as_mut() {
+                claim.resume_secret = None;
+            }
+            return StoreReply::ClaimReplaced(Err(state));
+        }
         if let Some(reply) = self.claims.apply(now, command) {
             return reply;
         }
@@ -156,6 +168,7 @@ impl MemoryStore {
                 match self.accounts.get_mut(user) {
                     Some(account) if found => {
                         account.password_hash = password_hash.clone();
+                        self.claims.revoke_resumption(*user);
                         StoreReply::PasswordSet { found: true }
                     }
                     _ => StoreReply::PasswordSet { found: false },
@@ -302,6 +315,9 @@ impl MemoryStore {
             // Claim commands were answered by the claim table above.
             StoreCommand::LoadClaim { .. }
             | StoreCommand::ReplaceClaim { .. }
+            | StoreCommand::ResumeClaim { .. }
+            | StoreCommand::RevokeResumption { .. }
+            | StoreCommand::ExpireClaim { .. }
             | StoreCommand::ReleaseClaim { .. }
             | StoreCommand::BindSession { .. }
             | StoreCommand::RefreshLeases { .. }

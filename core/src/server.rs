@@ -1360,11 +1360,14 @@ impl ServerNode {
     }
 
     /// Compare-epoch cleanup of the claim, unless a live session here holds that very claim.
+    /// It is expired, not deleted: its resume token and resumption secret stay, so the
+    /// client (a dropped connection, a restart of this server) logs in again without the
+    /// password. Only a logout or a deletion deletes a claim.
     fn release_if_unheld(&mut self, user: UserId, epoch: Epoch) {
         if self.sessions.get(&user).is_some_and(|&(_, e)| e == epoch) {
             return;
         }
-        self.request(StoreCommand::ReleaseClaim { user, epoch }, None);
+        self.request(StoreCommand::ExpireClaim { user, epoch }, None);
     }
 
     /// Puts the connection's earliest deadline in the timer table.

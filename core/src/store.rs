@@ -88,6 +88,23 @@ pub struct Claim {
     pub lease_until: UnixMillis,
     /// SHA-256 of the resume token handed to the client with this claim.
     pub resume_token_hash: [u8; 32],
+    /// The resumption secret handed out with this claim, stored only as its hash: a login
+    /// presenting this claim's resume token and the secret needs no password
+    /// (`route::resumption`). `None`: revoked, or never issued (a claim written by an
+    /// older route). It goes with the claim: a logout or an account deletion that releases
+    /// the claim ends it, and so do a password change and [`StoreCommand::RevokeResumption`].
+    #[serde(default)]
+    pub resume_secret: Option<ResumeSecret>,
+}
+
+/// A resumption secret as the store keeps it: never the secret itself.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeSecret {
+    /// `route::resumption::secret_hash` of the secret (SHA-256, bound to the user).
+    pub hash: [u8; 32],
+    /// The secret is refused from then on (the route's wall clock when it issued it, plus
+    /// the configured lifetime).
+    pub expires_at: UnixMillis,
 }
 
 /// Everything the store knows about a user's claims.
@@ -242,8 +259,9 @@ pub enum StoreCommand {
         after: UserId,
         limit: u32,
     },
-    /// Replace an account's password hash (admin reset). `found: false` for an unknown or
-    /// deleted account.
+    /// Replace an account's password hash (admin reset), and revoke its resumption secret
+    /// (a stolen secret must not outlive the password change). `found: false` for an
+    /// unknown or deleted account.
     SetPassword {
         user: UserId,
         password_hash: String,
@@ -272,6 +290,29 @@ pub enum StoreCommand {
         user: UserId,
         expected: Epoch,
         claim: Claim,
+    },
+    /// [`Self::ReplaceClaim`] for a resumption: also only if the current claim still holds
+    /// the resumption secret whose hash is `secret` (so the secret is used once, and a
+    /// revocation between the route's check and this write wins). `Err` like `ReplaceClaim`.
+    ResumeClaim {
+        user: UserId,
+        expected: Epoch,
+        secret: [u8; 32],
+        claim: Claim,
+    },
+    /// Drop the user's resumption secret, if any (the claim stays: the session goes on, but
+    /// its next login needs the password).
+    RevokeResumption {
+        user: UserId,
+    },
+    /// Compare-epoch end of a session whose connection closed (a server's cleanup): only if
+    /// the stored claim has exactly `epoch`, its lease ends now (it is lapsed: a new login
+    /// is fresh, no route reads it) and the route record is deleted; the claim record — its
+    /// resume token and resumption secret — stays, so its client re-homes without the
+    /// password. Answers [`StoreReply::ClaimReleased`].
+    ExpireClaim {
+        user: UserId,
+        epoch: Epoch,
     },
     /// Compare-epoch delete of the claim and the route record (logout, cleanup). Removes
     /// nothing unless the current claim's epoch is exactly `epoch`.
@@ -379,6 +420,10 @@ pub enum StoreReply {
     ClaimReplaced(Result<Option<Claim>, ClaimState>),
     ClaimReleased {
         released: bool,
+    },
+    /// [`StoreCommand::RevokeResumption`]: whether a secret was there to drop.
+    ResumptionRevoked {
+        revoked: bool,
     },
     /// `Err` carries the current epoch (the ticket's epoch was superseded or the claim gone).
     SessionBound(Result<(), Epoch>),

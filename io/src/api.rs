@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use cim_core::registry::ServerEndpoint;
 use cim_core::route::login::ResumeToken;
+use cim_core::route::resumption::ResumptionSecret;
 
 /// Success.
 pub const CODE_OK: &str = "9000";
@@ -26,6 +27,9 @@ pub const CODE_REPEAT_LOGIN: &str = "5000";
 pub const CODE_NO_SERVER: &str = "7100";
 /// Unknown user, wrong name for the id or wrong password.
 pub const CODE_ACCOUNT_MISMATCH: &str = "9100";
+/// A resumption (`resumeToken` + `resumeSecret`) was refused: the secret was used, revoked
+/// or has expired. Log in with the password.
+pub use cim_core::route::login::CODE_RESUME_REFUSED;
 /// A plain HTTP request on a listener that speaks HTTPS only (HTTP 400): use `https://`.
 /// The listener answers it before any route handler, and closes the connection.
 pub const CODE_HTTPS_REQUIRED: &str = "4260";
@@ -126,11 +130,19 @@ pub struct LoginRequest {
     #[serde(deserialize_with = "id")]
     pub user_id: u64,
     pub user_name: String,
+    /// Required for a login by password; may be left out (or empty) by a resumption, which
+    /// does not look at it. A login with neither is an account mismatch (9100).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password: String,
     /// Absent (or `null`, as this SDK sent it before, and the document says `nullable`)
     /// for a login without one; left out when sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_token: Option<String>,
+    /// The `resumeSecret` of the login whose `resumeToken` this request presents: a
+    /// **resumption**, checked instead of the password (32 bytes, unpadded URL-safe
+    /// base64). Absent or `null` for a login by password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_secret: Option<String>,
 }
 
 /// Where to connect and with what. `epoch` is the claim's epoch the ticket names.
@@ -152,6 +164,10 @@ pub struct LoginResponse {
     pub ticket: String,
     pub token: String,
     pub resume_token: String,
+    /// The next resumption secret, good once with `resumeToken` instead of the password.
+    /// Absent from an older route's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_secret: Option<String>,
 }
 
 /// `POST /offLine` (bearer): ends the token's session. `userId` must be the token's user.
@@ -284,6 +300,8 @@ pub enum BinaryFieldError {
     Ticket,
     #[error("a resume token is 32 bytes")]
     ResumeTokenLength,
+    #[error("a resumption secret is 32 bytes")]
+    ResumeSecretLength,
 }
 
 pub fn encode_ticket(ticket: &cim_proto::Ticket) -> String {
@@ -309,6 +327,20 @@ pub fn decode_resume_token(text: &str) -> Result<ResumeToken, BinaryFieldError> 
         .try_into()
         .map_err(|_| BinaryFieldError::ResumeTokenLength)?;
     Ok(ResumeToken(bytes))
+}
+
+pub fn encode_resume_secret(secret: &ResumptionSecret) -> String {
+    URL_SAFE_NO_PAD.encode(secret.0)
+}
+
+pub fn decode_resume_secret(text: &str) -> Result<ResumptionSecret, BinaryFieldError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| BinaryFieldError::Base64)?;
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| BinaryFieldError::ResumeSecretLength)?;
+    Ok(ResumptionSecret(bytes))
 }
 
 #[cfg(test)]

@@ -137,6 +137,7 @@ async fn exercise_route_commands(store: &RedisStore) -> (UserId, UserId) {
             user: a,
             expected: Epoch(0),
             claim: Claim {
+                resume_secret: None,
                 epoch: Epoch(1),
                 server: ServerId::new("s1"),
                 lease_until: UnixMillis(T0 + 30_000),

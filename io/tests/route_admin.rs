@@ -440,3 +440,65 @@ async fn admins_list_kick_reset_and_delete_and_every_request_is_audited() {
     assert_eq!(count("action=\"reset_password\""), 2, "{lines:#?}");
     assert!(count("peer=127.0.0.1") >= 10, "{lines:#?}");
 }
+
+/// Resumption over the real HTTP API: a login answers a `resumeSecret`; the next login
+/// presents it with the `resumeToken` and no password (9000, a new secret); the used one is
+/// refused (9110); the admin's revocation ends the current one, and the password still
+/// works.
+#[tokio::test]
+async fn a_resumption_needs_no_password_until_used_or_revoked() {
+    let c = Cluster::start().await;
+    let alice = c.register("alice").await;
+    let c = &c;
+    let login = |body: Value| async move {
+        let (_, v) = c.api(Method::POST, "/login", None, body).await;
+        v
+    };
+    let first = login(json!({"userId": alice.0, "userName": "alice", "password": PASSWORD})).await;
+    assert_eq!(first["code"], json!("9000"), "{first}");
+    let pair = |v: &Value| {
+        (
+            v["dataBody"]["resumeToken"].clone(),
+            v["dataBody"]["resumeSecret"].clone(),
+        )
+    };
+    let (token1, secret1) = pair(&first);
+    assert!(secret1.is_string(), "{first}");
+    let resume = |token: &Value, secret: &Value| json!({"userId": alice.0, "userName": "alice", "resumeToken": token, "resumeSecret": secret});
+    let second = login(resume(&token1, &secret1)).await;
+    assert_eq!(second["code"], json!("9000"), "{second}");
+    let (token2, secret2) = pair(&second);
+    assert_ne!(secret2, secret1);
+    // The first pair was used: refused, and so is the used secret with the new token.
+    for (token, secret) in [(&token1, &secret1), (&token2, &secret1)] {
+        let refused = login(resume(token, secret)).await;
+        assert_eq!(refused["code"], json!("9110"), "{refused}");
+    }
+    // A malformed secret is a 400 like any bad field.
+    let (status, bad) = c
+        .api(
+            Method::POST,
+            "/login",
+            None,
+            resume(&token2, &json!("AAAA")),
+        )
+        .await;
+    assert_eq!(
+        (status, &bad["code"]),
+        (StatusCode::BAD_REQUEST, &json!("3000")),
+        "{bad}"
+    );
+    // The admin revokes: the current pair stops working, the password does not.
+    let revoked = c
+        .ok(
+            Method::POST,
+            &format!("/users/{}/revoke-resumption", alice.0),
+            None,
+        )
+        .await;
+    assert_eq!(revoked, json!({"revoked": true}));
+    let refused = login(resume(&token2, &secret2)).await;
+    assert_eq!(refused["code"], json!("9110"), "{refused}");
+    let by_password = login(json!({"userId": alice.0, "userName": "alice", "password": PASSWORD, "resumeToken": token2})).await;
+    assert_eq!(by_password["code"], json!("9000"), "{by_password}");
+}

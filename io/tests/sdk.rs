@@ -14,6 +14,7 @@ use bytes::Bytes;
 use cim_core::client::{ClientConfig, ClientEvent, ConnectionLoss, LoginFailure, StopReason};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UserId};
 use cim_core::route::login::{LoginError, ResumeToken};
+use cim_core::route::resumption::ResumptionSecret;
 use cim_core::route::tickets::{Grant, TicketKeys};
 use cim_io::api::{self, Envelope};
 use cim_io::clock::Clock;
@@ -69,7 +70,12 @@ async fn route_login(
     });
     let resume_token = api::encode_resume_token(&ResumeToken([epoch as u8; 32]));
     r.issued.push(resume_token.clone());
+    // A secret per answer, as the route issues them: the next login presents it.
+    let resume_secret = Some(api::encode_resume_secret(&ResumptionSecret(
+        [epoch as u8 ^ 0x5a; 32],
+    )));
     Json(Envelope::ok(api::LoginResponse {
+        resume_secret,
         user_id: req.user_id,
         epoch,
         server_id: "s1".into(),
@@ -572,6 +578,50 @@ async fn repeat_login_backs_off_and_retries() {
     assert_eq!(setup.route.lock().unwrap().logins.len(), 2);
     // A failed login hands out no token.
     assert_eq!(client.token().as_deref(), Some("tok-2"));
+    client.shutdown().await;
+}
+
+/// A re-login presents the last answer's resumption secret and no password; a refused one
+/// (9110) is dropped and the same attempt goes on with the password, at once.
+#[tokio::test]
+async fn relogins_resume_and_a_refused_resumption_falls_back_to_the_password() {
+    let setup = setup().await;
+    let (client, mut events) = Client::start(TokioNet, Clock::System, options(&setup));
+    expect(&mut events, "Online", is_online).await;
+    setup
+        .route
+        .lock()
+        .unwrap()
+        .login_failures
+        .push_back(api::CODE_RESUME_REFUSED);
+    drop_connection(&setup.server);
+    expect(&mut events, "LoggingIn", |e| {
+        matches!(e, ClientEvent::LoggingIn)
+    })
+    .await;
+    expect(&mut events, "Online", is_online).await;
+    let logins = setup.route.lock().unwrap().logins.clone();
+    assert_eq!(logins.len(), 3, "{logins:#?}");
+    // First: the password. Second: the first answer's secret, no password (refused).
+    // Third: the password again, no secret.
+    assert_eq!(
+        (logins[0].password.as_str(), &logins[0].resume_secret),
+        ("pw", &None)
+    );
+    let first_secret = api::encode_resume_secret(&ResumptionSecret([1 ^ 0x5a; 32]));
+    assert_eq!(logins[1].password, "");
+    assert_eq!(
+        logins[1].resume_secret.as_deref(),
+        Some(first_secret.as_str())
+    );
+    assert_eq!(logins[1].resume_token, logins[2].resume_token);
+    assert_eq!(
+        (logins[2].password.as_str(), &logins[2].resume_secret),
+        ("pw", &None)
+    );
+    // The secret of the answer that went through is kept for the next re-home.
+    let state = client.snapshot().await.unwrap();
+    assert_eq!(state.resume_secret, Some(ResumptionSecret([3 ^ 0x5a; 32])));
     client.shutdown().await;
 }
 

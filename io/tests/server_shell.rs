@@ -96,6 +96,7 @@ impl Env {
         };
         let epoch = state.epoch.next();
         let claim = Claim {
+            resume_secret: None,
             epoch,
             server: self.id.clone(),
             lease_until: wall().plus(Duration::from_secs(30)),
@@ -923,6 +924,7 @@ fn serves_over_the_simulated_network() {
             panic!("{reply:?}")
         };
         let claim = Claim {
+            resume_secret: None,
             epoch: Epoch(1),
             server: id.clone(),
             lease_until: clock.wall().plus(Duration::from_secs(30)),

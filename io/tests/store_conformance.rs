@@ -24,7 +24,7 @@ use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, 
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::store::{
     AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures, NameTaken, OnlineEntry,
-    RouteRecord, SendOrder, StoreCommand, StoreReply, StoredMessage,
+    ResumeSecret, RouteRecord, SendOrder, StoreCommand, StoreReply, StoredMessage,
 };
 use cim_io::net::{Network, TokioNet};
 use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
@@ -438,10 +438,12 @@ conformance!(
     a_new_account_starts_reading_all_at_its_registration,
     accounts_by_name_listed_and_password_reset,
     a_deleted_account_is_a_tombstone,
+    a_resumption_secret_is_compared_rotated_and_revoked,
 );
 
 fn claim(epoch: u64, server: &str, lease: u64, token: u8) -> Claim {
     Claim {
+        resume_secret: None,
         epoch: Epoch(epoch),
         server: ServerId::new(server),
         lease_until: UnixMillis(lease),
@@ -462,6 +464,166 @@ fn s(name: &str) -> ServerId {
 
 mod scenarios {
     use super::*;
+
+    /// Resumption: the claim keeps only the secret's hash and expiry; `ResumeClaim` writes
+    /// only while the stored claim holds the secret presented (so each is used once);
+    /// revocation, a password change, a release and a deletion each end it.
+    pub async fn a_resumption_secret_is_compared_rotated_and_revoked(d: &mut Driver<'_>) {
+        let alice = d.register("alice").await;
+        let with_secret = |epoch, hash: u8| Claim {
+            resume_secret: Some(ResumeSecret {
+                hash: [hash; 32],
+                expires_at: UnixMillis(T0 + 60_000),
+            }),
+            ..claim(epoch, "s1", T0 + 6_000, epoch as u8)
+        };
+        let replace = |expected, claim| StoreCommand::ReplaceClaim {
+            user: alice,
+            expected: Epoch(expected),
+            claim,
+        };
+        let resume = |expected, secret: u8, claim| StoreCommand::ResumeClaim {
+            user: alice,
+            expected: Epoch(expected),
+            secret: [secret; 32],
+            claim,
+        };
+        let load = StoreCommand::LoadClaim { user: alice };
+        // A password login stores secret A; the store gives back its hash and expiry.
+        assert_eq!(
+            d.run(T0, replace(0, with_secret(1, 0xA))).await,
+            StoreReply::ClaimReplaced(Ok(None))
+        );
+        assert_eq!(
+            d.run(T0, load.clone()).await,
+            StoreReply::Claim(state(1, Some(with_secret(1, 0xA))))
+        );
+        // Presenting B (not the claim's): nothing written, the state as it is.
+        assert_eq!(
+            d.run(T0, resume(1, 0xB, with_secret(2, 0xB))).await,
+            StoreReply::ClaimReplaced(Err(state(1, Some(with_secret(1, 0xA)))))
+        );
+        // Presenting A: rotated to B.
+        assert_eq!(
+            d.run(T0, resume(1, 0xA, with_secret(2, 0xB))).await,
+            StoreReply::ClaimReplaced(Ok(Some(with_secret(1, 0xA))))
+        );
+        // A again (used): refused, even with the right counter.
+        assert_eq!(
+            d.run(T0, resume(2, 0xA, with_secret(3, 0xC))).await,
+            StoreReply::ClaimReplaced(Err(state(2, Some(with_secret(2, 0xB)))))
+        );
+        // An explicit revocation drops B and keeps the claim; a second finds nothing.
+        assert_eq!(
+            d.run(T0, StoreCommand::RevokeResumption { user: alice })
+                .await,
+            StoreReply::ResumptionRevoked { revoked: true }
+        );
+        assert_eq!(
+            d.run(T0, StoreCommand::RevokeResumption { user: alice })
+                .await,
+            StoreReply::ResumptionRevoked { revoked: false }
+        );
+        let no_secret = Claim {
+            resume_secret: None,
+            ..with_secret(2, 0xB)
+        };
+        assert_eq!(
+            d.run(T0, load.clone()).await,
+            StoreReply::Claim(state(2, Some(no_secret.clone())))
+        );
+        assert_eq!(
+            d.run(T0, resume(2, 0xB, with_secret(3, 0xC))).await,
+            StoreReply::ClaimReplaced(Err(state(2, Some(no_secret))))
+        );
+        // The next password login stores C.
+        d.run(T0, replace(2, with_secret(3, 0xC))).await;
+        // A password change revokes it.
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::SetPassword {
+                    user: alice,
+                    password_hash: "new".into()
+                }
+            )
+            .await,
+            StoreReply::PasswordSet { found: true }
+        );
+        assert_eq!(
+            d.run(T0, resume(3, 0xC, with_secret(4, 0xD))).await,
+            StoreReply::ClaimReplaced(Err(state(
+                3,
+                Some(Claim {
+                    resume_secret: None,
+                    ..with_secret(3, 0xC)
+                })
+            )))
+        );
+        // A server's cleanup of a closed connection only ends the lease: the claim, its
+        // token and its secret stay (the client resumes without the password).
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::ExpireClaim {
+                    user: alice,
+                    epoch: Epoch(3)
+                }
+            )
+            .await,
+            StoreReply::ClaimReleased { released: true }
+        );
+        assert_eq!(
+            d.run(T0, load.clone()).await,
+            StoreReply::Claim(state(
+                3,
+                Some(Claim {
+                    resume_secret: None,
+                    lease_until: UnixMillis(0),
+                    ..with_secret(3, 0xC)
+                })
+            ))
+        );
+        // A release (logout) takes the secret with the claim: a new claim without one has
+        // no leftover.
+        d.run(T0, replace(3, with_secret(4, 0xD))).await;
+        assert_eq!(
+            d.run(
+                T0,
+                StoreCommand::ReleaseClaim {
+                    user: alice,
+                    epoch: Epoch(4)
+                }
+            )
+            .await,
+            StoreReply::ClaimReleased { released: true }
+        );
+        assert_eq!(
+            d.run(T0, resume(4, 0xD, with_secret(5, 0xE))).await,
+            StoreReply::ClaimReplaced(Err(state(4, None)))
+        );
+        d.run(
+            T0,
+            replace(
+                4,
+                Claim {
+                    resume_secret: None,
+                    ..with_secret(5, 0xE)
+                },
+            ),
+        )
+        .await;
+        assert_eq!(
+            d.run(T0, load).await,
+            StoreReply::Claim(state(
+                5,
+                Some(Claim {
+                    resume_secret: None,
+                    ..with_secret(5, 0xE)
+                })
+            ))
+        );
+    }
 
     /// Item 4: a new account owes nothing of `all` before its registration (its head's
     /// cursor starts at the head it registered at), yet may fetch that history.
@@ -1943,7 +2105,33 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
         };
         format!("{first}{}", rng.random_range(0..5))
     };
-    match rng.random_range(0..21) {
+    // Resumption secrets: a few hashes, so compares often match.
+    let secret = |rng: &mut ChaCha8Rng| [rng.random_range(0..3u8) | 0x40; 32];
+    let stored_secret = |rng: &mut ChaCha8Rng| {
+        (rng.random_range(0..4) > 0).then(|| ResumeSecret {
+            hash: secret(rng),
+            expires_at: UnixMillis(now + rng.random_range(0..300)),
+        })
+    };
+    match rng.random_range(0..23) {
+        21 => {
+            let expected = epoch(rng);
+            StoreCommand::ResumeClaim {
+                user: claimant(rng),
+                expected,
+                secret: secret(rng),
+                claim: Claim {
+                    resume_secret: stored_secret(rng),
+                    epoch: Epoch(expected.0 + u64::from(rng.random_range(0..5) > 0)),
+                    server: server(rng),
+                    lease_until: lease(rng),
+                    resume_token_hash: [rng.random_range(0..3); 32],
+                },
+            }
+        }
+        22 => StoreCommand::RevokeResumption {
+            user: claimant(rng),
+        },
         0 => StoreCommand::RegisterAccount {
             name: name(rng),
             password_hash: format!("h{}", rng.random_range(0..2)),
@@ -1970,6 +2158,7 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
                 user: claimant(rng),
                 expected,
                 claim: Claim {
+                    resume_secret: stored_secret(rng),
                     epoch: Epoch(expected.0 + u64::from(rng.random_range(0..5) > 0)),
                     server: server(rng),
                     lease_until: lease(rng),
@@ -1977,6 +2166,11 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
                 },
             }
         }
+        // A server's cleanup (expire) as often as a logout (release).
+        4 if rng.random_range(0..2) == 0 => StoreCommand::ExpireClaim {
+            user: claimant(rng),
+            epoch: epoch(rng),
+        },
         4 => StoreCommand::ReleaseClaim {
             user: claimant(rng),
             epoch: epoch(rng),

@@ -754,6 +754,7 @@ async fn a_migration_takes_tls_and_plaintext_on_the_same_ports() {
             None,
             Some(Bytes::from(
                 serde_json::to_vec(&api::LoginRequest {
+                    resume_secret: None,
                     user_id: old.user_id,
                     user_name: "olduser".into(),
                     password: PASSWORD.into(),

@@ -119,6 +119,7 @@ impl Env {
         let registered = api.register(name, PASSWORD).await.expect("register");
         let login = api
             .login(&api::LoginRequest {
+                resume_secret: None,
                 user_id: registered.user_id,
                 user_name: name.into(),
                 password: PASSWORD.into(),
@@ -591,6 +592,7 @@ async fn a_takeover_from_another_login_kicks_the_websocket_session() {
     let again = env
         .api()
         .login(&api::LoginRequest {
+            resume_secret: None,
             user_id: user.0,
             user_name: "twice".into(),
             password: PASSWORD.into(),

@@ -140,6 +140,10 @@ pub(crate) fn login_answer(
         ticket,
         token: r.token,
         resume_token,
+        // Not yet: the page logs in with the password each time (it never stores it, so a
+        // reload asks again). Taking the route's resumption secret here, and keeping it in
+        // the saved state, is what would let a reload resume without the password.
+        resume_secret: None,
     })
 }
 
@@ -362,6 +366,7 @@ pub(crate) fn parse_state(json: &str) -> Result<ClientState, GlueError> {
         .collect::<Result<_, GlueError>>()?;
     Ok(ClientState {
         resume_token,
+        resume_secret: None,
         outbox,
         convs,
     })

@@ -80,6 +80,10 @@ pub struct ClusterArgs {
     /// Route threads that run argon2 (0: inline on the route's driver task, as before).
     #[arg(long)]
     pub password_workers: Option<usize>,
+    /// Issue no resumption secrets: every login (re-homes included) checks the password,
+    /// as before resumption (`cim-route --resume-secret-ttl 0`).
+    #[arg(long)]
+    pub no_resumption: bool,
     /// Per-user send rate limit (messages/s) of the servers: raised so one bench sender is
     /// not throttled (production default 20).
     #[arg(long, default_value_t = 1_000_000)]
@@ -170,6 +174,9 @@ pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     options.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     options.seed = launch::os_seed();
     options.login.password = args.argon2.params();
+    if args.no_resumption {
+        options.login.resume_secret_ttl = Duration::ZERO;
+    }
     if let Some(n) = args.password_workers {
         options.password_workers = n;
     }

@@ -27,6 +27,14 @@ pub struct FailoverArgs {
     /// The servers' ZooKeeper session timeout (how long a dead server stays listed).
     #[arg(long, default_value = "6s")]
     pub zk_session_timeout: String,
+    /// The route's argon2 cost: `owasp` is production's, where every password check costs
+    /// tens of milliseconds of route CPU [default: test].
+    #[arg(long, value_enum)]
+    pub argon2: Option<crate::cluster::Argon2Cost>,
+    /// Issue no resumption secrets, so every re-home checks the password (the behaviour
+    /// before resumption, for comparison).
+    #[arg(long)]
+    pub no_resumption: bool,
     /// Print how many clients are online (and still on the killed server) every second.
     #[arg(long)]
     pub timeline: bool,
@@ -45,7 +53,11 @@ struct Watch {
 pub async fn run(args: &FailoverArgs, quick: bool) -> anyhow::Result<Table> {
     let n = args.clients.unwrap_or(if quick { 40 } else { 10_000 });
     let pairs = args.pairs.unwrap_or(if quick { 5 } else { 100 }).min(n / 2);
-    let deployment = procs::deploy(2, &args.zk_session_timeout).await?;
+    let setup = procs::RouteSetup {
+        argon2: args.argon2,
+        no_resumption: args.no_resumption,
+    };
+    let deployment = procs::deploy_with(2, &args.zk_session_timeout, &setup).await?;
     let route = deployment.route.clone();
     let tag = util::run_tag();
     let users = util::register_users(&route, &format!("fv{tag}"), n, 64).await?;
@@ -192,8 +204,16 @@ pub async fn run(args: &FailoverArgs, quick: bool) -> anyhow::Result<Table> {
     }
     let mut table = Table::new(
         format!(
-            "failover: {n} clients on two server processes, SIGKILL one (Redis AOF everysec, ZooKeeper session timeout {})",
-            args.zk_session_timeout
+            "failover: {n} clients on two server processes, SIGKILL one (Redis AOF everysec, ZooKeeper session timeout {}; {}; re-homes by {})",
+            args.zk_session_timeout,
+            args.argon2
+                .unwrap_or(crate::cluster::Argon2Cost::Test)
+                .label(),
+            if args.no_resumption {
+                "password"
+            } else {
+                "resumption secret"
+            },
         ),
         &[
             "clients",

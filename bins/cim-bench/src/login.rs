@@ -142,6 +142,7 @@ pub async fn measure(
             let bar = bar.clone();
             async move {
                 let request = LoginRequest {
+                    resume_secret: None,
                     user_id: user.0,
                     user_name: name.clone(),
                     password: PASSWORD.into(),

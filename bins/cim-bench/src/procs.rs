@@ -24,6 +24,24 @@ pub struct Deployment {
 /// Starts everything with `servers` server processes named s1.., and waits until the route
 /// has a link up to each.
 pub async fn deploy(servers: usize, zk_session_timeout: &str) -> anyhow::Result<Deployment> {
+    deploy_with(servers, zk_session_timeout, &RouteSetup::default()).await
+}
+
+/// How [`deploy_with`] runs the route process.
+#[derive(Debug, Clone, Default)]
+pub struct RouteSetup {
+    /// `None`: the test parameters (`cim-bench cluster`'s default).
+    pub argon2: Option<cluster::Argon2Cost>,
+    /// `--no-resumption`: every login checks the password.
+    pub no_resumption: bool,
+}
+
+/// [`deploy`], with the route's argon2 cost and resumption chosen.
+pub async fn deploy_with(
+    servers: usize,
+    zk_session_timeout: &str,
+    setup: &RouteSetup,
+) -> anyhow::Result<Deployment> {
     let redis = cluster::start_redis()?;
     let Some(zk) = cim_testkit::zookeeper() else {
         bail!("ZooKeeper is needed (Debian: apt-get install zookeeper)");
@@ -41,6 +59,12 @@ pub async fn deploy(servers: usize, zk_session_timeout: &str) -> anyhow::Result<
             &zk.addr,
         ])
         .args(["--zk-root", &root]);
+    if let Some(cost) = setup.argon2 {
+        route_cmd.args(["--argon2", cluster::argon2_arg(cost)]);
+    }
+    if setup.no_resumption {
+        route_cmd.arg("--no-resumption");
+    }
     cluster::child_env(&mut route_cmd);
     let (route, _, route_proc) = cluster::spawn_cluster(route_cmd, "route")?;
     let mut procs = Vec::new();

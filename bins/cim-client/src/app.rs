@@ -963,6 +963,8 @@ impl App {
                 self.sink
                     .status(Level::Warn, &format!("* kicked: {}", kick_words(reason)));
             }
+            // Told by `Stopped(PasswordNeeded)`, which follows.
+            ClientEvent::LoginRejected(LoginError::ResumeRefused) => {}
             ClientEvent::LoginRejected(error) => {
                 self.fail(Failure::LoginRejected);
                 let text = match error {
@@ -1054,6 +1056,15 @@ impl App {
                 self.drop_unsent = true;
                 self.fail(Failure::Tls);
             }
+            // The unsent messages stay in the file: the next run, with the password, sends
+            // them.
+            StopReason::PasswordNeeded => self.error(
+                Failure::LoginRejected,
+                &format!(
+                    "the saved session of {} can no longer log in without the password (it was used elsewhere, revoked or has expired): run again and give the password",
+                    self.file.user_name
+                ),
+            ),
         }
         if self.drop_unsent && !self.this_run.is_empty() {
             self.sink.status(

@@ -350,7 +350,9 @@ pub async fn run(
     let failure = match app.stopped {
         None | Some(StopReason::Shutdown) => None,
         Some(StopReason::TakenOver | StopReason::LoggedOut) => Some(Failure::LoggedInElsewhere),
-        Some(StopReason::AccountMismatch) => Some(Failure::LoginRejected),
+        Some(StopReason::AccountMismatch | StopReason::PasswordNeeded) => {
+            Some(Failure::LoginRejected)
+        }
         Some(StopReason::TlsFailed) => Some(Failure::Tls),
     };
     app.finish().await;

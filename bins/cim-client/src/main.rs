@@ -124,12 +124,20 @@ async fn chat(args: Args) -> anyhow::Result<Option<Failure>> {
         );
     }
 
+    // A session saved with a resumption secret logs in without the password: it is asked
+    // for only when the route refuses the secret (used elsewhere, revoked, expired), and then
+    // by the next run (this one stops with "password needed" and keeps the file).
+    let resumable = loaded
+        .as_ref()
+        .and_then(|f| f.session_state().ok().flatten())
+        .is_some_and(|s| s.resume_token.is_some() && s.resume_secret.is_some());
     let password = match (
         &args.password,
         loaded.as_ref().and_then(|f| f.password.clone()),
     ) {
         (Some(password), _) => password.clone(),
         (None, Some(saved)) => saved,
+        (None, None) if resumable => String::new(),
         (None, None) if interactive => {
             let user = args.user.clone();
             tokio::task::spawn_blocking(move || {

@@ -8,7 +8,7 @@ use cim_core::ids::{ClientMsgId, UserId};
 use cim_io::api::LoginRequest;
 use cim_io::net::TokioNet;
 use cim_io::sdk::RouteApi;
-use common::{cluster, spawn, state_json, temp_dir, user_id};
+use common::{cluster, spawn, spawn_as, state_json, temp_dir, user_id};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_chat_in_all_and_privately() {
@@ -279,6 +279,7 @@ async fn a_sender_never_seen_online_is_shown_by_name() {
         .expect("register bob");
     let login = api
         .login(&LoginRequest {
+            resume_secret: None,
             user_id: bob.user_id,
             user_name: "bob".into(),
             password: "bob-password".into(),
@@ -500,4 +501,53 @@ async fn a_script_blocked_by_another_session_exits_11_at_once() {
     })
     .await
     .expect("clients");
+}
+
+/// A later run logs in with the resumption secret its last run saved: no password needed
+/// (a wrong one given anyway changes nothing). Once the secret is revoked, the password is
+/// the only way in: the wrong one is then a rejected login (exit code 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_run_logs_in_by_its_resumption_secret_until_revoked() {
+    let cluster = cluster().await;
+    let dir = temp_dir("resume");
+    let port = cluster.route_port;
+    let state = dir.join("alice.json");
+    let route = format!("http://127.0.0.1:{port}");
+    let (first_state, first_route) = (state.clone(), route.clone());
+    let alice_id = tokio::task::spawn_blocking(move || {
+        let mut alice = spawn(port, "alice", &first_state, &[]);
+        alice.status("online as alice");
+        alice.finish();
+        let session = state_json(&first_state)["session"].clone();
+        assert!(session["resumeSecret"].is_string(), "{session}");
+        let mut again = spawn_as(&first_route, "alice", "not-her-password", &first_state, &[]);
+        again.status("online as alice");
+        again.finish();
+        user_id(&first_state)
+    })
+    .await
+    .expect("clients");
+    let revoked = cluster
+        .store
+        .execute(
+            cim_io::clock::Clock::System.wall(),
+            cim_core::store::StoreCommand::RevokeResumption {
+                user: UserId(alice_id),
+            },
+        )
+        .await
+        .expect("store");
+    assert_eq!(
+        revoked,
+        cim_core::store::StoreReply::ResumptionRevoked { revoked: true }
+    );
+    let (code, seen) = tokio::task::spawn_blocking(move || {
+        let mut alice = spawn_as(&route, "alice", "not-her-password", &state, &[]);
+        alice.status("login rejected: wrong password");
+        alice.exit()
+    })
+    .await
+    .expect("client");
+    assert_eq!(code, Some(3), "{}", seen.join("\n"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -110,6 +110,11 @@ pub struct Args {
     /// core].
     #[arg(long, env = "CIM_PASSWORD_WORKERS")]
     password_workers: Option<usize>,
+    /// How long an unused resumption secret stays good: a client that logged in within it
+    /// logs in again without the password (each login issues the next secret). 0 issues
+    /// none: every login checks the password [default: 30d].
+    #[arg(long, env = "CIM_RESUME_SECRET_TTL")]
+    resume_secret_ttl: Option<String>,
     /// Shortest password a registration may choose, in characters [default: 8].
     #[arg(long, env = "CIM_MIN_PASSWORD_LEN")]
     min_password_len: Option<usize>,
@@ -249,7 +254,8 @@ pub fn run_blocking(flags: Args) -> anyhow::Result<()> {
         balance, claim_ttl,
         token_ttl, ticket_ttl, idempotency_ttl, io_timeout, link_ping_interval,
         link_retry_delay, max_body, max_log_len, store_wait_replicas, password_workers,
-        min_password_len, max_connections, http_header_timeout, http_idle_timeout,
+        resume_secret_ttl, min_password_len, max_connections, http_header_timeout,
+        http_idle_timeout,
         password_queue, login_free_failures, login_delay_base, login_delay_max,
         login_rate_per_address, login_burst_per_address, register_rate_per_address,
         register_burst_per_address, send_rate, send_burst, trusted_proxies,
@@ -336,6 +342,14 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
             Duration::from_secs(30),
         ),
         options.login.claim_ttl,
+    );
+    options.login.resume_secret_ttl = p.or(
+        launch::duration_or(
+            "--resume-secret-ttl",
+            args.resume_secret_ttl.as_deref(),
+            cim_core::route::login::DEFAULT_RESUME_SECRET_TTL,
+        ),
+        options.login.resume_secret_ttl,
     );
     options.login.token_ttl = p.or(
         launch::duration_or(

@@ -974,6 +974,7 @@ mod tests {
 
         let login = api
             .login(&cim_io::api::LoginRequest {
+                resume_secret: None,
                 user_id: observer.user_id,
                 user_name: "observer".into(),
                 password: "observer-password".into(),

@@ -173,6 +173,7 @@ async fn websocket_round(
             user_name: name.clone(),
             password: PASSWORD.into(),
             resume_token: None,
+            resume_secret: None,
         })
         .await
         .with_context(|| format!("logging {name} in"))?;

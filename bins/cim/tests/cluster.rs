@@ -49,6 +49,7 @@ async fn accounts_logins_takeover_and_spoofing() {
 
     let ann_id = ann.id;
     let login = |password: &str, resume: Option<String>| api::LoginRequest {
+        resume_secret: None,
         user_id: ann_id.0,
         user_name: "ann".into(),
         password: password.into(),

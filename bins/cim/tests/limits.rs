@@ -14,6 +14,7 @@ use support::{Cluster, PASSWORD};
 
 fn login(user: u64, name: &str, password: &str) -> api::LoginRequest {
     api::LoginRequest {
+        resume_secret: None,
         user_id: user,
         user_name: name.to_owned(),
         password: password.to_owned(),

@@ -66,6 +66,7 @@ fn spawn_prober(
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
             let request = api::LoginRequest {
+                resume_secret: None,
                 user_id: user.0,
                 user_name: "prober".into(),
                 password: PASSWORD.into(),

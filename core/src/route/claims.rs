@@ -111,6 +111,9 @@ impl ClaimTable {
     /// is left alone: it names the old epoch, so [`Self::routes`] no longer reports it, and
     /// the new server's bind overwrites it. `Ok` carries the replaced claim as it stood
     /// (a refresh may have extended it since it was loaded); `Err` the state that won.
+    // The `Err` is the store's reply (`ClaimReplaced(Err(state))`), returned as it is: one
+    // per claim command, not worth a box.
+    #[allow(clippy::result_large_err)]
     pub fn replace(
         &mut self,
         user: UserId,
@@ -124,6 +127,58 @@ impl ClaimTable {
         }
         state.epoch = state.epoch.max(claim.epoch);
         Ok(state.claim.replace(claim))
+    }
+
+    /// `ResumeClaim`: [`Self::replace`], only if the current claim also holds the
+    /// resumption secret hashed to `secret`. A mismatch is a lost race: `Err` carries the
+    /// state, against which the route re-checks the secret (and refuses it).
+    // The `Err` is the store's reply (`ClaimReplaced(Err(state))`), returned as it is: one
+    // per claim command, not worth a box.
+    #[allow(clippy::result_large_err)]
+    pub fn resume(
+        &mut self,
+        user: UserId,
+        expected: Epoch,
+        secret: &[u8; 32],
+        claim: Claim,
+    ) -> Result<Option<Claim>, ClaimState> {
+        let state = self.load(user);
+        let holds = state
+            .claim
+            .as_ref()
+            .and_then(|c| c.resume_secret.as_ref())
+            .is_some_and(|s| bool::from(s.hash.ct_eq(secret)));
+        if !holds {
+            return Err(state);
+        }
+        self.replace(user, expected, claim)
+    }
+
+    /// `RevokeResumption` (and the revocation part of `SetPassword`): drops the claim's
+    /// resumption secret, keeping the claim. Returns whether there was one.
+    pub fn revoke_resumption(&mut self, user: UserId) -> bool {
+        self.claims
+            .get_mut(&user)
+            .and_then(|state| state.claim.as_mut())
+            .and_then(|claim| claim.resume_secret.take())
+            .is_some()
+    }
+
+    /// `ExpireClaim`: ends the lease of the claim with exactly `epoch` (expired or not) and
+    /// deletes the route record; the claim stays, lapsed. Returns whether it matched.
+    pub fn expire(&mut self, user: UserId, epoch: Epoch) -> bool {
+        let Some(claim) = self
+            .claims
+            .get_mut(&user)
+            .and_then(|state| state.claim.as_mut())
+            .filter(|c| c.epoch == epoch)
+        else {
+            return false;
+        };
+        claim.lease_until = UnixMillis(0);
+        // The record's epoch is at most the claim's: never a newer session's.
+        self.routes.remove(&user);
+        true
     }
 
     /// `ReleaseClaim`: deletes the claim and the route record, only if the stored claim
@@ -240,6 +295,18 @@ impl ClaimTable {
                 expected,
                 claim,
             } => StoreReply::ClaimReplaced(self.replace(*user, *expected, claim.clone())),
+            StoreCommand::ResumeClaim {
+                user,
+                expected,
+                secret,
+                claim,
+            } => StoreReply::ClaimReplaced(self.resume(*user, *expected, secret, claim.clone())),
+            StoreCommand::ExpireClaim { user, epoch } => StoreReply::ClaimReleased {
+                released: self.expire(*user, *epoch),
+            },
+            StoreCommand::RevokeResumption { user } => StoreReply::ResumptionRevoked {
+                revoked: self.revoke_resumption(*user),
+            },
             StoreCommand::ReleaseClaim { user, epoch } => StoreReply::ClaimReleased {
                 released: self.release(*user, *epoch),
             },
@@ -299,6 +366,7 @@ mod tests {
             server: s(server),
             lease_until: UnixMillis(lease_until),
             resume_token_hash: [token; 32],
+            resume_secret: None,
         }
     }
 
@@ -715,6 +783,7 @@ mod tests {
                             server: ServerId(format!("s{server}")),
                             lease_until: UnixMillis(now + ttl),
                             resume_token_hash: [*server; 32],
+                            resume_secret: None,
                         };
                         let _ = t.apply(wall, &StoreCommand::ReplaceClaim { user: UserId(*user), expected: Epoch(*expected), claim: c });
                     }

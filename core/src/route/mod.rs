@@ -9,6 +9,7 @@ pub mod bearer;
 pub mod claims;
 pub mod delivery;
 pub mod login;
+pub mod resumption;
 pub mod tickets;
 
 use std::collections::BTreeMap;

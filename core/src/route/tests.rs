@@ -53,6 +53,7 @@ fn login_request() -> LoginRequest {
         name: "alice".into(),
         password: "pw".into(),
         resume_token: None,
+        resume_secret: None,
     }
 }
 

@@ -136,6 +136,7 @@ pub(super) fn router(shared: Shared) -> Router {
         .route("/users/{user}", get(show_user).delete(delete_user))
         .route("/users/{user}/kick", post(kick_user))
         .route("/users/{user}/password", post(reset_password))
+        .route("/users/{user}/revoke-resumption", post(revoke_resumption))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     Router::new()
         .merge(authed)
@@ -489,6 +490,25 @@ async fn reset_password(
     finish(peer, "reset_password", id, answer)
 }
 
+/// Ends the user's resumption secret: the next login needs the password (a stolen state
+/// file, a lost device). The session already open stays open: kick it too to end it.
+async fn revoke_resumption(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(user): Path<String>,
+) -> Response {
+    let id = user.parse().unwrap_or(0);
+    let answer = async {
+        let user = user_id(&user)?;
+        match store(&shared, StoreCommand::RevokeResumption { user }).await? {
+            StoreReply::ResumptionRevoked { revoked } => Ok(json!({ "revoked": revoked })),
+            other => Err(odd(&other)),
+        }
+    }
+    .await;
+    finish(peer, "revoke_resumption", id, answer)
+}
+
 async fn delete_user(
     State(shared): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -644,6 +664,13 @@ pub fn openapi_document() -> Value {
                 }}}},
                 "responses": common(json!({
                     "type": "object", "required": ["reset"], "properties": {"reset": {"type": "boolean"}}
+                }))
+            }},
+            "/users/{user}/revoke-resumption": {"post": {
+                "summary": "End the user's resumption secret: the next login needs the password. A password reset and a deletion do this too. A session already open stays open: kick it too to end it.",
+                "parameters": [user_param],
+                "responses": common(json!({
+                    "type": "object", "required": ["revoked"], "properties": {"revoked": {"type": "boolean", "description": "false: there was none"}}
                 }))
             }},
             "/openapi.json": {"get": {

@@ -570,6 +570,12 @@ async fn login(
         .map(body::decode_resume_token)
         .transpose()
         .map_err(|e| ApiError::invalid(format!("resumeToken: {e}")))?;
+    let resume_secret = req
+        .resume_secret
+        .as_deref()
+        .map(body::decode_resume_secret)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("resumeSecret: {e}")))?;
     if let Err(wait) = shared.login_limits.check(client, shared.clock.now()) {
         let c = &shared.counters;
         c.limited_login_address.fetch_add(1, Ordering::Relaxed);
@@ -583,6 +589,7 @@ async fn login(
         name: req.user_name,
         password: req.password,
         resume_token,
+        resume_secret,
     };
     let answer = call(&shared, |reply| ApiCall::Login {
         request,
@@ -605,6 +612,10 @@ async fn login(
         ticket: body::encode_ticket(&answer.ticket),
         token: answer.token,
         resume_token: body::encode_resume_token(&answer.resume_token),
+        resume_secret: answer
+            .resume_secret
+            .as_ref()
+            .map(body::encode_resume_secret),
     }))
 }
 

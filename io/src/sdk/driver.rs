@@ -17,7 +17,10 @@ use tokio::task::JoinHandle;
 
 use super::route_api::{ApiError, RouteApi};
 use super::{Acked, AppCommand, SdkOptions, SendError, ServerTransport, ws_conn};
-use crate::api::{self, decode_resume_token, decode_ticket, encode_resume_token};
+use crate::api::{
+    self, decode_resume_secret, decode_resume_token, decode_ticket, encode_resume_secret,
+    encode_resume_token,
+};
 use crate::clock::Clock;
 use crate::http_client::HttpError;
 use crate::net::{self, Network, framed};
@@ -473,6 +476,7 @@ async fn login<N: Network>(
         user_name: request.name,
         password: request.password,
         resume_token: request.resume_token.as_ref().map(encode_resume_token),
+        resume_secret: request.resume_secret.as_ref().map(encode_resume_secret),
     };
     match route.login(&body).await {
         Ok(response) => answer_from(user, response),
@@ -498,6 +502,11 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
         ws_url: None,
     });
     let resume_token = decode_resume_token(&r.resume_token).map_err(|e| bad("resumeToken", e))?;
+    // An older route issues none: the next login then needs the password again.
+    let resume_secret = match r.resume_secret.as_deref() {
+        Some(text) => Some(decode_resume_secret(text).map_err(|e| bad("resumeSecret", e))?),
+        None => None,
+    };
     Ok(LoginAnswer {
         user,
         epoch: Epoch(r.epoch),
@@ -521,6 +530,7 @@ fn answer_from(user: UserId, r: api::LoginResponse) -> Result<LoginAnswer, Login
         ticket,
         token: r.token,
         resume_token,
+        resume_secret,
     })
 }
 
@@ -533,6 +543,8 @@ fn failure_from(route_host: &str, error: ApiError) -> LoginFailure {
         ApiError::Status { code, message, .. } => match code.as_str() {
             api::CODE_REPEAT_LOGIN => rejected(LoginError::RepeatLogin),
             api::CODE_ACCOUNT_MISMATCH => rejected(LoginError::AccountMismatch),
+            // The session drops the secret and logs in with the password (or stops).
+            api::CODE_RESUME_REFUSED => rejected(LoginError::ResumeRefused),
             api::CODE_NO_SERVER => rejected(LoginError::NoServerAvailable),
             api::CODE_FAIL => rejected(LoginError::Unavailable),
             api::CODE_HTTPS_REQUIRED => LoginFailure::Tls {
@@ -830,6 +842,7 @@ mod tests {
             mac: vec![1; 32],
         };
         let response = api::LoginResponse {
+            resume_secret: None,
             user_id: 4,
             epoch: 2,
             server_id: "s1".into(),

@@ -1,5 +1,5 @@
 //! A [`ClientState`] on disk, as JSON, so a restarted client keeps its resume token (instant
-//! failover), its unacknowledged messages (resent with their original ids) and its place in
+//! failover) and resumption secret (a login without the password), its unacknowledged messages (resent with their original ids) and its place in
 //! each conversation.
 //!
 //! The core types stay free of serde; the file format is these mirror types, versioned.
@@ -15,7 +15,9 @@ use cim_core::client::{ClientState, SavedConv, SavedMessage};
 use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, UnixMillis};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{decode_resume_token, encode_resume_token};
+use crate::api::{
+    decode_resume_secret, decode_resume_token, encode_resume_secret, encode_resume_token,
+};
 
 const VERSION: u32 = 1;
 
@@ -25,6 +27,9 @@ struct FileV1 {
     version: u32,
     #[serde(default)]
     resume_token: Option<String>,
+    /// Added after version 1 was first written: optional, so older files still load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resume_secret: Option<String>,
     #[serde(default)]
     outbox: Vec<MessageV1>,
     #[serde(default)]
@@ -60,6 +65,7 @@ pub fn to_json(state: &ClientState) -> String {
     let file = FileV1 {
         version: VERSION,
         resume_token: state.resume_token.as_ref().map(encode_resume_token),
+        resume_secret: state.resume_secret.as_ref().map(encode_resume_secret),
         outbox: state
             .outbox
             .iter()
@@ -97,6 +103,12 @@ pub fn from_json(text: &str) -> io::Result<ClientState> {
         .map(decode_resume_token)
         .transpose()
         .map_err(invalid)?;
+    let resume_secret = file
+        .resume_secret
+        .as_deref()
+        .map(decode_resume_secret)
+        .transpose()
+        .map_err(invalid)?;
     let outbox = file
         .outbox
         .into_iter()
@@ -122,6 +134,7 @@ pub fn from_json(text: &str) -> io::Result<ClientState> {
         .collect::<io::Result<Vec<_>>>()?;
     Ok(ClientState {
         resume_token,
+        resume_secret,
         outbox,
         convs,
     })
@@ -136,8 +149,8 @@ pub fn load(path: impl AsRef<Path>) -> io::Result<Option<ClientState>> {
     }
 }
 
-/// Writes `state` to `path` atomically and owner-only (it holds the resume token, a
-/// credential): see [`crate::private_file::write_atomically`].
+/// Writes `state` to `path` atomically and owner-only (it holds the resume token and the
+/// resumption secret, credentials): see [`crate::private_file::write_atomically`].
 pub fn save(path: impl AsRef<Path>, state: &ClientState) -> io::Result<()> {
     crate::private_file::write_atomically(path.as_ref(), to_json(state).as_bytes())
 }
@@ -145,12 +158,14 @@ pub fn save(path: impl AsRef<Path>, state: &ClientState) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use cim_core::route::login::ResumeToken;
+    use cim_core::route::resumption::ResumptionSecret;
 
     use super::*;
 
     fn state() -> ClientState {
         ClientState {
             resume_token: Some(ResumeToken([7; 32])),
+            resume_secret: Some(ResumptionSecret([9; 32])),
             outbox: vec![SavedMessage {
                 id: ClientMsgId(u128::MAX - 5),
                 conv: ConvId::group("rust").unwrap(),
@@ -172,6 +187,23 @@ mod tests {
             from_json(&to_json(&ClientState::default())).unwrap(),
             ClientState::default()
         );
+    }
+
+    /// A file written before resumption (no `resumeSecret`) loads: the next login uses the
+    /// password once and the file gains the secret.
+    #[test]
+    fn a_file_without_a_secret_still_loads() {
+        let old = to_json(&state()).replace(
+            &format!(
+                "\"resumeSecret\": \"{}\",",
+                encode_resume_secret(&ResumptionSecret([9; 32]))
+            ),
+            "",
+        );
+        assert!(!old.contains("resumeSecret"), "{old}");
+        let loaded = from_json(&old).unwrap();
+        assert_eq!(loaded.resume_secret, None);
+        assert_eq!(loaded.resume_token, state().resume_token);
     }
 
     #[test]

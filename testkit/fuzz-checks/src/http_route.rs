@@ -334,6 +334,7 @@ fn live_claim(fixture: &Fixture, user: UserId) {
         user,
         expected: Epoch(0),
         claim: Claim {
+            resume_secret: None,
             epoch: Epoch(1),
             server: ServerId::new("s1"),
             lease_until: FAR_FUTURE,

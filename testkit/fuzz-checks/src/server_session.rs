@@ -781,7 +781,9 @@ impl Harness {
                         .collect(),
                 }
             }
-            StoreCommand::ReleaseClaim { .. } => StoreReply::ClaimReleased { released: true },
+            StoreCommand::ReleaseClaim { .. } | StoreCommand::ExpireClaim { .. } => {
+                StoreReply::ClaimReleased { released: true }
+            }
             _ => StoreReply::CursorsAdvanced,
         }
     }
@@ -1040,7 +1042,7 @@ impl Harness {
                 assert_eq!(server.as_str(), S1);
                 assert!(!sessions.is_empty() && sessions.len() <= 2, "refresh batch");
             }
-            StoreCommand::ReleaseClaim { .. } => {}
+            StoreCommand::ReleaseClaim { .. } | StoreCommand::ExpireClaim { .. } => {}
             other => panic!("a server never issues {other:?}"),
         }
     }

@@ -70,6 +70,7 @@ fn login_codes_map_as_the_sdk_maps_them() {
 fn saved_state_round_trips_and_keeps_64_bit_epochs_exact() {
     let state = ClientState {
         resume_token: Some(ResumeToken([1; 32])),
+        resume_secret: None,
         outbox: vec![SavedMessage {
             id: ClientMsgId(u128::MAX - 5),
             conv: ConvId::group("dev").unwrap(),

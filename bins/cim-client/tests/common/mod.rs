@@ -33,7 +33,7 @@ pub struct Cluster {
     pub route_port: u16,
     _route: RouteHandle,
     server: Option<ServerHandle>,
-    store: Arc<dyn Store>,
+    pub store: Arc<dyn Store>,
     registry: MemoryRegistry,
     servers_started: u32,
     /// The running server's id and (client, link, http) ports, to restart it in place.

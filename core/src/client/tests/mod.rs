@@ -3,6 +3,7 @@
 mod inbound;
 mod outbox;
 mod property;
+mod resumption;
 mod session;
 mod snapshot;
 
@@ -73,7 +74,13 @@ fn answer(epoch: u64, tok: u8) -> LoginAnswer {
         ticket: ticket(epoch),
         token: "bearer".into(),
         resume_token: token(tok),
+        resume_secret: Some(secret(tok)),
     }
+}
+
+/// The resumption secret an answer with token `tok` carries.
+pub(super) fn secret(tok: u8) -> ResumptionSecret {
+    ResumptionSecret([tok ^ 0x5a; 32])
 }
 
 /// The token a session seeded 42 makes for its first login (its RNG's first draw: no
@@ -83,13 +90,27 @@ fn own_token() -> ResumeToken {
     ResumeToken(ChaCha8Rng::seed_from_u64(42).random())
 }
 
-/// A login request presenting `tok`, or with `None` the session's own first token.
+/// A login request presenting `tok` and the secret that came with it in an answer (a
+/// resumption: no password), or with `None` the session's own first token and the password.
 fn request(tok: Option<u8>) -> LoginRequest {
+    match tok {
+        None => password_request(None),
+        Some(tok) => LoginRequest {
+            password: String::new(),
+            resume_secret: Some(secret(tok)),
+            ..password_request(Some(tok))
+        },
+    }
+}
+
+/// A login request with the password, presenting `tok` (or the session's first token).
+fn password_request(tok: Option<u8>) -> LoginRequest {
     LoginRequest {
         user: USER,
         name: "alice".into(),
         password: "pw".into(),
         resume_token: Some(tok.map_or_else(own_token, token)),
+        resume_secret: None,
     }
 }
 

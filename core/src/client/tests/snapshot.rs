@@ -20,6 +20,7 @@ fn snapshot_and_restore_keep_the_token_outbox_and_positions() {
         state,
         ClientState {
             resume_token: Some(token(0xA)),
+            resume_secret: Some(secret(0xA)),
             outbox: vec![
                 SavedMessage {
                     id: old,
@@ -85,6 +86,8 @@ fn restored_outbox_is_resent_with_its_ids() {
     let id = ClientMsgId(0xfeed);
     let state = ClientState {
         resume_token: Some(token(0xA)),
+        // The restored session resumes: its first login presents the secret, no password.
+        resume_secret: Some(secret(0xA)),
         outbox: vec![SavedMessage {
             id,
             conv: conv("all"),

@@ -27,10 +27,11 @@ use crate::login_throttle::LoginThrottle;
 use crate::registry::LiveServer;
 use crate::route::balance::Balancer;
 use crate::route::claims::{LoginDecision, decide_login, is_live};
+use crate::route::resumption::{self, ResumptionSecret};
 use crate::route::tickets::{Grant, TicketKeys};
 use crate::store::{
-    Claim, ClaimState, LoginFailures, NameTaken, RequestId, StoreCommand, StoreReply, StoreRequest,
-    StoreResult,
+    Claim, ClaimState, LoginFailures, NameTaken, RequestId, ResumeSecret, StoreCommand, StoreReply,
+    StoreRequest, StoreResult,
 };
 
 mod takeover;
@@ -51,6 +52,10 @@ pub struct LoginRequest {
     pub name: String,
     pub password: String,
     pub resume_token: Option<ResumeToken>,
+    /// The resumption secret of the claim whose resume token this login presents: then the
+    /// login is a **resumption**, checked against the claim instead of the password (which
+    /// is not looked at). See [`crate::route::resumption`].
+    pub resume_secret: Option<ResumptionSecret>,
 }
 
 /// A successful login: where to connect and with what.
@@ -63,6 +68,11 @@ pub struct LoginAnswer {
     /// Bearer token for the HTTP API, bound to (user, epoch).
     pub token: String,
     pub resume_token: ResumeToken,
+    /// The next resumption secret, good with `resume_token` until the configured lifetime
+    /// runs out, it is used, or it is revoked. Shown once: the store keeps only its hash.
+    /// Always issued by this route; `None` only in an older route's answer (as the SDK
+    /// reads it), after which the next login needs the password.
+    pub resume_secret: Option<ResumptionSecret>,
 }
 
 /// Why a login failed, with CIM's status codes.
@@ -89,6 +99,11 @@ pub enum LoginError {
     /// checked or changed. Retry in a moment.
     #[error("the route is busy checking passwords: retry in a moment")]
     Busy,
+    /// 9110: a resumption (resume token and secret) was refused: the secret was used,
+    /// revoked, has expired or is not this claim's. Log in with the password. Counted
+    /// against the account like a wrong password.
+    #[error("resumption refused: log in with the password")]
+    ResumeRefused,
 }
 
 impl LoginError {
@@ -101,9 +116,14 @@ impl LoginError {
             Self::Unavailable => "4000",
             Self::Throttled(_) => CODE_THROTTLED,
             Self::Busy => CODE_BUSY,
+            Self::ResumeRefused => CODE_RESUME_REFUSED,
         }
     }
 }
+
+/// The envelope code of a refused resumption (HTTP 200, like 9100): the client logs in with
+/// the password instead (and asks its user for it if it has none).
+pub const CODE_RESUME_REFUSED: &str = "9110";
 
 /// The envelope code of a throttled request (HTTP 429 with `Retry-After`).
 pub const CODE_THROTTLED: &str = "4290";
@@ -149,6 +169,15 @@ pub struct RouteLoginConfig {
     /// answered `Busy` at once, so a burst queues at most this many argon2 jobs instead of
     /// timing out behind them.
     pub max_password_jobs: usize,
+    /// How long a resumption secret stays good if unused (each login issues a new one, so
+    /// this is how long a user may stay away and still come back without the password).
+    /// Zero issues no secrets: every login checks the password.
+    pub resume_secret_ttl: Duration,
+    /// A takeover answer held at least this long may be given again, after its release, to
+    /// a resumption retrying with the secret it was asked with (its first request has
+    /// timed out on the client: the SDK waits 5 s). One released sooner is not: its
+    /// client had it, so the same secret presented again is a copy, and refused.
+    pub resume_rejoin_after: Duration,
 }
 
 impl Default for RouteLoginConfig {
@@ -164,9 +193,14 @@ impl Default for RouteLoginConfig {
             min_password_len: accounts::DEFAULT_MIN_PASSWORD_LEN,
             throttle: LoginThrottle::default(),
             max_password_jobs: 64,
+            resume_secret_ttl: DEFAULT_RESUME_SECRET_TTL,
+            resume_rejoin_after: Duration::from_secs(4),
         }
     }
 }
+
+/// Default of [`RouteLoginConfig::resume_secret_ttl`]: 30 days.
+pub const DEFAULT_RESUME_SECRET_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A registration that succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +255,9 @@ pub enum LogoutError {
 }
 
 /// What the route tells the shell.
+// `LoggedIn` carries the whole answer (ticket, tokens, secret): a few events per login,
+// moved once to the shell, so not boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteEvent {
     Registered {
@@ -407,6 +444,7 @@ struct Granted {
     epoch: Epoch,
     server: LiveServer,
     resume: ResumeToken,
+    secret: Option<ResumptionSecret>,
 }
 
 /// A takeover's answer, claimed in the store but not yet given to the client.
@@ -417,6 +455,10 @@ struct HeldLogin {
     /// retries with that same token (it never saw the new one); the retry joins this answer
     /// instead of meeting the new claim, which would refuse the old token with 5000.
     presented: Option<[u8; 32]>,
+    /// Hash of the resumption secret the takeover was asked with, if it was a resumption:
+    /// a retry by resumption joins only with that same secret (the token alone is not
+    /// enough to be given the new secret).
+    presented_secret: Option<[u8; 32]>,
     /// Retries waiting for this same answer.
     waiters: Vec<ApiRequestId>,
     /// Servers that may still hold a session of the user below the new epoch: the old
@@ -439,6 +481,10 @@ struct HeldLogin {
 #[derive(Debug)]
 struct ReleasedTakeover {
     presented: [u8; 32],
+    presented_secret: Option<[u8; 32]>,
+    /// How long the answer was held: a resumption may rejoin it only if that was long
+    /// enough for its first request to have timed out (`resume_rejoin_after`).
+    held_for: Duration,
     granted: Granted,
     until: Instant,
 }
@@ -504,6 +550,13 @@ enum Step {
         decision: LoginDecision,
         server: LiveServer,
         resume: ResumeToken,
+        secret: Option<ResumptionSecret>,
+    },
+    /// A refused resumption is being counted against the account's throttle record (best
+    /// effort, compare-and-count: `races` lost so far). The client has its answer already.
+    CountResumeFailure {
+        user: UserId,
+        races: u32,
     },
     Logout {
         api: ApiRequestId,
@@ -549,6 +602,8 @@ struct LoginCtx {
     /// The resume token presented, if any: the new claim's token derives from it.
     presented: Option<ResumeToken>,
     resume_hash: Option<[u8; 32]>,
+    /// A resumption: the hash of the secret presented ([`resumption::secret_hash`]).
+    secret_hash: Option<[u8; 32]>,
     /// The presented token derives to the live claim's: this login made that claim and
     /// never got its answer. Decided with the claim, in `decide_and_claim`.
     retries_lost_answer: bool,
@@ -790,13 +845,31 @@ impl RouteLogin {
             self.logged_in(api, Err(LoginError::NoServerAvailable));
             return;
         }
-        let login = LoginCtx {
+        let mut login = LoginCtx {
             user: request.user,
             presented: request.resume_token.clone(),
             resume_hash: request.resume_token.as_ref().map(resume_token_hash),
+            secret_hash: None,
             retries_lost_answer: false,
             lost_races: 0,
         };
+        if let Some(secret) = &request.resume_secret {
+            // A resumption is checked against the claim alone: no account read, no argon2.
+            // It needs the token the secret goes with and the user's id (the claim is
+            // found by id; a login by name alone has neither).
+            if request.resume_token.is_none() || request.user == UserId(0) {
+                self.logged_in(api, Err(LoginError::ResumeRefused));
+                return;
+            }
+            login.secret_hash = Some(resumption::secret_hash(request.user, secret));
+            let user = login.user;
+            self.send(
+                now,
+                StoreCommand::LoadClaim { user },
+                Step::LoadClaim { api, login },
+            );
+            return;
+        }
         // Id 0 is no account: the login names its account by name alone (a client that
         // lost its state, or "the name is taken: log in as that user").
         let command = if request.user == UserId(0) {
@@ -941,7 +1014,7 @@ impl RouteLogin {
             }
             (Step::LoadClaim { api, login }, StoreReply::Claim(state)) => {
                 if !self.rejoin_takeover(now, wall, api, &login, &state) {
-                    self.decide_and_claim(now, wall, api, login, &state);
+                    self.decide_checked(now, wall, api, login, &state);
                 }
             }
             (
@@ -951,6 +1024,7 @@ impl RouteLogin {
                     decision,
                     server,
                     resume,
+                    secret,
                 },
                 StoreReply::ClaimReplaced(result),
             ) => match result {
@@ -974,6 +1048,7 @@ impl RouteLogin {
                         epoch: decision.epoch(),
                         server,
                         resume,
+                        secret,
                     };
                     self.login_succeeded(now, wall, granted, decision, &login);
                 }
@@ -983,8 +1058,10 @@ impl RouteLogin {
                     if login.lost_races > self.config.max_cas_retries {
                         self.logged_in(api, Err(LoginError::Unavailable));
                     } else {
-                        // The reply carries the winning state: decide against it directly.
-                        self.decide_and_claim(now, wall, api, login, &won);
+                        // The reply carries the winning state: decide against it directly
+                        // (a resumption checks its secret again: the winner used it, or
+                        // it was revoked meanwhile).
+                        self.decide_checked(now, wall, api, login, &won);
                     }
                 }
             },
@@ -994,7 +1071,13 @@ impl RouteLogin {
                     result: Ok(LoggedOut { user, released }),
                 });
             }
-            (Step::Cleanup, _) => {}
+            (
+                Step::CountResumeFailure { user, races },
+                StoreReply::LoginFailureCounted(Err(current)),
+            ) if races < self.config.max_cas_retries => {
+                self.count_resume_failure(now, user, current.count, races + 1);
+            }
+            (Step::Cleanup | Step::CountResumeFailure { .. }, _) => {}
             // A reply of the wrong kind is a store bug; fail the request rather than guess.
             (step, _) => self.fail(now, step),
         }
@@ -1069,6 +1152,7 @@ impl RouteLogin {
             epoch,
             server,
             resume,
+            secret,
         } = granted;
         let ticket = self.tickets.mint(&Grant {
             user,
@@ -1090,6 +1174,7 @@ impl RouteLogin {
                 ticket,
                 token,
                 resume_token: resume,
+                resume_secret: secret,
             }),
         );
     }
@@ -1133,7 +1218,7 @@ impl RouteLogin {
                 api,
                 result: Err(LogoutError::Unavailable),
             }),
-            Step::Cleanup => {}
+            Step::Cleanup | Step::CountResumeFailure { .. } => {}
         }
     }
 
@@ -1221,6 +1306,42 @@ impl RouteLogin {
         } else {
             self.logged_in(api, Err(LoginError::Throttled(wait)));
         }
+    }
+
+    /// Decides against `state`, after checking a resumption's token and secret against its
+    /// claim. A refused resumption is answered at once and counted against the account's
+    /// throttle record like a wrong password (a copy of a secret that was used already is
+    /// what an attacker would present).
+    fn decide_checked(
+        &mut self,
+        now: Instant,
+        wall: UnixMillis,
+        api: ApiRequestId,
+        login: LoginCtx,
+        state: &ClaimState,
+    ) {
+        if let (Some(secret_hash), Some(token_hash)) = (login.secret_hash, login.resume_hash)
+            && resumption::check(state.claim.as_ref(), &token_hash, &secret_hash, wall).is_err()
+        {
+            self.logged_in(api, Err(LoginError::ResumeRefused));
+            self.count_resume_failure(now, login.user, 0, 0);
+            return;
+        }
+        self.decide_and_claim(now, wall, api, login, state);
+    }
+
+    /// Counts one refused resumption against `user`'s throttle record, compare-and-count
+    /// from `expected` (a lost race retries from the count it read, a few times).
+    fn count_resume_failure(&mut self, now: Instant, user: UserId, expected: u32, races: u32) {
+        self.send(
+            now,
+            StoreCommand::CountLoginFailure {
+                user,
+                expected,
+                forget_after: self.config.throttle.forget_after(),
+            },
+            Step::CountResumeFailure { user, races },
+        );
     }
 
     /// Whether the login presented the resume token of the user's claim (live or lapsed),

@@ -73,25 +73,45 @@ impl RouteLogin {
             LoginDecision::Fresh { .. } => wall,
             LoginDecision::Takeover { old, .. } => wall.max(old.lease_until),
         };
+        // Every login issues the next resumption secret; a resumption's write also requires
+        // the one it presented to be still the claim's, so each secret is used once.
+        // A lifetime of zero turns resumption off: no secret, so every login checks the
+        // password (what a deployment chooses that wants no credential but the password).
+        let secret = (!self.config.resume_secret_ttl.is_zero())
+            .then(|| ResumptionSecret::random(&mut self.rng));
         let claim = Claim {
             epoch: decision.epoch(),
             server: server.id.clone(),
             lease_until: lease_from.plus(self.config.claim_ttl),
             resume_token_hash: resume_token_hash(&resume),
+            resume_secret: secret.as_ref().map(|secret| ResumeSecret {
+                hash: resumption::secret_hash(login.user, secret),
+                expires_at: wall.plus(self.config.resume_secret_ttl),
+            }),
         };
-        self.send(
-            now,
-            StoreCommand::ReplaceClaim {
+        let command = match login.secret_hash {
+            Some(presented) => StoreCommand::ResumeClaim {
+                user: login.user,
+                expected: state.epoch,
+                secret: presented,
+                claim,
+            },
+            None => StoreCommand::ReplaceClaim {
                 user: login.user,
                 expected: state.epoch,
                 claim,
             },
+        };
+        self.send(
+            now,
+            command,
             Step::ReplaceClaim {
                 api,
                 login,
                 decision,
                 server,
                 resume,
+                secret,
             },
         );
     }
@@ -137,6 +157,7 @@ impl RouteLogin {
                 self.held.push(HeldLogin {
                     granted,
                     presented: login.resume_hash,
+                    presented_secret: login.secret_hash,
                     waiters: Vec::new(),
                     awaiting,
                     old_epoch: old.epoch,
@@ -176,20 +197,33 @@ impl RouteLogin {
                 && granted.epoch == current.epoch
                 && self.live.contains_key(&granted.server.id)
         };
-        if let Some(held) = self
-            .held
-            .iter_mut()
-            .find(|h| h.presented == Some(presented) && same(&h.granted))
-        {
+        // A password login proved who it is; a resumption must present the very secret the
+        // held one did (its answer carries the next secret). While held, the first request
+        // has had no answer: a retry of the same use is what the client does on a timeout.
+        let secret_ok = |held_secret: Option<[u8; 32]>| match login.secret_hash {
+            None => true,
+            Some(secret) => held_secret.is_some_and(|h| bool::from(h.ct_eq(&secret))),
+        };
+        if let Some(held) = self.held.iter_mut().find(|h| {
+            h.presented == Some(presented) && secret_ok(h.presented_secret) && same(&h.granted)
+        }) {
             held.waiters.push(api);
             return true;
         }
         self.released.retain(|r| r.until > now);
-        let Some(released) = self
-            .released
-            .iter()
-            .find(|r| r.presented == presented && same(&r.granted))
-        else {
+        // A released answer has gone out: the secret it was asked with is used. A copy of it
+        // presented now must fail, not be handed the next secret (a stolen state file
+        // replayed right after its owner's re-home) — unless the answer was held so long that
+        // its first request timed out on the client (a re-home from a crashed server still
+        // listed): then this is that client's retry, and refusing it would cost an argon2
+        // check per re-homed user. The secret must still be the one the hold was asked with.
+        let rejoin_after = self.config.resume_rejoin_after;
+        let Some(released) = self.released.iter().find(|r| {
+            r.presented == presented
+                && same(&r.granted)
+                && (login.secret_hash.is_none()
+                    || (r.held_for >= rejoin_after && secret_ok(r.presented_secret)))
+        }) else {
             return false;
         };
         let granted = Granted {
@@ -213,6 +247,8 @@ impl RouteLogin {
         if let Some(presented) = held.presented {
             self.released.push(ReleasedTakeover {
                 presented,
+                presented_secret: held.presented_secret,
+                held_for: now.saturating_duration_since(held.held_at.0),
                 granted: held.granted.clone(),
                 until: now + self.config.claim_ttl,
             });

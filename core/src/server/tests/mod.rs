@@ -164,7 +164,7 @@ fn error(conn: u64, code: ErrorCode) -> [Out; 2] {
 }
 
 fn release(user: u64, epoch: u64) -> Out {
-    Out::Store(StoreCommand::ReleaseClaim {
+    Out::Store(StoreCommand::ExpireClaim {
         user: UserId(user),
         epoch: Epoch(epoch),
     })

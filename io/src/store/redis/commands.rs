@@ -170,6 +170,7 @@ impl RedisStore {
                 self.scripts
                     .set_password
                     .key(acct_key(user))
+                    .key(claim_key(user))
                     .arg(&password_hash),
             )
             .await?;
@@ -271,7 +272,9 @@ impl RedisStore {
                     .arg("c_epoch")
                     .arg("server")
                     .arg("lease")
-                    .arg("token"),
+                    .arg("token")
+                    .arg("secret")
+                    .arg("secret_exp"),
             )
             .await?;
         let [epoch, rest @ ..] = v.as_slice() else {
@@ -283,22 +286,34 @@ impl RedisStore {
         }))
     }
 
+    /// `ReplaceClaim`, and `ResumeClaim` when `presented` is the secret hash a resumption
+    /// presented (one script: the resumption only adds its compare).
     pub(super) async fn replace_claim(
         &self,
         user: UserId,
         expected: Epoch,
         claim: Claim,
+        presented: Option<[u8; 32]>,
     ) -> R<StoreReply> {
+        let (secret, secret_exp) = match &claim.resume_secret {
+            Some(s) => (&s.hash[..], s.expires_at.0),
+            None => (&[][..], 0),
+        };
+        let presented = presented.as_ref().map_or(&[][..], |p| &p[..]);
         let v: Vec<Value> = self
             .invoke(
                 self.scripts
                     .claim_replace
                     .key(claim_key(user))
+                    .key(acct_key(user))
                     .arg(expected.0)
                     .arg(claim.epoch.0)
                     .arg(claim.server.as_str())
                     .arg(claim.lease_until.0)
-                    .arg(&claim.resume_token_hash[..]),
+                    .arg(&claim.resume_token_hash[..])
+                    .arg(secret)
+                    .arg(secret_exp)
+                    .arg(presented),
             )
             .await?;
         let [replaced, counter, old @ ..] = v.as_slice() else {

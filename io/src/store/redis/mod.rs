@@ -160,6 +160,7 @@ fn explain_connect_failure(tls: bool, e: &RedisError) -> String {
 struct Scripts {
     register: Script,
     claim_replace: Script,
+    claim_expire: Script,
     claim_release: Script,
     claim_bind: Script,
     claim_refresh: Script,
@@ -180,6 +181,7 @@ impl Scripts {
         Self {
             register: Script::new(include_str!("../lua/register.lua")),
             claim_replace: Script::new(include_str!("../lua/claim_replace.lua")),
+            claim_expire: Script::new(include_str!("../lua/claim_expire.lua")),
             claim_release: Script::new(include_str!("../lua/claim_release.lua")),
             claim_bind: Script::new(include_str!("../lua/claim_bind.lua")),
             claim_refresh: Script::new(include_str!("../lua/claim_refresh.lua")),
@@ -370,7 +372,44 @@ impl RedisStore {
                 user,
                 expected,
                 claim,
-            } => self.replace_claim(user, expected, claim).await,
+            } => self.replace_claim(user, expected, claim, None).await,
+            StoreCommand::ResumeClaim {
+                user,
+                expected,
+                secret,
+                claim,
+            } => {
+                self.replace_claim(user, expected, claim, Some(secret))
+                    .await
+            }
+            StoreCommand::ExpireClaim { user, epoch } => {
+                let released: i64 = self
+                    .invoke(
+                        self.scripts
+                            .claim_expire
+                            .key(claim_key(user))
+                            .key(route_key(user))
+                            .arg(epoch.0),
+                    )
+                    .await?;
+                Ok(StoreReply::ClaimReleased {
+                    released: released == 1,
+                })
+            }
+            StoreCommand::RevokeResumption { user } => {
+                // One key: a plain HDEL is atomic.
+                let removed: i64 = self
+                    .query(
+                        ::redis::cmd("HDEL")
+                            .arg(claim_key(user))
+                            .arg("secret")
+                            .arg("secret_exp"),
+                    )
+                    .await?;
+                Ok(StoreReply::ResumptionRevoked {
+                    revoked: removed > 0,
+                })
+            }
             StoreCommand::ReleaseClaim { user, epoch } => {
                 let released: i64 = self
                     .invoke(

@@ -3,7 +3,7 @@
 
 use ::redis::{RedisError, Value};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
-use cim_core::store::{AllFrom, Claim, ConvHead, StoreUnavailable, StoredMessage};
+use cim_core::store::{AllFrom, Claim, ConvHead, ResumeSecret, StoreUnavailable, StoredMessage};
 use prost::Message as _;
 
 use super::R;
@@ -52,9 +52,10 @@ pub(super) fn string(v: &Value) -> R<Option<String>> {
         .transpose()
 }
 
-/// `[c_epoch, server, lease, token]`, all nil when there is no claim.
+/// `[c_epoch, server, lease, token, secret, secret_exp]`, all nil when there is no claim;
+/// `secret` nil when the claim holds no resumption secret.
 pub(super) fn parse_claim(fields: &[Value]) -> R<Option<Claim>> {
-    let [epoch, server, lease, token] = fields else {
+    let [epoch, server, lease, token, secret, secret_exp] = fields else {
         return Err(bad_reply("claim", &Value::Array(fields.to_vec())));
     };
     let Some(epoch) = opt_num(epoch)? else {
@@ -64,11 +65,21 @@ pub(super) fn parse_claim(fields: &[Value]) -> R<Option<Claim>> {
     let resume_token_hash: [u8; 32] = token
         .try_into()
         .map_err(|_| bad_reply("claim token", &Value::Array(fields.to_vec())))?;
+    let resume_secret = match bytes(secret)? {
+        None => None,
+        Some(hash) => Some(ResumeSecret {
+            hash: hash
+                .try_into()
+                .map_err(|_| bad_reply("claim secret", &Value::Array(fields.to_vec())))?,
+            expires_at: UnixMillis(num(secret_exp)?),
+        }),
+    };
     Ok(Some(Claim {
         epoch: Epoch(epoch),
         server: ServerId(string(server)?.unwrap_or_default()),
         lease_until: UnixMillis(num(lease)?),
         resume_token_hash,
+        resume_secret,
     }))
 }
 

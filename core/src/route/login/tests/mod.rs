@@ -1,5 +1,6 @@
 mod logins;
 mod passwords;
+mod resumption;
 mod store;
 mod takeover;
 mod throttle;
@@ -243,6 +244,7 @@ impl Harness {
             name: name.into(),
             password: password.into(),
             resume_token: resume.cloned(),
+            resume_secret: None,
         };
         self.m.handle_login(self.at(ms).0, api, request);
         api
