@@ -392,6 +392,12 @@ pub fn os_seed() -> u64 {
     ChaCha8Rng::from_os_rng().random()
 }
 
+/// 256 bits from the OS's entropy, for generators that make credentials.
+pub fn os_entropy() -> [u8; 32] {
+    let mut rng = ChaCha8Rng::from_os_rng();
+    std::array::from_fn(|_| rng.random::<u8>())
+}
+
 /// A fresh random secret (for `cim up`, whose processes share memory and need no config).
 pub fn random_secret() -> Vec<u8> {
     let mut rng = ChaCha8Rng::from_os_rng();

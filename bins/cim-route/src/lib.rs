@@ -335,6 +335,7 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         .flatten();
     options.strategy = p.or(strategy(args.balance.as_deref()), options.strategy);
     options.seed = launch::os_seed();
+    options.login_entropy = Some(launch::os_entropy());
     options.login.claim_ttl = p.or(
         launch::duration_or(
             "--claim-ttl",

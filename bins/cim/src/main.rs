@@ -394,6 +394,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     options.http_listen = SocketAddr::new(args.host, ports.route);
     options.seed = launch::os_seed();
+    options.login_entropy = Some(launch::os_entropy());
     options.http.max_connections = route_max;
     // The admin listener, so `cim admin` can be tried here too: its token is drawn now and
     // written owner-only into a directory deleted when this stops.

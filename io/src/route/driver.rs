@@ -133,13 +133,22 @@ impl<N: Network> Driver<N> {
     ) -> Self {
         // Distinct streams for the balancer and the login machine from one seed.
         let balancer = Balancer::new(options.strategy, options.seed ^ 0xba1a_5ce5_ba1a_5ce5);
-        let mut login = RouteLogin::new(
-            options.login.clone(),
-            options.ticket_keys.clone(),
-            options.bearer_secret.clone(),
-            balancer,
-            options.seed,
-        );
+        let mut login = match options.login_entropy {
+            Some(entropy) => RouteLogin::with_entropy(
+                options.login.clone(),
+                options.ticket_keys.clone(),
+                options.bearer_secret.clone(),
+                balancer,
+                entropy,
+            ),
+            None => RouteLogin::new(
+                options.login.clone(),
+                options.ticket_keys.clone(),
+                options.bearer_secret.clone(),
+                balancer,
+                options.seed,
+            ),
+        };
         login.accept_previous_bearer_secret(options.bearer_secret_previous.clone());
         let store_task_timeout = options
             .login

@@ -80,6 +80,10 @@ pub struct RouteOptions {
     pub strategy: Strategy,
     /// Seeds `RouteLogin` and the balancer; the binaries pass OS entropy.
     pub seed: u64,
+    /// 256 bits from the OS for `RouteLogin`'s generator (resume tokens, resumption secrets,
+    /// salts) instead of `seed`: the binaries set it, so those credentials carry their full
+    /// length of entropy. `None` (tests, the simulation) uses `seed`, which replays.
+    pub login_entropy: Option<[u8; 32]>,
     pub max_frame: usize,
     /// Connect, each write, each handshake step.
     pub io_timeout: Duration,
@@ -173,6 +177,7 @@ impl RouteOptions {
             link_secret_previous: None,
             strategy: Strategy::ConsistentHash,
             seed: 0,
+            login_entropy: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
             io_timeout: Duration::from_secs(5),
             link_ping_interval: Duration::from_secs(5),

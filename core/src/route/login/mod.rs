@@ -611,7 +611,9 @@ struct LoginCtx {
 }
 
 impl RouteLogin {
-    /// `token_secret` keys bearer tokens; `seed` feeds resume tokens and password salts.
+    /// `token_secret` keys bearer tokens; `seed` feeds resume tokens, resumption secrets and
+    /// password salts. A `u64` replays (tests, the simulation); a production route uses
+    /// [`RouteLogin::with_entropy`], since 64 bits are too few for 256-bit credentials.
     pub fn new(
         config: RouteLoginConfig,
         tickets: TicketKeys,
@@ -619,7 +621,40 @@ impl RouteLogin {
         balancer: Balancer,
         seed: u64,
     ) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Self::with_rng(
+            config,
+            tickets,
+            token_secret,
+            balancer,
+            ChaCha8Rng::seed_from_u64(seed),
+        )
+    }
+
+    /// As [`RouteLogin::new`], its generator seeded with 256 bits (from the OS): resume
+    /// tokens and resumption secrets are then as hard to guess as their length says.
+    pub fn with_entropy(
+        config: RouteLoginConfig,
+        tickets: TicketKeys,
+        token_secret: impl Into<Vec<u8>>,
+        balancer: Balancer,
+        entropy: [u8; 32],
+    ) -> Self {
+        Self::with_rng(
+            config,
+            tickets,
+            token_secret,
+            balancer,
+            ChaCha8Rng::from_seed(entropy),
+        )
+    }
+
+    fn with_rng(
+        config: RouteLoginConfig,
+        tickets: TicketKeys,
+        token_secret: impl Into<Vec<u8>>,
+        balancer: Balancer,
+        mut rng: ChaCha8Rng,
+    ) -> Self {
         // An empty string (never verifies) if the parameters were rejected: the timing
         // cover is lost but nothing breaks.
         let dummy_hash = accounts::hash_password("cim-dummy-password", &config.password, &mut rng)

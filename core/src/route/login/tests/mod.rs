@@ -294,3 +294,23 @@ fn kick_old(server: &str, user: u64, below: u64) -> RouteEvent {
         below_epoch: Epoch(below),
     }
 }
+
+/// A production route's generator takes all 256 bits it is given: two machines whose
+/// entropy differs only past the first 8 bytes (all a `u64` seed could carry) draw
+/// different credentials (here, the dummy hash's salt, the generator's first draw).
+#[test]
+fn with_entropy_uses_every_byte_of_its_seed() {
+    let machine = |entropy: [u8; 32]| {
+        RouteLogin::with_entropy(
+            config(),
+            TicketKeys::new(1, TICKET_SECRET.to_vec()),
+            b"token-secret".to_vec(),
+            Balancer::new(Strategy::RoundRobin, 0),
+            entropy,
+        )
+    };
+    let mut late = [7; 32];
+    late[31] = 8;
+    assert_ne!(machine([7; 32]).dummy_hash, machine(late).dummy_hash);
+    assert_eq!(machine([7; 32]).dummy_hash, machine([7; 32]).dummy_hash);
+}
