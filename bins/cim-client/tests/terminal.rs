@@ -230,6 +230,7 @@ async fn failures_exit_with_distinct_codes_and_a_refused_login_keeps_nothing() {
     let dir = temp_dir("codes");
     let state = dir.join("alice.json");
     let state2 = state.clone();
+    let no_secret = dir.join("alice-no-secret.json");
     let client = move |args: &str, password: &str| {
         shell(
             &format!(
@@ -244,8 +245,25 @@ async fn failures_exit_with_distinct_codes_and_a_refused_login_keeps_nothing() {
         assert_eq!(code, 0, "{out}");
         let alice_id = common::user_id(&state2);
 
-        // A wrong password: the login is rejected (3), and the message is not kept.
-        let (out, code) = client("--send never-sent", "wrong-password");
+        // A wrong password: the login is rejected (3), and the message is not kept. The run
+        // gets a copy of the state without its resumption secret: with it, the client
+        // would resume and never look at the password (`console.rs` covers that).
+        let mut copy = common::state_json(&state2);
+        copy["session"]
+            .as_object_mut()
+            .expect("the SDK's state")
+            .remove("resumeSecret")
+            .expect("the first run saved a resumption secret");
+        std::fs::write(&no_secret, copy.to_string()).expect("state copy");
+        std::fs::set_permissions(&no_secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("owner-only");
+        let (out, code) = shell(
+            &format!(
+                "\"$CIM_CLIENT\" --route http://127.0.0.1:{port} --user alice --state {} --send never-sent",
+                no_secret.display()
+            ),
+            "wrong-password",
+        );
         assert_eq!(code, 3, "{out}");
         assert!(out.contains("login rejected: wrong password for alice"), "{out}");
         assert!(!out.contains("sending"), "{out}");
