@@ -1,7 +1,8 @@
 // The web client in a real headless Chromium against a real `cim up`: two pages as two users
 // and one console client chat in `all`, privately both ways and in a group; `restart s1`
 // makes the pages reconnect on their own and what was typed meanwhile arrives once, in order;
-// a reload keeps an unsent message and sends it.
+// a reload resumes without the password (the saved resumption secret), keeps an unsent message
+// and sends it; logging out forgets the secret.
 //
 //   node web/browser-test/chat.mjs [--screenshot out.png]
 // Needs target/debug/cim and target/debug/cim-client (cargo build -p cim -p cim-client),
@@ -222,10 +223,13 @@ async function main() {
     await ann.waitForSelector('#msgs li.sending', { timeout: WAIT });
     await ann.reload();
     await ann.waitForSelector('body[data-ready="1"]', { timeout: WAIT });
-    assert.match(await ann.$eval('#pending', (e) => e.textContent), /1 unsent/);
-    assert.equal(await ann.$eval('#uid', (e) => e.value), annId, 'the id is remembered');
-    await ann.type('#password', `ann${tag}-password`); // never stored: asked again
-    await tap(ann, '#signin');
+    // Resumed by the saved resumption secret: no password asked (it is never stored), the
+    // unsent message still shown as sending.
+    assert.equal(await ann.$eval('#login', (e) => e.hidden), true, 'no password asked');
+    assert.ok(!(await ann.evaluate(() => JSON.stringify(localStorage))).includes(`ann${tag}-password`),
+      'the password is not in storage');
+    assert.equal(await ann.evaluate(() => JSON.parse(localStorage.getItem('cim.last')).userId), annId);
+    await ann.waitForSelector('#msgs li.sending', { timeout: WAIT });
     up.type('start s1');
     up.type('start s2');
     await sees(ben, 'all', ['typed before the reload']);
@@ -238,7 +242,17 @@ async function main() {
     await tap(ben, `#convs li[data-conv="g:${group}"]`);
     await tap(ben, '#leave');
     await ben.waitForFunction((c) => !document.querySelector(`#convs li[data-conv="${c}"]`), { timeout: WAIT }, `g:${group}`);
-    console.log('reload, history, leave: ok');
+    console.log('reload (resumed without the password), history, leave: ok');
+    // Logging out ends the session at the route and forgets the secret: the next load asks
+    // for the password.
+    await tap(ann, '#logout');
+    await ann.waitForFunction(() => !document.querySelector('#login').hidden, { timeout: WAIT });
+    assert.equal(await ann.evaluate((id) => JSON.parse(localStorage.getItem(`cim.state.${id}`)).resumeSecret, annId),
+      undefined, 'the secret is forgotten');
+    await ann.reload();
+    await ann.waitForSelector('body[data-ready="1"]', { timeout: WAIT });
+    assert.equal(await ann.$eval('#login', (e) => e.hidden), false, 'the password is asked again');
+    console.log('log out: ok');
   } finally {
     await browser.close();
   }

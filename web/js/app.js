@@ -78,7 +78,12 @@ function onEvent(e) {
       // Counted for the browser test, which checks that a restart made the page reconnect.
       document.body.dataset.reconnects = String(Number(document.body.dataset.reconnects ?? 0) + 1);
       status(`reconnecting in ${(e.delayMs / 1000).toFixed(1)} s (${e.cause})`, 'busy'); break;
-    case 'stopped': status(`stopped: ${e.reason}`, 'down'); break;
+    case 'stopped':
+      status(`stopped: ${e.reason}`, 'down');
+      // A reloaded page resumes by its saved secret; refused (used elsewhere, revoked,
+      // expired), the session stops and the password is asked for, once.
+      if (e.reason === 'PasswordNeeded') showLogin('Your saved session has ended: log in with your password.');
+      break;
     case 'loginRejected': status(`login refused: ${e.reason}`, 'down'); showLogin(`Login refused: ${e.reason}`); break;
     case 'tlsFailed': status(`TLS with ${e.host} cannot work: ${e.reason}`, 'down'); break;
     case 'stateLost': flash(`unsent messages saved by an earlier visit could not be read (${e.reason})`); break;
@@ -280,6 +285,27 @@ function pendingNote() {
   $('pending').textContent = n > 0 ? `${n} unsent message(s) will be sent once you log in.` : '';
 }
 
+/** Whether this browser holds a resumption secret for the user (then no password is needed). */
+function canResume(userId) {
+  try { return Boolean(JSON.parse(localStorage.getItem(stateKey(userId)) ?? '{}').resumeSecret); } catch { return false; }
+}
+
+/** Ends the session at the route (`/offLine` revokes the resumption secret) and forgets it here. */
+async function logOut() {
+  const shell = state.shell;
+  if (!shell) return;
+  try { await shell.api('POST', '/offLine', { userId: Number(state.me.userId) }); } catch { /* ended anyway below */ }
+  shell.stop();
+  state.shell = null;
+  try {
+    const saved = JSON.parse(localStorage.getItem(stateKey(state.me.userId)) ?? '{}');
+    delete saved.resumeSecret;
+    delete saved.resumeToken;
+    localStorage.setItem(stateKey(state.me.userId), JSON.stringify(saved));
+  } catch { localStorage.removeItem(stateKey(state.me.userId)); }
+  showLogin('Logged out.');
+}
+
 function begin(userId, name, password) {
   if (state.shell) state.shell.stop();
   state.me = { userId, name };
@@ -336,16 +362,23 @@ async function main() {
   $('join').addEventListener('click', () => groupAction('/group/join'));
   $('leave').addEventListener('click', leaveCurrent);
   $('refresh').addEventListener('click', refreshSide);
+  $('logout').addEventListener('click', logOut);
   setInterval(() => { if (state.shell?.client.is_online()) refreshSide(); }, 15000);
-  // The last user's name and id are remembered (not the password): a reload asks for it.
+  // The last user's name and id are remembered, never the password: a reload resumes by
+  // the saved resumption secret, or asks for the password if there is none.
+  window.addEventListener('beforeunload', () => state.shell?.save());
   const last = localStorage.getItem('cim.last');
   if (last) {
     const { name, userId } = JSON.parse(last);
     $('name').value = name;
     $('uid').value = userId;
     pendingNote();
+    if (canResume(userId)) {
+      begin(String(userId), name, '');
+      document.body.dataset.ready = '1';
+      return;
+    }
   }
-  window.addEventListener('beforeunload', () => state.shell?.save());
   showLogin();
   document.body.dataset.ready = '1';
 }

@@ -46,7 +46,8 @@ export class Shell {
       this.client = make('');
       queueMicrotask(() => onEvent({ t: 'stateLost', reason: String(e.message ?? e) }));
     }
-    // The password is needed by the session (every re-login) and nowhere else.
+    // The password (empty on a reload, which resumes by the saved secret) is the session's
+    // alone: the fallback when a resumption is refused, and never stored.
     this.account = { userId: account.userId, name: account.name };
   }
 

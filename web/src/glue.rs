@@ -16,6 +16,7 @@ use cim_core::client::{
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::registry::LiveServer;
 use cim_core::route::login::{LoginAnswer, LoginError, ResumeToken};
+use cim_core::route::resumption::ResumptionSecret;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -53,6 +54,9 @@ struct LoginBody {
     ticket: String,
     token: String,
     resume_token: String,
+    /// The next resumption secret (absent from an older route, or with resumption off).
+    #[serde(default)]
+    resume_secret: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +92,9 @@ pub(crate) fn login_answer(
         "9000" => {}
         "5000" => return rejected(LoginError::RepeatLogin),
         "9100" => return rejected(LoginError::AccountMismatch),
+        // The secret was refused: the session drops it and logs in with the password, or,
+        // with none (a reloaded page), stops with `PasswordNeeded` and the page asks.
+        "9110" => return rejected(LoginError::ResumeRefused),
         "7100" => return rejected(LoginError::NoServerAvailable),
         "4000" => return rejected(LoginError::Unavailable),
         code => {
@@ -140,11 +147,17 @@ pub(crate) fn login_answer(
         ticket,
         token: r.token,
         resume_token,
-        // Not yet: the page logs in with the password each time (it never stores it, so a
-        // reload asks again). Taking the route's resumption secret here, and keeping it in
-        // the saved state, is what would let a reload resume without the password.
-        resume_secret: None,
+        resume_secret: match r.resume_secret.as_deref() {
+            None => None,
+            Some(text) => Some(decode_secret(text).ok_or_else(|| bad("resumeSecret"))?),
+        },
     })
+}
+
+/// A resumption secret as the route writes it: 32 bytes, unpadded URL-safe base64.
+fn decode_secret(text: &str) -> Option<ResumptionSecret> {
+    let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
+    Some(ResumptionSecret(<[u8; 32]>::try_from(bytes).ok()?))
 }
 
 fn cause(loss: &ConnectionLoss) -> String {
@@ -177,6 +190,15 @@ pub(crate) fn output(output: ClientOutput) -> (&'static str, String, Vec<u8>) {
                     });
                     if let Some(token) = &request.resume_token {
                         body["resumeToken"] = json!(URL_SAFE_NO_PAD.encode(token.0));
+                    }
+                    if let Some(secret) = &request.resume_secret {
+                        body["resumeSecret"] = json!(URL_SAFE_NO_PAD.encode(secret.0));
+                    }
+                    // A resumption needs no password (a reloaded page has none).
+                    if request.password.is_empty()
+                        && let Some(fields) = body.as_object_mut()
+                    {
+                        fields.remove("password");
                     }
                     (
                         json!({"t": "login", "attempt": attempt.0, "body": body.to_string()}),
@@ -265,6 +287,11 @@ fn event_json(event: ClientEvent) -> Value {
 pub struct SavedState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     resume_token: Option<String>,
+    /// The resumption secret that goes with `resume_token`: a credential, which lets a
+    /// reloaded page log in without the password (never stored). Revocable by the user
+    /// (`/offLine`), a password change or an admin, and it dies on its first use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resume_secret: Option<String>,
     outbox: Vec<SavedEntry>,
     convs: Vec<SavedPosition>,
 }
@@ -293,6 +320,10 @@ pub(crate) fn state_json(state: &ClientState) -> String {
             .resume_token
             .as_ref()
             .map(|t| URL_SAFE_NO_PAD.encode(t.0)),
+        resume_secret: state
+            .resume_secret
+            .as_ref()
+            .map(|secret| URL_SAFE_NO_PAD.encode(secret.0)),
         outbox: state
             .outbox
             .iter()
@@ -364,9 +395,13 @@ pub(crate) fn parse_state(json: &str) -> Result<ClientState, GlueError> {
             })
         })
         .collect::<Result<_, GlueError>>()?;
+    let resume_secret = match saved.resume_secret {
+        None => None,
+        Some(text) => Some(decode_secret(&text).ok_or(GlueError::Field("resume secret"))?),
+    };
     Ok(ClientState {
         resume_token,
-        resume_secret: None,
+        resume_secret,
         outbox,
         convs,
     })

@@ -12,6 +12,7 @@ await init({ module_or_path: readFileSync(new URL('../pkg/cim_web_bg.wasm', impo
 
 const ME = '7';
 const RESUME = Buffer.alloc(32, 9).toString('base64url');
+const SECRET = Buffer.alloc(32, 5).toString('base64url');
 
 /** A fake world: clock and timers, storage, the route's /login, WebSockets. */
 function world() {
@@ -23,6 +24,7 @@ function world() {
     logins: [], // bodies of POST /login, parsed
     sockets: [],
     events: [],
+    refuseResumption: false, // the fake route answers a resumption 9110 (refused)
   };
   w.env = {
     wasm,
@@ -40,11 +42,15 @@ function world() {
     fetch: async (url, init) => {
       assert.equal(url, 'http://route/login');
       w.logins.push(JSON.parse(init.body));
+      if (w.refuseResumption && w.logins.at(-1).resumeSecret) {
+        const refused = JSON.stringify({ code: '9110', message: 'resumption refused' });
+        return { status: 200, text: async () => refused };
+      }
       const body = JSON.stringify({ code: '9000', message: 'success', dataBody: {
         userId: 7, epoch: w.logins.length, serverId: 's1',
         endpoint: { host: 'h', port: 1, tls: false, wsUrl: 'ws://h:11411/' },
         ip: 'h', cimServerPort: 1, httpPort: 2, ticket: '', token: `tok${w.logins.length}`,
-        resumeToken: RESUME,
+        resumeToken: RESUME, resumeSecret: SECRET,
       } });
       return { status: 200, text: async () => body };
     },
@@ -64,7 +70,7 @@ function world() {
       sends() { return this.sent.filter((f) => f.t === 'send'); }
     },
   };
-  w.shell = () => new Shell(w.env, { userId: ME, name: 'ann', password: 'pw' }, (e) => w.events.push(e));
+  w.shell = (password = 'pw') => new Shell(w.env, { userId: ME, name: 'ann', password }, (e) => w.events.push(e));
   /** Runs timers due within `ms`, in order, moving the clock to each. */
   w.advance = async (ms) => {
     const end = w.t + ms;
@@ -178,7 +184,8 @@ test('a lost connection reconnects with the resume token and resends what was un
   assert.equal(w.logins.length, 2);
   assert.notEqual(own, RESUME);
   assert.equal(w.logins[1].resumeToken, RESUME, 'the re-login carries the login answer\'s resume token');
-  assert.equal(w.logins[1].password, 'pw');
+  assert.equal(w.logins[1].resumeSecret, SECRET, 'and the resumption secret it issued');
+  assert.equal(w.logins[1].password, undefined, 'a resumption sends no password');
   assert.deepEqual(ws2.sends().map((s) => s.msgId), [a, b, c]);
   // Frames from the old socket are no longer this session's business.
   ws1.push(msg(1, 'stale'));
@@ -211,4 +218,30 @@ test('saved state that cannot be read is dropped with an event, and the session 
   assert.match(lost.reason, /not valid JSON/);
   await w.online(shell);
   assert.equal(JSON.parse(w.store.get(stateKey(ME))).outbox.length, 0, 'replaced by a readable state');
+});
+
+test('a reload resumes by the saved secret without the password; a refused one asks for it', async () => {
+  const w = world();
+  const first = w.shell();
+  first.start();
+  await w.online(first);
+  assert.equal(w.logins[0].password, 'pw', 'the first login is by password');
+  const saved = w.store.get(stateKey(ME));
+  assert.equal(JSON.parse(saved).resumeSecret, SECRET, 'the secret is saved');
+  assert.ok(!saved.includes('"pw"'), 'the password is not');
+  first.stop();
+
+  const reloaded = w.shell(''); // a reloaded page: no password typed
+  reloaded.start();
+  await w.online(reloaded);
+  assert.equal(w.logins[1].resumeSecret, SECRET, 'resumes by the secret');
+  assert.equal(w.logins[1].password, undefined, 'sends no password');
+  reloaded.stop();
+
+  w.refuseResumption = true; // used elsewhere, revoked or expired
+  const refused = w.shell('');
+  refused.start();
+  await w.advance(2000);
+  assert.equal(w.logins.length, 3, 'one attempt, no retry loop');
+  assert.ok(w.events.some((e) => e.t === 'stopped' && e.reason === 'PasswordNeeded'), 'asks for the password');
 });
