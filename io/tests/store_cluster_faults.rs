@@ -213,9 +213,13 @@ async fn one_dead_master_leaves_the_circuit_closed() {
 
 // --- acknowledging after replication (`--store-wait-replicas`) ---------------------------
 
+/// A store whose appends wait for `replicas`. Its command timeout (and so its `WAIT`
+/// timeout, half of it) is generous: a replica's acknowledgement on a loaded machine can
+/// take more than the fast-failure tests' 500 ms.
 fn waiting(replicas: u32) -> RedisOptions {
     RedisOptions {
         wait_replicas: replicas,
+        command_timeout: Duration::from_secs(4),
         ..options()
     }
 }
@@ -330,8 +334,9 @@ async fn wait_counts_the_replicas_of_the_conversations_master_only() {
     let refused_in = timed.elapsed();
     let error = unknown.expect_err("no replica confirms: the outcome is unknown");
     assert!(error.contains("0 of 1 replicas"), "{error}");
+    // It gave up after its `WAIT` timeout (the error names the replicas, not a timeout).
     assert!(
-        refused_in >= store_wait_timeout() && refused_in < Duration::from_secs(2),
+        refused_in >= store_wait_timeout(),
         "WAIT waits its timeout, then gives up: {refused_in:?}"
     );
     // It is stored all the same, so the replica-less store acknowledges the resend.
