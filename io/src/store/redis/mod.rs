@@ -383,18 +383,8 @@ impl RedisStore {
                     .await
             }
             StoreCommand::ExpireClaim { user, epoch } => {
-                let released: i64 = self
-                    .invoke(
-                        self.scripts
-                            .claim_expire
-                            .key(claim_key(user))
-                            .key(route_key(user))
-                            .arg(epoch.0),
-                    )
-                    .await?;
-                Ok(StoreReply::ClaimReleased {
-                    released: released == 1,
-                })
+                self.end_claim(&self.scripts.claim_expire, user, epoch)
+                    .await
             }
             StoreCommand::RevokeResumption { user } => {
                 // One key: a plain HDEL is atomic.
@@ -411,18 +401,8 @@ impl RedisStore {
                 })
             }
             StoreCommand::ReleaseClaim { user, epoch } => {
-                let released: i64 = self
-                    .invoke(
-                        self.scripts
-                            .claim_release
-                            .key(claim_key(user))
-                            .key(route_key(user))
-                            .arg(epoch.0),
-                    )
-                    .await?;
-                Ok(StoreReply::ClaimReleased {
-                    released: released == 1,
-                })
+                self.end_claim(&self.scripts.claim_release, user, epoch)
+                    .await
             }
             StoreCommand::BindSession {
                 user,
@@ -545,6 +525,22 @@ impl RedisStore {
 
     pub(super) async fn query_pipe_pub<T: ::redis::FromRedisValue>(&self, pipe: &Pipeline) -> R<T> {
         self.query_pipe(pipe).await
+    }
+
+    /// Ends a user's claim at `epoch` by `script` (release: deleted; expire: lease 0, the
+    /// resumption secret kept); both take the claim and route keys and answer 1 if it did.
+    async fn end_claim(&self, script: &Script, user: UserId, epoch: Epoch) -> R<StoreReply> {
+        let released: i64 = self
+            .invoke(
+                script
+                    .key(claim_key(user))
+                    .key(route_key(user))
+                    .arg(epoch.0),
+            )
+            .await?;
+        Ok(StoreReply::ClaimReleased {
+            released: released == 1,
+        })
     }
 
     pub(super) async fn invoke_pub<T: ::redis::FromRedisValue>(
