@@ -44,6 +44,9 @@ pub struct ClusterSetup {
     /// `--cluster-node-timeout` in ms (default 2000: a dead master is failed over in a few
     /// seconds).
     pub node_timeout_ms: Option<u32>,
+    /// Every node writes an append-only file fsynced once a second (`appendfsync everysec`,
+    /// what `deploy/` recommends): for benchmarks that compare against one such node.
+    pub aof_everysec: bool,
 }
 
 /// The certificates of a TLS cluster.
@@ -321,7 +324,12 @@ impl RedisCluster {
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", &timeout])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
+            .args(if self.setup.aof_everysec {
+                ["--appendonly", "yes", "--appendfsync", "everysec"].as_slice()
+            } else {
+                ["--appendonly", "no"].as_slice()
+            })
             // Replicas sync at once (the default waits 5 s for more replicas), so a master
             // killed right after the start has a replica able to take over.
             .args(["--repl-diskless-sync-delay", "0"])

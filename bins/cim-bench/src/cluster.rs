@@ -3,8 +3,10 @@
 //! A started cluster runs in **child processes** of the bench (it re-executes itself with the
 //! hidden `cluster` / `server` subcommands), so its CPU time and memory can be read from
 //! /proc apart from the load generator's, as a broker's would be. Backends: embedded (the
-//! route and servers share one process and its in-memory store), or `--redis`: a private
-//! `redis-server` with AOF `everysec` (and ZooKeeper when servers run in their own processes).
+//! route and servers share one process and its in-memory store), `--redis`: a private
+//! `redis-server` with AOF `everysec` (and ZooKeeper when servers run in their own processes),
+//! or `--redis-cluster`: a private Redis Cluster of six such nodes (three masters, one replica
+//! each), optionally acknowledging appends after a replica confirmed them (`WAIT`).
 //! With `--tls` the bench makes a throwaway CA and certificates (a private temporary
 //! directory, deleted at the end), the cluster serves everything over TLS exactly as
 //! `cim-route` / `cim-server` do given `--tls-cert`, `--tls-key` and `--tls-ca`, and the
@@ -27,10 +29,11 @@ use cim_io::launch;
 use cim_io::net::TokioNet;
 use cim_io::route::{self, RouteOptions};
 use cim_io::server::{self, ServerOptions};
-use cim_io::store::{RedisOptions, Store};
+use cim_io::store::{RedisOptions, RedisStore, Store};
 use cim_io::tls::dev::DevPki;
 use cim_io::tls::setup::{RouteSide, ServerSide, TlsFlags};
 use cim_testkit::RedisServer;
+use cim_testkit::redis_cluster::{ClusterSetup, RedisCluster};
 
 use crate::util::Route;
 
@@ -65,8 +68,15 @@ impl Argon2Cost {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClusterArgs {
     /// Redis URL; the embedded store without it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "redis_cluster")]
     pub redis_url: Option<String>,
+    /// Redis Cluster node URLs (comma-separated), instead of --redis-url.
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+    /// Acknowledge an append once this many replicas confirmed it (`cim-route
+    /// --store-wait-replicas`).
+    #[arg(long, default_value_t = 0)]
+    pub store_wait_replicas: u32,
     /// ZooKeeper connect string; the embedded registry without it.
     #[arg(long)]
     pub zk: Option<String>,
@@ -110,14 +120,16 @@ fn secret(var: &str) -> anyhow::Result<Vec<u8>> {
 
 /// Runs in the child: start, print the route's address, wait for stdin to close.
 pub async fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
-    let store: Arc<dyn Store> = launch::open_store(
-        args.redis_url.as_deref(),
-        RedisOptions {
-            allow_eviction: args.redis_url.is_none(),
-            ..RedisOptions::default()
-        },
-    )
-    .await?;
+    let options = RedisOptions {
+        allow_eviction: args.redis_url.is_none() && args.redis_cluster.is_empty(),
+        wait_replicas: args.store_wait_replicas,
+        ..RedisOptions::default()
+    };
+    let store: Arc<dyn Store> = if args.redis_cluster.is_empty() {
+        launch::open_store(args.redis_url.as_deref(), options).await?
+    } else {
+        Arc::new(RedisStore::connect_cluster(&args.redis_cluster, options).await?)
+    };
     let registry =
         launch::open_registry(args.zk.as_deref(), &args.zk_root, Duration::from_secs(6))?;
     let ticket_secret = secret("CIM_TICKET_SECRET")?;
@@ -274,8 +286,10 @@ pub struct Target {
     pub servers: Vec<ServerAddrs>,
     /// The process holding route and servers (None for `--route`).
     pub cluster: Option<ChildProc>,
-    /// Kept running for the target's lifetime.
+    /// Kept running for the target's lifetime (with `--redis`).
     pub _redis: Option<RedisServer>,
+    /// Kept running for the target's lifetime (with `--redis-cluster`).
+    pub redis_cluster: Option<RedisCluster>,
     /// With `--tls`: the throwaway CA and certificates, deleted with the target.
     pub tls: Option<BenchPki>,
     pub label: String,
@@ -325,6 +339,10 @@ pub struct Setup {
     /// `--route https://…`: the CA to trust (default the system's roots).
     pub ca: Option<PathBuf>,
     pub redis: bool,
+    /// A private Redis Cluster instead (`redis` is then false).
+    pub redis_cluster: bool,
+    /// Replicas an append waits for (`--store-wait-replicas`; cluster or single node).
+    pub wait_replicas: u32,
     pub argon2: Argon2Cost,
     pub password_workers: Option<usize>,
     /// Servers in the cluster process.
@@ -350,6 +368,7 @@ pub fn start(setup: &Setup) -> anyhow::Result<Target> {
             servers: Vec::new(),
             cluster: None,
             _redis: None,
+            redis_cluster: None,
             tls: None,
             label: format!("running cluster at {route}"),
         });
@@ -359,12 +378,29 @@ pub fn start(setup: &Setup) -> anyhow::Result<Target> {
     } else {
         None
     };
+    let redis_cluster = if setup.redis_cluster {
+        let cluster = RedisCluster::start_with(ClusterSetup {
+            aof_everysec: true,
+            ..ClusterSetup::default()
+        })
+        .context("redis-server and redis-cli are needed for --redis-cluster")?;
+        cluster
+            .wait_for_replicas(Duration::from_secs(30))
+            .map_err(anyhow::Error::msg)?;
+        Some(cluster)
+    } else {
+        None
+    };
     let mut cmd = child_command()?;
     cmd.arg("cluster")
         .args(["--servers", &setup.servers.to_string()])
-        .args(["--argon2", argon2_arg(setup.argon2)]);
+        .args(["--argon2", argon2_arg(setup.argon2)])
+        .args(["--store-wait-replicas", &setup.wait_replicas.to_string()]);
     if let Some(r) = &redis {
         cmd.args(["--redis-url", &r.url()]);
+    }
+    if let Some(c) = &redis_cluster {
+        cmd.args(["--redis-cluster", &c.urls().join(",")]);
     }
     if let Some(n) = setup.password_workers {
         cmd.args(["--password-workers", &n.to_string()]);
@@ -382,11 +418,17 @@ pub fn start(setup: &Setup) -> anyhow::Result<Target> {
         route = route.with_ca(&tls.pki.ca)?;
     }
     let label = format!(
-        "{} store, {} server(s) in one process, {}{}",
+        "{} store{}, {} server(s) in one process, {}{}",
         if setup.redis {
             "Redis (AOF everysec)"
+        } else if setup.redis_cluster {
+            "Redis Cluster (3 masters + 3 replicas, AOF everysec)"
         } else {
             "embedded"
+        },
+        match setup.wait_replicas {
+            0 => String::new(),
+            n => format!(" with WAIT {n}"),
         },
         setup.servers,
         setup.argon2.label(),
@@ -401,6 +443,7 @@ pub fn start(setup: &Setup) -> anyhow::Result<Target> {
         servers,
         cluster: Some(proc_),
         _redis: redis,
+        redis_cluster,
         tls,
         label,
     })

@@ -79,6 +79,8 @@ pub async fn run(args: &HandshakeArgs, quick: bool) -> anyhow::Result<Table> {
             route: None,
             ca: None,
             redis: false,
+            redis_cluster: false,
+            wait_replicas: 0,
             argon2: Argon2Cost::Test,
             password_workers: None,
             servers: 1,

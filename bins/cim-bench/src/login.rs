@@ -81,7 +81,8 @@ pub async fn run(
     for &redis in redis_modes {
         for &(cost, users) in &costs {
             let setup = Setup {
-                redis,
+                // `redis` is the single node; a cluster comes from the base setup.
+                redis: redis && !base.redis_cluster,
                 argon2: cost,
                 password_workers: args.password_workers,
                 servers: 2,
@@ -92,6 +93,8 @@ pub async fn run(
             let figures = measure(&target.route, users, args.concurrency).await?;
             let store = if route.is_some() {
                 "(running cluster)".to_owned()
+            } else if base.redis_cluster {
+                "Redis Cluster AOF everysec".to_owned()
             } else if redis {
                 "Redis AOF everysec".to_owned()
             } else {

@@ -17,6 +17,7 @@ mod handshakes;
 mod login;
 mod p2p;
 mod procs;
+mod stores;
 mod util;
 
 use cim_io::sdk::ServerTransport;
@@ -48,8 +49,16 @@ struct Common {
     tls: bool,
     /// Started clusters: Redis (a private redis-server, AOF everysec) instead of the embedded
     /// store.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "redis_cluster")]
     redis: bool,
+    /// Started clusters: a private Redis Cluster (six nodes: three masters, one replica
+    /// each, AOF everysec) instead of the embedded store.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// Started clusters on Redis: acknowledge an append only once this many replicas have it
+    /// (`cim-route --store-wait-replicas`; with --redis-cluster, 1 is each master's replica).
+    #[arg(long, default_value_t = 0)]
+    store_wait_replicas: u32,
     /// Small sizes, for tests and a first look.
     #[arg(long)]
     quick: bool,
@@ -94,6 +103,8 @@ impl Common {
             route: self.route.clone(),
             ca: self.ca.clone(),
             redis: self.redis,
+            redis_cluster: self.redis_cluster,
+            wait_replicas: self.store_wait_replicas,
             argon2: self.argon2,
             password_workers: None,
             servers: 2,
@@ -159,6 +170,16 @@ enum Command {
         #[command(flatten)]
         args: handshakes::HandshakeArgs,
     },
+    /// Redis as one node against a Redis Cluster (without and with `WAIT 1`): fan-out,
+    /// private messages and logins in one run each, each master's Redis CPU, and what a
+    /// cluster of more masters would hold.
+    Stores {
+        /// Small sizes.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        args: stores::StoresArgs,
+    },
     /// (internal) A route and servers in this process, for the bench parent to drive.
     #[command(hide = true)]
     Cluster(cluster::ClusterArgs),
@@ -182,7 +203,7 @@ fn main() -> anyhow::Result<()> {
         let tables = match command {
             Command::Login { common, args } => {
                 common.tcp_only("login")?;
-                let modes: &[bool] = if common.redis {
+                let modes: &[bool] = if common.redis || common.redis_cluster {
                     &[true]
                 } else {
                     &[false, true]
@@ -240,6 +261,7 @@ fn main() -> anyhow::Result<()> {
             Command::Failover { quick, args } => vec![failover::run(&args, quick).await?],
             Command::Connections { quick, args } => vec![connections::run(&args, quick).await?],
             Command::Handshakes { quick, args } => vec![handshakes::run(&args, quick).await?],
+            Command::Stores { quick, args } => stores::run(&args, quick).await?,
             Command::Cluster(_) | Command::Server(_) => unreachable!("handled above"),
         };
         for t in tables {

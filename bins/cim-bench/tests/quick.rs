@@ -152,3 +152,23 @@ fn compare_runs_every_system_and_draws_the_chart() {
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     let _ = std::fs::remove_file(&chart);
 }
+
+#[test]
+fn stores_compares_one_node_and_the_cluster_with_every_delivery() {
+    if !installed(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    // The bench fails by itself when a fan-out delivery or a private message is missing.
+    let out = bench(&["stores", "--quick"]);
+    for store in ["one node", "cluster", "cluster, WAIT 1"] {
+        let cells = row(&out, store);
+        assert!(cells[4].ends_with("(0)"), "a login failed: {out}");
+        assert_ne!(
+            cells[5], "0.0",
+            "no Redis CPU was read for the fan-out: {out}"
+        );
+    }
+    // Three masters, each named in the spread.
+    let spread = &out[out.find("how the work spread").expect("the spread table")..];
+    assert_eq!(row(spread, "cluster")[1].split(" / ").count(), 3, "{out}");
+}
