@@ -501,4 +501,19 @@ async fn a_resumption_needs_no_password_until_used_or_revoked() {
     assert_eq!(refused["code"], json!("9110"), "{refused}");
     let by_password = login(json!({"userId": alice.0, "userName": "alice", "password": PASSWORD, "resumeToken": token2})).await;
     assert_eq!(by_password["code"], json!("9000"), "{by_password}");
+    // Three logins were answered ok, one of them by its secret; three secrets were refused
+    // (the malformed one is a 400 before the login machine).
+    let (_, metrics) = c
+        .api
+        .request(Method::GET, "/metrics", None, None)
+        .await
+        .expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics);
+    for line in [
+        "cim_route_logins_total{route_id=\"r1\",result=\"ok\"} 3\n",
+        "cim_route_logins_total{route_id=\"r1\",result=\"9110\"} 3\n",
+        "cim_route_logins_resumed_total{route_id=\"r1\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
 }

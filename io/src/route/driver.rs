@@ -59,7 +59,11 @@ pub(super) const INPUT_QUEUE: usize = 4096;
 #[derive(Debug)]
 enum Waiter {
     Register(oneshot::Sender<Result<Registered, RegisterFailure>>),
-    Login(oneshot::Sender<Result<LoginAnswer, LoginError>>),
+    Login {
+        reply: oneshot::Sender<Result<LoginAnswer, LoginError>>,
+        /// The request presented a resumption secret (no argon2 check if it is good).
+        by_secret: bool,
+    },
     Logout(oneshot::Sender<Result<LoggedOut, LogoutError>>),
     Send(oneshot::Sender<RouteSendResult>),
 }
@@ -79,6 +83,8 @@ struct Link {
 struct Stats {
     registrations: BTreeMap<&'static str, u64>,
     logins: BTreeMap<&'static str, u64>,
+    /// Of the logins answered ok, those a resumption secret proved.
+    resumed_logins: u64,
     logouts: BTreeMap<&'static str, u64>,
     kicks_sent: u64,
     frames_dropped: BTreeMap<&'static str, u64>,
@@ -368,7 +374,8 @@ impl<N: Network> Driver<N> {
                 client,
                 reply,
             } => {
-                self.waiters.insert(api, Waiter::Login(reply));
+                let by_secret = request.resume_secret.is_some();
+                self.waiters.insert(api, Waiter::Login { reply, by_secret });
                 self.api_clients.insert(api, client);
                 self.node.handle_login(now, api, request);
             }
@@ -521,7 +528,10 @@ impl<N: Network> Driver<N> {
                 };
                 *self.stats.logins.entry(label).or_default() += 1;
                 match self.waiters.remove(&api) {
-                    Some(Waiter::Login(reply)) => {
+                    Some(Waiter::Login { reply, by_secret }) => {
+                        if by_secret && result.is_ok() {
+                            self.stats.resumed_logins += 1;
+                        }
                         let _ = reply.send(result);
                     }
                     other => self.stray(api, other),
@@ -713,6 +723,12 @@ impl<N: Network> Driver<N> {
             "Logins by result code.",
             "result",
             &self.stats.logins,
+        );
+        page.single(
+            "cim_route_logins_resumed_total",
+            MetricKind::Counter,
+            "Logins answered ok that a resumption secret proved (no argon2 check).",
+            self.stats.resumed_logins,
         );
         labelled(
             &mut page,
