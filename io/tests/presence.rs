@@ -92,6 +92,7 @@ async fn online_users_leave_with_their_server() {
         state: None,
         max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
         server_transport: Default::default(),
+        entropy: None,
         tls: None,
     };
     let (_alice, mut events) = Client::start(TokioNet, Clock::System, options);

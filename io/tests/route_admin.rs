@@ -187,6 +187,7 @@ impl Cluster {
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
             server_transport: Default::default(),
+            entropy: None,
             tls: None,
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);

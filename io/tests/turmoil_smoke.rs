@@ -106,6 +106,7 @@ fn route_server_and_client_chat_over_simulated_sockets() {
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
             server_transport: Default::default(),
+            entropy: None,
             tls: None,
         };
         let (client, mut events) = Client::start(TurmoilNet, Clock::simulated(ORIGIN), options);

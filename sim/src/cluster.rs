@@ -205,7 +205,10 @@ impl ClientEnv {
         let route_host = self.routes[route % self.routes.len()].clone();
         let mut session = ClientConfig::new(user, name, password, self.seed);
         session.canaries = self.canaries;
-        SdkOptions::new(route_host, self.route_port, session)
+        let mut options = SdkOptions::new(route_host, self.route_port, session);
+        // Seeded from the run's seed, so that a seed replays the same message ids.
+        options.entropy = None;
+        options
     }
 }
 

@@ -78,6 +78,7 @@ pub async fn run(route: &str, ca: Option<&Path>) -> anyhow::Result<()> {
             state: None,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
             server_transport: Default::default(),
+            entropy: Some(launch::os_entropy()),
             tls: tls.clone(),
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);

@@ -123,11 +123,14 @@ impl<N: Network> Driver<N> {
             tls: options.tls.as_ref().map(|tls| tls.client.clone()),
             server: options.server_transport,
         };
-        let session = match options.state {
-            Some(state) => {
-                ClientSession::restore(options.session, state, clock.now(), clock.wall())
+        let (now, wall) = (clock.now(), clock.wall());
+        let session = match (options.state, options.entropy) {
+            (Some(state), Some(seed)) => {
+                ClientSession::restore_with_entropy(options.session, seed, state, now, wall)
             }
-            None => ClientSession::new(options.session),
+            (Some(state), None) => ClientSession::restore(options.session, state, now, wall),
+            (None, Some(seed)) => ClientSession::with_entropy(options.session, seed),
+            (None, None) => ClientSession::new(options.session),
         };
         let (inputs_tx, inputs) = mpsc::channel(INPUT_QUEUE);
         Self {

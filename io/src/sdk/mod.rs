@@ -20,9 +20,12 @@
 //! counts as a lost connection). All time comes from the [`Clock`], so the SDK runs
 //! unchanged inside a turmoil simulation (over `cim_sim_hosts::TurmoilNet`).
 //!
-//! **Seeds**: [`SdkOptions::session`]`.seed` seeds message ids and backoff jitter. Message
-//! ids must never repeat across runs of one user, so a real client seeds from the OS's
-//! entropy at every start ([`os_seed`]); fixed seeds are for tests and simulations.
+//! **Seeds**: the session's RNG draws message ids, the first login's resume token (which
+//! proves a lost login answer was this client's) and backoff jitter. [`SdkOptions::new`]
+//! seeds it with 256 bits of the OS's entropy ([`SdkOptions::entropy`]); with `entropy:
+//! None` it is seeded from [`SdkOptions::session`]`.seed`, 64 bits, which is for
+//! simulations and tests that replay a seed (message ids must never repeat across runs of
+//! one user, and 64 bits are too few for a secret).
 
 mod driver;
 mod route_addr;
@@ -62,6 +65,10 @@ pub struct SdkOptions {
     /// How this client reaches the server the route names: its TCP gateway (the default)
     /// or its WebSocket gateway, as a browser does.
     pub server_transport: ServerTransport,
+    /// 256 bits the session's RNG is seeded with ([`crate::launch::os_entropy`] by
+    /// [`SdkOptions::new`]); `None` seeds it from `session.seed` instead, for a simulation
+    /// that must replay.
+    pub entropy: Option<[u8; 32]>,
 }
 
 /// Which of a server's gateways the SDK connects to. Both carry the same frames to the same
@@ -88,6 +95,7 @@ impl SdkOptions {
             state: None,
             max_frame: cim_proto::codec::FrameCodec::default().max_frame(),
             server_transport: ServerTransport::Tcp,
+            entropy: Some(crate::launch::os_entropy()),
         }
     }
 }

@@ -451,6 +451,7 @@ impl User {
             state,
             max_frame: cim_proto::codec::DEFAULT_MAX_FRAME,
             server_transport: Default::default(),
+            entropy: None,
             tls: None,
         };
         let (client, mut events) = Client::start(TokioNet, Clock::System, options);
