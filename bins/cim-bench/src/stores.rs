@@ -117,6 +117,8 @@ struct ModeResult {
     fanout: fanout::FanoutResult,
     fanout_phase: Phase,
     p2p_best: Option<u64>,
+    /// Private messages delivered within the wait, of those sent (the phase's `ops`).
+    p2p_delivered: u64,
     p2p_phase: Phase,
     logins_per_sec: f64,
     login_failures: usize,
@@ -178,13 +180,10 @@ pub async fn run(args: &StoresArgs, quick: bool) -> anyhow::Result<Vec<Table>> {
                 fanout.expected
             );
         }
+        // A rate the system cannot keep up with leaves a tail still queued when p2p stops
+        // waiting (5 s): reported, and such a rate is never the "highest" one.
         let p2p_sent: u64 = steps.iter().map(|s| s.sent).sum();
         let p2p_delivered: u64 = steps.iter().map(|s| s.delivered).sum();
-        anyhow::ensure!(
-            p2p_delivered == p2p_sent,
-            "{}: {p2p_delivered} of {p2p_sent} private messages arrived",
-            mode.name
-        );
         let p2p_best = steps
             .iter()
             .filter(|s| s.delivered == s.sent && util::percentiles_ms(&s.from_due_us)[1] < 10.0)
@@ -198,6 +197,7 @@ pub async fn run(args: &StoresArgs, quick: bool) -> anyhow::Result<Vec<Table>> {
             },
             fanout,
             p2p_best,
+            p2p_delivered,
             p2p_phase: Phase {
                 ops: p2p_sent as f64,
                 cpu: delta(&after_fanout, &after_p2p),
@@ -236,6 +236,7 @@ fn tables(
             "fan-out deliveries/s",
             "fan-out p99 ms",
             "p2p: highest rate with p99 (from due) < 10 ms",
+            "p2p delivered in time",
             "logins/s (failed)",
             "Redis CPU µs / fan-out message",
             "Redis CPU µs / private message",
@@ -249,6 +250,7 @@ fn tables(
             f2(util::percentiles_ms(&r.fanout.latency_us)[1]),
             r.p2p_best
                 .map_or("none of those tried".into(), |b| int(b as f64)),
+            format!("{}/{}", r.p2p_delivered, r.p2p_phase.ops),
             format!("{} ({})", int(r.logins_per_sec), r.login_failures),
             f1(r.fanout_phase.us_per_op()),
             f1(r.p2p_phase.us_per_op()),
