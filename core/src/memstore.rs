@@ -721,7 +721,7 @@ mod tests {
             };
             recipients_of(store.apply(now, &command))
         };
-        /// (name, store's now, conversation, msg id, recipients)
+        // (name, store's now, conversation, msg id, recipients)
         let cases: Vec<(&str, UnixMillis, &ConvId, u128, Option<Recipients>)> = vec![
             (
                 "private: both records, one online",
