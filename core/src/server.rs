@@ -801,12 +801,19 @@ impl ServerNode {
             self.request(StoreCommand::AdvanceCursors { user, cursors }, None);
             return;
         }
-        let held = self.held_cursors.entry(user).or_default();
         for cursor in cursors {
+            let held = self.held_cursors.entry(user).or_default();
             merge_cursor(held, cursor);
+            // Held cursors stay bounded per user (and so does each merge's scan): past the
+            // bound they are written now.
+            if held.len() > MAX_HELD_CURSORS {
+                self.flush_cursors_of(user);
+            }
         }
-        self.cursor_flush_at
-            .get_or_insert(now + self.config.cursor_flush_delay);
+        if self.held_cursors.contains_key(&user) {
+            self.cursor_flush_at
+                .get_or_insert(now + self.config.cursor_flush_delay);
+        }
     }
 
     /// Writes the cursors held for `user`, if any: one `AdvanceCursors`.
@@ -1518,6 +1525,10 @@ fn pages_within<T: prost::Message>(
         (!page.is_empty()).then_some(page)
     })
 }
+
+/// Cursors held for one user at most (see `ServerConfig::cursor_flush_delay`); more are
+/// written at once.
+const MAX_HELD_CURSORS: usize = 256;
 
 /// Adds one acked cursor to a user's held ones so that writing them in order has the effect
 /// of writing every ack in order: within one log epoch only the highest seq counts, so it

@@ -390,6 +390,13 @@ fn deliver_acks_are_held_merged_and_written_once_per_user() {
     );
     assert_ne!(h.next_timer().map(|t| t.1), Some(TimerReason::CursorFlush));
     assert_eq!(h.timeout(2_100), vec![]);
+
+    // More than 256 held for one user are written at once.
+    let many: Vec<proto::Cursor> = (0..257).map(|i| cursor(&format!("g:c{i}"), 5, 1)).collect();
+    let want: Vec<(String, u64, u64)> = (0..257).map(|i| (format!("g:c{i}"), 5, 1)).collect();
+    let want: Vec<(&str, u64, u64)> = want.iter().map(|(c, e, s)| (c.as_str(), *e, *s)).collect();
+    assert_eq!(h.frame(2_200, 2, ack(many)), vec![advance(8, &want)]);
+    assert_ne!(h.next_timer().map(|t| t.1), Some(TimerReason::CursorFlush));
 }
 
 /// Merging held cursors keeps the effect of writing every ack in order.
