@@ -168,6 +168,7 @@ impl ConversationLog {
             return Ok(Appended {
                 message,
                 duplicate: true,
+                recipients: None,
             });
         }
         if let Some(order) = order
@@ -211,6 +212,7 @@ impl ConversationLog {
         Ok(Appended {
             message,
             duplicate: false,
+            recipients: None,
         })
     }
 

@@ -189,16 +189,12 @@ impl MemoryStore {
                 sender,
                 msg_id,
                 body,
-                now,
+                now: at,
                 order,
-            } => StoreReply::Appended(self.append(
-                conv,
-                *sender,
-                *msg_id,
-                body.clone(),
-                *now,
-                *order,
-            )),
+            } => StoreReply::Appended(
+                self.append(conv, *sender, *msg_id, body.clone(), *at, *order)
+                    .map(|appended| self.with_recipients(now, appended)),
+            ),
             StoreCommand::LoadHeads { user } => StoreReply::Heads(self.heads(*user)),
             StoreCommand::Fetch {
                 user,
@@ -374,6 +370,25 @@ impl MemoryStore {
             claim,
             already: false,
         })
+    }
+
+    /// An append's [`crate::store::Recipients`], read in its step like Redis's script reads
+    /// them: a group's members, a private conversation's route records (judged at the
+    /// store's `now`, as `LoadRoutes` is); none for `all`.
+    fn with_recipients(
+        &self,
+        now: UnixMillis,
+        mut appended: crate::store::Appended,
+    ) -> crate::store::Appended {
+        use crate::store::Recipients;
+        appended.recipients = match &appended.message.conv {
+            ConvId::All => None,
+            conv @ ConvId::Group(_) => Some(Recipients::Members(self.members(conv))),
+            ConvId::Private { low, high } => {
+                Some(Recipients::Routes(self.claims.routes(&[*low, *high], now)))
+            }
+        };
+        appended
     }
 
     fn members(&self, conv: &ConvId) -> Vec<UserId> {
@@ -635,6 +650,115 @@ mod tests {
         assert_eq!(convs(&mut store, u[1]), vec![ConvId::All, private.clone()]);
         assert_eq!(convs(&mut store, u[2]), vec![ConvId::All]);
         assert_eq!(convs(&mut store, u[0]), vec![ConvId::All, group, private]);
+    }
+
+    /// An append reads its push's recipients in the same step, as Redis's script does: a
+    /// group's members (sorted), a private conversation's route records as `LoadRoutes`
+    /// judges them at the store's `now` (a record past its claim's lease reads as offline);
+    /// nothing for `all`. A duplicate carries them too (its push is sent again).
+    #[test]
+    fn an_append_carries_its_recipients() {
+        use crate::ids::Epoch;
+        use crate::store::{Claim, Recipients, RouteRecord};
+        let (mut store, u) = store_with_users(&["a", "b", "c"]);
+        let private = ConvId::private(u[0], u[1]).unwrap();
+        let group = ConvId::group("rust").unwrap();
+        store.apply(
+            NOW,
+            &StoreCommand::CreateGroup {
+                conv: group.clone(),
+                owner: u[2],
+            },
+        );
+        store.apply(
+            NOW,
+            &StoreCommand::JoinGroup {
+                conv: group.clone(),
+                user: u[0],
+            },
+        );
+        let server = crate::ids::ServerId::new("s1");
+        let claim = Claim {
+            epoch: Epoch(1),
+            server: server.clone(),
+            lease_until: UnixMillis(2_000),
+            resume_token_hash: [0; 32],
+            resume_secret: None,
+        };
+        store.apply(
+            NOW,
+            &StoreCommand::ReplaceClaim {
+                user: u[1],
+                expected: Epoch(0),
+                claim,
+            },
+        );
+        store.apply(
+            NOW,
+            &StoreCommand::BindSession {
+                user: u[1],
+                epoch: Epoch(1),
+                server: server.clone(),
+                lease_until: UnixMillis(2_000),
+            },
+        );
+        let bound = Some(RouteRecord {
+            server,
+            epoch: Epoch(1),
+        });
+        let recipients_of = |reply: StoreReply| match reply {
+            StoreReply::Appended(Ok(appended)) => appended.recipients,
+            other => panic!("not appended: {other:?}"),
+        };
+        let at = |store: &mut MemoryStore, now: UnixMillis, conv: &ConvId, id: u128| {
+            let command = StoreCommand::Append {
+                conv: conv.clone(),
+                sender: u[0],
+                msg_id: ClientMsgId(id),
+                body: Bytes::from_static(b"x"),
+                now: NOW,
+                order: None,
+            };
+            recipients_of(store.apply(now, &command))
+        };
+        // (name, store's now, conversation, msg id, recipients)
+        let cases: Vec<(&str, UnixMillis, &ConvId, u128, Option<Recipients>)> = vec![
+            (
+                "private: both records, one online",
+                NOW,
+                &private,
+                1,
+                Some(Recipients::Routes(vec![
+                    (u[0], None),
+                    (u[1], bound.clone()),
+                ])),
+            ),
+            (
+                "private duplicate",
+                NOW,
+                &private,
+                1,
+                Some(Recipients::Routes(vec![(u[0], None), (u[1], bound)])),
+            ),
+            (
+                "private past the lease",
+                UnixMillis(2_000),
+                &private,
+                2,
+                Some(Recipients::Routes(vec![(u[0], None), (u[1], None)])),
+            ),
+            (
+                "group: members sorted",
+                NOW,
+                &group,
+                3,
+                Some(Recipients::Members(vec![u[0], u[2]])),
+            ),
+            ("all: none", NOW, &ConvId::All, 4, None),
+        ];
+        for (name, now, conv, id, want) in cases {
+            assert_eq!(at(&mut store, now, conv, id), want, "{name}");
+        }
     }
 
     #[test]

@@ -90,6 +90,13 @@ pub struct ServerConfig {
     /// A store request the node waits on (bind, refresh, sync, fetch) with no reply by then
     /// counts as failed, so a lost reply never leaves a login hanging or an entry behind. 5 s.
     pub store_timeout: Duration,
+    /// DeliverAck cursors are held this long, merged per user, then written as one
+    /// `AdvanceCursors` per user: clients ack every 200 ms, so with a store across the
+    /// network (Redis) most of a large fan-out's store traffic was cursor writes. A session
+    /// that ends here flushes its user's at once; a crash of this server loses at most this
+    /// much cursor progress (the client is then re-delivered what it had, and dedups it).
+    /// Zero: every DeliverAck is written at once. 1 s.
+    pub cursor_flush_delay: Duration,
     /// `SelfFencing` off: the simulation's canary (nothing outside canary builds).
     pub canaries: Canaries,
 }
@@ -117,6 +124,7 @@ impl ServerConfig {
             fetch_limit_cap: 100,
             max_answer_bytes: 56 * 1024,
             store_timeout: Duration::from_secs(5),
+            cursor_flush_delay: Duration::from_secs(1),
             canaries: Canaries::NONE,
         }
     }
@@ -228,6 +236,8 @@ pub enum TimerReason {
     LeaseRefresh,
     /// A store request went unanswered for `store_timeout`.
     StoreTimeout,
+    /// Time to write the held DeliverAck cursors (`cursor_flush_delay`).
+    CursorFlush,
 }
 
 /// Counters for metrics: every limit hit is counted.
@@ -270,6 +280,10 @@ pub struct ServerNode {
     /// Exactly one entry per connection: its earliest deadline.
     timers: BTreeMap<(Instant, ConnId), TimerReason>,
     next_refresh: Option<Instant>,
+    /// DeliverAck cursors not yet written, per user, in arrival order (see
+    /// [`merge_cursor`]), and when they are due (`cursor_flush_delay` after the first).
+    held_cursors: BTreeMap<UserId, Vec<(ConvId, LogEpoch, u64)>>,
+    cursor_flush_at: Option<Instant>,
     pending_store: BTreeMap<RequestId, Pending>,
     /// When each request in `pending_store` times out, and the same ordered by time.
     store_deadlines: BTreeMap<RequestId, Instant>,
@@ -367,6 +381,8 @@ impl ServerNode {
             binding: BTreeSet::new(),
             timers: BTreeMap::new(),
             next_refresh: None,
+            held_cursors: BTreeMap::new(),
+            cursor_flush_at: None,
             pending_store: BTreeMap::new(),
             store_deadlines: BTreeMap::new(),
             store_timers: BTreeSet::new(),
@@ -442,7 +458,10 @@ impl ServerNode {
             .store_timers
             .first()
             .map(|&(at, _)| (at, TimerReason::StoreTimeout));
-        [conn, refresh, store]
+        let cursors = self
+            .cursor_flush_at
+            .map(|at| (at, TimerReason::CursorFlush));
+        [conn, refresh, store, cursors]
             .into_iter()
             .flatten()
             .min_by_key(|&(at, _)| at)
@@ -606,7 +625,9 @@ impl ServerNode {
             (Some(Kind::Send(send)), Some((user, epoch))) => {
                 self.send(now, conn, user, epoch, send)
             }
-            (Some(Kind::DeliverAck(ack)), Some((user, _))) => self.deliver_ack(conn, user, ack),
+            (Some(Kind::DeliverAck(ack)), Some((user, _))) => {
+                self.deliver_ack(now, conn, user, ack)
+            }
             (Some(Kind::SyncRequest(_)), Some((user, epoch))) => {
                 self.request_awaited(
                     now,
@@ -753,7 +774,7 @@ impl ServerNode {
         }
     }
 
-    fn deliver_ack(&mut self, conn: ConnId, user: UserId, ack: proto::DeliverAck) {
+    fn deliver_ack(&mut self, now: Instant, conn: ConnId, user: UserId, ack: proto::DeliverAck) {
         let mut cursors = Vec::with_capacity(ack.cursors.len());
         let mut bad = 0usize;
         for cursor in ack.cursors {
@@ -773,7 +794,42 @@ impl ServerNode {
                 ),
             );
         }
-        if !cursors.is_empty() {
+        if cursors.is_empty() {
+            return;
+        }
+        if self.config.cursor_flush_delay.is_zero() {
+            self.request(StoreCommand::AdvanceCursors { user, cursors }, None);
+            return;
+        }
+        for cursor in cursors {
+            let held = self.held_cursors.entry(user).or_default();
+            merge_cursor(held, cursor);
+            // Held cursors stay bounded per user (and so does each merge's scan): past the
+            // bound they are written now.
+            if held.len() > MAX_HELD_CURSORS {
+                self.flush_cursors_of(user);
+            }
+        }
+        if self.held_cursors.contains_key(&user) {
+            self.cursor_flush_at
+                .get_or_insert(now + self.config.cursor_flush_delay);
+        }
+    }
+
+    /// Writes the cursors held for `user`, if any: one `AdvanceCursors`.
+    fn flush_cursors_of(&mut self, user: UserId) {
+        if let Some(cursors) = self.held_cursors.remove(&user) {
+            self.request(StoreCommand::AdvanceCursors { user, cursors }, None);
+        }
+        if self.held_cursors.is_empty() {
+            self.cursor_flush_at = None;
+        }
+    }
+
+    /// Writes every held cursor: one `AdvanceCursors` per user, in user order.
+    fn flush_cursors(&mut self) {
+        self.cursor_flush_at = None;
+        for (user, cursors) in std::mem::take(&mut self.held_cursors) {
             self.request(StoreCommand::AdvanceCursors { user, cursors }, None);
         }
     }
@@ -1194,6 +1250,9 @@ impl ServerNode {
         if self.next_refresh.is_some_and(|at| at <= now) {
             self.refresh(now, wall);
         }
+        if self.cursor_flush_at.is_some_and(|at| at <= now) {
+            self.flush_cursors();
+        }
     }
 
     fn expire(&mut self, now: Instant, conn: ConnId) {
@@ -1349,6 +1408,9 @@ impl ServerNode {
                 if self.sessions.get(&s.user) == Some(&(conn, s.epoch)) {
                     self.sessions.remove(&s.user);
                 }
+                // Before the claim goes: a client that closes after its last DeliverAck
+                // finds its place in the store when it comes back.
+                self.flush_cursors_of(s.user);
                 self.release_if_unheld(s.user, s.epoch);
             }
             // The bind's reply releases the claim if it landed (see `bound`).
@@ -1462,6 +1524,24 @@ fn pages_within<T: prost::Message>(
         }
         (!page.is_empty()).then_some(page)
     })
+}
+
+/// Cursors held for one user at most (see `ServerConfig::cursor_flush_delay`); more are
+/// written at once.
+const MAX_HELD_CURSORS: usize = 256;
+
+/// Adds one acked cursor to a user's held ones so that writing them in order has the effect
+/// of writing every ack in order: within one log epoch only the highest seq counts, so it
+/// raises the conversation's last held entry when that has the same epoch; another epoch
+/// (which resets the stored cursor) is kept as an entry of its own, after it.
+fn merge_cursor(
+    held: &mut Vec<(ConvId, LogEpoch, u64)>,
+    (conv, epoch, seq): (ConvId, LogEpoch, u64),
+) {
+    match held.iter_mut().rev().find(|(c, _, _)| *c == conv) {
+        Some((_, e, s)) if *e == epoch => *s = (*s).max(seq),
+        _ => held.push((conv, epoch, seq)),
+    }
 }
 
 fn error_kind(code: ErrorCode, message: &str) -> Kind {

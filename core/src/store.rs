@@ -155,6 +155,22 @@ pub struct Appended {
     /// True when (sender, msg id) was already appended: the seq is the original one and
     /// nothing new was stored (the route must still push: the first push may have been lost).
     pub duplicate: bool,
+    /// Who the push goes to, read in the append's own atomic step where the backend can, so
+    /// the route needs no further store round trip before it pushes. `None`: not read (the
+    /// conversation is `all`, or the keys live elsewhere, as users' route records do on a
+    /// Redis Cluster); the route then reads them with `LoadMembers` / `LoadRoutes`.
+    #[serde(default)]
+    pub recipients: Option<Recipients>,
+}
+
+/// What an append read for its push, in the same atomic step (see [`Appended::recipients`]).
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Recipients {
+    /// A group's members, sorted, as `LoadMembers` would answer at the append.
+    Members(Vec<UserId>),
+    /// A private conversation's two users' route records (low, then high), as `LoadRoutes`
+    /// would answer at the append.
+    Routes(Vec<(UserId, Option<RouteRecord>)>),
 }
 
 #[derive(

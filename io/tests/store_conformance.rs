@@ -23,8 +23,9 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::store::{
-    AppendError, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures, NameTaken, OnlineEntry,
-    ResumeSecret, RouteRecord, SendOrder, StoreCommand, StoreReply, StoredMessage,
+    AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures, NameTaken,
+    OnlineEntry, Recipients, ResumeSecret, RouteRecord, SendOrder, StoreCommand, StoreReply,
+    StoredMessage,
 };
 use cim_io::net::{Network, TokioNet};
 use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
@@ -123,6 +124,21 @@ impl<'a> Driver<'a> {
             .execute(UnixMillis(now), command.clone())
             .await
             .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+        // Route records an append read for its push (optional: a cluster cannot read them in
+        // the append's step) are what `LoadRoutes` answers at that moment.
+        if let StoreReply::Appended(Ok(Appended {
+            recipients: Some(Recipients::Routes(routes)),
+            ..
+        })) = &reply
+        {
+            let users = routes.iter().map(|(user, _)| *user).collect();
+            let loaded = self
+                .store
+                .execute(UnixMillis(now), StoreCommand::LoadRoutes { users })
+                .await
+                .unwrap_or_else(|e| panic!("load routes after {command:?}: {e}"));
+            assert_eq!(loaded, StoreReply::Routes(routes.clone()), "{command:?}");
+        }
         let command = self.norm_command(command);
         let normalised = self.norm_reply(reply.clone());
         self.transcript
@@ -172,6 +188,10 @@ impl<'a> Driver<'a> {
         match reply {
             StoreReply::Appended(Ok(mut appended)) => {
                 appended.message = self.norm_message(appended.message);
+                // Checked in `run`; a cluster leaves them out.
+                if let Some(Recipients::Routes(_)) = appended.recipients {
+                    appended.recipients = None;
+                }
                 StoreReply::Appended(Ok(appended))
             }
             StoreReply::Heads(heads) => {
@@ -439,6 +459,7 @@ conformance!(
     accounts_by_name_listed_and_password_reset,
     a_deleted_account_is_a_tombstone,
     a_resumption_secret_is_compared_rotated_and_revoked,
+    an_append_reads_its_push_recipients,
 );
 
 fn claim(epoch: u64, server: &str, lease: u64, token: u8) -> Claim {
@@ -1518,6 +1539,97 @@ mod scenarios {
             d.run(T0, StoreCommand::LoadRoutes { users: vec![] }).await,
             StoreReply::Routes(vec![])
         );
+    }
+
+    /// An append's reply may carry what its push needs, read in the same step: a group's
+    /// members (every backend), a private conversation's route records (not on a cluster:
+    /// they live in other slots; where given, `Driver::run` checks them against
+    /// `LoadRoutes`). A duplicate carries them too.
+    pub async fn an_append_reads_its_push_recipients(d: &mut Driver<'_>) {
+        let (a, b, c) = (
+            d.register("a").await,
+            d.register("b").await,
+            d.register("c").await,
+        );
+        d.run(
+            T0,
+            StoreCommand::ReplaceClaim {
+                user: b,
+                expected: Epoch(0),
+                claim: claim(1, "s1", T0 + 2_000, 1),
+            },
+        )
+        .await;
+        d.run(
+            T0,
+            StoreCommand::BindSession {
+                user: b,
+                epoch: Epoch(1),
+                server: s("s1"),
+                lease_until: UnixMillis(T0),
+            },
+        )
+        .await;
+        let bound = Some(RouteRecord {
+            server: s("s1"),
+            epoch: Epoch(1),
+        });
+        let private = ConvId::private(a, b).expect("two users");
+        let (low, high) = if a < b { (a, b) } else { (b, a) };
+        let record = |user| if user == b { bound.clone() } else { None };
+        let group = ConvId::group("push").expect("a group name");
+        let create = StoreCommand::CreateGroup {
+            conv: group.clone(),
+            owner: c,
+        };
+        d.run(T0, create).await;
+        let join = StoreCommand::JoinGroup {
+            conv: group.clone(),
+            user: a,
+        };
+        d.run(T0, join).await;
+        let mut members = vec![a, c];
+        members.sort();
+        // (now, conversation, msg id, recipients when read)
+        let cases = [
+            (
+                T0,
+                &private,
+                1,
+                Recipients::Routes(vec![(low, record(low)), (high, record(high))]),
+            ),
+            (
+                T0 + 1,
+                &private,
+                1,
+                Recipients::Routes(vec![(low, record(low)), (high, record(high))]),
+            ),
+            (
+                T0 + 2_000,
+                &private,
+                2,
+                Recipients::Routes(vec![(low, None), (high, None)]),
+            ),
+            (T0, &group, 3, Recipients::Members(members.clone())),
+            (T0 + 1, &group, 3, Recipients::Members(members)),
+        ];
+        for (now, conv, id, want) in cases {
+            let command = StoreCommand::Append {
+                conv: conv.clone(),
+                sender: a,
+                msg_id: ClientMsgId(id),
+                body: Bytes::from_static(b"m"),
+                now: UnixMillis(now),
+                order: None,
+            };
+            match d.run(now, command).await {
+                StoreReply::Appended(Ok(appended)) => match appended.recipients {
+                    None if matches!(conv, ConvId::Private { .. }) => {}
+                    got => assert_eq!(got, Some(want), "{conv} at {now}"),
+                },
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     pub async fn append_membership_and_unknown_conversations(d: &mut Driver<'_>) {

@@ -1033,8 +1033,13 @@ impl Harness {
                 let conn = self.current.expect("checked above");
                 self.syncs.insert(req.id.0, conn);
             }
-            StoreCommand::Fetch { user, .. } | StoreCommand::AdvanceCursors { user, .. } => {
-                session_user(self, *user)
+            StoreCommand::Fetch { user, .. } => session_user(self, *user),
+            // Acked cursors are held and written later (`cursor_flush_delay`): on the flush
+            // timer or when the session ends, not while its frame is handled.
+            StoreCommand::AdvanceCursors { user, .. } => {
+                if self.current.is_some() && self.current_live.is_some() {
+                    session_user(self, *user)
+                }
             }
             StoreCommand::RefreshLeases {
                 server, sessions, ..

@@ -7,12 +7,19 @@
 //! ```text
 //! validate ─► Append ─► reply (SendAck: appended = acked) ─► plan pushes
 //!                                   all:      one all-sessions Push per live server
-//!                                   private:  LoadRoutes(both) ─► per-server Pushes
-//!                                   group:    LoadMembers ─► ≤ threshold: LoadRoutes ─► per-server
-//!                                                            > threshold: member-list Push per live server
+//!                                   private:  [LoadRoutes(both)] ─► per-server Pushes
+//!                                   group:    [LoadMembers] ─► ≤ threshold: LoadRoutes ─► per-server
+//!                                                              > threshold: member-list Push per live server
 //! ```
 //!
-//! The route reads route records only after the append, never from a cache, so a recipient
+//! The bracketed reads are skipped when the append's reply already carries what they would
+//! read ([`Appended::recipients`](crate::store::Appended::recipients): a group's members, a
+//! private conversation's route records, read in the append's own atomic step), so a private
+//! message or a large group's message costs one store round trip; a backend that cannot read
+//! them there (route records on a Redis Cluster live in other slots) leaves them out and the
+//! route reads them after the append.
+//!
+//! The route reads route records at or after the append, never from a cache, so a recipient
 //! that logged in before the append is found where it is now. The sender is a recipient too:
 //! its own client receives the message by seq like everyone else, so every member's view of
 //! the log is the same. A duplicate append pushes again (the first push may have been lost).
@@ -31,8 +38,8 @@ use cim_proto::{ErrorCode, Push, PushBatch, RouteSend, RouteSendResult, SendAck,
 use crate::ids::{ClientMsgId, ConvId, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
 use crate::store::{
-    AppendError, RequestId, RouteRecord, SendOrder, StoreCommand, StoreReply, StoreRequest,
-    StoreResult, StoredMessage, message_to_proto,
+    AppendError, Recipients, RequestId, RouteRecord, SendOrder, StoreCommand, StoreReply,
+    StoreRequest, StoreResult, StoredMessage, message_to_proto,
 };
 
 /// The largest `order_seq` / `order_after` a send may carry (see `SendOrder`).
@@ -402,17 +409,7 @@ impl RouteDelivery {
                 self.on_members(now, message, members)
             }
             (Stage::Routes { message }, Ok(StoreReply::Routes(routes))) => {
-                let planned = plan_pushes(&message, &routes, &self.live);
-                let reached: usize = planned.values().map(|p| p.recipients.len()).sum();
-                let asked = routes
-                    .iter()
-                    .map(|(u, _)| *u)
-                    .collect::<BTreeSet<_>>()
-                    .len();
-                self.stats.recipients_unreachable += asked.saturating_sub(reached) as u64;
-                for (server, push) in planned {
-                    self.queue_push(server, push);
-                }
+                self.on_routes(&message, &routes)
             }
             // A failed read, or a reply of the wrong kind (a shell bug, not worth a panic).
             (Stage::Members { .. } | Stage::Routes { .. }, _) => {
@@ -550,13 +547,16 @@ impl RouteDelivery {
         };
         self.replies.push_back((origin, result));
 
-        match &message.conv {
-            ConvId::All => {
+        match (&message.conv, appended.recipients) {
+            (ConvId::All, _) => {
                 for (server, push) in plan_broadcast(&message, &self.live) {
                     self.queue_push(server, push);
                 }
             }
-            ConvId::Private { low, high } => {
+            (ConvId::Private { .. }, Some(Recipients::Routes(routes))) => {
+                self.on_routes(&message, &routes)
+            }
+            (ConvId::Private { low, high }, _) => {
                 let users = vec![*low, *high];
                 self.request(
                     now,
@@ -564,7 +564,10 @@ impl RouteDelivery {
                     Stage::Routes { message },
                 );
             }
-            ConvId::Group(_) => {
+            (ConvId::Group(_), Some(Recipients::Members(members))) => {
+                self.on_members(now, message, members)
+            }
+            (ConvId::Group(_), _) => {
                 let conv = message.conv.clone();
                 self.request(
                     now,
@@ -572,6 +575,21 @@ impl RouteDelivery {
                     Stage::Members { message },
                 );
             }
+        }
+    }
+
+    /// The recipients' route records are known: one push per server that holds any.
+    fn on_routes(&mut self, message: &StoredMessage, routes: &[(UserId, Option<RouteRecord>)]) {
+        let planned = plan_pushes(message, routes, &self.live);
+        let reached: usize = planned.values().map(|p| p.recipients.len()).sum();
+        let asked = routes
+            .iter()
+            .map(|(u, _)| *u)
+            .collect::<BTreeSet<_>>()
+            .len();
+        self.stats.recipients_unreachable += asked.saturating_sub(reached) as u64;
+        for (server, push) in planned {
+            self.queue_push(server, push);
         }
     }
 

@@ -76,7 +76,11 @@ fn stored(conv: &str, seq: u64, sender: u64, id: u128, body: &str) -> StoredMess
 }
 
 fn appended(message: StoredMessage, duplicate: bool) -> StoreResult {
-    Ok(StoreReply::Appended(Ok(Appended { message, duplicate })))
+    Ok(StoreReply::Appended(Ok(Appended {
+        message,
+        duplicate,
+        recipients: None,
+    })))
 }
 
 fn route(user: u64, server: Option<&str>) -> (UserId, Option<RouteRecord>) {
@@ -399,6 +403,129 @@ fn small_group_goes_through_routes_large_group_through_member_lists() {
     d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Members(vec![])));
     let out = drain(&mut d);
     assert!(out.store.is_empty() && out.pushes.is_empty());
+}
+
+/// An append whose reply carries its recipients (read in the append's step) is pushed at
+/// once, with no further store read; one without them (`all`, or a backend that could not
+/// read them) takes the reads. The ack still leaves before the pushes.
+#[test]
+fn an_append_that_carries_its_recipients_pushes_without_another_read() {
+    let t0 = base();
+    let members = |ids: &[u64]| {
+        Some(Recipients::Members(
+            ids.iter().map(|&u| UserId(u)).collect(),
+        ))
+    };
+    /// (name, conv, recipients in the append's reply, duplicate, store reads that follow,
+    /// pushes: server, recipients)
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<Recipients>,
+        bool,
+        Vec<StoreCommand>,
+        Vec<(&'static str, Vec<u64>)>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "private with routes",
+            "p:1:2",
+            Some(Recipients::Routes(vec![
+                route(1, Some("a")),
+                route(2, Some("b")),
+            ])),
+            false,
+            vec![],
+            vec![("a", vec![1]), ("b", vec![2])],
+        ),
+        (
+            "private duplicate with routes pushes again",
+            "p:1:2",
+            Some(Recipients::Routes(vec![
+                route(1, Some("b")),
+                route(2, None),
+            ])),
+            true,
+            vec![],
+            vec![("b", vec![1])],
+        ),
+        (
+            "private without routes reads them",
+            "p:1:2",
+            None,
+            false,
+            vec![StoreCommand::LoadRoutes {
+                users: vec![UserId(1), UserId(2)],
+            }],
+            vec![],
+        ),
+        (
+            "large group with members: member lists at once",
+            "g:big",
+            members(&[4, 1, 3, 2]),
+            false,
+            vec![],
+            vec![("a", vec![1, 2, 3, 4]), ("b", vec![1, 2, 3, 4])],
+        ),
+        (
+            "small group with members: their routes next",
+            "g:small",
+            members(&[1, 2]),
+            false,
+            vec![StoreCommand::LoadRoutes {
+                users: vec![UserId(1), UserId(2)],
+            }],
+            vec![],
+        ),
+        (
+            "group that everyone left: nothing",
+            "g:gone",
+            members(&[]),
+            false,
+            vec![],
+            vec![],
+        ),
+        (
+            "group without members reads them",
+            "g:big",
+            None,
+            false,
+            vec![StoreCommand::LoadMembers {
+                conv: ConvId::Group("big".into()),
+            }],
+            vec![],
+        ),
+    ];
+    for (name, conv, recipients, duplicate, reads, pushes) in cases {
+        let mut d = machine(&["a", "b"]);
+        let msg = stored(conv, 5, 1, 9, "x");
+        d.handle_send(
+            t0,
+            UnixMillis(1000),
+            link("a", 1),
+            UserId(1),
+            send(9, conv, "x"),
+        );
+        let out = drain(&mut d);
+        assert_eq!(out.store.len(), 1, "{name}");
+        let reply = Appended {
+            message: msg,
+            duplicate,
+            recipients,
+        };
+        d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Appended(Ok(reply))));
+        let out = drain(&mut d);
+        assert_eq!(out.replies.len(), 1, "{name}");
+        assert_eq!(ack_of(&out.replies[0].1), (EPOCH.0, 5), "{name}");
+        let commands: Vec<StoreCommand> = out.store.into_iter().map(|r| r.command).collect();
+        assert_eq!(commands, reads, "{name}");
+        let want: Vec<(String, u64, Vec<u64>, bool)> = pushes
+            .into_iter()
+            .map(|(server, users)| (server.to_owned(), 5, users, false))
+            .collect();
+        assert_eq!(summary(&out.pushes), want, "{name}");
+        assert_eq!(d.in_flight(), usize::from(!commands.is_empty()), "{name}");
+    }
 }
 
 #[test]

@@ -291,7 +291,7 @@ fn fetch_of_a_bad_conversation_is_an_error_not_a_close() {
 
 #[test]
 fn deliver_ack_advances_good_cursors_and_reports_bad_ones() {
-    let mut h = Harness::new();
+    let mut h = Harness::with(|c| c.cursor_flush_delay = Duration::ZERO);
     h.login(0, 1, 7, 3);
     let cursor = |conv: &str, seq| proto::Cursor {
         conv: conv.into(),
@@ -322,4 +322,112 @@ fn deliver_ack_advances_good_cursors_and_reports_bad_ones() {
         ]
     );
     assert_eq!(h.node.sessions(), 1);
+}
+
+fn cursor(conv: &str, log_epoch: u64, seq: u64) -> proto::Cursor {
+    proto::Cursor {
+        conv: conv.into(),
+        log_epoch,
+        seq,
+    }
+}
+
+fn ack(cursors: Vec<proto::Cursor>) -> Kind {
+    Kind::DeliverAck(proto::DeliverAck { cursors })
+}
+
+fn advance(user: u64, cursors: &[(&str, u64, u64)]) -> Out {
+    Out::Store(StoreCommand::AdvanceCursors {
+        user: UserId(user),
+        cursors: cursors
+            .iter()
+            .map(|&(conv, epoch, seq)| (conv.parse().unwrap(), LogEpoch(epoch), seq))
+            .collect(),
+    })
+}
+
+/// DeliverAck cursors are held `cursor_flush_delay` (1 s) from the first, merged per user
+/// (the highest seq per conversation and log epoch, a new epoch kept after the old one), then
+/// written as one AdvanceCursors per user; a session that ends flushes its user's at once,
+/// before its claim is given back.
+#[test]
+fn deliver_acks_are_held_merged_and_written_once_per_user() {
+    let mut h = Harness::new();
+    h.login(0, 1, 7, 3);
+    h.login(0, 2, 8, 4);
+    let steps: Vec<(u64, u64, Vec<proto::Cursor>)> = vec![
+        (10, 1, vec![cursor("all", 5, 3), cursor("g:rust", 5, 4)]),
+        (20, 1, vec![cursor("all", 5, 2), cursor("g:rust", 6, 1)]),
+        (30, 2, vec![cursor("all", 5, 9)]),
+        (500, 1, vec![cursor("g:rust", 6, 3)]),
+    ];
+    for (ms, conn, cursors) in steps {
+        assert_eq!(h.frame(ms, conn, ack(cursors)), vec![], "at {ms}");
+        assert_eq!(h.next_timer(), Some((1_010, TimerReason::CursorFlush)));
+    }
+    assert_eq!(h.timeout(1_009), vec![]);
+    assert_eq!(
+        h.timeout(1_010),
+        vec![
+            advance(7, &[("all", 5, 3), ("g:rust", 5, 4), ("g:rust", 6, 3)]),
+            advance(8, &[("all", 5, 9)]),
+        ]
+    );
+    assert_ne!(h.next_timer().map(|t| t.1), Some(TimerReason::CursorFlush));
+
+    // Held again; the session's end writes them before it expires the claim.
+    assert_eq!(h.frame(1_100, 1, ack(vec![cursor("all", 5, 4)])), vec![]);
+    h.node.handle_connection_closed(h.at(1_200), ConnId(1));
+    assert_eq!(
+        h.drain(),
+        vec![
+            advance(7, &[("all", 5, 4)]),
+            Out::Store(StoreCommand::ExpireClaim {
+                user: UserId(7),
+                epoch: Epoch(3)
+            }),
+        ]
+    );
+    assert_ne!(h.next_timer().map(|t| t.1), Some(TimerReason::CursorFlush));
+    assert_eq!(h.timeout(2_100), vec![]);
+
+    // More than 256 held for one user are written at once.
+    let many: Vec<proto::Cursor> = (0..257).map(|i| cursor(&format!("g:c{i}"), 5, 1)).collect();
+    let want: Vec<(String, u64, u64)> = (0..257).map(|i| (format!("g:c{i}"), 5, 1)).collect();
+    let want: Vec<(&str, u64, u64)> = want.iter().map(|(c, e, s)| (c.as_str(), *e, *s)).collect();
+    assert_eq!(h.frame(2_200, 2, ack(many)), vec![advance(8, &want)]);
+    assert_ne!(h.next_timer().map(|t| t.1), Some(TimerReason::CursorFlush));
+}
+
+/// Merging held cursors keeps the effect of writing every ack in order.
+#[test]
+fn merge_cursor_table() {
+    let c = |conv: &str, epoch, seq| (conv.parse::<ConvId>().unwrap(), LogEpoch(epoch), seq);
+    // (held, added, held after)
+    type Held = Vec<(ConvId, LogEpoch, u64)>;
+    let cases: Vec<(Held, (ConvId, LogEpoch, u64), Held)> = vec![
+        (vec![], c("all", 1, 3), vec![c("all", 1, 3)]),
+        (vec![c("all", 1, 3)], c("all", 1, 5), vec![c("all", 1, 5)]),
+        (vec![c("all", 1, 5)], c("all", 1, 3), vec![c("all", 1, 5)]),
+        (
+            vec![c("all", 1, 5)],
+            c("all", 2, 1),
+            vec![c("all", 1, 5), c("all", 2, 1)],
+        ),
+        // Only the conversation's last entry is raised: the epoch between stays between.
+        (
+            vec![c("all", 1, 5), c("all", 2, 1)],
+            c("all", 1, 9),
+            vec![c("all", 1, 5), c("all", 2, 1), c("all", 1, 9)],
+        ),
+        (
+            vec![c("all", 1, 5), c("g:x", 1, 1)],
+            c("all", 1, 6),
+            vec![c("all", 1, 6), c("g:x", 1, 1)],
+        ),
+    ];
+    for (mut held, added, want) in cases {
+        merge_cursor(&mut held, added.clone());
+        assert_eq!(held, want, "adding {added:?}");
+    }
 }

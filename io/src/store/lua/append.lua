@@ -39,6 +39,29 @@ local function raise_order(last)
     redis.call('SET', KEYS[5], ARGV[9] .. ':' .. ARGV[5], 'PX', math.max(ttl, 1))
   end
 end
+-- What the push needs, read in this step so the route reads nothing more before it pushes;
+-- the 5th element of a 'dup'/'ok' reply: a group's member ids (HKEYS); for a private
+-- conversation, when given, KEYS[6..9] (claim hash and route record of the low user, then of
+-- the high one; never on a Redis Cluster, where they are in other slots), judged at ARGV[11]
+-- as claim_routes.lua judges them: the flat (server, epoch) pairs it would return.
+local function recipients()
+  if ARGV[1] == '1' then
+    return redis.call('HKEYS', KEYS[4])
+  end
+  local out = {}
+  for i = 6, #KEYS - 1, 2 do
+    local c = redis.call('HMGET', KEYS[i], 'c_epoch', 'server', 'lease')
+    local r = redis.call('HMGET', KEYS[i + 1], 'server', 'epoch')
+    if r[1] and c[1] and c[1] == r[2] and c[2] == r[1] and tonumber(ARGV[11]) < tonumber(c[3]) then
+      out[#out + 1] = r[1]
+      out[#out + 1] = r[2]
+    else
+      out[#out + 1] = false
+      out[#out + 1] = false
+    end
+  end
+  return out
+end
 -- The record is judged by the caller's clock (`now`), like the reference; PEXPIRE only
 -- collects it. A log that does not exist has no records.
 if epoch then
@@ -50,7 +73,7 @@ if epoch then
     if order_seq > 0 then
       raise_order(last_order())
     end
-    return {'dup', epoch, tonumber(rec[2]), rec[3]}
+    return {'dup', epoch, tonumber(rec[2]), rec[3], recipients()}
   end
 end
 local last = 0
@@ -85,4 +108,4 @@ while head - first + 1 > max_len do
   first = first + 1
 end
 redis.call('HSET', KEYS[1], 'head', head, 'first', first)
-return {'ok', epoch, head, ARGV[5]}
+return {'ok', epoch, head, ARGV[5], recipients()}

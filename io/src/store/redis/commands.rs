@@ -521,8 +521,12 @@ impl RedisStore {
         Ok(StoreReply::Members(members))
     }
 
+    /// `store_now` judges the route records read for the push (as `LoadRoutes` at that
+    /// moment would); `now` stamps the message and judges its idempotency and order records.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn append(
         &self,
+        store_now: UnixMillis,
         conv: ConvId,
         sender: UserId,
         msg_id: ClientMsgId,
@@ -584,29 +588,39 @@ impl RedisStore {
         }
         .encode_to_vec();
         let script = &self.scripts.append;
+        // The two users' route records, read by the script for the push (see append.lua),
+        // only where they may share the script's node: never on a cluster.
+        let route_users: Vec<UserId> = match &conv {
+            ConvId::Private { low, high } if !self.is_cluster() => vec![*low, *high],
+            _ => Vec::new(),
+        };
         pipe.cmd("EVALSHA")
             .arg(script.get_hash())
-            .arg(5)
+            .arg(5 + 2 * route_users.len())
             .arg(conv_key(&conv, "meta"))
             .arg(conv_key(&conv, "log"))
             .arg(idem_key(&conv, sender, msg_id))
             .arg(conv_key(&conv, "members"))
             // Unordered appends never touch it; any key of the conversation's slot will do.
-            .arg(order_key(&conv, sender, order.map_or(0, |o| o.stream)))
-            .arg(if matches!(conv, ConvId::Group(_)) {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(sender.0)
-            .arg(&body_hash[..])
-            .arg(encoded)
-            .arg(now.0)
-            .arg(millis(self.options.idempotency_ttl))
-            .arg(self.options.max_log_len as u64)
-            .arg(self.new_log_epoch().0)
-            .arg(order.map_or(0, |o| o.seq))
-            .arg(order.map_or(0, |o| o.after));
+            .arg(order_key(&conv, sender, order.map_or(0, |o| o.stream)));
+        for user in &route_users {
+            pipe.arg(claim_key(*user)).arg(route_key(*user));
+        }
+        pipe.arg(if matches!(conv, ConvId::Group(_)) {
+            "1"
+        } else {
+            "0"
+        })
+        .arg(sender.0)
+        .arg(&body_hash[..])
+        .arg(encoded)
+        .arg(now.0)
+        .arg(millis(self.options.idempotency_ttl))
+        .arg(self.options.max_log_len as u64)
+        .arg(self.new_log_epoch().0)
+        .arg(order.map_or(0, |o| o.seq))
+        .arg(order.map_or(0, |o| o.after))
+        .arg(store_now.0);
         let waiting = self.options.wait_replicas;
         let v: Vec<Value> = if waiting == 0 {
             let (v,): (Vec<Value>,) = self.query_pipe_with_script(&pipe, script).await?;
@@ -661,7 +675,8 @@ impl RedisStore {
             (Some("conflict"), _) => Err(AppendError::ConflictingRetry),
             (Some("out_of_order"), _) => Err(AppendError::OutOfOrder),
             (Some("superseded"), _) => Err(AppendError::Superseded),
-            (Some(kind @ ("ok" | "dup")), [_, epoch, seq, at]) => Ok(Appended {
+            (Some(kind @ ("ok" | "dup")), [_, epoch, seq, at, read]) => Ok(Appended {
+                recipients: push_recipients(&conv, &route_users, read)?,
                 message: StoredMessage {
                     conv,
                     log_epoch: LogEpoch(num(epoch)?),
@@ -879,4 +894,40 @@ fn name_reads(users: &[UserId]) -> Vec<(String, ::redis::Cmd)> {
             (key, cmd)
         })
         .collect()
+}
+
+/// The push's recipients as the append script read them (its reply's 5th element, see
+/// append.lua): a group's member ids, sorted; the route records of `route_users` (those whose
+/// keys the script was given), as `LoadRoutes` reads them; `None` where nothing was read.
+fn push_recipients(conv: &ConvId, route_users: &[UserId], read: &Value) -> R<Option<Recipients>> {
+    let Value::Array(items) = read else {
+        return Err(bad_reply("append recipients", read));
+    };
+    Ok(match conv {
+        ConvId::Group(_) => {
+            let ids = items.iter().map(num).collect::<R<BTreeSet<u64>>>()?;
+            Some(Recipients::Members(ids.into_iter().map(UserId).collect()))
+        }
+        ConvId::Private { .. } if !route_users.is_empty() => {
+            if items.len() != route_users.len() * 2 {
+                return Err(bad_reply("append recipients", read));
+            }
+            let routes = route_users
+                .iter()
+                .zip(items.chunks_exact(2))
+                .map(|(user, pair)| {
+                    let record = match string(&pair[0])? {
+                        Some(server) => Some(RouteRecord {
+                            server: ServerId(server),
+                            epoch: Epoch(num(&pair[1])?),
+                        }),
+                        None => None,
+                    };
+                    Ok((*user, record))
+                })
+                .collect::<R<Vec<_>>>()?;
+            Some(Recipients::Routes(routes))
+        }
+        _ => None,
+    })
 }

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
     Account, AccountSummary, AllFrom, AppendError, Appended, Claim, ClaimState, ConvHead, Deleted,
-    LeaseRefresh, LoginFailures, NameTaken, OnlineEntry, RouteRecord, SendOrder, StoreCommand,
-    StoreReply, StoreResult, StoreUnavailable, StoredMessage,
+    LeaseRefresh, LoginFailures, NameTaken, OnlineEntry, Recipients, RouteRecord, SendOrder,
+    StoreCommand, StoreReply, StoreResult, StoreUnavailable, StoredMessage,
 };
 use prost::Message as _;
 use rand::{Rng, SeedableRng};
@@ -444,9 +444,12 @@ impl RedisStore {
                 sender,
                 msg_id,
                 body,
-                now,
+                now: at,
                 order,
-            } => self.append(conv, sender, msg_id, body, now, order).await,
+            } => {
+                self.append(now, conv, sender, msg_id, body, at, order)
+                    .await
+            }
             StoreCommand::LoadHeads { user } => self.heads(user).await,
             StoreCommand::Fetch {
                 user,
