@@ -37,16 +37,21 @@ pub enum Canary {
     /// The conversation log's per-sender order check (`SendOrder`): a message is appended
     /// whatever its stream's previous message to the conversation did.
     SendOrder,
+    /// The store's lost-tail rule: a log last written by another store incarnation keeps
+    /// its log epoch, so a store restarted from older data numbers new messages with seqs
+    /// clients already received under that epoch.
+    LostTailDetection,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 6] = [
+    pub const ALL: [Canary; 7] = [
         Canary::IdempotentAppend,
         Canary::EpochFencing,
         Canary::SelfFencing,
         Canary::GapSync,
         Canary::Dedup,
         Canary::SendOrder,
+        Canary::LostTailDetection,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +62,7 @@ impl Canary {
             Self::GapSync => "gap-sync",
             Self::Dedup => "dedup",
             Self::SendOrder => "send-order",
+            Self::LostTailDetection => "lost-tail",
         }
     }
 

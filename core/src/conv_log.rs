@@ -64,6 +64,9 @@ pub struct ConversationLog {
     /// `IdempotentAppend` or `SendOrder` off: the simulation's canaries (nothing outside
     /// canary builds).
     canaries: Canaries,
+    /// The store incarnation that last wrote or served this log (0: none recorded). See
+    /// [`ConversationLog::settle`].
+    incarnation: u64,
 }
 
 impl ConversationLog {
@@ -88,7 +91,47 @@ impl ConversationLog {
             orders: BTreeMap::new(),
             order_expiry: BTreeSet::new(),
             canaries: Canaries::NONE,
+            incarnation: 0,
         }
+    }
+
+    /// This log, written by store incarnation `incarnation`.
+    pub fn written_by(mut self, incarnation: u64) -> Self {
+        self.incarnation = incarnation;
+        self
+    }
+
+    /// The store incarnation that last wrote or served this log (0: none recorded).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The lost-tail rule (docs/design.md, "Never the same name for two contents"): called
+    /// before this log is served or appended to by store incarnation `incarnation`. A log
+    /// last touched by another incarnation may have lost messages that readers already
+    /// received (a restart from older data, a promoted replica), and its next seqs would
+    /// name other contents: it moves to `fresh_epoch`, keeping its surviving messages at
+    /// their seqs (the same contents, so clients that re-read them under the new epoch get
+    /// what they had) and its idempotency and order records. Returns whether it moved. A log
+    /// with no recorded incarnation (0) is only stamped.
+    ///
+    /// Conservative: an incarnation change without loss moves the log too. Clients then
+    /// resync once (`LogReset`), which costs a re-read but never hides a loss.
+    pub fn settle(&mut self, incarnation: u64, fresh_epoch: LogEpoch) -> bool {
+        if self.incarnation == incarnation {
+            return false;
+        }
+        let moved = self.incarnation != 0
+            && fresh_epoch != self.log_epoch
+            && !self.canaries.disabled(Canary::LostTailDetection);
+        self.incarnation = incarnation;
+        if moved {
+            self.log_epoch = fresh_epoch;
+            for message in &mut self.messages {
+                message.log_epoch = fresh_epoch;
+            }
+        }
+        moved
     }
 
     /// This log with the run's canaries (see `crate::canary`).

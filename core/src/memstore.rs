@@ -45,16 +45,20 @@ impl Default for MemoryStoreConfig {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Group {
     /// Member -> the head seq when they joined (history is visible after it).
     members: BTreeMap<UserId, u64>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     config: MemoryStoreConfig,
     rng: ChaCha8Rng,
+    /// Which life of this store's data is serving: 1 from `new`, another on every
+    /// [`MemoryStore::restart_from`]. Logs remember the incarnation that last touched them
+    /// (the lost-tail rule, [`ConversationLog::settle`]).
+    incarnation: u64,
     /// Every account ever registered, tombstones included (see `deleted`).
     accounts: BTreeMap<UserId, Account>,
     /// The last id issued: ids are never reused, not even a deleted account's.
@@ -79,6 +83,7 @@ impl MemoryStore {
     pub fn new(config: MemoryStoreConfig) -> Self {
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
+            incarnation: 1,
             claims: ClaimTable::with_canaries(config.canaries),
             config,
             accounts: BTreeMap::new(),
@@ -91,6 +96,33 @@ impl MemoryStore {
             cursors: BTreeMap::new(),
             login_failures: BTreeMap::new(),
         }
+    }
+
+    /// This store's state as it is now: what a restart from older data (a copy of Redis's
+    /// data dir, an AOF that lost its last second, a replica that lagged) comes back with.
+    pub fn snapshot(&self) -> Self {
+        self.clone()
+    }
+
+    /// The store restarting from `older` (a [`MemoryStore::snapshot`] taken earlier): every
+    /// write since is lost, and a new incarnation serves. New log epochs come from `seed`
+    /// from now on (the snapshot's generator would draw the lost logs' epochs again).
+    pub fn restart_from(&mut self, older: &MemoryStore, seed: u64) {
+        let previous = self.incarnation;
+        *self = older.clone();
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+        // Random, so it differs from every incarnation the lost writes may have recorded.
+        self.incarnation = loop {
+            let candidate = self.rng.random_range(2..=u64::MAX);
+            if candidate != previous && candidate != older.incarnation {
+                break candidate;
+            }
+        };
+    }
+
+    /// The incarnation serving now.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// Applies one command atomically. `now` is the store's wall clock (lease expiry).
@@ -107,6 +139,7 @@ impl MemoryStore {
             }
             return StoreReply::ClaimReplaced(Err(state));
         }
+        self.settle_logs(command);
         if let Some(reply) = self.claims.apply(now, command) {
             return reply;
         }
@@ -399,8 +432,42 @@ impl MemoryStore {
         }
     }
 
+    /// Applies the lost-tail rule ([`ConversationLog::settle`]) to every log `command`
+    /// serves or writes, before it does: the Redis scripts do the same check in the same
+    /// atomic step.
+    fn settle_logs(&mut self, command: &StoreCommand) {
+        let convs: Vec<ConvId> = match command {
+            StoreCommand::Append { conv, .. } | StoreCommand::Fetch { conv, .. } => {
+                vec![conv.clone()]
+            }
+            StoreCommand::LoadHeads { user } => {
+                let mut convs = vec![ConvId::All];
+                convs.extend(
+                    self.groups
+                        .iter()
+                        .filter(|(_, g)| g.members.contains_key(user))
+                        .map(|(name, _)| ConvId::Group(name.clone())),
+                );
+                convs.extend(self.private_convs.get(user).into_iter().flatten().cloned());
+                convs
+            }
+            _ => return,
+        };
+        for conv in convs {
+            let Some(log) = self.logs.get_mut(&conv) else {
+                continue;
+            };
+            // Only a log that needs it draws an epoch, so runs without a restart draw the
+            // same epochs as before the rule existed.
+            if log.incarnation() != self.incarnation {
+                let fresh = LogEpoch(self.rng.random_range(1..=u64::MAX));
+                log.settle(self.incarnation, fresh);
+            }
+        }
+    }
+
     fn ensure_log(&mut self, conv: &ConvId) -> &mut ConversationLog {
-        let (rng, config) = (&mut self.rng, &self.config);
+        let (rng, config, incarnation) = (&mut self.rng, &self.config, self.incarnation);
         self.logs.entry(conv.clone()).or_insert_with(|| {
             // Never 0, so "no epoch known" can be told apart.
             let log_epoch = LogEpoch(rng.random_range(1..=u64::MAX));
@@ -411,6 +478,7 @@ impl MemoryStore {
                 config.idempotency_ttl,
             )
             .with_canaries(config.canaries)
+            .written_by(incarnation)
         })
     }
 
@@ -887,5 +955,45 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The lost-tail rule: a store restarted from older data moves the logs that lost writes
+    /// to new epochs before serving them, keeps the survivors' seqs, and never numbers a new
+    /// message with a (log epoch, seq) it served before.
+    #[test]
+    fn a_restart_from_older_data_moves_logs_to_new_epochs() {
+        let (mut store, u) = store_with_users(&["a", "b"]);
+        let conv = ConvId::private(u[0], u[1]).expect("two users");
+        for id in 1..=5 {
+            append(&mut store, &conv, u[0], id);
+        }
+        let copy = store.snapshot();
+        let served: Vec<(LogEpoch, u64)> = (6..=8)
+            .map(|id| match append(&mut store, &conv, u[0], id) {
+                StoreReply::Appended(Ok(a)) => (a.message.log_epoch, a.message.seq),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let old = served[0].0;
+        store.restart_from(&copy, 42);
+        assert_ne!(store.incarnation(), copy.incarnation());
+        let head = heads(&mut store, u[1])
+            .into_iter()
+            .find(|h| h.conv == conv)
+            .expect("head");
+        assert_ne!(head.log_epoch, old);
+        assert_eq!((head.head_seq, head.first_available_seq), (5, 1));
+        for id in 106..=108 {
+            match append(&mut store, &conv, u[0], id) {
+                StoreReply::Appended(Ok(a)) => {
+                    assert_eq!(a.message.log_epoch, head.log_epoch);
+                    assert!(!served.contains(&(a.message.log_epoch, a.message.seq)));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Once moved, the log stays in its new epoch.
+        let again = heads(&mut store, u[1]);
+        assert_eq!(again[again.len() - 1].log_epoch, head.log_epoch);
     }
 }

@@ -2785,7 +2785,10 @@ async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
         );
     }
     // The append script was reloaded where the conversation lives (so `NOSCRIPT` was met).
-    let append = redis::Script::new(include_str!("../src/store/lua/append.lua"));
+    let append = redis::Script::new(concat!(
+        include_str!("../src/store/lua/incarnation.lua"),
+        include_str!("../src/store/lua/append.lua")
+    ));
     let home = cluster
         .master_of_key(&format!("cim:conv:{{c:{conv}}}:meta"))
         .expect("the conversation's master");
@@ -2907,4 +2910,119 @@ async fn a_cluster_with_one_evicting_master_is_refused() {
         other => panic!("expected an eviction-policy refusal, got {other:?}"),
     }
     assert!(allowed.is_ok(), "{allowed:?}");
+}
+
+// --- A restart that lost its last writes (the lost-tail rule) ------------------------------
+
+/// Before the copy: two users and five private messages.
+async fn lost_tail_before_copy(d: &mut Driver<'_>) -> (UserId, UserId, ConvId) {
+    let a = d.register("ann").await;
+    let b = d.register("bob").await;
+    let conv = ConvId::private(a, b).expect("two users");
+    for i in 1..=5u64 {
+        let appended = d
+            .append(T0 + i, &conv, a, u128::from(i), &format!("kept {i}"))
+            .await;
+        assert_eq!(appended, Ok((i, false, T0 + i)));
+    }
+    (a, b, conv)
+}
+
+/// After the copy, three more, which the recipient reads: the writes the restart loses.
+async fn lost_tail_after_copy(
+    d: &mut Driver<'_>,
+    (a, b, conv): (UserId, UserId, ConvId),
+) -> LogEpoch {
+    for i in 6..=8u64 {
+        let appended = d
+            .append(T0 + i, &conv, a, u128::from(i), &format!("lost {i}"))
+            .await;
+        assert_eq!(appended, Ok((i, false, T0 + i)));
+    }
+    let epoch = d.head_of(b, &conv).await.expect("head").log_epoch;
+    let (head, seqs) = d.fetch(b, &conv, epoch, 5, 10).await;
+    assert_eq!((head.head_seq, seqs), (8, vec![6, 7, 8]));
+    epoch
+}
+
+/// After the restart from the copy: the log has moved to a new epoch before anything is
+/// served, keeps its surviving messages at their seqs, and numbers new ones under the new
+/// epoch only, so no (log epoch, seq) names two contents.
+async fn lost_tail_after_restart(
+    d: &mut Driver<'_>,
+    (a, b, conv): (UserId, UserId, ConvId),
+    old: LogEpoch,
+) {
+    let head = d.head_of(b, &conv).await.expect("head");
+    assert_ne!(
+        head.log_epoch, old,
+        "the log kept its epoch after losing writes"
+    );
+    // Trimmed to the last `MAX_LOG` (3) as before the restart.
+    assert_eq!((head.head_seq, head.first_available_seq), (5, 3));
+    let new = head.log_epoch;
+    // Once moved, it stays: the next read serves the same epoch.
+    assert_eq!(d.head_of(a, &conv).await.expect("head").log_epoch, new);
+    // A reader still in the old epoch is told the new one and given nothing.
+    let (head, seqs) = d.fetch(b, &conv, old, 5, 10).await;
+    assert_eq!((head.log_epoch, seqs), (new, vec![]));
+    // The survivors keep their seqs under the new epoch.
+    let (_, seqs) = d.fetch(b, &conv, new, 0, 10).await;
+    assert_eq!(seqs, [3, 4, 5]);
+    // A retry of a surviving message answers its seq; new messages take 6.. of the new epoch.
+    assert_eq!(
+        d.append(T0 + 20, &conv, a, 3, "kept 3").await,
+        Ok((3, true, T0 + 3))
+    );
+    for i in 6..=8u64 {
+        let appended = d
+            .append(T0 + 20 + i, &conv, a, 100 + u128::from(i), "new")
+            .await;
+        assert_eq!(appended, Ok((i, false, T0 + 20 + i)));
+    }
+    let (head, seqs) = d.fetch(b, &conv, new, 5, 10).await;
+    assert_eq!(
+        (head.log_epoch, head.head_seq, seqs),
+        (new, 8, vec![6, 7, 8])
+    );
+}
+
+/// Waits until a restarted Redis answers through `store` (its connection reconnects by
+/// itself; the first command after a restart may fail once).
+async fn until_healthy(store: &dyn Store) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.health().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "redis did not come back"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_restart_that_lost_writes_moves_the_log_to_a_new_epoch() {
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    let users = lost_tail_before_copy(&mut reference).await;
+    let copy = memory.snapshot();
+    let old = lost_tail_after_copy(&mut reference, users.clone()).await;
+    memory.restart_from(&copy, 99);
+    lost_tail_after_restart(&mut reference, users, old).await;
+
+    // Redis with AOF: a copy of its data dir, then SIGKILL and a restart from the copy.
+    let Some(mut server) = RedisServer::start_with_aof() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut real = Driver::new(&store);
+    let users = lost_tail_before_copy(&mut real).await;
+    let copy = server.copy_data().expect("copy redis data");
+    let old = lost_tail_after_copy(&mut real, users.clone()).await;
+    server
+        .restart_from(&copy)
+        .expect("restart redis from the copy");
+    until_healthy(&store).await;
+    lost_tail_after_restart(&mut real, users, old).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
 }

@@ -98,6 +98,18 @@ pub(super) fn check_sessions(history: &History, report: &mut Report) {
     }
     for (user, mut spans) in by_user {
         spans.sort_by_key(|s| s.opened_at);
+        // A claim epoch names one session: two sessions under one epoch means the store
+        // issued it twice (its counter went back with a lost tail).
+        let mut by_epoch: BTreeMap<_, &SessionSpan> = BTreeMap::new();
+        for s in &spans {
+            if let Some(first) = by_epoch.insert(s.epoch, s) {
+                report.violations.push(Violation::ReusedClaimEpoch {
+                    user,
+                    first: first.clone(),
+                    second: (*s).clone(),
+                });
+            }
+        }
         // The span reaching furthest so far: any later-opened span starting before its end
         // overlaps it.
         let mut reach: Option<&SessionSpan> = None;

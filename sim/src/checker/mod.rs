@@ -12,7 +12,9 @@
 //! # Invariants (DESIGN.md, "Sessions, claims and fencing" and "Messages and delivery")
 //!
 //! 1. **Sessions**: the sessions of one user, as half-open intervals `[opened, closed)` (an
-//!    open session lasts forever), never overlap. [`Violation::OverlappingSessions`]
+//!    open session lasts forever), never overlap, and no two of them share a claim epoch
+//!    (an epoch is never issued twice, not even by a store that lost its last writes).
+//!    [`Violation::OverlappingSessions`], [`Violation::ReusedClaimEpoch`]
 //! 2. **No duplicate**: a client sees a (conv, log epoch, seq) at most once, and a
 //!    (sender, msg id) under at most one seq of a log epoch. [`Violation::DuplicateSeq`],
 //!    [`Violation::DuplicateMsgId`]

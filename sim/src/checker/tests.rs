@@ -368,6 +368,20 @@ fn overlapping_sessions_are_reported() {
 }
 
 #[test]
+fn a_claim_epoch_issued_twice_is_reported() {
+    // User 1's second session, after the first closed, under the first one's epoch: what a
+    // store whose claim counter went back with a lost tail would issue.
+    let mut h = clean();
+    h.sessions[1].epoch = h.sessions[0].epoch;
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::ReusedClaimEpoch { user: u, first, second }
+            if *u == user(1) && first.opened_at == ms(100) && second.opened_at == ms(1500)),
+        "{v}"
+    );
+}
+
+#[test]
 fn a_seq_handed_over_twice_is_a_duplicate() {
     let mut h = clean();
     client(&mut h, 2).insert(3, (ms(215), Seen::Message(m(&all(), 2))));

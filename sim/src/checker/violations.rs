@@ -15,6 +15,12 @@ pub enum Violation {
         first: SessionSpan,
         second: SessionSpan,
     },
+    /// Invariant 1: two sessions of one user under one claim epoch.
+    ReusedClaimEpoch {
+        user: UserId,
+        first: SessionSpan,
+        second: SessionSpan,
+    },
     /// Invariant 2: one (conv, log epoch, seq) handed over twice.
     DuplicateSeq {
         client: ClientId,
@@ -163,6 +169,16 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "overlapping sessions of user {user}: {} and {}",
+                span(first),
+                span(second)
+            ),
+            Self::ReusedClaimEpoch {
+                user,
+                first,
+                second,
+            } => write!(
+                f,
+                "claim epoch issued twice for user {user}: {} and {}",
                 span(first),
                 span(second)
             ),

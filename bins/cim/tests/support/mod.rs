@@ -540,6 +540,8 @@ pub struct Seen {
     pub kicks: Vec<(Instant, KickReason)>,
     /// Every failed link or login attempt, when, and why.
     pub reconnecting: Vec<(Instant, ConnectionLoss)>,
+    /// Every `LogReset`: (conversation, old log epoch, new log epoch), in order.
+    pub resets: Vec<(ConvId, LogEpoch, LogEpoch)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -570,6 +572,11 @@ impl Recorder {
                             seen.online_on.push(server.as_str().to_owned());
                         }
                         ClientEvent::Stopped(reason) => seen.stopped = Some(reason),
+                        ClientEvent::LogReset {
+                            conv,
+                            old_epoch,
+                            new_epoch,
+                        } => seen.resets.push((conv, old_epoch, new_epoch)),
                         ClientEvent::Kicked(reason) => {
                             seen.kicked_fenced |= reason == KickReason::Fenced;
                             seen.kicks.push((Instant::now(), reason));

@@ -1,7 +1,8 @@
 -- Fetch (and, with limit 0, one conversation's head for LoadHeads).
 -- KEYS (all under the conversation's tag): [1] meta, [2] members, [3] log.
 -- ARGV: [1] user, [2] '1' for a group, [3] log epoch the reader expects, [4] after seq,
--- [5] limit, [6] '1' if the caller established the user may read a non-group conversation.
+-- [5] limit, [6] '1' if the caller established the user may read a non-group conversation,
+-- [7] a fresh log epoch, taken if the log moves (incarnation.lua, prepended).
 -- Returns {nil} when there is no log, else
 -- {log epoch, head, first, joined at (-1: not a member of the group), seq, message, ...}.
 -- Messages are returned only when the epoch matches and the user may read, starting after
@@ -10,6 +11,7 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first')
 if not meta[1] then
   return {false}
 end
+meta[1] = settle_log(KEYS[1], meta[1], ARGV[7])
 local head, first = tonumber(meta[2]), tonumber(meta[3])
 local joined, may_read = 0, ARGV[6] == '1'
 if ARGV[2] == '1' then

@@ -699,7 +699,7 @@ impl RedisStore {
         let convs: Vec<ConvId> = convs.into_iter().collect();
         let calls: Vec<_> = convs
             .iter()
-            .map(|conv| read_call(user, conv, LogEpoch(0), 0, 0, false))
+            .map(|conv| read_call(user, conv, LogEpoch(0), 0, 0, false, self.new_log_epoch()))
             .collect();
         let values = self.read_pipelined(&calls).await?;
         if values.len() != convs.len() {
@@ -746,7 +746,15 @@ impl RedisStore {
         if !may_read && !matches!(conv, ConvId::Group(_)) {
             return Ok(StoreReply::NotMember);
         }
-        let call = read_call(user, &conv, log_epoch, after_seq, limit, may_read);
+        let call = read_call(
+            user,
+            &conv,
+            log_epoch,
+            after_seq,
+            limit,
+            may_read,
+            self.new_log_epoch(),
+        );
         let value = self.read_pipelined(&[call]).await?;
         let Some(value) = value.first() else {
             return Err(bad_reply("fetch", &Value::Array(value)));

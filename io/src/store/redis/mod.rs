@@ -186,10 +186,19 @@ impl Scripts {
             claim_bind: Script::new(include_str!("../lua/claim_bind.lua")),
             claim_refresh: Script::new(include_str!("../lua/claim_refresh.lua")),
             claim_routes: Script::new(include_str!("../lua/claim_routes.lua")),
-            append: Script::new(include_str!("../lua/append.lua")),
-            create_group: Script::new(include_str!("../lua/create_group.lua")),
+            append: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/append.lua")
+            )),
+            create_group: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/create_group.lua")
+            )),
             join_group: Script::new(include_str!("../lua/join_group.lua")),
-            read: Script::new(include_str!("../lua/read.lua")),
+            read: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/read.lua")
+            )),
             advance_cursors: Script::new(include_str!("../lua/advance_cursors.lua")),
             login_failure: Script::new(include_str!("../lua/login_failure.lua")),
             set_password: Script::new(include_str!("../lua/set_password.lua")),
