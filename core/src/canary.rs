@@ -41,10 +41,14 @@ pub enum Canary {
     /// its log epoch, so a store restarted from older data numbers new messages with seqs
     /// clients already received under that epoch.
     LostTailDetection,
+    /// The client's continuation across a log move: a client whose position the move
+    /// carried over resets to the new log's beginning instead (`LogReset`), handing every
+    /// surviving message over again.
+    MoveContinuation,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 7] = [
+    pub const ALL: [Canary; 8] = [
         Canary::IdempotentAppend,
         Canary::EpochFencing,
         Canary::SelfFencing,
@@ -52,6 +56,7 @@ impl Canary {
         Canary::Dedup,
         Canary::SendOrder,
         Canary::LostTailDetection,
+        Canary::MoveContinuation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +68,7 @@ impl Canary {
             Self::Dedup => "dedup",
             Self::SendOrder => "send-order",
             Self::LostTailDetection => "lost-tail",
+            Self::MoveContinuation => "move-continuation",
         }
     }
 

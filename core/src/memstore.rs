@@ -18,7 +18,7 @@ use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
 use crate::route::claims::ClaimTable;
 use crate::store::{
     Account, AccountSummary, AllFrom, AppendError, ConvHead, Deleted, LoginFailures, NameTaken,
-    OnlineEntry, StoreCommand, StoreReply,
+    OnlineEntry, StoreCommand, StoreReply, position_in,
 };
 
 #[derive(Debug, Clone)]
@@ -51,6 +51,16 @@ struct Group {
     members: BTreeMap<UserId, u64>,
 }
 
+/// One log move of the lost-tail rule: `conv`'s log went from epoch `from` to `to`, carrying
+/// seqs `1..=carried_up_to` over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogMove {
+    pub conv: ConvId,
+    pub from: LogEpoch,
+    pub to: LogEpoch,
+    pub carried_up_to: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     config: MemoryStoreConfig,
@@ -59,6 +69,8 @@ pub struct MemoryStore {
     /// [`MemoryStore::restart_from`]. Logs remember the incarnation that last touched them
     /// (the lost-tail rule, [`ConversationLog::settle`]).
     incarnation: u64,
+    /// Every log move so far ([`MemoryStore::moves`]); survives `restart_from`.
+    moves: Vec<LogMove>,
     /// Every account ever registered, tombstones included (see `deleted`).
     accounts: BTreeMap<UserId, Account>,
     /// The last id issued: ids are never reused, not even a deleted account's.
@@ -84,6 +96,7 @@ impl MemoryStore {
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             incarnation: 1,
+            moves: Vec::new(),
             claims: ClaimTable::with_canaries(config.canaries),
             config,
             accounts: BTreeMap::new(),
@@ -109,7 +122,10 @@ impl MemoryStore {
     /// from now on (the snapshot's generator would draw the lost logs' epochs again).
     pub fn restart_from(&mut self, older: &MemoryStore, seed: u64) {
         let previous = self.incarnation;
+        // Not data: the record of what this store did, kept across its lives.
+        let moves = std::mem::take(&mut self.moves);
         *self = older.clone();
+        self.moves = moves;
         self.rng = ChaCha8Rng::seed_from_u64(seed);
         // Random, so it differs from every incarnation the lost writes may have recorded.
         self.incarnation = loop {
@@ -123,6 +139,12 @@ impl MemoryStore {
     /// The incarnation serving now.
     pub fn incarnation(&self) -> u64 {
         self.incarnation
+    }
+
+    /// Every log move this store made, in order, across all its restarts (what the
+    /// simulation's checker judges clients' `LogMoved` and `LogReset` events against).
+    pub fn moves(&self) -> &[LogMove] {
+        &self.moves
     }
 
     /// Applies one command atomically. `now` is the store's wall clock (lease expiry).
@@ -460,8 +482,16 @@ impl MemoryStore {
             // Only a log that needs it draws an epoch, so runs without a restart draw the
             // same epochs as before the rule existed.
             if log.incarnation() != self.incarnation {
+                let from = log.log_epoch();
                 let fresh = LogEpoch(self.rng.random_range(1..=u64::MAX));
-                log.settle(self.incarnation, fresh);
+                if log.settle(self.incarnation, fresh) {
+                    self.moves.push(LogMove {
+                        conv: conv.clone(),
+                        from,
+                        to: fresh,
+                        carried_up_to: log.carried().1,
+                    });
+                }
             }
         }
     }
@@ -559,6 +589,8 @@ impl MemoryStore {
                 head_seq: 0,
                 first_available_seq: 1,
                 cursor_seq: 0,
+                carried_from: LogEpoch(0),
+                carried_up_to: 0,
             };
         };
         let joined_at = match conv {
@@ -569,17 +601,22 @@ impl MemoryStore {
                 .unwrap_or(0),
             _ => 0,
         };
-        let cursor = match self.cursors.get(&(user, conv.clone())) {
-            Some((epoch, seq)) if *epoch == log.log_epoch() => *seq,
-            _ => 0,
-        };
+        let carried = log.carried();
+        let cursor = self
+            .cursors
+            .get(&(user, conv.clone()))
+            .map_or(0, |&at| position_in(at, log.log_epoch(), carried));
         // `all` before the account's start stays fetchable history; only the cursor (what
         // the account is owed) starts there.
         let all_floor = match conv {
-            ConvId::All => self
-                .accounts
-                .get(&user)
-                .map_or(0, |a| a.all_from.floor(log.log_epoch())),
+            ConvId::All => self.accounts.get(&user).map_or(0, |a| {
+                let from = a.all_from;
+                if from.log_epoch == LogEpoch(0) {
+                    0
+                } else {
+                    position_in((from.log_epoch, from.seq), log.log_epoch(), carried)
+                }
+            }),
             _ => 0,
         };
         ConvHead {
@@ -588,6 +625,8 @@ impl MemoryStore {
             head_seq: log.head_seq(),
             first_available_seq: log.first_available_seq().max(joined_at + 1),
             cursor_seq: cursor.max(joined_at).max(all_floor),
+            carried_from: carried.0,
+            carried_up_to: carried.1,
         }
     }
 }
@@ -983,6 +1022,17 @@ mod tests {
             .expect("head");
         assert_ne!(head.log_epoch, old);
         assert_eq!((head.head_seq, head.first_available_seq), (5, 1));
+        // The move says what it carried over: 1..=5 of the old epoch.
+        assert_eq!((head.carried_from, head.carried_up_to), (old, 5));
+        assert_eq!(
+            store.moves(),
+            [LogMove {
+                conv: conv.clone(),
+                from: old,
+                to: head.log_epoch,
+                carried_up_to: 5
+            }]
+        );
         for id in 106..=108 {
             match append(&mut store, &conv, u[0], id) {
                 StoreReply::Appended(Ok(a)) => {
@@ -995,5 +1045,42 @@ mod tests {
         // Once moved, the log stays in its new epoch.
         let again = heads(&mut store, u[1]);
         assert_eq!(again[again.len() - 1].log_epoch, head.log_epoch);
+    }
+
+    /// A restart that lost nothing moves the log too, carrying everything over, and a read
+    /// cursor of the old epoch counts in the new one (up to what was carried).
+    #[test]
+    fn a_restart_without_loss_carries_every_message_and_the_cursors_over() {
+        let (mut store, u) = store_with_users(&["a", "b"]);
+        let conv = ConvId::private(u[0], u[1]).expect("two users");
+        let mut old = LogEpoch(0);
+        for id in 1..=4 {
+            if let StoreReply::Appended(Ok(a)) = append(&mut store, &conv, u[0], id) {
+                old = a.message.log_epoch;
+            }
+        }
+        store.apply(
+            UnixMillis(0),
+            &StoreCommand::AdvanceCursors {
+                user: u[1],
+                cursors: vec![(conv.clone(), old, 3)],
+            },
+        );
+        let copy = store.snapshot();
+        store.restart_from(&copy, 7);
+        let head = heads(&mut store, u[1])
+            .into_iter()
+            .find(|h| h.conv == conv)
+            .expect("head");
+        assert_ne!(head.log_epoch, old);
+        assert_eq!(
+            (
+                head.head_seq,
+                head.carried_from,
+                head.carried_up_to,
+                head.cursor_seq
+            ),
+            (4, old, 4, 3)
+        );
     }
 }
