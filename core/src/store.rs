@@ -57,6 +57,16 @@ impl AllFrom {
             0
         }
     }
+
+    /// [`AllFrom::floor`] in the terms of a log that may have moved from the epoch this
+    /// start names (`carried`: see [`position_in`]).
+    pub fn floor_in(self, log_epoch: LogEpoch, carried: (LogEpoch, u64)) -> u64 {
+        if self.log_epoch == LogEpoch(0) {
+            0
+        } else {
+            position_in((self.log_epoch, self.seq), log_epoch, carried)
+        }
+    }
 }
 
 /// A read position `(epoch, seq)` in the terms of a log now at `log_epoch` that moved from

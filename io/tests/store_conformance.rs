@@ -1748,7 +1748,9 @@ mod scenarios {
                 log_epoch: LogEpoch(0),
                 head_seq: 0,
                 first_available_seq: 1,
-                cursor_seq: 0
+                cursor_seq: 0,
+                carried_from: LogEpoch(0),
+                carried_up_to: 0,
             }
         );
         assert!(seqs.is_empty());

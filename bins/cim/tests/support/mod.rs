@@ -542,6 +542,9 @@ pub struct Seen {
     pub reconnecting: Vec<(Instant, ConnectionLoss)>,
     /// Every `LogReset`: (conversation, old log epoch, new log epoch), in order.
     pub resets: Vec<(ConvId, LogEpoch, LogEpoch)>,
+    /// Every `LogMoved`: (conversation, old log epoch, new log epoch, continues after,
+    /// lost), in order.
+    pub moves: Vec<(ConvId, LogEpoch, LogEpoch, u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -577,6 +580,15 @@ impl Recorder {
                             old_epoch,
                             new_epoch,
                         } => seen.resets.push((conv, old_epoch, new_epoch)),
+                        ClientEvent::LogMoved {
+                            conv,
+                            old_epoch,
+                            new_epoch,
+                            continues_after,
+                            lost,
+                        } => seen
+                            .moves
+                            .push((conv, old_epoch, new_epoch, continues_after, lost)),
                         ClientEvent::Kicked(reason) => {
                             seen.kicked_fenced |= reason == KickReason::Fenced;
                             seen.kicks.push((Instant::now(), reason));

@@ -713,9 +713,10 @@ impl RedisStore {
             if read.joined < 0 {
                 continue; // indexed group the user is not (or no longer) a member of
             }
-            let mut cursor = cursor_in(cursors.get(&conv.to_string()), read.log_epoch);
+            let mut cursor =
+                cursor_in(cursors.get(&conv.to_string()), read.log_epoch, read.carried);
             if conv == ConvId::All {
-                cursor = cursor.max(all_from.floor(read.log_epoch));
+                cursor = cursor.max(all_from.floor_in(read.log_epoch, read.carried));
             }
             heads.push(read.head(conv, cursor));
         }
@@ -773,13 +774,15 @@ impl RedisStore {
                     head_seq: 0,
                     first_available_seq: 1,
                     cursor_seq: 0,
+                    carried_from: LogEpoch(0),
+                    carried_up_to: 0,
                 },
                 messages: Vec::new(),
             });
         };
-        let mut cursor = cursor_in(cursor.as_ref(), read.log_epoch);
+        let mut cursor = cursor_in(cursor.as_ref(), read.log_epoch, read.carried);
         if conv == ConvId::All {
-            cursor = cursor.max(all_from.floor(read.log_epoch));
+            cursor = cursor.max(all_from.floor_in(read.log_epoch, read.carried));
         }
         let messages = read
             .messages
