@@ -159,6 +159,7 @@ impl<'a> Driver<'a> {
     fn norm_head(&mut self, mut head: ConvHead) -> ConvHead {
         self.seen.insert(head.conv.clone(), head.log_epoch);
         head.log_epoch = self.norm(head.log_epoch);
+        head.carried_from = self.norm(head.carried_from);
         head
     }
 
@@ -2927,6 +2928,14 @@ async fn lost_tail_before_copy(d: &mut Driver<'_>) -> (UserId, UserId, ConvId) {
             .await;
         assert_eq!(appended, Ok((i, false, T0 + i)));
     }
+    // Bob has read up to 4: a cursor of the old epoch, which counts in the new one.
+    let epoch = d.head_of(b, &conv).await.expect("head").log_epoch;
+    let cursors = vec![(conv.clone(), epoch, 4)];
+    assert_eq!(
+        d.run(T0 + 5, StoreCommand::AdvanceCursors { user: b, cursors })
+            .await,
+        StoreReply::CursorsAdvanced
+    );
     (a, b, conv)
 }
 
@@ -2960,8 +2969,13 @@ async fn lost_tail_after_restart(
         head.log_epoch, old,
         "the log kept its epoch after losing writes"
     );
-    // Trimmed to the last `MAX_LOG` (3) as before the restart.
+    // Trimmed to the last `MAX_LOG` (3) as before the restart. The move says it carried
+    // 1..=5 over from the old epoch, and bob's cursor (4, old epoch) counts in the new one.
     assert_eq!((head.head_seq, head.first_available_seq), (5, 3));
+    assert_eq!(
+        (head.carried_from, head.carried_up_to, head.cursor_seq),
+        (old, 5, 4)
+    );
     let new = head.log_epoch;
     // Once moved, it stays: the next read serves the same epoch.
     assert_eq!(d.head_of(a, &conv).await.expect("head").log_epoch, new);
@@ -2987,6 +3001,8 @@ async fn lost_tail_after_restart(
         (head.log_epoch, head.head_seq, seqs),
         (new, 8, vec![6, 7, 8])
     );
+    // The record of the move stays as long as the epoch does.
+    assert_eq!((head.carried_from, head.carried_up_to), (old, 5));
 }
 
 /// Waits until a restarted Redis answers through `store` (its connection reconnects by

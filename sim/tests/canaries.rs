@@ -28,7 +28,7 @@ use cim_core::canary::{self, Canary};
 ///
 /// Lost-tail detection: with it off, a store restarted from older data numbers new messages
 /// with seqs clients already hold under the same log epoch (consistency, invariant 6).
-const CAUGHT_WITHIN: [(Canary, &[&str], u64); 7] = [
+const CAUGHT_WITHIN: [(Canary, &[&str], u64); 8] = [
     (Canary::IdempotentAppend, &["--scenario", "failover"], 30),
     (
         Canary::EpochFencing,
@@ -40,6 +40,7 @@ const CAUGHT_WITHIN: [(Canary, &[&str], u64); 7] = [
     (Canary::Dedup, &["--scenario", "failover"], 30),
     (Canary::SendOrder, &["--scenario", "broadcast"], 30),
     (Canary::LostTailDetection, &["--scenario", "lost-tail"], 30),
+    (Canary::MoveContinuation, &["--scenario", "lost-tail"], 30),
 ];
 
 fn cim_sim() -> Command {

@@ -40,6 +40,12 @@ impl MemoryBackend {
         store.snapshot()
     }
 
+    /// Every log move the store made so far (`MemoryStore::moves`).
+    pub fn moves(&self) -> Vec<cim_core::memstore::LogMove> {
+        let store = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        store.moves().to_vec()
+    }
+
     /// The store restarting from `older` (a [`Self::snapshot`]): every write since is lost,
     /// and a new incarnation serves, so the logs that lost writes move to new log epochs
     /// before they are served again (`MemoryStore::restart_from`). New log epochs come from

@@ -4,7 +4,8 @@
 //! (it owes `all` from its registration on, not the backlog). During the fault phase 1–4 faults of any kind (server
 //! crashes, bounces and isolations; partitions, one-way partitions, stalls and slow links
 //! between any roles; route and store crashes), one run in four also a store restart that
-//! loses its last writes (the lost-tail fault), then the healed phase. Judged by the
+//! loses its last writes (the lost-tail fault) and one in four of the rest a store restart
+//! that loses nothing, then the healed phase. Judged by the
 //! checker alone: no overlapping sessions, no loss, duplicate or reordering of acknowledged
 //! messages, re-homes within the bound.
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 use crate::checker::ClientId;
 use crate::scenarios::{
     ClientPlan, FaultKind, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, chatters, drive,
-    lost_tail_fault, random_faults, run_end,
+    lossless_restart_fault, lost_tail_fault, random_faults, run_end,
 };
 
 pub const CHATTERS: usize = 4;
@@ -34,6 +35,9 @@ pub fn plan(run: RunSpec) -> Plan {
     let mut tail = Rng::new(spec.derive_seed("everything lost tail", 0));
     if tail.between(0, 3) == 0 {
         actions.extend(lost_tail_fault(&mut tail, fault_at, healed_at));
+    } else if tail.between(0, 2) == 0 {
+        // One run in four of the rest: a store restart that loses nothing.
+        actions.extend(lossless_restart_fault(&mut tail, fault_at, healed_at));
     }
     let end = run_end(&spec, healed_at);
     let mut clients = chatters(&mut rng, CHATTERS, GROUP, (chat_from, healed_at));

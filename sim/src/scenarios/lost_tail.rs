@@ -1,17 +1,21 @@
 //! **lost-tail**: 3 servers, 2 routes, 5 clients chatting in `all` and a group. During the
-//! fault phase the store keeps a copy of its data, and 0.3–2 s later (clients have read the
-//! writes in between) restarts from it with a new incarnation: what Redis does after a
-//! machine crash with `appendfsync everysec`, or a replica promoted before it had its
-//! master's last writes. Sometimes one more random fault joins in. Judged by the checker: no
-//! (log epoch, seq) names two messages (consistency), every message acked under the log's
-//! current epoch is delivered (loss), a client hands over another epoch's messages only after
-//! a `LogReset` (the loss is reported, never hidden), and no claim epoch is issued twice.
+//! fault phase the store comes back in a new incarnation, in one of three ways: without
+//! losing anything (a clean restart, a replica promoted with all its master's writes); from
+//! a copy of its data kept 0.3–2 s earlier, after clients read the writes in between (what
+//! Redis does after a machine crash with `appendfsync everysec`, or a replica promoted
+//! before it had its master's last writes); or first the one, then the other. Sometimes one
+//! more random fault joins in. Judged by the checker: no (log epoch, seq) names two messages
+//! (consistency), a move carries the same messages under the new epoch (log moves), every
+//! message acked under the log's current epoch is delivered (loss), a client continues
+//! across a move from its epoch without handing anything over again and reports what the
+//! store lost of what it had (`LogMoved`: never hidden, never a reset), and no claim epoch
+//! is issued twice.
 
 use std::time::Duration;
 
 use crate::scenarios::{
-    FaultKind, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, chatters, drive, lost_tail_fault,
-    random_faults, run_end,
+    FaultKind, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, chatters, drive,
+    lossless_restart_fault, lost_tail_fault, random_faults, run_end,
 };
 
 pub const CLIENTS: usize = 5;
@@ -23,7 +27,20 @@ pub fn plan(run: RunSpec) -> Plan {
     let chat_from = Duration::from_secs(4);
     let fault_at = rng.duration(Duration::from_secs(7), Duration::from_secs(14));
     let healed_at = fault_at + rng.duration(Duration::from_secs(4), Duration::from_secs(10));
-    let mut actions = lost_tail_fault(&mut rng, fault_at, healed_at);
+    // 0: a restart that loses nothing; 1: one that loses a tail; 2: the first, then the second.
+    let mode = rng.between(0, 2);
+    let mut actions = Vec::new();
+    if mode != 1 {
+        actions.extend(lossless_restart_fault(&mut rng, fault_at, healed_at));
+    }
+    if mode != 0 {
+        let from = if mode == 2 {
+            fault_at + Duration::from_secs(3)
+        } else {
+            fault_at
+        };
+        actions.extend(lost_tail_fault(&mut rng, from.min(healed_at), healed_at));
+    }
     if rng.between(0, 2) == 0 {
         actions.extend(random_faults(
             &mut rng,

@@ -303,6 +303,10 @@ pub enum Action {
     /// after clients already read some of them (Redis restarted from an AOF that lost its
     /// last second, or a replica promoted before it had its master's last writes).
     StoreLostTail,
+    /// The store comes back in a new incarnation with everything it had (a restart that
+    /// lost nothing, a replica promoted with all its master's writes): every log moves to a
+    /// new epoch when next touched, carrying everything over. Instant: connections stay.
+    StoreRestartWithoutLoss,
 }
 
 /// One SDK client of a scenario.
@@ -830,6 +834,13 @@ impl FaultState {
                 self.crashed_others.push(STORE_HOST.to_owned());
                 "store restarts that lost a tail"
             }
+            Action::StoreRestartWithoutLoss => {
+                self.lost_tails += 1;
+                let seed = hosts.spec.derive_seed("store lost tail", self.lost_tails);
+                hosts.store.restart_from(&hosts.store.snapshot(), seed);
+                rec.fault(now, Fault::StoreRestart);
+                "store restarts without loss"
+            }
         })
     }
 }
@@ -948,6 +959,7 @@ pub fn drive(
             history.final_logs.insert(conv, log);
         }
     }
+    history.moves = cluster.store.moves();
     // Where each user started reading `all` (its account's start, in the final log's terms).
     if let Some(log) = history.final_logs.get(&ConvId::All) {
         for &user in &users {
@@ -956,7 +968,13 @@ pub fn drive(
                     .store
                     .execute(wall, StoreCommand::LoadAccount { user }),
             ) {
-                let floor = account.all_from.floor(log.log_epoch);
+                let carried = history
+                    .moves
+                    .iter()
+                    .rev()
+                    .find(|m| m.conv == ConvId::All && m.to == log.log_epoch)
+                    .map_or((LogEpoch(0), 0), |m| (m.from, m.carried_up_to));
+                let floor = account.all_from.floor_in(log.log_epoch, carried);
                 if floor > 0 {
                     membership.all_from.insert(user, floor);
                     rec.count("users owed all only after their registration");
@@ -1048,6 +1066,16 @@ impl FaultKind {
         FaultKind::RouteCrash,
         FaultKind::StoreCrash,
     ];
+}
+
+/// A store restart that loses nothing, at an instant in `[fault_at, fault_at + 3 s]`.
+pub fn lossless_restart_fault(
+    rng: &mut Rng,
+    fault_at: Duration,
+    healed_at: Duration,
+) -> Vec<(Duration, Action)> {
+    let at = fault_at + rng.duration(Duration::ZERO, Duration::from_secs(3));
+    vec![(at.min(healed_at), Action::StoreRestartWithoutLoss)]
 }
 
 /// The lost-tail fault: a copy of the store's data at some instant in

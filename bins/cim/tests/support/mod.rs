@@ -525,7 +525,7 @@ pub async fn assert_each_member_has_exactly_the_acked(
 }
 
 /// What one user's application saw, recorded as it happens.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Seen {
     /// Per conversation, the (log epoch, seq, msg id) handed over, in order.
     pub messages: BTreeMap<ConvId, Vec<(LogEpoch, u64, ClientMsgId)>>,
