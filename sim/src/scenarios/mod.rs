@@ -991,6 +991,19 @@ pub fn drive(
         rehome_after_isolation: isolation,
     };
     let report = checker::check(&history);
+    if std::env::var_os("CIM_SIM_DUMP").is_some() {
+        eprintln!("SESSIONS {:#?}", history.sessions);
+        eprintln!("FAULTS {:?}", history.faults);
+        for c in &history.clients {
+            if c.client.0 == 3 {
+                for (at, e) in &c.events {
+                    if !matches!(e, checker::Seen::Message(_)) {
+                        eprintln!("C3 {at:?} {e:?}");
+                    }
+                }
+            }
+        }
+    }
     if plan.spec.send_rate == crate::cluster::TIGHT_SEND_RATE {
         rec.count("runs with a tight send rate");
     }
