@@ -991,15 +991,15 @@ pub fn drive(
         rehome_after_isolation: isolation,
     };
     let report = checker::check(&history);
+    // A debugging aid: what the report leaves out (sessions, faults, every client event
+    // but messages).
     if std::env::var_os("CIM_SIM_DUMP").is_some() {
-        eprintln!("SESSIONS {:#?}", history.sessions);
-        eprintln!("FAULTS {:?}", history.faults);
+        eprintln!("sessions: {:#?}", history.sessions);
+        eprintln!("faults: {:?}", history.faults);
         for c in &history.clients {
-            if c.client.0 == 3 {
-                for (at, e) in &c.events {
-                    if !matches!(e, checker::Seen::Message(_)) {
-                        eprintln!("C3 {at:?} {e:?}");
-                    }
+            for (at, seen) in &c.events {
+                if !matches!(seen, checker::Seen::Message(_)) {
+                    eprintln!("{} at {at:?}: {seen:?}", c.client);
                 }
             }
         }
