@@ -3044,3 +3044,79 @@ async fn a_restart_that_lost_writes_moves_the_log_to_a_new_epoch() {
     lost_tail_after_restart(&mut real, users, old).await;
     assert_transcripts_equal(&reference.transcript, &real.transcript);
 }
+
+/// The master change of "never the same name for two contents": a Redis Cluster master dies
+/// after its replica acknowledged every append (`WAIT 1`); the promoted replica has another
+/// run id, so the conversation's log moves before it is served, carrying everything over
+/// (the head says from which epoch and up to which seq), and new messages follow the
+/// carried ones under the new epoch.
+#[tokio::test]
+async fn a_promoted_replica_moves_the_log_carrying_everything_over() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    cluster
+        .wait_for_replicas(Duration::from_secs(20))
+        .expect("replicas in sync");
+    let options = RedisOptions {
+        wait_replicas: 1,
+        ..redis_options()
+    };
+    let store = RedisStore::connect_cluster(&cluster.urls(), options)
+        .await
+        .expect("connect to the cluster");
+    let mut d = Driver::new(&store);
+    let a = d.register("ann").await;
+    let b = d.register("bob").await;
+    let conv = ConvId::private(a, b).expect("two users");
+    for i in 1..=3u64 {
+        let appended = d.append(T0 + i, &conv, a, u128::from(i), "kept").await;
+        assert_eq!(appended, Ok((i, false, T0 + i)));
+    }
+    let old = d.head_of(b, &conv).await.expect("head").log_epoch;
+    let master = cluster
+        .master_of_key(&format!("cim:conv:{{c:{conv}}}:meta"))
+        .expect("the conversation's master");
+    cluster.kill_node(master);
+    cluster
+        .wait_for_failover(master, Duration::from_secs(30))
+        .expect("a replica takes over");
+    // The client finds the new master by itself; until then the slot's reads fail.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let head = loop {
+        let fetch = StoreCommand::Fetch {
+            user: b,
+            conv: conv.clone(),
+            log_epoch: old,
+            after_seq: 0,
+            limit: 10,
+        };
+        match store.execute(UnixMillis(T0 + 10), fetch).await {
+            Ok(StoreReply::Fetched { head, messages }) => {
+                // Asked in the old epoch: told the new one, given nothing.
+                assert!(messages.is_empty(), "{messages:?}");
+                break head;
+            }
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the promoted replica serves the conversation: {other:?}"
+            ),
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_ne!(head.log_epoch, old, "the promoted replica kept the epoch");
+    assert_eq!(
+        (head.head_seq, head.carried_from, head.carried_up_to),
+        (3, old, 3)
+    );
+    let (_, seqs) = d.fetch(b, &conv, head.log_epoch, 0, 10).await;
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(
+        d.append(T0 + 20, &conv, a, 4, "new").await,
+        Ok((4, false, T0 + 20))
+    );
+    assert_eq!(
+        d.head_of(b, &conv).await.expect("head").log_epoch,
+        head.log_epoch
+    );
+}
