@@ -134,6 +134,7 @@ impl MemoryStore {
                 break candidate;
             }
         };
+        self.claims.set_incarnation(self.incarnation);
     }
 
     /// The incarnation serving now.

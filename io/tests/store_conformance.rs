@@ -3005,6 +3005,89 @@ async fn lost_tail_after_restart(
     assert_eq!((head.carried_from, head.carried_up_to), (old, 5));
 }
 
+fn replace_claim_cmd(user: UserId, expected: u64, epoch: u64, server: &str) -> StoreCommand {
+    StoreCommand::ReplaceClaim {
+        user,
+        expected: Epoch(expected),
+        claim: claim(
+            epoch,
+            server,
+            T0 + 60_000,
+            if server == "s1" { 1 } else { 9 },
+        ),
+    }
+}
+
+/// Claim epochs across a restart that lost a login: one login before the copy (epoch 1).
+async fn login_before_copy(d: &mut Driver<'_>) -> UserId {
+    let user = d.register("cid").await;
+    assert_eq!(
+        d.run(T0 + 1, replace_claim_cmd(user, 0, 1, "s1")).await,
+        StoreReply::ClaimReplaced(Ok(None))
+    );
+    user
+}
+
+/// ... and one after it (epoch 2), which the restart loses.
+async fn login_after_copy(d: &mut Driver<'_>, user: UserId) {
+    assert!(matches!(
+        d.run(T0 + 2, replace_claim_cmd(user, 1, 2, "s2")).await,
+        StoreReply::ClaimReplaced(Ok(Some(_)))
+    ));
+}
+
+/// After the restart the counter is back at 1, and epoch 2 was issued: the next login must
+/// not get it. The first try is answered as a lost race with the counter raised to the
+/// caller's now; the retry against it succeeds, and later logins count up from there.
+async fn no_claim_epoch_again_after_restart(d: &mut Driver<'_>, user: UserId) {
+    let now = T0 + 30;
+    let first = claim(1, "s1", T0 + 60_000, 1);
+    assert_eq!(
+        d.run(now, StoreCommand::LoadClaim { user }).await,
+        StoreReply::Claim(state(1, Some(first.clone())))
+    );
+    assert_eq!(
+        d.run(now, replace_claim_cmd(user, 1, 2, "s2")).await,
+        StoreReply::ClaimReplaced(Err(state(now, Some(first.clone()))))
+    );
+    assert_eq!(
+        d.run(now, replace_claim_cmd(user, now, now + 1, "s2"))
+            .await,
+        StoreReply::ClaimReplaced(Ok(Some(first)))
+    );
+    assert!(matches!(
+        d.run(now + 1, replace_claim_cmd(user, now + 1, now + 2, "s2"))
+            .await,
+        StoreReply::ClaimReplaced(Ok(Some(_)))
+    ));
+}
+
+#[tokio::test]
+async fn a_restart_that_lost_a_login_never_issues_its_claim_epoch_again() {
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    let user = login_before_copy(&mut reference).await;
+    let copy = memory.snapshot();
+    login_after_copy(&mut reference, user).await;
+    memory.restart_from(&copy, 99);
+    no_claim_epoch_again_after_restart(&mut reference, user).await;
+
+    let Some(mut server) = RedisServer::start_with_aof() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut real = Driver::new(&store);
+    let user = login_before_copy(&mut real).await;
+    let copy = server.copy_data().expect("copy redis data");
+    login_after_copy(&mut real, user).await;
+    server
+        .restart_from(&copy)
+        .expect("restart redis from the copy");
+    until_healthy(&store).await;
+    no_claim_epoch_again_after_restart(&mut real, user).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
+}
+
 /// Waits until a restarted Redis answers through `store` (its connection reconnects by
 /// itself; the first command after a restart may fail once).
 async fn until_healthy(store: &dyn Store) {

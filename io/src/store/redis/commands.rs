@@ -290,6 +290,7 @@ impl RedisStore {
     /// presented (one script: the resumption only adds its compare).
     pub(super) async fn replace_claim(
         &self,
+        now: UnixMillis,
         user: UserId,
         expected: Epoch,
         claim: Claim,
@@ -313,7 +314,8 @@ impl RedisStore {
                     .arg(&claim.resume_token_hash[..])
                     .arg(secret)
                     .arg(secret_exp)
-                    .arg(presented),
+                    .arg(presented)
+                    .arg(now.0),
             )
             .await?;
         let [replaced, counter, old @ ..] = v.as_slice() else {

@@ -180,7 +180,10 @@ impl Scripts {
     fn new() -> Self {
         Self {
             register: Script::new(include_str!("../lua/register.lua")),
-            claim_replace: Script::new(include_str!("../lua/claim_replace.lua")),
+            claim_replace: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/claim_replace.lua")
+            )),
             claim_expire: Script::new(include_str!("../lua/claim_expire.lua")),
             claim_release: Script::new(include_str!("../lua/claim_release.lua")),
             claim_bind: Script::new(include_str!("../lua/claim_bind.lua")),
@@ -381,14 +384,14 @@ impl RedisStore {
                 user,
                 expected,
                 claim,
-            } => self.replace_claim(user, expected, claim, None).await,
+            } => self.replace_claim(now, user, expected, claim, None).await,
             StoreCommand::ResumeClaim {
                 user,
                 expected,
                 secret,
                 claim,
             } => {
-                self.replace_claim(user, expected, claim, Some(secret))
+                self.replace_claim(now, user, expected, claim, Some(secret))
                     .await
             }
             StoreCommand::ExpireClaim { user, epoch } => {
