@@ -37,16 +37,26 @@ pub enum Canary {
     /// The conversation log's per-sender order check (`SendOrder`): a message is appended
     /// whatever its stream's previous message to the conversation did.
     SendOrder,
+    /// The store's lost-tail rule: a log last written by another store incarnation keeps
+    /// its log epoch, so a store restarted from older data numbers new messages with seqs
+    /// clients already received under that epoch.
+    LostTailDetection,
+    /// The client's continuation across a log move: a client whose position the move
+    /// carried over resets to the new log's beginning instead (`LogReset`), handing every
+    /// surviving message over again.
+    MoveContinuation,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 6] = [
+    pub const ALL: [Canary; 8] = [
         Canary::IdempotentAppend,
         Canary::EpochFencing,
         Canary::SelfFencing,
         Canary::GapSync,
         Canary::Dedup,
         Canary::SendOrder,
+        Canary::LostTailDetection,
+        Canary::MoveContinuation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +67,8 @@ impl Canary {
             Self::GapSync => "gap-sync",
             Self::Dedup => "dedup",
             Self::SendOrder => "send-order",
+            Self::LostTailDetection => "lost-tail",
+            Self::MoveContinuation => "move-continuation",
         }
     }
 

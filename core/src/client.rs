@@ -255,13 +255,27 @@ pub enum ClientEvent {
         from_seq: u64,
         count: u64,
     },
-    /// The conversation's log was recreated under a new log epoch: whatever of the old epoch
-    /// this client had not received is lost (a gap of unknown size); delivery restarts at
-    /// the new log's beginning.
+    /// The conversation's log was recreated under a new log epoch that does not continue
+    /// the old one (or moved more than once since this client was in it): whatever of the
+    /// old epoch this client had not received is lost (a gap of unknown size); delivery
+    /// restarts at the new log's beginning.
     LogReset {
         conv: ConvId,
         old_epoch: LogEpoch,
         new_epoch: LogEpoch,
+    },
+    /// The conversation's log moved to a new log epoch after a store restart or master
+    /// change, carrying its messages over under their seqs: delivery continues after
+    /// `continues_after` under `new_epoch`, nothing is handed over again. `lost` > 0: this
+    /// client had already received the `lost` messages after `continues_after`, and the
+    /// store lost them (show "N messages were lost"); new messages take their seqs. With
+    /// `lost` = 0 nothing was lost and the application need do nothing.
+    LogMoved {
+        conv: ConvId,
+        old_epoch: LogEpoch,
+        new_epoch: LogEpoch,
+        continues_after: u64,
+        lost: u64,
     },
     Kicked(KickReason),
     /// A login failure that retrying will not fix; the session stops.

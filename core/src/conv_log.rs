@@ -64,6 +64,12 @@ pub struct ConversationLog {
     /// `IdempotentAppend` or `SendOrder` off: the simulation's canaries (nothing outside
     /// canary builds).
     canaries: Canaries,
+    /// The store incarnation that last wrote or served this log (0: none recorded). See
+    /// [`ConversationLog::settle`].
+    incarnation: u64,
+    /// The epoch this log last moved from (0: never moved) and the head seq it carried
+    /// over: seqs `1..=carried.1` name the same contents under both epochs.
+    carried: (LogEpoch, u64),
 }
 
 impl ConversationLog {
@@ -88,7 +94,51 @@ impl ConversationLog {
             orders: BTreeMap::new(),
             order_expiry: BTreeSet::new(),
             canaries: Canaries::NONE,
+            incarnation: 0,
+            carried: (LogEpoch(0), 0),
         }
+    }
+
+    /// This log, written by store incarnation `incarnation`.
+    pub fn written_by(mut self, incarnation: u64) -> Self {
+        self.incarnation = incarnation;
+        self
+    }
+
+    /// The store incarnation that last wrote or served this log (0: none recorded).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The lost-tail rule (docs/design.md, "Never the same name for two contents"): called
+    /// before this log is served or appended to by store incarnation `incarnation`. A log
+    /// last touched by another incarnation may have lost messages that readers already
+    /// received (a restart from older data, a promoted replica), and its next seqs would
+    /// name other contents: it moves to `fresh_epoch`, keeping its surviving messages at
+    /// their seqs (the same contents under the new epoch) and its idempotency and order
+    /// records, and records what it carried over: (old epoch, head seq now), which heads
+    /// report ([`ConversationLog::carried`]). Returns whether it moved. A log with no
+    /// recorded incarnation (0) is only stamped.
+    ///
+    /// Conservative: an incarnation change without loss moves the log too. A client at
+    /// (old epoch, c) with c at most the carried head continues at c under the new epoch
+    /// (nothing re-delivered); one past it reports the seqs it had beyond as lost.
+    pub fn settle(&mut self, incarnation: u64, fresh_epoch: LogEpoch) -> bool {
+        if self.incarnation == incarnation {
+            return false;
+        }
+        let moved = self.incarnation != 0
+            && fresh_epoch != self.log_epoch
+            && !self.canaries.disabled(Canary::LostTailDetection);
+        self.incarnation = incarnation;
+        if moved {
+            self.carried = (self.log_epoch, self.head_seq);
+            self.log_epoch = fresh_epoch;
+            for message in &mut self.messages {
+                message.log_epoch = fresh_epoch;
+            }
+        }
+        moved
     }
 
     /// This log with the run's canaries (see `crate::canary`).
@@ -103,6 +153,11 @@ impl ConversationLog {
 
     pub fn log_epoch(&self) -> LogEpoch {
         self.log_epoch
+    }
+
+    /// The epoch this log last moved from (0: never) and the head seq it carried over.
+    pub fn carried(&self) -> (LogEpoch, u64) {
+        self.carried
     }
 
     /// Seq of the newest message; 0 while nothing was ever appended.

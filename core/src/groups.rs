@@ -124,6 +124,8 @@ mod tests {
             head_seq: 0,
             first_available_seq: 1,
             cursor_seq: 0,
+            carried_from: LogEpoch(0),
+            carried_up_to: 0,
         };
         let heads = vec![
             head(ConvId::All),

@@ -170,6 +170,8 @@ mod tests {
             head_seq,
             first_available_seq: 1,
             cursor_seq: 0,
+            carried_from: LogEpoch(0),
+            carried_up_to: 0,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
 use crate::route::claims::ClaimTable;
 use crate::store::{
     Account, AccountSummary, AllFrom, AppendError, ConvHead, Deleted, LoginFailures, NameTaken,
-    OnlineEntry, StoreCommand, StoreReply,
+    OnlineEntry, StoreCommand, StoreReply, position_in,
 };
 
 #[derive(Debug, Clone)]
@@ -45,16 +45,32 @@ impl Default for MemoryStoreConfig {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Group {
     /// Member -> the head seq when they joined (history is visible after it).
     members: BTreeMap<UserId, u64>,
 }
 
-#[derive(Debug)]
+/// One log move of the lost-tail rule: `conv`'s log went from epoch `from` to `to`, carrying
+/// seqs `1..=carried_up_to` over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogMove {
+    pub conv: ConvId,
+    pub from: LogEpoch,
+    pub to: LogEpoch,
+    pub carried_up_to: u64,
+}
+
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     config: MemoryStoreConfig,
     rng: ChaCha8Rng,
+    /// Which life of this store's data is serving: 1 from `new`, another on every
+    /// [`MemoryStore::restart_from`]. Logs remember the incarnation that last touched them
+    /// (the lost-tail rule, [`ConversationLog::settle`]).
+    incarnation: u64,
+    /// Every log move so far ([`MemoryStore::moves`]); survives `restart_from`.
+    moves: Vec<LogMove>,
     /// Every account ever registered, tombstones included (see `deleted`).
     accounts: BTreeMap<UserId, Account>,
     /// The last id issued: ids are never reused, not even a deleted account's.
@@ -79,6 +95,8 @@ impl MemoryStore {
     pub fn new(config: MemoryStoreConfig) -> Self {
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
+            incarnation: 1,
+            moves: Vec::new(),
             claims: ClaimTable::with_canaries(config.canaries),
             config,
             accounts: BTreeMap::new(),
@@ -91,6 +109,43 @@ impl MemoryStore {
             cursors: BTreeMap::new(),
             login_failures: BTreeMap::new(),
         }
+    }
+
+    /// This store's state as it is now: what a restart from older data (a copy of Redis's
+    /// data dir, an AOF that lost its last second, a replica that lagged) comes back with.
+    pub fn snapshot(&self) -> Self {
+        self.clone()
+    }
+
+    /// The store restarting from `older` (a [`MemoryStore::snapshot`] taken earlier): every
+    /// write since is lost, and a new incarnation serves. New log epochs come from `seed`
+    /// from now on (the snapshot's generator would draw the lost logs' epochs again).
+    pub fn restart_from(&mut self, older: &MemoryStore, seed: u64) {
+        let previous = self.incarnation;
+        // Not data: the record of what this store did, kept across its lives.
+        let moves = std::mem::take(&mut self.moves);
+        *self = older.clone();
+        self.moves = moves;
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+        // Random, so it differs from every incarnation the lost writes may have recorded.
+        self.incarnation = loop {
+            let candidate = self.rng.random_range(2..=u64::MAX);
+            if candidate != previous && candidate != older.incarnation {
+                break candidate;
+            }
+        };
+        self.claims.set_incarnation(self.incarnation);
+    }
+
+    /// The incarnation serving now.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Every log move this store made, in order, across all its restarts (what the
+    /// simulation's checker judges clients' `LogMoved` and `LogReset` events against).
+    pub fn moves(&self) -> &[LogMove] {
+        &self.moves
     }
 
     /// Applies one command atomically. `now` is the store's wall clock (lease expiry).
@@ -107,6 +162,7 @@ impl MemoryStore {
             }
             return StoreReply::ClaimReplaced(Err(state));
         }
+        self.settle_logs(command);
         if let Some(reply) = self.claims.apply(now, command) {
             return reply;
         }
@@ -414,8 +470,50 @@ impl MemoryStore {
         }
     }
 
+    /// Applies the lost-tail rule ([`ConversationLog::settle`]) to every log `command`
+    /// serves or writes, before it does: the Redis scripts do the same check in the same
+    /// atomic step.
+    fn settle_logs(&mut self, command: &StoreCommand) {
+        let convs: Vec<ConvId> = match command {
+            StoreCommand::Append { conv, .. } | StoreCommand::Fetch { conv, .. } => {
+                vec![conv.clone()]
+            }
+            StoreCommand::LoadHeads { user } => {
+                let mut convs = vec![ConvId::All];
+                convs.extend(
+                    self.groups
+                        .iter()
+                        .filter(|(_, g)| g.members.contains_key(user))
+                        .map(|(name, _)| ConvId::Group(name.clone())),
+                );
+                convs.extend(self.private_convs.get(user).into_iter().flatten().cloned());
+                convs
+            }
+            _ => return,
+        };
+        for conv in convs {
+            let Some(log) = self.logs.get_mut(&conv) else {
+                continue;
+            };
+            // Only a log that needs it draws an epoch, so runs without a restart draw the
+            // same epochs as before the rule existed.
+            if log.incarnation() != self.incarnation {
+                let from = log.log_epoch();
+                let fresh = LogEpoch(self.rng.random_range(1..=u64::MAX));
+                if log.settle(self.incarnation, fresh) {
+                    self.moves.push(LogMove {
+                        conv: conv.clone(),
+                        from,
+                        to: fresh,
+                        carried_up_to: log.carried().1,
+                    });
+                }
+            }
+        }
+    }
+
     fn ensure_log(&mut self, conv: &ConvId) -> &mut ConversationLog {
-        let (rng, config) = (&mut self.rng, &self.config);
+        let (rng, config, incarnation) = (&mut self.rng, &self.config, self.incarnation);
         self.logs.entry(conv.clone()).or_insert_with(|| {
             // Never 0, so "no epoch known" can be told apart.
             let log_epoch = LogEpoch(rng.random_range(1..=u64::MAX));
@@ -426,6 +524,7 @@ impl MemoryStore {
                 config.idempotency_ttl,
             )
             .with_canaries(config.canaries)
+            .written_by(incarnation)
         })
     }
 
@@ -506,6 +605,8 @@ impl MemoryStore {
                 head_seq: 0,
                 first_available_seq: 1,
                 cursor_seq: 0,
+                carried_from: LogEpoch(0),
+                carried_up_to: 0,
             };
         };
         let joined_at = match conv {
@@ -516,17 +617,22 @@ impl MemoryStore {
                 .unwrap_or(0),
             _ => 0,
         };
-        let cursor = match self.cursors.get(&(user, conv.clone())) {
-            Some((epoch, seq)) if *epoch == log.log_epoch() => *seq,
-            _ => 0,
-        };
+        let carried = log.carried();
+        let cursor = self
+            .cursors
+            .get(&(user, conv.clone()))
+            .map_or(0, |&at| position_in(at, log.log_epoch(), carried));
         // `all` before the account's start stays fetchable history; only the cursor (what
         // the account is owed) starts there.
         let all_floor = match conv {
-            ConvId::All => self
-                .accounts
-                .get(&user)
-                .map_or(0, |a| a.all_from.floor(log.log_epoch())),
+            ConvId::All => self.accounts.get(&user).map_or(0, |a| {
+                let from = a.all_from;
+                if from.log_epoch == LogEpoch(0) {
+                    0
+                } else {
+                    position_in((from.log_epoch, from.seq), log.log_epoch(), carried)
+                }
+            }),
             _ => 0,
         };
         ConvHead {
@@ -535,6 +641,8 @@ impl MemoryStore {
             head_seq: log.head_seq(),
             first_available_seq: log.first_available_seq().max(joined_at + 1),
             cursor_seq: cursor.max(joined_at).max(all_floor),
+            carried_from: carried.0,
+            carried_up_to: carried.1,
         }
     }
 }
@@ -1011,5 +1119,93 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The lost-tail rule: a store restarted from older data moves the logs that lost writes
+    /// to new epochs before serving them, keeps the survivors' seqs, and never numbers a new
+    /// message with a (log epoch, seq) it served before.
+    #[test]
+    fn a_restart_from_older_data_moves_logs_to_new_epochs() {
+        let (mut store, u) = store_with_users(&["a", "b"]);
+        let conv = ConvId::private(u[0], u[1]).expect("two users");
+        for id in 1..=5 {
+            append(&mut store, &conv, u[0], id);
+        }
+        let copy = store.snapshot();
+        let served: Vec<(LogEpoch, u64)> = (6..=8)
+            .map(|id| match append(&mut store, &conv, u[0], id) {
+                StoreReply::Appended(Ok(a)) => (a.message.log_epoch, a.message.seq),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let old = served[0].0;
+        store.restart_from(&copy, 42);
+        assert_ne!(store.incarnation(), copy.incarnation());
+        let head = heads(&mut store, u[1])
+            .into_iter()
+            .find(|h| h.conv == conv)
+            .expect("head");
+        assert_ne!(head.log_epoch, old);
+        assert_eq!((head.head_seq, head.first_available_seq), (5, 1));
+        // The move says what it carried over: 1..=5 of the old epoch.
+        assert_eq!((head.carried_from, head.carried_up_to), (old, 5));
+        assert_eq!(
+            store.moves(),
+            [LogMove {
+                conv: conv.clone(),
+                from: old,
+                to: head.log_epoch,
+                carried_up_to: 5
+            }]
+        );
+        for id in 106..=108 {
+            match append(&mut store, &conv, u[0], id) {
+                StoreReply::Appended(Ok(a)) => {
+                    assert_eq!(a.message.log_epoch, head.log_epoch);
+                    assert!(!served.contains(&(a.message.log_epoch, a.message.seq)));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Once moved, the log stays in its new epoch.
+        let again = heads(&mut store, u[1]);
+        assert_eq!(again[again.len() - 1].log_epoch, head.log_epoch);
+    }
+
+    /// A restart that lost nothing moves the log too, carrying everything over, and a read
+    /// cursor of the old epoch counts in the new one (up to what was carried).
+    #[test]
+    fn a_restart_without_loss_carries_every_message_and_the_cursors_over() {
+        let (mut store, u) = store_with_users(&["a", "b"]);
+        let conv = ConvId::private(u[0], u[1]).expect("two users");
+        let mut old = LogEpoch(0);
+        for id in 1..=4 {
+            if let StoreReply::Appended(Ok(a)) = append(&mut store, &conv, u[0], id) {
+                old = a.message.log_epoch;
+            }
+        }
+        store.apply(
+            UnixMillis(0),
+            &StoreCommand::AdvanceCursors {
+                user: u[1],
+                cursors: vec![(conv.clone(), old, 3)],
+            },
+        );
+        let copy = store.snapshot();
+        store.restart_from(&copy, 7);
+        let head = heads(&mut store, u[1])
+            .into_iter()
+            .find(|h| h.conv == conv)
+            .expect("head");
+        assert_ne!(head.log_epoch, old);
+        assert_eq!(
+            (
+                head.head_seq,
+                head.carried_from,
+                head.carried_up_to,
+                head.cursor_seq
+            ),
+            (4, old, 4, 3)
+        );
     }
 }

@@ -57,6 +57,34 @@ impl AllFrom {
             0
         }
     }
+
+    /// [`AllFrom::floor`] in the terms of a log that may have moved from the epoch this
+    /// start names (`carried`: see [`position_in`]).
+    pub fn floor_in(self, log_epoch: LogEpoch, carried: (LogEpoch, u64)) -> u64 {
+        if self.log_epoch == LogEpoch(0) {
+            0
+        } else {
+            position_in((self.log_epoch, self.seq), log_epoch, carried)
+        }
+    }
+}
+
+/// A read position `(epoch, seq)` in the terms of a log now at `log_epoch` that moved from
+/// `carried_from` (0: never moved) carrying seqs `1..=carried_up_to` over: the seq itself in
+/// the current epoch, at most the carried head in the epoch it moved from (the seqs past it
+/// were lost), else 0 (a position in a log this one knows nothing of).
+pub fn position_in(
+    (epoch, seq): (LogEpoch, u64),
+    log_epoch: LogEpoch,
+    (carried_from, carried_up_to): (LogEpoch, u64),
+) -> u64 {
+    if epoch == log_epoch {
+        seq
+    } else if carried_from != LogEpoch(0) && epoch == carried_from {
+        seq.min(carried_up_to)
+    } else {
+        0
+    }
 }
 
 /// One row of [`StoreCommand::ListAccounts`] (the admin listing).
@@ -146,6 +174,15 @@ pub struct ConvHead {
     pub first_available_seq: u64,
     /// The user's read cursor (0 = nothing read).
     pub cursor_seq: u64,
+    /// The log epoch this log moved from (0 = it never moved): a store restart or master
+    /// change found it written by another incarnation (the lost-tail rule,
+    /// docs/design.md "Never the same name for two contents").
+    #[serde(default)]
+    pub carried_from: LogEpoch,
+    /// The head seq the store still had when the log moved from `carried_from`: seqs
+    /// `1..=carried_up_to` name the same contents under both epochs, new messages follow.
+    #[serde(default)]
+    pub carried_up_to: u64,
 }
 
 /// What a successful append tells the sender.
@@ -518,5 +555,7 @@ pub fn head_to_proto(head: &ConvHead) -> cim_proto::ConvHead {
         head_seq: head.head_seq,
         first_available_seq: head.first_available_seq,
         cursor_seq: head.cursor_seq,
+        carried_from_epoch: head.carried_from.0,
+        carried_up_to: head.carried_up_to,
     }
 }

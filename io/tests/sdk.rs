@@ -177,6 +177,8 @@ fn all_head(s: &ServerState) -> proto::ConvHead {
         head_seq: s.log.len() as u64,
         first_available_seq: 1,
         cursor_seq: 0,
+        carried_from_epoch: 0,
+        carried_up_to: 0,
     }
 }
 

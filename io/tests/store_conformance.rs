@@ -175,6 +175,7 @@ impl<'a> Driver<'a> {
     fn norm_head(&mut self, mut head: ConvHead) -> ConvHead {
         self.seen.insert(head.conv.clone(), head.log_epoch);
         head.log_epoch = self.norm(head.log_epoch);
+        head.carried_from = self.norm(head.carried_from);
         head
     }
 
@@ -1860,7 +1861,9 @@ mod scenarios {
                 log_epoch: LogEpoch(0),
                 head_seq: 0,
                 first_available_seq: 1,
-                cursor_seq: 0
+                cursor_seq: 0,
+                carried_from: LogEpoch(0),
+                carried_up_to: 0,
             }
         );
         assert!(seqs.is_empty());
@@ -2897,7 +2900,10 @@ async fn a_cluster_reloads_flushed_scripts_on_the_node_that_lost_them() {
         );
     }
     // The append script was reloaded where the conversation lives (so `NOSCRIPT` was met).
-    let append = redis::Script::new(include_str!("../src/store/lua/append.lua"));
+    let append = redis::Script::new(concat!(
+        include_str!("../src/store/lua/incarnation.lua"),
+        include_str!("../src/store/lua/append.lua")
+    ));
     let home = cluster
         .master_of_key(&format!("cim:conv:{{c:{conv}}}:meta"))
         .expect("the conversation's master");
@@ -3019,4 +3025,299 @@ async fn a_cluster_with_one_evicting_master_is_refused() {
         other => panic!("expected an eviction-policy refusal, got {other:?}"),
     }
     assert!(allowed.is_ok(), "{allowed:?}");
+}
+
+// --- A restart that lost its last writes (the lost-tail rule) ------------------------------
+
+/// Before the copy: two users and five private messages.
+async fn lost_tail_before_copy(d: &mut Driver<'_>) -> (UserId, UserId, ConvId) {
+    let a = d.register("ann").await;
+    let b = d.register("bob").await;
+    let conv = ConvId::private(a, b).expect("two users");
+    for i in 1..=5u64 {
+        let appended = d
+            .append(T0 + i, &conv, a, u128::from(i), &format!("kept {i}"))
+            .await;
+        assert_eq!(appended, Ok((i, false, T0 + i)));
+    }
+    // Bob has read up to 4: a cursor of the old epoch, which counts in the new one.
+    let epoch = d.head_of(b, &conv).await.expect("head").log_epoch;
+    let cursors = vec![(conv.clone(), epoch, 4)];
+    assert_eq!(
+        d.run(T0 + 5, StoreCommand::AdvanceCursors { user: b, cursors })
+            .await,
+        StoreReply::CursorsAdvanced
+    );
+    (a, b, conv)
+}
+
+/// After the copy, three more, which the recipient reads: the writes the restart loses.
+async fn lost_tail_after_copy(
+    d: &mut Driver<'_>,
+    (a, b, conv): (UserId, UserId, ConvId),
+) -> LogEpoch {
+    for i in 6..=8u64 {
+        let appended = d
+            .append(T0 + i, &conv, a, u128::from(i), &format!("lost {i}"))
+            .await;
+        assert_eq!(appended, Ok((i, false, T0 + i)));
+    }
+    let epoch = d.head_of(b, &conv).await.expect("head").log_epoch;
+    let (head, seqs) = d.fetch(b, &conv, epoch, 5, 10).await;
+    assert_eq!((head.head_seq, seqs), (8, vec![6, 7, 8]));
+    epoch
+}
+
+/// After the restart from the copy: the log has moved to a new epoch before anything is
+/// served, keeps its surviving messages at their seqs, and numbers new ones under the new
+/// epoch only, so no (log epoch, seq) names two contents.
+async fn lost_tail_after_restart(
+    d: &mut Driver<'_>,
+    (a, b, conv): (UserId, UserId, ConvId),
+    old: LogEpoch,
+) {
+    let head = d.head_of(b, &conv).await.expect("head");
+    assert_ne!(
+        head.log_epoch, old,
+        "the log kept its epoch after losing writes"
+    );
+    // Trimmed to the last `MAX_LOG` (3) as before the restart. The move says it carried
+    // 1..=5 over from the old epoch, and bob's cursor (4, old epoch) counts in the new one.
+    assert_eq!((head.head_seq, head.first_available_seq), (5, 3));
+    assert_eq!(
+        (head.carried_from, head.carried_up_to, head.cursor_seq),
+        (old, 5, 4)
+    );
+    let new = head.log_epoch;
+    // Once moved, it stays: the next read serves the same epoch.
+    assert_eq!(d.head_of(a, &conv).await.expect("head").log_epoch, new);
+    // A reader still in the old epoch is told the new one and given nothing.
+    let (head, seqs) = d.fetch(b, &conv, old, 5, 10).await;
+    assert_eq!((head.log_epoch, seqs), (new, vec![]));
+    // The survivors keep their seqs under the new epoch.
+    let (_, seqs) = d.fetch(b, &conv, new, 0, 10).await;
+    assert_eq!(seqs, [3, 4, 5]);
+    // A retry of a surviving message answers its seq; new messages take 6.. of the new epoch.
+    assert_eq!(
+        d.append(T0 + 20, &conv, a, 3, "kept 3").await,
+        Ok((3, true, T0 + 3))
+    );
+    for i in 6..=8u64 {
+        let appended = d
+            .append(T0 + 20 + i, &conv, a, 100 + u128::from(i), "new")
+            .await;
+        assert_eq!(appended, Ok((i, false, T0 + 20 + i)));
+    }
+    let (head, seqs) = d.fetch(b, &conv, new, 5, 10).await;
+    assert_eq!(
+        (head.log_epoch, head.head_seq, seqs),
+        (new, 8, vec![6, 7, 8])
+    );
+    // The record of the move stays as long as the epoch does.
+    assert_eq!((head.carried_from, head.carried_up_to), (old, 5));
+}
+
+fn replace_claim_cmd(user: UserId, expected: u64, epoch: u64, server: &str) -> StoreCommand {
+    StoreCommand::ReplaceClaim {
+        user,
+        expected: Epoch(expected),
+        claim: claim(
+            epoch,
+            server,
+            T0 + 60_000,
+            if server == "s1" { 1 } else { 9 },
+        ),
+    }
+}
+
+/// Claim epochs across a restart that lost a login: one login before the copy (epoch 1).
+async fn login_before_copy(d: &mut Driver<'_>) -> UserId {
+    let user = d.register("cid").await;
+    assert_eq!(
+        d.run(T0 + 1, replace_claim_cmd(user, 0, 1, "s1")).await,
+        StoreReply::ClaimReplaced(Ok(None))
+    );
+    user
+}
+
+/// ... and one after it (epoch 2), which the restart loses.
+async fn login_after_copy(d: &mut Driver<'_>, user: UserId) {
+    assert!(matches!(
+        d.run(T0 + 2, replace_claim_cmd(user, 1, 2, "s2")).await,
+        StoreReply::ClaimReplaced(Ok(Some(_)))
+    ));
+}
+
+/// After the restart the counter is back at 1, and epoch 2 was issued: the next login must
+/// not get it. The first try is answered as a lost race with the counter raised to the
+/// caller's now; the retry against it succeeds, and later logins count up from there.
+async fn no_claim_epoch_again_after_restart(d: &mut Driver<'_>, user: UserId) {
+    let now = T0 + 30;
+    let first = claim(1, "s1", T0 + 60_000, 1);
+    assert_eq!(
+        d.run(now, StoreCommand::LoadClaim { user }).await,
+        StoreReply::Claim(state(1, Some(first.clone())))
+    );
+    assert_eq!(
+        d.run(now, replace_claim_cmd(user, 1, 2, "s2")).await,
+        StoreReply::ClaimReplaced(Err(state(now, Some(first.clone()))))
+    );
+    assert_eq!(
+        d.run(now, replace_claim_cmd(user, now, now + 1, "s2"))
+            .await,
+        StoreReply::ClaimReplaced(Ok(Some(first)))
+    );
+    assert!(matches!(
+        d.run(now + 1, replace_claim_cmd(user, now + 1, now + 2, "s2"))
+            .await,
+        StoreReply::ClaimReplaced(Ok(Some(_)))
+    ));
+}
+
+#[tokio::test]
+async fn a_restart_that_lost_a_login_never_issues_its_claim_epoch_again() {
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    let user = login_before_copy(&mut reference).await;
+    let copy = memory.snapshot();
+    login_after_copy(&mut reference, user).await;
+    memory.restart_from(&copy, 99);
+    no_claim_epoch_again_after_restart(&mut reference, user).await;
+
+    let Some(mut server) = RedisServer::start_with_aof() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut real = Driver::new(&store);
+    let user = login_before_copy(&mut real).await;
+    let copy = server.copy_data().expect("copy redis data");
+    login_after_copy(&mut real, user).await;
+    server
+        .restart_from(&copy)
+        .expect("restart redis from the copy");
+    until_healthy(&store).await;
+    no_claim_epoch_again_after_restart(&mut real, user).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
+}
+
+/// Waits until a restarted Redis answers through `store` (its connection reconnects by
+/// itself; the first command after a restart may fail once).
+async fn until_healthy(store: &dyn Store) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.health().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "redis did not come back"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_restart_that_lost_writes_moves_the_log_to_a_new_epoch() {
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    let users = lost_tail_before_copy(&mut reference).await;
+    let copy = memory.snapshot();
+    let old = lost_tail_after_copy(&mut reference, users.clone()).await;
+    memory.restart_from(&copy, 99);
+    lost_tail_after_restart(&mut reference, users, old).await;
+
+    // Redis with AOF: a copy of its data dir, then SIGKILL and a restart from the copy.
+    let Some(mut server) = RedisServer::start_with_aof() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut real = Driver::new(&store);
+    let users = lost_tail_before_copy(&mut real).await;
+    let copy = server.copy_data().expect("copy redis data");
+    let old = lost_tail_after_copy(&mut real, users.clone()).await;
+    server
+        .restart_from(&copy)
+        .expect("restart redis from the copy");
+    until_healthy(&store).await;
+    lost_tail_after_restart(&mut real, users, old).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
+}
+
+/// The master change of "never the same name for two contents": a Redis Cluster master dies
+/// after its replica acknowledged every append (`WAIT 1`); the promoted replica has another
+/// run id, so the conversation's log moves before it is served, carrying everything over
+/// (the head says from which epoch and up to which seq), and new messages follow the
+/// carried ones under the new epoch.
+#[tokio::test]
+async fn a_promoted_replica_moves_the_log_carrying_everything_over() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    cluster
+        .wait_for_replicas(Duration::from_secs(20))
+        .expect("replicas in sync");
+    let options = RedisOptions {
+        wait_replicas: 1,
+        ..redis_options()
+    };
+    let store = RedisStore::connect_cluster(&cluster.urls(), options)
+        .await
+        .expect("connect to the cluster");
+    let mut d = Driver::new(&store);
+    let a = d.register("ann").await;
+    let b = d.register("bob").await;
+    let conv = ConvId::private(a, b).expect("two users");
+    for i in 1..=3u64 {
+        let appended = d.append(T0 + i, &conv, a, u128::from(i), "kept").await;
+        assert_eq!(appended, Ok((i, false, T0 + i)));
+    }
+    let old = d.head_of(b, &conv).await.expect("head").log_epoch;
+    let master = cluster
+        .master_of_key(&format!("cim:conv:{{c:{conv}}}:meta"))
+        .expect("the conversation's master");
+    cluster.kill_node(master);
+    cluster
+        .wait_for_failover(master, Duration::from_secs(30))
+        .expect("a replica takes over");
+    // The client finds the new master by itself; until then the slot's reads fail.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let head = loop {
+        let fetch = StoreCommand::Fetch {
+            user: b,
+            conv: conv.clone(),
+            log_epoch: old,
+            after_seq: 0,
+            limit: 10,
+        };
+        match store.execute(UnixMillis(T0 + 10), fetch).await {
+            Ok(StoreReply::Fetched { head, messages }) => {
+                // Asked in the old epoch: told the new one, given nothing.
+                assert!(messages.is_empty(), "{messages:?}");
+                break head;
+            }
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the promoted replica serves the conversation: {other:?}"
+            ),
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_ne!(head.log_epoch, old, "the promoted replica kept the epoch");
+    assert_eq!(
+        (head.head_seq, head.carried_from, head.carried_up_to),
+        (3, old, 3)
+    );
+    // The promoted master has no replica left to WAIT for: go on without.
+    let plain = RedisStore::connect_cluster(&cluster.urls(), redis_options())
+        .await
+        .expect("connect to the cluster");
+    let mut d = Driver::new(&plain);
+    let (_, seqs) = d.fetch(b, &conv, head.log_epoch, 0, 10).await;
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(
+        d.append(T0 + 20, &conv, a, 4, "new").await,
+        Ok((4, false, T0 + 20))
+    );
+    let now = d.head_of(b, &conv).await.expect("head");
+    assert_eq!(
+        (now.log_epoch, now.head_seq, now.carried_from),
+        (head.log_epoch, 4, old)
+    );
 }

@@ -297,6 +297,8 @@ fn counter_of(event: &ClientEvent) -> Option<&'static str> {
         },
         ClientEvent::Unavailable { .. } => "unavailable ranges",
         ClientEvent::LogReset { .. } => "log resets",
+        ClientEvent::LogMoved { lost: 0, .. } => "log moves continued",
+        ClientEvent::LogMoved { .. } => "log moves that lost messages",
         _ => return None,
     })
 }

@@ -17,7 +17,7 @@ use cim_core::canary::{self, Canary};
 
 /// (canary, the sweep that exercises it, seeds within which it must be caught). Measured
 /// (first failing seed from 1): idempotent append 3, epoch fencing 14, self-fencing 1, gap
-/// sync 1, dedup 1, send order 5.
+/// sync 7, dedup 1, send order 5, lost-tail detection 2, move continuation 1.
 ///
 /// Idempotent append: since the per-sender order check, a resend of an SDK message that is
 /// already stored is refused as superseded even without its idempotency record, so the
@@ -25,7 +25,13 @@ use cim_core::canary::{self, Canary};
 ///
 /// Epoch fencing needs a balancer that spreads one user's racing logins over servers: with
 /// consistent hashing they all reach one server, which serializes them by itself.
-const CAUGHT_WITHIN: [(Canary, &[&str], u64); 6] = [
+///
+/// Lost-tail detection: with it off, a store restarted from older data numbers new messages
+/// with seqs clients already hold under the same log epoch (consistency, invariant 6).
+///
+/// Move continuation: with it off, every client resets each conversation a restart moved,
+/// and hands its carried messages over again (`ResetAcrossMove`, invariant 9).
+const CAUGHT_WITHIN: [(Canary, &[&str], u64); 8] = [
     (Canary::IdempotentAppend, &["--scenario", "failover"], 30),
     (
         Canary::EpochFencing,
@@ -36,6 +42,8 @@ const CAUGHT_WITHIN: [(Canary, &[&str], u64); 6] = [
     (Canary::GapSync, &["--scenario", "broadcast"], 30),
     (Canary::Dedup, &["--scenario", "failover"], 30),
     (Canary::SendOrder, &["--scenario", "broadcast"], 30),
+    (Canary::LostTailDetection, &["--scenario", "lost-tail"], 30),
+    (Canary::MoveContinuation, &["--scenario", "lost-tail"], 30),
 ];
 
 fn cim_sim() -> Command {

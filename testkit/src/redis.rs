@@ -181,6 +181,33 @@ impl RedisServer {
         self.spawn()
     }
 
+    /// A copy of the data directory as it is now (with AOF: every write acknowledged so far),
+    /// taken while the server runs. [`Self::restart_from`] brings the server back with it:
+    /// what a machine crash does to the writes of Redis's last second, or a replica that had
+    /// not yet received its master's last writes.
+    pub fn copy_data(&self) -> Result<PathBuf, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let copy = self.dir.with_file_name(format!(
+            "{}-copy{}",
+            self.dir
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        copy_dir(&self.dir, &copy).map_err(|e| format!("copy {}: {e}", self.dir.display()))?;
+        Ok(copy)
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port from `copy` (a
+    /// [`Self::copy_data`]): every write after the copy is lost. Removes `copy`.
+    pub fn restart_from(&mut self, copy: &std::path::Path) -> Result<(), String> {
+        self.kill();
+        std::fs::remove_dir_all(&self.dir).map_err(|e| e.to_string())?;
+        copy_dir(copy, &self.dir).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(copy);
+        self.spawn()
+    }
+
     /// Whether it answers PING at all over plaintext (`+PONG`, or an error such as
     /// `-NOAUTH` when the default user needs a password).
     fn answers(&self) -> bool {
@@ -240,6 +267,21 @@ impl RedisServer {
         }
         String::from_utf8_lossy(&out).trim_end().to_string()
     }
+}
+
+/// Copies the directory tree `from` to `to` (files and directories only: Redis's data dir).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for RedisServer {

@@ -113,6 +113,17 @@ function onEvent(e) {
         ? 'the server lost this conversation\'s older messages'
         : `${e.count} messages were trimmed before you got them`;
       break;
+    case 'logMoved': {
+      // The server restarted and carried this conversation over. Nothing to do unless it
+      // lost messages this page already showed: those are marked, and new ones follow.
+      if (e.lost === 0) break;
+      const c = conv(e.conv);
+      for (const item of c.items.values()) {
+        if (item.seq !== null && item.seq > e.continuesAfter) item.state = 'lost';
+      }
+      c.notice = `${e.lost} message${e.lost === 1 ? ' was' : 's were'} lost by the server`;
+      break;
+    }
   }
   render();
 }

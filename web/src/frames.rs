@@ -84,6 +84,8 @@ fn head_from(v: &Value) -> proto::ConvHead {
         head_seq: num(v, "headSeq"),
         first_available_seq: num(v, "firstAvailableSeq"),
         cursor_seq: num(v, "cursorSeq"),
+        carried_from_epoch: num(v, "carriedFromEpoch"),
+        carried_up_to: num(v, "carriedUpTo"),
     }
 }
 

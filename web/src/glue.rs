@@ -271,6 +271,15 @@ fn event_json(event: ClientEvent) -> Value {
             "t": "unavailable", "conv": conv.to_string(), "fromSeq": from_seq, "count": count,
         }),
         ClientEvent::LogReset { conv, .. } => json!({"t": "logReset", "conv": conv.to_string()}),
+        ClientEvent::LogMoved {
+            conv,
+            continues_after,
+            lost,
+            ..
+        } => json!({
+            "t": "logMoved", "conv": conv.to_string(),
+            "continuesAfter": continues_after, "lost": lost,
+        }),
         ClientEvent::Kicked(reason) => json!({"t": "kicked", "reason": reason.as_str_name()}),
         ClientEvent::LoginRejected(error) => {
             json!({"t": "loginRejected", "reason": error.to_string()})

@@ -167,6 +167,25 @@ test('a gap is fetched after the gap delay and filled in order', async () => {
   assert.equal(acks.at(-1).seq, 4);
 });
 
+test('a log moved by a store restart continues where the page was, and reports only what was lost', async () => {
+  const w = world();
+  const shell = w.shell();
+  shell.start();
+  const ws = await w.online(shell);
+  [1, 2, 3].forEach((seq) => ws.push(msg(seq, String(seq))));
+  // The store restarted and lost 3: the next message comes under a new log epoch.
+  ws.push(msg(3, 'x', { logEpoch: '6' }));
+  const fetch = ws.sent.findLast((f) => f.t === 'fetchRequest');
+  assert.equal(fetch.logEpoch, '5');
+  const head = { conv: 'all', logEpoch: '6', headSeq: 3, firstAvailableSeq: 1, cursorSeq: 0, carriedFromEpoch: '5', carriedUpTo: 2 };
+  ws.push({ t: 'fetchAnswer', head, messages: [] });
+  assert.deepEqual(w.events.filter((e) => e.t === 'logMoved'), [{ t: 'logMoved', conv: 'all', continuesAfter: 2, lost: 1 }]);
+  ws.push({ t: 'fetchAnswer', head, messages: [msg(3, 'x', { logEpoch: '6' })] });
+  // Nothing handed over twice: 1 and 2 were carried over, 3 is the new message.
+  assert.deepEqual(w.messages().map((m) => [m.logEpoch, m.seq, m.text]), [['5', 1, '1'], ['5', 2, '2'], ['5', 3, '3'], ['6', 3, 'x']]);
+  assert.equal(w.events.filter((e) => e.t === 'logReset').length, 0);
+});
+
 test('a lost connection reconnects with the resume token and resends what was unacknowledged and typed meanwhile, once, in order', async () => {
   const w = world();
   const shell = w.shell();

@@ -1023,6 +1023,28 @@ impl App {
                     &format!("— [{label}] conversation reset; earlier unread messages are lost —"),
                 );
             }
+            // A store restart carried the conversation over: nothing to show unless it lost
+            // messages this client had already shown.
+            ClientEvent::LogMoved { lost: 0, .. } => {}
+            ClientEvent::LogMoved {
+                conv,
+                continues_after,
+                lost,
+                ..
+            } => {
+                let label = self.label(&conv);
+                self.sink.status(
+                    Level::Warn,
+                    &if self.verbose {
+                        format!(
+                            "— [{label}] {lost} message(s) lost by the server (#{} on); new ones follow —",
+                            continues_after + 1
+                        )
+                    } else {
+                        format!("— [{label}] {lost} message(s) shown above were lost by the server —")
+                    },
+                );
+            }
             ClientEvent::LoggingIn | ClientEvent::Connecting { .. } => {}
         }
         None

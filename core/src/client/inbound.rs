@@ -141,7 +141,8 @@ impl Conv {
         self.drain(out);
     }
 
-    /// The log now has another epoch (lost and recreated): start it from scratch. What we
+    /// The log now has another epoch that does not continue ours (lost and recreated, or
+    /// moved twice since we were in it): start it from scratch. What we
     /// had not yet received of the old epoch is a gap of unknown size, reported as
     /// [`ClientEvent::LogReset`]. The cursor is not trusted here: a cursor in an epoch this
     /// client never saw cannot be one it acknowledged.
@@ -169,6 +170,59 @@ impl Conv {
             });
         }
         self.jump_to(start);
+    }
+
+    /// The log now has another epoch: continue if the head says it moved from ours
+    /// ([`Conv::carry`]), else start it from scratch ([`Conv::reset`]).
+    fn switch(&mut self, conv: &ConvId, head: &ConvHead, cfg: &InboundConfig, out: &mut Outputs) {
+        if head.carried_from != LogEpoch(0)
+            && head.carried_from == self.log_epoch
+            && !cfg.canaries.disabled(Canary::MoveContinuation)
+        {
+            self.carry(conv, head, out);
+        } else {
+            self.reset(conv, head, out);
+        }
+    }
+
+    /// The log moved from our epoch to `head.log_epoch`, carrying seqs up to
+    /// `head.carried_up_to` over under the same seqs: continue from where we are (reported
+    /// as [`ClientEvent::LogMoved`] with `lost` 0), or, if we had received seqs the move did
+    /// not carry (the store lost them), from the carried head, reporting those as lost. What
+    /// arrived of the old epoch and was not handed over is dropped (it is fetched again
+    /// under the new one, or was lost).
+    fn carry(&mut self, conv: &ConvId, head: &ConvHead, out: &mut Outputs) {
+        let continues_after = self.delivered.min(head.carried_up_to);
+        out.events.push_back(ClientEvent::LogMoved {
+            conv: conv.clone(),
+            old_epoch: self.log_epoch,
+            new_epoch: head.log_epoch,
+            continues_after,
+            lost: self.delivered - continues_after,
+        });
+        self.log_epoch = head.log_epoch;
+        self.buffer.clear();
+        self.seen = 0;
+        self.delivered = continues_after;
+        // The server's cursor is in the old epoch: acknowledge the position again in the new.
+        self.acked = 0;
+        self.gap_deadline = None;
+    }
+
+    /// Reports and skips what `head` (of our epoch) says was trimmed before we got it.
+    fn skip_trimmed(&mut self, head: &ConvHead, out: &mut Outputs) {
+        let first_kept = head
+            .first_available_seq
+            .saturating_sub(1)
+            .min(head.head_seq);
+        if first_kept > self.delivered {
+            out.events.push_back(ClientEvent::Unavailable {
+                conv: head.conv.clone(),
+                from_seq: self.delivered + 1,
+                count: first_kept - self.delivered,
+            });
+            self.jump_to(first_kept);
+        }
     }
 
     fn fetch(&mut self, conv: &ConvId, now: Instant, cfg: &InboundConfig, out: &mut Outputs) {
@@ -307,21 +361,11 @@ impl Inbound {
         let before = (c.log_epoch, c.delivered);
         if !c.anchored {
             c.anchor(&head.conv, &head, out);
-        } else if c.log_epoch != head.log_epoch {
-            c.reset(&head.conv, &head, out);
         } else {
-            let first_kept = head
-                .first_available_seq
-                .saturating_sub(1)
-                .min(head.head_seq);
-            if first_kept > c.delivered {
-                out.events.push_back(ClientEvent::Unavailable {
-                    conv: head.conv.clone(),
-                    from_seq: c.delivered + 1,
-                    count: first_kept - c.delivered,
-                });
-                c.jump_to(first_kept);
+            if c.log_epoch != head.log_epoch {
+                c.switch(&head.conv, &head, &self.cfg, out);
             }
+            c.skip_trimmed(&head, out);
         }
         for msg in messages {
             if msg.conv == head.conv && msg.log_epoch == c.log_epoch {
@@ -367,7 +411,8 @@ impl Inbound {
             if !c.anchored {
                 c.anchor(&head.conv, &head, out);
             } else if c.log_epoch != head.log_epoch {
-                c.reset(&head.conv, &head, out);
+                c.switch(&head.conv, &head, &self.cfg, out);
+                c.skip_trimmed(&head, out);
             }
             if head.head_seq > c.delivered {
                 c.fetch(&head.conv, now, &self.cfg, out);
@@ -490,5 +535,7 @@ pub(crate) fn head_from_proto(h: proto::ConvHead) -> Result<ConvHead, FrameError
         head_seq: h.head_seq,
         first_available_seq: h.first_available_seq,
         cursor_seq: h.cursor_seq,
+        carried_from: LogEpoch(h.carried_from_epoch),
+        carried_up_to: h.carried_up_to,
     })
 }

@@ -78,12 +78,17 @@ pub fn decide_login(
 /// `ReplaceClaim`, `ReleaseClaim`, `BindSession`, `RefreshLeases` and `LoadRoutes`.
 ///
 /// Invariants (checked by the property test): a stored claim's epoch equals its user's
-/// counter; a stored route record's epoch is at most the counter; the counter never
-/// decreases.
+/// counter (until a restart raises the counter: [`ClaimTable::replace_at`]); a stored route
+/// record's epoch is at most the counter; the counter never decreases.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimTable {
     claims: BTreeMap<UserId, ClaimState>,
     routes: BTreeMap<UserId, RouteRecord>,
+    /// The store incarnation serving now (see [`ClaimTable::set_incarnation`]).
+    incarnation: u64,
+    /// The incarnation that last wrote each user's claim (none: never written, or written
+    /// before the rule existed).
+    written_by: BTreeMap<UserId, u64>,
     /// `EpochFencing` off: the simulation's canary (nothing outside canary builds).
     canaries: Canaries,
 }
@@ -120,12 +125,47 @@ impl ClaimTable {
         expected: Epoch,
         claim: Claim,
     ) -> Result<Option<Claim>, ClaimState> {
+        self.replace_at(user, expected, claim, UnixMillis(0))
+    }
+
+    /// A restart of the store that lost its last writes: claims written before now count as
+    /// another incarnation's ([`ClaimTable::replace_at`]).
+    pub fn set_incarnation(&mut self, incarnation: u64) {
+        self.incarnation = incarnation;
+    }
+
+    /// [`ClaimTable::replace`] at store time `now`, with the rule that no claim epoch is
+    /// issued twice (docs/design.md, "Never the same name for two contents"): a claim
+    /// another store incarnation wrote may have lost later logins, whose epochs its counter
+    /// no longer shows, so the counter first rises to `max(counter + 1, now)` (in ms: one
+    /// login a millisecond per user never gets there) and the answer is a lost race, which
+    /// the route retries against the raised counter. `claim_replace.lua` does the same.
+    // The `Err` is the store's reply, as for `replace`.
+    #[allow(clippy::result_large_err)]
+    pub fn replace_at(
+        &mut self,
+        user: UserId,
+        expected: Epoch,
+        claim: Claim,
+        now: UnixMillis,
+    ) -> Result<Option<Claim>, ClaimState> {
+        let incarnation = self.incarnation;
         let state = self.claims.entry(user).or_default();
+        if self
+            .written_by
+            .get(&user)
+            .is_some_and(|&by| by != incarnation)
+        {
+            state.epoch = Epoch(state.epoch.0.saturating_add(1).max(now.0));
+            self.written_by.insert(user, incarnation);
+            return Err(state.clone());
+        }
         let fencing = !self.canaries.disabled(Canary::EpochFencing);
         if fencing && (state.epoch != expected || claim.epoch <= expected) {
             return Err(state.clone());
         }
         state.epoch = state.epoch.max(claim.epoch);
+        self.written_by.insert(user, incarnation);
         Ok(state.claim.replace(claim))
     }
 
@@ -142,6 +182,20 @@ impl ClaimTable {
         secret: &[u8; 32],
         claim: Claim,
     ) -> Result<Option<Claim>, ClaimState> {
+        self.resume_at(user, expected, secret, claim, UnixMillis(0))
+    }
+
+    /// [`ClaimTable::resume`] at store time `now` (see [`ClaimTable::replace_at`]).
+    // The `Err` is the store's reply, as for `replace`.
+    #[allow(clippy::result_large_err)]
+    pub fn resume_at(
+        &mut self,
+        user: UserId,
+        expected: Epoch,
+        secret: &[u8; 32],
+        claim: Claim,
+        now: UnixMillis,
+    ) -> Result<Option<Claim>, ClaimState> {
         let state = self.load(user);
         let holds = state
             .claim
@@ -151,7 +205,7 @@ impl ClaimTable {
         if !holds {
             return Err(state);
         }
-        self.replace(user, expected, claim)
+        self.replace_at(user, expected, claim, now)
     }
 
     /// `RevokeResumption` (and the revocation part of `SetPassword`): drops the claim's
@@ -294,13 +348,19 @@ impl ClaimTable {
                 user,
                 expected,
                 claim,
-            } => StoreReply::ClaimReplaced(self.replace(*user, *expected, claim.clone())),
+            } => StoreReply::ClaimReplaced(self.replace_at(*user, *expected, claim.clone(), now)),
             StoreCommand::ResumeClaim {
                 user,
                 expected,
                 secret,
                 claim,
-            } => StoreReply::ClaimReplaced(self.resume(*user, *expected, secret, claim.clone())),
+            } => StoreReply::ClaimReplaced(self.resume_at(
+                *user,
+                *expected,
+                secret,
+                claim.clone(),
+                now,
+            )),
             StoreCommand::ExpireClaim { user, epoch } => StoreReply::ClaimReleased {
                 released: self.expire(*user, *epoch),
             },

@@ -34,6 +34,29 @@ impl MemoryBackend {
         self.inner.clear_poison();
     }
 
+    /// The whole state as it is now, to restart from later ([`Self::restart_from`]).
+    pub fn snapshot(&self) -> MemoryStore {
+        let store = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        store.snapshot()
+    }
+
+    /// Every log move the store made so far (`MemoryStore::moves`).
+    pub fn moves(&self) -> Vec<cim_core::memstore::LogMove> {
+        let store = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        store.moves().to_vec()
+    }
+
+    /// The store restarting from `older` (a [`Self::snapshot`]): every write since is lost,
+    /// and a new incarnation serves, so the logs that lost writes move to new log epochs
+    /// before they are served again (`MemoryStore::restart_from`). New log epochs come from
+    /// `seed`. The simulation's lost-tail fault: a Redis restarted from an AOF that lost its
+    /// last second, or a replica promoted before it had its master's last writes.
+    pub fn restart_from(&self, older: &MemoryStore, seed: u64) {
+        let mut store = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        store.restart_from(older, seed);
+        self.inner.clear_poison();
+    }
+
     fn apply(&self, now: UnixMillis, command: &StoreCommand) -> StoreResult {
         // A poisoned lock means an `apply` panicked halfway: the state may be inconsistent,
         // so refuse rather than serve it.

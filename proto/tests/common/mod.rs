@@ -162,14 +162,17 @@ pub fn arb_conv_head() -> impl Strategy<Value = ConvHead> {
         any::<u64>(),
         any::<u64>(),
         any::<u64>(),
+        (any::<u64>(), any::<u64>()),
     )
         .prop_map(
-            |(conv, log_epoch, head_seq, first_available_seq, cursor_seq)| ConvHead {
+            |(conv, log_epoch, head_seq, first_available_seq, cursor_seq, carried)| ConvHead {
                 conv,
                 log_epoch,
                 head_seq,
                 first_available_seq,
                 cursor_seq,
+                carried_from_epoch: carried.0,
+                carried_up_to: carried.1,
             },
         )
 }
@@ -375,6 +378,8 @@ fn head() -> ConvHead {
         head_seq: 10,
         first_available_seq: 1,
         cursor_seq: 9,
+        carried_from_epoch: 0,
+        carried_up_to: 0,
     }
 }
 

@@ -98,6 +98,18 @@ pub(super) fn check_sessions(history: &History, report: &mut Report) {
     }
     for (user, mut spans) in by_user {
         spans.sort_by_key(|s| s.opened_at);
+        // A claim epoch names one session: two sessions under one epoch means the store
+        // issued it twice (its counter went back with a lost tail).
+        let mut by_epoch: BTreeMap<_, &SessionSpan> = BTreeMap::new();
+        for s in &spans {
+            if let Some(first) = by_epoch.insert(s.epoch, s) {
+                report.violations.push(Violation::ReusedClaimEpoch {
+                    user,
+                    first: first.clone(),
+                    second: (*s).clone(),
+                });
+            }
+        }
         // The span reaching furthest so far: any later-opened span starting before its end
         // overlaps it.
         let mut reach: Option<&SessionSpan> = None;
@@ -188,7 +200,7 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
     let first_lossy = history
         .faults
         .iter()
-        .find(|(_, f)| *f == Fault::StoreLossyRestart)
+        .find(|(_, f)| matches!(f, Fault::StoreLossyRestart | Fault::StoreRestart))
         .map(|(at, _)| *at);
     let mut streams = Streams::new();
     for c in &history.clients {
@@ -301,6 +313,24 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
                         }
                         Some(_) => {}
                     }
+                    // A move straight from the client's epoch says what it carried over: the
+                    // client continues across it (`LogMoved`), it does not start again.
+                    if let Some(m) = history
+                        .moves
+                        .iter()
+                        .find(|m| m.conv == *conv && m.from == *old_epoch && m.to == *new_epoch)
+                    {
+                        report.violations.push(Violation::ResetAcrossMove {
+                            client: c.client,
+                            user: c.user,
+                            conv: conv.clone(),
+                            old_epoch: *old_epoch,
+                            new_epoch: *new_epoch,
+                            handed_over: pos.next.map(|n| n - 1),
+                            carried_up_to: m.carried_up_to,
+                            at,
+                        });
+                    }
                     // The new log is delivered from its beginning.
                     *pos = Position {
                         epoch: Some(*new_epoch),
@@ -312,6 +342,83 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
                         .or_default()
                         .first_at
                         .get_or_insert(at);
+                }
+                Seen::LogMoved {
+                    conv,
+                    old_epoch,
+                    new_epoch,
+                    continues_after,
+                    lost,
+                } => {
+                    let pos = positions.entry(conv.clone()).or_default();
+                    match pos.epoch {
+                        None => pos.learn_epoch(*old_epoch, conv, covered),
+                        Some(current) if current != *old_epoch => {
+                            report.violations.push(Violation::EpochSwitch {
+                                client: c.client,
+                                user: c.user,
+                                conv: conv.clone(),
+                                current,
+                                got: *old_epoch,
+                                seq: None,
+                                at,
+                            });
+                        }
+                        Some(_) => {}
+                    }
+                    let handed_over = pos.next.map(|n| n - 1);
+                    let carried_up_to = history
+                        .moves
+                        .iter()
+                        .find(|m| m.conv == *conv && m.from == *old_epoch && m.to == *new_epoch)
+                        .map(|m| m.carried_up_to);
+                    let right = match (carried_up_to, handed_over) {
+                        (None, _) => false,
+                        (Some(n), Some(h)) => *continues_after == h.min(n) && *lost == h - h.min(n),
+                        // Anchored at the server's cursor without handing anything over: the
+                        // checker does not know where.
+                        (Some(n), None) => *continues_after <= n,
+                    };
+                    if !right {
+                        report.violations.push(Violation::WrongLogMove {
+                            client: c.client,
+                            user: c.user,
+                            conv: conv.clone(),
+                            old_epoch: *old_epoch,
+                            new_epoch: *new_epoch,
+                            handed_over,
+                            carried_up_to,
+                            continues_after: *continues_after,
+                            lost: *lost,
+                            at,
+                        });
+                    }
+                    // What was handed over up to the continuation counts in the new epoch: the
+                    // same messages under the same seqs.
+                    let upto = *continues_after;
+                    let carried = covered.get(&(conv.clone(), *old_epoch)).map(|old| {
+                        let seqs: Vec<(u64, SimTime)> =
+                            old.seqs.range(..=upto).map(|(s, t)| (*s, *t)).collect();
+                        let unavailable: Vec<(u64, u64, SimTime)> = old
+                            .unavailable
+                            .iter()
+                            .filter(|(from, _, _)| *from <= upto)
+                            .map(|(from, to, t)| (*from, (*to).min(upto), *t))
+                            .collect();
+                        (seqs, unavailable, old.first_at)
+                    });
+                    let cov = covered.entry((conv.clone(), *new_epoch)).or_default();
+                    if let Some((seqs, unavailable, first_at)) = carried {
+                        cov.seqs.extend(seqs);
+                        cov.unavailable.extend(unavailable);
+                        if let Some(t) = first_at {
+                            cov.first_at = Some(cov.first_at.map_or(t, |f| f.min(t)));
+                        }
+                    }
+                    cov.first_at.get_or_insert(at);
+                    pos.epoch = Some(*new_epoch);
+                    pos.next = Some(upto + 1);
+                    pos.ids.retain(|_, seq| *seq <= upto);
                 }
                 Seen::Online { .. } | Seen::Reconnecting | Seen::Stopped(_) => {}
             }
@@ -355,6 +462,46 @@ fn advance(
     let after = to.saturating_add(1);
     pos.next = Some(pos.next.map_or(after, |next| next.max(after)));
     violation
+}
+
+/// Invariant 9, the store's side: every seq a move carried names the same (sender, msg id)
+/// under both epochs, as far as acks and clients saw them.
+pub(super) fn check_moves(history: &History, report: &mut Report) {
+    if history.moves.is_empty() {
+        return;
+    }
+    let mut known: BTreeMap<(ConvId, LogEpoch, u64), (UserId, ClientMsgId)> = BTreeMap::new();
+    for a in &history.acks {
+        known
+            .entry((a.conv.clone(), a.log_epoch, a.seq))
+            .or_insert((a.sender, a.msg_id));
+    }
+    for c in &history.clients {
+        for (_, seen) in &c.events {
+            if let Seen::Message(m) = seen {
+                known
+                    .entry((m.conv.clone(), m.log_epoch, m.seq))
+                    .or_insert((m.sender, m.msg_id));
+            }
+        }
+    }
+    for m in &history.moves {
+        let range = (m.conv.clone(), m.from, 1)..=(m.conv.clone(), m.from, m.carried_up_to);
+        for ((_, _, seq), old) in known.range(range) {
+            if let Some(new) = known.get(&(m.conv.clone(), m.to, *seq))
+                && new != old
+            {
+                report.violations.push(Violation::BadLogMove {
+                    conv: m.conv.clone(),
+                    from: m.from,
+                    to: m.to,
+                    seq: *seq,
+                    old: *old,
+                    new: *new,
+                });
+            }
+        }
+    }
 }
 
 /// Invariant 6.
@@ -514,12 +661,27 @@ pub(super) fn check_loss(history: &History, streams: &Streams, report: &mut Repo
             let started = cov
                 .and_then(|cov| cov.first_at)
                 .unwrap_or(history.bounds.end);
+            // Also what another client covered in an epoch the log moved from, up to what the
+            // move carried (the store counts that cursor in the new epoch).
+            let carried_into: Vec<(LogEpoch, u64)> = history
+                .moves
+                .iter()
+                .filter(|m| m.conv == *conv && m.to == log.log_epoch)
+                .map(|m| (m.from, m.carried_up_to))
+                .collect();
             let cursor = history
                 .clients
                 .iter()
                 .filter(|o| o.user == c.user && o.client != c.client)
-                .filter_map(|o| streams.get(&o.client)?.get(&key))
-                .map(|o| o.highest_by(started))
+                .filter_map(|o| streams.get(&o.client))
+                .flat_map(|other| {
+                    let here = other.get(&key).map(|o| o.highest_by(started));
+                    let before = carried_into.iter().filter_map(|(from, n)| {
+                        let o = other.get(&(conv.clone(), *from))?;
+                        Some(o.highest_by(started).min(*n))
+                    });
+                    here.into_iter().chain(before).collect::<Vec<_>>()
+                })
                 .max()
                 .unwrap_or(0);
             let floor = join
@@ -576,7 +738,7 @@ fn network_healed(history: &History, t: SimTime) -> SimTime {
                 isolated.remove(h);
             }
             Fault::HealAll => isolated.clear(),
-            Fault::ServerDied(_) | Fault::StoreLossyRestart => {}
+            Fault::ServerDied(_) | Fault::StoreLossyRestart | Fault::StoreRestart => {}
         }
         if *at > t && isolated.is_empty() {
             return *at;

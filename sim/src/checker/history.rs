@@ -9,6 +9,8 @@ use cim_core::client::{ClientEvent, StopReason};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UserId};
 use cim_core::store::StoredMessage;
 
+pub use cim_core::memstore::LogMove;
+
 use super::T;
 
 /// Simulated time since the start of the run.
@@ -86,6 +88,13 @@ pub enum Seen {
         old_epoch: LogEpoch,
         new_epoch: LogEpoch,
     },
+    LogMoved {
+        conv: ConvId,
+        old_epoch: LogEpoch,
+        new_epoch: LogEpoch,
+        continues_after: u64,
+        lost: u64,
+    },
 }
 
 impl Seen {
@@ -117,6 +126,19 @@ impl Seen {
                 conv: conv.clone(),
                 old_epoch: *old_epoch,
                 new_epoch: *new_epoch,
+            },
+            ClientEvent::LogMoved {
+                conv,
+                old_epoch,
+                new_epoch,
+                continues_after,
+                lost,
+            } => Self::LogMoved {
+                conv: conv.clone(),
+                old_epoch: *old_epoch,
+                new_epoch: *new_epoch,
+                continues_after: *continues_after,
+                lost: *lost,
             },
             _ => return None,
         })
@@ -210,6 +232,9 @@ pub enum Fault {
     HealAll,
     /// The store restarted and lost data: logs may come back under new log epochs.
     StoreLossyRestart,
+    /// The store restarted (or its master changed) without losing anything: logs move to
+    /// new log epochs that carry everything over.
+    StoreRestart,
 }
 
 impl fmt::Display for Fault {
@@ -220,6 +245,7 @@ impl fmt::Display for Fault {
             Self::Healed(h) => write!(f, "{h} healed"),
             Self::HealAll => f.write_str("network healed"),
             Self::StoreLossyRestart => f.write_str("lossy store restart"),
+            Self::StoreRestart => f.write_str("store restart without loss"),
         }
     }
 }
@@ -250,6 +276,8 @@ pub struct History {
     pub clients: Vec<ClientHistory>,
     pub membership: Membership,
     pub final_logs: BTreeMap<ConvId, FinalLog>,
+    /// Every log move the store made (the lost-tail rule), in order.
+    pub moves: Vec<LogMove>,
     /// In time order.
     pub faults: Vec<(SimTime, Fault)>,
     pub bounds: Bounds,

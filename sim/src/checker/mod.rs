@@ -12,7 +12,9 @@
 //! # Invariants (DESIGN.md, "Sessions, claims and fencing" and "Messages and delivery")
 //!
 //! 1. **Sessions**: the sessions of one user, as half-open intervals `[opened, closed)` (an
-//!    open session lasts forever), never overlap. [`Violation::OverlappingSessions`]
+//!    open session lasts forever), never overlap, and no two of them share a claim epoch
+//!    (an epoch is never issued twice, not even by a store that lost its last writes).
+//!    [`Violation::OverlappingSessions`], [`Violation::ReusedClaimEpoch`]
 //! 2. **No duplicate**: a client sees a (conv, log epoch, seq) at most once, and a
 //!    (sender, msg id) under at most one seq of a log epoch. [`Violation::DuplicateSeq`],
 //!    [`Violation::DuplicateMsgId`]
@@ -54,6 +56,16 @@
 //! 8. **Refused means not stored**: a message its sender was told was refused for good
 //!    (`Rejected`: not a member, superseded, ...) is in no log: no ack names it and no client
 //!    saw it. [`Violation::RejectedButStored`]
+//! 9. **Log moves** (docs/design.md, "Never the same name for two contents"): a move's
+//!    carried seqs (`1..=carried_up_to`) name the same (sender, msg id) under the old and
+//!    the new epoch, as far as acks and clients saw them ([`Violation::BadLogMove`]). A
+//!    client's `LogMoved` names a move the store made, and continues after the smaller of
+//!    what it had handed over and the carried head, reporting the rest as lost
+//!    ([`Violation::WrongLogMove`]); then it goes on under the new epoch, and what it had
+//!    handed over up to there counts as handed over in the new epoch too (a seq handed over
+//!    again is a [`Violation::DuplicateSeq`] or [`Violation::OutOfOrder`]). A client that
+//!    resets (`LogReset`) across a move straight from its epoch, which it could have
+//!    continued, is [`Violation::ResetAcrossMove`]: it hands the carried messages over again.
 //!
 //! # Scope
 //!
@@ -86,13 +98,13 @@ mod history;
 mod violations;
 
 pub use self::history::{
-    AckedSend, Bounds, ClientHistory, ClientId, Fault, FinalLog, History, Host, Membership,
-    Rejection, Seen, SessionSpan, SimTime, Submission, Witness,
+    AckedSend, Bounds, ClientHistory, ClientId, Fault, FinalLog, History, Host, LogMove,
+    Membership, Rejection, Seen, SessionSpan, SimTime, Submission, Witness,
 };
 pub use self::violations::Violation;
 
 use self::checks::{
-    check_consistency, check_loss, check_rehome, check_rejections, check_sender_order,
+    check_consistency, check_loss, check_moves, check_rehome, check_rejections, check_sender_order,
     check_sessions, check_streams, stored_messages,
 };
 
@@ -157,6 +169,7 @@ pub fn check(history: &History) -> Report {
     check_sessions(history, &mut report);
     let streams = check_streams(history, &mut report);
     check_consistency(history, &mut report);
+    check_moves(history, &mut report);
     check_loss(history, &streams, &mut report);
     check_rehome(history, &mut report);
     let stored = stored_messages(history);

@@ -207,6 +207,7 @@ fn clean() -> History {
             (g(), final_log(3, 1)),
             (p13(), final_log(2, 1)),
         ]),
+        moves: Vec::new(),
         faults: vec![(ms(1000), Fault::ServerDied(server("s1")))],
         bounds: Bounds {
             healed_at: ms(3000),
@@ -365,6 +366,20 @@ fn overlapping_sessions_are_reported() {
     let mut h = clean();
     h.sessions[1].opened_at = ms(1000);
     assert!(check(&h).is_clean());
+}
+
+#[test]
+fn a_claim_epoch_issued_twice_is_reported() {
+    // User 1's second session, after the first closed, under the first one's epoch: what a
+    // store whose claim counter went back with a lost tail would issue.
+    let mut h = clean();
+    h.sessions[1].epoch = h.sessions[0].epoch;
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::ReusedClaimEpoch { user: u, first, second }
+            if *u == user(1) && first.opened_at == ms(100) && second.opened_at == ms(1500)),
+        "{v}"
+    );
 }
 
 #[test]
@@ -843,5 +858,150 @@ fn violations_read_well() {
              message 00000000-0000-0001-0000-000000000004 of sender 1 acked at 0.140s"
         ),
         "{text}"
+    );
+}
+
+/// p:1:3 moved from E to E2 at 1950 carrying 1..=`carried` over; clients 1 and 3 (both at
+/// seq 2) saw the move as `LogMoved`, then the new message 3 (of E2).
+fn move_p(h: &mut History, carried: u64) {
+    h.faults.push((ms(1900), Fault::StoreRestart));
+    h.moves.push(LogMove {
+        conv: p13(),
+        from: E,
+        to: E2,
+        carried_up_to: carried,
+    });
+    let next = carried + 1;
+    for id in [1, 3] {
+        client(h, id).extend([
+            (
+                ms(2000),
+                Seen::LogMoved {
+                    conv: p13(),
+                    old_epoch: E,
+                    new_epoch: E2,
+                    continues_after: carried,
+                    lost: 2 - carried,
+                },
+            ),
+            (ms(2010), Seen::Message(msg_in(&p13(), E2, next, 3))),
+        ]);
+    }
+    h.acks.push(ack(&msg_in(&p13(), E2, next, 3), 1990));
+    h.final_logs.insert(
+        p13(),
+        FinalLog {
+            log_epoch: E2,
+            head_seq: next,
+            first_available_seq: 1,
+        },
+    );
+}
+
+#[test]
+fn a_log_move_continued_or_reporting_its_loss_is_clean() {
+    for carried in [2, 1] {
+        let mut h = clean();
+        move_p(&mut h, carried);
+        assert!(check(&h).is_clean(), "carried {carried}: {}", check(&h));
+    }
+}
+
+#[test]
+fn a_reset_across_a_move_the_client_could_continue_is_reported() {
+    // What a client without the continuation does: starts E2 again and hands 1 and 2 over
+    // a second time.
+    let mut h = clean();
+    move_p(&mut h, 2);
+    let events = client(&mut h, 3);
+    events.retain(|(at, _)| *at < ms(2000));
+    events.extend([
+        (
+            ms(2000),
+            Seen::LogReset {
+                conv: p13(),
+                old_epoch: E,
+                new_epoch: E2,
+            },
+        ),
+        (ms(2005), Seen::Message(msg_in(&p13(), E2, 1, 1))),
+        (ms(2006), Seen::Message(msg_in(&p13(), E2, 2, 3))),
+        (ms(2010), Seen::Message(msg_in(&p13(), E2, 3, 3))),
+    ]);
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::ResetAcrossMove { client, carried_up_to: 2, handed_over: Some(2), .. }
+            if *client == ClientId(3)),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_log_move_that_hides_a_loss_or_names_no_move_is_reported() {
+    // The move carried only 1, but client 3 says it continues after 2 with nothing lost.
+    let mut h = clean();
+    move_p(&mut h, 1);
+    for (_, seen) in client(&mut h, 3).iter_mut() {
+        if let Seen::LogMoved {
+            continues_after,
+            lost,
+            ..
+        } = seen
+        {
+            (*continues_after, *lost) = (2, 0);
+        }
+    }
+    client(&mut h, 3).retain(|(at, _)| *at != ms(2010));
+    let v = single(&h);
+    assert!(
+        matches!(&v, Violation::WrongLogMove { client, carried_up_to: Some(1), continues_after: 2, lost: 0, .. }
+            if *client == ClientId(3)),
+        "{v}"
+    );
+    // A move the store never made.
+    let mut h = clean();
+    move_p(&mut h, 2);
+    h.moves[0].to = LogEpoch(99);
+    let report = check(&h);
+    assert!(
+        report.violations.iter().any(|v| matches!(
+            v,
+            Violation::WrongLogMove {
+                carried_up_to: None,
+                ..
+            }
+        )),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_carried_seq_handed_over_again_after_a_move_is_reported() {
+    let mut h = clean();
+    move_p(&mut h, 2);
+    client(&mut h, 3).push((ms(2020), Seen::Message(msg_in(&p13(), E2, 2, 3))));
+    let report = check(&h);
+    assert!(
+        report.violations.iter().any(|v| matches!(v,
+            Violation::DuplicateSeq { log_epoch, seq: 2, .. } if *log_epoch == E2)),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_move_whose_carried_seq_names_other_contents_is_reported() {
+    let mut h = clean();
+    move_p(&mut h, 2);
+    // A reader of E2 from its start (as after a reset) got another message as seq 2.
+    let mut other = msg_in(&p13(), E2, 2, 1);
+    other.msg_id = ClientMsgId(0xbad);
+    let mut c = ClientHistory::new(ClientId(9), user(3));
+    c.events.push((ms(2100), Seen::Message(other)));
+    h.clients.push(c);
+    let report = check(&h);
+    assert!(
+        report.violations.iter().any(|v| matches!(v,
+            Violation::BadLogMove { seq: 2, from, to, .. } if *from == E && *to == E2)),
+        "{report}"
     );
 }

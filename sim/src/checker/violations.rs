@@ -15,6 +15,12 @@ pub enum Violation {
         first: SessionSpan,
         second: SessionSpan,
     },
+    /// Invariant 1: two sessions of one user under one claim epoch.
+    ReusedClaimEpoch {
+        user: UserId,
+        first: SessionSpan,
+        second: SessionSpan,
+    },
     /// Invariant 2: one (conv, log epoch, seq) handed over twice.
     DuplicateSeq {
         client: ClientId,
@@ -76,6 +82,43 @@ pub enum Violation {
         conv: ConvId,
         old_epoch: LogEpoch,
         new_epoch: LogEpoch,
+        at: SimTime,
+    },
+    /// Invariant 9: a move's carried seq names other contents under the new epoch.
+    BadLogMove {
+        conv: ConvId,
+        from: LogEpoch,
+        to: LogEpoch,
+        seq: u64,
+        old: (UserId, ClientMsgId),
+        new: (UserId, ClientMsgId),
+    },
+    /// Invariant 9: a `LogMoved` that names no move of the store, or whose continuation or
+    /// loss count does not follow from the move and what the client had handed over.
+    WrongLogMove {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        old_epoch: LogEpoch,
+        new_epoch: LogEpoch,
+        /// The last seq the client had handed over (or announced unavailable), if any.
+        handed_over: Option<u64>,
+        /// The store's move's carried head, if the store made that move.
+        carried_up_to: Option<u64>,
+        continues_after: u64,
+        lost: u64,
+        at: SimTime,
+    },
+    /// Invariant 9: a `LogReset` across a move straight from the client's epoch, which the
+    /// client could have continued: it hands the carried messages over again.
+    ResetAcrossMove {
+        client: ClientId,
+        user: UserId,
+        conv: ConvId,
+        old_epoch: LogEpoch,
+        new_epoch: LogEpoch,
+        handed_over: Option<u64>,
+        carried_up_to: u64,
         at: SimTime,
     },
     /// Invariant 4.
@@ -163,6 +206,16 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "overlapping sessions of user {user}: {} and {}",
+                span(first),
+                span(second)
+            ),
+            Self::ReusedClaimEpoch {
+                user,
+                first,
+                second,
+            } => write!(
+                f,
+                "claim epoch issued twice for user {user}: {} and {}",
                 span(first),
                 span(second)
             ),
@@ -263,6 +316,57 @@ impl fmt::Display for Violation {
                 old_epoch.0,
                 new_epoch.0,
                 T(*at)
+            ),
+            Self::BadLogMove {
+                conv,
+                from,
+                to,
+                seq,
+                old,
+                new,
+            } => write!(
+                f,
+                "bad log move: {conv} moved from log epoch {} to {} carrying seq {seq}, which \
+                 names sender {} msg id {} in the old epoch and sender {} msg id {} in the new",
+                from.0, to.0, old.0, old.1, new.0, new.1
+            ),
+            Self::WrongLogMove {
+                client,
+                user,
+                conv,
+                old_epoch,
+                new_epoch,
+                handed_over,
+                carried_up_to,
+                continues_after,
+                lost,
+                at,
+            } => write!(
+                f,
+                "wrong log move: {client} (user {user}) at {} saw {conv} move from log epoch {} \
+                 to {}, continuing after {continues_after} with {lost} lost; it had handed \
+                 over up to {handed_over:?}, the store's move carried up to {carried_up_to:?}",
+                T(*at),
+                old_epoch.0,
+                new_epoch.0
+            ),
+            Self::ResetAcrossMove {
+                client,
+                user,
+                conv,
+                old_epoch,
+                new_epoch,
+                handed_over,
+                carried_up_to,
+                at,
+            } => write!(
+                f,
+                "reset across a move: {client} (user {user}) at {} reset {conv} from log epoch \
+                 {} to {}, which carried up to {carried_up_to} over (it had handed over up to \
+                 {handed_over:?})",
+                T(*at),
+                old_epoch.0,
+                new_epoch.0
             ),
             Self::Lost {
                 client,

@@ -3,7 +3,9 @@
 //! (through different routes), and one user who registers only once the chat is under way
 //! (it owes `all` from its registration on, not the backlog). During the fault phase 1–4 faults of any kind (server
 //! crashes, bounces and isolations; partitions, one-way partitions, stalls and slow links
-//! between any roles; route and store crashes), then the healed phase. Judged by the
+//! between any roles; route and store crashes), one run in four also a store restart that
+//! loses its last writes (the lost-tail fault) and one in four of the rest a store restart
+//! that loses nothing, then the healed phase. Judged by the
 //! checker alone: no overlapping sessions, no loss, duplicate or reordering of acknowledged
 //! messages, re-homes within the bound.
 
@@ -12,7 +14,7 @@ use std::time::Duration;
 use crate::checker::ClientId;
 use crate::scenarios::{
     ClientPlan, FaultKind, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, chatters, drive,
-    random_faults, run_end,
+    lossless_restart_fault, lost_tail_fault, random_faults, run_end,
 };
 
 pub const CHATTERS: usize = 4;
@@ -27,7 +29,16 @@ pub fn plan(run: RunSpec) -> Plan {
     let fault_at = rng.duration(Duration::from_secs(6), Duration::from_secs(18));
     let healed_at = fault_at + rng.duration(Duration::from_secs(2), Duration::from_secs(15));
     let count = rng.between(1, 4) as usize;
-    let actions = random_faults(&mut rng, &spec, &FaultKind::ALL, count, fault_at, healed_at);
+    let mut actions = random_faults(&mut rng, &spec, &FaultKind::ALL, count, fault_at, healed_at);
+    // One run in four also loses the store's tail. Drawn from its own seed, so the plan's
+    // other draws, and the runs that do not draw it, stay as they were.
+    let mut tail = Rng::new(spec.derive_seed("everything lost tail", 0));
+    if tail.between(0, 3) == 0 {
+        actions.extend(lost_tail_fault(&mut tail, fault_at, healed_at));
+    } else if tail.between(0, 2) == 0 {
+        // One run in four of the rest: a store restart that loses nothing.
+        actions.extend(lossless_restart_fault(&mut tail, fault_at, healed_at));
+    }
     let end = run_end(&spec, healed_at);
     let mut clients = chatters(&mut rng, CHATTERS, GROUP, (chat_from, healed_at));
     for i in 0..2u32 {

@@ -11,6 +11,7 @@ pub mod broadcast;
 pub mod duplicate_login;
 pub mod everything;
 pub mod failover;
+pub mod lost_tail;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -46,14 +47,16 @@ pub enum Scenario {
     DuplicateLogin,
     Broadcast,
     Everything,
+    LostTail,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::Failover,
         Scenario::DuplicateLogin,
         Scenario::Broadcast,
         Scenario::Everything,
+        Scenario::LostTail,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +65,7 @@ impl Scenario {
             Self::DuplicateLogin => "duplicate-login",
             Self::Broadcast => "broadcast",
             Self::Everything => "everything",
+            Self::LostTail => "lost-tail",
         }
     }
 
@@ -76,6 +80,7 @@ impl Scenario {
             Self::DuplicateLogin => duplicate_login::run(run),
             Self::Broadcast => broadcast::run(run),
             Self::Everything => everything::run(run),
+            Self::LostTail => lost_tail::run(run),
         }
     }
 
@@ -86,6 +91,7 @@ impl Scenario {
             Self::DuplicateLogin => duplicate_login::plan(run),
             Self::Broadcast => broadcast::plan(run),
             Self::Everything => everything::plan(run),
+            Self::LostTail => lost_tail::plan(run),
         }
     }
 
@@ -289,6 +295,18 @@ pub enum Action {
     Latency { a: Node, b: Node, latency: Duration },
     /// Repairs every partition, releases every hold, restores every latency.
     HealAll,
+    /// Keeps a copy of the store's data as it is now: what the next [`Action::StoreLostTail`]
+    /// restarts from.
+    CopyStore,
+    /// The store's process dies and comes back (at the heal) from the last
+    /// [`Action::CopyStore`], with a new incarnation: every write since the copy is lost,
+    /// after clients already read some of them (Redis restarted from an AOF that lost its
+    /// last second, or a replica promoted before it had its master's last writes).
+    StoreLostTail,
+    /// The store comes back in a new incarnation with everything it had (a restart that
+    /// lost nothing, a replica promoted with all its master's writes): every log moves to a
+    /// new epoch when next touched, carrying everything over. Instant: connections stay.
+    StoreRestartWithoutLoss,
 }
 
 /// One SDK client of a scenario.
@@ -597,6 +615,9 @@ struct Hosts<'a> {
     others: &'a [String],
     shared: &'a Shared,
     rec: &'a Recorder,
+    /// The store host's data (for the lost-tail fault).
+    store: &'a cim_io::store::MemoryBackend,
+    spec: &'a ClusterSpec,
 }
 
 impl Hosts<'_> {
@@ -634,6 +655,10 @@ impl Hosts<'_> {
 /// What the fault plan has done so far, to undo it at the heal.
 #[derive(Debug, Default)]
 struct FaultState {
+    /// The store's data as [`Action::CopyStore`] last kept it.
+    store_copy: Option<Box<cim_core::memstore::MemoryStore>>,
+    /// Lost-tail restarts so far (each draws its own seed).
+    lost_tails: usize,
     crashed_servers: Vec<String>,
     /// Routes and the store.
     crashed_others: Vec<String>,
@@ -791,6 +816,31 @@ impl FaultState {
                 rec.fault(now, Fault::HealAll);
                 "heals"
             }
+            Action::CopyStore => {
+                self.store_copy = Some(Box::new(hosts.store.snapshot()));
+                "store copies"
+            }
+            Action::StoreLostTail => {
+                let copy = self.store_copy.as_ref()?;
+                sim.crash(STORE_HOST);
+                self.lost_tails += 1;
+                let seed = hosts.spec.derive_seed("store lost tail", self.lost_tails);
+                hosts.store.restart_from(copy, seed);
+                rec.fault(now, Fault::StoreLossyRestart);
+                isolated(STORE_HOST);
+                for server in hosts.servers {
+                    isolated(server);
+                }
+                self.crashed_others.push(STORE_HOST.to_owned());
+                "store restarts that lost a tail"
+            }
+            Action::StoreRestartWithoutLoss => {
+                self.lost_tails += 1;
+                let seed = hosts.spec.derive_seed("store lost tail", self.lost_tails);
+                hosts.store.restart_from(&hosts.store.snapshot(), seed);
+                rec.fault(now, Fault::StoreRestart);
+                "store restarts without loss"
+            }
         })
     }
 }
@@ -865,6 +915,8 @@ pub fn drive(
                 others: &others,
                 shared: &shared,
                 rec: &rec,
+                store: &cluster.store,
+                spec: &cluster.spec,
             };
             if let Some(counter) = faults.apply(&mut cluster.sim, &hosts, &rec, now, action) {
                 *counters.entry(counter).or_default() += 1;
@@ -907,6 +959,7 @@ pub fn drive(
             history.final_logs.insert(conv, log);
         }
     }
+    history.moves = cluster.store.moves();
     // Where each user started reading `all` (its account's start, in the final log's terms).
     if let Some(log) = history.final_logs.get(&ConvId::All) {
         for &user in &users {
@@ -915,7 +968,13 @@ pub fn drive(
                     .store
                     .execute(wall, StoreCommand::LoadAccount { user }),
             ) {
-                let floor = account.all_from.floor(log.log_epoch);
+                let carried = history
+                    .moves
+                    .iter()
+                    .rev()
+                    .find(|m| m.conv == ConvId::All && m.to == log.log_epoch)
+                    .map_or((LogEpoch(0), 0), |m| (m.from, m.carried_up_to));
+                let floor = account.all_from.floor_in(log.log_epoch, carried);
                 if floor > 0 {
                     membership.all_from.insert(user, floor);
                     rec.count("users owed all only after their registration");
@@ -932,6 +991,19 @@ pub fn drive(
         rehome_after_isolation: isolation,
     };
     let report = checker::check(&history);
+    // A debugging aid: what the report leaves out (sessions, faults, every client event
+    // but messages).
+    if std::env::var_os("CIM_SIM_DUMP").is_some() {
+        eprintln!("sessions: {:#?}", history.sessions);
+        eprintln!("faults: {:?}", history.faults);
+        for c in &history.clients {
+            for (at, seen) in &c.events {
+                if !matches!(seen, checker::Seen::Message(_)) {
+                    eprintln!("{} at {at:?}: {seen:?}", c.client);
+                }
+            }
+        }
+    }
     if plan.spec.send_rate == crate::cluster::TIGHT_SEND_RATE {
         rec.count("runs with a tight send rate");
     }
@@ -1007,6 +1079,33 @@ impl FaultKind {
         FaultKind::RouteCrash,
         FaultKind::StoreCrash,
     ];
+}
+
+/// A store restart that loses nothing, at an instant in `[fault_at, fault_at + 3 s]`.
+pub fn lossless_restart_fault(
+    rng: &mut Rng,
+    fault_at: Duration,
+    healed_at: Duration,
+) -> Vec<(Duration, Action)> {
+    let at = fault_at + rng.duration(Duration::ZERO, Duration::from_secs(3));
+    vec![(at.min(healed_at), Action::StoreRestartWithoutLoss)]
+}
+
+/// The lost-tail fault: a copy of the store's data at some instant in
+/// `[fault_at, fault_at + 3 s]`, and 0.3–2 s later (the writes in between are the tail, which
+/// clients read meanwhile) a restart from that copy; the store is back at `healed_at`.
+pub fn lost_tail_fault(
+    rng: &mut Rng,
+    fault_at: Duration,
+    healed_at: Duration,
+) -> Vec<(Duration, Action)> {
+    let copy_at = fault_at + rng.duration(Duration::ZERO, Duration::from_secs(3));
+    let lost_at = copy_at + rng.duration(Duration::from_millis(300), Duration::from_secs(2));
+    vec![
+        (copy_at.min(healed_at), Action::CopyStore),
+        (lost_at.min(healed_at), Action::StoreLostTail),
+        (healed_at, Action::RestartCrashed),
+    ]
 }
 
 /// `count` faults drawn from `kinds`, each starting in `[fault_at, fault_at + 4 s]` and all

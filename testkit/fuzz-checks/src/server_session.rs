@@ -749,6 +749,8 @@ impl Harness {
                         head_seq: i as u64,
                         first_available_seq: 1,
                         cursor_seq: 0,
+                        carried_from: LogEpoch(0),
+                        carried_up_to: 0,
                     })
                     .collect(),
             ),
@@ -767,6 +769,8 @@ impl Harness {
                         head_seq: after_seq.saturating_add(count),
                         first_available_seq: 1,
                         cursor_seq: 0,
+                        carried_from: LogEpoch(0),
+                        carried_up_to: 0,
                     },
                     messages: (1..=count)
                         .map(|i| StoredMessage {

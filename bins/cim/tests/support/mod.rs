@@ -526,7 +526,7 @@ pub async fn assert_each_member_has_exactly_the_acked(
 }
 
 /// What one user's application saw, recorded as it happens.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Seen {
     /// Per conversation, the (log epoch, seq, msg id) handed over, in order.
     pub messages: BTreeMap<ConvId, Vec<(LogEpoch, u64, ClientMsgId)>>,
@@ -541,6 +541,11 @@ pub struct Seen {
     pub kicks: Vec<(Instant, KickReason)>,
     /// Every failed link or login attempt, when, and why.
     pub reconnecting: Vec<(Instant, ConnectionLoss)>,
+    /// Every `LogReset`: (conversation, old log epoch, new log epoch), in order.
+    pub resets: Vec<(ConvId, LogEpoch, LogEpoch)>,
+    /// Every `LogMoved`: (conversation, old log epoch, new log epoch, continues after,
+    /// lost), in order.
+    pub moves: Vec<(ConvId, LogEpoch, LogEpoch, u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -571,6 +576,20 @@ impl Recorder {
                             seen.online_on.push(server.as_str().to_owned());
                         }
                         ClientEvent::Stopped(reason) => seen.stopped = Some(reason),
+                        ClientEvent::LogReset {
+                            conv,
+                            old_epoch,
+                            new_epoch,
+                        } => seen.resets.push((conv, old_epoch, new_epoch)),
+                        ClientEvent::LogMoved {
+                            conv,
+                            old_epoch,
+                            new_epoch,
+                            continues_after,
+                            lost,
+                        } => seen
+                            .moves
+                            .push((conv, old_epoch, new_epoch, continues_after, lost)),
                         ClientEvent::Kicked(reason) => {
                             seen.kicked_fenced |= reason == KickReason::Fenced;
                             seen.kicks.push((Instant::now(), reason));

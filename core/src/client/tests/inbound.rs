@@ -413,3 +413,138 @@ fn a_paged_sync_answer_is_taken_whole() {
     h.s.handle_disconnected(h.at(60));
     assert!(h.s.inbound.sync_pages.is_empty());
 }
+
+/// A head of `epoch` whose log moved from `from`, carrying seqs `1..=up_to` over.
+fn moved_head(c: &str, epoch: LogEpoch, head: u64, from: LogEpoch, up_to: u64) -> proto::ConvHead {
+    proto::ConvHead {
+        carried_from_epoch: from.0,
+        carried_up_to: up_to,
+        ..phead(c, epoch, head, 1, 0)
+    }
+}
+
+fn moved(c: &str, continues_after: u64, lost: u64) -> ClientEvent {
+    ClientEvent::LogMoved {
+        conv: conv(c),
+        old_epoch: E1,
+        new_epoch: E2,
+        continues_after,
+        lost,
+    }
+}
+
+#[test]
+fn a_log_moved_without_loss_continues_where_the_client_was() {
+    let mut h = Harness::new(quiet_config());
+    h.online_with(vec![phead("g:x", E1, 0, 1, 0)]);
+    h.table(vec![
+        (
+            100,
+            In::Frame(deliver("g:x", E1, 1)),
+            vec![],
+            vec![msg_ev("g:x", E1, 1)],
+        ),
+        (
+            101,
+            In::Frame(deliver("g:x", E1, 2)),
+            vec![],
+            vec![msg_ev("g:x", E1, 2)],
+        ),
+        // The store restarted (nothing lost): the next message is pushed under the new epoch.
+        (
+            110,
+            In::Frame(deliver("g:x", E2, 3)),
+            vec![fetch_req("g:x", E1, 2)],
+            vec![],
+        ),
+        // The head says the log moved from E1 carrying 1..=2: nothing is handed over again.
+        (
+            120,
+            In::Frame(fetch_answer(moved_head("g:x", E2, 3, E1, 2), &[])),
+            vec![fetch_req("g:x", E2, 2)],
+            vec![moved("g:x", 2, 0)],
+        ),
+        (
+            130,
+            In::Frame(fetch_answer(moved_head("g:x", E2, 3, E1, 2), &[3])),
+            vec![],
+            vec![msg_ev("g:x", E2, 3)],
+        ),
+        (
+            140,
+            In::Frame(deliver("g:x", E2, 4)),
+            vec![],
+            vec![msg_ev("g:x", E2, 4)],
+        ),
+    ]);
+    // The position persisted is the new epoch's, and it is acknowledged under it.
+    let state = h.s.snapshot(h.at(150), UnixMillis(0));
+    assert_eq!(
+        state
+            .convs
+            .iter()
+            .map(|c| (c.conv.clone(), c.log_epoch, c.delivered))
+            .collect::<Vec<_>>(),
+        vec![(conv("g:x"), E2, 4)]
+    );
+    assert_eq!(
+        h.s.inbound.take_cursors(),
+        vec![proto::Cursor {
+            conv: "g:x".into(),
+            log_epoch: E2.0,
+            seq: 4
+        }]
+    );
+}
+
+#[test]
+fn a_log_moved_behind_what_the_client_received_reports_the_loss() {
+    let mut h = Harness::new(quiet_config());
+    h.online_with(vec![phead("g:x", E1, 0, 1, 0)]);
+    for seq in 1..=5 {
+        let (_, evs) = h.step(100 + seq, In::Frame(deliver("g:x", E1, seq)));
+        assert_eq!(evs, vec![msg_ev("g:x", E1, seq)]);
+    }
+    h.table(vec![
+        // The store came back without 4 and 5 (and a new 4 under the new epoch): a sync says
+        // so. The loss is reported, and delivery continues after 3.
+        (
+            120,
+            In::Frame(sync_answer(vec![moved_head("g:x", E2, 4, E1, 3)])),
+            vec![fetch_req("g:x", E2, 3)],
+            vec![moved("g:x", 3, 2)],
+        ),
+        (
+            130,
+            In::Frame(fetch_answer(moved_head("g:x", E2, 4, E1, 3), &[4])),
+            vec![],
+            vec![msg_ev("g:x", E2, 4)],
+        ),
+    ]);
+}
+
+#[test]
+fn a_log_moved_from_an_epoch_the_client_was_not_in_resets() {
+    let e0 = LogEpoch(99);
+    let mut h = Harness::new(quiet_config());
+    h.online_with(vec![phead("g:x", E1, 0, 1, 0)]);
+    h.table(vec![
+        (
+            100,
+            In::Frame(deliver("g:x", E1, 1)),
+            vec![],
+            vec![msg_ev("g:x", E1, 1)],
+        ),
+        // Two moves slept through: E1 -> e0 -> E2. The head only knows the last one.
+        (
+            120,
+            In::Frame(sync_answer(vec![moved_head("g:x", E2, 2, e0, 2)])),
+            vec![fetch_req("g:x", E2, 0)],
+            vec![ClientEvent::LogReset {
+                conv: conv("g:x"),
+                old_epoch: E1,
+                new_epoch: E2,
+            }],
+        ),
+    ]);
+}

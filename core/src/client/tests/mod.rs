@@ -181,6 +181,8 @@ fn phead(c: &str, epoch: LogEpoch, head: u64, first: u64, cursor: u64) -> proto:
         head_seq: head,
         first_available_seq: first,
         cursor_seq: cursor,
+        carried_from_epoch: 0,
+        carried_up_to: 0,
     }
 }
 

@@ -75,6 +75,8 @@ impl Sim {
             head_seq: self.logs.get(conv).map_or(0, |l| l.len() as u64),
             first_available_seq: 1,
             cursor_seq: self.cursors.get(conv).copied().unwrap_or(0),
+            carried_from_epoch: 0,
+            carried_up_to: 0,
         }
     }
 

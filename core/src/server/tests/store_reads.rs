@@ -7,6 +7,8 @@ fn head(conv: ConvId, head_seq: u64) -> ConvHead {
         head_seq,
         first_available_seq: 1,
         cursor_seq: 2,
+        carried_from: LogEpoch(0),
+        carried_up_to: 0,
     }
 }
 
@@ -31,6 +33,8 @@ fn sync_request_loads_heads_and_answers() {
                 head_seq: 9,
                 first_available_seq: 1,
                 cursor_seq: 2,
+                carried_from_epoch: 0,
+                carried_up_to: 0,
             },
             proto::ConvHead {
                 conv: "g:rust".into(),
@@ -38,6 +42,8 @@ fn sync_request_loads_heads_and_answers() {
                 head_seq: 4,
                 first_available_seq: 1,
                 cursor_seq: 2,
+                carried_from_epoch: 0,
+                carried_up_to: 0,
             },
         ],
         more: false,
@@ -166,6 +172,8 @@ fn fetch_is_capped_and_converted() {
             head_seq: 4,
             first_available_seq: 1,
             cursor_seq: 2,
+            carried_from_epoch: 0,
+            carried_up_to: 0,
         }),
         messages: vec![proto::Message {
             conv: "p:7:9".into(),

@@ -3,7 +3,8 @@
 -- [3] idempotency record of (sender, msg id), [4] group members hash (seq joined at),
 -- [5] order record of (sender, stream): '<last order seq stored>:<at>' (unused when unordered).
 -- ARGV: [1] '1' for a group, [2] sender, [3] body hash, [4] encoded message, [5] now,
--- [6] idempotency ttl ms, [7] max log length, [8] log epoch to use if the log is new,
+-- [6] idempotency ttl ms, [7] max log length, [8] log epoch to use if the log is new (or
+-- moves: incarnation.lua, prepended),
 -- [9] order seq (0: unordered), [10] order after.
 -- Returns {'unknown'} | {'not_member'} | {'conflict'} | {'out_of_order'} | {'superseded'} |
 -- {'dup'|'ok', log epoch, seq, appended at}.
@@ -18,7 +19,7 @@ if ARGV[1] == '1' then
   end
 end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first')
-local epoch = meta[1]
+local epoch = settle_log(KEYS[1], meta[1], ARGV[8])
 local now = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local order_seq = tonumber(ARGV[9])
@@ -91,7 +92,7 @@ local head, first
 if not epoch then
   epoch = ARGV[8]
   head, first = 0, 1
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'first', 1)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'head', 0, 'first', 1, 'inc', node_incarnation())
 else
   head, first = tonumber(meta[2]), tonumber(meta[3])
 end

@@ -4,6 +4,6 @@
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'head', 0, 'first', 1)
+redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'head', 0, 'first', 1, 'inc', node_incarnation())
 redis.call('HSET', KEYS[2], ARGV[1], 0)
 return 1

@@ -1,15 +1,18 @@
 -- Fetch (and, with limit 0, one conversation's head for LoadHeads).
 -- KEYS (all under the conversation's tag): [1] meta, [2] members, [3] log.
 -- ARGV: [1] user, [2] '1' for a group, [3] log epoch the reader expects, [4] after seq,
--- [5] limit, [6] '1' if the caller established the user may read a non-group conversation.
--- Returns {nil} when there is no log, else
--- {log epoch, head, first, joined at (-1: not a member of the group), seq, message, ...}.
+-- [5] limit, [6] '1' if the caller established the user may read a non-group conversation,
+-- [7] a fresh log epoch, taken if the log moves (incarnation.lua, prepended).
+-- Returns {nil} when there is no log, else {log epoch, head, first, joined at (-1: not a
+-- member of the group), epoch moved from (0: never), head carried over, seq, message, ...}.
 -- Messages are returned only when the epoch matches and the user may read, starting after
 -- max(after seq, the user's visible start - 1).
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first')
-if not meta[1] then
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
   return {false}
 end
+settle_log(KEYS[1], epoch, ARGV[7])
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'cf_epoch', 'cf_n')
 local head, first = tonumber(meta[2]), tonumber(meta[3])
 local joined, may_read = 0, ARGV[6] == '1'
 if ARGV[2] == '1' then
@@ -20,7 +23,7 @@ if ARGV[2] == '1' then
     joined, may_read = -1, false
   end
 end
-local out = {meta[1], head, first, joined}
+local out = {meta[1], head, first, joined, meta[4] or '0', meta[5] or '0'}
 if not may_read or meta[1] ~= ARGV[3] then
   return out
 end

@@ -290,6 +290,7 @@ impl RedisStore {
     /// presented (one script: the resumption only adds its compare).
     pub(super) async fn replace_claim(
         &self,
+        now: UnixMillis,
         user: UserId,
         expected: Epoch,
         claim: Claim,
@@ -313,7 +314,8 @@ impl RedisStore {
                     .arg(&claim.resume_token_hash[..])
                     .arg(secret)
                     .arg(secret_exp)
-                    .arg(presented),
+                    .arg(presented)
+                    .arg(now.0),
             )
             .await?;
         let [replaced, counter, old @ ..] = v.as_slice() else {
@@ -714,7 +716,7 @@ impl RedisStore {
         let convs: Vec<ConvId> = convs.into_iter().collect();
         let calls: Vec<_> = convs
             .iter()
-            .map(|conv| read_call(user, conv, LogEpoch(0), 0, 0, false))
+            .map(|conv| read_call(user, conv, LogEpoch(0), 0, 0, false, self.new_log_epoch()))
             .collect();
         let values = self.read_pipelined(&calls).await?;
         if values.len() != convs.len() {
@@ -728,9 +730,10 @@ impl RedisStore {
             if read.joined < 0 {
                 continue; // indexed group the user is not (or no longer) a member of
             }
-            let mut cursor = cursor_in(cursors.get(&conv.to_string()), read.log_epoch);
+            let mut cursor =
+                cursor_in(cursors.get(&conv.to_string()), read.log_epoch, read.carried);
             if conv == ConvId::All {
-                cursor = cursor.max(all_from.floor(read.log_epoch));
+                cursor = cursor.max(all_from.floor_in(read.log_epoch, read.carried));
             }
             heads.push(read.head(conv, cursor));
         }
@@ -761,7 +764,15 @@ impl RedisStore {
         if !may_read && !matches!(conv, ConvId::Group(_)) {
             return Ok(StoreReply::NotMember);
         }
-        let call = read_call(user, &conv, log_epoch, after_seq, limit, may_read);
+        let call = read_call(
+            user,
+            &conv,
+            log_epoch,
+            after_seq,
+            limit,
+            may_read,
+            self.new_log_epoch(),
+        );
         let value = self.read_pipelined(&[call]).await?;
         let Some(value) = value.first() else {
             return Err(bad_reply("fetch", &Value::Array(value)));
@@ -780,13 +791,15 @@ impl RedisStore {
                     head_seq: 0,
                     first_available_seq: 1,
                     cursor_seq: 0,
+                    carried_from: LogEpoch(0),
+                    carried_up_to: 0,
                 },
                 messages: Vec::new(),
             });
         };
-        let mut cursor = cursor_in(cursor.as_ref(), read.log_epoch);
+        let mut cursor = cursor_in(cursor.as_ref(), read.log_epoch, read.carried);
         if conv == ConvId::All {
-            cursor = cursor.max(all_from.floor(read.log_epoch));
+            cursor = cursor.max(all_from.floor_in(read.log_epoch, read.carried));
         }
         let messages = read
             .messages

@@ -65,6 +65,7 @@ pub(super) fn read_call(
     after_seq: u64,
     limit: u32,
     may_read: bool,
+    fresh_epoch: LogEpoch,
 ) -> (Vec<String>, Vec<String>) {
     let keys = vec![
         conv_key(conv, "meta"),
@@ -79,6 +80,8 @@ pub(super) fn read_call(
         after_seq.to_string(),
         limit.to_string(),
         if may_read { "1" } else { "0" }.to_string(),
+        // Taken only if the log moves (the lost-tail rule in `lua/incarnation.lua`).
+        fresh_epoch.0.to_string(),
     ];
     (keys, args)
 }

@@ -180,16 +180,28 @@ impl Scripts {
     fn new() -> Self {
         Self {
             register: Script::new(include_str!("../lua/register.lua")),
-            claim_replace: Script::new(include_str!("../lua/claim_replace.lua")),
+            claim_replace: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/claim_replace.lua")
+            )),
             claim_expire: Script::new(include_str!("../lua/claim_expire.lua")),
             claim_release: Script::new(include_str!("../lua/claim_release.lua")),
             claim_bind: Script::new(include_str!("../lua/claim_bind.lua")),
             claim_refresh: Script::new(include_str!("../lua/claim_refresh.lua")),
             claim_routes: Script::new(include_str!("../lua/claim_routes.lua")),
-            append: Script::new(include_str!("../lua/append.lua")),
-            create_group: Script::new(include_str!("../lua/create_group.lua")),
+            append: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/append.lua")
+            )),
+            create_group: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/create_group.lua")
+            )),
             join_group: Script::new(include_str!("../lua/join_group.lua")),
-            read: Script::new(include_str!("../lua/read.lua")),
+            read: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/read.lua")
+            )),
             advance_cursors: Script::new(include_str!("../lua/advance_cursors.lua")),
             login_failure: Script::new(include_str!("../lua/login_failure.lua")),
             set_password: Script::new(include_str!("../lua/set_password.lua")),
@@ -372,14 +384,14 @@ impl RedisStore {
                 user,
                 expected,
                 claim,
-            } => self.replace_claim(user, expected, claim, None).await,
+            } => self.replace_claim(now, user, expected, claim, None).await,
             StoreCommand::ResumeClaim {
                 user,
                 expected,
                 secret,
                 claim,
             } => {
-                self.replace_claim(user, expected, claim, Some(secret))
+                self.replace_claim(now, user, expected, claim, Some(secret))
                     .await
             }
             StoreCommand::ExpireClaim { user, epoch } => {

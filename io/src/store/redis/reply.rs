@@ -3,7 +3,9 @@
 
 use ::redis::{RedisError, Value};
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
-use cim_core::store::{AllFrom, Claim, ConvHead, ResumeSecret, StoreUnavailable, StoredMessage};
+use cim_core::store::{
+    AllFrom, Claim, ConvHead, ResumeSecret, StoreUnavailable, StoredMessage, position_in,
+};
 use prost::Message as _;
 
 use super::R;
@@ -89,6 +91,8 @@ pub(super) struct Read {
     pub(super) first: u64,
     /// -1: not a member of the group.
     pub(super) joined: i64,
+    /// The epoch the log moved from (0: never) and the head seq it carried over.
+    pub(super) carried: (LogEpoch, u64),
     pub(super) messages: Vec<(u64, Vec<u8>)>,
 }
 
@@ -102,6 +106,8 @@ impl Read {
             head_seq: self.head_seq,
             first_available_seq: self.first.max(joined + 1),
             cursor_seq: cursor.max(joined),
+            carried_from: self.carried.0,
+            carried_up_to: self.carried.1,
         }
     }
 }
@@ -112,7 +118,7 @@ pub(super) fn parse_read(v: &Value) -> R<Option<Read>> {
     };
     match items.as_slice() {
         [Value::Nil] => Ok(None),
-        [epoch, head, first, joined, rest @ ..] if rest.len() % 2 == 0 => {
+        [epoch, head, first, joined, cf_epoch, cf_n, rest @ ..] if rest.len() % 2 == 0 => {
             let joined = match joined {
                 Value::Int(i) => *i,
                 other => return Err(bad_reply("read joined", other)),
@@ -129,6 +135,7 @@ pub(super) fn parse_read(v: &Value) -> R<Option<Read>> {
                 head_seq: num(head)?,
                 first: num(first)?,
                 joined,
+                carried: (LogEpoch(num(cf_epoch)?), num(cf_n)?),
                 messages,
             }))
         }
@@ -146,12 +153,15 @@ pub(super) fn all_from(epoch: Option<&str>, seq: Option<&str>) -> AllFrom {
 }
 
 /// A stored `<log epoch>:<seq>` cursor, if it is of the current log epoch.
-pub(super) fn cursor_in(stored: Option<&String>, log_epoch: LogEpoch) -> u64 {
+pub(super) fn cursor_in(
+    stored: Option<&String>,
+    log_epoch: LogEpoch,
+    carried: (LogEpoch, u64),
+) -> u64 {
     stored
         .and_then(|s| s.split_once(':'))
-        .filter(|(epoch, _)| epoch.parse() == Ok(log_epoch.0))
-        .and_then(|(_, seq)| seq.parse().ok())
-        .unwrap_or(0)
+        .and_then(|(epoch, seq)| Some((LogEpoch(epoch.parse().ok()?), seq.parse().ok()?)))
+        .map_or(0, |at| position_in(at, log_epoch, carried))
 }
 
 pub(super) fn decode_message(

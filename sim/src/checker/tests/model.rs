@@ -255,6 +255,7 @@ fn run(ops: &[Op], max_len: u64, join: u64) -> (History, BTreeMap<(UserId, ConvI
                 )
             })
             .collect(),
+        moves: Vec::new(),
         faults: Vec::new(),
         bounds: Bounds {
             healed_at: Duration::ZERO,
