@@ -142,6 +142,13 @@ pub struct ClaimState {
     pub epoch: Epoch,
     /// The current claim, if any; it may have expired (compare `lease_until` with now).
     pub claim: Option<Claim>,
+    /// The claim was last written by another store incarnation (a restarted Redis, or a
+    /// replica promoted after its master died), which may have lost later logins: its lease
+    /// and tokens can be older than what the user's client holds. A login that proves the
+    /// account may take it over (`decide_login`); the replace then raises the counter first.
+    /// Reported by `LoadClaim` only (false elsewhere).
+    #[serde(default)]
+    pub foreign: bool,
 }
 
 /// Where a user's session lives, as written by the server that holds it.

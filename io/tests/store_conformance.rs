@@ -477,6 +477,7 @@ fn state(epoch: u64, claim: Option<Claim>) -> ClaimState {
     ClaimState {
         epoch: Epoch(epoch),
         claim,
+        foreign: false,
     }
 }
 
@@ -3149,18 +3150,29 @@ async fn login_after_copy(d: &mut Driver<'_>, user: UserId) {
 }
 
 /// After the restart the counter is back at 1, and epoch 2 was issued: the next login must
-/// not get it. The first try is answered as a lost race with the counter raised to the
-/// caller's now; the retry against it succeeds, and later logins count up from there.
+/// not get it. The claim reads as another incarnation's (the route may take it over: the
+/// client can hold the lost login's token). The first try is answered as a lost race with
+/// the counter raised to the caller's now; the retry against it succeeds, and later logins
+/// count up from there.
 async fn no_claim_epoch_again_after_restart(d: &mut Driver<'_>, user: UserId) {
     let now = T0 + 30;
     let first = claim(1, "s1", T0 + 60_000, 1);
     assert_eq!(
         d.run(now, StoreCommand::LoadClaim { user }).await,
-        StoreReply::Claim(state(1, Some(first.clone())))
+        StoreReply::Claim(ClaimState {
+            foreign: true,
+            ..state(1, Some(first.clone()))
+        })
     );
     assert_eq!(
         d.run(now, replace_claim_cmd(user, 1, 2, "s2")).await,
         StoreReply::ClaimReplaced(Err(state(now, Some(first.clone()))))
+    );
+    // Raised and stamped: this incarnation's claim now (the counter above it says it
+    // predates the restart until it is replaced).
+    assert_eq!(
+        d.run(now, StoreCommand::LoadClaim { user }).await,
+        StoreReply::Claim(state(now, Some(first.clone())))
     );
     assert_eq!(
         d.run(now, replace_claim_cmd(user, now, now + 1, "s2"))

@@ -52,6 +52,13 @@ pub fn is_live(claim: &Claim, now: UnixMillis) -> bool {
 /// `presented_resume_hash` is the SHA-256 of the resume token the client sent, if any;
 /// `claim_server_live` is whether the current claim's server is in the route's registry
 /// view (ignored when there is no live claim).
+///
+/// A live claim that may predate a login the store lost — written by another store
+/// incarnation (`ClaimState::foreign`), or below a counter the replace raised after such
+/// a restart — proves nothing against the login: the client may hold the lost login's token,
+/// which the restored claim cannot know. It is taken over like a claim on a dead server (the
+/// old session is still kicked before the answer), rather than refusing the user with 5000
+/// until the restored lease runs out.
 pub fn decide_login(
     state: &ClaimState,
     now: UnixMillis,
@@ -64,7 +71,8 @@ pub fn decide_login(
     };
     let proved_resume =
         presented_resume_hash.is_some_and(|hash| bool::from(hash.ct_eq(&claim.resume_token_hash)));
-    if proved_resume || !claim_server_live {
+    let predates_a_lost_login = state.foreign || claim.epoch < state.epoch;
+    if proved_resume || !claim_server_live || predates_a_lost_login {
         Ok(LoginDecision::Takeover {
             epoch,
             old: claim.clone(),
@@ -108,7 +116,13 @@ impl ClaimTable {
 
     /// `LoadClaim`: the user's counter and claim (possibly expired; the reader compares).
     pub fn load(&self, user: UserId) -> ClaimState {
-        self.claims.get(&user).cloned().unwrap_or_default()
+        let mut state = self.claims.get(&user).cloned().unwrap_or_default();
+        state.foreign = state.claim.is_some()
+            && self
+                .written_by
+                .get(&user)
+                .is_some_and(|&by| by != self.incarnation);
+        state
     }
 
     /// `ReplaceClaim`: only if the counter still equals `expected` and the new claim's epoch
@@ -434,6 +448,7 @@ mod tests {
         ClaimState {
             epoch: Epoch(epoch),
             claim,
+            foreign: false,
         }
     }
 
@@ -525,6 +540,27 @@ mod tests {
                 Some([0xBB; 32]),
                 false,
                 Ok(takeover(4)),
+            ),
+            // A claim that may predate a login the store lost proves nothing against the
+            // client, which may hold that login's token: taken over, never a 5000.
+            (
+                "live, written by another store incarnation, wrong token",
+                ClaimState {
+                    foreign: true,
+                    ..state(3, Some(live.clone()))
+                },
+                5_000,
+                Some([0xBB; 32]),
+                true,
+                Ok(takeover(4)),
+            ),
+            (
+                "live, below a counter raised after a restart, no token",
+                state(1_700_000_000_000, Some(live.clone())),
+                5_000,
+                None,
+                true,
+                Ok(takeover(1_700_000_000_001)),
             ),
         ];
         for (name, st, now, hash, server_live, want) in cases {

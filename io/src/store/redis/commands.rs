@@ -265,24 +265,15 @@ impl RedisStore {
 
     pub(super) async fn load_claim(&self, user: UserId) -> R<StoreReply> {
         let v: Vec<Value> = self
-            .query(
-                ::redis::cmd("HMGET")
-                    .arg(claim_key(user))
-                    .arg("epoch")
-                    .arg("c_epoch")
-                    .arg("server")
-                    .arg("lease")
-                    .arg("token")
-                    .arg("secret")
-                    .arg("secret_exp"),
-            )
+            .invoke(&self.scripts.claim_load.key(claim_key(user)))
             .await?;
-        let [epoch, rest @ ..] = v.as_slice() else {
+        let [epoch, rest @ .., foreign] = v.as_slice() else {
             return Err(bad_reply("load claim", &Value::Array(v)));
         };
         Ok(StoreReply::Claim(ClaimState {
             epoch: Epoch(opt_num(epoch)?.unwrap_or(0)),
             claim: parse_claim(rest)?,
+            foreign: num(foreign)? == 1,
         }))
     }
 
@@ -325,9 +316,12 @@ impl RedisStore {
         Ok(StoreReply::ClaimReplaced(if num(replaced)? == 1 {
             Ok(old)
         } else {
+            // The script stamps a foreign claim when it raises the counter: the raised
+            // counter above the claim's epoch says what `foreign` said.
             Err(ClaimState {
                 epoch: Epoch(num(counter)?),
                 claim: old,
+                foreign: false,
             })
         }))
     }

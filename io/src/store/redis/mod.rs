@@ -160,6 +160,7 @@ fn explain_connect_failure(tls: bool, e: &RedisError) -> String {
 struct Scripts {
     register: Script,
     claim_replace: Script,
+    claim_load: Script,
     claim_expire: Script,
     claim_release: Script,
     claim_bind: Script,
@@ -183,6 +184,10 @@ impl Scripts {
             claim_replace: Script::new(concat!(
                 include_str!("../lua/incarnation.lua"),
                 include_str!("../lua/claim_replace.lua")
+            )),
+            claim_load: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/claim_load.lua")
             )),
             claim_expire: Script::new(include_str!("../lua/claim_expire.lua")),
             claim_release: Script::new(include_str!("../lua/claim_release.lua")),

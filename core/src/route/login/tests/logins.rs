@@ -209,7 +209,8 @@ fn an_old_token_cannot_log_out_a_newer_session() {
         h.store.claims.load(UserId(1)),
         ClaimState {
             epoch: Epoch(2),
-            claim: None
+            claim: None,
+            foreign: false,
         }
     );
     // A forged token never reaches the store.

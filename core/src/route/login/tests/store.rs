@@ -76,6 +76,7 @@ fn endless_races_give_up_with_4000() {
         let winner = ClaimState {
             epoch: Epoch(round),
             claim: None,
+            foreign: false,
         };
         h.m.handle_store_reply(
             now,
