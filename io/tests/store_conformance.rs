@@ -3265,8 +3265,11 @@ async fn a_promoted_replica_moves_the_log_carrying_everything_over() {
     cluster
         .wait_for_replicas(Duration::from_secs(20))
         .expect("replicas in sync");
+    // A replica on a loaded machine can take longer than the usual 250 ms WAIT (half the
+    // tests' command timeout) to confirm: give it 2 s, as store_cluster_faults does.
     let options = RedisOptions {
         wait_replicas: 1,
+        command_timeout: Duration::from_secs(4),
         ..redis_options()
     };
     let store = RedisStore::connect_cluster(&cluster.urls(), options)

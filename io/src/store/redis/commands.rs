@@ -417,23 +417,8 @@ impl RedisStore {
             invocation.key(claim_key(**user)).key(route_key(**user));
         }
         let v: Vec<Value> = self.invoke(&invocation).await?;
-        if v.len() != users.len() * 2 {
-            return Err(bad_reply("routes", &Value::Array(v)));
-        }
-        users
-            .iter()
-            .zip(v.chunks_exact(2))
-            .map(|(user, pair)| {
-                let record = match string(&pair[0])? {
-                    Some(server) => Some(RouteRecord {
-                        server: ServerId(server),
-                        epoch: Epoch(num(&pair[1])?),
-                    }),
-                    None => None,
-                };
-                Ok((**user, record))
-            })
-            .collect()
+        let users: Vec<UserId> = users.into_iter().copied().collect();
+        route_records(&users, &v).ok_or_else(|| bad_reply("routes", &Value::Array(v)))?
     }
 
     /// `ListOnline`: SCAN the route records (never KEYS: it blocks Redis), judge each batch
@@ -916,25 +901,38 @@ fn push_recipients(conv: &ConvId, route_users: &[UserId], read: &Value) -> R<Opt
             Some(Recipients::Members(ids.into_iter().map(UserId).collect()))
         }
         ConvId::Private { .. } if !route_users.is_empty() => {
-            if items.len() != route_users.len() * 2 {
-                return Err(bad_reply("append recipients", read));
-            }
-            let routes = route_users
-                .iter()
-                .zip(items.chunks_exact(2))
-                .map(|(user, pair)| {
-                    let record = match string(&pair[0])? {
-                        Some(server) => Some(RouteRecord {
-                            server: ServerId(server),
-                            epoch: Epoch(num(&pair[1])?),
-                        }),
-                        None => None,
-                    };
-                    Ok((*user, record))
-                })
-                .collect::<R<Vec<_>>>()?;
+            let routes = route_records(route_users, items)
+                .ok_or_else(|| bad_reply("append recipients", read))??;
             Some(Recipients::Routes(routes))
         }
         _ => None,
     })
+}
+
+/// One user's live route record, if any.
+type UserRoute = (UserId, Option<RouteRecord>);
+
+/// Route records as `claim_routes.lua` (and the append script, the same judgement) answer
+/// them: a (server, epoch) pair per user, both nil where the user has no live route.
+/// `None` if the count does not match the users.
+fn route_records(users: &[UserId], pairs: &[Value]) -> Option<R<Vec<UserRoute>>> {
+    if pairs.len() != users.len() * 2 {
+        return None;
+    }
+    Some(
+        users
+            .iter()
+            .zip(pairs.chunks_exact(2))
+            .map(|(user, pair)| {
+                let record = match string(&pair[0])? {
+                    Some(server) => Some(RouteRecord {
+                        server: ServerId(server),
+                        epoch: Epoch(num(&pair[1])?),
+                    }),
+                    None => None,
+                };
+                Ok((*user, record))
+            })
+            .collect(),
+    )
 }
