@@ -179,6 +179,24 @@ pub(super) struct Position {
 }
 
 impl Position {
+    /// A reset or a move out of `old`: the client's epoch is learned if it had none yet;
+    /// `Err` carries the epoch it was in when that is another one.
+    fn leave_epoch(
+        &mut self,
+        old: LogEpoch,
+        conv: &ConvId,
+        streams: &mut BTreeMap<(ConvId, LogEpoch), Covered>,
+    ) -> Result<(), LogEpoch> {
+        match self.epoch {
+            None => {
+                self.learn_epoch(old, conv, streams);
+                Ok(())
+            }
+            Some(current) if current != old => Err(current),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// Learns the epoch and files the ranges seen before it.
     fn learn_epoch(
         &mut self,
@@ -298,20 +316,16 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
                         });
                     }
                     let pos = positions.entry(conv.clone()).or_default();
-                    match pos.epoch {
-                        None => pos.learn_epoch(*old_epoch, conv, covered),
-                        Some(current) if current != *old_epoch => {
-                            report.violations.push(Violation::EpochSwitch {
-                                client: c.client,
-                                user: c.user,
-                                conv: conv.clone(),
-                                current,
-                                got: *old_epoch,
-                                seq: None,
-                                at,
-                            });
-                        }
-                        Some(_) => {}
+                    if let Err(current) = pos.leave_epoch(*old_epoch, conv, covered) {
+                        report.violations.push(Violation::EpochSwitch {
+                            client: c.client,
+                            user: c.user,
+                            conv: conv.clone(),
+                            current,
+                            got: *old_epoch,
+                            seq: None,
+                            at,
+                        });
                     }
                     // A move straight from the client's epoch says what it carried over: the
                     // client continues across it (`LogMoved`), it does not start again.
@@ -351,20 +365,16 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
                     lost,
                 } => {
                     let pos = positions.entry(conv.clone()).or_default();
-                    match pos.epoch {
-                        None => pos.learn_epoch(*old_epoch, conv, covered),
-                        Some(current) if current != *old_epoch => {
-                            report.violations.push(Violation::EpochSwitch {
-                                client: c.client,
-                                user: c.user,
-                                conv: conv.clone(),
-                                current,
-                                got: *old_epoch,
-                                seq: None,
-                                at,
-                            });
-                        }
-                        Some(_) => {}
+                    if let Err(current) = pos.leave_epoch(*old_epoch, conv, covered) {
+                        report.violations.push(Violation::EpochSwitch {
+                            client: c.client,
+                            user: c.user,
+                            conv: conv.clone(),
+                            current,
+                            got: *old_epoch,
+                            seq: None,
+                            at,
+                        });
                     }
                     let handed_over = pos.next.map(|n| n - 1);
                     let carried_up_to = history
