@@ -648,25 +648,44 @@ pub fn zk_failure(connect: &str, error: &crate::registry::RegistryError) -> Stri
     format!("ZooKeeper at {connect} (--zk): {error}{hint}")
 }
 
-/// Resolves on Ctrl-C or SIGTERM, whichever comes first.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Ctrl-C and SIGTERM, listened for from the moment this is made.
+///
+/// One listener lives as long as the process's main loop: a stop signal that arrives while
+/// the loop is busy elsewhere (answering a terminal command, between two `select!`s) waits
+/// here instead of being lost, as it would be if the loop made a new listener on each turn.
+#[derive(Debug)]
+pub struct StopSignals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// Starts listening now. A signal kind that cannot be listened for (no signal driver)
+    /// never resolves, which leaves the other one working.
+    #[must_use]
+    pub fn listen() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    }
+
+    /// Resolves on the next Ctrl-C or SIGTERM, including one that arrived since
+    /// [`StopSignals::listen`] or the previous `recv`.
+    pub async fn recv(&mut self) {
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            () = next(&mut self.interrupt) => {}
+            () = next(&mut self.terminate) => {}
+        }
     }
 }
 

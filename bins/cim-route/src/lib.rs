@@ -531,8 +531,9 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
             other => anyhow::Error::new(other).context("starting the route"),
         })?;
     tracing::info!(http = %handle.http_addr(), "cim-route up");
+    let mut stop = launch::StopSignals::listen();
     let signalled = tokio::select! {
-        () = launch::shutdown_signal() => true,
+        () = stop.recv() => true,
         result = handle.stopped() => {
             result?;
             false
@@ -547,7 +548,7 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
             handle.begin_drain();
             tokio::select! {
                 () = tokio::time::sleep(shutdown_delay) => {}
-                () = launch::shutdown_signal() => tracing::info!("second stop signal"),
+                () = stop.recv() => tracing::info!("second stop signal"),
             }
         }
         tracing::info!("stop signal: shutting down");

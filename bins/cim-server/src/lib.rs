@@ -397,8 +397,9 @@ async fn run(args: Args, log_format_problem: Option<String>) -> anyhow::Result<(
         http = %handle.http_addr(),
         "cim-server up"
     );
+    let mut stop = launch::StopSignals::listen();
     let signalled = tokio::select! {
-        () = launch::shutdown_signal() => true,
+        () = stop.recv() => true,
         result = handle.stopped() => {
             result?;
             false

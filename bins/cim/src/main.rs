@@ -438,11 +438,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         &admin_token,
     );
     let mut servers: Vec<Option<ServerHandle>> = servers.into_iter().map(Some).collect();
+    // Made before the loop: a Ctrl-C during a command's answer is kept, not lost.
+    let mut stop = launch::StopSignals::listen();
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut reading = true;
     loop {
         tokio::select! {
-            () = launch::shutdown_signal() => break,
+            () = stop.recv() => break,
             line = stdin.next_line(), if reading => match line {
                 Ok(Some(line)) => {
                     let answer = control(&line, &mut servers, &server_options, &store, &registry).await;
