@@ -194,6 +194,7 @@ impl MemoryStore {
                     all_from,
                 };
                 self.accounts.insert(user, account);
+                self.claims.account_created(user);
                 StoreReply::AccountRegistered(Ok(user))
             }
             StoreCommand::LoadAccount { user } => {

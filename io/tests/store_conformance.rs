@@ -3212,6 +3212,72 @@ async fn a_restart_that_lost_a_login_never_issues_its_claim_epoch_again() {
     assert_transcripts_equal(&reference.transcript, &real.transcript);
 }
 
+/// A first login that the restart lost (the account survived, its only claim did not): with
+/// no claim left the counter reads 0, and epoch 1 was issued. The account's creation vouched
+/// for the counter, so the next login is answered as a lost race with the counter raised to
+/// the caller's now, and the retry gets an epoch above every one issued.
+async fn no_first_claim_epoch_again_after_restart(d: &mut Driver<'_>, user: UserId) {
+    let now = T0 + 30;
+    assert_eq!(
+        d.run(now, StoreCommand::LoadClaim { user }).await,
+        StoreReply::Claim(state(0, None))
+    );
+    assert_eq!(
+        d.run(now, replace_claim_cmd(user, 0, 1, "s2")).await,
+        StoreReply::ClaimReplaced(Err(state(now, None)))
+    );
+    assert_eq!(
+        d.run(now, replace_claim_cmd(user, now, now + 1, "s2"))
+            .await,
+        StoreReply::ClaimReplaced(Ok(None))
+    );
+}
+
+/// Within one incarnation the account's mark changes nothing: the first login gets epoch 1.
+async fn first_login_in_the_same_incarnation(d: &mut Driver<'_>) {
+    let user = d.register("cid-same").await;
+    assert_eq!(
+        d.run(T0 + 1, replace_claim_cmd(user, 0, 1, "s1")).await,
+        StoreReply::ClaimReplaced(Ok(None))
+    );
+}
+
+#[tokio::test]
+async fn a_restart_that_lost_a_first_login_never_issues_its_claim_epoch_again() {
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    first_login_in_the_same_incarnation(&mut reference).await;
+    let user = reference.register("cid").await;
+    let copy = memory.snapshot();
+    assert_eq!(
+        reference
+            .run(T0 + 1, replace_claim_cmd(user, 0, 1, "s1"))
+            .await,
+        StoreReply::ClaimReplaced(Ok(None))
+    );
+    memory.restart_from(&copy, 99);
+    no_first_claim_epoch_again_after_restart(&mut reference, user).await;
+
+    let Some(mut server) = RedisServer::start_with_aof() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut real = Driver::new(&store);
+    first_login_in_the_same_incarnation(&mut real).await;
+    let user = real.register("cid").await;
+    let copy = server.copy_data().expect("copy redis data");
+    assert_eq!(
+        real.run(T0 + 1, replace_claim_cmd(user, 0, 1, "s1")).await,
+        StoreReply::ClaimReplaced(Ok(None))
+    );
+    server
+        .restart_from(&copy)
+        .expect("restart redis from the copy");
+    until_healthy(&store).await;
+    no_first_claim_epoch_again_after_restart(&mut real, user).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
+}
+
 /// Waits until a restarted Redis answers through `store` (its connection reconnects by
 /// itself; the first command after a restart may fail once).
 async fn until_healthy(store: &dyn Store) {

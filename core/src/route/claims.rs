@@ -94,8 +94,8 @@ pub struct ClaimTable {
     routes: BTreeMap<UserId, RouteRecord>,
     /// The store incarnation serving now (see [`ClaimTable::set_incarnation`]).
     incarnation: u64,
-    /// The incarnation that last wrote each user's claim (none: never written, or written
-    /// before the rule existed).
+    /// The incarnation that last wrote each user's claim, or created the account before its
+    /// first claim (none: neither, or written before the rule existed).
     written_by: BTreeMap<UserId, u64>,
     /// `EpochFencing` off: the simulation's canary (nothing outside canary builds).
     canaries: Canaries,
@@ -220,6 +220,13 @@ impl ClaimTable {
             return Err(state);
         }
         self.replace_at(user, expected, claim, now)
+    }
+
+    /// A new account: this incarnation vouches that `user`'s counter is 0, so a first
+    /// login a restart loses cannot have its epoch issued again (`replace_at` finds another
+    /// incarnation's mark and raises the counter). `account_complete.lua` does the same.
+    pub fn account_created(&mut self, user: UserId) {
+        self.written_by.insert(user, self.incarnation);
     }
 
     /// `RevokeResumption` (and the revocation part of `SetPassword`): drops the claim's

@@ -64,7 +64,10 @@
 //! - `RegisterAccount`: the `all` head is read first (so a message appended meanwhile is
 //!   owed, never skipped), then the name reservation and id are one script (`{names}`); the
 //!   account hash (`{u:<id>}`) is written after it, from the reservation's values, field by
-//!   field where missing (`HSETNX`: it never undoes a password reset). If the writer dies
+//!   field where missing (`HSETNX`: it never undoes a password reset), by
+//!   `account_complete.lua`, which also marks the claim hash with this Redis process's run
+//!   id when the reservation was new (a lost first login's epoch is never issued again:
+//!   docs/design.md, "Never the same name for two contents"). If the writer dies
 //!   in between, the account is missing until the next registration attempt of that name,
 //!   which gets `NameTaken` and writes the account from the reservation (idempotent: the
 //!   reservation never changes), unless the reservation is a tombstone's. Until then nobody

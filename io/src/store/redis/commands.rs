@@ -56,25 +56,24 @@ impl RedisStore {
         let all_seq = string(all_seq)?.unwrap_or_else(|| "0".into());
         // Written after the reservation, from the reservation's values, also when the name
         // was taken: that completes a registration whose writer died in between (see the
-        // module docs). Field by field and only where missing (`HSETNX`), so it never undoes
-        // a password reset; never for a tombstone, which must stay without a password.
+        // module docs and account_complete.lua); never for a tombstone.
+        let created = num(created)? == 1;
         if num(deleted)? == 0 {
-            let mut pipe = ::redis::pipe();
-            for (field, value) in [
-                ("name", name.as_str()),
-                ("password_hash", stored_hash.as_str()),
-                ("all_epoch", all_epoch.as_str()),
-                ("all_seq", all_seq.as_str()),
-            ] {
-                pipe.cmd("HSETNX")
-                    .arg(acct_key(user))
-                    .arg(field)
-                    .arg(value)
-                    .ignore();
-            }
-            let () = self.query_pipe(&pipe).await?;
+            let _: Value = self
+                .invoke(
+                    self.scripts
+                        .account_complete
+                        .key(acct_key(user))
+                        .key(claim_key(user))
+                        .arg(&name)
+                        .arg(&stored_hash)
+                        .arg(&all_epoch)
+                        .arg(&all_seq)
+                        .arg(if created { "1" } else { "0" }),
+                )
+                .await?;
         }
-        Ok(StoreReply::AccountRegistered(if num(created)? == 1 {
+        Ok(StoreReply::AccountRegistered(if created {
             Ok(user)
         } else {
             Err(NameTaken)

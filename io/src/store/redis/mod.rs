@@ -159,6 +159,7 @@ fn explain_connect_failure(tls: bool, e: &RedisError) -> String {
 /// `NOSCRIPT`).
 struct Scripts {
     register: Script,
+    account_complete: Script,
     claim_replace: Script,
     claim_load: Script,
     claim_expire: Script,
@@ -181,6 +182,10 @@ impl Scripts {
     fn new() -> Self {
         Self {
             register: Script::new(include_str!("../lua/register.lua")),
+            account_complete: Script::new(concat!(
+                include_str!("../lua/incarnation.lua"),
+                include_str!("../lua/account_complete.lua")
+            )),
             claim_replace: Script::new(concat!(
                 include_str!("../lua/incarnation.lua"),
                 include_str!("../lua/claim_replace.lua")
