@@ -339,6 +339,10 @@ impl Harness {
                     self.node.handle_connection_closed(self.now, conn);
                     self.conns.remove(&conn);
                     self.closed.insert(conn);
+                    // Judged now, outside any frame: a session that ends writes its held
+                    // cursors, which must not be taken for a request of the next frame's
+                    // session.
+                    self.drain();
                 }
             }
             Op::Written(slot, n) => {
@@ -347,6 +351,7 @@ impl Harness {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.unwritten = c.unwritten.saturating_sub(usize::from(n));
                     }
+                    self.drain();
                 }
             }
             Op::Frame(slot, frame) => {
