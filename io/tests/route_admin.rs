@@ -29,6 +29,13 @@ use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// One test at a time in this binary. The audit test captures events with a thread-local
+/// subscriber (`set_default`); tracing caches each call site's interest, and a call site
+/// first reached by another test's thread while that subscriber is being registered can
+/// stay cached as "never" — the audit test then saw no lines at all (it flaked under load).
+/// The other tests make admin requests too, reaching the same call sites.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const TOKEN: &str = "admin-token-for-tests-0123456789";
 const PASSWORD: &str = "pw-123456";
 
@@ -246,6 +253,7 @@ impl Audit {
 
 #[tokio::test]
 async fn the_admin_listener_is_off_by_default_and_needs_a_real_token() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let store = Arc::new(MemoryBackend::new(MemoryStoreConfig::default()));
     let registry = MemoryRegistry::new();
     let route = route::start(
@@ -277,6 +285,7 @@ async fn the_admin_listener_is_off_by_default_and_needs_a_real_token() {
 
 #[tokio::test]
 async fn admins_list_kick_reset_and_delete_and_every_request_is_audited() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let audit = Audit::default();
     let writer = audit.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -448,6 +457,7 @@ async fn admins_list_kick_reset_and_delete_and_every_request_is_audited() {
 /// works.
 #[tokio::test]
 async fn a_resumption_needs_no_password_until_used_or_revoked() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let c = Cluster::start().await;
     let alice = c.register("alice").await;
     let c = &c;

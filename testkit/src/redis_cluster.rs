@@ -29,9 +29,27 @@ use crate::{TestCa, TestCert, in_ci};
 const NODES: usize = 6;
 /// The cluster bus listens on the client port plus this.
 const BUS_OFFSET: u16 = 10_000;
-/// Where client ports are probed: below 55536 - 10000 so that the bus port exists, and
-/// above the usual well-known and ephemeral-for-tests ranges.
-const PORT_RANGE: std::ops::Range<u16> = 20_000..45_000;
+/// Where client ports are probed: above the usual well-known ports, and low enough that the
+/// bus port too is below the kernel's ephemeral range ([`port_range`]).
+const LOWEST_PORT: u16 = 12_000;
+
+/// Client ports `p` with both `p` and `p + 10000` below the ephemeral range (Linux's
+/// `ip_local_port_range`, 32768 by default): a killed node's ports, free until its restart,
+/// must not be handed to some outgoing connection meanwhile (the restart then failed with
+/// "address in use", a flake under load when the bus port was in that range). Where the
+/// range leaves no room, the old span, and the flake's odds, come back.
+fn port_range() -> std::ops::Range<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let end = ephemeral_start.saturating_sub(BUS_OFFSET);
+    if end >= LOWEST_PORT + 1_000 {
+        LOWEST_PORT..end
+    } else {
+        20_000..45_000
+    }
+}
 
 /// How to start a [`RedisCluster`] beyond the defaults (plaintext, no persistence).
 #[derive(Debug, Clone, Default)]
@@ -118,7 +136,8 @@ fn installed(program: &str) -> bool {
 /// one's bus port. Probing starts at a point derived from the process id so that test binaries
 /// running at once rarely probe the same ports.
 fn free_ports(taken_before: &[u16]) -> Vec<u16> {
-    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let range = port_range();
+    let span = range.end - range.start;
     let nanos = std::time::SystemTime::UNIX_EPOCH
         .elapsed()
         .map_or(0, |d| d.subsec_nanos());
@@ -131,7 +150,7 @@ fn free_ports(taken_before: &[u16]) -> Vec<u16> {
         })
     };
     for _ in 0..span {
-        let p = PORT_RANGE.start + offset;
+        let p = range.start + offset;
         offset = (offset + 1) % span;
         if clashes(p, &ports) {
             continue;
