@@ -341,6 +341,7 @@ pub enum TimerReason {
     HeadCheck,
     DeliverAck,
     SendRetry,
+    /// A gap's fetch, or asking again after an incomplete sync answer.
     GapSync,
     OutboxExpiry,
 }
@@ -473,6 +474,7 @@ impl ClientSession {
             fetch_limit: config.fetch_limit,
             max_buffered: config.max_buffered,
             request_timeout: config.login_timeout,
+            incomplete_sync_retry: config.send_retry_delay,
             canaries: config.canaries,
         });
         Self {
@@ -809,8 +811,13 @@ impl ClientSession {
                     .into_iter()
                     .filter_map(|h| head_from_proto(h).ok())
                     .collect();
-                self.inbound
-                    .on_sync_page(now, heads, answer.more, &mut self.out);
+                self.inbound.on_sync_page(
+                    now,
+                    heads,
+                    answer.more,
+                    answer.incomplete,
+                    &mut self.out,
+                );
             }
             Kind::FetchAnswer(answer) => {
                 let head = answer.head.ok_or(FrameError::MissingField)?;

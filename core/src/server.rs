@@ -891,12 +891,18 @@ impl ServerNode {
                 if !self.is_session(conn, user, epoch) {
                     return;
                 }
-                let Ok(StoreReply::Heads(heads)) = result else {
-                    self.transmit(
-                        conn,
-                        error_kind(ErrorCode::Unavailable, "sync failed, retry"),
-                    );
-                    return;
+                // A shard down fails only its own conversations: the rest are answered,
+                // and the client is told the answer is incomplete.
+                let (heads, incomplete) = match result {
+                    Ok(StoreReply::Heads(heads)) => (heads, false),
+                    Ok(StoreReply::PartialHeads { heads, .. }) => (heads, true),
+                    _ => {
+                        self.transmit(
+                            conn,
+                            error_kind(ErrorCode::Unavailable, "sync failed, retry"),
+                        );
+                        return;
+                    }
                 };
                 // A user in a few thousand conversations would otherwise get an answer
                 // over the frame limit, which could never be sent: it goes in pages, back
@@ -912,7 +918,14 @@ impl ServerNode {
                 let last = pages.len() - 1;
                 for (i, heads) in pages.into_iter().enumerate() {
                     let more = i < last;
-                    self.transmit(conn, Kind::SyncAnswer(proto::SyncAnswer { heads, more }));
+                    self.transmit(
+                        conn,
+                        Kind::SyncAnswer(proto::SyncAnswer {
+                            heads,
+                            more,
+                            incomplete: incomplete && !more,
+                        }),
+                    );
                 }
             }
             Pending::Fetch { conn, user, epoch } => {

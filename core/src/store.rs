@@ -412,7 +412,9 @@ pub enum StoreCommand {
         now: UnixMillis,
         order: Option<SendOrder>,
     },
-    /// The user's conversations with their heads and the user's cursors.
+    /// The user's conversations with their heads and the user's cursors. A sharded store
+    /// that could read some of them but not others (a dead master) answers
+    /// [`StoreReply::PartialHeads`]; one that could read none fails.
     LoadHeads {
         user: UserId,
     },
@@ -492,6 +494,12 @@ pub enum StoreReply {
     Members(Vec<UserId>),
     Appended(Result<Appended, AppendError>),
     Heads(Vec<ConvHead>),
+    /// `LoadHeads` on a sharded store with a shard down: the heads it could read, and the
+    /// conversations it could not (whose absence from `heads` means nothing).
+    PartialHeads {
+        heads: Vec<ConvHead>,
+        unavailable: Vec<ConvId>,
+    },
     /// `head` describes the log now; `messages` is empty if the log epoch changed.
     Fetched {
         head: ConvHead,

@@ -231,6 +231,7 @@ fn answer(server: &Server, kind: Kind) -> Vec<Frame> {
         }
         Kind::SyncRequest(_) => vec![frame(Kind::SyncAnswer(proto::SyncAnswer {
             more: false,
+            incomplete: false,
             heads: vec![all_head(&s)],
         }))],
         Kind::FetchRequest(fetch) => {

@@ -17,6 +17,13 @@ use cim_testkit::{RedisCluster, RedisServer};
 
 const T0: u64 = 1_700_000_000_000;
 
+/// One test at a time in this binary: each kills and restarts nodes of its own cluster on
+/// fixed ports, and another test starting a cluster meanwhile could take a killed node's
+/// freed port (its restart then fails); and their timing windows (shorter than the
+/// cluster's node timeout) are on the real clock, which six clusters at once on a small
+/// machine stretch.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn options() -> RedisOptions {
     RedisOptions {
         command_timeout: Duration::from_millis(500),
@@ -58,6 +65,7 @@ async fn healthy_within(store: &RedisStore, within: Duration) -> Result<Duration
 /// once. When the nodes come back, the store is healthy again without being told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_is_left_alone_and_found_again() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(cluster) = RedisCluster::start() else {
         return;
     };
@@ -164,6 +172,7 @@ async fn an_unreachable_cluster_is_left_alone_and_found_again() {
 /// the other nodes, and stays closed; calls to the other masters' slots all succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_master_leaves_the_circuit_closed() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(cluster) = RedisCluster::start() else {
         return;
     };
@@ -209,6 +218,80 @@ async fn one_dead_master_leaves_the_circuit_closed() {
         stats.connects > 1,
         "it checked, and found the cluster: {stats:?}"
     );
+}
+
+/// A sync while one master is dead: the heads of the conversations on live masters are
+/// read, and the store says which it could not read (`PartialHeads`), rather than failing
+/// the whole sync of every user with a conversation there (every user, when it holds
+/// `all`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_fails_only_the_heads_on_its_slots() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = RedisStore::connect_cluster(&cluster.urls(), options())
+        .await
+        .expect("connect to the cluster");
+    let conv_meta = |conv: &ConvId| format!("cim:conv:{{c:{conv}}}:meta");
+    let dead = cluster
+        .master_of_key(&conv_meta(&ConvId::All))
+        .expect("an owner of all");
+    // A user, and a group, whose keys live on other masters.
+    let mut user = None;
+    for n in 0..50 {
+        let u = register(&store, &format!("user{n}")).await;
+        if cluster.master_of_key(&format!("cim:acct:{{u:{}}}", u.0)) != Some(dead) {
+            user = Some(u);
+            break;
+        }
+    }
+    let user = user.expect("a user on a live master");
+    let group = (0..1000)
+        .map(|n| ConvId::group(&format!("g{n}")).expect("a group name"))
+        .find(|g| cluster.master_of_key(&conv_meta(g)) != Some(dead))
+        .expect("a group on a live master");
+    assert_eq!(append(&store, user, 1, "hello all").await, Ok((1, false)));
+    let at = UnixMillis(T0 + 2);
+    let created = store
+        .execute(
+            at,
+            StoreCommand::CreateGroup {
+                conv: group.clone(),
+                owner: user,
+            },
+        )
+        .await;
+    assert!(
+        matches!(created, Ok(StoreReply::GroupCreated { .. })),
+        "{created:?}"
+    );
+    let heads = |reply: &StoreReply| -> Vec<ConvId> {
+        match reply {
+            StoreReply::Heads(heads) | StoreReply::PartialHeads { heads, .. } => {
+                heads.iter().map(|h| h.conv.clone()).collect()
+            }
+            other => panic!("not heads: {other:?}"),
+        }
+    };
+    let whole = store
+        .execute(at, StoreCommand::LoadHeads { user })
+        .await
+        .expect("heads");
+    assert!(matches!(whole, StoreReply::Heads(_)), "{whole:?}");
+    assert_eq!(heads(&whole), [ConvId::All, group.clone()]);
+
+    // Read before the cluster's node timeout (2 s): no replica has taken over.
+    cluster.kill_node(dead);
+    let partial = store
+        .execute(at, StoreCommand::LoadHeads { user })
+        .await
+        .expect("heads without the dead master's");
+    assert_eq!(heads(&partial), [group]);
+    let StoreReply::PartialHeads { unavailable, .. } = partial else {
+        panic!("a partial answer: {partial:?}");
+    };
+    assert_eq!(unavailable, [ConvId::All]);
 }
 
 // --- acknowledging after replication (`--store-wait-replicas`) ---------------------------
@@ -276,6 +359,7 @@ async fn append(
 /// it is stored: the resend is answered once the replica is back, with the same seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_counts_the_replicas_of_the_conversations_master_only() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(cluster) = RedisCluster::start() else {
         return;
     };
@@ -386,6 +470,7 @@ fn replica_in_sync(replica: &RedisServer, within: Duration) {
 /// replica is down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_node_acknowledges_after_its_replica_confirms() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let (Some(primary), Some(mut replica)) = (RedisServer::start(), RedisServer::start()) else {
         return;
     };
@@ -426,6 +511,7 @@ async fn a_single_node_acknowledges_after_its_replica_confirms() {
 /// promoted, every user is answered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_shard_fails_only_its_own_users() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(cluster) = RedisCluster::start() else {
         return;
     };

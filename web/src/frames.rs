@@ -133,6 +133,7 @@ pub fn frame_from_json(json: &str) -> Result<Vec<u8>, JsError> {
                 .map(|a| a.iter().map(head_from).collect())
                 .unwrap_or_default(),
             more: false,
+            incomplete: v["incomplete"].as_bool().unwrap_or(false),
         }),
         "fetchAnswer" => Kind::FetchAnswer(proto::FetchAnswer {
             head: Some(head_from(&v["head"])),

@@ -32,6 +32,8 @@ pub(crate) struct InboundConfig {
     pub max_buffered: usize,
     /// A sync or fetch unanswered this long is forgotten, so another may be sent.
     pub request_timeout: Duration,
+    /// How soon a sync whose answer was incomplete (a store shard down) is asked again.
+    pub incomplete_sync_retry: Duration,
     pub canaries: Canaries,
 }
 
@@ -276,6 +278,8 @@ pub(crate) struct Inbound {
     /// last). The answer is only complete with its last page: it lists *every* conversation,
     /// and conversations it does not list are judged by that.
     pub(super) sync_pages: Vec<ConvHead>,
+    /// When to ask again after an incomplete sync answer.
+    resync_at: Option<Instant>,
 }
 
 impl Inbound {
@@ -286,6 +290,7 @@ impl Inbound {
             convs: BTreeMap::new(),
             syncs: VecDeque::new(),
             sync_pages: Vec::new(),
+            resync_at: None,
         }
     }
 
@@ -391,17 +396,28 @@ impl Inbound {
         now: Instant,
         heads: Vec<ConvHead>,
         more: bool,
+        incomplete: bool,
         out: &mut Outputs,
     ) {
         self.sync_pages.extend(heads);
         if !more {
             let heads = std::mem::take(&mut self.sync_pages);
-            self.on_sync_answer(now, heads, out);
+            self.on_sync_answer(now, heads, incomplete, out);
         }
     }
 
-    fn on_sync_answer(&mut self, now: Instant, heads: Vec<ConvHead>, out: &mut Outputs) {
+    /// A whole sync answer. An `incomplete` one (the store could not read some
+    /// conversations) is taken for what it lists, but an unlisted conversation is not
+    /// judged by its absence, and the sync is asked again after `incomplete_sync_retry`.
+    fn on_sync_answer(
+        &mut self,
+        now: Instant,
+        heads: Vec<ConvHead>,
+        incomplete: bool,
+        out: &mut Outputs,
+    ) {
         let asked_at = self.syncs.pop_front();
+        self.resync_at = incomplete.then(|| now + self.cfg.incomplete_sync_retry);
         let mut listed = BTreeSet::new();
         for head in heads {
             let c = self
@@ -426,7 +442,7 @@ impl Inbound {
         // preceded the append: ask again.
         let mut ask_again = false;
         for (conv, c) in self.convs.iter_mut() {
-            if c.anchored || listed.contains(conv) {
+            if c.anchored || listed.contains(conv) || incomplete {
                 continue;
             }
             if asked_at.is_some_and(|at| at >= c.seen_at) {
@@ -446,6 +462,10 @@ impl Inbound {
     }
 
     pub(crate) fn on_timeout(&mut self, now: Instant, out: &mut Outputs) {
+        if self.resync_at.is_some_and(|at| at <= now) {
+            self.resync_at = None;
+            self.request_sync(now, out);
+        }
         for (conv, c) in self.convs.iter_mut() {
             if c.gap_deadline.is_none_or(|at| at > now) {
                 continue;
@@ -469,13 +489,19 @@ impl Inbound {
     }
 
     pub(crate) fn next_timeout(&self) -> Option<Instant> {
-        self.convs.values().filter_map(|c| c.gap_deadline).min()
+        self.convs
+            .values()
+            .filter_map(|c| c.gap_deadline)
+            .chain(self.resync_at)
+            .min()
     }
 
     /// Nothing in flight survives the connection; buffered messages and positions do.
     pub(crate) fn on_link_lost(&mut self) {
         self.syncs.clear();
         self.sync_pages.clear();
+        // The next connection syncs anyway.
+        self.resync_at = None;
         for c in self.convs.values_mut() {
             c.gap_deadline = None;
             c.fetch_sent = None;

@@ -884,6 +884,10 @@ async fn group_list(State(shared): State<Shared>, bearer: Bearer) -> ApiResult {
         StoreReply::Heads(heads) => Ok(ok(GroupList {
             groups: groups::groups_of(heads),
         })),
+        // A list missing the groups on a dead shard would be a wrong answer, not a short one.
+        StoreReply::PartialHeads { .. } => Err(ApiError::unavailable(
+            "some of your conversations cannot be read now (a store shard is down), retry",
+        )),
         other => Err(odd_reply(&other)),
     }
 }
@@ -941,6 +945,13 @@ async fn history(
     // epoch, which a fetch must name.
     let heads = match store(&shared, StoreCommand::LoadHeads { user }).await? {
         StoreReply::Heads(heads) => heads,
+        // Only this conversation's head matters: whether its own shard answered.
+        StoreReply::PartialHeads { unavailable, .. } if unavailable.contains(&conv) => {
+            return Err(ApiError::unavailable(
+                "this conversation cannot be read now (a store shard is down), retry",
+            ));
+        }
+        StoreReply::PartialHeads { heads, .. } => heads,
         other => return Err(odd_reply(&other)),
     };
     let head = heads.into_iter().find(|h| h.conv == conv);

@@ -232,8 +232,14 @@ pub fn arb_kind() -> impl Strategy<Value = Kind> {
         proptest::option::of(arb_message())
             .prop_map(|message| Kind::Deliver(Deliver { message }))
             .boxed(),
-        (vec(arb_conv_head(), 0..5), any::<bool>())
-            .prop_map(|(heads, more)| Kind::SyncAnswer(SyncAnswer { heads, more }))
+        (vec(arb_conv_head(), 0..5), any::<bool>(), any::<bool>())
+            .prop_map(|(heads, more, incomplete)| {
+                Kind::SyncAnswer(SyncAnswer {
+                    heads,
+                    more,
+                    incomplete,
+                })
+            })
             .boxed(),
         (
             proptest::option::of(arb_conv_head()),
@@ -433,6 +439,7 @@ pub fn canonical_kinds() -> Vec<Kind> {
         Kind::SyncAnswer(SyncAnswer {
             heads: vec![head()],
             more: false,
+            incomplete: false,
         }),
         Kind::FetchAnswer(FetchAnswer {
             head: Some(head()),

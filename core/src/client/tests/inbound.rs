@@ -385,7 +385,13 @@ fn malformed_frames_are_ignored_with_an_error() {
 fn a_paged_sync_answer_is_taken_whole() {
     let mut h = Harness::new(quiet_config());
     h.online();
-    let page = |heads, more| Kind::SyncAnswer(proto::SyncAnswer { heads, more });
+    let page = |heads, more| {
+        Kind::SyncAnswer(proto::SyncAnswer {
+            heads,
+            more,
+            incomplete: false,
+        })
+    };
     h.table(vec![
         (40, In::Frame(deliver("g:y", E1, 6)), vec![], vec![]),
         (
@@ -412,6 +418,66 @@ fn a_paged_sync_answer_is_taken_whole() {
     )]);
     h.s.handle_disconnected(h.at(60));
     assert!(h.s.inbound.sync_pages.is_empty());
+}
+
+/// An incomplete sync answer (a store shard down) is taken for what it lists; a pushed
+/// conversation it does not list is not judged by that (neither started from its
+/// beginning nor asked about at once), and the sync is asked again after the retry delay.
+#[test]
+fn an_incomplete_sync_answer_judges_nothing_by_absence_and_is_asked_again() {
+    let mut h = Harness::new(quiet_config());
+    h.online();
+    let incomplete = |heads| {
+        Kind::SyncAnswer(proto::SyncAnswer {
+            heads,
+            more: false,
+            incomplete: true,
+        })
+    };
+    let retry = quiet_config().send_retry_delay.as_millis() as u64;
+    h.table(vec![
+        (40, In::Frame(deliver("p:1:7", E2, 1)), vec![], vec![]),
+        (
+            50,
+            In::Frame(incomplete(vec![phead("g:x", E1, 3, 1, 1)])),
+            vec![fetch_req("g:x", E1, 1)],
+            vec![],
+        ),
+        (50 + retry - 1, In::Timeout, vec![], vec![]),
+        (50 + retry, In::Timeout, vec![sync_req()], vec![]),
+        (
+            60 + retry,
+            In::Frame(sync_answer(vec![])),
+            vec![],
+            vec![msg_ev("p:1:7", E2, 1)],
+        ),
+    ]);
+    // A complete answer meanwhile cancels the retry.
+    let mut h = Harness::new(quiet_config());
+    h.online();
+    h.table(vec![
+        (50, In::Frame(incomplete(vec![])), vec![], vec![]),
+        (
+            55,
+            In::Frame(deliver("p:1:7", E2, 1)),
+            vec![sync_req()],
+            vec![],
+        ),
+        (
+            60,
+            In::Frame(sync_answer(vec![])),
+            vec![],
+            vec![msg_ev("p:1:7", E2, 1)],
+        ),
+    ]);
+    assert_eq!(h.s.inbound.next_timeout(), None);
+    // So does a lost link: the next connection syncs anyway.
+    let mut h = Harness::new(quiet_config());
+    h.online();
+    h.table(vec![(50, In::Frame(incomplete(vec![])), vec![], vec![])]);
+    assert!(h.s.inbound.next_timeout().is_some());
+    h.s.handle_disconnected(h.at(70));
+    assert_eq!(h.s.inbound.next_timeout(), None);
 }
 
 /// A head of `epoch` whose log moved from `from`, carrying seqs `1..=up_to` over.

@@ -187,7 +187,11 @@ fn phead(c: &str, epoch: LogEpoch, head: u64, first: u64, cursor: u64) -> proto:
 }
 
 fn sync_answer(heads: Vec<proto::ConvHead>) -> Kind {
-    Kind::SyncAnswer(proto::SyncAnswer { heads, more: false })
+    Kind::SyncAnswer(proto::SyncAnswer {
+        heads,
+        more: false,
+        incomplete: false,
+    })
 }
 
 fn fetch_answer(head: proto::ConvHead, msgs: &[u64]) -> Kind {

@@ -57,6 +57,7 @@ enum Out {
         conn: u64,
         heads: Vec<proto::ConvHead>,
         more: bool,
+        incomplete: bool,
     },
     Fetch {
         conn: u64,
@@ -149,6 +150,7 @@ fn frame_out(conn: u64, frame: &Frame) -> Out {
             conn,
             heads: s.heads,
             more: s.more,
+            incomplete: s.incomplete,
         },
         Kind::FetchAnswer(answer) => Out::Fetch { conn, answer },
         other => panic!("unexpected frame to a client: {other:?}"),

@@ -47,8 +47,25 @@ fn sync_request_loads_heads_and_answers() {
             },
         ],
         more: false,
+        incomplete: false,
     }];
-    assert_eq!(h.reply(20, Ok(StoreReply::Heads(heads))), want);
+    assert_eq!(h.reply(20, Ok(StoreReply::Heads(heads.clone()))), want);
+    // A shard down: what could be read is answered, marked incomplete.
+    h.frame(25, 1, Kind::SyncRequest(proto::SyncRequest {}));
+    let mut partial = want.clone();
+    if let Some(Out::Sync { incomplete, .. }) = partial.first_mut() {
+        *incomplete = true;
+    }
+    assert_eq!(
+        h.reply(
+            26,
+            Ok(StoreReply::PartialHeads {
+                heads,
+                unavailable: vec![ConvId::group("elsewhere").unwrap()],
+            })
+        ),
+        partial
+    );
     // Store down: the client is told to retry, the connection stays.
     h.frame(30, 1, Kind::SyncRequest(proto::SyncRequest {}));
     assert_eq!(
@@ -79,6 +96,7 @@ fn a_sync_answer_too_big_for_a_frame_is_paged() {
                 conn: 1,
                 heads,
                 more,
+                incomplete: false,
             } => (heads, more),
             other => panic!("expected only sync answers, got {other:?}"),
         })
@@ -102,7 +120,8 @@ fn a_sync_answer_too_big_for_a_frame_is_paged() {
         vec![Out::Sync {
             conn: 1,
             heads: Vec::new(),
-            more: false
+            more: false,
+            incomplete: false,
         }]
     );
 }

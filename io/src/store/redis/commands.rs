@@ -698,10 +698,15 @@ impl RedisStore {
             .collect();
         let values = self.read_pipelined(&calls).await?;
         if values.len() != convs.len() {
-            return Err(bad_reply("heads", &Value::Array(values)));
+            return Err(StoreUnavailable("redis: heads answered oddly".into()));
         }
         let mut heads = Vec::new();
+        let mut unavailable = Vec::new();
         for (conv, value) in convs.into_iter().zip(values) {
+            let Some(value) = value else {
+                unavailable.push(conv); // its shard did not answer
+                continue;
+            };
             let Some(read) = parse_read(&value)? else {
                 continue; // no log (yet): not reported
             };
@@ -715,7 +720,11 @@ impl RedisStore {
             }
             heads.push(read.head(conv, cursor));
         }
-        Ok(StoreReply::Heads(heads))
+        if unavailable.is_empty() {
+            Ok(StoreReply::Heads(heads))
+        } else {
+            Ok(StoreReply::PartialHeads { heads, unavailable })
+        }
     }
 
     pub(super) async fn fetch(
@@ -751,9 +760,10 @@ impl RedisStore {
             may_read,
             self.new_log_epoch(),
         );
+        // One read: it answered, or the whole call failed.
         let value = self.read_pipelined(&[call]).await?;
-        let Some(value) = value.first() else {
-            return Err(bad_reply("fetch", &Value::Array(value)));
+        let Some(Some(value)) = value.first() else {
+            return Err(StoreUnavailable("redis: fetch answered oddly".into()));
         };
         let read = parse_read(value)?;
         // A group has a log from its creation: no log, or no membership, is not a member.

@@ -727,28 +727,36 @@ impl RedisStore {
     }
 
     /// Runs `read.lua` once per conversation in one pipeline (the `Script` type cannot be
-    /// pipelined, so this is `EVALSHA` by hand, loading the script on `NOSCRIPT`).
-    async fn read_pipelined(&self, calls: &[(Vec<String>, Vec<String>)]) -> R<Vec<Value>> {
+    /// pipelined, so this is `EVALSHA` by hand, loading the script on `NOSCRIPT`). On a
+    /// cluster, one pipeline per conversation slot; the reads of a slot whose master did not
+    /// answer come back `None` (a dead shard fails only its own conversations), and the
+    /// whole read fails only if no slot answered.
+    async fn read_pipelined(&self, calls: &[(Vec<String>, Vec<String>)]) -> R<Vec<Option<Value>>> {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
-        // One pipeline per conversation slot on a cluster.
         let slot_keys = calls
             .iter()
             .map(|(keys, _)| keys.first().cloned().unwrap_or_default())
             .collect();
-        self.per_slot(calls, slot_keys, |part| async move {
-            let script = &self.scripts.read;
-            let mut pipe = ::redis::pipe();
-            for (keys, args) in part {
-                pipe.cmd("EVALSHA")
-                    .arg(script.get_hash())
-                    .arg(keys.len())
-                    .arg(keys)
-                    .arg(args);
-            }
-            self.query_pipe_with_script(&pipe, script).await
-        })
+        self.per_slot_or(
+            calls,
+            slot_keys,
+            |part| async move {
+                let script = &self.scripts.read;
+                let mut pipe = ::redis::pipe();
+                for (keys, args) in part {
+                    pipe.cmd("EVALSHA")
+                        .arg(script.get_hash())
+                        .arg(keys.len())
+                        .arg(keys)
+                        .arg(args);
+                }
+                let values: Vec<Value> = self.query_pipe_with_script(&pipe, script).await?;
+                Ok(values.into_iter().map(Some).collect())
+            },
+            |_| None,
+        )
         .await
     }
 }
