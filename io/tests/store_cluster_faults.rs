@@ -45,6 +45,21 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
 
+/// This test's turn ([`ONE_AT_A_TIME`]), a cluster of its own and a store on it with the
+/// fast-failure [`options`]; `None` to skip (see [`RedisCluster::start`]).
+async fn cluster_and_store() -> Option<(
+    tokio::sync::MutexGuard<'static, ()>,
+    RedisCluster,
+    RedisStore,
+)> {
+    let turn = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start()?;
+    let store = RedisStore::connect_cluster(&cluster.urls(), options())
+        .await
+        .expect("connect to the cluster");
+    Some((turn, cluster, store))
+}
+
 /// Polls `store` until a health check passes, within `within`.
 async fn healthy_within(store: &RedisStore, within: Duration) -> Result<Duration, String> {
     let started = Instant::now();
@@ -65,13 +80,9 @@ async fn healthy_within(store: &RedisStore, within: Duration) -> Result<Duration
 /// once. When the nodes come back, the store is healthy again without being told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_is_left_alone_and_found_again() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(cluster) = RedisCluster::start() else {
+    let Some((_one, cluster, store)) = cluster_and_store().await else {
         return;
     };
-    let store = RedisStore::connect_cluster(&cluster.urls(), options())
-        .await
-        .expect("connect to the cluster");
     store.health().await.expect("a healthy cluster");
     let at = UnixMillis(T0);
     store
@@ -172,13 +183,9 @@ async fn an_unreachable_cluster_is_left_alone_and_found_again() {
 /// the other nodes, and stays closed; calls to the other masters' slots all succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_master_leaves_the_circuit_closed() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(cluster) = RedisCluster::start() else {
+    let Some((_one, cluster, store)) = cluster_and_store().await else {
         return;
     };
-    let store = RedisStore::connect_cluster(&cluster.urls(), options())
-        .await
-        .expect("connect to the cluster");
     let at = UnixMillis(T0);
     let claim = |user: u64| format!("cim:claim:{{u:{user}}}");
     let dead = cluster.master_of_key(&claim(1)).expect("an owner");
@@ -226,13 +233,9 @@ async fn one_dead_master_leaves_the_circuit_closed() {
 /// `all`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_master_fails_only_the_heads_on_its_slots() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let Some(cluster) = RedisCluster::start() else {
+    let Some((_one, cluster, store)) = cluster_and_store().await else {
         return;
     };
-    let store = RedisStore::connect_cluster(&cluster.urls(), options())
-        .await
-        .expect("connect to the cluster");
     let conv_meta = |conv: &ConvId| format!("cim:conv:{{c:{conv}}}:meta");
     let dead = cluster
         .master_of_key(&conv_meta(&ConvId::All))
