@@ -143,6 +143,7 @@ mod memory;
 mod migrate;
 mod redis;
 mod redis_tls;
+pub mod split;
 
 use std::future::Future;
 use std::pin::Pin;
