@@ -45,10 +45,14 @@ pub enum Canary {
     /// carried over resets to the new log's beginning instead (`LogReset`), handing every
     /// surviving message over again.
     MoveContinuation,
+    /// Acknowledge after replication (`WAIT`, `--store-wait-replicas`): an append is
+    /// acknowledged whatever its `WAIT` answered, so a failover to a replica that lagged
+    /// loses acknowledged messages.
+    WaitReplicas,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 8] = [
+    pub const ALL: [Canary; 9] = [
         Canary::IdempotentAppend,
         Canary::EpochFencing,
         Canary::SelfFencing,
@@ -57,6 +61,7 @@ impl Canary {
         Canary::SendOrder,
         Canary::LostTailDetection,
         Canary::MoveContinuation,
+        Canary::WaitReplicas,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +74,7 @@ impl Canary {
             Self::SendOrder => "send-order",
             Self::LostTailDetection => "lost-tail",
             Self::MoveContinuation => "move-continuation",
+            Self::WaitReplicas => "wait-replicas",
         }
     }
 

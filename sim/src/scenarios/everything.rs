@@ -74,6 +74,7 @@ pub fn plan(run: RunSpec) -> Plan {
         healed_at,
         end,
         group_members: CHATTERS,
+        shard_outage: None,
     }
 }
 
