@@ -1086,17 +1086,30 @@ pub fn drive(
     history.acked_after_replication = plan.spec.store_wait_replicas > 0;
     if let Some(outage) = plan.shard_outage {
         let shards = cim_core::slots::Shards::new(plan.spec.store_shards.max(1), 0);
+        let on_failed = |conv: &ConvId| shards.of_conv(conv) == outage.shard;
+        // Users who also post to the failed master's conversations: their stuck messages'
+        // resends share the user's send limit with its other messages, so they are not
+        // promised invariant 11.
+        let posting_there: BTreeSet<UserId> = plan
+            .clients
+            .iter()
+            .filter(|c| {
+                c.group
+                    .as_deref()
+                    .and_then(|g| ConvId::group(g).ok())
+                    .is_some_and(|conv| on_failed(&conv))
+            })
+            .filter_map(|c| history.clients.iter().find(|h| h.client == c.client))
+            .map(|h| h.user)
+            .collect();
         let healthy_users: BTreeSet<UserId> = users
             .iter()
             .copied()
-            .filter(|u| shards.of_user(*u) != outage.shard)
+            .filter(|u| shards.of_user(*u) != outage.shard && !posting_there.contains(u))
             .collect();
         let mut convs = vec![ConvId::All];
         convs.extend(groups.iter().filter_map(|g| ConvId::group(g).ok()));
-        let healthy_convs: BTreeSet<ConvId> = convs
-            .into_iter()
-            .filter(|c| shards.of_conv(c) != outage.shard)
-            .collect();
+        let healthy_convs: BTreeSet<ConvId> = convs.into_iter().filter(|c| !on_failed(c)).collect();
         // How long the healthy chat's acks took (to see the bound's margin in a sweep).
         let acked: BTreeMap<_, _> = history
             .acks
@@ -1253,7 +1266,7 @@ pub fn lost_tail_fault(
 /// failure"): lossless (a replica promoted with every write), or its replica starts lagging
 /// at an instant in `[fault_at, fault_at + 3 s]` and 0.3–2 s later the master fails (the
 /// writes in between are the tail, which clients read meanwhile, and which `WAIT` refuses
-/// to acknowledge). Either way the master is down until its replica is promoted 3–6 s later
+/// to acknowledge). Either way the master is down until its replica is promoted 8–12 s later
 /// (a cluster's node timeout and election). Returns the actions and the outage.
 pub fn shard_failover_fault(
     rng: &mut Rng,
@@ -1272,7 +1285,7 @@ pub fn shard_failover_fault(
     }
     .min(healed_at);
     let promoted_at =
-        (fail_at + rng.duration(Duration::from_secs(3), Duration::from_secs(6))).min(healed_at);
+        (fail_at + rng.duration(Duration::from_secs(8), Duration::from_secs(12))).min(healed_at);
     actions.push((fail_at, Action::ShardFailover { shard, lossless }));
     actions.push((promoted_at, Action::ShardPromoted(shard)));
     (actions, (fail_at, promoted_at))
