@@ -31,7 +31,14 @@ use cim_core::canary::{self, Canary};
 ///
 /// Move continuation: with it off, every client resets each conversation a restart moved,
 /// and hands its carried messages over again (`ResetAcrossMove`, invariant 9).
-const CAUGHT_WITHIN: [(Canary, &[&str], u64); 8] = [
+///
+/// Lost-tail detection is also caught by `shard-failover`, where one master of a sharded
+/// store fails over to a replica that lagged (the rule per master's incarnation).
+///
+/// Wait replicas: with it off, an append is acknowledged whatever its `WAIT` answered, so
+/// in the `shard-failover` runs with `WAIT` and a lagging replica a failover loses acked
+/// messages (`AckedLost`, invariant 10).
+const CAUGHT_WITHIN: [(Canary, &[&str], u64); 10] = [
     (Canary::IdempotentAppend, &["--scenario", "failover"], 30),
     (
         Canary::EpochFencing,
@@ -44,6 +51,8 @@ const CAUGHT_WITHIN: [(Canary, &[&str], u64); 8] = [
     (Canary::SendOrder, &["--scenario", "broadcast"], 30),
     (Canary::LostTailDetection, &["--scenario", "lost-tail"], 30),
     (Canary::MoveContinuation, &["--scenario", "lost-tail"], 30),
+    (Canary::LostTailDetection, &["--scenario", "shard-failover"], 30),
+    (Canary::WaitReplicas, &["--scenario", "shard-failover"], 30),
 ];
 
 fn cim_sim() -> Command {

@@ -35,10 +35,10 @@ pub const GROUPS: [&str; 5] = ["ops", "dev", "team", "club", "crew"];
 /// (up to 100 ms each) and one store step; what stretches it without any fault is the tight
 /// send limit (half the seeds: 4 a second, bursts of 3, while a chat burst sends up to 5 —
 /// a refused message is resent when the limit allows): the slowest seen in 200 seeds was
-/// about 3 s. 5 s leaves that margin, and is well below the 8–12 s the failed master is
+/// about 4 s. 6 s leaves that margin, and is well below the 8–12 s the failed master is
 /// down, so a message that waited for the failed master (a health check of "every master",
-/// a lane shared with its commands) is caught if it was sent in the outage's first 3 s.
-pub const ACK_BOUND: Duration = Duration::from_secs(5);
+/// a lane shared with its commands) is caught if it was sent in the outage's first 2 s.
+pub const ACK_BOUND: Duration = Duration::from_secs(6);
 
 pub fn plan(run: RunSpec) -> Plan {
     let mut spec = run.cluster(3, 2);
