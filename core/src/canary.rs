@@ -45,9 +45,10 @@ pub enum Canary {
     /// carried over resets to the new log's beginning instead (`LogReset`), handing every
     /// surviving message over again.
     MoveContinuation,
-    /// Acknowledge after replication (`WAIT`, `--store-wait-replicas`): an append is
-    /// acknowledged whatever its `WAIT` answered, so a failover to a replica that lagged
-    /// loses acknowledged messages.
+    /// Acknowledge after replication (`WAIT`, `--store-wait-replicas`), as the simulation's
+    /// store client does it (`cim_sim_hosts::store::RemoteStore`; the Redis store's `WAIT`
+    /// runs only against a real Redis): an append is acknowledged whatever its `WAIT`
+    /// answered, so a failover to a replica that lagged loses acknowledged messages.
     WaitReplicas,
 }
 

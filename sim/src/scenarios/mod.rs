@@ -5,7 +5,8 @@
 //! Shared pieces: [`Plan`] (what a run does, decided from the seed before it starts),
 //! [`chat_client`] (an SDK client that registers, joins a group, chats and records what its
 //! application sees), and [`drive`] (steps the simulation, applying the fault plan, then
-//! reads the final logs and calls the checker).
+//! reads the final logs and calls the checker). The store's faults act on every store host,
+//! or on one master of a sharded store ([`shard_failover_fault`]).
 
 pub mod broadcast;
 pub mod duplicate_login;
