@@ -51,7 +51,11 @@ const CAUGHT_WITHIN: [(Canary, &[&str], u64); 10] = [
     (Canary::SendOrder, &["--scenario", "broadcast"], 30),
     (Canary::LostTailDetection, &["--scenario", "lost-tail"], 30),
     (Canary::MoveContinuation, &["--scenario", "lost-tail"], 30),
-    (Canary::LostTailDetection, &["--scenario", "shard-failover"], 30),
+    (
+        Canary::LostTailDetection,
+        &["--scenario", "shard-failover"],
+        30,
+    ),
     (Canary::WaitReplicas, &["--scenario", "shard-failover"], 30),
 ];
 

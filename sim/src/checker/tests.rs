@@ -1015,7 +1015,17 @@ fn an_acked_message_a_move_lost_is_reported_only_under_wait() {
     assert!(check(&h).is_clean(), "{}", check(&h));
     h.acked_after_replication = true;
     let v = single(&h);
-    assert!(matches!(v, Violation::AckedLost { seq: 2, carried_up_to: 1, .. }), "{v}");
+    assert!(
+        matches!(
+            v,
+            Violation::AckedLost {
+                seq: 2,
+                carried_up_to: 1,
+                ..
+            }
+        ),
+        "{v}"
+    );
     assert!(v.to_string().contains("acked message lost"), "{v}");
     // A move that carried everything loses nothing.
     let mut h = clean();
@@ -1043,7 +1053,10 @@ fn a_healthy_shard_message_acked_late_is_reported() {
     assert!(
         report.violations.iter().all(|v| matches!(
             v,
-            Violation::StalledByOtherShard { conv: ConvId::All, .. }
+            Violation::StalledByOtherShard {
+                conv: ConvId::All,
+                ..
+            }
         )),
         "{report}"
     );
