@@ -17,7 +17,8 @@ use cim_core::canary::{self, Canary};
 
 /// (canary, the sweep that exercises it, seeds within which it must be caught). Measured
 /// (first failing seed from 1): idempotent append 3, epoch fencing 14, self-fencing 1, gap
-/// sync 7, dedup 1, send order 5, lost-tail detection 2, move continuation 1.
+/// sync 7, dedup 1, send order 5, lost-tail detection 2, move continuation 1; in
+/// `shard-failover`, lost-tail detection 1, wait replicas 3.
 ///
 /// Idempotent append: since the per-sender order check, a resend of an SDK message that is
 /// already stored is refused as superseded even without its idempotency record, so the
