@@ -215,6 +215,8 @@ fn clean() -> History {
             rehome_after_death: ms(2000),
             rehome_after_isolation: ms(3000),
         },
+        acked_after_replication: false,
+        shard_outage: None,
     }
 }
 
