@@ -45,10 +45,15 @@ pub enum Canary {
     /// carried over resets to the new log's beginning instead (`LogReset`), handing every
     /// surviving message over again.
     MoveContinuation,
+    /// Acknowledge after replication (`WAIT`, `--store-wait-replicas`), as the simulation's
+    /// store client does it (`cim_sim_hosts::store::RemoteStore`; the Redis store's `WAIT`
+    /// runs only against a real Redis): an append is acknowledged whatever its `WAIT`
+    /// answered, so a failover to a replica that lagged loses acknowledged messages.
+    WaitReplicas,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 8] = [
+    pub const ALL: [Canary; 9] = [
         Canary::IdempotentAppend,
         Canary::EpochFencing,
         Canary::SelfFencing,
@@ -57,6 +62,7 @@ impl Canary {
         Canary::SendOrder,
         Canary::LostTailDetection,
         Canary::MoveContinuation,
+        Canary::WaitReplicas,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +75,7 @@ impl Canary {
             Self::SendOrder => "send-order",
             Self::LostTailDetection => "lost-tail",
             Self::MoveContinuation => "move-continuation",
+            Self::WaitReplicas => "wait-replicas",
         }
     }
 

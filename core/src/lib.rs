@@ -34,6 +34,7 @@ pub mod registry;
 pub mod registry_keeper;
 pub mod route;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod time;
 

@@ -16,6 +16,7 @@ use crate::canary::Canaries;
 use crate::conv_log::ConversationLog;
 use crate::ids::{ConvId, LogEpoch, UnixMillis, UserId};
 use crate::route::claims::ClaimTable;
+use crate::slots::Shards;
 use crate::store::{
     Account, AccountSummary, AllFrom, AppendError, ConvHead, Deleted, LoginFailures, NameTaken,
     OnlineEntry, StoreCommand, StoreReply, position_in,
@@ -32,6 +33,10 @@ pub struct MemoryStoreConfig {
     pub seed: u64,
     /// The simulation's canaries for the claim table and the logs (`crate::canary`).
     pub canaries: Canaries,
+    /// Masters of the cluster this store models (1: a single node). Each holds the keys of
+    /// its slots ([`Shards`]) and has an incarnation of its own, so one master can restart
+    /// from older data alone ([`MemoryStore::restart_shard_from`]).
+    pub shards: usize,
 }
 
 impl Default for MemoryStoreConfig {
@@ -41,6 +46,7 @@ impl Default for MemoryStoreConfig {
             idempotency_ttl: Duration::from_secs(600),
             seed: 0,
             canaries: Canaries::NONE,
+            shards: 1,
         }
     }
 }
@@ -65,10 +71,11 @@ pub struct LogMove {
 pub struct MemoryStore {
     config: MemoryStoreConfig,
     rng: ChaCha8Rng,
-    /// Which life of this store's data is serving: 1 from `new`, another on every
-    /// [`MemoryStore::restart_from`]. Logs remember the incarnation that last touched them
-    /// (the lost-tail rule, [`ConversationLog::settle`]).
-    incarnation: u64,
+    /// Which life of this store's data is serving, per master: 1 from `new`, another on
+    /// every [`MemoryStore::restart_from`] (every master) or
+    /// [`MemoryStore::restart_shard_from`] (one). Logs remember the incarnation that last
+    /// touched them (the lost-tail rule, [`ConversationLog::settle`]).
+    incarnation: Shards,
     /// Every log move so far ([`MemoryStore::moves`]); survives `restart_from`.
     moves: Vec<LogMove>,
     /// Every account ever registered, tombstones included (see `deleted`).
@@ -93,11 +100,13 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(config: MemoryStoreConfig) -> Self {
+        let mut claims = ClaimTable::with_canaries(config.canaries);
+        claims.set_shards(Shards::new(config.shards, 0));
         Self {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
-            incarnation: 1,
+            incarnation: Shards::new(config.shards, 1),
             moves: Vec::new(),
-            claims: ClaimTable::with_canaries(config.canaries),
+            claims,
             config,
             accounts: BTreeMap::new(),
             last_user: 0,
@@ -121,25 +130,93 @@ impl MemoryStore {
     /// write since is lost, and a new incarnation serves. New log epochs come from `seed`
     /// from now on (the snapshot's generator would draw the lost logs' epochs again).
     pub fn restart_from(&mut self, older: &MemoryStore, seed: u64) {
-        let previous = self.incarnation;
+        let previous = self.incarnation.clone();
         // Not data: the record of what this store did, kept across its lives.
         let moves = std::mem::take(&mut self.moves);
         *self = older.clone();
         self.moves = moves;
         self.rng = ChaCha8Rng::seed_from_u64(seed);
-        // Random, so it differs from every incarnation the lost writes may have recorded.
-        self.incarnation = loop {
-            let candidate = self.rng.random_range(2..=u64::MAX);
-            if candidate != previous && candidate != older.incarnation {
-                break candidate;
-            }
-        };
-        self.claims.set_incarnation(self.incarnation);
+        for shard in 0..self.incarnation.count() {
+            let fresh = self.fresh_incarnation(
+                previous.incarnation(shard),
+                older.incarnation.incarnation(shard),
+            );
+            self.incarnation.set_incarnation(shard, fresh);
+        }
+        self.claims.set_shards(self.incarnation.clone());
     }
 
-    /// The incarnation serving now.
+    /// A new incarnation, unlike `previous` and `older`. Random, so it differs from every
+    /// incarnation the lost writes may have recorded.
+    fn fresh_incarnation(&mut self, previous: u64, older: u64) -> u64 {
+        loop {
+            let candidate = self.rng.random_range(2..=u64::MAX);
+            if candidate != previous && candidate != older {
+                break candidate;
+            }
+        }
+    }
+
+    /// One master of a cluster restarting from `older` (a [`MemoryStore::snapshot`] taken
+    /// earlier) in a new incarnation, the others going on: every write since to the keys of
+    /// `shard`'s slots is lost (accounts, claims, cursors, indexes of its users; logs and
+    /// memberships of its conversations; the names table if it holds `{names}`), the rest
+    /// stays. Redis Cluster's failover of one master to a replica that lagged (or a master
+    /// restarted from an AOF that lost its last second). New log epochs come from `seed`.
+    pub fn restart_shard_from(&mut self, older: &MemoryStore, shard: usize, seed: u64) {
+        let shards = self.incarnation.clone();
+        let of_user = |u: UserId| shards.of_user(u) == shard;
+        let of_conv = |c: &ConvId| shards.of_conv(c) == shard;
+        fn restore<K: Ord + Clone, V: Clone>(
+            now: &mut BTreeMap<K, V>,
+            older: &BTreeMap<K, V>,
+            held: impl Fn(&K) -> bool,
+        ) {
+            now.retain(|k, _| !held(k));
+            now.extend(
+                older
+                    .iter()
+                    .filter(|(k, _)| held(k))
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+        restore(&mut self.accounts, &older.accounts, |u| of_user(*u));
+        self.deleted.retain(|u| !of_user(*u));
+        self.deleted
+            .extend(older.deleted.iter().copied().filter(|u| of_user(*u)));
+        restore(&mut self.private_convs, &older.private_convs, |u| {
+            of_user(*u)
+        });
+        restore(&mut self.cursors, &older.cursors, |(u, _)| of_user(*u));
+        restore(&mut self.login_failures, &older.login_failures, |u| {
+            of_user(*u)
+        });
+        if shards.of_names() == shard {
+            self.names = older.names.clone();
+            self.last_user = older.last_user;
+        }
+        restore(&mut self.logs, &older.logs, of_conv);
+        restore(&mut self.groups, &older.groups, |g| {
+            of_conv(&ConvId::Group(g.clone()))
+        });
+        self.claims.restore_users(&older.claims, of_user);
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+        let fresh = self.fresh_incarnation(
+            shards.incarnation(shard),
+            older.incarnation.incarnation(shard),
+        );
+        self.incarnation.set_incarnation(shard, fresh);
+        self.claims.set_shards(self.incarnation.clone());
+    }
+
+    /// The incarnation serving now (the first master's, on a cluster).
     pub fn incarnation(&self) -> u64 {
-        self.incarnation
+        self.incarnation.incarnation(0)
+    }
+
+    /// The masters this store models, with their incarnations.
+    pub fn shards(&self) -> &Shards {
+        &self.incarnation
     }
 
     /// Every log move this store made, in order, across all its restarts (what the
@@ -498,10 +575,11 @@ impl MemoryStore {
             };
             // Only a log that needs it draws an epoch, so runs without a restart draw the
             // same epochs as before the rule existed.
-            if log.incarnation() != self.incarnation {
+            let incarnation = self.incarnation.incarnation_of_conv(&conv);
+            if log.incarnation() != incarnation {
                 let from = log.log_epoch();
                 let fresh = LogEpoch(self.rng.random_range(1..=u64::MAX));
-                if log.settle(self.incarnation, fresh) {
+                if log.settle(incarnation, fresh) {
                     self.moves.push(LogMove {
                         conv: conv.clone(),
                         from,
@@ -514,7 +592,8 @@ impl MemoryStore {
     }
 
     fn ensure_log(&mut self, conv: &ConvId) -> &mut ConversationLog {
-        let (rng, config, incarnation) = (&mut self.rng, &self.config, self.incarnation);
+        let incarnation = self.incarnation.incarnation_of_conv(conv);
+        let (rng, config) = (&mut self.rng, &self.config);
         self.logs.entry(conv.clone()).or_insert_with(|| {
             // Never 0, so "no epoch known" can be told apart.
             let log_epoch = LogEpoch(rng.random_range(1..=u64::MAX));

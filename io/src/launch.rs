@@ -533,6 +533,7 @@ pub async fn open_store(
             idempotency_ttl: options.idempotency_ttl,
             seed: options.seed.unwrap_or_else(os_seed),
             canaries: cim_core::canary::Canaries::NONE,
+            shards: 1,
         }))),
     }
 }

@@ -73,6 +73,7 @@ async fn remote() -> RemoteStore<TokioNet> {
     let options = RemoteOptions {
         request_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(1),
+        ..RemoteOptions::default()
     };
     RemoteStore::new(TokioNet, "127.0.0.1", port, options)
 }

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cim_core::canary::{Canaries, Canary};
 use cim_core::ids::UnixMillis;
 use cim_core::store::{StoreCommand, StoreResult, StoreUnavailable};
 use futures::{SinkExt, StreamExt};
@@ -156,13 +157,55 @@ pub enum ToStore {
     Ping {
         id: u64,
     },
+    /// Redis's `WAIT`: answers once the host's replica holds every write the host did
+    /// before it, or after `timeout` with what it has (see [`Replica`]).
+    Wait {
+        id: u64,
+        timeout: Duration,
+    },
 }
 
 /// The store host's answer to the request with the same id.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromStore {
-    Executed { id: u64, result: StoreResult },
-    Pong { id: u64 },
+    Executed {
+        id: u64,
+        result: StoreResult,
+    },
+    Pong {
+        id: u64,
+    },
+    /// How many replicas confirmed (a [`ToStore::Wait`]).
+    Waited {
+        id: u64,
+        replicas: u32,
+    },
+}
+
+/// A store host's replica, as `WAIT` sees it: following its master (every write is copied
+/// at once: `WAIT` answers 1 at once), or lagging (cut off, or behind: `WAIT` answers 0 at its
+/// timeout). The simulation's failover restores the master's keys from the copy the replica
+/// had when it started lagging, so an append acknowledged only after `WAIT` saw the replica
+/// follow is in every copy a failover restores.
+#[derive(Debug, Default)]
+pub struct Replica {
+    lagging: std::sync::atomic::AtomicBool,
+}
+
+impl Replica {
+    /// The replica stops following (what it has is what a failover restores).
+    pub fn lag(&self) {
+        self.lagging.store(true, Ordering::SeqCst);
+    }
+
+    /// The replica follows again (after a failover: the new master's new replica).
+    pub fn follow(&self) {
+        self.lagging.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_lagging(&self) -> bool {
+        self.lagging.load(Ordering::SeqCst)
+    }
 }
 
 /// Serves `backend` on `listen` until the listener fails (in a turmoil host: until the host
@@ -172,8 +215,28 @@ pub async fn serve_store<N: Network>(
     listen: SocketAddr,
     backend: Arc<MemoryBackend>,
 ) -> io::Result<()> {
-    let listener = net.bind(listen).await?;
-    serve_store_on(listener, backend).await
+    serve_store_with_replica(net, listen, backend, Arc::default()).await
+}
+
+/// [`serve_store`] with the host's [`Replica`] (one master of a sharded store: every master
+/// of the simulation serves the one backend, which keeps the keys of every slot).
+pub async fn serve_store_with_replica<N: Network>(
+    net: N,
+    listen: SocketAddr,
+    backend: Arc<MemoryBackend>,
+    replica: Arc<Replica>,
+) -> io::Result<()> {
+    let mut listener = net.bind(listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "store host listening");
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let (backend, replica) = (backend.clone(), replica.clone());
+        tokio::spawn(async move {
+            if let Err(error) = serve_store_connection(stream, &backend, &replica).await {
+                tracing::debug!(%peer, %error, "store connection ended");
+            }
+        });
+    }
 }
 
 /// [`serve_store`] on a listener bound already (tests bind port 0 and read the port).
@@ -182,11 +245,12 @@ pub async fn serve_store_on<L: Listener>(
     backend: Arc<MemoryBackend>,
 ) -> io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "store host listening");
+    let replica = Arc::new(Replica::default());
     loop {
         let (stream, peer) = listener.accept().await?;
-        let backend = backend.clone();
+        let (backend, replica) = (backend.clone(), replica.clone());
         tokio::spawn(async move {
-            if let Err(error) = serve_store_connection(stream, &backend).await {
+            if let Err(error) = serve_store_connection(stream, &backend, &replica).await {
                 tracing::debug!(%peer, %error, "store connection ended");
             }
         });
@@ -196,6 +260,7 @@ pub async fn serve_store_on<L: Listener>(
 async fn serve_store_connection<S: net::Stream>(
     stream: S,
     backend: &MemoryBackend,
+    replica: &Replica,
 ) -> Result<(), FrameError> {
     let (mut reader, mut writer) = json_framed(stream);
     loop {
@@ -215,6 +280,14 @@ async fn serve_store_connection<S: net::Stream>(
                 Ok(()) => FromStore::Pong { id },
                 Err(e) => FromStore::Executed { id, result: Err(e) },
             },
+            // Blocks this connection, as `WAIT` blocks a Redis client's.
+            ToStore::Wait { id, timeout } => {
+                if replica.is_lagging() {
+                    tokio::time::sleep(timeout).await;
+                }
+                let replicas = u32::from(!replica.is_lagging());
+                FromStore::Waited { id, replicas }
+            }
         };
         writer.send(&reply, HOST_WRITE_TIMEOUT).await?;
     }
@@ -223,7 +296,9 @@ async fn serve_store_connection<S: net::Stream>(
 impl FromStore {
     fn id(&self) -> u64 {
         match self {
-            FromStore::Executed { id, .. } | FromStore::Pong { id } => *id,
+            FromStore::Executed { id, .. }
+            | FromStore::Pong { id }
+            | FromStore::Waited { id, .. } => *id,
         }
     }
 }
@@ -235,6 +310,14 @@ pub struct RemoteOptions {
     pub request_timeout: Duration,
     /// One dial of the host.
     pub connect_timeout: Duration,
+    /// Replicas that must confirm an append before it is acknowledged (`WAIT` after it on
+    /// the same connection, as `--store-wait-replicas` does on Redis; 0: no `WAIT`). Fewer
+    /// within half the request timeout make the append's outcome unknown
+    /// (`StoreUnavailable`): it may be stored, and the sender's resend settles it.
+    pub wait_replicas: u32,
+    /// The run's canaries (`WaitReplicas` off: the append is acknowledged whatever `WAIT`
+    /// answered).
+    pub canaries: Canaries,
 }
 
 impl Default for RemoteOptions {
@@ -242,6 +325,8 @@ impl Default for RemoteOptions {
         Self {
             request_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
+            wait_replicas: 0,
+            canaries: Canaries::NONE,
         }
     }
 }
@@ -329,7 +414,38 @@ impl<N: Network> RemoteStore<N> {
         }
     }
 
-    async fn call(&self, make: impl FnOnce(u64) -> ToStore) -> Result<FromStore, StoreUnavailable> {
+    async fn call(
+        &self,
+        make: impl FnOnce(u64) -> ToStore + Send,
+    ) -> Result<FromStore, StoreUnavailable> {
+        let mut replies = self.call_all(vec![Box::new(make)]).await?;
+        replies
+            .pop()
+            .ok_or_else(|| StoreUnavailable("store: no reply".into()))
+    }
+
+    /// Two requests sent back to back on one connection (a pipeline: the host runs them in
+    /// that order), and both replies.
+    async fn call_pair(
+        &self,
+        first: impl FnOnce(u64) -> ToStore + Send + 'static,
+        second: impl FnOnce(u64) -> ToStore + Send + 'static,
+    ) -> Result<(FromStore, FromStore), StoreUnavailable> {
+        let mut replies = self
+            .call_all(vec![Box::new(first), Box::new(second)])
+            .await?;
+        match (replies.pop(), replies.pop()) {
+            (Some(second), Some(first)) => Ok((first, second)),
+            _ => Err(StoreUnavailable("store: a pipeline lost a reply".into())),
+        }
+    }
+
+    /// Sends every request at once on the current connection and waits for all the replies
+    /// within one request timeout.
+    async fn call_all<'a>(
+        &self,
+        makes: Vec<Box<dyn FnOnce(u64) -> ToStore + Send + 'a>>,
+    ) -> Result<Vec<FromStore>, StoreUnavailable> {
         // The deadline covers waiting behind another request's dial, too.
         let timeout = self.options.connect_timeout;
         let conn = match tokio::time::timeout(timeout, self.connection()).await {
@@ -340,24 +456,43 @@ impl<N: Network> RemoteStore<N> {
                 )));
             }
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&conn.pending).insert(id, tx);
-        if conn.frames.send(make(id)).is_err() {
-            lock(&conn.pending).remove(&id);
-            self.discard(&conn).await;
-            return Err(StoreUnavailable("connection to the store lost".into()));
-        }
-        match tokio::time::timeout(self.options.request_timeout, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => {
+        let mut waits = Vec::with_capacity(makes.len());
+        for make in makes {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            lock(&conn.pending).insert(id, tx);
+            if conn.frames.send(make(id)).is_err() {
+                lock(&conn.pending).remove(&id);
+                for (id, _) in waits {
+                    lock(&conn.pending).remove(&id);
+                }
                 self.discard(&conn).await;
-                Err(StoreUnavailable(
-                    "connection to the store lost with the request in flight".into(),
-                ))
+                return Err(StoreUnavailable("connection to the store lost".into()));
+            }
+            waits.push((id, rx));
+        }
+        let ids: Vec<u64> = waits.iter().map(|(id, _)| *id).collect();
+        let all = futures::future::join_all(waits.into_iter().map(|(_, rx)| rx));
+        match tokio::time::timeout(self.options.request_timeout, all).await {
+            Ok(replies) => {
+                let mut out = Vec::with_capacity(replies.len());
+                for reply in replies {
+                    match reply {
+                        Ok(reply) => out.push(reply),
+                        Err(_) => {
+                            self.discard(&conn).await;
+                            return Err(StoreUnavailable(
+                                "connection to the store lost with the request in flight".into(),
+                            ));
+                        }
+                    }
+                }
+                Ok(out)
             }
             Err(_) => {
-                lock(&conn.pending).remove(&id);
+                for id in ids {
+                    lock(&conn.pending).remove(&id);
+                }
                 self.discard(&conn).await;
                 Err(StoreUnavailable(format!(
                     "no reply from the store within {:?}",
@@ -413,12 +548,33 @@ async fn run_connection<S: net::Stream>(
 impl<N: Network> Store for RemoteStore<N> {
     fn execute(&self, now: UnixMillis, command: StoreCommand) -> StoreFuture<'_, StoreResult> {
         Box::pin(async move {
-            match self
-                .call(|id| ToStore::Execute { id, now, command })
-                .await?
-            {
+            let wait =
+                self.options.wait_replicas > 0 && matches!(command, StoreCommand::Append { .. });
+            let execute = move |id| ToStore::Execute { id, now, command };
+            let result = if wait {
+                let timeout = self.options.request_timeout / 2;
+                let (reply, waited) = self
+                    .call_pair(execute, move |id| ToStore::Wait { id, timeout })
+                    .await?;
+                let replicas = match waited {
+                    FromStore::Waited { replicas, .. } => replicas,
+                    _ => 0,
+                };
+                if replicas < self.options.wait_replicas
+                    && !self.options.canaries.disabled(Canary::WaitReplicas)
+                {
+                    return Err(StoreUnavailable(format!(
+                        "WAIT: {replicas} of {} replicas confirmed the append",
+                        self.options.wait_replicas
+                    )));
+                }
+                reply
+            } else {
+                self.call(execute).await?
+            };
+            match result {
                 FromStore::Executed { result, .. } => result,
-                FromStore::Pong { .. } => Err(StoreUnavailable(
+                FromStore::Pong { .. } | FromStore::Waited { .. } => Err(StoreUnavailable(
                     "store host answered a command with a pong".into(),
                 )),
             }
@@ -428,7 +584,7 @@ impl<N: Network> Store for RemoteStore<N> {
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
         Box::pin(async move {
             match self.call(|id| ToStore::Ping { id }).await? {
-                FromStore::Pong { .. } => Ok(()),
+                FromStore::Pong { .. } | FromStore::Waited { .. } => Ok(()),
                 FromStore::Executed { result, .. } => result.map(|_| ()),
             }
         })

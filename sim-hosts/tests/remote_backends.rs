@@ -135,6 +135,7 @@ fn store_host_partition_bounce_and_lossy_restart() {
             let options = RemoteOptions {
                 request_timeout: REQUEST_TIMEOUT,
                 connect_timeout: Duration::from_millis(500),
+                ..RemoteOptions::default()
             };
             let store = RemoteStore::new(TurmoilNet, "store", STORE_PORT, options);
             let StoreReply::AccountRegistered(Ok(ann)) =

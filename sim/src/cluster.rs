@@ -3,7 +3,8 @@
 //!
 //! | host | what runs there | reached as |
 //! |---|---|---|
-//! | `store` | [`serve_store`] over the shared [`MemoryBackend`] | `store:6379` |
+//! | `store` | [`serve_store_with_replica`] over the shared [`MemoryBackend`] | `store:6379` |
+//! | `store-<k>` | instead of `store` when [`ClusterSpec::store_shards`] is set: one host per master of a Redis Cluster, each serving the one backend (which keeps every master's keys, `MemoryStoreConfig::shards`), reached through a [`ShardedStore`] | `store-<k>:6379` |
 //! | `registry` | [`serve_registry`] over the shared [`RegistryHost`] (ZooKeeper sessions) | `registry:2181` |
 //! | `server-<i>` | `cim_io::server` with a [`RemoteStore`] and a [`RemoteRegistry`] | client 11211, link 11311, http 8081 |
 //! | `route-<i>` | `cim_io::route` with the same backends | HTTP 8083 |
@@ -11,7 +12,10 @@
 //!
 //! The store's and registry's state live outside their host closures, so `sim.bounce("store")`
 //! or `sim.bounce("registry")` keeps the data (Redis with its data on disk, a ZooKeeper member
-//! restarting); [`Cluster::lossy_restart_store`] is the store losing everything. Servers and
+//! restarting); [`Cluster::lossy_restart_store`] is the store losing everything. A master of
+//! a sharded store fails over alone: its host goes down and its keys come back from an older
+//! copy in a new incarnation (`MemoryBackend::restart_shard_from`; the scenarios' shard
+//! faults), while the other masters serve on. Servers and
 //! routes keep nothing across a bounce (their state is in the store and the registry).
 //!
 //! Determinism: one seed drives turmoil's RNG and every seed inside (routes, store, clients,
@@ -39,11 +43,12 @@ use cim_io::route::{self, PasswordRunner, RouteOptions};
 use cim_io::sdk::SdkOptions;
 use cim_io::server::{self, ServerOptions, SessionObserver};
 use cim_io::store::{MemoryBackend, Store};
+use cim_sim_hosts::ShardedStore;
 use cim_sim_hosts::TurmoilNet;
 use cim_sim_hosts::registry::{
     RegistryHost, RegistryHostConfig, RemoteRegistry, RemoteRegistryOptions, serve_registry,
 };
-use cim_sim_hosts::store::{RemoteOptions, RemoteStore, serve_store};
+use cim_sim_hosts::store::{RemoteOptions, RemoteStore, Replica, serve_store_with_replica};
 
 pub const STORE_HOST: &str = "store";
 pub const STORE_PORT: u16 = 6379;
@@ -108,6 +113,12 @@ pub struct ClusterSpec {
     /// [`TIGHT_SEND_RATE`], which the chat bursts exceed: rate-limit nacks and resends
     /// then race later messages of the same sender, the per-sender order's hardest case.
     pub send_rate: (u32, u32),
+    /// The store as a Redis Cluster of this many masters (`store-1`..), each its own host
+    /// reached through a [`ShardedStore`]; 0: one store host (`store`), as one Redis.
+    pub store_shards: usize,
+    /// Replicas that must confirm an append before it is acknowledged (`WAIT`, the
+    /// `--store-wait-replicas` analogue; see `cim_sim_hosts::store::Replica`); 0: none.
+    pub store_wait_replicas: u32,
 }
 
 /// The tight send limit some seeds run with (see [`ClusterSpec::send_rate`]).
@@ -133,6 +144,8 @@ impl ClusterSpec {
             strategy: None,
             canaries: Canaries::NONE,
             send_rate: (0, 0),
+            store_shards: 0,
+            store_wait_replicas: 0,
         };
         let defaults = ServerConfig::new(ServerId::new("-"), TicketKeys::new(1, TICKET_SECRET));
         spec.send_rate = if spec.derive_seed("send rate", 0).is_multiple_of(2) {
@@ -147,6 +160,17 @@ impl ClusterSpec {
     }
 
     /// A child seed for one purpose, so adding a node does not shift the others' seeds.
+    /// The store's hosts: `store`, or one per master (`store-1`..).
+    pub fn store_hosts(&self) -> Vec<String> {
+        if self.store_shards == 0 {
+            vec![STORE_HOST.to_owned()]
+        } else {
+            (1..=self.store_shards)
+                .map(|k| format!("{STORE_HOST}-{k}"))
+                .collect()
+        }
+    }
+
     pub fn derive_seed(&self, purpose: &str, index: usize) -> u64 {
         // FNV-1a: stable across runs and platforms (unlike `DefaultHasher`).
         let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ self.seed;
@@ -217,8 +241,12 @@ impl ClientEnv {
 pub struct Cluster {
     pub sim: turmoil::Sim<'static>,
     pub spec: ClusterSpec,
-    /// The store host's data; survives `sim.bounce(STORE_HOST)`.
+    /// The store's data (every master's keys); survives a bounce of a store host.
     pub store: Arc<MemoryBackend>,
+    /// The store's hosts ([`ClusterSpec::store_hosts`]), in slot order.
+    pub store_hosts: Vec<String>,
+    /// Each store host's replica, as `WAIT` sees it (same order as `store_hosts`).
+    pub replicas: Vec<Arc<Replica>>,
     /// The registry host's sessions and entries; survive `sim.bounce(REGISTRY_HOST)`.
     pub registry: Arc<RegistryHost>,
     pub server_hosts: Vec<String>,
@@ -247,10 +275,21 @@ fn remote_store(spec: &ClusterSpec) -> Arc<dyn Store> {
     let options = RemoteOptions {
         request_timeout: spec.store_request_timeout,
         connect_timeout: Duration::from_secs(1),
+        wait_replicas: spec.store_wait_replicas,
+        canaries: spec.canaries,
     };
-    Arc::new(RemoteStore::new(
-        TurmoilNet, STORE_HOST, STORE_PORT, options,
-    ))
+    if spec.store_shards == 0 {
+        Arc::new(RemoteStore::new(
+            TurmoilNet, STORE_HOST, STORE_PORT, options,
+        ))
+    } else {
+        Arc::new(ShardedStore::new(
+            TurmoilNet,
+            &spec.store_hosts(),
+            STORE_PORT,
+            options,
+        ))
+    }
 }
 
 fn remote_registry() -> RemoteRegistry<TurmoilNet> {
@@ -282,17 +321,22 @@ impl Cluster {
         let store = Arc::new(MemoryBackend::new(MemoryStoreConfig {
             seed: spec.derive_seed("store", 0),
             canaries: spec.canaries,
+            shards: spec.store_shards.max(1),
             ..spec.store.clone()
         }));
         let registry = Arc::new(RegistryHost::new(RegistryHostConfig {
             session_timeout: spec.session_timeout,
         }));
-        {
-            let store = store.clone();
-            sim.host(STORE_HOST, move || {
-                let store = store.clone();
+        let store_hosts = spec.store_hosts();
+        let mut replicas = Vec::new();
+        for host in &store_hosts {
+            let (store, replica) = (store.clone(), Arc::new(Replica::default()));
+            replicas.push(replica.clone());
+            sim.host(host.as_str(), move || {
+                let (store, replica) = (store.clone(), replica.clone());
                 async move {
-                    serve_store(TurmoilNet, SocketAddr::new(ANY, STORE_PORT), store).await?;
+                    let listen = SocketAddr::new(ANY, STORE_PORT);
+                    serve_store_with_replica(TurmoilNet, listen, store, replica).await?;
                     Ok(())
                 }
             });
@@ -401,6 +445,8 @@ impl Cluster {
             sim,
             spec,
             store,
+            store_hosts,
+            replicas,
             registry,
             server_hosts,
             route_hosts,
@@ -433,8 +479,11 @@ impl Cluster {
         self.store.reset(MemoryStoreConfig {
             seed,
             canaries: self.spec.canaries,
+            shards: self.spec.store_shards.max(1),
             ..self.spec.store.clone()
         });
-        self.sim.bounce(STORE_HOST);
+        for host in &self.store_hosts {
+            self.sim.bounce(host.as_str());
+        }
     }
 }

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Parser)]
 #[command(about = "Turmoil simulations of whole CIM clusters, checked")]
 struct Args {
-    /// failover, duplicate-login, broadcast, everything, or all.
+    /// failover, duplicate-login, broadcast, everything, lost-tail, shard-failover, or all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// How many seeds per scenario (from --first-seed on).
@@ -52,7 +52,8 @@ struct Args {
     #[arg(long)]
     jobs: Option<usize>,
     /// Switches one safety mechanism off (only in a build made with CIM_CANARIES=1):
-    /// idempotent-append, epoch-fencing, self-fencing, gap-sync or dedup.
+    /// idempotent-append, epoch-fencing, self-fencing, gap-sync, dedup, send-order,
+    /// lost-tail, move-continuation or wait-replicas.
     #[arg(long)]
     canary: Option<String>,
     /// How routes pick servers: round-robin, random, consistent-hash (the default) or

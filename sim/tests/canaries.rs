@@ -17,7 +17,8 @@ use cim_core::canary::{self, Canary};
 
 /// (canary, the sweep that exercises it, seeds within which it must be caught). Measured
 /// (first failing seed from 1): idempotent append 3, epoch fencing 14, self-fencing 1, gap
-/// sync 7, dedup 1, send order 5, lost-tail detection 2, move continuation 1.
+/// sync 7, dedup 1, send order 5, lost-tail detection 2, move continuation 1; in
+/// `shard-failover`, lost-tail detection 1, wait replicas 3.
 ///
 /// Idempotent append: since the per-sender order check, a resend of an SDK message that is
 /// already stored is refused as superseded even without its idempotency record, so the
@@ -31,7 +32,14 @@ use cim_core::canary::{self, Canary};
 ///
 /// Move continuation: with it off, every client resets each conversation a restart moved,
 /// and hands its carried messages over again (`ResetAcrossMove`, invariant 9).
-const CAUGHT_WITHIN: [(Canary, &[&str], u64); 8] = [
+///
+/// Lost-tail detection is also caught by `shard-failover`, where one master of a sharded
+/// store fails over to a replica that lagged (the rule per master's incarnation).
+///
+/// Wait replicas: with it off, an append is acknowledged whatever its `WAIT` answered, so
+/// in the `shard-failover` runs with `WAIT` and a lagging replica a failover loses acked
+/// messages (`AckedLost`, invariant 10).
+const CAUGHT_WITHIN: [(Canary, &[&str], u64); 10] = [
     (Canary::IdempotentAppend, &["--scenario", "failover"], 30),
     (
         Canary::EpochFencing,
@@ -44,6 +52,12 @@ const CAUGHT_WITHIN: [(Canary, &[&str], u64); 8] = [
     (Canary::SendOrder, &["--scenario", "broadcast"], 30),
     (Canary::LostTailDetection, &["--scenario", "lost-tail"], 30),
     (Canary::MoveContinuation, &["--scenario", "lost-tail"], 30),
+    (
+        Canary::LostTailDetection,
+        &["--scenario", "shard-failover"],
+        30,
+    ),
+    (Canary::WaitReplicas, &["--scenario", "shard-failover"], 30),
 ];
 
 fn cim_sim() -> Command {

@@ -244,3 +244,8 @@ fn pinned_everything_seed_19_route_crash_during_takeover() {
 fn pinned_everything_seed_145_route_crash_during_takeover() {
     assert_clean("everything", &[145]);
 }
+
+#[test]
+fn shard_failover_over_fixed_seeds() {
+    assert_clean("shard-failover", &seeds(&[1, 2, 3]));
+}

@@ -15,6 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::canary::{Canaries, Canary};
 use crate::ids::{Epoch, ServerId, UnixMillis, UserId};
+use crate::slots::Shards;
 use crate::store::{Claim, ClaimState, LeaseRefresh, RouteRecord, StoreCommand, StoreReply};
 
 /// What a login may do with the user's claim.
@@ -92,8 +93,9 @@ pub fn decide_login(
 pub struct ClaimTable {
     claims: BTreeMap<UserId, ClaimState>,
     routes: BTreeMap<UserId, RouteRecord>,
-    /// The store incarnation serving now (see [`ClaimTable::set_incarnation`]).
-    incarnation: u64,
+    /// The store incarnation serving now, per master of a cluster (see
+    /// [`ClaimTable::set_incarnation`], [`ClaimTable::set_shards`]).
+    incarnation: Shards,
     /// The incarnation that last wrote each user's claim, or created the account before its
     /// first claim (none: neither, or written before the rule existed).
     written_by: BTreeMap<UserId, u64>,
@@ -121,7 +123,7 @@ impl ClaimTable {
             && self
                 .written_by
                 .get(&user)
-                .is_some_and(|&by| by != self.incarnation);
+                .is_some_and(|&by| by != self.incarnation.incarnation_of_user(user));
         state
     }
 
@@ -145,7 +147,43 @@ impl ClaimTable {
     /// A restart of the store that lost its last writes: claims written before now count as
     /// another incarnation's ([`ClaimTable::replace_at`]).
     pub fn set_incarnation(&mut self, incarnation: u64) {
-        self.incarnation = incarnation;
+        self.incarnation.set_all(incarnation);
+    }
+
+    /// The masters of a sharded store and their incarnations: a user's claim is judged by
+    /// the incarnation of the master holding the user's keys.
+    pub fn set_shards(&mut self, shards: Shards) {
+        self.incarnation = shards;
+    }
+
+    /// One master restarting from older data (`older`, a copy of this table): the claims
+    /// and route records of the users it holds go back to `older`'s, the others stay.
+    pub fn restore_users(&mut self, older: &ClaimTable, holds: impl Fn(UserId) -> bool) {
+        self.claims.retain(|u, _| !holds(*u));
+        self.routes.retain(|u, _| !holds(*u));
+        self.written_by.retain(|u, _| !holds(*u));
+        let pick = |u: &UserId| holds(*u);
+        self.claims.extend(
+            older
+                .claims
+                .iter()
+                .filter(|(u, _)| pick(u))
+                .map(|(u, c)| (*u, c.clone())),
+        );
+        self.routes.extend(
+            older
+                .routes
+                .iter()
+                .filter(|(u, _)| pick(u))
+                .map(|(u, r)| (*u, r.clone())),
+        );
+        self.written_by.extend(
+            older
+                .written_by
+                .iter()
+                .filter(|(u, _)| pick(u))
+                .map(|(u, i)| (*u, *i)),
+        );
     }
 
     /// [`ClaimTable::replace`] at store time `now`, with the rule that no claim epoch is
@@ -163,7 +201,7 @@ impl ClaimTable {
         claim: Claim,
         now: UnixMillis,
     ) -> Result<Option<Claim>, ClaimState> {
-        let incarnation = self.incarnation;
+        let incarnation = self.incarnation.incarnation_of_user(user);
         let state = self.claims.entry(user).or_default();
         if self
             .written_by
@@ -226,7 +264,8 @@ impl ClaimTable {
     /// login a restart loses cannot have its epoch issued again (`replace_at` finds another
     /// incarnation's mark and raises the counter). `account_complete.lua` does the same.
     pub fn account_created(&mut self, user: UserId) {
-        self.written_by.insert(user, self.incarnation);
+        let incarnation = self.incarnation.incarnation_of_user(user);
+        self.written_by.insert(user, incarnation);
     }
 
     /// `RevokeResumption` (and the revocation part of `SetPassword`): drops the claim's

@@ -57,6 +57,15 @@ impl MemoryBackend {
         self.inner.clear_poison();
     }
 
+    /// One master of a cluster failing over: the keys of `shard`'s slots come back from
+    /// `older` (a [`Self::snapshot`]) in a new incarnation of that master, the others stay
+    /// (`MemoryStore::restart_shard_from`). The simulation's per-shard lost-tail fault.
+    pub fn restart_shard_from(&self, older: &MemoryStore, shard: usize, seed: u64) {
+        let mut store = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        store.restart_shard_from(older, shard, seed);
+        self.inner.clear_poison();
+    }
+
     fn apply(&self, now: UnixMillis, command: &StoreCommand) -> StoreResult {
         // A poisoned lock means an `apply` panicked halfway: the state may be inconsistent,
         // so refuse rather than serve it.

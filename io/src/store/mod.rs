@@ -112,9 +112,11 @@
 //!
 //! # Redis Cluster
 //!
-//! `RedisStore::connect_cluster` runs the same steps on a cluster (`redis/cluster.rs`). Every
-//! script's keys share one hash tag, so each script is one atomic step on its slot's master,
-//! exactly as on one node. What a single node does in one round trip over several tags is
+//! `RedisStore::connect_cluster` runs the same steps on a cluster (`redis/cluster.rs`). Where a
+//! key lives is `cim_core::slots` (the tags above, `key_slot`), and a split step is [`split`]:
+//! the simulation's sharded store (`cim-sim-hosts`) places and splits commands by the same
+//! two. Every script's keys share one hash tag, so each script is one atomic step on its
+//! slot's master, exactly as on one node. What a single node does in one round trip over several tags is
 //! split per slot there, and is then several steps, each atomic alone:
 //!
 //! - `RefreshLeases`, `LoadRoutes`: one script per slot (above).
@@ -146,6 +148,7 @@ mod memory;
 mod migrate;
 mod redis;
 mod redis_tls;
+pub mod split;
 
 use std::future::Future;
 use std::pin::Pin;

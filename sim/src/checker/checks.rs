@@ -867,3 +867,68 @@ pub(super) fn check_rehome(history: &History, report: &mut Report) {
         }
     }
 }
+
+/// Invariant 10: with acknowledgement after replication, every acked message survives every
+/// move of its log (its seq at most the move's carried head), through chained moves.
+pub(super) fn check_acked_kept(history: &History, report: &mut Report) {
+    if !history.acked_after_replication {
+        return;
+    }
+    for ack in &history.acks {
+        let mut epoch = ack.log_epoch;
+        // Moves are in order; each epoch moves at most once.
+        for m in &history.moves {
+            if m.conv != ack.conv || m.from != epoch {
+                continue;
+            }
+            if ack.seq > m.carried_up_to {
+                report.violations.push(Violation::AckedLost {
+                    sender: ack.sender,
+                    conv: ack.conv.clone(),
+                    log_epoch: ack.log_epoch,
+                    seq: ack.seq,
+                    msg_id: ack.msg_id,
+                    acked_at: ack.acked_at,
+                    moved_to: m.to,
+                    carried_up_to: m.carried_up_to,
+                });
+                break;
+            }
+            epoch = m.to;
+        }
+    }
+}
+
+/// Invariant 11: while one master is down, messages between users and conversations on the
+/// other masters are acked within the outage's bound.
+pub(super) fn check_other_shards_chat(history: &History, report: &mut Report) {
+    let Some(outage) = &history.shard_outage else {
+        return;
+    };
+    let acked: BTreeMap<(UserId, ClientMsgId), SimTime> = history
+        .acks
+        .iter()
+        .map(|a| ((a.sender, a.msg_id), a.acked_at))
+        .collect();
+    for s in &history.submissions {
+        if s.at < outage.from
+            || s.at > outage.until
+            || !outage.healthy_users.contains(&s.sender)
+            || !outage.healthy_convs.contains(&s.conv)
+        {
+            continue;
+        }
+        let acked_at = acked.get(&(s.sender, s.msg_id)).copied();
+        if acked_at.is_none_or(|a| a > s.at + outage.ack_bound) {
+            report.violations.push(Violation::StalledByOtherShard {
+                client: s.client,
+                sender: s.sender,
+                conv: s.conv.clone(),
+                msg_id: s.msg_id,
+                submitted_at: s.at,
+                acked_at,
+                bound: outage.ack_bound,
+            });
+        }
+    }
+}

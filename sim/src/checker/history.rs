@@ -281,6 +281,26 @@ pub struct History {
     /// In time order.
     pub faults: Vec<(SimTime, Fault)>,
     pub bounds: Bounds,
+    /// The store acknowledged appends only after replication (`WAIT`): no acked message may
+    /// be lost, not even by a failover (invariant 10).
+    pub acked_after_replication: bool,
+    /// One master's outage that users on the other masters must chat through (invariant 11).
+    pub shard_outage: Option<ShardOutage>,
+}
+
+/// One master of a sharded store down (from its failover until its replica serves), while
+/// the others serve on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardOutage {
+    pub from: SimTime,
+    pub until: SimTime,
+    /// Users whose keys are on masters that did not fail.
+    pub healthy_users: std::collections::BTreeSet<UserId>,
+    /// Conversations whose keys are on masters that did not fail.
+    pub healthy_convs: std::collections::BTreeSet<ConvId>,
+    /// How long such a user's message to such a conversation, submitted in
+    /// `[from, until]`, may wait for its ack.
+    pub ack_bound: Duration,
 }
 
 /// Where a fact about one (conv, log epoch, seq) came from.

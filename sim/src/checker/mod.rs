@@ -66,6 +66,16 @@
 //!    again is a [`Violation::DuplicateSeq`] or [`Violation::OutOfOrder`]). A client that
 //!    resets (`LogReset`) across a move straight from its epoch, which it could have
 //!    continued, is [`Violation::ResetAcrossMove`]: it hands the carried messages over again.
+//! 10. **Acknowledged after replication, never lost** (docs/design.md, "Acknowledge after
+//!     replication and one shard's failure"): when the store acknowledged appends only after
+//!     a replica confirmed them ([`History::acked_after_replication`]), every acked message
+//!     is carried over by every log move that follows its epoch: a failover loses none.
+//!     Without it the loss is allowed, but never hidden (invariants 4 and 9: the client's
+//!     `LogMoved` reports it). [`Violation::AckedLost`]
+//! 11. **One shard's failure leaves the others chatting**: while one master of a sharded
+//!     store is down ([`History::shard_outage`]), a message of a user whose keys are on
+//!     another master, to a conversation on another master, is acked within a bound.
+//!     [`Violation::StalledByOtherShard`]
 //!
 //! # Scope
 //!
@@ -99,13 +109,14 @@ mod violations;
 
 pub use self::history::{
     AckedSend, Bounds, ClientHistory, ClientId, Fault, FinalLog, History, Host, LogMove,
-    Membership, Rejection, Seen, SessionSpan, SimTime, Submission, Witness,
+    Membership, Rejection, Seen, SessionSpan, ShardOutage, SimTime, Submission, Witness,
 };
 pub use self::violations::Violation;
 
 use self::checks::{
-    check_consistency, check_loss, check_moves, check_rehome, check_rejections, check_sender_order,
-    check_sessions, check_streams, stored_messages,
+    check_acked_kept, check_consistency, check_loss, check_moves, check_other_shards_chat,
+    check_rehome, check_rejections, check_sender_order, check_sessions, check_streams,
+    stored_messages,
 };
 
 /// What the check covered, for the sweep table.
@@ -175,6 +186,8 @@ pub fn check(history: &History) -> Report {
     let stored = stored_messages(history);
     check_sender_order(history, &stored, &mut report);
     check_rejections(history, &stored, &mut report);
+    check_acked_kept(history, &mut report);
+    check_other_shards_chat(history, &mut report);
     report
 }
 

@@ -215,6 +215,8 @@ fn clean() -> History {
             rehome_after_death: ms(2000),
             rehome_after_isolation: ms(3000),
         },
+        acked_after_replication: false,
+        shard_outage: None,
     }
 }
 
@@ -1002,6 +1004,62 @@ fn a_move_whose_carried_seq_names_other_contents_is_reported() {
     assert!(
         report.violations.iter().any(|v| matches!(v,
             Violation::BadLogMove { seq: 2, from, to, .. } if *from == E && *to == E2)),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_acked_message_a_move_lost_is_reported_only_under_wait() {
+    // The move carried only seq 1 of p:1:3; seq 2 was acked. Allowed (and reported to the
+    // clients) without acknowledgement after replication; a violation with it.
+    let mut h = clean();
+    move_p(&mut h, 1);
+    assert!(check(&h).is_clean(), "{}", check(&h));
+    h.acked_after_replication = true;
+    let v = single(&h);
+    assert!(
+        matches!(
+            v,
+            Violation::AckedLost {
+                seq: 2,
+                carried_up_to: 1,
+                ..
+            }
+        ),
+        "{v}"
+    );
+    assert!(v.to_string().contains("acked message lost"), "{v}");
+    // A move that carried everything loses nothing.
+    let mut h = clean();
+    move_p(&mut h, 2);
+    h.acked_after_replication = true;
+    assert!(check(&h).is_clean(), "{}", check(&h));
+}
+
+#[test]
+fn a_healthy_shard_message_acked_late_is_reported() {
+    let outage = |bound: u64| ShardOutage {
+        from: ms(0),
+        until: ms(10_000),
+        healthy_users: [user(1), user(2), user(3)].into(),
+        healthy_convs: [all()].into(),
+        ack_bound: ms(bound),
+    };
+    let mut h = clean();
+    // Every ack in the clean history takes 10 ms.
+    h.shard_outage = Some(outage(10));
+    assert!(check(&h).is_clean(), "{}", check(&h));
+    h.shard_outage = Some(outage(9));
+    let report = check(&h);
+    assert!(!report.violations.is_empty());
+    assert!(
+        report.violations.iter().all(|v| matches!(
+            v,
+            Violation::StalledByOtherShard {
+                conv: ConvId::All,
+                ..
+            }
+        )),
         "{report}"
     );
 }

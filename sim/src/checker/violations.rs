@@ -183,6 +183,29 @@ pub enum Violation {
         again_seq: u64,
         at: SimTime,
     },
+    /// Invariant 10: with acknowledgement after replication, an acked message that a log
+    /// move did not carry over (its seq above the move's carried head).
+    AckedLost {
+        sender: UserId,
+        conv: ConvId,
+        log_epoch: LogEpoch,
+        seq: u64,
+        msg_id: ClientMsgId,
+        acked_at: SimTime,
+        moved_to: LogEpoch,
+        carried_up_to: u64,
+    },
+    /// Invariant 11: a message of a user and a conversation on masters that did not fail,
+    /// submitted while another master was down, not acknowledged within the bound.
+    StalledByOtherShard {
+        client: ClientId,
+        sender: UserId,
+        conv: ConvId,
+        msg_id: ClientMsgId,
+        submitted_at: SimTime,
+        acked_at: Option<SimTime>,
+        bound: Duration,
+    },
 }
 
 pub(super) fn span(s: &SessionSpan) -> String {
@@ -462,6 +485,40 @@ impl fmt::Display for Violation {
                 T(rejection.at),
                 rejection.msg_id,
                 log_epoch.0
+            ),
+            Self::AckedLost {
+                sender,
+                conv,
+                log_epoch,
+                seq,
+                msg_id,
+                acked_at,
+                moved_to,
+                carried_up_to,
+            } => write!(
+                f,
+                "acked message lost although acknowledged after replication: {msg_id} of \
+                 sender {sender}, acked at {} as {conv} seq {seq} (log epoch {}), was not \
+                 carried to log epoch {} (carried up to seq {carried_up_to})",
+                T(*acked_at),
+                log_epoch.0,
+                moved_to.0
+            ),
+            Self::StalledByOtherShard {
+                client,
+                sender,
+                conv,
+                msg_id,
+                submitted_at,
+                acked_at,
+                bound,
+            } => write!(
+                f,
+                "stalled by another shard's failure: {client} (user {sender}, on a master that \
+                 did not fail) submitted {msg_id} to {conv} (on a master that did not fail) at \
+                 {} while another master was down, acked {} (bound {bound:?})",
+                T(*submitted_at),
+                acked_at.map_or("never".to_owned(), |a| format!("at {}", T(a)))
             ),
             Self::AckedTwice {
                 sender,

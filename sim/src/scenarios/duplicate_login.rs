@@ -86,6 +86,7 @@ pub fn plan(run: RunSpec) -> Plan {
         healed_at,
         end,
         group_members: 0,
+        shard_outage: None,
     }
 }
 

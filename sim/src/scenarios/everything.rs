@@ -5,7 +5,9 @@
 //! crashes, bounces and isolations; partitions, one-way partitions, stalls and slow links
 //! between any roles; route and store crashes), one run in four also a store restart that
 //! loses its last writes (the lost-tail fault) and one in four of the rest a store restart
-//! that loses nothing, then the healed phase. Judged by the
+//! that loses nothing; or, one run in four, the store is a cluster of 3 masters and one of
+//! them fails over (`shard-failover`'s fault, with or without loss and `WAIT`) instead.
+//! Then the healed phase. Judged by the
 //! checker alone: no overlapping sessions, no loss, duplicate or reordering of acknowledged
 //! messages, re-homes within the bound.
 
@@ -14,7 +16,7 @@ use std::time::Duration;
 use crate::checker::ClientId;
 use crate::scenarios::{
     ClientPlan, FaultKind, Plan, Rng, RunSpec, Scenario, ScenarioOutcome, chatters, drive,
-    lossless_restart_fault, lost_tail_fault, random_faults, run_end,
+    lossless_restart_fault, lost_tail_fault, random_faults, run_end, shard_failover_fault,
 };
 
 pub const CHATTERS: usize = 4;
@@ -23,7 +25,7 @@ pub const DUP: &str = "dup";
 pub const LATE: &str = "late";
 
 pub fn plan(run: RunSpec) -> Plan {
-    let spec = run.cluster(3, 2);
+    let mut spec = run.cluster(3, 2);
     let mut rng = Rng::new(spec.derive_seed("everything plan", 0));
     let chat_from = Duration::from_secs(4);
     let fault_at = rng.duration(Duration::from_secs(6), Duration::from_secs(18));
@@ -33,7 +35,20 @@ pub fn plan(run: RunSpec) -> Plan {
     // One run in four also loses the store's tail. Drawn from its own seed, so the plan's
     // other draws, and the runs that do not draw it, stay as they were.
     let mut tail = Rng::new(spec.derive_seed("everything lost tail", 0));
-    if tail.between(0, 3) == 0 {
+    let mut sharded = Rng::new(spec.derive_seed("everything shard failover", 0));
+    if sharded.between(0, 3) == 0 {
+        // One run in four: the store is a cluster of 3 masters, one of which fails over
+        // (with or without loss, with or without `WAIT`) instead of the whole store.
+        spec.store_shards = 3;
+        if sharded.between(0, 1) == 0 {
+            spec.store_wait_replicas = 1;
+        }
+        let shard = sharded.between(0, 2) as usize;
+        let lossless = sharded.between(0, 2) == 0;
+        let (failover, _) =
+            shard_failover_fault(&mut sharded, shard, lossless, fault_at, healed_at);
+        actions.extend(failover);
+    } else if tail.between(0, 3) == 0 {
         actions.extend(lost_tail_fault(&mut tail, fault_at, healed_at));
     } else if tail.between(0, 2) == 0 {
         // One run in four of the rest: a store restart that loses nothing.
@@ -74,6 +89,7 @@ pub fn plan(run: RunSpec) -> Plan {
         healed_at,
         end,
         group_members: CHATTERS,
+        shard_outage: None,
     }
 }
 

@@ -60,6 +60,7 @@ pub fn plan(run: RunSpec) -> Plan {
         healed_at,
         end,
         group_members: CLIENTS,
+        shard_outage: None,
     }
 }
 

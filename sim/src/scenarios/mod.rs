@@ -5,13 +5,15 @@
 //! Shared pieces: [`Plan`] (what a run does, decided from the seed before it starts),
 //! [`chat_client`] (an SDK client that registers, joins a group, chats and records what its
 //! application sees), and [`drive`] (steps the simulation, applying the fault plan, then
-//! reads the final logs and calls the checker).
+//! reads the final logs and calls the checker). The store's faults act on every store host,
+//! or on one master of a sharded store ([`shard_failover_fault`]).
 
 pub mod broadcast;
 pub mod duplicate_login;
 pub mod everything;
 pub mod failover;
 pub mod lost_tail;
+pub mod shard_failover;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -32,7 +34,7 @@ use cim_sim_hosts::TurmoilNet;
 use tokio::sync::Notify;
 
 use crate::checker::{self, Bounds, ClientId, Fault, FinalLog, Host, Membership, Report};
-use crate::cluster::{ClientEnv, Cluster, ClusterSpec, Hooks, REGISTRY_HOST, STORE_HOST};
+use crate::cluster::{ClientEnv, Cluster, ClusterSpec, Hooks, REGISTRY_HOST};
 use crate::record::{Counters, Recorder, secs, sim_now, trace_hash};
 
 /// The scenarios' turmoil step. Coarser than turmoil's 1 ms default: a run covers about
@@ -48,15 +50,17 @@ pub enum Scenario {
     Broadcast,
     Everything,
     LostTail,
+    ShardFailover,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Failover,
         Scenario::DuplicateLogin,
         Scenario::Broadcast,
         Scenario::Everything,
         Scenario::LostTail,
+        Scenario::ShardFailover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Scenario {
             Self::Broadcast => "broadcast",
             Self::Everything => "everything",
             Self::LostTail => "lost-tail",
+            Self::ShardFailover => "shard-failover",
         }
     }
 
@@ -81,6 +86,7 @@ impl Scenario {
             Self::Broadcast => broadcast::run(run),
             Self::Everything => everything::run(run),
             Self::LostTail => lost_tail::run(run),
+            Self::ShardFailover => shard_failover::run(run),
         }
     }
 
@@ -92,6 +98,7 @@ impl Scenario {
             Self::Broadcast => broadcast::plan(run),
             Self::Everything => everything::plan(run),
             Self::LostTail => lost_tail::plan(run),
+            Self::ShardFailover => shard_failover::plan(run),
         }
     }
 
@@ -307,6 +314,17 @@ pub enum Action {
     /// lost nothing, a replica promoted with all its master's writes): every log moves to a
     /// new epoch when next touched, carrying everything over. Instant: connections stay.
     StoreRestartWithoutLoss,
+    /// One master of a sharded store: its replica stops following (cut off, or behind), so
+    /// what it has now is what the master's failover restores; under `WAIT` appends to the
+    /// master are no longer acknowledged (their outcome is unknown).
+    ShardReplicaLags(usize),
+    /// One master of a sharded store fails: its host goes down, and its keys come back in a
+    /// new incarnation of that master — everything (`lossless`: the replica had every write)
+    /// or as the replica had them when it started lagging ([`Action::ShardReplicaLags`]),
+    /// losing the tail after clients read some of it. The others serve on.
+    ShardFailover { shard: usize, lossless: bool },
+    /// The failed master's replica serves (its host is back): a new replica follows it.
+    ShardPromoted(usize),
 }
 
 /// One SDK client of a scenario.
@@ -340,6 +358,19 @@ pub struct Plan {
     pub end: Duration,
     /// Clients that must have joined the group before anyone posts in it.
     pub group_members: usize,
+    /// A master's outage that users on the other masters must chat through (checked only
+    /// in runs with no other fault: invariant 11).
+    pub shard_outage: Option<PlannedOutage>,
+}
+
+/// One master of a sharded store down from `from` to `until` (its failover to its
+/// replica's promotion).
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedOutage {
+    pub shard: usize,
+    pub from: Duration,
+    pub until: Duration,
+    pub ack_bound: Duration,
 }
 
 impl Plan {
@@ -615,8 +646,11 @@ struct Hosts<'a> {
     others: &'a [String],
     shared: &'a Shared,
     rec: &'a Recorder,
-    /// The store host's data (for the lost-tail fault).
+    /// The store's data (for the lost-tail faults).
     store: &'a cim_io::store::MemoryBackend,
+    /// The store's hosts (one, or one per master) and their replicas.
+    store_hosts: &'a [String],
+    replicas: &'a [Arc<cim_sim_hosts::Replica>],
     spec: &'a ClusterSpec,
 }
 
@@ -642,7 +676,7 @@ impl Hosts<'_> {
         match node {
             Node::Server(t) => vec![self.server(t)],
             Node::Route(i) => vec![self.route(*i)],
-            Node::Store => vec![STORE_HOST.to_owned()],
+            Node::Store => self.store_hosts.to_vec(),
             Node::Registry => vec![REGISTRY_HOST.to_owned()],
         }
     }
@@ -659,6 +693,9 @@ struct FaultState {
     store_copy: Option<Box<cim_core::memstore::MemoryStore>>,
     /// Lost-tail restarts so far (each draws its own seed).
     lost_tails: usize,
+    /// Per master of a sharded store: its keys as its replica had them when it started
+    /// lagging ([`Action::ShardReplicaLags`]).
+    shard_copies: BTreeMap<usize, Box<cim_core::memstore::MemoryStore>>,
     crashed_servers: Vec<String>,
     /// Routes and the store.
     crashed_others: Vec<String>,
@@ -708,14 +745,16 @@ impl FaultState {
                 "route crashed"
             }
             Action::CrashStore => {
-                sim.crash(STORE_HOST);
-                isolated(STORE_HOST);
+                for host in hosts.store_hosts {
+                    sim.crash(host.as_str());
+                    isolated(host);
+                    self.crashed_others.push(host.clone());
+                }
                 // Every server loses the store: it fences its sessions, and they re-home
                 // once the store is back.
                 for server in hosts.servers {
                     isolated(server);
                 }
-                self.crashed_others.push(STORE_HOST.to_owned());
                 "store crashed"
             }
             Action::RestartCrashed => {
@@ -822,17 +861,69 @@ impl FaultState {
             }
             Action::StoreLostTail => {
                 let copy = self.store_copy.as_ref()?;
-                sim.crash(STORE_HOST);
                 self.lost_tails += 1;
                 let seed = hosts.spec.derive_seed("store lost tail", self.lost_tails);
                 hosts.store.restart_from(copy, seed);
                 rec.fault(now, Fault::StoreLossyRestart);
-                isolated(STORE_HOST);
+                for host in hosts.store_hosts {
+                    sim.crash(host.as_str());
+                    isolated(host);
+                    self.crashed_others.push(host.clone());
+                }
                 for server in hosts.servers {
                     isolated(server);
                 }
-                self.crashed_others.push(STORE_HOST.to_owned());
                 "store restarts that lost a tail"
+            }
+            Action::ShardReplicaLags(shard) => {
+                let shard = shard % hosts.store_hosts.len();
+                self.shard_copies
+                    .insert(shard, Box::new(hosts.store.snapshot()));
+                hosts.replicas[shard].lag();
+                "shard replicas lagging"
+            }
+            Action::ShardFailover { shard, lossless } => {
+                let shard = shard % hosts.store_hosts.len();
+                let host = hosts.store_hosts[shard].clone();
+                let copy = match self.shard_copies.remove(&shard) {
+                    Some(copy) if !lossless => copy,
+                    _ => Box::new(hosts.store.snapshot()),
+                };
+                self.lost_tails += 1;
+                let seed = hosts.spec.derive_seed("store lost tail", self.lost_tails);
+                sim.crash(host.as_str());
+                hosts.store.restart_shard_from(&copy, shard, seed);
+                rec.fault(
+                    now,
+                    if lossless {
+                        Fault::StoreRestart
+                    } else {
+                        Fault::StoreLossyRestart
+                    },
+                );
+                // Its users' sessions are fenced (their refreshes are unknown) and they
+                // re-home once it is back: measured from then, as after the store's crash.
+                isolated(&host);
+                for server in hosts.servers {
+                    isolated(server);
+                }
+                self.crashed_others.push(host);
+                if lossless {
+                    "shard failovers without loss"
+                } else {
+                    "shard failovers that lost a tail"
+                }
+            }
+            Action::ShardPromoted(shard) => {
+                let shard = shard % hosts.store_hosts.len();
+                let host = hosts.store_hosts[shard].clone();
+                hosts.replicas[shard].follow();
+                if let Some(i) = self.crashed_others.iter().position(|h| *h == host) {
+                    self.crashed_others.remove(i);
+                    sim.bounce(host.as_str());
+                    rec.fault(now, Fault::Healed(Host::Other(host)));
+                }
+                return None;
             }
             Action::StoreRestartWithoutLoss => {
                 self.lost_tails += 1;
@@ -887,7 +978,8 @@ pub fn drive(
             chat_client(env, c, shared, rec, members, end)
         });
     }
-    let mut others: Vec<String> = vec![STORE_HOST.to_owned(), REGISTRY_HOST.to_owned()];
+    let mut others: Vec<String> = cluster.store_hosts.clone();
+    others.push(REGISTRY_HOST.to_owned());
     others.extend(cluster.route_hosts.iter().cloned());
     let mut problems = Vec::new();
     let mut actions = plan.actions.clone();
@@ -916,6 +1008,8 @@ pub fn drive(
                 shared: &shared,
                 rec: &rec,
                 store: &cluster.store,
+                store_hosts: &cluster.store_hosts,
+                replicas: &cluster.replicas,
                 spec: &cluster.spec,
             };
             if let Some(counter) = faults.apply(&mut cluster.sim, &hosts, &rec, now, action) {
@@ -990,6 +1084,67 @@ pub fn drive(
         rehome_after_death: death,
         rehome_after_isolation: isolation,
     };
+    history.acked_after_replication = plan.spec.store_wait_replicas > 0;
+    if let Some(outage) = plan.shard_outage {
+        let shards = cim_core::slots::Shards::new(plan.spec.store_shards.max(1), 0);
+        let on_failed = |conv: &ConvId| shards.of_conv(conv) == outage.shard;
+        // Users who also post to the failed master's conversations: their stuck messages'
+        // resends share the user's send limit with its other messages, so they are not
+        // promised invariant 11.
+        let posting_there: BTreeSet<UserId> = plan
+            .clients
+            .iter()
+            .filter(|c| {
+                c.group
+                    .as_deref()
+                    .and_then(|g| ConvId::group(g).ok())
+                    .is_some_and(|conv| on_failed(&conv))
+            })
+            .filter_map(|c| history.clients.iter().find(|h| h.client == c.client))
+            .map(|h| h.user)
+            .collect();
+        let healthy_users: BTreeSet<UserId> = users
+            .iter()
+            .copied()
+            .filter(|u| shards.of_user(*u) != outage.shard && !posting_there.contains(u))
+            .collect();
+        let mut convs = vec![ConvId::All];
+        convs.extend(groups.iter().filter_map(|g| ConvId::group(g).ok()));
+        let healthy_convs: BTreeSet<ConvId> = convs.into_iter().filter(|c| !on_failed(c)).collect();
+        // How long the healthy chat's acks took (to see the bound's margin in a sweep).
+        let acked: BTreeMap<_, _> = history
+            .acks
+            .iter()
+            .map(|a| ((a.sender, a.msg_id), a.acked_at))
+            .collect();
+        let slowest = history
+            .submissions
+            .iter()
+            .filter(|s| {
+                (outage.from..=outage.until).contains(&s.at)
+                    && healthy_users.contains(&s.sender)
+                    && healthy_convs.contains(&s.conv)
+            })
+            .filter_map(|s| Some(*acked.get(&(s.sender, s.msg_id))? - s.at))
+            .max();
+        if let Some(slowest) = slowest {
+            rec.count_n(
+                "slowest healthy-shard ack during the outage, ms (sum)",
+                slowest.as_millis() as u64,
+            );
+        }
+        rec.count_n(
+            "healthy users during a shard outage",
+            healthy_users.len() as u64,
+        );
+        history.shard_outage = Some(checker::ShardOutage {
+            from: outage.from,
+            until: outage.until,
+            healthy_users,
+            healthy_convs,
+            ack_bound: outage.ack_bound,
+        });
+    }
     let report = checker::check(&history);
     // A debugging aid: what the report leaves out (sessions, faults, every client event
     // but messages).
@@ -1106,6 +1261,35 @@ pub fn lost_tail_fault(
         (lost_at.min(healed_at), Action::StoreLostTail),
         (healed_at, Action::RestartCrashed),
     ]
+}
+
+/// One master's failover (docs/design.md, "Acknowledge after replication and one shard's
+/// failure"): lossless (a replica promoted with every write), or its replica starts lagging
+/// at an instant in `[fault_at, fault_at + 3 s]` and 0.3–2 s later the master fails (the
+/// writes in between are the tail, which clients read meanwhile, and which `WAIT` refuses
+/// to acknowledge). Either way the master is down until its replica is promoted 8–12 s later
+/// (a cluster's node timeout and election). Returns the actions and the outage.
+pub fn shard_failover_fault(
+    rng: &mut Rng,
+    shard: usize,
+    lossless: bool,
+    fault_at: Duration,
+    healed_at: Duration,
+) -> (Vec<(Duration, Action)>, (Duration, Duration)) {
+    let lag_at = (fault_at + rng.duration(Duration::ZERO, Duration::from_secs(3))).min(healed_at);
+    let mut actions = Vec::new();
+    let fail_at = if lossless {
+        lag_at
+    } else {
+        actions.push((lag_at, Action::ShardReplicaLags(shard)));
+        lag_at + rng.duration(Duration::from_millis(300), Duration::from_secs(2))
+    }
+    .min(healed_at);
+    let promoted_at =
+        (fail_at + rng.duration(Duration::from_secs(8), Duration::from_secs(12))).min(healed_at);
+    actions.push((fail_at, Action::ShardFailover { shard, lossless }));
+    actions.push((promoted_at, Action::ShardPromoted(shard)));
+    (actions, (fail_at, promoted_at))
 }
 
 /// `count` faults drawn from `kinds`, each starting in `[fault_at, fault_at + 4 s]` and all

@@ -12,50 +12,21 @@
 //!
 //! On one node all of these stay one round trip, as before.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{Cmd, FromRedisValue};
-use futures::StreamExt as _;
 
 use super::circuit::Circuit;
 use super::conn::{Backend, Conn};
 use super::*;
 
-/// Redis Cluster's slot count.
-const SLOTS: u16 = 16_384;
-
 /// Calls of one split step in flight at once (each is one slot's pipeline or script).
 const SPLIT_CONCURRENCY: usize = 64;
 
-/// The hash slot of `key`: CRC16 (XMODEM) of its hash tag (the text between the first `{`
-/// and the next `}`, if not empty), else of the whole key, modulo 16384 — Redis's rule.
-pub(super) fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tag = bytes.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &bytes[open + 1..];
-        let close = rest.iter().position(|&b| b == b'}')?;
-        (close > 0).then(|| &rest[..close])
-    });
-    crc16_xmodem(tag.unwrap_or(bytes)) % SLOTS
-}
-
-fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
+/// The hash slot of `key` (Redis's rule, shared with the simulation's sharded store).
+pub(super) use cim_core::slots::key_slot;
 
 impl RedisStore {
     /// Connects to a Redis Cluster through any of `urls` (the crate learns the rest of the
@@ -146,11 +117,7 @@ impl RedisStore {
         if !self.is_cluster() {
             return vec![(0..keys.len()).collect()];
         }
-        let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
-        for (i, key) in keys.iter().enumerate() {
-            by_slot.entry(key_slot(key)).or_default().push(i);
-        }
-        by_slot.into_values().collect()
+        crate::store::split::group_by(keys, |key| key_slot(key))
     }
 
     /// Runs `step` on `items` split per slot of their `keys` (one key per item; all items at
@@ -197,50 +164,7 @@ impl RedisStore {
         Fut: Future<Output = R<Vec<O>>>,
     {
         let groups = self.slot_groups(&keys);
-        // Made before anything is awaited, so the future holds no closure over borrowed
-        // items (which would make it not provably `Send`).
-        let calls: Vec<Fut> = groups
-            .iter()
-            .map(|group| step(group.iter().map(|&i| &items[i]).collect()))
-            .collect();
-        let outputs: Vec<R<Vec<O>>> = futures::stream::iter(calls)
-            .buffered(SPLIT_CONCURRENCY)
-            .collect()
-            .await;
-        let mut slots: Vec<Option<O>> = std::iter::repeat_with(|| None).take(items.len()).collect();
-        let mut first_error = None;
-        let mut answered = 0;
-        for (group, output) in groups.iter().zip(outputs) {
-            let output = match (output, &unknown) {
-                (Ok(output), _) => output,
-                (Err(e), Some(unknown)) => {
-                    first_error.get_or_insert(e);
-                    for &i in group {
-                        slots[i] = Some(unknown(&items[i]));
-                    }
-                    continue;
-                }
-                (Err(e), None) => return Err(e),
-            };
-            if output.len() != group.len() {
-                return Err(StoreUnavailable(
-                    "redis: a split step answered for the wrong number of items".into(),
-                ));
-            }
-            answered += 1;
-            for (&i, o) in group.iter().zip(output) {
-                slots[i] = Some(o);
-            }
-        }
-        if answered == 0
-            && let Some(e) = first_error
-        {
-            return Err(e);
-        }
-        slots
-            .into_iter()
-            .map(|o| o.ok_or_else(|| StoreUnavailable("redis: a split step left a gap".into())))
-            .collect()
+        crate::store::split::run_split(items, groups, step, unknown, SPLIT_CONCURRENCY).await
     }
 
     /// Single-key commands (each given with its key), one reply each, in order: one pipeline
@@ -382,11 +306,7 @@ mod tests {
     #[test]
     fn slots_follow_redis_rules() {
         // Redis Cluster specification's example, and the crate's own test key.
-        assert_eq!(super::crc16_xmodem(b"123456789"), 0x31C3);
         assert_eq!(key_slot("foo"), 12182);
-        // The hash tag alone decides; an empty tag does not count.
         assert_eq!(key_slot("cim:claim:{u:7}"), key_slot("cim:route:{u:7}"));
-        assert_eq!(key_slot("{u:7}"), key_slot("u:7"));
-        assert_eq!(key_slot("a{}b"), super::crc16_xmodem(b"a{}b") % 16_384);
     }
 }

@@ -2,6 +2,7 @@
 //! table and per conversation, so every multi-key step stays in one Redis Cluster slot.
 
 use cim_core::ids::{ClientMsgId, ConvId, LogEpoch, UserId};
+use cim_core::slots::{conv_tag, user_tag};
 
 pub(in crate::store) const NEXT_USER: &str = "cim:{names}:next_user";
 
@@ -10,19 +11,19 @@ pub(super) fn name_key(name: &str) -> String {
 }
 
 pub(super) fn acct_key(user: UserId) -> String {
-    format!("cim:acct:{{u:{}}}", user.0)
+    format!("cim:acct:{{{}}}", user_tag(user))
 }
 
 pub(super) fn claim_key(user: UserId) -> String {
-    format!("cim:claim:{{u:{}}}", user.0)
+    format!("cim:claim:{{{}}}", user_tag(user))
 }
 
 pub(super) fn failures_key(user: UserId) -> String {
-    format!("cim:fail:{{u:{}}}", user.0)
+    format!("cim:fail:{{{}}}", user_tag(user))
 }
 
 pub(super) fn route_key(user: UserId) -> String {
-    format!("cim:route:{{u:{}}}", user.0)
+    format!("cim:route:{{{}}}", user_tag(user))
 }
 
 /// Keys SCAN asks for per round trip: enough to make progress, small enough not to stall
@@ -36,25 +37,34 @@ pub(super) fn user_of_route_key(key: &str) -> Option<UserId> {
 }
 
 pub(super) fn convs_key(user: UserId) -> String {
-    format!("cim:convs:{{u:{}}}", user.0)
+    format!("cim:convs:{{{}}}", user_tag(user))
 }
 
 pub(super) fn cursors_key(user: UserId) -> String {
-    format!("cim:cursors:{{u:{}}}", user.0)
+    format!("cim:cursors:{{{}}}", user_tag(user))
 }
 
 /// `part` is `meta`, `log` or `members`. Group names are restricted by `ConvId::group` to
 /// characters that cannot end the hash tag early.
 pub(super) fn conv_key(conv: &ConvId, part: &str) -> String {
-    format!("cim:conv:{{c:{conv}}}:{part}")
+    format!("cim:conv:{{{}}}:{part}", conv_tag(conv))
 }
 
 pub(super) fn idem_key(conv: &ConvId, sender: UserId, msg_id: ClientMsgId) -> String {
-    format!("cim:conv:{{c:{conv}}}:idem:{}:{:032x}", sender.0, msg_id.0)
+    format!(
+        "cim:conv:{{{}}}:idem:{}:{:032x}",
+        conv_tag(conv),
+        sender.0,
+        msg_id.0
+    )
 }
 
 pub(super) fn order_key(conv: &ConvId, sender: UserId, stream: u64) -> String {
-    format!("cim:conv:{{c:{conv}}}:order:{}:{stream:016x}", sender.0)
+    format!(
+        "cim:conv:{{{}}}:order:{}:{stream:016x}",
+        conv_tag(conv),
+        sender.0
+    )
 }
 
 /// Keys and arguments of one `read.lua` call.

@@ -263,6 +263,8 @@ fn run(ops: &[Op], max_len: u64, join: u64) -> (History, BTreeMap<(UserId, ConvI
             rehome_after_death: Duration::from_secs(10),
             rehome_after_isolation: Duration::from_secs(20),
         },
+        acked_after_replication: false,
+        shard_outage: None,
     };
     (history, floors)
 }
