@@ -50,10 +50,17 @@ pub enum Canary {
     /// runs only against a real Redis): an append is acknowledged whatever its `WAIT`
     /// answered, so a failover to a replica that lagged loses acknowledged messages.
     WaitReplicas,
+    /// Store health and lease refreshes per master, as a cluster client has them (the
+    /// simulation's sharded store, `cim_sim_hosts::sharded::ShardedStore`, over the split
+    /// the Redis store runs, `cim_io::store::split`): one master's outage answers "unknown"
+    /// for its own users only. Off: health needs every master, and a lease refresh or route
+    /// load fails whole when any master fails, so one master's outage fences and unlists
+    /// every server.
+    ShardHealth,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 9] = [
+    pub const ALL: [Canary; 10] = [
         Canary::IdempotentAppend,
         Canary::EpochFencing,
         Canary::SelfFencing,
@@ -63,6 +70,7 @@ impl Canary {
         Canary::LostTailDetection,
         Canary::MoveContinuation,
         Canary::WaitReplicas,
+        Canary::ShardHealth,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +84,7 @@ impl Canary {
             Self::LostTailDetection => "lost-tail",
             Self::MoveContinuation => "move-continuation",
             Self::WaitReplicas => "wait-replicas",
+            Self::ShardHealth => "shard-health",
         }
     }
 

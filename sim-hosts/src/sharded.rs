@@ -26,6 +26,7 @@
 //! command fail. `LoadNames` splits too, and fails if any part does. `health` is "some
 //! master answers", so one dead master neither fences nor unlists anyone else.
 
+use cim_core::canary::{Canaries, Canary};
 use cim_core::ids::UnixMillis;
 use cim_core::slots::{NAMES_TAG, Shards};
 use cim_core::store::{LeaseRefresh, StoreCommand, StoreReply, StoreResult, StoreUnavailable};
@@ -43,6 +44,8 @@ const SPLIT_CONCURRENCY: usize = 64;
 pub struct ShardedStore<N: Network> {
     masters: Vec<RemoteStore<N>>,
     shards: Shards,
+    /// `ShardHealth` off: one master's outage fails health and every split command.
+    canaries: Canaries,
 }
 
 impl<N: Network> ShardedStore<N> {
@@ -54,6 +57,7 @@ impl<N: Network> ShardedStore<N> {
                 .map(|host| RemoteStore::new(net.clone(), host.clone(), port, options))
                 .collect(),
             shards: Shards::new(hosts.len(), 0),
+            canaries: options.canaries,
         }
     }
 
@@ -92,6 +96,12 @@ impl<N: Network> ShardedStore<N> {
                 users.first().map_or(0, |u| s.of_user(*u))
             }
         }
+    }
+
+    /// Whether a split command answers "unknown" for a failed master's users rather than
+    /// failing whole (off only under the `shard-health` canary).
+    fn per_master_outcomes(&self) -> bool {
+        !self.canaries.disabled(Canary::ShardHealth)
     }
 
     async fn on_master(
@@ -138,9 +148,9 @@ impl<N: Network> Store for ShardedStore<N> {
                     let unknown = |(u, _): &(cim_core::ids::UserId, cim_core::ids::Epoch)| {
                         (*u, LeaseRefresh::Unknown)
                     };
+                    let unknown = self.per_master_outcomes().then_some(unknown);
                     let outcomes =
-                        run_split(&sessions, groups, step, Some(unknown), SPLIT_CONCURRENCY)
-                            .await?;
+                        run_split(&sessions, groups, step, unknown, SPLIT_CONCURRENCY).await?;
                     Ok(StoreReply::LeasesRefreshed(outcomes))
                 }
                 StoreCommand::LoadRoutes { users } => {
@@ -158,8 +168,9 @@ impl<N: Network> Store for ShardedStore<N> {
                         }
                     };
                     let unknown = |u: &cim_core::ids::UserId| (*u, None);
+                    let unknown = self.per_master_outcomes().then_some(unknown);
                     let routes =
-                        run_split(&users, groups, step, Some(unknown), SPLIT_CONCURRENCY).await?;
+                        run_split(&users, groups, step, unknown, SPLIT_CONCURRENCY).await?;
                     Ok(StoreReply::Routes(routes))
                 }
                 StoreCommand::LoadNames { users } => {
@@ -192,6 +203,9 @@ impl<N: Network> Store for ShardedStore<N> {
     fn health(&self) -> StoreFuture<'_, Result<(), StoreUnavailable>> {
         Box::pin(async move {
             let answers = futures::future::join_all(self.masters.iter().map(|m| m.health())).await;
+            if !self.per_master_outcomes() {
+                return answers.into_iter().collect();
+            }
             let mut first_error = None;
             for answer in answers {
                 match answer {

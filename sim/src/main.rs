@@ -53,7 +53,7 @@ struct Args {
     jobs: Option<usize>,
     /// Switches one safety mechanism off (only in a build made with CIM_CANARIES=1):
     /// idempotent-append, epoch-fencing, self-fencing, gap-sync, dedup, send-order,
-    /// lost-tail, move-continuation or wait-replicas.
+    /// lost-tail, move-continuation, wait-replicas or shard-health.
     #[arg(long)]
     canary: Option<String>,
     /// How routes pick servers: round-robin, random, consistent-hash (the default) or

@@ -18,7 +18,7 @@ use cim_core::canary::{self, Canary};
 /// (canary, the sweep that exercises it, seeds within which it must be caught). Measured
 /// (first failing seed from 1): idempotent append 3, epoch fencing 14, self-fencing 1, gap
 /// sync 7, dedup 1, send order 5, lost-tail detection 2, move continuation 1; in
-/// `shard-failover`, lost-tail detection 1, wait replicas 3.
+/// `shard-failover`, lost-tail detection 1, wait replicas 3, shard health 1.
 ///
 /// Idempotent append: since the per-sender order check, a resend of an SDK message that is
 /// already stored is refused as superseded even without its idempotency record, so the
@@ -39,7 +39,11 @@ use cim_core::canary::{self, Canary};
 /// Wait replicas: with it off, an append is acknowledged whatever its `WAIT` answered, so
 /// in the `shard-failover` runs with `WAIT` and a lagging replica a failover loses acked
 /// messages (`AckedLost`, invariant 10).
-const CAUGHT_WITHIN: [(Canary, &[&str], u64); 10] = [
+///
+/// Shard health: with it off, one master's outage fails every server's store health and
+/// lease refresh, so servers fence users whose masters are fine, and their messages to
+/// conversations on those masters wait out the outage (`StalledByOtherShard`, invariant 11).
+const CAUGHT_WITHIN: [(Canary, &[&str], u64); 11] = [
     (Canary::IdempotentAppend, &["--scenario", "failover"], 30),
     (
         Canary::EpochFencing,
@@ -58,6 +62,7 @@ const CAUGHT_WITHIN: [(Canary, &[&str], u64); 10] = [
         30,
     ),
     (Canary::WaitReplicas, &["--scenario", "shard-failover"], 30),
+    (Canary::ShardHealth, &["--scenario", "shard-failover"], 30),
 ];
 
 fn cim_sim() -> Command {
