@@ -235,9 +235,12 @@ async fn the_all_masters_sigkill_loses_no_acknowledged_message_with_wait() {
 /// records live on other masters keep chatting for longer than a lease, never fenced, and
 /// both servers stay listed; a user of the dead shard loses its session (fenced at its lease
 /// deadline, or sooner when its client's sync fails) and cannot log in again (the store does
-/// not answer for it) until the replica is promoted, then it is back and chats. (The master picked holds neither `all` nor the live pair's conversation: a
-/// client's sync reads every one of its conversations' heads, and fails while any of them is
-/// on a dead shard.)
+/// not answer for it) until the replica is promoted, then it is back and chats.
+///
+/// The master picked holds neither `all` nor the live pair's conversation, so the live users
+/// are untouched by the outage. (Were `all` on it, their syncs would still succeed, marked
+/// incomplete, without `all`'s head: `store_cluster_faults` and the server's and client's
+/// table tests cover that case.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_master_fences_only_its_own_users() {
     let Some(mut cluster) = Cluster::start_on_redis_cluster("one-shard").await else {
