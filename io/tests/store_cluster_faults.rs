@@ -510,8 +510,8 @@ async fn a_single_node_acknowledges_after_its_replica_confirms() {
 /// One master dead (and marked failed by the cluster) and its replica told not to take over:
 /// the store stays healthy (a server
 /// stays listed, a route ready), a lease refresh answers per user — unknown for the users of
-/// the dead shard only — and route reads leave out only those users; once the replica is
-/// promoted, every user is answered again.
+/// the dead shard only — and route reads leave out only those users, both before their
+/// caller's deadline; once the replica is promoted, every user is answered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_shard_fails_only_its_own_users() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -570,6 +570,18 @@ async fn one_dead_shard_fails_only_its_own_users() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A caller waits one command timeout (a route's push gives `LoadRoutes` its
+    // `--redis-timeout`), and the dead master's calls run into exactly that (the cluster
+    // client's response timeout): the store must answer the others before then. Without
+    // the per-slot bound the answers below took 502 ms of a 500 ms timeout, and a route's
+    // push to a group with one member on the dead shard was dropped for every member.
+    let answered_in_time = |asked: Instant| {
+        let took = asked.elapsed();
+        assert!(
+            took < options().command_timeout,
+            "answered in {took:?}, after its caller's deadline"
+        );
+    };
     let at = UnixMillis(T0);
     let refresh = StoreCommand::RefreshLeases {
         server: ServerId::new("s1"),
@@ -580,7 +592,10 @@ async fn one_dead_shard_fails_only_its_own_users() {
         .health()
         .await
         .expect("healthy with two masters of three");
-    match store.execute(at, refresh.clone()).await {
+    let asked = Instant::now();
+    let refreshed = store.execute(at, refresh.clone()).await;
+    answered_in_time(asked);
+    match refreshed {
         Ok(StoreReply::LeasesRefreshed(outcomes)) => {
             assert_eq!(outcomes.len(), users.len());
             for ((user, outcome), dead) in outcomes.iter().zip(&on_dead) {
@@ -595,15 +610,17 @@ async fn one_dead_shard_fails_only_its_own_users() {
         }
         other => panic!("a per-user answer: {other:?}"),
     }
-    match store
+    let asked = Instant::now();
+    let routes = store
         .execute(
             at,
             StoreCommand::LoadRoutes {
                 users: users.clone(),
             },
         )
-        .await
-    {
+        .await;
+    answered_in_time(asked);
+    match routes {
         Ok(StoreReply::Routes(routes)) => assert_eq!(routes.len(), users.len()),
         other => panic!("routes of the live shards: {other:?}"),
     }

@@ -164,7 +164,28 @@ impl RedisStore {
         Fut: Future<Output = R<Vec<O>>>,
     {
         let groups = self.slot_groups(&keys);
-        crate::store::split::run_split(items, groups, step, unknown, SPLIT_CONCURRENCY).await
+        if unknown.is_none() || !self.is_cluster() {
+            return crate::store::split::run_split(items, groups, step, unknown, SPLIT_CONCURRENCY)
+                .await;
+        }
+        // A dead master's calls do not fail fast: the cluster client retries them until the
+        // node is back or promoted, past the caller's own deadline (a route gives a push's
+        // `LoadRoutes` `--redis-timeout`), which then drops the whole step, healthy users and
+        // all. So each slot's call gets half the command timeout, and one that runs out is
+        // an unknown like one that failed.
+        let slot_budget = self.options.slot_call_timeout();
+        let bounded = |part| {
+            let call = step(part);
+            async move {
+                match tokio::time::timeout(slot_budget, call).await {
+                    Ok(result) => result,
+                    Err(_) => Err(StoreUnavailable(format!(
+                        "redis: a slot's master did not answer within {slot_budget:?}"
+                    ))),
+                }
+            }
+        };
+        crate::store::split::run_split(items, groups, bounded, unknown, SPLIT_CONCURRENCY).await
     }
 
     /// Single-key commands (each given with its key), one reply each, in order: one pipeline

@@ -73,6 +73,14 @@ impl RedisOptions {
     pub fn wait_timeout(&self) -> Duration {
         self.command_timeout / 2
     }
+
+    /// How long one slot's call of a split step that answers per user (`RefreshLeases`,
+    /// `LoadRoutes`, `LoadHeads`) may take before its users are reported unknown: half the
+    /// command timeout, so the others' answers reach a caller that waits one command
+    /// timeout (see `cluster.rs`).
+    pub fn slot_call_timeout(&self) -> Duration {
+        self.command_timeout / 2
+    }
 }
 
 impl Default for RedisOptions {
