@@ -3029,6 +3029,33 @@ async fn a_cluster_with_one_evicting_master_is_refused() {
     assert!(allowed.is_ok(), "{allowed:?}");
 }
 
+/// The two store flags mixed up: `--redis` given a cluster node is refused at connect with
+/// words that name the other flag (it used to fail later, on the layout check, with the
+/// cluster's raw `MOVED` replies), and `--redis-cluster` given a lone Redis is refused too.
+#[tokio::test]
+async fn a_store_flag_given_the_other_kind_of_redis_says_which_to_use() {
+    let Some(cluster) = redis_cluster() else {
+        return;
+    };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let _turn = CLUSTER_TURN.lock().await;
+    let one_node = cluster.urls().remove(0);
+    match RedisStore::connect(&one_node, redis_options()).await {
+        Err(e @ ConnectError::ClusterNode { .. }) => {
+            assert!(e.to_string().contains("--redis-cluster"), "{e}");
+        }
+        other => panic!("a cluster node refused as --redis: {other:?}"),
+    }
+    let refused = RedisStore::connect_cluster(&[server.url()], redis_options()).await;
+    let text = refused.as_ref().map(|_| ()).unwrap_err().to_string();
+    assert!(
+        text.contains("not a node of a Redis Cluster") && text.contains("--redis "),
+        "{text}"
+    );
+}
+
 // --- A restart that lost its last writes (the lost-tail rule) ------------------------------
 
 /// Before the copy: two users and five private messages.

@@ -36,7 +36,7 @@ use cim_core::ids::{ClientMsgId, ConvId, UserId};
 use cim_core::route::login::{
     BearerClaims, BearerKey, LoginError, LoginRequest, RegisterFailure, secs_up,
 };
-use cim_core::store::{StoreCommand, StoreReply};
+use cim_core::store::{StoreCommand, StoreReply, StoreUnavailable};
 use cim_proto::ErrorCode;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -509,9 +509,17 @@ async fn store(shared: &ApiShared, command: StoreCommand) -> Result<StoreReply, 
     let wall = shared.clock.wall();
     match tokio::time::timeout(shared.store_timeout, shared.store.execute(wall, command)).await {
         Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(e)) => Err(ApiError::unavailable(e.to_string())),
+        Ok(Err(e)) => Err(store_failed(&e)),
         Err(_) => Err(ApiError::unavailable("store timed out")),
     }
+}
+
+/// A failed store command, as a caller sees it: 4000 "store unavailable, retry". The store's
+/// own words (node addresses, the client library's error kinds) go to the log, not to
+/// whoever called the API.
+fn store_failed(e: &StoreUnavailable) -> ApiError {
+    tracing::warn!(error = %e, "a store command of the HTTP API failed");
+    ApiError::unavailable("store unavailable, retry")
 }
 
 fn odd_reply(reply: &StoreReply) -> ApiError {
@@ -1017,5 +1025,23 @@ async fn metrics(State(shared): State<Shared>) -> Response {
     match call(&shared, |reply| ApiCall::Metrics { reply }).await {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_failure_tells_the_caller_nothing_of_the_store() {
+        let e = StoreUnavailable(
+            "redis: Requested connection not found - ClusterConnectionNotFound: 127.0.0.1:27002"
+                .into(),
+        );
+        let answer = store_failed(&e);
+        assert_eq!(
+            (answer.status, answer.code, answer.message.as_str()),
+            (StatusCode::OK, CODE_FAIL, "store unavailable, retry")
+        );
     }
 }

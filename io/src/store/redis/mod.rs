@@ -114,6 +114,14 @@ pub enum ConnectError {
          to run anyway"
     )]
     EvictionPolicy { url: String, policy: String },
+    /// `--redis` given a node of a Redis Cluster: every command on a slot it does not own
+    /// would come back `MOVED`.
+    #[error(
+        "redis at {url} is a node of a Redis Cluster (cluster_enabled:1): give the cluster's \
+         nodes with --redis-cluster (CIM_REDIS_CLUSTER, `redis-cluster` in the config file) \
+         instead of --redis"
+    )]
+    ClusterNode { url: String },
 }
 
 /// Words an operator can act on for a failed connect or first command. The `redis` crate's
@@ -129,6 +137,9 @@ fn explain_connect_failure(tls: bool, e: &RedisError) -> String {
          disabled)"
     } else if lower.contains("noauth") {
         "Redis requires a password: put it in the URL (redis://user:password@host:port)"
+    } else if lower.contains("cluster support disabled") {
+        "this Redis is not a node of a Redis Cluster: give it with --redis (CIM_REDIS, `redis` \
+         in the config file) instead of --redis-cluster"
     } else if lower.contains("noperm") {
         "the ACL user lacks a command or key this process needs (see deploy/README.md for \
          the ACL rules per role)"
@@ -347,6 +358,14 @@ impl RedisStore {
             .to_owned();
         if policy != "noeviction" && !options.allow_eviction {
             return Err(ConnectError::EvictionPolicy { url: shown, policy });
+        }
+        let info: String = ::redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unreachable(explain_connect_failure(tls, &e)))?;
+        if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            return Err(ConnectError::ClusterNode { url: shown });
         }
         Ok(Self::with_backend(Backend::Single(conn), options))
     }
