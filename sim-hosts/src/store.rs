@@ -226,26 +226,25 @@ pub async fn serve_store_with_replica<N: Network>(
     backend: Arc<MemoryBackend>,
     replica: Arc<Replica>,
 ) -> io::Result<()> {
-    let mut listener = net.bind(listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "store host listening");
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        let (backend, replica) = (backend.clone(), replica.clone());
-        tokio::spawn(async move {
-            if let Err(error) = serve_store_connection(stream, &backend, &replica).await {
-                tracing::debug!(%peer, %error, "store connection ended");
-            }
-        });
-    }
+    let listener = net.bind(listen).await?;
+    accept_loop(listener, backend, replica).await
 }
 
 /// [`serve_store`] on a listener bound already (tests bind port 0 and read the port).
 pub async fn serve_store_on<L: Listener>(
-    mut listener: L,
+    listener: L,
     backend: Arc<MemoryBackend>,
 ) -> io::Result<()> {
+    accept_loop(listener, backend, Arc::default()).await
+}
+
+/// Serves each connection `listener` accepts on a task of its own, until accepting fails.
+async fn accept_loop<L: Listener>(
+    mut listener: L,
+    backend: Arc<MemoryBackend>,
+    replica: Arc<Replica>,
+) -> io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "store host listening");
-    let replica = Arc::new(Replica::default());
     loop {
         let (stream, peer) = listener.accept().await?;
         let (backend, replica) = (backend.clone(), replica.clone());

@@ -224,6 +224,15 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
     for c in &history.clients {
         let covered = streams.entry(c.client).or_default();
         let mut positions: BTreeMap<ConvId, Position> = BTreeMap::new();
+        let epoch_switch = |conv: &ConvId, current, got, seq, at| Violation::EpochSwitch {
+            client: c.client,
+            user: c.user,
+            conv: conv.clone(),
+            current,
+            got,
+            seq,
+            at,
+        };
         for (at, seen) in &c.events {
             let at = *at;
             match seen {
@@ -233,15 +242,13 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
                     match pos.epoch {
                         None => pos.learn_epoch(m.log_epoch, &m.conv, covered),
                         Some(current) if current != m.log_epoch => {
-                            report.violations.push(Violation::EpochSwitch {
-                                client: c.client,
-                                user: c.user,
-                                conv: m.conv.clone(),
+                            report.violations.push(epoch_switch(
+                                &m.conv,
                                 current,
-                                got: m.log_epoch,
-                                seq: Some(m.seq),
+                                m.log_epoch,
+                                Some(m.seq),
                                 at,
-                            });
+                            ));
                             continue;
                         }
                         Some(_) => {}
@@ -317,15 +324,9 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
                     }
                     let pos = positions.entry(conv.clone()).or_default();
                     if let Err(current) = pos.leave_epoch(*old_epoch, conv, covered) {
-                        report.violations.push(Violation::EpochSwitch {
-                            client: c.client,
-                            user: c.user,
-                            conv: conv.clone(),
-                            current,
-                            got: *old_epoch,
-                            seq: None,
-                            at,
-                        });
+                        report
+                            .violations
+                            .push(epoch_switch(conv, current, *old_epoch, None, at));
                     }
                     // A move straight from the client's epoch says what it carried over: the
                     // client continues across it (`LogMoved`), it does not start again.
@@ -366,15 +367,9 @@ pub(super) fn check_streams(history: &History, report: &mut Report) -> Streams {
                 } => {
                     let pos = positions.entry(conv.clone()).or_default();
                     if let Err(current) = pos.leave_epoch(*old_epoch, conv, covered) {
-                        report.violations.push(Violation::EpochSwitch {
-                            client: c.client,
-                            user: c.user,
-                            conv: conv.clone(),
-                            current,
-                            got: *old_epoch,
-                            seq: None,
-                            at,
-                        });
+                        report
+                            .violations
+                            .push(epoch_switch(conv, current, *old_epoch, None, at));
                     }
                     let handed_over = pos.next.map(|n| n - 1);
                     let carried_up_to = history
