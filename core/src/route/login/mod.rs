@@ -173,10 +173,12 @@ pub struct RouteLoginConfig {
     /// this is how long a user may stay away and still come back without the password).
     /// Zero issues no secrets: every login checks the password.
     pub resume_secret_ttl: Duration,
-    /// A takeover answer held at least this long may be given again, after its release, to
-    /// a resumption retrying with the secret it was asked with (its first request has
-    /// timed out on the client: the SDK waits 5 s). One released sooner is not: its
-    /// client had it, so the same secret presented again is a copy, and refused.
+    /// A held takeover answer whose request had waited at least this long when it was
+    /// released (from the request's arrival: a wait for the store before the hold counts)
+    /// may be given again, after its release, to a resumption retrying with the secret it
+    /// was asked with (its first request has timed out on the client: the SDK waits 5 s).
+    /// One answered sooner is not: its client had it, so the same secret presented again is
+    /// a copy, and refused.
     pub resume_rejoin_after: Duration,
 }
 
@@ -472,6 +474,8 @@ struct HeldLogin {
     /// Monotonic and wall time when it was held, to tell the wall time at a release by
     /// timer (which brings only the monotonic time).
     held_at: (Instant, UnixMillis),
+    /// When its request arrived ([`LoginCtx::asked_at`]).
+    asked_at: Instant,
 }
 
 /// A held takeover's answer after its release, kept for `claim_ttl` so that a retry with
@@ -482,9 +486,10 @@ struct HeldLogin {
 struct ReleasedTakeover {
     presented: [u8; 32],
     presented_secret: Option<[u8; 32]>,
-    /// How long the answer was held: a resumption may rejoin it only if that was long
-    /// enough for its first request to have timed out (`resume_rejoin_after`).
-    held_for: Duration,
+    /// How long its request had waited when the answer went out (queued, then held): a
+    /// resumption may rejoin it only if that was long enough for the first request to have
+    /// timed out (`resume_rejoin_after`).
+    waited: Duration,
     granted: Granted,
     until: Instant,
 }
@@ -608,6 +613,9 @@ struct LoginCtx {
     /// never got its answer. Decided with the claim, in `decide_and_claim`.
     retries_lost_answer: bool,
     lost_races: u32,
+    /// When the request reached this machine: how long its client has been waiting is
+    /// counted from here (see [`ReleasedTakeover::waited`]).
+    asked_at: Instant,
 }
 
 impl RouteLogin {
@@ -887,6 +895,7 @@ impl RouteLogin {
             secret_hash: None,
             retries_lost_answer: false,
             lost_races: 0,
+            asked_at: now,
         };
         if let Some(secret) = &request.resume_secret {
             // A resumption is checked against the claim alone: no account read, no argon2.

@@ -163,6 +163,7 @@ impl RouteLogin {
                     old_epoch: old.epoch,
                     deadline: now + remaining,
                     held_at: (now, wall),
+                    asked_at: login.asked_at,
                 });
                 return;
             }
@@ -213,16 +214,17 @@ impl RouteLogin {
         self.released.retain(|r| r.until > now);
         // A released answer has gone out: the secret it was asked with is used. A copy of it
         // presented now must fail, not be handed the next secret (a stolen state file
-        // replayed right after its owner's re-home) — unless the answer was held so long that
-        // its first request timed out on the client (a re-home from a crashed server still
-        // listed): then this is that client's retry, and refusing it would cost an argon2
-        // check per re-homed user. The secret must still be the one the hold was asked with.
+        // replayed right after its owner's re-home) — unless its request had waited so long
+        // (queued for the store, then held) that it timed out on the client (a re-home from
+        // a crashed server still listed): then this is that client's retry, and refusing it
+        // would cost an argon2 check per re-homed user, and a password prompt for a client
+        // that keeps none. The secret must still be the one the hold was asked with.
         let rejoin_after = self.config.resume_rejoin_after;
         let Some(released) = self.released.iter().find(|r| {
             r.presented == presented
                 && same(&r.granted)
                 && (login.secret_hash.is_none()
-                    || (r.held_for >= rejoin_after && secret_ok(r.presented_secret)))
+                    || (r.waited >= rejoin_after && secret_ok(r.presented_secret)))
         }) else {
             return false;
         };
@@ -248,7 +250,7 @@ impl RouteLogin {
             self.released.push(ReleasedTakeover {
                 presented,
                 presented_secret: held.presented_secret,
-                held_for: now.saturating_duration_since(held.held_at.0),
+                waited: now.saturating_duration_since(held.asked_at),
                 granted: held.granted.clone(),
                 until: now + self.config.claim_ttl,
             });
