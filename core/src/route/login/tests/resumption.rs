@@ -283,8 +283,8 @@ fn a_wait_before_the_hold_counts_toward_the_rejoin() {
     // its takeover is held, and the hold then lasts 3.6 s. The client waited 5.1 s, past
     // its timeout, so its retry after the release is that client's, although the hold
     // alone was shorter than `resume_rejoin_after` (4 s). Measuring from the hold refused
-    // such retries (9110, and the password asked for), as `cim-bench failover --argon2
-    // owasp` saw 65 times in 5,157 re-homes.
+    // such retries (9110, and the password asked for); `cim-bench failover --argon2 owasp`
+    // counted 65 refusals in 5,157 re-homes before this change.
     let mut h = Harness::with_alice(&["s1"]);
     let first = first_login(&mut h);
     start_resume(&mut h, 100, &first.resume_token, first.secret());
