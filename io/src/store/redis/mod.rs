@@ -77,9 +77,11 @@ impl RedisOptions {
     /// How long one slot's call of a split step that answers per user (`RefreshLeases`,
     /// `LoadRoutes`, `LoadHeads`) may take before its users are reported unknown: half the
     /// command timeout, so the others' answers reach a caller that waits one command
-    /// timeout (see `cluster.rs`).
+    /// timeout (see `cluster.rs`), and never more than half the route's push deadline,
+    /// which is fixed (`DeliveryConfig::store_timeout`, 2 s) whatever `--redis-timeout` is.
     pub fn slot_call_timeout(&self) -> Duration {
-        self.command_timeout / 2
+        let push_deadline = cim_core::route::delivery::DeliveryConfig::default().store_timeout;
+        (self.command_timeout / 2).min(push_deadline / 2)
     }
 }
 
@@ -873,5 +875,26 @@ impl Store for RedisStore {
                 Err(StoreUnavailable(format!("redis: ping answered {pong:?}")))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod slot_call_tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_call_ends_before_the_routes_push_deadline_whatever_the_command_timeout() {
+        let push = cim_core::route::delivery::DeliveryConfig::default().store_timeout;
+        for secs in [1, 2, 10] {
+            let options = RedisOptions {
+                command_timeout: Duration::from_secs(secs),
+                ..RedisOptions::default()
+            };
+            let bound = options.slot_call_timeout();
+            assert!(
+                bound < push && bound < options.command_timeout,
+                "{secs} s: {bound:?}"
+            );
+        }
     }
 }
