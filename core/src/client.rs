@@ -911,9 +911,7 @@ impl ClientSession {
         for msg_id in expired {
             self.out.events.push_back(ClientEvent::Unknown { msg_id });
         }
-        for frame in released {
-            self.transmit_released(Some(frame));
-        }
+        self.transmit_released(released);
         match &mut self.link {
             Link::Idle | Link::Stopped => {}
             Link::LoggingIn { deadline, .. } => {
@@ -1133,13 +1131,13 @@ impl ClientSession {
         }
     }
 
-    /// Sends an entry the outbox released from its hold, if sends may go out now; otherwise
-    /// the next `Online` or retry resends it with the rest.
-    fn transmit_released(&mut self, frame: Option<proto::Frame>) {
-        if let Some(frame) = frame
-            && self.may_transmit()
-        {
-            self.out.commands.push_back(ClientCommand::Transmit(frame));
+    /// Sends the entries the outbox released from their hold, in order, if sends may go out
+    /// now; otherwise the next `Online` or retry resends them with the rest.
+    fn transmit_released(&mut self, frames: impl IntoIterator<Item = proto::Frame>) {
+        if self.may_transmit() {
+            for frame in frames {
+                self.out.commands.push_back(ClientCommand::Transmit(frame));
+            }
         }
     }
 

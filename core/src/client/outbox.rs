@@ -5,8 +5,11 @@
 //! names the entry before it to the same conversation that is still in the outbox
 //! (`order_after`), so the store appends an entry only after that one. An entry the store
 //! refused as out of order is **held** until the entry it follows leaves the outbox (acked,
-//! rejected or expired), then sent again at once: a reordered burst costs one round trip,
-//! not a retry timer.
+//! rejected or expired), then sent again at once together with every held entry queued
+//! behind it, in order: a reordered burst costs one round trip, not a retry timer, and not
+//! one round trip per message (releasing one entry per answer turned a steady sender into
+//! stop-and-wait for as long as its outbox never emptied: ~100 messages/s instead of
+//! thousands, in the fan-out benchmark with Redis).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -130,13 +133,10 @@ impl Outbox {
         }
     }
 
-    /// Removes the entry with this id, with the frame of the held entry that followed it
+    /// Removes the entry with this id, with the frames of the held entries that followed it
     /// (now free to go). `None` for an id that was already acked, rejected or expired (a
     /// duplicate answer to a resend).
-    pub(crate) fn remove(
-        &mut self,
-        id: ClientMsgId,
-    ) -> Option<(OutboxEntry, Option<proto::Frame>)> {
+    pub(crate) fn remove(&mut self, id: ClientMsgId) -> Option<(OutboxEntry, Vec<proto::Frame>)> {
         // Linear: an outbox holds what one user typed during one outage.
         let index = self.position(id)?;
         let slot = self.slots.remove(index)?;
@@ -205,15 +205,24 @@ impl Outbox {
             .find(|&i| self.slots[i].entry.conv == *conv)
     }
 
-    /// After the entry at `index` of `conv` left: the next entry of `conv` (now at `index`
-    /// or later), if it was held, is released and its frame returned.
-    fn release_after(&mut self, index: usize, conv: &ConvId) -> Option<proto::Frame> {
-        let next = (index..self.slots.len()).find(|&i| self.slots[i].entry.conv == *conv)?;
-        if !self.slots[next].held {
-            return None;
+    /// After the entry at `index` of `conv` left: if the next entry of `conv` (now at `index`
+    /// or later) was held, it is released, and so is each held entry of `conv` right behind
+    /// it (up to the first one still in flight, whose answer decides for those after it);
+    /// their frames, in order. Sent back to back, each names the one before it, so the
+    /// store takes them all unless the way there reorders them again.
+    fn release_after(&mut self, index: usize, conv: &ConvId) -> Vec<proto::Frame> {
+        let mut released = Vec::new();
+        for i in index..self.slots.len() {
+            if self.slots[i].entry.conv != *conv {
+                continue;
+            }
+            if !self.slots[i].held {
+                break;
+            }
+            self.slots[i].held = false;
+            released.push(self.frame_at(i));
         }
-        self.slots[next].held = false;
-        Some(self.frame_at(next))
+        released
     }
 }
 
@@ -258,7 +267,7 @@ mod tests {
         assert_eq!(orders, [(1, 0), (2, 0), (3, 1), (4, 3)]);
         // 3 acked: 4 now follows 1.
         let (entry, released) = o.remove(ClientMsgId(3)).unwrap();
-        assert_eq!((entry.order_seq, released), (3, None));
+        assert_eq!((entry.order_seq, released), (3, vec![]));
         assert_eq!(order(&o.frame(ClientMsgId(4)).unwrap()), (4, 1));
         assert_eq!(o.remove(ClientMsgId(3)), None);
     }
@@ -275,12 +284,25 @@ mod tests {
         assert!(!o.push(ClientMsgId(5), conv("all"), Bytes::new(), t));
         assert!(o.push(ClientMsgId(6), conv("g:x"), Bytes::new(), t));
         // 3's ack releases nothing.
-        assert_eq!(o.remove(ClientMsgId(3)).unwrap().1, None);
-        // 1's ack releases 2 (now first of its conversation), and only 2.
-        let released = o.remove(ClientMsgId(1)).unwrap().1.unwrap();
-        assert_eq!(order(&released), (2, 0));
-        let released = o.remove(ClientMsgId(2)).unwrap().1.unwrap();
-        assert_eq!(order(&released), (4, 0));
+        assert_eq!(o.remove(ClientMsgId(3)).unwrap().1, vec![]);
+        // 1's ack releases 2 (now first of its conversation) and everything of `all` held
+        // behind it, in order, each after the one before: one round trip for the burst.
+        let released = o.remove(ClientMsgId(1)).unwrap().1;
+        let orders: Vec<_> = released.iter().map(order).collect();
+        assert_eq!(orders, [(2, 0), (4, 2), (5, 4)]);
+        assert!(!o.any_held());
+        // Reordered again on the way: 4 overtook 2 and waits for it; 5, still in flight,
+        // is refused too and waits for 4. 2's ack releases both.
+        assert_eq!(o.refused_out_of_order(ClientMsgId(4)), None);
+        assert_eq!(o.refused_out_of_order(ClientMsgId(5)), None);
+        let orders: Vec<_> = o
+            .remove(ClientMsgId(2))
+            .unwrap()
+            .1
+            .iter()
+            .map(order)
+            .collect();
+        assert_eq!(orders, [(4, 0), (5, 4)]);
         // A refusal whose predecessor already left is answered with a resend at once.
         let again = o.refused_out_of_order(ClientMsgId(4)).unwrap();
         assert_eq!(order(&again), (4, 0));
