@@ -212,6 +212,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// A frame the last read already brought, if a whole one is buffered; never reads. After
+    /// [`Self::next_frame`], lets a reader hand on everything one read returned at once.
+    pub fn buffered_frame(&mut self) -> Result<Option<Frame>, ReadError> {
+        if !self.checked_for_tls {
+            return Ok(None);
+        }
+        Ok(self.codec.decode_buf(&mut self.buf)?)
+    }
+
     /// The next frame with no deadline (the caller has its own timer).
     pub async fn next_frame(&mut self) -> Result<Frame, ReadError> {
         loop {

@@ -203,3 +203,79 @@ async fn encoded_frames_survive_partial_writes() {
         }
     }
 }
+
+/// A source that hands out one prepared chunk per read call and counts the calls.
+struct Chunks {
+    chunks: std::collections::VecDeque<Vec<u8>>,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for Chunks {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(mut chunk) = self.chunks.pop_front() {
+            let n = chunk.len().min(buf.remaining());
+            buf.put_slice(&chunk[..n]);
+            if n < chunk.len() {
+                self.chunks.push_front(chunk.split_off(n));
+            }
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// `buffered_frame` hands on exactly the whole frames a read already brought, in order,
+/// without reading again; half a frame waits for the next read, and a bad length prefix
+/// behind good frames is an error only once those frames are out.
+#[tokio::test]
+async fn buffered_frames_are_what_the_last_read_brought() {
+    use std::sync::atomic::Ordering;
+    let codec = FrameCodec::new(1024);
+    let mut bytes = Vec::new();
+    let mut ends = Vec::new();
+    for nonce in 1..=5 {
+        let mut buf = bytes::BytesMut::new();
+        codec.encode(&ping(nonce), &mut buf).unwrap();
+        bytes.extend_from_slice(&buf);
+        ends.push(bytes.len());
+    }
+    // Read 1: frames 1-3 and half of frame 4. Read 2: the rest of 4, frame 5, a prefix far
+    // over the maximum.
+    let cut = ends[2] + (ends[3] - ends[2]) / 2;
+    let mut second = bytes[cut..].to_vec();
+    second.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+    let reads = std::sync::Arc::default();
+    let mut reader = net::FrameReader::new(
+        Chunks {
+            chunks: [bytes[..cut].to_vec(), second].into(),
+            reads: std::sync::Arc::clone(&reads),
+        },
+        codec,
+    );
+    // Nothing read yet: nothing buffered (and the TLS check has not run).
+    assert_eq!(reader.buffered_frame().unwrap(), None);
+    assert_eq!(reads.load(Ordering::SeqCst), 0);
+
+    assert_eq!(reader.next_frame().await.unwrap(), ping(1));
+    assert_eq!(reader.buffered_frame().unwrap(), Some(ping(2)));
+    assert_eq!(reader.buffered_frame().unwrap(), Some(ping(3)));
+    assert_eq!(reader.buffered_frame().unwrap(), None, "half of frame 4");
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        1,
+        "buffered_frame never reads"
+    );
+
+    assert_eq!(reader.next_frame().await.unwrap(), ping(4));
+    assert_eq!(reads.load(Ordering::SeqCst), 2);
+    assert_eq!(reader.buffered_frame().unwrap(), Some(ping(5)));
+    assert!(matches!(
+        reader.buffered_frame(),
+        Err(ReadError::Decode(DecodeError::FrameTooLarge { .. }))
+    ));
+    assert_eq!(reads.load(Ordering::SeqCst), 2);
+}

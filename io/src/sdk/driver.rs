@@ -36,6 +36,11 @@ const WRITE_BATCH: usize = 256;
 /// Inputs from login and connection tasks waiting for the driver; a full queue slows the
 /// socket readers down (TCP backpressure) rather than growing memory.
 const INPUT_QUEUE: usize = 1024;
+/// Frames one read brought that go to the driver as one input: one queue push and one
+/// driver turn for a burst (a fan-out's pushes arrive dozens per read), not one per frame.
+const READ_BATCH: usize = 64;
+/// Inputs the driver takes in one turn before it looks at commands and timers again.
+const INPUT_BATCH: usize = 64;
 
 #[derive(Debug)]
 enum Input {
@@ -56,9 +61,10 @@ enum Input {
         host: String,
         reason: String,
     },
-    Frame {
+    /// Frames from the connection, in the order they arrived.
+    Frames {
         generation: u64,
-        frame: Frame,
+        frames: Vec<Frame>,
     },
     Closed {
         generation: u64,
@@ -184,7 +190,17 @@ impl<N: Network> Driver<N> {
             // network paces inputs, so commands still get their turn.
             tokio::select! {
                 biased;
-                Some(input) = self.inputs.recv() => self.on_input(input),
+                Some(input) = self.inputs.recv() => {
+                    self.on_input(input);
+                    // Whatever else is already queued, in the same turn: one drain and one
+                    // timer for a burst. Bounded, so commands and timers keep their turn.
+                    for _ in 1..INPUT_BATCH {
+                        match self.inputs.try_recv() {
+                            Ok(input) => self.on_input(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 command = self.commands.recv() => match command {
                     Some(AppCommand::Shutdown { reply }) => {
                         self.shutdown().await;
@@ -300,11 +316,13 @@ impl<N: Network> Driver<N> {
                     self.session.handle_tls_failed(now, host, reason);
                 }
             }
-            Input::Frame { generation, frame } => {
+            Input::Frames { generation, frames } => {
                 if self.is_current(generation) {
-                    tracing::trace!(?frame, "frame from server");
-                    if let Err(error) = self.session.handle_frame(now, frame) {
-                        tracing::debug!(%error, "frame ignored");
+                    for frame in frames {
+                        tracing::trace!(?frame, "frame from server");
+                        if let Err(error) = self.session.handle_frame(now, frame) {
+                            tracing::debug!(%error, "frame ignored");
+                        }
                     }
                 }
             }
@@ -721,20 +739,36 @@ async fn pump(
     }
     let read = async {
         loop {
-            match reader.next_frame().await {
-                Ok(frame) => {
-                    if inputs
-                        .send(Input::Frame { generation, frame })
-                        .await
-                        .is_err()
-                    {
-                        return false;
-                    }
-                }
+            let mut frames = match reader.next_frame().await {
+                Ok(frame) => vec![frame],
                 Err(error) => {
                     tracing::debug!(%error, generation, "connection read ended");
                     return true;
                 }
+            };
+            // What the same read brought goes along; a bad frame among it ends the
+            // connection only after the good ones before it are handed on.
+            let mut ended = None;
+            while frames.len() < READ_BATCH {
+                match reader.buffered_frame() {
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => break,
+                    Err(error) => {
+                        ended = Some(error);
+                        break;
+                    }
+                }
+            }
+            if inputs
+                .send(Input::Frames { generation, frames })
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            if let Some(error) = ended {
+                tracing::debug!(%error, generation, "connection read ended");
+                return true;
             }
         }
     };

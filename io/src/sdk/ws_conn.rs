@@ -69,6 +69,12 @@ impl WsTarget {
 pub(super) trait ReadFrames: Send {
     /// The next frame; an error ends the connection (its text is for the log).
     fn next_frame(&mut self) -> impl Future<Output = Result<Frame, String>> + Send;
+
+    /// A frame already received and buffered, if any; never waits. An error ends the
+    /// connection like one from [`Self::next_frame`].
+    fn buffered_frame(&mut self) -> Result<Option<Frame>, String> {
+        Ok(None)
+    }
 }
 
 /// A connection's writing half, whichever gateway it reached.
@@ -89,6 +95,10 @@ impl<S: Stream> ReadFrames for FrameReader<ReadHalf<S>> {
         FrameReader::next_frame(self)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    fn buffered_frame(&mut self) -> Result<Option<Frame>, String> {
+        FrameReader::buffered_frame(self).map_err(|e| e.to_string())
     }
 }
 
