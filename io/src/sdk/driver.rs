@@ -46,7 +46,8 @@ const INPUT_BATCH: usize = 64;
 enum Input {
     LoginAnswer {
         attempt: LoginAttempt,
-        result: Result<LoginAnswer, LoginFailure>,
+        /// Boxed: rare, and the largest input by far.
+        result: Box<Result<LoginAnswer, LoginFailure>>,
     },
     Connected {
         generation: u64,
@@ -287,12 +288,12 @@ impl<N: Network> Driver<N> {
         let now = self.clock.now();
         match input {
             Input::LoginAnswer { attempt, result } => {
-                if let Ok(answer) = &result
+                if let Ok(answer) = &*result
                     && self.last_login == Some(attempt)
                 {
                     self.token.send_replace(Some(answer.token.clone()));
                 }
-                self.session.handle_login_answer(now, attempt, result);
+                self.session.handle_login_answer(now, attempt, *result);
             }
             Input::Connected { generation } => {
                 if let Some(conn) = self.conn.as_mut().filter(|c| c.generation == generation) {
@@ -355,7 +356,12 @@ impl<N: Network> Driver<N> {
                 let inputs = self.inputs_tx.clone();
                 tokio::spawn(async move {
                     let result = login(&route, request).await;
-                    let _ = inputs.send(Input::LoginAnswer { attempt, result }).await;
+                    let _ = inputs
+                        .send(Input::LoginAnswer {
+                            attempt,
+                            result: Box::new(result),
+                        })
+                        .await;
                 });
             }
             ClientCommand::Connect { endpoint } => {
