@@ -188,6 +188,10 @@ enum Command {
     Server(Box<cim_server::Args>),
 }
 
+/// The cluster child and the `server` subcommand serve like `cim-server`: the same allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     let command = match command {

@@ -136,6 +136,12 @@ struct UpArgs {
     log_format: String,
 }
 
+/// mimalloc rather than glibc's malloc: the serving path allocates and frees a frame's
+/// buffers per message, and glibc's malloc was a third of the cluster's CPU in a fan-out
+/// (BENCHMARKS.md, round 9).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
