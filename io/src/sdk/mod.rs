@@ -15,7 +15,9 @@
 //! [`Client::start`] spawns the driver. The driver executes the session's commands: a
 //! `Login` becomes a spawned `POST /login` ([`RouteApi`]); a `Connect` a spawned connection
 //! task tagged with a generation number, so whatever an abandoned connection still reports
-//! is dropped (the session wants to hear nothing more after `Disconnect`); a `Transmit` goes
+//! is dropped (the session wants to hear nothing more after `Disconnect`; its reader hands
+//! on every whole frame one read brought as one input, and the driver takes what is queued
+//! in one turn, so a burst of pushes costs one queue hop and one drain); a `Transmit` goes
 //! to the connection's bounded writer queue (a full queue means the link cannot keep up and
 //! counts as a lost connection). All time comes from the [`Clock`], so the SDK runs
 //! unchanged inside a turmoil simulation (over `cim_sim_hosts::TurmoilNet`).
