@@ -295,6 +295,17 @@ pub struct Target {
     pub label: String,
 }
 
+impl Target {
+    /// The ports of the Redis servers this target started (every node of a cluster).
+    pub fn redis_ports(&self) -> Vec<u16> {
+        match (&self._redis, &self.redis_cluster) {
+            (Some(redis), _) => vec![redis.port],
+            (None, Some(cluster)) => cluster.ports(),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
 /// `--tls`'s certificates in a private temporary directory (deleted on drop).
 #[derive(Debug)]
 pub struct BenchPki {

@@ -253,9 +253,16 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("p2p against {}", target.label);
                 let pid = target.cluster.as_ref().map(cluster::ChildProc::pid);
                 vec![
-                    p2p::run(&target.route, &args, common.quick, &target.label, pid)
-                        .await?
-                        .0,
+                    p2p::run(
+                        &target.route,
+                        &args,
+                        common.quick,
+                        &target.label,
+                        pid,
+                        &target.redis_ports(),
+                    )
+                    .await?
+                    .0,
                 ]
             }
             Command::Compare { common, args } => {

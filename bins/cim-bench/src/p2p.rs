@@ -53,6 +53,21 @@ pub struct Step {
     pub from_due_us: Histogram<u64>,
     /// CPU seconds of the cluster process over the step (sending and the tail's drain).
     pub cluster_cpu: Option<f64>,
+    /// CPU seconds of the bench's own Redis over the step (every node of a Redis Cluster),
+    /// from `INFO cpu`; `None` without one.
+    pub redis_cpu: Option<f64>,
+}
+
+/// The CPU seconds all of `ports`' Redis servers have used so far; `None` for none, or if
+/// one cannot say.
+fn redis_cpu(ports: &[u16]) -> Option<f64> {
+    if ports.is_empty() {
+        return None;
+    }
+    ports
+        .iter()
+        .map(|&port| util::redis_cpu_seconds(port).ok())
+        .sum()
 }
 
 pub async fn run(
@@ -61,6 +76,7 @@ pub async fn run(
     quick: bool,
     label: &str,
     cluster_pid: Option<u32>,
+    redis_ports: &[u16],
 ) -> anyhow::Result<(Table, Vec<Step>)> {
     let pairs = args.pairs.unwrap_or(if quick { 5 } else { 100 });
     let rates = if args.rates.is_empty() {
@@ -120,6 +136,7 @@ pub async fn run(
         let total = rate * seconds;
         let bar = util::bar(total, &format!("{rate}/s"));
         let cpu0 = cluster_pid.and_then(util::cpu_seconds);
+        let redis0 = redis_cpu(redis_ports);
         let start_stamp = util::stamp();
         let started = util::now();
         // The schedule runs on a thread of its own, sleeping with the OS timer (tens of
@@ -162,6 +179,7 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let cpu1 = cluster_pid.and_then(util::cpu_seconds);
+        let redis1 = redis_cpu(redis_ports);
         bar.finish_and_clear();
         let (delivered, latency_us, from_due_us) = {
             let h = hists.lock().expect("held briefly");
@@ -175,6 +193,7 @@ pub async fn run(
             latency_us,
             from_due_us,
             cluster_cpu: cpu0.zip(cpu1).map(|(a, b)| b - a),
+            redis_cpu: redis0.zip(redis1).map(|(a, b)| b - a),
         });
     }
     for (client, _) in senders {
@@ -195,6 +214,7 @@ pub async fn run(
             "p999 ms",
             "from due: p50 / p99 ms",
             "cluster CPU µs / msg",
+            "Redis CPU µs / msg",
         ],
     );
     for s in &steps {
@@ -212,6 +232,10 @@ pub async fn run(
                 "-".into(),
                 |cpu| f1(1e6 * cpu / (s.delivered.max(1) as f64)),
             ),
+            s.redis_cpu.map_or(
+                "-".into(),
+                |cpu| f1(1e6 * cpu / (s.delivered.max(1) as f64)),
+            ),
         ]);
     }
     let best = steps
@@ -222,6 +246,7 @@ pub async fn run(
     table.row(vec![
         "highest rate with p99 (from due) < 10 ms".into(),
         best.map_or("none of those tried".into(), |r| int(r as f64)),
+        String::new(),
         String::new(),
         String::new(),
         String::new(),

@@ -9,8 +9,6 @@
 //! cost of a cluster (routing, more connections, `WAIT`), and the per-master CPU is what
 //! projects to more machines.
 
-use std::process::Command;
-
 use anyhow::Context as _;
 
 use crate::cluster::{self, Argon2Cost, ChildProc, Setup, Target};
@@ -167,7 +165,7 @@ pub async fn run(args: &StoresArgs, quick: bool) -> anyhow::Result<Vec<Table>> {
         let before = master_cpu(&masters)?;
         let fanout = fanout::run_ours(&target.route, &fanout_args, quick, pid, mode.name).await?;
         let after_fanout = master_cpu(&masters)?;
-        let (_, steps) = p2p::run(&target.route, &p2p_args, quick, mode.name, pid).await?;
+        let (_, steps) = p2p::run(&target.route, &p2p_args, quick, mode.name, pid, &[]).await?;
         let after_p2p = master_cpu(&masters)?;
         let login = crate::login::measure(&target.route, users, 64).await?;
         let after_login = master_cpu(&masters)?;
@@ -341,26 +339,8 @@ fn master_ports(target: &Target) -> anyhow::Result<Vec<u16>> {
 fn master_cpu(ports: &[u16]) -> anyhow::Result<MasterCpu> {
     ports
         .iter()
-        .map(|&port| Ok((port, redis_cpu_seconds(port)?)))
+        .map(|&port| Ok((port, util::redis_cpu_seconds(port)?)))
         .collect()
-}
-
-/// `used_cpu_sys + used_cpu_user` of the Redis server at `port`.
-fn redis_cpu_seconds(port: u16) -> anyhow::Result<f64> {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "INFO", "cpu"])
-        .output()
-        .context("redis-cli")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| -> anyhow::Result<f64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .with_context(|| format!("INFO cpu on {port} has no {name}: {text}"))?
-            .trim()
-            .parse::<f64>()
-            .with_context(|| format!("{name} on {port}"))
-    };
-    Ok(field("used_cpu_sys")? + field("used_cpu_user")?)
 }
 
 fn delta(before: &MasterCpu, after: &MasterCpu) -> MasterCpu {

@@ -242,6 +242,24 @@ pub async fn start_clients_on<N: Network>(
     clients.into_iter().collect()
 }
 
+/// `used_cpu_sys + used_cpu_user` of the Redis server at `port`.
+pub fn redis_cpu_seconds(port: u16) -> anyhow::Result<f64> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "INFO", "cpu"])
+        .output()
+        .context("redis-cli")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .with_context(|| format!("INFO cpu on {port} has no {name}: {text}"))?
+            .trim()
+            .parse::<f64>()
+            .with_context(|| format!("{name} on {port}"))
+    };
+    Ok(field("used_cpu_sys")? + field("used_cpu_user")?)
+}
+
 /// CPU time (user + system) of a process so far, from /proc/<pid>/stat.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -65,6 +65,24 @@ fn p2p_delivers_every_message_at_each_rate() {
     assert_eq!(row(&out, "200")[2], "200", "{out}");
 }
 
+/// With the bench's own Redis, each step also says what Redis spent per message (the
+/// issue-17 figure); without one, that column is empty.
+#[test]
+fn p2p_with_redis_reports_redis_cpu_per_message() {
+    if !installed(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let out = bench(&["p2p", "--quick", "--redis"]);
+    let step = row(&out, "100");
+    assert_eq!(step[2], "100", "{out}");
+    let redis_us: f64 = step[8]
+        .parse()
+        .unwrap_or_else(|_| panic!("no Redis CPU figure: {out}"));
+    assert!(redis_us > 0.0, "{out}");
+    let out = bench(&["p2p", "--quick"]);
+    assert_eq!(row(&out, "100")[8], "-", "{out}");
+}
+
 #[test]
 fn fanout_and_p2p_over_tls_deliver_everything() {
     let out = bench(&["fanout", "--quick", "--tls"]);
