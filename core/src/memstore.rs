@@ -55,6 +55,18 @@ impl Default for MemoryStoreConfig {
 struct Group {
     /// Member -> the head seq when they joined (history is visible after it).
     members: BTreeMap<UserId, u64>,
+    /// Membership changes so far ([`crate::store::MembersVersion::changes`]): raised by every
+    /// join, leave and account deletion that changed `members`.
+    changes: u64,
+}
+
+impl Group {
+    /// Removes `user`, counting the change; true if it was a member.
+    fn remove(&mut self, user: UserId) -> bool {
+        let removed = self.members.remove(&user).is_some();
+        self.changes += u64::from(removed);
+        removed
+    }
 }
 
 /// One log move of the lost-tail rule: `conv`'s log went from epoch `from` to `to`, carrying
@@ -325,9 +337,10 @@ impl MemoryStore {
                 body,
                 now: at,
                 order,
+                members_known,
             } => StoreReply::Appended(
                 self.append(conv, *sender, *msg_id, body.clone(), *at, *order)
-                    .map(|appended| self.with_recipients(now, appended)),
+                    .map(|appended| self.with_recipients(now, appended, *members_known)),
             ),
             StoreCommand::LoadHeads { user } => StoreReply::Heads(self.heads(*user)),
             StoreCommand::Fetch {
@@ -380,6 +393,7 @@ impl MemoryStore {
                     name.clone(),
                     Group {
                         members: BTreeMap::from([(*owner, 0)]),
+                        changes: 0,
                     },
                 );
                 StoreReply::GroupCreated { created: true }
@@ -389,7 +403,10 @@ impl MemoryStore {
                 match conv {
                     ConvId::Group(name) => match self.groups.get_mut(name) {
                         Some(group) => {
-                            let seq = *group.members.entry(*user).or_insert(head);
+                            let seq = *group.members.entry(*user).or_insert_with(|| {
+                                group.changes += 1;
+                                head
+                            });
                             StoreReply::GroupJoined(Some(seq))
                         }
                         None => StoreReply::GroupJoined(None),
@@ -399,10 +416,9 @@ impl MemoryStore {
             }
             StoreCommand::LeaveGroup { conv, user } => {
                 let was_member = match conv {
-                    ConvId::Group(name) => self
-                        .groups
-                        .get_mut(name)
-                        .is_some_and(|g| g.members.remove(user).is_some()),
+                    ConvId::Group(name) => {
+                        self.groups.get_mut(name).is_some_and(|g| g.remove(*user))
+                    }
                     _ => false,
                 };
                 StoreReply::GroupLeft { was_member }
@@ -496,7 +512,7 @@ impl MemoryStore {
             self.claims.release(user, claim.epoch);
         }
         for group in self.groups.values_mut() {
-            group.members.remove(&user);
+            group.remove(user);
         }
         self.login_failures.remove(&user);
         Some(Deleted {
@@ -507,17 +523,34 @@ impl MemoryStore {
     }
 
     /// An append's [`crate::store::Recipients`], read in its step like Redis's script reads
-    /// them: a group's members, a private conversation's route records (judged at the
-    /// store's `now`, as `LoadRoutes` is); none for `all`.
+    /// them: a group's members (or that they are still those of `members_known`), a private
+    /// conversation's route records (judged at the store's `now`, as `LoadRoutes` is); none
+    /// for `all`.
     fn with_recipients(
         &self,
         now: UnixMillis,
         mut appended: crate::store::Appended,
+        members_known: Option<crate::store::MembersVersion>,
     ) -> crate::store::Appended {
-        use crate::store::Recipients;
+        use crate::store::{MembersVersion, Recipients};
         appended.recipients = match &appended.message.conv {
             ConvId::All => None,
-            conv @ ConvId::Group(_) => Some(Recipients::Members(self.members(conv))),
+            conv @ ConvId::Group(name) => {
+                // The log was settled before the append (`settle_logs`): its epoch is this
+                // incarnation's.
+                let version = MembersVersion {
+                    log_epoch: appended.message.log_epoch,
+                    changes: self.groups.get(name).map_or(0, |g| g.changes),
+                };
+                Some(if members_known == Some(version) {
+                    Recipients::MembersUnchanged(version)
+                } else {
+                    Recipients::Members {
+                        version,
+                        members: self.members(conv),
+                    }
+                })
+            }
             ConvId::Private { low, high } => {
                 Some(Recipients::Routes(self.claims.routes(&[*low, *high], now)))
             }
@@ -763,6 +796,7 @@ mod tests {
                 body: Bytes::from_static(b"x"),
                 now: NOW,
                 order: None,
+                members_known: None,
             },
         )
     }
@@ -847,7 +881,7 @@ mod tests {
     #[test]
     fn an_append_carries_its_recipients() {
         use crate::ids::Epoch;
-        use crate::store::{Claim, Recipients, RouteRecord};
+        use crate::store::{Claim, MembersVersion, Recipients, RouteRecord};
         let (mut store, u) = store_with_users(&["a", "b", "c"]);
         let private = ConvId::private(u[0], u[1]).unwrap();
         let group = ConvId::group("rust").unwrap();
@@ -894,8 +928,20 @@ mod tests {
             server,
             epoch: Epoch(1),
         });
+        // A group's version names the log epoch the append was served under (drawn at
+        // random): checked here, then left out of the comparison.
         let recipients_of = |reply: StoreReply| match reply {
-            StoreReply::Appended(Ok(appended)) => appended.recipients,
+            StoreReply::Appended(Ok(appended)) => match appended.recipients {
+                Some(Recipients::Members { version, members }) => {
+                    assert_eq!(version.log_epoch, appended.message.log_epoch);
+                    let version = MembersVersion {
+                        log_epoch: LogEpoch(0),
+                        ..version
+                    };
+                    Some(Recipients::Members { version, members })
+                }
+                other => other,
+            },
             other => panic!("not appended: {other:?}"),
         };
         let at = |store: &mut MemoryStore, now: UnixMillis, conv: &ConvId, id: u128| {
@@ -906,6 +952,7 @@ mod tests {
                 body: Bytes::from_static(b"x"),
                 now: NOW,
                 order: None,
+                members_known: None,
             };
             recipients_of(store.apply(now, &command))
         };
@@ -940,7 +987,13 @@ mod tests {
                 NOW,
                 &group,
                 3,
-                Some(Recipients::Members(vec![u[0], u[2]])),
+                Some(Recipients::Members {
+                    version: MembersVersion {
+                        log_epoch: LogEpoch(0),
+                        changes: 1,
+                    },
+                    members: vec![u[0], u[2]],
+                }),
             ),
             ("all: none", NOW, &ConvId::All, 4, None),
         ];
@@ -1250,6 +1303,97 @@ mod tests {
         // Once moved, the log stays in its new epoch.
         let again = heads(&mut store, u[1]);
         assert_eq!(again[again.len() - 1].log_epoch, head.log_epoch);
+    }
+
+    /// An append that names the membership version it holds is answered "unchanged" until a
+    /// join, leave or account deletion changes the members; and a restart that lost the
+    /// change (the count repeats with other members) does not confirm the old version either:
+    /// the log moved to a new epoch, and the version holds it.
+    #[test]
+    fn a_member_list_is_confirmed_until_the_membership_changes() {
+        use crate::store::{MembersVersion, Recipients};
+        let (mut store, u) = store_with_users(&["a", "b", "c", "d"]);
+        let group = ConvId::group("g").unwrap();
+        let create = StoreCommand::CreateGroup {
+            conv: group.clone(),
+            owner: u[0],
+        };
+        store.apply(NOW, &create);
+        let mut id = 0;
+        let mut append_knowing = |store: &mut MemoryStore, known: Option<MembersVersion>| {
+            id += 1;
+            let command = StoreCommand::Append {
+                conv: group.clone(),
+                sender: u[0],
+                msg_id: ClientMsgId(id),
+                body: Bytes::from_static(b"x"),
+                now: NOW,
+                order: None,
+                members_known: known,
+            };
+            match store.apply(NOW, &command) {
+                StoreReply::Appended(Ok(a)) => a.recipients.expect("a group's recipients"),
+                other => panic!("not appended: {other:?}"),
+            }
+        };
+        let listed = |recipients: Recipients| match recipients {
+            Recipients::Members { version, members } => (version, members),
+            other => panic!("expected the members, got {other:?}"),
+        };
+        let join = |user| StoreCommand::JoinGroup {
+            conv: group.clone(),
+            user,
+        };
+        let leave = |user| StoreCommand::LeaveGroup {
+            conv: group.clone(),
+            user,
+        };
+
+        let (v0, members) = listed(append_knowing(&mut store, None));
+        assert_eq!(members, [u[0]]);
+        assert_eq!(
+            append_knowing(&mut store, Some(v0)),
+            Recipients::MembersUnchanged(v0)
+        );
+        // Each change gives a new version with the new members; a repeated join or a leave
+        // of a non-member changes nothing.
+        let changes: Vec<(&str, StoreCommand, Vec<UserId>)> = vec![
+            ("join b", join(u[1]), vec![u[0], u[1]]),
+            ("join c", join(u[2]), vec![u[0], u[1], u[2]]),
+            ("leave b", leave(u[1]), vec![u[0], u[2]]),
+            (
+                "delete c",
+                StoreCommand::DeleteAccount { user: u[2] },
+                vec![u[0]],
+            ),
+        ];
+        let mut known = v0;
+        for (name, change, want) in changes {
+            store.apply(NOW, &change);
+            let (version, members) = listed(append_knowing(&mut store, Some(known)));
+            assert_ne!(version, known, "{name}");
+            assert_eq!(members, want, "{name}");
+            store.apply(NOW, &change);
+            store.apply(NOW, &leave(u[3]));
+            assert_eq!(
+                append_knowing(&mut store, Some(version)),
+                Recipients::MembersUnchanged(version),
+                "{name} again"
+            );
+            known = version;
+        }
+
+        // d joins, a route learns that version; the store restarts from before the join, and
+        // b joins instead: the same number of changes, other members.
+        let copy = store.snapshot();
+        store.apply(NOW, &join(u[3]));
+        let (with_d, _) = listed(append_knowing(&mut store, Some(known)));
+        store.restart_from(&copy, 9);
+        store.apply(NOW, &join(u[1]));
+        let (after, members) = listed(append_knowing(&mut store, Some(with_d)));
+        assert_eq!(after.changes, with_d.changes);
+        assert_ne!(after, with_d);
+        assert_eq!(members, [u[0], u[1]]);
     }
 
     /// A restart that lost nothing moves the log too, carrying everything over, and a read

@@ -210,11 +210,35 @@ pub struct Appended {
 /// What an append read for its push, in the same atomic step (see [`Appended::recipients`]).
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Recipients {
-    /// A group's members, sorted, as `LoadMembers` would answer at the append.
-    Members(Vec<UserId>),
+    /// A group's members, sorted, as `LoadMembers` would answer at the append, and the
+    /// version of the membership they are.
+    Members {
+        version: MembersVersion,
+        members: Vec<UserId>,
+    },
+    /// A group's members are, at the append, still those of the version the append named
+    /// ([`StoreCommand::Append`]'s `members_known`, echoed here): the store left them out.
+    MembersUnchanged(MembersVersion),
     /// A private conversation's two users' route records (low, then high), as `LoadRoutes`
     /// would answer at the append.
     Routes(Vec<(UserId, Option<RouteRecord>)>),
+}
+
+/// Names one state of a group's membership, so a route can keep a group's member list and
+/// have an append confirm it rather than send it again (1,000 member ids per message).
+///
+/// `changes` counts the group's membership changes: every create, join, leave and account
+/// deletion that changed the members raises it in the same atomic step as the change. It
+/// alone could name two memberships after a store restart that lost writes (the count
+/// repeats with other members), so the version also holds the log epoch the append was
+/// served under: a restart that may have lost writes moves the log to a fresh epoch before
+/// anything is appended (the lost-tail rule), and with it every version named before.
+#[derive(
+    serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+pub struct MembersVersion {
+    pub log_epoch: LogEpoch,
+    pub changes: u64,
 }
 
 #[derive(
@@ -411,6 +435,11 @@ pub enum StoreCommand {
         body: Bytes,
         now: UnixMillis,
         order: Option<SendOrder>,
+        /// For a group: the membership whose member list the caller holds. If the members
+        /// are still those at the append, the reply says [`Recipients::MembersUnchanged`]
+        /// instead of listing them.
+        #[serde(default)]
+        members_known: Option<MembersVersion>,
     },
     /// The user's conversations with their heads and the user's cursors. A sharded store
     /// that could read some of them but not others (a dead master) answers

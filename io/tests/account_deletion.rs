@@ -36,6 +36,7 @@ fn append(conv: &ConvId, sender: UserId, id: u128) -> StoreCommand {
         body: Bytes::from_static(b"x"),
         now: NOW,
         order: None,
+        members_known: None,
     }
 }
 

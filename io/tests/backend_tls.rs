@@ -198,6 +198,7 @@ async fn exercise_route_commands(store: &RedisStore) -> (UserId, UserId) {
                 body: bytes::Bytes::from_static(b"hello"),
                 now: UnixMillis(T0 + 1),
                 order: None,
+                members_known: None,
             },
         )
         .await;
@@ -540,6 +541,7 @@ async fn each_role_runs_with_its_documented_acl_user_and_nothing_more() {
                 body: bytes::Bytes::from_static(b"forged"),
                 now: UnixMillis(T0),
                 order: None,
+                members_known: None,
             },
         )
         .await;

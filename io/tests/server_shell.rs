@@ -588,6 +588,7 @@ async fn a_fetch_of_a_conversation_the_user_is_not_in_tells_nothing() {
                 body: Bytes::from_static(b"not for alice"),
                 now: wall(),
                 order: None,
+                members_known: None,
             })
             .await;
         assert!(matches!(reply, StoreReply::Appended(Ok(_))), "{reply:?}");

@@ -345,6 +345,7 @@ async fn append(
                 body: Bytes::from(text.to_owned()),
                 now,
                 order: None,
+                members_known: None,
             },
         )
         .await

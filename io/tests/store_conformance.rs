@@ -23,9 +23,9 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::memstore::MemoryStoreConfig;
 use cim_core::store::{
-    AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures, NameTaken,
-    OnlineEntry, Recipients, ResumeSecret, RouteRecord, SendOrder, StoreCommand, StoreReply,
-    StoredMessage,
+    AppendError, Appended, Claim, ClaimState, ConvHead, LeaseRefresh, LoginFailures,
+    MembersVersion, NameTaken, OnlineEntry, Recipients, ResumeSecret, RouteRecord, SendOrder,
+    StoreCommand, StoreReply, StoredMessage,
 };
 use cim_io::net::{Network, TokioNet};
 use cim_io::store::{ConnectError, MemoryBackend, RedisOptions, RedisStore, Store};
@@ -173,6 +173,13 @@ impl<'a> Driver<'a> {
         }
     }
 
+    fn norm_version(&mut self, version: MembersVersion) -> MembersVersion {
+        MembersVersion {
+            log_epoch: self.norm(version.log_epoch),
+            ..version
+        }
+    }
+
     fn norm_head(&mut self, mut head: ConvHead) -> ConvHead {
         self.seen.insert(head.conv.clone(), head.log_epoch);
         head.log_epoch = self.norm(head.log_epoch);
@@ -190,10 +197,18 @@ impl<'a> Driver<'a> {
         match reply {
             StoreReply::Appended(Ok(mut appended)) => {
                 appended.message = self.norm_message(appended.message);
-                // Checked in `run`; a cluster leaves them out.
-                if let Some(Recipients::Routes(_)) = appended.recipients {
-                    appended.recipients = None;
-                }
+                appended.recipients = match appended.recipients {
+                    // Checked in `run`; a cluster leaves them out.
+                    Some(Recipients::Routes(_)) => None,
+                    Some(Recipients::Members { version, members }) => Some(Recipients::Members {
+                        version: self.norm_version(version),
+                        members,
+                    }),
+                    Some(Recipients::MembersUnchanged(version)) => {
+                        Some(Recipients::MembersUnchanged(self.norm_version(version)))
+                    }
+                    None => None,
+                };
                 StoreReply::Appended(Ok(appended))
             }
             StoreReply::Heads(heads) => {
@@ -257,6 +272,26 @@ impl<'a> Driver<'a> {
                     })
                     .collect(),
             },
+            StoreCommand::Append {
+                conv,
+                sender,
+                msg_id,
+                body,
+                now,
+                order,
+                members_known: Some(known),
+            } => {
+                let log_epoch = f(self, &conv, known.log_epoch);
+                StoreCommand::Append {
+                    conv,
+                    sender,
+                    msg_id,
+                    body,
+                    now,
+                    order,
+                    members_known: Some(MembersVersion { log_epoch, ..known }),
+                }
+            }
             other => other,
         }
     }
@@ -297,6 +332,7 @@ impl<'a> Driver<'a> {
                     body: Bytes::copy_from_slice(body.as_bytes()),
                     now: UnixMillis(now),
                     order: None,
+                    members_known: None,
                 },
             )
             .await
@@ -325,6 +361,7 @@ impl<'a> Driver<'a> {
             body: Bytes::from_static(b"m"),
             now: UnixMillis(now),
             order,
+            members_known: None,
         };
         match self.run(now, command).await {
             StoreReply::Appended(r) => r.map(|a| a.message.seq),
@@ -462,6 +499,7 @@ conformance!(
     a_deleted_account_is_a_tombstone,
     a_resumption_secret_is_compared_rotated_and_revoked,
     an_append_reads_its_push_recipients,
+    a_member_list_is_confirmed_until_the_membership_changes,
 );
 
 fn claim(epoch: u64, server: &str, lease: u64, token: u8) -> Claim {
@@ -1593,6 +1631,14 @@ mod scenarios {
         d.run(T0, join).await;
         let mut members = vec![a, c];
         members.sort();
+        // A group's version after one join (its log epoch is checked apart: drawn at random).
+        let group_members = |members| Recipients::Members {
+            version: MembersVersion {
+                log_epoch: LogEpoch(0),
+                changes: 1,
+            },
+            members,
+        };
         // (now, conversation, msg id, recipients when read)
         let cases = [
             (
@@ -1613,8 +1659,8 @@ mod scenarios {
                 2,
                 Recipients::Routes(vec![(low, None), (high, None)]),
             ),
-            (T0, &group, 3, Recipients::Members(members.clone())),
-            (T0 + 1, &group, 3, Recipients::Members(members)),
+            (T0, &group, 3, group_members(members.clone())),
+            (T0 + 1, &group, 3, group_members(members)),
         ];
         for (now, conv, id, want) in cases {
             let command = StoreCommand::Append {
@@ -1624,15 +1670,110 @@ mod scenarios {
                 body: Bytes::from_static(b"m"),
                 now: UnixMillis(now),
                 order: None,
+                members_known: None,
             };
             match d.run(now, command).await {
                 StoreReply::Appended(Ok(appended)) => match appended.recipients {
                     None if matches!(conv, ConvId::Private { .. }) => {}
+                    Some(Recipients::Members { version, members }) => {
+                        assert_eq!(version.log_epoch, appended.message.log_epoch);
+                        let version = MembersVersion {
+                            log_epoch: LogEpoch(0),
+                            ..version
+                        };
+                        let got = Recipients::Members { version, members };
+                        assert_eq!(got, want, "{conv} at {now}");
+                    }
                     got => assert_eq!(got, Some(want), "{conv} at {now}"),
                 },
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    /// An append that names the group's membership version it holds is answered "unchanged"
+    /// while no join, leave or account deletion came between; each change gives a new
+    /// version (and the members); a join of a member or a leave of a non-member changes
+    /// nothing. A version of another log epoch is never confirmed.
+    pub async fn a_member_list_is_confirmed_until_the_membership_changes(d: &mut Driver<'_>) {
+        let (a, b, c, outsider) = (
+            d.register("a").await,
+            d.register("b").await,
+            d.register("c").await,
+            d.register("outsider").await,
+        );
+        let group = ConvId::group("versions").expect("a group name");
+        let create = StoreCommand::CreateGroup {
+            conv: group.clone(),
+            owner: a,
+        };
+        d.group(create).await;
+        let join = |user| StoreCommand::JoinGroup {
+            conv: group.clone(),
+            user,
+        };
+        let leave = |user| StoreCommand::LeaveGroup {
+            conv: group.clone(),
+            user,
+        };
+        let mut id = 0;
+        let mut append = async |d: &mut Driver<'_>, known| {
+            id += 1;
+            let command = StoreCommand::Append {
+                conv: group.clone(),
+                sender: a,
+                msg_id: ClientMsgId(id),
+                body: Bytes::from_static(b"m"),
+                now: UnixMillis(T0),
+                order: None,
+                members_known: known,
+            };
+            match d.run(T0, command).await {
+                StoreReply::Appended(Ok(appended)) => appended.recipients.expect("members"),
+                other => panic!("{other:?}"),
+            }
+        };
+        let listed = |recipients| match recipients {
+            Recipients::Members { version, members } => (version, members),
+            other => panic!("expected the members, got {other:?}"),
+        };
+        let (mut known, members) = listed(append(d, None).await);
+        assert_eq!(members, [a]);
+        let sorted = |users: &[UserId]| {
+            let mut users = users.to_vec();
+            users.sort();
+            users
+        };
+        let changes = [
+            ("join b", join(b), sorted(&[a, b])),
+            ("join c", join(c), sorted(&[a, b, c])),
+            ("leave b", leave(b), sorted(&[a, c])),
+            ("delete c", StoreCommand::DeleteAccount { user: c }, vec![a]),
+        ];
+        for (name, change, want) in changes {
+            assert_eq!(
+                append(d, Some(known)).await,
+                Recipients::MembersUnchanged(known),
+                "before {name}"
+            );
+            d.group(change.clone()).await;
+            let (version, members) = listed(append(d, Some(known)).await);
+            assert_ne!(version, known, "{name}");
+            assert_eq!(members, want, "{name}");
+            // Again (a no-op now), and a leave of a non-member: no change.
+            d.group(change).await;
+            d.group(leave(outsider)).await;
+            known = version;
+        }
+        assert_eq!(
+            append(d, Some(known)).await,
+            Recipients::MembersUnchanged(known)
+        );
+        let elsewhere = MembersVersion {
+            log_epoch: LogEpoch(known.log_epoch.0 ^ 1),
+            ..known
+        };
+        assert_eq!(listed(append(d, Some(elsewhere)).await), (known, vec![a]));
     }
 
     pub async fn append_membership_and_unknown_conversations(d: &mut Driver<'_>) {
@@ -1748,6 +1889,7 @@ mod scenarios {
                     body: Bytes::from_static(b"yo"),
                     now: UnixMillis(T0 + 5),
                     order: None,
+                    members_known: None,
                 },
             )
             .await
@@ -2326,6 +2468,14 @@ fn random_command(rng: &mut ChaCha8Rng, now: u64) -> StoreCommand {
                     })
                 }
             },
+            // A group's version: mostly the current log epoch with a small change count.
+            members_known: match rng.random_range(0..3) {
+                0 => None,
+                _ => Some(MembersVersion {
+                    log_epoch: log_epoch(rng),
+                    changes: rng.random_range(0..4),
+                }),
+            },
         },
         11 => StoreCommand::LoadHeads { user: user(rng) },
         12 => StoreCommand::Fetch {
@@ -2455,6 +2605,8 @@ where
         "GroupCreated { created: true",
         "GroupJoined(Some",
         "was_member: true",
+        "MembersUnchanged",
+        "Members { version",
     ] {
         let n = transcripts.iter().filter(|t| t.contains(outcome)).count();
         eprintln!("{outcome}: {n}");
@@ -3343,6 +3495,110 @@ async fn a_restart_that_lost_writes_moves_the_log_to_a_new_epoch() {
         .expect("restart redis from the copy");
     until_healthy(&store).await;
     lost_tail_after_restart(&mut real, users, old).await;
+    assert_transcripts_equal(&reference.transcript, &real.transcript);
+}
+
+/// A group append's members as (version, members), asserting they were listed.
+async fn members_after(
+    d: &mut Driver<'_>,
+    group: &ConvId,
+    sender: UserId,
+    id: u128,
+    known: Option<MembersVersion>,
+) -> (MembersVersion, Vec<UserId>) {
+    let command = StoreCommand::Append {
+        conv: group.clone(),
+        sender,
+        msg_id: ClientMsgId(id),
+        body: Bytes::from_static(b"m"),
+        now: UnixMillis(T0),
+        order: None,
+        members_known: known,
+    };
+    match d.run(T0, command).await {
+        StoreReply::Appended(Ok(Appended {
+            recipients: Some(Recipients::Members { version, members }),
+            ..
+        })) => (version, members),
+        other => panic!("expected the members: {other:?}"),
+    }
+}
+
+/// Before the copy: a group of one. After it, b joins and a route learns that version: the
+/// write the restart loses.
+async fn lost_join_before_copy(d: &mut Driver<'_>) -> (ConvId, [UserId; 3]) {
+    let users = [
+        d.register("ann").await,
+        d.register("bob").await,
+        d.register("cid").await,
+    ];
+    let group = ConvId::group("lost").expect("a group name");
+    let create = StoreCommand::CreateGroup {
+        conv: group.clone(),
+        owner: users[0],
+    };
+    d.group(create).await;
+    members_after(d, &group, users[0], 1, None).await;
+    (group, users)
+}
+
+async fn lost_join_after_copy(
+    d: &mut Driver<'_>,
+    (group, u): &(ConvId, [UserId; 3]),
+) -> MembersVersion {
+    let join = StoreCommand::JoinGroup {
+        conv: group.clone(),
+        user: u[1],
+    };
+    d.group(join).await;
+    let (version, members) = members_after(d, group, u[0], 2, None).await;
+    assert_eq!(members, [u[0], u[1]]);
+    version
+}
+
+/// After the restart, c joins instead: as many changes as the lost version counted, other
+/// members. The lost version is not confirmed: the log moved to a new epoch.
+async fn lost_join_after_restart(
+    d: &mut Driver<'_>,
+    (group, u): &(ConvId, [UserId; 3]),
+    lost: MembersVersion,
+) {
+    let join = StoreCommand::JoinGroup {
+        conv: group.clone(),
+        user: u[2],
+    };
+    d.group(join).await;
+    let (version, members) = members_after(d, group, u[0], 3, Some(lost)).await;
+    assert_eq!(version.changes, lost.changes);
+    assert_ne!(version, lost, "a lost membership's version was confirmed");
+    assert_eq!(members, [u[0], u[2]]);
+}
+
+/// A restart that lost a membership change must not confirm the version a route learnt
+/// before it: the change count repeats with other members, the log epoch does not.
+#[tokio::test]
+async fn a_restart_that_lost_a_membership_change_confirms_no_version_from_before() {
+    let memory = memory();
+    let mut reference = Driver::new(&memory);
+    let group = lost_join_before_copy(&mut reference).await;
+    let copy = memory.snapshot();
+    let lost = lost_join_after_copy(&mut reference, &group).await;
+    memory.restart_from(&copy, 99);
+    lost_join_after_restart(&mut reference, &group, lost).await;
+
+    let Some(mut server) = RedisServer::start_with_aof() else {
+        return;
+    };
+    let store = redis(&server).await;
+    let mut real = Driver::new(&store);
+    let group = lost_join_before_copy(&mut real).await;
+    let copy = server.copy_data().expect("copy redis data");
+    let lost = lost_join_after_copy(&mut real, &group).await;
+    server
+        .restart_from(&copy)
+        .expect("restart redis from the copy");
+    until_healthy(&store).await;
+    lost_join_after_restart(&mut real, &group, lost).await;
     assert_transcripts_equal(&reference.transcript, &real.transcript);
 }
 

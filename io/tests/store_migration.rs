@@ -159,6 +159,7 @@ async fn a_store_written_by_the_previous_code_is_migrated_in_place() {
                     body: bytes::Bytes::from_static(b"before"),
                     now: NOW,
                     order: None,
+                    members_known: None,
                 },
             )
             .await

@@ -100,6 +100,7 @@ fn append(user: UserId, n: u128) -> StoreCommand {
         body: Bytes::from_static(b"hi"),
         now: NOW,
         order: None,
+        members_known: None,
     }
 }
 

@@ -19,6 +19,12 @@
 //! them there (route records on a Redis Cluster live in other slots) leaves them out and the
 //! route reads them after the append.
 //!
+//! A group's member list is 1,000 ids for a large group, the same for message after message:
+//! the route keeps the last list each group's appends returned with its version
+//! ([`MembersVersion`]), the next append names it, and the store answers "unchanged"
+//! ([`Recipients::MembersUnchanged`]) in the same atomic step instead of the list while no
+//! membership change came between. A kept list is used only for an append that confirmed it.
+//!
 //! The route reads route records at or after the append, never from a cache, so a recipient
 //! that logged in before the append is found where it is now. The sender is a recipient too:
 //! its own client receives the message by seq like everyone else, so every member's view of
@@ -29,6 +35,7 @@
 //! The counters in [`DeliveryStats`] report it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::time::Instant;
@@ -38,9 +45,14 @@ use cim_proto::{ErrorCode, Push, PushBatch, RouteSend, RouteSendResult, SendAck,
 use crate::ids::{ClientMsgId, ConvId, ServerId, UnixMillis, UserId};
 use crate::registry::LiveServer;
 use crate::store::{
-    AppendError, Recipients, RequestId, RouteRecord, SendOrder, StoreCommand, StoreReply,
-    StoreRequest, StoreResult, StoredMessage, message_to_proto,
+    AppendError, MembersVersion, Recipients, RequestId, RouteRecord, SendOrder, StoreCommand,
+    StoreReply, StoreRequest, StoreResult, StoredMessage, message_to_proto,
 };
+
+/// Groups whose member list the route keeps at most (see [`RouteDelivery`]'s
+/// `member_lists`); past it one is forgotten (the first by name: a miss costs one full
+/// list). 1,024 lists of 1,000 members are 8 MiB.
+pub const MEMBER_LISTS_KEPT: usize = 1024;
 
 /// The largest `order_seq` / `order_after` a send may carry (see `SendOrder`).
 pub const MAX_ORDER_SEQ: u64 = (1 << 53) - 1;
@@ -237,8 +249,17 @@ pub struct RouteDelivery {
     store_out: VecDeque<StoreRequest>,
     replies: VecDeque<(SendOrigin, RouteSendResult)>,
     pushes: BTreeMap<ServerId, VecDeque<Push>>,
+    /// The last member list each group's appends returned, with its version: the next
+    /// append to the group names it, and the store answers "unchanged" rather than listing
+    /// the members again while they are ([`Recipients::MembersUnchanged`]). Never trusted on
+    /// its own: a list is used only for an append whose own atomic step confirmed it, so a
+    /// member who left never gets a later message from a stale list.
+    member_lists: BTreeMap<ConvId, MemberList>,
     stats: DeliveryStats,
 }
+
+/// A group's member list as of one membership version.
+type MemberList = (MembersVersion, Arc<[UserId]>);
 
 #[derive(Debug)]
 struct Pending {
@@ -252,6 +273,9 @@ enum Stage {
         origin: SendOrigin,
         sender: UserId,
         msg_id: ClientMsgId,
+        /// The member list the append named (`members_known`): what the push goes to if
+        /// the store confirms it, whatever the cache holds by then.
+        members_known: Option<MemberList>,
     },
     Members {
         message: StoredMessage,
@@ -272,6 +296,7 @@ impl RouteDelivery {
             store_out: VecDeque::new(),
             replies: VecDeque::new(),
             pushes: BTreeMap::new(),
+            member_lists: BTreeMap::new(),
             stats: DeliveryStats::default(),
         }
     }
@@ -367,6 +392,7 @@ impl RouteDelivery {
                 Some((ErrorCode::Unavailable, "route overloaded".to_owned(), true))
             }
             Ok(conv) => {
+                let members_known = self.member_lists.get(&conv).cloned();
                 let command = StoreCommand::Append {
                     conv,
                     sender,
@@ -374,11 +400,13 @@ impl RouteDelivery {
                     order: SendOrder::from_send(&send),
                     body: send.body,
                     now: wall,
+                    members_known: members_known.as_ref().map(|(version, _)| *version),
                 };
                 let stage = Stage::Append {
                     origin,
                     sender,
                     msg_id,
+                    members_known,
                 };
                 self.request(now, command, stage);
                 return;
@@ -402,11 +430,12 @@ impl RouteDelivery {
                     origin,
                     sender,
                     msg_id,
+                    members_known,
                 },
                 result,
-            ) => self.on_appended(now, origin, sender, msg_id, result),
+            ) => self.on_appended(now, origin, (sender, msg_id), members_known, result),
             (Stage::Members { message }, Ok(StoreReply::Members(members))) => {
-                self.on_members(now, message, members)
+                self.on_members(now, message, &members)
             }
             (Stage::Routes { message }, Ok(StoreReply::Routes(routes))) => {
                 self.on_routes(&message, &routes)
@@ -433,6 +462,7 @@ impl RouteDelivery {
                     origin,
                     sender,
                     msg_id,
+                    ..
                 } => {
                     // The append may have happened; a retry with the same id is a duplicate
                     // and answers the same seq, so "retryable" is safe.
@@ -504,8 +534,8 @@ impl RouteDelivery {
         &mut self,
         now: Instant,
         origin: SendOrigin,
-        sender: UserId,
-        msg_id: ClientMsgId,
+        (sender, msg_id): (UserId, ClientMsgId),
+        members_known: Option<MemberList>,
         result: StoreResult,
     ) {
         let appended = match result {
@@ -564,8 +594,18 @@ impl RouteDelivery {
                     Stage::Routes { message },
                 );
             }
-            (ConvId::Group(_), Some(Recipients::Members(members))) => {
-                self.on_members(now, message, members)
+            (ConvId::Group(_), Some(Recipients::Members { version, members })) => {
+                let conv = message.conv.clone();
+                self.on_members(now, message, &members);
+                self.keep_member_list(conv, version, members);
+            }
+            (ConvId::Group(_), Some(Recipients::MembersUnchanged(version)))
+                if members_known
+                    .as_ref()
+                    .is_some_and(|(known, _)| *known == version) =>
+            {
+                let members = members_known.map(|(_, list)| list).unwrap_or_default();
+                self.on_members(now, message, &members)
             }
             (ConvId::Group(_), _) => {
                 let conv = message.conv.clone();
@@ -593,11 +633,19 @@ impl RouteDelivery {
         }
     }
 
-    fn on_members(&mut self, now: Instant, message: StoredMessage, members: Vec<UserId>) {
+    /// Keeps `conv`'s member list as of `version` for its next appends to name.
+    fn keep_member_list(&mut self, conv: ConvId, version: MembersVersion, members: Vec<UserId>) {
+        if self.member_lists.len() >= MEMBER_LISTS_KEPT && !self.member_lists.contains_key(&conv) {
+            self.member_lists.pop_first();
+        }
+        self.member_lists.insert(conv, (version, members.into()));
+    }
+
+    fn on_members(&mut self, now: Instant, message: StoredMessage, members: &[UserId]) {
         if members.len() > self.config.broadcast_threshold {
             let planned = plan_member_broadcast(
                 &message,
-                &members,
+                members,
                 &self.live,
                 self.config.max_recipients_per_push,
             );
@@ -607,7 +655,9 @@ impl RouteDelivery {
                 }
             }
         } else if !members.is_empty() {
-            let command = StoreCommand::LoadRoutes { users: members };
+            let command = StoreCommand::LoadRoutes {
+                users: members.to_vec(),
+            };
             self.request(now, command, Stage::Routes { message });
         }
     }

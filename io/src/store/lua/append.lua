@@ -1,11 +1,13 @@
 -- Append: conv_log's append as one step. KEYS (all under the conversation's {c:<id>} tag):
--- [1] meta hash (epoch, head, first), [2] log hash (seq -> encoded message),
+-- [1] meta hash (epoch, head, first, mv), [2] log hash (seq -> encoded message),
 -- [3] idempotency record of (sender, msg id), [4] group members hash (seq joined at),
 -- [5] order record of (sender, stream): '<last order seq stored>:<at>' (unused when unordered).
 -- ARGV: [1] '1' for a group, [2] sender, [3] body hash, [4] encoded message, [5] now,
 -- [6] idempotency ttl ms, [7] max log length, [8] log epoch to use if the log is new (or
 -- moves: incarnation.lua, prepended),
--- [9] order seq (0: unordered), [10] order after.
+-- [9] order seq (0: unordered), [10] order after, [11] the store's now (route records),
+-- [12] and [13] for a group: the log epoch and membership changes ('mv') of the member list
+-- the caller holds ('0' '0' if none).
 -- Returns {'unknown'} | {'not_member'} | {'conflict'} | {'out_of_order'} | {'superseded'} |
 -- {'dup'|'ok', log epoch, seq, appended at}.
 -- Private and `all` membership (accounts exist) is checked by the caller before: accounts are
@@ -18,7 +20,7 @@ if ARGV[1] == '1' then
     return {'not_member'}
   end
 end
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'mv')
 local epoch = settle_log(KEYS[1], meta[1], ARGV[8])
 local now = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
@@ -41,13 +43,19 @@ local function raise_order(last)
   end
 end
 -- What the push needs, read in this step so the route reads nothing more before it pushes;
--- the 5th element of a 'dup'/'ok' reply: a group's member ids (HKEYS); for a private
+-- the 5th element of a 'dup'/'ok' reply: for a group {mv, member ids (HKEYS)}, or just {mv}
+-- when the log epoch (settled above) and mv are the ones the caller named (ARGV[12], [13]):
+-- every membership change raises mv in its own step (join_group.lua, leave_group.lua); for a private
 -- conversation, when given, KEYS[6..9] (claim hash and route record of the low user, then of
 -- the high one; never on a Redis Cluster, where they are in other slots), judged at ARGV[11]
 -- as claim_routes.lua judges them: the flat (server, epoch) pairs it would return.
 local function recipients()
   if ARGV[1] == '1' then
-    return redis.call('HKEYS', KEYS[4])
+    local changes = meta[4] or '0'
+    if epoch == ARGV[12] and changes == ARGV[13] then
+      return {changes}
+    end
+    return {changes, redis.call('HKEYS', KEYS[4])}
   end
   local out = {}
   for i = 6, #KEYS - 1, 2 do

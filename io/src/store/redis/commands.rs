@@ -222,21 +222,16 @@ impl RedisStore {
         let indexed: Vec<String> = self
             .query(::redis::cmd("SMEMBERS").arg(convs_key(user)))
             .await?;
-        // Each group's membership is under that group's tag: one command each.
-        let mut cmds = Vec::new();
+        // Each group's membership is under that group's tag: one script call each (a
+        // removal counts as a membership change in the same step, see leave_group.lua).
         for conv in indexed.iter().filter_map(|c| c.parse::<ConvId>().ok()) {
             if matches!(conv, ConvId::Group(_)) {
-                let key = conv_key(&conv, "members");
-                let mut cmd = ::redis::cmd("HDEL");
-                cmd.arg(&key).arg(user.0);
-                cmds.push((key, cmd));
+                self.leave_group(&conv, user).await?;
             }
         }
-        let key = failures_key(user);
-        let mut cmd = ::redis::cmd("DEL");
-        cmd.arg(&key);
-        cmds.push((key, cmd));
-        let _: Vec<Value> = self.query_each(cmds).await?;
+        let _: i64 = self
+            .query(::redis::cmd("DEL").arg(failures_key(user)))
+            .await?;
         self.known_accounts().clear();
         // Also on a retry: the first attempt may have died before its wait.
         tokio::time::sleep(ACCOUNT_CACHE_TTL).await;
@@ -513,6 +508,7 @@ impl RedisStore {
         body: Bytes,
         now: UnixMillis,
         order: Option<SendOrder>,
+        members_known: Option<MembersVersion>,
     ) -> R<StoreReply> {
         // Membership of private conversations and `all` is about accounts, which live under
         // other tags: checked first, from a cache at most `ACCOUNT_CACHE_TTL` old, which a
@@ -600,7 +596,9 @@ impl RedisStore {
         .arg(self.new_log_epoch().0)
         .arg(order.map_or(0, |o| o.seq))
         .arg(order.map_or(0, |o| o.after))
-        .arg(store_now.0);
+        .arg(store_now.0)
+        .arg(members_known.map_or(0, |v| v.log_epoch.0))
+        .arg(members_known.map_or(0, |v| v.changes));
         let waiting = self.options.wait_replicas;
         let v: Vec<Value> = if waiting == 0 {
             let (v,): (Vec<Value>,) = self.query_pipe_with_script(&pipe, script).await?;
@@ -655,20 +653,23 @@ impl RedisStore {
             (Some("conflict"), _) => Err(AppendError::ConflictingRetry),
             (Some("out_of_order"), _) => Err(AppendError::OutOfOrder),
             (Some("superseded"), _) => Err(AppendError::Superseded),
-            (Some(kind @ ("ok" | "dup")), [_, epoch, seq, at, read]) => Ok(Appended {
-                recipients: push_recipients(&conv, &route_users, read)?,
-                message: StoredMessage {
-                    conv,
-                    log_epoch: LogEpoch(num(epoch)?),
-                    seq: num(seq)?,
-                    sender,
-                    msg_id,
-                    // A duplicate's body is the retry's, equal to the original's (same hash).
-                    body,
-                    appended_at: UnixMillis(num(at)?),
-                },
-                duplicate: kind == "dup",
-            }),
+            (Some(kind @ ("ok" | "dup")), [_, epoch, seq, at, read]) => {
+                let log_epoch = LogEpoch(num(epoch)?);
+                Ok(Appended {
+                    recipients: push_recipients(&conv, log_epoch, &route_users, read)?,
+                    message: StoredMessage {
+                        conv,
+                        log_epoch,
+                        seq: num(seq)?,
+                        sender,
+                        msg_id,
+                        // A duplicate's body is the retry's, equal to the original's (same hash).
+                        body,
+                        appended_at: UnixMillis(num(at)?),
+                    },
+                    duplicate: kind == "dup",
+                })
+            }
             _ => return Err(bad_reply("append", &Value::Array(v))),
         };
         Ok(StoreReply::Appended(result))
@@ -860,6 +861,20 @@ impl RedisStore {
         })
     }
 
+    /// Removes `user` from the group `conv`; true if it was a member.
+    pub(super) async fn leave_group(&self, conv: &ConvId, user: UserId) -> R<bool> {
+        let removed: i64 = self
+            .invoke(
+                self.scripts
+                    .leave_group
+                    .key(conv_key(conv, "meta"))
+                    .key(conv_key(conv, "members"))
+                    .arg(user.0),
+            )
+            .await?;
+        Ok(removed == 1)
+    }
+
     pub(super) async fn join_group(&self, conv: ConvId, user: UserId) -> R<StoreReply> {
         if !matches!(conv, ConvId::Group(_)) {
             return Ok(StoreReply::GroupJoined(None));
@@ -898,16 +913,40 @@ fn name_reads(users: &[UserId]) -> Vec<(String, ::redis::Cmd)> {
 }
 
 /// The push's recipients as the append script read them (its reply's 5th element, see
-/// append.lua): a group's member ids, sorted; the route records of `route_users` (those whose
-/// keys the script was given), as `LoadRoutes` reads them; `None` where nothing was read.
-fn push_recipients(conv: &ConvId, route_users: &[UserId], read: &Value) -> R<Option<Recipients>> {
+/// append.lua): a group's member ids, sorted, under the membership version `log_epoch` and
+/// the script's change count (or that the members are those of the version the caller
+/// named); the route records of `route_users` (those whose keys the script was given), as
+/// `LoadRoutes` reads them; `None` where nothing was read.
+fn push_recipients(
+    conv: &ConvId,
+    log_epoch: LogEpoch,
+    route_users: &[UserId],
+    read: &Value,
+) -> R<Option<Recipients>> {
     let Value::Array(items) = read else {
         return Err(bad_reply("append recipients", read));
     };
     Ok(match conv {
         ConvId::Group(_) => {
-            let ids = items.iter().map(num).collect::<R<BTreeSet<u64>>>()?;
-            Some(Recipients::Members(ids.into_iter().map(UserId).collect()))
+            let (changes, ids) = match items.as_slice() {
+                [changes] => (changes, None),
+                [changes, Value::Array(ids)] => (changes, Some(ids)),
+                _ => return Err(bad_reply("append recipients", read)),
+            };
+            let version = MembersVersion {
+                log_epoch,
+                changes: num(changes)?,
+            };
+            Some(match ids {
+                None => Recipients::MembersUnchanged(version),
+                Some(ids) => {
+                    let ids = ids.iter().map(num).collect::<R<BTreeSet<u64>>>()?;
+                    Recipients::Members {
+                        version,
+                        members: ids.into_iter().map(UserId).collect(),
+                    }
+                }
+            })
         }
         ConvId::Private { .. } if !route_users.is_empty() => {
             let routes = route_records(route_users, items)

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use cim_core::ids::{ClientMsgId, ConvId, Epoch, LogEpoch, ServerId, UnixMillis, UserId};
 use cim_core::store::{
     Account, AccountSummary, AllFrom, AppendError, Appended, Claim, ClaimState, ConvHead, Deleted,
-    LeaseRefresh, LoginFailures, NameTaken, OnlineEntry, Recipients, RouteRecord, SendOrder,
-    StoreCommand, StoreReply, StoreResult, StoreUnavailable, StoredMessage,
+    LeaseRefresh, LoginFailures, MembersVersion, NameTaken, OnlineEntry, Recipients, RouteRecord,
+    SendOrder, StoreCommand, StoreReply, StoreResult, StoreUnavailable, StoredMessage,
 };
 use prost::Message as _;
 use rand::{Rng, SeedableRng};
@@ -191,6 +191,7 @@ struct Scripts {
     append: Script,
     create_group: Script,
     join_group: Script,
+    leave_group: Script,
     read: Script,
     advance_cursors: Script,
     login_failure: Script,
@@ -229,6 +230,7 @@ impl Scripts {
                 include_str!("../lua/create_group.lua")
             )),
             join_group: Script::new(include_str!("../lua/join_group.lua")),
+            leave_group: Script::new(include_str!("../lua/leave_group.lua")),
             read: Script::new(concat!(
                 include_str!("../lua/incarnation.lua"),
                 include_str!("../lua/read.lua")
@@ -497,8 +499,9 @@ impl RedisStore {
                 body,
                 now: at,
                 order,
+                members_known,
             } => {
-                self.append(now, conv, sender, msg_id, body, at, order)
+                self.append(now, conv, sender, msg_id, body, at, order, members_known)
                     .await
             }
             StoreCommand::LoadHeads { user } => self.heads(user).await,
@@ -516,16 +519,7 @@ impl RedisStore {
             StoreCommand::JoinGroup { conv, user } => self.join_group(conv, user).await,
             StoreCommand::LeaveGroup { conv, user } => {
                 let was_member = match conv {
-                    ConvId::Group(_) => {
-                        let removed: i64 = self
-                            .query(
-                                ::redis::cmd("HDEL")
-                                    .arg(conv_key(&conv, "members"))
-                                    .arg(user.0),
-                            )
-                            .await?;
-                        removed == 1
-                    }
+                    ConvId::Group(_) => self.leave_group(&conv, user).await?,
                     _ => false,
                 };
                 Ok(StoreReply::GroupLeft { was_member })
