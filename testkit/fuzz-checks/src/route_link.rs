@@ -288,6 +288,7 @@ fn delivery_config() -> DeliveryConfig {
         max_in_flight: 6,
         max_recipients_per_push: 2,
         max_batch_bytes: 600,
+        max_member_ids_kept: 4,
     }
 }
 

@@ -49,11 +49,6 @@ use crate::store::{
     StoreReply, StoreRequest, StoreResult, StoredMessage, message_to_proto,
 };
 
-/// Groups whose member list the route keeps at most (see [`RouteDelivery`]'s
-/// `member_lists`); past it one is forgotten (the first by name: a miss costs one full
-/// list). 1,024 lists of 1,000 members are 8 MiB.
-pub const MEMBER_LISTS_KEPT: usize = 1024;
-
 /// The largest `order_seq` / `order_after` a send may carry (see `SendOrder`).
 pub const MAX_ORDER_SEQ: u64 = (1 << 53) - 1;
 
@@ -83,6 +78,11 @@ pub struct DeliveryConfig {
     pub max_recipients_per_push: usize,
     /// Upper bound on one `PushBatch`'s encoded size (keep it under the link's frame limit).
     pub max_batch_bytes: usize,
+    /// Member ids the route keeps at most over all groups' kept lists (see
+    /// [`RouteDelivery`]'s `member_lists`). Past it lists are forgotten (the first groups by
+    /// name: a miss costs one full list), and a longer list is not kept, so many or huge
+    /// groups cannot grow the route's memory.
+    pub max_member_ids_kept: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -95,6 +95,8 @@ impl Default for DeliveryConfig {
             // 10 bytes per varint recipient + a 4 KiB body stays under the 60 KiB batch bound.
             max_recipients_per_push: 4096,
             max_batch_bytes: 60 * 1024,
+            // 8 MiB of ids: 1,024 groups of 1,000.
+            max_member_ids_kept: 1 << 20,
         }
     }
 }
@@ -255,6 +257,8 @@ pub struct RouteDelivery {
     /// its own: a list is used only for an append whose own atomic step confirmed it, so a
     /// member who left never gets a later message from a stale list.
     member_lists: BTreeMap<ConvId, MemberList>,
+    /// Member ids in `member_lists`, at most `config.max_member_ids_kept`.
+    member_ids_kept: usize,
     stats: DeliveryStats,
 }
 
@@ -297,6 +301,7 @@ impl RouteDelivery {
             replies: VecDeque::new(),
             pushes: BTreeMap::new(),
             member_lists: BTreeMap::new(),
+            member_ids_kept: 0,
             stats: DeliveryStats::default(),
         }
     }
@@ -635,10 +640,26 @@ impl RouteDelivery {
 
     /// Keeps `conv`'s member list as of `version` for its next appends to name.
     fn keep_member_list(&mut self, conv: ConvId, version: MembersVersion, members: Vec<UserId>) {
-        if self.member_lists.len() >= MEMBER_LISTS_KEPT && !self.member_lists.contains_key(&conv) {
-            self.member_lists.pop_first();
+        if let Some((_, old)) = self.member_lists.remove(&conv) {
+            self.member_ids_kept -= old.len();
         }
+        let budget = self.config.max_member_ids_kept;
+        if members.len() > budget {
+            return;
+        }
+        while self.member_ids_kept + members.len() > budget {
+            let Some((_, (_, forgotten))) = self.member_lists.pop_first() else {
+                break;
+            };
+            self.member_ids_kept -= forgotten.len();
+        }
+        self.member_ids_kept += members.len();
         self.member_lists.insert(conv, (version, members.into()));
+    }
+
+    /// Member ids kept over all groups' lists (see [`DeliveryConfig::max_member_ids_kept`]).
+    pub fn member_ids_kept(&self) -> usize {
+        self.member_ids_kept
     }
 
     fn on_members(&mut self, now: Instant, message: StoredMessage, members: &[UserId]) {

@@ -1320,3 +1320,63 @@ fn a_store_that_confirms_a_stale_member_list_is_caught() {
     let caught = run_group_interleaving(&ops, true).expect_err("a stale list pushed");
     assert!(caught.contains("seq 2"), "{caught}");
 }
+
+/// Kept member lists stay within `max_member_ids_kept` ids in all: past it the first
+/// groups by name are forgotten (their next append names no version), and a list longer
+/// than the whole budget is not kept.
+#[test]
+fn kept_member_lists_stay_within_their_id_budget() {
+    let t0 = base();
+    let mut d = RouteDelivery::new(DeliveryConfig {
+        broadcast_threshold: 0,
+        max_member_ids_kept: 5,
+        ..DeliveryConfig::default()
+    });
+    d.handle_registry(live(&["a"]));
+    let mut id = 0;
+    // One message to `conv` whose append lists `size` members; returns the version the
+    // append named.
+    let mut send_listing = |d: &mut RouteDelivery, conv: &str, size: u64| {
+        id += 1;
+        d.handle_send(
+            t0,
+            UnixMillis(1000),
+            link("a", 1),
+            UserId(1),
+            send(id, conv, "x"),
+        );
+        let out = drain(d);
+        let StoreCommand::Append { members_known, .. } = out.store[0].command else {
+            panic!("not an append: {:?}", out.store[0]);
+        };
+        let reply = Appended {
+            message: stored(conv, 1, 1, id, "x"),
+            duplicate: false,
+            recipients: Some(Recipients::Members {
+                version: MembersVersion {
+                    log_epoch: EPOCH,
+                    changes: size,
+                },
+                members: (1..=size).map(UserId).collect(),
+            }),
+        };
+        d.handle_store_reply(t0, out.store[0].id, Ok(StoreReply::Appended(Ok(reply))));
+        drain(d);
+        members_known.map(|v| v.changes)
+    };
+    // (name, group, members listed, the version its append named, ids kept after)
+    let cases = [
+        ("a kept", "g:a", 3, None, 3),
+        ("b kept beside a", "g:b", 2, None, 5),
+        ("c: a forgotten", "g:c", 3, None, 5),
+        ("a again: named nothing; b forgotten", "g:a", 1, None, 4),
+        ("c named, replaced by a shorter list", "g:c", 2, Some(3), 3),
+        ("d longer than the budget: not kept", "g:d", 6, None, 3),
+        ("d still unknown", "g:d", 6, None, 3),
+        ("a still kept", "g:a", 1, Some(1), 3),
+    ];
+    for (name, conv, size, named, kept) in cases {
+        assert_eq!(send_listing(&mut d, conv, size), named, "{name}");
+        assert_eq!(d.member_ids_kept(), kept, "{name}");
+    }
+}
