@@ -9,7 +9,7 @@
 -- [12] and [13] for a group: the log epoch and membership changes ('mv') of the member list
 -- the caller holds ('0' '0' if none).
 -- Returns {'unknown'} | {'not_member'} | {'conflict'} | {'out_of_order'} | {'superseded'} |
--- {'dup'|'ok', log epoch, seq, appended at}.
+-- {'dup'|'ok', log epoch, seq, appended at, recipients (below)}.
 -- Private and `all` membership (accounts exist) is checked by the caller before: accounts are
 -- never deleted, so that check cannot go stale.
 if ARGV[1] == '1' then
@@ -45,10 +45,11 @@ end
 -- What the push needs, read in this step so the route reads nothing more before it pushes;
 -- the 5th element of a 'dup'/'ok' reply: for a group {mv, member ids (HKEYS)}, or just {mv}
 -- when the log epoch (settled above) and mv are the ones the caller named (ARGV[12], [13]):
--- every membership change raises mv in its own step (join_group.lua, leave_group.lua); for a private
--- conversation, when given, KEYS[6..9] (claim hash and route record of the low user, then of
--- the high one; never on a Redis Cluster, where they are in other slots), judged at ARGV[11]
--- as claim_routes.lua judges them: the flat (server, epoch) pairs it would return.
+-- every membership change raises mv in its own step (join_group.lua, leave_group.lua); for
+-- a private conversation, when given, KEYS[6..9] (claim hash and route record of the low
+-- user, then of the high one; never on a Redis Cluster, where they are in other slots),
+-- judged at ARGV[11] as claim_routes.lua judges them: the flat (server, epoch) pairs it
+-- would return.
 local function recipients()
   if ARGV[1] == '1' then
     local changes = meta[4] or '0'
