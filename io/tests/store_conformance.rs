@@ -272,25 +272,16 @@ impl<'a> Driver<'a> {
                     })
                     .collect(),
             },
-            StoreCommand::Append {
-                conv,
-                sender,
-                msg_id,
-                body,
-                now,
-                order,
-                members_known: Some(known),
-            } => {
-                let log_epoch = f(self, &conv, known.log_epoch);
-                StoreCommand::Append {
+            mut append @ StoreCommand::Append { .. } => {
+                if let StoreCommand::Append {
                     conv,
-                    sender,
-                    msg_id,
-                    body,
-                    now,
-                    order,
-                    members_known: Some(MembersVersion { log_epoch, ..known }),
+                    members_known: Some(known),
+                    ..
+                } = &mut append
+                {
+                    known.log_epoch = f(self, conv, known.log_epoch);
                 }
+                append
             }
             other => other,
         }
