@@ -426,6 +426,32 @@ impl<'a> Driver<'a> {
     async fn group(&mut self, command: StoreCommand) -> StoreReply {
         self.run(T0, command).await
     }
+
+    /// Message `id` from `sender` to `group`, naming the member list version `known`: its
+    /// recipients.
+    async fn group_append(
+        &mut self,
+        group: &ConvId,
+        sender: UserId,
+        id: u128,
+        known: Option<MembersVersion>,
+    ) -> Recipients {
+        let command = StoreCommand::Append {
+            conv: group.clone(),
+            sender,
+            msg_id: ClientMsgId(id),
+            body: Bytes::from_static(b"m"),
+            now: UnixMillis(T0),
+            order: None,
+            members_known: known,
+        };
+        match self.run(T0, command).await {
+            StoreReply::Appended(Ok(appended)) => {
+                appended.recipients.expect("a group's recipients")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 /// Runs a scenario against the reference and against Redis, and compares the transcripts.
@@ -1710,19 +1736,7 @@ mod scenarios {
         let mut id = 0;
         let mut append = async |d: &mut Driver<'_>, known| {
             id += 1;
-            let command = StoreCommand::Append {
-                conv: group.clone(),
-                sender: a,
-                msg_id: ClientMsgId(id),
-                body: Bytes::from_static(b"m"),
-                now: UnixMillis(T0),
-                order: None,
-                members_known: known,
-            };
-            match d.run(T0, command).await {
-                StoreReply::Appended(Ok(appended)) => appended.recipients.expect("members"),
-                other => panic!("{other:?}"),
-            }
+            d.group_append(&group, a, id, known).await
         };
         let listed = |recipients| match recipients {
             Recipients::Members { version, members } => (version, members),
@@ -3497,20 +3511,8 @@ async fn members_after(
     id: u128,
     known: Option<MembersVersion>,
 ) -> (MembersVersion, Vec<UserId>) {
-    let command = StoreCommand::Append {
-        conv: group.clone(),
-        sender,
-        msg_id: ClientMsgId(id),
-        body: Bytes::from_static(b"m"),
-        now: UnixMillis(T0),
-        order: None,
-        members_known: known,
-    };
-    match d.run(T0, command).await {
-        StoreReply::Appended(Ok(Appended {
-            recipients: Some(Recipients::Members { version, members }),
-            ..
-        })) => (version, members),
+    match d.group_append(group, sender, id, known).await {
+        Recipients::Members { version, members } => (version, members),
         other => panic!("expected the members: {other:?}"),
     }
 }
