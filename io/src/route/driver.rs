@@ -787,6 +787,12 @@ impl<N: Network> Driver<N> {
             self.node.delivery().in_flight() as u64,
         );
         page.single(
+            "cim_route_member_ids_kept",
+            MetricKind::Gauge,
+            "Member ids in the groups' member lists the route keeps between membership changes.",
+            self.node.delivery().member_ids_kept() as u64,
+        );
+        page.single(
             "cim_route_store_errors_total",
             MetricKind::Counter,
             "Machine store requests that failed.",
