@@ -132,10 +132,23 @@ fn installed(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Six client ports `p` such that `p` and `p + 10000` are free and no chosen port is another
-/// one's bus port. Probing starts at a point derived from the process id so that test binaries
-/// running at once rarely probe the same ports.
+/// Client ports this process already chose for a cluster. A probe finds a port free until
+/// its node binds it, which is seconds later: two clusters started at once by one test
+/// binary (tests run on threads) would otherwise both take it, and the two clusters'
+/// nodes would meet.
+static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// Six client ports `p` such that `p` and `p + 10000` are free, no chosen port is another
+/// one's bus port, and none was handed to another cluster of this process. Probing starts
+/// at a point derived from the process id so that test binaries running at once rarely
+/// probe the same ports.
 fn free_ports(taken_before: &[u16]) -> Vec<u16> {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let taken_before: Vec<u16> = taken_before
+        .iter()
+        .chain(handed_out.iter())
+        .copied()
+        .collect();
     let range = port_range();
     let span = range.end - range.start;
     let nanos = std::time::SystemTime::UNIX_EPOCH
@@ -145,7 +158,7 @@ fn free_ports(taken_before: &[u16]) -> Vec<u16> {
     let mut offset = u16::try_from(seed % u32::from(span)).unwrap_or(0);
     let mut ports: Vec<u16> = Vec::new();
     let clashes = |p: u16, ports: &[u16]| {
-        ports.iter().chain(taken_before).any(|&q| {
+        ports.iter().chain(taken_before.iter()).any(|&q| {
             q == p || q + BUS_OFFSET == p || p + BUS_OFFSET == q || q + BUS_OFFSET == p + BUS_OFFSET
         })
     };
@@ -163,6 +176,7 @@ fn free_ports(taken_before: &[u16]) -> Vec<u16> {
             }
         }
     }
+    handed_out.extend(&ports);
     ports
 }
 
